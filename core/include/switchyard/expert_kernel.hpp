@@ -1,0 +1,41 @@
+#pragma once
+/// \file
+/// The expert computation interface: a grouped batch of rows, contiguous per local expert.
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "switchyard/tensor.hpp"
+
+namespace switchyard {
+
+/// The weights of one SwiGLU expert, borrowed from their owner (the runtime's model).
+/// `down(silu(gate·x) ⊙ up·x)`.
+struct SwigluExpertWeights {
+  TensorView gate;  ///< [F,H]
+  TensorView up;    ///< [F,H]
+  TensorView down;  ///< [H,F]
+};
+
+/// A grouped batch: rows [N,H] where the first `rows_per_expert[0]` rows go to local
+/// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on.
+struct ExpertBatch {
+  TensorView input;                               ///< [N,H], read only
+  std::span<const std::int64_t> rows_per_expert;  ///< [local experts], sums to N
+  TensorView output;                              ///< [N,H], written
+};
+
+/// Computes the experts of one rank. Not thread-safe: one thread calls it at a time.
+class ExpertKernel {
+ public:
+  virtual ~ExpertKernel() = default;
+  /// Kernel name, e.g. "cpu_swiglu".
+  virtual std::string name() const = 0;
+  virtual int num_local_experts() const noexcept = 0;
+  /// Runs every local expert over its rows. Blocking; allocates only when N grows.
+  /// Throws `Error(kInvalidArgument)` on shape mismatch.
+  virtual void forward(const ExpertBatch& batch) = 0;
+};
+
+}  // namespace switchyard

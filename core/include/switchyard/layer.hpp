@@ -1,0 +1,155 @@
+#pragma once
+/// \file
+/// One expert-parallel MoE layer on one rank: route → dispatch → experts → combine.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "switchyard/expert_kernel.hpp"
+#include "switchyard/router.hpp"
+#include "switchyard/status.hpp"
+#include "switchyard/tensor.hpp"
+#include "switchyard/transport.hpp"
+
+namespace switchyard {
+
+/// Contiguous placement of E experts over R ranks: the first `E mod R` ranks hold one
+/// expert more; with E < R some ranks hold none.
+class ExpertPlacement {
+ public:
+  ExpertPlacement() = default;
+  ExpertPlacement(int num_experts, int num_ranks);
+  int num_experts() const noexcept { return num_experts_; }
+  int num_ranks() const noexcept { return num_ranks_; }
+  int first_expert(int rank) const noexcept;
+  int num_local(int rank) const noexcept;
+  int rank_of(int expert) const noexcept;
+
+ private:
+  int num_experts_ = 0;
+  int num_ranks_ = 1;
+};
+
+/// Router logits [T,E] = x [T,H] · gateᵀ [H,E], float32, with a fixed summation order so
+/// that a token's logits do not depend on which rank or how many tokens compute them.
+void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits);
+
+/// Wall time of each phase of the last forward, in seconds.
+struct LayerTimings {
+  double route_s = 0;     ///< logits and router
+  double layout_s = 0;    ///< grouping rows per destination and per local expert
+  double dispatch_s = 0;  ///< counts exchange and alltoallv of rows and metadata
+  double experts_s = 0;   ///< expert kernel
+  double combine_s = 0;   ///< partial sums, alltoallv back, final sum
+};
+
+/// Bytes of the last forward that left this rank for another (self-sends not counted).
+struct LayerTraffic {
+  std::uint64_t dispatch_bytes = 0;  ///< token rows and their (expert, weight) metadata
+  std::uint64_t combine_bytes = 0;   ///< partial result rows
+  std::int64_t rows_sent = 0;        ///< token rows dispatched to other ranks
+};
+
+/// What `dispatch` produced and `combine` needs: the layout of this step and the rows this
+/// rank received, grouped per local expert. Owned by the caller and reused across steps
+/// (buffers only grow). Must not be shared by two layers at once.
+class DispatchHandle {
+ public:
+  /// Received rows grouped per local expert, f32 [A,H], A = sum of rows_per_expert().
+  TensorView expert_input() noexcept;
+  /// A buffer of the same shape as expert_input() for the experts' results.
+  TensorView expert_output() noexcept;
+  /// Rows per local expert.
+  std::span<const std::int64_t> rows_per_expert() const noexcept { return rows_per_expert_; }
+
+ private:
+  friend class MoELayer;
+  /// (local expert, weight) of one slot of a dispatched row; expert -1 marks an empty slot.
+  struct SlotMeta {
+    std::int32_t local_expert;
+    float weight;
+  };
+  std::int64_t hidden_ = 0;
+  std::int64_t num_tokens_ = 0;
+  int slots_ = 0;
+  // Per destination / source rank.
+  std::vector<std::int64_t> rows_to_, rows_from_;
+  std::vector<std::int64_t> rows_to_offset_, rows_from_offset_;
+  std::vector<std::size_t> send_bytes_, send_offsets_, recv_bytes_, recv_offsets_;
+  std::vector<std::size_t> send_meta_bytes_, send_meta_offsets_, recv_meta_bytes_,
+      recv_meta_offsets_;
+  // Dispatched rows, in (destination rank, token) order, and the token of each.
+  std::vector<float> send_rows_;
+  std::vector<SlotMeta> send_meta_;
+  std::vector<std::int64_t> send_row_token_;
+  // Received rows, in (source rank, source token) order.
+  std::vector<float> recv_rows_;
+  std::vector<SlotMeta> recv_meta_;
+  // Expert-grouped rows and, per (received row, slot), its index in them (-1: empty).
+  std::vector<std::int64_t> rows_per_expert_;
+  std::vector<float> expert_input_, expert_output_;
+  std::vector<std::int64_t> assignment_of_slot_;
+  // Combine buffers.
+  std::vector<float> partial_rows_, combined_rows_;
+  // Scratch for the layout.
+  std::vector<std::int64_t> scratch_;
+};
+
+/// The parts a layer is built from. The layer borrows `transport` and `gate`; it shares
+/// ownership of the router and the kernel.
+struct MoELayerParts {
+  Transport* transport = nullptr;  ///< the EP group
+  std::shared_ptr<Router> router;
+  std::shared_ptr<ExpertKernel> experts;  ///< this rank's local experts per `placement`
+  TensorView gate;                        ///< f32 [E,H]
+  ExpertPlacement placement;              ///< over the EP group's ranks
+};
+
+/// One MoE layer on one rank of an EP group. Every rank of the group calls `forward` (or
+/// `dispatch` then `combine`) the same number of times, each with its own tokens (T may
+/// differ per rank, and be 0). Buffers are reused: after the first step with the largest
+/// T, a step allocates nothing. Not thread-safe: one thread per layer.
+class MoELayer {
+ public:
+  explicit MoELayer(MoELayerParts parts);
+
+  /// y [T,H] = MoE(x [T,H]); both f32 host contiguous, not aliased. Collective over the
+  /// EP group. If routing fails on any rank (bad shape, NaN logits), every rank throws:
+  /// the failing one its own error, the others `Error(kPeerFailed)`; nothing is sent.
+  void forward(const TensorView& x, const TensorView& y);
+
+  /// Logits and router only: fills `plan` for x [T,H]. Local, not collective.
+  void route(const TensorView& x, RoutingPlan& plan);
+  /// Sends each token once to every rank that holds one of its experts, with its list of
+  /// (local expert, weight); fills `handle` with the received rows grouped per local
+  /// expert. Collective.
+  void dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle);
+  /// Weights and sums the expert results per received row, sends the partial sums back
+  /// and sums them per token into y [T,H] (tokens with no kept expert get 0). Collective.
+  /// `expert_output` is [A,H] in the order of `handle.expert_input()`.
+  void combine(DispatchHandle& handle, const TensorView& expert_output, const TensorView& y);
+
+  const ExpertPlacement& placement() const noexcept { return parts_.placement; }
+  Transport& transport() const noexcept { return *parts_.transport; }
+  Router& router() const noexcept { return *parts_.router; }
+  /// The plan of the last `forward`.
+  const RoutingPlan& last_plan() const noexcept { return plan_; }
+  const LayerTimings& timings() const noexcept { return timings_; }
+  const LayerTraffic& traffic() const noexcept { return traffic_; }
+
+ private:
+  /// `local_error`: this rank already failed; peers are told in the counts exchange.
+  void dispatch_impl(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
+                     const Error* local_error);
+  MoELayerParts parts_;
+  std::int64_t hidden_ = 0;
+  std::vector<float> logits_;
+  RoutingPlan plan_;
+  DispatchHandle handle_;
+  LayerTimings timings_;
+  LayerTraffic traffic_;
+};
+
+}  // namespace switchyard

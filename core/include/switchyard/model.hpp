@@ -1,0 +1,63 @@
+#pragma once
+/// \file
+/// The weights of one MoE layer: router gate, optional selection bias, SwiGLU experts.
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "switchyard/expert_kernel.hpp"
+#include "switchyard/tensor.hpp"
+
+namespace switchyard {
+
+/// Tensor naming conventions of checkpoints.
+enum class CheckpointFormat {
+  /// `{prefix}gate.weight`, `{prefix}experts.{e}.w1/w3/w2.weight` (gate/up/down).
+  kMixtral,
+  /// `{prefix}gate.weight`, optional `{prefix}gate.e_score_correction_bias`,
+  /// `{prefix}experts.{e}.gate_proj/up_proj/down_proj.weight` (DeepSeek, Qwen-MoE).
+  kDeepseek,
+};
+
+/// Weights of one MoE layer, all f32 in host memory. Immutable after construction, so one
+/// instance can be shared by every in-process rank.
+class ModelWeights {
+ public:
+  /// Deterministic random weights (uniform in ±1/sqrt(fan_in)) from `seed`, identical on
+  /// every machine.
+  static ModelWeights random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed);
+  /// Loads from a safetensors file; F32, BF16 and F16 tensors are converted to f32. Shapes
+  /// are taken from `{prefix}gate.weight` [E,H] and expert 0's gate [F,H]; every other
+  /// tensor must agree. Throws `Error(kNotFound)` for a missing file or tensor and
+  /// `Error(kInvalidArgument)` for a wrong shape or truncated file, naming the tensor.
+  static ModelWeights load(const std::filesystem::path& path, CheckpointFormat format,
+                           const std::string& prefix);
+
+  int num_experts() const noexcept { return num_experts_; }
+  int hidden() const noexcept { return hidden_; }
+  int ffn_hidden() const noexcept { return ffn_hidden_; }
+  /// Router gate [E,H]; logits = x · gateᵀ.
+  const HostTensor& gate() const noexcept { return gate_; }
+  /// Selection bias [E] from the checkpoint; empty when it has none.
+  const std::vector<float>& bias() const noexcept { return bias_; }
+  /// Views of experts [first, first+count), valid while this object lives.
+  std::vector<SwigluExpertWeights> experts(int first, int count) const;
+  /// "random (seed 7)" or "mixtral checkpoint model.safetensors".
+  const std::string& description() const noexcept { return description_; }
+
+ private:
+  int num_experts_ = 0;
+  int hidden_ = 0;
+  int ffn_hidden_ = 0;
+  HostTensor gate_;
+  std::vector<float> bias_;
+  std::vector<HostTensor> gate_proj_, up_proj_, down_proj_;
+  std::string description_;
+};
+
+/// Deterministic synthetic tokens f32 [T,H], uniform in [-1, 1), the same on every machine.
+HostTensor synthetic_tokens(std::int64_t num_tokens, int hidden, std::uint64_t seed);
+
+}  // namespace switchyard

@@ -1,0 +1,220 @@
+#pragma once
+/// \file
+/// The plugin contract and the registry that finds and loads plugins.
+///
+/// A plugin is a shared library `libswitchyard-<kind>-<name>.so` exporting exactly one
+/// C entry point, `switchyard_plugin_v<ABI>` (today `switchyard_plugin_v1`), that returns a
+/// pointer to a static `PluginDescriptor`. The loader checks, in order: the entry exists;
+/// `abi_version` equals `kPluginAbiVersion`; `build_id` equals the core's; `kind` and
+/// `name` match the file name. Any failure is recorded with its reason; a scan never stops
+/// at a bad file. Plugins are written with the SWITCHYARD_*_PLUGIN macros at the bottom.
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "switchyard/config.hpp"
+#include "switchyard/expert_kernel.hpp"
+#include "switchyard/router.hpp"
+#include "switchyard/status.hpp"
+#include "switchyard/transport.hpp"
+#include "switchyard/version.hpp"
+
+namespace switchyard {
+
+/// Version of the binary contract below. Bump on any change to `PluginDescriptor`, the
+/// create-argument structs or the interfaces; the entry point's name carries it.
+inline constexpr std::uint32_t kPluginAbiVersion = 1;
+/// Name of the entry point for `kPluginAbiVersion`.
+inline constexpr const char* kPluginEntryName = "switchyard_plugin_v1";
+
+/// The kinds of plugin. The name is the middle part of the file name.
+enum class PluginKind : std::uint32_t { kTransport = 1, kRouter = 2, kExpert = 3 };
+/// "transport", "router", "expert".
+std::string_view plugin_kind_name(PluginKind kind) noexcept;
+
+/// Arguments of a transport factory.
+struct TransportCreateArgs {
+  const ConfigSection* options = nullptr;  ///< the [runtime] section (core and plugin keys)
+  int requested_ranks = 1;                 ///< [runtime] ranks: world size for in-process transports
+  double timeout_s = 300;                  ///< bound on every blocking wait
+  int ranks_per_node = 0;                  ///< >0: emulate nodes of this many ranks
+};
+
+/// Arguments of a router factory.
+struct RouterCreateArgs {
+  const ConfigSection* options = nullptr;  ///< the [router] section (core and plugin keys)
+  int num_experts = 0;                     ///< E
+  /// Selection bias [E] from the checkpoint (e_score_correction_bias); empty if none.
+  /// A `bias` option, when set, takes precedence. Copied by the factory.
+  std::span<const float> checkpoint_bias;
+};
+
+/// Arguments of an expert-kernel factory.
+struct ExpertCreateArgs {
+  const ConfigSection* options = nullptr;  ///< the [experts] section (core and plugin keys)
+  int hidden = 0;                          ///< H
+  int ffn_hidden = 0;                      ///< F
+  /// The local experts' weights, borrowed: they outlive the kernel.
+  std::span<const SwigluExpertWeights> experts;
+};
+
+/// Factories fill `out` and return ok, or return an error status. They must not throw;
+/// the loader still catches and converts anything thrown, reporting it as a plugin bug.
+using TransportFactory = Status (*)(const TransportCreateArgs& args,
+                                    std::vector<std::unique_ptr<Transport>>& local_ranks);
+using RouterFactory = Status (*)(const RouterCreateArgs& args, std::unique_ptr<Router>& out);
+using ExpertFactory = Status (*)(const ExpertCreateArgs& args, std::unique_ptr<ExpertKernel>& out);
+
+/// What a plugin's entry point returns. Static storage in the plugin; never freed.
+struct PluginDescriptor {
+  std::uint32_t abi_version;  ///< first, so it can be checked before anything else is read
+  const char* build_id;       ///< SWITCHYARD_BUILD_ID as compiled into the plugin
+  PluginKind kind;
+  const char* name;     ///< must match the file name
+  const char* version;  ///< the plugin's own version
+  const char* summary;  ///< one line
+  /// Declares the plugin's keys in its section. May be null (no options).
+  void (*declare_options)(ConfigSchema& schema);
+  /// Says whether the plugin can work on this machine; never throws. Null: always can.
+  Status (*probe)();
+  TransportFactory create_transport;  ///< set for kind == kTransport only
+  RouterFactory create_router;        ///< set for kind == kRouter only
+  ExpertFactory create_expert;        ///< set for kind == kExpert only
+};
+
+/// A plugin that loaded and passed every check.
+struct PluginInfo {
+  PluginKind kind = PluginKind::kRouter;
+  std::string name;
+  std::string version;
+  std::string summary;
+  std::filesystem::path path;
+  Status probe;  ///< ok, or why it cannot work here (state "unavailable")
+};
+
+/// A file that looked like a plugin but was refused.
+struct PluginRejection {
+  std::filesystem::path path;
+  ErrorCode code = ErrorCode::kInternal;
+  std::string reason;
+};
+
+/// Finds, checks and loads plugins, and creates objects from them. The created objects
+/// keep their library loaded for as long as they live. Thread-safe after construction.
+class PluginRegistry {
+ public:
+  /// The standard search path: `SWITCHYARD_PLUGIN_PATH` (colon-separated), then
+  /// `config_dirs`, then `lib/switchyard/` beside the core library.
+  static std::vector<std::filesystem::path> default_search_path(
+      std::span<const std::filesystem::path> config_dirs = {});
+  /// Scans every folder of `search_path` for `libswitchyard-*.so` and loads each. The
+  /// first plugin found for a kind and name wins; later ones are recorded as shadowed.
+  explicit PluginRegistry(std::vector<std::filesystem::path> search_path);
+  ~PluginRegistry();
+  PluginRegistry(const PluginRegistry&) = delete;
+  PluginRegistry& operator=(const PluginRegistry&) = delete;
+
+  const std::vector<std::filesystem::path>& search_path() const noexcept;
+  std::span<const PluginInfo> available() const noexcept;
+  std::span<const PluginRejection> rejected() const noexcept;
+
+  /// The plugin `kind`/`name`, or `Error(kNotFound)` (none loaded: the message names what
+  /// was asked, what is available with versions and paths, what was rejected and why, and
+  /// where the registry looked) or `Error(kUnavailable)` (its probe failed: why).
+  const PluginInfo& find(PluginKind kind, std::string_view name) const;
+  /// The plugin's option schema (empty when it declares none). Throws like `find`.
+  ConfigSchema options(PluginKind kind, std::string_view name) const;
+
+  /// Create objects; throw like `find`, or the plugin's error.
+  std::vector<std::shared_ptr<Transport>> create_transport(std::string_view name,
+                                                           const TransportCreateArgs& args) const;
+  std::shared_ptr<Router> create_router(std::string_view name, const RouterCreateArgs& args) const;
+  std::shared_ptr<ExpertKernel> create_expert(std::string_view name,
+                                              const ExpertCreateArgs& args) const;
+
+ private:
+  struct Loaded;
+  const Loaded& get(PluginKind kind, std::string_view name) const;
+  std::vector<std::filesystem::path> search_path_;
+  std::vector<Loaded> loaded_;
+  std::vector<PluginInfo> available_;
+  std::vector<PluginRejection> rejected_;
+};
+
+namespace plugin_detail {
+template <auto Create>
+Status guarded_transport(const TransportCreateArgs& args,
+                         std::vector<std::unique_ptr<Transport>>& out) {
+  try {
+    out = Create(args);
+    return {};
+  } catch (...) {
+    return Status::from_current_exception();
+  }
+}
+template <auto Create>
+Status guarded_router(const RouterCreateArgs& args, std::unique_ptr<Router>& out) {
+  try {
+    out = Create(args);
+    return {};
+  } catch (...) {
+    return Status::from_current_exception();
+  }
+}
+template <auto Create>
+Status guarded_expert(const ExpertCreateArgs& args, std::unique_ptr<ExpertKernel>& out) {
+  try {
+    out = Create(args);
+    return {};
+  } catch (...) {
+    return Status::from_current_exception();
+  }
+}
+}  // namespace plugin_detail
+
+}  // namespace switchyard
+
+#define SWITCHYARD_PLUGIN_EXPORT extern "C" __attribute__((visibility("default")))
+
+/// Defines the entry point of a plugin. KIND is kTransport, kRouter or kExpert; FIELD the
+/// factory member it fills; CREATE a function taking the kind's create-args and returning
+/// what the factory fills (it may throw `switchyard::Error`); DECLARE fills the schema
+/// (or nullptr); PROBE returns a Status (or nullptr).
+#define SWITCHYARD_DEFINE_PLUGIN_IMPL(KIND, NAME, VERSION, SUMMARY, DECLARE, PROBE, FACTORY) \
+  SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* switchyard_plugin_v1() {   \
+    static const ::switchyard::PluginDescriptor descriptor = [] {                          \
+      ::switchyard::PluginDescriptor d{};                                                  \
+      d.abi_version = ::switchyard::kPluginAbiVersion;                                     \
+      d.build_id = SWITCHYARD_BUILD_ID;                                                    \
+      d.kind = ::switchyard::PluginKind::KIND;                                             \
+      d.name = NAME;                                                                       \
+      d.version = VERSION;                                                                 \
+      d.summary = SUMMARY;                                                                 \
+      d.declare_options = DECLARE;                                                         \
+      d.probe = PROBE;                                                                     \
+      FACTORY;                                                                             \
+      return d;                                                                            \
+    }();                                                                                   \
+    return &descriptor;                                                                    \
+  }
+
+/// A transport plugin. CREATE: std::vector<std::unique_ptr<Transport>>(const TransportCreateArgs&).
+#define SWITCHYARD_TRANSPORT_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, PROBE, CREATE) \
+  SWITCHYARD_DEFINE_PLUGIN_IMPL(                                                    \
+      kTransport, NAME, VERSION, SUMMARY, DECLARE, PROBE,                           \
+      d.create_transport = &::switchyard::plugin_detail::guarded_transport<CREATE>)
+
+/// A router plugin. CREATE: std::unique_ptr<Router>(const RouterCreateArgs&).
+#define SWITCHYARD_ROUTER_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, CREATE)                 \
+  SWITCHYARD_DEFINE_PLUGIN_IMPL(kRouter, NAME, VERSION, SUMMARY, DECLARE, nullptr,       \
+                                d.create_router = &::switchyard::plugin_detail::guarded_router<CREATE>)
+
+/// An expert-kernel plugin. CREATE: std::unique_ptr<ExpertKernel>(const ExpertCreateArgs&).
+#define SWITCHYARD_EXPERT_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, PROBE, CREATE) \
+  SWITCHYARD_DEFINE_PLUGIN_IMPL(kExpert, NAME, VERSION, SUMMARY, DECLARE, PROBE, \
+                                d.create_expert = &::switchyard::plugin_detail::guarded_expert<CREATE>)

@@ -1,0 +1,69 @@
+#pragma once
+/// \file
+/// The routing interface: which experts each token goes to, with which weights.
+/// Semantics of every policy are in ROUTING.md.
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "switchyard/tensor.hpp"
+#include "switchyard/topology.hpp"
+
+namespace switchyard {
+
+/// A routing decision for T tokens with K slots each. Owned by the caller and reused
+/// across calls: `route` resizes the vectors, which allocates only when they grow.
+struct RoutingPlan {
+  std::int64_t num_tokens = 0;  ///< T
+  int slots = 0;                ///< K
+  /// [T,K] row-major; -1 where a slot is dropped or unused. Rows ordered by descending
+  /// selection score (ties: lower expert index) for token-choice policies.
+  std::vector<std::int32_t> experts;
+  /// [T,K]; 0 where the expert is -1.
+  std::vector<float> weights;
+  /// [E]; kept assignments per expert.
+  std::vector<std::int64_t> counts;
+};
+
+/// Statistics of the last `route` call, over this rank's tokens.
+struct RouterStats {
+  std::vector<std::int64_t> counts;  ///< [E] kept assignments per expert
+  std::int64_t dropped = 0;          ///< assignments removed (capacity)
+  double imbalance = 0;              ///< max(counts) / mean(counts); 0 when no tokens
+  double aux_loss = 0;               ///< Switch load-balancing loss, 1 = perfect balance
+  double z_loss = 0;                 ///< mean over tokens of logsumexp(z)^2
+};
+
+/// What a router sees besides the logits.
+struct RouteInput {
+  TensorView logits;                   ///< f32 [T,E], host, contiguous
+  const Topology* topology = nullptr;  ///< placement of the EP group's ranks; may be null
+};
+
+/// A routing policy. One instance per rank; not thread-safe (one thread routes at a time).
+class Router {
+ public:
+  virtual ~Router() = default;
+  /// Policy name, e.g. "topk".
+  virtual std::string name() const = 0;
+  /// Number of experts E the router was configured for.
+  virtual int num_experts() const noexcept = 0;
+  /// K: slots per token in the plans this router produces.
+  virtual int slots_per_token() const noexcept = 0;
+  /// Routes `input.logits` [T,E] into `plan` and updates `stats()`. Bad input (wrong
+  /// shape, NaN or Inf logits under the default nan_policy) throws
+  /// `Error(kInvalidArgument)` naming the first bad token and expert, and leaves `plan`
+  /// unspecified but valid to reuse. Blocking; allocates only when T grows.
+  virtual void route(const RouteInput& input, RoutingPlan& plan) = 0;
+  /// Statistics of the last successful `route`.
+  virtual const RouterStats& stats() const noexcept = 0;
+  /// The selection bias [E] (empty when the policy has none).
+  virtual std::span<const float> bias() const noexcept = 0;
+  /// Stateful policies (bias balancing) update from the kept counts [E] summed over the
+  /// EP group. Stateless policies ignore it.
+  virtual void update(std::span<const std::int64_t> global_counts) = 0;
+};
+
+}  // namespace switchyard

@@ -1,0 +1,105 @@
+#pragma once
+/// \file
+/// The runtime: a validated configuration, the plugins it names, the model, and one MoE
+/// layer per rank hosted by this process.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "switchyard/config.hpp"
+#include "switchyard/layer.hpp"
+#include "switchyard/model.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/router.hpp"
+
+namespace switchyard {
+
+/// The sections a configuration may have: runtime, router, experts, model, input, output,
+/// check.
+std::span<const std::string_view> config_sections() noexcept;
+/// The core's keys of `section` (plugin keys are added by `ResolvedConfig`).
+ConfigSchema core_schema(std::string_view section);
+
+/// Every section of a configuration validated against the core schema plus the schema of
+/// the plugin it selects ([runtime] transport, [router] policy, [experts] kernel).
+class ResolvedConfig {
+ public:
+  /// Throws `Error(kInvalidArgument)` with the origin of the first bad value, or the
+  /// registry's error when a selected plugin is missing.
+  ResolvedConfig(const Config& config, const PluginRegistry& registry);
+  const ConfigSection& section(std::string_view name) const;
+  std::span<const ConfigSection> sections() const noexcept { return sections_; }
+
+ private:
+  std::vector<ConfigSection> sections_;
+};
+
+/// Rows of `num_tokens` owned by `rank` of `ranks`: contiguous blocks, the first
+/// `num_tokens mod ranks` ranks get one row more. Returns {first row, row count}.
+std::pair<std::int64_t, std::int64_t> token_block(std::int64_t num_tokens, int ranks, int rank);
+
+/// Routing statistics over all ranks of the EP group.
+struct GlobalRouterStats {
+  std::vector<std::int64_t> counts;  ///< [E] kept assignments, summed over ranks
+  std::int64_t tokens = 0;
+  std::int64_t dropped = 0;
+  double imbalance = 0;  ///< max(counts) / mean(counts)
+  double aux_loss = 0;   ///< token-weighted mean of the ranks' aux losses
+  double z_loss = 0;     ///< token-weighted mean of the ranks' z losses
+};
+
+/// Built from a configuration; owns the plugin registry, the model weights, the transports
+/// of the ranks this process hosts (several for the in-process transport) and one
+/// `MoELayer` per such rank. Methods are called from one thread; `run_on_ranks` runs a
+/// function on every local rank concurrently.
+class Runtime {
+ public:
+  /// Validates `config`, loads plugins from the standard search path plus
+  /// `[runtime] plugin_dirs`, loads or initialises the model and builds the layers.
+  /// Throws `Error` with a message that says what to fix; nothing is left running.
+  explicit Runtime(const Config& config);
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  const ResolvedConfig& settings() const noexcept;
+  const PluginRegistry& plugins() const noexcept;
+  const ModelWeights& model() const noexcept;
+  const Topology& topology() const noexcept;
+  int world_size() const noexcept;
+  int num_local_ranks() const noexcept;
+  /// World rank of local rank `local`.
+  int world_rank(int local) const;
+  MoELayer& layer(int local);
+
+  /// Calls `fn(local)` for every local rank, each in its own thread when there are
+  /// several, and waits. If any throws, the transports are aborted so that the others
+  /// stop too, and the root-cause error is rethrown (not a peer's kPeerFailed).
+  void run_on_ranks(const std::function<void(int local)>& fn);
+
+  /// Forward over global tokens x [T,H]: each local rank takes its `token_block` and
+  /// writes its rows of y [T,H].
+  void forward(const TensorView& x, const TensorView& y);
+  /// The dense single-process reference of the same computation (each rank's block
+  /// routed as that rank routes it, experts evaluated directly in double precision).
+  void reference_forward(const TensorView& x, const TensorView& y) const;
+
+  /// Statistics of the last forward, reduced over all ranks (collective; call after
+  /// `forward`).
+  GlobalRouterStats global_router_stats();
+  /// The slowest rank's time per phase of the last forward (collective).
+  LayerTimings max_timings();
+  /// Bytes all ranks sent to other ranks in the last forward (collective).
+  LayerTraffic total_traffic();
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace switchyard

@@ -1,0 +1,42 @@
+#pragma once
+/// \file
+/// Version of the Switchyard core and the identity of the build that plugins must match.
+
+// Any standard header defines the library macros the build id reads.
+#include <cstddef>
+
+/// Core version; CMake reads the project version from this line.
+#define SWITCHYARD_VERSION_STRING "0.1.0"
+
+#define SWITCHYARD_STRINGIFY_IMPL(x) #x
+#define SWITCHYARD_STRINGIFY(x) SWITCHYARD_STRINGIFY_IMPL(x)
+
+#if defined(__clang__)
+#define SWITCHYARD_COMPILER_ID "clang " __clang_version__
+#elif defined(__GNUC__)
+#define SWITCHYARD_COMPILER_ID "gcc " __VERSION__
+#else
+#define SWITCHYARD_COMPILER_ID "unknown compiler"
+#endif
+
+#if defined(_GLIBCXX_USE_CXX11_ABI)
+#define SWITCHYARD_STDLIB_ID "libstdc++ cxx11-abi=" SWITCHYARD_STRINGIFY(_GLIBCXX_USE_CXX11_ABI)
+#elif defined(_LIBCPP_VERSION)
+#define SWITCHYARD_STDLIB_ID "libc++ " SWITCHYARD_STRINGIFY(_LIBCPP_VERSION)
+#else
+#define SWITCHYARD_STDLIB_ID "unknown stdlib"
+#endif
+
+/// Expanded where it is compiled: the core records its own, every plugin records the one
+/// it was built with, and the loader refuses a plugin whose build id differs, because
+/// C++ objects (std::string, std::vector, vtables) cross the plugin boundary.
+#define SWITCHYARD_BUILD_ID                                                           \
+  "switchyard " SWITCHYARD_VERSION_STRING "; " SWITCHYARD_COMPILER_ID "; " SWITCHYARD_STDLIB_ID \
+  "; c++ " SWITCHYARD_STRINGIFY(__cplusplus)
+
+namespace switchyard {
+/// The build id this core was compiled with.
+const char* core_build_id() noexcept;
+/// The core version, e.g. "0.1.0".
+const char* core_version() noexcept;
+}  // namespace switchyard

@@ -1,0 +1,110 @@
+// The core's configuration keys. Plugin keys are declared by the plugins themselves.
+#include <array>
+
+#include "switchyard/runtime.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+
+std::span<const std::string_view> config_sections() noexcept {
+  static constexpr std::array<std::string_view, 7> kSections = {
+      "runtime", "router", "experts", "model", "input", "output", "check"};
+  return kSections;
+}
+
+ConfigSchema core_schema(std::string_view section) {
+  using T = ConfigType;
+  ConfigSchema s;
+  if (section == "runtime") {
+    s.add("transport", T::kString, ConfigValue{std::string("inproc")},
+          "transport plugin: inproc runs every rank as a thread of this process");
+    s.add("ranks", T::kInt, ConfigValue{std::int64_t{1}},
+          "number of ranks for the in-process transport", checks::int_range(1, 1024));
+    s.add("ranks_per_node", T::kInt, ConfigValue{std::int64_t{0}},
+          "emulate nodes of this many consecutive ranks (0: all ranks of a host on one node)",
+          checks::int_range(0, 1 << 20));
+    s.add("timeout_s", T::kFloat, ConfigValue{300.0},
+          "bound in seconds on every wait for a peer; a missing peer is an error after it",
+          checks::positive());
+    s.add("plugin_dirs", T::kStringList, ConfigValue{std::vector<std::string>{}},
+          "extra plugin folders, searched after SWITCHYARD_PLUGIN_PATH and before the install's");
+  } else if (section == "router") {
+    s.add("policy", T::kString, ConfigValue{std::string("topk")},
+          "routing policy plugin (see ROUTING.md)");
+  } else if (section == "experts") {
+    s.add("kernel", T::kString, ConfigValue{std::string("cpu_swiglu")}, "expert kernel plugin");
+  } else if (section == "model") {
+    s.add("weights", T::kString, std::nullopt,
+          "safetensors checkpoint of one MoE layer; unset: random weights from seed");
+    s.add("format", T::kString, ConfigValue{std::string("mixtral")},
+          "tensor names in the checkpoint: mixtral or deepseek (also Qwen-MoE)",
+          checks::one_of({"mixtral", "deepseek"}));
+    s.add("prefix", T::kString, ConfigValue{std::string()},
+          "prefix of the layer's tensor names, e.g. model.layers.3.block_sparse_moe.");
+    s.add("num_experts", T::kInt, ConfigValue{std::int64_t{8}},
+          "E for random weights (with a checkpoint: taken from it, must agree if set)",
+          checks::int_range(1, 1 << 16));
+    s.add("hidden", T::kInt, ConfigValue{std::int64_t{64}},
+          "H for random weights (with a checkpoint: taken from it, must agree if set)",
+          checks::int_range(1, 1 << 20));
+    s.add("ffn_hidden", T::kInt, ConfigValue{std::int64_t{128}},
+          "F, the expert's inner width, for random weights (with a checkpoint: must agree if set)",
+          checks::int_range(1, 1 << 22));
+    s.add("seed", T::kInt, ConfigValue{std::int64_t{1}}, "seed of the random weights");
+  } else if (section == "input") {
+    s.add("tokens", T::kString, std::nullopt,
+          ".npy file of float32 tokens [T,H]; unset: num_tokens synthetic tokens");
+    s.add("num_tokens", T::kInt, ConfigValue{std::int64_t{64}},
+          "T of the synthetic tokens", checks::int_range(0, std::int64_t{1} << 40));
+    s.add("seed", T::kInt, ConfigValue{std::int64_t{2}}, "seed of the synthetic tokens");
+  } else if (section == "output") {
+    s.add("path", T::kString, std::nullopt,
+          ".npy file that receives the float32 result [T,H] in input row order");
+  } else if (section == "check") {
+    s.add("tolerance", T::kFloat, ConfigValue{1e-5},
+          "--check fails when max|y - reference| / max|reference| exceeds this",
+          checks::positive());
+  } else {
+    throw Error(ErrorCode::kInternal, "no schema for section " + std::string(section));
+  }
+  return s;
+}
+
+namespace {
+/// The plugin a section selects, if the section belongs to one.
+std::optional<std::pair<PluginKind, std::string_view>> plugin_key(std::string_view section) {
+  if (section == "runtime") return std::make_pair(PluginKind::kTransport, std::string_view("transport"));
+  if (section == "router") return std::make_pair(PluginKind::kRouter, std::string_view("policy"));
+  if (section == "experts") return std::make_pair(PluginKind::kExpert, std::string_view("kernel"));
+  return std::nullopt;
+}
+}  // namespace
+
+ResolvedConfig::ResolvedConfig(const Config& config, const PluginRegistry& registry) {
+  config.check_sections(config_sections());
+  for (std::string_view name : config_sections()) {
+    ConfigSchema schema = core_schema(name);
+    if (auto selector = plugin_key(name)) {
+      // First pass with the core keys only, to learn which plugin owns the other keys.
+      const ConfigSection core = config.section(name, schema, /*reject_unknown=*/false);
+      const std::string& plugin = core.get_string(selector->second);
+      try {
+        schema.merge(registry.options(selector->first, plugin));
+      } catch (const Error& e) {
+        if (e.code() == ErrorCode::kInternal) throw;
+        throw Error(e.code(), core.origin(selector->second).describe() + ": " + std::string(name) +
+                                  "." + std::string(selector->second) + ": " + e.message());
+      }
+    }
+    sections_.push_back(config.section(name, schema));
+  }
+}
+
+const ConfigSection& ResolvedConfig::section(std::string_view name) const {
+  for (const auto& s : sections_) {
+    if (s.name() == name) return s;
+  }
+  throw Error(ErrorCode::kInternal, "no section " + std::string(name));
+}
+
+}  // namespace switchyard

@@ -1,0 +1,144 @@
+#include "switchyard/model.hpp"
+
+#include <cmath>
+
+#include "switchyard/io.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+namespace {
+
+/// splitmix64: a tiny generator whose output is the same on every platform.
+class SplitMix64 {
+ public:
+  explicit SplitMix64(std::uint64_t seed) : state_(seed) {}
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+  }
+  /// Uniform in [-1, 1).
+  float symmetric() {
+    return static_cast<float>(static_cast<double>(next() >> 40) / static_cast<double>(1ULL << 23) - 1.0);
+  }
+
+ private:
+  std::uint64_t state_;
+};
+
+HostTensor random_matrix(SplitMix64& rng, std::int64_t rows, std::int64_t cols) {
+  HostTensor t(DType::kF32, {rows, cols});
+  const float scale = 1.0f / std::sqrt(static_cast<float>(cols));
+  float* p = t.data<float>();
+  for (std::int64_t i = 0; i < rows * cols; ++i) p[i] = rng.symmetric() * scale;
+  return t;
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+ModelWeights ModelWeights::random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed) {
+  if (num_experts < 1 || hidden < 1 || ffn_hidden < 1) {
+    throw Error(ErrorCode::kInvalidArgument, "model: num_experts, hidden and ffn_hidden must be >= 1");
+  }
+  ModelWeights m;
+  m.num_experts_ = num_experts;
+  m.hidden_ = hidden;
+  m.ffn_hidden_ = ffn_hidden;
+  SplitMix64 rng(seed);
+  m.gate_ = random_matrix(rng, num_experts, hidden);
+  for (int e = 0; e < num_experts; ++e) {
+    m.gate_proj_.push_back(random_matrix(rng, ffn_hidden, hidden));
+    m.up_proj_.push_back(random_matrix(rng, ffn_hidden, hidden));
+    m.down_proj_.push_back(random_matrix(rng, hidden, ffn_hidden));
+  }
+  m.description_ = "random (seed " + std::to_string(seed) + ")";
+  return m;
+}
+
+ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFormat format,
+                                const std::string& prefix) {
+  SafetensorsFile file(path);
+  auto require_shape = [&](const std::string& name, std::vector<std::int64_t> expected) {
+    auto it = file.entries().find(name);
+    if (it == file.entries().end()) {
+      throw Error(ErrorCode::kNotFound, path.string() + ": tensor " + name +
+                                            " not found (format " +
+                                            (format == CheckpointFormat::kMixtral ? "mixtral" : "deepseek") +
+                                            ", prefix \"" + prefix + "\")");
+    }
+    bool ok = it->second.shape.size() == expected.size();
+    for (std::size_t i = 0; ok && i < expected.size(); ++i) {
+      ok = expected[i] < 0 || expected[i] == it->second.shape[i];
+    }
+    if (!ok) {
+      throw Error(ErrorCode::kInvalidArgument, path.string() + ": tensor " + name + " has shape " +
+                                                   shape_text(it->second.shape) + ", expected " +
+                                                   shape_text(expected));
+    }
+    return file.read_f32(name);
+  };
+
+  const bool mixtral = format == CheckpointFormat::kMixtral;
+  const std::string gate_name = mixtral ? "w1" : "gate_proj";
+  const std::string up_name = mixtral ? "w3" : "up_proj";
+  const std::string down_name = mixtral ? "w2" : "down_proj";
+  auto expert_tensor = [&](int e, const std::string& which) {
+    return prefix + "experts." + std::to_string(e) + "." + which + ".weight";
+  };
+
+  ModelWeights m;
+  m.gate_ = require_shape(prefix + "gate.weight", {-1, -1});
+  m.num_experts_ = static_cast<int>(m.gate_.shape()[0]);
+  m.hidden_ = static_cast<int>(m.gate_.shape()[1]);
+  if (m.num_experts_ < 1 || m.hidden_ < 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                path.string() + ": tensor " + prefix + "gate.weight is empty");
+  }
+  const HostTensor first_gate = require_shape(expert_tensor(0, gate_name), {-1, m.hidden_});
+  m.ffn_hidden_ = static_cast<int>(first_gate.shape()[0]);
+  const std::int64_t E = m.num_experts_, H = m.hidden_, F = m.ffn_hidden_;
+  for (int e = 0; e < E; ++e) {
+    m.gate_proj_.push_back(require_shape(expert_tensor(e, gate_name), {F, H}));
+    m.up_proj_.push_back(require_shape(expert_tensor(e, up_name), {F, H}));
+    m.down_proj_.push_back(require_shape(expert_tensor(e, down_name), {H, F}));
+  }
+  const std::string bias_name = prefix + "gate.e_score_correction_bias";
+  if (!mixtral && file.contains(bias_name)) {
+    HostTensor bias = require_shape(bias_name, {E});
+    m.bias_.assign(bias.data<float>(), bias.data<float>() + E);
+  }
+  m.description_ = std::string(mixtral ? "mixtral" : "deepseek") + " checkpoint " + path.string();
+  return m;
+}
+
+HostTensor synthetic_tokens(std::int64_t num_tokens, int hidden, std::uint64_t seed) {
+  HostTensor t(DType::kF32, {num_tokens, hidden});
+  SplitMix64 rng(seed);
+  float* p = t.data<float>();
+  for (std::int64_t i = 0; i < t.numel(); ++i) p[i] = rng.symmetric();
+  return t;
+}
+
+std::vector<SwigluExpertWeights> ModelWeights::experts(int first, int count) const {
+  if (first < 0 || count < 0 || first + count > num_experts_) {
+    throw Error(ErrorCode::kInvalidArgument, "model: experts [" + std::to_string(first) + ", " +
+                                                 std::to_string(first + count) +
+                                                 ") out of range for " +
+                                                 std::to_string(num_experts_) + " experts");
+  }
+  std::vector<SwigluExpertWeights> out;
+  for (int e = first; e < first + count; ++e) {
+    const auto i = static_cast<std::size_t>(e);
+    out.push_back({gate_proj_[i].view(), up_proj_[i].view(), down_proj_[i].view()});
+  }
+  return out;
+}
+
+}  // namespace switchyard

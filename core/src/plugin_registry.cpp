@@ -1,0 +1,339 @@
+// Finds, checks and loads plugins with Boost.DLL. Every failure is recorded, never fatal
+// to the scan; asking for a plugin that did not load explains everything in one message.
+// BOOST_DLL_USE_STD_FS is set by CMake. library_info.hpp needs <vector> before it.
+#include <string>
+#include <vector>
+
+#include <boost/dll/library_info.hpp>
+#include <boost/dll/runtime_symbol_info.hpp>
+#include <boost/dll/shared_library.hpp>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <regex>
+#include <sstream>
+
+#include "switchyard/plugin.hpp"
+
+namespace switchyard {
+
+std::string_view plugin_kind_name(PluginKind kind) noexcept {
+  switch (kind) {
+    case PluginKind::kTransport: return "transport";
+    case PluginKind::kRouter: return "router";
+    case PluginKind::kExpert: return "expert";
+  }
+  return "unknown";
+}
+
+namespace {
+
+std::optional<PluginKind> kind_from_name(std::string_view name) {
+  for (auto kind : {PluginKind::kTransport, PluginKind::kRouter, PluginKind::kExpert}) {
+    if (plugin_kind_name(kind) == name) return kind;
+  }
+  return std::nullopt;
+}
+
+bool is_factory_set(const PluginDescriptor& d) {
+  switch (d.kind) {
+    case PluginKind::kTransport: return d.create_transport != nullptr;
+    case PluginKind::kRouter: return d.create_router != nullptr;
+    case PluginKind::kExpert: return d.create_expert != nullptr;
+  }
+  return false;
+}
+
+/// Names of the exported symbols that look like another ABI's entry point.
+std::vector<std::string> other_entry_points(const std::filesystem::path& path) {
+  std::vector<std::string> found;
+  try {
+    boost::dll::library_info info(path);
+    for (const auto& symbol : info.symbols()) {
+      if (symbol.rfind("switchyard_plugin_v", 0) == 0) found.push_back(symbol);
+    }
+  } catch (const std::exception&) {
+    // Unreadable symbol table: report only that the entry point is missing.
+  }
+  return found;
+}
+
+}  // namespace
+
+struct PluginRegistry::Loaded {
+  PluginInfo info;
+  const PluginDescriptor* descriptor = nullptr;
+  std::shared_ptr<boost::dll::shared_library> library;
+};
+
+std::vector<std::filesystem::path> PluginRegistry::default_search_path(
+    std::span<const std::filesystem::path> config_dirs) {
+  std::vector<std::filesystem::path> path;
+  if (const char* env = std::getenv("SWITCHYARD_PLUGIN_PATH"); env != nullptr) {
+    std::string_view rest(env);
+    while (!rest.empty()) {
+      const auto colon = rest.find(':');
+      const auto part = rest.substr(0, colon);
+      if (!part.empty()) path.emplace_back(part);
+      if (colon == std::string_view::npos) break;
+      rest.remove_prefix(colon + 1);
+    }
+  }
+  path.insert(path.end(), config_dirs.begin(), config_dirs.end());
+  // The core library's own folder: build/lib/ in a build tree, <prefix>/lib/ when installed.
+  path.push_back(boost::dll::this_line_location().parent_path() / "switchyard");
+  return path;
+}
+
+PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
+    : search_path_(std::move(search_path)) {
+  static const std::regex file_pattern(R"(libswitchyard-([a-z]+)-([A-Za-z0-9_]+)\.so)");
+  for (const auto& dir : search_path_) {
+    std::error_code ec;
+    if (!std::filesystem::is_directory(dir, ec)) continue;
+    std::vector<std::filesystem::path> files;
+    for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+      const std::string file = entry.path().filename().string();
+      if (file.rfind("libswitchyard-", 0) == 0 && file.find(".so") != std::string::npos) {
+        files.push_back(entry.path());
+      }
+    }
+    std::sort(files.begin(), files.end());
+    for (const auto& file : files) {
+      auto reject = [&](ErrorCode code, std::string reason) {
+        rejected_.push_back({file, code, std::move(reason)});
+      };
+      std::smatch match;
+      const std::string filename = file.filename().string();
+      if (!std::regex_match(filename, match, file_pattern) || !kind_from_name(match[1].str())) {
+        reject(ErrorCode::kInvalidArgument,
+               "file name does not follow libswitchyard-<kind>-<name>.so with kind transport, "
+               "router or expert");
+        continue;
+      }
+      const PluginKind file_kind = *kind_from_name(match[1].str());
+      const std::string file_name = match[2].str();
+
+      auto library = std::make_shared<boost::dll::shared_library>();
+      try {
+        library->load(file, boost::dll::load_mode::rtld_lazy | boost::dll::load_mode::rtld_local);
+      } catch (const std::exception& e) {
+        reject(ErrorCode::kUnavailable, std::string("cannot be loaded: ") + e.what());
+        continue;
+      }
+      if (!library->has(kPluginEntryName)) {
+        const auto others = other_entry_points(file);
+        if (!others.empty()) {
+          reject(ErrorCode::kAbiMismatch,
+                 "exports " + others.front() + " but this core loads plugin ABI " +
+                     std::to_string(kPluginAbiVersion) + " (" + kPluginEntryName +
+                     "); rebuild the plugin against this core");
+        } else {
+          reject(ErrorCode::kNotFound, std::string("does not export the entry point ") +
+                                           kPluginEntryName + "; is it a Switchyard plugin?");
+        }
+        continue;
+      }
+      const PluginDescriptor* d = nullptr;
+      try {
+        d = library->get<const PluginDescriptor*()>(kPluginEntryName)();
+      } catch (const std::exception& e) {
+        reject(ErrorCode::kInternal, std::string("entry point threw: ") + e.what());
+        continue;
+      }
+      if (d == nullptr) {
+        reject(ErrorCode::kInternal, "entry point returned no descriptor");
+        continue;
+      }
+      if (d->abi_version != kPluginAbiVersion) {
+        reject(ErrorCode::kAbiMismatch,
+               "descriptor declares plugin ABI version " + std::to_string(d->abi_version) +
+                   ", this core needs " + std::to_string(kPluginAbiVersion) +
+                   "; rebuild the plugin against this core");
+        continue;
+      }
+      if (d->build_id == nullptr || std::strcmp(d->build_id, core_build_id()) != 0) {
+        reject(ErrorCode::kAbiMismatch,
+               std::string("built as \"") + (d->build_id ? d->build_id : "(none)") +
+                   "\" but this core is \"" + core_build_id() +
+                   "\"; C++ objects cross the plugin boundary, so rebuild the plugin with the "
+                   "same compiler and core");
+        continue;
+      }
+      if (d->kind != file_kind) {
+        reject(ErrorCode::kInvalidArgument,
+               "declares kind \"" + std::string(plugin_kind_name(d->kind)) +
+                   "\" but its file name says \"" + std::string(plugin_kind_name(file_kind)) + "\"");
+        continue;
+      }
+      if (d->name == nullptr || file_name != d->name) {
+        reject(ErrorCode::kInvalidArgument,
+               "declares name \"" + std::string(d->name ? d->name : "(none)") +
+                   "\" but its file name says \"" + file_name + "\"");
+        continue;
+      }
+      if (!is_factory_set(*d)) {
+        reject(ErrorCode::kInternal, "declares no factory for its kind");
+        continue;
+      }
+      auto duplicate = std::find_if(loaded_.begin(), loaded_.end(), [&](const Loaded& l) {
+        return l.info.kind == d->kind && l.info.name == d->name;
+      });
+      if (duplicate != loaded_.end()) {
+        reject(ErrorCode::kInvalidArgument, "shadowed by " + duplicate->info.path.string() +
+                                                ", found earlier in the search path");
+        continue;
+      }
+      Loaded loaded;
+      loaded.descriptor = d;
+      loaded.library = std::move(library);
+      loaded.info.kind = d->kind;
+      loaded.info.name = d->name;
+      loaded.info.version = d->version ? d->version : "";
+      loaded.info.summary = d->summary ? d->summary : "";
+      loaded.info.path = file;
+      if (d->probe != nullptr) {
+        try {
+          loaded.info.probe = d->probe();
+        } catch (...) {
+          loaded.info.probe = Status::from_current_exception();
+        }
+      }
+      loaded_.push_back(std::move(loaded));
+      available_.push_back(loaded_.back().info);
+    }
+  }
+}
+
+PluginRegistry::~PluginRegistry() = default;
+
+const std::vector<std::filesystem::path>& PluginRegistry::search_path() const noexcept {
+  return search_path_;
+}
+std::span<const PluginInfo> PluginRegistry::available() const noexcept { return available_; }
+std::span<const PluginRejection> PluginRegistry::rejected() const noexcept { return rejected_; }
+
+const PluginRegistry::Loaded& PluginRegistry::get(PluginKind kind, std::string_view name) const {
+  for (const auto& l : loaded_) {
+    if (l.info.kind != kind || l.info.name != name) continue;
+    if (!l.info.probe.ok()) {
+      throw Error(ErrorCode::kUnavailable,
+                  std::string(plugin_kind_name(kind)) + " plugin \"" + std::string(name) + "\" (" +
+                      l.info.path.string() + ") cannot work here: " + l.info.probe.message);
+    }
+    return l;
+  }
+  const std::string kind_name(plugin_kind_name(kind));
+  const std::string wanted_file = "libswitchyard-" + kind_name + "-" + std::string(name) + ".so";
+  std::ostringstream msg;
+  msg << kind_name << " plugin \"" << name << "\" not found (looked for " << wanted_file << ").";
+  msg << "\n  available " << kind_name << " plugins:";
+  bool any = false;
+  for (const auto& info : available_) {
+    if (info.kind != kind) continue;
+    msg << (any ? "," : "") << " " << info.name << " " << info.version << " ("
+        << info.path.string() << ")";
+    any = true;
+  }
+  if (!any) msg << " none";
+  // The requested plugin's own file first: it is the most likely explanation.
+  std::vector<const PluginRejection*> rejections;
+  for (const auto& r : rejected_) {
+    if (r.path.filename() == wanted_file) rejections.insert(rejections.begin(), &r);
+    else rejections.push_back(&r);
+  }
+  if (!rejections.empty()) {
+    msg << "\n  rejected:";
+    for (const auto* r : rejections) {
+      msg << "\n    " << r->path.string() << ": " << error_code_name(r->code) << ": " << r->reason;
+    }
+  }
+  msg << "\n  searched:";
+  for (const auto& dir : search_path_) {
+    std::error_code ec;
+    msg << " " << dir.string() << (std::filesystem::is_directory(dir, ec) ? "" : " (missing)");
+  }
+  msg << "\n  set SWITCHYARD_PLUGIN_PATH or [runtime] plugin_dirs to add folders";
+  throw Error(ErrorCode::kNotFound, msg.str());
+}
+
+const PluginInfo& PluginRegistry::find(PluginKind kind, std::string_view name) const {
+  return get(kind, name).info;
+}
+
+ConfigSchema PluginRegistry::options(PluginKind kind, std::string_view name) const {
+  const auto& l = get(kind, name);
+  ConfigSchema schema;
+  if (l.descriptor->declare_options != nullptr) {
+    try {
+      l.descriptor->declare_options(schema);
+    } catch (...) {
+      const Status s = Status::from_current_exception();
+      throw Error(ErrorCode::kInternal, std::string(plugin_kind_name(kind)) + " plugin \"" +
+                                            std::string(name) +
+                                            "\" failed to declare its options: " + s.message);
+    }
+  }
+  return schema;
+}
+
+namespace {
+/// Calls a factory; anything thrown through it is a plugin bug and is reported as such.
+template <typename Call>
+void call_factory(const PluginInfo& info, Call&& call) {
+  Status status;
+  try {
+    status = call();
+  } catch (...) {
+    const Status thrown = Status::from_current_exception();
+    throw Error(ErrorCode::kInternal,
+                std::string(plugin_kind_name(info.kind)) + " plugin \"" + info.name + "\" (" +
+                    info.path.string() + ") threw from its factory instead of returning a "
+                    "status: " + thrown.message);
+  }
+  status.throw_if_error();
+}
+
+template <typename T>
+std::shared_ptr<T> keep_library_alive(std::unique_ptr<T> object,
+                                      std::shared_ptr<boost::dll::shared_library> library) {
+  if (!object) return nullptr;
+  return std::shared_ptr<T>(object.release(), [library = std::move(library)](T* p) { delete p; });
+}
+}  // namespace
+
+std::vector<std::shared_ptr<Transport>> PluginRegistry::create_transport(
+    std::string_view name, const TransportCreateArgs& args) const {
+  const auto& l = get(PluginKind::kTransport, name);
+  std::vector<std::unique_ptr<Transport>> made;
+  call_factory(l.info, [&] { return l.descriptor->create_transport(args, made); });
+  std::vector<std::shared_ptr<Transport>> out;
+  for (auto& t : made) out.push_back(keep_library_alive(std::move(t), l.library));
+  if (out.empty()) {
+    throw Error(ErrorCode::kInternal, "transport plugin \"" + std::string(name) +
+                                          "\" created no local ranks");
+  }
+  return out;
+}
+
+std::shared_ptr<Router> PluginRegistry::create_router(std::string_view name,
+                                                      const RouterCreateArgs& args) const {
+  const auto& l = get(PluginKind::kRouter, name);
+  std::unique_ptr<Router> made;
+  call_factory(l.info, [&] { return l.descriptor->create_router(args, made); });
+  if (!made) throw Error(ErrorCode::kInternal, "router plugin \"" + std::string(name) + "\" created nothing");
+  return keep_library_alive(std::move(made), l.library);
+}
+
+std::shared_ptr<ExpertKernel> PluginRegistry::create_expert(std::string_view name,
+                                                            const ExpertCreateArgs& args) const {
+  const auto& l = get(PluginKind::kExpert, name);
+  std::unique_ptr<ExpertKernel> made;
+  call_factory(l.info, [&] { return l.descriptor->create_expert(args, made); });
+  if (!made) throw Error(ErrorCode::kInternal, "expert plugin \"" + std::string(name) + "\" created nothing");
+  return keep_library_alive(std::move(made), l.library);
+}
+
+}  // namespace switchyard

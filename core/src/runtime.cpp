@@ -1,0 +1,288 @@
+#include "switchyard/runtime.hpp"
+
+#include <algorithm>
+#include <exception>
+#include <mutex>
+#include <thread>
+
+#include "switchyard/reference.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+
+std::pair<std::int64_t, std::int64_t> token_block(std::int64_t num_tokens, int ranks, int rank) {
+  const std::int64_t base = num_tokens / ranks;
+  const std::int64_t extra = num_tokens % ranks;
+  const std::int64_t first = rank * base + std::min<std::int64_t>(rank, extra);
+  return {first, base + (rank < extra ? 1 : 0)};
+}
+
+struct Runtime::State {
+  std::shared_ptr<const PluginRegistry> registry;
+  std::unique_ptr<ResolvedConfig> settings;
+  ModelWeights model;
+  std::vector<std::shared_ptr<Transport>> transports;  // one per local rank
+  std::vector<std::unique_ptr<MoELayer>> layers;
+  ExpertPlacement placement;
+};
+
+namespace {
+
+std::vector<std::filesystem::path> plugin_dirs(const Config& config) {
+  const ConfigSection runtime =
+      config.section("runtime", core_schema("runtime"), /*reject_unknown=*/false);
+  std::vector<std::filesystem::path> dirs;
+  for (const auto& d : runtime.get_string_list("plugin_dirs")) {
+    std::filesystem::path p(d);
+    if (p.is_relative() && runtime.origin("plugin_dirs").kind == ConfigOrigin::Kind::kFile) {
+      p = std::filesystem::path(runtime.origin("plugin_dirs").where).parent_path() / p;
+    }
+    dirs.push_back(p);
+  }
+  return dirs;
+}
+
+ModelWeights load_model(const ConfigSection& model) {
+  if (!model.has("weights")) {
+    return ModelWeights::random(static_cast<int>(model.get_int("num_experts")),
+                                static_cast<int>(model.get_int("hidden")),
+                                static_cast<int>(model.get_int("ffn_hidden")),
+                                static_cast<std::uint64_t>(model.get_int("seed")));
+  }
+  const auto format = model.get_string("format") == "mixtral" ? CheckpointFormat::kMixtral
+                                                              : CheckpointFormat::kDeepseek;
+  ModelWeights weights;
+  try {
+    weights = ModelWeights::load(model.get_path("weights"), format, model.get_string("prefix"));
+  } catch (const Error& e) {
+    throw Error(e.code(), model.origin("weights").describe() + ": model.weights: " + e.message());
+  }
+  // Sizes given explicitly must agree with the checkpoint.
+  const std::pair<const char*, int> sizes[] = {{"num_experts", weights.num_experts()},
+                                               {"hidden", weights.hidden()},
+                                               {"ffn_hidden", weights.ffn_hidden()}};
+  for (const auto& [key, actual] : sizes) {
+    if (model.origin(key).kind != ConfigOrigin::Kind::kDefault && model.get_int(key) != actual) {
+      model.fail(key, "is " + std::to_string(model.get_int(key)) + " but the checkpoint has " +
+                          std::to_string(actual));
+    }
+  }
+  return weights;
+}
+
+}  // namespace
+
+Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
+  config.check_sections(config_sections());
+  state_->registry =
+      std::make_shared<const PluginRegistry>(PluginRegistry::default_search_path(plugin_dirs(config)));
+  state_->settings = std::make_unique<ResolvedConfig>(config, *state_->registry);
+  const ConfigSection& runtime = state_->settings->section("runtime");
+  const ConfigSection& router = state_->settings->section("router");
+  const ConfigSection& experts = state_->settings->section("experts");
+
+  state_->model = load_model(state_->settings->section("model"));
+  const ModelWeights& model = state_->model;
+
+  TransportCreateArgs transport_args;
+  transport_args.options = &runtime;
+  transport_args.requested_ranks = static_cast<int>(runtime.get_int("ranks"));
+  transport_args.timeout_s = runtime.get_float("timeout_s");
+  transport_args.ranks_per_node = static_cast<int>(runtime.get_int("ranks_per_node"));
+  state_->transports =
+      state_->registry->create_transport(runtime.get_string("transport"), transport_args);
+  const int world = state_->transports.front()->size();
+  state_->placement = ExpertPlacement(model.num_experts(), world);
+
+  for (const auto& transport : state_->transports) {
+    RouterCreateArgs router_args;
+    router_args.options = &router;
+    router_args.num_experts = model.num_experts();
+    router_args.checkpoint_bias = model.bias();
+    auto router_instance = state_->registry->create_router(router.get_string("policy"), router_args);
+
+    const int rank = transport->rank();
+    const auto local_experts = model.experts(state_->placement.first_expert(rank),
+                                             state_->placement.num_local(rank));
+    ExpertCreateArgs expert_args;
+    expert_args.options = &experts;
+    expert_args.hidden = model.hidden();
+    expert_args.ffn_hidden = model.ffn_hidden();
+    expert_args.experts = local_experts;
+    auto kernel = state_->registry->create_expert(experts.get_string("kernel"), expert_args);
+
+    MoELayerParts parts;
+    parts.transport = transport.get();
+    parts.router = std::move(router_instance);
+    parts.experts = std::move(kernel);
+    parts.gate = model.gate().view();
+    parts.placement = state_->placement;
+    state_->layers.push_back(std::make_unique<MoELayer>(std::move(parts)));
+  }
+}
+
+Runtime::~Runtime() {
+  // Layers borrow the transports; drop them first.
+  if (state_) state_->layers.clear();
+}
+
+const ResolvedConfig& Runtime::settings() const noexcept { return *state_->settings; }
+const PluginRegistry& Runtime::plugins() const noexcept { return *state_->registry; }
+const ModelWeights& Runtime::model() const noexcept { return state_->model; }
+const Topology& Runtime::topology() const noexcept {
+  return state_->transports.front()->topology();
+}
+int Runtime::world_size() const noexcept { return state_->transports.front()->size(); }
+int Runtime::num_local_ranks() const noexcept {
+  return static_cast<int>(state_->transports.size());
+}
+int Runtime::world_rank(int local) const {
+  return state_->transports.at(static_cast<std::size_t>(local))->rank();
+}
+MoELayer& Runtime::layer(int local) { return *state_->layers.at(static_cast<std::size_t>(local)); }
+
+void Runtime::run_on_ranks(const std::function<void(int local)>& fn) {
+  const int n = num_local_ranks();
+  if (n == 1) {
+    fn(0);
+    return;
+  }
+  std::mutex mutex;
+  std::exception_ptr root_cause, peer_failure;
+  auto body = [&](int local) {
+    try {
+      fn(local);
+    } catch (...) {
+      const Status status = Status::from_current_exception();
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        auto& slot = status.code == ErrorCode::kPeerFailed ? peer_failure : root_cause;
+        if (!slot) slot = std::current_exception();
+      }
+      state_->transports[static_cast<std::size_t>(local)]->abort(
+          "rank " + std::to_string(world_rank(local)) + " failed: " + status.message);
+    }
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<std::size_t>(n));
+  for (int local = 0; local < n; ++local) threads.emplace_back(body, local);
+  for (auto& t : threads) t.join();
+  if (root_cause) std::rethrow_exception(root_cause);
+  if (peer_failure) std::rethrow_exception(peer_failure);
+}
+
+namespace {
+TensorView rows(const TensorView& m, std::int64_t first, std::int64_t count) {
+  return TensorView(m.data_as<float>() + first * m.dim(1), DType::kF32, {count, m.dim(1)});
+}
+}  // namespace
+
+void Runtime::forward(const TensorView& x, const TensorView& y) {
+  const std::int64_t H = model().hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  y.require("output", DType::kF32, {x.dim(0), H});
+  const int world = world_size();
+  run_on_ranks([&](int local) {
+    const int rank = world_rank(local);
+    const auto [first, count] = token_block(x.dim(0), world, rank);
+    try {
+      layer(local).forward(rows(x, first, count), rows(y, first, count));
+    } catch (const Error& e) {
+      if (e.code() == ErrorCode::kPeerFailed) throw;
+      // Say which global rows the failing rank held; token numbers in the message are
+      // local to that block.
+      throw Error(e.code(), "rank " + std::to_string(rank) + " (input rows " +
+                                std::to_string(first) + ".." + std::to_string(first + count - 1) +
+                                "): " + e.message());
+    }
+  });
+}
+
+void Runtime::reference_forward(const TensorView& x, const TensorView& y) const {
+  const ModelWeights& m = model();
+  x.require("input tokens", DType::kF32, {-1, m.hidden()});
+  y.require("reference output", DType::kF32, {x.dim(0), m.hidden()});
+  const ConfigSection& router_options = state_->settings->section("router");
+  RouterCreateArgs args;
+  args.options = &router_options;
+  args.num_experts = m.num_experts();
+  args.checkpoint_bias = m.bias();
+  auto router = state_->registry->create_router(router_options.get_string("policy"), args);
+  const int world = world_size();
+  std::vector<float> logits;
+  RoutingPlan plan;
+  // Route each rank's block the way that rank does, then evaluate it densely.
+  for (int rank = 0; rank < world; ++rank) {
+    const auto [first, count] = token_block(x.dim(0), world, rank);
+    const TensorView block = rows(x, first, count);
+    logits.resize(static_cast<std::size_t>(count * m.num_experts()));
+    compute_router_logits(block, m.gate().view(), logits.data());
+    RouteInput input;
+    input.logits = TensorView(logits.data(), DType::kF32, {count, m.num_experts()});
+    input.topology = &topology();
+    router->route(input, plan);
+    dense_moe_reference(m, plan, block, rows(y, first, count));
+  }
+}
+
+GlobalRouterStats Runtime::global_router_stats() {
+  const int E = model().num_experts();
+  GlobalRouterStats result;
+  std::mutex mutex;
+  run_on_ranks([&](int local) {
+    MoELayer& l = layer(local);
+    const RouterStats& s = l.router().stats();
+    const auto tokens = l.last_plan().num_tokens;
+    std::vector<std::int64_t> ints(static_cast<std::size_t>(E) + 2, 0);
+    std::copy(s.counts.begin(), s.counts.end(), ints.begin());
+    ints[static_cast<std::size_t>(E)] = s.dropped;
+    ints[static_cast<std::size_t>(E) + 1] = tokens;
+    double losses[2] = {s.aux_loss * static_cast<double>(tokens), s.z_loss * static_cast<double>(tokens)};
+    l.transport().allreduce(ints.data(), ints.size(), DType::kI64, ReduceOp::kSum);
+    l.transport().allreduce(losses, 2, DType::kF64, ReduceOp::kSum);
+    if (local != 0) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    result.counts.assign(ints.begin(), ints.begin() + E);
+    result.dropped = ints[static_cast<std::size_t>(E)];
+    result.tokens = ints[static_cast<std::size_t>(E) + 1];
+    const double denom = result.tokens > 0 ? static_cast<double>(result.tokens) : 1.0;
+    result.aux_loss = losses[0] / denom;
+    result.z_loss = losses[1] / denom;
+  });
+  std::int64_t total = 0, most = 0;
+  for (auto c : result.counts) {
+    total += c;
+    most = std::max(most, c);
+  }
+  result.imbalance = total > 0 ? static_cast<double>(most) * E / static_cast<double>(total) : 0.0;
+  return result;
+}
+
+LayerTimings Runtime::max_timings() {
+  LayerTimings result;
+  run_on_ranks([&](int local) {
+    MoELayer& l = layer(local);
+    const LayerTimings& t = l.timings();
+    double v[5] = {t.route_s, t.layout_s, t.dispatch_s, t.experts_s, t.combine_s};
+    l.transport().allreduce(v, 5, DType::kF64, ReduceOp::kMax);
+    if (local == 0) result = {v[0], v[1], v[2], v[3], v[4]};
+  });
+  return result;
+}
+
+LayerTraffic Runtime::total_traffic() {
+  LayerTraffic result;
+  run_on_ranks([&](int local) {
+    MoELayer& l = layer(local);
+    const LayerTraffic& t = l.traffic();
+    std::int64_t v[3] = {static_cast<std::int64_t>(t.dispatch_bytes),
+                         static_cast<std::int64_t>(t.combine_bytes), t.rows_sent};
+    l.transport().allreduce(v, 3, DType::kI64, ReduceOp::kSum);
+    if (local == 0) {
+      result = {static_cast<std::uint64_t>(v[0]), static_cast<std::uint64_t>(v[1]), v[2]};
+    }
+  });
+  return result;
+}
+
+}  // namespace switchyard

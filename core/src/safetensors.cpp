@@ -1,0 +1,160 @@
+// .safetensors: 8-byte little-endian header length, a JSON header, then the raw data.
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "switchyard/io.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+namespace {
+
+[[noreturn]] void bad(const std::filesystem::path& path, const std::string& why) {
+  throw Error(ErrorCode::kInvalidArgument, path.string() + ": not a valid safetensors file: " + why);
+}
+
+std::optional<DType> dtype_from_name(const std::string& name) {
+  if (name == "F32") return DType::kF32;
+  if (name == "F16") return DType::kF16;
+  if (name == "BF16") return DType::kBF16;
+  if (name == "F64") return DType::kF64;
+  if (name == "I32") return DType::kI32;
+  if (name == "I64") return DType::kI64;
+  if (name == "U8") return DType::kU8;
+  return std::nullopt;
+}
+
+const char* dtype_to_name(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return "F32";
+    case DType::kF16: return "F16";
+    case DType::kBF16: return "BF16";
+    case DType::kF64: return "F64";
+    case DType::kI32: return "I32";
+    case DType::kI64: return "I64";
+    case DType::kU8: return "U8";
+  }
+  return "?";
+}
+
+}  // namespace
+
+SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    throw Error(ErrorCode::kNotFound, path.string() + ": safetensors file does not exist");
+  }
+  const std::uint64_t file_size = std::filesystem::file_size(path, ec);
+  std::ifstream in(path, std::ios::binary);
+  unsigned char len_bytes[8];
+  in.read(reinterpret_cast<char*>(len_bytes), 8);
+  if (!in) bad(path, "shorter than the 8-byte header length (truncated?)");
+  std::uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
+  if (header_len > file_size - 8) {
+    bad(path, "header length " + std::to_string(header_len) + " exceeds the file size " +
+                  std::to_string(file_size) + " (truncated?)");
+  }
+  std::string header(header_len, '\0');
+  in.read(header.data(), static_cast<std::streamsize>(header_len));
+  data_offset_ = 8 + header_len;
+  nlohmann::json json;
+  try {
+    json = nlohmann::json::parse(header);
+  } catch (const std::exception& e) {
+    bad(path, std::string("header is not valid JSON: ") + e.what());
+  }
+  if (!json.is_object()) bad(path, "header is not a JSON object");
+  const std::uint64_t data_size = file_size - data_offset_;
+  for (const auto& [name, info] : json.items()) {
+    if (name == "__metadata__") continue;
+    try {
+      SafetensorsEntry entry;
+      const auto dtype = dtype_from_name(info.at("dtype").get<std::string>());
+      if (!dtype) bad(path, "tensor " + name + " has unsupported dtype " + info.at("dtype").dump());
+      entry.dtype = *dtype;
+      std::uint64_t numel = 1;
+      for (const auto& d : info.at("shape")) {
+        const auto dim = d.get<std::int64_t>();
+        if (dim < 0) bad(path, "tensor " + name + " has a negative dimension");
+        entry.shape.push_back(dim);
+        numel *= static_cast<std::uint64_t>(dim);
+      }
+      const auto& offsets = info.at("data_offsets");
+      entry.begin = offsets.at(0).get<std::uint64_t>();
+      entry.end = offsets.at(1).get<std::uint64_t>();
+      if (entry.end < entry.begin || entry.end - entry.begin != numel * dtype_size(entry.dtype)) {
+        bad(path, "tensor " + name + " has data_offsets [" + std::to_string(entry.begin) + ", " +
+                      std::to_string(entry.end) + "] that do not match its shape and dtype");
+      }
+      if (entry.end > data_size) {
+        bad(path, "tensor " + name + " ends at byte " + std::to_string(entry.end) +
+                      " of the data section, but the file holds only " + std::to_string(data_size) +
+                      " bytes of data (truncated?)");
+      }
+      entries_.emplace(name, std::move(entry));
+    } catch (const nlohmann::json::exception& e) {
+      bad(path, "tensor " + name + " has a malformed entry: " + e.what());
+    }
+  }
+}
+
+HostTensor SafetensorsFile::read(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) {
+    throw Error(ErrorCode::kNotFound, path_.string() + ": tensor " + name + " not found");
+  }
+  const auto& e = it->second;
+  HostTensor tensor(e.dtype, e.shape);
+  std::ifstream in(path_, std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(data_offset_ + e.begin));
+  in.read(reinterpret_cast<char*>(tensor.bytes()), static_cast<std::streamsize>(tensor.size_bytes()));
+  if (!in) throw Error(ErrorCode::kSystem, path_.string() + ": cannot read tensor " + name);
+  return tensor;
+}
+
+HostTensor SafetensorsFile::read_f32(const std::string& name) const {
+  HostTensor raw = read(name);
+  if (raw.dtype() == DType::kF32) return raw;
+  HostTensor out(DType::kF32, raw.shape());
+  const auto n = static_cast<std::size_t>(raw.numel());
+  const auto* bits = raw.data<std::uint16_t>();
+  float* dst = out.data<float>();
+  if (raw.dtype() == DType::kBF16) {
+    for (std::size_t i = 0; i < n; ++i) dst[i] = bf16_to_float(bits[i]);
+  } else if (raw.dtype() == DType::kF16) {
+    for (std::size_t i = 0; i < n; ++i) dst[i] = f16_to_float(bits[i]);
+  } else {
+    throw Error(ErrorCode::kInvalidArgument,
+                path_.string() + ": tensor " + name + " has dtype " +
+                    std::string(dtype_name(raw.dtype())) + "; weights must be F32, BF16 or F16");
+  }
+  return out;
+}
+
+void write_safetensors(const std::filesystem::path& path,
+                       const std::map<std::string, HostTensor>& tensors) {
+  nlohmann::json header = nlohmann::json::object();
+  std::uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    header[name] = {{"dtype", dtype_to_name(t.dtype())},
+                    {"shape", t.shape()},
+                    {"data_offsets", {offset, offset + t.size_bytes()}}};
+    offset += t.size_bytes();
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw Error(ErrorCode::kSystem, "cannot write " + path.string());
+  std::uint64_t len = text.size();
+  char len_bytes[8];
+  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((len >> (8 * i)) & 0xff);
+  out.write(len_bytes, 8);
+  out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  for (const auto& [name, t] : tensors) {
+    out.write(reinterpret_cast<const char*>(t.bytes()), static_cast<std::streamsize>(t.size_bytes()));
+  }
+  if (!out) throw Error(ErrorCode::kSystem, "cannot write " + path.string());
+}
+
+}  // namespace switchyard

@@ -1,0 +1,48 @@
+#include "switchyard/status.hpp"
+
+#include <new>
+#include <system_error>
+
+namespace switchyard {
+
+std::string_view error_code_name(ErrorCode code) noexcept {
+  switch (code) {
+    case ErrorCode::kOk: return "ok";
+    case ErrorCode::kInvalidArgument: return "invalid argument";
+    case ErrorCode::kNotFound: return "not found";
+    case ErrorCode::kUnavailable: return "unavailable";
+    case ErrorCode::kAbiMismatch: return "ABI mismatch";
+    case ErrorCode::kTimeout: return "timeout";
+    case ErrorCode::kSystem: return "system error";
+    case ErrorCode::kPeerFailed: return "peer failed";
+    case ErrorCode::kInternal: return "internal error";
+  }
+  return "unknown error";
+}
+
+Error::Error(ErrorCode code, std::string message)
+    : code_(code), message_(std::move(message)) {
+  what_ = std::string(error_code_name(code_)) + ": " + message_;
+}
+
+void Status::throw_if_error() const {
+  if (!ok()) throw Error(code, message);
+}
+
+Status Status::from_current_exception() noexcept {
+  try {
+    throw;
+  } catch (const Error& e) {
+    return {e.code(), e.message()};
+  } catch (const std::bad_alloc&) {
+    return {ErrorCode::kSystem, "out of memory"};
+  } catch (const std::system_error& e) {
+    return {ErrorCode::kSystem, e.what()};
+  } catch (const std::exception& e) {
+    return {ErrorCode::kInternal, std::string("unexpected exception: ") + e.what()};
+  } catch (...) {
+    return {ErrorCode::kInternal, "unexpected exception of unknown type"};
+  }
+}
+
+}  // namespace switchyard

@@ -1,0 +1,28 @@
+#pragma once
+// The subcommands of the `switchyard` tool. Each returns the process exit code.
+
+#include <string>
+#include <vector>
+
+namespace switchyard::tool {
+
+/// Exit codes shared by the subcommands.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitError = 1;        // bad input, configuration or runtime failure
+inline constexpr int kExitUsage = 2;        // bad command line
+inline constexpr int kExitCheckFailed = 3;  // --check: result differs from the reference
+
+int run_command(const std::vector<std::string>& args);
+int plugins_command(const std::vector<std::string>& args);
+int config_command(const std::vector<std::string>& args);
+
+}  // namespace switchyard::tool
+
+#include "switchyard/config.hpp"
+
+namespace switchyard::tool {
+
+/// Reads CONFIG, then applies SWITCHYARD_* environment overrides, then each `--set`.
+Config load_config(const std::string& path, const std::vector<std::string>& sets);
+
+}  // namespace switchyard::tool

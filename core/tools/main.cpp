@@ -1,0 +1,60 @@
+// `switchyard`: run, check and inspect Switchyard MoE layers.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "commands.hpp"
+#include "switchyard/status.hpp"
+#include "switchyard/version.hpp"
+
+namespace {
+
+constexpr const char* kUsage = R"(usage: switchyard <command> [arguments]
+
+commands:
+  run CONFIG [--set section.key=value]... [--steps N] [--check]
+        run the MoE layer forward over [input] and write [output] path;
+        --check compares with the dense single-process reference
+  plugins [--dir DIR]...
+        list every plugin found, with kind, version, path and state, and every
+        file that was rejected and why
+  config check CONFIG [--set section.key=value]...
+        validate a configuration (plugins, model, sizes) without running it
+  config show CONFIG [--set section.key=value]...
+        print every effective value and where it came from
+  --version, --help
+
+Environment: SWITCHYARD_<SECTION>_<KEY>=value overrides the file; --set overrides both.
+SWITCHYARD_PLUGIN_PATH adds plugin folders (colon-separated).
+Exit codes: 0 ok, 1 error, 2 usage, 3 --check failed.
+)";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
+    std::fputs(kUsage, args.empty() ? stderr : stdout);
+    return args.empty() ? switchyard::tool::kExitUsage : switchyard::tool::kExitOk;
+  }
+  if (args[0] == "--version") {
+    std::printf("switchyard %s (%s)\n", switchyard::core_version(), switchyard::core_build_id());
+    return 0;
+  }
+  const std::string command = args[0];
+  args.erase(args.begin());
+  try {
+    if (command == "run") return switchyard::tool::run_command(args);
+    if (command == "plugins") return switchyard::tool::plugins_command(args);
+    if (command == "config") return switchyard::tool::config_command(args);
+  } catch (const switchyard::Error& e) {
+    std::fprintf(stderr, "switchyard: error (%s): %s\n",
+                 std::string(switchyard::error_code_name(e.code())).c_str(), e.message().c_str());
+    return switchyard::tool::kExitError;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "switchyard: internal error: %s\n", e.what());
+    return switchyard::tool::kExitError;
+  }
+  std::fprintf(stderr, "switchyard: unknown command '%s'\n\n%s", command.c_str(), kUsage);
+  return switchyard::tool::kExitUsage;
+}

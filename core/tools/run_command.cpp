@@ -1,0 +1,161 @@
+// `switchyard run`: forward over the configured input, statistics, timings, --check.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+
+#include "commands.hpp"
+#include "switchyard/io.hpp"
+#include "switchyard/runtime.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard::tool {
+
+Config load_config(const std::string& path, const std::vector<std::string>& sets) {
+  Config config = Config::from_file(path);
+  config.apply_environment(config_sections());
+  for (const auto& s : sets) config.set_from_command_line(s);
+  return config;
+}
+
+namespace {
+
+std::string human_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024 && u < 4) {
+    bytes /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.2f %s", bytes, units[u]);
+  return buf;
+}
+
+}  // namespace
+
+int run_command(const std::vector<std::string>& args) {
+  std::string config_path;
+  std::vector<std::string> sets;
+  bool check = false;
+  int steps = 1;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--set" && i + 1 < args.size()) {
+      sets.push_back(args[++i]);
+    } else if (args[i].rfind("--set=", 0) == 0) {
+      sets.push_back(args[i].substr(6));
+    } else if (args[i] == "--check") {
+      check = true;
+    } else if (args[i] == "--steps" && i + 1 < args.size()) {
+      steps = std::atoi(args[++i].c_str());
+      if (steps < 1) {
+        std::fprintf(stderr, "switchyard run: --steps must be >= 1\n");
+        return kExitUsage;
+      }
+    } else if (config_path.empty() && args[i].rfind("--", 0) != 0) {
+      config_path = args[i];
+    } else {
+      std::fprintf(stderr, "switchyard run: unexpected argument '%s'\n", args[i].c_str());
+      return kExitUsage;
+    }
+  }
+  if (config_path.empty()) {
+    std::fprintf(stderr, "usage: switchyard run CONFIG [--set section.key=value]... [--steps N] [--check]\n");
+    return kExitUsage;
+  }
+
+  const Config config = load_config(config_path, sets);
+  Runtime runtime(config);
+  const ModelWeights& model = runtime.model();
+  const ConfigSection& input = runtime.settings().section("input");
+  const ConfigSection& output = runtime.settings().section("output");
+  const ConfigSection& runtime_options = runtime.settings().section("runtime");
+  const ConfigSection& router_options = runtime.settings().section("router");
+
+  HostTensor x;
+  std::string input_description;
+  if (input.has("tokens")) {
+    const auto path = input.get_path("tokens");
+    try {
+      x = read_npy_f32_matrix(path, model.hidden(), "input.tokens");
+    } catch (const Error& e) {
+      throw Error(e.code(), input.origin("tokens").describe() + ": " + e.message());
+    }
+    input_description = path.string();
+  } else {
+    x = synthetic_tokens(input.get_int("num_tokens"), model.hidden(),
+                         static_cast<std::uint64_t>(input.get_int("seed")));
+    input_description = "synthetic (seed " + std::to_string(input.get_int("seed")) + ")";
+  }
+  const std::int64_t T = x.shape()[0];
+  HostTensor y(DType::kF32, {T, model.hidden()});
+
+  const int world = runtime.world_size();
+  std::printf("switchyard %s: transport %s, %d rank%s (%s)\n", core_version(),
+              runtime_options.get_string("transport").c_str(), world, world == 1 ? "" : "s",
+              runtime.topology().describe().c_str());
+  std::printf("model: %s: %d experts, hidden %d, ffn_hidden %d\n", model.description().c_str(),
+              model.num_experts(), model.hidden(), model.ffn_hidden());
+  std::printf("router: %s, top_k %d; experts: %s\n", router_options.get_string("policy").c_str(),
+              runtime.layer(0).router().slots_per_token(),
+              runtime.settings().section("experts").get_string("kernel").c_str());
+  std::string split;
+  for (int r = 0; r < world; ++r) split += (r ? "/" : "") + std::to_string(token_block(T, world, r).second);
+  std::printf("tokens: %lld from %s, split %s\n", static_cast<long long>(T),
+              input_description.c_str(), split.c_str());
+
+  for (int step = 0; step < steps; ++step) runtime.forward(x.view(), y.view());
+
+  const GlobalRouterStats stats = runtime.global_router_stats();
+  const LayerTimings timings = runtime.max_timings();
+  const LayerTraffic traffic = runtime.total_traffic();
+  std::printf("expert load:");
+  for (std::size_t e = 0; e < stats.counts.size(); ++e) {
+    std::printf("%s e%zu=%lld", e % 16 == 0 && e ? "\n            " : "", e,
+                static_cast<long long>(stats.counts[e]));
+  }
+  std::printf("\nrouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
+              stats.imbalance, static_cast<long long>(stats.dropped), stats.aux_loss, stats.z_loss);
+  const double total = timings.route_s + timings.layout_s + timings.dispatch_s +
+                       timings.experts_s + timings.combine_s;
+  std::printf("time (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
+              "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
+              steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
+              timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
+  std::printf("bytes to other ranks (all ranks): dispatch %s (%lld rows), combine %s\n",
+              human_bytes(static_cast<double>(traffic.dispatch_bytes)).c_str(),
+              static_cast<long long>(traffic.rows_sent),
+              human_bytes(static_cast<double>(traffic.combine_bytes)).c_str());
+
+  int exit_code = kExitOk;
+  if (check) {
+    HostTensor reference(DType::kF32, {T, model.hidden()});
+    runtime.reference_forward(x.view(), reference.view());
+    double max_diff = 0, max_ref = 0;
+    const float* a = y.data<float>();
+    const float* b = reference.data<float>();
+    for (std::int64_t i = 0; i < y.numel(); ++i) {
+      const double d = std::fabs(static_cast<double>(a[i]) - b[i]);
+      max_diff = std::isnan(d) ? INFINITY : std::max(max_diff, d);
+      max_ref = std::max(max_ref, std::fabs(static_cast<double>(b[i])));
+    }
+    const double relative = max_ref > 0 ? max_diff / max_ref : max_diff;
+    const double tolerance = runtime.settings().section("check").get_float("tolerance");
+    const bool pass = relative <= tolerance;
+    std::printf("check: max |y - reference| = %.3g, relative to max |reference| %.3g: %.3g "
+                "(tolerance %.3g): %s\n",
+                max_diff, max_ref, relative, tolerance, pass ? "PASS" : "FAIL");
+    if (!pass) exit_code = kExitCheckFailed;
+  }
+  if (output.has("path") && exit_code == kExitOk) {
+    const auto path = output.get_path("path");
+    write_npy(path, y.view());
+    std::printf("output: %s f32[%lld,%d]\n", path.string().c_str(), static_cast<long long>(T),
+                model.hidden());
+  } else if (output.has("path")) {
+    std::printf("output: not written because the check failed\n");
+  }
+  return exit_code;
+}
+
+}  // namespace switchyard::tool

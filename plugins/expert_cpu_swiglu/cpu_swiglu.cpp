@@ -1,0 +1,104 @@
+// expert_cpu_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), float32, three GEMMs
+// per local expert through OpenBLAS over its contiguous rows.
+#include <cblas.h>
+
+#include <cmath>
+#include <vector>
+
+#include "switchyard/plugin.hpp"
+
+namespace switchyard::cpu_swiglu {
+namespace {
+
+void declare_options(ConfigSchema& s) {
+  s.add("blas_threads", ConfigType::kInt, ConfigValue{std::int64_t{0}},
+        "OpenBLAS threads (process-wide setting; 0 leaves OpenBLAS's own choice)",
+        checks::int_range(0, 1024));
+}
+
+class CpuSwigluKernel final : public ExpertKernel {
+ public:
+  explicit CpuSwigluKernel(const ExpertCreateArgs& args)
+      : hidden_(args.hidden), ffn_hidden_(args.ffn_hidden), experts_(args.experts.begin(), args.experts.end()) {
+    const std::int64_t H = hidden_, F = ffn_hidden_;
+    for (std::size_t e = 0; e < experts_.size(); ++e) {
+      const std::string which = "cpu_swiglu local expert " + std::to_string(e);
+      experts_[e].gate.require(which + " gate", DType::kF32, {F, H});
+      experts_[e].up.require(which + " up", DType::kF32, {F, H});
+      experts_[e].down.require(which + " down", DType::kF32, {H, F});
+    }
+    if (args.options != nullptr) {
+      const auto threads = args.options->get_int("blas_threads");
+      if (threads > 0) openblas_set_num_threads(static_cast<int>(threads));
+    }
+  }
+
+  std::string name() const override { return "cpu_swiglu"; }
+  int num_local_experts() const noexcept override { return static_cast<int>(experts_.size()); }
+
+  void forward(const ExpertBatch& batch) override {
+    const std::int64_t H = hidden_, F = ffn_hidden_;
+    batch.input.require("cpu_swiglu input", DType::kF32, {-1, H});
+    const std::int64_t N = batch.input.dim(0);
+    batch.output.require("cpu_swiglu output", DType::kF32, {N, H});
+    if (batch.rows_per_expert.size() != experts_.size()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "cpu_swiglu: " + std::to_string(batch.rows_per_expert.size()) +
+                      " row counts for " + std::to_string(experts_.size()) + " local experts");
+    }
+    std::int64_t total = 0;
+    std::int64_t largest = 0;
+    for (auto n : batch.rows_per_expert) {
+      if (n < 0) throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: negative row count");
+      total += n;
+      largest = std::max(largest, n);
+    }
+    if (total != N) {
+      throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: row counts sum to " + std::to_string(total) +
+                                                   ", batch has " + std::to_string(N) + " rows");
+    }
+    gate_out_.resize(static_cast<std::size_t>(largest * F));
+    up_out_.resize(static_cast<std::size_t>(largest * F));
+
+    const float* x = batch.input.data_as<const float>();
+    float* y = batch.output.data_as<float>();
+    std::int64_t row = 0;
+    for (std::size_t e = 0; e < experts_.size(); ++e) {
+      const auto n = batch.rows_per_expert[e];
+      if (n == 0) continue;
+      const float* xe = x + row * H;
+      float* ye = y + row * H;
+      const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
+      // [n,F] = x [n,H] · Wᵀ for the gate and up projections.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                  experts_[e].gate.data_as<const float>(), h, 0.0f, gate_out_.data(), f);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                  experts_[e].up.data_as<const float>(), h, 0.0f, up_out_.data(), f);
+      for (std::int64_t i = 0; i < n * F; ++i) {
+        const float g = gate_out_[static_cast<std::size_t>(i)];
+        gate_out_[static_cast<std::size_t>(i)] = g / (1.0f + std::exp(-g)) * up_out_[static_cast<std::size_t>(i)];
+      }
+      // [n,H] = act [n,F] · downᵀ.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, gate_out_.data(), f,
+                  experts_[e].down.data_as<const float>(), f, 0.0f, ye, h);
+      row += n;
+    }
+  }
+
+ private:
+  int hidden_;
+  int ffn_hidden_;
+  std::vector<SwigluExpertWeights> experts_;
+  std::vector<float> gate_out_, up_out_;
+};
+
+std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {
+  return std::make_unique<CpuSwigluKernel>(args);
+}
+
+}  // namespace
+}  // namespace switchyard::cpu_swiglu
+
+SWITCHYARD_EXPERT_PLUGIN("cpu_swiglu", "0.1.0", "SwiGLU experts in float32 on the CPU (OpenBLAS)",
+                         ::switchyard::cpu_swiglu::declare_options, nullptr,
+                         ::switchyard::cpu_swiglu::create)

@@ -1,0 +1,329 @@
+// transport_inproc: every rank is a thread of this process; collectives copy directly
+// between the ranks' buffers through a shared rendezvous (see inproc_world.hpp).
+#include <algorithm>
+#include <cstring>
+#include <optional>
+
+#include "inproc_world.hpp"
+#include "switchyard/plugin.hpp"
+
+namespace switchyard::inproc {
+namespace {
+
+struct AlltoallArgument {
+  const std::byte* send;
+  std::size_t bytes_per_peer;
+};
+
+struct AllreduceArgument {
+  const void* data;
+  std::size_t count;
+  DType dtype;
+  ReduceOp op;
+};
+
+struct SplitArgument {
+  int color;
+  int key;
+  std::shared_ptr<World>* world_out;  // written by rank 0 of the parent
+  int* rank_out;
+};
+
+/// Copies what every peer sends to `me` into this rank's receive buffer. Returns the
+/// first size mismatch instead of throwing, so the caller still departs.
+std::optional<Error> pull_alltoallv(std::span<const void* const> posted, int me,
+                                    const AlltoallvBuffers& mine) {
+  std::optional<Error> problem;
+  for (std::size_t p = 0; p < posted.size(); ++p) {
+    const auto* peer = static_cast<const AlltoallvBuffers*>(posted[p]);
+    const std::size_t n = peer->send_counts[static_cast<std::size_t>(me)];
+    if (n != mine.recv_counts[p]) {
+      if (!problem) {
+        problem = Error(ErrorCode::kInvalidArgument,
+                        "inproc alltoallv: rank " + std::to_string(p) + " sends " +
+                            std::to_string(n) + " bytes to rank " + std::to_string(me) +
+                            ", which expects " + std::to_string(mine.recv_counts[p]));
+      }
+      continue;
+    }
+    if (n != 0) {
+      std::memcpy(mine.recv + mine.recv_offsets[p],
+                  peer->send + peer->send_offsets[static_cast<std::size_t>(me)], n);
+    }
+  }
+  return problem;
+}
+
+template <typename T>
+void reduce_into(T* acc, const T* in, std::size_t n, ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      for (std::size_t i = 0; i < n; ++i) acc[i] += in[i];
+      break;
+    case ReduceOp::kMax:
+      for (std::size_t i = 0; i < n; ++i) acc[i] = std::max(acc[i], in[i]);
+      break;
+    case ReduceOp::kMin:
+      for (std::size_t i = 0; i < n; ++i) acc[i] = std::min(acc[i], in[i]);
+      break;
+  }
+}
+
+class InprocRequest;
+
+class InprocTransport final : public Transport {
+ public:
+  InprocTransport(std::shared_ptr<World> world, int rank) : world_(std::move(world)), rank_(rank) {}
+
+  int rank() const noexcept override { return rank_; }
+  int size() const noexcept override { return world_->size(); }
+  const Topology& topology() const noexcept override { return world_->topology(); }
+  TransportCapabilities capabilities() const noexcept override {
+    return {/*host_memory=*/true, /*device_memory=*/false, /*async_progress=*/false};
+  }
+  std::string name() const override { return "inproc"; }
+
+  void alltoall(const void* send, void* recv, std::size_t bytes_per_peer) override {
+    const std::uint64_t seq = next_seq_++;
+    const AlltoallArgument mine{static_cast<const std::byte*>(send), bytes_per_peer};
+    world_->arrive(seq, rank_, &mine, "alltoall");
+    auto posted = world_->wait_all_arrived(seq, "alltoall");
+    std::optional<Error> problem;
+    for (std::size_t p = 0; p < posted.size(); ++p) {
+      const auto* peer = static_cast<const AlltoallArgument*>(posted[p]);
+      if (peer->bytes_per_peer != bytes_per_peer) {
+        problem = Error(ErrorCode::kInvalidArgument,
+                        "inproc alltoall: rank " + std::to_string(p) + " sends " +
+                            std::to_string(peer->bytes_per_peer) + " bytes per peer, rank " +
+                            std::to_string(rank_) + " expects " + std::to_string(bytes_per_peer));
+        continue;
+      }
+      if (bytes_per_peer != 0) {
+        std::memcpy(static_cast<std::byte*>(recv) + p * bytes_per_peer,
+                    peer->send + static_cast<std::size_t>(rank_) * bytes_per_peer, bytes_per_peer);
+      }
+    }
+    finish(seq, "alltoall");
+    if (problem) throw *problem;
+  }
+
+  void alltoallv(const AlltoallvBuffers& buffers) override {
+    check_sizes(buffers);
+    const std::uint64_t seq = next_seq_++;
+    world_->arrive(seq, rank_, &buffers, "alltoallv");
+    auto problem = pull_alltoallv(world_->wait_all_arrived(seq, "alltoallv"), rank_, buffers);
+    finish(seq, "alltoallv");
+    if (problem) throw *problem;
+  }
+
+  std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& buffers) override;
+
+  void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
+    if (dtype != DType::kF32 && dtype != DType::kF64 && dtype != DType::kI32 &&
+        dtype != DType::kI64) {
+      throw Error(ErrorCode::kInvalidArgument, "inproc allreduce: dtype " +
+                                                   std::string(dtype_name(dtype)) +
+                                                   " is not supported (f32, f64, i32, i64 are)");
+    }
+    const std::uint64_t seq = next_seq_++;
+    const AllreduceArgument mine{data, count, dtype, op};
+    world_->arrive(seq, rank_, &mine, "allreduce");
+    auto posted = world_->wait_all_arrived(seq, "allreduce");
+    const std::size_t bytes = count * dtype_size(dtype);
+    scratch_.resize(bytes);
+    std::optional<Error> problem;
+    // Rank order, so that every rank computes the same bits.
+    for (std::size_t p = 0; p < posted.size(); ++p) {
+      const auto* peer = static_cast<const AllreduceArgument*>(posted[p]);
+      if (peer->count != count || peer->dtype != dtype || peer->op != op) {
+        problem = Error(ErrorCode::kInvalidArgument,
+                        "inproc allreduce: rank " + std::to_string(p) +
+                            " passed a different count, dtype or operation");
+        break;
+      }
+      if (p == 0) {
+        if (bytes) std::memcpy(scratch_.data(), peer->data, bytes);
+        continue;
+      }
+      switch (dtype) {
+        case DType::kF32:
+          reduce_into(reinterpret_cast<float*>(scratch_.data()), static_cast<const float*>(peer->data), count, op);
+          break;
+        case DType::kF64:
+          reduce_into(reinterpret_cast<double*>(scratch_.data()), static_cast<const double*>(peer->data), count, op);
+          break;
+        case DType::kI32:
+          reduce_into(reinterpret_cast<std::int32_t*>(scratch_.data()), static_cast<const std::int32_t*>(peer->data), count, op);
+          break;
+        default:
+          reduce_into(reinterpret_cast<std::int64_t*>(scratch_.data()), static_cast<const std::int64_t*>(peer->data), count, op);
+          break;
+      }
+    }
+    finish(seq, "allreduce");  // peers have read `data`; now it may be overwritten
+    if (problem) throw *problem;
+    if (bytes) std::memcpy(data, scratch_.data(), bytes);
+  }
+
+  void barrier() override {
+    const std::uint64_t seq = next_seq_++;
+    world_->arrive(seq, rank_, this, "barrier");
+    world_->wait_all_arrived(seq, "barrier");
+    finish(seq, "barrier");
+  }
+
+  std::unique_ptr<Transport> split(int color, int key) override {
+    const std::uint64_t seq = next_seq_++;
+    std::shared_ptr<World> new_world;
+    int new_rank = -1;
+    const SplitArgument mine{color, key, &new_world, &new_rank};
+    world_->arrive(seq, rank_, &mine, "split");
+    auto posted = world_->wait_all_arrived(seq, "split");
+    if (rank_ == 0) build_split_worlds(posted);
+    world_->depart(seq, rank_);
+    // Rank 0 writes every member's result before it departs.
+    world_->wait_all_departed(seq, "split");
+    if (color < 0) return nullptr;
+    return std::make_unique<InprocTransport>(std::move(new_world), new_rank);
+  }
+
+  void abort(const std::string& reason) noexcept override { world_->abort(reason); }
+
+  World& world() { return *world_; }
+
+ private:
+  friend class InprocRequest;
+
+  void finish(std::uint64_t seq, const char* op) {
+    world_->depart(seq, rank_);
+    world_->wait_all_departed(seq, op);
+  }
+
+  void check_sizes(const AlltoallvBuffers& b) const {
+    const auto n = static_cast<std::size_t>(size());
+    if (b.send_counts.size() != n || b.send_offsets.size() != n || b.recv_counts.size() != n ||
+        b.recv_offsets.size() != n) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "inproc alltoallv: counts and offsets must have one entry per rank (" +
+                      std::to_string(n) + ")");
+    }
+  }
+
+  void build_split_worlds(std::span<const void* const> posted) {
+    struct Member {
+      int key, old_rank;
+    };
+    std::vector<int> colors;
+    for (const void* p : posted) {
+      const int c = static_cast<const SplitArgument*>(p)->color;
+      if (c >= 0 && std::find(colors.begin(), colors.end(), c) == colors.end()) colors.push_back(c);
+    }
+    for (int color : colors) {
+      std::vector<Member> members;
+      for (std::size_t r = 0; r < posted.size(); ++r) {
+        const auto* a = static_cast<const SplitArgument*>(posted[r]);
+        if (a->color == color) members.push_back({a->key, static_cast<int>(r)});
+      }
+      std::stable_sort(members.begin(), members.end(), [](const Member& a, const Member& b) {
+        return a.key != b.key ? a.key < b.key : a.old_rank < b.old_rank;
+      });
+      std::vector<int> nodes;
+      for (const auto& m : members) nodes.push_back(world_->topology().node_of(m.old_rank));
+      auto world = std::make_shared<World>(static_cast<int>(members.size()), world_->timeout_s(),
+                                           Topology(nodes), world_->abort_state());
+      for (std::size_t i = 0; i < members.size(); ++i) {
+        const auto* a = static_cast<const SplitArgument*>(posted[static_cast<std::size_t>(members[i].old_rank)]);
+        *a->world_out = world;
+        *a->rank_out = static_cast<int>(i);
+      }
+    }
+  }
+
+  std::shared_ptr<World> world_;
+  const int rank_;
+  std::uint64_t next_seq_ = 0;
+  std::vector<std::byte> scratch_;
+};
+
+class InprocRequest final : public TransportRequest {
+ public:
+  InprocRequest(InprocTransport& transport, std::uint64_t seq, const AlltoallvBuffers& buffers)
+      : transport_(transport), seq_(seq), buffers_(buffers) {}
+  ~InprocRequest() override {
+    if (done_) return;
+    try {
+      wait();
+    } catch (...) {
+      // A destructor cannot report; the communicator is failing and later calls say why.
+    }
+  }
+
+  void wait() override {
+    if (done_) return;
+    World& world = transport_.world();
+    if (!pulled_) {
+      problem_ = pull_alltoallv(world.wait_all_arrived(seq_, "ialltoallv"), transport_.rank(), buffers_);
+      pulled_ = true;
+      world.depart(seq_, transport_.rank());
+    }
+    world.wait_all_departed(seq_, "ialltoallv");
+    complete();
+  }
+
+  /// The copy of the caller's buffers that peers read while the request is in flight.
+  const AlltoallvBuffers& buffers() const noexcept { return buffers_; }
+
+  bool test() override {
+    if (done_) return true;
+    World& world = transport_.world();
+    if (!pulled_) {
+      if (!world.all_arrived(seq_)) return false;
+      problem_ = pull_alltoallv(world.posted(seq_), transport_.rank(), buffers_);
+      pulled_ = true;
+      world.depart(seq_, transport_.rank());
+    }
+    if (!world.all_departed(seq_)) return false;
+    complete();
+    return true;
+  }
+
+ private:
+  void complete() {
+    done_ = true;
+    if (problem_) throw *problem_;
+  }
+  InprocTransport& transport_;
+  const std::uint64_t seq_;
+  const AlltoallvBuffers buffers_;
+  bool pulled_ = false;
+  bool done_ = false;
+  std::optional<Error> problem_;
+};
+
+std::unique_ptr<TransportRequest> InprocTransport::ialltoallv(const AlltoallvBuffers& buffers) {
+  check_sizes(buffers);
+  const std::uint64_t seq = next_seq_++;
+  auto request = std::make_unique<InprocRequest>(*this, seq, buffers);
+  // The request's copy of `buffers` is what peers read: it lives as long as the request.
+  world_->arrive(seq, rank_, &request->buffers(), "ialltoallv");
+  return request;
+}
+
+std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {
+  const int n = args.requested_ranks;
+  if (n < 1) throw Error(ErrorCode::kInvalidArgument, "inproc transport: ranks must be >= 1");
+  Topology topology = args.ranks_per_node > 0 ? Topology::uniform(n, args.ranks_per_node)
+                                              : Topology(std::vector<int>(static_cast<std::size_t>(n), 0));
+  auto world = std::make_shared<World>(n, args.timeout_s, std::move(topology),
+                                       std::make_shared<AbortState>());
+  std::vector<std::unique_ptr<Transport>> ranks;
+  for (int r = 0; r < n; ++r) ranks.push_back(std::make_unique<InprocTransport>(world, r));
+  return ranks;
+}
+
+}  // namespace
+}  // namespace switchyard::inproc
+
+SWITCHYARD_TRANSPORT_PLUGIN("inproc", "0.1.0",
+                            "ranks as threads of one process, copying through shared memory",
+                            nullptr, nullptr, ::switchyard::inproc::create)

@@ -1,0 +1,141 @@
+#include "inproc_world.hpp"
+
+#include "switchyard/status.hpp"
+
+namespace switchyard::inproc {
+
+World::World(int size, double timeout_s, Topology topology, std::shared_ptr<AbortState> abort)
+    : size_(size),
+      timeout_s_(timeout_s),
+      topology_(std::move(topology)),
+      abort_(std::move(abort)),
+      slots_(kRing) {
+  for (std::uint64_t i = 0; i < kRing; ++i) {
+    slots_[i].seq = i;
+    slots_[i].posted.assign(static_cast<std::size_t>(size), nullptr);
+    slots_[i].gone.assign(static_cast<std::size_t>(size), 0);
+  }
+}
+
+void World::throw_if_aborted(const char* op) {
+  if (!abort_->aborted.load()) return;
+  std::lock_guard<std::mutex> lock(abort_->mutex);
+  throw Error(ErrorCode::kPeerFailed, std::string("inproc ") + op + ": " + abort_->reason);
+}
+
+template <typename Ready, typename Missing>
+void World::wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64_t seq,
+                 const char* what, Ready ready, Missing missing) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(timeout_s_));
+  // Wake up now and then: an abort may come from a communicator split from this one.
+  constexpr auto kPoll = std::chrono::milliseconds(50);
+  while (!ready()) {
+    throw_if_aborted(op);
+    const auto now = Clock::now();
+    if (now >= deadline) {
+      std::string ranks;
+      for (int r : missing()) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+      throw Error(ErrorCode::kTimeout,
+                  std::string("inproc ") + op + " (collective #" + std::to_string(seq) + " of a " +
+                      std::to_string(size_) + "-rank communicator): timed out after " +
+                      std::to_string(timeout_s_) + " s waiting for rank(s) " + ranks + " to " +
+                      what);
+    }
+    changed_.wait_until(lock, std::min(deadline, now + kPoll));
+  }
+}
+
+void World::arrive(std::uint64_t seq, int rank, const void* argument, const char* op) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  Slot& s = slot(seq);
+  // The slot is still serving collective seq - kRing until its last rank departs.
+  wait(
+      lock, op, seq, "finish an earlier collective", [&] { return s.seq == seq; },
+      [&] {
+        std::vector<int> late;
+        for (int r = 0; r < size_; ++r) {
+          if (!s.gone[static_cast<std::size_t>(r)]) late.push_back(r);
+        }
+        return late;
+      });
+  s.posted[static_cast<std::size_t>(rank)] = argument;
+  ++s.arrived;
+  if (s.arrived == size_) changed_.notify_all();
+}
+
+std::span<const void* const> World::wait_all_arrived(std::uint64_t seq, const char* op) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  Slot& s = slot(seq);
+  wait(
+      lock, op, seq, "arrive", [&] { return s.arrived == size_; },
+      [&] {
+        std::vector<int> missing;
+        for (int r = 0; r < size_; ++r) {
+          if (s.posted[static_cast<std::size_t>(r)] == nullptr) missing.push_back(r);
+        }
+        return missing;
+      });
+  return s.posted;
+}
+
+bool World::all_arrived(std::uint64_t seq) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return slot(seq).seq == seq && slot(seq).arrived == size_;
+}
+
+std::span<const void* const> World::posted(std::uint64_t seq) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return slot(seq).posted;
+}
+
+void World::depart(std::uint64_t seq, int rank) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Slot& s = slot(seq);
+  ++s.departed;
+  s.gone[static_cast<std::size_t>(rank)] = 1;
+  if (s.departed == size_) {
+    // Recycle for collective seq + kRing.
+    s.seq = seq + kRing;
+    s.arrived = 0;
+    s.departed = 0;
+    std::fill(s.posted.begin(), s.posted.end(), nullptr);
+    std::fill(s.gone.begin(), s.gone.end(), 0);
+    changed_.notify_all();
+  }
+}
+
+void World::wait_all_departed(std::uint64_t seq, const char* op) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  Slot& s = slot(seq);
+  wait(
+      lock, op, seq, "finish reading this rank's buffers", [&] { return s.seq != seq; },
+      [&] {
+        std::vector<int> late;
+        for (int r = 0; r < size_; ++r) {
+          if (!s.gone[static_cast<std::size_t>(r)]) late.push_back(r);
+        }
+        return late;
+      });
+}
+
+bool World::all_departed(std::uint64_t seq) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return slot(seq).seq != seq;
+}
+
+void World::abort(const std::string& reason) noexcept {
+  try {
+    std::lock_guard<std::mutex> lock(abort_->mutex);
+    if (!abort_->aborted.load()) {
+      abort_->reason = reason;
+      abort_->aborted.store(true);
+    }
+  } catch (...) {
+    abort_->aborted.store(true);
+  }
+  changed_.notify_all();
+}
+
+}  // namespace switchyard::inproc

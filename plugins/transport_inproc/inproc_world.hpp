@@ -1,0 +1,79 @@
+#pragma once
+// The shared state of one in-process communicator: a ring of rendezvous slots through
+// which the ranks (threads) of a collective publish pointers to their arguments and read
+// each other's buffers directly.
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "switchyard/topology.hpp"
+
+namespace switchyard::inproc {
+
+/// Failure flag shared by a communicator and every communicator split from it.
+struct AbortState {
+  std::atomic<bool> aborted{false};
+  std::mutex mutex;
+  std::string reason;
+};
+
+/// One communicator's rendezvous. Collective number `seq` of every rank uses slot
+/// `seq % kRing`; a rank may run up to kRing collectives ahead of the slowest.
+///
+/// Protocol of one collective: `arrive` (publish the argument), `wait_all_arrived` (then
+/// read peers' buffers), `depart` (done reading), `wait_all_departed` (peers are done with
+/// this rank's buffers, which may now be reused). Every wait is bounded by the timeout
+/// and ends early when the communicator is aborted.
+class World {
+ public:
+  World(int size, double timeout_s, Topology topology, std::shared_ptr<AbortState> abort);
+
+  int size() const noexcept { return size_; }
+  double timeout_s() const noexcept { return timeout_s_; }
+  const Topology& topology() const noexcept { return topology_; }
+  const std::shared_ptr<AbortState>& abort_state() const noexcept { return abort_; }
+
+  void arrive(std::uint64_t seq, int rank, const void* argument, const char* op);
+  /// The arguments of all ranks, indexed by rank.
+  std::span<const void* const> wait_all_arrived(std::uint64_t seq, const char* op);
+  bool all_arrived(std::uint64_t seq);
+  std::span<const void* const> posted(std::uint64_t seq);
+  void depart(std::uint64_t seq, int rank);
+  void wait_all_departed(std::uint64_t seq, const char* op);
+  bool all_departed(std::uint64_t seq);
+  void abort(const std::string& reason) noexcept;
+
+ private:
+  static constexpr std::uint64_t kRing = 16;
+  struct Slot {
+    std::uint64_t seq = 0;  // the collective this slot serves now
+    int arrived = 0;
+    int departed = 0;
+    std::vector<const void*> posted;  // per rank; null until it arrives
+    std::vector<char> gone;           // per rank: has departed
+  };
+  Slot& slot(std::uint64_t seq) { return slots_[seq % kRing]; }
+  /// Waits under `lock` until `ready()`; throws kTimeout naming `waiting_for()` ranks, or
+  /// kPeerFailed when aborted.
+  template <typename Ready, typename Missing>
+  void wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64_t seq,
+            const char* what, Ready ready, Missing missing);
+  void throw_if_aborted(const char* op);
+
+  const int size_;
+  const double timeout_s_;
+  const Topology topology_;
+  std::shared_ptr<AbortState> abort_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<Slot> slots_;
+};
+
+}  // namespace switchyard::inproc
