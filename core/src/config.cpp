@@ -431,7 +431,7 @@ ConfigSection Config::section(std::string_view name, const ConfigSchema& schema,
       if (const auto* text = std::get_if<std::string>(&raw->value)) {
         auto parsed = parse_text(*text, key.type);
         if (!parsed) {
-          fail_at(raw->origin, what, "expected a " + std::string(config_type_name(key.type)) +
+          fail_at(raw->origin, what, "expected " + std::string(config_type_name(key.type)) +
                                          " (got \"" + *text + "\")");
         }
         entry.value = std::move(parsed);
@@ -448,7 +448,7 @@ ConfigSection Config::section(std::string_view name, const ConfigSchema& schema,
             (key.type == ConfigType::kString && std::holds_alternative<std::string>(v)) ||
             (key.type == ConfigType::kStringList && std::holds_alternative<std::vector<std::string>>(v));
         if (!matches) {
-          fail_at(raw->origin, what, "wrong type: expected a " +
+          fail_at(raw->origin, what, "wrong type: expected " +
                                          std::string(config_type_name(key.type)) + ", got " +
                                          value_type_name(v) + " " + format_config_value(v));
         }

@@ -1,0 +1,224 @@
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <limits>
+#include <thread>
+
+#include "switchyard/layer.hpp"
+#include "switchyard/model.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/status.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+const PluginRegistry& registry() {
+  static PluginRegistry r(PluginRegistry::default_search_path());
+  return r;
+}
+
+std::vector<std::shared_ptr<Transport>> inproc(int ranks, double timeout_s = 30) {
+  TransportCreateArgs args;
+  args.requested_ranks = ranks;
+  args.timeout_s = timeout_s;
+  return registry().create_transport("inproc", args);
+}
+
+/// Runs fn(rank) on one thread per rank; returns the error each rank threw (if any).
+std::vector<std::optional<Error>> on_threads(int ranks, const std::function<void(int)>& fn) {
+  std::vector<std::optional<Error>> errors(static_cast<std::size_t>(ranks));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        fn(r);
+      } catch (const Error& e) {
+        errors[static_cast<std::size_t>(r)] = e;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+struct Fixture {
+  ModelWeights model;
+  std::vector<std::shared_ptr<Transport>> transports;
+  std::vector<std::unique_ptr<MoELayer>> layers;
+  ConfigSection router_options, expert_options;
+
+  Fixture(int ranks, int experts, int top_k) : model(ModelWeights::random(experts, 16, 24, 11)) {
+    transports = inproc(ranks);
+    Config config;
+    config.set("router", "top_k", std::int64_t{top_k});
+    router_options = config.section("router", registry().options(PluginKind::kRouter, "topk"));
+    expert_options = config.section("experts", registry().options(PluginKind::kExpert, "cpu_swiglu"));
+    const ExpertPlacement placement(experts, ranks);
+    for (int r = 0; r < ranks; ++r) {
+      RouterCreateArgs ra;
+      ra.options = &router_options;
+      ra.num_experts = experts;
+      const auto local = model.experts(placement.first_expert(r), placement.num_local(r));
+      ExpertCreateArgs ea;
+      ea.options = &expert_options;
+      ea.hidden = model.hidden();
+      ea.ffn_hidden = model.ffn_hidden();
+      ea.experts = local;
+      MoELayerParts parts;
+      parts.transport = transports[static_cast<std::size_t>(r)].get();
+      parts.router = registry().create_router("topk", ra);
+      parts.experts = registry().create_expert("cpu_swiglu", ea);
+      parts.gate = model.gate().view();
+      parts.placement = placement;
+      layers.push_back(std::make_unique<MoELayer>(std::move(parts)));
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("contiguous placement, uneven and with empty ranks") {
+  ExpertPlacement p(10, 4);  // 3,3,2,2
+  CHECK(p.num_local(0) == 3);
+  CHECK(p.num_local(3) == 2);
+  CHECK(p.first_expert(2) == 6);
+  CHECK(p.rank_of(5) == 1);
+  CHECK(p.rank_of(6) == 2);
+  CHECK(p.rank_of(9) == 3);
+  for (int e = 0; e < 10; ++e) {
+    const int r = p.rank_of(e);
+    CHECK(e >= p.first_expert(r));
+    CHECK(e < p.first_expert(r) + p.num_local(r));
+  }
+  ExpertPlacement sparse(2, 4);  // ranks 2 and 3 hold nothing
+  CHECK(sparse.num_local(2) == 0);
+  CHECK(sparse.rank_of(1) == 1);
+}
+
+TEST_CASE("router logits do not depend on how many tokens are computed together") {
+  const ModelWeights m = ModelWeights::random(5, 33, 8, 2);
+  const HostTensor x = synthetic_tokens(7, 33, 3);
+  std::vector<float> all(35), one(5);
+  compute_router_logits(x.view(), m.gate().view(), all.data());
+  TensorView row(const_cast<float*>(x.data<float>()) + 4 * 33, DType::kF32, {1, 33});
+  compute_router_logits(row, m.gate().view(), one.data());
+  CHECK(std::equal(one.begin(), one.end(), all.begin() + 20));
+}
+
+TEST_CASE("dispatch and combine on their own: identity experts return sum(weights) * x") {
+  for (int ranks : {1, 3}) {
+    CAPTURE(ranks);
+    Fixture f(ranks, 7, 3);
+    const std::int64_t H = f.model.hidden();
+    auto errors = on_threads(ranks, [&](int r) {
+      const std::int64_t T = 5 + r;  // different T per rank
+      HostTensor x = synthetic_tokens(T, static_cast<int>(H), static_cast<std::uint64_t>(r));
+      HostTensor y(DType::kF32, {T, H});
+      RoutingPlan plan;
+      DispatchHandle handle;
+      MoELayer& layer = *f.layers[static_cast<std::size_t>(r)];
+      layer.route(x.view(), plan);
+      layer.dispatch(x.view(), plan, handle);
+      // Every received assignment is one (token, expert) pair of some rank.
+      std::int64_t rows = 0;
+      for (auto n : handle.rows_per_expert()) rows += n;
+      CHECK(rows == handle.expert_input().dim(0));
+      layer.combine(handle, handle.expert_input(), y.view());
+      for (std::int64_t t = 0; t < T; ++t) {
+        float w = 0;
+        for (int j = 0; j < plan.slots; ++j) w += plan.weights[static_cast<std::size_t>(t * plan.slots + j)];
+        for (std::int64_t h = 0; h < H; ++h) {
+          CHECK(y.data<float>()[t * H + h] == doctest::Approx(w * x.data<float>()[t * H + h]).epsilon(1e-6));
+        }
+      }
+    });
+    for (const auto& e : errors) CHECK_FALSE(e.has_value());
+  }
+}
+
+TEST_CASE("a token is sent once per destination rank, not once per expert") {
+  Fixture f(2, 4, 2);  // experts 0,1 on rank 0; 2,3 on rank 1
+  const std::int64_t H = f.model.hidden();
+  auto errors = on_threads(2, [&](int r) {
+    MoELayer& layer = *f.layers[static_cast<std::size_t>(r)];
+    RoutingPlan plan;
+    plan.num_tokens = 3;
+    plan.slots = 2;
+    // token 0 -> experts 0,1 (rank 0 twice); token 1 -> 2,3 (rank 1 twice); token 2 -> 0,3.
+    plan.experts = {0, 1, 2, 3, 0, 3};
+    plan.weights = {0.5f, 0.5f, 0.25f, 0.75f, 1.0f, 2.0f};
+    HostTensor x = synthetic_tokens(3, static_cast<int>(H), static_cast<std::uint64_t>(r));
+    DispatchHandle handle;
+    layer.dispatch(x.view(), plan, handle);
+    // Two rows leave for the other rank (tokens 1 and 2 from rank 0, tokens 0 and 2 from
+    // rank 1), not three.
+    CHECK(layer.traffic().rows_sent == 2);
+    CHECK(layer.traffic().dispatch_bytes == 8 + 2 * (H + 2 * 2) * 4);
+    // Per local expert, the assignments of both ranks' tokens.
+    const std::vector<std::int64_t> expected = r == 0 ? std::vector<std::int64_t>{4, 2}
+                                                       : std::vector<std::int64_t>{2, 4};
+    CHECK(std::vector<std::int64_t>(handle.rows_per_expert().begin(), handle.rows_per_expert().end()) == expected);
+    HostTensor y(DType::kF32, {3, H});
+    layer.combine(handle, handle.expert_input(), y.view());
+    CHECK(layer.traffic().combine_bytes == static_cast<std::uint64_t>(2 * H * 4));
+    for (std::int64_t h = 0; h < H; ++h) {
+      CHECK(y.data<float>()[2 * H + h] == doctest::Approx(3.0f * x.data<float>()[2 * H + h]));
+    }
+  });
+  for (const auto& e : errors) CHECK_FALSE(e.has_value());
+}
+
+TEST_CASE("forward: NaN logits on one rank fail every rank, quickly, with the cause on that rank") {
+  Fixture f(3, 6, 2);
+  const std::int64_t H = f.model.hidden();
+  auto errors = on_threads(3, [&](int r) {
+    HostTensor x = synthetic_tokens(4, static_cast<int>(H), static_cast<std::uint64_t>(r));
+    if (r == 1) x.data<float>()[2 * H + 3] = std::numeric_limits<float>::quiet_NaN();
+    HostTensor y(DType::kF32, {4, H});
+    f.layers[static_cast<std::size_t>(r)]->forward(x.view(), y.view());
+  });
+  REQUIRE(errors[1].has_value());
+  CHECK(errors[1]->code() == ErrorCode::kInvalidArgument);
+  CHECK(errors[1]->message().find("logit of token 2, expert 0 is NaN") != std::string::npos);
+  for (int r : {0, 2}) {
+    REQUIRE(errors[static_cast<std::size_t>(r)].has_value());
+    CHECK(errors[static_cast<std::size_t>(r)]->code() == ErrorCode::kPeerFailed);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("rank 1 failed before dispatch") != std::string::npos);
+  }
+  // The layers stay usable: the next step with good input works on every rank.
+  auto again = on_threads(3, [&](int r) {
+    HostTensor x = synthetic_tokens(4, static_cast<int>(H), static_cast<std::uint64_t>(r));
+    HostTensor y(DType::kF32, {4, H});
+    f.layers[static_cast<std::size_t>(r)]->forward(x.view(), y.view());
+  });
+  for (const auto& e : again) CHECK_FALSE(e.has_value());
+}
+
+TEST_CASE("forward: wrong input width on one rank is an error on every rank") {
+  Fixture f(2, 4, 1);
+  const std::int64_t H = f.model.hidden();
+  auto errors = on_threads(2, [&](int r) {
+    const std::int64_t width = r == 0 ? H + 1 : H;
+    HostTensor x(DType::kF32, {3, width});
+    HostTensor y(DType::kF32, {3, width});
+    f.layers[static_cast<std::size_t>(r)]->forward(x.view(), y.view());
+  });
+  REQUIRE(errors[0].has_value());
+  CHECK(errors[0]->message().find("MoE input x: expected f32[*,16]") != std::string::npos);
+  REQUIRE(errors[1].has_value());
+  CHECK(errors[1]->code() == ErrorCode::kPeerFailed);
+}
+
+TEST_CASE("a plan with an expert id out of range is refused before anything is sent") {
+  Fixture f(1, 4, 1);
+  RoutingPlan plan;
+  plan.num_tokens = 1;
+  plan.slots = 1;
+  plan.experts = {4};
+  plan.weights = {1.0f};
+  HostTensor x(DType::kF32, {1, f.model.hidden()});
+  DispatchHandle handle;
+  CHECK_THROWS_WITH_AS(f.layers[0]->dispatch(x.view(), plan, handle),
+                       doctest::Contains("has expert 4, outside 0..3"), Error);
+}

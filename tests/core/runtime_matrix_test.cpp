@@ -1,0 +1,161 @@
+// The EP forward equals the dense single-process reference across world sizes, expert
+// counts, top-k, uneven placements, ranks without tokens, and checkpoints in both naming
+// conventions stored as F32 and BF16.
+#include <doctest/doctest.h>
+
+#include <cmath>
+
+#include "switchyard/io.hpp"
+#include "switchyard/reference.hpp"
+#include "switchyard/runtime.hpp"
+#include "switchyard/status.hpp"
+#include "test_support.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+constexpr double kTolerance = 1e-5;
+
+/// Runs the EP forward and the reference; returns the relative difference.
+double ep_versus_reference(Runtime& runtime, std::int64_t tokens, std::uint64_t seed) {
+  const HostTensor x = synthetic_tokens(tokens, runtime.model().hidden(), seed);
+  HostTensor y(DType::kF32, {tokens, runtime.model().hidden()});
+  HostTensor reference(DType::kF32, {tokens, runtime.model().hidden()});
+  // Poison the output: every row must be written.
+  std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+  runtime.forward(x.view(), y.view());
+  runtime.reference_forward(x.view(), reference.view());
+  return test::relative_difference(y, reference);
+}
+
+Config base_config(int ranks, int experts, int top_k) {
+  Config c;
+  c.set("runtime", "ranks", std::int64_t{ranks});
+  c.set("runtime", "timeout_s", 60.0);
+  c.set("router", "top_k", std::int64_t{top_k});
+  c.set("model", "num_experts", std::int64_t{experts});
+  c.set("model", "hidden", std::int64_t{24});
+  c.set("model", "ffn_hidden", std::int64_t{40});
+  c.set("model", "seed", std::int64_t{experts * 100 + top_k});
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("EP forward equals the dense reference for R x E x k") {
+  for (int ranks : {1, 2, 3, 4}) {
+    for (int experts : {1, 4, 8, 16}) {
+      for (int top_k : {1, 2, 4}) {
+        if (top_k > experts) continue;
+        CAPTURE(ranks);
+        CAPTURE(experts);
+        CAPTURE(top_k);
+        Runtime runtime(base_config(ranks, experts, top_k));
+        CHECK(runtime.world_size() == ranks);
+        CHECK(ep_versus_reference(runtime, 53, static_cast<std::uint64_t>(ranks)) <= kTolerance);
+        // Every kept assignment was counted once.
+        const auto stats = runtime.global_router_stats();
+        std::int64_t total = 0;
+        for (auto c : stats.counts) total += c;
+        CHECK(total == 53 * top_k);
+      }
+    }
+  }
+}
+
+TEST_CASE("ranks with zero tokens, and no tokens at all") {
+  for (std::int64_t tokens : {0, 1, 2, 3}) {
+    CAPTURE(tokens);
+    Runtime runtime(base_config(4, 8, 2));
+    CHECK(ep_versus_reference(runtime, tokens, 9) <= kTolerance);
+    const auto stats = runtime.global_router_stats();
+    CHECK(stats.tokens == tokens);
+  }
+}
+
+TEST_CASE("experts not divisible by ranks, and fewer experts than ranks") {
+  for (auto [ranks, experts] : {std::pair{3, 4}, std::pair{3, 8}, std::pair{4, 2}, std::pair{4, 3}}) {
+    CAPTURE(ranks);
+    CAPTURE(experts);
+    Runtime runtime(base_config(ranks, experts, std::min(2, experts)));
+    CHECK(ep_versus_reference(runtime, 41, 4) <= kTolerance);
+  }
+}
+
+TEST_CASE("sigmoid scores with normalisation and scale, Mixtral-style softmax") {
+  Config sigmoid = base_config(3, 8, 2);
+  sigmoid.set("router", "score", std::string("sigmoid"));
+  sigmoid.set("router", "scale", 2.5);
+  Runtime a(sigmoid);
+  CHECK(ep_versus_reference(a, 30, 1) <= kTolerance);
+  Config mixtral = base_config(2, 8, 2);
+  mixtral.set("router", "pre_softmax", false);
+  Runtime b(mixtral);
+  CHECK(ep_versus_reference(b, 30, 2) <= kTolerance);
+}
+
+TEST_CASE("checkpoints: both naming conventions, F32 and BF16, with a prefix") {
+  test::TempDir dir;
+  const ModelWeights source = ModelWeights::random(6, 20, 28, 77);
+  for (const std::string format : {"mixtral", "deepseek"}) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      for (int ranks : {1, 4}) {
+        CAPTURE(format);
+        CAPTURE(dtype_name(dtype));
+        CAPTURE(ranks);
+        const auto path = dir / (format + std::string(dtype_name(dtype)) + ".safetensors");
+        write_safetensors(path, test::checkpoint_tensors(source, format, dtype, "model.layers.5.mlp."));
+        Config c;
+        c.set("runtime", "ranks", std::int64_t{ranks});
+        c.set("router", "top_k", std::int64_t{2});
+        c.set("model", "weights", path.string());
+        c.set("model", "format", format);
+        c.set("model", "prefix", std::string("model.layers.5.mlp."));
+        Runtime runtime(c);
+        CHECK(runtime.model().num_experts() == 6);
+        CHECK(runtime.model().hidden() == 20);
+        CHECK(runtime.model().ffn_hidden() == 28);
+        CHECK(ep_versus_reference(runtime, 37, 5) <= kTolerance);
+      }
+    }
+  }
+}
+
+TEST_CASE("a DeepSeek checkpoint's e_score_correction_bias steers selection") {
+  test::TempDir dir;
+  const ModelWeights source = ModelWeights::random(8, 16, 16, 3);
+  std::vector<float> bias(8, 0.0f);
+  bias[5] = 10.0f;  // far above any softmax probability difference
+  write_safetensors(dir / "ds.safetensors", test::checkpoint_tensors(source, "deepseek", DType::kF32, "", bias));
+  Config c;
+  c.set("runtime", "ranks", std::int64_t{2});
+  c.set("router", "top_k", std::int64_t{2});
+  c.set("model", "weights", (dir / "ds.safetensors").string());
+  c.set("model", "format", std::string("deepseek"));
+  Runtime runtime(c);
+  CHECK(std::vector<float>(runtime.layer(0).router().bias().begin(), runtime.layer(0).router().bias().end()) == bias);
+  CHECK(ep_versus_reference(runtime, 20, 8) <= kTolerance);
+  CHECK(runtime.global_router_stats().counts[5] == 20);  // every token picked expert 5
+}
+
+TEST_CASE("configuration that does not fit the model is refused") {
+  test::TempDir dir;
+  Config c = base_config(2, 4, 5);  // top_k > num_experts
+  CHECK_THROWS_WITH_AS(Runtime{c}, doctest::Contains("router.top_k: must be in 1..4"), Error);
+  const ModelWeights source = ModelWeights::random(4, 8, 8, 3);
+  write_safetensors(dir / "m.safetensors", test::checkpoint_tensors(source, "mixtral", DType::kF32, ""));
+  Config mismatch;
+  mismatch.set("model", "weights", (dir / "m.safetensors").string());
+  mismatch.set("model", "hidden", std::int64_t{16});
+  CHECK_THROWS_WITH_AS(Runtime{mismatch}, doctest::Contains("model.hidden: is 16 but the checkpoint has 8"), Error);
+}
+
+TEST_CASE("repeated steps give bit-identical results") {
+  Runtime runtime(base_config(3, 8, 2));
+  const HostTensor x = synthetic_tokens(40, 24, 1);
+  HostTensor first(DType::kF32, {40, 24}), second(DType::kF32, {40, 24});
+  runtime.forward(x.view(), first.view());
+  runtime.forward(x.view(), second.view());
+  CHECK(std::equal(first.data<float>(), first.data<float>() + first.numel(), second.data<float>()));
+}

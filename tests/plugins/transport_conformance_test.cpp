@@ -1,0 +1,105 @@
+// transport_inproc against the conformance suite, on 1 to 4 ranks, plus its failure modes.
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <optional>
+#include <thread>
+
+#include "switchyard/plugin.hpp"
+#include "switchyard/status.hpp"
+#include "transport_conformance.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+std::vector<std::shared_ptr<Transport>> inproc(int ranks, double timeout_s) {
+  static PluginRegistry registry(PluginRegistry::default_search_path());
+  TransportCreateArgs args;
+  args.requested_ranks = ranks;
+  args.timeout_s = timeout_s;
+  args.ranks_per_node = 2;
+  return registry.create_transport("inproc", args);
+}
+
+std::vector<std::optional<Error>> on_ranks(std::vector<std::shared_ptr<Transport>>& ranks,
+                                           const std::function<void(Transport&)>& fn) {
+  std::vector<std::optional<Error>> errors(ranks.size());
+  std::vector<std::thread> threads;
+  for (std::size_t r = 0; r < ranks.size(); ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        fn(*ranks[r]);
+      } catch (const Error& e) {
+        errors[r] = e;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+}  // namespace
+
+TEST_CASE("inproc passes the transport conformance suite") {
+  for (int n : {1, 2, 3, 4}) {
+    auto ranks = inproc(n, 30);
+    for (const auto& c : conformance::standard_cases()) {
+      CAPTURE(n);
+      CAPTURE(c.name);
+      for (const auto& error : on_ranks(ranks, c.run)) {
+        CHECK_MESSAGE(!error.has_value(), (error ? error->what() : ""));
+      }
+    }
+  }
+}
+
+TEST_CASE("inproc topology emulates nodes") {
+  auto ranks = inproc(5, 1);
+  CHECK(ranks[0]->topology().num_nodes() == 3);
+  CHECK(ranks[4]->topology().node_of(4) == 2);
+}
+
+TEST_CASE("a rank that never arrives ends in a timeout naming it, not a hang") {
+  auto ranks = inproc(3, 0.3);
+  const auto start = std::chrono::steady_clock::now();
+  auto errors = on_ranks(ranks, [](Transport& t) {
+    if (t.rank() == 2) return;  // skips the barrier
+    t.barrier();
+  });
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(seconds < 5);
+  for (int r : {0, 1}) {
+    REQUIRE(errors[static_cast<std::size_t>(r)].has_value());
+    CHECK(errors[static_cast<std::size_t>(r)]->code() == ErrorCode::kTimeout);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("inproc barrier") != std::string::npos);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("waiting for rank(s) 2 to arrive") != std::string::npos);
+  }
+}
+
+TEST_CASE("abort wakes the other ranks with kPeerFailed, also in split communicators") {
+  auto ranks = inproc(4, 30);
+  const auto start = std::chrono::steady_clock::now();
+  auto errors = on_ranks(ranks, [](Transport& t) {
+    auto sub = t.split(t.rank() % 2, t.rank());
+    if (t.rank() == 0) {
+      t.abort("rank 0 failed: test");
+      return;
+    }
+    sub->barrier();  // rank 2 waits on rank 0 here; ranks 1 and 3 pass
+    t.barrier();     // ranks 1 and 3 wait on rank 0 here
+  });
+  CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 5);
+  for (int r : {1, 2, 3}) {
+    REQUIRE(errors[static_cast<std::size_t>(r)].has_value());
+    CHECK(errors[static_cast<std::size_t>(r)]->code() == ErrorCode::kPeerFailed);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("rank 0 failed: test") != std::string::npos);
+  }
+}
+
+TEST_CASE("alltoallv with the wrong number of counts is refused before any exchange") {
+  auto ranks = inproc(1, 1);
+  std::vector<std::size_t> two(2, 0);
+  AlltoallvBuffers b{nullptr, two, two, nullptr, two, two};
+  CHECK_THROWS_WITH_AS(ranks[0]->alltoallv(b), doctest::Contains("one entry per rank"), Error);
+}

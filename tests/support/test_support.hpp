@@ -1,0 +1,61 @@
+#pragma once
+// Helpers shared by the tests: temporary folders, checkpoints written in both naming
+// conventions, the dense comparison, and running the `switchyard` tool.
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "switchyard/model.hpp"
+#include "switchyard/status.hpp"
+#include "switchyard/tensor.hpp"
+
+namespace switchyard::test {
+
+/// A fresh folder under the system temp dir, removed on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// The `Error` that `f` throws; an error with code kOk and message "no error" if none.
+Error error_of(const std::function<void()>& f);
+/// The message of the `Error` that `f` throws, or "no error".
+std::string error_message(const std::function<void()>& f);
+
+/// Writes `text` to `path`.
+void write_text(const std::filesystem::path& path, const std::string& text);
+
+/// Tensors of `model` named as in a checkpoint of `format` ("mixtral" or "deepseek"),
+/// stored as `dtype` (kF32, kBF16 or kF16). `bias` (deepseek only) adds
+/// gate.e_score_correction_bias.
+std::map<std::string, HostTensor> checkpoint_tensors(const ModelWeights& model,
+                                                     const std::string& format, DType dtype,
+                                                     const std::string& prefix,
+                                                     const std::vector<float>& bias = {});
+
+/// Largest |a-b| over all elements divided by the largest |b| (or 1 if b is all zero).
+double relative_difference(const HostTensor& a, const HostTensor& b);
+
+/// Result of running a command.
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  ///< stdout and stderr together
+};
+/// Runs `command` through the shell, capturing stdout and stderr.
+CommandResult run_command(const std::string& command);
+/// Runs the `switchyard` tool with `arguments` (already shell-quoted where needed).
+CommandResult run_tool(const std::string& arguments);
+
+}  // namespace switchyard::test

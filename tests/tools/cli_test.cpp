@@ -1,0 +1,216 @@
+// The `switchyard` tool end to end: every bad input named in DESIGN.md and ROUTING.md
+// gives a clear message, a non-zero exit, and writes nothing to the output path.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <fstream>
+#include <limits>
+
+#include "switchyard/io.hpp"
+#include "switchyard/model.hpp"
+#include "test_support.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+struct Case {
+  test::TempDir dir;
+  std::filesystem::path config = dir / "moe.toml";
+  std::filesystem::path output = dir / "y.npy";
+
+  /// Writes moe.toml: a 2-rank run writing y.npy, plus `extra` lines.
+  void write_config(const std::string& extra, const std::string& router = "top_k = 2\n") {
+    test::write_text(config, "[runtime]\ntransport = \"inproc\"\nranks = 2\n\n[router]\n" + router +
+                                 "\n[model]\nnum_experts = 4\nhidden = 16\nffn_hidden = 32\n" + extra +
+                                 "\n[output]\npath = \"y.npy\"\n");
+  }
+  test::CommandResult run(const std::string& extra_args = "") {
+    return test::run_tool("run " + config.string() + " " + extra_args);
+  }
+};
+
+/// Runs and expects failure with `message` and no output file.
+void expect_failure(Case& c, const std::string& message, const std::string& args = "") {
+  const auto result = c.run(args);
+  INFO(result.output);
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find(message) != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(c.output));
+}
+
+void write_model(const std::filesystem::path& path, DType dtype) {
+  const ModelWeights m = ModelWeights::random(4, 16, 32, 3);
+  write_safetensors(path, test::checkpoint_tensors(m, "mixtral", dtype, ""));
+}
+
+}  // namespace
+
+TEST_CASE("run --check succeeds and writes the output") {
+  Case c;
+  c.write_config("");
+  const auto result = c.run("--check");
+  INFO(result.output);
+  CHECK(result.exit_code == 0);
+  CHECK(result.output.find("check: max |y - reference|") != std::string::npos);
+  CHECK(result.output.find("PASS") != std::string::npos);
+  CHECK(result.output.find("expert load: e0=") != std::string::npos);
+  CHECK(result.output.find("time (slowest rank") != std::string::npos);
+  CHECK(result.output.find("bytes to other ranks") != std::string::npos);
+  const HostTensor y = read_npy(c.output);
+  CHECK(y.shape() == std::vector<std::int64_t>{64, 16});
+}
+
+TEST_CASE("tokens from .npy, output rows in input order, same as a single rank") {
+  Case c;
+  const HostTensor x = synthetic_tokens(13, 16, 4);
+  write_npy(c.dir / "x.npy", x.view());
+  c.write_config("\n[input]\ntokens = \"x.npy\"\n");
+  const auto four = c.run("--set runtime.ranks=4");
+  INFO(four.output);
+  REQUIRE(four.exit_code == 0);
+  CHECK(four.output.find("split 4/3/3/3") != std::string::npos);
+  const HostTensor y4 = read_npy(c.output);
+  const auto one = c.run("--set runtime.ranks=1");
+  REQUIRE(one.exit_code == 0);
+  const HostTensor y1 = read_npy(c.output);
+  CHECK(y1.shape() == std::vector<std::int64_t>{13, 16});
+  CHECK(test::relative_difference(y4, y1) <= 1e-5);
+}
+
+TEST_CASE("malformed TOML") {
+  Case c;
+  test::write_text(c.config, "[runtime\nranks = 2\n[output]\npath = \"y.npy\"\n");
+  expect_failure(c, c.config.string() + ":1:9: malformed TOML");
+}
+
+TEST_CASE("unknown key with a suggestion, and unknown section") {
+  Case c;
+  c.write_config("", "topk = 2\n");
+  expect_failure(c, c.config.string() + ":6:8: router.topk: unknown key (did you mean 'top_k'?)");
+  c.write_config("\n[modle]\nseed = 1\n");
+  expect_failure(c, "[modle]: unknown section (did you mean [model]?)");
+}
+
+TEST_CASE("wrong type") {
+  Case c;
+  c.write_config("", "top_k = \"two\"\n");
+  expect_failure(c, ":6:9: router.top_k: wrong type: expected integer, got string \"two\"");
+}
+
+TEST_CASE("top_k out of range, from the file and from --set") {
+  Case c;
+  c.write_config("", "top_k = 0\n");
+  expect_failure(c, ":6:9: router.top_k: must be in 1..4");
+  c.write_config("");
+  expect_failure(c, "--set router.top_k=5: router.top_k: must be in 1..4", "--set router.top_k=5");
+}
+
+TEST_CASE("environment overrides the file; --set overrides the environment") {
+  Case c;
+  c.write_config("");
+  const std::string env = "SWITCHYARD_ROUTER_TOP_K=9 ";
+  const auto bad = test::run_command(env + SWITCHYARD_TOOL_PATH " run " + c.config.string());
+  CHECK(bad.exit_code == 1);
+  CHECK(bad.output.find("environment SWITCHYARD_ROUTER_TOP_K: router.top_k: must be in 1..4") != std::string::npos);
+  const auto good = test::run_command(env + SWITCHYARD_TOOL_PATH " run " + c.config.string() + " --set router.top_k=3");
+  CHECK(good.exit_code == 0);
+  CHECK(good.output.find("top_k 3") != std::string::npos);
+}
+
+TEST_CASE("missing and truncated safetensors, and a tensor of the wrong shape") {
+  Case c;
+  c.write_config("weights = \"absent.safetensors\"\n");
+  expect_failure(c, "model.weights: " + (c.dir / "absent.safetensors").string() + ": safetensors file does not exist");
+
+  write_model(c.dir / "m.safetensors", DType::kBF16);
+  std::filesystem::resize_file(c.dir / "m.safetensors", std::filesystem::file_size(c.dir / "m.safetensors") - 64);
+  c.write_config("weights = \"m.safetensors\"\n");
+  expect_failure(c, "(truncated?)");
+
+  const ModelWeights m = ModelWeights::random(4, 16, 32, 3);
+  auto tensors = test::checkpoint_tensors(m, "mixtral", DType::kF32, "");
+  tensors["experts.1.w3.weight"] = HostTensor(DType::kF32, {32, 15});
+  write_safetensors(c.dir / "shape.safetensors", tensors);
+  c.write_config("weights = \"shape.safetensors\"\n");
+  expect_failure(c, "tensor experts.1.w3.weight has shape [32,15], expected [32,16]");
+}
+
+TEST_CASE("a checkpoint runs and checks in both formats") {
+  Case c;
+  write_model(c.dir / "m.safetensors", DType::kBF16);
+  c.write_config("weights = \"m.safetensors\"\n");
+  const auto result = c.run("--check");
+  INFO(result.output);
+  CHECK(result.exit_code == 0);
+  CHECK(result.output.find("mixtral checkpoint") != std::string::npos);
+}
+
+TEST_CASE(".npy tokens of the wrong dtype or width") {
+  Case c;
+  HostTensor f64(DType::kF64, {5, 16});
+  write_npy(c.dir / "f64.npy", f64.view());
+  c.write_config("\n[input]\ntokens = \"f64.npy\"\n");
+  expect_failure(c, "input.tokens: " + (c.dir / "f64.npy").string() + " has dtype f64; expected float32 [rows, 16]");
+  HostTensor narrow(DType::kF32, {5, 12});
+  write_npy(c.dir / "narrow.npy", narrow.view());
+  c.write_config("\n[input]\ntokens = \"narrow.npy\"\n");
+  expect_failure(c, "has shape [5,12]; expected float32 [rows, 16]");
+}
+
+TEST_CASE("NaN in the tokens' logits") {
+  Case c;
+  HostTensor x = synthetic_tokens(6, 16, 1);
+  x.data<float>()[4 * 16 + 2] = std::numeric_limits<float>::quiet_NaN();  // row 4: rank 1's row 1
+  write_npy(c.dir / "x.npy", x.view());
+  c.write_config("\n[input]\ntokens = \"x.npy\"\n");
+  expect_failure(c, "rank 1 (input rows 3..5): router topk: logit of token 1, expert 0 is NaN");
+}
+
+TEST_CASE("a missing plugin names what is available and where it looked") {
+  Case c;
+  c.write_config("", "policy = \"capacityy\"\n");
+  const auto result = c.run();
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find(":6:10: router.policy: router plugin \"capacityy\" not found") != std::string::npos);
+  CHECK(result.output.find("available router plugins: topk 0.1.0") != std::string::npos);
+  CHECK(result.output.find("searched:") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(c.output));
+}
+
+TEST_CASE("usage errors exit with 2") {
+  CHECK(test::run_tool("").exit_code == 2);
+  CHECK(test::run_tool("frobnicate").exit_code == 2);
+  CHECK(test::run_tool("run").exit_code == 2);
+  CHECK(test::run_tool("run a.toml --steps 0").exit_code == 2);
+  CHECK(test::run_tool("--help").exit_code == 0);
+}
+
+TEST_CASE("config show prints every effective value and its origin") {
+  Case c;
+  c.write_config("");
+  const auto result = test::run_tool("config show " + c.config.string() + " --set model.seed=9");
+  INFO(result.output);
+  CHECK(result.exit_code == 0);
+  CHECK(result.output.find("ranks = 2") != std::string::npos);
+  CHECK(result.output.find(c.config.string() + ":3:9") != std::string::npos);
+  CHECK(result.output.find("seed = 9") != std::string::npos);
+  CHECK(result.output.find("--set model.seed=9") != std::string::npos);
+  CHECK(result.output.find("score = \"softmax\"") != std::string::npos);  // a plugin key, defaulted
+  CHECK(result.output.find("# weights (unset)") != std::string::npos);
+  const auto check = test::run_tool("config check " + c.config.string());
+  CHECK(check.exit_code == 0);
+  CHECK(check.output.find("ok (2 ranks, 4 experts") != std::string::npos);
+  const auto bad = test::run_tool("config check " + c.config.string() + " --set router.top_k=0");
+  CHECK(bad.exit_code == 1);
+}
+
+TEST_CASE("plugins lists the built plugins") {
+  const auto result = test::run_tool("plugins");
+  INFO(result.output);
+  CHECK(result.exit_code == 0);
+  for (const char* name : {"inproc", "topk", "cpu_swiglu"}) CHECK(result.output.find(name) != std::string::npos);
+  const auto with_fixtures = test::run_tool("plugins --dir " SWITCHYARD_FIXTURE_PLUGIN_DIR);
+  CHECK(with_fixtures.output.find("rejected:") != std::string::npos);
+  CHECK(with_fixtures.output.find("libswitchyard-router-wrongabi.so") != std::string::npos);
+}
