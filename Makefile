@@ -28,7 +28,7 @@ test-sanitize: deps
 	cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 900
 
 format:
-	git ls-files '*.cpp' '*.hpp' | xargs clang-format -i
+	find core plugins tests examples bindings -name '*.cpp' -o -name '*.hpp' | xargs clang-format -i
 
 clean:
 	rm -rf $(BUILD_DIR) build-asan

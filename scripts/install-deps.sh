@@ -11,6 +11,7 @@ packages=(
   libopenblas-dev         # expert GEMMs
   libdlpack-dev           # DLTensor interop
   doctest-dev             # tests
+  clang-format            # the format test
   python3-numpy           # example scripts that write .npy inputs
 )
 

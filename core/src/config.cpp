@@ -18,11 +18,16 @@ namespace switchyard {
 
 std::string_view config_type_name(ConfigType type) noexcept {
   switch (type) {
-    case ConfigType::kBool: return "boolean";
-    case ConfigType::kInt: return "integer";
-    case ConfigType::kFloat: return "float";
-    case ConfigType::kString: return "string";
-    case ConfigType::kStringList: return "list of strings";
+    case ConfigType::kBool:
+      return "boolean";
+    case ConfigType::kInt:
+      return "integer";
+    case ConfigType::kFloat:
+      return "float";
+    case ConfigType::kString:
+      return "string";
+    case ConfigType::kStringList:
+      return "list of strings";
   }
   return "?";
 }
@@ -50,12 +55,16 @@ std::string format_config_value(const ConfigValue& value) {
 
 std::string ConfigOrigin::describe() const {
   switch (kind) {
-    case Kind::kDefault: return "default";
+    case Kind::kDefault:
+      return "default";
     case Kind::kFile:
       return where + ":" + std::to_string(line) + ":" + std::to_string(column);
-    case Kind::kEnvironment: return "environment " + where;
-    case Kind::kCommandLine: return "--set " + where;
-    case Kind::kApi: return "API";
+    case Kind::kEnvironment:
+      return "environment " + where;
+    case Kind::kCommandLine:
+      return "--set " + where;
+    case Kind::kApi:
+      return "API";
   }
   return "?";
 }
@@ -108,8 +117,8 @@ ConfigSchema& ConfigSchema::add(ConfigKey key) {
 ConfigSchema& ConfigSchema::add(std::string name, ConfigType type,
                                 std::optional<ConfigValue> default_value, std::string doc,
                                 ConfigCheck check) {
-  return add(ConfigKey{std::move(name), type, std::move(default_value), std::move(doc),
-                       std::move(check)});
+  return add(
+      ConfigKey{std::move(name), type, std::move(default_value), std::move(doc), std::move(check)});
 }
 
 ConfigSchema& ConfigSchema::merge(const ConfigSchema& other) {
@@ -141,8 +150,8 @@ namespace {
 template <typename T>
 const T& typed(const ConfigSection::Entry& e, const std::string& section) {
   if (!e.value) {
-    throw Error(ErrorCode::kInternal, "config key " + section + "." + e.key->name +
-                                          " has no value and no default");
+    throw Error(ErrorCode::kInternal,
+                "config key " + section + "." + e.key->name + " has no value and no default");
   }
   const T* v = std::get_if<T>(&*e.value);
   if (v == nullptr) {
@@ -153,9 +162,7 @@ const T& typed(const ConfigSection::Entry& e, const std::string& section) {
 }
 }  // namespace
 
-bool ConfigSection::get_bool(std::string_view key) const {
-  return typed<bool>(entry(key), name_);
-}
+bool ConfigSection::get_bool(std::string_view key) const { return typed<bool>(entry(key), name_); }
 std::int64_t ConfigSection::get_int(std::string_view key) const {
   return typed<std::int64_t>(entry(key), name_);
 }
@@ -259,7 +266,8 @@ std::optional<ConfigValue> parse_text(std::string_view text, ConfigType type) {
       std::size_t start = 0;
       while (start <= s.size() && !s.empty()) {
         const std::size_t comma = s.find(',', start);
-        list.push_back(s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+        list.push_back(
+            s.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
         if (comma == std::string::npos) break;
         start = comma + 1;
       }
@@ -297,9 +305,10 @@ Config Config::from_string(std::string_view toml_text, std::string source_name) 
     table = toml::parse(toml_text, source_name);
   } catch (const toml::parse_error& e) {
     const auto& where = e.source().begin;
-    throw Error(ErrorCode::kInvalidArgument, source_name + ":" + std::to_string(where.line) + ":" +
-                                                 std::to_string(where.column) +
-                                                 ": malformed TOML: " + std::string(e.description()));
+    throw Error(ErrorCode::kInvalidArgument,
+                source_name + ":" + std::to_string(where.line) + ":" +
+                    std::to_string(where.column) +
+                    ": malformed TOML: " + std::string(e.description()));
   }
   Config config;
   for (const auto& [section_key, node] : table) {
@@ -314,7 +323,8 @@ Config Config::from_string(std::string_view toml_text, std::string source_name) 
     for (const auto& [key, value] : *sub) {
       const ConfigOrigin origin = file_origin(source_name, value.source());
       const std::string name(key.str());
-      config.put(section, name, RawEntry{value_from_toml(value, origin, section + "." + name), origin});
+      config.put(section, name,
+                 RawEntry{value_from_toml(value, origin, section + "." + name), origin});
     }
   }
   return config;
@@ -335,8 +345,7 @@ void Config::put(std::string section, std::string key, RawEntry entry) {
 void Config::set_from_command_line(std::string_view assignment) {
   const auto eq = assignment.find('=');
   const auto dot = assignment.substr(0, eq).find('.');
-  if (eq == std::string_view::npos || dot == std::string_view::npos || dot == 0 ||
-      dot + 1 >= eq) {
+  if (eq == std::string_view::npos || dot == std::string_view::npos || dot == 0 || dot + 1 >= eq) {
     throw Error(ErrorCode::kInvalidArgument, "--set " + std::string(assignment) +
                                                  ": expected section.key=value, e.g. "
                                                  "--set router.top_k=2");
@@ -431,8 +440,9 @@ ConfigSection Config::section(std::string_view name, const ConfigSchema& schema,
       if (const auto* text = std::get_if<std::string>(&raw->value)) {
         auto parsed = parse_text(*text, key.type);
         if (!parsed) {
-          fail_at(raw->origin, what, "expected " + std::string(config_type_name(key.type)) +
-                                         " (got \"" + *text + "\")");
+          fail_at(
+              raw->origin, what,
+              "expected " + std::string(config_type_name(key.type)) + " (got \"" + *text + "\")");
         }
         entry.value = std::move(parsed);
       } else {
@@ -446,11 +456,12 @@ ConfigSection Config::section(std::string_view name, const ConfigSchema& schema,
             (key.type == ConfigType::kInt && std::holds_alternative<std::int64_t>(v)) ||
             (key.type == ConfigType::kFloat && std::holds_alternative<double>(v)) ||
             (key.type == ConfigType::kString && std::holds_alternative<std::string>(v)) ||
-            (key.type == ConfigType::kStringList && std::holds_alternative<std::vector<std::string>>(v));
+            (key.type == ConfigType::kStringList &&
+             std::holds_alternative<std::vector<std::string>>(v));
         if (!matches) {
-          fail_at(raw->origin, what, "wrong type: expected " +
-                                         std::string(config_type_name(key.type)) + ", got " +
-                                         value_type_name(v) + " " + format_config_value(v));
+          fail_at(raw->origin, what,
+                  "wrong type: expected " + std::string(config_type_name(key.type)) + ", got " +
+                      value_type_name(v) + " " + format_config_value(v));
         }
         entry.value = std::move(v);
       }

@@ -54,8 +54,8 @@ ConfigSchema core_schema(std::string_view section) {
   } else if (section == "input") {
     s.add("tokens", T::kString, std::nullopt,
           ".npy file of float32 tokens [T,H]; unset: num_tokens synthetic tokens");
-    s.add("num_tokens", T::kInt, ConfigValue{std::int64_t{64}},
-          "T of the synthetic tokens", checks::int_range(0, std::int64_t{1} << 40));
+    s.add("num_tokens", T::kInt, ConfigValue{std::int64_t{64}}, "T of the synthetic tokens",
+          checks::int_range(0, std::int64_t{1} << 40));
     s.add("seed", T::kInt, ConfigValue{std::int64_t{2}}, "seed of the synthetic tokens");
   } else if (section == "output") {
     s.add("path", T::kString, std::nullopt,
@@ -73,7 +73,8 @@ ConfigSchema core_schema(std::string_view section) {
 namespace {
 /// The plugin a section selects, if the section belongs to one.
 std::optional<std::pair<PluginKind, std::string_view>> plugin_key(std::string_view section) {
-  if (section == "runtime") return std::make_pair(PluginKind::kTransport, std::string_view("transport"));
+  if (section == "runtime")
+    return std::make_pair(PluginKind::kTransport, std::string_view("transport"));
   if (section == "router") return std::make_pair(PluginKind::kRouter, std::string_view("policy"));
   if (section == "experts") return std::make_pair(PluginKind::kExpert, std::string_view("kernel"));
   return std::nullopt;

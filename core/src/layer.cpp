@@ -71,7 +71,8 @@ TensorView DispatchHandle::expert_input() noexcept {
 }
 
 TensorView DispatchHandle::expert_output() noexcept {
-  const std::int64_t rows = hidden_ ? static_cast<std::int64_t>(expert_output_.size()) / hidden_ : 0;
+  const std::int64_t rows =
+      hidden_ ? static_cast<std::int64_t>(expert_output_.size()) / hidden_ : 0;
   return TensorView(expert_output_.data(), DType::kF32, {rows, hidden_});
 }
 
@@ -83,21 +84,20 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
   hidden_ = parts_.gate.dim(1);
   const int rank = parts_.transport->rank();
   if (parts_.placement.num_ranks() != parts_.transport->size()) {
-    throw Error(ErrorCode::kInvalidArgument, "MoELayer: placement over " +
-                                                 std::to_string(parts_.placement.num_ranks()) +
-                                                 " ranks but the EP group has " +
-                                                 std::to_string(parts_.transport->size()));
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoELayer: placement over " + std::to_string(parts_.placement.num_ranks()) +
+                    " ranks but the EP group has " + std::to_string(parts_.transport->size()));
   }
   if (parts_.router->num_experts() != parts_.placement.num_experts()) {
-    throw Error(ErrorCode::kInvalidArgument, "MoELayer: router configured for " +
-                                                 std::to_string(parts_.router->num_experts()) +
-                                                 " experts, model has " +
-                                                 std::to_string(parts_.placement.num_experts()));
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoELayer: router configured for " + std::to_string(parts_.router->num_experts()) +
+                    " experts, model has " + std::to_string(parts_.placement.num_experts()));
   }
   if (parts_.experts->num_local_experts() != parts_.placement.num_local(rank)) {
     throw Error(ErrorCode::kInvalidArgument,
-                "MoELayer: expert kernel holds " + std::to_string(parts_.experts->num_local_experts()) +
-                    " experts, rank " + std::to_string(rank) + " should hold " +
+                "MoELayer: expert kernel holds " +
+                    std::to_string(parts_.experts->num_local_experts()) + " experts, rank " +
+                    std::to_string(rank) + " should hold " +
                     std::to_string(parts_.placement.num_local(rank)));
   }
 }

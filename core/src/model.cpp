@@ -20,7 +20,8 @@ class SplitMix64 {
   }
   /// Uniform in [-1, 1).
   float symmetric() {
-    return static_cast<float>(static_cast<double>(next() >> 40) / static_cast<double>(1ULL << 23) - 1.0);
+    return static_cast<float>(static_cast<double>(next() >> 40) / static_cast<double>(1ULL << 23) -
+                              1.0);
   }
 
  private:
@@ -45,7 +46,8 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 
 ModelWeights ModelWeights::random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed) {
   if (num_experts < 1 || hidden < 1 || ffn_hidden < 1) {
-    throw Error(ErrorCode::kInvalidArgument, "model: num_experts, hidden and ffn_hidden must be >= 1");
+    throw Error(ErrorCode::kInvalidArgument,
+                "model: num_experts, hidden and ffn_hidden must be >= 1");
   }
   ModelWeights m;
   m.num_experts_ = num_experts;
@@ -68,10 +70,10 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
   auto require_shape = [&](const std::string& name, std::vector<std::int64_t> expected) {
     auto it = file.entries().find(name);
     if (it == file.entries().end()) {
-      throw Error(ErrorCode::kNotFound, path.string() + ": tensor " + name +
-                                            " not found (format " +
-                                            (format == CheckpointFormat::kMixtral ? "mixtral" : "deepseek") +
-                                            ", prefix \"" + prefix + "\")");
+      throw Error(ErrorCode::kNotFound,
+                  path.string() + ": tensor " + name + " not found (format " +
+                      (format == CheckpointFormat::kMixtral ? "mixtral" : "deepseek") +
+                      ", prefix \"" + prefix + "\")");
     }
     bool ok = it->second.shape.size() == expected.size();
     for (std::size_t i = 0; ok && i < expected.size(); ++i) {
@@ -128,10 +130,9 @@ HostTensor synthetic_tokens(std::int64_t num_tokens, int hidden, std::uint64_t s
 
 std::vector<SwigluExpertWeights> ModelWeights::experts(int first, int count) const {
   if (first < 0 || count < 0 || first + count > num_experts_) {
-    throw Error(ErrorCode::kInvalidArgument, "model: experts [" + std::to_string(first) + ", " +
-                                                 std::to_string(first + count) +
-                                                 ") out of range for " +
-                                                 std::to_string(num_experts_) + " experts");
+    throw Error(ErrorCode::kInvalidArgument,
+                "model: experts [" + std::to_string(first) + ", " + std::to_string(first + count) +
+                    ") out of range for " + std::to_string(num_experts_) + " experts");
   }
   std::vector<SwigluExpertWeights> out;
   for (int e = first; e < first + count; ++e) {

@@ -36,13 +36,20 @@ std::string header_value(const std::string& header, const std::string& key) {
 
 const char* npy_descr(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "<f4";
-    case DType::kF64: return "<f8";
-    case DType::kI32: return "<i4";
-    case DType::kI64: return "<i8";
-    case DType::kU8: return "|u1";
-    case DType::kF16: return "<f2";
-    case DType::kBF16: return nullptr;  // NumPy has no bfloat16
+    case DType::kF32:
+      return "<f4";
+    case DType::kF64:
+      return "<f8";
+    case DType::kI32:
+      return "<i4";
+    case DType::kI64:
+      return "<i8";
+    case DType::kU8:
+      return "|u1";
+    case DType::kF16:
+      return "<f2";
+    case DType::kBF16:
+      return nullptr;  // NumPy has no bfloat16
   }
   return nullptr;
 }
@@ -76,13 +83,20 @@ HostTensor read_npy(const std::filesystem::path& path) {
 
   const std::string descr = header_value(header, "descr");
   DType dtype;
-  if (descr == "<f4") dtype = DType::kF32;
-  else if (descr == "<f8") dtype = DType::kF64;
-  else if (descr == "<i4") dtype = DType::kI32;
-  else if (descr == "<i8") dtype = DType::kI64;
-  else if (descr == "|u1" || descr == "<u1") dtype = DType::kU8;
-  else if (descr == "<f2") dtype = DType::kF16;
-  else bad(path, "unsupported dtype '" + descr + "' (f4, f8, f2, i4, i8, u1 little-endian are read)");
+  if (descr == "<f4")
+    dtype = DType::kF32;
+  else if (descr == "<f8")
+    dtype = DType::kF64;
+  else if (descr == "<i4")
+    dtype = DType::kI32;
+  else if (descr == "<i8")
+    dtype = DType::kI64;
+  else if (descr == "|u1" || descr == "<u1")
+    dtype = DType::kU8;
+  else if (descr == "<f2")
+    dtype = DType::kF16;
+  else
+    bad(path, "unsupported dtype '" + descr + "' (f4, f8, f2, i4, i8, u1 little-endian are read)");
   if (header_value(header, "fortran_order") != "False") bad(path, "Fortran order is not supported");
 
   std::vector<std::int64_t> shape;
@@ -99,7 +113,8 @@ HostTensor read_npy(const std::filesystem::path& path) {
     if (shape.back() < 0) bad(path, "negative dimension");
   }
   HostTensor tensor(dtype, shape);
-  in.read(reinterpret_cast<char*>(tensor.bytes()), static_cast<std::streamsize>(tensor.size_bytes()));
+  in.read(reinterpret_cast<char*>(tensor.bytes()),
+          static_cast<std::streamsize>(tensor.size_bytes()));
   if (static_cast<std::size_t>(in.gcount()) != tensor.size_bytes()) {
     bad(path, "truncated data: expected " + std::to_string(tensor.size_bytes()) + " bytes, found " +
                   std::to_string(in.gcount()));
@@ -110,7 +125,8 @@ HostTensor read_npy(const std::filesystem::path& path) {
 HostTensor read_npy_f32_matrix(const std::filesystem::path& path, std::int64_t cols,
                                std::string_view what) {
   HostTensor t = read_npy(path);
-  const std::string want = "float32 [rows, " + (cols >= 0 ? std::to_string(cols) : std::string("*")) + "]";
+  const std::string want =
+      "float32 [rows, " + (cols >= 0 ? std::to_string(cols) : std::string("*")) + "]";
   if (t.dtype() != DType::kF32) {
     throw Error(ErrorCode::kInvalidArgument,
                 std::string(what) + ": " + path.string() + " has dtype " +
@@ -118,7 +134,8 @@ HostTensor read_npy_f32_matrix(const std::filesystem::path& path, std::int64_t c
   }
   if (t.shape().size() != 2 || (cols >= 0 && t.shape()[1] != cols)) {
     std::string got = "[";
-    for (std::size_t i = 0; i < t.shape().size(); ++i) got += (i ? "," : "") + std::to_string(t.shape()[i]);
+    for (std::size_t i = 0; i < t.shape().size(); ++i)
+      got += (i ? "," : "") + std::to_string(t.shape()[i]);
     throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": " + path.string() +
                                                  " has shape " + got + "]; expected " + want);
   }
@@ -133,10 +150,12 @@ void write_npy(const std::filesystem::path& path, const TensorView& tensor) {
   }
   std::string shape;
   for (int i = 0; i < tensor.rank(); ++i) shape += std::to_string(tensor.dim(i)) + ", ";
-  if (tensor.rank() > 1) shape.erase(shape.size() - 2);  // (3,) for 1-D, (3, 4) otherwise
-  else if (tensor.rank() == 1) shape.pop_back();
-  std::string header = "{'descr': '" + std::string(descr) + "', 'fortran_order': False, 'shape': (" +
-                       shape + "), }";
+  if (tensor.rank() > 1)
+    shape.erase(shape.size() - 2);  // (3,) for 1-D, (3, 4) otherwise
+  else if (tensor.rank() == 1)
+    shape.pop_back();
+  std::string header =
+      "{'descr': '" + std::string(descr) + "', 'fortran_order': False, 'shape': (" + shape + "), }";
   const std::size_t unpadded = 10 + header.size() + 1;
   header.append((64 - unpadded % 64) % 64, ' ');
   header.push_back('\n');
@@ -160,7 +179,9 @@ void write_npy(const std::filesystem::path& path, const TensorView& tensor) {
   }
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
-  if (ec) throw Error(ErrorCode::kSystem, "cannot rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
+  if (ec)
+    throw Error(ErrorCode::kSystem,
+                "cannot rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
 }
 
 }  // namespace switchyard

@@ -21,9 +21,12 @@ namespace switchyard {
 
 std::string_view plugin_kind_name(PluginKind kind) noexcept {
   switch (kind) {
-    case PluginKind::kTransport: return "transport";
-    case PluginKind::kRouter: return "router";
-    case PluginKind::kExpert: return "expert";
+    case PluginKind::kTransport:
+      return "transport";
+    case PluginKind::kRouter:
+      return "router";
+    case PluginKind::kExpert:
+      return "expert";
   }
   return "unknown";
 }
@@ -39,9 +42,12 @@ std::optional<PluginKind> kind_from_name(std::string_view name) {
 
 bool is_factory_set(const PluginDescriptor& d) {
   switch (d.kind) {
-    case PluginKind::kTransport: return d.create_transport != nullptr;
-    case PluginKind::kRouter: return d.create_router != nullptr;
-    case PluginKind::kExpert: return d.create_expert != nullptr;
+    case PluginKind::kTransport:
+      return d.create_transport != nullptr;
+    case PluginKind::kRouter:
+      return d.create_router != nullptr;
+    case PluginKind::kExpert:
+      return d.create_expert != nullptr;
   }
   return false;
 }
@@ -148,10 +154,10 @@ PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
         continue;
       }
       if (d->abi_version != kPluginAbiVersion) {
-        reject(ErrorCode::kAbiMismatch,
-               "descriptor declares plugin ABI version " + std::to_string(d->abi_version) +
-                   ", this core needs " + std::to_string(kPluginAbiVersion) +
-                   "; rebuild the plugin against this core");
+        reject(ErrorCode::kAbiMismatch, "descriptor declares plugin ABI version " +
+                                            std::to_string(d->abi_version) + ", this core needs " +
+                                            std::to_string(kPluginAbiVersion) +
+                                            "; rebuild the plugin against this core");
         continue;
       }
       if (d->build_id == nullptr || std::strcmp(d->build_id, core_build_id()) != 0) {
@@ -163,15 +169,16 @@ PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
         continue;
       }
       if (d->kind != file_kind) {
-        reject(ErrorCode::kInvalidArgument,
-               "declares kind \"" + std::string(plugin_kind_name(d->kind)) +
-                   "\" but its file name says \"" + std::string(plugin_kind_name(file_kind)) + "\"");
+        reject(ErrorCode::kInvalidArgument, "declares kind \"" +
+                                                std::string(plugin_kind_name(d->kind)) +
+                                                "\" but its file name says \"" +
+                                                std::string(plugin_kind_name(file_kind)) + "\"");
         continue;
       }
       if (d->name == nullptr || file_name != d->name) {
-        reject(ErrorCode::kInvalidArgument,
-               "declares name \"" + std::string(d->name ? d->name : "(none)") +
-                   "\" but its file name says \"" + file_name + "\"");
+        reject(ErrorCode::kInvalidArgument, "declares name \"" +
+                                                std::string(d->name ? d->name : "(none)") +
+                                                "\" but its file name says \"" + file_name + "\"");
         continue;
       }
       if (!is_factory_set(*d)) {
@@ -219,9 +226,9 @@ const PluginRegistry::Loaded& PluginRegistry::get(PluginKind kind, std::string_v
   for (const auto& l : loaded_) {
     if (l.info.kind != kind || l.info.name != name) continue;
     if (!l.info.probe.ok()) {
-      throw Error(ErrorCode::kUnavailable,
-                  std::string(plugin_kind_name(kind)) + " plugin \"" + std::string(name) + "\" (" +
-                      l.info.path.string() + ") cannot work here: " + l.info.probe.message);
+      throw Error(ErrorCode::kUnavailable, std::string(plugin_kind_name(kind)) + " plugin \"" +
+                                               std::string(name) + "\" (" + l.info.path.string() +
+                                               ") cannot work here: " + l.info.probe.message);
     }
     return l;
   }
@@ -233,16 +240,18 @@ const PluginRegistry::Loaded& PluginRegistry::get(PluginKind kind, std::string_v
   bool any = false;
   for (const auto& info : available_) {
     if (info.kind != kind) continue;
-    msg << (any ? "," : "") << " " << info.name << " " << info.version << " ("
-        << info.path.string() << ")";
+    msg << (any ? "," : "") << " " << info.name << " " << info.version << " (" << info.path.string()
+        << ")";
     any = true;
   }
   if (!any) msg << " none";
   // The requested plugin's own file first: it is the most likely explanation.
   std::vector<const PluginRejection*> rejections;
   for (const auto& r : rejected_) {
-    if (r.path.filename() == wanted_file) rejections.insert(rejections.begin(), &r);
-    else rejections.push_back(&r);
+    if (r.path.filename() == wanted_file)
+      rejections.insert(rejections.begin(), &r);
+    else
+      rejections.push_back(&r);
   }
   if (!rejections.empty()) {
     msg << "\n  rejected:";
@@ -288,10 +297,11 @@ void call_factory(const PluginInfo& info, Call&& call) {
     status = call();
   } catch (...) {
     const Status thrown = Status::from_current_exception();
-    throw Error(ErrorCode::kInternal,
-                std::string(plugin_kind_name(info.kind)) + " plugin \"" + info.name + "\" (" +
-                    info.path.string() + ") threw from its factory instead of returning a "
-                    "status: " + thrown.message);
+    throw Error(ErrorCode::kInternal, std::string(plugin_kind_name(info.kind)) + " plugin \"" +
+                                          info.name + "\" (" + info.path.string() +
+                                          ") threw from its factory instead of returning a "
+                                          "status: " +
+                                          thrown.message);
   }
   status.throw_if_error();
 }
@@ -312,8 +322,8 @@ std::vector<std::shared_ptr<Transport>> PluginRegistry::create_transport(
   std::vector<std::shared_ptr<Transport>> out;
   for (auto& t : made) out.push_back(keep_library_alive(std::move(t), l.library));
   if (out.empty()) {
-    throw Error(ErrorCode::kInternal, "transport plugin \"" + std::string(name) +
-                                          "\" created no local ranks");
+    throw Error(ErrorCode::kInternal,
+                "transport plugin \"" + std::string(name) + "\" created no local ranks");
   }
   return out;
 }
@@ -323,7 +333,9 @@ std::shared_ptr<Router> PluginRegistry::create_router(std::string_view name,
   const auto& l = get(PluginKind::kRouter, name);
   std::unique_ptr<Router> made;
   call_factory(l.info, [&] { return l.descriptor->create_router(args, made); });
-  if (!made) throw Error(ErrorCode::kInternal, "router plugin \"" + std::string(name) + "\" created nothing");
+  if (!made)
+    throw Error(ErrorCode::kInternal,
+                "router plugin \"" + std::string(name) + "\" created nothing");
   return keep_library_alive(std::move(made), l.library);
 }
 
@@ -332,7 +344,9 @@ std::shared_ptr<ExpertKernel> PluginRegistry::create_expert(std::string_view nam
   const auto& l = get(PluginKind::kExpert, name);
   std::unique_ptr<ExpertKernel> made;
   call_factory(l.info, [&] { return l.descriptor->create_expert(args, made); });
-  if (!made) throw Error(ErrorCode::kInternal, "expert plugin \"" + std::string(name) + "\" created nothing");
+  if (!made)
+    throw Error(ErrorCode::kInternal,
+                "expert plugin \"" + std::string(name) + "\" created nothing");
   return keep_library_alive(std::move(made), l.library);
 }
 

@@ -39,11 +39,13 @@ void dense_moe_reference(const ModelWeights& model, const RoutingPlan& plan, con
       }
       for (std::int64_t h = 0; h < H; ++h) {
         double d = 0;
-        for (std::int64_t f = 0; f < F; ++f) d += static_cast<double>(down[h * F + f]) * hidden[static_cast<std::size_t>(f)];
+        for (std::int64_t f = 0; f < F; ++f)
+          d += static_cast<double>(down[h * F + f]) * hidden[static_cast<std::size_t>(f)];
         acc[static_cast<std::size_t>(h)] += w * d;
       }
     }
-    for (std::int64_t h = 0; h < H; ++h) ys[t * H + h] = static_cast<float>(acc[static_cast<std::size_t>(h)]);
+    for (std::int64_t h = 0; h < H; ++h)
+      ys[t * H + h] = static_cast<float>(acc[static_cast<std::size_t>(h)]);
   }
 }
 

@@ -74,8 +74,8 @@ ModelWeights load_model(const ConfigSection& model) {
 
 Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
   config.check_sections(config_sections());
-  state_->registry =
-      std::make_shared<const PluginRegistry>(PluginRegistry::default_search_path(plugin_dirs(config)));
+  state_->registry = std::make_shared<const PluginRegistry>(
+      PluginRegistry::default_search_path(plugin_dirs(config)));
   state_->settings = std::make_unique<ResolvedConfig>(config, *state_->registry);
   const ConfigSection& runtime = state_->settings->section("runtime");
   const ConfigSection& router = state_->settings->section("router");
@@ -99,11 +99,12 @@ Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
     router_args.options = &router;
     router_args.num_experts = model.num_experts();
     router_args.checkpoint_bias = model.bias();
-    auto router_instance = state_->registry->create_router(router.get_string("policy"), router_args);
+    auto router_instance =
+        state_->registry->create_router(router.get_string("policy"), router_args);
 
     const int rank = transport->rank();
-    const auto local_experts = model.experts(state_->placement.first_expert(rank),
-                                             state_->placement.num_local(rank));
+    const auto local_experts =
+        model.experts(state_->placement.first_expert(rank), state_->placement.num_local(rank));
     ExpertCreateArgs expert_args;
     expert_args.options = &experts;
     expert_args.hidden = model.hidden();
@@ -237,7 +238,8 @@ GlobalRouterStats Runtime::global_router_stats() {
     std::copy(s.counts.begin(), s.counts.end(), ints.begin());
     ints[static_cast<std::size_t>(E)] = s.dropped;
     ints[static_cast<std::size_t>(E) + 1] = tokens;
-    double losses[2] = {s.aux_loss * static_cast<double>(tokens), s.z_loss * static_cast<double>(tokens)};
+    double losses[2] = {s.aux_loss * static_cast<double>(tokens),
+                        s.z_loss * static_cast<double>(tokens)};
     l.transport().allreduce(ints.data(), ints.size(), DType::kI64, ReduceOp::kSum);
     l.transport().allreduce(losses, 2, DType::kF64, ReduceOp::kSum);
     if (local != 0) return;

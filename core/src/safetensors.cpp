@@ -10,7 +10,8 @@ namespace switchyard {
 namespace {
 
 [[noreturn]] void bad(const std::filesystem::path& path, const std::string& why) {
-  throw Error(ErrorCode::kInvalidArgument, path.string() + ": not a valid safetensors file: " + why);
+  throw Error(ErrorCode::kInvalidArgument,
+              path.string() + ": not a valid safetensors file: " + why);
 }
 
 std::optional<DType> dtype_from_name(const std::string& name) {
@@ -26,13 +27,20 @@ std::optional<DType> dtype_from_name(const std::string& name) {
 
 const char* dtype_to_name(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
-    case DType::kF64: return "F64";
-    case DType::kI32: return "I32";
-    case DType::kI64: return "I64";
-    case DType::kU8: return "U8";
+    case DType::kF32:
+      return "F32";
+    case DType::kF16:
+      return "F16";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF64:
+      return "F64";
+    case DType::kI32:
+      return "I32";
+    case DType::kI64:
+      return "I64";
+    case DType::kU8:
+      return "U8";
   }
   return "?";
 }
@@ -108,7 +116,8 @@ HostTensor SafetensorsFile::read(const std::string& name) const {
   HostTensor tensor(e.dtype, e.shape);
   std::ifstream in(path_, std::ios::binary);
   in.seekg(static_cast<std::streamoff>(data_offset_ + e.begin));
-  in.read(reinterpret_cast<char*>(tensor.bytes()), static_cast<std::streamsize>(tensor.size_bytes()));
+  in.read(reinterpret_cast<char*>(tensor.bytes()),
+          static_cast<std::streamsize>(tensor.size_bytes()));
   if (!in) throw Error(ErrorCode::kSystem, path_.string() + ": cannot read tensor " + name);
   return tensor;
 }
@@ -125,9 +134,9 @@ HostTensor SafetensorsFile::read_f32(const std::string& name) const {
   } else if (raw.dtype() == DType::kF16) {
     for (std::size_t i = 0; i < n; ++i) dst[i] = f16_to_float(bits[i]);
   } else {
-    throw Error(ErrorCode::kInvalidArgument,
-                path_.string() + ": tensor " + name + " has dtype " +
-                    std::string(dtype_name(raw.dtype())) + "; weights must be F32, BF16 or F16");
+    throw Error(ErrorCode::kInvalidArgument, path_.string() + ": tensor " + name + " has dtype " +
+                                                 std::string(dtype_name(raw.dtype())) +
+                                                 "; weights must be F32, BF16 or F16");
   }
   return out;
 }
@@ -152,7 +161,8 @@ void write_safetensors(const std::filesystem::path& path,
   out.write(len_bytes, 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const auto& [name, t] : tensors) {
-    out.write(reinterpret_cast<const char*>(t.bytes()), static_cast<std::streamsize>(t.size_bytes()));
+    out.write(reinterpret_cast<const char*>(t.bytes()),
+              static_cast<std::streamsize>(t.size_bytes()));
   }
   if (!out) throw Error(ErrorCode::kSystem, "cannot write " + path.string());
 }

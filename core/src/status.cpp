@@ -7,21 +7,29 @@ namespace switchyard {
 
 std::string_view error_code_name(ErrorCode code) noexcept {
   switch (code) {
-    case ErrorCode::kOk: return "ok";
-    case ErrorCode::kInvalidArgument: return "invalid argument";
-    case ErrorCode::kNotFound: return "not found";
-    case ErrorCode::kUnavailable: return "unavailable";
-    case ErrorCode::kAbiMismatch: return "ABI mismatch";
-    case ErrorCode::kTimeout: return "timeout";
-    case ErrorCode::kSystem: return "system error";
-    case ErrorCode::kPeerFailed: return "peer failed";
-    case ErrorCode::kInternal: return "internal error";
+    case ErrorCode::kOk:
+      return "ok";
+    case ErrorCode::kInvalidArgument:
+      return "invalid argument";
+    case ErrorCode::kNotFound:
+      return "not found";
+    case ErrorCode::kUnavailable:
+      return "unavailable";
+    case ErrorCode::kAbiMismatch:
+      return "ABI mismatch";
+    case ErrorCode::kTimeout:
+      return "timeout";
+    case ErrorCode::kSystem:
+      return "system error";
+    case ErrorCode::kPeerFailed:
+      return "peer failed";
+    case ErrorCode::kInternal:
+      return "internal error";
   }
   return "unknown error";
 }
 
-Error::Error(ErrorCode code, std::string message)
-    : code_(code), message_(std::move(message)) {
+Error::Error(ErrorCode code, std::string message) : code_(code), message_(std::move(message)) {
   what_ = std::string(error_code_name(code_)) + ": " + message_;
 }
 

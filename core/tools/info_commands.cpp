@@ -62,7 +62,8 @@ void show(const ResolvedConfig& settings) {
 
 int config_command(const std::vector<std::string>& args) {
   if (args.size() < 2 || (args[0] != "check" && args[0] != "show")) {
-    std::fprintf(stderr, "usage: switchyard config check|show CONFIG [--set section.key=value]...\n");
+    std::fprintf(stderr,
+                 "usage: switchyard config check|show CONFIG [--set section.key=value]...\n");
     return kExitUsage;
   }
   std::vector<std::string> sets;

@@ -60,7 +60,9 @@ int run_command(const std::vector<std::string>& args) {
     }
   }
   if (config_path.empty()) {
-    std::fprintf(stderr, "usage: switchyard run CONFIG [--set section.key=value]... [--steps N] [--check]\n");
+    std::fprintf(
+        stderr,
+        "usage: switchyard run CONFIG [--set section.key=value]... [--steps N] [--check]\n");
     return kExitUsage;
   }
 
@@ -100,7 +102,8 @@ int run_command(const std::vector<std::string>& args) {
               runtime.layer(0).router().slots_per_token(),
               runtime.settings().section("experts").get_string("kernel").c_str());
   std::string split;
-  for (int r = 0; r < world; ++r) split += (r ? "/" : "") + std::to_string(token_block(T, world, r).second);
+  for (int r = 0; r < world; ++r)
+    split += (r ? "/" : "") + std::to_string(token_block(T, world, r).second);
   std::printf("tokens: %lld from %s, split %s\n", static_cast<long long>(T),
               input_description.c_str(), split.c_str());
 
@@ -116,12 +119,13 @@ int run_command(const std::vector<std::string>& args) {
   }
   std::printf("\nrouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
               stats.imbalance, static_cast<long long>(stats.dropped), stats.aux_loss, stats.z_loss);
-  const double total = timings.route_s + timings.layout_s + timings.dispatch_s +
-                       timings.experts_s + timings.combine_s;
-  std::printf("time (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
-              "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
-              steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
-              timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
+  const double total = timings.route_s + timings.layout_s + timings.dispatch_s + timings.experts_s +
+                       timings.combine_s;
+  std::printf(
+      "time (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
+      "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
+      steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
+      timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
   std::printf("bytes to other ranks (all ranks): dispatch %s (%lld rows), combine %s\n",
               human_bytes(static_cast<double>(traffic.dispatch_bytes)).c_str(),
               static_cast<long long>(traffic.rows_sent),
@@ -142,9 +146,10 @@ int run_command(const std::vector<std::string>& args) {
     const double relative = max_ref > 0 ? max_diff / max_ref : max_diff;
     const double tolerance = runtime.settings().section("check").get_float("tolerance");
     const bool pass = relative <= tolerance;
-    std::printf("check: max |y - reference| = %.3g, relative to max |reference| %.3g: %.3g "
-                "(tolerance %.3g): %s\n",
-                max_diff, max_ref, relative, tolerance, pass ? "PASS" : "FAIL");
+    std::printf(
+        "check: max |y - reference| = %.3g, relative to max |reference| %.3g: %.3g "
+        "(tolerance %.3g): %s\n",
+        max_diff, max_ref, relative, tolerance, pass ? "PASS" : "FAIL");
     if (!pass) exit_code = kExitCheckFailed;
   }
   if (output.has("path") && exit_code == kExitOk) {

@@ -24,7 +24,8 @@ int main() {
       num_experts = 4
       hidden = 32
       ffn_hidden = 64
-    )", "embedded.toml");
+    )",
+                                                                "embedded.toml");
     config.set("model", "seed", std::int64_t{7});  // API values override the text
     switchyard::Runtime runtime(config);
 
@@ -37,7 +38,8 @@ int main() {
 
     double diff = 0, scale = 0;
     for (std::int64_t i = 0; i < y.numel(); ++i) {
-      diff = std::max(diff, static_cast<double>(std::fabs(y.data<float>()[i] - reference.data<float>()[i])));
+      diff = std::max(
+          diff, static_cast<double>(std::fabs(y.data<float>()[i] - reference.data<float>()[i])));
       scale = std::max(scale, static_cast<double>(std::fabs(reference.data<float>()[i])));
     }
     std::printf("forward on %d ranks: max relative difference to the reference %.3g\n",
@@ -52,7 +54,8 @@ int main() {
       switchyard::MoELayer& layer = runtime.layer(local);
       switchyard::RoutingPlan plan;
       switchyard::DispatchHandle handle;
-      const auto [first, count] = switchyard::token_block(T, runtime.world_size(), runtime.world_rank(local));
+      const auto [first, count] =
+          switchyard::token_block(T, runtime.world_size(), runtime.world_rank(local));
       switchyard::TensorView tokens(x.data<float>() + first * hidden, switchyard::DType::kF32,
                                     {count, hidden});
       std::vector<float> out(static_cast<std::size_t>(count * hidden));
@@ -62,10 +65,12 @@ int main() {
       layer.combine(handle, handle.expert_input(), result);  // identity experts
       for (std::int64_t t = 0; t < count; ++t) {
         float weight_sum = 0;
-        for (int j = 0; j < plan.slots; ++j) weight_sum += plan.weights[static_cast<std::size_t>(t * plan.slots + j)];
+        for (int j = 0; j < plan.slots; ++j)
+          weight_sum += plan.weights[static_cast<std::size_t>(t * plan.slots + j)];
         for (int h = 0; h < hidden; ++h) {
           const float expected = weight_sum * tokens.data_as<float>()[t * hidden + h];
-          if (std::fabs(out[static_cast<std::size_t>(t * hidden + h)] - expected) > 1e-5f) ok = false;
+          if (std::fabs(out[static_cast<std::size_t>(t * hidden + h)] - expected) > 1e-5f)
+            ok = false;
         }
       }
     });

@@ -19,7 +19,9 @@ void declare_options(ConfigSchema& s) {
 class CpuSwigluKernel final : public ExpertKernel {
  public:
   explicit CpuSwigluKernel(const ExpertCreateArgs& args)
-      : hidden_(args.hidden), ffn_hidden_(args.ffn_hidden), experts_(args.experts.begin(), args.experts.end()) {
+      : hidden_(args.hidden),
+        ffn_hidden_(args.ffn_hidden),
+        experts_(args.experts.begin(), args.experts.end()) {
     const std::int64_t H = hidden_, F = ffn_hidden_;
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const std::string which = "cpu_swiglu local expert " + std::to_string(e);
@@ -54,8 +56,9 @@ class CpuSwigluKernel final : public ExpertKernel {
       largest = std::max(largest, n);
     }
     if (total != N) {
-      throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: row counts sum to " + std::to_string(total) +
-                                                   ", batch has " + std::to_string(N) + " rows");
+      throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: row counts sum to " +
+                                                   std::to_string(total) + ", batch has " +
+                                                   std::to_string(N) + " rows");
     }
     gate_out_.resize(static_cast<std::size_t>(largest * F));
     up_out_.resize(static_cast<std::size_t>(largest * F));
@@ -76,7 +79,8 @@ class CpuSwigluKernel final : public ExpertKernel {
                   experts_[e].up.data_as<const float>(), h, 0.0f, up_out_.data(), f);
       for (std::int64_t i = 0; i < n * F; ++i) {
         const float g = gate_out_[static_cast<std::size_t>(i)];
-        gate_out_[static_cast<std::size_t>(i)] = g / (1.0f + std::exp(-g)) * up_out_[static_cast<std::size_t>(i)];
+        gate_out_[static_cast<std::size_t>(i)] =
+            g / (1.0f + std::exp(-g)) * up_out_[static_cast<std::size_t>(i)];
       }
       // [n,H] = act [n,F] · downᵀ.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, gate_out_.data(), f,

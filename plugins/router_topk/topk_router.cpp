@@ -37,8 +37,8 @@ class TopkRouter final : public Router {
     const ConfigSection& o = *args.options;
     const std::int64_t k = o.get_int("top_k");
     if (k < 1 || k > num_experts_) {
-      o.fail("top_k", "must be in 1.." + std::to_string(num_experts_) + " (the number of experts) (got " +
-                          std::to_string(k) + ")");
+      o.fail("top_k", "must be in 1.." + std::to_string(num_experts_) +
+                          " (the number of experts) (got " + std::to_string(k) + ")");
     }
     top_k_ = static_cast<int>(k);
     sigmoid_ = o.get_string("score") == "sigmoid";
@@ -67,9 +67,10 @@ class TopkRouter final : public Router {
       bias_.assign(bias.data<float>(), bias.data<float>() + num_experts_);
     } else if (!args.checkpoint_bias.empty()) {
       if (static_cast<int>(args.checkpoint_bias.size()) != num_experts_) {
-        throw Error(ErrorCode::kInvalidArgument,
-                    "router topk: checkpoint bias has " + std::to_string(args.checkpoint_bias.size()) +
-                        " entries for " + std::to_string(num_experts_) + " experts");
+        throw Error(ErrorCode::kInvalidArgument, "router topk: checkpoint bias has " +
+                                                     std::to_string(args.checkpoint_bias.size()) +
+                                                     " entries for " +
+                                                     std::to_string(num_experts_) + " experts");
       }
       bias_.assign(args.checkpoint_bias.begin(), args.checkpoint_bias.end());
     } else if (update_rate_ > 0) {
@@ -133,7 +134,8 @@ class TopkRouter final : public Router {
 
       // Scores (float32, as the reference implementations compute them).
       if (sigmoid_) {
-        for (int e = 0; e < E; ++e) scores_[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-row[e]));
+        for (int e = 0; e < E; ++e)
+          scores_[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-row[e]));
       } else if (pre_softmax_) {
         softmax(row, scores_.data());
       } else {
@@ -141,7 +143,8 @@ class TopkRouter final : public Router {
       }
       for (int e = 0; e < E; ++e) {
         selection_[static_cast<std::size_t>(e)] =
-            scores_[static_cast<std::size_t>(e)] + (bias_.empty() ? 0.0f : bias_[static_cast<std::size_t>(e)]);
+            scores_[static_cast<std::size_t>(e)] +
+            (bias_.empty() ? 0.0f : bias_[static_cast<std::size_t>(e)]);
       }
       const int picked = select_top(selection_.data(), chosen_.data());
 
@@ -150,7 +153,8 @@ class TopkRouter final : public Router {
       if (!sigmoid_ && !pre_softmax_) {
         // Softmax over the selected logits only (Mixtral).
         float max_logit = -std::numeric_limits<float>::infinity();
-        for (int j = 0; j < picked; ++j) max_logit = std::max(max_logit, row[chosen_[static_cast<std::size_t>(j)]]);
+        for (int j = 0; j < picked; ++j)
+          max_logit = std::max(max_logit, row[chosen_[static_cast<std::size_t>(j)]]);
         float sum = 0;
         for (int j = 0; j < picked; ++j) {
           w[j] = std::exp(row[chosen_[static_cast<std::size_t>(j)]] - max_logit);
@@ -158,7 +162,8 @@ class TopkRouter final : public Router {
         }
         for (int j = 0; j < picked; ++j) w[j] /= sum;
       } else {
-        for (int j = 0; j < picked; ++j) w[j] = scores_[static_cast<std::size_t>(chosen_[static_cast<std::size_t>(j)])];
+        for (int j = 0; j < picked; ++j)
+          w[j] = scores_[static_cast<std::size_t>(chosen_[static_cast<std::size_t>(j)])];
       }
       if (normalize_) {
         float sum = 0;
@@ -239,15 +244,19 @@ class TopkRouter final : public Router {
       softmax(row, scores_.data());
     }
     const int picked = select_top(scores_.data(), plain_.data());
-    for (int j = 0; j < picked; ++j) ++plain_counts_[static_cast<std::size_t>(plain_[static_cast<std::size_t>(j)])];
-    for (int e = 0; e < num_experts_; ++e) prob_sum_[static_cast<std::size_t>(e)] += scores_[static_cast<std::size_t>(e)];
+    for (int j = 0; j < picked; ++j)
+      ++plain_counts_[static_cast<std::size_t>(plain_[static_cast<std::size_t>(j)])];
+    for (int e = 0; e < num_experts_; ++e)
+      prob_sum_[static_cast<std::size_t>(e)] += scores_[static_cast<std::size_t>(e)];
     double max_logit = -std::numeric_limits<double>::infinity();
     for (int e = 0; e < num_experts_; ++e) {
-      if (valid_[static_cast<std::size_t>(e)]) max_logit = std::max(max_logit, static_cast<double>(row[e]));
+      if (valid_[static_cast<std::size_t>(e)])
+        max_logit = std::max(max_logit, static_cast<double>(row[e]));
     }
     double sum = 0;
     for (int e = 0; e < num_experts_; ++e) {
-      if (valid_[static_cast<std::size_t>(e)]) sum += std::exp(static_cast<double>(row[e]) - max_logit);
+      if (valid_[static_cast<std::size_t>(e)])
+        sum += std::exp(static_cast<double>(row[e]) - max_logit);
     }
     const double lse = max_logit + std::log(sum);
     z_loss += lse * lse;
@@ -261,7 +270,8 @@ class TopkRouter final : public Router {
       total += c;
       most = std::max(most, c);
     }
-    stats_.imbalance = total > 0 ? static_cast<double>(most) * num_experts_ / static_cast<double>(total) : 0.0;
+    stats_.imbalance =
+        total > 0 ? static_cast<double>(most) * num_experts_ / static_cast<double>(total) : 0.0;
     if (T == 0) {
       stats_.aux_loss = 0;
       stats_.z_loss = 0;
@@ -269,7 +279,8 @@ class TopkRouter final : public Router {
     }
     double aux = 0;
     for (int e = 0; e < num_experts_; ++e) {
-      aux += prob_sum_[static_cast<std::size_t>(e)] * static_cast<double>(plain_counts_[static_cast<std::size_t>(e)]);
+      aux += prob_sum_[static_cast<std::size_t>(e)] *
+             static_cast<double>(plain_counts_[static_cast<std::size_t>(e)]);
     }
     const double Td = static_cast<double>(T);
     stats_.aux_loss = aux * num_experts_ / (top_k_ * Td * Td);

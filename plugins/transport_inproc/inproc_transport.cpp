@@ -136,9 +136,9 @@ class InprocTransport final : public Transport {
     for (std::size_t p = 0; p < posted.size(); ++p) {
       const auto* peer = static_cast<const AllreduceArgument*>(posted[p]);
       if (peer->count != count || peer->dtype != dtype || peer->op != op) {
-        problem = Error(ErrorCode::kInvalidArgument,
-                        "inproc allreduce: rank " + std::to_string(p) +
-                            " passed a different count, dtype or operation");
+        problem =
+            Error(ErrorCode::kInvalidArgument, "inproc allreduce: rank " + std::to_string(p) +
+                                                   " passed a different count, dtype or operation");
         break;
       }
       if (p == 0) {
@@ -147,16 +147,20 @@ class InprocTransport final : public Transport {
       }
       switch (dtype) {
         case DType::kF32:
-          reduce_into(reinterpret_cast<float*>(scratch_.data()), static_cast<const float*>(peer->data), count, op);
+          reduce_into(reinterpret_cast<float*>(scratch_.data()),
+                      static_cast<const float*>(peer->data), count, op);
           break;
         case DType::kF64:
-          reduce_into(reinterpret_cast<double*>(scratch_.data()), static_cast<const double*>(peer->data), count, op);
+          reduce_into(reinterpret_cast<double*>(scratch_.data()),
+                      static_cast<const double*>(peer->data), count, op);
           break;
         case DType::kI32:
-          reduce_into(reinterpret_cast<std::int32_t*>(scratch_.data()), static_cast<const std::int32_t*>(peer->data), count, op);
+          reduce_into(reinterpret_cast<std::int32_t*>(scratch_.data()),
+                      static_cast<const std::int32_t*>(peer->data), count, op);
           break;
         default:
-          reduce_into(reinterpret_cast<std::int64_t*>(scratch_.data()), static_cast<const std::int64_t*>(peer->data), count, op);
+          reduce_into(reinterpret_cast<std::int64_t*>(scratch_.data()),
+                      static_cast<const std::int64_t*>(peer->data), count, op);
           break;
       }
     }
@@ -232,7 +236,8 @@ class InprocTransport final : public Transport {
       auto world = std::make_shared<World>(static_cast<int>(members.size()), world_->timeout_s(),
                                            Topology(nodes), world_->abort_state());
       for (std::size_t i = 0; i < members.size(); ++i) {
-        const auto* a = static_cast<const SplitArgument*>(posted[static_cast<std::size_t>(members[i].old_rank)]);
+        const auto* a = static_cast<const SplitArgument*>(
+            posted[static_cast<std::size_t>(members[i].old_rank)]);
         *a->world_out = world;
         *a->rank_out = static_cast<int>(i);
       }
@@ -262,7 +267,8 @@ class InprocRequest final : public TransportRequest {
     if (done_) return;
     World& world = transport_.world();
     if (!pulled_) {
-      problem_ = pull_alltoallv(world.wait_all_arrived(seq_, "ialltoallv"), transport_.rank(), buffers_);
+      problem_ =
+          pull_alltoallv(world.wait_all_arrived(seq_, "ialltoallv"), transport_.rank(), buffers_);
       pulled_ = true;
       world.depart(seq_, transport_.rank());
     }
@@ -312,8 +318,9 @@ std::unique_ptr<TransportRequest> InprocTransport::ialltoallv(const AlltoallvBuf
 std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {
   const int n = args.requested_ranks;
   if (n < 1) throw Error(ErrorCode::kInvalidArgument, "inproc transport: ranks must be >= 1");
-  Topology topology = args.ranks_per_node > 0 ? Topology::uniform(n, args.ranks_per_node)
-                                              : Topology(std::vector<int>(static_cast<std::size_t>(n), 0));
+  Topology topology = args.ranks_per_node > 0
+                          ? Topology::uniform(n, args.ranks_per_node)
+                          : Topology(std::vector<int>(static_cast<std::size_t>(n), 0));
   auto world = std::make_shared<World>(n, args.timeout_s, std::move(topology),
                                        std::make_shared<AbortState>());
   std::vector<std::unique_ptr<Transport>> ranks;

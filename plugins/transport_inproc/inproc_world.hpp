@@ -63,8 +63,8 @@ class World {
   /// Waits under `lock` until `ready()`; throws kTimeout naming `waiting_for()` ranks, or
   /// kPeerFailed when aborted.
   template <typename Ready, typename Missing>
-  void wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64_t seq,
-            const char* what, Ready ready, Missing missing);
+  void wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64_t seq, const char* what,
+            Ready ready, Missing missing);
   void throw_if_aborted(const char* op);
 
   const int size_;

@@ -22,7 +22,6 @@ ConfigSchema router_schema() {
   return s;
 }
 
-
 }  // namespace
 
 TEST_CASE("values, defaults and origins") {
@@ -37,7 +36,8 @@ TEST_CASE("values, defaults and origins") {
 }
 
 TEST_CASE("precedence: default < file < environment < command line and API") {
-  Config c = Config::from_string("[router]\ntop_k = 4\nscore = \"sigmoid\"\nscale = 3.0\n", "moe.toml");
+  Config c =
+      Config::from_string("[router]\ntop_k = 4\nscore = \"sigmoid\"\nscale = 3.0\n", "moe.toml");
   setenv("SWITCHYARD_ROUTER_TOP_K", "5", 1);
   setenv("SWITCHYARD_ROUTER_SCALE", "0.5", 1);
   setenv("SWITCHYARD_PLUGIN_PATH", "/not/a/config/key", 1);  // not a section: ignored
@@ -58,25 +58,38 @@ TEST_CASE("precedence: default < file < environment < command line and API") {
 }
 
 TEST_CASE("errors carry the position and what to fix") {
-  CHECK(test::error_message([] { Config::from_string("[router\ntop_k = 1", "bad.toml"); })
-            .rfind("bad.toml:1:", 0) == 0);
-  CHECK(test::error_message([] { Config::from_string("[router]\ntop_k = 0\n", "moe.toml").section("router", router_schema()); }) ==
-        "moe.toml:2:9: router.top_k: must be in 1..8 (got 0)");
-  CHECK(test::error_message([] { Config::from_string("[router]\ntopk = 2\n", "moe.toml").section("router", router_schema()); })
-            .rfind("moe.toml:2:8: router.topk: unknown key (did you mean 'top_k'?)", 0) == 0);
-  CHECK(test::error_message([] { Config::from_string("[router]\ntop_k = \"two\"\n", "moe.toml").section("router", router_schema()); }) ==
-        "moe.toml:2:9: router.top_k: wrong type: expected integer, got string \"two\"");
-  CHECK(test::error_message([] { Config::from_string("[router]\nscore = \"sigmod\"\n", "m.toml").section("router", router_schema()); }) ==
-        "m.toml:2:9: router.score: must be one of \"softmax\", \"sigmoid\" (got \"sigmod\"); did you mean \"sigmoid\"?");
-  CHECK(test::error_message([] { Config::from_string("top = 1\n", "m.toml"); })
-            .rfind("m.toml:1:7: top: top-level keys are not allowed", 0) == 0);
+  CHECK(test::error_message([] {
+          Config::from_string("[router\ntop_k = 1", "bad.toml");
+        }).rfind("bad.toml:1:", 0) == 0);
+  CHECK(
+      test::error_message([] {
+        Config::from_string("[router]\ntop_k = 0\n", "moe.toml").section("router", router_schema());
+      }) == "moe.toml:2:9: router.top_k: must be in 1..8 (got 0)");
+  CHECK(
+      test::error_message([] {
+        Config::from_string("[router]\ntopk = 2\n", "moe.toml").section("router", router_schema());
+      }).rfind("moe.toml:2:8: router.topk: unknown key (did you mean 'top_k'?)", 0) == 0);
+  CHECK(test::error_message([] {
+          Config::from_string("[router]\ntop_k = \"two\"\n", "moe.toml")
+              .section("router", router_schema());
+        }) == "moe.toml:2:9: router.top_k: wrong type: expected integer, got string \"two\"");
+  CHECK(test::error_message([] {
+          Config::from_string("[router]\nscore = \"sigmod\"\n", "m.toml")
+              .section("router", router_schema());
+        }) ==
+        "m.toml:2:9: router.score: must be one of \"softmax\", \"sigmoid\" (got \"sigmod\"); did "
+        "you mean \"sigmoid\"?");
+  CHECK(test::error_message([] {
+          Config::from_string("top = 1\n", "m.toml");
+        }).rfind("m.toml:1:7: top: top-level keys are not allowed", 0) == 0);
   CHECK(test::error_message([] {
           Config c;
           c.set_from_command_line("router.top_k=abc");
           c.section("router", router_schema());
         }) == "--set router.top_k=abc: router.top_k: expected integer (got \"abc\")");
-  CHECK(test::error_message([] { Config().set_from_command_line("top_k=2"); })
-            .find("expected section.key=value") != std::string::npos);
+  CHECK(test::error_message([] {
+          Config().set_from_command_line("top_k=2");
+        }).find("expected section.key=value") != std::string::npos);
   const std::string_view known[] = {"runtime", "router"};
   CHECK(test::error_message([] {
           const std::string_view k[] = {"runtime", "router"};
@@ -98,7 +111,8 @@ TEST_CASE("text values are parsed by the schema's type") {
 
 TEST_CASE("paths from a file are relative to the file") {
   test::TempDir dir;
-  test::write_text(dir / "moe.toml", "[router]\nscore = \"softmax\"\n[model]\nweights = \"w.safetensors\"\n");
+  test::write_text(dir / "moe.toml",
+                   "[router]\nscore = \"softmax\"\n[model]\nweights = \"w.safetensors\"\n");
   Config c = Config::from_file(dir / "moe.toml");
   ConfigSchema model;
   model.add("weights", ConfigType::kString, std::nullopt, "weights");

@@ -28,20 +28,24 @@ TEST_CASE("npy round trip and errors") {
   CHECK(back.data<float>()[14] == 7.0f);
   CHECK_NOTHROW(read_npy_f32_matrix(dir / "x.npy", 5, "input.tokens"));
 
-  CHECK(test::error_message([&] { read_npy_f32_matrix(dir / "x.npy", 4, "input.tokens"); })
-            .find("has shape [3,5]; expected float32 [rows, 4]") != std::string::npos);
+  CHECK(test::error_message([&] {
+          read_npy_f32_matrix(dir / "x.npy", 4, "input.tokens");
+        }).find("has shape [3,5]; expected float32 [rows, 4]") != std::string::npos);
   HostTensor d(DType::kF64, {3, 5});
   write_npy(dir / "d.npy", d.view());
-  CHECK(test::error_message([&] { read_npy_f32_matrix(dir / "d.npy", 5, "input.tokens"); })
-            .find("has dtype f64; expected float32") != std::string::npos);
+  CHECK(test::error_message([&] {
+          read_npy_f32_matrix(dir / "d.npy", 5, "input.tokens");
+        }).find("has dtype f64; expected float32") != std::string::npos);
   HostTensor v(DType::kF32, {4});
   write_npy(dir / "v.npy", v.view());
   CHECK(read_npy(dir / "v.npy").shape() == std::vector<std::int64_t>{4});
 
   truncate_file(dir / "x.npy", 8);
-  CHECK(test::error_message([&] { read_npy(dir / "x.npy"); }).find("truncated data") != std::string::npos);
+  CHECK(test::error_message([&] { read_npy(dir / "x.npy"); }).find("truncated data") !=
+        std::string::npos);
   test::write_text(dir / "junk.npy", "not numpy at all");
-  CHECK(test::error_message([&] { read_npy(dir / "junk.npy"); }).find("magic") != std::string::npos);
+  CHECK(test::error_message([&] { read_npy(dir / "junk.npy"); }).find("magic") !=
+        std::string::npos);
   try {
     read_npy(dir / "missing.npy");
     FAIL("expected an error");
@@ -57,7 +61,8 @@ TEST_CASE("safetensors round trip in every weight dtype") {
   HostTensor bf16(DType::kBF16, {3});
   HostTensor f16(DType::kF16, {2});
   for (int i = 0; i < 6; ++i) f32.data<float>()[i] = static_cast<float>(i) - 2.5f;
-  for (int i = 0; i < 3; ++i) bf16.data<std::uint16_t>()[i] = float_to_bf16(static_cast<float>(i) + 0.5f);
+  for (int i = 0; i < 3; ++i)
+    bf16.data<std::uint16_t>()[i] = float_to_bf16(static_cast<float>(i) + 0.5f);
   f16.data<std::uint16_t>()[0] = 0x3c00;  // 1.0
   f16.data<std::uint16_t>()[1] = 0xc000;  // -2.0
   tensors["a"] = std::move(f32);
@@ -70,7 +75,8 @@ TEST_CASE("safetensors round trip in every weight dtype") {
   CHECK(file.read_f32("b").data<float>()[2] == 2.5f);
   CHECK(file.read_f32("c").data<float>()[1] == -2.0f);
   CHECK(file.read("b").dtype() == DType::kBF16);
-  CHECK(test::error_message([&] { file.read_f32("zzz"); }).find("tensor zzz not found") != std::string::npos);
+  CHECK(test::error_message([&] { file.read_f32("zzz"); }).find("tensor zzz not found") !=
+        std::string::npos);
 }
 
 TEST_CASE("safetensors: missing, truncated and inconsistent files are refused") {
@@ -85,17 +91,21 @@ TEST_CASE("safetensors: missing, truncated and inconsistent files are refused") 
   tensors["w"] = HostTensor(DType::kF32, {64, 64});
   write_safetensors(dir / "t.safetensors", tensors);
   truncate_file(dir / "t.safetensors", 100);
-  CHECK(test::error_message([&] { SafetensorsFile f(dir / "t.safetensors"); }).find("truncated") != std::string::npos);
+  CHECK(test::error_message([&] { SafetensorsFile f(dir / "t.safetensors"); }).find("truncated") !=
+        std::string::npos);
 
   const std::string header = R"({"w":{"dtype":"F32","shape":[2,2],"data_offsets":[0,12]}})";
   std::string bytes(8, '\0');
   bytes[0] = static_cast<char>(header.size());
   bytes += header + std::string(16, '\0');
   test::write_text(dir / "bad.safetensors", bytes);
-  CHECK(test::error_message([&] { SafetensorsFile f(dir / "bad.safetensors"); })
-            .find("do not match its shape and dtype") != std::string::npos);
+  CHECK(test::error_message([&] {
+          SafetensorsFile f(dir / "bad.safetensors");
+        }).find("do not match its shape and dtype") != std::string::npos);
   test::write_text(dir / "short.safetensors", "abc");
-  CHECK(test::error_message([&] { SafetensorsFile f(dir / "short.safetensors"); }).find("truncated") != std::string::npos);
+  CHECK(test::error_message([&] {
+          SafetensorsFile f(dir / "short.safetensors");
+        }).find("truncated") != std::string::npos);
 }
 
 TEST_CASE("model weights load from both naming conventions") {
@@ -103,11 +113,13 @@ TEST_CASE("model weights load from both naming conventions") {
   const ModelWeights model = ModelWeights::random(4, 8, 12, 5);
   for (const std::string format : {"mixtral", "deepseek"}) {
     CAPTURE(format);
-    const std::vector<float> bias = format == "deepseek" ? std::vector<float>{0.1f, -0.2f, 0.3f, 0.0f} : std::vector<float>{};
+    const std::vector<float> bias =
+        format == "deepseek" ? std::vector<float>{0.1f, -0.2f, 0.3f, 0.0f} : std::vector<float>{};
     write_safetensors(dir / "m.safetensors",
                       test::checkpoint_tensors(model, format, DType::kF32, "layers.1.mlp.", bias));
     const ModelWeights loaded = ModelWeights::load(
-        dir / "m.safetensors", format == "mixtral" ? CheckpointFormat::kMixtral : CheckpointFormat::kDeepseek,
+        dir / "m.safetensors",
+        format == "mixtral" ? CheckpointFormat::kMixtral : CheckpointFormat::kDeepseek,
         "layers.1.mlp.");
     CHECK(loaded.num_experts() == 4);
     CHECK(loaded.hidden() == 8);
@@ -115,11 +127,14 @@ TEST_CASE("model weights load from both naming conventions") {
     CHECK(loaded.bias() == bias);
     const auto a = model.experts(3, 1)[0];
     const auto b = loaded.experts(3, 1)[0];
-    CHECK(std::equal(a.down.data_as<float>(), a.down.data_as<float>() + 96, b.down.data_as<float>()));
+    CHECK(
+        std::equal(a.down.data_as<float>(), a.down.data_as<float>() + 96, b.down.data_as<float>()));
   }
   // BF16 weights load as their exact bf16 values.
-  write_safetensors(dir / "bf.safetensors", test::checkpoint_tensors(model, "mixtral", DType::kBF16, ""));
-  const ModelWeights bf = ModelWeights::load(dir / "bf.safetensors", CheckpointFormat::kMixtral, "");
+  write_safetensors(dir / "bf.safetensors",
+                    test::checkpoint_tensors(model, "mixtral", DType::kBF16, ""));
+  const ModelWeights bf =
+      ModelWeights::load(dir / "bf.safetensors", CheckpointFormat::kMixtral, "");
   const float original = model.gate().data<float>()[5];
   CHECK(bf.gate().data<float>()[5] == bf16_to_float(float_to_bf16(original)));
 
@@ -127,12 +142,16 @@ TEST_CASE("model weights load from both naming conventions") {
   auto tensors = test::checkpoint_tensors(model, "mixtral", DType::kF32, "");
   tensors["experts.2.w2.weight"] = HostTensor(DType::kF32, {8, 11});
   write_safetensors(dir / "shape.safetensors", tensors);
-  CHECK(test::error_message([&] { ModelWeights::load(dir / "shape.safetensors", CheckpointFormat::kMixtral, ""); })
-            .find("tensor experts.2.w2.weight has shape [8,11], expected [8,12]") != std::string::npos);
+  CHECK(test::error_message([&] {
+          ModelWeights::load(dir / "shape.safetensors", CheckpointFormat::kMixtral, "");
+        }).find("tensor experts.2.w2.weight has shape [8,11], expected [8,12]") !=
+        std::string::npos);
   tensors.erase("experts.2.w2.weight");
   write_safetensors(dir / "missing.safetensors", tensors);
-  CHECK(test::error_message([&] { ModelWeights::load(dir / "missing.safetensors", CheckpointFormat::kMixtral, ""); })
-            .find("tensor experts.2.w2.weight not found") != std::string::npos);
-  CHECK(test::error_message([&] { ModelWeights::load(dir / "missing.safetensors", CheckpointFormat::kDeepseek, ""); })
-            .find("experts.0.gate_proj.weight not found") != std::string::npos);
+  CHECK(test::error_message([&] {
+          ModelWeights::load(dir / "missing.safetensors", CheckpointFormat::kMixtral, "");
+        }).find("tensor experts.2.w2.weight not found") != std::string::npos);
+  CHECK(test::error_message([&] {
+          ModelWeights::load(dir / "missing.safetensors", CheckpointFormat::kDeepseek, "");
+        }).find("experts.0.gate_proj.weight not found") != std::string::npos);
 }

@@ -53,7 +53,8 @@ struct Fixture {
     Config config;
     config.set("router", "top_k", std::int64_t{top_k});
     router_options = config.section("router", registry().options(PluginKind::kRouter, "topk"));
-    expert_options = config.section("experts", registry().options(PluginKind::kExpert, "cpu_swiglu"));
+    expert_options =
+        config.section("experts", registry().options(PluginKind::kExpert, "cpu_swiglu"));
     const ExpertPlacement placement(experts, ranks);
     for (int r = 0; r < ranks; ++r) {
       RouterCreateArgs ra;
@@ -127,9 +128,11 @@ TEST_CASE("dispatch and combine on their own: identity experts return sum(weight
       layer.combine(handle, handle.expert_input(), y.view());
       for (std::int64_t t = 0; t < T; ++t) {
         float w = 0;
-        for (int j = 0; j < plan.slots; ++j) w += plan.weights[static_cast<std::size_t>(t * plan.slots + j)];
+        for (int j = 0; j < plan.slots; ++j)
+          w += plan.weights[static_cast<std::size_t>(t * plan.slots + j)];
         for (std::int64_t h = 0; h < H; ++h) {
-          CHECK(y.data<float>()[t * H + h] == doctest::Approx(w * x.data<float>()[t * H + h]).epsilon(1e-6));
+          CHECK(y.data<float>()[t * H + h] ==
+                doctest::Approx(w * x.data<float>()[t * H + h]).epsilon(1e-6));
         }
       }
     });
@@ -156,9 +159,10 @@ TEST_CASE("a token is sent once per destination rank, not once per expert") {
     CHECK(layer.traffic().rows_sent == 2);
     CHECK(layer.traffic().dispatch_bytes == 8 + 2 * (H + 2 * 2) * 4);
     // Per local expert, the assignments of both ranks' tokens.
-    const std::vector<std::int64_t> expected = r == 0 ? std::vector<std::int64_t>{4, 2}
-                                                       : std::vector<std::int64_t>{2, 4};
-    CHECK(std::vector<std::int64_t>(handle.rows_per_expert().begin(), handle.rows_per_expert().end()) == expected);
+    const std::vector<std::int64_t> expected =
+        r == 0 ? std::vector<std::int64_t>{4, 2} : std::vector<std::int64_t>{2, 4};
+    CHECK(std::vector<std::int64_t>(handle.rows_per_expert().begin(),
+                                    handle.rows_per_expert().end()) == expected);
     HostTensor y(DType::kF32, {3, H});
     layer.combine(handle, handle.expert_input(), y.view());
     CHECK(layer.traffic().combine_bytes == static_cast<std::uint64_t>(2 * H * 4));
@@ -184,7 +188,8 @@ TEST_CASE("forward: NaN logits on one rank fail every rank, quickly, with the ca
   for (int r : {0, 2}) {
     REQUIRE(errors[static_cast<std::size_t>(r)].has_value());
     CHECK(errors[static_cast<std::size_t>(r)]->code() == ErrorCode::kPeerFailed);
-    CHECK(errors[static_cast<std::size_t>(r)]->message().find("rank 1 failed before dispatch") != std::string::npos);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("rank 1 failed before dispatch") !=
+          std::string::npos);
   }
   // The layers stay usable: the next step with good input works on every rank.
   auto again = on_threads(3, [&](int r) {

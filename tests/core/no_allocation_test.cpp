@@ -67,7 +67,8 @@ TEST_CASE("forward allocates nothing after the first step") {
     for (const HostTensor* input : {&x2, &x, &x2}) {
       runtime.run_on_ranks([&](int local) {
         const auto [first, count] = token_block(T, runtime.world_size(), runtime.world_rank(local));
-        TensorView in(const_cast<float*>(input->data<float>()) + first * H, DType::kF32, {count, H});
+        TensorView in(const_cast<float*>(input->data<float>()) + first * H, DType::kF32,
+                      {count, H});
         TensorView out(y.data<float>() + first * H, DType::kF32, {count, H});
         counting = true;
         allocations = 0;

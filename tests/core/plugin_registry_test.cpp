@@ -17,14 +17,14 @@ const PluginRejection* rejection(const PluginRegistry& r, const std::string& fil
   return nullptr;
 }
 
-
 }  // namespace
 
 TEST_CASE("the built plugins load and pass their checks") {
   PluginRegistry registry(PluginRegistry::default_search_path());
   CHECK(registry.rejected().empty());
   CHECK(registry.find(PluginKind::kTransport, "inproc").version == "0.1.0");
-  CHECK(registry.find(PluginKind::kRouter, "topk").path.filename() == "libswitchyard-router-topk.so");
+  CHECK(registry.find(PluginKind::kRouter, "topk").path.filename() ==
+        "libswitchyard-router-topk.so");
   CHECK(registry.find(PluginKind::kExpert, "cpu_swiglu").probe.ok());
   const ConfigSchema topk = registry.options(PluginKind::kRouter, "topk");
   REQUIRE(topk.find("top_k") != nullptr);
@@ -41,17 +41,20 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* wrongabi = rejection(registry, "libswitchyard-router-wrongabi.so");
   REQUIRE(wrongabi != nullptr);
   CHECK(wrongabi->code == ErrorCode::kAbiMismatch);
-  CHECK(wrongabi->reason.find("exports switchyard_plugin_v2 but this core loads plugin ABI 1") != std::string::npos);
+  CHECK(wrongabi->reason.find("exports switchyard_plugin_v2 but this core loads plugin ABI 1") !=
+        std::string::npos);
 
   const auto* abifield = rejection(registry, "libswitchyard-router-abifield.so");
   REQUIRE(abifield != nullptr);
   CHECK(abifield->code == ErrorCode::kAbiMismatch);
-  CHECK(abifield->reason.find("declares plugin ABI version 99, this core needs 1") != std::string::npos);
+  CHECK(abifield->reason.find("declares plugin ABI version 99, this core needs 1") !=
+        std::string::npos);
 
   const auto* otherbuild = rejection(registry, "libswitchyard-router-otherbuild.so");
   REQUIRE(otherbuild != nullptr);
   CHECK(otherbuild->code == ErrorCode::kAbiMismatch);
-  CHECK(otherbuild->reason.find("built as \"switchyard 0.0.1; some other compiler\"") != std::string::npos);
+  CHECK(otherbuild->reason.find("built as \"switchyard 0.0.1; some other compiler\"") !=
+        std::string::npos);
   CHECK(otherbuild->reason.find(core_build_id()) != std::string::npos);
 
   const auto* misnamed = rejection(registry, "libswitchyard-router-misnamed.so");
@@ -65,7 +68,8 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* noentry = rejection(registry, "libswitchyard-router-noentry.so");
   REQUIRE(noentry != nullptr);
   CHECK(noentry->code == ErrorCode::kNotFound);
-  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v1") != std::string::npos);
+  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v1") !=
+        std::string::npos);
 
   const auto* garbage = rejection(registry, "libswitchyard-router-garbage.so");
   REQUIRE(garbage != nullptr);
@@ -85,14 +89,19 @@ TEST_CASE("asking for a rejected or missing plugin explains everything in one me
   const Error e = test::error_of([&] { registry.find(PluginKind::kRouter, "wrongabi"); });
   CHECK(e.code() == ErrorCode::kNotFound);
   const std::string m = e.message();
-  CHECK(m.rfind("router plugin \"wrongabi\" not found (looked for libswitchyard-router-wrongabi.so).", 0) == 0);
+  CHECK(
+      m.rfind("router plugin \"wrongabi\" not found (looked for libswitchyard-router-wrongabi.so).",
+              0) == 0);
   CHECK(m.find("available router plugins: throws 9.9.9 (") != std::string::npos);
   // Its own file's rejection comes first among the rejections.
   const auto first_rejection = m.find("rejected:\n    ");
   REQUIRE(first_rejection != std::string::npos);
-  const std::string line = m.substr(first_rejection, m.find('\n', first_rejection + 14) - first_rejection);
-  CHECK(line.find("libswitchyard-router-wrongabi.so: ABI mismatch: exports switchyard_plugin_v2") != std::string::npos);
-  CHECK(m.find("searched: " SWITCHYARD_FIXTURE_PLUGIN_DIR " /nonexistent/plugins (missing)") != std::string::npos);
+  const std::string line =
+      m.substr(first_rejection, m.find('\n', first_rejection + 14) - first_rejection);
+  CHECK(line.find("libswitchyard-router-wrongabi.so: ABI mismatch: exports switchyard_plugin_v2") !=
+        std::string::npos);
+  CHECK(m.find("searched: " SWITCHYARD_FIXTURE_PLUGIN_DIR " /nonexistent/plugins (missing)") !=
+        std::string::npos);
 
   const Error none = test::error_of([&] { registry.find(PluginKind::kTransport, "mpi"); });
   CHECK(none.message().find("available transport plugins: none") != std::string::npos);
@@ -105,7 +114,8 @@ TEST_CASE("a factory that throws is reported, not propagated raw") {
   const Error e = test::error_of([&] { registry.create_router("throws", args); });
   CHECK(e.code() == ErrorCode::kInternal);
   CHECK(e.message().find("router plugin \"throws\"") != std::string::npos);
-  CHECK(e.message().find("threw from its factory instead of returning a status: unexpected exception: fixture factory exploded") != std::string::npos);
+  CHECK(e.message().find("threw from its factory instead of returning a status: unexpected "
+                         "exception: fixture factory exploded") != std::string::npos);
 }
 
 TEST_CASE("the first plugin of a name wins; later ones are recorded as shadowed") {

@@ -75,7 +75,8 @@ TEST_CASE("ranks with zero tokens, and no tokens at all") {
 }
 
 TEST_CASE("experts not divisible by ranks, and fewer experts than ranks") {
-  for (auto [ranks, experts] : {std::pair{3, 4}, std::pair{3, 8}, std::pair{4, 2}, std::pair{4, 3}}) {
+  for (auto [ranks, experts] :
+       {std::pair{3, 4}, std::pair{3, 8}, std::pair{4, 2}, std::pair{4, 3}}) {
     CAPTURE(ranks);
     CAPTURE(experts);
     Runtime runtime(base_config(ranks, experts, std::min(2, experts)));
@@ -105,7 +106,8 @@ TEST_CASE("checkpoints: both naming conventions, F32 and BF16, with a prefix") {
         CAPTURE(dtype_name(dtype));
         CAPTURE(ranks);
         const auto path = dir / (format + std::string(dtype_name(dtype)) + ".safetensors");
-        write_safetensors(path, test::checkpoint_tensors(source, format, dtype, "model.layers.5.mlp."));
+        write_safetensors(path,
+                          test::checkpoint_tensors(source, format, dtype, "model.layers.5.mlp."));
         Config c;
         c.set("runtime", "ranks", std::int64_t{ranks});
         c.set("router", "top_k", std::int64_t{2});
@@ -127,14 +129,16 @@ TEST_CASE("a DeepSeek checkpoint's e_score_correction_bias steers selection") {
   const ModelWeights source = ModelWeights::random(8, 16, 16, 3);
   std::vector<float> bias(8, 0.0f);
   bias[5] = 10.0f;  // far above any softmax probability difference
-  write_safetensors(dir / "ds.safetensors", test::checkpoint_tensors(source, "deepseek", DType::kF32, "", bias));
+  write_safetensors(dir / "ds.safetensors",
+                    test::checkpoint_tensors(source, "deepseek", DType::kF32, "", bias));
   Config c;
   c.set("runtime", "ranks", std::int64_t{2});
   c.set("router", "top_k", std::int64_t{2});
   c.set("model", "weights", (dir / "ds.safetensors").string());
   c.set("model", "format", std::string("deepseek"));
   Runtime runtime(c);
-  CHECK(std::vector<float>(runtime.layer(0).router().bias().begin(), runtime.layer(0).router().bias().end()) == bias);
+  CHECK(std::vector<float>(runtime.layer(0).router().bias().begin(),
+                           runtime.layer(0).router().bias().end()) == bias);
   CHECK(ep_versus_reference(runtime, 20, 8) <= kTolerance);
   CHECK(runtime.global_router_stats().counts[5] == 20);  // every token picked expert 5
 }
@@ -144,11 +148,13 @@ TEST_CASE("configuration that does not fit the model is refused") {
   Config c = base_config(2, 4, 5);  // top_k > num_experts
   CHECK_THROWS_WITH_AS(Runtime{c}, doctest::Contains("router.top_k: must be in 1..4"), Error);
   const ModelWeights source = ModelWeights::random(4, 8, 8, 3);
-  write_safetensors(dir / "m.safetensors", test::checkpoint_tensors(source, "mixtral", DType::kF32, ""));
+  write_safetensors(dir / "m.safetensors",
+                    test::checkpoint_tensors(source, "mixtral", DType::kF32, ""));
   Config mismatch;
   mismatch.set("model", "weights", (dir / "m.safetensors").string());
   mismatch.set("model", "hidden", std::int64_t{16});
-  CHECK_THROWS_WITH_AS(Runtime{mismatch}, doctest::Contains("model.hidden: is 16 but the checkpoint has 8"), Error);
+  CHECK_THROWS_WITH_AS(Runtime{mismatch},
+                       doctest::Contains("model.hidden: is 16 but the checkpoint has 8"), Error);
 }
 
 TEST_CASE("repeated steps give bit-identical results") {

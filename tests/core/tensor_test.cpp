@@ -84,7 +84,8 @@ TEST_CASE("Topology groups ranks into nodes") {
   CHECK(t.num_nodes() == 3);
   CHECK(t.node_of(4) == 2);
   CHECK(t.ranks_on(1) == std::vector<int>{2, 3});
-  CHECK(t.describe() == "5 ranks on 3 nodes: node 0 = ranks 0-1, node 1 = ranks 2-3, node 2 = rank 4");
+  CHECK(t.describe() ==
+        "5 ranks on 3 nodes: node 0 = ranks 0-1, node 1 = ranks 2-3, node 2 = rank 4");
   Topology renumbered({7, 7, 3});
   CHECK(renumbered.node_of(0) == 0);
   CHECK(renumbered.node_of(2) == 1);

@@ -24,7 +24,8 @@ std::shared_ptr<ExpertKernel> make_kernel(const ModelWeights& model, int first, 
 }
 
 /// down(silu(gate x) * up x) for one row, in double.
-std::vector<double> swiglu(const SwigluExpertWeights& w, const float* x, std::int64_t H, std::int64_t F) {
+std::vector<double> swiglu(const SwigluExpertWeights& w, const float* x, std::int64_t H,
+                           std::int64_t F) {
   std::vector<double> act(static_cast<std::size_t>(F)), y(static_cast<std::size_t>(H), 0.0);
   for (std::int64_t f = 0; f < F; ++f) {
     double g = 0, u = 0;
@@ -35,7 +36,9 @@ std::vector<double> swiglu(const SwigluExpertWeights& w, const float* x, std::in
     act[static_cast<std::size_t>(f)] = g / (1 + std::exp(-g)) * u;
   }
   for (std::int64_t h = 0; h < H; ++h) {
-    for (std::int64_t f = 0; f < F; ++f) y[static_cast<std::size_t>(h)] += w.down.data_as<float>()[h * F + f] * act[static_cast<std::size_t>(f)];
+    for (std::int64_t f = 0; f < F; ++f)
+      y[static_cast<std::size_t>(h)] +=
+          w.down.data_as<float>()[h * F + f] * act[static_cast<std::size_t>(f)];
   }
   return y;
 }
@@ -56,7 +59,8 @@ TEST_CASE("grouped SwiGLU matches the per-row formula, empty groups included") {
     for (std::int64_t i = 0; i < rows[e]; ++i, ++row) {
       const auto expected = swiglu(weights[e], x.data<float>() + row * 20, 20, 36);
       for (int h = 0; h < 20; ++h) {
-        CHECK(y.data<float>()[row * 20 + h] == doctest::Approx(expected[static_cast<std::size_t>(h)]).epsilon(1e-5));
+        CHECK(y.data<float>()[row * 20 + h] ==
+              doctest::Approx(expected[static_cast<std::size_t>(h)]).epsilon(1e-5));
       }
     }
   }
@@ -71,9 +75,11 @@ TEST_CASE("bad batches are refused") {
   auto kernel = make_kernel(model, 0, 2);
   HostTensor x(DType::kF32, {3, 8}), y(DType::kF32, {3, 8});
   const std::vector<std::int64_t> wrong_sum = {1, 1};
-  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_sum, y.view()}), doctest::Contains("row counts sum to 2"), Error);
+  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_sum, y.view()}),
+                       doctest::Contains("row counts sum to 2"), Error);
   const std::vector<std::int64_t> wrong_len = {3};
-  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_len, y.view()}), doctest::Contains("1 row counts for 2"), Error);
+  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_len, y.view()}),
+                       doctest::Contains("1 row counts for 2"), Error);
   HostTensor narrow(DType::kF32, {3, 7});
   const std::vector<std::int64_t> ok = {1, 2};
   CHECK_THROWS_AS(kernel->forward({narrow.view(), ok, y.view()}), Error);

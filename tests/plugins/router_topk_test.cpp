@@ -61,8 +61,8 @@ Settings settings(int k, bool sigmoid = false, bool pre_softmax = true, bool nor
 }
 
 /// ROUTING.md's topk written independently: sort experts by (score desc, index asc).
-void reference_topk(const Settings& s, const std::vector<float>& z, int E, std::vector<int>& experts,
-                    std::vector<float>& weights) {
+void reference_topk(const Settings& s, const std::vector<float>& z, int E,
+                    std::vector<int>& experts, std::vector<float>& weights) {
   const std::size_t T = z.size() / static_cast<std::size_t>(E);
   experts.assign(T * static_cast<std::size_t>(s.k), -1);
   weights.assign(experts.size(), 0.0f);
@@ -70,7 +70,8 @@ void reference_topk(const Settings& s, const std::vector<float>& z, int E, std::
     std::vector<float> score(static_cast<std::size_t>(E));
     const float* row = &z[t * static_cast<std::size_t>(E)];
     if (s.sigmoid) {
-      for (int e = 0; e < E; ++e) score[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-row[e]));
+      for (int e = 0; e < E; ++e)
+        score[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-row[e]));
     } else if (s.pre_softmax) {
       const float m = *std::max_element(row, row + E);
       float sum = 0;
@@ -81,10 +82,15 @@ void reference_topk(const Settings& s, const std::vector<float>& z, int E, std::
     }
     std::vector<int> order(static_cast<std::size_t>(E));
     std::iota(order.begin(), order.end(), 0);
-    auto key = [&](int e) { return score[static_cast<std::size_t>(e)] + (s.bias.empty() ? 0.0f : s.bias[static_cast<std::size_t>(e)]); };
+    auto key = [&](int e) {
+      return score[static_cast<std::size_t>(e)] +
+             (s.bias.empty() ? 0.0f : s.bias[static_cast<std::size_t>(e)]);
+    };
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return key(a) > key(b); });
     std::vector<float> w(static_cast<std::size_t>(s.k));
-    for (int j = 0; j < s.k; ++j) w[static_cast<std::size_t>(j)] = score[static_cast<std::size_t>(order[static_cast<std::size_t>(j)])];
+    for (int j = 0; j < s.k; ++j)
+      w[static_cast<std::size_t>(j)] =
+          score[static_cast<std::size_t>(order[static_cast<std::size_t>(j)])];
     if (!s.sigmoid && !s.pre_softmax) {
       const float m = *std::max_element(w.begin(), w.end());
       float sum = 0;
@@ -96,12 +102,13 @@ void reference_topk(const Settings& s, const std::vector<float>& z, int E, std::
       for (auto& v : w) v /= sum + 1e-20f;
     }
     for (int j = 0; j < s.k; ++j) {
-      experts[t * static_cast<std::size_t>(s.k) + static_cast<std::size_t>(j)] = order[static_cast<std::size_t>(j)];
-      weights[t * static_cast<std::size_t>(s.k) + static_cast<std::size_t>(j)] = w[static_cast<std::size_t>(j)] * s.scale;
+      experts[t * static_cast<std::size_t>(s.k) + static_cast<std::size_t>(j)] =
+          order[static_cast<std::size_t>(j)];
+      weights[t * static_cast<std::size_t>(s.k) + static_cast<std::size_t>(j)] =
+          w[static_cast<std::size_t>(j)] * s.scale;
     }
   }
 }
-
 
 }  // namespace
 
@@ -167,7 +174,8 @@ TEST_CASE("matches the independent implementation on random logits") {
       {"top_k = 4\nnormalize = true\nscale = 1.5\n", settings(4, false, true, true, 1.5f)},
       {"top_k = 2\npre_softmax = false\n", settings(2, false, false)},
       {"top_k = 3\nscore = \"sigmoid\"\n", settings(3, true, true, true)},
-      {"top_k = 3\nscore = \"sigmoid\"\n" + bias_line, settings(3, true, true, true, 1.0f, bias_values)},
+      {"top_k = 3\nscore = \"sigmoid\"\n" + bias_line,
+       settings(3, true, true, true, 1.0f, bias_values)},
       {"top_k = 2\n" + bias_line, settings(2, false, true, false, 1.0f, bias_values)},
       {"top_k = 12\n", settings(12)},
   };
@@ -214,10 +222,12 @@ TEST_CASE("statistics: imbalance, aux_loss and z_loss") {
 TEST_CASE("NaN and Inf logits: an error naming the token and expert, or masked") {
   auto m = make("top_k = 2\n", 4);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  CHECK(test::error_message([&] { route(*m.router, {0, 0, 0, 0, 0, 1, nan, 0}, 2); })
-            .find("logit of token 1, expert 2 is NaN") != std::string::npos);
-  CHECK(test::error_message([&] { route(*m.router, {0, std::numeric_limits<float>::infinity(), 0, 0}, 1); })
-            .find("token 0, expert 1 is infinite") != std::string::npos);
+  CHECK(test::error_message([&] {
+          route(*m.router, {0, 0, 0, 0, 0, 1, nan, 0}, 2);
+        }).find("logit of token 1, expert 2 is NaN") != std::string::npos);
+  CHECK(test::error_message([&] {
+          route(*m.router, {0, std::numeric_limits<float>::infinity(), 0, 0}, 1);
+        }).find("token 0, expert 1 is infinite") != std::string::npos);
   auto masked = make("top_k = 2\nnan_policy = \"mask\"\n", 4);
   const RoutingPlan plan = route(*masked.router, {5, nan, 4, 0, nan, nan, nan, 1}, 2);
   CHECK(plan.experts == std::vector<std::int32_t>{0, 2, 3, -1});  // token 1 has one usable expert
@@ -228,19 +238,27 @@ TEST_CASE("NaN and Inf logits: an error naming the token and expert, or masked")
 TEST_CASE("configuration errors are reported before any routing") {
   CHECK(test::error_message([] { make("top_k = 0\n", 4); }) ==
         "router.toml:2:9: router.top_k: must be in 1..4 (the number of experts) (got 0)");
-  CHECK(test::error_message([] { make("top_k = 5\n", 4); }).find("router.top_k: must be in 1..4") != std::string::npos);
-  CHECK(test::error_message([] { make("score = \"softmax2\"\n", 4); }).find("router.score: must be one of") != std::string::npos);
+  CHECK(test::error_message([] { make("top_k = 5\n", 4); }).find("router.top_k: must be in 1..4") !=
+        std::string::npos);
+  CHECK(test::error_message([] {
+          make("score = \"softmax2\"\n", 4);
+        }).find("router.score: must be one of") != std::string::npos);
   test::TempDir dir;
   HostTensor wrong(DType::kF32, {3});
   write_npy(dir / "b.npy", wrong.view());
-  CHECK(test::error_message([&] { make("bias = \"" + (dir / "b.npy").string() + "\"\n", 4); })
-            .find("router.bias: " + (dir / "b.npy").string() + " must be float32 [4]") != std::string::npos);
-  CHECK(test::error_message([] { make("top_k = 1\n", 2, {1.0f, 2.0f, 3.0f}); }).find("checkpoint bias has 3 entries") != std::string::npos);
+  CHECK(test::error_message([&] {
+          make("bias = \"" + (dir / "b.npy").string() + "\"\n", 4);
+        }).find("router.bias: " + (dir / "b.npy").string() + " must be float32 [4]") !=
+        std::string::npos);
+  CHECK(test::error_message([] {
+          make("top_k = 1\n", 2, {1.0f, 2.0f, 3.0f});
+        }).find("checkpoint bias has 3 entries") != std::string::npos);
 }
 
 TEST_CASE("bias balancing moves the bias against the load") {
   auto m = make("top_k = 1\nbias_update_rate = 0.01\n", 3);
-  CHECK(std::vector<float>(m.router->bias().begin(), m.router->bias().end()) == std::vector<float>{0, 0, 0});
+  CHECK(std::vector<float>(m.router->bias().begin(), m.router->bias().end()) ==
+        std::vector<float>{0, 0, 0});
   const std::int64_t counts[] = {10, 5, 0};  // mean 5
   m.router->update(counts);
   CHECK(m.router->bias()[0] == doctest::Approx(-0.01));

@@ -17,7 +17,8 @@ std::uint8_t pattern(int from, int to, std::size_t i) {
 /// alltoallv where rank `from` sends `bytes(from, to)` bytes to rank `to`; checks content.
 void exchange(Transport& t, const std::function<std::size_t(int, int)>& bytes) {
   const int n = t.size(), me = t.rank();
-  std::vector<std::size_t> sc(static_cast<std::size_t>(n)), so(sc.size()), rc(sc.size()), ro(sc.size());
+  std::vector<std::size_t> sc(static_cast<std::size_t>(n)), so(sc.size()), rc(sc.size()),
+      ro(sc.size());
   std::size_t send_total = 0, recv_total = 0;
   for (int p = 0; p < n; ++p) {
     const auto i = static_cast<std::size_t>(p);
@@ -86,18 +87,20 @@ std::vector<NamedCase> standard_cases() {
   cases.push_back({"alltoall", [](Transport& t) {
                      const int n = t.size();
                      std::vector<std::int64_t> send(static_cast<std::size_t>(n)), recv(send.size());
-                     for (int p = 0; p < n; ++p) send[static_cast<std::size_t>(p)] = t.rank() * 1000 + p;
+                     for (int p = 0; p < n; ++p)
+                       send[static_cast<std::size_t>(p)] = t.rank() * 1000 + p;
                      t.alltoall(send.data(), recv.data(), sizeof(std::int64_t));
-                     for (int p = 0; p < n; ++p) CHECK(recv[static_cast<std::size_t>(p)] == p * 1000 + t.rank());
+                     for (int p = 0; p < n; ++p)
+                       CHECK(recv[static_cast<std::size_t>(p)] == p * 1000 + t.rank());
                    }});
   cases.push_back({"alltoallv uneven sizes, zero counts and self-send", [](Transport& t) {
                      exchange(t, [](int from, int to) {
-                       return static_cast<std::size_t>(((from + to) % 3) * 5 + (from == to ? 7 : 0));
+                       return static_cast<std::size_t>(((from + to) % 3) * 5 +
+                                                       (from == to ? 7 : 0));
                      });
                    }});
-  cases.push_back({"alltoallv all counts zero", [](Transport& t) {
-                     exchange(t, [](int, int) { return std::size_t{0}; });
-                   }});
+  cases.push_back({"alltoallv all counts zero",
+                   [](Transport& t) { exchange(t, [](int, int) { return std::size_t{0}; }); }});
   cases.push_back({"alltoallv one peer only", [](Transport& t) {
                      const int last = t.size() - 1;
                      exchange(t, [last](int from, int to) {
@@ -125,29 +128,33 @@ std::vector<NamedCase> standard_cases() {
   cases.push_back({"barrier", [](Transport& t) {
                      for (int i = 0; i < 10; ++i) t.barrier();
                    }});
-  cases.push_back({"ialltoallv with test() and two requests in flight", [](Transport& t) {
-                     const int n = t.size(), me = t.rank();
-                     std::vector<std::size_t> counts(static_cast<std::size_t>(n), sizeof(int)), offsets(counts.size());
-                     for (int p = 0; p < n; ++p) offsets[static_cast<std::size_t>(p)] = static_cast<std::size_t>(p) * sizeof(int);
-                     std::vector<int> send_a(counts.size()), send_b(counts.size()), recv_a(counts.size()), recv_b(counts.size());
-                     for (int p = 0; p < n; ++p) {
-                       send_a[static_cast<std::size_t>(p)] = me * 10 + p;
-                       send_b[static_cast<std::size_t>(p)] = -(me * 10 + p);
-                     }
-                     AlltoallvBuffers a{reinterpret_cast<std::byte*>(send_a.data()), counts, offsets,
-                                        reinterpret_cast<std::byte*>(recv_a.data()), counts, offsets};
-                     AlltoallvBuffers b{reinterpret_cast<std::byte*>(send_b.data()), counts, offsets,
-                                        reinterpret_cast<std::byte*>(recv_b.data()), counts, offsets};
-                     auto ra = t.ialltoallv(a);
-                     auto rb = t.ialltoallv(b);
-                     while (!rb->test()) {
-                     }
-                     ra->wait();
-                     for (int p = 0; p < n; ++p) {
-                       CHECK(recv_a[static_cast<std::size_t>(p)] == p * 10 + me);
-                       CHECK(recv_b[static_cast<std::size_t>(p)] == -(p * 10 + me));
-                     }
-                   }});
+  cases.push_back(
+      {"ialltoallv with test() and two requests in flight", [](Transport& t) {
+         const int n = t.size(), me = t.rank();
+         std::vector<std::size_t> counts(static_cast<std::size_t>(n), sizeof(int)),
+             offsets(counts.size());
+         for (int p = 0; p < n; ++p)
+           offsets[static_cast<std::size_t>(p)] = static_cast<std::size_t>(p) * sizeof(int);
+         std::vector<int> send_a(counts.size()), send_b(counts.size()), recv_a(counts.size()),
+             recv_b(counts.size());
+         for (int p = 0; p < n; ++p) {
+           send_a[static_cast<std::size_t>(p)] = me * 10 + p;
+           send_b[static_cast<std::size_t>(p)] = -(me * 10 + p);
+         }
+         AlltoallvBuffers a{reinterpret_cast<std::byte*>(send_a.data()), counts, offsets,
+                            reinterpret_cast<std::byte*>(recv_a.data()), counts, offsets};
+         AlltoallvBuffers b{reinterpret_cast<std::byte*>(send_b.data()), counts, offsets,
+                            reinterpret_cast<std::byte*>(recv_b.data()), counts, offsets};
+         auto ra = t.ialltoallv(a);
+         auto rb = t.ialltoallv(b);
+         while (!rb->test()) {
+         }
+         ra->wait();
+         for (int p = 0; p < n; ++p) {
+           CHECK(recv_a[static_cast<std::size_t>(p)] == p * 10 + me);
+           CHECK(recv_b[static_cast<std::size_t>(p)] == -(p * 10 + me));
+         }
+       }});
   cases.push_back({"split into groups with reversed keys", [](Transport& t) {
                      const int n = t.size(), me = t.rank();
                      auto sub = t.split(me % 2, -me);
@@ -157,7 +164,8 @@ std::vector<NamedCase> standard_cases() {
                      // Keys are -rank: the highest old rank becomes rank 0.
                      const int expected_rank = group_size - 1 - me / 2;
                      CHECK(sub->rank() == expected_rank);
-                     std::vector<std::int64_t> send(static_cast<std::size_t>(sub->size()), me), recv(send.size());
+                     std::vector<std::int64_t> send(static_cast<std::size_t>(sub->size()), me),
+                         recv(send.size());
                      sub->alltoall(send.data(), recv.data(), sizeof(std::int64_t));
                      for (int p = 0; p < sub->size(); ++p) {
                        // New rank p holds old rank: the group's members in descending order.
@@ -171,10 +179,14 @@ std::vector<NamedCase> standard_cases() {
                    }});
   cases.push_back({"mismatched sizes are an error on the receiving rank", [](Transport& t) {
                      const int n = t.size(), me = t.rank();
-                     std::vector<std::size_t> sc(static_cast<std::size_t>(n), 4), off(sc.size()), rc(sc.size(), 4);
-                     for (int p = 0; p < n; ++p) off[static_cast<std::size_t>(p)] = static_cast<std::size_t>(p) * 8;
-                     if (me == 0) rc[static_cast<std::size_t>(n - 1)] = 8;  // expects more than is sent
-                     std::vector<std::byte> send(static_cast<std::size_t>(n) * 8), recv(send.size());
+                     std::vector<std::size_t> sc(static_cast<std::size_t>(n), 4), off(sc.size()),
+                         rc(sc.size(), 4);
+                     for (int p = 0; p < n; ++p)
+                       off[static_cast<std::size_t>(p)] = static_cast<std::size_t>(p) * 8;
+                     if (me == 0)
+                       rc[static_cast<std::size_t>(n - 1)] = 8;  // expects more than is sent
+                     std::vector<std::byte> send(static_cast<std::size_t>(n) * 8),
+                         recv(send.size());
                      AlltoallvBuffers b{send.data(), sc, off, recv.data(), rc, off};
                      if (me == 0) {
                        CHECK_THROWS_AS(t.alltoallv(b), Error);

@@ -67,13 +67,16 @@ TEST_CASE("a rank that never arrives ends in a timeout naming it, not a hang") {
     if (t.rank() == 2) return;  // skips the barrier
     t.barrier();
   });
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   CHECK(seconds < 5);
   for (int r : {0, 1}) {
     REQUIRE(errors[static_cast<std::size_t>(r)].has_value());
     CHECK(errors[static_cast<std::size_t>(r)]->code() == ErrorCode::kTimeout);
-    CHECK(errors[static_cast<std::size_t>(r)]->message().find("inproc barrier") != std::string::npos);
-    CHECK(errors[static_cast<std::size_t>(r)]->message().find("waiting for rank(s) 2 to arrive") != std::string::npos);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("inproc barrier") !=
+          std::string::npos);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("waiting for rank(s) 2 to arrive") !=
+          std::string::npos);
   }
 }
 
@@ -93,7 +96,8 @@ TEST_CASE("abort wakes the other ranks with kPeerFailed, also in split communica
   for (int r : {1, 2, 3}) {
     REQUIRE(errors[static_cast<std::size_t>(r)].has_value());
     CHECK(errors[static_cast<std::size_t>(r)]->code() == ErrorCode::kPeerFailed);
-    CHECK(errors[static_cast<std::size_t>(r)]->message().find("rank 0 failed: test") != std::string::npos);
+    CHECK(errors[static_cast<std::size_t>(r)]->message().find("rank 0 failed: test") !=
+          std::string::npos);
   }
 }
 

@@ -14,7 +14,8 @@
 namespace switchyard::test {
 
 TempDir::TempDir() {
-  std::string pattern = (std::filesystem::temp_directory_path() / "switchyard-test-XXXXXX").string();
+  std::string pattern =
+      (std::filesystem::temp_directory_path() / "switchyard-test-XXXXXX").string();
   if (mkdtemp(pattern.data()) == nullptr) throw Error(ErrorCode::kSystem, "mkdtemp failed");
   path_ = pattern;
 }
@@ -95,7 +96,8 @@ CommandResult run_command(const std::string& command) {
   if (pipe == nullptr) return result;
   std::array<char, 4096> buffer;
   std::size_t n;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) result.output.append(buffer.data(), n);
+  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
+    result.output.append(buffer.data(), n);
   const int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return result;

@@ -22,8 +22,8 @@ struct Case {
   /// Writes moe.toml: a 2-rank run writing y.npy, plus `extra` lines.
   void write_config(const std::string& extra, const std::string& router = "top_k = 2\n") {
     test::write_text(config, "[runtime]\ntransport = \"inproc\"\nranks = 2\n\n[router]\n" + router +
-                                 "\n[model]\nnum_experts = 4\nhidden = 16\nffn_hidden = 32\n" + extra +
-                                 "\n[output]\npath = \"y.npy\"\n");
+                                 "\n[model]\nnum_experts = 4\nhidden = 16\nffn_hidden = 32\n" +
+                                 extra + "\n[output]\npath = \"y.npy\"\n");
   }
   test::CommandResult run(const std::string& extra_args = "") {
     return test::run_tool("run " + config.string() + " " + extra_args);
@@ -112,8 +112,10 @@ TEST_CASE("environment overrides the file; --set overrides the environment") {
   const std::string env = "SWITCHYARD_ROUTER_TOP_K=9 ";
   const auto bad = test::run_command(env + SWITCHYARD_TOOL_PATH " run " + c.config.string());
   CHECK(bad.exit_code == 1);
-  CHECK(bad.output.find("environment SWITCHYARD_ROUTER_TOP_K: router.top_k: must be in 1..4") != std::string::npos);
-  const auto good = test::run_command(env + SWITCHYARD_TOOL_PATH " run " + c.config.string() + " --set router.top_k=3");
+  CHECK(bad.output.find("environment SWITCHYARD_ROUTER_TOP_K: router.top_k: must be in 1..4") !=
+        std::string::npos);
+  const auto good = test::run_command(env + SWITCHYARD_TOOL_PATH " run " + c.config.string() +
+                                      " --set router.top_k=3");
   CHECK(good.exit_code == 0);
   CHECK(good.output.find("top_k 3") != std::string::npos);
 }
@@ -121,10 +123,12 @@ TEST_CASE("environment overrides the file; --set overrides the environment") {
 TEST_CASE("missing and truncated safetensors, and a tensor of the wrong shape") {
   Case c;
   c.write_config("weights = \"absent.safetensors\"\n");
-  expect_failure(c, "model.weights: " + (c.dir / "absent.safetensors").string() + ": safetensors file does not exist");
+  expect_failure(c, "model.weights: " + (c.dir / "absent.safetensors").string() +
+                        ": safetensors file does not exist");
 
   write_model(c.dir / "m.safetensors", DType::kBF16);
-  std::filesystem::resize_file(c.dir / "m.safetensors", std::filesystem::file_size(c.dir / "m.safetensors") - 64);
+  std::filesystem::resize_file(c.dir / "m.safetensors",
+                               std::filesystem::file_size(c.dir / "m.safetensors") - 64);
   c.write_config("weights = \"m.safetensors\"\n");
   expect_failure(c, "(truncated?)");
 
@@ -151,7 +155,8 @@ TEST_CASE(".npy tokens of the wrong dtype or width") {
   HostTensor f64(DType::kF64, {5, 16});
   write_npy(c.dir / "f64.npy", f64.view());
   c.write_config("\n[input]\ntokens = \"f64.npy\"\n");
-  expect_failure(c, "input.tokens: " + (c.dir / "f64.npy").string() + " has dtype f64; expected float32 [rows, 16]");
+  expect_failure(c, "input.tokens: " + (c.dir / "f64.npy").string() +
+                        " has dtype f64; expected float32 [rows, 16]");
   HostTensor narrow(DType::kF32, {5, 12});
   write_npy(c.dir / "narrow.npy", narrow.view());
   c.write_config("\n[input]\ntokens = \"narrow.npy\"\n");
@@ -172,7 +177,8 @@ TEST_CASE("a missing plugin names what is available and where it looked") {
   c.write_config("", "policy = \"capacityy\"\n");
   const auto result = c.run();
   CHECK(result.exit_code == 1);
-  CHECK(result.output.find(":6:10: router.policy: router plugin \"capacityy\" not found") != std::string::npos);
+  CHECK(result.output.find(":6:10: router.policy: router plugin \"capacityy\" not found") !=
+        std::string::npos);
   CHECK(result.output.find("available router plugins: topk 0.1.0") != std::string::npos);
   CHECK(result.output.find("searched:") != std::string::npos);
   CHECK_FALSE(std::filesystem::exists(c.output));
@@ -209,7 +215,8 @@ TEST_CASE("plugins lists the built plugins") {
   const auto result = test::run_tool("plugins");
   INFO(result.output);
   CHECK(result.exit_code == 0);
-  for (const char* name : {"inproc", "topk", "cpu_swiglu"}) CHECK(result.output.find(name) != std::string::npos);
+  for (const char* name : {"inproc", "topk", "cpu_swiglu"})
+    CHECK(result.output.find(name) != std::string::npos);
   const auto with_fixtures = test::run_tool("plugins --dir " SWITCHYARD_FIXTURE_PLUGIN_DIR);
   CHECK(with_fixtures.output.find("rejected:") != std::string::npos);
   CHECK(with_fixtures.output.find("libswitchyard-router-wrongabi.so") != std::string::npos);

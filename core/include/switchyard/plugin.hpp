@@ -40,9 +40,9 @@ std::string_view plugin_kind_name(PluginKind kind) noexcept;
 /// Arguments of a transport factory.
 struct TransportCreateArgs {
   const ConfigSection* options = nullptr;  ///< the [runtime] section (core and plugin keys)
-  int requested_ranks = 1;                 ///< [runtime] ranks: world size for in-process transports
-  double timeout_s = 300;                  ///< bound on every blocking wait
-  int ranks_per_node = 0;                  ///< >0: emulate nodes of this many ranks
+  int requested_ranks = 1;  ///< [runtime] ranks: world size for in-process transports
+  double timeout_s = 300;   ///< bound on every blocking wait
+  int ranks_per_node = 0;   ///< >0: emulate nodes of this many ranks
 };
 
 /// Arguments of a router factory.
@@ -186,21 +186,21 @@ Status guarded_expert(const ExpertCreateArgs& args, std::unique_ptr<ExpertKernel
 /// what the factory fills (it may throw `switchyard::Error`); DECLARE fills the schema
 /// (or nullptr); PROBE returns a Status (or nullptr).
 #define SWITCHYARD_DEFINE_PLUGIN_IMPL(KIND, NAME, VERSION, SUMMARY, DECLARE, PROBE, FACTORY) \
-  SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* switchyard_plugin_v1() {   \
-    static const ::switchyard::PluginDescriptor descriptor = [] {                          \
-      ::switchyard::PluginDescriptor d{};                                                  \
-      d.abi_version = ::switchyard::kPluginAbiVersion;                                     \
-      d.build_id = SWITCHYARD_BUILD_ID;                                                    \
-      d.kind = ::switchyard::PluginKind::KIND;                                             \
-      d.name = NAME;                                                                       \
-      d.version = VERSION;                                                                 \
-      d.summary = SUMMARY;                                                                 \
-      d.declare_options = DECLARE;                                                         \
-      d.probe = PROBE;                                                                     \
-      FACTORY;                                                                             \
-      return d;                                                                            \
-    }();                                                                                   \
-    return &descriptor;                                                                    \
+  SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* switchyard_plugin_v1() {    \
+    static const ::switchyard::PluginDescriptor descriptor = [] {                            \
+      ::switchyard::PluginDescriptor d{};                                                    \
+      d.abi_version = ::switchyard::kPluginAbiVersion;                                       \
+      d.build_id = SWITCHYARD_BUILD_ID;                                                      \
+      d.kind = ::switchyard::PluginKind::KIND;                                               \
+      d.name = NAME;                                                                         \
+      d.version = VERSION;                                                                   \
+      d.summary = SUMMARY;                                                                   \
+      d.declare_options = DECLARE;                                                           \
+      d.probe = PROBE;                                                                       \
+      FACTORY;                                                                               \
+      return d;                                                                              \
+    }();                                                                                     \
+    return &descriptor;                                                                      \
   }
 
 /// A transport plugin. CREATE: std::vector<std::unique_ptr<Transport>>(const TransportCreateArgs&).
@@ -210,11 +210,13 @@ Status guarded_expert(const ExpertCreateArgs& args, std::unique_ptr<ExpertKernel
       d.create_transport = &::switchyard::plugin_detail::guarded_transport<CREATE>)
 
 /// A router plugin. CREATE: std::unique_ptr<Router>(const RouterCreateArgs&).
-#define SWITCHYARD_ROUTER_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, CREATE)                 \
-  SWITCHYARD_DEFINE_PLUGIN_IMPL(kRouter, NAME, VERSION, SUMMARY, DECLARE, nullptr,       \
-                                d.create_router = &::switchyard::plugin_detail::guarded_router<CREATE>)
+#define SWITCHYARD_ROUTER_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, CREATE) \
+  SWITCHYARD_DEFINE_PLUGIN_IMPL(                                          \
+      kRouter, NAME, VERSION, SUMMARY, DECLARE, nullptr,                  \
+      d.create_router = &::switchyard::plugin_detail::guarded_router<CREATE>)
 
 /// An expert-kernel plugin. CREATE: std::unique_ptr<ExpertKernel>(const ExpertCreateArgs&).
 #define SWITCHYARD_EXPERT_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, PROBE, CREATE) \
-  SWITCHYARD_DEFINE_PLUGIN_IMPL(kExpert, NAME, VERSION, SUMMARY, DECLARE, PROBE, \
-                                d.create_expert = &::switchyard::plugin_detail::guarded_expert<CREATE>)
+  SWITCHYARD_DEFINE_PLUGIN_IMPL(                                                 \
+      kExpert, NAME, VERSION, SUMMARY, DECLARE, PROBE,                           \
+      d.create_expert = &::switchyard::plugin_detail::guarded_expert<CREATE>)

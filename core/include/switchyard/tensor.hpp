@@ -77,7 +77,8 @@ class TensorView {
 
   /// Throws `Error(kInvalidArgument)` naming `what` unless this view is a contiguous host
   /// tensor of `dtype` with `rank` dimensions. `expected_dims` entries of -1 match any size.
-  void require(std::string_view what, DType dtype, std::initializer_list<std::int64_t> expected_dims) const;
+  void require(std::string_view what, DType dtype,
+               std::initializer_list<std::int64_t> expected_dims) const;
 
  private:
   void* data_ = nullptr;

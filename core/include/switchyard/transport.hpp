@@ -17,9 +17,9 @@ namespace switchyard {
 
 /// What a transport can do.
 struct TransportCapabilities {
-  bool host_memory = true;     ///< buffers may live in host memory
-  bool device_memory = false;  ///< buffers may live in CUDA device memory
-  bool async_progress = false; ///< non-blocking operations progress without wait()/test()
+  bool host_memory = true;      ///< buffers may live in host memory
+  bool device_memory = false;   ///< buffers may live in CUDA device memory
+  bool async_progress = false;  ///< non-blocking operations progress without wait()/test()
 };
 
 /// One rank's side of an all-to-all with a different byte count per peer.

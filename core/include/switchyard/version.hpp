@@ -30,7 +30,7 @@
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
 /// C++ objects (std::string, std::vector, vtables) cross the plugin boundary.
-#define SWITCHYARD_BUILD_ID                                                           \
+#define SWITCHYARD_BUILD_ID                                                                     \
   "switchyard " SWITCHYARD_VERSION_STRING "; " SWITCHYARD_COMPILER_ID "; " SWITCHYARD_STDLIB_ID \
   "; c++ " SWITCHYARD_STRINGIFY(__cplusplus)
 
