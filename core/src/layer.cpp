@@ -23,6 +23,8 @@ double seconds_since(Clock::time_point start) {
 
 std::size_t to_size(std::int64_t v) { return static_cast<std::size_t>(v); }
 
+std::byte* as_bytes(float* p) { return reinterpret_cast<std::byte*>(p); }
+
 }  // namespace
 
 ExpertPlacement::ExpertPlacement(int num_experts, int num_ranks)
@@ -287,14 +289,8 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
 
   start = Clock::now();
   h.recv_rows_.resize(to_size(received * row_floats));
-  AlltoallvBuffers buffers;
-  buffers.send = reinterpret_cast<const std::byte*>(h.send_rows_.data());
-  buffers.send_counts = h.send_bytes_;
-  buffers.send_offsets = h.send_offsets_;
-  buffers.recv = reinterpret_cast<std::byte*>(h.recv_rows_.data());
-  buffers.recv_counts = h.recv_bytes_;
-  buffers.recv_offsets = h.recv_offsets_;
-  transport.alltoallv(buffers);
+  transport.alltoallv({as_bytes(h.send_rows_.data()), h.send_bytes_, h.send_offsets_,
+                       as_bytes(h.recv_rows_.data()), h.recv_bytes_, h.recv_offsets_});
   timings_.dispatch_s = counts_s + seconds_since(start);
 
   // Group the received rows per local expert (stable: source rank, then source token).
@@ -393,14 +389,8 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
   h.combined_rows_.resize(to_size(S * H));
   double local_s = seconds_since(start);
   start = Clock::now();
-  AlltoallvBuffers buffers;
-  buffers.send = reinterpret_cast<const std::byte*>(h.partial_rows_.data());
-  buffers.send_counts = h.send_bytes_;
-  buffers.send_offsets = h.send_offsets_;
-  buffers.recv = reinterpret_cast<std::byte*>(h.combined_rows_.data());
-  buffers.recv_counts = h.recv_bytes_;
-  buffers.recv_offsets = h.recv_offsets_;
-  transport.alltoallv(buffers);
+  transport.alltoallv({as_bytes(h.partial_rows_.data()), h.send_bytes_, h.send_offsets_,
+                       as_bytes(h.combined_rows_.data()), h.recv_bytes_, h.recv_offsets_});
   local_s += seconds_since(start);
 
   // Rows arrive in (expert rank, token) order, so each token sums its partials in

@@ -3,6 +3,19 @@
 #include "switchyard/status.hpp"
 
 namespace switchyard::inproc {
+namespace {
+
+/// Ranks whose entry is unset (null pointer or 0), for timeout messages.
+template <typename T>
+std::vector<int> unset_ranks(const std::vector<T>& per_rank) {
+  std::vector<int> ranks;
+  for (std::size_t r = 0; r < per_rank.size(); ++r) {
+    if (!per_rank[r]) ranks.push_back(static_cast<int>(r));
+  }
+  return ranks;
+}
+
+}  // namespace
 
 World::World(int size, double timeout_s, Topology topology, std::shared_ptr<AbortState> abort)
     : size_(size),
@@ -53,13 +66,7 @@ void World::arrive(std::uint64_t seq, int rank, const void* argument, const char
   // The slot is still serving collective seq - kRing until its last rank departs.
   wait(
       lock, op, seq, "finish an earlier collective", [&] { return s.seq == seq; },
-      [&] {
-        std::vector<int> late;
-        for (int r = 0; r < size_; ++r) {
-          if (!s.gone[static_cast<std::size_t>(r)]) late.push_back(r);
-        }
-        return late;
-      });
+      [&] { return unset_ranks(s.gone); });
   s.posted[static_cast<std::size_t>(rank)] = argument;
   ++s.arrived;
   if (s.arrived == size_) changed_.notify_all();
@@ -70,13 +77,7 @@ std::span<const void* const> World::wait_all_arrived(std::uint64_t seq, const ch
   Slot& s = slot(seq);
   wait(
       lock, op, seq, "arrive", [&] { return s.arrived == size_; },
-      [&] {
-        std::vector<int> missing;
-        for (int r = 0; r < size_; ++r) {
-          if (s.posted[static_cast<std::size_t>(r)] == nullptr) missing.push_back(r);
-        }
-        return missing;
-      });
+      [&] { return unset_ranks(s.posted); });
   return s.posted;
 }
 
@@ -111,13 +112,7 @@ void World::wait_all_departed(std::uint64_t seq, const char* op) {
   Slot& s = slot(seq);
   wait(
       lock, op, seq, "finish reading this rank's buffers", [&] { return s.seq != seq; },
-      [&] {
-        std::vector<int> late;
-        for (int r = 0; r < size_; ++r) {
-          if (!s.gone[static_cast<std::size_t>(r)]) late.push_back(r);
-        }
-        return late;
-      });
+      [&] { return unset_ranks(s.gone); });
 }
 
 bool World::all_departed(std::uint64_t seq) {

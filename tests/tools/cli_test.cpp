@@ -61,6 +61,16 @@ TEST_CASE("run --check succeeds and writes the output") {
   CHECK(y.shape() == std::vector<std::int64_t>{64, 16});
 }
 
+TEST_CASE("a failed --check exits with 3 and writes nothing") {
+  Case c;
+  c.write_config("");
+  const auto result = c.run("--check --set check.tolerance=1e-12");
+  INFO(result.output);
+  CHECK(result.exit_code == 3);
+  CHECK(result.output.find("FAIL") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(c.output));
+}
+
 TEST_CASE("tokens from .npy, output rows in input order, same as a single rank") {
   Case c;
   const HostTensor x = synthetic_tokens(13, 16, 4);

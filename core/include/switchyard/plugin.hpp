@@ -147,9 +147,9 @@ class PluginRegistry {
 };
 
 namespace plugin_detail {
-template <auto Create>
-Status guarded_transport(const TransportCreateArgs& args,
-                         std::vector<std::unique_ptr<Transport>>& out) {
+/// Adapts `Create(args) -> object(s)`, which may throw, to a factory that returns a Status.
+template <auto Create, typename Args, typename Out>
+Status guarded_factory(const Args& args, Out& out) {
   try {
     out = Create(args);
     return {};
@@ -158,23 +158,14 @@ Status guarded_transport(const TransportCreateArgs& args,
   }
 }
 template <auto Create>
-Status guarded_router(const RouterCreateArgs& args, std::unique_ptr<Router>& out) {
-  try {
-    out = Create(args);
-    return {};
-  } catch (...) {
-    return Status::from_current_exception();
-  }
-}
+inline constexpr TransportFactory transport_factory =
+    &guarded_factory<Create, TransportCreateArgs, std::vector<std::unique_ptr<Transport>>>;
 template <auto Create>
-Status guarded_expert(const ExpertCreateArgs& args, std::unique_ptr<ExpertKernel>& out) {
-  try {
-    out = Create(args);
-    return {};
-  } catch (...) {
-    return Status::from_current_exception();
-  }
-}
+inline constexpr RouterFactory router_factory =
+    &guarded_factory<Create, RouterCreateArgs, std::unique_ptr<Router>>;
+template <auto Create>
+inline constexpr ExpertFactory expert_factory =
+    &guarded_factory<Create, ExpertCreateArgs, std::unique_ptr<ExpertKernel>>;
 }  // namespace plugin_detail
 
 }  // namespace switchyard
@@ -207,16 +198,16 @@ Status guarded_expert(const ExpertCreateArgs& args, std::unique_ptr<ExpertKernel
 #define SWITCHYARD_TRANSPORT_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, PROBE, CREATE) \
   SWITCHYARD_DEFINE_PLUGIN_IMPL(                                                    \
       kTransport, NAME, VERSION, SUMMARY, DECLARE, PROBE,                           \
-      d.create_transport = &::switchyard::plugin_detail::guarded_transport<CREATE>)
+      d.create_transport = ::switchyard::plugin_detail::transport_factory<CREATE>)
 
 /// A router plugin. CREATE: std::unique_ptr<Router>(const RouterCreateArgs&).
 #define SWITCHYARD_ROUTER_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, CREATE) \
   SWITCHYARD_DEFINE_PLUGIN_IMPL(                                          \
       kRouter, NAME, VERSION, SUMMARY, DECLARE, nullptr,                  \
-      d.create_router = &::switchyard::plugin_detail::guarded_router<CREATE>)
+      d.create_router = ::switchyard::plugin_detail::router_factory<CREATE>)
 
 /// An expert-kernel plugin. CREATE: std::unique_ptr<ExpertKernel>(const ExpertCreateArgs&).
 #define SWITCHYARD_EXPERT_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, PROBE, CREATE) \
   SWITCHYARD_DEFINE_PLUGIN_IMPL(                                                 \
       kExpert, NAME, VERSION, SUMMARY, DECLARE, PROBE,                           \
-      d.create_expert = &::switchyard::plugin_detail::guarded_expert<CREATE>)
+      d.create_expert = ::switchyard::plugin_detail::expert_factory<CREATE>)
