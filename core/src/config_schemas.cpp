@@ -19,7 +19,11 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("transport", T::kString, ConfigValue{std::string("inproc")},
           "transport plugin: inproc runs every rank as a thread of this process");
     s.add("ranks", T::kInt, ConfigValue{std::int64_t{1}},
-          "number of ranks for the in-process transport", checks::int_range(1, 1024));
+          "number of ranks for the inproc transport (other transports take it from the launcher)",
+          checks::int_range(1, 1024));
+    s.add("ep_size", T::kInt, ConfigValue{std::int64_t{0}},
+          "ranks per expert-parallel group; must divide the world size (0: the whole world)",
+          checks::int_range(0, 1 << 20));
     s.add("ranks_per_node", T::kInt, ConfigValue{std::int64_t{0}},
           "emulate nodes of this many consecutive ranks (0: all ranks of a host on one node)",
           checks::int_range(0, 1 << 20));

@@ -1,6 +1,7 @@
 #include "switchyard/runtime.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <thread>
@@ -21,7 +22,10 @@ struct Runtime::State {
   std::shared_ptr<const PluginRegistry> registry;
   std::unique_ptr<ResolvedConfig> settings;
   ModelWeights model;
-  std::vector<std::shared_ptr<Transport>> transports;  // one per local rank
+  std::vector<std::shared_ptr<Transport>> transports;     // world, one per local rank
+  std::vector<std::shared_ptr<Transport>> ep_transports;  // this rank's EP group
+  std::vector<std::shared_ptr<Transport>> dp_transports;  // this rank's DP group
+  int ep_size = 1;
   std::vector<std::unique_ptr<MoELayer>> layers;
   ExpertPlacement placement;
 };
@@ -89,12 +93,46 @@ Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
   transport_args.requested_ranks = static_cast<int>(runtime.get_int("ranks"));
   transport_args.timeout_s = runtime.get_float("timeout_s");
   transport_args.ranks_per_node = static_cast<int>(runtime.get_int("ranks_per_node"));
-  state_->transports =
-      state_->registry->create_transport(runtime.get_string("transport"), transport_args);
+  if (runtime.origin("ranks_per_node").kind == ConfigOrigin::Kind::kDefault) {
+    // The launcher's way of emulating nodes; an explicit config value wins.
+    if (const char* env = std::getenv("SWITCHYARD_RANKS_PER_NODE"); env != nullptr && *env) {
+      transport_args.ranks_per_node = std::atoi(env);
+      if (transport_args.ranks_per_node < 1) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    std::string("environment SWITCHYARD_RANKS_PER_NODE=") + env +
+                        ": expected an integer >= 1");
+      }
+    }
+  }
+  const std::string& transport_name = runtime.get_string("transport");
+  state_->transports = state_->registry->create_transport(transport_name, transport_args);
   const int world = state_->transports.front()->size();
-  state_->placement = ExpertPlacement(model.num_experts(), world);
+  if (transport_name != "inproc" && runtime.origin("ranks").kind != ConfigOrigin::Kind::kDefault &&
+      runtime.get_int("ranks") != world) {
+    runtime.fail("ranks",
+                 "is " + std::to_string(runtime.get_int("ranks")) + " but the launcher started " +
+                     std::to_string(world) + " ranks; with the " + transport_name +
+                     " transport the world size comes from the launcher, so drop runtime.ranks");
+  }
+  const int ep =
+      runtime.get_int("ep_size") > 0 ? static_cast<int>(runtime.get_int("ep_size")) : world;
+  if (world % ep != 0) {
+    runtime.fail("ep_size", "must divide the world size " + std::to_string(world) + " (got " +
+                                std::to_string(ep) + ")");
+  }
+  state_->ep_size = ep;
+  state_->placement = ExpertPlacement(model.num_experts(), ep);
 
-  for (const auto& transport : state_->transports) {
+  // EP groups are blocks of ep consecutive ranks; DP groups take one rank of each block.
+  state_->ep_transports.resize(state_->transports.size());
+  state_->dp_transports.resize(state_->transports.size());
+  run_on_ranks([&](int local) {
+    Transport& t = *state_->transports[static_cast<std::size_t>(local)];
+    state_->ep_transports[static_cast<std::size_t>(local)] = t.split(t.rank() / ep, t.rank());
+    state_->dp_transports[static_cast<std::size_t>(local)] = t.split(t.rank() % ep, t.rank());
+  });
+
+  for (const auto& transport : state_->ep_transports) {
     RouterCreateArgs router_args;
     router_args.options = &router;
     router_args.num_experts = model.num_experts();
@@ -123,8 +161,11 @@ Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
 }
 
 Runtime::~Runtime() {
-  // Layers borrow the transports; drop them first.
-  if (state_) state_->layers.clear();
+  // Layers borrow the transports; split communicators go before the world's.
+  if (!state_) return;
+  state_->layers.clear();
+  state_->ep_transports.clear();
+  state_->dp_transports.clear();
 }
 
 const ResolvedConfig& Runtime::settings() const noexcept { return *state_->settings; }
@@ -141,6 +182,38 @@ int Runtime::world_rank(int local) const {
   return state_->transports.at(static_cast<std::size_t>(local))->rank();
 }
 MoELayer& Runtime::layer(int local) { return *state_->layers.at(static_cast<std::size_t>(local)); }
+int Runtime::ep_size() const noexcept { return state_->ep_size; }
+Transport& Runtime::world_transport(int local) {
+  return *state_->transports.at(static_cast<std::size_t>(local));
+}
+Transport& Runtime::dp_transport(int local) {
+  return *state_->dp_transports.at(static_cast<std::size_t>(local));
+}
+
+void Runtime::gather_rows(const TensorView& y) {
+  const int world = world_size();
+  if (num_local_ranks() == world) return;  // every row is already in this process
+  const std::int64_t T = y.dim(0);
+  const std::size_t row_bytes = static_cast<std::size_t>(y.dim(1)) * sizeof(float);
+  run_on_ranks([&](int local) {
+    Transport& t = world_transport(local);
+    const auto n = static_cast<std::size_t>(world);
+    std::vector<std::size_t> send_counts(n, 0), send_offsets(n, 0), recv_counts(n, 0),
+        recv_offsets(n, 0);
+    const auto [first, count] = token_block(T, world, t.rank());
+    send_counts[0] = static_cast<std::size_t>(count) * row_bytes;
+    send_offsets[0] = static_cast<std::size_t>(first) * row_bytes;
+    if (t.rank() == 0) {
+      for (int r = 0; r < world; ++r) {
+        const auto [f, c] = token_block(T, world, r);
+        recv_counts[static_cast<std::size_t>(r)] = static_cast<std::size_t>(c) * row_bytes;
+        recv_offsets[static_cast<std::size_t>(r)] = static_cast<std::size_t>(f) * row_bytes;
+      }
+    }
+    auto* bytes = static_cast<std::byte*>(y.data());
+    t.alltoallv({bytes, send_counts, send_offsets, bytes, recv_counts, recv_offsets});
+  });
+}
 
 void Runtime::run_on_ranks(const std::function<void(int local)>& fn) {
   const int n = num_local_ranks();
@@ -240,8 +313,8 @@ GlobalRouterStats Runtime::global_router_stats() {
     ints[static_cast<std::size_t>(E) + 1] = tokens;
     double losses[2] = {s.aux_loss * static_cast<double>(tokens),
                         s.z_loss * static_cast<double>(tokens)};
-    l.transport().allreduce(ints.data(), ints.size(), DType::kI64, ReduceOp::kSum);
-    l.transport().allreduce(losses, 2, DType::kF64, ReduceOp::kSum);
+    world_transport(local).allreduce(ints.data(), ints.size(), DType::kI64, ReduceOp::kSum);
+    world_transport(local).allreduce(losses, 2, DType::kF64, ReduceOp::kSum);
     if (local != 0) return;
     std::lock_guard<std::mutex> lock(mutex);
     result.counts.assign(ints.begin(), ints.begin() + E);
@@ -266,7 +339,7 @@ LayerTimings Runtime::max_timings() {
     MoELayer& l = layer(local);
     const LayerTimings& t = l.timings();
     double v[5] = {t.route_s, t.layout_s, t.dispatch_s, t.experts_s, t.combine_s};
-    l.transport().allreduce(v, 5, DType::kF64, ReduceOp::kMax);
+    world_transport(local).allreduce(v, 5, DType::kF64, ReduceOp::kMax);
     if (local == 0) result = {v[0], v[1], v[2], v[3], v[4]};
   });
   return result;
@@ -279,7 +352,7 @@ LayerTraffic Runtime::total_traffic() {
     const LayerTraffic& t = l.traffic();
     std::int64_t v[3] = {static_cast<std::int64_t>(t.dispatch_bytes),
                          static_cast<std::int64_t>(t.combine_bytes), t.rows_sent};
-    l.transport().allreduce(v, 3, DType::kI64, ReduceOp::kSum);
+    world_transport(local).allreduce(v, 3, DType::kI64, ReduceOp::kSum);
     if (local == 0) {
       result = {static_cast<std::uint64_t>(v[0]), static_cast<std::uint64_t>(v[1]), v[2]};
     }

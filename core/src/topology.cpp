@@ -26,6 +26,15 @@ Topology Topology::uniform(int ranks, int ranks_per_node) {
   return Topology(std::move(nodes));
 }
 
+Topology Topology::from_host_names(const std::vector<std::string>& host_names) {
+  std::map<std::string, int> ids;
+  std::vector<int> nodes;
+  for (const auto& name : host_names) {
+    nodes.push_back(ids.try_emplace(name, static_cast<int>(ids.size())).first->second);
+  }
+  return Topology(std::move(nodes));
+}
+
 std::vector<int> Topology::ranks_on(int node) const {
   std::vector<int> ranks;
   for (int r = 0; r < size(); ++r) {

@@ -76,6 +76,15 @@ class Runtime {
   /// World rank of local rank `local`.
   int world_rank(int local) const;
   MoELayer& layer(int local);
+  /// Ranks per EP group (`[runtime] ep_size`, default the world size). The world is
+  /// dp × ep: EP groups are blocks of ep consecutive ranks and hold every expert once;
+  /// expert weights are replicated across the dp groups.
+  int ep_size() const noexcept;
+  /// The communicator of all ranks, of local rank `local`.
+  Transport& world_transport(int local);
+  /// The data-parallel group of local rank `local`: the ranks holding the same experts
+  /// (for gradient allreduce).
+  Transport& dp_transport(int local);
 
   /// Calls `fn(local)` for every local rank, each in its own thread when there are
   /// several, and waits. If any throws, the transports are aborted so that the others
@@ -88,6 +97,10 @@ class Runtime {
   /// The dense single-process reference of the same computation (each rank's block
   /// routed as that rank routes it, experts evaluated directly in double precision).
   void reference_forward(const TensorView& x, const TensorView& y) const;
+
+  /// Collective: copies every rank's `token_block` rows of y [T,H] to world rank 0, so
+  /// that rank 0's y holds all rows. Nothing to do when this process hosts every rank.
+  void gather_rows(const TensorView& y);
 
   /// Statistics of the last forward, reduced over all ranks (collective; call after
   /// `forward`).

@@ -17,6 +17,8 @@ class Topology {
   explicit Topology(std::vector<int> node_of_rank);
   /// `ranks` ranks, `ranks_per_node` consecutive ranks per node (the last node may hold fewer).
   static Topology uniform(int ranks, int ranks_per_node);
+  /// One node per distinct host name, numbered in order of first appearance.
+  static Topology from_host_names(const std::vector<std::string>& host_names);
 
   int size() const noexcept { return static_cast<int>(node_of_rank_.size()); }
   int num_nodes() const noexcept { return num_nodes_; }

@@ -1,0 +1,70 @@
+#pragma once
+/// \file
+/// How a process learns its place in a launched job, and the TCP key-value store that
+/// transports use to exchange addresses out of band (UCX endpoints, NCCL ids).
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace switchyard {
+
+/// This process's place in a job, as the launcher described it.
+struct LaunchInfo {
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  int local_world_size = 1;
+  std::string master_addr;  ///< store address (MASTER_ADDR); empty if not given
+  int master_port = 0;      ///< store port (MASTER_PORT); 0 if not given
+  /// Which variables it came from: "RANK/WORLD_SIZE", "Open MPI" or "Slurm".
+  std::string source;
+
+  /// True when MASTER_ADDR and MASTER_PORT were given.
+  bool has_store() const noexcept { return !master_addr.empty() && master_port > 0; }
+
+  /// Reads torchrun's names (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+  /// MASTER_PORT); rank and size fall back to Open MPI's (OMPI_COMM_WORLD_*) and then
+  /// Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) variables. Returns nullopt when
+  /// no launcher variables are set. Throws `Error(kInvalidArgument)` for values that are
+  /// not numbers or out of range (e.g. RANK >= WORLD_SIZE), naming the variable.
+  static std::optional<LaunchInfo> from_environment();
+};
+
+/// A small key-value store over TCP, hosted by rank 0 and used by every rank during
+/// start-up. Rank 0 listens on `master_addr:master_port` (that address only) and serves
+/// from a background thread for as long as the object lives; every rank, rank 0 included,
+/// is a client. Every wait is bounded by the timeout and ends in `Error(kTimeout)` that
+/// names the operation and what was missing. Thread-safe.
+class BootstrapStore {
+ public:
+  /// Connects (and on rank 0 first listens). Checks that every rank agrees on the world
+  /// size and that no rank number is taken twice. Throws `Error(kUnavailable)` when rank 0
+  /// cannot listen (e.g. the port is in use) and `Error(kTimeout)` when the store cannot
+  /// be reached in time.
+  BootstrapStore(const LaunchInfo& info, double timeout_s);
+  ~BootstrapStore();
+  BootstrapStore(const BootstrapStore&) = delete;
+  BootstrapStore& operator=(const BootstrapStore&) = delete;
+
+  int rank() const noexcept;
+  int world_size() const noexcept;
+
+  /// Stores `value` under `key` (replacing any older value).
+  void set(const std::string& key, const std::string& value);
+  /// The value of `key`, waiting until some rank sets it.
+  std::string get(const std::string& key);
+  /// Returns once every rank has called `barrier(name)`; a timeout names the ranks that
+  /// did not.
+  void barrier(const std::string& name);
+  /// Every rank contributes `value`; returns all values indexed by rank. A timeout names
+  /// the ranks that did not contribute.
+  std::vector<std::string> allgather(const std::string& name, const std::string& value);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace switchyard
