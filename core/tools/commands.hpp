@@ -15,6 +15,7 @@ inline constexpr int kExitCheckFailed = 3;  // --check: result differs from the 
 int run_command(const std::vector<std::string>& args);
 int plugins_command(const std::vector<std::string>& args);
 int config_command(const std::vector<std::string>& args);
+int launch_command(const std::vector<std::string>& args);
 
 }  // namespace switchyard::tool
 

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "switchyard/bootstrap.hpp"
 #include "switchyard/status.hpp"
 #include "switchyard/version.hpp"
 
@@ -22,12 +23,27 @@ commands:
         validate a configuration (plugins, model, sizes) without running it
   config show CONFIG [--set section.key=value]...
         print every effective value and where it came from
+  launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND [ARGS]...
+        start N local processes with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+        MASTER_ADDR and MASTER_PORT set, output prefixed with the rank; when one
+        fails, stop the others and fail
   --version, --help
 
 Environment: SWITCHYARD_<SECTION>_<KEY>=value overrides the file; --set overrides both.
 SWITCHYARD_PLUGIN_PATH adds plugin folders (colon-separated).
 Exit codes: 0 ok, 1 error, 2 usage, 3 --check failed.
 )";
+
+/// " [rank R]" when this process is one rank of a launched job, else "".
+std::string rank_label() {
+  try {
+    const auto info = switchyard::LaunchInfo::from_environment();
+    if (info && info->world_size > 1) return " [rank " + std::to_string(info->rank) + "]";
+  } catch (const switchyard::Error&) {
+    // Malformed launcher variables are reported by the command itself.
+  }
+  return "";
+}
 
 }  // namespace
 
@@ -47,8 +63,9 @@ int main(int argc, char** argv) {
     if (command == "run") return switchyard::tool::run_command(args);
     if (command == "plugins") return switchyard::tool::plugins_command(args);
     if (command == "config") return switchyard::tool::config_command(args);
+    if (command == "launch") return switchyard::tool::launch_command(args);
   } catch (const switchyard::Error& e) {
-    std::fprintf(stderr, "switchyard: error (%s): %s\n",
+    std::fprintf(stderr, "switchyard%s: error (%s): %s\n", rank_label().c_str(),
                  std::string(switchyard::error_code_name(e.code())).c_str(), e.message().c_str());
     return switchyard::tool::kExitError;
   } catch (const std::exception& e) {

@@ -1,0 +1,203 @@
+// `switchyard launch -n N [--ranks-per-node M] [--grace S] -- COMMAND...`: starts N local
+// processes with the launcher variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+// MASTER_ADDR, MASTER_PORT), prefixes their output with the rank, and if one fails, stops
+// the others and fails too.
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "commands.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard::tool {
+namespace {
+
+volatile std::sig_atomic_t interrupted = 0;
+void on_signal(int) { interrupted = 1; }
+
+/// A port the kernel says is free now (bound to port 0, then released).
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof addr;
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
+    throw Error(ErrorCode::kSystem, std::string("launch: cannot find a free port: ") + std::strerror(errno));
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+struct Child {
+  pid_t pid = -1;
+  int output = -1;      // read end of the child's stdout+stderr
+  std::string partial;  // an unfinished line
+  bool running = true;
+  int exit_code = 0;
+};
+
+void forward_lines(Child& child, int rank, const char* data, std::size_t n) {
+  child.partial.append(data, n);
+  std::size_t start = 0;
+  for (std::size_t nl; (nl = child.partial.find('\n', start)) != std::string::npos; start = nl + 1) {
+    std::printf("[rank %d] %.*s\n", rank, static_cast<int>(nl - start), child.partial.data() + start);
+  }
+  child.partial.erase(0, start);
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int launch_command(const std::vector<std::string>& args) {
+  int n = 0, per_node = 0;
+  double grace_s = 2.0;
+  std::size_t i = 0;
+  for (; i < args.size() && args[i] != "--"; ++i) {
+    if ((args[i] == "-n" || args[i] == "--ranks") && i + 1 < args.size()) {
+      n = std::atoi(args[++i].c_str());
+    } else if (args[i] == "--ranks-per-node" && i + 1 < args.size()) {
+      per_node = std::atoi(args[++i].c_str());
+    } else if (args[i] == "--grace" && i + 1 < args.size()) {
+      grace_s = std::atof(args[++i].c_str());
+    } else {
+      break;
+    }
+  }
+  if (n < 1 || per_node < 0 || i >= args.size() || args[i] != "--" || i + 1 >= args.size()) {
+    std::fprintf(stderr,
+                 "usage: switchyard launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND [ARGS]...\n"
+                 "  starts N processes of COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,\n"
+                 "  MASTER_ADDR and MASTER_PORT set; M > 0 emulates nodes of M ranks\n"
+                 "  (SWITCHYARD_RANKS_PER_NODE); when a rank fails, the others get SECONDS (default 2)\n"
+                 "  to report and exit, then are terminated\n");
+    return kExitUsage;
+  }
+  std::vector<char*> argv;
+  for (std::size_t a = i + 1; a < args.size(); ++a) argv.push_back(const_cast<char*>(args[a].c_str()));
+  argv.push_back(nullptr);
+
+  const int port = free_port();
+  const int local_size = per_node > 0 ? per_node : n;
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  std::vector<Child> children(static_cast<std::size_t>(n));
+  for (int r = 0; r < n; ++r) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw Error(ErrorCode::kSystem, "launch: pipe failed");
+    const pid_t pid = ::fork();
+    if (pid < 0) throw Error(ErrorCode::kSystem, "launch: fork failed");
+    if (pid == 0) {
+      ::setpgid(0, 0);  // its own process group, so that stopping it stops its children too
+      ::dup2(fds[1], 1);
+      ::dup2(fds[1], 2);
+      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(n).c_str(), 1);
+      ::setenv("LOCAL_RANK", std::to_string(r % local_size).c_str(), 1);
+      const int node_first = r / local_size * local_size;
+      ::setenv("LOCAL_WORLD_SIZE", std::to_string(std::min(local_size, n - node_first)).c_str(), 1);
+      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      if (per_node > 0) ::setenv("SWITCHYARD_RANKS_PER_NODE", std::to_string(per_node).c_str(), 1);
+      ::execvp(argv[0], argv.data());
+      std::fprintf(stderr, "switchyard launch: cannot run %s: %s\n", argv[0], std::strerror(errno));
+      ::_exit(127);
+    }
+    ::close(fds[1]);
+    ::setpgid(pid, pid);
+    children[static_cast<std::size_t>(r)].pid = pid;
+    children[static_cast<std::size_t>(r)].output = fds[0];
+  }
+
+  using Clock = std::chrono::steady_clock;
+  int first_failure = -1;
+  bool terminated = false, killed = false;
+  Clock::time_point failed_at, all_exited_at;
+  char buffer[65536];
+  while (true) {
+    std::vector<pollfd> fds;
+    std::vector<int> ranks;
+    for (int r = 0; r < n; ++r) {
+      if (children[static_cast<std::size_t>(r)].output >= 0) {
+        fds.push_back({children[static_cast<std::size_t>(r)].output, POLLIN, 0});
+        ranks.push_back(r);
+      }
+    }
+    bool any_running = false;
+    for (const auto& c : children) any_running = any_running || c.running;
+    if (any_running) all_exited_at = Clock::now();
+    // Done when every rank exited and its output is drained (or only a leftover
+    // grandchild still holds the pipe after a second).
+    if (!any_running && (fds.empty() || Clock::now() - all_exited_at > std::chrono::seconds(1))) break;
+    if (!fds.empty()) ::poll(fds.data(), fds.size(), 100);
+    else ::usleep(100000);
+    for (std::size_t f = 0; f < fds.size(); ++f) {
+      if (fds[f].revents == 0) continue;
+      Child& c = children[static_cast<std::size_t>(ranks[f])];
+      const ssize_t got = ::read(c.output, buffer, sizeof buffer);
+      if (got > 0) {
+        forward_lines(c, ranks[f], buffer, static_cast<std::size_t>(got));
+      } else {
+        if (!c.partial.empty()) forward_lines(c, ranks[f], "\n", 1);
+        ::close(c.output);
+        c.output = -1;
+      }
+    }
+    for (int r = 0; r < n; ++r) {
+      Child& c = children[static_cast<std::size_t>(r)];
+      if (!c.running) continue;
+      int status = 0;
+      if (::waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+      c.running = false;
+      c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      if (c.exit_code != 0 && first_failure < 0 && !terminated) {
+        first_failure = r;
+        failed_at = Clock::now();
+        if (WIFSIGNALED(status)) {
+          std::fprintf(stderr, "switchyard launch: rank %d was killed by signal %d; stopping the others\n", r,
+                       WTERMSIG(status));
+        } else {
+          std::fprintf(stderr, "switchyard launch: rank %d exited with %d; stopping the others\n", r,
+                       c.exit_code);
+        }
+      }
+    }
+    if (interrupted && first_failure < 0) {
+      first_failure = n;  // not a rank: the launcher itself was interrupted
+      failed_at = Clock::now() - std::chrono::hours(1);
+    }
+    // Give the others `grace_s` to report and exit by themselves, then terminate them.
+    if (first_failure >= 0 && !terminated &&
+        Clock::now() - failed_at >= std::chrono::duration<double>(grace_s)) {
+      for (const auto& c : children) {
+        if (c.running) ::kill(-c.pid, SIGTERM);
+      }
+      terminated = true;
+      failed_at = Clock::now();
+    }
+    if (terminated && !killed && Clock::now() - failed_at >= std::chrono::seconds(5)) {
+      for (const auto& c : children) {
+        if (c.running) ::kill(-c.pid, SIGKILL);
+      }
+      killed = true;
+    }
+  }
+  if (first_failure < 0) return kExitOk;
+  if (first_failure == n) return 130;
+  return children[static_cast<std::size_t>(first_failure)].exit_code;
+}
+
+}  // namespace switchyard::tool
