@@ -272,7 +272,7 @@ struct BootstrapStore::Impl {
         std::istringstream in(missing);
         for (int r; in >> r;) ranks.push_back(r);
         throw Error(ErrorCode::kTimeout, "bootstrap " + what + ": timed out after " +
-                                             std::to_string(timeout_s) + " s waiting for rank(s) " +
+                                             format_seconds(timeout_s) + " waiting for rank(s) " +
                                              join(ranks) +
                                              " (never started, or a wrong RANK/WORLD_SIZE?)");
       }
@@ -319,7 +319,7 @@ BootstrapStore::BootstrapStore(const LaunchInfo& info, double timeout_s)
       throw Error(ErrorCode::kTimeout,
                   "bootstrap store: rank " + std::to_string(info.rank) +
                       " could not reach the store at " + impl_->where + " within " +
-                      std::to_string(timeout_s) + " s (" + last_error +
+                      format_seconds(timeout_s) + " (" + last_error +
                       "); is rank 0 running, and are MASTER_ADDR/MASTER_PORT right?");
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -330,8 +330,8 @@ BootstrapStore::BootstrapStore(const LaunchInfo& info, double timeout_s)
   } catch (const Error& e) {
     if (e.code() == ErrorCode::kUnavailable) {
       throw Error(ErrorCode::kTimeout, "bootstrap store: no answer from " + impl_->where +
-                                           " within " + std::to_string(timeout_s) +
-                                           " s; is something else listening on MASTER_PORT?");
+                                           " within " + format_seconds(timeout_s) +
+                                           "; is something else listening on MASTER_PORT?");
     }
     throw;
   }
@@ -356,7 +356,7 @@ std::string BootstrapStore::get(const std::string& key) {
     if (status == kOk) return body;
     if (Clock::now() >= deadline) {
       throw Error(ErrorCode::kTimeout, "bootstrap store get '" + key + "': timed out after " +
-                                           std::to_string(impl_->timeout_s) + " s; no rank set it");
+                                           format_seconds(impl_->timeout_s) + "; no rank set it");
     }
     std::this_thread::sleep_for(pause);
     pause = std::min(pause * 2, std::chrono::milliseconds(50));

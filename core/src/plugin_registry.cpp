@@ -8,6 +8,8 @@
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <boost/dll/shared_library.hpp>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -124,7 +126,11 @@ PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
 
       auto library = std::make_shared<boost::dll::shared_library>();
       try {
-        library->load(file, boost::dll::load_mode::rtld_lazy | boost::dll::load_mode::rtld_local);
+        // Never unmapped: vendor libraries behind plugins (UCX, MPI, CUDA) keep threads and
+        // exit handlers that must outlive the plugin objects.
+        const auto no_delete = static_cast<boost::dll::load_mode::type>(RTLD_NODELETE);
+        library->load(
+            file, boost::dll::load_mode::rtld_lazy | boost::dll::load_mode::rtld_local | no_delete);
       } catch (const std::exception& e) {
         reject(ErrorCode::kUnavailable, std::string("cannot be loaded: ") + e.what());
         continue;

@@ -182,6 +182,10 @@ int Runtime::world_rank(int local) const {
   return state_->transports.at(static_cast<std::size_t>(local))->rank();
 }
 MoELayer& Runtime::layer(int local) { return *state_->layers.at(static_cast<std::size_t>(local)); }
+void Runtime::abort(const std::string& reason) noexcept {
+  for (const auto& t : state_->transports) t->abort(reason);
+}
+
 int Runtime::ep_size() const noexcept { return state_->ep_size; }
 Transport& Runtime::world_transport(int local) {
   return *state_->transports.at(static_cast<std::size_t>(local));

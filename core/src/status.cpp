@@ -1,5 +1,6 @@
 #include "switchyard/status.hpp"
 
+#include <cstdio>
 #include <new>
 #include <system_error>
 
@@ -27,6 +28,12 @@ std::string_view error_code_name(ErrorCode code) noexcept {
       return "internal error";
   }
   return "unknown error";
+}
+
+std::string format_seconds(double seconds) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g s", seconds);
+  return text;
 }
 
 Error::Error(ErrorCode code, std::string message) : code_(code), message_(std::move(message)) {

@@ -20,8 +20,12 @@ int launch_command(const std::vector<std::string>& args);
 }  // namespace switchyard::tool
 
 #include "switchyard/config.hpp"
+#include "switchyard/status.hpp"
 
 namespace switchyard::tool {
+
+/// Prints "switchyard[ [rank R]]: error (<code>): <message>" to stderr.
+void report_error(const Error& error);
 
 /// Reads CONFIG, then applies SWITCHYARD_* environment overrides, then each `--set`.
 Config load_config(const std::string& path, const std::vector<std::string>& sets);

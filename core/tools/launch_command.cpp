@@ -36,7 +36,8 @@ int free_port() {
   socklen_t length = sizeof addr;
   if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
       ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
-    throw Error(ErrorCode::kSystem, std::string("launch: cannot find a free port: ") + std::strerror(errno));
+    throw Error(ErrorCode::kSystem,
+                std::string("launch: cannot find a free port: ") + std::strerror(errno));
   }
   ::close(fd);
   return ntohs(addr.sin_port);
@@ -53,8 +54,10 @@ struct Child {
 void forward_lines(Child& child, int rank, const char* data, std::size_t n) {
   child.partial.append(data, n);
   std::size_t start = 0;
-  for (std::size_t nl; (nl = child.partial.find('\n', start)) != std::string::npos; start = nl + 1) {
-    std::printf("[rank %d] %.*s\n", rank, static_cast<int>(nl - start), child.partial.data() + start);
+  for (std::size_t nl; (nl = child.partial.find('\n', start)) != std::string::npos;
+       start = nl + 1) {
+    std::printf("[rank %d] %.*s\n", rank, static_cast<int>(nl - start),
+                child.partial.data() + start);
   }
   child.partial.erase(0, start);
   std::fflush(stdout);
@@ -78,16 +81,19 @@ int launch_command(const std::vector<std::string>& args) {
     }
   }
   if (n < 1 || per_node < 0 || i >= args.size() || args[i] != "--" || i + 1 >= args.size()) {
-    std::fprintf(stderr,
-                 "usage: switchyard launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND [ARGS]...\n"
-                 "  starts N processes of COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,\n"
-                 "  MASTER_ADDR and MASTER_PORT set; M > 0 emulates nodes of M ranks\n"
-                 "  (SWITCHYARD_RANKS_PER_NODE); when a rank fails, the others get SECONDS (default 2)\n"
-                 "  to report and exit, then are terminated\n");
+    std::fprintf(
+        stderr,
+        "usage: switchyard launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND "
+        "[ARGS]...\n"
+        "  starts N processes of COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,\n"
+        "  MASTER_ADDR and MASTER_PORT set; M > 0 emulates nodes of M ranks\n"
+        "  (SWITCHYARD_RANKS_PER_NODE); when a rank fails, the others get SECONDS (default 2)\n"
+        "  to report and exit, then are terminated\n");
     return kExitUsage;
   }
   std::vector<char*> argv;
-  for (std::size_t a = i + 1; a < args.size(); ++a) argv.push_back(const_cast<char*>(args[a].c_str()));
+  for (std::size_t a = i + 1; a < args.size(); ++a)
+    argv.push_back(const_cast<char*>(args[a].c_str()));
   argv.push_back(nullptr);
 
   const int port = free_port();
@@ -141,9 +147,12 @@ int launch_command(const std::vector<std::string>& args) {
     if (any_running) all_exited_at = Clock::now();
     // Done when every rank exited and its output is drained (or only a leftover
     // grandchild still holds the pipe after a second).
-    if (!any_running && (fds.empty() || Clock::now() - all_exited_at > std::chrono::seconds(1))) break;
-    if (!fds.empty()) ::poll(fds.data(), fds.size(), 100);
-    else ::usleep(100000);
+    if (!any_running && (fds.empty() || Clock::now() - all_exited_at > std::chrono::seconds(1)))
+      break;
+    if (!fds.empty())
+      ::poll(fds.data(), fds.size(), 100);
+    else
+      ::usleep(100000);
     for (std::size_t f = 0; f < fds.size(); ++f) {
       if (fds[f].revents == 0) continue;
       Child& c = children[static_cast<std::size_t>(ranks[f])];
@@ -167,11 +176,12 @@ int launch_command(const std::vector<std::string>& args) {
         first_failure = r;
         failed_at = Clock::now();
         if (WIFSIGNALED(status)) {
-          std::fprintf(stderr, "switchyard launch: rank %d was killed by signal %d; stopping the others\n", r,
-                       WTERMSIG(status));
+          std::fprintf(stderr,
+                       "switchyard launch: rank %d was killed by signal %d; stopping the others\n",
+                       r, WTERMSIG(status));
         } else {
-          std::fprintf(stderr, "switchyard launch: rank %d exited with %d; stopping the others\n", r,
-                       c.exit_code);
+          std::fprintf(stderr, "switchyard launch: rank %d exited with %d; stopping the others\n",
+                       r, c.exit_code);
         }
       }
     }

@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "commands.hpp"
-#include "switchyard/bootstrap.hpp"
 #include "switchyard/status.hpp"
 #include "switchyard/version.hpp"
 
@@ -34,17 +33,6 @@ SWITCHYARD_PLUGIN_PATH adds plugin folders (colon-separated).
 Exit codes: 0 ok, 1 error, 2 usage, 3 --check failed.
 )";
 
-/// " [rank R]" when this process is one rank of a launched job, else "".
-std::string rank_label() {
-  try {
-    const auto info = switchyard::LaunchInfo::from_environment();
-    if (info && info->world_size > 1) return " [rank " + std::to_string(info->rank) + "]";
-  } catch (const switchyard::Error&) {
-    // Malformed launcher variables are reported by the command itself.
-  }
-  return "";
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -65,8 +53,7 @@ int main(int argc, char** argv) {
     if (command == "config") return switchyard::tool::config_command(args);
     if (command == "launch") return switchyard::tool::launch_command(args);
   } catch (const switchyard::Error& e) {
-    std::fprintf(stderr, "switchyard%s: error (%s): %s\n", rank_label().c_str(),
-                 std::string(switchyard::error_code_name(e.code())).c_str(), e.message().c_str());
+    switchyard::tool::report_error(e);
     return switchyard::tool::kExitError;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "switchyard: internal error: %s\n", e.what());

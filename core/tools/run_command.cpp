@@ -5,11 +5,30 @@
 #include <string>
 
 #include "commands.hpp"
+#include "switchyard/bootstrap.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard::tool {
+
+namespace {
+/// " [rank R]" when this process is one rank of a launched job, else "".
+std::string rank_label() {
+  try {
+    const auto info = LaunchInfo::from_environment();
+    if (info && info->world_size > 1) return " [rank " + std::to_string(info->rank) + "]";
+  } catch (const Error&) {
+    // Malformed launcher variables are reported by the command itself.
+  }
+  return "";
+}
+}  // namespace
+
+void report_error(const Error& error) {
+  std::fprintf(stderr, "switchyard%s: error (%s): %s\n", rank_label().c_str(),
+               std::string(error_code_name(error.code())).c_str(), error.message().c_str());
+}
 
 Config load_config(const std::string& path, const std::vector<std::string>& sets) {
   Config config = Config::from_file(path);
@@ -34,40 +53,8 @@ std::string human_bytes(double bytes) {
 
 }  // namespace
 
-int run_command(const std::vector<std::string>& args) {
-  std::string config_path;
-  std::vector<std::string> sets;
-  bool check = false;
-  int steps = 1;
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--set" && i + 1 < args.size()) {
-      sets.push_back(args[++i]);
-    } else if (args[i].rfind("--set=", 0) == 0) {
-      sets.push_back(args[i].substr(6));
-    } else if (args[i] == "--check") {
-      check = true;
-    } else if (args[i] == "--steps" && i + 1 < args.size()) {
-      steps = std::atoi(args[++i].c_str());
-      if (steps < 1) {
-        std::fprintf(stderr, "switchyard run: --steps must be >= 1\n");
-        return kExitUsage;
-      }
-    } else if (config_path.empty() && args[i].rfind("--", 0) != 0) {
-      config_path = args[i];
-    } else {
-      std::fprintf(stderr, "switchyard run: unexpected argument '%s'\n", args[i].c_str());
-      return kExitUsage;
-    }
-  }
-  if (config_path.empty()) {
-    std::fprintf(
-        stderr,
-        "usage: switchyard run CONFIG [--set section.key=value]... [--steps N] [--check]\n");
-    return kExitUsage;
-  }
-
-  const Config config = load_config(config_path, sets);
-  Runtime runtime(config);
+/// Runs the configured forward (and check) on a built runtime; returns the exit code.
+int run_layer(Runtime& runtime, bool check, int steps) {
   const ModelWeights& model = runtime.model();
   const ConfigSection& input = runtime.settings().section("input");
   const ConfigSection& output = runtime.settings().section("output");
@@ -170,6 +157,50 @@ int run_command(const std::vector<std::string>& args) {
     say("output: not written because the check failed\n");
   }
   return exit_code;
+}
+
+int run_command(const std::vector<std::string>& args) {
+  std::string config_path;
+  std::vector<std::string> sets;
+  bool check = false;
+  int steps = 1;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == "--set" && i + 1 < args.size()) {
+      sets.push_back(args[++i]);
+    } else if (args[i].rfind("--set=", 0) == 0) {
+      sets.push_back(args[i].substr(6));
+    } else if (args[i] == "--check") {
+      check = true;
+    } else if (args[i] == "--steps" && i + 1 < args.size()) {
+      steps = std::atoi(args[++i].c_str());
+      if (steps < 1) {
+        std::fprintf(stderr, "switchyard run: --steps must be >= 1\n");
+        return kExitUsage;
+      }
+    } else if (config_path.empty() && args[i].rfind("--", 0) != 0) {
+      config_path = args[i];
+    } else {
+      std::fprintf(stderr, "switchyard run: unexpected argument '%s'\n", args[i].c_str());
+      return kExitUsage;
+    }
+  }
+  if (config_path.empty()) {
+    std::fprintf(
+        stderr,
+        "usage: switchyard run CONFIG [--set section.key=value]... [--steps N] [--check]\n");
+    return kExitUsage;
+  }
+
+  const Config config = load_config(config_path, sets);
+  Runtime runtime(config);
+  try {
+    return run_layer(runtime, check, steps);
+  } catch (const Error& e) {
+    // Report first: with MPI, abort ends this process too.
+    report_error(e);
+    runtime.abort(e.message());
+    return kExitError;
+  }
 }
 
 }  // namespace switchyard::tool

@@ -50,11 +50,10 @@ void World::wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64
     if (now >= deadline) {
       std::string ranks;
       for (int r : missing()) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-      throw Error(ErrorCode::kTimeout, std::string("inproc ") + op + " (collective #" +
-                                           std::to_string(seq) + " of a " + std::to_string(size_) +
-                                           "-rank communicator): timed out after " +
-                                           std::to_string(timeout_s_) + " s waiting for rank(s) " +
-                                           ranks + " to " + what);
+      throw Error(ErrorCode::kTimeout,
+                  std::string("inproc ") + op + " (collective #" + std::to_string(seq) + " of a " +
+                      std::to_string(size_) + "-rank communicator): timed out after " +
+                      format_seconds(timeout_s_) + " waiting for rank(s) " + ranks + " to " + what);
     }
     changed_.wait_until(lock, std::min(deadline, now + kPoll));
   }

@@ -156,7 +156,7 @@ class Exchange {
       std::string peers;
       for (int p : missing) peers += (peers.empty() ? "" : ", ") + std::to_string(p);
       throw Error(ErrorCode::kTimeout, std::string("mpi ") + op_ + ": timed out after " +
-                                           std::to_string(timeout_s_) + " s waiting for rank(s) " +
+                                           format_seconds(timeout_s_) + " waiting for rank(s) " +
                                            peers +
                                            " (dead, stuck, or not calling the same collective)");
     }
@@ -281,7 +281,6 @@ class MpiTransport final : public Transport {
 
   std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& b) override {
     check(b);
-    throw_if_aborted("ialltoallv");
     return std::make_unique<MpiRequest>(std::make_unique<Exchange>(
         comm_, rank_, next_tag(), max_message_, timeout_s_, b, "ialltoallv"));
   }
@@ -351,12 +350,13 @@ class MpiTransport final : public Transport {
                                           timeout_s_);
   }
 
+  /// Ends the whole MPI job (MPI_Abort): with one process per rank there is nothing to
+  /// unblock locally, and the launcher then stops every other rank.
   void abort(const std::string& reason) noexcept override {
-    try {
-      abort_reason_ = reason;
-    } catch (...) {
-    }
-    aborted_ = true;
+    (void)reason;
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Abort(MPI_COMM_WORLD, 1);
   }
 
   /// Used once at creation, after the host names are known.
@@ -375,12 +375,7 @@ class MpiTransport final : public Transport {
                       std::to_string(n) + ")");
     }
   }
-  void throw_if_aborted(const char* op) const {
-    if (aborted_)
-      throw Error(ErrorCode::kPeerFailed, std::string("mpi ") + op + ": " + abort_reason_);
-  }
   void run(const AlltoallvBuffers& b, const char* op) {
-    throw_if_aborted(op);
     Exchange(comm_, rank_, next_tag(), max_message_, timeout_s_, b, op).wait();
   }
 
@@ -392,8 +387,6 @@ class MpiTransport final : public Transport {
   int rank_ = 0;
   int size_ = 1;
   std::uint64_t next_seq_ = 0;
-  bool aborted_ = false;
-  std::string abort_reason_;
   std::vector<std::size_t> counts_, offsets_;
   std::vector<std::byte> gather_, send_copies_;
 };

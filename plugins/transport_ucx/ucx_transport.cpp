@@ -216,8 +216,8 @@ class Exchange {
           peers += (peers.empty() ? "" : ", ") + std::to_string(p);
       }
       throw Error(ErrorCode::kTimeout, std::string("ucx ") + op_ + ": timed out after " +
-                                           std::to_string(context_->timeout_s()) +
-                                           " s waiting for rank(s) " + peers +
+                                           format_seconds(context_->timeout_s()) +
+                                           " waiting for rank(s) " + peers +
                                            " (dead, stuck, or not calling the same collective)");
     }
     return false;

@@ -91,6 +91,11 @@ class Runtime {
   /// stop too, and the root-cause error is rethrown (not a peer's kPeerFailed).
   void run_on_ranks(const std::function<void(int local)>& fn);
 
+  /// After a failure: tells every transport of this process that it failed (see
+  /// `Transport::abort`), so that peers stop instead of waiting for their timeout; with
+  /// MPI this ends the job. Call it after reporting the error. Never throws.
+  void abort(const std::string& reason) noexcept;
+
   /// Forward over global tokens x [T,H]: each local rank takes its `token_block` and
   /// writes its rows of y [T,H].
   void forward(const TensorView& x, const TensorView& y);

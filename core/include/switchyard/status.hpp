@@ -37,6 +37,9 @@ enum class ErrorCode {
 /// Short stable name of a code, e.g. "invalid argument".
 std::string_view error_code_name(ErrorCode code) noexcept;
 
+/// A duration for messages: "2 s", "1.5 s", "0.25 s".
+std::string format_seconds(double seconds);
+
 /// The exception thrown by Switchyard on any failure. `what()` is "<code name>: <message>".
 /// Plugins convert their own exceptions to this type before they cross the plugin boundary.
 class Error : public std::exception {

@@ -1,0 +1,54 @@
+// One rank of a multi-process job that runs the MoE forward, where rank
+// SWITCHYARD_TEST_DIE_RANK (if set) kills itself between routing and dispatch: the test
+// of what the surviving ranks do when a peer dies in the middle of a step.
+// usage: ep_worker CONFIG [section.key=value]...
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+
+#include "switchyard/runtime.hpp"
+#include "switchyard/status.hpp"
+
+int main(int argc, char** argv) {
+  using namespace switchyard;
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: ep_worker CONFIG [section.key=value]...\n");
+    return 2;
+  }
+  try {
+    Config config = Config::from_file(argv[1]);
+    for (int i = 2; i < argc; ++i) config.set_from_command_line(argv[i]);
+    Runtime runtime(config);
+    try {
+      const int die_rank = std::getenv("SWITCHYARD_TEST_DIE_RANK")
+                               ? std::atoi(std::getenv("SWITCHYARD_TEST_DIE_RANK"))
+                               : -1;
+      const std::int64_t T = 64;
+      const HostTensor x = synthetic_tokens(T, runtime.model().hidden(), 1);
+      HostTensor y(DType::kF32, {T, runtime.model().hidden()});
+      runtime.run_on_ranks([&](int local) {
+        const int rank = runtime.world_rank(local);
+        const auto [first, count] = token_block(T, runtime.world_size(), rank);
+        TensorView in(const_cast<float*>(x.data<float>()) + first * x.shape()[1], DType::kF32,
+                      {count, x.shape()[1]});
+        TensorView out(y.data<float>() + first * y.shape()[1], DType::kF32, {count, y.shape()[1]});
+        if (rank == die_rank) {
+          RoutingPlan plan;
+          runtime.layer(local).route(in, plan);
+          std::raise(SIGKILL);  // dies with its peers already waiting in the dispatch
+        }
+        runtime.layer(local).forward(in, out);
+      });
+      std::printf("rank %d: forward done\n", runtime.world_rank(0));
+    } catch (const Error& e) {
+      std::fprintf(stderr, "ep_worker: %s\n", e.what());
+      std::fflush(stderr);
+      runtime.abort(e.what());  // with MPI: ends the job, non-zero
+      return 1;
+    }
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "ep_worker: %s\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,222 @@
+// Multi-process behaviour, driven from one doctest process that starts jobs with mpirun
+// and `switchyard launch`: the backend matrix (every transport gives the same bits and
+// matches the dense reference) and failures that must end in bounded time with messages
+// that name the operation and the missing ranks.
+#include <doctest/doctest.h>
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <iterator>
+
+#include "test_support.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+const std::string kTool = SWITCHYARD_TOOL_PATH;
+const std::string kMpirun =
+    std::string(SWITCHYARD_MPIRUN) + " --allow-run-as-root --oversubscribe --mca btl self,vader";
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+/// Seconds a command took, with its result.
+std::pair<test::CommandResult, double> timed(const std::string& command) {
+  const auto start = std::chrono::steady_clock::now();
+  auto result = test::run_command(command);
+  return {result, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
+}
+
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof addr;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
+
+}  // namespace
+
+TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the reference") {
+  test::TempDir dir;
+  // bf16: a DeepSeek-style checkpoint with BF16 weights written by NumPy; f32: random weights.
+  REQUIRE(test::run_command(
+              "/usr/bin/python3 " SWITCHYARD_SOURCE_DIR "/examples/checkpoint/make_checkpoint.py " +
+              (dir / "ckpt").string() + " --experts 6 --hidden 16 --ffn 24 --tokens 29")
+              .exit_code == 0);
+  test::write_text(dir / "f32.toml",
+                   "[router]\ntop_k = 2\n[model]\nnum_experts = 6\nhidden = 16\nffn_hidden = 24\n"
+                   "[input]\nnum_tokens = 29\n");
+  test::write_text(
+      dir / "bf16.toml",
+      "[router]\ntop_k = 2\nscore = \"sigmoid\"\n[model]\nweights = \"ckpt/layer.safetensors\"\n"
+      "format = \"deepseek\"\nprefix = \"model.layers.3.mlp.\"\n[input]\ntokens = "
+      "\"ckpt/x.npy\"\n");
+  for (const std::string dtype : {"f32", "bf16"}) {
+    for (int world : {1, 2, 3, 4}) {
+      std::vector<int> eps = {world};
+      if (world % 2 == 0) eps.push_back(world / 2);
+      for (int ep : eps) {
+        CAPTURE(dtype);
+        CAPTURE(world);
+        CAPTURE(ep);
+        const std::string config = (dir / (dtype + ".toml")).string();
+        const std::string common =
+            " run " + config +
+            " --check --set runtime.timeout_s=60 --set runtime.ep_size=" + std::to_string(ep) +
+            " --set output.path=";
+        const auto y_inproc = dir / "y_inproc.npy", y_mpi = dir / "y_mpi.npy",
+                   y_ucx = dir / "y_ucx.npy";
+        const auto inproc = test::run_command(kTool + common + y_inproc.string() +
+                                              " --set runtime.ranks=" + std::to_string(world));
+        const auto mpi =
+            test::run_command(kMpirun + " -np " + std::to_string(world) + " " + kTool + common +
+                              y_mpi.string() + " --set runtime.transport=mpi");
+        const auto ucx =
+            test::run_command(kTool + " launch -n " + std::to_string(world) + " -- " + kTool +
+                              common + y_ucx.string() + " --set runtime.transport=ucx");
+        for (const auto* r : {&inproc, &mpi, &ucx}) {
+          INFO(r->output);
+          CHECK(r->exit_code == 0);
+          CHECK(r->output.find("PASS") != std::string::npos);
+        }
+        const std::string a = read_file(y_inproc);
+        CHECK(a.size() > 128);
+        CHECK(a == read_file(y_mpi));
+        CHECK(a == read_file(y_ucx));
+        std::filesystem::remove(y_inproc);
+        std::filesystem::remove(y_mpi);
+        std::filesystem::remove(y_ucx);
+      }
+    }
+  }
+}
+
+TEST_CASE("mpi and ucx without their launcher say how to launch") {
+  test::TempDir dir;
+  test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"mpi\"\n");
+  const std::string clean =
+      "env -u RANK -u WORLD_SIZE -u MASTER_ADDR -u MASTER_PORT -u OMPI_COMM_WORLD_SIZE ";
+  const auto mpi = test::run_command(clean + kTool + " run " + (dir / "moe.toml").string());
+  CHECK(mpi.exit_code == 1);
+  CHECK(mpi.output.find("needs an MPI launcher; start with `mpirun -np N") != std::string::npos);
+  const auto ucx = test::run_command(clean + kTool + " run " + (dir / "moe.toml").string() +
+                                     " --set runtime.transport=ucx");
+  CHECK(ucx.exit_code == 1);
+  CHECK(ucx.output.find("needs MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE") !=
+        std::string::npos);
+  CHECK(ucx.output.find("switchyard launch -n N") != std::string::npos);
+}
+
+TEST_CASE("runtime.ranks that disagrees with the launcher is an error") {
+  const auto r = test::run_command(kTool + " launch -n 2 -- " + kTool +
+                                   " run " SWITCHYARD_SOURCE_DIR
+                                   "/examples/configs/demo.toml --set runtime.transport=ucx");
+  CHECK(r.exit_code == 1);
+  CHECK(r.output.find("runtime.ranks: is 4 but the launcher started 2 ranks") != std::string::npos);
+}
+
+TEST_CASE("a rank that never arrives at the store: a timeout naming it") {
+  test::TempDir dir;
+  test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 1.5\n");
+  const std::string env =
+      "RANK=0 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) + " ";
+  const auto [r, seconds] = timed(env + kTool + " run " + (dir / "moe.toml").string());
+  CHECK(r.exit_code == 1);
+  CHECK(r.output.find("timed out after 1.5") != std::string::npos);
+  CHECK(r.output.find("waiting for rank(s) 1, 2") != std::string::npos);
+  CHECK(seconds < 10);
+}
+
+TEST_CASE("a wrong WORLD_SIZE is named") {
+  test::TempDir dir;
+  test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 2\n");
+  const std::string base = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port());
+  const std::string run = kTool + " run " + (dir / "moe.toml").string();
+  const auto [r, seconds] =
+      timed("(" + base + " RANK=0 WORLD_SIZE=2 " + run + " > " + (dir / "r0.log").string() +
+            " 2>&1 & " + base + " RANK=1 WORLD_SIZE=3 " + run + "; echo rank1=$?; wait; cat " +
+            (dir / "r0.log").string() + ")");
+  INFO(r.output);
+  CHECK(r.output.find("rank 1 was started with WORLD_SIZE=3 but rank 0 with WORLD_SIZE=2") !=
+        std::string::npos);
+  CHECK(r.output.find("rank1=1") != std::string::npos);
+  CHECK(r.output.find("waiting for rank(s) 1") != std::string::npos);  // what rank 0 says
+  CHECK(seconds < 15);
+}
+
+TEST_CASE("a port already in use is named") {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof addr;
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  REQUIRE(::listen(fd, 4) == 0);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
+  const int port = ntohs(addr.sin_port);
+  test::TempDir dir;
+  test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 2\n");
+  const auto [r, seconds] =
+      timed("RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " +
+            kTool + " run " + (dir / "moe.toml").string());
+  ::close(fd);
+  CHECK(r.exit_code == 1);
+  CHECK(r.output.find("cannot listen on 127.0.0.1:" + std::to_string(port) +
+                      ": Address already in use") != std::string::npos);
+  CHECK(seconds < 10);
+}
+
+TEST_CASE("a peer killed in the middle of a dispatch ends every survivor in bounded time") {
+  test::TempDir dir;
+  test::write_text(dir / "moe.toml", "[runtime]\ntimeout_s = 2\n[model]\nnum_experts = 6\n");
+  const std::string worker = std::string(SWITCHYARD_EP_WORKER) + " " + (dir / "moe.toml").string();
+  SUBCASE("ucx under switchyard launch: survivors name the dead rank") {
+    const auto [r, seconds] =
+        timed("SWITCHYARD_TEST_DIE_RANK=1 " + kTool + " launch -n 3 --grace 20 -- " + worker +
+              " runtime.transport=ucx");
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("rank 1 was killed by signal 9") != std::string::npos);
+    for (const char* survivor : {"[rank 0] ep_worker: timeout: ucx alltoall",
+                                 "[rank 2] ep_worker: timeout: ucx alltoall"}) {
+      CHECK(r.output.find(survivor) != std::string::npos);
+    }
+    CHECK(r.output.find("waiting for rank(s) 1 ") != std::string::npos);
+    CHECK(seconds < 15);
+  }
+  SUBCASE("mpi under mpirun: the job ends non-zero") {
+    const auto [r, seconds] =
+        timed("SWITCHYARD_TEST_DIE_RANK=1 " + kMpirun + " -x SWITCHYARD_TEST_DIE_RANK -np 3 " +
+              worker + " runtime.transport=mpi");
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("forward done") == std::string::npos);
+    CHECK(seconds < 15);
+  }
+  SUBCASE(
+      "mpi with --enable-recovery: survivors time out naming the dead rank, then abort the job") {
+    const auto [r, seconds] = timed("SWITCHYARD_TEST_DIE_RANK=1 " + kMpirun +
+                                    " --enable-recovery -x SWITCHYARD_TEST_DIE_RANK -np 3 " +
+                                    worker + " runtime.transport=mpi");
+    INFO(r.output);
+    // In recovery mode mpirun's own exit status does not reflect MPI_Abort; the survivors'
+    // reports and the abort notice are what show.
+    CHECK(r.output.find("MPI_ABORT was invoked") != std::string::npos);
+    CHECK(r.output.find(
+              "ep_worker: timeout: mpi alltoall: timed out after 2 s waiting for rank(s) 1 ") !=
+          std::string::npos);
+    CHECK(seconds < 15);
+  }
+}
