@@ -10,6 +10,8 @@ packages=(
   nlohmann-json3-dev      # safetensors header parsing
   libopenblas-dev         # expert GEMMs
   libdlpack-dev           # DLTensor interop
+  libopenmpi-dev openmpi-bin  # transport_mpi and mpirun
+  libucx-dev ucx-utils    # transport_ucx (ucx_info shows the transports UCX sees)
   doctest-dev             # tests
   clang-format            # the format test
   python3-numpy           # example scripts that write .npy inputs
