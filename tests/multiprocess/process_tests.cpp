@@ -19,8 +19,7 @@ using namespace switchyard;
 namespace {
 
 const std::string kTool = SWITCHYARD_TOOL_PATH;
-const std::string kMpirun =
-    std::string(SWITCHYARD_MPIRUN) + " --allow-run-as-root --oversubscribe --mca btl self,vader";
+const std::string kMpirun = SWITCHYARD_MPIRUN;  // with the flags the tests need
 
 std::string read_file(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
