@@ -87,12 +87,27 @@ class Session {
 
 class MpiTransport;
 
-/// One all-to-all in flight.
+/// One all-to-all in flight. Reused from one collective to the next, so that its request
+/// lists do not allocate once they have grown.
 class Exchange {
  public:
-  Exchange(MPI_Comm comm, int me, int tag, std::size_t max_message, double timeout_s,
-           const AlltoallvBuffers& b, const char* op)
-      : op_(op), timeout_s_(timeout_s) {
+  Exchange() = default;
+  Exchange(const Exchange&) = delete;
+  Exchange& operator=(const Exchange&) = delete;
+  ~Exchange() { release(); }
+
+  /// Posts the receives and sends of one collective on `comm`, where this rank is `me`.
+  void start(MPI_Comm comm, int me, int tag, std::size_t max_message, double timeout_s,
+             const AlltoallvBuffers& b, const char* op) {
+    release();
+    op_ = op;
+    timeout_s_ = timeout_s;
+    problem_.reset();
+    requests_.clear();
+    is_recv_.clear();
+    peer_.clear();
+    size_.clear();
+    pending_ = 0;
     const std::size_t n = b.send_counts.size();
     for (std::size_t p = 0; p < n; ++p) {
       if (static_cast<int>(p) == me) {
@@ -109,7 +124,6 @@ class Exchange {
       post(const_cast<std::byte*>(b.send + b.send_offsets[p]), b.send_counts[p],
            static_cast<int>(p), false, comm, tag, max_message);
     }
-    expected_.assign(b.recv_counts.begin(), b.recv_counts.end());
     deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                    std::chrono::duration<double>(timeout_s));
   }
@@ -187,17 +201,27 @@ class Exchange {
       ++pending_;
     }
   }
+  /// Cancels the receives and frees every request still posted (after a failure).
+  void release() {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized) return;
+    for (std::size_t i = 0; i < requests_.size(); ++i) {
+      if (requests_[i] == MPI_REQUEST_NULL) continue;
+      if (is_recv_[i]) MPI_Cancel(&requests_[i]);
+      MPI_Request_free(&requests_[i]);
+    }
+  }
   void record(std::string what) {
     if (!problem_) problem_ = std::move(what);
   }
 
-  const char* op_;
-  double timeout_s_;
+  const char* op_ = "";
+  double timeout_s_ = 0;
   std::vector<MPI_Request> requests_;
   std::vector<char> is_recv_;
   std::vector<int> peer_;
   std::vector<std::size_t> size_;
-  std::vector<std::size_t> expected_;
   std::vector<int> indices_;
   std::vector<MPI_Status> statuses_;
   std::size_t pending_ = 0;
@@ -207,7 +231,8 @@ class Exchange {
 
 class MpiRequest final : public TransportRequest {
  public:
-  explicit MpiRequest(std::unique_ptr<Exchange> e) : exchange_(std::move(e)) {}
+  MpiRequest(std::shared_ptr<Session> session, std::unique_ptr<Exchange> e)
+      : session_(std::move(session)), exchange_(std::move(e)) {}
   ~MpiRequest() override {
     try {
       wait();
@@ -228,6 +253,7 @@ class MpiRequest final : public TransportRequest {
   }
 
  private:
+  std::shared_ptr<Session> session_;  // MPI stays initialised while this is in flight
   std::unique_ptr<Exchange> exchange_;
 };
 
@@ -281,8 +307,9 @@ class MpiTransport final : public Transport {
 
   std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& b) override {
     check(b);
-    return std::make_unique<MpiRequest>(std::make_unique<Exchange>(
-        comm_, rank_, next_tag(), max_message_, timeout_s_, b, "ialltoallv"));
+    auto exchange = std::make_unique<Exchange>();
+    exchange->start(comm_, rank_, next_tag(), max_message_, timeout_s_, b, "ialltoallv");
+    return std::make_unique<MpiRequest>(session_, std::move(exchange));
   }
 
   void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
@@ -323,8 +350,9 @@ class MpiTransport final : public Transport {
 
   void barrier() override {
     const auto n = static_cast<std::size_t>(size_);
-    std::vector<std::byte> send(n), recv(n);
-    alltoall(send.data(), recv.data(), 1);
+    send_copies_.resize(n);
+    gather_.resize(n);
+    alltoall(send_copies_.data(), gather_.data(), 1);
   }
 
   std::unique_ptr<Transport> split(int color, int key) override {
@@ -376,7 +404,8 @@ class MpiTransport final : public Transport {
     }
   }
   void run(const AlltoallvBuffers& b, const char* op) {
-    Exchange(comm_, rank_, next_tag(), max_message_, timeout_s_, b, op).wait();
+    blocking_.start(comm_, rank_, next_tag(), max_message_, timeout_s_, b, op);
+    blocking_.wait();
   }
 
   std::shared_ptr<Session> session_;
@@ -389,6 +418,7 @@ class MpiTransport final : public Transport {
   std::uint64_t next_seq_ = 0;
   std::vector<std::size_t> counts_, offsets_;
   std::vector<std::byte> gather_, send_copies_;
+  Exchange blocking_;  // reused by every blocking collective
 };
 
 std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {

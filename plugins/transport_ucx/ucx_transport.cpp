@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstring>
 #include <optional>
+#include <span>
 #include <thread>
 
 #include "switchyard/bootstrap.hpp"
@@ -118,12 +119,24 @@ class Context {
   std::vector<std::string> host_names_;
 };
 
-/// One all-to-all in flight: a receive and a send per peer.
+/// One all-to-all in flight: a receive and a send per peer. Reused from one collective to
+/// the next, so that its request lists do not allocate once they have grown.
 class Exchange {
  public:
-  Exchange(std::shared_ptr<Context> context, const std::vector<int>& members, int me,
-           std::uint32_t comm_id, std::uint64_t seq, const AlltoallvBuffers& b, const char* op)
-      : context_(std::move(context)), members_(members), me_(me), op_(op), buffers_(b) {
+  Exchange() = default;
+  Exchange(const Exchange&) = delete;
+  Exchange& operator=(const Exchange&) = delete;
+  ~Exchange() { release(); }
+
+  /// Posts the receives and sends of one collective. `members[p]` is the world rank of
+  /// rank p of the communicator; `me` is this rank in it.
+  void start(Context& context, std::span<const int> members, int me, std::uint32_t comm_id,
+             std::uint64_t seq, const AlltoallvBuffers& b, const char* op) {
+    release();
+    context_ = &context;
+    op_ = op;
+    buffers_ = b;
+    problem_.reset();
     const std::size_t n = members.size();
     recvs_.assign(n, nullptr);
     sends_.assign(n, nullptr);
@@ -141,31 +154,26 @@ class Exchange {
       ucp_request_param_t param{};
       param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
       if (b.recv_counts[p] != 0) {
-        recvs_[p] =
-            ucp_tag_recv_nbx(context_->worker(), b.recv + b.recv_offsets[p], b.recv_counts[p],
-                             make_tag(comm_id, seq, static_cast<int>(p)), tag_mask, &param);
-        if (UCS_PTR_IS_ERR(recvs_[p]))
-          fail(std::string(op) + " receive", UCS_PTR_STATUS(recvs_[p]));
+        recvs_[p] = ucp_tag_recv_nbx(context.worker(), b.recv + b.recv_offsets[p], b.recv_counts[p],
+                                     make_tag(comm_id, seq, static_cast<int>(p)), tag_mask, &param);
+        if (UCS_PTR_IS_ERR(recvs_[p])) {
+          const ucs_status_t status = UCS_PTR_STATUS(recvs_[p]);
+          recvs_[p] = nullptr;
+          fail(std::string(op) + " receive", status);
+        }
       }
       if (b.send_counts[p] != 0) {
-        sends_[p] = ucp_tag_send_nbx(context_->endpoint(members[p]), b.send + b.send_offsets[p],
+        sends_[p] = ucp_tag_send_nbx(context.endpoint(members[p]), b.send + b.send_offsets[p],
                                      b.send_counts[p], make_tag(comm_id, seq, me), &param);
-        if (UCS_PTR_IS_ERR(sends_[p])) fail(std::string(op) + " send", UCS_PTR_STATUS(sends_[p]));
+        if (UCS_PTR_IS_ERR(sends_[p])) {
+          const ucs_status_t status = UCS_PTR_STATUS(sends_[p]);
+          sends_[p] = nullptr;
+          fail(std::string(op) + " send", status);
+        }
       }
     }
     deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                   std::chrono::duration<double>(context_->timeout_s()));
-  }
-
-  ~Exchange() {
-    for (auto* list : {&recvs_, &sends_}) {
-      for (void*& r : *list) {
-        if (r == nullptr) continue;
-        ucp_request_cancel(context_->worker(), r);
-        ucp_request_free(r);
-        r = nullptr;
-      }
-    }
+                                   std::chrono::duration<double>(context.timeout_s()));
   }
 
   /// Progresses; true when every request is complete. Throws on errors and timeout.
@@ -229,13 +237,23 @@ class Exchange {
   }
 
  private:
+  /// Cancels and frees whatever is still posted (after a failure).
+  void release() {
+    if (context_ == nullptr) return;
+    for (auto* list : {&recvs_, &sends_}) {
+      for (void*& r : *list) {
+        if (r == nullptr) continue;
+        ucp_request_cancel(context_->worker(), r);
+        ucp_request_free(r);
+        r = nullptr;
+      }
+    }
+  }
   void record(std::string what) {
     if (!problem_) problem_ = std::move(what);
   }
-  std::shared_ptr<Context> context_;
-  std::vector<int> members_;
-  int me_;
-  const char* op_;
+  Context* context_ = nullptr;
+  const char* op_ = "";
   AlltoallvBuffers buffers_;
   std::vector<void*> recvs_, sends_;
   std::optional<std::string> problem_;
@@ -244,7 +262,8 @@ class Exchange {
 
 class UcxRequest final : public TransportRequest {
  public:
-  explicit UcxRequest(std::unique_ptr<Exchange> exchange) : exchange_(std::move(exchange)) {}
+  UcxRequest(std::shared_ptr<Context> context, std::unique_ptr<Exchange> exchange)
+      : context_(std::move(context)), exchange_(std::move(exchange)) {}
   ~UcxRequest() override {
     try {
       wait();
@@ -265,6 +284,7 @@ class UcxRequest final : public TransportRequest {
   }
 
  private:
+  std::shared_ptr<Context> context_;  // outlives the exchange
   std::unique_ptr<Exchange> exchange_;
 };
 
@@ -311,8 +331,9 @@ class UcxTransport final : public Transport {
   std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& b) override {
     check(b);
     throw_if_aborted("ialltoallv");
-    return std::make_unique<UcxRequest>(std::make_unique<Exchange>(
-        context_, members_, rank_, comm_id_, next_seq_++, b, "ialltoallv"));
+    auto exchange = std::make_unique<Exchange>();
+    exchange->start(*context_, members_, rank_, comm_id_, next_seq_++, b, "ialltoallv");
+    return std::make_unique<UcxRequest>(context_, std::move(exchange));
   }
 
   void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
@@ -354,8 +375,9 @@ class UcxTransport final : public Transport {
 
   void barrier() override {
     const auto n = static_cast<std::size_t>(size());
-    std::vector<std::byte> send(n), recv(n);
-    alltoall(send.data(), recv.data(), 1);
+    send_copies_.resize(n);
+    gather_.resize(n);
+    alltoall(send_copies_.data(), gather_.data(), 1);
   }
 
   std::unique_ptr<Transport> split(int color, int key) override {
@@ -414,7 +436,8 @@ class UcxTransport final : public Transport {
   }
   void run(const AlltoallvBuffers& b, const char* op) {
     throw_if_aborted(op);
-    Exchange(context_, members_, rank_, comm_id_, next_seq_++, b, op).wait();
+    blocking_.start(*context_, members_, rank_, comm_id_, next_seq_++, b, op);
+    blocking_.wait();
   }
 
   std::shared_ptr<Context> context_;
@@ -427,6 +450,7 @@ class UcxTransport final : public Transport {
   std::string abort_reason_;
   std::vector<std::size_t> counts_, offsets_;
   std::vector<std::byte> gather_, send_copies_;
+  Exchange blocking_;  // reused by every blocking collective
 };
 
 Status probe() {

@@ -1,61 +1,29 @@
 // Once steps of the largest sizes have run, MoELayer::forward allocates nothing: every
-// buffer is reused.
-// Checked by replacing the global operator new and counting, per thread, the allocations
-// made while a rank thread is inside forward().
+// buffer is reused. Checked with a replaced global operator new that counts, per thread,
+// the allocations made while a rank thread is inside forward().
 #include <doctest/doctest.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <new>
+#include <vector>
 
+#include "allocation_counter.hpp"
 #include "switchyard/runtime.hpp"
-
-namespace {
-thread_local bool counting = false;
-thread_local long allocations = 0;
-}  // namespace
-
-// GCC cannot see that these replace the global operators as a set.
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-
-void* operator new(std::size_t size) {
-  if (counting) ++allocations;
-  if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-  throw std::bad_alloc();
-}
-void* operator new[](std::size_t size) { return operator new(size); }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept {
-  if (counting) ++allocations;
-  return std::malloc(size == 0 ? 1 : size);
-}
-void* operator new[](std::size_t size, const std::nothrow_t& tag) noexcept {
-  return operator new(size, tag);
-}
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
 
 using namespace switchyard;
 
 TEST_CASE("the counter sees allocations, also those made inside libswitchyard") {
-  counting = true;
-  allocations = 0;
+  test::start_counting_allocations();
   void* p = ::operator new(64);
-  counting = false;
+  const long explicit_new = test::stop_counting_allocations();
   ::operator delete(p);
-  CHECK(allocations == 1);
-  counting = true;
-  allocations = 0;
+  CHECK(explicit_new == 1);
+  test::start_counting_allocations();
   const Topology t = Topology::uniform(6, 2);  // builds a std::vector in the library
-  counting = false;
+  const long in_library = test::stop_counting_allocations();
   CHECK(t.num_nodes() == 3);
-  CHECK(allocations >= 1);
+  CHECK(in_library >= 1);
 }
 
-TEST_CASE("forward allocates nothing after the first step") {
+TEST_CASE("forward allocates nothing after the first steps") {
   for (int ranks : {1, 3}) {
     CAPTURE(ranks);
     Config config;
@@ -79,11 +47,9 @@ TEST_CASE("forward allocates nothing after the first step") {
         TensorView in(const_cast<float*>(input->data<float>()) + first * H, DType::kF32,
                       {count, H});
         TensorView out(y.data<float>() + first * H, DType::kF32, {count, H});
-        counting = true;
-        allocations = 0;
+        test::start_counting_allocations();
         runtime.layer(local).forward(in, out);
-        counting = false;
-        counts[static_cast<std::size_t>(local)] = allocations;
+        counts[static_cast<std::size_t>(local)] = test::stop_counting_allocations();
       });
       for (long c : counts) CHECK(c == 0);
     }
