@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "inproc_world.hpp"
+#include "switchyard/collectives.hpp"
 #include "switchyard/plugin.hpp"
 
 namespace switchyard::inproc {
@@ -54,21 +55,6 @@ std::optional<Error> pull_alltoallv(std::span<const void* const> posted, int me,
   return problem;
 }
 
-template <typename T>
-void reduce_into(T* acc, const T* in, std::size_t n, ReduceOp op) {
-  switch (op) {
-    case ReduceOp::kSum:
-      for (std::size_t i = 0; i < n; ++i) acc[i] += in[i];
-      break;
-    case ReduceOp::kMax:
-      for (std::size_t i = 0; i < n; ++i) acc[i] = std::max(acc[i], in[i]);
-      break;
-    case ReduceOp::kMin:
-      for (std::size_t i = 0; i < n; ++i) acc[i] = std::min(acc[i], in[i]);
-      break;
-  }
-}
-
 class InprocRequest;
 
 class InprocTransport final : public Transport {
@@ -108,7 +94,7 @@ class InprocTransport final : public Transport {
   }
 
   void alltoallv(const AlltoallvBuffers& buffers) override {
-    check_sizes(buffers);
+    check_alltoallv_arguments(buffers, size(), "inproc");
     const std::uint64_t seq = next_seq_++;
     world_->arrive(seq, rank_, &buffers, "alltoallv");
     auto problem = pull_alltoallv(world_->wait_all_arrived(seq, "alltoallv"), rank_, buffers);
@@ -119,12 +105,7 @@ class InprocTransport final : public Transport {
   std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& buffers) override;
 
   void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
-    if (dtype != DType::kF32 && dtype != DType::kF64 && dtype != DType::kI32 &&
-        dtype != DType::kI64) {
-      throw Error(ErrorCode::kInvalidArgument, "inproc allreduce: dtype " +
-                                                   std::string(dtype_name(dtype)) +
-                                                   " is not supported (f32, f64, i32, i64 are)");
-    }
+    reduce_into(nullptr, nullptr, 0, dtype, op);  // rejects unsupported dtypes before arriving
     const std::uint64_t seq = next_seq_++;
     const AllreduceArgument mine{data, count, dtype, op};
     world_->arrive(seq, rank_, &mine, "allreduce");
@@ -145,24 +126,7 @@ class InprocTransport final : public Transport {
         if (bytes) std::memcpy(scratch_.data(), peer->data, bytes);
         continue;
       }
-      switch (dtype) {
-        case DType::kF32:
-          reduce_into(reinterpret_cast<float*>(scratch_.data()),
-                      static_cast<const float*>(peer->data), count, op);
-          break;
-        case DType::kF64:
-          reduce_into(reinterpret_cast<double*>(scratch_.data()),
-                      static_cast<const double*>(peer->data), count, op);
-          break;
-        case DType::kI32:
-          reduce_into(reinterpret_cast<std::int32_t*>(scratch_.data()),
-                      static_cast<const std::int32_t*>(peer->data), count, op);
-          break;
-        default:
-          reduce_into(reinterpret_cast<std::int64_t*>(scratch_.data()),
-                      static_cast<const std::int64_t*>(peer->data), count, op);
-          break;
-      }
+      reduce_into(scratch_.data(), peer->data, count, dtype, op);
     }
     finish(seq, "allreduce");  // peers have read `data`; now it may be overwritten
     if (problem) throw *problem;
@@ -201,16 +165,6 @@ class InprocTransport final : public Transport {
   void finish(std::uint64_t seq, const char* op) {
     world_->depart(seq, rank_);
     world_->wait_all_departed(seq, op);
-  }
-
-  void check_sizes(const AlltoallvBuffers& b) const {
-    const auto n = static_cast<std::size_t>(size());
-    if (b.send_counts.size() != n || b.send_offsets.size() != n || b.recv_counts.size() != n ||
-        b.recv_offsets.size() != n) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "inproc alltoallv: counts and offsets must have one entry per rank (" +
-                      std::to_string(n) + ")");
-    }
   }
 
   void build_split_worlds(std::span<const void* const> posted) {
@@ -307,7 +261,7 @@ class InprocRequest final : public TransportRequest {
 };
 
 std::unique_ptr<TransportRequest> InprocTransport::ialltoallv(const AlltoallvBuffers& buffers) {
-  check_sizes(buffers);
+  check_alltoallv_arguments(buffers, size(), "inproc");
   const std::uint64_t seq = next_seq_++;
   auto request = std::make_unique<InprocRequest>(*this, seq, buffers);
   // The request's copy of `buffers` is what peers read: it lives as long as the request.

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <optional>
 
+#include "switchyard/collectives.hpp"
 #include "switchyard/plugin.hpp"
 
 namespace switchyard::mpi {
@@ -257,15 +258,6 @@ class MpiRequest final : public TransportRequest {
   std::unique_ptr<Exchange> exchange_;
 };
 
-template <typename T>
-void reduce_into(T* acc, const T* in, std::size_t n, ReduceOp op) {
-  for (std::size_t i = 0; i < n; ++i) {
-    acc[i] = op == ReduceOp::kSum   ? acc[i] + in[i]
-             : op == ReduceOp::kMax ? std::max(acc[i], in[i])
-                                    : std::min(acc[i], in[i]);
-  }
-}
-
 class MpiTransport final : public Transport {
  public:
   MpiTransport(std::shared_ptr<Session> session, MPI_Comm comm, Topology topology,
@@ -291,89 +283,35 @@ class MpiTransport final : public Transport {
   std::string name() const override { return "mpi"; }
 
   void alltoall(const void* send, void* recv, std::size_t bytes_per_peer) override {
-    const auto n = static_cast<std::size_t>(size_);
-    counts_.assign(n, bytes_per_peer);
-    offsets_.resize(n);
-    for (std::size_t p = 0; p < n; ++p) offsets_[p] = p * bytes_per_peer;
-    run({static_cast<const std::byte*>(send), counts_, offsets_, static_cast<std::byte*>(recv),
-         counts_, offsets_},
-        "alltoall");
+    run(alltoall_as_alltoallv(send, recv, bytes_per_peer, size(), scratch_), "alltoall");
   }
 
   void alltoallv(const AlltoallvBuffers& b) override {
-    check(b);
+    check_alltoallv_arguments(b, size(), "mpi");
     run(b, "alltoallv");
   }
 
   std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& b) override {
-    check(b);
+    check_alltoallv_arguments(b, size(), "mpi");
     auto exchange = std::make_unique<Exchange>();
     exchange->start(comm_, rank_, next_tag(), max_message_, timeout_s_, b, "ialltoallv");
     return std::make_unique<MpiRequest>(session_, std::move(exchange));
   }
 
   void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
-    if (dtype != DType::kF32 && dtype != DType::kF64 && dtype != DType::kI32 &&
-        dtype != DType::kI64) {
-      throw Error(ErrorCode::kInvalidArgument, "mpi allreduce: dtype " +
-                                                   std::string(dtype_name(dtype)) +
-                                                   " is not supported (f32, f64, i32, i64 are)");
-    }
-    const std::size_t bytes = count * dtype_size(dtype);
-    const auto n = static_cast<std::size_t>(size_);
-    gather_.resize(n * bytes);
-    send_copies_.resize(n * bytes);
-    for (std::size_t p = 0; p < n; ++p) std::memcpy(send_copies_.data() + p * bytes, data, bytes);
-    alltoall(send_copies_.data(), gather_.data(), bytes);
-    auto reduce = [&](auto* typed) {
-      using T = std::remove_pointer_t<decltype(typed)>;
-      T* acc = reinterpret_cast<T*>(gather_.data());
-      for (std::size_t p = 1; p < n; ++p)
-        reduce_into(acc, reinterpret_cast<const T*>(gather_.data() + p * bytes), count, op);
-    };
-    switch (dtype) {
-      case DType::kF32:
-        reduce(static_cast<float*>(nullptr));
-        break;
-      case DType::kF64:
-        reduce(static_cast<double*>(nullptr));
-        break;
-      case DType::kI32:
-        reduce(static_cast<std::int32_t*>(nullptr));
-        break;
-      default:
-        reduce(static_cast<std::int64_t*>(nullptr));
-        break;
-    }
-    if (bytes) std::memcpy(data, gather_.data(), bytes);
+    allreduce_through_alltoall(*this, data, count, dtype, op, scratch_);
   }
 
-  void barrier() override {
-    const auto n = static_cast<std::size_t>(size_);
-    send_copies_.resize(n);
-    gather_.resize(n);
-    alltoall(send_copies_.data(), gather_.data(), 1);
-  }
+  void barrier() override { barrier_through_alltoall(*this, scratch_); }
 
   std::unique_ptr<Transport> split(int color, int key) override {
-    // Learn every member's (color, key) with a bounded exchange first, for the topology.
-    const auto n = static_cast<std::size_t>(size_);
-    std::vector<std::int32_t> mine(2 * n), all(2 * n);
-    for (std::size_t p = 0; p < n; ++p) {
-      mine[2 * p] = color;
-      mine[2 * p + 1] = key;
-    }
-    alltoall(mine.data(), all.data(), 2 * sizeof(std::int32_t));
+    // The group through a bounded exchange first (for the topology), then MPI's split.
+    const std::vector<int> group = split_group(*this, color, key);
     MPI_Comm child = MPI_COMM_NULL;
     check_mpi(MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &child), "split");
-    if (color < 0) return nullptr;
-    std::vector<std::pair<int, int>> group;
-    for (std::size_t p = 0; p < n; ++p) {
-      if (all[2 * p] == color) group.emplace_back(all[2 * p + 1], static_cast<int>(p));
-    }
-    std::stable_sort(group.begin(), group.end());
+    if (group.empty()) return nullptr;
     std::vector<int> nodes;
-    for (const auto& member : group) nodes.push_back(topology_.node_of(member.second));
+    for (int old : group) nodes.push_back(topology_.node_of(old));
     return std::make_unique<MpiTransport>(session_, child, Topology(nodes), max_message_,
                                           timeout_s_);
   }
@@ -394,15 +332,6 @@ class MpiTransport final : public Transport {
   int next_tag() {
     return static_cast<int>(next_seq_++ % static_cast<std::uint64_t>(session_->tag_limit()));
   }
-  void check(const AlltoallvBuffers& b) const {
-    const auto n = static_cast<std::size_t>(size_);
-    if (b.send_counts.size() != n || b.send_offsets.size() != n || b.recv_counts.size() != n ||
-        b.recv_offsets.size() != n) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "mpi alltoallv: counts and offsets must have one entry per rank (" +
-                      std::to_string(n) + ")");
-    }
-  }
   void run(const AlltoallvBuffers& b, const char* op) {
     blocking_.start(comm_, rank_, next_tag(), max_message_, timeout_s_, b, op);
     blocking_.wait();
@@ -416,8 +345,7 @@ class MpiTransport final : public Transport {
   int rank_ = 0;
   int size_ = 1;
   std::uint64_t next_seq_ = 0;
-  std::vector<std::size_t> counts_, offsets_;
-  std::vector<std::byte> gather_, send_copies_;
+  CollectiveScratch scratch_;
   Exchange blocking_;  // reused by every blocking collective
 };
 

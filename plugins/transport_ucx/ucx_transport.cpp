@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "switchyard/bootstrap.hpp"
+#include "switchyard/collectives.hpp"
 #include "switchyard/plugin.hpp"
 
 namespace switchyard::ucx {
@@ -288,15 +289,6 @@ class UcxRequest final : public TransportRequest {
   std::unique_ptr<Exchange> exchange_;
 };
 
-template <typename T>
-void reduce_into(T* acc, const T* in, std::size_t n, ReduceOp op) {
-  for (std::size_t i = 0; i < n; ++i) {
-    acc[i] = op == ReduceOp::kSum   ? acc[i] + in[i]
-             : op == ReduceOp::kMax ? std::max(acc[i], in[i])
-                                    : std::min(acc[i], in[i]);
-  }
-}
-
 class UcxTransport final : public Transport {
  public:
   UcxTransport(std::shared_ptr<Context> context, std::vector<int> members, int rank,
@@ -314,22 +306,16 @@ class UcxTransport final : public Transport {
   std::string name() const override { return "ucx"; }
 
   void alltoall(const void* send, void* recv, std::size_t bytes_per_peer) override {
-    const auto n = static_cast<std::size_t>(size());
-    counts_.assign(n, bytes_per_peer);
-    offsets_.resize(n);
-    for (std::size_t p = 0; p < n; ++p) offsets_[p] = p * bytes_per_peer;
-    run({static_cast<const std::byte*>(send), counts_, offsets_, static_cast<std::byte*>(recv),
-         counts_, offsets_},
-        "alltoall");
+    run(alltoall_as_alltoallv(send, recv, bytes_per_peer, size(), scratch_), "alltoall");
   }
 
   void alltoallv(const AlltoallvBuffers& b) override {
-    check(b);
+    check_alltoallv_arguments(b, size(), "ucx");
     run(b, "alltoallv");
   }
 
   std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& b) override {
-    check(b);
+    check_alltoallv_arguments(b, size(), "ucx");
     throw_if_aborted("ialltoallv");
     auto exchange = std::make_unique<Exchange>();
     exchange->start(*context_, members_, rank_, comm_id_, next_seq_++, b, "ialltoallv");
@@ -337,68 +323,19 @@ class UcxTransport final : public Transport {
   }
 
   void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
-    if (dtype != DType::kF32 && dtype != DType::kF64 && dtype != DType::kI32 &&
-        dtype != DType::kI64) {
-      throw Error(ErrorCode::kInvalidArgument, "ucx allreduce: dtype " +
-                                                   std::string(dtype_name(dtype)) +
-                                                   " is not supported (f32, f64, i32, i64 are)");
-    }
-    // Everyone gets everyone's contribution and reduces in rank order: identical bits.
-    const std::size_t bytes = count * dtype_size(dtype);
-    const auto n = static_cast<std::size_t>(size());
-    gather_.resize(n * bytes);
-    send_copies_.resize(n * bytes);
-    for (std::size_t p = 0; p < n; ++p) std::memcpy(send_copies_.data() + p * bytes, data, bytes);
-    alltoall(send_copies_.data(), gather_.data(), bytes);
-    auto reduce = [&](auto* typed) {
-      using T = std::remove_pointer_t<decltype(typed)>;
-      T* acc = reinterpret_cast<T*>(gather_.data());
-      for (std::size_t p = 1; p < n; ++p)
-        reduce_into(acc, reinterpret_cast<const T*>(gather_.data() + p * bytes), count, op);
-    };
-    switch (dtype) {
-      case DType::kF32:
-        reduce(static_cast<float*>(nullptr));
-        break;
-      case DType::kF64:
-        reduce(static_cast<double*>(nullptr));
-        break;
-      case DType::kI32:
-        reduce(static_cast<std::int32_t*>(nullptr));
-        break;
-      default:
-        reduce(static_cast<std::int64_t*>(nullptr));
-        break;
-    }
-    if (bytes) std::memcpy(data, gather_.data(), bytes);
+    allreduce_through_alltoall(*this, data, count, dtype, op, scratch_);
   }
 
-  void barrier() override {
-    const auto n = static_cast<std::size_t>(size());
-    send_copies_.resize(n);
-    gather_.resize(n);
-    alltoall(send_copies_.data(), gather_.data(), 1);
-  }
+  void barrier() override { barrier_through_alltoall(*this, scratch_); }
 
   std::unique_ptr<Transport> split(int color, int key) override {
-    const auto n = static_cast<std::size_t>(size());
     const std::uint64_t split_seq = next_seq_;
-    std::vector<std::int32_t> mine(2 * n), all(2 * n);
-    for (std::size_t p = 0; p < n; ++p) {
-      mine[2 * p] = color;
-      mine[2 * p + 1] = key;
-    }
-    alltoall(mine.data(), all.data(), 2 * sizeof(std::int32_t));
-    if (color < 0) return nullptr;
-    std::vector<std::pair<int, int>> group;  // (key, old rank)
-    for (std::size_t p = 0; p < n; ++p) {
-      if (all[2 * p] == color) group.emplace_back(all[2 * p + 1], static_cast<int>(p));
-    }
-    std::stable_sort(group.begin(), group.end());
+    const std::vector<int> group = split_group(*this, color, key);
+    if (group.empty()) return nullptr;
     std::vector<int> members;
     std::vector<int> nodes;
     int new_rank = -1;
-    for (const auto& [k, old] : group) {
+    for (int old : group) {
       if (old == rank_) new_rank = static_cast<int>(members.size());
       members.push_back(members_[static_cast<std::size_t>(old)]);
       nodes.push_back(topology_.node_of(old));
@@ -421,15 +358,6 @@ class UcxTransport final : public Transport {
   }
 
  private:
-  void check(const AlltoallvBuffers& b) const {
-    const auto n = static_cast<std::size_t>(size());
-    if (b.send_counts.size() != n || b.send_offsets.size() != n || b.recv_counts.size() != n ||
-        b.recv_offsets.size() != n) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "ucx alltoallv: counts and offsets must have one entry per rank (" +
-                      std::to_string(n) + ")");
-    }
-  }
   void throw_if_aborted(const char* op) const {
     if (aborted_)
       throw Error(ErrorCode::kPeerFailed, std::string("ucx ") + op + ": " + abort_reason_);
@@ -448,8 +376,7 @@ class UcxTransport final : public Transport {
   std::uint64_t next_seq_ = 0;
   bool aborted_ = false;
   std::string abort_reason_;
-  std::vector<std::size_t> counts_, offsets_;
-  std::vector<std::byte> gather_, send_copies_;
+  CollectiveScratch scratch_;
   Exchange blocking_;  // reused by every blocking collective
 };
 
