@@ -13,7 +13,7 @@ packages=(
   libopenmpi-dev openmpi-bin  # transport_mpi and mpirun
   libucx-dev ucx-utils    # transport_ucx (ucx_info shows the transports UCX sees)
   doctest-dev             # tests
-  clang-format            # the format test
+  clang-format clang-tidy # the format and tidy tests
   python3-numpy           # example scripts that write .npy inputs
 )
 

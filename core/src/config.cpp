@@ -299,7 +299,7 @@ Config Config::from_file(const std::filesystem::path& path) {
   return config;
 }
 
-Config Config::from_string(std::string_view toml_text, std::string source_name) {
+Config Config::from_string(std::string_view toml_text, const std::string& source_name) {
   toml::table table;
   try {
     table = toml::parse(toml_text, source_name);
@@ -323,14 +323,16 @@ Config Config::from_string(std::string_view toml_text, std::string source_name) 
     for (const auto& [key, value] : *sub) {
       const ConfigOrigin origin = file_origin(source_name, value.source());
       const std::string name(key.str());
-      config.put(section, name,
-                 RawEntry{value_from_toml(value, origin, section + "." + name), origin});
+      std::string what = section;
+      what += '.';
+      what += name;
+      config.put(section, name, RawEntry{value_from_toml(value, origin, what), origin});
     }
   }
   return config;
 }
 
-void Config::put(std::string section, std::string key, RawEntry entry) {
+void Config::put(const std::string& section, std::string key, RawEntry entry) {
   auto& keys = values_[section];
   auto it = keys.find(key);
   // Equal or higher precedence replaces; lower precedence never does.

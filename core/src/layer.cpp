@@ -23,6 +23,9 @@ double seconds_since(Clock::time_point start) {
 
 std::size_t to_size(std::int64_t v) { return static_cast<std::size_t>(v); }
 
+/// Floats one (local expert, weight) slot takes in a dispatched row.
+constexpr std::int64_t kSlotFloats = 2;
+
 std::byte* as_bytes(float* p) { return reinterpret_cast<std::byte*>(p); }
 
 }  // namespace
@@ -191,7 +194,7 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
   h.hidden_ = H;
   h.num_tokens_ = local_error ? 0 : T;
   h.slots_ = K;
-  const std::int64_t row_floats = H + 2 * K;  // token, then K SlotMeta of 2 floats each
+  const std::int64_t row_floats = H + kSlotFloats * K;  // the token, then K slots
   const std::int64_t row_bytes = row_floats * static_cast<std::int64_t>(sizeof(float));
 
   // Rows per destination: each token once per rank that holds one of its experts.
@@ -254,7 +257,8 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
   const DispatchHandle::SlotMeta empty{-1, 0.0f};
   for (std::int64_t s = 0; s < S; ++s) {
     for (int j = 0; j < K; ++j) {
-      std::memcpy(&h.send_rows_[to_size(s * row_floats + H + 2 * j)], &empty, sizeof empty);
+      std::memcpy(&h.send_rows_[to_size(s * row_floats + H + kSlotFloats * j)], &empty,
+                  sizeof empty);
     }
   }
   for (int d = 0; d < R; ++d) {
@@ -277,10 +281,10 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
       float* slots = &h.send_rows_[to_size(current_row[d] * row_floats + H)];
       for (int k = 0; k < K; ++k) {
         DispatchHandle::SlotMeta m;
-        std::memcpy(&m, slots + 2 * k, sizeof m);
+        std::memcpy(&m, slots + kSlotFloats * k, sizeof m);
         if (m.local_expert >= 0) continue;
         m = {e - placement.first_expert(d), plan.weights[to_size(t * K + j)]};
-        std::memcpy(slots + 2 * k, &m, sizeof m);
+        std::memcpy(slots + kSlotFloats * k, &m, sizeof m);
         break;
       }
     }
@@ -303,7 +307,7 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
     const float* slots = &h.recv_rows_[to_size(r * row_floats + H)];
     for (int j = 0; j < K; ++j) {
       DispatchHandle::SlotMeta m;
-      std::memcpy(&m, slots + 2 * j, sizeof m);
+      std::memcpy(&m, slots + kSlotFloats * j, sizeof m);
       if (m.local_expert < 0) continue;
       if (m.local_expert >= L) {
         throw Error(ErrorCode::kInternal, "MoE dispatch: received a row for local expert " +
@@ -324,7 +328,7 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
     const float* row = &h.recv_rows_[to_size(r * row_floats)];
     for (int j = 0; j < K; ++j) {
       DispatchHandle::SlotMeta m;
-      std::memcpy(&m, row + H + 2 * j, sizeof m);
+      std::memcpy(&m, row + H + kSlotFloats * j, sizeof m);
       std::int64_t& assignment = h.assignment_of_slot_[to_size(r * K + j)];
       if (m.local_expert < 0) {
         assignment = -1;
@@ -353,7 +357,7 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
   const std::int64_t H = hidden_;
   const int K = h.slots_;
   const auto r_size = static_cast<std::size_t>(R);
-  const std::int64_t row_floats = H + 2 * K;
+  const std::int64_t row_floats = H + kSlotFloats * K;
   const std::int64_t received = static_cast<std::int64_t>(h.recv_rows_.size()) / row_floats;
   const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
   const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
@@ -373,7 +377,7 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
       const std::int64_t a = h.assignment_of_slot_[to_size(r * K + j)];
       if (a < 0) continue;
       DispatchHandle::SlotMeta m;
-      std::memcpy(&m, slots + 2 * j, sizeof m);
+      std::memcpy(&m, slots + kSlotFloats * j, sizeof m);
       const float* expert_row = out + a * H;
       for (std::int64_t k = 0; k < H; ++k) partial[k] += m.weight * expert_row[k];
     }

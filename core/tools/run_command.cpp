@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "commands.hpp"
@@ -82,25 +83,29 @@ int run_layer(Runtime& runtime, bool check, int steps) {
   const int world = runtime.world_size();
   // With one process per rank, rank 0 reports, checks and writes; the others only compute.
   const bool reporter = runtime.world_rank(0) == 0;
-  auto say = [reporter](const char* format, auto... values) {
-    if (reporter) std::printf(format, values...);
-  };
-  say("switchyard %s: transport %s, %d rank%s (%s)\n", core_version(),
-      runtime_options.get_string("transport").c_str(), world, world == 1 ? "" : "s",
-      runtime.topology().describe().c_str());
-  say("model: %s: %d experts, hidden %d, ffn_hidden %d\n", model.description().c_str(),
-      model.num_experts(), model.hidden(), model.ffn_hidden());
-  say("router: %s, top_k %d; experts: %s\n", router_options.get_string("policy").c_str(),
-      runtime.layer(0).router().slots_per_token(),
-      runtime.settings().section("experts").get_string("kernel").c_str());
+  // Ranks other than 0 write their report nowhere.
+  std::unique_ptr<FILE, int (*)(FILE*)> sink(reporter ? nullptr : std::fopen("/dev/null", "w"),
+                                             &std::fclose);
+  FILE* const out = reporter ? stdout : sink.get();
+  if (out == nullptr) throw Error(ErrorCode::kSystem, "cannot open /dev/null");
+  std::fprintf(out, "switchyard %s: transport %s, %d rank%s (%s)\n", core_version(),
+               runtime_options.get_string("transport").c_str(), world, world == 1 ? "" : "s",
+               runtime.topology().describe().c_str());
+  std::fprintf(out, "model: %s: %d experts, hidden %d, ffn_hidden %d\n",
+               model.description().c_str(), model.num_experts(), model.hidden(),
+               model.ffn_hidden());
+  std::fprintf(out, "router: %s, top_k %d; experts: %s\n",
+               router_options.get_string("policy").c_str(),
+               runtime.layer(0).router().slots_per_token(),
+               runtime.settings().section("experts").get_string("kernel").c_str());
   std::string split;
   for (int r = 0; r < world; ++r)
     split += (r ? "/" : "") + std::to_string(token_block(T, world, r).second);
-  say("tokens: %lld from %s, split %s\n", static_cast<long long>(T), input_description.c_str(),
-      split.c_str());
+  std::fprintf(out, "tokens: %lld from %s, split %s\n", static_cast<long long>(T),
+               input_description.c_str(), split.c_str());
   if (runtime.ep_size() != world) {
-    say("groups: %d data-parallel groups of %d expert-parallel ranks\n", world / runtime.ep_size(),
-        runtime.ep_size());
+    std::fprintf(out, "groups: %d data-parallel groups of %d expert-parallel ranks\n",
+                 world / runtime.ep_size(), runtime.ep_size());
   }
 
   for (int step = 0; step < steps; ++step) runtime.forward(x.view(), y.view());
@@ -109,23 +114,25 @@ int run_layer(Runtime& runtime, bool check, int steps) {
   const GlobalRouterStats stats = runtime.global_router_stats();
   const LayerTimings timings = runtime.max_timings();
   const LayerTraffic traffic = runtime.total_traffic();
-  say("expert load:");
+  std::fprintf(out, "expert load:");
   for (std::size_t e = 0; e < stats.counts.size(); ++e) {
-    say("%s e%zu=%lld", e % 16 == 0 && e ? "\n            " : "", e,
-        static_cast<long long>(stats.counts[e]));
+    std::fprintf(out, "%s e%zu=%lld", e % 16 == 0 && e ? "\n            " : "", e,
+                 static_cast<long long>(stats.counts[e]));
   }
-  say("\nrouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
+  std::fprintf(
+      out, "\nrouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
       stats.imbalance, static_cast<long long>(stats.dropped), stats.aux_loss, stats.z_loss);
   const double total = timings.route_s + timings.layout_s + timings.dispatch_s + timings.experts_s +
                        timings.combine_s;
-  say("time (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
-      "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
-      steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
-      timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
-  say("bytes to other ranks (all ranks): dispatch %s (%lld rows), combine %s\n",
-      human_bytes(static_cast<double>(traffic.dispatch_bytes)).c_str(),
-      static_cast<long long>(traffic.rows_sent),
-      human_bytes(static_cast<double>(traffic.combine_bytes)).c_str());
+  std::fprintf(out,
+               "time (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
+               "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
+               steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
+               timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
+  std::fprintf(out, "bytes to other ranks (all ranks): dispatch %s (%lld rows), combine %s\n",
+               human_bytes(static_cast<double>(traffic.dispatch_bytes)).c_str(),
+               static_cast<long long>(traffic.rows_sent),
+               human_bytes(static_cast<double>(traffic.combine_bytes)).c_str());
 
   int exit_code = kExitOk;
   if (!reporter) return exit_code;
@@ -143,18 +150,19 @@ int run_layer(Runtime& runtime, bool check, int steps) {
     const double relative = max_ref > 0 ? max_diff / max_ref : max_diff;
     const double tolerance = runtime.settings().section("check").get_float("tolerance");
     const bool pass = relative <= tolerance;
-    say("check: max |y - reference| = %.3g, relative to max |reference| %.3g: %.3g "
-        "(tolerance %.3g): %s\n",
-        max_diff, max_ref, relative, tolerance, pass ? "PASS" : "FAIL");
+    std::fprintf(out,
+                 "check: max |y - reference| = %.3g, relative to max |reference| %.3g: %.3g "
+                 "(tolerance %.3g): %s\n",
+                 max_diff, max_ref, relative, tolerance, pass ? "PASS" : "FAIL");
     if (!pass) exit_code = kExitCheckFailed;
   }
   if (output.has("path") && exit_code == kExitOk) {
     const auto path = output.get_path("path");
     write_npy(path, y.view());
-    say("output: %s f32[%lld,%d]\n", path.string().c_str(), static_cast<long long>(T),
-        model.hidden());
+    std::fprintf(out, "output: %s f32[%lld,%d]\n", path.string().c_str(), static_cast<long long>(T),
+                 model.hidden());
   } else if (output.has("path")) {
-    say("output: not written because the check failed\n");
+    std::fprintf(out, "output: not written because the check failed\n");
   }
   return exit_code;
 }

@@ -124,7 +124,7 @@ class Config {
   /// `Error(kInvalidArgument)` with "file:line:col: ..." if it is malformed.
   static Config from_file(const std::filesystem::path& path);
   /// Parses TOML text; `source_name` stands for the file name in messages.
-  static Config from_string(std::string_view toml, std::string source_name = "<string>");
+  static Config from_string(std::string_view toml, const std::string& source_name = "<string>");
 
   /// Applies "section.key=value" as given on the command line (value parsed per schema
   /// type when the section is resolved). Throws `Error(kInvalidArgument)` if malformed.
@@ -155,7 +155,7 @@ class Config {
     std::variant<ConfigValue, std::string> value;  // typed (TOML, API) or text (env, CLI)
     ConfigOrigin origin;
   };
-  void put(std::string section, std::string key, RawEntry entry);
+  void put(const std::string& section, std::string key, RawEntry entry);
   std::map<std::string, std::map<std::string, RawEntry, std::less<>>, std::less<>> values_;
   std::map<std::string, ConfigOrigin, std::less<>> section_origins_;
   std::filesystem::path file_;
