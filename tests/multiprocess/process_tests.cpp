@@ -136,6 +136,14 @@ TEST_CASE("a rank that never arrives at the store: a timeout naming it") {
   CHECK(r.output.find("timed out after 1.5") != std::string::npos);
   CHECK(r.output.find("waiting for rank(s) 1, 2") != std::string::npos);
   CHECK(seconds < 10);
+  // And a rank whose rank 0 never comes cannot reach the store.
+  const std::string other =
+      "RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) + " ";
+  const auto [lonely, lonely_seconds] =
+      timed(other + kTool + " run " + (dir / "moe.toml").string());
+  CHECK(lonely.exit_code == 1);
+  CHECK(lonely.output.find("rank 1 could not reach the store at 127.0.0.1:") != std::string::npos);
+  CHECK(lonely_seconds < 10);
 }
 
 TEST_CASE("a wrong WORLD_SIZE is named") {
@@ -167,11 +175,17 @@ TEST_CASE("a port already in use is named") {
   const int port = ntohs(addr.sin_port);
   test::TempDir dir;
   test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 2\n");
-  const auto [r, seconds] =
-      timed("RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " " +
-            kTool + " run " + (dir / "moe.toml").string());
+  const std::string env =
+      "WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) + " ";
+  const std::string run = kTool + " run " + (dir / "moe.toml").string();
+  // Rank 0 cannot listen; rank 1 reaches the foreign listener and gets no answer.
+  const auto [r, seconds] = timed("((" + env + "RANK=1 " + run + " 2>&1; echo rank1=$?) & " + env +
+                                  "RANK=0 " + run + " 2>&1; echo rank0=$?; wait)");
   ::close(fd);
-  CHECK(r.exit_code == 1);
+  INFO(r.output);
+  CHECK(r.output.find("rank0=1") != std::string::npos);
+  CHECK(r.output.find("rank1=1") != std::string::npos);
+  CHECK(r.output.find("no answer from 127.0.0.1:" + std::to_string(port)) != std::string::npos);
   CHECK(r.output.find("cannot listen on 127.0.0.1:" + std::to_string(port) +
                       ": Address already in use") != std::string::npos);
   CHECK(seconds < 10);
