@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <span>
@@ -54,7 +55,12 @@ class Context {
     params.features = UCP_FEATURE_TAG;
     status = ucp_init(&params, config, &context_);
     ucp_config_release(config);
-    if (status != UCS_OK) fail("init", status);
+    if (status != UCS_OK) {
+      const char* tls = std::getenv("UCX_TLS");
+      fail(std::string("init") + (tls ? " with UCX_TLS=" + std::string(tls) : std::string()) +
+               " (`ucx_info -d` lists the transports UCX finds here)",
+           status);
+    }
     ucp_worker_params_t worker_params{};
     worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
     worker_params.thread_mode = UCS_THREAD_MODE_SINGLE;
