@@ -165,3 +165,29 @@ TEST_CASE("repeated steps give bit-identical results") {
   runtime.forward(x.view(), second.view());
   CHECK(std::equal(first.data<float>(), first.data<float>() + first.numel(), second.data<float>()));
 }
+
+TEST_CASE("EP x DP: ep_size splits the world; DP groups reduce across EP groups") {
+  Config c = base_config(4, 8, 2);
+  c.set("runtime", "ep_size", std::int64_t{2});
+  Runtime runtime(c);
+  CHECK(runtime.ep_size() == 2);
+  CHECK(ep_versus_reference(runtime, 45, 3) <= kTolerance);
+  std::vector<double> sums(4);
+  runtime.run_on_ranks([&](int local) {
+    const int rank = runtime.world_rank(local);
+    CHECK(runtime.layer(local).transport().size() == 2);  // EP group: ranks {0,1} or {2,3}
+    CHECK(runtime.layer(local).transport().rank() == rank % 2);
+    CHECK(runtime.layer(local).placement().num_local(rank % 2) == 4);  // 8 experts over 2 ranks
+    Transport& dp = runtime.dp_transport(local);
+    CHECK(dp.size() == 2);  // DP group: ranks {0,2} or {1,3}
+    double value = rank;
+    dp.allreduce(&value, 1, DType::kF64, ReduceOp::kSum);
+    sums[static_cast<std::size_t>(rank)] = value;
+  });
+  CHECK(sums == std::vector<double>{2, 4, 2, 4});
+  Config bad = base_config(4, 8, 2);
+  bad.set("runtime", "ep_size", std::int64_t{3});
+  CHECK_THROWS_WITH_AS(Runtime{bad},
+                       doctest::Contains("runtime.ep_size: must divide the world size 4 (got 3)"),
+                       Error);
+}
