@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -135,6 +136,11 @@ class Server {
   }
 
   ~Server() {
+    // Ranks still polling (the last barrier) need answers: wait briefly for them to hang up.
+    const auto deadline = after(2.0);
+    while (connected_.load() > 0 && Clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
     const char byte = 1;
     (void)!::write(wake_[1], &byte, 1);
     thread_.join();
@@ -156,7 +162,10 @@ class Server {
       if (fds[0].revents) return;
       if (fds[1].revents & POLLIN) {
         const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-        if (fd >= 0) clients_.push_back(fd);
+        if (fd >= 0) {
+          clients_.push_back(fd);
+          ++connected_;
+        }
       }
       for (std::size_t i = 2; i < fds.size(); ++i) {
         if (fds[i].revents == 0) continue;
@@ -164,6 +173,7 @@ class Server {
           ::close(fds[i].fd);
           clients_.erase(std::find(clients_.begin(), clients_.end(), fds[i].fd));
           rank_of_fd_.erase(fds[i].fd);
+          --connected_;
         }
       }
     }
@@ -229,6 +239,7 @@ class Server {
   std::vector<int> clients_;
   std::map<int, int> rank_of_fd_;
   std::map<std::string, std::string> values_;
+  std::atomic<int> connected_{0};
   std::thread thread_;
 };
 
@@ -338,7 +349,9 @@ BootstrapStore::BootstrapStore(const LaunchInfo& info, double timeout_s)
 }
 
 BootstrapStore::~BootstrapStore() {
-  if (impl_ && impl_->fd >= 0) ::close(impl_->fd);
+  if (!impl_) return;
+  if (impl_->fd >= 0) ::close(impl_->fd);  // hang up first, then (rank 0) stop serving
+  impl_->server.reset();
 }
 
 int BootstrapStore::rank() const noexcept { return impl_->info.rank; }
