@@ -228,10 +228,11 @@ const std::vector<std::filesystem::path>& PluginRegistry::search_path() const no
 std::span<const PluginInfo> PluginRegistry::available() const noexcept { return available_; }
 std::span<const PluginRejection> PluginRegistry::rejected() const noexcept { return rejected_; }
 
-const PluginRegistry::Loaded& PluginRegistry::get(PluginKind kind, std::string_view name) const {
+const PluginRegistry::Loaded& PluginRegistry::get(PluginKind kind, std::string_view name,
+                                                  bool usable) const {
   for (const auto& l : loaded_) {
     if (l.info.kind != kind || l.info.name != name) continue;
-    if (!l.info.probe.ok()) {
+    if (usable && !l.info.probe.ok()) {
       throw Error(ErrorCode::kUnavailable, std::string(plugin_kind_name(kind)) + " plugin \"" +
                                                std::string(name) + "\" (" + l.info.path.string() +
                                                ") cannot work here: " + l.info.probe.message);
@@ -279,7 +280,7 @@ const PluginInfo& PluginRegistry::find(PluginKind kind, std::string_view name) c
 }
 
 ConfigSchema PluginRegistry::options(PluginKind kind, std::string_view name) const {
-  const auto& l = get(kind, name);
+  const auto& l = get(kind, name, /*usable=*/false);
   ConfigSchema schema;
   if (l.descriptor->declare_options != nullptr) {
     try {

@@ -30,9 +30,9 @@ struct Runtime::State {
   ExpertPlacement placement;
 };
 
-namespace {
+namespace {}  // namespace
 
-std::vector<std::filesystem::path> plugin_dirs(const Config& config) {
+std::vector<std::filesystem::path> configured_plugin_dirs(const Config& config) {
   const ConfigSection runtime =
       config.section("runtime", core_schema("runtime"), /*reject_unknown=*/false);
   std::vector<std::filesystem::path> dirs;
@@ -45,6 +45,8 @@ std::vector<std::filesystem::path> plugin_dirs(const Config& config) {
   }
   return dirs;
 }
+
+namespace {
 
 ModelWeights load_model(const ConfigSection& model) {
   if (!model.has("weights")) {
@@ -79,7 +81,7 @@ ModelWeights load_model(const ConfigSection& model) {
 Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
   config.check_sections(config_sections());
   state_->registry = std::make_shared<const PluginRegistry>(
-      PluginRegistry::default_search_path(plugin_dirs(config)));
+      PluginRegistry::default_search_path(configured_plugin_dirs(config)));
   state_->settings = std::make_unique<ResolvedConfig>(config, *state_->registry);
   const ConfigSection& runtime = state_->settings->section("runtime");
   const ConfigSection& router = state_->settings->section("router");

@@ -77,8 +77,11 @@ int config_command(const std::vector<std::string>& args) {
   }
   const Config config = load_config(args[1], sets);
   if (args[0] == "show") {
-    const Runtime runtime(config);
-    show(runtime.settings());
+    // Only the schemas are needed: no model, no transport, so it works on any machine.
+    config.check_sections(config_sections());
+    const PluginRegistry registry(
+        PluginRegistry::default_search_path(configured_plugin_dirs(config)));
+    show(ResolvedConfig(config, registry));
     return kExitOk;
   }
   const Runtime runtime(config);  // builds everything a run would, then stops

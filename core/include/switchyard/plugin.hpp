@@ -127,7 +127,9 @@ class PluginRegistry {
   /// was asked, what is available with versions and paths, what was rejected and why, and
   /// where the registry looked) or `Error(kUnavailable)` (its probe failed: why).
   const PluginInfo& find(PluginKind kind, std::string_view name) const;
-  /// The plugin's option schema (empty when it declares none). Throws like `find`.
+  /// The plugin's option schema (empty when it declares none). Available also when the
+  /// plugin cannot work here (its probe failed), so that configurations can be checked
+  /// and shown anywhere. Throws `Error(kNotFound)` like `find`.
   ConfigSchema options(PluginKind kind, std::string_view name) const;
 
   /// Create objects; throw like `find`, or the plugin's error.
@@ -139,7 +141,8 @@ class PluginRegistry {
 
  private:
   struct Loaded;
-  const Loaded& get(PluginKind kind, std::string_view name) const;
+  /// `usable`: also require that the probe passed.
+  const Loaded& get(PluginKind kind, std::string_view name, bool usable = true) const;
   std::vector<std::filesystem::path> search_path_;
   std::vector<Loaded> loaded_;
   std::vector<PluginInfo> available_;

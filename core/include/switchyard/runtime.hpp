@@ -4,6 +4,7 @@
 /// layer per rank hosted by this process.
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <span>
@@ -38,6 +39,10 @@ class ResolvedConfig {
  private:
   std::vector<ConfigSection> sections_;
 };
+
+/// The folders `[runtime] plugin_dirs` names (relative ones resolved against the config
+/// file's folder), for `PluginRegistry::default_search_path`.
+std::vector<std::filesystem::path> configured_plugin_dirs(const Config& config);
 
 /// Rows of `num_tokens` owned by `rank` of `ranks`: contiguous blocks, the first
 /// `num_tokens mod ranks` ranks get one row more. Returns {first row, row count}.
