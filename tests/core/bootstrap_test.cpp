@@ -81,10 +81,10 @@ TEST_CASE("set, get, barrier and allgather across ranks") {
 TEST_CASE("a barrier that a rank never reaches times out naming it") {
   const int port = free_port();
   auto errors = on_threads(3, [&](int r) {
-    BootstrapStore store(info(r, 3, port), 0.5);
+    BootstrapStore store(info(r, 3, port), 1.0);
     if (r == 1) {
       std::this_thread::sleep_for(
-          std::chrono::milliseconds(1500));  // keeps its connection, skips the barrier
+          std::chrono::milliseconds(2500));  // keeps its connection, skips the barrier
       return;
     }
     store.barrier("b");
@@ -93,7 +93,7 @@ TEST_CASE("a barrier that a rank never reaches times out naming it") {
     REQUIRE(errors[static_cast<std::size_t>(r)].has_value());
     CHECK(errors[static_cast<std::size_t>(r)]->code() == ErrorCode::kTimeout);
     CHECK(errors[static_cast<std::size_t>(r)]->message() ==
-          "bootstrap barrier 'b': timed out after 0.5 s waiting for rank(s) 1 (never started, or a "
+          "bootstrap barrier 'b': timed out after 1 s waiting for rank(s) 1 (never started, or a "
           "wrong "
           "RANK/WORLD_SIZE?)");
   }
