@@ -160,6 +160,7 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
 void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
                              const Error* local_error) {
   auto start = Clock::now();
+  failure_agreed_ = false;
   Transport& transport = *parts_.transport;
   const ExpertPlacement& placement = parts_.placement;
   const int R = transport.size();
@@ -224,9 +225,15 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
   h.rows_from_.resize(r_size);
   transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t));
   const double counts_s = seconds_since(start);
-  if (local_error != nullptr) throw *local_error;
+  // From here every rank of the group knows whether any rank failed: they all stop at
+  // this same point, and the group stays usable for the next step.
+  if (local_error != nullptr) {
+    failure_agreed_ = true;
+    throw *local_error;
+  }
   for (int p = 0; p < R; ++p) {
     if (h.rows_from_[static_cast<std::size_t>(p)] < 0) {
+      failure_agreed_ = true;
       throw Error(ErrorCode::kPeerFailed, "MoE dispatch: rank " + std::to_string(p) +
                                               " failed before dispatch and reports the cause");
     }

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "switchyard/reference.hpp"
@@ -262,20 +263,34 @@ void Runtime::forward(const TensorView& x, const TensorView& y) {
   x.require("input tokens", DType::kF32, {-1, H});
   y.require("output", DType::kF32, {x.dim(0), H});
   const int world = world_size();
+  // Failures every rank saw together (bad input) are collected here rather than thrown
+  // through run_on_ranks, which would abort the transports: bad input changes nothing.
+  std::vector<std::optional<Error>> agreed(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
     const int rank = world_rank(local);
     const auto [first, count] = token_block(x.dim(0), world, rank);
     try {
       layer(local).forward(rows(x, first, count), rows(y, first, count));
     } catch (const Error& e) {
-      if (e.code() == ErrorCode::kPeerFailed) throw;
       // Say which global rows the failing rank held; token numbers in the message are
       // local to that block.
-      throw Error(e.code(), "rank " + std::to_string(rank) + " (input rows " +
-                                std::to_string(first) + ".." + std::to_string(first + count - 1) +
-                                "): " + e.message());
+      Error located =
+          e.code() == ErrorCode::kPeerFailed
+              ? e
+              : Error(e.code(), "rank " + std::to_string(rank) + " (input rows " +
+                                    std::to_string(first) + ".." +
+                                    std::to_string(first + count - 1) + "): " + e.message());
+      if (!layer(local).last_failure_agreed()) throw located;
+      agreed[static_cast<std::size_t>(local)] = std::move(located);
     }
   });
+  const std::optional<Error>* peer_failure = nullptr;
+  for (const auto& e : agreed) {
+    if (!e) continue;
+    if (e->code() != ErrorCode::kPeerFailed) throw *e;
+    if (peer_failure == nullptr) peer_failure = &e;
+  }
+  if (peer_failure != nullptr) throw **peer_failure;
 }
 
 void Runtime::reference_forward(const TensorView& x, const TensorView& y) const {

@@ -191,3 +191,14 @@ TEST_CASE("EP x DP: ep_size splits the world; DP groups reduce across EP groups"
                        doctest::Contains("runtime.ep_size: must divide the world size 4 (got 3)"),
                        Error);
 }
+
+TEST_CASE("bad input changes nothing: after NaN tokens on one rank the next step works") {
+  Runtime runtime(base_config(3, 8, 2));
+  HostTensor x = synthetic_tokens(30, 24, 5);
+  HostTensor y(DType::kF32, {30, 24});
+  x.data<float>()[15 * 24 + 1] = std::nanf("");  // row 15: rank 1's row 5
+  CHECK_THROWS_WITH_AS(
+      runtime.forward(x.view(), y.view()),
+      doctest::Contains("rank 1 (input rows 10..19): router topk: logit of token 5"), Error);
+  CHECK(ep_versus_reference(runtime, 30, 5) <= kTolerance);
+}

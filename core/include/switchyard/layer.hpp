@@ -137,6 +137,10 @@ class MoELayer {
   /// The plan of the last `forward`.
   const RoutingPlan& last_plan() const noexcept { return plan_; }
   const LayerTimings& timings() const noexcept { return timings_; }
+  /// True when the last `forward` or `dispatch` failed at the point where every rank of
+  /// the EP group learns of it together (bad input on some rank, found before any data
+  /// moved): every rank threw there, and the group is usable for the next step.
+  bool last_failure_agreed() const noexcept { return failure_agreed_; }
   const LayerTraffic& traffic() const noexcept { return traffic_; }
 
  private:
@@ -150,6 +154,7 @@ class MoELayer {
   DispatchHandle handle_;
   LayerTimings timings_;
   LayerTraffic traffic_;
+  bool failure_agreed_ = false;
 };
 
 }  // namespace switchyard
