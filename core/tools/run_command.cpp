@@ -204,9 +204,12 @@ int run_command(const std::vector<std::string>& args) {
   try {
     return run_layer(runtime, check, steps);
   } catch (const Error& e) {
-    // Report first: with MPI, abort ends this process too.
     report_error(e);
-    runtime.abort(e.message());
+    // Bad input is seen by every rank together: each reports and exits by itself. Anything
+    // else may leave peers waiting, so stop them (with MPI this ends the job).
+    if (e.code() != ErrorCode::kInvalidArgument && e.code() != ErrorCode::kPeerFailed) {
+      runtime.abort(e.message());
+    }
     return kExitError;
   }
 }

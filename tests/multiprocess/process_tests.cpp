@@ -9,9 +9,11 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <fstream>
 #include <iterator>
 
+#include "switchyard/io.hpp"
 #include "test_support.hpp"
 
 using namespace switchyard;
@@ -231,5 +233,28 @@ TEST_CASE("a peer killed in the middle of a dispatch ends every survivor in boun
               "ep_worker: timeout: mpi alltoall: timed out after 2 s waiting for rank(s) 1 ") !=
           std::string::npos);
     CHECK(seconds < 15);
+  }
+}
+
+TEST_CASE("NaN tokens on one rank: that rank names them, the others say it failed, all exit 1") {
+  test::TempDir dir;
+  HostTensor x = synthetic_tokens(12, 64, 3);
+  x.data<float>()[7 * 64 + 3] = std::nanf("");  // row 7: rank 1's row 3 of 3 ranks
+  write_npy(dir / "x.npy", x.view());
+  const std::string run =
+      kTool + " run " SWITCHYARD_SOURCE_DIR "/examples/configs/demo.toml --set input.tokens=" +
+      (dir / "x.npy").string() + " --set output.path=" + (dir / "y.npy").string();
+  for (const std::string& launcher : {kMpirun + " -np 3 ", kTool + " launch -n 3 -- "}) {
+    const std::string transport = launcher.find("launch") != std::string::npos ? "ucx" : "mpi";
+    CAPTURE(transport);
+    const auto r = test::run_command(launcher + run +
+                                     " --set runtime.ranks=3 --set runtime.transport=" + transport);
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(
+        r.output.find("rank 1 (input rows 4..7): router topk: logit of token 3, expert 0 is NaN") !=
+        std::string::npos);
+    CHECK(r.output.find("MoE dispatch: rank 1 failed before dispatch") != std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(dir / "y.npy"));
   }
 }
