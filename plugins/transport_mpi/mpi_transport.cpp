@@ -230,33 +230,7 @@ class Exchange {
   Clock::time_point deadline_;
 };
 
-class MpiRequest final : public TransportRequest {
- public:
-  MpiRequest(std::shared_ptr<Session> session, std::unique_ptr<Exchange> e)
-      : session_(std::move(session)), exchange_(std::move(e)) {}
-  ~MpiRequest() override {
-    try {
-      wait();
-    } catch (...) {
-      // A destructor cannot report; the failure shows in the next collective.
-    }
-  }
-  void wait() override {
-    if (!exchange_) return;
-    auto e = std::move(exchange_);
-    e->wait();
-  }
-  bool test() override {
-    if (!exchange_) return true;
-    if (!exchange_->test()) return false;
-    exchange_.reset();
-    return true;
-  }
-
- private:
-  std::shared_ptr<Session> session_;  // MPI stays initialised while this is in flight
-  std::unique_ptr<Exchange> exchange_;
-};
+using MpiRequest = PolledRequest<Exchange, Session>;
 
 class MpiTransport final : public Transport {
  public:

@@ -267,33 +267,7 @@ class Exchange {
   Clock::time_point deadline_;
 };
 
-class UcxRequest final : public TransportRequest {
- public:
-  UcxRequest(std::shared_ptr<Context> context, std::unique_ptr<Exchange> exchange)
-      : context_(std::move(context)), exchange_(std::move(exchange)) {}
-  ~UcxRequest() override {
-    try {
-      wait();
-    } catch (...) {
-      // A destructor cannot report; the failure shows in the next collective.
-    }
-  }
-  void wait() override {
-    if (!exchange_) return;
-    auto e = std::move(exchange_);
-    e->wait();
-  }
-  bool test() override {
-    if (!exchange_) return true;
-    if (!exchange_->test()) return false;
-    exchange_.reset();
-    return true;
-  }
-
- private:
-  std::shared_ptr<Context> context_;  // outlives the exchange
-  std::unique_ptr<Exchange> exchange_;
-};
+using UcxRequest = PolledRequest<Exchange, Context>;
 
 class UcxTransport final : public Transport {
  public:

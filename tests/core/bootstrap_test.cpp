@@ -2,10 +2,6 @@
 // variables.
 #include <doctest/doctest.h>
 
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <cstdlib>
 #include <optional>
 #include <thread>
@@ -18,18 +14,6 @@ using namespace switchyard;
 
 namespace {
 
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof addr;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 LaunchInfo info(int rank, int world, int port) {
   LaunchInfo i;
   i.rank = rank;
@@ -39,30 +23,13 @@ LaunchInfo info(int rank, int world, int port) {
   return i;
 }
 
-/// Runs fn(rank) for every rank on its own thread; returns the errors.
-std::vector<std::optional<Error>> on_threads(int ranks, const std::function<void(int)>& fn) {
-  std::vector<std::optional<Error>> errors(static_cast<std::size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        fn(r);
-      } catch (const Error& e) {
-        errors[static_cast<std::size_t>(r)] = e;
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  return errors;
-}
-
 }  // namespace
 
 TEST_CASE("set, get, barrier and allgather across ranks") {
-  const int port = free_port();
+  const int port = test::free_port();
   std::vector<std::vector<std::string>> gathered(3);
   std::vector<std::string> got(3);
-  auto errors = on_threads(3, [&](int r) {
+  auto errors = test::on_threads(3, [&](int r) {
     BootstrapStore store(info(r, 3, port), 10);
     if (r == 2) store.set("id", std::string("unique\0id", 9));
     got[static_cast<std::size_t>(r)] = store.get("id");  // waits until rank 2 set it
@@ -79,8 +46,8 @@ TEST_CASE("set, get, barrier and allgather across ranks") {
 }
 
 TEST_CASE("a barrier that a rank never reaches times out naming it") {
-  const int port = free_port();
-  auto errors = on_threads(3, [&](int r) {
+  const int port = test::free_port();
+  auto errors = test::on_threads(3, [&](int r) {
     BootstrapStore store(info(r, 3, port), 1.0);
     if (r == 1) {
       std::this_thread::sleep_for(
@@ -100,8 +67,8 @@ TEST_CASE("a barrier that a rank never reaches times out naming it") {
 }
 
 TEST_CASE("disagreeing world sizes and a rank claimed twice are refused") {
-  const int port = free_port();
-  auto errors = on_threads(2, [&](int r) {
+  const int port = test::free_port();
+  auto errors = test::on_threads(2, [&](int r) {
     BootstrapStore store(info(r, r == 0 ? 2 : 5, port), 1);
     store.barrier("b");
   });
@@ -113,8 +80,8 @@ TEST_CASE("disagreeing world sizes and a rank claimed twice are refused") {
   REQUIRE(errors[0].has_value());
   CHECK(errors[0]->code() == ErrorCode::kTimeout);
 
-  const int port2 = free_port();
-  auto twice = on_threads(3, [&](int r) {
+  const int port2 = test::free_port();
+  auto twice = test::on_threads(3, [&](int r) {
     BootstrapStore store(info(r == 2 ? 1 : r, 3, port2), 1);
     store.barrier("b");
   });

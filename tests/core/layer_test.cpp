@@ -8,6 +8,7 @@
 #include "switchyard/model.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/status.hpp"
+#include "test_support.hpp"
 
 using namespace switchyard;
 
@@ -23,23 +24,6 @@ std::vector<std::shared_ptr<Transport>> inproc(int ranks, double timeout_s = 30)
   args.requested_ranks = ranks;
   args.timeout_s = timeout_s;
   return registry().create_transport("inproc", args);
-}
-
-/// Runs fn(rank) on one thread per rank; returns the error each rank threw (if any).
-std::vector<std::optional<Error>> on_threads(int ranks, const std::function<void(int)>& fn) {
-  std::vector<std::optional<Error>> errors(static_cast<std::size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        fn(r);
-      } catch (const Error& e) {
-        errors[static_cast<std::size_t>(r)] = e;
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  return errors;
 }
 
 struct Fixture {
@@ -112,7 +96,7 @@ TEST_CASE("dispatch and combine on their own: identity experts return sum(weight
     CAPTURE(ranks);
     Fixture f(ranks, 7, 3);
     const std::int64_t H = f.model.hidden();
-    auto errors = on_threads(ranks, [&](int r) {
+    auto errors = test::on_threads(ranks, [&](int r) {
       const std::int64_t T = 5 + r;  // different T per rank
       HostTensor x = synthetic_tokens(T, static_cast<int>(H), static_cast<std::uint64_t>(r));
       HostTensor y(DType::kF32, {T, H});
@@ -143,7 +127,7 @@ TEST_CASE("dispatch and combine on their own: identity experts return sum(weight
 TEST_CASE("a token is sent once per destination rank, not once per expert") {
   Fixture f(2, 4, 2);  // experts 0,1 on rank 0; 2,3 on rank 1
   const std::int64_t H = f.model.hidden();
-  auto errors = on_threads(2, [&](int r) {
+  auto errors = test::on_threads(2, [&](int r) {
     MoELayer& layer = *f.layers[static_cast<std::size_t>(r)];
     RoutingPlan plan;
     plan.num_tokens = 3;
@@ -176,7 +160,7 @@ TEST_CASE("a token is sent once per destination rank, not once per expert") {
 TEST_CASE("forward: NaN logits on one rank fail every rank, quickly, with the cause on that rank") {
   Fixture f(3, 6, 2);
   const std::int64_t H = f.model.hidden();
-  auto errors = on_threads(3, [&](int r) {
+  auto errors = test::on_threads(3, [&](int r) {
     HostTensor x = synthetic_tokens(4, static_cast<int>(H), static_cast<std::uint64_t>(r));
     if (r == 1) x.data<float>()[2 * H + 3] = std::numeric_limits<float>::quiet_NaN();
     HostTensor y(DType::kF32, {4, H});
@@ -192,7 +176,7 @@ TEST_CASE("forward: NaN logits on one rank fail every rank, quickly, with the ca
           std::string::npos);
   }
   // The layers stay usable: the next step with good input works on every rank.
-  auto again = on_threads(3, [&](int r) {
+  auto again = test::on_threads(3, [&](int r) {
     HostTensor x = synthetic_tokens(4, static_cast<int>(H), static_cast<std::uint64_t>(r));
     HostTensor y(DType::kF32, {4, H});
     f.layers[static_cast<std::size_t>(r)]->forward(x.view(), y.view());
@@ -203,7 +187,7 @@ TEST_CASE("forward: NaN logits on one rank fail every rank, quickly, with the ca
 TEST_CASE("forward: wrong input width on one rank is an error on every rank") {
   Fixture f(2, 4, 1);
   const std::int64_t H = f.model.hidden();
-  auto errors = on_threads(2, [&](int r) {
+  auto errors = test::on_threads(2, [&](int r) {
     const std::int64_t width = r == 0 ? H + 1 : H;
     HostTensor x(DType::kF32, {3, width});
     HostTensor y(DType::kF32, {3, width});

@@ -35,18 +35,6 @@ std::pair<test::CommandResult, double> timed(const std::string& command) {
   return {result, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
 }
 
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof addr;
-  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
-  ::close(fd);
-  return ntohs(addr.sin_port);
-}
-
 }  // namespace
 
 TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the reference") {
@@ -132,7 +120,8 @@ TEST_CASE("a rank that never arrives at the store: a timeout naming it") {
   test::TempDir dir;
   test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 1.5\n");
   const std::string env =
-      "RANK=0 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) + " ";
+      "RANK=0 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(test::free_port()) +
+      " ";
   const auto [r, seconds] = timed(env + kTool + " run " + (dir / "moe.toml").string());
   CHECK(r.exit_code == 1);
   CHECK(r.output.find("timed out after 1.5") != std::string::npos);
@@ -140,7 +129,8 @@ TEST_CASE("a rank that never arrives at the store: a timeout naming it") {
   CHECK(seconds < 10);
   // And a rank whose rank 0 never comes cannot reach the store.
   const std::string other =
-      "RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) + " ";
+      "RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(test::free_port()) +
+      " ";
   const auto [lonely, lonely_seconds] =
       timed(other + kTool + " run " + (dir / "moe.toml").string());
   CHECK(lonely.exit_code == 1);
@@ -151,7 +141,7 @@ TEST_CASE("a rank that never arrives at the store: a timeout naming it") {
 TEST_CASE("a wrong WORLD_SIZE is named") {
   test::TempDir dir;
   test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 2\n");
-  const std::string base = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port());
+  const std::string base = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(test::free_port());
   const std::string run = kTool + " run " + (dir / "moe.toml").string();
   const auto [r, seconds] =
       timed("(" + base + " RANK=0 WORLD_SIZE=2 " + run + " > " + (dir / "r0.log").string() +

@@ -7,6 +7,7 @@
 
 #include "switchyard/plugin.hpp"
 #include "switchyard/status.hpp"
+#include "test_support.hpp"
 #include "transport_conformance.hpp"
 
 using namespace switchyard;
@@ -24,19 +25,8 @@ std::vector<std::shared_ptr<Transport>> inproc(int ranks, double timeout_s) {
 
 std::vector<std::optional<Error>> on_ranks(std::vector<std::shared_ptr<Transport>>& ranks,
                                            const std::function<void(Transport&)>& fn) {
-  std::vector<std::optional<Error>> errors(ranks.size());
-  std::vector<std::thread> threads;
-  for (std::size_t r = 0; r < ranks.size(); ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        fn(*ranks[r]);
-      } catch (const Error& e) {
-        errors[r] = e;
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  return errors;
+  return test::on_threads(static_cast<int>(ranks.size()),
+                          [&](int r) { fn(*ranks[static_cast<std::size_t>(r)]); });
 }
 
 }  // namespace

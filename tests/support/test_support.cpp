@@ -1,5 +1,7 @@
 #include "test_support.hpp"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -8,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <thread>
 
 #include "switchyard/status.hpp"
 
@@ -35,6 +38,34 @@ Error error_of(const std::function<void()>& f) {
 }
 
 std::string error_message(const std::function<void()>& f) { return error_of(f).message(); }
+
+std::vector<std::optional<Error>> on_threads(int n, const std::function<void(int)>& fn) {
+  std::vector<std::optional<Error>> errors(static_cast<std::size_t>(n));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < n; ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        fn(i);
+      } catch (const Error& e) {
+        errors[static_cast<std::size_t>(i)] = e;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof addr;
+  ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
 
 void write_text(const std::filesystem::path& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

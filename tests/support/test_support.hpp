@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,13 @@ class TempDir {
 Error error_of(const std::function<void()>& f);
 /// The message of the `Error` that `f` throws, or "no error".
 std::string error_message(const std::function<void()>& f);
+
+/// Runs fn(i) for i in 0..n-1, each on its own thread, and waits; returns the `Error`
+/// each one threw, if any.
+std::vector<std::optional<Error>> on_threads(int n, const std::function<void(int)>& fn);
+
+/// A loopback TCP port that was free a moment ago.
+int free_port();
 
 /// Writes `text` to `path`.
 void write_text(const std::filesystem::path& path, const std::string& text);

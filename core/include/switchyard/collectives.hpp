@@ -4,6 +4,7 @@
 /// plugins to build on: one implementation, the same bits on every transport.
 
 #include <cstddef>
+#include <memory>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -45,5 +46,37 @@ void barrier_through_alltoall(Transport& transport, CollectiveScratch& scratch);
 /// and returns the old ranks with this rank's color, ordered by (key, old rank). Empty for
 /// a negative color. Collective.
 std::vector<int> split_group(Transport& transport, int color, int key);
+
+/// A `TransportRequest` that drives an `Exchange` (any type with `bool test()` and
+/// `void wait()`, both throwing on failure) and keeps `Owner` (the state the exchange
+/// uses, e.g. the transport's context) alive until the exchange is gone.
+template <typename Exchange, typename Owner>
+class PolledRequest final : public TransportRequest {
+ public:
+  PolledRequest(std::shared_ptr<Owner> owner, std::unique_ptr<Exchange> exchange)
+      : owner_(std::move(owner)), exchange_(std::move(exchange)) {}
+  ~PolledRequest() override {
+    try {
+      wait();
+    } catch (...) {
+      // A destructor cannot report; the failure shows in the next collective.
+    }
+  }
+  void wait() override {
+    if (!exchange_) return;
+    auto exchange = std::move(exchange_);
+    exchange->wait();
+  }
+  bool test() override {
+    if (!exchange_) return true;
+    if (!exchange_->test()) return false;
+    exchange_.reset();
+    return true;
+  }
+
+ private:
+  std::shared_ptr<Owner> owner_;  // declared first: outlives the exchange
+  std::unique_ptr<Exchange> exchange_;
+};
 
 }  // namespace switchyard
