@@ -477,17 +477,6 @@ ConfigSection Config::section(std::string_view name, const ConfigSchema& schema,
   return out;
 }
 
-std::optional<std::string> Config::raw_text(std::string_view section, std::string_view key) const {
-  auto s = values_.find(section);
-  if (s == values_.end()) return std::nullopt;
-  auto k = s->second.find(key);
-  if (k == s->second.end()) return std::nullopt;
-  if (const auto* text = std::get_if<std::string>(&k->second.value)) return *text;
-  const auto& v = std::get<ConfigValue>(k->second.value);
-  if (const auto* str = std::get_if<std::string>(&v)) return *str;
-  return format_config_value(v);
-}
-
 std::string did_you_mean(std::string_view word, std::span<const std::string> candidates) {
   const std::string w = lower(word);
   std::string best;

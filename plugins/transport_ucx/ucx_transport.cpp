@@ -113,7 +113,6 @@ class Context {
     return endpoints_[static_cast<std::size_t>(world_rank)];
   }
   double timeout_s() const { return timeout_s_; }
-  int world_rank() const { return world_rank_; }
   const std::vector<std::string>& host_names() const { return host_names_; }
 
  private:

@@ -144,8 +144,6 @@ class Config {
   /// before the plugin that declares them is known).
   ConfigSection section(std::string_view name, const ConfigSchema& schema,
                         bool reject_unknown = true) const;
-  /// The value given for section.key, as text, if any (before validation).
-  std::optional<std::string> raw_text(std::string_view section, std::string_view key) const;
 
   /// The file this config was read from (empty when not from a file).
   const std::filesystem::path& file() const noexcept { return file_; }

@@ -78,15 +78,12 @@ class DispatchHandle {
   std::vector<std::int64_t> rows_to_, rows_from_;
   std::vector<std::int64_t> rows_to_offset_, rows_from_offset_;
   std::vector<std::size_t> send_bytes_, send_offsets_, recv_bytes_, recv_offsets_;
-  std::vector<std::size_t> send_meta_bytes_, send_meta_offsets_, recv_meta_bytes_,
-      recv_meta_offsets_;
-  // Dispatched rows, in (destination rank, token) order, and the token of each.
+  // Dispatched rows, in (destination rank, token) order, each the token's H floats then
+  // its K slots; and the token of each.
   std::vector<float> send_rows_;
-  std::vector<SlotMeta> send_meta_;
   std::vector<std::int64_t> send_row_token_;
   // Received rows, in (source rank, source token) order.
   std::vector<float> recv_rows_;
-  std::vector<SlotMeta> recv_meta_;
   // Expert-grouped rows and, per (received row, slot), its index in them (-1: empty).
   std::vector<std::int64_t> rows_per_expert_;
   std::vector<float> expert_input_, expert_output_;
