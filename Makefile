@@ -18,12 +18,15 @@ demo: build
 	$(BUILD_DIR)/bin/switchyard run examples/configs/demo.toml --check \
 	  --set output.path=$(BUILD_DIR)/demo_y.npy
 
-test: build
+# The suite builds with warnings as errors (users' builds keep them as warnings).
+test: deps
+	cmake -S . -B $(BUILD_DIR) $(CMAKE_FLAGS) -DSWITCHYARD_WERROR=ON
+	cmake --build $(BUILD_DIR) -j $(JOBS)
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 600
 
 # The same suite under AddressSanitizer and UBSan, in its own build folder.
 test-sanitize: deps
-	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DSWITCHYARD_SANITIZE=ON
+	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DSWITCHYARD_SANITIZE=ON -DSWITCHYARD_WERROR=ON
 	cmake --build build-asan -j $(JOBS)
 	cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 900
 

@@ -89,7 +89,10 @@ Clock::time_point after(double seconds) {
 
 std::string join(const std::vector<int>& v) {
   std::string s;
-  for (int x : v) s += (s.empty() ? "" : ", ") + std::to_string(x);
+  for (int x : v) {
+    if (!s.empty()) s += ", ";
+    s += std::to_string(x);
+  }
   return s;
 }
 

@@ -31,6 +31,13 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("timeout_s", T::kFloat, ConfigValue{300.0},
           "bound in seconds on every wait for a peer; a missing peer is an error after it",
           checks::positive());
+    s.add("payload_dtype", T::kString, ConfigValue{std::string("f32")},
+          "dtype of dispatched token rows: f32, bf16, or fp8 (E4M3, one f32 scale per 128 "
+          "elements)",
+          checks::one_of({"f32", "bf16", "fp8"}));
+    s.add("combine_dtype", T::kString, ConfigValue{std::string("f32")},
+          "dtype of the partial sums sent back in the combine: f32 or bf16",
+          checks::one_of({"f32", "bf16"}));
     s.add("plugin_dirs", T::kStringList, ConfigValue{std::vector<std::string>{}},
           "extra plugin folders, searched after SWITCHYARD_PLUGIN_PATH and before the install's");
   } else if (section == "router") {

@@ -1,9 +1,10 @@
-// One MoE layer on one rank: route → dispatch → experts → combine.
+// One MoE layer on one rank: the sequence route → layout → counts exchange → dispatch →
+// experts → weighted reduce → combine → sum. The data-path primitives do the work
+// (data_path.hpp); this file only orders them around the transport's exchanges.
 //
-// Wire format of a dispatched row: H floats of the token, then K (local expert, weight)
-// slots (8 bytes each, stored in the same float buffer). A token goes once to each rank
-// that holds any of its experts. Partial sums are formed on the expert side, so the
-// combine sends back one row per dispatched row.
+// A token goes once to each rank that holds any of its experts: its row in the payload
+// dtype, and beside it, in a metadata buffer, its K (local expert, weight) slots. Partial
+// sums are formed on the expert side, so the combine sends back one row per dispatched row.
 #include "switchyard/layer.hpp"
 
 #include <algorithm>
@@ -23,10 +24,20 @@ double seconds_since(Clock::time_point start) {
 
 std::size_t to_size(std::int64_t v) { return static_cast<std::size_t>(v); }
 
-/// Floats one (local expert, weight) slot takes in a dispatched row.
-constexpr std::int64_t kSlotFloats = 2;
+/// Byte counts and offsets of an exchange of `rows[p]` rows of `row_bytes` per peer.
+void row_exchange(const Buffer<std::int64_t>& rows, std::size_t row_bytes,
+                  Buffer<std::size_t>& counts, Buffer<std::size_t>& offsets) {
+  counts.resize(rows.size());
+  offsets.resize(rows.size());
+  std::size_t offset = 0;
+  for (std::size_t p = 0; p < rows.size(); ++p) {
+    counts[p] = to_size(rows[p]) * row_bytes;
+    offsets[p] = offset;
+    offset += counts[p];
+  }
+}
 
-std::byte* as_bytes(float* p) { return reinterpret_cast<std::byte*>(p); }
+std::span<const std::size_t> span_of(const Buffer<std::size_t>& b) { return {b.data(), b.size()}; }
 
 }  // namespace
 
@@ -72,13 +83,13 @@ void compute_router_logits(const TensorView& x, const TensorView& gate, float* l
 
 TensorView DispatchHandle::expert_input() noexcept {
   const std::int64_t rows = hidden_ ? static_cast<std::int64_t>(expert_input_.size()) / hidden_ : 0;
-  return TensorView(expert_input_.data(), DType::kF32, {rows, hidden_});
+  return TensorView(expert_input_.data(), DType::kF32, {rows, hidden_}, expert_input_.device());
 }
 
 TensorView DispatchHandle::expert_output() noexcept {
   const std::int64_t rows =
       hidden_ ? static_cast<std::int64_t>(expert_output_.size()) / hidden_ : 0;
-  return TensorView(expert_output_.data(), DType::kF32, {rows, hidden_});
+  return TensorView(expert_output_.data(), DType::kF32, {rows, hidden_}, expert_output_.device());
 }
 
 MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
@@ -105,6 +116,27 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
                     std::to_string(rank) + " should hold " +
                     std::to_string(parts_.placement.num_local(rank)));
   }
+  if (parts_.combine_dtype != DType::kF32 && parts_.combine_dtype != DType::kBF16) {
+    throw Error(ErrorCode::kInvalidArgument, "MoELayer: combine dtype must be f32 or bf16, not " +
+                                                 std::string(dtype_name(parts_.combine_dtype)));
+  }
+  // The layer's buffers are host memory: every plugin it calls must take host memory.
+  data_path_ = make_host_data_path();
+  const Device device = data_path_->device();
+  require_accepted_memory(parts_.router->capabilities(), device,
+                          "router plugin \"" + parts_.router->name() + "\"", "the router logits");
+  require_accepted_memory(parts_.experts->capabilities(), device,
+                          "expert plugin \"" + parts_.experts->name() + "\"",
+                          "the expert input rows");
+  if (!parts_.transport->capabilities().host_memory) {
+    throw Error(ErrorCode::kInvalidArgument, "MoELayer: transport plugin \"" +
+                                                 parts_.transport->name() +
+                                                 "\" does not take host memory, where the "
+                                                 "layer's dispatch buffers live");
+  }
+  stream_ = std::make_unique<HostStream>(parts_.transport->capabilities().stream_ordered
+                                             ? HostStream::Mode::kQueued
+                                             : HostStream::Mode::kInline);
 }
 
 void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
@@ -112,11 +144,14 @@ void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
   const std::int64_t T = x.dim(0);
   const std::int64_t E = parts_.placement.num_experts();
   logits_.resize(to_size(T * E));
-  compute_router_logits(x, parts_.gate, logits_.data());
+  const TensorView logits(logits_.data(), DType::kF32, {T, E}, logits_.device());
+  data_path_->router_logits(x, parts_.gate, logits, *stream_);
   RouteInput input;
-  input.logits = TensorView(logits_.data(), DType::kF32, {T, E});
+  input.logits = logits;
   input.topology = &parts_.transport->topology();
-  parts_.router->route(input, plan);
+  if (!parts_.router->capabilities().stream_ordered) host_ready();
+  parts_.router->route(input, plan, *stream_);
+  host_ready();
 }
 
 void MoELayer::forward(const TensorView& x, const TensorView& y) {
@@ -134,14 +169,16 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
     routing_error = e;
   }
   timings_.route_s = seconds_since(start);
-  dispatch_impl(x, plan_, handle_, routing_error ? &*routing_error : nullptr);
+  dispatch_checked(x, plan_, handle_, routing_error ? &*routing_error : nullptr);
 
   start = Clock::now();
   ExpertBatch batch;
   batch.input = handle_.expert_input();
-  batch.rows_per_expert = handle_.rows_per_expert_;
+  batch.rows_per_expert = handle_.rows_per_expert();
   batch.output = handle_.expert_output();
-  parts_.experts->forward(batch);
+  if (!parts_.experts->capabilities().stream_ordered) host_ready();
+  parts_.experts->forward(batch, *stream_);
+  host_ready();
   timings_.experts_s = seconds_since(start);
 
   combine(handle_, handle_.expert_output(), y);
@@ -154,68 +191,65 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
   } catch (const Error& e) {
     input_error = e;
   }
-  dispatch_impl(x, plan, handle, input_error ? &*input_error : nullptr);
+  dispatch_checked(x, plan, handle, input_error ? &*input_error : nullptr);
 }
 
-void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                             const Error* local_error) {
-  auto start = Clock::now();
-  failure_agreed_ = false;
-  Transport& transport = *parts_.transport;
-  const ExpertPlacement& placement = parts_.placement;
-  const int R = transport.size();
-  const int me = transport.rank();
-  const std::int64_t H = hidden_;
-  const int E = placement.num_experts();
-  const std::int64_t T = local_error ? 0 : plan.num_tokens;
+std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
+  const std::int64_t T = plan.num_tokens;
   const int K = plan.slots;
-  const auto r_size = static_cast<std::size_t>(R);
+  const int E = parts_.placement.num_experts();
+  if (K < 1 || plan.experts.size() != to_size(T * K) || plan.weights.size() != to_size(T * K)) {
+    return Error(ErrorCode::kInvalidArgument, "routing plan shape does not match " +
+                                                  std::to_string(T) + " tokens x " +
+                                                  std::to_string(K) + " slots");
+  }
+  if (plan.device() != data_path_->device()) {
+    return Error(ErrorCode::kInvalidArgument, "routing plan is in " + device_name(plan.device()) +
+                                                  " memory, the layer's data path runs on " +
+                                                  device_name(data_path_->device()));
+  }
+  for (std::size_t i = 0; i < plan.experts.size(); ++i) {
+    const std::int32_t e = plan.experts[i];
+    if (e < -1 || e >= E) {
+      return Error(ErrorCode::kInvalidArgument,
+                   "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
+                       std::to_string(i % to_size(K)) + " has expert " + std::to_string(e) +
+                       ", outside 0.." + std::to_string(E - 1));
+    }
+  }
+  return std::nullopt;
+}
 
+void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
+                                const Error* local_error) {
+  failure_agreed_ = false;
   std::optional<Error> plan_error;
   if (local_error == nullptr) {
-    if (K < 1 || plan.experts.size() != to_size(T * K) || plan.weights.size() != to_size(T * K)) {
-      plan_error = Error(ErrorCode::kInvalidArgument, "routing plan shape does not match " +
-                                                          std::to_string(T) + " tokens x " +
-                                                          std::to_string(K) + " slots");
-    } else {
-      for (std::size_t i = 0; i < plan.experts.size(); ++i) {
-        const std::int32_t e = plan.experts[i];
-        if (e < -1 || e >= E) {
-          plan_error = Error(ErrorCode::kInvalidArgument,
-                             "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
-                                 std::to_string(i % to_size(K)) + " has expert " +
-                                 std::to_string(e) + ", outside 0.." + std::to_string(E - 1));
-          break;
-        }
-      }
-    }
+    plan_error = check_plan(plan);
     if (plan_error) local_error = &*plan_error;
   }
+  exchange_counts(plan, h, local_error);
+  send_rows(x, plan, h);
+}
 
-  h.hidden_ = H;
-  h.num_tokens_ = local_error ? 0 : T;
-  h.slots_ = K;
-  const std::int64_t row_floats = H + kSlotFloats * K;  // the token, then K slots
-  const std::int64_t row_bytes = row_floats * static_cast<std::int64_t>(sizeof(float));
-
-  // Rows per destination: each token once per rank that holds one of its experts.
-  h.rows_to_.assign(r_size, 0);
-  h.scratch_.assign(3 * r_size, -1);
-  std::int64_t* stamp = h.scratch_.data();
-  std::int64_t* cursor = stamp + R;
-  std::int64_t* current_row = cursor + R;
+void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
+                               const Error* local_error) {
+  auto start = Clock::now();
+  Transport& transport = *parts_.transport;
+  const auto r_size = static_cast<std::size_t>(transport.size());
+  h.hidden_ = hidden_;
+  h.num_tokens_ = local_error ? 0 : plan.num_tokens;
+  h.slots_ = plan.slots;
+  h.payload_dtype_ = parts_.payload_dtype;
+  h.rows_to_.resize(r_size);
   if (local_error == nullptr) {
-    for (std::int64_t t = 0; t < T; ++t) {
-      for (int j = 0; j < K; ++j) {
-        const std::int32_t e = plan.experts[to_size(t * K + j)];
-        if (e < 0) continue;
-        const int d = placement.rank_of(e);
-        if (stamp[d] != t) {
-          stamp[d] = t;
-          ++h.rows_to_[static_cast<std::size_t>(d)];
-        }
-      }
-    }
+    LayoutCountsArgs counts;
+    counts.experts = plan.experts.data();
+    counts.num_tokens = plan.num_tokens;
+    counts.slots = plan.slots;
+    counts.placement = &parts_.placement;
+    counts.rows_to = h.rows_to_.data();
+    data_path_->layout_counts(counts, *stream_);
   } else {
     h.rows_to_.assign(r_size, -1);  // tells every peer that this rank failed
   }
@@ -223,136 +257,123 @@ void MoELayer::dispatch_impl(const TensorView& x, const RoutingPlan& plan, Dispa
 
   start = Clock::now();
   h.rows_from_.resize(r_size);
-  transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t));
-  const double counts_s = seconds_since(start);
+  transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t), *stream_);
+  host_ready();  // the counts are read on the host
+  timings_.dispatch_s = seconds_since(start);
   // From here every rank of the group knows whether any rank failed: they all stop at
   // this same point, and the group stays usable for the next step.
   if (local_error != nullptr) {
     failure_agreed_ = true;
     throw *local_error;
   }
-  for (int p = 0; p < R; ++p) {
-    if (h.rows_from_[static_cast<std::size_t>(p)] < 0) {
+  for (std::size_t p = 0; p < r_size; ++p) {
+    if (h.rows_from_[p] < 0) {
       failure_agreed_ = true;
       throw Error(ErrorCode::kPeerFailed, "MoE dispatch: rank " + std::to_string(p) +
                                               " failed before dispatch and reports the cause");
     }
   }
+}
 
-  start = Clock::now();
+void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h) {
+  auto start = Clock::now();
+  Transport& transport = *parts_.transport;
+  const auto r_size = static_cast<std::size_t>(transport.size());
+  const int me = transport.rank();
+  const std::int64_t H = hidden_;
+  const int K = plan.slots;
+  const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, H);
+  const std::size_t meta_bytes = to_size(K) * sizeof(SlotMeta);
+
   h.rows_to_offset_.resize(r_size);
   h.rows_from_offset_.resize(r_size);
-  h.send_bytes_.resize(r_size);
-  h.send_offsets_.resize(r_size);
-  h.recv_bytes_.resize(r_size);
-  h.recv_offsets_.resize(r_size);
-  std::int64_t S = 0, received = 0;
+  std::int64_t S = 0, N = 0;
   for (std::size_t p = 0; p < r_size; ++p) {
     h.rows_to_offset_[p] = S;
-    h.rows_from_offset_[p] = received;
-    h.send_bytes_[p] = to_size(h.rows_to_[p] * row_bytes);
-    h.send_offsets_[p] = to_size(S * row_bytes);
-    h.recv_bytes_[p] = to_size(h.rows_from_[p] * row_bytes);
-    h.recv_offsets_[p] = to_size(received * row_bytes);
+    h.rows_from_offset_[p] = N;
     S += h.rows_to_[p];
-    received += h.rows_from_[p];
+    N += h.rows_from_[p];
   }
+  row_exchange(h.rows_to_, row_bytes, h.send_bytes_, h.send_offsets_);
+  row_exchange(h.rows_from_, row_bytes, h.recv_bytes_, h.recv_offsets_);
+  row_exchange(h.rows_to_, meta_bytes, h.meta_send_bytes_, h.meta_send_offsets_);
+  row_exchange(h.rows_from_, meta_bytes, h.meta_recv_bytes_, h.meta_recv_offsets_);
 
-  // Pack: rows in (destination, token) order, each with its (local expert, weight) slots.
-  h.send_rows_.resize(to_size(S * row_floats));
   h.send_row_token_.resize(to_size(S));
-  const DispatchHandle::SlotMeta empty{-1, 0.0f};
-  for (std::int64_t s = 0; s < S; ++s) {
-    for (int j = 0; j < K; ++j) {
-      std::memcpy(&h.send_rows_[to_size(s * row_floats + H + kSlotFloats * j)], &empty,
-                  sizeof empty);
-    }
-  }
-  for (int d = 0; d < R; ++d) {
-    stamp[d] = -1;
-    cursor[d] = h.rows_to_offset_[static_cast<std::size_t>(d)];
-  }
-  const float* xs = x.data_as<const float>();
-  for (std::int64_t t = 0; t < T; ++t) {
-    for (int j = 0; j < K; ++j) {
-      const std::int32_t e = plan.experts[to_size(t * K + j)];
-      if (e < 0) continue;
-      const int d = placement.rank_of(e);
-      if (stamp[d] != t) {
-        stamp[d] = t;
-        current_row[d] = cursor[d]++;
-        std::memcpy(&h.send_rows_[to_size(current_row[d] * row_floats)], xs + t * H,
-                    to_size(H) * sizeof(float));
-        h.send_row_token_[to_size(current_row[d])] = t;
-      }
-      float* slots = &h.send_rows_[to_size(current_row[d] * row_floats + H)];
-      for (int k = 0; k < K; ++k) {
-        DispatchHandle::SlotMeta m;
-        std::memcpy(&m, slots + kSlotFloats * k, sizeof m);
-        if (m.local_expert >= 0) continue;
-        m = {e - placement.first_expert(d), plan.weights[to_size(t * K + j)]};
-        std::memcpy(slots + kSlotFloats * k, &m, sizeof m);
-        break;
-      }
-    }
-  }
-  double layout_s = seconds_since(start);
+  h.send_meta_.resize(to_size(S * K));
+  h.send_rows_.resize(to_size(S) * row_bytes);
+  LayoutArgs layout;
+  layout.experts = plan.experts.data();
+  layout.weights = plan.weights.data();
+  layout.num_tokens = h.num_tokens_;
+  layout.slots = K;
+  layout.placement = &parts_.placement;
+  layout.rows_to_offset = {h.rows_to_offset_.data(), r_size};
+  layout.send_row_token = h.send_row_token_.data();
+  layout.send_meta = h.send_meta_.data();
+  data_path_->layout(layout, *stream_);
+  PackArgs pack;
+  pack.x = x.data_as<const float>();
+  pack.hidden = H;
+  pack.send_row_token = h.send_row_token_.data();
+  pack.num_rows = S;
+  pack.dtype = parts_.payload_dtype;
+  pack.rows = h.send_rows_.data();
+  data_path_->pack(pack, *stream_);
+  const double pack_s = seconds_since(start);
 
   start = Clock::now();
-  h.recv_rows_.resize(to_size(received * row_floats));
-  transport.alltoallv({as_bytes(h.send_rows_.data()), h.send_bytes_, h.send_offsets_,
-                       as_bytes(h.recv_rows_.data()), h.recv_bytes_, h.recv_offsets_});
-  timings_.dispatch_s = counts_s + seconds_since(start);
+  h.recv_rows_.resize(to_size(N) * row_bytes);
+  h.recv_meta_.resize(to_size(N * K));
+  const Device device = data_path_->device();
+  transport.alltoallv(
+      {h.send_rows_.data(), span_of(h.send_bytes_), span_of(h.send_offsets_), h.recv_rows_.data(),
+       span_of(h.recv_bytes_), span_of(h.recv_offsets_), device},
+      *stream_);
+  transport.alltoallv(
+      {reinterpret_cast<const std::byte*>(h.send_meta_.data()), span_of(h.meta_send_bytes_),
+       span_of(h.meta_send_offsets_), reinterpret_cast<std::byte*>(h.recv_meta_.data()),
+       span_of(h.meta_recv_bytes_), span_of(h.meta_recv_offsets_), device},
+      *stream_);
+  host_ready();  // the host data path reads what arrived
+  timings_.dispatch_s += seconds_since(start);
 
   // Group the received rows per local expert (stable: source rank, then source token).
   start = Clock::now();
-  const int L = placement.num_local(me);
-  h.rows_per_expert_.assign(static_cast<std::size_t>(L), 0);
-  h.scratch_.assign(static_cast<std::size_t>(L), 0);
-  h.assignment_of_slot_.resize(to_size(received * K));
-  for (std::int64_t r = 0; r < received; ++r) {
-    const float* slots = &h.recv_rows_[to_size(r * row_floats + H)];
-    for (int j = 0; j < K; ++j) {
-      DispatchHandle::SlotMeta m;
-      std::memcpy(&m, slots + kSlotFloats * j, sizeof m);
-      if (m.local_expert < 0) continue;
-      if (m.local_expert >= L) {
-        throw Error(ErrorCode::kInternal, "MoE dispatch: received a row for local expert " +
-                                              std::to_string(m.local_expert) + " but rank " +
-                                              std::to_string(me) + " holds " + std::to_string(L));
-      }
-      ++h.rows_per_expert_[static_cast<std::size_t>(m.local_expert)];
-    }
-  }
+  const int L = parts_.placement.num_local(me);
+  h.rows_per_expert_.resize(static_cast<std::size_t>(L));
+  GroupCountArgs count;
+  count.meta = h.recv_meta_.data();
+  count.num_rows = N;
+  count.slots = K;
+  count.num_local_experts = L;
+  count.rows_per_expert = h.rows_per_expert_.data();
+  data_path_->count_groups(count, *stream_);
   std::int64_t A = 0;
-  for (int l = 0; l < L; ++l) {
-    h.scratch_[static_cast<std::size_t>(l)] = A;
-    A += h.rows_per_expert_[static_cast<std::size_t>(l)];
-  }
+  for (int l = 0; l < L; ++l) A += h.rows_per_expert_[static_cast<std::size_t>(l)];
   h.expert_input_.resize(to_size(A * H));
   h.expert_output_.resize(to_size(A * H));
-  for (std::int64_t r = 0; r < received; ++r) {
-    const float* row = &h.recv_rows_[to_size(r * row_floats)];
-    for (int j = 0; j < K; ++j) {
-      DispatchHandle::SlotMeta m;
-      std::memcpy(&m, row + H + kSlotFloats * j, sizeof m);
-      std::int64_t& assignment = h.assignment_of_slot_[to_size(r * K + j)];
-      if (m.local_expert < 0) {
-        assignment = -1;
-        continue;
-      }
-      assignment = h.scratch_[static_cast<std::size_t>(m.local_expert)]++;
-      std::memcpy(&h.expert_input_[to_size(assignment * H)], row, to_size(H) * sizeof(float));
-    }
-  }
-  timings_.layout_s += layout_s + seconds_since(start);
+  h.assignment_of_slot_.resize(to_size(N * K));
+  GroupArgs group;
+  group.rows = h.recv_rows_.data();
+  group.meta = h.recv_meta_.data();
+  group.num_rows = N;
+  group.slots = K;
+  group.hidden = H;
+  group.dtype = parts_.payload_dtype;
+  group.num_local_experts = L;
+  group.rows_per_expert = h.rows_per_expert_.data();
+  group.expert_input = h.expert_input_.data();
+  group.assignment_of_slot = h.assignment_of_slot_.data();
+  data_path_->group_by_expert(group, *stream_);
+  timings_.layout_s += pack_s + seconds_since(start);
 
   traffic_.dispatch_bytes = 0;
   traffic_.rows_sent = 0;
-  for (int p = 0; p < R; ++p) {
-    if (p == me) continue;
-    traffic_.dispatch_bytes += sizeof(std::int64_t) + h.send_bytes_[static_cast<std::size_t>(p)];
-    traffic_.rows_sent += h.rows_to_[static_cast<std::size_t>(p)];
+  for (std::size_t p = 0; p < r_size; ++p) {
+    if (static_cast<int>(p) == me) continue;
+    traffic_.dispatch_bytes += sizeof(std::int64_t) + h.send_bytes_[p] + h.meta_send_bytes_[p];
+    traffic_.rows_sent += h.rows_to_[p];
   }
 }
 
@@ -363,58 +384,50 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
   const int me = transport.rank();
   const std::int64_t H = hidden_;
   const int K = h.slots_;
-  const auto r_size = static_cast<std::size_t>(R);
-  const std::int64_t row_floats = H + kSlotFloats * K;
-  const std::int64_t received = static_cast<std::int64_t>(h.recv_rows_.size()) / row_floats;
+  const std::int64_t N = static_cast<std::int64_t>(h.assignment_of_slot_.size()) / (K ? K : 1);
   const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
   const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
   // Shapes are checked on every rank before anything is sent; a mismatch is a caller bug
   // that would otherwise corrupt memory.
   expert_output.require("MoE combine expert_output", DType::kF32, {A, H});
   y.require("MoE combine y", DType::kF32, {h.num_tokens_, H});
+  const DType dtype = parts_.combine_dtype;
+  const std::size_t row_bytes = to_size(H) * dtype_size(dtype);
 
-  // Weighted partial sum per received row, slots in routing order.
-  h.partial_rows_.resize(to_size(received * H));
-  const float* out = expert_output.data_as<const float>();
-  for (std::int64_t r = 0; r < received; ++r) {
-    float* partial = &h.partial_rows_[to_size(r * H)];
-    std::fill(partial, partial + H, 0.0f);
-    const float* slots = &h.recv_rows_[to_size(r * row_floats + H)];
-    for (int j = 0; j < K; ++j) {
-      const std::int64_t a = h.assignment_of_slot_[to_size(r * K + j)];
-      if (a < 0) continue;
-      DispatchHandle::SlotMeta m;
-      std::memcpy(&m, slots + kSlotFloats * j, sizeof m);
-      const float* expert_row = out + a * H;
-      for (std::int64_t k = 0; k < H; ++k) partial[k] += m.weight * expert_row[k];
-    }
-  }
+  h.partial_rows_.resize(to_size(N) * row_bytes);
+  WeightedReduceArgs reduce;
+  reduce.expert_output = expert_output.data_as<const float>();
+  reduce.meta = h.recv_meta_.data();
+  reduce.assignment_of_slot = h.assignment_of_slot_.data();
+  reduce.num_rows = N;
+  reduce.slots = K;
+  reduce.hidden = H;
+  reduce.combine_dtype = dtype;
+  reduce.partial_rows = h.partial_rows_.data();
+  data_path_->weighted_reduce(reduce, *stream_);
 
-  // Back to the token's rank: reverse the dispatch counts (rows, H floats each).
-  for (std::size_t p = 0; p < r_size; ++p) {
-    h.recv_bytes_[p] = to_size(h.rows_to_[p] * H) * sizeof(float);
-    h.recv_offsets_[p] = to_size(h.rows_to_offset_[p] * H) * sizeof(float);
-    h.send_bytes_[p] = to_size(h.rows_from_[p] * H) * sizeof(float);
-    h.send_offsets_[p] = to_size(h.rows_from_offset_[p] * H) * sizeof(float);
-  }
-  h.combined_rows_.resize(to_size(S * H));
-  double local_s = seconds_since(start);
-  start = Clock::now();
-  transport.alltoallv({as_bytes(h.partial_rows_.data()), h.send_bytes_, h.send_offsets_,
-                       as_bytes(h.combined_rows_.data()), h.recv_bytes_, h.recv_offsets_});
-  local_s += seconds_since(start);
+  // Back to the token's rank: the dispatch counts reversed.
+  row_exchange(h.rows_from_, row_bytes, h.send_bytes_, h.send_offsets_);
+  row_exchange(h.rows_to_, row_bytes, h.recv_bytes_, h.recv_offsets_);
+  h.combined_rows_.resize(to_size(S) * row_bytes);
+  transport.alltoallv({h.partial_rows_.data(), span_of(h.send_bytes_), span_of(h.send_offsets_),
+                       h.combined_rows_.data(), span_of(h.recv_bytes_), span_of(h.recv_offsets_),
+                       data_path_->device()},
+                      *stream_);
+  host_ready();
 
   // Rows arrive in (expert rank, token) order, so each token sums its partials in
   // ascending rank order: the same on every transport.
-  start = Clock::now();
-  float* ys = y.data_as<float>();
-  std::fill(ys, ys + h.num_tokens_ * H, 0.0f);
-  for (std::int64_t s = 0; s < S; ++s) {
-    float* dst = ys + h.send_row_token_[to_size(s)] * H;
-    const float* src = &h.combined_rows_[to_size(s * H)];
-    for (std::int64_t k = 0; k < H; ++k) dst[k] += src[k];
-  }
-  timings_.combine_s = local_s + seconds_since(start);
+  UnpermuteSumArgs sum;
+  sum.combined_rows = h.combined_rows_.data();
+  sum.send_row_token = h.send_row_token_.data();
+  sum.num_rows = S;
+  sum.hidden = H;
+  sum.combine_dtype = dtype;
+  sum.y = y.data_as<float>();
+  sum.num_tokens = h.num_tokens_;
+  data_path_->unpermute_sum(sum, *stream_);
+  timings_.combine_s = seconds_since(start);
 
   traffic_.combine_bytes = 0;
   for (int p = 0; p < R; ++p) {

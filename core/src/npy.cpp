@@ -134,8 +134,10 @@ HostTensor read_npy_f32_matrix(const std::filesystem::path& path, std::int64_t c
   }
   if (t.shape().size() != 2 || (cols >= 0 && t.shape()[1] != cols)) {
     std::string got = "[";
-    for (std::size_t i = 0; i < t.shape().size(); ++i)
-      got += (i ? "," : "") + std::to_string(t.shape()[i]);
+    for (std::size_t i = 0; i < t.shape().size(); ++i) {
+      if (i != 0) got += ',';
+      got += std::to_string(t.shape()[i]);
+    }
     throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": " + path.string() +
                                                  " has shape " + got + "]; expected " + want);
   }

@@ -129,8 +129,9 @@ PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
         // Never unmapped: vendor libraries behind plugins (UCX, MPI, CUDA) keep threads and
         // exit handlers that must outlive the plugin objects.
         const auto no_delete = static_cast<boost::dll::load_mode::type>(RTLD_NODELETE);
+        // Immediate binding: a missing symbol is a rejection now, not a crash at first call.
         library->load(
-            file, boost::dll::load_mode::rtld_lazy | boost::dll::load_mode::rtld_local | no_delete);
+            file, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local | no_delete);
       } catch (const std::exception& e) {
         reject(ErrorCode::kUnavailable, std::string("cannot be loaded: ") + e.what());
         continue;

@@ -1,7 +1,6 @@
 #include "switchyard/runtime.hpp"
 
 #include <algorithm>
-#include <cstdlib>
 #include <exception>
 #include <mutex>
 #include <optional>
@@ -79,7 +78,11 @@ ModelWeights load_model(const ConfigSection& model) {
 
 }  // namespace
 
-Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
+Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
+  // SWITCHYARD_<SECTION>_<KEY> variables apply to embedders as to the tool; the launcher's
+  // node emulation (SWITCHYARD_RUNTIME_RANKS_PER_NODE) is one of them.
+  Config config = given;
+  config.apply_environment(config_sections());
   config.check_sections(config_sections());
   state_->registry = std::make_shared<const PluginRegistry>(
       PluginRegistry::default_search_path(configured_plugin_dirs(config)));
@@ -96,21 +99,12 @@ Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
   transport_args.requested_ranks = static_cast<int>(runtime.get_int("ranks"));
   transport_args.timeout_s = runtime.get_float("timeout_s");
   transport_args.ranks_per_node = static_cast<int>(runtime.get_int("ranks_per_node"));
-  if (runtime.origin("ranks_per_node").kind == ConfigOrigin::Kind::kDefault) {
-    // The launcher's way of emulating nodes; an explicit config value wins.
-    if (const char* env = std::getenv("SWITCHYARD_RANKS_PER_NODE"); env != nullptr && *env) {
-      transport_args.ranks_per_node = std::atoi(env);
-      if (transport_args.ranks_per_node < 1) {
-        throw Error(ErrorCode::kInvalidArgument,
-                    std::string("environment SWITCHYARD_RANKS_PER_NODE=") + env +
-                        ": expected an integer >= 1");
-      }
-    }
-  }
   const std::string& transport_name = runtime.get_string("transport");
   state_->transports = state_->registry->create_transport(transport_name, transport_args);
   const int world = state_->transports.front()->size();
-  if (transport_name != "inproc" && runtime.origin("ranks").kind != ConfigOrigin::Kind::kDefault &&
+  const bool world_from_launcher =
+      !state_->transports.front()->capabilities().world_size_from_config;
+  if (world_from_launcher && runtime.origin("ranks").kind != ConfigOrigin::Kind::kDefault &&
       runtime.get_int("ranks") != world) {
     runtime.fail("ranks",
                  "is " + std::to_string(runtime.get_int("ranks")) + " but the launcher started " +
@@ -159,6 +153,9 @@ Runtime::Runtime(const Config& config) : state_(std::make_unique<State>()) {
     parts.experts = std::move(kernel);
     parts.gate = model.gate().view();
     parts.placement = state_->placement;
+    parts.payload_dtype = parse_payload_dtype(runtime.get_string("payload_dtype"));
+    parts.combine_dtype =
+        runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;
     state_->layers.push_back(std::make_unique<MoELayer>(std::move(parts)));
   }
 }
@@ -306,6 +303,7 @@ void Runtime::reference_forward(const TensorView& x, const TensorView& y) const 
   const int world = world_size();
   std::vector<float> logits;
   RoutingPlan plan;
+  HostStream stream;
   // Route each rank's block the way that rank does, then evaluate it densely.
   for (int rank = 0; rank < world; ++rank) {
     const auto [first, count] = token_block(x.dim(0), world, rank);
@@ -315,7 +313,7 @@ void Runtime::reference_forward(const TensorView& x, const TensorView& y) const 
     RouteInput input;
     input.logits = TensorView(logits.data(), DType::kF32, {count, m.num_experts()});
     input.topology = &topology();
-    router->route(input, plan);
+    router->route(input, plan, stream);
     dense_moe_reference(m, plan, block, rows(y, first, count));
   }
 }

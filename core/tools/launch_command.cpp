@@ -87,7 +87,8 @@ int launch_command(const std::vector<std::string>& args) {
         "[ARGS]...\n"
         "  starts N processes of COMMAND with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,\n"
         "  MASTER_ADDR and MASTER_PORT set; M > 0 emulates nodes of M ranks\n"
-        "  (SWITCHYARD_RANKS_PER_NODE); when a rank fails, the others get SECONDS (default 2)\n"
+        "  (SWITCHYARD_RUNTIME_RANKS_PER_NODE); when a rank fails, the others get SECONDS (default "
+        "2)\n"
         "  to report and exit, then are terminated\n");
     return kExitUsage;
   }
@@ -117,7 +118,8 @@ int launch_command(const std::vector<std::string>& args) {
       ::setenv("LOCAL_WORLD_SIZE", std::to_string(std::min(local_size, n - node_first)).c_str(), 1);
       ::setenv("MASTER_ADDR", "127.0.0.1", 1);
       ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
-      if (per_node > 0) ::setenv("SWITCHYARD_RANKS_PER_NODE", std::to_string(per_node).c_str(), 1);
+      if (per_node > 0)
+        ::setenv("SWITCHYARD_RUNTIME_RANKS_PER_NODE", std::to_string(per_node).c_str(), 1);
       ::execvp(argv[0], argv.data());
       std::fprintf(stderr, "switchyard launch: cannot run %s: %s\n", argv[0], std::strerror(errno));
       ::_exit(127);

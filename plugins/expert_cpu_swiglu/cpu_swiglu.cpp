@@ -38,7 +38,8 @@ class CpuSwigluKernel final : public ExpertKernel {
   std::string name() const override { return "cpu_swiglu"; }
   int num_local_experts() const noexcept override { return static_cast<int>(experts_.size()); }
 
-  void forward(const ExpertBatch& batch) override {
+  // Host-synchronous: done when it returns.
+  void forward(const ExpertBatch& batch, Stream& /*stream*/) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
     batch.input.require("cpu_swiglu input", DType::kF32, {-1, H});
     const std::int64_t N = batch.input.dim(0);

@@ -99,7 +99,8 @@ class TopkRouter final : public Router {
   const RouterStats& stats() const noexcept override { return stats_; }
   std::span<const float> bias() const noexcept override { return bias_; }
 
-  void route(const RouteInput& input, RoutingPlan& plan) override {
+  // Host-synchronous: done when it returns.
+  void route(const RouteInput& input, RoutingPlan& plan, Stream& /*stream*/) override {
     input.logits.require("router topk logits", DType::kF32, {-1, num_experts_});
     const std::int64_t T = input.logits.dim(0);
     const int E = num_experts_, K = top_k_;

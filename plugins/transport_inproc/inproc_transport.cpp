@@ -1,6 +1,9 @@
 // transport_inproc: every rank is a thread of this process; collectives copy directly
 // between the ranks' buffers through a shared rendezvous (see inproc_world.hpp).
+// With `inproc_async = true` it is stream-ordered: data collectives are queued on the
+// caller's host stream and run later by that stream's progress thread.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <optional>
 
@@ -55,83 +58,50 @@ std::optional<Error> pull_alltoallv(std::span<const void* const> posted, int me,
   return problem;
 }
 
+void declare_options(ConfigSchema& s) {
+  s.add("inproc_async", ConfigType::kBool, ConfigValue{false},
+        "stream-ordered mode: data collectives are queued on the host stream and completed "
+        "by its progress thread (tests that the core never assumes synchronous completion)");
+}
+
 class InprocRequest;
+class InprocTransport;
+
+/// A data collective waiting on a stream: its arguments, copied at enqueue time, and the
+/// sequence number it was given in call order.
+struct QueuedOp {
+  enum class Kind { kAlltoall, kAlltoallv, kAllreduce };
+  InprocTransport* transport = nullptr;
+  Kind kind = Kind::kAlltoall;
+  std::uint64_t seq = 0;
+  AlltoallvBuffers buffers;  // alltoallv; alltoall uses send/recv
+  std::size_t bytes_per_peer = 0;
+  void* data = nullptr;  // allreduce
+  std::size_t count = 0;
+  DType dtype = DType::kF32;
+  ReduceOp op = ReduceOp::kSum;
+  std::vector<std::byte> scratch;  // allreduce partial result
+  std::atomic<bool> busy{false};
+};
 
 class InprocTransport final : public Transport {
  public:
-  InprocTransport(std::shared_ptr<World> world, int rank) : world_(std::move(world)), rank_(rank) {}
+  InprocTransport(std::shared_ptr<World> world, int rank, bool stream_ordered)
+      : world_(std::move(world)),
+        rank_(rank),
+        stream_ordered_(stream_ordered),
+        queued_(kMaxQueued) {}
 
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return world_->size(); }
   const Topology& topology() const noexcept override { return world_->topology(); }
   TransportCapabilities capabilities() const noexcept override {
-    return {/*host_memory=*/true, /*device_memory=*/false, /*async_progress=*/false};
+    TransportCapabilities caps;
+    caps.stream_ordered = stream_ordered_;
+    caps.world_size_from_config = true;
+    return caps;
   }
   std::string name() const override { return "inproc"; }
-
-  void alltoall(const void* send, void* recv, std::size_t bytes_per_peer) override {
-    const std::uint64_t seq = next_seq_++;
-    const AlltoallArgument mine{static_cast<const std::byte*>(send), bytes_per_peer};
-    world_->arrive(seq, rank_, &mine, "alltoall");
-    auto posted = world_->wait_all_arrived(seq, "alltoall");
-    std::optional<Error> problem;
-    for (std::size_t p = 0; p < posted.size(); ++p) {
-      const auto* peer = static_cast<const AlltoallArgument*>(posted[p]);
-      if (peer->bytes_per_peer != bytes_per_peer) {
-        problem = Error(ErrorCode::kInvalidArgument,
-                        "inproc alltoall: rank " + std::to_string(p) + " sends " +
-                            std::to_string(peer->bytes_per_peer) + " bytes per peer, rank " +
-                            std::to_string(rank_) + " expects " + std::to_string(bytes_per_peer));
-        continue;
-      }
-      if (bytes_per_peer != 0) {
-        std::memcpy(static_cast<std::byte*>(recv) + p * bytes_per_peer,
-                    peer->send + static_cast<std::size_t>(rank_) * bytes_per_peer, bytes_per_peer);
-      }
-    }
-    finish(seq, "alltoall");
-    if (problem) throw *problem;
-  }
-
-  void alltoallv(const AlltoallvBuffers& buffers) override {
-    check_alltoallv_arguments(buffers, size(), "inproc");
-    const std::uint64_t seq = next_seq_++;
-    world_->arrive(seq, rank_, &buffers, "alltoallv");
-    auto problem = pull_alltoallv(world_->wait_all_arrived(seq, "alltoallv"), rank_, buffers);
-    finish(seq, "alltoallv");
-    if (problem) throw *problem;
-  }
-
-  std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& buffers) override;
-
-  void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
-    reduce_into(nullptr, nullptr, 0, dtype, op);  // rejects unsupported dtypes before arriving
-    const std::uint64_t seq = next_seq_++;
-    const AllreduceArgument mine{data, count, dtype, op};
-    world_->arrive(seq, rank_, &mine, "allreduce");
-    auto posted = world_->wait_all_arrived(seq, "allreduce");
-    const std::size_t bytes = count * dtype_size(dtype);
-    scratch_.resize(bytes);
-    std::optional<Error> problem;
-    // Rank order, so that every rank computes the same bits.
-    for (std::size_t p = 0; p < posted.size(); ++p) {
-      const auto* peer = static_cast<const AllreduceArgument*>(posted[p]);
-      if (peer->count != count || peer->dtype != dtype || peer->op != op) {
-        problem =
-            Error(ErrorCode::kInvalidArgument, "inproc allreduce: rank " + std::to_string(p) +
-                                                   " passed a different count, dtype or operation");
-        break;
-      }
-      if (p == 0) {
-        if (bytes) std::memcpy(scratch_.data(), peer->data, bytes);
-        continue;
-      }
-      reduce_into(scratch_.data(), peer->data, count, dtype, op);
-    }
-    finish(seq, "allreduce");  // peers have read `data`; now it may be overwritten
-    if (problem) throw *problem;
-    if (bytes) std::memcpy(data, scratch_.data(), bytes);
-  }
 
   void barrier() override {
     const std::uint64_t seq = next_seq_++;
@@ -152,15 +122,151 @@ class InprocTransport final : public Transport {
     // Rank 0 writes every member's result before it departs.
     world_->wait_all_departed(seq, "split");
     if (color < 0) return nullptr;
-    return std::make_unique<InprocTransport>(std::move(new_world), new_rank);
+    return std::make_unique<InprocTransport>(std::move(new_world), new_rank, stream_ordered_);
   }
 
   void abort(const std::string& reason) noexcept override { world_->abort(reason); }
 
   World& world() { return *world_; }
 
+ protected:
+  void do_alltoall(const void* send, void* recv, std::size_t bytes_per_peer,
+                   Stream& stream) override {
+    QueuedOp& op = take_op(stream);
+    op.kind = QueuedOp::Kind::kAlltoall;
+    op.buffers.send = static_cast<const std::byte*>(send);
+    op.buffers.recv = static_cast<std::byte*>(recv);
+    op.bytes_per_peer = bytes_per_peer;
+    submit(op, stream);
+  }
+
+  void do_alltoallv(const AlltoallvBuffers& buffers, Stream& stream) override {
+    QueuedOp& op = take_op(stream);
+    op.kind = QueuedOp::Kind::kAlltoallv;
+    op.buffers = buffers;
+    submit(op, stream);
+  }
+
+  std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& buffers) override;
+
+  void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op_kind,
+                    Stream& stream) override {
+    reduce_into(nullptr, nullptr, 0, dtype, op_kind);  // rejects unsupported dtypes at once
+    QueuedOp& op = take_op(stream);
+    op.kind = QueuedOp::Kind::kAllreduce;
+    op.data = data;
+    op.count = count;
+    op.dtype = dtype;
+    op.op = op_kind;
+    submit(op, stream);
+  }
+
  private:
   friend class InprocRequest;
+
+  /// Queued ops per rank; a caller that runs further ahead waits for its stream.
+  static constexpr std::size_t kMaxQueued = 16;
+
+  /// The next op record, with this collective's sequence number taken in call order.
+  QueuedOp& take_op(Stream& stream) {
+    if (stream.as_host() == nullptr) {
+      throw Error(ErrorCode::kInvalidArgument, "inproc: needs a host stream");
+    }
+    QueuedOp& op = queued_[next_op_++ % kMaxQueued];
+    if (op.busy.load(std::memory_order_acquire)) stream.synchronize();
+    op.transport = this;
+    op.seq = next_seq_++;
+    return op;
+  }
+
+  /// Runs `op` now (host-synchronous mode) or queues it on the stream.
+  void submit(QueuedOp& op, Stream& stream) {
+    if (!stream_ordered_) {
+      run(op);
+      return;
+    }
+    op.busy.store(true, std::memory_order_release);
+    stream.as_host()->enqueue(&InprocTransport::run_queued, &op);
+  }
+
+  static void run_queued(void* argument) {
+    auto* op = static_cast<QueuedOp*>(argument);
+    struct Release {
+      QueuedOp* op;
+      ~Release() { op->busy.store(false, std::memory_order_release); }
+    } release{op};
+    op->transport->run(*op);
+  }
+
+  void run(QueuedOp& op) {
+    switch (op.kind) {
+      case QueuedOp::Kind::kAlltoall:
+        return run_alltoall(op);
+      case QueuedOp::Kind::kAlltoallv:
+        return run_alltoallv(op);
+      case QueuedOp::Kind::kAllreduce:
+        return run_allreduce(op);
+    }
+  }
+
+  void run_alltoall(QueuedOp& op) {
+    const std::uint64_t seq = op.seq;
+    const std::size_t bytes_per_peer = op.bytes_per_peer;
+    const AlltoallArgument mine{op.buffers.send, bytes_per_peer};
+    world_->arrive(seq, rank_, &mine, "alltoall");
+    auto posted = world_->wait_all_arrived(seq, "alltoall");
+    std::optional<Error> problem;
+    for (std::size_t p = 0; p < posted.size(); ++p) {
+      const auto* peer = static_cast<const AlltoallArgument*>(posted[p]);
+      if (peer->bytes_per_peer != bytes_per_peer) {
+        problem = Error(ErrorCode::kInvalidArgument,
+                        "inproc alltoall: rank " + std::to_string(p) + " sends " +
+                            std::to_string(peer->bytes_per_peer) + " bytes per peer, rank " +
+                            std::to_string(rank_) + " expects " + std::to_string(bytes_per_peer));
+        continue;
+      }
+      if (bytes_per_peer != 0) {
+        std::memcpy(op.buffers.recv + p * bytes_per_peer,
+                    peer->send + static_cast<std::size_t>(rank_) * bytes_per_peer, bytes_per_peer);
+      }
+    }
+    finish(seq, "alltoall");
+    if (problem) throw *problem;
+  }
+
+  void run_alltoallv(QueuedOp& op) {
+    world_->arrive(op.seq, rank_, &op.buffers, "alltoallv");
+    auto problem = pull_alltoallv(world_->wait_all_arrived(op.seq, "alltoallv"), rank_, op.buffers);
+    finish(op.seq, "alltoallv");
+    if (problem) throw *problem;
+  }
+
+  void run_allreduce(QueuedOp& op) {
+    const AllreduceArgument mine{op.data, op.count, op.dtype, op.op};
+    world_->arrive(op.seq, rank_, &mine, "allreduce");
+    auto posted = world_->wait_all_arrived(op.seq, "allreduce");
+    const std::size_t bytes = op.count * dtype_size(op.dtype);
+    op.scratch.resize(bytes);
+    std::optional<Error> problem;
+    // Rank order, so that every rank computes the same bits.
+    for (std::size_t p = 0; p < posted.size(); ++p) {
+      const auto* peer = static_cast<const AllreduceArgument*>(posted[p]);
+      if (peer->count != op.count || peer->dtype != op.dtype || peer->op != op.op) {
+        problem =
+            Error(ErrorCode::kInvalidArgument, "inproc allreduce: rank " + std::to_string(p) +
+                                                   " passed a different count, dtype or operation");
+        break;
+      }
+      if (p == 0) {
+        if (bytes) std::memcpy(op.scratch.data(), peer->data, bytes);
+        continue;
+      }
+      reduce_into(op.scratch.data(), peer->data, op.count, op.dtype, op.op);
+    }
+    finish(op.seq, "allreduce");  // peers have read `data`; now it may be overwritten
+    if (problem) throw *problem;
+    if (bytes) std::memcpy(op.data, op.scratch.data(), bytes);
+  }
 
   void finish(std::uint64_t seq, const char* op) {
     world_->depart(seq, rank_);
@@ -200,8 +306,10 @@ class InprocTransport final : public Transport {
 
   std::shared_ptr<World> world_;
   const int rank_;
+  const bool stream_ordered_;
   std::uint64_t next_seq_ = 0;
-  std::vector<std::byte> scratch_;
+  std::size_t next_op_ = 0;
+  std::vector<QueuedOp> queued_;
 };
 
 class InprocRequest final : public TransportRequest {
@@ -260,8 +368,7 @@ class InprocRequest final : public TransportRequest {
   std::optional<Error> problem_;
 };
 
-std::unique_ptr<TransportRequest> InprocTransport::ialltoallv(const AlltoallvBuffers& buffers) {
-  check_alltoallv_arguments(buffers, size(), "inproc");
+std::unique_ptr<TransportRequest> InprocTransport::do_ialltoallv(const AlltoallvBuffers& buffers) {
   const std::uint64_t seq = next_seq_++;
   auto request = std::make_unique<InprocRequest>(*this, seq, buffers);
   // The request's copy of `buffers` is what peers read: it lives as long as the request.
@@ -277,8 +384,11 @@ std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) 
                           : Topology(std::vector<int>(static_cast<std::size_t>(n), 0));
   auto world = std::make_shared<World>(n, args.timeout_s, std::move(topology),
                                        std::make_shared<AbortState>());
+  const bool stream_ordered = args.options != nullptr && args.options->get_bool("inproc_async");
   std::vector<std::unique_ptr<Transport>> ranks;
-  for (int r = 0; r < n; ++r) ranks.push_back(std::make_unique<InprocTransport>(world, r));
+  for (int r = 0; r < n; ++r) {
+    ranks.push_back(std::make_unique<InprocTransport>(world, r, stream_ordered));
+  }
   return ranks;
 }
 
@@ -287,4 +397,5 @@ std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) 
 
 SWITCHYARD_TRANSPORT_PLUGIN("inproc", "0.1.0",
                             "ranks as threads of one process, copying through shared memory",
-                            nullptr, nullptr, ::switchyard::inproc::create)
+                            ::switchyard::inproc::declare_options, nullptr,
+                            ::switchyard::inproc::create)

@@ -49,7 +49,10 @@ void World::wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64
     const auto now = Clock::now();
     if (now >= deadline) {
       std::string ranks;
-      for (int r : missing()) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
+      for (int r : missing()) {
+        if (!ranks.empty()) ranks += ", ";
+        ranks += std::to_string(r);
+      }
       throw Error(ErrorCode::kTimeout,
                   std::string("inproc ") + op + " (collective #" + std::to_string(seq) + " of a " +
                       std::to_string(size_) + "-rank communicator): timed out after " +

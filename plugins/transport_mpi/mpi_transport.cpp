@@ -169,7 +169,10 @@ class Exchange {
       }
       std::sort(missing.begin(), missing.end());
       std::string peers;
-      for (int p : missing) peers += (peers.empty() ? "" : ", ") + std::to_string(p);
+      for (int p : missing) {
+        if (!peers.empty()) peers += ", ";
+        peers += std::to_string(p);
+      }
       throw Error(ErrorCode::kTimeout, std::string("mpi ") + op_ + ": timed out after " +
                                            format_seconds(timeout_s_) + " waiting for rank(s) " +
                                            peers +
@@ -253,31 +256,32 @@ class MpiTransport final : public Transport {
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return size_; }
   const Topology& topology() const noexcept override { return topology_; }
-  TransportCapabilities capabilities() const noexcept override { return {true, false, false}; }
+  TransportCapabilities capabilities() const noexcept override { return {}; }
   std::string name() const override { return "mpi"; }
 
-  void alltoall(const void* send, void* recv, std::size_t bytes_per_peer) override {
+  void barrier() override { barrier_through_alltoall(*this, scratch_); }
+
+ protected:
+  // Host-synchronous: every collective has finished when it returns.
+  void do_alltoall(const void* send, void* recv, std::size_t bytes_per_peer,
+                   Stream& /*stream*/) override {
     run(alltoall_as_alltoallv(send, recv, bytes_per_peer, size(), scratch_), "alltoall");
   }
 
-  void alltoallv(const AlltoallvBuffers& b) override {
-    check_alltoallv_arguments(b, size(), "mpi");
-    run(b, "alltoallv");
-  }
+  void do_alltoallv(const AlltoallvBuffers& b, Stream& /*stream*/) override { run(b, "alltoallv"); }
 
-  std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& b) override {
-    check_alltoallv_arguments(b, size(), "mpi");
+  std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& b) override {
     auto exchange = std::make_unique<Exchange>();
     exchange->start(comm_, rank_, next_tag(), max_message_, timeout_s_, b, "ialltoallv");
     return std::make_unique<MpiRequest>(session_, std::move(exchange));
   }
 
-  void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
+  void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
+                    Stream& /*stream*/) override {
     allreduce_through_alltoall(*this, data, count, dtype, op, scratch_);
   }
 
-  void barrier() override { barrier_through_alltoall(*this, scratch_); }
-
+ public:
   std::unique_ptr<Transport> split(int color, int key) override {
     // The group through a bounded exchange first (for the topology), then MPI's split.
     const std::vector<int> group = split_group(*this, color, key);

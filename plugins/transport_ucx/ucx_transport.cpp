@@ -226,8 +226,9 @@ class Exchange {
     if (Clock::now() > deadline_) {
       std::string peers;
       for (std::size_t p = 0; p < recvs_.size(); ++p) {
-        if (recvs_[p] != nullptr || sends_[p] != nullptr)
-          peers += (peers.empty() ? "" : ", ") + std::to_string(p);
+        if (recvs_[p] == nullptr && sends_[p] == nullptr) continue;
+        if (!peers.empty()) peers += ", ";
+        peers += std::to_string(p);
       }
       throw Error(ErrorCode::kTimeout, std::string("ucx ") + op_ + ": timed out after " +
                                            format_seconds(context_->timeout_s()) +
@@ -281,32 +282,33 @@ class UcxTransport final : public Transport {
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return static_cast<int>(members_.size()); }
   const Topology& topology() const noexcept override { return topology_; }
-  TransportCapabilities capabilities() const noexcept override { return {true, false, false}; }
+  TransportCapabilities capabilities() const noexcept override { return {}; }
   std::string name() const override { return "ucx"; }
 
-  void alltoall(const void* send, void* recv, std::size_t bytes_per_peer) override {
+  void barrier() override { barrier_through_alltoall(*this, scratch_); }
+
+ protected:
+  // Host-synchronous: every collective has finished when it returns.
+  void do_alltoall(const void* send, void* recv, std::size_t bytes_per_peer,
+                   Stream& /*stream*/) override {
     run(alltoall_as_alltoallv(send, recv, bytes_per_peer, size(), scratch_), "alltoall");
   }
 
-  void alltoallv(const AlltoallvBuffers& b) override {
-    check_alltoallv_arguments(b, size(), "ucx");
-    run(b, "alltoallv");
-  }
+  void do_alltoallv(const AlltoallvBuffers& b, Stream& /*stream*/) override { run(b, "alltoallv"); }
 
-  std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& b) override {
-    check_alltoallv_arguments(b, size(), "ucx");
+  std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& b) override {
     throw_if_aborted("ialltoallv");
     auto exchange = std::make_unique<Exchange>();
     exchange->start(*context_, members_, rank_, comm_id_, next_seq_++, b, "ialltoallv");
     return std::make_unique<UcxRequest>(context_, std::move(exchange));
   }
 
-  void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op) override {
+  void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
+                    Stream& /*stream*/) override {
     allreduce_through_alltoall(*this, data, count, dtype, op, scratch_);
   }
 
-  void barrier() override { barrier_through_alltoall(*this, scratch_); }
-
+ public:
   std::unique_ptr<Transport> split(int color, int key) override {
     const std::uint64_t split_seq = next_seq_;
     const std::vector<int> group = split_group(*this, color, key);

@@ -27,7 +27,10 @@ TEST_CASE("the built plugins load and pass their checks") {
         "libswitchyard-router-topk.so");
   CHECK(registry.find(PluginKind::kExpert, "cpu_swiglu").probe.ok());
   // Transports that need a launcher load, and say why they cannot work outside one.
-  for (const char* name : {"mpi", "ucx"}) {
+  std::vector<const char*> launched;
+  if (SWITCHYARD_TEST_HAVE_MPI) launched.push_back("mpi");
+  if (SWITCHYARD_TEST_HAVE_UCX) launched.push_back("ucx");
+  for (const char* name : launched) {
     const auto it = std::find_if(registry.available().begin(), registry.available().end(),
                                  [&](const PluginInfo& p) { return p.name == name; });
     REQUIRE(it != registry.available().end());
@@ -53,13 +56,26 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* wrongabi = rejection(registry, "libswitchyard-router-wrongabi.so");
   REQUIRE(wrongabi != nullptr);
   CHECK(wrongabi->code == ErrorCode::kAbiMismatch);
-  CHECK(wrongabi->reason.find("exports switchyard_plugin_v2 but this core loads plugin ABI 1") !=
+  CHECK(wrongabi->reason.find("exports switchyard_plugin_v3 but this core loads plugin ABI 2") !=
         std::string::npos);
+
+  // Built for ABI 1: both versions are named.
+  const auto* abiv1 = rejection(registry, "libswitchyard-router-abiv1.so");
+  REQUIRE(abiv1 != nullptr);
+  CHECK(abiv1->code == ErrorCode::kAbiMismatch);
+  CHECK(abiv1->reason.find("exports switchyard_plugin_v1 but this core loads plugin ABI 2") !=
+        std::string::npos);
+
+  // A missing symbol is found at scan time (immediate binding), not at the first call.
+  const auto* unresolved = rejection(registry, "libswitchyard-router-unresolved.so");
+  REQUIRE(unresolved != nullptr);
+  CHECK(unresolved->reason.find("cannot be loaded") != std::string::npos);
+  CHECK(unresolved->reason.find("switchyard_fixture_symbol_nobody_defines") != std::string::npos);
 
   const auto* abifield = rejection(registry, "libswitchyard-router-abifield.so");
   REQUIRE(abifield != nullptr);
   CHECK(abifield->code == ErrorCode::kAbiMismatch);
-  CHECK(abifield->reason.find("declares plugin ABI version 99, this core needs 1") !=
+  CHECK(abifield->reason.find("declares plugin ABI version 99, this core needs 2") !=
         std::string::npos);
 
   const auto* otherbuild = rejection(registry, "libswitchyard-router-otherbuild.so");
@@ -80,7 +96,7 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* noentry = rejection(registry, "libswitchyard-router-noentry.so");
   REQUIRE(noentry != nullptr);
   CHECK(noentry->code == ErrorCode::kNotFound);
-  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v1") !=
+  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v2") !=
         std::string::npos);
 
   const auto* garbage = rejection(registry, "libswitchyard-router-garbage.so");
@@ -110,7 +126,7 @@ TEST_CASE("asking for a rejected or missing plugin explains everything in one me
   REQUIRE(first_rejection != std::string::npos);
   const std::string line =
       m.substr(first_rejection, m.find('\n', first_rejection + 14) - first_rejection);
-  CHECK(line.find("libswitchyard-router-wrongabi.so: ABI mismatch: exports switchyard_plugin_v2") !=
+  CHECK(line.find("libswitchyard-router-wrongabi.so: ABI mismatch: exports switchyard_plugin_v3") !=
         std::string::npos);
   CHECK(m.find("searched: " SWITCHYARD_FIXTURE_PLUGIN_DIR " /nonexistent/plugins (missing)") !=
         std::string::npos);

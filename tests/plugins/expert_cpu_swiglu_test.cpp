@@ -46,13 +46,14 @@ std::vector<double> swiglu(const SwigluExpertWeights& w, const float* x, std::in
 }  // namespace
 
 TEST_CASE("grouped SwiGLU matches the per-row formula, empty groups included") {
+  HostStream stream;
   const ModelWeights model = ModelWeights::random(6, 20, 36, 4);
   auto kernel = make_kernel(model, 2, 3);  // experts 2, 3, 4
   CHECK(kernel->num_local_experts() == 3);
   const std::vector<std::int64_t> rows = {4, 0, 7};
   const HostTensor x = synthetic_tokens(11, 20, 5);
   HostTensor y(DType::kF32, {11, 20});
-  kernel->forward({x.view(), rows, y.view()});
+  kernel->forward({x.view(), rows, y.view()}, stream);
   const auto weights = model.experts(2, 3);
   std::int64_t row = 0;
   for (std::size_t e = 0; e < rows.size(); ++e) {
@@ -67,20 +68,21 @@ TEST_CASE("grouped SwiGLU matches the per-row formula, empty groups included") {
   // No rows at all is fine.
   HostTensor empty_x(DType::kF32, {0, 20}), empty_y(DType::kF32, {0, 20});
   const std::vector<std::int64_t> none = {0, 0, 0};
-  CHECK_NOTHROW(kernel->forward({empty_x.view(), none, empty_y.view()}));
+  CHECK_NOTHROW(kernel->forward({empty_x.view(), none, empty_y.view()}, stream));
 }
 
 TEST_CASE("bad batches are refused") {
+  HostStream stream;
   const ModelWeights model = ModelWeights::random(2, 8, 8, 4);
   auto kernel = make_kernel(model, 0, 2);
   HostTensor x(DType::kF32, {3, 8}), y(DType::kF32, {3, 8});
   const std::vector<std::int64_t> wrong_sum = {1, 1};
-  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_sum, y.view()}),
+  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_sum, y.view()}, stream),
                        doctest::Contains("row counts sum to 2"), Error);
   const std::vector<std::int64_t> wrong_len = {3};
-  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_len, y.view()}),
+  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), wrong_len, y.view()}, stream),
                        doctest::Contains("1 row counts for 2"), Error);
   HostTensor narrow(DType::kF32, {3, 7});
   const std::vector<std::int64_t> ok = {1, 2};
-  CHECK_THROWS_AS(kernel->forward({narrow.view(), ok, y.view()}), Error);
+  CHECK_THROWS_AS(kernel->forward({narrow.view(), ok, y.view()}, stream), Error);
 }

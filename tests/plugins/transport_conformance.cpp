@@ -15,7 +15,7 @@ std::uint8_t pattern(int from, int to, std::size_t i) {
 }
 
 /// alltoallv where rank `from` sends `bytes(from, to)` bytes to rank `to`; checks content.
-void exchange(Transport& t, const std::function<std::size_t(int, int)>& bytes) {
+void exchange(Transport& t, Stream& s, const std::function<std::size_t(int, int)>& bytes) {
   const int n = t.size(), me = t.rank();
   std::vector<std::size_t> sc(static_cast<std::size_t>(n)), so(sc.size()), rc(sc.size()),
       ro(sc.size());
@@ -36,7 +36,8 @@ void exchange(Transport& t, const std::function<std::size_t(int, int)>& bytes) {
     }
   }
   AlltoallvBuffers b{send.data(), sc, so, recv.data(), rc, ro};
-  t.alltoallv(b);
+  t.alltoallv(b, s);
+  s.synchronize();
   bool ok = true;
   for (int p = 0; p < n; ++p) {
     for (std::size_t i = 0; i < rc[static_cast<std::size_t>(p)]; ++i) {
@@ -48,7 +49,7 @@ void exchange(Transport& t, const std::function<std::size_t(int, int)>& bytes) {
 }
 
 template <typename T>
-void allreduce_case(Transport& t, DType dtype) {
+void allreduce_case(Transport& t, Stream& stream, DType dtype) {
   const int n = t.size(), me = t.rank();
   auto value = [](int rank, int i) { return static_cast<T>(0.1 * (rank + 1) + i * 3 - rank * 2); };
   std::vector<T> sum(5), max(5), min(5);
@@ -57,9 +58,11 @@ void allreduce_case(Transport& t, DType dtype) {
     max[static_cast<std::size_t>(i)] = value(me, i);
     min[static_cast<std::size_t>(i)] = value(me, i);
   }
-  t.allreduce(sum.data(), 5, dtype, ReduceOp::kSum);
-  t.allreduce(max.data(), 5, dtype, ReduceOp::kMax);
-  t.allreduce(min.data(), 5, dtype, ReduceOp::kMin);
+  // Three reductions queued before one synchronize.
+  t.allreduce(sum.data(), 5, dtype, ReduceOp::kSum, stream);
+  t.allreduce(max.data(), 5, dtype, ReduceOp::kMax, stream);
+  t.allreduce(min.data(), 5, dtype, ReduceOp::kMin, stream);
+  stream.synchronize();
   for (int i = 0; i < 5; ++i) {
     T s = value(0, i), hi = value(0, i), lo = value(0, i);
     for (int r = 1; r < n; ++r) {  // rank order: the result is bit-identical
@@ -77,59 +80,82 @@ void allreduce_case(Transport& t, DType dtype) {
 
 std::vector<NamedCase> standard_cases() {
   std::vector<NamedCase> cases;
-  cases.push_back({"identity", [](Transport& t) {
+  cases.push_back({"identity", [](Transport& t, Stream& /*s*/) {
                      CHECK(t.size() >= 1);
                      CHECK(t.rank() >= 0);
                      CHECK(t.rank() < t.size());
                      CHECK(t.topology().size() == t.size());
                      CHECK(t.capabilities().host_memory);
                    }});
-  cases.push_back({"alltoall", [](Transport& t) {
+  cases.push_back({"alltoall", [](Transport& t, Stream& s) {
                      const int n = t.size();
                      std::vector<std::int64_t> send(static_cast<std::size_t>(n)), recv(send.size());
                      for (int p = 0; p < n; ++p)
                        send[static_cast<std::size_t>(p)] = t.rank() * 1000 + p;
-                     t.alltoall(send.data(), recv.data(), sizeof(std::int64_t));
+                     t.alltoall(send.data(), recv.data(), sizeof(std::int64_t), s);
+                     s.synchronize();
                      for (int p = 0; p < n; ++p)
                        CHECK(recv[static_cast<std::size_t>(p)] == p * 1000 + t.rank());
                    }});
-  cases.push_back({"alltoallv uneven sizes, zero counts and self-send", [](Transport& t) {
-                     exchange(t, [](int from, int to) {
-                       return static_cast<std::size_t>(((from + to) % 3) * 5 +
-                                                       (from == to ? 7 : 0));
-                     });
+  cases.push_back(
+      {"alltoallv uneven sizes, zero counts and self-send", [](Transport& t, Stream& s) {
+         exchange(t, s, [](int from, int to) {
+           return static_cast<std::size_t>(((from + to) % 3) * 5 + (from == to ? 7 : 0));
+         });
+       }});
+  cases.push_back({"alltoallv all counts zero", [](Transport& t, Stream& s) {
+                     exchange(t, s, [](int, int) { return std::size_t{0}; });
                    }});
-  cases.push_back({"alltoallv all counts zero",
-                   [](Transport& t) { exchange(t, [](int, int) { return std::size_t{0}; }); }});
-  cases.push_back({"alltoallv one peer only", [](Transport& t) {
+  cases.push_back({"alltoallv one peer only", [](Transport& t, Stream& s) {
                      const int last = t.size() - 1;
-                     exchange(t, [last](int from, int to) {
+                     exchange(t, s, [last](int from, int to) {
                        return from == 0 && to == last ? std::size_t{1000} : std::size_t{0};
                      });
                    }});
-  cases.push_back({"alltoallv repeated 100 times with changing sizes", [](Transport& t) {
+  cases.push_back({"alltoallv repeated 100 times with changing sizes", [](Transport& t, Stream& s) {
                      for (int step = 0; step < 100; ++step) {
-                       exchange(t, [step](int from, int to) {
+                       exchange(t, s, [step](int from, int to) {
                          return static_cast<std::size_t>((from * 3 + to * 5 + step) % 17);
                        });
                      }
                    }});
-  cases.push_back({"alltoallv large payloads (4 MiB per peer)", [](Transport& t) {
-                     exchange(t, [](int from, int to) {
+  cases.push_back({"alltoallv large payloads (4 MiB per peer)", [](Transport& t, Stream& s) {
+                     exchange(t, s, [](int from, int to) {
                        return std::size_t{4} << 20 | static_cast<std::size_t>(from + to);
                      });
                    }});
-  cases.push_back({"allreduce f32 f64 i32 i64", [](Transport& t) {
-                     allreduce_case<float>(t, DType::kF32);
-                     allreduce_case<double>(t, DType::kF64);
-                     allreduce_case<std::int32_t>(t, DType::kI32);
-                     allreduce_case<std::int64_t>(t, DType::kI64);
+  cases.push_back({"allreduce f32 f64 i32 i64", [](Transport& t, Stream& s) {
+                     allreduce_case<float>(t, s, DType::kF32);
+                     allreduce_case<double>(t, s, DType::kF64);
+                     allreduce_case<std::int32_t>(t, s, DType::kI32);
+                     allreduce_case<std::int64_t>(t, s, DType::kI64);
                    }});
-  cases.push_back({"barrier", [](Transport& t) {
+  cases.push_back({"queued alltoallv, alltoall and allreduce read back after one synchronize",
+                   [](Transport& t, Stream& s) {
+                     const int n = t.size(), me = t.rank();
+                     const auto un = static_cast<std::size_t>(n);
+                     std::vector<std::size_t> counts(un, sizeof(int)), offsets(un);
+                     for (std::size_t p = 0; p < un; ++p) offsets[p] = p * sizeof(int);
+                     std::vector<int> send(un), recv(un, -1), again(un, -1);
+                     for (int p = 0; p < n; ++p) send[static_cast<std::size_t>(p)] = me * 100 + p;
+                     double total = me + 1;
+                     t.alltoallv({reinterpret_cast<std::byte*>(send.data()), counts, offsets,
+                                  reinterpret_cast<std::byte*>(recv.data()), counts, offsets},
+                                 s);
+                     t.alltoall(send.data(), again.data(), sizeof(int), s);
+                     t.allreduce(&total, 1, DType::kF64, ReduceOp::kSum, s);
+                     s.synchronize();
+                     for (int p = 0; p < n; ++p) {
+                       CHECK(recv[static_cast<std::size_t>(p)] == p * 100 + me);
+                       CHECK(again[static_cast<std::size_t>(p)] == p * 100 + me);
+                     }
+                     CHECK(total == n * (n + 1) / 2.0);
+                   }});
+  cases.push_back({"barrier", [](Transport& t, Stream& /*s*/) {
                      for (int i = 0; i < 10; ++i) t.barrier();
                    }});
   cases.push_back(
-      {"ialltoallv with test() and two requests in flight", [](Transport& t) {
+      {"ialltoallv with test() and two requests in flight", [](Transport& t, Stream& /*s*/) {
          const int n = t.size(), me = t.rank();
          std::vector<std::size_t> counts(static_cast<std::size_t>(n), sizeof(int)),
              offsets(counts.size());
@@ -155,7 +181,7 @@ std::vector<NamedCase> standard_cases() {
            CHECK(recv_b[static_cast<std::size_t>(p)] == -(p * 10 + me));
          }
        }});
-  cases.push_back({"split into groups with reversed keys", [](Transport& t) {
+  cases.push_back({"split into groups with reversed keys", [](Transport& t, Stream& /*s*/) {
                      const int n = t.size(), me = t.rank();
                      auto sub = t.split(me % 2, -me);
                      REQUIRE(sub != nullptr);
@@ -177,24 +203,25 @@ std::vector<NamedCase> standard_cases() {
                      if (none) CHECK(none->size() == n - 1);
                      t.barrier();  // the parent still works
                    }});
-  cases.push_back({"mismatched sizes are an error on the receiving rank", [](Transport& t) {
-                     const int n = t.size(), me = t.rank();
-                     std::vector<std::size_t> sc(static_cast<std::size_t>(n), 4), off(sc.size()),
-                         rc(sc.size(), 4);
-                     for (int p = 0; p < n; ++p)
-                       off[static_cast<std::size_t>(p)] = static_cast<std::size_t>(p) * 8;
-                     if (me == 0)
-                       rc[static_cast<std::size_t>(n - 1)] = 8;  // expects more than is sent
-                     std::vector<std::byte> send(static_cast<std::size_t>(n) * 8),
-                         recv(send.size());
-                     AlltoallvBuffers b{send.data(), sc, off, recv.data(), rc, off};
-                     if (me == 0) {
-                       CHECK_THROWS_AS(t.alltoallv(b), Error);
-                     } else {
-                       t.alltoallv(b);
-                     }
-                     t.barrier();
-                   }});
+  cases.push_back(
+      {"mismatched sizes are an error on the receiving rank", [](Transport& t, Stream& s) {
+         const int n = t.size(), me = t.rank();
+         std::vector<std::size_t> sc(static_cast<std::size_t>(n), 4), off(sc.size()),
+             rc(sc.size(), 4);
+         for (int p = 0; p < n; ++p)
+           off[static_cast<std::size_t>(p)] = static_cast<std::size_t>(p) * 8;
+         if (me == 0) rc[static_cast<std::size_t>(n - 1)] = 8;  // expects more than is sent
+         std::vector<std::byte> send(static_cast<std::size_t>(n) * 8), recv(send.size());
+         AlltoallvBuffers b{send.data(), sc, off, recv.data(), rc, off};
+         if (me == 0) {
+           // Thrown by the call, or for stream-ordered work by the synchronize.
+           CHECK_THROWS_AS((t.alltoallv(b, s), s.synchronize()), Error);
+         } else {
+           t.alltoallv(b, s);
+           s.synchronize();
+         }
+         t.barrier();
+       }});
   return cases;
 }
 

@@ -12,8 +12,9 @@
 
 namespace switchyard::conformance {
 
-/// A case: runs on one rank.
-using Case = std::function<void(Transport&)>;
+/// A case: runs on one rank, with that rank's stream. Cases synchronize the stream before
+/// they read results, so they hold for stream-ordered transports too.
+using Case = std::function<void(Transport&, Stream&)>;
 
 struct NamedCase {
   std::string name;

@@ -14,13 +14,22 @@ using namespace switchyard;
 
 namespace {
 
-std::vector<std::shared_ptr<Transport>> inproc(int ranks, double timeout_s) {
-  static PluginRegistry registry(PluginRegistry::default_search_path());
+PluginRegistry& registry() {
+  static PluginRegistry r(PluginRegistry::default_search_path());
+  return r;
+}
+
+std::vector<std::shared_ptr<Transport>> inproc(int ranks, double timeout_s, bool async = false) {
+  Config config;
+  config.set("runtime", "inproc_async", async);
+  const ConfigSection options =
+      config.section("runtime", registry().options(PluginKind::kTransport, "inproc"));
   TransportCreateArgs args;
+  args.options = &options;
   args.requested_ranks = ranks;
   args.timeout_s = timeout_s;
   args.ranks_per_node = 2;
-  return registry.create_transport("inproc", args);
+  return registry().create_transport("inproc", args);
 }
 
 std::vector<std::optional<Error>> on_ranks(std::vector<std::shared_ptr<Transport>>& ranks,
@@ -31,17 +40,56 @@ std::vector<std::optional<Error>> on_ranks(std::vector<std::shared_ptr<Transport
 
 }  // namespace
 
-TEST_CASE("inproc passes the transport conformance suite") {
-  for (int n : {1, 2, 3, 4}) {
-    auto ranks = inproc(n, 30);
-    for (const auto& c : conformance::standard_cases()) {
-      CAPTURE(n);
-      CAPTURE(c.name);
-      for (const auto& error : on_ranks(ranks, c.run)) {
-        CHECK_MESSAGE(!error.has_value(), (error ? error->what() : ""));
+TEST_CASE("inproc passes the transport conformance suite, host-synchronous and stream-ordered") {
+  for (bool async : {false, true}) {
+    for (int n : {1, 2, 3, 4}) {
+      auto ranks = inproc(n, 30, async);
+      CHECK(ranks[0]->capabilities().stream_ordered == async);
+      for (const auto& c : conformance::standard_cases()) {
+        CAPTURE(async);
+        CAPTURE(n);
+        CAPTURE(c.name);
+        auto errors = on_ranks(ranks, [&](Transport& t) {
+          // Queued: the collectives run on the stream's progress thread, not the caller's.
+          HostStream stream(async ? HostStream::Mode::kQueued : HostStream::Mode::kInline);
+          c.run(t, stream);
+        });
+        for (const auto& error : errors) {
+          CHECK_MESSAGE(!error.has_value(), (error ? error->what() : ""));
+        }
       }
     }
   }
+}
+
+TEST_CASE("stream-ordered inproc returns before the exchange is done") {
+  auto ranks = inproc(2, 30, /*async=*/true);
+  auto errors = on_ranks(ranks, [](Transport& t) {
+    HostStream stream(HostStream::Mode::kQueued);
+    std::int64_t send[2] = {t.rank() * 10, t.rank() * 10 + 1}, recv[2] = {-1, -1};
+    if (t.rank() == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    t.alltoall(send, recv, sizeof(std::int64_t), stream);
+    // Rank 1 joins 300 ms later: rank 0's exchange cannot have completed yet.
+    if (t.rank() == 0) CHECK_FALSE(stream.idle());
+    stream.synchronize();
+    CHECK(recv[0] == t.rank());
+    CHECK(recv[1] == 10 + t.rank());
+  });
+  for (const auto& e : errors) CHECK_FALSE(e.has_value());
+}
+
+TEST_CASE("a stream-ordered timeout is reported by synchronize, naming the missing rank") {
+  auto ranks = inproc(2, 0.3, /*async=*/true);
+  auto errors = on_ranks(ranks, [](Transport& t) {
+    if (t.rank() == 1) return;
+    HostStream stream(HostStream::Mode::kQueued);
+    std::int64_t send[2] = {}, recv[2] = {};
+    t.alltoall(send, recv, sizeof(std::int64_t), stream);
+    stream.synchronize();
+  });
+  REQUIRE(errors[0].has_value());
+  CHECK(errors[0]->code() == ErrorCode::kTimeout);
+  CHECK(errors[0]->message().find("waiting for rank(s) 1 to arrive") != std::string::npos);
 }
 
 TEST_CASE("inproc topology emulates nodes") {

@@ -6,12 +6,13 @@
 #include <span>
 #include <string>
 
+#include "switchyard/stream.hpp"
 #include "switchyard/tensor.hpp"
 
 namespace switchyard {
 
-/// The weights of one SwiGLU expert, borrowed from their owner (the runtime's model).
-/// `down(silu(gate·x) ⊙ up·x)`.
+/// The weights of one SwiGLU expert, borrowed from their owner (the runtime's model), in
+/// the checkpoint's dtype (f32, bf16 or f16). `down(silu(gate·x) ⊙ up·x)`.
 struct SwigluExpertWeights {
   TensorView gate;  ///< [F,H]
   TensorView up;    ///< [F,H]
@@ -19,7 +20,8 @@ struct SwigluExpertWeights {
 };
 
 /// A grouped batch: rows [N,H] where the first `rows_per_expert[0]` rows go to local
-/// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on.
+/// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on. `input` and
+/// `output` are f32 on the stream's device; `rows_per_expert` is host memory.
 struct ExpertBatch {
   TensorView input;                               ///< [N,H], read only
   std::span<const std::int64_t> rows_per_expert;  ///< [local experts], sums to N
@@ -33,9 +35,13 @@ class ExpertKernel {
   /// Kernel name, e.g. "cpu_swiglu".
   virtual std::string name() const = 0;
   virtual int num_local_experts() const noexcept = 0;
-  /// Runs every local expert over its rows. Blocking; allocates only when N grows.
-  /// Throws `Error(kInvalidArgument)` on shape mismatch.
-  virtual void forward(const ExpertBatch& batch) = 0;
+  /// Memory kinds and stream behaviour (see stream.hpp).
+  virtual ExecutionCapabilities capabilities() const noexcept { return {}; }
+  /// Runs every local expert over its rows on `stream`. A host-synchronous kernel (the
+  /// default) has finished when it returns; the core synchronizes the stream before it
+  /// calls one. Allocates only when N grows. Throws `Error(kInvalidArgument)` on shape
+  /// mismatch.
+  virtual void forward(const ExpertBatch& batch, Stream& stream) = 0;
 };
 
 }  // namespace switchyard

@@ -4,9 +4,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
+#include "switchyard/buffer.hpp"
+#include "switchyard/data_path.hpp"
 #include "switchyard/expert_kernel.hpp"
 #include "switchyard/router.hpp"
 #include "switchyard/status.hpp"
@@ -32,8 +35,9 @@ class ExpertPlacement {
   int num_ranks_ = 1;
 };
 
-/// Router logits [T,E] = x [T,H] · gateᵀ [H,E], float32, with a fixed summation order so
-/// that a token's logits do not depend on which rank or how many tokens compute them.
+/// Router logits [T,E] = x [T,H] · gateᵀ [H,E], float32 host, with a fixed summation order
+/// so that a token's logits do not depend on which rank or how many tokens compute them.
+/// The host data path's `router_logits`.
 void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits);
 
 /// Wall time of each phase of the last forward, in seconds.
@@ -61,37 +65,35 @@ class DispatchHandle {
   TensorView expert_input() noexcept;
   /// A buffer of the same shape as expert_input() for the experts' results.
   TensorView expert_output() noexcept;
-  /// Rows per local expert.
-  std::span<const std::int64_t> rows_per_expert() const noexcept { return rows_per_expert_; }
+  /// Rows per local expert (host memory).
+  std::span<const std::int64_t> rows_per_expert() const noexcept {
+    return {rows_per_expert_.data(), rows_per_expert_.size()};
+  }
 
  private:
   friend class MoELayer;
-  /// (local expert, weight) of one slot of a dispatched row; expert -1 marks an empty slot.
-  struct SlotMeta {
-    std::int32_t local_expert;
-    float weight;
-  };
   std::int64_t hidden_ = 0;
   std::int64_t num_tokens_ = 0;
   int slots_ = 0;
-  // Per destination / source rank.
-  std::vector<std::int64_t> rows_to_, rows_from_;
-  std::vector<std::int64_t> rows_to_offset_, rows_from_offset_;
-  std::vector<std::size_t> send_bytes_, send_offsets_, recv_bytes_, recv_offsets_;
-  // Dispatched rows, in (destination rank, token) order, each the token's H floats then
-  // its K slots; and the token of each.
-  std::vector<float> send_rows_;
-  std::vector<std::int64_t> send_row_token_;
-  // Received rows, in (source rank, source token) order.
-  std::vector<float> recv_rows_;
+  PayloadDType payload_dtype_ = PayloadDType::kF32;
+  // Per destination / source rank (host): rows, first row, and the exchanges' byte counts.
+  Buffer<std::int64_t> rows_to_, rows_from_;
+  Buffer<std::int64_t> rows_to_offset_, rows_from_offset_;
+  Buffer<std::size_t> send_bytes_, send_offsets_, recv_bytes_, recv_offsets_;
+  Buffer<std::size_t> meta_send_bytes_, meta_send_offsets_, meta_recv_bytes_, meta_recv_offsets_;
+  // Dispatched rows in (destination rank, token) order: payload, slots, and token of each.
+  Buffer<std::byte> send_rows_;
+  Buffer<SlotMeta> send_meta_;
+  Buffer<std::int64_t> send_row_token_;
+  // Received rows in (source rank, source token) order, and their slots.
+  Buffer<std::byte> recv_rows_;
+  Buffer<SlotMeta> recv_meta_;
   // Expert-grouped rows and, per (received row, slot), its index in them (-1: empty).
-  std::vector<std::int64_t> rows_per_expert_;
-  std::vector<float> expert_input_, expert_output_;
-  std::vector<std::int64_t> assignment_of_slot_;
-  // Combine buffers.
-  std::vector<float> partial_rows_, combined_rows_;
-  // Scratch for the layout.
-  std::vector<std::int64_t> scratch_;
+  Buffer<std::int64_t> rows_per_expert_;
+  Buffer<float> expert_input_, expert_output_;
+  Buffer<std::int64_t> assignment_of_slot_;
+  // Combine buffers, in the combine dtype.
+  Buffer<std::byte> partial_rows_, combined_rows_;
 };
 
 /// The parts a layer is built from. The layer borrows `transport` and `gate`; it shares
@@ -99,9 +101,11 @@ class DispatchHandle {
 struct MoELayerParts {
   Transport* transport = nullptr;  ///< the EP group
   std::shared_ptr<Router> router;
-  std::shared_ptr<ExpertKernel> experts;  ///< this rank's local experts per `placement`
-  TensorView gate;                        ///< f32 [E,H]
-  ExpertPlacement placement;              ///< over the EP group's ranks
+  std::shared_ptr<ExpertKernel> experts;            ///< this rank's local experts per `placement`
+  TensorView gate;                                  ///< f32 [E,H]
+  ExpertPlacement placement;                        ///< over the EP group's ranks
+  PayloadDType payload_dtype = PayloadDType::kF32;  ///< dtype of dispatched rows
+  DType combine_dtype = DType::kF32;  ///< dtype of the partial sums sent back (f32, bf16)
 };
 
 /// One MoE layer on one rank of an EP group. Every rank of the group calls `forward` (or
@@ -112,7 +116,8 @@ class MoELayer {
  public:
   explicit MoELayer(MoELayerParts parts);
 
-  /// y [T,H] = MoE(x [T,H]); both f32 host contiguous, not aliased. Collective over the
+  /// y [T,H] = MoE(x [T,H]); both f32 host contiguous, not aliased. Runs on the layer's
+  /// `stream()` and returns when y is written. Collective over the
   /// EP group. If routing fails on any rank (bad shape, NaN logits), every rank throws:
   /// the failing one its own error, the others `Error(kPeerFailed)`; nothing is sent.
   void forward(const TensorView& x, const TensorView& y);
@@ -129,6 +134,9 @@ class MoELayer {
   void combine(DispatchHandle& handle, const TensorView& expert_output, const TensorView& y);
 
   const ExpertPlacement& placement() const noexcept { return parts_.placement; }
+  /// The stream the layer's work is ordered on: a queued host stream when the transport is
+  /// stream-ordered, else an inline one.
+  Stream& stream() noexcept { return *stream_; }
   Transport& transport() const noexcept { return *parts_.transport; }
   Router& router() const noexcept { return *parts_.router; }
   /// The plan of the last `forward`.
@@ -141,12 +149,23 @@ class MoELayer {
   const LayerTraffic& traffic() const noexcept { return traffic_; }
 
  private:
-  /// `local_error`: this rank already failed; peers are told in the counts exchange.
-  void dispatch_impl(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
-                     const Error* local_error);
+  /// Checks a plan's shape and expert ids; the first problem, or nothing.
+  std::optional<Error> check_plan(const RoutingPlan& plan) const;
+  /// Counts rows per destination and exchanges the counts. A failure of this rank
+  /// (`local_error`) or of a peer is thrown here on every rank together.
+  void exchange_counts(const RoutingPlan& plan, DispatchHandle& h, const Error* local_error);
+  /// Permutes, packs and sends rows and slots; groups what arrived per local expert.
+  void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h);
+  /// The whole dispatch: counts, then rows.
+  void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
+                        const Error* local_error);
+  /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
+  void host_ready() { stream_->synchronize(); }
   MoELayerParts parts_;
+  std::unique_ptr<HostStream> stream_;
+  std::unique_ptr<DataPath> data_path_;
   std::int64_t hidden_ = 0;
-  std::vector<float> logits_;
+  Buffer<float> logits_;
   RoutingPlan plan_;
   DispatchHandle handle_;
   LayerTimings timings_;

@@ -3,7 +3,7 @@
 /// The plugin contract and the registry that finds and loads plugins.
 ///
 /// A plugin is a shared library `libswitchyard-<kind>-<name>.so` exporting exactly one
-/// C entry point, `switchyard_plugin_v<ABI>` (today `switchyard_plugin_v1`), that returns a
+/// C entry point, `switchyard_plugin_v<ABI>` (today `switchyard_plugin_v2`), that returns a
 /// pointer to a static `PluginDescriptor`. The loader checks, in order: the entry exists;
 /// `abi_version` equals `kPluginAbiVersion`; `build_id` equals the core's; `kind` and
 /// `name` match the file name. Any failure is recorded with its reason; a scan never stops
@@ -28,9 +28,9 @@ namespace switchyard {
 
 /// Version of the binary contract below. Bump on any change to `PluginDescriptor`, the
 /// create-argument structs or the interfaces; the entry point's name carries it.
-inline constexpr std::uint32_t kPluginAbiVersion = 1;
+inline constexpr std::uint32_t kPluginAbiVersion = 2;
 /// Name of the entry point for `kPluginAbiVersion`.
-inline constexpr const char* kPluginEntryName = "switchyard_plugin_v1";
+inline constexpr const char* kPluginEntryName = "switchyard_plugin_v2";
 
 /// The kinds of plugin. The name is the middle part of the file name.
 enum class PluginKind : std::uint32_t { kTransport = 1, kRouter = 2, kExpert = 3 };
@@ -180,7 +180,7 @@ inline constexpr ExpertFactory expert_factory =
 /// what the factory fills (it may throw `switchyard::Error`); DECLARE fills the schema
 /// (or nullptr); PROBE returns a Status (or nullptr).
 #define SWITCHYARD_DEFINE_PLUGIN_IMPL(KIND, NAME, VERSION, SUMMARY, DECLARE, PROBE, FACTORY) \
-  SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* switchyard_plugin_v1() {    \
+  SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* switchyard_plugin_v2() {    \
     static const ::switchyard::PluginDescriptor descriptor = [] {                            \
       ::switchyard::PluginDescriptor d{};                                                    \
       d.abi_version = ::switchyard::kPluginAbiVersion;                                       \

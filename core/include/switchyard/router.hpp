@@ -8,23 +8,32 @@
 #include <string>
 #include <vector>
 
+#include "switchyard/buffer.hpp"
+#include "switchyard/stream.hpp"
 #include "switchyard/tensor.hpp"
 #include "switchyard/topology.hpp"
 
 namespace switchyard {
 
 /// A routing decision for T tokens with K slots each. Owned by the caller and reused
-/// across calls: `route` resizes the vectors, which allocates only when they grow.
+/// across calls: `route` resizes the buffers, which allocates only when they grow. The
+/// buffers live where their allocator puts them (host by default; a device plan for a
+/// router that takes device logits).
 struct RoutingPlan {
+  RoutingPlan() = default;
+  /// A plan whose buffers come from `allocator`.
+  explicit RoutingPlan(Allocator& allocator)
+      : experts(allocator), weights(allocator), counts(allocator) {}
   std::int64_t num_tokens = 0;  ///< T
   int slots = 0;                ///< K
   /// [T,K] row-major; -1 where a slot is dropped or unused. Rows ordered by descending
   /// selection score (ties: lower expert index) for token-choice policies.
-  std::vector<std::int32_t> experts;
+  Buffer<std::int32_t> experts;
   /// [T,K]; 0 where the expert is -1.
-  std::vector<float> weights;
+  Buffer<float> weights;
   /// [E]; kept assignments per expert.
-  std::vector<std::int64_t> counts;
+  Buffer<std::int64_t> counts;
+  Device device() const noexcept { return experts.device(); }
 };
 
 /// Statistics of the last `route` call, over this rank's tokens.
@@ -38,7 +47,7 @@ struct RouterStats {
 
 /// What a router sees besides the logits.
 struct RouteInput {
-  TensorView logits;                   ///< f32 [T,E], host, contiguous
+  TensorView logits;                   ///< f32 [T,E], contiguous, on the stream's device
   const Topology* topology = nullptr;  ///< placement of the EP group's ranks; may be null
 };
 
@@ -52,12 +61,17 @@ class Router {
   virtual int num_experts() const noexcept = 0;
   /// K: slots per token in the plans this router produces.
   virtual int slots_per_token() const noexcept = 0;
-  /// Routes `input.logits` [T,E] into `plan` and updates `stats()`. Bad input (wrong
-  /// shape, NaN or Inf logits under the default nan_policy) throws
-  /// `Error(kInvalidArgument)` naming the first bad token and expert, and leaves `plan`
-  /// unspecified but valid to reuse. Blocking; allocates only when T grows.
-  virtual void route(const RouteInput& input, RoutingPlan& plan) = 0;
-  /// Statistics of the last successful `route`.
+  /// Memory kinds and stream behaviour (see stream.hpp).
+  virtual ExecutionCapabilities capabilities() const noexcept { return {}; }
+  /// Routes `input.logits` [T,E] into `plan` (on the same device) on `stream` and updates
+  /// `stats()`. A host-synchronous router (the default) has finished when it returns; the
+  /// core synchronizes the stream before it calls one. Bad input (wrong shape, NaN or Inf
+  /// logits under the default nan_policy) throws `Error(kInvalidArgument)` naming the first
+  /// bad token and expert, and leaves `plan` unspecified but valid to reuse. Allocates
+  /// only when T grows.
+  virtual void route(const RouteInput& input, RoutingPlan& plan, Stream& stream) = 0;
+  /// Statistics of the last successful `route` (host memory; after the stream is
+  /// synchronized for a stream-ordered router).
   virtual const RouterStats& stats() const noexcept = 0;
   /// The selection bias [E] (empty when the policy has none).
   virtual std::span<const float> bias() const noexcept = 0;

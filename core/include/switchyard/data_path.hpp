@@ -1,0 +1,154 @@
+#pragma once
+/// \file
+/// The layer's data path as primitives over views: router logits, layout, pack (gather +
+/// payload conversion), group by expert, weighted reduce and the final unpermute-sum.
+/// `MoELayer` only sequences them around the transport's exchanges. The host
+/// implementation is in core (`make_host_data_path()`); a device implementation comes as a
+/// plugin and takes device pointers and a stream of the same device.
+///
+/// Every pointer below lives on the data path's `device()` unless it says "host". Each
+/// function is ordered on `stream`; the host implementation is host-synchronous (done when
+/// it returns).
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+
+#include "switchyard/stream.hpp"
+#include "switchyard/tensor.hpp"
+
+namespace switchyard {
+
+class ExpertPlacement;
+
+/// The dtype of dispatched token rows (`[runtime] payload_dtype`). FP8 is E4M3 with one
+/// float32 scale per 128 elements of a row, as the GPU EP libraries send it.
+enum class PayloadDType : std::uint8_t { kF32, kBF16, kFP8 };
+/// "f32", "bf16", "fp8".
+std::string_view payload_dtype_name(PayloadDType dtype) noexcept;
+/// Parses "f32", "bf16" or "fp8"; throws `Error(kInvalidArgument)` otherwise.
+PayloadDType parse_payload_dtype(std::string_view name);
+/// Elements of a row that share one FP8 scale.
+inline constexpr std::int64_t kFp8BlockSize = 128;
+/// Bytes of one row of `hidden` elements in `dtype`, a multiple of 4. FP8 rows hold the
+/// ceil(hidden/128) float32 scales first, then the `hidden` E4M3 bytes.
+std::size_t payload_row_bytes(PayloadDType dtype, std::int64_t hidden) noexcept;
+
+/// float to FP8 E4M3 (bias 7, no infinities, max 448), rounding to nearest even and
+/// saturating; NaN stays NaN.
+std::uint8_t float_to_fp8_e4m3(float value) noexcept;
+/// FP8 E4M3 to float (exact).
+float fp8_e4m3_to_float(std::uint8_t bits) noexcept;
+
+/// (local expert, weight) of one slot of a dispatched row; local expert -1 marks an empty
+/// slot. Metadata travels in its own buffer of these, [rows, K], beside the payload rows.
+struct SlotMeta {
+  std::int32_t local_expert;
+  float weight;
+};
+
+/// Per-destination row counts: each token goes once to every rank that holds one of its
+/// experts.
+struct LayoutCountsArgs {
+  const std::int32_t* experts = nullptr;  ///< [T,K], -1 = dropped
+  std::int64_t num_tokens = 0;            ///< T
+  int slots = 0;                          ///< K
+  const ExpertPlacement* placement = nullptr;
+  std::int64_t* rows_to = nullptr;  ///< host [R], written
+};
+
+/// The permutation of the dispatch: which token each send row holds and its slots.
+struct LayoutArgs {
+  const std::int32_t* experts = nullptr;  ///< [T,K]
+  const float* weights = nullptr;         ///< [T,K]
+  std::int64_t num_tokens = 0;
+  int slots = 0;
+  const ExpertPlacement* placement = nullptr;
+  std::span<const std::int64_t> rows_to_offset;  ///< host [R]: first send row of each rank
+  std::int64_t* send_row_token = nullptr;        ///< [S], written: token of each send row
+  SlotMeta* send_meta = nullptr;                 ///< [S,K], written: slots in routing order
+};
+
+/// Gathers the tokens of the send rows and converts them to the payload dtype.
+struct PackArgs {
+  const float* x = nullptr;  ///< [T,H] f32
+  std::int64_t hidden = 0;
+  const std::int64_t* send_row_token = nullptr;  ///< [S]
+  std::int64_t num_rows = 0;                     ///< S
+  PayloadDType dtype = PayloadDType::kF32;
+  std::byte* rows = nullptr;  ///< [S, payload_row_bytes], written
+};
+
+/// Groups received rows per local expert (stable: by arrival order), converting them back
+/// to f32, and records where each (row, slot) went.
+struct GroupArgs {
+  const std::byte* rows = nullptr;  ///< [N, payload_row_bytes]
+  const SlotMeta* meta = nullptr;   ///< [N,K]
+  std::int64_t num_rows = 0;        ///< N
+  int slots = 0;                    ///< K
+  std::int64_t hidden = 0;
+  PayloadDType dtype = PayloadDType::kF32;
+  int num_local_experts = 0;                   ///< L
+  std::int64_t* rows_per_expert = nullptr;     ///< host [L], written
+  float* expert_input = nullptr;               ///< [A,H], written (A = sum of rows_per_expert)
+  std::int64_t* assignment_of_slot = nullptr;  ///< [N,K], written: row in expert_input or -1
+};
+
+/// Counts the expert rows the grouping will produce, so that the caller can size them.
+struct GroupCountArgs {
+  const SlotMeta* meta = nullptr;  ///< [N,K]
+  std::int64_t num_rows = 0;
+  int slots = 0;
+  int num_local_experts = 0;
+  std::int64_t* rows_per_expert = nullptr;  ///< host [L], written
+};
+
+/// The weighted sum of the expert results of each received row, in slot order, converted
+/// to the combine dtype (f32 or bf16).
+struct WeightedReduceArgs {
+  const float* expert_output = nullptr;              ///< [A,H]
+  const SlotMeta* meta = nullptr;                    ///< [N,K]
+  const std::int64_t* assignment_of_slot = nullptr;  ///< [N,K]
+  std::int64_t num_rows = 0;
+  int slots = 0;
+  std::int64_t hidden = 0;
+  DType combine_dtype = DType::kF32;
+  std::byte* partial_rows = nullptr;  ///< [N,H] in combine_dtype, written
+};
+
+/// y[t] = sum of the combined rows of token t, in row order (the ranks' order).
+struct UnpermuteSumArgs {
+  const std::byte* combined_rows = nullptr;      ///< [S,H] in combine_dtype
+  const std::int64_t* send_row_token = nullptr;  ///< [S]
+  std::int64_t num_rows = 0;                     ///< S
+  std::int64_t hidden = 0;
+  DType combine_dtype = DType::kF32;
+  float* y = nullptr;  ///< [T,H] f32, written (tokens with no row get 0)
+  std::int64_t num_tokens = 0;
+};
+
+/// The data-path primitives on one device. Implementations are stateless apart from
+/// scratch; one thread calls a given instance at a time.
+class DataPath {
+ public:
+  virtual ~DataPath() = default;
+  virtual Device device() const noexcept = 0;
+  /// logits [T,E] = x [T,H] · gateᵀ, f32, each token's logits independent of T and rank.
+  virtual void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
+                             Stream& stream) = 0;
+  virtual void layout_counts(const LayoutCountsArgs& args, Stream& stream) = 0;
+  virtual void layout(const LayoutArgs& args, Stream& stream) = 0;
+  virtual void pack(const PackArgs& args, Stream& stream) = 0;
+  virtual void count_groups(const GroupCountArgs& args, Stream& stream) = 0;
+  virtual void group_by_expert(const GroupArgs& args, Stream& stream) = 0;
+  virtual void weighted_reduce(const WeightedReduceArgs& args, Stream& stream) = 0;
+  virtual void unpermute_sum(const UnpermuteSumArgs& args, Stream& stream) = 0;
+};
+
+/// A new host implementation (host-synchronous). Each layer owns one: its scratch is not
+/// shared between ranks.
+std::unique_ptr<DataPath> make_host_data_path();
+
+}  // namespace switchyard

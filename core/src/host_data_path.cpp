@@ -1,0 +1,288 @@
+// The host implementation of the data-path primitives, and the payload conversions.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "switchyard/data_path.hpp"
+#include "switchyard/layer.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+namespace {
+
+std::size_t to_size(std::int64_t v) { return static_cast<std::size_t>(v); }
+
+std::size_t fp8_scales(std::int64_t hidden) {
+  return to_size((hidden + kFp8BlockSize - 1) / kFp8BlockSize);
+}
+
+constexpr float kFp8Max = 448.0f;
+
+void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::byte* out) {
+  switch (dtype) {
+    case PayloadDType::kF32:
+      std::memcpy(out, in, to_size(hidden) * sizeof(float));
+      return;
+    case PayloadDType::kBF16: {
+      auto* bits = reinterpret_cast<std::uint16_t*>(out);
+      for (std::int64_t h = 0; h < hidden; ++h) bits[h] = float_to_bf16(in[h]);
+      return;
+    }
+    case PayloadDType::kFP8: {
+      auto* scales = reinterpret_cast<float*>(out);
+      auto* codes = reinterpret_cast<std::uint8_t*>(out + fp8_scales(hidden) * sizeof(float));
+      for (std::int64_t first = 0, b = 0; first < hidden; first += kFp8BlockSize, ++b) {
+        const std::int64_t last = std::min(hidden, first + kFp8BlockSize);
+        float amax = 0.0f;
+        for (std::int64_t h = first; h < last; ++h) amax = std::max(amax, std::fabs(in[h]));
+        const float scale = amax > 0.0f ? amax / kFp8Max : 1.0f;
+        scales[b] = scale;
+        const float inverse = 1.0f / scale;
+        for (std::int64_t h = first; h < last; ++h) codes[h] = float_to_fp8_e4m3(in[h] * inverse);
+      }
+      return;
+    }
+  }
+}
+
+void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, float* out) {
+  switch (dtype) {
+    case PayloadDType::kF32:
+      std::memcpy(out, in, to_size(hidden) * sizeof(float));
+      return;
+    case PayloadDType::kBF16: {
+      const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
+      for (std::int64_t h = 0; h < hidden; ++h) out[h] = bf16_to_float(bits[h]);
+      return;
+    }
+    case PayloadDType::kFP8: {
+      const auto* scales = reinterpret_cast<const float*>(in);
+      const auto* codes =
+          reinterpret_cast<const std::uint8_t*>(in + fp8_scales(hidden) * sizeof(float));
+      for (std::int64_t h = 0; h < hidden; ++h) {
+        out[h] = fp8_e4m3_to_float(codes[h]) * scales[h / kFp8BlockSize];
+      }
+      return;
+    }
+  }
+}
+
+class HostDataPath final : public DataPath {
+ public:
+  Device device() const noexcept override { return Device::host(); }
+
+  void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
+                     Stream& /*stream*/) override {
+    compute_router_logits(x, gate, logits.data_as<float>());
+  }
+
+  void layout_counts(const LayoutCountsArgs& a, Stream& /*stream*/) override {
+    const int R = a.placement->num_ranks();
+    std::fill(a.rows_to, a.rows_to + R, 0);
+    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+      const std::int32_t* ex = a.experts + t * a.slots;
+      for (int j = 0; j < a.slots; ++j) {
+        if (ex[j] < 0) continue;
+        const int d = a.placement->rank_of(ex[j]);
+        if (!earlier_slot_same_rank(ex, j, d, *a.placement)) ++a.rows_to[d];
+      }
+    }
+  }
+
+  void layout(const LayoutArgs& a, Stream& /*stream*/) override {
+    const int R = a.placement->num_ranks();
+    const int K = a.slots;
+    cursor_.assign(a.rows_to_offset.begin(), a.rows_to_offset.end());
+    current_row_.resize(to_size(R));
+    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+      const std::int32_t* ex = a.experts + t * K;
+      const float* w = a.weights + t * K;
+      for (int j = 0; j < K; ++j) {
+        if (ex[j] < 0) continue;
+        const int d = a.placement->rank_of(ex[j]);
+        if (!earlier_slot_same_rank(ex, j, d, *a.placement)) {
+          const std::int64_t row = cursor_[to_size(d)]++;
+          current_row_[to_size(d)] = row;
+          a.send_row_token[row] = t;
+          SlotMeta* slots = a.send_meta + row * K;
+          for (int k = 0; k < K; ++k) slots[k] = {-1, 0.0f};
+        }
+        SlotMeta* slots = a.send_meta + current_row_[to_size(d)] * K;
+        int k = 0;
+        while (slots[k].local_expert >= 0) ++k;
+        slots[k] = {ex[j] - a.placement->first_expert(d), w[j]};
+      }
+    }
+  }
+
+  void pack(const PackArgs& a, Stream& /*stream*/) override {
+    const std::size_t row_bytes = payload_row_bytes(a.dtype, a.hidden);
+    for (std::int64_t s = 0; s < a.num_rows; ++s) {
+      encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype,
+                 a.rows + to_size(s) * row_bytes);
+    }
+  }
+
+  void count_groups(const GroupCountArgs& a, Stream& /*stream*/) override {
+    std::fill(a.rows_per_expert, a.rows_per_expert + a.num_local_experts, 0);
+    for (std::int64_t i = 0; i < a.num_rows * a.slots; ++i) {
+      const std::int32_t l = a.meta[i].local_expert;
+      if (l < 0) continue;
+      if (l >= a.num_local_experts) {
+        throw Error(ErrorCode::kInternal, "MoE dispatch: received a row for local expert " +
+                                              std::to_string(l) + " but this rank holds " +
+                                              std::to_string(a.num_local_experts));
+      }
+      ++a.rows_per_expert[l];
+    }
+  }
+
+  void group_by_expert(const GroupArgs& a, Stream& /*stream*/) override {
+    const std::size_t row_bytes = payload_row_bytes(a.dtype, a.hidden);
+    cursor_.resize(to_size(a.num_local_experts));
+    std::int64_t first = 0;
+    for (int l = 0; l < a.num_local_experts; ++l) {
+      cursor_[to_size(l)] = first;
+      first += a.rows_per_expert[l];
+    }
+    for (std::int64_t r = 0; r < a.num_rows; ++r) {
+      const std::byte* row = a.rows + to_size(r) * row_bytes;
+      for (int j = 0; j < a.slots; ++j) {
+        const std::int32_t l = a.meta[r * a.slots + j].local_expert;
+        std::int64_t& assignment = a.assignment_of_slot[r * a.slots + j];
+        if (l < 0) {
+          assignment = -1;
+          continue;
+        }
+        assignment = cursor_[to_size(l)]++;
+        decode_row(row, a.hidden, a.dtype, a.expert_input + assignment * a.hidden);
+      }
+    }
+  }
+
+  void weighted_reduce(const WeightedReduceArgs& a, Stream& /*stream*/) override {
+    const std::int64_t H = a.hidden;
+    row_.resize(to_size(H));
+    for (std::int64_t r = 0; r < a.num_rows; ++r) {
+      float* partial = a.combine_dtype == DType::kF32
+                           ? reinterpret_cast<float*>(a.partial_rows) + r * H
+                           : row_.data();
+      std::fill(partial, partial + H, 0.0f);
+      for (int j = 0; j < a.slots; ++j) {
+        const std::int64_t at = a.assignment_of_slot[r * a.slots + j];
+        if (at < 0) continue;
+        const float weight = a.meta[r * a.slots + j].weight;
+        const float* expert_row = a.expert_output + at * H;
+        for (std::int64_t h = 0; h < H; ++h) partial[h] += weight * expert_row[h];
+      }
+      if (a.combine_dtype == DType::kBF16) {
+        auto* out = reinterpret_cast<std::uint16_t*>(a.partial_rows) + r * H;
+        for (std::int64_t h = 0; h < H; ++h) out[h] = float_to_bf16(partial[h]);
+      }
+    }
+  }
+
+  void unpermute_sum(const UnpermuteSumArgs& a, Stream& /*stream*/) override {
+    const std::int64_t H = a.hidden;
+    std::fill(a.y, a.y + a.num_tokens * H, 0.0f);
+    for (std::int64_t s = 0; s < a.num_rows; ++s) {
+      float* dst = a.y + a.send_row_token[s] * H;
+      if (a.combine_dtype == DType::kF32) {
+        const float* src = reinterpret_cast<const float*>(a.combined_rows) + s * H;
+        for (std::int64_t h = 0; h < H; ++h) dst[h] += src[h];
+      } else {
+        const auto* src = reinterpret_cast<const std::uint16_t*>(a.combined_rows) + s * H;
+        for (std::int64_t h = 0; h < H; ++h) dst[h] += bf16_to_float(src[h]);
+      }
+    }
+  }
+
+ private:
+  /// Whether a slot before `j` of this token already goes to rank `d`.
+  static bool earlier_slot_same_rank(const std::int32_t* ex, int j, int d,
+                                     const ExpertPlacement& placement) {
+    for (int i = 0; i < j; ++i) {
+      if (ex[i] >= 0 && placement.rank_of(ex[i]) == d) return true;
+    }
+    return false;
+  }
+
+  // Scratch, reused: per-rank or per-expert cursors, and one row for bf16 partials.
+  std::vector<std::int64_t> cursor_, current_row_;
+  std::vector<float> row_;
+};
+
+}  // namespace
+
+std::string_view payload_dtype_name(PayloadDType dtype) noexcept {
+  switch (dtype) {
+    case PayloadDType::kF32:
+      return "f32";
+    case PayloadDType::kBF16:
+      return "bf16";
+    case PayloadDType::kFP8:
+      return "fp8";
+  }
+  return "?";
+}
+
+PayloadDType parse_payload_dtype(std::string_view name) {
+  for (auto d : {PayloadDType::kF32, PayloadDType::kBF16, PayloadDType::kFP8}) {
+    if (payload_dtype_name(d) == name) return d;
+  }
+  throw Error(ErrorCode::kInvalidArgument,
+              "payload dtype \"" + std::string(name) + "\": expected f32, bf16 or fp8");
+}
+
+std::size_t payload_row_bytes(PayloadDType dtype, std::int64_t hidden) noexcept {
+  std::size_t bytes = 0;
+  switch (dtype) {
+    case PayloadDType::kF32:
+      bytes = to_size(hidden) * 4;
+      break;
+    case PayloadDType::kBF16:
+      bytes = to_size(hidden) * 2;
+      break;
+    case PayloadDType::kFP8:
+      bytes = fp8_scales(hidden) * 4 + to_size(hidden);
+      break;
+  }
+  return (bytes + 3) / 4 * 4;
+}
+
+std::uint8_t float_to_fp8_e4m3(float value) noexcept {
+  if (std::isnan(value)) return 0x7f;
+  const std::uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
+  const float a = std::fabs(value);
+  if (a >= kFp8Max) return sign | 0x7e;  // saturate to 448
+  if (a < 0.015625f) {                   // below 2^-6: subnormal, steps of 2^-9
+    const auto q = static_cast<std::uint8_t>(std::nearbyint(a * 512.0f));
+    return sign | q;  // q == 8 is the smallest normal, 2^-6
+  }
+  int exponent = 0;
+  const float fraction =
+      std::frexp(a, &exponent);  // a = fraction * 2^exponent, fraction in [0.5,1)
+  int e = exponent - 1;          // a = (2 * fraction) * 2^e
+  auto q = static_cast<int>(std::nearbyint((2.0f * fraction - 1.0f) * 8.0f));
+  if (q == 8) {
+    q = 0;
+    ++e;
+  }
+  const int biased = e + 7;
+  if (biased > 15 || (biased == 15 && q == 7)) return sign | 0x7e;
+  return static_cast<std::uint8_t>(sign | (biased << 3) | q);
+}
+
+float fp8_e4m3_to_float(std::uint8_t bits) noexcept {
+  const int exponent = (bits >> 3) & 0xf;
+  const int mantissa = bits & 0x7;
+  const float sign = (bits & 0x80) != 0 ? -1.0f : 1.0f;
+  if (exponent == 0xf && mantissa == 0x7) return std::nanf("");
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -9);
+  return sign * std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent - 7);
+}
+
+std::unique_ptr<DataPath> make_host_data_path() { return std::make_unique<HostDataPath>(); }
+
+}  // namespace switchyard
