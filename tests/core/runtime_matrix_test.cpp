@@ -202,3 +202,78 @@ TEST_CASE("bad input changes nothing: after NaN tokens on one rank the next step
       doctest::Contains("rank 1 (input rows 10..19): router topk: logit of token 5"), Error);
   CHECK(ep_versus_reference(runtime, 30, 5) <= kTolerance);
 }
+
+TEST_CASE("stream-ordered transport: the EP matrix holds, bit-identical to host-synchronous") {
+  for (int ranks : {1, 2, 3, 4}) {
+    for (int experts : {4, 8}) {
+      for (int top_k : {1, 2, 4}) {
+        CAPTURE(ranks);
+        CAPTURE(experts);
+        CAPTURE(top_k);
+        Config sync_config = base_config(ranks, experts, top_k);
+        Config async_config = sync_config;
+        async_config.set("runtime", "inproc_async", true);
+        Runtime sync_runtime(sync_config), async_runtime(async_config);
+        CHECK(async_runtime.world_transport(0).capabilities().stream_ordered);
+        CHECK(ep_versus_reference(async_runtime, 53, 4) <= kTolerance);
+        const HostTensor x = synthetic_tokens(53, 24, 6);
+        HostTensor a(DType::kF32, {53, 24}), b(DType::kF32, {53, 24});
+        sync_runtime.forward(x.view(), a.view());
+        async_runtime.forward(x.view(), b.view());
+        CHECK(std::equal(a.data<float>(), a.data<float>() + a.numel(), b.data<float>()));
+      }
+    }
+  }
+}
+
+TEST_CASE("payload dtypes on a BF16 checkpoint: bf16 within 1e-2, fp8 within 8e-2") {
+  test::TempDir dir;
+  const ModelWeights source = ModelWeights::random(8, 256, 96, 21);
+  const auto path = dir / "bf16.safetensors";
+  write_safetensors(path, test::checkpoint_tensors(source, "deepseek", DType::kBF16, ""));
+  struct Case {
+    const char* payload;
+    const char* combine;
+    double tolerance;
+  };
+  for (const Case& k : {Case{"f32", "f32", 1e-5}, Case{"bf16", "f32", 1e-2},
+                        Case{"fp8", "f32", 8e-2}, Case{"bf16", "bf16", 1e-2}}) {
+    for (bool async : {false, true}) {
+      CAPTURE(k.payload);
+      CAPTURE(k.combine);
+      CAPTURE(async);
+      Config c;
+      c.set("runtime", "ranks", std::int64_t{3});
+      c.set("runtime", "payload_dtype", std::string(k.payload));
+      c.set("runtime", "combine_dtype", std::string(k.combine));
+      c.set("runtime", "inproc_async", async);
+      c.set("router", "top_k", std::int64_t{3});
+      c.set("model", "weights", path.string());
+      c.set("model", "format", std::string("deepseek"));
+      Runtime runtime(c);
+      const double error = ep_versus_reference(runtime, 64, 3);
+      const std::string what = std::string(k.payload) + " payload, " + k.combine +
+                               " combine: relative error " + std::to_string(error);
+      MESSAGE(what);
+      CHECK(error <= k.tolerance);
+      if (std::string(k.payload) != "f32") CHECK(error > 0);  // the rows were converted
+    }
+  }
+}
+
+TEST_CASE("a bf16 payload sends half the bytes of an f32 one") {
+  std::uint64_t bytes[2] = {};
+  int i = 0;
+  for (const char* payload : {"f32", "bf16"}) {
+    Config c = base_config(2, 4, 2);
+    c.set("runtime", "payload_dtype", std::string(payload));
+    Runtime runtime(c);
+    const HostTensor x = synthetic_tokens(32, 24, 1);
+    HostTensor y(DType::kF32, {32, 24});
+    runtime.forward(x.view(), y.view());
+    const LayerTraffic t = runtime.total_traffic();
+    // Row payload only: the counts (8 bytes per peer) and the slots (8 bytes per slot) stay.
+    bytes[i++] = t.dispatch_bytes - static_cast<std::uint64_t>(t.rows_sent) * 2 * 8 - 2 * 8;
+  }
+  CHECK(bytes[0] == 2 * bytes[1]);
+}

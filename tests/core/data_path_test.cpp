@@ -1,0 +1,85 @@
+// Payload conversions against hand-worked E4M3 codes, and the host data path's layout on a
+// hand-worked plan.
+#include <doctest/doctest.h>
+
+#include <cmath>
+
+#include "switchyard/data_path.hpp"
+#include "switchyard/layer.hpp"
+
+using namespace switchyard;
+
+TEST_CASE("FP8 E4M3 codes: exact values, ties to even, saturation, subnormals, NaN") {
+  // sign | exponent (bias 7) << 3 | mantissa
+  CHECK(float_to_fp8_e4m3(1.0f) == 0x38);
+  CHECK(float_to_fp8_e4m3(0.5f) == 0x30);
+  CHECK(float_to_fp8_e4m3(-3.5f) == 0xC6);  // 1.75 * 2^1
+  CHECK(float_to_fp8_e4m3(448.0f) == 0x7E);
+  CHECK(float_to_fp8_e4m3(500.0f) == 0x7E);  // saturates, never NaN
+  CHECK(float_to_fp8_e4m3(-1e9f) == 0xFE);
+  CHECK(float_to_fp8_e4m3(1.0625f) == 0x38);       // halfway 1.0 / 1.125: even mantissa 0
+  CHECK(float_to_fp8_e4m3(1.1875f) == 0x3A);       // halfway 1.125 / 1.25: even mantissa 2
+  CHECK(float_to_fp8_e4m3(0.001953125f) == 0x01);  // 2^-9, the smallest subnormal
+  CHECK(float_to_fp8_e4m3(0.015625f) == 0x08);     // 2^-6, the smallest normal
+  CHECK(float_to_fp8_e4m3(0.0f) == 0x00);
+  CHECK(std::isnan(fp8_e4m3_to_float(float_to_fp8_e4m3(std::nanf("")))));
+  CHECK(fp8_e4m3_to_float(0x7E) == 448.0f);
+  CHECK(fp8_e4m3_to_float(0x01) == 0.001953125f);
+  CHECK(fp8_e4m3_to_float(0xC6) == -3.5f);
+  // Every code but NaN survives a round trip.
+  for (int code = 0; code < 256; ++code) {
+    if ((code & 0x7F) == 0x7F) continue;
+    const float v = fp8_e4m3_to_float(static_cast<std::uint8_t>(code));
+    if (v == 0.0f) continue;  // -0 encodes as 0x80, +0 as 0x00: both fine
+    CHECK(float_to_fp8_e4m3(v) == code);
+  }
+}
+
+TEST_CASE("payload row sizes are multiples of 4 and fp8 rows carry one scale per 128") {
+  CHECK(payload_row_bytes(PayloadDType::kF32, 5) == 20);
+  CHECK(payload_row_bytes(PayloadDType::kBF16, 5) == 12);
+  CHECK(payload_row_bytes(PayloadDType::kFP8, 128) == 4 + 128);
+  CHECK(payload_row_bytes(PayloadDType::kFP8, 129) == 8 + 132);
+  CHECK(parse_payload_dtype("fp8") == PayloadDType::kFP8);
+  CHECK_THROWS_AS(parse_payload_dtype("int4"), Error);
+}
+
+TEST_CASE("layout: one row per (token, destination rank), slots in routing order") {
+  // Experts 0,1 on rank 0; 2,3 on rank 1.
+  const ExpertPlacement placement(4, 2);
+  const std::int32_t experts[] = {0, 1, 2, 3, 3, 0, -1, -1};
+  const float weights[] = {0.5f, 0.5f, 0.25f, 0.75f, 2.0f, 1.0f, 0.0f, 0.0f};
+  auto path = make_host_data_path();
+  HostStream stream;
+  std::int64_t rows_to[2] = {-7, -7};
+  path->layout_counts({experts, 4, 2, &placement, rows_to}, stream);
+  CHECK(rows_to[0] == 2);  // tokens 0 and 2
+  CHECK(rows_to[1] == 2);  // tokens 1 and 2
+  const std::int64_t offsets[] = {0, 2};
+  std::int64_t token[4] = {};
+  SlotMeta meta[8] = {};
+  LayoutArgs args;
+  args.experts = experts;
+  args.weights = weights;
+  args.num_tokens = 4;
+  args.slots = 2;
+  args.placement = &placement;
+  args.rows_to_offset = offsets;
+  args.send_row_token = token;
+  args.send_meta = meta;
+  path->layout(args, stream);
+  CHECK(token[0] == 0);
+  CHECK(token[1] == 2);
+  CHECK(token[2] == 1);
+  CHECK(token[3] == 2);
+  CHECK(meta[0].local_expert == 0);  // token 0 on rank 0: experts 0 and 1
+  CHECK(meta[1].local_expert == 1);
+  CHECK(meta[2].local_expert == 0);  // token 2 on rank 0: expert 0 only
+  CHECK(meta[2].weight == 1.0f);
+  CHECK(meta[3].local_expert == -1);
+  CHECK(meta[4].local_expert == 0);  // token 1 on rank 1: experts 2, 3 as local 0, 1
+  CHECK(meta[5].local_expert == 1);
+  CHECK(meta[5].weight == 0.75f);
+  CHECK(meta[6].local_expert == 1);  // token 2 on rank 1: expert 3
+  CHECK(meta[6].weight == 2.0f);
+}
