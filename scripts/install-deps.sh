@@ -15,6 +15,7 @@ packages=(
   doctest-dev             # tests
   clang-format clang-tidy # the format and tidy tests
   python3-numpy           # example scripts that write .npy inputs
+  time                    # /usr/bin/time -v: the peak-RSS test
 )
 
 missing=()

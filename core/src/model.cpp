@@ -70,7 +70,9 @@ ModelWeights ModelWeights::random(int num_experts, int hidden, int ffn_hidden, s
 ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFormat format,
                                 const std::string& prefix) {
   SafetensorsFile file(path);
-  auto require_shape = [&](const std::string& name, std::vector<std::int64_t> expected) {
+  // Checks a tensor's shape; returns it widened to f32 (`widen`) or in its own dtype.
+  auto require_shape = [&](const std::string& name, std::vector<std::int64_t> expected,
+                           bool widen = true) {
     auto it = file.entries().find(name);
     if (it == file.entries().end()) {
       throw Error(ErrorCode::kNotFound,
@@ -87,7 +89,14 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
                                                    shape_text(it->second.shape) + ", expected " +
                                                    shape_text(expected));
     }
-    return file.read_f32(name);
+    if (widen) return file.read_f32(name);
+    HostTensor raw = file.read(name);
+    if (raw.dtype() != DType::kF32 && raw.dtype() != DType::kBF16 && raw.dtype() != DType::kF16) {
+      throw Error(ErrorCode::kInvalidArgument, path.string() + ": tensor " + name + " has dtype " +
+                                                   std::string(dtype_name(raw.dtype())) +
+                                                   "; weights must be F32, BF16 or F16");
+    }
+    return raw;
   };
 
   const bool mixtral = format == CheckpointFormat::kMixtral;
@@ -106,13 +115,18 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
     throw Error(ErrorCode::kInvalidArgument,
                 path.string() + ": tensor " + prefix + "gate.weight is empty");
   }
-  const HostTensor first_gate = require_shape(expert_tensor(0, gate_name), {-1, m.hidden_});
-  m.ffn_hidden_ = static_cast<int>(first_gate.shape()[0]);
+  // Expert weights stay in the checkpoint's dtype, read one tensor at a time: loading holds
+  // no copy beyond the tensor being read.
+  const auto first_gate = file.entries().find(expert_tensor(0, gate_name));
+  if (first_gate == file.entries().end() || first_gate->second.shape.size() != 2) {
+    require_shape(expert_tensor(0, gate_name), {-1, m.hidden_}, false);  // throws the message
+  }
+  m.ffn_hidden_ = static_cast<int>(first_gate->second.shape[0]);
   const std::int64_t E = m.num_experts_, H = m.hidden_, F = m.ffn_hidden_;
   for (int e = 0; e < E; ++e) {
-    m.gate_proj_.push_back(require_shape(expert_tensor(e, gate_name), {F, H}));
-    m.up_proj_.push_back(require_shape(expert_tensor(e, up_name), {F, H}));
-    m.down_proj_.push_back(require_shape(expert_tensor(e, down_name), {H, F}));
+    m.gate_proj_.push_back(require_shape(expert_tensor(e, gate_name), {F, H}, false));
+    m.up_proj_.push_back(require_shape(expert_tensor(e, up_name), {F, H}, false));
+    m.down_proj_.push_back(require_shape(expert_tensor(e, down_name), {H, F}, false));
   }
   const std::string bias_name = prefix + "gate.e_score_correction_bias";
   if (!mixtral && file.contains(bias_name)) {

@@ -14,6 +14,16 @@ void dense_moe_reference(const ModelWeights& model, const RoutingPlan& plan, con
   x.require("reference x", DType::kF32, {T, H});
   y.require("reference y", DType::kF32, {T, H});
   const auto experts = model.experts(0, model.num_experts());
+  // The experts widened to f32 once (the checkpoint may hold bf16 or f16).
+  std::vector<std::vector<float>> widened(experts.size() * 3);
+  for (std::size_t e = 0; e < experts.size(); ++e) {
+    const TensorView* parts[3] = {&experts[e].gate, &experts[e].up, &experts[e].down};
+    for (int p = 0; p < 3; ++p) {
+      auto& dst = widened[e * 3 + static_cast<std::size_t>(p)];
+      dst.resize(static_cast<std::size_t>(parts[p]->numel()));
+      widen_to_f32(parts[p]->data(), parts[p]->dtype(), dst.size(), dst.data());
+    }
+  }
   std::vector<double> hidden(static_cast<std::size_t>(F));
   std::vector<double> acc(static_cast<std::size_t>(H));
   const float* xs = x.data_as<const float>();
@@ -26,9 +36,9 @@ void dense_moe_reference(const ModelWeights& model, const RoutingPlan& plan, con
       const int e = plan.experts[slot];
       if (e < 0) continue;
       const double w = plan.weights[slot];
-      const float* gate = experts[static_cast<std::size_t>(e)].gate.data_as<const float>();
-      const float* up = experts[static_cast<std::size_t>(e)].up.data_as<const float>();
-      const float* down = experts[static_cast<std::size_t>(e)].down.data_as<const float>();
+      const float* gate = widened[static_cast<std::size_t>(e) * 3].data();
+      const float* up = widened[static_cast<std::size_t>(e) * 3 + 1].data();
+      const float* down = widened[static_cast<std::size_t>(e) * 3 + 2].data();
       for (std::int64_t f = 0; f < F; ++f) {
         double g = 0, u = 0;
         for (std::int64_t h = 0; h < H; ++h) {

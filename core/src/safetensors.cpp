@@ -125,19 +125,13 @@ HostTensor SafetensorsFile::read(const std::string& name) const {
 HostTensor SafetensorsFile::read_f32(const std::string& name) const {
   HostTensor raw = read(name);
   if (raw.dtype() == DType::kF32) return raw;
-  HostTensor out(DType::kF32, raw.shape());
-  const auto n = static_cast<std::size_t>(raw.numel());
-  const auto* bits = raw.data<std::uint16_t>();
-  float* dst = out.data<float>();
-  if (raw.dtype() == DType::kBF16) {
-    for (std::size_t i = 0; i < n; ++i) dst[i] = bf16_to_float(bits[i]);
-  } else if (raw.dtype() == DType::kF16) {
-    for (std::size_t i = 0; i < n; ++i) dst[i] = f16_to_float(bits[i]);
-  } else {
+  if (raw.dtype() != DType::kBF16 && raw.dtype() != DType::kF16) {
     throw Error(ErrorCode::kInvalidArgument, path_.string() + ": tensor " + name + " has dtype " +
                                                  std::string(dtype_name(raw.dtype())) +
                                                  "; weights must be F32, BF16 or F16");
   }
+  HostTensor out(DType::kF32, raw.shape());
+  widen_to_f32(raw.bytes(), raw.dtype(), static_cast<std::size_t>(raw.numel()), out.data<float>());
   return out;
 }
 

@@ -192,4 +192,22 @@ float f16_to_float(std::uint16_t h) noexcept {
   return std::bit_cast<float>(bits);
 }
 
+void widen_to_f32(const void* src, DType dtype, std::size_t count, float* dst) {
+  const auto* bits = static_cast<const std::uint16_t*>(src);
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, count * sizeof(float));
+      return;
+    case DType::kBF16:
+      for (std::size_t i = 0; i < count; ++i) dst[i] = bf16_to_float(bits[i]);
+      return;
+    case DType::kF16:
+      for (std::size_t i = 0; i < count; ++i) dst[i] = f16_to_float(bits[i]);
+      return;
+    default:
+      throw Error(ErrorCode::kInvalidArgument, "cannot widen " + std::string(dtype_name(dtype)) +
+                                                   " to f32 (f32, bf16 and f16 can be)");
+  }
+}
+
 }  // namespace switchyard

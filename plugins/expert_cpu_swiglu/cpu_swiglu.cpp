@@ -1,5 +1,7 @@
 // expert_cpu_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), float32, three GEMMs
-// per local expert through OpenBLAS over its contiguous rows.
+// per local expert through OpenBLAS over its contiguous rows. Weights stay in their
+// checkpoint dtype (f32, bf16, f16); bf16/f16 weights are widened one matrix at a time into
+// a reused f32 panel just before their GEMM.
 #include <cblas.h>
 
 #include <cmath>
@@ -25,9 +27,9 @@ class CpuSwigluKernel final : public ExpertKernel {
     const std::int64_t H = hidden_, F = ffn_hidden_;
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const std::string which = "cpu_swiglu local expert " + std::to_string(e);
-      experts_[e].gate.require(which + " gate", DType::kF32, {F, H});
-      experts_[e].up.require(which + " up", DType::kF32, {F, H});
-      experts_[e].down.require(which + " down", DType::kF32, {H, F});
+      require_weight(experts_[e].gate, which + " gate", F, H);
+      require_weight(experts_[e].up, which + " up", F, H);
+      require_weight(experts_[e].down, which + " down", H, F);
     }
     if (args.options != nullptr) {
       const auto threads = args.options->get_int("blas_threads");
@@ -75,9 +77,9 @@ class CpuSwigluKernel final : public ExpertKernel {
       const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
       // [n,F] = x [n,H] · Wᵀ for the gate and up projections.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  experts_[e].gate.data_as<const float>(), h, 0.0f, gate_out_.data(), f);
+                  as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  experts_[e].up.data_as<const float>(), h, 0.0f, up_out_.data(), f);
+                  as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
       for (std::int64_t i = 0; i < n * F; ++i) {
         const float g = gate_out_[static_cast<std::size_t>(i)];
         gate_out_[static_cast<std::size_t>(i)] =
@@ -85,16 +87,35 @@ class CpuSwigluKernel final : public ExpertKernel {
       }
       // [n,H] = act [n,F] · downᵀ.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, gate_out_.data(), f,
-                  experts_[e].down.data_as<const float>(), f, 0.0f, ye, h);
+                  as_f32(experts_[e].down), f, 0.0f, ye, h);
       row += n;
     }
   }
 
  private:
+  static void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
+                             std::int64_t cols) {
+    const DType d = w.dtype();
+    if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16) {
+      throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: " + which + " is " +
+                                                   std::string(dtype_name(d)) +
+                                                   "; f32, bf16 and f16 weights are supported");
+    }
+    w.require(which, d, {rows, cols});
+  }
+  /// The weight as f32: itself, or widened into the panel (valid until the next call).
+  const float* as_f32(const TensorView& w) {
+    if (w.dtype() == DType::kF32) return w.data_as<const float>();
+    panel_.resize(static_cast<std::size_t>(w.numel()));
+    widen_to_f32(w.data(), w.dtype(), panel_.size(), panel_.data());
+    return panel_.data();
+  }
+
   int hidden_;
   int ffn_hidden_;
   std::vector<SwigluExpertWeights> experts_;
   std::vector<float> gate_out_, up_out_;
+  std::vector<float> panel_;  // one widened weight matrix
 };
 
 std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {

@@ -126,5 +126,8 @@ float bf16_to_float(std::uint16_t bits) noexcept;
 std::uint16_t float_to_bf16(float value) noexcept;
 /// IEEE half bits to float (exact, subnormals included).
 float f16_to_float(std::uint16_t bits) noexcept;
+/// Widens `count` elements of f32, bf16 or f16 at `src` to float32 at `dst` (exact).
+/// Throws `Error(kInvalidArgument)` for other dtypes.
+void widen_to_f32(const void* src, DType dtype, std::size_t count, float* dst);
 
 }  // namespace switchyard
