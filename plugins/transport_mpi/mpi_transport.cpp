@@ -1,7 +1,9 @@
 // transport_mpi: one process per rank, started by an MPI launcher (mpirun, srun).
-// Collectives are non-blocking point-to-point messages, one per peer (split into chunks of
-// at most `mpi_max_message_bytes`, so more than 2^31-1 bytes per peer work), progressed
-// with MPI_Testsome until done or the timeout passes; a timeout names the missing peers.
+// Collectives run on the core's peer-exchange engine (peer_exchange.hpp): non-blocking
+// point-to-point messages, one per peer (split into chunks of at most
+// `mpi_max_message_bytes`, so more than 2^31-1 bytes per peer work), tested until done or
+// the timeout passes; a timeout names the missing peers. This file supplies only how to
+// post, test and cancel one MPI message.
 // Reductions gather every contribution and combine them in rank order, so their bits are
 // the same on every rank and every transport.
 #include <dlfcn.h>
@@ -10,20 +12,17 @@
 #define OMPI_SKIP_MPICXX 1
 #include <mpi.h>
 
-#include <algorithm>
-#include <chrono>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
-#include <optional>
+#include <type_traits>
 
 #include "switchyard/collectives.hpp"
+#include "switchyard/peer_exchange.hpp"
 #include "switchyard/plugin.hpp"
 
 namespace switchyard::mpi {
 namespace {
-
-using Clock = std::chrono::steady_clock;
 
 void declare_options(ConfigSchema& s) {
   s.add("mpi_max_message_bytes", ConfigType::kInt, ConfigValue{std::int64_t{INT_MAX}},
@@ -86,164 +85,79 @@ class Session {
   int tag_limit_ = 32767;
 };
 
-class MpiTransport;
-
-/// One all-to-all in flight. Reused from one collective to the next, so that its request
-/// lists do not allocate once they have grown.
-class Exchange {
+/// Posting, testing and cancelling MPI point-to-point messages on one communicator; the
+/// collective's number (modulo the tag limit) is the tag.
+class MpiMessaging final : public PeerMessaging {
  public:
-  Exchange() = default;
-  Exchange(const Exchange&) = delete;
-  Exchange& operator=(const Exchange&) = delete;
-  ~Exchange() { release(); }
+  MpiMessaging(MPI_Comm comm, int tag_limit, std::size_t max_message)
+      : comm_(comm), tag_limit_(tag_limit), max_message_(max_message) {}
 
-  /// Posts the receives and sends of one collective on `comm`, where this rank is `me`.
-  void start(MPI_Comm comm, int me, int tag, std::size_t max_message, double timeout_s,
-             const AlltoallvBuffers& b, const char* op) {
-    release();
-    op_ = op;
-    timeout_s_ = timeout_s;
-    problem_.reset();
-    requests_.clear();
-    is_recv_.clear();
-    peer_.clear();
-    size_.clear();
-    pending_ = 0;
-    const std::size_t n = b.send_counts.size();
-    for (std::size_t p = 0; p < n; ++p) {
-      if (static_cast<int>(p) == me) {
-        if (b.send_counts[p] != b.recv_counts[p]) {
-          problem_ = "rank sends itself " + std::to_string(b.send_counts[p]) +
-                     " bytes but expects " + std::to_string(b.recv_counts[p]);
-        } else if (b.send_counts[p] != 0) {
-          std::memcpy(b.recv + b.recv_offsets[p], b.send + b.send_offsets[p], b.send_counts[p]);
-        }
-        continue;
-      }
-      post(b.recv + b.recv_offsets[p], b.recv_counts[p], static_cast<int>(p), true, comm, tag,
-           max_message);
-      post(const_cast<std::byte*>(b.send + b.send_offsets[p]), b.send_counts[p],
-           static_cast<int>(p), false, comm, tag, max_message);
+  void* post(const PeerMessage& m, std::uint64_t seq) override {
+    const int tag = static_cast<int>(seq % static_cast<std::uint64_t>(tag_limit_));
+    const int n = static_cast<int>(m.bytes);
+    MPI_Request r = MPI_REQUEST_NULL;
+    if (m.receive) {
+      check_mpi(MPI_Irecv(m.data, n, MPI_BYTE, m.peer, tag, comm_, &r), "receive");
+    } else {
+      check_mpi(MPI_Isend(m.data, n, MPI_BYTE, m.peer, tag, comm_, &r), "send");
     }
-    deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                   std::chrono::duration<double>(timeout_s));
+    return to_handle(r);
   }
 
-  bool test() {
-    if (pending_ > 0) {
-      int completed = 0;
-      indices_.resize(requests_.size());
-      statuses_.resize(requests_.size());
-      check_mpi(MPI_Testsome(static_cast<int>(requests_.size()), requests_.data(), &completed,
-                             indices_.data(), statuses_.data()),
-                op_);
-      if (completed != MPI_UNDEFINED) {
-        for (int i = 0; i < completed; ++i) {
-          const auto idx = static_cast<std::size_t>(indices_[static_cast<std::size_t>(i)]);
-          --pending_;
-          if (!is_recv_[idx]) continue;
-          int count = 0;
-          MPI_Get_count(&statuses_[static_cast<std::size_t>(i)], MPI_BYTE, &count);
-          if (statuses_[static_cast<std::size_t>(i)].MPI_ERROR != MPI_SUCCESS &&
-              statuses_[static_cast<std::size_t>(i)].MPI_ERROR != 0) {
-            record("receive from rank " + std::to_string(peer_[idx]) + " failed");
-          } else if (static_cast<std::size_t>(count) != size_[idx]) {
-            record("rank " + std::to_string(peer_[idx]) +
-                   " sent a different number of bytes than expected");
-          }
-        }
-      }
+  PeerMessageStatus test(void* handle, const PeerMessage& m) override {
+    MPI_Request r = from_handle(handle);
+    int flag = 0;
+    MPI_Status status{};
+    check_mpi(MPI_Test(&r, &flag, &status), "test");
+    PeerMessageStatus result;
+    if (!flag) return result;
+    if (m.receive && status.MPI_ERROR != MPI_SUCCESS && status.MPI_ERROR != 0) {
+      result.state = PeerMessageStatus::State::kFailed;
+      result.error = "MPI error " + std::to_string(status.MPI_ERROR);
+      return result;
     }
-    if (pending_ == 0) {
-      if (problem_)
-        throw Error(ErrorCode::kInvalidArgument, std::string("mpi ") + op_ + ": " + *problem_);
-      return true;
+    result.state = PeerMessageStatus::State::kDone;
+    if (m.receive) {
+      int count = 0;
+      MPI_Get_count(&status, MPI_BYTE, &count);
+      result.received_bytes = static_cast<std::size_t>(count);
     }
-    if (Clock::now() > deadline_) {
-      std::vector<int> missing;
-      for (std::size_t i = 0; i < requests_.size(); ++i) {
-        if (requests_[i] != MPI_REQUEST_NULL &&
-            std::find(missing.begin(), missing.end(), peer_[i]) == missing.end()) {
-          missing.push_back(peer_[i]);
-        }
-      }
-      std::sort(missing.begin(), missing.end());
-      std::string peers;
-      for (int p : missing) {
-        if (!peers.empty()) peers += ", ";
-        peers += std::to_string(p);
-      }
-      throw Error(ErrorCode::kTimeout, std::string("mpi ") + op_ + ": timed out after " +
-                                           format_seconds(timeout_s_) + " waiting for rank(s) " +
-                                           peers +
-                                           " (dead, stuck, or not calling the same collective)");
-    }
-    return false;
+    return result;
   }
 
-  void wait() {
-    while (!test()) {
-    }
-  }
-
- private:
-  void post(std::byte* data, std::size_t bytes, int peer, bool receive, MPI_Comm comm, int tag,
-            std::size_t max_message) {
-    // Chunks of one peer share the tag; MPI keeps their order between a pair of ranks.
-    for (std::size_t offset = 0; offset < bytes; offset += max_message) {
-      const int n = static_cast<int>(std::min(max_message, bytes - offset));
-      MPI_Request r = MPI_REQUEST_NULL;
-      if (receive) {
-        check_mpi(MPI_Irecv(data + offset, n, MPI_BYTE, peer, tag, comm, &r), op_);
-      } else {
-        check_mpi(MPI_Isend(data + offset, n, MPI_BYTE, peer, tag, comm, &r), op_);
-      }
-      requests_.push_back(r);
-      is_recv_.push_back(receive);
-      peer_.push_back(peer);
-      size_.push_back(static_cast<std::size_t>(n));
-      ++pending_;
-    }
-  }
-  /// Cancels the receives and frees every request still posted (after a failure).
-  void release() {
+  void cancel(void* handle, const PeerMessage& m) noexcept override {
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (finalized) return;
-    for (std::size_t i = 0; i < requests_.size(); ++i) {
-      if (requests_[i] == MPI_REQUEST_NULL) continue;
-      if (is_recv_[i]) MPI_Cancel(&requests_[i]);
-      MPI_Request_free(&requests_[i]);
-    }
-  }
-  void record(std::string what) {
-    if (!problem_) problem_ = std::move(what);
+    MPI_Request r = from_handle(handle);
+    if (m.receive) MPI_Cancel(&r);
+    MPI_Request_free(&r);
   }
 
-  const char* op_ = "";
-  double timeout_s_ = 0;
-  std::vector<MPI_Request> requests_;
-  std::vector<char> is_recv_;
-  std::vector<int> peer_;
-  std::vector<std::size_t> size_;
-  std::vector<int> indices_;
-  std::vector<MPI_Status> statuses_;
-  std::size_t pending_ = 0;
-  std::optional<std::string> problem_;
-  Clock::time_point deadline_;
+  std::size_t max_message_bytes() const noexcept override { return max_message_; }
+  std::string_view name() const noexcept override { return "mpi"; }
+
+ private:
+  // Open MPI's MPI_Request is a pointer: it is the opaque handle itself.
+  static_assert(std::is_pointer_v<MPI_Request>, "this plugin expects Open MPI's MPI_Request");
+  static void* to_handle(MPI_Request r) { return static_cast<void*>(r); }
+  static MPI_Request from_handle(void* h) { return static_cast<MPI_Request>(h); }
+
+  MPI_Comm comm_;
+  int tag_limit_;
+  std::size_t max_message_;
 };
 
-using MpiRequest = PolledRequest<Exchange, Session>;
-
-class MpiTransport final : public Transport {
+class MpiTransport final : public PeerTransport {
  public:
   MpiTransport(std::shared_ptr<Session> session, MPI_Comm comm, Topology topology,
                std::size_t max_message, double timeout_s)
-      : session_(std::move(session)),
+      : PeerTransport(session, timeout_s),
+        session_(std::move(session)),
         comm_(comm),
         topology_(std::move(topology)),
         max_message_(max_message),
-        timeout_s_(timeout_s) {
+        messaging_(comm, session_->tag_limit(), max_message) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
   }
@@ -256,32 +170,8 @@ class MpiTransport final : public Transport {
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return size_; }
   const Topology& topology() const noexcept override { return topology_; }
-  TransportCapabilities capabilities() const noexcept override { return {}; }
   std::string name() const override { return "mpi"; }
 
-  void barrier() override { barrier_through_alltoall(*this, scratch_); }
-
- protected:
-  // Host-synchronous: every collective has finished when it returns.
-  void do_alltoall(const void* send, void* recv, std::size_t bytes_per_peer,
-                   Stream& /*stream*/) override {
-    run(alltoall_as_alltoallv(send, recv, bytes_per_peer, size(), scratch_), "alltoall");
-  }
-
-  void do_alltoallv(const AlltoallvBuffers& b, Stream& /*stream*/) override { run(b, "alltoallv"); }
-
-  std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& b) override {
-    auto exchange = std::make_unique<Exchange>();
-    exchange->start(comm_, rank_, next_tag(), max_message_, timeout_s_, b, "ialltoallv");
-    return std::make_unique<MpiRequest>(session_, std::move(exchange));
-  }
-
-  void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
-                    Stream& /*stream*/) override {
-    allreduce_through_alltoall(*this, data, count, dtype, op, scratch_);
-  }
-
- public:
   std::unique_ptr<Transport> split(int color, int key) override {
     // The group through a bounded exchange first (for the topology), then MPI's split.
     const std::vector<int> group = split_group(*this, color, key);
@@ -291,7 +181,7 @@ class MpiTransport final : public Transport {
     std::vector<int> nodes;
     for (int old : group) nodes.push_back(topology_.node_of(old));
     return std::make_unique<MpiTransport>(session_, child, Topology(nodes), max_message_,
-                                          timeout_s_);
+                                          timeout_s());
   }
 
   /// Ends the whole MPI job (MPI_Abort): with one process per rank there is nothing to
@@ -306,25 +196,17 @@ class MpiTransport final : public Transport {
   /// Used once at creation, after the host names are known.
   void set_topology(Topology topology) { topology_ = std::move(topology); }
 
- private:
-  int next_tag() {
-    return static_cast<int>(next_seq_++ % static_cast<std::uint64_t>(session_->tag_limit()));
-  }
-  void run(const AlltoallvBuffers& b, const char* op) {
-    blocking_.start(comm_, rank_, next_tag(), max_message_, timeout_s_, b, op);
-    blocking_.wait();
-  }
+ protected:
+  PeerMessaging& messaging() noexcept override { return messaging_; }
 
+ private:
   std::shared_ptr<Session> session_;
   MPI_Comm comm_;
   Topology topology_;
   std::size_t max_message_;
-  double timeout_s_;
+  MpiMessaging messaging_;
   int rank_ = 0;
   int size_ = 1;
-  std::uint64_t next_seq_ = 0;
-  CollectiveScratch scratch_;
-  Exchange blocking_;  // reused by every blocking collective
 };
 
 std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {

@@ -1,21 +1,19 @@
 // transport_ucx: one process per rank, UCP tag messages between every pair of ranks.
 // Worker addresses are exchanged through the core's bootstrap store (MASTER_ADDR/PORT).
-// A collective posts one receive and one send per peer, tagged with the communicator,
-// the collective's sequence number and the sender, then progresses the worker until all
-// complete or the timeout passes; a timeout names the peers whose data never came.
+// Collectives run on the core's peer-exchange engine (peer_exchange.hpp): one receive and
+// one send per peer, tagged with the communicator, the collective's sequence number and
+// the sender, progressed until all complete or the timeout passes. This file supplies only
+// how to post, test and cancel one UCP message.
 #include <ucp/api/ucp.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <optional>
-#include <span>
-#include <thread>
 
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/collectives.hpp"
+#include "switchyard/peer_exchange.hpp"
 #include "switchyard/plugin.hpp"
 
 namespace switchyard::ucx {
@@ -125,192 +123,80 @@ class Context {
   std::vector<std::string> host_names_;
 };
 
-/// One all-to-all in flight: a receive and a send per peer. Reused from one collective to
-/// the next, so that its request lists do not allocate once they have grown.
-class Exchange {
+/// Posting, testing and cancelling UCP tag messages for one communicator: `members[p]` is
+/// the world rank of its rank p, and tags carry its id, the collective and the sender.
+class UcxMessaging final : public PeerMessaging {
  public:
-  Exchange() = default;
-  Exchange(const Exchange&) = delete;
-  Exchange& operator=(const Exchange&) = delete;
-  ~Exchange() { release(); }
+  UcxMessaging(Context& context, const std::vector<int>& members, int me, std::uint32_t comm_id)
+      : context_(context), members_(members), me_(me), comm_id_(comm_id) {}
 
-  /// Posts the receives and sends of one collective. `members[p]` is the world rank of
-  /// rank p of the communicator; `me` is this rank in it.
-  void start(Context& context, std::span<const int> members, int me, std::uint32_t comm_id,
-             std::uint64_t seq, const AlltoallvBuffers& b, const char* op) {
-    release();
-    context_ = &context;
-    op_ = op;
-    buffers_ = b;
-    problem_.reset();
-    const std::size_t n = members.size();
-    recvs_.assign(n, nullptr);
-    sends_.assign(n, nullptr);
-    const auto tag_mask = ~ucp_tag_t{0};
-    for (std::size_t p = 0; p < n; ++p) {
-      if (static_cast<int>(p) == me) {
-        if (b.send_counts[p] != b.recv_counts[p]) {
-          problem_ = "rank sends itself " + std::to_string(b.send_counts[p]) +
-                     " bytes but expects " + std::to_string(b.recv_counts[p]);
-        } else if (b.send_counts[p] != 0) {
-          std::memcpy(b.recv + b.recv_offsets[p], b.send + b.send_offsets[p], b.send_counts[p]);
-        }
-        continue;
-      }
-      ucp_request_param_t param{};
-      param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;
-      if (b.recv_counts[p] != 0) {
-        recvs_[p] = ucp_tag_recv_nbx(context.worker(), b.recv + b.recv_offsets[p], b.recv_counts[p],
-                                     make_tag(comm_id, seq, static_cast<int>(p)), tag_mask, &param);
-        if (UCS_PTR_IS_ERR(recvs_[p])) {
-          const ucs_status_t status = UCS_PTR_STATUS(recvs_[p]);
-          recvs_[p] = nullptr;
-          fail(std::string(op) + " receive", status);
-        }
-      }
-      if (b.send_counts[p] != 0) {
-        sends_[p] = ucp_tag_send_nbx(context.endpoint(members[p]), b.send + b.send_offsets[p],
-                                     b.send_counts[p], make_tag(comm_id, seq, me), &param);
-        if (UCS_PTR_IS_ERR(sends_[p])) {
-          const ucs_status_t status = UCS_PTR_STATUS(sends_[p]);
-          sends_[p] = nullptr;
-          fail(std::string(op) + " send", status);
-        }
-      }
-    }
-    deadline_ = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                   std::chrono::duration<double>(context.timeout_s()));
+  void* post(const PeerMessage& m, std::uint64_t seq) override {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;  // always a request to test
+    ucs_status_ptr_t request =
+        m.receive ? ucp_tag_recv_nbx(context_.worker(), m.data, m.bytes,
+                                     make_tag(comm_id_, seq, m.peer), ~ucp_tag_t{0}, &param)
+                  : ucp_tag_send_nbx(context_.endpoint(members_[static_cast<std::size_t>(m.peer)]),
+                                     m.data, m.bytes, make_tag(comm_id_, seq, me_), &param);
+    if (UCS_PTR_IS_ERR(request)) fail(m.receive ? "receive" : "send", UCS_PTR_STATUS(request));
+    return request;
   }
 
-  /// Progresses; true when every request is complete. Throws on errors and timeout.
-  bool test() {
-    ucp_worker_progress(context_->worker());
-    bool done = true;
-    for (std::size_t p = 0; p < recvs_.size(); ++p) {
-      if (recvs_[p] != nullptr) {
-        ucp_tag_recv_info_t info{};
-        const ucs_status_t s = ucp_tag_recv_request_test(recvs_[p], &info);
-        if (s == UCS_INPROGRESS) {
-          done = false;
-        } else {
-          ucp_request_free(recvs_[p]);
-          recvs_[p] = nullptr;
-          if (s == UCS_ERR_MESSAGE_TRUNCATED) {
-            record("rank " + std::to_string(p) + " sent more than the " +
-                   std::to_string(buffers_.recv_counts[p]) + " bytes expected");
-          } else if (s != UCS_OK) {
-            record("receive from rank " + std::to_string(p) + " failed: " + ucs_status_string(s));
-          } else if (info.length != buffers_.recv_counts[p]) {
-            record("rank " + std::to_string(p) + " sent " + std::to_string(info.length) +
-                   " bytes, " + std::to_string(buffers_.recv_counts[p]) + " expected");
-          }
-        }
-      }
-      if (sends_[p] != nullptr) {
-        const ucs_status_t s = ucp_request_check_status(sends_[p]);
-        if (s == UCS_INPROGRESS) {
-          done = false;
-        } else {
-          ucp_request_free(sends_[p]);
-          sends_[p] = nullptr;
-          if (s != UCS_OK)
-            record("send to rank " + std::to_string(p) + " failed: " + ucs_status_string(s));
-        }
-      }
+  void progress() override { ucp_worker_progress(context_.worker()); }
+
+  PeerMessageStatus test(void* request, const PeerMessage& m) override {
+    PeerMessageStatus result;
+    ucp_tag_recv_info_t info{};
+    const ucs_status_t s =
+        m.receive ? ucp_tag_recv_request_test(request, &info) : ucp_request_check_status(request);
+    if (s == UCS_INPROGRESS) return result;
+    ucp_request_free(request);
+    if (s == UCS_ERR_MESSAGE_TRUNCATED) {
+      result.state = PeerMessageStatus::State::kDone;
+      result.truncated = true;
+    } else if (s != UCS_OK) {
+      result.state = PeerMessageStatus::State::kFailed;
+      result.error = ucs_status_string(s);
+    } else {
+      result.state = PeerMessageStatus::State::kDone;
+      result.received_bytes = info.length;
     }
-    if (done) {
-      if (problem_)
-        throw Error(ErrorCode::kInvalidArgument, std::string("ucx ") + op_ + ": " + *problem_);
-      return true;
-    }
-    if (Clock::now() > deadline_) {
-      std::string peers;
-      for (std::size_t p = 0; p < recvs_.size(); ++p) {
-        if (recvs_[p] == nullptr && sends_[p] == nullptr) continue;
-        if (!peers.empty()) peers += ", ";
-        peers += std::to_string(p);
-      }
-      throw Error(ErrorCode::kTimeout, std::string("ucx ") + op_ + ": timed out after " +
-                                           format_seconds(context_->timeout_s()) +
-                                           " waiting for rank(s) " + peers +
-                                           " (dead, stuck, or not calling the same collective)");
-    }
-    return false;
+    return result;
   }
 
-  void wait() {
-    while (!test()) {
-    }
+  void cancel(void* request, const PeerMessage& /*m*/) noexcept override {
+    ucp_request_cancel(context_.worker(), request);
+    ucp_request_free(request);
   }
+
+  std::string_view name() const noexcept override { return "ucx"; }
 
  private:
-  /// Cancels and frees whatever is still posted (after a failure).
-  void release() {
-    if (context_ == nullptr) return;
-    for (auto* list : {&recvs_, &sends_}) {
-      for (void*& r : *list) {
-        if (r == nullptr) continue;
-        ucp_request_cancel(context_->worker(), r);
-        ucp_request_free(r);
-        r = nullptr;
-      }
-    }
-  }
-  void record(std::string what) {
-    if (!problem_) problem_ = std::move(what);
-  }
-  Context* context_ = nullptr;
-  const char* op_ = "";
-  AlltoallvBuffers buffers_;
-  std::vector<void*> recvs_, sends_;
-  std::optional<std::string> problem_;
-  Clock::time_point deadline_;
+  Context& context_;
+  const std::vector<int>& members_;
+  int me_;
+  std::uint32_t comm_id_;
 };
 
-using UcxRequest = PolledRequest<Exchange, Context>;
-
-class UcxTransport final : public Transport {
+class UcxTransport final : public PeerTransport {
  public:
   UcxTransport(std::shared_ptr<Context> context, std::vector<int> members, int rank,
                std::uint32_t comm_id, Topology topology)
-      : context_(std::move(context)),
+      : PeerTransport(context, context->timeout_s()),
+        context_(std::move(context)),
         members_(std::move(members)),
         rank_(rank),
         comm_id_(comm_id),
-        topology_(std::move(topology)) {}
+        topology_(std::move(topology)),
+        messaging_(*context_, members_, rank_, comm_id_) {}
 
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return static_cast<int>(members_.size()); }
   const Topology& topology() const noexcept override { return topology_; }
-  TransportCapabilities capabilities() const noexcept override { return {}; }
   std::string name() const override { return "ucx"; }
 
-  void barrier() override { barrier_through_alltoall(*this, scratch_); }
-
- protected:
-  // Host-synchronous: every collective has finished when it returns.
-  void do_alltoall(const void* send, void* recv, std::size_t bytes_per_peer,
-                   Stream& /*stream*/) override {
-    run(alltoall_as_alltoallv(send, recv, bytes_per_peer, size(), scratch_), "alltoall");
-  }
-
-  void do_alltoallv(const AlltoallvBuffers& b, Stream& /*stream*/) override { run(b, "alltoallv"); }
-
-  std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& b) override {
-    throw_if_aborted("ialltoallv");
-    auto exchange = std::make_unique<Exchange>();
-    exchange->start(*context_, members_, rank_, comm_id_, next_seq_++, b, "ialltoallv");
-    return std::make_unique<UcxRequest>(context_, std::move(exchange));
-  }
-
-  void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
-                    Stream& /*stream*/) override {
-    allreduce_through_alltoall(*this, data, count, dtype, op, scratch_);
-  }
-
- public:
   std::unique_ptr<Transport> split(int color, int key) override {
-    const std::uint64_t split_seq = next_seq_;
+    const std::uint64_t split_seq = collectives_started();
     const std::vector<int> group = split_group(*this, color, key);
     if (group.empty()) return nullptr;
     std::vector<int> members;
@@ -338,27 +224,22 @@ class UcxTransport final : public Transport {
     aborted_ = true;
   }
 
- private:
-  void throw_if_aborted(const char* op) const {
+ protected:
+  PeerMessaging& messaging() noexcept override { return messaging_; }
+  void check_usable(const char* op) const override {
     if (aborted_)
       throw Error(ErrorCode::kPeerFailed, std::string("ucx ") + op + ": " + abort_reason_);
   }
-  void run(const AlltoallvBuffers& b, const char* op) {
-    throw_if_aborted(op);
-    blocking_.start(*context_, members_, rank_, comm_id_, next_seq_++, b, op);
-    blocking_.wait();
-  }
 
+ private:
   std::shared_ptr<Context> context_;
   std::vector<int> members_;  // world rank of each rank of this communicator
   int rank_;
   std::uint32_t comm_id_;
   Topology topology_;
-  std::uint64_t next_seq_ = 0;
+  UcxMessaging messaging_;
   bool aborted_ = false;
   std::string abort_reason_;
-  CollectiveScratch scratch_;
-  Exchange blocking_;  // reused by every blocking collective
 };
 
 Status probe() {
