@@ -46,6 +46,7 @@ void HostStream::enqueue(TaskFn fn, void* argument) {
     }
     queue_[(head_ + count_) % queue_.size()] = {fn, argument};
     ++count_;
+    ++enqueued_;
     if (!worker_.joinable()) worker_ = std::thread([this] { progress_loop(); });
   }
   changed_.notify_all();
@@ -71,6 +72,7 @@ void HostStream::progress_loop() {
     if (failure && !error_) error_ = failure;
     head_ = (head_ + 1) % queue_.size();
     --count_;
+    ++completed_;
     changed_.notify_all();
   }
 }
@@ -83,6 +85,37 @@ void HostStream::synchronize() {
     std::swap(error, error_);
   }
   if (error) std::rethrow_exception(error);
+}
+
+/// A ticket: the number of tasks enqueued when it was recorded.
+class HostStream::Event final : public StreamEvent {
+ public:
+  explicit Event(HostStream& stream) : stream_(stream) {}
+  bool query() noexcept override {
+    std::lock_guard<std::mutex> lock(stream_.mutex_);
+    return stream_.completed_ >= ticket_;
+  }
+  void synchronize() override { stream_.wait_for(ticket_); }
+
+  HostStream& stream_;
+  std::uint64_t ticket_ = 0;
+};
+
+std::unique_ptr<StreamEvent> HostStream::create_event() { return std::make_unique<Event>(*this); }
+
+void HostStream::record(StreamEvent& event) {
+  auto* mine = dynamic_cast<Event*>(&event);
+  if (mine == nullptr || &mine->stream_ != this) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "HostStream::record: the event belongs to another stream");
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  mine->ticket_ = enqueued_;  // inline work has always completed: both counters stay 0
+}
+
+void HostStream::wait_for(std::uint64_t ticket) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  changed_.wait(lock, [&] { return completed_ >= ticket; });
 }
 
 bool HostStream::idle() noexcept {

@@ -16,7 +16,9 @@
 
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -27,6 +29,20 @@
 namespace switchyard {
 
 class HostStream;
+
+/// A point in a stream's work, for observing completion without waiting for everything
+/// enqueued later: `Stream::record` places it after the work enqueued so far. Created by
+/// `Stream::create_event` (once; reuse it). Not thread-safe.
+class StreamEvent {
+ public:
+  virtual ~StreamEvent() = default;
+  /// True once the work before the last `record` has completed (true before any record).
+  /// Never blocks, never throws.
+  virtual bool query() noexcept = 0;
+  /// Blocks until the work before the last `record` has completed. Errors of that work are
+  /// reported by the stream's `synchronize()`, not here.
+  virtual void synchronize() = 0;
+};
 
 /// What a router or expert kernel accepts and how it runs; the core checks these before it
 /// calls, never the plugin's name.
@@ -59,6 +75,10 @@ class Stream {
   virtual bool idle() noexcept = 0;
   /// This stream as a host work queue, or null when it is not one (a CUDA stream).
   virtual HostStream* as_host() noexcept { return nullptr; }
+  /// A new event of this stream (allocates: create once and reuse).
+  virtual std::unique_ptr<StreamEvent> create_event() = 0;
+  /// Places `event` (created by this stream) after all work enqueued so far. Never blocks.
+  virtual void record(StreamEvent& event) = 0;
 };
 
 /// A stream of host work. Inline streams run each task at once on the caller (the
@@ -83,6 +103,8 @@ class HostStream final : public Stream {
   void synchronize() override;
   bool idle() noexcept override;
   HostStream* as_host() noexcept override { return this; }
+  std::unique_ptr<StreamEvent> create_event() override;
+  void record(StreamEvent& event) override;
 
   Mode mode() const noexcept { return mode_; }
   /// Runs `fn(argument)` after all earlier work: at once on an inline stream (an error is
@@ -96,13 +118,18 @@ class HostStream final : public Stream {
     void* argument;
   };
   void progress_loop();
+  class Event;
+  /// Blocks until `completed_` reaches `ticket`.
+  void wait_for(std::uint64_t ticket);
 
   const Mode mode_;
   std::mutex mutex_;
   std::condition_variable changed_;
-  std::vector<Task> queue_;  // ring buffer; grows when full
-  std::size_t head_ = 0;     // next task to run
-  std::size_t count_ = 0;    // tasks queued, not yet finished
+  std::vector<Task> queue_;      // ring buffer; grows when full
+  std::size_t head_ = 0;         // next task to run
+  std::size_t count_ = 0;        // tasks queued, not yet finished
+  std::uint64_t enqueued_ = 0;   // tasks ever enqueued
+  std::uint64_t completed_ = 0;  // tasks ever finished (run or skipped)
   bool stopping_ = false;
   std::exception_ptr error_;
   std::thread worker_;  // started by the first enqueue of a queued stream
