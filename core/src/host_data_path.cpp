@@ -71,6 +71,8 @@ void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, fl
 class HostDataPath final : public DataPath {
  public:
   Device device() const noexcept override { return Device::host(); }
+  Allocator& allocator() noexcept override { return host_allocator(); }
+  Allocator& staging_allocator() noexcept override { return host_allocator(); }
 
   void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
                      Stream& /*stream*/) override {

@@ -92,6 +92,27 @@ TensorView DispatchHandle::expert_output() noexcept {
   return TensorView(expert_output_.data(), DType::kF32, {rows, hidden_}, expert_output_.device());
 }
 
+void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
+  if (&send_rows_.allocator() == &device && &rows_to_.allocator() == &staging) return;
+  for (auto* b :
+       {&rows_to_, &rows_from_, &rows_to_offset_, &rows_from_offset_, &rows_per_expert_}) {
+    *b = Buffer<std::int64_t>(staging);
+  }
+  for (auto* b : {&send_bytes_, &send_offsets_, &recv_bytes_, &recv_offsets_, &meta_send_bytes_,
+                  &meta_send_offsets_, &meta_recv_bytes_, &meta_recv_offsets_}) {
+    *b = Buffer<std::size_t>(staging);
+  }
+  for (auto* b : {&send_rows_, &recv_rows_, &partial_rows_, &combined_rows_}) {
+    *b = Buffer<std::byte>(device);
+  }
+  send_meta_ = Buffer<SlotMeta>(device);
+  recv_meta_ = Buffer<SlotMeta>(device);
+  send_row_token_ = Buffer<std::int64_t>(device);
+  assignment_of_slot_ = Buffer<std::int64_t>(device);
+  expert_input_ = Buffer<float>(device);
+  expert_output_ = Buffer<float>(device);
+}
+
 MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
   if (parts_.transport == nullptr || !parts_.router || !parts_.experts) {
     throw Error(ErrorCode::kInvalidArgument, "MoELayer needs a transport, a router and experts");
@@ -134,6 +155,9 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
                                                  "\" does not take host memory, where the "
                                                  "layer's dispatch buffers live");
   }
+  logits_ = Buffer<float>(data_path_->allocator());
+  plan_ = RoutingPlan(data_path_->allocator());
+  handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
   stream_ = std::make_unique<HostStream>(parts_.transport->capabilities().stream_ordered
                                              ? HostStream::Mode::kQueued
                                              : HostStream::Mode::kInline);
@@ -237,6 +261,7 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
   auto start = Clock::now();
   Transport& transport = *parts_.transport;
   const auto r_size = static_cast<std::size_t>(transport.size());
+  h.use_memory(data_path_->allocator(), data_path_->staging_allocator());
   h.hidden_ = hidden_;
   h.num_tokens_ = local_error ? 0 : plan.num_tokens;
   h.slots_ = plan.slots;

@@ -16,6 +16,7 @@
 #include <span>
 #include <string_view>
 
+#include "switchyard/buffer.hpp"
 #include "switchyard/stream.hpp"
 #include "switchyard/tensor.hpp"
 
@@ -135,6 +136,12 @@ class DataPath {
  public:
   virtual ~DataPath() = default;
   virtual Device device() const noexcept = 0;
+  /// Memory on `device()` for the layer's rows, slots and plans (device memory for a GPU
+  /// data path).
+  virtual Allocator& allocator() noexcept = 0;
+  /// Host memory for what the host reads back each step (per-peer counts, rows per
+  /// expert): pinned for a GPU data path, so that the copies are asynchronous.
+  virtual Allocator& staging_allocator() noexcept = 0;
   /// logits [T,E] = x [T,H] · gateᵀ, f32, each token's logits independent of T and rank.
   virtual void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
                              Stream& stream) = 0;

@@ -72,11 +72,14 @@ class DispatchHandle {
 
  private:
   friend class MoELayer;
+  /// Takes the data path's memory for the buffers on its device (once; they then grow).
+  void use_memory(Allocator& device, Allocator& staging);
   std::int64_t hidden_ = 0;
   std::int64_t num_tokens_ = 0;
   int slots_ = 0;
   PayloadDType payload_dtype_ = PayloadDType::kF32;
-  // Per destination / source rank (host): rows, first row, and the exchanges' byte counts.
+  // Per destination / source rank (host staging memory): rows, first row, and the
+  // exchanges' byte counts.
   Buffer<std::int64_t> rows_to_, rows_from_;
   Buffer<std::int64_t> rows_to_offset_, rows_from_offset_;
   Buffer<std::size_t> send_bytes_, send_offsets_, recv_bytes_, recv_offsets_;
