@@ -1,5 +1,7 @@
 // The core's configuration keys. Plugin keys are declared by the plugins themselves.
 #include <array>
+#include <tuple>
+#include <vector>
 
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
@@ -31,6 +33,9 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("timeout_s", T::kFloat, ConfigValue{300.0},
           "bound in seconds on every wait for a peer; a missing peer is an error after it",
           checks::positive());
+    s.add("data_path", T::kString, ConfigValue{std::string("host")},
+          "where the layer's data path (logits, layout, pack, group, reduce, sum) runs: host "
+          "(built into the core) or a datapath plugin");
     s.add("payload_dtype", T::kString, ConfigValue{std::string("f32")},
           "dtype of dispatched token rows: f32, bf16, or fp8 (E4M3, one f32 scale per 128 "
           "elements)",
@@ -83,13 +88,16 @@ ConfigSchema core_schema(std::string_view section) {
 }
 
 namespace {
-/// The plugin a section selects, if the section belongs to one.
-std::optional<std::pair<PluginKind, std::string_view>> plugin_key(std::string_view section) {
-  if (section == "runtime")
-    return std::make_pair(PluginKind::kTransport, std::string_view("transport"));
-  if (section == "router") return std::make_pair(PluginKind::kRouter, std::string_view("policy"));
-  if (section == "experts") return std::make_pair(PluginKind::kExpert, std::string_view("kernel"));
-  return std::nullopt;
+/// The plugins a section selects: (kind, selecting key, built-in value that is no plugin).
+std::vector<std::tuple<PluginKind, std::string_view, std::string_view>> plugin_keys(
+    std::string_view section) {
+  if (section == "runtime") {
+    return {{PluginKind::kTransport, "transport", ""},
+            {PluginKind::kDataPath, "data_path", "host"}};
+  }
+  if (section == "router") return {{PluginKind::kRouter, "policy", ""}};
+  if (section == "experts") return {{PluginKind::kExpert, "kernel", ""}};
+  return {};
 }
 }  // namespace
 
@@ -97,16 +105,17 @@ ResolvedConfig::ResolvedConfig(const Config& config, const PluginRegistry& regis
   config.check_sections(config_sections());
   for (std::string_view name : config_sections()) {
     ConfigSchema schema = core_schema(name);
-    if (auto selector = plugin_key(name)) {
-      // First pass with the core keys only, to learn which plugin owns the other keys.
-      const ConfigSection core = config.section(name, schema, /*reject_unknown=*/false);
-      const std::string& plugin = core.get_string(selector->second);
+    // First pass with the core keys only, to learn which plugins own the other keys.
+    const ConfigSection core = config.section(name, schema, /*reject_unknown=*/false);
+    for (const auto& [kind, key, builtin] : plugin_keys(name)) {
+      const std::string& plugin = core.get_string(key);
+      if (!builtin.empty() && plugin == builtin) continue;
       try {
-        schema.merge(registry.options(selector->first, plugin));
+        schema.merge(registry.options(kind, plugin));
       } catch (const Error& e) {
         if (e.code() == ErrorCode::kInternal) throw;
-        throw Error(e.code(), core.origin(selector->second).describe() + ": " + std::string(name) +
-                                  "." + std::string(selector->second) + ": " + e.message());
+        throw Error(e.code(), core.origin(key).describe() + ": " + std::string(name) + "." +
+                                  std::string(key) + ": " + e.message());
       }
     }
     sections_.push_back(config.section(name, schema));

@@ -141,19 +141,26 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
     throw Error(ErrorCode::kInvalidArgument, "MoELayer: combine dtype must be f32 or bf16, not " +
                                                  std::string(dtype_name(parts_.combine_dtype)));
   }
-  // The layer's buffers are host memory: every plugin it calls must take host memory.
-  data_path_ = make_host_data_path();
+  // The layer's buffers live where its data path runs: every plugin it calls must take
+  // that memory.
+  data_path_ = parts_.data_path ? parts_.data_path : make_host_data_path();
   const Device device = data_path_->device();
   require_accepted_memory(parts_.router->capabilities(), device,
                           "router plugin \"" + parts_.router->name() + "\"", "the router logits");
   require_accepted_memory(parts_.experts->capabilities(), device,
                           "expert plugin \"" + parts_.experts->name() + "\"",
                           "the expert input rows");
-  if (!parts_.transport->capabilities().host_memory) {
-    throw Error(ErrorCode::kInvalidArgument, "MoELayer: transport plugin \"" +
-                                                 parts_.transport->name() +
-                                                 "\" does not take host memory, where the "
-                                                 "layer's dispatch buffers live");
+  const TransportCapabilities transport = parts_.transport->capabilities();
+  if (!(device.kind == Device::Kind::kHost ? transport.host_memory : transport.device_memory)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoELayer: transport plugin \"" + parts_.transport->name() + "\" does not take " +
+                    device_name(device) + " memory, where the layer's data path puts its rows");
+  }
+  if (device.kind != Device::Kind::kHost) {
+    // Host streams only, until a device stream comes with the device data path.
+    throw Error(ErrorCode::kUnavailable, "MoELayer: a data path on " + device_name(device) +
+                                             " needs a device stream, which this core does "
+                                             "not create yet");
   }
   logits_ = Buffer<float>(data_path_->allocator());
   plan_ = RoutingPlan(data_path_->allocator());

@@ -29,6 +29,8 @@ std::string_view plugin_kind_name(PluginKind kind) noexcept {
       return "router";
     case PluginKind::kExpert:
       return "expert";
+    case PluginKind::kDataPath:
+      return "datapath";
   }
   return "unknown";
 }
@@ -36,7 +38,8 @@ std::string_view plugin_kind_name(PluginKind kind) noexcept {
 namespace {
 
 std::optional<PluginKind> kind_from_name(std::string_view name) {
-  for (auto kind : {PluginKind::kTransport, PluginKind::kRouter, PluginKind::kExpert}) {
+  for (auto kind :
+       {PluginKind::kTransport, PluginKind::kRouter, PluginKind::kExpert, PluginKind::kDataPath}) {
     if (plugin_kind_name(kind) == name) return kind;
   }
   return std::nullopt;
@@ -50,6 +53,8 @@ bool is_factory_set(const PluginDescriptor& d) {
       return d.create_router != nullptr;
     case PluginKind::kExpert:
       return d.create_expert != nullptr;
+    case PluginKind::kDataPath:
+      return d.create_data_path != nullptr;
   }
   return false;
 }
@@ -118,7 +123,7 @@ PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
       if (!std::regex_match(filename, match, file_pattern) || !kind_from_name(match[1].str())) {
         reject(ErrorCode::kInvalidArgument,
                "file name does not follow libswitchyard-<kind>-<name>.so with kind transport, "
-               "router or expert");
+               "router, expert or datapath");
         continue;
       }
       const PluginKind file_kind = *kind_from_name(match[1].str());
@@ -355,6 +360,18 @@ std::shared_ptr<ExpertKernel> PluginRegistry::create_expert(std::string_view nam
   if (!made)
     throw Error(ErrorCode::kInternal,
                 "expert plugin \"" + std::string(name) + "\" created nothing");
+  return keep_library_alive(std::move(made), l.library);
+}
+
+std::shared_ptr<DataPath> PluginRegistry::create_data_path(std::string_view name,
+                                                           const DataPathCreateArgs& args) const {
+  const auto& l = get(PluginKind::kDataPath, name);
+  std::unique_ptr<DataPath> made;
+  call_factory(l.info, [&] { return l.descriptor->create_data_path(args, made); });
+  if (!made) {
+    throw Error(ErrorCode::kInternal,
+                "datapath plugin \"" + std::string(name) + "\" created nothing");
+  }
   return keep_library_alive(std::move(made), l.library);
 }
 

@@ -6,6 +6,7 @@
 #include <optional>
 #include <thread>
 
+#include "switchyard/bootstrap.hpp"
 #include "switchyard/reference.hpp"
 #include "switchyard/status.hpp"
 
@@ -153,6 +154,17 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
     parts.experts = std::move(kernel);
     parts.gate = model.gate().view();
     parts.placement = state_->placement;
+    if (const std::string& path = runtime.get_string("data_path"); path != "host") {
+      DataPathCreateArgs data_path_args;
+      data_path_args.options = &runtime;
+      data_path_args.rank = state_->transports[state_->layers.size()]->rank();
+      // Ranks of this process first (in-process transports), else the launcher's local rank.
+      const auto launch = LaunchInfo::from_environment();
+      data_path_args.local_rank = state_->transports.size() > 1 || !launch
+                                      ? static_cast<int>(state_->layers.size())
+                                      : launch->local_rank;
+      parts.data_path = state_->registry->create_data_path(path, data_path_args);
+    }
     parts.payload_dtype = parse_payload_dtype(runtime.get_string("payload_dtype"));
     parts.combine_dtype =
         runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;

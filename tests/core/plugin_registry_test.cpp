@@ -107,9 +107,11 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   REQUIRE(badname != nullptr);
   CHECK(badname->reason.find("libswitchyard-<kind>-<name>.so") != std::string::npos);
 
-  // The throwing fixture is well-formed and loads; only its factory misbehaves.
-  CHECK(registry.available().size() == 1);
+  // The throwing fixture is well-formed and loads; only its factory misbehaves. The
+  // forwarding data path is the one good plugin there.
+  CHECK(registry.available().size() == 2);
   CHECK(registry.find(PluginKind::kRouter, "throws").version == "9.9.9");
+  CHECK(registry.find(PluginKind::kDataPath, "forwarding").version == "1.0.0");
 }
 
 TEST_CASE("asking for a rejected or missing plugin explains everything in one message") {

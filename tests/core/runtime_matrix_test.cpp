@@ -3,6 +3,8 @@
 // conventions stored as F32 and BF16.
 #include <doctest/doctest.h>
 
+#include <dlfcn.h>
+
 #include <cmath>
 
 #include "switchyard/io.hpp"
@@ -276,4 +278,26 @@ TEST_CASE("a bf16 payload sends half the bytes of an f32 one") {
     bytes[i++] = t.dispatch_bytes - static_cast<std::uint64_t>(t.rows_sent) * 2 * 8 - 2 * 8;
   }
   CHECK(bytes[0] == 2 * bytes[1]);
+}
+
+TEST_CASE("a datapath plugin runs the layer's primitives; an unknown one is a clear error") {
+  Config c = base_config(3, 8, 2);
+  c.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+  c.set("runtime", "data_path", std::string("forwarding"));
+  Runtime runtime(c);
+  void* library = dlopen(SWITCHYARD_FIXTURE_PLUGIN_DIR "/libswitchyard-datapath-forwarding.so",
+                         RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(library != nullptr);
+  auto calls = reinterpret_cast<long (*)()>(dlsym(library, "switchyard_fixture_pack_calls"));
+  REQUIRE(reinterpret_cast<void*>(calls) != nullptr);
+  const long before = calls();
+  CHECK(ep_versus_reference(runtime, 30, 2) <= kTolerance);
+  CHECK(calls() - before == 3);  // one pack per rank
+  dlclose(library);
+
+  Config missing = base_config(1, 4, 1);
+  missing.set("runtime", "data_path", std::string("cuda"));
+  CHECK_THROWS_WITH_AS(Runtime{missing},
+                       doctest::Contains("runtime.data_path: datapath plugin \"cuda\" not found"),
+                       Error);
 }

@@ -104,9 +104,11 @@ class DispatchHandle {
 struct MoELayerParts {
   Transport* transport = nullptr;  ///< the EP group
   std::shared_ptr<Router> router;
-  std::shared_ptr<ExpertKernel> experts;            ///< this rank's local experts per `placement`
-  TensorView gate;                                  ///< f32 [E,H]
-  ExpertPlacement placement;                        ///< over the EP group's ranks
+  std::shared_ptr<ExpertKernel> experts;  ///< this rank's local experts per `placement`
+  TensorView gate;                        ///< f32 [E,H]
+  ExpertPlacement placement;              ///< over the EP group's ranks
+  /// The data-path primitives (a datapath plugin's); null: the core's host data path.
+  std::shared_ptr<DataPath> data_path;
   PayloadDType payload_dtype = PayloadDType::kF32;  ///< dtype of dispatched rows
   DType combine_dtype = DType::kF32;  ///< dtype of the partial sums sent back (f32, bf16)
 };
@@ -166,7 +168,7 @@ class MoELayer {
   void host_ready() { stream_->synchronize(); }
   MoELayerParts parts_;
   std::unique_ptr<HostStream> stream_;
-  std::unique_ptr<DataPath> data_path_;
+  std::shared_ptr<DataPath> data_path_;
   std::int64_t hidden_ = 0;
   Buffer<float> logits_;
   RoutingPlan plan_;

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "switchyard/config.hpp"
+#include "switchyard/data_path.hpp"
 #include "switchyard/expert_kernel.hpp"
 #include "switchyard/router.hpp"
 #include "switchyard/status.hpp"
@@ -33,8 +34,8 @@ inline constexpr std::uint32_t kPluginAbiVersion = 2;
 inline constexpr const char* kPluginEntryName = "switchyard_plugin_v2";
 
 /// The kinds of plugin. The name is the middle part of the file name.
-enum class PluginKind : std::uint32_t { kTransport = 1, kRouter = 2, kExpert = 3 };
-/// "transport", "router", "expert".
+enum class PluginKind : std::uint32_t { kTransport = 1, kRouter = 2, kExpert = 3, kDataPath = 4 };
+/// "transport", "router", "expert", "datapath".
 std::string_view plugin_kind_name(PluginKind kind) noexcept;
 
 /// Arguments of a transport factory.
@@ -63,12 +64,20 @@ struct ExpertCreateArgs {
   std::span<const SwigluExpertWeights> experts;
 };
 
+/// Arguments of a data-path factory (one data path per local rank).
+struct DataPathCreateArgs {
+  const ConfigSection* options = nullptr;  ///< the [runtime] section (core and plugin keys)
+  int rank = 0;                            ///< world rank of the local rank it serves
+  int local_rank = 0;  ///< that rank's index among the ranks of its node (picks a device)
+};
+
 /// Factories fill `out` and return ok, or return an error status. They must not throw;
 /// the loader still catches and converts anything thrown, reporting it as a plugin bug.
 using TransportFactory = Status (*)(const TransportCreateArgs& args,
                                     std::vector<std::unique_ptr<Transport>>& local_ranks);
 using RouterFactory = Status (*)(const RouterCreateArgs& args, std::unique_ptr<Router>& out);
 using ExpertFactory = Status (*)(const ExpertCreateArgs& args, std::unique_ptr<ExpertKernel>& out);
+using DataPathFactory = Status (*)(const DataPathCreateArgs& args, std::unique_ptr<DataPath>& out);
 
 /// What a plugin's entry point returns. Static storage in the plugin; never freed.
 struct PluginDescriptor {
@@ -85,6 +94,7 @@ struct PluginDescriptor {
   TransportFactory create_transport;  ///< set for kind == kTransport only
   RouterFactory create_router;        ///< set for kind == kRouter only
   ExpertFactory create_expert;        ///< set for kind == kExpert only
+  DataPathFactory create_data_path;   ///< set for kind == kDataPath only
 };
 
 /// A plugin that loaded and passed every check.
@@ -138,6 +148,8 @@ class PluginRegistry {
   std::shared_ptr<Router> create_router(std::string_view name, const RouterCreateArgs& args) const;
   std::shared_ptr<ExpertKernel> create_expert(std::string_view name,
                                               const ExpertCreateArgs& args) const;
+  std::shared_ptr<DataPath> create_data_path(std::string_view name,
+                                             const DataPathCreateArgs& args) const;
 
  private:
   struct Loaded;
@@ -169,16 +181,19 @@ inline constexpr RouterFactory router_factory =
 template <auto Create>
 inline constexpr ExpertFactory expert_factory =
     &guarded_factory<Create, ExpertCreateArgs, std::unique_ptr<ExpertKernel>>;
+template <auto Create>
+inline constexpr DataPathFactory data_path_factory =
+    &guarded_factory<Create, DataPathCreateArgs, std::unique_ptr<DataPath>>;
 }  // namespace plugin_detail
 
 }  // namespace switchyard
 
 #define SWITCHYARD_PLUGIN_EXPORT extern "C" __attribute__((visibility("default")))
 
-/// Defines the entry point of a plugin. KIND is kTransport, kRouter or kExpert; FIELD the
-/// factory member it fills; CREATE a function taking the kind's create-args and returning
-/// what the factory fills (it may throw `switchyard::Error`); DECLARE fills the schema
-/// (or nullptr); PROBE returns a Status (or nullptr).
+/// Defines the entry point of a plugin. KIND is kTransport, kRouter, kExpert or kDataPath; FIELD
+/// the factory member it fills; CREATE a function taking the kind's create-args and returning what
+/// the factory fills (it may throw `switchyard::Error`); DECLARE fills the schema (or nullptr);
+/// PROBE returns a Status (or nullptr).
 #define SWITCHYARD_DEFINE_PLUGIN_IMPL(KIND, NAME, VERSION, SUMMARY, DECLARE, PROBE, FACTORY) \
   SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* switchyard_plugin_v2() {    \
     static const ::switchyard::PluginDescriptor descriptor = [] {                            \
@@ -214,3 +229,10 @@ inline constexpr ExpertFactory expert_factory =
   SWITCHYARD_DEFINE_PLUGIN_IMPL(                                                 \
       kExpert, NAME, VERSION, SUMMARY, DECLARE, PROBE,                           \
       d.create_expert = ::switchyard::plugin_detail::expert_factory<CREATE>)
+
+/// A data-path plugin (the layer's primitives on a device). CREATE:
+/// std::unique_ptr<DataPath>(const DataPathCreateArgs&).
+#define SWITCHYARD_DATA_PATH_PLUGIN(NAME, VERSION, SUMMARY, DECLARE, PROBE, CREATE) \
+  SWITCHYARD_DEFINE_PLUGIN_IMPL(                                                    \
+      kDataPath, NAME, VERSION, SUMMARY, DECLARE, PROBE,                            \
+      d.create_data_path = ::switchyard::plugin_detail::data_path_factory<CREATE>)
