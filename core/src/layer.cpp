@@ -239,6 +239,9 @@ std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
                                                   " memory, the layer's data path runs on " +
                                                   device_name(data_path_->device()));
   }
+  // Expert ids are checked here when the host can read the plan; a device data path checks
+  // them in its layout.
+  if (!plan.experts.allocator().host_accessible()) return std::nullopt;
   for (std::size_t i = 0; i < plan.experts.size(); ++i) {
     const std::int32_t e = plan.experts[i];
     if (e < -1 || e >= E) {
