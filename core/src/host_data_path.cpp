@@ -73,6 +73,10 @@ class HostDataPath final : public DataPath {
   Device device() const noexcept override { return Device::host(); }
   Allocator& allocator() noexcept override { return host_allocator(); }
   Allocator& staging_allocator() noexcept override { return host_allocator(); }
+  std::unique_ptr<Stream> create_stream(bool queued) override {
+    return std::make_unique<HostStream>(queued ? HostStream::Mode::kQueued
+                                               : HostStream::Mode::kInline);
+  }
 
   void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
                      Stream& /*stream*/) override {

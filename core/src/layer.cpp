@@ -157,17 +157,20 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
                     device_name(device) + " memory, where the layer's data path puts its rows");
   }
   if (device.kind != Device::Kind::kHost) {
-    // Host streams only, until a device stream comes with the device data path.
-    throw Error(ErrorCode::kUnavailable, "MoELayer: a data path on " + device_name(device) +
-                                             " needs a device stream, which this core does "
-                                             "not create yet");
+    // The counts exchange reads per-peer counts on the host; with device rows they must be
+    // exchanged on the device and copied back to staging memory, which is not written yet.
+    throw Error(ErrorCode::kUnavailable,
+                "MoELayer: a data path on " + device_name(device) +
+                    " needs the device counts exchange, which this core does not have yet");
   }
   logits_ = Buffer<float>(data_path_->allocator());
   plan_ = RoutingPlan(data_path_->allocator());
   handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
-  stream_ = std::make_unique<HostStream>(parts_.transport->capabilities().stream_ordered
-                                             ? HostStream::Mode::kQueued
-                                             : HostStream::Mode::kInline);
+  stream_ = data_path_->create_stream(transport.stream_ordered);
+  if (stream_ == nullptr || stream_->device() != device) {
+    throw Error(ErrorCode::kInternal,
+                "MoELayer: the data path gave no stream on " + device_name(device));
+  }
 }
 
 void MoELayer::route(const TensorView& x, RoutingPlan& plan) {

@@ -142,6 +142,9 @@ class DataPath {
   /// Host memory for what the host reads back each step (per-peer counts, rows per
   /// expert): pinned for a GPU data path, so that the copies are asynchronous.
   virtual Allocator& staging_allocator() noexcept = 0;
+  /// A new stream on `device()` for a layer's work. `queued`: the layer's transport is
+  /// stream-ordered and needs a stream it can enqueue on (host: a queued `HostStream`).
+  virtual std::unique_ptr<Stream> create_stream(bool queued) = 0;
   /// logits [T,E] = x [T,H] · gateᵀ, f32, each token's logits independent of T and rank.
   virtual void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
                              Stream& stream) = 0;

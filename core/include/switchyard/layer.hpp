@@ -139,8 +139,8 @@ class MoELayer {
   void combine(DispatchHandle& handle, const TensorView& expert_output, const TensorView& y);
 
   const ExpertPlacement& placement() const noexcept { return parts_.placement; }
-  /// The stream the layer's work is ordered on: a queued host stream when the transport is
-  /// stream-ordered, else an inline one.
+  /// The stream the layer's work is ordered on, from its data path: for the host data path
+  /// a queued host stream when the transport is stream-ordered, else an inline one.
   Stream& stream() noexcept { return *stream_; }
   Transport& transport() const noexcept { return *parts_.transport; }
   Router& router() const noexcept { return *parts_.router; }
@@ -167,7 +167,7 @@ class MoELayer {
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream_->synchronize(); }
   MoELayerParts parts_;
-  std::unique_ptr<HostStream> stream_;
+  std::unique_ptr<Stream> stream_;
   std::shared_ptr<DataPath> data_path_;
   std::int64_t hidden_ = 0;
   Buffer<float> logits_;
