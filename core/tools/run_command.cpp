@@ -99,8 +99,10 @@ int run_layer(Runtime& runtime, bool check, int steps) {
                runtime.layer(0).router().slots_per_token(),
                runtime.settings().section("experts").get_string("kernel").c_str());
   std::string split;
-  for (int r = 0; r < world; ++r)
-    split += (r ? "/" : "") + std::to_string(token_block(T, world, r).second);
+  for (int r = 0; r < world; ++r) {
+    if (r != 0) split += '/';
+    split += std::to_string(token_block(T, world, r).second);
+  }
   std::fprintf(out, "tokens: %lld from %s, split %s\n", static_cast<long long>(T),
                input_description.c_str(), split.c_str());
   if (runtime.ep_size() != world) {
