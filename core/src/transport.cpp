@@ -9,16 +9,16 @@ void Transport::require_memory(Device device, const char* op, const char* buffer
   const TransportCapabilities caps = capabilities();
   const bool accepted = device.kind == Device::Kind::kHost ? caps.host_memory : caps.device_memory;
   if (accepted) return;
-  throw Error(ErrorCode::kInvalidArgument,
-              name() + " " + op + ": " + buffer + " is in " + device_name(device) +
-                  " memory, which the " + name() + " transport does not accept (it takes " +
-                  (caps.host_memory ? "host" : "") +
-                  (caps.host_memory && caps.device_memory ? " and " : "") +
-                  (caps.device_memory ? "CUDA device" : "") + " memory)");
+  const char* takes = caps.host_memory && caps.device_memory ? "host and CUDA device"
+                      : caps.host_memory                     ? "host"
+                                                             : "CUDA device";
+  throw Error(ErrorCode::kInvalidArgument, name() + " " + op + ": " + buffer + " in " +
+                                               device_name(device) + " memory: the " + name() +
+                                               " transport takes only " + takes + " memory");
 }
 
 void Transport::alltoall(const void* send, void* recv, std::size_t bytes_per_peer, Stream& stream) {
-  require_memory(stream.device(), "alltoall", "the send/receive buffers");
+  require_memory(stream.device(), "alltoall", "send/receive buffers");
   do_alltoall(send, recv, bytes_per_peer, stream);
 }
 
@@ -35,7 +35,7 @@ void Transport::alltoallv(const AlltoallvBuffers& buffers, Stream& stream) {
                 name() + " alltoallv: the buffers are in " + device_name(buffers.device) +
                     " memory but the stream runs on " + device_name(stream.device()));
   }
-  require_memory(buffers.device, "alltoallv", "the send/receive buffers");
+  require_memory(buffers.device, "alltoallv", "send/receive buffers");
   do_alltoallv(buffers, stream);
 }
 
@@ -52,12 +52,12 @@ std::unique_ptr<TransportRequest> Transport::ialltoallv(const AlltoallvBuffers& 
                 name() + " ialltoallv: takes host buffers; use alltoallv on a stream of " +
                     device_name(buffers.device));
   }
-  require_memory(buffers.device, "ialltoallv", "the send/receive buffers");
+  require_memory(buffers.device, "ialltoallv", "send/receive buffers");
   return do_ialltoallv(buffers);
 }
 
 void Transport::allreduce(void* data, std::size_t count, DType dtype, ReduceOp op, Stream& stream) {
-  require_memory(stream.device(), "allreduce", "the data");
+  require_memory(stream.device(), "allreduce", "data");
   do_allreduce(data, count, dtype, op, stream);
 }
 

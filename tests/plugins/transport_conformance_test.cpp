@@ -145,3 +145,37 @@ TEST_CASE("alltoallv with the wrong number of counts is refused before any excha
   AlltoallvBuffers b{nullptr, two, two, nullptr, two, two};
   CHECK_THROWS_WITH_AS(ranks[0]->alltoallv(b), doctest::Contains("one entry per rank"), Error);
 }
+
+namespace {
+/// A stream that says it runs on a GPU: enough to see the capability checks refuse it.
+class CudaLabelledStream final : public Stream {
+ public:
+  Device device() const noexcept override { return Device::cuda(0); }
+  void* native_handle() const noexcept override { return nullptr; }
+  void synchronize() override {}
+  bool idle() noexcept override { return true; }
+  std::unique_ptr<StreamEvent> create_event() override { return nullptr; }
+  void record(StreamEvent&) override {}
+};
+}  // namespace
+
+TEST_CASE("device memory is refused by a host transport, naming it and the buffer") {
+  auto ranks = inproc(1, 1);
+  CudaLabelledStream gpu;
+  std::int64_t send = 1, recv = 0;
+  CHECK_THROWS_WITH_AS(
+      ranks[0]->alltoall(&send, &recv, sizeof send, gpu),
+      "invalid argument: inproc alltoall: send/receive buffers in cuda:0 memory: the inproc "
+      "transport takes only host memory",
+      Error);
+  std::vector<std::size_t> one(1, 0);
+  HostStream host;
+  AlltoallvBuffers on_gpu{nullptr, one, one, nullptr, one, one, Device::cuda(0)};
+  CHECK_THROWS_WITH_AS(ranks[0]->alltoallv(on_gpu, host),
+                       doctest::Contains("the buffers are in cuda:0 memory but the stream runs "
+                                         "on host"),
+                       Error);
+  CHECK_THROWS_WITH_AS(ranks[0]->ialltoallv(on_gpu), doctest::Contains("takes host buffers"),
+                       Error);
+  CHECK(recv == 0);  // nothing ran
+}
