@@ -29,6 +29,7 @@ struct Runtime::State {
   int ep_size = 1;
   std::vector<std::unique_ptr<MoELayer>> layers;
   ExpertPlacement placement;
+  std::vector<std::vector<std::int64_t>> group_counts;  // per local rank, for bias updates
 };
 
 namespace {}  // namespace
@@ -300,6 +301,23 @@ void Runtime::forward(const TensorView& x, const TensorView& y) {
     if (peer_failure == nullptr) peer_failure = &e;
   }
   if (peer_failure != nullptr) throw **peer_failure;
+  update_routers();
+}
+
+void Runtime::update_routers() {
+  if (!layer(0).router().updates_from_counts()) return;
+  const auto E = static_cast<std::size_t>(model().num_experts());
+  state_->group_counts.resize(static_cast<std::size_t>(num_local_ranks()));
+  run_on_ranks([&](int local) {
+    Router& router = layer(local).router();
+    auto& sums = state_->group_counts[static_cast<std::size_t>(local)];
+    sums.assign(router.stats().counts.begin(), router.stats().counts.end());
+    sums.resize(E);
+    // Integer sums: the same on every rank, so every rank's bias moves the same way.
+    state_->ep_transports[static_cast<std::size_t>(local)]->allreduce(sums.data(), E, DType::kI64,
+                                                                      ReduceOp::kSum);
+    router.update(sums);
+  });
 }
 
 void Runtime::reference_forward(const TensorView& x, const TensorView& y) const {
@@ -332,28 +350,33 @@ void Runtime::reference_forward(const TensorView& x, const TensorView& y) const 
 
 GlobalRouterStats Runtime::global_router_stats() {
   const int E = model().num_experts();
+  const auto e_size = static_cast<std::size_t>(E);
   GlobalRouterStats result;
+  std::vector<double> probability_sums(e_size, 0.0);
+  std::vector<std::int64_t> aux_counts(e_size, 0);
+  double z_loss_sum = 0;
   std::mutex mutex;
   run_on_ranks([&](int local) {
-    MoELayer& l = layer(local);
-    const RouterStats& s = l.router().stats();
-    const auto tokens = l.last_plan().num_tokens;
-    std::vector<std::int64_t> ints(static_cast<std::size_t>(E) + 2, 0);
+    const RouterStats& s = layer(local).router().stats();
+    // [counts E | aux counts E | dropped | tokens] and [probability sums E | z-loss sum].
+    std::vector<std::int64_t> ints(2 * e_size + 2, 0);
+    std::vector<double> reals(e_size + 1, 0.0);
     std::copy(s.counts.begin(), s.counts.end(), ints.begin());
-    ints[static_cast<std::size_t>(E)] = s.dropped;
-    ints[static_cast<std::size_t>(E) + 1] = tokens;
-    double losses[2] = {s.aux_loss * static_cast<double>(tokens),
-                        s.z_loss * static_cast<double>(tokens)};
+    std::copy(s.aux_counts.begin(), s.aux_counts.end(), ints.begin() + E);
+    ints[2 * e_size] = s.dropped;
+    ints[2 * e_size + 1] = s.tokens;
+    std::copy(s.probability_sums.begin(), s.probability_sums.end(), reals.begin());
+    reals[e_size] = s.z_loss_sum;
     world_transport(local).allreduce(ints.data(), ints.size(), DType::kI64, ReduceOp::kSum);
-    world_transport(local).allreduce(losses, 2, DType::kF64, ReduceOp::kSum);
+    world_transport(local).allreduce(reals.data(), reals.size(), DType::kF64, ReduceOp::kSum);
     if (local != 0) return;
     std::lock_guard<std::mutex> lock(mutex);
     result.counts.assign(ints.begin(), ints.begin() + E);
-    result.dropped = ints[static_cast<std::size_t>(E)];
-    result.tokens = ints[static_cast<std::size_t>(E) + 1];
-    const double denom = result.tokens > 0 ? static_cast<double>(result.tokens) : 1.0;
-    result.aux_loss = losses[0] / denom;
-    result.z_loss = losses[1] / denom;
+    aux_counts.assign(ints.begin() + E, ints.begin() + 2 * static_cast<std::ptrdiff_t>(E));
+    result.dropped = ints[2 * e_size];
+    result.tokens = ints[2 * e_size + 1];
+    probability_sums.assign(reals.begin(), reals.begin() + E);
+    z_loss_sum = reals[e_size];
   });
   std::int64_t total = 0, most = 0;
   for (auto c : result.counts) {
@@ -361,6 +384,16 @@ GlobalRouterStats Runtime::global_router_stats() {
     most = std::max(most, c);
   }
   result.imbalance = total > 0 ? static_cast<double>(most) * E / static_cast<double>(total) : 0.0;
+  if (result.tokens > 0) {
+    const int k = layer(0).router().slots_per_token();
+    const double T = static_cast<double>(result.tokens);
+    double aux = 0;
+    for (std::size_t e = 0; e < e_size; ++e) {
+      aux += probability_sums[e] * static_cast<double>(aux_counts[e]);
+    }
+    result.aux_loss = aux * E / (k * T * T);
+    result.z_loss = z_loss_sum / T;
+  }
   return result;
 }
 

@@ -3,7 +3,9 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "commands.hpp"
 #include "switchyard/bootstrap.hpp"
@@ -53,6 +55,27 @@ std::string human_bytes(double bytes) {
 }
 
 }  // namespace
+
+/// Balancing by bias must move every rank's bias the same way: compares them over the
+/// world (elementwise max and min) and prints the result.
+void print_bias_agreement(Runtime& runtime, std::FILE* out) {
+  std::vector<double> highest, lowest;
+  std::mutex mutex;
+  runtime.run_on_ranks([&](int local) {
+    const auto bias = runtime.layer(local).router().bias();
+    std::vector<double> hi(bias.begin(), bias.end()), lo(bias.begin(), bias.end());
+    runtime.world_transport(local).allreduce(hi.data(), hi.size(), DType::kF64, ReduceOp::kMax);
+    runtime.world_transport(local).allreduce(lo.data(), lo.size(), DType::kF64, ReduceOp::kMin);
+    if (local != 0) return;
+    std::lock_guard<std::mutex> lock(mutex);
+    highest = std::move(hi);
+    lowest = std::move(lo);
+  });
+  double largest = 0;
+  for (double b : highest) largest = std::max(largest, std::fabs(b));
+  std::fprintf(out, "bias: %s on all %d ranks (max |bias| %.4f)\n",
+               highest == lowest ? "identical" : "DIFFERS", runtime.world_size(), largest);
+}
 
 /// Runs the configured forward (and check) on a built runtime; returns the exit code.
 int run_layer(Runtime& runtime, bool check, int steps) {
@@ -110,8 +133,16 @@ int run_layer(Runtime& runtime, bool check, int steps) {
                  world / runtime.ep_size(), runtime.ep_size());
   }
 
-  for (int step = 0; step < steps; ++step) runtime.forward(x.view(), y.view());
+  // With several steps, the group's imbalance after each shows what balancing by bias does.
+  for (int step = 0; step < steps; ++step) {
+    runtime.forward(x.view(), y.view());
+    if (steps > 1) {
+      const GlobalRouterStats step_stats = runtime.global_router_stats();
+      std::fprintf(out, "step %d: imbalance %.3f\n", step + 1, step_stats.imbalance);
+    }
+  }
   runtime.gather_rows(y.view());
+  if (runtime.layer(0).router().updates_from_counts()) print_bias_agreement(runtime, out);
 
   const GlobalRouterStats stats = runtime.global_router_stats();
   const LayerTimings timings = runtime.max_timings();

@@ -89,6 +89,8 @@ class TopkRouter final : public Router {
     chosen_.resize(static_cast<std::size_t>(top_k_));
     plain_.resize(static_cast<std::size_t>(top_k_));
     stats_.counts.assign(E, 0);
+    stats_.probability_sums.assign(E, 0.0);
+    stats_.aux_counts.assign(E, 0);
     prob_sum_.assign(E, 0.0);
     plain_counts_.assign(E, 0);
   }
@@ -182,6 +184,8 @@ class TopkRouter final : public Router {
     finish_stats(plan, T, z_loss);
   }
 
+  bool updates_from_counts() const noexcept override { return update_rate_ > 0; }
+
   void update(std::span<const std::int64_t> global_counts) override {
     if (update_rate_ <= 0) return;
     if (static_cast<int>(global_counts.size()) != num_experts_) {
@@ -273,6 +277,10 @@ class TopkRouter final : public Router {
     }
     stats_.imbalance =
         total > 0 ? static_cast<double>(most) * num_experts_ / static_cast<double>(total) : 0.0;
+    stats_.tokens = T;
+    std::copy(prob_sum_.begin(), prob_sum_.end(), stats_.probability_sums.begin());
+    std::copy(plain_counts_.begin(), plain_counts_.end(), stats_.aux_counts.begin());
+    stats_.z_loss_sum = z_loss;
     if (T == 0) {
       stats_.aux_loss = 0;
       stats_.z_loss = 0;

@@ -301,3 +301,61 @@ TEST_CASE("a datapath plugin runs the layer's primitives; an unknown one is a cl
                        doctest::Contains("runtime.data_path: datapath plugin \"cuda\" not found"),
                        Error);
 }
+
+TEST_CASE("the group's aux and z losses equal the single-rank losses on the same tokens") {
+  const HostTensor x = synthetic_tokens(61, 24, 13);
+  double aux[2] = {}, z[2] = {};
+  int i = 0;
+  for (int ranks : {1, 3}) {
+    Runtime runtime(base_config(ranks, 8, 2));
+    HostTensor y(DType::kF32, {61, 24});
+    runtime.forward(x.view(), y.view());
+    const auto stats = runtime.global_router_stats();
+    aux[i] = stats.aux_loss;
+    z[i] = stats.z_loss;
+    ++i;
+  }
+  CHECK(aux[0] > 1.0);  // random logits are not perfectly balanced
+  CHECK(aux[1] == doctest::Approx(aux[0]).epsilon(1e-12));
+  CHECK(z[1] == doctest::Approx(z[0]).epsilon(1e-12));
+}
+
+TEST_CASE(
+    "bias balancing at run time: skewed experts even out, the bias is the same on every rank") {
+  // Three experts favoured by +2.0: a constant feature in every token and a gate column that
+  // adds 2 to their logits.
+  test::TempDir dir;
+  const int E = 8, H = 24;
+  auto tensors =
+      test::checkpoint_tensors(ModelWeights::random(E, H, 16, 5), "deepseek", DType::kF32, "");
+  float* gate = tensors["gate.weight"].data<float>();
+  for (int e = 0; e < E; ++e) gate[e * H] = e < 3 ? 2.0f : 0.0f;
+  write_safetensors(dir / "skewed.safetensors", tensors);
+  Config c;
+  c.set("runtime", "ranks", std::int64_t{3});
+  c.set("router", "top_k", std::int64_t{2});
+  c.set("router", "bias_update_rate", 0.01);
+  c.set("model", "weights", (dir / "skewed.safetensors").string());
+  c.set("model", "format", std::string("deepseek"));
+  Runtime runtime(c);
+  const std::int64_t T = 1200;
+  HostTensor x = synthetic_tokens(T, H, 3);
+  for (std::int64_t t = 0; t < T; ++t) x.data<float>()[t * H] = 1.0f;
+  HostTensor y(DType::kF32, {T, H});
+  runtime.forward(x.view(), y.view());
+  const double first = runtime.global_router_stats().imbalance;
+  double last = first;
+  for (int step = 1; step < 200; ++step) {
+    runtime.forward(x.view(), y.view());
+    last = runtime.global_router_stats().imbalance;
+  }
+  MESSAGE("imbalance " << first << " -> " << last);
+  CHECK(first > 2.0);
+  CHECK(last < 1.3);
+  const auto bias0 = runtime.layer(0).router().bias();
+  CHECK(bias0[0] < 0);  // a favoured expert was pushed down
+  for (int r = 1; r < 3; ++r) {
+    const auto bias = runtime.layer(r).router().bias();
+    CHECK(std::equal(bias.begin(), bias.end(), bias0.begin(), bias0.end()));
+  }
+}

@@ -14,6 +14,8 @@
 #include <iterator>
 
 #include "switchyard/io.hpp"
+#include "switchyard/model.hpp"
+#include "switchyard/tensor.hpp"
 #include "test_support.hpp"
 
 using namespace switchyard;
@@ -89,6 +91,39 @@ TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the 
         std::filesystem::remove(y_ucx);
       }
     }
+  }
+}
+
+TEST_CASE("bias balancing under mpirun and launch: skewed experts even out, same bias everywhere") {
+  // Three of eight experts favoured by +2.0 (a constant feature and a gate column), as in
+  // the in-process test; here every rank is a process.
+  test::TempDir dir;
+  const int E = 8, H = 24;
+  auto tensors =
+      test::checkpoint_tensors(ModelWeights::random(E, H, 16, 5), "deepseek", DType::kF32, "");
+  float* gate = tensors["gate.weight"].data<float>();
+  for (int e = 0; e < E; ++e) gate[e * H] = e < 3 ? 2.0f : 0.0f;
+  write_safetensors(dir / "skewed.safetensors", tensors);
+  HostTensor x = synthetic_tokens(1200, H, 3);
+  for (int t = 0; t < 1200; ++t) x.data<float>()[t * H] = 1.0f;
+  write_npy(dir / "x.npy", x.view());
+  test::write_text(dir / "skewed.toml",
+                   "[router]\ntop_k = 2\nbias_update_rate = 0.01\n[model]\nweights = "
+                   "\"skewed.safetensors\"\nformat = \"deepseek\"\n[input]\ntokens = \"x.npy\"\n");
+  const std::string run = kTool + " run " + (dir / "skewed.toml").string() + " --steps 200";
+  for (const auto& command : {kMpirun + " -np 3 " + run + " --set runtime.transport=mpi",
+                              kTool + " launch -n 3 -- " + run + " --set runtime.transport=ucx"}) {
+    CAPTURE(command);
+    const auto r = test::run_command(command);
+    INFO(r.output);
+    REQUIRE(r.exit_code == 0);
+    const auto at = r.output.find("step 200: imbalance ");
+    REQUIRE(at != std::string::npos);
+    const double last = std::stod(r.output.substr(at + 20));
+    const double first = std::stod(r.output.substr(r.output.find("step 1: imbalance ") + 18));
+    CHECK(first > 2.0);
+    CHECK(last < 1.3);
+    CHECK(r.output.find("bias: identical on all 3 ranks") != std::string::npos);
   }
 }
 

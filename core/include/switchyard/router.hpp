@@ -43,6 +43,12 @@ struct RouterStats {
   double imbalance = 0;              ///< max(counts) / mean(counts); 0 when no tokens
   double aux_loss = 0;               ///< Switch load-balancing loss, 1 = perfect balance
   double z_loss = 0;                 ///< mean over tokens of logsumexp(z)^2
+  // The sums the losses are made of, so that a group's losses come from group-wide sums
+  // (ROUTING.md): aux_loss = E / (k·T²) · Σ_e probability_sums[e] · aux_counts[e].
+  std::int64_t tokens = 0;               ///< T
+  std::vector<double> probability_sums;  ///< [E] Σ_t P[t,e]
+  std::vector<std::int64_t> aux_counts;  ///< [E] tokens whose plain top-k of P holds e
+  double z_loss_sum = 0;                 ///< Σ_t logsumexp(z_t)²
 };
 
 /// What a router sees besides the logits.
@@ -78,6 +84,9 @@ class Router {
   /// Stateful policies (bias balancing) update from the kept counts [E] summed over the
   /// EP group. Stateless policies ignore it.
   virtual void update(std::span<const std::int64_t> global_counts) = 0;
+  /// True when `update` changes the policy (bias balancing is on): the runtime then sums
+  /// the kept counts over the EP group after every step and calls it.
+  virtual bool updates_from_counts() const noexcept { return false; }
 };
 
 }  // namespace switchyard

@@ -54,8 +54,10 @@ struct GlobalRouterStats {
   std::int64_t tokens = 0;
   std::int64_t dropped = 0;
   double imbalance = 0;  ///< max(counts) / mean(counts)
-  double aux_loss = 0;   ///< token-weighted mean of the ranks' aux losses
-  double z_loss = 0;     ///< token-weighted mean of the ranks' z losses
+  /// The Switch loss over all ranks' tokens, from the summed probabilities and counts
+  /// (equal to the single-rank loss on the concatenated tokens).
+  double aux_loss = 0;
+  double z_loss = 0;  ///< mean over all ranks' tokens of logsumexp(z)²
 };
 
 /// Built from a configuration; owns the plugin registry, the model weights, the transports
@@ -102,7 +104,9 @@ class Runtime {
   void abort(const std::string& reason) noexcept;
 
   /// Forward over global tokens x [T,H]: each local rank takes its `token_block` and
-  /// writes its rows of y [T,H].
+  /// writes its rows of y [T,H]. When the router balances by bias
+  /// (`updates_from_counts`), the kept counts are then summed over each EP group and every
+  /// rank updates its router with the same sums, so the bias stays identical on all ranks.
   void forward(const TensorView& x, const TensorView& y);
   /// The dense single-process reference of the same computation (each rank's block
   /// routed as that rank routes it, experts evaluated directly in double precision).
@@ -121,6 +125,8 @@ class Runtime {
   LayerTraffic total_traffic();
 
  private:
+  /// After a step: group-summed kept counts to routers that balance by bias.
+  void update_routers();
   struct State;
   std::unique_ptr<State> state_;
 };
