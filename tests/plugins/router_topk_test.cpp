@@ -276,3 +276,21 @@ TEST_CASE("bias balancing moves the bias against the load") {
   off.router->update(counts);
   CHECK(off.router->bias().empty());
 }
+
+TEST_CASE("a bias file takes precedence over the checkpoint's e_score_correction_bias") {
+  test::TempDir dir;
+  HostTensor file_bias(DType::kF32, {4});
+  for (int e = 0; e < 4; ++e) file_bias.data<float>()[e] = e == 3 ? 5.0f : 0.0f;
+  write_npy(dir / "bias.npy", file_bias.view());
+  const std::vector<float> checkpoint_bias = {5.0f, 0.0f, 0.0f, 0.0f};
+  // Only the checkpoint's: expert 0 is lifted.
+  auto from_checkpoint = make("top_k = 1\n", 4, checkpoint_bias);
+  CHECK(values(route(*from_checkpoint.router, {0, 1, 2, 3}, 1).experts) ==
+        std::vector<std::int32_t>{0});
+  // Both: the file wins, expert 3 is lifted.
+  auto both =
+      make("top_k = 1\nbias = \"" + (dir / "bias.npy").string() + "\"\n", 4, checkpoint_bias);
+  CHECK(std::vector<float>(both.router->bias().begin(), both.router->bias().end()) ==
+        std::vector<float>{0.0f, 0.0f, 0.0f, 5.0f});
+  CHECK(values(route(*both.router, {3, 2, 1, 0}, 1).experts) == std::vector<std::int32_t>{3});
+}
