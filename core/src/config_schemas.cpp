@@ -48,6 +48,10 @@ ConfigSchema core_schema(std::string_view section) {
   } else if (section == "router") {
     s.add("policy", T::kString, ConfigValue{std::string("topk")},
           "routing policy plugin (see ROUTING.md)");
+    s.add("num_experts", T::kInt, std::nullopt,
+          "E, optional: when set it must equal the model's (or, for switchyard route, the "
+          "logits' columns)",
+          checks::int_range(1, 1 << 16));
   } else if (section == "experts") {
     s.add("kernel", T::kString, ConfigValue{std::string("cpu_swiglu")}, "expert kernel plugin");
   } else if (section == "model") {

@@ -95,6 +95,11 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
 
   state_->model = load_model(state_->settings->section("model"));
   const ModelWeights& model = state_->model;
+  if (router.has("num_experts") && router.get_int("num_experts") != model.num_experts()) {
+    router.fail("num_experts", "is " + std::to_string(router.get_int("num_experts")) +
+                                   " but the model has " + std::to_string(model.num_experts()) +
+                                   " experts");
+  }
 
   TransportCreateArgs transport_args;
   transport_args.options = &runtime;

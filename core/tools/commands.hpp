@@ -16,6 +16,7 @@ int run_command(const std::vector<std::string>& args);
 int plugins_command(const std::vector<std::string>& args);
 int config_command(const std::vector<std::string>& args);
 int launch_command(const std::vector<std::string>& args);
+int route_command(const std::vector<std::string>& args);
 
 }  // namespace switchyard::tool
 

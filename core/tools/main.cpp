@@ -22,6 +22,8 @@ commands:
         validate a configuration (plugins, model, sizes) without running it
   config show CONFIG [--set section.key=value]...
         print every effective value and where it came from
+  route CONFIG --logits L.npy --out DIR [--set section.key=value]...
+        apply the [router] section to float32 logits [T,E] and write the plan and stats
   launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND [ARGS]...
         start N local processes with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
         MASTER_ADDR and MASTER_PORT set, output prefixed with the rank; when one
@@ -52,6 +54,7 @@ int main(int argc, char** argv) {
     if (command == "plugins") return switchyard::tool::plugins_command(args);
     if (command == "config") return switchyard::tool::config_command(args);
     if (command == "launch") return switchyard::tool::launch_command(args);
+    if (command == "route") return switchyard::tool::route_command(args);
   } catch (const switchyard::Error& e) {
     switchyard::tool::report_error(e);
     return switchyard::tool::kExitError;

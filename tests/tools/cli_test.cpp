@@ -2,8 +2,10 @@
 // gives a clear message, a non-zero exit, and writes nothing to the output path.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <iterator>
 #include <limits>
 
 #include "switchyard/io.hpp"
@@ -237,4 +239,61 @@ TEST_CASE("plugins lists the built plugins") {
   const auto with_fixtures = test::run_tool("plugins --dir " SWITCHYARD_FIXTURE_PLUGIN_DIR);
   CHECK(with_fixtures.output.find("rejected:") != std::string::npos);
   CHECK(with_fixtures.output.find("libswitchyard-router-wrongabi.so") != std::string::npos);
+}
+
+TEST_CASE("route: a [router]-only config on logits from a file, checked by hand") {
+  test::TempDir dir;
+  // The public 4x4 example; softmax, pre_softmax, top-2.
+  const double z[4][4] = {
+      {.11, .2, .1, .3}, {.3, .4, .11, .1}, {.11, .1, .6, .5}, {.1, .11, .7, .8}};
+  HostTensor logits(DType::kF32, {4, 4});
+  for (int t = 0; t < 4; ++t)
+    for (int e = 0; e < 4; ++e) logits.data<float>()[t * 4 + e] = static_cast<float>(z[t][e]);
+  write_npy(dir / "l.npy", logits.view());
+  test::write_text(dir / "r.toml", "[router]\ntop_k = 2\nbias_update_rate = 0.1\n");
+  const auto r = test::run_tool("route " + (dir / "r.toml").string() + " --logits " +
+                                (dir / "l.npy").string() + " --out " + (dir / "out").string());
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  const HostTensor experts = read_npy(dir / "out" / "experts.npy");
+  const std::vector<std::int32_t> expected = {3, 1, 1, 0, 2, 3, 3, 2};
+  REQUIRE(experts.numel() == 8);
+  CHECK(std::vector<std::int32_t>(experts.data<std::int32_t>(), experts.data<std::int32_t>() + 8) ==
+        expected);
+  const HostTensor counts = read_npy(dir / "out" / "counts.npy");
+  CHECK(std::vector<std::int64_t>(counts.data<std::int64_t>(), counts.data<std::int64_t>() + 4) ==
+        std::vector<std::int64_t>{1, 2, 2, 3});
+  // One update from these counts (mean 2): +γ below the mean, −γ above it.
+  const HostTensor bias = read_npy(dir / "out" / "bias.npy");
+  CHECK(std::vector<float>(bias.data<float>(), bias.data<float>() + 4) ==
+        std::vector<float>{0.1f, 0.0f, 0.0f, -0.1f});
+  // The losses in double from their definitions.
+  double p_sum[4] = {}, z_loss = 0;
+  for (const auto& row : z) {
+    double m = row[0], s = 0;
+    for (double v : row) m = std::max(m, v);
+    for (double v : row) s += std::exp(v - m);
+    for (int e = 0; e < 4; ++e) p_sum[e] += std::exp(row[e] - m) / s;
+    z_loss += (m + std::log(s)) * (m + std::log(s));
+  }
+  const double plain_counts[4] = {1, 2, 2, 3};
+  double aux = 0;
+  for (int e = 0; e < 4; ++e) aux += p_sum[e] * plain_counts[e];
+  aux *= 4.0 / (2 * 16);
+  z_loss /= 4;
+  std::ifstream in(dir / "out" / "stats.json");
+  const std::string json((std::istreambuf_iterator<char>(in)), {});
+  auto field = [&](const std::string& name) {
+    return std::stod(json.substr(json.find("\"" + name + "\": ") + name.size() + 4));
+  };
+  CHECK(field("aux_loss") == doctest::Approx(aux).epsilon(1e-6));
+  CHECK(field("z_loss") == doctest::Approx(z_loss).epsilon(1e-6));
+  CHECK(field("imbalance") == doctest::Approx(1.5));
+  CHECK(json.find("\"counts\": [1, 2, 2, 3]") != std::string::npos);
+
+  const auto wrong = test::run_tool("route " + (dir / "r.toml").string() + " --logits " +
+                                    (dir / "l.npy").string() + " --out " + (dir / "out").string() +
+                                    " --set router.num_experts=5");
+  CHECK(wrong.exit_code == 1);
+  CHECK(wrong.output.find("router.num_experts: is 5 but") != std::string::npos);
 }
