@@ -1,0 +1,57 @@
+#pragma once
+/// \file
+/// The token-choice routing of ROUTING.md written once, for the policy plugins to compose:
+/// scores (softmax or sigmoid), selection bias, top-k selection with ties to the lower
+/// expert index, weights (pre/post softmax, normalise, scale), statistics (counts,
+/// imbalance, aux and z losses and their sums), bias balancing, and the per-expert
+/// capacity limit. Host memory, float32.
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "switchyard/config.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/router.hpp"
+
+namespace switchyard {
+
+/// Declares the token-choice keys of [router]: top_k, score, pre_softmax, normalize,
+/// scale, bias, bias_update_rate, nan_policy.
+void declare_token_choice_options(ConfigSchema& schema);
+
+/// What a policy does to a plan after the top-k selection (e.g. capacity); returns the
+/// number of assignments it dropped. Called once per `route`; must not allocate once its
+/// scratch has grown.
+using SelectionLimit = std::function<std::int64_t(RoutingPlan& plan)>;
+
+/// A host-synchronous router of the token-choice family named `policy`, configured from
+/// `args.options` (the keys above), applying `limit` (if any) after the selection.
+/// Throws `Error(kInvalidArgument)` naming the key for a bad configuration.
+std::unique_ptr<Router> make_token_choice_router(const RouterCreateArgs& args, std::string policy,
+                                                 SelectionLimit limit = {});
+
+/// Which assignments an over-full expert keeps.
+enum class CapacityDropPolicy {
+  kProbs,     ///< the largest final weights (ties: lower token index)
+  kPosition,  ///< the first in token order
+};
+
+/// C = ceil(T · k / E · capacity_factor).
+std::int64_t expert_capacity(std::int64_t tokens, int top_k, int num_experts,
+                             double capacity_factor) noexcept;
+
+/// Reusable scratch of `apply_expert_capacity`.
+struct CapacityScratch {
+  std::vector<std::int64_t> slots;
+};
+
+/// Keeps at most C assignments per expert of `plan` (host) and turns the others into
+/// expert -1, weight 0, in place (kept weights are not renormalised); updates
+/// `plan.counts`. Returns how many it dropped.
+std::int64_t apply_expert_capacity(RoutingPlan& plan, double capacity_factor,
+                                   CapacityDropPolicy policy, CapacityScratch& scratch);
+
+}  // namespace switchyard

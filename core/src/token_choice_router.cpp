@@ -1,0 +1,379 @@
+// The token-choice routing of ROUTING.md, written once for the policy plugins: softmax or
+// sigmoid scores, optional selection bias, top-k selection (ties to the lower expert),
+// weights, normalisation and scale, the statistics and bias balancing; and the per-expert
+// capacity limit that the capacity policy applies after the selection.
+#include "switchyard/token_choice_router.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "switchyard/io.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+namespace {}  // namespace
+
+void declare_token_choice_options(ConfigSchema& s) {
+  using T = ConfigType;
+  s.add("top_k", T::kInt, ConfigValue{std::int64_t{2}}, "experts per token, 1..num_experts");
+  s.add("score", T::kString, ConfigValue{std::string("softmax")},
+        "score function: softmax or sigmoid", checks::one_of({"softmax", "sigmoid"}));
+  s.add("pre_softmax", T::kBool, ConfigValue{true},
+        "softmax: true = softmax over all experts then top-k; false = top-k of logits then "
+        "softmax over the k (Mixtral)");
+  s.add("normalize", T::kBool, std::nullopt,
+        "divide the selected weights by their sum (default: false for softmax, true for sigmoid)");
+  s.add("scale", T::kFloat, ConfigValue{1.0}, "multiplies the final weights");
+  s.add("bias", T::kString, std::nullopt,
+        ".npy float32 [E] added to the scores for selection only (default: the checkpoint's "
+        "e_score_correction_bias, if any)");
+  s.add("bias_update_rate", T::kFloat, ConfigValue{0.0},
+        "auxiliary-loss-free balancing: update() moves the bias by this step (0: off)");
+  s.add("nan_policy", T::kString, ConfigValue{std::string("error")},
+        "NaN or Inf logits: error, or mask (that expert is never selected for that token)",
+        checks::one_of({"error", "mask"}));
+}
+
+namespace {
+
+class TokenChoiceRouter final : public Router {
+ public:
+  TokenChoiceRouter(const RouterCreateArgs& args, std::string policy, SelectionLimit limit)
+      : policy_(std::move(policy)),
+        logits_name_("router " + policy_ + " logits"),
+        limit_(std::move(limit)),
+        num_experts_(args.num_experts) {
+    const ConfigSection& o = *args.options;
+    const std::int64_t k = o.get_int("top_k");
+    if (k < 1 || k > num_experts_) {
+      o.fail("top_k", "must be in 1.." + std::to_string(num_experts_) +
+                          " (the number of experts) (got " + std::to_string(k) + ")");
+    }
+    top_k_ = static_cast<int>(k);
+    sigmoid_ = o.get_string("score") == "sigmoid";
+    pre_softmax_ = o.get_bool("pre_softmax");
+    normalize_ = o.has("normalize") ? o.get_bool("normalize") : sigmoid_;
+    scale_ = static_cast<float>(o.get_float("scale"));
+    if (!std::isfinite(scale_)) o.fail("scale", "must be finite");
+    update_rate_ = static_cast<float>(o.get_float("bias_update_rate"));
+    if (!(update_rate_ >= 0) || !std::isfinite(update_rate_)) {
+      o.fail("bias_update_rate", "must be a finite number >= 0");
+    }
+    mask_non_finite_ = o.get_string("nan_policy") == "mask";
+    if (o.has("bias")) {
+      const auto path = o.get_path("bias");
+      HostTensor bias;
+      try {
+        bias = read_npy(path);
+      } catch (const Error& e) {
+        o.fail("bias", e.message());
+      }
+      if (bias.dtype() != DType::kF32 || bias.shape().size() != 1 ||
+          bias.shape()[0] != num_experts_) {
+        o.fail("bias", path.string() + " must be float32 [" + std::to_string(num_experts_) +
+                           "] (one entry per expert)");
+      }
+      bias_.assign(bias.data<float>(), bias.data<float>() + num_experts_);
+    } else if (!args.checkpoint_bias.empty()) {
+      if (static_cast<int>(args.checkpoint_bias.size()) != num_experts_) {
+        throw Error(ErrorCode::kInvalidArgument, "router " + policy_ + ": checkpoint bias has " +
+                                                     std::to_string(args.checkpoint_bias.size()) +
+                                                     " entries for " +
+                                                     std::to_string(num_experts_) + " experts");
+      }
+      bias_.assign(args.checkpoint_bias.begin(), args.checkpoint_bias.end());
+    } else if (update_rate_ > 0) {
+      bias_.assign(static_cast<std::size_t>(num_experts_), 0.0f);
+    }
+    for (std::size_t e = 0; e < bias_.size(); ++e) {
+      if (!std::isfinite(bias_[e])) {
+        throw Error(ErrorCode::kInvalidArgument, "router " + policy_ + ": bias of expert " +
+                                                     std::to_string(e) + " is not finite");
+      }
+    }
+    const auto E = static_cast<std::size_t>(num_experts_);
+    scores_.resize(E);
+    selection_.resize(E);
+    valid_.resize(E);
+    chosen_.resize(static_cast<std::size_t>(top_k_));
+    plain_.resize(static_cast<std::size_t>(top_k_));
+    stats_.counts.assign(E, 0);
+    stats_.probability_sums.assign(E, 0.0);
+    stats_.aux_counts.assign(E, 0);
+    prob_sum_.assign(E, 0.0);
+    plain_counts_.assign(E, 0);
+  }
+
+  std::string name() const override { return policy_; }
+  int num_experts() const noexcept override { return num_experts_; }
+  int slots_per_token() const noexcept override { return top_k_; }
+  const RouterStats& stats() const noexcept override { return stats_; }
+  std::span<const float> bias() const noexcept override { return bias_; }
+
+  // Host-synchronous: done when it returns.
+  void route(const RouteInput& input, RoutingPlan& plan, Stream& /*stream*/) override {
+    input.logits.require(logits_name_, DType::kF32, {-1, num_experts_});
+    const std::int64_t T = input.logits.dim(0);
+    const int E = num_experts_, K = top_k_;
+    const float* z = input.logits.data_as<const float>();
+    if (!mask_non_finite_) {
+      for (std::int64_t i = 0; i < T * E; ++i) {
+        if (!std::isfinite(z[i])) {
+          throw Error(ErrorCode::kInvalidArgument,
+                      "router " + policy_ + ": logit of token " + std::to_string(i / E) +
+                          ", expert " + std::to_string(i % E) + " is " +
+                          (std::isnan(z[i]) ? "NaN" : "infinite") +
+                          " (router.nan_policy = \"mask\" skips such experts instead)");
+        }
+      }
+    }
+    plan.num_tokens = T;
+    plan.slots = K;
+    plan.experts.assign(static_cast<std::size_t>(T * K), -1);
+    plan.weights.assign(static_cast<std::size_t>(T * K), 0.0f);
+    plan.counts.assign(static_cast<std::size_t>(E), 0);
+    std::fill(prob_sum_.begin(), prob_sum_.end(), 0.0);
+    std::fill(plain_counts_.begin(), plain_counts_.end(), 0);
+    double z_loss = 0;
+
+    for (std::int64_t t = 0; t < T; ++t) {
+      const float* row = z + t * E;
+      int num_valid = 0;
+      for (int e = 0; e < E; ++e) {
+        valid_[static_cast<std::size_t>(e)] = std::isfinite(row[e]);
+        num_valid += valid_[static_cast<std::size_t>(e)] ? 1 : 0;
+      }
+      if (num_valid == 0) continue;  // every expert masked: the token is routed nowhere
+
+      // Scores (float32, as the reference implementations compute them).
+      if (sigmoid_) {
+        for (int e = 0; e < E; ++e)
+          scores_[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-row[e]));
+      } else if (pre_softmax_) {
+        softmax(row, scores_.data());
+      } else {
+        for (int e = 0; e < E; ++e) scores_[static_cast<std::size_t>(e)] = row[e];
+      }
+      for (int e = 0; e < E; ++e) {
+        selection_[static_cast<std::size_t>(e)] =
+            scores_[static_cast<std::size_t>(e)] +
+            (bias_.empty() ? 0.0f : bias_[static_cast<std::size_t>(e)]);
+      }
+      const int picked = select_top(selection_.data(), chosen_.data());
+
+      float* w = &plan.weights[static_cast<std::size_t>(t * K)];
+      std::int32_t* ex = &plan.experts[static_cast<std::size_t>(t * K)];
+      if (!sigmoid_ && !pre_softmax_) {
+        // Softmax over the selected logits only (Mixtral).
+        float max_logit = -std::numeric_limits<float>::infinity();
+        for (int j = 0; j < picked; ++j)
+          max_logit = std::max(max_logit, row[chosen_[static_cast<std::size_t>(j)]]);
+        float sum = 0;
+        for (int j = 0; j < picked; ++j) {
+          w[j] = std::exp(row[chosen_[static_cast<std::size_t>(j)]] - max_logit);
+          sum += w[j];
+        }
+        for (int j = 0; j < picked; ++j) w[j] /= sum;
+      } else {
+        for (int j = 0; j < picked; ++j)
+          w[j] = scores_[static_cast<std::size_t>(chosen_[static_cast<std::size_t>(j)])];
+      }
+      if (normalize_) {
+        float sum = 0;
+        for (int j = 0; j < picked; ++j) sum += w[j];
+        for (int j = 0; j < picked; ++j) w[j] /= (sum + 1e-20f);
+      }
+      for (int j = 0; j < picked; ++j) {
+        w[j] *= scale_;
+        ex[j] = chosen_[static_cast<std::size_t>(j)];
+        ++plan.counts[static_cast<std::size_t>(ex[j])];
+      }
+
+      accumulate_losses(row, z_loss);
+    }
+    const std::int64_t dropped = limit_ ? limit_(plan) : 0;
+    finish_stats(plan, T, z_loss, dropped);
+  }
+
+  bool updates_from_counts() const noexcept override { return update_rate_ > 0; }
+
+  void update(std::span<const std::int64_t> global_counts) override {
+    if (update_rate_ <= 0) return;
+    if (static_cast<int>(global_counts.size()) != num_experts_) {
+      throw Error(ErrorCode::kInvalidArgument, "router " + policy_ + " update: expected " +
+                                                   std::to_string(num_experts_) + " counts, got " +
+                                                   std::to_string(global_counts.size()));
+    }
+    double total = 0;
+    for (auto c : global_counts) total += static_cast<double>(c);
+    const double mean = total / num_experts_;
+    for (int e = 0; e < num_experts_; ++e) {
+      const double diff = mean - static_cast<double>(global_counts[static_cast<std::size_t>(e)]);
+      const float sign = diff > 0 ? 1.0f : (diff < 0 ? -1.0f : 0.0f);
+      bias_[static_cast<std::size_t>(e)] += update_rate_ * sign;
+    }
+  }
+
+ private:
+  /// softmax over the valid experts of `row`; invalid ones get 0.
+  void softmax(const float* row, float* out) const {
+    float max_logit = -std::numeric_limits<float>::infinity();
+    for (int e = 0; e < num_experts_; ++e) {
+      if (valid_[static_cast<std::size_t>(e)]) max_logit = std::max(max_logit, row[e]);
+    }
+    float sum = 0;
+    for (int e = 0; e < num_experts_; ++e) {
+      out[e] = valid_[static_cast<std::size_t>(e)] ? std::exp(row[e] - max_logit) : 0.0f;
+      sum += out[e];
+    }
+    for (int e = 0; e < num_experts_; ++e) out[e] /= sum;
+  }
+
+  /// Indices of the k largest valid entries, descending, ties to the lower index.
+  /// Returns how many were found (fewer than k when experts are masked).
+  int select_top(const float* values, int* out) {
+    int found = 0;
+    for (int j = 0; j < top_k_; ++j) {
+      int best = -1;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (!valid_[static_cast<std::size_t>(e)]) continue;
+        if (std::find(out, out + found, e) != out + found) continue;
+        if (best < 0 || values[e] > values[best]) best = e;
+      }
+      if (best < 0) break;
+      out[found++] = best;
+    }
+    return found;
+  }
+
+  /// Adds one token's share to the aux-loss and z-loss sums.
+  void accumulate_losses(const float* row, double& z_loss) {
+    // P: softmax probabilities, or sigmoid scores normalised over the experts.
+    if (sigmoid_) {
+      float sum = 0;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (!valid_[static_cast<std::size_t>(e)]) scores_[static_cast<std::size_t>(e)] = 0;
+        sum += scores_[static_cast<std::size_t>(e)];
+      }
+      for (int e = 0; e < num_experts_; ++e) scores_[static_cast<std::size_t>(e)] /= sum;
+    } else {
+      softmax(row, scores_.data());
+    }
+    const int picked = select_top(scores_.data(), plain_.data());
+    for (int j = 0; j < picked; ++j)
+      ++plain_counts_[static_cast<std::size_t>(plain_[static_cast<std::size_t>(j)])];
+    for (int e = 0; e < num_experts_; ++e)
+      prob_sum_[static_cast<std::size_t>(e)] += scores_[static_cast<std::size_t>(e)];
+    double max_logit = -std::numeric_limits<double>::infinity();
+    for (int e = 0; e < num_experts_; ++e) {
+      if (valid_[static_cast<std::size_t>(e)])
+        max_logit = std::max(max_logit, static_cast<double>(row[e]));
+    }
+    double sum = 0;
+    for (int e = 0; e < num_experts_; ++e) {
+      if (valid_[static_cast<std::size_t>(e)])
+        sum += std::exp(static_cast<double>(row[e]) - max_logit);
+    }
+    const double lse = max_logit + std::log(sum);
+    z_loss += lse * lse;
+  }
+
+  void finish_stats(const RoutingPlan& plan, std::int64_t T, double z_loss, std::int64_t dropped) {
+    std::copy(plan.counts.begin(), plan.counts.end(), stats_.counts.begin());
+    stats_.dropped = dropped;
+    std::int64_t total = 0, most = 0;
+    for (auto c : plan.counts) {
+      total += c;
+      most = std::max(most, c);
+    }
+    stats_.imbalance =
+        total > 0 ? static_cast<double>(most) * num_experts_ / static_cast<double>(total) : 0.0;
+    stats_.tokens = T;
+    std::copy(prob_sum_.begin(), prob_sum_.end(), stats_.probability_sums.begin());
+    std::copy(plain_counts_.begin(), plain_counts_.end(), stats_.aux_counts.begin());
+    stats_.z_loss_sum = z_loss;
+    if (T == 0) {
+      stats_.aux_loss = 0;
+      stats_.z_loss = 0;
+      return;
+    }
+    double aux = 0;
+    for (int e = 0; e < num_experts_; ++e) {
+      aux += prob_sum_[static_cast<std::size_t>(e)] *
+             static_cast<double>(plain_counts_[static_cast<std::size_t>(e)]);
+    }
+    const double Td = static_cast<double>(T);
+    stats_.aux_loss = aux * num_experts_ / (top_k_ * Td * Td);
+    stats_.z_loss = z_loss / Td;
+  }
+
+  std::string policy_;
+  std::string logits_name_;  // for shape errors, built once: routing allocates nothing
+  SelectionLimit limit_;
+  int num_experts_;
+  int top_k_ = 1;
+  bool sigmoid_ = false;
+  bool pre_softmax_ = true;
+  bool normalize_ = false;
+  float scale_ = 1.0f;
+  float update_rate_ = 0.0f;
+  bool mask_non_finite_ = false;
+  std::vector<float> bias_;
+  // Per-token scratch, sized once.
+  std::vector<float> scores_, selection_;
+  std::vector<char> valid_;
+  std::vector<int> chosen_, plain_;
+  std::vector<double> prob_sum_;
+  std::vector<std::int64_t> plain_counts_;
+  RouterStats stats_;
+};
+
+}  // namespace
+
+std::unique_ptr<Router> make_token_choice_router(const RouterCreateArgs& args, std::string policy,
+                                                 SelectionLimit limit) {
+  return std::make_unique<TokenChoiceRouter>(args, std::move(policy), std::move(limit));
+}
+
+std::int64_t expert_capacity(std::int64_t tokens, int top_k, int num_experts,
+                             double capacity_factor) noexcept {
+  return static_cast<std::int64_t>(
+      std::ceil(static_cast<double>(tokens) * top_k / num_experts * capacity_factor));
+}
+
+std::int64_t apply_expert_capacity(RoutingPlan& plan, double capacity_factor,
+                                   CapacityDropPolicy policy, CapacityScratch& scratch) {
+  const std::int64_t T = plan.num_tokens;
+  const int K = plan.slots;
+  const auto E = static_cast<int>(plan.counts.size());
+  if (T == 0 || E == 0) return 0;
+  const std::int64_t C = expert_capacity(T, K, E, capacity_factor);
+  std::int64_t dropped = 0;
+  for (int e = 0; e < E; ++e) {
+    if (plan.counts[static_cast<std::size_t>(e)] <= C) continue;
+    // This expert's assignments (slot indices) in token order.
+    scratch.slots.clear();
+    for (std::int64_t i = 0; i < T * K; ++i) {
+      if (plan.experts[static_cast<std::size_t>(i)] == e) scratch.slots.push_back(i);
+    }
+    if (policy == CapacityDropPolicy::kProbs) {
+      // Largest final weight first; ties: lower token index (the slots are in token order).
+      std::stable_sort(scratch.slots.begin(), scratch.slots.end(),
+                       [&](std::int64_t a, std::int64_t b) {
+                         return plan.weights[static_cast<std::size_t>(a)] >
+                                plan.weights[static_cast<std::size_t>(b)];
+                       });
+    }
+    for (std::size_t n = static_cast<std::size_t>(C); n < scratch.slots.size(); ++n) {
+      const auto i = static_cast<std::size_t>(scratch.slots[n]);
+      plan.experts[i] = -1;
+      plan.weights[i] = 0.0f;
+      ++dropped;
+    }
+    plan.counts[static_cast<std::size_t>(e)] = C;
+  }
+  return dropped;
+}
+
+}  // namespace switchyard
