@@ -359,3 +359,43 @@ TEST_CASE(
     CHECK(std::equal(bias.begin(), bias.end(), bias0.begin(), bias0.end()));
   }
 }
+
+TEST_CASE(
+    "capacity policy in the EP layer: dropped slots are not sent, fully dropped tokens get 0") {
+  for (int ranks : {1, 3}) {
+    CAPTURE(ranks);
+    Config c = base_config(ranks, 8, 2);
+    c.set("router", "policy", std::string("capacity"));
+    c.set("router", "capacity_factor", 0.25);
+    Runtime runtime(c);
+    const std::int64_t T = 90;
+    const HostTensor x = synthetic_tokens(T, 24, 4);
+    HostTensor y(DType::kF32, {T, 24}), reference(DType::kF32, {T, 24});
+    runtime.forward(x.view(), y.view());
+    runtime.reference_forward(x.view(), reference.view());
+    CHECK(test::relative_difference(y, reference) <= kTolerance);
+    const auto stats = runtime.global_router_stats();
+    CHECK(stats.dropped > 0);
+    std::int64_t kept = 0;
+    for (auto n : stats.counts) kept += n;
+    CHECK(kept + stats.dropped == T * 2);
+    // A token whose every slot was dropped has a zero row; count them from the plans.
+    std::int64_t zero_rows = 0, empty_tokens = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+      bool zero = true;
+      for (int h = 0; h < 24; ++h) zero = zero && y.data<float>()[t * 24 + h] == 0.0f;
+      zero_rows += zero ? 1 : 0;
+    }
+    for (int local = 0; local < runtime.num_local_ranks(); ++local) {
+      const RoutingPlan& plan = runtime.layer(local).last_plan();
+      for (std::int64_t t = 0; t < plan.num_tokens; ++t) {
+        bool any = false;
+        for (int j = 0; j < plan.slots; ++j)
+          any = any || plan.experts[static_cast<std::size_t>(t * 2 + j)] >= 0;
+        empty_tokens += any ? 0 : 1;
+      }
+    }
+    CHECK(empty_tokens > 0);
+    CHECK(zero_rows == empty_tokens);
+  }
+}
