@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "switchyard/io.hpp"
+#include "switchyard/layer.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard {
@@ -39,8 +40,10 @@ namespace {
 
 class TokenChoiceRouter final : public Router {
  public:
-  TokenChoiceRouter(const RouterCreateArgs& args, std::string policy, SelectionLimit limit)
+  TokenChoiceRouter(const RouterCreateArgs& args, std::string policy, SelectionLimit limit,
+                    std::optional<GroupLimit> groups)
       : policy_(std::move(policy)),
+        groups_(groups),
         logits_name_("router " + policy_ + " logits"),
         limit_(std::move(limit)),
         num_experts_(args.num_experts) {
@@ -51,6 +54,21 @@ class TokenChoiceRouter final : public Router {
                           " (the number of experts) (got " + std::to_string(k) + ")");
     }
     top_k_ = static_cast<int>(k);
+    if (groups_) {
+      if (groups_->num_groups < 0 || groups_->max_groups < 1) {
+        throw Error(ErrorCode::kInvalidArgument, "router " + policy_ +
+                                                     ": num_groups must be >= 0 and max_groups "
+                                                     ">= 1");
+      }
+      if (groups_->num_groups > 0) {
+        const int G = groups_->num_groups;
+        if (num_experts_ % G != 0) {
+          o.fail("num_groups", "must divide the number of experts " + std::to_string(num_experts_) +
+                                   " (got " + std::to_string(G) + ")");
+        }
+        check_group_sizes(std::vector<int>(static_cast<std::size_t>(G), num_experts_ / G), o);
+      }
+    }
     sigmoid_ = o.get_string("score") == "sigmoid";
     pre_softmax_ = o.get_bool("pre_softmax");
     normalize_ = o.has("normalize") ? o.get_bool("normalize") : sigmoid_;
@@ -96,6 +114,7 @@ class TokenChoiceRouter final : public Router {
     scores_.resize(E);
     selection_.resize(E);
     valid_.resize(E);
+    selectable_.resize(E);
     chosen_.resize(static_cast<std::size_t>(top_k_));
     plain_.resize(static_cast<std::size_t>(top_k_));
     stats_.counts.assign(E, 0);
@@ -145,6 +164,7 @@ class TokenChoiceRouter final : public Router {
         num_valid += valid_[static_cast<std::size_t>(e)] ? 1 : 0;
       }
       if (num_valid == 0) continue;  // every expert masked: the token is routed nowhere
+      std::copy(valid_.begin(), valid_.end(), selectable_.begin());
 
       // Scores (float32, as the reference implementations compute them).
       if (sigmoid_) {
@@ -160,7 +180,8 @@ class TokenChoiceRouter final : public Router {
             scores_[static_cast<std::size_t>(e)] +
             (bias_.empty() ? 0.0f : bias_[static_cast<std::size_t>(e)]);
       }
-      const int picked = select_top(selection_.data(), chosen_.data());
+      if (groups_) limit_groups(input.topology);
+      const int picked = select_top(selection_.data(), chosen_.data(), selectable_.data());
 
       float* w = &plan.weights[static_cast<std::size_t>(t * K)];
       std::int32_t* ex = &plan.experts[static_cast<std::size_t>(t * K)];
@@ -216,6 +237,122 @@ class TokenChoiceRouter final : public Router {
   }
 
  private:
+  /// Throws unless the M smallest groups hold at least k experts.
+  void check_group_sizes(std::vector<int> sizes, const ConfigSection& o) const {
+    const int G = static_cast<int>(sizes.size());
+    if (groups_->max_groups > G) {
+      o.fail("max_groups", "must be in 1.." + std::to_string(G) + " (the number of groups) (got " +
+                               std::to_string(groups_->max_groups) + ")");
+    }
+    std::sort(sizes.begin(), sizes.end());
+    int smallest = 0;
+    for (int g = 0; g < groups_->max_groups; ++g) smallest += sizes[static_cast<std::size_t>(g)];
+    if (smallest < top_k_) {
+      o.fail("max_groups", std::to_string(groups_->max_groups) + " groups can hold " +
+                               std::to_string(smallest) +
+                               " experts, fewer than top_k = " + std::to_string(top_k_));
+    }
+    if (groups_->score == GroupScore::kTop2Sum && sizes.front() < 2) {
+      o.fail("group_score", "top2_sum needs at least 2 experts per group");
+    }
+  }
+
+  /// The group of every expert: fixed blocks, or the nodes of the placement.
+  void assign_groups(const Topology* topology) {
+    if (!group_of_.empty() && (groups_->num_groups > 0 || grouped_for_ == topology)) return;
+    const int E = num_experts_;
+    group_of_.assign(static_cast<std::size_t>(E), 0);
+    if (groups_->num_groups > 0) {
+      const int per = E / groups_->num_groups;
+      for (int e = 0; e < E; ++e) group_of_[static_cast<std::size_t>(e)] = e / per;
+      group_sizes_.assign(static_cast<std::size_t>(groups_->num_groups), per);
+    } else {
+      if (topology == nullptr || topology->num_nodes() < 2) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "router " + policy_ +
+                        ": the EP group is on one node, so there are no nodes to limit to; set "
+                        "router.num_groups (or emulate nodes with runtime.ranks_per_node)");
+      }
+      const ExpertPlacement placement(E, topology->size());
+      group_sizes_.assign(static_cast<std::size_t>(topology->num_nodes()), 0);
+      for (int e = 0; e < E; ++e) {
+        const int g = topology->node_of(placement.rank_of(e));
+        group_of_[static_cast<std::size_t>(e)] = g;
+        ++group_sizes_[static_cast<std::size_t>(g)];
+      }
+      if (groups_->max_groups > topology->num_nodes() || [&] {
+            std::vector<int> sorted = group_sizes_;
+            std::sort(sorted.begin(), sorted.end());
+            int smallest = 0;
+            for (int g = 0; g < groups_->max_groups && g < static_cast<int>(sorted.size()); ++g)
+              smallest += sorted[static_cast<std::size_t>(g)];
+            return smallest < top_k_;
+          }()) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "router " + policy_ + ": max_groups = " + std::to_string(groups_->max_groups) +
+                        " nodes of this placement (" + std::to_string(topology->num_nodes()) +
+                        " nodes) cannot hold top_k = " + std::to_string(top_k_) + " experts");
+      }
+      grouped_for_ = topology;
+    }
+    const auto G = group_sizes_.size();
+    group_scores_.resize(G);
+    group_top_.resize(static_cast<std::size_t>(top_k_) + 2);
+    group_kept_.resize(G);
+  }
+
+  /// Keeps the M best groups of this token (scores in selection_) in selectable_.
+  void limit_groups(const Topology* topology) {
+    assign_groups(topology);
+    const int G = static_cast<int>(group_sizes_.size());
+    const int M = groups_->max_groups;
+    const int take = groups_->score == GroupScore::kMax       ? 1
+                     : groups_->score == GroupScore::kTop2Sum ? 2
+                                                              : std::max(1, top_k_ / M);
+    constexpr float kNone = -std::numeric_limits<float>::infinity();
+    for (int g = 0; g < G; ++g) {
+      // The `take` largest selection scores of the group's valid experts, kept descending.
+      int n = 0;
+      for (int e = 0; e < num_experts_; ++e) {
+        if (group_of_[static_cast<std::size_t>(e)] != g || !valid_[static_cast<std::size_t>(e)])
+          continue;
+        const float v = selection_[static_cast<std::size_t>(e)];
+        if (n < take) {
+          group_top_[static_cast<std::size_t>(n++)] = v;
+        } else if (v > group_top_[static_cast<std::size_t>(n - 1)]) {
+          group_top_[static_cast<std::size_t>(n - 1)] = v;
+        } else {
+          continue;
+        }
+        for (int i = n - 1; i > 0 && group_top_[static_cast<std::size_t>(i)] >
+                                         group_top_[static_cast<std::size_t>(i - 1)];
+             --i) {
+          std::swap(group_top_[static_cast<std::size_t>(i)],
+                    group_top_[static_cast<std::size_t>(i - 1)]);
+        }
+      }
+      float score = n == 0 ? kNone : 0.0f;
+      for (int i = 0; i < n; ++i) score += group_top_[static_cast<std::size_t>(i)];
+      group_scores_[static_cast<std::size_t>(g)] = score;
+      group_kept_[static_cast<std::size_t>(g)] = 0;
+    }
+    for (int m = 0; m < M; ++m) {
+      int best = -1;
+      for (int g = 0; g < G; ++g) {
+        if (group_kept_[static_cast<std::size_t>(g)]) continue;
+        if (best < 0 || group_scores_[static_cast<std::size_t>(g)] >
+                            group_scores_[static_cast<std::size_t>(best)])
+          best = g;
+      }
+      if (best < 0) break;
+      group_kept_[static_cast<std::size_t>(best)] = 1;
+    }
+    for (int e = 0; e < num_experts_; ++e) {
+      if (!group_kept_[static_cast<std::size_t>(group_of_[static_cast<std::size_t>(e)])])
+        selectable_[static_cast<std::size_t>(e)] = 0;
+    }
+  }
+
   /// softmax over the valid experts of `row`; invalid ones get 0.
   void softmax(const float* row, float* out) const {
     float max_logit = -std::numeric_limits<float>::infinity();
@@ -232,12 +369,12 @@ class TokenChoiceRouter final : public Router {
 
   /// Indices of the k largest valid entries, descending, ties to the lower index.
   /// Returns how many were found (fewer than k when experts are masked).
-  int select_top(const float* values, int* out) {
+  int select_top(const float* values, int* out, const char* allowed) {
     int found = 0;
     for (int j = 0; j < top_k_; ++j) {
       int best = -1;
       for (int e = 0; e < num_experts_; ++e) {
-        if (!valid_[static_cast<std::size_t>(e)]) continue;
+        if (!allowed[e]) continue;
         if (std::find(out, out + found, e) != out + found) continue;
         if (best < 0 || values[e] > values[best]) best = e;
       }
@@ -260,7 +397,7 @@ class TokenChoiceRouter final : public Router {
     } else {
       softmax(row, scores_.data());
     }
-    const int picked = select_top(scores_.data(), plain_.data());
+    const int picked = select_top(scores_.data(), plain_.data(), valid_.data());
     for (int j = 0; j < picked; ++j)
       ++plain_counts_[static_cast<std::size_t>(plain_[static_cast<std::size_t>(j)])];
     for (int e = 0; e < num_experts_; ++e)
@@ -309,6 +446,14 @@ class TokenChoiceRouter final : public Router {
   }
 
   std::string policy_;
+  std::optional<GroupLimit> groups_;
+  // Group of each expert, and the placement it was derived from (nodes: re-derived when
+  // the topology changes).
+  std::vector<int> group_of_;
+  std::vector<int> group_sizes_;
+  const Topology* grouped_for_ = nullptr;
+  std::vector<float> group_scores_, group_top_;
+  std::vector<char> group_kept_;
   std::string logits_name_;  // for shape errors, built once: routing allocates nothing
   SelectionLimit limit_;
   int num_experts_;
@@ -322,7 +467,8 @@ class TokenChoiceRouter final : public Router {
   std::vector<float> bias_;
   // Per-token scratch, sized once.
   std::vector<float> scores_, selection_;
-  std::vector<char> valid_;
+  std::vector<char> valid_;       // finite logit
+  std::vector<char> selectable_;  // valid and in a kept group
   std::vector<int> chosen_, plain_;
   std::vector<double> prob_sum_;
   std::vector<std::int64_t> plain_counts_;
@@ -332,8 +478,9 @@ class TokenChoiceRouter final : public Router {
 }  // namespace
 
 std::unique_ptr<Router> make_token_choice_router(const RouterCreateArgs& args, std::string policy,
-                                                 SelectionLimit limit) {
-  return std::make_unique<TokenChoiceRouter>(args, std::move(policy), std::move(limit));
+                                                 SelectionLimit limit,
+                                                 std::optional<GroupLimit> groups) {
+  return std::make_unique<TokenChoiceRouter>(args, std::move(policy), std::move(limit), groups);
 }
 
 std::int64_t expert_capacity(std::int64_t tokens, int top_k, int num_experts,

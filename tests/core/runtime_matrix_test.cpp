@@ -5,7 +5,9 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cmath>
+#include <mutex>
 
 #include "switchyard/io.hpp"
 #include "switchyard/reference.hpp"
@@ -397,5 +399,50 @@ TEST_CASE(
     }
     CHECK(empty_tokens > 0);
     CHECK(zero_rows == empty_tokens);
+  }
+}
+
+TEST_CASE("node-limited in the EP layer: no token's dispatch reaches more nodes than max_groups") {
+  // 4 ranks in nodes of 2; 8 experts, 2 per rank; top-4 within one node. Checked from what
+  // each rank received (each received row is matched to its token), not from the router.
+  for (int max_groups : {1, 2}) {
+    CAPTURE(max_groups);
+    Config c = base_config(4, 8, 4);
+    c.set("runtime", "ranks_per_node", std::int64_t{2});
+    c.set("router", "policy", std::string("node_limited"));
+    c.set("router", "max_groups", std::int64_t{max_groups});
+    Runtime runtime(c);
+    const std::int64_t T = 64;
+    const int H = 24;
+    const HostTensor x = synthetic_tokens(T, H, 8);
+    std::vector<std::vector<int>> nodes_of_token(static_cast<std::size_t>(T));
+    std::mutex mutex;
+    runtime.run_on_ranks([&](int local) {
+      const auto [first, count] = token_block(T, 4, runtime.world_rank(local));
+      const TensorView block(const_cast<float*>(x.data<float>()) + first * H, DType::kF32,
+                             {count, H});
+      MoELayer& layer = runtime.layer(local);
+      RoutingPlan plan;
+      DispatchHandle handle;
+      layer.route(block, plan);
+      layer.dispatch(block, plan, handle);
+      const TensorView rows = handle.expert_input();
+      const int node = runtime.topology().node_of(runtime.world_rank(local));
+      std::lock_guard<std::mutex> lock(mutex);
+      for (std::int64_t r = 0; r < rows.dim(0); ++r) {
+        const float* row = rows.data_as<const float>() + r * H;
+        std::int64_t token = -1;
+        for (std::int64_t t = 0; t < T && token < 0; ++t) {
+          if (std::equal(row, row + H, x.data<float>() + t * H)) token = t;
+        }
+        REQUIRE(token >= 0);
+        auto& nodes = nodes_of_token[static_cast<std::size_t>(token)];
+        if (std::find(nodes.begin(), nodes.end(), node) == nodes.end()) nodes.push_back(node);
+      }
+    });
+    std::size_t most = 0;
+    for (const auto& nodes : nodes_of_token) most = std::max(most, nodes.size());
+    CHECK(most == static_cast<std::size_t>(max_groups));  // reached, never exceeded
+    CHECK(ep_versus_reference(runtime, T, 8) <= kTolerance);
   }
 }

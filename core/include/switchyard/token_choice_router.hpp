@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,11 +28,31 @@ void declare_token_choice_options(ConfigSchema& schema);
 /// scratch has grown.
 using SelectionLimit = std::function<std::int64_t(RoutingPlan& plan)>;
 
+/// How a group of experts is scored for group limiting (ROUTING.md, node_limited).
+enum class GroupScore {
+  kMax,      ///< the largest selection score in the group
+  kTop2Sum,  ///< the sum of the two largest
+  kTopkSum,  ///< the sum of the k/M largest (at least 1)
+};
+
+/// Group-limited selection (DeepSeek-V3): per token, keep the `max_groups` best groups
+/// (ties: lower group index) and select the top-k among their experts only.
+struct GroupLimit {
+  /// G: experts [g·E/G, (g+1)·E/G) form group g (G must divide E). 0: the groups are the
+  /// nodes of the placement — the experts the EP layer places on each node, from
+  /// `RouteInput::topology` (contiguous placement over its ranks); that needs several nodes.
+  int num_groups = 0;
+  int max_groups = 1;  ///< M, 1..G, with the M smallest groups holding at least k experts
+  GroupScore score = GroupScore::kMax;
+};
+
 /// A host-synchronous router of the token-choice family named `policy`, configured from
-/// `args.options` (the keys above), applying `limit` (if any) after the selection.
-/// Throws `Error(kInvalidArgument)` naming the key for a bad configuration.
+/// `args.options` (the keys above), limiting the selection to groups when `groups` is
+/// set, and applying `limit` (if any) after the selection. Throws
+/// `Error(kInvalidArgument)` naming the key for a bad configuration.
 std::unique_ptr<Router> make_token_choice_router(const RouterCreateArgs& args, std::string policy,
-                                                 SelectionLimit limit = {});
+                                                 SelectionLimit limit = {},
+                                                 std::optional<GroupLimit> groups = {});
 
 /// Which assignments an over-full expert keeps.
 enum class CapacityDropPolicy {
