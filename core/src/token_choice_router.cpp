@@ -523,4 +523,35 @@ std::int64_t apply_expert_capacity(RoutingPlan& plan, double capacity_factor,
   return dropped;
 }
 
+void declare_group_limit_options(ConfigSchema& s, std::int64_t num_groups_default) {
+  s.add("num_groups", ConfigType::kInt, ConfigValue{num_groups_default},
+        num_groups_default < 0
+            ? "G: limit each token to max_groups groups of E/G consecutive experts (must divide "
+              "E); -1: no group limit"
+            : "G: groups of E/G consecutive experts (must divide E); 0: the nodes of the "
+              "placement",
+        checks::int_range(-1, 1 << 16));
+  s.add("max_groups", ConfigType::kInt, ConfigValue{std::int64_t{1}},
+        "M: groups (nodes) a token may use, 1..G, with M groups holding at least top_k experts",
+        checks::int_range(1, 1 << 16));
+  s.add("group_score", ConfigType::kString, std::nullopt,
+        "max, top2_sum or topk_sum (of the k/M largest); default top2_sum with a bias, else max",
+        checks::one_of({"max", "top2_sum", "topk_sum"}));
+}
+
+std::optional<GroupLimit> group_limit_from_options(const RouterCreateArgs& args) {
+  const ConfigSection& o = *args.options;
+  if (o.get_int("num_groups") < 0) return std::nullopt;
+  GroupLimit groups;
+  groups.num_groups = static_cast<int>(o.get_int("num_groups"));
+  groups.max_groups = static_cast<int>(o.get_int("max_groups"));
+  const bool has_bias = o.has("bias") || !args.checkpoint_bias.empty();
+  const std::string score =
+      o.has("group_score") ? o.get_string("group_score") : (has_bias ? "top2_sum" : "max");
+  groups.score = score == "max"        ? GroupScore::kMax
+                 : score == "top2_sum" ? GroupScore::kTop2Sum
+                                       : GroupScore::kTopkSum;
+  return groups;
+}
+
 }  // namespace switchyard

@@ -1,6 +1,7 @@
 // router_capacity: the `capacity` policy of ROUTING.md (GShard/Switch/Megatron): the
 // token-choice top-k of the core, then per expert at most C = ceil(T·k/E·capacity_factor)
 // assignments over this rank's tokens; the others are dropped (expert -1, weight 0).
+// With num_groups >= 0 the selection is node-limited first, as in router_node_limited.
 #include <cmath>
 #include <memory>
 
@@ -12,6 +13,7 @@ namespace {
 
 void declare_options(ConfigSchema& s) {
   declare_token_choice_options(s);
+  declare_group_limit_options(s, -1);  // node limiting before the capacity, when set
   s.add("capacity_factor", ConfigType::kFloat, ConfigValue{1.0},
         "C = ceil(T · top_k / E · capacity_factor) assignments per expert; must be > 0",
         checks::positive());
@@ -30,9 +32,10 @@ std::unique_ptr<Router> create(const RouterCreateArgs& args) {
                                         ? CapacityDropPolicy::kPosition
                                         : CapacityDropPolicy::kProbs;
   auto scratch = std::make_shared<CapacityScratch>();
-  return make_token_choice_router(args, "capacity", [=](RoutingPlan& plan) {
-    return apply_expert_capacity(plan, factor, policy, *scratch);
-  });
+  return make_token_choice_router(
+      args, "capacity",
+      [=](RoutingPlan& plan) { return apply_expert_capacity(plan, factor, policy, *scratch); },
+      group_limit_from_options(args));
 }
 
 }  // namespace

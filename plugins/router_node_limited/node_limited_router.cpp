@@ -10,29 +10,11 @@ namespace {
 
 void declare_options(ConfigSchema& s) {
   declare_token_choice_options(s);
-  s.add("num_groups", ConfigType::kInt, ConfigValue{std::int64_t{0}},
-        "G: groups of E/G consecutive experts (must divide E); 0: the nodes of the placement",
-        checks::int_range(0, 1 << 16));
-  s.add("max_groups", ConfigType::kInt, ConfigValue{std::int64_t{1}},
-        "M: groups (nodes) a token may use, 1..G, with M groups holding at least top_k experts",
-        checks::int_range(1, 1 << 16));
-  s.add("group_score", ConfigType::kString, std::nullopt,
-        "max, top2_sum or topk_sum (of the k/M largest); default top2_sum with a bias, else max",
-        checks::one_of({"max", "top2_sum", "topk_sum"}));
+  declare_group_limit_options(s, 0);
 }
 
 std::unique_ptr<Router> create(const RouterCreateArgs& args) {
-  const ConfigSection& o = *args.options;
-  GroupLimit groups;
-  groups.num_groups = static_cast<int>(o.get_int("num_groups"));
-  groups.max_groups = static_cast<int>(o.get_int("max_groups"));
-  const bool has_bias = o.has("bias") || !args.checkpoint_bias.empty();
-  const std::string score =
-      o.has("group_score") ? o.get_string("group_score") : (has_bias ? "top2_sum" : "max");
-  groups.score = score == "max"        ? GroupScore::kMax
-                 : score == "top2_sum" ? GroupScore::kTop2Sum
-                                       : GroupScore::kTopkSum;
-  return make_token_choice_router(args, "node_limited", {}, groups);
+  return make_token_choice_router(args, "node_limited", {}, group_limit_from_options(args));
 }
 
 }  // namespace

@@ -145,3 +145,17 @@ TEST_CASE("random logits: no expert over C, and each keeps its heaviest (or firs
     }
   }
 }
+
+TEST_CASE("capacity composes with node limiting: groups first, then the capacity") {
+  // Groups {0,1} and {2,3}, one per token: the 4x4 logits pick 3,2 / 1,0 / 2,3 / 3,2 (see
+  // the node_limited test); C = 2 leaves expert 2 and 3 with three each: drop the lightest.
+  auto m = make("top_k = 2\nnum_groups = 2\nmax_groups = 1\ncapacity_factor = 1.0\n", 4);
+  const RoutingPlan p = route(*m.router, kGolden, 4);
+  CHECK(std::vector<std::int64_t>(p.counts.begin(), p.counts.end()) ==
+        std::vector<std::int64_t>{1, 1, 2, 2});
+  CHECK(m.router->stats().dropped == 2);
+  // Softmax weights (NumPy, float64): expert 3 gets token 0 .2816, token 2 .2896, token 3
+  // .3445; expert 2 gets token 0 .2306, token 2 .3201, token 3 .3117: token 0 loses both.
+  CHECK(kept(p) ==
+        std::vector<std::pair<int, int>>{{1, 0}, {1, 1}, {2, 2}, {2, 3}, {3, 2}, {3, 3}});
+}

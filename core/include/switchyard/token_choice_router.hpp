@@ -46,6 +46,13 @@ struct GroupLimit {
   GroupScore score = GroupScore::kMax;
 };
 
+/// Declares num_groups, max_groups and group_score (ROUTING.md, node_limited) with
+/// `num_groups_default` (0 means "the nodes of the placement" for node_limited; for
+/// policies where grouping is optional, -1 means "off").
+void declare_group_limit_options(ConfigSchema& schema, std::int64_t num_groups_default);
+/// The group limit those keys describe, or none when num_groups is -1 (off).
+std::optional<GroupLimit> group_limit_from_options(const RouterCreateArgs& args);
+
 /// A host-synchronous router of the token-choice family named `policy`, configured from
 /// `args.options` (the keys above), limiting the selection to groups when `groups` is
 /// set, and applying `limit` (if any) after the selection. Throws
