@@ -446,3 +446,15 @@ TEST_CASE("node-limited in the EP layer: no token's dispatch reaches more nodes 
     CHECK(ep_versus_reference(runtime, T, 8) <= kTolerance);
   }
 }
+
+TEST_CASE("expert choice in the EP layer: K = E slots, tokens no expert took get 0") {
+  for (int ranks : {1, 3}) {
+    CAPTURE(ranks);
+    Config c = base_config(ranks, 8, 2);
+    c.set("router", "policy", std::string("expert_choice"));
+    c.set("router", "capacity_factor", 1.0);
+    Runtime runtime(c);
+    CHECK(runtime.layer(0).router().slots_per_token() == 8);
+    CHECK(ep_versus_reference(runtime, 45, 6) <= kTolerance);
+  }
+}
