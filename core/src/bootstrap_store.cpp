@@ -155,8 +155,13 @@ class Server {
 
  private:
   void serve() {
+    // `fds` keeps its capacity: once every rank has connected, waking up (a rank hanging
+    // up while the job computes) allocates nothing.
+    std::vector<pollfd> fds;
     while (true) {
-      std::vector<pollfd> fds = {{wake_[0], POLLIN, 0}, {listen_fd_, POLLIN, 0}};
+      fds.clear();
+      fds.push_back({wake_[0], POLLIN, 0});
+      fds.push_back({listen_fd_, POLLIN, 0});
       for (int fd : clients_) fds.push_back({fd, POLLIN, 0});
       if (::poll(fds.data(), fds.size(), -1) < 0) {
         if (errno == EINTR) continue;

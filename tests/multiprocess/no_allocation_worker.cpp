@@ -31,6 +31,10 @@ int main(int argc, char** argv) {
       runtime.layer(0).forward(rows(input), rows(y));
       if (step >= 2) {
         const test::AllocationCounts counts = test::stop_counting_allocations();
+        if (counts.ours > 0) {
+          std::printf("rank %d step %d: the first allocation came from:\n%s", runtime.world_rank(0),
+                      step, test::first_counted_allocation());
+        }
         worst = std::max(worst, counts.ours);
         excluded += counts.vendor;
       }

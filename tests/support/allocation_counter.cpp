@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -24,6 +25,9 @@ std::atomic<bool> counting{false};
 std::atomic<long> ours{0};
 std::atomic<long> vendor{0};
 thread_local bool inside = false;  // this thread is already classifying an allocation
+// Where the first allocation counted as ours came from (frames as "object:symbol").
+char first_ours[2048];
+std::atomic<bool> first_recorded{false};
 
 bool is_vendor_library(const char* path) {
   static const char* const kVendors[] = {"libmpi",      "libopen-pal", "libopen-rte", "mca_",
@@ -49,6 +53,18 @@ void record() noexcept {
     }
   }
   (from_vendor ? vendor : ours).fetch_add(1, std::memory_order_relaxed);
+  if (!from_vendor && !first_recorded.exchange(true)) {
+    std::size_t used = 0;
+    for (int i = 1; i < n && used + 200 < sizeof first_ours; ++i) {
+      Dl_info info;
+      if (dladdr(frames[i], &info) == 0) continue;
+      const char* object = info.dli_fname ? std::strrchr(info.dli_fname, '/') : nullptr;
+      const int written =
+          std::snprintf(first_ours + used, sizeof first_ours - used, "%s:%s\n",
+                        object ? object + 1 : "?", info.dli_sname ? info.dli_sname : "?");
+      if (written > 0) used += static_cast<std::size_t>(written);
+    }
+  }
   inside = false;
 }
 
@@ -85,12 +101,15 @@ void start_counting_allocations() noexcept {
   backtrace(frame, 1);
   ours = 0;
   vendor = 0;
+  first_ours[0] = '\0';
+  first_recorded = false;
   counting = true;
 }
 AllocationCounts stop_counting_allocations() noexcept {
   counting = false;
   return {ours.load(), vendor.load()};
 }
+const char* first_counted_allocation() noexcept { return first_ours; }
 }  // namespace switchyard::test
 
 #if !defined(SWITCHYARD_COUNT_OPERATOR_NEW_ONLY)

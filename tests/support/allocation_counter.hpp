@@ -17,5 +17,8 @@ struct AllocationCounts {
 void start_counting_allocations() noexcept;
 /// Stops counting; returns what every thread allocated since the start.
 AllocationCounts stop_counting_allocations() noexcept;
+/// The call stack ("library:symbol" per line, mangled) of the first allocation counted as
+/// Switchyard's since the last start; empty if none.
+const char* first_counted_allocation() noexcept;
 
 }  // namespace switchyard::test
