@@ -47,7 +47,7 @@ ConfigSchema core_schema(std::string_view section) {
           "extra plugin folders, searched after SWITCHYARD_PLUGIN_PATH and before the install's");
   } else if (section == "router") {
     s.add("policy", T::kString, ConfigValue{std::string("topk")},
-          "routing policy plugin (see ROUTING.md)");
+          "routing policy plugin (see docs/routing.md)");
     s.add("num_experts", T::kInt, std::nullopt,
           "E, optional: when set it must equal the model's (or, for switchyard route, the "
           "logits' columns)",

@@ -1,4 +1,4 @@
-// The token-choice routing of ROUTING.md, written once for the policy plugins: softmax or
+// The token-choice routing of docs/routing.md, written once for the policy plugins: softmax or
 // sigmoid scores, optional selection bias, top-k selection (ties to the lower expert),
 // weights, normalisation and scale, the statistics and bias balancing; and the per-expert
 // capacity limit that the capacity policy applies after the selection.

@@ -1,4 +1,4 @@
-// router_capacity: the `capacity` policy of ROUTING.md (GShard/Switch/Megatron): the
+// router_capacity: the `capacity` policy of docs/routing.md (GShard/Switch/Megatron): the
 // token-choice top-k of the core, then per expert at most C = ceil(T·k/E·capacity_factor)
 // assignments over this rank's tokens; the others are dropped (expert -1, weight 0).
 // With num_groups >= 0 the selection is node-limited first, as in router_node_limited.

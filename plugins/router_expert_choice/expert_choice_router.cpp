@@ -1,8 +1,8 @@
-// router_expert_choice: the `expert_choice` policy of ROUTING.md (Zhou et al. 2022): each
+// router_expert_choice: the `expert_choice` policy of docs/routing.md (Zhou et al. 2022): each
 // expert takes the C = ceil(T · capacity_factor / E) tokens with the largest softmax
 // probability p[t,e] (ties: lower token index). K = E slots: row t lists the experts that
 // took token t in ascending order, padded with -1; weights are p[t,e]. A token may get no
-// expert. Statistics as ROUTING.md defines them (the aux loss of the plain top-k of p).
+// expert. Statistics as docs/routing.md defines them (the aux loss of the plain top-k of p).
 #include <algorithm>
 #include <cmath>
 #include <limits>

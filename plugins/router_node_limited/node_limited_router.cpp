@@ -1,4 +1,4 @@
-// router_node_limited: the `node_limited` policy of ROUTING.md (DeepSeek-V3 group-limited
+// router_node_limited: the `node_limited` policy of docs/routing.md (DeepSeek-V3 group-limited
 // routing): per token keep the max_groups best groups of experts, then the token-choice
 // top-k among them. Groups are the nodes of the EP group's placement when it spans several
 // nodes (so max_groups bounds the nodes a token's dispatch reaches), or num_groups blocks.

@@ -1,4 +1,4 @@
-// router_topk: the `topk` policy of ROUTING.md (softmax or sigmoid scores, optional
+// router_topk: the `topk` policy of docs/routing.md (softmax or sigmoid scores, optional
 // selection bias, normalisation, scale), with its statistics and bias balancing. The
 // algorithm is the core's token-choice routing (token_choice_router.hpp), with no limit.
 #include "switchyard/plugin.hpp"

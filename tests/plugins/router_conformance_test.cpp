@@ -1,5 +1,5 @@
 // The router conformance suite: every routing policy, through the plugin loader, on the
-// cases ROUTING.md pins down for all of them (T = 0, T = 1, k = E, ties, all-equal logits,
+// cases docs/routing.md pins down for all of them (T = 0, T = 1, k = E, ties, all-equal logits,
 // large T, determinism), with its invariants checked independently of the policy.
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // router_node_limited: hand-worked group choices for each group score, groups from the
-// placement's nodes, and the configuration errors of ROUTING.md.
+// placement's nodes, and the configuration errors of docs/routing.md.
 #include <doctest/doctest.h>
 
 #include <vector>

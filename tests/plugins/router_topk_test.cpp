@@ -1,5 +1,5 @@
 // router_topk against hand-computed cases and an independent, sort-based implementation
-// of ROUTING.md's `topk`.
+// of docs/routing.md's `topk`.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -67,7 +67,7 @@ Settings settings(int k, bool sigmoid = false, bool pre_softmax = true, bool nor
   return Settings{k, sigmoid, pre_softmax, normalize, scale, std::move(bias)};
 }
 
-/// ROUTING.md's topk written independently: sort experts by (score desc, index asc).
+/// docs/routing.md's topk written independently: sort experts by (score desc, index asc).
 void reference_topk(const Settings& s, const std::vector<float>& z, int E,
                     std::vector<int>& experts, std::vector<float>& weights) {
   const std::size_t T = z.size() / static_cast<std::size_t>(E);

@@ -1,4 +1,4 @@
-// The `switchyard` tool end to end: every bad input named in DESIGN.md and ROUTING.md
+// The `switchyard` tool end to end: every bad input named in the design and docs/routing.md
 // gives a clear message, a non-zero exit, and writes nothing to the output path.
 #include <doctest/doctest.h>
 

@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// The routing interface: which experts each token goes to, with which weights.
-/// Semantics of every policy are in ROUTING.md.
+/// Semantics of every policy are in docs/routing.md.
 
 #include <cstdint>
 #include <span>
@@ -44,7 +44,7 @@ struct RouterStats {
   double aux_loss = 0;               ///< Switch load-balancing loss, 1 = perfect balance
   double z_loss = 0;                 ///< mean over tokens of logsumexp(z)^2
   // The sums the losses are made of, so that a group's losses come from group-wide sums
-  // (ROUTING.md): aux_loss = E / (k·T²) · Σ_e probability_sums[e] · aux_counts[e].
+  // (docs/routing.md): aux_loss = E / (k·T²) · Σ_e probability_sums[e] · aux_counts[e].
   std::int64_t tokens = 0;               ///< T
   std::vector<double> probability_sums;  ///< [E] Σ_t P[t,e]
   std::vector<std::int64_t> aux_counts;  ///< [E] tokens whose plain top-k of P holds e

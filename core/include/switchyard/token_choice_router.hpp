@@ -1,6 +1,6 @@
 #pragma once
 /// \file
-/// The token-choice routing of ROUTING.md written once, for the policy plugins to compose:
+/// The token-choice routing of docs/routing.md written once, for the policy plugins to compose:
 /// scores (softmax or sigmoid), selection bias, top-k selection with ties to the lower
 /// expert index, weights (pre/post softmax, normalise, scale), statistics (counts,
 /// imbalance, aux and z losses and their sums), bias balancing, and the per-expert
@@ -28,7 +28,7 @@ void declare_token_choice_options(ConfigSchema& schema);
 /// scratch has grown.
 using SelectionLimit = std::function<std::int64_t(RoutingPlan& plan)>;
 
-/// How a group of experts is scored for group limiting (ROUTING.md, node_limited).
+/// How a group of experts is scored for group limiting (docs/routing.md, node_limited).
 enum class GroupScore {
   kMax,      ///< the largest selection score in the group
   kTop2Sum,  ///< the sum of the two largest
@@ -46,7 +46,7 @@ struct GroupLimit {
   GroupScore score = GroupScore::kMax;
 };
 
-/// Declares num_groups, max_groups and group_score (ROUTING.md, node_limited) with
+/// Declares num_groups, max_groups and group_score (docs/routing.md, node_limited) with
 /// `num_groups_default` (0 means "the nodes of the placement" for node_limited; for
 /// policies where grouping is optional, -1 means "off").
 void declare_group_limit_options(ConfigSchema& schema, std::int64_t num_groups_default);
