@@ -383,22 +383,18 @@ GlobalRouterStats Runtime::global_router_stats() {
     probability_sums.assign(reals.begin(), reals.begin() + E);
     z_loss_sum = reals[e_size];
   });
-  std::int64_t total = 0, most = 0;
-  for (auto c : result.counts) {
-    total += c;
-    most = std::max(most, c);
-  }
-  result.imbalance = total > 0 ? static_cast<double>(most) * E / static_cast<double>(total) : 0.0;
-  if (result.tokens > 0) {
-    const int k = layer(0).router().slots_per_token();
-    const double T = static_cast<double>(result.tokens);
-    double aux = 0;
-    for (std::size_t e = 0; e < e_size; ++e) {
-      aux += probability_sums[e] * static_cast<double>(aux_counts[e]);
-    }
-    result.aux_loss = aux * E / (k * T * T);
-    result.z_loss = z_loss_sum / T;
-  }
+  // The losses of all ranks' tokens from the summed parts, as one router would compute them.
+  RouterStats sums;
+  sums.counts = result.counts;
+  sums.tokens = result.tokens;
+  sums.probability_sums = std::move(probability_sums);
+  sums.aux_counts = std::move(aux_counts);
+  sums.z_loss_sum = z_loss_sum;
+  sums.top_k = layer(0).router().stats().top_k;
+  finish_router_stats(sums);
+  result.imbalance = sums.imbalance;
+  result.aux_loss = sums.aux_loss;
+  result.z_loss = sums.z_loss;
   return result;
 }
 

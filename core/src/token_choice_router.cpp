@@ -120,6 +120,7 @@ class TokenChoiceRouter final : public Router {
     stats_.counts.assign(E, 0);
     stats_.probability_sums.assign(E, 0.0);
     stats_.aux_counts.assign(E, 0);
+    stats_.top_k = top_k_;
     prob_sum_.assign(E, 0.0);
     plain_counts_.assign(E, 0);
   }
@@ -419,30 +420,11 @@ class TokenChoiceRouter final : public Router {
   void finish_stats(const RoutingPlan& plan, std::int64_t T, double z_loss, std::int64_t dropped) {
     std::copy(plan.counts.begin(), plan.counts.end(), stats_.counts.begin());
     stats_.dropped = dropped;
-    std::int64_t total = 0, most = 0;
-    for (auto c : plan.counts) {
-      total += c;
-      most = std::max(most, c);
-    }
-    stats_.imbalance =
-        total > 0 ? static_cast<double>(most) * num_experts_ / static_cast<double>(total) : 0.0;
     stats_.tokens = T;
     std::copy(prob_sum_.begin(), prob_sum_.end(), stats_.probability_sums.begin());
     std::copy(plain_counts_.begin(), plain_counts_.end(), stats_.aux_counts.begin());
     stats_.z_loss_sum = z_loss;
-    if (T == 0) {
-      stats_.aux_loss = 0;
-      stats_.z_loss = 0;
-      return;
-    }
-    double aux = 0;
-    for (int e = 0; e < num_experts_; ++e) {
-      aux += prob_sum_[static_cast<std::size_t>(e)] *
-             static_cast<double>(plain_counts_[static_cast<std::size_t>(e)]);
-    }
-    const double Td = static_cast<double>(T);
-    stats_.aux_loss = aux * num_experts_ / (top_k_ * Td * Td);
-    stats_.z_loss = z_loss / Td;
+    finish_router_stats(stats_);
   }
 
   std::string policy_;

@@ -43,6 +43,7 @@ class ExpertChoiceRouter final : public Router {
     stats_.counts.assign(E, 0);
     stats_.probability_sums.assign(E, 0.0);
     stats_.aux_counts.assign(E, 0);
+    stats_.top_k = top_k_;
     taken_.assign(E, 0);
   }
 
@@ -168,26 +169,7 @@ class ExpertChoiceRouter final : public Router {
     stats_.dropped = 0;
     stats_.tokens = T;
     stats_.z_loss_sum = z_loss;
-    std::int64_t total = 0, most = 0;
-    for (auto c : plan.counts) {
-      total += c;
-      most = std::max(most, c);
-    }
-    stats_.imbalance =
-        total > 0 ? static_cast<double>(most) * num_experts_ / static_cast<double>(total) : 0.0;
-    if (T == 0) {
-      stats_.aux_loss = 0;
-      stats_.z_loss = 0;
-      return;
-    }
-    double aux = 0;
-    for (int e = 0; e < num_experts_; ++e) {
-      aux += stats_.probability_sums[static_cast<std::size_t>(e)] *
-             static_cast<double>(stats_.aux_counts[static_cast<std::size_t>(e)]);
-    }
-    const double Td = static_cast<double>(T);
-    stats_.aux_loss = aux * num_experts_ / (top_k_ * Td * Td);
-    stats_.z_loss = z_loss / Td;
+    finish_router_stats(stats_);
   }
 
   int num_experts_;

@@ -458,3 +458,20 @@ TEST_CASE("expert choice in the EP layer: K = E slots, tokens no expert took get
     CHECK(ep_versus_reference(runtime, 45, 6) <= kTolerance);
   }
 }
+
+TEST_CASE("expert choice: the group's aux loss uses top_k, not the K = E slots") {
+  const HostTensor x = synthetic_tokens(40, 24, 21);
+  double aux[2] = {};
+  int i = 0;
+  for (int ranks : {1, 2}) {
+    Config c = base_config(ranks, 8, 2);
+    c.set("router", "policy", std::string("expert_choice"));
+    Runtime runtime(c);
+    HostTensor y(DType::kF32, {40, 24});
+    runtime.forward(x.view(), y.view());
+    aux[i++] = runtime.global_router_stats().aux_loss;
+    if (ranks == 1) CHECK(aux[0] == doctest::Approx(runtime.layer(0).router().stats().aux_loss));
+  }
+  CHECK(aux[0] > 0.9);  // about 1 with k = 2; with K = E it would be about 1/4
+  CHECK(aux[1] == doctest::Approx(aux[0]).epsilon(1e-12));
+}

@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "router_support.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/token_choice_router.hpp"
 #include "test_support.hpp"
@@ -15,34 +16,12 @@ using namespace switchyard;
 
 namespace {
 
-PluginRegistry& registry() {
-  static PluginRegistry r(PluginRegistry::default_search_path());
-  return r;
-}
-
-struct Made {
-  ConfigSection options;
-  std::shared_ptr<Router> router;
-};
-
-Made make(const std::string& settings, int experts) {
-  Made m;
-  Config c = Config::from_string("[router]\n" + settings, "router.toml");
-  m.options = c.section("router", registry().options(PluginKind::kRouter, "capacity"));
-  RouterCreateArgs args;
-  args.options = &m.options;
-  args.num_experts = experts;
-  m.router = registry().create_router("capacity", args);
-  return m;
+test::MadeRouter make(const std::string& settings, int experts) {
+  return test::make_router("capacity", settings, experts);
 }
 
 RoutingPlan route(Router& router, std::vector<float> logits, std::int64_t tokens) {
-  RoutingPlan plan;
-  RouteInput in;
-  in.logits = TensorView(logits.data(), DType::kF32, {tokens, router.num_experts()});
-  HostStream stream;
-  router.route(in, plan, stream);
-  return plan;
+  return test::route_logits(router, std::move(logits), tokens);
 }
 
 /// The kept (token, expert) pairs, sorted.
@@ -106,14 +85,8 @@ TEST_CASE("random logits: no expert over C, and each keeps its heaviest (or firs
       std::vector<float> z(static_cast<std::size_t>(T * E));
       for (auto& v : z) v = normal(rng);
       // Uncapped selection from topk with the same scores, for the brute-force recount.
-      Config c = Config::from_string("[router]\ntop_k = 2\n", "r.toml");
-      const ConfigSection topk_options =
-          c.section("router", registry().options(PluginKind::kRouter, "topk"));
-      RouterCreateArgs args;
-      args.options = &topk_options;
-      args.num_experts = E;
-      const auto topk = registry().create_router("topk", args);
-      const RoutingPlan full = route(*topk, z, T);
+      auto topk = test::make_router("topk", "top_k = 2\n", E);
+      const RoutingPlan full = route(*topk.router, z, T);
       auto m = make("top_k = 2\ncapacity_factor = " + std::to_string(factor) +
                         "\ndrop_policy = \"" + policy + "\"\n",
                     E);

@@ -9,17 +9,13 @@
 #include <set>
 #include <vector>
 
+#include "router_support.hpp"
 #include "switchyard/plugin.hpp"
 #include "test_support.hpp"
 
 using namespace switchyard;
 
 namespace {
-
-PluginRegistry& registry() {
-  static PluginRegistry r(PluginRegistry::default_search_path());
-  return r;
-}
 
 struct Policy {
   const char* name;
@@ -34,30 +30,12 @@ const Policy kPolicies[] = {
     {"expert_choice", "", false},
 };
 
-struct Made {
-  ConfigSection options;
-  std::shared_ptr<Router> router;
-};
-
-Made make(const Policy& p, int k, int experts) {
-  Made m;
-  Config c = Config::from_string(
-      "[router]\ntop_k = " + std::to_string(k) + "\n" + std::string(p.settings), "router.toml");
-  m.options = c.section("router", registry().options(PluginKind::kRouter, p.name));
-  RouterCreateArgs args;
-  args.options = &m.options;
-  args.num_experts = experts;
-  m.router = registry().create_router(p.name, args);
-  return m;
+test::MadeRouter make(const Policy& p, int k, int experts) {
+  return test::make_router(p.name, "top_k = " + std::to_string(k) + "\n" + p.settings, experts);
 }
 
 RoutingPlan route(Router& router, std::vector<float> logits, std::int64_t tokens) {
-  RoutingPlan plan;
-  RouteInput in;
-  in.logits = TensorView(logits.data(), DType::kF32, {tokens, router.num_experts()});
-  HostStream stream;
-  router.route(in, plan, stream);
-  return plan;
+  return test::route_logits(router, std::move(logits), tokens);
 }
 
 /// The invariants of every plan: shape, -1 exactly where the weight is 0 and nothing else,

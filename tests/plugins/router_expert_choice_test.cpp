@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "router_support.hpp"
 #include "switchyard/plugin.hpp"
 #include "test_support.hpp"
 
@@ -11,34 +12,12 @@ using namespace switchyard;
 
 namespace {
 
-PluginRegistry& registry() {
-  static PluginRegistry r(PluginRegistry::default_search_path());
-  return r;
-}
-
-struct Made {
-  ConfigSection options;
-  std::shared_ptr<Router> router;
-};
-
-Made make(const std::string& settings, int experts) {
-  Made m;
-  Config c = Config::from_string("[router]\n" + settings, "router.toml");
-  m.options = c.section("router", registry().options(PluginKind::kRouter, "expert_choice"));
-  RouterCreateArgs args;
-  args.options = &m.options;
-  args.num_experts = experts;
-  m.router = registry().create_router("expert_choice", args);
-  return m;
+test::MadeRouter make(const std::string& settings, int experts) {
+  return test::make_router("expert_choice", settings, experts);
 }
 
 RoutingPlan route(Router& router, std::vector<float> logits, std::int64_t tokens) {
-  RoutingPlan plan;
-  RouteInput in;
-  in.logits = TensorView(logits.data(), DType::kF32, {tokens, router.num_experts()});
-  HostStream stream;
-  router.route(in, plan, stream);
-  return plan;
+  return test::route_logits(router, std::move(logits), tokens);
 }
 
 }  // namespace

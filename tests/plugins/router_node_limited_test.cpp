@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "router_support.hpp"
 #include "switchyard/plugin.hpp"
 #include "test_support.hpp"
 
@@ -11,36 +12,13 @@ using namespace switchyard;
 
 namespace {
 
-PluginRegistry& registry() {
-  static PluginRegistry r(PluginRegistry::default_search_path());
-  return r;
-}
-
-struct Made {
-  ConfigSection options;
-  std::shared_ptr<Router> router;
-};
-
-Made make(const std::string& settings, int experts) {
-  Made m;
-  Config c = Config::from_string("[router]\n" + settings, "router.toml");
-  m.options = c.section("router", registry().options(PluginKind::kRouter, "node_limited"));
-  RouterCreateArgs args;
-  args.options = &m.options;
-  args.num_experts = experts;
-  m.router = registry().create_router("node_limited", args);
-  return m;
+test::MadeRouter make(const std::string& settings, int experts) {
+  return test::make_router("node_limited", settings, experts);
 }
 
 std::vector<std::int32_t> route(Router& router, std::vector<float> logits, std::int64_t tokens,
                                 const Topology* topology = nullptr) {
-  RoutingPlan plan;
-  RouteInput in;
-  in.logits = TensorView(logits.data(), DType::kF32, {tokens, router.num_experts()});
-  in.topology = topology;
-  HostStream stream;
-  router.route(in, plan, stream);
-  return {plan.experts.begin(), plan.experts.end()};
+  return test::values(test::route_logits(router, std::move(logits), tokens, topology).experts);
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <limits>
 #include <numeric>
 
+#include "router_support.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/status.hpp"
@@ -16,41 +17,15 @@ using namespace switchyard;
 
 namespace {
 
-const PluginRegistry& registry() {
-  static PluginRegistry r(PluginRegistry::default_search_path());
-  return r;
+test::MadeRouter make(const std::string& settings, int experts,
+                      const std::vector<float>& checkpoint_bias = {}) {
+  return test::make_router("topk", settings, experts, checkpoint_bias);
 }
 
-struct Made {
-  ConfigSection options;
-  std::shared_ptr<Router> router;
-};
-
-Made make(const std::string& settings, int experts, std::vector<float> checkpoint_bias = {}) {
-  Made m;
-  Config c = Config::from_string("[router]\n" + settings, "router.toml");
-  m.options = c.section("router", registry().options(PluginKind::kRouter, "topk"));
-  RouterCreateArgs args;
-  args.options = &m.options;
-  args.num_experts = experts;
-  args.checkpoint_bias = checkpoint_bias;
-  m.router = registry().create_router("topk", args);
-  return m;
-}
-
-/// A plan buffer's elements, to compare with expected vectors.
-template <typename T>
-std::vector<T> values(const Buffer<T>& b) {
-  return {b.begin(), b.end()};
-}
+using test::values;
 
 RoutingPlan route(Router& router, std::vector<float> logits, std::int64_t tokens) {
-  RoutingPlan plan;
-  RouteInput in;
-  in.logits = TensorView(logits.data(), DType::kF32, {tokens, router.num_experts()});
-  HostStream stream;
-  router.route(in, plan, stream);
-  return plan;
+  return test::route_logits(router, std::move(logits), tokens);
 }
 
 struct Settings {

@@ -45,11 +45,17 @@ struct RouterStats {
   double z_loss = 0;                 ///< mean over tokens of logsumexp(z)^2
   // The sums the losses are made of, so that a group's losses come from group-wide sums
   // (docs/routing.md): aux_loss = E / (k·T²) · Σ_e probability_sums[e] · aux_counts[e].
+  int top_k = 0;                         ///< the k of the aux loss's plain top-k
   std::int64_t tokens = 0;               ///< T
   std::vector<double> probability_sums;  ///< [E] Σ_t P[t,e]
   std::vector<std::int64_t> aux_counts;  ///< [E] tokens whose plain top-k of P holds e
   double z_loss_sum = 0;                 ///< Σ_t logsumexp(z_t)²
 };
+
+/// Completes `stats` from what a policy filled in (counts, dropped, tokens and the sums):
+/// imbalance, aux_loss and z_loss exactly as docs/routing.md defines them. Written once for
+/// every policy and for the sums over an EP group.
+void finish_router_stats(RouterStats& stats) noexcept;
 
 /// What a router sees besides the logits.
 struct RouteInput {

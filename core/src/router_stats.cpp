@@ -1,0 +1,29 @@
+#include <algorithm>
+
+#include "switchyard/router.hpp"
+
+namespace switchyard {
+
+void finish_router_stats(RouterStats& stats) noexcept {
+  const auto E = static_cast<double>(stats.counts.size());
+  std::int64_t total = 0, most = 0;
+  for (auto c : stats.counts) {
+    total += c;
+    most = std::max(most, c);
+  }
+  stats.imbalance = total > 0 ? static_cast<double>(most) * E / static_cast<double>(total) : 0.0;
+  if (stats.tokens == 0 || stats.top_k < 1) {
+    stats.aux_loss = 0;
+    stats.z_loss = 0;
+    return;
+  }
+  double aux = 0;
+  for (std::size_t e = 0; e < stats.probability_sums.size() && e < stats.aux_counts.size(); ++e) {
+    aux += stats.probability_sums[e] * static_cast<double>(stats.aux_counts[e]);
+  }
+  const auto T = static_cast<double>(stats.tokens);
+  stats.aux_loss = aux * E / (stats.top_k * T * T);
+  stats.z_loss = stats.z_loss_sum / T;
+}
+
+}  // namespace switchyard
