@@ -59,12 +59,12 @@ int main(int argc, char** argv) {
 
   const double widen = median_seconds([&] {
     widen_to_f32(w_bf16.data(), DType::kBF16, fh, panel.data());
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, f, h, 1.0f, x.data(), h,
-                panel.data(), h, 0.0f, out_widen.data(), f);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, f, h, 1.0f, x.data(), h, panel.data(),
+                h, 0.0f, out_widen.data(), f);
   });
-  using Sbgemm = void (*)(CBLAS_ORDER, CBLAS_TRANSPOSE, CBLAS_TRANSPOSE, blasint, blasint,
-                          blasint, float, const bfloat16*, blasint, const bfloat16*, blasint,
-                          float, float*, blasint);
+  using Sbgemm =
+      void (*)(CBLAS_ORDER, CBLAS_TRANSPOSE, CBLAS_TRANSPOSE, blasint, blasint, blasint, float,
+               const bfloat16*, blasint, const bfloat16*, blasint, float, float*, blasint);
   const auto sbgemm_fn = reinterpret_cast<Sbgemm>(dlsym(RTLD_DEFAULT, "cblas_sbgemm"));
   double sbgemm = 0;
   if (sbgemm_fn != nullptr) {
