@@ -48,12 +48,7 @@ class TokenChoiceRouter final : public Router {
         limit_(std::move(limit)),
         num_experts_(args.num_experts) {
     const ConfigSection& o = *args.options;
-    const std::int64_t k = o.get_int("top_k");
-    if (k < 1 || k > num_experts_) {
-      o.fail("top_k", "must be in 1.." + std::to_string(num_experts_) +
-                          " (the number of experts) (got " + std::to_string(k) + ")");
-    }
-    top_k_ = static_cast<int>(k);
+    top_k_ = checked_top_k(o, num_experts_);
     if (groups_) {
       if (groups_->num_groups < 0 || groups_->max_groups < 1) {
         throw Error(ErrorCode::kInvalidArgument, "router " + policy_ +
@@ -137,17 +132,7 @@ class TokenChoiceRouter final : public Router {
     const std::int64_t T = input.logits.dim(0);
     const int E = num_experts_, K = top_k_;
     const float* z = input.logits.data_as<const float>();
-    if (!mask_non_finite_) {
-      for (std::int64_t i = 0; i < T * E; ++i) {
-        if (!std::isfinite(z[i])) {
-          throw Error(ErrorCode::kInvalidArgument,
-                      "router " + policy_ + ": logit of token " + std::to_string(i / E) +
-                          ", expert " + std::to_string(i % E) + " is " +
-                          (std::isnan(z[i]) ? "NaN" : "infinite") +
-                          " (router.nan_policy = \"mask\" skips such experts instead)");
-        }
-      }
-    }
+    if (!mask_non_finite_) require_finite_logits(z, T, E, policy_);
     plan.num_tokens = T;
     plan.slots = K;
     plan.experts.assign(static_cast<std::size_t>(T * K), -1);
@@ -534,6 +519,27 @@ std::optional<GroupLimit> group_limit_from_options(const RouterCreateArgs& args)
                  : score == "top2_sum" ? GroupScore::kTop2Sum
                                        : GroupScore::kTopkSum;
   return groups;
+}
+
+int checked_top_k(const ConfigSection& o, int num_experts) {
+  const std::int64_t k = o.get_int("top_k");
+  if (k < 1 || k > num_experts) {
+    o.fail("top_k", "must be in 1.." + std::to_string(num_experts) +
+                        " (the number of experts) (got " + std::to_string(k) + ")");
+  }
+  return static_cast<int>(k);
+}
+
+void require_finite_logits(const float* z, std::int64_t tokens, int num_experts,
+                           const std::string& policy) {
+  for (std::int64_t i = 0; i < tokens * num_experts; ++i) {
+    if (std::isfinite(z[i])) continue;
+    throw Error(ErrorCode::kInvalidArgument,
+                "router " + policy + ": logit of token " + std::to_string(i / num_experts) +
+                    ", expert " + std::to_string(i % num_experts) + " is " +
+                    (std::isnan(z[i]) ? "NaN" : "infinite") +
+                    " (router.nan_policy = \"mask\" skips such experts instead)");
+  }
 }
 
 }  // namespace switchyard

@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "switchyard/plugin.hpp"
+#include "switchyard/token_choice_router.hpp"
 
 namespace switchyard::expert_choice {
 namespace {
@@ -28,12 +29,7 @@ class ExpertChoiceRouter final : public Router {
  public:
   explicit ExpertChoiceRouter(const RouterCreateArgs& args) : num_experts_(args.num_experts) {
     const ConfigSection& o = *args.options;
-    const std::int64_t k = o.get_int("top_k");
-    if (k < 1 || k > num_experts_) {
-      o.fail("top_k", "must be in 1.." + std::to_string(num_experts_) +
-                          " (the number of experts) (got " + std::to_string(k) + ")");
-    }
-    top_k_ = static_cast<int>(k);
+    top_k_ = checked_top_k(o, num_experts_);
     capacity_factor_ = o.has("capacity_factor") ? o.get_float("capacity_factor") : top_k_;
     if (!(capacity_factor_ > 0) || !std::isfinite(capacity_factor_)) {
       o.fail("capacity_factor", "must be a finite number > 0");
@@ -60,17 +56,7 @@ class ExpertChoiceRouter final : public Router {
     const std::int64_t T = input.logits.dim(0);
     const int E = num_experts_;
     const float* z = input.logits.data_as<const float>();
-    if (!mask_non_finite_) {
-      for (std::int64_t i = 0; i < T * E; ++i) {
-        if (!std::isfinite(z[i])) {
-          throw Error(ErrorCode::kInvalidArgument,
-                      "router expert_choice: logit of token " + std::to_string(i / E) +
-                          ", expert " + std::to_string(i % E) + " is " +
-                          (std::isnan(z[i]) ? "NaN" : "infinite") +
-                          " (router.nan_policy = \"mask\" skips such experts instead)");
-        }
-      }
-    }
+    if (!mask_non_finite_) require_finite_logits(z, T, E, policy_name_);
     const auto TE = static_cast<std::size_t>(T * E);
     probabilities_.resize(TE);
     std::fill(stats_.probability_sums.begin(), stats_.probability_sums.end(), 0.0);
@@ -172,6 +158,7 @@ class ExpertChoiceRouter final : public Router {
     finish_router_stats(stats_);
   }
 
+  const std::string policy_name_ = "expert_choice";
   int num_experts_;
   int top_k_ = 1;
   double capacity_factor_ = 1;

@@ -324,15 +324,11 @@ TEST_CASE("the group's aux and z losses equal the single-rank losses on the same
 
 TEST_CASE(
     "bias balancing at run time: skewed experts even out, the bias is the same on every rank") {
-  // Three experts favoured by +2.0: a constant feature in every token and a gate column that
-  // adds 2 to their logits.
+  // Three experts favoured by +2.0 (see write_skewed_routing_case).
   test::TempDir dir;
-  const int E = 8, H = 24;
-  auto tensors =
-      test::checkpoint_tensors(ModelWeights::random(E, H, 16, 5), "deepseek", DType::kF32, "");
-  float* gate = tensors["gate.weight"].data<float>();
-  for (int e = 0; e < E; ++e) gate[e * H] = e < 3 ? 2.0f : 0.0f;
-  write_safetensors(dir / "skewed.safetensors", tensors);
+  const int H = 24;
+  const std::int64_t T = 1200;
+  const HostTensor x = test::write_skewed_routing_case(dir.path(), T);
   Config c;
   c.set("runtime", "ranks", std::int64_t{3});
   c.set("router", "top_k", std::int64_t{2});
@@ -340,9 +336,6 @@ TEST_CASE(
   c.set("model", "weights", (dir / "skewed.safetensors").string());
   c.set("model", "format", std::string("deepseek"));
   Runtime runtime(c);
-  const std::int64_t T = 1200;
-  HostTensor x = synthetic_tokens(T, H, 3);
-  for (std::int64_t t = 0; t < T; ++t) x.data<float>()[t * H] = 1.0f;
   HostTensor y(DType::kF32, {T, H});
   runtime.forward(x.view(), y.view());
   const double first = runtime.global_router_stats().imbalance;

@@ -98,14 +98,7 @@ TEST_CASE("bias balancing under mpirun and launch: skewed experts even out, same
   // Three of eight experts favoured by +2.0 (a constant feature and a gate column), as in
   // the in-process test; here every rank is a process.
   test::TempDir dir;
-  const int E = 8, H = 24;
-  auto tensors =
-      test::checkpoint_tensors(ModelWeights::random(E, H, 16, 5), "deepseek", DType::kF32, "");
-  float* gate = tensors["gate.weight"].data<float>();
-  for (int e = 0; e < E; ++e) gate[e * H] = e < 3 ? 2.0f : 0.0f;
-  write_safetensors(dir / "skewed.safetensors", tensors);
-  HostTensor x = synthetic_tokens(1200, H, 3);
-  for (int t = 0; t < 1200; ++t) x.data<float>()[t * H] = 1.0f;
+  const HostTensor x = test::write_skewed_routing_case(dir.path(), 1200);
   write_npy(dir / "x.npy", x.view());
   test::write_text(dir / "skewed.toml",
                    "[router]\ntop_k = 2\nbias_update_rate = 0.01\n[model]\nweights = "

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <thread>
 
+#include "switchyard/io.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard::test {
@@ -136,6 +137,17 @@ CommandResult run_command(const std::string& command) {
 
 CommandResult run_tool(const std::string& arguments) {
   return run_command(std::string(SWITCHYARD_TOOL_PATH) + " " + arguments);
+}
+
+HostTensor write_skewed_routing_case(const std::filesystem::path& dir, std::int64_t tokens) {
+  const int E = 8, H = 24;
+  auto tensors = checkpoint_tensors(ModelWeights::random(E, H, 16, 5), "deepseek", DType::kF32, "");
+  float* gate = tensors["gate.weight"].data<float>();
+  for (int e = 0; e < E; ++e) gate[e * H] = e < 3 ? 2.0f : 0.0f;
+  write_safetensors(dir / "skewed.safetensors", tensors);
+  HostTensor x = synthetic_tokens(tokens, H, 3);
+  for (std::int64_t t = 0; t < tokens; ++t) x.data<float>()[t * H] = 1.0f;
+  return x;
 }
 
 }  // namespace switchyard::test

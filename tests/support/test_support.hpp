@@ -56,6 +56,12 @@ std::map<std::string, HostTensor> checkpoint_tensors(const ModelWeights& model,
 /// Largest |a-b| over all elements divided by the largest |b| (or 1 if b is all zero).
 double relative_difference(const HostTensor& a, const HostTensor& b);
 
+/// Skewed routing for the bias-balancing tests: writes `dir/skewed.safetensors`, a
+/// DeepSeek-format layer (E = 8, H = 24, F = 16) whose gate adds +2.0 to the logits of
+/// experts 0-2 through feature 0, and returns `tokens` synthetic tokens with feature 0
+/// set to 1.
+HostTensor write_skewed_routing_case(const std::filesystem::path& dir, std::int64_t tokens);
+
 /// Result of running a command.
 struct CommandResult {
   int exit_code = -1;

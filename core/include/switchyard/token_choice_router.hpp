@@ -19,6 +19,15 @@
 
 namespace switchyard {
 
+/// `[router] top_k` of `options`, checked to be in 1..num_experts (a configuration error
+/// naming the key otherwise). Shared by every policy.
+int checked_top_k(const ConfigSection& options, int num_experts);
+
+/// Throws `Error(kInvalidArgument)` naming `policy` and the first NaN or infinite logit
+/// (token and expert) of `logits` [T,E]. Shared by every policy under nan_policy = error.
+void require_finite_logits(const float* logits, std::int64_t tokens, int num_experts,
+                           const std::string& policy);
+
 /// Declares the token-choice keys of [router]: top_k, score, pre_softmax, normalize,
 /// scale, bias, bias_update_rate, nan_policy.
 void declare_token_choice_options(ConfigSchema& schema);
