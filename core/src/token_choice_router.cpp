@@ -10,6 +10,7 @@
 
 #include "switchyard/io.hpp"
 #include "switchyard/layer.hpp"
+#include "switchyard/routing_rows.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard {
@@ -106,11 +107,11 @@ class TokenChoiceRouter final : public Router {
       }
     }
     const auto E = static_cast<std::size_t>(num_experts_);
-    scores_.resize(E);
+    probabilities_.resize(E);
+    sigmoid_scores_.resize(E);
     selection_.resize(E);
-    valid_.resize(E);
-    selectable_.resize(E);
     chosen_.resize(static_cast<std::size_t>(top_k_));
+    chosen_values_.resize(static_cast<std::size_t>(top_k_));
     plain_.resize(static_cast<std::size_t>(top_k_));
     stats_.counts.assign(E, 0);
     stats_.probability_sums.assign(E, 0.0);
@@ -142,32 +143,46 @@ class TokenChoiceRouter final : public Router {
     std::fill(plain_counts_.begin(), plain_counts_.end(), 0);
     double z_loss = 0;
 
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    const bool mask = mask_non_finite_;
+    float* probabilities = probabilities_.data();  // P of the aux loss
+    float* selection = selection_.data();
+    // The selection values are the scores themselves unless a bias, masking or group
+    // limiting changes them: then they are written to selection_.
+    const bool select_on_scores = bias_.empty() && !mask && !groups_;
     for (std::int64_t t = 0; t < T; ++t) {
       const float* row = z + t * E;
-      int num_valid = 0;
-      for (int e = 0; e < E; ++e) {
-        valid_[static_cast<std::size_t>(e)] = std::isfinite(row[e]);
-        num_valid += valid_[static_cast<std::size_t>(e)] ? 1 : 0;
-      }
-      if (num_valid == 0) continue;  // every expert masked: the token is routed nowhere
-      std::copy(valid_.begin(), valid_.end(), selectable_.begin());
-
-      // Scores (float32, as the reference implementations compute them).
+      const float* scores = nullptr;
+      double lse = 0;
       if (sigmoid_) {
-        for (int e = 0; e < E; ++e)
-          scores_[static_cast<std::size_t>(e)] = 1.0f / (1.0f + std::exp(-row[e]));
-      } else if (pre_softmax_) {
-        softmax(row, scores_.data());
+        lse = log_sum_exp_row(row, E, mask);
+        if (std::isinf(lse)) continue;  // every expert masked: the token is routed nowhere
+        const float sum = sigmoid_row(row, E, sigmoid_scores_.data(), mask);
+        scores = sigmoid_scores_.data();
+        scale_row(scores, E, 1.0f / sum, probabilities);  // P = s / Σ s
       } else {
-        for (int e = 0; e < E; ++e) scores_[static_cast<std::size_t>(e)] = row[e];
+        lse = softmax_row(row, E, probabilities, mask);
+        if (std::isinf(lse)) continue;
+        scores = pre_softmax_ ? probabilities : row;
       }
-      for (int e = 0; e < E; ++e) {
-        selection_[static_cast<std::size_t>(e)] =
-            scores_[static_cast<std::size_t>(e)] +
-            (bias_.empty() ? 0.0f : bias_[static_cast<std::size_t>(e)]);
+      z_loss += lse * lse;
+
+      const float* values = scores;
+      if (!select_on_scores) {
+        if (bias_.empty()) {
+          std::copy(scores, scores + E, selection);
+        } else {
+          add_row(scores, bias_.data(), E, selection);
+        }
+        if (mask) {
+          for (int e = 0; e < E; ++e) {
+            if (!std::isfinite(row[e])) selection[e] = kNegInf;
+          }
+        }
+        if (groups_) limit_groups(input.topology);
+        values = selection;
       }
-      if (groups_) limit_groups(input.topology);
-      const int picked = select_top(selection_.data(), chosen_.data(), selectable_.data());
+      const int picked = select_top_k(values, E, K, chosen_.data(), chosen_values_.data());
 
       float* w = &plan.weights[static_cast<std::size_t>(t * K)];
       std::int32_t* ex = &plan.experts[static_cast<std::size_t>(t * K)];
@@ -184,7 +199,7 @@ class TokenChoiceRouter final : public Router {
         for (int j = 0; j < picked; ++j) w[j] /= sum;
       } else {
         for (int j = 0; j < picked; ++j)
-          w[j] = scores_[static_cast<std::size_t>(chosen_[static_cast<std::size_t>(j)])];
+          w[j] = scores[static_cast<std::size_t>(chosen_[static_cast<std::size_t>(j)])];
       }
       if (normalize_) {
         float sum = 0;
@@ -197,7 +212,21 @@ class TokenChoiceRouter final : public Router {
         ++plan.counts[static_cast<std::size_t>(ex[j])];
       }
 
-      accumulate_losses(row, z_loss);
+      // The aux loss's sums: P, and the plain top-k of P (no bias, no groups).
+      accumulate_row(probabilities, E, prob_sum_.data());
+      const int* plain = chosen_.data();
+      int plain_found = picked;
+      if (values != probabilities) {
+        const float* plain_values = probabilities;
+        if (mask) {
+          for (int e = 0; e < E; ++e)
+            selection[e] = std::isfinite(row[e]) ? probabilities[e] : kNegInf;
+          plain_values = selection;
+        }
+        plain_found = select_top_k(plain_values, E, K, plain_.data(), chosen_values_.data());
+        plain = plain_.data();
+      }
+      for (int j = 0; j < plain_found; ++j) ++plain_counts_[static_cast<std::size_t>(plain[j])];
     }
     const std::int64_t dropped = limit_ ? limit_(plan) : 0;
     finish_stats(plan, T, z_loss, dropped);
@@ -282,45 +311,43 @@ class TokenChoiceRouter final : public Router {
       grouped_for_ = topology;
     }
     const auto G = group_sizes_.size();
+    group_take_ = groups_->score == GroupScore::kMax ? 1
+                  : groups_->score == GroupScore::kTop2Sum
+                      ? 2
+                      : std::max(1, top_k_ / groups_->max_groups);
+    // Consecutive groups (group_of_ non-decreasing and every group present) get spans.
+    group_begin_.clear();
+    bool consecutive = group_of_.front() == 0;
+    for (std::size_t e = 1; e < group_of_.size(); ++e)
+      consecutive =
+          consecutive && (group_of_[e] == group_of_[e - 1] || group_of_[e] == group_of_[e - 1] + 1);
+    if (consecutive && group_of_.back() + 1 == static_cast<int>(G)) {
+      group_begin_.assign(G + 1, num_experts_);
+      for (int e = num_experts_ - 1; e >= 0; --e)
+        group_begin_[static_cast<std::size_t>(group_of_[static_cast<std::size_t>(e)])] = e;
+    }
     group_scores_.resize(G);
-    group_top_.resize(static_cast<std::size_t>(top_k_) + 2);
+    group_members_.resize(static_cast<std::size_t>(group_take_));
+    group_top_.resize(G * static_cast<std::size_t>(group_take_));
+    group_found_.resize(G);
     group_kept_.resize(G);
   }
 
-  /// Keeps the M best groups of this token (scores in selection_) in selectable_.
+  /// Keeps the M best groups of this token (by the selection values in selection_, -inf
+  /// for masked experts) and sets the selection value of every other expert to -inf.
   void limit_groups(const Topology* topology) {
     assign_groups(topology);
     const int G = static_cast<int>(group_sizes_.size());
     const int M = groups_->max_groups;
-    const int take = groups_->score == GroupScore::kMax       ? 1
-                     : groups_->score == GroupScore::kTop2Sum ? 2
-                                                              : std::max(1, top_k_ / M);
+    const int take = group_take_;
     constexpr float kNone = -std::numeric_limits<float>::infinity();
-    for (int g = 0; g < G; ++g) {
-      // The `take` largest selection scores of the group's valid experts, kept descending.
-      int n = 0;
-      for (int e = 0; e < num_experts_; ++e) {
-        if (group_of_[static_cast<std::size_t>(e)] != g || !valid_[static_cast<std::size_t>(e)])
-          continue;
-        const float v = selection_[static_cast<std::size_t>(e)];
-        if (n < take) {
-          group_top_[static_cast<std::size_t>(n++)] = v;
-        } else if (v > group_top_[static_cast<std::size_t>(n - 1)]) {
-          group_top_[static_cast<std::size_t>(n - 1)] = v;
-        } else {
-          continue;
-        }
-        for (int i = n - 1; i > 0 && group_top_[static_cast<std::size_t>(i)] >
-                                         group_top_[static_cast<std::size_t>(i - 1)];
-             --i) {
-          std::swap(group_top_[static_cast<std::size_t>(i)],
-                    group_top_[static_cast<std::size_t>(i - 1)]);
-        }
-      }
-      float score = n == 0 ? kNone : 0.0f;
-      for (int i = 0; i < n; ++i) score += group_top_[static_cast<std::size_t>(i)];
-      group_scores_[static_cast<std::size_t>(g)] = score;
-      group_kept_[static_cast<std::size_t>(g)] = 0;
+    if (!group_begin_.empty()) {
+      // Groups of consecutive experts (the usual placement): vector kernels per span.
+      score_groups(selection_.data(), group_begin_.data(), G, take, group_members_.data(),
+                   group_top_.data(), group_scores_.data());
+      std::fill(group_kept_.begin(), group_kept_.end(), 0);
+    } else {
+      score_scattered_groups(G, take);
     }
     for (int m = 0; m < M; ++m) {
       int best = -1;
@@ -333,73 +360,44 @@ class TokenChoiceRouter final : public Router {
       if (best < 0) break;
       group_kept_[static_cast<std::size_t>(best)] = 1;
     }
+    if (!group_begin_.empty()) {
+      for (int g = 0; g < G; ++g) {
+        if (group_kept_[static_cast<std::size_t>(g)]) continue;
+        std::fill(selection_.begin() + group_begin_[static_cast<std::size_t>(g)],
+                  selection_.begin() + group_begin_[static_cast<std::size_t>(g) + 1], kNone);
+      }
+      return;
+    }
     for (int e = 0; e < num_experts_; ++e) {
       if (!group_kept_[static_cast<std::size_t>(group_of_[static_cast<std::size_t>(e)])])
-        selectable_[static_cast<std::size_t>(e)] = 0;
+        selection_[static_cast<std::size_t>(e)] = kNone;
     }
   }
 
-  /// softmax over the valid experts of `row`; invalid ones get 0.
-  void softmax(const float* row, float* out) const {
-    float max_logit = -std::numeric_limits<float>::infinity();
+  /// Group scores when a group's experts are not consecutive: one pass over the experts,
+  /// each group keeping its `take` largest values, descending.
+  void score_scattered_groups(int G, int take) {
+    constexpr float kNone = -std::numeric_limits<float>::infinity();
+    std::fill(group_found_.begin(), group_found_.end(), 0);
     for (int e = 0; e < num_experts_; ++e) {
-      if (valid_[static_cast<std::size_t>(e)]) max_logit = std::max(max_logit, row[e]);
+      const float v = selection_[static_cast<std::size_t>(e)];
+      if (!(v > kNone)) continue;
+      const auto g = static_cast<std::size_t>(group_of_[static_cast<std::size_t>(e)]);
+      float* top = &group_top_[g * static_cast<std::size_t>(take)];
+      int& n = group_found_[g];
+      if (n == take && !(v > top[take - 1])) continue;
+      int i = n < take ? n++ : take - 1;
+      for (; i > 0 && top[i - 1] < v; --i) top[i] = top[i - 1];
+      top[i] = v;
     }
-    float sum = 0;
-    for (int e = 0; e < num_experts_; ++e) {
-      out[e] = valid_[static_cast<std::size_t>(e)] ? std::exp(row[e] - max_logit) : 0.0f;
-      sum += out[e];
+    for (int g = 0; g < G; ++g) {
+      const int n = group_found_[static_cast<std::size_t>(g)];
+      const float* top = &group_top_[static_cast<std::size_t>(g) * static_cast<std::size_t>(take)];
+      float score = n == 0 ? kNone : 0.0f;
+      for (int i = 0; i < n; ++i) score += top[i];
+      group_scores_[static_cast<std::size_t>(g)] = score;
+      group_kept_[static_cast<std::size_t>(g)] = 0;
     }
-    for (int e = 0; e < num_experts_; ++e) out[e] /= sum;
-  }
-
-  /// Indices of the k largest valid entries, descending, ties to the lower index.
-  /// Returns how many were found (fewer than k when experts are masked).
-  int select_top(const float* values, int* out, const char* allowed) {
-    int found = 0;
-    for (int j = 0; j < top_k_; ++j) {
-      int best = -1;
-      for (int e = 0; e < num_experts_; ++e) {
-        if (!allowed[e]) continue;
-        if (std::find(out, out + found, e) != out + found) continue;
-        if (best < 0 || values[e] > values[best]) best = e;
-      }
-      if (best < 0) break;
-      out[found++] = best;
-    }
-    return found;
-  }
-
-  /// Adds one token's share to the aux-loss and z-loss sums.
-  void accumulate_losses(const float* row, double& z_loss) {
-    // P: softmax probabilities, or sigmoid scores normalised over the experts.
-    if (sigmoid_) {
-      float sum = 0;
-      for (int e = 0; e < num_experts_; ++e) {
-        if (!valid_[static_cast<std::size_t>(e)]) scores_[static_cast<std::size_t>(e)] = 0;
-        sum += scores_[static_cast<std::size_t>(e)];
-      }
-      for (int e = 0; e < num_experts_; ++e) scores_[static_cast<std::size_t>(e)] /= sum;
-    } else {
-      softmax(row, scores_.data());
-    }
-    const int picked = select_top(scores_.data(), plain_.data(), valid_.data());
-    for (int j = 0; j < picked; ++j)
-      ++plain_counts_[static_cast<std::size_t>(plain_[static_cast<std::size_t>(j)])];
-    for (int e = 0; e < num_experts_; ++e)
-      prob_sum_[static_cast<std::size_t>(e)] += scores_[static_cast<std::size_t>(e)];
-    double max_logit = -std::numeric_limits<double>::infinity();
-    for (int e = 0; e < num_experts_; ++e) {
-      if (valid_[static_cast<std::size_t>(e)])
-        max_logit = std::max(max_logit, static_cast<double>(row[e]));
-    }
-    double sum = 0;
-    for (int e = 0; e < num_experts_; ++e) {
-      if (valid_[static_cast<std::size_t>(e)])
-        sum += std::exp(static_cast<double>(row[e]) - max_logit);
-    }
-    const double lse = max_logit + std::log(sum);
-    z_loss += lse * lse;
   }
 
   void finish_stats(const RoutingPlan& plan, std::int64_t T, double z_loss, std::int64_t dropped) {
@@ -419,7 +417,12 @@ class TokenChoiceRouter final : public Router {
   std::vector<int> group_of_;
   std::vector<int> group_sizes_;
   const Topology* grouped_for_ = nullptr;
-  std::vector<float> group_scores_, group_top_;
+  int group_take_ = 1;  // values a group's score sums: 1 (max), 2 (top2_sum) or k/M
+  std::vector<float> group_scores_;
+  std::vector<float> group_top_;  // [G, group_take_] a token's largest values per group
+  std::vector<int> group_found_;  // [G] how many of them are set
+  std::vector<int> group_begin_;  // [G+1] first expert of each group, when consecutive
+  std::vector<int> group_members_;
   std::vector<char> group_kept_;
   std::string logits_name_;  // for shape errors, built once: routing allocates nothing
   SelectionLimit limit_;
@@ -433,10 +436,11 @@ class TokenChoiceRouter final : public Router {
   bool mask_non_finite_ = false;
   std::vector<float> bias_;
   // Per-token scratch, sized once.
-  std::vector<float> scores_, selection_;
-  std::vector<char> valid_;       // finite logit
-  std::vector<char> selectable_;  // valid and in a kept group
+  std::vector<float> probabilities_;   // P: softmax, or the normalised sigmoid scores
+  std::vector<float> sigmoid_scores_;  // s
+  std::vector<float> selection_;       // scores + bias; -inf where not selectable
   std::vector<int> chosen_, plain_;
+  std::vector<float> chosen_values_;
   std::vector<double> prob_sum_;
   std::vector<std::int64_t> plain_counts_;
   RouterStats stats_;
@@ -463,24 +467,39 @@ std::int64_t apply_expert_capacity(RoutingPlan& plan, double capacity_factor,
   const auto E = static_cast<int>(plan.counts.size());
   if (T == 0 || E == 0) return 0;
   const std::int64_t C = expert_capacity(T, K, E, capacity_factor);
+  // Only over-full experts need their assignments: bucket those slots by expert, in token
+  // order, in one pass (a counting sort over the over-full experts).
+  scratch.offsets.assign(static_cast<std::size_t>(E) + 1, 0);
+  std::int64_t over = 0;
+  for (int e = 0; e < E; ++e) {
+    scratch.offsets[static_cast<std::size_t>(e)] = over;
+    if (plan.counts[static_cast<std::size_t>(e)] > C)
+      over += plan.counts[static_cast<std::size_t>(e)];
+  }
+  scratch.offsets[static_cast<std::size_t>(E)] = over;
+  if (over == 0) return 0;
+  scratch.slots.resize(static_cast<std::size_t>(over));
+  scratch.fill.assign(scratch.offsets.begin(), scratch.offsets.end() - 1);
+  for (std::int64_t i = 0; i < T * K; ++i) {
+    const std::int32_t e = plan.experts[static_cast<std::size_t>(i)];
+    if (e < 0 || plan.counts[static_cast<std::size_t>(e)] <= C) continue;
+    scratch.slots[static_cast<std::size_t>(scratch.fill[static_cast<std::size_t>(e)]++)] = i;
+  }
   std::int64_t dropped = 0;
   for (int e = 0; e < E; ++e) {
     if (plan.counts[static_cast<std::size_t>(e)] <= C) continue;
-    // This expert's assignments (slot indices) in token order.
-    scratch.slots.clear();
-    for (std::int64_t i = 0; i < T * K; ++i) {
-      if (plan.experts[static_cast<std::size_t>(i)] == e) scratch.slots.push_back(i);
-    }
+    const auto begin = scratch.slots.begin() + scratch.offsets[static_cast<std::size_t>(e)];
+    const auto end = scratch.slots.begin() + scratch.offsets[static_cast<std::size_t>(e) + 1];
     if (policy == CapacityDropPolicy::kProbs) {
-      // Largest final weight first; ties: lower token index (the slots are in token order).
-      std::stable_sort(scratch.slots.begin(), scratch.slots.end(),
-                       [&](std::int64_t a, std::int64_t b) {
-                         return plan.weights[static_cast<std::size_t>(a)] >
-                                plan.weights[static_cast<std::size_t>(b)];
-                       });
+      // The C largest final weights; ties: lower token index (slot order is token order).
+      std::nth_element(begin, begin + C, end, [&](std::int64_t a, std::int64_t b) {
+        const float wa = plan.weights[static_cast<std::size_t>(a)];
+        const float wb = plan.weights[static_cast<std::size_t>(b)];
+        return wa != wb ? wa > wb : a < b;
+      });
     }
-    for (std::size_t n = static_cast<std::size_t>(C); n < scratch.slots.size(); ++n) {
-      const auto i = static_cast<std::size_t>(scratch.slots[n]);
+    for (auto it = begin + C; it != end; ++it) {
+      const auto i = static_cast<std::size_t>(*it);
       plan.experts[i] = -1;
       plan.weights[i] = 0.0f;
       ++dropped;
@@ -532,8 +551,8 @@ int checked_top_k(const ConfigSection& o, int num_experts) {
 
 void require_finite_logits(const float* z, std::int64_t tokens, int num_experts,
                            const std::string& policy) {
-  for (std::int64_t i = 0; i < tokens * num_experts; ++i) {
-    if (std::isfinite(z[i])) continue;
+  const std::int64_t i = first_non_finite(z, tokens * num_experts);
+  if (i < tokens * num_experts) {
     throw Error(ErrorCode::kInvalidArgument,
                 "router " + policy + ": logit of token " + std::to_string(i / num_experts) +
                     ", expert " + std::to_string(i % num_experts) + " is " +

@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "switchyard/plugin.hpp"
+#include "switchyard/routing_rows.hpp"
 #include "switchyard/token_choice_router.hpp"
 
 namespace switchyard::expert_choice {
@@ -40,7 +41,10 @@ class ExpertChoiceRouter final : public Router {
     stats_.probability_sums.assign(E, 0.0);
     stats_.aux_counts.assign(E, 0);
     stats_.top_k = top_k_;
-    taken_.assign(E, 0);
+    tile_.resize(static_cast<std::size_t>(kTileTokens) * E);
+    plain_values_.resize(E);
+    plain_.resize(static_cast<std::size_t>(top_k_));
+    plain_top_.resize(static_cast<std::size_t>(top_k_));
   }
 
   std::string name() const override { return "expert_choice"; }
@@ -58,95 +62,106 @@ class ExpertChoiceRouter final : public Router {
     const float* z = input.logits.data_as<const float>();
     if (!mask_non_finite_) require_finite_logits(z, T, E, policy_name_);
     const auto TE = static_cast<std::size_t>(T * E);
-    probabilities_.resize(TE);
     std::fill(stats_.probability_sums.begin(), stats_.probability_sums.end(), 0.0);
     std::fill(stats_.aux_counts.begin(), stats_.aux_counts.end(), 0);
+    // p by expert: columns_[e][t] = p[t,e], or -inf where the logit is masked (that expert
+    // then takes another token). Rows are computed a tile of tokens at a time and written
+    // to the columns a cache line at a time.
+    columns_.resize(TE);
     double z_loss = 0;
-    for (std::int64_t t = 0; t < T; ++t)
-      z_loss += token_scores(z + t * E, &probabilities_[static_cast<std::size_t>(t * E)]);
+    for (std::int64_t t0 = 0; t0 < T; t0 += kTileTokens) {
+      const std::int64_t rows = std::min<std::int64_t>(kTileTokens, T - t0);
+      for (std::int64_t i = 0; i < rows; ++i) {
+        z_loss += token_scores(z + (t0 + i) * E, &tile_[static_cast<std::size_t>(i * E)]);
+      }
+      write_tile_to_columns(z, T, t0, rows);
+    }
 
-    // Each expert takes its C best tokens.
+    // Each expert takes its C best tokens: select in the expert's column of p, where a
+    // masked (token, expert) is -inf so that the expert takes another token instead.
     const std::int64_t C = std::min<std::int64_t>(
         T, static_cast<std::int64_t>(std::ceil(static_cast<double>(T) * capacity_factor_ / E)));
     plan.num_tokens = T;
     plan.slots = E;
-    plan.experts.assign(TE, -1);
-    plan.weights.assign(TE, 0.0f);
+    plan.experts.resize(TE);  // every row is written in full below
+    plan.weights.resize(TE);
     plan.counts.assign(static_cast<std::size_t>(E), 0);
-    order_.resize(static_cast<std::size_t>(T));
+    chosen_.resize(static_cast<std::size_t>(E) * static_cast<std::size_t>(C));
+    row_begin_.assign(static_cast<std::size_t>(T) + 1, 0);
     for (int e = 0; e < E; ++e) {
-      std::iota(order_.begin(), order_.end(), std::int64_t{0});
-      auto better = [&](std::int64_t a, std::int64_t b) {
-        const float pa = probabilities_[static_cast<std::size_t>(a * E + e)];
-        const float pb = probabilities_[static_cast<std::size_t>(b * E + e)];
-        return pa != pb ? pa > pb : a < b;
-      };
-      std::partial_sort(order_.begin(), order_.begin() + C, order_.end(), better);
-      for (std::int64_t n = 0; n < C; ++n) {
-        const std::int64_t t = order_[static_cast<std::size_t>(n)];
-        const auto at = static_cast<std::size_t>(t * E + e);
-        if (!std::isfinite(z[at])) continue;  // masked: never taken
-        // Slot e of row t for now; rows are compacted below (ascending expert order).
-        plan.experts[at] = e;
-        plan.weights[at] = probabilities_[at];
-        ++plan.counts[static_cast<std::size_t>(e)];
-      }
+      int* chosen = &chosen_[static_cast<std::size_t>(e) * static_cast<std::size_t>(C)];
+      const int taken =
+          select_top_c(&columns_[static_cast<std::size_t>(e) * static_cast<std::size_t>(T)],
+                       static_cast<int>(T), static_cast<int>(C), chosen, top_c_scratch_);
+      plan.counts[static_cast<std::size_t>(e)] = taken;
+      for (int n = 0; n < taken; ++n) ++row_begin_[static_cast<std::size_t>(chosen[n]) + 1];
+    }
+    // The (token, expert) pairs grouped by token (a counting sort; experts stay ascending),
+    // then every row written once, in order.
+    for (std::int64_t t = 0; t < T; ++t)
+      row_begin_[static_cast<std::size_t>(t) + 1] += row_begin_[static_cast<std::size_t>(t)];
+    by_token_.resize(static_cast<std::size_t>(row_begin_.back()));
+    next_slot_.assign(row_begin_.begin(), row_begin_.end() - 1);
+    for (int e = 0; e < E; ++e) {
+      const int* chosen = &chosen_[static_cast<std::size_t>(e) * static_cast<std::size_t>(C)];
+      for (std::int64_t n = 0; n < plan.counts[static_cast<std::size_t>(e)]; ++n)
+        by_token_[static_cast<std::size_t>(next_slot_[static_cast<std::size_t>(chosen[n])]++)] = e;
     }
     for (std::int64_t t = 0; t < T; ++t) {
-      std::int32_t* ex = &plan.experts[static_cast<std::size_t>(t * E)];
-      float* w = &plan.weights[static_cast<std::size_t>(t * E)];
-      int next = 0;
-      for (int e = 0; e < E; ++e) {
-        if (ex[e] < 0) continue;
-        ex[next] = ex[e];
-        w[next] = w[e];
-        if (next != e) {
-          ex[e] = -1;
-          w[e] = 0.0f;
-        }
-        ++next;
+      const auto row = static_cast<std::size_t>(t) * static_cast<std::size_t>(E);
+      const std::int64_t begin = row_begin_[static_cast<std::size_t>(t)];
+      const std::int64_t end = row_begin_[static_cast<std::size_t>(t) + 1];
+      for (std::int64_t j = begin; j < end; ++j) {
+        const int e = by_token_[static_cast<std::size_t>(j)];
+        plan.experts[row + static_cast<std::size_t>(j - begin)] = e;
+        plan.weights[row + static_cast<std::size_t>(j - begin)] =
+            columns_[static_cast<std::size_t>(e) * static_cast<std::size_t>(T) +
+                     static_cast<std::size_t>(t)];
       }
+      std::fill(&plan.experts[row + static_cast<std::size_t>(end - begin)], &plan.experts[row] + E,
+                -1);
+      std::fill(&plan.weights[row + static_cast<std::size_t>(end - begin)], &plan.weights[row] + E,
+                0.0f);
     }
     finish_stats(plan, T, z_loss);
   }
 
  private:
+  /// columns_[e][t0 + i] = tile_[i][e] for i < rows, or -inf where the logit is masked.
+  void write_tile_to_columns(const float* z, std::int64_t T, std::int64_t t0, std::int64_t rows) {
+    const int E = num_experts_;
+    for (int e = 0; e < E; ++e) {
+      float* column = &columns_[static_cast<std::size_t>(e) * static_cast<std::size_t>(T) +
+                                static_cast<std::size_t>(t0)];
+      for (std::int64_t i = 0; i < rows; ++i)
+        column[i] = tile_[static_cast<std::size_t>(i * E + e)];
+      if (!mask_non_finite_) continue;
+      for (std::int64_t i = 0; i < rows; ++i) {
+        if (!std::isfinite(z[(t0 + i) * E + e]))
+          column[i] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+
   /// p[t,:] = softmax over the token's finite logits (masked ones 0); accumulates the aux
-  /// sums; returns logsumexp² for the z-loss.
+  /// sums; returns logsumexp² for the z-loss (0 when every logit is masked).
   double token_scores(const float* row, float* p) {
     const int E = num_experts_;
-    float max_logit = -std::numeric_limits<float>::infinity();
-    for (int e = 0; e < E; ++e) {
-      if (std::isfinite(row[e])) max_logit = std::max(max_logit, row[e]);
-    }
-    if (!std::isfinite(max_logit)) {
-      std::fill(p, p + E, 0.0f);
-      return 0.0;
-    }
-    float sum = 0;
-    double sum_d = 0;
-    for (int e = 0; e < E; ++e) {
-      p[e] = std::isfinite(row[e]) ? std::exp(row[e] - max_logit) : 0.0f;
-      sum += p[e];
-      if (std::isfinite(row[e])) sum_d += std::exp(static_cast<double>(row[e]) - max_logit);
-    }
-    for (int e = 0; e < E; ++e) {
-      p[e] /= sum;
-      stats_.probability_sums[static_cast<std::size_t>(e)] += p[e];
-    }
+    const double lse = softmax_row(row, E, p, mask_non_finite_);
+    if (std::isinf(lse)) return 0.0;
+    accumulate_row(p, E, stats_.probability_sums.data());
     // The plain top-k of p for the aux loss (ties: lower expert index).
-    std::fill(taken_.begin(), taken_.end(), 0);
-    for (int j = 0; j < top_k_; ++j) {
-      int best = -1;
+    const float* values = p;
+    if (mask_non_finite_) {
       for (int e = 0; e < E; ++e) {
-        if (!std::isfinite(row[e]) || taken_[static_cast<std::size_t>(e)]) continue;
-        if (best < 0 || p[e] > p[best]) best = e;
+        plain_values_[static_cast<std::size_t>(e)] =
+            std::isfinite(row[e]) ? p[e] : -std::numeric_limits<float>::infinity();
       }
-      if (best < 0) break;
-      ++stats_.aux_counts[static_cast<std::size_t>(best)];
-      taken_[static_cast<std::size_t>(best)] = 1;
+      values = plain_values_.data();
     }
-    const double lse = max_logit + std::log(sum_d);
+    const int found = select_top_k(values, E, top_k_, plain_.data(), plain_top_.data());
+    for (int j = 0; j < found; ++j)
+      ++stats_.aux_counts[static_cast<std::size_t>(plain_[static_cast<std::size_t>(j)])];
     return lse * lse;
   }
 
@@ -163,9 +178,17 @@ class ExpertChoiceRouter final : public Router {
   int top_k_ = 1;
   double capacity_factor_ = 1;
   bool mask_non_finite_ = false;
-  std::vector<float> probabilities_;  // [T,E]
-  std::vector<std::int64_t> order_;   // [T] token order for one expert
-  std::vector<char> taken_;           // [E] in this token's plain top-k
+  static constexpr std::int64_t kTileTokens = 16;  // a cache line of floats per column
+  std::vector<float> tile_;                        // [kTileTokens,E] p of a tile of tokens
+  std::vector<float> columns_;                     // [E,T] p by expert, -inf where masked
+  std::vector<int> chosen_;                        // [E,C] the tokens each expert takes
+  std::vector<std::int64_t> row_begin_;            // [T+1] first pair of each token in by_token_
+  std::vector<std::int64_t> next_slot_;            // [T] next free entry of each token in by_token_
+  std::vector<int> by_token_;                      // the experts of each token, ascending
+  TopCScratch top_c_scratch_;
+  std::vector<float> plain_values_;  // [E] p with masked experts at -inf
+  std::vector<int> plain_;           // [k] this token's plain top-k
+  std::vector<float> plain_top_;
   RouterStats stats_;
 };
 

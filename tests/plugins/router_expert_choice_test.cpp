@@ -2,6 +2,7 @@
 // NumPy in float64), ties, tokens no expert takes, and the EP layer.
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <vector>
 
 #include "router_support.hpp"
@@ -56,4 +57,22 @@ TEST_CASE("ties go to the lower token; a token may get no expert; T = 0 is empty
         std::vector<std::int32_t>{0, 1, 0, 1, 0, 1});
   CHECK_THROWS_WITH_AS(make("capacity_factor = 0.0\n", 2), doctest::Contains("capacity_factor"),
                        Error);
+}
+
+TEST_CASE("under nan_policy = mask an expert takes its next best token instead") {
+  // T = 4, E = 2, capacity_factor 1.5: C = ceil(4 · 1.5 / 2) = 3. Expert 0's logit is masked
+  // for token 0; token 1's probability for expert 0 underflows to 0 (e^-200), so it ties
+  // with the masked token's 0 and would lose the tie on index: expert 0 must still take it.
+  // p[:,1] by hand: t0 1 (its only finite logit), t1 1, t2 1/(1+e) = .2689, t3 1/(1+e²) =
+  // .1192, so expert 1 takes tokens 0, 1, 2.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto m = make("top_k = 1\ncapacity_factor = 1.5\nnan_policy = \"mask\"\n", 2);
+  const RoutingPlan p = route(*m.router, {nan, 0.0f, -200.0f, 0.0f, 1.0f, 0.0f, 2.0f, 0.0f}, 4);
+  CHECK(std::vector<std::int32_t>(p.experts.begin(), p.experts.end()) ==
+        std::vector<std::int32_t>{1, -1, 0, 1, 0, 1, 0, -1});
+  CHECK(std::vector<std::int64_t>(p.counts.begin(), p.counts.end()) ==
+        std::vector<std::int64_t>{3, 3});
+  CHECK(p.weights[2] == 0.0f);  // token 1, expert 0: taken with its (underflowed) p
+  CHECK(p.weights[4] == doctest::Approx(0.7311).epsilon(1e-3));
+  CHECK(p.weights[5] == doctest::Approx(0.2689).epsilon(1e-3));
 }

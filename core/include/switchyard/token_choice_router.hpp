@@ -82,7 +82,9 @@ std::int64_t expert_capacity(std::int64_t tokens, int top_k, int num_experts,
 
 /// Reusable scratch of `apply_expert_capacity`.
 struct CapacityScratch {
-  std::vector<std::int64_t> slots;
+  std::vector<std::int64_t> offsets;  ///< [E+1] over-full experts' first slot in `slots`
+  std::vector<std::int64_t> fill;     ///< [E] next free entry per expert
+  std::vector<std::int64_t> slots;    ///< over-full experts' assignments, by expert
 };
 
 /// Keeps at most C assignments per expert of `plan` (host) and turns the others into
