@@ -89,9 +89,9 @@ class ExpertChoiceRouter final : public Router {
     chosen_.resize(static_cast<std::size_t>(E) * static_cast<std::size_t>(C));
     row_begin_.assign(static_cast<std::size_t>(T) + 1, 0);
     for (int e = 0; e < E; ++e) {
-      int* chosen = &chosen_[static_cast<std::size_t>(e) * static_cast<std::size_t>(C)];
+      int* chosen = chosen_.data() + static_cast<std::size_t>(e) * static_cast<std::size_t>(C);
       const int taken =
-          select_top_c(&columns_[static_cast<std::size_t>(e) * static_cast<std::size_t>(T)],
+          select_top_c(columns_.data() + static_cast<std::size_t>(e) * static_cast<std::size_t>(T),
                        static_cast<int>(T), static_cast<int>(C), chosen, top_c_scratch_);
       plan.counts[static_cast<std::size_t>(e)] = taken;
       for (int n = 0; n < taken; ++n) ++row_begin_[static_cast<std::size_t>(chosen[n]) + 1];
@@ -103,7 +103,8 @@ class ExpertChoiceRouter final : public Router {
     by_token_.resize(static_cast<std::size_t>(row_begin_.back()));
     next_slot_.assign(row_begin_.begin(), row_begin_.end() - 1);
     for (int e = 0; e < E; ++e) {
-      const int* chosen = &chosen_[static_cast<std::size_t>(e) * static_cast<std::size_t>(C)];
+      const int* chosen =
+          chosen_.data() + static_cast<std::size_t>(e) * static_cast<std::size_t>(C);
       for (std::int64_t n = 0; n < plan.counts[static_cast<std::size_t>(e)]; ++n)
         by_token_[static_cast<std::size_t>(next_slot_[static_cast<std::size_t>(chosen[n])]++)] = e;
     }
