@@ -1,0 +1,566 @@
+// transport_nccl: one process per rank, one GPU per process (local rank mod the visible
+// devices), NCCL communicators. The unique id travels through the core's bootstrap store
+// (MASTER_ADDR/MASTER_PORT with torchrun's, Open MPI's or Slurm's rank variables, so it
+// works under `switchyard launch`, torchrun and `mpirun -x MASTER_ADDR -x MASTER_PORT`);
+// a world of one needs no launcher.
+//
+// Communicators are non-blocking (ncclConfig_t::blocking = 0), so that creating, splitting
+// and every collective is bounded by the timeout: the host polls ncclCommGetAsyncError and
+// an event after the work; past the deadline, or on an asynchronous NCCL error, it aborts
+// the communicator (ncclCommAbort) and throws an error that names the operation and the
+// communicator's ranks. Collectives therefore return once their work is done
+// (host-synchronous, `stream_ordered = false`): never a hang, at the price of overlap.
+//
+// Device memory is NCCL's: alltoallv is grouped ncclSend/ncclRecv on the caller's stream.
+// Host memory (the runtime's small control exchanges: counts, statistics) is staged
+// through a device buffer. Reductions gather every contribution (ncclAllGather) and add
+// them in rank order on the host, so their bits equal every other transport's.
+#include <cuda_runtime.h>
+#include <nccl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "switchyard/bootstrap.hpp"
+#include "switchyard/collectives.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/transport.hpp"
+
+namespace switchyard::nccl {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string cuda_text(cudaError_t e) {
+  return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+}
+
+void check_cuda(cudaError_t e, const std::string& what) {
+  if (e == cudaSuccess) return;
+  throw Error(ErrorCode::kSystem, "nccl transport: " + what + ": " + cuda_text(e));
+}
+
+/// Why no CUDA device can be used here, or empty when one can.
+std::string cuda_unusable_reason() {
+  int devices = 0;
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  int driver = 0, runtime = 0;
+  cudaDriverGetVersion(&driver);
+  cudaRuntimeGetVersion(&runtime);
+  auto version = [](int v) {
+    return v == 0 ? std::string("none") : std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+  };
+  if (e == cudaErrorInsufficientDriver && driver == 0) {
+    return "no CUDA device is usable: no NVIDIA driver is loaded (" + cuda_text(e) + ")";
+  }
+  if (e == cudaErrorInsufficientDriver) {
+    return "no CUDA device is usable: the driver (CUDA " + version(driver) +
+           ") is older than the toolkit this plugin was built with (CUDA " + version(runtime) + ")";
+  }
+  if (e != cudaSuccess) return "no CUDA device is usable: " + cuda_text(e);
+  if (devices == 0) return "no CUDA device is usable: the driver reports none";
+  return {};
+}
+
+std::string nccl_text(ncclResult_t r, ncclComm_t comm) {
+  std::string text = ncclGetErrorString(r);
+  const char* last = comm != nullptr ? ncclGetLastError(comm) : nullptr;
+  if (last != nullptr && *last != '\0') text += " (" + std::string(last) + ")";
+  return text;
+}
+
+/// "ranks 0-3" or "ranks 0, 2, 5": the world ranks of a communicator, for messages.
+std::string describe_ranks(const std::vector<int>& world_ranks) {
+  bool consecutive = true;
+  for (std::size_t i = 1; i < world_ranks.size(); ++i)
+    consecutive = consecutive && world_ranks[i] == world_ranks[i - 1] + 1;
+  if (world_ranks.size() == 1) return "rank " + std::to_string(world_ranks[0]);
+  if (consecutive && !world_ranks.empty()) {
+    return "ranks " + std::to_string(world_ranks.front()) + "-" + std::to_string(world_ranks.back());
+  }
+  std::string out = "ranks ";
+  for (std::size_t i = 0; i < world_ranks.size(); ++i)
+    out += (i ? ", " : "") + std::to_string(world_ranks[i]);
+  return out;
+}
+
+ncclDataType_t nccl_type(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return ncclFloat32;
+    case DType::kF64: return ncclFloat64;
+    case DType::kI32: return ncclInt32;
+    case DType::kI64: return ncclInt64;
+    default: break;
+  }
+  throw Error(ErrorCode::kInvalidArgument, "nccl transport: allreduce supports f32, f64, i32 and i64");
+}
+
+/// One NCCL communicator, its device and the state shared by the operations on it.
+class Communicator {
+ public:
+  Communicator(ncclComm_t comm, int device, std::vector<int> world_ranks, double timeout_s)
+      : comm_(comm), device_(device), world_ranks_(std::move(world_ranks)), timeout_s_(timeout_s) {
+    check_cuda(cudaSetDevice(device_), "selecting device " + std::to_string(device_));
+    check_cuda(cudaStreamCreateWithFlags(&staging_stream_, cudaStreamNonBlocking),
+               "creating a stream");
+    check_cuda(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "creating an event");
+  }
+  ~Communicator() {
+    cudaSetDevice(device_);
+    if (comm_ != nullptr) {
+      // A communicator whose peers are gone cannot be finalised collectively: abort it.
+      if (aborted_) {
+        ncclCommAbort(comm_);
+      } else {
+        ncclCommFinalize(comm_);
+        ncclResult_t state = ncclInProgress;
+        const auto deadline = Clock::now() + std::chrono::seconds(2);
+        while (ncclCommGetAsyncError(comm_, &state) == ncclSuccess && state == ncclInProgress &&
+               Clock::now() < deadline)
+          std::this_thread::yield();
+        if (state == ncclSuccess) {
+          ncclCommDestroy(comm_);
+        } else {
+          ncclCommAbort(comm_);
+        }
+      }
+    }
+    if (staging_ != nullptr) cudaFree(staging_);
+    if (done_ != nullptr) cudaEventDestroy(done_);
+    if (staging_stream_ != nullptr) cudaStreamDestroy(staging_stream_);
+  }
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  ncclComm_t comm() const { return comm_; }
+  int device() const { return device_; }
+  const std::vector<int>& world_ranks() const { return world_ranks_; }
+  double timeout_s() const { return timeout_s_; }
+  cudaStream_t staging_stream() const { return staging_stream_; }
+
+  /// Throws if the communicator was aborted; makes its device current.
+  void enter(const char* op) {
+    if (aborted_) {
+      throw Error(ErrorCode::kPeerFailed, std::string("nccl ") + op + " on " +
+                                              describe_ranks(world_ranks_) +
+                                              ": the communicator was aborted (" + abort_reason_ + ")");
+    }
+    check_cuda(cudaSetDevice(device_), "selecting device " + std::to_string(device_));
+  }
+
+  /// Checks the result of an NCCL call; ncclInProgress (non-blocking) is fine.
+  void check(ncclResult_t r, const char* op) {
+    if (r == ncclSuccess || r == ncclInProgress) return;
+    fail(ErrorCode::kSystem, op, nccl_text(r, comm_));
+  }
+
+  /// Waits, bounded by the timeout, until the communicator has no call in progress (after
+  /// init, split or a group of operations).
+  void wait_ready(const char* op) {
+    const auto deadline = Clock::now() + to_duration(timeout_s_);
+    for (;;) {
+      ncclResult_t state = ncclSuccess;
+      check(ncclCommGetAsyncError(comm_, &state), op);
+      if (state == ncclSuccess) return;
+      if (state != ncclInProgress) fail(ErrorCode::kPeerFailed, op, nccl_text(state, comm_));
+      if (Clock::now() > deadline) time_out(op);
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
+  /// Waits, bounded by the timeout, until the work enqueued on `stream` so far is done,
+  /// watching the communicator for asynchronous errors (a peer that died or aborted).
+  void wait_done(cudaStream_t stream, const char* op) {
+    check_cuda(cudaEventRecord(done_, stream), std::string(op) + ": recording an event");
+    const auto deadline = Clock::now() + to_duration(timeout_s_);
+    for (;;) {
+      const cudaError_t q = cudaEventQuery(done_);
+      if (q == cudaSuccess) return;
+      if (q != cudaErrorNotReady) fail(ErrorCode::kSystem, op, cuda_text(q));
+      ncclResult_t state = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &state);
+      if (state != ncclSuccess && state != ncclInProgress)
+        fail(ErrorCode::kPeerFailed, op, nccl_text(state, comm_));
+      if (Clock::now() > deadline) time_out(op);
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
+  /// A device buffer of at least `bytes` for staging host memory (grows, never shrinks).
+  std::byte* staging(std::size_t bytes) {
+    if (bytes > staging_bytes_) {
+      if (staging_ != nullptr) check_cuda(cudaFree(staging_), "freeing the staging buffer");
+      staging_ = nullptr;
+      check_cuda(cudaMalloc(reinterpret_cast<void**>(&staging_), bytes),
+                 "allocating " + std::to_string(bytes) + " bytes of staging memory");
+      staging_bytes_ = bytes;
+    }
+    return staging_;
+  }
+
+  void abort(const std::string& reason) noexcept {
+    if (aborted_) return;
+    aborted_ = true;
+    abort_reason_ = reason;
+    cudaSetDevice(device_);
+    ncclCommAbort(comm_);
+    comm_ = nullptr;
+  }
+
+  [[noreturn]] void fail(ErrorCode code, const char* op, const std::string& why) {
+    const std::string message = std::string("nccl ") + op + " on " + describe_ranks(world_ranks_) +
+                                ": " + why + "; the communicator was aborted";
+    abort(why);
+    throw Error(code, message);
+  }
+
+  [[noreturn]] void time_out(const char* op) {
+    fail(ErrorCode::kTimeout, op,
+         "not complete after " + std::to_string(timeout_s_) +
+             " s (runtime.timeout_s): a rank did not take part or is stuck");
+  }
+
+  static Clock::duration to_duration(double seconds) {
+    // Clamp so that huge timeouts do not overflow the clock.
+    const double bounded = std::min(seconds, 1e9);
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(bounded));
+  }
+
+ private:
+  ncclComm_t comm_;
+  int device_;
+  std::vector<int> world_ranks_;
+  double timeout_s_;
+  cudaStream_t staging_stream_ = nullptr;
+  cudaEvent_t done_ = nullptr;
+  std::byte* staging_ = nullptr;
+  std::size_t staging_bytes_ = 0;
+  bool aborted_ = false;
+  std::string abort_reason_;
+};
+
+/// out = the `ranks` contributions of `count` elements in `gathered` combined in rank order
+/// (the same bits as every other transport's reductions).
+void reduce_in_rank_order(const std::byte* gathered, std::size_t count, DType dtype, ReduceOp op,
+                          int ranks, void* out) {
+  const std::size_t bytes = count * dtype_size(dtype);
+  std::memcpy(out, gathered, bytes);
+  for (int r = 1; r < ranks; ++r)
+    reduce_into(out, gathered + static_cast<std::size_t>(r) * bytes, count, dtype, op);
+}
+
+ncclConfig_t nonblocking_config() {
+  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+  config.blocking = 0;
+  return config;
+}
+
+/// A completed-on-test host alltoallv: the staged copies and the exchange are enqueued on
+/// the staging stream; done when the event after the copy back has passed.
+class StagedRequest final : public TransportRequest {
+ public:
+  StagedRequest(Communicator& communicator, std::function<void()> finish)
+      : communicator_(communicator), finish_(std::move(finish)) {}
+  ~StagedRequest() override {
+    if (!done_) {
+      try {
+        wait();
+      } catch (...) {  // destructors do not throw; the error was the caller's to collect
+      }
+    }
+  }
+  void wait() override {
+    if (done_) return;
+    done_ = true;
+    communicator_.wait_done(communicator_.staging_stream(), "ialltoallv");
+    finish_();
+  }
+  bool test() override {
+    if (done_) return true;
+    const cudaError_t q = cudaStreamQuery(communicator_.staging_stream());
+    if (q == cudaErrorNotReady) return false;
+    wait();
+    return true;
+  }
+
+ private:
+  Communicator& communicator_;
+  std::function<void()> finish_;
+  bool done_ = false;
+};
+
+class NcclTransport final : public Transport {
+ public:
+  NcclTransport(std::shared_ptr<Communicator> communicator, int rank, Topology topology)
+      : communicator_(std::move(communicator)), rank_(rank), topology_(std::move(topology)) {}
+
+  int rank() const noexcept override { return rank_; }
+  int size() const noexcept override { return topology_.size(); }
+  const Topology& topology() const noexcept override { return topology_; }
+  TransportCapabilities capabilities() const noexcept override {
+    TransportCapabilities c;
+    c.host_memory = true;  // staged through device memory
+    c.device_memory = true;
+    c.async_progress = true;  // ialltoallv runs on its own stream
+    c.stream_ordered = false;
+    c.deterministic_reductions = true;
+    return c;
+  }
+  std::string name() const override { return "nccl"; }
+
+  void barrier() override {
+    std::int32_t one = 1;
+    allreduce(&one, 1, DType::kI32, ReduceOp::kSum);
+  }
+
+  std::unique_ptr<Transport> split(int color, int key) override {
+    Communicator& c = *communicator_;
+    c.enter("split");
+    // Who lands where: every rank's (color, key), gathered through the parent.
+    std::int64_t mine[2] = {color, key};
+    std::vector<std::int64_t> all(static_cast<std::size_t>(2 * size()));
+    gather_host(mine, sizeof mine, all.data(), "split");
+    std::vector<int> members;
+    for (int r = 0; r < size(); ++r) {
+      if (color >= 0 && all[static_cast<std::size_t>(2 * r)] == color) members.push_back(r);
+    }
+    std::stable_sort(members.begin(), members.end(), [&](int a, int b) {
+      return all[static_cast<std::size_t>(2 * a + 1)] < all[static_cast<std::size_t>(2 * b + 1)];
+    });
+    ncclConfig_t config = nonblocking_config();
+    ncclComm_t child = nullptr;
+    c.check(ncclCommSplit(c.comm(), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, &config),
+            "split");
+    c.wait_ready("split");
+    if (color < 0) return nullptr;
+    std::vector<int> world_ranks, nodes;
+    int my_rank = 0;
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      if (members[i] == rank_) my_rank = static_cast<int>(i);
+      world_ranks.push_back(c.world_ranks()[static_cast<std::size_t>(members[i])]);
+      nodes.push_back(topology_.node_of(members[i]));
+    }
+    auto communicator = std::make_shared<Communicator>(child, c.device(), std::move(world_ranks),
+                                                       c.timeout_s());
+    return std::make_unique<NcclTransport>(std::move(communicator), my_rank,
+                                           Topology(std::move(nodes)));
+  }
+
+  void abort(const std::string& reason) noexcept override { communicator_->abort(reason); }
+
+ protected:
+  void do_alltoall(const void* send, void* recv, std::size_t bytes_per_peer,
+                   Stream& stream) override {
+    AlltoallvBuffers b = alltoall_as_alltoallv(send, recv, bytes_per_peer, size(), scratch_);
+    b.device = stream.device();
+    do_alltoallv(b, stream);
+  }
+
+  void do_alltoallv(const AlltoallvBuffers& b, Stream& stream) override {
+    Communicator& c = *communicator_;
+    c.enter("alltoallv");
+    if (b.device.kind == Device::Kind::kCuda) {
+      const auto s = static_cast<cudaStream_t>(stream.native_handle());
+      exchange(b.send, b.recv, b, s, "alltoallv");
+      c.wait_done(s, "alltoallv");
+      return;
+    }
+    // Host memory: the caller's stream has finished (host-synchronous callers); stage.
+    const std::size_t send_bytes = extent(b.send_counts, b.send_offsets);
+    const std::size_t recv_bytes = extent(b.recv_counts, b.recv_offsets);
+    std::byte* device = c.staging(send_bytes + recv_bytes);
+    const cudaStream_t s = c.staging_stream();
+    check_cuda(cudaMemcpyAsync(device, b.send, send_bytes, cudaMemcpyHostToDevice, s),
+               "alltoallv: staging the send buffer");
+    exchange(device, device + send_bytes, b, s, "alltoallv");
+    check_cuda(cudaMemcpyAsync(b.recv, device + send_bytes, recv_bytes, cudaMemcpyDeviceToHost, s),
+               "alltoallv: copying the received data back");
+    c.wait_done(s, "alltoallv");
+  }
+
+  std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& b) override {
+    Communicator& c = *communicator_;
+    c.enter("ialltoallv");
+    const std::size_t send_bytes = extent(b.send_counts, b.send_offsets);
+    const std::size_t recv_bytes = extent(b.recv_counts, b.recv_offsets);
+    std::byte* device = c.staging(send_bytes + recv_bytes);
+    const cudaStream_t s = c.staging_stream();
+    check_cuda(cudaMemcpyAsync(device, b.send, send_bytes, cudaMemcpyHostToDevice, s),
+               "ialltoallv: staging the send buffer");
+    exchange(device, device + send_bytes, b, s, "ialltoallv");
+    check_cuda(cudaMemcpyAsync(b.recv, device + send_bytes, recv_bytes, cudaMemcpyDeviceToHost, s),
+               "ialltoallv: copying the received data back");
+    return std::make_unique<StagedRequest>(c, [] {});
+  }
+
+  void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
+                    Stream& stream) override {
+    Communicator& c = *communicator_;
+    c.enter("allreduce");
+    nccl_type(dtype);  // refuses what NCCL cannot carry
+    const std::size_t bytes = count * dtype_size(dtype);
+    gathered_.resize(bytes * static_cast<std::size_t>(size()));
+    if (stream.device().kind == Device::Kind::kCuda) {
+      // Gather on the device, combine in rank order on the host, copy the result back.
+      const auto s = static_cast<cudaStream_t>(stream.native_handle());
+      std::byte* device = c.staging(bytes * static_cast<std::size_t>(size()));
+      c.check(ncclAllGather(data, device, bytes, ncclUint8, c.comm(), s), "allreduce");
+      c.wait_ready("allreduce");
+      check_cuda(cudaMemcpyAsync(gathered_.data(), device, gathered_.size(), cudaMemcpyDeviceToHost, s),
+                 "allreduce: copying the contributions");
+      c.wait_done(s, "allreduce");
+      reduce_in_rank_order(gathered_.data(), count, dtype, op, size(), host_result(bytes));
+      check_cuda(cudaMemcpyAsync(data, result_.data(), bytes, cudaMemcpyHostToDevice, s),
+                 "allreduce: copying the result");
+      c.wait_done(s, "allreduce");
+      return;
+    }
+    gather_host(data, bytes, gathered_.data(), "allreduce");
+    reduce_in_rank_order(gathered_.data(), count, dtype, op, size(), data);
+  }
+
+ private:
+  static std::size_t extent(std::span<const std::size_t> counts,
+                            std::span<const std::size_t> offsets) {
+    std::size_t end = 0;
+    for (std::size_t p = 0; p < counts.size(); ++p)
+      if (counts[p] != 0) end = std::max(end, offsets[p] + counts[p]);
+    return end;
+  }
+
+  /// Enqueues the grouped sends and receives of `b`'s counts between `send` and `recv`
+  /// (device memory) on `s`.
+  void exchange(const std::byte* send, std::byte* recv, const AlltoallvBuffers& b, cudaStream_t s,
+                const char* op) {
+    Communicator& c = *communicator_;
+    c.check(ncclGroupStart(), op);
+    for (int p = 0; p < size(); ++p) {
+      const auto q = static_cast<std::size_t>(p);
+      if (b.send_counts[q] != 0)
+        c.check(ncclSend(send + b.send_offsets[q], b.send_counts[q], ncclUint8, p, c.comm(), s), op);
+      if (b.recv_counts[q] != 0)
+        c.check(ncclRecv(recv + b.recv_offsets[q], b.recv_counts[q], ncclUint8, p, c.comm(), s), op);
+    }
+    c.check(ncclGroupEnd(), op);
+    c.wait_ready(op);
+  }
+
+  /// Every rank's `bytes` of host memory at `mine`, into `all` (host, size() · bytes).
+  void gather_host(const void* mine, std::size_t bytes, void* all, const char* op) {
+    Communicator& c = *communicator_;
+    const auto n = static_cast<std::size_t>(size());
+    std::byte* device = c.staging(bytes * (n + 1));
+    const cudaStream_t s = c.staging_stream();
+    check_cuda(cudaMemcpyAsync(device, mine, bytes, cudaMemcpyHostToDevice, s),
+               std::string(op) + ": staging");
+    c.check(ncclAllGather(device, device + bytes, bytes, ncclUint8, c.comm(), s), op);
+    c.wait_ready(op);
+    check_cuda(cudaMemcpyAsync(all, device + bytes, bytes * n, cudaMemcpyDeviceToHost, s),
+               std::string(op) + ": copying back");
+    c.wait_done(s, op);
+  }
+
+  void* host_result(std::size_t bytes) {
+    result_.resize(bytes);
+    return result_.data();
+  }
+
+  std::shared_ptr<Communicator> communicator_;
+  int rank_;
+  Topology topology_;
+  CollectiveScratch scratch_;                 // alltoall's counts and offsets, reused
+  std::vector<std::byte> gathered_, result_;  // allreduce's, reused
+};
+
+void declare_options(ConfigSchema& /*schema*/) {}
+
+/// Why this process cannot run NCCL, or ok.
+Status probe() {
+  const std::string unusable = cuda_unusable_reason();
+  if (!unusable.empty()) return {ErrorCode::kUnavailable, unusable};
+  try {
+    const auto info = LaunchInfo::from_environment();
+    if (info && info->world_size > 1 && !info->has_store()) {
+      return {ErrorCode::kUnavailable,
+              "the nccl transport exchanges its id through the bootstrap store: set MASTER_ADDR "
+              "and MASTER_PORT (switchyard launch and torchrun do; with mpirun pass -x "
+              "MASTER_ADDR=host -x MASTER_PORT=port)"};
+    }
+  } catch (...) {
+    return Status::from_current_exception();
+  }
+  return {};
+}
+
+std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {
+  probe().throw_if_error();
+  const LaunchInfo info = LaunchInfo::from_environment().value_or(LaunchInfo{});
+  int devices = 0;
+  check_cuda(cudaGetDeviceCount(&devices), "counting devices");
+  const int device = info.local_rank % devices;
+  check_cuda(cudaSetDevice(device), "selecting device " + std::to_string(device));
+
+  ncclUniqueId id{};
+  std::vector<std::string> host_names(1);
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  host_names[0] = host;
+  std::unique_ptr<BootstrapStore> store;
+  if (info.world_size > 1) {
+    store = std::make_unique<BootstrapStore>(info, args.timeout_s);
+    if (info.rank == 0) {
+      const ncclResult_t r = ncclGetUniqueId(&id);
+      if (r != ncclSuccess) {
+        throw Error(ErrorCode::kSystem, "nccl transport: creating the unique id: " +
+                                            std::string(ncclGetErrorString(r)));
+      }
+      store->set("nccl-unique-id", std::string(reinterpret_cast<const char*>(&id), sizeof id));
+    }
+    const std::string bytes = store->get("nccl-unique-id");
+    std::memcpy(&id, bytes.data(), std::min(bytes.size(), sizeof id));
+    host_names = store->allgather("host-name", host);
+  } else {
+    const ncclResult_t r = ncclGetUniqueId(&id);
+    if (r != ncclSuccess) {
+      throw Error(ErrorCode::kSystem, "nccl transport: creating the unique id: " +
+                                          std::string(ncclGetErrorString(r)));
+    }
+  }
+  std::vector<int> world_ranks(static_cast<std::size_t>(info.world_size));
+  std::iota(world_ranks.begin(), world_ranks.end(), 0);
+  ncclConfig_t config = nonblocking_config();
+  ncclComm_t comm = nullptr;
+  const ncclResult_t r = ncclCommInitRankConfig(&comm, info.world_size, id, info.rank, &config);
+  if (r != ncclSuccess && r != ncclInProgress) {
+    throw Error(ErrorCode::kSystem, "nccl init on " + describe_ranks(world_ranks) + ": " +
+                                        nccl_text(r, comm));
+  }
+  auto communicator =
+      std::make_shared<Communicator>(comm, device, std::move(world_ranks), args.timeout_s);
+  communicator->wait_ready("init");
+  if (store) store->barrier("nccl-connected");
+  Topology topology = args.ranks_per_node > 0
+                          ? Topology::uniform(info.world_size, args.ranks_per_node)
+                          : Topology::from_host_names(host_names);
+  std::vector<std::unique_ptr<Transport>> ranks;
+  ranks.push_back(
+      std::make_unique<NcclTransport>(std::move(communicator), info.rank, std::move(topology)));
+  return ranks;
+}
+
+}  // namespace
+}  // namespace switchyard::nccl
+
+SWITCHYARD_TRANSPORT_PLUGIN("nccl", "0.1.0",
+                            "one process per GPU, NCCL communicators (device memory; host memory "
+                            "staged)",
+                            ::switchyard::nccl::declare_options, ::switchyard::nccl::probe,
+                            ::switchyard::nccl::create)
