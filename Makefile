@@ -23,6 +23,8 @@ test: deps
 	cmake -S . -B $(BUILD_DIR) $(CMAKE_FLAGS) -DSWITCHYARD_WERROR=ON
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 600
+	@grep -h "^SKIPPED:" $(BUILD_DIR)/Testing/Temporary/LastTest.log | sort | uniq -c | \
+	  sed 's/^ */make test: skipped tests (label gpu): /' || true
 
 # The same suite under AddressSanitizer and UBSan, in its own build folder.
 test-sanitize: deps

@@ -56,7 +56,8 @@ std::string cuda_unusable_reason() {
   cudaDriverGetVersion(&driver);
   cudaRuntimeGetVersion(&runtime);
   auto version = [](int v) {
-    return v == 0 ? std::string("none") : std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
+    return v == 0 ? std::string("none")
+                  : std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
   };
   if (e == cudaErrorInsufficientDriver && driver == 0) {
     return "no CUDA device is usable: no NVIDIA driver is loaded (" + cuda_text(e) + ")";
@@ -84,7 +85,8 @@ std::string describe_ranks(const std::vector<int>& world_ranks) {
     consecutive = consecutive && world_ranks[i] == world_ranks[i - 1] + 1;
   if (world_ranks.size() == 1) return "rank " + std::to_string(world_ranks[0]);
   if (consecutive && !world_ranks.empty()) {
-    return "ranks " + std::to_string(world_ranks.front()) + "-" + std::to_string(world_ranks.back());
+    return "ranks " + std::to_string(world_ranks.front()) + "-" +
+           std::to_string(world_ranks.back());
   }
   std::string out = "ranks ";
   for (std::size_t i = 0; i < world_ranks.size(); ++i)
@@ -94,13 +96,19 @@ std::string describe_ranks(const std::vector<int>& world_ranks) {
 
 ncclDataType_t nccl_type(DType dtype) {
   switch (dtype) {
-    case DType::kF32: return ncclFloat32;
-    case DType::kF64: return ncclFloat64;
-    case DType::kI32: return ncclInt32;
-    case DType::kI64: return ncclInt64;
-    default: break;
+    case DType::kF32:
+      return ncclFloat32;
+    case DType::kF64:
+      return ncclFloat64;
+    case DType::kI32:
+      return ncclInt32;
+    case DType::kI64:
+      return ncclInt64;
+    default:
+      break;
   }
-  throw Error(ErrorCode::kInvalidArgument, "nccl transport: allreduce supports f32, f64, i32 and i64");
+  throw Error(ErrorCode::kInvalidArgument,
+              "nccl transport: allreduce supports f32, f64, i32 and i64");
 }
 
 /// One NCCL communicator, its device and the state shared by the operations on it.
@@ -149,9 +157,9 @@ class Communicator {
   /// Throws if the communicator was aborted; makes its device current.
   void enter(const char* op) {
     if (aborted_) {
-      throw Error(ErrorCode::kPeerFailed, std::string("nccl ") + op + " on " +
-                                              describe_ranks(world_ranks_) +
-                                              ": the communicator was aborted (" + abort_reason_ + ")");
+      throw Error(ErrorCode::kPeerFailed,
+                  std::string("nccl ") + op + " on " + describe_ranks(world_ranks_) +
+                      ": the communicator was aborted (" + abort_reason_ + ")");
     }
     check_cuda(cudaSetDevice(device_), "selecting device " + std::to_string(device_));
   }
@@ -326,15 +334,16 @@ class NcclTransport final : public Transport {
     c.enter("split");
     // Who lands where: every rank's (color, key), gathered through the parent.
     std::int64_t mine[2] = {color, key};
-    std::vector<std::int64_t> all(static_cast<std::size_t>(2 * size()));
+    std::vector<std::int64_t> all(2 * static_cast<std::size_t>(size()));
     gather_host(mine, sizeof mine, all.data(), "split");
+    auto color_of = [&](int r) { return all[2 * static_cast<std::size_t>(r)]; };
+    auto key_of = [&](int r) { return all[2 * static_cast<std::size_t>(r) + 1]; };
     std::vector<int> members;
     for (int r = 0; r < size(); ++r) {
-      if (color >= 0 && all[static_cast<std::size_t>(2 * r)] == color) members.push_back(r);
+      if (color >= 0 && color_of(r) == color) members.push_back(r);
     }
-    std::stable_sort(members.begin(), members.end(), [&](int a, int b) {
-      return all[static_cast<std::size_t>(2 * a + 1)] < all[static_cast<std::size_t>(2 * b + 1)];
-    });
+    std::stable_sort(members.begin(), members.end(),
+                     [&](int a, int b) { return key_of(a) < key_of(b); });
     ncclConfig_t config = nonblocking_config();
     ncclComm_t child = nullptr;
     c.check(ncclCommSplit(c.comm(), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, &config),
@@ -348,8 +357,8 @@ class NcclTransport final : public Transport {
       world_ranks.push_back(c.world_ranks()[static_cast<std::size_t>(members[i])]);
       nodes.push_back(topology_.node_of(members[i]));
     }
-    auto communicator = std::make_shared<Communicator>(child, c.device(), std::move(world_ranks),
-                                                       c.timeout_s());
+    auto communicator =
+        std::make_shared<Communicator>(child, c.device(), std::move(world_ranks), c.timeout_s());
     return std::make_unique<NcclTransport>(std::move(communicator), my_rank,
                                            Topology(std::move(nodes)));
   }
@@ -414,8 +423,9 @@ class NcclTransport final : public Transport {
       std::byte* device = c.staging(bytes * static_cast<std::size_t>(size()));
       c.check(ncclAllGather(data, device, bytes, ncclUint8, c.comm(), s), "allreduce");
       c.wait_ready("allreduce");
-      check_cuda(cudaMemcpyAsync(gathered_.data(), device, gathered_.size(), cudaMemcpyDeviceToHost, s),
-                 "allreduce: copying the contributions");
+      check_cuda(
+          cudaMemcpyAsync(gathered_.data(), device, gathered_.size(), cudaMemcpyDeviceToHost, s),
+          "allreduce: copying the contributions");
       c.wait_done(s, "allreduce");
       reduce_in_rank_order(gathered_.data(), count, dtype, op, size(), host_result(bytes));
       check_cuda(cudaMemcpyAsync(data, result_.data(), bytes, cudaMemcpyHostToDevice, s),
@@ -445,9 +455,11 @@ class NcclTransport final : public Transport {
     for (int p = 0; p < size(); ++p) {
       const auto q = static_cast<std::size_t>(p);
       if (b.send_counts[q] != 0)
-        c.check(ncclSend(send + b.send_offsets[q], b.send_counts[q], ncclUint8, p, c.comm(), s), op);
+        c.check(ncclSend(send + b.send_offsets[q], b.send_counts[q], ncclUint8, p, c.comm(), s),
+                op);
       if (b.recv_counts[q] != 0)
-        c.check(ncclRecv(recv + b.recv_offsets[q], b.recv_counts[q], ncclUint8, p, c.comm(), s), op);
+        c.check(ncclRecv(recv + b.recv_offsets[q], b.recv_counts[q], ncclUint8, p, c.comm(), s),
+                op);
     }
     c.check(ncclGroupEnd(), op);
     c.wait_ready(op);
@@ -530,8 +542,8 @@ std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) 
   } else {
     const ncclResult_t r = ncclGetUniqueId(&id);
     if (r != ncclSuccess) {
-      throw Error(ErrorCode::kSystem, "nccl transport: creating the unique id: " +
-                                          std::string(ncclGetErrorString(r)));
+      throw Error(ErrorCode::kSystem,
+                  "nccl transport: creating the unique id: " + std::string(ncclGetErrorString(r)));
     }
   }
   std::vector<int> world_ranks(static_cast<std::size_t>(info.world_size));
@@ -540,8 +552,8 @@ std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) 
   ncclComm_t comm = nullptr;
   const ncclResult_t r = ncclCommInitRankConfig(&comm, info.world_size, id, info.rank, &config);
   if (r != ncclSuccess && r != ncclInProgress) {
-    throw Error(ErrorCode::kSystem, "nccl init on " + describe_ranks(world_ranks) + ": " +
-                                        nccl_text(r, comm));
+    throw Error(ErrorCode::kSystem,
+                "nccl init on " + describe_ranks(world_ranks) + ": " + nccl_text(r, comm));
   }
   auto communicator =
       std::make_shared<Communicator>(comm, device, std::move(world_ranks), args.timeout_s);

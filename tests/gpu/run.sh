@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# The GPU check, in one run on a bare machine with an NVIDIA GPU, CUDA 13 (nvcc, cuBLAS),
+# NCCL (CUDA's prefix or the nvidia-nccl wheel), CMake and ninja, but none of the Debian
+# libraries the build uses: they come as .deb files fetched beforehand on a Debian machine
+# (scripts/fetch-gpu-deps.sh, into .gpu-deps/) and are unpacked into a private prefix here.
+#
+# It builds the project with CUDA (Release, the GPU's architecture), runs every CTest
+# labelled `gpu`, runs them again under compute-sanitizer's memcheck, and prints a short
+# table last. Aim: under 8 minutes.
+#
+# usage: tests/gpu/run.sh              the whole check (needs a GPU)
+#        tests/gpu/run.sh --deps-only  unpack the packages and configure a build against
+#                                      them alone (checks the fetched files on any machine)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+deps=${SWITCHYARD_GPU_DEPS:-$root/.gpu-deps}
+work=${SWITCHYARD_GPU_WORK:-$root/build-gpu}
+mode=${1:-all}
+start=$SECONDS
+say() { echo "gpu-run [$((SECONDS - start)) s]: $*"; }
+
+# 1. The Debian packages, unpacked into a private prefix.
+[ -f "$deps/MANIFEST" ] || { echo "gpu-run: $deps/MANIFEST missing: run scripts/fetch-gpu-deps.sh first" >&2; exit 2; }
+prefix=$work/prefix
+rm -rf "$prefix"
+mkdir -p "$prefix"
+while read -r deb; do
+  [ -f "$deps/$deb" ] || { echo "gpu-run: $deps/$deb listed but missing" >&2; exit 2; }
+  dpkg-deb -x "$deps/$deb" "$prefix" 2>/dev/null || {
+    # Without dpkg: a .deb is an ar archive holding data.tar.*.
+    (cd "$prefix" && ar p "$deps/$deb" "$(ar t "$deps/$deb" | grep '^data.tar')" | tar -x -J -f - 2>/dev/null ||
+      ar p "$deps/$deb" "$(ar t "$deps/$deb" | grep '^data.tar')" | tar -x -f -)
+  }
+done < "$deps/MANIFEST"
+usr=$prefix/usr
+say "unpacked $(wc -l < "$deps/MANIFEST") packages into $prefix"
+
+# 2. NCCL: CUDA's prefix, else the wheel PyTorch brought.
+nccl_root=${NCCL_ROOT:-}
+if [ -z "$nccl_root" ]; then
+  cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+  if [ ! -f "$cuda_home/include/nccl.h" ]; then
+    nccl_root=$(python3 -c 'import nvidia.nccl, os; print(os.path.dirname(nvidia.nccl.__file__))' 2>/dev/null ||
+                python3 -c 'import nvidia.nccl; print(list(nvidia.nccl.__path__)[0])' 2>/dev/null || true)
+  fi
+fi
+[ -n "$nccl_root" ] && say "NCCL from $nccl_root"
+
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+arch=${CMAKE_CUDA_ARCHITECTURES:-}
+if [ -z "$arch" ] && command -v nvidia-smi >/dev/null; then
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '. ')
+fi
+arch=${arch:-90}
+configure=(cmake -S "$root" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
+  -DSWITCHYARD_WITH_CUDA=ON -DSWITCHYARD_WITH_MPI=OFF -DSWITCHYARD_WITH_UCX=OFF
+  -DSWITCHYARD_WITH_OPENBLAS=OFF -DSWITCHYARD_WERROR=ON -DCMAKE_CUDA_ARCHITECTURES="$arch"
+  -DCMAKE_IGNORE_PREFIX_PATH=/usr -DCMAKE_PREFIX_PATH="$usr"
+  -DBoost_DIR="$usr/lib/x86_64-linux-gnu/cmake/Boost-1.74.0"
+  -Dboost_headers_DIR="$usr/lib/x86_64-linux-gnu/cmake/boost_headers-1.74.0"
+  -Dtomlplusplus_DIR="$usr/lib/x86_64-linux-gnu/cmake/tomlplusplus"
+  -Dnlohmann_json_DIR="$usr/share/cmake/nlohmann_json"
+  -Ddoctest_DIR="$usr/lib/cmake/doctest"
+  -DCMAKE_CXX_FLAGS="-isystem $usr/include")
+[ -n "$nccl_root" ] && configure+=(-DNCCL_ROOT="$nccl_root")
+export LD_LIBRARY_PATH=$usr/lib/x86_64-linux-gnu${nccl_root:+:$nccl_root/lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+"${configure[@]}" > "$work/configure.log" 2>&1 || { cat "$work/configure.log"; exit 1; }
+grep -E "Switchyard (backend|NCCL)" "$work/configure.log" | sed 's/^-- /gpu-run: /'
+say "configured for sm_$arch"
+if [ "$mode" = "--deps-only" ]; then
+  say "dependencies complete: the build configured against $prefix alone"
+  exit 0
+fi
+
+# 3. Build, the gpu tests, then the same under compute-sanitizer.
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+cmake --build "$work/build" -j "$(nproc)" > "$work/build.log" 2>&1 || { tail -50 "$work/build.log"; exit 1; }
+say "built"
+cd "$work/build"
+status=0
+ctest -L gpu --output-on-failure --timeout 300 | tee "$work/ctest.log" || status=1
+say "gpu tests done"
+sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+memcheck=()
+if [ -x "$sanitizer" ]; then
+  for test in $(ctest -L gpu -N | sed -n 's/^ *Test *#[0-9]*: //p'); do
+    if "$sanitizer" --tool memcheck --error-exitcode 99 "bin/$test" > "$work/memcheck-$test.log" 2>&1; then
+      memcheck+=("$test: clean")
+    else
+      memcheck+=("$test: FAILED (see $work/memcheck-$test.log)")
+      status=1
+    fi
+  done
+else
+  memcheck+=("compute-sanitizer not found: not run")
+fi
+say "memcheck done"
+
+echo
+echo "| check | result |"
+echo "| --- | --- |"
+grep -E "tests passed|tests failed" "$work/ctest.log" | sed 's/^/| ctest -L gpu | /; s/$/ |/'
+for line in "${memcheck[@]}"; do echo "| memcheck ${line%%:*} | ${line#*: } |"; done
+echo "| wall time | $((SECONDS - start)) s |"
+exit $status
