@@ -1,0 +1,698 @@
+// datapath_cuda: the layer's data-path primitives (data_path.hpp) on one CUDA device, with
+// the same results as the host data path: the same rows in the same order, the same
+// payload encodings (bf16 round-to-nearest-even; FP8 E4M3 with one f32 scale per 128
+// elements, saturating), and sums taken in the same order (slot order in the weighted
+// reduce, row order in the unpermute-sum). Router logits use a fixed summation order per
+// token, so they do not depend on how many tokens are computed together.
+//
+// Every primitive is enqueued on the caller's CUDA stream. The host waits only where it
+// must read a result: the per-rank row counts (layout_counts, for the transport's counts)
+// and the rows per local expert (count_groups, to size the grouping); both come back
+// through pinned memory.
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "switchyard/data_path.hpp"
+#include "switchyard/layer.hpp"
+#include "switchyard/plugin.hpp"
+
+namespace switchyard::cuda_path {
+namespace {
+
+std::string cuda_text(cudaError_t e) {
+  return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw Error(ErrorCode::kSystem, std::string("cuda data path: ") + what + ": " + cuda_text(e));
+}
+
+/// Checks the launch of the kernel just enqueued.
+void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+constexpr float kFp8Max = 448.0f;
+constexpr int kFp8Block = static_cast<int>(kFp8BlockSize);
+
+// ---------------------------------------------------------------------------------------
+// Streams, events and memory.
+
+class CudaEvent final : public StreamEvent {
+ public:
+  explicit CudaEvent(int device) : device_(device) {
+    check(cudaSetDevice(device_), "selecting the device");
+    check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "creating an event");
+  }
+  ~CudaEvent() override { cudaEventDestroy(event_); }
+  bool query() noexcept override { return cudaEventQuery(event_) != cudaErrorNotReady; }
+  void synchronize() override { check(cudaEventSynchronize(event_), "waiting for an event"); }
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  int device_;
+  cudaEvent_t event_ = nullptr;
+};
+
+class CudaStream final : public Stream {
+ public:
+  explicit CudaStream(int device) : device_(device) {
+    check(cudaSetDevice(device_), "selecting the device");
+    check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "creating a stream");
+  }
+  ~CudaStream() override {
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+  Device device() const noexcept override { return Device::cuda(device_); }
+  void* native_handle() const noexcept override { return stream_; }
+  void synchronize() override { check(cudaStreamSynchronize(stream_), "synchronizing the stream"); }
+  bool idle() noexcept override { return cudaStreamQuery(stream_) != cudaErrorNotReady; }
+  std::unique_ptr<StreamEvent> create_event() override { return std::make_unique<CudaEvent>(device_); }
+  void record(StreamEvent& event) override {
+    check(cudaEventRecord(static_cast<CudaEvent&>(event).get(), stream_), "recording an event");
+  }
+
+ private:
+  int device_;
+  cudaStream_t stream_ = nullptr;
+};
+
+cudaStream_t native(Stream& stream) { return static_cast<cudaStream_t>(stream.native_handle()); }
+
+class DeviceAllocator final : public Allocator {
+ public:
+  explicit DeviceAllocator(int device) : device_(device) {}
+  Device device() const noexcept override { return Device::cuda(device_); }
+  bool host_accessible() const noexcept override { return false; }
+  void* allocate(std::size_t bytes) override {
+    check(cudaSetDevice(device_), "selecting the device");
+    void* p = nullptr;
+    check(cudaMalloc(&p, std::max<std::size_t>(bytes, 1)),
+          ("allocating " + std::to_string(bytes) + " bytes of device memory").c_str());
+    return p;
+  }
+  void deallocate(void* data, std::size_t /*bytes*/) noexcept override { cudaFree(data); }
+  std::string name() const override { return "cuda:" + std::to_string(device_); }
+
+ private:
+  int device_;
+};
+
+class PinnedAllocator final : public Allocator {
+ public:
+  Device device() const noexcept override { return Device::host(); }
+  bool host_accessible() const noexcept override { return true; }
+  void* allocate(std::size_t bytes) override {
+    void* p = nullptr;
+    check(cudaMallocHost(&p, std::max<std::size_t>(bytes, 1)),
+          ("allocating " + std::to_string(bytes) + " bytes of pinned memory").c_str());
+    return p;
+  }
+  void deallocate(void* data, std::size_t /*bytes*/) noexcept override { cudaFreeHost(data); }
+  std::string name() const override { return "cuda_pinned"; }
+};
+
+/// Reusable device scratch of one kind (grows, never shrinks).
+template <typename T>
+class Scratch {
+ public:
+  ~Scratch() { cudaFree(data_); }
+  T* get(std::size_t count) {
+    if (count > capacity_) {
+      cudaFree(data_);
+      data_ = nullptr;
+      check(cudaMalloc(reinterpret_cast<void**>(&data_), std::max<std::size_t>(count, 1) * sizeof(T)),
+            "allocating scratch");
+      capacity_ = count;
+    }
+    return data_;
+  }
+
+ private:
+  T* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------
+// Kernels.
+
+/// ExpertPlacement's contiguous placement, as data for device code.
+struct Placement {
+  int num_experts;
+  int num_ranks;
+  __host__ __device__ int rank_of(int expert) const {
+    const int base = num_experts / num_ranks;
+    const int extra = num_experts % num_ranks;
+    const int boundary = extra * (base + 1);
+    if (expert < boundary) return expert / (base + 1);
+    return extra + (expert - boundary) / base;
+  }
+  __host__ __device__ int first_expert(int rank) const {
+    const int base = num_experts / num_ranks;
+    const int extra = num_experts % num_ranks;
+    return rank * base + (rank < extra ? rank : extra);
+  }
+};
+
+Placement placement_of(const ExpertPlacement& p) { return {p.num_experts(), p.num_ranks()}; }
+
+/// Whether a slot before j of this token goes to rank d already.
+__device__ bool earlier_slot_same_rank(const std::int32_t* ex, int j, int d, Placement p) {
+  for (int i = 0; i < j; ++i)
+    if (ex[i] >= 0 && p.rank_of(ex[i]) == d) return true;
+  return false;
+}
+
+/// sends[d * T + t] = 1 when token t sends a row to rank d.
+__global__ void mark_sends(const std::int32_t* experts, std::int64_t T, int K, Placement p,
+                           std::int32_t* sends) {
+  const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  const std::int32_t* ex = experts + t * K;
+  for (int j = 0; j < K; ++j) {
+    if (ex[j] < 0) continue;
+    const int d = p.rank_of(ex[j]);
+    if (!earlier_slot_same_rank(ex, j, d, p)) sends[d * T + t] = 1;
+  }
+}
+
+/// rows_to[d] = Σ_t sends[d * T + t], from the exclusive scan of sends.
+__global__ void rank_totals(const std::int32_t* sends, const std::int64_t* scanned,
+                            std::int64_t T, int R, std::int64_t* rows_to) {
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d >= R) return;
+  const std::int64_t last = static_cast<std::int64_t>(d) * T + T - 1;
+  rows_to[d] = T == 0 ? 0 : scanned[last] - scanned[static_cast<std::int64_t>(d) * T] + sends[last];
+}
+
+/// One thread per token: its send rows (first row of rank d: rows_to_offset[d] plus the
+/// tokens before it that send to d) and their slots in routing order.
+__global__ void write_layout(const std::int32_t* experts, const float* weights, std::int64_t T, int K,
+                             Placement p, const std::int64_t* scanned, const std::int64_t* rows_to_offset,
+                             std::int64_t* send_row_token, SlotMeta* send_meta) {
+  const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= T) return;
+  const std::int32_t* ex = experts + t * K;
+  const float* w = weights + t * K;
+  for (int j = 0; j < K; ++j) {
+    if (ex[j] < 0) continue;
+    const int d = p.rank_of(ex[j]);
+    const std::int64_t row =
+        rows_to_offset[d] + scanned[static_cast<std::int64_t>(d) * T + t] - scanned[static_cast<std::int64_t>(d) * T];
+    SlotMeta* slots = send_meta + row * K;
+    if (!earlier_slot_same_rank(ex, j, d, p)) {
+      send_row_token[row] = t;
+      for (int k = 0; k < K; ++k) slots[k] = {-1, 0.0f};
+    }
+    int k = 0;
+    while (slots[k].local_expert >= 0) ++k;
+    slots[k] = {ex[j] - p.first_expert(d), w[j]};
+  }
+}
+
+__device__ std::uint16_t to_bf16_bits(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+__device__ float from_bf16_bits(std::uint16_t bits) {
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
+/// One block per send row: x[token] into the payload dtype.
+__global__ void pack_rows(const float* x, std::int64_t H, const std::int64_t* send_row_token,
+                          PayloadDType dtype, std::size_t row_bytes, std::byte* rows) {
+  const std::int64_t s = blockIdx.x;
+  const float* in = x + send_row_token[s] * H;
+  std::byte* out = rows + static_cast<std::size_t>(s) * row_bytes;
+  if (dtype == PayloadDType::kF32) {
+    auto* o = reinterpret_cast<float*>(out);
+    for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) o[h] = in[h];
+  } else if (dtype == PayloadDType::kBF16) {
+    auto* o = reinterpret_cast<std::uint16_t*>(out);
+    for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) o[h] = to_bf16_bits(in[h]);
+  } else {
+    // One warp per block of 128 elements: amax, scale, codes.
+    const std::int64_t blocks = (H + kFp8Block - 1) / kFp8Block;
+    auto* scales = reinterpret_cast<float*>(out);
+    auto* codes = reinterpret_cast<__nv_fp8_storage_t*>(out + blocks * sizeof(float));
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (std::int64_t b = warp; b < blocks; b += warps) {
+      const std::int64_t first = b * kFp8Block;
+      const std::int64_t last = min(H, first + kFp8Block);
+      float amax = 0.0f;
+      for (std::int64_t h = first + lane; h < last; h += 32) amax = fmaxf(amax, fabsf(in[h]));
+      for (int offset = 16; offset > 0; offset /= 2)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+      const float scale = amax > 0.0f ? amax / kFp8Max : 1.0f;
+      if (lane == 0) scales[b] = scale;
+      const float inverse = 1.0f / scale;
+      for (std::int64_t h = first + lane; h < last; h += 32)
+        codes[h] = __nv_cvt_float_to_fp8(in[h] * inverse, __NV_SATFINITE, __NV_E4M3);
+    }
+  }
+}
+
+__device__ float decode_element(const std::byte* row, std::int64_t h, std::int64_t H, PayloadDType dtype) {
+  if (dtype == PayloadDType::kF32) return reinterpret_cast<const float*>(row)[h];
+  if (dtype == PayloadDType::kBF16) return from_bf16_bits(reinterpret_cast<const std::uint16_t*>(row)[h]);
+  const std::int64_t blocks = (H + kFp8Block - 1) / kFp8Block;
+  const auto* scales = reinterpret_cast<const float*>(row);
+  const auto* codes = reinterpret_cast<const __nv_fp8_storage_t*>(row + blocks * sizeof(float));
+  const __half_raw half = __nv_cvt_fp8_to_halfraw(codes[h], __NV_E4M3);
+  return __half2float(__half(half)) * scales[h / kFp8Block];
+}
+
+/// grouped[l * N·K + i] = 1 when slot i goes to local expert l; throws nothing: an
+/// out-of-range expert is flagged in *bad.
+__global__ void mark_groups(const SlotMeta* meta, std::int64_t NK, int L, std::int32_t* grouped, int* bad) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= NK) return;
+  const std::int32_t l = meta[i].local_expert;
+  if (l < 0) return;
+  if (l >= L) {
+    atomicMax(bad, l + 1);
+    return;
+  }
+  grouped[l * NK + i] = 1;
+}
+
+/// One block per received row: decodes it into every expert row its slots were assigned
+/// (stable: the position among the slots of the same expert, in (row, slot) order).
+__global__ void write_groups(const std::byte* rows, const SlotMeta* meta, std::int64_t N, int K,
+                             std::int64_t H, PayloadDType dtype, std::size_t row_bytes,
+                             const std::int64_t* scanned, const std::int64_t* expert_first,
+                             float* expert_input, std::int64_t* assignment_of_slot) {
+  const std::int64_t r = blockIdx.x;
+  const std::int64_t NK = N * K;
+  const std::byte* row = rows + static_cast<std::size_t>(r) * row_bytes;
+  for (int j = 0; j < K; ++j) {
+    const std::int64_t i = r * K + j;
+    const std::int32_t l = meta[i].local_expert;
+    if (l < 0) {
+      if (threadIdx.x == 0) assignment_of_slot[i] = -1;
+      continue;
+    }
+    const std::int64_t at = expert_first[l] + scanned[l * NK + i] - scanned[l * NK];
+    if (threadIdx.x == 0) assignment_of_slot[i] = at;
+    float* out = expert_input + at * H;
+    for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) out[h] = decode_element(row, h, H, dtype);
+  }
+}
+
+/// per_expert[l] = Σ_i grouped[l * NK + i], from the scan.
+__global__ void group_totals(const std::int32_t* grouped, const std::int64_t* scanned, std::int64_t NK,
+                             int L, std::int64_t* per_expert) {
+  const int l = blockIdx.x * blockDim.x + threadIdx.x;
+  if (l >= L) return;
+  const std::int64_t last = static_cast<std::int64_t>(l) * NK + NK - 1;
+  per_expert[l] = NK == 0 ? 0 : scanned[last] - scanned[static_cast<std::int64_t>(l) * NK] + grouped[last];
+}
+
+/// One block per received row: Σ over its slots in order of weight · expert row.
+__global__ void reduce_rows(const float* expert_output, const SlotMeta* meta, const std::int64_t* assignment,
+                            int K, std::int64_t H, bool bf16, std::byte* partial_rows) {
+  const std::int64_t r = blockIdx.x;
+  for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    float sum = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      const std::int64_t at = assignment[r * K + j];
+      if (at < 0) continue;
+      // No contraction into FMA: the same rounding as the host's loop.
+      sum = __fadd_rn(sum, __fmul_rn(meta[r * K + j].weight, expert_output[at * H + h]));
+    }
+    if (bf16) {
+      reinterpret_cast<std::uint16_t*>(partial_rows)[r * H + h] = to_bf16_bits(sum);
+    } else {
+      reinterpret_cast<float*>(partial_rows)[r * H + h] = sum;
+    }
+  }
+}
+
+/// One block per token: y[t] = Σ of its rows in row order (rows sorted by token, stably).
+__global__ void sum_token_rows(const std::byte* combined, const std::int64_t* rows_by_token,
+                               const std::int64_t* token_first, std::int64_t H, bool bf16, float* y) {
+  const std::int64_t t = blockIdx.x;
+  const std::int64_t first = token_first[t], last = token_first[t + 1];
+  for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    float sum = 0.0f;
+    for (std::int64_t i = first; i < last; ++i) {
+      const std::int64_t s = rows_by_token[i];
+      sum = __fadd_rn(sum, bf16 ? from_bf16_bits(reinterpret_cast<const std::uint16_t*>(combined)[s * H + h])
+                                : reinterpret_cast<const float*>(combined)[s * H + h]);
+    }
+    y[t * H + h] = sum;
+  }
+}
+
+/// token_first[t] = first index in the token-sorted rows of token t (T+1 entries).
+__global__ void token_bounds(const std::int64_t* sorted_tokens, std::int64_t S, std::int64_t T,
+                             std::int64_t* token_first) {
+  const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (t > T) return;
+  // Lower bound of t in the sorted tokens.
+  std::int64_t lo = 0, hi = S;
+  while (lo < hi) {
+    const std::int64_t mid = (lo + hi) / 2;
+    if (sorted_tokens[mid] < t) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  token_first[t] = lo;
+}
+
+__global__ void iota(std::int64_t* out, std::int64_t n) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = i;
+}
+
+/// logits[t, e] = Σ_h x[t, h] · gate[e, h], h ascending: a token's logits do not depend on
+/// T. A 16 × 16 tile of outputs per block, 16 × 16 tiles of x and gate through shared memory.
+__global__ void router_logits_kernel(const float* x, const float* gate, std::int64_t T, int E, std::int64_t H,
+                                     float* logits) {
+  constexpr int kTile = 16;
+  __shared__ float xs[kTile][kTile + 1];
+  __shared__ float gs[kTile][kTile + 1];
+  const std::int64_t t = blockIdx.y * static_cast<std::int64_t>(kTile) + threadIdx.y;
+  const int e = blockIdx.x * kTile + threadIdx.x;
+  float sum = 0.0f;
+  for (std::int64_t h0 = 0; h0 < H; h0 += kTile) {
+    const std::int64_t hx = h0 + threadIdx.x;
+    xs[threadIdx.y][threadIdx.x] = (t < T && hx < H) ? x[t * H + hx] : 0.0f;
+    const int eg = blockIdx.x * kTile + threadIdx.y;
+    gs[threadIdx.y][threadIdx.x] = (eg < E && hx < H) ? gate[static_cast<std::int64_t>(eg) * H + hx] : 0.0f;
+    __syncthreads();
+    const int n = static_cast<int>(H - h0 < kTile ? H - h0 : kTile);
+    for (int k = 0; k < n; ++k) sum = __fadd_rn(sum, __fmul_rn(xs[threadIdx.y][k], gs[threadIdx.x][k]));
+    __syncthreads();
+  }
+  if (t < T && e < E) logits[t * E + e] = sum;
+}
+
+unsigned blocks_for(std::int64_t n, int threads) {
+  return static_cast<unsigned>(std::max<std::int64_t>(1, (n + threads - 1) / threads));
+}
+
+// ---------------------------------------------------------------------------------------
+
+class CudaDataPath final : public DataPath {
+ public:
+  explicit CudaDataPath(int device) : device_(device), allocator_(device) {
+    check(cudaSetDevice(device_), "selecting the device");
+  }
+  ~CudaDataPath() override = default;
+
+  Device device() const noexcept override { return Device::cuda(device_); }
+  Allocator& allocator() noexcept override { return allocator_; }
+  Allocator& staging_allocator() noexcept override { return pinned_; }
+  std::unique_ptr<Stream> create_stream(bool /*queued*/) override {
+    return std::make_unique<CudaStream>(device_);
+  }
+
+  void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
+                     Stream& stream) override {
+    enter();
+    const std::int64_t T = x.dim(0), H = x.dim(1);
+    const int E = static_cast<int>(gate.dim(0));
+    if (T == 0) return;
+    const dim3 threads(16, 16);
+    const dim3 grid(static_cast<unsigned>((E + 15) / 16), static_cast<unsigned>((T + 15) / 16));
+    router_logits_kernel<<<grid, threads, 0, native(stream)>>>(x.data_as<const float>(),
+                                                                gate.data_as<const float>(), T, E, H,
+                                                                logits.data_as<float>());
+    check_launch("router logits");
+  }
+
+  void layout_counts(const LayoutCountsArgs& a, Stream& stream) override {
+    enter();
+    const cudaStream_t s = native(stream);
+    const int R = a.placement->num_ranks();
+    mark_and_scan_sends(a.experts, a.num_tokens, a.slots, placement_of(*a.placement), s);
+    std::int64_t* totals = rank_totals_.get(static_cast<std::size_t>(R));
+    rank_totals<<<blocks_for(R, 128), 128, 0, s>>>(sends_.get(0), scanned_.get(0), a.num_tokens, R, totals);
+    check_launch("rank totals");
+    read_back(totals, static_cast<std::size_t>(R), a.rows_to, s);
+  }
+
+  void layout(const LayoutArgs& a, Stream& stream) override {
+    enter();
+    const cudaStream_t s = native(stream);
+    const int R = a.placement->num_ranks();
+    const Placement p = placement_of(*a.placement);
+    mark_and_scan_sends(a.experts, a.num_tokens, a.slots, p, s);
+    std::int64_t* offsets = rank_offsets_.get(static_cast<std::size_t>(R));
+    upload(a.rows_to_offset.data(), static_cast<std::size_t>(R), offsets, s);
+    if (a.num_tokens == 0) return;
+    write_layout<<<blocks_for(a.num_tokens, 128), 128, 0, s>>>(a.experts, a.weights, a.num_tokens, a.slots, p,
+                                                              scanned_.get(0), offsets, a.send_row_token,
+                                                              a.send_meta);
+    check_launch("layout");
+  }
+
+  void pack(const PackArgs& a, Stream& stream) override {
+    enter();
+    if (a.num_rows == 0) return;
+    pack_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
+        a.x, a.hidden, a.send_row_token, a.dtype, payload_row_bytes(a.dtype, a.hidden), a.rows);
+    check_launch("pack");
+  }
+
+  void count_groups(const GroupCountArgs& a, Stream& stream) override {
+    enter();
+    const cudaStream_t s = native(stream);
+    mark_and_scan_groups(a.meta, a.num_rows * a.slots, a.num_local_experts, s);
+    std::int64_t* totals = expert_totals_.get(static_cast<std::size_t>(a.num_local_experts));
+    group_totals<<<blocks_for(a.num_local_experts, 128), 128, 0, s>>>(
+        grouped_.get(0), group_scanned_.get(0), a.num_rows * a.slots, a.num_local_experts, totals);
+    check_launch("group totals");
+    read_back(totals, static_cast<std::size_t>(a.num_local_experts), a.rows_per_expert, s);
+    int bad = 0;
+    check(cudaMemcpyAsync(&bad, bad_.get(1), sizeof bad, cudaMemcpyDeviceToHost, s), "reading the check");
+    check(cudaStreamSynchronize(s), "count_groups");
+    if (bad > 0) {
+      throw Error(ErrorCode::kInternal, "MoE dispatch: received a row for local expert " + std::to_string(bad - 1) +
+                                            " but this rank holds " + std::to_string(a.num_local_experts));
+    }
+  }
+
+  void group_by_expert(const GroupArgs& a, Stream& stream) override {
+    enter();
+    const cudaStream_t s = native(stream);
+    const std::int64_t NK = a.num_rows * a.slots;
+    mark_and_scan_groups(a.meta, NK, a.num_local_experts, s);
+    // First expert row of each local expert: the host's counts, prefix-summed.
+    first_host_.resize(static_cast<std::size_t>(a.num_local_experts));
+    std::int64_t first = 0;
+    for (int l = 0; l < a.num_local_experts; ++l) {
+      first_host_[static_cast<std::size_t>(l)] = first;
+      first += a.rows_per_expert[l];
+    }
+    std::int64_t* expert_first = expert_first_.get(static_cast<std::size_t>(a.num_local_experts));
+    upload(first_host_.data(), first_host_.size(), expert_first, s);
+    if (a.num_rows == 0) return;
+    write_groups<<<static_cast<unsigned>(a.num_rows), 256, 0, s>>>(
+        a.rows, a.meta, a.num_rows, a.slots, a.hidden, a.dtype, payload_row_bytes(a.dtype, a.hidden),
+        group_scanned_.get(0), expert_first, a.expert_input, a.assignment_of_slot);
+    check_launch("group by expert");
+  }
+
+  void weighted_reduce(const WeightedReduceArgs& a, Stream& stream) override {
+    enter();
+    if (a.num_rows == 0) return;
+    reduce_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
+        a.expert_output, a.meta, a.assignment_of_slot, a.slots, a.hidden, a.combine_dtype == DType::kBF16,
+        a.partial_rows);
+    check_launch("weighted reduce");
+  }
+
+  void unpermute_sum(const UnpermuteSumArgs& a, Stream& stream) override {
+    enter();
+    const cudaStream_t s = native(stream);
+    const std::int64_t S = a.num_rows, T = a.num_tokens;
+    if (T == 0) return;
+    // The send rows sorted by token, stably (radix sort keeps equal keys in row order).
+    std::int64_t* rows = row_ids_.get(static_cast<std::size_t>(S) * 2);
+    std::int64_t* sorted_rows = rows + S;
+    std::int64_t* sorted_tokens = sorted_tokens_.get(static_cast<std::size_t>(S));
+    if (S > 0) {
+      iota<<<blocks_for(S, 256), 256, 0, s>>>(rows, S);
+      check_launch("iota");
+    }
+    std::size_t temp_bytes = 0;
+    const int end_bit = bits_for(T);
+    check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, a.send_row_token, sorted_tokens, rows, sorted_rows,
+                                          static_cast<int>(S), 0, end_bit, s),
+          "sizing the token sort");
+    check(cub::DeviceRadixSort::SortPairs(temp_.get(temp_bytes), temp_bytes, a.send_row_token, sorted_tokens, rows,
+                                          sorted_rows, static_cast<int>(S), 0, end_bit, s),
+          "sorting rows by token");
+    std::int64_t* token_first = token_first_.get(static_cast<std::size_t>(T) + 1);
+    token_bounds<<<blocks_for(T + 1, 256), 256, 0, s>>>(sorted_tokens, S, T, token_first);
+    check_launch("token bounds");
+    sum_token_rows<<<static_cast<unsigned>(T), 256, 0, s>>>(a.combined_rows, sorted_rows, token_first, a.hidden,
+                                                           a.combine_dtype == DType::kBF16, a.y);
+    check_launch("unpermute-sum");
+  }
+
+ private:
+  void enter() { check(cudaSetDevice(device_), "selecting the device"); }
+
+  static int bits_for(std::int64_t values) {
+    int bits = 1;
+    while (bits < 63 && (std::int64_t{1} << bits) < values) ++bits;
+    return bits;
+  }
+
+  /// sends_ [R, T] marks and scanned_ their exclusive scan (in one pass over R·T).
+  void mark_and_scan_sends(const std::int32_t* experts, std::int64_t T, int K, Placement p, cudaStream_t s) {
+    const std::size_t n = static_cast<std::size_t>(p.num_ranks) * static_cast<std::size_t>(T);
+    std::int32_t* sends = sends_.get(n);
+    check(cudaMemsetAsync(sends, 0, n * sizeof(std::int32_t), s), "clearing the send marks");
+    if (T > 0) {
+      mark_sends<<<blocks_for(T, 128), 128, 0, s>>>(experts, T, K, p, sends);
+      check_launch("mark sends");
+    }
+    exclusive_scan(sends, scanned_.get(n), n, s);
+  }
+
+  /// grouped_ [L, N·K] marks and group_scanned_ their exclusive scan.
+  void mark_and_scan_groups(const SlotMeta* meta, std::int64_t NK, int L, cudaStream_t s) {
+    const std::size_t n = static_cast<std::size_t>(L) * static_cast<std::size_t>(NK);
+    std::int32_t* grouped = grouped_.get(n);
+    check(cudaMemsetAsync(grouped, 0, n * sizeof(std::int32_t), s), "clearing the group marks");
+    int* bad = bad_.get(1);
+    check(cudaMemsetAsync(bad, 0, sizeof(int), s), "clearing the check");
+    if (NK > 0) {
+      mark_groups<<<blocks_for(NK, 256), 256, 0, s>>>(meta, NK, L, grouped, bad);
+      check_launch("mark groups");
+    }
+    exclusive_scan(grouped, group_scanned_.get(n), n, s);
+  }
+
+  void exclusive_scan(const std::int32_t* in, std::int64_t* out, std::size_t n, cudaStream_t s) {
+    if (n == 0) return;
+    std::size_t temp_bytes = 0;
+    check(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, in, out, static_cast<std::int64_t>(n), s),
+          "sizing a scan");
+    check(cub::DeviceScan::ExclusiveSum(temp_.get(temp_bytes), temp_bytes, in, out, static_cast<std::int64_t>(n), s),
+          "scanning");
+  }
+
+  /// Copies `count` device values to the host array `out` through pinned memory and waits
+  /// (the host needs them now: these are the data path's only synchronisations).
+  void read_back(const std::int64_t* device_values, std::size_t count, std::int64_t* out, cudaStream_t s) {
+    pinned_counts_.resize(count);
+    check(cudaMemcpyAsync(pinned_counts_.data(), device_values, count * sizeof(std::int64_t),
+                          cudaMemcpyDeviceToHost, s),
+          "reading counts back");
+    check(cudaStreamSynchronize(s), "waiting for the counts");
+    std::copy(pinned_counts_.begin(), pinned_counts_.end(), out);
+  }
+
+  /// Copies `count` host values to the device through pinned memory, on the stream.
+  void upload(const std::int64_t* host_values, std::size_t count, std::int64_t* device_values, cudaStream_t s) {
+    // The pinned copy must stay untouched until the transfer ran: wait for the previous one.
+    if (upload_pending_) check(cudaEventSynchronize(upload_done_.get()), "waiting for an upload");
+    pinned_upload_.resize(count);
+    std::copy(host_values, host_values + count, pinned_upload_.begin());
+    check(cudaMemcpyAsync(device_values, pinned_upload_.data(), count * sizeof(std::int64_t),
+                          cudaMemcpyHostToDevice, s),
+          "uploading offsets");
+    check(cudaEventRecord(upload_done_.get(), s), "recording an upload");
+    upload_pending_ = true;
+  }
+
+  /// A pinned host vector of int64 (grows, never shrinks).
+  class PinnedVector {
+   public:
+    ~PinnedVector() { cudaFreeHost(data_); }
+    void resize(std::size_t n) {
+      if (n > capacity_) {
+        cudaFreeHost(data_);
+        data_ = nullptr;
+        check(cudaMallocHost(reinterpret_cast<void**>(&data_), std::max<std::size_t>(n, 1) * sizeof(std::int64_t)),
+              "allocating pinned memory");
+        capacity_ = n;
+      }
+      size_ = n;
+    }
+    std::int64_t* data() { return data_; }
+    std::int64_t* begin() { return data_; }
+    std::int64_t* end() { return data_ + size_; }
+
+   private:
+    std::int64_t* data_ = nullptr;
+    std::size_t capacity_ = 0, size_ = 0;
+  };
+
+  class Event {
+   public:
+    Event() { check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "creating an event"); }
+    ~Event() { cudaEventDestroy(event_); }
+    cudaEvent_t get() const { return event_; }
+
+   private:
+    cudaEvent_t event_ = nullptr;
+  };
+
+  int device_;
+  DeviceAllocator allocator_;
+  PinnedAllocator pinned_;
+  Scratch<std::int32_t> sends_, grouped_;
+  Scratch<std::int64_t> scanned_, group_scanned_, rank_totals_, rank_offsets_, expert_totals_, expert_first_,
+      row_ids_, sorted_tokens_, token_first_;
+  Scratch<int> bad_;
+  Scratch<std::byte> temp_;
+  PinnedVector pinned_counts_, pinned_upload_;
+  Event upload_done_;
+  bool upload_pending_ = false;
+  std::vector<std::int64_t> first_host_;
+};
+
+std::string unusable_reason() {
+  int devices = 0;
+  const cudaError_t e = cudaGetDeviceCount(&devices);
+  int driver = 0, runtime = 0;
+  cudaDriverGetVersion(&driver);
+  cudaRuntimeGetVersion(&runtime);
+  if (e == cudaErrorInsufficientDriver && driver == 0)
+    return "no CUDA device is usable: no NVIDIA driver is loaded (" + cuda_text(e) + ")";
+  if (e == cudaErrorInsufficientDriver) {
+    return "no CUDA device is usable: the driver (CUDA " + std::to_string(driver / 1000) + "." +
+           std::to_string(driver % 1000 / 10) + ") is older than the toolkit this plugin was built with (CUDA " +
+           std::to_string(runtime / 1000) + "." + std::to_string(runtime % 1000 / 10) + ")";
+  }
+  if (e != cudaSuccess) return "no CUDA device is usable: " + cuda_text(e);
+  if (devices == 0) return "no CUDA device is usable: the driver reports none";
+  return {};
+}
+
+Status probe() {
+  const std::string why = unusable_reason();
+  if (!why.empty()) return {ErrorCode::kUnavailable, why};
+  return {};
+}
+
+std::unique_ptr<DataPath> create(const DataPathCreateArgs& args) {
+  probe().throw_if_error();
+  int devices = 0;
+  check(cudaGetDeviceCount(&devices), "counting devices");
+  return std::make_unique<CudaDataPath>(args.local_rank % devices);
+}
+
+}  // namespace
+}  // namespace switchyard::cuda_path
+
+SWITCHYARD_DATA_PATH_PLUGIN("cuda", "0.1.0",
+                            "the layer's data path on a CUDA device (layout, permute with bf16/fp8 "
+                            "payloads, reduce, unpermute-sum)",
+                            nullptr, ::switchyard::cuda_path::probe, ::switchyard::cuda_path::create)
