@@ -204,6 +204,10 @@ class HostDataPath final : public DataPath {
     }
   }
 
+  void copy(void* dst, const void* src, std::size_t bytes, Stream& /*stream*/) override {
+    if (bytes != 0) std::memmove(dst, src, bytes);
+  }
+
  private:
   /// Whether a slot before `j` of this token already goes to rank `d`.
   static bool earlier_slot_same_rank(const std::int32_t* ex, int j, int d,

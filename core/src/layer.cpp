@@ -145,8 +145,14 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
   // that memory.
   data_path_ = parts_.data_path ? parts_.data_path : make_host_data_path();
   const Device device = data_path_->device();
-  require_accepted_memory(parts_.router->capabilities(), device,
-                          "router plugin \"" + parts_.router->name() + "\"", "the router logits");
+  const ExecutionCapabilities router = parts_.router->capabilities();
+  // A host router behind a device data path routes a host copy of the logits.
+  route_on_host_ =
+      device.kind != Device::Kind::kHost && !router.device_memory && router.host_memory;
+  if (!route_on_host_) {
+    require_accepted_memory(router, device, "router plugin \"" + parts_.router->name() + "\"",
+                            "the router logits");
+  }
   require_accepted_memory(parts_.experts->capabilities(), device,
                           "expert plugin \"" + parts_.experts->name() + "\"",
                           "the expert input rows");
@@ -156,36 +162,79 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
                 "MoELayer: transport plugin \"" + parts_.transport->name() + "\" does not take " +
                     device_name(device) + " memory, where the layer's data path puts its rows");
   }
-  if (device.kind != Device::Kind::kHost) {
-    // The counts exchange reads per-peer counts on the host; with device rows they must be
-    // exchanged on the device and copied back to staging memory, which is not written yet.
-    throw Error(ErrorCode::kUnavailable,
-                "MoELayer: a data path on " + device_name(device) +
-                    " needs the device counts exchange, which this core does not have yet");
+  if (device.kind != Device::Kind::kHost && !transport.host_memory) {
+    // The per-peer counts are exchanged in host memory, where the host reads them.
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoELayer: transport plugin \"" + parts_.transport->name() +
+                    "\" must also take host memory, for the per-peer counts");
   }
   logits_ = Buffer<float>(data_path_->allocator());
   plan_ = RoutingPlan(data_path_->allocator());
+  host_logits_ = Buffer<float>(data_path_->staging_allocator());
+  host_plan_ = RoutingPlan(data_path_->staging_allocator());
   handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
   stream_ = data_path_->create_stream(transport.stream_ordered);
   if (stream_ == nullptr || stream_->device() != device) {
     throw Error(ErrorCode::kInternal,
                 "MoELayer: the data path gave no stream on " + device_name(device));
   }
+  gate_ = parts_.gate;
+  if (parts_.gate.device() != device) {
+    // The gate goes where the logits are computed (once).
+    device_gate_ = Buffer<float>(data_path_->allocator());
+    device_gate_.resize(to_size(parts_.gate.numel()));
+    data_path_->copy(device_gate_.data(), parts_.gate.data(), to_size(parts_.gate.numel()) * 4,
+                     *stream_);
+    host_ready();
+    gate_ = TensorView(device_gate_.data(), DType::kF32, {parts_.gate.dim(0), hidden_}, device);
+  }
 }
 
 void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
   x.require("MoE input x", DType::kF32, {-1, hidden_});
+  if (x.device() != data_path_->device()) {
+    throw Error(ErrorCode::kInvalidArgument, "MoE input x is in " + device_name(x.device()) +
+                                                 " memory, the layer's data path runs on " +
+                                                 device_name(data_path_->device()));
+  }
   const std::int64_t T = x.dim(0);
   const std::int64_t E = parts_.placement.num_experts();
   logits_.resize(to_size(T * E));
   const TensorView logits(logits_.data(), DType::kF32, {T, E}, logits_.device());
-  data_path_->router_logits(x, parts_.gate, logits, *stream_);
+  data_path_->router_logits(x, gate_, logits, *stream_);
+  if (route_on_host_) {
+    route_through_host(logits, plan);
+    return;
+  }
   RouteInput input;
   input.logits = logits;
   input.topology = &parts_.transport->topology();
   if (!parts_.router->capabilities().stream_ordered) host_ready();
   parts_.router->route(input, plan, *stream_);
   host_ready();
+}
+
+void MoELayer::route_through_host(const TensorView& logits, RoutingPlan& plan) {
+  const std::int64_t T = logits.dim(0), E = logits.dim(1);
+  host_logits_.resize(to_size(T * E));
+  data_path_->copy(host_logits_.data(), logits.data(), to_size(T * E) * sizeof(float), *stream_);
+  host_ready();
+  RouteInput input;
+  input.logits = TensorView(host_logits_.data(), DType::kF32, {T, E});
+  input.topology = &parts_.transport->topology();
+  parts_.router->route(input, host_plan_, host_stream_);
+  plan.num_tokens = host_plan_.num_tokens;
+  plan.slots = host_plan_.slots;
+  plan.experts.resize(host_plan_.experts.size());
+  plan.weights.resize(host_plan_.weights.size());
+  plan.counts.resize(host_plan_.counts.size());
+  data_path_->copy(plan.experts.data(), host_plan_.experts.data(),
+                   host_plan_.experts.size() * sizeof(std::int32_t), *stream_);
+  data_path_->copy(plan.weights.data(), host_plan_.weights.data(),
+                   host_plan_.weights.size() * sizeof(float), *stream_);
+  data_path_->copy(plan.counts.data(), host_plan_.counts.data(),
+                   host_plan_.counts.size() * sizeof(std::int64_t), *stream_);
+  host_ready();  // the host plan is rewritten by the next step
 }
 
 void MoELayer::forward(const TensorView& x, const TensorView& y) {
@@ -295,8 +344,14 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
 
   start = Clock::now();
   h.rows_from_.resize(r_size);
-  transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t), *stream_);
-  host_ready();  // the counts are read on the host
+  if (data_path_->device().kind == Device::Kind::kHost) {
+    transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t), *stream_);
+    host_ready();  // the counts are read on the host
+  } else {
+    // Device rows: the counts are host (staging) memory, exchanged by the blocking form.
+    host_ready();
+    transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t));
+  }
   timings_.dispatch_s = seconds_since(start);
   // From here every rank of the group knows whether any rank failed: they all stop at
   // this same point, and the group stays usable for the next step.
@@ -429,6 +484,14 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
   // that would otherwise corrupt memory.
   expert_output.require("MoE combine expert_output", DType::kF32, {A, H});
   y.require("MoE combine y", DType::kF32, {h.num_tokens_, H});
+  for (const TensorView* v : {&expert_output, &y}) {
+    if (v->device() != data_path_->device()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  std::string("MoE combine ") + (v == &y ? "y" : "expert_output") + " is in " +
+                      device_name(v->device()) + " memory, the layer's data path runs on " +
+                      device_name(data_path_->device()));
+    }
+  }
   const DType dtype = parts_.combine_dtype;
   const std::size_t row_bytes = to_size(H) * dtype_size(dtype);
 

@@ -40,6 +40,7 @@ void check(cudaError_t e, const char* what) {
 void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
 constexpr float kFp8Max = 448.0f;
+constexpr unsigned long long kNoBadSlot = ~0ull;
 constexpr int kFp8Block = static_cast<int>(kFp8BlockSize);
 
 // ---------------------------------------------------------------------------------------
@@ -171,12 +172,19 @@ __device__ bool earlier_slot_same_rank(const std::int32_t* ex, int j, int d, Pla
   return false;
 }
 
-/// sends[d * T + t] = 1 when token t sends a row to rank d.
+/// sends[d * T + t] = 1 when token t sends a row to rank d. An expert id outside -1..E-1
+/// is recorded in *bad (1 + the first such slot's index) and the token sends nothing.
 __global__ void mark_sends(const std::int32_t* experts, std::int64_t T, int K, Placement p,
-                           std::int32_t* sends) {
+                           std::int32_t* sends, unsigned long long* bad) {
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (t >= T) return;
   const std::int32_t* ex = experts + t * K;
+  for (int j = 0; j < K; ++j) {
+    if (ex[j] < -1 || ex[j] >= p.num_experts) {
+      atomicMin(bad, static_cast<unsigned long long>(t * K + j));
+      return;
+    }
+  }
   for (int j = 0; j < K; ++j) {
     if (ex[j] < 0) continue;
     const int d = p.rank_of(ex[j]);
@@ -440,7 +448,18 @@ class CudaDataPath final : public DataPath {
     std::int64_t* totals = rank_totals_.get(static_cast<std::size_t>(R));
     rank_totals<<<blocks_for(R, 128), 128, 0, s>>>(sends_.get(0), scanned_.get(0), a.num_tokens, R, totals);
     check_launch("rank totals");
+    unsigned long long bad = 0;
+    check(cudaMemcpyAsync(&bad, bad_slot_.get(1), sizeof bad, cudaMemcpyDeviceToHost, s), "reading the check");
     read_back(totals, static_cast<std::size_t>(R), a.rows_to, s);
+    if (bad != kNoBadSlot) {
+      std::int32_t expert = 0;
+      check(cudaMemcpy(&expert, a.experts + bad, sizeof expert, cudaMemcpyDeviceToHost), "reading the bad slot");
+      throw Error(ErrorCode::kInvalidArgument,
+                  "routing plan: token " + std::to_string(bad / static_cast<unsigned long long>(a.slots)) +
+                      " slot " + std::to_string(bad % static_cast<unsigned long long>(a.slots)) +
+                      " has expert " + std::to_string(expert) + ", outside 0.." +
+                      std::to_string(a.placement->num_experts() - 1));
+    }
   }
 
   void layout(const LayoutArgs& a, Stream& stream) override {
@@ -543,6 +562,12 @@ class CudaDataPath final : public DataPath {
     check_launch("unpermute-sum");
   }
 
+  void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) override {
+    enter();
+    if (bytes == 0) return;
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, native(stream)), "copy");
+  }
+
  private:
   void enter() { check(cudaSetDevice(device_), "selecting the device"); }
 
@@ -557,8 +582,10 @@ class CudaDataPath final : public DataPath {
     const std::size_t n = static_cast<std::size_t>(p.num_ranks) * static_cast<std::size_t>(T);
     std::int32_t* sends = sends_.get(n);
     check(cudaMemsetAsync(sends, 0, n * sizeof(std::int32_t), s), "clearing the send marks");
+    unsigned long long* bad = bad_slot_.get(1);
+    check(cudaMemsetAsync(bad, 0xff, sizeof *bad, s), "clearing the check");
     if (T > 0) {
-      mark_sends<<<blocks_for(T, 128), 128, 0, s>>>(experts, T, K, p, sends);
+      mark_sends<<<blocks_for(T, 128), 128, 0, s>>>(experts, T, K, p, sends, bad);
       check_launch("mark sends");
     }
     exclusive_scan(sends, scanned_.get(n), n, s);
@@ -651,6 +678,7 @@ class CudaDataPath final : public DataPath {
   Scratch<std::int64_t> scanned_, group_scanned_, rank_totals_, rank_offsets_, expert_totals_, expert_first_,
       row_ids_, sorted_tokens_, token_first_;
   Scratch<int> bad_;
+  Scratch<unsigned long long> bad_slot_;  // first slot with an invalid expert, or all ones
   Scratch<std::byte> temp_;
   PinnedVector pinned_counts_, pinned_upload_;
   Event upload_done_;

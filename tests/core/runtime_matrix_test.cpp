@@ -298,9 +298,9 @@ TEST_CASE("a datapath plugin runs the layer's primitives; an unknown one is a cl
   dlclose(library);
 
   Config missing = base_config(1, 4, 1);
-  missing.set("runtime", "data_path", std::string("cuda"));
+  missing.set("runtime", "data_path", std::string("tpu"));
   CHECK_THROWS_WITH_AS(Runtime{missing},
-                       doctest::Contains("runtime.data_path: datapath plugin \"cuda\" not found"),
+                       doctest::Contains("runtime.data_path: datapath plugin \"tpu\" not found"),
                        Error);
 }
 

@@ -1,7 +1,7 @@
-// transport_nccl on the machine at hand. Without a usable GPU (CI): the plugin loads,
-// `switchyard plugins` lists it with its probe's reason, and selecting it ends the run with
-// exit code 1 and that reason. With one: the conformance suite at world 1 on host memory
-// (staged through the device); device memory is covered by tests/gpu.
+// transport_nccl (and datapath_cuda) on the machine at hand. Without a usable GPU (CI): the
+// plugins load, `switchyard plugins` lists them with their probe's reason, and selecting one
+// ends the run with exit code 1 and that reason. With one: the conformance suite at world 1 on host
+// memory (staged through the device); device memory is covered by tests/gpu.
 #include <doctest/doctest.h>
 
 #include <string>
@@ -43,6 +43,14 @@ TEST_CASE("nccl: without a GPU it is listed with the reason and selecting it exi
                                   "/examples/configs/demo.toml --set runtime.transport=nccl");
   CHECK(run.exit_code == 1);
   CHECK(run.output.find("no CUDA device is usable") != std::string::npos);
+
+  // The CUDA data path says the same, listed and selected.
+  CHECK(listed.output.find("datapath   cuda") != std::string::npos);
+  const auto on_gpu = test::run_tool("run " SWITCHYARD_SOURCE_DIR
+                                     "/examples/configs/demo.toml --set runtime.data_path=cuda");
+  CHECK(on_gpu.exit_code == 1);
+  CHECK(on_gpu.output.find("datapath plugin \"cuda\"") != std::string::npos);
+  CHECK(on_gpu.output.find("no CUDA device is usable") != std::string::npos);
 }
 
 TEST_CASE("nccl: the conformance suite at world 1 on host memory, where a GPU is usable") {

@@ -155,6 +155,10 @@ class DataPath {
   virtual void group_by_expert(const GroupArgs& args, Stream& stream) = 0;
   virtual void weighted_reduce(const WeightedReduceArgs& args, Stream& stream) = 0;
   virtual void unpermute_sum(const UnpermuteSumArgs& args, Stream& stream) = 0;
+  /// Copies `bytes` from `src` to `dst`, each in host memory or in this data path's memory,
+  /// ordered on `stream` (e.g. a device plan from a host router's plan). The host memory
+  /// must stay untouched until the stream has passed the copy.
+  virtual void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) = 0;
 };
 
 /// A new host implementation (host-synchronous). Each layer owns one: its scratch is not

@@ -166,10 +166,19 @@ class MoELayer {
                         const Error* local_error);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream_->synchronize(); }
+  /// A host router behind a device data path: logits copied to the host, routed there,
+  /// the plan copied to the device.
+  void route_through_host(const TensorView& logits, RoutingPlan& plan);
   MoELayerParts parts_;
   std::unique_ptr<Stream> stream_;
   std::shared_ptr<DataPath> data_path_;
   std::int64_t hidden_ = 0;
+  TensorView gate_;             // the gate on the data path's device
+  Buffer<float> device_gate_;   // its copy there, when the caller's gate is host memory
+  bool route_on_host_ = false;  // a host router with a device data path
+  Buffer<float> host_logits_;   // staging memory
+  RoutingPlan host_plan_;       // staging memory
+  HostStream host_stream_;      // for the host router
   Buffer<float> logits_;
   RoutingPlan plan_;
   DispatchHandle handle_;
