@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_probe.hpp"
 #include "switchyard/data_path.hpp"
 #include "switchyard/layer.hpp"
 #include "switchyard/plugin.hpp"
@@ -686,32 +687,8 @@ class CudaDataPath final : public DataPath {
   std::vector<std::int64_t> first_host_;
 };
 
-std::string unusable_reason() {
-  int devices = 0;
-  const cudaError_t e = cudaGetDeviceCount(&devices);
-  int driver = 0, runtime = 0;
-  cudaDriverGetVersion(&driver);
-  cudaRuntimeGetVersion(&runtime);
-  if (e == cudaErrorInsufficientDriver && driver == 0)
-    return "no CUDA device is usable: no NVIDIA driver is loaded (" + cuda_text(e) + ")";
-  if (e == cudaErrorInsufficientDriver) {
-    return "no CUDA device is usable: the driver (CUDA " + std::to_string(driver / 1000) + "." +
-           std::to_string(driver % 1000 / 10) + ") is older than the toolkit this plugin was built with (CUDA " +
-           std::to_string(runtime / 1000) + "." + std::to_string(runtime % 1000 / 10) + ")";
-  }
-  if (e != cudaSuccess) return "no CUDA device is usable: " + cuda_text(e);
-  if (devices == 0) return "no CUDA device is usable: the driver reports none";
-  return {};
-}
-
-Status probe() {
-  const std::string why = unusable_reason();
-  if (!why.empty()) return {ErrorCode::kUnavailable, why};
-  return {};
-}
-
 std::unique_ptr<DataPath> create(const DataPathCreateArgs& args) {
-  probe().throw_if_error();
+  cuda_common::cuda_probe().throw_if_error();
   int devices = 0;
   check(cudaGetDeviceCount(&devices), "counting devices");
   return std::make_unique<CudaDataPath>(args.local_rank % devices);
@@ -723,4 +700,5 @@ std::unique_ptr<DataPath> create(const DataPathCreateArgs& args) {
 SWITCHYARD_DATA_PATH_PLUGIN("cuda", "0.1.0",
                             "the layer's data path on a CUDA device (layout, permute with bf16/fp8 "
                             "payloads, reduce, unpermute-sum)",
-                            nullptr, ::switchyard::cuda_path::probe, ::switchyard::cuda_path::create)
+                            nullptr, ::switchyard::cuda_common::cuda_probe,
+                            ::switchyard::cuda_path::create)

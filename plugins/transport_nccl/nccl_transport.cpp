@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda_probe.hpp"
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/collectives.hpp"
 #include "switchyard/plugin.hpp"
@@ -46,29 +47,6 @@ std::string cuda_text(cudaError_t e) {
 void check_cuda(cudaError_t e, const std::string& what) {
   if (e == cudaSuccess) return;
   throw Error(ErrorCode::kSystem, "nccl transport: " + what + ": " + cuda_text(e));
-}
-
-/// Why no CUDA device can be used here, or empty when one can.
-std::string cuda_unusable_reason() {
-  int devices = 0;
-  const cudaError_t e = cudaGetDeviceCount(&devices);
-  int driver = 0, runtime = 0;
-  cudaDriverGetVersion(&driver);
-  cudaRuntimeGetVersion(&runtime);
-  auto version = [](int v) {
-    return v == 0 ? std::string("none")
-                  : std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10);
-  };
-  if (e == cudaErrorInsufficientDriver && driver == 0) {
-    return "no CUDA device is usable: no NVIDIA driver is loaded (" + cuda_text(e) + ")";
-  }
-  if (e == cudaErrorInsufficientDriver) {
-    return "no CUDA device is usable: the driver (CUDA " + version(driver) +
-           ") is older than the toolkit this plugin was built with (CUDA " + version(runtime) + ")";
-  }
-  if (e != cudaSuccess) return "no CUDA device is usable: " + cuda_text(e);
-  if (devices == 0) return "no CUDA device is usable: the driver reports none";
-  return {};
 }
 
 std::string nccl_text(ncclResult_t r, ncclComm_t comm) {
@@ -496,7 +474,7 @@ void declare_options(ConfigSchema& /*schema*/) {}
 
 /// Why this process cannot run NCCL, or ok.
 Status probe() {
-  const std::string unusable = cuda_unusable_reason();
+  const std::string unusable = cuda_common::cuda_unusable_reason();
   if (!unusable.empty()) return {ErrorCode::kUnavailable, unusable};
   try {
     const auto info = LaunchInfo::from_environment();

@@ -1,0 +1,277 @@
+// expert_cuda_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), on a CUDA device
+// through cuBLAS with float32 accumulation. BF16 checkpoints stay BF16 on the device
+// (tensor cores): the rows are rounded to BF16, gate and up run as one GEMM per expert
+// against their stacked weights [2F,H], one kernel fuses silu(g)·u and rounds it to BF16,
+// and the down GEMM writes f32 rows. F32 weights (and F16, widened exactly to F32 when
+// uploaded) run the same sequence in F32 without tensor cores.
+// Everything is enqueued on the caller's stream (stream-ordered); the weights are copied to
+// the device once, when the kernel is created.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_probe.hpp"
+#include "switchyard/bootstrap.hpp"
+#include "switchyard/plugin.hpp"
+
+namespace switchyard::cuda_swiglu {
+namespace {
+
+void check(cudaError_t e, const std::string& what) {
+  if (e != cudaSuccess) {
+    throw Error(ErrorCode::kSystem, "cuda_swiglu: " + what + ": " + cudaGetErrorName(e) + ": " +
+                                        cudaGetErrorString(e));
+  }
+}
+
+void check(cublasStatus_t s, const std::string& what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    throw Error(ErrorCode::kSystem,
+                "cuda_swiglu: " + what + ": " + cublasGetStatusName(s) + " (" + cublasGetStatusString(s) + ")");
+  }
+}
+
+/// act[i, f] = silu(g) · u with g = h[i, f], u = h[i, F + f] (h = [n, 2F] f32), in the
+/// activation type (bf16 or f32).
+template <typename Act>
+__global__ void silu_times_up(const float* h, std::int64_t n, std::int64_t F, Act* act) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * F) return;
+  const std::int64_t row = i / F, f = i % F;
+  const float g = h[row * 2 * F + f];
+  const float u = h[row * 2 * F + F + f];
+  const float v = g / (1.0f + expf(-g)) * u;
+  if constexpr (sizeof(Act) == 2) {
+    act[i] = __float2bfloat16_rn(v);
+  } else {
+    act[i] = v;
+  }
+}
+
+__global__ void to_bf16(const float* in, std::int64_t n, __nv_bfloat16* out) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = __float2bfloat16_rn(in[i]);
+}
+
+unsigned blocks_for(std::int64_t n, int threads) {
+  return static_cast<unsigned>(std::max<std::int64_t>(1, (n + threads - 1) / threads));
+}
+
+/// Device memory (grows, never shrinks).
+class DeviceBytes {
+ public:
+  ~DeviceBytes() { cudaFree(data_); }
+  void* get(std::size_t bytes) {
+    if (bytes > capacity_) {
+      cudaFree(data_);
+      data_ = nullptr;
+      check(cudaMalloc(&data_, std::max<std::size_t>(bytes, 1)), "allocating " + std::to_string(bytes) + " bytes");
+      capacity_ = bytes;
+    }
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+/// Host f16 bits to f32 (exact).
+float f16_to_f32(std::uint16_t bits) {
+  const std::uint32_t sign = (bits & 0x8000u) << 16;
+  std::uint32_t exponent = (bits >> 10) & 0x1fu;
+  std::uint32_t mantissa = bits & 0x3ffu;
+  std::uint32_t out = 0;
+  if (exponent == 0x1f) {
+    out = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    out = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa != 0) {
+    // Subnormal: normalise.
+    exponent = 113;
+    while ((mantissa & 0x400u) == 0) {
+      mantissa <<= 1;
+      --exponent;
+    }
+    out = sign | (exponent << 23) | ((mantissa & 0x3ffu) << 13);
+  } else {
+    out = sign;
+  }
+  float f;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+class CudaSwigluKernel final : public ExpertKernel {
+ public:
+  explicit CudaSwigluKernel(const ExpertCreateArgs& args) : hidden_(args.hidden), ffn_hidden_(args.ffn_hidden) {
+    int devices = 0;
+    check(cudaGetDeviceCount(&devices), "counting devices");
+    const auto info = LaunchInfo::from_environment();
+    device_ = (info ? info->local_rank : 0) % devices;
+    check(cudaSetDevice(device_), "selecting device " + std::to_string(device_));
+    check(cublasCreate(&cublas_), "creating a cuBLAS handle");
+    bf16_ = !args.experts.empty() && args.experts[0].gate.dtype() == DType::kBF16;
+    const std::int64_t H = hidden_, F = ffn_hidden_;
+    const std::size_t element = bf16_ ? 2 : 4;
+    for (std::size_t e = 0; e < args.experts.size(); ++e) {
+      const SwigluExpertWeights& w = args.experts[e];
+      const std::string which = "cuda_swiglu local expert " + std::to_string(e);
+      require_weight(w.gate, which + " gate", F, H);
+      require_weight(w.up, which + " up", F, H);
+      require_weight(w.down, which + " down", H, F);
+      Weights d;
+      check(cudaMalloc(&d.gate_up, static_cast<std::size_t>(2 * F * H) * element), "allocating weights");
+      check(cudaMalloc(&d.down, static_cast<std::size_t>(H * F) * element), "allocating weights");
+      upload(w.gate, d.gate_up);
+      upload(w.up, static_cast<std::byte*>(d.gate_up) + static_cast<std::size_t>(F * H) * element);
+      upload(w.down, d.down);
+      weights_.push_back(d);
+    }
+  }
+  ~CudaSwigluKernel() override {
+    cudaSetDevice(device_);
+    for (const Weights& d : weights_) {
+      cudaFree(d.gate_up);
+      cudaFree(d.down);
+    }
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+  }
+
+  std::string name() const override { return "cuda_swiglu"; }
+  int num_local_experts() const noexcept override { return static_cast<int>(weights_.size()); }
+  ExecutionCapabilities capabilities() const noexcept override {
+    ExecutionCapabilities c;
+    c.host_memory = false;
+    c.device_memory = true;
+    c.stream_ordered = true;
+    return c;
+  }
+
+  void forward(const ExpertBatch& batch, Stream& stream) override {
+    const std::int64_t H = hidden_, F = ffn_hidden_;
+    batch.input.require("cuda_swiglu input", DType::kF32, {-1, H});
+    const std::int64_t N = batch.input.dim(0);
+    batch.output.require("cuda_swiglu output", DType::kF32, {N, H});
+    if (batch.rows_per_expert.size() != weights_.size()) {
+      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + std::to_string(batch.rows_per_expert.size()) +
+                                                   " row counts for " + std::to_string(weights_.size()) +
+                                                   " local experts");
+    }
+    std::int64_t total = 0, largest = 0;
+    for (auto n : batch.rows_per_expert) {
+      if (n < 0) throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: negative row count");
+      total += n;
+      largest = std::max(largest, n);
+    }
+    if (total != N) {
+      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: row counts sum to " + std::to_string(total) +
+                                                   ", batch has " + std::to_string(N) + " rows");
+    }
+    if (N == 0) return;
+    check(cudaSetDevice(device_), "selecting the device");
+    const auto s = static_cast<cudaStream_t>(stream.native_handle());
+    check(cublasSetStream(cublas_, s), "setting the stream");
+    const float* x = batch.input.data_as<const float>();
+    float* y = batch.output.data_as<float>();
+    const std::size_t element = bf16_ ? 2 : 4;
+    const void* rows = x;
+    if (bf16_) {
+      auto* converted = static_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2));
+      to_bf16<<<blocks_for(N * H, 256), 256, 0, s>>>(x, N * H, converted);
+      check(cudaGetLastError(), "converting the rows to bf16");
+      rows = converted;
+    }
+    auto* projected = static_cast<float*>(projected_.get(static_cast<std::size_t>(largest * 2 * F) * 4));
+    void* act = act_.get(static_cast<std::size_t>(largest * F) * element);
+    const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
+    const float one = 1.0f, zero = 0.0f;
+    std::int64_t row = 0;
+    for (std::size_t e = 0; e < weights_.size(); ++e) {
+      const std::int64_t n = batch.rows_per_expert[e];
+      if (n == 0) continue;
+      const void* xe = static_cast<const std::byte*>(rows) + static_cast<std::size_t>(row * H) * element;
+      // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
+      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F), static_cast<int>(n),
+                         static_cast<int>(H), &one, weights_[e].gate_up, type, static_cast<int>(H), xe, type,
+                         static_cast<int>(H), &zero, projected, CUDA_R_32F, static_cast<int>(2 * F),
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "gate and up GEMM of local expert " + std::to_string(e));
+      if (bf16_) {
+        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F, static_cast<__nv_bfloat16*>(act));
+      } else {
+        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F, static_cast<float*>(act));
+      }
+      check(cudaGetLastError(), "silu(gate)·up");
+      // Row-major [n,H] = act [n,F] · downᵀ.
+      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
+                         static_cast<int>(F), &one, weights_[e].down, type, static_cast<int>(F), act, type,
+                         static_cast<int>(F), &zero, y + row * H, CUDA_R_32F, static_cast<int>(H),
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "down GEMM of local expert " + std::to_string(e));
+      row += n;
+    }
+  }
+
+ private:
+  struct Weights {
+    void* gate_up = nullptr;  // [2F,H]: gate rows, then up rows
+    void* down = nullptr;     // [H,F]
+  };
+
+  void require_weight(const TensorView& w, const std::string& which, std::int64_t rows, std::int64_t cols) const {
+    const DType d = w.dtype();
+    if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16) {
+      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " is " + std::string(dtype_name(d)) +
+                                                   "; f32, bf16 and f16 weights are supported");
+    }
+    if ((d == DType::kBF16) != bf16_) {
+      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " is " + std::string(dtype_name(d)) +
+                                                   " but other weights are " + (bf16_ ? "bf16" : "not bf16"));
+    }
+    w.require(which, d, {rows, cols});
+    if (w.device().kind != Device::Kind::kHost) {
+      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " must be host memory (it is uploaded)");
+    }
+  }
+
+  /// Copies a host weight to the device in the kernel's dtype (bf16 stays bf16; f16 is
+  /// widened to f32 exactly).
+  void upload(const TensorView& w, void* device) {
+    const auto count = static_cast<std::size_t>(w.numel());
+    if (w.dtype() == DType::kF16) {
+      std::vector<float> widened(count);
+      const auto* bits = w.data_as<const std::uint16_t>();
+      for (std::size_t i = 0; i < count; ++i) widened[i] = f16_to_f32(bits[i]);
+      check(cudaMemcpy(device, widened.data(), count * 4, cudaMemcpyHostToDevice), "uploading weights");
+      return;
+    }
+    check(cudaMemcpy(device, w.data(), count * dtype_size(w.dtype()), cudaMemcpyHostToDevice), "uploading weights");
+  }
+
+  int hidden_;
+  int ffn_hidden_;
+  int device_ = 0;
+  bool bf16_ = false;
+  cublasHandle_t cublas_ = nullptr;
+  std::vector<Weights> weights_;
+  DeviceBytes rows_, projected_, act_;
+};
+
+std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {
+  cuda_common::cuda_probe().throw_if_error();
+  return std::make_unique<CudaSwigluKernel>(args);
+}
+
+}  // namespace
+}  // namespace switchyard::cuda_swiglu
+
+SWITCHYARD_EXPERT_PLUGIN("cuda_swiglu", "0.1.0",
+                         "SwiGLU experts on a CUDA device (cuBLAS, bf16 weights on tensor cores, f32 accumulation)",
+                         nullptr, ::switchyard::cuda_common::cuda_probe, ::switchyard::cuda_swiglu::create)

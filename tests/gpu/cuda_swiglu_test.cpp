@@ -1,0 +1,130 @@
+// expert_cuda_swiglu against a float64 computation on the host from the same inputs: with
+// f32 weights y = down(silu(gate·x) ⊙ up·x); with bf16 weights the kernel's documented
+// roundings (rows and the silu·up product to bf16) are applied to the reference's inputs,
+// so the remaining difference is float32 accumulation. Random data, never zeros; the
+// output is poisoned with NaN first; experts with no rows in between.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "cuda_test_support.hpp"
+#include "switchyard/plugin.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+float round_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+struct Expert {
+  std::vector<float> gate, up, down;                // f32 values (bf16-exact when bf16)
+  std::vector<std::uint16_t> gate16, up16, down16;  // bf16 bits
+};
+
+std::vector<float> reference(const std::vector<float>& x, const std::vector<std::int64_t>& rows,
+                             const std::vector<Expert>& experts, std::int64_t H, std::int64_t F,
+                             bool bf16) {
+  std::vector<float> y(x.size());
+  std::int64_t row = 0;
+  for (std::size_t e = 0; e < experts.size(); ++e) {
+    for (std::int64_t i = 0; i < rows[e]; ++i, ++row) {
+      std::vector<double> act(static_cast<std::size_t>(F));
+      for (std::int64_t f = 0; f < F; ++f) {
+        double g = 0, u = 0;
+        for (std::int64_t h = 0; h < H; ++h) {
+          const double xv = bf16 ? round_bf16(x[static_cast<std::size_t>(row * H + h)])
+                                 : x[static_cast<std::size_t>(row * H + h)];
+          g += xv * experts[e].gate[static_cast<std::size_t>(f * H + h)];
+          u += xv * experts[e].up[static_cast<std::size_t>(f * H + h)];
+        }
+        const double a = g / (1.0 + std::exp(-g)) * u;
+        act[static_cast<std::size_t>(f)] = bf16 ? round_bf16(static_cast<float>(a)) : a;
+      }
+      for (std::int64_t h = 0; h < H; ++h) {
+        double sum = 0;
+        for (std::int64_t f = 0; f < F; ++f)
+          sum += act[static_cast<std::size_t>(f)] *
+                 experts[e].down[static_cast<std::size_t>(h * F + f)];
+        y[static_cast<std::size_t>(row * H + h)] = static_cast<float>(sum);
+      }
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights") {
+  static PluginRegistry registry(PluginRegistry::default_search_path());
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const std::int64_t H = 96, F = 160;
+  const std::vector<std::int64_t> rows = {5, 0, 17, 1};
+  std::int64_t N = 0;
+  for (auto r : rows) N += r;
+  for (bool bf16 : {false, true}) {
+    CAPTURE(bf16);
+    std::vector<Expert> experts(rows.size());
+    std::vector<SwigluExpertWeights> views;
+    for (auto& e : experts) {
+      auto fill = [&](std::vector<float>& v, std::vector<std::uint16_t>& bits, std::size_t n,
+                      float scale) {
+        v.resize(n);
+        bits.resize(n);
+        for (std::size_t i = 0; i < n; ++i) {
+          float w = 0;
+          while (w == 0) w = normal(rng) * scale;
+          bits[i] = float_to_bf16(w);
+          v[i] = bf16 ? bf16_to_float(bits[i]) : w;
+        }
+      };
+      fill(e.gate, e.gate16, static_cast<std::size_t>(F * H), 0.1f);
+      fill(e.up, e.up16, static_cast<std::size_t>(F * H), 0.1f);
+      fill(e.down, e.down16, static_cast<std::size_t>(H * F), 0.1f);
+      if (bf16) {
+        views.push_back({TensorView(e.gate16.data(), DType::kBF16, {F, H}),
+                         TensorView(e.up16.data(), DType::kBF16, {F, H}),
+                         TensorView(e.down16.data(), DType::kBF16, {H, F})});
+      } else {
+        views.push_back({TensorView(e.gate.data(), DType::kF32, {F, H}),
+                         TensorView(e.up.data(), DType::kF32, {F, H}),
+                         TensorView(e.down.data(), DType::kF32, {H, F})});
+      }
+    }
+    ExpertCreateArgs args;
+    args.hidden = static_cast<int>(H);
+    args.ffn_hidden = static_cast<int>(F);
+    args.experts = views;
+    auto kernel = registry.create_expert("cuda_swiglu", args);
+    CHECK(kernel->capabilities().device_memory);
+
+    std::vector<float> x(static_cast<std::size_t>(N * H));
+    for (auto& v : x) {
+      while (v == 0) v = normal(rng);
+    }
+    test::DeviceArray<float> d_x(x), d_y(x.size());
+    d_y.poison();
+    test::CudaStream stream;
+    ExpertBatch batch;
+    batch.input = TensorView(d_x.get(), DType::kF32, {N, H}, Device::cuda(0));
+    batch.rows_per_expert = rows;
+    batch.output = TensorView(d_y.get(), DType::kF32, {N, H}, Device::cuda(0));
+    kernel->forward(batch, stream);
+    stream.synchronize();
+    const auto got = d_y.to_host();
+    const auto expected = reference(x, rows, experts, H, F, bf16);
+    float largest = 0;
+    for (float v : expected) largest = std::max(largest, std::fabs(v));
+    const float tolerance = (bf16 ? 1e-2f : 1e-4f) * largest;
+    float worst = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      REQUIRE(std::isfinite(got[i]));
+      worst = std::max(worst, std::fabs(got[i] - expected[i]));
+    }
+    MESSAGE("largest |difference| " << worst << " of max |y| " << largest);
+    CHECK(worst <= tolerance);
+  }
+}
