@@ -30,6 +30,12 @@ struct Runtime::State {
   std::vector<std::unique_ptr<MoELayer>> layers;
   ExpertPlacement placement;
   std::vector<std::vector<std::int64_t>> group_counts;  // per local rank, for bias updates
+  /// Per local rank: its block of tokens and outputs on the layer's device, when the layer
+  /// runs on a device and the caller's tensors are host memory.
+  struct DeviceRows {
+    Buffer<float> x, y;
+  };
+  std::vector<std::unique_ptr<DeviceRows>> device_rows;
 };
 
 namespace {}  // namespace
@@ -285,7 +291,7 @@ void Runtime::forward(const TensorView& x, const TensorView& y) {
     const int rank = world_rank(local);
     const auto [first, count] = token_block(x.dim(0), world, rank);
     try {
-      layer(local).forward(rows(x, first, count), rows(y, first, count));
+      forward_block(local, rows(x, first, count), rows(y, first, count));
     } catch (const Error& e) {
       // Say which global rows the failing rank held; token numbers in the message are
       // local to that block.
@@ -307,6 +313,33 @@ void Runtime::forward(const TensorView& x, const TensorView& y) {
   }
   if (peer_failure != nullptr) throw **peer_failure;
   update_routers();
+}
+
+void Runtime::forward_block(int local, const TensorView& x, const TensorView& y) {
+  MoELayer& l = layer(local);
+  DataPath& path = l.data_path();
+  if (x.device() == path.device()) {
+    l.forward(x, y);
+    return;
+  }
+  // Host tokens, device layer: through device buffers of this rank (grown once).
+  auto& staged = state_->device_rows;
+  staged.resize(static_cast<std::size_t>(num_local_ranks()));
+  auto& d = staged[static_cast<std::size_t>(local)];
+  if (!d) {
+    d = std::make_unique<State::DeviceRows>();
+    d->x = Buffer<float>(path.allocator());
+    d->y = Buffer<float>(path.allocator());
+  }
+  const std::int64_t T = x.dim(0), H = x.dim(1);
+  const auto bytes = static_cast<std::size_t>(T * H) * sizeof(float);
+  d->x.resize(static_cast<std::size_t>(T * H));
+  d->y.resize(static_cast<std::size_t>(T * H));
+  path.copy(d->x.data(), x.data(), bytes, l.stream());
+  l.forward(TensorView(d->x.data(), DType::kF32, {T, H}, path.device()),
+            TensorView(d->y.data(), DType::kF32, {T, H}, path.device()));
+  path.copy(y.data(), d->y.data(), bytes, l.stream());
+  l.stream().synchronize();
 }
 
 void Runtime::update_routers() {

@@ -5,8 +5,10 @@
 # (scripts/fetch-gpu-deps.sh, into .gpu-deps/) and are unpacked into a private prefix here.
 #
 # It builds the project with CUDA (Release, the GPU's architecture), runs every CTest
-# labelled `gpu`, runs them again under compute-sanitizer's memcheck, and prints a short
-# table last. Aim: under 8 minutes.
+# labelled `gpu`, runs them again under compute-sanitizer's memcheck, runs
+# examples/configs/gpu.toml with --check on one GPU and on all of them, runs the GPU
+# benchmarks (bench_gpu, and tests/gpu/mixtral_compare.py against transformers), and prints
+# the tables last. Aim: under 8 minutes.
 #
 # usage: tests/gpu/run.sh              the whole check (needs a GPU)
 #        tests/gpu/run.sh --deps-only  unpack the packages and configure a build against
@@ -97,10 +99,39 @@ else
 fi
 say "memcheck done"
 
+# 4. End to end on 1 GPU and on all of them: switchyard run under the launcher, checked
+#    against the dense reference.
+gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)
+runs=()
+for n in $(printf '%s\n' 1 "$gpus" | sort -un); do
+  if bin/switchyard launch -n "$n" -- bin/switchyard run "$root/examples/configs/gpu.toml" --check \
+      > "$work/run-$n.log" 2>&1; then
+    runs+=("$n GPU(s): $(grep -o 'PASS' "$work/run-$n.log" | head -1 || echo ok) ($(grep -m1 -o 'relative [0-9.e-]*' "$work/run-$n.log" || true))")
+  else
+    runs+=("$n GPU(s): FAILED (see $work/run-$n.log)")
+    status=1
+  fi
+done
+say "end-to-end runs done"
+
+# 5. Benchmarks: kernels against the device's references, the layer against transformers.
+bench_kernels=$(bin/bench_gpu kernels 2> "$work/bench.err") || { status=1; bench_kernels="bench_gpu kernels failed: $(tail -3 "$work/bench.err")"; }
+mixtral=$(python3 "$root/tests/gpu/mixtral_compare.py" bin/bench_gpu "$work/mixtral" 2> "$work/mixtral.err") ||
+  { status=1; mixtral="$mixtral
+mixtral_compare.py failed: $(tail -3 "$work/mixtral.err")"; }
+say "benchmarks done"
+
 echo
 echo "| check | result |"
 echo "| --- | --- |"
 grep -E "tests passed|tests failed" "$work/ctest.log" | sed 's/^/| ctest -L gpu | /; s/$/ |/'
 for line in "${memcheck[@]}"; do echo "| memcheck ${line%%:*} | ${line#*: } |"; done
+for line in "${runs[@]}"; do echo "| switchyard run gpu.toml --check, ${line%%:*} | ${line#*: } |"; done
 echo "| wall time | $((SECONDS - start)) s |"
+echo
+echo "$bench_kernels"
+echo
+echo "| layer at world 1 (T = 8192, bf16) | switchyard | transformers MixtralSparseMoeBlock | speed-up | agreement |"
+echo "| --- | --- | --- | --- | --- |"
+echo "$mixtral"
 exit $status

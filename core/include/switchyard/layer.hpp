@@ -144,6 +144,8 @@ class MoELayer {
   Stream& stream() noexcept { return *stream_; }
   Transport& transport() const noexcept { return *parts_.transport; }
   Router& router() const noexcept { return *parts_.router; }
+  /// The data path the layer runs on (its device and memory).
+  DataPath& data_path() const noexcept { return *data_path_; }
   /// The plan of the last `forward`.
   const RoutingPlan& last_plan() const noexcept { return plan_; }
   const LayerTimings& timings() const noexcept { return timings_; }

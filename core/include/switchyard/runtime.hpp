@@ -127,6 +127,9 @@ class Runtime {
  private:
   /// After a step: group-summed kept counts to routers that balance by bias.
   void update_routers();
+  /// One local rank's block through its layer; host blocks of a device layer are staged
+  /// through device buffers.
+  void forward_block(int local, const TensorView& x, const TensorView& y);
   struct State;
   std::unique_ptr<State> state_;
 };

@@ -1,0 +1,276 @@
+// GPU measurements for BENCHMARKS.md, each against the device's own reference in the same
+// run (tests/gpu/run.sh runs both modes and prints the table):
+//
+//   bench_gpu kernels
+//     permute (the data path's pack, f32 and bf16 payloads) and unpermute-sum bandwidth
+//     against a device-to-device copy of the same bytes; the experts (cuda_swiglu, bf16
+//     weights) in TFLOP/s against one cuBLAS BF16 GEMM of the same FLOPs; at
+//     T = 8192 tokens for (E = 8, k = 2, H = 4096, F = 14336) and (E = 64, k = 8, H = 2048,
+//     F = 1408).
+//   bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS]
+//     the whole layer at world 1 (NCCL, the CUDA data path, cuda_swiglu, Mixtral routing:
+//     softmax over the k selected logits) on a Mixtral-format checkpoint and f32 tokens;
+//     prints the median ms per forward and writes the output (tests/gpu/mixtral_compare.py
+//     compares both with Hugging Face's MixtralSparseMoeBlock on the same weights).
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "switchyard/io.hpp"
+#include "switchyard/layer.hpp"
+#include "switchyard/model.hpp"
+#include "switchyard/plugin.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "bench_gpu: %s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "bench_gpu: %s: %s\n", what, cublasGetStatusString(s));
+    std::exit(1);
+  }
+}
+
+/// Median milliseconds of `run` on `stream` over `iters` runs after 2 warm-ups.
+double median_ms(cudaStream_t stream, int iters, const std::function<void()>& run) {
+  cudaEvent_t start, stop;
+  check(cudaEventCreate(&start), "event");
+  check(cudaEventCreate(&stop), "event");
+  for (int i = 0; i < 2; ++i) run();
+  std::vector<double> times;
+  for (int i = 0; i < iters; ++i) {
+    check(cudaEventRecord(start, stream), "record");
+    run();
+    check(cudaEventRecord(stop, stream), "record");
+    check(cudaEventSynchronize(stop), "sync");
+    float ms = 0;
+    check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+__global__ void fill(float* p, std::size_t n, std::uint32_t seed) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u + seed;
+  x ^= x >> 13;
+  x *= 0x5bd1e995u;
+  x ^= x >> 15;
+  p[i] = (static_cast<float>(x & 0xffffff) / 16777216.0f - 0.5f) * 0.2f;
+}
+
+__global__ void fill_bf16(__nv_bfloat16* p, std::size_t n, std::uint32_t seed) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u + seed;
+  x ^= x >> 13;
+  x *= 0x5bd1e995u;
+  x ^= x >> 15;
+  p[i] = __float2bfloat16_rn((static_cast<float>(x & 0xffffff) / 16777216.0f - 0.5f) * 0.05f);
+}
+
+unsigned grid_for(std::size_t n) { return static_cast<unsigned>((n + 255) / 256); }
+
+struct Shape {
+  int E, k;
+  std::int64_t H, F;
+};
+
+struct Stream final : switchyard::Stream {
+  cudaStream_t s = nullptr;
+  Stream() { check(cudaStreamCreate(&s), "stream"); }
+  Device device() const noexcept override { return Device::cuda(0); }
+  void* native_handle() const noexcept override { return s; }
+  void synchronize() override { check(cudaStreamSynchronize(s), "sync"); }
+  bool idle() noexcept override { return cudaStreamQuery(s) == cudaSuccess; }
+  std::unique_ptr<StreamEvent> create_event() override { return nullptr; }
+  void record(StreamEvent&) override {}
+};
+
+int kernels() {
+  PluginRegistry registry(PluginRegistry::default_search_path());
+  auto path = registry.create_data_path("cuda", DataPathCreateArgs{});
+  Stream stream;
+  cublasHandle_t cublas;
+  check(cublasCreate(&cublas), "cublas");
+  check(cublasSetStream(cublas, stream.s), "cublas stream");
+  const std::int64_t T = 8192;
+  std::printf("| shape | measure | ms | rate | reference | ratio |\n| --- | --- | --- | --- | --- | --- |\n");
+  for (const Shape shape : {Shape{8, 2, 4096, 14336}, Shape{64, 8, 2048, 1408}}) {
+    const std::int64_t H = shape.H, F = shape.F, S = T * shape.k;
+    char label[64];
+    std::snprintf(label, sizeof label, "E=%d k=%d H=%lld F=%lld", shape.E, shape.k, static_cast<long long>(H),
+                  static_cast<long long>(F));
+    // Permute: S rows gathered from T tokens (each token k times).
+    float *x, *rows, *copy;
+    std::int64_t* token;
+    check(cudaMalloc(&x, T * H * 4), "x");
+    check(cudaMalloc(&rows, S * H * 4), "rows");
+    check(cudaMalloc(&copy, S * H * 4), "copy");
+    check(cudaMalloc(&token, S * 8), "tokens");
+    fill<<<grid_for(T * H), 256, 0, stream.s>>>(x, T * H, 1);
+    std::vector<std::int64_t> host_token(static_cast<std::size_t>(S));
+    for (std::int64_t s = 0; s < S; ++s) host_token[static_cast<std::size_t>(s)] = (s * 7919) % T;
+    check(cudaMemcpy(token, host_token.data(), S * 8, cudaMemcpyHostToDevice), "tokens");
+    const double copy_ms = median_ms(stream.s, 20, [&] {
+      check(cudaMemcpyAsync(copy, rows, S * H * 4, cudaMemcpyDeviceToDevice, stream.s), "copy");
+    });
+    const double copy_gbs = 2.0 * S * H * 4 / (copy_ms * 1e6);
+    for (PayloadDType dtype : {PayloadDType::kF32, PayloadDType::kBF16}) {
+      PackArgs pack{x, H, token, S, dtype, reinterpret_cast<std::byte*>(rows)};
+      const double ms = median_ms(stream.s, 20, [&] { path->pack(pack, stream); });
+      const double bytes = static_cast<double>(S * H) * 4 + static_cast<double>(S) * payload_row_bytes(dtype, H);
+      std::printf("| %s | permute %s | %.3f | %.0f GB/s | copy %.0f GB/s | %.0f%% |\n", label,
+                  std::string(payload_dtype_name(dtype)).c_str(), ms, bytes / (ms * 1e6), copy_gbs,
+                  100.0 * bytes / (ms * 1e6) / copy_gbs);
+    }
+    UnpermuteSumArgs sum{reinterpret_cast<const std::byte*>(rows), token, S, H, DType::kF32, copy, T};
+    const double unpermute_ms = median_ms(stream.s, 20, [&] { path->unpermute_sum(sum, stream); });
+    const double unpermute_bytes = static_cast<double>(S * H) * 4 + static_cast<double>(T * H) * 4;
+    std::printf("| %s | unpermute-sum f32 | %.3f | %.0f GB/s | copy %.0f GB/s | %.0f%% |\n", label, unpermute_ms,
+                unpermute_bytes / (unpermute_ms * 1e6), copy_gbs,
+                100.0 * unpermute_bytes / (unpermute_ms * 1e6) / copy_gbs);
+    cudaFree(x);
+    cudaFree(copy);
+    cudaFree(token);
+
+    // Experts: S rows spread evenly over E bf16 experts, against one GEMM of the same FLOPs.
+    std::vector<std::uint16_t> none;
+    std::vector<std::vector<std::uint16_t>> host(static_cast<std::size_t>(shape.E) * 3);
+    std::vector<SwigluExpertWeights> views;
+    for (int e = 0; e < shape.E; ++e) {
+      for (int m = 0; m < 3; ++m) {
+        auto& w = host[static_cast<std::size_t>(e * 3 + m)];
+        w.resize(static_cast<std::size_t>(H * F));
+        std::uint32_t state = static_cast<std::uint32_t>(e * 3 + m + 1);
+        for (auto& v : w) {
+          state = state * 1664525u + 1013904223u;
+          v = float_to_bf16((static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 0.05f);
+        }
+      }
+      views.push_back({TensorView(host[static_cast<std::size_t>(e * 3)].data(), DType::kBF16, {F, H}),
+                       TensorView(host[static_cast<std::size_t>(e * 3 + 1)].data(), DType::kBF16, {F, H}),
+                       TensorView(host[static_cast<std::size_t>(e * 3 + 2)].data(), DType::kBF16, {H, F})});
+    }
+    ExpertCreateArgs args;
+    args.hidden = static_cast<int>(H);
+    args.ffn_hidden = static_cast<int>(F);
+    args.experts = views;
+    auto experts = registry.create_expert("cuda_swiglu", args);
+    float* out;
+    check(cudaMalloc(&out, S * H * 4), "out");
+    std::vector<std::int64_t> per(static_cast<std::size_t>(shape.E), S / shape.E);
+    ExpertBatch batch{TensorView(rows, DType::kF32, {S, H}, Device::cuda(0)), per,
+                      TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
+    const double expert_ms = median_ms(stream.s, 10, [&] { experts->forward(batch, stream); });
+    const double flops = 6.0 * static_cast<double>(S) * static_cast<double>(H) * static_cast<double>(F);
+    __nv_bfloat16 *a, *b;
+    float* c;
+    check(cudaMalloc(&a, S * H * 2), "a");
+    check(cudaMalloc(&b, 3 * F * H * 2), "b");
+    check(cudaMalloc(&c, S * 3 * F * 4), "c");
+    fill_bf16<<<grid_for(S * H), 256, 0, stream.s>>>(a, S * H, 3);
+    fill_bf16<<<grid_for(3 * F * H), 256, 0, stream.s>>>(b, 3 * F * H, 4);
+    const float one = 1, zero = 0;
+    const double gemm_ms = median_ms(stream.s, 10, [&] {
+      check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(3 * F), static_cast<int>(S),
+                         static_cast<int>(H), &one, b, CUDA_R_16BF, static_cast<int>(H), a, CUDA_R_16BF,
+                         static_cast<int>(H), &zero, c, CUDA_R_32F, static_cast<int>(3 * F), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT),
+            "reference GEMM");
+    });
+    std::printf("| %s | experts (cuda_swiglu, bf16) | %.3f | %.0f TFLOP/s | one GEMM %.0f TFLOP/s | %.0f%% |\n", label,
+                expert_ms, flops / (expert_ms * 1e9), flops / (gemm_ms * 1e9), 100.0 * gemm_ms / expert_ms);
+    cudaFree(a);
+    cudaFree(b);
+    cudaFree(c);
+    cudaFree(out);
+    cudaFree(rows);
+  }
+  cublasDestroy(cublas);
+  return 0;
+}
+
+int layer(const std::string& checkpoint, const std::string& tokens_path, int top_k, const std::string& out_path,
+          int iters) {
+  PluginRegistry registry(PluginRegistry::default_search_path());
+  const ModelWeights model = ModelWeights::load(checkpoint, CheckpointFormat::kMixtral, "");
+  const HostTensor tokens = read_npy_f32_matrix(tokens_path, model.hidden(), "tokens");
+  const std::int64_t T = tokens.shape()[0], H = model.hidden();
+  Config config;
+  config.set("router", "top_k", std::int64_t{top_k});
+  config.set("router", "pre_softmax", false);  // Mixtral: softmax over the k selected logits
+  const ConfigSection runtime = config.section("runtime", registry.options(PluginKind::kTransport, "nccl"));
+  TransportCreateArgs transport_args;
+  transport_args.options = &runtime;
+  transport_args.timeout_s = 120;
+  auto transport = registry.create_transport("nccl", transport_args)[0];
+  const ConfigSection router = config.section("router", registry.options(PluginKind::kRouter, "topk"));
+  RouterCreateArgs router_args;
+  router_args.options = &router;
+  router_args.num_experts = model.num_experts();
+  const auto expert_views = model.experts(0, model.num_experts());
+  ExpertCreateArgs expert_args;
+  expert_args.hidden = static_cast<int>(H);
+  expert_args.ffn_hidden = model.ffn_hidden();
+  expert_args.experts = expert_views;
+  MoELayerParts parts;
+  parts.transport = transport.get();
+  parts.router = registry.create_router("topk", router_args);
+  parts.experts = registry.create_expert("cuda_swiglu", expert_args);
+  parts.gate = model.gate().view();
+  parts.placement = ExpertPlacement(model.num_experts(), 1);
+  parts.data_path = registry.create_data_path("cuda", DataPathCreateArgs{});
+  parts.payload_dtype = PayloadDType::kBF16;
+  MoELayer moe(parts);
+  float *x, *y;
+  check(cudaMalloc(&x, T * H * 4), "x");
+  check(cudaMalloc(&y, T * H * 4), "y");
+  check(cudaMemcpy(x, tokens.data<float>(), T * H * 4, cudaMemcpyHostToDevice), "tokens");
+  const TensorView xv(x, DType::kF32, {T, H}, Device::cuda(0)), yv(y, DType::kF32, {T, H}, Device::cuda(0));
+  const auto s = static_cast<cudaStream_t>(moe.stream().native_handle());
+  const double ms = median_ms(s, iters, [&] { moe.forward(xv, yv); });
+  std::vector<float> result(static_cast<std::size_t>(T * H));
+  check(cudaMemcpy(result.data(), y, T * H * 4, cudaMemcpyDeviceToHost), "y");
+  write_npy(out_path, TensorView(result.data(), DType::kF32, {T, H}));
+  const LayerTimings t = moe.timings();
+  std::printf("layer_ms=%.3f route_ms=%.3f layout_ms=%.3f dispatch_ms=%.3f experts_ms=%.3f combine_ms=%.3f\n", ms,
+              t.route_s * 1e3, t.layout_s * 1e3, t.dispatch_s * 1e3, t.experts_s * 1e3, t.combine_s * 1e3);
+  cudaFree(x);
+  cudaFree(y);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const std::string mode = argc > 1 ? argv[1] : "";
+    if (mode == "kernels") return kernels();
+    if (mode == "layer" && argc >= 6) return layer(argv[2], argv[3], std::atoi(argv[4]), argv[5], argc > 6 ? std::atoi(argv[6]) : 10);
+    std::fprintf(stderr, "usage: bench_gpu kernels | bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS]\n");
+    return 2;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "bench_gpu: %s\n", e.what());
+    return 1;
+  }
+}
