@@ -114,12 +114,14 @@ int kernels() {
   check(cublasCreate(&cublas), "cublas");
   check(cublasSetStream(cublas, stream.s), "cublas stream");
   const std::int64_t T = 8192;
-  std::printf("| shape | measure | ms | rate | reference | ratio |\n| --- | --- | --- | --- | --- | --- |\n");
+  std::printf(
+      "| shape | measure | ms | rate | reference | ratio |\n| --- | --- | --- | --- | --- | --- "
+      "|\n");
   for (const Shape shape : {Shape{8, 2, 4096, 14336}, Shape{64, 8, 2048, 1408}}) {
     const std::int64_t H = shape.H, F = shape.F, S = T * shape.k;
     char label[64];
-    std::snprintf(label, sizeof label, "E=%d k=%d H=%lld F=%lld", shape.E, shape.k, static_cast<long long>(H),
-                  static_cast<long long>(F));
+    std::snprintf(label, sizeof label, "E=%d k=%d H=%lld F=%lld", shape.E, shape.k,
+                  static_cast<long long>(H), static_cast<long long>(F));
     // Permute: S rows gathered from T tokens (each token k times).
     float *x, *rows, *copy;
     std::int64_t* token;
@@ -138,16 +140,18 @@ int kernels() {
     for (PayloadDType dtype : {PayloadDType::kF32, PayloadDType::kBF16}) {
       PackArgs pack{x, H, token, S, dtype, reinterpret_cast<std::byte*>(rows)};
       const double ms = median_ms(stream.s, 20, [&] { path->pack(pack, stream); });
-      const double bytes = static_cast<double>(S * H) * 4 + static_cast<double>(S) * payload_row_bytes(dtype, H);
+      const double bytes =
+          static_cast<double>(S * H) * 4 + static_cast<double>(S) * payload_row_bytes(dtype, H);
       std::printf("| %s | permute %s | %.3f | %.0f GB/s | copy %.0f GB/s | %.0f%% |\n", label,
                   std::string(payload_dtype_name(dtype)).c_str(), ms, bytes / (ms * 1e6), copy_gbs,
                   100.0 * bytes / (ms * 1e6) / copy_gbs);
     }
-    UnpermuteSumArgs sum{reinterpret_cast<const std::byte*>(rows), token, S, H, DType::kF32, copy, T};
+    UnpermuteSumArgs sum{
+        reinterpret_cast<const std::byte*>(rows), token, S, H, DType::kF32, copy, T};
     const double unpermute_ms = median_ms(stream.s, 20, [&] { path->unpermute_sum(sum, stream); });
     const double unpermute_bytes = static_cast<double>(S * H) * 4 + static_cast<double>(T * H) * 4;
-    std::printf("| %s | unpermute-sum f32 | %.3f | %.0f GB/s | copy %.0f GB/s | %.0f%% |\n", label, unpermute_ms,
-                unpermute_bytes / (unpermute_ms * 1e6), copy_gbs,
+    std::printf("| %s | unpermute-sum f32 | %.3f | %.0f GB/s | copy %.0f GB/s | %.0f%% |\n", label,
+                unpermute_ms, unpermute_bytes / (unpermute_ms * 1e6), copy_gbs,
                 100.0 * unpermute_bytes / (unpermute_ms * 1e6) / copy_gbs);
     cudaFree(x);
     cudaFree(copy);
@@ -167,9 +171,10 @@ int kernels() {
           v = float_to_bf16((static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 0.05f);
         }
       }
-      views.push_back({TensorView(host[static_cast<std::size_t>(e * 3)].data(), DType::kBF16, {F, H}),
-                       TensorView(host[static_cast<std::size_t>(e * 3 + 1)].data(), DType::kBF16, {F, H}),
-                       TensorView(host[static_cast<std::size_t>(e * 3 + 2)].data(), DType::kBF16, {H, F})});
+      views.push_back(
+          {TensorView(host[static_cast<std::size_t>(e * 3)].data(), DType::kBF16, {F, H}),
+           TensorView(host[static_cast<std::size_t>(e * 3 + 1)].data(), DType::kBF16, {F, H}),
+           TensorView(host[static_cast<std::size_t>(e * 3 + 2)].data(), DType::kBF16, {H, F})});
     }
     ExpertCreateArgs args;
     args.hidden = static_cast<int>(H);
@@ -182,7 +187,8 @@ int kernels() {
     ExpertBatch batch{TensorView(rows, DType::kF32, {S, H}, Device::cuda(0)), per,
                       TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
     const double expert_ms = median_ms(stream.s, 10, [&] { experts->forward(batch, stream); });
-    const double flops = 6.0 * static_cast<double>(S) * static_cast<double>(H) * static_cast<double>(F);
+    const double flops =
+        6.0 * static_cast<double>(S) * static_cast<double>(H) * static_cast<double>(F);
     __nv_bfloat16 *a, *b;
     float* c;
     check(cudaMalloc(&a, S * H * 2), "a");
@@ -192,14 +198,18 @@ int kernels() {
     fill_bf16<<<grid_for(3 * F * H), 256, 0, stream.s>>>(b, 3 * F * H, 4);
     const float one = 1, zero = 0;
     const double gemm_ms = median_ms(stream.s, 10, [&] {
-      check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(3 * F), static_cast<int>(S),
-                         static_cast<int>(H), &one, b, CUDA_R_16BF, static_cast<int>(H), a, CUDA_R_16BF,
-                         static_cast<int>(H), &zero, c, CUDA_R_32F, static_cast<int>(3 * F), CUBLAS_COMPUTE_32F,
+      check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(3 * F),
+                         static_cast<int>(S), static_cast<int>(H), &one, b, CUDA_R_16BF,
+                         static_cast<int>(H), a, CUDA_R_16BF, static_cast<int>(H), &zero, c,
+                         CUDA_R_32F, static_cast<int>(3 * F), CUBLAS_COMPUTE_32F,
                          CUBLAS_GEMM_DEFAULT),
             "reference GEMM");
     });
-    std::printf("| %s | experts (cuda_swiglu, bf16) | %.3f | %.0f TFLOP/s | one GEMM %.0f TFLOP/s | %.0f%% |\n", label,
-                expert_ms, flops / (expert_ms * 1e9), flops / (gemm_ms * 1e9), 100.0 * gemm_ms / expert_ms);
+    std::printf(
+        "| %s | experts (cuda_swiglu, bf16) | %.3f | %.0f TFLOP/s | one GEMM %.0f TFLOP/s | %.0f%% "
+        "|\n",
+        label, expert_ms, flops / (expert_ms * 1e9), flops / (gemm_ms * 1e9),
+        100.0 * gemm_ms / expert_ms);
     cudaFree(a);
     cudaFree(b);
     cudaFree(c);
@@ -210,8 +220,8 @@ int kernels() {
   return 0;
 }
 
-int layer(const std::string& checkpoint, const std::string& tokens_path, int top_k, const std::string& out_path,
-          int iters) {
+int layer(const std::string& checkpoint, const std::string& tokens_path, int top_k,
+          const std::string& out_path, int iters) {
   PluginRegistry registry(PluginRegistry::default_search_path());
   const ModelWeights model = ModelWeights::load(checkpoint, CheckpointFormat::kMixtral, "");
   const HostTensor tokens = read_npy_f32_matrix(tokens_path, model.hidden(), "tokens");
@@ -219,12 +229,14 @@ int layer(const std::string& checkpoint, const std::string& tokens_path, int top
   Config config;
   config.set("router", "top_k", std::int64_t{top_k});
   config.set("router", "pre_softmax", false);  // Mixtral: softmax over the k selected logits
-  const ConfigSection runtime = config.section("runtime", registry.options(PluginKind::kTransport, "nccl"));
+  const ConfigSection runtime =
+      config.section("runtime", registry.options(PluginKind::kTransport, "nccl"));
   TransportCreateArgs transport_args;
   transport_args.options = &runtime;
   transport_args.timeout_s = 120;
   auto transport = registry.create_transport("nccl", transport_args)[0];
-  const ConfigSection router = config.section("router", registry.options(PluginKind::kRouter, "topk"));
+  const ConfigSection router =
+      config.section("router", registry.options(PluginKind::kRouter, "topk"));
   RouterCreateArgs router_args;
   router_args.options = &router;
   router_args.num_experts = model.num_experts();
@@ -246,15 +258,19 @@ int layer(const std::string& checkpoint, const std::string& tokens_path, int top
   check(cudaMalloc(&x, T * H * 4), "x");
   check(cudaMalloc(&y, T * H * 4), "y");
   check(cudaMemcpy(x, tokens.data<float>(), T * H * 4, cudaMemcpyHostToDevice), "tokens");
-  const TensorView xv(x, DType::kF32, {T, H}, Device::cuda(0)), yv(y, DType::kF32, {T, H}, Device::cuda(0));
+  const TensorView xv(x, DType::kF32, {T, H}, Device::cuda(0)),
+      yv(y, DType::kF32, {T, H}, Device::cuda(0));
   const auto s = static_cast<cudaStream_t>(moe.stream().native_handle());
   const double ms = median_ms(s, iters, [&] { moe.forward(xv, yv); });
   std::vector<float> result(static_cast<std::size_t>(T * H));
   check(cudaMemcpy(result.data(), y, T * H * 4, cudaMemcpyDeviceToHost), "y");
   write_npy(out_path, TensorView(result.data(), DType::kF32, {T, H}));
   const LayerTimings t = moe.timings();
-  std::printf("layer_ms=%.3f route_ms=%.3f layout_ms=%.3f dispatch_ms=%.3f experts_ms=%.3f combine_ms=%.3f\n", ms,
-              t.route_s * 1e3, t.layout_s * 1e3, t.dispatch_s * 1e3, t.experts_s * 1e3, t.combine_s * 1e3);
+  std::printf(
+      "layer_ms=%.3f route_ms=%.3f layout_ms=%.3f dispatch_ms=%.3f experts_ms=%.3f "
+      "combine_ms=%.3f\n",
+      ms, t.route_s * 1e3, t.layout_s * 1e3, t.dispatch_s * 1e3, t.experts_s * 1e3,
+      t.combine_s * 1e3);
   cudaFree(x);
   cudaFree(y);
   return 0;
@@ -266,8 +282,12 @@ int main(int argc, char** argv) {
   try {
     const std::string mode = argc > 1 ? argv[1] : "";
     if (mode == "kernels") return kernels();
-    if (mode == "layer" && argc >= 6) return layer(argv[2], argv[3], std::atoi(argv[4]), argv[5], argc > 6 ? std::atoi(argv[6]) : 10);
-    std::fprintf(stderr, "usage: bench_gpu kernels | bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS]\n");
+    if (mode == "layer" && argc >= 6)
+      return layer(argv[2], argv[3], std::atoi(argv[4]), argv[5],
+                   argc > 6 ? std::atoi(argv[6]) : 10);
+    std::fprintf(
+        stderr,
+        "usage: bench_gpu kernels | bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS]\n");
     return 2;
   } catch (const Error& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());

@@ -9,11 +9,11 @@
 // must read a result: the per-rank row counts (layout_counts, for the transport's counts)
 // and the rows per local expert (count_groups, to size the grouping); both come back
 // through pinned memory.
-#include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_scan.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 #include <cstring>
@@ -34,7 +34,8 @@ std::string cuda_text(cudaError_t e) {
 }
 
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error(ErrorCode::kSystem, std::string("cuda data path: ") + what + ": " + cuda_text(e));
+  if (e != cudaSuccess)
+    throw Error(ErrorCode::kSystem, std::string("cuda data path: ") + what + ": " + cuda_text(e));
 }
 
 /// Checks the launch of the kernel just enqueued.
@@ -77,7 +78,9 @@ class CudaStream final : public Stream {
   void* native_handle() const noexcept override { return stream_; }
   void synchronize() override { check(cudaStreamSynchronize(stream_), "synchronizing the stream"); }
   bool idle() noexcept override { return cudaStreamQuery(stream_) != cudaErrorNotReady; }
-  std::unique_ptr<StreamEvent> create_event() override { return std::make_unique<CudaEvent>(device_); }
+  std::unique_ptr<StreamEvent> create_event() override {
+    return std::make_unique<CudaEvent>(device_);
+  }
   void record(StreamEvent& event) override {
     check(cudaEventRecord(static_cast<CudaEvent&>(event).get(), stream_), "recording an event");
   }
@@ -131,8 +134,9 @@ class Scratch {
     if (count > capacity_) {
       cudaFree(data_);
       data_ = nullptr;
-      check(cudaMalloc(reinterpret_cast<void**>(&data_), std::max<std::size_t>(count, 1) * sizeof(T)),
-            "allocating scratch");
+      check(
+          cudaMalloc(reinterpret_cast<void**>(&data_), std::max<std::size_t>(count, 1) * sizeof(T)),
+          "allocating scratch");
       capacity_ = count;
     }
     return data_;
@@ -194,8 +198,8 @@ __global__ void mark_sends(const std::int32_t* experts, std::int64_t T, int K, P
 }
 
 /// rows_to[d] = Σ_t sends[d * T + t], from the exclusive scan of sends.
-__global__ void rank_totals(const std::int32_t* sends, const std::int64_t* scanned,
-                            std::int64_t T, int R, std::int64_t* rows_to) {
+__global__ void rank_totals(const std::int32_t* sends, const std::int64_t* scanned, std::int64_t T,
+                            int R, std::int64_t* rows_to) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x;
   if (d >= R) return;
   const std::int64_t last = static_cast<std::int64_t>(d) * T + T - 1;
@@ -204,9 +208,10 @@ __global__ void rank_totals(const std::int32_t* sends, const std::int64_t* scann
 
 /// One thread per token: its send rows (first row of rank d: rows_to_offset[d] plus the
 /// tokens before it that send to d) and their slots in routing order.
-__global__ void write_layout(const std::int32_t* experts, const float* weights, std::int64_t T, int K,
-                             Placement p, const std::int64_t* scanned, const std::int64_t* rows_to_offset,
-                             std::int64_t* send_row_token, SlotMeta* send_meta) {
+__global__ void write_layout(const std::int32_t* experts, const float* weights, std::int64_t T,
+                             int K, Placement p, const std::int64_t* scanned,
+                             const std::int64_t* rows_to_offset, std::int64_t* send_row_token,
+                             SlotMeta* send_meta) {
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (t >= T) return;
   const std::int32_t* ex = experts + t * K;
@@ -214,8 +219,8 @@ __global__ void write_layout(const std::int32_t* experts, const float* weights, 
   for (int j = 0; j < K; ++j) {
     if (ex[j] < 0) continue;
     const int d = p.rank_of(ex[j]);
-    const std::int64_t row =
-        rows_to_offset[d] + scanned[static_cast<std::int64_t>(d) * T + t] - scanned[static_cast<std::int64_t>(d) * T];
+    const std::int64_t row = rows_to_offset[d] + scanned[static_cast<std::int64_t>(d) * T + t] -
+                             scanned[static_cast<std::int64_t>(d) * T];
     SlotMeta* slots = send_meta + row * K;
     if (!earlier_slot_same_rank(ex, j, d, p)) {
       send_row_token[row] = t;
@@ -269,9 +274,11 @@ __global__ void pack_rows(const float* x, std::int64_t H, const std::int64_t* se
   }
 }
 
-__device__ float decode_element(const std::byte* row, std::int64_t h, std::int64_t H, PayloadDType dtype) {
+__device__ float decode_element(const std::byte* row, std::int64_t h, std::int64_t H,
+                                PayloadDType dtype) {
   if (dtype == PayloadDType::kF32) return reinterpret_cast<const float*>(row)[h];
-  if (dtype == PayloadDType::kBF16) return from_bf16_bits(reinterpret_cast<const std::uint16_t*>(row)[h]);
+  if (dtype == PayloadDType::kBF16)
+    return from_bf16_bits(reinterpret_cast<const std::uint16_t*>(row)[h]);
   const std::int64_t blocks = (H + kFp8Block - 1) / kFp8Block;
   const auto* scales = reinterpret_cast<const float*>(row);
   const auto* codes = reinterpret_cast<const __nv_fp8_storage_t*>(row + blocks * sizeof(float));
@@ -281,7 +288,8 @@ __device__ float decode_element(const std::byte* row, std::int64_t h, std::int64
 
 /// grouped[l * N·K + i] = 1 when slot i goes to local expert l; throws nothing: an
 /// out-of-range expert is flagged in *bad.
-__global__ void mark_groups(const SlotMeta* meta, std::int64_t NK, int L, std::int32_t* grouped, int* bad) {
+__global__ void mark_groups(const SlotMeta* meta, std::int64_t NK, int L, std::int32_t* grouped,
+                            int* bad) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= NK) return;
   const std::int32_t l = meta[i].local_expert;
@@ -312,22 +320,25 @@ __global__ void write_groups(const std::byte* rows, const SlotMeta* meta, std::i
     const std::int64_t at = expert_first[l] + scanned[l * NK + i] - scanned[l * NK];
     if (threadIdx.x == 0) assignment_of_slot[i] = at;
     float* out = expert_input + at * H;
-    for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) out[h] = decode_element(row, h, H, dtype);
+    for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x)
+      out[h] = decode_element(row, h, H, dtype);
   }
 }
 
 /// per_expert[l] = Σ_i grouped[l * NK + i], from the scan.
-__global__ void group_totals(const std::int32_t* grouped, const std::int64_t* scanned, std::int64_t NK,
-                             int L, std::int64_t* per_expert) {
+__global__ void group_totals(const std::int32_t* grouped, const std::int64_t* scanned,
+                             std::int64_t NK, int L, std::int64_t* per_expert) {
   const int l = blockIdx.x * blockDim.x + threadIdx.x;
   if (l >= L) return;
   const std::int64_t last = static_cast<std::int64_t>(l) * NK + NK - 1;
-  per_expert[l] = NK == 0 ? 0 : scanned[last] - scanned[static_cast<std::int64_t>(l) * NK] + grouped[last];
+  per_expert[l] =
+      NK == 0 ? 0 : scanned[last] - scanned[static_cast<std::int64_t>(l) * NK] + grouped[last];
 }
 
 /// One block per received row: Σ over its slots in order of weight · expert row.
-__global__ void reduce_rows(const float* expert_output, const SlotMeta* meta, const std::int64_t* assignment,
-                            int K, std::int64_t H, bool bf16, std::byte* partial_rows) {
+__global__ void reduce_rows(const float* expert_output, const SlotMeta* meta,
+                            const std::int64_t* assignment, int K, std::int64_t H, bool bf16,
+                            std::byte* partial_rows) {
   const std::int64_t r = blockIdx.x;
   for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float sum = 0.0f;
@@ -347,15 +358,17 @@ __global__ void reduce_rows(const float* expert_output, const SlotMeta* meta, co
 
 /// One block per token: y[t] = Σ of its rows in row order (rows sorted by token, stably).
 __global__ void sum_token_rows(const std::byte* combined, const std::int64_t* rows_by_token,
-                               const std::int64_t* token_first, std::int64_t H, bool bf16, float* y) {
+                               const std::int64_t* token_first, std::int64_t H, bool bf16,
+                               float* y) {
   const std::int64_t t = blockIdx.x;
   const std::int64_t first = token_first[t], last = token_first[t + 1];
   for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float sum = 0.0f;
     for (std::int64_t i = first; i < last; ++i) {
       const std::int64_t s = rows_by_token[i];
-      sum = __fadd_rn(sum, bf16 ? from_bf16_bits(reinterpret_cast<const std::uint16_t*>(combined)[s * H + h])
-                                : reinterpret_cast<const float*>(combined)[s * H + h]);
+      sum = __fadd_rn(
+          sum, bf16 ? from_bf16_bits(reinterpret_cast<const std::uint16_t*>(combined)[s * H + h])
+                    : reinterpret_cast<const float*>(combined)[s * H + h]);
     }
     y[t * H + h] = sum;
   }
@@ -386,8 +399,8 @@ __global__ void iota(std::int64_t* out, std::int64_t n) {
 
 /// logits[t, e] = Σ_h x[t, h] · gate[e, h], h ascending: a token's logits do not depend on
 /// T. A 16 × 16 tile of outputs per block, 16 × 16 tiles of x and gate through shared memory.
-__global__ void router_logits_kernel(const float* x, const float* gate, std::int64_t T, int E, std::int64_t H,
-                                     float* logits) {
+__global__ void router_logits_kernel(const float* x, const float* gate, std::int64_t T, int E,
+                                     std::int64_t H, float* logits) {
   constexpr int kTile = 16;
   __shared__ float xs[kTile][kTile + 1];
   __shared__ float gs[kTile][kTile + 1];
@@ -398,10 +411,12 @@ __global__ void router_logits_kernel(const float* x, const float* gate, std::int
     const std::int64_t hx = h0 + threadIdx.x;
     xs[threadIdx.y][threadIdx.x] = (t < T && hx < H) ? x[t * H + hx] : 0.0f;
     const int eg = blockIdx.x * kTile + threadIdx.y;
-    gs[threadIdx.y][threadIdx.x] = (eg < E && hx < H) ? gate[static_cast<std::int64_t>(eg) * H + hx] : 0.0f;
+    gs[threadIdx.y][threadIdx.x] =
+        (eg < E && hx < H) ? gate[static_cast<std::int64_t>(eg) * H + hx] : 0.0f;
     __syncthreads();
     const int n = static_cast<int>(H - h0 < kTile ? H - h0 : kTile);
-    for (int k = 0; k < n; ++k) sum = __fadd_rn(sum, __fmul_rn(xs[threadIdx.y][k], gs[threadIdx.x][k]));
+    for (int k = 0; k < n; ++k)
+      sum = __fadd_rn(sum, __fmul_rn(xs[threadIdx.y][k], gs[threadIdx.x][k]));
     __syncthreads();
   }
   if (t < T && e < E) logits[t * E + e] = sum;
@@ -435,9 +450,8 @@ class CudaDataPath final : public DataPath {
     if (T == 0) return;
     const dim3 threads(16, 16);
     const dim3 grid(static_cast<unsigned>((E + 15) / 16), static_cast<unsigned>((T + 15) / 16));
-    router_logits_kernel<<<grid, threads, 0, native(stream)>>>(x.data_as<const float>(),
-                                                                gate.data_as<const float>(), T, E, H,
-                                                                logits.data_as<float>());
+    router_logits_kernel<<<grid, threads, 0, native(stream)>>>(
+        x.data_as<const float>(), gate.data_as<const float>(), T, E, H, logits.data_as<float>());
     check_launch("router logits");
   }
 
@@ -447,17 +461,21 @@ class CudaDataPath final : public DataPath {
     const int R = a.placement->num_ranks();
     mark_and_scan_sends(a.experts, a.num_tokens, a.slots, placement_of(*a.placement), s);
     std::int64_t* totals = rank_totals_.get(static_cast<std::size_t>(R));
-    rank_totals<<<blocks_for(R, 128), 128, 0, s>>>(sends_.get(0), scanned_.get(0), a.num_tokens, R, totals);
+    rank_totals<<<blocks_for(R, 128), 128, 0, s>>>(sends_.get(0), scanned_.get(0), a.num_tokens, R,
+                                                   totals);
     check_launch("rank totals");
     unsigned long long bad = 0;
-    check(cudaMemcpyAsync(&bad, bad_slot_.get(1), sizeof bad, cudaMemcpyDeviceToHost, s), "reading the check");
+    check(cudaMemcpyAsync(&bad, bad_slot_.get(1), sizeof bad, cudaMemcpyDeviceToHost, s),
+          "reading the check");
     read_back(totals, static_cast<std::size_t>(R), a.rows_to, s);
     if (bad != kNoBadSlot) {
       std::int32_t expert = 0;
-      check(cudaMemcpy(&expert, a.experts + bad, sizeof expert, cudaMemcpyDeviceToHost), "reading the bad slot");
+      check(cudaMemcpy(&expert, a.experts + bad, sizeof expert, cudaMemcpyDeviceToHost),
+            "reading the bad slot");
       throw Error(ErrorCode::kInvalidArgument,
-                  "routing plan: token " + std::to_string(bad / static_cast<unsigned long long>(a.slots)) +
-                      " slot " + std::to_string(bad % static_cast<unsigned long long>(a.slots)) +
+                  "routing plan: token " +
+                      std::to_string(bad / static_cast<unsigned long long>(a.slots)) + " slot " +
+                      std::to_string(bad % static_cast<unsigned long long>(a.slots)) +
                       " has expert " + std::to_string(expert) + ", outside 0.." +
                       std::to_string(a.placement->num_experts() - 1));
     }
@@ -472,9 +490,9 @@ class CudaDataPath final : public DataPath {
     std::int64_t* offsets = rank_offsets_.get(static_cast<std::size_t>(R));
     upload(a.rows_to_offset.data(), static_cast<std::size_t>(R), offsets, s);
     if (a.num_tokens == 0) return;
-    write_layout<<<blocks_for(a.num_tokens, 128), 128, 0, s>>>(a.experts, a.weights, a.num_tokens, a.slots, p,
-                                                              scanned_.get(0), offsets, a.send_row_token,
-                                                              a.send_meta);
+    write_layout<<<blocks_for(a.num_tokens, 128), 128, 0, s>>>(a.experts, a.weights, a.num_tokens,
+                                                               a.slots, p, scanned_.get(0), offsets,
+                                                               a.send_row_token, a.send_meta);
     check_launch("layout");
   }
 
@@ -496,11 +514,13 @@ class CudaDataPath final : public DataPath {
     check_launch("group totals");
     read_back(totals, static_cast<std::size_t>(a.num_local_experts), a.rows_per_expert, s);
     int bad = 0;
-    check(cudaMemcpyAsync(&bad, bad_.get(1), sizeof bad, cudaMemcpyDeviceToHost, s), "reading the check");
+    check(cudaMemcpyAsync(&bad, bad_.get(1), sizeof bad, cudaMemcpyDeviceToHost, s),
+          "reading the check");
     check(cudaStreamSynchronize(s), "count_groups");
     if (bad > 0) {
-      throw Error(ErrorCode::kInternal, "MoE dispatch: received a row for local expert " + std::to_string(bad - 1) +
-                                            " but this rank holds " + std::to_string(a.num_local_experts));
+      throw Error(ErrorCode::kInternal, "MoE dispatch: received a row for local expert " +
+                                            std::to_string(bad - 1) + " but this rank holds " +
+                                            std::to_string(a.num_local_experts));
     }
   }
 
@@ -520,8 +540,9 @@ class CudaDataPath final : public DataPath {
     upload(first_host_.data(), first_host_.size(), expert_first, s);
     if (a.num_rows == 0) return;
     write_groups<<<static_cast<unsigned>(a.num_rows), 256, 0, s>>>(
-        a.rows, a.meta, a.num_rows, a.slots, a.hidden, a.dtype, payload_row_bytes(a.dtype, a.hidden),
-        group_scanned_.get(0), expert_first, a.expert_input, a.assignment_of_slot);
+        a.rows, a.meta, a.num_rows, a.slots, a.hidden, a.dtype,
+        payload_row_bytes(a.dtype, a.hidden), group_scanned_.get(0), expert_first, a.expert_input,
+        a.assignment_of_slot);
     check_launch("group by expert");
   }
 
@@ -529,8 +550,8 @@ class CudaDataPath final : public DataPath {
     enter();
     if (a.num_rows == 0) return;
     reduce_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
-        a.expert_output, a.meta, a.assignment_of_slot, a.slots, a.hidden, a.combine_dtype == DType::kBF16,
-        a.partial_rows);
+        a.expert_output, a.meta, a.assignment_of_slot, a.slots, a.hidden,
+        a.combine_dtype == DType::kBF16, a.partial_rows);
     check_launch("weighted reduce");
   }
 
@@ -549,17 +570,18 @@ class CudaDataPath final : public DataPath {
     }
     std::size_t temp_bytes = 0;
     const int end_bit = bits_for(T);
-    check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, a.send_row_token, sorted_tokens, rows, sorted_rows,
-                                          static_cast<int>(S), 0, end_bit, s),
+    check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, a.send_row_token, sorted_tokens,
+                                          rows, sorted_rows, static_cast<int>(S), 0, end_bit, s),
           "sizing the token sort");
-    check(cub::DeviceRadixSort::SortPairs(temp_.get(temp_bytes), temp_bytes, a.send_row_token, sorted_tokens, rows,
-                                          sorted_rows, static_cast<int>(S), 0, end_bit, s),
+    check(cub::DeviceRadixSort::SortPairs(temp_.get(temp_bytes), temp_bytes, a.send_row_token,
+                                          sorted_tokens, rows, sorted_rows, static_cast<int>(S), 0,
+                                          end_bit, s),
           "sorting rows by token");
     std::int64_t* token_first = token_first_.get(static_cast<std::size_t>(T) + 1);
     token_bounds<<<blocks_for(T + 1, 256), 256, 0, s>>>(sorted_tokens, S, T, token_first);
     check_launch("token bounds");
-    sum_token_rows<<<static_cast<unsigned>(T), 256, 0, s>>>(a.combined_rows, sorted_rows, token_first, a.hidden,
-                                                           a.combine_dtype == DType::kBF16, a.y);
+    sum_token_rows<<<static_cast<unsigned>(T), 256, 0, s>>>(
+        a.combined_rows, sorted_rows, token_first, a.hidden, a.combine_dtype == DType::kBF16, a.y);
     check_launch("unpermute-sum");
   }
 
@@ -579,7 +601,8 @@ class CudaDataPath final : public DataPath {
   }
 
   /// sends_ [R, T] marks and scanned_ their exclusive scan (in one pass over R·T).
-  void mark_and_scan_sends(const std::int32_t* experts, std::int64_t T, int K, Placement p, cudaStream_t s) {
+  void mark_and_scan_sends(const std::int32_t* experts, std::int64_t T, int K, Placement p,
+                           cudaStream_t s) {
     const std::size_t n = static_cast<std::size_t>(p.num_ranks) * static_cast<std::size_t>(T);
     std::int32_t* sends = sends_.get(n);
     check(cudaMemsetAsync(sends, 0, n * sizeof(std::int32_t), s), "clearing the send marks");
@@ -609,15 +632,18 @@ class CudaDataPath final : public DataPath {
   void exclusive_scan(const std::int32_t* in, std::int64_t* out, std::size_t n, cudaStream_t s) {
     if (n == 0) return;
     std::size_t temp_bytes = 0;
-    check(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, in, out, static_cast<std::int64_t>(n), s),
+    check(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, in, out, static_cast<std::int64_t>(n),
+                                        s),
           "sizing a scan");
-    check(cub::DeviceScan::ExclusiveSum(temp_.get(temp_bytes), temp_bytes, in, out, static_cast<std::int64_t>(n), s),
+    check(cub::DeviceScan::ExclusiveSum(temp_.get(temp_bytes), temp_bytes, in, out,
+                                        static_cast<std::int64_t>(n), s),
           "scanning");
   }
 
   /// Copies `count` device values to the host array `out` through pinned memory and waits
   /// (the host needs them now: these are the data path's only synchronisations).
-  void read_back(const std::int64_t* device_values, std::size_t count, std::int64_t* out, cudaStream_t s) {
+  void read_back(const std::int64_t* device_values, std::size_t count, std::int64_t* out,
+                 cudaStream_t s) {
     pinned_counts_.resize(count);
     check(cudaMemcpyAsync(pinned_counts_.data(), device_values, count * sizeof(std::int64_t),
                           cudaMemcpyDeviceToHost, s),
@@ -627,7 +653,8 @@ class CudaDataPath final : public DataPath {
   }
 
   /// Copies `count` host values to the device through pinned memory, on the stream.
-  void upload(const std::int64_t* host_values, std::size_t count, std::int64_t* device_values, cudaStream_t s) {
+  void upload(const std::int64_t* host_values, std::size_t count, std::int64_t* device_values,
+              cudaStream_t s) {
     // The pinned copy must stay untouched until the transfer ran: wait for the previous one.
     if (upload_pending_) check(cudaEventSynchronize(upload_done_.get()), "waiting for an upload");
     pinned_upload_.resize(count);
@@ -647,7 +674,8 @@ class CudaDataPath final : public DataPath {
       if (n > capacity_) {
         cudaFreeHost(data_);
         data_ = nullptr;
-        check(cudaMallocHost(reinterpret_cast<void**>(&data_), std::max<std::size_t>(n, 1) * sizeof(std::int64_t)),
+        check(cudaMallocHost(reinterpret_cast<void**>(&data_),
+                             std::max<std::size_t>(n, 1) * sizeof(std::int64_t)),
               "allocating pinned memory");
         capacity_ = n;
       }
@@ -664,7 +692,9 @@ class CudaDataPath final : public DataPath {
 
   class Event {
    public:
-    Event() { check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "creating an event"); }
+    Event() {
+      check(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming), "creating an event");
+    }
     ~Event() { cudaEventDestroy(event_); }
     cudaEvent_t get() const { return event_; }
 
@@ -676,8 +706,8 @@ class CudaDataPath final : public DataPath {
   DeviceAllocator allocator_;
   PinnedAllocator pinned_;
   Scratch<std::int32_t> sends_, grouped_;
-  Scratch<std::int64_t> scanned_, group_scanned_, rank_totals_, rank_offsets_, expert_totals_, expert_first_,
-      row_ids_, sorted_tokens_, token_first_;
+  Scratch<std::int64_t> scanned_, group_scanned_, rank_totals_, rank_offsets_, expert_totals_,
+      expert_first_, row_ids_, sorted_tokens_, token_first_;
   Scratch<int> bad_;
   Scratch<unsigned long long> bad_slot_;  // first slot with an invalid expert, or all ones
   Scratch<std::byte> temp_;

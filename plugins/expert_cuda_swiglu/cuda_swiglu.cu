@@ -25,15 +25,15 @@ namespace {
 
 void check(cudaError_t e, const std::string& what) {
   if (e != cudaSuccess) {
-    throw Error(ErrorCode::kSystem, "cuda_swiglu: " + what + ": " + cudaGetErrorName(e) + ": " +
-                                        cudaGetErrorString(e));
+    throw Error(ErrorCode::kSystem,
+                "cuda_swiglu: " + what + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
   }
 }
 
 void check(cublasStatus_t s, const std::string& what) {
   if (s != CUBLAS_STATUS_SUCCESS) {
-    throw Error(ErrorCode::kSystem,
-                "cuda_swiglu: " + what + ": " + cublasGetStatusName(s) + " (" + cublasGetStatusString(s) + ")");
+    throw Error(ErrorCode::kSystem, "cuda_swiglu: " + what + ": " + cublasGetStatusName(s) + " (" +
+                                        cublasGetStatusString(s) + ")");
   }
 }
 
@@ -71,7 +71,8 @@ class DeviceBytes {
     if (bytes > capacity_) {
       cudaFree(data_);
       data_ = nullptr;
-      check(cudaMalloc(&data_, std::max<std::size_t>(bytes, 1)), "allocating " + std::to_string(bytes) + " bytes");
+      check(cudaMalloc(&data_, std::max<std::size_t>(bytes, 1)),
+            "allocating " + std::to_string(bytes) + " bytes");
       capacity_ = bytes;
     }
     return data_;
@@ -110,7 +111,8 @@ float f16_to_f32(std::uint16_t bits) {
 
 class CudaSwigluKernel final : public ExpertKernel {
  public:
-  explicit CudaSwigluKernel(const ExpertCreateArgs& args) : hidden_(args.hidden), ffn_hidden_(args.ffn_hidden) {
+  explicit CudaSwigluKernel(const ExpertCreateArgs& args)
+      : hidden_(args.hidden), ffn_hidden_(args.ffn_hidden) {
     int devices = 0;
     check(cudaGetDeviceCount(&devices), "counting devices");
     const auto info = LaunchInfo::from_environment();
@@ -127,7 +129,8 @@ class CudaSwigluKernel final : public ExpertKernel {
       require_weight(w.up, which + " up", F, H);
       require_weight(w.down, which + " down", H, F);
       Weights d;
-      check(cudaMalloc(&d.gate_up, static_cast<std::size_t>(2 * F * H) * element), "allocating weights");
+      check(cudaMalloc(&d.gate_up, static_cast<std::size_t>(2 * F * H) * element),
+            "allocating weights");
       check(cudaMalloc(&d.down, static_cast<std::size_t>(H * F) * element), "allocating weights");
       upload(w.gate, d.gate_up);
       upload(w.up, static_cast<std::byte*>(d.gate_up) + static_cast<std::size_t>(F * H) * element);
@@ -160,9 +163,9 @@ class CudaSwigluKernel final : public ExpertKernel {
     const std::int64_t N = batch.input.dim(0);
     batch.output.require("cuda_swiglu output", DType::kF32, {N, H});
     if (batch.rows_per_expert.size() != weights_.size()) {
-      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + std::to_string(batch.rows_per_expert.size()) +
-                                                   " row counts for " + std::to_string(weights_.size()) +
-                                                   " local experts");
+      throw Error(ErrorCode::kInvalidArgument,
+                  "cuda_swiglu: " + std::to_string(batch.rows_per_expert.size()) +
+                      " row counts for " + std::to_string(weights_.size()) + " local experts");
     }
     std::int64_t total = 0, largest = 0;
     for (auto n : batch.rows_per_expert) {
@@ -171,8 +174,9 @@ class CudaSwigluKernel final : public ExpertKernel {
       largest = std::max(largest, n);
     }
     if (total != N) {
-      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: row counts sum to " + std::to_string(total) +
-                                                   ", batch has " + std::to_string(N) + " rows");
+      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: row counts sum to " +
+                                                   std::to_string(total) + ", batch has " +
+                                                   std::to_string(N) + " rows");
     }
     if (N == 0) return;
     check(cudaSetDevice(device_), "selecting the device");
@@ -188,7 +192,8 @@ class CudaSwigluKernel final : public ExpertKernel {
       check(cudaGetLastError(), "converting the rows to bf16");
       rows = converted;
     }
-    auto* projected = static_cast<float*>(projected_.get(static_cast<std::size_t>(largest * 2 * F) * 4));
+    auto* projected =
+        static_cast<float*>(projected_.get(static_cast<std::size_t>(largest * 2 * F) * 4));
     void* act = act_.get(static_cast<std::size_t>(largest * F) * element);
     const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
     const float one = 1.0f, zero = 0.0f;
@@ -196,24 +201,28 @@ class CudaSwigluKernel final : public ExpertKernel {
     for (std::size_t e = 0; e < weights_.size(); ++e) {
       const std::int64_t n = batch.rows_per_expert[e];
       if (n == 0) continue;
-      const void* xe = static_cast<const std::byte*>(rows) + static_cast<std::size_t>(row * H) * element;
+      const void* xe =
+          static_cast<const std::byte*>(rows) + static_cast<std::size_t>(row * H) * element;
       // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
-      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F), static_cast<int>(n),
-                         static_cast<int>(H), &one, weights_[e].gate_up, type, static_cast<int>(H), xe, type,
-                         static_cast<int>(H), &zero, projected, CUDA_R_32F, static_cast<int>(2 * F),
-                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F),
+                         static_cast<int>(n), static_cast<int>(H), &one, weights_[e].gate_up, type,
+                         static_cast<int>(H), xe, type, static_cast<int>(H), &zero, projected,
+                         CUDA_R_32F, static_cast<int>(2 * F), CUBLAS_COMPUTE_32F,
+                         CUBLAS_GEMM_DEFAULT),
             "gate and up GEMM of local expert " + std::to_string(e));
       if (bf16_) {
-        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F, static_cast<__nv_bfloat16*>(act));
+        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F,
+                                                             static_cast<__nv_bfloat16*>(act));
       } else {
-        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F, static_cast<float*>(act));
+        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F,
+                                                             static_cast<float*>(act));
       }
       check(cudaGetLastError(), "silu(gate)·up");
       // Row-major [n,H] = act [n,F] · downᵀ.
-      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H), static_cast<int>(n),
-                         static_cast<int>(F), &one, weights_[e].down, type, static_cast<int>(F), act, type,
-                         static_cast<int>(F), &zero, y + row * H, CUDA_R_32F, static_cast<int>(H),
-                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
+                         static_cast<int>(n), static_cast<int>(F), &one, weights_[e].down, type,
+                         static_cast<int>(F), act, type, static_cast<int>(F), &zero, y + row * H,
+                         CUDA_R_32F, static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "down GEMM of local expert " + std::to_string(e));
       row += n;
     }
@@ -225,19 +234,23 @@ class CudaSwigluKernel final : public ExpertKernel {
     void* down = nullptr;     // [H,F]
   };
 
-  void require_weight(const TensorView& w, const std::string& which, std::int64_t rows, std::int64_t cols) const {
+  void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
+                      std::int64_t cols) const {
     const DType d = w.dtype();
     if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16) {
-      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " is " + std::string(dtype_name(d)) +
+      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " is " +
+                                                   std::string(dtype_name(d)) +
                                                    "; f32, bf16 and f16 weights are supported");
     }
     if ((d == DType::kBF16) != bf16_) {
-      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " is " + std::string(dtype_name(d)) +
-                                                   " but other weights are " + (bf16_ ? "bf16" : "not bf16"));
+      throw Error(ErrorCode::kInvalidArgument,
+                  "cuda_swiglu: " + which + " is " + std::string(dtype_name(d)) +
+                      " but other weights are " + (bf16_ ? "bf16" : "not bf16"));
     }
     w.require(which, d, {rows, cols});
     if (w.device().kind != Device::Kind::kHost) {
-      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " must be host memory (it is uploaded)");
+      throw Error(ErrorCode::kInvalidArgument,
+                  "cuda_swiglu: " + which + " must be host memory (it is uploaded)");
     }
   }
 
@@ -249,10 +262,12 @@ class CudaSwigluKernel final : public ExpertKernel {
       std::vector<float> widened(count);
       const auto* bits = w.data_as<const std::uint16_t>();
       for (std::size_t i = 0; i < count; ++i) widened[i] = f16_to_f32(bits[i]);
-      check(cudaMemcpy(device, widened.data(), count * 4, cudaMemcpyHostToDevice), "uploading weights");
+      check(cudaMemcpy(device, widened.data(), count * 4, cudaMemcpyHostToDevice),
+            "uploading weights");
       return;
     }
-    check(cudaMemcpy(device, w.data(), count * dtype_size(w.dtype()), cudaMemcpyHostToDevice), "uploading weights");
+    check(cudaMemcpy(device, w.data(), count * dtype_size(w.dtype()), cudaMemcpyHostToDevice),
+          "uploading weights");
   }
 
   int hidden_;
@@ -272,6 +287,7 @@ std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {
 }  // namespace
 }  // namespace switchyard::cuda_swiglu
 
-SWITCHYARD_EXPERT_PLUGIN("cuda_swiglu", "0.1.0",
-                         "SwiGLU experts on a CUDA device (cuBLAS, bf16 weights on tensor cores, f32 accumulation)",
-                         nullptr, ::switchyard::cuda_common::cuda_probe, ::switchyard::cuda_swiglu::create)
+SWITCHYARD_EXPERT_PLUGIN(
+    "cuda_swiglu", "0.1.0",
+    "SwiGLU experts on a CUDA device (cuBLAS, bf16 weights on tensor cores, f32 accumulation)",
+    nullptr, ::switchyard::cuda_common::cuda_probe, ::switchyard::cuda_swiglu::create)
