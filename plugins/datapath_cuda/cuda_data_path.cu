@@ -432,6 +432,7 @@ class CudaDataPath final : public DataPath {
  public:
   explicit CudaDataPath(int device) : device_(device), allocator_(device) {
     check(cudaSetDevice(device_), "selecting the device");
+    upload_done_ = std::make_unique<Event>();  // on this device: after cudaSetDevice
   }
   ~CudaDataPath() override = default;
 
@@ -656,13 +657,13 @@ class CudaDataPath final : public DataPath {
   void upload(const std::int64_t* host_values, std::size_t count, std::int64_t* device_values,
               cudaStream_t s) {
     // The pinned copy must stay untouched until the transfer ran: wait for the previous one.
-    if (upload_pending_) check(cudaEventSynchronize(upload_done_.get()), "waiting for an upload");
+    if (upload_pending_) check(cudaEventSynchronize(upload_done_->get()), "waiting for an upload");
     pinned_upload_.resize(count);
     std::copy(host_values, host_values + count, pinned_upload_.begin());
     check(cudaMemcpyAsync(device_values, pinned_upload_.data(), count * sizeof(std::int64_t),
                           cudaMemcpyHostToDevice, s),
           "uploading offsets");
-    check(cudaEventRecord(upload_done_.get(), s), "recording an upload");
+    check(cudaEventRecord(upload_done_->get(), s), "recording an upload");
     upload_pending_ = true;
   }
 
@@ -712,7 +713,7 @@ class CudaDataPath final : public DataPath {
   Scratch<unsigned long long> bad_slot_;  // first slot with an invalid expert, or all ones
   Scratch<std::byte> temp_;
   PinnedVector pinned_counts_, pinned_upload_;
-  Event upload_done_;
+  std::unique_ptr<Event> upload_done_;
   bool upload_pending_ = false;
   std::vector<std::int64_t> first_host_;
 };

@@ -322,12 +322,6 @@ class NcclTransport final : public Transport {
     }
     std::stable_sort(members.begin(), members.end(),
                      [&](int a, int b) { return key_of(a) < key_of(b); });
-    ncclConfig_t config = nonblocking_config();
-    ncclComm_t child = nullptr;
-    c.check(ncclCommSplit(c.comm(), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, &config),
-            "split");
-    c.wait_ready("split");
-    if (color < 0) return nullptr;
     std::vector<int> world_ranks, nodes;
     int my_rank = 0;
     for (std::size_t i = 0; i < members.size(); ++i) {
@@ -335,8 +329,16 @@ class NcclTransport final : public Transport {
       world_ranks.push_back(c.world_ranks()[static_cast<std::size_t>(members[i])]);
       nodes.push_back(topology_.node_of(members[i]));
     }
+    ncclConfig_t config = nonblocking_config();
+    ncclComm_t child = nullptr;
+    c.check(ncclCommSplit(c.comm(), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &child, &config),
+            "split");
+    c.wait_ready("split");
+    if (color < 0 || child == nullptr) return nullptr;
+    // The new communicator may still be connecting (non-blocking): wait for it too.
     auto communicator =
         std::make_shared<Communicator>(child, c.device(), std::move(world_ranks), c.timeout_s());
+    communicator->wait_ready("split");
     return std::make_unique<NcclTransport>(std::move(communicator), my_rank,
                                            Topology(std::move(nodes)));
   }
