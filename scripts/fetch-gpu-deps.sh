@@ -10,17 +10,18 @@ dir=${1:-$root/.gpu-deps}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 
-# Header-only or small: Boost.DLL (plugin loader), toml++ (configuration, with its shared
-# library), nlohmann-json (safetensors headers), DLPack, doctest (tests). The GPU build
-# leaves out OpenBLAS (the CPU experts), Open MPI and UCX.
-packages=(libboost1.74-dev libtomlplusplus-dev libtomlplusplus3 nlohmann-json3-dev
-          libdlpack-dev doctest-dev)
+# Headers only, so nothing here must match the GPU machine's C library: Boost.DLL (plugin
+# loader), toml++ (configuration, used header-only), nlohmann-json (safetensors headers),
+# DLPack, doctest (tests). The GPU build leaves out OpenBLAS (the CPU experts), Open MPI and
+# UCX.
+packages=(libboost1.74-dev libtomlplusplus-dev nlohmann-json3-dev libdlpack-dev doctest-dev)
 
 mkdir -p "$dir"
 if ! (cd "$dir" && apt-get download "${packages[@]}" >/dev/null 2>&1); then
   apt-get update -qq
   (cd "$dir" && apt-get download "${packages[@]}")
 fi
-# A file list the run script checks against, so that a partial copy is noticed there.
-(cd "$dir" && ls -1 ./*.deb | sed 's|^\./||' > MANIFEST)
+# The files of these packages (not older leftovers), which the run script unpacks and checks
+# for, so that a partial copy is noticed there.
+(cd "$dir" && for p in "${packages[@]}"; do ls -1 "${p}"_*.deb | tail -1; done > MANIFEST)
 echo "fetch-gpu-deps: $(wc -l < "$dir/MANIFEST") packages in $dir ($(du -sh "$dir" | cut -f1))"
