@@ -203,6 +203,12 @@ void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
   const TensorView logits(logits_.data(), DType::kF32, {T, E}, logits_.device());
   data_path_->router_logits(x, gate_, logits, *stream_);
   if (route_on_host_) {
+    // The device data path computes the host policy where it can, else the host does.
+    const auto spec = parts_.router->token_choice_spec(&parts_.transport->topology());
+    if (spec && data_path_->route_token_choice(*spec, logits, plan, device_stats_, *stream_)) {
+      parts_.router->adopt_stats(device_stats_);
+      return;
+    }
     route_through_host(logits, plan);
     return;
   }

@@ -1,6 +1,7 @@
 #include <algorithm>
 
 #include "switchyard/router.hpp"
+#include "switchyard/status.hpp"
 
 namespace switchyard {
 
@@ -24,6 +25,11 @@ void finish_router_stats(RouterStats& stats) noexcept {
   const auto T = static_cast<double>(stats.tokens);
   stats.aux_loss = aux * E / (stats.top_k * T * T);
   stats.z_loss = stats.z_loss_sum / T;
+}
+
+void Router::adopt_stats(const RouterStats& /*computed*/) {
+  throw Error(ErrorCode::kUnavailable,
+              "router " + name() + ": its statistics cannot come from a device data path");
 }
 
 }  // namespace switchyard

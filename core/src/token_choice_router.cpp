@@ -193,7 +193,7 @@ class TokenChoiceRouter final : public Router {
           max_logit = std::max(max_logit, row[chosen_[static_cast<std::size_t>(j)]]);
         float sum = 0;
         for (int j = 0; j < picked; ++j) {
-          w[j] = std::exp(row[chosen_[static_cast<std::size_t>(j)]] - max_logit);
+          w[j] = vector_exp(row[chosen_[static_cast<std::size_t>(j)]] - max_logit);
           sum += w[j];
         }
         for (int j = 0; j < picked; ++j) w[j] /= sum;
@@ -233,6 +233,37 @@ class TokenChoiceRouter final : public Router {
   }
 
   bool updates_from_counts() const noexcept override { return update_rate_ > 0; }
+
+  std::optional<TokenChoiceSpec> token_choice_spec(const Topology* topology) override {
+    if (limit_ || mask_non_finite_) return std::nullopt;
+    TokenChoiceSpec spec;
+    spec.policy = policy_;
+    spec.top_k = top_k_;
+    spec.sigmoid = sigmoid_;
+    spec.pre_softmax = pre_softmax_;
+    spec.normalize = normalize_;
+    spec.scale = scale_;
+    spec.bias = bias_;
+    if (groups_) {
+      assign_groups(topology);
+      if (group_begin_.empty()) return std::nullopt;  // groups of scattered experts
+      spec.group_begin = group_begin_;
+      spec.max_groups = groups_->max_groups;
+      spec.group_take = group_take_;
+    }
+    return spec;
+  }
+
+  void adopt_stats(const RouterStats& computed) override {
+    std::copy(computed.counts.begin(), computed.counts.end(), stats_.counts.begin());
+    stats_.dropped = 0;
+    stats_.tokens = computed.tokens;
+    std::copy(computed.probability_sums.begin(), computed.probability_sums.end(),
+              stats_.probability_sums.begin());
+    std::copy(computed.aux_counts.begin(), computed.aux_counts.end(), stats_.aux_counts.begin());
+    stats_.z_loss_sum = computed.z_loss_sum;
+    finish_router_stats(stats_);
+  }
 
   void update(std::span<const std::int64_t> global_counts) override {
     if (update_rate_ <= 0) return;

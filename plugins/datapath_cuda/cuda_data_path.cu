@@ -16,12 +16,14 @@
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cuda_probe.hpp"
+#include "device_routing.cuh"
 #include "switchyard/data_path.hpp"
 #include "switchyard/layer.hpp"
 #include "switchyard/plugin.hpp"
@@ -586,6 +588,99 @@ class CudaDataPath final : public DataPath {
     check_launch("unpermute-sum");
   }
 
+  bool route_token_choice(const TokenChoiceSpec& spec, const TensorView& logits, RoutingPlan& plan,
+                          RouterStats& stats, Stream& stream) override {
+    const std::int64_t T = logits.dim(0);
+    const int E = static_cast<int>(logits.dim(1)), K = spec.top_k;
+    const int G = spec.group_begin.empty() ? 0 : static_cast<int>(spec.group_begin.size()) - 1;
+    // The kernel's limits: a warp per token, a lane per group, k and group scores in
+    // registers. Beyond them the host routes.
+    if (E > 1024 || K > 32 || G > 32 || spec.group_take > 32) return false;
+    enter();
+    const cudaStream_t s = native(stream);
+    plan.num_tokens = T;
+    plan.slots = K;
+    plan.experts.resize(static_cast<std::size_t>(T * K));
+    plan.weights.resize(static_cast<std::size_t>(T * K));
+    plan.counts.resize(static_cast<std::size_t>(E));
+    // Counts and aux counts, then the sums, then the first bad logit, in one block of 8-byte
+    // words.
+    auto* words = route_words_.get(static_cast<std::size_t>(3 * E + 2));
+    check(cudaMemsetAsync(words, 0, static_cast<std::size_t>(3 * E + 1) * 8, s),
+          "clearing the statistics");
+    check(cudaMemsetAsync(words + 3 * E + 1, 0xff, 8, s), "clearing the check");
+    DeviceRouteParams p;
+    p.logits = logits.data_as<const float>();
+    p.tokens = T;
+    p.experts = E;
+    p.top_k = K;
+    p.sigmoid = spec.sigmoid;
+    p.pre_softmax = spec.pre_softmax;
+    p.normalize = spec.normalize;
+    p.scale = spec.scale;
+    if (!spec.bias.empty()) {
+      float* bias = route_bias_.get(spec.bias.size());
+      check(cudaMemcpyAsync(bias, spec.bias.data(), spec.bias.size_bytes(), cudaMemcpyHostToDevice,
+                            s),
+            "uploading the bias");
+      p.bias = bias;
+    }
+    if (G > 0) {
+      int* begin = route_groups_.get(spec.group_begin.size());
+      check(cudaMemcpyAsync(begin, spec.group_begin.data(), spec.group_begin.size_bytes(),
+                            cudaMemcpyHostToDevice, s),
+            "uploading the groups");
+      p.group_begin = begin;
+      p.groups = G;
+      p.max_groups = spec.max_groups;
+      p.group_take = spec.group_take;
+    }
+    p.plan_experts = plan.experts.data();
+    p.plan_weights = plan.weights.data();
+    p.counts = words;
+    p.aux_counts = words + E;
+    p.probability_sums = reinterpret_cast<double*>(words + 2 * E);
+    p.z_loss_sum = reinterpret_cast<double*>(words + 3 * E);
+    p.first_bad = words + 3 * E + 1;
+    if (T > 0) {
+      const auto blocks = static_cast<unsigned>((T + kRouteWarps - 1) / kRouteWarps);
+      route_token_choice_kernel<<<blocks, 32 * kRouteWarps, route_shared_bytes(E), s>>>(p);
+      check_launch("routing");
+    }
+    // The plan's counts are the kept counts (same bits: 8-byte counters).
+    check(cudaMemcpyAsync(plan.counts.data(), words, static_cast<std::size_t>(E) * 8,
+                          cudaMemcpyDeviceToDevice, s),
+          "the plan's counts");
+    route_host_.resize(static_cast<std::size_t>(3 * E + 2));
+    check(cudaMemcpyAsync(route_host_.data(), words, route_host_.size() * 8, cudaMemcpyDeviceToHost,
+                          s),
+          "reading the statistics");
+    check(cudaStreamSynchronize(s), "routing");
+    const std::uint64_t first_bad = route_host_[static_cast<std::size_t>(3 * E + 1)];
+    if (first_bad != kNoBadSlot) {
+      float value = 0;
+      check(cudaMemcpy(&value, logits.data_as<const float>() + first_bad, sizeof value,
+                       cudaMemcpyDeviceToHost),
+            "reading the bad logit");
+      throw Error(ErrorCode::kInvalidArgument,
+                  "router " + spec.policy + ": logit of token " +
+                      std::to_string(first_bad / static_cast<std::uint64_t>(E)) + ", expert " +
+                      std::to_string(first_bad % static_cast<std::uint64_t>(E)) + " is " +
+                      (std::isnan(value) ? "NaN" : "infinite") +
+                      " (router.nan_policy = \"mask\" skips such experts instead)");
+    }
+    stats.top_k = K;
+    stats.tokens = T;
+    stats.dropped = 0;
+    stats.counts.assign(route_host_.begin(), route_host_.begin() + E);
+    stats.aux_counts.assign(route_host_.begin() + E, route_host_.begin() + 2 * E);
+    stats.probability_sums.resize(static_cast<std::size_t>(E));
+    std::memcpy(stats.probability_sums.data(), route_host_.data() + 2 * E,
+                static_cast<std::size_t>(E) * 8);
+    std::memcpy(&stats.z_loss_sum, route_host_.data() + 3 * E, 8);
+    return true;
+  }
+
   void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) override {
     enter();
     if (bytes == 0) return;
@@ -710,7 +805,11 @@ class CudaDataPath final : public DataPath {
   Scratch<std::int64_t> scanned_, group_scanned_, rank_totals_, rank_offsets_, expert_totals_,
       expert_first_, row_ids_, sorted_tokens_, token_first_;
   Scratch<int> bad_;
-  Scratch<unsigned long long> bad_slot_;  // first slot with an invalid expert, or all ones
+  Scratch<unsigned long long> bad_slot_;     // first slot with an invalid expert, or all ones
+  Scratch<unsigned long long> route_words_;  // routing statistics and check
+  Scratch<float> route_bias_;
+  Scratch<int> route_groups_;
+  std::vector<std::uint64_t> route_host_;
   Scratch<std::byte> temp_;
   PinnedVector pinned_counts_, pinned_upload_;
   std::unique_ptr<Event> upload_done_;

@@ -17,6 +17,7 @@
 #include <string_view>
 
 #include "switchyard/buffer.hpp"
+#include "switchyard/router.hpp"
 #include "switchyard/stream.hpp"
 #include "switchyard/tensor.hpp"
 
@@ -159,6 +160,17 @@ class DataPath {
   /// ordered on `stream` (e.g. a device plan from a host router's plan). The host memory
   /// must stay untouched until the stream has passed the copy.
   virtual void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) = 0;
+  /// Routes `logits` [T,E] (on `device()`) as `spec` says into `plan` (on `device()`,
+  /// resized here) and returns the statistics' counts and sums in `stats` (host; `counts`,
+  /// `tokens`, `probability_sums`, `aux_counts`, `z_loss_sum`, `top_k`), the same as the host
+  /// policy computes. Returns false when this data path does not route (the host data path:
+  /// host routers do). Throws `Error(kInvalidArgument)` for NaN or infinite logits like the
+  /// host policies. Synchronizes the stream (the statistics are read on the host).
+  virtual bool route_token_choice(const TokenChoiceSpec& /*spec*/, const TensorView& /*logits*/,
+                                  RoutingPlan& /*plan*/, RouterStats& /*stats*/,
+                                  Stream& /*stream*/) {
+    return false;
+  }
 };
 
 /// A new host implementation (host-synchronous). Each layer owns one: its scratch is not

@@ -181,6 +181,7 @@ class MoELayer {
   Buffer<float> host_logits_;   // staging memory
   RoutingPlan host_plan_;       // staging memory
   HostStream host_stream_;      // for the host router
+  RouterStats device_stats_;    // of a route the device data path computed
   Buffer<float> logits_;
   RoutingPlan plan_;
   DispatchHandle handle_;

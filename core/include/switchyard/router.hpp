@@ -4,6 +4,7 @@
 /// Semantics of every policy are in docs/routing.md.
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -63,6 +64,23 @@ struct RouteInput {
   const Topology* topology = nullptr;  ///< placement of the EP group's ranks; may be null
 };
 
+/// A token-choice policy as data (docs/routing.md), so that a device data path can compute
+/// what the host policy computes, bit for bit, on logits in device memory.
+struct TokenChoiceSpec {
+  std::string policy;           ///< for messages, e.g. "topk"
+  int top_k = 1;                ///< k
+  bool sigmoid = false;         ///< scores: sigmoid, else softmax
+  bool pre_softmax = true;      ///< softmax over all experts, else over the k selected logits
+  bool normalize = false;       ///< weights divided by (their sum + 1e-20)
+  float scale = 1.0f;           ///< multiplies the weights
+  std::span<const float> bias;  ///< [E] host, added for selection only; empty: none
+  /// Group limiting: groups of consecutive experts, group g = experts
+  /// [group_begin[g], group_begin[g+1]); empty: none.
+  std::span<const int> group_begin;
+  int max_groups = 0;  ///< M groups kept per token
+  int group_take = 1;  ///< a group's score: the sum of its `group_take` largest values
+};
+
 /// A routing policy. One instance per rank; not thread-safe (one thread routes at a time).
 class Router {
  public:
@@ -93,6 +111,16 @@ class Router {
   /// True when `update` changes the policy (bias balancing is on): the runtime then sums
   /// the kept counts over the EP group after every step and calls it.
   virtual bool updates_from_counts() const noexcept { return false; }
+  /// The policy as a `TokenChoiceSpec` for the placement `topology`, when a device data path
+  /// can compute it instead (token-choice selection without a capacity limit or masking);
+  /// nothing otherwise. Valid until the next call on this router.
+  virtual std::optional<TokenChoiceSpec> token_choice_spec(const Topology* /*topology*/) {
+    return std::nullopt;
+  }
+  /// Takes `computed` (counts, tokens and the loss sums of a route that a device data path
+  /// computed from `token_choice_spec`) as the statistics of the last route. Throws
+  /// `Error(kUnavailable)` for policies without a spec.
+  virtual void adopt_stats(const RouterStats& computed);
 };
 
 }  // namespace switchyard
