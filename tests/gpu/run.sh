@@ -57,7 +57,7 @@ fi
 arch=${arch:-90}
 configure=(cmake -S "$root" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
   -DSWITCHYARD_WITH_CUDA=ON -DSWITCHYARD_WITH_MPI=OFF -DSWITCHYARD_WITH_UCX=OFF
-  -DSWITCHYARD_WITH_OPENBLAS=OFF -DSWITCHYARD_WERROR=ON -DCMAKE_CUDA_ARCHITECTURES="$arch"
+  -DSWITCHYARD_WITH_OPENBLAS=OFF -DSWITCHYARD_WERROR=OFF -DCMAKE_CUDA_ARCHITECTURES="$arch"
   -DCMAKE_IGNORE_PREFIX_PATH=/usr -DCMAKE_PREFIX_PATH="$usr"
   -DBoost_DIR="$usr/lib/x86_64-linux-gnu/cmake/Boost-1.74.0"
   -Dboost_headers_DIR="$usr/lib/x86_64-linux-gnu/cmake/boost_headers-1.74.0"
@@ -77,8 +77,12 @@ fi
 
 # 3. Build, the gpu tests, then the same under compute-sanitizer.
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-cmake --build "$work/build" -j "$(nproc)" > "$work/build.log" 2>&1 || { tail -50 "$work/build.log"; exit 1; }
-say "built"
+# Only what this script runs (another compiler's new warnings must not stop a GPU run: CI
+# builds everything with warnings as errors).
+targets=(switchyard-tool bench_gpu $(cd "$work/build" && ctest -N -L gpu | sed -n 's/^ *Test *#[0-9]*: //p'))
+cmake --build "$work/build" -j "$(nproc)" --target "${targets[@]}" > "$work/build.log" 2>&1 ||
+  { tail -50 "$work/build.log"; exit 1; }
+say "built ${#targets[@]} targets"
 cd "$work/build"
 status=0
 ctest -L gpu --output-on-failure --timeout 300 | tee "$work/ctest.log" || status=1
