@@ -23,7 +23,7 @@ SHAPES = [(8, 2, 4096, 14336), (64, 8, 2048, 1408)]
 TOKENS = 8192
 
 
-def expert_tensors(block, num_experts):
+def expert_tensors(block, num_experts, hidden):
     """Mixtral-format tensors of the block's experts: experts.{e}.w1/w3/w2.weight."""
     tensors = {}
     experts = block.experts
@@ -33,8 +33,8 @@ def expert_tensors(block, num_experts):
         half = gate_up.shape[1] // 2
         for e in range(num_experts):
             # Stored [E, 2F, H] or [E, H, 2F] depending on the version: make it [2F, H].
-            gu = gate_up[e] if gate_up.shape[1] != block.hidden_dim else gate_up[e].t()
-            dn = down[e] if down.shape[1] == block.hidden_dim else down[e].t()
+            gu = gate_up[e] if gate_up.shape[1] != hidden else gate_up[e].t()
+            dn = down[e] if down.shape[1] == hidden else down[e].t()
             tensors[f"experts.{e}.w1.weight"] = gu[:half].contiguous()
             tensors[f"experts.{e}.w3.weight"] = gu[half:].contiguous()
             tensors[f"experts.{e}.w2.weight"] = dn.contiguous()
@@ -77,7 +77,7 @@ def main():
             y_ref = (out[0] if isinstance(out, tuple) else out).float()[0].cpu().numpy()
             torch_ms = time_ms(lambda: block(x))
         tensors = {"gate.weight": block.gate.weight.detach().contiguous()}
-        tensors.update(expert_tensors(block, E))
+        tensors.update(expert_tensors(block, E, H))
         checkpoint = os.path.join(work, f"mixtral_{E}.safetensors")
         save_file({n: t.cpu() for n, t in tensors.items()}, checkpoint)
         tokens = os.path.join(work, f"tokens_{E}.npy")
