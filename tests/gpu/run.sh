@@ -92,10 +92,12 @@ memcheck=()
 if [ -x "$sanitizer" ]; then
   for test in $(ctest -L gpu -N | sed -n 's/^ *Test *#[0-9]*: //p'); do
     code=0
-    "$sanitizer" --tool memcheck --error-exitcode 99 "bin/$test" > "$work/memcheck-$test.log" 2>&1 || code=$?
+    timeout 180 "$sanitizer" --tool memcheck --error-exitcode 99 "bin/$test" \
+      > "$work/memcheck-$test.log" 2>&1 || code=$?
     case $code in
       0) memcheck+=("$test: clean") ;;
       77) memcheck+=("$test: skipped ($(grep -m1 SKIPPED "$work/memcheck-$test.log"))") ;;
+      124) memcheck+=("$test: TIMED OUT after 180 s"); status=1 ;;
       *) memcheck+=("$test: FAILED, exit $code (see $work/memcheck-$test.log)"); status=1 ;;
     esac
   done
@@ -110,7 +112,7 @@ gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${gpus:-0}" -ge 1 ] || gpus=1
 runs=()
 for n in $(printf '%s\n' 1 "$gpus" | sort -un); do
-  if bin/switchyard launch -n "$n" -- bin/switchyard run "$root/examples/configs/gpu.toml" --check \
+  if timeout 300 bin/switchyard launch -n "$n" -- bin/switchyard run "$root/examples/configs/gpu.toml" --check \
       > "$work/run-$n.log" 2>&1; then
     runs+=("$n GPU(s): $(grep -o 'PASS' "$work/run-$n.log" | head -1 || echo ok) ($(grep -m1 -o 'relative [0-9.e-]*' "$work/run-$n.log" || true))")
   else
