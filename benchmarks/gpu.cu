@@ -68,24 +68,23 @@ double median_ms(cudaStream_t stream, int iters, const std::function<void()>& ru
   return times[times.size() / 2];
 }
 
-__global__ void fill(float* p, std::size_t n, std::uint32_t seed) {
-  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
+/// A hash of (i, seed) as a float in [-0.5, 0.5): cheap reproducible fill values.
+__device__ float hash_unit(std::size_t i, std::uint32_t seed) {
   std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u + seed;
   x ^= x >> 13;
   x *= 0x5bd1e995u;
   x ^= x >> 15;
-  p[i] = (static_cast<float>(x & 0xffffff) / 16777216.0f - 0.5f) * 0.2f;
+  return static_cast<float>(x & 0xffffff) / 16777216.0f - 0.5f;
+}
+
+__global__ void fill(float* p, std::size_t n, std::uint32_t seed) {
+  const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
+  if (i < n) p[i] = hash_unit(i, seed) * 0.2f;
 }
 
 __global__ void fill_bf16(__nv_bfloat16* p, std::size_t n, std::uint32_t seed) {
   const std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u + seed;
-  x ^= x >> 13;
-  x *= 0x5bd1e995u;
-  x ^= x >> 15;
-  p[i] = __float2bfloat16_rn((static_cast<float>(x & 0xffffff) / 16777216.0f - 0.5f) * 0.05f);
+  if (i < n) p[i] = __float2bfloat16_rn(hash_unit(i, seed) * 0.05f);
 }
 
 unsigned grid_for(std::size_t n) { return static_cast<unsigned>((n + 255) / 256); }

@@ -191,12 +191,7 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
 }
 
 void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
-  x.require("MoE input x", DType::kF32, {-1, hidden_});
-  if (x.device() != data_path_->device()) {
-    throw Error(ErrorCode::kInvalidArgument, "MoE input x is in " + device_name(x.device()) +
-                                                 " memory, the layer's data path runs on " +
-                                                 device_name(data_path_->device()));
-  }
+  x.require_on(data_path_->device(), "MoE input x", DType::kF32, {-1, hidden_});
   const std::int64_t T = x.dim(0);
   const std::int64_t E = parts_.placement.num_experts();
   logits_.resize(to_size(T * E));
@@ -250,7 +245,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
   std::optional<Error> routing_error;
   try {
     route(x, plan_);
-    y.require("MoE output y", DType::kF32, {x.dim(0), hidden_});
+    y.require_on(data_path_->device(), "MoE output y", DType::kF32, {x.dim(0), hidden_});
     if (x.numel() > 0 && x.data() == y.data()) {
       throw Error(ErrorCode::kInvalidArgument, "MoE input x and output y must not alias");
     }
@@ -276,7 +271,8 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
 void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle) {
   std::optional<Error> input_error;
   try {
-    x.require("MoE dispatch input x", DType::kF32, {plan.num_tokens, hidden_});
+    x.require_on(data_path_->device(), "MoE dispatch input x", DType::kF32,
+                 {plan.num_tokens, hidden_});
   } catch (const Error& e) {
     input_error = e;
   }
@@ -488,16 +484,8 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
   const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
   // Shapes are checked on every rank before anything is sent; a mismatch is a caller bug
   // that would otherwise corrupt memory.
-  expert_output.require("MoE combine expert_output", DType::kF32, {A, H});
-  y.require("MoE combine y", DType::kF32, {h.num_tokens_, H});
-  for (const TensorView* v : {&expert_output, &y}) {
-    if (v->device() != data_path_->device()) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  std::string("MoE combine ") + (v == &y ? "y" : "expert_output") + " is in " +
-                      device_name(v->device()) + " memory, the layer's data path runs on " +
-                      device_name(data_path_->device()));
-    }
-  }
+  expert_output.require_on(data_path_->device(), "MoE combine expert_output", DType::kF32, {A, H});
+  y.require_on(data_path_->device(), "MoE combine y", DType::kF32, {h.num_tokens_, H});
   const DType dtype = parts_.combine_dtype;
   const std::size_t row_bytes = to_size(H) * dtype_size(dtype);
 

@@ -113,9 +113,13 @@ std::string TensorView::describe() const {
 
 void TensorView::require(std::string_view what, DType dtype,
                          std::initializer_list<std::int64_t> expected_dims) const {
+  require_on(Device::host(), what, dtype, expected_dims);
+}
+
+void TensorView::require_on(Device device, std::string_view what, DType dtype,
+                            std::initializer_list<std::int64_t> expected_dims) const {
   bool ok = dtype_ == dtype && rank_ == static_cast<int>(expected_dims.size()) &&
-            device_.kind == Device::Kind::kHost && is_contiguous() &&
-            (data_ != nullptr || numel() == 0);
+            device_ == device && is_contiguous() && (data_ != nullptr || numel() == 0);
   int i = 0;
   for (std::int64_t d : expected_dims) {
     if (ok && d >= 0 && shape_[static_cast<std::size_t>(i)] != d) ok = false;
@@ -132,7 +136,8 @@ void TensorView::require(std::string_view what, DType dtype,
     else
       want << "*";
   }
-  want << "] contiguous host tensor";
+  want << "] contiguous " << (device.kind == Device::Kind::kHost ? "host" : "device") << " tensor";
+  if (device.kind != Device::Kind::kHost) want << " (cuda:" << device.ordinal << ")";
   throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": expected " + want.str() +
                                                ", got " + describe() +
                                                (is_contiguous() ? "" : " (not contiguous)"));

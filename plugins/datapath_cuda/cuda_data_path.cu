@@ -24,6 +24,7 @@
 
 #include "cuda_probe.hpp"
 #include "device_routing.cuh"
+#include "device_scratch.hpp"
 #include "switchyard/data_path.hpp"
 #include "switchyard/layer.hpp"
 #include "switchyard/plugin.hpp"
@@ -127,27 +128,8 @@ class PinnedAllocator final : public Allocator {
   std::string name() const override { return "cuda_pinned"; }
 };
 
-/// Reusable device scratch of one kind (grows, never shrinks).
 template <typename T>
-class Scratch {
- public:
-  ~Scratch() { cudaFree(data_); }
-  T* get(std::size_t count) {
-    if (count > capacity_) {
-      cudaFree(data_);
-      data_ = nullptr;
-      check(
-          cudaMalloc(reinterpret_cast<void**>(&data_), std::max<std::size_t>(count, 1) * sizeof(T)),
-          "allocating scratch");
-      capacity_ = count;
-    }
-    return data_;
-  }
-
- private:
-  T* data_ = nullptr;
-  std::size_t capacity_ = 0;
-};
+using Scratch = cuda_common::DeviceScratch<T>;
 
 // ---------------------------------------------------------------------------------------
 // Kernels.

@@ -19,11 +19,11 @@ struct DeviceRouteParams {
   int top_k = 1;    ///< k <= 32
   bool sigmoid = false, pre_softmax = true, normalize = false;
   float scale = 1.0f;
-  const float* bias = nullptr;         ///< [E] or null
-  const int* group_begin = nullptr;    ///< [G+1] or null
+  const float* bias = nullptr;       ///< [E] or null
+  const int* group_begin = nullptr;  ///< [G+1] or null
   int groups = 0, max_groups = 0, group_take = 1;
-  std::int32_t* plan_experts = nullptr;  ///< [T,k]
-  float* plan_weights = nullptr;         ///< [T,k]
+  std::int32_t* plan_experts = nullptr;      ///< [T,k]
+  float* plan_weights = nullptr;             ///< [T,k]
   unsigned long long* counts = nullptr;      ///< [E]
   unsigned long long* aux_counts = nullptr;  ///< [E]
   double* probability_sums = nullptr;        ///< [E]
@@ -34,7 +34,8 @@ struct DeviceRouteParams {
 /// Warps per block of the routing kernel, and its dynamic shared memory per block.
 inline constexpr int kRouteWarps = 4;
 inline std::size_t route_shared_bytes(int experts) {
-  return static_cast<std::size_t>(kRouteWarps) * 3 * static_cast<std::size_t>(experts) * sizeof(float);
+  return static_cast<std::size_t>(kRouteWarps) * 3 * static_cast<std::size_t>(experts) *
+         sizeof(float);
 }
 
 /// Routes every token; launch with blocks of 32·kRouteWarps threads, one warp per token.

@@ -43,26 +43,8 @@ class CpuSwigluKernel final : public ExpertKernel {
   // Host-synchronous: done when it returns.
   void forward(const ExpertBatch& batch, Stream& /*stream*/) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
-    batch.input.require("cpu_swiglu input", DType::kF32, {-1, H});
-    const std::int64_t N = batch.input.dim(0);
-    batch.output.require("cpu_swiglu output", DType::kF32, {N, H});
-    if (batch.rows_per_expert.size() != experts_.size()) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "cpu_swiglu: " + std::to_string(batch.rows_per_expert.size()) +
-                      " row counts for " + std::to_string(experts_.size()) + " local experts");
-    }
-    std::int64_t total = 0;
-    std::int64_t largest = 0;
-    for (auto n : batch.rows_per_expert) {
-      if (n < 0) throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: negative row count");
-      total += n;
-      largest = std::max(largest, n);
-    }
-    if (total != N) {
-      throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: row counts sum to " +
-                                                   std::to_string(total) + ", batch has " +
-                                                   std::to_string(N) + " rows");
-    }
+    const std::int64_t largest =
+        check_expert_batch(batch, H, experts_.size(), Device::host(), names_);
     gate_out_.resize(static_cast<std::size_t>(largest * F));
     up_out_.resize(static_cast<std::size_t>(largest * F));
 
@@ -114,6 +96,7 @@ class CpuSwigluKernel final : public ExpertKernel {
   int hidden_;
   int ffn_hidden_;
   std::vector<SwigluExpertWeights> experts_;
+  const ExpertBatchNames names_{"cpu_swiglu"};
   std::vector<float> gate_out_, up_out_;
   std::vector<float> panel_;  // one widened weight matrix
 };

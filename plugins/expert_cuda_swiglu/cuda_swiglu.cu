@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cuda_probe.hpp"
+#include "device_scratch.hpp"
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/plugin.hpp"
 
@@ -62,26 +63,6 @@ __global__ void to_bf16(const float* in, std::int64_t n, __nv_bfloat16* out) {
 unsigned blocks_for(std::int64_t n, int threads) {
   return static_cast<unsigned>(std::max<std::int64_t>(1, (n + threads - 1) / threads));
 }
-
-/// Device memory (grows, never shrinks).
-class DeviceBytes {
- public:
-  ~DeviceBytes() { cudaFree(data_); }
-  void* get(std::size_t bytes) {
-    if (bytes > capacity_) {
-      cudaFree(data_);
-      data_ = nullptr;
-      check(cudaMalloc(&data_, std::max<std::size_t>(bytes, 1)),
-            "allocating " + std::to_string(bytes) + " bytes");
-      capacity_ = bytes;
-    }
-    return data_;
-  }
-
- private:
-  void* data_ = nullptr;
-  std::size_t capacity_ = 0;
-};
 
 /// Host f16 bits to f32 (exact).
 float f16_to_f32(std::uint16_t bits) {
@@ -159,25 +140,9 @@ class CudaSwigluKernel final : public ExpertKernel {
 
   void forward(const ExpertBatch& batch, Stream& stream) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
-    batch.input.require("cuda_swiglu input", DType::kF32, {-1, H});
+    const std::int64_t largest =
+        check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_);
     const std::int64_t N = batch.input.dim(0);
-    batch.output.require("cuda_swiglu output", DType::kF32, {N, H});
-    if (batch.rows_per_expert.size() != weights_.size()) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "cuda_swiglu: " + std::to_string(batch.rows_per_expert.size()) +
-                      " row counts for " + std::to_string(weights_.size()) + " local experts");
-    }
-    std::int64_t total = 0, largest = 0;
-    for (auto n : batch.rows_per_expert) {
-      if (n < 0) throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: negative row count");
-      total += n;
-      largest = std::max(largest, n);
-    }
-    if (total != N) {
-      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: row counts sum to " +
-                                                   std::to_string(total) + ", batch has " +
-                                                   std::to_string(N) + " rows");
-    }
     if (N == 0) return;
     check(cudaSetDevice(device_), "selecting the device");
     const auto s = static_cast<cudaStream_t>(stream.native_handle());
@@ -187,13 +152,14 @@ class CudaSwigluKernel final : public ExpertKernel {
     const std::size_t element = bf16_ ? 2 : 4;
     const void* rows = x;
     if (bf16_) {
-      auto* converted = static_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2));
+      auto* converted =
+          reinterpret_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2));
       to_bf16<<<blocks_for(N * H, 256), 256, 0, s>>>(x, N * H, converted);
       check(cudaGetLastError(), "converting the rows to bf16");
       rows = converted;
     }
     auto* projected =
-        static_cast<float*>(projected_.get(static_cast<std::size_t>(largest * 2 * F) * 4));
+        reinterpret_cast<float*>(projected_.get(static_cast<std::size_t>(largest * 2 * F) * 4));
     void* act = act_.get(static_cast<std::size_t>(largest * F) * element);
     const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
     const float one = 1.0f, zero = 0.0f;
@@ -276,7 +242,8 @@ class CudaSwigluKernel final : public ExpertKernel {
   bool bf16_ = false;
   cublasHandle_t cublas_ = nullptr;
   std::vector<Weights> weights_;
-  DeviceBytes rows_, projected_, act_;
+  const ExpertBatchNames names_{"cuda_swiglu"};
+  cuda_common::DeviceScratch<std::byte> rows_, projected_, act_;
 };
 
 std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {

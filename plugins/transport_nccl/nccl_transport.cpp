@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
-#include <functional>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -249,12 +248,11 @@ ncclConfig_t nonblocking_config() {
   return config;
 }
 
-/// A completed-on-test host alltoallv: the staged copies and the exchange are enqueued on
-/// the staging stream; done when the event after the copy back has passed.
+/// A host alltoallv in flight: the staged copies and the exchange are enqueued on the
+/// communicator's staging stream; done when that stream has passed them.
 class StagedRequest final : public TransportRequest {
  public:
-  StagedRequest(Communicator& communicator, std::function<void()> finish)
-      : communicator_(communicator), finish_(std::move(finish)) {}
+  explicit StagedRequest(Communicator& communicator) : communicator_(communicator) {}
   ~StagedRequest() override {
     if (!done_) {
       try {
@@ -267,19 +265,16 @@ class StagedRequest final : public TransportRequest {
     if (done_) return;
     done_ = true;
     communicator_.wait_done(communicator_.staging_stream(), "ialltoallv");
-    finish_();
   }
   bool test() override {
     if (done_) return true;
-    const cudaError_t q = cudaStreamQuery(communicator_.staging_stream());
-    if (q == cudaErrorNotReady) return false;
+    if (cudaStreamQuery(communicator_.staging_stream()) == cudaErrorNotReady) return false;
     wait();
     return true;
   }
 
  private:
   Communicator& communicator_;
-  std::function<void()> finish_;
   bool done_ = false;
 };
 
@@ -363,31 +358,15 @@ class NcclTransport final : public Transport {
       return;
     }
     // Host memory: the caller's stream has finished (host-synchronous callers); stage.
-    const std::size_t send_bytes = extent(b.send_counts, b.send_offsets);
-    const std::size_t recv_bytes = extent(b.recv_counts, b.recv_offsets);
-    std::byte* device = c.staging(send_bytes + recv_bytes);
-    const cudaStream_t s = c.staging_stream();
-    check_cuda(cudaMemcpyAsync(device, b.send, send_bytes, cudaMemcpyHostToDevice, s),
-               "alltoallv: staging the send buffer");
-    exchange(device, device + send_bytes, b, s, "alltoallv");
-    check_cuda(cudaMemcpyAsync(b.recv, device + send_bytes, recv_bytes, cudaMemcpyDeviceToHost, s),
-               "alltoallv: copying the received data back");
-    c.wait_done(s, "alltoallv");
+    enqueue_staged_alltoallv(b, "alltoallv");
+    c.wait_done(c.staging_stream(), "alltoallv");
   }
 
   std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& b) override {
     Communicator& c = *communicator_;
     c.enter("ialltoallv");
-    const std::size_t send_bytes = extent(b.send_counts, b.send_offsets);
-    const std::size_t recv_bytes = extent(b.recv_counts, b.recv_offsets);
-    std::byte* device = c.staging(send_bytes + recv_bytes);
-    const cudaStream_t s = c.staging_stream();
-    check_cuda(cudaMemcpyAsync(device, b.send, send_bytes, cudaMemcpyHostToDevice, s),
-               "ialltoallv: staging the send buffer");
-    exchange(device, device + send_bytes, b, s, "ialltoallv");
-    check_cuda(cudaMemcpyAsync(b.recv, device + send_bytes, recv_bytes, cudaMemcpyDeviceToHost, s),
-               "ialltoallv: copying the received data back");
-    return std::make_unique<StagedRequest>(c, [] {});
+    enqueue_staged_alltoallv(b, "ialltoallv");
+    return std::make_unique<StagedRequest>(c);
   }
 
   void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
@@ -424,6 +403,21 @@ class NcclTransport final : public Transport {
     for (std::size_t p = 0; p < counts.size(); ++p)
       if (counts[p] != 0) end = std::max(end, offsets[p] + counts[p]);
     return end;
+  }
+
+  /// Enqueues, on the staging stream, the copy of `b`'s host send buffer to the device, the
+  /// exchange, and the copy of what arrived back to `b`'s host receive buffer.
+  void enqueue_staged_alltoallv(const AlltoallvBuffers& b, const char* op) {
+    Communicator& c = *communicator_;
+    const std::size_t send_bytes = extent(b.send_counts, b.send_offsets);
+    const std::size_t recv_bytes = extent(b.recv_counts, b.recv_offsets);
+    std::byte* device = c.staging(send_bytes + recv_bytes);
+    const cudaStream_t s = c.staging_stream();
+    check_cuda(cudaMemcpyAsync(device, b.send, send_bytes, cudaMemcpyHostToDevice, s),
+               std::string(op) + ": staging the send buffer");
+    exchange(device, device + send_bytes, b, s, op);
+    check_cuda(cudaMemcpyAsync(b.recv, device + send_bytes, recv_bytes, cudaMemcpyDeviceToHost, s),
+               std::string(op) + ": copying the received data back");
   }
 
   /// Enqueues the grouped sends and receives of `b`'s counts between `send` and `recv`

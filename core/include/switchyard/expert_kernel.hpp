@@ -28,6 +28,22 @@ struct ExpertBatch {
   TensorView output;                              ///< [N,H], written
 };
 
+/// Names of a kernel's tensors in its error messages, built once (checking allocates nothing).
+struct ExpertBatchNames {
+  explicit ExpertBatchNames(const std::string& kernel_name)
+      : kernel(kernel_name), input(kernel_name + " input"), output(kernel_name + " output") {}
+  std::string kernel, input, output;
+};
+
+/// Checks `batch` for a kernel with `num_experts` local experts of hidden size `hidden` whose
+/// memory is on `device`: f32 input [N,H] and output [N,H] there, one row count per local
+/// expert, none negative, summing to N. Returns the largest row count. Throws
+/// `Error(kInvalidArgument)` naming the kernel and what does not fit. Written once for every
+/// kernel plugin.
+std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
+                                std::size_t num_experts, Device device,
+                                const ExpertBatchNames& names);
+
 /// Computes the experts of one rank. Not thread-safe: one thread calls it at a time.
 class ExpertKernel {
  public:

@@ -79,6 +79,9 @@ class TensorView {
   /// tensor of `dtype` with `rank` dimensions. `expected_dims` entries of -1 match any size.
   void require(std::string_view what, DType dtype,
                std::initializer_list<std::int64_t> expected_dims) const;
+  /// The same for a contiguous tensor in the memory of `device` (host or a CUDA device).
+  void require_on(Device device, std::string_view what, DType dtype,
+                  std::initializer_list<std::int64_t> expected_dims) const;
 
  private:
   void* data_ = nullptr;
