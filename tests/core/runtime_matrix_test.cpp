@@ -468,3 +468,33 @@ TEST_CASE("expert choice: the group's aux loss uses top_k, not the K = E slots")
   CHECK(aux[0] > 0.9);  // about 1 with k = 2; with K = E it would be about 1/4
   CHECK(aux[1] == doctest::Approx(aux[0]).epsilon(1e-12));
 }
+
+TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
+  // Host memory labelled cuda:0 (tests/fixtures/plugins/pretend_device.cpp): the gate copied
+  // to the device once, routing through a host copy of the logits, the per-peer counts in
+  // host memory, host tokens staged through device buffers, and every shape check on device
+  // tensors — the paths a GPU run takes, checked where no GPU is.
+  for (const char* payload : {"f32", "bf16", "fp8"}) {
+    for (const char* policy : {"topk", "node_limited", "capacity", "expert_choice"}) {
+      CAPTURE(payload);
+      CAPTURE(policy);
+      Config c = base_config(1, 8, 2);
+      c.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+      c.set("runtime", "transport", std::string("pretend_device"));
+      c.set("runtime", "data_path", std::string("pretend_cuda"));
+      c.set("runtime", "payload_dtype", std::string(payload));
+      c.set("experts", "kernel", std::string("pretend_swiglu"));
+      c.set("router", "policy", std::string(policy));
+      if (std::string(policy) == "node_limited") {
+        c.set("router", "num_groups", std::int64_t{4});
+        c.set("router", "max_groups", std::int64_t{2});
+      }
+      Runtime runtime(c);
+      const double tolerance = std::string(payload) == "f32"    ? kTolerance
+                               : std::string(payload) == "bf16" ? 2e-2
+                                                                : 1e-1;
+      CHECK(ep_versus_reference(runtime, 41, 3) <= tolerance);
+      CHECK(runtime.global_router_stats().tokens == 41);
+    }
+  }
+}
