@@ -108,10 +108,13 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   CHECK(badname->reason.find("libswitchyard-<kind>-<name>.so") != std::string::npos);
 
   // The throwing fixture is well-formed and loads; only its factory misbehaves. The
-  // forwarding data path is the one good plugin there.
-  CHECK(registry.available().size() == 2);
+  // forwarding data path and the three pretend-device plugins are the good ones there.
+  CHECK(registry.available().size() == 5);
   CHECK(registry.find(PluginKind::kRouter, "throws").version == "9.9.9");
   CHECK(registry.find(PluginKind::kDataPath, "forwarding").version == "1.0.0");
+  CHECK(registry.find(PluginKind::kDataPath, "pretend_cuda").version == "1.0.0");
+  CHECK(registry.find(PluginKind::kTransport, "pretend_device").version == "1.0.0");
+  CHECK(registry.find(PluginKind::kExpert, "pretend_swiglu").version == "1.0.0");
 }
 
 TEST_CASE("asking for a rejected or missing plugin explains everything in one message") {
@@ -133,8 +136,14 @@ TEST_CASE("asking for a rejected or missing plugin explains everything in one me
   CHECK(m.find("searched: " SWITCHYARD_FIXTURE_PLUGIN_DIR " /nonexistent/plugins (missing)") !=
         std::string::npos);
 
-  const Error none = test::error_of([&] { registry.find(PluginKind::kTransport, "mpi"); });
-  CHECK(none.message().find("available transport plugins: none") != std::string::npos);
+  const Error none = test::error_of([&] { registry.find(PluginKind::kRouter, "topk"); });
+  CHECK(none.message().find("available router plugins: throws 9.9.9") != std::string::npos);
+  const Error no_kind = test::error_of([&] { registry.find(PluginKind::kTransport, "mpi"); });
+  CHECK(no_kind.message().find("available transport plugins: pretend_device 1.0.0") !=
+        std::string::npos);
+  const PluginRegistry empty({"/nonexistent/plugins"});
+  const Error nothing = test::error_of([&] { empty.find(PluginKind::kTransport, "mpi"); });
+  CHECK(nothing.message().find("available transport plugins: none") != std::string::npos);
 }
 
 TEST_CASE("a factory that throws is reported, not propagated raw") {
