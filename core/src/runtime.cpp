@@ -185,8 +185,10 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
 }
 
 Runtime::~Runtime() {
-  // Layers borrow the transports; split communicators go before the world's.
+  // Layers borrow the transports; split communicators go before the world's. The staged
+  // device rows hold memory of the layers' data paths, so they go first.
   if (!state_) return;
+  state_->device_rows.clear();
   state_->layers.clear();
   state_->ep_transports.clear();
   state_->dp_transports.clear();
