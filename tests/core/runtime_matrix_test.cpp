@@ -490,11 +490,24 @@ TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
         c.set("router", "max_groups", std::int64_t{2});
       }
       Runtime runtime(c);
+      void* library =
+          dlopen(SWITCHYARD_FIXTURE_PLUGIN_DIR "/libswitchyard-datapath-pretend_cuda.so",
+                 RTLD_NOW | RTLD_NOLOAD);
+      REQUIRE(library != nullptr);
+      auto routes =
+          reinterpret_cast<long (*)()>(dlsym(library, "switchyard_fixture_device_routes"));
+      REQUIRE(reinterpret_cast<void*>(routes) != nullptr);
+      const long before = routes();
       const double tolerance = std::string(payload) == "f32"    ? kTolerance
                                : std::string(payload) == "bf16" ? 2e-2
                                                                 : 1e-1;
       CHECK(ep_versus_reference(runtime, 41, 3) <= tolerance);
       CHECK(runtime.global_router_stats().tokens == 41);
+      // Token-choice policies without a capacity route "on the device"; the others through
+      // the host.
+      const bool on_device = std::string(policy) == "topk" || std::string(policy) == "node_limited";
+      CHECK(routes() - before == (on_device ? 1 : 0));
+      dlclose(library);
     }
   }
 }
