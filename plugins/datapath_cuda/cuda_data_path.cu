@@ -645,7 +645,7 @@ class CudaDataPath final : public DataPath {
                        cudaMemcpyDeviceToHost),
             "reading the bad logit");
       throw Error(ErrorCode::kInvalidArgument,
-                  "router " + spec.policy + ": logit of token " +
+                  "router " + std::string(spec.policy) + ": logit of token " +
                       std::to_string(first_bad / static_cast<std::uint64_t>(E)) + ", expert " +
                       std::to_string(first_bad % static_cast<std::uint64_t>(E)) + " is " +
                       (std::isnan(value) ? "NaN" : "infinite") +

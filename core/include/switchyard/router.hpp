@@ -7,6 +7,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "switchyard/buffer.hpp"
@@ -67,7 +68,9 @@ struct RouteInput {
 /// A token-choice policy as data (docs/routing.md), so that a device data path can compute
 /// what the host policy computes, bit for bit, on logits in device memory.
 struct TokenChoiceSpec {
-  std::string policy;           ///< for messages, e.g. "topk"
+  /// For messages, e.g. "topk": a view of the router's own name (taking the spec every step
+  /// copies nothing).
+  std::string_view policy;
   int top_k = 1;                ///< k
   bool sigmoid = false;         ///< scores: sigmoid, else softmax
   bool pre_softmax = true;      ///< softmax over all experts, else over the k selected logits
