@@ -258,6 +258,149 @@ __global__ void pack_rows(const float* x, std::int64_t H, const std::int64_t* se
   }
 }
 
+// Four elements at a time: f32 and bf16 rows whose hidden size is a multiple of 4 and whose
+// buffers are 16-byte aligned move as 16-byte loads (8-byte bf16 stores). Each element gets
+// the same conversion and the same sums, in the same order, as in the scalar kernels.
+
+__device__ uint2 to_bf16_x4(float4 v) {
+  return make_uint2(to_bf16_bits(v.x) | (static_cast<unsigned>(to_bf16_bits(v.y)) << 16),
+                    to_bf16_bits(v.z) | (static_cast<unsigned>(to_bf16_bits(v.w)) << 16));
+}
+
+__device__ float4 from_bf16_x4(uint2 b) {
+  return make_float4(from_bf16_bits(static_cast<std::uint16_t>(b.x & 0xffffu)),
+                     from_bf16_bits(static_cast<std::uint16_t>(b.x >> 16)),
+                     from_bf16_bits(static_cast<std::uint16_t>(b.y & 0xffffu)),
+                     from_bf16_bits(static_cast<std::uint16_t>(b.y >> 16)));
+}
+
+/// Quad q of row r of an f32 or bf16 payload of Q quads a row.
+__device__ float4 load_quad(const std::byte* rows, std::int64_t r, std::int64_t Q, std::int64_t q,
+                            bool bf16) {
+  if (bf16) return from_bf16_x4(__ldg(reinterpret_cast<const uint2*>(rows) + r * Q + q));
+  return __ldg(reinterpret_cast<const float4*>(rows) + r * Q + q);
+}
+
+__device__ void store_quad(std::byte* rows, std::int64_t r, std::int64_t Q, std::int64_t q,
+                           bool bf16, float4 v) {
+  if (bf16) {
+    reinterpret_cast<uint2*>(rows)[r * Q + q] = to_bf16_x4(v);
+  } else {
+    reinterpret_cast<float4*>(rows)[r * Q + q] = v;
+  }
+}
+
+/// a + b elementwise, each rounded once (no contraction).
+__device__ float4 add_quad(float4 a, float4 b) {
+  return make_float4(__fadd_rn(a.x, b.x), __fadd_rn(a.y, b.y), __fadd_rn(a.z, b.z),
+                     __fadd_rn(a.w, b.w));
+}
+
+/// a + w·b elementwise, the product and the sum each rounded once.
+__device__ float4 add_scaled_quad(float4 a, float w, float4 b) {
+  return make_float4(__fadd_rn(a.x, __fmul_rn(w, b.x)), __fadd_rn(a.y, __fmul_rn(w, b.y)),
+                     __fadd_rn(a.z, __fmul_rn(w, b.z)), __fadd_rn(a.w, __fmul_rn(w, b.w)));
+}
+
+constexpr int kQuadUnroll = 4;
+
+/// pack_rows for f32/bf16 payloads by quads: one block per send row, kQuadUnroll loads in
+/// flight per thread before their stores.
+__global__ void pack_rows_x4(const float* __restrict__ x, std::int64_t Q,
+                             const std::int64_t* __restrict__ send_row_token, bool bf16,
+                             std::byte* __restrict__ rows) {
+  const std::int64_t s = blockIdx.x;
+  const auto* in = reinterpret_cast<const float4*>(x) + send_row_token[s] * Q;
+  const std::int64_t stride = blockDim.x;
+  for (std::int64_t q0 = threadIdx.x; q0 < Q; q0 += kQuadUnroll * stride) {
+    float4 v[kQuadUnroll];
+#pragma unroll
+    for (int u = 0; u < kQuadUnroll; ++u) {
+      const std::int64_t q = q0 + u * stride;
+      v[u] = q < Q ? __ldg(in + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int u = 0; u < kQuadUnroll; ++u) {
+      const std::int64_t q = q0 + u * stride;
+      if (q < Q) store_quad(rows, s, Q, q, bf16, v[u]);
+    }
+  }
+}
+
+/// write_groups for f32/bf16 payloads by quads: each quad of the row is read once and
+/// written to the expert row of every slot (the slots' expert rows first, into shared
+/// memory).
+__global__ void write_groups_x4(const std::byte* __restrict__ rows, const SlotMeta* meta,
+                                std::int64_t N, int K, std::int64_t Q, bool bf16,
+                                const std::int64_t* scanned, const std::int64_t* expert_first,
+                                float* __restrict__ expert_input,
+                                std::int64_t* assignment_of_slot) {
+  extern __shared__ std::int64_t slot_at[];
+  const std::int64_t r = blockIdx.x;
+  const std::int64_t NK = N * K;
+  for (int j = threadIdx.x; j < K; j += blockDim.x) {
+    const std::int64_t i = r * K + j;
+    const std::int32_t l = meta[i].local_expert;
+    const std::int64_t at = l < 0 ? -1 : expert_first[l] + scanned[l * NK + i] - scanned[l * NK];
+    slot_at[j] = at;
+    assignment_of_slot[i] = at;
+  }
+  __syncthreads();
+  auto* out = reinterpret_cast<float4*>(expert_input);
+  for (std::int64_t q = threadIdx.x; q < Q; q += blockDim.x) {
+    const float4 v = load_quad(rows, r, Q, q, bf16);
+    for (int j = 0; j < K; ++j)
+      if (slot_at[j] >= 0) out[slot_at[j] * Q + q] = v;
+  }
+}
+
+/// reduce_rows by quads.
+__global__ void reduce_rows_x4(const float* __restrict__ expert_output, const SlotMeta* meta,
+                               const std::int64_t* assignment, int K, std::int64_t Q, bool bf16,
+                               std::byte* __restrict__ partial_rows) {
+  const std::int64_t r = blockIdx.x;
+  const auto* in = reinterpret_cast<const float4*>(expert_output);
+  for (std::int64_t q = threadIdx.x; q < Q; q += blockDim.x) {
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int j = 0; j < K; ++j) {
+      const std::int64_t at = assignment[r * K + j];
+      if (at < 0) continue;
+      sum = add_scaled_quad(sum, meta[r * K + j].weight, __ldg(in + at * Q + q));
+    }
+    store_quad(partial_rows, r, Q, q, bf16, sum);
+  }
+}
+
+/// sum_token_rows by quads.
+__global__ void sum_token_rows_x4(const std::byte* __restrict__ combined,
+                                  const std::int64_t* rows_by_token,
+                                  const std::int64_t* token_first, std::int64_t Q, bool bf16,
+                                  float* __restrict__ y) {
+  const std::int64_t t = blockIdx.x;
+  const std::int64_t first = token_first[t], last = token_first[t + 1];
+  for (std::int64_t q = threadIdx.x; q < Q; q += blockDim.x) {
+    float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (std::int64_t i = first; i < last; ++i)
+      sum = add_quad(sum, load_quad(combined, rows_by_token[i], Q, q, bf16));
+    reinterpret_cast<float4*>(y)[t * Q + q] = sum;
+  }
+}
+
+/// Whether rows of H elements in these buffers can move by quads.
+bool by_quads(std::int64_t H, std::initializer_list<const void*> buffers) {
+  if (H % 4 != 0) return false;
+  for (const void* b : buffers)
+    if (reinterpret_cast<std::uintptr_t>(b) % 16 != 0) return false;
+  return true;
+}
+
+/// Threads for a block that walks Q quads, each thread `per_thread` of them: a multiple of
+/// 32 from 32 to 256.
+unsigned threads_for_quads(std::int64_t Q, int per_thread) {
+  const std::int64_t wanted = (Q + per_thread - 1) / per_thread;
+  return static_cast<unsigned>(std::clamp<std::int64_t>((wanted + 31) / 32 * 32, 32, 256));
+}
+
 __device__ float decode_element(const std::byte* row, std::int64_t h, std::int64_t H,
                                 PayloadDType dtype) {
   if (dtype == PayloadDType::kF32) return reinterpret_cast<const float*>(row)[h];
@@ -484,8 +627,15 @@ class CudaDataPath final : public DataPath {
   void pack(const PackArgs& a, Stream& stream) override {
     enter();
     if (a.num_rows == 0) return;
-    pack_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
-        a.x, a.hidden, a.send_row_token, a.dtype, payload_row_bytes(a.dtype, a.hidden), a.rows);
+    if (a.dtype != PayloadDType::kFP8 && by_quads(a.hidden, {a.x, a.rows})) {
+      const std::int64_t Q = a.hidden / 4;
+      pack_rows_x4<<<static_cast<unsigned>(a.num_rows), threads_for_quads(Q, kQuadUnroll), 0,
+                     native(stream)>>>(a.x, Q, a.send_row_token, a.dtype == PayloadDType::kBF16,
+                                       a.rows);
+    } else {
+      pack_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
+          a.x, a.hidden, a.send_row_token, a.dtype, payload_row_bytes(a.dtype, a.hidden), a.rows);
+    }
     check_launch("pack");
   }
 
@@ -524,19 +674,34 @@ class CudaDataPath final : public DataPath {
     std::int64_t* expert_first = expert_first_.get(static_cast<std::size_t>(a.num_local_experts));
     upload(first_host_.data(), first_host_.size(), expert_first, s);
     if (a.num_rows == 0) return;
-    write_groups<<<static_cast<unsigned>(a.num_rows), 256, 0, s>>>(
-        a.rows, a.meta, a.num_rows, a.slots, a.hidden, a.dtype,
-        payload_row_bytes(a.dtype, a.hidden), group_scanned_.get(0), expert_first, a.expert_input,
-        a.assignment_of_slot);
+    if (a.dtype != PayloadDType::kFP8 && by_quads(a.hidden, {a.rows, a.expert_input})) {
+      const std::int64_t Q = a.hidden / 4;
+      write_groups_x4<<<static_cast<unsigned>(a.num_rows), threads_for_quads(Q, 1),
+                        static_cast<std::size_t>(a.slots) * sizeof(std::int64_t), s>>>(
+          a.rows, a.meta, a.num_rows, a.slots, Q, a.dtype == PayloadDType::kBF16,
+          group_scanned_.get(0), expert_first, a.expert_input, a.assignment_of_slot);
+    } else {
+      write_groups<<<static_cast<unsigned>(a.num_rows), 256, 0, s>>>(
+          a.rows, a.meta, a.num_rows, a.slots, a.hidden, a.dtype,
+          payload_row_bytes(a.dtype, a.hidden), group_scanned_.get(0), expert_first, a.expert_input,
+          a.assignment_of_slot);
+    }
     check_launch("group by expert");
   }
 
   void weighted_reduce(const WeightedReduceArgs& a, Stream& stream) override {
     enter();
     if (a.num_rows == 0) return;
-    reduce_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
-        a.expert_output, a.meta, a.assignment_of_slot, a.slots, a.hidden,
-        a.combine_dtype == DType::kBF16, a.partial_rows);
+    const bool bf16 = a.combine_dtype == DType::kBF16;
+    if (by_quads(a.hidden, {a.expert_output, a.partial_rows})) {
+      const std::int64_t Q = a.hidden / 4;
+      reduce_rows_x4<<<static_cast<unsigned>(a.num_rows), threads_for_quads(Q, 1), 0,
+                       native(stream)>>>(a.expert_output, a.meta, a.assignment_of_slot, a.slots, Q,
+                                         bf16, a.partial_rows);
+    } else {
+      reduce_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
+          a.expert_output, a.meta, a.assignment_of_slot, a.slots, a.hidden, bf16, a.partial_rows);
+    }
     check_launch("weighted reduce");
   }
 
@@ -565,8 +730,15 @@ class CudaDataPath final : public DataPath {
     std::int64_t* token_first = token_first_.get(static_cast<std::size_t>(T) + 1);
     token_bounds<<<blocks_for(T + 1, 256), 256, 0, s>>>(sorted_tokens, S, T, token_first);
     check_launch("token bounds");
-    sum_token_rows<<<static_cast<unsigned>(T), 256, 0, s>>>(
-        a.combined_rows, sorted_rows, token_first, a.hidden, a.combine_dtype == DType::kBF16, a.y);
+    const bool bf16 = a.combine_dtype == DType::kBF16;
+    if (by_quads(a.hidden, {a.combined_rows, a.y})) {
+      const std::int64_t Q = a.hidden / 4;
+      sum_token_rows_x4<<<static_cast<unsigned>(T), threads_for_quads(Q, 1), 0, s>>>(
+          a.combined_rows, sorted_rows, token_first, Q, bf16, a.y);
+    } else {
+      sum_token_rows<<<static_cast<unsigned>(T), 256, 0, s>>>(a.combined_rows, sorted_rows,
+                                                              token_first, a.hidden, bf16, a.y);
+    }
     check_launch("unpermute-sum");
   }
 

@@ -4,13 +4,18 @@
 // against their stacked weights [2F,H], one kernel fuses silu(g)·u and rounds it to BF16,
 // and the down GEMM writes f32 rows. F32 weights (and F16, widened exactly to F32 when
 // uploaded) run the same sequence in F32 without tensor cores.
-// Everything is enqueued on the caller's stream (stream-ordered); the weights are copied to
-// the device once, when the kernel is created.
+// Stream-ordered: the work starts after what the caller's stream holds and the caller's
+// stream waits for all of it. In between, the experts run on kExpertLanes streams of their
+// own (expert e on lane e mod kExpertLanes), so that the GEMMs of small experts, each too
+// small to fill the device, overlap. The weights are copied to the device once, when the
+// kernel is created.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -38,6 +43,8 @@ void check(cublasStatus_t s, const std::string& what) {
   }
 }
 
+__device__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 /// act[i, f] = silu(g) · u with g = h[i, f], u = h[i, F + f] (h = [n, 2F] f32), in the
 /// activation type (bf16 or f32).
 template <typename Act>
@@ -45,9 +52,7 @@ __global__ void silu_times_up(const float* h, std::int64_t n, std::int64_t F, Ac
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * F) return;
   const std::int64_t row = i / F, f = i % F;
-  const float g = h[row * 2 * F + f];
-  const float u = h[row * 2 * F + F + f];
-  const float v = g / (1.0f + expf(-g)) * u;
+  const float v = silu_times(h[row * 2 * F + f], h[row * 2 * F + F + f]);
   if constexpr (sizeof(Act) == 2) {
     act[i] = __float2bfloat16_rn(v);
   } else {
@@ -55,10 +60,41 @@ __global__ void silu_times_up(const float* h, std::int64_t n, std::int64_t F, Ac
   }
 }
 
+/// silu_times_up four elements at a time (F a multiple of 4, buffers 16-byte aligned).
+template <typename Act>
+__global__ void silu_times_up_x4(const float4* __restrict__ h, std::int64_t n, std::int64_t F4,
+                                 Act* __restrict__ act) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * F4) return;
+  const std::int64_t row = i / F4, f = i % F4;
+  const float4 g = __ldg(h + row * 2 * F4 + f), u = __ldg(h + row * 2 * F4 + F4 + f);
+  const float4 v = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z),
+                               silu_times(g.w, u.w));
+  if constexpr (sizeof(Act) == 2) {
+    auto* out = reinterpret_cast<__nv_bfloat162*>(act) + 2 * i;
+    out[0] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
+    out[1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
+  } else {
+    reinterpret_cast<float4*>(act)[i] = v;
+  }
+}
+
 __global__ void to_bf16(const float* in, std::int64_t n, __nv_bfloat16* out) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) out[i] = __float2bfloat16_rn(in[i]);
 }
+
+/// to_bf16 four elements at a time (n4 quads, buffers 16-byte aligned).
+__global__ void to_bf16_x4(const float4* __restrict__ in, std::int64_t n4,
+                           __nv_bfloat162* __restrict__ out) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n4) return;
+  const float4 v = __ldg(in + i);
+  out[2 * i] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
+  out[2 * i + 1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 unsigned blocks_for(std::int64_t n, int threads) {
   return static_cast<unsigned>(std::max<std::int64_t>(1, (n + threads - 1) / threads));
@@ -99,7 +135,13 @@ class CudaSwigluKernel final : public ExpertKernel {
     const auto info = LaunchInfo::from_environment();
     device_ = (info ? info->local_rank : 0) % devices;
     check(cudaSetDevice(device_), "selecting device " + std::to_string(device_));
-    check(cublasCreate(&cublas_), "creating a cuBLAS handle");
+    for (Lane& lane : lanes_) {
+      check(cudaStreamCreateWithFlags(&lane.stream, cudaStreamNonBlocking), "creating a stream");
+      check(cudaEventCreateWithFlags(&lane.done, cudaEventDisableTiming), "creating an event");
+      check(cublasCreate(&lane.cublas), "creating a cuBLAS handle");
+      check(cublasSetStream(lane.cublas, lane.stream), "setting the stream");
+    }
+    check(cudaEventCreateWithFlags(&rows_ready_, cudaEventDisableTiming), "creating an event");
     bf16_ = !args.experts.empty() && args.experts[0].gate.dtype() == DType::kBF16;
     const std::int64_t H = hidden_, F = ffn_hidden_;
     const std::size_t element = bf16_ ? 2 : 4;
@@ -121,11 +163,17 @@ class CudaSwigluKernel final : public ExpertKernel {
   }
   ~CudaSwigluKernel() override {
     cudaSetDevice(device_);
+    for (Lane& lane : lanes_) {
+      if (lane.stream != nullptr) cudaStreamSynchronize(lane.stream);
+      if (lane.cublas != nullptr) cublasDestroy(lane.cublas);
+      if (lane.done != nullptr) cudaEventDestroy(lane.done);
+      if (lane.stream != nullptr) cudaStreamDestroy(lane.stream);
+    }
+    if (rows_ready_ != nullptr) cudaEventDestroy(rows_ready_);
     for (const Weights& d : weights_) {
       cudaFree(d.gate_up);
       cudaFree(d.down);
     }
-    if (cublas_ != nullptr) cublasDestroy(cublas_);
   }
 
   std::string name() const override { return "cuda_swiglu"; }
@@ -140,13 +188,11 @@ class CudaSwigluKernel final : public ExpertKernel {
 
   void forward(const ExpertBatch& batch, Stream& stream) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
-    const std::int64_t largest =
-        check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_);
+    check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_);
     const std::int64_t N = batch.input.dim(0);
     if (N == 0) return;
     check(cudaSetDevice(device_), "selecting the device");
     const auto s = static_cast<cudaStream_t>(stream.native_handle());
-    check(cublasSetStream(cublas_, s), "setting the stream");
     const float* x = batch.input.data_as<const float>();
     float* y = batch.output.data_as<float>();
     const std::size_t element = bf16_ ? 2 : 4;
@@ -154,43 +200,64 @@ class CudaSwigluKernel final : public ExpertKernel {
     if (bf16_) {
       auto* converted =
           reinterpret_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2));
-      to_bf16<<<blocks_for(N * H, 256), 256, 0, s>>>(x, N * H, converted);
+      if ((N * H) % 4 == 0 && aligned16(x) && aligned16(converted)) {
+        to_bf16_x4<<<blocks_for(N * H / 4, 256), 256, 0, s>>>(
+            reinterpret_cast<const float4*>(x), N * H / 4,
+            reinterpret_cast<__nv_bfloat162*>(converted));
+      } else {
+        to_bf16<<<blocks_for(N * H, 256), 256, 0, s>>>(x, N * H, converted);
+      }
       check(cudaGetLastError(), "converting the rows to bf16");
       rows = converted;
     }
-    auto* projected =
-        reinterpret_cast<float*>(projected_.get(static_cast<std::size_t>(largest * 2 * F) * 4));
-    void* act = act_.get(static_cast<std::size_t>(largest * F) * element);
+    // Each lane's scratch holds its largest expert batch.
+    std::array<std::int64_t, kExpertLanes> lane_rows{};
+    for (std::size_t e = 0; e < weights_.size(); ++e) {
+      std::int64_t& most = lane_rows[e % kExpertLanes];
+      most = std::max(most, batch.rows_per_expert[e]);
+    }
+    // Fork: every lane used starts after the caller's stream.
+    check(cudaEventRecord(rows_ready_, s), "recording an event");
+    for (int l = 0; l < kExpertLanes; ++l) {
+      if (lane_rows[static_cast<std::size_t>(l)] == 0) continue;
+      check(cudaStreamWaitEvent(lanes_[static_cast<std::size_t>(l)].stream, rows_ready_),
+            "ordering the expert streams");
+    }
     const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
     const float one = 1.0f, zero = 0.0f;
     std::int64_t row = 0;
     for (std::size_t e = 0; e < weights_.size(); ++e) {
       const std::int64_t n = batch.rows_per_expert[e];
       if (n == 0) continue;
+      Lane& lane = lanes_[e % kExpertLanes];
+      const std::int64_t most = lane_rows[e % kExpertLanes];
+      auto* projected =
+          reinterpret_cast<float*>(lane.projected.get(static_cast<std::size_t>(most * 2 * F) * 4));
+      void* act = lane.act.get(static_cast<std::size_t>(most * F) * element);
       const void* xe =
           static_cast<const std::byte*>(rows) + static_cast<std::size_t>(row * H) * element;
       // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
-      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F),
+      check(cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F),
                          static_cast<int>(n), static_cast<int>(H), &one, weights_[e].gate_up, type,
                          static_cast<int>(H), xe, type, static_cast<int>(H), &zero, projected,
                          CUDA_R_32F, static_cast<int>(2 * F), CUBLAS_COMPUTE_32F,
                          CUBLAS_GEMM_DEFAULT),
             "gate and up GEMM of local expert " + std::to_string(e));
-      if (bf16_) {
-        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F,
-                                                             static_cast<__nv_bfloat16*>(act));
-      } else {
-        silu_times_up<<<blocks_for(n * F, 256), 256, 0, s>>>(projected, n, F,
-                                                             static_cast<float*>(act));
-      }
-      check(cudaGetLastError(), "silu(gate)·up");
+      silu_times_up_into(projected, n, F, act, lane.stream);
       // Row-major [n,H] = act [n,F] · downᵀ.
-      check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
+      check(cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
                          static_cast<int>(n), static_cast<int>(F), &one, weights_[e].down, type,
                          static_cast<int>(F), act, type, static_cast<int>(F), &zero, y + row * H,
                          CUDA_R_32F, static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "down GEMM of local expert " + std::to_string(e));
       row += n;
+    }
+    // Join: the caller's stream waits for every lane used.
+    for (int l = 0; l < kExpertLanes; ++l) {
+      if (lane_rows[static_cast<std::size_t>(l)] == 0) continue;
+      Lane& lane = lanes_[static_cast<std::size_t>(l)];
+      check(cudaEventRecord(lane.done, lane.stream), "recording an event");
+      check(cudaStreamWaitEvent(s, lane.done), "joining the expert streams");
     }
   }
 
@@ -199,6 +266,28 @@ class CudaSwigluKernel final : public ExpertKernel {
     void* gate_up = nullptr;  // [2F,H]: gate rows, then up rows
     void* down = nullptr;     // [H,F]
   };
+
+  /// act = silu(gate) · up of n projected rows, on `stream`.
+  void silu_times_up_into(const float* projected, std::int64_t n, std::int64_t F, void* act,
+                          cudaStream_t stream) const {
+    if (F % 4 == 0 && aligned16(projected) && aligned16(act)) {
+      const auto* h = reinterpret_cast<const float4*>(projected);
+      if (bf16_) {
+        silu_times_up_x4<<<blocks_for(n * F / 4, 256), 256, 0, stream>>>(
+            h, n, F / 4, static_cast<__nv_bfloat16*>(act));
+      } else {
+        silu_times_up_x4<<<blocks_for(n * F / 4, 256), 256, 0, stream>>>(h, n, F / 4,
+                                                                         static_cast<float*>(act));
+      }
+    } else if (bf16_) {
+      silu_times_up<<<blocks_for(n * F, 256), 256, 0, stream>>>(projected, n, F,
+                                                                static_cast<__nv_bfloat16*>(act));
+    } else {
+      silu_times_up<<<blocks_for(n * F, 256), 256, 0, stream>>>(projected, n, F,
+                                                                static_cast<float*>(act));
+    }
+    check(cudaGetLastError(), "silu(gate)·up");
+  }
 
   void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
                       std::int64_t cols) const {
@@ -240,10 +329,20 @@ class CudaSwigluKernel final : public ExpertKernel {
   int ffn_hidden_;
   int device_ = 0;
   bool bf16_ = false;
-  cublasHandle_t cublas_ = nullptr;
+  /// A stream of the experts' own, with its cuBLAS handle and scratch.
+  struct Lane {
+    cudaStream_t stream = nullptr;
+    cublasHandle_t cublas = nullptr;
+    cudaEvent_t done = nullptr;
+    cuda_common::DeviceScratch<std::byte> projected, act;
+  };
+  static constexpr int kExpertLanes = 4;
+
+  std::array<Lane, kExpertLanes> lanes_;
+  cudaEvent_t rows_ready_ = nullptr;
   std::vector<Weights> weights_;
   const ExpertBatchNames names_{"cuda_swiglu"};
-  cuda_common::DeviceScratch<std::byte> rows_, projected_, act_;
+  cuda_common::DeviceScratch<std::byte> rows_;
 };
 
 std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {

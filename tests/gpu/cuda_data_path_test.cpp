@@ -77,7 +77,14 @@ TEST_CASE("cuda data path: layout, pack, group, reduce and unpermute equal the h
   std::mt19937 rng(42);
   for (const auto& [T, K, E, R, H] :
        std::vector<std::tuple<std::int64_t, int, int, int, std::int64_t>>{
-           {1, 1, 4, 1, 8}, {100, 2, 8, 4, 300}, {257, 8, 64, 8, 1000}, {64, 4, 10, 3, 128}}) {
+           {1, 1, 4, 1, 8},
+           {100, 2, 8, 4, 300},
+           {257, 8, 64, 8, 1000},
+           {64, 4, 10, 3, 128},
+           // H not a multiple of 4 (the element-wise kernels), and rows longer than one
+           // pass of a block (the kernels that move four elements at a time).
+           {50, 3, 6, 2, 37},
+           {16, 2, 4, 2, 8192}}) {
     CAPTURE(T);
     CAPTURE(K);
     CAPTURE(E);

@@ -61,70 +61,78 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights")
   static PluginRegistry registry(PluginRegistry::default_search_path());
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  const std::int64_t H = 96, F = 160;
-  const std::vector<std::int64_t> rows = {5, 0, 17, 1};
-  std::int64_t N = 0;
-  for (auto r : rows) N += r;
-  for (bool bf16 : {false, true}) {
-    CAPTURE(bf16);
-    std::vector<Expert> experts(rows.size());
-    std::vector<SwigluExpertWeights> views;
-    for (auto& e : experts) {
-      auto fill = [&](std::vector<float>& v, std::vector<std::uint16_t>& bits, std::size_t n,
-                      float scale) {
-        v.resize(n);
-        bits.resize(n);
-        for (std::size_t i = 0; i < n; ++i) {
-          float w = 0;
-          while (w == 0) w = normal(rng) * scale;
-          bits[i] = float_to_bf16(w);
-          v[i] = bf16 ? bf16_to_float(bits[i]) : w;
+  struct Case {
+    std::int64_t H, F;
+    std::vector<std::int64_t> rows;
+  };
+  // Sizes that move four elements at a time, then odd sizes (element-wise kernels) with
+  // more experts than the kernel has streams (a stream reused, its scratch grown).
+  for (const auto& [H, F, rows] :
+       std::vector<Case>{{96, 160, {5, 0, 17, 1}}, {35, 50, {3, 9, 0, 4, 7, 1, 12, 2, 5}}})
+    for (bool bf16 : {false, true}) {
+      CAPTURE(H);
+      CAPTURE(F);
+      CAPTURE(bf16);
+      std::int64_t N = 0;
+      for (auto r : rows) N += r;
+      std::vector<Expert> experts(rows.size());
+      std::vector<SwigluExpertWeights> views;
+      for (auto& e : experts) {
+        auto fill = [&](std::vector<float>& v, std::vector<std::uint16_t>& bits, std::size_t n,
+                        float scale) {
+          v.resize(n);
+          bits.resize(n);
+          for (std::size_t i = 0; i < n; ++i) {
+            float w = 0;
+            while (w == 0) w = normal(rng) * scale;
+            bits[i] = float_to_bf16(w);
+            v[i] = bf16 ? bf16_to_float(bits[i]) : w;
+          }
+        };
+        fill(e.gate, e.gate16, static_cast<std::size_t>(F * H), 0.1f);
+        fill(e.up, e.up16, static_cast<std::size_t>(F * H), 0.1f);
+        fill(e.down, e.down16, static_cast<std::size_t>(H * F), 0.1f);
+        if (bf16) {
+          views.push_back({TensorView(e.gate16.data(), DType::kBF16, {F, H}),
+                           TensorView(e.up16.data(), DType::kBF16, {F, H}),
+                           TensorView(e.down16.data(), DType::kBF16, {H, F})});
+        } else {
+          views.push_back({TensorView(e.gate.data(), DType::kF32, {F, H}),
+                           TensorView(e.up.data(), DType::kF32, {F, H}),
+                           TensorView(e.down.data(), DType::kF32, {H, F})});
         }
-      };
-      fill(e.gate, e.gate16, static_cast<std::size_t>(F * H), 0.1f);
-      fill(e.up, e.up16, static_cast<std::size_t>(F * H), 0.1f);
-      fill(e.down, e.down16, static_cast<std::size_t>(H * F), 0.1f);
-      if (bf16) {
-        views.push_back({TensorView(e.gate16.data(), DType::kBF16, {F, H}),
-                         TensorView(e.up16.data(), DType::kBF16, {F, H}),
-                         TensorView(e.down16.data(), DType::kBF16, {H, F})});
-      } else {
-        views.push_back({TensorView(e.gate.data(), DType::kF32, {F, H}),
-                         TensorView(e.up.data(), DType::kF32, {F, H}),
-                         TensorView(e.down.data(), DType::kF32, {H, F})});
       }
-    }
-    ExpertCreateArgs args;
-    args.hidden = static_cast<int>(H);
-    args.ffn_hidden = static_cast<int>(F);
-    args.experts = views;
-    auto kernel = registry.create_expert("cuda_swiglu", args);
-    CHECK(kernel->capabilities().device_memory);
+      ExpertCreateArgs args;
+      args.hidden = static_cast<int>(H);
+      args.ffn_hidden = static_cast<int>(F);
+      args.experts = views;
+      auto kernel = registry.create_expert("cuda_swiglu", args);
+      CHECK(kernel->capabilities().device_memory);
 
-    std::vector<float> x(static_cast<std::size_t>(N * H));
-    for (auto& v : x) {
-      while (v == 0) v = normal(rng);
+      std::vector<float> x(static_cast<std::size_t>(N * H));
+      for (auto& v : x) {
+        while (v == 0) v = normal(rng);
+      }
+      test::DeviceArray<float> d_x(x), d_y(x.size());
+      d_y.poison();
+      test::CudaStream stream;
+      ExpertBatch batch;
+      batch.input = TensorView(d_x.get(), DType::kF32, {N, H}, Device::cuda(0));
+      batch.rows_per_expert = rows;
+      batch.output = TensorView(d_y.get(), DType::kF32, {N, H}, Device::cuda(0));
+      kernel->forward(batch, stream);
+      stream.synchronize();
+      const auto got = d_y.to_host();
+      const auto expected = reference(x, rows, experts, H, F, bf16);
+      float largest = 0;
+      for (float v : expected) largest = std::max(largest, std::fabs(v));
+      const float tolerance = (bf16 ? 1e-2f : 1e-4f) * largest;
+      float worst = 0;
+      for (std::size_t i = 0; i < got.size(); ++i) {
+        REQUIRE(std::isfinite(got[i]));
+        worst = std::max(worst, std::fabs(got[i] - expected[i]));
+      }
+      MESSAGE("largest |difference| " << worst << " of max |y| " << largest);
+      CHECK(worst <= tolerance);
     }
-    test::DeviceArray<float> d_x(x), d_y(x.size());
-    d_y.poison();
-    test::CudaStream stream;
-    ExpertBatch batch;
-    batch.input = TensorView(d_x.get(), DType::kF32, {N, H}, Device::cuda(0));
-    batch.rows_per_expert = rows;
-    batch.output = TensorView(d_y.get(), DType::kF32, {N, H}, Device::cuda(0));
-    kernel->forward(batch, stream);
-    stream.synchronize();
-    const auto got = d_y.to_host();
-    const auto expected = reference(x, rows, experts, H, F, bf16);
-    float largest = 0;
-    for (float v : expected) largest = std::max(largest, std::fabs(v));
-    const float tolerance = (bf16 ? 1e-2f : 1e-4f) * largest;
-    float worst = 0;
-    for (std::size_t i = 0; i < got.size(); ++i) {
-      REQUIRE(std::isfinite(got[i]));
-      worst = std::max(worst, std::fabs(got[i] - expected[i]));
-    }
-    MESSAGE("largest |difference| " << worst << " of max |y| " << largest);
-    CHECK(worst <= tolerance);
-  }
 }

@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """The whole Switchyard layer at world 1 against Hugging Face's MixtralSparseMoeBlock on
 the same BF16 weights and tokens, at T = 8192 for (E=8, k=2, H=4096, F=14336) and
-(E=64, k=8, H=2048, F=1408): the median time of a forward of each (CUDA events), and how
-far the outputs are apart (per-row relative error; a few rows may route differently
-because PyTorch rounds the router logits to BF16, so the 99th percentile is reported and
-checked, and the median must be at BF16 rounding).
+(E=64, k=8, H=2048, F=1408): the median time of a forward of each (CUDA events; the block
+with each experts backend transformers offers that fits, the fastest one compared), and
+how far the outputs are apart.
+
+Agreement is judged row by row. PyTorch computes the router logits in BF16, Switchyard in
+F32; where the two round to different top-k sets, or the F32 logits of the k-th and
+(k+1)-th expert are within 1e-4 of each other, the row legitimately goes to other experts.
+Those rows are counted and left out; on the others the median relative error must be at
+BF16 rounding (<= 1e-2) and the largest under 5e-2 (a row with one other expert is off by
+about 0.3).
 
 usage: mixtral_compare.py BENCH_GPU WORKDIR   (run by tests/gpu/run.sh; prints table rows)
 """
@@ -60,30 +66,80 @@ def time_ms(fn, iters=10):
     return sorted(times)[len(times) // 2]
 
 
+def routing_ambiguous(x, gate_weight, k):
+    """Rows whose top-k set differs between BF16 and F32 logits, or whose k-th and (k+1)-th
+    F32 logits are within 1e-4."""
+    with torch.no_grad():
+        logits32 = x.float() @ gate_weight.float().t()
+        logits16 = torch.nn.functional.linear(x, gate_weight).float()
+        top32 = torch.topk(logits32, k + 1, dim=-1)
+        set32 = torch.sort(top32.indices[:, :k], dim=-1).values
+        set16 = torch.sort(torch.topk(logits16, k, dim=-1).indices, dim=-1).values
+        differs = (set32 != set16).any(dim=-1)
+        close = (top32.values[:, k - 1] - top32.values[:, k]) < 1e-4
+    return (differs | close).cpu().numpy()
+
+
+def make_block(config, implementation):
+    """The block with this experts backend, or None where this transformers lacks it."""
+    try:
+        config._experts_implementation = implementation
+        block = MixtralSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
+    except Exception:  # noqa: BLE001 - an older or newer transformers: skip the backend
+        return None
+    return block
+
+
 def main():
     bench, work = sys.argv[1], sys.argv[2]
     os.makedirs(work, exist_ok=True)
     ok = True
     for E, k, H, F in SHAPES:
-        torch.manual_seed(0)
         config = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E,
                                num_experts_per_tok=k)
-        block = MixtralSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
-        for p in block.parameters():
-            torch.nn.init.normal_(p, std=0.02)
+        torch.manual_seed(0)
         x = torch.randn(1, TOKENS, H, device="cuda").to(torch.bfloat16)
-        with torch.no_grad():
-            out = block(x)
-            y_ref = (out[0] if isinstance(out, tuple) else out).float()[0].cpu().numpy()
-            torch_ms = time_ms(lambda: block(x))
-        tensors = {"gate.weight": block.gate.weight.detach().contiguous()}
+        block, y_ref, timings = None, None, {}
+        # batched_mm copies the weights per token: out of memory at these sizes.
+        for implementation in ("grouped_mm", "eager"):
+            candidate = make_block(config, implementation)
+            if candidate is None:
+                continue
+            if block is None:
+                torch.manual_seed(1)
+                for p in candidate.parameters():
+                    torch.nn.init.normal_(p, std=0.02)
+                block = candidate
+            else:
+                candidate.load_state_dict(block.state_dict())
+            try:
+                with torch.no_grad():
+                    out = candidate(x)
+                    y = (out[0] if isinstance(out, tuple) else out).float()[0].cpu().numpy()
+                    timings[implementation] = time_ms(lambda: candidate(x))
+            except Exception as error:  # noqa: BLE001 - report the backend, go on
+                print(f"experts backend {implementation} failed: {error}", file=sys.stderr)
+                continue
+            if y_ref is None:
+                y_ref = y
+            if candidate is not block:
+                del candidate
+        if block is None or y_ref is None:
+            print(f"| E={E} k={k} H={H} F={F} | | transformers block failed | | |")
+            ok = False
+            continue
+        fastest = min(timings, key=timings.get)
+        torch_ms = timings[fastest]
+        gate_weight = block.gate.weight.detach().contiguous()
+        ambiguous = routing_ambiguous(x[0], gate_weight, k)
+        tensors = {"gate.weight": gate_weight}
         tensors.update(expert_tensors(block, E, H))
         checkpoint = os.path.join(work, f"mixtral_{E}.safetensors")
         save_file({n: t.cpu() for n, t in tensors.items()}, checkpoint)
         tokens = os.path.join(work, f"tokens_{E}.npy")
         np.save(tokens, x.float()[0].cpu().numpy())
         output = os.path.join(work, f"y_{E}.npy")
-        del block, x
+        del block, tensors
         torch.cuda.empty_cache()
         run = subprocess.run([bench, "layer", checkpoint, tokens, str(k), output, "10"],
                              capture_output=True, text=True)
@@ -94,13 +150,17 @@ def main():
         layer_ms = float(re.search(r"layer_ms=([0-9.]+)", run.stdout).group(1))
         y = np.load(output)
         row_error = np.linalg.norm(y - y_ref, axis=1) / np.maximum(np.linalg.norm(y_ref, axis=1), 1e-30)
-        median, p99 = float(np.median(row_error)), float(np.percentile(row_error, 99))
-        agree = median <= 2e-2 and p99 <= 0.1
+        clear = row_error[~ambiguous]
+        median, worst = float(np.median(clear)), float(np.max(clear))
+        agree = median <= 1e-2 and worst <= 5e-2
         faster = layer_ms < torch_ms
         ok = ok and agree and faster
-        print(f"| E={E} k={k} H={H} F={F} | {layer_ms:.2f} ms | {torch_ms:.2f} ms "
+        others = ", ".join(f"{name} {ms:.2f} ms" for name, ms in timings.items())
+        print(f"| E={E} k={k} H={H} F={F} | {layer_ms:.2f} ms | {torch_ms:.2f} ms ({others}) "
               f"| {torch_ms / layer_ms:.2f}x {'(faster)' if faster else '(SLOWER)'} "
-              f"| row error median {median:.2e}, p99 {p99:.2e} {'ok' if agree else 'DISAGREE'} |")
+              f"| {int(ambiguous.sum())} of {len(ambiguous)} rows routed apart by BF16 logits; "
+              f"the rest: row error median {median:.2e}, max {worst:.2e} "
+              f"{'ok' if agree else 'DISAGREE'} |")
     return 0 if ok else 1
 
 

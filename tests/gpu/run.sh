@@ -110,7 +110,7 @@ runs=()
 for n in $(printf '%s\n' 1 "$gpus" | sort -un); do
   if timeout 120 bin/switchyard launch -n "$n" -- bin/switchyard run "$root/examples/configs/gpu.toml" --check \
       > "$work/run-$n.log" 2>&1; then
-    runs+=("$n GPU(s): $(grep -o 'PASS' "$work/run-$n.log" | head -1 || echo ok) ($(grep -m1 -o 'relative [0-9.e-]*' "$work/run-$n.log" || true))")
+    runs+=("$n GPU(s): $(grep -o 'PASS' "$work/run-$n.log" | head -1 || echo ok) ($(grep -m1 -o 'max |y - reference|.*' "$work/run-$n.log" || true))")
   else
     runs+=("$n GPU(s): FAILED (see $work/run-$n.log)")
     status=1
@@ -139,7 +139,9 @@ if [ -x "$sanitizer" ]; then
     if [ "$(left)" -lt 30 ]; then memcheck+=("$test: not run (budget spent)"); continue; fi
     limit=$(left); [ "$limit" -gt 150 ] && limit=150
     code=0
-    timeout "$limit" "$sanitizer" --tool memcheck --error-exitcode 99 "bin/$test" \
+    # API errors are not reported: NCCL probes for kernels of other architectures and
+    # records the failed calls, by design; the tests check every call of their own.
+    timeout "$limit" "$sanitizer" --tool memcheck --report-api-errors no --error-exitcode 99 "bin/$test" \
       > "$work/memcheck-$test.log" 2>&1 || code=$?
     case $code in
       0) memcheck+=("$test: clean") ;;
