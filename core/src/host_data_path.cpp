@@ -19,6 +19,19 @@ std::size_t fp8_scales(std::int64_t hidden) {
 
 constexpr float kFp8Max = 448.0f;
 
+/// Bytes of the encoded elements of a row, before the padding.
+std::size_t encoded_bytes(PayloadDType dtype, std::int64_t hidden) noexcept {
+  switch (dtype) {
+    case PayloadDType::kF32:
+      return to_size(hidden) * 4;
+    case PayloadDType::kBF16:
+      return to_size(hidden) * 2;
+    case PayloadDType::kFP8:
+      return fp8_scales(hidden) * 4 + to_size(hidden);
+  }
+  return 0;
+}
+
 void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::byte* out) {
   switch (dtype) {
     case PayloadDType::kF32:
@@ -124,9 +137,11 @@ class HostDataPath final : public DataPath {
 
   void pack(const PackArgs& a, Stream& /*stream*/) override {
     const std::size_t row_bytes = payload_row_bytes(a.dtype, a.hidden);
+    const std::size_t data_bytes = encoded_bytes(a.dtype, a.hidden);
     for (std::int64_t s = 0; s < a.num_rows; ++s) {
-      encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype,
-                 a.rows + to_size(s) * row_bytes);
+      std::byte* row = a.rows + to_size(s) * row_bytes;
+      encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype, row);
+      std::memset(row + data_bytes, 0, row_bytes - data_bytes);
     }
   }
 
@@ -246,19 +261,7 @@ PayloadDType parse_payload_dtype(std::string_view name) {
 }
 
 std::size_t payload_row_bytes(PayloadDType dtype, std::int64_t hidden) noexcept {
-  std::size_t bytes = 0;
-  switch (dtype) {
-    case PayloadDType::kF32:
-      bytes = to_size(hidden) * 4;
-      break;
-    case PayloadDType::kBF16:
-      bytes = to_size(hidden) * 2;
-      break;
-    case PayloadDType::kFP8:
-      bytes = fp8_scales(hidden) * 4 + to_size(hidden);
-      break;
-  }
-  return (bytes + 3) / 4 * 4;
+  return (encoded_bytes(dtype, hidden) + 3) / 4 * 4;
 }
 
 std::uint8_t float_to_fp8_e4m3(float value) noexcept {

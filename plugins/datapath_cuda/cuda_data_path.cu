@@ -230,6 +230,13 @@ __global__ void pack_rows(const float* x, std::int64_t H, const std::int64_t* se
   const std::int64_t s = blockIdx.x;
   const float* in = x + send_row_token[s] * H;
   std::byte* out = rows + static_cast<std::size_t>(s) * row_bytes;
+  // The padding up to row_bytes is zero, as the host writes it.
+  const std::size_t used = dtype == PayloadDType::kF32 ? static_cast<std::size_t>(H) * 4
+                           : dtype == PayloadDType::kBF16
+                               ? static_cast<std::size_t>(H) * 2
+                               : static_cast<std::size_t>((H + kFp8Block - 1) / kFp8Block) * 4 +
+                                     static_cast<std::size_t>(H);
+  if (used + threadIdx.x < row_bytes) out[used + threadIdx.x] = std::byte{0};
   if (dtype == PayloadDType::kF32) {
     auto* o = reinterpret_cast<float*>(out);
     for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x) o[h] = in[h];
@@ -303,6 +310,8 @@ __device__ float4 add_scaled_quad(float4 a, float w, float4 b) {
 }
 
 constexpr int kQuadUnroll = 4;
+/// Slots a row may have for write_groups_x4 (its slots' expert rows sit in shared memory).
+constexpr int kQuadMaxSlots = 64;
 
 /// pack_rows for f32/bf16 payloads by quads: one block per send row, kQuadUnroll loads in
 /// flight per thread before their stores.
@@ -329,13 +338,13 @@ __global__ void pack_rows_x4(const float* __restrict__ x, std::int64_t Q,
 
 /// write_groups for f32/bf16 payloads by quads: each quad of the row is read once and
 /// written to the expert row of every slot (the slots' expert rows first, into shared
-/// memory).
+/// memory; K <= kQuadMaxSlots).
 __global__ void write_groups_x4(const std::byte* __restrict__ rows, const SlotMeta* meta,
                                 std::int64_t N, int K, std::int64_t Q, bool bf16,
                                 const std::int64_t* scanned, const std::int64_t* expert_first,
                                 float* __restrict__ expert_input,
                                 std::int64_t* assignment_of_slot) {
-  extern __shared__ std::int64_t slot_at[];
+  __shared__ std::int64_t slot_at[kQuadMaxSlots];
   const std::int64_t r = blockIdx.x;
   const std::int64_t NK = N * K;
   for (int j = threadIdx.x; j < K; j += blockDim.x) {
@@ -674,10 +683,10 @@ class CudaDataPath final : public DataPath {
     std::int64_t* expert_first = expert_first_.get(static_cast<std::size_t>(a.num_local_experts));
     upload(first_host_.data(), first_host_.size(), expert_first, s);
     if (a.num_rows == 0) return;
-    if (a.dtype != PayloadDType::kFP8 && by_quads(a.hidden, {a.rows, a.expert_input})) {
+    if (a.dtype != PayloadDType::kFP8 && a.slots <= kQuadMaxSlots &&
+        by_quads(a.hidden, {a.rows, a.expert_input})) {
       const std::int64_t Q = a.hidden / 4;
-      write_groups_x4<<<static_cast<unsigned>(a.num_rows), threads_for_quads(Q, 1),
-                        static_cast<std::size_t>(a.slots) * sizeof(std::int64_t), s>>>(
+      write_groups_x4<<<static_cast<unsigned>(a.num_rows), threads_for_quads(Q, 1), 0, s>>>(
           a.rows, a.meta, a.num_rows, a.slots, Q, a.dtype == PayloadDType::kBF16,
           group_scanned_.get(0), expert_first, a.expert_input, a.assignment_of_slot);
     } else {

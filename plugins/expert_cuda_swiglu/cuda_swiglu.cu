@@ -196,20 +196,11 @@ class CudaSwigluKernel final : public ExpertKernel {
     const float* x = batch.input.data_as<const float>();
     float* y = batch.output.data_as<float>();
     const std::size_t element = bf16_ ? 2 : 4;
-    const void* rows = x;
-    if (bf16_) {
-      auto* converted =
-          reinterpret_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2));
-      if ((N * H) % 4 == 0 && aligned16(x) && aligned16(converted)) {
-        to_bf16_x4<<<blocks_for(N * H / 4, 256), 256, 0, s>>>(
-            reinterpret_cast<const float4*>(x), N * H / 4,
-            reinterpret_cast<__nv_bfloat162*>(converted));
-      } else {
-        to_bf16<<<blocks_for(N * H, 256), 256, 0, s>>>(x, N * H, converted);
-      }
-      check(cudaGetLastError(), "converting the rows to bf16");
-      rows = converted;
-    }
+    // BF16 weights take BF16 rows: each expert's rows are converted on its lane, so that
+    // the conversion overlaps other lanes' GEMMs.
+    __nv_bfloat16* converted =
+        bf16_ ? reinterpret_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2))
+              : nullptr;
     // Each lane's scratch holds its largest expert batch.
     std::array<std::int64_t, kExpertLanes> lane_rows{};
     for (std::size_t e = 0; e < weights_.size(); ++e) {
@@ -234,8 +225,11 @@ class CudaSwigluKernel final : public ExpertKernel {
       auto* projected =
           reinterpret_cast<float*>(lane.projected.get(static_cast<std::size_t>(most * 2 * F) * 4));
       void* act = lane.act.get(static_cast<std::size_t>(most * F) * element);
-      const void* xe =
-          static_cast<const std::byte*>(rows) + static_cast<std::size_t>(row * H) * element;
+      const void* xe = x + row * H;
+      if (bf16_) {
+        to_bf16_into(x + row * H, n * H, converted + row * H, lane.stream);
+        xe = converted + row * H;
+      }
       // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
       check(cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F),
                          static_cast<int>(n), static_cast<int>(H), &one, weights_[e].gate_up, type,
@@ -266,6 +260,18 @@ class CudaSwigluKernel final : public ExpertKernel {
     void* gate_up = nullptr;  // [2F,H]: gate rows, then up rows
     void* down = nullptr;     // [H,F]
   };
+
+  /// out = in rounded to bf16, `count` elements, on `stream`.
+  static void to_bf16_into(const float* in, std::int64_t count, __nv_bfloat16* out,
+                           cudaStream_t stream) {
+    if (count % 4 == 0 && aligned16(in) && aligned16(out)) {
+      to_bf16_x4<<<blocks_for(count / 4, 256), 256, 0, stream>>>(
+          reinterpret_cast<const float4*>(in), count / 4, reinterpret_cast<__nv_bfloat162*>(out));
+    } else {
+      to_bf16<<<blocks_for(count, 256), 256, 0, stream>>>(in, count, out);
+    }
+    check(cudaGetLastError(), "converting the rows to bf16");
+  }
 
   /// act = silu(gate) · up of n projected rows, on `stream`.
   void silu_times_up_into(const float* projected, std::int64_t n, std::int64_t F, void* act,
@@ -336,7 +342,7 @@ class CudaSwigluKernel final : public ExpertKernel {
     cudaEvent_t done = nullptr;
     cuda_common::DeviceScratch<std::byte> projected, act;
   };
-  static constexpr int kExpertLanes = 4;
+  static constexpr int kExpertLanes = 8;
 
   std::array<Lane, kExpertLanes> lanes_;
   cudaEvent_t rows_ready_ = nullptr;

@@ -34,8 +34,10 @@ std::string_view payload_dtype_name(PayloadDType dtype) noexcept;
 PayloadDType parse_payload_dtype(std::string_view name);
 /// Elements of a row that share one FP8 scale.
 inline constexpr std::int64_t kFp8BlockSize = 128;
-/// Bytes of one row of `hidden` elements in `dtype`, a multiple of 4. FP8 rows hold the
-/// ceil(hidden/128) float32 scales first, then the `hidden` E4M3 bytes.
+/// Bytes of one row of `hidden` elements in `dtype`, a multiple of 4: the encoded elements,
+/// then zero bytes up to the multiple (every data path writes them, so rows are the same
+/// bytes everywhere). FP8 rows hold the ceil(hidden/128) float32 scales first, then the
+/// `hidden` E4M3 bytes.
 std::size_t payload_row_bytes(PayloadDType dtype, std::int64_t hidden) noexcept;
 
 /// float to FP8 E4M3 (bias 7, no infinities, max 448), rounding to nearest even and
