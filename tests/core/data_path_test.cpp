@@ -3,9 +3,11 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "switchyard/data_path.hpp"
 #include "switchyard/layer.hpp"
+#include "switchyard/stream.hpp"
 
 using namespace switchyard;
 
@@ -42,6 +44,24 @@ TEST_CASE("payload row sizes are multiples of 4 and fp8 rows carry one scale per
   CHECK(payload_row_bytes(PayloadDType::kFP8, 129) == 8 + 132);
   CHECK(parse_payload_dtype("fp8") == PayloadDType::kFP8);
   CHECK_THROWS_AS(parse_payload_dtype("int4"), Error);
+}
+
+TEST_CASE("pack pads each row to 4 bytes with zeros, whatever the buffer held") {
+  auto path = make_host_data_path();
+  HostStream stream;
+  // One token of 3 elements: bf16 rows of 6 bytes padded to 8; fp8 rows of one scale,
+  // 3 codes and one zero byte. 1.0 is bf16 0x3f80; 2.0 is 0x4000; -0.5 is 0xbf00.
+  const float x[3] = {1.0f, 2.0f, -0.5f};
+  const std::int64_t token = 0;
+  std::byte bf16_row[8];
+  std::memset(bf16_row, 0xAB, sizeof bf16_row);
+  path->pack(PackArgs{x, 3, &token, 1, PayloadDType::kBF16, bf16_row}, stream);
+  const unsigned char bf16_expected[8] = {0x80, 0x3f, 0x00, 0x40, 0x00, 0xbf, 0, 0};
+  CHECK(std::memcmp(bf16_row, bf16_expected, 8) == 0);
+  std::byte fp8_row[8];
+  std::memset(fp8_row, 0xAB, sizeof fp8_row);
+  path->pack(PackArgs{x, 3, &token, 1, PayloadDType::kFP8, fp8_row}, stream);
+  CHECK(fp8_row[7] == std::byte{0});
 }
 
 TEST_CASE("layout: one row per (token, destination rank), slots in routing order") {
