@@ -1,5 +1,6 @@
 #include "switchyard/buffer.hpp"
 
+#include <atomic>
 #include <new>
 
 namespace switchyard {
@@ -26,6 +27,16 @@ class HostAllocator final : public Allocator {
 };
 
 }  // namespace
+
+namespace {
+std::atomic<std::uint64_t> grown_buffers{0};
+}  // namespace
+
+std::uint64_t buffer_allocations() noexcept { return grown_buffers.load(); }
+
+void detail::count_buffer_allocation() noexcept {
+  grown_buffers.fetch_add(1, std::memory_order_relaxed);
+}
 
 Allocator& host_allocator() noexcept {
   static HostAllocator allocator;

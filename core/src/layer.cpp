@@ -66,21 +66,6 @@ int ExpertPlacement::rank_of(int expert) const noexcept {
   return extra + (expert - boundary) / base;
 }
 
-void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits) {
-  const std::int64_t T = x.dim(0), H = x.dim(1), E = gate.dim(0);
-  const float* xs = x.data_as<const float>();
-  const float* g = gate.data_as<const float>();
-  for (std::int64_t t = 0; t < T; ++t) {
-    const float* row = xs + t * H;
-    for (std::int64_t e = 0; e < E; ++e) {
-      const float* w = g + e * H;
-      float acc = 0.0f;
-      for (std::int64_t h = 0; h < H; ++h) acc += row[h] * w[h];
-      logits[t * E + e] = acc;
-    }
-  }
-}
-
 TensorView DispatchHandle::expert_input() noexcept {
   const std::int64_t rows = hidden_ ? static_cast<std::int64_t>(expert_input_.size()) / hidden_ : 0;
   return TensorView(expert_input_.data(), DType::kF32, {rows, hidden_}, expert_input_.device());
@@ -90,6 +75,29 @@ TensorView DispatchHandle::expert_output() noexcept {
   const std::int64_t rows =
       hidden_ ? static_cast<std::int64_t>(expert_output_.size()) / hidden_ : 0;
   return TensorView(expert_output_.data(), DType::kF32, {rows, hidden_}, expert_output_.device());
+}
+
+std::size_t DispatchHandle::capacity_bytes() const noexcept {
+  std::size_t bytes = 0;
+  for (const auto* b : {&rows_to_, &rows_from_, &rows_to_offset_, &rows_from_offset_,
+                        &rows_per_expert_, &send_row_token_, &assignment_of_slot_})
+    bytes += b->capacity_bytes();
+  for (const auto* b :
+       {&send_bytes_, &send_offsets_, &recv_bytes_, &recv_offsets_, &meta_send_bytes_,
+        &meta_send_offsets_, &meta_recv_bytes_, &meta_recv_offsets_})
+    bytes += b->capacity_bytes();
+  for (const auto* b : {&send_rows_, &recv_rows_, &partial_rows_, &combined_rows_})
+    bytes += b->capacity_bytes();
+  bytes += send_meta_.capacity_bytes() + recv_meta_.capacity_bytes();
+  bytes += expert_input_.capacity_bytes() + expert_output_.capacity_bytes();
+  return bytes;
+}
+
+std::size_t MoELayer::buffer_bytes() const noexcept {
+  return handle_.capacity_bytes() + logits_.capacity_bytes() + host_logits_.capacity_bytes() +
+         plan_.experts.capacity_bytes() + plan_.weights.capacity_bytes() +
+         plan_.counts.capacity_bytes() + host_plan_.experts.capacity_bytes() +
+         host_plan_.weights.capacity_bytes() + host_plan_.counts.capacity_bytes();
 }
 
 void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {

@@ -17,6 +17,7 @@ int plugins_command(const std::vector<std::string>& args);
 int config_command(const std::vector<std::string>& args);
 int launch_command(const std::vector<std::string>& args);
 int route_command(const std::vector<std::string>& args);
+int bench_command(const std::vector<std::string>& args);
 
 }  // namespace switchyard::tool
 

@@ -24,6 +24,12 @@ commands:
         print every effective value and where it came from
   route CONFIG --logits L.npy --out DIR [--set section.key=value]...
         apply the [router] section to float32 logits [T,E] and write the plan and stats
+  bench CONFIG [--iters N] [--warmup N] [--routing uniform|router] [--tokens-per-rank N]
+        [--json OUT] [--set section.key=value]...
+        time dispatch + combine against the transport's raw alltoallv of the same bytes
+        and a naive per-(token, expert) dispatcher, routing against one sgemm of the
+        logits, the experts against one sgemm of their FLOPs (run under a launcher like
+        `run`; the median over iterations of the slowest rank)
   launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND [ARGS]...
         start N local processes with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
         MASTER_ADDR and MASTER_PORT set, output prefixed with the rank; when one
@@ -55,6 +61,7 @@ int main(int argc, char** argv) {
     if (command == "config") return switchyard::tool::config_command(args);
     if (command == "launch") return switchyard::tool::launch_command(args);
     if (command == "route") return switchyard::tool::route_command(args);
+    if (command == "bench") return switchyard::tool::bench_command(args);
   } catch (const switchyard::Error& e) {
     switchyard::tool::report_error(e);
     return switchyard::tool::kExitError;

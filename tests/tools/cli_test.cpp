@@ -298,3 +298,39 @@ TEST_CASE("route: a [router]-only config on logits from a file, checked by hand"
   CHECK(wrong.exit_code == 1);
   CHECK(wrong.output.find("router.num_experts: is 5 but") != std::string::npos);
 }
+
+TEST_CASE("bench: every figure, and the bytes of a routing counted by hand") {
+  // 4 experts on 2 ranks, every token to all 4 (top_k = 4): each token goes to the other
+  // rank once in the runtime (one f32 row of 16 = 64 bytes, 4 slots of 8 bytes) and twice
+  // in the naive dispatcher (one row and one (expert, weight) of 8 bytes per pair). The
+  // runtime also sends its row count (8 bytes); the raw exchange moves the rows alone.
+  Case c;
+  c.write_config("", "top_k = 4\n");
+  const auto json = c.dir / "bench.json";
+  const auto result = test::run_tool("bench " + c.config.string() +
+                                     " --routing uniform --tokens-per-rank 64 --iters 3 "
+                                     "--warmup 1 --json " +
+                                     json.string());
+  INFO(result.output);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("dispatch + combine") != std::string::npos);
+  std::ifstream file(json);
+  const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  auto value = [&](const std::string& key) {
+    const auto at = text.find("\"" + key + "\":");
+    REQUIRE_MESSAGE(at != std::string::npos, key);
+    return std::stod(text.substr(at + key.size() + 3));
+  };
+  CHECK(value("bytes_dispatch") == 64 * (64 + 4 * 8) + 8);  // + the 8-byte row count
+  CHECK(value("bytes_raw_dispatch") == 64 * (64 + 4 * 8));
+  CHECK(value("bytes_naive_dispatch") == 64 * 2 * (64 + 8));
+  CHECK(value("allocations_per_step") == 0);
+  CHECK(value("tokens_per_rank") == 64);
+  CHECK(value("world") == 2);
+  for (const char* key :
+       {"dispatch_combine_s", "raw_alltoallv_s", "naive_dispatch_combine_s", "route_s",
+        "layer_forward_s", "expert_s", "memcpy_bytes_per_s", "peak_buffer_bytes"}) {
+    CAPTURE(key);
+    CHECK(value(key) > 0);
+  }
+}

@@ -36,6 +36,14 @@ class Allocator {
 /// The process's host allocator (aligned operator new). Lives for the whole process.
 Allocator& host_allocator() noexcept;
 
+/// Buffers grown so far in this process, all threads (each growth is one allocation);
+/// benchmarks read it before and after steps that must allocate nothing.
+std::uint64_t buffer_allocations() noexcept;
+
+namespace detail {
+void count_buffer_allocation() noexcept;
+}  // namespace detail
+
 /// A typed array from an `Allocator`. `resize` grows the capacity when needed and never
 /// shrinks it, so a buffer sized once for the largest step is reused without allocating.
 /// Growing keeps the contents only for host-accessible memory. Element access through
@@ -68,6 +76,7 @@ class Buffer {
   void resize(std::size_t n) {
     if (n > capacity_) {
       T* grown = static_cast<T*>(allocator_->allocate(n * sizeof(T)));
+      detail::count_buffer_allocation();
       if (size_ != 0 && allocator_->host_accessible()) {
         std::memcpy(grown, data_, size_ * sizeof(T));
       }
@@ -89,6 +98,8 @@ class Buffer {
   std::size_t size() const noexcept { return size_; }
   bool empty() const noexcept { return size_ == 0; }
   std::size_t capacity() const noexcept { return capacity_; }
+  /// Bytes held: the capacity in bytes.
+  std::size_t capacity_bytes() const noexcept { return capacity_ * sizeof(T); }
   Device device() const noexcept { return allocator_->device(); }
   Allocator& allocator() const noexcept { return *allocator_; }
   T& operator[](std::size_t i) noexcept { return data_[i]; }

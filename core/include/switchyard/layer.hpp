@@ -38,7 +38,20 @@ class ExpertPlacement {
 /// Router logits [T,E] = x [T,H] · gateᵀ [H,E], float32 host, with a fixed summation order
 /// so that a token's logits do not depend on which rank or how many tokens compute them.
 /// The host data path's `router_logits`.
+/// The order: per (t, e), 16 lanes (lane l takes the h with h mod 16 == l, ascending, each
+/// by a fused multiply-add, the row padded with zeros to a multiple of 16), then the lanes
+/// summed pairwise (l + 8, + 4, + 2, + 1). The same bits on every processor; the kernel is
+/// chosen once (AVX-512, AVX2 with FMA, or portable). Runs on the calling thread.
 void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits);
+
+namespace detail {
+/// The instruction sets `compute_router_logits` chooses from.
+enum class RouterLogitsIsa { kPortable, kAvx2, kAvx512 };
+/// `compute_router_logits` with the kernel for `isa` (tests and benchmarks compare them);
+/// throws `Error(kUnavailable)` when this processor lacks it.
+void compute_router_logits_with(const TensorView& x, const TensorView& gate, float* logits,
+                                RouterLogitsIsa isa);
+}  // namespace detail
 
 /// Wall time of each phase of the last forward, in seconds.
 struct LayerTimings {
@@ -72,6 +85,8 @@ class DispatchHandle {
 
  private:
   friend class MoELayer;
+  /// Bytes its buffers hold.
+  std::size_t capacity_bytes() const noexcept;
   /// Takes the data path's memory for the buffers on its device (once; they then grow).
   void use_memory(Allocator& device, Allocator& staging);
   std::int64_t hidden_ = 0;
@@ -144,6 +159,11 @@ class MoELayer {
   Stream& stream() noexcept { return *stream_; }
   Transport& transport() const noexcept { return *parts_.transport; }
   Router& router() const noexcept { return *parts_.router; }
+  /// This rank's expert kernel.
+  ExpertKernel& experts() const noexcept { return *parts_.experts; }
+  /// Bytes the layer's step buffers hold (they only grow, so this is their peak): the
+  /// dispatch handle's, the logits and the plan.
+  std::size_t buffer_bytes() const noexcept;
   /// The data path the layer runs on (its device and memory).
   DataPath& data_path() const noexcept { return *data_path_; }
   /// The plan of the last `forward`.

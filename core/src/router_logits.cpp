@@ -1,0 +1,198 @@
+// Router logits on the host: logits[t, e] = Σ_h x[t, h] · gate[e, h], at the speed of a
+// GEMM but with one summation order for every (t, e), whatever the instruction set and
+// however the tokens are split over ranks:
+//   - 16 lanes: lane l accumulates, with a fused multiply-add, the products of the h with
+//     h mod 16 == l, h ascending; the row is padded with zeros to a multiple of 16 (the
+//     padding's fma(0, 0, acc) is part of the definition);
+//   - the lanes are then summed pairwise: l and l + 8, then + 4, + 2, + 1.
+// The AVX-512 kernel keeps a lane per vector element; the AVX2 kernel runs lanes 0-7 and
+// 8-15 as two passes; the portable one does the same with std::fma. All three give the
+// same bits (fma rounds once everywhere). Blocks of tokens × experts share their loads.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "switchyard/layer.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+namespace {
+
+constexpr int kLanes = 16;
+
+/// The fixed pairwise sum of the 16 lanes.
+float sum_lanes(const float* lane) {
+  float s8[8], s4[4], s2[2];
+  for (int i = 0; i < 8; ++i) s8[i] = lane[i] + lane[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  for (int i = 0; i < 2; ++i) s2[i] = s4[i] + s4[i + 2];
+  return s2[0] + s2[1];
+}
+
+struct LogitsArgs {
+  const float* x;
+  const float* gate;
+  std::int64_t T, E, H;
+  float* logits;
+};
+
+void logits_portable(const LogitsArgs& a) {
+  float lane[kLanes];
+  for (std::int64_t t = 0; t < a.T; ++t) {
+    const float* row = a.x + t * a.H;
+    for (std::int64_t e = 0; e < a.E; ++e) {
+      const float* w = a.gate + e * a.H;
+      std::fill(lane, lane + kLanes, 0.0f);
+      for (std::int64_t h0 = 0; h0 < a.H; h0 += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const std::int64_t h = h0 + l;
+          lane[l] = h < a.H ? std::fma(row[h], w[h], lane[l]) : std::fma(0.0f, 0.0f, lane[l]);
+        }
+      }
+      a.logits[t * a.E + e] = sum_lanes(lane);
+    }
+  }
+}
+
+// Tokens and experts per block: the accumulators stay in registers.
+constexpr int kAvx512Tokens = 4, kAvx512Experts = 4;
+constexpr int kAvx2Tokens = 3, kAvx2Experts = 4;
+
+__attribute__((target("avx512f"))) void logits_avx512(const LogitsArgs& a) {
+  const std::int64_t full = a.H / kLanes * kLanes;
+  const auto tail = static_cast<__mmask16>((1u << (a.H - full)) - 1u);
+  alignas(64) float lane[kLanes];
+  for (std::int64_t t0 = 0; t0 < a.T; t0 += kAvx512Tokens) {
+    for (std::int64_t e0 = 0; e0 < a.E; e0 += kAvx512Experts) {
+      // Past the end, a block repeats its last token or expert and does not store it.
+      const float* rows[kAvx512Tokens];
+      const float* ws[kAvx512Experts];
+      for (int i = 0; i < kAvx512Tokens; ++i) rows[i] = a.x + std::min(t0 + i, a.T - 1) * a.H;
+      for (int j = 0; j < kAvx512Experts; ++j) ws[j] = a.gate + std::min(e0 + j, a.E - 1) * a.H;
+      __m512 acc[kAvx512Tokens][kAvx512Experts];
+      for (auto& r : acc)
+        for (auto& v : r) v = _mm512_setzero_ps();
+      for (std::int64_t h = 0; h < full; h += kLanes) {
+        __m512 xv[kAvx512Tokens];
+        for (int i = 0; i < kAvx512Tokens; ++i) xv[i] = _mm512_loadu_ps(rows[i] + h);
+        for (int j = 0; j < kAvx512Experts; ++j) {
+          const __m512 wv = _mm512_loadu_ps(ws[j] + h);
+          for (int i = 0; i < kAvx512Tokens; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
+      }
+      if (full < a.H) {
+        __m512 xv[kAvx512Tokens];
+        for (int i = 0; i < kAvx512Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(tail, rows[i] + full);
+        for (int j = 0; j < kAvx512Experts; ++j) {
+          const __m512 wv = _mm512_maskz_loadu_ps(tail, ws[j] + full);
+          for (int i = 0; i < kAvx512Tokens; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+        }
+      }
+      for (int i = 0; i < kAvx512Tokens && t0 + i < a.T; ++i) {
+        for (int j = 0; j < kAvx512Experts && e0 + j < a.E; ++j) {
+          _mm512_store_ps(lane, acc[i][j]);
+          a.logits[(t0 + i) * a.E + e0 + j] = sum_lanes(lane);
+        }
+      }
+    }
+  }
+}
+
+/// Eight elements from h (zeros past H).
+__attribute__((target("avx2,fma"))) __m256 load_half(const float* row, std::int64_t h,
+                                                     std::int64_t H) {
+  if (h + 8 <= H) return _mm256_loadu_ps(row + h);
+  alignas(32) float padded[8] = {};
+  for (std::int64_t k = h; k < H; ++k) padded[k - h] = row[k];
+  return _mm256_load_ps(padded);
+}
+
+__attribute__((target("avx2,fma"))) void logits_avx2(const LogitsArgs& a) {
+  alignas(32) float lane[kLanes];
+  for (std::int64_t t0 = 0; t0 < a.T; t0 += kAvx2Tokens) {
+    for (std::int64_t e0 = 0; e0 < a.E; e0 += kAvx2Experts) {
+      const float* rows[kAvx2Tokens];
+      const float* ws[kAvx2Experts];
+      for (int i = 0; i < kAvx2Tokens; ++i) rows[i] = a.x + std::min(t0 + i, a.T - 1) * a.H;
+      for (int j = 0; j < kAvx2Experts; ++j) ws[j] = a.gate + std::min(e0 + j, a.E - 1) * a.H;
+      __m256 halves[2][kAvx2Tokens][kAvx2Experts];
+      for (int half = 0; half < 2; ++half) {
+        __m256 acc[kAvx2Tokens][kAvx2Experts];
+        for (auto& r : acc)
+          for (auto& v : r) v = _mm256_setzero_ps();
+        for (std::int64_t group = 0; group < a.H; group += kLanes) {
+          const std::int64_t h = group + static_cast<std::int64_t>(half) * 8;
+          __m256 xv[kAvx2Tokens];
+          for (int i = 0; i < kAvx2Tokens; ++i) xv[i] = load_half(rows[i], h, a.H);
+          for (int j = 0; j < kAvx2Experts; ++j) {
+            const __m256 wv = load_half(ws[j], h, a.H);
+            for (int i = 0; i < kAvx2Tokens; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+          }
+        }
+        for (int i = 0; i < kAvx2Tokens; ++i)
+          for (int j = 0; j < kAvx2Experts; ++j) halves[half][i][j] = acc[i][j];
+      }
+      for (int i = 0; i < kAvx2Tokens && t0 + i < a.T; ++i) {
+        for (int j = 0; j < kAvx2Experts && e0 + j < a.E; ++j) {
+          _mm256_store_ps(lane, halves[0][i][j]);
+          _mm256_store_ps(lane + 8, halves[1][i][j]);
+          a.logits[(t0 + i) * a.E + e0 + j] = sum_lanes(lane);
+        }
+      }
+    }
+  }
+}
+
+using LogitsKernel = void (*)(const LogitsArgs&);
+
+LogitsKernel pick_kernel() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return logits_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return logits_avx2;
+  return logits_portable;
+}
+
+}  // namespace
+
+void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits) {
+  static const LogitsKernel kernel = pick_kernel();
+  const LogitsArgs a{x.data_as<const float>(),
+                     gate.data_as<const float>(),
+                     x.dim(0),
+                     gate.dim(0),
+                     x.dim(1),
+                     logits};
+  if (a.T == 0 || a.E == 0) return;
+  kernel(a);
+}
+
+namespace detail {
+void compute_router_logits_with(const TensorView& x, const TensorView& gate, float* logits,
+                                RouterLogitsIsa isa) {
+  const LogitsArgs a{x.data_as<const float>(),
+                     gate.data_as<const float>(),
+                     x.dim(0),
+                     gate.dim(0),
+                     x.dim(1),
+                     logits};
+  if (a.T == 0 || a.E == 0) return;
+  switch (isa) {
+    case RouterLogitsIsa::kPortable:
+      logits_portable(a);
+      return;
+    case RouterLogitsIsa::kAvx2:
+      if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) break;
+      logits_avx2(a);
+      return;
+    case RouterLogitsIsa::kAvx512:
+      if (!__builtin_cpu_supports("avx512f")) break;
+      logits_avx512(a);
+      return;
+  }
+  throw Error(ErrorCode::kUnavailable, "router logits: this processor lacks the instructions");
+}
+}  // namespace detail
+
+}  // namespace switchyard
