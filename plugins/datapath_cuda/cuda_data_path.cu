@@ -2,8 +2,8 @@
 // the same results as the host data path: the same rows in the same order, the same
 // payload encodings (bf16 round-to-nearest-even; FP8 E4M3 with one f32 scale per 128
 // elements, saturating), and sums taken in the same order (slot order in the weighted
-// reduce, row order in the unpermute-sum). Router logits use a fixed summation order per
-// token, so they do not depend on how many tokens are computed together.
+// reduce, row order in the unpermute-sum). Router logits use the host's summation order
+// (16 fused multiply-add lanes added pairwise), so they are the host's bits.
 //
 // Every primitive is enqueued on the caller's CUDA stream. The host waits only where it
 // must read a result: the per-rank row counts (layout_counts, for the transport's counts)
@@ -533,8 +533,11 @@ __global__ void iota(std::int64_t* out, std::int64_t n) {
   if (i < n) out[i] = i;
 }
 
-/// logits[t, e] = Σ_h x[t, h] · gate[e, h], h ascending: a token's logits do not depend on
-/// T. A 16 × 16 tile of outputs per block, 16 × 16 tiles of x and gate through shared memory.
+/// logits[t, e] = Σ_h x[t, h] · gate[e, h] in the host's order (compute_router_logits):
+/// 16 lanes, lane l a chain of fused multiply-adds over the h with h mod 16 == l (the row
+/// padded with zeros to a multiple of 16), the lanes then added pairwise. The same bits
+/// as the host, whatever the tokens computed together. A 16 × 16 tile of outputs per
+/// block; the h-tiles of 16 start at multiples of 16, so element k of a tile is lane k.
 __global__ void router_logits_kernel(const float* x, const float* gate, std::int64_t T, int E,
                                      std::int64_t H, float* logits) {
   constexpr int kTile = 16;
@@ -542,7 +545,9 @@ __global__ void router_logits_kernel(const float* x, const float* gate, std::int
   __shared__ float gs[kTile][kTile + 1];
   const std::int64_t t = blockIdx.y * static_cast<std::int64_t>(kTile) + threadIdx.y;
   const int e = blockIdx.x * kTile + threadIdx.x;
-  float sum = 0.0f;
+  float lane[kTile];
+#pragma unroll
+  for (int k = 0; k < kTile; ++k) lane[k] = 0.0f;
   for (std::int64_t h0 = 0; h0 < H; h0 += kTile) {
     const std::int64_t hx = h0 + threadIdx.x;
     xs[threadIdx.y][threadIdx.x] = (t < T && hx < H) ? x[t * H + hx] : 0.0f;
@@ -550,12 +555,17 @@ __global__ void router_logits_kernel(const float* x, const float* gate, std::int
     gs[threadIdx.y][threadIdx.x] =
         (eg < E && hx < H) ? gate[static_cast<std::int64_t>(eg) * H + hx] : 0.0f;
     __syncthreads();
-    const int n = static_cast<int>(H - h0 < kTile ? H - h0 : kTile);
-    for (int k = 0; k < n; ++k)
-      sum = __fadd_rn(sum, __fmul_rn(xs[threadIdx.y][k], gs[threadIdx.x][k]));
+#pragma unroll
+    for (int k = 0; k < kTile; ++k)
+      lane[k] = __fmaf_rn(xs[threadIdx.y][k], gs[threadIdx.x][k], lane[k]);
     __syncthreads();
   }
-  if (t < T && e < E) logits[t * E + e] = sum;
+#pragma unroll
+  for (int width = kTile / 2; width >= 1; width /= 2) {
+#pragma unroll
+    for (int k = 0; k < width; ++k) lane[k] = __fadd_rn(lane[k], lane[k + width]);
+  }
+  if (t < T && e < E) logits[t * E + e] = lane[0];
 }
 
 unsigned blocks_for(std::int64_t n, int threads) {

@@ -222,7 +222,7 @@ TEST_CASE("cuda data path: layout, pack, group, reduce and unpermute equal the h
   }
 }
 
-TEST_CASE("cuda data path: router logits match the host's within float rounding") {
+TEST_CASE("cuda data path: router logits are the host's bits") {
   auto device = cuda_path();
   auto host = make_host_data_path();
   test::CudaStream stream;
@@ -243,10 +243,9 @@ TEST_CASE("cuda data path: router logits match the host's within float rounding"
                           TensorView(d_logits.get(), DType::kF32, {T, E}, Device::cuda(0)), stream);
     stream.synchronize();
     const auto got = d_logits.to_host();
-    for (std::size_t i = 0; i < got.size(); ++i) {
-      REQUIRE(std::isfinite(got[i]));
-      CHECK(got[i] == doctest::Approx(expected[i]).epsilon(1e-4).scale(1e-3));
-    }
+    // The same order of fused multiply-adds and sums as the host (layer.hpp).
+    for (std::size_t i = 0; i < got.size(); ++i) REQUIRE(std::isfinite(got[i]));
+    CHECK(std::memcmp(got.data(), expected.data(), got.size() * sizeof(float)) == 0);
     // A token's logits do not depend on how many tokens are computed with it.
     if (T > 1) {
       test::DeviceArray<float> d_one(static_cast<std::size_t>(E));
