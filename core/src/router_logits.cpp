@@ -60,33 +60,34 @@ void logits_portable(const LogitsArgs& a) {
 constexpr int kAvx512Tokens = 4, kAvx512Experts = 4;
 constexpr int kAvx2Tokens = 3, kAvx2Experts = 4;
 
+/// Rows first .. first+N-1 of a [count, H] matrix. Past the end, a block repeats the last
+/// row: computed, never stored.
+template <int N>
+void block_rows(const float* base, std::int64_t first, std::int64_t count, std::int64_t H,
+                const float* (&rows)[N]) {
+  for (int i = 0; i < N; ++i) rows[i] = base + std::min(first + i, count - 1) * H;
+}
+
 __attribute__((target("avx512f"))) void logits_avx512(const LogitsArgs& a) {
   const std::int64_t full = a.H / kLanes * kLanes;
   const auto tail = static_cast<__mmask16>((1u << (a.H - full)) - 1u);
   alignas(64) float lane[kLanes];
   for (std::int64_t t0 = 0; t0 < a.T; t0 += kAvx512Tokens) {
     for (std::int64_t e0 = 0; e0 < a.E; e0 += kAvx512Experts) {
-      // Past the end, a block repeats its last token or expert and does not store it.
       const float* rows[kAvx512Tokens];
       const float* ws[kAvx512Experts];
-      for (int i = 0; i < kAvx512Tokens; ++i) rows[i] = a.x + std::min(t0 + i, a.T - 1) * a.H;
-      for (int j = 0; j < kAvx512Experts; ++j) ws[j] = a.gate + std::min(e0 + j, a.E - 1) * a.H;
+      block_rows(a.x, t0, a.T, a.H, rows);
+      block_rows(a.gate, e0, a.E, a.H, ws);
       __m512 acc[kAvx512Tokens][kAvx512Experts];
       for (auto& r : acc)
         for (auto& v : r) v = _mm512_setzero_ps();
-      for (std::int64_t h = 0; h < full; h += kLanes) {
+      // Whole groups of 16, then the last one masked (the zero padding).
+      for (std::int64_t h = 0; h < a.H; h += kLanes) {
+        const __mmask16 mask = h < full ? static_cast<__mmask16>(0xffff) : tail;
         __m512 xv[kAvx512Tokens];
-        for (int i = 0; i < kAvx512Tokens; ++i) xv[i] = _mm512_loadu_ps(rows[i] + h);
+        for (int i = 0; i < kAvx512Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, rows[i] + h);
         for (int j = 0; j < kAvx512Experts; ++j) {
-          const __m512 wv = _mm512_loadu_ps(ws[j] + h);
-          for (int i = 0; i < kAvx512Tokens; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
-        }
-      }
-      if (full < a.H) {
-        __m512 xv[kAvx512Tokens];
-        for (int i = 0; i < kAvx512Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(tail, rows[i] + full);
-        for (int j = 0; j < kAvx512Experts; ++j) {
-          const __m512 wv = _mm512_maskz_loadu_ps(tail, ws[j] + full);
+          const __m512 wv = _mm512_maskz_loadu_ps(mask, ws[j] + h);
           for (int i = 0; i < kAvx512Tokens; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
         }
       }
@@ -115,8 +116,8 @@ __attribute__((target("avx2,fma"))) void logits_avx2(const LogitsArgs& a) {
     for (std::int64_t e0 = 0; e0 < a.E; e0 += kAvx2Experts) {
       const float* rows[kAvx2Tokens];
       const float* ws[kAvx2Experts];
-      for (int i = 0; i < kAvx2Tokens; ++i) rows[i] = a.x + std::min(t0 + i, a.T - 1) * a.H;
-      for (int j = 0; j < kAvx2Experts; ++j) ws[j] = a.gate + std::min(e0 + j, a.E - 1) * a.H;
+      block_rows(a.x, t0, a.T, a.H, rows);
+      block_rows(a.gate, e0, a.E, a.H, ws);
       __m256 halves[2][kAvx2Tokens][kAvx2Experts];
       for (int half = 0; half < 2; ++half) {
         __m256 acc[kAvx2Tokens][kAvx2Experts];

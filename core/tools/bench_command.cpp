@@ -27,6 +27,7 @@
 #include "switchyard/io.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
+#include "switchyard/tensor.hpp"
 
 namespace switchyard::tool {
 namespace {
@@ -73,16 +74,6 @@ void uniform_plan(std::int64_t T, int E, int k, std::uint64_t seed, RoutingPlan&
       ++plan.counts[static_cast<std::size_t>(e)];
     }
   }
-}
-
-float bf16_round(float v) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &v, 4);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  bits &= 0xffff0000u;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
 }
 
 /// A naive dispatcher, the shape of common all-to-all token dispatchers: one row per
@@ -183,25 +174,16 @@ class NaiveDispatcher {
       std::memcpy(out, row, static_cast<std::size_t>(hidden_) * 4);
       return;
     }
-    for (std::int64_t h = 0; h < hidden_; ++h) {
-      const float r = bf16_round(row[h]);
-      std::uint32_t bits;
-      std::memcpy(&bits, &r, 4);
-      const auto half = static_cast<std::uint16_t>(bits >> 16);
-      std::memcpy(out + h * 2, &half, 2);
-    }
+    auto* bits = reinterpret_cast<std::uint16_t*>(out);
+    for (std::int64_t h = 0; h < hidden_; ++h) bits[h] = float_to_bf16(row[h]);
   }
   void decode(const std::byte* in, float* row) const {
     if (!bf16_) {
       std::memcpy(row, in, static_cast<std::size_t>(hidden_) * 4);
       return;
     }
-    for (std::int64_t h = 0; h < hidden_; ++h) {
-      std::uint16_t half;
-      std::memcpy(&half, in + h * 2, 2);
-      const std::uint32_t bits = static_cast<std::uint32_t>(half) << 16;
-      std::memcpy(row + h, &bits, 4);
-    }
+    const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
+    for (std::int64_t h = 0; h < hidden_; ++h) row[h] = bf16_to_float(bits[h]);
   }
   void exchange(const std::byte* send, const std::vector<std::size_t>& send_items,
                 const std::vector<std::size_t>& send_first, std::byte* recv,
@@ -583,15 +565,7 @@ int bench_command(const std::vector<std::string>& args) {
   }
   const Config config = load_config(config_path, sets);
   Runtime runtime(config);
-  try {
-    return bench(runtime, options);
-  } catch (const Error& e) {
-    report_error(e);
-    if (e.code() != ErrorCode::kInvalidArgument && e.code() != ErrorCode::kPeerFailed) {
-      runtime.abort(e.message());
-    }
-    return kExitError;
-  }
+  return run_reporting_errors(runtime, [&] { return bench(runtime, options); });
 }
 
 }  // namespace switchyard::tool

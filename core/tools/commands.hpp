@@ -1,6 +1,7 @@
 #pragma once
 // The subcommands of the `switchyard` tool. Each returns the process exit code.
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,12 +23,18 @@ int bench_command(const std::vector<std::string>& args);
 }  // namespace switchyard::tool
 
 #include "switchyard/config.hpp"
+#include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard::tool {
 
 /// Prints "switchyard[ [rank R]]: error (<code>): <message>" to stderr.
 void report_error(const Error& error);
+
+/// Runs `body` (a subcommand's work on a built runtime) and returns its exit code. On an
+/// `Error` it reports it and returns kExitError; unless every rank saw the error together
+/// (bad input, a peer's failure) it first aborts the runtime so that peers stop.
+int run_reporting_errors(Runtime& runtime, const std::function<int()>& body);
 
 /// Reads CONFIG, then applies SWITCHYARD_* environment overrides, then each `--set`.
 Config load_config(const std::string& path, const std::vector<std::string>& sets);

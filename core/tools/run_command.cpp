@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -234,8 +235,12 @@ int run_command(const std::vector<std::string>& args) {
 
   const Config config = load_config(config_path, sets);
   Runtime runtime(config);
+  return run_reporting_errors(runtime, [&] { return run_layer(runtime, check, steps); });
+}
+
+int run_reporting_errors(Runtime& runtime, const std::function<int()>& body) {
   try {
-    return run_layer(runtime, check, steps);
+    return body();
   } catch (const Error& e) {
     report_error(e);
     // Bad input is seen by every rank together: each reports and exits by itself. Anything
