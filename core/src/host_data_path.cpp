@@ -37,11 +37,9 @@ void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::b
     case PayloadDType::kF32:
       std::memcpy(out, in, to_size(hidden) * sizeof(float));
       return;
-    case PayloadDType::kBF16: {
-      auto* bits = reinterpret_cast<std::uint16_t*>(out);
-      for (std::int64_t h = 0; h < hidden; ++h) bits[h] = float_to_bf16(in[h]);
+    case PayloadDType::kBF16:
+      detail::row_kernels().encode_bf16(in, hidden, reinterpret_cast<std::uint16_t*>(out));
       return;
-    }
     case PayloadDType::kFP8: {
       auto* scales = reinterpret_cast<float*>(out);
       auto* codes = reinterpret_cast<std::uint8_t*>(out + fp8_scales(hidden) * sizeof(float));
@@ -64,11 +62,9 @@ void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, fl
     case PayloadDType::kF32:
       std::memcpy(out, in, to_size(hidden) * sizeof(float));
       return;
-    case PayloadDType::kBF16: {
-      const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
-      for (std::int64_t h = 0; h < hidden; ++h) out[h] = bf16_to_float(bits[h]);
+    case PayloadDType::kBF16:
+      detail::row_kernels().decode_bf16(reinterpret_cast<const std::uint16_t*>(in), hidden, out);
       return;
-    }
     case PayloadDType::kFP8: {
       const auto* scales = reinterpret_cast<const float*>(in);
       const auto* codes =
@@ -184,37 +180,60 @@ class HostDataPath final : public DataPath {
 
   void weighted_reduce(const WeightedReduceArgs& a, Stream& /*stream*/) override {
     const std::int64_t H = a.hidden;
-    row_.resize(to_size(H));
+    const detail::RowKernels& kernels = detail::row_kernels();
+    if (rows_.size() < to_size(a.slots)) rows_.resize(to_size(a.slots));
+    weights_.resize(to_size(a.slots));
+    const std::size_t row_bytes = to_size(H) * dtype_size(a.combine_dtype);
     for (std::int64_t r = 0; r < a.num_rows; ++r) {
-      float* partial = a.combine_dtype == DType::kF32
-                           ? reinterpret_cast<float*>(a.partial_rows) + r * H
-                           : row_.data();
-      std::fill(partial, partial + H, 0.0f);
+      int count = 0;
       for (int j = 0; j < a.slots; ++j) {
         const std::int64_t at = a.assignment_of_slot[r * a.slots + j];
         if (at < 0) continue;
-        const float weight = a.meta[r * a.slots + j].weight;
-        const float* expert_row = a.expert_output + at * H;
-        for (std::int64_t h = 0; h < H; ++h) partial[h] += weight * expert_row[h];
+        rows_[to_size(count)] = a.expert_output + at * H;
+        weights_[to_size(count)] = a.meta[r * a.slots + j].weight;
+        ++count;
       }
-      if (a.combine_dtype == DType::kBF16) {
-        auto* out = reinterpret_cast<std::uint16_t*>(a.partial_rows) + r * H;
-        for (std::int64_t h = 0; h < H; ++h) out[h] = float_to_bf16(partial[h]);
+      std::byte* partial = a.partial_rows + to_size(r) * row_bytes;
+      if (a.combine_dtype == DType::kF32) {
+        kernels.weighted_sum(rows_.data(), weights_.data(), count, H,
+                             reinterpret_cast<float*>(partial));
+      } else {
+        kernels.weighted_sum_bf16(rows_.data(), weights_.data(), count, H,
+                                  reinterpret_cast<std::uint16_t*>(partial));
       }
     }
   }
 
   void unpermute_sum(const UnpermuteSumArgs& a, Stream& /*stream*/) override {
     const std::int64_t H = a.hidden;
-    std::fill(a.y, a.y + a.num_tokens * H, 0.0f);
-    for (std::int64_t s = 0; s < a.num_rows; ++s) {
-      float* dst = a.y + a.send_row_token[s] * H;
-      if (a.combine_dtype == DType::kF32) {
-        const float* src = reinterpret_cast<const float*>(a.combined_rows) + s * H;
-        for (std::int64_t h = 0; h < H; ++h) dst[h] += src[h];
+    const detail::RowKernels& kernels = detail::row_kernels();
+    // Each token's rows as a list in row order: first row of each token, then the next.
+    first_row_.assign(to_size(a.num_tokens), -1);
+    next_row_.resize(to_size(a.num_rows));
+    for (std::int64_t s = a.num_rows - 1; s >= 0; --s) {
+      const std::int64_t t = a.send_row_token[s];
+      next_row_[to_size(s)] = first_row_[to_size(t)];
+      first_row_[to_size(t)] = s;
+    }
+    const std::size_t row_bytes = to_size(H) * dtype_size(a.combine_dtype);
+    const bool f32 = a.combine_dtype == DType::kF32;
+    for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+      int count = 0;
+      for (std::int64_t s = first_row_[to_size(t)]; s >= 0; s = next_row_[to_size(s)], ++count) {
+        const std::byte* row = a.combined_rows + to_size(s) * row_bytes;
+        if (f32) {
+          if (to_size(count) == rows_.size()) rows_.push_back(nullptr);
+          rows_[to_size(count)] = reinterpret_cast<const float*>(row);
+        } else {
+          if (to_size(count) == bf16_rows_.size()) bf16_rows_.push_back(nullptr);
+          bf16_rows_[to_size(count)] = reinterpret_cast<const std::uint16_t*>(row);
+        }
+      }
+      float* y = a.y + t * H;
+      if (f32) {
+        kernels.sum(rows_.data(), count, H, y);
       } else {
-        const auto* src = reinterpret_cast<const std::uint16_t*>(a.combined_rows) + s * H;
-        for (std::int64_t h = 0; h < H; ++h) dst[h] += bf16_to_float(src[h]);
+        kernels.sum_bf16(bf16_rows_.data(), count, H, y);
       }
     }
   }
@@ -233,9 +252,13 @@ class HostDataPath final : public DataPath {
     return false;
   }
 
-  // Scratch, reused: per-rank or per-expert cursors, and one row for bf16 partials.
+  // Scratch, reused: per-rank or per-expert cursors; the rows (f32 or bf16) and weights of
+  // one sum; each token's first row and each row's next row of the same token.
   std::vector<std::int64_t> cursor_, current_row_;
-  std::vector<float> row_;
+  std::vector<const float*> rows_;
+  std::vector<float> weights_;
+  std::vector<std::int64_t> first_row_, next_row_;
+  std::vector<const std::uint16_t*> bf16_rows_;
 };
 
 }  // namespace

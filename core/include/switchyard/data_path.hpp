@@ -179,4 +179,34 @@ class DataPath {
 /// shared between ranks.
 std::unique_ptr<DataPath> make_host_data_path();
 
+namespace detail {
+/// The row kernels of the host data path. Each is defined by its scalar form: bf16 is
+/// `float_to_bf16` / `bf16_to_float` per element; a sum starts at 0.0f and adds the rows
+/// in order, each product `weight · element` and each sum rounded to f32 on its own (no
+/// fused multiply-add). Every instruction set gives the same bits.
+struct RowKernels {
+  /// out[h] = float_to_bf16(in[h]), h < n.
+  void (*encode_bf16)(const float* in, std::int64_t n, std::uint16_t* out);
+  /// out[h] = bf16_to_float(in[h]), h < n.
+  void (*decode_bf16)(const std::uint16_t* in, std::int64_t n, float* out);
+  /// out[h] = Σ_i weights[i] · rows[i][h], i < count.
+  void (*weighted_sum)(const float* const* rows, const float* weights, int count, std::int64_t n,
+                       float* out);
+  /// The same sum, stored as bf16.
+  void (*weighted_sum_bf16)(const float* const* rows, const float* weights, int count,
+                            std::int64_t n, std::uint16_t* out);
+  /// out[h] = Σ_i rows[i][h], i < count.
+  void (*sum)(const float* const* rows, int count, std::int64_t n, float* out);
+  /// out[h] = Σ_i bf16_to_float(rows[i][h]), i < count.
+  void (*sum_bf16)(const std::uint16_t* const* rows, int count, std::int64_t n, float* out);
+};
+/// The instruction sets the row kernels come in.
+enum class RowKernelIsa { kPortable, kAvx512 };
+/// The fastest row kernels this processor runs.
+const RowKernels& row_kernels();
+/// The row kernels for `isa` (tests compare them); throws `Error(kUnavailable)` when this
+/// processor lacks it.
+const RowKernels& row_kernels(RowKernelIsa isa);
+}  // namespace detail
+
 }  // namespace switchyard

@@ -1,0 +1,201 @@
+// Row kernels of the host data path: bf16 encode and decode, weighted sums and sums of
+// rows. Each computes exactly what the scalar definition in data_path.hpp says (products
+// and sums rounded one at a time, in the rows' order, from 0.0f), so the AVX-512 and the
+// portable kernels give the same bits; this file is built with -ffp-contract=off so that
+// no compiler fuses a product into a sum behind our back.
+#include <immintrin.h>
+
+#include <bit>
+#include <cstdint>
+
+#include "switchyard/data_path.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard::detail {
+namespace {
+
+inline std::uint16_t encode_one(float value) {
+  const std::uint32_t bits = std::bit_cast<std::uint32_t>(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN
+  }
+  return static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline float decode_one(std::uint16_t bits) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
+}
+
+// ---- portable -------------------------------------------------------------------------
+
+void encode_bf16_portable(const float* in, std::int64_t n, std::uint16_t* out) {
+  for (std::int64_t h = 0; h < n; ++h) out[h] = encode_one(in[h]);
+}
+
+void decode_bf16_portable(const std::uint16_t* in, std::int64_t n, float* out) {
+  for (std::int64_t h = 0; h < n; ++h) out[h] = decode_one(in[h]);
+}
+
+inline float weighted_at(const float* const* rows, const float* weights, int count,
+                         std::int64_t h) {
+  float sum = 0.0f;
+  for (int i = 0; i < count; ++i) sum = sum + weights[i] * rows[i][h];
+  return sum;
+}
+
+void weighted_sum_portable(const float* const* rows, const float* weights, int count,
+                           std::int64_t n, float* out) {
+  for (std::int64_t h = 0; h < n; ++h) out[h] = weighted_at(rows, weights, count, h);
+}
+
+void weighted_sum_bf16_portable(const float* const* rows, const float* weights, int count,
+                                std::int64_t n, std::uint16_t* out) {
+  for (std::int64_t h = 0; h < n; ++h) out[h] = encode_one(weighted_at(rows, weights, count, h));
+}
+
+void sum_portable(const float* const* rows, int count, std::int64_t n, float* out) {
+  for (std::int64_t h = 0; h < n; ++h) {
+    float sum = 0.0f;
+    for (int i = 0; i < count; ++i) sum = sum + rows[i][h];
+    out[h] = sum;
+  }
+}
+
+void sum_bf16_portable(const std::uint16_t* const* rows, int count, std::int64_t n, float* out) {
+  for (std::int64_t h = 0; h < n; ++h) {
+    float sum = 0.0f;
+    for (int i = 0; i < count; ++i) sum = sum + decode_one(rows[i][h]);
+    out[h] = sum;
+  }
+}
+
+// ---- AVX-512 (F only): 16 elements per step, the scalar code for the tail -------------
+
+#define SWITCHYARD_AVX512 __attribute__((target("avx512f")))
+// GCC 12 reports its own headers' _mm512_undefined_* operands as maybe-uninitialized.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+SWITCHYARD_AVX512 inline __m256i encode16(__m512 values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f800000));
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+  rounded = _mm512_mask_mov_epi32(rounded, nan, quiet);
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+SWITCHYARD_AVX512 inline __m512 decode16(const std::uint16_t* in) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+SWITCHYARD_AVX512 void encode_bf16_avx512(const float* in, std::int64_t n, std::uint16_t* out) {
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h), encode16(_mm512_loadu_ps(in + h)));
+  }
+  for (; h < n; ++h) out[h] = encode_one(in[h]);
+}
+
+SWITCHYARD_AVX512 void decode_bf16_avx512(const std::uint16_t* in, std::int64_t n, float* out) {
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) _mm512_storeu_ps(out + h, decode16(in + h));
+  for (; h < n; ++h) out[h] = decode_one(in[h]);
+}
+
+SWITCHYARD_AVX512 inline __m512 weighted16(const float* const* rows, const float* weights,
+                                           int count, std::int64_t h) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int i = 0; i < count; ++i) {
+    sum =
+        _mm512_add_ps(sum, _mm512_mul_ps(_mm512_set1_ps(weights[i]), _mm512_loadu_ps(rows[i] + h)));
+  }
+  return sum;
+}
+
+SWITCHYARD_AVX512 void weighted_sum_avx512(const float* const* rows, const float* weights,
+                                           int count, std::int64_t n, float* out) {
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) _mm512_storeu_ps(out + h, weighted16(rows, weights, count, h));
+  for (; h < n; ++h) out[h] = weighted_at(rows, weights, count, h);
+}
+
+SWITCHYARD_AVX512 void weighted_sum_bf16_avx512(const float* const* rows, const float* weights,
+                                                int count, std::int64_t n, std::uint16_t* out) {
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h),
+                        encode16(weighted16(rows, weights, count, h)));
+  }
+  for (; h < n; ++h) out[h] = encode_one(weighted_at(rows, weights, count, h));
+}
+
+SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int64_t n, float* out) {
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, _mm512_loadu_ps(rows[i] + h));
+    _mm512_storeu_ps(out + h, sum);
+  }
+  for (; h < n; ++h) {
+    float sum = 0.0f;
+    for (int i = 0; i < count; ++i) sum = sum + rows[i][h];
+    out[h] = sum;
+  }
+}
+
+SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int count, std::int64_t n,
+                                       float* out) {
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, decode16(rows[i] + h));
+    _mm512_storeu_ps(out + h, sum);
+  }
+  for (; h < n; ++h) {
+    float sum = 0.0f;
+    for (int i = 0; i < count; ++i) sum = sum + decode_one(rows[i][h]);
+    out[h] = sum;
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#undef SWITCHYARD_AVX512
+
+const RowKernels kPortable{encode_bf16_portable,       decode_bf16_portable, weighted_sum_portable,
+                           weighted_sum_bf16_portable, sum_portable,         sum_bf16_portable};
+const RowKernels kAvx512{encode_bf16_avx512,       decode_bf16_avx512, weighted_sum_avx512,
+                         weighted_sum_bf16_avx512, sum_avx512,         sum_bf16_avx512};
+
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+}  // namespace
+
+const RowKernels& row_kernels() {
+  static const RowKernels& best = has_avx512() ? kAvx512 : kPortable;
+  return best;
+}
+
+const RowKernels& row_kernels(RowKernelIsa isa) {
+  switch (isa) {
+    case RowKernelIsa::kPortable:
+      return kPortable;
+    case RowKernelIsa::kAvx512:
+      if (has_avx512()) return kAvx512;
+      break;
+  }
+  throw Error(ErrorCode::kUnavailable, "row kernels: this processor lacks the instructions");
+}
+
+}  // namespace switchyard::detail
