@@ -32,13 +32,15 @@ std::size_t encoded_bytes(PayloadDType dtype, std::int64_t hidden) noexcept {
   return 0;
 }
 
-void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::byte* out) {
+void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::byte* out,
+                bool streaming) {
   switch (dtype) {
     case PayloadDType::kF32:
-      std::memcpy(out, in, to_size(hidden) * sizeof(float));
+      detail::row_kernels().copy(in, hidden, reinterpret_cast<float*>(out), streaming);
       return;
     case PayloadDType::kBF16:
-      detail::row_kernels().encode_bf16(in, hidden, reinterpret_cast<std::uint16_t*>(out));
+      detail::row_kernels().encode_bf16(in, hidden, reinterpret_cast<std::uint16_t*>(out),
+                                        streaming);
       return;
     case PayloadDType::kFP8: {
       auto* scales = reinterpret_cast<float*>(out);
@@ -57,13 +59,15 @@ void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::b
   }
 }
 
-void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, float* out) {
+void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, float* out,
+                bool streaming) {
   switch (dtype) {
     case PayloadDType::kF32:
-      std::memcpy(out, in, to_size(hidden) * sizeof(float));
+      detail::row_kernels().copy(reinterpret_cast<const float*>(in), hidden, out, streaming);
       return;
     case PayloadDType::kBF16:
-      detail::row_kernels().decode_bf16(reinterpret_cast<const std::uint16_t*>(in), hidden, out);
+      detail::row_kernels().decode_bf16(reinterpret_cast<const std::uint16_t*>(in), hidden, out,
+                                        streaming);
       return;
     case PayloadDType::kFP8: {
       const auto* scales = reinterpret_cast<const float*>(in);
@@ -76,6 +80,10 @@ void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, fl
     }
   }
 }
+
+/// Passes that write at least this much stream their stores past the caches: what they
+/// write is read later, from memory, by another pass or by the transport.
+constexpr std::size_t kStreamingBytes = std::size_t{16} << 20;
 
 class HostDataPath final : public DataPath {
  public:
@@ -134,11 +142,13 @@ class HostDataPath final : public DataPath {
   void pack(const PackArgs& a, Stream& /*stream*/) override {
     const std::size_t row_bytes = payload_row_bytes(a.dtype, a.hidden);
     const std::size_t data_bytes = encoded_bytes(a.dtype, a.hidden);
+    const bool streaming = to_size(a.num_rows) * row_bytes >= kStreamingBytes;
     for (std::int64_t s = 0; s < a.num_rows; ++s) {
       std::byte* row = a.rows + to_size(s) * row_bytes;
-      encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype, row);
+      encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype, row, streaming);
       std::memset(row + data_bytes, 0, row_bytes - data_bytes);
     }
+    if (streaming) detail::row_kernels().fence();
   }
 
   void count_groups(const GroupCountArgs& a, Stream& /*stream*/) override {
@@ -163,6 +173,7 @@ class HostDataPath final : public DataPath {
       cursor_[to_size(l)] = first;
       first += a.rows_per_expert[l];
     }
+    const bool streaming = to_size(first * a.hidden) * sizeof(float) >= kStreamingBytes;
     for (std::int64_t r = 0; r < a.num_rows; ++r) {
       const std::byte* row = a.rows + to_size(r) * row_bytes;
       for (int j = 0; j < a.slots; ++j) {
@@ -173,9 +184,10 @@ class HostDataPath final : public DataPath {
           continue;
         }
         assignment = cursor_[to_size(l)]++;
-        decode_row(row, a.hidden, a.dtype, a.expert_input + assignment * a.hidden);
+        decode_row(row, a.hidden, a.dtype, a.expert_input + assignment * a.hidden, streaming);
       }
     }
+    if (streaming) detail::row_kernels().fence();
   }
 
   void weighted_reduce(const WeightedReduceArgs& a, Stream& /*stream*/) override {
@@ -184,6 +196,7 @@ class HostDataPath final : public DataPath {
     if (rows_.size() < to_size(a.slots)) rows_.resize(to_size(a.slots));
     weights_.resize(to_size(a.slots));
     const std::size_t row_bytes = to_size(H) * dtype_size(a.combine_dtype);
+    const bool streaming = to_size(a.num_rows) * row_bytes >= kStreamingBytes;
     for (std::int64_t r = 0; r < a.num_rows; ++r) {
       int count = 0;
       for (int j = 0; j < a.slots; ++j) {
@@ -196,12 +209,13 @@ class HostDataPath final : public DataPath {
       std::byte* partial = a.partial_rows + to_size(r) * row_bytes;
       if (a.combine_dtype == DType::kF32) {
         kernels.weighted_sum(rows_.data(), weights_.data(), count, H,
-                             reinterpret_cast<float*>(partial));
+                             reinterpret_cast<float*>(partial), streaming);
       } else {
         kernels.weighted_sum_bf16(rows_.data(), weights_.data(), count, H,
-                                  reinterpret_cast<std::uint16_t*>(partial));
+                                  reinterpret_cast<std::uint16_t*>(partial), streaming);
       }
     }
+    if (streaming) kernels.fence();
   }
 
   void unpermute_sum(const UnpermuteSumArgs& a, Stream& /*stream*/) override {
@@ -217,6 +231,7 @@ class HostDataPath final : public DataPath {
     }
     const std::size_t row_bytes = to_size(H) * dtype_size(a.combine_dtype);
     const bool f32 = a.combine_dtype == DType::kF32;
+    const bool streaming = to_size(a.num_tokens * H) * sizeof(float) >= kStreamingBytes;
     for (std::int64_t t = 0; t < a.num_tokens; ++t) {
       int count = 0;
       for (std::int64_t s = first_row_[to_size(t)]; s >= 0; s = next_row_[to_size(s)], ++count) {
@@ -231,11 +246,12 @@ class HostDataPath final : public DataPath {
       }
       float* y = a.y + t * H;
       if (f32) {
-        kernels.sum(rows_.data(), count, H, y);
+        kernels.sum(rows_.data(), count, H, y, streaming);
       } else {
-        kernels.sum_bf16(bf16_rows_.data(), count, H, y);
+        kernels.sum_bf16(bf16_rows_.data(), count, H, y, streaming);
       }
     }
+    if (streaming) kernels.fence();
   }
 
   void copy(void* dst, const void* src, std::size_t bytes, Stream& /*stream*/) override {

@@ -7,6 +7,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <cstring>
 
 #include "switchyard/data_path.hpp"
 #include "switchyard/status.hpp"
@@ -28,11 +29,11 @@ inline float decode_one(std::uint16_t bits) {
 
 // ---- portable -------------------------------------------------------------------------
 
-void encode_bf16_portable(const float* in, std::int64_t n, std::uint16_t* out) {
+void encode_bf16_portable(const float* in, std::int64_t n, std::uint16_t* out, bool /*streaming*/) {
   for (std::int64_t h = 0; h < n; ++h) out[h] = encode_one(in[h]);
 }
 
-void decode_bf16_portable(const std::uint16_t* in, std::int64_t n, float* out) {
+void decode_bf16_portable(const std::uint16_t* in, std::int64_t n, float* out, bool /*streaming*/) {
   for (std::int64_t h = 0; h < n; ++h) out[h] = decode_one(in[h]);
 }
 
@@ -44,16 +45,17 @@ inline float weighted_at(const float* const* rows, const float* weights, int cou
 }
 
 void weighted_sum_portable(const float* const* rows, const float* weights, int count,
-                           std::int64_t n, float* out) {
+                           std::int64_t n, float* out, bool /*streaming*/) {
   for (std::int64_t h = 0; h < n; ++h) out[h] = weighted_at(rows, weights, count, h);
 }
 
 void weighted_sum_bf16_portable(const float* const* rows, const float* weights, int count,
-                                std::int64_t n, std::uint16_t* out) {
+                                std::int64_t n, std::uint16_t* out, bool /*streaming*/) {
   for (std::int64_t h = 0; h < n; ++h) out[h] = encode_one(weighted_at(rows, weights, count, h));
 }
 
-void sum_portable(const float* const* rows, int count, std::int64_t n, float* out) {
+void sum_portable(const float* const* rows, int count, std::int64_t n, float* out,
+                  bool /*streaming*/) {
   for (std::int64_t h = 0; h < n; ++h) {
     float sum = 0.0f;
     for (int i = 0; i < count; ++i) sum = sum + rows[i][h];
@@ -61,13 +63,20 @@ void sum_portable(const float* const* rows, int count, std::int64_t n, float* ou
   }
 }
 
-void sum_bf16_portable(const std::uint16_t* const* rows, int count, std::int64_t n, float* out) {
+void sum_bf16_portable(const std::uint16_t* const* rows, int count, std::int64_t n, float* out,
+                       bool /*streaming*/) {
   for (std::int64_t h = 0; h < n; ++h) {
     float sum = 0.0f;
     for (int i = 0; i < count; ++i) sum = sum + decode_one(rows[i][h]);
     out[h] = sum;
   }
 }
+
+void copy_portable(const float* in, std::int64_t n, float* out, bool /*streaming*/) {
+  std::memcpy(out, in, static_cast<std::size_t>(n) * sizeof(float));
+}
+
+void fence_portable() {}
 
 // ---- AVX-512 (F only): 16 elements per step, the scalar code for the tail -------------
 
@@ -95,17 +104,34 @@ SWITCHYARD_AVX512 inline __m512 decode16(const std::uint16_t* in) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-SWITCHYARD_AVX512 void encode_bf16_avx512(const float* in, std::int64_t n, std::uint16_t* out) {
-  std::int64_t h = 0;
-  for (; h + 16 <= n; h += 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h), encode16(_mm512_loadu_ps(in + h)));
+/// A store of 16 floats (or 16 bf16), streaming past the caches when asked and aligned.
+SWITCHYARD_AVX512 inline void store16(float* out, __m512 v, bool streaming) {
+  if (streaming && (reinterpret_cast<std::uintptr_t>(out) & 63) == 0) {
+    _mm512_stream_ps(out, v);
+  } else {
+    _mm512_storeu_ps(out, v);
   }
+}
+
+SWITCHYARD_AVX512 inline void store16(std::uint16_t* out, __m256i v, bool streaming) {
+  if (streaming && (reinterpret_cast<std::uintptr_t>(out) & 31) == 0) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(out), v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
+  }
+}
+
+SWITCHYARD_AVX512 void encode_bf16_avx512(const float* in, std::int64_t n, std::uint16_t* out,
+                                          bool streaming) {
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) store16(out + h, encode16(_mm512_loadu_ps(in + h)), streaming);
   for (; h < n; ++h) out[h] = encode_one(in[h]);
 }
 
-SWITCHYARD_AVX512 void decode_bf16_avx512(const std::uint16_t* in, std::int64_t n, float* out) {
+SWITCHYARD_AVX512 void decode_bf16_avx512(const std::uint16_t* in, std::int64_t n, float* out,
+                                          bool streaming) {
   std::int64_t h = 0;
-  for (; h + 16 <= n; h += 16) _mm512_storeu_ps(out + h, decode16(in + h));
+  for (; h + 16 <= n; h += 16) store16(out + h, decode16(in + h), streaming);
   for (; h < n; ++h) out[h] = decode_one(in[h]);
 }
 
@@ -120,28 +146,29 @@ SWITCHYARD_AVX512 inline __m512 weighted16(const float* const* rows, const float
 }
 
 SWITCHYARD_AVX512 void weighted_sum_avx512(const float* const* rows, const float* weights,
-                                           int count, std::int64_t n, float* out) {
+                                           int count, std::int64_t n, float* out, bool streaming) {
   std::int64_t h = 0;
-  for (; h + 16 <= n; h += 16) _mm512_storeu_ps(out + h, weighted16(rows, weights, count, h));
+  for (; h + 16 <= n; h += 16) store16(out + h, weighted16(rows, weights, count, h), streaming);
   for (; h < n; ++h) out[h] = weighted_at(rows, weights, count, h);
 }
 
 SWITCHYARD_AVX512 void weighted_sum_bf16_avx512(const float* const* rows, const float* weights,
-                                                int count, std::int64_t n, std::uint16_t* out) {
+                                                int count, std::int64_t n, std::uint16_t* out,
+                                                bool streaming) {
   std::int64_t h = 0;
   for (; h + 16 <= n; h += 16) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h),
-                        encode16(weighted16(rows, weights, count, h)));
+    store16(out + h, encode16(weighted16(rows, weights, count, h)), streaming);
   }
   for (; h < n; ++h) out[h] = encode_one(weighted_at(rows, weights, count, h));
 }
 
-SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int64_t n, float* out) {
+SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int64_t n, float* out,
+                                  bool streaming) {
   std::int64_t h = 0;
   for (; h + 16 <= n; h += 16) {
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, _mm512_loadu_ps(rows[i] + h));
-    _mm512_storeu_ps(out + h, sum);
+    store16(out + h, sum, streaming);
   }
   for (; h < n; ++h) {
     float sum = 0.0f;
@@ -151,12 +178,12 @@ SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int6
 }
 
 SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int count, std::int64_t n,
-                                       float* out) {
+                                       float* out, bool streaming) {
   std::int64_t h = 0;
   for (; h + 16 <= n; h += 16) {
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, decode16(rows[i] + h));
-    _mm512_storeu_ps(out + h, sum);
+    store16(out + h, sum, streaming);
   }
   for (; h < n; ++h) {
     float sum = 0.0f;
@@ -165,15 +192,30 @@ SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int cou
   }
 }
 
+SWITCHYARD_AVX512 void copy_avx512(const float* in, std::int64_t n, float* out, bool streaming) {
+  if (!streaming) {
+    copy_portable(in, n, out, false);
+    return;
+  }
+  std::int64_t h = 0;
+  for (; h + 16 <= n; h += 16) store16(out + h, _mm512_loadu_ps(in + h), true);
+  for (; h < n; ++h) out[h] = in[h];
+}
+
+// Streaming stores are weakly ordered: a fence before another thread or process reads.
+SWITCHYARD_AVX512 void fence_avx512() { _mm_sfence(); }
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
 #undef SWITCHYARD_AVX512
 
-const RowKernels kPortable{encode_bf16_portable,       decode_bf16_portable, weighted_sum_portable,
-                           weighted_sum_bf16_portable, sum_portable,         sum_bf16_portable};
-const RowKernels kAvx512{encode_bf16_avx512,       decode_bf16_avx512, weighted_sum_avx512,
-                         weighted_sum_bf16_avx512, sum_avx512,         sum_bf16_avx512};
+const RowKernels kPortable{
+    encode_bf16_portable, decode_bf16_portable, weighted_sum_portable, weighted_sum_bf16_portable,
+    sum_portable,         sum_bf16_portable,    copy_portable,         fence_portable};
+const RowKernels kAvx512{
+    encode_bf16_avx512, decode_bf16_avx512, weighted_sum_avx512, weighted_sum_bf16_avx512,
+    sum_avx512,         sum_bf16_avx512,    copy_avx512,         fence_avx512};
 
 bool has_avx512() {
   __builtin_cpu_init();

@@ -8,7 +8,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -75,7 +74,10 @@ std::vector<RowKernelIsa> available_isas() {
 }
 
 bool same_bits(const float* a, const float* b, std::size_t n) {
-  return std::memcmp(a, b, n * sizeof(float)) == 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (std::bit_cast<std::uint32_t>(a[i]) != std::bit_cast<std::uint32_t>(b[i])) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -83,25 +85,34 @@ bool same_bits(const float* a, const float* b, std::size_t n) {
 TEST_CASE("row kernels: bf16 encode and decode are the documented rounding, on every ISA") {
   std::mt19937 rng(11);
   for (const RowKernelIsa isa : available_isas()) {
-    const RowKernels& k = detail::row_kernels(isa);
-    for (const std::int64_t n : {0, 1, 15, 16, 17, 33, 2053}) {
-      CAPTURE(n);
-      const auto in = awkward_values(static_cast<std::size_t>(n), rng);
-      std::vector<std::uint16_t> encoded(static_cast<std::size_t>(n) + 1, 0xabcd);
-      k.encode_bf16(in.data(), n, encoded.data());
-      for (std::int64_t h = 0; h < n; ++h) {
-        CAPTURE(h);
-        REQUIRE(encoded[static_cast<std::size_t>(h)] ==
-                bf16_by_hand(in[static_cast<std::size_t>(h)]));
+    for (const bool streaming : {false, true}) {
+      const RowKernels& k = detail::row_kernels(isa);
+      for (const std::int64_t n : {0, 1, 15, 16, 17, 33, 2053}) {
+        CAPTURE(n);
+        CAPTURE(streaming);
+        const auto in = awkward_values(static_cast<std::size_t>(n), rng);
+        std::vector<std::uint16_t> encoded(static_cast<std::size_t>(n) + 1, 0xabcd);
+        k.encode_bf16(in.data(), n, encoded.data(), streaming);
+        for (std::int64_t h = 0; h < n; ++h) {
+          CAPTURE(h);
+          REQUIRE(encoded[static_cast<std::size_t>(h)] ==
+                  bf16_by_hand(in[static_cast<std::size_t>(h)]));
+        }
+        CHECK(encoded[static_cast<std::size_t>(n)] == 0xabcd);  // nothing written past n
+        std::vector<float> decoded(static_cast<std::size_t>(n) + 1, 7.0f);
+        k.decode_bf16(encoded.data(), n, decoded.data(), streaming);
+        k.fence();
+        for (std::int64_t h = 0; h < n; ++h) {
+          const float want = from_bf16(encoded[static_cast<std::size_t>(h)]);
+          REQUIRE(same_bits(&decoded[static_cast<std::size_t>(h)], &want, 1));
+        }
+        CHECK(decoded[static_cast<std::size_t>(n)] == 7.0f);
+        std::vector<float> copied(static_cast<std::size_t>(n) + 1, 5.0f);
+        k.copy(in.data(), n, copied.data(), streaming);
+        k.fence();
+        CHECK(same_bits(copied.data(), in.data(), static_cast<std::size_t>(n)));
+        CHECK(copied[static_cast<std::size_t>(n)] == 5.0f);
       }
-      CHECK(encoded[static_cast<std::size_t>(n)] == 0xabcd);  // nothing written past n
-      std::vector<float> decoded(static_cast<std::size_t>(n) + 1, 7.0f);
-      k.decode_bf16(encoded.data(), n, decoded.data());
-      for (std::int64_t h = 0; h < n; ++h) {
-        const float want = from_bf16(encoded[static_cast<std::size_t>(h)]);
-        REQUIRE(std::memcmp(&decoded[static_cast<std::size_t>(h)], &want, 4) == 0);
-      }
-      CHECK(decoded[static_cast<std::size_t>(n)] == 7.0f);
     }
   }
 }
@@ -113,6 +124,7 @@ TEST_CASE("row kernels: sums in row order, every product and sum rounded, on eve
     const RowKernels& k = detail::row_kernels(isa);
     for (const std::int64_t n : {1, 16, 31, 2048}) {
       for (const int count : {0, 1, 3, 8}) {
+        const bool streaming = n == 2048;
         CAPTURE(n);
         CAPTURE(count);
         const auto N = static_cast<std::size_t>(n);
@@ -146,17 +158,19 @@ TEST_CASE("row kernels: sums in row order, every product and sum rounded, on eve
           want_bf16_sum[h] = bf16_sum;
         }
         std::vector<float> got(N, -1.0f);
-        k.weighted_sum(row_ptrs.data(), weights.data(), count, n, got.data());
+        k.weighted_sum(row_ptrs.data(), weights.data(), count, n, got.data(), streaming);
         CHECK(same_bits(got.data(), want_weighted.data(), N));
         std::vector<std::uint16_t> got_bf16(N);
-        k.weighted_sum_bf16(row_ptrs.data(), weights.data(), count, n, got_bf16.data());
+        k.weighted_sum_bf16(row_ptrs.data(), weights.data(), count, n, got_bf16.data(), streaming);
         bool bf16_ok = true;
         for (std::size_t h = 0; h < N; ++h)
           bf16_ok = bf16_ok && got_bf16[h] == bf16_by_hand(want_weighted[h]);
         CHECK(bf16_ok);
-        k.sum(row_ptrs.data(), count, n, got.data());
+        k.sum(row_ptrs.data(), count, n, got.data(), streaming);
+        k.fence();
         CHECK(same_bits(got.data(), want_sum.data(), N));
-        k.sum_bf16(bf16_ptrs.data(), count, n, got.data());
+        k.sum_bf16(bf16_ptrs.data(), count, n, got.data(), streaming);
+        k.fence();
         CHECK(same_bits(got.data(), want_bf16_sum.data(), N));
       }
     }

@@ -183,22 +183,29 @@ namespace detail {
 /// The row kernels of the host data path. Each is defined by its scalar form: bf16 is
 /// `float_to_bf16` / `bf16_to_float` per element; a sum starts at 0.0f and adds the rows
 /// in order, each product `weight · element` and each sum rounded to f32 on its own (no
-/// fused multiply-add). Every instruction set gives the same bits.
+/// fused multiply-add). Every instruction set gives the same bits. `streaming`: the output
+/// is large and read later from memory, so its stores may bypass the caches; call `fence`
+/// after a pass of streaming calls, before another thread or process reads the output.
 struct RowKernels {
   /// out[h] = float_to_bf16(in[h]), h < n.
-  void (*encode_bf16)(const float* in, std::int64_t n, std::uint16_t* out);
+  void (*encode_bf16)(const float* in, std::int64_t n, std::uint16_t* out, bool streaming);
   /// out[h] = bf16_to_float(in[h]), h < n.
-  void (*decode_bf16)(const std::uint16_t* in, std::int64_t n, float* out);
+  void (*decode_bf16)(const std::uint16_t* in, std::int64_t n, float* out, bool streaming);
   /// out[h] = Σ_i weights[i] · rows[i][h], i < count.
   void (*weighted_sum)(const float* const* rows, const float* weights, int count, std::int64_t n,
-                       float* out);
+                       float* out, bool streaming);
   /// The same sum, stored as bf16.
   void (*weighted_sum_bf16)(const float* const* rows, const float* weights, int count,
-                            std::int64_t n, std::uint16_t* out);
+                            std::int64_t n, std::uint16_t* out, bool streaming);
   /// out[h] = Σ_i rows[i][h], i < count.
-  void (*sum)(const float* const* rows, int count, std::int64_t n, float* out);
+  void (*sum)(const float* const* rows, int count, std::int64_t n, float* out, bool streaming);
   /// out[h] = Σ_i bf16_to_float(rows[i][h]), i < count.
-  void (*sum_bf16)(const std::uint16_t* const* rows, int count, std::int64_t n, float* out);
+  void (*sum_bf16)(const std::uint16_t* const* rows, int count, std::int64_t n, float* out,
+                   bool streaming);
+  /// out[h] = in[h], h < n (the ranges do not overlap).
+  void (*copy)(const float* in, std::int64_t n, float* out, bool streaming);
+  /// Orders the streaming stores before what follows.
+  void (*fence)();
 };
 /// The instruction sets the row kernels come in.
 enum class RowKernelIsa { kPortable, kAvx512 };
