@@ -273,7 +273,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
   host_ready();
   timings_.experts_s = seconds_since(start);
 
-  combine(handle_, handle_.expert_output(), y);
+  combine_rows(handle_, handle_.expert_output(), y, /*in_expert_buffers=*/true);
 }
 
 void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle) {
@@ -481,6 +481,11 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
 }
 
 void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const TensorView& y) {
+  combine_rows(h, expert_output, y, /*in_expert_buffers=*/false);
+}
+
+void MoELayer::combine_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                            bool in_expert_buffers) {
   auto start = Clock::now();
   Transport& transport = *parts_.transport;
   const int R = transport.size();
@@ -497,7 +502,22 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
   const DType dtype = parts_.combine_dtype;
   const std::size_t row_bytes = to_size(H) * dtype_size(dtype);
 
-  h.partial_rows_.resize(to_size(N) * row_bytes);
+  // In expert buffers: N ≤ A (each received row has a slot here) unless the handle is
+  // broken, and S fits unless this rank sent more rows than it received slots.
+  std::byte* partial_rows = nullptr;
+  std::byte* combined_rows = nullptr;
+  if (in_expert_buffers && to_size(N) * row_bytes <= h.expert_input_.size() * sizeof(float)) {
+    partial_rows = reinterpret_cast<std::byte*>(h.expert_input_.data());
+  } else {
+    h.partial_rows_.resize(to_size(N) * row_bytes);
+    partial_rows = h.partial_rows_.data();
+  }
+  if (in_expert_buffers && to_size(S) * row_bytes <= h.expert_output_.size() * sizeof(float)) {
+    combined_rows = reinterpret_cast<std::byte*>(h.expert_output_.data());
+  } else {
+    h.combined_rows_.resize(to_size(S) * row_bytes);
+    combined_rows = h.combined_rows_.data();
+  }
   WeightedReduceArgs reduce;
   reduce.expert_output = expert_output.data_as<const float>();
   reduce.meta = h.recv_meta_.data();
@@ -506,23 +526,22 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
   reduce.slots = K;
   reduce.hidden = H;
   reduce.combine_dtype = dtype;
-  reduce.partial_rows = h.partial_rows_.data();
+  reduce.partial_rows = partial_rows;
   data_path_->weighted_reduce(reduce, *stream_);
 
   // Back to the token's rank: the dispatch counts reversed.
   row_exchange(h.rows_from_, row_bytes, h.send_bytes_, h.send_offsets_);
   row_exchange(h.rows_to_, row_bytes, h.recv_bytes_, h.recv_offsets_);
-  h.combined_rows_.resize(to_size(S) * row_bytes);
-  transport.alltoallv({h.partial_rows_.data(), span_of(h.send_bytes_), span_of(h.send_offsets_),
-                       h.combined_rows_.data(), span_of(h.recv_bytes_), span_of(h.recv_offsets_),
-                       data_path_->device()},
-                      *stream_);
+  transport.alltoallv(
+      {partial_rows, span_of(h.send_bytes_), span_of(h.send_offsets_), combined_rows,
+       span_of(h.recv_bytes_), span_of(h.recv_offsets_), data_path_->device()},
+      *stream_);
   host_ready();
 
   // Rows arrive in (expert rank, token) order, so each token sums its partials in
   // ascending rank order: the same on every transport.
   UnpermuteSumArgs sum;
-  sum.combined_rows = h.combined_rows_.data();
+  sum.combined_rows = combined_rows;
   sum.send_row_token = h.send_row_token_.data();
   sum.num_rows = S;
   sum.hidden = H;

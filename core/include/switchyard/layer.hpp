@@ -186,6 +186,11 @@ class MoELayer {
   /// The whole dispatch: counts, then rows.
   void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
                         const Error* local_error);
+  /// `combine`; with `in_expert_buffers` (forward, where the layer owns the expert rows)
+  /// the partial sums go into the expert input rows and the returned rows into the expert
+  /// output rows, each dead by then, when they fit: no buffers of their own.
+  void combine_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                    bool in_expert_buffers);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream_->synchronize(); }
   /// A host router behind a device data path: logits copied to the host, routed there,
