@@ -56,7 +56,8 @@ void logits_portable(const LogitsArgs& a) {
   }
 }
 
-// Tokens and experts per block: the accumulators stay in registers.
+// Tokens and experts per block: the accumulators stay in registers (the block loops are
+// unrolled for that; at -O2 GCC would keep them in memory).
 constexpr int kAvx512Tokens = 4, kAvx512Experts = 4;
 constexpr int kAvx2Tokens = 3, kAvx2Experts = 4;
 
@@ -79,15 +80,19 @@ __attribute__((target("avx512f"))) void logits_avx512(const LogitsArgs& a) {
       block_rows(a.x, t0, a.T, a.H, rows);
       block_rows(a.gate, e0, a.E, a.H, ws);
       __m512 acc[kAvx512Tokens][kAvx512Experts];
+#pragma GCC unroll 16
       for (auto& r : acc)
         for (auto& v : r) v = _mm512_setzero_ps();
       // Whole groups of 16, then the last one masked (the zero padding).
       for (std::int64_t h = 0; h < a.H; h += kLanes) {
         const __mmask16 mask = h < full ? static_cast<__mmask16>(0xffff) : tail;
         __m512 xv[kAvx512Tokens];
+#pragma GCC unroll 16
         for (int i = 0; i < kAvx512Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, rows[i] + h);
+#pragma GCC unroll 16
         for (int j = 0; j < kAvx512Experts; ++j) {
           const __m512 wv = _mm512_maskz_loadu_ps(mask, ws[j] + h);
+#pragma GCC unroll 16
           for (int i = 0; i < kAvx512Tokens; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
         }
       }
@@ -119,20 +124,27 @@ __attribute__((target("avx2,fma"))) void logits_avx2(const LogitsArgs& a) {
       block_rows(a.x, t0, a.T, a.H, rows);
       block_rows(a.gate, e0, a.E, a.H, ws);
       __m256 halves[2][kAvx2Tokens][kAvx2Experts];
+#pragma GCC unroll 16
       for (int half = 0; half < 2; ++half) {
         __m256 acc[kAvx2Tokens][kAvx2Experts];
+#pragma GCC unroll 16
         for (auto& r : acc)
           for (auto& v : r) v = _mm256_setzero_ps();
         for (std::int64_t group = 0; group < a.H; group += kLanes) {
           const std::int64_t h = group + static_cast<std::int64_t>(half) * 8;
           __m256 xv[kAvx2Tokens];
+#pragma GCC unroll 16
           for (int i = 0; i < kAvx2Tokens; ++i) xv[i] = load_half(rows[i], h, a.H);
+#pragma GCC unroll 16
           for (int j = 0; j < kAvx2Experts; ++j) {
             const __m256 wv = load_half(ws[j], h, a.H);
+#pragma GCC unroll 16
             for (int i = 0; i < kAvx2Tokens; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
           }
         }
+#pragma GCC unroll 16
         for (int i = 0; i < kAvx2Tokens; ++i)
+#pragma GCC unroll 16
           for (int j = 0; j < kAvx2Experts; ++j) halves[half][i][j] = acc[i][j];
       }
       for (int i = 0; i < kAvx2Tokens && t0 + i < a.T; ++i) {
