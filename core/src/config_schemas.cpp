@@ -43,6 +43,10 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("combine_dtype", T::kString, ConfigValue{std::string("f32")},
           "dtype of the partial sums sent back in the combine: f32 or bf16",
           checks::one_of({"f32", "bf16"}));
+    s.add("chunks", T::kInt, ConfigValue{std::int64_t{1}},
+          "split each step's tokens into this many chunks and pipeline them: one chunk's "
+          "exchange overlaps another's experts (same results for every value; host data path)",
+          checks::int_range(1, 1024));
     s.add("plugin_dirs", T::kStringList, ConfigValue{std::vector<std::string>{}},
           "extra plugin folders, searched after SWITCHYARD_PLUGIN_PATH and before the install's");
   } else if (section == "router") {

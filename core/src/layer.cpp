@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <optional>
+#include <utility>
 
 #include "switchyard/status.hpp"
 
@@ -84,7 +85,8 @@ std::size_t DispatchHandle::capacity_bytes() const noexcept {
     bytes += b->capacity_bytes();
   for (const auto* b :
        {&send_bytes_, &send_offsets_, &recv_bytes_, &recv_offsets_, &meta_send_bytes_,
-        &meta_send_offsets_, &meta_recv_bytes_, &meta_recv_offsets_})
+        &meta_send_offsets_, &meta_recv_bytes_, &meta_recv_offsets_, &back_send_bytes_,
+        &back_send_offsets_, &back_recv_bytes_, &back_recv_offsets_})
     bytes += b->capacity_bytes();
   for (const auto* b : {&send_rows_, &recv_rows_, &partial_rows_, &combined_rows_})
     bytes += b->capacity_bytes();
@@ -94,10 +96,13 @@ std::size_t DispatchHandle::capacity_bytes() const noexcept {
 }
 
 std::size_t MoELayer::buffer_bytes() const noexcept {
-  return handle_.capacity_bytes() + logits_.capacity_bytes() + host_logits_.capacity_bytes() +
-         plan_.experts.capacity_bytes() + plan_.weights.capacity_bytes() +
-         plan_.counts.capacity_bytes() + host_plan_.experts.capacity_bytes() +
-         host_plan_.weights.capacity_bytes() + host_plan_.counts.capacity_bytes();
+  std::size_t chunks = chunk_rows_to_.capacity_bytes() + chunk_rows_from_.capacity_bytes();
+  for (const auto& slot : chunk_slots_) chunks += slot->handle.capacity_bytes();
+  return chunks + handle_.capacity_bytes() + logits_.capacity_bytes() +
+         host_logits_.capacity_bytes() + plan_.experts.capacity_bytes() +
+         plan_.weights.capacity_bytes() + plan_.counts.capacity_bytes() +
+         host_plan_.experts.capacity_bytes() + host_plan_.weights.capacity_bytes() +
+         host_plan_.counts.capacity_bytes();
 }
 
 void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
@@ -107,7 +112,8 @@ void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
     *b = Buffer<std::int64_t>(staging);
   }
   for (auto* b : {&send_bytes_, &send_offsets_, &recv_bytes_, &recv_offsets_, &meta_send_bytes_,
-                  &meta_send_offsets_, &meta_recv_bytes_, &meta_recv_offsets_}) {
+                  &meta_send_offsets_, &meta_recv_bytes_, &meta_recv_offsets_, &back_send_bytes_,
+                  &back_send_offsets_, &back_recv_bytes_, &back_recv_offsets_}) {
     *b = Buffer<std::size_t>(staging);
   }
   for (auto* b : {&send_rows_, &recv_rows_, &partial_rows_, &combined_rows_}) {
@@ -176,6 +182,12 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
                 "MoELayer: transport plugin \"" + parts_.transport->name() +
                     "\" must also take host memory, for the per-peer counts");
   }
+  if (parts_.chunks < 1) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoELayer: chunks must be at least 1, not " + std::to_string(parts_.chunks));
+  }
+  chunk_rows_to_ = Buffer<std::int64_t>(data_path_->staging_allocator());
+  chunk_rows_from_ = Buffer<std::int64_t>(data_path_->staging_allocator());
   logits_ = Buffer<float>(data_path_->allocator());
   plan_ = RoutingPlan(data_path_->allocator());
   host_logits_ = Buffer<float>(data_path_->staging_allocator());
@@ -261,6 +273,10 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
     routing_error = e;
   }
   timings_.route_s = seconds_since(start);
+  if (parts_.chunks > 1 && data_path_->device().kind == Device::Kind::kHost) {
+    forward_chunks(x, y, routing_error ? &*routing_error : nullptr);
+    return;
+  }
   dispatch_checked(x, plan_, handle_, routing_error ? &*routing_error : nullptr);
 
   start = Clock::now();
@@ -379,12 +395,46 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
 }
 
 void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h) {
+  const TokenRange all{x.data_as<const float>(), plan.experts.data(), plan.weights.data(),
+                       h.num_tokens_, plan.slots};
+  stage_rows(all, h);
+  auto start = Clock::now();
+  Transport& transport = *parts_.transport;
+  transport.alltoallv(row_buffers(h), *stream_);
+  transport.alltoallv(meta_buffers(h), *stream_);
+  host_ready();  // the host data path reads what arrived
+  timings_.dispatch_s += seconds_since(start);
+  group_rows(h);
+}
+
+AlltoallvBuffers MoELayer::row_buffers(DispatchHandle& h) const {
+  return {h.send_rows_.data(), span_of(h.send_bytes_), span_of(h.send_offsets_),
+          h.recv_rows_.data(), span_of(h.recv_bytes_), span_of(h.recv_offsets_),
+          data_path_->device()};
+}
+
+AlltoallvBuffers MoELayer::meta_buffers(DispatchHandle& h) const {
+  return {reinterpret_cast<const std::byte*>(h.send_meta_.data()),
+          span_of(h.meta_send_bytes_),
+          span_of(h.meta_send_offsets_),
+          reinterpret_cast<std::byte*>(h.recv_meta_.data()),
+          span_of(h.meta_recv_bytes_),
+          span_of(h.meta_recv_offsets_),
+          data_path_->device()};
+}
+
+AlltoallvBuffers MoELayer::back_buffers(DispatchHandle& h) const {
+  return {h.partial_at_,       span_of(h.back_send_bytes_), span_of(h.back_send_offsets_),
+          h.combined_at_,      span_of(h.back_recv_bytes_), span_of(h.back_recv_offsets_),
+          data_path_->device()};
+}
+
+void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
   auto start = Clock::now();
   Transport& transport = *parts_.transport;
   const auto r_size = static_cast<std::size_t>(transport.size());
-  const int me = transport.rank();
   const std::int64_t H = hidden_;
-  const int K = plan.slots;
+  const int K = tokens.slots;
   const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, H);
   const std::size_t meta_bytes = to_size(K) * sizeof(SlotMeta);
 
@@ -406,9 +456,9 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
   h.send_meta_.resize(to_size(S * K));
   h.send_rows_.resize(to_size(S) * row_bytes);
   LayoutArgs layout;
-  layout.experts = plan.experts.data();
-  layout.weights = plan.weights.data();
-  layout.num_tokens = h.num_tokens_;
+  layout.experts = tokens.experts;
+  layout.weights = tokens.weights;
+  layout.num_tokens = tokens.count;
   layout.slots = K;
   layout.placement = &parts_.placement;
   layout.rows_to_offset = {h.rows_to_offset_.data(), r_size};
@@ -416,33 +466,28 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
   layout.send_meta = h.send_meta_.data();
   data_path_->layout(layout, *stream_);
   PackArgs pack;
-  pack.x = x.data_as<const float>();
+  pack.x = tokens.x;
   pack.hidden = H;
   pack.send_row_token = h.send_row_token_.data();
   pack.num_rows = S;
   pack.dtype = parts_.payload_dtype;
   pack.rows = h.send_rows_.data();
   data_path_->pack(pack, *stream_);
-  const double pack_s = seconds_since(start);
-
-  start = Clock::now();
   h.recv_rows_.resize(to_size(N) * row_bytes);
   h.recv_meta_.resize(to_size(N * K));
-  const Device device = data_path_->device();
-  transport.alltoallv(
-      {h.send_rows_.data(), span_of(h.send_bytes_), span_of(h.send_offsets_), h.recv_rows_.data(),
-       span_of(h.recv_bytes_), span_of(h.recv_offsets_), device},
-      *stream_);
-  transport.alltoallv(
-      {reinterpret_cast<const std::byte*>(h.send_meta_.data()), span_of(h.meta_send_bytes_),
-       span_of(h.meta_send_offsets_), reinterpret_cast<std::byte*>(h.recv_meta_.data()),
-       span_of(h.meta_recv_bytes_), span_of(h.meta_recv_offsets_), device},
-      *stream_);
-  host_ready();  // the host data path reads what arrived
-  timings_.dispatch_s += seconds_since(start);
+  timings_.layout_s += seconds_since(start);
+}
 
+void MoELayer::group_rows(DispatchHandle& h) {
   // Group the received rows per local expert (stable: source rank, then source token).
-  start = Clock::now();
+  auto start = Clock::now();
+  Transport& transport = *parts_.transport;
+  const auto r_size = static_cast<std::size_t>(transport.size());
+  const int me = transport.rank();
+  const std::int64_t H = hidden_;
+  const int K = h.slots_;
+  const std::int64_t N =
+      static_cast<std::int64_t>(h.recv_meta_.size()) / static_cast<std::int64_t>(K ? K : 1);
   const int L = parts_.placement.num_local(me);
   h.rows_per_expert_.resize(static_cast<std::size_t>(L));
   GroupCountArgs count;
@@ -469,7 +514,7 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
   group.expert_input = h.expert_input_.data();
   group.assignment_of_slot = h.assignment_of_slot_.data();
   data_path_->group_by_expert(group, *stream_);
-  timings_.layout_s += pack_s + seconds_since(start);
+  timings_.layout_s += seconds_since(start);
 
   traffic_.dispatch_bytes = 0;
   traffic_.rows_sent = 0;
@@ -487,9 +532,15 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
 void MoELayer::combine_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
                             bool in_expert_buffers) {
   auto start = Clock::now();
-  Transport& transport = *parts_.transport;
-  const int R = transport.size();
-  const int me = transport.rank();
+  reduce_rows(h, expert_output, y, in_expert_buffers);
+  parts_.transport->alltoallv(back_buffers(h), *stream_);
+  host_ready();
+  sum_rows(h, y.data_as<float>());
+  timings_.combine_s = seconds_since(start);
+}
+
+void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                           bool in_expert_buffers) {
   const std::int64_t H = hidden_;
   const int K = h.slots_;
   const std::int64_t N = static_cast<std::int64_t>(h.assignment_of_slot_.size()) / (K ? K : 1);
@@ -502,21 +553,19 @@ void MoELayer::combine_rows(DispatchHandle& h, const TensorView& expert_output, 
   const DType dtype = parts_.combine_dtype;
   const std::size_t row_bytes = to_size(H) * dtype_size(dtype);
 
-  // In expert buffers: N ≤ A (each received row has a slot here) unless the handle is
+  // In expert buffers: N <= A (each received row has a slot here) unless the handle is
   // broken, and S fits unless this rank sent more rows than it received slots.
-  std::byte* partial_rows = nullptr;
-  std::byte* combined_rows = nullptr;
   if (in_expert_buffers && to_size(N) * row_bytes <= h.expert_input_.size() * sizeof(float)) {
-    partial_rows = reinterpret_cast<std::byte*>(h.expert_input_.data());
+    h.partial_at_ = reinterpret_cast<std::byte*>(h.expert_input_.data());
   } else {
     h.partial_rows_.resize(to_size(N) * row_bytes);
-    partial_rows = h.partial_rows_.data();
+    h.partial_at_ = h.partial_rows_.data();
   }
   if (in_expert_buffers && to_size(S) * row_bytes <= h.expert_output_.size() * sizeof(float)) {
-    combined_rows = reinterpret_cast<std::byte*>(h.expert_output_.data());
+    h.combined_at_ = reinterpret_cast<std::byte*>(h.expert_output_.data());
   } else {
     h.combined_rows_.resize(to_size(S) * row_bytes);
-    combined_rows = h.combined_rows_.data();
+    h.combined_at_ = h.combined_rows_.data();
   }
   WeightedReduceArgs reduce;
   reduce.expert_output = expert_output.data_as<const float>();
@@ -526,34 +575,207 @@ void MoELayer::combine_rows(DispatchHandle& h, const TensorView& expert_output, 
   reduce.slots = K;
   reduce.hidden = H;
   reduce.combine_dtype = dtype;
-  reduce.partial_rows = partial_rows;
+  reduce.partial_rows = h.partial_at_;
   data_path_->weighted_reduce(reduce, *stream_);
 
   // Back to the token's rank: the dispatch counts reversed.
-  row_exchange(h.rows_from_, row_bytes, h.send_bytes_, h.send_offsets_);
-  row_exchange(h.rows_to_, row_bytes, h.recv_bytes_, h.recv_offsets_);
-  transport.alltoallv(
-      {partial_rows, span_of(h.send_bytes_), span_of(h.send_offsets_), combined_rows,
-       span_of(h.recv_bytes_), span_of(h.recv_offsets_), data_path_->device()},
-      *stream_);
-  host_ready();
+  row_exchange(h.rows_from_, row_bytes, h.back_send_bytes_, h.back_send_offsets_);
+  row_exchange(h.rows_to_, row_bytes, h.back_recv_bytes_, h.back_recv_offsets_);
+  const int me = parts_.transport->rank();
+  traffic_.combine_bytes = 0;
+  for (int p = 0; p < parts_.transport->size(); ++p) {
+    if (p != me) traffic_.combine_bytes += h.back_send_bytes_[static_cast<std::size_t>(p)];
+  }
+}
 
+void MoELayer::sum_rows(DispatchHandle& h, float* y) {
   // Rows arrive in (expert rank, token) order, so each token sums its partials in
   // ascending rank order: the same on every transport.
   UnpermuteSumArgs sum;
-  sum.combined_rows = combined_rows;
+  sum.combined_rows = h.combined_at_;
   sum.send_row_token = h.send_row_token_.data();
-  sum.num_rows = S;
-  sum.hidden = H;
-  sum.combine_dtype = dtype;
-  sum.y = y.data_as<float>();
+  sum.num_rows = static_cast<std::int64_t>(h.send_row_token_.size());
+  sum.hidden = hidden_;
+  sum.combine_dtype = parts_.combine_dtype;
+  sum.y = y;
   sum.num_tokens = h.num_tokens_;
   data_path_->unpermute_sum(sum, *stream_);
-  timings_.combine_s = seconds_since(start);
+}
 
+void MoELayer::ExchangeTask::run(void* task) noexcept {
+  auto& t = *static_cast<ExchangeTask*>(task);
+  try {
+    Transport& transport = *t.layer->parts_.transport;
+    if (t.back) {
+      transport.alltoallv(t.layer->back_buffers(*t.handle));
+    } else {
+      transport.alltoallv(t.layer->row_buffers(*t.handle));
+      transport.alltoallv(t.layer->meta_buffers(*t.handle));
+    }
+  } catch (...) {
+    t.error = std::current_exception();
+  }
+}
+
+void MoELayer::forward_chunks(const TensorView& x, const TensorView& y,
+                              const Error* routing_error) {
+  failure_agreed_ = false;
+  auto start = Clock::now();
+  Transport& transport = *parts_.transport;
+  const auto r_size = static_cast<std::size_t>(transport.size());
+  const int n = parts_.chunks;
+  const auto chunks = static_cast<std::size_t>(n);
+  std::optional<Error> plan_error;
+  const Error* local_error = routing_error;
+  if (local_error == nullptr) {
+    plan_error = check_plan(plan_);
+    if (plan_error) local_error = &*plan_error;
+  }
+  const std::int64_t T = local_error ? 0 : plan_.num_tokens;
+  const int K = plan_.slots;
+  const std::int64_t H = hidden_;
+  auto first_token = [&](int c) { return T * c / n; };
+
+  // Every chunk's row counts in one exchange, which also tells every rank whether any
+  // rank failed (as the unchunked counts exchange does).
+  chunk_rows_to_.resize(r_size * chunks);
+  chunk_rows_from_.resize(r_size * chunks);
+  handle_.rows_to_.resize(r_size);
+  for (int c = 0; c < n && local_error == nullptr; ++c) {
+    LayoutCountsArgs counts;
+    counts.experts = plan_.experts.data() + first_token(c) * K;
+    counts.num_tokens = first_token(c + 1) - first_token(c);
+    counts.slots = K;
+    counts.placement = &parts_.placement;
+    counts.rows_to = handle_.rows_to_.data();
+    data_path_->layout_counts(counts, *stream_);
+    for (std::size_t p = 0; p < r_size; ++p) {
+      chunk_rows_to_[p * chunks + static_cast<std::size_t>(c)] = handle_.rows_to_[p];
+    }
+  }
+  if (local_error != nullptr) chunk_rows_to_.assign(r_size * chunks, -1);
+  timings_.layout_s = seconds_since(start);
+  start = Clock::now();
+  transport.alltoall(chunk_rows_to_.data(), chunk_rows_from_.data(), chunks * sizeof(std::int64_t),
+                     *stream_);
+  host_ready();
+  timings_.dispatch_s = seconds_since(start);
+  if (local_error != nullptr) {
+    failure_agreed_ = true;
+    throw *local_error;
+  }
+  for (std::size_t p = 0; p < r_size; ++p) {
+    if (chunk_rows_from_[p * chunks] < 0) {
+      failure_agreed_ = true;
+      throw Error(ErrorCode::kPeerFailed, "MoE dispatch: rank " + std::to_string(p) +
+                                              " failed before dispatch and reports the cause");
+    }
+  }
+
+  // Up to three chunks are in flight: one exchanging its rows, one being staged, one
+  // whose partial sums travel back.
+  const std::size_t in_flight = std::min<std::size_t>(chunks, 3);
+  if (!exchange_stream_) exchange_stream_ = std::make_unique<HostStream>(HostStream::Mode::kQueued);
+  while (chunk_slots_.size() < in_flight) {
+    auto slot = std::make_unique<ChunkSlot>();
+    slot->dispatched = exchange_stream_->create_event();
+    slot->combined = exchange_stream_->create_event();
+    chunk_slots_.push_back(std::move(slot));
+  }
+  auto slot_of = [&](int c) -> ChunkSlot& {
+    return *chunk_slots_[static_cast<std::size_t>(c) % in_flight];
+  };
+  auto wait = [](StreamEvent& done, ExchangeTask& task) {
+    done.synchronize();
+    if (task.error) std::rethrow_exception(std::exchange(task.error, nullptr));
+  };
+  auto start_dispatch = [&](int c) {
+    ChunkSlot& slot = slot_of(c);
+    DispatchHandle& h = slot.handle;
+    h.use_memory(data_path_->allocator(), data_path_->staging_allocator());
+    const std::int64_t first = first_token(c);
+    h.hidden_ = H;
+    h.num_tokens_ = first_token(c + 1) - first;
+    h.slots_ = K;
+    h.payload_dtype_ = parts_.payload_dtype;
+    h.rows_to_.resize(r_size);
+    h.rows_from_.resize(r_size);
+    for (std::size_t p = 0; p < r_size; ++p) {
+      h.rows_to_[p] = chunk_rows_to_[p * chunks + static_cast<std::size_t>(c)];
+      h.rows_from_[p] = chunk_rows_from_[p * chunks + static_cast<std::size_t>(c)];
+    }
+    stage_rows({x.data_as<const float>() + first * H, plan_.experts.data() + first * K,
+                plan_.weights.data() + first * K, h.num_tokens_, K},
+               h);
+    slot.dispatch = {this, &h, false, nullptr};
+    exchange_stream_->enqueue(&ExchangeTask::run, &slot.dispatch);
+    exchange_stream_->record(*slot.dispatched);
+  };
+  auto finish = [&](int c) {
+    ChunkSlot& slot = slot_of(c);
+    wait(*slot.combined, slot.combine);
+    const auto sum_start = Clock::now();
+    sum_rows(slot.handle, y.data_as<float>() + first_token(c) * H);
+    timings_.combine_s += seconds_since(sum_start);
+  };
+
+  timings_.experts_s = 0;
+  timings_.combine_s = 0;
+  try {
+    start_dispatch(0);
+    for (int c = 0; c < n; ++c) {
+      if (c + 1 < n) start_dispatch(c + 1);  // packs while chunk c's rows travel
+      ChunkSlot& slot = slot_of(c);
+      start = Clock::now();
+      wait(*slot.dispatched, slot.dispatch);
+      timings_.dispatch_s += seconds_since(start);
+      group_rows(slot.handle);
+      start = Clock::now();
+      ExpertBatch batch;
+      batch.input = slot.handle.expert_input();
+      batch.rows_per_expert = slot.handle.rows_per_expert();
+      batch.output = slot.handle.expert_output();
+      if (!parts_.experts->capabilities().stream_ordered) host_ready();
+      parts_.experts->forward(batch, *stream_);
+      host_ready();
+      timings_.experts_s += seconds_since(start);
+      start = Clock::now();
+      const TensorView chunk_y(y.data_as<float>() + first_token(c) * H, DType::kF32,
+                               {slot.handle.num_tokens_, H});
+      reduce_rows(slot.handle, slot.handle.expert_output(), chunk_y, /*in_expert_buffers=*/true);
+      slot.combine = {this, &slot.handle, true, nullptr};
+      exchange_stream_->enqueue(&ExchangeTask::run, &slot.combine);
+      exchange_stream_->record(*slot.combined);
+      timings_.combine_s += seconds_since(start);
+      if (c > 0) finish(c - 1);  // sums chunk c-1 while chunk c's partials travel
+    }
+    finish(n - 1);
+  } catch (...) {
+    // The exchanges already queued reference the chunk buffers: let them end first.
+    try {
+      exchange_stream_->synchronize();
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the first error is the one to report
+    }
+    throw;
+  }
+  traffic_.dispatch_bytes = 0;
   traffic_.combine_bytes = 0;
-  for (int p = 0; p < R; ++p) {
-    if (p != me) traffic_.combine_bytes += h.send_bytes_[static_cast<std::size_t>(p)];
+  traffic_.rows_sent = 0;
+  for (std::size_t p = 0; p < r_size; ++p) {
+    if (static_cast<int>(p) == transport.rank()) continue;
+    for (std::size_t c = 0; c < chunks; ++c) traffic_.rows_sent += chunk_rows_to_[p * chunks + c];
+  }
+  const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, H);
+  const std::size_t meta_bytes = static_cast<std::size_t>(K) * sizeof(SlotMeta);
+  const std::size_t back_bytes = static_cast<std::size_t>(H) * dtype_size(parts_.combine_dtype);
+  traffic_.dispatch_bytes =
+      (r_size - 1) * chunks * sizeof(std::int64_t) +
+      static_cast<std::uint64_t>(traffic_.rows_sent) * (row_bytes + meta_bytes);
+  for (std::size_t p = 0; p < r_size; ++p) {
+    if (static_cast<int>(p) == transport.rank()) continue;
+    for (std::size_t c = 0; c < chunks; ++c)
+      traffic_.combine_bytes +=
+          static_cast<std::uint64_t>(chunk_rows_from_[p * chunks + c]) * back_bytes;
   }
 }
 

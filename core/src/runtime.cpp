@@ -180,6 +180,7 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
     parts.payload_dtype = parse_payload_dtype(runtime.get_string("payload_dtype"));
     parts.combine_dtype =
         runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;
+    parts.chunks = static_cast<int>(runtime.get_int("chunks"));
     state_->layers.push_back(std::make_unique<MoELayer>(std::move(parts)));
   }
 }

@@ -470,7 +470,7 @@ int bench(Runtime& runtime, const BenchOptions& options) {
   figures["routing"] =
       options.uniform ? "uniform" : runtime.settings().section("router").get_string("policy");
   figures["payload_dtype"] = std::string(payload_dtype_name(payload));
-  figures["chunks"] = 1;
+  figures["chunks"] = runtime_options.get_int("chunks");
   figures["iters"] = options.iters;
   figures["memcpy_bytes_per_s"] = memcpy_bps;
 
@@ -481,11 +481,12 @@ int bench(Runtime& runtime, const BenchOptions& options) {
   };
   std::printf(
       "switchyard bench: transport %s, world %d, %lld tokens per rank, hidden %d, "
-      "E %d, k %d, %s routing, payload %s (median of %d, slowest rank)\n",
+      "E %d, k %d, %s routing, payload %s, %lld chunk(s) (median of %d, slowest rank)\n",
       figures["transport"].get<std::string>().c_str(), world,
       static_cast<long long>(total_tokens / world), model.hidden(), model.num_experts(),
       figures["top_k"].get<int>(), figures["routing"].get<std::string>().c_str(),
-      figures["payload_dtype"].get<std::string>().c_str(), options.iters);
+      figures["payload_dtype"].get<std::string>().c_str(),
+      static_cast<long long>(figures["chunks"].get<std::int64_t>()), options.iters);
   auto row = [&](const char* name, const char* key, const char* floor_key, const char* floor_name) {
     if (!figures.contains(key)) return;
     if (floor_key != nullptr && figures.contains(floor_key)) {

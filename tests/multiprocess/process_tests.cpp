@@ -94,6 +94,32 @@ TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the 
   }
 }
 
+TEST_CASE("chunked forward under mpirun and launch: the exchange thread gives inproc's bits") {
+  test::TempDir dir;
+  test::write_text(dir / "f32.toml",
+                   "[runtime]\nchunks = 3\n[router]\ntop_k = 3\n"
+                   "[model]\nnum_experts = 6\nhidden = 16\nffn_hidden = 24\n[input]\n"
+                   "num_tokens = 31\n");
+  const std::string common = " run " + (dir / "f32.toml").string() +
+                             " --check --set runtime.timeout_s=60 --set output.path=";
+  const auto y_inproc = dir / "y_inproc.npy", y_mpi = dir / "y_mpi.npy", y_ucx = dir / "y_ucx.npy";
+  const auto inproc =
+      test::run_command(kTool + common + y_inproc.string() + " --set runtime.ranks=3");
+  const auto mpi = test::run_command(kMpirun + " -np 3 " + kTool + common + y_mpi.string() +
+                                     " --set runtime.transport=mpi");
+  const auto ucx = test::run_command(kTool + " launch -n 3 -- " + kTool + common + y_ucx.string() +
+                                     " --set runtime.transport=ucx");
+  for (const auto* r : {&inproc, &mpi, &ucx}) {
+    INFO(r->output);
+    CHECK(r->exit_code == 0);
+    CHECK(r->output.find("PASS") != std::string::npos);
+  }
+  const std::string a = read_file(y_inproc);
+  CHECK(a.size() > 128);
+  CHECK(a == read_file(y_mpi));
+  CHECK(a == read_file(y_ucx));
+}
+
 TEST_CASE("bias balancing under mpirun and launch: skewed experts even out, same bias everywhere") {
   // Three of eight experts favoured by +2.0 (a constant feature and a gate column), as in
   // the in-process test; here every rank is a process.

@@ -3,6 +3,7 @@
 /// One expert-parallel MoE layer on one rank: route → dispatch → experts → combine.
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <optional>
 #include <span>
@@ -110,8 +111,12 @@ class DispatchHandle {
   Buffer<std::int64_t> rows_per_expert_;
   Buffer<float> expert_input_, expert_output_;
   Buffer<std::int64_t> assignment_of_slot_;
-  // Combine buffers, in the combine dtype.
+  // Combine: the exchange's byte counts, and its rows in the combine dtype (their own
+  // buffers, or the expert rows' when the layer reuses those).
+  Buffer<std::size_t> back_send_bytes_, back_send_offsets_, back_recv_bytes_, back_recv_offsets_;
   Buffer<std::byte> partial_rows_, combined_rows_;
+  std::byte* partial_at_ = nullptr;
+  std::byte* combined_at_ = nullptr;
 };
 
 /// The parts a layer is built from. The layer borrows `transport` and `gate`; it shares
@@ -126,6 +131,11 @@ struct MoELayerParts {
   std::shared_ptr<DataPath> data_path;
   PayloadDType payload_dtype = PayloadDType::kF32;  ///< dtype of dispatched rows
   DType combine_dtype = DType::kF32;  ///< dtype of the partial sums sent back (f32, bf16)
+  /// `forward` splits the tokens into this many chunks and pipelines them: the exchanges
+  /// of one chunk run on a communication thread while this thread packs, groups, runs the
+  /// experts of and sums another. The same y for every value (routing sees all tokens).
+  /// Host data path only; a device data path runs one chunk.
+  int chunks = 1;
 };
 
 /// One MoE layer on one rank of an EP group. Every rank of the group calls `forward` (or
@@ -183,6 +193,29 @@ class MoELayer {
   void exchange_counts(const RoutingPlan& plan, DispatchHandle& h, const Error* local_error);
   /// Permutes, packs and sends rows and slots; groups what arrived per local expert.
   void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h);
+  /// Consecutive tokens of a step and their routing.
+  struct TokenRange {
+    const float* x;               // [count, H]
+    const std::int32_t* experts;  // [count, slots]
+    const float* weights;         // [count, slots]
+    std::int64_t count;
+    int slots;
+  };
+  /// Layout and pack of `tokens` (h's counts are exchanged), receive buffers sized.
+  void stage_rows(const TokenRange& tokens, DispatchHandle& h);
+  /// Groups the received rows per local expert.
+  void group_rows(DispatchHandle& h);
+  /// The weighted partial sums of the received rows, and the combine's byte counts.
+  void reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                   bool in_expert_buffers);
+  /// y [h.num_tokens_, H] = the returned rows summed per token.
+  void sum_rows(DispatchHandle& h, float* y);
+  /// The exchanges of a staged handle: rows, their slots, and the partial sums back.
+  AlltoallvBuffers row_buffers(DispatchHandle& h) const;
+  AlltoallvBuffers meta_buffers(DispatchHandle& h) const;
+  AlltoallvBuffers back_buffers(DispatchHandle& h) const;
+  /// `forward` in `parts_.chunks` pipelined chunks (after routing all tokens).
+  void forward_chunks(const TensorView& x, const TensorView& y, const Error* routing_error);
   /// The whole dispatch: counts, then rows.
   void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
                         const Error* local_error);
@@ -210,6 +243,23 @@ class MoELayer {
   Buffer<float> logits_;
   RoutingPlan plan_;
   DispatchHandle handle_;
+  // Chunked forward: per-chunk row counts [R, chunks], the state of each chunk in flight,
+  // and the stream whose thread runs the exchanges.
+  struct ExchangeTask {
+    MoELayer* layer = nullptr;
+    DispatchHandle* handle = nullptr;
+    bool back = false;  // the combine's exchange, else the dispatch's
+    std::exception_ptr error;
+    static void run(void* task) noexcept;
+  };
+  struct ChunkSlot {
+    DispatchHandle handle;
+    ExchangeTask dispatch, combine;
+    std::unique_ptr<StreamEvent> dispatched, combined;
+  };
+  Buffer<std::int64_t> chunk_rows_to_, chunk_rows_from_;
+  std::vector<std::unique_ptr<ChunkSlot>> chunk_slots_;
+  std::unique_ptr<HostStream> exchange_stream_;
   LayerTimings timings_;
   LayerTraffic traffic_;
   bool failure_agreed_ = false;
