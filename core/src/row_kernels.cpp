@@ -73,7 +73,7 @@ void sum_bf16_portable(const std::uint16_t* const* rows, int count, std::int64_t
 }
 
 void copy_portable(const float* in, std::int64_t n, float* out, bool /*streaming*/) {
-  std::memcpy(out, in, static_cast<std::size_t>(n) * sizeof(float));
+  if (n > 0) std::memcpy(out, in, static_cast<std::size_t>(n) * sizeof(float));
 }
 
 void fence_portable() {}
