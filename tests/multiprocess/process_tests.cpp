@@ -37,6 +37,31 @@ std::pair<test::CommandResult, double> timed(const std::string& command) {
   return {result, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
 }
 
+/// Runs `switchyard` + `common_args` + an output path for inproc (runtime.ranks), mpi
+/// (mpirun) and ucx (launch) with `world` ranks; each must pass its --check, and the three
+/// outputs must be the same bytes.
+void expect_same_bits_on_every_backend(const std::filesystem::path& dir,
+                                       const std::string& common_args, int world) {
+  const std::string n = std::to_string(world);
+  const auto y_inproc = dir / "y_inproc.npy", y_mpi = dir / "y_mpi.npy", y_ucx = dir / "y_ucx.npy";
+  const auto inproc =
+      test::run_command(kTool + common_args + y_inproc.string() + " --set runtime.ranks=" + n);
+  const auto mpi = test::run_command(kMpirun + " -np " + n + " " + kTool + common_args +
+                                     y_mpi.string() + " --set runtime.transport=mpi");
+  const auto ucx = test::run_command(kTool + " launch -n " + n + " -- " + kTool + common_args +
+                                     y_ucx.string() + " --set runtime.transport=ucx");
+  for (const auto* r : {&inproc, &mpi, &ucx}) {
+    INFO(r->output);
+    CHECK(r->exit_code == 0);
+    CHECK(r->output.find("PASS") != std::string::npos);
+  }
+  const std::string a = read_file(y_inproc);
+  CHECK(a.size() > 128);
+  CHECK(a == read_file(y_mpi));
+  CHECK(a == read_file(y_ucx));
+  for (const auto& y : {y_inproc, y_mpi, y_ucx}) std::filesystem::remove(y);
+}
+
 }  // namespace
 
 TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the reference") {
@@ -67,28 +92,7 @@ TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the 
             " run " + config +
             " --check --set runtime.timeout_s=60 --set runtime.ep_size=" + std::to_string(ep) +
             " --set output.path=";
-        const auto y_inproc = dir / "y_inproc.npy", y_mpi = dir / "y_mpi.npy",
-                   y_ucx = dir / "y_ucx.npy";
-        const auto inproc = test::run_command(kTool + common + y_inproc.string() +
-                                              " --set runtime.ranks=" + std::to_string(world));
-        const auto mpi =
-            test::run_command(kMpirun + " -np " + std::to_string(world) + " " + kTool + common +
-                              y_mpi.string() + " --set runtime.transport=mpi");
-        const auto ucx =
-            test::run_command(kTool + " launch -n " + std::to_string(world) + " -- " + kTool +
-                              common + y_ucx.string() + " --set runtime.transport=ucx");
-        for (const auto* r : {&inproc, &mpi, &ucx}) {
-          INFO(r->output);
-          CHECK(r->exit_code == 0);
-          CHECK(r->output.find("PASS") != std::string::npos);
-        }
-        const std::string a = read_file(y_inproc);
-        CHECK(a.size() > 128);
-        CHECK(a == read_file(y_mpi));
-        CHECK(a == read_file(y_ucx));
-        std::filesystem::remove(y_inproc);
-        std::filesystem::remove(y_mpi);
-        std::filesystem::remove(y_ucx);
+        expect_same_bits_on_every_backend(dir.path(), common, world);
       }
     }
   }
@@ -102,22 +106,7 @@ TEST_CASE("chunked forward under mpirun and launch: the exchange thread gives in
                    "num_tokens = 31\n");
   const std::string common = " run " + (dir / "f32.toml").string() +
                              " --check --set runtime.timeout_s=60 --set output.path=";
-  const auto y_inproc = dir / "y_inproc.npy", y_mpi = dir / "y_mpi.npy", y_ucx = dir / "y_ucx.npy";
-  const auto inproc =
-      test::run_command(kTool + common + y_inproc.string() + " --set runtime.ranks=3");
-  const auto mpi = test::run_command(kMpirun + " -np 3 " + kTool + common + y_mpi.string() +
-                                     " --set runtime.transport=mpi");
-  const auto ucx = test::run_command(kTool + " launch -n 3 -- " + kTool + common + y_ucx.string() +
-                                     " --set runtime.transport=ucx");
-  for (const auto* r : {&inproc, &mpi, &ucx}) {
-    INFO(r->output);
-    CHECK(r->exit_code == 0);
-    CHECK(r->output.find("PASS") != std::string::npos);
-  }
-  const std::string a = read_file(y_inproc);
-  CHECK(a.size() > 128);
-  CHECK(a == read_file(y_mpi));
-  CHECK(a == read_file(y_ucx));
+  expect_same_bits_on_every_backend(dir.path(), common, 3);
 }
 
 TEST_CASE("bias balancing under mpirun and launch: skewed experts even out, same bias everywhere") {
