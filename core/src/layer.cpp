@@ -758,25 +758,22 @@ void MoELayer::forward_chunks(const TensorView& x, const TensorView& y,
     }
     throw;
   }
-  traffic_.dispatch_bytes = 0;
-  traffic_.combine_bytes = 0;
-  traffic_.rows_sent = 0;
+  // Rows to and from other ranks over all chunks: rows out, partial sums back.
+  std::int64_t rows_sent = 0, rows_received = 0;
   for (std::size_t p = 0; p < r_size; ++p) {
     if (static_cast<int>(p) == transport.rank()) continue;
-    for (std::size_t c = 0; c < chunks; ++c) traffic_.rows_sent += chunk_rows_to_[p * chunks + c];
+    for (std::size_t c = 0; c < chunks; ++c) {
+      rows_sent += chunk_rows_to_[p * chunks + c];
+      rows_received += chunk_rows_from_[p * chunks + c];
+    }
   }
   const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, H);
   const std::size_t meta_bytes = static_cast<std::size_t>(K) * sizeof(SlotMeta);
   const std::size_t back_bytes = static_cast<std::size_t>(H) * dtype_size(parts_.combine_dtype);
-  traffic_.dispatch_bytes =
-      (r_size - 1) * chunks * sizeof(std::int64_t) +
-      static_cast<std::uint64_t>(traffic_.rows_sent) * (row_bytes + meta_bytes);
-  for (std::size_t p = 0; p < r_size; ++p) {
-    if (static_cast<int>(p) == transport.rank()) continue;
-    for (std::size_t c = 0; c < chunks; ++c)
-      traffic_.combine_bytes +=
-          static_cast<std::uint64_t>(chunk_rows_from_[p * chunks + c]) * back_bytes;
-  }
+  traffic_.rows_sent = rows_sent;
+  traffic_.dispatch_bytes = (r_size - 1) * chunks * sizeof(std::int64_t) +
+                            static_cast<std::uint64_t>(rows_sent) * (row_bytes + meta_bytes);
+  traffic_.combine_bytes = static_cast<std::uint64_t>(rows_received) * back_bytes;
 }
 
 }  // namespace switchyard

@@ -54,22 +54,26 @@ void weighted_sum_bf16_portable(const float* const* rows, const float* weights, 
   for (std::int64_t h = 0; h < n; ++h) out[h] = encode_one(weighted_at(rows, weights, count, h));
 }
 
+inline float sum_at(const float* const* rows, int count, std::int64_t h) {
+  float sum = 0.0f;
+  for (int i = 0; i < count; ++i) sum = sum + rows[i][h];
+  return sum;
+}
+
+inline float sum_at(const std::uint16_t* const* rows, int count, std::int64_t h) {
+  float sum = 0.0f;
+  for (int i = 0; i < count; ++i) sum = sum + decode_one(rows[i][h]);
+  return sum;
+}
+
 void sum_portable(const float* const* rows, int count, std::int64_t n, float* out,
                   bool /*streaming*/) {
-  for (std::int64_t h = 0; h < n; ++h) {
-    float sum = 0.0f;
-    for (int i = 0; i < count; ++i) sum = sum + rows[i][h];
-    out[h] = sum;
-  }
+  for (std::int64_t h = 0; h < n; ++h) out[h] = sum_at(rows, count, h);
 }
 
 void sum_bf16_portable(const std::uint16_t* const* rows, int count, std::int64_t n, float* out,
                        bool /*streaming*/) {
-  for (std::int64_t h = 0; h < n; ++h) {
-    float sum = 0.0f;
-    for (int i = 0; i < count; ++i) sum = sum + decode_one(rows[i][h]);
-    out[h] = sum;
-  }
+  for (std::int64_t h = 0; h < n; ++h) out[h] = sum_at(rows, count, h);
 }
 
 void copy_portable(const float* in, std::int64_t n, float* out, bool /*streaming*/) {
@@ -170,11 +174,7 @@ SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int6
     for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, _mm512_loadu_ps(rows[i] + h));
     store16(out + h, sum, streaming);
   }
-  for (; h < n; ++h) {
-    float sum = 0.0f;
-    for (int i = 0; i < count; ++i) sum = sum + rows[i][h];
-    out[h] = sum;
-  }
+  for (; h < n; ++h) out[h] = sum_at(rows, count, h);
 }
 
 SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int count, std::int64_t n,
@@ -185,11 +185,7 @@ SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int cou
     for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, decode16(rows[i] + h));
     store16(out + h, sum, streaming);
   }
-  for (; h < n; ++h) {
-    float sum = 0.0f;
-    for (int i = 0; i < count; ++i) sum = sum + decode_one(rows[i][h]);
-    out[h] = sum;
-  }
+  for (; h < n; ++h) out[h] = sum_at(rows, count, h);
 }
 
 SWITCHYARD_AVX512 void copy_avx512(const float* in, std::int64_t n, float* out, bool streaming) {
