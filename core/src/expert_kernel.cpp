@@ -1,7 +1,9 @@
-// The checks every expert kernel makes on its batch (expert_kernel.hpp).
+// The checks every expert kernel makes on its batch, the fused form's default, and the
+// identity experts (expert_kernel.hpp).
 #include "switchyard/expert_kernel.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "switchyard/status.hpp"
 
@@ -31,6 +33,71 @@ std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
                                                  std::to_string(N) + " rows");
   }
   return largest;
+}
+
+void ExpertKernel::forward_weighted(const WeightedRowsBatch& /*batch*/, Stream& /*stream*/) {
+  throw Error(ErrorCode::kUnavailable,
+              "expert kernel \"" + name() + "\" does not form weighted rows (fused path)");
+}
+
+IdentityExperts::IdentityExperts(int num_local_experts) : num_local_experts_(num_local_experts) {
+  if (num_local_experts < 0) {
+    throw Error(ErrorCode::kInvalidArgument, "identity experts: negative expert count");
+  }
+}
+
+void IdentityExperts::forward(const ExpertBatch& batch, Stream& /*stream*/) {
+  const std::int64_t hidden = batch.input.rank() == 2 ? batch.input.dim(1) : -1;
+  check_expert_batch(batch, hidden, static_cast<std::size_t>(num_local_experts_), Device::host(),
+                     names_);
+  if (batch.input.numel() > 0 && batch.input.data() != batch.output.data()) {
+    std::memcpy(batch.output.data(), batch.input.data(),
+                static_cast<std::size_t>(batch.input.numel()) * sizeof(float));
+  }
+}
+
+void IdentityExperts::forward_weighted(const WeightedRowsBatch& batch, Stream& /*stream*/) {
+  if (batch.partial_dtype != DType::kF32 && batch.partial_dtype != DType::kBF16) {
+    throw Error(ErrorCode::kInvalidArgument, "identity experts: partial sums must be f32 or bf16");
+  }
+  const std::int64_t H = batch.hidden;
+  const auto K = static_cast<std::size_t>(batch.slots);
+  const detail::RowKernels& kernels = detail::row_kernels();
+  row_.resize(static_cast<std::size_t>(H));
+  inputs_.assign(K, row_.data());
+  weights_.resize(K);
+  const std::size_t in_bytes = payload_row_bytes(batch.dtype, H);
+  const std::size_t out_bytes = static_cast<std::size_t>(H) * dtype_size(batch.partial_dtype);
+  const bool streaming =
+      static_cast<std::size_t>(batch.num_rows) * out_bytes >= detail::kStreamingBytes;
+  for (std::int64_t r = 0; r < batch.num_rows; ++r) {
+    const SlotMeta* slots = batch.meta + static_cast<std::size_t>(r) * K;
+    int count = 0;
+    for (std::size_t j = 0; j < K; ++j) {
+      const std::int32_t l = slots[j].local_expert;
+      if (l < 0) continue;
+      if (l >= num_local_experts_) {
+        throw Error(ErrorCode::kInvalidArgument, "identity experts: row " + std::to_string(r) +
+                                                     " names local expert " + std::to_string(l) +
+                                                     " of " + std::to_string(num_local_experts_));
+      }
+      weights_[static_cast<std::size_t>(count++)] = slots[j].weight;
+    }
+    // expert_e(row) is the row itself: decode it once, then weigh it once per slot.
+    if (count > 0) {
+      detail::decode_payload_row(batch.rows + static_cast<std::size_t>(r) * in_bytes, H,
+                                 batch.dtype, row_.data(), /*streaming=*/false);
+    }
+    std::byte* out = batch.partials + static_cast<std::size_t>(r) * out_bytes;
+    if (batch.partial_dtype == DType::kF32) {
+      kernels.weighted_sum(inputs_.data(), weights_.data(), count, H, reinterpret_cast<float*>(out),
+                           streaming);
+    } else {
+      kernels.weighted_sum_bf16(inputs_.data(), weights_.data(), count, H,
+                                reinterpret_cast<std::uint16_t*>(out), streaming);
+    }
+  }
+  if (streaming) kernels.fence();
 }
 
 }  // namespace switchyard

@@ -59,8 +59,10 @@ void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::b
   }
 }
 
-void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, float* out,
-                bool streaming) {
+}  // namespace
+
+void detail::decode_payload_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype,
+                                float* out, bool streaming) {
   switch (dtype) {
     case PayloadDType::kF32:
       detail::row_kernels().copy(reinterpret_cast<const float*>(in), hidden, out, streaming);
@@ -81,9 +83,9 @@ void decode_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, fl
   }
 }
 
-/// Passes that write at least this much stream their stores past the caches: what they
-/// write is read later, from memory, by another pass or by the transport.
-constexpr std::size_t kStreamingBytes = std::size_t{16} << 20;
+namespace {
+
+using detail::kStreamingBytes;
 
 class HostDataPath final : public DataPath {
  public:
@@ -184,7 +186,8 @@ class HostDataPath final : public DataPath {
           continue;
         }
         assignment = cursor_[to_size(l)]++;
-        decode_row(row, a.hidden, a.dtype, a.expert_input + assignment * a.hidden, streaming);
+        detail::decode_payload_row(row, a.hidden, a.dtype, a.expert_input + assignment * a.hidden,
+                                   streaming);
       }
     }
     if (streaming) detail::row_kernels().fence();

@@ -265,31 +265,85 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
   std::optional<Error> routing_error;
   try {
     route(x, plan_);
-    y.require_on(data_path_->device(), "MoE output y", DType::kF32, {x.dim(0), hidden_});
-    if (x.numel() > 0 && x.data() == y.data()) {
-      throw Error(ErrorCode::kInvalidArgument, "MoE input x and output y must not alias");
-    }
   } catch (const Error& e) {
     routing_error = e;
   }
   timings_.route_s = seconds_since(start);
+  forward_routed(x, plan_, y, routing_error ? &*routing_error : nullptr);
+}
+
+void MoELayer::forward(const TensorView& x, const RoutingPlan& plan, const TensorView& y) {
+  std::optional<Error> input_error;
+  try {
+    x.require_on(data_path_->device(), "MoE input x", DType::kF32, {plan.num_tokens, hidden_});
+  } catch (const Error& e) {
+    input_error = e;
+  }
+  timings_.route_s = 0;
+  forward_routed(x, plan, y, input_error ? &*input_error : nullptr);
+}
+
+bool MoELayer::fused_experts() const noexcept { return parts_.experts->fuses_weighted_rows(); }
+
+void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                              const Error* routing_error) {
+  std::optional<Error> output_error;
+  if (routing_error == nullptr) {
+    try {
+      y.require_on(data_path_->device(), "MoE output y", DType::kF32, {x.dim(0), hidden_});
+      if (x.numel() > 0 && x.data() == y.data()) {
+        throw Error(ErrorCode::kInvalidArgument, "MoE input x and output y must not alias");
+      }
+    } catch (const Error& e) {
+      output_error = e;
+      routing_error = &*output_error;
+    }
+  }
   if (parts_.chunks > 1 && data_path_->device().kind == Device::Kind::kHost) {
-    forward_chunks(x, y, routing_error ? &*routing_error : nullptr);
+    forward_chunks(x, plan, y, routing_error);
     return;
   }
-  dispatch_checked(x, plan_, handle_, routing_error ? &*routing_error : nullptr);
+  const bool fused = fused_experts();
+  dispatch_checked(x, plan, handle_, routing_error, /*group=*/!fused);
 
-  start = Clock::now();
-  ExpertBatch batch;
-  batch.input = handle_.expert_input();
-  batch.rows_per_expert = handle_.rows_per_expert();
-  batch.output = handle_.expert_output();
-  if (!parts_.experts->capabilities().stream_ordered) host_ready();
-  parts_.experts->forward(batch, *stream_);
+  auto start = Clock::now();
+  if (fused) {
+    weigh_rows(handle_);
+    timings_.experts_s = seconds_since(start);
+    start = Clock::now();
+  } else {
+    ExpertBatch batch;
+    batch.input = handle_.expert_input();
+    batch.rows_per_expert = handle_.rows_per_expert();
+    batch.output = handle_.expert_output();
+    if (!parts_.experts->capabilities().stream_ordered) host_ready();
+    parts_.experts->forward(batch, *stream_);
+    host_ready();
+    timings_.experts_s = seconds_since(start);
+    start = Clock::now();
+    reduce_rows(handle_, handle_.expert_output(), y, /*in_expert_buffers=*/true);
+  }
+  parts_.transport->alltoallv(back_buffers(handle_), *stream_);
   host_ready();
-  timings_.experts_s = seconds_since(start);
+  sum_rows(handle_, y.data_as<float>());
+  timings_.combine_s = seconds_since(start);
+}
 
-  combine_rows(handle_, handle_.expert_output(), y, /*in_expert_buffers=*/true);
+void MoELayer::weigh_rows(DispatchHandle& h) {
+  place_partials(h, /*in_expert_buffers=*/false);
+  const int K = h.slots_;
+  WeightedRowsBatch batch;
+  batch.rows = h.recv_rows_.data();
+  batch.dtype = parts_.payload_dtype;
+  batch.meta = h.recv_meta_.data();
+  batch.num_rows = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
+  batch.slots = K;
+  batch.hidden = hidden_;
+  batch.partial_dtype = parts_.combine_dtype;
+  batch.partials = h.partial_at_;
+  if (!parts_.experts->capabilities().stream_ordered) host_ready();
+  parts_.experts->forward_weighted(batch, *stream_);
+  host_ready();
 }
 
 void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle) {
@@ -300,7 +354,7 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
   } catch (const Error& e) {
     input_error = e;
   }
-  dispatch_checked(x, plan, handle, input_error ? &*input_error : nullptr);
+  dispatch_checked(x, plan, handle, input_error ? &*input_error : nullptr, /*group=*/true);
 }
 
 std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
@@ -333,7 +387,7 @@ std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
 }
 
 void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                                const Error* local_error) {
+                                const Error* local_error, bool group) {
   failure_agreed_ = false;
   std::optional<Error> plan_error;
   if (local_error == nullptr) {
@@ -341,7 +395,7 @@ void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, Di
     if (plan_error) local_error = &*plan_error;
   }
   exchange_counts(plan, h, local_error);
-  send_rows(x, plan, h);
+  send_rows(x, plan, h, group);
 }
 
 void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
@@ -394,7 +448,8 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
   }
 }
 
-void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h) {
+void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
+                         bool group) {
   const TokenRange all{x.data_as<const float>(), plan.experts.data(), plan.weights.data(),
                        h.num_tokens_, plan.slots};
   stage_rows(all, h);
@@ -404,7 +459,19 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
   transport.alltoallv(meta_buffers(h), *stream_);
   host_ready();  // the host data path reads what arrived
   timings_.dispatch_s += seconds_since(start);
-  group_rows(h);
+  count_dispatch_traffic(h);
+  if (group) group_rows(h);
+}
+
+void MoELayer::count_dispatch_traffic(const DispatchHandle& h) {
+  const int me = parts_.transport->rank();
+  traffic_.dispatch_bytes = 0;
+  traffic_.rows_sent = 0;
+  for (std::size_t p = 0; p < h.rows_to_.size(); ++p) {
+    if (static_cast<int>(p) == me) continue;
+    traffic_.dispatch_bytes += sizeof(std::int64_t) + h.send_bytes_[p] + h.meta_send_bytes_[p];
+    traffic_.rows_sent += h.rows_to_[p];
+  }
 }
 
 AlltoallvBuffers MoELayer::row_buffers(DispatchHandle& h) const {
@@ -481,9 +548,7 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
 void MoELayer::group_rows(DispatchHandle& h) {
   // Group the received rows per local expert (stable: source rank, then source token).
   auto start = Clock::now();
-  Transport& transport = *parts_.transport;
-  const auto r_size = static_cast<std::size_t>(transport.size());
-  const int me = transport.rank();
+  const int me = parts_.transport->rank();
   const std::int64_t H = hidden_;
   const int K = h.slots_;
   const std::int64_t N =
@@ -515,24 +580,11 @@ void MoELayer::group_rows(DispatchHandle& h) {
   group.assignment_of_slot = h.assignment_of_slot_.data();
   data_path_->group_by_expert(group, *stream_);
   timings_.layout_s += seconds_since(start);
-
-  traffic_.dispatch_bytes = 0;
-  traffic_.rows_sent = 0;
-  for (std::size_t p = 0; p < r_size; ++p) {
-    if (static_cast<int>(p) == me) continue;
-    traffic_.dispatch_bytes += sizeof(std::int64_t) + h.send_bytes_[p] + h.meta_send_bytes_[p];
-    traffic_.rows_sent += h.rows_to_[p];
-  }
 }
 
 void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const TensorView& y) {
-  combine_rows(h, expert_output, y, /*in_expert_buffers=*/false);
-}
-
-void MoELayer::combine_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                            bool in_expert_buffers) {
   auto start = Clock::now();
-  reduce_rows(h, expert_output, y, in_expert_buffers);
+  reduce_rows(h, expert_output, y, /*in_expert_buffers=*/false);
   parts_.transport->alltoallv(back_buffers(h), *stream_);
   host_ready();
   sum_rows(h, y.data_as<float>());
@@ -544,15 +596,30 @@ void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, c
   const std::int64_t H = hidden_;
   const int K = h.slots_;
   const std::int64_t N = static_cast<std::int64_t>(h.assignment_of_slot_.size()) / (K ? K : 1);
-  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
   const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
   // Shapes are checked on every rank before anything is sent; a mismatch is a caller bug
   // that would otherwise corrupt memory.
   expert_output.require_on(data_path_->device(), "MoE combine expert_output", DType::kF32, {A, H});
   y.require_on(data_path_->device(), "MoE combine y", DType::kF32, {h.num_tokens_, H});
-  const DType dtype = parts_.combine_dtype;
-  const std::size_t row_bytes = to_size(H) * dtype_size(dtype);
+  place_partials(h, in_expert_buffers);
+  WeightedReduceArgs reduce;
+  reduce.expert_output = expert_output.data_as<const float>();
+  reduce.meta = h.recv_meta_.data();
+  reduce.assignment_of_slot = h.assignment_of_slot_.data();
+  reduce.num_rows = N;
+  reduce.slots = K;
+  reduce.hidden = H;
+  reduce.combine_dtype = parts_.combine_dtype;
+  reduce.partial_rows = h.partial_at_;
+  data_path_->weighted_reduce(reduce, *stream_);
+}
 
+void MoELayer::place_partials(DispatchHandle& h, bool in_expert_buffers) {
+  const std::int64_t H = hidden_;
+  const int K = h.slots_;
+  const std::int64_t N = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
+  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
+  const std::size_t row_bytes = to_size(H) * dtype_size(parts_.combine_dtype);
   // In expert buffers: N <= A (each received row has a slot here) unless the handle is
   // broken, and S fits unless this rank sent more rows than it received slots.
   if (in_expert_buffers && to_size(N) * row_bytes <= h.expert_input_.size() * sizeof(float)) {
@@ -567,17 +634,6 @@ void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, c
     h.combined_rows_.resize(to_size(S) * row_bytes);
     h.combined_at_ = h.combined_rows_.data();
   }
-  WeightedReduceArgs reduce;
-  reduce.expert_output = expert_output.data_as<const float>();
-  reduce.meta = h.recv_meta_.data();
-  reduce.assignment_of_slot = h.assignment_of_slot_.data();
-  reduce.num_rows = N;
-  reduce.slots = K;
-  reduce.hidden = H;
-  reduce.combine_dtype = dtype;
-  reduce.partial_rows = h.partial_at_;
-  data_path_->weighted_reduce(reduce, *stream_);
-
   // Back to the token's rank: the dispatch counts reversed.
   row_exchange(h.rows_from_, row_bytes, h.back_send_bytes_, h.back_send_offsets_);
   row_exchange(h.rows_to_, row_bytes, h.back_recv_bytes_, h.back_recv_offsets_);
@@ -617,22 +673,23 @@ void MoELayer::ExchangeTask::run(void* task) noexcept {
   }
 }
 
-void MoELayer::forward_chunks(const TensorView& x, const TensorView& y,
+void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                               const Error* routing_error) {
   failure_agreed_ = false;
   auto start = Clock::now();
   Transport& transport = *parts_.transport;
   const auto r_size = static_cast<std::size_t>(transport.size());
   const int n = parts_.chunks;
+  const bool fused = fused_experts();
   const auto chunks = static_cast<std::size_t>(n);
-  std::optional<Error> plan_error;
+  std::optional<Error> planerror;
   const Error* local_error = routing_error;
   if (local_error == nullptr) {
-    plan_error = check_plan(plan_);
-    if (plan_error) local_error = &*plan_error;
+    planerror = check_plan(plan);
+    if (planerror) local_error = &*planerror;
   }
-  const std::int64_t T = local_error ? 0 : plan_.num_tokens;
-  const int K = plan_.slots;
+  const std::int64_t T = local_error ? 0 : plan.num_tokens;
+  const int K = plan.slots;
   const std::int64_t H = hidden_;
   auto first_token = [&](int c) { return T * c / n; };
 
@@ -643,7 +700,7 @@ void MoELayer::forward_chunks(const TensorView& x, const TensorView& y,
   handle_.rows_to_.resize(r_size);
   for (int c = 0; c < n && local_error == nullptr; ++c) {
     LayoutCountsArgs counts;
-    counts.experts = plan_.experts.data() + first_token(c) * K;
+    counts.experts = plan.experts.data() + first_token(c) * K;
     counts.num_tokens = first_token(c + 1) - first_token(c);
     counts.slots = K;
     counts.placement = &parts_.placement;
@@ -704,8 +761,8 @@ void MoELayer::forward_chunks(const TensorView& x, const TensorView& y,
       h.rows_to_[p] = chunk_rows_to_[p * chunks + static_cast<std::size_t>(c)];
       h.rows_from_[p] = chunk_rows_from_[p * chunks + static_cast<std::size_t>(c)];
     }
-    stage_rows({x.data_as<const float>() + first * H, plan_.experts.data() + first * K,
-                plan_.weights.data() + first * K, h.num_tokens_, K},
+    stage_rows({x.data_as<const float>() + first * H, plan.experts.data() + first * K,
+                plan.weights.data() + first * K, h.num_tokens_, K},
                h);
     slot.dispatch = {this, &h, false, nullptr};
     exchange_stream_->enqueue(&ExchangeTask::run, &slot.dispatch);
@@ -729,20 +786,27 @@ void MoELayer::forward_chunks(const TensorView& x, const TensorView& y,
       start = Clock::now();
       wait(*slot.dispatched, slot.dispatch);
       timings_.dispatch_s += seconds_since(start);
-      group_rows(slot.handle);
-      start = Clock::now();
-      ExpertBatch batch;
-      batch.input = slot.handle.expert_input();
-      batch.rows_per_expert = slot.handle.rows_per_expert();
-      batch.output = slot.handle.expert_output();
-      if (!parts_.experts->capabilities().stream_ordered) host_ready();
-      parts_.experts->forward(batch, *stream_);
-      host_ready();
-      timings_.experts_s += seconds_since(start);
-      start = Clock::now();
-      const TensorView chunk_y(y.data_as<float>() + first_token(c) * H, DType::kF32,
-                               {slot.handle.num_tokens_, H});
-      reduce_rows(slot.handle, slot.handle.expert_output(), chunk_y, /*in_expert_buffers=*/true);
+      if (fused) {
+        start = Clock::now();
+        weigh_rows(slot.handle);
+        timings_.experts_s += seconds_since(start);
+        start = Clock::now();
+      } else {
+        group_rows(slot.handle);
+        start = Clock::now();
+        ExpertBatch batch;
+        batch.input = slot.handle.expert_input();
+        batch.rows_per_expert = slot.handle.rows_per_expert();
+        batch.output = slot.handle.expert_output();
+        if (!parts_.experts->capabilities().stream_ordered) host_ready();
+        parts_.experts->forward(batch, *stream_);
+        host_ready();
+        timings_.experts_s += seconds_since(start);
+        start = Clock::now();
+        const TensorView chunk_y(y.data_as<float>() + first_token(c) * H, DType::kF32,
+                                 {slot.handle.num_tokens_, H});
+        reduce_rows(slot.handle, slot.handle.expert_output(), chunk_y, /*in_expert_buffers=*/true);
+      }
       slot.combine = {this, &slot.handle, true, nullptr};
       exchange_stream_->enqueue(&ExchangeTask::run, &slot.combine);
       exchange_stream_->record(*slot.combined);

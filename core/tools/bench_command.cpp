@@ -24,6 +24,7 @@
 #include "commands.hpp"
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/data_path.hpp"
+#include "switchyard/expert_kernel.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
@@ -398,12 +399,30 @@ int bench(Runtime& runtime, const BenchOptions& options) {
 #endif
 
     progress("dispatch + combine (identity experts)");
+    // The layer's own forward from the plan, its experts replaced by identity experts: the
+    // fused path (the received rows are weighed as they arrived, no expert-grouped copy).
+    MoELayerParts identity_parts = layer.parts();
+    identity_parts.experts = std::make_shared<IdentityExperts>(layer.experts().num_local_experts());
+    MoELayer identity(std::move(identity_parts));
+    identity.forward(xs, plan, y.view());  // sizes its buffers
+    const std::uint64_t identity_sized = buffer_allocations();
+    f["dispatch_combine_s"] =
+        timer.median_of_slowest([&] { identity.forward(xs, plan, y.view()); });
+    const double identity_allocations = static_cast<double>(buffer_allocations() - identity_sized) /
+                                        (options.warmup + options.iters);
+    f["bytes_dispatch"] = identity.traffic().dispatch_bytes;
+    const LayerTimings& phases = identity.timings();
+    f["dispatch_combine_phases_s"] = {{"layout", phases.layout_s},
+                                      {"dispatch", phases.dispatch_s},
+                                      {"weigh", phases.experts_s},
+                                      {"combine", phases.combine_s}};
+
+    progress("dispatch + combine, grouped (public dispatch and combine)");
     DispatchHandle handle;
-    f["dispatch_combine_s"] = timer.median_of_slowest([&] {
+    f["grouped_dispatch_combine_s"] = timer.median_of_slowest([&] {
       layer.dispatch(xs, plan, handle);
       layer.combine(handle, handle.expert_input(), y.view());
     });
-    f["bytes_dispatch"] = layer.traffic().dispatch_bytes;
 
     progress("raw alltoallv");
     RawExchange raw(ep, layer.placement(), plan, model.hidden(), payload, combine);
@@ -448,7 +467,8 @@ int bench(Runtime& runtime, const BenchOptions& options) {
     f["layer_forward_s"] = timer.median_of_slowest([&] { layer.forward(xs, y.view()); });
     const std::uint64_t after = buffer_allocations();
     f["allocations_per_step"] =
-        static_cast<double>(after - sized) / (options.warmup + options.iters);
+        std::max(identity_allocations,
+                 static_cast<double>(after - sized) / (options.warmup + options.iters));
     f["peak_buffer_bytes"] = layer.buffer_bytes();
     f["input_output_bytes"] = 2 * count * model.hidden() * 4;
     f["received_row_bytes"] = batch.input.dim(0) * model.hidden() * 4;
@@ -498,6 +518,15 @@ int bench(Runtime& runtime, const BenchOptions& options) {
     }
   };
   row("dispatch + combine", "dispatch_combine_s", "raw_alltoallv_s", "raw alltoallv");
+  if (figures.contains("dispatch_combine_phases_s")) {
+    const auto& p = figures["dispatch_combine_phases_s"];
+    std::printf(
+        "    rank 0, last step: layout %.3f ms, dispatch %.3f ms, weigh %.3f ms, combine %.3f "
+        "ms\n",
+        p["layout"].get<double>() * 1e3, p["dispatch"].get<double>() * 1e3,
+        p["weigh"].get<double>() * 1e3, p["combine"].get<double>() * 1e3);
+  }
+  row("  grouped (public API)", "grouped_dispatch_combine_s", "raw_alltoallv_s", "raw alltoallv");
   row("naive dispatch + combine", "naive_dispatch_combine_s", "dispatch_combine_s", "runtime's");
   row("route", "route_s", "logits_gemm_s", "logits sgemm");
   row("experts", "expert_s", "gemm_reference_s", "sgemm of their FLOPs");

@@ -1,6 +1,8 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <thread>
 
@@ -210,4 +212,117 @@ TEST_CASE("a plan with an expert id out of range is refused before anything is s
   DispatchHandle handle;
   CHECK_THROWS_WITH_AS(f.layers[0]->dispatch(x.view(), plan, handle),
                        doctest::Contains("has expert 4, outside 0..3"), Error);
+}
+
+namespace {
+
+/// Identity experts through the grouped path: `forward` copies, no fused form.
+class GroupedCopyExperts final : public ExpertKernel {
+ public:
+  explicit GroupedCopyExperts(int n) : n_(n) {}
+  std::string name() const override { return "grouped copy"; }
+  int num_local_experts() const noexcept override { return n_; }
+  void forward(const ExpertBatch& batch, Stream& /*stream*/) override {
+    std::copy_n(batch.input.data_as<const float>(), batch.input.numel(),
+                batch.output.data_as<float>());
+  }
+
+ private:
+  int n_;
+};
+
+}  // namespace
+
+TEST_CASE("identity experts' fused form, by hand: weights summed over the decoded row") {
+  IdentityExperts experts(2);
+  CHECK(experts.fuses_weighted_rows());
+  HostStream stream(HostStream::Mode::kInline);
+  // Two rows of H = 3 in bf16 (exact values), three slots each; the second row has no slot.
+  const std::vector<float> values = {1.0f, -2.0f, 0.5f, 3.0f, 4.0f, -8.0f};
+  std::vector<std::uint16_t> rows(2 * payload_row_bytes(PayloadDType::kBF16, 3) / 2, 0);
+  for (int r = 0; r < 2; ++r) {
+    for (int h = 0; h < 3; ++h)
+      rows[static_cast<std::size_t>(r * 4 + h)] = float_to_bf16(values[r * 3 + h]);
+  }
+  const std::vector<SlotMeta> meta = {{1, 0.25f}, {-1, 9.0f}, {0, 0.5f},
+                                      {-1, 1.0f}, {-1, 1.0f}, {-1, 1.0f}};
+  std::vector<float> partials(6, 42.0f);
+  WeightedRowsBatch batch;
+  batch.rows = reinterpret_cast<const std::byte*>(rows.data());
+  batch.dtype = PayloadDType::kBF16;
+  batch.meta = meta.data();
+  batch.num_rows = 2;
+  batch.slots = 3;
+  batch.hidden = 3;
+  batch.partial_dtype = DType::kF32;
+  batch.partials = reinterpret_cast<std::byte*>(partials.data());
+  experts.forward_weighted(batch, stream);
+  CHECK(partials == std::vector<float>{0.75f, -1.5f, 0.375f, 0.0f, 0.0f, 0.0f});
+  const std::vector<SlotMeta> bad = {{2, 1.0f},  {-1, 0.0f}, {-1, 0.0f},
+                                     {-1, 1.0f}, {-1, 1.0f}, {-1, 1.0f}};
+  batch.meta = bad.data();
+  CHECK_THROWS_AS(experts.forward_weighted(batch, stream), Error);
+  // A kernel without the fused form says so.
+  GroupedCopyExperts grouped(2);
+  CHECK_FALSE(grouped.fuses_weighted_rows());
+  CHECK_THROWS_AS(grouped.forward_weighted(batch, stream), Error);
+}
+
+TEST_CASE("forward with fused experts: the grouped path's bits, and sum(weights) * x") {
+  for (int ranks : {1, 3}) {
+    Fixture f(ranks, 7, 3);
+    const std::int64_t H = f.model.hidden();
+    for (auto payload : {PayloadDType::kF32, PayloadDType::kBF16, PayloadDType::kFP8}) {
+      for (auto combine : {DType::kF32, DType::kBF16}) {
+        for (int chunks : {1, 3}) {
+          CAPTURE(ranks);
+          CAPTURE(payload_dtype_name(payload));
+          CAPTURE(dtype_name(combine));
+          CAPTURE(chunks);
+          auto errors = test::on_threads(ranks, [&](int r) {
+            MoELayer& base = *f.layers[static_cast<std::size_t>(r)];
+            const int local = base.placement().num_local(r);
+            auto build = [&](std::shared_ptr<ExpertKernel> experts) {
+              MoELayerParts parts = base.parts();
+              parts.experts = std::move(experts);
+              parts.payload_dtype = payload;
+              parts.combine_dtype = combine;
+              parts.chunks = chunks;
+              return std::make_unique<MoELayer>(std::move(parts));
+            };
+            auto fused = build(std::make_shared<IdentityExperts>(local));
+            auto grouped = build(std::make_shared<GroupedCopyExperts>(local));
+            const std::int64_t T = 6 + 2 * r;  // different T per rank
+            HostTensor x =
+                synthetic_tokens(T, static_cast<int>(H), 5 + static_cast<std::uint64_t>(r));
+            RoutingPlan plan;
+            base.route(x.view(), plan);
+            HostTensor y_fused(DType::kF32, {T, H}), y_grouped(DType::kF32, {T, H});
+            fused->forward(x.view(), plan, y_fused.view());
+            grouped->forward(x.view(), plan, y_grouped.view());
+            CHECK(std::memcmp(y_fused.bytes(), y_grouped.bytes(), y_fused.size_bytes()) == 0);
+            // The fused forward keeps no expert-grouped rows.
+            CHECK(fused->buffer_bytes() < grouped->buffer_bytes());
+            // y[t] = (sum of t's weights) * x[t], up to the payload's and combine's rounding.
+            const double tolerance =
+                payload == PayloadDType::kFP8
+                    ? 0.07
+                    : (payload == PayloadDType::kBF16 || combine == DType::kBF16 ? 0.01 : 1e-6);
+            for (std::int64_t t = 0; t < T; ++t) {
+              double w = 0;
+              for (int j = 0; j < plan.slots; ++j) {
+                w += plan.weights[static_cast<std::size_t>(t * plan.slots + j)];
+              }
+              for (std::int64_t h = 0; h < H; ++h) {
+                const double expected = w * x.data<float>()[t * H + h];
+                const double got = y_fused.data<float>()[t * H + h];
+                CHECK(std::abs(got - expected) <= tolerance * (std::abs(expected) + 1e-3));
+              }
+            }
+          });
+          for (const auto& e : errors) CHECK_FALSE(e.has_value());
+        }
+      }
+    }
+  }
 }

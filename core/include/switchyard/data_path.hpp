@@ -207,6 +207,13 @@ struct RowKernels {
   /// Orders the streaming stores before what follows.
   void (*fence)();
 };
+/// Passes that write at least this many bytes stream their stores past the caches: what
+/// they write is read later, from memory, by another pass or by the transport.
+inline constexpr std::size_t kStreamingBytes = std::size_t{16} << 20;
+/// out [hidden] f32 = the payload row `in` (payload_row_bytes(dtype, hidden)) decoded, on the
+/// calling thread, with the row kernels (`streaming` as they take it).
+void decode_payload_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype, float* out,
+                        bool streaming);
 /// The instruction sets the row kernels come in.
 enum class RowKernelIsa { kPortable, kAvx512 };
 /// The fastest row kernels this processor runs.

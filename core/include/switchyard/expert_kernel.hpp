@@ -5,7 +5,9 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <vector>
 
+#include "switchyard/data_path.hpp"
 #include "switchyard/stream.hpp"
 #include "switchyard/tensor.hpp"
 
@@ -44,6 +46,27 @@ std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
                                 std::size_t num_experts, Device device,
                                 const ExpertBatchNames& names);
 
+/// The fused form of a rank's expert work: the received token rows as they arrived, each
+/// with its K (local expert, weight) slots, for a kernel that forms each row's weighted sum
+/// of expert outputs itself, with no expert-grouped copy of the rows. All memory is on the
+/// kernel's device.
+///
+/// partials[r] = Σ over the slots j of row r, in slot order, skipping empty ones, of
+/// weight_j · expert_{local_expert_j}(row r decoded to f32); the sum as the host row kernels
+/// define it (data_path.hpp: starting at 0, each product and each sum rounded to f32), then
+/// rounded once to `partial_dtype`. These are the same bits as grouping the rows, `forward`
+/// and the data path's weighted reduce, so a layer gives the same y on either path.
+struct WeightedRowsBatch {
+  const std::byte* rows = nullptr;          ///< [N, payload_row_bytes(dtype, H)], read only
+  PayloadDType dtype = PayloadDType::kF32;  ///< of `rows`
+  const SlotMeta* meta = nullptr;           ///< [N,K], read only; local expert -1: empty
+  std::int64_t num_rows = 0;                ///< N
+  int slots = 0;                            ///< K
+  std::int64_t hidden = 0;                  ///< H
+  DType partial_dtype = DType::kF32;        ///< f32 or bf16
+  std::byte* partials = nullptr;            ///< [N,H] in `partial_dtype`, written
+};
+
 /// Computes the experts of one rank. Not thread-safe: one thread calls it at a time.
 class ExpertKernel {
  public:
@@ -58,6 +81,36 @@ class ExpertKernel {
   /// calls one. Allocates only when N grows. Throws `Error(kInvalidArgument)` on shape
   /// mismatch.
   virtual void forward(const ExpertBatch& batch, Stream& stream) = 0;
+  /// True when the kernel implements `forward_weighted`; the layer's forward then uses it
+  /// instead of grouping the rows per expert, running `forward` and reducing.
+  virtual bool fuses_weighted_rows() const noexcept { return false; }
+  /// The fused form (see `WeightedRowsBatch`), on `stream`, blocking like `forward`.
+  /// Throws `Error(kUnimplemented)` unless `fuses_weighted_rows()`, and
+  /// `Error(kInvalidArgument)` for a local expert outside 0..num_local_experts()-1.
+  virtual void forward_weighted(const WeightedRowsBatch& batch, Stream& stream);
+};
+
+/// Experts that return their input: expert_e(x) = x for every local expert e. A layer with
+/// them computes y[t] = Σ of t's kept weights · x[t] (up to the payload's and the combine
+/// dtype's rounding), so it measures the data path alone (`switchyard bench`) and checks it
+/// against a sum a test can write by hand. Host memory; fuses (`forward_weighted` decodes
+/// each row once and sums its weights over it, one pass over the rows). Not thread-safe.
+class IdentityExperts final : public ExpertKernel {
+ public:
+  explicit IdentityExperts(int num_local_experts);
+  std::string name() const override { return "identity"; }
+  int num_local_experts() const noexcept override { return num_local_experts_; }
+  /// output = input.
+  void forward(const ExpertBatch& batch, Stream& stream) override;
+  bool fuses_weighted_rows() const noexcept override { return true; }
+  void forward_weighted(const WeightedRowsBatch& batch, Stream& stream) override;
+
+ private:
+  int num_local_experts_;
+  ExpertBatchNames names_{"identity experts"};
+  Buffer<float> row_;                 // one decoded row
+  std::vector<const float*> inputs_;  // [K], each the decoded row
+  std::vector<float> weights_;        // [K]
 };
 
 }  // namespace switchyard

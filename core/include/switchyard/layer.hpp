@@ -151,6 +151,10 @@ class MoELayer {
   /// EP group. If routing fails on any rank (bad shape, NaN logits), every rank throws:
   /// the failing one its own error, the others `Error(kPeerFailed)`; nothing is sent.
   void forward(const TensorView& x, const TensorView& y);
+  /// The same forward with the routing given: `plan` (on the data path's device, for x's
+  /// T tokens) instead of the layer's router (a plan shared between layers, replayed, or a
+  /// benchmark's fixed routing). Collective; failures as in `forward`.
+  void forward(const TensorView& x, const RoutingPlan& plan, const TensorView& y);
 
   /// Logits and router only: fills `plan` for x [T,H]. Local, not collective.
   void route(const TensorView& x, RoutingPlan& plan);
@@ -164,6 +168,9 @@ class MoELayer {
   void combine(DispatchHandle& handle, const TensorView& expert_output, const TensorView& y);
 
   const ExpertPlacement& placement() const noexcept { return parts_.placement; }
+  /// The parts the layer was built from (to build another layer like it, e.g. with other
+  /// experts).
+  const MoELayerParts& parts() const noexcept { return parts_; }
   /// The stream the layer's work is ordered on, from its data path: for the host data path
   /// a queued host stream when the transport is stream-ordered, else an inline one.
   Stream& stream() noexcept { return *stream_; }
@@ -191,8 +198,20 @@ class MoELayer {
   /// Counts rows per destination and exchanges the counts. A failure of this rank
   /// (`local_error`) or of a peer is thrown here on every rank together.
   void exchange_counts(const RoutingPlan& plan, DispatchHandle& h, const Error* local_error);
-  /// Permutes, packs and sends rows and slots; groups what arrived per local expert.
-  void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h);
+  /// Permutes, packs and sends rows and slots; with `group`, groups what arrived per local
+  /// expert.
+  void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h, bool group);
+  /// `forward` after routing; `routing_error`: this rank's routing failed.
+  void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                      const Error* routing_error);
+  /// True when the forward lets the expert kernel form the weighted partial sums from the
+  /// received rows (no expert-grouped rows).
+  bool fused_experts() const noexcept;
+  /// The fused expert step: the kernel's weighted partial sums of the received rows, into
+  /// the combine's send buffer.
+  void weigh_rows(DispatchHandle& h);
+  /// The dispatch's bytes to other ranks, from a staged handle.
+  void count_dispatch_traffic(const DispatchHandle& h);
   /// Consecutive tokens of a step and their routing.
   struct TokenRange {
     const float* x;               // [count, H]
@@ -205,9 +224,15 @@ class MoELayer {
   void stage_rows(const TokenRange& tokens, DispatchHandle& h);
   /// Groups the received rows per local expert.
   void group_rows(DispatchHandle& h);
-  /// The weighted partial sums of the received rows, and the combine's byte counts.
+  /// The weighted partial sums of the received rows, and the combine's byte counts. With
+  /// `in_expert_buffers` (forward, where the layer owns the expert rows) the partial sums
+  /// go into the expert input rows and the returned rows into the expert output rows, each
+  /// dead by then, when they fit: no buffers of their own.
   void reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
                    bool in_expert_buffers);
+  /// Where the partial sums and the returned rows go (see `reduce_rows`), and the
+  /// combine's byte counts.
+  void place_partials(DispatchHandle& h, bool in_expert_buffers);
   /// y [h.num_tokens_, H] = the returned rows summed per token.
   void sum_rows(DispatchHandle& h, float* y);
   /// The exchanges of a staged handle: rows, their slots, and the partial sums back.
@@ -215,15 +240,11 @@ class MoELayer {
   AlltoallvBuffers meta_buffers(DispatchHandle& h) const;
   AlltoallvBuffers back_buffers(DispatchHandle& h) const;
   /// `forward` in `parts_.chunks` pipelined chunks (after routing all tokens).
-  void forward_chunks(const TensorView& x, const TensorView& y, const Error* routing_error);
-  /// The whole dispatch: counts, then rows.
+  void forward_chunks(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                      const Error* routing_error);
+  /// The whole dispatch: counts, then rows (grouped per local expert with `group`).
   void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                        const Error* local_error);
-  /// `combine`; with `in_expert_buffers` (forward, where the layer owns the expert rows)
-  /// the partial sums go into the expert input rows and the returned rows into the expert
-  /// output rows, each dead by then, when they fit: no buffers of their own.
-  void combine_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                    bool in_expert_buffers);
+                        const Error* local_error, bool group);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream_->synchronize(); }
   /// A host router behind a device data path: logits copied to the host, routed there,
