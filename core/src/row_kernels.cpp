@@ -82,9 +82,9 @@ void copy_portable(const float* in, std::int64_t n, float* out, bool /*streaming
 
 void fence_portable() {}
 
-// ---- AVX-512 (F only): 16 elements per step, the scalar code for the tail -------------
+// ---- AVX-512 (F and BW): 16 elements per step, the scalar code for the tail -------------
 
-#define SWITCHYARD_AVX512 __attribute__((target("avx512f")))
+#define SWITCHYARD_AVX512 __attribute__((target("avx512f,avx512bw")))
 // GCC 12 reports its own headers' _mm512_undefined_* operands as maybe-uninitialized.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -101,6 +101,27 @@ SWITCHYARD_AVX512 inline __m256i encode16(__m512 values) {
   const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
   rounded = _mm512_mask_mov_epi32(rounded, nan, quiet);
   return _mm512_cvtepi32_epi16(rounded);
+}
+
+/// bf16 bits of a rounded as encode16 does, one in each 32-bit lane.
+SWITCHYARD_AVX512 inline __m512i round_bf16_lanes(__m512 values) {
+  const __m512i bits = _mm512_castps_si512(values);
+  const __m512i high = _mm512_srli_epi32(bits, 16);
+  const __m512i magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7f800000));
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+}
+
+/// 32 bf16: a's 16 then b's 16. One pack and one permute where two narrowing moves would
+/// take four slow operations.
+SWITCHYARD_AVX512 inline __m512i encode32(__m512 a, __m512 b) {
+  // packus interleaves per 128-bit lane: a0-3 b0-3 a4-7 b4-7 ...; the lanes hold at most
+  // 0xffff, so nothing saturates.
+  const __m512i packed = _mm512_packus_epi32(round_bf16_lanes(a), round_bf16_lanes(b));
+  return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), packed);
 }
 
 SWITCHYARD_AVX512 inline __m512 decode16(const std::uint16_t* in) {
@@ -125,9 +146,21 @@ SWITCHYARD_AVX512 inline void store16(std::uint16_t* out, __m256i v, bool stream
   }
 }
 
+/// A store of 32 bf16, streaming past the caches when asked and aligned.
+SWITCHYARD_AVX512 inline void store32(std::uint16_t* out, __m512i v, bool streaming) {
+  if (streaming && (reinterpret_cast<std::uintptr_t>(out) & 63) == 0) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out), v);
+  } else {
+    _mm512_storeu_si512(out, v);
+  }
+}
+
 SWITCHYARD_AVX512 void encode_bf16_avx512(const float* in, std::int64_t n, std::uint16_t* out,
                                           bool streaming) {
   std::int64_t h = 0;
+  for (; h + 32 <= n; h += 32) {
+    store32(out + h, encode32(_mm512_loadu_ps(in + h), _mm512_loadu_ps(in + h + 16)), streaming);
+  }
   for (; h + 16 <= n; h += 16) store16(out + h, encode16(_mm512_loadu_ps(in + h)), streaming);
   for (; h < n; ++h) out[h] = encode_one(in[h]);
 }
@@ -149,9 +182,36 @@ SWITCHYARD_AVX512 inline __m512 weighted16(const float* const* rows, const float
   return sum;
 }
 
+// The sums below run four blocks of 16 side by side: each block's sum is a chain of
+// dependent adds, and four independent chains keep the adder busy (the same operations,
+// so the same bits, as one block at a time).
+
+/// The weighted sums of elements h..h+64, as four blocks of 16.
+SWITCHYARD_AVX512 inline void weighted64(const float* const* rows, const float* weights, int count,
+                                         std::int64_t h, __m512 (&sums)[4]) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (int i = 0; i < count; ++i) {
+    const __m512 w = _mm512_set1_ps(weights[i]);
+    const float* row = rows[i] + h;
+    s0 = _mm512_add_ps(s0, _mm512_mul_ps(w, _mm512_loadu_ps(row)));
+    s1 = _mm512_add_ps(s1, _mm512_mul_ps(w, _mm512_loadu_ps(row + 16)));
+    s2 = _mm512_add_ps(s2, _mm512_mul_ps(w, _mm512_loadu_ps(row + 32)));
+    s3 = _mm512_add_ps(s3, _mm512_mul_ps(w, _mm512_loadu_ps(row + 48)));
+  }
+  sums[0] = s0;
+  sums[1] = s1;
+  sums[2] = s2;
+  sums[3] = s3;
+}
+
 SWITCHYARD_AVX512 void weighted_sum_avx512(const float* const* rows, const float* weights,
                                            int count, std::int64_t n, float* out, bool streaming) {
   std::int64_t h = 0;
+  for (; h + 64 <= n; h += 64) {
+    __m512 sums[4];
+    weighted64(rows, weights, count, h, sums);
+    for (int b = 0; b < 4; ++b) store16(out + h + 16 * b, sums[b], streaming);
+  }
   for (; h + 16 <= n; h += 16) store16(out + h, weighted16(rows, weights, count, h), streaming);
   for (; h < n; ++h) out[h] = weighted_at(rows, weights, count, h);
 }
@@ -160,6 +220,12 @@ SWITCHYARD_AVX512 void weighted_sum_bf16_avx512(const float* const* rows, const 
                                                 int count, std::int64_t n, std::uint16_t* out,
                                                 bool streaming) {
   std::int64_t h = 0;
+  for (; h + 64 <= n; h += 64) {
+    __m512 sums[4];
+    weighted64(rows, weights, count, h, sums);
+    store32(out + h, encode32(sums[0], sums[1]), streaming);
+    store32(out + h + 32, encode32(sums[2], sums[3]), streaming);
+  }
   for (; h + 16 <= n; h += 16) {
     store16(out + h, encode16(weighted16(rows, weights, count, h)), streaming);
   }
@@ -169,6 +235,20 @@ SWITCHYARD_AVX512 void weighted_sum_bf16_avx512(const float* const* rows, const 
 SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int64_t n, float* out,
                                   bool streaming) {
   std::int64_t h = 0;
+  for (; h + 64 <= n; h += 64) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int i = 0; i < count; ++i) {
+      const float* row = rows[i] + h;
+      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(row));
+      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(row + 16));
+      s2 = _mm512_add_ps(s2, _mm512_loadu_ps(row + 32));
+      s3 = _mm512_add_ps(s3, _mm512_loadu_ps(row + 48));
+    }
+    store16(out + h, s0, streaming);
+    store16(out + h + 16, s1, streaming);
+    store16(out + h + 32, s2, streaming);
+    store16(out + h + 48, s3, streaming);
+  }
   for (; h + 16 <= n; h += 16) {
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, _mm512_loadu_ps(rows[i] + h));
@@ -180,6 +260,20 @@ SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int6
 SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int count, std::int64_t n,
                                        float* out, bool streaming) {
   std::int64_t h = 0;
+  for (; h + 64 <= n; h += 64) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int i = 0; i < count; ++i) {
+      const std::uint16_t* row = rows[i] + h;
+      s0 = _mm512_add_ps(s0, decode16(row));
+      s1 = _mm512_add_ps(s1, decode16(row + 16));
+      s2 = _mm512_add_ps(s2, decode16(row + 32));
+      s3 = _mm512_add_ps(s3, decode16(row + 48));
+    }
+    store16(out + h, s0, streaming);
+    store16(out + h + 16, s1, streaming);
+    store16(out + h + 32, s2, streaming);
+    store16(out + h + 48, s3, streaming);
+  }
   for (; h + 16 <= n; h += 16) {
     __m512 sum = _mm512_setzero_ps();
     for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, decode16(rows[i] + h));
@@ -215,7 +309,7 @@ const RowKernels kAvx512{
 
 bool has_avx512() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 }
 
 }  // namespace

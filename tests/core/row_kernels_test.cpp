@@ -122,7 +122,7 @@ TEST_CASE("row kernels: sums in row order, every product and sum rounded, on eve
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (const RowKernelIsa isa : available_isas()) {
     const RowKernels& k = detail::row_kernels(isa);
-    for (const std::int64_t n : {1, 16, 31, 2048}) {
+    for (const std::int64_t n : {1, 16, 31, 100, 2048}) {
       for (const int count : {0, 1, 3, 8}) {
         const bool streaming = n == 2048;
         CAPTURE(n);
