@@ -83,6 +83,9 @@ void IdentityExperts::forward_weighted(const WeightedRowsBatch& batch, Stream& /
       }
       weights_[static_cast<std::size_t>(count++)] = slots[j].weight;
     }
+    if (r + 1 < batch.num_rows) {
+      detail::prefetch(batch.rows + static_cast<std::size_t>(r + 1) * in_bytes, in_bytes);
+    }
     // expert_e(row) is the row itself: decode it once, then weigh it once per slot.
     if (count > 0) {
       detail::decode_payload_row(batch.rows + static_cast<std::size_t>(r) * in_bytes, H,

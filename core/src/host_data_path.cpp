@@ -87,6 +87,10 @@ namespace {
 
 using detail::kStreamingBytes;
 
+void prefetch_row(const float* row, std::int64_t hidden) {
+  detail::prefetch(row, to_size(hidden) * sizeof(float));
+}
+
 class HostDataPath final : public DataPath {
  public:
   Device device() const noexcept override { return Device::host(); }
@@ -147,6 +151,7 @@ class HostDataPath final : public DataPath {
     const bool streaming = to_size(a.num_rows) * row_bytes >= kStreamingBytes;
     for (std::int64_t s = 0; s < a.num_rows; ++s) {
       std::byte* row = a.rows + to_size(s) * row_bytes;
+      if (s + 1 < a.num_rows) prefetch_row(a.x + a.send_row_token[s + 1] * a.hidden, a.hidden);
       encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype, row, streaming);
       std::memset(row + data_bytes, 0, row_bytes - data_bytes);
     }
@@ -178,6 +183,7 @@ class HostDataPath final : public DataPath {
     const bool streaming = to_size(first * a.hidden) * sizeof(float) >= kStreamingBytes;
     for (std::int64_t r = 0; r < a.num_rows; ++r) {
       const std::byte* row = a.rows + to_size(r) * row_bytes;
+      if (r + 1 < a.num_rows) detail::prefetch(row + row_bytes, row_bytes);
       for (int j = 0; j < a.slots; ++j) {
         const std::int32_t l = a.meta[r * a.slots + j].local_expert;
         std::int64_t& assignment = a.assignment_of_slot[r * a.slots + j];
@@ -201,6 +207,12 @@ class HostDataPath final : public DataPath {
     const std::size_t row_bytes = to_size(H) * dtype_size(a.combine_dtype);
     const bool streaming = to_size(a.num_rows) * row_bytes >= kStreamingBytes;
     for (std::int64_t r = 0; r < a.num_rows; ++r) {
+      if (r + 1 < a.num_rows) {
+        for (int j = 0; j < a.slots; ++j) {
+          const std::int64_t next = a.assignment_of_slot[(r + 1) * a.slots + j];
+          if (next >= 0) prefetch_row(a.expert_output + next * H, H);
+        }
+      }
       int count = 0;
       for (int j = 0; j < a.slots; ++j) {
         const std::int64_t at = a.assignment_of_slot[r * a.slots + j];
@@ -236,6 +248,11 @@ class HostDataPath final : public DataPath {
     const bool f32 = a.combine_dtype == DType::kF32;
     const bool streaming = to_size(a.num_tokens * H) * sizeof(float) >= kStreamingBytes;
     for (std::int64_t t = 0; t < a.num_tokens; ++t) {
+      if (t + 1 < a.num_tokens) {
+        for (std::int64_t s = first_row_[to_size(t + 1)]; s >= 0; s = next_row_[to_size(s)]) {
+          detail::prefetch(a.combined_rows + to_size(s) * row_bytes, row_bytes);
+        }
+      }
       int count = 0;
       for (std::int64_t s = first_row_[to_size(t)]; s >= 0; s = next_row_[to_size(s)], ++count) {
         const std::byte* row = a.combined_rows + to_size(s) * row_bytes;

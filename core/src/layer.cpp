@@ -8,6 +8,7 @@
 #include "switchyard/layer.hpp"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <optional>
@@ -25,20 +26,25 @@ double seconds_since(Clock::time_point start) {
 
 std::size_t to_size(std::int64_t v) { return static_cast<std::size_t>(v); }
 
-/// Byte counts and offsets of an exchange of `rows[p]` rows of `row_bytes` per peer.
-void row_exchange(const Buffer<std::int64_t>& rows, std::size_t row_bytes,
-                  Buffer<std::size_t>& counts, Buffer<std::size_t>& offsets) {
+std::span<const std::size_t> span_of(const Buffer<std::size_t>& b) { return {b.data(), b.size()}; }
+
+/// Byte counts and offsets of an exchange of `rows[p]` rows of `row_bytes` per peer that
+/// skips this rank's own block (`self`): the layer moves its own rows in place, so the
+/// transport copies only what crosses ranks. `compact`: the buffer holds no self block (a
+/// send side); else the self block keeps its place in it (a receive side, where the layer
+/// writes it directly).
+void peer_exchange(const Buffer<std::int64_t>& rows, std::size_t self, std::size_t row_bytes,
+                   bool compact, Buffer<std::size_t>& counts, Buffer<std::size_t>& offsets) {
   counts.resize(rows.size());
   offsets.resize(rows.size());
   std::size_t offset = 0;
   for (std::size_t p = 0; p < rows.size(); ++p) {
-    counts[p] = to_size(rows[p]) * row_bytes;
+    const std::size_t bytes = to_size(rows[p]) * row_bytes;
+    counts[p] = p == self ? 0 : bytes;
     offsets[p] = offset;
-    offset += counts[p];
+    if (p != self || !compact) offset += bytes;
   }
 }
-
-std::span<const std::size_t> span_of(const Buffer<std::size_t>& b) { return {b.data(), b.size()}; }
 
 }  // namespace
 
@@ -332,17 +338,21 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
 void MoELayer::weigh_rows(DispatchHandle& h) {
   place_partials(h, /*in_expert_buffers=*/false);
   const int K = h.slots_;
-  WeightedRowsBatch batch;
-  batch.rows = h.recv_rows_.data();
-  batch.dtype = parts_.payload_dtype;
-  batch.meta = h.recv_meta_.data();
-  batch.num_rows = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
-  batch.slots = K;
-  batch.hidden = hidden_;
-  batch.partial_dtype = parts_.combine_dtype;
-  batch.partials = h.partial_at_;
+  const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, hidden_);
   if (!parts_.experts->capabilities().stream_ordered) host_ready();
-  parts_.experts->forward_weighted(batch, *stream_);
+  for (const PartialRows& rows : partial_segments(h)) {
+    if (rows.count == 0) continue;
+    WeightedRowsBatch batch;
+    batch.rows = h.recv_rows_.data() + to_size(rows.first) * row_bytes;
+    batch.dtype = parts_.payload_dtype;
+    batch.meta = h.recv_meta_.data() + rows.first * K;
+    batch.num_rows = rows.count;
+    batch.slots = K;
+    batch.hidden = hidden_;
+    batch.partial_dtype = parts_.combine_dtype;
+    batch.partials = rows.out;
+    parts_.experts->forward_weighted(batch, *stream_);
+  }
   host_ready();
 }
 
@@ -514,14 +524,22 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
     S += h.rows_to_[p];
     N += h.rows_from_[p];
   }
-  row_exchange(h.rows_to_, row_bytes, h.send_bytes_, h.send_offsets_);
-  row_exchange(h.rows_from_, row_bytes, h.recv_bytes_, h.recv_offsets_);
-  row_exchange(h.rows_to_, meta_bytes, h.meta_send_bytes_, h.meta_send_offsets_);
-  row_exchange(h.rows_from_, meta_bytes, h.meta_recv_bytes_, h.meta_recv_offsets_);
+  // This rank's own rows are packed straight into its receive buffer and their slots
+  // copied there: the exchanges skip them.
+  const auto me = static_cast<std::size_t>(transport.rank());
+  const std::int64_t self_rows = h.rows_to_[me];
+  peer_exchange(h.rows_to_, me, row_bytes, /*compact=*/true, h.send_bytes_, h.send_offsets_);
+  peer_exchange(h.rows_from_, me, row_bytes, /*compact=*/false, h.recv_bytes_, h.recv_offsets_);
+  peer_exchange(h.rows_to_, me, meta_bytes, /*compact=*/false, h.meta_send_bytes_,
+                h.meta_send_offsets_);
+  peer_exchange(h.rows_from_, me, meta_bytes, /*compact=*/false, h.meta_recv_bytes_,
+                h.meta_recv_offsets_);
 
   h.send_row_token_.resize(to_size(S));
   h.send_meta_.resize(to_size(S * K));
-  h.send_rows_.resize(to_size(S) * row_bytes);
+  h.send_rows_.resize(to_size(S - self_rows) * row_bytes);
+  h.recv_rows_.resize(to_size(N) * row_bytes);
+  h.recv_meta_.resize(to_size(N * K));
   LayoutArgs layout;
   layout.experts = tokens.experts;
   layout.weights = tokens.weights;
@@ -532,16 +550,27 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
   layout.send_row_token = h.send_row_token_.data();
   layout.send_meta = h.send_meta_.data();
   data_path_->layout(layout, *stream_);
-  PackArgs pack;
-  pack.x = tokens.x;
-  pack.hidden = H;
-  pack.send_row_token = h.send_row_token_.data();
-  pack.num_rows = S;
-  pack.dtype = parts_.payload_dtype;
-  pack.rows = h.send_rows_.data();
-  data_path_->pack(pack, *stream_);
-  h.recv_rows_.resize(to_size(N) * row_bytes);
-  h.recv_meta_.resize(to_size(N * K));
+  const std::int64_t self_first = h.rows_to_offset_[me];
+  auto pack = [&](std::int64_t first, std::int64_t count, std::byte* rows) {
+    if (count == 0) return;
+    PackArgs args;
+    args.x = tokens.x;
+    args.hidden = H;
+    args.send_row_token = h.send_row_token_.data() + first;
+    args.num_rows = count;
+    args.dtype = parts_.payload_dtype;
+    args.rows = rows;
+    data_path_->pack(args, *stream_);
+  };
+  pack(0, self_first, h.send_rows_.data());
+  pack(self_first, self_rows, h.recv_rows_.data() + to_size(h.rows_from_offset_[me]) * row_bytes);
+  pack(self_first + self_rows, S - self_first - self_rows,
+       h.send_rows_.data() + to_size(self_first) * row_bytes);
+  if (self_rows > 0) {
+    data_path_->copy(h.recv_meta_.data() + h.rows_from_offset_[me] * K,
+                     h.send_meta_.data() + self_first * K,
+                     to_size(self_rows * K) * sizeof(SlotMeta), *stream_);
+  }
   timings_.layout_s += seconds_since(start);
 }
 
@@ -595,23 +624,25 @@ void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, c
                            bool in_expert_buffers) {
   const std::int64_t H = hidden_;
   const int K = h.slots_;
-  const std::int64_t N = static_cast<std::int64_t>(h.assignment_of_slot_.size()) / (K ? K : 1);
   const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
   // Shapes are checked on every rank before anything is sent; a mismatch is a caller bug
   // that would otherwise corrupt memory.
   expert_output.require_on(data_path_->device(), "MoE combine expert_output", DType::kF32, {A, H});
   y.require_on(data_path_->device(), "MoE combine y", DType::kF32, {h.num_tokens_, H});
   place_partials(h, in_expert_buffers);
-  WeightedReduceArgs reduce;
-  reduce.expert_output = expert_output.data_as<const float>();
-  reduce.meta = h.recv_meta_.data();
-  reduce.assignment_of_slot = h.assignment_of_slot_.data();
-  reduce.num_rows = N;
-  reduce.slots = K;
-  reduce.hidden = H;
-  reduce.combine_dtype = parts_.combine_dtype;
-  reduce.partial_rows = h.partial_at_;
-  data_path_->weighted_reduce(reduce, *stream_);
+  for (const PartialRows& rows : partial_segments(h)) {
+    if (rows.count == 0) continue;
+    WeightedReduceArgs reduce;
+    reduce.expert_output = expert_output.data_as<const float>();
+    reduce.meta = h.recv_meta_.data() + rows.first * K;
+    reduce.assignment_of_slot = h.assignment_of_slot_.data() + rows.first * K;
+    reduce.num_rows = rows.count;
+    reduce.slots = K;
+    reduce.hidden = H;
+    reduce.combine_dtype = parts_.combine_dtype;
+    reduce.partial_rows = rows.out;
+    data_path_->weighted_reduce(reduce, *stream_);
+  }
 }
 
 void MoELayer::place_partials(DispatchHandle& h, bool in_expert_buffers) {
@@ -619,29 +650,46 @@ void MoELayer::place_partials(DispatchHandle& h, bool in_expert_buffers) {
   const int K = h.slots_;
   const std::int64_t N = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
   const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
+  const auto me = static_cast<std::size_t>(parts_.transport->rank());
   const std::size_t row_bytes = to_size(H) * dtype_size(parts_.combine_dtype);
-  // In expert buffers: N <= A (each received row has a slot here) unless the handle is
-  // broken, and S fits unless this rank sent more rows than it received slots.
-  if (in_expert_buffers && to_size(N) * row_bytes <= h.expert_input_.size() * sizeof(float)) {
+  // The partial sums of this rank's own rows go straight to their place among the
+  // returned rows; the partials buffer holds the others'.
+  const std::size_t partial_bytes = to_size(N - h.rows_from_[me]) * row_bytes;
+  const std::size_t combined_bytes = to_size(S) * row_bytes;
+  // In expert buffers: the expert input rows are dead once the experts ran, and hold both
+  // when they fit (A >= N rows of f32; the reduce reads the expert output rows meanwhile).
+  const std::size_t dead_bytes = in_expert_buffers ? h.expert_input_.size() * sizeof(float) : 0;
+  if (partial_bytes + combined_bytes <= dead_bytes) {
     h.partial_at_ = reinterpret_cast<std::byte*>(h.expert_input_.data());
+    h.combined_at_ = h.partial_at_ + partial_bytes;
   } else {
-    h.partial_rows_.resize(to_size(N) * row_bytes);
+    h.partial_rows_.resize(partial_bytes);
+    h.combined_rows_.resize(combined_bytes);
     h.partial_at_ = h.partial_rows_.data();
-  }
-  if (in_expert_buffers && to_size(S) * row_bytes <= h.expert_output_.size() * sizeof(float)) {
-    h.combined_at_ = reinterpret_cast<std::byte*>(h.expert_output_.data());
-  } else {
-    h.combined_rows_.resize(to_size(S) * row_bytes);
     h.combined_at_ = h.combined_rows_.data();
   }
   // Back to the token's rank: the dispatch counts reversed.
-  row_exchange(h.rows_from_, row_bytes, h.back_send_bytes_, h.back_send_offsets_);
-  row_exchange(h.rows_to_, row_bytes, h.back_recv_bytes_, h.back_recv_offsets_);
-  const int me = parts_.transport->rank();
+  peer_exchange(h.rows_from_, me, row_bytes, /*compact=*/true, h.back_send_bytes_,
+                h.back_send_offsets_);
+  peer_exchange(h.rows_to_, me, row_bytes, /*compact=*/false, h.back_recv_bytes_,
+                h.back_recv_offsets_);
   traffic_.combine_bytes = 0;
-  for (int p = 0; p < parts_.transport->size(); ++p) {
-    if (p != me) traffic_.combine_bytes += h.back_send_bytes_[static_cast<std::size_t>(p)];
+  for (std::size_t p = 0; p < h.back_send_bytes_.size(); ++p) {
+    traffic_.combine_bytes += h.back_send_bytes_[p];
   }
+}
+
+std::array<MoELayer::PartialRows, 3> MoELayer::partial_segments(const DispatchHandle& h) const {
+  const auto me = static_cast<std::size_t>(parts_.transport->rank());
+  const int K = h.slots_;
+  const std::int64_t N = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
+  const std::int64_t self_first = h.rows_from_offset_[me], self_rows = h.rows_from_[me];
+  const std::size_t row_bytes = to_size(hidden_) * dtype_size(parts_.combine_dtype);
+  return {PartialRows{0, self_first, h.partial_at_},
+          PartialRows{self_first, self_rows,
+                      h.combined_at_ + to_size(h.rows_to_offset_[me]) * row_bytes},
+          PartialRows{self_first + self_rows, N - self_first - self_rows,
+                      h.partial_at_ + to_size(self_first) * row_bytes}};
 }
 
 void MoELayer::sum_rows(DispatchHandle& h, float* y) {

@@ -2,6 +2,7 @@
 /// \file
 /// One expert-parallel MoE layer on one rank: route → dispatch → experts → combine.
 
+#include <array>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -233,6 +234,14 @@ class MoELayer {
   /// Where the partial sums and the returned rows go (see `reduce_rows`), and the
   /// combine's byte counts.
   void place_partials(DispatchHandle& h, bool in_expert_buffers);
+  /// Received rows [first, first + count) whose partial sums go to `out`, contiguous.
+  struct PartialRows {
+    std::int64_t first = 0, count = 0;
+    std::byte* out = nullptr;
+  };
+  /// A placed handle's received rows in three runs: those before this rank's own, its own
+  /// (summed straight into the returned rows), those after.
+  std::array<PartialRows, 3> partial_segments(const DispatchHandle& h) const;
   /// y [h.num_tokens_, H] = the returned rows summed per token.
   void sum_rows(DispatchHandle& h, float* y);
   /// The exchanges of a staged handle: rows, their slots, and the partial sums back.
