@@ -76,6 +76,10 @@ ConfigSchema core_schema(std::string_view section) {
           "F, the expert's inner width, for random weights (with a checkpoint: must agree if set)",
           checks::int_range(1, 1 << 22));
     s.add("seed", T::kInt, ConfigValue{std::int64_t{1}}, "seed of the random weights");
+    s.add("dtype", T::kString, ConfigValue{std::string("f32")},
+          "dtype of the random expert weights: f32, or bf16 (the same draw rounded); a "
+          "checkpoint keeps its own",
+          checks::one_of({"f32", "bf16"}));
   } else if (section == "input") {
     s.add("tokens", T::kString, std::nullopt,
           ".npy file of float32 tokens [T,H]; unset: num_tokens synthetic tokens");

@@ -28,11 +28,19 @@ class SplitMix64 {
   std::uint64_t state_;
 };
 
-HostTensor random_matrix(SplitMix64& rng, std::int64_t rows, std::int64_t cols) {
-  HostTensor t(DType::kF32, {rows, cols});
+/// A random [rows, cols] matrix in `dtype` (f32 or bf16: the f32 draw rounded).
+HostTensor random_matrix(SplitMix64& rng, std::int64_t rows, std::int64_t cols,
+                         DType dtype = DType::kF32) {
+  HostTensor t(dtype, {rows, cols});
   const float scale = 1.0f / std::sqrt(static_cast<float>(cols));
-  float* p = t.data<float>();
-  for (std::int64_t i = 0; i < rows * cols; ++i) p[i] = rng.symmetric() * scale;
+  for (std::int64_t i = 0; i < rows * cols; ++i) {
+    const float value = rng.symmetric() * scale;
+    if (dtype == DType::kBF16) {
+      t.data<std::uint16_t>()[i] = float_to_bf16(value);
+    } else {
+      t.data<float>()[i] = value;
+    }
+  }
   return t;
 }
 
@@ -47,10 +55,15 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 
 }  // namespace
 
-ModelWeights ModelWeights::random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed) {
+ModelWeights ModelWeights::random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed,
+                                  DType expert_dtype) {
   if (num_experts < 1 || hidden < 1 || ffn_hidden < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 "model: num_experts, hidden and ffn_hidden must be >= 1");
+  }
+  if (expert_dtype != DType::kF32 && expert_dtype != DType::kBF16) {
+    throw Error(ErrorCode::kInvalidArgument, "model: random expert weights are f32 or bf16, not " +
+                                                 std::string(dtype_name(expert_dtype)));
   }
   ModelWeights m;
   m.num_experts_ = num_experts;
@@ -59,11 +72,12 @@ ModelWeights ModelWeights::random(int num_experts, int hidden, int ffn_hidden, s
   SplitMix64 rng(seed);
   m.gate_ = random_matrix(rng, num_experts, hidden);
   for (int e = 0; e < num_experts; ++e) {
-    m.gate_proj_.push_back(random_matrix(rng, ffn_hidden, hidden));
-    m.up_proj_.push_back(random_matrix(rng, ffn_hidden, hidden));
-    m.down_proj_.push_back(random_matrix(rng, hidden, ffn_hidden));
+    m.gate_proj_.push_back(random_matrix(rng, ffn_hidden, hidden, expert_dtype));
+    m.up_proj_.push_back(random_matrix(rng, ffn_hidden, hidden, expert_dtype));
+    m.down_proj_.push_back(random_matrix(rng, hidden, ffn_hidden, expert_dtype));
   }
-  m.description_ = "random (seed " + std::to_string(seed) + ")";
+  m.description_ = "random (seed " + std::to_string(seed) +
+                   (expert_dtype == DType::kBF16 ? ", bf16 experts)" : ")");
   return m;
 }
 

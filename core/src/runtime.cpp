@@ -61,7 +61,8 @@ ModelWeights load_model(const ConfigSection& model) {
     return ModelWeights::random(static_cast<int>(model.get_int("num_experts")),
                                 static_cast<int>(model.get_int("hidden")),
                                 static_cast<int>(model.get_int("ffn_hidden")),
-                                static_cast<std::uint64_t>(model.get_int("seed")));
+                                static_cast<std::uint64_t>(model.get_int("seed")),
+                                model.get_string("dtype") == "bf16" ? DType::kBF16 : DType::kF32);
   }
   const auto format = model.get_string("format") == "mixtral" ? CheckpointFormat::kMixtral
                                                               : CheckpointFormat::kDeepseek;

@@ -1,6 +1,8 @@
 #include <doctest/doctest.h>
 
+#include <cstring>
 #include <fstream>
+#include <utility>
 
 #include "switchyard/io.hpp"
 #include "switchyard/model.hpp"
@@ -154,4 +156,26 @@ TEST_CASE("model weights load from both naming conventions") {
   CHECK(test::error_message([&] {
           ModelWeights::load(dir / "missing.safetensors", CheckpointFormat::kDeepseek, "");
         }).find("experts.0.gate_proj.weight not found") != std::string::npos);
+}
+
+TEST_CASE("random bf16 experts are the f32 draw rounded to nearest even; the gate stays f32") {
+  const ModelWeights f32 = ModelWeights::random(3, 8, 5, 9);
+  const ModelWeights bf16 = ModelWeights::random(3, 8, 5, 9, DType::kBF16);
+  CHECK(std::memcmp(f32.gate().bytes(), bf16.gate().bytes(), f32.gate().size_bytes()) == 0);
+  const auto a = f32.experts(0, 3), b = bf16.experts(0, 3);
+  for (std::size_t e = 0; e < 3; ++e) {
+    for (const auto& [wide, narrow] : {std::pair{a[e].gate, b[e].gate}, std::pair{a[e].up, b[e].up},
+                                       std::pair{a[e].down, b[e].down}}) {
+      REQUIRE(narrow.dtype() == DType::kBF16);
+      for (std::int64_t i = 0; i < wide.numel(); ++i) {
+        // By hand: add half an ulp of bf16 (and one more for an odd result), drop 16 bits.
+        std::uint32_t bits = 0;
+        std::memcpy(&bits, wide.data_as<const float>() + i, 4);
+        const auto expected =
+            static_cast<std::uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+        CHECK(narrow.data_as<const std::uint16_t>()[i] == expected);
+      }
+    }
+  }
+  CHECK_THROWS_AS(ModelWeights::random(3, 8, 5, 9, DType::kF16), Error);
 }

@@ -22,14 +22,16 @@ enum class CheckpointFormat {
 };
 
 /// Weights of one MoE layer in host memory: the router gate (and bias) in f32, the experts in
-/// the checkpoint's dtype (f32, bf16 or f16; random weights are f32), never widened, so a
+/// the checkpoint's dtype (f32, bf16 or f16; random weights f32 or bf16), never widened, so a
 /// BF16 checkpoint takes its own size in memory. Immutable after construction, so one
 /// instance can be shared by every in-process rank.
 class ModelWeights {
  public:
   /// Deterministic random weights (uniform in ±1/sqrt(fan_in)) from `seed`, identical on
-  /// every machine.
-  static ModelWeights random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed);
+  /// every machine. `expert_dtype` f32 or bf16 (the same draw rounded to nearest even); the
+  /// gate is f32 either way.
+  static ModelWeights random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed,
+                             DType expert_dtype = DType::kF32);
   /// Loads from a safetensors file; F32, BF16 and F16 tensors are accepted, the gate is
   /// widened to f32 and the experts are kept as stored. Shapes
   /// are taken from `{prefix}gate.weight` [E,H] and expert 0's gate [F,H]; every other
