@@ -53,6 +53,7 @@ struct BenchOptions {
   std::uint64_t routing_seed = 7;
   std::int64_t tokens_per_rank = 0;  // 0: the config's input.num_tokens split over ranks
   std::string json_path;
+  bool exchange_only = false;  // dispatch + combine and the raw alltoallv only (sweeps)
 };
 
 /// k distinct experts per token, uniformly at random (seeded per rank), weights 1/k.
@@ -384,19 +385,21 @@ int bench(Runtime& runtime, const BenchOptions& options) {
       layer.route(xs, plan);
     }
 
-    progress("route");
-    RoutingPlan routed;
-    f["route_s"] = timer.median_of_slowest([&] { layer.route(xs, routed); });
+    if (!options.exchange_only) {
+      progress("route");
+      RoutingPlan routed;
+      f["route_s"] = timer.median_of_slowest([&] { layer.route(xs, routed); });
 #ifdef SWITCHYARD_BENCH_OPENBLAS
-    openblas_set_num_threads(1);
-    std::vector<float> logits(static_cast<std::size_t>(count * model.num_experts()));
-    const float* gate = model.gate().view().data_as<const float>();
-    f["logits_gemm_s"] = timer.median_of_slowest([&] {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(count),
-                  model.num_experts(), model.hidden(), 1.0f, xs.data_as<const float>(),
-                  model.hidden(), gate, model.hidden(), 0.0f, logits.data(), model.num_experts());
-    });
+      openblas_set_num_threads(1);
+      std::vector<float> logits(static_cast<std::size_t>(count * model.num_experts()));
+      const float* gate = model.gate().view().data_as<const float>();
+      f["logits_gemm_s"] = timer.median_of_slowest([&] {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(count),
+                    model.num_experts(), model.hidden(), 1.0f, xs.data_as<const float>(),
+                    model.hidden(), gate, model.hidden(), 0.0f, logits.data(), model.num_experts());
+      });
 #endif
+    }
 
     progress("dispatch + combine (identity experts)");
     // The layer's own forward from the plan, its experts replaced by identity experts: the
@@ -417,17 +420,27 @@ int bench(Runtime& runtime, const BenchOptions& options) {
                                       {"weigh", phases.experts_s},
                                       {"combine", phases.combine_s}};
 
-    progress("dispatch + combine, grouped (public dispatch and combine)");
     DispatchHandle handle;
-    f["grouped_dispatch_combine_s"] = timer.median_of_slowest([&] {
-      layer.dispatch(xs, plan, handle);
-      layer.combine(handle, handle.expert_input(), y.view());
-    });
+    if (!options.exchange_only) {
+      progress("dispatch + combine, grouped (public dispatch and combine)");
+      f["grouped_dispatch_combine_s"] = timer.median_of_slowest([&] {
+        layer.dispatch(xs, plan, handle);
+        layer.combine(handle, handle.expert_input(), y.view());
+      });
+    }
 
     progress("raw alltoallv");
     RawExchange raw(ep, layer.placement(), plan, model.hidden(), payload, combine);
     f["raw_alltoallv_s"] = timer.median_of_slowest([&] { raw.step(); });
     f["bytes_raw_dispatch"] = raw.bytes_out();
+    if (options.exchange_only) {
+      f["allocations_per_step"] = identity_allocations;
+      if (local == 0 && rank == 0) {
+        std::lock_guard<std::mutex> lock(mutex);
+        figures = std::move(f);
+      }
+      return;
+    }
 
     progress("naive dispatch + combine");
     NaiveDispatcher naive(ep, layer.placement(), model.hidden(), payload == PayloadDType::kBF16);
@@ -531,17 +544,23 @@ int bench(Runtime& runtime, const BenchOptions& options) {
   row("route", "route_s", "logits_gemm_s", "logits sgemm");
   row("experts", "expert_s", "gemm_reference_s", "sgemm of their FLOPs");
   row("layer forward", "layer_forward_s", nullptr, nullptr);
-  std::printf("  bytes dispatched per rank: runtime %llu, naive %llu (%.2fx)\n",
-              figures["bytes_dispatch"].get<unsigned long long>(),
-              figures["bytes_naive_dispatch"].get<unsigned long long>(),
-              ratio("bytes_naive_dispatch", "bytes_dispatch"));
-  std::printf(
-      "  layer buffers %.1f MiB (input + output %.1f MiB, received rows %.1f MiB), "
-      "allocations per step %.2f, memcpy %.1f GB/s\n",
-      figures["peak_buffer_bytes"].get<double>() / (1 << 20),
-      figures["input_output_bytes"].get<double>() / (1 << 20),
-      figures["received_row_bytes"].get<double>() / (1 << 20),
-      figures["allocations_per_step"].get<double>(), memcpy_bps / 1e9);
+  if (options.exchange_only) {
+    std::printf("  bytes dispatched per rank %llu, allocations per step %.2f, memcpy %.1f GB/s\n",
+                figures["bytes_dispatch"].get<unsigned long long>(),
+                figures["allocations_per_step"].get<double>(), memcpy_bps / 1e9);
+  } else {
+    std::printf("  bytes dispatched per rank: runtime %llu, naive %llu (%.2fx)\n",
+                figures["bytes_dispatch"].get<unsigned long long>(),
+                figures["bytes_naive_dispatch"].get<unsigned long long>(),
+                ratio("bytes_naive_dispatch", "bytes_dispatch"));
+    std::printf(
+        "  layer buffers %.1f MiB (input + output %.1f MiB, received rows %.1f MiB), "
+        "allocations per step %.2f, memcpy %.1f GB/s\n",
+        figures["peak_buffer_bytes"].get<double>() / (1 << 20),
+        figures["input_output_bytes"].get<double>() / (1 << 20),
+        figures["received_row_bytes"].get<double>() / (1 << 20),
+        figures["allocations_per_step"].get<double>(), memcpy_bps / 1e9);
+  }
   if (!options.json_path.empty()) {
     std::ofstream out(options.json_path);
     out << figures.dump(2) << "\n";
@@ -570,6 +589,8 @@ int bench_command(const std::vector<std::string>& args) {
       options.warmup = static_cast<int>(number(i, "--warmup"));
     } else if (args[i] == "--tokens-per-rank") {
       options.tokens_per_rank = number(i, "--tokens-per-rank");
+    } else if (args[i] == "--exchange-only") {
+      options.exchange_only = true;
     } else if (args[i] == "--json" && i + 1 < args.size()) {
       options.json_path = args[++i];
     } else if (args[i] == "--routing" && i + 1 < args.size()) {
@@ -587,10 +608,10 @@ int bench_command(const std::vector<std::string>& args) {
     }
   }
   if (config_path.empty() || options.iters < 1 || options.warmup < 0) {
-    std::fprintf(
-        stderr,
-        "usage: switchyard bench CONFIG [--iters N] [--warmup N] [--routing "
-        "uniform|router] [--tokens-per-rank N] [--json OUT] [--set section.key=value]...\n");
+    std::fprintf(stderr,
+                 "usage: switchyard bench CONFIG [--iters N] [--warmup N] [--routing "
+                 "uniform|router] [--tokens-per-rank N] [--exchange-only] [--json OUT] [--set "
+                 "section.key=value]...\n");
     return kExitUsage;
   }
   const Config config = load_config(config_path, sets);

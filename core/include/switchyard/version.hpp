@@ -27,12 +27,18 @@
 #define SWITCHYARD_STDLIB_ID "unknown stdlib"
 #endif
 
+/// Raised whenever a class that crosses the plugin boundary changes its layout within a
+/// core version (a virtual function added, a member moved), so that a plugin built before
+/// is refused by its build id instead of calling through a stale vtable. Revision 2:
+/// `ExpertKernel::fuses_weighted_rows` and `forward_weighted`.
+#define SWITCHYARD_INTERFACE_REVISION "2"
+
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
 /// C++ objects (std::string, std::vector, vtables) cross the plugin boundary.
 #define SWITCHYARD_BUILD_ID                                                                     \
   "switchyard " SWITCHYARD_VERSION_STRING "; " SWITCHYARD_COMPILER_ID "; " SWITCHYARD_STDLIB_ID \
-  "; c++ " SWITCHYARD_STRINGIFY(__cplusplus)
+  "; c++ " SWITCHYARD_STRINGIFY(__cplusplus) "; interfaces " SWITCHYARD_INTERFACE_REVISION
 
 namespace switchyard {
 /// The build id this core was compiled with.
