@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "switchyard/data_path.hpp"
@@ -154,6 +155,38 @@ class HostDataPath final : public DataPath {
       if (s + 1 < a.num_rows) prefetch_row(a.x + a.send_row_token[s + 1] * a.hidden, a.hidden);
       encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype, row, streaming);
       std::memset(row + data_bytes, 0, row_bytes - data_bytes);
+    }
+    if (streaming) detail::row_kernels().fence();
+  }
+
+  void pack_runs(const PackArgs& a, std::span<const PackRun> runs, Stream& /*stream*/) override {
+    // Token-major: each step takes the smallest token at the head of any run and encodes
+    // its row once per run that holds it, so x is read once, the repeats from the cache.
+    const std::size_t row_bytes = payload_row_bytes(a.dtype, a.hidden);
+    const std::size_t data_bytes = encoded_bytes(a.dtype, a.hidden);
+    std::int64_t total = 0;
+    for (const PackRun& run : runs) total += run.num_rows;
+    const bool streaming = to_size(total) * row_bytes >= kStreamingBytes;
+    cursor_.assign(runs.size(), 0);
+    auto head_token = [&](std::size_t r) {
+      return cursor_[r] < runs[r].num_rows ? a.send_row_token[runs[r].first_row + cursor_[r]]
+                                           : std::numeric_limits<std::int64_t>::max();
+    };
+    auto smallest_head = [&] {
+      std::int64_t t = std::numeric_limits<std::int64_t>::max();
+      for (std::size_t r = 0; r < runs.size(); ++r) t = std::min(t, head_token(r));
+      return t;
+    };
+    for (std::int64_t t = smallest_head(); t != std::numeric_limits<std::int64_t>::max();) {
+      const float* x = a.x + t * a.hidden;
+      for (std::size_t r = 0; r < runs.size(); ++r) {
+        if (head_token(r) != t) continue;
+        std::byte* row = runs[r].rows + to_size(cursor_[r]++) * row_bytes;
+        encode_row(x, a.hidden, a.dtype, row, streaming);
+        std::memset(row + data_bytes, 0, row_bytes - data_bytes);
+      }
+      t = smallest_head();
+      if (t != std::numeric_limits<std::int64_t>::max()) prefetch_row(a.x + t * a.hidden, a.hidden);
     }
     if (streaming) detail::row_kernels().fence();
   }

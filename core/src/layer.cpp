@@ -96,7 +96,7 @@ std::size_t DispatchHandle::capacity_bytes() const noexcept {
     bytes += b->capacity_bytes();
   for (const auto* b : {&send_rows_, &recv_rows_, &partial_rows_, &combined_rows_})
     bytes += b->capacity_bytes();
-  bytes += send_meta_.capacity_bytes() + recv_meta_.capacity_bytes();
+  bytes += send_meta_.capacity_bytes() + recv_meta_.capacity_bytes() + pack_runs_.capacity_bytes();
   bytes += expert_input_.capacity_bytes() + expert_output_.capacity_bytes();
   return bytes;
 }
@@ -551,21 +551,20 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
   layout.send_meta = h.send_meta_.data();
   data_path_->layout(layout, *stream_);
   const std::int64_t self_first = h.rows_to_offset_[me];
-  auto pack = [&](std::int64_t first, std::int64_t count, std::byte* rows) {
-    if (count == 0) return;
-    PackArgs args;
-    args.x = tokens.x;
-    args.hidden = H;
-    args.send_row_token = h.send_row_token_.data() + first;
-    args.num_rows = count;
-    args.dtype = parts_.payload_dtype;
-    args.rows = rows;
-    data_path_->pack(args, *stream_);
-  };
-  pack(0, self_first, h.send_rows_.data());
-  pack(self_first, self_rows, h.recv_rows_.data() + to_size(h.rows_from_offset_[me]) * row_bytes);
-  pack(self_first + self_rows, S - self_first - self_rows,
-       h.send_rows_.data() + to_size(self_first) * row_bytes);
+  // One run per destination: the peers' into the send buffer, this rank's own in place.
+  h.pack_runs_.resize(r_size);
+  for (std::size_t p = 0; p < r_size; ++p) {
+    std::byte* rows = p == me ? h.recv_rows_.data() + to_size(h.rows_from_offset_[me]) * row_bytes
+                              : h.send_rows_.data() + h.send_offsets_[p];
+    h.pack_runs_[p] = {h.rows_to_offset_[p], h.rows_to_[p], rows};
+  }
+  PackArgs pack;
+  pack.x = tokens.x;
+  pack.hidden = H;
+  pack.send_row_token = h.send_row_token_.data();
+  pack.num_rows = S;
+  pack.dtype = parts_.payload_dtype;
+  data_path_->pack_runs(pack, {h.pack_runs_.data(), r_size}, *stream_);
   if (self_rows > 0) {
     data_path_->copy(h.recv_meta_.data() + h.rows_from_offset_[me] * K,
                      h.send_meta_.data() + self_first * K,

@@ -401,38 +401,36 @@ int bench(Runtime& runtime, const BenchOptions& options) {
 #endif
     }
 
-    progress("dispatch + combine (identity experts)");
-    // The layer's own forward from the plan, its experts replaced by identity experts: the
-    // fused path (the received rows are weighed as they arrived, no expert-grouped copy).
-    MoELayerParts identity_parts = layer.parts();
-    identity_parts.experts = std::make_shared<IdentityExperts>(layer.experts().num_local_experts());
-    MoELayer identity(std::move(identity_parts));
-    identity.forward(xs, plan, y.view());  // sizes its buffers
-    const std::uint64_t identity_sized = buffer_allocations();
-    f["dispatch_combine_s"] =
-        timer.median_of_slowest([&] { identity.forward(xs, plan, y.view()); });
-    const double identity_allocations = static_cast<double>(buffer_allocations() - identity_sized) /
-                                        (options.warmup + options.iters);
-    f["bytes_dispatch"] = identity.traffic().dispatch_bytes;
-    const LayerTimings& phases = identity.timings();
-    f["dispatch_combine_phases_s"] = {{"layout", phases.layout_s},
-                                      {"dispatch", phases.dispatch_s},
-                                      {"weigh", phases.experts_s},
-                                      {"combine", phases.combine_s}};
-
-    DispatchHandle handle;
-    if (!options.exchange_only) {
-      progress("dispatch + combine, grouped (public dispatch and combine)");
-      f["grouped_dispatch_combine_s"] = timer.median_of_slowest([&] {
-        layer.dispatch(xs, plan, handle);
-        layer.combine(handle, handle.expert_input(), y.view());
-      });
+    // Each measurement below holds its buffers only while it runs: world 4 on one machine
+    // holds four ranks' worth of each.
+    double identity_allocations = 0;
+    {
+      progress("dispatch + combine (identity experts)");
+      // The layer's own forward from the plan, its experts replaced by identity experts: the
+      // fused path (the received rows are weighed as they arrived, no expert-grouped copy).
+      MoELayerParts identity_parts = layer.parts();
+      identity_parts.experts =
+          std::make_shared<IdentityExperts>(layer.experts().num_local_experts());
+      MoELayer identity(std::move(identity_parts));
+      identity.forward(xs, plan, y.view());  // sizes its buffers
+      const std::uint64_t identity_sized = buffer_allocations();
+      f["dispatch_combine_s"] =
+          timer.median_of_slowest([&] { identity.forward(xs, plan, y.view()); });
+      identity_allocations = static_cast<double>(buffer_allocations() - identity_sized) /
+                             (options.warmup + options.iters);
+      f["bytes_dispatch"] = identity.traffic().dispatch_bytes;
+      const LayerTimings& phases = identity.timings();
+      f["dispatch_combine_phases_s"] = {{"layout", phases.layout_s},
+                                        {"dispatch", phases.dispatch_s},
+                                        {"weigh", phases.experts_s},
+                                        {"combine", phases.combine_s}};
     }
-
-    progress("raw alltoallv");
-    RawExchange raw(ep, layer.placement(), plan, model.hidden(), payload, combine);
-    f["raw_alltoallv_s"] = timer.median_of_slowest([&] { raw.step(); });
-    f["bytes_raw_dispatch"] = raw.bytes_out();
+    {
+      progress("raw alltoallv");
+      RawExchange raw(ep, layer.placement(), plan, model.hidden(), payload, combine);
+      f["raw_alltoallv_s"] = timer.median_of_slowest([&] { raw.step(); });
+      f["bytes_raw_dispatch"] = raw.bytes_out();
+    }
     if (options.exchange_only) {
       f["allocations_per_step"] = identity_allocations;
       if (local == 0 && rank == 0) {
@@ -441,28 +439,39 @@ int bench(Runtime& runtime, const BenchOptions& options) {
       }
       return;
     }
+    {
+      progress("naive dispatch + combine");
+      NaiveDispatcher naive(ep, layer.placement(), model.hidden(), payload == PayloadDType::kBF16);
+      f["naive_dispatch_combine_s"] = timer.median_of_slowest(
+          [&] { naive.step(xs.data_as<const float>(), plan, y.data<float>()); });
+      f["bytes_naive_dispatch"] = naive.dispatch_bytes();
+    }
+    std::int64_t expert_rows = 0;
+    {
+      progress("dispatch + combine, grouped (public dispatch and combine)");
+      DispatchHandle handle;
+      f["grouped_dispatch_combine_s"] = timer.median_of_slowest([&] {
+        layer.dispatch(xs, plan, handle);
+        layer.combine(handle, handle.expert_input(), y.view());
+      });
 
-    progress("naive dispatch + combine");
-    NaiveDispatcher naive(ep, layer.placement(), model.hidden(), payload == PayloadDType::kBF16);
-    f["naive_dispatch_combine_s"] = timer.median_of_slowest(
-        [&] { naive.step(xs.data_as<const float>(), plan, y.data<float>()); });
-    f["bytes_naive_dispatch"] = naive.dispatch_bytes();
-
-    progress("experts");
-    layer.dispatch(xs, plan, handle);
-    ExpertBatch batch;
-    batch.input = handle.expert_input();
-    batch.output = handle.expert_output();
-    batch.rows_per_expert = handle.rows_per_expert();
-    f["expert_s"] = timer.median_of_slowest([&] {
-      layer.experts().forward(batch, layer.stream());
-      layer.stream().synchronize();
-    });
-    f["expert_rows"] = batch.input.dim(0);
+      progress("experts");
+      layer.dispatch(xs, plan, handle);
+      ExpertBatch batch;
+      batch.input = handle.expert_input();
+      batch.output = handle.expert_output();
+      batch.rows_per_expert = handle.rows_per_expert();
+      f["expert_s"] = timer.median_of_slowest([&] {
+        layer.experts().forward(batch, layer.stream());
+        layer.stream().synchronize();
+      });
+      expert_rows = batch.input.dim(0);
+      f["expert_rows"] = expert_rows;
+    }
 #ifdef SWITCHYARD_BENCH_OPENBLAS
     {
       // One sgemm with the experts' FLOPs: [A,H] · [H,3F].
-      const std::int64_t A = std::max<std::int64_t>(batch.input.dim(0), 1);
+      const std::int64_t A = std::max<std::int64_t>(expert_rows, 1);
       const std::int64_t H = model.hidden(), F3 = 3 * static_cast<std::int64_t>(model.ffn_hidden());
       std::vector<float> a(static_cast<std::size_t>(A * H), 0.5f),
           b(static_cast<std::size_t>(H * F3), 0.25f), c(static_cast<std::size_t>(A * F3));
@@ -484,7 +493,7 @@ int bench(Runtime& runtime, const BenchOptions& options) {
                  static_cast<double>(after - sized) / (options.warmup + options.iters));
     f["peak_buffer_bytes"] = layer.buffer_bytes();
     f["input_output_bytes"] = 2 * count * model.hidden() * 4;
-    f["received_row_bytes"] = batch.input.dim(0) * model.hidden() * 4;
+    f["received_row_bytes"] = expert_rows * model.hidden() * 4;
 
     if (local == 0 && rank == 0) {
       std::lock_guard<std::mutex> lock(mutex);

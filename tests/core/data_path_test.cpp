@@ -64,6 +64,47 @@ TEST_CASE("pack pads each row to 4 bytes with zeros, whatever the buffer held") 
   CHECK(fp8_row[7] == std::byte{0});
 }
 
+TEST_CASE("pack_runs: each run's rows into its own buffer, tokens shared between runs") {
+  auto path = make_host_data_path();
+  HostStream stream;
+  // Four tokens of 3 elements, x[t][h] = t + h / 4 (exact in bf16). Send rows in three runs
+  // (destinations): {0, 2, 3}, {}, {1, 2}; the runs' buffers are apart and start dirty.
+  float x[12];
+  for (int t = 0; t < 4; ++t) {
+    for (int h = 0; h < 3; ++h)
+      x[t * 3 + h] = static_cast<float>(t) + 0.25f * static_cast<float>(h);
+  }
+  const std::int64_t tokens[5] = {0, 2, 3, 1, 2};
+  std::uint16_t first[3 * 4], second[2 * 4], unused[4];
+  std::memset(first, 0xAB, sizeof first);
+  std::memset(second, 0xAB, sizeof second);
+  std::memset(unused, 0xAB, sizeof unused);
+  const PackRun runs[3] = {{0, 3, reinterpret_cast<std::byte*>(first)},
+                           {3, 0, reinterpret_cast<std::byte*>(unused)},
+                           {3, 2, reinterpret_cast<std::byte*>(second)}};
+  PackArgs args;
+  args.x = x;
+  args.hidden = 3;
+  args.send_row_token = tokens;
+  args.dtype = PayloadDType::kBF16;
+  path->pack_runs(args, runs, stream);
+  // bf16 of a float whose low 16 bits are zero is its high 16 bits; rows pad to 8 bytes.
+  auto expected_row = [&](std::int64_t t, const std::uint16_t* row) {
+    for (int h = 0; h < 3; ++h) {
+      std::uint32_t bits = 0;
+      std::memcpy(&bits, &x[t * 3 + h], 4);
+      CHECK(row[h] == static_cast<std::uint16_t>(bits >> 16));
+    }
+    CHECK(row[3] == 0);
+  };
+  expected_row(0, first);
+  expected_row(2, first + 4);
+  expected_row(3, first + 8);
+  expected_row(1, second);
+  expected_row(2, second + 4);
+  CHECK(unused[0] == 0xABAB);
+}
+
 TEST_CASE("layout: one row per (token, destination rank), slots in routing order") {
   // Experts 0,1 on rank 0; 2,3 on rank 1.
   const ExpertPlacement placement(4, 2);

@@ -294,9 +294,9 @@ TEST_CASE("a datapath plugin runs the layer's primitives; an unknown one is a cl
   REQUIRE(reinterpret_cast<void*>(calls) != nullptr);
   const long before = calls();
   CHECK(ep_versus_reference(runtime, 30, 2) <= kTolerance);
-  // Per rank, one pack per run of rows: those for lower ranks, its own (packed in place),
-  // those for higher ranks: 2 + 3 + 2 on three ranks.
-  CHECK(calls() - before == 7);
+  // The fixture packs run by run (the default `pack_runs`): one pack per destination rank
+  // on each of three ranks.
+  CHECK(calls() - before == 9);
   dlclose(library);
 
   Config missing = base_config(1, 4, 1);

@@ -85,6 +85,14 @@ struct PackArgs {
   std::byte* rows = nullptr;  ///< [S, payload_row_bytes], written
 };
 
+/// One run of send rows for `DataPath::pack_runs`: rows [first_row, first_row + num_rows)
+/// of the send-row order (their tokens ascending), written to `rows`.
+struct PackRun {
+  std::int64_t first_row = 0;
+  std::int64_t num_rows = 0;
+  std::byte* rows = nullptr;  ///< [num_rows, payload_row_bytes], written
+};
+
 /// Groups received rows per local expert (stable: by arrival order), converting them back
 /// to f32, and records where each (row, slot) went.
 struct GroupArgs {
@@ -154,6 +162,19 @@ class DataPath {
   virtual void layout_counts(const LayoutCountsArgs& args, Stream& stream) = 0;
   virtual void layout(const LayoutArgs& args, Stream& stream) = 0;
   virtual void pack(const PackArgs& args, Stream& stream) = 0;
+  /// `pack` of several runs at once (one per destination rank), each into its own buffer;
+  /// `args.num_rows` and `args.rows` are unused. The host data path reads each token's row
+  /// of x once for all runs that hold it; this default packs run after run.
+  virtual void pack_runs(const PackArgs& args, std::span<const PackRun> runs, Stream& stream) {
+    for (const PackRun& run : runs) {
+      if (run.num_rows == 0) continue;
+      PackArgs one = args;
+      one.send_row_token = args.send_row_token + run.first_row;
+      one.num_rows = run.num_rows;
+      one.rows = run.rows;
+      pack(one, stream);
+    }
+  }
   virtual void count_groups(const GroupCountArgs& args, Stream& stream) = 0;
   virtual void group_by_expert(const GroupArgs& args, Stream& stream) = 0;
   virtual void weighted_reduce(const WeightedReduceArgs& args, Stream& stream) = 0;

@@ -103,6 +103,7 @@ class DispatchHandle {
   Buffer<std::size_t> meta_send_bytes_, meta_send_offsets_, meta_recv_bytes_, meta_recv_offsets_;
   // Dispatched rows in (destination rank, token) order: payload, slots, and token of each.
   Buffer<std::byte> send_rows_;
+  Buffer<PackRun> pack_runs_;  // host: where each destination's rows are packed
   Buffer<SlotMeta> send_meta_;
   Buffer<std::int64_t> send_row_token_;
   // Received rows in (source rank, source token) order, and their slots.

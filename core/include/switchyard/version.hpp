@@ -30,7 +30,7 @@
 /// Raised whenever a class that crosses the plugin boundary changes its layout within a
 /// core version (a virtual function added, a member moved), so that a plugin built before
 /// is refused by its build id instead of calling through a stale vtable. Revision 2:
-/// `ExpertKernel::fuses_weighted_rows` and `forward_weighted`.
+/// `ExpertKernel::fuses_weighted_rows` and `forward_weighted`, `DataPath::pack_runs`.
 #define SWITCHYARD_INTERFACE_REVISION "2"
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
