@@ -5,6 +5,14 @@
 // A token goes once to each rank that holds any of its experts: its row in the payload
 // dtype, and beside it, in a metadata buffer, its K (local expert, weight) slots. Partial
 // sums are formed on the expert side, so the combine sends back one row per dispatched row.
+// A rank's rows for itself never pass through the transport: they are packed straight into
+// its receive buffer and their partial sums written straight among its returned rows.
+//
+// Two expert paths: the grouped one copies the received rows per local expert into f32
+// rows for `ExpertKernel::forward` and reduces its results per row (what the public
+// `dispatch` / `combine` expose); the fused one, for a kernel that `fuses_weighted_rows`,
+// hands it the received rows and their slots and takes back each row's weighted partial
+// sum, with no expert-grouped rows in between. Both give the same bits.
 #include "switchyard/layer.hpp"
 
 #include <algorithm>

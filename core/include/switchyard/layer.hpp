@@ -228,8 +228,8 @@ class MoELayer {
   void group_rows(DispatchHandle& h);
   /// The weighted partial sums of the received rows, and the combine's byte counts. With
   /// `in_expert_buffers` (forward, where the layer owns the expert rows) the partial sums
-  /// go into the expert input rows and the returned rows into the expert output rows, each
-  /// dead by then, when they fit: no buffers of their own.
+  /// and the returned rows go into the expert input rows, dead by then, when they fit: no
+  /// buffers of their own.
   void reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
                    bool in_expert_buffers);
   /// Where the partial sums and the returned rows go (see `reduce_rows`), and the
