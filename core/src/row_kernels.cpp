@@ -210,7 +210,7 @@ SWITCHYARD_AVX512 void weighted_sum_avx512(const float* const* rows, const float
   for (; h + 64 <= n; h += 64) {
     __m512 sums[4];
     weighted64(rows, weights, count, h, sums);
-    for (int b = 0; b < 4; ++b) store16(out + h + 16 * b, sums[b], streaming);
+    for (std::int64_t b = 0; b < 4; ++b) store16(out + h + 16 * b, sums[b], streaming);
   }
   for (; h + 16 <= n; h += 16) store16(out + h, weighted16(rows, weights, count, h), streaming);
   for (; h < n; ++h) out[h] = weighted_at(rows, weights, count, h);
