@@ -47,6 +47,10 @@ ConfigSchema core_schema(std::string_view section) {
           "split each step's tokens into this many chunks and pipeline them: one chunk's "
           "exchange overlaps another's experts (same results for every value; host data path)",
           checks::int_range(1, 1024));
+    s.add("overlap", T::kBool, ConfigValue{true},
+          "with chunks: run the exchanges on a thread of their own, overlapping the other "
+          "chunks' work (true), or on the calling thread, chunk after chunk (false: for "
+          "machines where every core already runs a rank; the chunks' rows stay in the caches)");
     s.add("plugin_dirs", T::kStringList, ConfigValue{std::vector<std::string>{}},
           "extra plugin folders, searched after SWITCHYARD_PLUGIN_PATH and before the install's");
   } else if (section == "router") {

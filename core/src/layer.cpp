@@ -797,8 +797,19 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   auto slot_of = [&](int c) -> ChunkSlot& {
     return *chunk_slots_[static_cast<std::size_t>(c) % in_flight];
   };
-  auto wait = [](StreamEvent& done, ExchangeTask& task) {
-    done.synchronize();
+  // With overlap the exchanges run on the exchange thread; without, on this thread where
+  // they are launched (the same order on every rank, so the collectives still match).
+  const bool overlap = parts_.overlap_exchanges;
+  auto launch = [&](ExchangeTask& task, StreamEvent& done) {
+    if (overlap) {
+      exchange_stream_->enqueue(&ExchangeTask::run, &task);
+      exchange_stream_->record(done);
+    } else {
+      ExchangeTask::run(&task);
+    }
+  };
+  auto wait = [&](StreamEvent& done, ExchangeTask& task) {
+    if (overlap) done.synchronize();
     if (task.error) std::rethrow_exception(std::exchange(task.error, nullptr));
   };
   auto start_dispatch = [&](int c) {
@@ -820,8 +831,7 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
                 plan.weights.data() + first * K, h.num_tokens_, K},
                h);
     slot.dispatch = {this, &h, false, nullptr};
-    exchange_stream_->enqueue(&ExchangeTask::run, &slot.dispatch);
-    exchange_stream_->record(*slot.dispatched);
+    launch(slot.dispatch, *slot.dispatched);
   };
   auto finish = [&](int c) {
     ChunkSlot& slot = slot_of(c);
@@ -863,8 +873,7 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
         reduce_rows(slot.handle, slot.handle.expert_output(), chunk_y, /*in_expert_buffers=*/true);
       }
       slot.combine = {this, &slot.handle, true, nullptr};
-      exchange_stream_->enqueue(&ExchangeTask::run, &slot.combine);
-      exchange_stream_->record(*slot.combined);
+      launch(slot.combine, *slot.combined);
       timings_.combine_s += seconds_since(start);
       if (c > 0) finish(c - 1);  // sums chunk c-1 while chunk c's partials travel
     }

@@ -182,6 +182,7 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
     parts.combine_dtype =
         runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;
     parts.chunks = static_cast<int>(runtime.get_int("chunks"));
+    parts.overlap_exchanges = runtime.get_bool("overlap");
     state_->layers.push_back(std::make_unique<MoELayer>(std::move(parts)));
   }
 }

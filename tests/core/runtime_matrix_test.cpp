@@ -529,13 +529,17 @@ TEST_CASE("chunks: the pipelined forward gives the unchunked result for every pa
         Runtime unchunked(c);
         // 53 tokens: uneven chunks; 17 chunks: some ranks have empty chunks.
         for (int chunks : {2, 3, 17}) {
+          // Exchanges on their own thread, or inline on the calling one.
+          const bool overlap = chunks != 3;
           CAPTURE(ranks);
           CAPTURE(k.payload);
           CAPTURE(k.combine);
           CAPTURE(async);
           CAPTURE(chunks);
+          CAPTURE(overlap);
           Config chunked_config = c;
           chunked_config.set("runtime", "chunks", std::int64_t{chunks});
+          chunked_config.set("runtime", "overlap", overlap);
           Runtime chunked(chunked_config);
           for (std::int64_t tokens : {53, 20}) {  // the second step reuses the buffers
             const HostTensor x = synthetic_tokens(tokens, 24, 8);

@@ -98,7 +98,9 @@ TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the 
   }
 }
 
-TEST_CASE("chunked forward under mpirun and launch: the exchange thread gives inproc's bits") {
+TEST_CASE(
+    "chunked forward under mpirun and launch: with and without the exchange thread, inproc's "
+    "bits") {
   test::TempDir dir;
   test::write_text(dir / "f32.toml",
                    "[runtime]\nchunks = 3\n[router]\ntop_k = 3\n"
@@ -107,6 +109,11 @@ TEST_CASE("chunked forward under mpirun and launch: the exchange thread gives in
   const std::string common = " run " + (dir / "f32.toml").string() +
                              " --check --set runtime.timeout_s=60 --set output.path=";
   expect_same_bits_on_every_backend(dir.path(), common, 3);
+  // The exchanges inline on the calling thread: the same bits again.
+  const std::string inline_exchanges = " run " + (dir / "f32.toml").string() +
+                                       " --check --set runtime.timeout_s=60 --set "
+                                       "runtime.overlap=false --set output.path=";
+  expect_same_bits_on_every_backend(dir.path(), inline_exchanges, 3);
 }
 
 TEST_CASE("bias balancing under mpirun and launch: skewed experts even out, same bias everywhere") {

@@ -138,6 +138,11 @@ struct MoELayerParts {
   /// experts of and sums another. The same y for every value (routing sees all tokens).
   /// Host data path only; a device data path runs one chunk.
   int chunks = 1;
+  /// With chunks: true runs the exchanges on a thread of their own, overlapping the other
+  /// chunks' work; false runs them on the calling thread, chunk after chunk (no overlap,
+  /// but each chunk's rows stay in the caches from pass to pass: the faster choice where
+  /// every core already runs a rank). The same y either way.
+  bool overlap_exchanges = true;
 };
 
 /// One MoE layer on one rank of an EP group. Every rank of the group calls `forward` (or
