@@ -58,7 +58,7 @@ void logits_portable(const LogitsArgs& a) {
 
 // Tokens and experts per block: the accumulators stay in registers (the block loops are
 // unrolled for that; at -O2 GCC would keep them in memory).
-constexpr int kAvx512Tokens = 4, kAvx512Experts = 4;
+constexpr int kAvx512Tokens = 6, kAvx512Experts = 4;
 constexpr int kAvx2Tokens = 3, kAvx2Experts = 4;
 
 /// Rows first .. first+N-1 of a [count, H] matrix. Past the end, a block repeats the last
@@ -69,37 +69,65 @@ void block_rows(const float* base, std::int64_t first, std::int64_t count, std::
   for (int i = 0; i < N; ++i) rows[i] = base + std::min(first + i, count - 1) * H;
 }
 
+/// Elements of h per pass of the AVX-512 kernel: a token block's slice of x stays in the
+/// first-level cache while every expert block passes over it.
+constexpr std::int64_t kAvx512Slice = 512;
+
+// Per token block, the kernel walks h in slices; within a slice, every expert block loads
+// its 16-lane accumulators from a small array, runs the slice's FMAs, and stores them back.
+// Each lane sees the same FMAs in the same order as one pass over all of h, so the bits
+// are those of the definition; the slices keep x in the first-level cache instead of
+// re-reading a block's rows from the second level for every expert block.
 __attribute__((target("avx512f"))) void logits_avx512(const LogitsArgs& a) {
   const std::int64_t full = a.H / kLanes * kLanes;
   const auto tail = static_cast<__mmask16>((1u << (a.H - full)) - 1u);
-  alignas(64) float lane[kLanes];
+  // Lanes of a token block against a group of experts (whole expert blocks: the repeated
+  // rows of a block past E are computed into their own lanes and never stored).
+  constexpr std::int64_t kGroup = 64;
+  static_assert(kGroup % kAvx512Experts == 0);
+  alignas(64) float lanes[kAvx512Tokens][kGroup][kLanes];
   for (std::int64_t t0 = 0; t0 < a.T; t0 += kAvx512Tokens) {
-    for (std::int64_t e0 = 0; e0 < a.E; e0 += kAvx512Experts) {
-      const float* rows[kAvx512Tokens];
-      const float* ws[kAvx512Experts];
-      block_rows(a.x, t0, a.T, a.H, rows);
-      block_rows(a.gate, e0, a.E, a.H, ws);
-      __m512 acc[kAvx512Tokens][kAvx512Experts];
+    const float* rows[kAvx512Tokens];
+    block_rows(a.x, t0, a.T, a.H, rows);
+    for (std::int64_t g0 = 0; g0 < a.E; g0 += kGroup) {
+      const std::int64_t group_end = std::min(a.E, g0 + kGroup);
+      std::fill(&lanes[0][0][0], &lanes[0][0][0] + sizeof lanes / sizeof(float), 0.0f);
+      for (std::int64_t first = 0; first < a.H; first += kAvx512Slice) {
+        const std::int64_t last = std::min(a.H, first + kAvx512Slice);
+        for (std::int64_t e0 = g0; e0 < group_end; e0 += kAvx512Experts) {
+          const float* ws[kAvx512Experts];
+          block_rows(a.gate, e0, a.E, a.H, ws);
+          const std::int64_t at = e0 - g0;
+          __m512 acc[kAvx512Tokens][kAvx512Experts];
 #pragma GCC unroll 16
-      for (auto& r : acc)
-        for (auto& v : r) v = _mm512_setzero_ps();
-      // Whole groups of 16, then the last one masked (the zero padding).
-      for (std::int64_t h = 0; h < a.H; h += kLanes) {
-        const __mmask16 mask = h < full ? static_cast<__mmask16>(0xffff) : tail;
-        __m512 xv[kAvx512Tokens];
+          for (int i = 0; i < kAvx512Tokens; ++i)
 #pragma GCC unroll 16
-        for (int i = 0; i < kAvx512Tokens; ++i) xv[i] = _mm512_maskz_loadu_ps(mask, rows[i] + h);
+            for (int j = 0; j < kAvx512Experts; ++j) acc[i][j] = _mm512_load_ps(lanes[i][at + j]);
+          // Whole groups of 16, then the last one masked (the zero padding).
+          for (std::int64_t h = first; h < last; h += kLanes) {
+            const __mmask16 mask = h < full ? static_cast<__mmask16>(0xffff) : tail;
+            __m512 xv[kAvx512Tokens];
 #pragma GCC unroll 16
-        for (int j = 0; j < kAvx512Experts; ++j) {
-          const __m512 wv = _mm512_maskz_loadu_ps(mask, ws[j] + h);
+            for (int i = 0; i < kAvx512Tokens; ++i)
+              xv[i] = _mm512_maskz_loadu_ps(mask, rows[i] + h);
 #pragma GCC unroll 16
-          for (int i = 0; i < kAvx512Tokens; ++i) acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+            for (int j = 0; j < kAvx512Experts; ++j) {
+              const __m512 wv = _mm512_maskz_loadu_ps(mask, ws[j] + h);
+#pragma GCC unroll 16
+              for (int i = 0; i < kAvx512Tokens; ++i) {
+                acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+              }
+            }
+          }
+#pragma GCC unroll 16
+          for (int i = 0; i < kAvx512Tokens; ++i)
+#pragma GCC unroll 16
+            for (int j = 0; j < kAvx512Experts; ++j) _mm512_store_ps(lanes[i][at + j], acc[i][j]);
         }
       }
       for (int i = 0; i < kAvx512Tokens && t0 + i < a.T; ++i) {
-        for (int j = 0; j < kAvx512Experts && e0 + j < a.E; ++j) {
-          _mm512_store_ps(lane, acc[i][j]);
-          a.logits[(t0 + i) * a.E + e0 + j] = sum_lanes(lane);
+        for (std::int64_t e = g0; e < group_end; ++e) {
+          a.logits[(t0 + i) * a.E + e] = sum_lanes(lanes[i][e - g0]);
         }
       }
     }

@@ -48,8 +48,9 @@ TEST_CASE("router logits: every kernel gives the documented order's bits") {
   struct Shape {
     std::int64_t T, E, H;
   };
-  for (const Shape s : {Shape{1, 1, 1}, Shape{5, 3, 7}, Shape{7, 9, 16}, Shape{13, 64, 100},
-                        Shape{4, 8, 2048}, Shape{33, 17, 129}}) {
+  for (const Shape s :
+       {Shape{1, 1, 1}, Shape{5, 3, 7}, Shape{7, 9, 16}, Shape{13, 64, 100}, Shape{4, 8, 2048},
+        Shape{33, 17, 129}, Shape{7, 6, 1100}, Shape{5, 70, 40}}) {
     CAPTURE(s.T);
     CAPTURE(s.E);
     CAPTURE(s.H);
