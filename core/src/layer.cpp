@@ -326,13 +326,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     timings_.experts_s = seconds_since(start);
     start = Clock::now();
   } else {
-    ExpertBatch batch;
-    batch.input = handle_.expert_input();
-    batch.rows_per_expert = handle_.rows_per_expert();
-    batch.output = handle_.expert_output();
-    if (!parts_.experts->capabilities().stream_ordered) host_ready();
-    parts_.experts->forward(batch, *stream_);
-    host_ready();
+    run_grouped_experts(handle_);
     timings_.experts_s = seconds_since(start);
     start = Clock::now();
     reduce_rows(handle_, handle_.expert_output(), y, /*in_expert_buffers=*/true);
@@ -341,6 +335,16 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   host_ready();
   sum_rows(handle_, y.data_as<float>());
   timings_.combine_s = seconds_since(start);
+}
+
+void MoELayer::run_grouped_experts(DispatchHandle& h) {
+  ExpertBatch batch;
+  batch.input = h.expert_input();
+  batch.rows_per_expert = h.rows_per_expert();
+  batch.output = h.expert_output();
+  if (!parts_.experts->capabilities().stream_ordered) host_ready();
+  parts_.experts->forward(batch, *stream_);
+  host_ready();
 }
 
 void MoELayer::weigh_rows(DispatchHandle& h) {
@@ -859,13 +863,7 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
       } else {
         group_rows(slot.handle);
         start = Clock::now();
-        ExpertBatch batch;
-        batch.input = slot.handle.expert_input();
-        batch.rows_per_expert = slot.handle.rows_per_expert();
-        batch.output = slot.handle.expert_output();
-        if (!parts_.experts->capabilities().stream_ordered) host_ready();
-        parts_.experts->forward(batch, *stream_);
-        host_ready();
+        run_grouped_experts(slot.handle);
         timings_.experts_s += seconds_since(start);
         start = Clock::now();
         const TensorView chunk_y(y.data_as<float>() + first_token(c) * H, DType::kF32,

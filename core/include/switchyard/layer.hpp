@@ -214,6 +214,8 @@ class MoELayer {
   /// True when the forward lets the expert kernel form the weighted partial sums from the
   /// received rows (no expert-grouped rows).
   bool fused_experts() const noexcept;
+  /// The grouped expert step: the kernel's `forward` over a grouped handle's expert rows.
+  void run_grouped_experts(DispatchHandle& h);
   /// The fused expert step: the kernel's weighted partial sums of the received rows, into
   /// the combine's send buffer.
   void weigh_rows(DispatchHandle& h);
