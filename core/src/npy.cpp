@@ -1,4 +1,5 @@
 // .npy reading and writing (NumPy format versions 1-3, little-endian, C order).
+#include <charconv>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -10,6 +11,9 @@ namespace switchyard {
 namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
+/// Headers longer than this are refused before they are read (NumPy's own writers stay far
+/// below; its reader refuses more than 10000 bytes by default).
+constexpr std::uint32_t kMaxHeaderBytes = 1u << 20;
 
 [[noreturn]] void bad(const std::filesystem::path& path, const std::string& why) {
   throw Error(ErrorCode::kInvalidArgument, path.string() + ": not a valid .npy file: " + why);
@@ -57,8 +61,22 @@ const char* npy_descr(DType dtype) {
 }  // namespace
 
 HostTensor read_npy(const std::filesystem::path& path) {
+  // What the file is, and how long, before anything is read or allocated: every size the
+  // header declares is checked against it.
+  std::error_code ec;
+  const auto status = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(status)) {
+    throw Error(ErrorCode::kNotFound, path.string() + ": cannot open .npy file (no such file)");
+  }
+  if (std::filesystem::is_directory(status)) {
+    throw Error(ErrorCode::kInvalidArgument, path.string() + ": is a directory, not a .npy file");
+  }
+  if (!std::filesystem::is_regular_file(status)) {
+    throw Error(ErrorCode::kInvalidArgument, path.string() + ": not a regular file");
+  }
+  const std::uintmax_t file_size = std::filesystem::file_size(path, ec);
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(ErrorCode::kNotFound, path.string() + ": cannot open .npy file");
+  if (ec || !in) throw Error(ErrorCode::kNotFound, path.string() + ": cannot open .npy file");
   char magic[6];
   unsigned char version[2];
   in.read(magic, 6);
@@ -76,6 +94,13 @@ HostTensor read_npy(const std::filesystem::path& path) {
                                             (static_cast<std::uint32_t>(len[3]) << 24));
   } else {
     bad(path, "unsupported format version " + std::to_string(version[0]));
+  }
+  const std::uintmax_t preamble = version[0] == 1 ? 10 : 12;
+  if (header_len > kMaxHeaderBytes || preamble + header_len > file_size) {
+    bad(path,
+        "header length " + std::to_string(header_len) + " exceeds " +
+            (header_len > kMaxHeaderBytes ? "the limit of " + std::to_string(kMaxHeaderBytes)
+                                          : "the file (" + std::to_string(file_size) + " bytes)"));
   }
   std::string header(header_len, '\0');
   in.read(header.data(), header_len);
@@ -100,17 +125,31 @@ HostTensor read_npy(const std::filesystem::path& path) {
   if (header_value(header, "fortran_order") != "False") bad(path, "Fortran order is not supported");
 
   std::vector<std::int64_t> shape;
-  std::stringstream dims(header_value(header, "shape"));
+  const std::string shape_text = header_value(header, "shape");
+  std::stringstream dims(shape_text);
   std::string dim;
+  // The data's bytes, with every product checked: a shape whose size wraps around is as
+  // malformed as a short file.
+  std::uint64_t data_bytes = dtype_size(dtype);
   while (std::getline(dims, dim, ',')) {
     const auto first = dim.find_first_not_of(' ');
     if (first == std::string::npos) continue;
-    try {
-      shape.push_back(std::stoll(dim.substr(first)));
-    } catch (const std::exception&) {
-      bad(path, "malformed shape '" + header_value(header, "shape") + "'");
+    const auto last = dim.find_last_not_of(' ');
+    std::int64_t value = 0;
+    const char* begin = dim.data() + first;
+    const char* end = dim.data() + last + 1;
+    const auto [stop, error] = std::from_chars(begin, end, value);
+    if (error != std::errc() || stop != end) bad(path, "malformed shape '" + shape_text + "'");
+    if (value < 0) bad(path, "negative dimension in shape '" + shape_text + "'");
+    if (__builtin_mul_overflow(data_bytes, static_cast<std::uint64_t>(value), &data_bytes)) {
+      bad(path, "shape '" + shape_text + "' is too large to address");
     }
-    if (shape.back() < 0) bad(path, "negative dimension");
+    shape.push_back(value);
+  }
+  const std::uintmax_t data_start = preamble + header_len;
+  if (data_bytes > file_size - data_start) {
+    bad(path, "truncated data: the shape (" + shape_text + ") needs " + std::to_string(data_bytes) +
+                  " bytes, the file holds " + std::to_string(file_size - data_start));
   }
   HostTensor tensor(dtype, shape);
   in.read(reinterpret_cast<char*>(tensor.bytes()),
@@ -164,9 +203,15 @@ void write_npy(const std::filesystem::path& path, const TensorView& tensor) {
 
   std::filesystem::path tmp = path;
   tmp += ".tmp";
+  // A failed write leaves neither the output nor its temporary behind.
+  auto fail = [&](const std::string& why) {
+    std::error_code ignored;
+    std::filesystem::remove(tmp, ignored);
+    throw Error(ErrorCode::kSystem, why);
+  };
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(ErrorCode::kSystem, "cannot write " + tmp.string());
+    if (!out) fail("cannot write " + tmp.string());
     out.write(kMagic, 6);
     const char version[2] = {1, 0};
     out.write(version, 2);
@@ -177,13 +222,12 @@ void write_npy(const std::filesystem::path& path, const TensorView& tensor) {
     out.write(static_cast<const char*>(tensor.data()),
               static_cast<std::streamsize>(static_cast<std::size_t>(tensor.numel()) *
                                            dtype_size(tensor.dtype())));
-    if (!out) throw Error(ErrorCode::kSystem, "cannot write " + tmp.string());
+    out.flush();
+    if (!out) fail("cannot write " + tmp.string());
   }
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
-  if (ec)
-    throw Error(ErrorCode::kSystem,
-                "cannot rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
+  if (ec) fail("cannot rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
 }
 
 }  // namespace switchyard

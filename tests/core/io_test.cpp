@@ -56,6 +56,83 @@ TEST_CASE("npy round trip and errors") {
   }
 }
 
+namespace {
+/// A version 1 or 2 .npy file written byte by byte: `header` as given (padded to 64 with
+/// a newline), its length as `declared_length` when set, then `data_bytes` zero bytes.
+void write_raw_npy(const std::filesystem::path& path, int version, std::string header,
+                   std::size_t data_bytes, std::uint64_t declared_length = 0) {
+  const std::size_t preamble = version == 1 ? 10 : 12;
+  header.append((64 - (preamble + header.size() + 1) % 64) % 64, ' ');
+  header.push_back('\n');
+  const std::uint64_t length = declared_length != 0 ? declared_length : header.size();
+  std::string bytes = "\x93NUMPY";
+  bytes.push_back(static_cast<char>(version));
+  bytes.push_back('\0');
+  for (std::size_t i = 0; i < preamble - 8; ++i) {
+    bytes.push_back(static_cast<char>((length >> (8 * i)) & 0xff));
+  }
+  bytes += header;
+  bytes.append(data_bytes, '\0');
+  std::ofstream(path, std::ios::binary) << bytes;
+}
+}  // namespace
+
+TEST_CASE("npy: sizes the header declares are checked against the file before allocating") {
+  test::TempDir dir;
+  auto message = [&](const char* name) {
+    return test::error_message([&] { read_npy(dir / name); });
+  };
+  // 50M x 16 floats declared, 228 bytes present: refused from the file's size.
+  write_raw_npy(dir / "short.npy", 1,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (50000000, 16), }", 228);
+  CHECK(message("short.npy")
+            .find("short.npy: not a valid .npy file: truncated data: the shape "
+                  "(50000000, 16) needs 3200000000 bytes, the file holds 228") !=
+        std::string::npos);
+  // Header lengths of 2^31 and 2^32 - 1 in a version 2 file of a few bytes.
+  write_raw_npy(dir / "long_header.npy", 2,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }", 4,
+                std::uint64_t{1} << 31);
+  CHECK(message("long_header.npy").find("header length 2147483648 exceeds the limit") !=
+        std::string::npos);
+  write_raw_npy(dir / "longer_header.npy", 2,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }", 4, 0xffffffffu);
+  CHECK(message("longer_header.npy").find("header length 4294967295 exceeds") != std::string::npos);
+  write_raw_npy(dir / "past_end.npy", 1,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }", 0, 60000);
+  CHECK(message("past_end.npy").find("header length 60000 exceeds the file") != std::string::npos);
+  // A shape whose byte count wraps around 2^64.
+  write_raw_npy(dir / "wraps.npy", 1,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 16), }",
+                64);
+  CHECK(message("wraps.npy").find("wraps.npy: not a valid .npy file: shape") != std::string::npos);
+  CHECK(message("wraps.npy").find("too large") != std::string::npos);
+  // Dimensions parse strictly.
+  write_raw_npy(dir / "letters.npy", 1,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (3abc,), }", 12);
+  CHECK(message("letters.npy").find("malformed shape") != std::string::npos);
+  write_raw_npy(dir / "negative.npy", 1,
+                "{'descr': '<f4', 'fortran_order': False, 'shape': (-3,), }", 12);
+  CHECK(message("negative.npy").find("negative dimension") != std::string::npos);
+  // A well-formed file written the same way reads.
+  write_raw_npy(dir / "fine.npy", 2, "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3), }",
+                24);
+  CHECK(read_npy(dir / "fine.npy").shape() == std::vector<std::int64_t>{2, 3});
+  // A directory is said to be one.
+  std::filesystem::create_directory(dir / "folder.npy");
+  CHECK(message("folder.npy").find("folder.npy: is a directory") != std::string::npos);
+}
+
+TEST_CASE("npy: a write that fails leaves neither the file nor its temporary") {
+  test::TempDir dir;
+  HostTensor t(DType::kF32, {2, 2});
+  // The output's path is a directory: the rename fails after the temporary was written.
+  std::filesystem::create_directory(dir / "taken.npy");
+  std::filesystem::create_directory(dir / "taken.npy" / "inside");
+  CHECK_THROWS_AS(write_npy(dir / "taken.npy", t.view()), Error);
+  CHECK_FALSE(std::filesystem::exists(dir / "taken.npy.tmp"));
+}
+
 TEST_CASE("safetensors round trip in every weight dtype") {
   test::TempDir dir;
   std::map<std::string, HostTensor> tensors;
