@@ -1,5 +1,7 @@
 // .safetensors: 8-byte little-endian header length, a JSON header, then the raw data.
 #include <fstream>
+#include <limits>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -8,6 +10,9 @@
 
 namespace switchyard {
 namespace {
+
+/// The format's own bound on the JSON header (100 MB); a longer one is refused unread.
+constexpr std::uint64_t kMaxHeaderBytes = 100'000'000;
 
 [[noreturn]] void bad(const std::filesystem::path& path, const std::string& why) {
   throw Error(ErrorCode::kInvalidArgument,
@@ -49,8 +54,16 @@ const char* dtype_to_name(DType dtype) {
 
 SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path) {
   std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
+  const auto status = std::filesystem::status(path, ec);
+  if (ec || !std::filesystem::exists(status)) {
     throw Error(ErrorCode::kNotFound, path.string() + ": safetensors file does not exist");
+  }
+  if (std::filesystem::is_directory(status)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                path.string() + ": is a directory, not a safetensors file");
+  }
+  if (!std::filesystem::is_regular_file(status)) {
+    throw Error(ErrorCode::kInvalidArgument, path.string() + ": not a regular file");
   }
   const std::uint64_t file_size = std::filesystem::file_size(path, ec);
   std::ifstream in(path, std::ios::binary);
@@ -59,6 +72,10 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
   if (!in) bad(path, "shorter than the 8-byte header length (truncated?)");
   std::uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
+  if (header_len > kMaxHeaderBytes) {
+    bad(path, "header length " + std::to_string(header_len) + " exceeds the format's limit of " +
+                  std::to_string(kMaxHeaderBytes) + " bytes");
+  }
   if (header_len > file_size - 8) {
     bad(path, "header length " + std::to_string(header_len) + " exceeds the file size " +
                   std::to_string(file_size) + " (truncated?)");
@@ -67,12 +84,23 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
   in.read(header.data(), static_cast<std::streamsize>(header_len));
   data_offset_ = 8 + header_len;
   nlohmann::json json;
+  // JSON lets a key repeat (the last one wins); two tensors of one name are refused.
+  std::set<std::string> names;
+  std::string repeated;
+  auto note_keys = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::key && depth == 1 && parsed.is_string() &&
+        !names.insert(parsed.get<std::string>()).second && repeated.empty()) {
+      repeated = parsed.get<std::string>();
+    }
+    return true;
+  };
   try {
-    json = nlohmann::json::parse(header);
+    json = nlohmann::json::parse(header, note_keys);
   } catch (const std::exception& e) {
     bad(path, std::string("header is not valid JSON: ") + e.what());
   }
   if (!json.is_object()) bad(path, "header is not a JSON object");
+  if (!repeated.empty()) bad(path, "tensor " + repeated + " is named twice");
   const std::uint64_t data_size = file_size - data_offset_;
   for (const auto& [name, info] : json.items()) {
     if (name == "__metadata__") continue;
@@ -81,17 +109,26 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : path_(path
       const auto dtype = dtype_from_name(info.at("dtype").get<std::string>());
       if (!dtype) bad(path, "tensor " + name + " has unsupported dtype " + info.at("dtype").dump());
       entry.dtype = *dtype;
-      std::uint64_t numel = 1;
+      // The tensor's bytes, every product checked: a shape whose size wraps around would
+      // otherwise match small data_offsets.
+      std::uint64_t bytes = dtype_size(entry.dtype);
       for (const auto& d : info.at("shape")) {
-        const auto dim = d.get<std::int64_t>();
-        if (dim < 0) bad(path, "tensor " + name + " has a negative dimension");
-        entry.shape.push_back(dim);
-        numel *= static_cast<std::uint64_t>(dim);
+        if (!d.is_number_unsigned()) {  // JSON's non-negative integers parse as unsigned
+          bad(path,
+              "tensor " + name + " has dimension " + d.dump() + ", not a non-negative integer");
+        }
+        const auto dim = d.get<std::uint64_t>();
+        if (dim > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) ||
+            __builtin_mul_overflow(bytes, dim, &bytes)) {
+          bad(path, "tensor " + name + " has shape " + info.at("shape").dump() +
+                        ", too large to address");
+        }
+        entry.shape.push_back(static_cast<std::int64_t>(dim));
       }
       const auto& offsets = info.at("data_offsets");
       entry.begin = offsets.at(0).get<std::uint64_t>();
       entry.end = offsets.at(1).get<std::uint64_t>();
-      if (entry.end < entry.begin || entry.end - entry.begin != numel * dtype_size(entry.dtype)) {
+      if (entry.end < entry.begin || entry.end - entry.begin != bytes) {
         bad(path, "tensor " + name + " has data_offsets [" + std::to_string(entry.begin) + ", " +
                       std::to_string(entry.end) + "] that do not match its shape and dtype");
       }

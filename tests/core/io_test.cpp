@@ -187,6 +187,49 @@ TEST_CASE("safetensors: missing, truncated and inconsistent files are refused") 
         }).find("truncated") != std::string::npos);
 }
 
+TEST_CASE("safetensors: wrapping shapes, repeated names, odd dimensions, directories") {
+  test::TempDir dir;
+  // A file of `header` (JSON) and `data` zero bytes.
+  auto write = [&](const char* name, const std::string& header, std::size_t data) {
+    std::string bytes(8, '\0');
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+    test::write_text(dir / name, bytes + header + std::string(data, '\0'));
+  };
+  auto message = [&](const char* name) {
+    return test::error_message([&] { SafetensorsFile f(dir / name); });
+  };
+  // (2^62 + 1) x 16 x 4 bytes wraps around 2^64 to 64.
+  write("wrap.safetensors",
+        R"({"w":{"dtype":"F32","shape":[4611686018427387905,16],"data_offsets":[0,64]}})", 64);
+  CHECK(message("wrap.safetensors")
+            .find("tensor w has shape [4611686018427387905,16], too large "
+                  "to address") != std::string::npos);
+  write("twice.safetensors",
+        R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+        R"("w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+        8);
+  CHECK(message("twice.safetensors").find("tensor w is named twice") != std::string::npos);
+  write("float_dim.safetensors", R"({"w":{"dtype":"F32","shape":[1e30],"data_offsets":[0,4]}})", 4);
+  CHECK(message("float_dim.safetensors").find("has dimension 1e+30, not a non-negative integer") !=
+        std::string::npos);
+  write("negative.safetensors", R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", 4);
+  CHECK(message("negative.safetensors").find("has dimension -1, not a non-negative integer") !=
+        std::string::npos);
+  // A header length past the format's limit, in a small file.
+  std::string huge(8, '\0');
+  huge[4] = 1;  // 2^32
+  test::write_text(dir / "huge.safetensors", huge + "{}");
+  CHECK(message("huge.safetensors").find("exceeds the format's limit") != std::string::npos);
+  std::filesystem::create_directory(dir / "folder.safetensors");
+  CHECK(message("folder.safetensors").find("is a directory") != std::string::npos);
+  // Nested objects may repeat names between tensors (the metadata's keys are not tensors).
+  write("fine.safetensors",
+        R"({"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+        R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+        8);
+  CHECK(SafetensorsFile(dir / "fine.safetensors").entries().size() == 2);
+}
+
 TEST_CASE("model weights load from both naming conventions") {
   test::TempDir dir;
   const ModelWeights model = ModelWeights::random(4, 8, 12, 5);
