@@ -388,7 +388,11 @@ void Config::apply_environment(std::span<const std::string_view> sections) {
 
 void Config::check_sections(std::span<const std::string_view> known) const {
   std::vector<std::string> names(known.begin(), known.end());
-  for (const auto& [section, keys] : values_) {
+  // Every section a file named, with keys or empty (`[rnutime]` alone is a typo too).
+  std::vector<std::string> seen;
+  for (const auto& [section, keys] : values_) seen.push_back(section);
+  for (const auto& [section, origin] : section_origins_) seen.push_back(section);
+  for (const auto& section : seen) {
     if (std::find(known.begin(), known.end(), section) != known.end()) continue;
     auto it = section_origins_.find(section);
     const ConfigOrigin origin = it != section_origins_.end() ? it->second : ConfigOrigin{};

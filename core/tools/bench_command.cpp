@@ -584,20 +584,30 @@ int bench_command(const std::vector<std::string>& args) {
   std::string config_path;
   std::vector<std::string> sets;
   BenchOptions options;
-  auto number = [&](std::size_t& i, const char* flag) -> long long {
-    if (i + 1 >= args.size())
-      throw Error(ErrorCode::kInvalidArgument, std::string(flag) + " needs a value");
-    return std::atoll(args[++i].c_str());
+  // A flag's integer value in [min, max]; nothing (after saying why) when it is not one.
+  auto number = [&](std::size_t& i, const char* flag, long long min,
+                    long long max) -> std::optional<long long> {
+    if (i + 1 >= args.size()) {
+      std::fprintf(stderr, "switchyard bench: %s needs a value\n", flag);
+      return std::nullopt;
+    }
+    return parse_integer_flag("bench", flag, args[++i], min, max);
   };
   for (std::size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--set" && i + 1 < args.size()) {
       sets.push_back(args[++i]);
     } else if (args[i] == "--iters") {
-      options.iters = static_cast<int>(number(i, "--iters"));
+      const auto value = number(i, "--iters", 1, 1'000'000);
+      if (!value) return kExitUsage;
+      options.iters = static_cast<int>(*value);
     } else if (args[i] == "--warmup") {
-      options.warmup = static_cast<int>(number(i, "--warmup"));
+      const auto value = number(i, "--warmup", 0, 1'000'000);
+      if (!value) return kExitUsage;
+      options.warmup = static_cast<int>(*value);
     } else if (args[i] == "--tokens-per-rank") {
-      options.tokens_per_rank = number(i, "--tokens-per-rank");
+      const auto value = number(i, "--tokens-per-rank", 1, std::int64_t{1} << 31);
+      if (!value) return kExitUsage;
+      options.tokens_per_rank = *value;
     } else if (args[i] == "--exchange-only") {
       options.exchange_only = true;
     } else if (args[i] == "--json" && i + 1 < args.size()) {

@@ -2,6 +2,7 @@
 // The subcommands of the `switchyard` tool. Each returns the process exit code.
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,5 +39,14 @@ int run_reporting_errors(Runtime& runtime, const std::function<int()>& body);
 
 /// Reads CONFIG, then applies SWITCHYARD_* environment overrides, then each `--set`.
 Config load_config(const std::string& path, const std::vector<std::string>& sets);
+
+/// A command-line integer: all of `text` (no trailing characters, no wrap-around), within
+/// [min, max]. Otherwise prints "switchyard COMMAND: FLAG needs an integer in [min, max],
+/// not 'text'" to stderr and returns nothing (the caller exits with kExitUsage).
+std::optional<long long> parse_integer_flag(const char* command, const char* flag,
+                                            const std::string& text, long long min, long long max);
+/// The same for a finite number of seconds within [min, max].
+std::optional<double> parse_seconds_flag(const char* command, const char* flag,
+                                         const std::string& text, double min, double max);
 
 }  // namespace switchyard::tool

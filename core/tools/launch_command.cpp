@@ -71,11 +71,17 @@ int launch_command(const std::vector<std::string>& args) {
   std::size_t i = 0;
   for (; i < args.size() && args[i] != "--"; ++i) {
     if ((args[i] == "-n" || args[i] == "--ranks") && i + 1 < args.size()) {
-      n = std::atoi(args[++i].c_str());
+      const auto value = parse_integer_flag("launch", "-n", args[++i], 1, 4096);
+      if (!value) return kExitUsage;
+      n = static_cast<int>(*value);
     } else if (args[i] == "--ranks-per-node" && i + 1 < args.size()) {
-      per_node = std::atoi(args[++i].c_str());
+      const auto value = parse_integer_flag("launch", "--ranks-per-node", args[++i], 1, 4096);
+      if (!value) return kExitUsage;
+      per_node = static_cast<int>(*value);
     } else if (args[i] == "--grace" && i + 1 < args.size()) {
-      grace_s = std::atof(args[++i].c_str());
+      const auto value = parse_seconds_flag("launch", "--grace", args[++i], 0.0, 3600.0);
+      if (!value) return kExitUsage;
+      grace_s = *value;
     } else {
       break;
     }

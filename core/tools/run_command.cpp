@@ -1,7 +1,9 @@
 // `switchyard run`: forward over the configured input, statistics, timings, --check.
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -39,6 +41,32 @@ Config load_config(const std::string& path, const std::vector<std::string>& sets
   config.apply_environment(config_sections());
   for (const auto& s : sets) config.set_from_command_line(s);
   return config;
+}
+
+std::optional<long long> parse_integer_flag(const char* command, const char* flag,
+                                            const std::string& text, long long min, long long max) {
+  long long value = 0;
+  const char* end = text.data() + text.size();
+  const auto [stop, error] = std::from_chars(text.data(), end, value);
+  if (text.empty() || error != std::errc() || stop != end || value < min || value > max) {
+    std::fprintf(stderr, "switchyard %s: %s needs an integer in [%lld, %lld], not '%s'\n", command,
+                 flag, min, max, text.c_str());
+    return std::nullopt;
+  }
+  return value;
+}
+
+std::optional<double> parse_seconds_flag(const char* command, const char* flag,
+                                         const std::string& text, double min, double max) {
+  char* stop = nullptr;
+  const double value = text.empty() ? NAN : std::strtod(text.c_str(), &stop);
+  if (text.empty() || stop != text.c_str() + text.size() || !std::isfinite(value) || value < min ||
+      value > max) {
+    std::fprintf(stderr, "switchyard %s: %s needs a number of seconds in [%g, %g], not '%s'\n",
+                 command, flag, min, max, text.c_str());
+    return std::nullopt;
+  }
+  return value;
 }
 
 namespace {
@@ -214,11 +242,9 @@ int run_command(const std::vector<std::string>& args) {
     } else if (args[i] == "--check") {
       check = true;
     } else if (args[i] == "--steps" && i + 1 < args.size()) {
-      steps = std::atoi(args[++i].c_str());
-      if (steps < 1) {
-        std::fprintf(stderr, "switchyard run: --steps must be >= 1\n");
-        return kExitUsage;
-      }
+      const auto value = parse_integer_flag("run", "--steps", args[++i], 1, 1 << 30);
+      if (!value) return kExitUsage;
+      steps = static_cast<int>(*value);
     } else if (config_path.empty() && args[i].rfind("--", 0) != 0) {
       config_path = args[i];
     } else {

@@ -95,6 +95,11 @@ TEST_CASE("errors carry the position and what to fix") {
           const std::string_view k[] = {"runtime", "router"};
           Config::from_string("[ruter]\ntop_k = 1\n", "m.toml").check_sections(k);
         }).rfind("m.toml:1:1: [ruter]: unknown section (did you mean [router]?)", 0) == 0);
+  // An empty section is a typo as much as a full one.
+  CHECK(test::error_message([] {
+          const std::string_view k[] = {"runtime", "router"};
+          Config::from_string("[runtime]\n[rnutime]\n", "e.toml").check_sections(k);
+        }).rfind("e.toml:2:1: [rnutime]: unknown section (did you mean [runtime]?)", 0) == 0);
   (void)known;
 }
 

@@ -104,6 +104,35 @@ TEST_CASE("unknown key with a suggestion, and unknown section") {
   expect_failure(c, "[modle]: unknown section (did you mean [model]?)");
 }
 
+TEST_CASE("an empty unknown section is refused too") {
+  Case c;
+  c.write_config("\n[rnutime]\n");
+  expect_failure(c, "[rnutime]: unknown section (did you mean [runtime]?)");
+}
+
+TEST_CASE("integer and seconds flags parse strictly: usage error, nothing run") {
+  Case c;
+  c.write_config("");
+  for (const char* steps : {"3abc", "4294967297", "0", ""}) {
+    CAPTURE(steps);
+    const auto result = c.run(std::string("--steps '") + steps + "'");
+    CHECK(result.exit_code == 2);
+    CHECK(result.output.find("--steps needs an integer in [1, 1073741824], not '" +
+                             std::string(steps) + "'") != std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(c.output));
+  }
+  for (const char* grace : {"nan", "inf", "1e400", "-1", "2s"}) {
+    CAPTURE(grace);
+    const auto result = test::run_tool(std::string("launch -n 2 --grace ") + grace + " -- true");
+    CHECK(result.exit_code == 2);
+    CHECK(result.output.find("--grace needs a number of seconds in [0, 3600]") !=
+          std::string::npos);
+  }
+  const auto bench = test::run_tool("bench " + c.config.string() + " --iters 10x");
+  CHECK(bench.exit_code == 2);
+  CHECK(bench.output.find("--iters needs an integer") != std::string::npos);
+}
+
 TEST_CASE("wrong type") {
   Case c;
   c.write_config("", "top_k = \"two\"\n");
