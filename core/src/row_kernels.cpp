@@ -232,42 +232,23 @@ SWITCHYARD_AVX512 void weighted_sum_bf16_avx512(const float* const* rows, const 
   for (; h < n; ++h) out[h] = encode_one(weighted_at(rows, weights, count, h));
 }
 
-SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int64_t n, float* out,
-                                  bool streaming) {
-  std::int64_t h = 0;
-  for (; h + 64 <= n; h += 64) {
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int i = 0; i < count; ++i) {
-      const float* row = rows[i] + h;
-      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(row));
-      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(row + 16));
-      s2 = _mm512_add_ps(s2, _mm512_loadu_ps(row + 32));
-      s3 = _mm512_add_ps(s3, _mm512_loadu_ps(row + 48));
-    }
-    store16(out + h, s0, streaming);
-    store16(out + h + 16, s1, streaming);
-    store16(out + h + 32, s2, streaming);
-    store16(out + h + 48, s3, streaming);
-  }
-  for (; h + 16 <= n; h += 16) {
-    __m512 sum = _mm512_setzero_ps();
-    for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, _mm512_loadu_ps(rows[i] + h));
-    store16(out + h, sum, streaming);
-  }
-  for (; h < n; ++h) out[h] = sum_at(rows, count, h);
-}
+/// 16 elements of a row as f32: loaded, or decoded from bf16.
+SWITCHYARD_AVX512 inline __m512 load16(const float* in) { return _mm512_loadu_ps(in); }
+SWITCHYARD_AVX512 inline __m512 load16(const std::uint16_t* in) { return decode16(in); }
 
-SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int count, std::int64_t n,
+/// out[h] = Σ_i rows[i][h] for f32 or bf16 rows.
+template <typename Element>
+SWITCHYARD_AVX512 void sum_rows_avx512(const Element* const* rows, int count, std::int64_t n,
                                        float* out, bool streaming) {
   std::int64_t h = 0;
   for (; h + 64 <= n; h += 64) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int i = 0; i < count; ++i) {
-      const std::uint16_t* row = rows[i] + h;
-      s0 = _mm512_add_ps(s0, decode16(row));
-      s1 = _mm512_add_ps(s1, decode16(row + 16));
-      s2 = _mm512_add_ps(s2, decode16(row + 32));
-      s3 = _mm512_add_ps(s3, decode16(row + 48));
+      const Element* row = rows[i] + h;
+      s0 = _mm512_add_ps(s0, load16(row));
+      s1 = _mm512_add_ps(s1, load16(row + 16));
+      s2 = _mm512_add_ps(s2, load16(row + 32));
+      s3 = _mm512_add_ps(s3, load16(row + 48));
     }
     store16(out + h, s0, streaming);
     store16(out + h + 16, s1, streaming);
@@ -276,10 +257,20 @@ SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int cou
   }
   for (; h + 16 <= n; h += 16) {
     __m512 sum = _mm512_setzero_ps();
-    for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, decode16(rows[i] + h));
+    for (int i = 0; i < count; ++i) sum = _mm512_add_ps(sum, load16(rows[i] + h));
     store16(out + h, sum, streaming);
   }
   for (; h < n; ++h) out[h] = sum_at(rows, count, h);
+}
+
+SWITCHYARD_AVX512 void sum_avx512(const float* const* rows, int count, std::int64_t n, float* out,
+                                  bool streaming) {
+  sum_rows_avx512(rows, count, n, out, streaming);
+}
+
+SWITCHYARD_AVX512 void sum_bf16_avx512(const std::uint16_t* const* rows, int count, std::int64_t n,
+                                       float* out, bool streaming) {
+  sum_rows_avx512(rows, count, n, out, streaming);
 }
 
 SWITCHYARD_AVX512 void copy_avx512(const float* in, std::int64_t n, float* out, bool streaming) {
