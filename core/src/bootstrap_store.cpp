@@ -9,18 +9,26 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pwd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include "switchyard/bootstrap.hpp"
@@ -33,6 +41,20 @@ enum Op : std::uint8_t { kHello = 1, kSet = 2, kTryGet = 3, kMissing = 4 };
 enum Reply : std::uint8_t { kOk = 0, kNotFound = 1, kFailed = 2 };
 
 using Clock = std::chrono::steady_clock;
+
+/// What a frame may hold. A client that has not yet presented the job's token may send
+/// only a small HELLO, so a stranger can make rank 0 hold at most a few hundred bytes.
+constexpr std::uint64_t kMaxKeyBytes = 1024;
+constexpr std::uint64_t kMaxValueBytes = std::uint64_t{1} << 20;
+constexpr std::uint64_t kMaxHelloKeyBytes = 64;
+constexpr std::uint64_t kMaxHelloValueBytes = 512;
+constexpr std::uint64_t kMaxReplyBytes = kMaxValueBytes + 64;
+/// All values together: far above what start-up needs (addresses, ids, host names).
+constexpr std::size_t kMaxStoredBytes = std::size_t{64} << 20;
+/// Strangers' connections held at once; the oldest is dropped for a new one.
+constexpr std::size_t kMaxUnauthenticated = 64;
+/// A connection must present the token, and finish any frame it started, this fast.
+constexpr double kConnectionDeadlineS = 5.0;
 
 std::string errno_text() { return std::strerror(errno); }
 
@@ -77,7 +99,7 @@ bool write_field(int fd, const std::string& s) {
 
 bool read_field(int fd, std::string& s, Clock::time_point deadline) {
   std::uint64_t n = 0;
-  if (!read_all(fd, &n, sizeof n, deadline) || n > (std::uint64_t{1} << 32)) return false;
+  if (!read_all(fd, &n, sizeof n, deadline) || n > kMaxReplyBytes) return false;
   s.resize(n);
   return read_all(fd, s.data(), n, deadline);
 }
@@ -110,10 +132,36 @@ addrinfo* resolve(const std::string& host, int port, bool passive) {
   return result;
 }
 
-/// Rank 0's server: a map and the ranks that said hello.
+/// Compares without an early exit, so timing does not tell how much of a guess was right.
+bool same_secret(const std::string& a, const std::string& b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  const std::size_t n = std::min(a.size(), b.size());
+  for (std::size_t i = 0; i < n; ++i)
+    diff = static_cast<unsigned char>(
+        diff | (static_cast<unsigned char>(a[i]) ^ static_cast<unsigned char>(b[i])));
+  return diff == 0;
+}
+
+std::uint64_t load_u64(const char* p) {
+  std::uint64_t v = 0;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+std::optional<int> parse_int(std::string_view text) {
+  int value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
+
+/// Rank 0's server: a map, served to the ranks that presented the job's token. One thread
+/// runs an event loop over non-blocking sockets, so no client, however slow or hostile,
+/// holds up another; a malformed or oversized frame closes that connection only.
 class Server {
  public:
-  Server(const std::string& addr, int port, int world_size) : world_size_(world_size) {
+  Server(const std::string& addr, int port, int world_size, std::string token)
+      : world_size_(world_size), token_(std::move(token)) {
     addrinfo* ai = resolve(addr, port, true);
     std::string last_error = "no address";
     for (addrinfo* a = ai; a != nullptr; a = a->ai_next) {
@@ -134,6 +182,7 @@ class Server {
                   "bootstrap store: rank 0 cannot listen on " + addr + ":" + std::to_string(port) +
                       ": " + last_error + " (is another job using MASTER_PORT? pick a free one)");
     }
+    ::fcntl(listen_fd_, F_SETFL, ::fcntl(listen_fd_, F_GETFL) | O_NONBLOCK);
     if (::pipe2(wake_, O_CLOEXEC) != 0) throw Error(ErrorCode::kSystem, "pipe: " + errno_text());
     thread_ = std::thread([this] { serve(); });
   }
@@ -141,115 +190,357 @@ class Server {
   ~Server() {
     // Ranks still polling (the last barrier) need answers: wait briefly for them to hang up.
     const auto deadline = after(2.0);
-    while (connected_.load() > 0 && Clock::now() < deadline) {
+    while (ranks_connected_.load() > 0 && Clock::now() < deadline) {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     const char byte = 1;
     (void)!::write(wake_[1], &byte, 1);
     thread_.join();
-    for (int fd : clients_) ::close(fd);
+    for (const auto& c : connections_) ::close(c.fd);
     ::close(listen_fd_);
     ::close(wake_[0]);
     ::close(wake_[1]);
   }
 
  private:
+  struct Connection {
+    int fd = -1;
+    bool authenticated = false;
+    Clock::time_point deadline;  // to authenticate, or to finish a started frame
+    std::string in;              // bytes of an unfinished frame
+    std::string out;             // reply bytes not yet sent
+    bool closing = false;        // close once `out` is sent
+  };
+
   void serve() {
-    // `fds` keeps its capacity: once every rank has connected, waking up (a rank hanging
-    // up while the job computes) allocates nothing.
     std::vector<pollfd> fds;
+    char chunk[16384];
     while (true) {
       fds.clear();
       fds.push_back({wake_[0], POLLIN, 0});
       fds.push_back({listen_fd_, POLLIN, 0});
-      for (int fd : clients_) fds.push_back({fd, POLLIN, 0});
-      if (::poll(fds.data(), fds.size(), -1) < 0) {
+      auto next_deadline = Clock::now() + std::chrono::seconds(1);
+      for (const auto& c : connections_) {
+        // A connection with a reply pending is not read: a client that never reads its
+        // replies cannot make rank 0 queue more than one.
+        const short events = c.out.empty() ? POLLIN : POLLOUT;
+        fds.push_back({c.fd, events, 0});
+        if (!c.authenticated || !c.in.empty()) next_deadline = std::min(next_deadline, c.deadline);
+      }
+      const auto wait_ms =
+          std::chrono::duration_cast<std::chrono::milliseconds>(next_deadline - Clock::now())
+              .count();
+      if (::poll(fds.data(), fds.size(),
+                 static_cast<int>(std::clamp<long long>(wait_ms, 0, 1000))) < 0) {
         if (errno == EINTR) continue;
         return;
       }
       if (fds[0].revents) return;
-      if (fds[1].revents & POLLIN) {
-        const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-        if (fd >= 0) {
-          clients_.push_back(fd);
-          ++connected_;
+      const auto now = Clock::now();
+      for (std::size_t i = 2; i < fds.size(); ++i) {
+        Connection& c = connections_[i - 2];
+        if (fds[i].revents & POLLOUT) flush(c);
+        if ((fds[i].revents & POLLIN) && c.out.empty() && !c.closing) {
+          const ssize_t got = ::recv(c.fd, chunk, sizeof chunk, 0);
+          if (got > 0) {
+            if (c.in.empty()) c.deadline = now + seconds(kConnectionDeadlineS);
+            c.in.append(chunk, static_cast<std::size_t>(got));
+            process(c);
+            flush(c);
+          } else if (got == 0 || (errno != EINTR && errno != EAGAIN)) {
+            c.closing = true;
+            c.out.clear();
+          }
+        } else if (fds[i].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+          c.closing = true;
+          c.out.clear();
+        }
+        if ((!c.authenticated || !c.in.empty()) && now >= c.deadline) {
+          c.closing = true;  // a stranger who never said the token, or a stalled frame
+          c.out.clear();
         }
       }
-      for (std::size_t i = 2; i < fds.size(); ++i) {
-        if (fds[i].revents == 0) continue;
-        if (!handle(fds[i].fd)) {
-          ::close(fds[i].fd);
-          clients_.erase(std::find(clients_.begin(), clients_.end(), fds[i].fd));
-          rank_of_fd_.erase(fds[i].fd);
-          --connected_;
+      drop_closed();
+      if (fds[1].revents & POLLIN) accept_all();
+    }
+  }
+
+  static Clock::duration seconds(double s) {
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+  }
+
+  void accept_all() {
+    while (true) {
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) return;  // EAGAIN, or out of descriptors: the next poll retries
+      std::size_t strangers = 0;
+      for (const auto& c : connections_) strangers += c.authenticated ? 0 : 1;
+      if (strangers >= kMaxUnauthenticated) {
+        for (auto& c : connections_) {
+          if (!c.authenticated) {
+            ::close(c.fd);
+            c = connections_.back();
+            connections_.pop_back();
+            break;
+          }
         }
+      }
+      Connection c;
+      c.fd = fd;
+      c.deadline = Clock::now() + seconds(kConnectionDeadlineS);
+      connections_.push_back(std::move(c));
+    }
+  }
+
+  void drop_closed() {
+    for (std::size_t i = 0; i < connections_.size();) {
+      Connection& c = connections_[i];
+      if (!c.closing || !c.out.empty()) {
+        ++i;
+        continue;
+      }
+      ::close(c.fd);
+      if (auto it = rank_of_fd_.find(c.fd); it != rank_of_fd_.end()) {
+        rank_of_fd_.erase(it);
+        --ranks_connected_;
+      }
+      connections_.erase(connections_.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+  }
+
+  void flush(Connection& c) {
+    while (!c.out.empty()) {
+      const ssize_t sent = ::send(c.fd, c.out.data(), c.out.size(), MSG_NOSIGNAL);
+      if (sent > 0) {
+        c.out.erase(0, static_cast<std::size_t>(sent));
+      } else if (sent < 0 && errno == EINTR) {
+        continue;
+      } else {
+        if (sent < 0 && errno != EAGAIN) {
+          c.out.clear();
+          c.closing = true;
+        }
+        return;
       }
     }
   }
 
-  /// Serves one request; false when the connection is finished.
-  bool handle(int fd) {
-    const auto deadline = after(10);
-    std::uint8_t op = 0;
-    std::string key, value;
-    if (!read_all(fd, &op, 1, deadline) || !read_field(fd, key, deadline) ||
-        !read_field(fd, value, deadline)) {
-      return false;
+  /// Serves every complete frame in `c.in`; a bad one closes the connection.
+  void process(Connection& c) {
+    while (!c.closing) {
+      const std::uint64_t key_limit = c.authenticated ? kMaxKeyBytes : kMaxHelloKeyBytes;
+      const std::uint64_t value_limit = c.authenticated ? kMaxValueBytes : kMaxHelloValueBytes;
+      if (c.in.size() < 9) return;
+      const auto op = static_cast<std::uint8_t>(c.in[0]);
+      const std::uint64_t key_size = load_u64(c.in.data() + 1);
+      if (key_size > key_limit || (!c.authenticated && op != kHello)) return refuse(c);
+      if (c.in.size() < 17 + key_size) return;
+      const std::uint64_t value_size = load_u64(c.in.data() + 9 + key_size);
+      if (value_size > value_limit) return refuse(c);
+      const std::size_t frame = 17 + key_size + value_size;
+      if (c.in.size() < frame) return;
+      const std::string key = c.in.substr(9, key_size);
+      const std::string value = c.in.substr(17 + key_size, value_size);
+      c.in.erase(0, frame);
+      serve_request(c, op, key, value);
     }
-    auto reply = [fd](Reply status, const std::string& body) {
-      return ::send(fd, &status, 1, MSG_NOSIGNAL) == 1 && write_field(fd, body);
-    };
+  }
+
+  /// Closes a connection that broke the protocol, without a word: it may be a stranger.
+  static void refuse(Connection& c) {
+    c.in.clear();
+    c.in.shrink_to_fit();
+    c.closing = true;
+  }
+
+  void reply(Connection& c, Reply status, const std::string& body) {
+    const std::uint64_t n = body.size();
+    c.out.push_back(static_cast<char>(status));
+    c.out.append(reinterpret_cast<const char*>(&n), sizeof n);
+    c.out += body;
+  }
+
+  void serve_request(Connection& c, std::uint8_t op, const std::string& key,
+                     const std::string& value) {
     switch (op) {
-      case kHello: {
-        int rank = -1, world = -1;
-        std::istringstream(key) >> rank >> world;
-        if (world != world_size_) {
-          return reply(kFailed, "rank " + std::to_string(rank) +
-                                    " was started with WORLD_SIZE=" + std::to_string(world) +
-                                    " but rank 0 with WORLD_SIZE=" + std::to_string(world_size_) +
-                                    "; every rank needs the same");
+      case kHello:
+        return hello(c, key, value);
+      case kSet: {
+        auto it = values_.find(key);
+        const std::size_t old_bytes = it == values_.end() ? 0 : key.size() + it->second.size();
+        if (stored_bytes_ - old_bytes + key.size() + value.size() > kMaxStoredBytes) {
+          return reply(c, kFailed,
+                       "the store holds " + std::to_string(stored_bytes_) +
+                           " bytes and takes at most " + std::to_string(kMaxStoredBytes));
         }
-        if (rank < 0 || rank >= world_size_) {
-          return reply(kFailed, "rank " + std::to_string(rank) + " is outside 0.." +
-                                    std::to_string(world_size_ - 1));
-        }
-        for (const auto& [other_fd, other_rank] : rank_of_fd_) {
-          if (other_rank == rank && other_fd != fd) {
-            return reply(kFailed, "two processes claim RANK=" + std::to_string(rank));
-          }
-        }
-        rank_of_fd_[fd] = rank;
-        return reply(kOk, "");
-      }
-      case kSet:
+        stored_bytes_ = stored_bytes_ - old_bytes + key.size() + value.size();
         values_[key] = value;
-        return reply(kOk, "");
+        return reply(c, kOk, "");
+      }
       case kTryGet: {
         auto it = values_.find(key);
-        return it == values_.end() ? reply(kNotFound, "") : reply(kOk, it->second);
+        return it == values_.end() ? reply(c, kNotFound, "") : reply(c, kOk, it->second);
       }
       case kMissing: {
-        const int count = std::stoi(value);
+        const auto count = parse_int(value);
+        if (!count || *count < 1 || *count > world_size_) {
+          return reply(c, kFailed,
+                       "MISSING: count '" + value.substr(0, 32) + "' is not a number in 1.." +
+                           std::to_string(world_size_));
+        }
         std::string missing;
-        for (int i = 0; i < count; ++i) {
+        for (int i = 0; i < *count; ++i) {
           if (values_.count(key + std::to_string(i)) == 0) missing += std::to_string(i) + " ";
         }
-        return reply(kOk, missing);
+        return reply(c, kOk, missing);
       }
       default:
-        return reply(kFailed, "unknown request");
+        reply(c, kFailed, "unknown request");
+        c.closing = true;
     }
+  }
+
+  void hello(Connection& c, const std::string& key, const std::string& token) {
+    if (!same_secret(token, token_)) {
+      // Said, so that a rank started with another token knows why; then the door closes.
+      reply(c, kFailed,
+            "rank 0 refused the connection: its store token differs (every rank needs the same "
+            "SWITCHYARD_STORE_TOKEN, or the same per-user token file)");
+      c.closing = true;
+      return;
+    }
+    const std::size_t space = key.find(' ');
+    const auto rank = parse_int(std::string_view(key).substr(0, space));
+    const auto world = space == std::string::npos
+                           ? std::nullopt
+                           : parse_int(std::string_view(key).substr(space + 1));
+    if (!rank || !world) {
+      reply(c, kFailed, "malformed hello");
+      c.closing = true;
+      return;
+    }
+    if (*world != world_size_) {
+      reply(c, kFailed,
+            "rank " + std::to_string(*rank) +
+                " was started with WORLD_SIZE=" + std::to_string(*world) +
+                " but rank 0 with WORLD_SIZE=" + std::to_string(world_size_) +
+                "; every rank needs the same");
+      return;
+    }
+    if (*rank < 0 || *rank >= world_size_) {
+      reply(c, kFailed,
+            "rank " + std::to_string(*rank) + " is outside 0.." + std::to_string(world_size_ - 1));
+      return;
+    }
+    for (const auto& [other_fd, other_rank] : rank_of_fd_) {
+      if (other_rank == *rank && other_fd != c.fd) {
+        reply(c, kFailed, "two processes claim RANK=" + std::to_string(*rank));
+        return;
+      }
+    }
+    if (!c.authenticated) ++ranks_connected_;
+    c.authenticated = true;
+    rank_of_fd_[c.fd] = *rank;
+    reply(c, kOk, "");
   }
 
   const int world_size_;
+  const std::string token_;
   int listen_fd_ = -1;
   int wake_[2] = {-1, -1};
-  std::vector<int> clients_;
+  std::vector<Connection> connections_;
   std::map<int, int> rank_of_fd_;
   std::map<std::string, std::string> values_;
-  std::atomic<int> connected_{0};
+  std::size_t stored_bytes_ = 0;
+  std::atomic<int> ranks_connected_{0};
   std::thread thread_;
 };
+
+/// The per-user token file: `$XDG_CONFIG_HOME/switchyard/store-token`, else
+/// `~/.config/switchyard/store-token`.
+std::filesystem::path user_token_path() {
+  if (const char* xdg = std::getenv("XDG_CONFIG_HOME"); xdg != nullptr && *xdg == '/')
+    return std::filesystem::path(xdg) / "switchyard" / "store-token";
+  const char* home = std::getenv("HOME");
+  std::string home_dir = home != nullptr && *home == '/' ? home : "";
+  if (home_dir.empty()) {
+    if (const passwd* pw = ::getpwuid(::geteuid()); pw != nullptr && pw->pw_dir != nullptr)
+      home_dir = pw->pw_dir;
+  }
+  if (home_dir.empty()) {
+    throw Error(ErrorCode::kUnavailable,
+                "bootstrap store: SWITCHYARD_STORE_TOKEN is not set and there is no home folder "
+                "for a per-user token file; set SWITCHYARD_STORE_TOKEN on every rank");
+  }
+  return std::filesystem::path(home_dir) / ".config" / "switchyard" / "store-token";
+}
+
+/// Reads a token file that only its owner (this user) can read or write.
+std::optional<std::string> read_token_file(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) {
+    if (errno == ENOENT) return std::nullopt;
+    throw Error(ErrorCode::kUnavailable, "bootstrap store: cannot open the token file " +
+                                             path.string() + ": " + errno_text() +
+                                             " (it must be a regular file, not a link)");
+  }
+  struct stat st {};
+  std::string why;
+  if (::fstat(fd, &st) != 0) {
+    why = errno_text();
+  } else if (!S_ISREG(st.st_mode)) {
+    why = "not a regular file";
+  } else if (st.st_uid != ::geteuid()) {
+    why = "owned by another user";
+  } else if ((st.st_mode & 077) != 0) {
+    why = "readable or writable by others (chmod 600 it)";
+  }
+  char text[600];
+  ssize_t got = 0;
+  if (why.empty()) {
+    got = ::read(fd, text, sizeof text);
+    if (got < 0) why = errno_text();
+  }
+  ::close(fd);
+  std::string token(text, static_cast<std::size_t>(std::max<ssize_t>(got, 0)));
+  while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back()))) token.pop_back();
+  if (why.empty() && (token.size() < kMinStoreTokenChars || token.size() > kMaxStoreTokenChars))
+    why = "not a token of 16 to 512 characters";
+  if (!why.empty())
+    throw Error(ErrorCode::kUnavailable,
+                "bootstrap store: the token file " + path.string() + " is " + why);
+  return token;
+}
+
+/// This user's token: read from the token file, which is created (mode 600) at first use.
+/// Ranks of one job on machines that share the home folder thus agree without being told.
+std::string user_store_token() {
+  const auto path = user_token_path();
+  if (auto token = read_token_file(path)) return *token;
+  std::error_code ec;
+  std::filesystem::create_directories(path.parent_path(), ec);
+  ::chmod(path.parent_path().c_str(), 0700);
+  // Written aside and linked into place, so two ranks starting together end up with one.
+  const std::string token = new_store_token() + "\n";
+  const auto aside = path.string() + "." + new_store_token().substr(0, 16) + ".tmp";
+  const int fd = ::open(aside.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    throw Error(ErrorCode::kUnavailable, "bootstrap store: cannot create the token file " +
+                                             path.string() + ": " + errno_text() +
+                                             "; set SWITCHYARD_STORE_TOKEN on every rank instead");
+  }
+  const bool written =
+      ::write(fd, token.data(), token.size()) == static_cast<ssize_t>(token.size());
+  ::close(fd);
+  const bool linked = written && (::link(aside.c_str(), path.c_str()) == 0 || errno == EEXIST);
+  ::unlink(aside.c_str());
+  if (!linked) {
+    throw Error(ErrorCode::kUnavailable, "bootstrap store: cannot write the token file " +
+                                             path.string() + ": " + errno_text() +
+                                             "; set SWITCHYARD_STORE_TOKEN on every rank instead");
+  }
+  return *read_token_file(path);
+}
 
 }  // namespace
 
@@ -312,8 +603,10 @@ BootstrapStore::BootstrapStore(const LaunchInfo& info, double timeout_s)
   impl_->info = info;
   impl_->timeout_s = timeout_s;
   impl_->where = info.master_addr + ":" + std::to_string(info.master_port);
+  const std::string token = info.store_token.empty() ? user_store_token() : info.store_token;
   if (info.rank == 0)
-    impl_->server = std::make_unique<Server>(info.master_addr, info.master_port, info.world_size);
+    impl_->server =
+        std::make_unique<Server>(info.master_addr, info.master_port, info.world_size, token);
 
   // Connect, retrying until rank 0 listens or the deadline passes.
   const auto deadline = after(timeout_s);
@@ -344,7 +637,7 @@ BootstrapStore::BootstrapStore(const LaunchInfo& info, double timeout_s)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   try {
-    impl_->request(kHello, std::to_string(info.rank) + " " + std::to_string(info.world_size), "",
+    impl_->request(kHello, std::to_string(info.rank) + " " + std::to_string(info.world_size), token,
                    "hello");
   } catch (const Error& e) {
     if (e.code() == ErrorCode::kUnavailable) {
@@ -398,6 +691,24 @@ std::vector<std::string> BootstrapStore::allgather(const std::string& name,
   std::vector<std::string> values;
   for (int r = 0; r < world_size(); ++r) values.push_back(get(prefix + std::to_string(r)));
   return values;
+}
+
+std::string new_store_token() {
+  unsigned char bytes[32];
+  std::size_t have = 0;
+  while (have < sizeof bytes) {
+    const ssize_t got = ::getrandom(bytes + have, sizeof bytes - have, 0);
+    if (got < 0 && errno == EINTR) continue;
+    if (got <= 0) throw Error(ErrorCode::kSystem, "getrandom: " + errno_text());
+    have += static_cast<std::size_t>(got);
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string token;
+  for (unsigned char b : bytes) {
+    token.push_back(kHex[b >> 4]);
+    token.push_back(kHex[b & 15]);
+  }
+  return token;
 }
 
 }  // namespace switchyard

@@ -77,6 +77,14 @@ std::optional<LaunchInfo> LaunchInfo::from_environment() {
     throw Error(ErrorCode::kInvalidArgument,
                 "environment MASTER_PORT=" + *env("MASTER_PORT") + ": not a TCP port");
   }
+  if (auto token = env("SWITCHYARD_STORE_TOKEN")) {
+    if (token->size() < kMinStoreTokenChars || token->size() > kMaxStoreTokenChars) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "environment SWITCHYARD_STORE_TOKEN: " + std::to_string(token->size()) +
+                      " characters; a store token has 16 to 512 (e.g. 32 random hex digits)");
+    }
+    info.store_token = *token;
+  }
   return info;
 }
 

@@ -3,6 +3,7 @@
 /// How a process learns its place in a launched job, and the TCP key-value store that
 /// transports use to exchange addresses out of band (UCX endpoints, NCCL ids).
 
+#include <cstddef>
 #include <memory>
 #include <optional>
 #include <string>
@@ -20,23 +21,44 @@ struct LaunchInfo {
   int master_port = 0;      ///< store port (MASTER_PORT); 0 if not given
   /// Which variables it came from: "RANK/WORLD_SIZE", "Open MPI" or "Slurm".
   std::string source;
+  /// The job's store secret (SWITCHYARD_STORE_TOKEN); empty means the per-user token file.
+  std::string store_token;
 
   /// True when MASTER_ADDR and MASTER_PORT were given.
   bool has_store() const noexcept { return !master_addr.empty() && master_port > 0; }
 
   /// Reads torchrun's names (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
-  /// MASTER_PORT); rank and size fall back to Open MPI's (OMPI_COMM_WORLD_*) and then
-  /// Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) variables. Returns nullopt when
-  /// no launcher variables are set. Throws `Error(kInvalidArgument)` for values that are
-  /// not numbers or out of range (e.g. RANK >= WORLD_SIZE), naming the variable.
+  /// MASTER_PORT) and SWITCHYARD_STORE_TOKEN (16 to 512 characters); rank and size fall back to
+  /// Open MPI's (OMPI_COMM_WORLD_*) and then Slurm's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID)
+  /// variables. Returns nullopt when no launcher variables are set. Throws
+  /// `Error(kInvalidArgument)` for values that are not numbers or out of range (e.g. RANK >=
+  /// WORLD_SIZE), naming the variable.
   static std::optional<LaunchInfo> from_environment();
 };
+
+/// Shortest and longest store token accepted.
+inline constexpr std::size_t kMinStoreTokenChars = 16;
+inline constexpr std::size_t kMaxStoreTokenChars = 512;
+
+/// A fresh secret for one job's store: 32 bytes from the kernel's random source, as 64 hex
+/// digits. `switchyard launch` gives one to its ranks in SWITCHYARD_STORE_TOKEN.
+std::string new_store_token();
 
 /// A small key-value store over TCP, hosted by rank 0 and used by every rank during
 /// start-up. Rank 0 listens on `master_addr:master_port` (that address only) and serves
 /// from a background thread for as long as the object lives; every rank, rank 0 included,
 /// is a client. Every wait is bounded by the timeout and ends in `Error(kTimeout)` that
 /// names the operation and what was missing. Thread-safe.
+///
+/// Trust: a client must present the job's token before any request, or it is refused and
+/// disconnected; without it nothing can be read or written. The token is `info.store_token`
+/// (SWITCHYARD_STORE_TOKEN) or, when that is empty, the per-user token file
+/// `$XDG_CONFIG_HOME/switchyard/store-token` (default `~/.config/switchyard/store-token`,
+/// created with mode 600 at first use, refused if others can read it). It travels in clear
+/// over the store's TCP connection: it keeps out other users of the machine, not someone who
+/// can read the network. Frames are bounded (keys 1 KiB, values 1 MiB, all values 64 MiB);
+/// a malformed frame, or one left unfinished for 5 s, closes that connection only; rank 0
+/// serves every connection from one event loop, so no client can hold up another.
 class BootstrapStore {
  public:
   /// Connects (and on rank 0 first listens). Checks that every rank agrees on the world
