@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -19,13 +20,17 @@
 #include <vector>
 
 #include "commands.hpp"
+#include "switchyard/bootstrap.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard::tool {
 namespace {
 
-volatile std::sig_atomic_t interrupted = 0;
-void on_signal(int) { interrupted = 1; }
+/// The signal that asked the launcher to stop (SIGINT, SIGTERM, SIGHUP), or 0.
+volatile std::sig_atomic_t stop_signal = 0;
+void on_signal(int signal) {
+  if (stop_signal == 0) stop_signal = signal;
+}
 
 /// A port the kernel says is free now (bound to port 0, then released).
 int free_port() {
@@ -50,6 +55,26 @@ struct Child {
   bool running = true;
   int exit_code = 0;
 };
+
+/// Sends `signal` to every running child's process group; a stopped child is continued
+/// too, or it would only see the signal when someone else wakes it.
+void signal_children(const std::vector<Child>& children, int signal) {
+  for (const auto& c : children) {
+    if (!c.running || c.pid <= 0) continue;
+    ::kill(-c.pid, signal);
+    if (signal != SIGKILL) ::kill(-c.pid, SIGCONT);
+  }
+}
+
+/// Kills the children started so far and waits for them: a launch that cannot start all
+/// its ranks leaves none behind.
+void abandon_start(std::vector<Child>& children) {
+  signal_children(children, SIGKILL);
+  for (auto& c : children) {
+    if (c.pid > 0) ::waitpid(c.pid, nullptr, 0);
+    if (c.output >= 0) ::close(c.output);
+  }
+}
 
 void forward_lines(Child& child, int rank, const char* data, std::size_t n) {
   child.partial.append(data, n);
@@ -104,16 +129,36 @@ int launch_command(const std::vector<std::string>& args) {
   argv.push_back(nullptr);
 
   const int port = free_port();
+  // A fresh secret per job: only these ranks can use the store (see bootstrap.hpp).
+  const std::string token = new_store_token();
   const int local_size = per_node > 0 ? per_node : n;
-  std::signal(SIGINT, on_signal);
-  std::signal(SIGTERM, on_signal);
+  for (int signal : {SIGINT, SIGTERM, SIGHUP}) std::signal(signal, on_signal);
+  const pid_t launcher = ::getpid();
   std::vector<Child> children(static_cast<std::size_t>(n));
   for (int r = 0; r < n; ++r) {
     int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0) throw Error(ErrorCode::kSystem, "launch: pipe failed");
+    if (::pipe2(fds, O_CLOEXEC) != 0) {
+      const std::string why = std::strerror(errno);
+      abandon_start(children);
+      throw Error(ErrorCode::kSystem, "launch: cannot start rank " + std::to_string(r) +
+                                          ": pipe: " + why + "; the " + std::to_string(r) +
+                                          " rank(s) already started were stopped");
+    }
     const pid_t pid = ::fork();
-    if (pid < 0) throw Error(ErrorCode::kSystem, "launch: fork failed");
+    if (pid < 0) {
+      const std::string why = std::strerror(errno);
+      ::close(fds[0]);
+      ::close(fds[1]);
+      abandon_start(children);
+      throw Error(ErrorCode::kSystem, "launch: cannot start rank " + std::to_string(r) +
+                                          ": fork: " + why + "; the " + std::to_string(r) +
+                                          " rank(s) already started were stopped");
+    }
     if (pid == 0) {
+      // Dies with the launcher, even when it is killed with SIGKILL and cannot stop us.
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != launcher) ::_exit(128 + SIGKILL);
+      for (int signal : {SIGINT, SIGTERM, SIGHUP}) std::signal(signal, SIG_DFL);
       ::setpgid(0, 0);  // its own process group, so that stopping it stops its children too
       ::dup2(fds[1], 1);
       ::dup2(fds[1], 2);
@@ -124,6 +169,7 @@ int launch_command(const std::vector<std::string>& args) {
       ::setenv("LOCAL_WORLD_SIZE", std::to_string(std::min(local_size, n - node_first)).c_str(), 1);
       ::setenv("MASTER_ADDR", "127.0.0.1", 1);
       ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      ::setenv("SWITCHYARD_STORE_TOKEN", token.c_str(), 1);
       if (per_node > 0)
         ::setenv("SWITCHYARD_RUNTIME_RANKS_PER_NODE", std::to_string(per_node).c_str(), 1);
       ::execvp(argv[0], argv.data());
@@ -193,28 +239,24 @@ int launch_command(const std::vector<std::string>& args) {
         }
       }
     }
-    if (interrupted && first_failure < 0) {
+    if (stop_signal != 0 && first_failure < 0) {
       first_failure = n;  // not a rank: the launcher itself was interrupted
       failed_at = Clock::now() - std::chrono::hours(1);
     }
     // Give the others `grace_s` to report and exit by themselves, then terminate them.
     if (first_failure >= 0 && !terminated &&
         Clock::now() - failed_at >= std::chrono::duration<double>(grace_s)) {
-      for (const auto& c : children) {
-        if (c.running) ::kill(-c.pid, SIGTERM);
-      }
+      signal_children(children, SIGTERM);
       terminated = true;
       failed_at = Clock::now();
     }
     if (terminated && !killed && Clock::now() - failed_at >= std::chrono::seconds(5)) {
-      for (const auto& c : children) {
-        if (c.running) ::kill(-c.pid, SIGKILL);
-      }
+      signal_children(children, SIGKILL);
       killed = true;
     }
   }
   if (first_failure < 0) return kExitOk;
-  if (first_failure == n) return 130;
+  if (first_failure == n) return 128 + stop_signal;  // the shell's convention
   return children[static_cast<std::size_t>(first_failure)].exit_code;
 }
 
