@@ -52,7 +52,7 @@ constexpr std::uint64_t kMaxReplyBytes = kMaxValueBytes + 64;
 /// All values together: far above what start-up needs (addresses, ids, host names).
 constexpr std::size_t kMaxStoredBytes = std::size_t{64} << 20;
 /// Strangers' connections held at once; the oldest is dropped for a new one.
-constexpr std::size_t kMaxUnauthenticated = 64;
+constexpr std::size_t kMaxUnauthenticated = 256;
 /// A connection must present the token, and finish any frame it started, this fast.
 constexpr double kConnectionDeadlineS = 5.0;
 

@@ -9,10 +9,14 @@
 #include <boost/dll/shared_library.hpp>
 
 #include <dlfcn.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <regex>
 #include <sstream>
@@ -81,6 +85,50 @@ struct PluginRegistry::Loaded {
   std::shared_ptr<boost::dll::shared_library> library;
 };
 
+/// A file whose name says it is plugin `kind`/`name`, found in a trusted folder, and
+/// loaded only when that plugin is asked for.
+struct PluginRegistry::Candidate {
+  PluginKind kind = PluginKind::kRouter;
+  std::string name;
+  std::filesystem::path path;
+  bool tried = false;
+  const Loaded* loaded = nullptr;  // set once it loaded and passed every check
+};
+
+namespace {
+
+/// Why code in `path` (a folder or file) could be swapped by someone other than this user
+/// or root, or why it is not what a plugin file must be; empty when it is trusted.
+/// For a folder, also checks every folder above it, allowing sticky ones such as /tmp,
+/// where nobody else can rename what is ours.
+std::string distrust(const std::filesystem::path& path, bool is_folder) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return std::string("cannot stat: ") + std::strerror(errno);
+  if (is_folder ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode))
+    return is_folder ? "not a folder" : "not a regular file";
+  const uid_t me = ::geteuid();
+  if (st.st_uid != me && st.st_uid != 0)
+    return "owned by another user (uid " + std::to_string(st.st_uid) + ")";
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return std::string(is_folder ? "folder" : "file") +
+           " is writable by group or others (chmod go-w it, or move the plugins)";
+  }
+  if (!is_folder) return "";
+  for (auto up = std::filesystem::absolute(path).parent_path();; up = up.parent_path()) {
+    struct stat above {};
+    if (::stat(up.c_str(), &above) != 0) break;
+    const bool sticky = (above.st_mode & S_ISVTX) != 0;
+    if (above.st_uid != me && above.st_uid != 0)
+      return "inside " + up.string() + ", owned by another user";
+    if ((above.st_mode & (S_IWGRP | S_IWOTH)) != 0 && !sticky)
+      return "inside " + up.string() + ", which is writable by group or others";
+    if (up == up.parent_path()) break;
+  }
+  return "";
+}
+
+}  // namespace
+
 std::vector<std::filesystem::path> PluginRegistry::default_search_path(
     std::span<const std::filesystem::path> config_dirs) {
   std::vector<std::filesystem::path> path;
@@ -103,9 +151,17 @@ std::vector<std::filesystem::path> PluginRegistry::default_search_path(
 PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
     : search_path_(std::move(search_path)) {
   static const std::regex file_pattern(R"(libswitchyard-([a-z]+)-([A-Za-z0-9_]+)\.so)");
+  // Only names and file types are read here: no plugin's code runs until it is asked for.
   for (const auto& dir : search_path_) {
     std::error_code ec;
     if (!std::filesystem::is_directory(dir, ec)) continue;
+    if (const std::string why = distrust(dir, /*is_folder=*/true); !why.empty()) {
+      rejected_.push_back({dir, ErrorCode::kUnavailable,
+                           "folder not searched: " + why +
+                               "; plugins load only from folders "
+                               "that only their owner (this user or root) can change"});
+      continue;
+    }
     std::vector<std::filesystem::path> files;
     for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
       const std::string file = entry.path().filename().string();
@@ -115,114 +171,120 @@ PluginRegistry::PluginRegistry(std::vector<std::filesystem::path> search_path)
     }
     std::sort(files.begin(), files.end());
     for (const auto& file : files) {
-      auto reject = [&](ErrorCode code, std::string reason) {
-        rejected_.push_back({file, code, std::move(reason)});
-      };
       std::smatch match;
       const std::string filename = file.filename().string();
       if (!std::regex_match(filename, match, file_pattern) || !kind_from_name(match[1].str())) {
-        reject(ErrorCode::kInvalidArgument,
-               "file name does not follow libswitchyard-<kind>-<name>.so with kind transport, "
-               "router, expert or datapath");
+        rejected_.push_back({file, ErrorCode::kInvalidArgument,
+                             "file name does not follow libswitchyard-<kind>-<name>.so with kind "
+                             "transport, router, expert or datapath"});
         continue;
       }
-      const PluginKind file_kind = *kind_from_name(match[1].str());
-      const std::string file_name = match[2].str();
-
-      auto library = std::make_shared<boost::dll::shared_library>();
-      try {
-        // Never unmapped: vendor libraries behind plugins (UCX, MPI, CUDA) keep threads and
-        // exit handlers that must outlive the plugin objects.
-        const auto no_delete = static_cast<boost::dll::load_mode::type>(RTLD_NODELETE);
-        // Immediate binding: a missing symbol is a rejection now, not a crash at first call.
-        library->load(
-            file, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local | no_delete);
-      } catch (const std::exception& e) {
-        reject(ErrorCode::kUnavailable, std::string("cannot be loaded: ") + e.what());
+      if (const std::string why = distrust(file, /*is_folder=*/false); !why.empty()) {
+        rejected_.push_back({file, ErrorCode::kUnavailable, "not loaded: " + why});
         continue;
       }
-      if (!library->has(kPluginEntryName)) {
-        const auto others = other_entry_points(file);
-        if (!others.empty()) {
-          reject(ErrorCode::kAbiMismatch,
-                 "exports " + others.front() + " but this core loads plugin ABI " +
-                     std::to_string(kPluginAbiVersion) + " (" + kPluginEntryName +
-                     "); rebuild the plugin against this core");
-        } else {
-          reject(ErrorCode::kNotFound, std::string("does not export the entry point ") +
-                                           kPluginEntryName + "; is it a Switchyard plugin?");
-        }
-        continue;
-      }
-      const PluginDescriptor* d = nullptr;
-      try {
-        d = library->get<const PluginDescriptor*()>(kPluginEntryName)();
-      } catch (const std::exception& e) {
-        reject(ErrorCode::kInternal, std::string("entry point threw: ") + e.what());
-        continue;
-      }
-      if (d == nullptr) {
-        reject(ErrorCode::kInternal, "entry point returned no descriptor");
-        continue;
-      }
-      if (d->abi_version != kPluginAbiVersion) {
-        reject(ErrorCode::kAbiMismatch, "descriptor declares plugin ABI version " +
-                                            std::to_string(d->abi_version) + ", this core needs " +
-                                            std::to_string(kPluginAbiVersion) +
-                                            "; rebuild the plugin against this core");
-        continue;
-      }
-      if (d->build_id == nullptr || std::strcmp(d->build_id, core_build_id()) != 0) {
-        reject(ErrorCode::kAbiMismatch,
-               std::string("built as \"") + (d->build_id ? d->build_id : "(none)") +
-                   "\" but this core is \"" + core_build_id() +
-                   "\"; C++ objects cross the plugin boundary, so rebuild the plugin with the "
-                   "same compiler and core");
-        continue;
-      }
-      if (d->kind != file_kind) {
-        reject(ErrorCode::kInvalidArgument, "declares kind \"" +
-                                                std::string(plugin_kind_name(d->kind)) +
-                                                "\" but its file name says \"" +
-                                                std::string(plugin_kind_name(file_kind)) + "\"");
-        continue;
-      }
-      if (d->name == nullptr || file_name != d->name) {
-        reject(ErrorCode::kInvalidArgument, "declares name \"" +
-                                                std::string(d->name ? d->name : "(none)") +
-                                                "\" but its file name says \"" + file_name + "\"");
-        continue;
-      }
-      if (!is_factory_set(*d)) {
-        reject(ErrorCode::kInternal, "declares no factory for its kind");
-        continue;
-      }
-      auto duplicate = std::find_if(loaded_.begin(), loaded_.end(), [&](const Loaded& l) {
-        return l.info.kind == d->kind && l.info.name == d->name;
+      Candidate c;
+      c.kind = *kind_from_name(match[1].str());
+      c.name = match[2].str();
+      c.path = file;
+      auto earlier = std::find_if(candidates_.begin(), candidates_.end(), [&](const auto& other) {
+        return other.kind == c.kind && other.name == c.name;
       });
-      if (duplicate != loaded_.end()) {
-        reject(ErrorCode::kInvalidArgument, "shadowed by " + duplicate->info.path.string() +
-                                                ", found earlier in the search path");
+      if (earlier != candidates_.end()) {
+        rejected_.push_back(
+            {file, ErrorCode::kInvalidArgument,
+             "shadowed by " + earlier->path.string() + ", found earlier in the search path"});
         continue;
       }
-      Loaded loaded;
-      loaded.descriptor = d;
-      loaded.library = std::move(library);
-      loaded.info.kind = d->kind;
-      loaded.info.name = d->name;
-      loaded.info.version = d->version ? d->version : "";
-      loaded.info.summary = d->summary ? d->summary : "";
-      loaded.info.path = file;
-      if (d->probe != nullptr) {
-        try {
-          loaded.info.probe = d->probe();
-        } catch (...) {
-          loaded.info.probe = Status::from_current_exception();
-        }
-      }
-      loaded_.push_back(std::move(loaded));
-      available_.push_back(loaded_.back().info);
+      candidates_.push_back(std::move(c));
     }
+  }
+}
+
+void PluginRegistry::try_load(Candidate& candidate) const {
+  candidate.tried = true;
+  const auto& file = candidate.path;
+  auto reject = [&](ErrorCode code, std::string reason) {
+    rejected_.push_back({file, code, std::move(reason)});
+  };
+  auto library = std::make_shared<boost::dll::shared_library>();
+  try {
+    // Never unmapped: vendor libraries behind plugins (UCX, MPI, CUDA) keep threads and
+    // exit handlers that must outlive the plugin objects.
+    const auto no_delete = static_cast<boost::dll::load_mode::type>(RTLD_NODELETE);
+    // Immediate binding: a missing symbol is a rejection now, not a crash at first call.
+    library->load(file,
+                  boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local | no_delete);
+  } catch (const std::exception& e) {
+    return reject(ErrorCode::kUnavailable, std::string("cannot be loaded: ") + e.what());
+  }
+  if (!library->has(kPluginEntryName)) {
+    const auto others = other_entry_points(file);
+    if (!others.empty()) {
+      return reject(ErrorCode::kAbiMismatch,
+                    "exports " + others.front() + " but this core loads plugin ABI " +
+                        std::to_string(kPluginAbiVersion) + " (" + kPluginEntryName +
+                        "); rebuild the plugin against this core");
+    }
+    return reject(ErrorCode::kNotFound, std::string("does not export the entry point ") +
+                                            kPluginEntryName + "; is it a Switchyard plugin?");
+  }
+  const PluginDescriptor* d = nullptr;
+  try {
+    d = library->get<const PluginDescriptor*()>(kPluginEntryName)();
+  } catch (const std::exception& e) {
+    return reject(ErrorCode::kInternal, std::string("entry point threw: ") + e.what());
+  }
+  if (d == nullptr) return reject(ErrorCode::kInternal, "entry point returned no descriptor");
+  if (d->abi_version != kPluginAbiVersion) {
+    return reject(ErrorCode::kAbiMismatch,
+                  "descriptor declares plugin ABI version " + std::to_string(d->abi_version) +
+                      ", this core needs " + std::to_string(kPluginAbiVersion) +
+                      "; rebuild the plugin against this core");
+  }
+  if (d->build_id == nullptr || std::strcmp(d->build_id, core_build_id()) != 0) {
+    return reject(ErrorCode::kAbiMismatch,
+                  std::string("built as \"") + (d->build_id ? d->build_id : "(none)") +
+                      "\" but this core is \"" + core_build_id() +
+                      "\"; C++ objects cross the plugin boundary, so rebuild the plugin with the "
+                      "same compiler and core");
+  }
+  if (d->kind != candidate.kind) {
+    return reject(ErrorCode::kInvalidArgument,
+                  "declares kind \"" + std::string(plugin_kind_name(d->kind)) +
+                      "\" but its file name says \"" +
+                      std::string(plugin_kind_name(candidate.kind)) + "\"");
+  }
+  if (d->name == nullptr || candidate.name != d->name) {
+    return reject(ErrorCode::kInvalidArgument,
+                  "declares name \"" + std::string(d->name ? d->name : "(none)") +
+                      "\" but its file name says \"" + candidate.name + "\"");
+  }
+  if (!is_factory_set(*d)) return reject(ErrorCode::kInternal, "declares no factory for its kind");
+  Loaded loaded;
+  loaded.descriptor = d;
+  loaded.library = std::move(library);
+  loaded.info.kind = d->kind;
+  loaded.info.name = d->name;
+  loaded.info.version = d->version ? d->version : "";
+  loaded.info.summary = d->summary ? d->summary : "";
+  loaded.info.path = file;
+  if (d->probe != nullptr) {
+    try {
+      loaded.info.probe = d->probe();
+    } catch (...) {
+      loaded.info.probe = Status::from_current_exception();
+    }
+  }
+  loaded_.push_back(std::move(loaded));
+  candidate.loaded = &loaded_.back();
+  available_.push_back(loaded_.back().info);
+}
+
+void PluginRegistry::load_all() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& c : candidates_) {
+    if (!c.tried) try_load(c);
   }
 }
 
@@ -236,8 +298,12 @@ std::span<const PluginRejection> PluginRegistry::rejected() const noexcept { ret
 
 const PluginRegistry::Loaded& PluginRegistry::get(PluginKind kind, std::string_view name,
                                                   bool usable) const {
-  for (const auto& l : loaded_) {
-    if (l.info.kind != kind || l.info.name != name) continue;
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& c : candidates_) {
+    if (c.kind != kind || c.name != name) continue;
+    if (!c.tried) try_load(c);
+    if (c.loaded == nullptr) break;
+    const Loaded& l = *c.loaded;
     if (usable && !l.info.probe.ok()) {
       throw Error(ErrorCode::kUnavailable, std::string(plugin_kind_name(kind)) + " plugin \"" +
                                                std::string(name) + "\" (" + l.info.path.string() +
@@ -249,12 +315,14 @@ const PluginRegistry::Loaded& PluginRegistry::get(PluginKind kind, std::string_v
   const std::string wanted_file = "libswitchyard-" + kind_name + "-" + std::string(name) + ".so";
   std::ostringstream msg;
   msg << kind_name << " plugin \"" << name << "\" not found (looked for " << wanted_file << ").";
-  msg << "\n  available " << kind_name << " plugins:";
+  msg << "\n  " << kind_name << " plugins found:";
   bool any = false;
-  for (const auto& info : available_) {
-    if (info.kind != kind) continue;
-    msg << (any ? "," : "") << " " << info.name << " " << info.version << " (" << info.path.string()
-        << ")";
+  for (const auto& c : candidates_) {
+    // Others of the kind are named, not loaded: their code runs only when asked for.
+    if (c.kind != kind || (c.tried && c.loaded == nullptr)) continue;
+    msg << (any ? "," : "") << " " << c.name;
+    if (c.loaded != nullptr) msg << " " << c.loaded->info.version;
+    msg << " (" << c.path.string() << ")";
     any = true;
   }
   if (!any) msg << " none";

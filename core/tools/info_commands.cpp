@@ -19,6 +19,7 @@ int plugins_command(const std::vector<std::string>& args) {
     }
   }
   const PluginRegistry registry(PluginRegistry::default_search_path(dirs));
+  registry.load_all();  // listing them all is what this command is for
   std::printf("%-10s %-14s %-8s %-12s %s\n", "KIND", "NAME", "VERSION", "STATE", "PATH");
   for (const auto& p : registry.available()) {
     std::printf("%-10s %-14s %-8s %-12s %s\n", std::string(plugin_kind_name(p.kind)).c_str(),

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -219,8 +220,10 @@ TEST_CASE("a stranger without the job's token can neither read, write nor stall 
   std::vector<double> seconds(2);
   std::string stranger_saw, wrong_token_reply;
   bool closed_get = false, closed_huge = false, closed_wrong = false;
+  std::atomic<bool> listening{false};
   auto errors = test::on_threads(3, [&](int r) {
     if (r == 2) {  // the stranger
+      while (!listening) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       RawClient idle(port);
       idle.send_bytes(std::string(1, '\x01'));  // one byte of a frame, then nothing
       std::vector<std::unique_ptr<RawClient>> crowd;
@@ -244,6 +247,7 @@ TEST_CASE("a stranger without the job's token can neither read, write nor stall 
     std::this_thread::sleep_for(std::chrono::milliseconds(r == 0 ? 0 : 300));
     const auto start = std::chrono::steady_clock::now();
     BootstrapStore store(info(r, 2, port), 10);
+    listening = true;
     if (r == 0) store.set("secret", "worker-address");
     store.barrier("set");
     got[static_cast<std::size_t>(r)] = store.get("secret");

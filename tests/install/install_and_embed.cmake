@@ -6,6 +6,12 @@ execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${WORK_
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "cmake --install failed")
 endif()
+# No installed file may search the working directory for libraries.
+execute_process(COMMAND sh ${SOURCE_DIR}/tests/faults/runpath_check.sh ${WORK_DIR}/prefix
+                RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "an installed file has an empty RUNPATH entry")
+endif()
 set(flags)
 if(SANITIZE)
   # A sanitized libswitchyard needs the program built the same way.

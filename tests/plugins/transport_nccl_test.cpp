@@ -15,6 +15,7 @@ using namespace switchyard;
 namespace {
 
 const PluginInfo* find_nccl(const PluginRegistry& registry) {
+  registry.load_all();
   for (const PluginInfo& info : registry.available()) {
     if (info.kind == PluginKind::kTransport && info.name == "nccl") return &info;
   }

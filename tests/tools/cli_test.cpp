@@ -220,8 +220,9 @@ TEST_CASE("a missing plugin names what is available and where it looked") {
   CHECK(result.exit_code == 1);
   CHECK(result.output.find(":6:10: router.policy: router plugin \"capacityy\" not found") !=
         std::string::npos);
-  CHECK(result.output.find("available router plugins: capacity 0.1.0 (") != std::string::npos);
-  CHECK(result.output.find("topk 0.1.0 (") != std::string::npos);
+  // Named with their files, not loaded: nobody asked for them.
+  CHECK(result.output.find("router plugins found: capacity (") != std::string::npos);
+  CHECK(result.output.find(" topk (") != std::string::npos);
   CHECK(result.output.find("searched:") != std::string::npos);
   CHECK_FALSE(std::filesystem::exists(c.output));
 }

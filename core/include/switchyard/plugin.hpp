@@ -10,8 +10,10 @@
 /// at a bad file. Plugins are written with the SWITCHYARD_*_PLUGIN macros at the bottom.
 
 #include <cstdint>
+#include <deque>
 #include <filesystem>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <string_view>
@@ -115,22 +117,34 @@ struct PluginRejection {
 };
 
 /// Finds, checks and loads plugins, and creates objects from them. The created objects
-/// keep their library loaded for as long as they live. Thread-safe after construction.
+/// keep their library loaded for as long as they live. Thread-safe after construction
+/// (loading on demand is serialised inside).
 class PluginRegistry {
  public:
   /// The standard search path: `SWITCHYARD_PLUGIN_PATH` (colon-separated), then
   /// `config_dirs`, then `lib/switchyard/` beside the core library.
   static std::vector<std::filesystem::path> default_search_path(
       std::span<const std::filesystem::path> config_dirs = {});
-  /// Scans every folder of `search_path` for `libswitchyard-*.so` and loads each. The
-  /// first plugin found for a kind and name wins; later ones are recorded as shadowed.
+  /// Scans every folder of `search_path` for `libswitchyard-*.so` without loading any:
+  /// a plugin's code runs only when it is asked for (`find`, `options`, `create_*`) or
+  /// by `load_all`. Trust: a folder is searched only if it, and every folder above it
+  /// that is not sticky, is owned by this user or root and writable by no one else; a
+  /// file is a candidate only if it is a regular file with the same owners and
+  /// permissions. Anything else is recorded in `rejected()` and never opened. The first
+  /// plugin found for a kind and name wins; later ones are recorded as shadowed.
   explicit PluginRegistry(std::vector<std::filesystem::path> search_path);
   ~PluginRegistry();
   PluginRegistry(const PluginRegistry&) = delete;
   PluginRegistry& operator=(const PluginRegistry&) = delete;
 
+  /// Loads and checks every candidate (for listing them all, as `switchyard plugins` does).
+  void load_all() const;
+
   const std::vector<std::filesystem::path>& search_path() const noexcept;
+  /// The plugins loaded so far (all of them after `load_all`). The span is invalidated by
+  /// the next load; do not hold it while other threads ask for plugins.
   std::span<const PluginInfo> available() const noexcept;
+  /// Files and folders refused so far: at the scan (names, trust) and at loading.
   std::span<const PluginRejection> rejected() const noexcept;
 
   /// The plugin `kind`/`name`, or `Error(kNotFound)` (none loaded: the message names what
@@ -153,12 +167,17 @@ class PluginRegistry {
 
  private:
   struct Loaded;
+  struct Candidate;
+  /// Loads the candidate (under `mutex_`) into `loaded_`, or records why not.
+  void try_load(Candidate& candidate) const;
   /// `usable`: also require that the probe passed.
   const Loaded& get(PluginKind kind, std::string_view name, bool usable = true) const;
   std::vector<std::filesystem::path> search_path_;
-  std::vector<Loaded> loaded_;
-  std::vector<PluginInfo> available_;
-  std::vector<PluginRejection> rejected_;
+  mutable std::mutex mutex_;
+  mutable std::vector<Candidate> candidates_;
+  mutable std::deque<Loaded> loaded_;  // a deque: candidates point into it
+  mutable std::vector<PluginInfo> available_;
+  mutable std::vector<PluginRejection> rejected_;
 };
 
 namespace plugin_detail {
