@@ -91,6 +91,15 @@ ConfigCheck positive() {
   };
 }
 
+ConfigCheck seconds_up_to(double max_s) {
+  return [max_s](const ConfigValue& v) -> std::string {
+    const double d = std::get<double>(v);
+    if (d > 0 && d <= max_s) return {};  // false for NaN too
+    return "must be a number of seconds in (0, " + format_seconds(max_s) + "] (got " +
+           format_config_value(v) + ")";
+  };
+}
+
 ConfigCheck one_of(std::vector<std::string> allowed) {
   return [allowed = std::move(allowed)](const ConfigValue& v) -> std::string {
     const auto& s = std::get<std::string>(v);

@@ -31,8 +31,9 @@ ConfigSchema core_schema(std::string_view section) {
           "emulate nodes of this many consecutive ranks (0: all ranks of a host on one node)",
           checks::int_range(0, 1 << 20));
     s.add("timeout_s", T::kFloat, ConfigValue{300.0},
-          "bound in seconds on every wait for a peer; a missing peer is an error after it",
-          checks::positive());
+          "bound in seconds on every wait for a peer; a missing peer is an error after it (at "
+          "most a week)",
+          checks::seconds_up_to(kMaxTimeoutSeconds));
     s.add("data_path", T::kString, ConfigValue{std::string("host")},
           "where the layer's data path (logits, layout, pack, group, reduce, sum) runs: host "
           "(built into the core) or a datapath plugin");

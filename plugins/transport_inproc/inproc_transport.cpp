@@ -58,6 +58,30 @@ std::optional<Error> pull_alltoallv(std::span<const void* const> posted, int me,
   return problem;
 }
 
+/// Departs for a rank that leaves its reading section by an exception (after aborting, so
+/// that peers stop): a reader that never departed would keep a rank that gives up waiting.
+class DepartOnThrow {
+ public:
+  DepartOnThrow(World& world, std::uint64_t seq, int rank)
+      : world_(world), seq_(seq), rank_(rank) {}
+  ~DepartOnThrow() {
+    if (!armed_) return;
+    world_.abort("inproc: world rank " + std::to_string(world_.world_rank(rank_)) +
+                 " failed while reading its peers' buffers");
+    world_.depart(seq_, rank_);
+  }
+  DepartOnThrow(const DepartOnThrow&) = delete;
+  DepartOnThrow& operator=(const DepartOnThrow&) = delete;
+  /// The reading section ended normally; the caller departs itself.
+  void release() noexcept { armed_ = false; }
+
+ private:
+  World& world_;
+  std::uint64_t seq_;
+  int rank_;
+  bool armed_ = true;
+};
+
 void declare_options(ConfigSchema& s) {
   s.add("inproc_async", ConfigType::kBool, ConfigValue{false},
         "stream-ordered mode: data collectives are queued on the host stream and completed "
@@ -117,7 +141,11 @@ class InprocTransport final : public Transport {
     const SplitArgument mine{color, key, &new_world, &new_rank};
     world_->arrive(seq, rank_, &mine, "split");
     auto posted = world_->wait_all_arrived(seq, "split");
-    if (rank_ == 0) build_split_worlds(posted);
+    {
+      DepartOnThrow reading(*world_, seq, rank_);
+      if (rank_ == 0) build_split_worlds(posted);
+      reading.release();
+    }
     world_->depart(seq, rank_);
     // Rank 0 writes every member's result before it departs.
     world_->wait_all_departed(seq, "split");
@@ -215,6 +243,7 @@ class InprocTransport final : public Transport {
     const AlltoallArgument mine{op.buffers.send, bytes_per_peer};
     world_->arrive(seq, rank_, &mine, "alltoall");
     auto posted = world_->wait_all_arrived(seq, "alltoall");
+    DepartOnThrow reading(*world_, seq, rank_);
     std::optional<Error> problem;
     for (std::size_t p = 0; p < posted.size(); ++p) {
       const auto* peer = static_cast<const AlltoallArgument*>(posted[p]);
@@ -230,23 +259,28 @@ class InprocTransport final : public Transport {
                     peer->send + static_cast<std::size_t>(rank_) * bytes_per_peer, bytes_per_peer);
       }
     }
+    reading.release();
     finish(seq, "alltoall");
     if (problem) throw *problem;
   }
 
   void run_alltoallv(QueuedOp& op) {
     world_->arrive(op.seq, rank_, &op.buffers, "alltoallv");
-    auto problem = pull_alltoallv(world_->wait_all_arrived(op.seq, "alltoallv"), rank_, op.buffers);
+    auto posted = world_->wait_all_arrived(op.seq, "alltoallv");
+    DepartOnThrow reading(*world_, op.seq, rank_);
+    auto problem = pull_alltoallv(posted, rank_, op.buffers);
+    reading.release();
     finish(op.seq, "alltoallv");
     if (problem) throw *problem;
   }
 
   void run_allreduce(QueuedOp& op) {
     const AllreduceArgument mine{op.data, op.count, op.dtype, op.op};
-    world_->arrive(op.seq, rank_, &mine, "allreduce");
-    auto posted = world_->wait_all_arrived(op.seq, "allreduce");
     const std::size_t bytes = op.count * dtype_size(op.dtype);
     op.scratch.resize(bytes);
+    world_->arrive(op.seq, rank_, &mine, "allreduce");
+    auto posted = world_->wait_all_arrived(op.seq, "allreduce");
+    DepartOnThrow reading(*world_, op.seq, rank_);
     std::optional<Error> problem;
     // Rank order, so that every rank computes the same bits.
     for (std::size_t p = 0; p < posted.size(); ++p) {
@@ -263,6 +297,7 @@ class InprocTransport final : public Transport {
       }
       reduce_into(op.scratch.data(), peer->data, op.count, op.dtype, op.op);
     }
+    reading.release();
     finish(op.seq, "allreduce");  // peers have read `data`; now it may be overwritten
     if (problem) throw *problem;
     if (bytes) std::memcpy(op.data, op.scratch.data(), bytes);
@@ -293,8 +328,11 @@ class InprocTransport final : public Transport {
       });
       std::vector<int> nodes;
       for (const auto& m : members) nodes.push_back(world_->topology().node_of(m.old_rank));
-      auto world = std::make_shared<World>(static_cast<int>(members.size()), world_->timeout_s(),
-                                           Topology(nodes), world_->abort_state());
+      std::vector<int> world_ranks;
+      for (const auto& m : members) world_ranks.push_back(world_->world_rank(m.old_rank));
+      auto world =
+          std::make_shared<World>(static_cast<int>(members.size()), world_->timeout_s(),
+                                  Topology(nodes), world_->abort_state(), std::move(world_ranks));
       for (std::size_t i = 0; i < members.size(); ++i) {
         const auto* a = static_cast<const SplitArgument*>(
             posted[static_cast<std::size_t>(members[i].old_rank)]);
@@ -329,8 +367,10 @@ class InprocRequest final : public TransportRequest {
     if (done_) return;
     World& world = transport_.world();
     if (!pulled_) {
-      problem_ =
-          pull_alltoallv(world.wait_all_arrived(seq_, "ialltoallv"), transport_.rank(), buffers_);
+      const auto posted = world.wait_all_arrived(seq_, "ialltoallv");
+      DepartOnThrow reading(world, seq_, transport_.rank());
+      problem_ = pull_alltoallv(posted, transport_.rank(), buffers_);
+      reading.release();
       pulled_ = true;
       world.depart(seq_, transport_.rank());
     }
@@ -345,8 +385,11 @@ class InprocRequest final : public TransportRequest {
     if (done_) return true;
     World& world = transport_.world();
     if (!pulled_) {
-      if (!world.all_arrived(seq_)) return false;
-      problem_ = pull_alltoallv(world.posted(seq_), transport_.rank(), buffers_);
+      const auto posted = world.try_all_arrived(seq_, "ialltoallv");
+      if (!posted) return false;
+      DepartOnThrow reading(world, seq_, transport_.rank());
+      problem_ = pull_alltoallv(*posted, transport_.rank(), buffers_);
+      reading.release();
       pulled_ = true;
       world.depart(seq_, transport_.rank());
     }
@@ -379,6 +422,11 @@ std::unique_ptr<TransportRequest> InprocTransport::do_ialltoallv(const Alltoallv
 std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {
   const int n = args.requested_ranks;
   if (n < 1) throw Error(ErrorCode::kInvalidArgument, "inproc transport: ranks must be >= 1");
+  if (!(args.timeout_s > 0 && args.timeout_s <= kMaxTimeoutSeconds)) {
+    throw Error(ErrorCode::kInvalidArgument, "inproc transport: timeout_s must be in (0, " +
+                                                 format_seconds(kMaxTimeoutSeconds) + "] (got " +
+                                                 std::to_string(args.timeout_s) + ")");
+  }
   Topology topology = args.ranks_per_node > 0
                           ? Topology::uniform(n, args.ranks_per_node)
                           : Topology(std::vector<int>(static_cast<std::size_t>(n), 0));

@@ -1,7 +1,5 @@
 #include "inproc_world.hpp"
 
-#include "switchyard/status.hpp"
-
 namespace switchyard::inproc {
 namespace {
 
@@ -17,11 +15,13 @@ std::vector<int> unset_ranks(const std::vector<T>& per_rank) {
 
 }  // namespace
 
-World::World(int size, double timeout_s, Topology topology, std::shared_ptr<AbortState> abort)
+World::World(int size, double timeout_s, Topology topology, std::shared_ptr<AbortState> abort,
+             std::vector<int> world_ranks)
     : size_(size),
       timeout_s_(timeout_s),
       topology_(std::move(topology)),
       abort_(std::move(abort)),
+      world_ranks_(std::move(world_ranks)),
       slots_(kRing) {
   for (std::uint64_t i = 0; i < kRing; ++i) {
     slots_[i].seq = i;
@@ -30,33 +30,56 @@ World::World(int size, double timeout_s, Topology topology, std::shared_ptr<Abor
   }
 }
 
+std::string World::describe(const std::vector<int>& ranks) const {
+  std::string text = world_ranks_.empty() ? "rank(s) " : "world rank(s) ";
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(world_rank(ranks[i]));
+  }
+  return text;
+}
+
 void World::throw_if_aborted(const char* op) {
   if (!abort_->aborted.load()) return;
   std::lock_guard<std::mutex> lock(abort_->mutex);
   throw Error(ErrorCode::kPeerFailed, std::string("inproc ") + op + ": " + abort_->reason);
 }
 
+void World::give_up(std::unique_lock<std::mutex>& lock, Slot& s, const Error& error) {
+  // Abort under `mutex_`: a peer checks the flag under it before it starts reading, so
+  // after this line nobody new reads this rank's buffers.
+  abort(error.message());
+  changed_.wait(lock, [&] { return s.readers == 0; });  // copies in progress end by themselves
+  throw error;
+}
+
 template <typename Ready, typename Missing>
 void World::wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64_t seq,
                  const char* what, Ready ready, Missing missing) {
   using Clock = std::chrono::steady_clock;
+  // timeout_s is at most a week (checked with the config), far inside the clock's range.
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(timeout_s_));
   // Wake up now and then: an abort may come from a communicator split from this one.
   constexpr auto kPoll = std::chrono::milliseconds(50);
+  Slot& s = slot(seq);
   while (!ready()) {
-    throw_if_aborted(op);
+    if (abort_->aborted.load()) {
+      std::string reason;
+      {
+        std::lock_guard<std::mutex> reason_lock(abort_->mutex);
+        reason = abort_->reason;
+      }
+      give_up(lock, s, Error(ErrorCode::kPeerFailed, std::string("inproc ") + op + ": " + reason));
+    }
     const auto now = Clock::now();
     if (now >= deadline) {
-      std::string ranks;
-      for (int r : missing()) {
-        if (!ranks.empty()) ranks += ", ";
-        ranks += std::to_string(r);
-      }
-      throw Error(ErrorCode::kTimeout,
-                  std::string("inproc ") + op + " (collective #" + std::to_string(seq) + " of a " +
-                      std::to_string(size_) + "-rank communicator): timed out after " +
-                      format_seconds(timeout_s_) + " waiting for rank(s) " + ranks + " to " + what);
+      give_up(lock, s,
+              Error(ErrorCode::kTimeout,
+                    std::string("inproc ") + op + " (collective #" + std::to_string(seq) +
+                        " of a " + std::to_string(size_) + "-rank communicator): timed out after " +
+                        format_seconds(timeout_s_) + " waiting for " + describe(missing()) +
+                        " to " + what));
     }
     changed_.wait_until(lock, std::min(deadline, now + kPoll));
   }
@@ -80,22 +103,25 @@ std::span<const void* const> World::wait_all_arrived(std::uint64_t seq, const ch
   wait(
       lock, op, seq, "arrive", [&] { return s.arrived == size_; },
       [&] { return unset_ranks(s.posted); });
+  throw_if_aborted(op);  // every rank arrived, but one has already given up
+  ++s.readers;
   return s.posted;
 }
 
-bool World::all_arrived(std::uint64_t seq) {
+std::optional<std::span<const void* const>> World::try_all_arrived(std::uint64_t seq,
+                                                                   const char* op) {
   std::lock_guard<std::mutex> lock(mutex_);
-  return slot(seq).seq == seq && slot(seq).arrived == size_;
-}
-
-std::span<const void* const> World::posted(std::uint64_t seq) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return slot(seq).posted;
+  Slot& s = slot(seq);
+  throw_if_aborted(op);
+  if (s.seq != seq || s.arrived != size_) return std::nullopt;
+  ++s.readers;
+  return std::span<const void* const>(s.posted);
 }
 
 void World::depart(std::uint64_t seq, int rank) {
   std::lock_guard<std::mutex> lock(mutex_);
   Slot& s = slot(seq);
+  --s.readers;
   ++s.departed;
   s.gone[static_cast<std::size_t>(rank)] = 1;
   if (s.departed == size_) {
@@ -105,8 +131,8 @@ void World::depart(std::uint64_t seq, int rank) {
     s.departed = 0;
     std::fill(s.posted.begin(), s.posted.end(), nullptr);
     std::fill(s.gone.begin(), s.gone.end(), 0);
-    changed_.notify_all();
   }
+  changed_.notify_all();  // a rank giving up may be waiting for readers to finish
 }
 
 void World::wait_all_departed(std::uint64_t seq, const char* op) {

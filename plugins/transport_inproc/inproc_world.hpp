@@ -9,10 +9,12 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
+#include "switchyard/status.hpp"
 #include "switchyard/topology.hpp"
 
 namespace switchyard::inproc {
@@ -31,20 +33,33 @@ struct AbortState {
 /// read peers' buffers), `depart` (done reading), `wait_all_departed` (peers are done with
 /// this rank's buffers, which may now be reused). Every wait is bounded by the timeout
 /// and ends early when the communicator is aborted.
+///
+/// Buffers of a rank that gives up: a rank that times out aborts the communicator (so no
+/// peer starts reading any more), then waits until the peers already reading its
+/// buffers have finished their copies, and only then throws and unwinds. A peer reads
+/// only between a successful `wait_all_arrived`/`try_all_arrived` and its `depart`.
 class World {
  public:
-  World(int size, double timeout_s, Topology topology, std::shared_ptr<AbortState> abort);
+  /// `world_ranks[r]`: the world rank of communicator rank r (for messages); empty means
+  /// this communicator is the world.
+  World(int size, double timeout_s, Topology topology, std::shared_ptr<AbortState> abort,
+        std::vector<int> world_ranks = {});
 
   int size() const noexcept { return size_; }
   double timeout_s() const noexcept { return timeout_s_; }
   const Topology& topology() const noexcept { return topology_; }
   const std::shared_ptr<AbortState>& abort_state() const noexcept { return abort_; }
+  /// The world rank of communicator rank `rank`.
+  int world_rank(int rank) const noexcept {
+    return world_ranks_.empty() ? rank : world_ranks_[static_cast<std::size_t>(rank)];
+  }
 
   void arrive(std::uint64_t seq, int rank, const void* argument, const char* op);
-  /// The arguments of all ranks, indexed by rank.
+  /// The arguments of all ranks, indexed by rank; the caller is a reader until `depart`.
   std::span<const void* const> wait_all_arrived(std::uint64_t seq, const char* op);
-  bool all_arrived(std::uint64_t seq);
-  std::span<const void* const> posted(std::uint64_t seq);
+  /// Like `wait_all_arrived` without waiting: empty when not all have arrived yet.
+  std::optional<std::span<const void* const>> try_all_arrived(std::uint64_t seq, const char* op);
+  /// Done reading peers' buffers (and no longer a reader).
   void depart(std::uint64_t seq, int rank);
   void wait_all_departed(std::uint64_t seq, const char* op);
   bool all_departed(std::uint64_t seq);
@@ -56,6 +71,7 @@ class World {
     std::uint64_t seq = 0;  // the collective this slot serves now
     int arrived = 0;
     int departed = 0;
+    int readers = 0;                  // ranks between all-arrived and their depart
     std::vector<const void*> posted;  // per rank; null until it arrives
     std::vector<char> gone;           // per rank: has departed
   };
@@ -66,11 +82,16 @@ class World {
   void wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64_t seq, const char* what,
             Ready ready, Missing missing);
   void throw_if_aborted(const char* op);
+  /// Aborts with `reason`, waits until nobody reads this slot's buffers, then throws `error`.
+  [[noreturn]] void give_up(std::unique_lock<std::mutex>& lock, Slot& s, const Error& error);
+  /// "rank(s) 1, 2" in the world, "world rank(s) 5, 7" in a split communicator.
+  std::string describe(const std::vector<int>& ranks) const;
 
   const int size_;
   const double timeout_s_;
   const Topology topology_;
   std::shared_ptr<AbortState> abort_;
+  const std::vector<int> world_ranks_;
   std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<Slot> slots_;

@@ -103,6 +103,26 @@ TEST_CASE("errors carry the position and what to fix") {
   (void)known;
 }
 
+TEST_CASE("a seconds check takes finite positive values up to its bound") {
+  ConfigSchema s;
+  s.add("timeout_s", ConfigType::kFloat, ConfigValue{300.0}, "t",
+        checks::seconds_up_to(kMaxTimeoutSeconds));
+  auto timeout = [&](const std::string& text) {
+    return test::error_message([&] {
+      Config c;
+      c.set_from_command_line("runtime.timeout_s=" + text);
+      c.section("runtime", s);
+    });
+  };
+  CHECK(timeout("604800") == "no error");
+  CHECK(timeout("0.001") == "no error");
+  for (const char* bad : {"1e10", "604800.5", "0", "-1", "nan", "inf"}) {
+    CAPTURE(bad);
+    CHECK(timeout(bad).find("runtime.timeout_s: must be a number of seconds in (0, 604800 s] "
+                            "(got ") != std::string::npos);
+  }
+}
+
 TEST_CASE("text values are parsed by the schema's type") {
   Config c;
   c.set_from_command_line("router.normalize=true");

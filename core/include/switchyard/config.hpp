@@ -60,6 +60,8 @@ struct ConfigKey {
 namespace checks {
 ConfigCheck int_range(std::int64_t min, std::int64_t max);
 ConfigCheck positive();  ///< > 0, for ints and floats
+/// A float number of seconds: finite, > 0 and at most `max_s`.
+ConfigCheck seconds_up_to(double max_s);
 ConfigCheck one_of(std::vector<std::string> allowed);
 }  // namespace checks
 

@@ -37,6 +37,10 @@ enum class ErrorCode {
 /// Short stable name of a code, e.g. "invalid argument".
 std::string_view error_code_name(ErrorCode code) noexcept;
 
+/// The longest `timeout_s` accepted anywhere: a week. Longer is no longer a bound, and far
+/// longer overflows the clocks that deadlines are computed on.
+inline constexpr double kMaxTimeoutSeconds = 7 * 24 * 3600.0;
+
 /// A duration for messages: "2 s", "1.5 s", "0.25 s".
 std::string format_seconds(double seconds);
 
