@@ -7,6 +7,17 @@
 
 namespace switchyard {
 
+std::string describe_ranks(const PeerMessaging& messaging, const std::vector<int>& ranks) {
+  const std::vector<int>* world = messaging.world_ranks();
+  std::string text = world == nullptr ? "rank(s) " : "world rank(s) ";
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    if (i > 0) text += ", ";
+    text +=
+        std::to_string(world == nullptr ? ranks[i] : (*world)[static_cast<std::size_t>(ranks[i])]);
+  }
+  return text;
+}
+
 void PeerExchange::start(PeerMessaging& messaging, int me, std::uint64_t seq,
                          const AlltoallvBuffers& b, double timeout_s, const char* op) {
   release();
@@ -66,9 +77,14 @@ bool PeerExchange::test() {
       handles_[i] = nullptr;
       --pending_;
       if (status.state == PeerMessageStatus::State::kFailed) {
-        record(std::string(m.receive ? "receive from" : "send to") + " rank " +
-               std::to_string(m.peer) + " failed: " + status.error);
-      } else if (m.receive && (status.truncated || status.received_bytes != m.bytes)) {
+        // A broken connection will not heal: end now instead of waiting for the deadline.
+        const std::string what = std::string(messaging_->name()) + " " + op_ + ": " +
+                                 (m.receive ? "receive from " : "send to ") +
+                                 describe_ranks(*messaging_, {m.peer}) + " failed: " + status.error;
+        release();
+        throw Error(ErrorCode::kPeerFailed, what);
+      }
+      if (m.receive && (status.truncated || status.received_bytes != m.bytes)) {
         record("rank " + std::to_string(m.peer) + " sent " +
                (status.truncated ? std::string("more than the")
                                  : std::string("a different size than the")) +
@@ -90,14 +106,9 @@ bool PeerExchange::test() {
     }
     std::sort(missing.begin(), missing.end());
     missing.erase(std::unique(missing.begin(), missing.end()), missing.end());
-    std::string peers;
-    for (int p : missing) {
-      if (!peers.empty()) peers += ", ";
-      peers += std::to_string(p);
-    }
     throw Error(ErrorCode::kTimeout, std::string(messaging_->name()) + " " + op_ +
                                          ": timed out after " + format_seconds(timeout_s_) +
-                                         " waiting for rank(s) " + peers +
+                                         " waiting for " + describe_ranks(*messaging_, missing) +
                                          " (dead, stuck, or not calling the same collective)");
   }
   return false;

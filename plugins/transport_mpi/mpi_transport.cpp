@@ -136,6 +136,11 @@ class MpiMessaging final : public PeerMessaging {
 
   std::size_t max_message_bytes() const noexcept override { return max_message_; }
   std::string_view name() const noexcept override { return "mpi"; }
+  const std::vector<int>* world_ranks() const noexcept override {
+    return world_ranks_.empty() ? nullptr : &world_ranks_;
+  }
+  /// For a communicator split from the world: the world rank of each of its ranks.
+  void set_world_ranks(std::vector<int> ranks) { world_ranks_ = std::move(ranks); }
 
  private:
   // Open MPI's MPI_Request is a pointer: it is the opaque handle itself.
@@ -146,6 +151,7 @@ class MpiMessaging final : public PeerMessaging {
   MPI_Comm comm_;
   int tag_limit_;
   std::size_t max_message_;
+  std::vector<int> world_ranks_;  // empty for the world itself
 };
 
 class MpiTransport final : public PeerTransport {
@@ -160,6 +166,20 @@ class MpiTransport final : public PeerTransport {
         messaging_(comm, session_->tag_limit(), max_message) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
+    int same = MPI_UNEQUAL;
+    MPI_Comm_compare(comm_, MPI_COMM_WORLD, &same);
+    if (same != MPI_IDENT && same != MPI_CONGRUENT) {
+      // Messages name world ranks: translate this communicator's ranks once.
+      MPI_Group mine = MPI_GROUP_NULL, world = MPI_GROUP_NULL;
+      MPI_Comm_group(comm_, &mine);
+      MPI_Comm_group(MPI_COMM_WORLD, &world);
+      std::vector<int> local(static_cast<std::size_t>(size_)), global(local.size());
+      for (int r = 0; r < size_; ++r) local[static_cast<std::size_t>(r)] = r;
+      MPI_Group_translate_ranks(mine, size_, local.data(), world, global.data());
+      MPI_Group_free(&mine);
+      MPI_Group_free(&world);
+      messaging_.set_world_ranks(std::move(global));
+    }
   }
   ~MpiTransport() override {
     int finalized = 0;

@@ -29,6 +29,8 @@ using Clock = std::chrono::steady_clock;
 constexpr int kSenderBits = 16;
 constexpr int kSeqBits = 28;
 constexpr std::uint64_t kMaxRanks = std::uint64_t{1} << kSenderBits;
+/// The world communicator's id; split communicators derive odd ids from it.
+constexpr std::uint32_t kWorldCommId = 1;
 
 ucp_tag_t make_tag(std::uint32_t comm_id, std::uint64_t seq, int sender) {
   return (static_cast<ucp_tag_t>(comm_id & 0xfffff) << (kSeqBits + kSenderBits)) |
@@ -36,7 +38,10 @@ ucp_tag_t make_tag(std::uint32_t comm_id, std::uint64_t seq, int sender) {
          static_cast<ucp_tag_t>(sender);
 }
 
-/// The process-wide UCX state: context, worker, one endpoint per world rank.
+/// The process-wide UCX state: context, worker, one endpoint per world rank. Endpoints
+/// are created with peer error handling: a peer that dies or resets its connection is
+/// reported to `on_peer_error` (and its messages fail) instead of UCX aborting this
+/// process, as it otherwise may inside a shared-memory transport.
 class Context {
  public:
   Context(const LaunchInfo& info, double timeout_s)
@@ -45,6 +50,11 @@ class Context {
       throw Error(ErrorCode::kInvalidArgument, "ucx transport supports at most 65536 ranks");
     }
     store_ = std::make_unique<BootstrapStore>(info, timeout_s);
+    // UCX's shared-memory transports report a dead peer only when asked to; without it an
+    // endpoint with peer error handling would skip them (TCP over loopback instead). UCX
+    // reads these per transport from the environment; a value the user set is kept.
+    ::setenv("UCX_POSIX_ERROR_HANDLING", "y", /*overwrite=*/0);
+    ::setenv("UCX_SYSV_ERROR_HANDLING", "y", /*overwrite=*/0);
     ucp_config_t* config = nullptr;
     ucs_status_t status = ucp_config_read(nullptr, nullptr, &config);  // honours UCX_TLS etc.
     if (status != UCS_OK) fail("reading the configuration (UCX_* variables)", status);
@@ -76,11 +86,17 @@ class Context {
     const auto addresses = store_->allgather("ucx-worker-address", mine);
     host_names_ = store_->allgather("host-name", host);
     endpoints_.assign(addresses.size(), nullptr);
+    peers_.assign(addresses.size(), Peer{});
+    for (std::size_t r = 0; r < peers_.size(); ++r) peers_[r].world_rank = static_cast<int>(r);
     for (std::size_t r = 0; r < addresses.size(); ++r) {
       if (static_cast<int>(r) == world_rank_) continue;
       ucp_ep_params_t ep_params{};
-      ep_params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+      ep_params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS |
+                             UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
       ep_params.address = reinterpret_cast<const ucp_address_t*>(addresses[r].data());
+      ep_params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+      ep_params.err_handler.cb = &Context::on_peer_error;
+      ep_params.err_handler.arg = &peers_[r];
       status = ucp_ep_create(worker_, &ep_params, &endpoints_[r]);
       if (status != UCS_OK) fail("connecting to rank " + std::to_string(r), status);
     }
@@ -107,6 +123,10 @@ class Context {
   }
 
   ucp_worker_h worker() const { return worker_; }
+  /// UCS_OK, or the error UCX reported for the connection to `world_rank`.
+  ucs_status_t peer_status(int world_rank) const {
+    return peers_[static_cast<std::size_t>(world_rank)].status;
+  }
   ucp_ep_h endpoint(int world_rank) const {
     return endpoints_[static_cast<std::size_t>(world_rank)];
   }
@@ -114,8 +134,19 @@ class Context {
   const std::vector<std::string>& host_names() const { return host_names_; }
 
  private:
+  struct Peer {
+    int world_rank = -1;
+    ucs_status_t status = UCS_OK;
+  };
+  /// Called inside ucp_worker_progress (on the thread using the transport).
+  static void on_peer_error(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
+    auto* peer = static_cast<Peer*>(arg);
+    if (peer->status == UCS_OK) peer->status = status;
+  }
+
   double timeout_s_;
   int world_rank_;
+  std::vector<Peer> peers_;  // sized once, before the endpoints point into it
   std::unique_ptr<BootstrapStore> store_;
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
@@ -131,6 +162,12 @@ class UcxMessaging final : public PeerMessaging {
       : context_(context), members_(members), me_(me), comm_id_(comm_id) {}
 
   void* post(const PeerMessage& m, std::uint64_t seq) override {
+    const int peer_world_rank = members_[static_cast<std::size_t>(m.peer)];
+    if (const ucs_status_t broken = context_.peer_status(peer_world_rank); broken != UCS_OK) {
+      throw Error(ErrorCode::kPeerFailed, "ucx: the connection to world rank " +
+                                              std::to_string(peer_world_rank) +
+                                              " failed earlier: " + ucs_status_string(broken));
+    }
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FLAG_NO_IMM_CMPL;  // always a request to test
     ucs_status_ptr_t request =
@@ -149,7 +186,16 @@ class UcxMessaging final : public PeerMessaging {
     ucp_tag_recv_info_t info{};
     const ucs_status_t s =
         m.receive ? ucp_tag_recv_request_test(request, &info) : ucp_request_check_status(request);
-    if (s == UCS_INPROGRESS) return result;
+    if (s == UCS_INPROGRESS) {
+      // A tag receive is bound to no endpoint, so UCX never fails it: fail it here once the
+      // sender's connection is known to be broken.
+      const ucs_status_t broken = context_.peer_status(members_[static_cast<std::size_t>(m.peer)]);
+      if (!m.receive || broken == UCS_OK) return result;
+      cancel(request, m);
+      result.state = PeerMessageStatus::State::kFailed;
+      result.error = std::string("its connection broke (") + ucs_status_string(broken) + ")";
+      return result;
+    }
     ucp_request_free(request);
     if (s == UCS_ERR_MESSAGE_TRUNCATED) {
       result.state = PeerMessageStatus::State::kDone;
@@ -170,6 +216,9 @@ class UcxMessaging final : public PeerMessaging {
   }
 
   std::string_view name() const noexcept override { return "ucx"; }
+  const std::vector<int>* world_ranks() const noexcept override {
+    return comm_id_ == kWorldCommId ? nullptr : &members_;
+  }
 
  private:
   Context& context_;
@@ -211,7 +260,8 @@ class UcxTransport final : public PeerTransport {
     std::uint64_t h = comm_id_ * 0x9e3779b97f4a7c15ULL ^ (split_seq + 1) * 0xbf58476d1ce4e5b9ULL ^
                       (static_cast<std::uint64_t>(color) + 7) * 0x94d049bb133111ebULL;
     h ^= h >> 29;
-    const auto child_id = static_cast<std::uint32_t>((h & 0xffffe) | 1);
+    auto child_id = static_cast<std::uint32_t>((h & 0xffffe) | 1);
+    if (child_id == kWorldCommId) child_id = 3;
     return std::make_unique<UcxTransport>(context_, std::move(members), new_rank, child_id,
                                           Topology(nodes));
   }
@@ -268,8 +318,8 @@ std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) 
   std::vector<int> members(static_cast<std::size_t>(info.world_size));
   for (int r = 0; r < info.world_size; ++r) members[static_cast<std::size_t>(r)] = r;
   std::vector<std::unique_ptr<Transport>> ranks;
-  ranks.push_back(std::make_unique<UcxTransport>(context, std::move(members), info.rank, 1,
-                                                 std::move(topology)));
+  ranks.push_back(std::make_unique<UcxTransport>(context, std::move(members), info.rank,
+                                                 kWorldCommId, std::move(topology)));
   return ranks;
 }
 

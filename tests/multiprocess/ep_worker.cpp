@@ -1,10 +1,13 @@
 // One rank of a multi-process job that runs the MoE forward, where rank
-// SWITCHYARD_TEST_DIE_RANK (if set) kills itself between routing and dispatch: the test
-// of what the surviving ranks do when a peer dies in the middle of a step.
+// SWITCHYARD_TEST_DIE_RANK (if set) kills itself with SIGKILL in the middle of a step: the
+// test of what the surviving ranks do. SWITCHYARD_TEST_DIE_AT says where: "dispatch"
+// (default: between routing and dispatch, its peers already waiting in the dispatch) or
+// "combine" (after the dispatch, its peers waiting in the combine).
 // usage: ep_worker CONFIG [section.key=value]...
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
@@ -23,6 +26,8 @@ int main(int argc, char** argv) {
       const int die_rank = std::getenv("SWITCHYARD_TEST_DIE_RANK")
                                ? std::atoi(std::getenv("SWITCHYARD_TEST_DIE_RANK"))
                                : -1;
+      const char* die_at = std::getenv("SWITCHYARD_TEST_DIE_AT");
+      const bool in_combine = die_at != nullptr && std::string(die_at) == "combine";
       const std::int64_t T = 64;
       const HostTensor x = synthetic_tokens(T, runtime.model().hidden(), 1);
       HostTensor y(DType::kF32, {T, runtime.model().hidden()});
@@ -32,6 +37,17 @@ int main(int argc, char** argv) {
         TensorView in(const_cast<float*>(x.data<float>()) + first * x.shape()[1], DType::kF32,
                       {count, x.shape()[1]});
         TensorView out(y.data<float>() + first * y.shape()[1], DType::kF32, {count, y.shape()[1]});
+        if (in_combine) {
+          // The public two-phase path: every rank dispatches, then combines identity
+          // "experts" (the received rows themselves); the dying rank never combines.
+          RoutingPlan plan;
+          DispatchHandle handle;
+          runtime.layer(local).route(in, plan);
+          runtime.layer(local).dispatch(in, plan, handle);
+          if (rank == die_rank) std::raise(SIGKILL);
+          runtime.layer(local).combine(handle, handle.expert_input(), out);
+          return;
+        }
         if (rank == die_rank) {
           RoutingPlan plan;
           runtime.layer(local).route(in, plan);

@@ -248,7 +248,7 @@ TEST_CASE("a peer killed in the middle of a dispatch ends every survivor in boun
                                  "[rank 2] ep_worker: timeout: ucx alltoall"}) {
       CHECK(r.output.find(survivor) != std::string::npos);
     }
-    CHECK(r.output.find("waiting for rank(s) 1 ") != std::string::npos);
+    CHECK(r.output.find("waiting for world rank(s) 1 ") != std::string::npos);
     CHECK(seconds < 15);
   }
   SUBCASE("mpi under mpirun: the job ends non-zero") {

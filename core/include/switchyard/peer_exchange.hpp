@@ -35,7 +35,7 @@ struct PeerMessageStatus {
   State state = State::kPending;
   std::size_t received_bytes = 0;  ///< a done receive: how many bytes arrived
   bool truncated = false;          ///< a receive whose sender sent more than expected
-  std::string error;               ///< kFailed: what went wrong
+  std::string error;  ///< kFailed: what went wrong; the exchange ends at once (kPeerFailed)
 };
 
 /// What a host point-to-point transport supplies: posting, testing and cancelling one
@@ -56,7 +56,14 @@ class PeerMessaging {
   virtual std::size_t max_message_bytes() const noexcept { return SIZE_MAX; }
   /// Transport name for messages, e.g. "mpi".
   virtual std::string_view name() const noexcept = 0;
+  /// The world rank of each rank of this communicator, for messages; null when the
+  /// communicator is the world itself.
+  virtual const std::vector<int>* world_ranks() const noexcept { return nullptr; }
 };
+
+/// "rank(s) 1, 2" for ranks of the world, "world rank(s) 5, 7" for ranks of a split
+/// communicator (translated through `messaging.world_ranks()`).
+std::string describe_ranks(const PeerMessaging& messaging, const std::vector<int>& ranks);
 
 /// One all-to-all in flight over a `PeerMessaging`. Reusable from one collective to the
 /// next: its lists do not allocate once they have grown.
