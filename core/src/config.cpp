@@ -1,10 +1,16 @@
 #include "switchyard/config.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -294,16 +300,47 @@ std::string value_type_name(const ConfigValue& v) {
 }  // namespace
 
 Config Config::from_file(const std::filesystem::path& path) {
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(path, ec)) {
-    throw Error(ErrorCode::kNotFound,
-                "config file " + path.string() + " does not exist or is not a file");
+  // Opened without blocking and checked on the descriptor: a FIFO or a device named as the
+  // config is refused instead of read (a FIFO would block for ever).
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) {
+    const int error = errno;
+    throw Error(error == ENOENT ? ErrorCode::kNotFound : ErrorCode::kSystem,
+                "config file " + path.string() +
+                    (error == ENOENT ? std::string(" does not exist")
+                                     : std::string(": cannot open: ") + std::strerror(error)));
   }
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (!in) throw Error(ErrorCode::kSystem, "cannot read config file " + path.string());
-  Config config = from_string(text.str(), path.string());
+  struct stat st {};
+  std::string why;
+  if (::fstat(fd, &st) != 0) {
+    why = std::string("cannot stat: ") + std::strerror(errno);
+  } else if (S_ISDIR(st.st_mode)) {
+    why = "is a directory";
+  } else if (!S_ISREG(st.st_mode)) {
+    why = "is not a regular file";
+  } else if (st.st_size > kMaxConfigBytes) {
+    why = "is " + std::to_string(st.st_size) + " bytes; a configuration is at most " +
+          std::to_string(kMaxConfigBytes);
+  }
+  std::string text;
+  if (why.empty()) {
+    text.resize(static_cast<std::size_t>(st.st_size));
+    std::size_t have = 0;
+    while (have < text.size()) {
+      const ssize_t got = ::read(fd, text.data() + have, text.size() - have);
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) {
+        why = std::string("cannot read: ") + (got < 0 ? std::strerror(errno) : "file shrank");
+        break;
+      }
+      have += static_cast<std::size_t>(got);
+    }
+  }
+  ::close(fd);
+  if (!why.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "config file " + path.string() + " " + why);
+  }
+  Config config = from_string(text, path.string());
   config.file_ = path;
   return config;
 }

@@ -4,9 +4,11 @@
 #include <exception>
 #include <mutex>
 #include <optional>
+#include <system_error>
 #include <thread>
 
 #include "switchyard/bootstrap.hpp"
+#include "switchyard/memory_budget.hpp"
 #include "switchyard/reference.hpp"
 #include "switchyard/status.hpp"
 
@@ -58,6 +60,19 @@ namespace {
 
 ModelWeights load_model(const ConfigSection& model) {
   if (!model.has("weights")) {
+    // Checked before allocating: E x (gate, up, down) of F x H, plus the router's gate.
+    const long double E = static_cast<long double>(model.get_int("num_experts"));
+    const long double H = static_cast<long double>(model.get_int("hidden"));
+    const long double F = static_cast<long double>(model.get_int("ffn_hidden"));
+    const int element = model.get_string("dtype") == "bf16" ? 2 : 4;
+    check_fits_in_memory(E * 3 * H * F * element + E * H * 4,
+                         model.origin("num_experts").describe() +
+                             ": model.num_experts, model.hidden, model.ffn_hidden",
+                         "random weights: " + format_bytes(E * 3 * H * F * element) + " for " +
+                             std::to_string(model.get_int("num_experts")) + " experts x 3 x " +
+                             std::to_string(model.get_int("hidden")) + " x " +
+                             std::to_string(model.get_int("ffn_hidden")) + " x " +
+                             std::to_string(element) + " bytes, and the router's gate");
     return ModelWeights::random(static_cast<int>(model.get_int("num_experts")),
                                 static_cast<int>(model.get_int("hidden")),
                                 static_cast<int>(model.get_int("ffn_hidden")),
@@ -256,23 +271,56 @@ void Runtime::run_on_ranks(const std::function<void(int local)>& fn) {
   }
   std::mutex mutex;
   std::exception_ptr root_cause, peer_failure;
-  auto body = [&](int local) {
+  // Nothing may escape a rank's thread (that would terminate the process), not even an
+  // allocation failing while a failure is reported: the handler falls back to a fixed text.
+  static const std::string kFallback = "a rank failed (and there was no memory to say more)";
+  auto body = [&](int local) noexcept {
     try {
       fn(local);
     } catch (...) {
-      const Status status = Status::from_current_exception();
+      const std::exception_ptr thrown = std::current_exception();
+      bool peer_failed = false;
+      try {
+        std::rethrow_exception(thrown);
+      } catch (const Error& e) {
+        peer_failed = e.code() == ErrorCode::kPeerFailed;
+      } catch (...) {
+      }
       {
         std::lock_guard<std::mutex> lock(mutex);
-        auto& slot = status.code == ErrorCode::kPeerFailed ? peer_failure : root_cause;
-        if (!slot) slot = std::current_exception();
+        auto& slot = peer_failed ? peer_failure : root_cause;
+        if (!slot) slot = thrown;
       }
-      state_->transports[static_cast<std::size_t>(local)]->abort(
-          "rank " + std::to_string(world_rank(local)) + " failed: " + status.message);
+      Transport& transport = *state_->transports[static_cast<std::size_t>(local)];
+      try {
+        std::string message;
+        try {
+          std::rethrow_exception(thrown);
+        } catch (...) {
+          message = Status::from_current_exception().message;
+        }
+        transport.abort("rank " + std::to_string(world_rank(local)) + " failed: " + message);
+      } catch (...) {
+        transport.abort(kFallback);
+      }
     }
   };
   std::vector<std::thread> threads;
   threads.reserve(static_cast<std::size_t>(n));
-  for (int local = 0; local < n; ++local) threads.emplace_back(body, local);
+  for (int local = 0; local < n; ++local) {
+    try {
+      threads.emplace_back(body, local);
+    } catch (const std::system_error& e) {
+      // The ranks already running wait for this one in their first collective: end them.
+      const std::string why =
+          "cannot start the thread of local rank " + std::to_string(local) + " of " +
+          std::to_string(n) + ": " + e.what() +
+          " (fewer [runtime] ranks, or allow more memory and threads: ulimit -v, ulimit -u)";
+      for (auto& transport : state_->transports) transport->abort(why);
+      for (auto& t : threads) t.join();
+      throw Error(ErrorCode::kSystem, why);
+    }
+  }
   for (auto& t : threads) t.join();
   if (root_cause) std::rethrow_exception(root_cause);
   if (peer_failure) std::rethrow_exception(peer_failure);

@@ -45,18 +45,26 @@ void Status::throw_if_error() const {
 }
 
 Status Status::from_current_exception() noexcept {
+  // Copying a message allocates; when even that fails, the code survives without words
+  // (an empty string allocates nothing), rather than std::terminate through noexcept.
   try {
-    throw;
-  } catch (const Error& e) {
-    return {e.code(), e.message()};
-  } catch (const std::bad_alloc&) {
-    return {ErrorCode::kSystem, "out of memory"};
-  } catch (const std::system_error& e) {
-    return {ErrorCode::kSystem, e.what()};
-  } catch (const std::exception& e) {
-    return {ErrorCode::kInternal, std::string("unexpected exception: ") + e.what()};
+    try {
+      throw;
+    } catch (const Error& e) {
+      return {e.code(), e.message()};
+    } catch (const std::bad_alloc&) {
+      return {ErrorCode::kSystem, "out of memory"};
+    } catch (const std::system_error& e) {
+      return {ErrorCode::kSystem, e.what()};
+    } catch (const std::exception& e) {
+      return {ErrorCode::kInternal, std::string("unexpected exception: ") + e.what()};
+    } catch (...) {
+      return {ErrorCode::kInternal, "unexpected exception of unknown type"};
+    }
   } catch (...) {
-    return {ErrorCode::kInternal, "unexpected exception of unknown type"};
+    Status status;
+    status.code = ErrorCode::kSystem;
+    return status;
   }
 }
 

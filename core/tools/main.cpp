@@ -1,6 +1,8 @@
 // `switchyard`: run, check and inspect Switchyard MoE layers.
 #include <cstdio>
+#include <new>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "commands.hpp"
@@ -64,6 +66,16 @@ int main(int argc, char** argv) {
     if (command == "bench") return switchyard::tool::bench_command(args);
   } catch (const switchyard::Error& e) {
     switchyard::tool::report_error(e);
+    return switchyard::tool::kExitError;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr,
+                 "switchyard %s: error (system): out of memory (the configuration, or a file it "
+                 "names, needs more than this process may use; see ulimit -v and the cgroup's "
+                 "memory.max)\n",
+                 command.c_str());
+    return switchyard::tool::kExitError;
+  } catch (const std::system_error& e) {
+    std::fprintf(stderr, "switchyard %s: error (system): %s\n", command.c_str(), e.what());
     return switchyard::tool::kExitError;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "switchyard: internal error: %s\n", e.what());

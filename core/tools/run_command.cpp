@@ -13,6 +13,7 @@
 #include "commands.hpp"
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/io.hpp"
+#include "switchyard/memory_budget.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
 
@@ -125,6 +126,12 @@ int run_layer(Runtime& runtime, bool check, int steps) {
     }
     input_description = path.string();
   } else {
+    // Input and output rows, checked before allocating either.
+    check_fits_in_memory(
+        static_cast<long double>(input.get_int("num_tokens")) * model.hidden() * 4 * 2,
+        input.origin("num_tokens").describe() + ": input.num_tokens",
+        std::to_string(input.get_int("num_tokens")) + " tokens x hidden " +
+            std::to_string(model.hidden()) + " x 4 bytes, input and output");
     x = synthetic_tokens(input.get_int("num_tokens"), model.hidden(),
                          static_cast<std::uint64_t>(input.get_int("seed")));
     input_description = "synthetic (seed " + std::to_string(input.get_int("seed")) + ")";

@@ -4,7 +4,9 @@
 // a reused f32 panel just before their GEMM.
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
+#include <thread>
 #include <vector>
 
 #include "switchyard/plugin.hpp"
@@ -33,6 +35,15 @@ class CpuSwigluKernel final : public ExpertKernel {
     }
     if (args.options != nullptr) {
       const auto threads = args.options->get_int("blas_threads");
+      // More threads than the machine has only oversubscribe it, and enough of them make
+      // OpenBLAS fail to start its pool.
+      const auto hardware =
+          static_cast<std::int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+      if (threads > hardware) {
+        args.options->fail("blas_threads", "must be at most the " + std::to_string(hardware) +
+                                               " hardware threads of this machine (got " +
+                                               std::to_string(threads) + ")");
+      }
       if (threads > 0) openblas_set_num_threads(static_cast<int>(threads));
     }
   }

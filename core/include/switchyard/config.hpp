@@ -119,11 +119,16 @@ class ConfigSection {
 
 /// The raw configuration: every value given in a file, the environment, on the command
 /// line or through the API, with its origin. Cheap to copy. Not thread-safe for writes.
+/// The largest configuration file read: far above any real one (a few KiB).
+inline constexpr long kMaxConfigBytes = 1 << 20;
+
 class Config {
  public:
   Config() = default;
-  /// Parses a TOML file. Throws `Error(kNotFound)` if it cannot be read and
-  /// `Error(kInvalidArgument)` with "file:line:col: ..." if it is malformed.
+  /// Parses a TOML file. Throws `Error(kNotFound)` if it does not exist,
+  /// `Error(kInvalidArgument)` for a directory, a FIFO or other non-regular file, or one over
+  /// `kMaxConfigBytes` (each checked before reading), and with "file:line:col: ..." if it is
+  /// malformed.
   static Config from_file(const std::filesystem::path& path);
   /// Parses TOML text; `source_name` stands for the file name in messages.
   static Config from_string(std::string_view toml, const std::string& source_name = "<string>");
