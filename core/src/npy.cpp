@@ -201,17 +201,7 @@ void write_npy(const std::filesystem::path& path, const TensorView& tensor) {
   header.append((64 - unpadded % 64) % 64, ' ');
   header.push_back('\n');
 
-  std::filesystem::path tmp = path;
-  tmp += ".tmp";
-  // A failed write leaves neither the output nor its temporary behind.
-  auto fail = [&](const std::string& why) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw Error(ErrorCode::kSystem, why);
-  };
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail("cannot write " + tmp.string());
+  write_file_atomically(path, [&](std::ostream& out) {
     out.write(kMagic, 6);
     const char version[2] = {1, 0};
     out.write(version, 2);
@@ -222,12 +212,7 @@ void write_npy(const std::filesystem::path& path, const TensorView& tensor) {
     out.write(static_cast<const char*>(tensor.data()),
               static_cast<std::streamsize>(static_cast<std::size_t>(tensor.numel()) *
                                            dtype_size(tensor.dtype())));
-    out.flush();
-    if (!out) fail("cannot write " + tmp.string());
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) fail("cannot rename " + tmp.string() + " to " + path.string() + ": " + ec.message());
+  });
 }
 
 }  // namespace switchyard

@@ -184,18 +184,17 @@ void write_safetensors(const std::filesystem::path& path,
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw Error(ErrorCode::kSystem, "cannot write " + path.string());
-  std::uint64_t len = text.size();
-  char len_bytes[8];
-  for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((len >> (8 * i)) & 0xff);
-  out.write(len_bytes, 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const auto& [name, t] : tensors) {
-    out.write(reinterpret_cast<const char*>(t.bytes()),
-              static_cast<std::streamsize>(t.size_bytes()));
-  }
-  if (!out) throw Error(ErrorCode::kSystem, "cannot write " + path.string());
+  write_file_atomically(path, [&](std::ostream& out) {
+    const std::uint64_t len = text.size();
+    char len_bytes[8];
+    for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<char>((len >> (8 * i)) & 0xff);
+    out.write(len_bytes, 8);
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    for (const auto& [name, t] : tensors) {
+      out.write(reinterpret_cast<const char*>(t.bytes()),
+                static_cast<std::streamsize>(t.size_bytes()));
+    }
+  });
 }
 
 }  // namespace switchyard

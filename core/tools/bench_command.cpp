@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -571,9 +570,8 @@ int bench(Runtime& runtime, const BenchOptions& options) {
         figures["allocations_per_step"].get<double>(), memcpy_bps / 1e9);
   }
   if (!options.json_path.empty()) {
-    std::ofstream out(options.json_path);
-    out << figures.dump(2) << "\n";
-    if (!out) throw Error(ErrorCode::kSystem, "cannot write " + options.json_path);
+    write_file_atomically(options.json_path,
+                          [&](std::ostream& out) { out << figures.dump(2) << "\n"; });
   }
   return kExitOk;
 }

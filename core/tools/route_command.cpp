@@ -97,16 +97,14 @@ int route_command(const std::vector<std::string>& args) {
             TensorView(plan.counts.data(), DType::kI64, {static_cast<std::int64_t>(E)}));
   const RouterStats& stats = router->stats();
   // Every number with full precision (%.17g round-trips a double).
-  std::FILE* file = std::fopen((dir / "stats.json").c_str(), "w");
-  if (file == nullptr) {
-    throw Error(ErrorCode::kSystem, "cannot write " + (dir / "stats.json").string());
-  }
-  std::fprintf(file,
-               "{\n  \"counts\": %s,\n  \"dropped\": %lld,\n  \"imbalance\": %.17g,\n"
-               "  \"aux_loss\": %.17g,\n  \"z_loss\": %.17g\n}\n",
-               json_array(stats.counts).c_str(), static_cast<long long>(stats.dropped),
-               stats.imbalance, stats.aux_loss, stats.z_loss);
-  std::fclose(file);
+  char numbers[256];
+  std::snprintf(numbers, sizeof numbers,
+                "  \"dropped\": %lld,\n  \"imbalance\": %.17g,\n  \"aux_loss\": %.17g,\n"
+                "  \"z_loss\": %.17g\n",
+                static_cast<long long>(stats.dropped), stats.imbalance, stats.aux_loss,
+                stats.z_loss);
+  const std::string json = "{\n  \"counts\": " + json_array(stats.counts) + ",\n" + numbers + "}\n";
+  write_file_atomically(dir / "stats.json", [&](std::ostream& out) { out << json; });
 
   std::printf(
       "routed %lld tokens over %d experts with %s (K = %lld): imbalance %.3f, dropped "

@@ -4,7 +4,9 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -21,6 +23,13 @@ HostTensor read_npy(const std::filesystem::path& path);
 /// the file and the expected and actual dtype/shape.
 HostTensor read_npy_f32_matrix(const std::filesystem::path& path, std::int64_t cols,
                                std::string_view what);
+
+/// Writes a file through `write`, to a temporary file beside `path` (same folder, so the
+/// rename is atomic) that is renamed over `path` once complete. On any failure, `write`'s
+/// exception included, the temporary is removed and `path` is untouched; write errors
+/// throw `Error(kSystem)` naming `path`.
+void write_file_atomically(const std::filesystem::path& path,
+                           const std::function<void(std::ostream&)>& write);
 
 /// Writes a contiguous host tensor as .npy. Writes to a temporary file beside `path` and
 /// renames it, so `path` is either the old file or the complete new one.
@@ -58,8 +67,8 @@ class SafetensorsFile {
   std::map<std::string, SafetensorsEntry> entries_;
 };
 
-/// Writes tensors as a .safetensors file (keys sorted, 8-byte aligned header). For tests,
-/// examples and conversion tools.
+/// Writes tensors as a .safetensors file (keys sorted, 8-byte aligned header), atomically
+/// like `write_npy`. For tests, examples and conversion tools.
 void write_safetensors(const std::filesystem::path& path,
                        const std::map<std::string, HostTensor>& tensors);
 
