@@ -53,6 +53,8 @@ struct Child {
   int output = -1;      // read end of the child's stdout+stderr
   std::string partial;  // an unfinished line
   bool running = true;
+  bool stopped = false;  // stopped by a signal (SIGSTOP, SIGTSTP), not yet continued
+  int stop_signal = 0;
   int exit_code = 0;
 };
 
@@ -223,7 +225,12 @@ int launch_command(const std::vector<std::string>& args) {
       Child& c = children[static_cast<std::size_t>(r)];
       if (!c.running) continue;
       int status = 0;
-      if (::waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
+      if (::waitpid(c.pid, &status, WNOHANG | WUNTRACED | WCONTINUED) != c.pid) continue;
+      if (WIFSTOPPED(status) || WIFCONTINUED(status)) {
+        c.stopped = WIFSTOPPED(status);
+        c.stop_signal = c.stopped ? WSTOPSIG(status) : 0;
+        continue;
+      }
       c.running = false;
       c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
       if (c.exit_code != 0 && first_failure < 0 && !terminated) {
@@ -238,6 +245,28 @@ int launch_command(const std::vector<std::string>& args) {
                        r, c.exit_code);
         }
       }
+    }
+    // Ranks that finished cleanly while every other one is stopped: nothing can move the job
+    // on (a rank stopped after its last collective), so it fails like a failed rank.
+    bool any_finished = false, all_left_stopped = true, any_left = false;
+    for (const auto& c : children) {
+      any_finished = any_finished || (!c.running && c.exit_code == 0);
+      if (c.running) {
+        any_left = true;
+        all_left_stopped = all_left_stopped && c.stopped;
+      }
+    }
+    if (first_failure < 0 && any_finished && any_left && all_left_stopped) {
+      for (int r = 0; r < n; ++r) {
+        const Child& c = children[static_cast<std::size_t>(r)];
+        if (!c.running) continue;
+        if (first_failure < 0) first_failure = r;
+        std::fprintf(stderr,
+                     "switchyard launch: rank %d is stopped (signal %d) while the others have "
+                     "finished; stopping it\n",
+                     r, c.stop_signal);
+      }
+      failed_at = Clock::now();
     }
     if (stop_signal != 0 && first_failure < 0) {
       first_failure = n;  // not a rank: the launcher itself was interrupted

@@ -12,10 +12,16 @@
 #define OMPI_SKIP_MPICXX 1
 #include <mpi.h>
 
+#include <algorithm>
+#include <chrono>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
+#include <thread>
 #include <type_traits>
+#include <vector>
 
 #include "switchyard/collectives.hpp"
 #include "switchyard/peer_exchange.hpp"
@@ -53,6 +59,10 @@ void check_mpi(int rc, const std::string& what) {
 }
 
 /// Initialises MPI once per process and finalises it when the last communicator goes.
+/// MPI_Finalize waits for every rank without a bound (a rank stopped after its last
+/// collective would hold the job for ever), so the session first meets the other ranks in
+/// a farewell bounded by the timeout: every rank reports to world rank 0, which answers
+/// each; whoever is still missing at the deadline is named and the job is aborted.
 class Session {
  public:
   Session() {
@@ -72,17 +82,87 @@ class Session {
     int* tag_ub = nullptr;
     MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &tag_ub, &tag_ub_flag);
     tag_limit_ = tag_ub_flag && tag_ub ? *tag_ub : 32767;
+    if (owns_) check_mpi(MPI_Comm_dup(MPI_COMM_WORLD, &farewell_), "dup");
   }
   ~Session() {
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (owns_ && !finalized) MPI_Finalize();
+    if (!owns_ || finalized) return;
+    farewell();
+    MPI_Comm_free(&farewell_);
+    MPI_Finalize();
   }
   int tag_limit() const { return tag_limit_; }
+  /// The farewell waits at most the longest timeout any communicator was created with.
+  void bound_farewell_by(double timeout_s) { timeout_s_ = std::max(timeout_s_, timeout_s); }
 
  private:
+  void farewell() noexcept {
+    int rank = 0, size = 1;
+    MPI_Comm_rank(farewell_, &rank);
+    MPI_Comm_size(farewell_, &size);
+    if (size == 1) return;
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                              std::chrono::duration<double>(timeout_s_));
+    std::vector<MPI_Request> requests;
+    std::vector<char> bytes(static_cast<std::size_t>(size), 1);
+    if (rank == 0) {
+      for (int r = 1; r < size; ++r) {
+        requests.push_back(MPI_REQUEST_NULL);
+        MPI_Irecv(&bytes[static_cast<std::size_t>(r)], 1, MPI_BYTE, r, 0, farewell_,
+                  &requests.back());
+      }
+    } else {
+      requests.push_back(MPI_REQUEST_NULL);
+      MPI_Isend(&bytes[0], 1, MPI_BYTE, 0, 0, farewell_, &requests.back());
+      requests.push_back(MPI_REQUEST_NULL);
+      MPI_Irecv(&bytes[1], 1, MPI_BYTE, 0, 1, farewell_, &requests.back());
+    }
+    std::vector<int> done(requests.size(), 0);
+    auto all_done = [&] {
+      bool all = true;
+      for (std::size_t i = 0; i < requests.size(); ++i) {
+        if (!done[i]) MPI_Test(&requests[i], &done[i], MPI_STATUS_IGNORE);
+        all = all && done[i];
+      }
+      return all;
+    };
+    bool answered = false;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (all_done()) {
+        if (rank != 0 || answered) return;
+        // Everyone reported: release them all, then wait for the releases to go out.
+        requests.clear();
+        for (int r = 1; r < size; ++r) {
+          requests.push_back(MPI_REQUEST_NULL);
+          MPI_Isend(&bytes[0], 1, MPI_BYTE, r, 1, farewell_, &requests.back());
+        }
+        done.assign(requests.size(), 0);
+        answered = true;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    std::string missing;
+    if (rank == 0 && !answered) {
+      for (std::size_t i = 0; i < requests.size(); ++i) {
+        if (done[i]) continue;
+        missing += (missing.empty() ? "" : ", ") + std::to_string(i + 1);
+      }
+    }
+    std::fprintf(stderr,
+                 "switchyard: mpi: at the end of the job, %s%s did not arrive within %g s "
+                 "(stopped or stuck); ending the job with MPI_Abort\n",
+                 rank == 0 ? "world rank(s) " : "world rank 0", rank == 0 ? missing.c_str() : "",
+                 timeout_s_);
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+
   bool owns_ = false;
   int tag_limit_ = 32767;
+  MPI_Comm farewell_ = MPI_COMM_NULL;
+  double timeout_s_ = 0;
 };
 
 /// Posting, testing and cancelling MPI point-to-point messages on one communicator; the
@@ -232,6 +312,7 @@ class MpiTransport final : public PeerTransport {
 std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {
   probe().throw_if_error();
   auto session = std::make_shared<Session>();
+  session->bound_farewell_by(args.timeout_s);
   MPI_Comm world = MPI_COMM_NULL;
   check_mpi(MPI_Comm_dup(MPI_COMM_WORLD, &world), "dup");
   int size = 1;

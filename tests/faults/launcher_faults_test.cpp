@@ -120,3 +120,18 @@ TEST_CASE("the others get --grace to report, then are terminated; the first fail
   CHECK(seconds >= 1.4);
   CHECK(seconds < 5);
 }
+
+TEST_CASE("a rank stopped while the others have finished is reported and stopped") {
+  test::TempDir dir;
+  const auto [r, seconds] = timed_bash(
+      "\"$TOOL\" launch -n 2 --grace 1 -- sh -c "
+      "'if [ $RANK = 1 ]; then kill -STOP $$; fi; echo rank $RANK done'\n"
+      "echo \"launcher=$?\"\n",
+      dir);
+  INFO(r.output);
+  CHECK(r.output.find("[rank 0] rank 0 done") != std::string::npos);
+  CHECK(r.output.find("rank 1 is stopped (signal 19) while the others have finished") !=
+        std::string::npos);
+  CHECK(r.output.find("launcher=0") == std::string::npos);
+  CHECK(seconds < 5);
+}

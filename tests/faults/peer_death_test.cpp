@@ -92,3 +92,28 @@ TEST_CASE("EP groups smaller than the world: the dead rank's group names its wor
                       "world rank(s) 3 ") != std::string::npos);
   CHECK(seconds < 2 + 5);
 }
+
+TEST_CASE("mpi: a rank stopped after its last collective cannot hold the job for ever") {
+  test::TempDir dir;
+  const std::string config = write_config(dir);
+  const auto [r, seconds] =
+      timed("SWITCHYARD_TEST_STOP_RANK=2 " + kMpirun + " -x SWITCHYARD_TEST_STOP_RANK -np 3 " +
+            kWorker + " " + config + " runtime.transport=mpi 2>&1");
+  INFO(r.output);
+  CHECK(r.exit_code != 0);
+  CHECK(r.output.find("world rank(s) 2 did not arrive within 2 s (stopped or stuck)") !=
+        std::string::npos);
+  CHECK(seconds < 2 + 5);
+}
+
+TEST_CASE("ucx under launch: a rank stopped after its last collective is stopped in bounded time") {
+  test::TempDir dir;
+  const std::string config = write_config(dir);
+  const auto [r, seconds] = timed("SWITCHYARD_TEST_STOP_RANK=2 " + kTool + " launch -n 3 -- " +
+                                  kWorker + " " + config + " runtime.transport=ucx 2>&1");
+  INFO(r.output);
+  CHECK(r.exit_code != 0);
+  CHECK(r.output.find("rank 2 is stopped (signal 19) while the others have finished") !=
+        std::string::npos);
+  CHECK(seconds < 2 + 5);
+}

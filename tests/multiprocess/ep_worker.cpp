@@ -2,7 +2,8 @@
 // SWITCHYARD_TEST_DIE_RANK (if set) kills itself with SIGKILL in the middle of a step: the
 // test of what the surviving ranks do. SWITCHYARD_TEST_DIE_AT says where: "dispatch"
 // (default: between routing and dispatch, its peers already waiting in the dispatch) or
-// "combine" (after the dispatch, its peers waiting in the combine).
+// "combine" (after the dispatch, its peers waiting in the combine). Rank
+// SWITCHYARD_TEST_STOP_RANK (if set) stops itself with SIGSTOP after the forward instead.
 // usage: ep_worker CONFIG [section.key=value]...
 #include <csignal>
 #include <cstdio>
@@ -56,6 +57,13 @@ int main(int argc, char** argv) {
         runtime.layer(local).forward(in, out);
       });
       std::printf("rank %d: forward done\n", runtime.world_rank(0));
+      std::fflush(stdout);
+      // SWITCHYARD_TEST_STOP_RANK: that rank stops (SIGSTOP) after its last collective,
+      // before the runtime shuts down: its peers must still end in bounded time.
+      if (const char* stop = std::getenv("SWITCHYARD_TEST_STOP_RANK");
+          stop != nullptr && std::atoi(stop) == runtime.world_rank(0)) {
+        std::raise(SIGSTOP);
+      }
     } catch (const Error& e) {
       std::fprintf(stderr, "ep_worker: %s\n", e.what());
       std::fflush(stderr);
