@@ -3,7 +3,7 @@ BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
-.PHONY: deps configure build demo test test-sanitize format clean
+.PHONY: deps configure build demo test fuzz test-threads test-sanitize format clean
 
 deps:
 	./scripts/install-deps.sh
@@ -25,6 +25,17 @@ test: deps
 	cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 600
 	@grep -h "^SKIPPED:" $(BUILD_DIR)/Testing/Temporary/LastTest.log | sort | uniq -c | \
 	  sed 's/^ */make test: skipped tests (label gpu): /' || true
+	$(MAKE) fuzz test-threads
+
+# libFuzzer targets (clang; the core instrumented) for the TOML config, .npy, safetensors
+# and the store protocol, each for FUZZ_SECONDS from its seed corpus in tests/fuzz/corpus.
+FUZZ_SECONDS ?= 20
+fuzz: deps
+	./tests/fuzz/run.sh $(BUILD_DIR)-fuzz $(FUZZ_SECONDS)
+
+# The in-process suite (ranks are threads) under ThreadSanitizer, in its own build folder.
+test-threads: deps
+	./tests/threads/run.sh $(BUILD_DIR)-tsan
 
 # The same suite under AddressSanitizer and UBSan, in its own build folder.
 test-sanitize: deps
@@ -36,4 +47,4 @@ format:
 	find core plugins tests examples bindings benchmarks -name '*.cpp' -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i
 
 clean:
-	rm -rf $(BUILD_DIR) build-asan
+	rm -rf $(BUILD_DIR) $(BUILD_DIR)-fuzz $(BUILD_DIR)-tsan build-asan

@@ -16,6 +16,7 @@ packages=(
   clang-format clang-tidy # the format and tidy tests
   python3-numpy           # example scripts that write .npy inputs
   time                    # /usr/bin/time -v: the peak-RSS test
+  clang libclang-rt-14-dev  # libFuzzer targets (tests/fuzz)
 )
 
 missing=()

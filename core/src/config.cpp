@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include <toml++/toml.h>
@@ -232,18 +233,20 @@ ConfigOrigin file_origin(const std::string& file, const toml::source_region& reg
   throw Error(ErrorCode::kInvalidArgument, origin.describe() + ": " + what + ": " + message);
 }
 
+std::string unshield(std::string_view text);  // below, with the reason for it
+
 ConfigValue value_from_toml(const toml::node& node, const ConfigOrigin& origin,
                             const std::string& what) {
   if (auto v = node.as_boolean()) return v->get();
   if (auto v = node.as_integer()) return v->get();
   if (auto v = node.as_floating_point()) return v->get();
-  if (auto v = node.as_string()) return v->get();
+  if (auto v = node.as_string()) return unshield(v->get());
   if (auto arr = node.as_array()) {
     std::vector<std::string> list;
     for (const auto& item : *arr) {
       auto s = item.as_string();
       if (!s) fail_at(origin, what, "only lists of strings are supported");
-      list.push_back(s->get());
+      list.push_back(unshield(s->get()));
     }
     return list;
   }
@@ -345,20 +348,126 @@ Config Config::from_file(const std::filesystem::path& path) {
   return config;
 }
 
+namespace {
+
+// toml++ 3.3 reaches undefined behaviour (an "unreachable" branch of its Unicode tables)
+// when it asks whether some characters are whitespace: U+00A1..U+0499, U+2C5E..U+3057
+// but U+3000, and U+FB26..U+FEFE (every code point was checked against its table). It asks wherever
+// TOML allows no such text (keys, bare values), and what it might do there is anyone's guess. So
+// the text it parses has those characters "shielded": swapped one for one with private-use
+// characters from U+E000, which it handles safely, and swapped back in every key, string and error
+// message it returns. Private-use characters U+E000..U+EBFF are refused in a configuration (nothing
+// real uses them), which keeps the swap one to one.
+struct ShieldedRange {
+  char32_t first, last, stand_in;
+};
+constexpr ShieldedRange kShielded[] = {
+    {0xA1, 0x499, 0xE000}, {0x2C5E, 0x3057, 0xE400}, {0xFB26, 0xFEFE, 0xE800}};
+constexpr char32_t kShieldFirst = 0xE000, kShieldLast = 0xEBFF;
+
+/// Decodes one UTF-8 sequence at text[i]: its code point and length, or length 0 when it
+/// is not valid UTF-8 (left for toml++ to refuse).
+std::pair<char32_t, std::size_t> decode_utf8(std::string_view text, std::size_t i) {
+  const auto byte = [&](std::size_t k) { return static_cast<unsigned char>(text[i + k]); };
+  const unsigned char lead = byte(0);
+  const std::size_t length = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 0;
+  if (length == 0 || lead >= 0xF8 || i + length > text.size()) return {0, 0};
+  char32_t cp = lead & (0x7F >> length);
+  for (std::size_t k = 1; k < length; ++k) {
+    if ((byte(k) & 0xC0) != 0x80) return {0, 0};
+    cp = (cp << 6) | (byte(k) & 0x3F);
+  }
+  return {cp, length};
+}
+
+void encode_utf8(char32_t cp, std::string& out) {
+  if (cp < 0x800) {
+    out += static_cast<char>(0xC0 | (cp >> 6));
+  } else {
+    out += static_cast<char>(0xE0 | (cp >> 12));
+    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+  }
+  out += static_cast<char>(0x80 | (cp & 0x3F));
+}
+
+/// `text` with every character toml++ mishandles swapped for its private-use stand-in.
+std::string shield(std::string_view text, const std::string& source_name) {
+  std::string out;
+  out.reserve(text.size() + text.size() / 2);
+  int line = 1, column = 1;
+  for (std::size_t i = 0; i < text.size();) {
+    if (text[i] == '\n') {
+      ++line;
+      column = 0;
+    }
+    const auto [cp, length] = (static_cast<unsigned char>(text[i]) & 0x80) != 0
+                                  ? decode_utf8(text, i)
+                                  : std::pair<char32_t, std::size_t>{0, 0};
+    if (length == 0) {
+      out += text[i++];
+      ++column;
+      continue;
+    }
+    if (cp >= kShieldFirst && cp <= kShieldLast) {
+      char hex[16];
+      std::snprintf(hex, sizeof hex, "U+%04X", static_cast<unsigned>(cp));
+      throw Error(ErrorCode::kInvalidArgument,
+                  source_name + ":" + std::to_string(line) + ":" + std::to_string(column) +
+                      ": a private-use character (" + hex + ") is not accepted in a configuration");
+    }
+    bool swapped = false;
+    for (const auto& range : kShielded) {
+      if (cp < range.first || cp > range.last || cp == 0x3000) continue;
+      encode_utf8(range.stand_in + (cp - range.first), out);
+      swapped = true;
+    }
+    if (!swapped) out.append(text.substr(i, length));
+    i += length;
+    ++column;
+  }
+  return out;
+}
+
+/// The inverse of `shield`, for what comes back from toml++.
+std::string unshield(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (std::size_t i = 0; i < text.size();) {
+    const auto [cp, length] = (static_cast<unsigned char>(text[i]) & 0x80) != 0
+                                  ? decode_utf8(text, i)
+                                  : std::pair<char32_t, std::size_t>{0, 0};
+    if (length == 0) {
+      out += text[i++];
+      continue;
+    }
+    bool swapped = false;
+    for (const auto& range : kShielded) {
+      if (cp < range.stand_in || cp > range.stand_in + (range.last - range.first)) continue;
+      encode_utf8(range.first + (cp - range.stand_in), out);
+      swapped = true;
+    }
+    if (!swapped) out.append(text.substr(i, length));
+    i += length;
+  }
+  return out;
+}
+
+}  // namespace
+
 Config Config::from_string(std::string_view toml_text, const std::string& source_name) {
+  const std::string shielded = shield(toml_text, source_name);
   toml::table table;
   try {
-    table = toml::parse(toml_text, source_name);
+    table = toml::parse(shielded, source_name);
   } catch (const toml::parse_error& e) {
     const auto& where = e.source().begin;
-    throw Error(ErrorCode::kInvalidArgument,
-                source_name + ":" + std::to_string(where.line) + ":" +
-                    std::to_string(where.column) +
-                    ": malformed TOML: " + std::string(e.description()));
+    throw Error(ErrorCode::kInvalidArgument, source_name + ":" + std::to_string(where.line) + ":" +
+                                                 std::to_string(where.column) +
+                                                 ": malformed TOML: " + unshield(e.description()));
   }
   Config config;
   for (const auto& [section_key, node] : table) {
-    const std::string section(section_key.str());
+    const std::string section = unshield(section_key.str());
     const ConfigOrigin section_origin = file_origin(source_name, node.source());
     auto* sub = node.as_table();
     if (sub == nullptr) {
@@ -368,7 +477,7 @@ Config Config::from_string(std::string_view toml_text, const std::string& source
     config.section_origins_.emplace(section, section_origin);
     for (const auto& [key, value] : *sub) {
       const ConfigOrigin origin = file_origin(source_name, value.source());
-      const std::string name(key.str());
+      const std::string name = unshield(key.str());
       std::string what = section;
       what += '.';
       what += name;

@@ -24,7 +24,13 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Each kernel is built for AVX-512, AVX2 and the baseline ISA and picked at load time. The
 // file is compiled without FMA contraction (core/CMakeLists.txt), so every version computes
 // the same bits: only the vector width differs.
+// Under ThreadSanitizer only the baseline build: the clones are picked by ifunc resolvers
+// that run while the library is being relocated, before the sanitizer's runtime is ready.
+#if defined(__SANITIZE_THREAD__)
+#define SWITCHYARD_ROW_KERNEL
+#else
 #define SWITCHYARD_ROW_KERNEL __attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 // Helpers of the kernels are forced inline so that each build of a kernel compiles them for
 // its own instruction set.
 #define SWITCHYARD_ROW_HELPER __attribute__((always_inline)) inline

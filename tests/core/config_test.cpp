@@ -103,6 +103,41 @@ TEST_CASE("errors carry the position and what to fix") {
   (void)known;
 }
 
+TEST_CASE("non-ASCII text: an error outside strings, kept as it is inside strings") {
+  // U+00FA in a bare key, and U+02DF after a value, drove toml++ 3.3 into an unreachable
+  // branch (found by fuzzing): now plain parse errors that quote the character.
+  const std::string in_key =
+      test::error_message([] { Config::from_string("[runtime]\nra\xc3\xba = 1\n", "u.toml"); });
+  CHECK(in_key.rfind("u.toml:2:", 0) == 0);
+  CHECK(in_key.find("malformed TOML") != std::string::npos);
+  CHECK(in_key.find("\xc3\xba") != std::string::npos);
+  CHECK(test::error_message([] {
+          Config::from_string("[runtime]\nranks = 2x\xcb\x9f\n", "v.toml");
+        }).find("v.toml:2:") == 0);
+  CHECK(test::error_message([] {
+          Config::from_string("[model]\nprefix = \"\xee\x80\x81\"\n", "p.toml");
+        }) == "p.toml:2:11: a private-use character (U+E001) is not accepted in a configuration");
+  // In strings (all four kinds) and comments it is text like any other.
+  const Config c = Config::from_string(
+      "# caf\xc3\xa9 \xe3\x80\x80\n[model]\nweights = \"caf\xc3\xa9 \\\" \xc3\xa9\" # "
+      "d\xc3\xa9j\xc3\xa0\n"
+      "prefix = '\xc3\xa9'\n[input]\ntokens = \"\"\"\n\xc3\xa9\"\"\"\n[output]\npath = "
+      "\'\'\'\xc3\xa9\n\'\'\'\n",
+      "ok.toml");
+  ConfigSchema model;
+  model.add("weights", ConfigType::kString, std::nullopt, "w");
+  model.add("prefix", ConfigType::kString, std::nullopt, "p");
+  CHECK(c.section("model", model).get_string("weights") == "caf\xc3\xa9 \" \xc3\xa9");
+  CHECK(c.section("model", model).get_string("prefix") == "\xc3\xa9");
+  // Every shielded character comes back as itself, at both ends of both ranges.
+  const Config edges = Config::from_string(
+      "[model]\nweights = \"\xc2\xa1\xd2\x99\xe2\xb1\x9e\xe3\x81\x97\xe3\x80\x80\xef\xac\xa6"
+      "\xef\xbb\xbe\"\n",
+      "e.toml");
+  CHECK(edges.section("model", model).get_string("weights") ==
+        "\xc2\xa1\xd2\x99\xe2\xb1\x9e\xe3\x81\x97\xe3\x80\x80\xef\xac\xa6\xef\xbb\xbe");
+}
+
 TEST_CASE("a seconds check takes finite positive values up to its bound") {
   ConfigSchema s;
   s.add("timeout_s", ConfigType::kFloat, ConfigValue{300.0}, "t",
