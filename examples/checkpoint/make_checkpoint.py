@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Writes a small MoE layer checkpoint (.safetensors with BF16 weights), tokens x.npy, and
+"""Writes a small MoE layer checkpoint (.safetensors, BF16 weights unless --dtype says), tokens x.npy, and
 the layer's output computed here with NumPy alone (expected.npy), independently of
 Switchyard:
   --format deepseek: sigmoid scores, an F32 e_score_correction_bias for selection only,
@@ -8,7 +8,10 @@ Switchyard:
 Experts are SwiGLU. Needs only numpy (Debian: python3-numpy).
 
 usage: make_checkpoint.py OUT_DIR [--format deepseek|mixtral] [--experts 8] [--hidden 32]
-                          [--ffn 48] [--tokens 40] [--top-k 2]
+                          [--ffn 48] [--tokens 40] [--top-k 2] [--dtype bf16|f16|f32]
+                          [--scale 1.0]
+--scale multiplies the kept weights after normalising (DeepSeek's routed_scaling_factor;
+Switchyard's [router] scale).
 """
 import argparse
 import json
@@ -56,6 +59,10 @@ def main():
     parser.add_argument("--ffn", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=40)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--dtype", choices=["bf16", "f16", "f32"], default="bf16",
+                        help="dtype the weights are stored in (the gate's bias stays F32)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="factor on the kept weights, after normalising")
     args = parser.parse_args()
     E, H, F, T, k = args.experts, args.hidden, args.ffn, args.tokens, args.top_k
     rng = np.random.default_rng(1234)
@@ -63,13 +70,22 @@ def main():
     prefix = "model.layers.3.mlp." if deepseek else "model.layers.3.block_sparse_moe."
     names = ("gate_proj", "up_proj", "down_proj") if deepseek else ("w1", "w3", "w2")
 
+    stored = {"bf16": "BF16", "f16": "F16", "f32": "F32"}[args.dtype]
+
     def weight(rows, cols):
-        bits = to_bf16_bits(rng.uniform(-1, 1, (rows, cols)).astype(np.float32) / np.sqrt(cols))
-        return bits, from_bf16_bits(bits)  # stored bits, and the values they stand for
+        """The stored array, and the values it stands for (what the layer computes with)."""
+        values = rng.uniform(-1, 1, (rows, cols)).astype(np.float32) / np.sqrt(cols)
+        if args.dtype == "bf16":
+            bits = to_bf16_bits(values)
+            return bits, from_bf16_bits(bits)
+        if args.dtype == "f16":
+            half = values.astype(np.float16)
+            return half, half.astype(np.float32)
+        return values, values
 
     tensors, gate_up_down = {}, []
     gate_bits, gate = weight(E, H)
-    tensors[prefix + "gate.weight"] = ("BF16", gate_bits)
+    tensors[prefix + "gate.weight"] = (stored, gate_bits)
     bias = rng.uniform(-0.05, 0.05, E).astype(np.float32)
     if deepseek:
         tensors[prefix + "gate.e_score_correction_bias"] = ("F32", bias)
@@ -78,7 +94,7 @@ def main():
         u_bits, u = weight(F, H)
         d_bits, d = weight(H, F)
         for name, bits in zip(names, (g_bits, u_bits, d_bits)):
-            tensors[prefix + f"experts.{e}.{name}.weight"] = ("BF16", bits)
+            tensors[prefix + f"experts.{e}.{name}.weight"] = (stored, bits)
         gate_up_down.append((g.astype(np.float64), u.astype(np.float64), d.astype(np.float64)))
     os.makedirs(args.out_dir, exist_ok=True)
     write_safetensors(os.path.join(args.out_dir, "layer.safetensors"), tensors)
@@ -98,6 +114,7 @@ def main():
         else:
             w = np.exp(w - w.max())
             w = w / w.sum()
+        w = w * args.scale
         for weight_t, e in zip(w, chosen):
             g, u, d = gate_up_down[e]
             a = g @ x[t]

@@ -128,6 +128,59 @@ TEST_CASE("checkpoints: both naming conventions, F32 and BF16, with a prefix") {
   }
 }
 
+TEST_CASE("EP forward equals the layer NumPy computes on its own, for every stored dtype") {
+  // examples/checkpoint/make_checkpoint.py writes the checkpoint and tokens, and computes
+  // the layer's output in float64 without any Switchyard code: the expected values share
+  // nothing with the router, the loader or the reference under test.
+  test::TempDir dir;
+  struct Case {
+    const char* format;
+    const char* dtype;
+    double scale;
+  };
+  for (const Case c :
+       {Case{"deepseek", "bf16", 2.5}, Case{"deepseek", "f16", 1.0}, Case{"deepseek", "f32", 1.0},
+        Case{"mixtral", "bf16", 1.0}, Case{"mixtral", "f16", 1.0}, Case{"mixtral", "f32", 1.0}}) {
+    CAPTURE(c.format);
+    CAPTURE(c.dtype);
+    const auto out = dir / (std::string(c.format) + c.dtype);
+    REQUIRE(test::run_command("/usr/bin/python3 " SWITCHYARD_SOURCE_DIR
+                              "/examples/checkpoint/make_checkpoint.py " +
+                              out.string() + " --format " + c.format + " --dtype " + c.dtype +
+                              " --scale " + std::to_string(c.scale) +
+                              " --experts 7 --hidden 20 --ffn 12 --tokens 33 --top-k 3")
+                .exit_code == 0);
+    const HostTensor x = read_npy(out / "x.npy");
+    const HostTensor expected = read_npy(out / "expected.npy");
+    const bool deepseek = std::string(c.format) == "deepseek";
+    for (int ranks : {1, 2, 3, 4}) {
+      for (int ep : {ranks, ranks % 2 == 0 ? ranks / 2 : ranks}) {
+        CAPTURE(ranks);
+        CAPTURE(ep);
+        Config config;
+        config.set("runtime", "ranks", std::int64_t{ranks});
+        config.set("runtime", "ep_size", std::int64_t{ep});
+        config.set("router", "top_k", std::int64_t{3});
+        config.set("router", "scale", c.scale);
+        if (deepseek) {
+          config.set("router", "score", std::string("sigmoid"));
+        } else {
+          config.set("router", "pre_softmax", false);
+        }
+        config.set("model", "weights", (out / "layer.safetensors").string());
+        config.set("model", "format", std::string(c.format));
+        config.set(
+            "model", "prefix",
+            std::string(deepseek ? "model.layers.3.mlp." : "model.layers.3.block_sparse_moe."));
+        Runtime runtime(config);
+        HostTensor y(DType::kF32, x.shape());
+        runtime.forward(x.view(), y.view());
+        CHECK(test::relative_difference(y, expected) <= kTolerance);
+      }
+    }
+  }
+}
+
 TEST_CASE("a DeepSeek checkpoint's e_score_correction_bias steers selection") {
   test::TempDir dir;
   const ModelWeights source = ModelWeights::random(8, 16, 16, 3);

@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <chrono>
+#include <cstdio>
 #include <string>
 
 #include "test_support.hpp"
@@ -18,10 +19,15 @@ const std::string kTool = SWITCHYARD_TOOL_PATH;
 const std::string kMpirun = SWITCHYARD_MPIRUN;
 const std::string kWorker = SWITCHYARD_EP_WORKER;
 
+/// Runs a job; returns its result and the seconds until every process had ended (printed
+/// as "fault job: N s", the figure the README's reliability section reports).
 std::pair<test::CommandResult, double> timed(const std::string& command) {
   const auto start = std::chrono::steady_clock::now();
   auto r = test::run_command(command);
-  return {r, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("fault job: %.2f s, exit %d\n", seconds, r.exit_code);
+  return {r, seconds};
 }
 
 /// A config with timeout_s = 2 and six experts.

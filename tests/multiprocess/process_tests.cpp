@@ -38,10 +38,12 @@ std::pair<test::CommandResult, double> timed(const std::string& command) {
 }
 
 /// Runs `switchyard` + `common_args` + an output path for inproc (runtime.ranks), mpi
-/// (mpirun) and ucx (launch) with `world` ranks; each must pass its --check, and the three
-/// outputs must be the same bytes.
+/// (mpirun) and ucx (launch) with `world` ranks; each must pass its --check, the three
+/// outputs must be the same bytes, and (when given) agree with `expected`, the layer
+/// computed by NumPy in float64 from the same checkpoint, within 1e-5 relative.
 void expect_same_bits_on_every_backend(const std::filesystem::path& dir,
-                                       const std::string& common_args, int world) {
+                                       const std::string& common_args, int world,
+                                       const std::filesystem::path& expected = {}) {
   const std::string n = std::to_string(world);
   const auto y_inproc = dir / "y_inproc.npy", y_mpi = dir / "y_mpi.npy", y_ucx = dir / "y_ucx.npy";
   const auto inproc =
@@ -57,6 +59,9 @@ void expect_same_bits_on_every_backend(const std::filesystem::path& dir,
   }
   const std::string a = read_file(y_inproc);
   CHECK(a.size() > 128);
+  if (!expected.empty() && std::filesystem::exists(y_inproc)) {
+    CHECK(test::relative_difference(read_npy(y_inproc), read_npy(expected)) <= 1e-5);
+  }
   CHECK(a == read_file(y_mpi));
   CHECK(a == read_file(y_ucx));
   for (const auto& y : {y_inproc, y_mpi, y_ucx}) std::filesystem::remove(y);
@@ -64,21 +69,31 @@ void expect_same_bits_on_every_backend(const std::filesystem::path& dir,
 
 }  // namespace
 
-TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the reference") {
+TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match NumPy") {
   test::TempDir dir;
-  // bf16: a DeepSeek-style checkpoint with BF16 weights written by NumPy; f32: random weights.
-  REQUIRE(test::run_command(
-              "/usr/bin/python3 " SWITCHYARD_SOURCE_DIR "/examples/checkpoint/make_checkpoint.py " +
-              (dir / "ckpt").string() + " --experts 6 --hidden 16 --ffn 24 --tokens 29")
-              .exit_code == 0);
-  test::write_text(dir / "f32.toml",
-                   "[router]\ntop_k = 2\n[model]\nnum_experts = 6\nhidden = 16\nffn_hidden = 24\n"
-                   "[input]\nnum_tokens = 29\n");
+  // Checkpoints written by NumPy with the layer's output computed there in float64
+  // (examples/checkpoint/make_checkpoint.py): DeepSeek-style with BF16 weights (sigmoid
+  // scores, selection bias, normalised weights) and Mixtral-style with F32 weights
+  // (softmax over the top k). Nothing of Switchyard computes the expected values.
+  for (const auto& [name, flags] :
+       {std::pair<std::string, std::string>{"bf16", "--format deepseek --dtype bf16"},
+        std::pair<std::string, std::string>{"f32", "--format mixtral --dtype f32"}}) {
+    REQUIRE(test::run_command("/usr/bin/python3 " SWITCHYARD_SOURCE_DIR
+                              "/examples/checkpoint/make_checkpoint.py " +
+                              (dir / name).string() + " " + flags +
+                              " --experts 6 --hidden 16 --ffn 24 --tokens 29")
+                .exit_code == 0);
+  }
+  test::write_text(
+      dir / "f32.toml",
+      "[router]\ntop_k = 2\npre_softmax = false\n[model]\nweights = \"f32/layer.safetensors\"\n"
+      "format = \"mixtral\"\nprefix = \"model.layers.3.block_sparse_moe.\"\n[input]\n"
+      "tokens = \"f32/x.npy\"\n");
   test::write_text(
       dir / "bf16.toml",
-      "[router]\ntop_k = 2\nscore = \"sigmoid\"\n[model]\nweights = \"ckpt/layer.safetensors\"\n"
+      "[router]\ntop_k = 2\nscore = \"sigmoid\"\n[model]\nweights = \"bf16/layer.safetensors\"\n"
       "format = \"deepseek\"\nprefix = \"model.layers.3.mlp.\"\n[input]\ntokens = "
-      "\"ckpt/x.npy\"\n");
+      "\"bf16/x.npy\"\n");
   for (const std::string dtype : {"f32", "bf16"}) {
     for (int world : {1, 2, 3, 4}) {
       std::vector<int> eps = {world};
@@ -92,7 +107,7 @@ TEST_CASE("backend matrix: inproc, mpi and ucx give the same bits and match the 
             " run " + config +
             " --check --set runtime.timeout_s=60 --set runtime.ep_size=" + std::to_string(ep) +
             " --set output.path=";
-        expect_same_bits_on_every_backend(dir.path(), common, world);
+        expect_same_bits_on_every_backend(dir.path(), common, world, dir / dtype / "expected.npy");
       }
     }
   }
