@@ -115,6 +115,27 @@ int run_layer(Runtime& runtime, bool check, int steps) {
   const ConfigSection& runtime_options = runtime.settings().section("runtime");
   const ConfigSection& router_options = runtime.settings().section("router");
 
+  // The step's memory, checked before it is allocated: input and output rows, and the
+  // exchange buffers (each token goes to at most min(k, world) ranks, there in the payload
+  // dtype and back in the combine dtype, each side sent and received).
+  const auto check_step_memory = [&](std::int64_t tokens, const std::string& where,
+                                     const std::string& keys) {
+    const long double H = static_cast<long double>(model.hidden());
+    const long double copies = static_cast<long double>(std::min<std::int64_t>(
+        router_options.has("top_k") ? router_options.get_int("top_k") : 1,
+        runtime.world_size()));
+    const std::string& payload = runtime_options.get_string("payload_dtype");
+    const long double payload_bytes = payload == "f32" ? 4 : payload == "bf16" ? 2 : 1.03;
+    const long double combine_bytes = runtime_options.get_string("combine_dtype") == "f32" ? 4 : 2;
+    const long double rows = static_cast<long double>(tokens) * H * 4 * 2;
+    const long double exchange = 2 * static_cast<long double>(tokens) * copies * H *
+                                 (payload_bytes + combine_bytes);
+    check_fits_in_memory(rows + exchange, where + ": " + keys,
+                         std::to_string(tokens) + " tokens x hidden " +
+                             std::to_string(model.hidden()) + ": " + format_bytes(rows) +
+                             " of input and output rows, " + format_bytes(exchange) +
+                             " of exchange buffers");
+  };
   HostTensor x;
   std::string input_description;
   if (input.has("tokens")) {
@@ -124,14 +145,12 @@ int run_layer(Runtime& runtime, bool check, int steps) {
     } catch (const Error& e) {
       throw Error(e.code(), input.origin("tokens").describe() + ": " + e.message());
     }
+    check_step_memory(x.shape()[0], input.origin("tokens").describe(),
+                      "input.tokens " + path.string());
     input_description = path.string();
   } else {
-    // Input and output rows, checked before allocating either.
-    check_fits_in_memory(
-        static_cast<long double>(input.get_int("num_tokens")) * model.hidden() * 4 * 2,
-        input.origin("num_tokens").describe() + ": input.num_tokens",
-        std::to_string(input.get_int("num_tokens")) + " tokens x hidden " +
-            std::to_string(model.hidden()) + " x 4 bytes, input and output");
+    check_step_memory(input.get_int("num_tokens"), input.origin("num_tokens").describe(),
+                      "input.num_tokens");
     x = synthetic_tokens(input.get_int("num_tokens"), model.hidden(),
                          static_cast<std::uint64_t>(input.get_int("seed")));
     input_description = "synthetic (seed " + std::to_string(input.get_int("seed")) + ")";
