@@ -464,7 +464,8 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
   for (std::size_t p = 0; p < r_size; ++p) {
     if (h.rows_from_[p] < 0) {
       failure_agreed_ = true;
-      throw Error(ErrorCode::kPeerFailed, "MoE dispatch: rank " + std::to_string(p) +
+      throw Error(ErrorCode::kPeerFailed, "MoE dispatch: world rank " +
+                                              std::to_string(parts_.first_world_rank + p) +
                                               " failed before dispatch and reports the cause");
     }
   }
@@ -783,7 +784,8 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   for (std::size_t p = 0; p < r_size; ++p) {
     if (chunk_rows_from_[p * chunks] < 0) {
       failure_agreed_ = true;
-      throw Error(ErrorCode::kPeerFailed, "MoE dispatch: rank " + std::to_string(p) +
+      throw Error(ErrorCode::kPeerFailed, "MoE dispatch: world rank " +
+                                              std::to_string(parts_.first_world_rank + p) +
                                               " failed before dispatch and reports the cause");
     }
   }

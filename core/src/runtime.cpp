@@ -158,7 +158,8 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
     state_->dp_transports[static_cast<std::size_t>(local)] = t.split(t.rank() % ep, t.rank());
   });
 
-  for (const auto& transport : state_->ep_transports) {
+  for (std::size_t local = 0; local < state_->ep_transports.size(); ++local) {
+    const auto& transport = state_->ep_transports[local];
     RouterCreateArgs router_args;
     router_args.options = &router;
     router_args.num_experts = model.num_experts();
@@ -182,6 +183,7 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
     parts.experts = std::move(kernel);
     parts.gate = model.gate().view();
     parts.placement = state_->placement;
+    parts.first_world_rank = state_->transports[local]->rank() / ep * ep;
     if (const std::string& path = runtime.get_string("data_path"); path != "host") {
       DataPathCreateArgs data_path_args;
       data_path_args.options = &runtime;

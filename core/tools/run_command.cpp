@@ -122,14 +122,13 @@ int run_layer(Runtime& runtime, bool check, int steps) {
                                      const std::string& keys) {
     const long double H = static_cast<long double>(model.hidden());
     const long double copies = static_cast<long double>(std::min<std::int64_t>(
-        router_options.has("top_k") ? router_options.get_int("top_k") : 1,
-        runtime.world_size()));
+        router_options.has("top_k") ? router_options.get_int("top_k") : 1, runtime.world_size()));
     const std::string& payload = runtime_options.get_string("payload_dtype");
     const long double payload_bytes = payload == "f32" ? 4 : payload == "bf16" ? 2 : 1.03;
     const long double combine_bytes = runtime_options.get_string("combine_dtype") == "f32" ? 4 : 2;
     const long double rows = static_cast<long double>(tokens) * H * 4 * 2;
-    const long double exchange = 2 * static_cast<long double>(tokens) * copies * H *
-                                 (payload_bytes + combine_bytes);
+    const long double exchange =
+        2 * static_cast<long double>(tokens) * copies * H * (payload_bytes + combine_bytes);
     check_fits_in_memory(rows + exchange, where + ": " + keys,
                          std::to_string(tokens) + " tokens x hidden " +
                              std::to_string(model.hidden()) + ": " + format_bytes(rows) +

@@ -309,7 +309,7 @@ TEST_CASE("NaN tokens on one rank: that rank names them, the others say it faile
     CHECK(
         r.output.find("rank 1 (input rows 4..7): router topk: logit of token 3, expert 0 is NaN") !=
         std::string::npos);
-    CHECK(r.output.find("MoE dispatch: rank 1 failed before dispatch") != std::string::npos);
+    CHECK(r.output.find("MoE dispatch: world rank 1 failed before dispatch") != std::string::npos);
     CHECK_FALSE(std::filesystem::exists(dir / "y.npy"));
   }
 }

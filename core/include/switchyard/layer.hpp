@@ -143,6 +143,9 @@ struct MoELayerParts {
   /// but each chunk's rows stay in the caches from pass to pass: the faster choice where
   /// every core already runs a rank). The same y either way.
   bool overlap_exchanges = true;
+  /// The world rank of the EP group's rank 0 (groups are blocks of consecutive world
+  /// ranks), so that messages name world ranks.
+  int first_world_rank = 0;
 };
 
 /// One MoE layer on one rank of an EP group. Every rank of the group calls `forward` (or
