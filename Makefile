@@ -44,7 +44,7 @@ test-sanitize: deps
 	cd build-asan && ctest --output-on-failure -j $(JOBS) --timeout 900
 
 format:
-	find core plugins tests examples bindings benchmarks -name '*.cpp' -o -name '*.hpp' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i
+	find core plugins tests examples bindings benchmarks -name '*.cpp' -o -name '*.hpp' -o -name '*.h' -o -name '*.c' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i
 
 clean:
 	rm -rf $(BUILD_DIR) $(BUILD_DIR)-fuzz $(BUILD_DIR)-tsan build-asan

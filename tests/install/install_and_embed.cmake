@@ -39,3 +39,22 @@ endif()
 if(NOT out MATCHES "max relative difference")
   message(FATAL_ERROR "embed_example did not report its check")
 endif()
+
+# The C example (examples/c), C99, against the same installed package.
+execute_process(COMMAND ${CMAKE_COMMAND} -S ${SOURCE_DIR}/examples/c -B ${WORK_DIR}/c-build
+                        -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix ${flags}
+                RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "configuring examples/c against the installed package failed")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${WORK_DIR}/c-build RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "building examples/c failed")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} -E env --unset=SWITCHYARD_PLUGIN_PATH
+                        ${WORK_DIR}/c-build/moe_forward
+                RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+message("${out}${err}")
+if(NOT rc EQUAL 0 OR NOT out MATCHES "max relative difference to the dense reference")
+  message(FATAL_ERROR "moe_forward failed with ${rc}")
+endif()

@@ -1,0 +1,128 @@
+/* The Switchyard C API: the runtime and its MoE layer behind opaque handles, for C and for
+ * languages that bind C (Rust, Go, ...). C99. Tensors are DLPack DLTensors (host memory,
+ * row-major or strided float32 rows), read and written in place: nothing is copied at
+ * the boundary.
+ *
+ * Errors: every function returns a switchyard_status; SWITCHYARD_OK is 0. The message of
+ * the last error on the calling thread is switchyard_last_error(). No C++ exception
+ * crosses this boundary.
+ *
+ * Threads: a runtime is used by one thread at a time; different runtimes are
+ * independent. switchyard_last_error is per thread.
+ *
+ * Versions: SWITCHYARD_C_API_VERSION is the version of this header; switchyard_api_version()
+ * is the one the library was built with. A program built with header version N runs with
+ * a library whose api version is N (additions raise it; nothing is removed or changed
+ * within a major Switchyard version). switchyard_version() is the library's version string.
+ */
+#ifndef SWITCHYARD_SWITCHYARD_H
+#define SWITCHYARD_SWITCHYARD_H
+
+#include <dlpack/dlpack.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SWITCHYARD_C_API_VERSION 1
+
+/* Visibility of the entry points (set by the library's build; empty for its users). */
+#ifndef SWITCHYARD_C_EXPORT
+#define SWITCHYARD_C_EXPORT
+#endif
+
+/* The same codes as the C++ ErrorCode (switchyard/status.hpp). */
+typedef enum switchyard_status {
+  SWITCHYARD_OK = 0,
+  SWITCHYARD_INVALID_ARGUMENT = 1, /* bad config, shape, dtype, NaN input: fix the input */
+  SWITCHYARD_NOT_FOUND = 2,        /* a plugin, a file, a tensor in a checkpoint */
+  SWITCHYARD_UNAVAILABLE = 3,      /* exists but cannot work here (launcher, device) */
+  SWITCHYARD_ABI_MISMATCH = 4,     /* a plugin built for another core */
+  SWITCHYARD_TIMEOUT = 5,          /* a peer did not answer within [runtime] timeout_s */
+  SWITCHYARD_SYSTEM = 6,           /* the operating system refused (memory, I/O) */
+  SWITCHYARD_PEER_FAILED = 7,      /* another rank failed first and reports why */
+  SWITCHYARD_INTERNAL = 8          /* a bug: please report it */
+} switchyard_status;
+
+/* A runtime: configuration, plugins, model, transports and the layers of the ranks this
+ * process hosts. */
+typedef struct switchyard_runtime switchyard_runtime;
+
+/* Statistics of the last forward, over all ranks. */
+typedef struct switchyard_stats {
+  int64_t tokens;   /* tokens routed */
+  int64_t dropped;  /* (token, expert) assignments dropped by capacity */
+  double imbalance; /* max / mean tokens per expert */
+  double aux_loss;  /* Switch load-balancing loss (1 = perfect balance) */
+  double z_loss;    /* mean logsumexp(logits)^2 */
+  /* The slowest rank's seconds per phase. */
+  double route_s, layout_s, dispatch_s, experts_s, combine_s;
+  /* Bytes all ranks sent to other ranks. */
+  uint64_t dispatch_bytes, combine_bytes;
+} switchyard_stats;
+
+/* One plugin found by the loader. The strings live as long as the runtime. */
+typedef struct switchyard_plugin_info {
+  const char* kind; /* "transport", "router", "expert" or "datapath" */
+  const char* name;
+  const char* version;
+  const char* path;
+  int usable;         /* 1 when its probe passed here */
+  const char* reason; /* why it cannot work here; "" when usable */
+} switchyard_plugin_info;
+
+/* The library's version, e.g. "0.1.0". Never fails. */
+SWITCHYARD_C_EXPORT const char* switchyard_version(void);
+/* SWITCHYARD_C_API_VERSION as the library was built. Never fails. */
+SWITCHYARD_C_EXPORT int switchyard_api_version(void);
+/* The message of the last error on this thread ("" before any). Valid until this thread's
+ * next call into the library. */
+SWITCHYARD_C_EXPORT const char* switchyard_last_error(void);
+/* A short name of a status, e.g. "timeout". Never fails. */
+SWITCHYARD_C_EXPORT const char* switchyard_status_name(switchyard_status status);
+
+/* Creates a runtime from a TOML file, then applies `overrides` ("section.key=value", as
+ * `--set` on the command line; may be NULL when n_overrides is 0). Collective when the
+ * transport is (every rank of a job calls it). On error *out is NULL. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_runtime_create_from_file(
+    const char* path, const char* const* overrides, size_t n_overrides, switchyard_runtime** out);
+/* The same from TOML text; `source_name` names it in messages (NULL: "<string>"). */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_runtime_create_from_string(
+    const char* toml, const char* source_name, const char* const* overrides, size_t n_overrides,
+    switchyard_runtime** out);
+/* Frees the runtime. NULL is allowed. */
+SWITCHYARD_C_EXPORT void switchyard_runtime_destroy(switchyard_runtime* runtime);
+
+/* Sizes: ranks in the job, hidden width H, experts E. */
+SWITCHYARD_C_EXPORT switchyard_status
+switchyard_runtime_world_size(const switchyard_runtime* runtime, int* out);
+SWITCHYARD_C_EXPORT switchyard_status switchyard_runtime_hidden(const switchyard_runtime* runtime,
+                                                                int64_t* out);
+SWITCHYARD_C_EXPORT switchyard_status
+switchyard_runtime_num_experts(const switchyard_runtime* runtime, int* out);
+
+/* The MoE layer on tokens x [T,H] float32, writing y [T,H] float32 (host memory; y may not
+ * alias x). Each rank this process hosts takes its block of the T rows. Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_forward(switchyard_runtime* runtime,
+                                                         const DLTensor* x, DLTensor* y);
+/* The dense single-process reference of the same computation (float64 inside). */
+SWITCHYARD_C_EXPORT switchyard_status
+switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* x, DLTensor* y);
+/* Statistics and timings of the last forward. Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_last_stats(switchyard_runtime* runtime,
+                                                            switchyard_stats* out);
+
+/* The plugins the runtime's loader finds (all of them are loaded to be listed). */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_plugin_count(switchyard_runtime* runtime,
+                                                              size_t* out);
+SWITCHYARD_C_EXPORT switchyard_status switchyard_plugin_get(const switchyard_runtime* runtime,
+                                                            size_t index,
+                                                            switchyard_plugin_info* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SWITCHYARD_SWITCHYARD_H */

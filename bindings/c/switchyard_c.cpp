@@ -1,0 +1,234 @@
+// The C API (switchyard/switchyard.h) over the C++ runtime. Every entry point catches
+// everything: a C++ exception never crosses into C; it becomes a status and this thread's
+// last-error message.
+// The entry points are this library's only exports (it is built with hidden visibility).
+#define SWITCHYARD_C_EXPORT __attribute__((visibility("default")))
+#include "switchyard/switchyard.h"
+
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "switchyard/dlpack.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/runtime.hpp"
+#include "switchyard/status.hpp"
+#include "switchyard/version.hpp"
+
+static_assert(static_cast<int>(switchyard::ErrorCode::kInternal) == SWITCHYARD_INTERNAL,
+              "the C status codes mirror ErrorCode");
+
+struct switchyard_runtime {
+  std::unique_ptr<switchyard::Runtime> runtime;
+  switchyard::Config config;  // as created: the plugin listing searches the same folders
+  std::unique_ptr<switchyard::PluginRegistry> plugins;  // filled by switchyard_plugin_count
+  std::vector<std::string> plugin_strings;              // what switchyard_plugin_get points to
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+/// Runs `body`; an exception becomes its status, with its message kept for this thread.
+template <typename Body>
+switchyard_status guarded(Body&& body) noexcept {
+  try {
+    last_error.clear();
+    body();
+    return SWITCHYARD_OK;
+  } catch (...) {
+    const switchyard::Status status = switchyard::Status::from_current_exception();
+    try {
+      last_error = status.message;
+    } catch (...) {
+      last_error.clear();  // no memory for the words; the code still says what kind
+    }
+    return static_cast<switchyard_status>(status.code);
+  }
+}
+
+void require(bool condition, const char* what) {
+  if (!condition) throw switchyard::Error(switchyard::ErrorCode::kInvalidArgument, what);
+}
+
+switchyard::Config with_overrides(switchyard::Config config, const char* const* overrides,
+                                  size_t n) {
+  require(n == 0 || overrides != nullptr, "overrides is NULL but n_overrides is not 0");
+  for (size_t i = 0; i < n; ++i) {
+    require(overrides[i] != nullptr, "an override is NULL");
+    config.set_from_command_line(overrides[i]);
+  }
+  return config;
+}
+
+switchyard_runtime* make_runtime(switchyard::Config config) {
+  auto handle = std::make_unique<switchyard_runtime>();
+  handle->runtime = std::make_unique<switchyard::Runtime>(config);
+  handle->config = std::move(config);
+  return handle.release();
+}
+
+/// A float32 host matrix [T,H] from a DLTensor, named `what` in errors.
+switchyard::TensorView matrix(const DLTensor* t, const char* what, std::int64_t hidden) {
+  require(t != nullptr, "a tensor argument is NULL");
+  switchyard::TensorView view = switchyard::from_dlpack(*t);
+  view.require(what, switchyard::DType::kF32, {-1, hidden});
+  return view;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* switchyard_version(void) { return switchyard::core_version(); }
+
+int switchyard_api_version(void) { return SWITCHYARD_C_API_VERSION; }
+
+const char* switchyard_last_error(void) { return last_error.c_str(); }
+
+const char* switchyard_status_name(switchyard_status status) {
+  if (status < SWITCHYARD_OK || status > SWITCHYARD_INTERNAL) return "unknown status";
+  return switchyard::error_code_name(static_cast<switchyard::ErrorCode>(status)).data();
+}
+
+switchyard_status switchyard_runtime_create_from_file(const char* path,
+                                                      const char* const* overrides,
+                                                      size_t n_overrides,
+                                                      switchyard_runtime** out) {
+  if (out != nullptr) *out = nullptr;
+  return guarded([&] {
+    require(path != nullptr && out != nullptr, "path and out must not be NULL");
+    *out =
+        make_runtime(with_overrides(switchyard::Config::from_file(path), overrides, n_overrides));
+  });
+}
+
+switchyard_status switchyard_runtime_create_from_string(const char* toml, const char* source_name,
+                                                        const char* const* overrides,
+                                                        size_t n_overrides,
+                                                        switchyard_runtime** out) {
+  if (out != nullptr) *out = nullptr;
+  return guarded([&] {
+    require(toml != nullptr && out != nullptr, "toml and out must not be NULL");
+    *out = make_runtime(with_overrides(
+        switchyard::Config::from_string(toml, source_name != nullptr ? source_name : "<string>"),
+        overrides, n_overrides));
+  });
+}
+
+void switchyard_runtime_destroy(switchyard_runtime* runtime) {
+  // Destructors of the runtime do not throw; a stray exception still must not reach C.
+  try {
+    delete runtime;
+  } catch (...) {
+  }
+}
+
+switchyard_status switchyard_runtime_world_size(const switchyard_runtime* runtime, int* out) {
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    *out = runtime->runtime->world_size();
+  });
+}
+
+switchyard_status switchyard_runtime_hidden(const switchyard_runtime* runtime, int64_t* out) {
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    *out = runtime->runtime->model().hidden();
+  });
+}
+
+switchyard_status switchyard_runtime_num_experts(const switchyard_runtime* runtime, int* out) {
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    *out = runtime->runtime->model().num_experts();
+  });
+}
+
+switchyard_status switchyard_forward(switchyard_runtime* runtime, const DLTensor* x, DLTensor* y) {
+  return guarded([&] {
+    require(runtime != nullptr, "runtime must not be NULL");
+    const std::int64_t H = runtime->runtime->model().hidden();
+    const switchyard::TensorView in = matrix(x, "input x", H);
+    const switchyard::TensorView out = matrix(y, "output y", H);
+    runtime->runtime->forward(in, out);
+  });
+}
+
+switchyard_status switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* x,
+                                               DLTensor* y) {
+  return guarded([&] {
+    require(runtime != nullptr, "runtime must not be NULL");
+    const std::int64_t H = runtime->runtime->model().hidden();
+    runtime->runtime->reference_forward(matrix(x, "input x", H), matrix(y, "output y", H));
+  });
+}
+
+switchyard_status switchyard_last_stats(switchyard_runtime* runtime, switchyard_stats* out) {
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    const switchyard::GlobalRouterStats stats = runtime->runtime->global_router_stats();
+    const switchyard::LayerTimings timings = runtime->runtime->max_timings();
+    const switchyard::LayerTraffic traffic = runtime->runtime->total_traffic();
+    *out = switchyard_stats{};
+    out->tokens = stats.tokens;
+    out->dropped = stats.dropped;
+    out->imbalance = stats.imbalance;
+    out->aux_loss = stats.aux_loss;
+    out->z_loss = stats.z_loss;
+    out->route_s = timings.route_s;
+    out->layout_s = timings.layout_s;
+    out->dispatch_s = timings.dispatch_s;
+    out->experts_s = timings.experts_s;
+    out->combine_s = timings.combine_s;
+    out->dispatch_bytes = traffic.dispatch_bytes;
+    out->combine_bytes = traffic.combine_bytes;
+  });
+}
+
+switchyard_status switchyard_plugin_count(switchyard_runtime* runtime, size_t* out) {
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    if (!runtime->plugins) {
+      auto registry = std::make_unique<switchyard::PluginRegistry>(
+          switchyard::PluginRegistry::default_search_path(
+              switchyard::configured_plugin_dirs(runtime->config)));
+      registry->load_all();
+      std::vector<std::string> strings;
+      for (const auto& p : registry->available()) {
+        strings.emplace_back(switchyard::plugin_kind_name(p.kind));
+        strings.push_back(p.name);
+        strings.push_back(p.version);
+        strings.push_back(p.path.string());
+        strings.push_back(p.probe.ok() ? std::string() : p.probe.message);
+      }
+      runtime->plugin_strings = std::move(strings);
+      runtime->plugins = std::move(registry);
+    }
+    *out = runtime->plugins->available().size();
+  });
+}
+
+switchyard_status switchyard_plugin_get(const switchyard_runtime* runtime, size_t index,
+                                        switchyard_plugin_info* out) {
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    require(runtime->plugins != nullptr, "call switchyard_plugin_count first");
+    const auto available = runtime->plugins->available();
+    if (index >= available.size()) {
+      throw switchyard::Error(switchyard::ErrorCode::kInvalidArgument,
+                              "plugin index " + std::to_string(index) + " is not below " +
+                                  std::to_string(available.size()));
+    }
+    const std::string* s = &runtime->plugin_strings[index * 5];
+    out->kind = s[0].c_str();
+    out->name = s[1].c_str();
+    out->version = s[2].c_str();
+    out->path = s[3].c_str();
+    out->usable = available[index].probe.ok() ? 1 : 0;
+    out->reason = s[4].c_str();
+  });
+}
+
+}  // extern "C"
