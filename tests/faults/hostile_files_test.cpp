@@ -90,39 +90,52 @@ void check_refused(const test::TempDir& dir, const Outcome& o, const std::string
   CHECK_FALSE(std::filesystem::exists(dir / "y.npy"));
 }
 
+/// A hostile file: its name, its bytes, and what the refusal must say.
+struct FileCase {
+  const char* name;
+  std::string bytes;
+  const char* expected;
+};
+
+/// Writes each file and gives it to `switchyard run` as `key`; each must be refused.
+void refuse_each(const test::TempDir& dir, const std::string& config,
+                 std::initializer_list<FileCase> cases, const std::string& key) {
+  for (const auto& c : cases) {
+    CAPTURE(c.name);
+    test::write_text(dir / c.name, c.bytes);
+    const std::string file = (dir / c.name).string();
+    const Outcome o = run_tool(dir, config, "--set " + key + "=" + file);
+    check_refused(dir, o, file, c.expected);
+    CHECK(o.result.output.find("router.top_k") == std::string::npos);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("hostile .npy token files are refused before they cost memory") {
   test::TempDir dir;
   const std::string config = small_config(dir);
-  struct Case {
-    const char* name;
-    std::string bytes;
-    const char* expected;
-  };
-  const Case cases[] = {
-      {"short.npy",
-       npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (50000000, 16), }", 228),
-       "truncated data"},
-      {"header_2e31.npy",
-       npy_bytes(2, "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }", 64,
-                 std::uint64_t{1} << 31),
-       "header length 2147483648 exceeds"},
-      {"header_2e32.npy",
-       npy_bytes(3, "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }", 64,
-                 0xffffffffu),
-       "header length 4294967295 exceeds"},
-      {"wraps.npy",
-       npy_bytes(
-           1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 16), }", 64),
-       "too large"},
-  };
-  for (const auto& c : cases) {
-    CAPTURE(c.name);
-    test::write_text(dir / c.name, c.bytes);
-    const std::string file = (dir / c.name).string();
-    check_refused(dir, run_tool(dir, config, "--set input.tokens=" + file), file, c.expected);
-  }
+  refuse_each(
+      dir, config,
+      {
+          {"short.npy",
+           npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (50000000, 16), }", 228),
+           "truncated data"},
+          {"header_2e31.npy",
+           npy_bytes(2, "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }", 64,
+                     std::uint64_t{1} << 31),
+           "header length 2147483648 exceeds"},
+          {"header_2e32.npy",
+           npy_bytes(3, "{'descr': '<f4', 'fortran_order': False, 'shape': (1, 16), }", 64,
+                     0xffffffffu),
+           "header length 4294967295 exceeds"},
+          {"wraps.npy",
+           npy_bytes(
+               1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 16), }",
+               64),
+           "too large"},
+      },
+      "input.tokens");
   std::filesystem::create_directory(dir / "folder.npy");
   const std::string folder = (dir / "folder.npy").string();
   check_refused(dir, run_tool(dir, config, "--set input.tokens=" + folder), folder,
@@ -136,35 +149,26 @@ TEST_CASE("hostile .npy token files are refused before they cost memory") {
 TEST_CASE("hostile safetensors checkpoints are refused, naming the file, not a router key") {
   test::TempDir dir;
   const std::string config = small_config(dir);
-  struct Case {
-    const char* name;
-    std::string bytes;
-    const char* expected;
-  };
-  const Case cases[] = {
-      {"wrap.safetensors",
-       safetensors_bytes(
-           R"({"w":{"dtype":"F32","shape":[4611686018427387905,16],"data_offsets":[0,64]}})", 64),
-       "too large to address"},
-      {"twice.safetensors",
-       safetensors_bytes(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                         R"("w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
-                         8),
-       "named twice"},
-      {"huge_header.safetensors", safetensors_bytes("{}", 0, std::uint64_t{1} << 32),
-       "exceeds the format's limit"},
-      {"float_dim.safetensors",
-       safetensors_bytes(R"({"w":{"dtype":"F32","shape":[1e30],"data_offsets":[0,4]}})", 4),
-       "not a non-negative integer"},
-  };
-  for (const auto& c : cases) {
-    CAPTURE(c.name);
-    test::write_text(dir / c.name, c.bytes);
-    const std::string file = (dir / c.name).string();
-    const Outcome o = run_tool(dir, config, "--set model.weights=" + file);
-    check_refused(dir, o, file, c.expected);
-    CHECK(o.result.output.find("router.top_k") == std::string::npos);
-  }
+  refuse_each(
+      dir, config,
+      {
+          {"wrap.safetensors",
+           safetensors_bytes(
+               R"({"w":{"dtype":"F32","shape":[4611686018427387905,16],"data_offsets":[0,64]}})",
+               64),
+           "too large to address"},
+          {"twice.safetensors",
+           safetensors_bytes(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                             R"("w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+                             8),
+           "named twice"},
+          {"huge_header.safetensors", safetensors_bytes("{}", 0, std::uint64_t{1} << 32),
+           "exceeds the format's limit"},
+          {"float_dim.safetensors",
+           safetensors_bytes(R"({"w":{"dtype":"F32","shape":[1e30],"data_offsets":[0,4]}})", 4),
+           "not a non-negative integer"},
+      },
+      "model.weights");
 }
 
 TEST_CASE("hostile configuration files: a FIFO, a directory, an oversized file") {
