@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "switchyard/dlpack.hpp"
+#include "switchyard/layer.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
@@ -162,6 +163,34 @@ switchyard_status switchyard_reference_forward(const switchyard_runtime* runtime
     require(runtime != nullptr, "runtime must not be NULL");
     const std::int64_t H = runtime->runtime->model().hidden();
     runtime->runtime->reference_forward(matrix(x, "input x", H), matrix(y, "output y", H));
+  });
+}
+
+switchyard_status switchyard_route(switchyard_runtime* runtime, const DLTensor* x,
+                                   DLTensor* experts, DLTensor* weights) {
+  return guarded([&] {
+    require(runtime != nullptr && experts != nullptr && weights != nullptr,
+            "runtime, experts and weights must not be NULL");
+    switchyard::MoELayer& layer = runtime->runtime->layer(0);
+    const switchyard::TensorView tokens = matrix(x, "input x", runtime->runtime->model().hidden());
+    switchyard::RoutingPlan plan;
+    layer.route(tokens, plan);
+    require(plan.device().kind == switchyard::Device::Kind::kHost,
+            "switchyard_route needs the host data path ([runtime] data_path = \"host\")");
+    const std::int64_t T = plan.num_tokens, K = plan.slots;
+    switchyard::TensorView out_experts = switchyard::from_dlpack(*experts);
+    switchyard::TensorView out_weights = switchyard::from_dlpack(*weights);
+    out_experts.require("experts", switchyard::DType::kI32, {T, K});
+    out_weights.require("weights", switchyard::DType::kF32, {T, K});
+    // The caller's tensors may be strided (a column slice of a larger array).
+    auto* e = out_experts.data_as<std::int32_t>();
+    auto* w = out_weights.data_as<float>();
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t k = 0; k < K; ++k) {
+        e[t * out_experts.stride(0) + k * out_experts.stride(1)] = plan.experts.data()[t * K + k];
+        w[t * out_weights.stride(0) + k * out_weights.stride(1)] = plan.weights.data()[t * K + k];
+      }
+    }
   });
 }
 

@@ -75,6 +75,33 @@ int main(void) {
   CHECK(stats.tokens == T);
   CHECK(stats.imbalance >= 1.0);
 
+  /* Routing alone: top-3 of 4 experts per token, distinct and in range, weights positive,
+   * descending (softmax scores order the slots) and summing to at most 1 (softmax over all
+   * experts, the top 3 kept). */
+  {
+    int32_t chosen[T * 3];
+    float weights[T * 3];
+    int64_t route_shape[2] = {T, 3};
+    DLTensor et = matrix((float*)chosen, route_shape), wt = matrix(weights, route_shape);
+    int t, k, j;
+    et.dtype.code = kDLInt;
+    CHECK(switchyard_route(runtime, &xt, &et, &wt) == SWITCHYARD_OK);
+    for (t = 0; t < T; ++t) {
+      double sum = 0;
+      for (k = 0; k < 3; ++k) {
+        CHECK(chosen[t * 3 + k] >= 0 && chosen[t * 3 + k] < 4);
+        CHECK(weights[t * 3 + k] > 0);
+        sum += weights[t * 3 + k];
+        for (j = 0; j < k; ++j) CHECK(chosen[t * 3 + j] != chosen[t * 3 + k]);
+        if (k > 0) CHECK(weights[t * 3 + k - 1] >= weights[t * 3 + k]); /* by score */
+      }
+      CHECK(sum <= 1.0 + 1e-6);
+    }
+    route_shape[1] = 2;
+    CHECK(switchyard_route(runtime, &xt, &et, &wt) == SWITCHYARD_INVALID_ARGUMENT);
+    CHECK(strstr(switchyard_last_error(), "experts") != NULL);
+  }
+
   /* Errors: a status, and a message on this thread. */
   shape[1] = H + 1;
   CHECK(switchyard_forward(runtime, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);

@@ -110,6 +110,15 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_forward(switchyard_runtime* run
 /* The dense single-process reference of the same computation (float64 inside). */
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* x, DLTensor* y);
+/* The routing of tokens x [T,H] float32 by the runtime's router (logits from the gate, then
+ * the configured policy), as this process's first rank routes: local, not collective
+ * (router statistics are not updated). Writes `experts` [T,K] int32 (-1 for a dropped or
+ * unused slot; rows by descending selection score, ties to the lower expert) and `weights`
+ * [T,K] float32 (0 where the expert is -1). K is the policy's slots per token (top_k for
+ * token choice); other shapes are refused naming the expected one. Host data path only. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_route(switchyard_runtime* runtime,
+                                                       const DLTensor* x, DLTensor* experts,
+                                                       DLTensor* weights);
 /* Statistics and timings of the last forward. Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_last_stats(switchyard_runtime* runtime,
                                                             switchyard_stats* out);
