@@ -17,6 +17,7 @@ packages=(
   python3-numpy           # example scripts that write .npy inputs
   time                    # /usr/bin/time -v: the peak-RSS test
   clang libclang-rt-14-dev  # libFuzzer targets (tests/fuzz)
+  python3-dev pybind11-dev python3-pytest  # the Python module and its tests
 )
 
 missing=()

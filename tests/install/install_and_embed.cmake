@@ -58,3 +58,15 @@ message("${out}${err}")
 if(NOT rc EQUAL 0 OR NOT out MATCHES "max relative difference to the dense reference")
   message(FATAL_ERROR "moe_forward failed with ${rc}")
 endif()
+
+# The Python module from the install (when it was built), away from the build tree.
+if(EXISTS ${WORK_DIR}/prefix/lib/python3/dist-packages/switchyard/__init__.py)
+  execute_process(COMMAND ${CMAKE_COMMAND} -E env --unset=SWITCHYARD_PLUGIN_PATH
+                          PYTHONPATH=${WORK_DIR}/prefix/lib/python3/dist-packages /usr/bin/python3 -c
+                          "import numpy as np, switchyard; rt = switchyard.Runtime.from_string('[runtime]\\nranks = 2\\n'); x = np.ones((6, rt.hidden), np.float32); y = rt.forward(x); r = rt.reference_forward(x); print('python from the install:', switchyard.__version__, float(abs(y - r).max()))"
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  message("${out}${err}")
+  if(NOT rc EQUAL 0 OR NOT out MATCHES "python from the install")
+    message(FATAL_ERROR "importing switchyard from the install failed")
+  endif()
+endif()

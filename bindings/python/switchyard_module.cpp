@@ -1,0 +1,284 @@
+// The Python module's native part, `switchyard._switchyard` (pybind11): the runtime over
+// NumPy arrays and DLPack tensors without copies, errors as Python exceptions with the
+// same messages, the GIL released while the layer runs. The package's __init__.py
+// re-exports it; switchyard/__init__.pyi describes it for editors.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "switchyard/dlpack.hpp"
+#include "switchyard/layer.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/runtime.hpp"
+#include "switchyard/status.hpp"
+#include "switchyard/version.hpp"
+
+namespace py = pybind11;
+using switchyard::DType;
+using switchyard::Error;
+using switchyard::ErrorCode;
+using switchyard::TensorView;
+
+namespace {
+
+/// Python exception classes per error code, created at import (see PYBIND11_MODULE).
+std::map<ErrorCode, PyObject*>& exception_classes() {
+  static std::map<ErrorCode, PyObject*> classes;
+  return classes;
+}
+
+[[noreturn]] void invalid(const std::string& message) {
+  throw Error(ErrorCode::kInvalidArgument, message);
+}
+
+/// A tensor argument as a view: a NumPy array (buffer protocol) or any object with
+/// `__dlpack__` (PyTorch, JAX, CuPy ...). Holds what keeps the memory alive for the call.
+class TensorArgument {
+ public:
+  TensorArgument(const py::object& object, const char* what, bool written = false) {
+    if (py::isinstance<py::array>(object)) {
+      array_ = py::reinterpret_borrow<py::array>(object);
+      if (written && !array_.writeable()) invalid(std::string(what) + ": the array is read-only");
+      const py::buffer_info info = array_.request(written);
+      DType dtype;
+      if (info.format == py::format_descriptor<float>::format()) {
+        dtype = DType::kF32;
+      } else if (info.format == py::format_descriptor<std::int32_t>::format()) {
+        dtype = DType::kI32;
+      } else {
+        invalid(std::string(what) + ": dtype " + std::string(py::str(array_.dtype())) +
+                " is not supported (float32 expected)");
+      }
+      std::vector<std::int64_t> shape(info.shape.begin(), info.shape.end());
+      std::vector<std::int64_t> strides;
+      for (auto s : info.strides) {
+        if (s % info.itemsize != 0) invalid(std::string(what) + ": strides are not whole elements");
+        strides.push_back(s / info.itemsize);
+      }
+      view_ = TensorView(info.ptr, dtype, shape, strides);
+      return;
+    }
+    if (!py::hasattr(object, "__dlpack__")) {
+      invalid(std::string(what) + ": expected a NumPy array or an object with __dlpack__, got " +
+              std::string(py::str(py::type::of(object))));
+    }
+    capsule_ = object.attr("__dlpack__")();
+    managed_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule_.ptr(), "dltensor"));
+    if (managed_ == nullptr) {
+      PyErr_Clear();
+      invalid(std::string(what) + ": __dlpack__ did not return a DLPack capsule");
+    }
+    // Consumed: the capsule must not free it too (DLPack's protocol).
+    PyCapsule_SetName(capsule_.ptr(), "used_dltensor");
+    view_ = switchyard::from_dlpack(managed_->dl_tensor);
+  }
+  ~TensorArgument() {
+    if (managed_ != nullptr && managed_->deleter != nullptr) managed_->deleter(managed_);
+  }
+  TensorArgument(const TensorArgument&) = delete;
+  TensorArgument& operator=(const TensorArgument&) = delete;
+
+  const TensorView& view() const noexcept { return view_; }
+
+ private:
+  py::array array_;
+  py::object capsule_;
+  DLManagedTensor* managed_ = nullptr;
+  TensorView view_;
+};
+
+/// The C++ runtime for Python: one object per process, used by one thread at a time.
+class PyRuntime {
+ public:
+  PyRuntime(switchyard::Config config, const std::map<std::string, std::string>& overrides) {
+    for (const auto& [key, value] : overrides) {
+      std::string assignment = key;
+      assignment += '=';
+      assignment += value;
+      config.set_from_command_line(assignment);
+    }
+    config_ = config;
+    py::gil_scoped_release released;  // collective: other ranks may take a while
+    runtime_ = std::make_unique<switchyard::Runtime>(config);
+  }
+
+  int world_size() const { return runtime_->world_size(); }
+  std::int64_t hidden() const { return runtime_->model().hidden(); }
+  int num_experts() const { return runtime_->model().num_experts(); }
+
+  /// y = layer(x); `out` (same shape, float32) receives y when given, else a new array.
+  py::object forward(const py::object& x, const py::object& out) {
+    const TensorArgument in(x, "input x");
+    in.view().require("input x", DType::kF32, {-1, hidden()});
+    py::object result =
+        out.is_none() ? py::object(py::array_t<float>({in.view().dim(0), hidden()})) : out;
+    const TensorArgument y(result, "output y", /*written=*/true);
+    y.view().require("output y", DType::kF32, {in.view().dim(0), hidden()});
+    {
+      py::gil_scoped_release released;
+      runtime_->forward(in.view(), y.view());
+    }
+    return result;
+  }
+
+  py::array_t<float> reference_forward(const py::object& x) const {
+    const TensorArgument in(x, "input x");
+    in.view().require("input x", DType::kF32, {-1, hidden()});
+    py::array_t<float> y({in.view().dim(0), hidden()});
+    const TensorArgument out(y, "output y", /*written=*/true);
+    py::gil_scoped_release released;
+    runtime_->reference_forward(in.view(), out.view());
+    return y;
+  }
+
+  /// (experts int32 [T,K], weights float32 [T,K]) as this process's first rank routes x.
+  py::tuple route(const py::object& x) {
+    const TensorArgument in(x, "input x");
+    in.view().require("input x", DType::kF32, {-1, hidden()});
+    switchyard::RoutingPlan plan;
+    {
+      py::gil_scoped_release released;
+      runtime_->layer(0).route(in.view(), plan);
+    }
+    if (plan.device().kind != switchyard::Device::Kind::kHost)
+      invalid("route needs the host data path ([runtime] data_path = \"host\")");
+    const auto T = plan.num_tokens, K = static_cast<std::int64_t>(plan.slots);
+    py::array_t<std::int32_t> experts({T, K});
+    py::array_t<float> weights({T, K});
+    std::copy_n(plan.experts.data(), T * K, experts.mutable_data());
+    std::copy_n(plan.weights.data(), T * K, weights.mutable_data());
+    return py::make_tuple(experts, weights);
+  }
+
+  /// Statistics, timings and traffic of the last forward over all ranks (collective).
+  py::dict stats() {
+    switchyard::GlobalRouterStats s;
+    switchyard::LayerTimings t;
+    switchyard::LayerTraffic b;
+    {
+      py::gil_scoped_release released;
+      s = runtime_->global_router_stats();
+      t = runtime_->max_timings();
+      b = runtime_->total_traffic();
+    }
+    py::dict d;
+    d["tokens"] = s.tokens;
+    d["counts"] = s.counts;
+    d["dropped"] = s.dropped;
+    d["imbalance"] = s.imbalance;
+    d["aux_loss"] = s.aux_loss;
+    d["z_loss"] = s.z_loss;
+    py::dict timings;
+    timings["route_s"] = t.route_s;
+    timings["layout_s"] = t.layout_s;
+    timings["dispatch_s"] = t.dispatch_s;
+    timings["experts_s"] = t.experts_s;
+    timings["combine_s"] = t.combine_s;
+    d["timings"] = timings;
+    d["dispatch_bytes"] = b.dispatch_bytes;
+    d["combine_bytes"] = b.combine_bytes;
+    return d;
+  }
+
+  py::list plugins() const {
+    switchyard::PluginRegistry registry(switchyard::PluginRegistry::default_search_path(
+        switchyard::configured_plugin_dirs(config_)));
+    registry.load_all();
+    py::list list;
+    for (const auto& p : registry.available()) {
+      py::dict d;
+      d["kind"] = std::string(switchyard::plugin_kind_name(p.kind));
+      d["name"] = p.name;
+      d["version"] = p.version;
+      d["path"] = p.path.string();
+      d["usable"] = p.probe.ok();
+      d["reason"] = p.probe.message;
+      list.append(d);
+    }
+    return list;
+  }
+
+ private:
+  switchyard::Config config_;
+  std::unique_ptr<switchyard::Runtime> runtime_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_switchyard, m) {
+  m.doc() = "Switchyard's native module; use the `switchyard` package.";
+  m.attr("__version__") = switchyard::core_version();
+
+  // Error is the base; each code's class also derives from the matching built-in
+  // (ValueError for bad input, TimeoutError, FileNotFoundError ...), so that callers can
+  // catch either. Every instance has `.code`, the error code's name.
+  PyObject* base = PyErr_NewException("switchyard.Error", PyExc_RuntimeError, nullptr);
+  m.attr("Error") = py::handle(base);
+  const struct {
+    ErrorCode code;
+    const char* name;
+    PyObject* builtin;
+  } kinds[] = {{ErrorCode::kInvalidArgument, "InvalidArgumentError", PyExc_ValueError},
+               {ErrorCode::kNotFound, "NotFoundError", PyExc_FileNotFoundError},
+               {ErrorCode::kUnavailable, "UnavailableError", nullptr},
+               {ErrorCode::kAbiMismatch, "AbiMismatchError", nullptr},
+               {ErrorCode::kTimeout, "TimeoutError", PyExc_TimeoutError},
+               {ErrorCode::kSystem, "SystemError", PyExc_OSError},
+               {ErrorCode::kPeerFailed, "PeerFailedError", nullptr},
+               {ErrorCode::kInternal, "InternalError", nullptr}};
+  for (const auto& k : kinds) {
+    py::tuple bases = k.builtin != nullptr ? py::make_tuple(py::handle(base), py::handle(k.builtin))
+                                           : py::make_tuple(py::handle(base));
+    PyObject* cls =
+        PyErr_NewException(("switchyard." + std::string(k.name)).c_str(), bases.ptr(), nullptr);
+    m.attr(k.name) = py::handle(cls);
+    exception_classes()[k.code] = cls;
+  }
+  // pybind11 fixes the signature (by value).
+  // NOLINTNEXTLINE(performance-unnecessary-value-param)
+  py::register_exception_translator([](std::exception_ptr thrown) {
+    try {
+      if (thrown) std::rethrow_exception(thrown);
+    } catch (const Error& e) {
+      PyObject* cls = exception_classes().at(e.code());
+      py::object instance =
+          py::reinterpret_steal<py::object>(PyObject_CallFunction(cls, "s", e.message().c_str()));
+      if (!instance) return;  // the call set its own error
+      instance.attr("code") = std::string(switchyard::error_code_name(e.code()));
+      PyErr_SetObject(cls, instance.ptr());
+    }
+  });
+
+  py::class_<PyRuntime>(m, "Runtime")
+      .def(py::init(
+               [](const py::object& config, const std::map<std::string, std::string>& overrides) {
+                 return std::make_unique<PyRuntime>(
+                     switchyard::Config::from_file(std::string(py::str(config))), overrides);
+               }),
+           py::arg("config"), py::arg("overrides") = std::map<std::string, std::string>{},
+           "A runtime from a TOML file; overrides are {\"section.key\": \"value\"}.")
+      .def_static(
+          "from_string",
+          [](const std::string& toml, const std::map<std::string, std::string>& overrides) {
+            return std::make_unique<PyRuntime>(switchyard::Config::from_string(toml), overrides);
+          },
+          py::arg("toml"), py::arg("overrides") = std::map<std::string, std::string>{},
+          "A runtime from TOML text.")
+      .def_property_readonly("world_size", &PyRuntime::world_size)
+      .def_property_readonly("hidden", &PyRuntime::hidden)
+      .def_property_readonly("num_experts", &PyRuntime::num_experts)
+      .def("forward", &PyRuntime::forward, py::arg("x"), py::arg("out") = py::none(),
+           "The MoE layer on x [T,H] float32 (NumPy or __dlpack__), into `out` when given.")
+      .def("reference_forward", &PyRuntime::reference_forward, py::arg("x"),
+           "The dense single-process reference of the layer (float64 inside).")
+      .def("route", &PyRuntime::route, py::arg("x"),
+           "(experts [T,K] int32, weights [T,K] float32): the router alone.")
+      .def("stats", &PyRuntime::stats, "Statistics, timings and bytes of the last forward.")
+      .def("plugins", &PyRuntime::plugins, "Every plugin the loader finds.");
+}
