@@ -60,7 +60,8 @@ fi
 arch=${arch:-90}
 configure=(cmake -S "$root" -B "$work/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
   -DSWITCHYARD_WITH_CUDA=ON -DSWITCHYARD_WITH_MPI=OFF -DSWITCHYARD_WITH_UCX=OFF
-  -DSWITCHYARD_WITH_OPENBLAS=OFF -DSWITCHYARD_WERROR=OFF -DCMAKE_CUDA_ARCHITECTURES="$arch"
+  -DSWITCHYARD_WITH_OPENBLAS=OFF -DSWITCHYARD_WITH_PYTHON=OFF -DSWITCHYARD_WERROR=OFF
+  -DCMAKE_CUDA_ARCHITECTURES="$arch"
   -DCMAKE_IGNORE_PREFIX_PATH=/usr -DCMAKE_PREFIX_PATH="$usr"
   -DBoost_DIR="$usr/lib/x86_64-linux-gnu/cmake/Boost-1.74.0"
   -Dboost_headers_DIR="$usr/lib/x86_64-linux-gnu/cmake/boost_headers-1.74.0"
