@@ -243,7 +243,7 @@ class Server {
         if ((fds[i].revents & POLLIN) && c.out.empty() && !c.closing) {
           const ssize_t got = ::recv(c.fd, chunk, sizeof chunk, 0);
           if (got > 0) {
-            if (c.in.empty()) c.deadline = now + seconds(kConnectionDeadlineS);
+            if (c.in.empty()) c.deadline = after(kConnectionDeadlineS);
             c.in.append(chunk, static_cast<std::size_t>(got));
             process(c);
             flush(c);
@@ -265,10 +265,6 @@ class Server {
     }
   }
 
-  static Clock::duration seconds(double s) {
-    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
-  }
-
   void accept_all() {
     while (true) {
       const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
@@ -287,7 +283,7 @@ class Server {
       }
       Connection c;
       c.fd = fd;
-      c.deadline = Clock::now() + seconds(kConnectionDeadlineS);
+      c.deadline = after(kConnectionDeadlineS);
       connections_.push_back(std::move(c));
     }
   }

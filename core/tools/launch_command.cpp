@@ -68,14 +68,19 @@ void signal_children(const std::vector<Child>& children, int signal) {
   }
 }
 
-/// Kills the children started so far and waits for them: a launch that cannot start all
-/// its ranks leaves none behind.
-void abandon_start(std::vector<Child>& children) {
+/// Kills the children started so far, waits for them, and throws: a launch that cannot
+/// start rank `rank` (`call` failed with `error`) leaves none behind.
+[[noreturn]] void abandon_start(std::vector<Child>& children, int rank, const char* call,
+                                int error) {
   signal_children(children, SIGKILL);
   for (auto& c : children) {
     if (c.pid > 0) ::waitpid(c.pid, nullptr, 0);
     if (c.output >= 0) ::close(c.output);
   }
+  throw Error(ErrorCode::kSystem, "launch: cannot start rank " + std::to_string(rank) + ": " +
+                                      call + ": " + std::strerror(error) + "; the " +
+                                      std::to_string(rank) +
+                                      " rank(s) already started were stopped");
 }
 
 void forward_lines(Child& child, int rank, const char* data, std::size_t n) {
@@ -139,22 +144,13 @@ int launch_command(const std::vector<std::string>& args) {
   std::vector<Child> children(static_cast<std::size_t>(n));
   for (int r = 0; r < n; ++r) {
     int fds[2];
-    if (::pipe2(fds, O_CLOEXEC) != 0) {
-      const std::string why = std::strerror(errno);
-      abandon_start(children);
-      throw Error(ErrorCode::kSystem, "launch: cannot start rank " + std::to_string(r) +
-                                          ": pipe: " + why + "; the " + std::to_string(r) +
-                                          " rank(s) already started were stopped");
-    }
+    if (::pipe2(fds, O_CLOEXEC) != 0) abandon_start(children, r, "pipe", errno);
     const pid_t pid = ::fork();
     if (pid < 0) {
-      const std::string why = std::strerror(errno);
+      const int error = errno;
       ::close(fds[0]);
       ::close(fds[1]);
-      abandon_start(children);
-      throw Error(ErrorCode::kSystem, "launch: cannot start rank " + std::to_string(r) +
-                                          ": fork: " + why + "; the " + std::to_string(r) +
-                                          " rank(s) already started were stopped");
+      abandon_start(children, r, "fork", error);
     }
     if (pid == 0) {
       // Dies with the launcher, even when it is killed with SIGKILL and cannot stop us.

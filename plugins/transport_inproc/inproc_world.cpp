@@ -39,10 +39,14 @@ std::string World::describe(const std::vector<int>& ranks) const {
   return text;
 }
 
-void World::throw_if_aborted(const char* op) {
-  if (!abort_->aborted.load()) return;
+std::optional<Error> World::abort_error(const char* op) {
+  if (!abort_->aborted.load()) return std::nullopt;
   std::lock_guard<std::mutex> lock(abort_->mutex);
-  throw Error(ErrorCode::kPeerFailed, std::string("inproc ") + op + ": " + abort_->reason);
+  return Error(ErrorCode::kPeerFailed, std::string("inproc ") + op + ": " + abort_->reason);
+}
+
+void World::throw_if_aborted(const char* op) {
+  if (auto error = abort_error(op)) throw *error;
 }
 
 void World::give_up(std::unique_lock<std::mutex>& lock, Slot& s, const Error& error) {
@@ -64,14 +68,7 @@ void World::wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64
   constexpr auto kPoll = std::chrono::milliseconds(50);
   Slot& s = slot(seq);
   while (!ready()) {
-    if (abort_->aborted.load()) {
-      std::string reason;
-      {
-        std::lock_guard<std::mutex> reason_lock(abort_->mutex);
-        reason = abort_->reason;
-      }
-      give_up(lock, s, Error(ErrorCode::kPeerFailed, std::string("inproc ") + op + ": " + reason));
-    }
+    if (auto error = abort_error(op)) give_up(lock, s, *error);
     const auto now = Clock::now();
     if (now >= deadline) {
       give_up(lock, s,

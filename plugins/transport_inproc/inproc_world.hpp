@@ -81,6 +81,8 @@ class World {
   template <typename Ready, typename Missing>
   void wait(std::unique_lock<std::mutex>& lock, const char* op, std::uint64_t seq, const char* what,
             Ready ready, Missing missing);
+  /// The kPeerFailed error naming `op` and the abort's reason, if the communicator aborted.
+  std::optional<Error> abort_error(const char* op);
   void throw_if_aborted(const char* op);
   /// Aborts with `reason`, waits until nobody reads this slot's buffers, then throws `error`.
   [[noreturn]] void give_up(std::unique_lock<std::mutex>& lock, Slot& s, const Error& error);
