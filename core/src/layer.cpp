@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <optional>
 #include <utility>
@@ -368,13 +369,18 @@ void MoELayer::weigh_rows(DispatchHandle& h) {
   host_ready();
 }
 
-void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle) {
+void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
+                        const Error* refused) {
   std::optional<Error> input_error;
-  try {
-    x.require_on(data_path_->device(), "MoE dispatch input x", DType::kF32,
-                 {plan.num_tokens, hidden_});
-  } catch (const Error& e) {
-    input_error = e;
+  if (refused != nullptr) {
+    input_error = *refused;
+  } else {
+    try {
+      x.require_on(data_path_->device(), "MoE dispatch input x", DType::kF32,
+                   {plan.num_tokens, hidden_});
+    } catch (const Error& e) {
+      input_error = e;
+    }
   }
   dispatch_checked(x, plan, handle, input_error ? &*input_error : nullptr, /*group=*/true);
 }
@@ -403,6 +409,16 @@ std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
                    "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
                        std::to_string(i % to_size(K)) + " has expert " + std::to_string(e) +
                        ", outside 0.." + std::to_string(E - 1));
+    }
+    // A NaN or infinite weight would reach y through every expert row it scales.
+    if (e >= 0 && !std::isfinite(plan.weights[i])) {
+      return Error(ErrorCode::kInvalidArgument,
+                   "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
+                       std::to_string(i % to_size(K)) + " has weight " +
+                       (std::isnan(plan.weights[i]) ? "NaN"
+                        : plan.weights[i] > 0       ? "+Inf"
+                                                    : "-Inf") +
+                       ", not a finite number");
     }
   }
   return std::nullopt;

@@ -1,6 +1,7 @@
 #include "switchyard/runtime.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <exception>
 #include <mutex>
 #include <optional>
@@ -334,22 +335,20 @@ TensorView rows(const TensorView& m, std::int64_t first, std::int64_t count) {
 }
 }  // namespace
 
-void Runtime::forward(const TensorView& x, const TensorView& y) {
-  const std::int64_t H = model().hidden();
-  x.require("input tokens", DType::kF32, {-1, H});
-  y.require("output", DType::kF32, {x.dim(0), H});
-  const int world = world_size();
+void Runtime::run_blocks(std::int64_t num_tokens, bool world_blocks,
+                         const std::function<void(int, std::int64_t, std::int64_t)>& step) {
   // Failures every rank saw together (bad input) are collected here rather than thrown
   // through run_on_ranks, which would abort the transports: bad input changes nothing.
   std::vector<std::optional<Error>> agreed(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
     const int rank = world_rank(local);
-    const auto [first, count] = token_block(x.dim(0), world, rank);
+    const auto [first, count] = world_blocks ? token_block(num_tokens, world_size(), rank)
+                                             : token_block(num_tokens, num_local_ranks(), local);
     try {
-      forward_block(local, rows(x, first, count), rows(y, first, count));
+      step(local, first, count);
     } catch (const Error& e) {
-      // Say which global rows the failing rank held; token numbers in the message are
-      // local to that block.
+      // Say which rows the failing rank held; token numbers in the message are local to
+      // that block.
       Error located =
           e.code() == ErrorCode::kPeerFailed
               ? e
@@ -367,7 +366,124 @@ void Runtime::forward(const TensorView& x, const TensorView& y) {
     if (peer_failure == nullptr) peer_failure = &e;
   }
   if (peer_failure != nullptr) throw **peer_failure;
+}
+
+void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks) {
+  const std::int64_t H = model().hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  y.require("output", DType::kF32, {x.dim(0), H});
+  run_blocks(x.dim(0), world_blocks, [&](int local, std::int64_t first, std::int64_t count) {
+    forward_block(local, rows(x, first, count), rows(y, first, count));
+  });
   update_routers();
+}
+
+void Runtime::forward(const TensorView& x, const TensorView& y) {
+  forward_blocks(x, y, /*world_blocks=*/true);
+}
+
+void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y) {
+  forward_blocks(x, y, /*world_blocks=*/false);
+}
+
+namespace {
+
+/// The first NaN or infinite value of x [T,H] (contiguous), said as an error; none: empty.
+std::optional<Error> first_non_finite(const TensorView& x) {
+  const float* data = x.data_as<const float>();
+  const std::int64_t H = x.dim(1);
+  for (std::int64_t i = 0; i < x.dim(0) * H; ++i) {
+    if (!std::isfinite(data[i])) {
+      return Error(ErrorCode::kInvalidArgument, "input x: token " + std::to_string(i / H) +
+                                                    " feature " + std::to_string(i % H) + " is " +
+                                                    (std::isnan(data[i]) ? "NaN" : "infinite") +
+                                                    " (the layer takes finite tokens)");
+    }
+  }
+  return std::nullopt;
+}
+
+/// Element (t, k) of a strided [T,K] view.
+template <typename T>
+T element(const TensorView& m, std::int64_t t, std::int64_t k) {
+  return m.data_as<const T>()[t * m.stride(0) + k * m.stride(1)];
+}
+
+}  // namespace
+
+void Runtime::dispatch(const TensorView& x, const TensorView& experts, const TensorView& weights,
+                       ProcessDispatch& dispatched) {
+  const std::int64_t H = model().hidden();
+  dispatched.combinable = false;
+  x.require("input x", DType::kF32, {-1, H});
+  const std::int64_t T = x.dim(0);
+  experts.require_strided("experts", DType::kI32, {T, -1});
+  const std::int64_t K = experts.dim(1);
+  weights.require_strided("weights", DType::kF32, {T, K});
+  if (K < 1) throw Error(ErrorCode::kInvalidArgument, "experts: needs at least one slot per token");
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    if (layer(local).data_path().device().kind != Device::Kind::kHost) {
+      throw Error(ErrorCode::kUnavailable,
+                  "dispatch and combine need the host data path ([runtime] data_path = "
+                  "\"host\"); a device data path runs the whole layer with forward");
+    }
+  }
+  dispatched.parts.resize(static_cast<std::size_t>(num_local_ranks()));
+  dispatched.num_tokens = T;
+  run_blocks(T, /*world_blocks=*/false, [&](int local, std::int64_t first, std::int64_t count) {
+    MoELayer& l = layer(local);
+    DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+    const int ep_rank = l.transport().rank();
+    part.world_rank = world_rank(local);
+    part.first_expert = l.placement().first_expert(ep_rank);
+    part.num_local_experts = l.placement().num_local(ep_rank);
+    part.first_token = first;
+    part.num_tokens = count;
+    RoutingPlan& plan = part.plan;
+    plan.num_tokens = count;
+    plan.slots = static_cast<int>(K);
+    plan.experts.resize(static_cast<std::size_t>(count * K));
+    plan.weights.resize(static_cast<std::size_t>(count * K));
+    for (std::int64_t t = 0; t < count; ++t) {
+      for (std::int64_t k = 0; k < K; ++k) {
+        plan.experts[static_cast<std::size_t>(t * K + k)] =
+            element<std::int32_t>(experts, first + t, k);
+        plan.weights[static_cast<std::size_t>(t * K + k)] = element<float>(weights, first + t, k);
+      }
+    }
+    const TensorView block = rows(x, first, count);
+    const std::optional<Error> bad_token = first_non_finite(block);
+    l.dispatch(block, plan, part.handle, bad_token ? &*bad_token : nullptr);
+  });
+  dispatched.combinable = true;
+}
+
+void Runtime::combine(ProcessDispatch& dispatched, std::span<const TensorView> expert_outputs,
+                      const TensorView& y) {
+  const std::int64_t H = model().hidden();
+  if (!dispatched.combinable) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "combine needs a dispatch of its own: this one failed, was already combined, "
+                "or never ran");
+  }
+  if (expert_outputs.size() != dispatched.parts.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "combine takes one expert output per local rank: " +
+                                                 std::to_string(dispatched.parts.size()) +
+                                                 " expected, " +
+                                                 std::to_string(expert_outputs.size()) + " given");
+  }
+  y.require("output y", DType::kF32, {dispatched.num_tokens, H});
+  for (std::size_t i = 0; i < expert_outputs.size(); ++i) {
+    const std::int64_t A = dispatched.parts[i].handle.expert_input().dim(0);
+    expert_outputs[i].require("expert output of local rank " + std::to_string(i), DType::kF32,
+                              {A, H});
+  }
+  dispatched.combinable = false;
+  run_on_ranks([&](int local) {
+    DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+    layer(local).combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
+                         rows(y, part.first_token, part.num_tokens));
+  });
 }
 
 void Runtime::forward_block(int local, const TensorView& x, const TensorView& y) {

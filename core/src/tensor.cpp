@@ -118,8 +118,19 @@ void TensorView::require(std::string_view what, DType dtype,
 
 void TensorView::require_on(Device device, std::string_view what, DType dtype,
                             std::initializer_list<std::int64_t> expected_dims) const {
+  check(device, what, dtype, expected_dims, /*contiguous=*/true);
+}
+
+void TensorView::require_strided(std::string_view what, DType dtype,
+                                 std::initializer_list<std::int64_t> expected_dims) const {
+  check(Device::host(), what, dtype, expected_dims, /*contiguous=*/false);
+}
+
+void TensorView::check(Device device, std::string_view what, DType dtype,
+                       std::initializer_list<std::int64_t> expected_dims, bool contiguous) const {
   bool ok = dtype_ == dtype && rank_ == static_cast<int>(expected_dims.size()) &&
-            device_ == device && is_contiguous() && (data_ != nullptr || numel() == 0);
+            device_ == device && (!contiguous || is_contiguous()) &&
+            (data_ != nullptr || numel() == 0);
   int i = 0;
   for (std::int64_t d : expected_dims) {
     if (ok && d >= 0 && shape_[static_cast<std::size_t>(i)] != d) ok = false;
@@ -136,11 +147,12 @@ void TensorView::require_on(Device device, std::string_view what, DType dtype,
     else
       want << "*";
   }
-  want << "] contiguous " << (device.kind == Device::Kind::kHost ? "host" : "device") << " tensor";
+  want << "]" << (contiguous ? " contiguous " : " ")
+       << (device.kind == Device::Kind::kHost ? "host" : "device") << " tensor";
   if (device.kind != Device::Kind::kHost) want << " (cuda:" << device.ordinal << ")";
-  throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": expected " + want.str() +
-                                               ", got " + describe() +
-                                               (is_contiguous() ? "" : " (not contiguous)"));
+  throw Error(ErrorCode::kInvalidArgument,
+              std::string(what) + ": expected " + want.str() + ", got " + describe() +
+                  (!contiguous || is_contiguous() ? "" : " (not contiguous)"));
 }
 
 HostTensor::HostTensor(DType dtype, std::vector<std::int64_t> shape)

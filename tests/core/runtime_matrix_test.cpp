@@ -7,7 +7,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <mutex>
+#include <span>
+#include <vector>
 
 #include "switchyard/io.hpp"
 #include "switchyard/reference.hpp"
@@ -624,4 +628,168 @@ TEST_CASE("chunks: a routing failure on one rank stops every rank, and the next 
   const HostTensor good = synthetic_tokens(30, 24, 5);
   runtime.forward(good.view(), y.view());
   CHECK(ep_versus_reference(runtime, 30, 5) <= kTolerance);
+}
+
+namespace {
+
+/// The test's own experts: f_e(v) = (e + 1)·v + e, element by element.
+double hand_expert(int e, double v) { return (e + 1) * v + e; }
+
+/// Runs the caller's experts (hand_expert) on every part's received rows into its
+/// expert_output().
+void run_hand_experts(ProcessDispatch& d) {
+  for (auto& part : d.parts) {
+    TensorView in = part.handle.expert_input();
+    TensorView out = part.handle.expert_output();
+    const std::int64_t H = in.dim(1);
+    std::int64_t row = 0;
+    for (int j = 0; j < part.num_local_experts; ++j) {
+      for (std::int64_t n = 0; n < part.handle.rows_per_expert()[static_cast<std::size_t>(j)];
+           ++n, ++row) {
+        for (std::int64_t h = 0; h < H; ++h) {
+          out.data_as<float>()[row * H + h] = static_cast<float>(
+              hand_expert(part.first_expert + j, in.data_as<float>()[row * H + h]));
+        }
+      }
+    }
+    CHECK(row == in.dim(0));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("dispatch and combine with the caller's experts: y = sum of weighted f_e(x)") {
+  // 11 tokens, 5 experts over 3 ranks (2, 2, 1 experts), two slots, one of them sometimes
+  // unused; the routing is the test's own and y is summed here in double.
+  constexpr std::int64_t T = 11, H = 24, K = 2;
+  Runtime runtime(base_config(3, 5, 2));
+  const HostTensor x = synthetic_tokens(T, H, 9);
+  // The plan as a column slice of a wider int32 array: strides (4, 1).
+  std::vector<std::int32_t> wide(static_cast<std::size_t>(T * 4), 99);
+  std::vector<float> weights(static_cast<std::size_t>(T * K));
+  for (std::int64_t t = 0; t < T; ++t) {
+    wide[static_cast<std::size_t>(t * 4 + 1)] = static_cast<std::int32_t>(t % 5);
+    wide[static_cast<std::size_t>(t * 4 + 2)] =
+        t % 4 == 3
+            ? -1
+            : static_cast<std::int32_t>((t * 2 + 1) % 5 == t % 5 ? (t + 1) % 5 : (t * 2 + 1) % 5);
+    weights[static_cast<std::size_t>(t * K)] = 0.25f + 0.01f * static_cast<float>(t);
+    weights[static_cast<std::size_t>(t * K + 1)] =
+        t % 4 == 3 ? 0.0f : 0.5f - 0.02f * static_cast<float>(t);
+  }
+  const std::int64_t wide_shape[] = {T, K}, wide_strides[] = {4, 1};
+  const TensorView experts(wide.data() + 1, DType::kI32, wide_shape, wide_strides);
+  const TensorView weight_view(weights.data(), DType::kF32, {T, K});
+
+  ProcessDispatch d;
+  runtime.dispatch(x.view(), experts, weight_view, d);
+  REQUIRE(d.parts.size() == 3);
+  CHECK(d.parts[0].first_expert == 0);
+  CHECK(d.parts[0].num_local_experts == 2);
+  CHECK(d.parts[1].first_expert == 2);
+  CHECK(d.parts[2].first_expert == 4);
+  CHECK(d.parts[2].num_local_experts == 1);
+  CHECK(d.parts[1].first_token == 4);  // blocks of 4, 4, 3 tokens
+  CHECK(d.parts[2].num_tokens == 3);
+  // Rows per expert: the tokens routed to it (a token's two slots are distinct experts).
+  std::vector<std::int64_t> tokens_of(5, 0);
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t k = 1; k <= K; ++k) {
+      const auto e = wide[static_cast<std::size_t>(t * 4 + k)];
+      if (e >= 0) ++tokens_of[static_cast<std::size_t>(e)];
+    }
+  }
+  for (const auto& part : d.parts) {
+    for (int j = 0; j < part.num_local_experts; ++j) {
+      CHECK(part.handle.rows_per_expert()[static_cast<std::size_t>(j)] ==
+            tokens_of[static_cast<std::size_t>(part.first_expert + j)]);
+    }
+  }
+  run_hand_experts(d);
+  std::vector<TensorView> outputs;
+  for (auto& part : d.parts) outputs.push_back(part.handle.expert_output());
+  HostTensor y(DType::kF32, {T, H});
+  std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+  runtime.combine(d, outputs, y.view());
+  double worst = 0;
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      double expected = 0;
+      for (std::int64_t k = 0; k < K; ++k) {
+        const int e = wide[static_cast<std::size_t>(t * 4 + 1 + k)];
+        if (e < 0) continue;
+        expected += static_cast<double>(weights[static_cast<std::size_t>(t * K + k)]) *
+                    hand_expert(e, x.data<float>()[t * H + h]);
+      }
+      worst = std::max(worst, std::abs(y.data<float>()[t * H + h] - expected) /
+                                  std::max(1.0, std::abs(expected)));
+    }
+  }
+  CHECK(worst <= 1e-6);
+
+  // Once per dispatch.
+  CHECK_THROWS_WITH_AS(runtime.combine(d, outputs, y.view()),
+                       doctest::Contains("combine needs a dispatch of its own"), Error);
+  // Arguments are checked before anything is sent.
+  runtime.dispatch(x.view(), experts, weight_view, d);
+  CHECK_THROWS_WITH_AS(runtime.combine(d, std::span(outputs).first(2), y.view()),
+                       doctest::Contains("one expert output per local rank: 3 expected, 2 given"),
+                       Error);
+  std::vector<TensorView> short_outputs = outputs;
+  short_outputs[1] = TensorView(outputs[1].data(), DType::kF32, {outputs[1].dim(0) - 1, H});
+  CHECK_THROWS_WITH_AS(runtime.combine(d, short_outputs, y.view()),
+                       doctest::Contains("expert output of local rank 1: expected f32["), Error);
+  run_hand_experts(d);
+  runtime.combine(d, outputs, y.view());  // still combinable after refused arguments
+}
+
+TEST_CASE("dispatch refuses bad input on every rank together, and the next one works") {
+  constexpr std::int64_t T = 9, H = 24;
+  Runtime runtime(base_config(3, 4, 2));
+  HostTensor x = synthetic_tokens(T, H, 4);
+  std::vector<std::int32_t> experts(static_cast<std::size_t>(T * 2));
+  std::vector<float> weights(static_cast<std::size_t>(T * 2), 0.5f);
+  for (std::int64_t t = 0; t < T; ++t) {
+    experts[static_cast<std::size_t>(2 * t)] = static_cast<std::int32_t>(t % 4);
+    experts[static_cast<std::size_t>(2 * t + 1)] = static_cast<std::int32_t>((t + 1) % 4);
+  }
+  const TensorView e(experts.data(), DType::kI32, {T, 2});
+  const TensorView w(weights.data(), DType::kF32, {T, 2});
+  ProcessDispatch d;
+
+  x.data<float>()[4 * H + 5] = std::nanf("");  // rank 1's token 1
+  CHECK_THROWS_WITH_AS(
+      runtime.dispatch(x.view(), e, w, d),
+      doctest::Contains("rank 1 (input rows 3..5): input x: token 1 feature 5 is NaN"), Error);
+  CHECK_FALSE(d.combinable);
+  x.data<float>()[4 * H + 5] = 1.0f;
+
+  weights[7] = std::numeric_limits<float>::infinity();  // token 3 slot 1: rank 1's token 0
+  CHECK_THROWS_WITH_AS(runtime.dispatch(x.view(), e, w, d),
+                       doctest::Contains("rank 1 (input rows 3..5): routing plan: token 0 slot 1 "
+                                         "has weight +Inf, not a finite number"),
+                       Error);
+  weights[7] = 0.5f;
+  experts[16] = 4;  // token 8 slot 0: rank 2's token 2
+  CHECK_THROWS_WITH_AS(runtime.dispatch(x.view(), e, w, d),
+                       doctest::Contains("rank 2 (input rows 6..8): routing plan: token 2 slot 0 "
+                                         "has expert 4, outside 0..3"),
+                       Error);
+  experts[16] = 0;
+  std::vector<std::int32_t> three(static_cast<std::size_t>(T * 3), 0);
+  CHECK_THROWS_WITH_AS(
+      runtime.dispatch(x.view(), TensorView(three.data(), DType::kI32, {T, 3}), w, d),
+      doctest::Contains("weights: expected f32[9,3] host tensor, got f32[9,2]"), Error);
+
+  runtime.dispatch(x.view(), e, w, d);
+  CHECK(d.combinable);
+}
+
+TEST_CASE("forward over this process's tokens: with every rank here, forward's bits") {
+  Runtime runtime(base_config(3, 8, 2));
+  const HostTensor x = synthetic_tokens(31, 24, 12);
+  HostTensor a(DType::kF32, {31, 24}), b(DType::kF32, {31, 24});
+  runtime.forward(x.view(), a.view());
+  runtime.forward_local_tokens(x.view(), b.view());
+  CHECK(std::memcmp(a.data<float>(), b.data<float>(), a.numel() * sizeof(float)) == 0);
 }

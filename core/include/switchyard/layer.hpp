@@ -170,8 +170,11 @@ class MoELayer {
   void route(const TensorView& x, RoutingPlan& plan);
   /// Sends each token once to every rank that holds one of its experts, with its list of
   /// (local expert, weight); fills `handle` with the received rows grouped per local
-  /// expert. Collective.
-  void dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle);
+  /// expert. Collective. `refused`: this rank's caller found its input bad (e.g. a NaN
+  /// token); every rank then throws together before any row moves, this one `*refused`,
+  /// the others `Error(kPeerFailed)` (as for a bad plan or a bad x).
+  void dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
+                const Error* refused = nullptr);
   /// Weights and sums the expert results per received row, sends the partial sums back
   /// and sums them per token into y [T,H] (tokens with no kept expert get 0). Collective.
   /// `expert_output` is [A,H] in the order of `handle.expert_input()`.

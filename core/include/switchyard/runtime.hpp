@@ -60,6 +60,28 @@ struct GlobalRouterStats {
   double z_loss = 0;  ///< mean over all ranks' tokens of logsumexp(z)²
 };
 
+/// One local rank's share of a `Runtime::dispatch`.
+struct DispatchPart {
+  int world_rank = 0;
+  int first_expert = 0;          ///< global id of the rank's first local expert
+  int num_local_experts = 0;     ///< its experts: first_expert .. first_expert + this - 1
+  std::int64_t first_token = 0;  ///< its first row of the dispatched tokens
+  std::int64_t num_tokens = 0;   ///< its rows of them
+  RoutingPlan plan;              ///< its rows of the given routing
+  /// The rows the rank received, grouped per local expert (`expert_input()`,
+  /// `rows_per_expert()`), and `expert_output()`, a buffer for the experts' results.
+  DispatchHandle handle;
+};
+
+/// What `Runtime::dispatch` fills and `Runtime::combine` reads: one part per local rank.
+/// Owned by the caller and reusable: buffers only grow, so views of a part's rows stay
+/// valid until the next `dispatch` with it. One thread at a time.
+struct ProcessDispatch {
+  std::vector<DispatchPart> parts;
+  std::int64_t num_tokens = 0;  ///< T of the dispatched tokens
+  bool combinable = false;      ///< a dispatch succeeded and has not been combined yet
+};
+
 /// Built from a configuration; owns the plugin registry, the model weights, the transports
 /// of the ranks this process hosts (several for the in-process transport) and one
 /// `MoELayer` per such rank. Methods are called from one thread; `run_on_ranks` runs a
@@ -108,6 +130,29 @@ class Runtime {
   /// (`updates_from_counts`), the kept counts are then summed over each EP group and every
   /// rank updates its router with the same sums, so the bias stays identical on all ranks.
   void forward(const TensorView& x, const TensorView& y);
+  /// Forward over this process's tokens x [T,H]: its local ranks take consecutive blocks
+  /// of them (`token_block` over the local ranks) and write their rows of y [T,H]. With
+  /// one rank per process (mpirun, `switchyard launch`), x is that rank's own tokens;
+  /// with every rank in this process, the same as `forward`. Collective; router updates
+  /// as in `forward`.
+  void forward_local_tokens(const TensorView& x, const TensorView& y);
+  /// The dispatch alone, for experts the caller computes: this process's tokens x [T,H]
+  /// f32 host with the routing `experts` [T,K] int32 (-1: unused slot) and `weights`
+  /// [T,K] f32 (any strides), split among the local ranks as in `forward_local_tokens`.
+  /// Each part's handle then holds the rows its rank received, per local expert.
+  /// Refused with `Error(kInvalidArgument)` on every rank together, before any row moves:
+  /// shapes, expert ids outside 0..E-1, non-finite weights, and NaN or infinite tokens.
+  /// Host data path only. Collective.
+  void dispatch(const TensorView& x, const TensorView& experts, const TensorView& weights,
+                ProcessDispatch& dispatched);
+  /// Weighs the experts' results, sends them back and sums them per token into y [T,H]
+  /// (f32 host). `expert_outputs` has one [A,H] f32 tensor per part, in the order of its
+  /// `expert_input()` (a part's own `expert_output()` may be given). Once per dispatch.
+  /// Arguments are checked before anything is sent; with one rank per process a rank that
+  /// refuses leaves its peers to their timeout. Collective.
+  void combine(ProcessDispatch& dispatched, std::span<const TensorView> expert_outputs,
+               const TensorView& y);
+
   /// The dense single-process reference of the same computation (each rank's block
   /// routed as that rank routes it, experts evaluated directly in double precision).
   void reference_forward(const TensorView& x, const TensorView& y) const;
@@ -127,6 +172,13 @@ class Runtime {
  private:
   /// After a step: group-summed kept counts to routers that balance by bias.
   void update_routers();
+  /// Runs `step(local, first, count)` on every local rank with its block of T rows (of the
+  /// world's blocks when `world_blocks`, else of this process's). Failures every rank saw
+  /// together (bad input) are rethrown after all ranks return, naming the failing rank's
+  /// rows, without aborting the transports; any other failure is `run_on_ranks`'.
+  void run_blocks(std::int64_t num_tokens, bool world_blocks,
+                  const std::function<void(int, std::int64_t, std::int64_t)>& step);
+  void forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks);
   /// One local rank's block through its layer; host blocks of a device layer are staged
   /// through device buffers.
   void forward_block(int local, const TensorView& x, const TensorView& y);

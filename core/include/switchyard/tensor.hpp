@@ -82,8 +82,13 @@ class TensorView {
   /// The same for a contiguous tensor in the memory of `device` (host or a CUDA device).
   void require_on(Device device, std::string_view what, DType dtype,
                   std::initializer_list<std::int64_t> expected_dims) const;
+  /// As `require`, for a host tensor with any strides (e.g. a column slice).
+  void require_strided(std::string_view what, DType dtype,
+                       std::initializer_list<std::int64_t> expected_dims) const;
 
  private:
+  void check(Device device, std::string_view what, DType dtype,
+             std::initializer_list<std::int64_t> expected_dims, bool contiguous) const;
   void* data_ = nullptr;
   DType dtype_ = DType::kF32;
   Device device_{};
