@@ -27,6 +27,12 @@ struct switchyard_runtime {
   std::vector<std::string> plugin_strings;              // what switchyard_plugin_get points to
 };
 
+struct switchyard_dispatch_handle {
+  switchyard_runtime* runtime = nullptr;
+  switchyard::ProcessDispatch dispatched;
+  std::vector<switchyard::DLTensorShape> shapes;  // per part: expert input, expert output
+};
+
 namespace {
 
 thread_local std::string last_error;
@@ -153,7 +159,7 @@ switchyard_status switchyard_forward(switchyard_runtime* runtime, const DLTensor
     const std::int64_t H = runtime->runtime->model().hidden();
     const switchyard::TensorView in = matrix(x, "input x", H);
     const switchyard::TensorView out = matrix(y, "output y", H);
-    runtime->runtime->forward(in, out);
+    runtime->runtime->forward_local_tokens(in, out);
   });
 }
 
@@ -191,6 +197,90 @@ switchyard_status switchyard_route(switchyard_runtime* runtime, const DLTensor* 
         w[t * out_weights.stride(0) + k * out_weights.stride(1)] = plan.weights.data()[t * K + k];
       }
     }
+  });
+}
+
+switchyard_status switchyard_dispatch_handle_create(switchyard_runtime* runtime,
+                                                    switchyard_dispatch_handle** out) {
+  if (out != nullptr) *out = nullptr;
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    auto handle = std::make_unique<switchyard_dispatch_handle>();
+    handle->runtime = runtime;
+    *out = handle.release();
+  });
+}
+
+void switchyard_dispatch_handle_destroy(switchyard_dispatch_handle* handle) {
+  try {
+    delete handle;
+  } catch (...) {
+  }
+}
+
+switchyard_status switchyard_dispatch(switchyard_dispatch_handle* handle, const DLTensor* x,
+                                      const DLTensor* experts, const DLTensor* weights) {
+  return guarded([&] {
+    require(handle != nullptr && experts != nullptr && weights != nullptr,
+            "handle, experts and weights must not be NULL");
+    switchyard::Runtime& runtime = *handle->runtime->runtime;
+    runtime.dispatch(matrix(x, "input x", runtime.model().hidden()),
+                     switchyard::from_dlpack(*experts), switchyard::from_dlpack(*weights),
+                     handle->dispatched);
+  });
+}
+
+switchyard_status switchyard_dispatch_part_count(const switchyard_dispatch_handle* handle,
+                                                 size_t* out) {
+  return guarded([&] {
+    require(handle != nullptr && out != nullptr, "handle and out must not be NULL");
+    *out = handle->dispatched.parts.size();
+  });
+}
+
+switchyard_status switchyard_dispatch_part_get(switchyard_dispatch_handle* handle, size_t index,
+                                               switchyard_dispatch_part* out) {
+  return guarded([&] {
+    require(handle != nullptr && out != nullptr, "handle and out must not be NULL");
+    auto& parts = handle->dispatched.parts;
+    if (index >= parts.size()) {
+      throw switchyard::Error(switchyard::ErrorCode::kInvalidArgument,
+                              "part index " + std::to_string(index) + " is not below " +
+                                  std::to_string(parts.size()) + " (the last dispatch's parts)");
+    }
+    handle->shapes.resize(2 * parts.size());
+    switchyard::DispatchPart& part = parts[index];
+    *out = switchyard_dispatch_part{};
+    out->world_rank = part.world_rank;
+    out->first_expert = part.first_expert;
+    out->num_local_experts = part.num_local_experts;
+    out->first_token = part.first_token;
+    out->num_tokens = part.num_tokens;
+    out->rows_per_expert = part.handle.rows_per_expert().data();
+    out->expert_input = switchyard::to_dlpack(part.handle.expert_input(), handle->shapes[2 * index]);
+    out->expert_output =
+        switchyard::to_dlpack(part.handle.expert_output(), handle->shapes[2 * index + 1]);
+  });
+}
+
+switchyard_status switchyard_combine(switchyard_dispatch_handle* handle,
+                                     const DLTensor* const* expert_outputs, size_t n_outputs,
+                                     DLTensor* y) {
+  return guarded([&] {
+    require(handle != nullptr, "handle must not be NULL");
+    require(n_outputs == 0 || expert_outputs != nullptr,
+            "expert_outputs is NULL but n_outputs is not 0");
+    switchyard::Runtime& runtime = *handle->runtime->runtime;
+    std::vector<switchyard::TensorView> outputs;
+    if (n_outputs == 0) {
+      for (auto& part : handle->dispatched.parts) outputs.push_back(part.handle.expert_output());
+    } else {
+      for (size_t i = 0; i < n_outputs; ++i) {
+        require(expert_outputs[i] != nullptr, "an expert output is NULL");
+        outputs.push_back(switchyard::from_dlpack(*expert_outputs[i]));
+      }
+    }
+    runtime.combine(handle->dispatched, outputs, matrix(y, "output y", runtime.model().hidden()));
   });
 }
 

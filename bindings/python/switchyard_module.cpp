@@ -51,6 +51,9 @@ class TensorArgument {
         dtype = DType::kF32;
       } else if (info.format == py::format_descriptor<std::int32_t>::format()) {
         dtype = DType::kI32;
+      } else if (info.format == py::format_descriptor<std::int64_t>::format() ||
+                 (info.itemsize == 8 && (info.format == "l" || info.format == "q"))) {
+        dtype = DType::kI64;
       } else {
         invalid(std::string(what) + ": dtype " + std::string(py::str(array_.dtype())) +
                 " is not supported (float32 expected)");
@@ -93,6 +96,42 @@ class TensorArgument {
   TensorView view_;
 };
 
+/// A routing's expert ids as int32 [T,K]: int32 views as they are, int64 (PyTorch's
+/// topk indices) narrowed into `storage` (ids beyond int32 become -2, refused as out of
+/// range). Metadata, not tokens: small.
+TensorView expert_ids(const TensorView& ids, std::vector<std::int32_t>& storage) {
+  if (ids.dtype() != DType::kI64) return ids;
+  ids.require_strided("experts", DType::kI64, {-1, -1});
+  const std::int64_t T = ids.dim(0), K = ids.dim(1);
+  storage.resize(static_cast<std::size_t>(T * K));
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t k = 0; k < K; ++k) {
+      const std::int64_t e = ids.data_as<const std::int64_t>()[t * ids.stride(0) + k * ids.stride(1)];
+      storage[static_cast<std::size_t>(t * K + k)] =
+          e >= -1 && e <= INT32_MAX ? static_cast<std::int32_t>(e) : -2;
+    }
+  }
+  return TensorView(storage.data(), DType::kI32, {T, K});
+}
+
+/// A NumPy array viewing `count` elements of a buffer owned by `owner` (kept alive by
+/// the array), without a copy.
+template <typename T>
+py::array_t<T> view_of(T* data, std::vector<py::ssize_t> shape, const py::object& owner) {
+  return py::array_t<T>(std::move(shape), data, owner);
+}
+
+/// A `Runtime.dispatch` result: the parts of this process's ranks, each with the rows its
+/// rank received. Holds the runtime (whose allocators own its buffers) alive.
+class PyDispatch {
+ public:
+  explicit PyDispatch(py::object runtime) : runtime_(std::move(runtime)) {}
+  switchyard::ProcessDispatch dispatched;
+
+ private:
+  py::object runtime_;
+};
+
 /// The C++ runtime for Python: one object per process, used by one thread at a time.
 class PyRuntime {
  public:
@@ -122,7 +161,56 @@ class PyRuntime {
     y.view().require("output y", DType::kF32, {in.view().dim(0), hidden()});
     {
       py::gil_scoped_release released;
-      runtime_->forward(in.view(), y.view());
+      runtime_->forward_local_tokens(in.view(), y.view());
+    }
+    return result;
+  }
+
+  /// Sends x's rows to the ranks of their experts per `plan` = (experts [T,K] int32 or
+  /// int64, weights [T,K] float32); the result's parts hold what each local rank received.
+  std::unique_ptr<PyDispatch> dispatch(const py::object& self, const py::object& x,
+                                       const py::object& plan) {
+    if (!py::isinstance<py::tuple>(plan) && !py::isinstance<py::list>(plan)) {
+      invalid("plan: expected (experts, weights), e.g. what route() returns");
+    }
+    const py::sequence pair = plan;
+    if (pair.size() != 2) invalid("plan: expected (experts, weights), e.g. what route() returns");
+    const TensorArgument in(x, "input x");
+    const TensorArgument experts(pair[0], "experts");
+    const TensorArgument weights(pair[1], "weights");
+    std::vector<std::int32_t> narrowed;
+    const TensorView ids = expert_ids(experts.view(), narrowed);
+    auto result = std::make_unique<PyDispatch>(self);
+    py::gil_scoped_release released;
+    runtime_->dispatch(in.view(), ids, weights.view(), result->dispatched);
+    return result;
+  }
+
+  /// Sums the experts' results back into out (or a new array): `expert_outputs` is None
+  /// (each part's own expert_output), one tensor (one part) or one per part.
+  py::object combine(PyDispatch& d, const py::object& expert_outputs, const py::object& out) {
+    std::vector<std::unique_ptr<TensorArgument>> held;
+    std::vector<TensorView> outputs;
+    if (expert_outputs.is_none()) {
+      for (auto& part : d.dispatched.parts) outputs.push_back(part.handle.expert_output());
+    } else if (py::isinstance<py::list>(expert_outputs) ||
+               py::isinstance<py::tuple>(expert_outputs)) {
+      for (const py::handle item : py::sequence(expert_outputs)) {
+        held.push_back(std::make_unique<TensorArgument>(py::reinterpret_borrow<py::object>(item),
+                                                        "expert output"));
+        outputs.push_back(held.back()->view());
+      }
+    } else {
+      held.push_back(std::make_unique<TensorArgument>(expert_outputs, "expert output"));
+      outputs.push_back(held.back()->view());
+    }
+    py::object result = out.is_none() ? py::object(py::array_t<float>(
+                                            {d.dispatched.num_tokens, hidden()}))
+                                      : out;
+    const TensorArgument y(result, "output y", /*written=*/true);
+    {
+      py::gil_scoped_release released;
+      runtime_->combine(d.dispatched, outputs, y.view());
     }
     return result;
   }
@@ -209,6 +297,100 @@ class PyRuntime {
   std::unique_ptr<switchyard::Runtime> runtime_;
 };
 
+/// A routing policy alone, on logits the caller computes (the router plugins without a
+/// transport or a model).
+class PyRouter {
+ public:
+  PyRouter(const std::string& policy, int num_experts, const py::dict& options,
+           const py::object& bias) {
+    switchyard::Config config;
+    config.set("router", "policy", policy);
+    for (const auto& [key, value] : options) {
+      const std::string name = py::str(key);
+      if (py::isinstance<py::bool_>(value)) {
+        config.set("router", name, value.cast<bool>());
+      } else if (py::isinstance<py::int_>(value)) {
+        config.set("router", name, value.cast<std::int64_t>());
+      } else if (py::isinstance<py::float_>(value)) {
+        config.set("router", name, value.cast<double>());
+      } else if (py::isinstance<py::str>(value)) {
+        config.set("router", name, value.cast<std::string>());
+      } else {
+        invalid("router option " + name + ": expected a bool, int, float or str, got " +
+                std::string(py::str(py::type::of(value))));
+      }
+    }
+    registry_ = std::make_shared<switchyard::PluginRegistry>(
+        switchyard::PluginRegistry::default_search_path({}));
+    const switchyard::ResolvedConfig settings(config, *registry_);
+    if (!bias.is_none()) {
+      const TensorArgument b(bias, "bias");
+      b.view().require("bias", DType::kF32, {num_experts});
+      bias_.assign(b.view().data_as<const float>(), b.view().data_as<const float>() + num_experts);
+    }
+    switchyard::RouterCreateArgs args;
+    args.options = &settings.section("router");
+    args.num_experts = num_experts;
+    args.checkpoint_bias = bias_;
+    router_ = registry_->create_router(policy, args);
+  }
+
+  int num_experts() const { return router_->num_experts(); }
+  int slots() const { return router_->slots_per_token(); }
+
+  py::tuple route(const py::object& logits) {
+    const TensorArgument in(logits, "logits");
+    in.view().require("logits", DType::kF32, {-1, router_->num_experts()});
+    {
+      py::gil_scoped_release released;
+      switchyard::RouteInput input;
+      input.logits = in.view();
+      router_->route(input, plan_, stream_);
+    }
+    const auto T = plan_.num_tokens, K = static_cast<std::int64_t>(plan_.slots);
+    py::array_t<std::int32_t> experts({T, K});
+    py::array_t<float> weights({T, K});
+    std::copy_n(plan_.experts.data(), T * K, experts.mutable_data());
+    std::copy_n(plan_.weights.data(), T * K, weights.mutable_data());
+    return py::make_tuple(experts, weights);
+  }
+
+  py::dict stats() const {
+    const switchyard::RouterStats& s = router_->stats();
+    py::dict d;
+    d["tokens"] = s.tokens;
+    d["counts"] = s.counts;
+    d["dropped"] = s.dropped;
+    d["imbalance"] = s.imbalance;
+    d["aux_loss"] = s.aux_loss;
+    d["z_loss"] = s.z_loss;
+    return d;
+  }
+
+  py::array_t<float> bias() const {
+    const auto b = router_->bias();
+    py::array_t<float> out(static_cast<py::ssize_t>(b.size()));
+    std::copy(b.begin(), b.end(), out.mutable_data());
+    return out;
+  }
+
+  void update(const py::object& counts) {
+    const std::vector<std::int64_t> c = counts.cast<std::vector<std::int64_t>>();
+    if (c.size() != static_cast<std::size_t>(router_->num_experts())) {
+      invalid("counts: expected " + std::to_string(router_->num_experts()) + " values, got " +
+              std::to_string(c.size()));
+    }
+    router_->update(c);
+  }
+
+ private:
+  std::shared_ptr<switchyard::PluginRegistry> registry_;  // keeps the plugin loaded
+  std::vector<float> bias_;
+  std::shared_ptr<switchyard::Router> router_;
+  switchyard::RoutingPlan plan_;
+  switchyard::HostStream stream_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_switchyard, m) {
@@ -279,6 +461,62 @@ PYBIND11_MODULE(_switchyard, m) {
            "The dense single-process reference of the layer (float64 inside).")
       .def("route", &PyRuntime::route, py::arg("x"),
            "(experts [T,K] int32, weights [T,K] float32): the router alone.")
+      .def(
+          "dispatch",
+          [](py::object self, const py::object& x, const py::object& plan) {
+            return self.cast<PyRuntime&>().dispatch(self, x, plan);
+          },
+          py::arg("x"), py::arg("plan"),
+          "Sends this process's tokens x [T,H] to the ranks of their experts; plan = (experts "
+          "[T,K] int32/int64, weights [T,K] float32). Returns a Dispatch.")
+      .def("combine", &PyRuntime::combine, py::arg("dispatch"),
+           py::arg("expert_outputs") = py::none(), py::arg("out") = py::none(),
+           "Weighs the experts' results, sends them back and sums them per token into out "
+           "[T,H] (or a new array). expert_outputs: None (each part's expert_output), one "
+           "tensor, or one per part.")
       .def("stats", &PyRuntime::stats, "Statistics, timings and bytes of the last forward.")
       .def("plugins", &PyRuntime::plugins, "Every plugin the loader finds.");
+
+  py::class_<PyDispatch>(m, "Dispatch",
+                         "What a dispatch delivered: one part per rank this process hosts.")
+      .def_property_readonly("num_tokens",
+                             [](const PyDispatch& d) { return d.dispatched.num_tokens; })
+      .def_property_readonly("parts", [](py::object self) {
+        auto& d = self.cast<PyDispatch&>();
+        py::list parts;
+        for (auto& part : d.dispatched.parts) {
+          py::dict p;
+          p["world_rank"] = part.world_rank;
+          py::list experts;
+          for (int j = 0; j < part.num_local_experts; ++j) experts.append(part.first_expert + j);
+          p["experts"] = experts;
+          p["first_token"] = part.first_token;
+          p["num_tokens"] = part.num_tokens;
+          const auto rows = part.handle.rows_per_expert();
+          p["rows_per_expert"] = std::vector<std::int64_t>(rows.begin(), rows.end());
+          const TensorView in = part.handle.expert_input();
+          const TensorView out = part.handle.expert_output();
+          p["expert_input"] = view_of(in.data_as<float>(), {in.dim(0), in.dim(1)}, self);
+          p["expert_output"] = view_of(out.data_as<float>(), {out.dim(0), out.dim(1)}, self);
+          parts.append(p);
+        }
+        return parts;
+      });
+
+  py::class_<PyRouter>(m, "Router")
+      .def(py::init([](const std::string& policy, int num_experts, const py::object& bias,
+                       const py::kwargs& options) {
+             return std::make_unique<PyRouter>(policy, num_experts, options, bias);
+           }),
+           py::arg("policy"), py::arg("num_experts"), py::arg("bias") = py::none(),
+           "A routing policy alone: Router(\"topk\", num_experts=8, top_k=2, ...); options are "
+           "the policy's [router] keys; bias: float32 [E] selection bias.")
+      .def_property_readonly("num_experts", &PyRouter::num_experts)
+      .def_property_readonly("slots", &PyRouter::slots)
+      .def("route", &PyRouter::route, py::arg("logits"),
+           "(experts [T,K] int32, weights [T,K] float32) for logits [T,E] float32.")
+      .def("stats", &PyRouter::stats, "Statistics of the last route.")
+      .def("bias", &PyRouter::bias, "The selection bias [E] (empty when the policy has none).")
+      .def("update", &PyRouter::update, py::arg("counts"),
+           "Bias balancing: updates from the kept counts [E] summed over the group.");
 }

@@ -102,6 +102,101 @@ int main(void) {
     CHECK(strstr(switchyard_last_error(), "experts") != NULL);
   }
 
+  /* Dispatch and combine with the test's own experts, f_e(v) = (e + 1) v: y[t] must be
+   * sum_k w[t,k] (e_k + 1) x[t], summed here in double. The routing: a fixed plan with
+   * an unused slot (-1) in every third token. */
+  {
+    int32_t plan_experts[T * 2];
+    float plan_weights[T * 2];
+    int64_t plan_shape[2] = {T, 2};
+    DLTensor et = matrix((float*)plan_experts, plan_shape), wt = matrix(plan_weights, plan_shape);
+    const DLTensor* outputs[2];
+    switchyard_dispatch_handle* handle = NULL;
+    switchyard_dispatch_part part;
+    size_t parts = 0, p;
+    int t, k, j;
+    int64_t r, h, row_total;
+    double worst = 0;
+    et.dtype.code = kDLInt;
+    for (t = 0; t < T; ++t) {
+      plan_experts[t * 2] = t % 4;
+      plan_experts[t * 2 + 1] = t % 3 == 2 ? -1 : (t + 1) % 4;
+      plan_weights[t * 2] = 0.75f - 0.03f * (float)t;
+      plan_weights[t * 2 + 1] = t % 3 == 2 ? 0.0f : 0.125f + 0.01f * (float)t;
+    }
+    CHECK(switchyard_dispatch_handle_create(runtime, &handle) == SWITCHYARD_OK);
+    if (handle == NULL) return 1;
+    CHECK(switchyard_dispatch(handle, &xt, &et, &wt) == SWITCHYARD_OK);
+    CHECK(switchyard_dispatch_part_count(handle, &parts) == SWITCHYARD_OK && parts == 2);
+    for (p = 0; p < parts; ++p) {
+      CHECK(switchyard_dispatch_part_get(handle, p, &part) == SWITCHYARD_OK);
+      CHECK(part.world_rank == (int)p && part.first_expert == 2 * (int)p);
+      CHECK(part.num_local_experts == 2 && part.expert_input.ndim == 2);
+      CHECK(part.expert_input.shape[1] == H && part.expert_output.shape[1] == H);
+      row_total = 0;
+      for (j = 0; j < part.num_local_experts; ++j) {
+        const int e = part.first_expert + j;
+        for (r = row_total; r < row_total + part.rows_per_expert[j]; ++r) {
+          for (h = 0; h < H; ++h) {
+            ((float*)part.expert_output.data)[r * H + h] =
+                (float)(e + 1) * ((const float*)part.expert_input.data)[r * H + h];
+          }
+        }
+        row_total += part.rows_per_expert[j];
+      }
+      CHECK(row_total == part.expert_input.shape[0]);
+    }
+    for (i = 0; i < T * H; ++i) y[i] = NAN;
+    CHECK(switchyard_combine(handle, NULL, 0, &yt) == SWITCHYARD_OK);
+    for (t = 0; t < T; ++t) {
+      for (h = 0; h < H; ++h) {
+        double expected = 0;
+        for (k = 0; k < 2; ++k) {
+          if (plan_experts[t * 2 + k] < 0) continue;
+          expected += (double)plan_weights[t * 2 + k] * (plan_experts[t * 2 + k] + 1) * x[t * H + h];
+        }
+        if (fabs(y[t * H + h] - expected) > worst) worst = fabs(y[t * H + h] - expected);
+      }
+    }
+    CHECK(worst <= 1e-5);
+    /* Once per dispatch; then the outputs given one per part. */
+    CHECK(switchyard_combine(handle, NULL, 0, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+    CHECK(strstr(switchyard_last_error(), "combine needs a dispatch of its own") != NULL);
+    CHECK(switchyard_dispatch(handle, &xt, &et, &wt) == SWITCHYARD_OK);
+    { /* identity experts: the received rows themselves are the results, y = sum_k w x */
+      switchyard_dispatch_part first, second;
+      CHECK(switchyard_dispatch_part_get(handle, 0, &first) == SWITCHYARD_OK);
+      CHECK(switchyard_dispatch_part_get(handle, 1, &second) == SWITCHYARD_OK);
+      outputs[0] = &first.expert_input;
+      outputs[1] = &second.expert_input;
+      CHECK(switchyard_combine(handle, outputs, 1, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+      CHECK(strstr(switchyard_last_error(), "2 expected, 1 given") != NULL);
+      CHECK(switchyard_combine(handle, outputs, 2, &yt) == SWITCHYARD_OK);
+    }
+    worst = 0;
+    for (t = 0; t < T; ++t) {
+      for (h = 0; h < H; ++h) {
+        double expected = 0;
+        for (k = 0; k < 2; ++k) {
+          if (plan_experts[t * 2 + k] >= 0) expected += plan_weights[t * 2 + k] * x[t * H + h];
+        }
+        if (fabs(y[t * H + h] - expected) > worst) worst = fabs(y[t * H + h] - expected);
+      }
+    }
+    CHECK(worst <= 1e-6);
+    /* Refused input: a NaN token, an expert out of range; the part index past the end. */
+    x[5 * H + 3] = NAN;
+    CHECK(switchyard_dispatch(handle, &xt, &et, &wt) == SWITCHYARD_INVALID_ARGUMENT);
+    CHECK(strstr(switchyard_last_error(), "token 0 feature 3 is NaN") != NULL); /* rank 1 */
+    x[5 * H + 3] = 0.5f;
+    plan_experts[2] = 4;
+    CHECK(switchyard_dispatch(handle, &xt, &et, &wt) == SWITCHYARD_INVALID_ARGUMENT);
+    CHECK(strstr(switchyard_last_error(), "has expert 4, outside 0..3") != NULL);
+    CHECK(switchyard_dispatch_part_get(handle, 2, &part) == SWITCHYARD_INVALID_ARGUMENT);
+    switchyard_dispatch_handle_destroy(handle);
+    switchyard_dispatch_handle_destroy(NULL);
+  }
+
   /* Errors: a status, and a message on this thread. */
   shape[1] = H + 1;
   CHECK(switchyard_forward(runtime, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);

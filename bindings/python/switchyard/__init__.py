@@ -12,14 +12,23 @@ in place (no copies); `forward(x, out=...)` writes into a tensor of yours. Error
 """
 from ._switchyard import (  # noqa: F401
     AbiMismatchError,
+    Dispatch,
     Error,
     InternalError,
     InvalidArgumentError,
     NotFoundError,
     PeerFailedError,
+    Router,
     Runtime,
     SystemError,
     TimeoutError,
     UnavailableError,
     __version__,
 )
+
+
+def route(logits, policy="topk", bias=None, **options):
+    """Routes logits [T,E] float32 with a policy alone (no transport, no model):
+    returns (experts [T,K] int32, weights [T,K] float32). `options` are the policy's
+    [router] keys, e.g. route(logits, "topk", top_k=2, normalize=True)."""
+    return Router(policy, num_experts=logits.shape[1], bias=bias, **options).route(logits)

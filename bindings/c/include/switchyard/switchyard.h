@@ -103,8 +103,10 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_runtime_hidden(const switchyard
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_runtime_num_experts(const switchyard_runtime* runtime, int* out);
 
-/* The MoE layer on tokens x [T,H] float32, writing y [T,H] float32 (host memory; y may not
- * alias x). Each rank this process hosts takes its block of the T rows. Collective. */
+/* The MoE layer on this process's tokens x [T,H] float32, writing y [T,H] float32 (host
+ * memory; y may not alias x). Each rank this process hosts takes its block of the T rows:
+ * with one rank per process (mpirun, switchyard launch) x is that rank's own tokens.
+ * Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_forward(switchyard_runtime* runtime,
                                                          const DLTensor* x, DLTensor* y);
 /* The dense single-process reference of the same computation (float64 inside). */
@@ -119,6 +121,52 @@ switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* 
 SWITCHYARD_C_EXPORT switchyard_status switchyard_route(switchyard_runtime* runtime,
                                                        const DLTensor* x, DLTensor* experts,
                                                        DLTensor* weights);
+/* Dispatch and combine, for experts the caller computes (its own kernels, another
+ * framework's). A handle belongs to one runtime and is reused across steps: its buffers
+ * only grow. One thread at a time. */
+typedef struct switchyard_dispatch_handle switchyard_dispatch_handle;
+
+/* What one rank this process hosts received in the last dispatch. The tensors point into
+ * the handle's memory: valid until the handle's next dispatch or its destruction. */
+typedef struct switchyard_dispatch_part {
+  int world_rank;
+  int first_expert;      /* global id of the rank's first local expert */
+  int num_local_experts; /* its experts: first_expert .. first_expert + this - 1 */
+  int64_t first_token;   /* its first row of the dispatched x */
+  int64_t num_tokens;    /* its rows of x */
+  /* [num_local_experts]: received rows per local expert, grouped in that order. */
+  const int64_t* rows_per_expert;
+  DLTensor expert_input;  /* [A,H] float32, A = sum of rows_per_expert: the rows to compute */
+  DLTensor expert_output; /* [A,H] float32: a buffer for the results (may be passed back) */
+} switchyard_dispatch_part;
+
+SWITCHYARD_C_EXPORT switchyard_status switchyard_dispatch_handle_create(
+    switchyard_runtime* runtime, switchyard_dispatch_handle** out);
+/* Frees the handle. NULL is allowed. Destroy handles before their runtime. */
+SWITCHYARD_C_EXPORT void switchyard_dispatch_handle_destroy(switchyard_dispatch_handle* handle);
+/* Sends this process's tokens x [T,H] float32 to the ranks of their experts: `experts`
+ * [T,K] int32 (-1: unused slot) and `weights` [T,K] float32 (any strides) are the routing,
+ * e.g. from switchyard_route. The local ranks split x as in switchyard_forward. Bad input
+ * (shapes, expert ids outside 0..E-1, non-finite weights, NaN or infinite tokens) is
+ * refused on every rank together, before any row moves. Host data path. Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_dispatch(switchyard_dispatch_handle* handle,
+                                                          const DLTensor* x,
+                                                          const DLTensor* experts,
+                                                          const DLTensor* weights);
+/* The parts of the last dispatch: one per rank this process hosts. */
+SWITCHYARD_C_EXPORT switchyard_status
+switchyard_dispatch_part_count(const switchyard_dispatch_handle* handle, size_t* out);
+SWITCHYARD_C_EXPORT switchyard_status switchyard_dispatch_part_get(
+    switchyard_dispatch_handle* handle, size_t index, switchyard_dispatch_part* out);
+/* Weighs the experts' results, sends them back and sums them per token into y [T,H]
+ * float32 (T of the dispatch). `expert_outputs` holds one [A,H] float32 tensor per part,
+ * in the order of its expert_input; NULL with n_outputs 0 takes each part's own
+ * expert_output. Once per dispatch. Arguments are checked before anything is sent.
+ * Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_combine(switchyard_dispatch_handle* handle,
+                                                         const DLTensor* const* expert_outputs,
+                                                         size_t n_outputs, DLTensor* y);
+
 /* Statistics and timings of the last forward. Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_last_stats(switchyard_runtime* runtime,
                                                             switchyard_stats* out);
