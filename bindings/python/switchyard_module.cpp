@@ -71,7 +71,12 @@ class TensorArgument {
       invalid(std::string(what) + ": expected a NumPy array or an object with __dlpack__, got " +
               std::string(py::str(py::type::of(object))));
     }
-    capsule_ = object.attr("__dlpack__")();
+    try {
+      capsule_ = object.attr("__dlpack__")();
+    } catch (py::error_already_set& e) {
+      // E.g. PyTorch refuses to export a tensor that requires grad: say it as bad input.
+      invalid(std::string(what) + ": its __dlpack__ failed: " + std::string(py::str(e.value())));
+    }
     managed_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule_.ptr(), "dltensor"));
     if (managed_ == nullptr) {
       PyErr_Clear();
@@ -148,6 +153,12 @@ class PyRuntime {
   }
 
   int world_size() const { return runtime_->world_size(); }
+  std::vector<int> ranks() const {
+    std::vector<int> r;
+    for (int local = 0; local < runtime_->num_local_ranks(); ++local)
+      r.push_back(runtime_->world_rank(local));
+    return r;
+  }
   std::int64_t hidden() const { return runtime_->model().hidden(); }
   int num_experts() const { return runtime_->model().num_experts(); }
 
@@ -437,6 +448,15 @@ PYBIND11_MODULE(_switchyard, m) {
     }
   });
 
+  m.def(
+      "_data_pointer",
+      [](const py::object& tensor) {
+        const TensorArgument argument(tensor, "tensor");
+        return reinterpret_cast<std::uintptr_t>(argument.view().data());
+      },
+      py::arg("tensor"),
+      "The address the runtime reads a tensor argument at (for tests: no copy is made).");
+
   py::class_<PyRuntime>(m, "Runtime")
       .def(py::init(
                [](const py::object& config, const std::map<std::string, std::string>& overrides) {
@@ -453,6 +473,8 @@ PYBIND11_MODULE(_switchyard, m) {
           py::arg("toml"), py::arg("overrides") = std::map<std::string, std::string>{},
           "A runtime from TOML text.")
       .def_property_readonly("world_size", &PyRuntime::world_size)
+      .def_property_readonly("ranks", &PyRuntime::ranks,
+                             "The world ranks this process hosts (one under mpirun).")
       .def_property_readonly("hidden", &PyRuntime::hidden)
       .def_property_readonly("num_experts", &PyRuntime::num_experts)
       .def("forward", &PyRuntime::forward, py::arg("x"), py::arg("out") = py::none(),
