@@ -18,6 +18,7 @@ packages=(
   time                    # /usr/bin/time -v: the peak-RSS test
   clang libclang-rt-14-dev  # libFuzzer targets (tests/fuzz)
   python3-dev pybind11-dev python3-pytest  # the Python module and its tests
+  python3-torch           # the PyTorch example and its tests (CPU)
 )
 
 missing=()

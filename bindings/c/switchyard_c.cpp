@@ -257,7 +257,8 @@ switchyard_status switchyard_dispatch_part_get(switchyard_dispatch_handle* handl
     out->first_token = part.first_token;
     out->num_tokens = part.num_tokens;
     out->rows_per_expert = part.handle.rows_per_expert().data();
-    out->expert_input = switchyard::to_dlpack(part.handle.expert_input(), handle->shapes[2 * index]);
+    out->expert_input =
+        switchyard::to_dlpack(part.handle.expert_input(), handle->shapes[2 * index]);
     out->expert_output =
         switchyard::to_dlpack(part.handle.expert_output(), handle->shapes[2 * index + 1]);
   });

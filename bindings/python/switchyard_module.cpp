@@ -111,7 +111,8 @@ TensorView expert_ids(const TensorView& ids, std::vector<std::int32_t>& storage)
   storage.resize(static_cast<std::size_t>(T * K));
   for (std::int64_t t = 0; t < T; ++t) {
     for (std::int64_t k = 0; k < K; ++k) {
-      const std::int64_t e = ids.data_as<const std::int64_t>()[t * ids.stride(0) + k * ids.stride(1)];
+      const std::int64_t e =
+          ids.data_as<const std::int64_t>()[t * ids.stride(0) + k * ids.stride(1)];
       storage[static_cast<std::size_t>(t * K + k)] =
           e >= -1 && e <= INT32_MAX ? static_cast<std::int32_t>(e) : -2;
     }
@@ -215,9 +216,8 @@ class PyRuntime {
       held.push_back(std::make_unique<TensorArgument>(expert_outputs, "expert output"));
       outputs.push_back(held.back()->view());
     }
-    py::object result = out.is_none() ? py::object(py::array_t<float>(
-                                            {d.dispatched.num_tokens, hidden()}))
-                                      : out;
+    py::object result =
+        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
     const TensorArgument y(result, "output y", /*written=*/true);
     {
       py::gil_scoped_release released;
@@ -478,7 +478,8 @@ PYBIND11_MODULE(_switchyard, m) {
       .def_property_readonly("hidden", &PyRuntime::hidden)
       .def_property_readonly("num_experts", &PyRuntime::num_experts)
       .def("forward", &PyRuntime::forward, py::arg("x"), py::arg("out") = py::none(),
-           "The MoE layer on x [T,H] float32 (NumPy or __dlpack__), into `out` when given.")
+           "The MoE layer on this process's tokens x [T,H] float32 (NumPy or __dlpack__; the "
+           "ranks hosted here split them), into `out` when given.")
       .def("reference_forward", &PyRuntime::reference_forward, py::arg("x"),
            "The dense single-process reference of the layer (float64 inside).")
       .def("route", &PyRuntime::route, py::arg("x"),

@@ -153,7 +153,8 @@ int main(void) {
         double expected = 0;
         for (k = 0; k < 2; ++k) {
           if (plan_experts[t * 2 + k] < 0) continue;
-          expected += (double)plan_weights[t * 2 + k] * (plan_experts[t * 2 + k] + 1) * x[t * H + h];
+          expected +=
+              (double)plan_weights[t * 2 + k] * (plan_experts[t * 2 + k] + 1) * x[t * H + h];
         }
         if (fabs(y[t * H + h] - expected) > worst) worst = fabs(y[t * H + h] - expected);
       }

@@ -1,10 +1,15 @@
 """The Python module against what it must do: the layer equals its dense reference and is
 bit-identical to `switchyard run` on the same config and tokens; tensors are used in place
-(NumPy and DLPack objects, `out=`); every error raises the matching exception class with
-the C++ message. Run by CTest with PYTHONPATH=build/python and Debian's python3."""
+(NumPy and DLPack objects, `out=`; the pointer and the allocations are checked); dispatch
+and combine with the test's own experts against NumPy in float64; the router alone against
+NumPy; every error raises the matching exception class with the C++ message; two processes
+under mpirun and `switchyard launch`. Run by CTest with PYTHONPATH=build/python and Debian's
+python3 (tests/python/test_torch.py has the PyTorch ones)."""
 import os
 import subprocess
+import sys
 import tempfile
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ import pytest
 import switchyard
 
 TOOL = os.environ["SWITCHYARD_TOOL"]
+MPIRUN = os.environ.get("SWITCHYARD_MPIRUN", "")
 SOURCE = os.environ["SWITCHYARD_SOURCE_DIR"]
 DEMO = os.path.join(SOURCE, "examples", "configs", "demo.toml")
 
@@ -118,3 +124,195 @@ def test_configuration_errors_carry_the_tools_messages():
 def test_plugins_are_listed():
     names = {(p["kind"], p["name"]) for p in switchyard.Runtime(DEMO).plugins()}
     assert ("transport", "inproc") in names and ("router", "topk") in names
+
+
+def test_no_copy_of_the_tokens_at_the_boundary():
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.ranks": "2"})
+    x = tokens(2048, rt.hidden)  # 512 KiB
+    out = np.empty_like(x)
+    # The address the runtime reads is the array's own.
+    assert switchyard._switchyard._data_pointer(x) == x.ctypes.data
+    assert switchyard._switchyard._data_pointer(out) == out.ctypes.data
+    rt.forward(x, out=out)  # the layer's own buffers are now grown
+    # NumPy reports its allocations to tracemalloc: a copy of x or y would be 512 KiB.
+    tracemalloc.start()
+    try:
+        rt.forward(x, out=out)
+        dispatched = rt.dispatch(x, rt.route(x))
+        rt.combine(dispatched, out=out)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes // 8, f"{peak} bytes allocated at the boundary"
+
+
+def hand_expert(e, v):
+    """The test's own experts: f_e(v) = (e + 1) v + e."""
+    return (e + 1) * v + e
+
+
+def run_hand_experts(dispatched):
+    for part in dispatched.parts:
+        first = 0
+        for e, n in zip(part["experts"], part["rows_per_expert"]):
+            rows = part["expert_input"][first:first + n].astype(np.float64)
+            part["expert_output"][first:first + n] = hand_expert(e, rows)
+            first += n
+        assert first == part["expert_input"].shape[0]
+
+
+def expected_combine(x, experts, weights):
+    """sum_k w[t,k] f_{e_k}(x[t]) in float64."""
+    y = np.zeros(x.shape, np.float64)
+    for t in range(x.shape[0]):
+        for e, w in zip(experts[t], weights[t]):
+            if e >= 0:
+                y[t] += np.float64(w) * hand_expert(int(e), x[t].astype(np.float64))
+    return y
+
+
+@pytest.mark.parametrize("ranks", ["1", "3"])
+def test_dispatch_and_combine_with_own_experts(ranks):
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.ranks": ranks})
+    x = tokens(23, rt.hidden, seed=5)
+    experts, weights = rt.route(x)
+    experts[::4, 1] = -1  # unused slots
+    weights[::4, 1] = 0
+    dispatched = rt.dispatch(x, (experts, weights))
+    assert dispatched.num_tokens == 23
+    parts = dispatched.parts
+    assert [p["world_rank"] for p in parts] == list(range(int(ranks)))
+    assert sum((p["experts"] for p in parts), []) == list(range(rt.num_experts))
+    # Rows per expert: the tokens routed to it, counted here.
+    for p in parts:
+        for e, n in zip(p["experts"], p["rows_per_expert"]):
+            assert n == int((experts == e).sum())
+    run_hand_experts(dispatched)
+    y = rt.combine(dispatched)
+    expected = expected_combine(x, experts, weights)
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+    # Expert outputs of the caller's own, one per part; and once per dispatch.
+    with pytest.raises(ValueError, match="combine needs a dispatch of its own"):
+        rt.combine(dispatched)
+    dispatched = rt.dispatch(x, (experts, weights))
+    own = [np.ascontiguousarray(p["expert_input"]) for p in dispatched.parts]  # identity
+    out = np.full_like(x, np.nan)
+    assert rt.combine(dispatched, own, out=out) is out
+    identity = (x.astype(np.float64) * np.where(experts >= 0, weights, 0).sum(1)[:, None])
+    assert np.abs(out - identity).max() <= 1e-6 * np.abs(identity).max()
+
+
+def test_dispatch_refuses_bad_input_and_keeps_working():
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.ranks": "2"})
+    x = tokens(10, rt.hidden)
+    experts, weights = rt.route(x)
+    bad = x.copy()
+    bad[7, 3] = np.inf
+    with pytest.raises(ValueError, match=r"rank 1 \(input rows 5..9\): input x: token 2 "
+                                         r"feature 3 is infinite"):
+        rt.dispatch(bad, (experts, weights))
+    nan_weights = weights.copy()
+    nan_weights[1, 0] = np.nan
+    with pytest.raises(ValueError, match="token 1 slot 0 has weight NaN"):
+        rt.dispatch(x, (experts, nan_weights))
+    out_of_range = experts.copy()
+    out_of_range[0, 1] = rt.num_experts
+    with pytest.raises(ValueError, match=f"has expert {rt.num_experts}, outside"):
+        rt.dispatch(x, (out_of_range, weights))
+    with pytest.raises(ValueError, match="plan: expected \\(experts, weights\\)"):
+        rt.dispatch(x, experts)
+    with pytest.raises(ValueError, match="weights: expected f32\\[10,2\\]"):
+        rt.dispatch(x, (experts, weights[:, :1]))
+    dispatched = rt.dispatch(x, (experts.astype(np.int64), weights))  # int64 ids are taken
+    with pytest.raises(ValueError, match="one expert output per local rank: 2 expected, 1 given"):
+        rt.combine(dispatched, [dispatched.parts[0]["expert_output"]])
+    run_hand_experts(dispatched)
+    expected = expected_combine(x, experts, weights)
+    y = rt.combine(dispatched)
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def softmax_topk_reference(logits, k, normalize):
+    """Top-k of softmax(logits) in float64; ties to the lower expert."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, order, 1)
+    if normalize:
+        w /= w.sum(1, keepdims=True)
+    return order, w
+
+
+@pytest.mark.parametrize("k, normalize", [(1, False), (2, True), (3, False)])
+def test_router_alone_equals_numpy(k, normalize):
+    logits = np.random.default_rng(k).standard_normal((50, 8)).astype(np.float32) * 3
+    experts, weights = switchyard.route(logits, "topk", top_k=k, normalize=normalize)
+    order, w = softmax_topk_reference(logits, k, normalize)
+    assert (experts == order).all()
+    assert np.abs(weights - w).max() <= 1e-6
+    router = switchyard.Router("topk", num_experts=8, top_k=k)
+    router.route(logits)
+    stats = router.stats()
+    assert stats["tokens"] == 50
+    assert stats["counts"] == [int((order == e).sum()) for e in range(8)]
+
+
+def test_router_alone_with_a_selection_bias():
+    # DeepSeek-V3 style: sigmoid scores, the bias added for selection only, weights from the
+    # unbiased scores, normalised.
+    logits = np.random.default_rng(3).standard_normal((40, 6)).astype(np.float32)
+    bias = np.array([0, 0, 0, 0, 0, 2.0], np.float32)
+    experts, weights = switchyard.route(logits, "topk", top_k=2, score="sigmoid", bias=bias)
+    s = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    chosen = np.argsort(-(s + bias), axis=1, kind="stable")[:, :2]
+    w = np.take_along_axis(s, chosen, 1)
+    w /= w.sum(1, keepdims=True)
+    assert (experts == chosen).all() and (experts[:, 0] == 5).all()
+    assert np.abs(weights - w).max() <= 1e-6
+
+
+def test_router_alone_refuses_bad_input():
+    with pytest.raises(ValueError, match="did you mean 'top_k'"):
+        switchyard.Router("topk", num_experts=8, topk=2)
+    with pytest.raises(FileNotFoundError):
+        switchyard.Router("no_such_policy", num_experts=8)
+    with pytest.raises(ValueError, match="expected a bool, int, float or str"):
+        switchyard.Router("topk", num_experts=8, top_k=[2])
+    logits = np.zeros((3, 8), np.float32)
+    logits[1, 4] = np.nan
+    with pytest.raises(ValueError, match="token 1"):
+        switchyard.route(logits)
+    with pytest.raises(ValueError, match="bias: expected f32\\[8\\]"):
+        switchyard.route(logits, bias=np.zeros(7, np.float32))
+
+
+@pytest.mark.skipif(not MPIRUN, reason="mpirun and the MPI/UCX transports were not built")
+@pytest.mark.parametrize("launcher", ["mpirun", "launch"])
+def test_two_processes_from_python(launcher):
+    worker = os.path.join(os.path.dirname(__file__), "ep_worker.py")
+    with tempfile.TemporaryDirectory() as out:
+        if launcher == "mpirun":
+            command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--mca", "btl",
+                       "self,vader", "-x", "PYTHONPATH", "-np", "2", sys.executable, worker,
+                       DEMO, "mpi", "2", out]
+        else:
+            command = [TOOL, "launch", "-n", "2", "--", sys.executable, worker, DEMO, "ucx", "2",
+                       out]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        load = lambda what: [np.load(os.path.join(out, f"{what}_{r}.npy")) for r in range(2)]
+        forward, combined, routing = load("forward"), load("combined"), load("routing")
+    x = np.random.default_rng(11).standard_normal((41, 64)).astype(np.float32)
+    # The layer on each rank's own tokens: bit for bit what one process with two in-process
+    # ranks computes on all of them.
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.ranks": "2"})
+    assert np.concatenate(forward).tobytes() == rt.forward(x).tobytes()
+    # Dispatch and combine across the processes, with the test's experts.
+    experts = np.concatenate([r[:, :2] for r in routing])
+    weights = np.concatenate([r[:, 2:] for r in routing]).view(np.float32)
+    expected = np.zeros(x.shape, np.float64)
+    for t in range(41):
+        for e, w in zip(experts[t], weights[t]):
+            expected[t] += np.float64(w) * (int(e) + 1) * x[t].astype(np.float64)
+    assert np.abs(np.concatenate(combined) - expected).max() <= 1e-5 * np.abs(expected).max()

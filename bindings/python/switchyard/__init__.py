@@ -4,11 +4,20 @@
     rt = switchyard.Runtime("examples/configs/demo.toml", overrides={"runtime.ranks": "2"})
     y = rt.forward(np.ones((16, rt.hidden), np.float32))
 
+    # Or around experts of your own: route, dispatch, compute, combine.
+    x = np.ones((16, rt.hidden), np.float32)
+    dispatched = rt.dispatch(x, rt.route(x))
+    for part in dispatched.parts:   # one per rank this process hosts
+        part["expert_output"][:] = my_experts(part["experts"], part["rows_per_expert"],
+                                              part["expert_input"])
+    y = rt.combine(dispatched)
+
 Tensors: NumPy float32 arrays or any object with __dlpack__ (PyTorch CPU tensors), used
 in place (no copies); `forward(x, out=...)` writes into a tensor of yours. Errors raise
 `switchyard.Error` subclasses that also derive from the matching built-in exception
 (InvalidArgumentError is a ValueError, TimeoutError a TimeoutError, ...), each with
-`.code`. Inference only: there is no backward pass yet.
+`.code`. `route(logits, policy, **options)` and `Router` run a routing policy alone.
+Inference only: there is no backward pass yet.
 """
 from ._switchyard import (  # noqa: F401
     AbiMismatchError,

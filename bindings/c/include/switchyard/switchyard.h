@@ -140,8 +140,8 @@ typedef struct switchyard_dispatch_part {
   DLTensor expert_output; /* [A,H] float32: a buffer for the results (may be passed back) */
 } switchyard_dispatch_part;
 
-SWITCHYARD_C_EXPORT switchyard_status switchyard_dispatch_handle_create(
-    switchyard_runtime* runtime, switchyard_dispatch_handle** out);
+SWITCHYARD_C_EXPORT switchyard_status
+switchyard_dispatch_handle_create(switchyard_runtime* runtime, switchyard_dispatch_handle** out);
 /* Frees the handle. NULL is allowed. Destroy handles before their runtime. */
 SWITCHYARD_C_EXPORT void switchyard_dispatch_handle_destroy(switchyard_dispatch_handle* handle);
 /* Sends this process's tokens x [T,H] float32 to the ranks of their experts: `experts`
