@@ -8,6 +8,7 @@
 
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -173,6 +174,7 @@ class PyRuntime {
     y.view().require("output y", DType::kF32, {in.view().dim(0), hidden()});
     {
       py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
       runtime_->forward_local_tokens(in.view(), y.view());
     }
     return result;
@@ -194,6 +196,7 @@ class PyRuntime {
     const TensorView ids = expert_ids(experts.view(), narrowed);
     auto result = std::make_unique<PyDispatch>(self);
     py::gil_scoped_release released;
+    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
     runtime_->dispatch(in.view(), ids, weights.view(), result->dispatched);
     return result;
   }
@@ -221,6 +224,7 @@ class PyRuntime {
     const TensorArgument y(result, "output y", /*written=*/true);
     {
       py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
       runtime_->combine(d.dispatched, outputs, y.view());
     }
     return result;
@@ -232,6 +236,7 @@ class PyRuntime {
     py::array_t<float> y({in.view().dim(0), hidden()});
     const TensorArgument out(y, "output y", /*written=*/true);
     py::gil_scoped_release released;
+    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
     runtime_->reference_forward(in.view(), out.view());
     return y;
   }
@@ -243,6 +248,7 @@ class PyRuntime {
     switchyard::RoutingPlan plan;
     {
       py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
       runtime_->layer(0).route(in.view(), plan);
     }
     if (plan.device().kind != switchyard::Device::Kind::kHost)
@@ -262,6 +268,7 @@ class PyRuntime {
     switchyard::LayerTraffic b;
     {
       py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
       s = runtime_->global_router_stats();
       t = runtime_->max_timings();
       b = runtime_->total_traffic();
@@ -306,6 +313,10 @@ class PyRuntime {
  private:
   switchyard::Config config_;
   std::unique_ptr<switchyard::Runtime> runtime_;
+  // The runtime is used by one thread at a time; with the GIL released, Python threads
+  // could otherwise enter it together. Taken after releasing the GIL, dropped before
+  // taking it back, so that a waiting thread never holds the GIL.
+  std::unique_ptr<std::mutex> calls_ = std::make_unique<std::mutex>();
 };
 
 /// A routing policy alone, on logits the caller computes (the router plugins without a
@@ -352,21 +363,25 @@ class PyRouter {
   py::tuple route(const py::object& logits) {
     const TensorArgument in(logits, "logits");
     in.view().require("logits", DType::kF32, {-1, router_->num_experts()});
+    switchyard::RoutingPlan plan;
     {
       py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
       switchyard::RouteInput input;
       input.logits = in.view();
-      router_->route(input, plan_, stream_);
+      router_->route(input, plan, stream_);
     }
-    const auto T = plan_.num_tokens, K = static_cast<std::int64_t>(plan_.slots);
+    const auto T = plan.num_tokens, K = static_cast<std::int64_t>(plan.slots);
     py::array_t<std::int32_t> experts({T, K});
     py::array_t<float> weights({T, K});
-    std::copy_n(plan_.experts.data(), T * K, experts.mutable_data());
-    std::copy_n(plan_.weights.data(), T * K, weights.mutable_data());
+    std::copy_n(plan.experts.data(), T * K, experts.mutable_data());
+    std::copy_n(plan.weights.data(), T * K, weights.mutable_data());
     return py::make_tuple(experts, weights);
   }
 
   py::dict stats() const {
+    // The GIL may be held here: a thread in route holds this lock without needing the GIL.
+    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
     const switchyard::RouterStats& s = router_->stats();
     py::dict d;
     d["tokens"] = s.tokens;
@@ -379,6 +394,7 @@ class PyRouter {
   }
 
   py::array_t<float> bias() const {
+    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
     const auto b = router_->bias();
     py::array_t<float> out(static_cast<py::ssize_t>(b.size()));
     std::copy(b.begin(), b.end(), out.mutable_data());
@@ -391,6 +407,7 @@ class PyRouter {
       invalid("counts: expected " + std::to_string(router_->num_experts()) + " values, got " +
               std::to_string(c.size()));
     }
+    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
     router_->update(c);
   }
 
@@ -398,8 +415,8 @@ class PyRouter {
   std::shared_ptr<switchyard::PluginRegistry> registry_;  // keeps the plugin loaded
   std::vector<float> bias_;
   std::shared_ptr<switchyard::Router> router_;
-  switchyard::RoutingPlan plan_;
   switchyard::HostStream stream_;
+  std::unique_ptr<std::mutex> calls_ = std::make_unique<std::mutex>();  // as PyRuntime's
 };
 
 }  // namespace

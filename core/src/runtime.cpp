@@ -372,6 +372,13 @@ void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool worl
   const std::int64_t H = model().hidden();
   x.require("input tokens", DType::kF32, {-1, H});
   y.require("output", DType::kF32, {x.dim(0), H});
+  const auto* x_begin = x.data_as<const float>();
+  const auto* y_begin = y.data_as<const float>();
+  if (x.numel() > 0 && x_begin < y_begin + y.numel() && y_begin < x_begin + x.numel()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "output: shares memory with the input tokens (the layer reads every token "
+                "after it starts writing results; give y memory of its own)");
+  }
   run_blocks(x.dim(0), world_blocks, [&](int local, std::int64_t first, std::int64_t count) {
     forward_block(local, rows(x, first, count), rows(y, first, count));
   });

@@ -316,3 +316,35 @@ def test_two_processes_from_python(launcher):
         for e, w in zip(experts[t], weights[t]):
             expected[t] += np.float64(w) * (int(e) + 1) * x[t].astype(np.float64)
     assert np.abs(np.concatenate(combined) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_output_sharing_the_inputs_memory_is_refused():
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.ranks": "2"})
+    x = tokens(8, rt.hidden)
+    with pytest.raises(ValueError, match="output: shares memory with the input tokens"):
+        rt.forward(x, out=x)
+    wide = tokens(9, rt.hidden)
+    with pytest.raises(ValueError, match="shares memory"):
+        rt.forward(wide[:8], out=wide[1:])
+
+
+def test_threads_take_turns_on_one_runtime():
+    import threading
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.ranks": "2"})
+    x = tokens(64, rt.hidden)
+    expected = rt.forward(x)
+    results, errors = [], []
+
+    def step():
+        try:
+            for _ in range(5):
+                results.append(rt.forward(x).tobytes() == expected.tobytes())
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=step) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 20 and all(results)
