@@ -503,7 +503,7 @@ PYBIND11_MODULE(_switchyard, m) {
            "(experts [T,K] int32, weights [T,K] float32): the router alone.")
       .def(
           "dispatch",
-          [](py::object self, const py::object& x, const py::object& plan) {
+          [](const py::object& self, const py::object& x, const py::object& plan) {
             return self.cast<PyRuntime&>().dispatch(self, x, plan);
           },
           py::arg("x"), py::arg("plan"),
@@ -521,7 +521,7 @@ PYBIND11_MODULE(_switchyard, m) {
                          "What a dispatch delivered: one part per rank this process hosts.")
       .def_property_readonly("num_tokens",
                              [](const PyDispatch& d) { return d.dispatched.num_tokens; })
-      .def_property_readonly("parts", [](py::object self) {
+      .def_property_readonly("parts", [](const py::object& self) {
         auto& d = self.cast<PyDispatch&>();
         py::list parts;
         for (auto& part : d.dispatched.parts) {
