@@ -9,8 +9,8 @@
 namespace switchyard {
 
 std::span<const std::string_view> config_sections() noexcept {
-  static constexpr std::array<std::string_view, 7> kSections = {
-      "runtime", "router", "experts", "model", "input", "output", "check"};
+  static constexpr std::array<std::string_view, 8> kSections = {
+      "runtime", "router", "experts", "model", "input", "output", "check", "simulate"};
   return kSections;
 }
 
@@ -98,6 +98,40 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("tolerance", T::kFloat, ConfigValue{1e-5},
           "--check fails when max|y - reference| / max|reference| exceeds this",
           checks::positive());
+  } else if (section == "simulate") {
+    // `switchyard simulate` (docs/simulator.md); the layer's shape comes from [model].
+    s.add("nodes", T::kInt, ConfigValue{std::int64_t{1}}, "nodes of the simulated cluster",
+          checks::int_range(1, 1 << 14));
+    s.add("gpus_per_node", T::kInt, ConfigValue{std::int64_t{8}}, "ranks (GPUs) per node",
+          checks::int_range(1, 1024));
+    s.add("ep_size", T::kInt, ConfigValue{std::int64_t{0}},
+          "ranks per expert-parallel group; must divide nodes × gpus_per_node (0: all of them)",
+          checks::int_range(0, 1 << 16));
+    s.add("tokens_per_rank", T::kInt, ConfigValue{std::int64_t{4096}},
+          "tokens each rank routes per step (synthetic logits)",
+          checks::int_range(1, std::int64_t{1} << 24));
+    s.add("steps", T::kInt, ConfigValue{std::int64_t{1}}, "steps to simulate",
+          checks::int_range(1, 10000));
+    s.add("logits", T::kString, ConfigValue{std::string("normal")},
+          "router logits: normal, zipf:S (skewed popularity), hot:N:DELTA (N favoured experts), "
+          "or a .npy file of float32 [T,E] split over the ranks");
+    s.add("seed", T::kInt, ConfigValue{std::int64_t{1}}, "seed of the synthetic logits");
+    s.add("payload_dtype", T::kString, std::nullopt,
+          "dtype of dispatched rows: f32, bf16 or fp8 (default: [runtime] payload_dtype)",
+          checks::one_of({"f32", "bf16", "fp8"}));
+    s.add("combine_dtype", T::kString, std::nullopt,
+          "dtype of the rows sent back: f32 or bf16 (default: [runtime] combine_dtype)",
+          checks::one_of({"f32", "bf16"}));
+    s.add("preset", T::kString, ConfigValue{std::string("h800")},
+          "link model: h800, h100, b200 or cpu (the keys below override its numbers)");
+    s.add("intra_gb_per_s", T::kFloat, std::nullopt,
+          "intra-node bandwidth per GPU and direction, GB/s (1e9 bytes/s)", checks::positive());
+    s.add("intra_latency_us", T::kFloat, std::nullopt, "intra-node latency per phase, us");
+    s.add("nic_gb_per_s", T::kFloat, std::nullopt,
+          "NIC bandwidth per GPU and direction, GB/s (1e9 bytes/s)", checks::positive());
+    s.add("nic_latency_us", T::kFloat, std::nullopt, "inter-node latency per phase, us");
+    s.add("sample_tokens", T::kInt, ConfigValue{std::int64_t{24}},
+          "tokens whose routing the HTML report draws", checks::int_range(0, 256));
   } else {
     throw Error(ErrorCode::kInternal, "no schema for section " + std::string(section));
   }

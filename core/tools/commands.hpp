@@ -20,6 +20,7 @@ int config_command(const std::vector<std::string>& args);
 int launch_command(const std::vector<std::string>& args);
 int route_command(const std::vector<std::string>& args);
 int bench_command(const std::vector<std::string>& args);
+int simulate_command(const std::vector<std::string>& args);
 
 }  // namespace switchyard::tool
 

@@ -32,6 +32,11 @@ commands:
         and a naive per-(token, expert) dispatcher, routing against one sgemm of the
         logits, the experts against one sgemm of their FLOPs (run under a launcher like
         `run`; the median over iterations of the slowest rank)
+  simulate CONFIG [--json OUT] [--html OUT] [--compare SETTING...] [--set ...]
+        route synthetic or recorded logits with the real routers on a simulated cluster
+        ([simulate] nodes, gpus_per_node, ...): expert load, traffic per rank and node
+        under three accountings, predicted dispatch and combine time; --html writes a
+        self-contained report
   launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND [ARGS]...
         start N local processes with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
         MASTER_ADDR and MASTER_PORT set, output prefixed with the rank; when one
@@ -64,6 +69,7 @@ int main(int argc, char** argv) {
     if (command == "launch") return switchyard::tool::launch_command(args);
     if (command == "route") return switchyard::tool::route_command(args);
     if (command == "bench") return switchyard::tool::bench_command(args);
+    if (command == "simulate") return switchyard::tool::simulate_command(args);
   } catch (const switchyard::Error& e) {
     switchyard::tool::report_error(e);
     return switchyard::tool::kExitError;

@@ -21,7 +21,7 @@
 namespace switchyard {
 
 /// The sections a configuration may have: runtime, router, experts, model, input, output,
-/// check.
+/// check, simulate.
 std::span<const std::string_view> config_sections() noexcept;
 /// The core's keys of `section` (plugin keys are added by `ResolvedConfig`).
 ConfigSchema core_schema(std::string_view section);
