@@ -156,7 +156,8 @@ ByteSplit dispatch_bytes(const ClusterSpec& spec, const Traffic& traffic, Accoun
 std::vector<std::uint64_t> node_matrix(const ClusterSpec& spec, const Traffic& traffic,
                                        Accounting accounting, int slots);
 /// The slowest resource (each GPU's NIC and intra-node link, sending and receiving) for
-/// the dispatch (`combine` false) or the combine: its bytes / bandwidth + latency.
+/// the dispatch (`combine` false) or the combine: its bytes / bandwidth + latency. Every
+/// resource works at once, so the slowest bounds the phase; ties name the lower rank.
 PhaseTime predict(const ClusterSpec& spec, const Traffic& traffic, Accounting accounting, int slots,
                   bool combine);
 
