@@ -8,6 +8,8 @@
 #include <iterator>
 #include <limits>
 
+#include <nlohmann/json.hpp>
+
 #include "switchyard/io.hpp"
 #include "switchyard/model.hpp"
 #include "test_support.hpp"
@@ -362,5 +364,120 @@ TEST_CASE("bench: every figure, and the bytes of a routing counted by hand") {
         "layer_forward_s", "expert_s", "memcpy_bytes_per_s", "peak_buffer_bytes"}) {
     CAPTURE(key);
     CHECK(value(key) > 0);
+  }
+}
+
+namespace {
+
+/// Writes a simulate config: `simulate` lines under [simulate], `model` under [model].
+std::filesystem::path simulate_config(const test::TempDir& dir, const std::string& simulate,
+                                      const std::string& model = "num_experts = 2\nhidden = 16\n",
+                                      const std::string& router = "top_k = 1\n") {
+  const auto path = dir / "sim.toml";
+  test::write_text(path, "[model]\n" + model + "\n[router]\n" + router + "\n[simulate]\n" +
+                             simulate + "\n[runtime]\npayload_dtype = \"f32\"\n");
+  return path;
+}
+
+nlohmann::json read_json(const std::filesystem::path& path) {
+  std::ifstream file(path);
+  return nlohmann::json::parse(file);
+}
+
+}  // namespace
+
+TEST_CASE("simulate: a routing counted by hand, in the table, the JSON and the HTML") {
+  // One node of 2 GPUs, 2 experts (one per rank), top-1 on 4 recorded tokens: rank 0 gets
+  // tokens 0-1 (to experts 0 and 1), rank 1 tokens 2-3 (both to expert 1). One copy moves:
+  // rank 0 -> rank 1, a 16-float row (64 bytes) plus its (expert, weight) slot (8 bytes),
+  // inside the node: 72 bytes at the h800 preset's 155 GB/s plus its 3 us.
+  test::TempDir dir;
+  std::vector<float> logits = {1, 0, 0, 1, 0, 1, 0, 1};
+  write_npy(dir / "logits.npy", TensorView(logits.data(), DType::kF32, {4, 2}));
+  const auto config = simulate_config(dir,
+                                      "nodes = 1\ngpus_per_node = 2\nlogits = \"logits.npy\"\n"
+                                      "steps = 2\n");
+  const auto result =
+      test::run_tool("simulate " + config.string() + " --json " + (dir / "s.json").string() +
+                     " --html " + (dir / "s.html").string());
+  INFO(result.output);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("1 nodes × 2 GPUs (EP groups of 2), 2 experts") != std::string::npos);
+  CHECK(result.output.find("policy=topk,top_k=1") != std::string::npos);
+  const nlohmann::json j = read_json(dir / "s.json");
+  CHECK(j["cluster"]["world"] == 2);
+  CHECK(j["steps"] == 2);
+  const auto& total = j["settings"][0]["total"];
+  CHECK(total["tokens"] == 8);  // the recorded tokens every step
+  CHECK(total["tokens_per_expert"] == nlohmann::json::array({2, 6}));
+  CHECK(total["imbalance"].get<double>() == doctest::Approx(1.5));
+  CHECK(total["nodes_per_token"].get<double>() == doctest::Approx(1.0));
+  const auto& per_rank = total["accountings"][1];
+  CHECK(per_rank["name"] == "per rank");
+  CHECK(per_rank["copies"] == 2);
+  CHECK(per_rank["intra_node_bytes"] == 2 * 72);
+  CHECK(per_rank["inter_node_bytes"] == 0);
+  const auto& step = j["settings"][0]["steps"][0];
+  CHECK(step["accountings"][1]["dispatch_s"].get<double>() == doctest::Approx(72 / 155e9 + 3e-6));
+  // Rank 0 sends what rank 1 receives: the tie names the lower rank.
+  CHECK(step["accountings"][1]["dispatch_bottleneck"] == "intra-node send of rank 0 (node 0)");
+  CHECK(step["heatmap"]["bytes"] == nlohmann::json::array({0, 72, 0, 0}));
+  std::ifstream html(dir / "s.html");
+  const std::string page((std::istreambuf_iterator<char>(html)), std::istreambuf_iterator<char>());
+  CHECK(page.find("<svg id=\"routing\"") != std::string::npos);
+  CHECK(page.find("\"tokens_per_expert\":[1,3]") != std::string::npos);
+  CHECK(page.find("/*SIMULATION_DATA*/null") == std::string::npos);
+  CHECK(page.find("http") == page.find("http://www.w3.org/2000/svg"));  // no other link
+}
+
+TEST_CASE("simulate --compare: one row per setting, over the same logits") {
+  test::TempDir dir;
+  const auto config = simulate_config(dir, "nodes = 4\ngpus_per_node = 2\ntokens_per_rank = 64\n",
+                                      "num_experts = 16\nhidden = 32\n", "top_k = 4\n");
+  const auto result = test::run_tool("simulate " + config.string() +
+                                     " --compare policy=topk policy=node_limited,max_groups=2 "
+                                     "--json " +
+                                     (dir / "c.json").string());
+  INFO(result.output);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("policy=node_limited,max_groups=2") != std::string::npos);
+  const nlohmann::json j = read_json(dir / "c.json");
+  REQUIRE(j["settings"].size() == 2);
+  CHECK(j["settings"][0]["total"]["tokens"] == 8 * 64);
+  CHECK(j["settings"][1]["total"]["max_nodes_per_token"].get<int>() <= 2);
+  CHECK(j["settings"][0]["total"]["max_nodes_per_token"].get<int>() > 2);
+}
+
+TEST_CASE("simulate: bad input is refused before any work, naming what to fix") {
+  test::TempDir dir;
+  struct Bad {
+    std::string simulate, model, extra_args, message;
+  };
+  std::vector<float> logits(6 * 3, 0.5f);
+  write_npy(dir / "three.npy", TensorView(logits.data(), DType::kF32, {6, 3}));
+  for (const Bad& bad : {
+           Bad{"nodes = 2\ngpus_per_node = 8\nep_size = 3\n", "", "",
+               "ep_size 3 does not divide the 16 ranks (2 nodes × 8 GPUs)"},
+           Bad{"preset = \"h900\"\n", "", "",
+               "simulate.preset: unknown link preset 'h900' (presets: h800, h100, b200, cpu)"},
+           Bad{"logits = \"three.npy\"\n", "num_experts = 4\n", "", "model.num_experts: is 4 but"},
+           Bad{"logits = \"zipf\"\n", "", "", "expected normal, zipf:S"},
+           Bad{"nodes = 2\n", "num_experts = 4\n", "--compare top_k",
+               "--compare 'top_k': expected key=value,key=value"},
+           Bad{"nodes = 2\n", "num_experts = 4\n", "--compare policy=node_limited,max_groups=3",
+               "router setting 'policy=node_limited,max_groups=3'"},
+           Bad{"nodes = 2\n", "num_experts = 4\n", "--set router.num_experts=5",
+               "router.num_experts: is 5 but the logits have 4 experts"},
+       }) {
+    CAPTURE(bad.message);
+    const auto config =
+        simulate_config(dir, bad.simulate, bad.model.empty() ? "num_experts = 8\n" : bad.model);
+    const auto result = test::run_tool("simulate " + config.string() + " " + bad.extra_args +
+                                       " --json " + (dir / "never.json").string());
+    INFO(result.output);
+    CHECK(result.exit_code == 1);
+    CHECK(result.output.find(bad.message) != std::string::npos);
+    CHECK(result.output.find("step 1") == std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(dir / "never.json"));
   }
 }
