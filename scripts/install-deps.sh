@@ -19,6 +19,7 @@ packages=(
   clang libclang-rt-14-dev  # libFuzzer targets (tests/fuzz)
   python3-dev pybind11-dev python3-pytest  # the Python module and its tests
   python3-torch           # the PyTorch example and its tests (CPU)
+  chromium                # the simulator's HTML report, checked in a headless browser
 )
 
 missing=()
