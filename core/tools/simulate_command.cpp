@@ -156,7 +156,24 @@ Json traffic_json(const sim::ClusterSpec& spec, const sim::Traffic& t, int slots
              {"combine_bottleneck", combine.bottleneck}});
   }
   j["accountings"] = accountings;
-  if (!with_pictures) return j;
+  if (!with_pictures) {
+    // Every accounting's matrices in bytes: node × node, and rank × rank up to 256 ranks.
+    Json matrices = Json::object();
+    for (const Accounting a : kAccountings) {
+      Json m{{"node", sim::node_matrix(spec, t, a, slots)}};
+      if (spec.world() <= 256) {
+        const std::uint64_t row = sim::dispatch_copy_bytes(spec, a, slots);
+        std::vector<std::uint64_t> bytes;
+        for (const auto c : t.copies[static_cast<int>(a)]) {
+          bytes.push_back(static_cast<std::uint64_t>(c) * row);
+        }
+        m["rank"] = std::move(bytes);
+      }
+      matrices[std::string(sim::accounting_name(a))] = std::move(m);
+    }
+    j["dispatch_bytes"] = std::move(matrices);
+    return j;
+  }
   // Rank × rank bytes as Switchyard sends them, or node × node for large clusters.
   const bool by_rank = spec.world() <= 64;
   const auto n = static_cast<std::size_t>(by_rank ? spec.world() : spec.nodes);

@@ -417,6 +417,9 @@ TEST_CASE("simulate: a routing counted by hand, in the table, the JSON and the H
   CHECK(per_rank["copies"] == 2);
   CHECK(per_rank["intra_node_bytes"] == 2 * 72);
   CHECK(per_rank["inter_node_bytes"] == 0);
+  CHECK(total["dispatch_bytes"]["per rank"]["rank"] == nlohmann::json::array({0, 144, 0, 0}));
+  CHECK(total["dispatch_bytes"]["per rank"]["node"] == nlohmann::json::array({144}));
+  CHECK(total["dispatch_bytes"]["per expert"]["rank"] == nlohmann::json::array({0, 144, 0, 0}));
   const auto& step = j["settings"][0]["steps"][0];
   CHECK(step["accountings"][1]["dispatch_s"].get<double>() == doctest::Approx(72 / 155e9 + 3e-6));
   // Rank 0 sends what rank 1 receives: the tie names the lower rank.
