@@ -56,9 +56,11 @@ Setting resolve_setting(const Config& base, const std::string& spec,
     const std::string item =
         spec.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     if (item.find('=') == std::string::npos || item.front() == '=') {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "--compare '" + spec + "': expected key=value,key=value over [router], not '" +
-                      item + "'");
+      std::string message = "--compare '" + spec;
+      message += "': expected key=value,key=value over [router], not '";
+      message += item;
+      message += "'";
+      throw Error(ErrorCode::kInvalidArgument, message);
     }
     config.set_from_command_line("router." + item);
     if (comma == std::string::npos) break;
@@ -306,7 +308,7 @@ int simulate_command(const std::vector<std::string>& args) {
   if (simulate.has("nic_latency_us"))
     spec.links.nic.latency_us = simulate.get_float("nic_latency_us");
   // The logits: a recorded file (E from its columns) or synthetic (E from [model]).
-  const std::string logits_spec = simulate.get_string("logits");
+  const std::string& logits_spec = simulate.get_string("logits");
   const bool recorded = logits_spec.size() > 4 && logits_spec.ends_with(".npy");
   spec.num_experts = static_cast<int>(model.get_int("num_experts"));
   HostTensor recorded_logits;
