@@ -306,8 +306,8 @@ std::vector<std::uint64_t> node_matrix(const ClusterSpec& spec, const Traffic& t
   return m;
 }
 
-PhaseTime predict(const ClusterSpec& spec, const Traffic& traffic, Accounting accounting, int slots,
-                  bool combine) {
+std::vector<ResourceTimes> resource_times(const ClusterSpec& spec, const Traffic& traffic,
+                                          Accounting accounting, int slots, bool combine) {
   const auto W = static_cast<std::size_t>(spec.world());
   // Per rank: NIC send, NIC receive, intra-node send, intra-node receive.
   std::vector<std::array<std::uint64_t, 4>> load(W, {0, 0, 0, 0});
@@ -320,19 +320,32 @@ PhaseTime predict(const ClusterSpec& spec, const Traffic& traffic, Accounting ac
     load[static_cast<std::size_t>(s)][inside ? 2 : 0] += b;
     load[static_cast<std::size_t>(d)][inside ? 3 : 1] += b;
   });
-  static constexpr const char* kResource[4] = {"NIC send", "NIC receive", "intra-node send",
-                                               "intra-node receive"};
-  PhaseTime worst{0, "none"};
+  auto seconds = [](std::uint64_t b, const Link& link) {
+    return b == 0 ? 0.0 : static_cast<double>(b) / (link.gb_per_s * 1e9) + link.latency_us * 1e-6;
+  };
+  std::vector<ResourceTimes> times(W);
   for (std::size_t r = 0; r < W; ++r) {
-    for (int k = 0; k < 4; ++k) {
-      const std::uint64_t b = load[r][static_cast<std::size_t>(k)];
-      if (b == 0) continue;
-      const Link& link = k < 2 ? spec.links.nic : spec.links.intra;
-      const double seconds =
-          static_cast<double>(b) / (link.gb_per_s * 1e9) + link.latency_us * 1e-6;
+    times[r] = {seconds(load[r][0], spec.links.nic), seconds(load[r][1], spec.links.nic),
+                seconds(load[r][2], spec.links.intra), seconds(load[r][3], spec.links.intra)};
+  }
+  return times;
+}
+
+PhaseTime predict(const ClusterSpec& spec, const Traffic& traffic, Accounting accounting, int slots,
+                  bool combine) {
+  const std::vector<ResourceTimes> times =
+      resource_times(spec, traffic, accounting, slots, combine);
+  PhaseTime worst{0, "none"};
+  for (std::size_t r = 0; r < times.size(); ++r) {
+    const std::pair<const char*, double> resources[4] = {
+        {"NIC send", times[r].nic_send},
+        {"NIC receive", times[r].nic_receive},
+        {"intra-node send", times[r].intra_send},
+        {"intra-node receive", times[r].intra_receive}};
+    for (const auto& [name, seconds] : resources) {
       if (seconds > worst.seconds) {
         worst.seconds = seconds;
-        worst.bottleneck = std::string(kResource[k]) + " of rank " + std::to_string(r) + " (node " +
+        worst.bottleneck = std::string(name) + " of rank " + std::to_string(r) + " (node " +
                            std::to_string(static_cast<int>(r) / spec.gpus_per_node) + ")";
       }
     }

@@ -174,6 +174,23 @@ Json traffic_json(const sim::ClusterSpec& spec, const sim::Traffic& t, int slots
       matrices[std::string(sim::accounting_name(a))] = std::move(m);
     }
     j["dispatch_bytes"] = std::move(matrices);
+    // Per rank and resource, as Switchyard sends (per rank) and two-level (per node).
+    Json resources = Json::object();
+    for (const Accounting a : {Accounting::kPerRank, Accounting::kPerNode}) {
+      Json phases = Json::object();
+      for (const bool combine : {false, true}) {
+        Json ranks = Json::array();
+        for (const auto& r : sim::resource_times(spec, t, a, slots, combine)) {
+          ranks.push_back(Json{{"nic_send_s", r.nic_send},
+                               {"nic_receive_s", r.nic_receive},
+                               {"intra_send_s", r.intra_send},
+                               {"intra_receive_s", r.intra_receive}});
+        }
+        phases[combine ? "combine" : "dispatch"] = std::move(ranks);
+      }
+      resources[std::string(sim::accounting_name(a))] = std::move(phases);
+    }
+    j["resource_seconds"] = std::move(resources);
     return j;
   }
   // Rank × rank bytes as Switchyard sends them, or node × node for large clusters.

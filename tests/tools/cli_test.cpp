@@ -420,6 +420,12 @@ TEST_CASE("simulate: a routing counted by hand, in the table, the JSON and the H
   CHECK(total["dispatch_bytes"]["per rank"]["rank"] == nlohmann::json::array({0, 144, 0, 0}));
   CHECK(total["dispatch_bytes"]["per rank"]["node"] == nlohmann::json::array({144}));
   CHECK(total["dispatch_bytes"]["per expert"]["rank"] == nlohmann::json::array({0, 144, 0, 0}));
+  // Per resource, over both steps: rank 0 sends 144 bytes inside the node, rank 1 takes them.
+  const auto& resources = total["resource_seconds"]["per rank"]["dispatch"];
+  CHECK(resources[0]["intra_send_s"].get<double>() == doctest::Approx(144 / 155e9 + 3e-6));
+  CHECK(resources[1]["intra_receive_s"].get<double>() == doctest::Approx(144 / 155e9 + 3e-6));
+  CHECK(resources[0]["nic_send_s"].get<double>() == 0);
+  CHECK(resources[1]["intra_send_s"].get<double>() == 0);
   const auto& step = j["settings"][0]["steps"][0];
   CHECK(step["accountings"][1]["dispatch_s"].get<double>() == doctest::Approx(72 / 155e9 + 3e-6));
   // Rank 0 sends what rank 1 receives: the tie names the lower rank.

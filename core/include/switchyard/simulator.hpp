@@ -155,6 +155,15 @@ ByteSplit dispatch_bytes(const ClusterSpec& spec, const Traffic& traffic, Accoun
 /// Node × node dispatch bytes [nodes × nodes] (the diagonal: inside a node).
 std::vector<std::uint64_t> node_matrix(const ClusterSpec& spec, const Traffic& traffic,
                                        Accounting accounting, int slots);
+/// Seconds each rank's resources take in a phase: NIC send, NIC receive, intra-node send,
+/// intra-node receive (bytes / bandwidth, plus the latency when they carry anything).
+struct ResourceTimes {
+  double nic_send = 0, nic_receive = 0, intra_send = 0, intra_receive = 0;
+};
+/// Per rank, for the dispatch (`combine` false) or the combine.
+std::vector<ResourceTimes> resource_times(const ClusterSpec& spec, const Traffic& traffic,
+                                          Accounting accounting, int slots, bool combine);
+
 /// The slowest resource (each GPU's NIC and intra-node link, sending and receiving) for
 /// the dispatch (`combine` false) or the combine: its bytes / bandwidth + latency. Every
 /// resource works at once, so the slowest bounds the phase; ties name the lower rank.
