@@ -27,6 +27,10 @@ void finish_router_stats(RouterStats& stats) noexcept {
   stats.z_loss = stats.z_loss_sum / T;
 }
 
+void Router::backward(const RouteGradientInput& /*input*/, const TensorView& /*d_logits*/) {
+  throw Error(ErrorCode::kUnavailable, "router " + name() + " has no backward pass");
+}
+
 void Router::adopt_stats(const RouterStats& /*computed*/) {
   throw Error(ErrorCode::kUnavailable,
               "router " + name() + ": its statistics cannot come from a device data path");

@@ -10,11 +10,25 @@
 
 #include "switchyard/io.hpp"
 #include "switchyard/layer.hpp"
+#include "switchyard/routing_gradient.hpp"
 #include "switchyard/routing_rows.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard {
 namespace {}  // namespace
+
+void declare_loss_options(ConfigSchema& s) {
+  s.add("aux_loss_coeff", ConfigType::kFloat, ConfigValue{0.0},
+        "backward: weight of the aux (load-balancing) loss in the router's gradient");
+  s.add("z_loss_coeff", ConfigType::kFloat, ConfigValue{0.0},
+        "backward: weight of the z loss in the router's gradient");
+}
+
+double loss_coefficient(const ConfigSection& o, std::string_view key) {
+  const double v = o.get_float(key);
+  if (!std::isfinite(v) || v < 0) o.fail(key, "must be a finite number >= 0");
+  return v;
+}
 
 void declare_token_choice_options(ConfigSchema& s) {
   using T = ConfigType;
@@ -35,6 +49,7 @@ void declare_token_choice_options(ConfigSchema& s) {
   s.add("nan_policy", T::kString, ConfigValue{std::string("error")},
         "NaN or Inf logits: error, or mask (that expert is never selected for that token)",
         checks::one_of({"error", "mask"}));
+  declare_loss_options(s);
 }
 
 namespace {
@@ -75,6 +90,8 @@ class TokenChoiceRouter final : public Router {
       o.fail("bias_update_rate", "must be a finite number >= 0");
     }
     mask_non_finite_ = o.get_string("nan_policy") == "mask";
+    aux_loss_coeff_ = loss_coefficient(o, "aux_loss_coeff");
+    z_loss_coeff_ = loss_coefficient(o, "z_loss_coeff");
     if (o.has("bias")) {
       const auto path = o.get_path("bias");
       HostTensor bias;
@@ -147,42 +164,15 @@ class TokenChoiceRouter final : public Router {
     const bool mask = mask_non_finite_;
     float* probabilities = probabilities_.data();  // P of the aux loss
     float* selection = selection_.data();
-    // The selection values are the scores themselves unless a bias, masking or group
-    // limiting changes them: then they are written to selection_.
-    const bool select_on_scores = bias_.empty() && !mask && !groups_;
+    const bool select_on_scores = selects_on_scores();
     for (std::int64_t t = 0; t < T; ++t) {
       const float* row = z + t * E;
-      const float* scores = nullptr;
-      double lse = 0;
-      if (sigmoid_) {
-        lse = log_sum_exp_row(row, E, mask);
-        if (std::isinf(lse)) continue;  // every expert masked: the token is routed nowhere
-        const float sum = sigmoid_row(row, E, sigmoid_scores_.data(), mask);
-        scores = sigmoid_scores_.data();
-        scale_row(scores, E, 1.0f / sum, probabilities);  // P = s / Σ s
-      } else {
-        lse = softmax_row(row, E, probabilities, mask);
-        if (std::isinf(lse)) continue;
-        scores = pre_softmax_ ? probabilities : row;
-      }
-      z_loss += lse * lse;
-
-      const float* values = scores;
-      if (!select_on_scores) {
-        if (bias_.empty()) {
-          std::copy(scores, scores + E, selection);
-        } else {
-          add_row(scores, bias_.data(), E, selection);
-        }
-        if (mask) {
-          for (int e = 0; e < E; ++e) {
-            if (!std::isfinite(row[e])) selection[e] = kNegInf;
-          }
-        }
-        if (groups_) limit_groups(input.topology);
-        values = selection;
-      }
-      const int picked = select_top_k(values, E, K, chosen_.data(), chosen_values_.data());
+      const Choice choice = choose(row, select_on_scores, input.topology);
+      if (choice.picked < 0) continue;  // every expert masked: the token is routed nowhere
+      const float* scores = choice.scores;
+      const float* values = choice.values;
+      const int picked = choice.picked;
+      z_loss += choice.lse * choice.lse;
 
       float* w = &plan.weights[static_cast<std::size_t>(t * K)];
       std::int32_t* ex = &plan.experts[static_cast<std::size_t>(t * K)];
@@ -234,6 +224,71 @@ class TokenChoiceRouter final : public Router {
 
   bool updates_from_counts() const noexcept override { return update_rate_ > 0; }
 
+  void backward(const RouteGradientInput& in, const TensorView& d_logits) override {
+    in.logits.require(logits_name_, DType::kF32, {-1, num_experts_});
+    const std::int64_t T = in.logits.dim(0);
+    const int E = num_experts_, K = top_k_;
+    const RoutingPlan* plan = in.plan;
+    if (plan == nullptr || plan->num_tokens != T || plan->slots != K ||
+        !plan->experts.allocator().host_accessible()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "router " + policy_ + " backward: needs the forward's plan in host memory for " +
+                      std::to_string(T) + " tokens x " + std::to_string(K) + " slots");
+    }
+    in.d_weights.require("router " + policy_ + " backward d_weights", DType::kF32, {T, K});
+    d_logits.require("router " + policy_ + " backward d_logits", DType::kF32, {T, E});
+    const std::int64_t loss_tokens = in.loss_tokens > 0 ? in.loss_tokens : stats_.tokens;
+    const std::span<const std::int64_t> aux_counts =
+        in.loss_aux_counts.empty() ? std::span<const std::int64_t>(stats_.aux_counts)
+                                   : in.loss_aux_counts;
+    if (static_cast<int>(aux_counts.size()) != E) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "router " + policy_ + " backward: " + std::to_string(aux_counts.size()) +
+                      " aux counts for " + std::to_string(E) + " experts");
+    }
+    const routing_gradient::WeightForm form{sigmoid_, pre_softmax_, normalize_, scale_};
+    gradient_scratch_.resize(static_cast<std::size_t>(E + 2 * K));
+    selected_gradient_.resize(static_cast<std::size_t>(K));
+    const float* z = in.logits.data_as<const float>();
+    const float* d_weights = in.d_weights.data_as<const float>();
+    float* dz_all = d_logits.data_as<float>();
+    const bool on_scores = selects_on_scores();
+    for (std::int64_t t = 0; t < T; ++t) {
+      const float* row = z + t * E;
+      float* dz = dz_all + t * E;
+      std::fill(dz, dz + E, 0.0f);
+      const Choice choice = choose(row, on_scores, in.topology);
+      if (choice.picked < 0) continue;
+      // Each selected expert's weight gradient: its slot's in the plan, or 0 when capacity
+      // dropped it (the selection keeps its share of the normalisation).
+      const std::int32_t* experts = plan->experts.data() + t * K;
+      int kept = 0;
+      for (int j = 0; j < choice.picked; ++j) {
+        float g = 0;
+        for (int slot = 0; slot < K; ++slot) {
+          if (experts[slot] == chosen_[static_cast<std::size_t>(j)]) {
+            g = d_weights[t * K + slot];
+            ++kept;
+          }
+        }
+        selected_gradient_[static_cast<std::size_t>(j)] = g;
+      }
+      for (int slot = 0; slot < K; ++slot) kept -= experts[slot] >= 0 ? 1 : 0;
+      if (kept != 0) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "router " + policy_ +
+                        " backward: the plan is not this router's routing of "
+                        "these logits (token " +
+                        std::to_string(t) + ")");
+      }
+      routing_gradient::weights_backward(form, row, E, chosen_.data(), choice.picked,
+                                         selected_gradient_.data(), dz, gradient_scratch_.data());
+      routing_gradient::losses_backward(sigmoid_, row, E, K, loss_tokens, aux_counts,
+                                        aux_loss_coeff_, z_loss_coeff_, dz,
+                                        gradient_scratch_.data());
+    }
+  }
+
   std::optional<TokenChoiceSpec> token_choice_spec(const Topology* topology) override {
     if (limit_ || mask_non_finite_) return std::nullopt;
     TokenChoiceSpec spec;
@@ -283,6 +338,57 @@ class TokenChoiceRouter final : public Router {
   }
 
  private:
+  /// A token's scores and selection (`choose`).
+  struct Choice {
+    int picked = -1;                ///< experts selected into chosen_; -1: every one masked
+    const float* scores = nullptr;  ///< what the weights come from: P, sigmoid scores or z
+    const float* values = nullptr;  ///< what was selected on: the scores or selection_
+    double lse = 0;                 ///< the row's logsumexp
+  };
+
+  /// The selection values are the scores themselves unless a bias, masking or group
+  /// limiting changes them: then they are written to selection_.
+  bool selects_on_scores() const noexcept { return bias_.empty() && !mask_non_finite_ && !groups_; }
+
+  /// Scores one token's logits (P of the aux loss into probabilities_) and selects its
+  /// top-k into chosen_, in selection order, as `route` and `backward` both need.
+  Choice choose(const float* row, bool select_on_scores, const Topology* topology) {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    const int E = num_experts_;
+    const bool mask = mask_non_finite_;
+    float* probabilities = probabilities_.data();
+    Choice c;
+    if (sigmoid_) {
+      c.lse = log_sum_exp_row(row, E, mask);
+      if (std::isinf(c.lse)) return c;
+      const float sum = sigmoid_row(row, E, sigmoid_scores_.data(), mask);
+      c.scores = sigmoid_scores_.data();
+      scale_row(c.scores, E, 1.0f / sum, probabilities);  // P = s / Σ s
+    } else {
+      c.lse = softmax_row(row, E, probabilities, mask);
+      if (std::isinf(c.lse)) return c;
+      c.scores = pre_softmax_ ? probabilities : row;
+    }
+    c.values = c.scores;
+    if (!select_on_scores) {
+      float* selection = selection_.data();
+      if (bias_.empty()) {
+        std::copy(c.scores, c.scores + E, selection);
+      } else {
+        add_row(c.scores, bias_.data(), E, selection);
+      }
+      if (mask) {
+        for (int e = 0; e < E; ++e) {
+          if (!std::isfinite(row[e])) selection[e] = kNegInf;
+        }
+      }
+      if (groups_) limit_groups(topology);
+      c.values = selection;
+    }
+    c.picked = select_top_k(c.values, E, top_k_, chosen_.data(), chosen_values_.data());
+    return c;
+  }
+
   /// Throws unless the M smallest groups hold at least k experts.
   void check_group_sizes(std::vector<int> sizes, const ConfigSection& o) const {
     const int G = static_cast<int>(sizes.size());
@@ -465,6 +571,10 @@ class TokenChoiceRouter final : public Router {
   float scale_ = 1.0f;
   float update_rate_ = 0.0f;
   bool mask_non_finite_ = false;
+  double aux_loss_coeff_ = 0;
+  double z_loss_coeff_ = 0;
+  std::vector<float> gradient_scratch_;   // backward: [E + 2K]
+  std::vector<float> selected_gradient_;  // backward: [K] per selected position
   std::vector<float> bias_;
   // Per-token scratch, sized once.
   std::vector<float> probabilities_;   // P: softmax, or the normalised sigmoid scores

@@ -9,6 +9,7 @@
 #include <numeric>
 
 #include "switchyard/plugin.hpp"
+#include "switchyard/routing_gradient.hpp"
 #include "switchyard/routing_rows.hpp"
 #include "switchyard/token_choice_router.hpp"
 
@@ -24,6 +25,7 @@ void declare_options(ConfigSchema& s) {
   s.add("nan_policy", T::kString, ConfigValue{std::string("error")},
         "NaN or Inf logits: error, or mask (that expert never takes that token)",
         checks::one_of({"error", "mask"}));
+  declare_loss_options(s);
 }
 
 class ExpertChoiceRouter final : public Router {
@@ -36,6 +38,8 @@ class ExpertChoiceRouter final : public Router {
       o.fail("capacity_factor", "must be a finite number > 0");
     }
     mask_non_finite_ = o.get_string("nan_policy") == "mask";
+    aux_loss_coeff_ = loss_coefficient(o, "aux_loss_coeff");
+    z_loss_coeff_ = loss_coefficient(o, "z_loss_coeff");
     const auto E = static_cast<std::size_t>(num_experts_);
     stats_.counts.assign(E, 0);
     stats_.probability_sums.assign(E, 0.0);
@@ -127,6 +131,54 @@ class ExpertChoiceRouter final : public Router {
     finish_stats(plan, T, z_loss);
   }
 
+  /// A slot's weight is p[t,e] of softmax(z_t): the gradient through the experts that
+  /// took the token, plus the losses' (docs/routing.md).
+  void backward(const RouteGradientInput& in, const TensorView& d_logits) override {
+    const int E = num_experts_;
+    in.logits.require("router expert_choice logits", DType::kF32, {-1, E});
+    const std::int64_t T = in.logits.dim(0);
+    const RoutingPlan* plan = in.plan;
+    if (plan == nullptr || plan->num_tokens != T || plan->slots != E ||
+        !plan->experts.allocator().host_accessible()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "router expert_choice backward: needs the forward's plan in host memory for " +
+                      std::to_string(T) + " tokens x " + std::to_string(E) + " slots");
+    }
+    in.d_weights.require("router expert_choice backward d_weights", DType::kF32, {T, E});
+    d_logits.require("router expert_choice backward d_logits", DType::kF32, {T, E});
+    const std::int64_t loss_tokens = in.loss_tokens > 0 ? in.loss_tokens : stats_.tokens;
+    const std::span<const std::int64_t> aux_counts =
+        in.loss_aux_counts.empty() ? std::span<const std::int64_t>(stats_.aux_counts)
+                                   : in.loss_aux_counts;
+    if (static_cast<int>(aux_counts.size()) != E) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "router expert_choice backward: " + std::to_string(aux_counts.size()) +
+                      " aux counts for " + std::to_string(E) + " experts");
+    }
+    const routing_gradient::WeightForm form{false, true, false, 1.0};
+    gradient_scratch_.resize(static_cast<std::size_t>(3 * E));
+    taken_.resize(static_cast<std::size_t>(E));
+    taken_gradient_.resize(static_cast<std::size_t>(E));
+    for (std::int64_t t = 0; t < T; ++t) {
+      const float* row = in.logits.data_as<const float>() + t * E;
+      float* dz = d_logits.data_as<float>() + t * E;
+      std::fill(dz, dz + E, 0.0f);
+      int taken = 0;
+      for (int slot = 0; slot < E; ++slot) {
+        const std::int32_t e = plan->experts[static_cast<std::size_t>(t * E + slot)];
+        if (e < 0) continue;
+        taken_[static_cast<std::size_t>(taken)] = e;
+        taken_gradient_[static_cast<std::size_t>(taken++)] =
+            in.d_weights.data_as<const float>()[t * E + slot];
+      }
+      routing_gradient::weights_backward(form, row, E, taken_.data(), taken, taken_gradient_.data(),
+                                         dz, gradient_scratch_.data());
+      routing_gradient::losses_backward(false, row, E, top_k_, loss_tokens, aux_counts,
+                                        aux_loss_coeff_, z_loss_coeff_, dz,
+                                        gradient_scratch_.data());
+    }
+  }
+
  private:
   /// columns_[e][t0 + i] = tile_[i][e] for i < rows, or -inf where the logit is masked.
   void write_tile_to_columns(const float* z, std::int64_t T, std::int64_t t0, std::int64_t rows) {
@@ -179,6 +231,11 @@ class ExpertChoiceRouter final : public Router {
   int top_k_ = 1;
   double capacity_factor_ = 1;
   bool mask_non_finite_ = false;
+  double aux_loss_coeff_ = 0;
+  double z_loss_coeff_ = 0;
+  std::vector<float> gradient_scratch_;            // backward: [3E]
+  std::vector<int> taken_;                         // backward: the experts that took a token
+  std::vector<float> taken_gradient_;              // backward: their weights' gradients
   static constexpr std::int64_t kTileTokens = 16;  // a cache line of floats per column
   std::vector<float> tile_;                        // [kTileTokens,E] p of a tile of tokens
   std::vector<float> columns_;                     // [E,T] p by expert, -inf where masked

@@ -65,6 +65,20 @@ struct RouteInput {
   const Topology* topology = nullptr;  ///< placement of the EP group's ranks; may be null
 };
 
+/// What `Router::backward` needs: the forward's logits and plan, and the gradient of the
+/// loss with respect to the plan's weights.
+struct RouteGradientInput {
+  TensorView logits;                   ///< f32 [T,E] host contiguous: the forward's
+  const Topology* topology = nullptr;  ///< the forward's
+  const RoutingPlan* plan = nullptr;   ///< the forward's plan of these logits (host)
+  TensorView d_weights;  ///< f32 [T,K] host contiguous: dL/d plan.weights (empty slots ignored)
+  /// The scope of the aux and z losses: the EP group's tokens and its plain top-k counts
+  /// [E] (`RouterStats::tokens` and `aux_counts` summed over the group), as the group's
+  /// losses are defined. 0 and empty: this rank's own, from the last `route`.
+  std::int64_t loss_tokens = 0;
+  std::span<const std::int64_t> loss_aux_counts;
+};
+
 /// A token-choice policy as data (docs/routing.md), so that a device data path can compute
 /// what the host policy computes, bit for bit, on logits in device memory.
 struct TokenChoiceSpec {
@@ -120,6 +134,14 @@ class Router {
   virtual std::optional<TokenChoiceSpec> token_choice_spec(const Topology* /*topology*/) {
     return std::nullopt;
   }
+  /// Writes d_logits [T,E] (f32 host contiguous): the gradient of the loss with respect to
+  /// the logits through the weights the plan kept (the routing decisions are the forward's,
+  /// recomputed from the same logits, so a dropped slot still shares its token's
+  /// normalisation but passes no gradient of its own; the selection bias gets none), plus
+  /// `[router] aux_loss_coeff` · d aux_loss + `z_loss_coeff` · d z_loss over the scope
+  /// `input` gives. Host-synchronous. Throws `Error(kUnavailable)` for a policy without a
+  /// gradient (the default), `Error(kInvalidArgument)` for shapes that do not match.
+  virtual void backward(const RouteGradientInput& input, const TensorView& d_logits);
   /// Takes `computed` (counts, tokens and the loss sums of a route that a device data path
   /// computed from `token_choice_spec`) as the statistics of the last route. Throws
   /// `Error(kUnavailable)` for policies without a spec.

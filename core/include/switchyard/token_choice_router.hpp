@@ -29,8 +29,14 @@ void require_finite_logits(const float* logits, std::int64_t tokens, int num_exp
                            const std::string& policy);
 
 /// Declares the token-choice keys of [router]: top_k, score, pre_softmax, normalize,
-/// scale, bias, bias_update_rate, nan_policy.
+/// scale, bias, bias_update_rate, nan_policy, and the loss coefficients.
 void declare_token_choice_options(ConfigSchema& schema);
+
+/// Declares aux_loss_coeff and z_loss_coeff (default 0): the weights of the aux and z
+/// losses' gradients in `Router::backward`. Every policy with a backward declares them.
+void declare_loss_options(ConfigSchema& schema);
+/// A loss coefficient of `options`: finite and >= 0 (a configuration error otherwise).
+double loss_coefficient(const ConfigSection& options, std::string_view key);
 
 /// What a policy does to a plan after the top-k selection (e.g. capacity); returns the
 /// number of assignments it dropped. Called once per `route`; must not allocate once its
