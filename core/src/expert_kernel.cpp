@@ -35,6 +35,40 @@ std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
   return largest;
 }
 
+std::int64_t check_expert_gradient_batch(const ExpertGradientBatch& batch, std::int64_t hidden,
+                                         std::int64_t ffn_hidden, std::size_t num_experts,
+                                         Device device, const ExpertBatchNames& names) {
+  batch.input.require_on(device, names.input, DType::kF32, {-1, hidden});
+  const std::int64_t N = batch.input.dim(0);
+  batch.d_output.require_on(device, names.d_output, DType::kF32, {N, hidden});
+  batch.d_input.require_on(device, names.d_input, DType::kF32, {N, hidden});
+  // The row counts as the forward's (d_input has the output's shape).
+  const std::int64_t largest =
+      check_expert_batch(ExpertBatch{batch.input, batch.rows_per_expert, batch.d_input}, hidden,
+                         num_experts, device, names);
+  if (ffn_hidden == 0) {
+    if (!batch.d_weights.empty()) {
+      throw Error(ErrorCode::kInvalidArgument, names.kernel + ": has no weights to give gradients");
+    }
+    return largest;
+  }
+  if (batch.d_weights.size() != num_experts) {
+    throw Error(ErrorCode::kInvalidArgument,
+                names.kernel + ": " + std::to_string(batch.d_weights.size()) +
+                    " weight gradients for " + std::to_string(num_experts) + " local experts");
+  }
+  for (const SwigluExpertGradients& g : batch.d_weights) {
+    g.gate.require_on(device, names.d_weight, DType::kF32, {ffn_hidden, hidden});
+    g.up.require_on(device, names.d_weight, DType::kF32, {ffn_hidden, hidden});
+    g.down.require_on(device, names.d_weight, DType::kF32, {hidden, ffn_hidden});
+  }
+  return largest;
+}
+
+void ExpertKernel::backward(const ExpertGradientBatch& /*batch*/, Stream& /*stream*/) {
+  throw Error(ErrorCode::kUnavailable, "expert kernel \"" + name() + "\" has no backward pass");
+}
+
 void ExpertKernel::forward_weighted(const WeightedRowsBatch& /*batch*/, Stream& /*stream*/) {
   throw Error(ErrorCode::kUnavailable,
               "expert kernel \"" + name() + "\" does not form weighted rows (fused path)");
@@ -53,6 +87,16 @@ void IdentityExperts::forward(const ExpertBatch& batch, Stream& /*stream*/) {
   if (batch.input.numel() > 0 && batch.input.data() != batch.output.data()) {
     std::memcpy(batch.output.data(), batch.input.data(),
                 static_cast<std::size_t>(batch.input.numel()) * sizeof(float));
+  }
+}
+
+void IdentityExperts::backward(const ExpertGradientBatch& batch, Stream& /*stream*/) {
+  const std::int64_t hidden = batch.input.rank() == 2 ? batch.input.dim(1) : -1;
+  check_expert_gradient_batch(batch, hidden, 0, static_cast<std::size_t>(num_local_experts_),
+                              Device::host(), names_);
+  if (batch.d_output.numel() > 0 && batch.d_output.data() != batch.d_input.data()) {
+    std::memcpy(batch.d_input.data(), batch.d_output.data(),
+                static_cast<std::size_t>(batch.d_output.numel()) * sizeof(float));
   }
 }
 

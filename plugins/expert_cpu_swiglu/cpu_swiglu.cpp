@@ -1,6 +1,6 @@
 // expert_cpu_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), float32, three GEMMs
-// per local expert through OpenBLAS over its contiguous rows. Weights stay in their
-// checkpoint dtype (f32, bf16, f16); bf16/f16 weights are widened one matrix at a time into
+// per local expert through OpenBLAS over its contiguous rows (the backward: eight). Weights stay in
+// their checkpoint dtype (f32, bf16, f16); bf16/f16 weights are widened one matrix at a time into
 // a reused f32 panel just before their GEMM.
 #include <cblas.h>
 
@@ -85,6 +85,65 @@ class CpuSwigluKernel final : public ExpertKernel {
     }
   }
 
+  // Host-synchronous. For each expert, with A = x·gateᵀ, B = x·upᵀ, S = silu(A),
+  // Hh = S ⊙ B and G = d_output: d down += Gᵀ·Hh; dHh = G·down; dB = dHh ⊙ S;
+  // dA = dHh ⊙ B ⊙ silu'(A); d gate += dAᵀ·x; d up += dBᵀ·x; d x = dA·gate + dB·up.
+  // A and B are recomputed from x (two GEMMs) rather than kept from the forward.
+  void backward(const ExpertGradientBatch& batch, Stream& /*stream*/) override {
+    const std::int64_t H = hidden_, F = ffn_hidden_;
+    const std::int64_t largest =
+        check_expert_gradient_batch(batch, H, F, experts_.size(), Device::host(), names_);
+    const auto buffer = static_cast<std::size_t>(largest * F);
+    gate_out_.resize(buffer);
+    up_out_.resize(buffer);
+    activation_.resize(buffer);
+    d_activation_.resize(buffer);
+    const float* x = batch.input.data_as<const float>();
+    const float* g = batch.d_output.data_as<const float>();
+    float* dx = batch.d_input.data_as<float>();
+    std::int64_t row = 0;
+    for (std::size_t e = 0; e < experts_.size(); ++e) {
+      const auto n = batch.rows_per_expert[e];
+      if (n == 0) continue;
+      const float* xe = x + row * H;
+      const float* ge = g + row * H;
+      float* dxe = dx + row * H;
+      const SwigluExpertGradients& d = batch.d_weights[e];
+      const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                  as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                  as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
+      for (std::int64_t i = 0; i < n * F; ++i) {
+        const float a = gate_out_[static_cast<std::size_t>(i)];
+        activation_[static_cast<std::size_t>(i)] =
+            a / (1.0f + std::exp(-a)) * up_out_[static_cast<std::size_t>(i)];
+      }
+      // d down [H,F] += Gᵀ [H,n] · Hh [n,F]; dHh [n,F] = G [n,H] · down [H,F].
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, h, f, in, 1.0f, ge, h,
+                  activation_.data(), f, 1.0f, d.down.data_as<float>(), f);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, in, f, h, 1.0f, ge, h,
+                  as_f32(experts_[e].down), f, 0.0f, d_activation_.data(), f);
+      for (std::int64_t i = 0; i < n * F; ++i) {
+        const auto k = static_cast<std::size_t>(i);
+        const float a = gate_out_[k], b = up_out_[k], dh = d_activation_[k];
+        const float sigma = 1.0f / (1.0f + std::exp(-a));
+        gate_out_[k] = dh * b * sigma * (1.0f + a * (1.0f - sigma));  // dA
+        up_out_[k] = dh * a * sigma;                                  // dB
+      }
+      // d gate [F,H] += dAᵀ · x; d up += dBᵀ · x; dx [n,H] = dA · gate + dB · up.
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, f, h, in, 1.0f, gate_out_.data(), f, xe,
+                  h, 1.0f, d.gate.data_as<float>(), h);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, f, h, in, 1.0f, up_out_.data(), f, xe, h,
+                  1.0f, d.up.data_as<float>(), h);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, in, h, f, 1.0f, gate_out_.data(), f,
+                  as_f32(experts_[e].gate), h, 0.0f, dxe, h);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, in, h, f, 1.0f, up_out_.data(), f,
+                  as_f32(experts_[e].up), h, 1.0f, dxe, h);
+      row += n;
+    }
+  }
+
  private:
   static void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
                              std::int64_t cols) {
@@ -109,7 +168,8 @@ class CpuSwigluKernel final : public ExpertKernel {
   std::vector<SwigluExpertWeights> experts_;
   const ExpertBatchNames names_{"cpu_swiglu"};
   std::vector<float> gate_out_, up_out_;
-  std::vector<float> panel_;  // one widened weight matrix
+  std::vector<float> activation_, d_activation_;  // backward: Hh and dHh [n,F]
+  std::vector<float> panel_;                      // one widened weight matrix
 };
 
 std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {

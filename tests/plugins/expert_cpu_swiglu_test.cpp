@@ -1,6 +1,9 @@
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <vector>
 
 #include "switchyard/model.hpp"
 #include "switchyard/plugin.hpp"
@@ -85,4 +88,157 @@ TEST_CASE("bad batches are refused") {
   HostTensor narrow(DType::kF32, {3, 7});
   const std::vector<std::int64_t> ok = {1, 2};
   CHECK_THROWS_AS(kernel->forward({narrow.view(), ok, y.view()}, stream), Error);
+}
+
+namespace {
+
+/// One expert's weights in double, to differentiate the test's own forward.
+struct DoubleExpert {
+  std::vector<double> gate, up, down;  // [F,H], [F,H], [H,F]
+};
+
+DoubleExpert widen(const SwigluExpertWeights& w) {
+  auto copy = [](const TensorView& t) {
+    return std::vector<double>(t.data_as<const float>(), t.data_as<const float>() + t.numel());
+  };
+  return {copy(w.gate), copy(w.up), copy(w.down)};
+}
+
+/// Σ_h g[h] · down(silu(gate x) ⊙ up x)[h] in double.
+double weighted_output(const DoubleExpert& w, const std::vector<double>& x, const float* g,
+                       std::int64_t H, std::int64_t F) {
+  double sum = 0;
+  std::vector<double> act(static_cast<std::size_t>(F));
+  for (std::int64_t f = 0; f < F; ++f) {
+    double a = 0, b = 0;
+    for (std::int64_t h = 0; h < H; ++h) {
+      a += w.gate[static_cast<std::size_t>(f * H + h)] * x[static_cast<std::size_t>(h)];
+      b += w.up[static_cast<std::size_t>(f * H + h)] * x[static_cast<std::size_t>(h)];
+    }
+    act[static_cast<std::size_t>(f)] = a / (1 + std::exp(-a)) * b;
+  }
+  for (std::int64_t h = 0; h < H; ++h) {
+    double y = 0;
+    for (std::int64_t f = 0; f < F; ++f)
+      y += w.down[static_cast<std::size_t>(h * F + f)] * act[static_cast<std::size_t>(f)];
+    sum += g[h] * y;
+  }
+  return sum;
+}
+
+/// Central difference of f with respect to v[i] (one Richardson step).
+double difference(std::vector<double>& v, std::size_t i, const std::function<double()>& f) {
+  auto central = [&](double step) {
+    const double saved = v[i];
+    v[i] = saved + step;
+    const double up = f();
+    v[i] = saved - step;
+    const double down = f();
+    v[i] = saved;
+    return (up - down) / (2 * step);
+  };
+  return (4 * central(5e-4) - central(1e-3)) / 3;
+}
+
+/// Tracks max |a - b| / max |b| over a group of values.
+struct Agreement {
+  double diff = 0, scale = 0;
+  void add(double got, double expected) {
+    diff = std::max(diff, std::abs(got - expected));
+    scale = std::max(scale, std::abs(expected));
+  }
+  double relative() const { return diff / scale; }
+};
+
+}  // namespace
+
+TEST_CASE("backward: input and weight gradients against finite differences in float64") {
+  // 3 local experts (rows 3, 0, 2), H = 6, F = 5; the loss is Σ G ⊙ y over the rows.
+  constexpr std::int64_t H = 6, F = 5, N = 5;
+  HostStream stream;
+  const ModelWeights model = ModelWeights::random(3, H, F, 8);
+  auto kernel = make_kernel(model, 0, 3);
+  const std::vector<std::int64_t> rows = {3, 0, 2};
+  const HostTensor x = synthetic_tokens(N, H, 2);
+  const HostTensor g = synthetic_tokens(N, H, 3);
+  HostTensor dx(DType::kF32, {N, H});
+  // The gradients start at 0.25: the kernel adds to them.
+  std::vector<HostTensor> grads;
+  std::vector<SwigluExpertGradients> d_weights;
+  for (int e = 0; e < 3; ++e) {
+    for (auto shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}}) {
+      grads.emplace_back(DType::kF32, shape);
+      std::fill(grads.back().data<float>(), grads.back().data<float>() + grads.back().numel(),
+                0.25f);
+    }
+  }
+  for (int e = 0; e < 3; ++e) {
+    d_weights.push_back({grads[3 * e].view(), grads[3 * e + 1].view(), grads[3 * e + 2].view()});
+  }
+  kernel->backward({x.view(), rows, g.view(), dx.view(), d_weights}, stream);
+
+  const auto weights = model.experts(0, 3);
+  Agreement input, weight;
+  std::int64_t row = 0;
+  for (std::size_t e = 0; e < rows.size(); ++e) {
+    DoubleExpert w = widen(weights[e]);
+    std::vector<std::vector<double>> xs;
+    for (std::int64_t i = 0; i < rows[e]; ++i) {
+      xs.emplace_back(x.data<float>() + (row + i) * H, x.data<float>() + (row + i + 1) * H);
+    }
+    auto loss = [&] {
+      double sum = 0;
+      for (std::int64_t i = 0; i < rows[e]; ++i)
+        sum += weighted_output(w, xs[static_cast<std::size_t>(i)], g.data<float>() + (row + i) * H,
+                               H, F);
+      return sum;
+    };
+    for (std::int64_t i = 0; i < rows[e]; ++i) {
+      for (std::int64_t h = 0; h < H; ++h) {
+        input.add(dx.data<float>()[(row + i) * H + h],
+                  difference(xs[static_cast<std::size_t>(i)], static_cast<std::size_t>(h), loss));
+      }
+    }
+    std::vector<double>* tensors[3] = {&w.gate, &w.up, &w.down};
+    for (int which = 0; which < 3; ++which) {
+      const HostTensor& got = grads[3 * e + static_cast<std::size_t>(which)];
+      for (std::size_t i = 0; i < tensors[which]->size(); ++i) {
+        const double expected = rows[e] == 0 ? 0.0 : difference(*tensors[which], i, loss);
+        weight.add(got.data<float>()[i] - 0.25, expected);
+      }
+    }
+    row += rows[e];
+  }
+  CHECK(input.relative() <= 1e-4);
+  CHECK(weight.relative() <= 1e-4);
+  // An expert without rows keeps its gradients as they were.
+  for (int which = 0; which < 3; ++which) {
+    const HostTensor& untouched = grads[3 + static_cast<std::size_t>(which)];
+    CHECK(std::all_of(untouched.data<float>(), untouched.data<float>() + untouched.numel(),
+                      [](float v) { return v == 0.25f; }));
+  }
+}
+
+TEST_CASE("backward: bad gradient batches are refused; identity experts pass d_output on") {
+  HostStream stream;
+  const ModelWeights model = ModelWeights::random(2, 8, 4, 4);
+  auto kernel = make_kernel(model, 0, 2);
+  HostTensor x(DType::kF32, {3, 8}), g(DType::kF32, {3, 8}), dx(DType::kF32, {3, 8});
+  const std::vector<std::int64_t> rows = {1, 2};
+  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, g.view(), dx.view(), {}}, stream),
+                       doctest::Contains("0 weight gradients for 2 local experts"), Error);
+  HostTensor narrow(DType::kF32, {3, 7});
+  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, narrow.view(), dx.view(), {}}, stream),
+                       doctest::Contains("cpu_swiglu d_output: expected f32[3,8]"), Error);
+  HostTensor wrong(DType::kF32, {8, 4});  // down is [H,F] = [8,4]; gate must be [4,8]
+  HostTensor gate(DType::kF32, {4, 8}), up(DType::kF32, {4, 8}), down(DType::kF32, {8, 4});
+  const std::vector<SwigluExpertGradients> bad = {{wrong.view(), up.view(), down.view()},
+                                                  {gate.view(), up.view(), down.view()}};
+  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, g.view(), dx.view(), bad}, stream),
+                       doctest::Contains("cpu_swiglu weight gradient: expected f32[4,8]"), Error);
+
+  IdentityExperts identity(2);
+  const HostTensor d = synthetic_tokens(3, 8, 1);
+  identity.backward({x.view(), rows, d.view(), dx.view(), {}}, stream);
+  CHECK(std::equal(dx.data<float>(), dx.data<float>() + 24, d.data<float>()));
 }

@@ -21,6 +21,14 @@ struct SwigluExpertWeights {
   TensorView down;  ///< [H,F]
 };
 
+/// Gradients of one SwiGLU expert's weights, in f32 with the weights' shapes, owned by the
+/// caller; a kernel's `backward` adds to them.
+struct SwigluExpertGradients {
+  TensorView gate;  ///< [F,H] f32
+  TensorView up;    ///< [F,H] f32
+  TensorView down;  ///< [H,F] f32
+};
+
 /// A grouped batch: rows [N,H] where the first `rows_per_expert[0]` rows go to local
 /// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on. `input` and
 /// `output` are f32 on the stream's device; `rows_per_expert` is host memory.
@@ -30,11 +38,28 @@ struct ExpertBatch {
   TensorView output;                              ///< [N,H], written
 };
 
+/// The backward of a grouped batch: the forward's input rows and the loss's gradient with
+/// respect to each row's output. The kernel writes the gradient with respect to each input
+/// row and adds each local expert's weight gradients. f32 on the stream's device;
+/// `rows_per_expert` host memory, as in the forward.
+struct ExpertGradientBatch {
+  TensorView input;                                  ///< [N,H] the forward's, read only
+  std::span<const std::int64_t> rows_per_expert;     ///< [local experts], sums to N
+  TensorView d_output;                               ///< [N,H] read only
+  TensorView d_input;                                ///< [N,H] written
+  std::span<const SwigluExpertGradients> d_weights;  ///< [local experts], added to
+};
+
 /// Names of a kernel's tensors in its error messages, built once (checking allocates nothing).
 struct ExpertBatchNames {
   explicit ExpertBatchNames(const std::string& kernel_name)
-      : kernel(kernel_name), input(kernel_name + " input"), output(kernel_name + " output") {}
-  std::string kernel, input, output;
+      : kernel(kernel_name),
+        input(kernel_name + " input"),
+        output(kernel_name + " output"),
+        d_output(kernel_name + " d_output"),
+        d_input(kernel_name + " d_input"),
+        d_weight(kernel_name + " weight gradient") {}
+  std::string kernel, input, output, d_output, d_input, d_weight;
 };
 
 /// Checks `batch` for a kernel with `num_experts` local experts of hidden size `hidden` whose
@@ -88,7 +113,21 @@ class ExpertKernel {
   /// Throws `Error(kUnimplemented)` unless `fuses_weighted_rows()`, and
   /// `Error(kInvalidArgument)` for a local expert outside 0..num_local_experts()-1.
   virtual void forward_weighted(const WeightedRowsBatch& batch, Stream& stream);
+  /// The backward of `forward` on the same rows (see `ExpertGradientBatch`): recomputes
+  /// what it needs from the input, writes d_input and adds the weight gradients (a kernel
+  /// without weights takes an empty `d_weights`). Blocking like `forward`; allocates only
+  /// when N grows. Throws `Error(kUnavailable)` for a kernel without a backward (the
+  /// default) and `Error(kInvalidArgument)` on shape mismatch.
+  virtual void backward(const ExpertGradientBatch& batch, Stream& stream);
 };
+
+/// Checks `batch` as `check_expert_batch` checks a forward batch, plus d_output and
+/// d_input of the input's shape and one gradient set per local expert (f32: gate and up
+/// [F,H], down [H,F]) unless `ffn_hidden` is 0 (a kernel without weights, which takes
+/// none). Returns the largest row count.
+std::int64_t check_expert_gradient_batch(const ExpertGradientBatch& batch, std::int64_t hidden,
+                                         std::int64_t ffn_hidden, std::size_t num_experts,
+                                         Device device, const ExpertBatchNames& names);
 
 /// Experts that return their input: expert_e(x) = x for every local expert e. A layer with
 /// them computes y[t] = Σ of t's kept weights · x[t] (up to the payload's and the combine
@@ -104,6 +143,8 @@ class IdentityExperts final : public ExpertKernel {
   void forward(const ExpertBatch& batch, Stream& stream) override;
   bool fuses_weighted_rows() const noexcept override { return true; }
   void forward_weighted(const WeightedRowsBatch& batch, Stream& stream) override;
+  /// d_input = d_output; there are no weights (`d_weights` empty).
+  void backward(const ExpertGradientBatch& batch, Stream& stream) override;
 
  private:
   int num_local_experts_;
