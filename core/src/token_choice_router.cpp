@@ -247,7 +247,7 @@ class TokenChoiceRouter final : public Router {
                       " aux counts for " + std::to_string(E) + " experts");
     }
     const routing_gradient::WeightForm form{sigmoid_, pre_softmax_, normalize_, scale_};
-    gradient_scratch_.resize(static_cast<std::size_t>(E + 2 * K));
+    gradient_scratch_.resize(static_cast<std::size_t>(E) + 2 * static_cast<std::size_t>(K));
     selected_gradient_.resize(static_cast<std::size_t>(K));
     const float* z = in.logits.data_as<const float>();
     const float* d_weights = in.d_weights.data_as<const float>();

@@ -156,7 +156,7 @@ class ExpertChoiceRouter final : public Router {
                       " aux counts for " + std::to_string(E) + " experts");
     }
     const routing_gradient::WeightForm form{false, true, false, 1.0};
-    gradient_scratch_.resize(static_cast<std::size_t>(3 * E));
+    gradient_scratch_.resize(3 * static_cast<std::size_t>(E));
     taken_.resize(static_cast<std::size_t>(E));
     taken_gradient_.resize(static_cast<std::size_t>(E));
     for (std::int64_t t = 0; t < T; ++t) {
