@@ -920,4 +920,121 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   traffic_.combine_bytes = static_cast<std::uint64_t>(rows_received) * back_bytes;
 }
 
+void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGradients& out) {
+  if (data_path_->device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
+  }
+  const RoutingPlan& plan = plan_;
+  const std::int64_t T = plan.num_tokens, H = hidden_;
+  const int K = plan.slots;
+  const int E = parts_.placement.num_experts();
+  x.require("MoE backward x", DType::kF32, {T, H});
+  dy.require("MoE backward dy", DType::kF32, {T, H});
+  out.dx.require("MoE backward dx", DType::kF32, {T, H});
+  out.d_gate.require("MoE backward d_gate", DType::kF32, {E, H});
+
+  // The forward's rows and dy's rows, grouped per local expert in the same order.
+  dispatch(x, plan, backward_x_);
+  dispatch(dy, plan, backward_dy_);
+  DispatchHandle& hx = backward_x_;
+  DispatchHandle& hd = backward_dy_;
+  const TensorView rows = hx.expert_input();
+  const TensorView outputs = hx.expert_output();
+  const TensorView d_rows = hd.expert_input();
+  const TensorView scaled = hd.expert_output();
+  host_ready();
+  parts_.experts->forward(ExpertBatch{rows, hx.rows_per_expert(), outputs}, *stream_);
+  host_ready();
+
+  // Per received (row, slot): d weight = <dy row, expert output>; the expert's output
+  // gradient is weight · dy.
+  const std::int64_t N = static_cast<std::int64_t>(hd.recv_meta_.size()) / K;
+  d_slot_weights_.resize(to_size(N * K));
+  for (std::int64_t i = 0; i < N * K; ++i) {
+    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
+    float d_weight = 0;
+    if (a >= 0) {
+      const float* o = outputs.data_as<const float>() + a * H;
+      const float* g = d_rows.data_as<const float>() + a * H;
+      float* s = scaled.data_as<float>() + a * H;
+      const float w = hd.recv_meta_[to_size(i)].weight;
+      for (std::int64_t h = 0; h < H; ++h) {
+        d_weight += g[h] * o[h];
+        s[h] = w * g[h];
+      }
+    }
+    d_slot_weights_[to_size(i)] = d_weight;
+  }
+  parts_.experts->backward(
+      ExpertGradientBatch{rows, hx.rows_per_expert(), scaled, outputs, out.d_experts}, *stream_);
+  host_ready();
+
+  // The rows' input gradients come back summed per token: the combine with unit weights.
+  for (std::int64_t i = 0; i < N * K; ++i) hd.recv_meta_[to_size(i)].weight = 1.0f;
+  combine(hd, outputs, out.dx);
+
+  // The weights' gradients back to their tokens' ranks: K values per row, the reverse of
+  // the dispatch's layout (this rank's own rows copied).
+  Transport& transport = *parts_.transport;
+  const auto me = static_cast<std::size_t>(transport.rank());
+  const std::size_t slot_bytes = to_size(K) * sizeof(float);
+  const std::int64_t S = static_cast<std::int64_t>(hd.send_row_token_.size());
+  d_sent_weights_.resize(to_size(S * K));
+  peer_exchange(hd.rows_from_, me, slot_bytes, /*compact=*/false, d_weight_send_bytes_,
+                d_weight_send_offsets_);
+  peer_exchange(hd.rows_to_, me, slot_bytes, /*compact=*/false, d_weight_recv_bytes_,
+                d_weight_recv_offsets_);
+  std::copy_n(d_slot_weights_.data() + hd.rows_from_offset_[me] * K, hd.rows_from_[me] * K,
+              d_sent_weights_.data() + hd.rows_to_offset_[me] * K);
+  transport.alltoallv(
+      {reinterpret_cast<const std::byte*>(d_slot_weights_.data()), span_of(d_weight_send_bytes_),
+       span_of(d_weight_send_offsets_), reinterpret_cast<std::byte*>(d_sent_weights_.data()),
+       span_of(d_weight_recv_bytes_), span_of(d_weight_recv_offsets_), Device::host()},
+      *stream_);
+  host_ready();
+  // A sent row's slots are its token's plan slots on the row's rank, in plan order.
+  d_plan_weights_.assign(to_size(T * K), 0.0f);
+  for (std::size_t rank = 0; rank < hd.rows_to_.size(); ++rank) {
+    const std::int64_t first = hd.rows_to_offset_[rank];
+    for (std::int64_t i = first; i < first + hd.rows_to_[rank]; ++i) {
+      const std::int64_t t = hd.send_row_token_[to_size(i)];
+      const std::int32_t* experts = plan.experts.data() + t * K;
+      int slot = 0;
+      for (int j = 0; j < K; ++j) {
+        if (experts[j] < 0 || parts_.placement.rank_of(experts[j]) != static_cast<int>(rank)) {
+          continue;
+        }
+        d_plan_weights_[to_size(t * K + j)] = d_sent_weights_[to_size(i * K + slot++)];
+      }
+    }
+  }
+
+  // The router: d logits from the weights' gradients, then through the logits' GEMM.
+  backward_logits_.resize(to_size(T * E));
+  d_logits_.resize(to_size(T * E));
+  compute_router_logits(x, gate_, backward_logits_.data());
+  RouteGradientInput route;
+  route.logits = TensorView(backward_logits_.data(), DType::kF32, {T, E});
+  route.topology = &transport.topology();
+  route.plan = &plan;
+  route.d_weights = TensorView(d_plan_weights_.data(), DType::kF32, {T, K});
+  route.loss_tokens = out.loss_tokens;
+  route.loss_aux_counts = out.loss_aux_counts;
+  parts_.router->backward(route, TensorView(d_logits_.data(), DType::kF32, {T, E}));
+  const float* gate = gate_.data_as<const float>();
+  const float* xs = x.data_as<const float>();
+  float* dx = out.dx.data_as<float>();
+  float* d_gate = out.d_gate.data_as<float>();
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (int e = 0; e < E; ++e) {
+      const float g = d_logits_[to_size(t * E + e)];
+      if (g == 0.0f) continue;
+      for (std::int64_t h = 0; h < H; ++h) {
+        dx[t * H + h] += g * gate[e * H + h];
+        d_gate[e * H + h] += g * xs[t * H + h];
+      }
+    }
+  }
+}
+
 }  // namespace switchyard

@@ -148,6 +148,19 @@ struct MoELayerParts {
   int first_world_rank = 0;
 };
 
+/// Where `MoELayer::backward` puts the gradients of one step on one rank (host memory,
+/// owned by the caller).
+struct LayerGradients {
+  TensorView dx;  ///< [T,H] f32, written: through the experts and through the router
+  /// This rank's local experts' weight gradients, added to (see `ExpertKernel::backward`).
+  std::span<const SwigluExpertGradients> d_experts;
+  TensorView d_gate;  ///< [E,H] f32, added to: the router's gate weight
+  /// The scope of the router's aux and z losses (`RouteGradientInput`): the EP group's
+  /// tokens and plain top-k counts; 0 and empty: this rank's own.
+  std::int64_t loss_tokens = 0;
+  std::span<const std::int64_t> loss_aux_counts;
+};
+
 /// One MoE layer on one rank of an EP group. Every rank of the group calls `forward` (or
 /// `dispatch` then `combine`) the same number of times, each with its own tokens (T may
 /// differ per rank, and be 0). Buffers are reused: after the first step with the largest
@@ -184,6 +197,16 @@ class MoELayer {
   /// The parts the layer was built from (to build another layer like it, e.g. with other
   /// experts).
   const MoELayerParts& parts() const noexcept { return parts_; }
+
+  /// The backward of the last `forward(x, y)`, given the same x [T,H] and dy = dL/dy
+  /// [T,H] (f32 host contiguous): dy goes to the experts' ranks with the forward's layout;
+  /// there each (row, slot) gets d weight = <dy, expert output> and the expert backward of
+  /// weight · dy (adding the local experts' gradients); the rows' input gradients come back
+  /// summed per token into dx; the weights' gradients come back to the router, whose
+  /// backward gives d logits, then dx += d logits · gate and d gate += d logitsᵀ · x. The
+  /// expert inputs and outputs are recomputed (the rows are dispatched again), nothing is
+  /// kept from the forward but its plan. Host data path only. Collective over the EP group.
+  void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
   /// The stream the layer's work is ordered on, from its data path: for the host data path
   /// a queued host stream when the transport is stream-ordered, else an inline one.
   Stream& stream() noexcept { return *stream_; }
@@ -304,6 +327,14 @@ class MoELayer {
   Buffer<std::int64_t> chunk_rows_to_, chunk_rows_from_;
   std::vector<std::unique_ptr<ChunkSlot>> chunk_slots_;
   std::unique_ptr<HostStream> exchange_stream_;
+  // Backward: the forward's rows and dy's rows with its layout; per received (row, slot)
+  // the weight's gradient; the same for the sent rows once they came back; the exchange's
+  // byte counts; the plan's weight gradients, the logits and their gradient.
+  DispatchHandle backward_x_, backward_dy_;
+  Buffer<float> d_slot_weights_, d_sent_weights_;
+  Buffer<std::size_t> d_weight_send_bytes_, d_weight_send_offsets_, d_weight_recv_bytes_,
+      d_weight_recv_offsets_;
+  Buffer<float> d_plan_weights_, backward_logits_, d_logits_;
   LayerTimings timings_;
   LayerTraffic traffic_;
   bool failure_agreed_ = false;

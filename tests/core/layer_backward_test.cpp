@@ -1,0 +1,202 @@
+// MoELayer::backward on in-process ranks against central finite differences of a dense
+// float64 MoE written here (the routing decisions held at the forward's): dx, the gate's
+// gradient summed over ranks, and every expert's weight gradients.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "switchyard/layer.hpp"
+#include "switchyard/runtime.hpp"
+#include "test_support.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+constexpr std::int64_t T = 7, H = 6, F = 5;
+constexpr int E = 4, K = 2;
+
+/// The model's parameters in double: gate [E,H], then per expert gate, up [F,H], down [H,F].
+struct Parameters {
+  std::vector<double> gate;
+  std::vector<std::vector<double>> w1, w3, w2;
+};
+
+double silu(double a) { return a / (1 + std::exp(-a)); }
+
+/// Σ dy ⊙ y of the dense layer with the plan's experts held; `sigmoid`: weights are
+/// sigmoid(z) normalised over the selected, else softmax(z) over all experts.
+double loss(const Parameters& p, const std::vector<double>& x, const std::vector<int>& experts,
+            const std::vector<float>& dy, bool sigmoid) {
+  double total = 0;
+  for (std::int64_t t = 0; t < T; ++t) {
+    double z[E];
+    for (int e = 0; e < E; ++e) {
+      z[e] = 0;
+      for (std::int64_t h = 0; h < H; ++h)
+        z[e] +=
+            x[static_cast<std::size_t>(t * H + h)] * p.gate[static_cast<std::size_t>(e * H + h)];
+    }
+    double w[K];
+    double max = z[0], sum = 0;
+    for (int e = 1; e < E; ++e) max = std::max(max, z[e]);
+    for (int e = 0; e < E; ++e) sum += std::exp(z[e] - max);
+    double selected_sum = 0;
+    for (int j = 0; j < K; ++j) {
+      const int e = experts[static_cast<std::size_t>(t * K + j)];
+      w[j] = sigmoid ? 1 / (1 + std::exp(-z[e])) : std::exp(z[e] - max) / sum;
+      selected_sum += w[j];
+    }
+    for (int j = 0; j < K; ++j) {
+      if (sigmoid) w[j] /= (selected_sum + 1e-20);
+      const auto e = static_cast<std::size_t>(experts[static_cast<std::size_t>(t * K + j)]);
+      std::vector<double> act(static_cast<std::size_t>(F));
+      for (std::int64_t f = 0; f < F; ++f) {
+        double a = 0, b = 0;
+        for (std::int64_t h = 0; h < H; ++h) {
+          a +=
+              p.w1[e][static_cast<std::size_t>(f * H + h)] * x[static_cast<std::size_t>(t * H + h)];
+          b +=
+              p.w3[e][static_cast<std::size_t>(f * H + h)] * x[static_cast<std::size_t>(t * H + h)];
+        }
+        act[static_cast<std::size_t>(f)] = silu(a) * b;
+      }
+      for (std::int64_t h = 0; h < H; ++h) {
+        double y = 0;
+        for (std::int64_t f = 0; f < F; ++f)
+          y += p.w2[e][static_cast<std::size_t>(h * F + f)] * act[static_cast<std::size_t>(f)];
+        total += dy[static_cast<std::size_t>(t * H + h)] * w[j] * y;
+      }
+    }
+  }
+  return total;
+}
+
+double difference(std::vector<double>& v, std::size_t i, const std::function<double()>& f) {
+  auto central = [&](double step) {
+    const double saved = v[i];
+    v[i] = saved + step;
+    const double up = f();
+    v[i] = saved - step;
+    const double down = f();
+    v[i] = saved;
+    return (up - down) / (2 * step);
+  };
+  return (4 * central(5e-4) - central(1e-3)) / 3;
+}
+
+struct Agreement {
+  double diff = 0, scale = 0;
+  void add(double got, double expected) {
+    diff = std::max(diff, std::abs(got - expected));
+    scale = std::max(scale, std::abs(expected));
+  }
+  double relative() const { return diff / scale; }
+};
+
+std::vector<double> widen(const TensorView& t) {
+  return {t.data_as<const float>(), t.data_as<const float>() + t.numel()};
+}
+
+}  // namespace
+
+TEST_CASE("layer backward on 1-3 ranks: dx, the gate's and the experts' gradients") {
+  for (const bool sigmoid : {false, true}) {
+    for (const int ranks : {1, 2, 3}) {
+      CAPTURE(sigmoid);
+      CAPTURE(ranks);
+      Config config;
+      config.set("runtime", "ranks", std::int64_t{ranks});
+      config.set("runtime", "timeout_s", 60.0);
+      config.set("router", "top_k", std::int64_t{K});
+      if (sigmoid) config.set("router", "score", std::string("sigmoid"));
+      config.set("model", "num_experts", std::int64_t{E});
+      config.set("model", "hidden", std::int64_t{H});
+      config.set("model", "ffn_hidden", std::int64_t{F});
+      config.set("model", "seed", std::int64_t{3});
+      Runtime runtime(config);
+      const HostTensor x = synthetic_tokens(T, H, 5);
+      const HostTensor dy = synthetic_tokens(T, H, 6);
+      HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
+      runtime.forward(x.view(), y.view());
+
+      // Gradients per local rank: the gate's [E,H] and its experts', summed afterwards.
+      std::vector<HostTensor> d_gates;
+      std::vector<std::vector<HostTensor>> expert_grads(static_cast<std::size_t>(ranks));
+      std::vector<std::vector<SwigluExpertGradients>> d_experts(static_cast<std::size_t>(ranks));
+      std::vector<int> experts(static_cast<std::size_t>(T * K));
+      for (int r = 0; r < ranks; ++r) {
+        d_gates.emplace_back(DType::kF32, std::vector<std::int64_t>{E, H});
+        const ExpertPlacement& placement = runtime.layer(r).placement();
+        auto& g = expert_grads[static_cast<std::size_t>(r)];
+        for (int e = 0; e < placement.num_local(r); ++e) {
+          g.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
+          g.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
+          g.emplace_back(DType::kF32, std::vector<std::int64_t>{H, F});
+        }
+        for (int e = 0; e < placement.num_local(r); ++e) {
+          d_experts[static_cast<std::size_t>(r)].push_back(
+              {g[static_cast<std::size_t>(3 * e)].view(),
+               g[static_cast<std::size_t>(3 * e + 1)].view(),
+               g[static_cast<std::size_t>(3 * e + 2)].view()});
+        }
+        const auto [first, count] = token_block(T, ranks, r);
+        const RoutingPlan& plan = runtime.layer(r).last_plan();
+        REQUIRE(plan.num_tokens == count);
+        for (std::int64_t i = 0; i < count * K; ++i) {
+          experts[static_cast<std::size_t>(first * K + i)] =
+              plan.experts[static_cast<std::size_t>(i)];
+        }
+      }
+      runtime.run_on_ranks([&](int r) {
+        const auto [first, count] = token_block(T, ranks, r);
+        auto rows = [&](const HostTensor& m) {
+          return TensorView(const_cast<float*>(m.data<float>()) + first * H, DType::kF32,
+                            {count, H});
+        };
+        LayerGradients out;
+        out.dx = rows(dx);
+        out.d_experts = d_experts[static_cast<std::size_t>(r)];
+        out.d_gate = d_gates[static_cast<std::size_t>(r)].view();
+        runtime.layer(r).backward(rows(x), rows(dy), out);
+      });
+
+      Parameters p;
+      p.gate = widen(runtime.model().gate().view());
+      for (const auto& w : runtime.model().experts(0, E)) {
+        p.w1.push_back(widen(w.gate));
+        p.w3.push_back(widen(w.up));
+        p.w2.push_back(widen(w.down));
+      }
+      std::vector<double> xs = widen(x.view());
+      const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
+      auto f = [&] { return loss(p, xs, experts, dys, sigmoid); };
+      Agreement ax, agate, aexperts;
+      for (std::size_t i = 0; i < xs.size(); ++i) ax.add(dx.data<float>()[i], difference(xs, i, f));
+      for (std::size_t i = 0; i < p.gate.size(); ++i) {
+        double sum = 0;
+        for (const auto& g : d_gates) sum += g.data<float>()[i];
+        agate.add(sum, difference(p.gate, i, f));
+      }
+      for (int r = 0; r < ranks; ++r) {
+        const ExpertPlacement& placement = runtime.layer(r).placement();
+        for (int j = 0; j < placement.num_local(r); ++j) {
+          const auto e = static_cast<std::size_t>(placement.first_expert(r) + j);
+          std::vector<double>* tensors[3] = {&p.w1[e], &p.w3[e], &p.w2[e]};
+          for (int which = 0; which < 3; ++which) {
+            const HostTensor& got =
+                expert_grads[static_cast<std::size_t>(r)][static_cast<std::size_t>(3 * j + which)];
+            for (std::size_t i = 0; i < tensors[which]->size(); ++i) {
+              aexperts.add(got.data<float>()[i], difference(*tensors[which], i, f));
+            }
+          }
+        }
+      }
+      CHECK(ax.relative() <= 1e-4);
+      CHECK(agate.relative() <= 1e-4);
+      CHECK(aexperts.relative() <= 1e-4);
+    }
+  }
+}
