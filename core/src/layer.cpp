@@ -920,6 +920,19 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   traffic_.combine_bytes = static_cast<std::uint64_t>(rows_received) * back_bytes;
 }
 
+std::optional<Error> first_non_finite(const TensorView& m, std::string_view what) {
+  const float* data = m.data_as<const float>();
+  const std::int64_t H = m.dim(1);
+  for (std::int64_t i = 0; i < m.dim(0) * H; ++i) {
+    if (!std::isfinite(data[i])) {
+      return Error(ErrorCode::kInvalidArgument,
+                   std::string(what) + ": token " + std::to_string(i / H) + " feature " +
+                       std::to_string(i % H) + " is " + (std::isnan(data[i]) ? "NaN" : "infinite"));
+    }
+  }
+  return std::nullopt;
+}
+
 void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGradients& out) {
   if (data_path_->device().kind != Device::Kind::kHost) {
     throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
@@ -933,8 +946,10 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   out.dx.require("MoE backward dx", DType::kF32, {T, H});
   out.d_gate.require("MoE backward d_gate", DType::kF32, {E, H});
 
-  // The forward's rows and dy's rows, grouped per local expert in the same order.
-  dispatch(x, plan, backward_x_);
+  // The forward's rows and dy's rows, grouped per local expert in the same order. A bad
+  // dy stops every rank at the first dispatch's count exchange.
+  const std::optional<Error> bad = first_non_finite(dy, "dy");
+  dispatch(x, plan, backward_x_, bad ? &*bad : nullptr);
   dispatch(dy, plan, backward_dy_);
   DispatchHandle& hx = backward_x_;
   DispatchHandle& hd = backward_dy_;

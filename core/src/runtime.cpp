@@ -39,6 +39,15 @@ struct Runtime::State {
     Buffer<float> x, y;
   };
   std::vector<std::unique_ptr<DeviceRows>> device_rows;
+  /// Per local rank, the backward's gradients before the sums: the gate's [E,H], its local
+  /// experts' (gate, up, down each), their views, and the loss scope (E counts + tokens).
+  struct RankGradients {
+    HostTensor gate;
+    std::vector<HostTensor> experts;
+    std::vector<SwigluExpertGradients> views;
+    std::vector<std::int64_t> scope;
+  };
+  std::vector<RankGradients> rank_gradients;
 };
 
 namespace {}  // namespace
@@ -395,21 +404,6 @@ void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y) {
 
 namespace {
 
-/// The first NaN or infinite value of x [T,H] (contiguous), said as an error; none: empty.
-std::optional<Error> first_non_finite(const TensorView& x) {
-  const float* data = x.data_as<const float>();
-  const std::int64_t H = x.dim(1);
-  for (std::int64_t i = 0; i < x.dim(0) * H; ++i) {
-    if (!std::isfinite(data[i])) {
-      return Error(ErrorCode::kInvalidArgument, "input x: token " + std::to_string(i / H) +
-                                                    " feature " + std::to_string(i % H) + " is " +
-                                                    (std::isnan(data[i]) ? "NaN" : "infinite") +
-                                                    " (the layer takes finite tokens)");
-    }
-  }
-  return std::nullopt;
-}
-
 /// Element (t, k) of a strided [T,K] view.
 template <typename T>
 T element(const TensorView& m, std::int64_t t, std::int64_t k) {
@@ -459,7 +453,7 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
       }
     }
     const TensorView block = rows(x, first, count);
-    const std::optional<Error> bad_token = first_non_finite(block);
+    const std::optional<Error> bad_token = first_non_finite(block, "input x");
     l.dispatch(block, plan, part.handle, bad_token ? &*bad_token : nullptr);
   });
   dispatched.combinable = true;
@@ -491,6 +485,93 @@ void Runtime::combine(ProcessDispatch& dispatched, std::span<const TensorView> e
     layer(local).combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
                          rows(y, part.first_token, part.num_tokens));
   });
+}
+
+void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                       ModelGradients& gradients) {
+  const ModelWeights& m = model();
+  const std::int64_t H = m.hidden(), F = m.ffn_hidden();
+  const int E = m.num_experts();
+  x.require("input tokens", DType::kF32, {-1, H});
+  const std::int64_t T = x.dim(0);
+  dy.require("dy", DType::kF32, {T, H});
+  dx.require("dx", DType::kF32, {T, H});
+  const int world = world_size();
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    const auto [first, count] = token_block(T, world, world_rank(local));
+    if (layer(local).last_plan().num_tokens != count) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "backward: rank " + std::to_string(world_rank(local)) + " holds " +
+                      std::to_string(count) + " of these " + std::to_string(T) +
+                      " tokens, but its last forward routed " +
+                      std::to_string(layer(local).last_plan().num_tokens) +
+                      " (backward follows a forward on the same x)");
+    }
+  }
+  auto& ranks = state_->rank_gradients;
+  ranks.resize(static_cast<std::size_t>(num_local_ranks()));
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    auto& r = ranks[static_cast<std::size_t>(local)];
+    const int experts = layer(local).placement().num_local(layer(local).transport().rank());
+    if (r.gate.numel() != E * H) r.gate = HostTensor(DType::kF32, {E, H});
+    if (r.experts.size() != static_cast<std::size_t>(3 * experts)) {
+      r.experts.clear();
+      r.views.clear();
+      for (int e = 0; e < experts; ++e) {
+        r.experts.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
+        r.experts.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
+        r.experts.emplace_back(DType::kF32, std::vector<std::int64_t>{H, F});
+      }
+      for (int e = 0; e < experts; ++e) {
+        r.views.push_back({r.experts[static_cast<std::size_t>(3 * e)].view(),
+                           r.experts[static_cast<std::size_t>(3 * e + 1)].view(),
+                           r.experts[static_cast<std::size_t>(3 * e + 2)].view()});
+      }
+    }
+    std::fill_n(r.gate.data<float>(), r.gate.numel(), 0.0f);
+    for (auto& t : r.experts) std::fill_n(t.data<float>(), t.numel(), 0.0f);
+    r.scope.resize(static_cast<std::size_t>(E) + 1);
+  }
+  run_blocks(T, /*world_blocks=*/true, [&](int local, std::int64_t first, std::int64_t count) {
+    auto& r = ranks[static_cast<std::size_t>(local)];
+    // The losses' scope: the EP group's plain top-k counts and tokens.
+    const RouterStats& stats = layer(local).router().stats();
+    std::copy(stats.aux_counts.begin(), stats.aux_counts.end(), r.scope.begin());
+    r.scope[static_cast<std::size_t>(E)] = stats.tokens;
+    state_->ep_transports[static_cast<std::size_t>(local)]->allreduce(
+        r.scope.data(), r.scope.size(), DType::kI64, ReduceOp::kSum);
+    LayerGradients out;
+    out.dx = rows(dx, first, count);
+    out.d_experts = r.views;
+    out.d_gate = r.gate.view();
+    out.loss_tokens = r.scope[static_cast<std::size_t>(E)];
+    out.loss_aux_counts = {r.scope.data(), static_cast<std::size_t>(E)};
+    layer(local).backward(rows(x, first, count), rows(dy, first, count), out);
+    // Deterministic sums (rank order): the gate over the world, experts over the DP group.
+    world_transport(local).allreduce(r.gate.data<float>(), static_cast<std::size_t>(E * H),
+                                     DType::kF32, ReduceOp::kSum);
+    for (auto& t : r.experts) {
+      dp_transport(local).allreduce(t.data<float>(), static_cast<std::size_t>(t.numel()),
+                                    DType::kF32, ReduceOp::kSum);
+    }
+  });
+  if (gradients.gate.numel() != E * H) gradients.gate = HostTensor(DType::kF32, {E, H});
+  std::copy_n(ranks.front().gate.data<float>(), E * H, gradients.gate.data<float>());
+  gradients.experts.resize(static_cast<std::size_t>(E));
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    const MoELayer& l = layer(local);
+    const int ep_rank = l.transport().rank();
+    const int first_expert = l.placement().first_expert(ep_rank);
+    const auto& r = ranks[static_cast<std::size_t>(local)];
+    for (std::size_t j = 0; j < r.views.size(); ++j) {
+      auto& into = gradients.experts[static_cast<std::size_t>(first_expert) + j];
+      for (std::size_t w = 0; w < 3; ++w) {
+        const HostTensor& from = r.experts[3 * j + w];
+        if (into[w].numel() != from.numel()) into[w] = HostTensor(DType::kF32, from.shape());
+        std::copy_n(from.data<float>(), from.numel(), into[w].data<float>());
+      }
+    }
+  }
 }
 
 void Runtime::forward_block(int local, const TensorView& x, const TensorView& y) {

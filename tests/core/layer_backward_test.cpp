@@ -200,3 +200,149 @@ TEST_CASE("layer backward on 1-3 ranks: dx, the gate's and the experts' gradient
     }
   }
 }
+
+namespace {
+
+/// The router's losses over each EP group, with the plain top-k counts of the forward
+/// held: aux_coeff · E / (k T_g²) Σ_e (Σ_t P[t,e]) c_g[e] + z_coeff · mean_t lse², P softmax.
+double group_losses(const Parameters& p, const std::vector<double>& x,
+                    const std::vector<int>& group_of_token, int groups, double aux_coeff,
+                    double z_coeff, const std::vector<std::vector<std::int64_t>>& counts) {
+  double total = 0;
+  for (int g = 0; g < groups; ++g) {
+    double aux = 0, zl = 0;
+    std::int64_t tokens = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+      if (group_of_token[static_cast<std::size_t>(t)] != g) continue;
+      ++tokens;
+      double z[E], max = -1e300, sum = 0;
+      for (int e = 0; e < E; ++e) {
+        z[e] = 0;
+        for (std::int64_t h = 0; h < H; ++h)
+          z[e] +=
+              x[static_cast<std::size_t>(t * H + h)] * p.gate[static_cast<std::size_t>(e * H + h)];
+        max = std::max(max, z[e]);
+      }
+      for (int e = 0; e < E; ++e) sum += std::exp(z[e] - max);
+      for (int e = 0; e < E; ++e)
+        aux +=
+            std::exp(z[e] - max) / sum *
+            static_cast<double>(counts[static_cast<std::size_t>(g)][static_cast<std::size_t>(e)]);
+      const double lse = max + std::log(sum);
+      zl += lse * lse;
+    }
+    if (tokens == 0) continue;
+    total +=
+        aux_coeff * aux * E / (K * double(tokens) * double(tokens)) + z_coeff * zl / double(tokens);
+  }
+  return total;
+}
+
+}  // namespace
+
+TEST_CASE("Runtime::backward: world 1-4 × EP groups of world and world/2, with the losses") {
+  for (const int world : {1, 2, 3, 4}) {
+    for (const int ep : {world, world / 2}) {
+      if (ep < 1 || world % ep != 0) continue;
+      CAPTURE(world);
+      CAPTURE(ep);
+      Config config;
+      config.set("runtime", "ranks", std::int64_t{world});
+      config.set("runtime", "ep_size", std::int64_t{ep});
+      config.set("runtime", "timeout_s", 60.0);
+      config.set("router", "top_k", std::int64_t{K});
+      config.set("router", "aux_loss_coeff", 0.2);
+      config.set("router", "z_loss_coeff", 0.05);
+      config.set("model", "num_experts", std::int64_t{E});
+      config.set("model", "hidden", std::int64_t{H});
+      config.set("model", "ffn_hidden", std::int64_t{F});
+      config.set("model", "seed", std::int64_t{world * 10 + ep});
+      Runtime runtime(config);
+      const HostTensor x = synthetic_tokens(T, H, 15);
+      const HostTensor dy = synthetic_tokens(T, H, 16);
+      HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
+      runtime.forward(x.view(), y.view());
+      // The decisions and the groups' plain top-k counts, as the forward made them.
+      std::vector<int> experts(static_cast<std::size_t>(T * K)), group_of_token(T);
+      std::vector<std::vector<std::int64_t>> counts(static_cast<std::size_t>(world / ep),
+                                                    std::vector<std::int64_t>(E, 0));
+      for (int r = 0; r < world; ++r) {
+        const auto [first, count] = token_block(T, world, r);
+        const RoutingPlan& plan = runtime.layer(r).last_plan();
+        for (std::int64_t i = 0; i < count * K; ++i)
+          experts[static_cast<std::size_t>(first * K + i)] =
+              plan.experts[static_cast<std::size_t>(i)];
+        for (std::int64_t t = first; t < first + count; ++t)
+          group_of_token[static_cast<std::size_t>(t)] = r / ep;
+        const auto& aux = runtime.layer(r).router().stats().aux_counts;
+        for (int e = 0; e < E; ++e)
+          counts[static_cast<std::size_t>(r / ep)][static_cast<std::size_t>(e)] +=
+              aux[static_cast<std::size_t>(e)];
+      }
+      ModelGradients gradients;
+      runtime.backward(x.view(), dy.view(), dx.view(), gradients);
+
+      Parameters p;
+      p.gate = widen(runtime.model().gate().view());
+      for (const auto& w : runtime.model().experts(0, E)) {
+        p.w1.push_back(widen(w.gate));
+        p.w3.push_back(widen(w.up));
+        p.w2.push_back(widen(w.down));
+      }
+      std::vector<double> xs = widen(x.view());
+      const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
+      // Each DP group computes the same experts on its own tokens: the layer's loss is the
+      // sum over all tokens, which the dense loss already is.
+      auto f = [&] {
+        return loss(p, xs, experts, dys, false) +
+               group_losses(p, xs, group_of_token, world / ep, 0.2, 0.05, counts);
+      };
+      Agreement ax, agate, aexperts;
+      for (std::size_t i = 0; i < xs.size(); ++i) ax.add(dx.data<float>()[i], difference(xs, i, f));
+      for (std::size_t i = 0; i < p.gate.size(); ++i)
+        agate.add(gradients.gate.data<float>()[i], difference(p.gate, i, f));
+      for (int e = 0; e < E; ++e) {
+        std::vector<double>* tensors[3] = {&p.w1[static_cast<std::size_t>(e)],
+                                           &p.w3[static_cast<std::size_t>(e)],
+                                           &p.w2[static_cast<std::size_t>(e)]};
+        for (int which = 0; which < 3; ++which) {
+          const HostTensor& got =
+              gradients.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(which)];
+          REQUIRE(got.numel() == static_cast<std::int64_t>(tensors[which]->size()));
+          for (std::size_t i = 0; i < tensors[which]->size(); ++i)
+            aexperts.add(got.data<float>()[i], difference(*tensors[which], i, f));
+        }
+      }
+      CHECK(ax.relative() <= 1e-4);
+      CHECK(agate.relative() <= 1e-4);
+      CHECK(aexperts.relative() <= 1e-4);
+    }
+  }
+}
+
+TEST_CASE("Runtime::backward refuses bad input on every rank, and the next one works") {
+  Config config;
+  config.set("runtime", "ranks", std::int64_t{3});
+  config.set("runtime", "timeout_s", 60.0);
+  config.set("model", "num_experts", std::int64_t{E});
+  config.set("model", "hidden", std::int64_t{H});
+  config.set("model", "ffn_hidden", std::int64_t{F});
+  Runtime runtime(config);
+  const HostTensor x = synthetic_tokens(T, H, 1);
+  HostTensor dy = synthetic_tokens(T, H, 2);
+  HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
+  ModelGradients gradients;
+  runtime.forward(x.view(), y.view());
+  dy.data<float>()[4 * H + 2] = std::nanf("");  // rank 1's (rows 3..4) token 1
+  CHECK_THROWS_WITH_AS(runtime.backward(x.view(), dy.view(), dx.view(), gradients),
+                       doctest::Contains("rank 1 (input rows 3..4): dy: token 1 feature 2 is NaN"),
+                       Error);
+  dy.data<float>()[4 * H + 2] = 0.5f;
+  const HostTensor shorter = synthetic_tokens(T - 1, H, 1);
+  HostTensor short_dy(DType::kF32, {T - 1, H}), short_dx(DType::kF32, {T - 1, H});
+  CHECK_THROWS_WITH_AS(
+      runtime.backward(shorter.view(), short_dy.view(), short_dx.view(), gradients),
+      doctest::Contains("backward follows a forward on the same x"), Error);
+  runtime.backward(x.view(), dy.view(), dx.view(), gradients);
+  CHECK(gradients.gate.numel() == E * H);
+}

@@ -148,6 +148,10 @@ struct MoELayerParts {
   int first_world_rank = 0;
 };
 
+/// The first NaN or infinite value of the f32 host matrix m [T,H] (contiguous) as an
+/// `Error(kInvalidArgument)` "<what>: token t feature h is NaN"; nothing when all are finite.
+std::optional<Error> first_non_finite(const TensorView& m, std::string_view what);
+
 /// Where `MoELayer::backward` puts the gradients of one step on one rank (host memory,
 /// owned by the caller).
 struct LayerGradients {
@@ -205,7 +209,9 @@ class MoELayer {
   /// summed per token into dx; the weights' gradients come back to the router, whose
   /// backward gives d logits, then dx += d logits · gate and d gate += d logitsᵀ · x. The
   /// expert inputs and outputs are recomputed (the rows are dispatched again), nothing is
-  /// kept from the forward but its plan. Host data path only. Collective over the EP group.
+  /// kept from the forward but its plan. A NaN or infinite dy is refused on every rank
+  /// together, before anything moves (as bad input is in `forward`). Host data path only.
+  /// Collective over the EP group.
   void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
   /// The stream the layer's work is ordered on, from its data path: for the host data path
   /// a queued host stream when the transport is stream-ordered, else an inline one.

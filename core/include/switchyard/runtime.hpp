@@ -3,6 +3,7 @@
 /// The runtime: a validated configuration, the plugins it names, the model, and one MoE
 /// layer per rank hosted by this process.
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -82,6 +83,15 @@ struct ProcessDispatch {
   bool combinable = false;      ///< a dispatch succeeded and has not been combined yet
 };
 
+/// The gradients of the model's parameters from `Runtime::backward` (host f32). Owned by
+/// the caller and reused: tensors are allocated on the first call only.
+struct ModelGradients {
+  HostTensor gate;  ///< [E,H] the router's gate weight, summed over the world
+  /// [E]: per expert {gate, up} [F,H] and down [H,F], summed over its DP group; empty
+  /// tensors for the experts no rank of this process holds.
+  std::vector<std::array<HostTensor, 3>> experts;
+};
+
 /// Built from a configuration; owns the plugin registry, the model weights, the transports
 /// of the ranks this process hosts (several for the in-process transport) and one
 /// `MoELayer` per such rank. Methods are called from one thread; `run_on_ranks` runs a
@@ -152,6 +162,14 @@ class Runtime {
   /// refuses leaves its peers to their timeout. Collective.
   void combine(ProcessDispatch& dispatched, std::span<const TensorView> expert_outputs,
                const TensorView& y);
+
+  /// The backward of the last `forward(x, y)`, given the same global x [T,H] and
+  /// dy = dL/dy [T,H]: writes dx [T,H] (each local rank its block) and the parameters'
+  /// gradients (`ModelGradients`); the router's aux and z losses (their coefficients in
+  /// [router]) are differentiated over each EP group. Bad input (shapes, NaN or infinite
+  /// dy) is refused on every rank together; host data path only. Collective.
+  void backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                ModelGradients& gradients);
 
   /// The dense single-process reference of the same computation (each rank's block
   /// routed as that rank routes it, experts evaluated directly in double precision).
