@@ -275,6 +275,58 @@ void Runtime::gather_rows(const TensorView& y) {
   });
 }
 
+void Runtime::gather_expert_gradients(ModelGradients& gradients) {
+  const int world = world_size();
+  if (num_local_ranks() == world) return;
+  const std::int64_t H = model().hidden(), F = model().ffn_hidden();
+  const std::size_t expert_floats = static_cast<std::size_t>(3 * F * H);
+  const int ep = ep_size();
+  run_on_ranks([&](int local) {
+    Transport& t = world_transport(local);
+    const auto n = static_cast<std::size_t>(world);
+    std::vector<std::size_t> send_counts(n, 0), send_offsets(n, 0), recv_counts(n, 0),
+        recv_offsets(n, 0);
+    const ExpertPlacement& placement = layer(local).placement();
+    const int r = t.rank();
+    std::vector<float> send, recv;
+    if (r != 0 && r < ep) {
+      // This rank's experts: gate, up, down of each, in order.
+      for (int j = 0; j < placement.num_local(r); ++j) {
+        for (const HostTensor& w :
+             gradients.experts[static_cast<std::size_t>(placement.first_expert(r) + j)]) {
+          send.insert(send.end(), w.data<float>(), w.data<float>() + w.numel());
+        }
+      }
+      send_counts[0] = send.size() * sizeof(float);
+    }
+    if (r == 0) {
+      std::size_t offset = 0;
+      for (int q = 1; q < ep; ++q) {
+        recv_counts[static_cast<std::size_t>(q)] =
+            static_cast<std::size_t>(placement.num_local(q)) * expert_floats * sizeof(float);
+        recv_offsets[static_cast<std::size_t>(q)] = offset;
+        offset += recv_counts[static_cast<std::size_t>(q)];
+      }
+      recv.resize(offset / sizeof(float));
+    }
+    t.alltoallv({reinterpret_cast<const std::byte*>(send.data()), send_counts, send_offsets,
+                 reinterpret_cast<std::byte*>(recv.data()), recv_counts, recv_offsets});
+    if (r != 0) return;
+    const float* at = recv.data();
+    for (int q = 1; q < ep; ++q) {
+      for (int j = 0; j < placement.num_local(q); ++j) {
+        auto& into = gradients.experts[static_cast<std::size_t>(placement.first_expert(q) + j)];
+        const std::vector<std::int64_t> shapes[3] = {{F, H}, {F, H}, {H, F}};
+        for (std::size_t w = 0; w < 3; ++w) {
+          if (into[w].numel() != F * H) into[w] = HostTensor(DType::kF32, shapes[w]);
+          std::copy_n(at, F * H, into[w].data<float>());
+          at += F * H;
+        }
+      }
+    }
+  });
+}
+
 void Runtime::run_on_ranks(const std::function<void(int local)>& fn) {
   const int n = num_local_ranks();
   if (n == 1) {

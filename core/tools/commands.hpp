@@ -21,6 +21,7 @@ int launch_command(const std::vector<std::string>& args);
 int route_command(const std::vector<std::string>& args);
 int bench_command(const std::vector<std::string>& args);
 int simulate_command(const std::vector<std::string>& args);
+int backward_command(const std::vector<std::string>& args);
 
 }  // namespace switchyard::tool
 
@@ -37,6 +38,13 @@ void report_error(const Error& error);
 /// `Error` it reports it and returns kExitError; unless every rank saw the error together
 /// (bad input, a peer's failure) it first aborts the runtime so that peers stop.
 int run_reporting_errors(Runtime& runtime, const std::function<int()>& body);
+
+/// The [input] tokens of `runtime`'s configuration: the .npy file, or the synthetic ones;
+/// `description` says which. `check(tokens, origin, keys)`, when given, runs before they
+/// are read or made (a memory check).
+HostTensor read_input_tokens(
+    const Runtime& runtime, std::string& description,
+    const std::function<void(std::int64_t, const std::string&, const std::string&)>& check = {});
 
 /// Reads CONFIG, then applies SWITCHYARD_* environment overrides, then each `--set`.
 Config load_config(const std::string& path, const std::vector<std::string>& sets);

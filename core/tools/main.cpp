@@ -32,6 +32,9 @@ commands:
         and a naive per-(token, expert) dispatcher, routing against one sgemm of the
         logits, the experts against one sgemm of their FLOPs (run under a launcher like
         `run`; the median over iterations of the slowest rank)
+  backward CONFIG --grad-output DY.npy --out DIR [--set section.key=value]...
+        forward on [input], then backward with dy from DY.npy; writes dx.npy, d_gate.npy
+        and d_experts.safetensors (rank 0, under a launcher like `run`)
   simulate CONFIG [--json OUT] [--html OUT] [--compare SETTING...] [--set ...]
         route synthetic or recorded logits with the real routers on a simulated cluster
         ([simulate] nodes, gpus_per_node, ...): expert load, traffic per rank and node
@@ -70,6 +73,7 @@ int main(int argc, char** argv) {
     if (command == "route") return switchyard::tool::route_command(args);
     if (command == "bench") return switchyard::tool::bench_command(args);
     if (command == "simulate") return switchyard::tool::simulate_command(args);
+    if (command == "backward") return switchyard::tool::backward_command(args);
   } catch (const switchyard::Error& e) {
     switchyard::tool::report_error(e);
     return switchyard::tool::kExitError;

@@ -107,10 +107,35 @@ void print_bias_agreement(Runtime& runtime, std::FILE* out) {
                highest == lowest ? "identical" : "DIFFERS", runtime.world_size(), largest);
 }
 
+HostTensor read_input_tokens(
+    const Runtime& runtime, std::string& description,
+    const std::function<void(std::int64_t, const std::string&, const std::string&)>& check) {
+  const ConfigSection& input = runtime.settings().section("input");
+  const int hidden = runtime.model().hidden();
+  if (input.has("tokens")) {
+    const auto path = input.get_path("tokens");
+    HostTensor x;
+    try {
+      x = read_npy_f32_matrix(path, hidden, "input.tokens");
+    } catch (const Error& e) {
+      throw Error(e.code(), input.origin("tokens").describe() + ": " + e.message());
+    }
+    if (check)
+      check(x.shape()[0], input.origin("tokens").describe(), "input.tokens " + path.string());
+    description = path.string();
+    return x;
+  }
+  if (check) {
+    check(input.get_int("num_tokens"), input.origin("num_tokens").describe(), "input.num_tokens");
+  }
+  description = "synthetic (seed " + std::to_string(input.get_int("seed")) + ")";
+  return synthetic_tokens(input.get_int("num_tokens"), hidden,
+                          static_cast<std::uint64_t>(input.get_int("seed")));
+}
+
 /// Runs the configured forward (and check) on a built runtime; returns the exit code.
 int run_layer(Runtime& runtime, bool check, int steps) {
   const ModelWeights& model = runtime.model();
-  const ConfigSection& input = runtime.settings().section("input");
   const ConfigSection& output = runtime.settings().section("output");
   const ConfigSection& runtime_options = runtime.settings().section("runtime");
   const ConfigSection& router_options = runtime.settings().section("router");
@@ -135,25 +160,8 @@ int run_layer(Runtime& runtime, bool check, int steps) {
                              " of input and output rows, " + format_bytes(exchange) +
                              " of exchange buffers");
   };
-  HostTensor x;
   std::string input_description;
-  if (input.has("tokens")) {
-    const auto path = input.get_path("tokens");
-    try {
-      x = read_npy_f32_matrix(path, model.hidden(), "input.tokens");
-    } catch (const Error& e) {
-      throw Error(e.code(), input.origin("tokens").describe() + ": " + e.message());
-    }
-    check_step_memory(x.shape()[0], input.origin("tokens").describe(),
-                      "input.tokens " + path.string());
-    input_description = path.string();
-  } else {
-    check_step_memory(input.get_int("num_tokens"), input.origin("num_tokens").describe(),
-                      "input.num_tokens");
-    x = synthetic_tokens(input.get_int("num_tokens"), model.hidden(),
-                         static_cast<std::uint64_t>(input.get_int("seed")));
-    input_description = "synthetic (seed " + std::to_string(input.get_int("seed")) + ")";
-  }
+  const HostTensor x = read_input_tokens(runtime, input_description, check_step_memory);
   const std::int64_t T = x.shape()[0];
   HostTensor y(DType::kF32, {T, model.hidden()});
 

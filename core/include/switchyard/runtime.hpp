@@ -179,6 +179,11 @@ class Runtime {
   /// that rank 0's y holds all rows. Nothing to do when this process hosts every rank.
   void gather_rows(const TensorView& y);
 
+  /// Collective: sends the expert gradients of EP group 0's ranks to world rank 0, so that
+  /// rank 0's `gradients.experts` holds every expert's. Nothing to do when this process
+  /// hosts every rank.
+  void gather_expert_gradients(ModelGradients& gradients);
+
   /// Statistics of the last forward, reduced over all ranks (collective; call after
   /// `forward`).
   GlobalRouterStats global_router_stats();
