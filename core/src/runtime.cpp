@@ -293,7 +293,8 @@ void Runtime::gather_expert_gradients(ModelGradients& gradients) {
       // This rank's experts: gate, up, down of each, in order.
       for (int j = 0; j < placement.num_local(r); ++j) {
         for (const HostTensor& w :
-             gradients.experts[static_cast<std::size_t>(placement.first_expert(r) + j)]) {
+             gradients.experts[static_cast<std::size_t>(placement.first_expert(r)) +
+                               static_cast<std::size_t>(j)]) {
           send.insert(send.end(), w.data<float>(), w.data<float>() + w.numel());
         }
       }
@@ -315,7 +316,8 @@ void Runtime::gather_expert_gradients(ModelGradients& gradients) {
     const float* at = recv.data();
     for (int q = 1; q < ep; ++q) {
       for (int j = 0; j < placement.num_local(q); ++j) {
-        auto& into = gradients.experts[static_cast<std::size_t>(placement.first_expert(q) + j)];
+        auto& into = gradients.experts[static_cast<std::size_t>(placement.first_expert(q)) +
+                                       static_cast<std::size_t>(j)];
         const std::vector<std::int64_t> shapes[3] = {{F, H}, {F, H}, {H, F}};
         for (std::size_t w = 0; w < 3; ++w) {
           if (into[w].numel() != F * H) into[w] = HostTensor(DType::kF32, shapes[w]);
@@ -566,7 +568,7 @@ void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorVi
     auto& r = ranks[static_cast<std::size_t>(local)];
     const int experts = layer(local).placement().num_local(layer(local).transport().rank());
     if (r.gate.numel() != E * H) r.gate = HostTensor(DType::kF32, {E, H});
-    if (r.experts.size() != static_cast<std::size_t>(3 * experts)) {
+    if (r.experts.size() != 3 * static_cast<std::size_t>(experts)) {
       r.experts.clear();
       r.views.clear();
       for (int e = 0; e < experts; ++e) {
@@ -575,9 +577,9 @@ void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorVi
         r.experts.emplace_back(DType::kF32, std::vector<std::int64_t>{H, F});
       }
       for (int e = 0; e < experts; ++e) {
-        r.views.push_back({r.experts[static_cast<std::size_t>(3 * e)].view(),
-                           r.experts[static_cast<std::size_t>(3 * e + 1)].view(),
-                           r.experts[static_cast<std::size_t>(3 * e + 2)].view()});
+        r.views.push_back({r.experts[3 * static_cast<std::size_t>(e)].view(),
+                           r.experts[3 * static_cast<std::size_t>(e) + 1].view(),
+                           r.experts[3 * static_cast<std::size_t>(e) + 2].view()});
       }
     }
     std::fill_n(r.gate.data<float>(), r.gate.numel(), 0.0f);
