@@ -61,6 +61,8 @@ class TokenChoiceRouter final : public Router {
       : policy_(std::move(policy)),
         groups_(groups),
         logits_name_("router " + policy_ + " logits"),
+        d_weights_name_("router " + policy_ + " backward d_weights"),
+        d_logits_name_("router " + policy_ + " backward d_logits"),
         limit_(std::move(limit)),
         num_experts_(args.num_experts) {
     const ConfigSection& o = *args.options;
@@ -235,8 +237,8 @@ class TokenChoiceRouter final : public Router {
                   "router " + policy_ + " backward: needs the forward's plan in host memory for " +
                       std::to_string(T) + " tokens x " + std::to_string(K) + " slots");
     }
-    in.d_weights.require("router " + policy_ + " backward d_weights", DType::kF32, {T, K});
-    d_logits.require("router " + policy_ + " backward d_logits", DType::kF32, {T, E});
+    in.d_weights.require(d_weights_name_, DType::kF32, {T, K});
+    d_logits.require(d_logits_name_, DType::kF32, {T, E});
     const std::int64_t loss_tokens = in.loss_tokens > 0 ? in.loss_tokens : stats_.tokens;
     const std::span<const std::int64_t> aux_counts =
         in.loss_aux_counts.empty() ? std::span<const std::int64_t>(stats_.aux_counts)
@@ -562,6 +564,7 @@ class TokenChoiceRouter final : public Router {
   std::vector<int> group_members_;
   std::vector<char> group_kept_;
   std::string logits_name_;  // for shape errors, built once: routing allocates nothing
+  std::string d_weights_name_, d_logits_name_;  // the same for the backward
   SelectionLimit limit_;
   int num_experts_;
   int top_k_ = 1;
