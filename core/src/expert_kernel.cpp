@@ -42,6 +42,9 @@ std::int64_t check_expert_gradient_batch(const ExpertGradientBatch& batch, std::
   const std::int64_t N = batch.input.dim(0);
   batch.d_output.require_on(device, names.d_output, DType::kF32, {N, hidden});
   batch.d_input.require_on(device, names.d_input, DType::kF32, {N, hidden});
+  if (batch.output.data() != nullptr) {
+    batch.output.require_on(device, names.output, DType::kF32, {N, hidden});
+  }
   // The row counts as the forward's (d_input has the output's shape).
   const std::int64_t largest =
       check_expert_batch(ExpertBatch{batch.input, batch.rows_per_expert, batch.d_input}, hidden,
@@ -97,6 +100,10 @@ void IdentityExperts::backward(const ExpertGradientBatch& batch, Stream& /*strea
   if (batch.d_output.numel() > 0 && batch.d_output.data() != batch.d_input.data()) {
     std::memcpy(batch.d_input.data(), batch.d_output.data(),
                 static_cast<std::size_t>(batch.d_output.numel()) * sizeof(float));
+  }
+  if (batch.output.data() != nullptr && batch.input.numel() > 0) {
+    std::memcpy(batch.output.data(), batch.input.data(),
+                static_cast<std::size_t>(batch.input.numel()) * sizeof(float));
   }
 }
 

@@ -954,16 +954,29 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   DispatchHandle& hx = backward_x_;
   DispatchHandle& hd = backward_dy_;
   const TensorView rows = hx.expert_input();
-  const TensorView outputs = hx.expert_output();
+  const TensorView d_inputs = hx.expert_output();
   const TensorView d_rows = hd.expert_input();
   const TensorView scaled = hd.expert_output();
-  host_ready();
-  parts_.experts->forward(ExpertBatch{rows, hx.rows_per_expert(), outputs}, *stream_);
+  const std::int64_t A = rows.dim(0);
+  backward_outputs_.resize(to_size(A * H));
+  const TensorView outputs(backward_outputs_.data(), DType::kF32, {A, H});
   host_ready();
 
-  // Per received (row, slot): d weight = <dy row, expert output>; the expert's output
-  // gradient is weight · dy.
+  // Each (row, slot)'s expert gets weight · dy as its output's gradient; the kernel's
+  // backward also gives the expert outputs, then d weight = <dy row, expert output>.
   const std::int64_t N = static_cast<std::int64_t>(hd.recv_meta_.size()) / K;
+  for (std::int64_t i = 0; i < N * K; ++i) {
+    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
+    if (a < 0) continue;
+    const float* g = d_rows.data_as<const float>() + a * H;
+    float* s = scaled.data_as<float>() + a * H;
+    const float w = hd.recv_meta_[to_size(i)].weight;
+    for (std::int64_t h = 0; h < H; ++h) s[h] = w * g[h];
+  }
+  parts_.experts->backward(
+      ExpertGradientBatch{rows, hx.rows_per_expert(), scaled, d_inputs, out.d_experts, outputs},
+      *stream_);
+  host_ready();
   d_slot_weights_.resize(to_size(N * K));
   for (std::int64_t i = 0; i < N * K; ++i) {
     const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
@@ -971,22 +984,14 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
     if (a >= 0) {
       const float* o = outputs.data_as<const float>() + a * H;
       const float* g = d_rows.data_as<const float>() + a * H;
-      float* s = scaled.data_as<float>() + a * H;
-      const float w = hd.recv_meta_[to_size(i)].weight;
-      for (std::int64_t h = 0; h < H; ++h) {
-        d_weight += g[h] * o[h];
-        s[h] = w * g[h];
-      }
+      for (std::int64_t h = 0; h < H; ++h) d_weight += g[h] * o[h];
     }
     d_slot_weights_[to_size(i)] = d_weight;
   }
-  parts_.experts->backward(
-      ExpertGradientBatch{rows, hx.rows_per_expert(), scaled, outputs, out.d_experts}, *stream_);
-  host_ready();
 
   // The rows' input gradients come back summed per token: the combine with unit weights.
   for (std::int64_t i = 0; i < N * K; ++i) hd.recv_meta_[to_size(i)].weight = 1.0f;
-  combine(hd, outputs, out.dx);
+  combine(hd, d_inputs, out.dx);
 
   // The weights' gradients back to their tokens' ranks: K values per row, the reverse of
   // the dispatch's layout (this rank's own rows copied).

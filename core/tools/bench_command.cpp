@@ -491,6 +491,32 @@ int bench(Runtime& runtime, const BenchOptions& options) {
         std::max(identity_allocations,
                  static_cast<double>(after - sized) / (options.warmup + options.iters));
     f["peak_buffer_bytes"] = layer.buffer_bytes();
+
+    if (!options.exchange_only && layer.experts().name() != "identity") {
+      // The backward of the last forward (same tokens), with its gradients' memory made
+      // here once: dx, the gate's [E,H] and the local experts'.
+      progress("layer backward");
+      const std::int64_t H = model.hidden(), F = model.ffn_hidden();
+      const HostTensor dy = synthetic_tokens(
+          count, static_cast<int>(H), options.routing_seed + 7 + static_cast<std::uint64_t>(rank));
+      HostTensor dx(DType::kF32, {count, H}), d_gate(DType::kF32, {model.num_experts(), H});
+      std::vector<HostTensor> d_weights;
+      std::vector<SwigluExpertGradients> d_experts;
+      const int local_experts = layer.experts().num_local_experts();
+      for (int e = 0; e < local_experts; ++e) {
+        for (auto shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
+          d_weights.emplace_back(DType::kF32, shape);
+      }
+      for (std::size_t e = 0; e < static_cast<std::size_t>(local_experts); ++e) {
+        d_experts.push_back(
+            {d_weights[3 * e].view(), d_weights[3 * e + 1].view(), d_weights[3 * e + 2].view()});
+      }
+      LayerGradients out;
+      out.dx = dx.view();
+      out.d_experts = d_experts;
+      out.d_gate = d_gate.view();
+      f["backward_s"] = timer.median_of_slowest([&] { layer.backward(xs, dy.view(), out); });
+    }
     f["input_output_bytes"] = 2 * count * model.hidden() * 4;
     f["received_row_bytes"] = expert_rows * model.hidden() * 4;
 
@@ -552,6 +578,10 @@ int bench(Runtime& runtime, const BenchOptions& options) {
   row("route", "route_s", "logits_gemm_s", "logits sgemm");
   row("experts", "expert_s", "gemm_reference_s", "sgemm of their FLOPs");
   row("layer forward", "layer_forward_s", nullptr, nullptr);
+  if (figures.contains("backward_s")) {
+    row("layer backward", "backward_s", "layer_forward_s", "forward");
+    figures["backward_over_forward"] = ratio("backward_s", "layer_forward_s");
+  }
   if (options.exchange_only) {
     std::printf("  bytes dispatched per rank %llu, allocations per step %.2f, memcpy %.1f GB/s\n",
                 figures["bytes_dispatch"].get<unsigned long long>(),

@@ -119,6 +119,10 @@ class CpuSwigluKernel final : public ExpertKernel {
         activation_[static_cast<std::size_t>(i)] =
             a / (1.0f + std::exp(-a)) * up_out_[static_cast<std::size_t>(i)];
       }
+      if (batch.output.data() != nullptr) {  // the forward's output, on the way
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, activation_.data(), f,
+                    as_f32(experts_[e].down), f, 0.0f, batch.output.data_as<float>() + row * H, h);
+      }
       // d down [H,F] += Gᵀ [H,n] · Hh [n,F]; dHh [n,F] = G [n,H] · down [H,F].
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, h, f, in, 1.0f, ge, h,
                   activation_.data(), f, 1.0f, d.down.data_as<float>(), f);

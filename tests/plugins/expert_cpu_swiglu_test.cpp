@@ -175,7 +175,12 @@ TEST_CASE("backward: input and weight gradients against finite differences in fl
   for (int e = 0; e < 3; ++e) {
     d_weights.push_back({grads[3 * e].view(), grads[3 * e + 1].view(), grads[3 * e + 2].view()});
   }
-  kernel->backward({x.view(), rows, g.view(), dx.view(), d_weights}, stream);
+  HostTensor recomputed(DType::kF32, {N, H}), forward(DType::kF32, {N, H});
+  kernel->backward({x.view(), rows, g.view(), dx.view(), d_weights, recomputed.view()}, stream);
+  // The forward's output on the way: the same as forward's own (the same GEMMs).
+  kernel->forward({x.view(), rows, forward.view()}, stream);
+  CHECK(std::equal(recomputed.data<float>(), recomputed.data<float>() + N * H,
+                   forward.data<float>()));
 
   const auto weights = model.experts(0, 3);
   Agreement input, weight;
@@ -225,20 +230,20 @@ TEST_CASE("backward: bad gradient batches are refused; identity experts pass d_o
   auto kernel = make_kernel(model, 0, 2);
   HostTensor x(DType::kF32, {3, 8}), g(DType::kF32, {3, 8}), dx(DType::kF32, {3, 8});
   const std::vector<std::int64_t> rows = {1, 2};
-  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, g.view(), dx.view(), {}}, stream),
+  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, g.view(), dx.view(), {}, {}}, stream),
                        doctest::Contains("0 weight gradients for 2 local experts"), Error);
   HostTensor narrow(DType::kF32, {3, 7});
-  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, narrow.view(), dx.view(), {}}, stream),
+  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, narrow.view(), dx.view(), {}, {}}, stream),
                        doctest::Contains("cpu_swiglu d_output: expected f32[3,8]"), Error);
   HostTensor wrong(DType::kF32, {8, 4});  // down is [H,F] = [8,4]; gate must be [4,8]
   HostTensor gate(DType::kF32, {4, 8}), up(DType::kF32, {4, 8}), down(DType::kF32, {8, 4});
   const std::vector<SwigluExpertGradients> bad = {{wrong.view(), up.view(), down.view()},
                                                   {gate.view(), up.view(), down.view()}};
-  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, g.view(), dx.view(), bad}, stream),
+  CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, g.view(), dx.view(), bad, {}}, stream),
                        doctest::Contains("cpu_swiglu weight gradient: expected f32[4,8]"), Error);
 
   IdentityExperts identity(2);
   const HostTensor d = synthetic_tokens(3, 8, 1);
-  identity.backward({x.view(), rows, d.view(), dx.view(), {}}, stream);
+  identity.backward({x.view(), rows, d.view(), dx.view(), {}, {}}, stream);
   CHECK(std::equal(dx.data<float>(), dx.data<float>() + 24, d.data<float>()));
 }

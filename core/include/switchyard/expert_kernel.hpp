@@ -48,6 +48,10 @@ struct ExpertGradientBatch {
   TensorView d_output;                               ///< [N,H] read only
   TensorView d_input;                                ///< [N,H] written
   std::span<const SwigluExpertGradients> d_weights;  ///< [local experts], added to
+  /// [N,H] optional (empty: not wanted): written with the forward's output of the rows,
+  /// which the backward recomputes on its way (the layer needs it for the weights'
+  /// gradients).
+  TensorView output;
 };
 
 /// Names of a kernel's tensors in its error messages, built once (checking allocates nothing).

@@ -203,15 +203,16 @@ class MoELayer {
   const MoELayerParts& parts() const noexcept { return parts_; }
 
   /// The backward of the last `forward(x, y)`, given the same x [T,H] and dy = dL/dy
-  /// [T,H] (f32 host contiguous): dy goes to the experts' ranks with the forward's layout;
-  /// there each (row, slot) gets d weight = <dy, expert output> and the expert backward of
-  /// weight · dy (adding the local experts' gradients); the rows' input gradients come back
-  /// summed per token into dx; the weights' gradients come back to the router, whose
-  /// backward gives d logits, then dx += d logits · gate and d gate += d logitsᵀ · x. The
-  /// expert inputs and outputs are recomputed (the rows are dispatched again), nothing is
-  /// kept from the forward but its plan. A NaN or infinite dy is refused on every rank
-  /// together, before anything moves (as bad input is in `forward`). Host data path only.
-  /// Collective over the EP group.
+  /// [T,H] (f32 host contiguous): x and dy go to the experts' ranks with the forward's
+  /// layout; there each (row, slot)'s expert runs its backward on weight · dy (adding the
+  /// local experts' gradients and giving the expert output on its way), and the slot's
+  /// weight gets <dy, expert output>; the rows' input gradients come back summed per token
+  /// into dx; the weights' gradients come back to their tokens for the router's backward,
+  /// whose d logits give dx += d logits · gate and d gate += d logitsᵀ · x. Nothing is kept
+  /// from the forward but its plan: the rows are dispatched again and the experts'
+  /// projections recomputed. A NaN or infinite dy is refused on every rank together,
+  /// before anything moves (as bad input is in `forward`). Host data path only; allocates
+  /// nothing once its buffers have grown. Collective over the EP group.
   void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
   /// The stream the layer's work is ordered on, from its data path: for the host data path
   /// a queued host stream when the transport is stream-ordered, else an inline one.
@@ -338,6 +339,7 @@ class MoELayer {
   // byte counts; the plan's weight gradients, the logits and their gradient.
   DispatchHandle backward_x_, backward_dy_;
   Buffer<float> d_slot_weights_, d_sent_weights_;
+  Buffer<float> backward_outputs_;  // [A,H] the experts' outputs, recomputed
   Buffer<std::size_t> d_weight_send_bytes_, d_weight_send_offsets_, d_weight_recv_bytes_,
       d_weight_recv_offsets_;
   Buffer<float> d_plan_weights_, backward_logits_, d_logits_;
