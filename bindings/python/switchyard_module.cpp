@@ -230,6 +230,74 @@ class PyRuntime {
     return result;
   }
 
+  /// Tensors per part: None (each part's `own` buffer), one tensor (one part), or a list.
+  static std::vector<TensorView> per_part(PyDispatch& d, const py::object& given,
+                                          std::vector<std::unique_ptr<TensorArgument>>& held,
+                                          const char* what, bool input_buffer) {
+    std::vector<TensorView> views;
+    if (given.is_none()) {
+      for (auto& part : d.dispatched.parts) {
+        views.push_back(input_buffer ? part.handle.expert_input() : part.handle.expert_output());
+      }
+    } else if (py::isinstance<py::list>(given) || py::isinstance<py::tuple>(given)) {
+      for (const py::handle item : py::sequence(given)) {
+        held.push_back(
+            std::make_unique<TensorArgument>(py::reinterpret_borrow<py::object>(item), what));
+        views.push_back(held.back()->view());
+      }
+    } else {
+      held.push_back(std::make_unique<TensorArgument>(given, what));
+      views.push_back(held.back()->view());
+    }
+    return views;
+  }
+
+  /// (d_expert_outputs: one array per part, d_weights [T,K]) for dy and the outputs the
+  /// combine took (None: each part's expert_output).
+  py::tuple combine_backward(PyDispatch& d, const py::object& dy,
+                             const py::object& expert_outputs) {
+    std::vector<std::unique_ptr<TensorArgument>> held;
+    const std::vector<TensorView> outputs =
+        per_part(d, expert_outputs, held, "expert output", /*input_buffer=*/false);
+    const TensorArgument grad(dy, "dy");
+    if (d.dispatched.parts.empty()) invalid("combine_backward needs a dispatch");
+    const auto K = static_cast<std::int64_t>(d.dispatched.parts.front().plan.slots);
+    py::list d_outputs;
+    std::vector<TensorView> d_views;
+    for (auto& part : d.dispatched.parts) {
+      py::array_t<float> a({part.handle.expert_input().dim(0), hidden()});
+      d_views.emplace_back(a.mutable_data(), DType::kF32,
+                           std::initializer_list<std::int64_t>{a.shape(0), a.shape(1)});
+      d_outputs.append(a);
+    }
+    py::array_t<float> d_weights({d.dispatched.num_tokens, K});
+    const TensorView d_weights_view(d_weights.mutable_data(), DType::kF32,
+                                    {d.dispatched.num_tokens, K});
+    {
+      py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+      runtime_->combine_backward(d.dispatched, outputs, grad.view(), d_views, d_weights_view);
+    }
+    return py::make_tuple(d_outputs, d_weights);
+  }
+
+  /// dx [T,H] from each part's expert-input gradient (into `out` when given).
+  py::object dispatch_backward(PyDispatch& d, const py::object& d_expert_inputs,
+                               const py::object& out) {
+    std::vector<std::unique_ptr<TensorArgument>> held;
+    const std::vector<TensorView> grads =
+        per_part(d, d_expert_inputs, held, "expert input gradient", /*input_buffer=*/true);
+    py::object result =
+        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
+    const TensorArgument dx(result, "dx", /*written=*/true);
+    {
+      py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+      runtime_->dispatch_backward(d.dispatched, grads, dx.view());
+    }
+    return result;
+  }
+
   py::array_t<float> reference_forward(const py::object& x) const {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
@@ -514,6 +582,13 @@ PYBIND11_MODULE(_switchyard, m) {
            "Weighs the experts' results, sends them back and sums them per token into out "
            "[T,H] (or a new array). expert_outputs: None (each part's expert_output), one "
            "tensor, or one per part.")
+      .def("combine_backward", &PyRuntime::combine_backward, py::arg("dispatch"), py::arg("dy"),
+           py::arg("expert_outputs") = py::none(),
+           "(d_expert_outputs per part, d_weights [T,K]): the backward of combine for dy [T,H] "
+           "and the outputs the combine took (None: each part's expert_output).")
+      .def("dispatch_backward", &PyRuntime::dispatch_backward, py::arg("dispatch"),
+           py::arg("d_expert_inputs"), py::arg("out") = py::none(),
+           "dx [T,H]: the backward of dispatch, per token the sum of its rows' gradients.")
       .def("stats", &PyRuntime::stats, "Statistics, timings and bytes of the last forward.")
       .def("plugins", &PyRuntime::plugins, "Every plugin the loader finds.");
 

@@ -933,6 +933,121 @@ std::optional<Error> first_non_finite(const TensorView& m, std::string_view what
   return std::nullopt;
 }
 
+void MoELayer::weigh_rows(const DispatchHandle& h, const TensorView& rows,
+                          const TensorView& weighted) const {
+  const std::int64_t H = hidden_;
+  const std::int64_t NK = static_cast<std::int64_t>(h.recv_meta_.size());
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = h.assignment_of_slot_[to_size(i)];
+    if (a < 0) continue;
+    const float* g = rows.data_as<const float>() + a * H;
+    float* s = weighted.data_as<float>() + a * H;
+    const float w = h.recv_meta_[to_size(i)].weight;
+    for (std::int64_t j = 0; j < H; ++j) s[j] = w * g[j];
+  }
+}
+
+void MoELayer::slot_dot_products(const DispatchHandle& h, const TensorView& rows,
+                                 const TensorView& outputs) {
+  const std::int64_t H = hidden_;
+  const std::int64_t NK = static_cast<std::int64_t>(h.recv_meta_.size());
+  d_slot_weights_.resize(to_size(NK));
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = h.assignment_of_slot_[to_size(i)];
+    float d_weight = 0;
+    if (a >= 0) {
+      const float* o = outputs.data_as<const float>() + a * H;
+      const float* g = rows.data_as<const float>() + a * H;
+      for (std::int64_t j = 0; j < H; ++j) d_weight += g[j] * o[j];
+    }
+    d_slot_weights_[to_size(i)] = d_weight;
+  }
+}
+
+void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan& plan,
+                                     float* d_weights) {
+  const int K = plan.slots;
+  Transport& transport = *parts_.transport;
+  const auto me = static_cast<std::size_t>(transport.rank());
+  const std::size_t slot_bytes = to_size(K) * sizeof(float);
+  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
+  d_sent_weights_.resize(to_size(S * K));
+  peer_exchange(h.rows_from_, me, slot_bytes, /*compact=*/false, d_weight_send_bytes_,
+                d_weight_send_offsets_);
+  peer_exchange(h.rows_to_, me, slot_bytes, /*compact=*/false, d_weight_recv_bytes_,
+                d_weight_recv_offsets_);
+  std::copy_n(d_slot_weights_.data() + h.rows_from_offset_[me] * K, h.rows_from_[me] * K,
+              d_sent_weights_.data() + h.rows_to_offset_[me] * K);
+  transport.alltoallv(
+      {reinterpret_cast<const std::byte*>(d_slot_weights_.data()), span_of(d_weight_send_bytes_),
+       span_of(d_weight_send_offsets_), reinterpret_cast<std::byte*>(d_sent_weights_.data()),
+       span_of(d_weight_recv_bytes_), span_of(d_weight_recv_offsets_), Device::host()},
+      *stream_);
+  host_ready();
+  // A sent row's slots are its token's plan slots on the row's rank, in plan order.
+  std::fill_n(d_weights, plan.num_tokens * K, 0.0f);
+  for (std::size_t rank = 0; rank < h.rows_to_.size(); ++rank) {
+    const std::int64_t first = h.rows_to_offset_[rank];
+    for (std::int64_t i = first; i < first + h.rows_to_[rank]; ++i) {
+      const std::int64_t t = h.send_row_token_[to_size(i)];
+      const std::int32_t* experts = plan.experts.data() + t * K;
+      int slot = 0;
+      for (int j = 0; j < K; ++j) {
+        if (experts[j] < 0 || parts_.placement.rank_of(experts[j]) != static_cast<int>(rank)) {
+          continue;
+        }
+        d_weights[t * K + j] = d_sent_weights_[to_size(i * K + slot++)];
+      }
+    }
+  }
+}
+
+void MoELayer::combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y) {
+  // The combine with unit weights; the handle's own weights are put back afterwards.
+  const std::size_t NK = h.recv_meta_.size();
+  saved_slot_weights_.resize(NK);
+  for (std::size_t i = 0; i < NK; ++i) {
+    saved_slot_weights_[i] = h.recv_meta_[i].weight;
+    h.recv_meta_[i].weight = 1.0f;
+  }
+  try {
+    combine(h, rows, y);
+  } catch (...) {
+    for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = saved_slot_weights_[i];
+    throw;
+  }
+  for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = saved_slot_weights_[i];
+}
+
+void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
+                                const TensorView& expert_output, const TensorView& dy,
+                                const TensorView& d_expert_output, const TensorView& d_weights) {
+  if (data_path_->device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable, "MoE combine backward: needs the host data path");
+  }
+  const std::int64_t T = plan.num_tokens, H = hidden_;
+  const std::int64_t A = static_cast<std::int64_t>(handle.expert_input_.size()) / H;
+  expert_output.require("MoE combine backward expert_output", DType::kF32, {A, H});
+  dy.require("MoE combine backward dy", DType::kF32, {T, H});
+  d_expert_output.require("MoE combine backward d_expert_output", DType::kF32, {A, H});
+  d_weights.require("MoE combine backward d_weights", DType::kF32, {T, plan.slots});
+  const std::optional<Error> bad = first_non_finite(dy, "dy");
+  dispatch(dy, plan, backward_dy_, bad ? &*bad : nullptr);
+  host_ready();
+  const TensorView d_rows = backward_dy_.expert_input();
+  weigh_rows(backward_dy_, d_rows, d_expert_output);
+  slot_dot_products(backward_dy_, d_rows, expert_output);
+  return_slot_gradients(backward_dy_, plan, d_weights.data_as<float>());
+}
+
+void MoELayer::dispatch_backward(DispatchHandle& handle, const TensorView& d_expert_input,
+                                 const TensorView& dx) {
+  if (data_path_->device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable, "MoE dispatch backward: needs the host data path");
+  }
+  combine_unweighted(handle, d_expert_input, dx);
+}
+
 void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGradients& out) {
   if (data_path_->device().kind != Device::Kind::kHost) {
     throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
@@ -964,72 +1079,20 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
 
   // Each (row, slot)'s expert gets weight · dy as its output's gradient; the kernel's
   // backward also gives the expert outputs, then d weight = <dy row, expert output>.
-  const std::int64_t N = static_cast<std::int64_t>(hd.recv_meta_.size()) / K;
-  for (std::int64_t i = 0; i < N * K; ++i) {
-    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
-    if (a < 0) continue;
-    const float* g = d_rows.data_as<const float>() + a * H;
-    float* s = scaled.data_as<float>() + a * H;
-    const float w = hd.recv_meta_[to_size(i)].weight;
-    for (std::int64_t h = 0; h < H; ++h) s[h] = w * g[h];
-  }
+  weigh_rows(hd, d_rows, scaled);
   parts_.experts->backward(
       ExpertGradientBatch{rows, hx.rows_per_expert(), scaled, d_inputs, out.d_experts, outputs},
       *stream_);
   host_ready();
-  d_slot_weights_.resize(to_size(N * K));
-  for (std::int64_t i = 0; i < N * K; ++i) {
-    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
-    float d_weight = 0;
-    if (a >= 0) {
-      const float* o = outputs.data_as<const float>() + a * H;
-      const float* g = d_rows.data_as<const float>() + a * H;
-      for (std::int64_t h = 0; h < H; ++h) d_weight += g[h] * o[h];
-    }
-    d_slot_weights_[to_size(i)] = d_weight;
-  }
-
-  // The rows' input gradients come back summed per token: the combine with unit weights.
-  for (std::int64_t i = 0; i < N * K; ++i) hd.recv_meta_[to_size(i)].weight = 1.0f;
-  combine(hd, d_inputs, out.dx);
-
-  // The weights' gradients back to their tokens' ranks: K values per row, the reverse of
-  // the dispatch's layout (this rank's own rows copied).
-  Transport& transport = *parts_.transport;
-  const auto me = static_cast<std::size_t>(transport.rank());
-  const std::size_t slot_bytes = to_size(K) * sizeof(float);
-  const std::int64_t S = static_cast<std::int64_t>(hd.send_row_token_.size());
-  d_sent_weights_.resize(to_size(S * K));
-  peer_exchange(hd.rows_from_, me, slot_bytes, /*compact=*/false, d_weight_send_bytes_,
-                d_weight_send_offsets_);
-  peer_exchange(hd.rows_to_, me, slot_bytes, /*compact=*/false, d_weight_recv_bytes_,
-                d_weight_recv_offsets_);
-  std::copy_n(d_slot_weights_.data() + hd.rows_from_offset_[me] * K, hd.rows_from_[me] * K,
-              d_sent_weights_.data() + hd.rows_to_offset_[me] * K);
-  transport.alltoallv(
-      {reinterpret_cast<const std::byte*>(d_slot_weights_.data()), span_of(d_weight_send_bytes_),
-       span_of(d_weight_send_offsets_), reinterpret_cast<std::byte*>(d_sent_weights_.data()),
-       span_of(d_weight_recv_bytes_), span_of(d_weight_recv_offsets_), Device::host()},
-      *stream_);
-  host_ready();
-  // A sent row's slots are its token's plan slots on the row's rank, in plan order.
-  d_plan_weights_.assign(to_size(T * K), 0.0f);
-  for (std::size_t rank = 0; rank < hd.rows_to_.size(); ++rank) {
-    const std::int64_t first = hd.rows_to_offset_[rank];
-    for (std::int64_t i = first; i < first + hd.rows_to_[rank]; ++i) {
-      const std::int64_t t = hd.send_row_token_[to_size(i)];
-      const std::int32_t* experts = plan.experts.data() + t * K;
-      int slot = 0;
-      for (int j = 0; j < K; ++j) {
-        if (experts[j] < 0 || parts_.placement.rank_of(experts[j]) != static_cast<int>(rank)) {
-          continue;
-        }
-        d_plan_weights_[to_size(t * K + j)] = d_sent_weights_[to_size(i * K + slot++)];
-      }
-    }
-  }
+  slot_dot_products(hd, d_rows, outputs);
+  // The rows' input gradients come back summed per token; the weights' gradients to their
+  // tokens' ranks.
+  combine_unweighted(hd, d_inputs, out.dx);
+  d_plan_weights_.resize(to_size(T * K));
+  return_slot_gradients(hd, plan, d_plan_weights_.data());
 
   // The router: d logits from the weights' gradients, then through the logits' GEMM.
+  Transport& transport = *parts_.transport;
   backward_logits_.resize(to_size(T * E));
   d_logits_.resize(to_size(T * E));
   compute_router_logits(x, gate_, backward_logits_.data());

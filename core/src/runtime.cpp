@@ -541,6 +541,60 @@ void Runtime::combine(ProcessDispatch& dispatched, std::span<const TensorView> e
   });
 }
 
+namespace {
+
+/// Checks one [A,H] f32 tensor per part, named by `what`.
+void require_part_rows(const ProcessDispatch& d, std::span<const TensorView> tensors,
+                       std::int64_t hidden, const std::string& what) {
+  if (tensors.size() != d.parts.size()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                what + ": one per local rank: " + std::to_string(d.parts.size()) + " expected, " +
+                    std::to_string(tensors.size()) + " given");
+  }
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const std::int64_t A = const_cast<DispatchHandle&>(d.parts[i].handle).expert_input().dim(0);
+    tensors[i].require(what + " of local rank " + std::to_string(i), DType::kF32, {A, hidden});
+  }
+}
+
+}  // namespace
+
+void Runtime::combine_backward(ProcessDispatch& dispatched,
+                               std::span<const TensorView> expert_outputs, const TensorView& dy,
+                               std::span<const TensorView> d_expert_outputs,
+                               const TensorView& d_weights) {
+  const std::int64_t H = model().hidden();
+  if (dispatched.parts.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "combine backward needs a dispatch");
+  }
+  const int K = dispatched.parts.front().plan.slots;
+  dy.require("dy", DType::kF32, {dispatched.num_tokens, H});
+  d_weights.require("d_weights", DType::kF32, {dispatched.num_tokens, K});
+  require_part_rows(dispatched, expert_outputs, H, "expert output");
+  require_part_rows(dispatched, d_expert_outputs, H, "expert output gradient");
+  run_blocks(dispatched.num_tokens, /*world_blocks=*/false,
+             [&](int local, std::int64_t first, std::int64_t count) {
+               DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+               const auto i = static_cast<std::size_t>(local);
+               layer(local).combine_backward(
+                   part.handle, part.plan, expert_outputs[i], rows(dy, first, count),
+                   d_expert_outputs[i],
+                   TensorView(d_weights.data_as<float>() + first * K, DType::kF32, {count, K}));
+             });
+}
+
+void Runtime::dispatch_backward(ProcessDispatch& dispatched,
+                                std::span<const TensorView> d_expert_inputs, const TensorView& dx) {
+  const std::int64_t H = model().hidden();
+  dx.require("dx", DType::kF32, {dispatched.num_tokens, H});
+  require_part_rows(dispatched, d_expert_inputs, H, "expert input gradient");
+  run_on_ranks([&](int local) {
+    DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+    layer(local).dispatch_backward(part.handle, d_expert_inputs[static_cast<std::size_t>(local)],
+                                   rows(dx, part.first_token, part.num_tokens));
+  });
+}
+
 void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
                        ModelGradients& gradients) {
   const ModelWeights& m = model();

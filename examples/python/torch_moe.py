@@ -9,14 +9,18 @@ PyTorch computes the router logits; Switchyard's top-k router turns them into (e
 weights) exactly as Mixtral does (softmax over all experts, top-k, renormalised);
 `Runtime.dispatch` sends each token's row to the ranks of its experts; PyTorch runs each
 local expert on the rows its rank received (NumPy views of Switchyard's buffers, wrapped
-with torch.from_numpy: no copies); `Runtime.combine` weighs, returns and sums the results
-into the output tensor (written in place through DLPack).
+with torch.from_numpy: no copies); `Runtime.combine` weighs, returns and sums the results.
 
-Inference only: Switchyard has no backward pass yet, so the block refuses inputs that
-require grad (run it under torch.no_grad() or torch.inference_mode()).
+It trains: dispatch and combine are torch.autograd.Functions whose backwards are
+Switchyard's (`Runtime.dispatch_backward`, `Runtime.combine_backward`), the experts and the
+routing weights are PyTorch's own, so `loss.backward()` gives the gradients of x, the gate
+and every expert (the example checks them against the pure-PyTorch block's too).
 """
 import argparse
 import sys
+import types
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +69,52 @@ class MixtralSparseMoeBlock(nn.Module):
         return y
 
 
+class _Dispatch(torch.autograd.Function):
+    """x -> the rows each local rank received (one tensor per part, views of Switchyard's
+    buffers). Backward: dx = per token, the sum of its rows' gradients (dispatch_backward)."""
+
+    @staticmethod
+    def forward(ctx, x, state, experts, weights):
+        state.dispatched = state.runtime.dispatch(x.detach(), (experts, weights.detach()))
+        ctx.state = state
+        return tuple(torch.from_numpy(p["expert_input"]) for p in state.dispatched.parts)
+
+    @staticmethod
+    def backward(ctx, *grad_rows):
+        parts = ctx.state.dispatched.parts
+        grads = [np.zeros_like(p["expert_input"]) if g is None else g.contiguous().numpy()
+                 for g, p in zip(grad_rows, parts)]
+        dx = ctx.state.runtime.dispatch_backward(ctx.state.dispatched, grads)
+        return torch.from_numpy(dx), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """The experts' outputs and the routing weights -> y (combine). Backward: each output's
+    gradient is its slot's weight times dy, each weight's <dy, its expert's output>
+    (combine_backward)."""
+
+    @staticmethod
+    def forward(ctx, weights, state, *outputs):
+        arrays = [o.detach().contiguous().numpy() for o in outputs]
+        y = torch.empty(state.dispatched.num_tokens, state.runtime.hidden)
+        state.runtime.combine(state.dispatched, arrays, out=y)
+        ctx.state, ctx.arrays = state, arrays
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        d_outputs, d_weights = ctx.state.runtime.combine_backward(
+            ctx.state.dispatched, dy.contiguous().numpy(), ctx.arrays)
+        return (torch.from_numpy(d_weights), None, *(torch.from_numpy(d) for d in d_outputs))
+
+
 class SwitchyardMoeBlock(nn.Module):
     """The same block with routing, dispatch and combine through Switchyard. Takes the
     gate and experts of a MixtralSparseMoeBlock (shared, not copied). `runtime` is a
     switchyard.Runtime whose [model] has the same hidden size and expert count; its ranks
     hold the experts (contiguous blocks), and this process computes the experts of the
-    ranks it hosts."""
+    ranks it hosts. Differentiable: dispatch and combine have Switchyard backwards, the
+    experts and the routing weights are PyTorch's own."""
 
     def __init__(self, block, runtime):
         super().__init__()
@@ -79,30 +123,28 @@ class SwitchyardMoeBlock(nn.Module):
         self.gate = block.gate
         self.experts = block.experts
         self.runtime = runtime
-        # Mixtral's routing: softmax over all experts, top-k, weights renormalised.
-        self.router = switchyard.Router("topk", num_experts=len(block.experts),
-                                        top_k=block.top_k, score="softmax", pre_softmax=True,
-                                        normalize=True)
+        self.top_k = block.top_k
+        # Mixtral's selection: the top-k of softmax(z) (that is, of z).
+        self.router = switchyard.Router("topk", num_experts=len(block.experts), top_k=block.top_k)
 
     def forward(self, x):
-        if x.requires_grad or (torch.is_grad_enabled() and self.gate.weight.requires_grad):
-            raise NotImplementedError("SwitchyardMoeBlock is inference only (Switchyard has no "
-                                      "backward pass yet): call it under torch.no_grad()")
         x = x.contiguous()
-        logits = self.gate(x).float().contiguous()
-        plan = self.router.route(logits)          # (experts int32 [T,K], weights f32 [T,K])
-        dispatched = self.runtime.dispatch(x, plan)  # x is read in place through DLPack
-        for part in dispatched.parts:
-            rows = torch.from_numpy(part["expert_input"])     # Switchyard's buffer, no copy
-            results = torch.from_numpy(part["expert_output"])
-            first = 0
+        logits = self.gate(x)
+        selected, _ = self.router.route(logits.detach().float().contiguous())
+        selected = torch.from_numpy(selected).long()
+        # Mixtral's weights: softmax over the selected logits (differentiable in PyTorch).
+        weights = torch.softmax(torch.gather(logits, 1, selected), dim=1).to(x.dtype)
+        state = types.SimpleNamespace(runtime=self.runtime)
+        rows = _Dispatch.apply(x, state, selected.int(), weights)
+        outputs = []
+        for part, part_rows in zip(state.dispatched.parts, rows):
+            pieces, first = [], 0
             for e, count in zip(part["experts"], part["rows_per_expert"]):
                 if count:
-                    results[first:first + count] = self.experts[e](rows[first:first + count])
+                    pieces.append(self.experts[e](part_rows[first:first + count]))
                 first += count
-        y = torch.empty_like(x)
-        self.runtime.combine(dispatched, out=y)       # written in place through DLPack
-        return y
+            outputs.append(torch.cat(pieces) if pieces else part_rows * 0)
+        return _Combine.apply(weights, state, *outputs)
 
 
 def runtime_for(block, hidden, ffn_hidden, ranks, transport):
@@ -141,14 +183,35 @@ def main(argv=None):
     # Each process its own tokens: the block is per token, so each checks its own.
     generator = torch.Generator().manual_seed(1 + runtime.ranks[0])
     x = torch.randn(args.tokens, args.hidden, generator=generator)
-    with torch.no_grad():
-        expected = block(x)
-        y = ep_block(x)
-    relative = ((y - expected).abs().max() / expected.abs().max()).item()
+    x_reference = x.clone().requires_grad_()
+    expected = block(x_reference)
+    dy = torch.randn(expected.shape, generator=generator)
+    (expected * dy).sum().backward()
+    reference_grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                       for n, p in block.named_parameters()}
+    block.zero_grad()
+    x_switchyard = x.clone().requires_grad_()
+    y = ep_block(x_switchyard)
+    (y * dy).sum().backward()
+
+    def relative(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    compared = [relative(y.detach(), expected.detach()),
+                relative(x_switchyard.grad, x_reference.grad)]
+    what = "output and dx"
+    if len(runtime.ranks) == runtime.world_size:
+        # One process holds every rank: its parameter gradients come from all the tokens, as
+        # the pure-PyTorch block's do. (With a rank per process, an expert's gradient lives
+        # on its rank and covers every rank's tokens; the gate's needs the job's sum.)
+        compared += [relative(p.grad, reference_grads[n]) for n, p in block.named_parameters()
+                     if reference_grads[n].abs().max() > 1e-6]
+        what = "output, dx and every parameter's gradient"
+    worst = max(compared)
     print(f"rank(s) {runtime.ranks} of {runtime.world_size}: {args.tokens} tokens, "
           f"{args.experts} experts, top-{args.top_k}: max relative difference to the "
-          f"pure-PyTorch block {relative:.2e}")
-    return 0 if relative <= 1e-5 else 1
+          f"pure-PyTorch block {worst:.2e} ({what})")
+    return 0 if worst <= 1e-5 else 1
 
 
 if __name__ == "__main__":

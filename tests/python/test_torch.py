@@ -1,6 +1,7 @@
 """PyTorch as the real client: the example's Switchyard block against the pure-PyTorch
-Mixtral block on the same weights (1e-5 relative, f32), tensors used in place through
-DLPack (pointers checked), and PyTorch's bad input raising ValueError with its reason."""
+Mixtral block on the same weights (1e-5 relative, f32), its output and, through autograd,
+dx and every parameter's gradient; dispatch and combine backward by hand; tensors used in
+place through DLPack (pointers checked), and PyTorch's bad input raising ValueError."""
 import os
 import subprocess
 import sys
@@ -27,26 +28,73 @@ def test_switchyard_block_equals_the_pure_pytorch_block(ranks, experts, top_k, t
     runtime = torch_moe.runtime_for(block, 48, 96, ranks, "inproc")
     ep_block = torch_moe.SwitchyardMoeBlock(block, runtime)
     x = torch.randn(tokens, 48)
-    with torch.no_grad():
-        expected = block(x)
-        y = ep_block(x)
+    dy = torch.randn(tokens, 48)
+    x_reference = x.clone().requires_grad_()
+    expected = block(x_reference)
+    (expected * dy).sum().backward()
+    reference = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                 for n, p in block.named_parameters()}
+    block.zero_grad()
+    x_switchyard = x.clone().requires_grad_()
+    y = ep_block(x_switchyard)
+    (y * dy).sum().backward()
+
+    def relative(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
     assert y.dtype == torch.float32 and y.shape == x.shape
-    assert ((y - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    assert relative(y.detach(), expected.detach()) <= 1e-5
+    assert relative(x_switchyard.grad, x_reference.grad) <= 1e-5
+    for name, p in block.named_parameters():
+        if reference[name].abs().max() < 1e-6:  # an expert no token chose; top-1's gate
+            assert p.grad is None or p.grad.abs().max() < 1e-6, name
+            continue
+        assert relative(p.grad, reference[name]) <= 1e-5, name
+    with torch.no_grad():  # and without autograd
+        assert relative(ep_block(x), expected.detach()) <= 1e-5
 
 
 def test_the_example_runs_and_agrees():
     done = subprocess.run([sys.executable, EXAMPLE, "--ranks", "3", "--tokens", "50"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "max relative difference to the pure-PyTorch block" in done.stdout
+    assert "every parameter's gradient" in done.stdout
 
 
-def test_the_block_is_inference_only():
-    block = torch_moe.MixtralSparseMoeBlock(64, 32, 4, 2)
-    ep_block = torch_moe.SwitchyardMoeBlock(block, torch_moe.runtime_for(block, 64, 32, 2,
-                                                                         "inproc"))
-    with pytest.raises(NotImplementedError, match="inference only"):
-        ep_block(torch.randn(4, 64))
+def test_dispatch_and_combine_backward_by_hand():
+    # Identity experts (each part's output is its input): combine gives sum_k w x, so
+    # d weight[t,k] = <dy[t], x[t]> for kept slots, each row's output gradient is its
+    # weight times its token's dy, and dispatch_backward of ones counts each token's copies.
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.ranks": "2"})
+    x = np.random.default_rng(1).standard_normal((9, rt.hidden)).astype(np.float32)
+    dy = np.random.default_rng(2).standard_normal((9, rt.hidden)).astype(np.float32)
+    experts, weights = rt.route(x)
+    experts[::3, 1] = -1
+    weights[::3, 1] = 0
+    dispatched = rt.dispatch(x, (experts, weights))
+    outputs = [np.ascontiguousarray(p["expert_input"]) for p in dispatched.parts]
+    rt.combine(dispatched, outputs)
+    d_outputs, d_weights = rt.combine_backward(dispatched, dy, outputs)
+    expected = np.where(experts >= 0, (dy.astype(np.float64) * x).sum(1)[:, None], 0)
+    assert np.abs(d_weights - expected).max() <= 1e-5 * np.abs(expected).max()
+    # Each grouped row is x of some token t sent to expert e: its gradient is w[t,e]·dy[t].
+    for part, grad, rows in zip(dispatched.parts, d_outputs, outputs):
+        first = 0
+        for e, n in zip(part["experts"], part["rows_per_expert"]):
+            for row, g in zip(rows[first:first + n], grad[first:first + n]):
+                t = int(np.argmin(np.abs(x - row).sum(1)))
+                k = int(np.flatnonzero(experts[t] == e)[0])
+                assert np.allclose(g, weights[t, k] * dy[t], rtol=1e-6, atol=1e-7)
+            first += n
+    # The backward of dispatch sums a token's rows' gradients: ones give its kept slots.
+    ones = [np.ones_like(p["expert_input"]) for p in dispatched.parts]
+    dx = rt.dispatch_backward(dispatched, ones)
+    assert np.array_equal(dx, np.repeat((experts >= 0).sum(1)[:, None], rt.hidden, 1)
+                          .astype(np.float32))
+    with pytest.raises(ValueError, match="dy: token 4 feature 0 is NaN"):
+        bad = dy.copy()
+        bad[4, 0] = np.nan
+        rt.combine_backward(dispatched, bad, outputs)
 
 
 def test_tensors_are_used_in_place():

@@ -214,6 +214,19 @@ class MoELayer {
   /// before anything moves (as bad input is in `forward`). Host data path only; allocates
   /// nothing once its buffers have grown. Collective over the EP group.
   void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
+  /// The backward of `combine` for a caller's own experts (autograd frameworks): given the
+  /// `handle` and `plan` of the dispatch, the `expert_output` [A,H] that was combined and
+  /// dy [T,H], writes d_expert_output [A,H] (each grouped row: its slot's weight · dy of
+  /// its token) and d_weights [T,K] (each kept slot: <dy, its expert's output>; 0 for
+  /// empty slots). Dispatches dy with the plan's layout. Host data path. Collective.
+  void combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
+                        const TensorView& expert_output, const TensorView& dy,
+                        const TensorView& d_expert_output, const TensorView& d_weights);
+  /// The backward of `dispatch`: given d_expert_input [A,H] (per grouped row of `handle`),
+  /// writes dx [T,H], per token the sum over the rows it was sent as. Leaves the handle
+  /// as it was. Host data path. Collective.
+  void dispatch_backward(DispatchHandle& handle, const TensorView& d_expert_input,
+                         const TensorView& dx);
   /// The stream the layer's work is ordered on, from its data path: for the host data path
   /// a queued host stream when the transport is stream-ordered, else an inline one.
   Stream& stream() noexcept { return *stream_; }
@@ -236,6 +249,16 @@ class MoELayer {
   const LayerTraffic& traffic() const noexcept { return traffic_; }
 
  private:
+  /// Backward helpers: `weighted` [A,H] = each grouped row of `rows` times its slot's
+  /// weight; d_slot_weights_ = per received (row, slot) <rows, outputs> of its grouped row;
+  /// the latter sent back to the tokens' ranks into d_weights [T,K] (plan slots); the
+  /// combine with unit weights.
+  void weigh_rows(const DispatchHandle& h, const TensorView& rows,
+                  const TensorView& weighted) const;
+  void slot_dot_products(const DispatchHandle& h, const TensorView& rows,
+                         const TensorView& outputs);
+  void return_slot_gradients(const DispatchHandle& h, const RoutingPlan& plan, float* d_weights);
+  void combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y);
   /// Checks a plan's shape and expert ids; the first problem, or nothing.
   std::optional<Error> check_plan(const RoutingPlan& plan) const;
   /// Counts rows per destination and exchanges the counts. A failure of this rank
@@ -339,7 +362,8 @@ class MoELayer {
   // byte counts; the plan's weight gradients, the logits and their gradient.
   DispatchHandle backward_x_, backward_dy_;
   Buffer<float> d_slot_weights_, d_sent_weights_;
-  Buffer<float> backward_outputs_;  // [A,H] the experts' outputs, recomputed
+  Buffer<float> backward_outputs_;    // [A,H] the experts' outputs, recomputed
+  Buffer<float> saved_slot_weights_;  // a handle's slot weights while it combines unweighted
   Buffer<std::size_t> d_weight_send_bytes_, d_weight_send_offsets_, d_weight_recv_bytes_,
       d_weight_recv_offsets_;
   Buffer<float> d_plan_weights_, backward_logits_, d_logits_;

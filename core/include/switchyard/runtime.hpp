@@ -163,6 +163,20 @@ class Runtime {
   void combine(ProcessDispatch& dispatched, std::span<const TensorView> expert_outputs,
                const TensorView& y);
 
+  /// The backward of `combine` for experts the caller computes (autograd): given the
+  /// `dispatched` whose combine gave y, the `expert_outputs` it combined (one [A,H] per
+  /// part) and dy [T,H] (this process's tokens): writes `d_expert_outputs` (one [A,H] per
+  /// part: each row's slot weight · dy of its token) and d_weights [T,K] (<dy, expert
+  /// output> per kept slot of the plan; 0 for empty ones). A NaN or infinite dy is refused
+  /// on every rank together. Host data path. Collective.
+  void combine_backward(ProcessDispatch& dispatched, std::span<const TensorView> expert_outputs,
+                        const TensorView& dy, std::span<const TensorView> d_expert_outputs,
+                        const TensorView& d_weights);
+  /// The backward of `dispatch`: given one [A,H] gradient per part for its expert_input,
+  /// writes dx [T,H] (per token, the sum over the rows it was sent as). Collective.
+  void dispatch_backward(ProcessDispatch& dispatched, std::span<const TensorView> d_expert_inputs,
+                         const TensorView& dx);
+
   /// The backward of the last `forward(x, y)`, given the same global x [T,H] and
   /// dy = dL/dy [T,H]: writes dx [T,H] (each local rank its block) and the parameters'
   /// gradients (`ModelGradients`); the router's aux and z losses (their coefficients in
