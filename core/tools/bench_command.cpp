@@ -504,7 +504,7 @@ int bench(Runtime& runtime, const BenchOptions& options) {
       std::vector<SwigluExpertGradients> d_experts;
       const int local_experts = layer.experts().num_local_experts();
       for (int e = 0; e < local_experts; ++e) {
-        for (auto shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
+        for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
           d_weights.emplace_back(DType::kF32, shape);
       }
       for (std::size_t e = 0; e < static_cast<std::size_t>(local_experts); ++e) {

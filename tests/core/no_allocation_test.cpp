@@ -98,7 +98,7 @@ TEST_CASE("a training step (forward and backward) allocates nothing after the fi
     for (int r = 0; r < ranks; ++r) {
       gates.emplace_back(DType::kF32, std::vector<std::int64_t>{E, H});
       for (int e = 0; e < runtime.layer(r).placement().num_local(r); ++e) {
-        for (auto shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
+        for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
           weights.emplace_back(DType::kF32, shape);
       }
     }

@@ -166,7 +166,7 @@ TEST_CASE("backward: input and weight gradients against finite differences in fl
   std::vector<HostTensor> grads;
   std::vector<SwigluExpertGradients> d_weights;
   for (int e = 0; e < 3; ++e) {
-    for (auto shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}}) {
+    for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}}) {
       grads.emplace_back(DType::kF32, shape);
       std::fill(grads.back().data<float>(), grads.back().data<float>() + grads.back().numel(),
                 0.25f);
