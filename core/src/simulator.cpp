@@ -56,7 +56,7 @@ class Random {
   std::uint64_t state_[4] = {};
 };
 
-/// A positive finite number from `text` (all of it), or nothing.
+/// A finite number from `text` (all of it), or nothing.
 std::optional<double> number(std::string_view text) {
   const std::string s(text);
   char* end = nullptr;
