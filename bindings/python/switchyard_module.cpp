@@ -201,35 +201,6 @@ class PyRuntime {
     return result;
   }
 
-  /// Sums the experts' results back into out (or a new array): `expert_outputs` is None
-  /// (each part's own expert_output), one tensor (one part) or one per part.
-  py::object combine(PyDispatch& d, const py::object& expert_outputs, const py::object& out) {
-    std::vector<std::unique_ptr<TensorArgument>> held;
-    std::vector<TensorView> outputs;
-    if (expert_outputs.is_none()) {
-      for (auto& part : d.dispatched.parts) outputs.push_back(part.handle.expert_output());
-    } else if (py::isinstance<py::list>(expert_outputs) ||
-               py::isinstance<py::tuple>(expert_outputs)) {
-      for (const py::handle item : py::sequence(expert_outputs)) {
-        held.push_back(std::make_unique<TensorArgument>(py::reinterpret_borrow<py::object>(item),
-                                                        "expert output"));
-        outputs.push_back(held.back()->view());
-      }
-    } else {
-      held.push_back(std::make_unique<TensorArgument>(expert_outputs, "expert output"));
-      outputs.push_back(held.back()->view());
-    }
-    py::object result =
-        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
-    const TensorArgument y(result, "output y", /*written=*/true);
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-      runtime_->combine(d.dispatched, outputs, y.view());
-    }
-    return result;
-  }
-
   /// Tensors per part: None (each part's `own` buffer), one tensor (one part), or a list.
   static std::vector<TensorView> per_part(PyDispatch& d, const py::object& given,
                                           std::vector<std::unique_ptr<TensorArgument>>& held,
@@ -250,6 +221,23 @@ class PyRuntime {
       views.push_back(held.back()->view());
     }
     return views;
+  }
+
+  /// Sums the experts' results back into out (or a new array): `expert_outputs` is None
+  /// (each part's own expert_output), one tensor (one part) or one per part.
+  py::object combine(PyDispatch& d, const py::object& expert_outputs, const py::object& out) {
+    std::vector<std::unique_ptr<TensorArgument>> held;
+    const std::vector<TensorView> outputs =
+        per_part(d, expert_outputs, held, "expert output", /*input_buffer=*/false);
+    py::object result =
+        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
+    const TensorArgument y(result, "output y", /*written=*/true);
+    {
+      py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+      runtime_->combine(d.dispatched, outputs, y.view());
+    }
+    return result;
   }
 
   /// (d_expert_outputs: one array per part, d_weights [T,K]) for dy and the outputs the

@@ -74,28 +74,6 @@ double loss(const Parameters& p, const std::vector<double>& x, const std::vector
   return total;
 }
 
-double difference(std::vector<double>& v, std::size_t i, const std::function<double()>& f) {
-  auto central = [&](double step) {
-    const double saved = v[i];
-    v[i] = saved + step;
-    const double up = f();
-    v[i] = saved - step;
-    const double down = f();
-    v[i] = saved;
-    return (up - down) / (2 * step);
-  };
-  return (4 * central(5e-4) - central(1e-3)) / 3;
-}
-
-struct Agreement {
-  double diff = 0, scale = 0;
-  void add(double got, double expected) {
-    diff = std::max(diff, std::abs(got - expected));
-    scale = std::max(scale, std::abs(expected));
-  }
-  double relative() const { return diff / scale; }
-};
-
 std::vector<double> widen(const TensorView& t) {
   return {t.data_as<const float>(), t.data_as<const float>() + t.numel()};
 }
@@ -173,12 +151,13 @@ TEST_CASE("layer backward on 1-3 ranks: dx, the gate's and the experts' gradient
       std::vector<double> xs = widen(x.view());
       const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
       auto f = [&] { return loss(p, xs, experts, dys, sigmoid); };
-      Agreement ax, agate, aexperts;
-      for (std::size_t i = 0; i < xs.size(); ++i) ax.add(dx.data<float>()[i], difference(xs, i, f));
+      test::Agreement ax, agate, aexperts;
+      for (std::size_t i = 0; i < xs.size(); ++i)
+        ax.add(dx.data<float>()[i], test::central_difference(xs, i, f));
       for (std::size_t i = 0; i < p.gate.size(); ++i) {
         double sum = 0;
         for (const auto& g : d_gates) sum += g.data<float>()[i];
-        agate.add(sum, difference(p.gate, i, f));
+        agate.add(sum, test::central_difference(p.gate, i, f));
       }
       for (int r = 0; r < ranks; ++r) {
         const ExpertPlacement& placement = runtime.layer(r).placement();
@@ -189,7 +168,7 @@ TEST_CASE("layer backward on 1-3 ranks: dx, the gate's and the experts' gradient
             const HostTensor& got =
                 expert_grads[static_cast<std::size_t>(r)][static_cast<std::size_t>(3 * j + which)];
             for (std::size_t i = 0; i < tensors[which]->size(); ++i) {
-              aexperts.add(got.data<float>()[i], difference(*tensors[which], i, f));
+              aexperts.add(got.data<float>()[i], test::central_difference(*tensors[which], i, f));
             }
           }
         }
@@ -297,10 +276,11 @@ TEST_CASE("Runtime::backward: world 1-4 × EP groups of world and world/2, with 
         return loss(p, xs, experts, dys, false) +
                group_losses(p, xs, group_of_token, world / ep, 0.2, 0.05, counts);
       };
-      Agreement ax, agate, aexperts;
-      for (std::size_t i = 0; i < xs.size(); ++i) ax.add(dx.data<float>()[i], difference(xs, i, f));
+      test::Agreement ax, agate, aexperts;
+      for (std::size_t i = 0; i < xs.size(); ++i)
+        ax.add(dx.data<float>()[i], test::central_difference(xs, i, f));
       for (std::size_t i = 0; i < p.gate.size(); ++i)
-        agate.add(gradients.gate.data<float>()[i], difference(p.gate, i, f));
+        agate.add(gradients.gate.data<float>()[i], test::central_difference(p.gate, i, f));
       for (int e = 0; e < E; ++e) {
         std::vector<double>* tensors[3] = {&p.w1[static_cast<std::size_t>(e)],
                                            &p.w3[static_cast<std::size_t>(e)],
@@ -310,7 +290,7 @@ TEST_CASE("Runtime::backward: world 1-4 × EP groups of world and world/2, with 
               gradients.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(which)];
           REQUIRE(got.numel() == static_cast<std::int64_t>(tensors[which]->size()));
           for (std::size_t i = 0; i < tensors[which]->size(); ++i)
-            aexperts.add(got.data<float>()[i], difference(*tensors[which], i, f));
+            aexperts.add(got.data<float>()[i], test::central_difference(*tensors[which], i, f));
         }
       }
       CHECK(ax.relative() <= 1e-4);

@@ -8,6 +8,7 @@
 #include "switchyard/model.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/status.hpp"
+#include "test_support.hpp"
 
 using namespace switchyard;
 
@@ -127,28 +128,6 @@ double weighted_output(const DoubleExpert& w, const std::vector<double>& x, cons
 }
 
 /// Central difference of f with respect to v[i] (one Richardson step).
-double difference(std::vector<double>& v, std::size_t i, const std::function<double()>& f) {
-  auto central = [&](double step) {
-    const double saved = v[i];
-    v[i] = saved + step;
-    const double up = f();
-    v[i] = saved - step;
-    const double down = f();
-    v[i] = saved;
-    return (up - down) / (2 * step);
-  };
-  return (4 * central(5e-4) - central(1e-3)) / 3;
-}
-
-/// Tracks max |a - b| / max |b| over a group of values.
-struct Agreement {
-  double diff = 0, scale = 0;
-  void add(double got, double expected) {
-    diff = std::max(diff, std::abs(got - expected));
-    scale = std::max(scale, std::abs(expected));
-  }
-  double relative() const { return diff / scale; }
-};
 
 }  // namespace
 
@@ -183,7 +162,7 @@ TEST_CASE("backward: input and weight gradients against finite differences in fl
                    forward.data<float>()));
 
   const auto weights = model.experts(0, 3);
-  Agreement input, weight;
+  test::Agreement input, weight;
   std::int64_t row = 0;
   for (std::size_t e = 0; e < rows.size(); ++e) {
     DoubleExpert w = widen(weights[e]);
@@ -201,14 +180,16 @@ TEST_CASE("backward: input and weight gradients against finite differences in fl
     for (std::int64_t i = 0; i < rows[e]; ++i) {
       for (std::int64_t h = 0; h < H; ++h) {
         input.add(dx.data<float>()[(row + i) * H + h],
-                  difference(xs[static_cast<std::size_t>(i)], static_cast<std::size_t>(h), loss));
+                  test::central_difference(xs[static_cast<std::size_t>(i)],
+                                           static_cast<std::size_t>(h), loss));
       }
     }
     std::vector<double>* tensors[3] = {&w.gate, &w.up, &w.down};
     for (int which = 0; which < 3; ++which) {
       const HostTensor& got = grads[3 * e + static_cast<std::size_t>(which)];
       for (std::size_t i = 0; i < tensors[which]->size(); ++i) {
-        const double expected = rows[e] == 0 ? 0.0 : difference(*tensors[which], i, loss);
+        const double expected =
+            rows[e] == 0 ? 0.0 : test::central_difference(*tensors[which], i, loss);
         weight.add(got.data<float>()[i] - 0.25, expected);
       }
     }

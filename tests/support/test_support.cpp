@@ -150,4 +150,18 @@ HostTensor write_skewed_routing_case(const std::filesystem::path& dir, std::int6
   return x;
 }
 
+double central_difference(std::vector<double>& v, std::size_t i, const std::function<double()>& f,
+                          double h) {
+  auto central = [&](double step) {
+    const double saved = v[i];
+    v[i] = saved + step;
+    const double up = f();
+    v[i] = saved - step;
+    const double down = f();
+    v[i] = saved;
+    return (up - down) / (2 * step);
+  };
+  return (4 * central(h / 2) - central(h)) / 3;
+}
+
 }  // namespace switchyard::test

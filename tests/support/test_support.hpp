@@ -2,6 +2,8 @@
 // Helpers shared by the tests: temporary folders, checkpoints written in both naming
 // conventions, the dense comparison, and running the `switchyard` tool.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -55,6 +57,21 @@ std::map<std::string, HostTensor> checkpoint_tensors(const ModelWeights& model,
 
 /// Largest |a-b| over all elements divided by the largest |b| (or 1 if b is all zero).
 double relative_difference(const HostTensor& a, const HostTensor& b);
+
+/// d f / d v[i] by central differences with one Richardson step (error O(h^4)), steps
+/// h/2 and h; v[i] is restored.
+double central_difference(std::vector<double>& v, std::size_t i, const std::function<double()>& f,
+                          double h = 1e-3);
+
+/// max |got - expected| / max |expected| over the pairs added: how gradients agree.
+struct Agreement {
+  double diff = 0, scale = 0;
+  void add(double got, double expected) {
+    diff = std::max(diff, std::abs(got - expected));
+    scale = std::max(scale, std::abs(expected));
+  }
+  double relative() const { return diff / scale; }
+};
 
 /// Skewed routing for the bias-balancing tests: writes `dir/skewed.safetensors`, a
 /// DeepSeek-format layer (E = 8, H = 24, F = 16) whose gate adds +2.0 to the logits of
