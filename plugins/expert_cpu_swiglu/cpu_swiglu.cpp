@@ -68,16 +68,7 @@ class CpuSwigluKernel final : public ExpertKernel {
       const float* xe = x + row * H;
       float* ye = y + row * H;
       const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
-      // [n,F] = x [n,H] · Wᵀ for the gate and up projections.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
-      for (std::int64_t i = 0; i < n * F; ++i) {
-        const float g = gate_out_[static_cast<std::size_t>(i)];
-        gate_out_[static_cast<std::size_t>(i)] =
-            g / (1.0f + std::exp(-g)) * up_out_[static_cast<std::size_t>(i)];
-      }
+      activate(e, xe, n, gate_out_.data());  // in place of the gate projection
       // [n,H] = act [n,F] · downᵀ.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, gate_out_.data(), f,
                   as_f32(experts_[e].down), f, 0.0f, ye, h);
@@ -110,16 +101,8 @@ class CpuSwigluKernel final : public ExpertKernel {
       float* dxe = dx + row * H;
       const SwigluExpertGradients& d = batch.d_weights[e];
       const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
-      for (std::int64_t i = 0; i < n * F; ++i) {
-        const float a = gate_out_[static_cast<std::size_t>(i)];
-        activation_[static_cast<std::size_t>(i)] =
-            a / (1.0f + std::exp(-a)) * up_out_[static_cast<std::size_t>(i)];
-      }
-      if (batch.output.data() != nullptr) {  // the forward's output, on the way
+      activate(e, xe, n, activation_.data());  // keeps the projections for dA, dB
+      if (batch.output.data() != nullptr) {    // the forward's output, on the way
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, activation_.data(), f,
                     as_f32(experts_[e].down), f, 0.0f, batch.output.data_as<float>() + row * H, h);
       }
@@ -149,6 +132,20 @@ class CpuSwigluKernel final : public ExpertKernel {
   }
 
  private:
+  /// The gate and up projections of expert e's n rows xe into gate_out_ and up_out_
+  /// [n,F], and silu(gate) ⊙ up into `activation` (which may be gate_out_ itself).
+  void activate(std::size_t e, const float* xe, std::int64_t n, float* activation) {
+    const int in = static_cast<int>(n), h = hidden_, f = ffn_hidden_;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
+    for (std::int64_t i = 0; i < n * ffn_hidden_; ++i) {
+      const float a = gate_out_[static_cast<std::size_t>(i)];
+      activation[i] = a / (1.0f + std::exp(-a)) * up_out_[static_cast<std::size_t>(i)];
+    }
+  }
+
   static void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
                              std::int64_t cols) {
     const DType d = w.dtype();
