@@ -1104,20 +1104,7 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   route.loss_tokens = out.loss_tokens;
   route.loss_aux_counts = out.loss_aux_counts;
   parts_.router->backward(route, TensorView(d_logits_.data(), DType::kF32, {T, E}));
-  const float* gate = gate_.data_as<const float>();
-  const float* xs = x.data_as<const float>();
-  float* dx = out.dx.data_as<float>();
-  float* d_gate = out.d_gate.data_as<float>();
-  for (std::int64_t t = 0; t < T; ++t) {
-    for (int e = 0; e < E; ++e) {
-      const float g = d_logits_[to_size(t * E + e)];
-      if (g == 0.0f) continue;
-      for (std::int64_t h = 0; h < H; ++h) {
-        dx[t * H + h] += g * gate[e * H + h];
-        d_gate[e * H + h] += g * xs[t * H + h];
-      }
-    }
-  }
+  accumulate_router_gradients(x, gate_, d_logits_.data(), out.dx, out.d_gate);
 }
 
 }  // namespace switchyard

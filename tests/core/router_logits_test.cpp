@@ -113,3 +113,52 @@ TEST_CASE("router logits: a token's logits do not depend on the rows computed wi
     CHECK(std::memcmp(part.data(), all.data() + first * E, part.size() * sizeof(float)) == 0);
   }
 }
+
+TEST_CASE("router backward GEMMs: within float32 rounding of float64 sums, and added to") {
+  // Shapes across the register blocks (4 rows × 16 columns), the dx slices (512 columns)
+  // and the d_gate token slices (64 tokens), with their ragged edges.
+  struct Shape {
+    std::int64_t T, E, H;
+  };
+  for (const Shape s : {Shape{1, 1, 1}, Shape{7, 5, 37}, Shape{130, 9, 600}, Shape{65, 64, 16}}) {
+    CAPTURE(s.T);
+    CAPTURE(s.E);
+    CAPTURE(s.H);
+    std::mt19937 rng(static_cast<unsigned>(s.T * 131 + s.E * 7 + s.H));
+    auto x = random_values(static_cast<std::size_t>(s.T * s.H), rng);
+    auto gate = random_values(static_cast<std::size_t>(s.E * s.H), rng);
+    auto d_logits = random_values(static_cast<std::size_t>(s.T * s.E), rng);
+    auto dx = random_values(static_cast<std::size_t>(s.T * s.H), rng);  // added to
+    auto d_gate = random_values(static_cast<std::size_t>(s.E * s.H), rng);
+    const auto dx0 = dx, d_gate0 = d_gate;
+    accumulate_router_gradients(TensorView(x.data(), DType::kF32, {s.T, s.H}),
+                                TensorView(gate.data(), DType::kF32, {s.E, s.H}), d_logits.data(),
+                                TensorView(dx.data(), DType::kF32, {s.T, s.H}),
+                                TensorView(d_gate.data(), DType::kF32, {s.E, s.H}));
+    // Each element against its float64 sum; the bound scales with the sum of |terms|.
+    for (std::int64_t t = 0; t < s.T; ++t) {
+      for (std::int64_t h = 0; h < s.H; ++h) {
+        double sum = dx0[t * s.H + h], magnitude = std::fabs(sum);
+        for (std::int64_t e = 0; e < s.E; ++e) {
+          const double term = double{d_logits[t * s.E + e]} * gate[e * s.H + h];
+          sum += term;
+          magnitude += std::fabs(term);
+        }
+        REQUIRE(std::fabs(dx[t * s.H + h] - sum) <=
+                1e-6 * static_cast<double>(s.E + 1) * magnitude + 1e-30);
+      }
+    }
+    for (std::int64_t e = 0; e < s.E; ++e) {
+      for (std::int64_t h = 0; h < s.H; ++h) {
+        double sum = d_gate0[e * s.H + h], magnitude = std::fabs(sum);
+        for (std::int64_t t = 0; t < s.T; ++t) {
+          const double term = double{d_logits[t * s.E + e]} * x[t * s.H + h];
+          sum += term;
+          magnitude += std::fabs(term);
+        }
+        REQUIRE(std::fabs(d_gate[e * s.H + h] - sum) <=
+                1e-6 * static_cast<double>(s.T + 1) * magnitude + 1e-30);
+      }
+    }
+  }
+}

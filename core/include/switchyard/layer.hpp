@@ -46,6 +46,13 @@ class ExpertPlacement {
 /// chosen once (AVX-512, AVX2 with FMA, or portable). Runs on the calling thread.
 void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits);
 
+/// The router's GEMMs backward, f32 host contiguous: dx [T,H] += d_logits [T,E] · gate
+/// [E,H] and d_gate [E,H] += d_logitsᵀ · x [T,H]. Each element is one chain of
+/// multiply-adds in a fixed order (dx over e ascending, d_gate over t ascending), so its
+/// bits depend on the inputs only (on one machine). Runs on the calling thread.
+void accumulate_router_gradients(const TensorView& x, const TensorView& gate, const float* d_logits,
+                                 const TensorView& dx, const TensorView& d_gate);
+
 namespace detail {
 /// The instruction sets `compute_router_logits` chooses from.
 enum class RouterLogitsIsa { kPortable, kAvx2, kAvx512 };
