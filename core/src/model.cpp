@@ -114,11 +114,8 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
   };
 
   const bool mixtral = format == CheckpointFormat::kMixtral;
-  const std::string gate_name = mixtral ? "w1" : "gate_proj";
-  const std::string up_name = mixtral ? "w3" : "up_proj";
-  const std::string down_name = mixtral ? "w2" : "down_proj";
-  auto expert_tensor = [&](int e, const std::string& which) {
-    return prefix + "experts." + std::to_string(e) + "." + which + ".weight";
+  auto expert_tensor = [&](int e, int which) {
+    return expert_tensor_name(format, prefix, e, which);
   };
 
   ModelWeights m;
@@ -131,16 +128,16 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
   }
   // Expert weights stay in the checkpoint's dtype, read one tensor at a time: loading holds
   // no copy beyond the tensor being read.
-  const auto first_gate = file.entries().find(expert_tensor(0, gate_name));
+  const auto first_gate = file.entries().find(expert_tensor(0, 0));
   if (first_gate == file.entries().end() || first_gate->second.shape.size() != 2) {
-    require_shape(expert_tensor(0, gate_name), {-1, m.hidden_}, false);  // throws the message
+    require_shape(expert_tensor(0, 0), {-1, m.hidden_}, false);  // throws the message
   }
   m.ffn_hidden_ = static_cast<int>(first_gate->second.shape[0]);
   const std::int64_t E = m.num_experts_, H = m.hidden_, F = m.ffn_hidden_;
   for (int e = 0; e < E; ++e) {
-    m.gate_proj_.push_back(require_shape(expert_tensor(e, gate_name), {F, H}, false));
-    m.up_proj_.push_back(require_shape(expert_tensor(e, up_name), {F, H}, false));
-    m.down_proj_.push_back(require_shape(expert_tensor(e, down_name), {H, F}, false));
+    m.gate_proj_.push_back(require_shape(expert_tensor(e, 0), {F, H}, false));
+    m.up_proj_.push_back(require_shape(expert_tensor(e, 1), {F, H}, false));
+    m.down_proj_.push_back(require_shape(expert_tensor(e, 2), {H, F}, false));
   }
   const std::string bias_name = prefix + "gate.e_score_correction_bias";
   if (!mixtral && file.contains(bias_name)) {
@@ -149,6 +146,19 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
   }
   m.description_ = std::string(mixtral ? "mixtral" : "deepseek") + " checkpoint " + path.string();
   return m;
+}
+
+std::string expert_tensor_name(CheckpointFormat format, const std::string& prefix, int expert,
+                               int which) {
+  static constexpr const char* kMixtral[3] = {"w1", "w3", "w2"};
+  static constexpr const char* kDeepseek[3] = {"gate_proj", "up_proj", "down_proj"};
+  if (which < 0 || which > 2) {
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        "expert_tensor_name: which is 0, 1 or 2 (gate, up, down), not " + std::to_string(which));
+  }
+  const char* name = (format == CheckpointFormat::kMixtral ? kMixtral : kDeepseek)[which];
+  return prefix + "experts." + std::to_string(expert) + "." + name + ".weight";
 }
 
 HostTensor synthetic_tokens(std::int64_t num_tokens, int hidden, std::uint64_t seed) {

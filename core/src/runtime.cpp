@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <system_error>
 #include <thread>
 
 #include "switchyard/bootstrap.hpp"
+#include "switchyard/io.hpp"
 #include "switchyard/memory_budget.hpp"
 #include "switchyard/reference.hpp"
 #include "switchyard/status.hpp"
@@ -327,6 +329,81 @@ void Runtime::gather_expert_gradients(ModelGradients& gradients) {
       }
     }
   });
+}
+
+ModelParameters Runtime::parameters() {
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    if (layer(local).data_path().device().kind != Device::Kind::kHost) {
+      throw Error(ErrorCode::kUnavailable,
+                  "parameters: training updates the host weights, but this runtime's data path "
+                  "keeps its own device copy ([runtime] data_path = \"host\" to train)");
+    }
+  }
+  ModelWeights& m = state_->model;
+  ModelParameters p;
+  p.gate = m.gate().view();
+  p.experts.resize(static_cast<std::size_t>(m.num_experts()));
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    const MoELayer& l = layer(local);
+    const int ep_rank = l.transport().rank();
+    const int first = l.placement().first_expert(ep_rank);
+    const auto held = m.experts(first, l.placement().num_local(ep_rank));
+    for (std::size_t j = 0; j < held.size(); ++j) {
+      if (held[j].gate.dtype() != DType::kF32) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "parameters: the experts' weights are " +
+                        std::string(dtype_name(held[j].gate.dtype())) +
+                        "; training updates f32 weights (an f32 checkpoint, or [model] dtype = "
+                        "\"f32\" for random weights)");
+      }
+      p.experts[static_cast<std::size_t>(first) + j] = {held[j].gate, held[j].up, held[j].down};
+    }
+  }
+  return p;
+}
+
+void Runtime::save_model(const std::filesystem::path& path) {
+  const ModelWeights& m = model();
+  // The held experts widened to f32, gathered like gradients to world rank 0.
+  ModelGradients copy;
+  copy.experts.resize(static_cast<std::size_t>(m.num_experts()));
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    const MoELayer& l = layer(local);
+    const int ep_rank = l.transport().rank();
+    const int first = l.placement().first_expert(ep_rank);
+    const auto held = m.experts(first, l.placement().num_local(ep_rank));
+    for (std::size_t j = 0; j < held.size(); ++j) {
+      const TensorView weights[3] = {held[j].gate, held[j].up, held[j].down};
+      for (std::size_t w = 0; w < 3; ++w) {
+        HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
+        widen_to_f32(weights[w].data(), weights[w].dtype(),
+                     static_cast<std::size_t>(weights[w].numel()), f32.data<float>());
+        copy.experts[static_cast<std::size_t>(first) + j][w] = std::move(f32);
+      }
+    }
+  }
+  gather_expert_gradients(copy);
+  if (world_rank(0) != 0) return;
+  const ConfigSection& options = settings().section("model");
+  const CheckpointFormat format = options.get_string("format") == "mixtral"
+                                      ? CheckpointFormat::kMixtral
+                                      : CheckpointFormat::kDeepseek;
+  const std::string& prefix = options.get_string("prefix");
+  std::map<std::string, HostTensor> tensors;
+  tensors.emplace(prefix + "gate.weight", m.gate());
+  for (int e = 0; e < m.num_experts(); ++e) {
+    for (int w = 0; w < 3; ++w) {
+      tensors.emplace(
+          expert_tensor_name(format, prefix, e, w),
+          std::move(copy.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(w)]));
+    }
+  }
+  if (format == CheckpointFormat::kDeepseek && !m.bias().empty()) {
+    HostTensor bias(DType::kF32, {m.num_experts()});
+    std::copy(m.bias().begin(), m.bias().end(), bias.data<float>());
+    tensors.emplace(prefix + "gate.e_score_correction_bias", std::move(bias));
+  }
+  write_safetensors(path, tensors);
 }
 
 void Runtime::run_on_ranks(const std::function<void(int local)>& fn) {

@@ -67,15 +67,16 @@ int backward_command(const std::vector<std::string>& args) {
     if (runtime.world_rank(0) != 0) return kExitOk;
 
     const ConfigSection& options = runtime.settings().section("model");
-    const bool mixtral = options.get_string("format") == "mixtral";
+    const CheckpointFormat format = options.get_string("format") == "mixtral"
+                                        ? CheckpointFormat::kMixtral
+                                        : CheckpointFormat::kDeepseek;
     const std::string& prefix = options.get_string("prefix");
-    const char* names[3] = {mixtral ? "w1" : "gate_proj", mixtral ? "w3" : "up_proj",
-                            mixtral ? "w2" : "down_proj"};
     std::map<std::string, HostTensor> experts;
     for (std::size_t e = 0; e < gradients.experts.size(); ++e) {
       for (std::size_t w = 0; w < 3; ++w) {
-        experts.emplace(prefix + "experts." + std::to_string(e) + "." + names[w] + ".weight",
-                        gradients.experts[e][w]);
+        experts.emplace(
+            expert_tensor_name(format, prefix, static_cast<int>(e), static_cast<int>(w)),
+            gradients.experts[e][w]);
       }
     }
     const std::filesystem::path dir(out_dir);

@@ -21,10 +21,15 @@ enum class CheckpointFormat {
   kDeepseek,
 };
 
+/// The checkpoint name of one expert's weight: `which` 0 gate, 1 up, 2 down; e.g.
+/// "{prefix}experts.3.w1.weight" (Mixtral) or "{prefix}experts.3.gate_proj.weight".
+std::string expert_tensor_name(CheckpointFormat format, const std::string& prefix, int expert,
+                               int which);
+
 /// Weights of one MoE layer in host memory: the router gate (and bias) in f32, the experts in
 /// the checkpoint's dtype (f32, bf16 or f16; random weights f32 or bf16), never widened, so a
-/// BF16 checkpoint takes its own size in memory. Immutable after construction, so one
-/// instance can be shared by every in-process rank.
+/// BF16 checkpoint takes its own size in memory. Shared by every in-process rank; changed
+/// only by training, between steps, through `Runtime::parameters()`.
 class ModelWeights {
  public:
   /// Deterministic random weights (uniform in ±1/sqrt(fan_in)) from `seed`, identical on

@@ -92,6 +92,16 @@ struct ModelGradients {
   std::vector<std::array<HostTensor, 3>> experts;
 };
 
+/// Writable views of the model's parameters, for an optimizer step (`Runtime::parameters`):
+/// host f32, laid out as `ModelGradients`. The layers and expert kernels read these same
+/// tensors, so a change is seen by the next forward. Valid while the runtime lives.
+struct ModelParameters {
+  TensorView gate;  ///< [E,H] the router's gate weight
+  /// [E]: per expert {gate, up} [F,H] and down [H,F]; empty views for the experts no rank
+  /// of this process holds.
+  std::vector<std::array<TensorView, 3>> experts;
+};
+
 /// Built from a configuration; owns the plugin registry, the model weights, the transports
 /// of the ranks this process hosts (several for the in-process transport) and one
 /// `MoELayer` per such rank. Methods are called from one thread; `run_on_ranks` runs a
@@ -184,6 +194,20 @@ class Runtime {
   /// dy) is refused on every rank together; host data path only. Collective.
   void backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
                 ModelGradients& gradients);
+
+  /// The parameters this process's ranks train (see `ModelParameters`), for an optimizer
+  /// to update in place between steps (never while a forward or backward runs). The
+  /// in-process ranks share one copy of the weights, so a process updates each tensor once,
+  /// with the gradients of `backward` (which every rank holding the tensor sees alike);
+  /// processes then stay identical. Throws `Error(kInvalidArgument)` when the experts are
+  /// not f32 (a bf16 model: train an f32 copy), and `Error(kUnavailable)` for a device data
+  /// path (it keeps its own copy of the gate).
+  ModelParameters parameters();
+  /// Collective: writes the model as a safetensors checkpoint at `path` from world rank 0
+  /// (others write nothing), in `[model] format` with its `prefix`: the gate, every
+  /// expert's weights (gathered from EP group 0) in f32, and the selection bias the
+  /// checkpoint had (DeepSeek format). `[model] weights = path` loads it back.
+  void save_model(const std::filesystem::path& path);
 
   /// The dense single-process reference of the same computation (each rank's block
   /// routed as that rank routes it, experts evaluated directly in double precision).
