@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -325,4 +326,62 @@ TEST_CASE("Runtime::backward refuses bad input on every rank, and the next one w
       doctest::Contains("backward follows a forward on the same x"), Error);
   runtime.backward(x.view(), dy.view(), dx.view(), gradients);
   CHECK(gradients.gate.numel() == E * H);
+}
+
+TEST_CASE("Runtime::parameters: writes reach the next forward; save_model writes them back") {
+  Config config;
+  config.set("runtime", "ranks", std::int64_t{2});
+  config.set("runtime", "ep_size", std::int64_t{2});
+  config.set("router", "top_k", std::int64_t{K});
+  config.set("model", "num_experts", std::int64_t{E});
+  config.set("model", "hidden", std::int64_t{H});
+  config.set("model", "ffn_hidden", std::int64_t{F});
+  config.set("model", "format", std::string("deepseek"));
+  config.set("model", "prefix", std::string("layers.0.mlp."));
+  Runtime runtime(config);
+  const HostTensor x = synthetic_tokens(T, H, 3);
+  HostTensor y(DType::kF32, {T, H});
+  ModelParameters p = runtime.parameters();
+  REQUIRE(p.experts.size() == static_cast<std::size_t>(E));
+  for (const auto& expert : p.experts) {  // both ranks are here: every expert is held
+    for (const auto& w : expert) REQUIRE(w.data() != nullptr);
+  }
+  // Gate and up projections of every expert zeroed: silu(0)·0 = 0, so y must be exactly 0
+  // whatever the routing (the layers and kernels read the written tensors).
+  for (const auto& expert : p.experts) {
+    for (int which = 0; which < 2; ++which) {
+      const TensorView& w = expert[static_cast<std::size_t>(which)];
+      std::fill_n(w.data_as<float>(), w.numel(), 0.0f);
+    }
+  }
+  runtime.forward(x.view(), y.view());
+  for (std::int64_t i = 0; i < y.numel(); ++i) REQUIRE(y.data<float>()[i] == 0.0f);
+
+  // The checkpoint holds exactly what was written, under the configured names.
+  p.gate.data_as<float>()[3] = 0.25f;
+  p.experts[2][2].data_as<float>()[1] = -3.5f;
+  const test::TempDir dir;
+  const auto path = dir / "parameters.safetensors";
+  runtime.save_model(path);
+  const ModelWeights saved = ModelWeights::load(path, CheckpointFormat::kDeepseek, "layers.0.mlp.");
+  CHECK(saved.gate().data<float>()[3] == 0.25f);
+  const auto saved_experts = saved.experts(0, E);
+  CHECK(saved_experts[2].down.data_as<float>()[1] == -3.5f);
+  CHECK(saved_experts[1].gate.data_as<float>()[0] == 0.0f);
+  for (int e = 0; e < E; ++e) {
+    const TensorView* mine = p.experts[static_cast<std::size_t>(e)].data();
+    const TensorView theirs[3] = {saved_experts[static_cast<std::size_t>(e)].gate,
+                                  saved_experts[static_cast<std::size_t>(e)].up,
+                                  saved_experts[static_cast<std::size_t>(e)].down};
+    for (int w = 0; w < 3; ++w) {
+      CHECK(std::memcmp(mine[w].data(), theirs[w].data(),
+                        static_cast<std::size_t>(mine[w].numel()) * sizeof(float)) == 0);
+    }
+  }
+
+  Config bf16 = config;
+  bf16.set("model", "dtype", std::string("bf16"));
+  Runtime narrow(bf16);
+  CHECK_THROWS_WITH_AS(narrow.parameters(), doctest::Contains("training updates f32 weights"),
+                       Error);
 }
