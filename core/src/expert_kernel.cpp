@@ -45,6 +45,9 @@ std::int64_t check_expert_gradient_batch(const ExpertGradientBatch& batch, std::
   if (batch.output.data() != nullptr) {
     batch.output.require_on(device, names.output, DType::kF32, {N, hidden});
   }
+  if (batch.saved.data() != nullptr) {
+    batch.saved.require_on(device, names.saved, DType::kF32, {N, 2 * ffn_hidden});
+  }
   // The row counts as the forward's (d_input has the output's shape).
   const std::int64_t largest =
       check_expert_batch(ExpertBatch{batch.input, batch.rows_per_expert, batch.d_input}, hidden,

@@ -314,11 +314,13 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
       routing_error = &*output_error;
     }
   }
-  if (parts_.chunks > 1 && data_path_->device().kind == Device::Kind::kHost) {
+  kept_for_backward_ = false;
+  const bool save = saves_for_backward();
+  if (parts_.chunks > 1 && data_path_->device().kind == Device::Kind::kHost && !save) {
     forward_chunks(x, plan, y, routing_error);
     return;
   }
-  const bool fused = fused_experts();
+  const bool fused = fused_experts() && !save;
   dispatch_checked(x, plan, handle_, routing_error, /*group=*/!fused);
 
   auto start = Clock::now();
@@ -327,22 +329,34 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     timings_.experts_s = seconds_since(start);
     start = Clock::now();
   } else {
-    run_grouped_experts(handle_);
+    run_grouped_experts(handle_, save);
     timings_.experts_s = seconds_since(start);
     start = Clock::now();
-    reduce_rows(handle_, handle_.expert_output(), y, /*in_expert_buffers=*/true);
+    // The expert rows stay alive for the backward when they are kept.
+    reduce_rows(handle_, handle_.expert_output(), y, /*in_expert_buffers=*/!save);
   }
   parts_.transport->alltoallv(back_buffers(handle_), *stream_);
   host_ready();
   sum_rows(handle_, y.data_as<float>());
   timings_.combine_s = seconds_since(start);
+  kept_for_backward_ = save;
 }
 
-void MoELayer::run_grouped_experts(DispatchHandle& h) {
+bool MoELayer::saves_for_backward() const noexcept {
+  return training_ && !parts_.recompute && data_path_->device().kind == Device::Kind::kHost;
+}
+
+void MoELayer::run_grouped_experts(DispatchHandle& h, bool save) {
   ExpertBatch batch;
   batch.input = h.expert_input();
   batch.rows_per_expert = h.rows_per_expert();
   batch.output = h.expert_output();
+  const std::int64_t columns = parts_.experts->saved_columns();
+  if (save && columns > 0) {
+    const std::int64_t A = batch.input.dim(0);
+    saved_columns_.resize(to_size(A * columns));
+    batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
+  }
   if (!parts_.experts->capabilities().stream_ordered) host_ready();
   parts_.experts->forward(batch, *stream_);
   host_ready();
@@ -1061,28 +1075,37 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   out.dx.require("MoE backward dx", DType::kF32, {T, H});
   out.d_gate.require("MoE backward d_gate", DType::kF32, {E, H});
 
-  // The forward's rows and dy's rows, grouped per local expert in the same order. A bad
-  // dy stops every rank at the first dispatch's count exchange.
+  // The forward's rows (kept, or dispatched again) and dy's rows, grouped per local expert
+  // in the same order. A bad dy stops every rank at the first dispatch's count exchange.
+  const bool kept = kept_for_backward_;
   const std::optional<Error> bad = first_non_finite(dy, "dy");
-  dispatch(x, plan, backward_x_, bad ? &*bad : nullptr);
-  dispatch(dy, plan, backward_dy_);
-  DispatchHandle& hx = backward_x_;
+  if (!kept) dispatch(x, plan, backward_x_, bad ? &*bad : nullptr);
+  dispatch(dy, plan, backward_dy_, kept && bad ? &*bad : nullptr);
+  DispatchHandle& hx = kept ? handle_ : backward_x_;
   DispatchHandle& hd = backward_dy_;
   const TensorView rows = hx.expert_input();
-  const TensorView d_inputs = hx.expert_output();
   const TensorView d_rows = hd.expert_input();
   const TensorView scaled = hd.expert_output();
   const std::int64_t A = rows.dim(0);
   backward_outputs_.resize(to_size(A * H));
-  const TensorView outputs(backward_outputs_.data(), DType::kF32, {A, H});
+  const TensorView spare(backward_outputs_.data(), DType::kF32, {A, H});
+  // Kept: the forward's outputs, and a buffer for the input gradients. Else: the rows'
+  // output buffer takes the input gradients, and the kernel recomputes the outputs.
+  const TensorView outputs = kept ? hx.expert_output() : spare;
+  const TensorView d_inputs = kept ? spare : hx.expert_output();
   host_ready();
 
-  // Each (row, slot)'s expert gets weight · dy as its output's gradient; the kernel's
-  // backward also gives the expert outputs, then d weight = <dy row, expert output>.
+  // Each (row, slot)'s expert gets weight · dy as its output's gradient; then
+  // d weight = <dy row, expert output>.
   weigh_rows(hd, d_rows, scaled);
-  parts_.experts->backward(
-      ExpertGradientBatch{rows, hx.rows_per_expert(), scaled, d_inputs, out.d_experts, outputs},
-      *stream_);
+  ExpertGradientBatch batch{rows, hx.rows_per_expert(), scaled, d_inputs, out.d_experts, {}};
+  if (kept) {
+    const std::int64_t columns = parts_.experts->saved_columns();
+    if (columns > 0) batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
+  } else {
+    batch.output = outputs;  // recomputed on the way
+  }
+  parts_.experts->backward(batch, *stream_);
   host_ready();
   slot_dot_products(hd, d_rows, outputs);
   // The rows' input gradients come back summed per token; the weights' gradients to their

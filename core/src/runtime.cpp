@@ -212,6 +212,7 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
         runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;
     parts.chunks = static_cast<int>(runtime.get_int("chunks"));
     parts.overlap_exchanges = runtime.get_bool("overlap");
+    parts.recompute = runtime.get_bool("recompute");
     state_->layers.push_back(std::make_unique<MoELayer>(std::move(parts)));
   }
 }
@@ -404,6 +405,10 @@ void Runtime::save_model(const std::filesystem::path& path) {
     tensors.emplace(prefix + "gate.e_score_correction_bias", std::move(bias));
   }
   write_safetensors(path, tensors);
+}
+
+void Runtime::set_training(bool training) {
+  for (int local = 0; local < num_local_ranks(); ++local) layer(local).set_training(training);
 }
 
 void Runtime::run_on_ranks(const std::function<void(int local)>& fn) {

@@ -60,6 +60,7 @@ int backward_command(const std::vector<std::string>& args) {
     }
     HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
     ModelGradients gradients;
+    runtime.set_training(true);  // the forward keeps its rows unless [runtime] recompute
     runtime.forward(x.view(), y.view());
     runtime.backward(x.view(), dy.view(), dx.view(), gradients);
     runtime.gather_rows(dx.view());

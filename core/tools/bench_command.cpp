@@ -515,7 +515,16 @@ int bench(Runtime& runtime, const BenchOptions& options) {
       out.dx = dx.view();
       out.d_experts = d_experts;
       out.d_gate = d_gate.view();
+      // Training mode: the forward keeps its rows, outputs and projections (unless
+      // [runtime] recompute); then the backward from them, repeated on the same forward.
+      layer.set_training(true);
+      f["training_forward_s"] = timer.median_of_slowest([&] { layer.forward(xs, y.view()); });
       f["backward_s"] = timer.median_of_slowest([&] { layer.backward(xs, dy.view(), out); });
+      // After a forward that kept nothing: x dispatched again, projections recomputed.
+      layer.set_training(false);
+      layer.forward(xs, y.view());
+      f["backward_recompute_s"] =
+          timer.median_of_slowest([&] { layer.backward(xs, dy.view(), out); });
     }
     f["input_output_bytes"] = 2 * count * model.hidden() * 4;
     f["received_row_bytes"] = expert_rows * model.hidden() * 4;
@@ -579,8 +588,11 @@ int bench(Runtime& runtime, const BenchOptions& options) {
   row("experts", "expert_s", "gemm_reference_s", "sgemm of their FLOPs");
   row("layer forward", "layer_forward_s", nullptr, nullptr);
   if (figures.contains("backward_s")) {
+    row("layer forward, training", "training_forward_s", "layer_forward_s", "forward");
     row("layer backward", "backward_s", "layer_forward_s", "forward");
+    row("  recomputing", "backward_recompute_s", "layer_forward_s", "forward");
     figures["backward_over_forward"] = ratio("backward_s", "layer_forward_s");
+    figures["backward_recompute_over_forward"] = ratio("backward_recompute_s", "layer_forward_s");
   }
   if (options.exchange_only) {
     std::printf("  bytes dispatched per rank %llu, allocations per step %.2f, memcpy %.1f GB/s\n",

@@ -214,6 +214,7 @@ int main(int argc, char** argv) {
     switchyard::HostTensor eval_target(switchyard::DType::kF32, {T, H});
     teacher_forward(teacher, top_k, eval_x, eval_target);
     auto eval_loss = [&] {
+      runtime.set_training(false);  // nothing to keep
       runtime.forward(eval_x.view(), y.view());
       runtime.gather_rows(y.view());
       return mean_squared_error(y, eval_target);
@@ -227,10 +228,12 @@ int main(int argc, char** argv) {
       std::printf("step %5d  eval loss %.6e\n", 0, initial);
     }
 
+    // Training forwards keep what the backward needs ([runtime] recompute = false).
     for (long long step = 0; step < o.steps; ++step) {
       const switchyard::HostTensor x =
           switchyard::synthetic_tokens(T, H, 100 + static_cast<std::uint64_t>(step));
       teacher_forward(teacher, top_k, x, target);
+      runtime.set_training(true);
       runtime.forward(x.view(), y.view());
       // L = mean (y - target)²; every rank's rows of dy from its own rows of y.
       const auto scale = static_cast<float>(2.0 / static_cast<double>(T * H));

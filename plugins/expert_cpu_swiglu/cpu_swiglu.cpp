@@ -50,6 +50,8 @@ class CpuSwigluKernel final : public ExpertKernel {
 
   std::string name() const override { return "cpu_swiglu"; }
   int num_local_experts() const noexcept override { return static_cast<int>(experts_.size()); }
+  /// The gate and up projections of each row: [gate·x | up·x], 2F columns.
+  std::int64_t saved_columns() const noexcept override { return 2 * std::int64_t{ffn_hidden_}; }
 
   // Host-synchronous: done when it returns.
   void forward(const ExpertBatch& batch, Stream& /*stream*/) override {
@@ -58,9 +60,13 @@ class CpuSwigluKernel final : public ExpertKernel {
         check_expert_batch(batch, H, experts_.size(), Device::host(), names_);
     gate_out_.resize(static_cast<std::size_t>(largest * F));
     up_out_.resize(static_cast<std::size_t>(largest * F));
+    if (batch.saved.data() != nullptr) {
+      batch.saved.require(names_.saved, DType::kF32, {batch.input.dim(0), 2 * F});
+    }
 
     const float* x = batch.input.data_as<const float>();
     float* y = batch.output.data_as<float>();
+    float* saved = batch.saved.data_as<float>();
     std::int64_t row = 0;
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const auto n = batch.rows_per_expert[e];
@@ -68,7 +74,9 @@ class CpuSwigluKernel final : public ExpertKernel {
       const float* xe = x + row * H;
       float* ye = y + row * H;
       const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
-      activate(e, xe, n, gate_out_.data());  // in place of the gate projection
+      // In place of the gate projection (saved first when wanted).
+      activate(e, xe, n, gate_out_.data(), nullptr,
+               saved != nullptr ? saved + row * 2 * F : nullptr);
       // [n,H] = act [n,F] · downᵀ.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, gate_out_.data(), f,
                   as_f32(experts_[e].down), f, 0.0f, ye, h);
@@ -79,7 +87,8 @@ class CpuSwigluKernel final : public ExpertKernel {
   // Host-synchronous. For each expert, with A = x·gateᵀ, B = x·upᵀ, S = silu(A),
   // Hh = S ⊙ B and G = d_output: d down += Gᵀ·Hh; dHh = G·down; dB = dHh ⊙ S;
   // dA = dHh ⊙ B ⊙ silu'(A); d gate += dAᵀ·x; d up += dBᵀ·x; d x = dA·gate + dB·up.
-  // A and B are recomputed from x (two GEMMs) rather than kept from the forward.
+  // A and B come from the forward's saved rows when given, else are recomputed from x (two
+  // GEMMs).
   void backward(const ExpertGradientBatch& batch, Stream& /*stream*/) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
     const std::int64_t largest =
@@ -101,8 +110,10 @@ class CpuSwigluKernel final : public ExpertKernel {
       float* dxe = dx + row * H;
       const SwigluExpertGradients& d = batch.d_weights[e];
       const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
-      activate(e, xe, n, activation_.data());  // keeps the projections for dA, dB
-      if (batch.output.data() != nullptr) {    // the forward's output, on the way
+      // Keeps the projections for dA, dB (from the forward's when it saved them).
+      const float* saved = batch.saved.data_as<const float>();
+      activate(e, xe, n, activation_.data(), saved != nullptr ? saved + row * 2 * F : nullptr);
+      if (batch.output.data() != nullptr) {  // the forward's output, on the way
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, activation_.data(), f,
                     as_f32(experts_[e].down), f, 0.0f, batch.output.data_as<float>() + row * H, h);
       }
@@ -133,13 +144,30 @@ class CpuSwigluKernel final : public ExpertKernel {
 
  private:
   /// The gate and up projections of expert e's n rows xe into gate_out_ and up_out_
-  /// [n,F], and silu(gate) ⊙ up into `activation` (which may be gate_out_ itself).
-  void activate(std::size_t e, const float* xe, std::int64_t n, float* activation) {
+  /// [n,F]: computed, or copied from `saved` [n,2F] (gate | up per row) when given. With
+  /// `save`, also copied there. Then silu(gate) ⊙ up into `activation` (which may be
+  /// gate_out_ itself).
+  void activate(std::size_t e, const float* xe, std::int64_t n, float* activation,
+                const float* saved = nullptr, float* save = nullptr) {
     const int in = static_cast<int>(n), h = hidden_, f = ffn_hidden_;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
+    const auto F = static_cast<std::size_t>(f);
+    if (saved != nullptr) {
+      for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r) {
+        std::copy_n(saved + 2 * F * r, F, gate_out_.data() + F * r);
+        std::copy_n(saved + 2 * F * r + F, F, up_out_.data() + F * r);
+      }
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                  as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
+                  as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
+    }
+    if (save != nullptr) {
+      for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r) {
+        std::copy_n(gate_out_.data() + F * r, F, save + 2 * F * r);
+        std::copy_n(up_out_.data() + F * r, F, save + 2 * F * r + F);
+      }
+    }
     for (std::int64_t i = 0; i < n * ffn_hidden_; ++i) {
       const float a = gate_out_[static_cast<std::size_t>(i)];
       activation[i] = a / (1.0f + std::exp(-a)) * up_out_[static_cast<std::size_t>(i)];

@@ -82,103 +82,109 @@ std::vector<double> widen(const TensorView& t) {
 }  // namespace
 
 TEST_CASE("layer backward on 1-3 ranks: dx, the gate's and the experts' gradients") {
-  for (const bool sigmoid : {false, true}) {
-    for (const int ranks : {1, 2, 3}) {
-      CAPTURE(sigmoid);
-      CAPTURE(ranks);
-      Config config;
-      config.set("runtime", "ranks", std::int64_t{ranks});
-      config.set("runtime", "timeout_s", 60.0);
-      config.set("router", "top_k", std::int64_t{K});
-      if (sigmoid) config.set("router", "score", std::string("sigmoid"));
-      config.set("model", "num_experts", std::int64_t{E});
-      config.set("model", "hidden", std::int64_t{H});
-      config.set("model", "ffn_hidden", std::int64_t{F});
-      config.set("model", "seed", std::int64_t{3});
-      Runtime runtime(config);
-      const HostTensor x = synthetic_tokens(T, H, 5);
-      const HostTensor dy = synthetic_tokens(T, H, 6);
-      HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
-      runtime.forward(x.view(), y.view());
+  // `training`: the forward keeps its rows, outputs and projections for the backward;
+  // otherwise the backward dispatches x again and recomputes them.
+  for (const bool training : {false, true})
+    for (const bool sigmoid : {false, true}) {
+      for (const int ranks : {1, 2, 3}) {
+        CAPTURE(training);
+        CAPTURE(sigmoid);
+        CAPTURE(ranks);
+        Config config;
+        config.set("runtime", "ranks", std::int64_t{ranks});
+        config.set("runtime", "timeout_s", 60.0);
+        config.set("router", "top_k", std::int64_t{K});
+        if (sigmoid) config.set("router", "score", std::string("sigmoid"));
+        config.set("model", "num_experts", std::int64_t{E});
+        config.set("model", "hidden", std::int64_t{H});
+        config.set("model", "ffn_hidden", std::int64_t{F});
+        config.set("model", "seed", std::int64_t{3});
+        Runtime runtime(config);
+        runtime.set_training(training);
+        const HostTensor x = synthetic_tokens(T, H, 5);
+        const HostTensor dy = synthetic_tokens(T, H, 6);
+        HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
+        runtime.forward(x.view(), y.view());
+        for (int r = 0; r < ranks; ++r) REQUIRE(runtime.layer(r).kept_for_backward() == training);
 
-      // Gradients per local rank: the gate's [E,H] and its experts', summed afterwards.
-      std::vector<HostTensor> d_gates;
-      std::vector<std::vector<HostTensor>> expert_grads(static_cast<std::size_t>(ranks));
-      std::vector<std::vector<SwigluExpertGradients>> d_experts(static_cast<std::size_t>(ranks));
-      std::vector<int> experts(static_cast<std::size_t>(T * K));
-      for (int r = 0; r < ranks; ++r) {
-        d_gates.emplace_back(DType::kF32, std::vector<std::int64_t>{E, H});
-        const ExpertPlacement& placement = runtime.layer(r).placement();
-        auto& g = expert_grads[static_cast<std::size_t>(r)];
-        for (int e = 0; e < placement.num_local(r); ++e) {
-          g.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
-          g.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
-          g.emplace_back(DType::kF32, std::vector<std::int64_t>{H, F});
+        // Gradients per local rank: the gate's [E,H] and its experts', summed afterwards.
+        std::vector<HostTensor> d_gates;
+        std::vector<std::vector<HostTensor>> expert_grads(static_cast<std::size_t>(ranks));
+        std::vector<std::vector<SwigluExpertGradients>> d_experts(static_cast<std::size_t>(ranks));
+        std::vector<int> experts(static_cast<std::size_t>(T * K));
+        for (int r = 0; r < ranks; ++r) {
+          d_gates.emplace_back(DType::kF32, std::vector<std::int64_t>{E, H});
+          const ExpertPlacement& placement = runtime.layer(r).placement();
+          auto& g = expert_grads[static_cast<std::size_t>(r)];
+          for (int e = 0; e < placement.num_local(r); ++e) {
+            g.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
+            g.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
+            g.emplace_back(DType::kF32, std::vector<std::int64_t>{H, F});
+          }
+          for (int e = 0; e < placement.num_local(r); ++e) {
+            d_experts[static_cast<std::size_t>(r)].push_back(
+                {g[static_cast<std::size_t>(3 * e)].view(),
+                 g[static_cast<std::size_t>(3 * e + 1)].view(),
+                 g[static_cast<std::size_t>(3 * e + 2)].view()});
+          }
+          const auto [first, count] = token_block(T, ranks, r);
+          const RoutingPlan& plan = runtime.layer(r).last_plan();
+          REQUIRE(plan.num_tokens == count);
+          for (std::int64_t i = 0; i < count * K; ++i) {
+            experts[static_cast<std::size_t>(first * K + i)] =
+                plan.experts[static_cast<std::size_t>(i)];
+          }
         }
-        for (int e = 0; e < placement.num_local(r); ++e) {
-          d_experts[static_cast<std::size_t>(r)].push_back(
-              {g[static_cast<std::size_t>(3 * e)].view(),
-               g[static_cast<std::size_t>(3 * e + 1)].view(),
-               g[static_cast<std::size_t>(3 * e + 2)].view()});
-        }
-        const auto [first, count] = token_block(T, ranks, r);
-        const RoutingPlan& plan = runtime.layer(r).last_plan();
-        REQUIRE(plan.num_tokens == count);
-        for (std::int64_t i = 0; i < count * K; ++i) {
-          experts[static_cast<std::size_t>(first * K + i)] =
-              plan.experts[static_cast<std::size_t>(i)];
-        }
-      }
-      runtime.run_on_ranks([&](int r) {
-        const auto [first, count] = token_block(T, ranks, r);
-        auto rows = [&](const HostTensor& m) {
-          return TensorView(const_cast<float*>(m.data<float>()) + first * H, DType::kF32,
-                            {count, H});
-        };
-        LayerGradients out;
-        out.dx = rows(dx);
-        out.d_experts = d_experts[static_cast<std::size_t>(r)];
-        out.d_gate = d_gates[static_cast<std::size_t>(r)].view();
-        runtime.layer(r).backward(rows(x), rows(dy), out);
-      });
+        runtime.run_on_ranks([&](int r) {
+          const auto [first, count] = token_block(T, ranks, r);
+          auto rows = [&](const HostTensor& m) {
+            return TensorView(const_cast<float*>(m.data<float>()) + first * H, DType::kF32,
+                              {count, H});
+          };
+          LayerGradients out;
+          out.dx = rows(dx);
+          out.d_experts = d_experts[static_cast<std::size_t>(r)];
+          out.d_gate = d_gates[static_cast<std::size_t>(r)].view();
+          runtime.layer(r).backward(rows(x), rows(dy), out);
+        });
 
-      Parameters p;
-      p.gate = widen(runtime.model().gate().view());
-      for (const auto& w : runtime.model().experts(0, E)) {
-        p.w1.push_back(widen(w.gate));
-        p.w3.push_back(widen(w.up));
-        p.w2.push_back(widen(w.down));
-      }
-      std::vector<double> xs = widen(x.view());
-      const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
-      auto f = [&] { return loss(p, xs, experts, dys, sigmoid); };
-      test::Agreement ax, agate, aexperts;
-      for (std::size_t i = 0; i < xs.size(); ++i)
-        ax.add(dx.data<float>()[i], test::central_difference(xs, i, f));
-      for (std::size_t i = 0; i < p.gate.size(); ++i) {
-        double sum = 0;
-        for (const auto& g : d_gates) sum += g.data<float>()[i];
-        agate.add(sum, test::central_difference(p.gate, i, f));
-      }
-      for (int r = 0; r < ranks; ++r) {
-        const ExpertPlacement& placement = runtime.layer(r).placement();
-        for (int j = 0; j < placement.num_local(r); ++j) {
-          const auto e = static_cast<std::size_t>(placement.first_expert(r) + j);
-          std::vector<double>* tensors[3] = {&p.w1[e], &p.w3[e], &p.w2[e]};
-          for (int which = 0; which < 3; ++which) {
-            const HostTensor& got =
-                expert_grads[static_cast<std::size_t>(r)][static_cast<std::size_t>(3 * j + which)];
-            for (std::size_t i = 0; i < tensors[which]->size(); ++i) {
-              aexperts.add(got.data<float>()[i], test::central_difference(*tensors[which], i, f));
+        Parameters p;
+        p.gate = widen(runtime.model().gate().view());
+        for (const auto& w : runtime.model().experts(0, E)) {
+          p.w1.push_back(widen(w.gate));
+          p.w3.push_back(widen(w.up));
+          p.w2.push_back(widen(w.down));
+        }
+        std::vector<double> xs = widen(x.view());
+        const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
+        auto f = [&] { return loss(p, xs, experts, dys, sigmoid); };
+        test::Agreement ax, agate, aexperts;
+        for (std::size_t i = 0; i < xs.size(); ++i)
+          ax.add(dx.data<float>()[i], test::central_difference(xs, i, f));
+        for (std::size_t i = 0; i < p.gate.size(); ++i) {
+          double sum = 0;
+          for (const auto& g : d_gates) sum += g.data<float>()[i];
+          agate.add(sum, test::central_difference(p.gate, i, f));
+        }
+        for (int r = 0; r < ranks; ++r) {
+          const ExpertPlacement& placement = runtime.layer(r).placement();
+          for (int j = 0; j < placement.num_local(r); ++j) {
+            const auto e = static_cast<std::size_t>(placement.first_expert(r) + j);
+            std::vector<double>* tensors[3] = {&p.w1[e], &p.w3[e], &p.w2[e]};
+            for (int which = 0; which < 3; ++which) {
+              const HostTensor& got = expert_grads[static_cast<std::size_t>(r)]
+                                                  [static_cast<std::size_t>(3 * j + which)];
+              for (std::size_t i = 0; i < tensors[which]->size(); ++i) {
+                aexperts.add(got.data<float>()[i], test::central_difference(*tensors[which], i, f));
+              }
             }
           }
         }
+        CHECK(ax.relative() <= 1e-4);
+        CHECK(agate.relative() <= 1e-4);
+        CHECK(aexperts.relative() <= 1e-4);
       }
-      CHECK(ax.relative() <= 1e-4);
-      CHECK(agate.relative() <= 1e-4);
-      CHECK(aexperts.relative() <= 1e-4);
     }
-  }
 }
 
 namespace {
@@ -384,4 +390,57 @@ TEST_CASE("Runtime::parameters: writes reach the next forward; save_model writes
   Runtime narrow(bf16);
   CHECK_THROWS_WITH_AS(narrow.parameters(), doctest::Contains("training updates f32 weights"),
                        Error);
+}
+
+TEST_CASE("backward from the kept forward and from recomputation: the same bits") {
+  // Kept: training mode, recompute off (the forward runs unchunked and keeps its rows);
+  // recomputed: recompute on. With bf16 rows, 3 chunks and EP groups of 2 in a world of 4.
+  struct Run {
+    HostTensor y{DType::kF32, {T, H}}, dx{DType::kF32, {T, H}};
+    ModelGradients gradients;
+  };
+  auto run = [](bool recompute) {
+    Config config;
+    config.set("runtime", "ranks", std::int64_t{4});
+    config.set("runtime", "ep_size", std::int64_t{2});
+    config.set("runtime", "chunks", std::int64_t{3});
+    config.set("runtime", "payload_dtype", std::string("bf16"));
+    config.set("runtime", "recompute", recompute);
+    config.set("router", "top_k", std::int64_t{K});
+    config.set("router", "aux_loss_coeff", 0.1);
+    config.set("model", "num_experts", std::int64_t{E});
+    config.set("model", "hidden", std::int64_t{H});
+    config.set("model", "ffn_hidden", std::int64_t{F});
+    Runtime runtime(config);
+    runtime.set_training(true);
+    const HostTensor x = synthetic_tokens(T, H, 8);
+    const HostTensor dy = synthetic_tokens(T, H, 9);
+    Run r;
+    for (int step = 0; step < 2; ++step) {  // the second step reuses every buffer
+      runtime.forward(x.view(), r.y.view());
+      for (int local = 0; local < 4; ++local)
+        REQUIRE(runtime.layer(local).kept_for_backward() == !recompute);
+      runtime.backward(x.view(), dy.view(), r.dx.view(), r.gradients);
+    }
+    return r;
+  };
+  const Run kept = run(false), recomputed = run(true);
+  auto same = [](const HostTensor& a, const HostTensor& b) {
+    return a.size_bytes() == b.size_bytes() &&
+           std::memcmp(a.bytes(), b.bytes(), a.size_bytes()) == 0;
+  };
+  CHECK(same(kept.y, recomputed.y));
+  CHECK(same(kept.dx, recomputed.dx));
+  CHECK(same(kept.gradients.gate, recomputed.gradients.gate));
+  for (int e = 0; e < E; ++e) {
+    for (int w = 0; w < 3; ++w) {
+      CHECK(same(
+          kept.gradients.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(w)],
+          recomputed.gradients.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(w)]));
+    }
+  }
+  double largest = 0;
+  for (std::int64_t i = 0; i < kept.dx.numel(); ++i)
+    largest = std::max(largest, double{std::fabs(kept.dx.data<float>()[i])});
+  CHECK(largest > 0);  // not all zero
 }

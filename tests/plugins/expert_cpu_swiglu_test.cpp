@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -227,4 +228,59 @@ TEST_CASE("backward: bad gradient batches are refused; identity experts pass d_o
   const HostTensor d = synthetic_tokens(3, 8, 1);
   identity.backward({x.view(), rows, d.view(), dx.view(), {}, {}}, stream);
   CHECK(std::equal(dx.data<float>(), dx.data<float>() + 24, d.data<float>()));
+}
+
+TEST_CASE("saved projections: the forward keeps [gate·x | up·x]; the backward takes them") {
+  constexpr std::int64_t H = 6, F = 5, N = 5;
+  HostStream stream;
+  const ModelWeights model = ModelWeights::random(3, H, F, 4);
+  auto kernel = make_kernel(model, 0, 3);
+  REQUIRE(kernel->saved_columns() == 2 * F);
+  const std::vector<std::int64_t> rows = {2, 3, 0};
+  const HostTensor x = synthetic_tokens(N, H, 5);
+  const HostTensor g = synthetic_tokens(N, H, 6);
+  HostTensor y(DType::kF32, {N, H}), saved(DType::kF32, {N, 2 * F});
+  kernel->forward({x.view(), rows, y.view(), saved.view()}, stream);
+  // Each row's projections against float64 dot products with its expert's weights.
+  const auto weights = model.experts(0, 3);
+  std::int64_t row = 0;
+  for (std::size_t e = 0; e < rows.size(); ++e) {
+    for (std::int64_t i = 0; i < rows[e]; ++i, ++row) {
+      for (std::int64_t f = 0; f < F; ++f) {
+        double a = 0, b = 0;
+        for (std::int64_t h = 0; h < H; ++h) {
+          const double xv = x.data<float>()[row * H + h];
+          a += double{weights[e].gate.data_as<const float>()[f * H + h]} * xv;
+          b += double{weights[e].up.data_as<const float>()[f * H + h]} * xv;
+        }
+        CHECK(saved.data<float>()[row * 2 * F + f] == doctest::Approx(a).epsilon(1e-5));
+        CHECK(saved.data<float>()[row * 2 * F + F + f] == doctest::Approx(b).epsilon(1e-5));
+      }
+    }
+  }
+  // The backward from the saved projections: the same bits as recomputing them.
+  auto gradients = [&](const TensorView& from) {
+    std::vector<HostTensor> grads;
+    std::vector<SwigluExpertGradients> d_weights;
+    for (int e = 0; e < 3; ++e) {
+      for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
+        grads.emplace_back(DType::kF32, shape);
+    }
+    for (std::size_t e = 0; e < 3; ++e)
+      d_weights.push_back({grads[3 * e].view(), grads[3 * e + 1].view(), grads[3 * e + 2].view()});
+    HostTensor dx(DType::kF32, {N, H});
+    kernel->backward({x.view(), rows, g.view(), dx.view(), d_weights, {}, from}, stream);
+    grads.push_back(std::move(dx));
+    return grads;
+  };
+  const auto from_saved = gradients(saved.view());
+  const auto recomputed = gradients({});
+  for (std::size_t i = 0; i < from_saved.size(); ++i) {
+    CHECK(std::memcmp(from_saved[i].bytes(), recomputed[i].bytes(), from_saved[i].size_bytes()) ==
+          0);
+  }
+  // A saved tensor of the wrong width is refused.
+  HostTensor narrow(DType::kF32, {N, F});
+  CHECK_THROWS_WITH_AS(kernel->forward({x.view(), rows, y.view(), narrow.view()}, stream),
+                       doctest::Contains("saved projections"), Error);
 }

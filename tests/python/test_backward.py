@@ -1,7 +1,8 @@
 """`switchyard backward` against PyTorch autograd in float64 on the same Mixtral-style
 checkpoint (written by examples/checkpoint/make_checkpoint.py): dx, the gate's gradient and
 every expert's, within 1e-5 relative, on in-process ranks 1-4 (EP groups of the world and
-of half of it), and the same bits under mpirun (MPI) and `switchyard launch` (UCX)."""
+of half of it; the forward keeping its rows or the backward recomputing them), and the same
+bits under mpirun (MPI), `switchyard launch` (UCX) and with recomputation."""
 import json
 import os
 import struct
@@ -92,19 +93,19 @@ def relative(a, b):
 def test_in_process_ranks_equal_pytorch_autograd(case):
     dx_ref, gate_ref, experts_ref = torch_reference(case)
     with tempfile.TemporaryDirectory() as out:
-        first = None
-        for world, ep in ((1, 1), (2, 2), (3, 3), (4, 4), (4, 2)):
-            got = run_backward(case, os.path.join(out, f"{world}-{ep}"),
-                               sets=(f"runtime.ranks={world}", f"runtime.ep_size={ep}"))
+        # The tool trains: the forward keeps its rows for the backward, unless recompute.
+        for world, ep, recompute in ((1, 1, "false"), (2, 2, "false"), (3, 3, "false"),
+                                     (4, 4, "false"), (4, 2, "false"), (4, 2, "true"),
+                                     (3, 3, "true")):
+            got = run_backward(case, os.path.join(out, f"{world}-{ep}-{recompute}"),
+                               sets=(f"runtime.ranks={world}", f"runtime.ep_size={ep}",
+                                     f"runtime.recompute={recompute}"))
             dx, d_gate, experts = got
             assert relative(dx, dx_ref) <= 1e-5, (world, ep)
             assert relative(d_gate, gate_ref) <= 1e-5, (world, ep)
             assert set(experts) == set(experts_ref)
             for name, g in experts.items():
                 assert relative(g, experts_ref[name]) <= 1e-5, (world, ep, name)
-            if (world, ep) == (2, 2):
-                first = got
-        assert first is not None
 
 
 @pytest.mark.skipif(not MPIRUN, reason="mpirun and the MPI/UCX transports were not built")
@@ -117,7 +118,9 @@ def test_the_same_bits_on_every_transport(case):
                            sets=("runtime.transport=mpi",))
         ucx = run_backward(case, os.path.join(out, "ucx"), launcher=(TOOL, "launch", "-n", "2", "--"),
                            sets=("runtime.transport=ucx",))
-        for other in (mpi, ucx):
+        recomputed = run_backward(case, os.path.join(out, "recomputed"),
+                                  sets=("runtime.ranks=2", "runtime.recompute=true"))
+        for other in (mpi, ucx, recomputed):
             assert other[0].tobytes() == inproc[0].tobytes()
             assert other[1].tobytes() == inproc[1].tobytes()
             assert set(other[2]) == set(inproc[2])

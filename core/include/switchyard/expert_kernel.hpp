@@ -36,6 +36,11 @@ struct ExpertBatch {
   TensorView input;                               ///< [N,H], read only
   std::span<const std::int64_t> rows_per_expert;  ///< [local experts], sums to N
   TensorView output;                              ///< [N,H], written
+  /// Optional [N, saved_columns()] f32 (empty: not wanted): written with what the kernel's
+  /// backward needs of each row beyond its input (for SwiGLU the gate and up projections),
+  /// so that the backward does not recompute it (a training forward, `[runtime] recompute
+  /// = false`).
+  TensorView saved = {};  // a default: aggregate initialisers may leave it out
 };
 
 /// The backward of a grouped batch: the forward's input rows and the loss's gradient with
@@ -52,6 +57,9 @@ struct ExpertGradientBatch {
   /// which the backward recomputes on its way (the layer needs it for the weights'
   /// gradients).
   TensorView output;
+  /// [N, saved_columns()] optional: what the forward saved of these rows (`ExpertBatch::
+  /// saved`); empty: the kernel recomputes it from the input.
+  TensorView saved = {};
 };
 
 /// Names of a kernel's tensors in its error messages, built once (checking allocates nothing).
@@ -62,8 +70,9 @@ struct ExpertBatchNames {
         output(kernel_name + " output"),
         d_output(kernel_name + " d_output"),
         d_input(kernel_name + " d_input"),
-        d_weight(kernel_name + " weight gradient") {}
-  std::string kernel, input, output, d_output, d_input, d_weight;
+        d_weight(kernel_name + " weight gradient"),
+        saved(kernel_name + " saved projections") {}
+  std::string kernel, input, output, d_output, d_input, d_weight, saved;
 };
 
 /// Checks `batch` for a kernel with `num_experts` local experts of hidden size `hidden` whose
@@ -117,8 +126,12 @@ class ExpertKernel {
   /// Throws `Error(kUnimplemented)` unless `fuses_weighted_rows()`, and
   /// `Error(kInvalidArgument)` for a local expert outside 0..num_local_experts()-1.
   virtual void forward_weighted(const WeightedRowsBatch& batch, Stream& stream);
-  /// The backward of `forward` on the same rows (see `ExpertGradientBatch`): recomputes
-  /// what it needs from the input, writes d_input and adds the weight gradients (a kernel
+  /// Columns per row the forward can save for the backward (`ExpertBatch::saved`); 0: the
+  /// kernel saves nothing (its backward needs only the input).
+  virtual std::int64_t saved_columns() const noexcept { return 0; }
+  /// The backward of `forward` on the same rows (see `ExpertGradientBatch`): takes what the
+  /// forward saved, or recomputes it from the input, writes d_input and adds the weight
+  /// gradients (a kernel
   /// without weights takes an empty `d_weights`). Blocking like `forward`; allocates only
   /// when N grows. Throws `Error(kUnavailable)` for a kernel without a backward (the
   /// default) and `Error(kInvalidArgument)` on shape mismatch.

@@ -150,6 +150,11 @@ struct MoELayerParts {
   /// but each chunk's rows stay in the caches from pass to pass: the faster choice where
   /// every core already runs a rank). The same y either way.
   bool overlap_exchanges = true;
+  /// In training mode (`MoELayer::set_training`): false keeps the forward's received
+  /// rows, expert outputs and the kernel's saved columns (`ExpertKernel::saved_columns`)
+  /// for the backward, which then neither dispatches x again nor recomputes them; true
+  /// keeps only the plan. (`[runtime] recompute`.)
+  bool recompute = false;
   /// The world rank of the EP group's rank 0 (groups are blocks of consecutive world
   /// ranks), so that messages name world ranks.
   int first_world_rank = 0;
@@ -209,15 +214,23 @@ class MoELayer {
   /// experts).
   const MoELayerParts& parts() const noexcept { return parts_; }
 
+  /// Training mode: forwards keep what `backward` needs (see `MoELayerParts::recompute`).
+  /// A forward that keeps it runs unchunked and grouped (the same y).
+  void set_training(bool training) noexcept { training_ = training; }
+  bool training() const noexcept { return training_; }
+  /// True when the last forward kept its rows, outputs and projections for `backward`.
+  bool kept_for_backward() const noexcept { return kept_for_backward_; }
+
   /// The backward of the last `forward(x, y)`, given the same x [T,H] and dy = dL/dy
-  /// [T,H] (f32 host contiguous): x and dy go to the experts' ranks with the forward's
-  /// layout; there each (row, slot)'s expert runs its backward on weight · dy (adding the
-  /// local experts' gradients and giving the expert output on its way), and the slot's
-  /// weight gets <dy, expert output>; the rows' input gradients come back summed per token
-  /// into dx; the weights' gradients come back to their tokens for the router's backward,
-  /// whose d logits give dx += d logits · gate and d gate += d logitsᵀ · x. Nothing is kept
-  /// from the forward but its plan: the rows are dispatched again and the experts'
-  /// projections recomputed. A NaN or infinite dy is refused on every rank together,
+  /// [T,H] (f32 host contiguous): dy goes to the experts' ranks with the forward's layout;
+  /// there each (row, slot)'s expert runs its backward on weight · dy (adding the local
+  /// experts' gradients), and the slot's weight gets <dy, expert output>; the rows' input
+  /// gradients come back summed per token into dx; the weights' gradients come back to
+  /// their tokens for the router's backward, whose d logits give dx += d logits · gate and
+  /// d gate += d logitsᵀ · x. When the forward kept its rows (training mode, recompute
+  /// off) the experts take its received rows, outputs and projections; otherwise x is
+  /// dispatched again and the experts' projections and outputs recomputed (the same bits
+  /// either way). A NaN or infinite dy is refused on every rank together,
   /// before anything moves (as bad input is in `forward`). Host data path only; allocates
   /// nothing once its buffers have grown. Collective over the EP group.
   void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
@@ -280,8 +293,11 @@ class MoELayer {
   /// True when the forward lets the expert kernel form the weighted partial sums from the
   /// received rows (no expert-grouped rows).
   bool fused_experts() const noexcept;
-  /// The grouped expert step: the kernel's `forward` over a grouped handle's expert rows.
-  void run_grouped_experts(DispatchHandle& h);
+  /// The grouped expert step: the kernel's `forward` over a grouped handle's expert rows;
+  /// with `save`, the kernel's saved columns into saved_columns_.
+  void run_grouped_experts(DispatchHandle& h, bool save = false);
+  /// True when this forward keeps what the backward needs (training, recompute off).
+  bool saves_for_backward() const noexcept;
   /// The fused expert step: the kernel's weighted partial sums of the received rows, into
   /// the combine's send buffer.
   void weigh_rows(DispatchHandle& h);
@@ -374,6 +390,11 @@ class MoELayer {
   Buffer<std::size_t> d_weight_send_bytes_, d_weight_send_offsets_, d_weight_recv_bytes_,
       d_weight_recv_offsets_;
   Buffer<float> d_plan_weights_, backward_logits_, d_logits_;
+  // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns()],
+  // and whether the last forward kept handle_'s rows and outputs for the backward.
+  Buffer<float> saved_columns_;
+  bool training_ = false;
+  bool kept_for_backward_ = false;
   LayerTimings timings_;
   LayerTraffic traffic_;
   bool failure_agreed_ = false;

@@ -187,6 +187,11 @@ class Runtime {
   void dispatch_backward(ProcessDispatch& dispatched, std::span<const TensorView> d_expert_inputs,
                          const TensorView& dx);
 
+  /// Training mode for every local layer (`MoELayer::set_training`): its forwards keep
+  /// what the backward needs, unless `[runtime] recompute = true`. Off by default (a
+  /// forward for inference keeps nothing); `backward` works after either.
+  void set_training(bool training);
+
   /// The backward of the last `forward(x, y)`, given the same global x [T,H] and
   /// dy = dL/dy [T,H]: writes dx [T,H] (each local rank its block) and the parameters'
   /// gradients (`ModelGradients`); the router's aux and z losses (their coefficients in

@@ -31,8 +31,9 @@
 /// core version (a virtual function added, a member moved), so that a plugin built before
 /// is refused by its build id instead of calling through a stale vtable. Revision 2:
 /// `ExpertKernel::fuses_weighted_rows` and `forward_weighted`, `DataPath::pack_runs`.
-/// Revision 3: `PeerMessaging::world_ranks`. Revision 4: `Router::backward`.
-#define SWITCHYARD_INTERFACE_REVISION "4"
+/// Revision 3: `PeerMessaging::world_ranks`. Revision 4: `Router::backward`. Revision 5:
+/// `ExpertKernel::saved_columns`, `ExpertBatch::saved`, `ExpertGradientBatch::saved`.
+#define SWITCHYARD_INTERFACE_REVISION "5"
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
