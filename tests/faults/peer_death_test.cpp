@@ -1,5 +1,5 @@
-// The fault suite, peer part: a rank killed with SIGKILL in the middle of a dispatch or a
-// combine, under UCX (world 3 and 4, repeated: UCX once aborted survivors inside its
+// The fault suite, peer part: a rank killed with SIGKILL in the middle of a dispatch, a
+// combine or a backward, under UCX (world 3 and 4, repeated: UCX once aborted survivors inside its
 // shared-memory transport) and MPI, and with EP groups smaller than the world. Every
 // survivor must end by itself within timeout_s + 5 s, exit non-zero, name the dead world
 // rank, and never crash.
@@ -41,7 +41,7 @@ std::string write_config(const test::TempDir& dir) {
 TEST_CASE("ucx: a peer killed mid-dispatch or mid-combine never crashes a survivor") {
   test::TempDir dir;
   const std::string config = write_config(dir);
-  for (const char* where : {"dispatch", "combine"}) {
+  for (const char* where : {"dispatch", "combine", "backward"}) {
     for (const int world : {3, 4}) {
       for (int round = 0; round < 2; ++round) {
         CAPTURE(where);
@@ -72,17 +72,21 @@ TEST_CASE("ucx: a peer killed mid-dispatch or mid-combine never crashes a surviv
   }
 }
 
-TEST_CASE("mpi: a peer killed mid-combine ends the job non-zero in bounded time") {
+TEST_CASE("mpi: a peer killed mid-combine or mid-backward ends the job non-zero in bounded time") {
   test::TempDir dir;
   const std::string config = write_config(dir);
-  const auto [r, seconds] =
-      timed("SWITCHYARD_TEST_DIE_RANK=1 SWITCHYARD_TEST_DIE_AT=combine " + kMpirun +
-            " -x SWITCHYARD_TEST_DIE_RANK -x SWITCHYARD_TEST_DIE_AT -np 3 " + kWorker + " " +
-            config + " runtime.transport=mpi 2>&1");
-  INFO(r.output);
-  CHECK(r.exit_code != 0);
-  CHECK(r.output.find("forward done") == std::string::npos);
-  CHECK(seconds < 2 + 5);
+  for (const char* where : {"combine", "backward"}) {
+    CAPTURE(where);
+    const auto [r, seconds] =
+        timed("SWITCHYARD_TEST_DIE_RANK=1 SWITCHYARD_TEST_DIE_AT=" + std::string(where) + " " +
+              kMpirun + " -x SWITCHYARD_TEST_DIE_RANK -x SWITCHYARD_TEST_DIE_AT -np 3 " + kWorker +
+              " " + config + " runtime.transport=mpi 2>&1");
+    INFO(r.output);
+    CHECK(r.exit_code != 0);
+    CHECK(r.output.find("forward done") == std::string::npos);
+    CHECK(r.output.find("backward done") == std::string::npos);
+    CHECK(seconds < 2 + 5);
+  }
 }
 
 TEST_CASE("EP groups smaller than the world: the dead rank's group names its world rank") {

@@ -2,7 +2,8 @@
 // SWITCHYARD_TEST_DIE_RANK (if set) kills itself with SIGKILL in the middle of a step: the
 // test of what the surviving ranks do. SWITCHYARD_TEST_DIE_AT says where: "dispatch"
 // (default: between routing and dispatch, its peers already waiting in the dispatch) or
-// "combine" (after the dispatch, its peers waiting in the combine). Rank
+// "combine" (after the dispatch, its peers waiting in the combine) or "backward" (after a
+// training forward, its peers waiting in the backward's dispatch of dy). Rank
 // SWITCHYARD_TEST_STOP_RANK (if set) stops itself with SIGSTOP after the forward instead.
 // usage: ep_worker CONFIG [section.key=value]...
 #include <csignal>
@@ -29,9 +30,22 @@ int main(int argc, char** argv) {
                                : -1;
       const char* die_at = std::getenv("SWITCHYARD_TEST_DIE_AT");
       const bool in_combine = die_at != nullptr && std::string(die_at) == "combine";
+      const bool in_backward = die_at != nullptr && std::string(die_at) == "backward";
       const std::int64_t T = 64;
       const HostTensor x = synthetic_tokens(T, runtime.model().hidden(), 1);
       HostTensor y(DType::kF32, {T, runtime.model().hidden()});
+      if (in_backward) {
+        const HostTensor dy = synthetic_tokens(T, runtime.model().hidden(), 2);
+        HostTensor dx(DType::kF32, {T, runtime.model().hidden()});
+        ModelGradients gradients;
+        runtime.set_training(true);
+        runtime.forward(x.view(), y.view());
+        if (runtime.world_rank(0) == die_rank) std::raise(SIGKILL);
+        runtime.backward(x.view(), dy.view(), dx.view(), gradients);
+        std::printf("rank %d: backward done\n", runtime.world_rank(0));
+        std::fflush(stdout);
+        return 0;
+      }
       runtime.run_on_ranks([&](int local) {
         const int rank = runtime.world_rank(local);
         const auto [first, count] = token_block(T, runtime.world_size(), rank);

@@ -109,17 +109,21 @@ def test_in_process_ranks_equal_pytorch_autograd(case):
 
 
 @pytest.mark.skipif(not MPIRUN, reason="mpirun and the MPI/UCX transports were not built")
-def test_the_same_bits_on_every_transport(case):
+@pytest.mark.parametrize("world,ep", [(2, 2), (3, 3), (4, 2)])
+def test_the_same_bits_on_every_transport(case, world, ep):
     with tempfile.TemporaryDirectory() as out:
-        inproc = run_backward(case, os.path.join(out, "inproc"), sets=("runtime.ranks=2",))
+        group = f"runtime.ep_size={ep}"
+        inproc = run_backward(case, os.path.join(out, "inproc"),
+                              sets=(f"runtime.ranks={world}", group))
         mpi = run_backward(case, os.path.join(out, "mpi"),
                            launcher=(MPIRUN, "--allow-run-as-root", "--oversubscribe", "--mca",
-                                     "btl", "self,vader", "-np", "2"),
-                           sets=("runtime.transport=mpi",))
-        ucx = run_backward(case, os.path.join(out, "ucx"), launcher=(TOOL, "launch", "-n", "2", "--"),
-                           sets=("runtime.transport=ucx",))
+                                     "btl", "self,vader", "-np", str(world)),
+                           sets=("runtime.transport=mpi", group))
+        ucx = run_backward(case, os.path.join(out, "ucx"),
+                           launcher=(TOOL, "launch", "-n", str(world), "--"),
+                           sets=("runtime.transport=ucx", group))
         recomputed = run_backward(case, os.path.join(out, "recomputed"),
-                                  sets=("runtime.ranks=2", "runtime.recompute=true"))
+                                  sets=(f"runtime.ranks={world}", group, "runtime.recompute=true"))
         for other in (mpi, ucx, recomputed):
             assert other[0].tobytes() == inproc[0].tobytes()
             assert other[1].tobytes() == inproc[1].tobytes()
