@@ -109,7 +109,7 @@ def test_in_process_ranks_equal_pytorch_autograd(case):
 
 
 @pytest.mark.skipif(not MPIRUN, reason="mpirun and the MPI/UCX transports were not built")
-@pytest.mark.parametrize("world,ep", [(2, 2), (3, 3), (4, 2)])
+@pytest.mark.parametrize("world,ep", [(1, 1), (2, 2), (3, 3), (4, 4), (4, 2)])
 def test_the_same_bits_on_every_transport(case, world, ep):
     with tempfile.TemporaryDirectory() as out:
         group = f"runtime.ep_size={ep}"
