@@ -42,8 +42,11 @@ std::int64_t check_expert_gradient_batch(const ExpertGradientBatch& batch, std::
   const std::int64_t N = batch.input.dim(0);
   batch.d_output.require_on(device, names.d_output, DType::kF32, {N, hidden});
   batch.d_input.require_on(device, names.d_input, DType::kF32, {N, hidden});
-  if (batch.output.data() != nullptr) {
-    batch.output.require_on(device, names.output, DType::kF32, {N, hidden});
+  if (batch.row_weights.data() != nullptr) {
+    batch.row_weights.require_on(device, names.row_weights, DType::kF32, {N});
+  }
+  if (batch.d_row_weights.data() != nullptr) {
+    batch.d_row_weights.require_on(device, names.d_row_weights, DType::kF32, {N});
   }
   if (batch.saved.data() != nullptr) {
     batch.saved.require_on(device, names.saved, DType::kF32, {N, 2 * ffn_hidden});
@@ -100,13 +103,21 @@ void IdentityExperts::backward(const ExpertGradientBatch& batch, Stream& /*strea
   const std::int64_t hidden = batch.input.rank() == 2 ? batch.input.dim(1) : -1;
   check_expert_gradient_batch(batch, hidden, 0, static_cast<std::size_t>(num_local_experts_),
                               Device::host(), names_);
-  if (batch.d_output.numel() > 0 && batch.d_output.data() != batch.d_input.data()) {
-    std::memcpy(batch.d_input.data(), batch.d_output.data(),
-                static_cast<std::size_t>(batch.d_output.numel()) * sizeof(float));
-  }
-  if (batch.output.data() != nullptr && batch.input.numel() > 0) {
-    std::memcpy(batch.output.data(), batch.input.data(),
-                static_cast<std::size_t>(batch.input.numel()) * sizeof(float));
+  // output = input: d_input = w · d_output, d w = <d_output, input>.
+  const std::int64_t N = batch.input.dim(0);
+  const float* g = batch.d_output.data_as<const float>();
+  const float* x = batch.input.data_as<const float>();
+  const float* w = batch.row_weights.data_as<const float>();
+  float* dx = batch.d_input.data_as<float>();
+  float* dw = batch.d_row_weights.data_as<float>();
+  for (std::int64_t r = 0; r < N; ++r) {
+    const float weight = w != nullptr ? w[r] : 1.0f;
+    float dot = 0;
+    for (std::int64_t h = 0; h < hidden; ++h) {
+      dot += g[r * hidden + h] * x[r * hidden + h];
+      dx[r * hidden + h] = weight * g[r * hidden + h];
+    }
+    if (dw != nullptr) dw[r] = dot;
   }
 }
 

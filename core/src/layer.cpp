@@ -1085,29 +1085,34 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   DispatchHandle& hd = backward_dy_;
   const TensorView rows = hx.expert_input();
   const TensorView d_rows = hd.expert_input();
-  const TensorView scaled = hd.expert_output();
+  // The rows' output buffer (the forward's outputs are not needed) takes their gradients.
+  const TensorView d_inputs = hx.expert_output();
   const std::int64_t A = rows.dim(0);
-  backward_outputs_.resize(to_size(A * H));
-  const TensorView spare(backward_outputs_.data(), DType::kF32, {A, H});
-  // Kept: the forward's outputs, and a buffer for the input gradients. Else: the rows'
-  // output buffer takes the input gradients, and the kernel recomputes the outputs.
-  const TensorView outputs = kept ? hx.expert_output() : spare;
-  const TensorView d_inputs = kept ? spare : hx.expert_output();
   host_ready();
 
-  // Each (row, slot)'s expert gets weight · dy as its output's gradient; then
-  // d weight = <dy row, expert output>.
-  weigh_rows(hd, d_rows, scaled);
-  ExpertGradientBatch batch{rows, hx.rows_per_expert(), scaled, d_inputs, out.d_experts, {}};
-  if (kept) {
-    const std::int64_t columns = parts_.experts->saved_columns();
-    if (columns > 0) batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
-  } else {
-    batch.output = outputs;  // recomputed on the way
+  // Each grouped row stands for one (token, local expert) slot: the kernel applies the
+  // slot's weight to dy and gives <dy, expert output>, the weight's gradient.
+  const std::int64_t NK = static_cast<std::int64_t>(hd.recv_meta_.size());
+  grouped_weights_.resize(to_size(A));
+  d_grouped_weights_.resize(to_size(A));
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
+    if (a >= 0) grouped_weights_[to_size(a)] = hd.recv_meta_[to_size(i)].weight;
+  }
+  ExpertGradientBatch batch{rows, hx.rows_per_expert(), d_rows, d_inputs, out.d_experts};
+  batch.row_weights = TensorView(grouped_weights_.data(), DType::kF32, {A});
+  batch.d_row_weights = TensorView(d_grouped_weights_.data(), DType::kF32, {A});
+  const std::int64_t columns = parts_.experts->saved_columns();
+  if (kept && columns > 0) {
+    batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
   }
   parts_.experts->backward(batch, *stream_);
   host_ready();
-  slot_dot_products(hd, d_rows, outputs);
+  d_slot_weights_.resize(to_size(NK));
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
+    d_slot_weights_[to_size(i)] = a >= 0 ? d_grouped_weights_[to_size(a)] : 0.0f;
+  }
   // The rows' input gradients come back summed per token; the weights' gradients to their
   // tokens' ranks.
   combine_unweighted(hd, d_inputs, out.dx);

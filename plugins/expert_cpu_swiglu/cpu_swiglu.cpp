@@ -1,5 +1,6 @@
 // expert_cpu_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), float32, three GEMMs
-// per local expert through OpenBLAS over its contiguous rows (the backward: eight). Weights stay in
+// per local expert through OpenBLAS over its contiguous rows (the backward: six, and two more
+// when the forward did not save the projections). Weights stay in
 // their checkpoint dtype (f32, bf16, f16); bf16/f16 weights are widened one matrix at a time into
 // a reused f32 panel just before their GEMM.
 #include <cblas.h>
@@ -85,7 +86,8 @@ class CpuSwigluKernel final : public ExpertKernel {
   }
 
   // Host-synchronous. For each expert, with A = x·gateᵀ, B = x·upᵀ, S = silu(A),
-  // Hh = S ⊙ B and G = d_output: d down += Gᵀ·Hh; dHh = G·down; dB = dHh ⊙ S;
+  // Hh = S ⊙ B and G = w ⊙ d_output (w the rows' weights): d w = <d_output·down, Hh> per row;
+  // d down += Gᵀ·Hh; dHh = G·down; dB = dHh ⊙ S;
   // dA = dHh ⊙ B ⊙ silu'(A); d gate += dAᵀ·x; d up += dBᵀ·x; d x = dA·gate + dB·up.
   // A and B come from the forward's saved rows when given, else are recomputed from x (two
   // GEMMs).
@@ -113,15 +115,32 @@ class CpuSwigluKernel final : public ExpertKernel {
       // Keeps the projections for dA, dB (from the forward's when it saved them).
       const float* saved = batch.saved.data_as<const float>();
       activate(e, xe, n, activation_.data(), saved != nullptr ? saved + row * 2 * F : nullptr);
-      if (batch.output.data() != nullptr) {  // the forward's output, on the way
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, activation_.data(), f,
-                    as_f32(experts_[e].down), f, 0.0f, batch.output.data_as<float>() + row * H, h);
-      }
-      // d down [H,F] += Gᵀ [H,n] · Hh [n,F]; dHh [n,F] = G [n,H] · down [H,F].
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, h, f, in, 1.0f, ge, h,
-                  activation_.data(), f, 1.0f, d.down.data_as<float>(), f);
+      // dHh before the rows' weights [n,F] = dy [n,H] · down [H,F]; a row's weight gradient
+      // <dy, Hh·downᵀ> is <dy·down, Hh>: F products instead of the output's H.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, in, f, h, 1.0f, ge, h,
                   as_f32(experts_[e].down), f, 0.0f, d_activation_.data(), f);
+      const auto rows = static_cast<std::size_t>(n), width = static_cast<std::size_t>(F);
+      if (float* dw = batch.d_row_weights.data_as<float>(); dw != nullptr) {
+        for (std::size_t r = 0; r < rows; ++r) {
+          float dot = 0;
+          for (std::size_t c = 0; c < width; ++c)
+            dot += d_activation_[r * width + c] * activation_[r * width + c];
+          dw[static_cast<std::size_t>(row) + r] = dot;
+        }
+      }
+      // With the weights w: G = w ⊙ dy, so dHh = w ⊙ (dy·down) and d down += dyᵀ·(w ⊙ Hh).
+      if (const float* w = batch.row_weights.data_as<const float>(); w != nullptr) {
+        for (std::size_t r = 0; r < rows; ++r) {
+          const float weight = w[static_cast<std::size_t>(row) + r];
+          for (std::size_t c = 0; c < width; ++c) {
+            activation_[r * width + c] *= weight;
+            d_activation_[r * width + c] *= weight;
+          }
+        }
+      }
+      // d down [H,F] += dyᵀ [H,n] · (w ⊙ Hh) [n,F].
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, h, f, in, 1.0f, ge, h,
+                  activation_.data(), f, 1.0f, d.down.data_as<float>(), f);
       for (std::int64_t i = 0; i < n * F; ++i) {
         const auto k = static_cast<std::size_t>(i);
         const float a = gate_out_[k], b = up_out_[k], dh = d_activation_[k];

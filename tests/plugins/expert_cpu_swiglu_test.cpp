@@ -133,7 +133,8 @@ double weighted_output(const DoubleExpert& w, const std::vector<double>& x, cons
 }  // namespace
 
 TEST_CASE("backward: input and weight gradients against finite differences in float64") {
-  // 3 local experts (rows 3, 0, 2), H = 6, F = 5; the loss is Σ G ⊙ y over the rows.
+  // 3 local experts (rows 3, 0, 2), H = 6, F = 5; the loss is Σ_r w_r <G_r, y_r> with
+  // row weights w (one of them 0); each row's weight gradient is <G_r, y_r>.
   constexpr std::int64_t H = 6, F = 5, N = 5;
   HostStream stream;
   const ModelWeights model = ModelWeights::random(3, H, F, 8);
@@ -155,15 +156,15 @@ TEST_CASE("backward: input and weight gradients against finite differences in fl
   for (int e = 0; e < 3; ++e) {
     d_weights.push_back({grads[3 * e].view(), grads[3 * e + 1].view(), grads[3 * e + 2].view()});
   }
-  HostTensor recomputed(DType::kF32, {N, H}), forward(DType::kF32, {N, H});
-  kernel->backward({x.view(), rows, g.view(), dx.view(), d_weights, recomputed.view()}, stream);
-  // The forward's output on the way: the same as forward's own (the same GEMMs).
-  kernel->forward({x.view(), rows, forward.view()}, stream);
-  CHECK(std::equal(recomputed.data<float>(), recomputed.data<float>() + N * H,
-                   forward.data<float>()));
+  const std::vector<float> row_weights = {0.75f, -0.5f, 1.25f, 0.0f, 0.3f};
+  HostTensor w_tensor(DType::kF32, {N}), d_row_weights(DType::kF32, {N});
+  std::copy(row_weights.begin(), row_weights.end(), w_tensor.data<float>());
+  kernel->backward(
+      {x.view(), rows, g.view(), dx.view(), d_weights, w_tensor.view(), d_row_weights.view()},
+      stream);
 
   const auto weights = model.experts(0, 3);
-  test::Agreement input, weight;
+  test::Agreement input, weight, row_weight;
   std::int64_t row = 0;
   for (std::size_t e = 0; e < rows.size(); ++e) {
     DoubleExpert w = widen(weights[e]);
@@ -174,10 +175,16 @@ TEST_CASE("backward: input and weight gradients against finite differences in fl
     auto loss = [&] {
       double sum = 0;
       for (std::int64_t i = 0; i < rows[e]; ++i)
-        sum += weighted_output(w, xs[static_cast<std::size_t>(i)], g.data<float>() + (row + i) * H,
+        sum += row_weights[static_cast<std::size_t>(row + i)] *
+               weighted_output(w, xs[static_cast<std::size_t>(i)], g.data<float>() + (row + i) * H,
                                H, F);
       return sum;
     };
+    for (std::int64_t i = 0; i < rows[e]; ++i) {
+      row_weight.add(d_row_weights.data<float>()[row + i],
+                     weighted_output(w, xs[static_cast<std::size_t>(i)],
+                                     g.data<float>() + (row + i) * H, H, F));
+    }
     for (std::int64_t i = 0; i < rows[e]; ++i) {
       for (std::int64_t h = 0; h < H; ++h) {
         input.add(dx.data<float>()[(row + i) * H + h],
@@ -198,6 +205,7 @@ TEST_CASE("backward: input and weight gradients against finite differences in fl
   }
   CHECK(input.relative() <= 1e-4);
   CHECK(weight.relative() <= 1e-4);
+  CHECK(row_weight.relative() <= 1e-5);
   // An expert without rows keeps its gradients as they were.
   for (int which = 0; which < 3; ++which) {
     const HostTensor& untouched = grads[3 + static_cast<std::size_t>(which)];
@@ -224,9 +232,29 @@ TEST_CASE("backward: bad gradient batches are refused; identity experts pass d_o
   CHECK_THROWS_WITH_AS(kernel->backward({x.view(), rows, g.view(), dx.view(), bad, {}}, stream),
                        doctest::Contains("cpu_swiglu weight gradient: expected f32[4,8]"), Error);
 
+  HostTensor short_weights(DType::kF32, {2});
+  CHECK_THROWS_WITH_AS(
+      kernel->backward({x.view(), rows, g.view(), dx.view(), {}, short_weights.view()}, stream),
+      doctest::Contains("cpu_swiglu row weights: expected f32[3]"), Error);
+
+  // Identity experts: d_input = w · d_output, d w = <d_output, input>, by hand.
   IdentityExperts identity(2);
   const HostTensor d = synthetic_tokens(3, 8, 1);
-  identity.backward({x.view(), rows, d.view(), dx.view(), {}, {}}, stream);
+  const HostTensor in = synthetic_tokens(3, 8, 2);
+  HostTensor w(DType::kF32, {3}), dw(DType::kF32, {3});
+  w.data<float>()[0] = 2.0f;
+  w.data<float>()[1] = -1.0f;
+  w.data<float>()[2] = 0.5f;
+  identity.backward({in.view(), rows, d.view(), dx.view(), {}, w.view(), dw.view()}, stream);
+  for (int r = 0; r < 3; ++r) {
+    double dot = 0;
+    for (int h = 0; h < 8; ++h) {
+      CHECK(dx.data<float>()[r * 8 + h] == w.data<float>()[r] * d.data<float>()[r * 8 + h]);
+      dot += double{d.data<float>()[r * 8 + h]} * in.data<float>()[r * 8 + h];
+    }
+    CHECK(dw.data<float>()[r] == doctest::Approx(dot).epsilon(1e-6));
+  }
+  identity.backward({in.view(), rows, d.view(), dx.view(), {}}, stream);  // weights 1
   CHECK(std::equal(dx.data<float>(), dx.data<float>() + 24, d.data<float>()));
 }
 
@@ -269,7 +297,7 @@ TEST_CASE("saved projections: the forward keeps [gate·x | up·x]; the backward 
     for (std::size_t e = 0; e < 3; ++e)
       d_weights.push_back({grads[3 * e].view(), grads[3 * e + 1].view(), grads[3 * e + 2].view()});
     HostTensor dx(DType::kF32, {N, H});
-    kernel->backward({x.view(), rows, g.view(), dx.view(), d_weights, {}, from}, stream);
+    kernel->backward({x.view(), rows, g.view(), dx.view(), d_weights, {}, {}, from}, stream);
     grads.push_back(std::move(dx));
     return grads;
   };

@@ -43,9 +43,12 @@ struct ExpertBatch {
   TensorView saved = {};  // a default: aggregate initialisers may leave it out
 };
 
-/// The backward of a grouped batch: the forward's input rows and the loss's gradient with
-/// respect to each row's output. The kernel writes the gradient with respect to each input
-/// row and adds each local expert's weight gradients. f32 on the stream's device;
+/// The backward of a grouped batch: the forward's input rows and, per row, the loss's
+/// gradient with respect to its output up to the row's weight: the gradient is
+/// row_weights[r] · d_output[r] (the weight of the (token, expert) slot the row stands for;
+/// 1 when `row_weights` is empty). The kernel writes the gradient with respect to each
+/// input row, adds each local expert's weight gradients, and gives each row's
+/// <d_output[r], output[r]> (the gradient of its weight). f32 on the stream's device;
 /// `rows_per_expert` host memory, as in the forward.
 struct ExpertGradientBatch {
   TensorView input;                                  ///< [N,H] the forward's, read only
@@ -53,10 +56,8 @@ struct ExpertGradientBatch {
   TensorView d_output;                               ///< [N,H] read only
   TensorView d_input;                                ///< [N,H] written
   std::span<const SwigluExpertGradients> d_weights;  ///< [local experts], added to
-  /// [N,H] optional (empty: not wanted): written with the forward's output of the rows,
-  /// which the backward recomputes on its way (the layer needs it for the weights'
-  /// gradients).
-  TensorView output;
+  TensorView row_weights = {};                       ///< [N] optional (empty: all 1), read only
+  TensorView d_row_weights = {};  ///< [N] optional (empty: not wanted): <d_output, output>
   /// [N, saved_columns()] optional: what the forward saved of these rows (`ExpertBatch::
   /// saved`); empty: the kernel recomputes it from the input.
   TensorView saved = {};
@@ -71,8 +72,10 @@ struct ExpertBatchNames {
         d_output(kernel_name + " d_output"),
         d_input(kernel_name + " d_input"),
         d_weight(kernel_name + " weight gradient"),
-        saved(kernel_name + " saved projections") {}
-  std::string kernel, input, output, d_output, d_input, d_weight, saved;
+        saved(kernel_name + " saved projections"),
+        row_weights(kernel_name + " row weights"),
+        d_row_weights(kernel_name + " row weight gradients") {}
+  std::string kernel, input, output, d_output, d_input, d_weight, saved, row_weights, d_row_weights;
 };
 
 /// Checks `batch` for a kernel with `num_experts` local experts of hidden size `hidden` whose
@@ -160,7 +163,8 @@ class IdentityExperts final : public ExpertKernel {
   void forward(const ExpertBatch& batch, Stream& stream) override;
   bool fuses_weighted_rows() const noexcept override { return true; }
   void forward_weighted(const WeightedRowsBatch& batch, Stream& stream) override;
-  /// d_input = d_output; there are no weights (`d_weights` empty).
+  /// d_input = row weight · d_output, d row weight = <d_output, input>; there are no
+  /// weights (`d_weights` empty).
   void backward(const ExpertGradientBatch& batch, Stream& stream) override;
 
  private:

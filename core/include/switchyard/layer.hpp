@@ -151,9 +151,9 @@ struct MoELayerParts {
   /// every core already runs a rank). The same y either way.
   bool overlap_exchanges = true;
   /// In training mode (`MoELayer::set_training`): false keeps the forward's received
-  /// rows, expert outputs and the kernel's saved columns (`ExpertKernel::saved_columns`)
-  /// for the backward, which then neither dispatches x again nor recomputes them; true
-  /// keeps only the plan. (`[runtime] recompute`.)
+  /// rows and the kernel's saved columns (`ExpertKernel::saved_columns`) for the backward,
+  /// which then neither dispatches x again nor recomputes them; true keeps only the plan.
+  /// (`[runtime] recompute`.)
   bool recompute = false;
   /// The world rank of the EP group's rank 0 (groups are blocks of consecutive world
   /// ranks), so that messages name world ranks.
@@ -218,7 +218,7 @@ class MoELayer {
   /// A forward that keeps it runs unchunked and grouped (the same y).
   void set_training(bool training) noexcept { training_ = training; }
   bool training() const noexcept { return training_; }
-  /// True when the last forward kept its rows, outputs and projections for `backward`.
+  /// True when the last forward kept its rows and projections for `backward`.
   bool kept_for_backward() const noexcept { return kept_for_backward_; }
 
   /// The backward of the last `forward(x, y)`, given the same x [T,H] and dy = dL/dy
@@ -228,11 +228,10 @@ class MoELayer {
   /// gradients come back summed per token into dx; the weights' gradients come back to
   /// their tokens for the router's backward, whose d logits give dx += d logits · gate and
   /// d gate += d logitsᵀ · x. When the forward kept its rows (training mode, recompute
-  /// off) the experts take its received rows, outputs and projections; otherwise x is
-  /// dispatched again and the experts' projections and outputs recomputed (the same bits
-  /// either way). A NaN or infinite dy is refused on every rank together,
-  /// before anything moves (as bad input is in `forward`). Host data path only; allocates
-  /// nothing once its buffers have grown. Collective over the EP group.
+  /// off) the experts take its received rows and projections; otherwise x is dispatched
+  /// again and the experts' projections recomputed (the same bits either way). A NaN or infinite dy
+  /// is refused on every rank together, before anything moves (as bad input is in `forward`). Host
+  /// data path only; allocates nothing once its buffers have grown. Collective over the EP group.
   void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
   /// The backward of `combine` for a caller's own experts (autograd frameworks): given the
   /// `handle` and `plan` of the dispatch, the `expert_output` [A,H] that was combined and
@@ -385,13 +384,14 @@ class MoELayer {
   // byte counts; the plan's weight gradients, the logits and their gradient.
   DispatchHandle backward_x_, backward_dy_;
   Buffer<float> d_slot_weights_, d_sent_weights_;
-  Buffer<float> backward_outputs_;    // [A,H] the experts' outputs, recomputed
+  // Per grouped row [A]: its slot's weight and that weight's gradient.
+  Buffer<float> grouped_weights_, d_grouped_weights_;
   Buffer<float> saved_slot_weights_;  // a handle's slot weights while it combines unweighted
   Buffer<std::size_t> d_weight_send_bytes_, d_weight_send_offsets_, d_weight_recv_bytes_,
       d_weight_recv_offsets_;
   Buffer<float> d_plan_weights_, backward_logits_, d_logits_;
   // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns()],
-  // and whether the last forward kept handle_'s rows and outputs for the backward.
+  // and whether the last forward kept handle_'s rows for the backward.
   Buffer<float> saved_columns_;
   bool training_ = false;
   bool kept_for_backward_ = false;
