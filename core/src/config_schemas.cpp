@@ -53,11 +53,11 @@ ConfigSchema core_schema(std::string_view section) {
           "chunks' work (true), or on the calling thread, chunk after chunk (false: for "
           "machines where every core already runs a rank; the chunks' rows stay in the caches)");
     s.add("recompute", T::kBool, ConfigValue{false},
-          "training (Runtime::set_training): false keeps the received rows, the experts' "
-          "outputs and their projections from the forward for the backward (memory: per "
-          "rank A x (2 H + 2 F) floats for its A received (row, expert) pairs; the forward "
-          "then runs unchunked); true keeps only the routing and recomputes the rest (the "
-          "backward dispatches x again and runs the projections again)");
+          "training (Runtime::set_training): false keeps the received rows and the experts' "
+          "projections from the forward for the backward (memory: per rank A x (H + 2 F) "
+          "floats for its A received (row, expert) pairs; the forward then runs unchunked); "
+          "true keeps only the routing and recomputes the rest (the backward dispatches x "
+          "again and runs the projections again)");
     s.add("plugin_dirs", T::kStringList, ConfigValue{std::vector<std::string>{}},
           "extra plugin folders, searched after SWITCHYARD_PLUGIN_PATH and before the install's");
   } else if (section == "router") {
