@@ -286,6 +286,73 @@ class PyRuntime {
     return result;
   }
 
+  bool training() const { return training_; }
+  void set_training(bool training) {
+    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+    runtime_->set_training(training);
+    training_ = training;
+  }
+
+  /// (dx [T,H], d_gate [E,H], per expert (d gate, d up, d down) or None): the backward of
+  /// the last forward on the same x, with dy [T,H]. The gradients are new arrays.
+  py::tuple backward(const py::object& x, const py::object& dy, const py::object& out) {
+    const TensorArgument in(x, "input x");
+    in.view().require("input x", DType::kF32, {-1, hidden()});
+    const std::int64_t T = in.view().dim(0);
+    const TensorArgument grad(dy, "dy");
+    grad.view().require("dy", DType::kF32, {T, hidden()});
+    py::object result = out.is_none() ? py::object(py::array_t<float>({T, hidden()})) : out;
+    const TensorArgument dx(result, "dx", /*written=*/true);
+    dx.view().require("dx", DType::kF32, {T, hidden()});
+    {
+      py::gil_scoped_release released;
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+      runtime_->backward_local_tokens(in.view(), grad.view(), dx.view(), gradients_);
+    }
+    auto copy = [](const switchyard::HostTensor& t) {
+      py::array_t<float> a(std::vector<py::ssize_t>(t.shape().begin(), t.shape().end()));
+      std::copy_n(t.data<float>(), t.numel(), a.mutable_data());
+      return a;
+    };
+    py::list experts;
+    for (const auto& e : gradients_.experts) {
+      if (e[0].size_bytes() == 0) {  // not held here (an empty HostTensor has numel 1)
+        experts.append(py::none());
+      } else {
+        experts.append(py::make_tuple(copy(e[0]), copy(e[1]), copy(e[2])));
+      }
+    }
+    return py::make_tuple(result, copy(gradients_.gate), experts);
+  }
+
+  /// (gate [E,H], per expert (gate, up, down) or None): writable float32 views of the
+  /// weights this process trains, kept alive by (and valid while) the runtime.
+  py::tuple parameters(const py::object& self) {
+    switchyard::ModelParameters p;
+    {
+      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+      p = runtime_->parameters();
+    }
+    auto view = [&](const TensorView& t) {
+      return view_of<float>(t.data_as<float>(), {t.dim(0), t.dim(1)}, self);
+    };
+    py::list experts;
+    for (const auto& e : p.experts) {
+      if (e[0].data() == nullptr) {
+        experts.append(py::none());
+      } else {
+        experts.append(py::make_tuple(view(e[0]), view(e[1]), view(e[2])));
+      }
+    }
+    return py::make_tuple(view(p.gate), experts);
+  }
+
+  void save_model(const std::string& path) {
+    py::gil_scoped_release released;
+    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+    runtime_->save_model(path);
+  }
+
   py::array_t<float> reference_forward(const py::object& x) const {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
@@ -369,6 +436,8 @@ class PyRuntime {
  private:
   switchyard::Config config_;
   std::unique_ptr<switchyard::Runtime> runtime_;
+  switchyard::ModelGradients gradients_;  // backward's, copied out
+  bool training_ = false;
   // The runtime is used by one thread at a time; with the GIL released, Python threads
   // could otherwise enter it together. Taken after releasing the GIL, dropped before
   // taking it back, so that a waiting thread never holds the GIL.
@@ -577,6 +646,23 @@ PYBIND11_MODULE(_switchyard, m) {
       .def("dispatch_backward", &PyRuntime::dispatch_backward, py::arg("dispatch"),
            py::arg("d_expert_inputs"), py::arg("out") = py::none(),
            "dx [T,H]: the backward of dispatch, per token the sum of its rows' gradients.")
+      .def_property("training", &PyRuntime::training, &PyRuntime::set_training,
+                    "Training mode: forwards keep what backward needs (unless [runtime] "
+                    "recompute). False by default.")
+      .def("backward", &PyRuntime::backward, py::arg("x"), py::arg("dy"),
+           py::arg("out") = py::none(),
+           "(dx [T,H], d_gate [E,H], d_experts): the backward of the last forward on the same "
+           "x, for dy = dL/dy [T,H]. d_experts has per expert (d gate, d up, d down) float32, "
+           "or None for experts no rank of this process holds; the gate's gradient is summed "
+           "over the world, the experts' over their DP group.")
+      .def(
+          "parameters",
+          [](const py::object& self) { return self.cast<PyRuntime&>().parameters(self); },
+          "(gate [E,H], experts): writable float32 views of the weights this process trains, "
+          "per expert (gate, up, down) or None; an optimizer updates them in place between "
+          "steps.")
+      .def("save_model", &PyRuntime::save_model, py::arg("path"),
+           "Writes the model as a safetensors checkpoint from world rank 0 (collective).")
       .def("stats", &PyRuntime::stats, "Statistics, timings and bytes of the last forward.")
       .def("plugins", &PyRuntime::plugins, "Every plugin the loader finds.");
 

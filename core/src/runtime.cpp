@@ -679,6 +679,16 @@ void Runtime::dispatch_backward(ProcessDispatch& dispatched,
 
 void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
                        ModelGradients& gradients) {
+  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/true);
+}
+
+void Runtime::backward_local_tokens(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                                    ModelGradients& gradients) {
+  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/false);
+}
+
+void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                              ModelGradients& gradients, bool world_blocks) {
   const ModelWeights& m = model();
   const std::int64_t H = m.hidden(), F = m.ffn_hidden();
   const int E = m.num_experts();
@@ -686,9 +696,9 @@ void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorVi
   const std::int64_t T = x.dim(0);
   dy.require("dy", DType::kF32, {T, H});
   dx.require("dx", DType::kF32, {T, H});
-  const int world = world_size();
   for (int local = 0; local < num_local_ranks(); ++local) {
-    const auto [first, count] = token_block(T, world, world_rank(local));
+    const auto [first, count] = world_blocks ? token_block(T, world_size(), world_rank(local))
+                                             : token_block(T, num_local_ranks(), local);
     if (layer(local).last_plan().num_tokens != count) {
       throw Error(ErrorCode::kInvalidArgument,
                   "backward: rank " + std::to_string(world_rank(local)) + " holds " +
@@ -722,7 +732,7 @@ void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorVi
     for (auto& t : r.experts) std::fill_n(t.data<float>(), t.numel(), 0.0f);
     r.scope.resize(static_cast<std::size_t>(E) + 1);
   }
-  run_blocks(T, /*world_blocks=*/true, [&](int local, std::int64_t first, std::int64_t count) {
+  run_blocks(T, world_blocks, [&](int local, std::int64_t first, std::int64_t count) {
     auto& r = ranks[static_cast<std::size_t>(local)];
     // The losses' scope: the EP group's plain top-k counts and tokens.
     const RouterStats& stats = layer(local).router().stats();

@@ -1,6 +1,7 @@
 """One rank of a multi-process job driven from Python (run by test_switchyard.py under
-mpirun and `switchyard launch`): the layer on this rank's own tokens, and dispatch/combine
-with the test's experts, each rank's results written to OUT/<what>_<rank>.npy.
+mpirun and `switchyard launch`): the layer on this rank's own tokens, dispatch/combine with
+the test's experts, and a training forward and backward, each rank's results written to
+OUT/<what>_<rank>.npy.
 
     mpirun -np 2 python3 ep_worker.py CONFIG TRANSPORT 2 OUT
 """
@@ -36,3 +37,15 @@ for e, n in zip(part["experts"], part["rows_per_expert"]):  # the test's experts
 combined = rt.combine(dispatched)
 np.save(os.path.join(out, f"combined_{rank}.npy"), combined)
 np.save(os.path.join(out, f"routing_{rank}.npy"), np.concatenate([experts, weights.view(np.int32)], 1))
+
+# Training: the backward of a training forward on the same tokens, with the test's dy.
+dy_all = np.random.default_rng(12).standard_normal(x_all.shape).astype(np.float32)
+rt.training = True
+rt.forward(x)
+dx, d_gate, d_experts = rt.backward(x, np.ascontiguousarray(dy_all[first:first + len(x)]))
+np.save(os.path.join(out, f"dx_{rank}.npy"), dx)
+np.save(os.path.join(out, f"d_gate_{rank}.npy"), d_gate)
+held = [(e, g) for e, g in enumerate(d_experts) if g is not None]
+np.save(os.path.join(out, f"held_{rank}.npy"), np.array([e for e, _ in held], np.int64))
+np.save(os.path.join(out, f"d_experts_{rank}.npy"),
+        np.concatenate([w.ravel() for _, g in held for w in g]))

@@ -303,6 +303,7 @@ def test_two_processes_from_python(launcher):
         assert done.returncode == 0, done.stdout + done.stderr
         load = lambda what: [np.load(os.path.join(out, f"{what}_{r}.npy")) for r in range(2)]
         forward, combined, routing = load("forward"), load("combined"), load("routing")
+        backward = {what: load(what) for what in ("dx", "d_gate", "held", "d_experts")}
     x = np.random.default_rng(11).standard_normal((41, 64)).astype(np.float32)
     # The layer on each rank's own tokens: bit for bit what one process with two in-process
     # ranks computes on all of them.
@@ -316,6 +317,17 @@ def test_two_processes_from_python(launcher):
         for e, w in zip(experts[t], weights[t]):
             expected[t] += np.float64(w) * (int(e) + 1) * x[t].astype(np.float64)
     assert np.abs(np.concatenate(combined) - expected).max() <= 1e-5 * np.abs(expected).max()
+    # The backward across the processes: the same bits as two in-process ranks.
+    rt.training = True
+    rt.forward(x)
+    dy = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+    dx, d_gate, d_experts = rt.backward(x, dy)
+    assert np.concatenate(backward["dx"]).tobytes() == dx.tobytes()
+    for r in range(2):
+        assert backward["d_gate"][r].tobytes() == d_gate.tobytes()
+        mine = np.concatenate([w.ravel() for e in backward["held"][r] for w in d_experts[e]])
+        assert len(backward["held"][r]) > 0
+        assert backward["d_experts"][r].tobytes() == mine.tobytes()
 
 
 def test_output_sharing_the_inputs_memory_is_refused():

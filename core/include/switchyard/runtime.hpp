@@ -87,8 +87,9 @@ struct ProcessDispatch {
 /// the caller and reused: tensors are allocated on the first call only.
 struct ModelGradients {
   HostTensor gate;  ///< [E,H] the router's gate weight, summed over the world
-  /// [E]: per expert {gate, up} [F,H] and down [H,F], summed over its DP group; empty
-  /// tensors for the experts no rank of this process holds.
+  /// [E]: per expert {gate, up} [F,H] and down [H,F], summed over its DP group;
+  /// default-constructed tensors (`size_bytes() == 0`) for the experts no rank of this
+  /// process holds.
   std::vector<std::array<HostTensor, 3>> experts;
 };
 
@@ -199,6 +200,10 @@ class Runtime {
   /// dy) is refused on every rank together; host data path only. Collective.
   void backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
                 ModelGradients& gradients);
+  /// The backward of the last `forward_local_tokens(x, y)`: x, dy and dx are this
+  /// process's tokens, split among its local ranks as there. Otherwise as `backward`.
+  void backward_local_tokens(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                             ModelGradients& gradients);
 
   /// The parameters this process's ranks train (see `ModelParameters`), for an optimizer
   /// to update in place between steps (never while a forward or backward runs). The
@@ -245,6 +250,8 @@ class Runtime {
   void run_blocks(std::int64_t num_tokens, bool world_blocks,
                   const std::function<void(int, std::int64_t, std::int64_t)>& step);
   void forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks);
+  void backward_blocks(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                       ModelGradients& gradients, bool world_blocks);
   /// One local rank's block through its layer; host blocks of a device layer are staged
   /// through device buffers.
   void forward_block(int local, const TensorView& x, const TensorView& y);
