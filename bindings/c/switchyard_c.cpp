@@ -22,6 +22,11 @@ static_assert(static_cast<int>(switchyard::ErrorCode::kInternal) == SWITCHYARD_I
 
 struct switchyard_runtime {
   std::unique_ptr<switchyard::Runtime> runtime;
+  switchyard::ModelGradients gradients;  // of the last switchyard_backward
+  bool has_gradients = false;
+  // What switchyard_gradient and switchyard_parameter views point to: per tensor
+  // (gate, then gate, up, down of each expert), its shape and strides.
+  std::vector<switchyard::DLTensorShape> gradient_shapes, parameter_shapes;
   switchyard::Config config;  // as created: the plugin listing searches the same folders
   std::unique_ptr<switchyard::PluginRegistry> plugins;  // filled by switchyard_plugin_count
   std::vector<std::string> plugin_strings;              // what switchyard_plugin_get points to
@@ -82,6 +87,29 @@ switchyard::TensorView matrix(const DLTensor* t, const char* what, std::int64_t 
   switchyard::TensorView view = switchyard::from_dlpack(*t);
   view.require(what, switchyard::DType::kF32, {-1, hidden});
   return view;
+}
+
+/// The index of `which` of `expert` among the model's tensors (gate, then gate, up, down
+/// of each expert), checked.
+std::size_t tensor_index(const switchyard_runtime* runtime, switchyard_tensor which, int expert) {
+  require(runtime != nullptr, "runtime must not be NULL");
+  if (which == SWITCHYARD_TENSOR_GATE) return 0;
+  require(which == SWITCHYARD_TENSOR_EXPERT_GATE || which == SWITCHYARD_TENSOR_EXPERT_UP ||
+              which == SWITCHYARD_TENSOR_EXPERT_DOWN,
+          "which: not a switchyard_tensor");
+  const int experts = runtime->runtime->model().num_experts();
+  if (expert < 0 || expert >= experts) {
+    throw switchyard::Error(switchyard::ErrorCode::kInvalidArgument,
+                            "expert " + std::to_string(expert) + " out of range for " +
+                                std::to_string(experts) + " experts");
+  }
+  return 1 + 3 * static_cast<std::size_t>(expert) + static_cast<std::size_t>(which) - 1;
+}
+
+[[noreturn]] void not_held(int expert) {
+  throw switchyard::Error(
+      switchyard::ErrorCode::kNotFound,
+      "expert " + std::to_string(expert) + " is held by no rank of this process");
 }
 
 }  // namespace
@@ -348,6 +376,72 @@ switchyard_status switchyard_plugin_get(const switchyard_runtime* runtime, size_
     out->path = s[3].c_str();
     out->usable = available[index].probe.ok() ? 1 : 0;
     out->reason = s[4].c_str();
+  });
+}
+
+}  // extern "C"
+
+extern "C" {
+
+switchyard_status switchyard_set_training(switchyard_runtime* runtime, int training) {
+  return guarded([&] {
+    require(runtime != nullptr, "runtime must not be NULL");
+    runtime->runtime->set_training(training != 0);
+  });
+}
+
+switchyard_status switchyard_backward(switchyard_runtime* runtime, const DLTensor* x,
+                                      const DLTensor* dy, DLTensor* dx) {
+  return guarded([&] {
+    require(runtime != nullptr, "runtime must not be NULL");
+    const std::int64_t H = runtime->runtime->model().hidden();
+    runtime->has_gradients = false;
+    runtime->runtime->backward_local_tokens(matrix(x, "input x", H), matrix(dy, "dy", H),
+                                            matrix(dx, "dx", H), runtime->gradients);
+    runtime->has_gradients = true;
+  });
+}
+
+switchyard_status switchyard_gradient(switchyard_runtime* runtime, switchyard_tensor which,
+                                      int expert, DLTensor* out) {
+  return guarded([&] {
+    const std::size_t index = tensor_index(runtime, which, expert);
+    require(out != nullptr, "out must not be NULL");
+    if (!runtime->has_gradients) {
+      throw switchyard::Error(switchyard::ErrorCode::kNotFound,
+                              "no gradients: switchyard_backward has not run (or failed)");
+    }
+    switchyard::ModelGradients& g = runtime->gradients;
+    switchyard::HostTensor& t = index == 0
+                                    ? g.gate
+                                    : g.experts[static_cast<std::size_t>(expert)]
+                                               [index - 1 - 3 * static_cast<std::size_t>(expert)];
+    if (t.size_bytes() == 0) not_held(expert);
+    runtime->gradient_shapes.resize(1 + 3 * g.experts.size());
+    *out = switchyard::to_dlpack(t.view(), runtime->gradient_shapes[index]);
+  });
+}
+
+switchyard_status switchyard_parameter(switchyard_runtime* runtime, switchyard_tensor which,
+                                       int expert, DLTensor* out) {
+  return guarded([&] {
+    const std::size_t index = tensor_index(runtime, which, expert);
+    require(out != nullptr, "out must not be NULL");
+    const switchyard::ModelParameters p = runtime->runtime->parameters();
+    const switchyard::TensorView& t =
+        index == 0 ? p.gate
+                   : p.experts[static_cast<std::size_t>(expert)]
+                              [index - 1 - 3 * static_cast<std::size_t>(expert)];
+    if (t.data() == nullptr) not_held(expert);
+    runtime->parameter_shapes.resize(1 + 3 * p.experts.size());
+    *out = switchyard::to_dlpack(t, runtime->parameter_shapes[index]);
+  });
+}
+
+switchyard_status switchyard_save_model(switchyard_runtime* runtime, const char* path) {
+  return guarded([&] {
+    require(runtime != nullptr && path != nullptr, "runtime and path must not be NULL");
+    runtime->runtime->save_model(path);
   });
 }
 

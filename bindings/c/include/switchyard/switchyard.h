@@ -26,7 +26,7 @@
 extern "C" {
 #endif
 
-#define SWITCHYARD_C_API_VERSION 1
+#define SWITCHYARD_C_API_VERSION 2 /* 2: training (switchyard_backward and the rest) */
 
 /* Visibility of the entry points (set by the library's build; empty for its users). */
 #ifndef SWITCHYARD_C_EXPORT
@@ -166,6 +166,49 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_dispatch_part_get(
 SWITCHYARD_C_EXPORT switchyard_status switchyard_combine(switchyard_dispatch_handle* handle,
                                                          const DLTensor* const* expert_outputs,
                                                          size_t n_outputs, DLTensor* y);
+
+/* Training. */
+
+/* A tensor of the model: the router's gate [E,H] (`expert` ignored), or one expert's gate
+ * [F,H], up [F,H] or down [H,F] projection. */
+typedef enum switchyard_tensor {
+  SWITCHYARD_TENSOR_GATE = 0,
+  SWITCHYARD_TENSOR_EXPERT_GATE = 1,
+  SWITCHYARD_TENSOR_EXPERT_UP = 2,
+  SWITCHYARD_TENSOR_EXPERT_DOWN = 3
+} switchyard_tensor;
+
+/* Training mode (1) or not (0, the default): in training mode forwards keep what the
+ * backward needs (the received rows and the experts' projections), unless
+ * [runtime] recompute = true. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_set_training(switchyard_runtime* runtime,
+                                                              int training);
+/* The backward of the last switchyard_forward, given the same x [T,H] and dy = dL/dy
+ * [T,H] float32: writes dx [T,H] float32 and keeps the parameters' gradients in the runtime
+ * (switchyard_gradient) until the next backward: the gate's summed over the world, each
+ * expert's over its DP group. A NaN or infinite dy is refused on every rank together.
+ * Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_backward(switchyard_runtime* runtime,
+                                                          const DLTensor* x, const DLTensor* dy,
+                                                          DLTensor* dx);
+/* A float32 host view of the last backward's gradient of `which` (of `expert`), valid until
+ * the next backward or switchyard_runtime_destroy. SWITCHYARD_NOT_FOUND for an expert this
+ * process holds no rank of, or before any backward. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_gradient(switchyard_runtime* runtime,
+                                                          switchyard_tensor which, int expert,
+                                                          DLTensor* out);
+/* A writable float32 host view of the weights of `which` (of `expert`), for an optimizer
+ * to update in place between steps (the layers read these tensors); valid while the
+ * runtime lives. The ranks of one process share them: update each once per process.
+ * SWITCHYARD_NOT_FOUND for an expert this process holds no rank of; SWITCHYARD_INVALID_
+ * ARGUMENT when the experts are not float32. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_parameter(switchyard_runtime* runtime,
+                                                           switchyard_tensor which, int expert,
+                                                           DLTensor* out);
+/* Writes the model as a safetensors checkpoint at `path` from world rank 0, in [model]
+ * format and prefix (f32). Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_save_model(switchyard_runtime* runtime,
+                                                            const char* path);
 
 /* Statistics and timings of the last forward. Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_last_stats(switchyard_runtime* runtime,
