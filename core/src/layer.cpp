@@ -226,6 +226,7 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
 }
 
 void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
+  backward_ready_ = false;  // logits_ are about to be another routing's
   x.require_on(data_path_->device(), "MoE input x", DType::kF32, {-1, hidden_});
   const std::int64_t T = x.dim(0);
   const std::int64_t E = parts_.placement.num_experts();
@@ -285,9 +286,11 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
   }
   timings_.route_s = seconds_since(start);
   forward_routed(x, plan_, y, routing_error ? &*routing_error : nullptr);
+  backward_ready_ = true;  // plan_ and logits_ are this forward's
 }
 
 void MoELayer::forward(const TensorView& x, const RoutingPlan& plan, const TensorView& y) {
+  backward_ready_ = false;  // no router ran: nothing to differentiate through it
   std::optional<Error> input_error;
   try {
     x.require_on(data_path_->device(), "MoE input x", DType::kF32, {plan.num_tokens, hidden_});
@@ -1066,6 +1069,12 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   if (data_path_->device().kind != Device::Kind::kHost) {
     throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
   }
+  if (!backward_ready_) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoE backward: follows a forward(x, y) that routed its tokens; the last "
+                "forward failed, had a given plan (its backward: combine_backward and "
+                "dispatch_backward), or route() ran since");
+  }
   const RoutingPlan& plan = plan_;
   const std::int64_t T = plan.num_tokens, H = hidden_;
   const int K = plan.slots;
@@ -1119,13 +1128,12 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   d_plan_weights_.resize(to_size(T * K));
   return_slot_gradients(hd, plan, d_plan_weights_.data());
 
-  // The router: d logits from the weights' gradients, then through the logits' GEMM.
+  // The router: d logits from the weights' gradients (at the forward's logits, still in
+  // logits_), then through the logits' GEMM.
   Transport& transport = *parts_.transport;
-  backward_logits_.resize(to_size(T * E));
   d_logits_.resize(to_size(T * E));
-  compute_router_logits(x, gate_, backward_logits_.data());
   RouteGradientInput route;
-  route.logits = TensorView(backward_logits_.data(), DType::kF32, {T, E});
+  route.logits = TensorView(logits_.data(), DType::kF32, {T, E});
   route.topology = &transport.topology();
   route.plan = &plan;
   route.d_weights = TensorView(d_plan_weights_.data(), DType::kF32, {T, K});

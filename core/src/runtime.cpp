@@ -699,6 +699,12 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
   for (int local = 0; local < num_local_ranks(); ++local) {
     const auto [first, count] = world_blocks ? token_block(T, world_size(), world_rank(local))
                                              : token_block(T, num_local_ranks(), local);
+    if (!layer(local).backward_ready()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "backward: rank " + std::to_string(world_rank(local)) +
+                      " has no forward to differentiate (backward follows a forward on the "
+                      "same x, which finished)");
+    }
     if (layer(local).last_plan().num_tokens != count) {
       throw Error(ErrorCode::kInvalidArgument,
                   "backward: rank " + std::to_string(world_rank(local)) + " holds " +

@@ -444,3 +444,43 @@ TEST_CASE("backward from the kept forward and from recomputation: the same bits"
     largest = std::max(largest, double{std::fabs(kept.dx.data<float>()[i])});
   CHECK(largest > 0);  // not all zero
 }
+
+TEST_CASE("layer backward follows a forward that routed: not a given plan, not after route()") {
+  Config config;
+  config.set("router", "top_k", std::int64_t{K});
+  config.set("model", "num_experts", std::int64_t{E});
+  config.set("model", "hidden", std::int64_t{H});
+  config.set("model", "ffn_hidden", std::int64_t{F});
+  Runtime runtime(config);
+  MoELayer& layer = runtime.layer(0);
+  const HostTensor x = synthetic_tokens(T, H, 1);
+  const HostTensor dy = synthetic_tokens(T, H, 2);
+  HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H}), d_gate(DType::kF32, {E, H});
+  std::vector<HostTensor> weights;
+  std::vector<SwigluExpertGradients> d_experts;
+  for (int e = 0; e < E; ++e) {
+    for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
+      weights.emplace_back(DType::kF32, shape);
+  }
+  for (std::size_t e = 0; e < static_cast<std::size_t>(E); ++e)
+    d_experts.push_back(
+        {weights[3 * e].view(), weights[3 * e + 1].view(), weights[3 * e + 2].view()});
+  LayerGradients out;
+  out.dx = dx.view();
+  out.d_experts = d_experts;
+  out.d_gate = d_gate.view();
+  CHECK_FALSE(layer.backward_ready());  // no forward yet
+  layer.forward(x.view(), y.view());
+  REQUIRE(layer.backward_ready());
+  RoutingPlan plan = layer.last_plan();
+  layer.forward(x.view(), plan, y.view());  // the same routing, given
+  CHECK_THROWS_WITH_AS(layer.backward(x.view(), dy.view(), out),
+                       doctest::Contains("had a given plan"), Error);
+  layer.forward(x.view(), y.view());
+  RoutingPlan other;
+  layer.route(synthetic_tokens(3, H, 4).view(), other);  // the logits are another routing's
+  CHECK_THROWS_WITH_AS(layer.backward(x.view(), dy.view(), out),
+                       doctest::Contains("route() ran since"), Error);
+  layer.forward(x.view(), y.view());
+  CHECK_NOTHROW(layer.backward(x.view(), dy.view(), out));
+}

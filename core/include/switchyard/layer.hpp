@@ -218,6 +218,9 @@ class MoELayer {
   /// A forward that keeps it runs unchunked and grouped (the same y).
   void set_training(bool training) noexcept { training_ = training; }
   bool training() const noexcept { return training_; }
+  /// True when `backward` may follow: the last forward was `forward(x, y)` (the layer
+  /// routed), it finished, and `route` has not run since.
+  bool backward_ready() const noexcept { return backward_ready_; }
   /// True when the last forward kept its rows and projections for `backward`.
   bool kept_for_backward() const noexcept { return kept_for_backward_; }
 
@@ -229,7 +232,9 @@ class MoELayer {
   /// their tokens for the router's backward, whose d logits give dx += d logits · gate and
   /// d gate += d logitsᵀ · x. When the forward kept its rows (training mode, recompute
   /// off) the experts take its received rows and projections; otherwise x is dispatched
-  /// again and the experts' projections recomputed (the same bits either way). A NaN or infinite dy
+  /// again and the experts' projections recomputed (the same bits either way). The
+  /// forward's logits are reused. Follows a `forward(x, y)` only (`backward_ready`):
+  /// otherwise `Error(kInvalidArgument)`, before anything moves. A NaN or infinite dy
   /// is refused on every rank together, before anything moves (as bad input is in `forward`). Host
   /// data path only; allocates nothing once its buffers have grown. Collective over the EP group.
   void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
@@ -389,7 +394,9 @@ class MoELayer {
   Buffer<float> saved_slot_weights_;  // a handle's slot weights while it combines unweighted
   Buffer<std::size_t> d_weight_send_bytes_, d_weight_send_offsets_, d_weight_recv_bytes_,
       d_weight_recv_offsets_;
-  Buffer<float> d_plan_weights_, backward_logits_, d_logits_;
+  Buffer<float> d_plan_weights_, d_logits_;
+  // The last forward routed its tokens and finished: plan_ and logits_ are its own.
+  bool backward_ready_ = false;
   // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns()],
   // and whether the last forward kept handle_'s rows for the backward.
   Buffer<float> saved_columns_;
