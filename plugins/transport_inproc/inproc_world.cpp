@@ -45,10 +45,6 @@ std::optional<Error> World::abort_error(const char* op) {
   return Error(ErrorCode::kPeerFailed, std::string("inproc ") + op + ": " + abort_->reason);
 }
 
-void World::throw_if_aborted(const char* op) {
-  if (auto error = abort_error(op)) throw *error;
-}
-
 void World::give_up(std::unique_lock<std::mutex>& lock, Slot& s, const Error& error) {
   // Abort under `mutex_`: a peer checks the flag under it before it starts reading, so
   // after this line nobody new reads this rank's buffers.
@@ -100,16 +96,19 @@ std::span<const void* const> World::wait_all_arrived(std::uint64_t seq, const ch
   wait(
       lock, op, seq, "arrive", [&] { return s.arrived == size_; },
       [&] { return unset_ranks(s.posted); });
-  throw_if_aborted(op);  // every rank arrived, but one has already given up
+  // Every rank arrived, but one has already given up. Peers that got here first may be
+  // reading (or, for a split, writing results into) this rank's posted argument: wait for
+  // them as a rank that gives up does, before this one unwinds.
+  if (auto error = abort_error(op)) give_up(lock, s, *error);
   ++s.readers;
   return s.posted;
 }
 
 std::optional<std::span<const void* const>> World::try_all_arrived(std::uint64_t seq,
                                                                    const char* op) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::mutex> lock(mutex_);
   Slot& s = slot(seq);
-  throw_if_aborted(op);
+  if (auto error = abort_error(op)) give_up(lock, s, *error);  // as in wait_all_arrived
   if (s.seq != seq || s.arrived != size_) return std::nullopt;
   ++s.readers;
   return std::span<const void* const>(s.posted);

@@ -36,8 +36,10 @@ struct AbortState {
 ///
 /// Buffers of a rank that gives up: a rank that times out aborts the communicator (so no
 /// peer starts reading any more), then waits until the peers already reading its
-/// buffers have finished their copies, and only then throws and unwinds. A peer reads
-/// only between a successful `wait_all_arrived`/`try_all_arrived` and its `depart`.
+/// buffers have finished their copies, and only then throws and unwinds; so does a rank
+/// that finds the communicator aborted after every rank arrived (peers may be reading its
+/// argument already). A peer reads only between a successful `wait_all_arrived`/
+/// `try_all_arrived` and its `depart`.
 class World {
  public:
   /// `world_ranks[r]`: the world rank of communicator rank r (for messages); empty means
@@ -83,7 +85,6 @@ class World {
             Ready ready, Missing missing);
   /// The kPeerFailed error naming `op` and the abort's reason, if the communicator aborted.
   std::optional<Error> abort_error(const char* op);
-  void throw_if_aborted(const char* op);
   /// Aborts with `reason`, waits until nobody reads this slot's buffers, then throws `error`.
   [[noreturn]] void give_up(std::unique_lock<std::mutex>& lock, Slot& s, const Error& error);
   /// "rank(s) 1, 2" in the world, "world rank(s) 5, 7" in a split communicator.
