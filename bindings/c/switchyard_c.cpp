@@ -91,7 +91,7 @@ switchyard::TensorView matrix(const DLTensor* t, const char* what, std::int64_t 
 
 /// The index of `which` of `expert` among the model's tensors (gate, then gate, up, down
 /// of each expert), checked.
-std::size_t tensor_index(const switchyard_runtime* runtime, switchyard_tensor which, int expert) {
+std::size_t tensor_index(const switchyard_runtime* runtime, int which, int expert) {
   require(runtime != nullptr, "runtime must not be NULL");
   if (which == SWITCHYARD_TENSOR_GATE) return 0;
   require(which == SWITCHYARD_TENSOR_EXPERT_GATE || which == SWITCHYARD_TENSOR_EXPERT_UP ||
@@ -402,8 +402,8 @@ switchyard_status switchyard_backward(switchyard_runtime* runtime, const DLTenso
   });
 }
 
-switchyard_status switchyard_gradient(switchyard_runtime* runtime, switchyard_tensor which,
-                                      int expert, DLTensor* out) {
+switchyard_status switchyard_gradient(switchyard_runtime* runtime, int which, int expert,
+                                      DLTensor* out) {
   return guarded([&] {
     const std::size_t index = tensor_index(runtime, which, expert);
     require(out != nullptr, "out must not be NULL");
@@ -422,8 +422,8 @@ switchyard_status switchyard_gradient(switchyard_runtime* runtime, switchyard_te
   });
 }
 
-switchyard_status switchyard_parameter(switchyard_runtime* runtime, switchyard_tensor which,
-                                       int expert, DLTensor* out) {
+switchyard_status switchyard_parameter(switchyard_runtime* runtime, int which, int expert,
+                                       DLTensor* out) {
   return guarded([&] {
     const std::size_t index = tensor_index(runtime, which, expert);
     require(out != nullptr, "out must not be NULL");

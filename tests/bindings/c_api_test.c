@@ -128,8 +128,7 @@ static void check_training(void) {
   CHECK(switchyard_gradient(runtime, SWITCHYARD_TENSOR_EXPERT_GATE, 4, &gate_grad) ==
         SWITCHYARD_INVALID_ARGUMENT);
   CHECK(strstr(switchyard_last_error(), "expert 4 out of range") != NULL);
-  CHECK(switchyard_parameter(runtime, (switchyard_tensor)7, 0, &gate) ==
-        SWITCHYARD_INVALID_ARGUMENT);
+  CHECK(switchyard_parameter(runtime, 7, 0, &gate) == SWITCHYARD_INVALID_ARGUMENT);
   dy[3] = (float)NAN;
   CHECK(switchyard_backward(runtime, &xt, &dyt, &dxt) == SWITCHYARD_INVALID_ARGUMENT);
   CHECK(strstr(switchyard_last_error(), "is NaN") != NULL);

@@ -170,7 +170,8 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_combine(switchyard_dispatch_han
 /* Training. */
 
 /* A tensor of the model: the router's gate [E,H] (`expert` ignored), or one expert's gate
- * [F,H], up [F,H] or down [H,F] projection. */
+ * [F,H], up [F,H] or down [H,F] projection. Passed as an int (`which`): any other value is
+ * refused with SWITCHYARD_INVALID_ARGUMENT. */
 typedef enum switchyard_tensor {
   SWITCHYARD_TENSOR_GATE = 0,
   SWITCHYARD_TENSOR_EXPERT_GATE = 1,
@@ -194,17 +195,15 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_backward(switchyard_runtime* ru
 /* A float32 host view of the last backward's gradient of `which` (of `expert`), valid until
  * the next backward or switchyard_runtime_destroy. SWITCHYARD_NOT_FOUND for an expert this
  * process holds no rank of, or before any backward. */
-SWITCHYARD_C_EXPORT switchyard_status switchyard_gradient(switchyard_runtime* runtime,
-                                                          switchyard_tensor which, int expert,
-                                                          DLTensor* out);
+SWITCHYARD_C_EXPORT switchyard_status switchyard_gradient(switchyard_runtime* runtime, int which,
+                                                          int expert, DLTensor* out);
 /* A writable float32 host view of the weights of `which` (of `expert`), for an optimizer
  * to update in place between steps (the layers read these tensors); valid while the
  * runtime lives. The ranks of one process share them: update each once per process.
  * SWITCHYARD_NOT_FOUND for an expert this process holds no rank of; SWITCHYARD_INVALID_
  * ARGUMENT when the experts are not float32. */
-SWITCHYARD_C_EXPORT switchyard_status switchyard_parameter(switchyard_runtime* runtime,
-                                                           switchyard_tensor which, int expert,
-                                                           DLTensor* out);
+SWITCHYARD_C_EXPORT switchyard_status switchyard_parameter(switchyard_runtime* runtime, int which,
+                                                           int expert, DLTensor* out);
 /* Writes the model as a safetensors checkpoint at `path` from world rank 0, in [model]
  * format and prefix (f32). Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_save_model(switchyard_runtime* runtime,
