@@ -344,23 +344,28 @@ ModelParameters Runtime::parameters() {
   ModelParameters p;
   p.gate = m.gate().view();
   p.experts.resize(static_cast<std::size_t>(m.num_experts()));
+  for_each_held_expert([&](int expert, const SwigluExpertWeights& w) {
+    if (w.gate.dtype() != DType::kF32) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "parameters: the experts' weights are " +
+                      std::string(dtype_name(w.gate.dtype())) +
+                      "; training updates f32 weights (an f32 checkpoint, or [model] dtype = "
+                      "\"f32\" for random weights)");
+    }
+    p.experts[static_cast<std::size_t>(expert)] = {w.gate, w.up, w.down};
+  });
+  return p;
+}
+
+void Runtime::for_each_held_expert(
+    const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const {
   for (int local = 0; local < num_local_ranks(); ++local) {
-    const MoELayer& l = layer(local);
+    const MoELayer& l = *state_->layers[static_cast<std::size_t>(local)];
     const int ep_rank = l.transport().rank();
     const int first = l.placement().first_expert(ep_rank);
-    const auto held = m.experts(first, l.placement().num_local(ep_rank));
-    for (std::size_t j = 0; j < held.size(); ++j) {
-      if (held[j].gate.dtype() != DType::kF32) {
-        throw Error(ErrorCode::kInvalidArgument,
-                    "parameters: the experts' weights are " +
-                        std::string(dtype_name(held[j].gate.dtype())) +
-                        "; training updates f32 weights (an f32 checkpoint, or [model] dtype = "
-                        "\"f32\" for random weights)");
-      }
-      p.experts[static_cast<std::size_t>(first) + j] = {held[j].gate, held[j].up, held[j].down};
-    }
+    const auto held = model().experts(first, l.placement().num_local(ep_rank));
+    for (std::size_t j = 0; j < held.size(); ++j) fn(first + static_cast<int>(j), held[j]);
   }
-  return p;
 }
 
 void Runtime::save_model(const std::filesystem::path& path) {
@@ -368,21 +373,15 @@ void Runtime::save_model(const std::filesystem::path& path) {
   // The held experts widened to f32, gathered like gradients to world rank 0.
   ModelGradients copy;
   copy.experts.resize(static_cast<std::size_t>(m.num_experts()));
-  for (int local = 0; local < num_local_ranks(); ++local) {
-    const MoELayer& l = layer(local);
-    const int ep_rank = l.transport().rank();
-    const int first = l.placement().first_expert(ep_rank);
-    const auto held = m.experts(first, l.placement().num_local(ep_rank));
-    for (std::size_t j = 0; j < held.size(); ++j) {
-      const TensorView weights[3] = {held[j].gate, held[j].up, held[j].down};
-      for (std::size_t w = 0; w < 3; ++w) {
-        HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
-        widen_to_f32(weights[w].data(), weights[w].dtype(),
-                     static_cast<std::size_t>(weights[w].numel()), f32.data<float>());
-        copy.experts[static_cast<std::size_t>(first) + j][w] = std::move(f32);
-      }
+  for_each_held_expert([&](int expert, const SwigluExpertWeights& held) {
+    const TensorView weights[3] = {held.gate, held.up, held.down};
+    for (std::size_t w = 0; w < 3; ++w) {
+      HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
+      widen_to_f32(weights[w].data(), weights[w].dtype(),
+                   static_cast<std::size_t>(weights[w].numel()), f32.data<float>());
+      copy.experts[static_cast<std::size_t>(expert)][w] = std::move(f32);
     }
-  }
+  });
   gather_expert_gradients(copy);
   if (world_rank(0) != 0) return;
   const ConfigSection& options = settings().section("model");

@@ -241,6 +241,9 @@ class Runtime {
   LayerTraffic total_traffic();
 
  private:
+  /// Calls `fn(expert, weights)` for every expert a local rank holds (its global id).
+  void for_each_held_expert(
+      const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const;
   /// After a step: group-summed kept counts to routers that balance by bias.
   void update_routers();
   /// Runs `step(local, first, count)` on every local rank with its block of T rows (of the
