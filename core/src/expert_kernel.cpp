@@ -74,6 +74,23 @@ std::int64_t check_expert_gradient_batch(const ExpertGradientBatch& batch, std::
   return largest;
 }
 
+ExpertGradientStorage::ExpertGradientStorage(int num_experts, std::int64_t hidden,
+                                             std::int64_t ffn_hidden) {
+  for (int e = 0; e < num_experts; ++e) {
+    tensors_.emplace_back(DType::kF32, std::vector<std::int64_t>{ffn_hidden, hidden});
+    tensors_.emplace_back(DType::kF32, std::vector<std::int64_t>{ffn_hidden, hidden});
+    tensors_.emplace_back(DType::kF32, std::vector<std::int64_t>{hidden, ffn_hidden});
+  }
+  for (std::size_t e = 0; e < static_cast<std::size_t>(num_experts); ++e) {
+    views_.push_back(
+        {tensors_[3 * e].view(), tensors_[3 * e + 1].view(), tensors_[3 * e + 2].view()});
+  }
+}
+
+void ExpertGradientStorage::zero() noexcept {
+  for (HostTensor& t : tensors_) std::fill_n(t.data<float>(), t.numel(), 0.0f);
+}
+
 void ExpertKernel::backward(const ExpertGradientBatch& /*batch*/, Stream& /*stream*/) {
   throw Error(ErrorCode::kUnavailable, "expert kernel \"" + name() + "\" has no backward pass");
 }

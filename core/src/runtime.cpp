@@ -42,11 +42,10 @@ struct Runtime::State {
   };
   std::vector<std::unique_ptr<DeviceRows>> device_rows;
   /// Per local rank, the backward's gradients before the sums: the gate's [E,H], its local
-  /// experts' (gate, up, down each), their views, and the loss scope (E counts + tokens).
+  /// experts' (gate, up, down each, with their views), and the loss scope (E counts + tokens).
   struct RankGradients {
     HostTensor gate;
-    std::vector<HostTensor> experts;
-    std::vector<SwigluExpertGradients> views;
+    ExpertGradientStorage experts;
     std::vector<std::int64_t> scope;
   };
   std::vector<RankGradients> rank_gradients;
@@ -719,22 +718,11 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
     auto& r = ranks[static_cast<std::size_t>(local)];
     const int experts = layer(local).placement().num_local(layer(local).transport().rank());
     if (r.gate.numel() != E * H) r.gate = HostTensor(DType::kF32, {E, H});
-    if (r.experts.size() != 3 * static_cast<std::size_t>(experts)) {
-      r.experts.clear();
-      r.views.clear();
-      for (int e = 0; e < experts; ++e) {
-        r.experts.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
-        r.experts.emplace_back(DType::kF32, std::vector<std::int64_t>{F, H});
-        r.experts.emplace_back(DType::kF32, std::vector<std::int64_t>{H, F});
-      }
-      for (int e = 0; e < experts; ++e) {
-        r.views.push_back({r.experts[3 * static_cast<std::size_t>(e)].view(),
-                           r.experts[3 * static_cast<std::size_t>(e) + 1].view(),
-                           r.experts[3 * static_cast<std::size_t>(e) + 2].view()});
-      }
+    if (r.experts.views().size() != static_cast<std::size_t>(experts)) {
+      r.experts = ExpertGradientStorage(experts, H, F);
     }
     std::fill_n(r.gate.data<float>(), r.gate.numel(), 0.0f);
-    for (auto& t : r.experts) std::fill_n(t.data<float>(), t.numel(), 0.0f);
+    r.experts.zero();
     r.scope.resize(static_cast<std::size_t>(E) + 1);
   }
   run_blocks(T, world_blocks, [&](int local, std::int64_t first, std::int64_t count) {
@@ -747,7 +735,7 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
         r.scope.data(), r.scope.size(), DType::kI64, ReduceOp::kSum);
     LayerGradients out;
     out.dx = rows(dx, first, count);
-    out.d_experts = r.views;
+    out.d_experts = r.experts.views();
     out.d_gate = r.gate.view();
     out.loss_tokens = r.scope[static_cast<std::size_t>(E)];
     out.loss_aux_counts = {r.scope.data(), static_cast<std::size_t>(E)};
@@ -755,7 +743,7 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
     // Deterministic sums (rank order): the gate over the world, experts over the DP group.
     world_transport(local).allreduce(r.gate.data<float>(), static_cast<std::size_t>(E * H),
                                      DType::kF32, ReduceOp::kSum);
-    for (auto& t : r.experts) {
+    for (auto& t : r.experts.tensors()) {
       dp_transport(local).allreduce(t.data<float>(), static_cast<std::size_t>(t.numel()),
                                     DType::kF32, ReduceOp::kSum);
     }
@@ -768,10 +756,10 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
     const int ep_rank = l.transport().rank();
     const int first_expert = l.placement().first_expert(ep_rank);
     const auto& r = ranks[static_cast<std::size_t>(local)];
-    for (std::size_t j = 0; j < r.views.size(); ++j) {
+    for (std::size_t j = 0; j < r.experts.views().size(); ++j) {
       auto& into = gradients.experts[static_cast<std::size_t>(first_expert) + j];
       for (std::size_t w = 0; w < 3; ++w) {
-        const HostTensor& from = r.experts[3 * j + w];
+        const HostTensor& from = r.experts.tensors()[3 * j + w];
         if (into[w].numel() != from.numel()) into[w] = HostTensor(DType::kF32, from.shape());
         std::copy_n(from.data<float>(), from.numel(), into[w].data<float>());
       }

@@ -500,20 +500,10 @@ int bench(Runtime& runtime, const BenchOptions& options) {
       const HostTensor dy = synthetic_tokens(
           count, static_cast<int>(H), options.routing_seed + 7 + static_cast<std::uint64_t>(rank));
       HostTensor dx(DType::kF32, {count, H}), d_gate(DType::kF32, {model.num_experts(), H});
-      std::vector<HostTensor> d_weights;
-      std::vector<SwigluExpertGradients> d_experts;
-      const int local_experts = layer.experts().num_local_experts();
-      for (int e = 0; e < local_experts; ++e) {
-        for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
-          d_weights.emplace_back(DType::kF32, shape);
-      }
-      for (std::size_t e = 0; e < static_cast<std::size_t>(local_experts); ++e) {
-        d_experts.push_back(
-            {d_weights[3 * e].view(), d_weights[3 * e + 1].view(), d_weights[3 * e + 2].view()});
-      }
+      const ExpertGradientStorage d_experts(layer.experts().num_local_experts(), H, F);
       LayerGradients out;
       out.dx = dx.view();
-      out.d_experts = d_experts;
+      out.d_experts = d_experts.views();
       out.d_gate = d_gate.view();
       // Training mode: the forward keeps its rows, outputs and projections (unless
       // [runtime] recompute); then the backward from them, repeated on the same forward.

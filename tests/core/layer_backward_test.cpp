@@ -456,18 +456,10 @@ TEST_CASE("layer backward follows a forward that routed: not a given plan, not a
   const HostTensor x = synthetic_tokens(T, H, 1);
   const HostTensor dy = synthetic_tokens(T, H, 2);
   HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H}), d_gate(DType::kF32, {E, H});
-  std::vector<HostTensor> weights;
-  std::vector<SwigluExpertGradients> d_experts;
-  for (int e = 0; e < E; ++e) {
-    for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
-      weights.emplace_back(DType::kF32, shape);
-  }
-  for (std::size_t e = 0; e < static_cast<std::size_t>(E); ++e)
-    d_experts.push_back(
-        {weights[3 * e].view(), weights[3 * e + 1].view(), weights[3 * e + 2].view()});
+  const ExpertGradientStorage d_experts(E, H, F);
   LayerGradients out;
   out.dx = dx.view();
-  out.d_experts = d_experts;
+  out.d_experts = d_experts.views();
   out.d_gate = d_gate.view();
   CHECK_FALSE(layer.backward_ready());  // no forward yet
   layer.forward(x.view(), y.view());

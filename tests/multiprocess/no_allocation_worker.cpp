@@ -54,20 +54,10 @@ int main(int argc, char** argv) {
     const int F = runtime.model().ffn_hidden(), E = runtime.model().num_experts();
     const HostTensor dy = synthetic_tokens(T, H, 3);
     HostTensor dx(DType::kF32, {T, H}), d_gate(DType::kF32, {E, H});
-    std::vector<HostTensor> weights;
-    std::vector<SwigluExpertGradients> d_experts;
-    const int local_experts = layer.experts().num_local_experts();
-    for (int e = 0; e < local_experts; ++e) {
-      for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
-        weights.emplace_back(DType::kF32, shape);
-    }
-    for (std::size_t e = 0; e < static_cast<std::size_t>(local_experts); ++e) {
-      d_experts.push_back(
-          {weights[3 * e].view(), weights[3 * e + 1].view(), weights[3 * e + 2].view()});
-    }
+    const ExpertGradientStorage d_experts(layer.experts().num_local_experts(), H, F);
     LayerGradients out;
     out.dx = rows(dx);
-    out.d_experts = d_experts;
+    out.d_experts = d_experts.views();
     out.d_gate = d_gate.view();
     long worst_training = 0;
     for (int step = 0; step < 5; ++step) {

@@ -29,6 +29,25 @@ struct SwigluExpertGradients {
   TensorView down;  ///< [H,F] f32
 };
 
+/// Owned f32 gradients of `num_experts` SwiGLU experts (gate and up [F,H], down [H,F]
+/// each), zero-filled, with the views a backward adds to (`views()` for
+/// `ExpertGradientBatch::d_weights` or `LayerGradients::d_experts`). The views stay valid
+/// when the storage is moved.
+class ExpertGradientStorage {
+ public:
+  ExpertGradientStorage() = default;
+  ExpertGradientStorage(int num_experts, std::int64_t hidden, std::int64_t ffn_hidden);
+  std::span<const SwigluExpertGradients> views() const noexcept { return views_; }
+  /// Per expert gate, up, down, in that order: [3 × num_experts].
+  std::span<HostTensor> tensors() noexcept { return tensors_; }
+  std::span<const HostTensor> tensors() const noexcept { return tensors_; }
+  void zero() noexcept;
+
+ private:
+  std::vector<HostTensor> tensors_;
+  std::vector<SwigluExpertGradients> views_;
+};
+
 /// A grouped batch: rows [N,H] where the first `rows_per_expert[0]` rows go to local
 /// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on. `input` and
 /// `output` are f32 on the stream's device; `rows_per_expert` is host memory.
