@@ -4,7 +4,8 @@
 //   bench_gpu kernels
 //     permute (the data path's pack, f32 and bf16 payloads) and unpermute-sum bandwidth
 //     against a device-to-device copy of the same bytes; the experts (cuda_swiglu, bf16
-//     weights) in TFLOP/s against one cuBLAS BF16 GEMM of the same FLOPs; at
+//     weights, on bf16 rows as the layer groups them, and on f32 rows) in TFLOP/s against
+//     one cuBLAS BF16 GEMM of the same FLOPs; at
 //     T = 8192 tokens for (E = 8, k = 2, H = 4096, F = 14336) and (E = 64, k = 8, H = 2048,
 //     F = 1408).
 //   bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS]
@@ -183,9 +184,17 @@ int kernels() {
     float* out;
     check(cudaMalloc(&out, S * H * 4), "out");
     std::vector<std::int64_t> per(static_cast<std::size_t>(shape.E), S / shape.E);
-    ExpertBatch batch{TensorView(rows, DType::kF32, {S, H}, Device::cuda(0)), per,
+    // The rows as the layer hands them over (grouped straight into bf16: input_dtype), and
+    // as f32 rows the kernel rounds itself.
+    __nv_bfloat16* rows16;
+    check(cudaMalloc(&rows16, S * H * 2), "rows16");
+    fill_bf16<<<grid_for(S * H), 256, 0, stream.s>>>(rows16, S * H, 5);
+    ExpertBatch batch{TensorView(rows16, DType::kBF16, {S, H}, Device::cuda(0)), per,
                       TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
     const double expert_ms = median_ms(stream.s, 10, [&] { experts->forward(batch, stream); });
+    batch.input = TensorView(rows, DType::kF32, {S, H}, Device::cuda(0));
+    const double expert_f32_ms = median_ms(stream.s, 10, [&] { experts->forward(batch, stream); });
+    cudaFree(rows16);
     const double flops =
         6.0 * static_cast<double>(S) * static_cast<double>(H) * static_cast<double>(F);
     __nv_bfloat16 *a, *b;
@@ -209,6 +218,11 @@ int kernels() {
         "|\n",
         label, expert_ms, flops / (expert_ms * 1e9), flops / (gemm_ms * 1e9),
         100.0 * gemm_ms / expert_ms);
+    std::printf(
+        "| %s | experts from f32 rows (rounded in the kernel) | %.3f | %.0f TFLOP/s | one GEMM "
+        "%.0f TFLOP/s | %.0f%% |\n",
+        label, expert_f32_ms, flops / (expert_f32_ms * 1e9), flops / (gemm_ms * 1e9),
+        100.0 * gemm_ms / expert_f32_ms);
     cudaFree(a);
     cudaFree(b);
     cudaFree(c);

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "switchyard/data_path.hpp"
@@ -213,10 +214,21 @@ class HostDataPath final : public DataPath {
       cursor_[to_size(l)] = first;
       first += a.rows_per_expert[l];
     }
-    const bool streaming = to_size(first * a.hidden) * sizeof(float) >= kStreamingBytes;
+    if (a.expert_input_dtype != DType::kF32 && a.expert_input_dtype != DType::kBF16) {
+      throw Error(ErrorCode::kInvalidArgument, "group_by_expert: expert rows in " +
+                                                   std::string(dtype_name(a.expert_input_dtype)) +
+                                                   "; f32 or bf16 only");
+    }
+    const bool to_bf16 = a.expert_input_dtype == DType::kBF16;
+    const std::size_t out_row_bytes = to_size(a.hidden) * dtype_size(a.expert_input_dtype);
+    const bool streaming = to_size(first) * out_row_bytes >= kStreamingBytes;
+    // bf16 rows from an f32 or fp8 payload: decoded once per row, then rounded per slot.
+    if (to_bf16 && a.dtype != PayloadDType::kBF16) decoded_.resize(to_size(a.hidden));
+    const detail::RowKernels& kernels = detail::row_kernels();
     for (std::int64_t r = 0; r < a.num_rows; ++r) {
       const std::byte* row = a.rows + to_size(r) * row_bytes;
       if (r + 1 < a.num_rows) detail::prefetch(row + row_bytes, row_bytes);
+      bool decoded = false;
       for (int j = 0; j < a.slots; ++j) {
         const std::int32_t l = a.meta[r * a.slots + j].local_expert;
         std::int64_t& assignment = a.assignment_of_slot[r * a.slots + j];
@@ -225,11 +237,23 @@ class HostDataPath final : public DataPath {
           continue;
         }
         assignment = cursor_[to_size(l)]++;
-        detail::decode_payload_row(row, a.hidden, a.dtype, a.expert_input + assignment * a.hidden,
-                                   streaming);
+        std::byte* out = a.expert_input + to_size(assignment) * out_row_bytes;
+        if (!to_bf16) {
+          detail::decode_payload_row(row, a.hidden, a.dtype, reinterpret_cast<float*>(out),
+                                     streaming);
+        } else if (a.dtype == PayloadDType::kBF16) {
+          std::memcpy(out, row, out_row_bytes);
+        } else {
+          if (!decoded) {
+            detail::decode_payload_row(row, a.hidden, a.dtype, decoded_.data(), false);
+            decoded = true;
+          }
+          kernels.encode_bf16(decoded_.data(), a.hidden, reinterpret_cast<std::uint16_t*>(out),
+                              streaming);
+        }
       }
     }
-    if (streaming) detail::row_kernels().fence();
+    if (streaming) kernels.fence();
   }
 
   void weighted_reduce(const WeightedReduceArgs& a, Stream& /*stream*/) override {
@@ -324,6 +348,7 @@ class HostDataPath final : public DataPath {
   // Scratch, reused: per-rank or per-expert cursors; the rows (f32 or bf16) and weights of
   // one sum; each token's first row and each row's next row of the same token.
   std::vector<std::int64_t> cursor_, current_row_;
+  std::vector<float> decoded_;  // one received row in f32, for bf16 expert rows
   std::vector<const float*> rows_;
   std::vector<float> weights_;
   std::vector<std::int64_t> first_row_, next_row_;

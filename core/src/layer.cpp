@@ -84,7 +84,8 @@ int ExpertPlacement::rank_of(int expert) const noexcept {
 
 TensorView DispatchHandle::expert_input() noexcept {
   const std::int64_t rows = hidden_ ? static_cast<std::int64_t>(expert_input_.size()) / hidden_ : 0;
-  return TensorView(expert_input_.data(), DType::kF32, {rows, hidden_}, expert_input_.device());
+  return TensorView(expert_input_.data(), expert_input_dtype_, {rows, hidden_},
+                    expert_input_.device());
 }
 
 TensorView DispatchHandle::expert_output() noexcept {
@@ -169,6 +170,12 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
   if (parts_.combine_dtype != DType::kF32 && parts_.combine_dtype != DType::kBF16) {
     throw Error(ErrorCode::kInvalidArgument, "MoELayer: combine dtype must be f32 or bf16, not " +
                                                  std::string(dtype_name(parts_.combine_dtype)));
+  }
+  if (const DType wanted = parts_.experts->input_dtype();
+      wanted != DType::kF32 && wanted != DType::kBF16) {
+    throw Error(ErrorCode::kInvalidArgument, "MoELayer: expert plugin \"" + parts_.experts->name() +
+                                                 "\" asks for " + std::string(dtype_name(wanted)) +
+                                                 " input rows; the layer gives f32 or bf16");
   }
   // The layer's buffers live where its data path runs: every plugin it calls must take
   // that memory.
@@ -324,7 +331,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     return;
   }
   const bool fused = fused_experts() && !save;
-  dispatch_checked(x, plan, handle_, routing_error, /*group=*/!fused);
+  dispatch_checked(x, plan, handle_, routing_error, /*group=*/!fused, forward_expert_dtype(save));
 
   auto start = Clock::now();
   if (fused) {
@@ -343,6 +350,10 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   sum_rows(handle_, y.data_as<float>());
   timings_.combine_s = seconds_since(start);
   kept_for_backward_ = save;
+}
+
+DType MoELayer::forward_expert_dtype(bool save) const noexcept {
+  return save ? DType::kF32 : parts_.experts->input_dtype();
 }
 
 bool MoELayer::saves_for_backward() const noexcept {
@@ -442,7 +453,7 @@ std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
 }
 
 void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                                const Error* local_error, bool group) {
+                                const Error* local_error, bool group, DType group_dtype) {
   failure_agreed_ = false;
   std::optional<Error> plan_error;
   if (local_error == nullptr) {
@@ -450,7 +461,7 @@ void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, Di
     if (plan_error) local_error = &*plan_error;
   }
   exchange_counts(plan, h, local_error);
-  send_rows(x, plan, h, group);
+  send_rows(x, plan, h, group, group_dtype);
 }
 
 void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
@@ -505,7 +516,7 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
 }
 
 void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                         bool group) {
+                         bool group, DType group_dtype) {
   const TokenRange all{x.data_as<const float>(), plan.experts.data(), plan.weights.data(),
                        h.num_tokens_, plan.slots};
   stage_rows(all, h);
@@ -516,7 +527,7 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
   host_ready();  // the host data path reads what arrived
   timings_.dispatch_s += seconds_since(start);
   count_dispatch_traffic(h);
-  if (group) group_rows(h);
+  if (group) group_rows(h, group_dtype);
 }
 
 void MoELayer::count_dispatch_traffic(const DispatchHandle& h) {
@@ -619,7 +630,7 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
   timings_.layout_s += seconds_since(start);
 }
 
-void MoELayer::group_rows(DispatchHandle& h) {
+void MoELayer::group_rows(DispatchHandle& h, DType dtype) {
   // Group the received rows per local expert (stable: source rank, then source token).
   auto start = Clock::now();
   const int me = parts_.transport->rank();
@@ -650,8 +661,11 @@ void MoELayer::group_rows(DispatchHandle& h) {
   group.dtype = parts_.payload_dtype;
   group.num_local_experts = L;
   group.rows_per_expert = h.rows_per_expert_.data();
-  group.expert_input = h.expert_input_.data();
+  // Sized in f32 rows whatever the dtype: the combine may reuse them (place_partials).
+  group.expert_input = reinterpret_cast<std::byte*>(h.expert_input_.data());
+  group.expert_input_dtype = dtype;
   group.assignment_of_slot = h.assignment_of_slot_.data();
+  h.expert_input_dtype_ = dtype;
   data_path_->group_by_expert(group, *stream_);
   timings_.layout_s += seconds_since(start);
 }
@@ -896,7 +910,7 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
         timings_.experts_s += seconds_since(start);
         start = Clock::now();
       } else {
-        group_rows(slot.handle);
+        group_rows(slot.handle, forward_expert_dtype(/*save=*/false));
         start = Clock::now();
         run_grouped_experts(slot.handle);
         timings_.experts_s += seconds_since(start);

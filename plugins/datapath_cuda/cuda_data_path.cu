@@ -338,11 +338,12 @@ __global__ void pack_rows_x4(const float* __restrict__ x, std::int64_t Q,
 
 /// write_groups for f32/bf16 payloads by quads: each quad of the row is read once and
 /// written to the expert row of every slot (the slots' expert rows first, into shared
-/// memory; K <= kQuadMaxSlots).
+/// memory; K <= kQuadMaxSlots). Expert rows in f32 (`bf16_out` false) or bf16: a bf16
+/// payload's bits are copied, an f32 payload's elements rounded to nearest even.
 __global__ void write_groups_x4(const std::byte* __restrict__ rows, const SlotMeta* meta,
                                 std::int64_t N, int K, std::int64_t Q, bool bf16,
                                 const std::int64_t* scanned, const std::int64_t* expert_first,
-                                float* __restrict__ expert_input,
+                                bool bf16_out, std::byte* __restrict__ expert_input,
                                 std::int64_t* assignment_of_slot) {
   __shared__ std::int64_t slot_at[kQuadMaxSlots];
   const std::int64_t r = blockIdx.x;
@@ -355,6 +356,16 @@ __global__ void write_groups_x4(const std::byte* __restrict__ rows, const SlotMe
     assignment_of_slot[i] = at;
   }
   __syncthreads();
+  if (bf16_out) {
+    auto* out = reinterpret_cast<uint2*>(expert_input);
+    for (std::int64_t q = threadIdx.x; q < Q; q += blockDim.x) {
+      const uint2 v = bf16 ? __ldg(reinterpret_cast<const uint2*>(rows) + r * Q + q)
+                           : to_bf16_x4(load_quad(rows, r, Q, q, false));
+      for (int j = 0; j < K; ++j)
+        if (slot_at[j] >= 0) out[slot_at[j] * Q + q] = v;
+    }
+    return;
+  }
   auto* out = reinterpret_cast<float4*>(expert_input);
   for (std::int64_t q = threadIdx.x; q < Q; q += blockDim.x) {
     const float4 v = load_quad(rows, r, Q, q, bf16);
@@ -438,11 +449,13 @@ __global__ void mark_groups(const SlotMeta* meta, std::int64_t NK, int L, std::i
 }
 
 /// One block per received row: decodes it into every expert row its slots were assigned
-/// (stable: the position among the slots of the same expert, in (row, slot) order).
+/// (stable: the position among the slots of the same expert, in (row, slot) order), in f32
+/// or (`bf16_out`) bf16: a bf16 payload's bits copied, other elements rounded.
 __global__ void write_groups(const std::byte* rows, const SlotMeta* meta, std::int64_t N, int K,
                              std::int64_t H, PayloadDType dtype, std::size_t row_bytes,
                              const std::int64_t* scanned, const std::int64_t* expert_first,
-                             float* expert_input, std::int64_t* assignment_of_slot) {
+                             bool bf16_out, std::byte* expert_input,
+                             std::int64_t* assignment_of_slot) {
   const std::int64_t r = blockIdx.x;
   const std::int64_t NK = N * K;
   const std::byte* row = rows + static_cast<std::size_t>(r) * row_bytes;
@@ -455,9 +468,17 @@ __global__ void write_groups(const std::byte* rows, const SlotMeta* meta, std::i
     }
     const std::int64_t at = expert_first[l] + scanned[l * NK + i] - scanned[l * NK];
     if (threadIdx.x == 0) assignment_of_slot[i] = at;
-    float* out = expert_input + at * H;
-    for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x)
-      out[h] = decode_element(row, h, H, dtype);
+    if (bf16_out) {
+      auto* out = reinterpret_cast<std::uint16_t*>(expert_input) + at * H;
+      const auto* bits = reinterpret_cast<const std::uint16_t*>(row);
+      for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x)
+        out[h] =
+            dtype == PayloadDType::kBF16 ? bits[h] : to_bf16_bits(decode_element(row, h, H, dtype));
+    } else {
+      float* out = reinterpret_cast<float*>(expert_input) + at * H;
+      for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x)
+        out[h] = decode_element(row, h, H, dtype);
+    }
   }
 }
 
@@ -680,6 +701,11 @@ class CudaDataPath final : public DataPath {
 
   void group_by_expert(const GroupArgs& a, Stream& stream) override {
     enter();
+    if (a.expert_input_dtype != DType::kF32 && a.expert_input_dtype != DType::kBF16) {
+      throw Error(ErrorCode::kInvalidArgument, "datapath_cuda: group_by_expert: expert rows in " +
+                                                   std::string(dtype_name(a.expert_input_dtype)) +
+                                                   "; f32 or bf16 only");
+    }
     const cudaStream_t s = native(stream);
     const std::int64_t NK = a.num_rows * a.slots;
     mark_and_scan_groups(a.meta, NK, a.num_local_experts, s);
@@ -693,17 +719,22 @@ class CudaDataPath final : public DataPath {
     std::int64_t* expert_first = expert_first_.get(static_cast<std::size_t>(a.num_local_experts));
     upload(first_host_.data(), first_host_.size(), expert_first, s);
     if (a.num_rows == 0) return;
-    if (a.dtype != PayloadDType::kFP8 && a.slots <= kQuadMaxSlots &&
-        by_quads(a.hidden, {a.rows, a.expert_input})) {
+    const bool bf16_out = a.expert_input_dtype == DType::kBF16;
+    // bf16 expert rows by quads are 8 bytes each: 8-byte alignment is enough for them.
+    const bool quads = bf16_out ? a.hidden % 4 == 0 &&
+                                      reinterpret_cast<std::uintptr_t>(a.expert_input) % 8 == 0 &&
+                                      by_quads(a.hidden, {a.rows})
+                                : by_quads(a.hidden, {a.rows, a.expert_input});
+    if (a.dtype != PayloadDType::kFP8 && a.slots <= kQuadMaxSlots && quads) {
       const std::int64_t Q = a.hidden / 4;
       write_groups_x4<<<static_cast<unsigned>(a.num_rows), threads_for_quads(Q, 1), 0, s>>>(
           a.rows, a.meta, a.num_rows, a.slots, Q, a.dtype == PayloadDType::kBF16,
-          group_scanned_.get(0), expert_first, a.expert_input, a.assignment_of_slot);
+          group_scanned_.get(0), expert_first, bf16_out, a.expert_input, a.assignment_of_slot);
     } else {
       write_groups<<<static_cast<unsigned>(a.num_rows), 256, 0, s>>>(
           a.rows, a.meta, a.num_rows, a.slots, a.hidden, a.dtype,
-          payload_row_bytes(a.dtype, a.hidden), group_scanned_.get(0), expert_first, a.expert_input,
-          a.assignment_of_slot);
+          payload_row_bytes(a.dtype, a.hidden), group_scanned_.get(0), expert_first, bf16_out,
+          a.expert_input, a.assignment_of_slot);
     }
     check_launch("group by expert");
   }

@@ -1,9 +1,10 @@
 // expert_cuda_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), on a CUDA device
 // through cuBLAS with float32 accumulation. BF16 checkpoints stay BF16 on the device
-// (tensor cores): the rows are rounded to BF16, gate and up run as one GEMM per expert
-// against their stacked weights [2F,H], one kernel fuses silu(g)·u and rounds it to BF16,
-// and the down GEMM writes f32 rows. F32 weights (and F16, widened exactly to F32 when
-// uploaded) run the same sequence in F32 without tensor cores.
+// (tensor cores): the kernel takes BF16 rows (the layer groups them so: input_dtype), or
+// rounds f32 rows to BF16; gate and up run as one GEMM per expert against their stacked
+// weights [2F,H] and write BF16 projections, one kernel fuses silu(g)·u in f32 and rounds
+// it to BF16, and the down GEMM writes f32 rows. F32 weights (and F16, widened exactly to
+// F32 when uploaded) run the same sequence in F32 without tensor cores.
 // Stream-ordered: the work starts after what the caller's stream holds and the caller's
 // stream waits for all of it. In between, the experts run on kExpertLanes streams of their
 // own (expert e on lane e mod kExpertLanes), so that the GEMMs of small experts, each too
@@ -45,14 +46,25 @@ void check(cublasStatus_t s, const std::string& what) {
 
 __device__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-/// act[i, f] = silu(g) · u with g = h[i, f], u = h[i, F + f] (h = [n, 2F] f32), in the
-/// activation type (bf16 or f32).
-template <typename Act>
-__global__ void silu_times_up(const float* h, std::int64_t n, std::int64_t F, Act* act) {
+__device__ float to_float(float v) { return v; }
+__device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+/// Four elements from a quad of f32 or bf16 (read-only cache).
+__device__ float4 load_quad(const float4* p) { return __ldg(p); }
+__device__ float4 load_quad(const uint2* p) {
+  const uint2 b = __ldg(p);
+  return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xffff0000u),
+                     __uint_as_float(b.y << 16), __uint_as_float(b.y & 0xffff0000u));
+}
+
+/// act[i, f] = silu(g) · u with g = h[i, f], u = h[i, F + f] (h = [n, 2F], the projections'
+/// type: f32, or bf16 with bf16 weights), in the activation type (bf16 or f32).
+template <typename Projection, typename Act>
+__global__ void silu_times_up(const Projection* h, std::int64_t n, std::int64_t F, Act* act) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * F) return;
   const std::int64_t row = i / F, f = i % F;
-  const float v = silu_times(h[row * 2 * F + f], h[row * 2 * F + F + f]);
+  const float v = silu_times(to_float(h[row * 2 * F + f]), to_float(h[row * 2 * F + F + f]));
   if constexpr (sizeof(Act) == 2) {
     act[i] = __float2bfloat16_rn(v);
   } else {
@@ -60,14 +72,15 @@ __global__ void silu_times_up(const float* h, std::int64_t n, std::int64_t F, Ac
   }
 }
 
-/// silu_times_up four elements at a time (F a multiple of 4, buffers 16-byte aligned).
-template <typename Act>
-__global__ void silu_times_up_x4(const float4* __restrict__ h, std::int64_t n, std::int64_t F4,
+/// silu_times_up four elements at a time (F a multiple of 4, buffers 16-byte aligned): Quad
+/// is float4 for f32 projections, uint2 for bf16 ones.
+template <typename Quad, typename Act>
+__global__ void silu_times_up_x4(const Quad* __restrict__ h, std::int64_t n, std::int64_t F4,
                                  Act* __restrict__ act) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * F4) return;
   const std::int64_t row = i / F4, f = i % F4;
-  const float4 g = __ldg(h + row * 2 * F4 + f), u = __ldg(h + row * 2 * F4 + F4 + f);
+  const float4 g = load_quad(h + row * 2 * F4 + f), u = load_quad(h + row * 2 * F4 + F4 + f);
   const float4 v = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z),
                                silu_times(g.w, u.w));
   if constexpr (sizeof(Act) == 2) {
@@ -185,22 +198,27 @@ class CudaSwigluKernel final : public ExpertKernel {
     c.stream_ordered = true;
     return c;
   }
+  /// BF16 weights take BF16 rows (the GEMMs round f32 rows to BF16 anyway).
+  DType input_dtype() const noexcept override { return bf16_ ? DType::kBF16 : DType::kF32; }
 
   void forward(const ExpertBatch& batch, Stream& stream) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
-    check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_);
+    check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_, input_dtype());
     const std::int64_t N = batch.input.dim(0);
     if (N == 0) return;
     check(cudaSetDevice(device_), "selecting the device");
     const auto s = static_cast<cudaStream_t>(stream.native_handle());
-    const float* x = batch.input.data_as<const float>();
+    const bool bf16_rows = batch.input.dtype() == DType::kBF16;
+    const auto* x = static_cast<const std::byte*>(batch.input.data());
+    const std::size_t x_element = bf16_rows ? 2 : 4;
     float* y = batch.output.data_as<float>();
     const std::size_t element = bf16_ ? 2 : 4;
-    // BF16 weights take BF16 rows: each expert's rows are converted on its lane, so that
+    // BF16 weights take BF16 rows: f32 rows are converted per expert on its lane, so that
     // the conversion overlaps other lanes' GEMMs.
     __nv_bfloat16* converted =
-        bf16_ ? reinterpret_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2))
-              : nullptr;
+        bf16_ && !bf16_rows
+            ? reinterpret_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2))
+            : nullptr;
     // Each lane's scratch holds its largest expert batch.
     std::array<std::int64_t, kExpertLanes> lane_rows{};
     for (std::size_t e = 0; e < weights_.size(); ++e) {
@@ -222,20 +240,20 @@ class CudaSwigluKernel final : public ExpertKernel {
       if (n == 0) continue;
       Lane& lane = lanes_[e % kExpertLanes];
       const std::int64_t most = lane_rows[e % kExpertLanes];
-      auto* projected =
-          reinterpret_cast<float*>(lane.projected.get(static_cast<std::size_t>(most * 2 * F) * 4));
+      // The projections in the weights' type: bf16 halves what silu·up reads back.
+      void* projected = lane.projected.get(static_cast<std::size_t>(most * 2 * F) * element);
       void* act = lane.act.get(static_cast<std::size_t>(most * F) * element);
-      const void* xe = x + row * H;
-      if (bf16_) {
-        to_bf16_into(x + row * H, n * H, converted + row * H, lane.stream);
+      const void* xe = x + static_cast<std::size_t>(row * H) * x_element;
+      if (converted != nullptr) {
+        to_bf16_into(reinterpret_cast<const float*>(x) + row * H, n * H, converted + row * H,
+                     lane.stream);
         xe = converted + row * H;
       }
       // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
       check(cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F),
                          static_cast<int>(n), static_cast<int>(H), &one, weights_[e].gate_up, type,
-                         static_cast<int>(H), xe, type, static_cast<int>(H), &zero, projected,
-                         CUDA_R_32F, static_cast<int>(2 * F), CUBLAS_COMPUTE_32F,
-                         CUBLAS_GEMM_DEFAULT),
+                         static_cast<int>(H), xe, type, static_cast<int>(H), &zero, projected, type,
+                         static_cast<int>(2 * F), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "gate and up GEMM of local expert " + std::to_string(e));
       silu_times_up_into(projected, n, F, act, lane.stream);
       // Row-major [n,H] = act [n,F] · downᵀ.
@@ -273,24 +291,29 @@ class CudaSwigluKernel final : public ExpertKernel {
     check(cudaGetLastError(), "converting the rows to bf16");
   }
 
-  /// act = silu(gate) · up of n projected rows, on `stream`.
-  void silu_times_up_into(const float* projected, std::int64_t n, std::int64_t F, void* act,
+  /// act = silu(gate) · up of n projected rows (bf16 with bf16 weights, else f32), on
+  /// `stream`.
+  void silu_times_up_into(const void* projected, std::int64_t n, std::int64_t F, void* act,
                           cudaStream_t stream) const {
+    const unsigned threads = 256;
     if (F % 4 == 0 && aligned16(projected) && aligned16(act)) {
-      const auto* h = reinterpret_cast<const float4*>(projected);
+      const unsigned blocks = blocks_for(n * F / 4, static_cast<int>(threads));
       if (bf16_) {
-        silu_times_up_x4<<<blocks_for(n * F / 4, 256), 256, 0, stream>>>(
-            h, n, F / 4, static_cast<__nv_bfloat16*>(act));
+        silu_times_up_x4<<<blocks, threads, 0, stream>>>(static_cast<const uint2*>(projected), n,
+                                                         F / 4, static_cast<__nv_bfloat16*>(act));
       } else {
-        silu_times_up_x4<<<blocks_for(n * F / 4, 256), 256, 0, stream>>>(h, n, F / 4,
-                                                                         static_cast<float*>(act));
+        silu_times_up_x4<<<blocks, threads, 0, stream>>>(static_cast<const float4*>(projected), n,
+                                                         F / 4, static_cast<float*>(act));
       }
-    } else if (bf16_) {
-      silu_times_up<<<blocks_for(n * F, 256), 256, 0, stream>>>(projected, n, F,
-                                                                static_cast<__nv_bfloat16*>(act));
     } else {
-      silu_times_up<<<blocks_for(n * F, 256), 256, 0, stream>>>(projected, n, F,
-                                                                static_cast<float*>(act));
+      const unsigned blocks = blocks_for(n * F, static_cast<int>(threads));
+      if (bf16_) {
+        silu_times_up<<<blocks, threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(projected),
+                                                      n, F, static_cast<__nv_bfloat16*>(act));
+      } else {
+        silu_times_up<<<blocks, threads, 0, stream>>>(static_cast<const float*>(projected), n, F,
+                                                      static_cast<float*>(act));
+      }
     }
     check(cudaGetLastError(), "silu(gate)·up");
   }

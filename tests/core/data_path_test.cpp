@@ -1,9 +1,12 @@
 // Payload conversions against hand-worked E4M3 codes, and the host data path's layout on a
-// hand-worked plan.
+// hand-worked plan and grouping.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
+#include <vector>
 
 #include "switchyard/data_path.hpp"
 #include "switchyard/layer.hpp"
@@ -143,4 +146,79 @@ TEST_CASE("layout: one row per (token, destination rank), slots in routing order
   CHECK(meta[5].weight == 0.75f);
   CHECK(meta[6].local_expert == 1);  // token 2 on rank 1: expert 3
   CHECK(meta[6].weight == 2.0f);
+}
+
+TEST_CASE("group_by_expert: rows per local expert in arrival order, into f32 or bf16 rows") {
+  auto path = make_host_data_path();
+  HostStream stream;
+  // Three received rows of 4 elements, two slots each, two local experts:
+  //   row 0 -> experts 1, 0;  row 1 -> (empty), 1;  row 2 -> 0, (empty).
+  // Expert 0 gets rows 0, 2 (expert rows 0, 1); expert 1 gets rows 0, 1 (expert rows 2, 3).
+  // The values round to bf16 by hand (ulp 2^-7 at 1): 1 + 2^-9 down, 1 + 3·2^-9 up, the
+  // ties 1 + 2^-8 and 1 + 3·2^-8 to the even mantissa (0 and 2).
+  const float x[3][4] = {{1.0f, 1.0f + 0x1p-9f, 1.0f + 3 * 0x1p-9f, -2.5f},
+                         {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 0.0f, 3.0f},
+                         {-1.0f, 0.5f, 0x1p-10f, 100.0f}};
+  const std::uint16_t x_bf16[3][4] = {{0x3F80, 0x3F80, 0x3F81, 0xC020},
+                                      {0x3F80, 0x3F82, 0x0000, 0x4040},
+                                      {0xBF80, 0x3F00, 0x3A80, 0x42C8}};
+  const SlotMeta meta[6] = {{1, 0.5f}, {0, 0.5f}, {-1, 0.0f}, {1, 1.0f}, {0, 1.0f}, {-1, 0.0f}};
+  const std::int64_t expected_assignment[6] = {2, 0, -1, 3, 1, -1};
+  const int expert_row_of[4] = {0, 2, 0, 1};  // received row in expert rows 0..3
+  const std::int64_t tokens[3] = {0, 1, 2};
+  for (PayloadDType payload : {PayloadDType::kF32, PayloadDType::kBF16, PayloadDType::kFP8}) {
+    CAPTURE(payload_dtype_name(payload));
+    const std::size_t row_bytes = payload_row_bytes(payload, 4);
+    std::vector<std::byte> rows(3 * row_bytes);
+    path->pack(PackArgs{&x[0][0], 4, tokens, 3, payload, rows.data()}, stream);
+    std::int64_t per_expert[2] = {-1, -1};
+    path->count_groups(GroupCountArgs{meta, 3, 2, 2, per_expert}, stream);
+    CHECK(per_expert[0] == 2);
+    CHECK(per_expert[1] == 2);
+    for (DType out : {DType::kF32, DType::kBF16}) {
+      CAPTURE(dtype_name(out));
+      std::vector<std::byte> grouped(4 * 4 * dtype_size(out), std::byte{0xAB});
+      std::int64_t assignment[6];
+      std::fill(std::begin(assignment), std::end(assignment), 7);
+      GroupArgs args{rows.data(), meta,           3,          2,  4, payload, 2,
+                     per_expert,  grouped.data(), assignment, out};
+      path->group_by_expert(args, stream);
+      CHECK(std::equal(std::begin(assignment), std::end(assignment), expected_assignment));
+      for (int a = 0; a < 4; ++a) {
+        const int r = expert_row_of[a];
+        for (int h = 0; h < 4; ++h) {
+          // An fp8 payload's element: its code times its row's scale (one block of 128).
+          float sent = x[r][h];
+          if (payload == PayloadDType::kFP8) {
+            float scale = 0;
+            std::memcpy(&scale, rows.data() + static_cast<std::size_t>(r) * row_bytes, 4);
+            const auto code = static_cast<std::uint8_t>(rows[r * row_bytes + 4 + h]);
+            sent = fp8_e4m3_to_float(code) * scale;
+          }
+          if (out == DType::kF32) {
+            float got = 0;
+            std::memcpy(&got, grouped.data() + (a * 4 + h) * 4, 4);
+            const float expected =
+                payload == PayloadDType::kBF16 ? bf16_to_float(x_bf16[r][h]) : sent;
+            CHECK(got == expected);
+          } else {
+            std::uint16_t got = 0;
+            std::memcpy(&got, grouped.data() + (a * 4 + h) * 2, 2);
+            if (payload == PayloadDType::kFP8) {
+              CHECK(got == float_to_bf16(sent));
+            } else {
+              CHECK(got == x_bf16[r][h]);
+            }
+          }
+        }
+      }
+    }
+  }
+  // Expert rows in another dtype are refused.
+  std::int64_t per_expert[2] = {2, 2}, assignment[6];
+  std::byte rows[3 * 16], grouped[64];
+  path->pack(PackArgs{&x[0][0], 4, tokens, 3, PayloadDType::kF32, rows}, stream);
+  GroupArgs args{rows, meta,       3,       2,          4,          PayloadDType::kF32,
+                 2,    per_expert, grouped, assignment, DType::kF16};
+  CHECK_THROWS_AS(path->group_by_expert(args, stream), Error);
 }

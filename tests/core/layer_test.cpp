@@ -326,3 +326,114 @@ TEST_CASE("forward with fused experts: the grouped path's bits, and sum(weights)
     }
   }
 }
+
+namespace {
+
+/// Experts that scale their rows rounded to bf16: expert_l(x) = (l + 1) · bf16(x). With
+/// `bf16_input` they ask the layer for bf16 rows (`input_dtype`) and use them as they are;
+/// otherwise they take f32 rows and round them themselves. Both take f32 rows, and record
+/// the dtype of the last rows they were given.
+class ScaledBf16Experts final : public ExpertKernel {
+ public:
+  ScaledBf16Experts(int n, bool bf16_input) : n_(n), bf16_input_(bf16_input) {}
+  std::string name() const override { return "scaled bf16"; }
+  int num_local_experts() const noexcept override { return n_; }
+  DType input_dtype() const noexcept override { return bf16_input_ ? DType::kBF16 : DType::kF32; }
+  void forward(const ExpertBatch& batch, Stream& /*stream*/) override {
+    const std::int64_t H = batch.output.dim(1);
+    check_expert_batch(batch, H, static_cast<std::size_t>(n_), Device::host(), names_,
+                       input_dtype());
+    last_input = batch.input.dtype();
+    float* y = batch.output.data_as<float>();
+    std::int64_t row = 0;
+    for (int l = 0; l < n_; ++l) {
+      for (std::int64_t i = 0; i < batch.rows_per_expert[static_cast<std::size_t>(l)]; ++i) {
+        for (std::int64_t h = 0; h < H; ++h, ++row) {
+          const std::uint16_t bits = last_input == DType::kBF16
+                                         ? batch.input.data_as<const std::uint16_t>()[row]
+                                         : float_to_bf16(batch.input.data_as<const float>()[row]);
+          y[row] = static_cast<float>(l + 1) * bf16_to_float(bits);
+        }
+      }
+    }
+  }
+  DType last_input = DType::kI32;  // none yet
+
+ private:
+  int n_;
+  bool bf16_input_;
+  ExpertBatchNames names_{"scaled bf16"};
+};
+
+}  // namespace
+
+TEST_CASE("a kernel that asks for bf16 rows gets them grouped in bf16, with the same y") {
+  for (int ranks : {1, 3}) {
+    Fixture f(ranks, 7, 3);
+    const std::int64_t H = f.model.hidden();
+    for (auto payload : {PayloadDType::kF32, PayloadDType::kBF16, PayloadDType::kFP8}) {
+      for (int chunks : {1, 3}) {
+        CAPTURE(ranks);
+        CAPTURE(payload_dtype_name(payload));
+        CAPTURE(chunks);
+        auto errors = test::on_threads(ranks, [&](int r) {
+          MoELayer& base = *f.layers[static_cast<std::size_t>(r)];
+          const int local = base.placement().num_local(r);
+          auto asks = std::make_shared<ScaledBf16Experts>(local, true);
+          auto rounds = std::make_shared<ScaledBf16Experts>(local, false);
+          auto build = [&](std::shared_ptr<ExpertKernel> experts) {
+            MoELayerParts parts = base.parts();
+            parts.experts = std::move(experts);
+            parts.payload_dtype = payload;
+            parts.chunks = chunks;
+            return std::make_unique<MoELayer>(std::move(parts));
+          };
+          auto with_bf16_rows = build(asks);
+          auto with_f32_rows = build(rounds);
+          const std::int64_t T = 6 + 2 * r;
+          HostTensor x =
+              synthetic_tokens(T, static_cast<int>(H), 9 + static_cast<std::uint64_t>(r));
+          RoutingPlan plan;
+          base.route(x.view(), plan);
+          HostTensor y_bf16(DType::kF32, {T, H}), y_f32(DType::kF32, {T, H});
+          with_bf16_rows->forward(x.view(), plan, y_bf16.view());
+          with_f32_rows->forward(x.view(), plan, y_f32.view());
+          CHECK(std::memcmp(y_bf16.bytes(), y_f32.bytes(), y_bf16.size_bytes()) == 0);
+          const bool got_rows = asks->last_input != DType::kI32;  // a rank may receive none
+          if (got_rows) CHECK(asks->last_input == DType::kBF16);
+          if (rounds->last_input != DType::kI32) CHECK(rounds->last_input == DType::kF32);
+          // y[t] = Σ_j w_j · (e_j + 1) · x[t] up to the payload's and bf16's rounding.
+          for (std::int64_t t = 0; t < T; ++t) {
+            for (std::int64_t h = 0; h < H; ++h) {
+              double expected = 0;
+              for (int j = 0; j < plan.slots; ++j) {
+                const auto s = static_cast<std::size_t>(t * plan.slots + j);
+                const int e = plan.experts[s];
+                if (e < 0) continue;
+                const int l = e - base.placement().first_expert(base.placement().rank_of(e));
+                expected +=
+                    static_cast<double>(plan.weights[s]) * (l + 1) * x.data<float>()[t * H + h];
+              }
+              const double got = y_bf16.data<float>()[t * H + h];
+              const double tolerance = payload == PayloadDType::kFP8 ? 0.1 : 0.01;
+              CHECK(std::abs(got - expected) <= tolerance * (std::abs(expected) + 1e-3));
+            }
+          }
+          // The caller's own dispatch hands over f32 rows, whatever the kernel asks for.
+          DispatchHandle handle;
+          with_bf16_rows->dispatch(x.view(), plan, handle);
+          CHECK(handle.expert_input().dtype() == DType::kF32);
+          HostTensor y_combined(DType::kF32, {T, H});
+          with_bf16_rows->combine(handle, handle.expert_input(), y_combined.view());
+          // A training forward keeps f32 rows for the backward: the kernel gets those.
+          asks->last_input = DType::kI32;
+          with_bf16_rows->set_training(true);
+          with_bf16_rows->forward(x.view(), plan, y_bf16.view());
+          CHECK(std::memcmp(y_bf16.bytes(), y_f32.bytes(), y_bf16.size_bytes()) == 0);
+          if (got_rows) CHECK(asks->last_input == DType::kF32);
+        });
+        for (const auto& e : errors) CHECK_FALSE(e.has_value());
+      }
+    }
+  }
+}

@@ -1,8 +1,9 @@
 // datapath_cuda against the host data path on the same random inputs (never zeros; device
 // outputs poisoned with 0xff bytes — NaN — before each call): the same layout, the same
-// payload bytes for f32, bf16 and fp8, the same grouping, the same weighted sums and
-// unpermute-sums bit for bit (both add in the same order without contraction), and router
-// logits within float rounding (the host sums in blocks, the device in order).
+// payload bytes for f32, bf16 and fp8, the same grouping (into f32 and into bf16 rows), the
+// same weighted sums and unpermute-sums bit for bit (both add in the same order without
+// contraction), and router logits within float rounding (the host sums in blocks, the
+// device in order).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -168,21 +169,46 @@ TEST_CASE("cuda data path: layout, pack, group, reduce and unpermute equal the h
 
       std::vector<float> input_host(static_cast<std::size_t>(A * H));
       std::vector<std::int64_t> assign_host(static_cast<std::size_t>(S * K));
-      GroupArgs group{rows_host_bytes.data(), received.data(),   S, K, H, dtype, L, per_host.data(),
-                      input_host.data(),      assign_host.data()};
+      GroupArgs group{rows_host_bytes.data(),
+                      received.data(),
+                      S,
+                      K,
+                      H,
+                      dtype,
+                      L,
+                      per_host.data(),
+                      reinterpret_cast<std::byte*>(input_host.data()),
+                      assign_host.data()};
       host->group_by_expert(group, host_stream);
       test::DeviceArray<float> d_input(static_cast<std::size_t>(A * H));
       test::DeviceArray<std::int64_t> d_assign(static_cast<std::size_t>(S * K));
       d_input.poison();
       d_assign.poison();
-      group.rows = d_rows.get();
-      group.meta = d_received.get();
-      group.expert_input = d_input.get();
-      group.assignment_of_slot = d_assign.get();
-      device->group_by_expert(group, stream);
+      GroupArgs on_device = group;
+      on_device.rows = d_rows.get();
+      on_device.meta = d_received.get();
+      on_device.expert_input = reinterpret_cast<std::byte*>(d_input.get());
+      on_device.assignment_of_slot = d_assign.get();
+      device->group_by_expert(on_device, stream);
       stream.synchronize();
       REQUIRE(d_assign.to_host() == assign_host);
       REQUIRE(same_bytes(d_input.to_host(), input_host));
+      // Grouped into bf16 rows (what a bf16 expert kernel takes): each element of the f32
+      // rows rounded to nearest even, on both paths.
+      std::vector<std::uint16_t> bf16_host(static_cast<std::size_t>(A * H));
+      group.expert_input = reinterpret_cast<std::byte*>(bf16_host.data());
+      group.expert_input_dtype = DType::kBF16;
+      host->group_by_expert(group, host_stream);
+      for (std::size_t i = 0; i < bf16_host.size(); ++i)
+        REQUIRE(bf16_host[i] == float_to_bf16(input_host[i]));
+      test::DeviceArray<std::uint16_t> d_bf16(bf16_host.size());
+      d_bf16.poison();
+      on_device.expert_input = reinterpret_cast<std::byte*>(d_bf16.get());
+      on_device.expert_input_dtype = DType::kBF16;
+      device->group_by_expert(on_device, stream);
+      stream.synchronize();
+      REQUIRE(d_assign.to_host() == assign_host);
+      REQUIRE(same_bytes(d_bf16.to_host(), bf16_host));
 
       // Reduce and unpermute-sum, in f32 and bf16.
       const std::vector<float> expert_out = random_floats(static_cast<std::size_t>(A * H), rng);

@@ -1,12 +1,15 @@
 // expert_cuda_swiglu against a float64 computation on the host from the same inputs: with
 // f32 weights y = down(silu(gate·x) ⊙ up·x); with bf16 weights the kernel's documented
-// roundings (rows and the silu·up product to bf16) are applied to the reference's inputs,
-// so the remaining difference is float32 accumulation. Random data, never zeros; the
-// output is poisoned with NaN first; experts with no rows in between.
+// roundings (rows, the gate and up projections and the silu·up product to bf16) are applied
+// in the reference, so the remaining difference is float32 accumulation (and a projection
+// that rounds the other way). Random data, never zeros; the output is poisoned with NaN
+// first; experts with no rows in between. With bf16 weights the kernel also takes bf16 rows
+// (what the layer hands it), which give the same bits as the f32 rows they round from.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -39,6 +42,10 @@ std::vector<float> reference(const std::vector<float>& x, const std::vector<std:
                                  : x[static_cast<std::size_t>(row * H + h)];
           g += xv * experts[e].gate[static_cast<std::size_t>(f * H + h)];
           u += xv * experts[e].up[static_cast<std::size_t>(f * H + h)];
+        }
+        if (bf16) {
+          g = round_bf16(static_cast<float>(g));
+          u = round_bf16(static_cast<float>(u));
         }
         const double a = g / (1.0 + std::exp(-g)) * u;
         act[static_cast<std::size_t>(f)] = bf16 ? round_bf16(static_cast<float>(a)) : a;
@@ -108,6 +115,7 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights")
       args.experts = views;
       auto kernel = registry.create_expert("cuda_swiglu", args);
       CHECK(kernel->capabilities().device_memory);
+      CHECK(kernel->input_dtype() == (bf16 ? DType::kBF16 : DType::kF32));
 
       std::vector<float> x(static_cast<std::size_t>(N * H));
       for (auto& v : x) {
@@ -134,5 +142,21 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights")
       }
       MESSAGE("largest |difference| " << worst << " of max |y| " << largest);
       CHECK(worst <= tolerance);
+
+      if (!bf16) {
+        // F32 weights take f32 rows only.
+        batch.input = TensorView(d_x.get(), DType::kBF16, {N, H}, Device::cuda(0));
+        CHECK_THROWS_AS(kernel->forward(batch, stream), Error);
+        continue;
+      }
+      std::vector<std::uint16_t> x16(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) x16[i] = float_to_bf16(x[i]);
+      test::DeviceArray<std::uint16_t> d_x16(x16);
+      d_y.poison();
+      batch.input = TensorView(d_x16.get(), DType::kBF16, {N, H}, Device::cuda(0));
+      kernel->forward(batch, stream);
+      stream.synchronize();
+      const auto from_bf16_rows = d_y.to_host();
+      CHECK(std::memcmp(from_bf16_rows.data(), got.data(), got.size() * sizeof(float)) == 0);
     }
 }

@@ -93,8 +93,9 @@ struct PackRun {
   std::byte* rows = nullptr;  ///< [num_rows, payload_row_bytes], written
 };
 
-/// Groups received rows per local expert (stable: by arrival order), converting them back
-/// to f32, and records where each (row, slot) went.
+/// Groups received rows per local expert (stable: by arrival order), converting them to
+/// f32 (or to bf16 for a kernel that asks for it: `ExpertKernel::input_dtype`), and records
+/// where each (row, slot) went.
 struct GroupArgs {
   const std::byte* rows = nullptr;  ///< [N, payload_row_bytes]
   const SlotMeta* meta = nullptr;   ///< [N,K]
@@ -102,10 +103,14 @@ struct GroupArgs {
   int slots = 0;                    ///< K
   std::int64_t hidden = 0;
   PayloadDType dtype = PayloadDType::kF32;
-  int num_local_experts = 0;                   ///< L
-  std::int64_t* rows_per_expert = nullptr;     ///< host [L], written
-  float* expert_input = nullptr;               ///< [A,H], written (A = sum of rows_per_expert)
+  int num_local_experts = 0;                ///< L
+  std::int64_t* rows_per_expert = nullptr;  ///< host [L], written
+  /// [A,H] in `expert_input_dtype`, written (A = sum of rows_per_expert).
+  std::byte* expert_input = nullptr;
   std::int64_t* assignment_of_slot = nullptr;  ///< [N,K], written: row in expert_input or -1
+  /// f32, or bf16: each element decoded and rounded to nearest even as `float_to_bf16` (a
+  /// bf16 payload's elements copied as they are).
+  DType expert_input_dtype = DType::kF32;
 };
 
 /// Counts the expert rows the grouping will produce, so that the caller can size them.

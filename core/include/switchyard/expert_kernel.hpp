@@ -52,7 +52,8 @@ class ExpertGradientStorage {
 /// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on. `input` and
 /// `output` are f32 on the stream's device; `rows_per_expert` is host memory.
 struct ExpertBatch {
-  TensorView input;                               ///< [N,H], read only
+  /// [N,H] f32, or in the kernel's `input_dtype()` (bf16) when it asks for that; read only.
+  TensorView input;
   std::span<const std::int64_t> rows_per_expert;  ///< [local experts], sums to N
   TensorView output;                              ///< [N,H], written
   /// Optional [N, saved_columns()] f32 (empty: not wanted): written with what the kernel's
@@ -98,13 +99,13 @@ struct ExpertBatchNames {
 };
 
 /// Checks `batch` for a kernel with `num_experts` local experts of hidden size `hidden` whose
-/// memory is on `device`: f32 input [N,H] and output [N,H] there, one row count per local
-/// expert, none negative, summing to N. Returns the largest row count. Throws
-/// `Error(kInvalidArgument)` naming the kernel and what does not fit. Written once for every
-/// kernel plugin.
+/// memory is on `device`: input [N,H] in f32 or `input_dtype` and f32 output [N,H] there, one
+/// row count per local expert, none negative, summing to N. Returns the largest row count.
+/// Throws `Error(kInvalidArgument)` naming the kernel and what does not fit. Written once for
+/// every kernel plugin.
 std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
                                 std::size_t num_experts, Device device,
-                                const ExpertBatchNames& names);
+                                const ExpertBatchNames& names, DType input_dtype = DType::kF32);
 
 /// The fused form of a rank's expert work: the received token rows as they arrived, each
 /// with its K (local expert, weight) slots, for a kernel that forms each row's weighted sum
@@ -136,6 +137,13 @@ class ExpertKernel {
   virtual int num_local_experts() const noexcept = 0;
   /// Memory kinds and stream behaviour (see stream.hpp).
   virtual ExecutionCapabilities capabilities() const noexcept { return {}; }
+  /// The dtype the kernel wants its input rows in: f32 (the default) or bf16, for a kernel
+  /// that rounds its rows to bf16 anyway (tensor-core GEMMs). The layer's forward then
+  /// groups the received rows straight into bf16 (rounded to nearest even, as
+  /// `float_to_bf16`; a bf16 payload's elements as they are), which gives the kernel the
+  /// same values as rounding f32 rows itself and moves half the bytes. `forward` takes f32
+  /// rows too. Training forwards and `MoELayer::dispatch` hand over f32 rows.
+  virtual DType input_dtype() const noexcept { return DType::kF32; }
   /// Runs every local expert over its rows on `stream`. A host-synchronous kernel (the
   /// default) has finished when it returns; the core synchronizes the stream before it
   /// calls one. Allocates only when N grows. Throws `Error(kInvalidArgument)` on shape

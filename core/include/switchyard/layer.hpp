@@ -83,7 +83,8 @@ struct LayerTraffic {
 /// (buffers only grow). Must not be shared by two layers at once.
 class DispatchHandle {
  public:
-  /// Received rows grouped per local expert, f32 [A,H], A = sum of rows_per_expert().
+  /// Received rows grouped per local expert, [A,H], A = sum of rows_per_expert(): f32 after
+  /// `MoELayer::dispatch` (in the layer's own forward, the kernel's `input_dtype()`).
   TensorView expert_input() noexcept;
   /// A buffer of the same shape as expert_input() for the experts' results.
   TensorView expert_output() noexcept;
@@ -102,6 +103,7 @@ class DispatchHandle {
   std::int64_t num_tokens_ = 0;
   int slots_ = 0;
   PayloadDType payload_dtype_ = PayloadDType::kF32;
+  DType expert_input_dtype_ = DType::kF32;  // of expert_input_'s rows (f32 or bf16)
   // Per destination / source rank (host staging memory): rows, first row, and the
   // exchanges' byte counts.
   Buffer<std::int64_t> rows_to_, rows_from_;
@@ -290,7 +292,8 @@ class MoELayer {
   void exchange_counts(const RoutingPlan& plan, DispatchHandle& h, const Error* local_error);
   /// Permutes, packs and sends rows and slots; with `group`, groups what arrived per local
   /// expert.
-  void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h, bool group);
+  void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h, bool group,
+                 DType group_dtype);
   /// `forward` after routing; `routing_error`: this rank's routing failed.
   void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                       const Error* routing_error);
@@ -317,8 +320,11 @@ class MoELayer {
   };
   /// Layout and pack of `tokens` (h's counts are exchanged), receive buffers sized.
   void stage_rows(const TokenRange& tokens, DispatchHandle& h);
-  /// Groups the received rows per local expert.
-  void group_rows(DispatchHandle& h);
+  /// Groups the received rows per local expert, into `dtype` rows (f32 or bf16).
+  void group_rows(DispatchHandle& h, DType dtype);
+  /// The dtype of the expert rows a forward hands the kernel: its `input_dtype()`, or f32
+  /// when the forward keeps the rows for the backward.
+  DType forward_expert_dtype(bool save) const noexcept;
   /// The weighted partial sums of the received rows, and the combine's byte counts. With
   /// `in_expert_buffers` (forward, where the layer owns the expert rows) the partial sums
   /// and the returned rows go into the expert input rows, dead by then, when they fit: no
@@ -345,9 +351,10 @@ class MoELayer {
   /// `forward` in `parts_.chunks` pipelined chunks (after routing all tokens).
   void forward_chunks(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                       const Error* routing_error);
-  /// The whole dispatch: counts, then rows (grouped per local expert with `group`).
+  /// The whole dispatch: counts, then rows (grouped per local expert into `group_dtype`
+  /// rows, unless `group` is false).
   void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                        const Error* local_error, bool group);
+                        const Error* local_error, bool group, DType group_dtype = DType::kF32);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream_->synchronize(); }
   /// A host router behind a device data path: logits copied to the host, routed there,

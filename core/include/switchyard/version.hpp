@@ -33,7 +33,8 @@
 /// `ExpertKernel::fuses_weighted_rows` and `forward_weighted`, `DataPath::pack_runs`.
 /// Revision 3: `PeerMessaging::world_ranks`. Revision 4: `Router::backward`. Revision 5:
 /// `ExpertKernel::saved_columns`, `ExpertBatch::saved`, `ExpertGradientBatch::saved`.
-#define SWITCHYARD_INTERFACE_REVISION "5"
+/// Revision 6: `ExpertKernel::input_dtype`, `GroupArgs::expert_input_dtype`.
+#define SWITCHYARD_INTERFACE_REVISION "6"
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
