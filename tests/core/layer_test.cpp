@@ -216,6 +216,17 @@ TEST_CASE("a plan with an expert id out of range is refused before anything is s
 
 namespace {
 
+/// A layer with `base`'s parts but the given experts, payload, combine dtype and chunks.
+std::unique_ptr<MoELayer> variant_of(const MoELayer& base, std::shared_ptr<ExpertKernel> experts,
+                                     PayloadDType payload, DType combine, int chunks) {
+  MoELayerParts parts = base.parts();
+  parts.experts = std::move(experts);
+  parts.payload_dtype = payload;
+  parts.combine_dtype = combine;
+  parts.chunks = chunks;
+  return std::make_unique<MoELayer>(std::move(parts));
+}
+
 /// Identity experts through the grouped path: `forward` copies, no fused form.
 class GroupedCopyExperts final : public ExpertKernel {
  public:
@@ -282,16 +293,10 @@ TEST_CASE("forward with fused experts: the grouped path's bits, and sum(weights)
           auto errors = test::on_threads(ranks, [&](int r) {
             MoELayer& base = *f.layers[static_cast<std::size_t>(r)];
             const int local = base.placement().num_local(r);
-            auto build = [&](std::shared_ptr<ExpertKernel> experts) {
-              MoELayerParts parts = base.parts();
-              parts.experts = std::move(experts);
-              parts.payload_dtype = payload;
-              parts.combine_dtype = combine;
-              parts.chunks = chunks;
-              return std::make_unique<MoELayer>(std::move(parts));
-            };
-            auto fused = build(std::make_shared<IdentityExperts>(local));
-            auto grouped = build(std::make_shared<GroupedCopyExperts>(local));
+            auto fused = variant_of(base, std::make_shared<IdentityExperts>(local), payload,
+                                    combine, chunks);
+            auto grouped = variant_of(base, std::make_shared<GroupedCopyExperts>(local), payload,
+                                      combine, chunks);
             const std::int64_t T = 6 + 2 * r;  // different T per rank
             HostTensor x =
                 synthetic_tokens(T, static_cast<int>(H), 5 + static_cast<std::uint64_t>(r));
@@ -381,15 +386,8 @@ TEST_CASE("a kernel that asks for bf16 rows gets them grouped in bf16, with the 
           const int local = base.placement().num_local(r);
           auto asks = std::make_shared<ScaledBf16Experts>(local, true);
           auto rounds = std::make_shared<ScaledBf16Experts>(local, false);
-          auto build = [&](std::shared_ptr<ExpertKernel> experts) {
-            MoELayerParts parts = base.parts();
-            parts.experts = std::move(experts);
-            parts.payload_dtype = payload;
-            parts.chunks = chunks;
-            return std::make_unique<MoELayer>(std::move(parts));
-          };
-          auto with_bf16_rows = build(asks);
-          auto with_f32_rows = build(rounds);
+          auto with_bf16_rows = variant_of(base, asks, payload, DType::kF32, chunks);
+          auto with_f32_rows = variant_of(base, rounds, payload, DType::kF32, chunks);
           const std::int64_t T = 6 + 2 * r;
           HostTensor x =
               synthetic_tokens(T, static_cast<int>(H), 9 + static_cast<std::uint64_t>(r));
