@@ -209,12 +209,12 @@ int kernels() {
     double gemm_ms = 0;
     for (const cudaDataType_t c_type : {CUDA_R_32F, CUDA_R_16BF}) {
       const double ms = median_ms(stream.s, 10, [&] {
-        check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(3 * F),
-                           static_cast<int>(S), static_cast<int>(H), &one, b, CUDA_R_16BF,
-                           static_cast<int>(H), a, CUDA_R_16BF, static_cast<int>(H), &zero, c,
-                           c_type, static_cast<int>(3 * F), CUBLAS_COMPUTE_32F,
-                           CUBLAS_GEMM_DEFAULT),
-              "reference GEMM");
+        check(
+            cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(3 * F),
+                         static_cast<int>(S), static_cast<int>(H), &one, b, CUDA_R_16BF,
+                         static_cast<int>(H), a, CUDA_R_16BF, static_cast<int>(H), &zero, c, c_type,
+                         static_cast<int>(3 * F), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "reference GEMM");
       });
       gemm_ms = gemm_ms == 0 ? ms : std::min(gemm_ms, ms);
     }
