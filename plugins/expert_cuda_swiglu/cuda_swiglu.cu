@@ -1,15 +1,17 @@
 // expert_cuda_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), on a CUDA device
 // through cuBLAS with float32 accumulation. BF16 checkpoints stay BF16 on the device
 // (tensor cores): the kernel takes BF16 rows (the layer groups them so: input_dtype), or
-// rounds f32 rows to BF16; gate and up run as one GEMM per expert against their stacked
-// weights [2F,H] and write BF16 projections, one kernel fuses silu(g)·u in f32 and rounds
-// it to BF16, and the down GEMM writes f32 rows. F32 weights (and F16, widened exactly to
-// F32 when uploaded) run the same sequence in F32 without tensor cores.
-// Stream-ordered: the work starts after what the caller's stream holds and the caller's
-// stream waits for all of it. In between, the experts run on kExpertLanes streams of their
-// own (expert e on lane e mod kExpertLanes), so that the GEMMs of small experts, each too
-// small to fill the device, overlap. The weights are copied to the device once, when the
-// kernel is created.
+// rounds f32 rows to BF16; gate and up run as one GEMM against the stacked weights [2F,H]
+// and write BF16 projections, one kernel fuses silu(g)·u in f32 and rounds it to BF16, and
+// the down GEMM writes f32 rows. F32 weights (and F16, widened exactly to F32 when uploaded)
+// run the same sequence in F32 without tensor cores.
+// The GEMMs are split into pieces (gemm_plan.hpp): one per expert (`gemm = "per_expert"`),
+// or steps of the same rows of many experts, each one batched cuBLAS call, and each
+// expert's short rest (`gemm = "batched"`). Stream-ordered: the work starts after what the
+// caller's stream holds and the caller's stream waits for all of it. In between, the pieces
+// run on kExpertLanes streams of the kernel's own, so that small GEMMs, each too small to
+// fill the device, overlap. The weights are copied to the device once, when the kernel is
+// created.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -18,12 +20,14 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cuda_probe.hpp"
 #include "device_scratch.hpp"
+#include "gemm_plan.hpp"
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/plugin.hpp"
 
@@ -57,60 +61,84 @@ __device__ float4 load_quad(const uint2* p) {
                      __uint_as_float(b.y << 16), __uint_as_float(b.y & 0xffff0000u));
 }
 
-/// act[i, f] = silu(g) · u with g = h[i, f], u = h[i, F + f] (h = [n, 2F], the projections'
-/// type: f32, or bf16 with bf16 weights), in the activation type (bf16 or f32).
+// The row kernels below work on a piece's rows: `rows` rows from each of its experts,
+// expert j (blockIdx.y) from row starts[j] of the forward's rows.
+
+/// act[row, f] = silu(g) · u with g = h[row, f], u = h[row, F + f] (h = [N, 2F], the
+/// projections' type: f32, or bf16 with bf16 weights), in the activation type (bf16 or f32).
 template <typename Projection, typename Act>
-__global__ void silu_times_up(const Projection* h, std::int64_t n, std::int64_t F, Act* act) {
+__global__ void silu_times_up(const Projection* h, const std::int64_t* starts, std::int64_t rows,
+                              std::int64_t F, Act* act) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n * F) return;
-  const std::int64_t row = i / F, f = i % F;
+  if (i >= rows * F) return;
+  const std::int64_t row = starts[blockIdx.y] + i / F, f = i % F;
   const float v = silu_times(to_float(h[row * 2 * F + f]), to_float(h[row * 2 * F + F + f]));
   if constexpr (sizeof(Act) == 2) {
-    act[i] = __float2bfloat16_rn(v);
+    act[row * F + f] = __float2bfloat16_rn(v);
   } else {
-    act[i] = v;
+    act[row * F + f] = v;
   }
 }
 
 /// silu_times_up four elements at a time (F a multiple of 4, buffers 16-byte aligned): Quad
 /// is float4 for f32 projections, uint2 for bf16 ones.
 template <typename Quad, typename Act>
-__global__ void silu_times_up_x4(const Quad* __restrict__ h, std::int64_t n, std::int64_t F4,
-                                 Act* __restrict__ act) {
+__global__ void silu_times_up_x4(const Quad* __restrict__ h, const std::int64_t* starts,
+                                 std::int64_t rows, std::int64_t F4, Act* __restrict__ act) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n * F4) return;
-  const std::int64_t row = i / F4, f = i % F4;
+  if (i >= rows * F4) return;
+  const std::int64_t row = starts[blockIdx.y] + i / F4, f = i % F4;
   const float4 g = load_quad(h + row * 2 * F4 + f), u = load_quad(h + row * 2 * F4 + F4 + f);
   const float4 v = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z),
                                silu_times(g.w, u.w));
+  const std::int64_t quad = row * F4 + f;
   if constexpr (sizeof(Act) == 2) {
-    auto* out = reinterpret_cast<__nv_bfloat162*>(act) + 2 * i;
+    auto* out = reinterpret_cast<__nv_bfloat162*>(act) + 2 * quad;
     out[0] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
     out[1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
   } else {
-    reinterpret_cast<float4*>(act)[i] = v;
+    reinterpret_cast<float4*>(act)[quad] = v;
   }
 }
 
-__global__ void to_bf16(const float* in, std::int64_t n, __nv_bfloat16* out) {
+/// out[row, c] = in[row, c] rounded to bf16, rows of H columns.
+__global__ void to_bf16(const float* in, const std::int64_t* starts, std::int64_t rows,
+                        std::int64_t H, __nv_bfloat16* out) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n) out[i] = __float2bfloat16_rn(in[i]);
+  if (i >= rows * H) return;
+  const std::int64_t at = (starts[blockIdx.y] + i / H) * H + i % H;
+  out[at] = __float2bfloat16_rn(in[at]);
 }
 
-/// to_bf16 four elements at a time (n4 quads, buffers 16-byte aligned).
-__global__ void to_bf16_x4(const float4* __restrict__ in, std::int64_t n4,
-                           __nv_bfloat162* __restrict__ out) {
+/// to_bf16 four elements at a time (H4 quads a row, buffers 16-byte aligned).
+__global__ void to_bf16_x4(const float4* __restrict__ in, const std::int64_t* starts,
+                           std::int64_t rows, std::int64_t H4, __nv_bfloat162* __restrict__ out) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n4) return;
-  const float4 v = __ldg(in + i);
-  out[2 * i] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
-  out[2 * i + 1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
+  if (i >= rows * H4) return;
+  const std::int64_t quad = (starts[blockIdx.y] + i / H4) * H4 + i % H4;
+  const float4 v = __ldg(in + quad);
+  out[2 * quad] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
+  out[2 * quad + 1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 unsigned blocks_for(std::int64_t n, int threads) {
   return static_cast<unsigned>(std::max<std::int64_t>(1, (n + threads - 1) / threads));
+}
+
+/// The grid of a row kernel over `rows` rows of each of `experts` experts, `per_row`
+/// threads a row.
+dim3 piece_grid(std::int64_t rows, std::int64_t per_row, std::size_t experts, int threads) {
+  return dim3(blocks_for(rows * per_row, threads), static_cast<unsigned>(experts));
+}
+
+void declare_options(ConfigSchema& s) {
+  s.add("gemm", ConfigType::kString, ConfigValue{std::string("per_expert")},
+        "how the experts' GEMMs are split into cuBLAS calls: per_expert (one GEMM per expert, "
+        "on 8 streams) or batched (the same rows of many experts in one batched GEMM, then "
+        "each expert's rest of under 128 rows)",
+        checks::one_of({"per_expert", "batched"}));
 }
 
 /// Host f16 bits to f32 (exact).
@@ -142,7 +170,10 @@ float f16_to_f32(std::uint16_t bits) {
 class CudaSwigluKernel final : public ExpertKernel {
  public:
   explicit CudaSwigluKernel(const ExpertCreateArgs& args)
-      : hidden_(args.hidden), ffn_hidden_(args.ffn_hidden) {
+      : hidden_(args.hidden),
+        ffn_hidden_(args.ffn_hidden),
+        split_(args.options != nullptr ? parse_gemm_split(args.options->get_string("gemm"))
+                                       : GemmSplit::kPerExpert) {
     int devices = 0;
     check(cudaGetDeviceCount(&devices), "counting devices");
     const auto info = LaunchInfo::from_environment();
@@ -183,6 +214,11 @@ class CudaSwigluKernel final : public ExpertKernel {
       if (lane.stream != nullptr) cudaStreamDestroy(lane.stream);
     }
     if (rows_ready_ != nullptr) cudaEventDestroy(rows_ready_);
+    for (const Table& t : tables_) {
+      cudaEventDestroy(t.released);
+      cudaFreeHost(t.host);
+      cudaFree(t.device);
+    }
     for (const Weights& d : weights_) {
       cudaFree(d.gate_up);
       cudaFree(d.down);
@@ -209,68 +245,96 @@ class CudaSwigluKernel final : public ExpertKernel {
     check(cudaSetDevice(device_), "selecting the device");
     const auto s = static_cast<cudaStream_t>(stream.native_handle());
     const bool bf16_rows = batch.input.dtype() == DType::kBF16;
-    const auto* x = static_cast<const std::byte*>(batch.input.data());
-    const std::size_t x_element = bf16_rows ? 2 : 4;
-    float* y = batch.output.data_as<float>();
     const std::size_t element = bf16_ ? 2 : 4;
-    // BF16 weights take BF16 rows: f32 rows are converted per expert on its lane, so that
-    // the conversion overlaps other lanes' GEMMs.
-    __nv_bfloat16* converted =
+    // BF16 weights take BF16 rows: f32 rows are rounded piece by piece on the piece's lane,
+    // so that the rounding overlaps other lanes' GEMMs.
+    auto* rounded =
         bf16_ && !bf16_rows
             ? reinterpret_cast<__nv_bfloat16*>(rows_.get(static_cast<std::size_t>(N * H) * 2))
             : nullptr;
-    // Each lane's scratch holds its largest expert batch.
-    std::array<std::int64_t, kExpertLanes> lane_rows{};
-    for (std::size_t e = 0; e < weights_.size(); ++e) {
-      std::int64_t& most = lane_rows[e % kExpertLanes];
-      most = std::max(most, batch.rows_per_expert[e]);
+    const auto* x = rounded != nullptr ? reinterpret_cast<const std::byte*>(rounded)
+                                       : static_cast<const std::byte*>(batch.input.data());
+    const std::size_t x_element = bf16_ || bf16_rows ? 2 : 4;
+    // The projections [N,2F] and activations [N,F] in the weights' type (bf16 halves what
+    // silu·up reads back); a piece writes only its own rows of them.
+    auto* projected = projected_.get(static_cast<std::size_t>(N * 2 * F) * element);
+    auto* act = act_.get(static_cast<std::size_t>(N * F) * element);
+    auto* y = reinterpret_cast<std::byte*>(batch.output.data_as<float>());
+
+    const std::vector<GemmPiece> pieces =
+        plan_gemm_pieces(batch.rows_per_expert, split_, kBatchGranule, kExpertLanes);
+    std::vector<std::int64_t> first_row(weights_.size() + 1, 0);
+    for (std::size_t e = 0; e < weights_.size(); ++e)
+      first_row[e + 1] = first_row[e] + batch.rows_per_expert[e];
+
+    // Each piece's table on the device, kTableColumns words per expert of the piece: the
+    // expert's first row of the piece, then the A, B and C pointers of the gate/up GEMM and
+    // of the down GEMM (what a batched cuBLAS call reads from device memory).
+    std::size_t words = 0;
+    for (const GemmPiece& p : pieces) words += kTableColumns * p.experts.size();
+    Table& table = free_table(words);
+    std::vector<std::size_t> table_at(pieces.size());
+    words = 0;
+    for (std::size_t i = 0; i < pieces.size(); ++i) {
+      const GemmPiece& p = pieces[i];
+      const std::size_t m = p.experts.size();
+      if (m > 65535) throw Error(ErrorCode::kInternal, "cuda_swiglu: too many experts in a piece");
+      table_at[i] = words;
+      std::uint64_t* column = table.host + words;
+      for (std::size_t j = 0; j < m; ++j) {
+        const auto e = static_cast<std::size_t>(p.experts[j]);
+        const std::int64_t row = first_row[e] + p.first_row;
+        auto address = [](const void* ptr) {
+          return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(ptr));
+        };
+        column[j] = static_cast<std::uint64_t>(row);
+        column[m + j] = address(weights_[e].gate_up);
+        column[2 * m + j] = address(x + static_cast<std::size_t>(row * H) * x_element);
+        column[3 * m + j] = address(projected + static_cast<std::size_t>(row * 2 * F) * element);
+        column[4 * m + j] = address(weights_[e].down);
+        column[5 * m + j] = address(act + static_cast<std::size_t>(row * F) * element);
+        column[6 * m + j] = address(y + static_cast<std::size_t>(row * H) * 4);
+      }
+      words += kTableColumns * m;
     }
-    // Fork: every lane used starts after the caller's stream.
+    check(cudaMemcpyAsync(table.device, table.host, words * sizeof(std::uint64_t),
+                          cudaMemcpyHostToDevice, s),
+          "copying the GEMM pointers to the device");
+
+    // Fork: every lane used starts after the caller's stream (the rows and the table).
+    std::array<bool, kExpertLanes> used{};
+    for (const GemmPiece& p : pieces) used[static_cast<std::size_t>(p.lane)] = true;
     check(cudaEventRecord(rows_ready_, s), "recording an event");
     for (int l = 0; l < kExpertLanes; ++l) {
-      if (lane_rows[static_cast<std::size_t>(l)] == 0) continue;
+      if (!used[static_cast<std::size_t>(l)]) continue;
       check(cudaStreamWaitEvent(lanes_[static_cast<std::size_t>(l)].stream, rows_ready_),
             "ordering the expert streams");
     }
-    const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
-    const float one = 1.0f, zero = 0.0f;
-    std::int64_t row = 0;
-    for (std::size_t e = 0; e < weights_.size(); ++e) {
-      const std::int64_t n = batch.rows_per_expert[e];
-      if (n == 0) continue;
-      Lane& lane = lanes_[e % kExpertLanes];
-      const std::int64_t most = lane_rows[e % kExpertLanes];
-      // The projections in the weights' type: bf16 halves what silu·up reads back.
-      void* projected = lane.projected.get(static_cast<std::size_t>(most * 2 * F) * element);
-      void* act = lane.act.get(static_cast<std::size_t>(most * F) * element);
-      const void* xe = x + static_cast<std::size_t>(row * H) * x_element;
-      if (converted != nullptr) {
-        to_bf16_into(reinterpret_cast<const float*>(x) + row * H, n * H, converted + row * H,
-                     lane.stream);
-        xe = converted + row * H;
+    for (std::size_t i = 0; i < pieces.size(); ++i) {
+      const GemmPiece& p = pieces[i];
+      Lane& lane = lanes_[static_cast<std::size_t>(p.lane)];
+      const std::uint64_t* on_host = table.host + table_at[i];
+      const std::uint64_t* on_device = table.device + table_at[i];
+      const auto* starts = reinterpret_cast<const std::int64_t*>(on_device);
+      if (rounded != nullptr) {
+        to_bf16_into(batch.input.data_as<const float>(), starts, p, H, rounded, lane.stream);
       }
+      const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
       // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
-      check(cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(2 * F),
-                         static_cast<int>(n), static_cast<int>(H), &one, weights_[e].gate_up, type,
-                         static_cast<int>(H), xe, type, static_cast<int>(H), &zero, projected, type,
-                         static_cast<int>(2 * F), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "gate and up GEMM of local expert " + std::to_string(e));
-      silu_times_up_into(projected, n, F, act, lane.stream);
+      gemm(p, on_host, on_device, 1, GemmShape{2 * F, H, type, type}, lane, "gate and up GEMM");
+      silu_times_up_into(projected, starts, p, F, act, lane.stream);
       // Row-major [n,H] = act [n,F] · downᵀ.
-      check(cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(H),
-                         static_cast<int>(n), static_cast<int>(F), &one, weights_[e].down, type,
-                         static_cast<int>(F), act, type, static_cast<int>(F), &zero, y + row * H,
-                         CUDA_R_32F, static_cast<int>(H), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "down GEMM of local expert " + std::to_string(e));
-      row += n;
+      gemm(p, on_host, on_device, 4, GemmShape{H, F, type, CUDA_R_32F}, lane, "down GEMM");
     }
-    // Join: the caller's stream waits for every lane used.
+    // Join: the caller's stream waits for every lane used; the table is free again when
+    // the caller's stream gets there.
     for (int l = 0; l < kExpertLanes; ++l) {
-      if (lane_rows[static_cast<std::size_t>(l)] == 0) continue;
+      if (!used[static_cast<std::size_t>(l)]) continue;
       Lane& lane = lanes_[static_cast<std::size_t>(l)];
       check(cudaEventRecord(lane.done, lane.stream), "recording an event");
       check(cudaStreamWaitEvent(s, lane.done), "joining the expert streams");
     }
+    check(cudaEventRecord(table.released, s), "recording an event");
   }
 
  private:
@@ -279,43 +343,146 @@ class CudaSwigluKernel final : public ExpertKernel {
     void* down = nullptr;     // [H,F]
   };
 
-  /// out = in rounded to bf16, `count` elements, on `stream`.
-  static void to_bf16_into(const float* in, std::int64_t count, __nv_bfloat16* out,
-                           cudaStream_t stream) {
-    if (count % 4 == 0 && aligned16(in) && aligned16(out)) {
-      to_bf16_x4<<<blocks_for(count / 4, 256), 256, 0, stream>>>(
-          reinterpret_cast<const float4*>(in), count / 4, reinterpret_cast<__nv_bfloat162*>(out));
+  /// A stream of the experts' own, with its cuBLAS handle.
+  struct Lane {
+    cudaStream_t stream = nullptr;
+    cublasHandle_t cublas = nullptr;
+    cudaEvent_t done = nullptr;
+  };
+
+  /// The output width, inner size and types of one of the two GEMMs.
+  struct GemmShape {
+    std::int64_t out, inner;
+    cudaDataType_t in_type, out_type;
+  };
+
+  /// One GEMM of piece `p` on its lane: a plain cublasGemmEx for one expert (pointers from
+  /// the host table), else one batched call over the piece's experts (pointer arrays from
+  /// the device table). `column` is the table column of the A pointers (B and C follow).
+  static void gemm(const GemmPiece& p, const std::uint64_t* on_host, const std::uint64_t* on_device,
+                   std::size_t column, const GemmShape& shape, Lane& lane, const char* what) {
+    const float one = 1.0f, zero = 0.0f;
+    const std::size_t m = p.experts.size();
+    const auto out = static_cast<int>(shape.out), inner = static_cast<int>(shape.inner),
+               n = static_cast<int>(p.rows);
+    cublasStatus_t status;
+    if (m == 1) {
+      auto pointer = [&](std::size_t c) {
+        return reinterpret_cast<void*>(static_cast<std::uintptr_t>(on_host[c]));
+      };
+      status = cublasGemmEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, inner, &one,
+                            pointer(column), shape.in_type, inner, pointer(column + 1),
+                            shape.in_type, inner, &zero, pointer(column + 2), shape.out_type, out,
+                            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     } else {
-      to_bf16<<<blocks_for(count, 256), 256, 0, stream>>>(in, count, out);
+      auto pointers = [&](std::size_t c) {
+        return reinterpret_cast<void* const*>(on_device + c * m);
+      };
+      status =
+          cublasGemmBatchedEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, inner, &one,
+                              pointers(column), shape.in_type, inner, pointers(column + 1),
+                              shape.in_type, inner, &zero, pointers(column + 2), shape.out_type,
+                              out, static_cast<int>(m), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
-    check(cudaGetLastError(), "converting the rows to bf16");
+    check(status, std::string(what) + " of local expert" + (m == 1 ? " " : "s ") +
+                      std::to_string(p.experts.front()) +
+                      (m == 1 ? "" : ".." + std::to_string(p.experts.back())) + ", rows " +
+                      std::to_string(p.first_row) + "+" + std::to_string(p.rows));
   }
 
-  /// act = silu(gate) · up of n projected rows (bf16 with bf16 weights, else f32), on
-  /// `stream`.
-  void silu_times_up_into(const void* projected, std::int64_t n, std::int64_t F, void* act,
+  /// The rows of piece `p` of `in` rounded to bf16 into the same rows of `out`, on `stream`.
+  static void to_bf16_into(const float* in, const std::int64_t* starts, const GemmPiece& p,
+                           std::int64_t H, __nv_bfloat16* out, cudaStream_t stream) {
+    const int threads = 256;
+    if (H % 4 == 0 && aligned16(in) && aligned16(out)) {
+      to_bf16_x4<<<piece_grid(p.rows, H / 4, p.experts.size(), threads), threads, 0, stream>>>(
+          reinterpret_cast<const float4*>(in), starts, p.rows, H / 4,
+          reinterpret_cast<__nv_bfloat162*>(out));
+    } else {
+      to_bf16<<<piece_grid(p.rows, H, p.experts.size(), threads), threads, 0, stream>>>(
+          in, starts, p.rows, H, out);
+    }
+    check(cudaGetLastError(), "rounding the rows to bf16");
+  }
+
+  /// act = silu(gate) · up of the rows of piece `p` (projections bf16 with bf16 weights,
+  /// else f32), on `stream`.
+  void silu_times_up_into(const std::byte* projected, const std::int64_t* starts,
+                          const GemmPiece& p, std::int64_t F, std::byte* act,
                           cudaStream_t stream) const {
-    const unsigned threads = 256;
+    const int threads = 256;
+    const std::size_t m = p.experts.size();
     if (F % 4 == 0 && aligned16(projected) && aligned16(act)) {
-      const unsigned blocks = blocks_for(n * F / 4, static_cast<int>(threads));
+      const dim3 grid = piece_grid(p.rows, F / 4, m, threads);
       if (bf16_) {
-        silu_times_up_x4<<<blocks, threads, 0, stream>>>(static_cast<const uint2*>(projected), n,
-                                                         F / 4, static_cast<__nv_bfloat16*>(act));
+        silu_times_up_x4<<<grid, threads, 0, stream>>>(reinterpret_cast<const uint2*>(projected),
+                                                       starts, p.rows, F / 4,
+                                                       reinterpret_cast<__nv_bfloat16*>(act));
       } else {
-        silu_times_up_x4<<<blocks, threads, 0, stream>>>(static_cast<const float4*>(projected), n,
-                                                         F / 4, static_cast<float*>(act));
+        silu_times_up_x4<<<grid, threads, 0, stream>>>(reinterpret_cast<const float4*>(projected),
+                                                       starts, p.rows, F / 4,
+                                                       reinterpret_cast<float*>(act));
       }
     } else {
-      const unsigned blocks = blocks_for(n * F, static_cast<int>(threads));
+      const dim3 grid = piece_grid(p.rows, F, m, threads);
       if (bf16_) {
-        silu_times_up<<<blocks, threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(projected),
-                                                      n, F, static_cast<__nv_bfloat16*>(act));
+        silu_times_up<<<grid, threads, 0, stream>>>(
+            reinterpret_cast<const __nv_bfloat16*>(projected), starts, p.rows, F,
+            reinterpret_cast<__nv_bfloat16*>(act));
       } else {
-        silu_times_up<<<blocks, threads, 0, stream>>>(static_cast<const float*>(projected), n, F,
-                                                      static_cast<float*>(act));
+        silu_times_up<<<grid, threads, 0, stream>>>(reinterpret_cast<const float*>(projected),
+                                                    starts, p.rows, F,
+                                                    reinterpret_cast<float*>(act));
       }
     }
     check(cudaGetLastError(), "silu(gate)·up");
+  }
+
+  /// A table of GEMM pointers: written on the host (pinned), copied to the device on the
+  /// caller's stream; free again once `released` (recorded after the forward's join) has
+  /// passed.
+  struct Table {
+    std::uint64_t* host = nullptr;
+    std::uint64_t* device = nullptr;
+    std::size_t words = 0;
+    cudaEvent_t released = nullptr;
+  };
+
+  /// A table of at least `words` words that no forward still reads. Never waits while one
+  /// of kMaxTables is free; tables are added up to that, then the oldest is waited for.
+  Table& free_table(std::size_t words) {
+    auto is_free = [](const Table& t) {
+      const cudaError_t e = cudaEventQuery(t.released);
+      if (e == cudaErrorNotReady) return false;
+      check(e, "asking whether a GEMM table is free");
+      return true;
+    };
+    Table* pick = nullptr;
+    for (Table& t : tables_) {
+      if (!is_free(t)) continue;
+      if (t.words >= words) return t;
+      if (pick == nullptr) pick = &t;
+    }
+    if (pick == nullptr && tables_.size() < kMaxTables) {
+      tables_.emplace_back();
+      pick = &tables_.back();
+      check(cudaEventCreateWithFlags(&pick->released, cudaEventDisableTiming), "creating an event");
+    }
+    if (pick == nullptr) {
+      pick = &tables_[next_wait_++ % tables_.size()];
+      check(cudaEventSynchronize(pick->released), "waiting for a GEMM table");
+      if (pick->words >= words) return *pick;
+    }
+    cudaFreeHost(pick->host);
+    cudaFree(pick->device);
+    pick->host = nullptr;
+    pick->device = nullptr;
+    pick->words = 0;
+    const std::size_t grown = std::max<std::size_t>(words, 1024);
+    check(cudaMallocHost(&pick->host, grown * sizeof(std::uint64_t)), "allocating a GEMM table");
+    check(cudaMalloc(&pick->device, grown * sizeof(std::uint64_t)), "allocating a GEMM table");
+    pick->words = grown;
+    return *pick;
   }
 
   void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
@@ -358,20 +525,21 @@ class CudaSwigluKernel final : public ExpertKernel {
   int ffn_hidden_;
   int device_ = 0;
   bool bf16_ = false;
-  /// A stream of the experts' own, with its cuBLAS handle and scratch.
-  struct Lane {
-    cudaStream_t stream = nullptr;
-    cublasHandle_t cublas = nullptr;
-    cudaEvent_t done = nullptr;
-    cuda_common::DeviceScratch<std::byte> projected, act;
-  };
+  GemmSplit split_;
   static constexpr int kExpertLanes = 8;
+  /// Batched steps come in whole multiples of this many rows (a GEMM tile's height).
+  static constexpr std::int64_t kBatchGranule = 128;
+  /// Words of a piece's table per expert: its first row, then A, B, C of each GEMM.
+  static constexpr std::size_t kTableColumns = 7;
+  static constexpr std::size_t kMaxTables = 16;
 
   std::array<Lane, kExpertLanes> lanes_;
   cudaEvent_t rows_ready_ = nullptr;
   std::vector<Weights> weights_;
   const ExpertBatchNames names_{"cuda_swiglu"};
-  cuda_common::DeviceScratch<std::byte> rows_;
+  cuda_common::DeviceScratch<std::byte> rows_, projected_, act_;
+  std::deque<Table> tables_;
+  std::size_t next_wait_ = 0;
 };
 
 std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {
@@ -385,4 +553,5 @@ std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {
 SWITCHYARD_EXPERT_PLUGIN(
     "cuda_swiglu", "0.1.0",
     "SwiGLU experts on a CUDA device (cuBLAS, bf16 weights on tensor cores, f32 accumulation)",
-    nullptr, ::switchyard::cuda_common::cuda_probe, ::switchyard::cuda_swiglu::create)
+    ::switchyard::cuda_swiglu::declare_options, ::switchyard::cuda_common::cuda_probe,
+    ::switchyard::cuda_swiglu::create)

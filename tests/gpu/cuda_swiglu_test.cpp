@@ -4,7 +4,9 @@
 // in the reference, so the remaining difference is float32 accumulation (and a projection
 // that rounds the other way). Random data, never zeros; the output is poisoned with NaN
 // first; experts with no rows in between. With bf16 weights the kernel also takes bf16 rows
-// (what the layer hands it), which give the same bits as the f32 rows they round from.
+// (what the layer hands it), which give the same bits as the f32 rows they round from. Both
+// ways of splitting the GEMMs (gemm = per_expert, batched) on histograms that make batched
+// steps of 128 rows, an expert left standing alone, and short rests.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "cuda_test_support.hpp"
+#include "switchyard/config.hpp"
 #include "switchyard/plugin.hpp"
 
 using namespace switchyard;
@@ -64,7 +67,7 @@ std::vector<float> reference(const std::vector<float>& x, const std::vector<std:
 
 }  // namespace
 
-TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights") {
+TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, either split") {
   static PluginRegistry registry(PluginRegistry::default_search_path());
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -73,90 +76,101 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights")
     std::vector<std::int64_t> rows;
   };
   // Sizes that move four elements at a time, then odd sizes (element-wise kernels) with
-  // more experts than the kernel has streams (a stream reused, its scratch grown).
-  for (const auto& [H, F, rows] :
-       std::vector<Case>{{96, 160, {5, 0, 17, 1}}, {35, 50, {3, 9, 0, 4, 7, 1, 12, 2, 5}}})
-    for (bool bf16 : {false, true}) {
-      CAPTURE(H);
-      CAPTURE(F);
-      CAPTURE(bf16);
-      std::int64_t N = 0;
-      for (auto r : rows) N += r;
-      std::vector<Expert> experts(rows.size());
-      std::vector<SwigluExpertWeights> views;
-      for (auto& e : experts) {
-        auto fill = [&](std::vector<float>& v, std::vector<std::uint16_t>& bits, std::size_t n,
-                        float scale) {
-          v.resize(n);
-          bits.resize(n);
-          for (std::size_t i = 0; i < n; ++i) {
-            float w = 0;
-            while (w == 0) w = normal(rng) * scale;
-            bits[i] = float_to_bf16(w);
-            v[i] = bf16 ? bf16_to_float(bits[i]) : w;
+  // more experts than the kernel has streams (a stream reused). Then histograms over the
+  // 128-row granule of the batched split: steps [0,128) of experts 0 2 3 5 and [128,256) of
+  // 0 3, rests of 44, 1, 4 and 5 rows; and (odd sizes) a step of two experts, one alone.
+  for (const auto& [H, F, rows] : std::vector<Case>{{96, 160, {5, 0, 17, 1}},
+                                                    {35, 50, {3, 9, 0, 4, 7, 1, 12, 2, 5}},
+                                                    {64, 96, {300, 0, 129, 260, 5, 128}},
+                                                    {35, 50, {130, 200, 3, 0, 260}}})
+    for (const char* split : {"per_expert", "batched"})
+      for (bool bf16 : {false, true}) {
+        CAPTURE(H);
+        CAPTURE(F);
+        CAPTURE(split);
+        CAPTURE(bf16);
+        std::int64_t N = 0;
+        for (auto r : rows) N += r;
+        std::vector<Expert> experts(rows.size());
+        std::vector<SwigluExpertWeights> views;
+        for (auto& e : experts) {
+          auto fill = [&](std::vector<float>& v, std::vector<std::uint16_t>& bits, std::size_t n,
+                          float scale) {
+            v.resize(n);
+            bits.resize(n);
+            for (std::size_t i = 0; i < n; ++i) {
+              float w = 0;
+              while (w == 0) w = normal(rng) * scale;
+              bits[i] = float_to_bf16(w);
+              v[i] = bf16 ? bf16_to_float(bits[i]) : w;
+            }
+          };
+          fill(e.gate, e.gate16, static_cast<std::size_t>(F * H), 0.1f);
+          fill(e.up, e.up16, static_cast<std::size_t>(F * H), 0.1f);
+          fill(e.down, e.down16, static_cast<std::size_t>(H * F), 0.1f);
+          if (bf16) {
+            views.push_back({TensorView(e.gate16.data(), DType::kBF16, {F, H}),
+                             TensorView(e.up16.data(), DType::kBF16, {F, H}),
+                             TensorView(e.down16.data(), DType::kBF16, {H, F})});
+          } else {
+            views.push_back({TensorView(e.gate.data(), DType::kF32, {F, H}),
+                             TensorView(e.up.data(), DType::kF32, {F, H}),
+                             TensorView(e.down.data(), DType::kF32, {H, F})});
           }
-        };
-        fill(e.gate, e.gate16, static_cast<std::size_t>(F * H), 0.1f);
-        fill(e.up, e.up16, static_cast<std::size_t>(F * H), 0.1f);
-        fill(e.down, e.down16, static_cast<std::size_t>(H * F), 0.1f);
-        if (bf16) {
-          views.push_back({TensorView(e.gate16.data(), DType::kBF16, {F, H}),
-                           TensorView(e.up16.data(), DType::kBF16, {F, H}),
-                           TensorView(e.down16.data(), DType::kBF16, {H, F})});
-        } else {
-          views.push_back({TensorView(e.gate.data(), DType::kF32, {F, H}),
-                           TensorView(e.up.data(), DType::kF32, {F, H}),
-                           TensorView(e.down.data(), DType::kF32, {H, F})});
         }
-      }
-      ExpertCreateArgs args;
-      args.hidden = static_cast<int>(H);
-      args.ffn_hidden = static_cast<int>(F);
-      args.experts = views;
-      auto kernel = registry.create_expert("cuda_swiglu", args);
-      CHECK(kernel->capabilities().device_memory);
-      CHECK(kernel->input_dtype() == (bf16 ? DType::kBF16 : DType::kF32));
+        Config config;
+        config.set("experts", "gemm", std::string(split));
+        const ConfigSection options =
+            config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
+        ExpertCreateArgs args;
+        args.options = &options;
+        args.hidden = static_cast<int>(H);
+        args.ffn_hidden = static_cast<int>(F);
+        args.experts = views;
+        auto kernel = registry.create_expert("cuda_swiglu", args);
+        CHECK(kernel->capabilities().device_memory);
+        CHECK(kernel->input_dtype() == (bf16 ? DType::kBF16 : DType::kF32));
 
-      std::vector<float> x(static_cast<std::size_t>(N * H));
-      for (auto& v : x) {
-        while (v == 0) v = normal(rng);
-      }
-      test::DeviceArray<float> d_x(x), d_y(x.size());
-      d_y.poison();
-      test::CudaStream stream;
-      ExpertBatch batch;
-      batch.input = TensorView(d_x.get(), DType::kF32, {N, H}, Device::cuda(0));
-      batch.rows_per_expert = rows;
-      batch.output = TensorView(d_y.get(), DType::kF32, {N, H}, Device::cuda(0));
-      kernel->forward(batch, stream);
-      stream.synchronize();
-      const auto got = d_y.to_host();
-      const auto expected = reference(x, rows, experts, H, F, bf16);
-      float largest = 0;
-      for (float v : expected) largest = std::max(largest, std::fabs(v));
-      const float tolerance = (bf16 ? 1e-2f : 1e-4f) * largest;
-      float worst = 0;
-      for (std::size_t i = 0; i < got.size(); ++i) {
-        REQUIRE(std::isfinite(got[i]));
-        worst = std::max(worst, std::fabs(got[i] - expected[i]));
-      }
-      MESSAGE("largest |difference| " << worst << " of max |y| " << largest);
-      CHECK(worst <= tolerance);
+        std::vector<float> x(static_cast<std::size_t>(N * H));
+        for (auto& v : x) {
+          while (v == 0) v = normal(rng);
+        }
+        test::DeviceArray<float> d_x(x), d_y(x.size());
+        d_y.poison();
+        test::CudaStream stream;
+        ExpertBatch batch;
+        batch.input = TensorView(d_x.get(), DType::kF32, {N, H}, Device::cuda(0));
+        batch.rows_per_expert = rows;
+        batch.output = TensorView(d_y.get(), DType::kF32, {N, H}, Device::cuda(0));
+        kernel->forward(batch, stream);
+        stream.synchronize();
+        const auto got = d_y.to_host();
+        const auto expected = reference(x, rows, experts, H, F, bf16);
+        float largest = 0;
+        for (float v : expected) largest = std::max(largest, std::fabs(v));
+        const float tolerance = (bf16 ? 1e-2f : 1e-4f) * largest;
+        float worst = 0;
+        for (std::size_t i = 0; i < got.size(); ++i) {
+          REQUIRE(std::isfinite(got[i]));
+          worst = std::max(worst, std::fabs(got[i] - expected[i]));
+        }
+        MESSAGE("largest |difference| " << worst << " of max |y| " << largest);
+        CHECK(worst <= tolerance);
 
-      if (!bf16) {
-        // F32 weights take f32 rows only.
-        batch.input = TensorView(d_x.get(), DType::kBF16, {N, H}, Device::cuda(0));
-        CHECK_THROWS_AS(kernel->forward(batch, stream), Error);
-        continue;
+        if (!bf16) {
+          // F32 weights take f32 rows only.
+          batch.input = TensorView(d_x.get(), DType::kBF16, {N, H}, Device::cuda(0));
+          CHECK_THROWS_AS(kernel->forward(batch, stream), Error);
+          continue;
+        }
+        std::vector<std::uint16_t> x16(x.size());
+        for (std::size_t i = 0; i < x.size(); ++i) x16[i] = float_to_bf16(x[i]);
+        test::DeviceArray<std::uint16_t> d_x16(x16);
+        d_y.poison();
+        batch.input = TensorView(d_x16.get(), DType::kBF16, {N, H}, Device::cuda(0));
+        kernel->forward(batch, stream);
+        stream.synchronize();
+        const auto from_bf16_rows = d_y.to_host();
+        CHECK(std::memcmp(from_bf16_rows.data(), got.data(), got.size() * sizeof(float)) == 0);
       }
-      std::vector<std::uint16_t> x16(x.size());
-      for (std::size_t i = 0; i < x.size(); ++i) x16[i] = float_to_bf16(x[i]);
-      test::DeviceArray<std::uint16_t> d_x16(x16);
-      d_y.poison();
-      batch.input = TensorView(d_x16.get(), DType::kBF16, {N, H}, Device::cuda(0));
-      kernel->forward(batch, stream);
-      stream.synchronize();
-      const auto from_bf16_rows = d_y.to_host();
-      CHECK(std::memcmp(from_bf16_rows.data(), got.data(), got.size() * sizeof(float)) == 0);
-    }
 }

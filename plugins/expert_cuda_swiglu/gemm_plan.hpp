@@ -1,0 +1,45 @@
+#pragma once
+// How expert_cuda_swiglu splits one forward's GEMMs into cuBLAS calls (plain C++, so that the
+// plan is tested on machines without a GPU: tests/plugins/cuda_swiglu_plan_test.cpp).
+//
+// The rows of the local experts arrive grouped, expert after expert, in counts that differ.
+// cuBLAS batches GEMMs of one shape only, so the batched plan cuts the histogram of counts
+// into a staircase: a step is the same rows [first_row, first_row + rows) of every expert
+// that has them, one batched GEMM; what is left of each expert (fewer rows than a granule)
+// is a GEMM of its own. A piece writes rows no other piece writes, so pieces may run in any
+// order, on any stream.
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+namespace switchyard::cuda_swiglu {
+
+/// How the GEMMs are split.
+enum class GemmSplit {
+  kPerExpert,  ///< one piece per expert with rows (expert e on lane e mod lanes)
+  kBatched,    ///< staircase steps batched across experts, then each expert's short rest
+};
+
+/// `"per_expert"` or `"batched"` (the `[experts] gemm` option); throws
+/// `Error(kInvalidArgument)` on anything else.
+GemmSplit parse_gemm_split(std::string_view name);
+
+/// Rows [first_row, first_row + rows) of each expert in `experts`, counted from the expert's
+/// own first row: one cuBLAS call (batched when there are several experts), run on `lane`.
+struct GemmPiece {
+  std::vector<int> experts;  ///< local expert indices, ascending; never empty
+  std::int64_t first_row = 0;
+  std::int64_t rows = 0;  ///< > 0; the same for every expert of the piece
+  int lane = 0;           ///< in [0, lanes)
+};
+
+/// The pieces of one forward: every row of every expert in exactly one piece. With
+/// `kBatched`, step heights are multiples of `granule` (> 0) except where one expert is
+/// left, which takes all its remaining rows in one piece; lanes are given largest piece
+/// first to the least loaded lane. `rows_per_expert` entries must be >= 0; `lanes` >= 1.
+/// Deterministic: the same counts give the same plan.
+std::vector<GemmPiece> plan_gemm_pieces(std::span<const std::int64_t> rows_per_expert,
+                                        GemmSplit split, std::int64_t granule, int lanes);
+
+}  // namespace switchyard::cuda_swiglu

@@ -1,0 +1,201 @@
+// How expert_cuda_swiglu splits its GEMMs into cuBLAS calls (plain C++: runs without a
+// GPU). Hand-worked plans, then properties on many histograms of row counts: every row of
+// every expert in exactly one piece, batched steps in whole granules, lanes in range.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
+
+#include "gemm_plan.hpp"
+#include "switchyard/config.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/status.hpp"
+
+using namespace switchyard;
+using namespace switchyard::cuda_swiglu;
+
+namespace {
+
+struct Expected {
+  std::vector<int> experts;
+  std::int64_t first_row, rows;
+  int lane;
+};
+
+void check_plan(const std::vector<GemmPiece>& got, const std::vector<Expected>& expected) {
+  REQUIRE(got.size() == expected.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CHECK(got[i].experts == expected[i].experts);
+    CHECK(got[i].first_row == expected[i].first_row);
+    CHECK(got[i].rows == expected[i].rows);
+    CHECK(got[i].lane == expected[i].lane);
+  }
+}
+
+/// How many pieces cover each row of each expert.
+std::vector<std::vector<int>> coverage(const std::vector<std::int64_t>& rows,
+                                       const std::vector<GemmPiece>& pieces) {
+  std::vector<std::vector<int>> covered(rows.size());
+  for (std::size_t e = 0; e < rows.size(); ++e)
+    covered[e].assign(static_cast<std::size_t>(rows[e]), 0);
+  for (const GemmPiece& p : pieces) {
+    for (const int e : p.experts) {
+      REQUIRE(e >= 0);
+      REQUIRE(static_cast<std::size_t>(e) < rows.size());
+      REQUIRE(p.first_row >= 0);
+      REQUIRE(p.first_row + p.rows <= rows[static_cast<std::size_t>(e)]);
+      for (std::int64_t r = p.first_row; r < p.first_row + p.rows; ++r)
+        ++covered[static_cast<std::size_t>(e)][static_cast<std::size_t>(r)];
+    }
+  }
+  return covered;
+}
+
+}  // namespace
+
+TEST_CASE("the batched plan of a hand-worked histogram: steps, the last expert standing, rests") {
+  // Granule 4. Whole granules: 8, 0, 4, 12, 0, 8 rows, so steps at heights 4, 8, 12:
+  // [0,4) of experts 0 2 3 5; [4,8) of 0 3 5; from 8 expert 3 stands alone and takes its
+  // rows 8..12 (5 rows). Rests: expert 0's row 8, expert 4's rows 0..2. Lanes by work
+  // (rows × experts: 16, 12, 5, 1, 3), largest first onto the least loaded of three lanes:
+  // 16→0, 12→1, 5→2, 3→2 (load 8), 1→2 (load 9 < 12).
+  const std::vector<std::int64_t> rows{9, 0, 4, 13, 3, 8};
+  check_plan(plan_gemm_pieces(rows, GemmSplit::kBatched, 4, 3), {{{0, 2, 3, 5}, 0, 4, 0},
+                                                                 {{0, 3, 5}, 4, 4, 1},
+                                                                 {{3}, 8, 5, 2},
+                                                                 {{0}, 8, 1, 2},
+                                                                 {{4}, 0, 3, 2}});
+  // One piece per expert with rows, expert e on lane e mod 3.
+  check_plan(plan_gemm_pieces(rows, GemmSplit::kPerExpert, 4, 3),
+             {{{0}, 0, 9, 0}, {{2}, 0, 4, 2}, {{3}, 0, 13, 0}, {{4}, 0, 3, 1}, {{5}, 0, 8, 2}});
+}
+
+TEST_CASE("batched plans of equal counts, one expert, no rows, and rows under a granule") {
+  // Equal whole-granule counts: one batched GEMM of every expert.
+  check_plan(
+      plan_gemm_pieces(std::vector<std::int64_t>{256, 256, 256}, GemmSplit::kBatched, 128, 8),
+      {{{0, 1, 2}, 0, 256, 0}});
+  // Equal counts with a rest: one step, then three rests on the next lanes.
+  check_plan(
+      plan_gemm_pieces(std::vector<std::int64_t>{130, 130, 130}, GemmSplit::kBatched, 128, 8),
+      {{{0, 1, 2}, 0, 128, 0}, {{0}, 128, 2, 1}, {{1}, 128, 2, 2}, {{2}, 128, 2, 3}});
+  // One expert with rows: one plain GEMM of all of them.
+  check_plan(plan_gemm_pieces(std::vector<std::int64_t>{0, 300, 0}, GemmSplit::kBatched, 128, 8),
+             {{{1}, 0, 300, 0}});
+  CHECK(plan_gemm_pieces(std::vector<std::int64_t>{0, 0}, GemmSplit::kBatched, 128, 8).empty());
+  CHECK(plan_gemm_pieces(std::vector<std::int64_t>{}, GemmSplit::kPerExpert, 128, 8).empty());
+  // Nothing reaches a granule: every expert alone.
+  check_plan(plan_gemm_pieces(std::vector<std::int64_t>{5, 7}, GemmSplit::kBatched, 128, 1),
+             {{{0}, 0, 5, 0}, {{1}, 0, 7, 0}});
+}
+
+TEST_CASE("every row of every expert in exactly one piece, over many histograms") {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 400; ++trial) {
+    const int experts = 1 + static_cast<int>(rng() % 40);
+    const std::int64_t granule = std::vector<std::int64_t>{1, 3, 16, 128}[rng() % 4];
+    const int lanes = 1 + static_cast<int>(rng() % 9);
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(experts));
+    for (auto& n : rows) {
+      switch (rng() % 4) {
+        case 0:
+          n = 0;
+          break;
+        case 1:
+          n = static_cast<std::int64_t>(rng() % 8);
+          break;
+        case 2:
+          n = static_cast<std::int64_t>(rng() % 600);
+          break;
+        default:
+          n = 256;
+          break;
+      }
+    }
+    CAPTURE(trial);
+    for (const GemmSplit split : {GemmSplit::kPerExpert, GemmSplit::kBatched}) {
+      const auto pieces = plan_gemm_pieces(rows, split, granule, lanes);
+      std::size_t steps = 0;
+      for (const GemmPiece& p : pieces) {
+        REQUIRE(!p.experts.empty());
+        CHECK(p.rows > 0);
+        CHECK(p.lane >= 0);
+        CHECK(p.lane < lanes);
+        for (std::size_t i = 1; i < p.experts.size(); ++i) CHECK(p.experts[i - 1] < p.experts[i]);
+        if (p.experts.size() > 1) {
+          ++steps;
+          CHECK(split == GemmSplit::kBatched);
+          CHECK(p.first_row % granule == 0);
+          CHECK(p.rows % granule == 0);
+        } else if (split == GemmSplit::kBatched) {
+          // A rest (under a granule, after the expert's whole granules) or the last expert
+          // standing (from a granule boundary to its last row).
+          const std::int64_t n = rows[static_cast<std::size_t>(p.experts[0])];
+          CHECK(p.first_row % granule == 0);
+          CHECK(p.first_row + p.rows == n);
+        }
+      }
+      for (const auto& expert : coverage(rows, pieces))
+        for (const int times : expert) REQUIRE(times == 1);
+      // At most one step per distinct whole-granule height.
+      std::vector<std::int64_t> heights;
+      for (auto n : rows)
+        if (n / granule > 0) heights.push_back(n / granule);
+      std::sort(heights.begin(), heights.end());
+      heights.erase(std::unique(heights.begin(), heights.end()), heights.end());
+      CHECK(steps <= heights.size());
+    }
+  }
+}
+
+TEST_CASE("uniform routing at E=64, k=8, T=8192: batched steps take most rows, two of them") {
+  // The shape the expert benchmark is held to: counts near 1024 ± 32, granule 128.
+  std::mt19937 rng(5);
+  std::vector<std::int64_t> rows(64, 0);
+  for (int t = 0; t < 8192; ++t) {
+    std::vector<int> chosen;
+    while (chosen.size() < 8) {
+      const int e = static_cast<int>(rng() % 64);
+      if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(e);
+    }
+    for (int e : chosen) ++rows[static_cast<std::size_t>(e)];
+  }
+  const auto pieces = plan_gemm_pieces(rows, GemmSplit::kBatched, 128, 8);
+  std::int64_t batched = 0, steps = 0;
+  for (const GemmPiece& p : pieces) {
+    if (p.experts.size() > 1) {
+      batched += p.rows * static_cast<std::int64_t>(p.experts.size());
+      ++steps;
+    }
+  }
+  MESSAGE(steps << " batched steps hold " << batched << " of 65536 rows");
+  CHECK(batched >= 65536 * 9 / 10);
+  CHECK(steps <= 3);
+}
+
+TEST_CASE("gemm names the split, and anything else is refused") {
+  CHECK(parse_gemm_split("per_expert") == GemmSplit::kPerExpert);
+  CHECK(parse_gemm_split("batched") == GemmSplit::kBatched);
+  CHECK_THROWS_AS(parse_gemm_split("grouped"), Error);
+  CHECK_THROWS_AS(plan_gemm_pieces(std::vector<std::int64_t>{1}, GemmSplit::kBatched, 0, 1), Error);
+  CHECK_THROWS_AS(plan_gemm_pieces(std::vector<std::int64_t>{-1}, GemmSplit::kBatched, 4, 1),
+                  Error);
+}
+
+#if defined(SWITCHYARD_TEST_CUDA_PLUGINS)
+TEST_CASE("the cuda_swiglu plugin declares [experts] gemm, per_expert unless set") {
+  // The plugin loads without a GPU; its options are read before a kernel is created.
+  const PluginRegistry registry(PluginRegistry::default_search_path());
+  const ConfigSchema schema = registry.options(PluginKind::kExpert, "cuda_swiglu");
+  Config unset;
+  CHECK(unset.section("experts", schema).get_string("gemm") == "per_expert");
+  Config batched;
+  batched.set("experts", "gemm", std::string("batched"));
+  CHECK(batched.section("experts", schema).get_string("gemm") == "batched");
+  Config other;
+  other.set("experts", "gemm", std::string("grouped"));
+  CHECK_THROWS_AS(other.section("experts", schema), Error);
+}
+#endif
