@@ -4,13 +4,15 @@
 //   bench_gpu kernels
 //     permute (the data path's pack, f32 and bf16 payloads) and unpermute-sum bandwidth
 //     against a device-to-device copy of the same bytes; the experts (cuda_swiglu, bf16
-//     weights, on bf16 rows as the layer groups them, and on f32 rows) in TFLOP/s against
-//     one cuBLAS BF16 GEMM of the same FLOPs (the faster of f32 and bf16 results); at
+//     weights, on bf16 rows as the layer groups them, each way of splitting the GEMMs, on
+//     even row counts and on the counts of uniform routing; and on f32 rows) in TFLOP/s
+//     against one cuBLAS BF16 GEMM of the same FLOPs (the faster of f32 and bf16 results); at
 //     T = 8192 tokens for (E = 8, k = 2, H = 4096, F = 14336) and (E = 64, k = 8, H = 2048,
 //     F = 1408).
-//   bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS]
-//     the whole layer at world 1 (NCCL, the CUDA data path, cuda_swiglu, Mixtral routing:
-//     softmax over the k selected logits) on a Mixtral-format checkpoint and f32 tokens;
+//   bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS [GEMM]]
+//     the whole layer at world 1 (NCCL, the CUDA data path, cuda_swiglu with [experts] gemm =
+//     GEMM or its default, Mixtral routing: softmax over the k selected logits) on a
+//     Mixtral-format checkpoint and f32 tokens;
 //     prints the median ms per forward and writes the output (tests/gpu/mixtral_compare.py
 //     compares both with Hugging Face's MixtralSparseMoeBlock on the same weights).
 #include <cublas_v2.h>
@@ -21,9 +23,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "switchyard/config.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/layer.hpp"
 #include "switchyard/model.hpp"
@@ -180,20 +184,57 @@ int kernels() {
     args.hidden = static_cast<int>(H);
     args.ffn_hidden = static_cast<int>(F);
     args.experts = views;
-    auto experts = registry.create_expert("cuda_swiglu", args);
+    auto experts_split = [&](const char* split) {
+      Config config;
+      config.set("experts", "gemm", std::string(split));
+      const ConfigSection options =
+          config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
+      args.options = &options;  // read when the kernel is created, not after
+      auto kernel = registry.create_expert("cuda_swiglu", args);
+      args.options = nullptr;
+      return kernel;
+    };
+    const char* const splits[] = {"per_expert", "batched"};
+    const std::shared_ptr<ExpertKernel> experts[] = {experts_split(splits[0]),
+                                                     experts_split(splits[1])};
     float* out;
     check(cudaMalloc(&out, S * H * 4), "out");
-    std::vector<std::int64_t> per(static_cast<std::size_t>(shape.E), S / shape.E);
+    // Rows per expert: even, and as uniform routing gives them (each token to k distinct
+    // experts, seeded), which the batched split cuts into steps and rests.
+    std::vector<std::int64_t> even(static_cast<std::size_t>(shape.E), S / shape.E);
+    std::vector<std::int64_t> routed(static_cast<std::size_t>(shape.E), 0);
+    std::uint32_t state = 7;
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<int> chosen;
+      while (static_cast<int>(chosen.size()) < shape.k) {
+        state = state * 1664525u + 1013904223u;
+        const int e = static_cast<int>((state >> 8) % static_cast<std::uint32_t>(shape.E));
+        if (std::find(chosen.begin(), chosen.end(), e) == chosen.end()) chosen.push_back(e);
+      }
+      for (const int e : chosen) ++routed[static_cast<std::size_t>(e)];
+    }
     // The rows as the layer hands them over (grouped straight into bf16: input_dtype), and
     // as f32 rows the kernel rounds itself.
     __nv_bfloat16* rows16;
     check(cudaMalloc(&rows16, S * H * 2), "rows16");
     fill_bf16<<<grid_for(S * H), 256, 0, stream.s>>>(rows16, S * H, 5);
-    ExpertBatch batch{TensorView(rows16, DType::kBF16, {S, H}, Device::cuda(0)), per,
-                      TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
-    const double expert_ms = median_ms(stream.s, 10, [&] { experts->forward(batch, stream); });
-    batch.input = TensorView(rows, DType::kF32, {S, H}, Device::cuda(0));
-    const double expert_f32_ms = median_ms(stream.s, 10, [&] { experts->forward(batch, stream); });
+    struct Timed {
+      std::string measure;
+      double ms;
+    };
+    std::vector<Timed> timed;
+    for (const auto* counts : {&even, &routed})
+      for (int i = 0; i < 2; ++i) {
+        const ExpertBatch batch{TensorView(rows16, DType::kBF16, {S, H}, Device::cuda(0)), *counts,
+                                TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
+        timed.push_back({std::string("experts (cuda_swiglu, bf16, ") + splits[i] + ", " +
+                             (counts == &even ? "even" : "routed") + " counts)",
+                         median_ms(stream.s, 10, [&] { experts[i]->forward(batch, stream); })});
+      }
+    const ExpertBatch f32_batch{TensorView(rows, DType::kF32, {S, H}, Device::cuda(0)), even,
+                                TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
+    timed.push_back({"experts from f32 rows (per_expert, even counts, rounded in the kernel)",
+                     median_ms(stream.s, 10, [&] { experts[0]->forward(f32_batch, stream); })});
     cudaFree(rows16);
     const double flops =
         6.0 * static_cast<double>(S) * static_cast<double>(H) * static_cast<double>(F);
@@ -218,16 +259,11 @@ int kernels() {
       });
       gemm_ms = gemm_ms == 0 ? ms : std::min(gemm_ms, ms);
     }
-    std::printf(
-        "| %s | experts (cuda_swiglu, bf16) | %.3f | %.0f TFLOP/s | one GEMM %.0f TFLOP/s | %.0f%% "
-        "|\n",
-        label, expert_ms, flops / (expert_ms * 1e9), flops / (gemm_ms * 1e9),
-        100.0 * gemm_ms / expert_ms);
-    std::printf(
-        "| %s | experts from f32 rows (rounded in the kernel) | %.3f | %.0f TFLOP/s | one GEMM "
-        "%.0f TFLOP/s | %.0f%% |\n",
-        label, expert_f32_ms, flops / (expert_f32_ms * 1e9), flops / (gemm_ms * 1e9),
-        100.0 * gemm_ms / expert_f32_ms);
+    for (const Timed& t : timed) {
+      std::printf("| %s | %s | %.3f | %.0f TFLOP/s | one GEMM %.0f TFLOP/s | %.0f%% |\n", label,
+                  t.measure.c_str(), t.ms, flops / (t.ms * 1e9), flops / (gemm_ms * 1e9),
+                  100.0 * gemm_ms / t.ms);
+    }
     cudaFree(a);
     cudaFree(b);
     cudaFree(c);
@@ -239,7 +275,7 @@ int kernels() {
 }
 
 int layer(const std::string& checkpoint, const std::string& tokens_path, int top_k,
-          const std::string& out_path, int iters) {
+          const std::string& out_path, int iters, const std::string& gemm) {
   PluginRegistry registry(PluginRegistry::default_search_path());
   const ModelWeights model = ModelWeights::load(checkpoint, CheckpointFormat::kMixtral, "");
   const HostTensor tokens = read_npy_f32_matrix(tokens_path, model.hidden(), "tokens");
@@ -247,6 +283,7 @@ int layer(const std::string& checkpoint, const std::string& tokens_path, int top
   Config config;
   config.set("router", "top_k", std::int64_t{top_k});
   config.set("router", "pre_softmax", false);  // Mixtral: softmax over the k selected logits
+  if (!gemm.empty()) config.set("experts", "gemm", gemm);
   const ConfigSection runtime =
       config.section("runtime", registry.options(PluginKind::kTransport, "nccl"));
   TransportCreateArgs transport_args;
@@ -263,6 +300,9 @@ int layer(const std::string& checkpoint, const std::string& tokens_path, int top
   expert_args.hidden = static_cast<int>(H);
   expert_args.ffn_hidden = model.ffn_hidden();
   expert_args.experts = expert_views;
+  const ConfigSection experts =
+      config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
+  expert_args.options = &experts;
   MoELayerParts parts;
   parts.transport = transport.get();
   parts.router = registry.create_router("topk", router_args);
@@ -302,10 +342,10 @@ int main(int argc, char** argv) {
     if (mode == "kernels") return kernels();
     if (mode == "layer" && argc >= 6)
       return layer(argv[2], argv[3], std::atoi(argv[4]), argv[5],
-                   argc > 6 ? std::atoi(argv[6]) : 10);
-    std::fprintf(
-        stderr,
-        "usage: bench_gpu kernels | bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS]\n");
+                   argc > 6 ? std::atoi(argv[6]) : 10, argc > 7 ? argv[7] : "");
+    std::fprintf(stderr,
+                 "usage: bench_gpu kernels | bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy "
+                 "[ITERS [GEMM]]\n");
     return 2;
   } catch (const Error& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());

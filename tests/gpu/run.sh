@@ -127,31 +127,53 @@ bench_kernels=$(timeout 120 bin/bench_gpu kernels 2> "$work/bench.err") ||
 bench_gpu kernels failed: $(tail -3 "$work/bench.err")"; }
 echo "$bench_kernels"
 say "kernel benchmarks done"
-mixtral=$(timeout 200 python3 "$root/tests/gpu/mixtral_compare.py" bin/bench_gpu "$work/mixtral" 2> "$work/mixtral.err") ||
+mixtral=$(timeout 260 python3 "$root/tests/gpu/mixtral_compare.py" bin/bench_gpu "$work/mixtral" 2> "$work/mixtral.err") ||
   { status=1; mixtral="$mixtral
 mixtral_compare.py failed: $(tail -3 "$work/mixtral.err")"; }
 echo "$mixtral"
 say "layer benchmark done"
 
 # The issue's aims against the tables: each permute row at >= 80 % of the device copy,
-# the experts (on the rows the layer hands over) at >= 70 % of one GEMM, the layer faster
-# than transformers on each shape. Rows are "| shape | measure | ms | rate | ref | NN% |"
-# and "| shape | ours | theirs | 1.23x | agreement |".
+# the experts (on the bf16 rows the layer hands over) at >= 70 % of one GEMM, for even and
+# for routed row counts, each with the better of the two GEMM splits (named), the layer
+# faster than transformers on each shape. Rows are "| shape | measure | ms | rate | ref |
+# NN% |" and "| shape | ours | theirs | 1.23x | agreement |".
 aims() {
   echo "| aim | shape | measured | met |"
   echo "| --- | --- | --- | --- |"
   printf '%s\n' "$1" | awk -F'|' '
-    function row(aim, floor) {
-      pct = $7; gsub(/[ %]/, "", pct)
-      shape = $2; gsub(/^ +| +$/, "", shape)
-      printf "| %s | %s | %s%% | %s |\n", aim, shape, pct, (pct + 0 >= floor ? "yes" : "NO")
+    function trim(v) { gsub(/^ +| +$/, "", v); return v }
+    function percent(v) { gsub(/[ %]/, "", v); return v }
+    $3 ~ /^ permute/ {
+      pct = percent($7)
+      printf "| permute >= 80 %% of the copy | %s | %s%% | %s |\n", trim($2), pct, (pct + 0 >= 80 ? "yes" : "NO")
     }
-    $3 ~ /^ permute/ { row("permute >= 80 % of the copy", 80) }
-    $3 ~ /^ experts \(cuda_swiglu/ { row("experts >= 70 % of one GEMM", 70) }'
-  printf '%s\n' "$2" | awk -F'|' '$5 ~ /x *$/ {
-      x = $5; gsub(/[ x]/, "", x)
+    $3 ~ /^ experts \(cuda_swiglu/ {
+      # "experts (cuda_swiglu, bf16, SPLIT, COUNTS counts)"; tables from before the splits
+      # say "experts (cuda_swiglu, bf16)": per_expert on even counts.
+      how = "per_expert"; counts = "even"
+      if (match($3, /bf16, [a-z_]+, [a-z]+ counts/)) {
+        n = split(substr($3, RSTART + 6, RLENGTH - 13), part, ", ")
+        how = part[1]; counts = part[2]
+      }
+      key = trim($2) " (" counts " counts)"
+      pct = percent($7)
+      if (!(key in best)) order[++keys] = key
+      if (!(key in best) || pct + 0 > best[key] + 0) { best[key] = pct; by[key] = how }
+    }
+    END {
+      for (i = 1; i <= keys; i++) {
+        k = order[i]
+        printf "| experts >= 70 %% of one GEMM (%s) | %s | %s%% | %s |\n", by[k], k, best[k], (best[k] + 0 >= 70 ? "yes" : "NO")
+      }
+    }'
+  # The layer rows name the experts' GEMM split; the aim is on the default (per_expert),
+  # the other split is listed beside it for comparison.
+  printf '%s\n' "$2" | awk -F'|' '$5 ~ /x *(\((faster|SLOWER)\))? *$/ {
+      x = $5; gsub(/[ x]|\((faster|SLOWER)\)/, "", x)
       shape = $2; gsub(/^ +| +$/, "", shape)
-      printf "| layer faster than transformers | %s | %sx | %s |\n", shape, x, (x + 0 > 1 ? "yes" : "NO")
+      aim = shape ~ /gemm batched/ ? "(not an aim) layer faster, gemm batched" : "layer faster than transformers"
+      printf "| %s | %s | %sx | %s |\n", aim, shape, x, (x + 0 > 1 ? "yes" : "NO")
     }'
 }
 
