@@ -22,7 +22,9 @@
 #include <cstring>
 #include <deque>
 #include <memory>
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cuda_probe.hpp"
@@ -34,17 +36,20 @@
 namespace switchyard::cuda_swiglu {
 namespace {
 
-void check(cudaError_t e, const std::string& what) {
+// `what` is a view: the message is built on failure only, so that a forward's checks
+// allocate nothing.
+void check(cudaError_t e, std::string_view what) {
   if (e != cudaSuccess) {
-    throw Error(ErrorCode::kSystem,
-                "cuda_swiglu: " + what + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+    throw Error(ErrorCode::kSystem, "cuda_swiglu: " + std::string(what) + ": " +
+                                        cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
   }
 }
 
-void check(cublasStatus_t s, const std::string& what) {
+void check(cublasStatus_t s, std::string_view what) {
   if (s != CUBLAS_STATUS_SUCCESS) {
-    throw Error(ErrorCode::kSystem, "cuda_swiglu: " + what + ": " + cublasGetStatusName(s) + " (" +
-                                        cublasGetStatusString(s) + ")");
+    throw Error(ErrorCode::kSystem, "cuda_swiglu: " + std::string(what) + ": " +
+                                        cublasGetStatusName(s) + " (" + cublasGetStatusString(s) +
+                                        ")");
   }
 }
 
@@ -261,29 +266,30 @@ class CudaSwigluKernel final : public ExpertKernel {
     auto* act = act_.get(static_cast<std::size_t>(N * F) * element);
     auto* y = reinterpret_cast<std::byte*>(batch.output.data_as<float>());
 
-    const std::vector<GemmPiece> pieces =
-        plan_gemm_pieces(batch.rows_per_expert, split_, kBatchGranule, kExpertLanes);
-    std::vector<std::int64_t> first_row(weights_.size() + 1, 0);
+    plan_.make(batch.rows_per_expert, split_, kBatchGranule, kExpertLanes);
+    const std::span<const GemmPiece> pieces = plan_.pieces();
+    first_row_.assign(weights_.size() + 1, 0);
     for (std::size_t e = 0; e < weights_.size(); ++e)
-      first_row[e + 1] = first_row[e] + batch.rows_per_expert[e];
+      first_row_[e + 1] = first_row_[e] + batch.rows_per_expert[e];
 
     // Each piece's table on the device, kTableColumns words per expert of the piece: the
     // expert's first row of the piece, then the A, B and C pointers of the gate/up GEMM and
     // of the down GEMM (what a batched cuBLAS call reads from device memory).
     std::size_t words = 0;
-    for (const GemmPiece& p : pieces) words += kTableColumns * p.experts.size();
+    for (const GemmPiece& p : pieces) words += kTableColumns * p.expert_count;
     Table& table = free_table(words);
-    std::vector<std::size_t> table_at(pieces.size());
+    table_at_.resize(pieces.size());
     words = 0;
     for (std::size_t i = 0; i < pieces.size(); ++i) {
       const GemmPiece& p = pieces[i];
-      const std::size_t m = p.experts.size();
+      const std::span<const int> experts = plan_.experts(p);
+      const std::size_t m = experts.size();
       if (m > 65535) throw Error(ErrorCode::kInternal, "cuda_swiglu: too many experts in a piece");
-      table_at[i] = words;
+      table_at_[i] = words;
       std::uint64_t* column = table.host + words;
       for (std::size_t j = 0; j < m; ++j) {
-        const auto e = static_cast<std::size_t>(p.experts[j]);
-        const std::int64_t row = first_row[e] + p.first_row;
+        const auto e = static_cast<std::size_t>(experts[j]);
+        const std::int64_t row = first_row_[e] + p.first_row;
         auto address = [](const void* ptr) {
           return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(ptr));
         };
@@ -313,8 +319,8 @@ class CudaSwigluKernel final : public ExpertKernel {
     for (std::size_t i = 0; i < pieces.size(); ++i) {
       const GemmPiece& p = pieces[i];
       Lane& lane = lanes_[static_cast<std::size_t>(p.lane)];
-      const std::uint64_t* on_host = table.host + table_at[i];
-      const std::uint64_t* on_device = table.device + table_at[i];
+      const std::uint64_t* on_host = table.host + table_at_[i];
+      const std::uint64_t* on_device = table.device + table_at_[i];
       const auto* starts = reinterpret_cast<const std::int64_t*>(on_device);
       if (rounded != nullptr) {
         to_bf16_into(batch.input.data_as<const float>(), starts, p, H, rounded, lane.stream);
@@ -359,10 +365,10 @@ class CudaSwigluKernel final : public ExpertKernel {
   /// One GEMM of piece `p` on its lane: a plain cublasGemmEx for one expert (pointers from
   /// the host table), else one batched call over the piece's experts (pointer arrays from
   /// the device table). `column` is the table column of the A pointers (B and C follow).
-  static void gemm(const GemmPiece& p, const std::uint64_t* on_host, const std::uint64_t* on_device,
-                   std::size_t column, const GemmShape& shape, Lane& lane, const char* what) {
+  void gemm(const GemmPiece& p, const std::uint64_t* on_host, const std::uint64_t* on_device,
+            std::size_t column, const GemmShape& shape, Lane& lane, const char* what) const {
     const float one = 1.0f, zero = 0.0f;
-    const std::size_t m = p.experts.size();
+    const std::size_t m = p.expert_count;
     const auto out = static_cast<int>(shape.out), inner = static_cast<int>(shape.inner),
                n = static_cast<int>(p.rows);
     cublasStatus_t status;
@@ -384,9 +390,10 @@ class CudaSwigluKernel final : public ExpertKernel {
                               shape.in_type, inner, &zero, pointers(column + 2), shape.out_type,
                               out, static_cast<int>(m), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
+    if (status == CUBLAS_STATUS_SUCCESS) return;  // the message is built on failure only
     check(status, std::string(what) + " of local expert" + (m == 1 ? " " : "s ") +
-                      std::to_string(p.experts.front()) +
-                      (m == 1 ? "" : ".." + std::to_string(p.experts.back())) + ", rows " +
+                      std::to_string(plan_.experts(p).front()) +
+                      (m == 1 ? "" : ".." + std::to_string(plan_.experts(p).back())) + ", rows " +
                       std::to_string(p.first_row) + "+" + std::to_string(p.rows));
   }
 
@@ -395,11 +402,11 @@ class CudaSwigluKernel final : public ExpertKernel {
                            std::int64_t H, __nv_bfloat16* out, cudaStream_t stream) {
     const int threads = 256;
     if (H % 4 == 0 && aligned16(in) && aligned16(out)) {
-      to_bf16_x4<<<piece_grid(p.rows, H / 4, p.experts.size(), threads), threads, 0, stream>>>(
+      to_bf16_x4<<<piece_grid(p.rows, H / 4, p.expert_count, threads), threads, 0, stream>>>(
           reinterpret_cast<const float4*>(in), starts, p.rows, H / 4,
           reinterpret_cast<__nv_bfloat162*>(out));
     } else {
-      to_bf16<<<piece_grid(p.rows, H, p.experts.size(), threads), threads, 0, stream>>>(
+      to_bf16<<<piece_grid(p.rows, H, p.expert_count, threads), threads, 0, stream>>>(
           in, starts, p.rows, H, out);
     }
     check(cudaGetLastError(), "rounding the rows to bf16");
@@ -411,7 +418,7 @@ class CudaSwigluKernel final : public ExpertKernel {
                           const GemmPiece& p, std::int64_t F, std::byte* act,
                           cudaStream_t stream) const {
     const int threads = 256;
-    const std::size_t m = p.experts.size();
+    const std::size_t m = p.expert_count;
     if (F % 4 == 0 && aligned16(projected) && aligned16(act)) {
       const dim3 grid = piece_grid(p.rows, F / 4, m, threads);
       if (bf16_) {
@@ -544,6 +551,10 @@ class CudaSwigluKernel final : public ExpertKernel {
   const ExpertBatchNames names_{"cuda_swiglu"};
   cuda_common::DeviceScratch<std::byte> rows_, projected_, act_;
   std::deque<Table> tables_;
+  // Reused each forward (a forward allocates nothing once it has run at the largest sizes).
+  GemmPlan plan_;
+  std::vector<std::int64_t> first_row_;
+  std::vector<std::size_t> table_at_;
   std::size_t next_wait_ = 0;
 };
 

@@ -17,97 +17,88 @@ GemmSplit parse_gemm_split(std::string_view name) {
                   std::string(name) + "\"");
 }
 
-namespace {
-
-std::vector<GemmPiece> staircase(std::span<const std::int64_t> rows_per_expert,
-                                 std::int64_t granule) {
-  const auto experts = static_cast<int>(rows_per_expert.size());
-  // The rows of each expert that whole granules cover, and the distinct heights of those.
-  std::vector<std::int64_t> whole(rows_per_expert.size());
-  std::vector<std::int64_t> heights;
-  for (int e = 0; e < experts; ++e) {
-    whole[static_cast<std::size_t>(e)] =
-        rows_per_expert[static_cast<std::size_t>(e)] / granule * granule;
-    if (whole[static_cast<std::size_t>(e)] > 0)
-      heights.push_back(whole[static_cast<std::size_t>(e)]);
-  }
-  std::sort(heights.begin(), heights.end());
-  heights.erase(std::unique(heights.begin(), heights.end()), heights.end());
-
-  std::vector<GemmPiece> pieces;
-  std::vector<bool> finished(rows_per_expert.size(), false);
-  std::int64_t below = 0;
-  for (const std::int64_t height : heights) {
-    GemmPiece step;
-    for (int e = 0; e < experts; ++e) {
-      if (whole[static_cast<std::size_t>(e)] >= height) step.experts.push_back(e);
-    }
-    if (step.experts.size() == 1) {
-      // The last expert standing takes all its remaining rows at once: a batch of one is a
-      // plain GEMM, and one taller GEMM beats several short ones.
-      const int e = step.experts[0];
-      step.first_row = below;
-      step.rows = rows_per_expert[static_cast<std::size_t>(e)] - below;
-      finished[static_cast<std::size_t>(e)] = true;
-      pieces.push_back(std::move(step));
-      break;
-    }
-    step.first_row = below;
-    step.rows = height - below;
-    pieces.push_back(std::move(step));
-    below = height;
-  }
-  // Each expert's rest: fewer rows than a granule.
-  for (int e = 0; e < experts; ++e) {
-    const auto i = static_cast<std::size_t>(e);
-    if (finished[i] || rows_per_expert[i] == whole[i]) continue;
-    pieces.push_back(GemmPiece{{e}, whole[i], rows_per_expert[i] - whole[i], 0});
-  }
-  return pieces;
-}
-
-/// Largest piece first onto the least loaded lane (the lower lane on ties).
-void balance_lanes(std::vector<GemmPiece>& pieces, int lanes) {
-  auto work = [](const GemmPiece& p) {
-    return p.rows * static_cast<std::int64_t>(p.experts.size());
-  };
-  std::vector<std::size_t> order(pieces.size());
-  std::iota(order.begin(), order.end(), std::size_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return work(pieces[a]) > work(pieces[b]); });
-  std::vector<std::int64_t> load(static_cast<std::size_t>(lanes), 0);
-  for (const std::size_t i : order) {
-    const auto lane =
-        static_cast<std::size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-    pieces[i].lane = static_cast<int>(lane);
-    load[lane] += work(pieces[i]);
-  }
-}
-
-}  // namespace
-
-std::vector<GemmPiece> plan_gemm_pieces(std::span<const std::int64_t> rows_per_expert,
-                                        GemmSplit split, std::int64_t granule, int lanes) {
+void GemmPlan::make(std::span<const std::int64_t> rows_per_expert, GemmSplit split,
+                    std::int64_t granule, int lanes) {
   if (lanes < 1 || granule < 1) {
     throw Error(ErrorCode::kInternal, "cuda_swiglu: a GEMM plan needs lanes >= 1 and granule >= 1");
   }
   for (const std::int64_t n : rows_per_expert) {
     if (n < 0) throw Error(ErrorCode::kInternal, "cuda_swiglu: a negative row count");
   }
+  pieces_.clear();
+  experts_.clear();
   if (split == GemmSplit::kPerExpert) {
-    std::vector<GemmPiece> pieces;
     for (std::size_t e = 0; e < rows_per_expert.size(); ++e) {
       if (rows_per_expert[e] == 0) continue;
-      pieces.push_back(GemmPiece{{static_cast<int>(e)},
-                                 0,
-                                 rows_per_expert[e],
-                                 static_cast<int>(e % static_cast<std::size_t>(lanes))});
+      experts_.push_back(static_cast<int>(e));
+      add_piece(0, rows_per_expert[e], static_cast<int>(e % static_cast<std::size_t>(lanes)),
+                experts_.size() - 1);
     }
-    return pieces;
+    return;
   }
-  std::vector<GemmPiece> pieces = staircase(rows_per_expert, granule);
-  balance_lanes(pieces, lanes);
-  return pieces;
+  staircase(rows_per_expert, granule);
+  balance_lanes(lanes);
+}
+
+void GemmPlan::add_piece(std::int64_t first_row, std::int64_t rows, int lane,
+                         std::size_t expert_at) {
+  pieces_.push_back(GemmPiece{first_row, rows, lane, expert_at, experts_.size() - expert_at});
+}
+
+void GemmPlan::staircase(std::span<const std::int64_t> rows_per_expert, std::int64_t granule) {
+  const std::size_t count = rows_per_expert.size();
+  // The rows of each expert that whole granules cover, and the distinct heights of those.
+  whole_.resize(count);
+  heights_.clear();
+  for (std::size_t e = 0; e < count; ++e) {
+    whole_[e] = rows_per_expert[e] / granule * granule;
+    if (whole_[e] > 0) heights_.push_back(whole_[e]);
+  }
+  std::sort(heights_.begin(), heights_.end());
+  heights_.erase(std::unique(heights_.begin(), heights_.end()), heights_.end());
+
+  std::int64_t below = 0;
+  int alone = -1;  // the expert left alone on the highest steps, if any
+  for (const std::int64_t height : heights_) {
+    const std::size_t at = experts_.size();
+    for (std::size_t e = 0; e < count; ++e) {
+      if (whole_[e] >= height) experts_.push_back(static_cast<int>(e));
+    }
+    if (experts_.size() - at == 1) {
+      // The last expert standing takes all its remaining rows at once: a batch of one is a
+      // plain GEMM, and one taller GEMM beats several short ones.
+      alone = experts_[at];
+      add_piece(below, rows_per_expert[static_cast<std::size_t>(alone)] - below, 0, at);
+      break;
+    }
+    add_piece(below, height - below, 0, at);
+    below = height;
+  }
+  // Each expert's rest: fewer rows than a granule.
+  for (std::size_t e = 0; e < count; ++e) {
+    if (static_cast<int>(e) == alone || rows_per_expert[e] == whole_[e]) continue;
+    experts_.push_back(static_cast<int>(e));
+    add_piece(whole_[e], rows_per_expert[e] - whole_[e], 0, experts_.size() - 1);
+  }
+}
+
+/// Largest piece first onto the least loaded lane (the lower lane on ties).
+void GemmPlan::balance_lanes(int lanes) {
+  auto work = [](const GemmPiece& p) { return p.rows * static_cast<std::int64_t>(p.expert_count); };
+  order_.resize(pieces_.size());
+  std::iota(order_.begin(), order_.end(), std::size_t{0});
+  // A stable order without std::stable_sort, which may allocate: ties by index.
+  std::sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) {
+    const std::int64_t wa = work(pieces_[a]), wb = work(pieces_[b]);
+    return wa != wb ? wa > wb : a < b;
+  });
+  load_.assign(static_cast<std::size_t>(lanes), 0);
+  for (const std::size_t i : order_) {
+    const auto lane =
+        static_cast<std::size_t>(std::min_element(load_.begin(), load_.end()) - load_.begin());
+    pieces_[i].lane = static_cast<int>(lane);
+    load_[lane] += work(pieces_[i]);
+  }
 }
 
 }  // namespace switchyard::cuda_swiglu

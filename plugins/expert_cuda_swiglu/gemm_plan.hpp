@@ -25,21 +25,45 @@ enum class GemmSplit {
 /// `Error(kInvalidArgument)` on anything else.
 GemmSplit parse_gemm_split(std::string_view name);
 
-/// Rows [first_row, first_row + rows) of each expert in `experts`, counted from the expert's
-/// own first row: one cuBLAS call (batched when there are several experts), run on `lane`.
+/// Rows [first_row, first_row + rows) of each of the piece's experts, counted from the
+/// expert's own first row: one cuBLAS call (batched when there are several experts), run on
+/// `lane`.
 struct GemmPiece {
-  std::vector<int> experts;  ///< local expert indices, ascending; never empty
   std::int64_t first_row = 0;
-  std::int64_t rows = 0;  ///< > 0; the same for every expert of the piece
-  int lane = 0;           ///< in [0, lanes)
+  std::int64_t rows = 0;      ///< > 0; the same for every expert of the piece
+  int lane = 0;               ///< in [0, lanes)
+  std::size_t expert_at = 0;  ///< where its experts start in GemmPlan::experts()
+  std::size_t expert_count = 0;
 };
 
-/// The pieces of one forward: every row of every expert in exactly one piece. With
-/// `kBatched`, step heights are multiples of `granule` (> 0) except where one expert is
-/// left, which takes all its remaining rows in one piece; lanes are given largest piece
-/// first to the least loaded lane. `rows_per_expert` entries must be >= 0; `lanes` >= 1.
-/// Deterministic: the same counts give the same plan.
-std::vector<GemmPiece> plan_gemm_pieces(std::span<const std::int64_t> rows_per_expert,
-                                        GemmSplit split, std::int64_t granule, int lanes);
+/// The pieces of one forward: every row of every expert in exactly one piece. Kept by the
+/// kernel and made again each forward: once it has held a plan as large, making one
+/// allocates nothing. Not thread-safe.
+class GemmPlan {
+ public:
+  /// Plans `rows_per_expert` (entries >= 0) over `lanes` (>= 1) lanes. With `kBatched`, step
+  /// heights are multiples of `granule` (> 0) except where one expert is left, which takes
+  /// all its remaining rows in one piece; lanes are given largest piece first to the least
+  /// loaded lane. Deterministic: the same counts give the same plan.
+  void make(std::span<const std::int64_t> rows_per_expert, GemmSplit split, std::int64_t granule,
+            int lanes);
+
+  std::span<const GemmPiece> pieces() const noexcept { return pieces_; }
+  /// The local expert indices of `piece`, ascending; never empty.
+  std::span<const int> experts(const GemmPiece& piece) const noexcept {
+    return std::span<const int>(experts_).subspan(piece.expert_at, piece.expert_count);
+  }
+
+ private:
+  void staircase(std::span<const std::int64_t> rows_per_expert, std::int64_t granule);
+  void balance_lanes(int lanes);
+  void add_piece(std::int64_t first_row, std::int64_t rows, int lane, std::size_t expert_at);
+
+  std::vector<GemmPiece> pieces_;
+  std::vector<int> experts_;
+  // Scratch, kept for its capacity.
+  std::vector<std::int64_t> whole_, heights_, load_;
+  std::vector<std::size_t> order_;
+};
 
 }  // namespace switchyard::cuda_swiglu

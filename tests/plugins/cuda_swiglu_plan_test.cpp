@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "allocation_counter.hpp"
 #include "gemm_plan.hpp"
 #include "switchyard/config.hpp"
 #include "switchyard/plugin.hpp"
@@ -23,11 +24,25 @@ struct Expected {
   int lane;
 };
 
-void check_plan(const std::vector<GemmPiece>& got, const std::vector<Expected>& expected) {
+/// The plan of `rows` (a fresh plan each time).
+GemmPlan plan_of(const std::vector<std::int64_t>& rows, GemmSplit split, std::int64_t granule,
+                 int lanes) {
+  GemmPlan plan;
+  plan.make(rows, split, granule, lanes);
+  return plan;
+}
+
+std::vector<int> experts_of(const GemmPlan& plan, const GemmPiece& piece) {
+  const auto experts = plan.experts(piece);
+  return {experts.begin(), experts.end()};
+}
+
+void check_plan(const GemmPlan& plan, const std::vector<Expected>& expected) {
+  const auto got = plan.pieces();
   REQUIRE(got.size() == expected.size());
   for (std::size_t i = 0; i < got.size(); ++i) {
     CAPTURE(i);
-    CHECK(got[i].experts == expected[i].experts);
+    CHECK(experts_of(plan, got[i]) == expected[i].experts);
     CHECK(got[i].first_row == expected[i].first_row);
     CHECK(got[i].rows == expected[i].rows);
     CHECK(got[i].lane == expected[i].lane);
@@ -36,12 +51,12 @@ void check_plan(const std::vector<GemmPiece>& got, const std::vector<Expected>& 
 
 /// How many pieces cover each row of each expert.
 std::vector<std::vector<int>> coverage(const std::vector<std::int64_t>& rows,
-                                       const std::vector<GemmPiece>& pieces) {
+                                       const GemmPlan& plan) {
   std::vector<std::vector<int>> covered(rows.size());
   for (std::size_t e = 0; e < rows.size(); ++e)
     covered[e].assign(static_cast<std::size_t>(rows[e]), 0);
-  for (const GemmPiece& p : pieces) {
-    for (const int e : p.experts) {
+  for (const GemmPiece& p : plan.pieces()) {
+    for (const int e : plan.experts(p)) {
       REQUIRE(e >= 0);
       REQUIRE(static_cast<std::size_t>(e) < rows.size());
       REQUIRE(p.first_row >= 0);
@@ -62,42 +77,40 @@ TEST_CASE("the batched plan of a hand-worked histogram: steps, the last expert s
   // (rows × experts: 16, 12, 5, 1, 3), largest first onto the least loaded of three lanes:
   // 16→0, 12→1, 5→2, 3→2 (load 8), 1→2 (load 9 < 12).
   const std::vector<std::int64_t> rows{9, 0, 4, 13, 3, 8};
-  check_plan(plan_gemm_pieces(rows, GemmSplit::kBatched, 4, 3), {{{0, 2, 3, 5}, 0, 4, 0},
-                                                                 {{0, 3, 5}, 4, 4, 1},
-                                                                 {{3}, 8, 5, 2},
-                                                                 {{0}, 8, 1, 2},
-                                                                 {{4}, 0, 3, 2}});
+  check_plan(plan_of(rows, GemmSplit::kBatched, 4, 3), {{{0, 2, 3, 5}, 0, 4, 0},
+                                                        {{0, 3, 5}, 4, 4, 1},
+                                                        {{3}, 8, 5, 2},
+                                                        {{0}, 8, 1, 2},
+                                                        {{4}, 0, 3, 2}});
   // One piece per expert with rows, expert e on lane e mod 3.
-  check_plan(plan_gemm_pieces(rows, GemmSplit::kPerExpert, 4, 3),
+  check_plan(plan_of(rows, GemmSplit::kPerExpert, 4, 3),
              {{{0}, 0, 9, 0}, {{2}, 0, 4, 2}, {{3}, 0, 13, 0}, {{4}, 0, 3, 1}, {{5}, 0, 8, 2}});
 }
 
 TEST_CASE("batched plans of equal counts, one expert, no rows, and rows under a granule") {
   // Equal whole-granule counts: one batched GEMM of every expert.
-  check_plan(
-      plan_gemm_pieces(std::vector<std::int64_t>{256, 256, 256}, GemmSplit::kBatched, 128, 8),
-      {{{0, 1, 2}, 0, 256, 0}});
+  check_plan(plan_of(std::vector<std::int64_t>{256, 256, 256}, GemmSplit::kBatched, 128, 8),
+             {{{0, 1, 2}, 0, 256, 0}});
   // Equal counts with a rest: one step, then three rests on the next lanes.
-  check_plan(
-      plan_gemm_pieces(std::vector<std::int64_t>{130, 130, 130}, GemmSplit::kBatched, 128, 8),
-      {{{0, 1, 2}, 0, 128, 0}, {{0}, 128, 2, 1}, {{1}, 128, 2, 2}, {{2}, 128, 2, 3}});
+  check_plan(plan_of(std::vector<std::int64_t>{130, 130, 130}, GemmSplit::kBatched, 128, 8),
+             {{{0, 1, 2}, 0, 128, 0}, {{0}, 128, 2, 1}, {{1}, 128, 2, 2}, {{2}, 128, 2, 3}});
   // One expert with rows: one plain GEMM of all of them.
-  check_plan(plan_gemm_pieces(std::vector<std::int64_t>{0, 300, 0}, GemmSplit::kBatched, 128, 8),
+  check_plan(plan_of(std::vector<std::int64_t>{0, 300, 0}, GemmSplit::kBatched, 128, 8),
              {{{1}, 0, 300, 0}});
-  CHECK(plan_gemm_pieces(std::vector<std::int64_t>{0, 0}, GemmSplit::kBatched, 128, 8).empty());
-  CHECK(plan_gemm_pieces(std::vector<std::int64_t>{}, GemmSplit::kPerExpert, 128, 8).empty());
+  CHECK(plan_of({0, 0}, GemmSplit::kBatched, 128, 8).pieces().empty());
+  CHECK(plan_of({}, GemmSplit::kPerExpert, 128, 8).pieces().empty());
   // Nothing reaches a granule: every expert alone.
-  check_plan(plan_gemm_pieces(std::vector<std::int64_t>{5, 7}, GemmSplit::kBatched, 128, 1),
+  check_plan(plan_of(std::vector<std::int64_t>{5, 7}, GemmSplit::kBatched, 128, 1),
              {{{0}, 0, 5, 0}, {{1}, 0, 7, 0}});
 }
 
 TEST_CASE("every row of every expert in exactly one piece, over many histograms") {
   std::mt19937 rng(11);
   for (int trial = 0; trial < 400; ++trial) {
-    const int experts = 1 + static_cast<int>(rng() % 40);
+    const int expert_count = 1 + static_cast<int>(rng() % 40);
     const std::int64_t granule = std::vector<std::int64_t>{1, 3, 16, 128}[rng() % 4];
     const int lanes = 1 + static_cast<int>(rng() % 9);
-    std::vector<std::int64_t> rows(static_cast<std::size_t>(experts));
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(expert_count));
     for (auto& n : rows) {
       switch (rng() % 4) {
         case 0:
@@ -116,15 +129,16 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
     }
     CAPTURE(trial);
     for (const GemmSplit split : {GemmSplit::kPerExpert, GemmSplit::kBatched}) {
-      const auto pieces = plan_gemm_pieces(rows, split, granule, lanes);
+      const GemmPlan plan = plan_of(rows, split, granule, lanes);
       std::size_t steps = 0;
-      for (const GemmPiece& p : pieces) {
-        REQUIRE(!p.experts.empty());
+      for (const GemmPiece& p : plan.pieces()) {
+        const std::vector<int> experts = experts_of(plan, p);
+        REQUIRE(!experts.empty());
         CHECK(p.rows > 0);
         CHECK(p.lane >= 0);
         CHECK(p.lane < lanes);
-        for (std::size_t i = 1; i < p.experts.size(); ++i) CHECK(p.experts[i - 1] < p.experts[i]);
-        if (p.experts.size() > 1) {
+        for (std::size_t i = 1; i < experts.size(); ++i) CHECK(experts[i - 1] < experts[i]);
+        if (experts.size() > 1) {
           ++steps;
           CHECK(split == GemmSplit::kBatched);
           CHECK(p.first_row % granule == 0);
@@ -132,12 +146,12 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
         } else if (split == GemmSplit::kBatched) {
           // A rest (under a granule, after the expert's whole granules) or the last expert
           // standing (from a granule boundary to its last row).
-          const std::int64_t n = rows[static_cast<std::size_t>(p.experts[0])];
+          const std::int64_t n = rows[static_cast<std::size_t>(experts[0])];
           CHECK(p.first_row % granule == 0);
           CHECK(p.first_row + p.rows == n);
         }
       }
-      for (const auto& expert : coverage(rows, pieces))
+      for (const auto& expert : coverage(rows, plan))
         for (const int times : expert) REQUIRE(times == 1);
       // At most one step per distinct whole-granule height.
       std::vector<std::int64_t> heights;
@@ -162,11 +176,11 @@ TEST_CASE("uniform routing at E=64, k=8, T=8192: batched steps take most rows, t
     }
     for (int e : chosen) ++rows[static_cast<std::size_t>(e)];
   }
-  const auto pieces = plan_gemm_pieces(rows, GemmSplit::kBatched, 128, 8);
+  const GemmPlan plan = plan_of(rows, GemmSplit::kBatched, 128, 8);
   std::int64_t batched = 0, steps = 0;
-  for (const GemmPiece& p : pieces) {
-    if (p.experts.size() > 1) {
-      batched += p.rows * static_cast<std::int64_t>(p.experts.size());
+  for (const GemmPiece& p : plan.pieces()) {
+    if (p.expert_count > 1) {
+      batched += p.rows * static_cast<std::int64_t>(p.expert_count);
       ++steps;
     }
   }
@@ -175,13 +189,31 @@ TEST_CASE("uniform routing at E=64, k=8, T=8192: batched steps take most rows, t
   CHECK(steps <= 3);
 }
 
+TEST_CASE("planning again into a plan that held a larger one allocates nothing") {
+  // The kernel plans every forward; after the first forwards of the largest counts it must
+  // not allocate.
+  const std::vector<std::int64_t> large{300, 0, 129, 260, 5, 128, 700, 1};
+  const std::vector<std::int64_t> other{130, 3, 0, 260, 200, 128, 1, 1};
+  GemmPlan plan;
+  for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
+    plan.make(large, split, 128, 8);
+  }
+  test::start_counting_allocations();
+  for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
+    plan.make(other, split, 128, 8);
+    plan.make(large, split, 128, 8);
+  }
+  const test::AllocationCounts counts = test::stop_counting_allocations();
+  INFO(test::first_counted_allocation());
+  CHECK(counts.ours == 0);
+}
+
 TEST_CASE("gemm names the split, and anything else is refused") {
   CHECK(parse_gemm_split("per_expert") == GemmSplit::kPerExpert);
   CHECK(parse_gemm_split("batched") == GemmSplit::kBatched);
   CHECK_THROWS_AS(parse_gemm_split("grouped"), Error);
-  CHECK_THROWS_AS(plan_gemm_pieces(std::vector<std::int64_t>{1}, GemmSplit::kBatched, 0, 1), Error);
-  CHECK_THROWS_AS(plan_gemm_pieces(std::vector<std::int64_t>{-1}, GemmSplit::kBatched, 4, 1),
-                  Error);
+  CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{1}, GemmSplit::kBatched, 0, 1), Error);
+  CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{-1}, GemmSplit::kBatched, 4, 1), Error);
 }
 
 #if defined(SWITCHYARD_TEST_CUDA_PLUGINS)
