@@ -161,8 +161,8 @@ int kernels() {
     cudaFree(copy);
     cudaFree(token);
 
-    // Experts: S rows spread evenly over E bf16 experts, against one GEMM of the same FLOPs.
-    std::vector<std::uint16_t> none;
+    // Experts: S rows over E bf16 experts (even counts, and the counts of uniform routing),
+    // each way of splitting the GEMMs, against one GEMM of the same FLOPs.
     std::vector<std::vector<std::uint16_t>> host(static_cast<std::size_t>(shape.E) * 3);
     std::vector<SwigluExpertWeights> views;
     for (int e = 0; e < shape.E; ++e) {
