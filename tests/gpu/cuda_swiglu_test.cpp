@@ -78,7 +78,7 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
   // Sizes that move four elements at a time, then odd sizes (element-wise kernels) with
   // more experts than the kernel has streams (a stream reused). Then histograms over the
   // 128-row granule of the batched split: steps [0,128) of experts 0 2 3 5 and [128,256) of
-  // 0 3, rests of 44, 1, 4 and 5 rows; and (odd sizes) a step of two experts, one alone.
+  // 0 3, rests of 44, 1, 4 and 5 rows; and (odd sizes) a step of experts 0 1 4, then 4 alone.
   for (const auto& [H, F, rows] : std::vector<Case>{{96, 160, {5, 0, 17, 1}},
                                                     {35, 50, {3, 9, 0, 4, 7, 1, 12, 2, 5}},
                                                     {64, 96, {300, 0, 129, 260, 5, 128}},
