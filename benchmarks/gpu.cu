@@ -184,19 +184,26 @@ int kernels() {
     args.hidden = static_cast<int>(H);
     args.ffn_hidden = static_cast<int>(F);
     args.experts = views;
-    auto experts_split = [&](const char* split) {
+    // Each way of splitting the GEMMs: per expert, and batched steps of 128 and of 64 rows.
+    struct Split {
+      const char* gemm;
+      std::int64_t granule;
+      const char* name;
+    };
+    const Split splits[] = {{"per_expert", 128, "per_expert"},
+                            {"batched", 128, "batched 128"},
+                            {"batched", 64, "batched 64"}};
+    std::vector<std::shared_ptr<ExpertKernel>> experts;
+    for (const Split& split : splits) {
       Config config;
-      config.set("experts", "gemm", std::string(split));
+      config.set("experts", "gemm", std::string(split.gemm));
+      config.set("experts", "batch_granule", split.granule);
       const ConfigSection options =
           config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
       args.options = &options;  // read when the kernel is created, not after
-      auto kernel = registry.create_expert("cuda_swiglu", args);
+      experts.push_back(registry.create_expert("cuda_swiglu", args));
       args.options = nullptr;
-      return kernel;
-    };
-    const char* const splits[] = {"per_expert", "batched"};
-    const std::shared_ptr<ExpertKernel> experts[] = {experts_split(splits[0]),
-                                                     experts_split(splits[1])};
+    }
     float* out;
     check(cudaMalloc(&out, S * H * 4), "out");
     // Rows per expert: even, and as uniform routing gives them (each token to k distinct
@@ -224,10 +231,10 @@ int kernels() {
     };
     std::vector<Timed> timed;
     for (const auto* counts : {&even, &routed})
-      for (int i = 0; i < 2; ++i) {
+      for (std::size_t i = 0; i < experts.size(); ++i) {
         const ExpertBatch batch{TensorView(rows16, DType::kBF16, {S, H}, Device::cuda(0)), *counts,
                                 TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
-        timed.push_back({std::string("experts (cuda_swiglu, bf16, ") + splits[i] + ", " +
+        timed.push_back({std::string("experts (cuda_swiglu, bf16, ") + splits[i].name + ", " +
                              (counts == &even ? "even" : "routed") + " counts)",
                          median_ms(stream.s, 10, [&] { experts[i]->forward(batch, stream); })});
       }

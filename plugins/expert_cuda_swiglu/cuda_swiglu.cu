@@ -142,8 +142,12 @@ void declare_options(ConfigSchema& s) {
   s.add("gemm", ConfigType::kString, ConfigValue{std::string("per_expert")},
         "how the experts' GEMMs are split into cuBLAS calls: per_expert (one GEMM per expert, "
         "on 8 streams) or batched (the same rows of many experts in one batched GEMM, then "
-        "each expert's rest of under 128 rows)",
+        "each expert's rest of under batch_granule rows)",
         checks::one_of({"per_expert", "batched"}));
+  s.add("batch_granule", ConfigType::kInt, ConfigValue{std::int64_t{128}},
+        "with gemm = batched: the batched steps' heights are multiples of this many rows "
+        "(smaller leaves shorter rests, larger makes fewer, taller steps)",
+        checks::int_range(1, 1 << 20));
 }
 
 /// Host f16 bits to f32 (exact).
@@ -178,7 +182,8 @@ class CudaSwigluKernel final : public ExpertKernel {
       : hidden_(args.hidden),
         ffn_hidden_(args.ffn_hidden),
         split_(args.options != nullptr ? parse_gemm_split(args.options->get_string("gemm"))
-                                       : GemmSplit::kPerExpert) {
+                                       : GemmSplit::kPerExpert),
+        batch_granule_(args.options != nullptr ? args.options->get_int("batch_granule") : 128) {
     int devices = 0;
     check(cudaGetDeviceCount(&devices), "counting devices");
     const auto info = LaunchInfo::from_environment();
@@ -266,7 +271,7 @@ class CudaSwigluKernel final : public ExpertKernel {
     auto* act = act_.get(static_cast<std::size_t>(N * F) * element);
     auto* y = reinterpret_cast<std::byte*>(batch.output.data_as<float>());
 
-    plan_.make(batch.rows_per_expert, split_, kBatchGranule, kExpertLanes);
+    plan_.make(batch.rows_per_expert, split_, batch_granule_, kExpertLanes);
     const std::span<const GemmPiece> pieces = plan_.pieces();
     first_row_.assign(weights_.size() + 1, 0);
     for (std::size_t e = 0; e < weights_.size(); ++e)
@@ -538,9 +543,9 @@ class CudaSwigluKernel final : public ExpertKernel {
   int device_ = 0;
   bool bf16_ = false;
   GemmSplit split_;
-  static constexpr int kExpertLanes = 8;
   /// Batched steps come in whole multiples of this many rows (a GEMM tile's height).
-  static constexpr std::int64_t kBatchGranule = 128;
+  std::int64_t batch_granule_;
+  static constexpr int kExpertLanes = 8;
   /// Words of a piece's table per expert: its first row, then A, B, C of each GEMM.
   static constexpr std::size_t kTableColumns = 7;
   static constexpr std::size_t kMaxTables = 16;

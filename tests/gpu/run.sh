@@ -149,10 +149,11 @@ aims() {
       printf "| permute >= 80 %% of the copy | %s | %s%% | %s |\n", trim($2), pct, (pct + 0 >= 80 ? "yes" : "NO")
     }
     $3 ~ /^ experts \(cuda_swiglu/ {
-      # "experts (cuda_swiglu, bf16, SPLIT, COUNTS counts)"; tables from before the splits
-      # say "experts (cuda_swiglu, bf16)": per_expert on even counts.
+      # "experts (cuda_swiglu, bf16, SPLIT, COUNTS counts)", SPLIT "per_expert" or "batched
+      # GRANULE"; tables from before the splits say "experts (cuda_swiglu, bf16)": per_expert
+      # on even counts.
       how = "per_expert"; counts = "even"
-      if (match($3, /bf16, [a-z_]+, [a-z]+ counts/)) {
+      if (match($3, /bf16, [a-z_]+( [0-9]+)?, [a-z]+ counts/)) {
         n = split(substr($3, RSTART + 6, RLENGTH - 13), part, ", ")
         how = part[1]; counts = part[2]
       }

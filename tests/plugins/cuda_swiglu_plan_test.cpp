@@ -217,17 +217,22 @@ TEST_CASE("gemm names the split, and anything else is refused") {
 }
 
 #if defined(SWITCHYARD_TEST_CUDA_PLUGINS)
-TEST_CASE("the cuda_swiglu plugin declares [experts] gemm, per_expert unless set") {
+TEST_CASE(
+    "the cuda_swiglu plugin declares [experts] gemm (per_expert unless set) and batch_granule") {
   // The plugin loads without a GPU; its options are read before a kernel is created.
   const PluginRegistry registry(PluginRegistry::default_search_path());
   const ConfigSchema schema = registry.options(PluginKind::kExpert, "cuda_swiglu");
   Config unset;
   CHECK(unset.section("experts", schema).get_string("gemm") == "per_expert");
+  CHECK(unset.section("experts", schema).get_int("batch_granule") == 128);
   Config batched;
   batched.set("experts", "gemm", std::string("batched"));
   CHECK(batched.section("experts", schema).get_string("gemm") == "batched");
   Config other;
   other.set("experts", "gemm", std::string("grouped"));
   CHECK_THROWS_AS(other.section("experts", schema), Error);
+  Config no_rows;
+  no_rows.set("experts", "batch_granule", std::int64_t{0});
+  CHECK_THROWS_AS(no_rows.section("experts", schema), Error);
 }
 #endif
