@@ -213,6 +213,8 @@ class CudaSwigluKernel final : public ExpertKernel {
       upload(w.up, static_cast<std::byte*>(d.gate_up) + static_cast<std::size_t>(F * H) * element);
       upload(w.down, d.down);
       weights_.push_back(d);
+      gate_up_weights_.push_back(d.gate_up);
+      down_weights_.push_back(d.down);
     }
   }
   ~CudaSwigluKernel() override {
@@ -273,41 +275,29 @@ class CudaSwigluKernel final : public ExpertKernel {
 
     plan_.make(batch.rows_per_expert, split_, batch_granule_, kExpertLanes);
     const std::span<const GemmPiece> pieces = plan_.pieces();
-    first_row_.assign(weights_.size() + 1, 0);
-    for (std::size_t e = 0; e < weights_.size(); ++e)
-      first_row_[e + 1] = first_row_[e] + batch.rows_per_expert[e];
-
-    // Each piece's table on the device, kTableColumns words per expert of the piece: the
-    // expert's first row of the piece, then the A, B and C pointers of the gate/up GEMM and
-    // of the down GEMM (what a batched cuBLAS call reads from device memory).
-    std::size_t words = 0;
-    for (const GemmPiece& p : pieces) words += kTableColumns * p.expert_count;
-    Table& table = free_table(words);
-    table_at_.resize(pieces.size());
-    words = 0;
-    for (std::size_t i = 0; i < pieces.size(); ++i) {
-      const GemmPiece& p = pieces[i];
-      const std::span<const int> experts = plan_.experts(p);
-      const std::size_t m = experts.size();
-      if (m > 65535) throw Error(ErrorCode::kInternal, "cuda_swiglu: too many experts in a piece");
-      table_at_[i] = words;
-      std::uint64_t* column = table.host + words;
-      for (std::size_t j = 0; j < m; ++j) {
-        const auto e = static_cast<std::size_t>(experts[j]);
-        const std::int64_t row = first_row_[e] + p.first_row;
-        auto address = [](const void* ptr) {
-          return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(ptr));
-        };
-        column[j] = static_cast<std::uint64_t>(row);
-        column[m + j] = address(weights_[e].gate_up);
-        column[2 * m + j] = address(x + static_cast<std::size_t>(row * H) * x_element);
-        column[3 * m + j] = address(projected + static_cast<std::size_t>(row * 2 * F) * element);
-        column[4 * m + j] = address(weights_[e].down);
-        column[5 * m + j] = address(act + static_cast<std::size_t>(row * F) * element);
-        column[6 * m + j] = address(y + static_cast<std::size_t>(row * H) * 4);
+    for (const GemmPiece& p : pieces) {
+      // A batched piece's experts are the y dimension of its row kernels' grids.
+      if (p.expert_count > 65535) {
+        throw Error(ErrorCode::kInternal, "cuda_swiglu: too many experts in a piece");
       }
-      words += kTableColumns * m;
     }
+    // The pieces' table (gemm_plan.hpp), written in pinned memory and copied to the device
+    // on the caller's stream: the row kernels read the start rows from it, batched GEMMs
+    // their pointer arrays.
+    const std::size_t words = plan_.table_words();
+    Table& table = free_table(words);
+    GemmOperands operands;
+    operands.gate_up = gate_up_weights_;
+    operands.down = down_weights_;
+    operands.rows = x;
+    operands.row_bytes = static_cast<std::size_t>(H) * x_element;
+    operands.projected = projected;
+    operands.projected_row_bytes = static_cast<std::size_t>(2 * F) * element;
+    operands.act = act;
+    operands.act_row_bytes = static_cast<std::size_t>(F) * element;
+    operands.out = y;
+    operands.out_row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+    plan_.fill_table(batch.rows_per_expert, operands, std::span<std::uint64_t>(table.host, words));
     check(cudaMemcpyAsync(table.device, table.host, words * sizeof(std::uint64_t),
                           cudaMemcpyHostToDevice, s),
           "copying the GEMM pointers to the device");
@@ -324,18 +314,20 @@ class CudaSwigluKernel final : public ExpertKernel {
     for (std::size_t i = 0; i < pieces.size(); ++i) {
       const GemmPiece& p = pieces[i];
       Lane& lane = lanes_[static_cast<std::size_t>(p.lane)];
-      const std::uint64_t* on_host = table.host + table_at_[i];
-      const std::uint64_t* on_device = table.device + table_at_[i];
-      const auto* starts = reinterpret_cast<const std::int64_t*>(on_device);
+      const std::uint64_t* on_host = table.host + plan_.table_at(i);
+      const std::uint64_t* on_device = table.device + plan_.table_at(i);
+      const auto* starts = reinterpret_cast<const std::int64_t*>(on_device + kStartRow);
       if (rounded != nullptr) {
         to_bf16_into(batch.input.data_as<const float>(), starts, p, H, rounded, lane.stream);
       }
       const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
       // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
-      gemm(p, on_host, on_device, 1, GemmShape{2 * F, H, type, type}, lane, "gate and up GEMM");
+      gemm(p, on_host, on_device, kGateUpWeights, GemmShape{2 * F, H, type, type}, lane,
+           "gate and up GEMM");
       silu_times_up_into(projected, starts, p, F, act, lane.stream);
       // Row-major [n,H] = act [n,F] · downᵀ.
-      gemm(p, on_host, on_device, 4, GemmShape{H, F, type, CUDA_R_32F}, lane, "down GEMM");
+      gemm(p, on_host, on_device, kDownWeights, GemmShape{H, F, type, CUDA_R_32F}, lane,
+           "down GEMM");
     }
     // Join: the caller's stream waits for every lane used; the table is free again when
     // the caller's stream gets there.
@@ -546,8 +538,6 @@ class CudaSwigluKernel final : public ExpertKernel {
   /// Batched steps come in whole multiples of this many rows (a GEMM tile's height).
   std::int64_t batch_granule_;
   static constexpr int kExpertLanes = 8;
-  /// Words of a piece's table per expert: its first row, then A, B, C of each GEMM.
-  static constexpr std::size_t kTableColumns = 7;
   static constexpr std::size_t kMaxTables = 16;
 
   std::array<Lane, kExpertLanes> lanes_;
@@ -558,8 +548,8 @@ class CudaSwigluKernel final : public ExpertKernel {
   std::deque<Table> tables_;
   // Reused each forward (a forward allocates nothing once it has run at the largest sizes).
   GemmPlan plan_;
-  std::vector<std::int64_t> first_row_;
-  std::vector<std::size_t> table_at_;
+  // Each local expert's weights on the device, as the plan's table takes them.
+  std::vector<const void*> gate_up_weights_, down_weights_;
   std::size_t next_wait_ = 0;
 };
 

@@ -101,4 +101,36 @@ void GemmPlan::balance_lanes(int lanes) {
   }
 }
 
+void GemmPlan::fill_table(std::span<const std::int64_t> rows_per_expert,
+                          const GemmOperands& operands, std::span<std::uint64_t> table) {
+  if (table.size() < table_words() || operands.gate_up.size() < rows_per_expert.size() ||
+      operands.down.size() < rows_per_expert.size()) {
+    throw Error(ErrorCode::kInternal, "cuda_swiglu: a GEMM table or its operands are too small");
+  }
+  first_row_.assign(rows_per_expert.size() + 1, 0);
+  for (std::size_t e = 0; e < rows_per_expert.size(); ++e)
+    first_row_[e + 1] = first_row_[e] + rows_per_expert[e];
+  auto address = [](const void* base, std::int64_t row, std::size_t row_bytes) {
+    return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(base) +
+                                      static_cast<std::uintptr_t>(row) * row_bytes);
+  };
+  for (std::size_t i = 0; i < pieces_.size(); ++i) {
+    const GemmPiece& p = pieces_[i];
+    const std::size_t m = p.expert_count;
+    std::uint64_t* column = table.data() + table_at(i);
+    for (std::size_t j = 0; j < m; ++j) {
+      const auto e = static_cast<std::size_t>(experts_[p.expert_at + j]);
+      const std::int64_t row = first_row_[e] + p.first_row;
+      column[kStartRow * m + j] = static_cast<std::uint64_t>(row);
+      column[kGateUpWeights * m + j] = address(operands.gate_up[e], 0, 0);
+      column[kGateUpRows * m + j] = address(operands.rows, row, operands.row_bytes);
+      column[kGateUpProjected * m + j] =
+          address(operands.projected, row, operands.projected_row_bytes);
+      column[kDownWeights * m + j] = address(operands.down[e], 0, 0);
+      column[kDownAct * m + j] = address(operands.act, row, operands.act_row_bytes);
+      column[kDownOut * m + j] = address(operands.out, row, operands.out_row_bytes);
+    }
+  }
+}
+
 }  // namespace switchyard::cuda_swiglu

@@ -36,9 +36,39 @@ struct GemmPiece {
   std::size_t expert_count = 0;
 };
 
+/// The addresses one forward's GEMMs work on: each local expert's weights, and the
+/// forward's row buffers, which hold the experts' rows back to back, expert after expert.
+struct GemmOperands {
+  std::span<const void* const> gate_up;  ///< per local expert: [gate; up], [2F,H]
+  std::span<const void* const> down;     ///< per local expert: [H,F]
+  const void* rows = nullptr;            ///< x [N,H]
+  std::size_t row_bytes = 0;
+  void* projected = nullptr;  ///< [N,2F]
+  std::size_t projected_row_bytes = 0;
+  void* act = nullptr;  ///< silu(gate)·up, [N,F]
+  std::size_t act_row_bytes = 0;
+  void* out = nullptr;  ///< y [N,H]
+  std::size_t out_row_bytes = 0;
+};
+
+/// The columns of a piece's table, one word per expert of the piece each: the expert's first
+/// row of the piece in the forward's rows, then the A, B and C addresses of its gate/up GEMM
+/// (weights, rows, projections) and of its down GEMM (weights, activations, outputs): what
+/// a batched cuBLAS call reads from device memory.
+enum GemmTableColumn : std::size_t {
+  kStartRow,
+  kGateUpWeights,
+  kGateUpRows,
+  kGateUpProjected,
+  kDownWeights,
+  kDownAct,
+  kDownOut,
+  kGemmTableColumns
+};
+
 /// The pieces of one forward: every row of every expert in exactly one piece. Kept by the
-/// kernel and made again each forward: once it has held a plan as large, making one
-/// allocates nothing. Not thread-safe.
+/// kernel and made again each forward: once it has held a plan as large, making one (and
+/// its table) allocates nothing. Not thread-safe.
 class GemmPlan {
  public:
   /// Plans `rows_per_expert` (entries >= 0) over `lanes` (>= 1) lanes. With `kBatched`, step
@@ -49,6 +79,16 @@ class GemmPlan {
             int lanes);
 
   std::span<const GemmPiece> pieces() const noexcept { return pieces_; }
+  /// Words of this plan's table: kGemmTableColumns per expert of each piece.
+  std::size_t table_words() const noexcept { return kGemmTableColumns * experts_.size(); }
+  /// Where the table of pieces()[i] starts; column c of it is at + c·expert_count.
+  std::size_t table_at(std::size_t i) const noexcept {
+    return kGemmTableColumns * pieces_[i].expert_at;
+  }
+  /// Writes this plan's table (table_words() words) for `rows_per_expert` (the counts the
+  /// plan was made from) over `operands`.
+  void fill_table(std::span<const std::int64_t> rows_per_expert, const GemmOperands& operands,
+                  std::span<std::uint64_t> table);
   /// The local expert indices of `piece`, ascending; never empty.
   std::span<const int> experts(const GemmPiece& piece) const noexcept {
     return std::span<const int>(experts_).subspan(piece.expert_at, piece.expert_count);
@@ -62,7 +102,7 @@ class GemmPlan {
   std::vector<GemmPiece> pieces_;
   std::vector<int> experts_;
   // Scratch, kept for its capacity.
-  std::vector<std::int64_t> whole_, heights_, load_;
+  std::vector<std::int64_t> whole_, heights_, load_, first_row_;
   std::vector<std::size_t> order_;
 };
 

@@ -4,6 +4,9 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -189,19 +192,155 @@ TEST_CASE("uniform routing at E=64, k=8, T=8192: batched steps take most rows, t
   CHECK(steps <= 3);
 }
 
+namespace {
+
+template <typename T>
+T* at_address(std::uint64_t word) {
+  return reinterpret_cast<T*>(static_cast<std::uintptr_t>(word));
+}
+
+/// Runs a plan's table on the host as the kernel runs it on the device: per piece and
+/// expert of the piece, the gate/up GEMM from the table's addresses (rows × [2F,H]ᵀ),
+/// silu·up on the rows from the start-row column, the down GEMM from the addresses.
+void run_table(const GemmPlan& plan, const std::vector<std::uint64_t>& table, std::int64_t H,
+               std::int64_t F, std::vector<float>& projected, std::vector<float>& act) {
+  for (std::size_t i = 0; i < plan.pieces().size(); ++i) {
+    const GemmPiece& p = plan.pieces()[i];
+    const std::size_t m = p.expert_count;
+    const std::uint64_t* column = table.data() + plan.table_at(i);
+    for (std::size_t j = 0; j < m; ++j) {
+      const auto* gate_up = at_address<const float>(column[kGateUpWeights * m + j]);
+      const auto* x = at_address<const float>(column[kGateUpRows * m + j]);
+      auto* h = at_address<float>(column[kGateUpProjected * m + j]);
+      for (std::int64_t r = 0; r < p.rows; ++r)
+        for (std::int64_t o = 0; o < 2 * F; ++o) {
+          double sum = 0;
+          for (std::int64_t c = 0; c < H; ++c) sum += double{gate_up[o * H + c]} * x[r * H + c];
+          h[r * 2 * F + o] = static_cast<float>(sum);
+        }
+      const auto start = static_cast<std::int64_t>(column[kStartRow * m + j]);
+      for (std::int64_t r = start; r < start + p.rows; ++r)
+        for (std::int64_t f = 0; f < F; ++f) {
+          const double g = projected[static_cast<std::size_t>(r * 2 * F + f)];
+          const double u = projected[static_cast<std::size_t>(r * 2 * F + F + f)];
+          act[static_cast<std::size_t>(r * F + f)] = static_cast<float>(g / (1 + std::exp(-g)) * u);
+        }
+      const auto* down = at_address<const float>(column[kDownWeights * m + j]);
+      const auto* a = at_address<const float>(column[kDownAct * m + j]);
+      auto* y = at_address<float>(column[kDownOut * m + j]);
+      for (std::int64_t r = 0; r < p.rows; ++r)
+        for (std::int64_t o = 0; o < H; ++o) {
+          double sum = 0;
+          for (std::int64_t f = 0; f < F; ++f) sum += double{down[o * F + f]} * a[r * F + f];
+          y[r * H + o] = static_cast<float>(sum);
+        }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE(
+    "a plan's table addresses each piece's rows: run on the host, it is each expert's SwiGLU") {
+  const std::int64_t H = 6, F = 5;
+  std::mt19937 rng(17);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (int trial = 0; trial < 30; ++trial) {
+    const std::size_t experts = 1 + rng() % 9;
+    std::vector<std::int64_t> rows(experts);
+    for (auto& n : rows) n = rng() % 3 == 0 ? 0 : static_cast<std::int64_t>(rng() % 23);
+    std::int64_t N = 0;
+    for (auto n : rows) N += n;
+    std::vector<std::vector<float>> gate_up(experts), down(experts);
+    std::vector<const void*> gate_up_at, down_at;
+    for (std::size_t e = 0; e < experts; ++e) {
+      gate_up[e].resize(static_cast<std::size_t>(2 * F * H));
+      down[e].resize(static_cast<std::size_t>(H * F));
+      for (auto& v : gate_up[e]) v = uniform(rng);
+      for (auto& v : down[e]) v = uniform(rng);
+      gate_up_at.push_back(gate_up[e].data());
+      down_at.push_back(down[e].data());
+    }
+    std::vector<float> x(static_cast<std::size_t>(N * H));
+    for (auto& v : x) v = uniform(rng);
+    std::vector<float> projected(static_cast<std::size_t>(N * 2 * F)),
+        act(static_cast<std::size_t>(N * F)),
+        y(static_cast<std::size_t>(N * H), std::numeric_limits<float>::quiet_NaN());
+
+    // Each expert's SwiGLU over its rows, straight from the counts.
+    std::vector<double> expected(y.size());
+    std::int64_t row = 0;
+    for (std::size_t e = 0; e < experts; ++e)
+      for (std::int64_t r = 0; r < rows[e]; ++r, ++row) {
+        std::vector<double> a(static_cast<std::size_t>(F));
+        for (std::int64_t f = 0; f < F; ++f) {
+          double g = 0, u = 0;
+          for (std::int64_t c = 0; c < H; ++c) {
+            g += double{gate_up[e][static_cast<std::size_t>(f * H + c)]} *
+                 x[static_cast<std::size_t>(row * H + c)];
+            u += double{gate_up[e][static_cast<std::size_t>((F + f) * H + c)]} *
+                 x[static_cast<std::size_t>(row * H + c)];
+          }
+          a[static_cast<std::size_t>(f)] = g / (1 + std::exp(-g)) * u;
+        }
+        for (std::int64_t o = 0; o < H; ++o) {
+          double sum = 0;
+          for (std::int64_t f = 0; f < F; ++f)
+            sum += double{down[e][static_cast<std::size_t>(o * F + f)]} *
+                   a[static_cast<std::size_t>(f)];
+          expected[static_cast<std::size_t>(row * H + o)] = sum;
+        }
+      }
+
+    for (const GemmSplit split : {GemmSplit::kPerExpert, GemmSplit::kBatched}) {
+      CAPTURE(trial);
+      GemmPlan plan;
+      plan.make(rows, split, 4, 3);
+      std::vector<std::uint64_t> table(plan.table_words());
+      GemmOperands operands;
+      operands.gate_up = gate_up_at;
+      operands.down = down_at;
+      operands.rows = x.data();
+      operands.row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+      operands.projected = projected.data();
+      operands.projected_row_bytes = static_cast<std::size_t>(2 * F) * sizeof(float);
+      operands.act = act.data();
+      operands.act_row_bytes = static_cast<std::size_t>(F) * sizeof(float);
+      operands.out = y.data();
+      operands.out_row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+      plan.fill_table(rows, operands, table);
+      std::fill(y.begin(), y.end(), std::numeric_limits<float>::quiet_NaN());
+      run_table(plan, table, H, F, projected, act);
+      for (std::size_t i = 0; i < y.size(); ++i) {
+        REQUIRE(std::isfinite(y[i]));  // every row written
+        CHECK(std::fabs(y[i] - expected[i]) <= 1e-5 * (1 + std::fabs(expected[i])));
+      }
+    }
+  }
+}
+
 TEST_CASE("planning again into a plan that held a larger one allocates nothing") {
   // The kernel plans every forward; after the first forwards of the largest counts it must
   // not allocate.
   const std::vector<std::int64_t> large{300, 0, 129, 260, 5, 128, 700, 1};
   const std::vector<std::int64_t> other{130, 3, 0, 260, 200, 128, 1, 1};
+  // The table only takes addresses; nothing behind them is read here.
+  const std::vector<const void*> weights(large.size(), nullptr);
+  GemmOperands operands;
+  operands.gate_up = weights;
+  operands.down = weights;
+  std::vector<std::uint64_t> table(7 * 4096);
   GemmPlan plan;
   for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
     plan.make(large, split, 128, 8);
+    plan.fill_table(large, operands, table);
   }
   test::start_counting_allocations();
   for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
     plan.make(other, split, 128, 8);
+    plan.fill_table(other, operands, table);
     plan.make(large, split, 128, 8);
+    plan.fill_table(large, operands, table);
   }
   const test::AllocationCounts counts = test::stop_counting_allocations();
   INFO(test::first_counted_allocation());
