@@ -133,51 +133,6 @@ mixtral_compare.py failed: $(tail -3 "$work/mixtral.err")"; }
 echo "$mixtral"
 say "layer benchmark done"
 
-# The issue's aims against the tables: each permute row at >= 80 % of the device copy,
-# the experts (on the bf16 rows the layer hands over) at >= 70 % of one GEMM, for even and
-# for routed row counts, each with the better of the two GEMM splits (named), the layer
-# faster than transformers on each shape. Rows are "| shape | measure | ms | rate | ref |
-# NN% |" and "| shape | ours | theirs | 1.23x | agreement |".
-aims() {
-  echo "| aim | shape | measured | met |"
-  echo "| --- | --- | --- | --- |"
-  printf '%s\n' "$1" | awk -F'|' '
-    function trim(v) { gsub(/^ +| +$/, "", v); return v }
-    function percent(v) { gsub(/[ %]/, "", v); return v }
-    $3 ~ /^ permute/ {
-      pct = percent($7)
-      printf "| permute >= 80 %% of the copy | %s | %s%% | %s |\n", trim($2), pct, (pct + 0 >= 80 ? "yes" : "NO")
-    }
-    $3 ~ /^ experts \(cuda_swiglu/ {
-      # "experts (cuda_swiglu, bf16, SPLIT, COUNTS counts)", SPLIT "per_expert" or "batched
-      # GRANULE"; tables from before the splits say "experts (cuda_swiglu, bf16)": per_expert
-      # on even counts.
-      how = "per_expert"; counts = "even"
-      if (match($3, /bf16, [a-z_]+( [0-9]+)?, [a-z]+ counts/)) {
-        n = split(substr($3, RSTART + 6, RLENGTH - 13), part, ", ")
-        how = part[1]; counts = part[2]
-      }
-      key = trim($2) " (" counts " counts)"
-      pct = percent($7)
-      if (!(key in best)) order[++keys] = key
-      if (!(key in best) || pct + 0 > best[key] + 0) { best[key] = pct; by[key] = how }
-    }
-    END {
-      for (i = 1; i <= keys; i++) {
-        k = order[i]
-        printf "| experts >= 70 %% of one GEMM (%s) | %s | %s%% | %s |\n", by[k], k, best[k], (best[k] + 0 >= 70 ? "yes" : "NO")
-      }
-    }'
-  # The layer rows name the experts' GEMM split; the aim is on the default (per_expert),
-  # the other split is listed beside it for comparison.
-  printf '%s\n' "$2" | awk -F'|' '$5 ~ /x *(\((faster|SLOWER)\))? *$/ {
-      x = $5; gsub(/[ x]|\((faster|SLOWER)\)/, "", x)
-      shape = $2; gsub(/^ +| +$/, "", shape)
-      aim = shape ~ /gemm batched/ ? "(not an aim) layer faster, gemm batched" : "layer faster than transformers"
-      printf "| %s | %s | %sx | %s |\n", aim, shape, x, (x + 0 > 1 ? "yes" : "NO")
-    }'
-}
-
 # 6. compute-sanitizer's memcheck on each gpu test, in the time left.
 sanitizer=$(command -v compute-sanitizer || echo "$(dirname "$(command -v nvcc)")/compute-sanitizer")
 memcheck=()
@@ -222,5 +177,5 @@ echo "| layer at world 1 (T = 8192, bf16) | switchyard | transformers MixtralSpa
 echo "| --- | --- | --- | --- | --- |"
 echo "$mixtral"
 echo
-aims "$bench_kernels" "$mixtral"
+bash "$root/tests/gpu/aims.sh" "$bench_kernels" "$mixtral"
 exit $status
