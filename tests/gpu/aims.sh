@@ -26,7 +26,7 @@ printf '%s\n' "${1:-}" | awk -F'|' '
     # on even counts.
     how = "per_expert"; counts = "even"
     if (match($3, /bf16, [a-z_]+( [0-9]+)?, [a-z]+ counts/)) {
-      n = split(substr($3, RSTART + 6, RLENGTH - 13), part, ", ")
+      split(substr($3, RSTART + 6, RLENGTH - 13), part, ", ")
       how = part[1]; counts = part[2]
     }
     key = trim($2) " (" counts " counts)"
