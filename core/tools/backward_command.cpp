@@ -24,27 +24,11 @@ constexpr const char* kBackwardUsage =
 }  // namespace
 
 int backward_command(const std::vector<std::string>& args) {
-  std::string config_path, dy_path, out_dir;
-  std::vector<std::string> sets;
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--grad-output" && i + 1 < args.size()) {
-      dy_path = args[++i];
-    } else if (args[i] == "--out" && i + 1 < args.size()) {
-      out_dir = args[++i];
-    } else if (args[i] == "--set" && i + 1 < args.size()) {
-      sets.push_back(args[++i]);
-    } else if (config_path.empty() && args[i].rfind("--", 0) != 0) {
-      config_path = args[i];
-    } else {
-      std::fputs(kBackwardUsage, stderr);
-      return kExitUsage;
-    }
-  }
-  if (config_path.empty() || dy_path.empty() || out_dir.empty()) {
-    std::fputs(kBackwardUsage, stderr);
-    return kExitUsage;
-  }
-  Runtime runtime(load_config(config_path, sets));
+  const auto line = parse_config_command_line(args, {"--grad-output", "--out"}, kBackwardUsage);
+  if (!line) return kExitUsage;
+  const std::string& dy_path = line->values[0];
+  const std::string& out_dir = line->values[1];
+  Runtime runtime(load_config(line->config_path, line->sets));
   return run_reporting_errors(runtime, [&] {
     const ModelWeights& model = runtime.model();
     const std::int64_t H = model.hidden();

@@ -2,8 +2,10 @@
 // The subcommands of the `switchyard` tool. Each returns the process exit code.
 
 #include <functional>
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace switchyard::tool {
@@ -48,6 +50,21 @@ HostTensor read_input_tokens(
 
 /// Reads CONFIG, then applies SWITCHYARD_* environment overrides, then each `--set`.
 Config load_config(const std::string& path, const std::vector<std::string>& sets);
+
+/// A command line "CONFIG --FLAG VALUE... [--set section.key=value]...", in any order, of a
+/// command whose flags each take a value and are all required.
+struct ConfigCommandLine {
+  std::string config_path;
+  std::vector<std::string> values;  ///< values[i] belongs to the i-th of the parser's flags
+  std::vector<std::string> sets;    ///< the --set overrides, in order
+};
+
+/// Parses `args` as a ConfigCommandLine with `flags` (e.g. {"--logits", "--out"}). On an
+/// argument that fits none of them, a flag without its value, or CONFIG or a flag missing,
+/// prints `usage` to stderr and returns nothing (the caller exits with kExitUsage).
+std::optional<ConfigCommandLine> parse_config_command_line(
+    const std::vector<std::string>& args, std::initializer_list<std::string_view> flags,
+    const char* usage);
 
 /// A command-line integer: all of `text` (no trailing characters, no wrap-around), within
 /// [min, max]. Otherwise prints "switchyard COMMAND: FLAG needs an integer in [min, max],

@@ -34,28 +34,12 @@ std::string json_array(const std::vector<std::int64_t>& values) {
 }  // namespace
 
 int route_command(const std::vector<std::string>& args) {
-  std::string config_path, logits_path, out_dir;
-  std::vector<std::string> sets;
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    if (args[i] == "--logits" && i + 1 < args.size()) {
-      logits_path = args[++i];
-    } else if (args[i] == "--out" && i + 1 < args.size()) {
-      out_dir = args[++i];
-    } else if (args[i] == "--set" && i + 1 < args.size()) {
-      sets.push_back(args[++i]);
-    } else if (config_path.empty() && args[i].rfind("--", 0) != 0) {
-      config_path = args[i];
-    } else {
-      std::fputs(kRouteUsage, stderr);
-      return kExitUsage;
-    }
-  }
-  if (config_path.empty() || logits_path.empty() || out_dir.empty()) {
-    std::fputs(kRouteUsage, stderr);
-    return kExitUsage;
-  }
+  const auto line = parse_config_command_line(args, {"--logits", "--out"}, kRouteUsage);
+  if (!line) return kExitUsage;
+  const std::string& logits_path = line->values[0];
+  const std::string& out_dir = line->values[1];
 
-  const Config config = load_config(config_path, sets);
+  const Config config = load_config(line->config_path, line->sets);
   config.check_sections(config_sections());
   const PluginRegistry registry(
       PluginRegistry::default_search_path(configured_plugin_dirs(config)));

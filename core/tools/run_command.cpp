@@ -44,6 +44,33 @@ Config load_config(const std::string& path, const std::vector<std::string>& sets
   return config;
 }
 
+std::optional<ConfigCommandLine> parse_config_command_line(
+    const std::vector<std::string>& args, std::initializer_list<std::string_view> flags,
+    const char* usage) {
+  ConfigCommandLine line;
+  line.values.resize(flags.size());
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const auto flag = std::find(flags.begin(), flags.end(), args[i]);
+    const bool has_value = i + 1 < args.size();
+    if (flag != flags.end() && has_value) {
+      line.values[static_cast<std::size_t>(flag - flags.begin())] = args[++i];
+    } else if (args[i] == "--set" && has_value) {
+      line.sets.push_back(args[++i]);
+    } else if (line.config_path.empty() && args[i].rfind("--", 0) != 0) {
+      line.config_path = args[i];
+    } else {
+      std::fputs(usage, stderr);
+      return std::nullopt;
+    }
+  }
+  if (line.config_path.empty() || std::any_of(line.values.begin(), line.values.end(),
+                                              [](const auto& v) { return v.empty(); })) {
+    std::fputs(usage, stderr);
+    return std::nullopt;
+  }
+  return line;
+}
+
 std::optional<long long> parse_integer_flag(const char* command, const char* flag,
                                             const std::string& text, long long min, long long max) {
   long long value = 0;

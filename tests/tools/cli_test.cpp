@@ -237,6 +237,33 @@ TEST_CASE("usage errors exit with 2") {
   CHECK(test::run_tool("--help").exit_code == 0);
 }
 
+TEST_CASE("route and backward: every flag required, each with its value; nothing else taken") {
+  for (const std::string bad :
+       {"route a.toml --logits l.npy", "route a.toml --out d", "route --logits l.npy --out d",
+        "route a.toml --logits l.npy --out", "route a.toml b.toml --logits l.npy --out d",
+        "route a.toml --logits l.npy --out d --grad-output dy.npy",
+        "route a.toml --logits l.npy --out d --set", "backward a.toml --out d",
+        "backward a.toml --grad-output dy.npy", "backward a.toml --grad-output dy.npy --out d -x",
+        "backward a.toml --logits l.npy --out d"}) {
+    const auto result = test::run_tool(bad);
+    INFO(bad);
+    CHECK(result.exit_code == 2);
+    CHECK(result.output.find("usage: switchyard " + bad.substr(0, bad.find(' '))) !=
+          std::string::npos);
+  }
+  // Well formed, in any order: past the command line, to the missing file (exit 1).
+  for (const std::string good :
+       {"route missing.toml --logits l.npy --out d",
+        "route --out d --set router.top_k=2 --logits l.npy missing.toml",
+        "backward --grad-output dy.npy missing.toml --out d --set model.seed=1"}) {
+    const auto result = test::run_tool(good);
+    INFO(good);
+    INFO(result.output);
+    CHECK(result.exit_code == 1);
+    CHECK(result.output.find("missing.toml") != std::string::npos);
+  }
+}
+
 TEST_CASE("config show prints every effective value and its origin") {
   Case c;
   c.write_config("");
