@@ -195,16 +195,20 @@ LogitsKernel pick_kernel() {
   return logits_portable;
 }
 
+LogitsArgs logits_args(const TensorView& x, const TensorView& gate, float* logits) {
+  return LogitsArgs{x.data_as<const float>(),
+                    gate.data_as<const float>(),
+                    x.dim(0),
+                    gate.dim(0),
+                    x.dim(1),
+                    logits};
+}
+
 }  // namespace
 
 void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits) {
   static const LogitsKernel kernel = pick_kernel();
-  const LogitsArgs a{x.data_as<const float>(),
-                     gate.data_as<const float>(),
-                     x.dim(0),
-                     gate.dim(0),
-                     x.dim(1),
-                     logits};
+  const LogitsArgs a = logits_args(x, gate, logits);
   if (a.T == 0 || a.E == 0) return;
   kernel(a);
 }
@@ -212,12 +216,7 @@ void compute_router_logits(const TensorView& x, const TensorView& gate, float* l
 namespace detail {
 void compute_router_logits_with(const TensorView& x, const TensorView& gate, float* logits,
                                 RouterLogitsIsa isa) {
-  const LogitsArgs a{x.data_as<const float>(),
-                     gate.data_as<const float>(),
-                     x.dim(0),
-                     gate.dim(0),
-                     x.dim(1),
-                     logits};
+  const LogitsArgs a = logits_args(x, gate, logits);
   if (a.T == 0 || a.E == 0) return;
   switch (isa) {
     case RouterLogitsIsa::kPortable:

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <string>
 
 #include "switchyard/router.hpp"
 #include "switchyard/status.hpp"
@@ -25,6 +26,21 @@ void finish_router_stats(RouterStats& stats) noexcept {
   const auto T = static_cast<double>(stats.tokens);
   stats.aux_loss = aux * E / (stats.top_k * T * T);
   stats.z_loss = stats.z_loss_sum / T;
+}
+
+RouterLossScope router_loss_scope(const RouteGradientInput& in, const RouterStats& stats,
+                                  int num_experts, std::string_view policy) {
+  RouterLossScope scope;
+  scope.tokens = in.loss_tokens > 0 ? in.loss_tokens : stats.tokens;
+  scope.aux_counts = in.loss_aux_counts.empty() ? std::span<const std::int64_t>(stats.aux_counts)
+                                                : in.loss_aux_counts;
+  if (scope.aux_counts.size() != static_cast<std::size_t>(num_experts)) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "router " + std::string(policy) +
+                    " backward: " + std::to_string(scope.aux_counts.size()) + " aux counts for " +
+                    std::to_string(num_experts) + " experts");
+  }
+  return scope;
 }
 
 void Router::backward(const RouteGradientInput& /*input*/, const TensorView& /*d_logits*/) {

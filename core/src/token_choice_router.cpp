@@ -239,15 +239,9 @@ class TokenChoiceRouter final : public Router {
     }
     in.d_weights.require(d_weights_name_, DType::kF32, {T, K});
     d_logits.require(d_logits_name_, DType::kF32, {T, E});
-    const std::int64_t loss_tokens = in.loss_tokens > 0 ? in.loss_tokens : stats_.tokens;
-    const std::span<const std::int64_t> aux_counts =
-        in.loss_aux_counts.empty() ? std::span<const std::int64_t>(stats_.aux_counts)
-                                   : in.loss_aux_counts;
-    if (static_cast<int>(aux_counts.size()) != E) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "router " + policy_ + " backward: " + std::to_string(aux_counts.size()) +
-                      " aux counts for " + std::to_string(E) + " experts");
-    }
+    const RouterLossScope scope = router_loss_scope(in, stats_, E, policy_);
+    const std::int64_t loss_tokens = scope.tokens;
+    const std::span<const std::int64_t> aux_counts = scope.aux_counts;
     const routing_gradient::WeightForm form{sigmoid_, pre_softmax_, normalize_, scale_};
     gradient_scratch_.resize(static_cast<std::size_t>(E) + 2 * static_cast<std::size_t>(K));
     selected_gradient_.resize(static_cast<std::size_t>(K));

@@ -146,15 +146,9 @@ class ExpertChoiceRouter final : public Router {
     }
     in.d_weights.require("router expert_choice backward d_weights", DType::kF32, {T, E});
     d_logits.require("router expert_choice backward d_logits", DType::kF32, {T, E});
-    const std::int64_t loss_tokens = in.loss_tokens > 0 ? in.loss_tokens : stats_.tokens;
-    const std::span<const std::int64_t> aux_counts =
-        in.loss_aux_counts.empty() ? std::span<const std::int64_t>(stats_.aux_counts)
-                                   : in.loss_aux_counts;
-    if (static_cast<int>(aux_counts.size()) != E) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "router expert_choice backward: " + std::to_string(aux_counts.size()) +
-                      " aux counts for " + std::to_string(E) + " experts");
-    }
+    const RouterLossScope scope = router_loss_scope(in, stats_, E, "expert_choice");
+    const std::int64_t loss_tokens = scope.tokens;
+    const std::span<const std::int64_t> aux_counts = scope.aux_counts;
     const routing_gradient::WeightForm form{false, true, false, 1.0};
     gradient_scratch_.resize(3 * static_cast<std::size_t>(E));
     taken_.resize(static_cast<std::size_t>(E));

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <numeric>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "router_support.hpp"
@@ -174,24 +176,38 @@ TEST_CASE("masked logits get no gradient") {
 }
 
 TEST_CASE("the losses' scope: a group's tokens and counts scale the aux gradient") {
-  test::MadeRouter made = test::make_router("topk", "top_k = 2\naux_loss_coeff = 1.0", E);
-  std::vector<float> z = separated_logits(3);
-  const Routed base = route(*made.router, z);
-  std::vector<float> zero(static_cast<std::size_t>(T * 2), 0.0f);
-  std::vector<float> own(static_cast<std::size_t>(T * E)), group(own.size());
-  RouteGradientInput in;
-  in.logits = TensorView(z.data(), DType::kF32, {T, E});
-  in.plan = &base.plan;
-  in.d_weights = TensorView(zero.data(), DType::kF32, {T, 2});
-  made.router->backward(in, TensorView(own.data(), DType::kF32, {T, E}));
-  // Twice the tokens with twice the counts: E / (k (2T)^2) · 2c = half the gradient.
-  std::vector<std::int64_t> doubled(made.router->stats().aux_counts.begin(),
-                                    made.router->stats().aux_counts.end());
-  for (auto& c : doubled) c *= 2;
-  in.loss_tokens = 2 * T;
-  in.loss_aux_counts = doubled;
-  made.router->backward(in, TensorView(group.data(), DType::kF32, {T, E}));
-  for (std::size_t i = 0; i < own.size(); ++i) CHECK(group[i] == doctest::Approx(own[i] / 2));
+  const std::pair<const char*, const char*> policies[] = {
+      {"topk", "top_k = 2\naux_loss_coeff = 1.0"},
+      {"expert_choice", "top_k = 2\ncapacity_factor = 1.5\naux_loss_coeff = 1.0"}};
+  for (const auto& [policy, options] : policies) {
+    INFO(policy);
+    test::MadeRouter made = test::make_router(policy, options, E);
+    std::vector<float> z = separated_logits(3);
+    const Routed base = route(*made.router, z);
+    const std::int64_t slots = base.plan.slots;
+    std::vector<float> zero(static_cast<std::size_t>(T * slots), 0.0f);
+    std::vector<float> own(static_cast<std::size_t>(T * E)), group(own.size());
+    RouteGradientInput in;
+    in.logits = TensorView(z.data(), DType::kF32, {T, E});
+    in.plan = &base.plan;
+    in.d_weights = TensorView(zero.data(), DType::kF32, {T, slots});
+    made.router->backward(in, TensorView(own.data(), DType::kF32, {T, E}));
+    CHECK(std::any_of(own.begin(), own.end(), [](float g) { return g != 0.0f; }));
+    // Twice the tokens with twice the counts: E / (k (2T)^2) · 2c = half the gradient.
+    std::vector<std::int64_t> doubled(made.router->stats().aux_counts.begin(),
+                                      made.router->stats().aux_counts.end());
+    for (auto& c : doubled) c *= 2;
+    in.loss_tokens = 2 * T;
+    in.loss_aux_counts = doubled;
+    made.router->backward(in, TensorView(group.data(), DType::kF32, {T, E}));
+    for (std::size_t i = 0; i < own.size(); ++i) CHECK(group[i] == doctest::Approx(own[i] / 2));
+    // A group's counts must be one per expert.
+    doubled.pop_back();
+    in.loss_aux_counts = doubled;
+    CHECK(test::error_message([&] {
+            made.router->backward(in, TensorView(group.data(), DType::kF32, {T, E}));
+          }) == std::string("router ") + policy + " backward: 7 aux counts for 8 experts");
+  }
 }
 
 TEST_CASE("backward refuses a plan that is not the router's routing of the logits") {

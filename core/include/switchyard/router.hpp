@@ -79,6 +79,19 @@ struct RouteGradientInput {
   std::span<const std::int64_t> loss_aux_counts;
 };
 
+/// The scope of the losses a router's backward differentiates.
+struct RouterLossScope {
+  std::int64_t tokens = 0;
+  std::span<const std::int64_t> aux_counts;  ///< [E]
+};
+
+/// `in`'s loss_tokens and loss_aux_counts, or where those are 0 and empty, `stats` (the
+/// router's own, of its last route). The span views `in`'s or `stats`' counts. Throws
+/// Error(kInvalidArgument) "router POLICY backward: N aux counts for E experts" unless there
+/// are `num_experts` of them.
+RouterLossScope router_loss_scope(const RouteGradientInput& in, const RouterStats& stats,
+                                  int num_experts, std::string_view policy);
+
 /// A token-choice policy as data (docs/routing.md), so that a device data path can compute
 /// what the host policy computes, bit for bit, on logits in device memory.
 struct TokenChoiceSpec {
