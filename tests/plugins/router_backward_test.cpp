@@ -179,9 +179,10 @@ TEST_CASE("the losses' scope: a group's tokens and counts scale the aux gradient
   const std::pair<const char*, const char*> policies[] = {
       {"topk", "top_k = 2\naux_loss_coeff = 1.0"},
       {"expert_choice", "top_k = 2\ncapacity_factor = 1.5\naux_loss_coeff = 1.0"}};
-  for (const auto& [policy, options] : policies) {
+  for (const auto& entry : policies) {
+    const char* policy = entry.first;  // a plain name: lambdas below capture it
     INFO(policy);
-    test::MadeRouter made = test::make_router(policy, options, E);
+    test::MadeRouter made = test::make_router(policy, entry.second, E);
     std::vector<float> z = separated_logits(3);
     const Routed base = route(*made.router, z);
     const std::int64_t slots = base.plan.slots;
