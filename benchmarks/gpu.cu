@@ -6,7 +6,8 @@
 //     against a device-to-device copy of the same bytes; the experts (cuda_swiglu, bf16
 //     weights, on bf16 rows as the layer groups them, each way of splitting the GEMMs, on
 //     even row counts and on the counts of uniform routing; and on f32 rows) in TFLOP/s
-//     against one cuBLAS BF16 GEMM of the same FLOPs (the faster of f32 and bf16 results); at
+//     against one cuBLAS BF16 GEMM of the same FLOPs (the faster of f32 and bf16 results),
+//     timed in turn with each measurement (the same clocks for both); at
 //     T = 8192 tokens for (E = 8, k = 2, H = 4096, F = 14336) and (E = 64, k = 8, H = 2048,
 //     F = 1408).
 //   bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS [GEMM]]
@@ -25,6 +26,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "switchyard/config.hpp"
@@ -71,6 +73,27 @@ double median_ms(cudaStream_t stream, int iters, const std::function<void()>& ru
   cudaEventDestroy(stop);
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
+}
+
+/// Medians (ms) of `a` and of `b` on `stream`, timed in turn (a, b, a, b, ...) after 2
+/// warm-ups of each, so that both run at the same clocks: a GPU's clocks move with its
+/// temperature and power over a run, and a ratio of two medians taken minutes apart moved
+/// by ±10 % between runs.
+std::pair<double, double> paired_median_ms(cudaStream_t stream, int iters,
+                                           const std::function<void()>& a,
+                                           const std::function<void()>& b) {
+  std::vector<double> times_a, times_b;
+  for (int i = 0; i < 2; ++i) {
+    a();
+    b();
+  }
+  for (int i = 0; i < iters; ++i) {
+    times_a.push_back(median_ms(stream, 1, a));
+    times_b.push_back(median_ms(stream, 1, b));
+  }
+  std::sort(times_a.begin(), times_a.end());
+  std::sort(times_b.begin(), times_b.end());
+  return {times_a[times_a.size() / 2], times_b[times_b.size() / 2]};
 }
 
 /// A hash of (i, seed) as a float in [-0.5, 0.5): cheap reproducible fill values.
@@ -220,24 +243,27 @@ int kernels() {
     fill_bf16<<<grid_for(S * H), 256, 0, stream.s>>>(a, S * H, 3);
     fill_bf16<<<grid_for(3 * F * H), 256, 0, stream.s>>>(b, 3 * F * H, 4);
     const float one = 1, zero = 0;
-    // The reference is the faster of writing f32 and bf16 results (the experts write both).
-    double gemm_ms = 0;
-    for (const cudaDataType_t c_type : {CUDA_R_32F, CUDA_R_16BF}) {
-      const double ms = median_ms(stream.s, 10, [&] {
-        check(
-            cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(3 * F),
+    // The reference is the faster of writing f32 and bf16 results (the experts write both),
+    // timed again beside each experts measurement.
+    auto reference_gemm = [&](cudaDataType_t c_type) {
+      check(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(3 * F),
                          static_cast<int>(S), static_cast<int>(H), &one, b, CUDA_R_16BF,
                          static_cast<int>(H), a, CUDA_R_16BF, static_cast<int>(H), &zero, c, c_type,
                          static_cast<int>(3 * F), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "reference GEMM");
-      });
-      gemm_ms = gemm_ms == 0 ? ms : std::min(gemm_ms, ms);
-    }
-    // One row per measurement, printed at once; a split that fails (a cuBLAS call it makes
-    // refused, say) gets a row saying so, and the others are still measured.
+    };
+    const cudaDataType_t reference_type =
+        median_ms(stream.s, 10, [&] { reference_gemm(CUDA_R_32F); }) <=
+                median_ms(stream.s, 10, [&] { reference_gemm(CUDA_R_16BF); })
+            ? CUDA_R_32F
+            : CUDA_R_16BF;
+    // One row per measurement, printed at once, each timed in turn with the reference; a
+    // split that fails (a cuBLAS call it makes refused, say) gets a row saying so, and the
+    // others are still measured.
     auto experts_row = [&](const std::string& measure, const std::function<void()>& forward) {
       try {
-        const double ms = median_ms(stream.s, 10, forward);
+        const auto [ms, gemm_ms] =
+            paired_median_ms(stream.s, 15, forward, [&] { reference_gemm(reference_type); });
         std::printf("| %s | %s | %.3f | %.0f TFLOP/s | one GEMM %.0f TFLOP/s | %.0f%% |\n", label,
                     measure.c_str(), ms, flops / (ms * 1e9), flops / (gemm_ms * 1e9),
                     100.0 * gemm_ms / ms);
