@@ -11,8 +11,9 @@
 //     T = 8192 tokens for (E = 8, k = 2, H = 4096, F = 14336) and (E = 64, k = 8, H = 2048,
 //     F = 1408).
 //   bench_gpu layer CHECKPOINT TOKENS.npy TOP_K OUT.npy [ITERS [GEMM]]
-//     the whole layer at world 1 (NCCL, the CUDA data path, cuda_swiglu with [experts] gemm =
-//     GEMM or its default, Mixtral routing: softmax over the k selected logits) on a
+//     the whole layer at world 1 (NCCL, the CUDA data path, cuda_swiglu with [experts] gemm,
+//     batch_granule and batch_experts from GEMM = NAME[:GRANULE[:EXPERTS]], or its defaults,
+//     Mixtral routing: softmax over the k selected logits) on a
 //     Mixtral-format checkpoint and f32 tokens;
 //     prints the median ms per forward and writes the output (tests/gpu/mixtral_compare.py
 //     compares both with Hugging Face's MixtralSparseMoeBlock on the same weights).
@@ -207,15 +208,19 @@ int kernels() {
     args.hidden = static_cast<int>(H);
     args.ffn_hidden = static_cast<int>(F);
     args.experts = views;
-    // Each way of splitting the GEMMs: per expert, and batched steps of 128 and of 64 rows.
+    // Each way of splitting the GEMMs: per expert; batched steps of 128 and of 64 rows, a
+    // step in one call; steps of 128 rows in calls of at most 8 and at most 2 experts
+    // ("batched GRANULE/EXPERTS").
     struct Split {
       const char* gemm;
-      std::int64_t granule;
+      std::int64_t granule, batch_experts;
       const char* name;
     };
-    const Split splits[] = {{"per_expert", 128, "per_expert"},
-                            {"batched", 128, "batched 128"},
-                            {"batched", 64, "batched 64"}};
+    const Split splits[] = {{"per_expert", 128, 0, "per_expert"},
+                            {"batched", 128, 0, "batched 128"},
+                            {"batched", 64, 0, "batched 64"},
+                            {"batched", 128, 8, "batched 128/8"},
+                            {"batched", 128, 2, "batched 128/2"}};
     float* out;
     check(cudaMalloc(&out, S * H * 4), "out");
     // Rows per expert: even, and as uniform routing gives them (each token to k distinct
@@ -284,6 +289,7 @@ int kernels() {
       Config config;
       config.set("experts", "gemm", std::string(split.gemm));
       config.set("experts", "batch_granule", split.granule);
+      config.set("experts", "batch_experts", split.batch_experts);
       const ConfigSection options =
           config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
       args.options = &options;  // read when the kernel is created, not after
@@ -332,7 +338,20 @@ int layer(const std::string& checkpoint, const std::string& tokens_path, int top
   Config config;
   config.set("router", "top_k", std::int64_t{top_k});
   config.set("router", "pre_softmax", false);  // Mixtral: softmax over the k selected logits
-  if (!gemm.empty()) config.set("experts", "gemm", gemm);
+  // GEMM: NAME[:GRANULE[:EXPERTS]], the [experts] gemm, batch_granule and batch_experts.
+  if (!gemm.empty()) {
+    const std::size_t first = gemm.find(':');
+    config.set("experts", "gemm", gemm.substr(0, first));
+    if (first != std::string::npos) {
+      const std::size_t second = gemm.find(':', first + 1);
+      config.set("experts", "batch_granule",
+                 std::int64_t{std::atoll(gemm.substr(first + 1, second - first - 1).c_str())});
+      if (second != std::string::npos) {
+        config.set("experts", "batch_experts",
+                   std::int64_t{std::atoll(gemm.substr(second + 1).c_str())});
+      }
+    }
+  }
   const ConfigSection runtime =
       config.section("runtime", registry.options(PluginKind::kTransport, "nccl"));
   TransportCreateArgs transport_args;
@@ -373,11 +392,18 @@ int layer(const std::string& checkpoint, const std::string& tokens_path, int top
   check(cudaMemcpy(result.data(), y, T * H * 4, cudaMemcpyDeviceToHost), "y");
   write_npy(out_path, TensorView(result.data(), DType::kF32, {T, H}));
   const LayerTimings t = moe.timings();
+  // The split this run used and the plugin's default, each as NAME:GRANULE:EXPERTS.
+  auto split_of = [](const ConfigSection& section) {
+    return section.get_string("gemm") + ":" + std::to_string(section.get_int("batch_granule")) +
+           ":" + std::to_string(section.get_int("batch_experts"));
+  };
+  const ConfigSection defaults =
+      Config().section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
   std::printf(
       "layer_ms=%.3f route_ms=%.3f layout_ms=%.3f dispatch_ms=%.3f experts_ms=%.3f "
-      "combine_ms=%.3f\n",
+      "combine_ms=%.3f gemm=%s default_gemm=%s\n",
       ms, t.route_s * 1e3, t.layout_s * 1e3, t.dispatch_s * 1e3, t.experts_s * 1e3,
-      t.combine_s * 1e3);
+      t.combine_s * 1e3, split_of(experts).c_str(), split_of(defaults).c_str());
   cudaFree(x);
   cudaFree(y);
   return 0;

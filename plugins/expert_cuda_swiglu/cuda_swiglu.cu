@@ -148,6 +148,11 @@ void declare_options(ConfigSchema& s) {
         "with gemm = batched: the batched steps' heights are multiples of this many rows "
         "(smaller leaves shorter rests, larger makes fewer, taller steps)",
         checks::int_range(1, 1 << 20));
+  s.add("batch_experts", ConfigType::kInt, ConfigValue{std::int64_t{0}},
+        "with gemm = batched: at most this many experts in one batched call, a step of more "
+        "cut into several on different streams, so that one's silu(gate)·up overlaps "
+        "another's GEMMs (0: every expert of a step in one call)",
+        checks::int_range(0, 1 << 20));
 }
 
 /// Host f16 bits to f32 (exact).
@@ -183,7 +188,8 @@ class CudaSwigluKernel final : public ExpertKernel {
         ffn_hidden_(args.ffn_hidden),
         split_(args.options != nullptr ? parse_gemm_split(args.options->get_string("gemm"))
                                        : GemmSplit::kPerExpert),
-        batch_granule_(args.options != nullptr ? args.options->get_int("batch_granule") : 128) {
+        batch_granule_(args.options != nullptr ? args.options->get_int("batch_granule") : 128),
+        batch_experts_(args.options != nullptr ? args.options->get_int("batch_experts") : 0) {
     int devices = 0;
     check(cudaGetDeviceCount(&devices), "counting devices");
     const auto info = LaunchInfo::from_environment();
@@ -273,7 +279,7 @@ class CudaSwigluKernel final : public ExpertKernel {
     auto* act = act_.get(static_cast<std::size_t>(N * F) * element);
     auto* y = reinterpret_cast<std::byte*>(batch.output.data_as<float>());
 
-    plan_.make(batch.rows_per_expert, split_, batch_granule_, kExpertLanes);
+    plan_.make(batch.rows_per_expert, split_, batch_granule_, kExpertLanes, batch_experts_);
     const std::span<const GemmPiece> pieces = plan_.pieces();
     for (const GemmPiece& p : pieces) {
       // A batched piece's experts are the y dimension of its row kernels' grids.
@@ -537,6 +543,8 @@ class CudaSwigluKernel final : public ExpertKernel {
   GemmSplit split_;
   /// Batched steps come in whole multiples of this many rows (a GEMM tile's height).
   std::int64_t batch_granule_;
+  /// At most this many experts in one batched call (0: no limit).
+  std::int64_t batch_experts_;
   static constexpr int kExpertLanes = 8;
   static constexpr std::size_t kMaxTables = 16;
 

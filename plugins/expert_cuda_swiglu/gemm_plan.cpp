@@ -18,9 +18,10 @@ GemmSplit parse_gemm_split(std::string_view name) {
 }
 
 void GemmPlan::make(std::span<const std::int64_t> rows_per_expert, GemmSplit split,
-                    std::int64_t granule, int lanes) {
-  if (lanes < 1 || granule < 1) {
-    throw Error(ErrorCode::kInternal, "cuda_swiglu: a GEMM plan needs lanes >= 1 and granule >= 1");
+                    std::int64_t granule, int lanes, std::int64_t max_batch) {
+  if (lanes < 1 || granule < 1 || max_batch < 0) {
+    throw Error(ErrorCode::kInternal,
+                "cuda_swiglu: a GEMM plan needs lanes >= 1, granule >= 1 and max_batch >= 0");
   }
   for (const std::int64_t n : rows_per_expert) {
     if (n < 0) throw Error(ErrorCode::kInternal, "cuda_swiglu: a negative row count");
@@ -36,7 +37,7 @@ void GemmPlan::make(std::span<const std::int64_t> rows_per_expert, GemmSplit spl
     }
     return;
   }
-  staircase(rows_per_expert, granule);
+  staircase(rows_per_expert, granule, max_batch);
   balance_lanes(lanes);
 }
 
@@ -45,7 +46,21 @@ void GemmPlan::add_piece(std::int64_t first_row, std::int64_t rows, int lane,
   pieces_.push_back(GemmPiece{first_row, rows, lane, expert_at, experts_.size() - expert_at});
 }
 
-void GemmPlan::staircase(std::span<const std::int64_t> rows_per_expert, std::int64_t granule) {
+void GemmPlan::add_step(std::int64_t first_row, std::int64_t rows, std::size_t expert_at,
+                        std::int64_t max_batch) {
+  const std::size_t count = experts_.size() - expert_at;
+  const auto limit = static_cast<std::size_t>(max_batch);
+  const std::size_t parts = max_batch == 0 ? 1 : (count + limit - 1) / limit;
+  std::size_t at = expert_at;
+  for (std::size_t part = 0; part < parts; ++part) {
+    const std::size_t size = count / parts + (part < count % parts ? 1 : 0);
+    pieces_.push_back(GemmPiece{first_row, rows, 0, at, size});
+    at += size;
+  }
+}
+
+void GemmPlan::staircase(std::span<const std::int64_t> rows_per_expert, std::int64_t granule,
+                         std::int64_t max_batch) {
   const std::size_t count = rows_per_expert.size();
   // The rows of each expert that whole granules cover, and the distinct heights of those.
   whole_.resize(count);
@@ -71,7 +86,7 @@ void GemmPlan::staircase(std::span<const std::int64_t> rows_per_expert, std::int
       add_piece(below, rows_per_expert[static_cast<std::size_t>(alone)] - below, 0, at);
       break;
     }
-    add_piece(below, height - below, 0, at);
+    add_step(below, height - below, at, max_batch);
     below = height;
   }
   // Each expert's rest: fewer rows than a granule.

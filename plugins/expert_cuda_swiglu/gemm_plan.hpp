@@ -73,10 +73,13 @@ class GemmPlan {
  public:
   /// Plans `rows_per_expert` (entries >= 0) over `lanes` (>= 1) lanes. With `kBatched`, step
   /// heights are multiples of `granule` (> 0) except where one expert is left, which takes
-  /// all its remaining rows in one piece; lanes are given largest piece first to the least
-  /// loaded lane. Deterministic: the same counts give the same plan.
+  /// all its remaining rows in one piece; a step of more than `max_batch` experts (> 0; 0:
+  /// no limit) is cut into the fewest pieces of at most that many, as equal as they come
+  /// (the earlier pieces one expert larger), so that pieces on several lanes overlap one
+  /// another's memory-bound work; lanes are given largest piece first to the least loaded
+  /// lane. Deterministic: the same counts give the same plan.
   void make(std::span<const std::int64_t> rows_per_expert, GemmSplit split, std::int64_t granule,
-            int lanes);
+            int lanes, std::int64_t max_batch = 0);
 
   std::span<const GemmPiece> pieces() const noexcept { return pieces_; }
   /// Words of this plan's table: kGemmTableColumns per expert of each piece.
@@ -95,9 +98,15 @@ class GemmPlan {
   }
 
  private:
-  void staircase(std::span<const std::int64_t> rows_per_expert, std::int64_t granule);
+  void staircase(std::span<const std::int64_t> rows_per_expert, std::int64_t granule,
+                 std::int64_t max_batch);
   void balance_lanes(int lanes);
+  /// A piece of the experts from `expert_at` to the end of experts_.
   void add_piece(std::int64_t first_row, std::int64_t rows, int lane, std::size_t expert_at);
+  /// The step of the experts from `expert_at` to the end of experts_, in pieces of at most
+  /// `max_batch` experts (0: one piece).
+  void add_step(std::int64_t first_row, std::int64_t rows, std::size_t expert_at,
+                std::int64_t max_batch);
 
   std::vector<GemmPiece> pieces_;
   std::vector<int> experts_;

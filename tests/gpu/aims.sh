@@ -22,11 +22,11 @@ printf '%s\n' "${1:-}" | awk -F'|' '
     printf "| permute >= 80 %% of the copy | %s | %s%% | %s |\n", trim($2), pct, (pct + 0 >= 80 ? "yes" : "NO")
   }
   $3 ~ /^ experts \(cuda_swiglu/ {
-    # "experts (cuda_swiglu, bf16, SPLIT, COUNTS counts)", SPLIT "per_expert" or "batched
-    # GRANULE"; tables from before the splits say "experts (cuda_swiglu, bf16)": per_expert
-    # on even counts.
+    # "experts (cuda_swiglu, bf16, SPLIT, COUNTS counts)", SPLIT "per_expert", "batched
+    # GRANULE" or "batched GRANULE/EXPERTS"; tables from before the splits say "experts
+    # (cuda_swiglu, bf16)": per_expert on even counts.
     how = "per_expert"; counts = "even"
-    if (match($3, /bf16, [a-z_]+( [0-9]+)?, [a-z]+ counts/)) {
+    if (match($3, /bf16, [a-z_]+( [0-9\/]+)?, [a-z]+ counts/)) {
       split(substr($3, RSTART + 6, RLENGTH - 13), part, ", ")
       how = part[1]; counts = part[2]
     }
@@ -48,11 +48,13 @@ printf '%s\n' "${1:-}" | awk -F'|' '
       printf "| experts >= 70 %% of one GEMM (%s) | %s | %s%% | %s |\n", by[k], k, best[k], (best[k] + 0 >= 70 ? "yes" : "NO")
     }
   }'
-# The layer rows name the experts' GEMM split; the aim is on the default (per_expert),
-# the other split is listed beside it for comparison.
+# The layer rows name the experts' GEMM split; the aim is on the plugin's default ("gemm
+# SPLIT (default)"; rows from before the splits name none), the other splits are listed
+# beside it for comparison.
 printf '%s\n' "${2:-}" | awk -F'|' '$5 ~ /x *(\((faster|SLOWER)\))? *$/ {
     x = $5; gsub(/[ x]|\((faster|SLOWER)\)/, "", x)
     shape = $2; gsub(/^ +| +$/, "", shape)
-    aim = shape ~ /gemm batched/ ? "(not an aim) layer faster, gemm batched" : "layer faster than transformers"
+    split_name = shape; sub(/.*, gemm /, "", split_name)
+    aim = shape ~ /, gemm / && shape !~ /\(default\)$/ ? "(not an aim) layer faster, gemm " split_name : "layer faster than transformers"
     printf "| %s | %s | %sx | %s |\n", aim, shape, x, (x + 0 > 1 ? "yes" : "NO")
   }'

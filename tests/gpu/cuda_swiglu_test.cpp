@@ -5,8 +5,9 @@
 // that rounds the other way). Random data, never zeros; the output is poisoned with NaN
 // first; experts with no rows in between. With bf16 weights the kernel also takes bf16 rows
 // (what the layer hands it), which give the same bits as the f32 rows they round from. Both
-// ways of splitting the GEMMs (gemm = per_expert, batched) on histograms that make batched
-// steps of 128 rows, an expert left standing alone, and short rests.
+// ways of splitting the GEMMs (gemm = per_expert, batched, and batched with at most two
+// experts a call) on histograms that make batched steps of 128 rows, an expert left standing
+// alone, and short rests.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -75,6 +76,12 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
     std::int64_t H, F;
     std::vector<std::int64_t> rows;
   };
+  // Each way of splitting the GEMMs: per expert; batched, a step in one call; batched, at
+  // most two experts a call (a step cut into pieces on several streams).
+  struct Split {
+    const char* gemm;
+    std::int64_t batch_experts;
+  };
   // Sizes that move four elements at a time, then odd sizes (element-wise kernels) with
   // more experts than the kernel has streams (a stream reused). Then histograms over the
   // 128-row granule of the batched split: steps [0,128) of experts 0 2 3 5 and [128,256) of
@@ -83,11 +90,12 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
                                                     {35, 50, {3, 9, 0, 4, 7, 1, 12, 2, 5}},
                                                     {64, 96, {300, 0, 129, 260, 5, 128}},
                                                     {35, 50, {130, 200, 3, 0, 260}}})
-    for (const char* split : {"per_expert", "batched"})
+    for (const Split& split : {Split{"per_expert", 0}, Split{"batched", 0}, Split{"batched", 2}})
       for (bool bf16 : {false, true}) {
         CAPTURE(H);
         CAPTURE(F);
-        CAPTURE(split);
+        CAPTURE(split.gemm);
+        CAPTURE(split.batch_experts);
         CAPTURE(bf16);
         std::int64_t N = 0;
         for (auto r : rows) N += r;
@@ -119,7 +127,8 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
           }
         }
         Config config;
-        config.set("experts", "gemm", std::string(split));
+        config.set("experts", "gemm", std::string(split.gemm));
+        config.set("experts", "batch_experts", split.batch_experts);
         const ConfigSection options =
             config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
         ExpertCreateArgs args;

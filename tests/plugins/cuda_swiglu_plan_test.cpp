@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "allocation_counter.hpp"
@@ -29,9 +30,9 @@ struct Expected {
 
 /// The plan of `rows` (a fresh plan each time).
 GemmPlan plan_of(const std::vector<std::int64_t>& rows, GemmSplit split, std::int64_t granule,
-                 int lanes) {
+                 int lanes, std::int64_t max_batch = 0) {
   GemmPlan plan;
-  plan.make(rows, split, granule, lanes);
+  plan.make(rows, split, granule, lanes, max_batch);
   return plan;
 }
 
@@ -90,6 +91,33 @@ TEST_CASE("the batched plan of a hand-worked histogram: steps, the last expert s
              {{{0}, 0, 9, 0}, {{2}, 0, 4, 2}, {{3}, 0, 13, 0}, {{4}, 0, 3, 1}, {{5}, 0, 8, 2}});
 }
 
+TEST_CASE("batched steps cut into pieces of at most max_batch experts, as equal as they come") {
+  // The histogram above, at most 2 experts a call: [0,4) of 0 2 3 5 in two pieces, 0 2 and
+  // 3 5; [4,8) of 0 3 5 in two, 0 3 and 5 (the earlier piece the larger); the last expert
+  // standing and the rests as before. Work: 8, 8, 8, 4, 5, 1, 3; largest first, ties in
+  // order, onto the least loaded of three lanes: 8→0, 8→1, 8→2, 5→0 (13), 4→1 (12),
+  // 3→2 (11), 1→2 (12).
+  const std::vector<std::int64_t> rows{9, 0, 4, 13, 3, 8};
+  check_plan(plan_of(rows, GemmSplit::kBatched, 4, 3, 2), {{{0, 2}, 0, 4, 0},
+                                                           {{3, 5}, 0, 4, 1},
+                                                           {{0, 3}, 4, 4, 2},
+                                                           {{5}, 4, 4, 1},
+                                                           {{3}, 8, 5, 0},
+                                                           {{0}, 8, 1, 2},
+                                                           {{4}, 0, 3, 2}});
+  // Seven experts of equal counts, at most 3 a call: 3 pieces of 3, 2, 2 (not 3, 3, 1).
+  const GemmPlan seven = plan_of(std::vector<std::int64_t>(7, 256), GemmSplit::kBatched, 128, 8, 3);
+  REQUIRE(seven.pieces().size() == 3);
+  CHECK(experts_of(seven, seven.pieces()[0]) == std::vector<int>{0, 1, 2});
+  CHECK(experts_of(seven, seven.pieces()[1]) == std::vector<int>{3, 4});
+  CHECK(experts_of(seven, seven.pieces()[2]) == std::vector<int>{5, 6});
+  // A limit at or above a step's experts leaves it whole; per_expert ignores it.
+  check_plan(plan_of(std::vector<std::int64_t>{256, 256, 256}, GemmSplit::kBatched, 128, 8, 3),
+             {{{0, 1, 2}, 0, 256, 0}});
+  CHECK(plan_of(rows, GemmSplit::kPerExpert, 4, 3, 2).pieces().size() ==
+        plan_of(rows, GemmSplit::kPerExpert, 4, 3).pieces().size());
+}
+
 TEST_CASE("batched plans of equal counts, one expert, no rows, and rows under a granule") {
   // Equal whole-granule counts: one batched GEMM of every expert.
   check_plan(plan_of(std::vector<std::int64_t>{256, 256, 256}, GemmSplit::kBatched, 128, 8),
@@ -113,6 +141,7 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
     const int expert_count = 1 + static_cast<int>(rng() % 40);
     const std::int64_t granule = std::vector<std::int64_t>{1, 3, 16, 128}[rng() % 4];
     const int lanes = 1 + static_cast<int>(rng() % 9);
+    const std::int64_t max_batch = std::vector<std::int64_t>{0, 1, 2, 5}[rng() % 4];
     std::vector<std::int64_t> rows(static_cast<std::size_t>(expert_count));
     for (auto& n : rows) {
       switch (rng() % 4) {
@@ -132,7 +161,7 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
     }
     CAPTURE(trial);
     for (const GemmSplit split : {GemmSplit::kPerExpert, GemmSplit::kBatched}) {
-      const GemmPlan plan = plan_of(rows, split, granule, lanes);
+      const GemmPlan plan = plan_of(rows, split, granule, lanes, max_batch);
       std::size_t steps = 0;
       for (const GemmPiece& p : plan.pieces()) {
         const std::vector<int> experts = experts_of(plan, p);
@@ -141,28 +170,31 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
         CHECK(p.lane >= 0);
         CHECK(p.lane < lanes);
         for (std::size_t i = 1; i < experts.size(); ++i) CHECK(experts[i - 1] < experts[i]);
+        if (max_batch > 0) CHECK(experts.size() <= static_cast<std::size_t>(max_batch));
         if (experts.size() > 1) {
           ++steps;
           CHECK(split == GemmSplit::kBatched);
           CHECK(p.first_row % granule == 0);
           CHECK(p.rows % granule == 0);
         } else if (split == GemmSplit::kBatched) {
-          // A rest (under a granule, after the expert's whole granules) or the last expert
-          // standing (from a granule boundary to its last row).
+          // A rest (under a granule, after the expert's whole granules), the last expert
+          // standing (from a granule boundary to its last row), or, with a limit, a step's
+          // piece of one expert (whole granules).
           const std::int64_t n = rows[static_cast<std::size_t>(experts[0])];
           CHECK(p.first_row % granule == 0);
-          CHECK(p.first_row + p.rows == n);
+          const bool to_the_end = p.first_row + p.rows == n;
+          CHECK((to_the_end || (max_batch > 0 && p.rows % granule == 0)));
         }
       }
       for (const auto& expert : coverage(rows, plan))
         for (const int times : expert) REQUIRE(times == 1);
-      // At most one step per distinct whole-granule height.
+      // Without a limit, at most one step per distinct whole-granule height.
       std::vector<std::int64_t> heights;
       for (auto n : rows)
         if (n / granule > 0) heights.push_back(n / granule);
       std::sort(heights.begin(), heights.end());
       heights.erase(std::unique(heights.begin(), heights.end()), heights.end());
-      CHECK(steps <= heights.size());
+      if (max_batch == 0) CHECK(steps <= heights.size());
     }
   }
 }
@@ -292,10 +324,13 @@ TEST_CASE(
         }
       }
 
-    for (const GemmSplit split : {GemmSplit::kPerExpert, GemmSplit::kBatched}) {
+    for (const auto& [split, max_batch] : {std::pair{GemmSplit::kPerExpert, std::int64_t{0}},
+                                           std::pair{GemmSplit::kBatched, std::int64_t{0}},
+                                           std::pair{GemmSplit::kBatched, std::int64_t{2}}}) {
       CAPTURE(trial);
+      CAPTURE(max_batch);
       GemmPlan plan;
-      plan.make(rows, split, 4, 3);
+      plan.make(rows, split, 4, 3, max_batch);
       std::vector<std::uint64_t> table(plan.table_words());
       GemmOperands operands;
       operands.gate_up = gate_up_at;
@@ -335,6 +370,8 @@ TEST_CASE("planning again into a plan that held a larger one allocates nothing")
     plan.make(large, split, 128, 8);
     plan.fill_table(large, operands, table);
   }
+  plan.make(large, GemmSplit::kBatched, 128, 8, 2);
+  plan.fill_table(large, operands, table);
   test::start_counting_allocations();
   for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
     plan.make(other, split, 128, 8);
@@ -342,6 +379,10 @@ TEST_CASE("planning again into a plan that held a larger one allocates nothing")
     plan.make(large, split, 128, 8);
     plan.fill_table(large, operands, table);
   }
+  plan.make(other, GemmSplit::kBatched, 128, 8, 2);
+  plan.fill_table(other, operands, table);
+  plan.make(large, GemmSplit::kBatched, 128, 8, 2);
+  plan.fill_table(large, operands, table);
   const test::AllocationCounts counts = test::stop_counting_allocations();
   INFO(test::first_counted_allocation());
   CHECK(counts.ours == 0);
@@ -353,17 +394,20 @@ TEST_CASE("gemm names the split, and anything else is refused") {
   CHECK_THROWS_AS(parse_gemm_split("grouped"), Error);
   CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{1}, GemmSplit::kBatched, 0, 1), Error);
   CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{-1}, GemmSplit::kBatched, 4, 1), Error);
+  CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{1}, GemmSplit::kBatched, 4, 1, -1), Error);
 }
 
 #if defined(SWITCHYARD_TEST_CUDA_PLUGINS)
 TEST_CASE(
-    "the cuda_swiglu plugin declares [experts] gemm (per_expert unless set) and batch_granule") {
+    "the cuda_swiglu plugin declares [experts] gemm (per_expert unless set), batch_granule and "
+    "batch_experts") {
   // The plugin loads without a GPU; its options are read before a kernel is created.
   const PluginRegistry registry(PluginRegistry::default_search_path());
   const ConfigSchema schema = registry.options(PluginKind::kExpert, "cuda_swiglu");
   Config unset;
   CHECK(unset.section("experts", schema).get_string("gemm") == "per_expert");
   CHECK(unset.section("experts", schema).get_int("batch_granule") == 128);
+  CHECK(unset.section("experts", schema).get_int("batch_experts") == 0);
   Config batched;
   batched.set("experts", "gemm", std::string("batched"));
   CHECK(batched.section("experts", schema).get_string("gemm") == "batched");
@@ -373,5 +417,8 @@ TEST_CASE(
   Config no_rows;
   no_rows.set("experts", "batch_granule", std::int64_t{0});
   CHECK_THROWS_AS(no_rows.section("experts", schema), Error);
+  Config negative;
+  negative.set("experts", "batch_experts", std::int64_t{-1});
+  CHECK_THROWS_AS(negative.section("experts", schema), Error);
 }
 #endif
