@@ -128,6 +128,16 @@ py::array_t<T> view_of(T* data, std::vector<py::ssize_t> shape, const py::object
   return py::array_t<T>(std::move(shape), data, owner);
 }
 
+/// Runs `call` with the GIL released (other Python threads go on meanwhile, and a
+/// collective call may wait for other ranks) and `calls` held: one call at a time into the
+/// object `calls` guards.
+template <typename Call>
+void run_released(std::mutex& calls, const Call& call) {
+  py::gil_scoped_release released;
+  const std::lock_guard<std::mutex> one_call_at_a_time(calls);
+  call();
+}
+
 /// A `Runtime.dispatch` result: the parts of this process's ranks, each with the rows its
 /// rank received. Holds the runtime (whose allocators own its buffers) alive.
 class PyDispatch {
@@ -172,11 +182,7 @@ class PyRuntime {
         out.is_none() ? py::object(py::array_t<float>({in.view().dim(0), hidden()})) : out;
     const TensorArgument y(result, "output y", /*written=*/true);
     y.view().require("output y", DType::kF32, {in.view().dim(0), hidden()});
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-      runtime_->forward_local_tokens(in.view(), y.view());
-    }
+    run_released(*calls_, [&] { runtime_->forward_local_tokens(in.view(), y.view()); });
     return result;
   }
 
@@ -195,9 +201,8 @@ class PyRuntime {
     std::vector<std::int32_t> narrowed;
     const TensorView ids = expert_ids(experts.view(), narrowed);
     auto result = std::make_unique<PyDispatch>(self);
-    py::gil_scoped_release released;
-    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-    runtime_->dispatch(in.view(), ids, weights.view(), result->dispatched);
+    run_released(*calls_,
+                 [&] { runtime_->dispatch(in.view(), ids, weights.view(), result->dispatched); });
     return result;
   }
 
@@ -232,11 +237,7 @@ class PyRuntime {
     py::object result =
         out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
     const TensorArgument y(result, "output y", /*written=*/true);
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-      runtime_->combine(d.dispatched, outputs, y.view());
-    }
+    run_released(*calls_, [&] { runtime_->combine(d.dispatched, outputs, y.view()); });
     return result;
   }
 
@@ -261,11 +262,9 @@ class PyRuntime {
     py::array_t<float> d_weights({d.dispatched.num_tokens, K});
     const TensorView d_weights_view(d_weights.mutable_data(), DType::kF32,
                                     {d.dispatched.num_tokens, K});
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+    run_released(*calls_, [&] {
       runtime_->combine_backward(d.dispatched, outputs, grad.view(), d_views, d_weights_view);
-    }
+    });
     return py::make_tuple(d_outputs, d_weights);
   }
 
@@ -278,11 +277,7 @@ class PyRuntime {
     py::object result =
         out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
     const TensorArgument dx(result, "dx", /*written=*/true);
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-      runtime_->dispatch_backward(d.dispatched, grads, dx.view());
-    }
+    run_released(*calls_, [&] { runtime_->dispatch_backward(d.dispatched, grads, dx.view()); });
     return result;
   }
 
@@ -304,11 +299,9 @@ class PyRuntime {
     py::object result = out.is_none() ? py::object(py::array_t<float>({T, hidden()})) : out;
     const TensorArgument dx(result, "dx", /*written=*/true);
     dx.view().require("dx", DType::kF32, {T, hidden()});
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+    run_released(*calls_, [&] {
       runtime_->backward_local_tokens(in.view(), grad.view(), dx.view(), gradients_);
-    }
+    });
     auto copy = [](const switchyard::HostTensor& t) {
       py::array_t<float> a(std::vector<py::ssize_t>(t.shape().begin(), t.shape().end()));
       std::copy_n(t.data<float>(), t.numel(), a.mutable_data());
@@ -348,9 +341,7 @@ class PyRuntime {
   }
 
   void save_model(const std::string& path) {
-    py::gil_scoped_release released;
-    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-    runtime_->save_model(path);
+    run_released(*calls_, [&] { runtime_->save_model(path); });
   }
 
   py::array_t<float> reference_forward(const py::object& x) const {
@@ -358,9 +349,7 @@ class PyRuntime {
     in.view().require("input x", DType::kF32, {-1, hidden()});
     py::array_t<float> y({in.view().dim(0), hidden()});
     const TensorArgument out(y, "output y", /*written=*/true);
-    py::gil_scoped_release released;
-    const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-    runtime_->reference_forward(in.view(), out.view());
+    run_released(*calls_, [&] { runtime_->reference_forward(in.view(), out.view()); });
     return y;
   }
 
@@ -369,11 +358,7 @@ class PyRuntime {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
     switchyard::RoutingPlan plan;
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-      runtime_->layer(0).route(in.view(), plan);
-    }
+    run_released(*calls_, [&] { runtime_->layer(0).route(in.view(), plan); });
     if (plan.device().kind != switchyard::Device::Kind::kHost)
       invalid("route needs the host data path ([runtime] data_path = \"host\")");
     const auto T = plan.num_tokens, K = static_cast<std::int64_t>(plan.slots);
@@ -389,13 +374,11 @@ class PyRuntime {
     switchyard::GlobalRouterStats s;
     switchyard::LayerTimings t;
     switchyard::LayerTraffic b;
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+    run_released(*calls_, [&] {
       s = runtime_->global_router_stats();
       t = runtime_->max_timings();
       b = runtime_->total_traffic();
-    }
+    });
     py::dict d;
     d["tokens"] = s.tokens;
     d["counts"] = s.counts;
@@ -489,13 +472,11 @@ class PyRouter {
     const TensorArgument in(logits, "logits");
     in.view().require("logits", DType::kF32, {-1, router_->num_experts()});
     switchyard::RoutingPlan plan;
-    {
-      py::gil_scoped_release released;
-      const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
+    run_released(*calls_, [&] {
       switchyard::RouteInput input;
       input.logits = in.view();
       router_->route(input, plan, stream_);
-    }
+    });
     const auto T = plan.num_tokens, K = static_cast<std::int64_t>(plan.slots);
     py::array_t<std::int32_t> experts({T, K});
     py::array_t<float> weights({T, K});
