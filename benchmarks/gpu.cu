@@ -54,26 +54,33 @@ void check(cublasStatus_t s, const char* what) {
   }
 }
 
-/// Median milliseconds of `run` on `stream` over `iters` runs after 2 warm-ups.
-double median_ms(cudaStream_t stream, int iters, const std::function<void()>& run) {
+/// Milliseconds of one `run` on `stream`, between events recorded on it before and after.
+double once_ms(cudaStream_t stream, const std::function<void()>& run) {
   cudaEvent_t start, stop;
   check(cudaEventCreate(&start), "event");
   check(cudaEventCreate(&stop), "event");
-  for (int i = 0; i < 2; ++i) run();
-  std::vector<double> times;
-  for (int i = 0; i < iters; ++i) {
-    check(cudaEventRecord(start, stream), "record");
-    run();
-    check(cudaEventRecord(stop, stream), "record");
-    check(cudaEventSynchronize(stop), "sync");
-    float ms = 0;
-    check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
-    times.push_back(ms);
-  }
+  check(cudaEventRecord(start, stream), "record");
+  run();
+  check(cudaEventRecord(stop, stream), "record");
+  check(cudaEventSynchronize(stop), "sync");
+  float ms = 0;
+  check(cudaEventElapsedTime(&ms, start, stop), "elapsed");
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
+  return ms;
+}
+
+double median_of(std::vector<double> times) {
   std::sort(times.begin(), times.end());
   return times[times.size() / 2];
+}
+
+/// Median milliseconds of `run` on `stream` over `iters` runs after 2 warm-ups.
+double median_ms(cudaStream_t stream, int iters, const std::function<void()>& run) {
+  for (int i = 0; i < 2; ++i) run();
+  std::vector<double> times;
+  for (int i = 0; i < iters; ++i) times.push_back(once_ms(stream, run));
+  return median_of(std::move(times));
 }
 
 /// Medians (ms) of `a` and of `b` on `stream`, timed in turn (a, b, a, b, ...) after 2
@@ -89,12 +96,10 @@ std::pair<double, double> paired_median_ms(cudaStream_t stream, int iters,
     b();
   }
   for (int i = 0; i < iters; ++i) {
-    times_a.push_back(median_ms(stream, 1, a));
-    times_b.push_back(median_ms(stream, 1, b));
+    times_a.push_back(once_ms(stream, a));
+    times_b.push_back(once_ms(stream, b));
   }
-  std::sort(times_a.begin(), times_a.end());
-  std::sort(times_b.begin(), times_b.end());
-  return {times_a[times_a.size() / 2], times_b[times_b.size() / 2]};
+  return {median_of(std::move(times_a)), median_of(std::move(times_b))};
 }
 
 /// A hash of (i, seed) as a float in [-0.5, 0.5): cheap reproducible fill values.
