@@ -1,9 +1,12 @@
+#include <cblas.h>
 #include <doctest/doctest.h>
+#include <stdlib.h>  // setenv, unsetenv
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <thread>
 #include <vector>
 
 #include "switchyard/model.hpp"
@@ -15,13 +18,16 @@ using namespace switchyard;
 
 namespace {
 
-std::shared_ptr<ExpertKernel> make_kernel(const ModelWeights& model, int first, int count) {
+std::shared_ptr<ExpertKernel> make_kernel(const ModelWeights& model, int first, int count,
+                                          std::int64_t blas_threads = 0) {
   static PluginRegistry registry(PluginRegistry::default_search_path());
-  static const ConfigSection options =
-      Config().section("experts", registry.options(PluginKind::kExpert, "cpu_swiglu"));
+  Config config;
+  config.set("experts", "blas_threads", blas_threads);
+  const ConfigSection options =
+      config.section("experts", registry.options(PluginKind::kExpert, "cpu_swiglu"));
   const auto experts = model.experts(first, count);
   ExpertCreateArgs args;
-  args.options = &options;
+  args.options = &options;  // read when the kernel is created
   args.hidden = model.hidden();
   args.ffn_hidden = model.ffn_hidden();
   args.experts = experts;
@@ -311,4 +317,40 @@ TEST_CASE("saved projections: the forward keeps [gate·x | up·x]; the backward 
   HostTensor narrow(DType::kF32, {N, F});
   CHECK_THROWS_WITH_AS(kernel->forward({x.view(), rows, y.view(), narrow.view()}, stream),
                        doctest::Contains("saved projections"), Error);
+}
+
+TEST_CASE("blas_threads = 0: the hardware threads divided among the ranks sharing them") {
+  for (const char* set_by_user : {"OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"}) {
+    if (std::getenv(set_by_user) != nullptr) {
+      MESSAGE(set_by_user << " is set, which the kernel leaves alone: nothing to check");
+      return;
+    }
+  }
+  const int hardware = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (hardware == 1) MESSAGE("one hardware thread: every count below is 1");
+  const ModelWeights model = ModelWeights::random(3, 8, 8, 4);
+  // Three ranks in this process (the inproc transport's case).
+  openblas_set_num_threads(hardware);
+  {
+    const auto a = make_kernel(model, 0, 1), b = make_kernel(model, 1, 1),
+               c = make_kernel(model, 2, 1);
+    CHECK(openblas_get_num_threads() == std::max(1, hardware / 3));
+  }
+  // One rank of a launched job with two ranks on this node.
+  setenv("RANK", "0", 1);
+  setenv("WORLD_SIZE", "2", 1);
+  setenv("LOCAL_RANK", "0", 1);
+  setenv("LOCAL_WORLD_SIZE", "2", 1);
+  openblas_set_num_threads(hardware);
+  { CHECK(make_kernel(model, 0, 1) != nullptr); }
+  for (const char* v : {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"}) unsetenv(v);
+  CHECK(openblas_get_num_threads() == std::max(1, hardware / 2));
+  // One rank alone keeps OpenBLAS's choice; a count given is taken as it is.
+  openblas_set_num_threads(hardware);
+  { CHECK(make_kernel(model, 0, 1) != nullptr); }
+  CHECK(openblas_get_num_threads() == hardware);
+  {
+    const auto a = make_kernel(model, 0, 1, 1), b = make_kernel(model, 1, 1, hardware);
+    CHECK(openblas_get_num_threads() == hardware);
+  }
 }
