@@ -31,7 +31,7 @@ std::atomic<int> live_kernels{0};
 /// blas_threads = 0. OpenBLAS's threads serve the whole process, and ranks that call it at
 /// once wait on one another's spinning threads: the demo's four in-process ranks on two
 /// cores spent 1.0-1.2 ms in their experts with OpenBLAS's default (70-185 ms while the
-/// machine was busy) and 0.22-0.26 ms with one thread. So the hardware threads are divided
+/// machine was busy) and 0.22-0.28 ms with one thread. So the hardware threads are divided
 /// among the ranks that share them, this process's kernels times the launcher's ranks on
 /// this node; one rank alone keeps OpenBLAS's own choice, and so does a user who set it.
 void share_blas_threads(int kernels_in_process) {
@@ -63,21 +63,21 @@ class CpuSwigluKernel final : public ExpertKernel {
       require_weight(experts_[e].up, which + " up", F, H);
       require_weight(experts_[e].down, which + " down", H, F);
     }
-    if (args.options != nullptr) {
-      const auto threads = args.options->get_int("blas_threads");
-      // More threads than the machine has only oversubscribe it, and enough of them make
-      // OpenBLAS fail to start its pool.
-      const auto hardware =
-          static_cast<std::int64_t>(std::max(1u, std::thread::hardware_concurrency()));
-      if (threads > hardware) {
-        args.options->fail("blas_threads", "must be at most the " + std::to_string(hardware) +
-                                               " hardware threads of this machine (got " +
-                                               std::to_string(threads) + ")");
-      }
-      if (threads > 0) openblas_set_num_threads(static_cast<int>(threads));
+    const std::int64_t threads =
+        args.options != nullptr ? args.options->get_int("blas_threads") : 0;
+    // More threads than the machine has only oversubscribe it, and enough of them make
+    // OpenBLAS fail to start its pool.
+    const auto hardware =
+        static_cast<std::int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+    if (threads > hardware) {
+      args.options->fail("blas_threads", "must be at most the " + std::to_string(hardware) +
+                                             " hardware threads of this machine (got " +
+                                             std::to_string(threads) + ")");
     }
     const int kernels = ++live_kernels;
-    if (args.options == nullptr || args.options->get_int("blas_threads") == 0) {
+    if (threads > 0) {
+      openblas_set_num_threads(static_cast<int>(threads));
+    } else {
       share_blas_threads(kernels);
     }
   }
