@@ -54,6 +54,12 @@ void check(cublasStatus_t s, const char* what) {
   }
 }
 
+/// `text` for a cell of a Markdown table: no '|' in it.
+std::string table_cell(std::string text) {
+  std::replace(text.begin(), text.end(), '|', '/');
+  return text;
+}
+
 /// Milliseconds of one `run` on `stream`, between events recorded on it before and after.
 double once_ms(cudaStream_t stream, const std::function<void()>& run) {
   cudaEvent_t start, stop;
@@ -278,9 +284,8 @@ int kernels() {
                     measure.c_str(), ms, flops / (ms * 1e9), flops / (gemm_ms * 1e9),
                     100.0 * gemm_ms / ms);
       } catch (const Error& e) {
-        std::string why = e.what();
-        std::replace(why.begin(), why.end(), '|', '/');
-        std::printf("| %s | %s | failed: %s | | | |\n", label, measure.c_str(), why.c_str());
+        std::printf("| %s | %s | failed: %s | | | |\n", label, measure.c_str(),
+                    table_cell(e.what()).c_str());
       }
       std::fflush(stdout);
     };
@@ -289,7 +294,8 @@ int kernels() {
     __nv_bfloat16* rows16;
     check(cudaMalloc(&rows16, S * H * 2), "rows16");
     fill_bf16<<<grid_for(S * H), 256, 0, stream.s>>>(rows16, S * H, 5);
-    // The default split first: a split that spoils the device cannot cost its rows.
+    // per_expert, the split measured before, first: a split that spoils the device cannot
+    // cost its rows.
     for (const Split& split : splits) {
       Config config;
       config.set("experts", "gemm", std::string(split.gemm));
@@ -304,7 +310,7 @@ int kernels() {
       } catch (const Error& e) {
         for (const char* counts : {"even", "routed"}) {
           std::printf("| %s | experts (cuda_swiglu, bf16, %s, %s counts) | failed: %s | | | |\n",
-                      label, split.name, counts, e.what());
+                      label, split.name, counts, table_cell(e.what()).c_str());
         }
       }
       args.options = nullptr;
