@@ -707,4 +707,19 @@ std::string new_store_token() {
   return token;
 }
 
+int free_loopback_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw Error(ErrorCode::kSystem, "cannot find a free port: socket: " + errno_text());
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof addr;
+  const bool found = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+                     ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) == 0;
+  const std::string why = found ? "" : errno_text();
+  ::close(fd);
+  if (!found) throw Error(ErrorCode::kSystem, "cannot find a free port: " + why);
+  return ntohs(addr.sin_port);
+}
+
 }  // namespace switchyard

@@ -3,11 +3,9 @@
 // MASTER_ADDR, MASTER_PORT), prefixes their output with the rank, and if one fails, stops
 // the others and fails too.
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -30,22 +28,6 @@ namespace {
 volatile std::sig_atomic_t stop_signal = 0;
 void on_signal(int signal) {
   if (stop_signal == 0) stop_signal = signal;
-}
-
-/// A port the kernel says is free now (bound to port 0, then released).
-int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof addr;
-  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) != 0) {
-    throw Error(ErrorCode::kSystem,
-                std::string("launch: cannot find a free port: ") + std::strerror(errno));
-  }
-  ::close(fd);
-  return ntohs(addr.sin_port);
 }
 
 struct Child {
@@ -135,7 +117,7 @@ int launch_command(const std::vector<std::string>& args) {
     argv.push_back(const_cast<char*>(args[a].c_str()));
   argv.push_back(nullptr);
 
-  const int port = free_port();
+  const int port = free_loopback_port();
   // A fresh secret per job: only these ranks can use the store (see bootstrap.hpp).
   const std::string token = new_store_token();
   const int local_size = per_node > 0 ? per_node : n;

@@ -97,8 +97,22 @@ constexpr std::uint8_t kHelloOp = 1, kSetOp = 2, kTryGetOp = 3, kMissingOp = 4;
 
 }  // namespace
 
+TEST_CASE("free_loopback_port: a port of the loopback interface that can be bound") {
+  const int port = free_loopback_port();
+  CHECK(port > 0);
+  CHECK(port <= 65535);
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<std::uint16_t>(port));
+  CHECK(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  ::close(fd);
+}
+
 TEST_CASE("set, get, barrier and allgather across ranks") {
-  const int port = test::free_port();
+  const int port = free_loopback_port();
   std::vector<std::vector<std::string>> gathered(3);
   std::vector<std::string> got(3);
   auto errors = test::on_threads(3, [&](int r) {
@@ -118,7 +132,7 @@ TEST_CASE("set, get, barrier and allgather across ranks") {
 }
 
 TEST_CASE("a barrier that a rank never reaches times out naming it") {
-  const int port = test::free_port();
+  const int port = free_loopback_port();
   auto errors = test::on_threads(3, [&](int r) {
     BootstrapStore store(info(r, 3, port), 1.0);
     if (r == 1) {
@@ -139,7 +153,7 @@ TEST_CASE("a barrier that a rank never reaches times out naming it") {
 }
 
 TEST_CASE("disagreeing world sizes and a rank claimed twice are refused") {
-  const int port = test::free_port();
+  const int port = free_loopback_port();
   auto errors = test::on_threads(2, [&](int r) {
     BootstrapStore store(info(r, r == 0 ? 2 : 5, port), 1);
     store.barrier("b");
@@ -152,7 +166,7 @@ TEST_CASE("disagreeing world sizes and a rank claimed twice are refused") {
   REQUIRE(errors[0].has_value());
   CHECK(errors[0]->code() == ErrorCode::kTimeout);
 
-  const int port2 = test::free_port();
+  const int port2 = free_loopback_port();
   auto twice = test::on_threads(3, [&](int r) {
     BootstrapStore store(info(r == 2 ? 1 : r, 3, port2), 1);
     store.barrier("b");
@@ -215,7 +229,7 @@ TEST_CASE("launcher variables: torchrun's names first, then Open MPI's, then Slu
 }
 
 TEST_CASE("a stranger without the job's token can neither read, write nor stall the store") {
-  const int port = test::free_port();
+  const int port = free_loopback_port();
   std::vector<std::string> got(2);
   std::vector<double> seconds(2);
   std::string stranger_saw, wrong_token_reply;
@@ -269,7 +283,7 @@ TEST_CASE("a stranger without the job's token can neither read, write nor stall 
 }
 
 TEST_CASE("a malformed request from a rank gets an error reply, and the store serves on") {
-  const int port = test::free_port();
+  const int port = free_loopback_port();
   std::string reply, after;
   auto errors = test::on_threads(2, [&](int r) {
     BootstrapStore store(info(r, 3, port), 10);
@@ -295,7 +309,7 @@ TEST_CASE("a malformed request from a rank gets an error reply, and the store se
 }
 
 TEST_CASE("ranks with different tokens are told so") {
-  const int port = test::free_port();
+  const int port = free_loopback_port();
   auto errors = test::on_threads(2, [&](int r) {
     LaunchInfo i = info(r, 2, port);
     if (r == 1) i.store_token = "another-token-9876543210";
@@ -311,7 +325,7 @@ TEST_CASE("ranks with different tokens are told so") {
 TEST_CASE("without SWITCHYARD_STORE_TOKEN the ranks share a per-user token file, mode 600") {
   test::TempDir dir;
   setenv("XDG_CONFIG_HOME", dir.path().c_str(), 1);
-  const int port = test::free_port();
+  const int port = free_loopback_port();
   auto errors = test::on_threads(3, [&](int r) {
     LaunchInfo i = info(r, 3, port);
     i.store_token.clear();
@@ -328,7 +342,7 @@ TEST_CASE("without SWITCHYARD_STORE_TOKEN the ranks share a per-user token file,
                       std::filesystem::directory_iterator()) == 1);  // nothing left aside
 
   ::chmod(file.c_str(), 0644);
-  LaunchInfo i = info(0, 1, test::free_port());
+  LaunchInfo i = info(0, 1, free_loopback_port());
   i.store_token.clear();
   CHECK_THROWS_WITH_AS(BootstrapStore(i, 1),
                        doctest::Contains("store-token is readable or writable by others (chmod "

@@ -19,17 +19,7 @@ namespace {
 constexpr const char* kToken = "fuzzing-token-0123456789";
 
 int store_port() {
-  static int port = [] {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t length = sizeof addr;
-    ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
-    ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length);
-    ::close(fd);
-    return static_cast<int>(ntohs(addr.sin_port));
-  }();
+  static const int port = switchyard::free_loopback_port();
   return port;
 }
 

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <iterator>
 
+#include "switchyard/bootstrap.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/model.hpp"
 #include "switchyard/tensor.hpp"
@@ -184,18 +185,16 @@ TEST_CASE("runtime.ranks that disagrees with the launcher is an error") {
 TEST_CASE("a rank that never arrives at the store: a timeout naming it") {
   test::TempDir dir;
   test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 1.5\n");
-  const std::string env =
-      "RANK=0 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(test::free_port()) +
-      " ";
+  const std::string env = "RANK=0 WORLD_SIZE=3 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+                          std::to_string(free_loopback_port()) + " ";
   const auto [r, seconds] = timed(env + kTool + " run " + (dir / "moe.toml").string());
   CHECK(r.exit_code == 1);
   CHECK(r.output.find("timed out after 1.5") != std::string::npos);
   CHECK(r.output.find("waiting for rank(s) 1, 2") != std::string::npos);
   CHECK(seconds < 10);
   // And a rank whose rank 0 never comes cannot reach the store.
-  const std::string other =
-      "RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(test::free_port()) +
-      " ";
+  const std::string other = "RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
+                            std::to_string(free_loopback_port()) + " ";
   const auto [lonely, lonely_seconds] =
       timed(other + kTool + " run " + (dir / "moe.toml").string());
   CHECK(lonely.exit_code == 1);
@@ -206,7 +205,8 @@ TEST_CASE("a rank that never arrives at the store: a timeout naming it") {
 TEST_CASE("a wrong WORLD_SIZE is named") {
   test::TempDir dir;
   test::write_text(dir / "moe.toml", "[runtime]\ntransport = \"ucx\"\ntimeout_s = 2\n");
-  const std::string base = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(test::free_port());
+  const std::string base =
+      "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_loopback_port());
   const std::string run = kTool + " run " + (dir / "moe.toml").string();
   const auto [r, seconds] =
       timed("(" + base + " RANK=0 WORLD_SIZE=2 " + run + " > " + (dir / "r0.log").string() +

@@ -41,9 +41,6 @@ std::string error_message(const std::function<void()>& f);
 /// each one threw, if any.
 std::vector<std::optional<Error>> on_threads(int n, const std::function<void(int)>& fn);
 
-/// A loopback TCP port that was free a moment ago.
-int free_port();
-
 /// Writes `text` to `path`.
 void write_text(const std::filesystem::path& path, const std::string& text);
 

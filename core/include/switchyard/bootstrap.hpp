@@ -44,6 +44,12 @@ inline constexpr std::size_t kMaxStoreTokenChars = 512;
 /// digits. `switchyard launch` gives one to its ranks in SWITCHYARD_STORE_TOKEN.
 std::string new_store_token();
 
+/// A TCP port of the loopback interface that is free now: bound to port 0, read back,
+/// released. Another process may take it before the caller binds it. `switchyard launch`
+/// gives one to its ranks in MASTER_PORT. Throws `Error(kSystem)` when no socket can be
+/// bound.
+int free_loopback_port();
+
 /// A small key-value store over TCP, hosted by rank 0 and used by every rank during
 /// start-up. Rank 0 listens on `master_addr:master_port` (that address only) and serves
 /// from a background thread for as long as the object lives; every rank, rank 0 included,
