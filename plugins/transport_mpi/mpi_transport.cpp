@@ -287,10 +287,14 @@ class MpiTransport final : public PeerTransport {
   /// Ends the whole MPI job (MPI_Abort): with one process per rank there is nothing to
   /// unblock locally, and the launcher then stops every other rank.
   void abort(const std::string& reason) noexcept override {
-    (void)reason;
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (!finalized) MPI_Abort(MPI_COMM_WORLD, 1);
+    if (finalized) return;
+    // Said here, before the launcher kills the job: mpirun's own notice of an abort can be
+    // lost when several ranks abort at once.
+    std::fprintf(stderr, "switchyard: mpi: ending the job with MPI_Abort: %s\n", reason.c_str());
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
   }
 
   /// Used once at creation, after the host names are known.

@@ -282,8 +282,9 @@ TEST_CASE("a peer killed in the middle of a dispatch ends every survivor in boun
                                     worker + " runtime.transport=mpi");
     INFO(r.output);
     // In recovery mode mpirun's own exit status does not reflect MPI_Abort; the survivors'
-    // reports and the abort notice are what show.
-    CHECK(r.output.find("MPI_ABORT was invoked") != std::string::npos);
+    // reports and their notice of the abort are what show (mpirun's own "MPI_ABORT was
+    // invoked" is sometimes lost when two ranks abort at once).
+    CHECK(r.output.find("switchyard: mpi: ending the job with MPI_Abort: ") != std::string::npos);
     CHECK(r.output.find(
               "ep_worker: timeout: mpi alltoall: timed out after 2 s waiting for rank(s) 1 ") !=
           std::string::npos);
