@@ -221,17 +221,18 @@ int kernels() {
     args.experts = views;
     // Each way of splitting the GEMMs: per expert; batched steps of 128 and of 64 rows, a
     // step in one call; steps of 128 rows in calls of at most 8 and at most 2 experts
-    // ("batched GRANULE/EXPERTS").
+    // ("batched GRANULE/EXPERTS"); grouped, every expert in one call, and at most 8 experts
+    // a call ("grouped/EXPERTS").
     struct Split {
       const char* gemm;
       std::int64_t granule, batch_experts;
       const char* name;
     };
-    const Split splits[] = {{"per_expert", 128, 0, "per_expert"},
-                            {"batched", 128, 0, "batched 128"},
-                            {"batched", 64, 0, "batched 64"},
-                            {"batched", 128, 8, "batched 128/8"},
-                            {"batched", 128, 2, "batched 128/2"}};
+    const Split splits[] = {
+        {"per_expert", 128, 0, "per_expert"}, {"batched", 128, 0, "batched 128"},
+        {"batched", 64, 0, "batched 64"},     {"batched", 128, 8, "batched 128/8"},
+        {"batched", 128, 2, "batched 128/2"}, {"grouped", 128, 0, "grouped"},
+        {"grouped", 128, 8, "grouped/8"}};
     float* out;
     check(cudaMalloc(&out, S * H * 4), "out");
     // Rows per expert: even, and as uniform routing gives them (each token to k distinct

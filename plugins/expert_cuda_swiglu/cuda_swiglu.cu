@@ -7,11 +7,13 @@
 // run the same sequence in F32 without tensor cores.
 // The GEMMs are split into pieces (gemm_plan.hpp): one per expert (`gemm = "per_expert"`),
 // or steps of the same rows of many experts, each one batched cuBLAS call, and each
-// expert's short rest (`gemm = "batched"`). Stream-ordered: the work starts after what the
-// caller's stream holds and the caller's stream waits for all of it. In between, the pieces
-// run on kExpertLanes streams of the kernel's own, so that small GEMMs, each too small to
-// fill the device, overlap. The weights are copied to the device once, when the kernel is
-// created.
+// expert's short rest (`gemm = "batched"`), or runs of experts with all their rows, each
+// one grouped cuBLAS call (`gemm = "grouped"`; with bf16 weights its down GEMM writes bf16,
+// the only result type cuBLAS's grouped GEMM has for bf16, widened to f32).
+// Stream-ordered: the work starts after what the caller's stream holds and the caller's
+// stream waits for all of it. In between, the pieces run on kExpertLanes streams of the
+// kernel's own, so that small GEMMs, each too small to fill the device, overlap. The weights are
+// copied to the device once, when the kernel is created.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -66,8 +68,9 @@ __device__ float4 load_quad(const uint2* p) {
                      __uint_as_float(b.y << 16), __uint_as_float(b.y & 0xffff0000u));
 }
 
-// The row kernels below work on a piece's rows: `rows` rows from each of its experts,
-// expert j (blockIdx.y) from row starts[j] of the forward's rows.
+// The row kernels below work on a piece's rows: `rows` rows from each of its row blocks,
+// block j (blockIdx.y) from row starts[j] of the forward's rows (a block per expert, or one
+// for a grouped piece, whose experts' rows lie back to back).
 
 /// act[row, f] = silu(g) · u with g = h[row, f], u = h[row, F + f] (h = [N, 2F], the
 /// projections' type: f32, or bf16 with bf16 weights), in the activation type (bf16 or f32).
@@ -115,6 +118,24 @@ __global__ void to_bf16(const float* in, const std::int64_t* starts, std::int64_
   out[at] = __float2bfloat16_rn(in[at]);
 }
 
+/// out[row, c] = in[row, c] (bf16) widened to f32, exactly; rows of H columns.
+__global__ void widen_bf16(const __nv_bfloat16* in, const std::int64_t* starts, std::int64_t rows,
+                           std::int64_t H, float* out) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * H) return;
+  const std::int64_t at = (starts[blockIdx.y] + i / H) * H + i % H;
+  out[at] = __bfloat162float(in[at]);
+}
+
+/// widen_bf16 four elements at a time (H4 quads a row, buffers 16-byte aligned).
+__global__ void widen_bf16_x4(const uint2* __restrict__ in, const std::int64_t* starts,
+                              std::int64_t rows, std::int64_t H4, float4* __restrict__ out) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * H4) return;
+  const std::int64_t quad = (starts[blockIdx.y] + i / H4) * H4 + i % H4;
+  out[quad] = load_quad(in + quad);
+}
+
 /// to_bf16 four elements at a time (H4 quads a row, buffers 16-byte aligned).
 __global__ void to_bf16_x4(const float4* __restrict__ in, const std::int64_t* starts,
                            std::int64_t rows, std::int64_t H4, __nv_bfloat162* __restrict__ out) {
@@ -132,26 +153,27 @@ unsigned blocks_for(std::int64_t n, int threads) {
   return static_cast<unsigned>(std::max<std::int64_t>(1, (n + threads - 1) / threads));
 }
 
-/// The grid of a row kernel over `rows` rows of each of `experts` experts, `per_row`
-/// threads a row.
-dim3 piece_grid(std::int64_t rows, std::int64_t per_row, std::size_t experts, int threads) {
-  return dim3(blocks_for(rows * per_row, threads), static_cast<unsigned>(experts));
+/// The grid of a row kernel over piece `p`'s rows (`p.rows` rows of each of its row blocks),
+/// `per_row` threads a row.
+dim3 piece_grid(const GemmPiece& p, std::int64_t per_row, int threads) {
+  return dim3(blocks_for(p.rows * per_row, threads), static_cast<unsigned>(p.row_blocks()));
 }
 
 void declare_options(ConfigSchema& s) {
   s.add("gemm", ConfigType::kString, ConfigValue{std::string("per_expert")},
         "how the experts' GEMMs are split into cuBLAS calls: per_expert (one GEMM per expert, "
-        "on 8 streams) or batched (the same rows of many experts in one batched GEMM, then "
-        "each expert's rest of under batch_granule rows)",
-        checks::one_of({"per_expert", "batched"}));
+        "on 8 streams), batched (the same rows of many experts in one batched GEMM, then "
+        "each expert's rest of under batch_granule rows) or grouped (all rows of many experts "
+        "in one grouped GEMM; with bf16 weights the outputs are rounded to bf16)",
+        checks::one_of({"per_expert", "batched", "grouped"}));
   s.add("batch_granule", ConfigType::kInt, ConfigValue{std::int64_t{128}},
         "with gemm = batched: the batched steps' heights are multiples of this many rows "
         "(smaller leaves shorter rests, larger makes fewer, taller steps)",
         checks::int_range(1, 1 << 20));
   s.add("batch_experts", ConfigType::kInt, ConfigValue{std::int64_t{0}},
-        "with gemm = batched: at most this many experts in one batched call, a step of more "
-        "cut into several on different streams, so that one's silu(gate)·up overlaps "
-        "another's GEMMs (0: every expert of a step in one call)",
+        "with gemm = batched or grouped: at most this many experts in one call, a step (or "
+        "the experts) of more cut into several on different streams, so that one's "
+        "silu(gate)·up overlaps another's GEMMs (0: every expert of a step in one call)",
         checks::int_range(0, 1 << 20));
 }
 
@@ -278,12 +300,16 @@ class CudaSwigluKernel final : public ExpertKernel {
     auto* projected = projected_.get(static_cast<std::size_t>(N * 2 * F) * element);
     auto* act = act_.get(static_cast<std::size_t>(N * F) * element);
     auto* y = reinterpret_cast<std::byte*>(batch.output.data_as<float>());
+    // Grouped pieces with bf16 weights: the down GEMM's bf16 results, widened into y.
+    const bool narrow_grouped_out = split_ == GemmSplit::kGrouped && bf16_;
+    auto* grouped_out =
+        narrow_grouped_out ? grouped_out_.get(static_cast<std::size_t>(N * H) * 2) : nullptr;
 
     plan_.make(batch.rows_per_expert, split_, batch_granule_, kExpertLanes, batch_experts_);
     const std::span<const GemmPiece> pieces = plan_.pieces();
     for (const GemmPiece& p : pieces) {
-      // A batched piece's experts are the y dimension of its row kernels' grids.
-      if (p.expert_count > 65535) {
+      // A piece's row blocks are the y dimension of its row kernels' grids.
+      if (p.row_blocks() > 65535) {
         throw Error(ErrorCode::kInternal, "cuda_swiglu: too many experts in a piece");
       }
     }
@@ -303,6 +329,8 @@ class CudaSwigluKernel final : public ExpertKernel {
     operands.act_row_bytes = static_cast<std::size_t>(F) * element;
     operands.out = y;
     operands.out_row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+    operands.grouped_out = grouped_out;
+    operands.grouped_out_row_bytes = static_cast<std::size_t>(H) * 2;
     plan_.fill_table(batch.rows_per_expert, operands, std::span<std::uint64_t>(table.host, words));
     check(cudaMemcpyAsync(table.device, table.host, words * sizeof(std::uint64_t),
                           cudaMemcpyHostToDevice, s),
@@ -332,8 +360,10 @@ class CudaSwigluKernel final : public ExpertKernel {
            "gate and up GEMM");
       silu_times_up_into(projected, starts, p, F, act, lane.stream);
       // Row-major [n,H] = act [n,F] · downᵀ.
-      gemm(p, on_host, on_device, kDownWeights, GemmShape{H, F, type, CUDA_R_32F}, lane,
-           "down GEMM");
+      const bool narrow = p.grouped && grouped_out != nullptr;
+      gemm(p, on_host, on_device, kDownWeights,
+           GemmShape{H, F, type, narrow ? CUDA_R_16BF : CUDA_R_32F}, lane, "down GEMM");
+      if (narrow) widen_into(grouped_out, starts, p, H, y, lane.stream);
     }
     // Join: the caller's stream waits for every lane used; the table is free again when
     // the caller's stream gets there.
@@ -365,17 +395,56 @@ class CudaSwigluKernel final : public ExpertKernel {
     cudaDataType_t in_type, out_type;
   };
 
+  /// The host arrays of a grouped cuBLAS call, one entry per group (kept for their
+  /// capacity: filling them again allocates nothing). cuBLAS reads them during the call.
+  struct GroupedArguments {
+    std::vector<cublasOperation_t> transpose, keep;
+    std::vector<int> out, rows, inner, size;
+    std::vector<float> one, zero;
+
+    void assign(std::span<const GemmGroup> groups, int out_width, int inner_size) {
+      const std::size_t g = groups.size();
+      transpose.assign(g, CUBLAS_OP_T);
+      keep.assign(g, CUBLAS_OP_N);
+      out.assign(g, out_width);
+      inner.assign(g, inner_size);
+      one.assign(g, 1.0f);
+      zero.assign(g, 0.0f);
+      rows.resize(g);
+      size.resize(g);
+      for (std::size_t i = 0; i < g; ++i) {
+        rows[i] = static_cast<int>(groups[i].rows);
+        size[i] = groups[i].count;
+      }
+    }
+  };
+
   /// One GEMM of piece `p` on its lane: a plain cublasGemmEx for one expert (pointers from
-  /// the host table), else one batched call over the piece's experts (pointer arrays from
-  /// the device table). `column` is the table column of the A pointers (B and C follow).
+  /// the host table), else one batched call over the piece's experts, or one grouped call
+  /// for a grouped piece (pointer arrays from the device table). `column` is the table
+  /// column of the A pointers (B and C follow).
   void gemm(const GemmPiece& p, const std::uint64_t* on_host, const std::uint64_t* on_device,
-            std::size_t column, const GemmShape& shape, Lane& lane, const char* what) const {
+            std::size_t column, const GemmShape& shape, Lane& lane, const char* what) {
     const float one = 1.0f, zero = 0.0f;
     const std::size_t m = p.expert_count;
     const auto out = static_cast<int>(shape.out), inner = static_cast<int>(shape.inner),
                n = static_cast<int>(p.rows);
+    auto pointers = [&](std::size_t c) {
+      return reinterpret_cast<void* const*>(on_device + c * m);
+    };
     cublasStatus_t status;
-    if (m == 1) {
+    if (p.grouped) {
+      const std::span<const GemmGroup> groups = plan_.groups(p);
+      GroupedArguments& a = grouped_arguments_;
+      a.assign(groups, out, inner);
+      // Column-major, as below: lda = ldb = inner, ldc = out.
+      status = cublasGemmGroupedBatchedEx(
+          lane.cublas, a.transpose.data(), a.keep.data(), a.out.data(), a.rows.data(),
+          a.inner.data(), a.one.data(), pointers(column), shape.in_type, a.inner.data(),
+          pointers(column + 1), shape.in_type, a.inner.data(), a.zero.data(), pointers(column + 2),
+          shape.out_type, a.out.data(), static_cast<int>(groups.size()), a.size.data(),
+          CUBLAS_COMPUTE_32F);
+    } else if (m == 1) {
       auto pointer = [&](std::size_t c) {
         return reinterpret_cast<void*>(static_cast<std::uintptr_t>(on_host[c]));
       };
@@ -384,9 +453,6 @@ class CudaSwigluKernel final : public ExpertKernel {
                             shape.in_type, inner, &zero, pointer(column + 2), shape.out_type, out,
                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     } else {
-      auto pointers = [&](std::size_t c) {
-        return reinterpret_cast<void* const*>(on_device + c * m);
-      };
       status =
           cublasGemmBatchedEx(lane.cublas, CUBLAS_OP_T, CUBLAS_OP_N, out, n, inner, &one,
                               pointers(column), shape.in_type, inner, pointers(column + 1),
@@ -394,10 +460,12 @@ class CudaSwigluKernel final : public ExpertKernel {
                               out, static_cast<int>(m), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
     if (status == CUBLAS_STATUS_SUCCESS) return;  // the message is built on failure only
-    check(status, std::string(what) + " of local expert" + (m == 1 ? " " : "s ") +
-                      std::to_string(plan_.experts(p).front()) +
-                      (m == 1 ? "" : ".." + std::to_string(plan_.experts(p).back())) + ", rows " +
-                      std::to_string(p.first_row) + "+" + std::to_string(p.rows));
+    check(status,
+          std::string(what) + " of local expert" + (m == 1 ? " " : "s ") +
+              std::to_string(plan_.experts(p).front()) +
+              (m == 1 ? "" : ".." + std::to_string(plan_.experts(p).back())) +
+              (p.grouped ? ", all their rows"
+                         : ", rows " + std::to_string(p.first_row) + "+" + std::to_string(p.rows)));
   }
 
   /// The rows of piece `p` of `in` rounded to bf16 into the same rows of `out`, on `stream`.
@@ -405,14 +473,30 @@ class CudaSwigluKernel final : public ExpertKernel {
                            std::int64_t H, __nv_bfloat16* out, cudaStream_t stream) {
     const int threads = 256;
     if (H % 4 == 0 && aligned16(in) && aligned16(out)) {
-      to_bf16_x4<<<piece_grid(p.rows, H / 4, p.expert_count, threads), threads, 0, stream>>>(
+      to_bf16_x4<<<piece_grid(p, H / 4, threads), threads, 0, stream>>>(
           reinterpret_cast<const float4*>(in), starts, p.rows, H / 4,
           reinterpret_cast<__nv_bfloat162*>(out));
     } else {
-      to_bf16<<<piece_grid(p.rows, H, p.expert_count, threads), threads, 0, stream>>>(
-          in, starts, p.rows, H, out);
+      to_bf16<<<piece_grid(p, H, threads), threads, 0, stream>>>(in, starts, p.rows, H, out);
     }
     check(cudaGetLastError(), "rounding the rows to bf16");
+  }
+
+  /// The rows of piece `p` of `in` (bf16) widened to f32 into the same rows of `out`, on
+  /// `stream`.
+  static void widen_into(const std::byte* in, const std::int64_t* starts, const GemmPiece& p,
+                         std::int64_t H, std::byte* out, cudaStream_t stream) {
+    const int threads = 256;
+    if (H % 4 == 0 && aligned16(in) && aligned16(out)) {
+      widen_bf16_x4<<<piece_grid(p, H / 4, threads), threads, 0, stream>>>(
+          reinterpret_cast<const uint2*>(in), starts, p.rows, H / 4,
+          reinterpret_cast<float4*>(out));
+    } else {
+      widen_bf16<<<piece_grid(p, H, threads), threads, 0, stream>>>(
+          reinterpret_cast<const __nv_bfloat16*>(in), starts, p.rows, H,
+          reinterpret_cast<float*>(out));
+    }
+    check(cudaGetLastError(), "widening the grouped GEMM's outputs to f32");
   }
 
   /// act = silu(gate) · up of the rows of piece `p` (projections bf16 with bf16 weights,
@@ -421,9 +505,8 @@ class CudaSwigluKernel final : public ExpertKernel {
                           const GemmPiece& p, std::int64_t F, std::byte* act,
                           cudaStream_t stream) const {
     const int threads = 256;
-    const std::size_t m = p.expert_count;
     if (F % 4 == 0 && aligned16(projected) && aligned16(act)) {
-      const dim3 grid = piece_grid(p.rows, F / 4, m, threads);
+      const dim3 grid = piece_grid(p, F / 4, threads);
       if (bf16_) {
         silu_times_up_x4<<<grid, threads, 0, stream>>>(reinterpret_cast<const uint2*>(projected),
                                                        starts, p.rows, F / 4,
@@ -434,7 +517,7 @@ class CudaSwigluKernel final : public ExpertKernel {
                                                        reinterpret_cast<float*>(act));
       }
     } else {
-      const dim3 grid = piece_grid(p.rows, F, m, threads);
+      const dim3 grid = piece_grid(p, F, threads);
       if (bf16_) {
         silu_times_up<<<grid, threads, 0, stream>>>(
             reinterpret_cast<const __nv_bfloat16*>(projected), starts, p.rows, F,
@@ -552,10 +635,11 @@ class CudaSwigluKernel final : public ExpertKernel {
   cudaEvent_t rows_ready_ = nullptr;
   std::vector<Weights> weights_;
   const ExpertBatchNames names_{"cuda_swiglu"};
-  cuda_common::DeviceScratch<std::byte> rows_, projected_, act_;
+  cuda_common::DeviceScratch<std::byte> rows_, projected_, act_, grouped_out_;
   std::deque<Table> tables_;
   // Reused each forward (a forward allocates nothing once it has run at the largest sizes).
   GemmPlan plan_;
+  GroupedArguments grouped_arguments_;
   // Each local expert's weights on the device, as the plan's table takes them.
   std::vector<const void*> gate_up_weights_, down_weights_;
   std::size_t next_wait_ = 0;

@@ -11,11 +11,27 @@ namespace switchyard::cuda_swiglu {
 GemmSplit parse_gemm_split(std::string_view name) {
   if (name == "per_expert") return GemmSplit::kPerExpert;
   if (name == "batched") return GemmSplit::kBatched;
+  if (name == "grouped") return GemmSplit::kGrouped;
   throw Error(ErrorCode::kInvalidArgument,
-              "cuda_swiglu: gemm must be \"per_expert\" or "
-              "\"batched\", not \"" +
+              "cuda_swiglu: gemm must be \"per_expert\", \"batched\" or \"grouped\", not \"" +
                   std::string(name) + "\"");
 }
+
+namespace {
+
+/// Into how many parts `count` experts go at most `max_batch` a part (0: no limit).
+std::size_t parts_of(std::size_t count, std::int64_t max_batch) {
+  const auto limit = static_cast<std::size_t>(max_batch);
+  return max_batch == 0 ? 1 : (count + limit - 1) / limit;
+}
+
+/// The size of part `part` of `count` experts in `parts` parts, as equal as they come, the
+/// earlier parts the larger.
+std::size_t part_size(std::size_t count, std::size_t parts, std::size_t part) {
+  return count / parts + (part < count % parts ? 1 : 0);
+}
+
+}  // namespace
 
 void GemmPlan::make(std::span<const std::int64_t> rows_per_expert, GemmSplit split,
                     std::int64_t granule, int lanes, std::int64_t max_batch) {
@@ -28,6 +44,7 @@ void GemmPlan::make(std::span<const std::int64_t> rows_per_expert, GemmSplit spl
   }
   pieces_.clear();
   experts_.clear();
+  groups_.clear();
   if (split == GemmSplit::kPerExpert) {
     for (std::size_t e = 0; e < rows_per_expert.size(); ++e) {
       if (rows_per_expert[e] == 0) continue;
@@ -37,7 +54,11 @@ void GemmPlan::make(std::span<const std::int64_t> rows_per_expert, GemmSplit spl
     }
     return;
   }
-  staircase(rows_per_expert, granule, max_batch);
+  if (split == GemmSplit::kGrouped) {
+    runs(rows_per_expert, max_batch);
+  } else {
+    staircase(rows_per_expert, granule, max_batch);
+  }
   balance_lanes(lanes);
 }
 
@@ -49,13 +70,41 @@ void GemmPlan::add_piece(std::int64_t first_row, std::int64_t rows, int lane,
 void GemmPlan::add_step(std::int64_t first_row, std::int64_t rows, std::size_t expert_at,
                         std::int64_t max_batch) {
   const std::size_t count = experts_.size() - expert_at;
-  const auto limit = static_cast<std::size_t>(max_batch);
-  const std::size_t parts = max_batch == 0 ? 1 : (count + limit - 1) / limit;
+  const std::size_t parts = parts_of(count, max_batch);
   std::size_t at = expert_at;
   for (std::size_t part = 0; part < parts; ++part) {
-    const std::size_t size = count / parts + (part < count % parts ? 1 : 0);
+    const std::size_t size = part_size(count, parts, part);
     pieces_.push_back(GemmPiece{first_row, rows, 0, at, size});
     at += size;
+  }
+}
+
+void GemmPlan::runs(std::span<const std::int64_t> rows_per_expert, std::int64_t max_batch) {
+  for (std::size_t e = 0; e < rows_per_expert.size(); ++e) {
+    if (rows_per_expert[e] > 0) experts_.push_back(static_cast<int>(e));
+  }
+  const std::size_t count = experts_.size();
+  if (count == 0) return;
+  const std::size_t parts = parts_of(count, max_batch);
+  std::size_t at = 0;
+  for (std::size_t part = 0; part < parts; ++part) {
+    GemmPiece piece;
+    piece.expert_at = at;
+    piece.expert_count = part_size(count, parts, part);
+    piece.grouped = true;
+    piece.group_at = groups_.size();
+    for (std::size_t j = at; j < at + piece.expert_count; ++j) {
+      const std::int64_t n = rows_per_expert[static_cast<std::size_t>(experts_[j])];
+      piece.rows += n;
+      if (piece.group_count > 0 && groups_.back().rows == n) {
+        ++groups_.back().count;
+      } else {
+        groups_.push_back(GemmGroup{n, 1});
+        ++piece.group_count;
+      }
+    }
+    pieces_.push_back(piece);
+    at += piece.expert_count;
   }
 }
 
@@ -99,7 +148,9 @@ void GemmPlan::staircase(std::span<const std::int64_t> rows_per_expert, std::int
 
 /// Largest piece first onto the least loaded lane (the lower lane on ties).
 void GemmPlan::balance_lanes(int lanes) {
-  auto work = [](const GemmPiece& p) { return p.rows * static_cast<std::int64_t>(p.expert_count); };
+  auto work = [](const GemmPiece& p) {
+    return p.grouped ? p.rows : p.rows * static_cast<std::int64_t>(p.expert_count);
+  };
   order_.resize(pieces_.size());
   std::iota(order_.begin(), order_.end(), std::size_t{0});
   // A stable order without std::stable_sort, which may allocate: ties by index.
@@ -143,7 +194,10 @@ void GemmPlan::fill_table(std::span<const std::int64_t> rows_per_expert,
           address(operands.projected, row, operands.projected_row_bytes);
       column[kDownWeights * m + j] = address(operands.down[e], 0, 0);
       column[kDownAct * m + j] = address(operands.act, row, operands.act_row_bytes);
-      column[kDownOut * m + j] = address(operands.out, row, operands.out_row_bytes);
+      column[kDownOut * m + j] =
+          p.grouped && operands.grouped_out != nullptr
+              ? address(operands.grouped_out, row, operands.grouped_out_row_bytes)
+              : address(operands.out, row, operands.out_row_bytes);
     }
   }
 }

@@ -23,10 +23,10 @@ printf '%s\n' "${1:-}" | awk -F'|' '
   }
   $3 ~ /^ experts \(cuda_swiglu/ {
     # "experts (cuda_swiglu, bf16, SPLIT, COUNTS counts)", SPLIT "per_expert", "batched
-    # GRANULE" or "batched GRANULE/EXPERTS"; tables from before the splits say "experts
-    # (cuda_swiglu, bf16)": per_expert on even counts.
+    # GRANULE", "batched GRANULE/EXPERTS", "grouped" or "grouped/EXPERTS"; tables from
+    # before the splits say "experts (cuda_swiglu, bf16)": per_expert on even counts.
     how = "per_expert"; counts = "even"
-    if (match($3, /bf16, [a-z_]+( [0-9\/]+)?, [a-z]+ counts/)) {
+    if (match($3, /bf16, [a-z_]+(\/[0-9]+| [0-9\/]+)?, [a-z]+ counts/)) {
       split(substr($3, RSTART + 6, RLENGTH - 13), part, ", ")
       how = part[1]; counts = part[2]
     }

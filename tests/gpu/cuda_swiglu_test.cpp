@@ -4,16 +4,18 @@
 // in the reference, so the remaining difference is float32 accumulation (and a projection
 // that rounds the other way). Random data, never zeros; the output is poisoned with NaN
 // first; experts with no rows in between. With bf16 weights the kernel also takes bf16 rows
-// (what the layer hands it), which give the same bits as the f32 rows they round from. Both
-// ways of splitting the GEMMs (gemm = per_expert, batched, and batched with at most two
-// experts a call) on histograms that make batched steps of 128 rows, an expert left standing
-// alone, and short rests.
+// (what the layer hands it), which give the same bits as the f32 rows they round from. Each
+// way of splitting the GEMMs (gemm = per_expert, batched, batched with at most two experts a
+// call, grouped, grouped with at most two experts a call; grouped with bf16 weights also
+// rounds the outputs to bf16) on histograms that make batched steps of 128 rows, an expert
+// left standing alone, and short rests.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuda_test_support.hpp"
@@ -33,7 +35,7 @@ struct Expert {
 
 std::vector<float> reference(const std::vector<float>& x, const std::vector<std::int64_t>& rows,
                              const std::vector<Expert>& experts, std::int64_t H, std::int64_t F,
-                             bool bf16) {
+                             bool bf16, bool bf16_out) {
   std::vector<float> y(x.size());
   std::int64_t row = 0;
   for (std::size_t e = 0; e < experts.size(); ++e) {
@@ -59,7 +61,8 @@ std::vector<float> reference(const std::vector<float>& x, const std::vector<std:
         for (std::int64_t f = 0; f < F; ++f)
           sum += act[static_cast<std::size_t>(f)] *
                  experts[e].down[static_cast<std::size_t>(h * F + f)];
-        y[static_cast<std::size_t>(row * H + h)] = static_cast<float>(sum);
+        y[static_cast<std::size_t>(row * H + h)] =
+            bf16_out ? round_bf16(static_cast<float>(sum)) : static_cast<float>(sum);
       }
     }
   }
@@ -68,7 +71,7 @@ std::vector<float> reference(const std::vector<float>& x, const std::vector<std:
 
 }  // namespace
 
-TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, either split") {
+TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, each split") {
   static PluginRegistry registry(PluginRegistry::default_search_path());
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -77,7 +80,8 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
     std::vector<std::int64_t> rows;
   };
   // Each way of splitting the GEMMs: per expert; batched, a step in one call; batched, at
-  // most two experts a call (a step cut into pieces on several streams).
+  // most two experts a call (a step cut into pieces on several streams); grouped, every
+  // expert in one call; grouped, at most two experts a call.
   struct Split {
     const char* gemm;
     std::int64_t batch_experts;
@@ -90,7 +94,8 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
                                                     {35, 50, {3, 9, 0, 4, 7, 1, 12, 2, 5}},
                                                     {64, 96, {300, 0, 129, 260, 5, 128}},
                                                     {35, 50, {130, 200, 3, 0, 260}}})
-    for (const Split& split : {Split{"per_expert", 0}, Split{"batched", 0}, Split{"batched", 2}})
+    for (const Split& split : {Split{"per_expert", 0}, Split{"batched", 0}, Split{"batched", 2},
+                               Split{"grouped", 0}, Split{"grouped", 2}})
       for (bool bf16 : {false, true}) {
         CAPTURE(H);
         CAPTURE(F);
@@ -154,7 +159,8 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
         kernel->forward(batch, stream);
         stream.synchronize();
         const auto got = d_y.to_host();
-        const auto expected = reference(x, rows, experts, H, F, bf16);
+        const bool bf16_out = bf16 && std::string(split.gemm) == "grouped";
+        const auto expected = reference(x, rows, experts, H, F, bf16, bf16_out);
         float largest = 0;
         for (float v : expected) largest = std::max(largest, std::fabs(v));
         const float tolerance = (bf16 ? 1e-2f : 1e-4f) * largest;

@@ -1,13 +1,15 @@
 // The whole EP layer on one GPU at world 1 — NCCL, the CUDA data path, cuda_swiglu, a host
 // router fed a copy of the logits — against the dense float64 reference on the same plan
 // (dense_moe_reference: plain loops, independent of every plugin). Payloads f32, bf16 and
-// fp8; partial sums f32 and bf16; f32 and bf16 experts; cuda_swiglu's GEMMs per expert
-// and batched. Random weights and tokens; the output poisoned first.
+// fp8; partial sums f32 and bf16; f32 and bf16 experts; cuda_swiglu's GEMMs per expert,
+// batched and grouped. Random weights and tokens; the output poisoned first.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_support.hpp"
@@ -141,19 +143,27 @@ TEST_CASE("MoELayer on a GPU at world 1 equals the dense reference") {
   }
 }
 
-TEST_CASE("the layer with cuda_swiglu's batched GEMMs equals the dense reference") {
+TEST_CASE("the layer with cuda_swiglu's batched and grouped GEMMs equals the dense reference") {
   // 1200 tokens, top-2 of 8 experts: about 300 rows an expert, so the batched split makes
-  // steps of 128 rows across experts and short rests.
+  // steps of 128 rows across experts and short rests; the grouped split, every expert in
+  // one call and in calls of at most three.
   static PluginRegistry registry(PluginRegistry::default_search_path());
   const int E = 8, H = 128, F = 192, K = 2;
   const ModelWeights model = ModelWeights::random(E, H, F, 13, DType::kBF16);
-  Config config;
-  config.set("experts", "gemm", std::string("batched"));
-  const ConfigSection batched =
-      config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
   auto transport = nccl_world_1(registry);
-  const Difference d =
-      layer_against_reference(registry, *transport, model, K, random_tokens(1200, H),
-                              PayloadDType::kBF16, DType::kF32, &batched);
-  CHECK(d.worst <= 2e-2f * d.largest);
+  for (const auto& [gemm, batch_experts] :
+       {std::pair{"batched", std::int64_t{0}}, std::pair{"grouped", std::int64_t{0}},
+        std::pair{"grouped", std::int64_t{3}}}) {
+    CAPTURE(gemm);
+    CAPTURE(batch_experts);
+    Config config;
+    config.set("experts", "gemm", std::string(gemm));
+    config.set("experts", "batch_experts", batch_experts);
+    const ConfigSection split =
+        config.section("experts", registry.options(PluginKind::kExpert, "cuda_swiglu"));
+    const Difference d =
+        layer_against_reference(registry, *transport, model, K, random_tokens(1200, H),
+                                PayloadDType::kBF16, DType::kF32, &split);
+    CHECK(d.worst <= 2e-2f * d.largest);
+  }
 }

@@ -144,7 +144,7 @@ def main():
         # NAME[:GRANULE[:EXPERTS]]): the plugin's default must be faster than transformers;
         # every one must agree with it.
         measured_default = False
-        for gemm in ("per_expert", "batched", "batched:128:8"):
+        for gemm in ("per_expert", "batched", "batched:128:8", "grouped:128:8"):
             output = os.path.join(work, f"y_{E}_{gemm}.npy")
             run = subprocess.run([bench, "layer", checkpoint, tokens, str(k), output, "10", gemm],
                                  capture_output=True, text=True)

@@ -1,6 +1,7 @@
 // How expert_cuda_swiglu splits its GEMMs into cuBLAS calls (plain C++: runs without a
 // GPU). Hand-worked plans, then properties on many histograms of row counts: every row of
-// every expert in exactly one piece, batched steps in whole granules, lanes in range.
+// every expert in exactly one piece, batched steps in whole granules, grouped runs of
+// consecutive experts, lanes in range.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -53,6 +54,15 @@ void check_plan(const GemmPlan& plan, const std::vector<Expected>& expected) {
   }
 }
 
+/// The row count of each GEMM of `piece`, expert by expert: its rows for every expert, or
+/// for a grouped piece each group's rows, as many times as the group has experts.
+std::vector<std::int64_t> problem_rows(const GemmPlan& plan, const GemmPiece& piece) {
+  if (!piece.grouped) return std::vector<std::int64_t>(piece.expert_count, piece.rows);
+  std::vector<std::int64_t> rows;
+  for (const GemmGroup& g : plan.groups(piece)) rows.insert(rows.end(), g.count, g.rows);
+  return rows;
+}
+
 /// How many pieces cover each row of each expert.
 std::vector<std::vector<int>> coverage(const std::vector<std::int64_t>& rows,
                                        const GemmPlan& plan) {
@@ -60,16 +70,25 @@ std::vector<std::vector<int>> coverage(const std::vector<std::int64_t>& rows,
   for (std::size_t e = 0; e < rows.size(); ++e)
     covered[e].assign(static_cast<std::size_t>(rows[e]), 0);
   for (const GemmPiece& p : plan.pieces()) {
-    for (const int e : plan.experts(p)) {
+    const std::vector<std::int64_t> counts = problem_rows(plan, p);
+    REQUIRE(counts.size() == p.expert_count);
+    for (std::size_t j = 0; j < counts.size(); ++j) {
+      const int e = plan.experts(p)[j];
       REQUIRE(e >= 0);
       REQUIRE(static_cast<std::size_t>(e) < rows.size());
       REQUIRE(p.first_row >= 0);
-      REQUIRE(p.first_row + p.rows <= rows[static_cast<std::size_t>(e)]);
-      for (std::int64_t r = p.first_row; r < p.first_row + p.rows; ++r)
+      REQUIRE(p.first_row + counts[j] <= rows[static_cast<std::size_t>(e)]);
+      for (std::int64_t r = p.first_row; r < p.first_row + counts[j]; ++r)
         ++covered[static_cast<std::size_t>(e)][static_cast<std::size_t>(r)];
     }
   }
   return covered;
+}
+
+std::vector<std::pair<std::int64_t, int>> groups_of(const GemmPlan& plan, const GemmPiece& piece) {
+  std::vector<std::pair<std::int64_t, int>> groups;
+  for (const GemmGroup& g : plan.groups(piece)) groups.emplace_back(g.rows, g.count);
+  return groups;
 }
 
 }  // namespace
@@ -118,6 +137,48 @@ TEST_CASE("batched steps cut into pieces of at most max_batch experts, as equal 
         plan_of(rows, GemmSplit::kPerExpert, 4, 3).pieces().size());
 }
 
+TEST_CASE(
+    "the grouped plan: runs of consecutive experts with all their rows, equal counts grouped") {
+  // Experts with rows 0 2 3 4 5 (37 rows), in one run: five groups of one (no two
+  // neighbours share a count).
+  const std::vector<std::int64_t> rows{9, 0, 4, 13, 3, 8};
+  const GemmPlan whole = plan_of(rows, GemmSplit::kGrouped, 4, 3);
+  check_plan(whole, {{{0, 2, 3, 4, 5}, 0, 37, 0}});
+  REQUIRE(whole.pieces().size() == 1);
+  CHECK(whole.pieces()[0].grouped);
+  CHECK(whole.pieces()[0].row_blocks() == 1);
+  CHECK(groups_of(whole, whole.pieces()[0]) ==
+        std::vector<std::pair<std::int64_t, int>>{{9, 1}, {4, 1}, {13, 1}, {3, 1}, {8, 1}});
+  // At most two experts a run: 0 2 (13 rows), 3 4 (16), 5 (8); lanes by rows, largest
+  // first: 16→0, 13→1, 8→2.
+  const GemmPlan runs = plan_of(rows, GemmSplit::kGrouped, 4, 3, 2);
+  check_plan(runs, {{{0, 2}, 0, 13, 1}, {{3, 4}, 0, 16, 0}, {{5}, 0, 8, 2}});
+  CHECK(groups_of(runs, runs.pieces()[0]) ==
+        std::vector<std::pair<std::int64_t, int>>{{9, 1}, {4, 1}});
+  CHECK(groups_of(runs, runs.pieces()[1]) ==
+        std::vector<std::pair<std::int64_t, int>>{{13, 1}, {3, 1}});
+  CHECK(groups_of(runs, runs.pieces()[2]) == std::vector<std::pair<std::int64_t, int>>{{8, 1}});
+  // Neighbours of equal counts share a group, across an expert without rows (0 1 3: 256
+  // each); the granule plays no part.
+  const GemmPlan equal = plan_of(std::vector<std::int64_t>{256, 256, 0, 256, 100, 100, 256},
+                                 GemmSplit::kGrouped, 1, 8);
+  check_plan(equal, {{{0, 1, 3, 4, 5, 6}, 0, 1224, 0}});
+  CHECK(groups_of(equal, equal.pieces()[0]) ==
+        std::vector<std::pair<std::int64_t, int>>{{256, 3}, {100, 2}, {256, 1}});
+  CHECK(plan_of({0, 0}, GemmSplit::kGrouped, 128, 8).pieces().empty());
+  // A run's work is its rows, not rows × experts: 0 1 (10 rows) and 2 (15) on two lanes,
+  // the larger, 2, first onto lane 0.
+  check_plan(plan_of(std::vector<std::int64_t>{5, 5, 15}, GemmSplit::kGrouped, 1, 2, 2),
+             {{{0, 1}, 0, 10, 1}, {{2}, 0, 15, 0}});
+  // Other splits have no groups.
+  const GemmPlan batched = plan_of(rows, GemmSplit::kBatched, 4, 3);
+  for (const GemmPiece& p : batched.pieces()) {
+    CHECK_FALSE(p.grouped);
+    CHECK(batched.groups(p).empty());
+    CHECK(p.row_blocks() == p.expert_count);
+  }
+}
+
 TEST_CASE("batched plans of equal counts, one expert, no rows, and rows under a granule") {
   // Equal whole-granule counts: one batched GEMM of every expert.
   check_plan(plan_of(std::vector<std::int64_t>{256, 256, 256}, GemmSplit::kBatched, 128, 8),
@@ -160,7 +221,9 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
       }
     }
     CAPTURE(trial);
-    for (const GemmSplit split : {GemmSplit::kPerExpert, GemmSplit::kBatched}) {
+    for (const GemmSplit split :
+         {GemmSplit::kPerExpert, GemmSplit::kBatched, GemmSplit::kGrouped}) {
+      CAPTURE(static_cast<int>(split));
       const GemmPlan plan = plan_of(rows, split, granule, lanes, max_batch);
       std::size_t steps = 0;
       for (const GemmPiece& p : plan.pieces()) {
@@ -171,6 +234,27 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
         CHECK(p.lane < lanes);
         for (std::size_t i = 1; i < experts.size(); ++i) CHECK(experts[i - 1] < experts[i]);
         if (max_batch > 0) CHECK(experts.size() <= static_cast<std::size_t>(max_batch));
+        CHECK(p.grouped == (split == GemmSplit::kGrouped));
+        if (p.grouped) {
+          // Consecutive among the experts with rows, each whole, their rows back to back;
+          // the groups follow the experts' counts, neighbouring groups of other counts.
+          CHECK(p.first_row == 0);
+          std::int64_t sum = 0;
+          for (int e = experts.front(); e <= experts.back(); ++e) {
+            const std::int64_t n = rows[static_cast<std::size_t>(e)];
+            CHECK((n == 0 || std::find(experts.begin(), experts.end(), e) != experts.end()));
+            sum += n;
+          }
+          CHECK(p.rows == sum);
+          const std::vector<std::int64_t> counts = problem_rows(plan, p);
+          REQUIRE(counts.size() == experts.size());
+          for (std::size_t j = 0; j < counts.size(); ++j)
+            CHECK(counts[j] == rows[static_cast<std::size_t>(experts[j])]);
+          const auto groups = plan.groups(p);
+          for (std::size_t g = 1; g < groups.size(); ++g)
+            CHECK(groups[g].rows != groups[g - 1].rows);
+          continue;
+        }
         if (experts.size() > 1) {
           ++steps;
           CHECK(split == GemmSplit::kBatched);
@@ -188,6 +272,16 @@ TEST_CASE("every row of every expert in exactly one piece, over many histograms"
       }
       for (const auto& expert : coverage(rows, plan))
         for (const int times : expert) REQUIRE(times == 1);
+      if (split == GemmSplit::kGrouped) {
+        // The fewest runs the limit allows.
+        std::size_t with_rows = 0;
+        for (auto n : rows) with_rows += n > 0 ? 1 : 0;
+        const std::size_t fewest = max_batch == 0 || with_rows == 0
+                                       ? (with_rows > 0 ? 1 : 0)
+                                       : (with_rows + static_cast<std::size_t>(max_batch) - 1) /
+                                             static_cast<std::size_t>(max_batch);
+        CHECK(plan.pieces().size() == fewest);
+      }
       // Without a limit, at most one step per distinct whole-granule height.
       std::vector<std::int64_t> heights;
       for (auto n : rows)
@@ -231,41 +325,58 @@ T* at_address(std::uint64_t word) {
   return reinterpret_cast<T*>(static_cast<std::uintptr_t>(word));
 }
 
-/// Runs a plan's table on the host as the kernel runs it on the device: per piece and
-/// expert of the piece, the gate/up GEMM from the table's addresses (rows × [2F,H]ᵀ),
-/// silu·up on the rows from the start-row column, the down GEMM from the addresses.
+/// Runs a plan's table on the host as the kernel runs it on the device: per piece, the
+/// gate/up GEMM of each expert of the piece from the table's addresses (rows × [2F,H]ᵀ; a
+/// grouped piece's experts each with their own count), silu·up on the piece's row blocks
+/// from the start-row column, the down GEMMs from the addresses; then, where grouped pieces
+/// write `grouped_out` (non-null), their row blocks copied from it into `y`, as the kernel
+/// widens them.
 void run_table(const GemmPlan& plan, const std::vector<std::uint64_t>& table, std::int64_t H,
-               std::int64_t F, std::vector<float>& projected, std::vector<float>& act) {
+               std::int64_t F, std::vector<float>& projected, std::vector<float>& act,
+               const float* grouped_out, std::vector<float>& y) {
   for (std::size_t i = 0; i < plan.pieces().size(); ++i) {
     const GemmPiece& p = plan.pieces()[i];
     const std::size_t m = p.expert_count;
     const std::uint64_t* column = table.data() + plan.table_at(i);
+    const std::vector<std::int64_t> counts = problem_rows(plan, p);
     for (std::size_t j = 0; j < m; ++j) {
       const auto* gate_up = at_address<const float>(column[kGateUpWeights * m + j]);
       const auto* x = at_address<const float>(column[kGateUpRows * m + j]);
       auto* h = at_address<float>(column[kGateUpProjected * m + j]);
-      for (std::int64_t r = 0; r < p.rows; ++r)
+      for (std::int64_t r = 0; r < counts[j]; ++r)
         for (std::int64_t o = 0; o < 2 * F; ++o) {
           double sum = 0;
           for (std::int64_t c = 0; c < H; ++c) sum += double{gate_up[o * H + c]} * x[r * H + c];
           h[r * 2 * F + o] = static_cast<float>(sum);
         }
-      const auto start = static_cast<std::int64_t>(column[kStartRow * m + j]);
+    }
+    for (std::size_t b = 0; b < p.row_blocks(); ++b) {
+      const auto start = static_cast<std::int64_t>(column[kStartRow * m + b]);
       for (std::int64_t r = start; r < start + p.rows; ++r)
         for (std::int64_t f = 0; f < F; ++f) {
           const double g = projected[static_cast<std::size_t>(r * 2 * F + f)];
           const double u = projected[static_cast<std::size_t>(r * 2 * F + F + f)];
           act[static_cast<std::size_t>(r * F + f)] = static_cast<float>(g / (1 + std::exp(-g)) * u);
         }
+    }
+    for (std::size_t j = 0; j < m; ++j) {
       const auto* down = at_address<const float>(column[kDownWeights * m + j]);
       const auto* a = at_address<const float>(column[kDownAct * m + j]);
-      auto* y = at_address<float>(column[kDownOut * m + j]);
-      for (std::int64_t r = 0; r < p.rows; ++r)
+      auto* out = at_address<float>(column[kDownOut * m + j]);
+      for (std::int64_t r = 0; r < counts[j]; ++r)
         for (std::int64_t o = 0; o < H; ++o) {
           double sum = 0;
           for (std::int64_t f = 0; f < F; ++f) sum += double{down[o * F + f]} * a[r * F + f];
-          y[r * H + o] = static_cast<float>(sum);
+          out[r * H + o] = static_cast<float>(sum);
         }
+    }
+    if (!p.grouped || grouped_out == nullptr) continue;
+    for (std::size_t b = 0; b < p.row_blocks(); ++b) {
+      const auto start = static_cast<std::size_t>(column[kStartRow * m + b]);
+      std::copy(
+          grouped_out + start * static_cast<std::size_t>(H),
+          grouped_out + (start + static_cast<std::size_t>(p.rows)) * static_cast<std::size_t>(H),
+          y.begin() + static_cast<std::ptrdiff_t>(start * static_cast<std::size_t>(H)));
     }
   }
 }
@@ -324,33 +435,48 @@ TEST_CASE(
         }
       }
 
-    for (const auto& [split, max_batch] : {std::pair{GemmSplit::kPerExpert, std::int64_t{0}},
-                                           std::pair{GemmSplit::kBatched, std::int64_t{0}},
-                                           std::pair{GemmSplit::kBatched, std::int64_t{2}}}) {
-      CAPTURE(trial);
-      CAPTURE(max_batch);
-      GemmPlan plan;
-      plan.make(rows, split, 4, 3, max_batch);
-      std::vector<std::uint64_t> table(plan.table_words());
-      GemmOperands operands;
-      operands.gate_up = gate_up_at;
-      operands.down = down_at;
-      operands.rows = x.data();
-      operands.row_bytes = static_cast<std::size_t>(H) * sizeof(float);
-      operands.projected = projected.data();
-      operands.projected_row_bytes = static_cast<std::size_t>(2 * F) * sizeof(float);
-      operands.act = act.data();
-      operands.act_row_bytes = static_cast<std::size_t>(F) * sizeof(float);
-      operands.out = y.data();
-      operands.out_row_bytes = static_cast<std::size_t>(H) * sizeof(float);
-      plan.fill_table(rows, operands, table);
-      std::fill(y.begin(), y.end(), std::numeric_limits<float>::quiet_NaN());
-      run_table(plan, table, H, F, projected, act);
-      for (std::size_t i = 0; i < y.size(); ++i) {
-        REQUIRE(std::isfinite(y[i]));  // every row written
-        CHECK(std::fabs(y[i] - expected[i]) <= 1e-5 * (1 + std::fabs(expected[i])));
+    std::vector<float> grouped_out(y.size());
+    for (const auto& choice : {std::pair{GemmSplit::kPerExpert, std::int64_t{0}},
+                               std::pair{GemmSplit::kBatched, std::int64_t{0}},
+                               std::pair{GemmSplit::kBatched, std::int64_t{2}},
+                               std::pair{GemmSplit::kGrouped, std::int64_t{0}},
+                               std::pair{GemmSplit::kGrouped, std::int64_t{2}}})
+      for (const bool narrow : {false, true}) {
+        const GemmSplit split = choice.first;
+        const std::int64_t max_batch = choice.second;
+        if (narrow && split != GemmSplit::kGrouped) continue;
+        CAPTURE(trial);
+        CAPTURE(static_cast<int>(split));
+        CAPTURE(max_batch);
+        CAPTURE(narrow);
+        GemmPlan plan;
+        plan.make(rows, split, 4, 3, max_batch);
+        std::vector<std::uint64_t> table(plan.table_words());
+        GemmOperands operands;
+        operands.gate_up = gate_up_at;
+        operands.down = down_at;
+        operands.rows = x.data();
+        operands.row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+        operands.projected = projected.data();
+        operands.projected_row_bytes = static_cast<std::size_t>(2 * F) * sizeof(float);
+        operands.act = act.data();
+        operands.act_row_bytes = static_cast<std::size_t>(F) * sizeof(float);
+        operands.out = y.data();
+        operands.out_row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+        if (narrow) {
+          // The grouped pieces' down GEMMs write here (f32 standing in for the kernel's bf16).
+          operands.grouped_out = grouped_out.data();
+          operands.grouped_out_row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+        }
+        plan.fill_table(rows, operands, table);
+        std::fill(y.begin(), y.end(), std::numeric_limits<float>::quiet_NaN());
+        std::fill(grouped_out.begin(), grouped_out.end(), std::numeric_limits<float>::quiet_NaN());
+        run_table(plan, table, H, F, projected, act, narrow ? grouped_out.data() : nullptr, y);
+        for (std::size_t i = 0; i < y.size(); ++i) {
+          REQUIRE(std::isfinite(y[i]));  // every row written
+          CHECK(std::fabs(y[i] - expected[i]) <= 1e-5 * (1 + std::fabs(expected[i])));
+        }
       }
-    }
   }
 }
 
@@ -364,13 +490,15 @@ TEST_CASE("planning again into a plan that held a larger one allocates nothing")
   GemmOperands operands;
   operands.gate_up = weights;
   operands.down = weights;
-  std::vector<std::uint64_t> table(7 * 4096);
+  std::vector<std::uint64_t> table(std::size_t{7} * 4096);
   GemmPlan plan;
   for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
     plan.make(large, split, 128, 8);
     plan.fill_table(large, operands, table);
   }
   plan.make(large, GemmSplit::kBatched, 128, 8, 2);
+  plan.fill_table(large, operands, table);
+  plan.make(large, GemmSplit::kGrouped, 128, 8, 2);
   plan.fill_table(large, operands, table);
   test::start_counting_allocations();
   for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
@@ -383,6 +511,12 @@ TEST_CASE("planning again into a plan that held a larger one allocates nothing")
   plan.fill_table(other, operands, table);
   plan.make(large, GemmSplit::kBatched, 128, 8, 2);
   plan.fill_table(large, operands, table);
+  for (const std::int64_t max_batch : {0, 2, 3}) {
+    plan.make(other, GemmSplit::kGrouped, 128, 8, max_batch);
+    plan.fill_table(other, operands, table);
+    plan.make(large, GemmSplit::kGrouped, 128, 8, max_batch);
+    plan.fill_table(large, operands, table);
+  }
   const test::AllocationCounts counts = test::stop_counting_allocations();
   INFO(test::first_counted_allocation());
   CHECK(counts.ours == 0);
@@ -391,7 +525,8 @@ TEST_CASE("planning again into a plan that held a larger one allocates nothing")
 TEST_CASE("gemm names the split, and anything else is refused") {
   CHECK(parse_gemm_split("per_expert") == GemmSplit::kPerExpert);
   CHECK(parse_gemm_split("batched") == GemmSplit::kBatched);
-  CHECK_THROWS_AS(parse_gemm_split("grouped"), Error);
+  CHECK(parse_gemm_split("grouped") == GemmSplit::kGrouped);
+  CHECK_THROWS_AS(parse_gemm_split("stacked"), Error);
   CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{1}, GemmSplit::kBatched, 0, 1), Error);
   CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{-1}, GemmSplit::kBatched, 4, 1), Error);
   CHECK_THROWS_AS(plan_of(std::vector<std::int64_t>{1}, GemmSplit::kBatched, 4, 1, -1), Error);
@@ -399,8 +534,8 @@ TEST_CASE("gemm names the split, and anything else is refused") {
 
 #if defined(SWITCHYARD_TEST_CUDA_PLUGINS)
 TEST_CASE(
-    "the cuda_swiglu plugin declares [experts] gemm (per_expert unless set), batch_granule and "
-    "batch_experts") {
+    "the cuda_swiglu plugin declares [experts] gemm (per_expert unless set, or batched or "
+    "grouped), batch_granule and batch_experts") {
   // The plugin loads without a GPU; its options are read before a kernel is created.
   const PluginRegistry registry(PluginRegistry::default_search_path());
   const ConfigSchema schema = registry.options(PluginKind::kExpert, "cuda_swiglu");
@@ -408,11 +543,13 @@ TEST_CASE(
   CHECK(unset.section("experts", schema).get_string("gemm") == "per_expert");
   CHECK(unset.section("experts", schema).get_int("batch_granule") == 128);
   CHECK(unset.section("experts", schema).get_int("batch_experts") == 0);
-  Config batched;
-  batched.set("experts", "gemm", std::string("batched"));
-  CHECK(batched.section("experts", schema).get_string("gemm") == "batched");
+  for (const char* name : {"batched", "grouped"}) {
+    Config chosen;
+    chosen.set("experts", "gemm", std::string(name));
+    CHECK(chosen.section("experts", schema).get_string("gemm") == name);
+  }
   Config other;
-  other.set("experts", "gemm", std::string("grouped"));
+  other.set("experts", "gemm", std::string("stacked"));
   CHECK_THROWS_AS(other.section("experts", schema), Error);
   Config no_rows;
   no_rows.set("experts", "batch_granule", std::int64_t{0});
