@@ -109,25 +109,22 @@ __global__ void silu_times_up_x4(const Quad* __restrict__ h, const std::int64_t*
   }
 }
 
-/// out[row, c] = in[row, c] rounded to bf16, rows of H columns.
-__global__ void to_bf16(const float* in, const std::int64_t* starts, std::int64_t rows,
-                        std::int64_t H, __nv_bfloat16* out) {
+__device__ void store(float v, float* out) { *out = v; }
+__device__ void store(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
+
+/// out[row, c] = in[row, c] in out's type (f32 rounded to bf16, or bf16 widened to f32
+/// exactly), rows of H columns.
+template <typename In, typename Out>
+__global__ void convert_rows(const In* in, const std::int64_t* starts, std::int64_t rows,
+                             std::int64_t H, Out* out) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * H) return;
   const std::int64_t at = (starts[blockIdx.y] + i / H) * H + i % H;
-  out[at] = __float2bfloat16_rn(in[at]);
+  store(to_float(in[at]), out + at);
 }
 
-/// out[row, c] = in[row, c] (bf16) widened to f32, exactly; rows of H columns.
-__global__ void widen_bf16(const __nv_bfloat16* in, const std::int64_t* starts, std::int64_t rows,
-                           std::int64_t H, float* out) {
-  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= rows * H) return;
-  const std::int64_t at = (starts[blockIdx.y] + i / H) * H + i % H;
-  out[at] = __bfloat162float(in[at]);
-}
-
-/// widen_bf16 four elements at a time (H4 quads a row, buffers 16-byte aligned).
+/// convert_rows from bf16 to f32 four elements at a time (H4 quads a row, buffers 16-byte
+/// aligned).
 __global__ void widen_bf16_x4(const uint2* __restrict__ in, const std::int64_t* starts,
                               std::int64_t rows, std::int64_t H4, float4* __restrict__ out) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
@@ -136,7 +133,8 @@ __global__ void widen_bf16_x4(const uint2* __restrict__ in, const std::int64_t* 
   out[quad] = load_quad(in + quad);
 }
 
-/// to_bf16 four elements at a time (H4 quads a row, buffers 16-byte aligned).
+/// convert_rows from f32 to bf16 four elements at a time (H4 quads a row, buffers 16-byte
+/// aligned).
 __global__ void to_bf16_x4(const float4* __restrict__ in, const std::int64_t* starts,
                            std::int64_t rows, std::int64_t H4, __nv_bfloat162* __restrict__ out) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
@@ -477,7 +475,7 @@ class CudaSwigluKernel final : public ExpertKernel {
           reinterpret_cast<const float4*>(in), starts, p.rows, H / 4,
           reinterpret_cast<__nv_bfloat162*>(out));
     } else {
-      to_bf16<<<piece_grid(p, H, threads), threads, 0, stream>>>(in, starts, p.rows, H, out);
+      convert_rows<<<piece_grid(p, H, threads), threads, 0, stream>>>(in, starts, p.rows, H, out);
     }
     check(cudaGetLastError(), "rounding the rows to bf16");
   }
@@ -492,7 +490,7 @@ class CudaSwigluKernel final : public ExpertKernel {
           reinterpret_cast<const uint2*>(in), starts, p.rows, H / 4,
           reinterpret_cast<float4*>(out));
     } else {
-      widen_bf16<<<piece_grid(p, H, threads), threads, 0, stream>>>(
+      convert_rows<<<piece_grid(p, H, threads), threads, 0, stream>>>(
           reinterpret_cast<const __nv_bfloat16*>(in), starts, p.rows, H,
           reinterpret_cast<float*>(out));
     }
