@@ -491,31 +491,21 @@ TEST_CASE("planning again into a plan that held a larger one allocates nothing")
   operands.gate_up = weights;
   operands.down = weights;
   std::vector<std::uint64_t> table(std::size_t{7} * 4096);
+  // Every split, with and without a limit on the experts of a call.
+  const std::pair<GemmSplit, std::int64_t> splits[] = {
+      {GemmSplit::kPerExpert, 0}, {GemmSplit::kBatched, 0}, {GemmSplit::kBatched, 2},
+      {GemmSplit::kGrouped, 0},   {GemmSplit::kGrouped, 2}, {GemmSplit::kGrouped, 3}};
   GemmPlan plan;
-  for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
-    plan.make(large, split, 128, 8);
-    plan.fill_table(large, operands, table);
-  }
-  plan.make(large, GemmSplit::kBatched, 128, 8, 2);
-  plan.fill_table(large, operands, table);
-  plan.make(large, GemmSplit::kGrouped, 128, 8, 2);
-  plan.fill_table(large, operands, table);
+  auto plan_and_fill = [&](const std::vector<std::int64_t>& rows,
+                           const std::pair<GemmSplit, std::int64_t>& split) {
+    plan.make(rows, split.first, 128, 8, split.second);
+    plan.fill_table(rows, operands, table);
+  };
+  for (const auto& split : splits) plan_and_fill(large, split);
   test::start_counting_allocations();
-  for (const GemmSplit split : {GemmSplit::kBatched, GemmSplit::kPerExpert}) {
-    plan.make(other, split, 128, 8);
-    plan.fill_table(other, operands, table);
-    plan.make(large, split, 128, 8);
-    plan.fill_table(large, operands, table);
-  }
-  plan.make(other, GemmSplit::kBatched, 128, 8, 2);
-  plan.fill_table(other, operands, table);
-  plan.make(large, GemmSplit::kBatched, 128, 8, 2);
-  plan.fill_table(large, operands, table);
-  for (const std::int64_t max_batch : {0, 2, 3}) {
-    plan.make(other, GemmSplit::kGrouped, 128, 8, max_batch);
-    plan.fill_table(other, operands, table);
-    plan.make(large, GemmSplit::kGrouped, 128, 8, max_batch);
-    plan.fill_table(large, operands, table);
+  for (const auto& split : splits) {
+    plan_and_fill(other, split);
+    plan_and_fill(large, split);
   }
   const test::AllocationCounts counts = test::stop_counting_allocations();
   INFO(test::first_counted_allocation());
