@@ -228,17 +228,29 @@ class PyRuntime {
     return views;
   }
 
+  /// Runs `call(views, y)` without the GIL, `views` those of `per_part_arrays` (per_part) and
+  /// y [T,H] f32 `out`, or a new array when `out` is None; returns y.
+  template <typename Call>
+  py::object into_token_rows(PyDispatch& d, const py::object& per_part_arrays, const char* what,
+                             bool input_buffer, const py::object& out, const char* out_what,
+                             Call call) {
+    std::vector<std::unique_ptr<TensorArgument>> held;
+    const std::vector<TensorView> views = per_part(d, per_part_arrays, held, what, input_buffer);
+    py::object result =
+        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
+    const TensorArgument y(result, out_what, /*written=*/true);
+    run_released(*calls_, [&] { call(views, y.view()); });
+    return result;
+  }
+
   /// Sums the experts' results back into out (or a new array): `expert_outputs` is None
   /// (each part's own expert_output), one tensor (one part) or one per part.
   py::object combine(PyDispatch& d, const py::object& expert_outputs, const py::object& out) {
-    std::vector<std::unique_ptr<TensorArgument>> held;
-    const std::vector<TensorView> outputs =
-        per_part(d, expert_outputs, held, "expert output", /*input_buffer=*/false);
-    py::object result =
-        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
-    const TensorArgument y(result, "output y", /*written=*/true);
-    run_released(*calls_, [&] { runtime_->combine(d.dispatched, outputs, y.view()); });
-    return result;
+    return into_token_rows(d, expert_outputs, "expert output", /*input_buffer=*/false, out,
+                           "output y",
+                           [&](const std::vector<TensorView>& outputs, const TensorView& y) {
+                             runtime_->combine(d.dispatched, outputs, y);
+                           });
   }
 
   /// (d_expert_outputs: one array per part, d_weights [T,K]) for dy and the outputs the
@@ -271,14 +283,10 @@ class PyRuntime {
   /// dx [T,H] from each part's expert-input gradient (into `out` when given).
   py::object dispatch_backward(PyDispatch& d, const py::object& d_expert_inputs,
                                const py::object& out) {
-    std::vector<std::unique_ptr<TensorArgument>> held;
-    const std::vector<TensorView> grads =
-        per_part(d, d_expert_inputs, held, "expert input gradient", /*input_buffer=*/true);
-    py::object result =
-        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
-    const TensorArgument dx(result, "dx", /*written=*/true);
-    run_released(*calls_, [&] { runtime_->dispatch_backward(d.dispatched, grads, dx.view()); });
-    return result;
+    return into_token_rows(d, d_expert_inputs, "expert input gradient", /*input_buffer=*/true, out,
+                           "dx", [&](const std::vector<TensorView>& grads, const TensorView& dx) {
+                             runtime_->dispatch_backward(d.dispatched, grads, dx);
+                           });
   }
 
   bool training() const { return training_; }
