@@ -60,12 +60,36 @@ __device__ float silu_times(float g, float u) { return g / (1.0f + expf(-g)) * u
 __device__ float to_float(float v) { return v; }
 __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+/// v into f32, or into bf16 rounded to nearest even.
+__device__ void store(float v, float* out) { *out = v; }
+__device__ void store(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
+
+/// Four elements of T moved as one: float4 for f32, uint2 for bf16.
+template <typename T>
+struct QuadOf;
+template <>
+struct QuadOf<float> {
+  using type = float4;
+};
+template <>
+struct QuadOf<__nv_bfloat16> {
+  using type = uint2;
+};
+
 /// Four elements from a quad of f32 or bf16 (read-only cache).
 __device__ float4 load_quad(const float4* p) { return __ldg(p); }
 __device__ float4 load_quad(const uint2* p) {
   const uint2 b = __ldg(p);
   return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xffff0000u),
                      __uint_as_float(b.y << 16), __uint_as_float(b.y & 0xffff0000u));
+}
+
+/// Four elements into a quad of f32, or of bf16 rounded to nearest even.
+__device__ void store_quad(float4 v, float4* p) { *p = v; }
+__device__ void store_quad(float4 v, uint2* p) {
+  auto* pair = reinterpret_cast<__nv_bfloat162*>(p);
+  pair[0] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
+  pair[1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
 }
 
 // The row kernels below work on a piece's rows: `rows` rows from each of its row blocks,
@@ -80,37 +104,23 @@ __global__ void silu_times_up(const Projection* h, const std::int64_t* starts, s
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * F) return;
   const std::int64_t row = starts[blockIdx.y] + i / F, f = i % F;
-  const float v = silu_times(to_float(h[row * 2 * F + f]), to_float(h[row * 2 * F + F + f]));
-  if constexpr (sizeof(Act) == 2) {
-    act[row * F + f] = __float2bfloat16_rn(v);
-  } else {
-    act[row * F + f] = v;
-  }
+  store(silu_times(to_float(h[row * 2 * F + f]), to_float(h[row * 2 * F + F + f])),
+        act + row * F + f);
 }
 
-/// silu_times_up four elements at a time (F a multiple of 4, buffers 16-byte aligned): Quad
-/// is float4 for f32 projections, uint2 for bf16 ones.
-template <typename Quad, typename Act>
+/// silu_times_up four elements at a time (F a multiple of 4, buffers 16-byte aligned), in
+/// quads of the projections' and the activations' types.
+template <typename Quad, typename ActQuad>
 __global__ void silu_times_up_x4(const Quad* __restrict__ h, const std::int64_t* starts,
-                                 std::int64_t rows, std::int64_t F4, Act* __restrict__ act) {
+                                 std::int64_t rows, std::int64_t F4, ActQuad* __restrict__ act) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * F4) return;
   const std::int64_t row = starts[blockIdx.y] + i / F4, f = i % F4;
   const float4 g = load_quad(h + row * 2 * F4 + f), u = load_quad(h + row * 2 * F4 + F4 + f);
   const float4 v = make_float4(silu_times(g.x, u.x), silu_times(g.y, u.y), silu_times(g.z, u.z),
                                silu_times(g.w, u.w));
-  const std::int64_t quad = row * F4 + f;
-  if constexpr (sizeof(Act) == 2) {
-    auto* out = reinterpret_cast<__nv_bfloat162*>(act) + 2 * quad;
-    out[0] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
-    out[1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
-  } else {
-    reinterpret_cast<float4*>(act)[quad] = v;
-  }
+  store_quad(v, act + row * F4 + f);
 }
-
-__device__ void store(float v, float* out) { *out = v; }
-__device__ void store(float v, __nv_bfloat16* out) { *out = __float2bfloat16_rn(v); }
 
 /// out[row, c] = in[row, c] in out's type (f32 rounded to bf16, or bf16 widened to f32
 /// exactly), rows of H columns.
@@ -123,26 +133,14 @@ __global__ void convert_rows(const In* in, const std::int64_t* starts, std::int6
   store(to_float(in[at]), out + at);
 }
 
-/// convert_rows from bf16 to f32 four elements at a time (H4 quads a row, buffers 16-byte
-/// aligned).
-__global__ void widen_bf16_x4(const uint2* __restrict__ in, const std::int64_t* starts,
-                              std::int64_t rows, std::int64_t H4, float4* __restrict__ out) {
+/// convert_rows four elements at a time (H4 quads a row, buffers 16-byte aligned).
+template <typename InQuad, typename OutQuad>
+__global__ void convert_rows_x4(const InQuad* __restrict__ in, const std::int64_t* starts,
+                                std::int64_t rows, std::int64_t H4, OutQuad* __restrict__ out) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i >= rows * H4) return;
   const std::int64_t quad = (starts[blockIdx.y] + i / H4) * H4 + i % H4;
-  out[quad] = load_quad(in + quad);
-}
-
-/// convert_rows from f32 to bf16 four elements at a time (H4 quads a row, buffers 16-byte
-/// aligned).
-__global__ void to_bf16_x4(const float4* __restrict__ in, const std::int64_t* starts,
-                           std::int64_t rows, std::int64_t H4, __nv_bfloat162* __restrict__ out) {
-  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= rows * H4) return;
-  const std::int64_t quad = (starts[blockIdx.y] + i / H4) * H4 + i % H4;
-  const float4 v = __ldg(in + quad);
-  out[2 * quad] = __halves2bfloat162(__float2bfloat16_rn(v.x), __float2bfloat16_rn(v.y));
-  out[2 * quad + 1] = __halves2bfloat162(__float2bfloat16_rn(v.z), __float2bfloat16_rn(v.w));
+  store_quad(load_quad(in + quad), out + quad);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -350,7 +348,8 @@ class CudaSwigluKernel final : public ExpertKernel {
       const std::uint64_t* on_device = table.device + plan_.table_at(i);
       const auto* starts = reinterpret_cast<const std::int64_t*>(on_device + kStartRow);
       if (rounded != nullptr) {
-        to_bf16_into(batch.input.data_as<const float>(), starts, p, H, rounded, lane.stream);
+        convert_rows_into(batch.input.data_as<const float>(), starts, p, H, rounded, lane.stream,
+                          "rounding the rows to bf16");
       }
       const cudaDataType_t type = bf16_ ? CUDA_R_16BF : CUDA_R_32F;
       // Row-major [n,2F] = x [n,H] · [gate; up]ᵀ, as column-major [2F,n] = Wᵀ(col) · x(col).
@@ -361,7 +360,11 @@ class CudaSwigluKernel final : public ExpertKernel {
       const bool narrow = p.grouped && grouped_out != nullptr;
       gemm(p, on_host, on_device, kDownWeights,
            GemmShape{H, F, type, narrow ? CUDA_R_16BF : CUDA_R_32F}, lane, "down GEMM");
-      if (narrow) widen_into(grouped_out, starts, p, H, y, lane.stream);
+      if (narrow) {
+        convert_rows_into(reinterpret_cast<const __nv_bfloat16*>(grouped_out), starts, p, H,
+                          batch.output.data_as<float>(), lane.stream,
+                          "widening the grouped GEMM's outputs to f32");
+      }
     }
     // Join: the caller's stream waits for every lane used; the table is free again when
     // the caller's stream gets there.
@@ -466,35 +469,20 @@ class CudaSwigluKernel final : public ExpertKernel {
                          : ", rows " + std::to_string(p.first_row) + "+" + std::to_string(p.rows)));
   }
 
-  /// The rows of piece `p` of `in` rounded to bf16 into the same rows of `out`, on `stream`.
-  static void to_bf16_into(const float* in, const std::int64_t* starts, const GemmPiece& p,
-                           std::int64_t H, __nv_bfloat16* out, cudaStream_t stream) {
+  /// The rows of piece `p` of `in` converted to Out (f32 rounded to bf16, or bf16 widened
+  /// to f32) into the same rows of `out`, on `stream`.
+  template <typename In, typename Out>
+  static void convert_rows_into(const In* in, const std::int64_t* starts, const GemmPiece& p,
+                                std::int64_t H, Out* out, cudaStream_t stream, const char* what) {
     const int threads = 256;
     if (H % 4 == 0 && aligned16(in) && aligned16(out)) {
-      to_bf16_x4<<<piece_grid(p, H / 4, threads), threads, 0, stream>>>(
-          reinterpret_cast<const float4*>(in), starts, p.rows, H / 4,
-          reinterpret_cast<__nv_bfloat162*>(out));
+      convert_rows_x4<<<piece_grid(p, H / 4, threads), threads, 0, stream>>>(
+          reinterpret_cast<const typename QuadOf<In>::type*>(in), starts, p.rows, H / 4,
+          reinterpret_cast<typename QuadOf<Out>::type*>(out));
     } else {
       convert_rows<<<piece_grid(p, H, threads), threads, 0, stream>>>(in, starts, p.rows, H, out);
     }
-    check(cudaGetLastError(), "rounding the rows to bf16");
-  }
-
-  /// The rows of piece `p` of `in` (bf16) widened to f32 into the same rows of `out`, on
-  /// `stream`.
-  static void widen_into(const std::byte* in, const std::int64_t* starts, const GemmPiece& p,
-                         std::int64_t H, std::byte* out, cudaStream_t stream) {
-    const int threads = 256;
-    if (H % 4 == 0 && aligned16(in) && aligned16(out)) {
-      widen_bf16_x4<<<piece_grid(p, H / 4, threads), threads, 0, stream>>>(
-          reinterpret_cast<const uint2*>(in), starts, p.rows, H / 4,
-          reinterpret_cast<float4*>(out));
-    } else {
-      convert_rows<<<piece_grid(p, H, threads), threads, 0, stream>>>(
-          reinterpret_cast<const __nv_bfloat16*>(in), starts, p.rows, H,
-          reinterpret_cast<float*>(out));
-    }
-    check(cudaGetLastError(), "widening the grouped GEMM's outputs to f32");
+    check(cudaGetLastError(), what);
   }
 
   /// act = silu(gate) · up of the rows of piece `p` (projections bf16 with bf16 weights,
@@ -508,11 +496,11 @@ class CudaSwigluKernel final : public ExpertKernel {
       if (bf16_) {
         silu_times_up_x4<<<grid, threads, 0, stream>>>(reinterpret_cast<const uint2*>(projected),
                                                        starts, p.rows, F / 4,
-                                                       reinterpret_cast<__nv_bfloat16*>(act));
+                                                       reinterpret_cast<uint2*>(act));
       } else {
         silu_times_up_x4<<<grid, threads, 0, stream>>>(reinterpret_cast<const float4*>(projected),
                                                        starts, p.rows, F / 4,
-                                                       reinterpret_cast<float*>(act));
+                                                       reinterpret_cast<float4*>(act));
       }
     } else {
       const dim3 grid = piece_grid(p, F, threads);
