@@ -20,7 +20,8 @@ ConfigSchema core_schema(std::string_view section) {
   if (section == "runtime") {
     s.add("transport", T::kString, ConfigValue{std::string("inproc")},
           "transport plugin: inproc (ranks as threads of this process), mpi (under mpirun), ucx "
-          "(under switchyard launch)");
+          "(under switchyard launch), nccl (one GPU per rank, under switchyard launch, mpirun or "
+          "torchrun; with data_path = cuda)");
     s.add("ranks", T::kInt, ConfigValue{std::int64_t{1}},
           "number of ranks for the inproc transport (other transports take it from the launcher)",
           checks::int_range(1, 1024));
