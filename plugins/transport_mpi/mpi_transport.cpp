@@ -62,7 +62,10 @@ void check_mpi(int rc, const std::string& what) {
 /// MPI_Finalize waits for every rank without a bound (a rank stopped after its last
 /// collective would hold the job for ever), so the session first meets the other ranks in
 /// a farewell bounded by the timeout: every rank reports to world rank 0, which answers
-/// each; whoever is still missing at the deadline is named and the job is aborted.
+/// each; whoever is still missing at the deadline is named and the job is aborted. Rank 0
+/// alone knows who is missing, so the others wait twice as long for its answer: a rank
+/// that entered the farewell before rank 0 must not end the job first, naming rank 0 for
+/// a rank rank 0 is still waiting for.
 class Session {
  public:
   Session() {
@@ -102,9 +105,10 @@ class Session {
     MPI_Comm_rank(farewell_, &rank);
     MPI_Comm_size(farewell_, &size);
     if (size == 1) return;
+    const double wait_s = rank == 0 ? timeout_s_ : 2 * timeout_s_;
     const auto deadline = std::chrono::steady_clock::now() +
                           std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                              std::chrono::duration<double>(timeout_s_));
+                              std::chrono::duration<double>(wait_s));
     std::vector<MPI_Request> requests;
     std::vector<char> bytes(static_cast<std::size_t>(size), 1);
     if (rank == 0) {
@@ -154,7 +158,7 @@ class Session {
                  "switchyard: mpi: at the end of the job, %s%s did not arrive within %g s "
                  "(stopped or stuck); ending the job with MPI_Abort\n",
                  rank == 0 ? "world rank(s) " : "world rank 0", rank == 0 ? missing.c_str() : "",
-                 timeout_s_);
+                 wait_s);
     std::fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 1);
   }

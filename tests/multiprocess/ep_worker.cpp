@@ -5,11 +5,15 @@
 // "combine" (after the dispatch, its peers waiting in the combine) or "backward" (after a
 // training forward, its peers waiting in the backward's dispatch of dy). Rank
 // SWITCHYARD_TEST_STOP_RANK (if set) stops itself with SIGSTOP after the forward instead.
+// Rank SWITCHYARD_TEST_LATE_RANK (if set) sleeps a second after the forward, so that it
+// shuts its runtime down after the others.
 // usage: ep_worker CONFIG [section.key=value]...
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
@@ -77,6 +81,10 @@ int main(int argc, char** argv) {
       if (const char* stop = std::getenv("SWITCHYARD_TEST_STOP_RANK");
           stop != nullptr && std::atoi(stop) == runtime.world_rank(0)) {
         std::raise(SIGSTOP);
+      }
+      if (const char* late = std::getenv("SWITCHYARD_TEST_LATE_RANK");
+          late != nullptr && std::atoi(late) == runtime.world_rank(0)) {
+        std::this_thread::sleep_for(std::chrono::seconds(1));
       }
     } catch (const Error& e) {
       std::fprintf(stderr, "ep_worker: %s\n", e.what());
