@@ -4,8 +4,9 @@
 //   bench_gpu kernels
 //     permute (the data path's pack, f32 and bf16 payloads) and unpermute-sum bandwidth
 //     against a device-to-device copy of the same bytes; the experts (cuda_swiglu, bf16
-//     weights, on bf16 rows as the layer groups them, each way of splitting the GEMMs, on
-//     even row counts and on the counts of uniform routing; and on f32 rows) in TFLOP/s
+//     weights, on bf16 rows as the layer groups them into bf16 outputs as the layer takes
+//     them, each way of splitting the GEMMs, on even row counts and on the counts of uniform
+//     routing; and from f32 rows, and into f32 outputs) in TFLOP/s
 //     against one cuBLAS BF16 GEMM of the same FLOPs (the faster of f32 and bf16 results),
 //     timed in turn with each measurement (the same clocks for both); at
 //     T = 8192 tokens for (E = 8, k = 2, H = 4096, F = 14336) and (E = 64, k = 8, H = 2048,
@@ -290,10 +291,12 @@ int kernels() {
       }
       std::fflush(stdout);
     };
-    // The rows as the layer hands them over (grouped straight into bf16: input_dtype), and
-    // as f32 rows the kernel rounds itself.
-    __nv_bfloat16* rows16;
+    // The rows as the layer hands them over (grouped straight into bf16: input_dtype) and
+    // the outputs as it takes them (bf16: output_dtype); and f32 rows the kernel rounds
+    // itself, f32 outputs.
+    __nv_bfloat16 *rows16, *out16;
     check(cudaMalloc(&rows16, S * H * 2), "rows16");
+    check(cudaMalloc(&out16, S * H * 2), "out16");
     fill_bf16<<<grid_for(S * H), 256, 0, stream.s>>>(rows16, S * H, 5);
     // per_expert, the split measured before, first: a split that spoils the device cannot
     // cost its rows.
@@ -318,7 +321,7 @@ int kernels() {
       if (experts == nullptr) continue;
       for (const auto* counts : {&even, &routed}) {
         const ExpertBatch batch{TensorView(rows16, DType::kBF16, {S, H}, Device::cuda(0)), *counts,
-                                TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
+                                TensorView(out16, DType::kBF16, {S, H}, Device::cuda(0))};
         experts_row(std::string("experts (cuda_swiglu, bf16, ") + split.name + ", " +
                         (counts == &even ? "even" : "routed") + " counts)",
                     [&] { experts->forward(batch, stream); });
@@ -328,9 +331,15 @@ int kernels() {
                                     TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
         experts_row("experts from f32 rows (per_expert, even counts, rounded in the kernel)",
                     [&] { experts->forward(f32_batch, stream); });
+        const ExpertBatch f32_out_batch{TensorView(rows16, DType::kBF16, {S, H}, Device::cuda(0)),
+                                        even,
+                                        TensorView(out, DType::kF32, {S, H}, Device::cuda(0))};
+        experts_row("experts into f32 outputs (per_expert, even counts)",
+                    [&] { experts->forward(f32_out_batch, stream); });
       }
     }
     cudaFree(rows16);
+    cudaFree(out16);
     cudaFree(a);
     cudaFree(b);
     cudaFree(c);

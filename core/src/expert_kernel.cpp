@@ -11,13 +11,16 @@ namespace switchyard {
 
 std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
                                 std::size_t num_experts, Device device,
-                                const ExpertBatchNames& names, DType input_dtype) {
+                                const ExpertBatchNames& names, DType input_dtype,
+                                DType output_dtype) {
   const std::string& kernel = names.kernel;
   batch.input.require_on(device, names.input,
                          batch.input.dtype() == input_dtype ? input_dtype : DType::kF32,
                          {-1, hidden});
   const std::int64_t N = batch.input.dim(0);
-  batch.output.require_on(device, names.output, DType::kF32, {N, hidden});
+  batch.output.require_on(device, names.output,
+                          batch.output.dtype() == output_dtype ? output_dtype : DType::kF32,
+                          {N, hidden});
   if (batch.rows_per_expert.size() != num_experts) {
     throw Error(ErrorCode::kInvalidArgument,
                 kernel + ": " + std::to_string(batch.rows_per_expert.size()) + " row counts for " +

@@ -258,23 +258,40 @@ class HostDataPath final : public DataPath {
 
   void weighted_reduce(const WeightedReduceArgs& a, Stream& /*stream*/) override {
     const std::int64_t H = a.hidden;
+    if (a.expert_output_dtype != DType::kF32 && a.expert_output_dtype != DType::kBF16) {
+      throw Error(ErrorCode::kInvalidArgument, "weighted_reduce: expert outputs in " +
+                                                   std::string(dtype_name(a.expert_output_dtype)) +
+                                                   "; f32 or bf16 only");
+    }
     const detail::RowKernels& kernels = detail::row_kernels();
     if (rows_.size() < to_size(a.slots)) rows_.resize(to_size(a.slots));
     weights_.resize(to_size(a.slots));
+    // bf16 expert rows: each widened into a row of its slot, then summed as f32 rows.
+    const bool widen = a.expert_output_dtype == DType::kBF16;
+    if (widen) widened_.resize(to_size(a.slots) * to_size(H));
+    const std::size_t in_row_bytes = to_size(H) * dtype_size(a.expert_output_dtype);
+    auto expert_row = [&](std::int64_t at) { return a.expert_output + to_size(at) * in_row_bytes; };
     const std::size_t row_bytes = to_size(H) * dtype_size(a.combine_dtype);
     const bool streaming = to_size(a.num_rows) * row_bytes >= kStreamingBytes;
     for (std::int64_t r = 0; r < a.num_rows; ++r) {
       if (r + 1 < a.num_rows) {
         for (int j = 0; j < a.slots; ++j) {
           const std::int64_t next = a.assignment_of_slot[(r + 1) * a.slots + j];
-          if (next >= 0) prefetch_row(a.expert_output + next * H, H);
+          if (next >= 0) detail::prefetch(expert_row(next), in_row_bytes);
         }
       }
       int count = 0;
       for (int j = 0; j < a.slots; ++j) {
         const std::int64_t at = a.assignment_of_slot[r * a.slots + j];
         if (at < 0) continue;
-        rows_[to_size(count)] = a.expert_output + at * H;
+        if (widen) {
+          float* row = widened_.data() + to_size(count) * to_size(H);
+          kernels.decode_bf16(reinterpret_cast<const std::uint16_t*>(expert_row(at)), H, row,
+                              false);
+          rows_[to_size(count)] = row;
+        } else {
+          rows_[to_size(count)] = reinterpret_cast<const float*>(expert_row(at));
+        }
         weights_[to_size(count)] = a.meta[r * a.slots + j].weight;
         ++count;
       }
@@ -349,6 +366,7 @@ class HostDataPath final : public DataPath {
   // one sum; each token's first row and each row's next row of the same token.
   std::vector<std::int64_t> cursor_, current_row_;
   std::vector<float> decoded_;  // one received row in f32, for bf16 expert rows
+  std::vector<float> widened_;  // a row's bf16 expert outputs in f32, one row per slot
   std::vector<const float*> rows_;
   std::vector<float> weights_;
   std::vector<std::int64_t> first_row_, next_row_;

@@ -91,7 +91,8 @@ TensorView DispatchHandle::expert_input() noexcept {
 TensorView DispatchHandle::expert_output() noexcept {
   const std::int64_t rows =
       hidden_ ? static_cast<std::int64_t>(expert_output_.size()) / hidden_ : 0;
-  return TensorView(expert_output_.data(), DType::kF32, {rows, hidden_}, expert_output_.device());
+  return TensorView(expert_output_.data(), expert_output_dtype_, {rows, hidden_},
+                    expert_output_.device());
 }
 
 std::size_t DispatchHandle::capacity_bytes() const noexcept {
@@ -171,11 +172,14 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
     throw Error(ErrorCode::kInvalidArgument, "MoELayer: combine dtype must be f32 or bf16, not " +
                                                  std::string(dtype_name(parts_.combine_dtype)));
   }
-  if (const DType wanted = parts_.experts->input_dtype();
-      wanted != DType::kF32 && wanted != DType::kBF16) {
-    throw Error(ErrorCode::kInvalidArgument, "MoELayer: expert plugin \"" + parts_.experts->name() +
-                                                 "\" asks for " + std::string(dtype_name(wanted)) +
-                                                 " input rows; the layer gives f32 or bf16");
+  for (const auto& [wanted, rows] : {std::pair{parts_.experts->input_dtype(), "input"},
+                                     std::pair{parts_.experts->output_dtype(), "output"}}) {
+    if (wanted != DType::kF32 && wanted != DType::kBF16) {
+      throw Error(ErrorCode::kInvalidArgument, "MoELayer: expert plugin \"" +
+                                                   parts_.experts->name() + "\" asks for " +
+                                                   std::string(dtype_name(wanted)) + " " + rows +
+                                                   " rows; the layer gives f32 or bf16");
+    }
   }
   // The layer's buffers live where its data path runs: every plugin it calls must take
   // that memory.
@@ -331,7 +335,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     return;
   }
   const bool fused = fused_experts() && !save;
-  dispatch_checked(x, plan, handle_, routing_error, /*group=*/!fused, forward_expert_dtype(save));
+  dispatch_checked(x, plan, handle_, routing_error, /*group=*/!fused, forward_expert_dtypes(save));
 
   auto start = Clock::now();
   if (fused) {
@@ -352,8 +356,9 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   kept_for_backward_ = save;
 }
 
-DType MoELayer::forward_expert_dtype(bool save) const noexcept {
-  return save ? DType::kF32 : parts_.experts->input_dtype();
+MoELayer::ExpertRowDTypes MoELayer::forward_expert_dtypes(bool save) const noexcept {
+  if (save) return {};
+  return {parts_.experts->input_dtype(), parts_.experts->output_dtype()};
 }
 
 bool MoELayer::saves_for_backward() const noexcept {
@@ -410,7 +415,8 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
       input_error = e;
     }
   }
-  dispatch_checked(x, plan, handle, input_error ? &*input_error : nullptr, /*group=*/true);
+  dispatch_checked(x, plan, handle, input_error ? &*input_error : nullptr, /*group=*/true,
+                   ExpertRowDTypes{});
 }
 
 std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
@@ -453,7 +459,7 @@ std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
 }
 
 void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                                const Error* local_error, bool group, DType group_dtype) {
+                                const Error* local_error, bool group, ExpertRowDTypes dtypes) {
   failure_agreed_ = false;
   std::optional<Error> plan_error;
   if (local_error == nullptr) {
@@ -461,7 +467,7 @@ void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, Di
     if (plan_error) local_error = &*plan_error;
   }
   exchange_counts(plan, h, local_error);
-  send_rows(x, plan, h, group, group_dtype);
+  send_rows(x, plan, h, group, dtypes);
 }
 
 void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
@@ -516,7 +522,7 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
 }
 
 void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                         bool group, DType group_dtype) {
+                         bool group, ExpertRowDTypes dtypes) {
   const TokenRange all{x.data_as<const float>(), plan.experts.data(), plan.weights.data(),
                        h.num_tokens_, plan.slots};
   stage_rows(all, h);
@@ -527,7 +533,7 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
   host_ready();  // the host data path reads what arrived
   timings_.dispatch_s += seconds_since(start);
   count_dispatch_traffic(h);
-  if (group) group_rows(h, group_dtype);
+  if (group) group_rows(h, dtypes);
 }
 
 void MoELayer::count_dispatch_traffic(const DispatchHandle& h) {
@@ -630,7 +636,7 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
   timings_.layout_s += seconds_since(start);
 }
 
-void MoELayer::group_rows(DispatchHandle& h, DType dtype) {
+void MoELayer::group_rows(DispatchHandle& h, ExpertRowDTypes dtypes) {
   // Group the received rows per local expert (stable: source rank, then source token).
   auto start = Clock::now();
   const int me = parts_.transport->rank();
@@ -663,9 +669,11 @@ void MoELayer::group_rows(DispatchHandle& h, DType dtype) {
   group.rows_per_expert = h.rows_per_expert_.data();
   // Sized in f32 rows whatever the dtype: the combine may reuse them (place_partials).
   group.expert_input = reinterpret_cast<std::byte*>(h.expert_input_.data());
-  group.expert_input_dtype = dtype;
+  group.expert_input_dtype = dtypes.input;
   group.assignment_of_slot = h.assignment_of_slot_.data();
-  h.expert_input_dtype_ = dtype;
+  h.expert_input_dtype_ = dtypes.input;
+  // Its buffer holds f32 rows whatever the dtype, as the input's does.
+  h.expert_output_dtype_ = dtypes.output;
   data_path_->group_by_expert(group, *stream_);
   timings_.layout_s += seconds_since(start);
 }
@@ -686,13 +694,15 @@ void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, c
   const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
   // Shapes are checked on every rank before anything is sent; a mismatch is a caller bug
   // that would otherwise corrupt memory.
-  expert_output.require_on(data_path_->device(), "MoE combine expert_output", DType::kF32, {A, H});
+  const DType output_dtype = expert_output.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32;
+  expert_output.require_on(data_path_->device(), "MoE combine expert_output", output_dtype, {A, H});
   y.require_on(data_path_->device(), "MoE combine y", DType::kF32, {h.num_tokens_, H});
   place_partials(h, in_expert_buffers);
   for (const PartialRows& rows : partial_segments(h)) {
     if (rows.count == 0) continue;
     WeightedReduceArgs reduce;
-    reduce.expert_output = expert_output.data_as<const float>();
+    reduce.expert_output = static_cast<const std::byte*>(expert_output.data());
+    reduce.expert_output_dtype = output_dtype;
     reduce.meta = h.recv_meta_.data() + rows.first * K;
     reduce.assignment_of_slot = h.assignment_of_slot_.data() + rows.first * K;
     reduce.num_rows = rows.count;
@@ -910,7 +920,7 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
         timings_.experts_s += seconds_since(start);
         start = Clock::now();
       } else {
-        group_rows(slot.handle, forward_expert_dtype(/*save=*/false));
+        group_rows(slot.handle, forward_expert_dtypes(/*save=*/false));
         start = Clock::now();
         run_grouped_experts(slot.handle);
         timings_.experts_s += seconds_since(start);

@@ -375,17 +375,17 @@ __global__ void write_groups_x4(const std::byte* __restrict__ rows, const SlotMe
 }
 
 /// reduce_rows by quads.
-__global__ void reduce_rows_x4(const float* __restrict__ expert_output, const SlotMeta* meta,
-                               const std::int64_t* assignment, int K, std::int64_t Q, bool bf16,
-                               std::byte* __restrict__ partial_rows) {
+__global__ void reduce_rows_x4(const std::byte* __restrict__ expert_output, bool bf16_in,
+                               const SlotMeta* meta, const std::int64_t* assignment, int K,
+                               std::int64_t Q, bool bf16, std::byte* __restrict__ partial_rows) {
   const std::int64_t r = blockIdx.x;
-  const auto* in = reinterpret_cast<const float4*>(expert_output);
   for (std::int64_t q = threadIdx.x; q < Q; q += blockDim.x) {
     float4 sum = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     for (int j = 0; j < K; ++j) {
       const std::int64_t at = assignment[r * K + j];
       if (at < 0) continue;
-      sum = add_scaled_quad(sum, meta[r * K + j].weight, __ldg(in + at * Q + q));
+      sum =
+          add_scaled_quad(sum, meta[r * K + j].weight, load_quad(expert_output, at, Q, q, bf16_in));
     }
     store_quad(partial_rows, r, Q, q, bf16, sum);
   }
@@ -492,8 +492,9 @@ __global__ void group_totals(const std::int32_t* grouped, const std::int64_t* sc
       NK == 0 ? 0 : scanned[last] - scanned[static_cast<std::int64_t>(l) * NK] + grouped[last];
 }
 
-/// One block per received row: Σ over its slots in order of weight · expert row.
-__global__ void reduce_rows(const float* expert_output, const SlotMeta* meta,
+/// One block per received row: Σ over its slots in order of weight · expert row (expert
+/// rows in f32, or in bf16 widened exactly: `bf16_in`).
+__global__ void reduce_rows(const std::byte* expert_output, bool bf16_in, const SlotMeta* meta,
                             const std::int64_t* assignment, int K, std::int64_t H, bool bf16,
                             std::byte* partial_rows) {
   const std::int64_t r = blockIdx.x;
@@ -502,8 +503,12 @@ __global__ void reduce_rows(const float* expert_output, const SlotMeta* meta,
     for (int j = 0; j < K; ++j) {
       const std::int64_t at = assignment[r * K + j];
       if (at < 0) continue;
+      const float v =
+          bf16_in
+              ? from_bf16_bits(reinterpret_cast<const std::uint16_t*>(expert_output)[at * H + h])
+              : reinterpret_cast<const float*>(expert_output)[at * H + h];
       // No contraction into FMA: the same rounding as the host's loop.
-      sum = __fadd_rn(sum, __fmul_rn(meta[r * K + j].weight, expert_output[at * H + h]));
+      sum = __fadd_rn(sum, __fmul_rn(meta[r * K + j].weight, v));
     }
     if (bf16) {
       reinterpret_cast<std::uint16_t*>(partial_rows)[r * H + h] = to_bf16_bits(sum);
@@ -742,15 +747,22 @@ class CudaDataPath final : public DataPath {
   void weighted_reduce(const WeightedReduceArgs& a, Stream& stream) override {
     enter();
     if (a.num_rows == 0) return;
+    if (a.expert_output_dtype != DType::kF32 && a.expert_output_dtype != DType::kBF16) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "datapath_cuda: weighted_reduce: expert outputs in " +
+                      std::string(dtype_name(a.expert_output_dtype)) + "; f32 or bf16 only");
+    }
     const bool bf16 = a.combine_dtype == DType::kBF16;
+    const bool bf16_in = a.expert_output_dtype == DType::kBF16;
     if (by_quads(a.hidden, {a.expert_output, a.partial_rows})) {
       const std::int64_t Q = a.hidden / 4;
       reduce_rows_x4<<<static_cast<unsigned>(a.num_rows), threads_for_quads(Q, 1), 0,
-                       native(stream)>>>(a.expert_output, a.meta, a.assignment_of_slot, a.slots, Q,
-                                         bf16, a.partial_rows);
+                       native(stream)>>>(a.expert_output, bf16_in, a.meta, a.assignment_of_slot,
+                                         a.slots, Q, bf16, a.partial_rows);
     } else {
       reduce_rows<<<static_cast<unsigned>(a.num_rows), 256, 0, native(stream)>>>(
-          a.expert_output, a.meta, a.assignment_of_slot, a.slots, a.hidden, bf16, a.partial_rows);
+          a.expert_output, bf16_in, a.meta, a.assignment_of_slot, a.slots, a.hidden, bf16,
+          a.partial_rows);
     }
     check_launch("weighted reduce");
   }

@@ -3,13 +3,14 @@
 // (tensor cores): the kernel takes BF16 rows (the layer groups them so: input_dtype), or
 // rounds f32 rows to BF16; gate and up run as one GEMM against the stacked weights [2F,H]
 // and write BF16 projections, one kernel fuses silu(g)·u in f32 and rounds it to BF16, and
-// the down GEMM writes f32 rows. F32 weights (and F16, widened exactly to F32 when uploaded)
-// run the same sequence in F32 without tensor cores.
+// the down GEMM writes BF16 rows (the layer takes them so: output_dtype) or f32 rows. F32
+// weights (and F16, widened exactly to F32 when uploaded) run the same sequence in F32
+// without tensor cores.
 // The GEMMs are split into pieces (gemm_plan.hpp): one per expert (`gemm = "per_expert"`),
 // or steps of the same rows of many experts, each one batched cuBLAS call, and each
 // expert's short rest (`gemm = "batched"`), or runs of experts with all their rows, each
-// one grouped cuBLAS call (`gemm = "grouped"`; with bf16 weights its down GEMM writes bf16,
-// the only result type cuBLAS's grouped GEMM has for bf16, widened to f32).
+// one grouped cuBLAS call (`gemm = "grouped"`; for f32 outputs with bf16 weights its down
+// GEMM writes bf16, the only result type cuBLAS's grouped GEMM has for bf16, widened).
 // Stream-ordered: the work starts after what the caller's stream holds and the caller's
 // stream waits for all of it. In between, the pieces run on kExpertLanes streams of the
 // kernel's own, so that small GEMMs, each too small to fill the device, overlap. The weights are
@@ -272,10 +273,15 @@ class CudaSwigluKernel final : public ExpertKernel {
   }
   /// BF16 weights take BF16 rows (the GEMMs round f32 rows to BF16 anyway).
   DType input_dtype() const noexcept override { return bf16_ ? DType::kBF16 : DType::kF32; }
+  /// BF16 weights write BF16 outputs where the layer lets them (the down GEMM writes them
+  /// directly: half the bytes written, and read by the weighted reduce); f32 outputs are
+  /// written as well.
+  DType output_dtype() const noexcept override { return bf16_ ? DType::kBF16 : DType::kF32; }
 
   void forward(const ExpertBatch& batch, Stream& stream) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
-    check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_, input_dtype());
+    check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_, input_dtype(),
+                       output_dtype());
     const std::int64_t N = batch.input.dim(0);
     if (N == 0) return;
     check(cudaSetDevice(device_), "selecting the device");
@@ -295,9 +301,11 @@ class CudaSwigluKernel final : public ExpertKernel {
     // silu·up reads back); a piece writes only its own rows of them.
     auto* projected = projected_.get(static_cast<std::size_t>(N * 2 * F) * element);
     auto* act = act_.get(static_cast<std::size_t>(N * F) * element);
-    auto* y = reinterpret_cast<std::byte*>(batch.output.data_as<float>());
-    // Grouped pieces with bf16 weights: the down GEMM's bf16 results, widened into y.
-    const bool narrow_grouped_out = split_ == GemmSplit::kGrouped && bf16_;
+    auto* y = static_cast<std::byte*>(batch.output.data());
+    const bool bf16_out = batch.output.dtype() == DType::kBF16;
+    // Grouped pieces with bf16 weights and f32 outputs: the down GEMM's bf16 results (the
+    // only result type of cuBLAS's grouped GEMM for bf16), widened into y.
+    const bool narrow_grouped_out = split_ == GemmSplit::kGrouped && bf16_ && !bf16_out;
     auto* grouped_out =
         narrow_grouped_out ? grouped_out_.get(static_cast<std::size_t>(N * H) * 2) : nullptr;
 
@@ -324,7 +332,7 @@ class CudaSwigluKernel final : public ExpertKernel {
     operands.act = act;
     operands.act_row_bytes = static_cast<std::size_t>(F) * element;
     operands.out = y;
-    operands.out_row_bytes = static_cast<std::size_t>(H) * sizeof(float);
+    operands.out_row_bytes = static_cast<std::size_t>(H) * (bf16_out ? 2 : sizeof(float));
     operands.grouped_out = grouped_out;
     operands.grouped_out_row_bytes = static_cast<std::size_t>(H) * 2;
     plan_.fill_table(batch.rows_per_expert, operands, std::span<std::uint64_t>(table.host, words));
@@ -359,7 +367,7 @@ class CudaSwigluKernel final : public ExpertKernel {
       // Row-major [n,H] = act [n,F] · downᵀ.
       const bool narrow = p.grouped && grouped_out != nullptr;
       gemm(p, on_host, on_device, kDownWeights,
-           GemmShape{H, F, type, narrow ? CUDA_R_16BF : CUDA_R_32F}, lane, "down GEMM");
+           GemmShape{H, F, type, narrow || bf16_out ? CUDA_R_16BF : CUDA_R_32F}, lane, "down GEMM");
       if (narrow) {
         convert_rows_into(reinterpret_cast<const __nv_bfloat16*>(grouped_out), starts, p, H,
                           batch.output.data_as<float>(), lane.stream,

@@ -222,3 +222,67 @@ TEST_CASE("group_by_expert: rows per local expert in arrival order, into f32 or 
                  2,    per_expert, grouped, assignment, DType::kF16};
   CHECK_THROWS_AS(path->group_by_expert(args, stream), Error);
 }
+
+TEST_CASE("weighted_reduce: each row's weighted slots from f32 or bf16 expert rows") {
+  auto path = make_host_data_path();
+  HostStream stream;
+  // Three expert rows of 4 elements, each value exact in bf16 (so that both dtypes hold the
+  // same numbers), and two received rows of two slots:
+  //   row 0 = 0.5 · e2 + 0.25 · e0 = {-1.25, 0, 4.125, 0.8125}
+  //   row 1 = (empty) + 2 · e1     = {8, 0.5, -2, 4}
+  // every sum exact in f32 and in bf16.
+  const float e_f32[3][4] = {
+      {1.0f, -2.0f, 0.5f, 3.0f}, {4.0f, 0.25f, -1.0f, 2.0f}, {-3.0f, 1.0f, 8.0f, 0.125f}};
+  const std::uint16_t e_bf16[3][4] = {{0x3F80, 0xC000, 0x3F00, 0x4040},
+                                      {0x4080, 0x3E80, 0xBF80, 0x4000},
+                                      {0xC040, 0x3F80, 0x4100, 0x3E00}};
+  const SlotMeta meta[4] = {{2, 0.5f}, {0, 0.25f}, {-1, 0.0f}, {1, 2.0f}};
+  const std::int64_t assignment[4] = {2, 0, -1, 1};
+  const float expected[2][4] = {{-1.25f, 0.0f, 4.125f, 0.8125f}, {8.0f, 0.5f, -2.0f, 4.0f}};
+  const std::uint16_t expected_bf16[2][4] = {{0xBFA0, 0x0000, 0x4084, 0x3F50},
+                                             {0x4100, 0x3F00, 0xC000, 0x4080}};
+  for (DType in : {DType::kF32, DType::kBF16}) {
+    for (DType out : {DType::kF32, DType::kBF16}) {
+      CAPTURE(dtype_name(in));
+      CAPTURE(dtype_name(out));
+      std::vector<std::byte> partials(2 * 4 * dtype_size(out), std::byte{0xAB});
+      WeightedReduceArgs args;
+      args.expert_output = in == DType::kF32 ? reinterpret_cast<const std::byte*>(&e_f32[0][0])
+                                             : reinterpret_cast<const std::byte*>(&e_bf16[0][0]);
+      args.expert_output_dtype = in;
+      args.meta = meta;
+      args.assignment_of_slot = assignment;
+      args.num_rows = 2;
+      args.slots = 2;
+      args.hidden = 4;
+      args.combine_dtype = out;
+      args.partial_rows = partials.data();
+      path->weighted_reduce(args, stream);
+      for (int r = 0; r < 2; ++r) {
+        for (int h = 0; h < 4; ++h) {
+          if (out == DType::kF32) {
+            float got = 0;
+            std::memcpy(&got, partials.data() + (r * 4 + h) * 4, 4);
+            CHECK(got == expected[r][h]);
+          } else {
+            std::uint16_t got = 0;
+            std::memcpy(&got, partials.data() + (r * 4 + h) * 2, 2);
+            CHECK(got == expected_bf16[r][h]);
+          }
+        }
+      }
+    }
+  }
+  // Expert rows in another dtype are refused.
+  std::vector<std::byte> partials(2 * 4 * 4);
+  WeightedReduceArgs args;
+  args.expert_output = reinterpret_cast<const std::byte*>(&e_bf16[0][0]);
+  args.expert_output_dtype = DType::kF16;
+  args.meta = meta;
+  args.assignment_of_slot = assignment;
+  args.num_rows = 2;
+  args.slots = 2;
+  args.hidden = 4;
+  args.partial_rows = partials.data();
+  CHECK_THROWS_AS(path->weighted_reduce(args, stream), Error);
+}

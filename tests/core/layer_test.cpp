@@ -334,22 +334,26 @@ TEST_CASE("forward with fused experts: the grouped path's bits, and sum(weights)
 
 namespace {
 
-/// Experts that scale their rows rounded to bf16: expert_l(x) = (l + 1) · bf16(x). With
-/// `bf16_input` they ask the layer for bf16 rows (`input_dtype`) and use them as they are;
-/// otherwise they take f32 rows and round them themselves. Both take f32 rows, and record
-/// the dtype of the last rows they were given.
+/// Experts that scale their rows rounded to bf16, with results rounded to bf16:
+/// expert_l(x) = bf16((l + 1) · bf16(x)). With `bf16_input` they ask the layer for bf16 rows
+/// (`input_dtype`) and use them as they are; otherwise they take f32 rows and round them
+/// themselves. With `bf16_output` they ask for bf16 output rows (`output_dtype`) and write
+/// the bits; otherwise they write the rounded values as f32. Both take f32 rows and outputs,
+/// and record the dtypes of the last rows they were given.
 class ScaledBf16Experts final : public ExpertKernel {
  public:
-  ScaledBf16Experts(int n, bool bf16_input) : n_(n), bf16_input_(bf16_input) {}
+  ScaledBf16Experts(int n, bool bf16_input, bool bf16_output = false)
+      : n_(n), bf16_input_(bf16_input), bf16_output_(bf16_output) {}
   std::string name() const override { return "scaled bf16"; }
   int num_local_experts() const noexcept override { return n_; }
   DType input_dtype() const noexcept override { return bf16_input_ ? DType::kBF16 : DType::kF32; }
+  DType output_dtype() const noexcept override { return bf16_output_ ? DType::kBF16 : DType::kF32; }
   void forward(const ExpertBatch& batch, Stream& /*stream*/) override {
     const std::int64_t H = batch.output.dim(1);
     check_expert_batch(batch, H, static_cast<std::size_t>(n_), Device::host(), names_,
-                       input_dtype());
+                       input_dtype(), output_dtype());
     last_input = batch.input.dtype();
-    float* y = batch.output.data_as<float>();
+    last_output = batch.output.dtype();
     std::int64_t row = 0;
     for (int l = 0; l < n_; ++l) {
       for (std::int64_t i = 0; i < batch.rows_per_expert[static_cast<std::size_t>(l)]; ++i) {
@@ -357,18 +361,47 @@ class ScaledBf16Experts final : public ExpertKernel {
           const std::uint16_t bits = last_input == DType::kBF16
                                          ? batch.input.data_as<const std::uint16_t>()[row]
                                          : float_to_bf16(batch.input.data_as<const float>()[row]);
-          y[row] = static_cast<float>(l + 1) * bf16_to_float(bits);
+          const std::uint16_t result =
+              float_to_bf16(static_cast<float>(l + 1) * bf16_to_float(bits));
+          if (last_output == DType::kBF16) {
+            batch.output.data_as<std::uint16_t>()[row] = result;
+          } else {
+            batch.output.data_as<float>()[row] = bf16_to_float(result);
+          }
         }
       }
     }
   }
   DType last_input = DType::kI32;  // none yet
+  DType last_output = DType::kI32;
 
  private:
   int n_;
-  bool bf16_input_;
+  bool bf16_input_, bf16_output_;
   ExpertBatchNames names_{"scaled bf16"};
 };
+
+/// Checks y[t] = Σ_j w_j · (l_j + 1) · x[t] (l_j: slot j's local expert on its rank, the
+/// ScaledBf16Experts' factor) in float64, within `tolerance` relative: the payload's and
+/// bf16's rounding.
+void check_scaled_sums(const ExpertPlacement& placement, const RoutingPlan& plan,
+                       const HostTensor& x, const HostTensor& y, double tolerance) {
+  const std::int64_t T = x.shape()[0], H = x.shape()[1];
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      double expected = 0;
+      for (int j = 0; j < plan.slots; ++j) {
+        const auto s = static_cast<std::size_t>(t * plan.slots + j);
+        const int e = plan.experts[s];
+        if (e < 0) continue;
+        const int l = e - placement.first_expert(placement.rank_of(e));
+        expected += static_cast<double>(plan.weights[s]) * (l + 1) * x.data<float>()[t * H + h];
+      }
+      const double got = y.data<float>()[t * H + h];
+      CHECK(std::abs(got - expected) <= tolerance * (std::abs(expected) + 1e-3));
+    }
+  }
+}
 
 }  // namespace
 
@@ -400,23 +433,8 @@ TEST_CASE("a kernel that asks for bf16 rows gets them grouped in bf16, with the 
           const bool got_rows = asks->last_input != DType::kI32;  // a rank may receive none
           if (got_rows) CHECK(asks->last_input == DType::kBF16);
           if (rounds->last_input != DType::kI32) CHECK(rounds->last_input == DType::kF32);
-          // y[t] = Σ_j w_j · (e_j + 1) · x[t] up to the payload's and bf16's rounding.
-          for (std::int64_t t = 0; t < T; ++t) {
-            for (std::int64_t h = 0; h < H; ++h) {
-              double expected = 0;
-              for (int j = 0; j < plan.slots; ++j) {
-                const auto s = static_cast<std::size_t>(t * plan.slots + j);
-                const int e = plan.experts[s];
-                if (e < 0) continue;
-                const int l = e - base.placement().first_expert(base.placement().rank_of(e));
-                expected +=
-                    static_cast<double>(plan.weights[s]) * (l + 1) * x.data<float>()[t * H + h];
-              }
-              const double got = y_bf16.data<float>()[t * H + h];
-              const double tolerance = payload == PayloadDType::kFP8 ? 0.1 : 0.01;
-              CHECK(std::abs(got - expected) <= tolerance * (std::abs(expected) + 1e-3));
-            }
-          }
+          check_scaled_sums(base.placement(), plan, x, y_bf16,
+                            payload == PayloadDType::kFP8 ? 0.1 : 0.01);
           // The caller's own dispatch hands over f32 rows, whatever the kernel asks for.
           DispatchHandle handle;
           with_bf16_rows->dispatch(x.view(), plan, handle);
@@ -431,6 +449,67 @@ TEST_CASE("a kernel that asks for bf16 rows gets them grouped in bf16, with the 
           if (got_rows) CHECK(asks->last_input == DType::kF32);
         });
         for (const auto& e : errors) CHECK_FALSE(e.has_value());
+      }
+    }
+  }
+}
+
+TEST_CASE("a kernel that asks for bf16 outputs writes them, with the same y as f32 outputs") {
+  for (int ranks : {1, 3}) {
+    Fixture f(ranks, 7, 3);
+    const std::int64_t H = f.model.hidden();
+    for (auto payload : {PayloadDType::kF32, PayloadDType::kBF16}) {
+      for (auto combine : {DType::kF32, DType::kBF16}) {
+        for (int chunks : {1, 3}) {
+          CAPTURE(ranks);
+          CAPTURE(payload_dtype_name(payload));
+          CAPTURE(dtype_name(combine));
+          CAPTURE(chunks);
+          auto errors = test::on_threads(ranks, [&](int r) {
+            MoELayer& base = *f.layers[static_cast<std::size_t>(r)];
+            const int local = base.placement().num_local(r);
+            auto writes_bf16 = std::make_shared<ScaledBf16Experts>(local, true, true);
+            auto writes_f32 = std::make_shared<ScaledBf16Experts>(local, true, false);
+            auto with_bf16_out = variant_of(base, writes_bf16, payload, combine, chunks);
+            auto with_f32_out = variant_of(base, writes_f32, payload, combine, chunks);
+            const std::int64_t T = 5 + 3 * r;
+            HostTensor x =
+                synthetic_tokens(T, static_cast<int>(H), 21 + static_cast<std::uint64_t>(r));
+            RoutingPlan plan;
+            base.route(x.view(), plan);
+            HostTensor y_bf16(DType::kF32, {T, H}), y_f32(DType::kF32, {T, H});
+            with_bf16_out->forward(x.view(), plan, y_bf16.view());
+            with_f32_out->forward(x.view(), plan, y_f32.view());
+            // The reduce widens bf16 outputs exactly: the same bits as f32 outputs holding
+            // the same values.
+            CHECK(std::memcmp(y_bf16.bytes(), y_f32.bytes(), y_bf16.size_bytes()) == 0);
+            const bool got_rows = writes_bf16->last_output != DType::kI32;
+            if (got_rows) CHECK(writes_bf16->last_output == DType::kBF16);
+            if (writes_f32->last_output != DType::kI32) {
+              CHECK(writes_f32->last_output == DType::kF32);
+            }
+            check_scaled_sums(base.placement(), plan, x, y_bf16, 0.02);
+            // The caller's own dispatch gives f32 outputs; combine takes bf16 ones as well.
+            DispatchHandle handle;
+            with_bf16_out->dispatch(x.view(), plan, handle);
+            CHECK(handle.expert_output().dtype() == DType::kF32);
+            const TensorView rows = handle.expert_input();
+            std::vector<std::uint16_t> outputs(static_cast<std::size_t>(rows.numel()));
+            const TensorView out(outputs.data(), DType::kBF16, {rows.dim(0), H});
+            HostStream stream;
+            writes_bf16->forward(ExpertBatch{rows, handle.rows_per_expert(), out}, stream);
+            HostTensor y_combined(DType::kF32, {T, H});
+            with_bf16_out->combine(handle, out, y_combined.view());
+            CHECK(std::memcmp(y_combined.bytes(), y_f32.bytes(), y_f32.size_bytes()) == 0);
+            // A training forward keeps f32 rows for the backward: the kernel writes f32.
+            writes_bf16->last_output = DType::kI32;
+            with_bf16_out->set_training(true);
+            with_bf16_out->forward(x.view(), plan, y_bf16.view());
+            CHECK(std::memcmp(y_bf16.bytes(), y_f32.bytes(), y_bf16.size_bytes()) == 0);
+            if (got_rows) CHECK(writes_bf16->last_output == DType::kF32);
+          });
+          for (const auto& e : errors) CHECK_FALSE(e.has_value());
+        }
       }
     }
   }

@@ -12,6 +12,7 @@
 #include <numeric>
 #include <random>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cuda_test_support.hpp"
@@ -210,20 +211,41 @@ TEST_CASE("cuda data path: layout, pack, group, reduce and unpermute equal the h
       REQUIRE(d_assign.to_host() == assign_host);
       REQUIRE(same_bytes(d_bf16.to_host(), bf16_host));
 
-      // Reduce and unpermute-sum, in f32 and bf16.
+      // Reduce (from f32 and from bf16 expert outputs) and unpermute-sum, in f32 and bf16.
       const std::vector<float> expert_out = random_floats(static_cast<std::size_t>(A * H), rng);
+      std::vector<std::uint16_t> expert_out_bf16(expert_out.size());
+      for (std::size_t i = 0; i < expert_out.size(); ++i)
+        expert_out_bf16[i] = float_to_bf16(expert_out[i]);
       test::DeviceArray<float> d_out(expert_out);
-      for (DType combine : {DType::kF32, DType::kBF16}) {
+      test::DeviceArray<std::uint16_t> d_out_bf16(expert_out_bf16);
+      for (const auto& dtypes :
+           std::vector<std::pair<DType, DType>>{{DType::kF32, DType::kF32},
+                                                {DType::kBF16, DType::kF32},
+                                                {DType::kF32, DType::kBF16},
+                                                {DType::kBF16, DType::kBF16}}) {
+        const DType combine = dtypes.first, outputs = dtypes.second;
         CAPTURE(static_cast<int>(combine));
+        CAPTURE(static_cast<int>(outputs));
+        const bool bf16_outputs = outputs == DType::kBF16;
         const std::size_t bytes = static_cast<std::size_t>(S * H) * dtype_size(combine);
         std::vector<std::byte> partial_host(bytes);
-        WeightedReduceArgs reduce{
-            expert_out.data(), received.data(),    assign_host.data(), S, K, H,
-            combine,           partial_host.data()};
+        WeightedReduceArgs reduce;
+        reduce.expert_output = bf16_outputs
+                                   ? reinterpret_cast<const std::byte*>(expert_out_bf16.data())
+                                   : reinterpret_cast<const std::byte*>(expert_out.data());
+        reduce.expert_output_dtype = outputs;
+        reduce.meta = received.data();
+        reduce.assignment_of_slot = assign_host.data();
+        reduce.num_rows = S;
+        reduce.slots = K;
+        reduce.hidden = H;
+        reduce.combine_dtype = combine;
+        reduce.partial_rows = partial_host.data();
         host->weighted_reduce(reduce, host_stream);
         test::DeviceArray<std::byte> d_partial(bytes);
         d_partial.poison();
-        reduce.expert_output = d_out.get();
+        reduce.expert_output = bf16_outputs ? reinterpret_cast<const std::byte*>(d_out_bf16.get())
+                                            : reinterpret_cast<const std::byte*>(d_out.get());
         reduce.meta = d_received.get();
         reduce.assignment_of_slot = d_assign.get();
         reduce.partial_rows = d_partial.get();

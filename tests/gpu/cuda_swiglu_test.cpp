@@ -4,7 +4,8 @@
 // in the reference, so the remaining difference is float32 accumulation (and a projection
 // that rounds the other way). Random data, never zeros; the output is poisoned with NaN
 // first; experts with no rows in between. With bf16 weights the kernel also takes bf16 rows
-// (what the layer hands it), which give the same bits as the f32 rows they round from. Each
+// (what the layer hands it), which give the same bits as the f32 rows they round from, and
+// writes bf16 outputs (what the layer takes from it), the reference rounded to bf16. Each
 // way of splitting the GEMMs (gemm = per_expert, batched, batched with at most two experts a
 // call, grouped, grouped with at most two experts a call; grouped with bf16 weights also
 // rounds the outputs to bf16) on histograms that make batched steps of 128 rows, an expert
@@ -173,7 +174,11 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
         CHECK(worst <= tolerance);
 
         if (!bf16) {
-          // F32 weights take f32 rows only.
+          // F32 weights take f32 rows and write f32 outputs only.
+          CHECK(kernel->output_dtype() == DType::kF32);
+          batch.output = TensorView(d_y.get(), DType::kBF16, {N, H}, Device::cuda(0));
+          CHECK_THROWS_AS(kernel->forward(batch, stream), Error);
+          batch.output = TensorView(d_y.get(), DType::kF32, {N, H}, Device::cuda(0));
           batch.input = TensorView(d_x.get(), DType::kBF16, {N, H}, Device::cuda(0));
           CHECK_THROWS_AS(kernel->forward(batch, stream), Error);
           continue;
@@ -187,5 +192,26 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
         stream.synchronize();
         const auto from_bf16_rows = d_y.to_host();
         CHECK(std::memcmp(from_bf16_rows.data(), got.data(), got.size() * sizeof(float)) == 0);
+
+        // BF16 outputs (what the layer hands it: output_dtype): the float64 SwiGLU rounded
+        // to bf16, within the same tolerance; the grouped split's are the bits it widens for
+        // f32 outputs.
+        CHECK(kernel->output_dtype() == DType::kBF16);
+        test::DeviceArray<std::uint16_t> d_y16(x.size());
+        d_y16.poison();
+        batch.output = TensorView(d_y16.get(), DType::kBF16, {N, H}, Device::cuda(0));
+        kernel->forward(batch, stream);
+        stream.synchronize();
+        const auto got16 = d_y16.to_host();
+        const auto expected16 = reference(x, rows, experts, H, F, bf16, /*bf16_out=*/true);
+        float worst16 = 0;
+        for (std::size_t i = 0; i < got16.size(); ++i) {
+          const float v = bf16_to_float(got16[i]);
+          REQUIRE(std::isfinite(v));
+          worst16 = std::max(worst16, std::fabs(v - expected16[i]));
+          if (bf16_out) REQUIRE(got16[i] == float_to_bf16(got[i]));
+        }
+        MESSAGE("bf16 outputs: largest |difference| " << worst16);
+        CHECK(worst16 <= tolerance);
       }
 }

@@ -122,7 +122,8 @@ TEST_CASE("MoELayer on a GPU at world 1 equals the dense reference") {
   const std::vector<float> x = random_tokens(300, H);
   auto transport = nccl_world_1(registry);
   // f32 experts (f32 rows and GEMMs), and bf16 experts: the layer groups the rows straight
-  // into bf16 for them (cuda_swiglu's input_dtype) and the GEMMs run on tensor cores.
+  // into bf16 for them (cuda_swiglu's input_dtype), the GEMMs run on tensor cores, and the
+  // reduce reads their bf16 outputs (output_dtype).
   for (DType expert_dtype : {DType::kF32, DType::kBF16}) {
     CAPTURE(dtype_name(expert_dtype));
     const ModelWeights model = ModelWeights::random(E, H, F, 11, expert_dtype);

@@ -125,7 +125,7 @@ struct GroupCountArgs {
 /// The weighted sum of the expert results of each received row, in slot order, converted
 /// to the combine dtype (f32 or bf16).
 struct WeightedReduceArgs {
-  const float* expert_output = nullptr;              ///< [A,H]
+  const std::byte* expert_output = nullptr;          ///< [A,H] in expert_output_dtype
   const SlotMeta* meta = nullptr;                    ///< [N,K]
   const std::int64_t* assignment_of_slot = nullptr;  ///< [N,K]
   std::int64_t num_rows = 0;
@@ -133,6 +133,9 @@ struct WeightedReduceArgs {
   std::int64_t hidden = 0;
   DType combine_dtype = DType::kF32;
   std::byte* partial_rows = nullptr;  ///< [N,H] in combine_dtype, written
+  /// f32, or bf16 (`ExpertKernel::output_dtype`): each element widened to f32 exactly, then
+  /// summed as f32 rows are.
+  DType expert_output_dtype = DType::kF32;
 };
 
 /// y[t] = sum of the combined rows of token t, in row order (the ranks' order).

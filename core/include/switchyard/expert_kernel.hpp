@@ -50,12 +50,13 @@ class ExpertGradientStorage {
 
 /// A grouped batch: rows [N,H] where the first `rows_per_expert[0]` rows go to local
 /// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on. `input` and
-/// `output` are f32 on the stream's device; `rows_per_expert` is host memory.
+/// `output` are on the stream's device; `rows_per_expert` is host memory.
 struct ExpertBatch {
   /// [N,H] f32, or in the kernel's `input_dtype()` (bf16) when it asks for that; read only.
   TensorView input;
   std::span<const std::int64_t> rows_per_expert;  ///< [local experts], sums to N
-  TensorView output;                              ///< [N,H], written
+  /// [N,H] f32, or in the kernel's `output_dtype()` (bf16) when it asks for that; written.
+  TensorView output;
   /// Optional [N, saved_columns()] f32 (empty: not wanted): written with what the kernel's
   /// backward needs of each row beyond its input (for SwiGLU the gate and up projections),
   /// so that the backward does not recompute it (a training forward, `[runtime] recompute
@@ -99,13 +100,14 @@ struct ExpertBatchNames {
 };
 
 /// Checks `batch` for a kernel with `num_experts` local experts of hidden size `hidden` whose
-/// memory is on `device`: input [N,H] in f32 or `input_dtype` and f32 output [N,H] there, one
-/// row count per local expert, none negative, summing to N. Returns the largest row count.
-/// Throws `Error(kInvalidArgument)` naming the kernel and what does not fit. Written once for
-/// every kernel plugin.
+/// memory is on `device`: input [N,H] in f32 or `input_dtype` and output [N,H] in f32 or
+/// `output_dtype` there, one row count per local expert, none negative, summing to N.
+/// Returns the largest row count. Throws `Error(kInvalidArgument)` naming the kernel and
+/// what does not fit. Written once for every kernel plugin.
 std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
                                 std::size_t num_experts, Device device,
-                                const ExpertBatchNames& names, DType input_dtype = DType::kF32);
+                                const ExpertBatchNames& names, DType input_dtype = DType::kF32,
+                                DType output_dtype = DType::kF32);
 
 /// The fused form of a rank's expert work: the received token rows as they arrived, each
 /// with its K (local expert, weight) slots, for a kernel that forms each row's weighted sum
@@ -144,6 +146,14 @@ class ExpertKernel {
   /// same values as rounding f32 rows itself and moves half the bytes. `forward` takes f32
   /// rows too. Training forwards and `MoELayer::dispatch` hand over f32 rows.
   virtual DType input_dtype() const noexcept { return DType::kF32; }
+  /// The dtype the kernel writes its output rows in when the layer lets it: f32 (the
+  /// default) or bf16, for a kernel whose results are bf16 anyway or that gains from
+  /// writing half the bytes (tensor-core GEMMs with bf16 weights). The layer's forward then
+  /// hands it a bf16 output buffer, and the weighted reduce widens each element exactly,
+  /// so the layer's y is the same as from f32 outputs holding those bf16 values, with half
+  /// the bytes written and read. `forward` takes f32 outputs too. Training forwards and
+  /// `MoELayer::dispatch` hand over f32 outputs.
+  virtual DType output_dtype() const noexcept { return DType::kF32; }
   /// Runs every local expert over its rows on `stream`. A host-synchronous kernel (the
   /// default) has finished when it returns; the core synchronizes the stream before it
   /// calls one. Allocates only when N grows. Throws `Error(kInvalidArgument)` on shape

@@ -86,7 +86,8 @@ class DispatchHandle {
   /// Received rows grouped per local expert, [A,H], A = sum of rows_per_expert(): f32 after
   /// `MoELayer::dispatch` (in the layer's own forward, the kernel's `input_dtype()`).
   TensorView expert_input() noexcept;
-  /// A buffer of the same shape as expert_input() for the experts' results.
+  /// A buffer of the same shape as expert_input() for the experts' results: f32 after
+  /// `MoELayer::dispatch` (in the layer's own forward, the kernel's `output_dtype()`).
   TensorView expert_output() noexcept;
   /// Rows per local expert (host memory).
   std::span<const std::int64_t> rows_per_expert() const noexcept {
@@ -103,7 +104,8 @@ class DispatchHandle {
   std::int64_t num_tokens_ = 0;
   int slots_ = 0;
   PayloadDType payload_dtype_ = PayloadDType::kF32;
-  DType expert_input_dtype_ = DType::kF32;  // of expert_input_'s rows (f32 or bf16)
+  DType expert_input_dtype_ = DType::kF32;   // of expert_input_'s rows (f32 or bf16)
+  DType expert_output_dtype_ = DType::kF32;  // of expert_output_'s rows (f32 or bf16)
   // Per destination / source rank (host staging memory): rows, first row, and the
   // exchanges' byte counts.
   Buffer<std::int64_t> rows_to_, rows_from_;
@@ -208,7 +210,8 @@ class MoELayer {
                 const Error* refused = nullptr);
   /// Weights and sums the expert results per received row, sends the partial sums back
   /// and sums them per token into y [T,H] (tokens with no kept expert get 0). Collective.
-  /// `expert_output` is [A,H] in the order of `handle.expert_input()`.
+  /// `expert_output` is [A,H] in the order of `handle.expert_input()`, f32 or bf16 (each
+  /// element widened exactly before it is weighed).
   void combine(DispatchHandle& handle, const TensorView& expert_output, const TensorView& y);
 
   const ExpertPlacement& placement() const noexcept { return parts_.placement; }
@@ -290,10 +293,16 @@ class MoELayer {
   /// Counts rows per destination and exchanges the counts. A failure of this rank
   /// (`local_error`) or of a peer is thrown here on every rank together.
   void exchange_counts(const RoutingPlan& plan, DispatchHandle& h, const Error* local_error);
+  /// The dtypes of the expert rows a forward hands the kernel (input) and has it write
+  /// (output): f32, or bf16 where the kernel asks for that.
+  struct ExpertRowDTypes {
+    DType input = DType::kF32;
+    DType output = DType::kF32;
+  };
   /// Permutes, packs and sends rows and slots; with `group`, groups what arrived per local
   /// expert.
   void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h, bool group,
-                 DType group_dtype);
+                 ExpertRowDTypes dtypes);
   /// `forward` after routing; `routing_error`: this rank's routing failed.
   void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                       const Error* routing_error);
@@ -320,11 +329,12 @@ class MoELayer {
   };
   /// Layout and pack of `tokens` (h's counts are exchanged), receive buffers sized.
   void stage_rows(const TokenRange& tokens, DispatchHandle& h);
-  /// Groups the received rows per local expert, into `dtype` rows (f32 or bf16).
-  void group_rows(DispatchHandle& h, DType dtype);
-  /// The dtype of the expert rows a forward hands the kernel: its `input_dtype()`, or f32
-  /// when the forward keeps the rows for the backward.
-  DType forward_expert_dtype(bool save) const noexcept;
+  /// Groups the received rows per local expert, into `dtypes.input` rows (f32 or bf16),
+  /// and sizes the expert output rows for `dtypes.output`.
+  void group_rows(DispatchHandle& h, ExpertRowDTypes dtypes);
+  /// The dtypes of the expert rows a forward hands the kernel: its `input_dtype()` and
+  /// `output_dtype()`, or f32 when the forward keeps the rows for the backward.
+  ExpertRowDTypes forward_expert_dtypes(bool save) const noexcept;
   /// The weighted partial sums of the received rows, and the combine's byte counts. With
   /// `in_expert_buffers` (forward, where the layer owns the expert rows) the partial sums
   /// and the returned rows go into the expert input rows, dead by then, when they fit: no
@@ -351,10 +361,10 @@ class MoELayer {
   /// `forward` in `parts_.chunks` pipelined chunks (after routing all tokens).
   void forward_chunks(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                       const Error* routing_error);
-  /// The whole dispatch: counts, then rows (grouped per local expert into `group_dtype`
-  /// rows, unless `group` is false).
+  /// The whole dispatch: counts, then rows (grouped per local expert into rows of
+  /// `dtypes`, unless `group` is false).
   void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                        const Error* local_error, bool group, DType group_dtype = DType::kF32);
+                        const Error* local_error, bool group, ExpertRowDTypes dtypes);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream_->synchronize(); }
   /// A host router behind a device data path: logits copied to the host, routed there,

@@ -33,8 +33,10 @@
 /// `ExpertKernel::fuses_weighted_rows` and `forward_weighted`, `DataPath::pack_runs`.
 /// Revision 3: `PeerMessaging::world_ranks`. Revision 4: `Router::backward`. Revision 5:
 /// `ExpertKernel::saved_columns`, `ExpertBatch::saved`, `ExpertGradientBatch::saved`.
-/// Revision 6: `ExpertKernel::input_dtype`, `GroupArgs::expert_input_dtype`.
-#define SWITCHYARD_INTERFACE_REVISION "6"
+/// Revision 6: `ExpertKernel::input_dtype`, `GroupArgs::expert_input_dtype`. Revision 7:
+/// `ExpertKernel::output_dtype`, `WeightedReduceArgs::expert_output` (bytes) and
+/// `expert_output_dtype`.
+#define SWITCHYARD_INTERFACE_REVISION "7"
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
