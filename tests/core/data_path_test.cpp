@@ -1,5 +1,5 @@
 // Payload conversions against hand-worked E4M3 codes, and the host data path's layout on a
-// hand-worked plan and grouping.
+// hand-worked plan, grouping and weighted reduce.
 #include <doctest/doctest.h>
 
 #include <algorithm>
