@@ -381,6 +381,24 @@ class ScaledBf16Experts final : public ExpertKernel {
   ExpertBatchNames names_{"scaled bf16"};
 };
 
+/// Synthetic tokens x [T,H] (from `seed`), their plan as `base` routes them, and the outputs
+/// of layers `a` and `b` (variants of `base`, hidden size H) on that plan, which must be the
+/// same bits.
+struct TwoForwards {
+  HostTensor x, y_a, y_b;
+  RoutingPlan plan;
+};
+TwoForwards same_forwards(MoELayer& base, MoELayer& a, MoELayer& b, std::int64_t T, std::int64_t H,
+                          std::uint64_t seed) {
+  TwoForwards out{synthetic_tokens(T, static_cast<int>(H), seed), HostTensor(DType::kF32, {T, H}),
+                  HostTensor(DType::kF32, {T, H}), RoutingPlan{}};
+  base.route(out.x.view(), out.plan);
+  a.forward(out.x.view(), out.plan, out.y_a.view());
+  b.forward(out.x.view(), out.plan, out.y_b.view());
+  CHECK(std::memcmp(out.y_a.bytes(), out.y_b.bytes(), out.y_a.size_bytes()) == 0);
+  return out;
+}
+
 /// Checks y[t] = Σ_j w_j · (l_j + 1) · x[t] (l_j: slot j's local expert on its rank, the
 /// ScaledBf16Experts' factor) in float64, within `tolerance` relative: the payload's and
 /// bf16's rounding.
@@ -422,14 +440,8 @@ TEST_CASE("a kernel that asks for bf16 rows gets them grouped in bf16, with the 
           auto with_bf16_rows = variant_of(base, asks, payload, DType::kF32, chunks);
           auto with_f32_rows = variant_of(base, rounds, payload, DType::kF32, chunks);
           const std::int64_t T = 6 + 2 * r;
-          HostTensor x =
-              synthetic_tokens(T, static_cast<int>(H), 9 + static_cast<std::uint64_t>(r));
-          RoutingPlan plan;
-          base.route(x.view(), plan);
-          HostTensor y_bf16(DType::kF32, {T, H}), y_f32(DType::kF32, {T, H});
-          with_bf16_rows->forward(x.view(), plan, y_bf16.view());
-          with_f32_rows->forward(x.view(), plan, y_f32.view());
-          CHECK(std::memcmp(y_bf16.bytes(), y_f32.bytes(), y_bf16.size_bytes()) == 0);
+          auto [x, y_bf16, y_f32, plan] = same_forwards(base, *with_bf16_rows, *with_f32_rows, T, H,
+                                                        9 + static_cast<std::uint64_t>(r));
           const bool got_rows = asks->last_input != DType::kI32;  // a rank may receive none
           if (got_rows) CHECK(asks->last_input == DType::kBF16);
           if (rounds->last_input != DType::kI32) CHECK(rounds->last_input == DType::kF32);
@@ -473,16 +485,10 @@ TEST_CASE("a kernel that asks for bf16 outputs writes them, with the same y as f
             auto with_bf16_out = variant_of(base, writes_bf16, payload, combine, chunks);
             auto with_f32_out = variant_of(base, writes_f32, payload, combine, chunks);
             const std::int64_t T = 5 + 3 * r;
-            HostTensor x =
-                synthetic_tokens(T, static_cast<int>(H), 21 + static_cast<std::uint64_t>(r));
-            RoutingPlan plan;
-            base.route(x.view(), plan);
-            HostTensor y_bf16(DType::kF32, {T, H}), y_f32(DType::kF32, {T, H});
-            with_bf16_out->forward(x.view(), plan, y_bf16.view());
-            with_f32_out->forward(x.view(), plan, y_f32.view());
             // The reduce widens bf16 outputs exactly: the same bits as f32 outputs holding
             // the same values.
-            CHECK(std::memcmp(y_bf16.bytes(), y_f32.bytes(), y_bf16.size_bytes()) == 0);
+            auto [x, y_bf16, y_f32, plan] = same_forwards(base, *with_bf16_out, *with_f32_out, T, H,
+                                                          21 + static_cast<std::uint64_t>(r));
             const bool got_rows = writes_bf16->last_output != DType::kI32;
             if (got_rows) CHECK(writes_bf16->last_output == DType::kBF16);
             if (writes_f32->last_output != DType::kI32) {
