@@ -63,6 +63,13 @@ void encode_row(const float* in, std::int64_t hidden, PayloadDType dtype, std::b
 
 }  // namespace
 
+void require_expert_row_dtype(DType dtype, std::string_view what) {
+  if (dtype != DType::kF32 && dtype != DType::kBF16) {
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string(what) + " in " + std::string(dtype_name(dtype)) + "; f32 or bf16 only");
+  }
+}
+
 void detail::decode_payload_row(const std::byte* in, std::int64_t hidden, PayloadDType dtype,
                                 float* out, bool streaming) {
   switch (dtype) {
@@ -214,11 +221,7 @@ class HostDataPath final : public DataPath {
       cursor_[to_size(l)] = first;
       first += a.rows_per_expert[l];
     }
-    if (a.expert_input_dtype != DType::kF32 && a.expert_input_dtype != DType::kBF16) {
-      throw Error(ErrorCode::kInvalidArgument, "group_by_expert: expert rows in " +
-                                                   std::string(dtype_name(a.expert_input_dtype)) +
-                                                   "; f32 or bf16 only");
-    }
+    require_expert_row_dtype(a.expert_input_dtype, "group_by_expert: expert rows");
     const bool to_bf16 = a.expert_input_dtype == DType::kBF16;
     const std::size_t out_row_bytes = to_size(a.hidden) * dtype_size(a.expert_input_dtype);
     const bool streaming = to_size(first) * out_row_bytes >= kStreamingBytes;
@@ -258,11 +261,7 @@ class HostDataPath final : public DataPath {
 
   void weighted_reduce(const WeightedReduceArgs& a, Stream& /*stream*/) override {
     const std::int64_t H = a.hidden;
-    if (a.expert_output_dtype != DType::kF32 && a.expert_output_dtype != DType::kBF16) {
-      throw Error(ErrorCode::kInvalidArgument, "weighted_reduce: expert outputs in " +
-                                                   std::string(dtype_name(a.expert_output_dtype)) +
-                                                   "; f32 or bf16 only");
-    }
+    require_expert_row_dtype(a.expert_output_dtype, "weighted_reduce: expert outputs");
     const detail::RowKernels& kernels = detail::row_kernels();
     if (rows_.size() < to_size(a.slots)) rows_.resize(to_size(a.slots));
     weights_.resize(to_size(a.slots));

@@ -706,11 +706,7 @@ class CudaDataPath final : public DataPath {
 
   void group_by_expert(const GroupArgs& a, Stream& stream) override {
     enter();
-    if (a.expert_input_dtype != DType::kF32 && a.expert_input_dtype != DType::kBF16) {
-      throw Error(ErrorCode::kInvalidArgument, "datapath_cuda: group_by_expert: expert rows in " +
-                                                   std::string(dtype_name(a.expert_input_dtype)) +
-                                                   "; f32 or bf16 only");
-    }
+    require_expert_row_dtype(a.expert_input_dtype, "datapath_cuda: group_by_expert: expert rows");
     const cudaStream_t s = native(stream);
     const std::int64_t NK = a.num_rows * a.slots;
     mark_and_scan_groups(a.meta, NK, a.num_local_experts, s);
@@ -747,11 +743,8 @@ class CudaDataPath final : public DataPath {
   void weighted_reduce(const WeightedReduceArgs& a, Stream& stream) override {
     enter();
     if (a.num_rows == 0) return;
-    if (a.expert_output_dtype != DType::kF32 && a.expert_output_dtype != DType::kBF16) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "datapath_cuda: weighted_reduce: expert outputs in " +
-                      std::string(dtype_name(a.expert_output_dtype)) + "; f32 or bf16 only");
-    }
+    require_expert_row_dtype(a.expert_output_dtype,
+                             "datapath_cuda: weighted_reduce: expert outputs");
     const bool bf16 = a.combine_dtype == DType::kBF16;
     const bool bf16_in = a.expert_output_dtype == DType::kBF16;
     if (by_quads(a.hidden, {a.expert_output, a.partial_rows})) {

@@ -149,6 +149,11 @@ struct UnpermuteSumArgs {
   std::int64_t num_tokens = 0;
 };
 
+/// For data paths: throws `Error(kInvalidArgument)` saying "`what` in DTYPE; f32 or bf16
+/// only" unless `dtype` is one of the two dtypes of expert rows (`GroupArgs::
+/// expert_input_dtype`, `WeightedReduceArgs::expert_output_dtype`).
+void require_expert_row_dtype(DType dtype, std::string_view what);
+
 /// The data-path primitives on one device. Implementations are stateless apart from
 /// scratch; one thread calls a given instance at a time.
 class DataPath {
