@@ -72,12 +72,19 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("kernel", T::kString, ConfigValue{std::string("cpu_swiglu")}, "expert kernel plugin");
   } else if (section == "model") {
     s.add("weights", T::kString, std::nullopt,
-          "safetensors checkpoint of one MoE layer; unset: random weights from seed");
+          "the checkpoint: a safetensors file, a sharded checkpoint's "
+          "model.safetensors.index.json, or a folder holding either; unset: random weights "
+          "from seed");
     s.add("format", T::kString, ConfigValue{std::string("mixtral")},
           "tensor names in the checkpoint: mixtral or deepseek (also Qwen-MoE)",
           checks::one_of({"mixtral", "deepseek"}));
     s.add("prefix", T::kString, ConfigValue{std::string()},
-          "prefix of the layer's tensor names, e.g. model.layers.3.block_sparse_moe.");
+          "prefix of a layer's tensor names, e.g. model.layers.3.block_sparse_moe.; {layer} "
+          "stands for the layer's number (model.layers.{layer}.mlp.)");
+    s.add("layers", T::kString, ConfigValue{std::string()},
+          "the model's MoE layers, run in this order: numbers and ranges, e.g. \"3-60\" or "
+          "\"0,2,4\" (empty: one layer; random weights draw each layer from seed and its "
+          "number)");
     s.add("num_experts", T::kInt, ConfigValue{std::int64_t{8}},
           "E for random weights (with a checkpoint: taken from it, must agree if set)",
           checks::int_range(1, 1 << 16));

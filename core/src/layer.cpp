@@ -112,14 +112,64 @@ std::size_t DispatchHandle::capacity_bytes() const noexcept {
   return bytes;
 }
 
+class LayerWorkspace {
+ public:
+  std::size_t bytes() const noexcept {
+    std::size_t total = chunk_rows_to.capacity_bytes() + chunk_rows_from.capacity_bytes();
+    for (const auto& slot : chunk_slots) total += slot->handle.capacity_bytes();
+    for (const auto* h : {&handle, &backward_x, &backward_dy}) total += h->capacity_bytes();
+    for (const auto* b : {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights,
+                          &d_grouped_weights, &saved_slot_weights, &d_plan_weights, &d_logits}) {
+      total += b->capacity_bytes();
+    }
+    for (const auto* b : {&d_weight_send_bytes, &d_weight_send_offsets, &d_weight_recv_bytes,
+                          &d_weight_recv_offsets}) {
+      total += b->capacity_bytes();
+    }
+    return total + host_plan.experts.capacity_bytes() + host_plan.weights.capacity_bytes() +
+           host_plan.counts.capacity_bytes();
+  }
+
+  /// The data path whose memory the buffers take (set by the first layer).
+  const DataPath* data_path = nullptr;
+  std::unique_ptr<Stream> stream;
+  // A forward's exchange, when it keeps nothing for the backward.
+  DispatchHandle handle;
+  // A host router behind a device data path: its logits and plan.
+  Buffer<float> host_logits;
+  RoutingPlan host_plan;
+  // The chunk pipeline: per-chunk row counts [R, chunks], the chunks in flight, and the
+  // stream whose thread runs the exchanges.
+  Buffer<std::int64_t> chunk_rows_to, chunk_rows_from;
+  std::vector<std::unique_ptr<MoELayer::ChunkSlot>> chunk_slots;
+  std::unique_ptr<HostStream> exchange_stream;
+  // Backward: the forward's rows (when it kept none) and dy's rows with its layout; per
+  // received (row, slot) the weight's gradient; the same for the sent rows once they came
+  // back; the exchange's byte counts; the plan's weight gradients and the logits'.
+  DispatchHandle backward_x, backward_dy;
+  Buffer<float> d_slot_weights, d_sent_weights;
+  // Per grouped row [A]: its slot's weight and that weight's gradient.
+  Buffer<float> grouped_weights, d_grouped_weights;
+  Buffer<float> saved_slot_weights;  // a handle's slot weights while it combines unweighted
+  Buffer<std::size_t> d_weight_send_bytes, d_weight_send_offsets, d_weight_recv_bytes,
+      d_weight_recv_offsets;
+  Buffer<float> d_plan_weights, d_logits;
+};
+
+std::shared_ptr<LayerWorkspace> make_layer_workspace() {
+  return std::make_shared<LayerWorkspace>();
+}
+
+std::size_t workspace_bytes(const LayerWorkspace& workspace) noexcept { return workspace.bytes(); }
+
+std::size_t MoELayer::own_buffer_bytes() const noexcept {
+  return kept_handle_.capacity_bytes() + logits_.capacity_bytes() +
+         plan_.experts.capacity_bytes() + plan_.weights.capacity_bytes() +
+         plan_.counts.capacity_bytes() + saved_columns_.capacity_bytes();
+}
+
 std::size_t MoELayer::buffer_bytes() const noexcept {
-  std::size_t chunks = chunk_rows_to_.capacity_bytes() + chunk_rows_from_.capacity_bytes();
-  for (const auto& slot : chunk_slots_) chunks += slot->handle.capacity_bytes();
-  return chunks + handle_.capacity_bytes() + logits_.capacity_bytes() +
-         host_logits_.capacity_bytes() + plan_.experts.capacity_bytes() +
-         plan_.weights.capacity_bytes() + plan_.counts.capacity_bytes() +
-         host_plan_.experts.capacity_bytes() + host_plan_.weights.capacity_bytes() +
-         host_plan_.counts.capacity_bytes();
+  return own_buffer_bytes() + workspace_->bytes();
 }
 
 void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
@@ -144,7 +194,30 @@ void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
   expert_output_ = Buffer<float>(device);
 }
 
-MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
+MoELayer::MoELayer(MoELayerParts parts)
+    : parts_(std::move(parts)),
+      workspace_(parts_.workspace ? parts_.workspace : make_layer_workspace()),
+      stream_(workspace_->stream),
+      host_logits_(workspace_->host_logits),
+      host_plan_(workspace_->host_plan),
+      step_handle_(workspace_->handle),
+      chunk_rows_to_(workspace_->chunk_rows_to),
+      chunk_rows_from_(workspace_->chunk_rows_from),
+      chunk_slots_(workspace_->chunk_slots),
+      exchange_stream_(workspace_->exchange_stream),
+      backward_x_(workspace_->backward_x),
+      backward_dy_(workspace_->backward_dy),
+      d_slot_weights_(workspace_->d_slot_weights),
+      d_sent_weights_(workspace_->d_sent_weights),
+      grouped_weights_(workspace_->grouped_weights),
+      d_grouped_weights_(workspace_->d_grouped_weights),
+      saved_slot_weights_(workspace_->saved_slot_weights),
+      d_weight_send_bytes_(workspace_->d_weight_send_bytes),
+      d_weight_send_offsets_(workspace_->d_weight_send_offsets),
+      d_weight_recv_bytes_(workspace_->d_weight_recv_bytes),
+      d_weight_recv_offsets_(workspace_->d_weight_recv_offsets),
+      d_plan_weights_(workspace_->d_plan_weights),
+      d_logits_(workspace_->d_logits) {
   if (parts_.transport == nullptr || !parts_.router || !parts_.experts) {
     throw Error(ErrorCode::kInvalidArgument, "MoELayer needs a transport, a router and experts");
   }
@@ -212,17 +285,25 @@ MoELayer::MoELayer(MoELayerParts parts) : parts_(std::move(parts)) {
     throw Error(ErrorCode::kInvalidArgument,
                 "MoELayer: chunks must be at least 1, not " + std::to_string(parts_.chunks));
   }
-  chunk_rows_to_ = Buffer<std::int64_t>(data_path_->staging_allocator());
-  chunk_rows_from_ = Buffer<std::int64_t>(data_path_->staging_allocator());
   logits_ = Buffer<float>(data_path_->allocator());
   plan_ = RoutingPlan(data_path_->allocator());
-  host_logits_ = Buffer<float>(data_path_->staging_allocator());
-  host_plan_ = RoutingPlan(data_path_->staging_allocator());
-  handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
-  stream_ = data_path_->create_stream(transport.stream_ordered);
-  if (stream_ == nullptr || stream_->device() != device) {
-    throw Error(ErrorCode::kInternal,
-                "MoELayer: the data path gave no stream on " + device_name(device));
+  kept_handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
+  if (workspace_->data_path == nullptr) {
+    // The first layer of the workspace gives it its memory and stream.
+    chunk_rows_to_ = Buffer<std::int64_t>(data_path_->staging_allocator());
+    chunk_rows_from_ = Buffer<std::int64_t>(data_path_->staging_allocator());
+    host_logits_ = Buffer<float>(data_path_->staging_allocator());
+    host_plan_ = RoutingPlan(data_path_->staging_allocator());
+    step_handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
+    stream_ = data_path_->create_stream(transport.stream_ordered);
+    if (stream_ == nullptr || stream_->device() != device) {
+      throw Error(ErrorCode::kInternal,
+                  "MoELayer: the data path gave no stream on " + device_name(device));
+    }
+    workspace_->data_path = data_path_.get();
+  } else if (workspace_->data_path != data_path_.get()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoELayer: layers that share a workspace must share their data path");
   }
   gate_ = parts_.gate;
   if (parts_.gate.device() != device) {
@@ -335,23 +416,25 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     return;
   }
   const bool fused = fused_experts() && !save;
-  dispatch_checked(x, plan, handle_, routing_error, /*group=*/!fused, forward_expert_dtypes(save));
+  // A kept forward holds its rows in the layer's own handle until the backward.
+  DispatchHandle& h = save ? kept_handle_ : step_handle_;
+  dispatch_checked(x, plan, h, routing_error, /*group=*/!fused, forward_expert_dtypes(save));
 
   auto start = Clock::now();
   if (fused) {
-    weigh_rows(handle_);
+    weigh_rows(h);
     timings_.experts_s = seconds_since(start);
     start = Clock::now();
   } else {
-    run_grouped_experts(handle_, save);
+    run_grouped_experts(h, save);
     timings_.experts_s = seconds_since(start);
     start = Clock::now();
     // The expert rows stay alive for the backward when they are kept.
-    reduce_rows(handle_, handle_.expert_output(), y, /*in_expert_buffers=*/!save);
+    reduce_rows(h, h.expert_output(), y, /*in_expert_buffers=*/!save);
   }
-  parts_.transport->alltoallv(back_buffers(handle_), *stream_);
+  parts_.transport->alltoallv(back_buffers(h), *stream_);
   host_ready();
-  sum_rows(handle_, y.data_as<float>());
+  sum_rows(h, y.data_as<float>());
   timings_.combine_s = seconds_since(start);
   kept_for_backward_ = save;
 }
@@ -814,17 +897,17 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   // rank failed (as the unchunked counts exchange does).
   chunk_rows_to_.resize(r_size * chunks);
   chunk_rows_from_.resize(r_size * chunks);
-  handle_.rows_to_.resize(r_size);
+  step_handle_.rows_to_.resize(r_size);
   for (int c = 0; c < n && local_error == nullptr; ++c) {
     LayoutCountsArgs counts;
     counts.experts = plan.experts.data() + first_token(c) * K;
     counts.num_tokens = first_token(c + 1) - first_token(c);
     counts.slots = K;
     counts.placement = &parts_.placement;
-    counts.rows_to = handle_.rows_to_.data();
+    counts.rows_to = step_handle_.rows_to_.data();
     data_path_->layout_counts(counts, *stream_);
     for (std::size_t p = 0; p < r_size; ++p) {
-      chunk_rows_to_[p * chunks + static_cast<std::size_t>(c)] = handle_.rows_to_[p];
+      chunk_rows_to_[p * chunks + static_cast<std::size_t>(c)] = step_handle_.rows_to_[p];
     }
   }
   if (local_error != nullptr) chunk_rows_to_.assign(r_size * chunks, -1);
@@ -1114,7 +1197,7 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   const std::optional<Error> bad = first_non_finite(dy, "dy");
   if (!kept) dispatch(x, plan, backward_x_, bad ? &*bad : nullptr);
   dispatch(dy, plan, backward_dy_, kept && bad ? &*bad : nullptr);
-  DispatchHandle& hx = kept ? handle_ : backward_x_;
+  DispatchHandle& hx = kept ? kept_handle_ : backward_x_;
   DispatchHandle& hd = backward_dy_;
   const TensorView rows = hx.expert_input();
   const TensorView d_rows = hd.expert_input();

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "switchyard/checkpoint.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/status.hpp"
 
@@ -83,24 +84,30 @@ ModelWeights ModelWeights::random(int num_experts, int hidden, int ffn_hidden, s
 
 ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFormat format,
                                 const std::string& prefix) {
-  SafetensorsFile file(path);
+  Checkpoint checkpoint(path);
+  return load(checkpoint, format, prefix);
+}
+
+ModelWeights ModelWeights::load(Checkpoint& file, CheckpointFormat format,
+                                const std::string& prefix) {
+  const std::filesystem::path& path = file.path();
   // Checks a tensor's shape; returns it widened to f32 (`widen`) or in its own dtype.
   auto require_shape = [&](const std::string& name, std::vector<std::int64_t> expected,
                            bool widen = true) {
-    auto it = file.entries().find(name);
-    if (it == file.entries().end()) {
+    if (!file.contains(name)) {
       throw Error(ErrorCode::kNotFound,
                   path.string() + ": tensor " + name + " not found (format " +
                       (format == CheckpointFormat::kMixtral ? "mixtral" : "deepseek") +
                       ", prefix \"" + prefix + "\")");
     }
-    bool ok = it->second.shape.size() == expected.size();
+    const SafetensorsEntry& entry = file.entry(name);
+    bool ok = entry.shape.size() == expected.size();
     for (std::size_t i = 0; ok && i < expected.size(); ++i) {
-      ok = expected[i] < 0 || expected[i] == it->second.shape[i];
+      ok = expected[i] < 0 || expected[i] == entry.shape[i];
     }
     if (!ok) {
       throw Error(ErrorCode::kInvalidArgument, path.string() + ": tensor " + name + " has shape " +
-                                                   shape_text(it->second.shape) + ", expected " +
+                                                   shape_text(entry.shape) + ", expected " +
                                                    shape_text(expected));
     }
     if (widen) return file.read_f32(name);
@@ -128,11 +135,10 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
   }
   // Expert weights stay in the checkpoint's dtype, read one tensor at a time: loading holds
   // no copy beyond the tensor being read.
-  const auto first_gate = file.entries().find(expert_tensor(0, 0));
-  if (first_gate == file.entries().end() || first_gate->second.shape.size() != 2) {
+  if (!file.contains(expert_tensor(0, 0)) || file.entry(expert_tensor(0, 0)).shape.size() != 2) {
     require_shape(expert_tensor(0, 0), {-1, m.hidden_}, false);  // throws the message
   }
-  m.ffn_hidden_ = static_cast<int>(first_gate->second.shape[0]);
+  m.ffn_hidden_ = static_cast<int>(file.entry(expert_tensor(0, 0)).shape[0]);
   const std::int64_t E = m.num_experts_, H = m.hidden_, F = m.ffn_hidden_;
   for (int e = 0; e < E; ++e) {
     m.gate_proj_.push_back(require_shape(expert_tensor(e, 0), {F, H}, false));
@@ -144,7 +150,8 @@ ModelWeights ModelWeights::load(const std::filesystem::path& path, CheckpointFor
     HostTensor bias = require_shape(bias_name, {E});
     m.bias_.assign(bias.data<float>(), bias.data<float>() + E);
   }
-  m.description_ = std::string(mixtral ? "mixtral" : "deepseek") + " checkpoint " + path.string();
+  m.description_ = std::string(mixtral ? "mixtral" : "deepseek") + " checkpoint " +
+                   file.description() + (prefix.empty() ? "" : ", prefix " + prefix);
   return m;
 }
 

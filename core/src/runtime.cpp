@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "switchyard/bootstrap.hpp"
+#include "switchyard/checkpoint.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/memory_budget.hpp"
 #include "switchyard/reference.hpp"
@@ -27,13 +28,19 @@ std::pair<std::int64_t, std::int64_t> token_block(std::int64_t num_tokens, int r
 struct Runtime::State {
   std::shared_ptr<const PluginRegistry> registry;
   std::unique_ptr<ResolvedConfig> settings;
-  ModelWeights model;
+  std::vector<int> layer_ids;       // the checkpoint's number of each layer index
+  std::vector<ModelWeights> models;  // per layer index
   std::vector<std::shared_ptr<Transport>> transports;     // world, one per local rank
   std::vector<std::shared_ptr<Transport>> ep_transports;  // this rank's EP group
   std::vector<std::shared_ptr<Transport>> dp_transports;  // this rank's DP group
   int ep_size = 1;
-  std::vector<std::unique_ptr<MoELayer>> layers;
+  std::vector<std::vector<std::unique_ptr<MoELayer>>> layers;  // [layer][local rank]
+  // Per local rank: the one data path and step buffers its layers share.
+  std::vector<std::shared_ptr<DataPath>> data_paths;
+  std::vector<std::shared_ptr<LayerWorkspace>> workspaces;
   ExpertPlacement placement;
+  // forward_model's activations between layers (host, grown once).
+  HostTensor chain_in, chain_out;
   std::vector<std::vector<std::int64_t>> group_counts;  // per local rank, for bias updates
   /// Per local rank: its block of tokens and outputs on the layer's device, when the layer
   /// runs on a device and the caller's tensors are host memory.
@@ -69,46 +76,72 @@ std::vector<std::filesystem::path> configured_plugin_dirs(const Config& config) 
 
 namespace {
 
-ModelWeights load_model(const ConfigSection& model) {
+/// The model's MoE layers: random weights (layer l from the seed and l), or each layer's
+/// tensors from the checkpoint, reading only those layers' tensors.
+std::vector<ModelWeights> load_models(const ConfigSection& model, const std::vector<int>& ids) {
+  std::vector<ModelWeights> layers;
   if (!model.has("weights")) {
-    // Checked before allocating: E x (gate, up, down) of F x H, plus the router's gate.
+    // Checked before allocating: L x E x (gate, up, down) of F x H, plus the routers' gates.
+    const long double L = static_cast<long double>(ids.size());
     const long double E = static_cast<long double>(model.get_int("num_experts"));
     const long double H = static_cast<long double>(model.get_int("hidden"));
     const long double F = static_cast<long double>(model.get_int("ffn_hidden"));
     const int element = model.get_string("dtype") == "bf16" ? 2 : 4;
-    check_fits_in_memory(E * 3 * H * F * element + E * H * 4,
+    check_fits_in_memory(L * (E * 3 * H * F * element + E * H * 4),
                          model.origin("num_experts").describe() +
-                             ": model.num_experts, model.hidden, model.ffn_hidden",
-                         "random weights: " + format_bytes(E * 3 * H * F * element) + " for " +
+                             ": model.num_experts, model.hidden, model.ffn_hidden, model.layers",
+                         "random weights: " + format_bytes(L * E * 3 * H * F * element) + " for " +
+                             std::to_string(ids.size()) + " layers x " +
                              std::to_string(model.get_int("num_experts")) + " experts x 3 x " +
                              std::to_string(model.get_int("hidden")) + " x " +
                              std::to_string(model.get_int("ffn_hidden")) + " x " +
-                             std::to_string(element) + " bytes, and the router's gate");
-    return ModelWeights::random(static_cast<int>(model.get_int("num_experts")),
-                                static_cast<int>(model.get_int("hidden")),
-                                static_cast<int>(model.get_int("ffn_hidden")),
-                                static_cast<std::uint64_t>(model.get_int("seed")),
-                                model.get_string("dtype") == "bf16" ? DType::kBF16 : DType::kF32);
+                             std::to_string(element) + " bytes, and the routers' gates");
+    for (const int id : ids) {
+      // Layer 0 keeps the seed's weights of a one-layer model; the others draw apart.
+      const auto seed = static_cast<std::uint64_t>(model.get_int("seed")) +
+                        0x9e3779b97f4a7c15ULL * static_cast<std::uint64_t>(id);
+      layers.push_back(ModelWeights::random(
+          static_cast<int>(model.get_int("num_experts")), static_cast<int>(model.get_int("hidden")),
+          static_cast<int>(model.get_int("ffn_hidden")), seed,
+          model.get_string("dtype") == "bf16" ? DType::kBF16 : DType::kF32));
+    }
+    return layers;
   }
   const auto format = model.get_string("format") == "mixtral" ? CheckpointFormat::kMixtral
                                                               : CheckpointFormat::kDeepseek;
-  ModelWeights weights;
+  const std::string& prefix = model.get_string("prefix");
   try {
-    weights = ModelWeights::load(model.get_path("weights"), format, model.get_string("prefix"));
+    Checkpoint checkpoint(model.get_path("weights"));
+    for (const int id : ids) {
+      layers.push_back(ModelWeights::load(checkpoint, format, layer_prefix(prefix, id)));
+    }
   } catch (const Error& e) {
     throw Error(e.code(), model.origin("weights").describe() + ": model.weights: " + e.message());
   }
-  // Sizes given explicitly must agree with the checkpoint.
-  const std::pair<const char*, int> sizes[] = {{"num_experts", weights.num_experts()},
-                                               {"hidden", weights.hidden()},
-                                               {"ffn_hidden", weights.ffn_hidden()}};
-  for (const auto& [key, actual] : sizes) {
-    if (model.origin(key).kind != ConfigOrigin::Kind::kDefault && model.get_int(key) != actual) {
-      model.fail(key, "is " + std::to_string(model.get_int(key)) + " but the checkpoint has " +
-                          std::to_string(actual));
+  // Sizes given explicitly must agree with the checkpoint, and every layer with the first.
+  for (const ModelWeights& weights : layers) {
+    const std::pair<const char*, int> sizes[] = {{"num_experts", weights.num_experts()},
+                                                 {"hidden", weights.hidden()},
+                                                 {"ffn_hidden", weights.ffn_hidden()}};
+    for (const auto& [key, actual] : sizes) {
+      if (model.origin(key).kind != ConfigOrigin::Kind::kDefault && model.get_int(key) != actual) {
+        model.fail(key, "is " + std::to_string(model.get_int(key)) + " but the checkpoint has " +
+                            std::to_string(actual));
+      }
+    }
+    const ModelWeights& first = layers.front();
+    if (weights.num_experts() != first.num_experts() || weights.hidden() != first.hidden() ||
+        weights.ffn_hidden() != first.ffn_hidden()) {
+      model.fail("layers", "layers differ in shape: " + first.description() + " has E=" +
+                               std::to_string(first.num_experts()) + " H=" +
+                               std::to_string(first.hidden()) + " F=" +
+                               std::to_string(first.ffn_hidden()) + ", " + weights.description() +
+                               " has E=" + std::to_string(weights.num_experts()) + " H=" +
+                               std::to_string(weights.hidden()) + " F=" +
+                               std::to_string(weights.ffn_hidden()));
     }
   }
-  return weights;
+  return layers;
 }
 
 }  // namespace
@@ -126,8 +159,17 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
   const ConfigSection& router = state_->settings->section("router");
   const ConfigSection& experts = state_->settings->section("experts");
 
-  state_->model = load_model(state_->settings->section("model"));
-  const ModelWeights& model = state_->model;
+  const ConfigSection& model_options = state_->settings->section("model");
+  state_->layer_ids = parse_layer_list(model_options.get_string("layers"),
+                                       model_options.origin("layers").describe() +
+                                           ": model.layers");
+  if (model_options.get_string("prefix").find("{layer}") != std::string::npos &&
+      model_options.get_string("layers").empty()) {
+    model_options.fail("prefix", "names {layer}, so model.layers must say which layers are MoE "
+                                 "layers (e.g. \"0-47\")");
+  }
+  state_->models = load_models(model_options, state_->layer_ids);
+  const ModelWeights& model = state_->models.front();
   if (router.has("num_experts") && router.get_int("num_experts") != model.num_experts()) {
     router.fail("num_experts", "is " + std::to_string(router.get_int("num_experts")) +
                                    " but the model has " + std::to_string(model.num_experts()) +
@@ -169,50 +211,62 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
     state_->dp_transports[static_cast<std::size_t>(local)] = t.split(t.rank() % ep, t.rank());
   });
 
-  for (std::size_t local = 0; local < state_->ep_transports.size(); ++local) {
+  const std::size_t num_local = state_->ep_transports.size();
+  state_->layers.resize(state_->models.size());
+  for (std::size_t local = 0; local < num_local; ++local) {
     const auto& transport = state_->ep_transports[local];
-    RouterCreateArgs router_args;
-    router_args.options = &router;
-    router_args.num_experts = model.num_experts();
-    router_args.checkpoint_bias = model.bias();
-    auto router_instance =
-        state_->registry->create_router(router.get_string("policy"), router_args);
-
     const int rank = transport->rank();
-    const auto local_experts =
-        model.experts(state_->placement.first_expert(rank), state_->placement.num_local(rank));
-    ExpertCreateArgs expert_args;
-    expert_args.options = &experts;
-    expert_args.hidden = model.hidden();
-    expert_args.ffn_hidden = model.ffn_hidden();
-    expert_args.experts = local_experts;
-    auto kernel = state_->registry->create_expert(experts.get_string("kernel"), expert_args);
-
-    MoELayerParts parts;
-    parts.transport = transport.get();
-    parts.router = std::move(router_instance);
-    parts.experts = std::move(kernel);
-    parts.gate = model.gate().view();
-    parts.placement = state_->placement;
-    parts.first_world_rank = state_->transports[local]->rank() / ep * ep;
+    // One data path and one set of step buffers per rank, shared by all its layers.
+    std::shared_ptr<DataPath> data_path;
     if (const std::string& path = runtime.get_string("data_path"); path != "host") {
       DataPathCreateArgs data_path_args;
       data_path_args.options = &runtime;
-      data_path_args.rank = state_->transports[state_->layers.size()]->rank();
+      data_path_args.rank = state_->transports[local]->rank();
       // Ranks of this process first (in-process transports), else the launcher's local rank.
       const auto launch = LaunchInfo::from_environment();
-      data_path_args.local_rank = state_->transports.size() > 1 || !launch
-                                      ? static_cast<int>(state_->layers.size())
-                                      : launch->local_rank;
-      parts.data_path = state_->registry->create_data_path(path, data_path_args);
+      data_path_args.local_rank =
+          num_local > 1 || !launch ? static_cast<int>(local) : launch->local_rank;
+      data_path = state_->registry->create_data_path(path, data_path_args);
+    } else {
+      data_path = make_host_data_path();
     }
-    parts.payload_dtype = parse_payload_dtype(runtime.get_string("payload_dtype"));
-    parts.combine_dtype =
-        runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;
-    parts.chunks = static_cast<int>(runtime.get_int("chunks"));
-    parts.overlap_exchanges = runtime.get_bool("overlap");
-    parts.recompute = runtime.get_bool("recompute");
-    state_->layers.push_back(std::make_unique<MoELayer>(std::move(parts)));
+    state_->data_paths.push_back(data_path);
+    state_->workspaces.push_back(make_layer_workspace());
+    for (std::size_t l = 0; l < state_->models.size(); ++l) {
+      const ModelWeights& weights = state_->models[l];
+      RouterCreateArgs router_args;
+      router_args.options = &router;
+      router_args.num_experts = weights.num_experts();
+      router_args.checkpoint_bias = weights.bias();
+      auto router_instance =
+          state_->registry->create_router(router.get_string("policy"), router_args);
+
+      ExpertCreateArgs expert_args;
+      expert_args.options = &experts;
+      expert_args.hidden = weights.hidden();
+      expert_args.ffn_hidden = weights.ffn_hidden();
+      const auto local_experts =
+          weights.experts(state_->placement.first_expert(rank), state_->placement.num_local(rank));
+      expert_args.experts = local_experts;
+      auto kernel = state_->registry->create_expert(experts.get_string("kernel"), expert_args);
+
+      MoELayerParts parts;
+      parts.transport = transport.get();
+      parts.router = std::move(router_instance);
+      parts.experts = std::move(kernel);
+      parts.gate = weights.gate().view();
+      parts.placement = state_->placement;
+      parts.first_world_rank = state_->transports[local]->rank() / ep * ep;
+      parts.data_path = data_path;
+      parts.workspace = state_->workspaces.back();
+      parts.payload_dtype = parse_payload_dtype(runtime.get_string("payload_dtype"));
+      parts.combine_dtype =
+          runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;
+      parts.chunks = static_cast<int>(runtime.get_int("chunks"));
+      parts.overlap_exchanges = runtime.get_bool("overlap");
+      parts.recompute = runtime.get_bool("recompute");
+      state_->layers[l].push_back(std::make_unique<MoELayer>(std::move(parts)));
+    }
   }
 }
 
@@ -222,13 +276,30 @@ Runtime::~Runtime() {
   if (!state_) return;
   state_->device_rows.clear();
   state_->layers.clear();
+  state_->workspaces.clear();
+  state_->data_paths.clear();
   state_->ep_transports.clear();
   state_->dp_transports.clear();
 }
 
 const ResolvedConfig& Runtime::settings() const noexcept { return *state_->settings; }
 const PluginRegistry& Runtime::plugins() const noexcept { return *state_->registry; }
-const ModelWeights& Runtime::model() const noexcept { return state_->model; }
+const ModelWeights& Runtime::model(int layer) const {
+  check_layer(layer, "model");
+  return state_->models[static_cast<std::size_t>(layer)];
+}
+int Runtime::num_layers() const noexcept { return static_cast<int>(state_->models.size()); }
+std::span<const int> Runtime::layer_ids() const noexcept { return state_->layer_ids; }
+void Runtime::check_layer(int layer, const char* what) const {
+  if (layer < 0 || layer >= num_layers()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string(what) + ": layer " + std::to_string(layer) + " does not exist; the " +
+                    "model has " + std::to_string(num_layers()) +
+                    (num_layers() == 1 ? " MoE layer (index 0)"
+                                       : " MoE layers (indices 0.." +
+                                             std::to_string(num_layers() - 1) + ")"));
+  }
+}
 const Topology& Runtime::topology() const noexcept {
   return state_->transports.front()->topology();
 }
@@ -239,7 +310,10 @@ int Runtime::num_local_ranks() const noexcept {
 int Runtime::world_rank(int local) const {
   return state_->transports.at(static_cast<std::size_t>(local))->rank();
 }
-MoELayer& Runtime::layer(int local) { return *state_->layers.at(static_cast<std::size_t>(local)); }
+MoELayer& Runtime::layer(int local, int index) {
+  check_layer(index, "layer");
+  return *state_->layers[static_cast<std::size_t>(index)].at(static_cast<std::size_t>(local));
+}
 void Runtime::abort(const std::string& reason) noexcept {
   for (const auto& t : state_->transports) t->abort(reason);
 }
@@ -331,19 +405,20 @@ void Runtime::gather_expert_gradients(ModelGradients& gradients) {
   });
 }
 
-ModelParameters Runtime::parameters() {
+ModelParameters Runtime::parameters(int index) {
+  check_layer(index, "parameters");
   for (int local = 0; local < num_local_ranks(); ++local) {
-    if (layer(local).data_path().device().kind != Device::Kind::kHost) {
+    if (layer(local, index).data_path().device().kind != Device::Kind::kHost) {
       throw Error(ErrorCode::kUnavailable,
                   "parameters: training updates the host weights, but this runtime's data path "
                   "keeps its own device copy ([runtime] data_path = \"host\" to train)");
     }
   }
-  ModelWeights& m = state_->model;
+  ModelWeights& m = state_->models[static_cast<std::size_t>(index)];
   ModelParameters p;
   p.gate = m.gate().view();
   p.experts.resize(static_cast<std::size_t>(m.num_experts()));
-  for_each_held_expert([&](int expert, const SwigluExpertWeights& w) {
+  for_each_held_expert(index, [&](int expert, const SwigluExpertWeights& w) {
     if (w.gate.dtype() != DType::kF32) {
       throw Error(ErrorCode::kInvalidArgument,
                   "parameters: the experts' weights are " +
@@ -357,56 +432,63 @@ ModelParameters Runtime::parameters() {
 }
 
 void Runtime::for_each_held_expert(
-    const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const {
+    int index, const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn)
+    const {
   for (int local = 0; local < num_local_ranks(); ++local) {
-    const MoELayer& l = *state_->layers[static_cast<std::size_t>(local)];
+    const MoELayer& l =
+        *state_->layers[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
     const int ep_rank = l.transport().rank();
     const int first = l.placement().first_expert(ep_rank);
-    const auto held = model().experts(first, l.placement().num_local(ep_rank));
+    const auto held = model(index).experts(first, l.placement().num_local(ep_rank));
     for (std::size_t j = 0; j < held.size(); ++j) fn(first + static_cast<int>(j), held[j]);
   }
 }
 
 void Runtime::save_model(const std::filesystem::path& path) {
-  const ModelWeights& m = model();
-  // The held experts widened to f32, gathered like gradients to world rank 0.
-  ModelGradients copy;
-  copy.experts.resize(static_cast<std::size_t>(m.num_experts()));
-  for_each_held_expert([&](int expert, const SwigluExpertWeights& held) {
-    const TensorView weights[3] = {held.gate, held.up, held.down};
-    for (std::size_t w = 0; w < 3; ++w) {
-      HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
-      widen_to_f32(weights[w].data(), weights[w].dtype(),
-                   static_cast<std::size_t>(weights[w].numel()), f32.data<float>());
-      copy.experts[static_cast<std::size_t>(expert)][w] = std::move(f32);
-    }
-  });
-  gather_expert_gradients(copy);
-  if (world_rank(0) != 0) return;
   const ConfigSection& options = settings().section("model");
   const CheckpointFormat format = options.get_string("format") == "mixtral"
                                       ? CheckpointFormat::kMixtral
                                       : CheckpointFormat::kDeepseek;
-  const std::string& prefix = options.get_string("prefix");
   std::map<std::string, HostTensor> tensors;
-  tensors.emplace(prefix + "gate.weight", m.gate());
-  for (int e = 0; e < m.num_experts(); ++e) {
-    for (int w = 0; w < 3; ++w) {
-      tensors.emplace(
-          expert_tensor_name(format, prefix, e, w),
-          std::move(copy.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(w)]));
+  for (int index = 0; index < num_layers(); ++index) {
+    const ModelWeights& m = model(index);
+    // The held experts widened to f32, gathered like gradients to world rank 0.
+    ModelGradients copy;
+    copy.experts.resize(static_cast<std::size_t>(m.num_experts()));
+    for_each_held_expert(index, [&](int expert, const SwigluExpertWeights& held) {
+      const TensorView weights[3] = {held.gate, held.up, held.down};
+      for (std::size_t w = 0; w < 3; ++w) {
+        HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
+        widen_to_f32(weights[w].data(), weights[w].dtype(),
+                     static_cast<std::size_t>(weights[w].numel()), f32.data<float>());
+        copy.experts[static_cast<std::size_t>(expert)][w] = std::move(f32);
+      }
+    });
+    gather_expert_gradients(copy);
+    if (world_rank(0) != 0) continue;
+    const std::string prefix =
+        layer_prefix(options.get_string("prefix"), state_->layer_ids[static_cast<std::size_t>(index)]);
+    tensors.emplace(prefix + "gate.weight", m.gate());
+    for (int e = 0; e < m.num_experts(); ++e) {
+      for (int w = 0; w < 3; ++w) {
+        tensors.emplace(
+            expert_tensor_name(format, prefix, e, w),
+            std::move(copy.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(w)]));
+      }
+    }
+    if (format == CheckpointFormat::kDeepseek && !m.bias().empty()) {
+      HostTensor bias(DType::kF32, {m.num_experts()});
+      std::copy(m.bias().begin(), m.bias().end(), bias.data<float>());
+      tensors.emplace(prefix + "gate.e_score_correction_bias", std::move(bias));
     }
   }
-  if (format == CheckpointFormat::kDeepseek && !m.bias().empty()) {
-    HostTensor bias(DType::kF32, {m.num_experts()});
-    std::copy(m.bias().begin(), m.bias().end(), bias.data<float>());
-    tensors.emplace(prefix + "gate.e_score_correction_bias", std::move(bias));
-  }
-  write_safetensors(path, tensors);
+  if (world_rank(0) == 0) write_safetensors(path, tensors);
 }
 
 void Runtime::set_training(bool training) {
-  for (int local = 0; local < num_local_ranks(); ++local) layer(local).set_training(training);
+  for (auto& layers : state_->layers) {
+    for (auto& l : layers) l->set_training(training);
+  }
 }
 
 void Runtime::run_on_ranks(const std::function<void(int local)>& fn) {
@@ -478,7 +560,7 @@ TensorView rows(const TensorView& m, std::int64_t first, std::int64_t count) {
 }
 }  // namespace
 
-void Runtime::run_blocks(std::int64_t num_tokens, bool world_blocks,
+void Runtime::run_blocks(std::int64_t num_tokens, bool world_blocks, int index,
                          const std::function<void(int, std::int64_t, std::int64_t)>& step) {
   // Failures every rank saw together (bad input) are collected here rather than thrown
   // through run_on_ranks, which would abort the transports: bad input changes nothing.
@@ -498,7 +580,7 @@ void Runtime::run_blocks(std::int64_t num_tokens, bool world_blocks,
               : Error(e.code(), "rank " + std::to_string(rank) + " (input rows " +
                                     std::to_string(first) + ".." +
                                     std::to_string(first + count - 1) + "): " + e.message());
-      if (!layer(local).last_failure_agreed()) throw located;
+      if (!layer(local, index).last_failure_agreed()) throw located;
       agreed[static_cast<std::size_t>(local)] = std::move(located);
     }
   });
@@ -511,8 +593,10 @@ void Runtime::run_blocks(std::int64_t num_tokens, bool world_blocks,
   if (peer_failure != nullptr) throw **peer_failure;
 }
 
-void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks) {
-  const std::int64_t H = model().hidden();
+void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks,
+                             int index) {
+  check_layer(index, "forward");
+  const std::int64_t H = model(index).hidden();
   x.require("input tokens", DType::kF32, {-1, H});
   y.require("output", DType::kF32, {x.dim(0), H});
   const auto* x_begin = x.data_as<const float>();
@@ -522,18 +606,49 @@ void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool worl
                 "output: shares memory with the input tokens (the layer reads every token "
                 "after it starts writing results; give y memory of its own)");
   }
-  run_blocks(x.dim(0), world_blocks, [&](int local, std::int64_t first, std::int64_t count) {
-    forward_block(local, rows(x, first, count), rows(y, first, count));
+  run_blocks(x.dim(0), world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
+    forward_block(local, index, rows(x, first, count), rows(y, first, count));
   });
-  update_routers();
+  update_routers(index);
 }
 
-void Runtime::forward(const TensorView& x, const TensorView& y) {
-  forward_blocks(x, y, /*world_blocks=*/true);
+void Runtime::forward(const TensorView& x, const TensorView& y, int layer) {
+  forward_blocks(x, y, /*world_blocks=*/true, layer);
 }
 
-void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y) {
-  forward_blocks(x, y, /*world_blocks=*/false);
+void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y, int layer) {
+  forward_blocks(x, y, /*world_blocks=*/false, layer);
+}
+
+void Runtime::forward_model(const TensorView& x, const TensorView& y) {
+  if (num_layers() == 1) {
+    forward(x, y);
+    return;
+  }
+  const std::int64_t H = model().hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  y.require("output", DType::kF32, {x.dim(0), H});
+  const std::int64_t T = x.dim(0);
+  for (HostTensor* t : {&state_->chain_in, &state_->chain_out}) {
+    if (t->numel() < T * H) *t = HostTensor(DType::kF32, {T, H});
+  }
+  TensorView in = x;
+  for (int index = 0; index < num_layers(); ++index) {
+    const bool last = index + 1 == num_layers();
+    HostTensor& out_storage = index % 2 == 0 ? state_->chain_out : state_->chain_in;
+    const TensorView out = last ? y : TensorView(out_storage.data<float>(), DType::kF32, {T, H});
+    forward(in, out, index);
+    in = out;
+  }
+}
+
+std::size_t Runtime::step_buffer_bytes() const noexcept {
+  std::size_t bytes = 0;
+  for (const auto& workspace : state_->workspaces) bytes += workspace_bytes(*workspace);
+  for (const auto& layers : state_->layers) {
+    for (const auto& l : layers) bytes += l->own_buffer_bytes();
+  }
+  return bytes;
 }
 
 namespace {
@@ -547,9 +662,11 @@ T element(const TensorView& m, std::int64_t t, std::int64_t k) {
 }  // namespace
 
 void Runtime::dispatch(const TensorView& x, const TensorView& experts, const TensorView& weights,
-                       ProcessDispatch& dispatched) {
-  const std::int64_t H = model().hidden();
+                       ProcessDispatch& dispatched, int index) {
+  check_layer(index, "dispatch");
+  const std::int64_t H = model(index).hidden();
   dispatched.combinable = false;
+  dispatched.layer = index;
   x.require("input x", DType::kF32, {-1, H});
   const std::int64_t T = x.dim(0);
   experts.require_strided("experts", DType::kI32, {T, -1});
@@ -557,7 +674,7 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
   weights.require_strided("weights", DType::kF32, {T, K});
   if (K < 1) throw Error(ErrorCode::kInvalidArgument, "experts: needs at least one slot per token");
   for (int local = 0; local < num_local_ranks(); ++local) {
-    if (layer(local).data_path().device().kind != Device::Kind::kHost) {
+    if (layer(local, index).data_path().device().kind != Device::Kind::kHost) {
       throw Error(ErrorCode::kUnavailable,
                   "dispatch and combine need the host data path ([runtime] data_path = "
                   "\"host\"); a device data path runs the whole layer with forward");
@@ -565,8 +682,9 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
   }
   dispatched.parts.resize(static_cast<std::size_t>(num_local_ranks()));
   dispatched.num_tokens = T;
-  run_blocks(T, /*world_blocks=*/false, [&](int local, std::int64_t first, std::int64_t count) {
-    MoELayer& l = layer(local);
+  run_blocks(T, /*world_blocks=*/false, index, [&](int local, std::int64_t first,
+                                                  std::int64_t count) {
+    MoELayer& l = layer(local, index);
     DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
     const int ep_rank = l.transport().rank();
     part.world_rank = world_rank(local);
@@ -616,8 +734,9 @@ void Runtime::combine(ProcessDispatch& dispatched, std::span<const TensorView> e
   dispatched.combinable = false;
   run_on_ranks([&](int local) {
     DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
-    layer(local).combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
-                         rows(y, part.first_token, part.num_tokens));
+    layer(local, dispatched.layer)
+        .combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
+                 rows(y, part.first_token, part.num_tokens));
   });
 }
 
@@ -652,11 +771,11 @@ void Runtime::combine_backward(ProcessDispatch& dispatched,
   d_weights.require("d_weights", DType::kF32, {dispatched.num_tokens, K});
   require_part_rows(dispatched, expert_outputs, H, "expert output");
   require_part_rows(dispatched, d_expert_outputs, H, "expert output gradient");
-  run_blocks(dispatched.num_tokens, /*world_blocks=*/false,
+  run_blocks(dispatched.num_tokens, /*world_blocks=*/false, dispatched.layer,
              [&](int local, std::int64_t first, std::int64_t count) {
                DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
                const auto i = static_cast<std::size_t>(local);
-               layer(local).combine_backward(
+               layer(local, dispatched.layer).combine_backward(
                    part.handle, part.plan, expert_outputs[i], rows(dy, first, count),
                    d_expert_outputs[i],
                    TensorView(d_weights.data_as<float>() + first * K, DType::kF32, {count, K}));
@@ -670,24 +789,25 @@ void Runtime::dispatch_backward(ProcessDispatch& dispatched,
   require_part_rows(dispatched, d_expert_inputs, H, "expert input gradient");
   run_on_ranks([&](int local) {
     DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
-    layer(local).dispatch_backward(part.handle, d_expert_inputs[static_cast<std::size_t>(local)],
+    layer(local, dispatched.layer).dispatch_backward(part.handle, d_expert_inputs[static_cast<std::size_t>(local)],
                                    rows(dx, part.first_token, part.num_tokens));
   });
 }
 
 void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
-                       ModelGradients& gradients) {
-  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/true);
+                       ModelGradients& gradients, int layer) {
+  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/true, layer);
 }
 
 void Runtime::backward_local_tokens(const TensorView& x, const TensorView& dy, const TensorView& dx,
-                                    ModelGradients& gradients) {
-  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/false);
+                                    ModelGradients& gradients, int layer) {
+  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/false, layer);
 }
 
 void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const TensorView& dx,
-                              ModelGradients& gradients, bool world_blocks) {
-  const ModelWeights& m = model();
+                              ModelGradients& gradients, bool world_blocks, int index) {
+  check_layer(index, "backward");
+  const ModelWeights& m = model(index);
   const std::int64_t H = m.hidden(), F = m.ffn_hidden();
   const int E = m.num_experts();
   x.require("input tokens", DType::kF32, {-1, H});
@@ -697,18 +817,18 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
   for (int local = 0; local < num_local_ranks(); ++local) {
     const auto [first, count] = world_blocks ? token_block(T, world_size(), world_rank(local))
                                              : token_block(T, num_local_ranks(), local);
-    if (!layer(local).backward_ready()) {
+    if (!layer(local, index).backward_ready()) {
       throw Error(ErrorCode::kInvalidArgument,
                   "backward: rank " + std::to_string(world_rank(local)) +
                       " has no forward to differentiate (backward follows a forward on the "
                       "same x, which finished)");
     }
-    if (layer(local).last_plan().num_tokens != count) {
+    if (layer(local, index).last_plan().num_tokens != count) {
       throw Error(ErrorCode::kInvalidArgument,
                   "backward: rank " + std::to_string(world_rank(local)) + " holds " +
                       std::to_string(count) + " of these " + std::to_string(T) +
                       " tokens, but its last forward routed " +
-                      std::to_string(layer(local).last_plan().num_tokens) +
+                      std::to_string(layer(local, index).last_plan().num_tokens) +
                       " (backward follows a forward on the same x)");
     }
   }
@@ -716,7 +836,7 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
   ranks.resize(static_cast<std::size_t>(num_local_ranks()));
   for (int local = 0; local < num_local_ranks(); ++local) {
     auto& r = ranks[static_cast<std::size_t>(local)];
-    const int experts = layer(local).placement().num_local(layer(local).transport().rank());
+    const int experts = layer(local, index).placement().num_local(layer(local, index).transport().rank());
     if (r.gate.numel() != E * H) r.gate = HostTensor(DType::kF32, {E, H});
     if (r.experts.views().size() != static_cast<std::size_t>(experts)) {
       r.experts = ExpertGradientStorage(experts, H, F);
@@ -725,10 +845,10 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
     r.experts.zero();
     r.scope.resize(static_cast<std::size_t>(E) + 1);
   }
-  run_blocks(T, world_blocks, [&](int local, std::int64_t first, std::int64_t count) {
+  run_blocks(T, world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
     auto& r = ranks[static_cast<std::size_t>(local)];
     // The losses' scope: the EP group's plain top-k counts and tokens.
-    const RouterStats& stats = layer(local).router().stats();
+    const RouterStats& stats = layer(local, index).router().stats();
     std::copy(stats.aux_counts.begin(), stats.aux_counts.end(), r.scope.begin());
     r.scope[static_cast<std::size_t>(E)] = stats.tokens;
     state_->ep_transports[static_cast<std::size_t>(local)]->allreduce(
@@ -739,7 +859,7 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
     out.d_gate = r.gate.view();
     out.loss_tokens = r.scope[static_cast<std::size_t>(E)];
     out.loss_aux_counts = {r.scope.data(), static_cast<std::size_t>(E)};
-    layer(local).backward(rows(x, first, count), rows(dy, first, count), out);
+    layer(local, index).backward(rows(x, first, count), rows(dy, first, count), out);
     // Deterministic sums (rank order): the gate over the world, experts over the DP group.
     world_transport(local).allreduce(r.gate.data<float>(), static_cast<std::size_t>(E * H),
                                      DType::kF32, ReduceOp::kSum);
@@ -752,7 +872,7 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
   std::copy_n(ranks.front().gate.data<float>(), E * H, gradients.gate.data<float>());
   gradients.experts.resize(static_cast<std::size_t>(E));
   for (int local = 0; local < num_local_ranks(); ++local) {
-    const MoELayer& l = layer(local);
+    const MoELayer& l = layer(local, index);
     const int ep_rank = l.transport().rank();
     const int first_expert = l.placement().first_expert(ep_rank);
     const auto& r = ranks[static_cast<std::size_t>(local)];
@@ -767,8 +887,8 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
   }
 }
 
-void Runtime::forward_block(int local, const TensorView& x, const TensorView& y) {
-  MoELayer& l = layer(local);
+void Runtime::forward_block(int local, int index, const TensorView& x, const TensorView& y) {
+  MoELayer& l = layer(local, index);
   DataPath& path = l.data_path();
   if (x.device() == path.device()) {
     l.forward(x, y);
@@ -794,12 +914,12 @@ void Runtime::forward_block(int local, const TensorView& x, const TensorView& y)
   l.stream().synchronize();
 }
 
-void Runtime::update_routers() {
-  if (!layer(0).router().updates_from_counts()) return;
-  const auto E = static_cast<std::size_t>(model().num_experts());
+void Runtime::update_routers(int index) {
+  if (!layer(0, index).router().updates_from_counts()) return;
+  const auto E = static_cast<std::size_t>(model(index).num_experts());
   state_->group_counts.resize(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
-    Router& router = layer(local).router();
+    Router& router = layer(local, index).router();
     auto& sums = state_->group_counts[static_cast<std::size_t>(local)];
     sums.assign(router.stats().counts.begin(), router.stats().counts.end());
     sums.resize(E);
@@ -810,8 +930,8 @@ void Runtime::update_routers() {
   });
 }
 
-void Runtime::reference_forward(const TensorView& x, const TensorView& y) const {
-  const ModelWeights& m = model();
+void Runtime::reference_forward(const TensorView& x, const TensorView& y, int index) const {
+  const ModelWeights& m = model(index);
   x.require("input tokens", DType::kF32, {-1, m.hidden()});
   y.require("reference output", DType::kF32, {x.dim(0), m.hidden()});
   const ConfigSection& router_options = state_->settings->section("router");
@@ -838,8 +958,21 @@ void Runtime::reference_forward(const TensorView& x, const TensorView& y) const 
   }
 }
 
-GlobalRouterStats Runtime::global_router_stats() {
-  const int E = model().num_experts();
+void Runtime::reference_model(const TensorView& x, const TensorView& y) const {
+  const std::int64_t H = model().hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  y.require("reference output", DType::kF32, {x.dim(0), H});
+  HostTensor in(DType::kF32, {x.dim(0), H});
+  std::copy_n(x.data_as<const float>(), x.numel(), in.data<float>());
+  for (int index = 0; index < num_layers(); ++index) {
+    reference_forward(in.view(), y, index);
+    std::copy_n(y.data_as<const float>(), y.numel(), in.data<float>());
+  }
+}
+
+GlobalRouterStats Runtime::global_router_stats(int index) {
+  check_layer(index, "global_router_stats");
+  const int E = model(index).num_experts();
   const auto e_size = static_cast<std::size_t>(E);
   GlobalRouterStats result;
   std::vector<double> probability_sums(e_size, 0.0);
@@ -847,7 +980,7 @@ GlobalRouterStats Runtime::global_router_stats() {
   double z_loss_sum = 0;
   std::mutex mutex;
   run_on_ranks([&](int local) {
-    const RouterStats& s = layer(local).router().stats();
+    const RouterStats& s = layer(local, index).router().stats();
     // [counts E | aux counts E | dropped | tokens] and [probability sums E | z-loss sum].
     std::vector<std::int64_t> ints(2 * e_size + 2, 0);
     std::vector<double> reals(e_size + 1, 0.0);
@@ -875,7 +1008,7 @@ GlobalRouterStats Runtime::global_router_stats() {
   sums.probability_sums = std::move(probability_sums);
   sums.aux_counts = std::move(aux_counts);
   sums.z_loss_sum = z_loss_sum;
-  sums.top_k = layer(0).router().stats().top_k;
+  sums.top_k = layer(0, index).router().stats().top_k;
   finish_router_stats(sums);
   result.imbalance = sums.imbalance;
   result.aux_loss = sums.aux_loss;
@@ -883,10 +1016,11 @@ GlobalRouterStats Runtime::global_router_stats() {
   return result;
 }
 
-LayerTimings Runtime::max_timings() {
+LayerTimings Runtime::max_timings(int index) {
+  check_layer(index, "max_timings");
   LayerTimings result;
   run_on_ranks([&](int local) {
-    MoELayer& l = layer(local);
+    MoELayer& l = layer(local, index);
     const LayerTimings& t = l.timings();
     double v[5] = {t.route_s, t.layout_s, t.dispatch_s, t.experts_s, t.combine_s};
     world_transport(local).allreduce(v, 5, DType::kF64, ReduceOp::kMax);
@@ -895,10 +1029,11 @@ LayerTimings Runtime::max_timings() {
   return result;
 }
 
-LayerTraffic Runtime::total_traffic() {
+LayerTraffic Runtime::total_traffic(int index) {
+  check_layer(index, "total_traffic");
   LayerTraffic result;
   run_on_ranks([&](int local) {
-    MoELayer& l = layer(local);
+    MoELayer& l = layer(local, index);
     const LayerTraffic& t = l.traffic();
     std::int64_t v[3] = {static_cast<std::int64_t>(t.dispatch_bytes),
                          static_cast<std::int64_t>(t.combine_bytes), t.rows_sent};

@@ -115,11 +115,11 @@ std::string human_bytes(double bytes) {
 
 /// Balancing by bias must move every rank's bias the same way: compares them over the
 /// world (elementwise max and min) and prints the result.
-void print_bias_agreement(Runtime& runtime, std::FILE* out) {
+void print_bias_agreement(Runtime& runtime, std::FILE* out, int layer) {
   std::vector<double> highest, lowest;
   std::mutex mutex;
   runtime.run_on_ranks([&](int local) {
-    const auto bias = runtime.layer(local).router().bias();
+    const auto bias = runtime.layer(local, layer).router().bias();
     std::vector<double> hi(bias.begin(), bias.end()), lo(bias.begin(), bias.end());
     runtime.world_transport(local).allreduce(hi.data(), hi.size(), DType::kF64, ReduceOp::kMax);
     runtime.world_transport(local).allreduce(lo.data(), lo.size(), DType::kF64, ReduceOp::kMin);
@@ -132,6 +132,34 @@ void print_bias_agreement(Runtime& runtime, std::FILE* out) {
   for (double b : highest) largest = std::max(largest, std::fabs(b));
   std::fprintf(out, "bias: %s on all %d ranks (max |bias| %.4f)\n",
                highest == lowest ? "identical" : "DIFFERS", runtime.world_size(), largest);
+}
+
+/// One layer's routing statistics, phase times and traffic of the last step (collective).
+void print_layer_report(Runtime& runtime, int layer, const std::string& label, int steps,
+                        std::FILE* out) {
+  const GlobalRouterStats stats = runtime.global_router_stats(layer);
+  const LayerTimings timings = runtime.max_timings(layer);
+  const LayerTraffic traffic = runtime.total_traffic(layer);
+  std::fprintf(out, "%sexpert load:", label.c_str());
+  for (std::size_t e = 0; e < stats.counts.size(); ++e) {
+    std::fprintf(out, "%s e%zu=%lld", e % 16 == 0 && e ? "\n            " : "", e,
+                 static_cast<long long>(stats.counts[e]));
+  }
+  std::fprintf(
+      out, "\n%srouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
+      label.c_str(), stats.imbalance, static_cast<long long>(stats.dropped), stats.aux_loss, stats.z_loss);
+  const double total = timings.route_s + timings.layout_s + timings.dispatch_s + timings.experts_s +
+                       timings.combine_s;
+  std::fprintf(out,
+               "%stime (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
+               "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
+               label.c_str(), steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
+               timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
+  std::fprintf(out, "%sbytes to other ranks (all ranks): dispatch %s (%lld rows), combine %s\n",
+               label.c_str(), human_bytes(static_cast<double>(traffic.dispatch_bytes)).c_str(),
+               static_cast<long long>(traffic.rows_sent),
+               human_bytes(static_cast<double>(traffic.combine_bytes)).c_str());
+
 }
 
 HostTensor read_input_tokens(
@@ -203,9 +231,19 @@ int run_layer(Runtime& runtime, bool check, int steps) {
   std::fprintf(out, "switchyard %s: transport %s, %d rank%s (%s)\n", core_version(),
                runtime_options.get_string("transport").c_str(), world, world == 1 ? "" : "s",
                runtime.topology().describe().c_str());
-  std::fprintf(out, "model: %s: %d experts, hidden %d, ffn_hidden %d\n",
-               model.description().c_str(), model.num_experts(), model.hidden(),
-               model.ffn_hidden());
+  const int layers = runtime.num_layers();
+  if (layers == 1) {
+    std::fprintf(out, "model: %s: %d experts, hidden %d, ffn_hidden %d\n",
+                 model.description().c_str(), model.num_experts(), model.hidden(),
+                 model.ffn_hidden());
+  } else {
+    std::string ids;
+    for (const int id : runtime.layer_ids()) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+    std::fprintf(out, "model: %d MoE layers (%s), each %d experts, hidden %d, ffn_hidden %d\n",
+                 layers, ids.c_str(), model.num_experts(), model.hidden(), model.ffn_hidden());
+    std::fprintf(out, "weights: layer %d: %s\n", runtime.layer_ids().front(),
+                 model.description().c_str());
+  }
   std::fprintf(out, "router: %s, top_k %d; experts: %s\n",
                router_options.get_string("policy").c_str(),
                runtime.layer(0).router().slots_per_token(),
@@ -223,44 +261,39 @@ int run_layer(Runtime& runtime, bool check, int steps) {
   }
 
   // With several steps, the group's imbalance after each shows what balancing by bias does.
+  // A model of several layers runs them in order: layer l's output is layer l+1's input.
   for (int step = 0; step < steps; ++step) {
-    runtime.forward(x.view(), y.view());
+    runtime.forward_model(x.view(), y.view());
     if (steps > 1) {
-      const GlobalRouterStats step_stats = runtime.global_router_stats();
-      std::fprintf(out, "step %d: imbalance %.3f\n", step + 1, step_stats.imbalance);
+      std::fprintf(out, "step %d: imbalance", step + 1);
+      for (int l = 0; l < layers; ++l) {
+        std::fprintf(out, " %.3f", runtime.global_router_stats(l).imbalance);
+      }
+      std::fprintf(out, layers > 1 ? " (per layer)\n" : "\n");
     }
   }
   runtime.gather_rows(y.view());
-  if (runtime.layer(0).router().updates_from_counts()) print_bias_agreement(runtime, out);
-
-  const GlobalRouterStats stats = runtime.global_router_stats();
-  const LayerTimings timings = runtime.max_timings();
-  const LayerTraffic traffic = runtime.total_traffic();
-  std::fprintf(out, "expert load:");
-  for (std::size_t e = 0; e < stats.counts.size(); ++e) {
-    std::fprintf(out, "%s e%zu=%lld", e % 16 == 0 && e ? "\n            " : "", e,
-                 static_cast<long long>(stats.counts[e]));
+  for (int l = 0; l < layers; ++l) {
+    const std::string label =
+        layers == 1
+            ? std::string()
+            : "layer " + std::to_string(runtime.layer_ids()[static_cast<std::size_t>(l)]) + " ";
+    if (runtime.layer(0, l).router().updates_from_counts()) {
+      std::fprintf(out, "%s", label.c_str());
+      print_bias_agreement(runtime, out, l);
+    }
+    print_layer_report(runtime, l, label, steps, out);
   }
-  std::fprintf(
-      out, "\nrouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
-      stats.imbalance, static_cast<long long>(stats.dropped), stats.aux_loss, stats.z_loss);
-  const double total = timings.route_s + timings.layout_s + timings.dispatch_s + timings.experts_s +
-                       timings.combine_s;
-  std::fprintf(out,
-               "time (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
-               "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
-               steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
-               timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
-  std::fprintf(out, "bytes to other ranks (all ranks): dispatch %s (%lld rows), combine %s\n",
-               human_bytes(static_cast<double>(traffic.dispatch_bytes)).c_str(),
-               static_cast<long long>(traffic.rows_sent),
-               human_bytes(static_cast<double>(traffic.combine_bytes)).c_str());
+  if (layers > 1) {
+    std::fprintf(out, "step buffers: %s on this process for %d layers\n",
+                 human_bytes(static_cast<double>(runtime.step_buffer_bytes())).c_str(), layers);
+  }
 
   int exit_code = kExitOk;
   if (!reporter) return exit_code;
   if (check) {
     HostTensor reference(DType::kF32, {T, model.hidden()});
-    runtime.reference_forward(x.view(), reference.view());
+    runtime.reference_model(x.view(), reference.view());
     double max_diff = 0, max_ref = 0;
     const float* a = y.data<float>();
     const float* b = reference.data<float>();

@@ -96,6 +96,7 @@ class DispatchHandle {
 
  private:
   friend class MoELayer;
+  friend class LayerWorkspace;
   /// Bytes its buffers hold.
   std::size_t capacity_bytes() const noexcept;
   /// Takes the data path's memory for the buffers on its device (once; they then grow).
@@ -132,6 +133,17 @@ class DispatchHandle {
   std::byte* combined_at_ = nullptr;
 };
 
+/// The step buffers of a rank's layers: the stream they run on, the exchange buffers of a
+/// forward that keeps nothing, the chunk pipeline's, and the backward's scratch. Layers of
+/// one rank run one after another, so the L layers of a model share one workspace (see
+/// `MoELayerParts::workspace`) and their step memory does not grow with L. Defined in
+/// layer.cpp; made by `make_layer_workspace`, used by one thread at a time.
+class LayerWorkspace;
+/// A new, empty workspace; its buffers take the memory of the first layer's data path.
+std::shared_ptr<LayerWorkspace> make_layer_workspace();
+/// Bytes a workspace's buffers hold (their peak, as they only grow).
+std::size_t workspace_bytes(const LayerWorkspace& workspace) noexcept;
+
 /// The parts a layer is built from. The layer borrows `transport` and `gate`; it shares
 /// ownership of the router and the kernel.
 struct MoELayerParts {
@@ -162,6 +174,10 @@ struct MoELayerParts {
   /// The world rank of the EP group's rank 0 (groups are blocks of consecutive world
   /// ranks), so that messages name world ranks.
   int first_world_rank = 0;
+  /// Step buffers shared with the other layers of this rank, which must use the same
+  /// `data_path` object (null: the layer's own). What a training forward keeps for the
+  /// backward is always the layer's own.
+  std::shared_ptr<LayerWorkspace> workspace;
 };
 
 /// The first NaN or infinite value of the f32 host matrix m [T,H] (contiguous) as an
@@ -263,9 +279,14 @@ class MoELayer {
   Router& router() const noexcept { return *parts_.router; }
   /// This rank's expert kernel.
   ExpertKernel& experts() const noexcept { return *parts_.experts; }
-  /// Bytes the layer's step buffers hold (they only grow, so this is their peak): the
-  /// dispatch handle's, the logits and the plan.
+  /// Bytes the layer's step buffers hold (they only grow, so this is their peak): its own
+  /// (`own_buffer_bytes`) and its workspace's, which it may share with other layers.
   std::size_t buffer_bytes() const noexcept;
+  /// Bytes of the buffers only this layer holds: its logits and plan, and what a training
+  /// forward kept for the backward.
+  std::size_t own_buffer_bytes() const noexcept;
+  /// The step buffers this layer uses (perhaps shared; see `MoELayerParts::workspace`).
+  const LayerWorkspace& workspace() const noexcept { return *workspace_; }
   /// The data path the layer runs on (its device and memory).
   DataPath& data_path() const noexcept { return *data_path_; }
   /// The plan of the last `forward`.
@@ -370,20 +391,26 @@ class MoELayer {
   /// A host router behind a device data path: logits copied to the host, routed there,
   /// the plan copied to the device.
   void route_through_host(const TensorView& logits, RoutingPlan& plan);
+  friend class LayerWorkspace;
   MoELayerParts parts_;
-  std::unique_ptr<Stream> stream_;
+  // The shared step buffers (declared first: the references below are bound to them).
+  std::shared_ptr<LayerWorkspace> workspace_;
+  std::unique_ptr<Stream>& stream_;
   std::shared_ptr<DataPath> data_path_;
   std::int64_t hidden_ = 0;
   TensorView gate_;             // the gate on the data path's device
   Buffer<float> device_gate_;   // its copy there, when the caller's gate is host memory
   bool route_on_host_ = false;  // a host router with a device data path
-  Buffer<float> host_logits_;   // staging memory
-  RoutingPlan host_plan_;       // staging memory
+  Buffer<float>& host_logits_;  // staging memory (the workspace's)
+  RoutingPlan& host_plan_;      // staging memory (the workspace's)
   HostStream host_stream_;      // for the host router
   RouterStats device_stats_;    // of a route the device data path computed
   Buffer<float> logits_;
   RoutingPlan plan_;
-  DispatchHandle handle_;
+  // The forward's exchange: the workspace's, or the layer's own when a training forward
+  // keeps its rows for the backward.
+  DispatchHandle& step_handle_;
+  DispatchHandle kept_handle_;
   // Chunked forward: per-chunk row counts [R, chunks], the state of each chunk in flight,
   // and the stream whose thread runs the exchanges.
   struct ExchangeTask {
@@ -398,20 +425,17 @@ class MoELayer {
     ExchangeTask dispatch, combine;
     std::unique_ptr<StreamEvent> dispatched, combined;
   };
-  Buffer<std::int64_t> chunk_rows_to_, chunk_rows_from_;
-  std::vector<std::unique_ptr<ChunkSlot>> chunk_slots_;
-  std::unique_ptr<HostStream> exchange_stream_;
-  // Backward: the forward's rows and dy's rows with its layout; per received (row, slot)
-  // the weight's gradient; the same for the sent rows once they came back; the exchange's
-  // byte counts; the plan's weight gradients, the logits and their gradient.
-  DispatchHandle backward_x_, backward_dy_;
-  Buffer<float> d_slot_weights_, d_sent_weights_;
-  // Per grouped row [A]: its slot's weight and that weight's gradient.
-  Buffer<float> grouped_weights_, d_grouped_weights_;
-  Buffer<float> saved_slot_weights_;  // a handle's slot weights while it combines unweighted
-  Buffer<std::size_t> d_weight_send_bytes_, d_weight_send_offsets_, d_weight_recv_bytes_,
-      d_weight_recv_offsets_;
-  Buffer<float> d_plan_weights_, d_logits_;
+  // The workspace's chunk pipeline and backward scratch (see LayerWorkspace in layer.cpp).
+  Buffer<std::int64_t>&chunk_rows_to_, &chunk_rows_from_;
+  std::vector<std::unique_ptr<ChunkSlot>>& chunk_slots_;
+  std::unique_ptr<HostStream>& exchange_stream_;
+  DispatchHandle &backward_x_, &backward_dy_;
+  Buffer<float>&d_slot_weights_, &d_sent_weights_;
+  Buffer<float>&grouped_weights_, &d_grouped_weights_;
+  Buffer<float>& saved_slot_weights_;
+  Buffer<std::size_t>&d_weight_send_bytes_, &d_weight_send_offsets_, &d_weight_recv_bytes_,
+      &d_weight_recv_offsets_;
+  Buffer<float>&d_plan_weights_, &d_logits_;
   // The last forward routed its tokens and finished: plan_ and logits_ are its own.
   bool backward_ready_ = false;
   // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns()],

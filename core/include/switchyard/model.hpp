@@ -12,6 +12,8 @@
 
 namespace switchyard {
 
+class Checkpoint;
+
 /// Tensor naming conventions of checkpoints.
 enum class CheckpointFormat {
   /// `{prefix}gate.weight`, `{prefix}experts.{e}.w1/w3/w2.weight` (gate/up/down).
@@ -37,12 +39,17 @@ class ModelWeights {
   /// gate is f32 either way.
   static ModelWeights random(int num_experts, int hidden, int ffn_hidden, std::uint64_t seed,
                              DType expert_dtype = DType::kF32);
-  /// Loads from a safetensors file; F32, BF16 and F16 tensors are accepted, the gate is
+  /// Loads from a safetensors file, a sharded checkpoint's index or a folder holding
+  /// either (`Checkpoint`); F32, BF16 and F16 tensors are accepted, the gate is
   /// widened to f32 and the experts are kept as stored. Shapes
   /// are taken from `{prefix}gate.weight` [E,H] and expert 0's gate [F,H]; every other
   /// tensor must agree. Throws `Error(kNotFound)` for a missing file or tensor and
   /// `Error(kInvalidArgument)` for a wrong shape or truncated file, naming the tensor.
   static ModelWeights load(const std::filesystem::path& path, CheckpointFormat format,
+                           const std::string& prefix);
+  /// The same from an open checkpoint (one file or shards, see `Checkpoint`): reads only
+  /// this layer's tensors, opening only the shards that hold them.
+  static ModelWeights load(Checkpoint& checkpoint, CheckpointFormat format,
                            const std::string& prefix);
 
   int num_experts() const noexcept { return num_experts_; }

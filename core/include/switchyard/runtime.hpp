@@ -1,7 +1,8 @@
 #pragma once
 /// \file
-/// The runtime: a validated configuration, the plugins it names, the model, and one MoE
-/// layer per rank hosted by this process.
+/// The runtime: a validated configuration, the plugins it names, the model (one or more
+/// MoE layers over the same EP and DP groups), and the layers of every rank hosted by this
+/// process.
 
 #include <array>
 #include <cstdint>
@@ -80,6 +81,7 @@ struct DispatchPart {
 struct ProcessDispatch {
   std::vector<DispatchPart> parts;
   std::int64_t num_tokens = 0;  ///< T of the dispatched tokens
+  int layer = 0;                ///< the model layer (index) it was dispatched for
   bool combinable = false;      ///< a dispatch succeeded and has not been combined yet
 };
 
@@ -104,9 +106,14 @@ struct ModelParameters {
 };
 
 /// Built from a configuration; owns the plugin registry, the model weights, the transports
-/// of the ranks this process hosts (several for the in-process transport) and one
-/// `MoELayer` per such rank. Methods are called from one thread; `run_on_ranks` runs a
-/// function on every local rank concurrently.
+/// of the ranks this process hosts (several for the in-process transport) and, per such
+/// rank, one `MoELayer` per MoE layer of the model. A model is L MoE layers (`[model]
+/// layers`; one by default) over the same EP and DP groups: the process creates one world
+/// transport and one EP and DP split per rank whatever L is, and the layers of a rank
+/// share one data path and one set of step buffers (`LayerWorkspace`); each layer has its
+/// own gate, bias, router state, experts and statistics. Layers are named by their index
+/// 0..L-1 (`layer_ids()` gives the checkpoint's layer numbers). Methods are called from
+/// one thread; `run_on_ranks` runs a function on every local rank concurrently.
 class Runtime {
  public:
   /// Validates `config`, loads plugins from the standard search path plus
@@ -119,13 +126,19 @@ class Runtime {
 
   const ResolvedConfig& settings() const noexcept;
   const PluginRegistry& plugins() const noexcept;
-  const ModelWeights& model() const noexcept;
+  /// The weights of model layer `layer` (index 0..L-1).
+  const ModelWeights& model(int layer = 0) const;
+  /// L, the number of MoE layers of the model.
+  int num_layers() const noexcept;
+  /// The checkpoint's layer number of each layer index (`[model] layers`; {0} by default).
+  std::span<const int> layer_ids() const noexcept;
   const Topology& topology() const noexcept;
   int world_size() const noexcept;
   int num_local_ranks() const noexcept;
   /// World rank of local rank `local`.
   int world_rank(int local) const;
-  MoELayer& layer(int local);
+  /// Model layer `index` of local rank `local`.
+  MoELayer& layer(int local, int index = 0);
   /// Ranks per EP group (`[runtime] ep_size`, default the world size). The world is
   /// dp × ep: EP groups are blocks of ep consecutive ranks and hold every expert once;
   /// expert weights are replicated across the dp groups.
@@ -150,13 +163,20 @@ class Runtime {
   /// writes its rows of y [T,H]. When the router balances by bias
   /// (`updates_from_counts`), the kept counts are then summed over each EP group and every
   /// rank updates its router with the same sums, so the bias stays identical on all ranks.
-  void forward(const TensorView& x, const TensorView& y);
+  void forward(const TensorView& x, const TensorView& y, int layer = 0);
+  /// The whole model over global tokens x [T,H]: every MoE layer in order, the output of
+  /// layer l the input of layer l+1, into y [T,H] (as `forward` per layer; with one layer
+  /// the same as `forward`). Collective.
+  void forward_model(const TensorView& x, const TensorView& y);
+  /// Bytes of step buffers this process's layers hold (each shared workspace once, plus
+  /// every layer's own logits, plan and kept rows): their peak, as buffers only grow.
+  std::size_t step_buffer_bytes() const noexcept;
   /// Forward over this process's tokens x [T,H]: its local ranks take consecutive blocks
   /// of them (`token_block` over the local ranks) and write their rows of y [T,H]. With
   /// one rank per process (mpirun, `switchyard launch`), x is that rank's own tokens;
   /// with every rank in this process, the same as `forward`. Collective; router updates
   /// as in `forward`.
-  void forward_local_tokens(const TensorView& x, const TensorView& y);
+  void forward_local_tokens(const TensorView& x, const TensorView& y, int layer = 0);
   /// The dispatch alone, for experts the caller computes: this process's tokens x [T,H]
   /// f32 host with the routing `experts` [T,K] int32 (-1: unused slot) and `weights`
   /// [T,K] f32 (any strides), split among the local ranks as in `forward_local_tokens`.
@@ -165,7 +185,7 @@ class Runtime {
   /// shapes, expert ids outside 0..E-1, non-finite weights, and NaN or infinite tokens.
   /// Host data path only. Collective.
   void dispatch(const TensorView& x, const TensorView& experts, const TensorView& weights,
-                ProcessDispatch& dispatched);
+                ProcessDispatch& dispatched, int layer = 0);
   /// Weighs the experts' results, sends them back and sums them per token into y [T,H]
   /// (f32 host). `expert_outputs` has one [A,H] f32 tensor per part, in the order of its
   /// `expert_input()` (a part's own `expert_output()` may be given). Once per dispatch.
@@ -188,7 +208,7 @@ class Runtime {
   void dispatch_backward(ProcessDispatch& dispatched, std::span<const TensorView> d_expert_inputs,
                          const TensorView& dx);
 
-  /// Training mode for every local layer (`MoELayer::set_training`): its forwards keep
+  /// Training mode for every layer of every local rank (`MoELayer::set_training`): its forwards keep
   /// what the backward needs, unless `[runtime] recompute = true`. Off by default (a
   /// forward for inference keeps nothing); `backward` works after either.
   void set_training(bool training);
@@ -199,11 +219,11 @@ class Runtime {
   /// [router]) are differentiated over each EP group. Bad input (shapes, NaN or infinite
   /// dy) is refused on every rank together; host data path only. Collective.
   void backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
-                ModelGradients& gradients);
+                ModelGradients& gradients, int layer = 0);
   /// The backward of the last `forward_local_tokens(x, y)`: x, dy and dx are this
   /// process's tokens, split among its local ranks as there. Otherwise as `backward`.
   void backward_local_tokens(const TensorView& x, const TensorView& dy, const TensorView& dx,
-                             ModelGradients& gradients);
+                             ModelGradients& gradients, int layer = 0);
 
   /// The parameters this process's ranks train (see `ModelParameters`), for an optimizer
   /// to update in place between steps (never while a forward or backward runs). The
@@ -212,16 +232,19 @@ class Runtime {
   /// processes then stay identical. Throws `Error(kInvalidArgument)` when the experts are
   /// not f32 (a bf16 model: train an f32 copy), and `Error(kUnavailable)` for a device data
   /// path (it keeps its own copy of the gate).
-  ModelParameters parameters();
+  ModelParameters parameters(int layer = 0);
   /// Collective: writes the model as a safetensors checkpoint at `path` from world rank 0
-  /// (others write nothing), in `[model] format` with its `prefix`: the gate, every
-  /// expert's weights (gathered from EP group 0) in f32, and the selection bias the
-  /// checkpoint had (DeepSeek format). `[model] weights = path` loads it back.
+  /// (others write nothing), in `[model] format` with its `prefix` (its "{layer}" replaced
+  /// by each layer's number): per layer the gate, every expert's weights (gathered from
+  /// EP group 0) in f32, and the selection bias the checkpoint had (DeepSeek format).
+  /// `[model] weights = path` with the same `layers` loads it back.
   void save_model(const std::filesystem::path& path);
 
   /// The dense single-process reference of the same computation (each rank's block
   /// routed as that rank routes it, experts evaluated directly in double precision).
-  void reference_forward(const TensorView& x, const TensorView& y) const;
+  void reference_forward(const TensorView& x, const TensorView& y, int layer = 0) const;
+  /// The dense reference of `forward_model`: `reference_forward` of every layer in order.
+  void reference_model(const TensorView& x, const TensorView& y) const;
 
   /// Collective: copies every rank's `token_block` rows of y [T,H] to world rank 0, so
   /// that rank 0's y holds all rows. Nothing to do when this process hosts every rank.
@@ -234,30 +257,33 @@ class Runtime {
 
   /// Statistics of the last forward, reduced over all ranks (collective; call after
   /// `forward`).
-  GlobalRouterStats global_router_stats();
-  /// The slowest rank's time per phase of the last forward (collective).
-  LayerTimings max_timings();
-  /// Bytes all ranks sent to other ranks in the last forward (collective).
-  LayerTraffic total_traffic();
+  GlobalRouterStats global_router_stats(int layer = 0);
+  /// The slowest rank's time per phase of layer `layer`'s last forward (collective).
+  LayerTimings max_timings(int layer = 0);
+  /// Bytes all ranks sent to other ranks in layer `layer`'s last forward (collective).
+  LayerTraffic total_traffic(int layer = 0);
 
  private:
   /// Calls `fn(expert, weights)` for every expert a local rank holds (its global id).
   void for_each_held_expert(
-      const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const;
-  /// After a step: group-summed kept counts to routers that balance by bias.
-  void update_routers();
+      int layer, const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn)
+      const;
+  /// After a step of `layer`: group-summed kept counts to its routers that balance by bias.
+  void update_routers(int layer);
+  /// Throws `Error(kInvalidArgument)` unless 0 <= layer < L.
+  void check_layer(int layer, const char* what) const;
   /// Runs `step(local, first, count)` on every local rank with its block of T rows (of the
   /// world's blocks when `world_blocks`, else of this process's). Failures every rank saw
   /// together (bad input) are rethrown after all ranks return, naming the failing rank's
   /// rows, without aborting the transports; any other failure is `run_on_ranks`'.
-  void run_blocks(std::int64_t num_tokens, bool world_blocks,
+  void run_blocks(std::int64_t num_tokens, bool world_blocks, int layer,
                   const std::function<void(int, std::int64_t, std::int64_t)>& step);
-  void forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks);
+  void forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks, int layer);
   void backward_blocks(const TensorView& x, const TensorView& dy, const TensorView& dx,
-                       ModelGradients& gradients, bool world_blocks);
+                       ModelGradients& gradients, bool world_blocks, int layer);
   /// One local rank's block through its layer; host blocks of a device layer are staged
   /// through device buffers.
-  void forward_block(int local, const TensorView& x, const TensorView& y);
+  void forward_block(int local, int layer, const TensorView& x, const TensorView& y);
   struct State;
   std::unique_ptr<State> state_;
 };
