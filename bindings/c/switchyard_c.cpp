@@ -182,12 +182,24 @@ switchyard_status switchyard_runtime_num_experts(const switchyard_runtime* runti
 }
 
 switchyard_status switchyard_forward(switchyard_runtime* runtime, const DLTensor* x, DLTensor* y) {
+  return switchyard_forward_layer(runtime, 0, x, y);
+}
+
+switchyard_status switchyard_forward_layer(switchyard_runtime* runtime, int layer,
+                                           const DLTensor* x, DLTensor* y) {
   return guarded([&] {
     require(runtime != nullptr, "runtime must not be NULL");
     const std::int64_t H = runtime->runtime->model().hidden();
     const switchyard::TensorView in = matrix(x, "input x", H);
     const switchyard::TensorView out = matrix(y, "output y", H);
-    runtime->runtime->forward_local_tokens(in, out);
+    runtime->runtime->forward_local_tokens(in, out, layer);
+  });
+}
+
+switchyard_status switchyard_runtime_num_layers(const switchyard_runtime* runtime, int* out) {
+  return guarded([&] {
+    require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
+    *out = runtime->runtime->num_layers();
   });
 }
 
@@ -314,11 +326,16 @@ switchyard_status switchyard_combine(switchyard_dispatch_handle* handle,
 }
 
 switchyard_status switchyard_last_stats(switchyard_runtime* runtime, switchyard_stats* out) {
+  return switchyard_layer_stats(runtime, 0, out);
+}
+
+switchyard_status switchyard_layer_stats(switchyard_runtime* runtime, int layer,
+                                         switchyard_stats* out) {
   return guarded([&] {
     require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");
-    const switchyard::GlobalRouterStats stats = runtime->runtime->global_router_stats();
-    const switchyard::LayerTimings timings = runtime->runtime->max_timings();
-    const switchyard::LayerTraffic traffic = runtime->runtime->total_traffic();
+    const switchyard::GlobalRouterStats stats = runtime->runtime->global_router_stats(layer);
+    const switchyard::LayerTimings timings = runtime->runtime->max_timings(layer);
+    const switchyard::LayerTraffic traffic = runtime->runtime->total_traffic(layer);
     *out = switchyard_stats{};
     out->tokens = stats.tokens;
     out->dropped = stats.dropped;

@@ -173,23 +173,27 @@ class PyRuntime {
   }
   std::int64_t hidden() const { return runtime_->model().hidden(); }
   int num_experts() const { return runtime_->model().num_experts(); }
+  int num_layers() const { return runtime_->num_layers(); }
+  std::vector<int> layer_ids() const {
+    return {runtime_->layer_ids().begin(), runtime_->layer_ids().end()};
+  }
 
   /// y = layer(x); `out` (same shape, float32) receives y when given, else a new array.
-  py::object forward(const py::object& x, const py::object& out) {
+  py::object forward(const py::object& x, const py::object& out, int layer) {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
     py::object result =
         out.is_none() ? py::object(py::array_t<float>({in.view().dim(0), hidden()})) : out;
     const TensorArgument y(result, "output y", /*written=*/true);
     y.view().require("output y", DType::kF32, {in.view().dim(0), hidden()});
-    run_released(*calls_, [&] { runtime_->forward_local_tokens(in.view(), y.view()); });
+    run_released(*calls_, [&] { runtime_->forward_local_tokens(in.view(), y.view(), layer); });
     return result;
   }
 
   /// Sends x's rows to the ranks of their experts per `plan` = (experts [T,K] int32 or
   /// int64, weights [T,K] float32); the result's parts hold what each local rank received.
   std::unique_ptr<PyDispatch> dispatch(const py::object& self, const py::object& x,
-                                       const py::object& plan) {
+                                       const py::object& plan, int layer) {
     if (!py::isinstance<py::tuple>(plan) && !py::isinstance<py::list>(plan)) {
       invalid("plan: expected (experts, weights), e.g. what route() returns");
     }
@@ -201,8 +205,9 @@ class PyRuntime {
     std::vector<std::int32_t> narrowed;
     const TensorView ids = expert_ids(experts.view(), narrowed);
     auto result = std::make_unique<PyDispatch>(self);
-    run_released(*calls_,
-                 [&] { runtime_->dispatch(in.view(), ids, weights.view(), result->dispatched); });
+    run_released(*calls_, [&] {
+      runtime_->dispatch(in.view(), ids, weights.view(), result->dispatched, layer);
+    });
     return result;
   }
 
@@ -298,7 +303,7 @@ class PyRuntime {
 
   /// (dx [T,H], d_gate [E,H], per expert (d gate, d up, d down) or None): the backward of
   /// the last forward on the same x, with dy [T,H]. The gradients are new arrays.
-  py::tuple backward(const py::object& x, const py::object& dy, const py::object& out) {
+  py::tuple backward(const py::object& x, const py::object& dy, const py::object& out, int layer) {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
     const std::int64_t T = in.view().dim(0);
@@ -308,7 +313,7 @@ class PyRuntime {
     const TensorArgument dx(result, "dx", /*written=*/true);
     dx.view().require("dx", DType::kF32, {T, hidden()});
     run_released(*calls_, [&] {
-      runtime_->backward_local_tokens(in.view(), grad.view(), dx.view(), gradients_);
+      runtime_->backward_local_tokens(in.view(), grad.view(), dx.view(), gradients_, layer);
     });
     auto copy = [](const switchyard::HostTensor& t) {
       py::array_t<float> a(std::vector<py::ssize_t>(t.shape().begin(), t.shape().end()));
@@ -328,11 +333,11 @@ class PyRuntime {
 
   /// (gate [E,H], per expert (gate, up, down) or None): writable float32 views of the
   /// weights this process trains, kept alive by (and valid while) the runtime.
-  py::tuple parameters(const py::object& self) {
+  py::tuple parameters(const py::object& self, int layer) {
     switchyard::ModelParameters p;
     {
       const std::lock_guard<std::mutex> one_call_at_a_time(*calls_);
-      p = runtime_->parameters();
+      p = runtime_->parameters(layer);
     }
     auto view = [&](const TensorView& t) {
       return view_of<float>(t.data_as<float>(), {t.dim(0), t.dim(1)}, self);
@@ -352,21 +357,21 @@ class PyRuntime {
     run_released(*calls_, [&] { runtime_->save_model(path); });
   }
 
-  py::array_t<float> reference_forward(const py::object& x) const {
+  py::array_t<float> reference_forward(const py::object& x, int layer) const {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
     py::array_t<float> y({in.view().dim(0), hidden()});
     const TensorArgument out(y, "output y", /*written=*/true);
-    run_released(*calls_, [&] { runtime_->reference_forward(in.view(), out.view()); });
+    run_released(*calls_, [&] { runtime_->reference_forward(in.view(), out.view(), layer); });
     return y;
   }
 
   /// (experts int32 [T,K], weights float32 [T,K]) as this process's first rank routes x.
-  py::tuple route(const py::object& x) {
+  py::tuple route(const py::object& x, int layer) {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
     switchyard::RoutingPlan plan;
-    run_released(*calls_, [&] { runtime_->layer(0).route(in.view(), plan); });
+    run_released(*calls_, [&] { runtime_->layer(0, layer).route(in.view(), plan); });
     if (plan.device().kind != switchyard::Device::Kind::kHost)
       invalid("route needs the host data path ([runtime] data_path = \"host\")");
     const auto T = plan.num_tokens, K = static_cast<std::int64_t>(plan.slots);
@@ -378,14 +383,14 @@ class PyRuntime {
   }
 
   /// Statistics, timings and traffic of the last forward over all ranks (collective).
-  py::dict stats() {
+  py::dict stats(int layer) {
     switchyard::GlobalRouterStats s;
     switchyard::LayerTimings t;
     switchyard::LayerTraffic b;
     run_released(*calls_, [&] {
-      s = runtime_->global_router_stats();
-      t = runtime_->max_timings();
-      b = runtime_->total_traffic();
+      s = runtime_->global_router_stats(layer);
+      t = runtime_->max_timings(layer);
+      b = runtime_->total_traffic(layer);
     });
     py::dict d;
     d["tokens"] = s.tokens;
@@ -608,21 +613,28 @@ PYBIND11_MODULE(_switchyard, m) {
                              "The world ranks this process hosts (one under mpirun).")
       .def_property_readonly("hidden", &PyRuntime::hidden)
       .def_property_readonly("num_experts", &PyRuntime::num_experts)
+      .def_property_readonly("num_layers", &PyRuntime::num_layers,
+                             "L, the model's MoE layers ([model] layers); methods that take "
+                             "layer= name one by its index 0..L-1.")
+      .def_property_readonly("layer_ids", &PyRuntime::layer_ids,
+                             "The checkpoint's layer number of each layer index.")
       .def("forward", &PyRuntime::forward, py::arg("x"), py::arg("out") = py::none(),
-           "The MoE layer on this process's tokens x [T,H] float32 (NumPy or __dlpack__; the "
-           "ranks hosted here split them), into `out` when given.")
-      .def("reference_forward", &PyRuntime::reference_forward, py::arg("x"),
-           "The dense single-process reference of the layer (float64 inside).")
-      .def("route", &PyRuntime::route, py::arg("x"),
-           "(experts [T,K] int32, weights [T,K] float32): the router alone.")
+           py::arg("layer") = 0,
+           "MoE layer `layer` on this process's tokens x [T,H] float32 (NumPy or __dlpack__; "
+           "the ranks hosted here split them), into `out` when given.")
+      .def("reference_forward", &PyRuntime::reference_forward, py::arg("x"), py::arg("layer") = 0,
+           "The dense single-process reference of layer `layer` (float64 inside).")
+      .def("route", &PyRuntime::route, py::arg("x"), py::arg("layer") = 0,
+           "(experts [T,K] int32, weights [T,K] float32): layer `layer`'s router alone.")
       .def(
           "dispatch",
-          [](const py::object& self, const py::object& x, const py::object& plan) {
-            return self.cast<PyRuntime&>().dispatch(self, x, plan);
+          [](const py::object& self, const py::object& x, const py::object& plan, int layer) {
+            return self.cast<PyRuntime&>().dispatch(self, x, plan, layer);
           },
-          py::arg("x"), py::arg("plan"),
-          "Sends this process's tokens x [T,H] to the ranks of their experts; plan = (experts "
-          "[T,K] int32/int64, weights [T,K] float32). Returns a Dispatch.")
+          py::arg("x"), py::arg("plan"), py::arg("layer") = 0,
+          "Sends this process's tokens x [T,H] to the ranks of their experts of layer "
+          "`layer`; plan = (experts [T,K] int32/int64, weights [T,K] float32). Returns a "
+          "Dispatch, which combine and the backwards use for that layer.")
       .def("combine", &PyRuntime::combine, py::arg("dispatch"),
            py::arg("expert_outputs") = py::none(), py::arg("out") = py::none(),
            "Weighs the experts' results, sends them back and sums them per token into out "
@@ -639,20 +651,25 @@ PYBIND11_MODULE(_switchyard, m) {
                     "Training mode: forwards keep what backward needs (unless [runtime] "
                     "recompute). False by default.")
       .def("backward", &PyRuntime::backward, py::arg("x"), py::arg("dy"),
-           py::arg("out") = py::none(),
+           py::arg("out") = py::none(), py::arg("layer") = 0,
            "(dx [T,H], d_gate [E,H], d_experts): the backward of the last forward on the same "
            "x, for dy = dL/dy [T,H]. d_experts has per expert (d gate, d up, d down) float32, "
            "or None for experts no rank of this process holds; the gate's gradient is summed "
            "over the world, the experts' over their DP group.")
       .def(
           "parameters",
-          [](const py::object& self) { return self.cast<PyRuntime&>().parameters(self); },
-          "(gate [E,H], experts): writable float32 views of the weights this process trains, "
+          [](const py::object& self, int layer) {
+            return self.cast<PyRuntime&>().parameters(self, layer);
+          },
+          py::arg("layer") = 0,
+          "(gate [E,H], experts) of layer `layer`: writable float32 views of the weights this "
+          "process trains, "
           "per expert (gate, up, down) or None; an optimizer updates them in place between "
           "steps.")
       .def("save_model", &PyRuntime::save_model, py::arg("path"),
            "Writes the model as a safetensors checkpoint from world rank 0 (collective).")
-      .def("stats", &PyRuntime::stats, "Statistics, timings and bytes of the last forward.")
+      .def("stats", &PyRuntime::stats, py::arg("layer") = 0,
+           "Statistics, timings and bytes of layer `layer`'s last forward.")
       .def("plugins", &PyRuntime::plugins, "Every plugin the loader finds.");
 
   py::class_<PyDispatch>(m, "Dispatch",

@@ -71,8 +71,8 @@ Checkpoint::Checkpoint(const std::filesystem::path& given) {
   const std::uintmax_t size = std::filesystem::file_size(path, ec);
   if (ec) bad_index(path, "cannot read its size: " + ec.message());
   if (size > kMaxIndexBytes) {
-    bad_index(path, std::to_string(size) + " bytes, over the limit of " +
-                        std::to_string(kMaxIndexBytes));
+    bad_index(path,
+              std::to_string(size) + " bytes, over the limit of " + std::to_string(kMaxIndexBytes));
   }
   std::ifstream in(path, std::ios::binary);
   std::stringstream text;
@@ -91,8 +91,9 @@ Checkpoint::Checkpoint(const std::filesystem::path& given) {
     if (!shard.is_string()) bad_index(path, "tensor " + name + " maps to " + shard.dump());
     const auto file = shard.get<std::string>();
     if (!is_plain_shard_name(file)) {
-      bad_index(path, "tensor " + name + " maps to \"" + file +
-                          "\", not a file name inside the index's folder");
+      std::string why = "tensor " + name;
+      why += " maps to \"" + file + "\", not a file name inside the index's folder";
+      bad_index(path, why);
     }
     shard_of_name_.emplace(name, file);
   }
@@ -119,8 +120,7 @@ SafetensorsFile& Checkpoint::shard_of(const std::string& name) {
       shard = std::make_unique<SafetensorsFile>(path_.parent_path() / it->second);
     } catch (const Error& e) {
       open_shards_.erase(it->second);
-      throw Error(e.code(),
-                  path_.string() + ": shard of tensor " + name + ": " + e.message());
+      throw Error(e.code(), path_.string() + ": shard of tensor " + name + ": " + e.message());
     }
   }
   if (!shard->contains(name)) {

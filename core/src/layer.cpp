@@ -163,9 +163,9 @@ std::shared_ptr<LayerWorkspace> make_layer_workspace() {
 std::size_t workspace_bytes(const LayerWorkspace& workspace) noexcept { return workspace.bytes(); }
 
 std::size_t MoELayer::own_buffer_bytes() const noexcept {
-  return kept_handle_.capacity_bytes() + logits_.capacity_bytes() +
-         plan_.experts.capacity_bytes() + plan_.weights.capacity_bytes() +
-         plan_.counts.capacity_bytes() + saved_columns_.capacity_bytes();
+  return kept_handle_.capacity_bytes() + logits_.capacity_bytes() + plan_.experts.capacity_bytes() +
+         plan_.weights.capacity_bytes() + plan_.counts.capacity_bytes() +
+         saved_columns_.capacity_bytes();
 }
 
 std::size_t MoELayer::buffer_bytes() const noexcept {

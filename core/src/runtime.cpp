@@ -28,7 +28,7 @@ std::pair<std::int64_t, std::int64_t> token_block(std::int64_t num_tokens, int r
 struct Runtime::State {
   std::shared_ptr<const PluginRegistry> registry;
   std::unique_ptr<ResolvedConfig> settings;
-  std::vector<int> layer_ids;       // the checkpoint's number of each layer index
+  std::vector<int> layer_ids;        // the checkpoint's number of each layer index
   std::vector<ModelWeights> models;  // per layer index
   std::vector<std::shared_ptr<Transport>> transports;     // world, one per local rank
   std::vector<std::shared_ptr<Transport>> ep_transports;  // this rank's EP group
@@ -87,15 +87,17 @@ std::vector<ModelWeights> load_models(const ConfigSection& model, const std::vec
     const long double H = static_cast<long double>(model.get_int("hidden"));
     const long double F = static_cast<long double>(model.get_int("ffn_hidden"));
     const int element = model.get_string("dtype") == "bf16" ? 2 : 4;
-    check_fits_in_memory(L * (E * 3 * H * F * element + E * H * 4),
-                         model.origin("num_experts").describe() +
-                             ": model.num_experts, model.hidden, model.ffn_hidden, model.layers",
-                         "random weights: " + format_bytes(L * E * 3 * H * F * element) + " for " +
-                             std::to_string(ids.size()) + " layers x " +
-                             std::to_string(model.get_int("num_experts")) + " experts x 3 x " +
-                             std::to_string(model.get_int("hidden")) + " x " +
-                             std::to_string(model.get_int("ffn_hidden")) + " x " +
-                             std::to_string(element) + " bytes, and the routers' gates");
+    const bool many = ids.size() > 1;
+    check_fits_in_memory(
+        L * (E * 3 * H * F * element + E * H * 4),
+        model.origin("num_experts").describe() +
+            ": model.num_experts, model.hidden, model.ffn_hidden" + (many ? ", model.layers" : ""),
+        "random weights: " + format_bytes(L * E * 3 * H * F * element) + " for " +
+            (many ? std::to_string(ids.size()) + " layers x " : std::string()) +
+            std::to_string(model.get_int("num_experts")) + " experts x 3 x " +
+            std::to_string(model.get_int("hidden")) + " x " +
+            std::to_string(model.get_int("ffn_hidden")) + " x " + std::to_string(element) +
+            (many ? " bytes, and the routers' gates" : " bytes, and the router's gate"));
     for (const int id : ids) {
       // Layer 0 keeps the seed's weights of a one-layer model; the others draw apart.
       const auto seed = static_cast<std::uint64_t>(model.get_int("seed")) +
@@ -132,13 +134,13 @@ std::vector<ModelWeights> load_models(const ConfigSection& model, const std::vec
     const ModelWeights& first = layers.front();
     if (weights.num_experts() != first.num_experts() || weights.hidden() != first.hidden() ||
         weights.ffn_hidden() != first.ffn_hidden()) {
-      model.fail("layers", "layers differ in shape: " + first.description() + " has E=" +
-                               std::to_string(first.num_experts()) + " H=" +
-                               std::to_string(first.hidden()) + " F=" +
+      model.fail("layers", "layers differ in shape: " + first.description() +
+                               " has E=" + std::to_string(first.num_experts()) +
+                               " H=" + std::to_string(first.hidden()) + " F=" +
                                std::to_string(first.ffn_hidden()) + ", " + weights.description() +
-                               " has E=" + std::to_string(weights.num_experts()) + " H=" +
-                               std::to_string(weights.hidden()) + " F=" +
-                               std::to_string(weights.ffn_hidden()));
+                               " has E=" + std::to_string(weights.num_experts()) +
+                               " H=" + std::to_string(weights.hidden()) +
+                               " F=" + std::to_string(weights.ffn_hidden()));
     }
   }
   return layers;
@@ -160,13 +162,14 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
   const ConfigSection& experts = state_->settings->section("experts");
 
   const ConfigSection& model_options = state_->settings->section("model");
-  state_->layer_ids = parse_layer_list(model_options.get_string("layers"),
-                                       model_options.origin("layers").describe() +
-                                           ": model.layers");
+  state_->layer_ids =
+      parse_layer_list(model_options.get_string("layers"),
+                       model_options.origin("layers").describe() + ": model.layers");
   if (model_options.get_string("prefix").find("{layer}") != std::string::npos &&
       model_options.get_string("layers").empty()) {
-    model_options.fail("prefix", "names {layer}, so model.layers must say which layers are MoE "
-                                 "layers (e.g. \"0-47\")");
+    model_options.fail("prefix",
+                       "names {layer}, so model.layers must say which layers are MoE "
+                       "layers (e.g. \"0-47\")");
   }
   state_->models = load_models(model_options, state_->layer_ids);
   const ModelWeights& model = state_->models.front();
@@ -295,9 +298,9 @@ void Runtime::check_layer(int layer, const char* what) const {
     throw Error(ErrorCode::kInvalidArgument,
                 std::string(what) + ": layer " + std::to_string(layer) + " does not exist; the " +
                     "model has " + std::to_string(num_layers()) +
-                    (num_layers() == 1 ? " MoE layer (index 0)"
-                                       : " MoE layers (indices 0.." +
-                                             std::to_string(num_layers() - 1) + ")"));
+                    (num_layers() == 1
+                         ? " MoE layer (index 0)"
+                         : " MoE layers (indices 0.." + std::to_string(num_layers() - 1) + ")"));
   }
 }
 const Topology& Runtime::topology() const noexcept {
@@ -432,8 +435,8 @@ ModelParameters Runtime::parameters(int index) {
 }
 
 void Runtime::for_each_held_expert(
-    int index, const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn)
-    const {
+    int index,
+    const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const {
   for (int local = 0; local < num_local_ranks(); ++local) {
     const MoELayer& l =
         *state_->layers[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
@@ -466,8 +469,8 @@ void Runtime::save_model(const std::filesystem::path& path) {
     });
     gather_expert_gradients(copy);
     if (world_rank(0) != 0) continue;
-    const std::string prefix =
-        layer_prefix(options.get_string("prefix"), state_->layer_ids[static_cast<std::size_t>(index)]);
+    const std::string prefix = layer_prefix(options.get_string("prefix"),
+                                            state_->layer_ids[static_cast<std::size_t>(index)]);
     tensors.emplace(prefix + "gate.weight", m.gate());
     for (int e = 0; e < m.num_experts(); ++e) {
       for (int w = 0; w < 3; ++w) {
@@ -682,32 +685,33 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
   }
   dispatched.parts.resize(static_cast<std::size_t>(num_local_ranks()));
   dispatched.num_tokens = T;
-  run_blocks(T, /*world_blocks=*/false, index, [&](int local, std::int64_t first,
-                                                  std::int64_t count) {
-    MoELayer& l = layer(local, index);
-    DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
-    const int ep_rank = l.transport().rank();
-    part.world_rank = world_rank(local);
-    part.first_expert = l.placement().first_expert(ep_rank);
-    part.num_local_experts = l.placement().num_local(ep_rank);
-    part.first_token = first;
-    part.num_tokens = count;
-    RoutingPlan& plan = part.plan;
-    plan.num_tokens = count;
-    plan.slots = static_cast<int>(K);
-    plan.experts.resize(static_cast<std::size_t>(count * K));
-    plan.weights.resize(static_cast<std::size_t>(count * K));
-    for (std::int64_t t = 0; t < count; ++t) {
-      for (std::int64_t k = 0; k < K; ++k) {
-        plan.experts[static_cast<std::size_t>(t * K + k)] =
-            element<std::int32_t>(experts, first + t, k);
-        plan.weights[static_cast<std::size_t>(t * K + k)] = element<float>(weights, first + t, k);
-      }
-    }
-    const TensorView block = rows(x, first, count);
-    const std::optional<Error> bad_token = first_non_finite(block, "input x");
-    l.dispatch(block, plan, part.handle, bad_token ? &*bad_token : nullptr);
-  });
+  run_blocks(T, /*world_blocks=*/false, index,
+             [&](int local, std::int64_t first, std::int64_t count) {
+               MoELayer& l = layer(local, index);
+               DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+               const int ep_rank = l.transport().rank();
+               part.world_rank = world_rank(local);
+               part.first_expert = l.placement().first_expert(ep_rank);
+               part.num_local_experts = l.placement().num_local(ep_rank);
+               part.first_token = first;
+               part.num_tokens = count;
+               RoutingPlan& plan = part.plan;
+               plan.num_tokens = count;
+               plan.slots = static_cast<int>(K);
+               plan.experts.resize(static_cast<std::size_t>(count * K));
+               plan.weights.resize(static_cast<std::size_t>(count * K));
+               for (std::int64_t t = 0; t < count; ++t) {
+                 for (std::int64_t k = 0; k < K; ++k) {
+                   plan.experts[static_cast<std::size_t>(t * K + k)] =
+                       element<std::int32_t>(experts, first + t, k);
+                   plan.weights[static_cast<std::size_t>(t * K + k)] =
+                       element<float>(weights, first + t, k);
+                 }
+               }
+               const TensorView block = rows(x, first, count);
+               const std::optional<Error> bad_token = first_non_finite(block, "input x");
+               l.dispatch(block, plan, part.handle, bad_token ? &*bad_token : nullptr);
+             });
   dispatched.combinable = true;
 }
 
@@ -775,10 +779,11 @@ void Runtime::combine_backward(ProcessDispatch& dispatched,
              [&](int local, std::int64_t first, std::int64_t count) {
                DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
                const auto i = static_cast<std::size_t>(local);
-               layer(local, dispatched.layer).combine_backward(
-                   part.handle, part.plan, expert_outputs[i], rows(dy, first, count),
-                   d_expert_outputs[i],
-                   TensorView(d_weights.data_as<float>() + first * K, DType::kF32, {count, K}));
+               layer(local, dispatched.layer)
+                   .combine_backward(
+                       part.handle, part.plan, expert_outputs[i], rows(dy, first, count),
+                       d_expert_outputs[i],
+                       TensorView(d_weights.data_as<float>() + first * K, DType::kF32, {count, K}));
              });
 }
 
@@ -789,8 +794,9 @@ void Runtime::dispatch_backward(ProcessDispatch& dispatched,
   require_part_rows(dispatched, d_expert_inputs, H, "expert input gradient");
   run_on_ranks([&](int local) {
     DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
-    layer(local, dispatched.layer).dispatch_backward(part.handle, d_expert_inputs[static_cast<std::size_t>(local)],
-                                   rows(dx, part.first_token, part.num_tokens));
+    layer(local, dispatched.layer)
+        .dispatch_backward(part.handle, d_expert_inputs[static_cast<std::size_t>(local)],
+                           rows(dx, part.first_token, part.num_tokens));
   });
 }
 
@@ -836,7 +842,8 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
   ranks.resize(static_cast<std::size_t>(num_local_ranks()));
   for (int local = 0; local < num_local_ranks(); ++local) {
     auto& r = ranks[static_cast<std::size_t>(local)];
-    const int experts = layer(local, index).placement().num_local(layer(local, index).transport().rank());
+    const int experts =
+        layer(local, index).placement().num_local(layer(local, index).transport().rank());
     if (r.gate.numel() != E * H) r.gate = HostTensor(DType::kF32, {E, H});
     if (r.experts.views().size() != static_cast<std::size_t>(experts)) {
       r.experts = ExpertGradientStorage(experts, H, F);

@@ -524,7 +524,33 @@ int bench(Runtime& runtime, const BenchOptions& options) {
       figures = std::move(f);
     }
   });
+  // The model: each layer's forward on the chain (layer l takes layer l-1's output), the
+  // median of `iters` runs after `warmup` on this process, and the step buffers of all
+  // layers (layer 0's training rows from the backward above included).
+  nlohmann::json per_layer = nlohmann::json::array();
+  if (!options.exchange_only) {
+    HostTensor in = x, out(DType::kF32, {total_tokens, model.hidden()});
+    for (int l = 0; l < runtime.num_layers(); ++l) {
+      std::vector<double> seconds;
+      for (int i = 0; i < options.warmup + options.iters; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        runtime.forward(in.view(), out.view(), l);
+        if (i >= options.warmup) {
+          seconds.push_back(
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        }
+      }
+      std::sort(seconds.begin(), seconds.end());
+      per_layer.push_back({{"layer", runtime.layer_ids()[static_cast<std::size_t>(l)]},
+                           {"forward_s", seconds.empty() ? 0.0 : seconds[seconds.size() / 2]}});
+      std::swap(in, out);
+    }
+  }
+  const std::size_t step_buffer_bytes = runtime.step_buffer_bytes();
   if (!reporter) return kExitOk;
+  figures["num_layers"] = runtime.num_layers();
+  figures["layers"] = per_layer;
+  figures["step_buffer_bytes"] = step_buffer_bytes;
 
   figures["transport"] = runtime_options.get_string("transport");
   figures["world"] = world;
@@ -600,6 +626,17 @@ int bench(Runtime& runtime, const BenchOptions& options) {
         figures["input_output_bytes"].get<double>() / (1 << 20),
         figures["received_row_bytes"].get<double>() / (1 << 20),
         figures["allocations_per_step"].get<double>(), memcpy_bps / 1e9);
+  }
+  if (!per_layer.empty()) {
+    std::printf(
+        "  model: %d MoE layer%s, step buffers %.1f MiB on this process; forward per "
+        "layer (median of %d, this process):",
+        runtime.num_layers(), runtime.num_layers() == 1 ? "" : "s",
+        static_cast<double>(step_buffer_bytes) / (1 << 20), options.iters);
+    for (const auto& l : per_layer) {
+      std::printf(" %d: %.3f ms", l["layer"].get<int>(), l["forward_s"].get<double>() * 1e3);
+    }
+    std::printf("\n");
   }
   if (!options.json_path.empty()) {
     write_file_atomically(options.json_path,

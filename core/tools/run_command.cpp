@@ -145,21 +145,22 @@ void print_layer_report(Runtime& runtime, int layer, const std::string& label, i
     std::fprintf(out, "%s e%zu=%lld", e % 16 == 0 && e ? "\n            " : "", e,
                  static_cast<long long>(stats.counts[e]));
   }
-  std::fprintf(
-      out, "\n%srouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
-      label.c_str(), stats.imbalance, static_cast<long long>(stats.dropped), stats.aux_loss, stats.z_loss);
+  std::fprintf(out,
+               "\n%srouting: imbalance %.3f (max/mean), dropped %lld, aux_loss %.4f, z_loss %.4f\n",
+               label.c_str(), stats.imbalance, static_cast<long long>(stats.dropped),
+               stats.aux_loss, stats.z_loss);
   const double total = timings.route_s + timings.layout_s + timings.dispatch_s + timings.experts_s +
                        timings.combine_s;
   std::fprintf(out,
                "%stime (slowest rank, step %d): route %.3f ms, layout %.3f ms, dispatch %.3f ms, "
                "experts %.3f ms, combine %.3f ms, total %.3f ms\n",
-               label.c_str(), steps, timings.route_s * 1e3, timings.layout_s * 1e3, timings.dispatch_s * 1e3,
-               timings.experts_s * 1e3, timings.combine_s * 1e3, total * 1e3);
+               label.c_str(), steps, timings.route_s * 1e3, timings.layout_s * 1e3,
+               timings.dispatch_s * 1e3, timings.experts_s * 1e3, timings.combine_s * 1e3,
+               total * 1e3);
   std::fprintf(out, "%sbytes to other ranks (all ranks): dispatch %s (%lld rows), combine %s\n",
                label.c_str(), human_bytes(static_cast<double>(traffic.dispatch_bytes)).c_str(),
                static_cast<long long>(traffic.rows_sent),
                human_bytes(static_cast<double>(traffic.combine_bytes)).c_str());
-
 }
 
 HostTensor read_input_tokens(

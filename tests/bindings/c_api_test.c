@@ -153,6 +153,40 @@ static void check_training(void) {
          worst, largest);
 }
 
+/* A model of two MoE layers: the layer index of forward and stats. */
+static void check_layers(void) {
+  const char* config =
+      "[runtime]\nranks = 2\n[model]\nnum_experts = 4\nhidden = 8\nffn_hidden = 16\n"
+      "layers = \"0,3\"\n";
+  switchyard_runtime* runtime = NULL;
+  enum { T = 7, H = 8 };
+  float x[T * H], a[T * H], b[T * H], c[T * H];
+  int64_t shape[2] = {T, H};
+  DLTensor xt, at, bt, ct;
+  int layers = 0, i = 0, differ = 0;
+  switchyard_stats stats;
+  CHECK(switchyard_runtime_create_from_string(config, "layers.toml", NULL, 0, &runtime) ==
+        SWITCHYARD_OK);
+  if (runtime == NULL) return;
+  CHECK(switchyard_runtime_num_layers(runtime, &layers) == SWITCHYARD_OK && layers == 2);
+  for (i = 0; i < T * H; ++i) x[i] = (float)cos(0.21 * (double)i);
+  xt = matrix(x, shape);
+  at = matrix(a, shape);
+  bt = matrix(b, shape);
+  ct = matrix(c, shape);
+  CHECK(switchyard_forward(runtime, &xt, &at) == SWITCHYARD_OK);
+  CHECK(switchyard_forward_layer(runtime, 0, &xt, &bt) == SWITCHYARD_OK);
+  CHECK(memcmp(a, b, sizeof a) == 0); /* switchyard_forward is layer 0 */
+  CHECK(switchyard_forward_layer(runtime, 1, &xt, &ct) == SWITCHYARD_OK);
+  for (i = 0; i < T * H; ++i) differ += a[i] != c[i];
+  CHECK(differ > 0); /* layer 1 has weights of its own */
+  CHECK(switchyard_layer_stats(runtime, 1, &stats) == SWITCHYARD_OK && stats.tokens == T);
+  CHECK(switchyard_forward_layer(runtime, 2, &xt, &ct) == SWITCHYARD_INVALID_ARGUMENT);
+  CHECK(strstr(switchyard_last_error(), "layer 2 does not exist") != NULL);
+  CHECK(switchyard_layer_stats(runtime, -1, &stats) == SWITCHYARD_INVALID_ARGUMENT);
+  switchyard_runtime_destroy(runtime);
+}
+
 int main(void) {
   const char* config =
       "[runtime]\nranks = 2\n[router]\ntop_k = 2\n[model]\nnum_experts = 4\nhidden = 8\n"
@@ -358,6 +392,7 @@ int main(void) {
 
   switchyard_runtime_destroy(runtime);
   switchyard_runtime_destroy(NULL);
+  check_layers();
   check_training();
   if (failures == 0) printf("c_api_test: all checks passed (max difference %.3g)\n", difference);
   return failures == 0 ? 0 : 1;

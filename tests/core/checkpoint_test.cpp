@@ -33,7 +33,8 @@ std::filesystem::path write_sharded(const std::filesystem::path& dir) {
       auto& shard = layer == 2 && e == 1 ? b : a;
       const auto base = static_cast<float>(100 * layer + 10 * e);
       shard.emplace(p + "experts." + std::to_string(e) + ".gate_proj.weight", counting(3, 2, base));
-      shard.emplace(p + "experts." + std::to_string(e) + ".up_proj.weight", counting(3, 2, base + 1));
+      shard.emplace(p + "experts." + std::to_string(e) + ".up_proj.weight",
+                    counting(3, 2, base + 1));
       shard.emplace(p + "experts." + std::to_string(e) + ".down_proj.weight",
                     counting(2, 3, base + 2));
     }
@@ -43,15 +44,15 @@ std::filesystem::path write_sharded(const std::filesystem::path& dir) {
   test::write_text(dir / "model-00003-of-00003.safetensors", "not a safetensors file at all");
   std::string map;
   for (const auto* shard : {&a, &b}) {
-    const char* file = shard == &a ? "model-00001-of-00003.safetensors"
-                                   : "model-00002-of-00003.safetensors";
+    const char* file =
+        shard == &a ? "model-00001-of-00003.safetensors" : "model-00002-of-00003.safetensors";
     for (const auto& [name, t] : *shard) {
       map += (map.empty() ? "" : ",") + std::string("\"") + name + "\":\"" + file + "\"";
     }
   }
   map += ",\"model.layers.5.mlp.gate.weight\":\"model-00003-of-00003.safetensors\"";
   test::write_text(dir / "model.safetensors.index.json",
-             "{\"metadata\":{\"total_size\":1},\"weight_map\":{" + map + "}}");
+                   "{\"metadata\":{\"total_size\":1},\"weight_map\":{" + map + "}}");
   return dir / "model.safetensors.index.json";
 }
 
@@ -66,7 +67,8 @@ TEST_CASE("layer lists: numbers and ranges, ascending, each once") {
   CHECK(parse_layer_list("3-60", "x").size() == 58);
   for (const char* bad : {"3-1", "-1", "a", "1,,2", "1-", "2-x", "1.5", "0-70000", "99999999"}) {
     INFO(bad);
-    const std::string message = test::error_message([&] { parse_layer_list(bad, "cfg:3: model.layers"); });
+    const std::string message =
+        test::error_message([&] { parse_layer_list(bad, "cfg:3: model.layers"); });
     CHECK(message.find("cfg:3: model.layers") != std::string::npos);
     CHECK(message.find("e.g. \"3-60\"") != std::string::npos);
   }
@@ -110,8 +112,9 @@ TEST_CASE("a sharded checkpoint opens only the shards of the tensors read") {
     CHECK(layer2.experts(0, 2)[1].up.data_as<float>()[0] == 211.0f);
 
     // Reading layer 5 opens shard 3 and names it.
-    const std::string message = test::error_message(
-        [&] { ModelWeights::load(checkpoint, CheckpointFormat::kDeepseek, "model.layers.5.mlp."); });
+    const std::string message = test::error_message([&] {
+      ModelWeights::load(checkpoint, CheckpointFormat::kDeepseek, "model.layers.5.mlp.");
+    });
     CHECK(message.find("model-00003-of-00003.safetensors") != std::string::npos);
     CHECK(message.find("shard of tensor model.layers.5.mlp.gate.weight") != std::string::npos);
   }
@@ -154,7 +157,8 @@ TEST_CASE("hostile indexes are refused with the file named") {
   std::map<std::string, HostTensor> tensors;
   tensors.emplace("b", counting(1, 1, 0.0f));
   write_safetensors(dir / "s.safetensors", tensors);
-  test::write_text(index, "{\"weight_map\": {\"a\": \"s.safetensors\", \"b\": \"missing.safetensors\"}}");
+  test::write_text(index,
+                   "{\"weight_map\": {\"a\": \"s.safetensors\", \"b\": \"missing.safetensors\"}}");
   Checkpoint checkpoint(index);
   CHECK(test::error_message([&] { checkpoint.read("a"); }).find("which does not hold it") !=
         std::string::npos);
@@ -163,9 +167,9 @@ TEST_CASE("hostile indexes are refused with the file named") {
 
   // An empty folder, and a missing path.
   test::TempDir empty;
-  CHECK(test::error_message([&] { Checkpoint c(empty.path()); })
-            .find("neither model.safetensors.index.json nor model.safetensors") !=
-        std::string::npos);
+  CHECK(test::error_message([&] {
+          Checkpoint c(empty.path());
+        }).find("neither model.safetensors.index.json nor model.safetensors") != std::string::npos);
   CHECK(test::error_of([&] { Checkpoint c(dir / "nope.safetensors.index.json"); }).code() ==
         ErrorCode::kNotFound);
 }

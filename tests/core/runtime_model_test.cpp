@@ -54,8 +54,8 @@ HostTensor dense_layer_float64(const ModelWeights& m, const HostTensor& x) {
       if (p[static_cast<std::size_t>(e)] > p[static_cast<std::size_t>(first)]) first = e;
     }
     for (int e = 0; e < E; ++e) {
-      if (e != first && (second < 0 || p[static_cast<std::size_t>(e)] >
-                                           p[static_cast<std::size_t>(second)]))
+      if (e != first &&
+          (second < 0 || p[static_cast<std::size_t>(e)] > p[static_cast<std::size_t>(second)]))
         second = e;
     }
     std::vector<double> out(static_cast<std::size_t>(H), 0.0);
@@ -111,8 +111,9 @@ TEST_CASE("a model's layers share the transports, the data path and the step buf
   CHECK(message.find("layer 4 does not exist") != std::string::npos);
   CHECK(message.find("4 MoE layers (indices 0..3)") != std::string::npos);
   HostTensor x = synthetic_tokens(5, 24, 1), y(DType::kF32, {5, 24});
-  CHECK(test::error_message([&] { runtime.forward(x.view(), y.view(), -1); })
-            .find("forward: layer -1 does not exist") != std::string::npos);
+  CHECK(test::error_message([&] {
+          runtime.forward(x.view(), y.view(), -1);
+        }).find("forward: layer -1 does not exist") != std::string::npos);
 }
 
 TEST_CASE("random layers: layer 0 is the one-layer model, the others draw apart") {

@@ -211,5 +211,24 @@ def test_run_check_compares_the_chain_with_the_dense_reference(model_case):
         assert f"layer {layer} routing: imbalance" in done.stdout
 
 
+def test_the_python_module_takes_a_layer_index(model_case):
+    import switchyard
+    folder, x, expected, _ = model_case
+    config = os.path.join(folder, "inproc2.toml")
+    if not os.path.exists(config):
+        run_model(folder, "inproc2", "inproc", ranks=2)
+    rt = switchyard.Runtime(config)
+    assert rt.num_layers == LAYERS
+    assert rt.layer_ids == list(range(LAYERS))
+    h = x
+    for layer in range(LAYERS):
+        h = rt.forward(h, layer=layer)
+        assert rt.stats(layer=layer)["tokens"] == T
+    assert relative(h, expected) <= 1e-3
+    experts, weights = rt.route(x, layer=3)
+    assert experts.shape == (T, TOP_K)
+    with pytest.raises(ValueError, match="layer 4 does not exist"):
+        rt.forward(x, layer=4)
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

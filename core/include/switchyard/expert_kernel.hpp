@@ -163,7 +163,7 @@ class ExpertKernel {
   /// instead of grouping the rows per expert, running `forward` and reducing.
   virtual bool fuses_weighted_rows() const noexcept { return false; }
   /// The fused form (see `WeightedRowsBatch`), on `stream`, blocking like `forward`.
-  /// Throws `Error(kUnimplemented)` unless `fuses_weighted_rows()`, and
+  /// Throws `Error(kUnavailable)` unless `fuses_weighted_rows()`, and
   /// `Error(kInvalidArgument)` for a local expert outside 0..num_local_experts()-1.
   virtual void forward_weighted(const WeightedRowsBatch& batch, Stream& stream);
   /// Columns per row the forward can save for the backward (`ExpertBatch::saved`); 0: the

@@ -208,9 +208,9 @@ class Runtime {
   void dispatch_backward(ProcessDispatch& dispatched, std::span<const TensorView> d_expert_inputs,
                          const TensorView& dx);
 
-  /// Training mode for every layer of every local rank (`MoELayer::set_training`): its forwards keep
-  /// what the backward needs, unless `[runtime] recompute = true`. Off by default (a
-  /// forward for inference keeps nothing); `backward` works after either.
+  /// Training mode for every layer of every local rank (`MoELayer::set_training`): its forwards
+  /// keep what the backward needs, unless `[runtime] recompute = true`. Off by default (a forward
+  /// for inference keeps nothing); `backward` works after either.
   void set_training(bool training);
 
   /// The backward of the last `forward(x, y)`, given the same global x [T,H] and
@@ -266,8 +266,8 @@ class Runtime {
  private:
   /// Calls `fn(expert, weights)` for every expert a local rank holds (its global id).
   void for_each_held_expert(
-      int layer, const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn)
-      const;
+      int layer,
+      const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const;
   /// After a step of `layer`: group-summed kept counts to its routers that balance by bias.
   void update_routers(int layer);
   /// Throws `Error(kInvalidArgument)` unless 0 <= layer < L.

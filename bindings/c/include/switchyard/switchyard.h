@@ -102,6 +102,10 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_runtime_hidden(const switchyard
                                                                 int64_t* out);
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_runtime_num_experts(const switchyard_runtime* runtime, int* out);
+/* L, the model's MoE layers ([model] layers; 1 by default). Functions without a layer
+ * argument act on layer 0; the _layer forms take its index 0..L-1. */
+SWITCHYARD_C_EXPORT switchyard_status
+switchyard_runtime_num_layers(const switchyard_runtime* runtime, int* out);
 
 /* The MoE layer on this process's tokens x [T,H] float32, writing y [T,H] float32 (host
  * memory; y may not alias x). Each rank this process hosts takes its block of the T rows:
@@ -109,6 +113,11 @@ switchyard_runtime_num_experts(const switchyard_runtime* runtime, int* out);
  * Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_forward(switchyard_runtime* runtime,
                                                          const DLTensor* x, DLTensor* y);
+/* switchyard_forward through MoE layer `layer` (index 0..L-1); an index out of range is
+ * SWITCHYARD_INVALID_ARGUMENT naming the layers there are. Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_layer(switchyard_runtime* runtime,
+                                                               int layer, const DLTensor* x,
+                                                               DLTensor* y);
 /* The dense single-process reference of the same computation (float64 inside). */
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* x, DLTensor* y);
@@ -212,6 +221,9 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_save_model(switchyard_runtime* 
 /* Statistics and timings of the last forward. Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_last_stats(switchyard_runtime* runtime,
                                                             switchyard_stats* out);
+/* The same for MoE layer `layer`'s last forward. Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_layer_stats(switchyard_runtime* runtime, int layer,
+                                                             switchyard_stats* out);
 
 /* The plugins the runtime's loader finds (all of them are loaded to be listed). */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_plugin_count(switchyard_runtime* runtime,
