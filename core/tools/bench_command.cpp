@@ -530,11 +530,35 @@ int bench(Runtime& runtime, const BenchOptions& options) {
   nlohmann::json per_layer = nlohmann::json::array();
   if (!options.exchange_only) {
     HostTensor in = x, out(DType::kF32, {total_tokens, model.hidden()});
+    std::vector<RoutingPlan> uniform_plans(static_cast<std::size_t>(runtime.num_local_ranks()));
+    std::vector<RoutingPlan> routed(static_cast<std::size_t>(runtime.num_local_ranks()));
+    for (auto& plan : uniform_plans) plan.num_tokens = -1;
     for (int l = 0; l < runtime.num_layers(); ++l) {
       std::vector<double> seconds;
       for (int i = 0; i < options.warmup + options.iters; ++i) {
         const auto start = std::chrono::steady_clock::now();
-        runtime.forward(in.view(), out.view(), l);
+        if (options.uniform) {
+          // The same fixed routing as above on every layer (each layer's router still runs,
+          // for its logits): what grows with L is then only what a layer holds of its own.
+          runtime.run_on_ranks([&](int local) {
+            const auto [first, count] = token_block(total_tokens, world, runtime.world_rank(local));
+            const std::int64_t H = model.hidden();
+            const TensorView xs(in.data<float>() + first * H, DType::kF32, {count, H});
+            const TensorView ys(out.data<float>() + first * H, DType::kF32, {count, H});
+            MoELayer& layer = runtime.layer(local, l);
+            RoutingPlan& plan = uniform_plans[static_cast<std::size_t>(local)];
+            if (plan.num_tokens != count) {
+              uniform_plan(
+                  count, model.num_experts(), layer.router().slots_per_token(),
+                  options.routing_seed + static_cast<std::uint64_t>(runtime.world_rank(local)),
+                  plan);
+            }
+            layer.route(xs, routed[static_cast<std::size_t>(local)]);
+            layer.forward(xs, plan, ys);
+          });
+        } else {
+          runtime.forward(in.view(), out.view(), l);
+        }
         if (i >= options.warmup) {
           seconds.push_back(
               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
