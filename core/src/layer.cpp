@@ -130,8 +130,9 @@ class LayerWorkspace {
            host_plan.counts.capacity_bytes();
   }
 
-  /// The data path whose memory the buffers take (set by the first layer).
-  const DataPath* data_path = nullptr;
+  /// The data path whose memory the buffers take (set by the first layer; declared first,
+  /// so that it outlives them).
+  std::shared_ptr<DataPath> data_path;
   std::unique_ptr<Stream> stream;
   // A forward's exchange, when it keeps nothing for the backward.
   DispatchHandle handle;
@@ -168,6 +169,8 @@ std::size_t MoELayer::own_buffer_bytes() const noexcept {
          saved_columns_.capacity_bytes();
 }
 
+Stream& MoELayer::stream() noexcept { return *workspace_->stream; }
+
 std::size_t MoELayer::buffer_bytes() const noexcept {
   return own_buffer_bytes() + workspace_->bytes();
 }
@@ -196,28 +199,7 @@ void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
 
 MoELayer::MoELayer(MoELayerParts parts)
     : parts_(std::move(parts)),
-      workspace_(parts_.workspace ? parts_.workspace : make_layer_workspace()),
-      stream_(workspace_->stream),
-      host_logits_(workspace_->host_logits),
-      host_plan_(workspace_->host_plan),
-      step_handle_(workspace_->handle),
-      chunk_rows_to_(workspace_->chunk_rows_to),
-      chunk_rows_from_(workspace_->chunk_rows_from),
-      chunk_slots_(workspace_->chunk_slots),
-      exchange_stream_(workspace_->exchange_stream),
-      backward_x_(workspace_->backward_x),
-      backward_dy_(workspace_->backward_dy),
-      d_slot_weights_(workspace_->d_slot_weights),
-      d_sent_weights_(workspace_->d_sent_weights),
-      grouped_weights_(workspace_->grouped_weights),
-      d_grouped_weights_(workspace_->d_grouped_weights),
-      saved_slot_weights_(workspace_->saved_slot_weights),
-      d_weight_send_bytes_(workspace_->d_weight_send_bytes),
-      d_weight_send_offsets_(workspace_->d_weight_send_offsets),
-      d_weight_recv_bytes_(workspace_->d_weight_recv_bytes),
-      d_weight_recv_offsets_(workspace_->d_weight_recv_offsets),
-      d_plan_weights_(workspace_->d_plan_weights),
-      d_logits_(workspace_->d_logits) {
+      workspace_(parts_.workspace ? parts_.workspace : make_layer_workspace()) {
   if (parts_.transport == nullptr || !parts_.router || !parts_.experts) {
     throw Error(ErrorCode::kInvalidArgument, "MoELayer needs a transport, a router and experts");
   }
@@ -290,18 +272,18 @@ MoELayer::MoELayer(MoELayerParts parts)
   kept_handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
   if (workspace_->data_path == nullptr) {
     // The first layer of the workspace gives it its memory and stream.
-    chunk_rows_to_ = Buffer<std::int64_t>(data_path_->staging_allocator());
-    chunk_rows_from_ = Buffer<std::int64_t>(data_path_->staging_allocator());
-    host_logits_ = Buffer<float>(data_path_->staging_allocator());
-    host_plan_ = RoutingPlan(data_path_->staging_allocator());
-    step_handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
-    stream_ = data_path_->create_stream(transport.stream_ordered);
-    if (stream_ == nullptr || stream_->device() != device) {
+    workspace_->chunk_rows_to = Buffer<std::int64_t>(data_path_->staging_allocator());
+    workspace_->chunk_rows_from = Buffer<std::int64_t>(data_path_->staging_allocator());
+    workspace_->host_logits = Buffer<float>(data_path_->staging_allocator());
+    workspace_->host_plan = RoutingPlan(data_path_->staging_allocator());
+    workspace_->handle.use_memory(data_path_->allocator(), data_path_->staging_allocator());
+    workspace_->stream = data_path_->create_stream(transport.stream_ordered);
+    if (workspace_->stream == nullptr || workspace_->stream->device() != device) {
       throw Error(ErrorCode::kInternal,
                   "MoELayer: the data path gave no stream on " + device_name(device));
     }
-    workspace_->data_path = data_path_.get();
-  } else if (workspace_->data_path != data_path_.get()) {
+    workspace_->data_path = data_path_;
+  } else if (workspace_->data_path != data_path_) {
     throw Error(ErrorCode::kInvalidArgument,
                 "MoELayer: layers that share a workspace must share their data path");
   }
@@ -311,7 +293,7 @@ MoELayer::MoELayer(MoELayerParts parts)
     device_gate_ = Buffer<float>(data_path_->allocator());
     device_gate_.resize(to_size(parts_.gate.numel()));
     data_path_->copy(device_gate_.data(), parts_.gate.data(), to_size(parts_.gate.numel()) * 4,
-                     *stream_);
+                     *workspace_->stream);
     host_ready();
     gate_ = TensorView(device_gate_.data(), DType::kF32, {parts_.gate.dim(0), hidden_}, device);
   }
@@ -324,11 +306,12 @@ void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
   const std::int64_t E = parts_.placement.num_experts();
   logits_.resize(to_size(T * E));
   const TensorView logits(logits_.data(), DType::kF32, {T, E}, logits_.device());
-  data_path_->router_logits(x, gate_, logits, *stream_);
+  data_path_->router_logits(x, gate_, logits, *workspace_->stream);
   if (route_on_host_) {
     // The device data path computes the host policy where it can, else the host does.
     const auto spec = parts_.router->token_choice_spec(&parts_.transport->topology());
-    if (spec && data_path_->route_token_choice(*spec, logits, plan, device_stats_, *stream_)) {
+    if (spec &&
+        data_path_->route_token_choice(*spec, logits, plan, device_stats_, *workspace_->stream)) {
       parts_.router->adopt_stats(device_stats_);
       return;
     }
@@ -339,30 +322,32 @@ void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
   input.logits = logits;
   input.topology = &parts_.transport->topology();
   if (!parts_.router->capabilities().stream_ordered) host_ready();
-  parts_.router->route(input, plan, *stream_);
+  parts_.router->route(input, plan, *workspace_->stream);
   host_ready();
 }
 
 void MoELayer::route_through_host(const TensorView& logits, RoutingPlan& plan) {
   const std::int64_t T = logits.dim(0), E = logits.dim(1);
-  host_logits_.resize(to_size(T * E));
-  data_path_->copy(host_logits_.data(), logits.data(), to_size(T * E) * sizeof(float), *stream_);
+  workspace_->host_logits.resize(to_size(T * E));
+  data_path_->copy(workspace_->host_logits.data(), logits.data(), to_size(T * E) * sizeof(float),
+                   *workspace_->stream);
   host_ready();
   RouteInput input;
-  input.logits = TensorView(host_logits_.data(), DType::kF32, {T, E});
+  input.logits = TensorView(workspace_->host_logits.data(), DType::kF32, {T, E});
   input.topology = &parts_.transport->topology();
-  parts_.router->route(input, host_plan_, host_stream_);
-  plan.num_tokens = host_plan_.num_tokens;
-  plan.slots = host_plan_.slots;
-  plan.experts.resize(host_plan_.experts.size());
-  plan.weights.resize(host_plan_.weights.size());
-  plan.counts.resize(host_plan_.counts.size());
-  data_path_->copy(plan.experts.data(), host_plan_.experts.data(),
-                   host_plan_.experts.size() * sizeof(std::int32_t), *stream_);
-  data_path_->copy(plan.weights.data(), host_plan_.weights.data(),
-                   host_plan_.weights.size() * sizeof(float), *stream_);
-  data_path_->copy(plan.counts.data(), host_plan_.counts.data(),
-                   host_plan_.counts.size() * sizeof(std::int64_t), *stream_);
+  parts_.router->route(input, workspace_->host_plan, host_stream_);
+  plan.num_tokens = workspace_->host_plan.num_tokens;
+  plan.slots = workspace_->host_plan.slots;
+  plan.experts.resize(workspace_->host_plan.experts.size());
+  plan.weights.resize(workspace_->host_plan.weights.size());
+  plan.counts.resize(workspace_->host_plan.counts.size());
+  data_path_->copy(plan.experts.data(), workspace_->host_plan.experts.data(),
+                   workspace_->host_plan.experts.size() * sizeof(std::int32_t),
+                   *workspace_->stream);
+  data_path_->copy(plan.weights.data(), workspace_->host_plan.weights.data(),
+                   workspace_->host_plan.weights.size() * sizeof(float), *workspace_->stream);
+  data_path_->copy(plan.counts.data(), workspace_->host_plan.counts.data(),
+                   workspace_->host_plan.counts.size() * sizeof(std::int64_t), *workspace_->stream);
   host_ready();  // the host plan is rewritten by the next step
 }
 
@@ -417,7 +402,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   }
   const bool fused = fused_experts() && !save;
   // A kept forward holds its rows in the layer's own handle until the backward.
-  DispatchHandle& h = save ? kept_handle_ : step_handle_;
+  DispatchHandle& h = save ? kept_handle_ : workspace_->handle;
   dispatch_checked(x, plan, h, routing_error, /*group=*/!fused, forward_expert_dtypes(save));
 
   auto start = Clock::now();
@@ -432,7 +417,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     // The expert rows stay alive for the backward when they are kept.
     reduce_rows(h, h.expert_output(), y, /*in_expert_buffers=*/!save);
   }
-  parts_.transport->alltoallv(back_buffers(h), *stream_);
+  parts_.transport->alltoallv(back_buffers(h), *workspace_->stream);
   host_ready();
   sum_rows(h, y.data_as<float>());
   timings_.combine_s = seconds_since(start);
@@ -460,7 +445,7 @@ void MoELayer::run_grouped_experts(DispatchHandle& h, bool save) {
     batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
   }
   if (!parts_.experts->capabilities().stream_ordered) host_ready();
-  parts_.experts->forward(batch, *stream_);
+  parts_.experts->forward(batch, *workspace_->stream);
   host_ready();
 }
 
@@ -480,7 +465,7 @@ void MoELayer::weigh_rows(DispatchHandle& h) {
     batch.hidden = hidden_;
     batch.partial_dtype = parts_.combine_dtype;
     batch.partials = rows.out;
-    parts_.experts->forward_weighted(batch, *stream_);
+    parts_.experts->forward_weighted(batch, *workspace_->stream);
   }
   host_ready();
 }
@@ -571,7 +556,7 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
     counts.slots = plan.slots;
     counts.placement = &parts_.placement;
     counts.rows_to = h.rows_to_.data();
-    data_path_->layout_counts(counts, *stream_);
+    data_path_->layout_counts(counts, *workspace_->stream);
   } else {
     h.rows_to_.assign(r_size, -1);  // tells every peer that this rank failed
   }
@@ -580,7 +565,8 @@ void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
   start = Clock::now();
   h.rows_from_.resize(r_size);
   if (data_path_->device().kind == Device::Kind::kHost) {
-    transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t), *stream_);
+    transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t),
+                       *workspace_->stream);
     host_ready();  // the counts are read on the host
   } else {
     // Device rows: the counts are host (staging) memory, exchanged by the blocking form.
@@ -611,8 +597,8 @@ void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchH
   stage_rows(all, h);
   auto start = Clock::now();
   Transport& transport = *parts_.transport;
-  transport.alltoallv(row_buffers(h), *stream_);
-  transport.alltoallv(meta_buffers(h), *stream_);
+  transport.alltoallv(row_buffers(h), *workspace_->stream);
+  transport.alltoallv(meta_buffers(h), *workspace_->stream);
   host_ready();  // the host data path reads what arrived
   timings_.dispatch_s += seconds_since(start);
   count_dispatch_traffic(h);
@@ -695,7 +681,7 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
   layout.rows_to_offset = {h.rows_to_offset_.data(), r_size};
   layout.send_row_token = h.send_row_token_.data();
   layout.send_meta = h.send_meta_.data();
-  data_path_->layout(layout, *stream_);
+  data_path_->layout(layout, *workspace_->stream);
   const std::int64_t self_first = h.rows_to_offset_[me];
   // One run per destination: the peers' into the send buffer, this rank's own in place.
   h.pack_runs_.resize(r_size);
@@ -710,11 +696,11 @@ void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
   pack.send_row_token = h.send_row_token_.data();
   pack.num_rows = S;
   pack.dtype = parts_.payload_dtype;
-  data_path_->pack_runs(pack, {h.pack_runs_.data(), r_size}, *stream_);
+  data_path_->pack_runs(pack, {h.pack_runs_.data(), r_size}, *workspace_->stream);
   if (self_rows > 0) {
     data_path_->copy(h.recv_meta_.data() + h.rows_from_offset_[me] * K,
                      h.send_meta_.data() + self_first * K,
-                     to_size(self_rows * K) * sizeof(SlotMeta), *stream_);
+                     to_size(self_rows * K) * sizeof(SlotMeta), *workspace_->stream);
   }
   timings_.layout_s += seconds_since(start);
 }
@@ -735,7 +721,7 @@ void MoELayer::group_rows(DispatchHandle& h, ExpertRowDTypes dtypes) {
   count.slots = K;
   count.num_local_experts = L;
   count.rows_per_expert = h.rows_per_expert_.data();
-  data_path_->count_groups(count, *stream_);
+  data_path_->count_groups(count, *workspace_->stream);
   std::int64_t A = 0;
   for (int l = 0; l < L; ++l) A += h.rows_per_expert_[static_cast<std::size_t>(l)];
   h.expert_input_.resize(to_size(A * H));
@@ -757,14 +743,14 @@ void MoELayer::group_rows(DispatchHandle& h, ExpertRowDTypes dtypes) {
   h.expert_input_dtype_ = dtypes.input;
   // Its buffer holds f32 rows whatever the dtype, as the input's does.
   h.expert_output_dtype_ = dtypes.output;
-  data_path_->group_by_expert(group, *stream_);
+  data_path_->group_by_expert(group, *workspace_->stream);
   timings_.layout_s += seconds_since(start);
 }
 
 void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const TensorView& y) {
   auto start = Clock::now();
   reduce_rows(h, expert_output, y, /*in_expert_buffers=*/false);
-  parts_.transport->alltoallv(back_buffers(h), *stream_);
+  parts_.transport->alltoallv(back_buffers(h), *workspace_->stream);
   host_ready();
   sum_rows(h, y.data_as<float>());
   timings_.combine_s = seconds_since(start);
@@ -793,7 +779,7 @@ void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, c
     reduce.hidden = H;
     reduce.combine_dtype = parts_.combine_dtype;
     reduce.partial_rows = rows.out;
-    data_path_->weighted_reduce(reduce, *stream_);
+    data_path_->weighted_reduce(reduce, *workspace_->stream);
   }
 }
 
@@ -855,7 +841,7 @@ void MoELayer::sum_rows(DispatchHandle& h, float* y) {
   sum.combine_dtype = parts_.combine_dtype;
   sum.y = y;
   sum.num_tokens = h.num_tokens_;
-  data_path_->unpermute_sum(sum, *stream_);
+  data_path_->unpermute_sum(sum, *workspace_->stream);
 }
 
 void MoELayer::ExchangeTask::run(void* task) noexcept {
@@ -895,26 +881,27 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
 
   // Every chunk's row counts in one exchange, which also tells every rank whether any
   // rank failed (as the unchunked counts exchange does).
-  chunk_rows_to_.resize(r_size * chunks);
-  chunk_rows_from_.resize(r_size * chunks);
-  step_handle_.rows_to_.resize(r_size);
+  workspace_->chunk_rows_to.resize(r_size * chunks);
+  workspace_->chunk_rows_from.resize(r_size * chunks);
+  workspace_->handle.rows_to_.resize(r_size);
   for (int c = 0; c < n && local_error == nullptr; ++c) {
     LayoutCountsArgs counts;
     counts.experts = plan.experts.data() + first_token(c) * K;
     counts.num_tokens = first_token(c + 1) - first_token(c);
     counts.slots = K;
     counts.placement = &parts_.placement;
-    counts.rows_to = step_handle_.rows_to_.data();
-    data_path_->layout_counts(counts, *stream_);
+    counts.rows_to = workspace_->handle.rows_to_.data();
+    data_path_->layout_counts(counts, *workspace_->stream);
     for (std::size_t p = 0; p < r_size; ++p) {
-      chunk_rows_to_[p * chunks + static_cast<std::size_t>(c)] = step_handle_.rows_to_[p];
+      workspace_->chunk_rows_to[p * chunks + static_cast<std::size_t>(c)] =
+          workspace_->handle.rows_to_[p];
     }
   }
-  if (local_error != nullptr) chunk_rows_to_.assign(r_size * chunks, -1);
+  if (local_error != nullptr) workspace_->chunk_rows_to.assign(r_size * chunks, -1);
   timings_.layout_s = seconds_since(start);
   start = Clock::now();
-  transport.alltoall(chunk_rows_to_.data(), chunk_rows_from_.data(), chunks * sizeof(std::int64_t),
-                     *stream_);
+  transport.alltoall(workspace_->chunk_rows_to.data(), workspace_->chunk_rows_from.data(),
+                     chunks * sizeof(std::int64_t), *workspace_->stream);
   host_ready();
   timings_.dispatch_s = seconds_since(start);
   if (local_error != nullptr) {
@@ -922,7 +909,7 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
     throw *local_error;
   }
   for (std::size_t p = 0; p < r_size; ++p) {
-    if (chunk_rows_from_[p * chunks] < 0) {
+    if (workspace_->chunk_rows_from[p * chunks] < 0) {
       failure_agreed_ = true;
       throw Error(ErrorCode::kPeerFailed, "MoE dispatch: world rank " +
                                               std::to_string(parts_.first_world_rank + p) +
@@ -933,23 +920,24 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   // Up to three chunks are in flight: one exchanging its rows, one being staged, one
   // whose partial sums travel back.
   const std::size_t in_flight = std::min<std::size_t>(chunks, 3);
-  if (!exchange_stream_) exchange_stream_ = std::make_unique<HostStream>(HostStream::Mode::kQueued);
-  while (chunk_slots_.size() < in_flight) {
+  if (!workspace_->exchange_stream)
+    workspace_->exchange_stream = std::make_unique<HostStream>(HostStream::Mode::kQueued);
+  while (workspace_->chunk_slots.size() < in_flight) {
     auto slot = std::make_unique<ChunkSlot>();
-    slot->dispatched = exchange_stream_->create_event();
-    slot->combined = exchange_stream_->create_event();
-    chunk_slots_.push_back(std::move(slot));
+    slot->dispatched = workspace_->exchange_stream->create_event();
+    slot->combined = workspace_->exchange_stream->create_event();
+    workspace_->chunk_slots.push_back(std::move(slot));
   }
   auto slot_of = [&](int c) -> ChunkSlot& {
-    return *chunk_slots_[static_cast<std::size_t>(c) % in_flight];
+    return *workspace_->chunk_slots[static_cast<std::size_t>(c) % in_flight];
   };
   // With overlap the exchanges run on the exchange thread; without, on this thread where
   // they are launched (the same order on every rank, so the collectives still match).
   const bool overlap = parts_.overlap_exchanges;
   auto launch = [&](ExchangeTask& task, StreamEvent& done) {
     if (overlap) {
-      exchange_stream_->enqueue(&ExchangeTask::run, &task);
-      exchange_stream_->record(done);
+      workspace_->exchange_stream->enqueue(&ExchangeTask::run, &task);
+      workspace_->exchange_stream->record(done);
     } else {
       ExchangeTask::run(&task);
     }
@@ -970,8 +958,8 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
     h.rows_to_.resize(r_size);
     h.rows_from_.resize(r_size);
     for (std::size_t p = 0; p < r_size; ++p) {
-      h.rows_to_[p] = chunk_rows_to_[p * chunks + static_cast<std::size_t>(c)];
-      h.rows_from_[p] = chunk_rows_from_[p * chunks + static_cast<std::size_t>(c)];
+      h.rows_to_[p] = workspace_->chunk_rows_to[p * chunks + static_cast<std::size_t>(c)];
+      h.rows_from_[p] = workspace_->chunk_rows_from[p * chunks + static_cast<std::size_t>(c)];
     }
     stage_rows({x.data_as<const float>() + first * H, plan.experts.data() + first * K,
                 plan.weights.data() + first * K, h.num_tokens_, K},
@@ -1021,7 +1009,7 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   } catch (...) {
     // The exchanges already queued reference the chunk buffers: let them end first.
     try {
-      exchange_stream_->synchronize();
+      workspace_->exchange_stream->synchronize();
     } catch (...) {  // NOLINT(bugprone-empty-catch): the first error is the one to report
     }
     throw;
@@ -1031,8 +1019,8 @@ void MoELayer::forward_chunks(const TensorView& x, const RoutingPlan& plan, cons
   for (std::size_t p = 0; p < r_size; ++p) {
     if (static_cast<int>(p) == transport.rank()) continue;
     for (std::size_t c = 0; c < chunks; ++c) {
-      rows_sent += chunk_rows_to_[p * chunks + c];
-      rows_received += chunk_rows_from_[p * chunks + c];
+      rows_sent += workspace_->chunk_rows_to[p * chunks + c];
+      rows_received += workspace_->chunk_rows_from[p * chunks + c];
     }
   }
   const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, H);
@@ -1075,7 +1063,7 @@ void MoELayer::slot_dot_products(const DispatchHandle& h, const TensorView& rows
                                  const TensorView& outputs) {
   const std::int64_t H = hidden_;
   const std::int64_t NK = static_cast<std::int64_t>(h.recv_meta_.size());
-  d_slot_weights_.resize(to_size(NK));
+  workspace_->d_slot_weights.resize(to_size(NK));
   for (std::int64_t i = 0; i < NK; ++i) {
     const std::int64_t a = h.assignment_of_slot_[to_size(i)];
     float d_weight = 0;
@@ -1084,7 +1072,7 @@ void MoELayer::slot_dot_products(const DispatchHandle& h, const TensorView& rows
       const float* g = rows.data_as<const float>() + a * H;
       for (std::int64_t j = 0; j < H; ++j) d_weight += g[j] * o[j];
     }
-    d_slot_weights_[to_size(i)] = d_weight;
+    workspace_->d_slot_weights[to_size(i)] = d_weight;
   }
 }
 
@@ -1095,18 +1083,20 @@ void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan&
   const auto me = static_cast<std::size_t>(transport.rank());
   const std::size_t slot_bytes = to_size(K) * sizeof(float);
   const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
-  d_sent_weights_.resize(to_size(S * K));
-  peer_exchange(h.rows_from_, me, slot_bytes, /*compact=*/false, d_weight_send_bytes_,
-                d_weight_send_offsets_);
-  peer_exchange(h.rows_to_, me, slot_bytes, /*compact=*/false, d_weight_recv_bytes_,
-                d_weight_recv_offsets_);
-  std::copy_n(d_slot_weights_.data() + h.rows_from_offset_[me] * K, h.rows_from_[me] * K,
-              d_sent_weights_.data() + h.rows_to_offset_[me] * K);
+  workspace_->d_sent_weights.resize(to_size(S * K));
+  peer_exchange(h.rows_from_, me, slot_bytes, /*compact=*/false, workspace_->d_weight_send_bytes,
+                workspace_->d_weight_send_offsets);
+  peer_exchange(h.rows_to_, me, slot_bytes, /*compact=*/false, workspace_->d_weight_recv_bytes,
+                workspace_->d_weight_recv_offsets);
+  std::copy_n(workspace_->d_slot_weights.data() + h.rows_from_offset_[me] * K, h.rows_from_[me] * K,
+              workspace_->d_sent_weights.data() + h.rows_to_offset_[me] * K);
   transport.alltoallv(
-      {reinterpret_cast<const std::byte*>(d_slot_weights_.data()), span_of(d_weight_send_bytes_),
-       span_of(d_weight_send_offsets_), reinterpret_cast<std::byte*>(d_sent_weights_.data()),
-       span_of(d_weight_recv_bytes_), span_of(d_weight_recv_offsets_), Device::host()},
-      *stream_);
+      {reinterpret_cast<const std::byte*>(workspace_->d_slot_weights.data()),
+       span_of(workspace_->d_weight_send_bytes), span_of(workspace_->d_weight_send_offsets),
+       reinterpret_cast<std::byte*>(workspace_->d_sent_weights.data()),
+       span_of(workspace_->d_weight_recv_bytes), span_of(workspace_->d_weight_recv_offsets),
+       Device::host()},
+      *workspace_->stream);
   host_ready();
   // A sent row's slots are its token's plan slots on the row's rank, in plan order.
   std::fill_n(d_weights, plan.num_tokens * K, 0.0f);
@@ -1120,7 +1110,7 @@ void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan&
         if (experts[j] < 0 || parts_.placement.rank_of(experts[j]) != static_cast<int>(rank)) {
           continue;
         }
-        d_weights[t * K + j] = d_sent_weights_[to_size(i * K + slot++)];
+        d_weights[t * K + j] = workspace_->d_sent_weights[to_size(i * K + slot++)];
       }
     }
   }
@@ -1129,18 +1119,18 @@ void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan&
 void MoELayer::combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y) {
   // The combine with unit weights; the handle's own weights are put back afterwards.
   const std::size_t NK = h.recv_meta_.size();
-  saved_slot_weights_.resize(NK);
+  workspace_->saved_slot_weights.resize(NK);
   for (std::size_t i = 0; i < NK; ++i) {
-    saved_slot_weights_[i] = h.recv_meta_[i].weight;
+    workspace_->saved_slot_weights[i] = h.recv_meta_[i].weight;
     h.recv_meta_[i].weight = 1.0f;
   }
   try {
     combine(h, rows, y);
   } catch (...) {
-    for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = saved_slot_weights_[i];
+    for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = workspace_->saved_slot_weights[i];
     throw;
   }
-  for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = saved_slot_weights_[i];
+  for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = workspace_->saved_slot_weights[i];
 }
 
 void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
@@ -1156,12 +1146,12 @@ void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
   d_expert_output.require("MoE combine backward d_expert_output", DType::kF32, {A, H});
   d_weights.require("MoE combine backward d_weights", DType::kF32, {T, plan.slots});
   const std::optional<Error> bad = first_non_finite(dy, "dy");
-  dispatch(dy, plan, backward_dy_, bad ? &*bad : nullptr);
+  dispatch(dy, plan, workspace_->backward_dy, bad ? &*bad : nullptr);
   host_ready();
-  const TensorView d_rows = backward_dy_.expert_input();
-  weigh_rows(backward_dy_, d_rows, d_expert_output);
-  slot_dot_products(backward_dy_, d_rows, expert_output);
-  return_slot_gradients(backward_dy_, plan, d_weights.data_as<float>());
+  const TensorView d_rows = workspace_->backward_dy.expert_input();
+  weigh_rows(workspace_->backward_dy, d_rows, d_expert_output);
+  slot_dot_products(workspace_->backward_dy, d_rows, expert_output);
+  return_slot_gradients(workspace_->backward_dy, plan, d_weights.data_as<float>());
 }
 
 void MoELayer::dispatch_backward(DispatchHandle& handle, const TensorView& d_expert_input,
@@ -1195,10 +1185,10 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   // in the same order. A bad dy stops every rank at the first dispatch's count exchange.
   const bool kept = kept_for_backward_;
   const std::optional<Error> bad = first_non_finite(dy, "dy");
-  if (!kept) dispatch(x, plan, backward_x_, bad ? &*bad : nullptr);
-  dispatch(dy, plan, backward_dy_, kept && bad ? &*bad : nullptr);
-  DispatchHandle& hx = kept ? kept_handle_ : backward_x_;
-  DispatchHandle& hd = backward_dy_;
+  if (!kept) dispatch(x, plan, workspace_->backward_x, bad ? &*bad : nullptr);
+  dispatch(dy, plan, workspace_->backward_dy, kept && bad ? &*bad : nullptr);
+  DispatchHandle& hx = kept ? kept_handle_ : workspace_->backward_x;
+  DispatchHandle& hd = workspace_->backward_dy;
   const TensorView rows = hx.expert_input();
   const TensorView d_rows = hd.expert_input();
   // The rows' output buffer (the forward's outputs are not needed) takes their gradients.
@@ -1209,45 +1199,46 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   // Each grouped row stands for one (token, local expert) slot: the kernel applies the
   // slot's weight to dy and gives <dy, expert output>, the weight's gradient.
   const std::int64_t NK = static_cast<std::int64_t>(hd.recv_meta_.size());
-  grouped_weights_.resize(to_size(A));
-  d_grouped_weights_.resize(to_size(A));
+  workspace_->grouped_weights.resize(to_size(A));
+  workspace_->d_grouped_weights.resize(to_size(A));
   for (std::int64_t i = 0; i < NK; ++i) {
     const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
-    if (a >= 0) grouped_weights_[to_size(a)] = hd.recv_meta_[to_size(i)].weight;
+    if (a >= 0) workspace_->grouped_weights[to_size(a)] = hd.recv_meta_[to_size(i)].weight;
   }
   ExpertGradientBatch batch{rows, hx.rows_per_expert(), d_rows, d_inputs, out.d_experts};
-  batch.row_weights = TensorView(grouped_weights_.data(), DType::kF32, {A});
-  batch.d_row_weights = TensorView(d_grouped_weights_.data(), DType::kF32, {A});
+  batch.row_weights = TensorView(workspace_->grouped_weights.data(), DType::kF32, {A});
+  batch.d_row_weights = TensorView(workspace_->d_grouped_weights.data(), DType::kF32, {A});
   const std::int64_t columns = parts_.experts->saved_columns();
   if (kept && columns > 0) {
     batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
   }
-  parts_.experts->backward(batch, *stream_);
+  parts_.experts->backward(batch, *workspace_->stream);
   host_ready();
-  d_slot_weights_.resize(to_size(NK));
+  workspace_->d_slot_weights.resize(to_size(NK));
   for (std::int64_t i = 0; i < NK; ++i) {
     const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
-    d_slot_weights_[to_size(i)] = a >= 0 ? d_grouped_weights_[to_size(a)] : 0.0f;
+    workspace_->d_slot_weights[to_size(i)] =
+        a >= 0 ? workspace_->d_grouped_weights[to_size(a)] : 0.0f;
   }
   // The rows' input gradients come back summed per token; the weights' gradients to their
   // tokens' ranks.
   combine_unweighted(hd, d_inputs, out.dx);
-  d_plan_weights_.resize(to_size(T * K));
-  return_slot_gradients(hd, plan, d_plan_weights_.data());
+  workspace_->d_plan_weights.resize(to_size(T * K));
+  return_slot_gradients(hd, plan, workspace_->d_plan_weights.data());
 
   // The router: d logits from the weights' gradients (at the forward's logits, still in
   // logits_), then through the logits' GEMM.
   Transport& transport = *parts_.transport;
-  d_logits_.resize(to_size(T * E));
+  workspace_->d_logits.resize(to_size(T * E));
   RouteGradientInput route;
   route.logits = TensorView(logits_.data(), DType::kF32, {T, E});
   route.topology = &transport.topology();
   route.plan = &plan;
-  route.d_weights = TensorView(d_plan_weights_.data(), DType::kF32, {T, K});
+  route.d_weights = TensorView(workspace_->d_plan_weights.data(), DType::kF32, {T, K});
   route.loss_tokens = out.loss_tokens;
   route.loss_aux_counts = out.loss_aux_counts;
-  parts_.router->backward(route, TensorView(d_logits_.data(), DType::kF32, {T, E}));
-  accumulate_router_gradients(x, gate_, d_logits_.data(), out.dx, out.d_gate);
+  parts_.router->backward(route, TensorView(workspace_->d_logits.data(), DType::kF32, {T, E}));
+  accumulate_router_gradients(x, gate_, workspace_->d_logits.data(), out.dx, out.d_gate);
 }
 
 }  // namespace switchyard

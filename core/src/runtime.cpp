@@ -35,8 +35,7 @@ struct Runtime::State {
   std::vector<std::shared_ptr<Transport>> dp_transports;  // this rank's DP group
   int ep_size = 1;
   std::vector<std::vector<std::unique_ptr<MoELayer>>> layers;  // [layer][local rank]
-  // Per local rank: the one data path and step buffers its layers share.
-  std::vector<std::shared_ptr<DataPath>> data_paths;
+  // Per local rank: the step buffers (and with them the data path) its layers share.
   std::vector<std::shared_ptr<LayerWorkspace>> workspaces;
   ExpertPlacement placement;
   // forward_model's activations between layers (host, grown once).
@@ -233,7 +232,6 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
     } else {
       data_path = make_host_data_path();
     }
-    state_->data_paths.push_back(data_path);
     state_->workspaces.push_back(make_layer_workspace());
     for (std::size_t l = 0; l < state_->models.size(); ++l) {
       const ModelWeights& weights = state_->models[l];
@@ -280,7 +278,6 @@ Runtime::~Runtime() {
   state_->device_rows.clear();
   state_->layers.clear();
   state_->workspaces.clear();
-  state_->data_paths.clear();
   state_->ep_transports.clear();
   state_->dp_transports.clear();
 }
@@ -624,16 +621,13 @@ void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y, int
 }
 
 void Runtime::forward_model(const TensorView& x, const TensorView& y) {
-  if (num_layers() == 1) {
-    forward(x, y);
-    return;
-  }
   const std::int64_t H = model().hidden();
   x.require("input tokens", DType::kF32, {-1, H});
   y.require("output", DType::kF32, {x.dim(0), H});
   const std::int64_t T = x.dim(0);
+  // Activations between layers (a one-layer model writes y directly and needs none).
   for (HostTensor* t : {&state_->chain_in, &state_->chain_out}) {
-    if (t->numel() < T * H) *t = HostTensor(DType::kF32, {T, H});
+    if (num_layers() > 1 && t->numel() < T * H) *t = HostTensor(DType::kF32, {T, H});
   }
   TensorView in = x;
   for (int index = 0; index < num_layers(); ++index) {

@@ -530,9 +530,18 @@ int bench(Runtime& runtime, const BenchOptions& options) {
   nlohmann::json per_layer = nlohmann::json::array();
   if (!options.exchange_only) {
     HostTensor in = x, out(DType::kF32, {total_tokens, model.hidden()});
-    std::vector<RoutingPlan> uniform_plans(static_cast<std::size_t>(runtime.num_local_ranks()));
-    std::vector<RoutingPlan> routed(static_cast<std::size_t>(runtime.num_local_ranks()));
-    for (auto& plan : uniform_plans) plan.num_tokens = -1;
+    const auto ranks_here = static_cast<std::size_t>(runtime.num_local_ranks());
+    std::vector<RoutingPlan> uniform_plans(ranks_here), routed(ranks_here);
+    if (options.uniform) {
+      // The routing of the measurements above, one plan per local rank for every layer.
+      runtime.run_on_ranks([&](int local) {
+        const int rank = runtime.world_rank(local);
+        uniform_plan(token_block(total_tokens, world, rank).second, model.num_experts(),
+                     runtime.layer(local).router().slots_per_token(),
+                     options.routing_seed + static_cast<std::uint64_t>(rank),
+                     uniform_plans[static_cast<std::size_t>(local)]);
+      });
+    }
     for (int l = 0; l < runtime.num_layers(); ++l) {
       std::vector<double> seconds;
       for (int i = 0; i < options.warmup + options.iters; ++i) {
@@ -546,15 +555,8 @@ int bench(Runtime& runtime, const BenchOptions& options) {
             const TensorView xs(in.data<float>() + first * H, DType::kF32, {count, H});
             const TensorView ys(out.data<float>() + first * H, DType::kF32, {count, H});
             MoELayer& layer = runtime.layer(local, l);
-            RoutingPlan& plan = uniform_plans[static_cast<std::size_t>(local)];
-            if (plan.num_tokens != count) {
-              uniform_plan(
-                  count, model.num_experts(), layer.router().slots_per_token(),
-                  options.routing_seed + static_cast<std::uint64_t>(runtime.world_rank(local)),
-                  plan);
-            }
             layer.route(xs, routed[static_cast<std::size_t>(local)]);
-            layer.forward(xs, plan, ys);
+            layer.forward(xs, uniform_plans[static_cast<std::size_t>(local)], ys);
           });
         } else {
           runtime.forward(in.view(), out.view(), l);

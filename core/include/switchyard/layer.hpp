@@ -274,7 +274,7 @@ class MoELayer {
                          const TensorView& dx);
   /// The stream the layer's work is ordered on, from its data path: for the host data path
   /// a queued host stream when the transport is stream-ordered, else an inline one.
-  Stream& stream() noexcept { return *stream_; }
+  Stream& stream() noexcept;
   Transport& transport() const noexcept { return *parts_.transport; }
   Router& router() const noexcept { return *parts_.router; }
   /// This rank's expert kernel.
@@ -387,32 +387,27 @@ class MoELayer {
   void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
                         const Error* local_error, bool group, ExpertRowDTypes dtypes);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
-  void host_ready() { stream_->synchronize(); }
+  void host_ready() { stream().synchronize(); }
   /// A host router behind a device data path: logits copied to the host, routed there,
   /// the plan copied to the device.
   void route_through_host(const TensorView& logits, RoutingPlan& plan);
   friend class LayerWorkspace;
   MoELayerParts parts_;
-  // The shared step buffers (declared first: the references below are bound to them).
+  // The step buffers, shared with the other layers of this rank (see LayerWorkspace).
   std::shared_ptr<LayerWorkspace> workspace_;
-  std::unique_ptr<Stream>& stream_;
   std::shared_ptr<DataPath> data_path_;
   std::int64_t hidden_ = 0;
   TensorView gate_;             // the gate on the data path's device
   Buffer<float> device_gate_;   // its copy there, when the caller's gate is host memory
   bool route_on_host_ = false;  // a host router with a device data path
-  Buffer<float>& host_logits_;  // staging memory (the workspace's)
-  RoutingPlan& host_plan_;      // staging memory (the workspace's)
   HostStream host_stream_;      // for the host router
   RouterStats device_stats_;    // of a route the device data path computed
   Buffer<float> logits_;
   RoutingPlan plan_;
-  // The forward's exchange: the workspace's, or the layer's own when a training forward
-  // keeps its rows for the backward.
-  DispatchHandle& step_handle_;
+  // The exchange of a training forward that keeps its rows for the backward (a forward that
+  // keeps nothing uses the workspace's).
   DispatchHandle kept_handle_;
-  // Chunked forward: per-chunk row counts [R, chunks], the state of each chunk in flight,
-  // and the stream whose thread runs the exchanges.
+  // Chunked forward: the state of each chunk in flight (the workspace holds the slots).
   struct ExchangeTask {
     MoELayer* layer = nullptr;
     DispatchHandle* handle = nullptr;
@@ -425,17 +420,6 @@ class MoELayer {
     ExchangeTask dispatch, combine;
     std::unique_ptr<StreamEvent> dispatched, combined;
   };
-  // The workspace's chunk pipeline and backward scratch (see LayerWorkspace in layer.cpp).
-  Buffer<std::int64_t>&chunk_rows_to_, &chunk_rows_from_;
-  std::vector<std::unique_ptr<ChunkSlot>>& chunk_slots_;
-  std::unique_ptr<HostStream>& exchange_stream_;
-  DispatchHandle &backward_x_, &backward_dy_;
-  Buffer<float>&d_slot_weights_, &d_sent_weights_;
-  Buffer<float>&grouped_weights_, &d_grouped_weights_;
-  Buffer<float>& saved_slot_weights_;
-  Buffer<std::size_t>&d_weight_send_bytes_, &d_weight_send_offsets_, &d_weight_recv_bytes_,
-      &d_weight_recv_offsets_;
-  Buffer<float>&d_plan_weights_, &d_logits_;
   // The last forward routed its tokens and finished: plan_ and logits_ are its own.
   bool backward_ready_ = false;
   // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns()],
