@@ -85,6 +85,10 @@ ConfigSchema core_schema(std::string_view section) {
           "the model's MoE layers, run in this order: numbers and ranges, e.g. \"3-60\" or "
           "\"0,2,4\" (empty: one layer; random weights draw each layer from seed and its "
           "number)");
+    s.add("residual", T::kBool, ConfigValue{false},
+          "true: each layer of the chain adds its input to its output (a transformer's "
+          "residual stream: h + MoE(h)), in run, backward and the model's forward, backward "
+          "and reference; false: the output of layer l is the input of layer l+1");
     s.add("num_experts", T::kInt, ConfigValue{std::int64_t{8}},
           "E for random weights (with a checkpoint: taken from it, must agree if set)",
           checks::int_range(1, 1 << 16));

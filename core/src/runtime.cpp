@@ -40,6 +40,13 @@ struct Runtime::State {
   ExpertPlacement placement;
   // forward_model's activations between layers (host, grown once).
   HostTensor chain_in, chain_out;
+  bool training = false;
+  // In training, the input of every layer but the first of the last forward_model, kept for
+  // backward_model ([L-1] of [T,H], grown once), and that forward's T (-1: none yet).
+  std::vector<HostTensor> layer_inputs;
+  std::int64_t layer_inputs_tokens = -1;
+  // backward_model's gradients between layers (host, grown once).
+  HostTensor chain_grad_in, chain_grad_out;
   std::vector<std::vector<std::int64_t>> group_counts;  // per local rank, for bias updates
   /// Per local rank: its block of tokens and outputs on the layer's device, when the layer
   /// runs on a device and the caller's tensors are host memory.
@@ -449,6 +456,14 @@ void Runtime::save_model(const std::filesystem::path& path) {
   const CheckpointFormat format = options.get_string("format") == "mixtral"
                                       ? CheckpointFormat::kMixtral
                                       : CheckpointFormat::kDeepseek;
+  // Checked alike on every rank, before the collectives.
+  if (num_layers() > 1 && options.get_string("prefix").find("{layer}") == std::string::npos) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "save_model: the model has " + std::to_string(num_layers()) +
+                    " layers but model.prefix \"" + options.get_string("prefix") +
+                    "\" names no {layer}, so their tensors would have the same names (e.g. "
+                    "prefix = \"model.layers.{layer}.mlp.\")");
+  }
   std::map<std::string, HostTensor> tensors;
   for (int index = 0; index < num_layers(); ++index) {
     const ModelWeights& m = model(index);
@@ -486,6 +501,8 @@ void Runtime::save_model(const std::filesystem::path& path) {
 }
 
 void Runtime::set_training(bool training) {
+  state_->training = training;
+  state_->layer_inputs_tokens = -1;
   for (auto& layers : state_->layers) {
     for (auto& l : layers) l->set_training(training);
   }
@@ -613,29 +630,89 @@ void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool worl
 }
 
 void Runtime::forward(const TensorView& x, const TensorView& y, int layer) {
+  state_->layer_inputs_tokens = -1;  // a layer's own forward ends what backward_model may use
   forward_blocks(x, y, /*world_blocks=*/true, layer);
 }
 
 void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y, int layer) {
+  state_->layer_inputs_tokens = -1;
   forward_blocks(x, y, /*world_blocks=*/false, layer);
 }
+
+namespace {
+
+/// into += from, both f32 [T,H] (contiguous).
+void add_rows(const TensorView& from, const TensorView& into) {
+  const float* a = from.data_as<const float>();
+  float* b = into.data_as<float>();
+  for (std::int64_t i = 0; i < into.numel(); ++i) b[i] += a[i];
+}
+
+/// `storage` as an f32 [rows,cols] view, reallocated only when it is too small.
+TensorView grown_matrix(HostTensor& storage, std::int64_t rows, std::int64_t cols) {
+  if (storage.numel() < rows * cols) storage = HostTensor(DType::kF32, {rows, cols});
+  return {storage.data<float>(), DType::kF32, {rows, cols}};
+}
+
+}  // namespace
+
+bool Runtime::residual() const { return settings().section("model").get_bool("residual"); }
 
 void Runtime::forward_model(const TensorView& x, const TensorView& y) {
   const std::int64_t H = model().hidden();
   x.require("input tokens", DType::kF32, {-1, H});
   y.require("output", DType::kF32, {x.dim(0), H});
   const std::int64_t T = x.dim(0);
-  // Activations between layers (a one-layer model writes y directly and needs none).
-  for (HostTensor* t : {&state_->chain_in, &state_->chain_out}) {
-    if (num_layers() > 1 && t->numel() < T * H) *t = HostTensor(DType::kF32, {T, H});
-  }
+  const int L = num_layers();
+  // Training keeps every layer's input for backward_model; inference alternates two buffers.
+  State& s = *state_;
+  s.layer_inputs_tokens = -1;
+  if (s.training) s.layer_inputs.resize(static_cast<std::size_t>(L - 1));
   TensorView in = x;
-  for (int index = 0; index < num_layers(); ++index) {
-    const bool last = index + 1 == num_layers();
-    HostTensor& out_storage = index % 2 == 0 ? state_->chain_out : state_->chain_in;
-    const TensorView out = last ? y : TensorView(out_storage.data<float>(), DType::kF32, {T, H});
+  for (int index = 0; index < L; ++index) {
+    TensorView out = y;
+    if (index + 1 < L) {
+      HostTensor& storage = s.training       ? s.layer_inputs[static_cast<std::size_t>(index)]
+                            : index % 2 == 0 ? s.chain_out
+                                             : s.chain_in;
+      out = grown_matrix(storage, T, H);
+    }
     forward(in, out, index);
+    if (residual()) add_rows(in, out);
     in = out;
+  }
+  if (s.training) s.layer_inputs_tokens = T;  // after forward, which resets it
+}
+
+void Runtime::backward_model(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                             std::vector<ModelGradients>& gradients) {
+  const std::int64_t H = model().hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  const std::int64_t T = x.dim(0);
+  dy.require("dy", DType::kF32, {T, H});
+  dx.require("dx", DType::kF32, {T, H});
+  State& s = *state_;
+  const int L = num_layers();
+  if (L > 1 && s.layer_inputs_tokens != T) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "backward_model follows a forward_model in training mode (set_training(true)) "
+                "on the same " +
+                    std::to_string(T) + " tokens; " +
+                    (s.layer_inputs_tokens < 0
+                         ? std::string("there was none since training was set")
+                         : "the last one had " + std::to_string(s.layer_inputs_tokens)));
+  }
+  gradients.resize(static_cast<std::size_t>(L));
+  // Layer l's dx is layer l-1's dy; the first layer's is the caller's dx.
+  TensorView upstream = dy;
+  for (int index = L - 1; index >= 0; --index) {
+    const TensorView in =
+        index == 0 ? x : grown_matrix(s.layer_inputs[static_cast<std::size_t>(index - 1)], T, H);
+    TensorView out = dx;
+    if (index > 0) out = grown_matrix(index % 2 == 0 ? s.chain_grad_out : s.chain_grad_in, T, H);
+    backward(in, upstream, out, gradients[static_cast<std::size_t>(index)], index);
+    if (residual()) add_rows(upstream, out);  // the identity path's gradient
+    upstream = out;
   }
 }
 
@@ -967,6 +1044,7 @@ void Runtime::reference_model(const TensorView& x, const TensorView& y) const {
   std::copy_n(x.data_as<const float>(), x.numel(), in.data<float>());
   for (int index = 0; index < num_layers(); ++index) {
     reference_forward(in.view(), y, index);
+    if (residual()) add_rows(in.view(), y);
     std::copy_n(y.data_as<const float>(), y.numel(), in.data<float>());
   }
 }

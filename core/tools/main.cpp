@@ -33,8 +33,9 @@ commands:
         logits, the experts against one sgemm of their FLOPs (run under a launcher like
         `run`; the median over iterations of the slowest rank)
   backward CONFIG --grad-output DY.npy --out DIR [--set section.key=value]...
-        forward on [input], then backward with dy from DY.npy; writes dx.npy, d_gate.npy
-        and d_experts.safetensors (rank 0, under a launcher like `run`)
+        the model forward on [input], then backward with dy from DY.npy; writes dx.npy
+        and d_model.safetensors, every layer's gradients (rank 0, under a launcher
+        like `run`)
   simulate CONFIG [--json OUT] [--html OUT] [--compare SETTING...] [--set ...]
         route synthetic or recorded logits with the real routers on a simulated cluster
         ([simulate] nodes, gpus_per_node, ...): expert load, traffic per rank and node

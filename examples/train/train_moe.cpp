@@ -1,8 +1,10 @@
-// Training an expert-parallel MoE layer with Switchyard: a small layer (the student) learns
-// to imitate a fixed MoE layer with other weights (the teacher) on synthetic tokens. Each
-// step runs the layer forward, the loss's gradient, the layer backward (dx, the experts'
-// and the router's gradients, summed over the ranks that hold each tensor) and an Adam or
-// SGD update of the parameters in place.
+// Training an expert-parallel MoE model with Switchyard: a small model of L MoE layers
+// (`[model] layers`, the student) learns to imitate a fixed chain of L MoE layers with other
+// weights (the teacher) on synthetic tokens. Each step runs the model forward (layer l+1
+// takes h + MoE_l(h), the residual stream of `[model] residual`), the loss's gradient, the model
+// backward (through the layers in reverse: dx, every layer's experts' and router's gradients,
+// summed over the ranks that hold each tensor) and an Adam or SGD update of the parameters in
+// place.
 //
 // The same program runs on any transport: the in-process one (all ranks are threads of
 // this process), MPI (one process per rank under mpirun) or UCX (under
@@ -87,10 +89,10 @@ bool parse_options(int argc, char** argv, Options& o) {
   return !o.config.empty();
 }
 
-/// The teacher: softmax over the top-k of x·gateᵀ (lower expert index first on ties), its
-/// SwiGLU experts evaluated densely.
-void teacher_forward(const switchyard::ModelWeights& teacher, int top_k,
-                     const switchyard::HostTensor& x, switchyard::HostTensor& y) {
+/// One teacher layer: softmax over the top-k of x·gateᵀ (lower expert index first on
+/// ties), its SwiGLU experts evaluated densely.
+void teacher_layer(const switchyard::ModelWeights& teacher, int top_k,
+                   const switchyard::HostTensor& x, switchyard::HostTensor& y) {
   const std::int64_t T = x.shape()[0], H = teacher.hidden();
   const int E = teacher.num_experts();
   switchyard::RoutingPlan plan;
@@ -127,6 +129,20 @@ void teacher_forward(const switchyard::ModelWeights& teacher, int top_k,
     }
   }
   switchyard::dense_moe_reference(teacher, plan, x.view(), y.view());
+}
+
+/// The teacher's layers in order over x into y, as the student's model runs them: with
+/// `residual`, each layer's output is h + MoE(h).
+void teacher_forward(const std::vector<switchyard::ModelWeights>& teacher, int top_k, bool residual,
+                     const switchyard::HostTensor& x, switchyard::HostTensor& y) {
+  switchyard::HostTensor in = x;
+  for (const auto& layer : teacher) {
+    teacher_layer(layer, top_k, in, y);
+    if (residual) {
+      for (std::int64_t i = 0; i < y.numel(); ++i) y.data<float>()[i] += in.data<float>()[i];
+    }
+    if (&layer != &teacher.back()) in = y;
+  }
 }
 
 /// Mean squared error of y against the target over all rows.
@@ -191,60 +207,78 @@ int main(int argc, char** argv) {
     const switchyard::ModelWeights& model = runtime.model();
     const int E = model.num_experts(), H = model.hidden();
     const int top_k = static_cast<int>(runtime.settings().section("router").get_int("top_k"));
-    const auto teacher = switchyard::ModelWeights::random(
-        E, H, o.teacher_ffn > 0 ? static_cast<int>(o.teacher_ffn) : model.ffn_hidden(),
-        static_cast<std::uint64_t>(o.teacher_seed));
+    const int L = runtime.num_layers();
+    std::vector<switchyard::ModelWeights> teacher;
+    for (int l = 0; l < L; ++l) {
+      teacher.push_back(switchyard::ModelWeights::random(
+          E, H, o.teacher_ffn > 0 ? static_cast<int>(o.teacher_ffn) : model.ffn_hidden(),
+          static_cast<std::uint64_t>(o.teacher_seed + l)));
+    }
 
-    // The tensors this process updates (in-process ranks share them), with their state.
-    switchyard::ModelParameters weights = runtime.parameters();
-    Parameter gate{weights.gate, {}, {}};
-    std::vector<Parameter> experts;  // [E * 3]: gate, up, down of each expert
-    for (const auto& expert : weights.experts) {
-      for (const auto& w : expert) experts.push_back({w, {}, {}});
+    // The tensors this process updates (in-process ranks share them), with their state:
+    // per layer the gate, then gate, up, down of each expert.
+    struct LayerParameters {
+      Parameter gate;
+      std::vector<Parameter> experts;  // [E * 3]
+    };
+    std::vector<LayerParameters> parameters(static_cast<std::size_t>(L));
+    for (int l = 0; l < L; ++l) {
+      const switchyard::ModelParameters weights = runtime.parameters(l);
+      auto& p = parameters[static_cast<std::size_t>(l)];
+      p.gate = {weights.gate, {}, {}};
+      for (const auto& expert : weights.experts) {
+        for (const auto& w : expert) p.experts.push_back({w, {}, {}});
+      }
     }
 
     const auto T = static_cast<std::int64_t>(o.batch);
     switchyard::HostTensor y(switchyard::DType::kF32, {T, H}),
         target(switchyard::DType::kF32, {T, H});
     switchyard::HostTensor dy(switchyard::DType::kF32, {T, H}), dx(switchyard::DType::kF32, {T, H});
-    switchyard::ModelGradients gradients;
+    std::vector<switchyard::ModelGradients> gradients;  // per layer
 
     // The loss on held-out tokens (collective: every rank runs the forward).
     const switchyard::HostTensor eval_x = switchyard::synthetic_tokens(T, H, /*seed=*/7);
     switchyard::HostTensor eval_target(switchyard::DType::kF32, {T, H});
-    teacher_forward(teacher, top_k, eval_x, eval_target);
+    teacher_forward(teacher, top_k, runtime.residual(), eval_x, eval_target);
     auto eval_loss = [&] {
       runtime.set_training(false);  // nothing to keep
-      runtime.forward(eval_x.view(), y.view());
+      runtime.forward_model(eval_x.view(), y.view());
       runtime.gather_rows(y.view());
       return mean_squared_error(y, eval_target);
     };
     const double initial = eval_loss();
     if (reporter) {
-      std::printf("training %d experts (hidden %d, ffn %d, top-%d) on %d ranks (%s), %s, lr %g\n",
-                  E, H, model.ffn_hidden(), top_k, runtime.world_size(),
-                  runtime.settings().section("runtime").get_string("transport").c_str(),
-                  o.adam ? "adam" : "sgd", o.lr);
+      std::printf(
+          "training %d MoE layer%s of %d experts (hidden %d, ffn %d, top-%d) on %d ranks (%s), "
+          "%s, lr %g\n",
+          L, L == 1 ? "" : "s", E, H, model.ffn_hidden(), top_k, runtime.world_size(),
+          runtime.settings().section("runtime").get_string("transport").c_str(),
+          o.adam ? "adam" : "sgd", o.lr);
       std::printf("step %5d  eval loss %.6e\n", 0, initial);
     }
 
-    // Training forwards keep what the backward needs ([runtime] recompute = false).
+    // Training forwards keep every layer's input and, unless [runtime] recompute, what each
+    // layer's backward needs.
     for (long long step = 0; step < o.steps; ++step) {
       const switchyard::HostTensor x =
           switchyard::synthetic_tokens(T, H, 100 + static_cast<std::uint64_t>(step));
-      teacher_forward(teacher, top_k, x, target);
+      teacher_forward(teacher, top_k, runtime.residual(), x, target);
       runtime.set_training(true);
-      runtime.forward(x.view(), y.view());
+      runtime.forward_model(x.view(), y.view());
       // L = mean (y - target)²; every rank's rows of dy from its own rows of y.
       const auto scale = static_cast<float>(2.0 / static_cast<double>(T * H));
       for (std::int64_t i = 0; i < T * H; ++i) {
         dy.data<float>()[i] = scale * (y.data<float>()[i] - target.data<float>()[i]);
       }
-      runtime.backward(x.view(), dy.view(), dx.view(), gradients);
-      update(gate, gradients.gate, o, step);
-      for (std::size_t i = 0; i < experts.size(); ++i) {
-        if (experts[i].weights.data() == nullptr) continue;  // held by another process
-        update(experts[i], gradients.experts[i / 3][i % 3], o, step);
+      runtime.backward_model(x.view(), dy.view(), dx.view(), gradients);
+      for (std::size_t l = 0; l < parameters.size(); ++l) {
+        auto& p = parameters[l];
+        update(p.gate, gradients[l].gate, o, step);
+        for (std::size_t i = 0; i < p.experts.size(); ++i) {
+          if (p.experts[i].weights.data() == nullptr) continue;  // held by another process
+          update(p.experts[i], gradients[l].experts[i / 3][i % 3], o, step);
+        }
       }
       if ((step + 1) % 50 == 0 || step + 1 == o.steps) {
         const double loss = eval_loss();

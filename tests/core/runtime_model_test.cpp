@@ -217,4 +217,12 @@ TEST_CASE("save_model writes every layer under its own prefix and loads back") {
   unlisted.set("model", "layers", std::string());
   CHECK(test::error_message([&] { Runtime r(unlisted); }).find("model.layers must say") !=
         std::string::npos);
+
+  // Layers without {layer} in the prefix would write one layer's names twice: refused.
+  Config unnamed = model_config(2, "1,3");
+  Runtime same_names(unnamed);
+  const Error error = test::error_of([&] { same_names.save_model(dir / "unnamed.safetensors"); });
+  CHECK(error.code() == ErrorCode::kInvalidArgument);
+  CHECK(error.message().find("names no {layer}") != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir / "unnamed.safetensors"));
 }

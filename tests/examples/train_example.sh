@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# examples/train on 4 ranks with the in-process, MPI and UCX transports: the held-out loss
-# falls at least 10x on each, the three trained checkpoints are the same bytes, and the
-# checkpoint loads back into `switchyard run`.
+# examples/train (a model of two MoE layers in a residual stream) on 4 ranks with the
+# in-process, MPI and UCX transports: the held-out loss falls at least 3x on each (one layer
+# alone falls 16x in 800 steps; with two, both routers must learn the teacher's routing and
+# the loss levels off near 4x), the three trained checkpoints are the same bytes, and the
+# checkpoint of both layers loads back into `switchyard run`.
 set -euo pipefail
 bin=$1 source=$2 work=$3 mpirun=$4
 shift 4
@@ -9,14 +11,14 @@ mpirun_flags=("$@")
 config=$source/examples/train/train.toml
 rm -rf "$work" && mkdir -p "$work"
 
-check_loss() {  # log file: "eval loss A -> B (Nx lower)" with A >= 10 B
+check_loss() {  # log file: "eval loss A -> B (Nx lower)" with A >= 3 B
   local line
   line=$(grep -E "eval loss .* -> " "$1" | tail -1)
   echo "$2: $line"
   /usr/bin/python3 - "$line" <<'PY'
 import re, sys
 a, b = map(float, re.search(r"eval loss (\S+) -> (\S+)", sys.argv[1]).groups())
-sys.exit(0 if a >= 10 * b else f"loss fell only {a / b:.2f}x (needs 10x)")
+sys.exit(0 if a >= 3 * b else f"loss fell only {a / b:.2f}x (needs 3x)")
 PY
 }
 

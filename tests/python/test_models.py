@@ -52,30 +52,40 @@ def write_safetensors(path, tensors):
             f.write(blob)
 
 
-def make_checkpoint(folder, seed=26):
-    """Writes the sharded checkpoint; returns the weights as float64 per layer."""
+def stored(a, dtype):
+    """a as the checkpoint stores it in `dtype` ("BF16" or "F32"): (dtype, stored array)."""
+    return (dtype, to_bf16_bits(a) if dtype == "BF16" else np.asarray(a, np.float32))
+
+
+def widened(entry):
+    dtype, array = entry
+    return from_bf16_bits(array) if dtype == "BF16" else array.astype(np.float64)
+
+
+def make_checkpoint(folder, seed=26, dtype="BF16"):
+    """Writes the sharded checkpoint with every tensor in `dtype`; returns the weights as
+    float64 per layer."""
     rng = np.random.default_rng(seed)
     shards = ({}, {})
     weights = []
     for layer in range(LAYERS):
         prefix = f"model.layers.{layer}."
         # Dense neighbours a real checkpoint has; Switchyard must not need them.
-        shards[layer % 2][prefix + "self_attn.q_proj.weight"] = (
-            "BF16", to_bf16_bits(rng.standard_normal((H, H)) * 0.1))
-        shards[layer % 2][prefix + "post_attention_layernorm.weight"] = (
-            "BF16", to_bf16_bits(np.ones(H)))
-        gate = to_bf16_bits(rng.standard_normal((E, H)) * 2.0 / np.sqrt(H))
-        shards[layer // 2][prefix + "mlp.gate.weight"] = ("BF16", gate)
+        shards[layer % 2][prefix + "self_attn.q_proj.weight"] = stored(
+            rng.standard_normal((H, H)) * 0.1, dtype)
+        shards[layer % 2][prefix + "post_attention_layernorm.weight"] = stored(np.ones(H), dtype)
+        gate = stored(rng.standard_normal((E, H)) * 2.0 / np.sqrt(H), dtype)
+        shards[layer // 2][prefix + "mlp.gate.weight"] = gate
         experts = []
         for e in range(E):
             # Layer 2 spans both shards: its odd experts live in the second one.
             shard = shards[1] if (layer == 2 and e % 2) else shards[layer // 2]
-            mats = [to_bf16_bits(rng.standard_normal(shape) / np.sqrt(shape[1]))
+            mats = [stored(rng.standard_normal(shape) / np.sqrt(shape[1]), dtype)
                     for shape in ((F, H), (F, H), (H, F))]
             for name, m in zip(("gate_proj", "up_proj", "down_proj"), mats):
-                shard[prefix + f"mlp.experts.{e}.{name}.weight"] = ("BF16", m)
-            experts.append([from_bf16_bits(m) for m in mats])
-        weights.append((from_bf16_bits(gate), experts))
+                shard[prefix + f"mlp.experts.{e}.{name}.weight"] = m
+            experts.append([widened(m) for m in mats])
+        weights.append((widened(gate), experts))
     names = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
     weight_map = {}
     for shard, name in zip(shards, names):

@@ -165,9 +165,12 @@ class Runtime {
   /// rank updates its router with the same sums, so the bias stays identical on all ranks.
   void forward(const TensorView& x, const TensorView& y, int layer = 0);
   /// The whole model over global tokens x [T,H]: every MoE layer in order, the output of
-  /// layer l the input of layer l+1, into y [T,H] (as `forward` per layer; with one layer
-  /// the same as `forward`). Collective.
+  /// layer l the input of layer l+1, into y [T,H] (as `forward` per layer); with
+  /// `[model] residual = true` each layer's output is h + MoE_l(h). With one layer and no
+  /// residual the same as `forward`. x and y must not overlap. Collective.
   void forward_model(const TensorView& x, const TensorView& y);
+  /// `[model] residual`: the chain of `forward_model` is h + MoE_l(h).
+  bool residual() const;
   /// Bytes of step buffers this process's layers hold (each shared workspace once, plus
   /// every layer's own logits, plan and kept rows): their peak, as buffers only grow.
   std::size_t step_buffer_bytes() const noexcept;
@@ -209,7 +212,8 @@ class Runtime {
                          const TensorView& dx);
 
   /// Training mode for every layer of every local rank (`MoELayer::set_training`): its forwards
-  /// keep what the backward needs, unless `[runtime] recompute = true`. Off by default (a forward
+  /// keep what the backward needs, unless `[runtime] recompute = true`, and `forward_model`
+  /// keeps each layer's input for `backward_model`. Off by default (a forward
   /// for inference keeps nothing); `backward` works after either.
   void set_training(bool training);
 
@@ -224,6 +228,14 @@ class Runtime {
   /// process's tokens, split among its local ranks as there. Otherwise as `backward`.
   void backward_local_tokens(const TensorView& x, const TensorView& dy, const TensorView& dx,
                              ModelGradients& gradients, int layer = 0);
+  /// The backward of the last `forward_model(x, y)` made in training mode (`set_training`),
+  /// which kept every layer's input: dy [T,H] of the model's output passes backward through
+  /// the layers in reverse, each layer's dx (plus its dy with a residual) the dy of the one
+  /// before, into dx [T,H] (as `backward` per layer). `gradients` is resized to L; element l is
+  /// layer l's. With one layer the same as `backward`. Throws `Error(kInvalidArgument)` when no
+  /// such forward on T tokens came before. Collective.
+  void backward_model(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                      std::vector<ModelGradients>& gradients);
 
   /// The parameters this process's ranks train (see `ModelParameters`), for an optimizer
   /// to update in place between steps (never while a forward or backward runs). The
@@ -237,13 +249,15 @@ class Runtime {
   /// (others write nothing), in `[model] format` with its `prefix` (its "{layer}" replaced
   /// by each layer's number): per layer the gate, every expert's weights (gathered from
   /// EP group 0) in f32, and the selection bias the checkpoint had (DeepSeek format).
-  /// `[model] weights = path` with the same `layers` loads it back.
+  /// `[model] weights = path` with the same `layers` loads it back. A model of several
+  /// layers needs "{layer}" in its prefix (`Error(kInvalidArgument)` otherwise).
   void save_model(const std::filesystem::path& path);
 
   /// The dense single-process reference of the same computation (each rank's block
   /// routed as that rank routes it, experts evaluated directly in double precision).
   void reference_forward(const TensorView& x, const TensorView& y, int layer = 0) const;
-  /// The dense reference of `forward_model`: `reference_forward` of every layer in order.
+  /// The dense reference of `forward_model`: `reference_forward` of every layer in order
+  /// (with the residual when configured).
   void reference_model(const TensorView& x, const TensorView& y) const;
 
   /// Collective: copies every rank's `token_block` rows of y [T,H] to world rank 0, so
