@@ -547,6 +547,7 @@ struct BootstrapStore::Impl {
   std::unique_ptr<Server> server;
   int fd = -1;
   std::mutex mutex;
+  std::atomic<int> rounds{0};
 
   /// One request and its reply; throws on a broken connection or a failed request.
   std::pair<Reply, std::string> request(Op op, const std::string& key, const std::string& value,
@@ -650,6 +651,21 @@ BootstrapStore::~BootstrapStore() {
   if (impl_->fd >= 0) ::close(impl_->fd);  // hang up first, then (rank 0) stop serving
   impl_->server.reset();
 }
+
+std::shared_ptr<BootstrapStore> BootstrapStore::shared(const LaunchInfo& info, double timeout_s) {
+  // Never released before exit: a later runtime of this process reuses the store.
+  static std::mutex mutex;
+  static std::map<std::string, std::shared_ptr<BootstrapStore>> stores;
+  const std::string job = info.master_addr + ":" + std::to_string(info.master_port) + " " +
+                          std::to_string(info.rank) + "/" + std::to_string(info.world_size) + " " +
+                          info.store_token;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& store = stores[job];
+  if (!store) store = std::make_shared<BootstrapStore>(info, timeout_s);
+  return store;
+}
+
+int BootstrapStore::next_round() noexcept { return impl_->rounds.fetch_add(1); }
 
 int BootstrapStore::rank() const noexcept { return impl_->info.rank; }
 int BootstrapStore::world_size() const noexcept { return impl_->info.world_size; }

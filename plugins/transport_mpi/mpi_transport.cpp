@@ -18,6 +18,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -58,7 +60,7 @@ void check_mpi(int rc, const std::string& what) {
   throw Error(ErrorCode::kSystem, "mpi " + what + ": " + text);
 }
 
-/// Initialises MPI once per process and finalises it when the last communicator goes.
+/// Initialises MPI once per process and finalises it when the process exits.
 /// MPI_Finalize waits for every rank without a bound (a rank stopped after its last
 /// collective would hold the job for ever), so the session first meets the other ranks in
 /// a farewell bounded by the timeout: every rank reports to world rank 0, which answers
@@ -168,6 +170,26 @@ class Session {
   MPI_Comm farewell_ = MPI_COMM_NULL;
   double timeout_s_ = 0;
 };
+
+/// The process's MPI session, made by the first transport and kept until the process exits:
+/// MPI cannot be initialised again once finalised, and a process may delete its runtime and
+/// build another. The plugin pins itself in memory, so that the session's destructor (the
+/// farewell, then MPI_Finalize) runs at exit rather than when a registry unloads the plugin.
+std::shared_ptr<Session> process_session(double timeout_s) {
+  static std::mutex mutex;
+  static std::shared_ptr<Session> session;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (!session) {
+    Dl_info self{};
+    if (::dladdr(reinterpret_cast<const void*>(&process_session), &self) != 0 &&
+        self.dli_fname != nullptr) {
+      ::dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+    }
+    session = std::make_shared<Session>();
+  }
+  session->bound_farewell_by(timeout_s);
+  return session;
+}
 
 /// Posting, testing and cancelling MPI point-to-point messages on one communicator; the
 /// collective's number (modulo the tag limit) is the tag.
@@ -319,8 +341,7 @@ class MpiTransport final : public PeerTransport {
 
 std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) {
   probe().throw_if_error();
-  auto session = std::make_shared<Session>();
-  session->bound_farewell_by(args.timeout_s);
+  const std::shared_ptr<Session> session = process_session(args.timeout_s);
   MPI_Comm world = MPI_COMM_NULL;
   check_mpi(MPI_Comm_dup(MPI_COMM_WORLD, &world), "dup");
   int size = 1;

@@ -499,20 +499,22 @@ std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) 
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
   host_names[0] = host;
-  std::unique_ptr<BootstrapStore> store;
+  std::shared_ptr<BootstrapStore> store;
+  std::string round;  // this runtime's keys in the process's store
   if (info.world_size > 1) {
-    store = std::make_unique<BootstrapStore>(info, args.timeout_s);
+    store = BootstrapStore::shared(info, args.timeout_s);
+    round = "nccl-" + std::to_string(store->next_round()) + "/";
     if (info.rank == 0) {
       const ncclResult_t r = ncclGetUniqueId(&id);
       if (r != ncclSuccess) {
         throw Error(ErrorCode::kSystem, "nccl transport: creating the unique id: " +
                                             std::string(ncclGetErrorString(r)));
       }
-      store->set("nccl-unique-id", std::string(reinterpret_cast<const char*>(&id), sizeof id));
+      store->set(round + "unique-id", std::string(reinterpret_cast<const char*>(&id), sizeof id));
     }
-    const std::string bytes = store->get("nccl-unique-id");
+    const std::string bytes = store->get(round + "unique-id");
     std::memcpy(&id, bytes.data(), std::min(bytes.size(), sizeof id));
-    host_names = store->allgather("host-name", host);
+    host_names = store->allgather(round + "host-name", host);
   } else {
     const ncclResult_t r = ncclGetUniqueId(&id);
     if (r != ncclSuccess) {
@@ -532,7 +534,7 @@ std::vector<std::unique_ptr<Transport>> create(const TransportCreateArgs& args) 
   auto communicator =
       std::make_shared<Communicator>(comm, device, std::move(world_ranks), args.timeout_s);
   communicator->wait_ready("init");
-  if (store) store->barrier("nccl-connected");
+  if (store) store->barrier(round + "connected");
   Topology topology = args.ranks_per_node > 0
                           ? Topology::uniform(info.world_size, args.ranks_per_node)
                           : Topology::from_host_names(host_names);

@@ -49,7 +49,8 @@ class Context {
     if (static_cast<std::uint64_t>(info.world_size) > kMaxRanks) {
       throw Error(ErrorCode::kInvalidArgument, "ucx transport supports at most 65536 ranks");
     }
-    store_ = std::make_unique<BootstrapStore>(info, timeout_s);
+    store_ = BootstrapStore::shared(info, timeout_s);
+    const std::string round = "ucx-" + std::to_string(store_->next_round()) + "/";
     // UCX's shared-memory transports report a dead peer only when asked to; without it an
     // endpoint with peer error handling would skip them (TCP over loopback instead). UCX
     // reads these per transport from the environment; a value the user set is kept.
@@ -83,8 +84,8 @@ class Context {
 
     char host[256] = {};
     ::gethostname(host, sizeof host - 1);
-    const auto addresses = store_->allgather("ucx-worker-address", mine);
-    host_names_ = store_->allgather("host-name", host);
+    const auto addresses = store_->allgather(round + "worker-address", mine);
+    host_names_ = store_->allgather(round + "host-name", host);
     endpoints_.assign(addresses.size(), nullptr);
     peers_.assign(addresses.size(), Peer{});
     for (std::size_t r = 0; r < peers_.size(); ++r) peers_[r].world_rank = static_cast<int>(r);
@@ -100,8 +101,8 @@ class Context {
       status = ucp_ep_create(worker_, &ep_params, &endpoints_[r]);
       if (status != UCS_OK) fail("connecting to rank " + std::to_string(r), status);
     }
-    // Nobody needs the store past this point, but rank 0 keeps serving until it exits.
-    store_->barrier("ucx-connected");
+    // Nobody needs this round past this point; rank 0 keeps serving for later runtimes.
+    store_->barrier(round + "connected");
   }
 
   ~Context() {
@@ -147,7 +148,7 @@ class Context {
   double timeout_s_;
   int world_rank_;
   std::vector<Peer> peers_;  // sized once, before the endpoints point into it
-  std::unique_ptr<BootstrapStore> store_;
+  std::shared_ptr<BootstrapStore> store_;
   ucp_context_h context_ = nullptr;
   ucp_worker_h worker_ = nullptr;
   std::vector<ucp_ep_h> endpoints_;

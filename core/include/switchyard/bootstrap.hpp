@@ -73,6 +73,16 @@ class BootstrapStore {
   /// be reached in time.
   BootstrapStore(const LaunchInfo& info, double timeout_s);
   ~BootstrapStore();
+  /// This process's store of the job `info` describes, shared by every transport the
+  /// process builds: created at the first call and kept until the process exits, because
+  /// rank 0 can listen on MASTER_PORT only once at a time and each rank joins the job once.
+  /// A transport takes a `next_round()` and puts it in its keys, so that the exchanges of a
+  /// later runtime never meet an earlier one's (every process builds its runtimes in the
+  /// same order, so the rounds agree). Waits are bounded by the first call's timeout.
+  /// Thread-safe.
+  static std::shared_ptr<BootstrapStore> shared(const LaunchInfo& info, double timeout_s);
+  /// 0, 1, 2, ... on successive calls: the number of this process's next use of the store.
+  int next_round() noexcept;
   BootstrapStore(const BootstrapStore&) = delete;
   BootstrapStore& operator=(const BootstrapStore&) = delete;
 
