@@ -9,6 +9,33 @@
 
 namespace switchyard {
 
+void widen_expert_weight(const TensorView& weight, const TensorView& block_scales, float* dst) {
+  const std::int64_t rows = weight.dim(0), cols = weight.dim(1);
+  const bool fp8 = weight.dtype() == DType::kF8E4M3;
+  if (!fp8) {
+    if (block_scales.data() != nullptr) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "expert weight: block scales belong to f8_e4m3 weights, not " +
+                      std::string(dtype_name(weight.dtype())));
+    }
+    widen_to_f32(weight.data(), weight.dtype(), static_cast<std::size_t>(weight.numel()), dst);
+    return;
+  }
+  const std::int64_t block_rows = (rows + kWeightScaleBlock - 1) / kWeightScaleBlock;
+  const std::int64_t block_cols = (cols + kWeightScaleBlock - 1) / kWeightScaleBlock;
+  block_scales.require("f8_e4m3 expert weight's block scales", DType::kF32,
+                       {block_rows, block_cols});
+  const auto* codes = weight.data_as<const std::uint8_t>();
+  const float* scales = block_scales.data_as<const float>();
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* row_scales = scales + (r / kWeightScaleBlock) * block_cols;
+    for (std::int64_t c = 0; c < cols; ++c) {
+      dst[r * cols + c] =
+          fp8_e4m3_to_float(codes[r * cols + c]) * row_scales[c / kWeightScaleBlock];
+    }
+  }
+}
+
 std::int64_t check_expert_batch(const ExpertBatch& batch, std::int64_t hidden,
                                 std::size_t num_experts, Device device,
                                 const ExpertBatchNames& names, DType input_dtype,

@@ -398,38 +398,6 @@ std::size_t payload_row_bytes(PayloadDType dtype, std::int64_t hidden) noexcept 
   return (encoded_bytes(dtype, hidden) + 3) / 4 * 4;
 }
 
-std::uint8_t float_to_fp8_e4m3(float value) noexcept {
-  if (std::isnan(value)) return 0x7f;
-  const std::uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
-  const float a = std::fabs(value);
-  if (a >= kFp8Max) return sign | 0x7e;  // saturate to 448
-  if (a < 0.015625f) {                   // below 2^-6: subnormal, steps of 2^-9
-    const auto q = static_cast<std::uint8_t>(std::nearbyint(a * 512.0f));
-    return sign | q;  // q == 8 is the smallest normal, 2^-6
-  }
-  int exponent = 0;
-  const float fraction =
-      std::frexp(a, &exponent);  // a = fraction * 2^exponent, fraction in [0.5,1)
-  int e = exponent - 1;          // a = (2 * fraction) * 2^e
-  auto q = static_cast<int>(std::nearbyint((2.0f * fraction - 1.0f) * 8.0f));
-  if (q == 8) {
-    q = 0;
-    ++e;
-  }
-  const int biased = e + 7;
-  if (biased > 15 || (biased == 15 && q == 7)) return sign | 0x7e;
-  return static_cast<std::uint8_t>(sign | (biased << 3) | q);
-}
-
-float fp8_e4m3_to_float(std::uint8_t bits) noexcept {
-  const int exponent = (bits >> 3) & 0xf;
-  const int mantissa = bits & 0x7;
-  const float sign = (bits & 0x80) != 0 ? -1.0f : 1.0f;
-  if (exponent == 0xf && mantissa == 0x7) return std::nanf("");
-  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -9);
-  return sign * std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent - 7);
-}
-
 std::unique_ptr<DataPath> make_host_data_path() { return std::make_unique<HostDataPath>(); }
 
 }  // namespace switchyard

@@ -118,8 +118,9 @@ class LayerWorkspace {
     std::size_t total = chunk_rows_to.capacity_bytes() + chunk_rows_from.capacity_bytes();
     for (const auto& slot : chunk_slots) total += slot->handle.capacity_bytes();
     for (const auto* h : {&handle, &backward_x, &backward_dy}) total += h->capacity_bytes();
-    for (const auto* b : {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights,
-                          &d_grouped_weights, &saved_slot_weights, &d_plan_weights, &d_logits}) {
+    for (const auto* b :
+         {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights, &d_grouped_weights,
+          &saved_slot_weights, &d_plan_weights, &d_logits, &shared_output}) {
       total += b->capacity_bytes();
     }
     for (const auto* b : {&d_weight_send_bytes, &d_weight_send_offsets, &d_weight_recv_bytes,
@@ -155,6 +156,8 @@ class LayerWorkspace {
   Buffer<std::size_t> d_weight_send_bytes, d_weight_send_offsets, d_weight_recv_bytes,
       d_weight_recv_offsets;
   Buffer<float> d_plan_weights, d_logits;
+  // The shared expert's output rows [T,H].
+  Buffer<float> shared_output;
 };
 
 std::shared_ptr<LayerWorkspace> make_layer_workspace() {
@@ -266,6 +269,20 @@ MoELayer::MoELayer(MoELayerParts parts)
   if (parts_.chunks < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 "MoELayer: chunks must be at least 1, not " + std::to_string(parts_.chunks));
+  }
+  if (parts_.shared_expert) {
+    if (device.kind != Device::Kind::kHost) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "MoELayer: the layer's shared expert runs on the host data path only (the "
+                  "model has one; [runtime] data_path = \"host\")");
+    }
+    if (parts_.shared_expert->num_local_experts() != 1) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "MoELayer: the shared expert's kernel must hold exactly one expert");
+    }
+    if (parts_.shared_expert_gate.data() != nullptr) {
+      parts_.shared_expert_gate.require("MoELayer shared expert gate", DType::kF32, {1, hidden_});
+    }
   }
   logits_ = Buffer<float>(data_path_->allocator());
   plan_ = RoutingPlan(data_path_->allocator());
@@ -398,6 +415,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   const bool save = saves_for_backward();
   if (parts_.chunks > 1 && data_path_->device().kind == Device::Kind::kHost && !save) {
     forward_chunks(x, plan, y, routing_error);
+    add_shared_expert(x, y);
     return;
   }
   const bool fused = fused_experts() && !save;
@@ -421,7 +439,33 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   host_ready();
   sum_rows(h, y.data_as<float>());
   timings_.combine_s = seconds_since(start);
+  add_shared_expert(x, y);
   kept_for_backward_ = save;
+}
+
+void MoELayer::add_shared_expert(const TensorView& x, const TensorView& y) {
+  if (!parts_.shared_expert) return;
+  const auto start = Clock::now();
+  const std::int64_t T = x.dim(0), H = hidden_;
+  shared_rows_[0] = T;
+  workspace_->shared_output.resize(to_size(T * H));
+  float* out = workspace_->shared_output.data();
+  ExpertBatch batch{x, shared_rows_, TensorView(out, DType::kF32, {T, H})};
+  parts_.shared_expert->forward(batch, stream());
+  host_ready();
+  const float* xs = x.data_as<const float>();
+  const float* gate = parts_.shared_expert_gate.data_as<const float>();
+  float* ys = y.data_as<float>();
+  for (std::int64_t t = 0; t < T; ++t) {
+    float scale = 1.0f;
+    if (gate != nullptr) {
+      float logit = 0;
+      for (std::int64_t h = 0; h < H; ++h) logit += xs[t * H + h] * gate[h];
+      scale = 1.0f / (1.0f + std::exp(-logit));
+    }
+    for (std::int64_t h = 0; h < H; ++h) ys[t * H + h] += scale * out[t * H + h];
+  }
+  timings_.experts_s += seconds_since(start);
 }
 
 MoELayer::ExpertRowDTypes MoELayer::forward_expert_dtypes(bool save) const noexcept {
@@ -1165,6 +1209,11 @@ void MoELayer::dispatch_backward(DispatchHandle& handle, const TensorView& d_exp
 void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGradients& out) {
   if (data_path_->device().kind != Device::Kind::kHost) {
     throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
+  }
+  if (parts_.shared_expert) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoE backward: the layer has a shared expert, whose backward is not built yet "
+                "(such a model runs forward only)");
   }
   if (!backward_ready_) {
     throw Error(ErrorCode::kInvalidArgument,

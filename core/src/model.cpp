@@ -45,6 +45,11 @@ HostTensor random_matrix(SplitMix64& rng, std::int64_t rows, std::int64_t cols,
   return t;
 }
 
+/// A view of `t`, or an empty view when it holds nothing (an absent optional tensor).
+TensorView optional_view(const HostTensor& t) {
+  return t.size_bytes() == 0 ? TensorView{} : t.view();
+}
+
 std::string shape_text(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) {
@@ -112,12 +117,33 @@ ModelWeights ModelWeights::load(Checkpoint& file, CheckpointFormat format,
     }
     if (widen) return file.read_f32(name);
     HostTensor raw = file.read(name);
-    if (raw.dtype() != DType::kF32 && raw.dtype() != DType::kBF16 && raw.dtype() != DType::kF16) {
+    if (raw.dtype() != DType::kF32 && raw.dtype() != DType::kBF16 && raw.dtype() != DType::kF16 &&
+        raw.dtype() != DType::kF8E4M3) {
       throw Error(ErrorCode::kInvalidArgument, path.string() + ": tensor " + name + " has dtype " +
                                                    std::string(dtype_name(raw.dtype())) +
-                                                   "; weights must be F32, BF16 or F16");
+                                                   "; weights must be F32, BF16, F16 or F8_E4M3");
     }
     return raw;
+  };
+
+  // An expert matrix in its stored dtype, and for FP8 its block scales (else empty).
+  auto expert_matrix = [&](const std::string& name, std::int64_t rows, std::int64_t cols) {
+    std::pair<HostTensor, HostTensor> out;
+    out.first = require_shape(name, {rows, cols}, false);
+    if (out.first.dtype() == DType::kF8E4M3) {
+      const std::string scale =
+          name.substr(0, name.size() - std::string("weight").size()) + "weight_scale_inv";
+      const auto blocks = [](std::int64_t n) {
+        return (n + kWeightScaleBlock - 1) / kWeightScaleBlock;
+      };
+      if (!file.contains(scale)) {
+        throw Error(ErrorCode::kNotFound, path.string() + ": tensor " + name +
+                                              " is F8_E4M3 but its block scales " + scale +
+                                              " are not in the checkpoint");
+      }
+      out.second = require_shape(scale, {blocks(rows), blocks(cols)});
+    }
+    return out;
   };
 
   const bool mixtral = format == CheckpointFormat::kMixtral;
@@ -141,14 +167,39 @@ ModelWeights ModelWeights::load(Checkpoint& file, CheckpointFormat format,
   m.ffn_hidden_ = static_cast<int>(file.entry(expert_tensor(0, 0)).shape[0]);
   const std::int64_t E = m.num_experts_, H = m.hidden_, F = m.ffn_hidden_;
   for (int e = 0; e < E; ++e) {
-    m.gate_proj_.push_back(require_shape(expert_tensor(e, 0), {F, H}, false));
-    m.up_proj_.push_back(require_shape(expert_tensor(e, 1), {F, H}, false));
-    m.down_proj_.push_back(require_shape(expert_tensor(e, 2), {H, F}, false));
+    std::vector<HostTensor>* into[3][2] = {{&m.gate_proj_, &m.gate_scale_},
+                                           {&m.up_proj_, &m.up_scale_},
+                                           {&m.down_proj_, &m.down_scale_}};
+    for (int which = 0; which < 3; ++which) {
+      auto [weight, scale] =
+          expert_matrix(expert_tensor(e, which), which == 2 ? H : F, which == 2 ? F : H);
+      into[which][0]->push_back(std::move(weight));
+      into[which][1]->push_back(std::move(scale));
+    }
   }
   const std::string bias_name = prefix + "gate.e_score_correction_bias";
   if (!mixtral && file.contains(bias_name)) {
     HostTensor bias = require_shape(bias_name, {E});
     m.bias_.assign(bias.data<float>(), bias.data<float>() + E);
+  }
+  // A shared expert, in DeepSeek's or Qwen2-MoE's naming, when the checkpoint has one.
+  for (const std::string& shared : {prefix + "shared_experts.", prefix + "shared_expert."}) {
+    if (mixtral || !file.contains(shared + "gate_proj.weight")) continue;
+    const SafetensorsEntry& first = file.entry(shared + "gate_proj.weight");
+    if (first.shape.size() != 2) require_shape(shared + "gate_proj.weight", {-1, H}, false);
+    const std::int64_t Fs = first.shape[0];
+    m.shared_ffn_hidden_ = static_cast<int>(Fs);
+    static constexpr const char* kNames[3] = {"gate_proj", "up_proj", "down_proj"};
+    for (int which = 0; which < 3; ++which) {
+      auto [weight, scale] = expert_matrix(shared + kNames[which] + ".weight", which == 2 ? H : Fs,
+                                           which == 2 ? Fs : H);
+      m.shared_.push_back(std::move(weight));
+      m.shared_scales_.push_back(std::move(scale));
+    }
+    if (file.contains(prefix + "shared_expert_gate.weight")) {
+      m.shared_gate_ = require_shape(prefix + "shared_expert_gate.weight", {1, H});
+    }
+    break;
   }
   m.description_ = std::string(mixtral ? "mixtral" : "deepseek") + " checkpoint " +
                    file.description() + (prefix.empty() ? "" : ", prefix " + prefix);
@@ -185,9 +236,37 @@ std::vector<SwigluExpertWeights> ModelWeights::experts(int first, int count) con
   std::vector<SwigluExpertWeights> out;
   for (int e = first; e < first + count; ++e) {
     const auto i = static_cast<std::size_t>(e);
-    out.push_back({gate_proj_[i].view(), up_proj_[i].view(), down_proj_[i].view()});
+    SwigluExpertWeights w{gate_proj_[i].view(), up_proj_[i].view(), down_proj_[i].view()};
+    if (i < gate_scale_.size()) {
+      w.gate_scale = optional_view(gate_scale_[i]);
+      w.up_scale = optional_view(up_scale_[i]);
+      w.down_scale = optional_view(down_scale_[i]);
+    }
+    out.push_back(w);
   }
   return out;
+}
+
+SharedExpertWeights ModelWeights::shared_expert() const {
+  if (shared_.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "model: this layer has no shared expert");
+  }
+  SharedExpertWeights s;
+  s.weights = {shared_[0].view(), shared_[1].view(), shared_[2].view()};
+  s.weights.gate_scale = optional_view(shared_scales_[0]);
+  s.weights.up_scale = optional_view(shared_scales_[1]);
+  s.weights.down_scale = optional_view(shared_scales_[2]);
+  s.gate = optional_view(shared_gate_);
+  return s;
+}
+
+std::size_t ModelWeights::weight_bytes() const noexcept {
+  std::size_t bytes = gate_.size_bytes() + bias_.size() * sizeof(float) + shared_gate_.size_bytes();
+  for (const auto* list : {&gate_proj_, &up_proj_, &down_proj_, &gate_scale_, &up_scale_,
+                           &down_scale_, &shared_, &shared_scales_}) {
+    for (const HostTensor& t : *list) bytes += t.size_bytes();
+  }
+  return bytes;
 }
 
 }  // namespace switchyard

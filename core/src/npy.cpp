@@ -53,7 +53,8 @@ const char* npy_descr(DType dtype) {
     case DType::kF16:
       return "<f2";
     case DType::kBF16:
-      return nullptr;  // NumPy has no bfloat16
+    case DType::kF8E4M3:
+      return nullptr;  // NumPy has no bfloat16 or FP8
   }
   return nullptr;
 }

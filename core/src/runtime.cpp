@@ -259,6 +259,18 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
       auto kernel = state_->registry->create_expert(experts.get_string("kernel"), expert_args);
 
       MoELayerParts parts;
+      if (weights.has_shared_expert()) {
+        // The same kernel plugin, holding the shared expert as its one local expert.
+        const SharedExpertWeights shared = weights.shared_expert();
+        ExpertCreateArgs shared_args;
+        shared_args.options = &experts;
+        shared_args.hidden = weights.hidden();
+        shared_args.ffn_hidden = weights.shared_ffn_hidden();
+        shared_args.experts = std::span<const SwigluExpertWeights>(&shared.weights, 1);
+        parts.shared_expert =
+            state_->registry->create_expert(experts.get_string("kernel"), shared_args);
+        parts.shared_expert_gate = shared.gate;
+      }
       parts.transport = transport.get();
       parts.router = std::move(router_instance);
       parts.experts = std::move(kernel);
@@ -472,10 +484,10 @@ void Runtime::save_model(const std::filesystem::path& path) {
     copy.experts.resize(static_cast<std::size_t>(m.num_experts()));
     for_each_held_expert(index, [&](int expert, const SwigluExpertWeights& held) {
       const TensorView weights[3] = {held.gate, held.up, held.down};
+      const TensorView scales[3] = {held.gate_scale, held.up_scale, held.down_scale};
       for (std::size_t w = 0; w < 3; ++w) {
         HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
-        widen_to_f32(weights[w].data(), weights[w].dtype(),
-                     static_cast<std::size_t>(weights[w].numel()), f32.data<float>());
+        widen_expert_weight(weights[w], scales[w], f32.data<float>());
         copy.experts[static_cast<std::size_t>(expert)][w] = std::move(f32);
       }
     });
@@ -885,6 +897,12 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
                               ModelGradients& gradients, bool world_blocks, int index) {
   check_layer(index, "backward");
   const ModelWeights& m = model(index);
+  if (m.has_shared_expert()) {  // every rank alike, before any collective
+    throw Error(ErrorCode::kUnavailable,
+                "backward: layer " + std::to_string(index) +
+                    " has a shared expert, whose backward is not built yet (such a model runs "
+                    "forward only)");
+  }
   const std::int64_t H = m.hidden(), F = m.ffn_hidden();
   const int E = m.num_experts();
   x.require("input tokens", DType::kF32, {-1, H});

@@ -1,6 +1,7 @@
 #include "switchyard/tensor.hpp"
 
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <sstream>
 
@@ -23,6 +24,7 @@ std::size_t dtype_size(DType dtype) noexcept {
     case DType::kI64:
       return 8;
     case DType::kU8:
+    case DType::kF8E4M3:
       return 1;
   }
   return 0;
@@ -44,6 +46,8 @@ std::string_view dtype_name(DType dtype) noexcept {
       return "i64";
     case DType::kU8:
       return "u8";
+    case DType::kF8E4M3:
+      return "f8_e4m3";
   }
   return "?";
 }
@@ -209,6 +213,42 @@ float f16_to_float(std::uint16_t h) noexcept {
   return std::bit_cast<float>(bits);
 }
 
+namespace {
+constexpr float kFp8Max = 448.0f;
+}  // namespace
+
+std::uint8_t float_to_fp8_e4m3(float value) noexcept {
+  if (std::isnan(value)) return 0x7f;
+  const std::uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
+  const float a = std::fabs(value);
+  if (a >= kFp8Max) return sign | 0x7e;  // saturate to 448
+  if (a < 0.015625f) {                   // below 2^-6: subnormal, steps of 2^-9
+    const auto q = static_cast<std::uint8_t>(std::nearbyint(a * 512.0f));
+    return sign | q;  // q == 8 is the smallest normal, 2^-6
+  }
+  int exponent = 0;
+  const float fraction =
+      std::frexp(a, &exponent);  // a = fraction * 2^exponent, fraction in [0.5,1)
+  int e = exponent - 1;          // a = (2 * fraction) * 2^e
+  auto q = static_cast<int>(std::nearbyint((2.0f * fraction - 1.0f) * 8.0f));
+  if (q == 8) {
+    q = 0;
+    ++e;
+  }
+  const int biased = e + 7;
+  if (biased > 15 || (biased == 15 && q == 7)) return sign | 0x7e;
+  return static_cast<std::uint8_t>(sign | (biased << 3) | q);
+}
+
+float fp8_e4m3_to_float(std::uint8_t bits) noexcept {
+  const int exponent = (bits >> 3) & 0xf;
+  const int mantissa = bits & 0x7;
+  const float sign = (bits & 0x80) != 0 ? -1.0f : 1.0f;
+  if (exponent == 0xf && mantissa == 0x7) return std::nanf("");
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -9);
+  return sign * std::ldexp(1.0f + static_cast<float>(mantissa) / 8.0f, exponent - 7);
+}
+
 void widen_to_f32(const void* src, DType dtype, std::size_t count, float* dst) {
   const auto* bits = static_cast<const std::uint16_t*>(src);
   switch (dtype) {
@@ -224,9 +264,14 @@ void widen_to_f32(const void* src, DType dtype, std::size_t count, float* dst) {
     case DType::kF16:
       for (std::size_t i = 0; i < count; ++i) dst[i] = f16_to_float(bits[i]);
       return;
+    case DType::kF8E4M3: {
+      const auto* codes = static_cast<const std::uint8_t*>(src);
+      for (std::size_t i = 0; i < count; ++i) dst[i] = fp8_e4m3_to_float(codes[i]);
+      return;
+    }
     default:
       throw Error(ErrorCode::kInvalidArgument, "cannot widen " + std::string(dtype_name(dtype)) +
-                                                   " to f32 (f32, bf16 and f16 can be)");
+                                                   " to f32 (f32, bf16, f16 and f8_e4m3 can be)");
   }
 }
 

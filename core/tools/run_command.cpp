@@ -245,6 +245,18 @@ int run_layer(Runtime& runtime, bool check, int steps) {
     std::fprintf(out, "weights: layer %d: %s\n", runtime.layer_ids().front(),
                  model.description().c_str());
   }
+  // What the experts are stored as, and the shared expert, when the layers have one.
+  const SwigluExpertWeights first_expert = model.experts(0, 1)[0];
+  std::string stored =
+      std::string(dtype_name(first_expert.gate.dtype())) +
+      (first_expert.gate_scale.data() != nullptr ? " with 128x128 block scales" : "");
+  if (model.has_shared_expert()) {
+    stored += "; a shared expert (ffn_hidden " + std::to_string(model.shared_ffn_hidden()) +
+              (model.shared_expert().gate.data() != nullptr ? ", sigmoid-gated" : "") +
+              ") on every token's own rank";
+  }
+  std::fprintf(out, "expert weights: %s, %.2f MiB per layer\n", stored.c_str(),
+               static_cast<double>(model.weight_bytes()) / (1 << 20));
   std::fprintf(out, "router: %s, top_k %d; experts: %s\n",
                router_options.get_string("policy").c_str(),
                runtime.layer(0).router().slots_per_token(),

@@ -1,8 +1,8 @@
 // expert_cpu_swiglu: SwiGLU experts, y = down(silu(gate·x) ⊙ up·x), float32, three GEMMs
 // per local expert through OpenBLAS over its contiguous rows (the backward: six, and two more
-// when the forward did not save the projections). Weights stay in
-// their checkpoint dtype (f32, bf16, f16); bf16/f16 weights are widened one matrix at a time into
-// a reused f32 panel just before their GEMM.
+// when the forward did not save the projections). Weights stay in their checkpoint dtype (f32,
+// bf16, f16, or FP8 E4M3 with 128x128 block scales); the others are widened (FP8 dequantised)
+// one matrix at a time into a reused f32 panel just before their GEMM.
 #include <cblas.h>
 
 #include <algorithm>
@@ -59,9 +59,9 @@ class CpuSwigluKernel final : public ExpertKernel {
     const std::int64_t H = hidden_, F = ffn_hidden_;
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const std::string which = "cpu_swiglu local expert " + std::to_string(e);
-      require_weight(experts_[e].gate, which + " gate", F, H);
-      require_weight(experts_[e].up, which + " up", F, H);
-      require_weight(experts_[e].down, which + " down", H, F);
+      require_weight(experts_[e].gate, experts_[e].gate_scale, which + " gate", F, H);
+      require_weight(experts_[e].up, experts_[e].up_scale, which + " up", F, H);
+      require_weight(experts_[e].down, experts_[e].down_scale, which + " down", H, F);
     }
     const std::int64_t threads =
         args.options != nullptr ? args.options->get_int("blas_threads") : 0;
@@ -116,7 +116,7 @@ class CpuSwigluKernel final : public ExpertKernel {
                saved != nullptr ? saved + row * 2 * F : nullptr);
       // [n,H] = act [n,F] · downᵀ.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, gate_out_.data(), f,
-                  as_f32(experts_[e].down), f, 0.0f, ye, h);
+                  as_f32(experts_[e].down, experts_[e].down_scale), f, 0.0f, ye, h);
       row += n;
     }
   }
@@ -154,7 +154,8 @@ class CpuSwigluKernel final : public ExpertKernel {
       // dHh before the rows' weights [n,F] = dy [n,H] · down [H,F]; a row's weight gradient
       // <dy, Hh·downᵀ> is <dy·down, Hh>: F products instead of the output's H.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, in, f, h, 1.0f, ge, h,
-                  as_f32(experts_[e].down), f, 0.0f, d_activation_.data(), f);
+                  as_f32(experts_[e].down, experts_[e].down_scale), f, 0.0f, d_activation_.data(),
+                  f);
       const auto rows = static_cast<std::size_t>(n), width = static_cast<std::size_t>(F);
       if (float* dw = batch.d_row_weights.data_as<float>(); dw != nullptr) {
         for (std::size_t r = 0; r < rows; ++r) {
@@ -190,9 +191,9 @@ class CpuSwigluKernel final : public ExpertKernel {
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, f, h, in, 1.0f, up_out_.data(), f, xe, h,
                   1.0f, d.up.data_as<float>(), h);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, in, h, f, 1.0f, gate_out_.data(), f,
-                  as_f32(experts_[e].gate), h, 0.0f, dxe, h);
+                  as_f32(experts_[e].gate, experts_[e].gate_scale), h, 0.0f, dxe, h);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, in, h, f, 1.0f, up_out_.data(), f,
-                  as_f32(experts_[e].up), h, 1.0f, dxe, h);
+                  as_f32(experts_[e].up, experts_[e].up_scale), h, 1.0f, dxe, h);
       row += n;
     }
   }
@@ -213,9 +214,9 @@ class CpuSwigluKernel final : public ExpertKernel {
       }
     } else {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  as_f32(experts_[e].gate), h, 0.0f, gate_out_.data(), f);
+                  as_f32(experts_[e].gate, experts_[e].gate_scale), h, 0.0f, gate_out_.data(), f);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, f, h, 1.0f, xe, h,
-                  as_f32(experts_[e].up), h, 0.0f, up_out_.data(), f);
+                  as_f32(experts_[e].up, experts_[e].up_scale), h, 0.0f, up_out_.data(), f);
     }
     if (save != nullptr) {
       for (std::size_t r = 0; r < static_cast<std::size_t>(n); ++r) {
@@ -229,21 +230,33 @@ class CpuSwigluKernel final : public ExpertKernel {
     }
   }
 
-  static void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
-                             std::int64_t cols) {
+  static void require_weight(const TensorView& w, const TensorView& scales,
+                             const std::string& which, std::int64_t rows, std::int64_t cols) {
     const DType d = w.dtype();
-    if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16) {
-      throw Error(ErrorCode::kInvalidArgument, "cpu_swiglu: " + which + " is " +
-                                                   std::string(dtype_name(d)) +
-                                                   "; f32, bf16 and f16 weights are supported");
+    if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16 && d != DType::kF8E4M3) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "cpu_swiglu: " + which + " is " + std::string(dtype_name(d)) +
+                      "; f32, bf16, f16 and block-scaled f8_e4m3 weights are supported");
     }
     w.require(which, d, {rows, cols});
+    if (d == DType::kF8E4M3 || scales.data() != nullptr) {
+      const auto blocks = [](std::int64_t n) {
+        return (n + kWeightScaleBlock - 1) / kWeightScaleBlock;
+      };
+      if (d != DType::kF8E4M3) {
+        throw Error(ErrorCode::kInvalidArgument,
+                    "cpu_swiglu: " + which + " has block scales but is " +
+                        std::string(dtype_name(d)) + " (scales belong to f8_e4m3 weights)");
+      }
+      scales.require(which + " block scales", DType::kF32, {blocks(rows), blocks(cols)});
+    }
   }
-  /// The weight as f32: itself, or widened into the panel (valid until the next call).
-  const float* as_f32(const TensorView& w) {
+  /// The weight as f32: itself, or widened (FP8: dequantised) into the panel (valid until
+  /// the next call).
+  const float* as_f32(const TensorView& w, const TensorView& scales) {
     if (w.dtype() == DType::kF32) return w.data_as<const float>();
     panel_.resize(static_cast<std::size_t>(w.numel()));
-    widen_to_f32(w.data(), w.dtype(), panel_.size(), panel_.data());
+    widen_expert_weight(w, scales, panel_.data());
     return panel_.data();
   }
 

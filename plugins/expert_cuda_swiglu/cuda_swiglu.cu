@@ -5,7 +5,9 @@
 // and write BF16 projections, one kernel fuses silu(g)·u in f32 and rounds it to BF16, and
 // the down GEMM writes BF16 rows (the layer takes them so: output_dtype) or f32 rows. F32
 // weights (and F16, widened exactly to F32 when uploaded) run the same sequence in F32
-// without tensor cores.
+// without tensor cores. FP8 block-scaled weights (DeepSeek-V3's) are dequantised and rounded
+// to BF16 when uploaded and then run as BF16: there is no FP8 GEMM here yet, so they take
+// BF16's device memory.
 // The GEMMs are split into pieces (gemm_plan.hpp): one per expert (`gemm = "per_expert"`),
 // or steps of the same rows of many experts, each one batched cuBLAS call, and each
 // expert's short rest (`gemm = "batched"`), or runs of experts with all their rows, each
@@ -221,7 +223,9 @@ class CudaSwigluKernel final : public ExpertKernel {
       check(cublasSetStream(lane.cublas, lane.stream), "setting the stream");
     }
     check(cudaEventCreateWithFlags(&rows_ready_, cudaEventDisableTiming), "creating an event");
-    bf16_ = !args.experts.empty() && args.experts[0].gate.dtype() == DType::kBF16;
+    // FP8 weights become BF16 on the device (see the top of this file).
+    bf16_ = !args.experts.empty() && (args.experts[0].gate.dtype() == DType::kBF16 ||
+                                      args.experts[0].gate.dtype() == DType::kF8E4M3);
     const std::int64_t H = hidden_, F = ffn_hidden_;
     const std::size_t element = bf16_ ? 2 : 4;
     for (std::size_t e = 0; e < args.experts.size(); ++e) {
@@ -234,9 +238,10 @@ class CudaSwigluKernel final : public ExpertKernel {
       check(cudaMalloc(&d.gate_up, static_cast<std::size_t>(2 * F * H) * element),
             "allocating weights");
       check(cudaMalloc(&d.down, static_cast<std::size_t>(H * F) * element), "allocating weights");
-      upload(w.gate, d.gate_up);
-      upload(w.up, static_cast<std::byte*>(d.gate_up) + static_cast<std::size_t>(F * H) * element);
-      upload(w.down, d.down);
+      upload(w.gate, w.gate_scale, d.gate_up);
+      upload(w.up, w.up_scale,
+             static_cast<std::byte*>(d.gate_up) + static_cast<std::size_t>(F * H) * element);
+      upload(w.down, w.down_scale, d.down);
       weights_.push_back(d);
       gate_up_weights_.push_back(d.gate_up);
       down_weights_.push_back(d.down);
@@ -580,12 +585,12 @@ class CudaSwigluKernel final : public ExpertKernel {
   void require_weight(const TensorView& w, const std::string& which, std::int64_t rows,
                       std::int64_t cols) const {
     const DType d = w.dtype();
-    if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16) {
-      throw Error(ErrorCode::kInvalidArgument, "cuda_swiglu: " + which + " is " +
-                                                   std::string(dtype_name(d)) +
-                                                   "; f32, bf16 and f16 weights are supported");
+    if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16 && d != DType::kF8E4M3) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "cuda_swiglu: " + which + " is " + std::string(dtype_name(d)) +
+                      "; f32, bf16, f16 and block-scaled f8_e4m3 weights are supported");
     }
-    if ((d == DType::kBF16) != bf16_) {
+    if ((d == DType::kBF16 || d == DType::kF8E4M3) != bf16_) {
       throw Error(ErrorCode::kInvalidArgument,
                   "cuda_swiglu: " + which + " is " + std::string(dtype_name(d)) +
                       " but other weights are " + (bf16_ ? "bf16" : "not bf16"));
@@ -599,8 +604,17 @@ class CudaSwigluKernel final : public ExpertKernel {
 
   /// Copies a host weight to the device in the kernel's dtype (bf16 stays bf16; f16 is
   /// widened to f32 exactly).
-  void upload(const TensorView& w, void* device) {
+  void upload(const TensorView& w, const TensorView& block_scales, void* device) {
     const auto count = static_cast<std::size_t>(w.numel());
+    if (w.dtype() == DType::kF8E4M3) {
+      std::vector<float> widened(count);
+      widen_expert_weight(w, block_scales, widened.data());
+      std::vector<std::uint16_t> rounded(count);
+      for (std::size_t i = 0; i < count; ++i) rounded[i] = float_to_bf16(widened[i]);
+      check(cudaMemcpy(device, rounded.data(), count * 2, cudaMemcpyHostToDevice),
+            "uploading weights");
+      return;
+    }
     if (w.dtype() == DType::kF16) {
       std::vector<float> widened(count);
       const auto* bits = w.data_as<const std::uint16_t>();
@@ -649,6 +663,7 @@ std::unique_ptr<ExpertKernel> create(const ExpertCreateArgs& args) {
 
 SWITCHYARD_EXPERT_PLUGIN(
     "cuda_swiglu", "0.1.0",
-    "SwiGLU experts on a CUDA device (cuBLAS, bf16 weights on tensor cores, f32 accumulation)",
+    "SwiGLU experts on a CUDA device (cuBLAS, bf16 weights on tensor cores, f32 accumulation; "
+    "fp8 block-scaled weights are widened to bf16 when uploaded: no fp8 GEMM yet)",
     ::switchyard::cuda_swiglu::declare_options, ::switchyard::cuda_common::cuda_probe,
     ::switchyard::cuda_swiglu::create)

@@ -173,3 +173,83 @@ TEST_CASE("hostile indexes are refused with the file named") {
   CHECK(test::error_of([&] { Checkpoint c(dir / "nope.safetensors.index.json"); }).code() ==
         ErrorCode::kNotFound);
 }
+
+namespace {
+
+/// An FP8 E4M3 [rows, cols] tensor every element of which is `code`.
+HostTensor fp8_filled(std::int64_t rows, std::int64_t cols, std::uint8_t code) {
+  HostTensor t(DType::kF8E4M3, {rows, cols});
+  std::fill_n(t.data<std::uint8_t>(), rows * cols, code);
+  return t;
+}
+
+HostTensor f32_values(std::vector<std::int64_t> shape, std::initializer_list<float> values) {
+  HostTensor t(DType::kF32, std::move(shape));
+  std::copy(values.begin(), values.end(), t.data<float>());
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("FP8 block-scaled experts and a shared expert load as stored") {
+  // E=1, H=2, F=130: the gate and up projections span two row blocks of 128.
+  // Codes: 0x38 is 1.0, 0x40 is 2.0, 0xC0 is -2.0 (E4M3, bias 7).
+  test::TempDir dir;
+  const std::string p = "model.layers.3.mlp.";
+  std::map<std::string, HostTensor> t;
+  t.emplace(p + "gate.weight", counting(1, 2, 0.0f));
+  HostTensor gate_proj = fp8_filled(130, 2, 0x38);
+  gate_proj.data<std::uint8_t>()[0] = 0x40;
+  gate_proj.data<std::uint8_t>()[129 * 2 + 1] = 0xC0;
+  t.emplace(p + "experts.0.gate_proj.weight", std::move(gate_proj));
+  t.emplace(p + "experts.0.gate_proj.weight_scale_inv", f32_values({2, 1}, {0.5f, 4.0f}));
+  t.emplace(p + "experts.0.up_proj.weight", fp8_filled(130, 2, 0x38));
+  t.emplace(p + "experts.0.up_proj.weight_scale_inv", f32_values({2, 1}, {1.0f, 1.0f}));
+  t.emplace(p + "experts.0.down_proj.weight", fp8_filled(2, 130, 0x40));
+  t.emplace(p + "experts.0.down_proj.weight_scale_inv", f32_values({1, 2}, {0.25f, 3.0f}));
+  t.emplace(p + "shared_experts.gate_proj.weight", counting(3, 2, 1.0f));
+  t.emplace(p + "shared_experts.up_proj.weight", counting(3, 2, 2.0f));
+  t.emplace(p + "shared_experts.down_proj.weight", counting(2, 3, 3.0f));
+  write_safetensors(dir / "model.safetensors", t);
+
+  const ModelWeights m =
+      ModelWeights::load(dir / "model.safetensors", CheckpointFormat::kDeepseek, p);
+  const SwigluExpertWeights w = m.experts(0, 1)[0];
+  CHECK(w.gate.dtype() == DType::kF8E4M3);
+  CHECK(m.weight_bytes() < 4 * 130 * 2 * 3);  // kept in FP8: one byte a weight
+  constexpr std::size_t kRows = 130;
+  std::vector<float> gate(kRows * 2), down(2 * kRows);
+  widen_expert_weight(w.gate, w.gate_scale, gate.data());
+  CHECK(gate[0] == 1.0f);                     // 2.0 × 0.5
+  CHECK(gate[1] == 0.5f);                     // 1.0 × 0.5
+  CHECK(gate[std::size_t{128} * 2] == 4.0f);  // 1.0 × 4, the second row block
+  CHECK(gate[129 * 2 + 1] == -8.0f);          // -2.0 × 4
+  widen_expert_weight(w.down, w.down_scale, down.data());
+  CHECK(down[127] == 0.5f);  // 2.0 × 0.25, columns 0-127
+  CHECK(down[128] == 6.0f);  // 2.0 × 3, columns 128-129
+  CHECK(down[130 + 129] == 6.0f);
+
+  REQUIRE(m.has_shared_expert());
+  CHECK(m.shared_ffn_hidden() == 3);
+  CHECK(m.shared_expert().gate.data() == nullptr);  // DeepSeek's: no gate
+  CHECK(m.shared_expert().weights.down.data_as<float>()[5] == 8.0f);
+
+  // An FP8 weight without its scales, or with scales of the wrong shape, is refused.
+  auto without = t;
+  without.erase(p + "experts.0.up_proj.weight_scale_inv");
+  write_safetensors(dir / "unscaled.safetensors", without);
+  const Error missing = test::error_of([&] {
+    (void)ModelWeights::load(dir / "unscaled.safetensors", CheckpointFormat::kDeepseek, p);
+  });
+  CHECK(missing.code() == ErrorCode::kNotFound);
+  CHECK(missing.message().find("experts.0.up_proj.weight_scale_inv") != std::string::npos);
+  auto misshapen = t;
+  misshapen.erase(p + "experts.0.down_proj.weight_scale_inv");
+  misshapen.emplace(p + "experts.0.down_proj.weight_scale_inv", f32_values({1, 1}, {1.0f}));
+  write_safetensors(dir / "misshapen.safetensors", misshapen);
+  const Error shape = test::error_of([&] {
+    (void)ModelWeights::load(dir / "misshapen.safetensors", CheckpointFormat::kDeepseek, p);
+  });
+  CHECK(shape.code() == ErrorCode::kInvalidArgument);
+  CHECK(shape.message().find("expected [1,2]") != std::string::npos);
+}

@@ -240,5 +240,61 @@ def test_the_python_module_takes_a_layer_index(model_case):
     with pytest.raises(ValueError, match="layer 4 does not exist"):
         rt.forward(x, layer=4)
 
+def test_a_qwen2_moe_shared_expert_with_its_sigmoid_gate():
+    """Qwen2-MoE's block: the routed experts (softmax, top-k, not renormalised) plus
+    sigmoid(x · shared_expert_gate) times the shared expert, BF16, one layer."""
+    rng = np.random.default_rng(5)
+    fs = 40
+    tensors, w = {}, {}
+    prefix = "model.layers.0.mlp."
+
+    def bf16(name, shape, scale):
+        bits = to_bf16_bits(rng.standard_normal(shape) * scale)
+        tensors[prefix + name] = ("BF16", bits)
+        w[name] = from_bf16_bits(bits)
+
+    bf16("gate.weight", (E, H), 2.0 / np.sqrt(H))
+    for e in range(E):
+        for name, shape in (("gate_proj", (F, H)), ("up_proj", (F, H)), ("down_proj", (H, F))):
+            bf16(f"experts.{e}.{name}.weight", shape, 1 / np.sqrt(shape[1]))
+    for name, shape in (("gate_proj", (fs, H)), ("up_proj", (fs, H)), ("down_proj", (H, fs))):
+        bf16(f"shared_expert.{name}.weight", shape, 1 / np.sqrt(shape[1]))
+    bf16("shared_expert_gate.weight", (1, H), 1 / np.sqrt(H))
+    x = np.random.default_rng(6).standard_normal((T, H)).astype(np.float32)
+    h = x.astype(np.float64)
+
+    def swiglu(names, row):
+        g, u, d = (w[n] for n in names)
+        a = g @ row
+        return d @ (a / (1 + np.exp(-a)) * (u @ row))
+
+    logits = h @ w["gate.weight"].T
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    expected = np.zeros_like(h)
+    for t in range(T):
+        order = np.argsort(-p[t], kind="stable")
+        assert p[t, order[TOP_K - 1]] - p[t, order[TOP_K]] > 1e-5  # no near-tie
+        for e in order[:TOP_K]:
+            expected[t] += p[t, e] * swiglu([f"experts.{e}.{n}.weight" for n in
+                                             ("gate_proj", "up_proj", "down_proj")], h[t])
+        shared = swiglu([f"shared_expert.{n}.weight" for n in
+                         ("gate_proj", "up_proj", "down_proj")], h[t])
+        expected[t] += shared / (1 + np.exp(-(w["shared_expert_gate.weight"][0] @ h[t])))
+    with tempfile.TemporaryDirectory() as d:
+        write_safetensors(os.path.join(d, "model.safetensors"), tensors)
+        np.save(os.path.join(d, "x.npy"), x)
+        with open(os.path.join(d, "qwen2.toml"), "w") as f:
+            f.write(f'[runtime]\nranks = 3\n[router]\ntop_k = {TOP_K}\n'
+                    f'[model]\nweights = "{d}"\nformat = "deepseek"\nprefix = "{prefix}"\n'
+                    f'[input]\ntokens = "{os.path.join(d, "x.npy")}"\n')
+        out = os.path.join(d, "y.npy")
+        done = subprocess.run([TOOL, "run", os.path.join(d, "qwen2.toml"), "--check", "--set",
+                               "output.path=" + out], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "sigmoid-gated" in done.stdout and "PASS" in done.stdout, done.stdout
+        assert relative(np.load(out), expected) <= 1e-5
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

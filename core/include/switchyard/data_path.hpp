@@ -40,11 +40,7 @@ inline constexpr std::int64_t kFp8BlockSize = 128;
 /// `hidden` E4M3 bytes.
 std::size_t payload_row_bytes(PayloadDType dtype, std::int64_t hidden) noexcept;
 
-/// float to FP8 E4M3 (bias 7, no infinities, max 448), rounding to nearest even and
-/// saturating; NaN stays NaN.
-std::uint8_t float_to_fp8_e4m3(float value) noexcept;
-/// FP8 E4M3 to float (exact).
-float fp8_e4m3_to_float(std::uint8_t bits) noexcept;
+/// (`float_to_fp8_e4m3` and `fp8_e4m3_to_float`, the element conversions, are in tensor.hpp.)
 
 /// (local expert, weight) of one slot of a dispatched row; local expert -1 marks an empty
 /// slot. Metadata travels in its own buffer of these, [rows, K], beside the payload rows.

@@ -13,13 +13,27 @@
 
 namespace switchyard {
 
+/// Rows and columns of a block-scaled FP8 weight that share one scale.
+inline constexpr std::int64_t kWeightScaleBlock = 128;
+
 /// The weights of one SwiGLU expert, borrowed from their owner (the runtime's model), in
-/// the checkpoint's dtype (f32, bf16 or f16). `down(silu(gate·x) ⊙ up·x)`.
+/// the checkpoint's dtype (f32, bf16, f16, or f8_e4m3 with block scales).
+/// `down(silu(gate·x) ⊙ up·x)`.
 struct SwigluExpertWeights {
   TensorView gate;  ///< [F,H]
   TensorView up;    ///< [F,H]
   TensorView down;  ///< [H,F]
+  /// For f8_e4m3 weights, each matrix's block scales, f32 [ceil(rows/128), ceil(cols/128)]
+  /// (DeepSeek-V3's `weight_scale_inv`: an element's value is its FP8 value times the scale
+  /// of its 128×128 block); empty views for other dtypes.
+  TensorView gate_scale = {}, up_scale = {}, down_scale = {};
 };
+
+/// Widens one expert matrix `weight` [rows, cols] (f32, bf16, f16, or f8_e4m3 with its
+/// `block_scales`, see `SwigluExpertWeights`) to f32 at `dst` [rows, cols]: its values
+/// exactly, times their block's scale for FP8. Throws `Error(kInvalidArgument)` for FP8
+/// without scales of the right shape, or scales on another dtype.
+void widen_expert_weight(const TensorView& weight, const TensorView& block_scales, float* dst);
 
 /// Gradients of one SwiGLU expert's weights, in f32 with the weights' shapes, owned by the
 /// caller; a kernel's `backward` adds to them.

@@ -178,6 +178,13 @@ struct MoELayerParts {
   /// `data_path` object (null: the layer's own). What a training forward keeps for the
   /// backward is always the layer's own.
   std::shared_ptr<LayerWorkspace> workspace;
+  /// The layer's shared expert (`SharedExpertWeights`) as a kernel holding it as its one
+  /// local expert: every forward runs it over this rank's own tokens and adds its output
+  /// to the routed experts'; nothing of it is dispatched. Null: none. Host data path only.
+  std::shared_ptr<ExpertKernel> shared_expert;
+  /// [1,H] f32 host: the shared expert's output is scaled per token by sigmoid(x·gate)
+  /// (Qwen2-MoE's `shared_expert_gate`); empty: added as it is.
+  TensorView shared_expert_gate;
 };
 
 /// The first NaN or infinite value of the f32 host matrix m [T,H] (contiguous) as an
@@ -325,6 +332,8 @@ class MoELayer {
   void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h, bool group,
                  ExpertRowDTypes dtypes);
   /// `forward` after routing; `routing_error`: this rank's routing failed.
+  /// y += the shared expert over x (times its sigmoid gate), when the layer has one.
+  void add_shared_expert(const TensorView& x, const TensorView& y);
   void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                       const Error* routing_error);
   /// True when the forward lets the expert kernel form the weighted partial sums from the
@@ -429,6 +438,7 @@ class MoELayer {
   bool kept_for_backward_ = false;
   LayerTimings timings_;
   LayerTraffic traffic_;
+  std::array<std::int64_t, 1> shared_rows_{};  // the shared expert's batch: all T rows
   bool failure_agreed_ = false;
 };
 

@@ -14,11 +14,13 @@
 namespace switchyard {
 
 /// Element types that cross Switchyard's interfaces.
-enum class DType : std::uint8_t { kF32, kBF16, kF16, kF64, kI32, kI64, kU8 };
+/// Element types. kF8E4M3 is FP8 E4M3 "fn" (bias 7, no infinities, max 448), as
+/// checkpoints store it (safetensors "F8_E4M3", PyTorch float8_e4m3fn).
+enum class DType : std::uint8_t { kF32, kBF16, kF16, kF64, kI32, kI64, kU8, kF8E4M3 };
 
 /// Size of one element in bytes.
 std::size_t dtype_size(DType dtype) noexcept;
-/// Lower-case name: "f32", "bf16", "f16", "f64", "i32", "i64", "u8".
+/// Lower-case name: "f32", "bf16", "f16", "f64", "i32", "i64", "u8", "f8_e4m3".
 std::string_view dtype_name(DType dtype) noexcept;
 
 /// Where memory lives. Host memory has ordinal 0; CUDA memory names its device ordinal.
@@ -134,8 +136,14 @@ float bf16_to_float(std::uint16_t bits) noexcept;
 std::uint16_t float_to_bf16(float value) noexcept;
 /// IEEE half bits to float (exact, subnormals included).
 float f16_to_float(std::uint16_t bits) noexcept;
-/// Widens `count` elements of f32, bf16 or f16 at `src` to float32 at `dst` (exact).
-/// Throws `Error(kInvalidArgument)` for other dtypes.
+/// float to FP8 E4M3 (bias 7, no infinities, max 448), rounding to nearest even and
+/// saturating; NaN stays NaN.
+std::uint8_t float_to_fp8_e4m3(float value) noexcept;
+/// FP8 E4M3 to float (exact).
+float fp8_e4m3_to_float(std::uint8_t bits) noexcept;
+/// Widens `count` elements of f32, bf16, f16 or f8_e4m3 at `src` to float32 at `dst`
+/// (exact; an FP8 weight's block scales are `widen_expert_weight`'s). Throws
+/// `Error(kInvalidArgument)` for other dtypes.
 void widen_to_f32(const void* src, DType dtype, std::size_t count, float* dst);
 
 }  // namespace switchyard
