@@ -75,7 +75,8 @@ class _Dispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, state, experts, weights):
-        state.dispatched = state.runtime.dispatch(x.detach(), (experts, weights.detach()))
+        state.dispatched = state.runtime.dispatch(x.detach(), (experts, weights.detach()),
+                                                  layer=state.layer)
         ctx.state = state
         return tuple(torch.from_numpy(p["expert_input"]) for p in state.dispatched.parts)
 
@@ -114,15 +115,20 @@ class SwitchyardMoeBlock(nn.Module):
     switchyard.Runtime whose [model] has the same hidden size and expert count; its ranks
     hold the experts (contiguous blocks), and this process computes the experts of the
     ranks it hosts. Differentiable: dispatch and combine have Switchyard backwards, the
-    experts and the routing weights are PyTorch's own."""
+    experts and the routing weights are PyTorch's own. The blocks of a model share one
+    runtime, each its own `layer` of it (`[model] layers`, one per MoE block), so that
+    they share its transports and buffers and its statistics are per block."""
 
-    def __init__(self, block, runtime):
+    def __init__(self, block, runtime, layer=0):
         super().__init__()
         if runtime.hidden != block.gate.in_features or runtime.num_experts != len(block.experts):
             raise ValueError("the runtime's [model] hidden and num_experts must match the block's")
         self.gate = block.gate
         self.experts = block.experts
         self.runtime = runtime
+        if not 0 <= layer < runtime.num_layers:
+            raise ValueError(f"layer {layer}: the runtime has {runtime.num_layers} layers")
+        self.layer = layer
         self.top_k = block.top_k
         # Mixtral's selection: the top-k of softmax(z) (that is, of z).
         self.router = switchyard.Router("topk", num_experts=len(block.experts), top_k=block.top_k)
@@ -134,7 +140,7 @@ class SwitchyardMoeBlock(nn.Module):
         selected = torch.from_numpy(selected).long()
         # Mixtral's weights: softmax over the selected logits (differentiable in PyTorch).
         weights = torch.softmax(torch.gather(logits, 1, selected), dim=1).to(x.dtype)
-        state = types.SimpleNamespace(runtime=self.runtime)
+        state = types.SimpleNamespace(runtime=self.runtime, layer=self.layer)
         rows = _Dispatch.apply(x, state, selected.int(), weights)
         outputs = []
         for part, part_rows in zip(state.dispatched.parts, rows):
@@ -147,9 +153,9 @@ class SwitchyardMoeBlock(nn.Module):
         return _Combine.apply(weights, state, *outputs)
 
 
-def runtime_for(block, hidden, ffn_hidden, ranks, transport):
+def runtime_for(block, hidden, ffn_hidden, ranks, transport, layers=1):
     """A runtime whose model matches the block (its own expert weights are not used: the
-    experts run in PyTorch)."""
+    experts run in PyTorch), with `layers` MoE layers for a model of that many blocks."""
     config = f"""
 [runtime]
 transport = "{transport}"
@@ -157,6 +163,7 @@ transport = "{transport}"
 hidden = {hidden}
 ffn_hidden = {ffn_hidden}
 num_experts = {len(block.experts)}
+layers = "{'' if layers == 1 else f'0-{layers - 1}'}"
 [router]
 top_k = {block.top_k}
 """

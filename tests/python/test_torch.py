@@ -54,6 +54,56 @@ def test_switchyard_block_equals_the_pure_pytorch_block(ranks, experts, top_k, t
         assert relative(ep_block(x), expected.detach()) <= 1e-5
 
 
+class Stack(torch.nn.Module):
+    """A model of MoE blocks in a residual stream: h = h + block_l(h), layer by layer."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, h):
+        for block in self.blocks:
+            h = h + block(h)
+        return h
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_four_blocks_sharing_one_runtime_equal_the_pure_pytorch_model(ranks):
+    torch.manual_seed(40 + ranks)
+    blocks = [torch_moe.MixtralSparseMoeBlock(32, 64, 6, 2) for _ in range(4)]
+    runtime = torch_moe.runtime_for(blocks[0], 32, 64, ranks, "inproc", layers=4)
+    assert runtime.num_layers == 4
+    reference = Stack(blocks)
+    model = Stack([torch_moe.SwitchyardMoeBlock(b, runtime, layer=l)
+                   for l, b in enumerate(blocks)])
+    x, dy = torch.randn(45, 32), torch.randn(45, 32)
+    x_reference = x.clone().requires_grad_()
+    expected = reference(x_reference)
+    (expected * dy).sum().backward()
+    grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
+    reference.zero_grad(set_to_none=True)
+    x_switchyard = x.clone().requires_grad_()
+    y = model(x_switchyard)
+    (y * dy).sum().backward()
+
+    def relative(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    assert relative(y.detach(), expected.detach()) <= 1e-5
+    assert relative(x_switchyard.grad, x_reference.grad) <= 1e-5
+    for name, p in model.named_parameters():
+        if name not in grads or grads[name].abs().max() < 1e-6:
+            assert p.grad is None or p.grad.abs().max() < 1e-6, name
+            continue
+        assert relative(p.grad, grads[name]) <= 1e-5, name
+    # Every block dispatched through its own layer of the runtime.
+    if ranks > 1:
+        sent = [runtime.stats(layer=layer)["dispatch_bytes"] for layer in range(4)]
+        assert all(b > 0 for b in sent) and len(set(sent)) > 1, sent
+    with pytest.raises(ValueError, match="the runtime has 4 layers"):
+        torch_moe.SwitchyardMoeBlock(blocks[0], runtime, layer=4)
+
+
 def test_the_example_runs_and_agrees():
     done = subprocess.run([sys.executable, EXAMPLE, "--ranks", "3", "--tokens", "50"],
                           capture_output=True, text=True, timeout=120)
