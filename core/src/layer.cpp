@@ -230,8 +230,10 @@ MoELayer::MoELayer(MoELayerParts parts)
     throw Error(ErrorCode::kInvalidArgument, "MoELayer: combine dtype must be f32 or bf16, not " +
                                                  std::string(dtype_name(parts_.combine_dtype)));
   }
-  for (const auto& [wanted, rows] : {std::pair{parts_.experts->input_dtype(), "input"},
-                                     std::pair{parts_.experts->output_dtype(), "output"}}) {
+  // What the kernel does, read once: every use below and in the steps is of this value.
+  expert_caps_ = parts_.experts->capabilities();
+  for (const auto& [wanted, rows] : {std::pair{expert_caps_.input_dtype, "input"},
+                                     std::pair{expert_caps_.output_dtype, "output"}}) {
     if (wanted != DType::kF32 && wanted != DType::kBF16) {
       throw Error(ErrorCode::kInvalidArgument, "MoELayer: expert plugin \"" +
                                                    parts_.experts->name() + "\" asks for " +
@@ -251,7 +253,7 @@ MoELayer::MoELayer(MoELayerParts parts)
     require_accepted_memory(router, device, "router plugin \"" + parts_.router->name() + "\"",
                             "the router logits");
   }
-  require_accepted_memory(parts_.experts->capabilities(), device,
+  require_accepted_memory(expert_caps_.execution, device,
                           "expert plugin \"" + parts_.experts->name() + "\"",
                           "the expert input rows");
   const TransportCapabilities transport = parts_.transport->capabilities();
@@ -395,7 +397,7 @@ void MoELayer::forward(const TensorView& x, const RoutingPlan& plan, const Tenso
   forward_routed(x, plan, y, input_error ? &*input_error : nullptr);
 }
 
-bool MoELayer::fused_experts() const noexcept { return parts_.experts->fuses_weighted_rows(); }
+bool MoELayer::fused_experts() const noexcept { return expert_caps_.fuses_weighted_rows; }
 
 void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                               const Error* routing_error) {
@@ -470,7 +472,7 @@ void MoELayer::add_shared_expert(const TensorView& x, const TensorView& y) {
 
 MoELayer::ExpertRowDTypes MoELayer::forward_expert_dtypes(bool save) const noexcept {
   if (save) return {};
-  return {parts_.experts->input_dtype(), parts_.experts->output_dtype()};
+  return {expert_caps_.input_dtype, expert_caps_.output_dtype};
 }
 
 bool MoELayer::saves_for_backward() const noexcept {
@@ -482,13 +484,13 @@ void MoELayer::run_grouped_experts(DispatchHandle& h, bool save) {
   batch.input = h.expert_input();
   batch.rows_per_expert = h.rows_per_expert();
   batch.output = h.expert_output();
-  const std::int64_t columns = parts_.experts->saved_columns();
+  const std::int64_t columns = expert_caps_.saved_columns;
   if (save && columns > 0) {
     const std::int64_t A = batch.input.dim(0);
     saved_columns_.resize(to_size(A * columns));
     batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
   }
-  if (!parts_.experts->capabilities().stream_ordered) host_ready();
+  if (!expert_caps_.execution.stream_ordered) host_ready();
   parts_.experts->forward(batch, *workspace_->stream);
   host_ready();
 }
@@ -497,7 +499,7 @@ void MoELayer::weigh_rows(DispatchHandle& h) {
   place_partials(h, /*in_expert_buffers=*/false);
   const int K = h.slots_;
   const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, hidden_);
-  if (!parts_.experts->capabilities().stream_ordered) host_ready();
+  if (!expert_caps_.execution.stream_ordered) host_ready();
   for (const PartialRows& rows : partial_segments(h)) {
     if (rows.count == 0) continue;
     WeightedRowsBatch batch;
@@ -1215,6 +1217,10 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
                 "MoE backward: the layer has a shared expert, whose backward is not built yet "
                 "(such a model runs forward only)");
   }
+  if (!expert_caps_.backward) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoE backward: expert plugin \"" + parts_.experts->name() + "\" has no backward");
+  }
   if (!backward_ready_) {
     throw Error(ErrorCode::kInvalidArgument,
                 "MoE backward: follows a forward(x, y) that routed its tokens; the last "
@@ -1257,7 +1263,7 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   ExpertGradientBatch batch{rows, hx.rows_per_expert(), d_rows, d_inputs, out.d_experts};
   batch.row_weights = TensorView(workspace_->grouped_weights.data(), DType::kF32, {A});
   batch.d_row_weights = TensorView(workspace_->d_grouped_weights.data(), DType::kF32, {A});
-  const std::int64_t columns = parts_.experts->saved_columns();
+  const std::int64_t columns = expert_caps_.saved_columns;
   if (kept && columns > 0) {
     batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
   }

@@ -63,7 +63,7 @@ bool is_factory_set(const PluginDescriptor& d) {
   return false;
 }
 
-/// Names of the exported symbols that look like another ABI's entry point.
+/// Names of the exported symbols that look like another interface version's entry point.
 std::vector<std::string> other_entry_points(const std::filesystem::path& path) {
   std::vector<std::string> found;
   try {
@@ -222,8 +222,8 @@ void PluginRegistry::try_load(Candidate& candidate) const {
     const auto others = other_entry_points(file);
     if (!others.empty()) {
       return reject(ErrorCode::kAbiMismatch,
-                    "exports " + others.front() + " but this core loads plugin ABI " +
-                        std::to_string(kPluginAbiVersion) + " (" + kPluginEntryName +
+                    "exports " + others.front() + " but this core loads plugin interface " +
+                        std::to_string(kPluginInterfaceVersion) + " (" + kPluginEntryName +
                         "); rebuild the plugin against this core");
     }
     return reject(ErrorCode::kNotFound, std::string("does not export the entry point ") +
@@ -236,10 +236,10 @@ void PluginRegistry::try_load(Candidate& candidate) const {
     return reject(ErrorCode::kInternal, std::string("entry point threw: ") + e.what());
   }
   if (d == nullptr) return reject(ErrorCode::kInternal, "entry point returned no descriptor");
-  if (d->abi_version != kPluginAbiVersion) {
+  if (d->interface_version != kPluginInterfaceVersion) {
     return reject(ErrorCode::kAbiMismatch,
-                  "descriptor declares plugin ABI version " + std::to_string(d->abi_version) +
-                      ", this core needs " + std::to_string(kPluginAbiVersion) +
+                  "descriptor declares plugin interface " + std::to_string(d->interface_version) +
+                      ", this core needs " + std::to_string(kPluginInterfaceVersion) +
                       "; rebuild the plugin against this core");
   }
   if (d->build_id == nullptr || std::strcmp(d->build_id, core_build_id()) != 0) {

@@ -87,8 +87,14 @@ class CpuSwigluKernel final : public ExpertKernel {
 
   std::string name() const override { return "cpu_swiglu"; }
   int num_local_experts() const noexcept override { return static_cast<int>(experts_.size()); }
-  /// The gate and up projections of each row: [gate·x | up·x], 2F columns.
-  std::int64_t saved_columns() const noexcept override { return 2 * std::int64_t{ffn_hidden_}; }
+  /// Host memory, host-synchronous, f32 rows; saves the gate and up projections of each
+  /// row ([gate·x | up·x], 2F columns) for its backward.
+  ExpertKernelCapabilities capabilities() const noexcept override {
+    ExpertKernelCapabilities c;
+    c.saved_columns = 2 * std::int64_t{ffn_hidden_};
+    c.backward = true;
+    return c;
+  }
 
   // Host-synchronous: done when it returns.
   void forward(const ExpertBatch& batch, Stream& /*stream*/) override {

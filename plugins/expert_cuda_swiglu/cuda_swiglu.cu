@@ -269,24 +269,24 @@ class CudaSwigluKernel final : public ExpertKernel {
 
   std::string name() const override { return "cuda_swiglu"; }
   int num_local_experts() const noexcept override { return static_cast<int>(weights_.size()); }
-  ExecutionCapabilities capabilities() const noexcept override {
-    ExecutionCapabilities c;
-    c.host_memory = false;
-    c.device_memory = true;
-    c.stream_ordered = true;
+  /// Device memory, stream-ordered. BF16 weights take BF16 rows (the GEMMs round f32 rows
+  /// to BF16 anyway) and write BF16 outputs where the layer lets them (the down GEMM writes
+  /// them directly: half the bytes written, and read by the weighted reduce); f32 rows and
+  /// outputs are taken as well. No backward yet.
+  ExpertKernelCapabilities capabilities() const noexcept override {
+    ExpertKernelCapabilities c;
+    c.execution.host_memory = false;
+    c.execution.device_memory = true;
+    c.execution.stream_ordered = true;
+    c.input_dtype = bf16_ ? DType::kBF16 : DType::kF32;
+    c.output_dtype = c.input_dtype;
     return c;
   }
-  /// BF16 weights take BF16 rows (the GEMMs round f32 rows to BF16 anyway).
-  DType input_dtype() const noexcept override { return bf16_ ? DType::kBF16 : DType::kF32; }
-  /// BF16 weights write BF16 outputs where the layer lets them (the down GEMM writes them
-  /// directly: half the bytes written, and read by the weighted reduce); f32 outputs are
-  /// written as well.
-  DType output_dtype() const noexcept override { return bf16_ ? DType::kBF16 : DType::kF32; }
 
   void forward(const ExpertBatch& batch, Stream& stream) override {
     const std::int64_t H = hidden_, F = ffn_hidden_;
-    check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_, input_dtype(),
-                       output_dtype());
+    check_expert_batch(batch, H, weights_.size(), Device::cuda(device_), names_,
+                       capabilities().input_dtype, capabilities().output_dtype);
     const std::int64_t N = batch.input.dim(0);
     if (N == 0) return;
     check(cudaSetDevice(device_), "selecting the device");

@@ -246,7 +246,7 @@ class GroupedCopyExperts final : public ExpertKernel {
 
 TEST_CASE("identity experts' fused form, by hand: weights summed over the decoded row") {
   IdentityExperts experts(2);
-  CHECK(experts.fuses_weighted_rows());
+  CHECK(experts.capabilities().fuses_weighted_rows);
   HostStream stream(HostStream::Mode::kInline);
   // Two rows of H = 3 in bf16 (exact values), three slots each; the second row has no slot.
   const std::vector<float> values = {1.0f, -2.0f, 0.5f, 3.0f, 4.0f, -8.0f};
@@ -275,7 +275,7 @@ TEST_CASE("identity experts' fused form, by hand: weights summed over the decode
   CHECK_THROWS_AS(experts.forward_weighted(batch, stream), Error);
   // A kernel without the fused form says so.
   GroupedCopyExperts grouped(2);
-  CHECK_FALSE(grouped.fuses_weighted_rows());
+  CHECK_FALSE(grouped.capabilities().fuses_weighted_rows);
   CHECK_THROWS_AS(grouped.forward_weighted(batch, stream), Error);
 }
 
@@ -346,12 +346,16 @@ class ScaledBf16Experts final : public ExpertKernel {
       : n_(n), bf16_input_(bf16_input), bf16_output_(bf16_output) {}
   std::string name() const override { return "scaled bf16"; }
   int num_local_experts() const noexcept override { return n_; }
-  DType input_dtype() const noexcept override { return bf16_input_ ? DType::kBF16 : DType::kF32; }
-  DType output_dtype() const noexcept override { return bf16_output_ ? DType::kBF16 : DType::kF32; }
+  ExpertKernelCapabilities capabilities() const noexcept override {
+    ExpertKernelCapabilities c;
+    c.input_dtype = bf16_input_ ? DType::kBF16 : DType::kF32;
+    c.output_dtype = bf16_output_ ? DType::kBF16 : DType::kF32;
+    return c;
+  }
   void forward(const ExpertBatch& batch, Stream& /*stream*/) override {
     const std::int64_t H = batch.output.dim(1);
     check_expert_batch(batch, H, static_cast<std::size_t>(n_), Device::host(), names_,
-                       input_dtype(), output_dtype());
+                       capabilities().input_dtype, capabilities().output_dtype);
     last_input = batch.input.dtype();
     last_output = batch.output.dtype();
     std::int64_t row = 0;

@@ -59,14 +59,15 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* wrongabi = rejection(registry, "libswitchyard-router-wrongabi.so");
   REQUIRE(wrongabi != nullptr);
   CHECK(wrongabi->code == ErrorCode::kAbiMismatch);
-  CHECK(wrongabi->reason.find("exports switchyard_plugin_v3 but this core loads plugin ABI 2") !=
-        std::string::npos);
+  CHECK(
+      wrongabi->reason.find("exports switchyard_plugin_v99 but this core loads plugin interface 8 "
+                            "(switchyard_plugin_v8)") != std::string::npos);
 
-  // Built for ABI 1: both versions are named.
+  // Built for interface 1: both versions are named.
   const auto* abiv1 = rejection(registry, "libswitchyard-router-abiv1.so");
   REQUIRE(abiv1 != nullptr);
   CHECK(abiv1->code == ErrorCode::kAbiMismatch);
-  CHECK(abiv1->reason.find("exports switchyard_plugin_v1 but this core loads plugin ABI 2") !=
+  CHECK(abiv1->reason.find("exports switchyard_plugin_v1 but this core loads plugin interface 8") !=
         std::string::npos);
 
   // A missing symbol is found at scan time (immediate binding), not at the first call.
@@ -78,7 +79,7 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* abifield = rejection(registry, "libswitchyard-router-abifield.so");
   REQUIRE(abifield != nullptr);
   CHECK(abifield->code == ErrorCode::kAbiMismatch);
-  CHECK(abifield->reason.find("declares plugin ABI version 99, this core needs 2") !=
+  CHECK(abifield->reason.find("declares plugin interface 99, this core needs 8") !=
         std::string::npos);
 
   const auto* otherbuild = rejection(registry, "libswitchyard-router-otherbuild.so");
@@ -99,7 +100,7 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* noentry = rejection(registry, "libswitchyard-router-noentry.so");
   REQUIRE(noentry != nullptr);
   CHECK(noentry->code == ErrorCode::kNotFound);
-  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v2") !=
+  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v8") !=
         std::string::npos);
 
   const auto* garbage = rejection(registry, "libswitchyard-router-garbage.so");
@@ -136,8 +137,9 @@ TEST_CASE("asking for a rejected or missing plugin explains everything in one me
   REQUIRE(first_rejection != std::string::npos);
   const std::string line =
       m.substr(first_rejection, m.find('\n', first_rejection + 14) - first_rejection);
-  CHECK(line.find("libswitchyard-router-wrongabi.so: ABI mismatch: exports switchyard_plugin_v3") !=
-        std::string::npos);
+  CHECK(
+      line.find("libswitchyard-router-wrongabi.so: ABI mismatch: exports switchyard_plugin_v99") !=
+      std::string::npos);
   CHECK(m.find("searched: " SWITCHYARD_FIXTURE_PLUGIN_DIR " /nonexistent/plugins (missing)") !=
         std::string::npos);
 

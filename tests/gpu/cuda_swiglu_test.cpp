@@ -143,8 +143,8 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
         args.ffn_hidden = static_cast<int>(F);
         args.experts = views;
         auto kernel = registry.create_expert("cuda_swiglu", args);
-        CHECK(kernel->capabilities().device_memory);
-        CHECK(kernel->input_dtype() == (bf16 ? DType::kBF16 : DType::kF32));
+        CHECK(kernel->capabilities().execution.device_memory);
+        CHECK(kernel->capabilities().input_dtype == (bf16 ? DType::kBF16 : DType::kF32));
 
         std::vector<float> x(static_cast<std::size_t>(N * H));
         for (auto& v : x) {
@@ -175,7 +175,7 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
 
         if (!bf16) {
           // F32 weights take f32 rows and write f32 outputs only.
-          CHECK(kernel->output_dtype() == DType::kF32);
+          CHECK(kernel->capabilities().output_dtype == DType::kF32);
           batch.output = TensorView(d_y.get(), DType::kBF16, {N, H}, Device::cuda(0));
           CHECK_THROWS_AS(kernel->forward(batch, stream), Error);
           batch.output = TensorView(d_y.get(), DType::kF32, {N, H}, Device::cuda(0));
@@ -196,7 +196,7 @@ TEST_CASE("cuda_swiglu equals a float64 SwiGLU, with f32 and with bf16 weights, 
         // BF16 outputs (what the layer hands it: output_dtype): the float64 SwiGLU rounded
         // to bf16, within the same tolerance; the grouped split's are the bits it widens for
         // f32 outputs.
-        CHECK(kernel->output_dtype() == DType::kBF16);
+        CHECK(kernel->capabilities().output_dtype == DType::kBF16);
         test::DeviceArray<std::uint16_t> d_y16(x.size());
         d_y16.poison();
         batch.output = TensorView(d_y16.get(), DType::kBF16, {N, H}, Device::cuda(0));

@@ -67,7 +67,7 @@ Difference layer_against_reference(PluginRegistry& registry, Transport& transpor
   parts.transport = &transport;
   parts.router = registry.create_router("topk", router_args);
   parts.experts = registry.create_expert("cuda_swiglu", expert_args);
-  REQUIRE(parts.experts->input_dtype() == model.experts(0, 1)[0].gate.dtype());
+  REQUIRE(parts.experts->capabilities().input_dtype == model.experts(0, 1)[0].gate.dtype());
   parts.gate = model.gate().view();
   parts.placement = ExpertPlacement(E, 1);
   parts.data_path = registry.create_data_path("cuda", DataPathCreateArgs{});

@@ -269,7 +269,7 @@ TEST_CASE("saved projections: the forward keeps [gate·x | up·x]; the backward 
   HostStream stream;
   const ModelWeights model = ModelWeights::random(3, H, F, 4);
   auto kernel = make_kernel(model, 0, 3);
-  REQUIRE(kernel->saved_columns() == 2 * F);
+  REQUIRE(kernel->capabilities().saved_columns == 2 * F);
   const std::vector<std::int64_t> rows = {2, 3, 0};
   const HostTensor x = synthetic_tokens(N, H, 5);
   const HostTensor g = synthetic_tokens(N, H, 6);

@@ -66,12 +66,12 @@ class ExpertGradientStorage {
 /// expert 0, the next `rows_per_expert[1]` to local expert 1, and so on. `input` and
 /// `output` are on the stream's device; `rows_per_expert` is host memory.
 struct ExpertBatch {
-  /// [N,H] f32, or in the kernel's `input_dtype()` (bf16) when it asks for that; read only.
+  /// [N,H] f32, or in the kernel's `input_dtype` (bf16) when it asks for that; read only.
   TensorView input;
   std::span<const std::int64_t> rows_per_expert;  ///< [local experts], sums to N
-  /// [N,H] f32, or in the kernel's `output_dtype()` (bf16) when it asks for that; written.
+  /// [N,H] f32, or in the kernel's `output_dtype` (bf16) when it asks for that; written.
   TensorView output;
-  /// Optional [N, saved_columns()] f32 (empty: not wanted): written with what the kernel's
+  /// Optional [N, saved_columns] f32 (empty: not wanted): written with what the kernel's
   /// backward needs of each row beyond its input (for SwiGLU the gate and up projections),
   /// so that the backward does not recompute it (a training forward, `[runtime] recompute
   /// = false`).
@@ -93,7 +93,7 @@ struct ExpertGradientBatch {
   std::span<const SwigluExpertGradients> d_weights;  ///< [local experts], added to
   TensorView row_weights = {};                       ///< [N] optional (empty: all 1), read only
   TensorView d_row_weights = {};  ///< [N] optional (empty: not wanted): <d_output, output>
-  /// [N, saved_columns()] optional: what the forward saved of these rows (`ExpertBatch::
+  /// [N, saved_columns] optional: what the forward saved of these rows (`ExpertBatch::
   /// saved`); empty: the kernel recomputes it from the input.
   TensorView saved = {};
 };
@@ -144,6 +144,35 @@ struct WeightedRowsBatch {
   std::byte* partials = nullptr;            ///< [N,H] in `partial_dtype`, written
 };
 
+/// What an expert kernel does, as one value (`ExpertKernel::capabilities`): the layer reads
+/// it once, when it is built, and checks it against its data path there.
+struct ExpertKernelCapabilities {
+  /// The memory the kernel takes and whether it enqueues on the stream (stream.hpp).
+  ExecutionCapabilities execution;
+  /// The dtype the kernel wants its input rows in: f32 (the default) or bf16, for a kernel
+  /// that rounds its rows to bf16 anyway (tensor-core GEMMs). The layer's forward then
+  /// groups the received rows straight into bf16 (rounded to nearest even, as
+  /// `float_to_bf16`; a bf16 payload's elements as they are), which gives the kernel the
+  /// same values as rounding f32 rows itself and moves half the bytes. `forward` takes f32
+  /// rows too. Training forwards and `MoELayer::dispatch` hand over f32 rows.
+  DType input_dtype = DType::kF32;
+  /// The dtype the kernel writes its output rows in when the layer lets it: f32 (the
+  /// default) or bf16, for a kernel whose results are bf16 anyway or that gains from
+  /// writing half the bytes (tensor-core GEMMs with bf16 weights). The layer's forward then
+  /// hands it a bf16 output buffer, and the weighted reduce widens each element exactly,
+  /// so the layer's y is the same as from f32 outputs holding those bf16 values. `forward`
+  /// takes f32 outputs too. Training forwards and `MoELayer::dispatch` hand over f32 outputs.
+  DType output_dtype = DType::kF32;
+  /// The kernel implements `forward_weighted`; the layer's forward then uses it instead of
+  /// grouping the rows per expert, running `forward` and reducing.
+  bool fuses_weighted_rows = false;
+  /// Columns per row the forward can save for the backward (`ExpertBatch::saved`); 0: the
+  /// kernel saves nothing (its backward needs only the input).
+  std::int64_t saved_columns = 0;
+  /// The kernel implements `backward`; without it the layer refuses to train.
+  bool backward = false;
+};
+
 /// Computes the experts of one rank. Not thread-safe: one thread calls it at a time.
 class ExpertKernel {
  public:
@@ -151,44 +180,22 @@ class ExpertKernel {
   /// Kernel name, e.g. "cpu_swiglu".
   virtual std::string name() const = 0;
   virtual int num_local_experts() const noexcept = 0;
-  /// Memory kinds and stream behaviour (see stream.hpp).
-  virtual ExecutionCapabilities capabilities() const noexcept { return {}; }
-  /// The dtype the kernel wants its input rows in: f32 (the default) or bf16, for a kernel
-  /// that rounds its rows to bf16 anyway (tensor-core GEMMs). The layer's forward then
-  /// groups the received rows straight into bf16 (rounded to nearest even, as
-  /// `float_to_bf16`; a bf16 payload's elements as they are), which gives the kernel the
-  /// same values as rounding f32 rows itself and moves half the bytes. `forward` takes f32
-  /// rows too. Training forwards and `MoELayer::dispatch` hand over f32 rows.
-  virtual DType input_dtype() const noexcept { return DType::kF32; }
-  /// The dtype the kernel writes its output rows in when the layer lets it: f32 (the
-  /// default) or bf16, for a kernel whose results are bf16 anyway or that gains from
-  /// writing half the bytes (tensor-core GEMMs with bf16 weights). The layer's forward then
-  /// hands it a bf16 output buffer, and the weighted reduce widens each element exactly,
-  /// so the layer's y is the same as from f32 outputs holding those bf16 values, with half
-  /// the bytes written and read. `forward` takes f32 outputs too. Training forwards and
-  /// `MoELayer::dispatch` hand over f32 outputs.
-  virtual DType output_dtype() const noexcept { return DType::kF32; }
+  /// What the kernel does (see `ExpertKernelCapabilities`); the same on every call.
+  virtual ExpertKernelCapabilities capabilities() const noexcept { return {}; }
   /// Runs every local expert over its rows on `stream`. A host-synchronous kernel (the
   /// default) has finished when it returns; the core synchronizes the stream before it
   /// calls one. Allocates only when N grows. Throws `Error(kInvalidArgument)` on shape
   /// mismatch.
   virtual void forward(const ExpertBatch& batch, Stream& stream) = 0;
-  /// True when the kernel implements `forward_weighted`; the layer's forward then uses it
-  /// instead of grouping the rows per expert, running `forward` and reducing.
-  virtual bool fuses_weighted_rows() const noexcept { return false; }
   /// The fused form (see `WeightedRowsBatch`), on `stream`, blocking like `forward`.
-  /// Throws `Error(kUnavailable)` unless `fuses_weighted_rows()`, and
+  /// Throws `Error(kUnavailable)` unless `capabilities().fuses_weighted_rows`, and
   /// `Error(kInvalidArgument)` for a local expert outside 0..num_local_experts()-1.
   virtual void forward_weighted(const WeightedRowsBatch& batch, Stream& stream);
-  /// Columns per row the forward can save for the backward (`ExpertBatch::saved`); 0: the
-  /// kernel saves nothing (its backward needs only the input).
-  virtual std::int64_t saved_columns() const noexcept { return 0; }
   /// The backward of `forward` on the same rows (see `ExpertGradientBatch`): takes what the
   /// forward saved, or recomputes it from the input, writes d_input and adds the weight
-  /// gradients (a kernel
-  /// without weights takes an empty `d_weights`). Blocking like `forward`; allocates only
-  /// when N grows. Throws `Error(kUnavailable)` for a kernel without a backward (the
-  /// default) and `Error(kInvalidArgument)` on shape mismatch.
+  /// gradients (a kernel without weights takes an empty `d_weights`). Blocking like
+  /// `forward`; allocates only when N grows. Throws `Error(kUnavailable)` for a kernel
+  /// without a backward (the default) and `Error(kInvalidArgument)` on shape mismatch.
   virtual void backward(const ExpertGradientBatch& batch, Stream& stream);
 };
 
@@ -210,9 +217,15 @@ class IdentityExperts final : public ExpertKernel {
   explicit IdentityExperts(int num_local_experts);
   std::string name() const override { return "identity"; }
   int num_local_experts() const noexcept override { return num_local_experts_; }
+  /// Host memory; fuses; has a backward.
+  ExpertKernelCapabilities capabilities() const noexcept override {
+    ExpertKernelCapabilities c;
+    c.fuses_weighted_rows = true;
+    c.backward = true;
+    return c;
+  }
   /// output = input.
   void forward(const ExpertBatch& batch, Stream& stream) override;
-  bool fuses_weighted_rows() const noexcept override { return true; }
   void forward_weighted(const WeightedRowsBatch& batch, Stream& stream) override;
   /// d_input = row weight · d_output, d row weight = <d_output, input>; there are no
   /// weights (`d_weights` empty).

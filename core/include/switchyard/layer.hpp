@@ -84,10 +84,10 @@ struct LayerTraffic {
 class DispatchHandle {
  public:
   /// Received rows grouped per local expert, [A,H], A = sum of rows_per_expert(): f32 after
-  /// `MoELayer::dispatch` (in the layer's own forward, the kernel's `input_dtype()`).
+  /// `MoELayer::dispatch` (in the layer's own forward, the kernel's `input_dtype`).
   TensorView expert_input() noexcept;
   /// A buffer of the same shape as expert_input() for the experts' results: f32 after
-  /// `MoELayer::dispatch` (in the layer's own forward, the kernel's `output_dtype()`).
+  /// `MoELayer::dispatch` (in the layer's own forward, the kernel's `output_dtype`).
   TensorView expert_output() noexcept;
   /// Rows per local expert (host memory).
   std::span<const std::int64_t> rows_per_expert() const noexcept {
@@ -362,8 +362,8 @@ class MoELayer {
   /// Groups the received rows per local expert, into `dtypes.input` rows (f32 or bf16),
   /// and sizes the expert output rows for `dtypes.output`.
   void group_rows(DispatchHandle& h, ExpertRowDTypes dtypes);
-  /// The dtypes of the expert rows a forward hands the kernel: its `input_dtype()` and
-  /// `output_dtype()`, or f32 when the forward keeps the rows for the backward.
+  /// The dtypes of the expert rows a forward hands the kernel: its `input_dtype` and
+  /// `output_dtype`, or f32 when the forward keeps the rows for the backward.
   ExpertRowDTypes forward_expert_dtypes(bool save) const noexcept;
   /// The weighted partial sums of the received rows, and the combine's byte counts. With
   /// `in_expert_buffers` (forward, where the layer owns the expert rows) the partial sums
@@ -431,7 +431,7 @@ class MoELayer {
   };
   // The last forward routed its tokens and finished: plan_ and logits_ are its own.
   bool backward_ready_ = false;
-  // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns()],
+  // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns],
   // and whether the last forward kept handle_'s rows for the backward.
   Buffer<float> saved_columns_;
   bool training_ = false;
@@ -439,6 +439,7 @@ class MoELayer {
   LayerTimings timings_;
   LayerTraffic traffic_;
   std::array<std::int64_t, 1> shared_rows_{};  // the shared expert's batch: all T rows
+  ExpertKernelCapabilities expert_caps_;       // parts_.experts', read once
   bool failure_agreed_ = false;
 };
 

@@ -3,9 +3,10 @@
 /// The plugin contract and the registry that finds and loads plugins.
 ///
 /// A plugin is a shared library `libswitchyard-<kind>-<name>.so` exporting exactly one
-/// C entry point, `switchyard_plugin_v<ABI>` (today `switchyard_plugin_v2`), that returns a
-/// pointer to a static `PluginDescriptor`. The loader checks, in order: the entry exists;
-/// `abi_version` equals `kPluginAbiVersion`; `build_id` equals the core's; `kind` and
+/// C entry point, `switchyard_plugin_v<N>` with N the plugin interface version (version.hpp;
+/// today `switchyard_plugin_v8`), that returns a pointer to a static `PluginDescriptor`. The
+/// loader checks, in order: the entry exists; `interface_version` equals
+/// `kPluginInterfaceVersion`; `build_id` (which carries N too) equals the core's; `kind` and
 /// `name` match the file name. Any failure is recorded with its reason; a scan never stops
 /// at a bad file. Plugins are written with the SWITCHYARD_*_PLUGIN macros at the bottom.
 
@@ -29,11 +30,13 @@
 
 namespace switchyard {
 
-/// Version of the binary contract below. Bump on any change to `PluginDescriptor`, the
-/// create-argument structs or the interfaces; the entry point's name carries it.
-inline constexpr std::uint32_t kPluginAbiVersion = 2;
-/// Name of the entry point for `kPluginAbiVersion`.
-inline constexpr const char* kPluginEntryName = "switchyard_plugin_v2";
+/// The plugin interface version (`SWITCHYARD_PLUGIN_INTERFACE`, version.hpp): the one
+/// number of the binary contract below, raised on any change to `PluginDescriptor`, the
+/// create-argument structs or the interfaces.
+inline constexpr std::uint32_t kPluginInterfaceVersion = SWITCHYARD_PLUGIN_INTERFACE;
+/// Name of the entry point, which carries the version: "switchyard_plugin_v8".
+inline constexpr const char* kPluginEntryName =
+    "switchyard_plugin_v" SWITCHYARD_STRINGIFY(SWITCHYARD_PLUGIN_INTERFACE);
 
 /// The kinds of plugin. The name is the middle part of the file name.
 enum class PluginKind : std::uint32_t { kTransport = 1, kRouter = 2, kExpert = 3, kDataPath = 4 };
@@ -83,8 +86,10 @@ using DataPathFactory = Status (*)(const DataPathCreateArgs& args, std::unique_p
 
 /// What a plugin's entry point returns. Static storage in the plugin; never freed.
 struct PluginDescriptor {
-  std::uint32_t abi_version;  ///< first, so it can be checked before anything else is read
-  const char* build_id;       ///< SWITCHYARD_BUILD_ID as compiled into the plugin
+  /// `kPluginInterfaceVersion` as the plugin was built; first, so that it can be checked
+  /// before anything else is read.
+  std::uint32_t interface_version;
+  const char* build_id;  ///< SWITCHYARD_BUILD_ID as compiled into the plugin
   PluginKind kind;
   const char* name;     ///< must match the file name
   const char* version;  ///< the plugin's own version
@@ -208,16 +213,18 @@ inline constexpr DataPathFactory data_path_factory =
 }  // namespace switchyard
 
 #define SWITCHYARD_PLUGIN_EXPORT extern "C" __attribute__((visibility("default")))
+/// The entry point's name as an identifier (switchyard_plugin_v8).
+#define SWITCHYARD_PLUGIN_ENTRY SWITCHYARD_CONCAT(switchyard_plugin_v, SWITCHYARD_PLUGIN_INTERFACE)
 
 /// Defines the entry point of a plugin. KIND is kTransport, kRouter, kExpert or kDataPath; FIELD
 /// the factory member it fills; CREATE a function taking the kind's create-args and returning what
 /// the factory fills (it may throw `switchyard::Error`); DECLARE fills the schema (or nullptr);
 /// PROBE returns a Status (or nullptr).
 #define SWITCHYARD_DEFINE_PLUGIN_IMPL(KIND, NAME, VERSION, SUMMARY, DECLARE, PROBE, FACTORY) \
-  SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* switchyard_plugin_v2() {    \
+  SWITCHYARD_PLUGIN_EXPORT const ::switchyard::PluginDescriptor* SWITCHYARD_PLUGIN_ENTRY() { \
     static const ::switchyard::PluginDescriptor descriptor = [] {                            \
       ::switchyard::PluginDescriptor d{};                                                    \
-      d.abi_version = ::switchyard::kPluginAbiVersion;                                       \
+      d.interface_version = ::switchyard::kPluginInterfaceVersion;                           \
       d.build_id = SWITCHYARD_BUILD_ID;                                                      \
       d.kind = ::switchyard::PluginKind::KIND;                                               \
       d.name = NAME;                                                                         \

@@ -10,6 +10,8 @@
 
 #define SWITCHYARD_STRINGIFY_IMPL(x) #x
 #define SWITCHYARD_STRINGIFY(x) SWITCHYARD_STRINGIFY_IMPL(x)
+#define SWITCHYARD_CONCAT_IMPL(a, b) a##b
+#define SWITCHYARD_CONCAT(a, b) SWITCHYARD_CONCAT_IMPL(a, b)
 
 #if defined(__clang__)
 #define SWITCHYARD_COMPILER_ID "clang " __clang_version__
@@ -27,23 +29,24 @@
 #define SWITCHYARD_STDLIB_ID "unknown stdlib"
 #endif
 
-/// Raised whenever a class that crosses the plugin boundary changes its layout within a
-/// core version (a virtual function added, a member moved), so that a plugin built before
-/// is refused by its build id instead of calling through a stale vtable. Revision 2:
-/// `ExpertKernel::fuses_weighted_rows` and `forward_weighted`, `DataPath::pack_runs`.
-/// Revision 3: `PeerMessaging::world_ranks`. Revision 4: `Router::backward`. Revision 5:
-/// `ExpertKernel::saved_columns`, `ExpertBatch::saved`, `ExpertGradientBatch::saved`.
-/// Revision 6: `ExpertKernel::input_dtype`, `GroupArgs::expert_input_dtype`. Revision 7:
-/// `ExpertKernel::output_dtype`, `WeightedReduceArgs::expert_output` (bytes) and
-/// `expert_output_dtype`.
-#define SWITCHYARD_INTERFACE_REVISION "7"
+/// The plugin interface version, the one number of the plugin contract: it names the
+/// entry point (`switchyard_plugin_v<N>`), the descriptor declares it and the build id
+/// carries it. Raised whenever anything that crosses the plugin boundary changes (the
+/// descriptor, a create-argument struct, a virtual function added, a member moved), so that
+/// a plugin built before is refused instead of calling through a stale vtable. Before 8 it
+/// was two numbers, an entry-point ABI (last 2) and an interface revision (last 7: streams
+/// and device memory, the fused expert path, `Router::backward`, saved columns, bf16 expert
+/// rows). 8: one number; `SwigluExpertWeights` block scales (FP8 weights);
+/// `ExpertKernel::capabilities` as one value.
+#define SWITCHYARD_PLUGIN_INTERFACE 8
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
 /// C++ objects (std::string, std::vector, vtables) cross the plugin boundary.
 #define SWITCHYARD_BUILD_ID                                                                     \
   "switchyard " SWITCHYARD_VERSION_STRING "; " SWITCHYARD_COMPILER_ID "; " SWITCHYARD_STDLIB_ID \
-  "; c++ " SWITCHYARD_STRINGIFY(__cplusplus) "; interfaces " SWITCHYARD_INTERFACE_REVISION
+  "; c++ " SWITCHYARD_STRINGIFY(__cplusplus) "; plugin interface " SWITCHYARD_STRINGIFY(        \
+      SWITCHYARD_PLUGIN_INTERFACE)
 
 namespace switchyard {
 /// The build id this core was compiled with.
