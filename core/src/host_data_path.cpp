@@ -7,7 +7,8 @@
 #include <vector>
 
 #include "switchyard/data_path.hpp"
-#include "switchyard/layer.hpp"
+#include "switchyard/placement.hpp"
+#include "switchyard/router_logits.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard {

@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "switchyard/layer.hpp"
+#include "switchyard/router_logits.hpp"
 
 namespace switchyard {
 namespace {

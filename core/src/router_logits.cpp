@@ -14,7 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "switchyard/layer.hpp"
+#include "switchyard/router_logits.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard {

@@ -7,7 +7,7 @@
 #include <string>
 #include <utility>
 
-#include "switchyard/layer.hpp"
+#include "switchyard/placement.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
 #include "switchyard/stream.hpp"

@@ -9,7 +9,7 @@
 #include <limits>
 
 #include "switchyard/io.hpp"
-#include "switchyard/layer.hpp"
+#include "switchyard/placement.hpp"
 #include "switchyard/routing_gradient.hpp"
 #include "switchyard/routing_rows.hpp"
 #include "switchyard/status.hpp"

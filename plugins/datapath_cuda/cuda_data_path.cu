@@ -26,7 +26,7 @@
 #include "device_routing.cuh"
 #include "device_scratch.hpp"
 #include "switchyard/data_path.hpp"
-#include "switchyard/layer.hpp"
+#include "switchyard/placement.hpp"
 #include "switchyard/plugin.hpp"
 
 namespace switchyard::cuda_path {

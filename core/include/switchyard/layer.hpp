@@ -13,54 +13,14 @@
 #include "switchyard/buffer.hpp"
 #include "switchyard/data_path.hpp"
 #include "switchyard/expert_kernel.hpp"
+#include "switchyard/placement.hpp"
 #include "switchyard/router.hpp"
+#include "switchyard/router_logits.hpp"
 #include "switchyard/status.hpp"
 #include "switchyard/tensor.hpp"
 #include "switchyard/transport.hpp"
 
 namespace switchyard {
-
-/// Contiguous placement of E experts over R ranks: the first `E mod R` ranks hold one
-/// expert more; with E < R some ranks hold none.
-class ExpertPlacement {
- public:
-  ExpertPlacement() = default;
-  ExpertPlacement(int num_experts, int num_ranks);
-  int num_experts() const noexcept { return num_experts_; }
-  int num_ranks() const noexcept { return num_ranks_; }
-  int first_expert(int rank) const noexcept;
-  int num_local(int rank) const noexcept;
-  int rank_of(int expert) const noexcept;
-
- private:
-  int num_experts_ = 0;
-  int num_ranks_ = 1;
-};
-
-/// Router logits [T,E] = x [T,H] · gateᵀ [H,E], float32 host, with a fixed summation order
-/// so that a token's logits do not depend on which rank or how many tokens compute them.
-/// The host data path's `router_logits`.
-/// The order: per (t, e), 16 lanes (lane l takes the h with h mod 16 == l, ascending, each
-/// by a fused multiply-add, the row padded with zeros to a multiple of 16), then the lanes
-/// summed pairwise (l + 8, + 4, + 2, + 1). The same bits on every processor; the kernel is
-/// chosen once (AVX-512, AVX2 with FMA, or portable). Runs on the calling thread.
-void compute_router_logits(const TensorView& x, const TensorView& gate, float* logits);
-
-/// The router's GEMMs backward, f32 host contiguous: dx [T,H] += d_logits [T,E] · gate
-/// [E,H] and d_gate [E,H] += d_logitsᵀ · x [T,H]. Each element is one chain of
-/// multiply-adds in a fixed order (dx over e ascending, d_gate over t ascending), so its
-/// bits depend on the inputs only (on one machine). Runs on the calling thread.
-void accumulate_router_gradients(const TensorView& x, const TensorView& gate, const float* d_logits,
-                                 const TensorView& dx, const TensorView& d_gate);
-
-namespace detail {
-/// The instruction sets `compute_router_logits` chooses from.
-enum class RouterLogitsIsa { kPortable, kAvx2, kAvx512 };
-/// `compute_router_logits` with the kernel for `isa` (tests and benchmarks compare them);
-/// throws `Error(kUnavailable)` when this processor lacks it.
-void compute_router_logits_with(const TensorView& x, const TensorView& gate, float* logits,
-                                RouterLogitsIsa isa);
-}  // namespace detail
 
 /// Wall time of each phase of the last forward, in seconds.
 struct LayerTimings {
