@@ -1,0 +1,225 @@
+// MoELayer's backward: dy dispatched with the forward's layout, the kernel's backward over
+// the grouped rows, the rows' input gradients combined back with unit weights, the slot
+// weights' gradients returned to their tokens' ranks, and the router's backward; plus the
+// backward halves of the public dispatch and combine.
+#include "layer_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <utility>
+
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+
+using namespace layer_detail;
+
+void MoELayer::weigh_rows(const DispatchHandle& h, const TensorView& rows,
+                          const TensorView& weighted) const {
+  const std::int64_t H = hidden_;
+  const std::int64_t NK = static_cast<std::int64_t>(h.recv_meta_.size());
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = h.assignment_of_slot_[to_size(i)];
+    if (a < 0) continue;
+    const float* g = rows.data_as<const float>() + a * H;
+    float* s = weighted.data_as<float>() + a * H;
+    const float w = h.recv_meta_[to_size(i)].weight;
+    for (std::int64_t j = 0; j < H; ++j) s[j] = w * g[j];
+  }
+}
+
+void MoELayer::slot_dot_products(const DispatchHandle& h, const TensorView& rows,
+                                 const TensorView& outputs) {
+  const std::int64_t H = hidden_;
+  const std::int64_t NK = static_cast<std::int64_t>(h.recv_meta_.size());
+  workspace_->d_slot_weights.resize(to_size(NK));
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = h.assignment_of_slot_[to_size(i)];
+    float d_weight = 0;
+    if (a >= 0) {
+      const float* o = outputs.data_as<const float>() + a * H;
+      const float* g = rows.data_as<const float>() + a * H;
+      for (std::int64_t j = 0; j < H; ++j) d_weight += g[j] * o[j];
+    }
+    workspace_->d_slot_weights[to_size(i)] = d_weight;
+  }
+}
+
+void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan& plan,
+                                     float* d_weights) {
+  const int K = plan.slots;
+  Transport& transport = *parts_.transport;
+  const auto me = static_cast<std::size_t>(transport.rank());
+  const std::size_t slot_bytes = to_size(K) * sizeof(float);
+  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
+  workspace_->d_sent_weights.resize(to_size(S * K));
+  peer_exchange(h.rows_from_, me, slot_bytes, /*compact=*/false, workspace_->d_weight_send_bytes,
+                workspace_->d_weight_send_offsets);
+  peer_exchange(h.rows_to_, me, slot_bytes, /*compact=*/false, workspace_->d_weight_recv_bytes,
+                workspace_->d_weight_recv_offsets);
+  std::copy_n(workspace_->d_slot_weights.data() + h.rows_from_offset_[me] * K, h.rows_from_[me] * K,
+              workspace_->d_sent_weights.data() + h.rows_to_offset_[me] * K);
+  transport.alltoallv(
+      {reinterpret_cast<const std::byte*>(workspace_->d_slot_weights.data()),
+       span_of(workspace_->d_weight_send_bytes), span_of(workspace_->d_weight_send_offsets),
+       reinterpret_cast<std::byte*>(workspace_->d_sent_weights.data()),
+       span_of(workspace_->d_weight_recv_bytes), span_of(workspace_->d_weight_recv_offsets),
+       Device::host()},
+      *workspace_->stream);
+  host_ready();
+  // A sent row's slots are its token's plan slots on the row's rank, in plan order.
+  std::fill_n(d_weights, plan.num_tokens * K, 0.0f);
+  for (std::size_t rank = 0; rank < h.rows_to_.size(); ++rank) {
+    const std::int64_t first = h.rows_to_offset_[rank];
+    for (std::int64_t i = first; i < first + h.rows_to_[rank]; ++i) {
+      const std::int64_t t = h.send_row_token_[to_size(i)];
+      const std::int32_t* experts = plan.experts.data() + t * K;
+      int slot = 0;
+      for (int j = 0; j < K; ++j) {
+        if (experts[j] < 0 || parts_.placement.rank_of(experts[j]) != static_cast<int>(rank)) {
+          continue;
+        }
+        d_weights[t * K + j] = workspace_->d_sent_weights[to_size(i * K + slot++)];
+      }
+    }
+  }
+}
+
+void MoELayer::combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y) {
+  // The combine with unit weights; the handle's own weights are put back afterwards.
+  const std::size_t NK = h.recv_meta_.size();
+  workspace_->saved_slot_weights.resize(NK);
+  for (std::size_t i = 0; i < NK; ++i) {
+    workspace_->saved_slot_weights[i] = h.recv_meta_[i].weight;
+    h.recv_meta_[i].weight = 1.0f;
+  }
+  try {
+    combine(h, rows, y);
+  } catch (...) {
+    for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = workspace_->saved_slot_weights[i];
+    throw;
+  }
+  for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = workspace_->saved_slot_weights[i];
+}
+
+void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
+                                const TensorView& expert_output, const TensorView& dy,
+                                const TensorView& d_expert_output, const TensorView& d_weights) {
+  if (data_path_->device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable, "MoE combine backward: needs the host data path");
+  }
+  const std::int64_t T = plan.num_tokens, H = hidden_;
+  const std::int64_t A = static_cast<std::int64_t>(handle.expert_input_.size()) / H;
+  expert_output.require("MoE combine backward expert_output", DType::kF32, {A, H});
+  dy.require("MoE combine backward dy", DType::kF32, {T, H});
+  d_expert_output.require("MoE combine backward d_expert_output", DType::kF32, {A, H});
+  d_weights.require("MoE combine backward d_weights", DType::kF32, {T, plan.slots});
+  const std::optional<Error> bad = first_non_finite(dy, "dy");
+  dispatch(dy, plan, workspace_->backward_dy, bad ? &*bad : nullptr);
+  host_ready();
+  const TensorView d_rows = workspace_->backward_dy.expert_input();
+  weigh_rows(workspace_->backward_dy, d_rows, d_expert_output);
+  slot_dot_products(workspace_->backward_dy, d_rows, expert_output);
+  return_slot_gradients(workspace_->backward_dy, plan, d_weights.data_as<float>());
+}
+
+void MoELayer::dispatch_backward(DispatchHandle& handle, const TensorView& d_expert_input,
+                                 const TensorView& dx) {
+  if (data_path_->device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable, "MoE dispatch backward: needs the host data path");
+  }
+  combine_unweighted(handle, d_expert_input, dx);
+}
+
+void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGradients& out) {
+  if (data_path_->device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
+  }
+  if (parts_.shared_expert) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoE backward: the layer has a shared expert, whose backward is not built yet "
+                "(such a model runs forward only)");
+  }
+  if (!expert_caps_.backward) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoE backward: expert plugin \"" + parts_.experts->name() + "\" has no backward");
+  }
+  if (!backward_ready_) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoE backward: follows a forward(x, y) that routed its tokens; the last "
+                "forward failed, had a given plan (its backward: combine_backward and "
+                "dispatch_backward), or route() ran since");
+  }
+  const RoutingPlan& plan = plan_;
+  const std::int64_t T = plan.num_tokens, H = hidden_;
+  const int K = plan.slots;
+  const int E = parts_.placement.num_experts();
+  x.require("MoE backward x", DType::kF32, {T, H});
+  dy.require("MoE backward dy", DType::kF32, {T, H});
+  out.dx.require("MoE backward dx", DType::kF32, {T, H});
+  out.d_gate.require("MoE backward d_gate", DType::kF32, {E, H});
+
+  // The forward's rows (kept, or dispatched again) and dy's rows, grouped per local expert
+  // in the same order. A bad dy stops every rank at the first dispatch's count exchange.
+  const bool kept = kept_for_backward_;
+  const std::optional<Error> bad = first_non_finite(dy, "dy");
+  if (!kept) dispatch(x, plan, workspace_->backward_x, bad ? &*bad : nullptr);
+  dispatch(dy, plan, workspace_->backward_dy, kept && bad ? &*bad : nullptr);
+  DispatchHandle& hx = kept ? kept_handle_ : workspace_->backward_x;
+  DispatchHandle& hd = workspace_->backward_dy;
+  const TensorView rows = hx.expert_input();
+  const TensorView d_rows = hd.expert_input();
+  // The rows' output buffer (the forward's outputs are not needed) takes their gradients.
+  const TensorView d_inputs = hx.expert_output();
+  const std::int64_t A = rows.dim(0);
+  host_ready();
+
+  // Each grouped row stands for one (token, local expert) slot: the kernel applies the
+  // slot's weight to dy and gives <dy, expert output>, the weight's gradient.
+  const std::int64_t NK = static_cast<std::int64_t>(hd.recv_meta_.size());
+  workspace_->grouped_weights.resize(to_size(A));
+  workspace_->d_grouped_weights.resize(to_size(A));
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
+    if (a >= 0) workspace_->grouped_weights[to_size(a)] = hd.recv_meta_[to_size(i)].weight;
+  }
+  ExpertGradientBatch batch{rows, hx.rows_per_expert(), d_rows, d_inputs, out.d_experts};
+  batch.row_weights = TensorView(workspace_->grouped_weights.data(), DType::kF32, {A});
+  batch.d_row_weights = TensorView(workspace_->d_grouped_weights.data(), DType::kF32, {A});
+  const std::int64_t columns = expert_caps_.saved_columns;
+  if (kept && columns > 0) {
+    batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
+  }
+  parts_.experts->backward(batch, *workspace_->stream);
+  host_ready();
+  workspace_->d_slot_weights.resize(to_size(NK));
+  for (std::int64_t i = 0; i < NK; ++i) {
+    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
+    workspace_->d_slot_weights[to_size(i)] =
+        a >= 0 ? workspace_->d_grouped_weights[to_size(a)] : 0.0f;
+  }
+  // The rows' input gradients come back summed per token; the weights' gradients to their
+  // tokens' ranks.
+  combine_unweighted(hd, d_inputs, out.dx);
+  workspace_->d_plan_weights.resize(to_size(T * K));
+  return_slot_gradients(hd, plan, workspace_->d_plan_weights.data());
+
+  // The router: d logits from the weights' gradients (at the forward's logits, still in
+  // logits_), then through the logits' GEMM.
+  Transport& transport = *parts_.transport;
+  workspace_->d_logits.resize(to_size(T * E));
+  RouteGradientInput route;
+  route.logits = TensorView(logits_.data(), DType::kF32, {T, E});
+  route.topology = &transport.topology();
+  route.plan = &plan;
+  route.d_weights = TensorView(workspace_->d_plan_weights.data(), DType::kF32, {T, K});
+  route.loss_tokens = out.loss_tokens;
+  route.loss_aux_counts = out.loss_aux_counts;
+  parts_.router->backward(route, TensorView(workspace_->d_logits.data(), DType::kF32, {T, E}));
+  accumulate_router_gradients(x, gate_, workspace_->d_logits.data(), out.dx, out.d_gate);
+}
+
+}  // namespace switchyard

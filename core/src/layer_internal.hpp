@@ -1,0 +1,98 @@
+#pragma once
+// What the files of MoELayer share (layer.cpp: construction and the forward sequence;
+// layer_chunks.cpp: the chunk pipeline; layer_backward.cpp: the backward): small helpers and
+// the step buffers of a rank's layers. Private to the core.
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "switchyard/buffer.hpp"
+#include "switchyard/layer.hpp"
+
+namespace switchyard::layer_detail {
+
+using Clock = std::chrono::steady_clock;
+inline double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+inline std::size_t to_size(std::int64_t v) { return static_cast<std::size_t>(v); }
+
+inline std::span<const std::size_t> span_of(const Buffer<std::size_t>& b) {
+  return {b.data(), b.size()};
+}
+
+/// Byte counts and offsets of an exchange of `rows[p]` rows of `row_bytes` per peer that
+/// skips this rank's own block (`self`): the layer moves its own rows in place, so the
+/// transport copies only what crosses ranks. `compact`: the buffer holds no self block (a
+/// send side); else the self block keeps its place in it (a receive side, where the layer
+/// writes it directly).
+inline void peer_exchange(const Buffer<std::int64_t>& rows, std::size_t self, std::size_t row_bytes,
+                          bool compact, Buffer<std::size_t>& counts, Buffer<std::size_t>& offsets) {
+  counts.resize(rows.size());
+  offsets.resize(rows.size());
+  std::size_t offset = 0;
+  for (std::size_t p = 0; p < rows.size(); ++p) {
+    const std::size_t bytes = to_size(rows[p]) * row_bytes;
+    counts[p] = p == self ? 0 : bytes;
+    offsets[p] = offset;
+    if (p != self || !compact) offset += bytes;
+  }
+}
+
+}  // namespace switchyard::layer_detail
+
+namespace switchyard {
+
+/// The step buffers the layers of one rank share (see `MoELayerParts::workspace`).
+class LayerWorkspace {
+ public:
+  std::size_t bytes() const noexcept {
+    std::size_t total = chunk_rows_to.capacity_bytes() + chunk_rows_from.capacity_bytes();
+    for (const auto& slot : chunk_slots) total += slot->handle.capacity_bytes();
+    for (const auto* h : {&handle, &backward_x, &backward_dy}) total += h->capacity_bytes();
+    for (const auto* b :
+         {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights, &d_grouped_weights,
+          &saved_slot_weights, &d_plan_weights, &d_logits, &shared_output}) {
+      total += b->capacity_bytes();
+    }
+    for (const auto* b : {&d_weight_send_bytes, &d_weight_send_offsets, &d_weight_recv_bytes,
+                          &d_weight_recv_offsets}) {
+      total += b->capacity_bytes();
+    }
+    return total + host_plan.experts.capacity_bytes() + host_plan.weights.capacity_bytes() +
+           host_plan.counts.capacity_bytes();
+  }
+
+  /// The data path whose memory the buffers take (set by the first layer; declared first,
+  /// so that it outlives them).
+  std::shared_ptr<DataPath> data_path;
+  std::unique_ptr<Stream> stream;
+  // A forward's exchange, when it keeps nothing for the backward.
+  DispatchHandle handle;
+  // A host router behind a device data path: its logits and plan.
+  Buffer<float> host_logits;
+  RoutingPlan host_plan;
+  // The chunk pipeline: per-chunk row counts [R, chunks], the chunks in flight, and the
+  // stream whose thread runs the exchanges.
+  Buffer<std::int64_t> chunk_rows_to, chunk_rows_from;
+  std::vector<std::unique_ptr<MoELayer::ChunkSlot>> chunk_slots;
+  std::unique_ptr<HostStream> exchange_stream;
+  // Backward: the forward's rows (when it kept none) and dy's rows with its layout; per
+  // received (row, slot) the weight's gradient; the same for the sent rows once they came
+  // back; the exchange's byte counts; the plan's weight gradients and the logits'.
+  DispatchHandle backward_x, backward_dy;
+  Buffer<float> d_slot_weights, d_sent_weights;
+  // Per grouped row [A]: its slot's weight and that weight's gradient.
+  Buffer<float> grouped_weights, d_grouped_weights;
+  Buffer<float> saved_slot_weights;  // a handle's slot weights while it combines unweighted
+  Buffer<std::size_t> d_weight_send_bytes, d_weight_send_offsets, d_weight_recv_bytes,
+      d_weight_recv_offsets;
+  Buffer<float> d_plan_weights, d_logits;
+  // The shared expert's output rows [T,H].
+  Buffer<float> shared_output;
+};
+
+}  // namespace switchyard
