@@ -260,6 +260,34 @@ class HostDataPath final : public DataPath {
     if (streaming) kernels.fence();
   }
 
+  void scale_grouped_rows(const SlotRowsArgs& a, const float* rows, float* scaled,
+                          Stream& /*stream*/) override {
+    const std::int64_t NK = a.num_rows * a.slots;
+    for (std::int64_t i = 0; i < NK; ++i) {
+      const std::int64_t g = a.assignment_of_slot[i];
+      if (g < 0) continue;
+      const float w = a.meta[i].weight;
+      const float* in = rows + g * a.hidden;
+      float* out = scaled + g * a.hidden;
+      for (std::int64_t h = 0; h < a.hidden; ++h) out[h] = w * in[h];
+    }
+  }
+
+  void slot_dot_products(const SlotRowsArgs& a, const float* rows, const float* outputs,
+                         float* dots, Stream& /*stream*/) override {
+    const std::int64_t NK = a.num_rows * a.slots;
+    for (std::int64_t i = 0; i < NK; ++i) {
+      const std::int64_t g = a.assignment_of_slot[i];
+      float dot = 0;
+      if (g >= 0) {
+        const float* r = rows + g * a.hidden;
+        const float* o = outputs + g * a.hidden;
+        for (std::int64_t h = 0; h < a.hidden; ++h) dot += r[h] * o[h];
+      }
+      dots[i] = dot;
+    }
+  }
+
   void weighted_reduce(const WeightedReduceArgs& a, Stream& /*stream*/) override {
     const std::int64_t H = a.hidden;
     require_expert_row_dtype(a.expert_output_dtype, "weighted_reduce: expert outputs");
@@ -397,6 +425,18 @@ PayloadDType parse_payload_dtype(std::string_view name) {
 
 std::size_t payload_row_bytes(PayloadDType dtype, std::int64_t hidden) noexcept {
   return (encoded_bytes(dtype, hidden) + 3) / 4 * 4;
+}
+
+void DataPath::scale_grouped_rows(const SlotRowsArgs& /*args*/, const float* /*rows*/,
+                                  float* /*scaled*/, Stream& /*stream*/) {
+  throw Error(ErrorCode::kUnavailable,
+              "this data path has no backward primitives (scale_grouped_rows) yet");
+}
+
+void DataPath::slot_dot_products(const SlotRowsArgs& /*args*/, const float* /*rows*/,
+                                 const float* /*outputs*/, float* /*dots*/, Stream& /*stream*/) {
+  throw Error(ErrorCode::kUnavailable,
+              "this data path has no backward primitives (slot_dot_products) yet");
 }
 
 std::unique_ptr<DataPath> make_host_data_path() { return std::make_unique<HostDataPath>(); }

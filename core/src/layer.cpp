@@ -694,8 +694,13 @@ void MoELayer::group_rows(DispatchHandle& h, ExpertRowDTypes dtypes) {
 }
 
 void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const TensorView& y) {
+  combine_with(h, expert_output, y, h.recv_meta_.data());
+}
+
+void MoELayer::combine_with(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                            const SlotMeta* meta) {
   auto start = Clock::now();
-  reduce_rows(h, expert_output, y, /*in_expert_buffers=*/false);
+  reduce_rows(h, expert_output, y, /*in_expert_buffers=*/false, meta);
   parts_.transport->alltoallv(back_buffers(h), *workspace_->stream);
   host_ready();
   sum_rows(h, y.data_as<float>());
@@ -703,7 +708,8 @@ void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const
 }
 
 void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                           bool in_expert_buffers) {
+                           bool in_expert_buffers, const SlotMeta* meta) {
+  if (meta == nullptr) meta = h.recv_meta_.data();
   const std::int64_t H = hidden_;
   const int K = h.slots_;
   const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
@@ -718,7 +724,7 @@ void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, c
     WeightedReduceArgs reduce;
     reduce.expert_output = static_cast<const std::byte*>(expert_output.data());
     reduce.expert_output_dtype = output_dtype;
-    reduce.meta = h.recv_meta_.data() + rows.first * K;
+    reduce.meta = meta + rows.first * K;
     reduce.assignment_of_slot = h.assignment_of_slot_.data() + rows.first * K;
     reduce.num_rows = rows.count;
     reduce.slots = K;

@@ -17,35 +17,28 @@ namespace switchyard {
 
 using namespace layer_detail;
 
+SlotRowsArgs MoELayer::slot_rows(const DispatchHandle& h) const {
+  SlotRowsArgs args;
+  args.meta = h.recv_meta_.data();
+  args.assignment_of_slot = h.assignment_of_slot_.data();
+  args.num_rows = h.slots_ > 0 ? static_cast<std::int64_t>(h.recv_meta_.size()) / h.slots_ : 0;
+  args.slots = h.slots_;
+  args.hidden = hidden_;
+  return args;
+}
+
 void MoELayer::weigh_rows(const DispatchHandle& h, const TensorView& rows,
                           const TensorView& weighted) const {
-  const std::int64_t H = hidden_;
-  const std::int64_t NK = static_cast<std::int64_t>(h.recv_meta_.size());
-  for (std::int64_t i = 0; i < NK; ++i) {
-    const std::int64_t a = h.assignment_of_slot_[to_size(i)];
-    if (a < 0) continue;
-    const float* g = rows.data_as<const float>() + a * H;
-    float* s = weighted.data_as<float>() + a * H;
-    const float w = h.recv_meta_[to_size(i)].weight;
-    for (std::int64_t j = 0; j < H; ++j) s[j] = w * g[j];
-  }
+  data_path_->scale_grouped_rows(slot_rows(h), rows.data_as<const float>(),
+                                 weighted.data_as<float>(), *workspace_->stream);
 }
 
 void MoELayer::slot_dot_products(const DispatchHandle& h, const TensorView& rows,
                                  const TensorView& outputs) {
-  const std::int64_t H = hidden_;
-  const std::int64_t NK = static_cast<std::int64_t>(h.recv_meta_.size());
-  workspace_->d_slot_weights.resize(to_size(NK));
-  for (std::int64_t i = 0; i < NK; ++i) {
-    const std::int64_t a = h.assignment_of_slot_[to_size(i)];
-    float d_weight = 0;
-    if (a >= 0) {
-      const float* o = outputs.data_as<const float>() + a * H;
-      const float* g = rows.data_as<const float>() + a * H;
-      for (std::int64_t j = 0; j < H; ++j) d_weight += g[j] * o[j];
-    }
-    workspace_->d_slot_weights[to_size(i)] = d_weight;
-  }
+  workspace_->d_slot_weights.resize(h.recv_meta_.size());
+  data_path_->slot_dot_products(slot_rows(h), rows.data_as<const float>(),
+                                outputs.data_as<const float>(), workspace_->d_slot_weights.data(),
+                                *workspace_->stream);
 }
 
 void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan& plan,
@@ -89,20 +82,12 @@ void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan&
 }
 
 void MoELayer::combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y) {
-  // The combine with unit weights; the handle's own weights are put back afterwards.
+  // The combine with the handle's slots at unit weight (a copy: the handle keeps its own).
   const std::size_t NK = h.recv_meta_.size();
-  workspace_->saved_slot_weights.resize(NK);
-  for (std::size_t i = 0; i < NK; ++i) {
-    workspace_->saved_slot_weights[i] = h.recv_meta_[i].weight;
-    h.recv_meta_[i].weight = 1.0f;
-  }
-  try {
-    combine(h, rows, y);
-  } catch (...) {
-    for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = workspace_->saved_slot_weights[i];
-    throw;
-  }
-  for (std::size_t i = 0; i < NK; ++i) h.recv_meta_[i].weight = workspace_->saved_slot_weights[i];
+  workspace_->unit_meta.resize(NK);
+  for (std::size_t i = 0; i < NK; ++i)
+    workspace_->unit_meta[i] = {h.recv_meta_[i].local_expert, 1.0f};
+  combine_with(h, rows, y, workspace_->unit_meta.data());
 }
 
 void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,

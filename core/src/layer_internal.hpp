@@ -53,15 +53,15 @@ class LayerWorkspace {
     std::size_t total = chunk_rows_to.capacity_bytes() + chunk_rows_from.capacity_bytes();
     for (const auto& slot : chunk_slots) total += slot->handle.capacity_bytes();
     for (const auto* h : {&handle, &backward_x, &backward_dy}) total += h->capacity_bytes();
-    for (const auto* b :
-         {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights, &d_grouped_weights,
-          &saved_slot_weights, &d_plan_weights, &d_logits, &shared_output}) {
+    for (const auto* b : {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights,
+                          &d_grouped_weights, &d_plan_weights, &d_logits, &shared_output}) {
       total += b->capacity_bytes();
     }
     for (const auto* b : {&d_weight_send_bytes, &d_weight_send_offsets, &d_weight_recv_bytes,
                           &d_weight_recv_offsets}) {
       total += b->capacity_bytes();
     }
+    total += unit_meta.capacity_bytes();
     return total + host_plan.experts.capacity_bytes() + host_plan.weights.capacity_bytes() +
            host_plan.counts.capacity_bytes();
   }
@@ -87,7 +87,7 @@ class LayerWorkspace {
   Buffer<float> d_slot_weights, d_sent_weights;
   // Per grouped row [A]: its slot's weight and that weight's gradient.
   Buffer<float> grouped_weights, d_grouped_weights;
-  Buffer<float> saved_slot_weights;  // a handle's slot weights while it combines unweighted
+  Buffer<SlotMeta> unit_meta;  // a handle's slots at weight 1, for the unit-weight combine
   Buffer<std::size_t> d_weight_send_bytes, d_weight_send_offsets, d_weight_recv_bytes,
       d_weight_recv_offsets;
   Buffer<float> d_plan_weights, d_logits;

@@ -340,6 +340,37 @@ void unpermute_sum_case(DataPath& path, Stream& stream) {
   }
 }
 
+void backward_primitives_case(DataPath& path, Stream& stream) {
+  Space space(path, stream);
+  // Two received rows of two slots over three grouped rows of 2 elements:
+  //   row 0 -> grouped 2 (weight 0.5), grouped 0 (weight -2); row 1 -> none, grouped 1 (4).
+  const SlotMeta* meta =
+      space.put(std::vector<SlotMeta>{{1, 0.5f}, {0, -2.0f}, {-1, 0.0f}, {0, 4.0f}});
+  const std::int64_t* assignment = space.put(std::vector<std::int64_t>{2, 0, -1, 1});
+  const float* rows = space.put(std::vector<float>{1.0f, 2.0f, -0.5f, 0.25f, 3.0f, -4.0f});
+  const float* outputs = space.put(std::vector<float>{2.0f, 0.5f, 8.0f, 4.0f, -1.0f, 0.125f});
+  SlotRowsArgs args;
+  args.meta = meta;
+  args.assignment_of_slot = assignment;
+  args.num_rows = 2;
+  args.slots = 2;
+  args.hidden = 2;
+  auto* scaled = space.dirty<float>(6);
+  auto* dots = space.dirty<float>(4);
+  try {
+    path.scale_grouped_rows(args, rows, scaled, stream);
+    path.slot_dot_products(args, rows, outputs, dots, stream);
+  } catch (const Error& e) {
+    // A data path without the backward's primitives says so.
+    CHECK(e.code() == ErrorCode::kUnavailable);
+    return;
+  }
+  // grouped 0 · -2, grouped 1 · 4, grouped 2 · 0.5: every product exact.
+  CHECK(space.get(scaled, 6) == std::vector<float>{-2.0f, -4.0f, -2.0f, 1.0f, 1.5f, -2.0f});
+  // <rows[a], outputs[a]>: a = 2: -3 - 0.5; a = 0: 2 + 1; none: 0; a = 1: -4 + 1.
+  CHECK(space.get(dots, 4) == std::vector<float>{-3.5f, 3.0f, 0.0f, -3.0f});
+}
+
 void copy_case(DataPath& path, Stream& stream) {
   Space space(path, stream);
   std::vector<std::int32_t> values(1000);
@@ -362,6 +393,9 @@ void run_data_path_suite(DataPath& path, Stream& stream) {
   SUBCASE("count_groups and group_by_expert") { group_case(path, stream); }
   SUBCASE("weighted_reduce") { weighted_reduce_case(path, stream); }
   SUBCASE("unpermute_sum") { unpermute_sum_case(path, stream); }
+  SUBCASE("the backward's scale_grouped_rows and slot_dot_products, or kUnavailable") {
+    backward_primitives_case(path, stream);
+  }
   SUBCASE("copy") { copy_case(path, stream); }
 }
 

@@ -145,6 +145,16 @@ struct UnpermuteSumArgs {
   std::int64_t num_tokens = 0;
 };
 
+/// The slots of received rows and where each went among the grouped rows, for the
+/// backward's primitives (`DataPath::scale_grouped_rows`, `slot_dot_products`).
+struct SlotRowsArgs {
+  const SlotMeta* meta = nullptr;                    ///< [N,K]
+  const std::int64_t* assignment_of_slot = nullptr;  ///< [N,K]: its grouped row, or -1
+  std::int64_t num_rows = 0;                         ///< N
+  int slots = 0;                                     ///< K
+  std::int64_t hidden = 0;                           ///< H
+};
+
 /// For data paths: throws `Error(kInvalidArgument)` saying "`what` in DTYPE; f32 or bf16
 /// only" unless `dtype` is one of the two dtypes of expert rows (`GroupArgs::
 /// expert_input_dtype`, `WeightedReduceArgs::expert_output_dtype`).
@@ -188,6 +198,17 @@ class DataPath {
   virtual void group_by_expert(const GroupArgs& args, Stream& stream) = 0;
   virtual void weighted_reduce(const WeightedReduceArgs& args, Stream& stream) = 0;
   virtual void unpermute_sum(const UnpermuteSumArgs& args, Stream& stream) = 0;
+  /// The backward's primitives. scaled [A,H] f32: every grouped row a named by a slot gets
+  /// that slot's weight times rows[a] (the product rounded to f32); rows no slot names are
+  /// left as they are. The default throws `Error(kUnavailable)`: a data path without them
+  /// cannot run the layer's backward.
+  virtual void scale_grouped_rows(const SlotRowsArgs& args, const float* rows, float* scaled,
+                                  Stream& stream);
+  /// dots [N·K] f32: for each (row, slot) i with a grouped row a, <rows[a], outputs[a]> (a
+  /// sum over h ascending, in f32), else 0. rows, outputs [A,H] f32. The default throws
+  /// `Error(kUnavailable)`.
+  virtual void slot_dot_products(const SlotRowsArgs& args, const float* rows, const float* outputs,
+                                 float* dots, Stream& stream);
   /// Copies `bytes` from `src` to `dst`, each in host memory or in this data path's memory,
   /// ordered on `stream` (e.g. a device plan from a host router's plan). The host memory
   /// must stay untouched until the stream has passed the copy.

@@ -266,16 +266,20 @@ class MoELayer {
   const LayerTraffic& traffic() const noexcept { return traffic_; }
 
  private:
-  /// Backward helpers: `weighted` [A,H] = each grouped row of `rows` times its slot's
-  /// weight; d_slot_weights_ = per received (row, slot) <rows, outputs> of its grouped row;
-  /// the latter sent back to the tokens' ranks into d_weights [T,K] (plan slots); the
-  /// combine with unit weights.
+  /// Backward helpers, over the data path's primitives: `weighted` [A,H] = each grouped row
+  /// of `rows` times its slot's weight; d_slot_weights_ = per received (row, slot) <rows,
+  /// outputs> of its grouped row; the latter sent back to the tokens' ranks into d_weights
+  /// [T,K] (plan slots); the combine with unit weights.
+  SlotRowsArgs slot_rows(const DispatchHandle& h) const;
   void weigh_rows(const DispatchHandle& h, const TensorView& rows,
                   const TensorView& weighted) const;
   void slot_dot_products(const DispatchHandle& h, const TensorView& rows,
                          const TensorView& outputs);
   void return_slot_gradients(const DispatchHandle& h, const RoutingPlan& plan, float* d_weights);
   void combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y);
+  /// `combine` with the slots `meta` [N,K] in place of the handle's own.
+  void combine_with(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                    const SlotMeta* meta);
   /// Checks a plan's shape and expert ids; the first problem, or nothing.
   std::optional<Error> check_plan(const RoutingPlan& plan) const;
   /// Counts rows per destination and exchanges the counts. A failure of this rank
@@ -330,7 +334,7 @@ class MoELayer {
   /// and the returned rows go into the expert input rows, dead by then, when they fit: no
   /// buffers of their own.
   void reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                   bool in_expert_buffers);
+                   bool in_expert_buffers, const SlotMeta* meta = nullptr);
   /// Where the partial sums and the returned rows go (see `reduce_rows`), and the
   /// combine's byte counts.
   void place_partials(DispatchHandle& h, bool in_expert_buffers);
