@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "row_kernels.hpp"
 #include "switchyard/status.hpp"
 
 namespace switchyard {

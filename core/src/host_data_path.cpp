@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "row_kernels.hpp"
 #include "switchyard/data_path.hpp"
 #include "switchyard/placement.hpp"
 #include "switchyard/router_logits.hpp"

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "row_kernels.hpp"
 #include "switchyard/data_path.hpp"
 #include "switchyard/status.hpp"
 

@@ -12,6 +12,7 @@
 #include <random>
 #include <vector>
 
+#include "row_kernels.hpp"
 #include "switchyard/data_path.hpp"
 #include "switchyard/status.hpp"
 
