@@ -1,0 +1,239 @@
+// Runtime: the model's forward over its layers, the public dispatch and combine, and the
+// router updates after a step.
+#include "runtime_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <system_error>
+#include <thread>
+
+#include "switchyard/bootstrap.hpp"
+#include "switchyard/checkpoint.hpp"
+#include "switchyard/io.hpp"
+#include "switchyard/memory_budget.hpp"
+#include "switchyard/reference.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+
+using namespace runtime_detail;
+
+void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool world_blocks,
+                             int index) {
+  check_layer(index, "forward");
+  const std::int64_t H = model(index).hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  y.require("output", DType::kF32, {x.dim(0), H});
+  const auto* x_begin = x.data_as<const float>();
+  const auto* y_begin = y.data_as<const float>();
+  if (x.numel() > 0 && x_begin < y_begin + y.numel() && y_begin < x_begin + x.numel()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "output: shares memory with the input tokens (the layer reads every token "
+                "after it starts writing results; give y memory of its own)");
+  }
+  run_blocks(x.dim(0), world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
+    forward_block(local, index, rows(x, first, count), rows(y, first, count));
+  });
+  update_routers(index);
+}
+
+void Runtime::forward(const TensorView& x, const TensorView& y, int layer) {
+  state_->layer_inputs_tokens = -1;  // a layer's own forward ends what backward_model may use
+  forward_blocks(x, y, /*world_blocks=*/true, layer);
+}
+
+void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y, int layer) {
+  state_->layer_inputs_tokens = -1;
+  forward_blocks(x, y, /*world_blocks=*/false, layer);
+}
+
+bool Runtime::residual() const { return settings().section("model").get_bool("residual"); }
+
+void Runtime::forward_model(const TensorView& x, const TensorView& y) {
+  const std::int64_t H = model().hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  y.require("output", DType::kF32, {x.dim(0), H});
+  const std::int64_t T = x.dim(0);
+  const int L = num_layers();
+  // Training keeps every layer's input for backward_model; inference alternates two buffers.
+  State& s = *state_;
+  s.layer_inputs_tokens = -1;
+  if (s.training) s.layer_inputs.resize(static_cast<std::size_t>(L - 1));
+  TensorView in = x;
+  for (int index = 0; index < L; ++index) {
+    TensorView out = y;
+    if (index + 1 < L) {
+      HostTensor& storage = s.training       ? s.layer_inputs[static_cast<std::size_t>(index)]
+                            : index % 2 == 0 ? s.chain_out
+                                             : s.chain_in;
+      out = grown_matrix(storage, T, H);
+    }
+    forward(in, out, index);
+    if (residual()) add_rows(in, out);
+    in = out;
+  }
+  if (s.training) s.layer_inputs_tokens = T;  // after forward, which resets it
+}
+
+std::size_t Runtime::step_buffer_bytes() const noexcept {
+  std::size_t bytes = 0;
+  for (const auto& workspace : state_->workspaces) bytes += workspace_bytes(*workspace);
+  for (const auto& layers : state_->layers) {
+    for (const auto& l : layers) bytes += l->own_buffer_bytes();
+  }
+  return bytes;
+}
+
+void Runtime::dispatch(const TensorView& x, const TensorView& experts, const TensorView& weights,
+                       ProcessDispatch& dispatched, int index) {
+  check_layer(index, "dispatch");
+  const std::int64_t H = model(index).hidden();
+  dispatched.combinable = false;
+  dispatched.layer = index;
+  x.require("input x", DType::kF32, {-1, H});
+  const std::int64_t T = x.dim(0);
+  experts.require_strided("experts", DType::kI32, {T, -1});
+  const std::int64_t K = experts.dim(1);
+  weights.require_strided("weights", DType::kF32, {T, K});
+  if (K < 1) throw Error(ErrorCode::kInvalidArgument, "experts: needs at least one slot per token");
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    if (layer(local, index).data_path().device().kind != Device::Kind::kHost) {
+      throw Error(ErrorCode::kUnavailable,
+                  "dispatch and combine need the host data path ([runtime] data_path = "
+                  "\"host\"); a device data path runs the whole layer with forward");
+    }
+  }
+  dispatched.parts.resize(static_cast<std::size_t>(num_local_ranks()));
+  dispatched.num_tokens = T;
+  run_blocks(T, /*world_blocks=*/false, index,
+             [&](int local, std::int64_t first, std::int64_t count) {
+               MoELayer& l = layer(local, index);
+               DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+               const int ep_rank = l.transport().rank();
+               part.world_rank = world_rank(local);
+               part.first_expert = l.placement().first_expert(ep_rank);
+               part.num_local_experts = l.placement().num_local(ep_rank);
+               part.first_token = first;
+               part.num_tokens = count;
+               RoutingPlan& plan = part.plan;
+               plan.num_tokens = count;
+               plan.slots = static_cast<int>(K);
+               plan.experts.resize(static_cast<std::size_t>(count * K));
+               plan.weights.resize(static_cast<std::size_t>(count * K));
+               for (std::int64_t t = 0; t < count; ++t) {
+                 for (std::int64_t k = 0; k < K; ++k) {
+                   plan.experts[static_cast<std::size_t>(t * K + k)] =
+                       element<std::int32_t>(experts, first + t, k);
+                   plan.weights[static_cast<std::size_t>(t * K + k)] =
+                       element<float>(weights, first + t, k);
+                 }
+               }
+               const TensorView block = rows(x, first, count);
+               const std::optional<Error> bad_token = first_non_finite(block, "input x");
+               l.dispatch(block, plan, part.handle, bad_token ? &*bad_token : nullptr);
+             });
+  dispatched.combinable = true;
+}
+
+void Runtime::combine(ProcessDispatch& dispatched, std::span<const TensorView> expert_outputs,
+                      const TensorView& y) {
+  const std::int64_t H = model().hidden();
+  if (!dispatched.combinable) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "combine needs a dispatch of its own: this one failed, was already combined, "
+                "or never ran");
+  }
+  if (expert_outputs.size() != dispatched.parts.size()) {
+    throw Error(ErrorCode::kInvalidArgument, "combine takes one expert output per local rank: " +
+                                                 std::to_string(dispatched.parts.size()) +
+                                                 " expected, " +
+                                                 std::to_string(expert_outputs.size()) + " given");
+  }
+  y.require("output y", DType::kF32, {dispatched.num_tokens, H});
+  for (std::size_t i = 0; i < expert_outputs.size(); ++i) {
+    const std::int64_t A = dispatched.parts[i].handle.expert_input().dim(0);
+    expert_outputs[i].require("expert output of local rank " + std::to_string(i), DType::kF32,
+                              {A, H});
+  }
+  dispatched.combinable = false;
+  run_on_ranks([&](int local) {
+    DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+    layer(local, dispatched.layer)
+        .combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
+                 rows(y, part.first_token, part.num_tokens));
+  });
+}
+
+void Runtime::forward_block(int local, int index, const TensorView& x, const TensorView& y) {
+  MoELayer& l = layer(local, index);
+  DataPath& path = l.data_path();
+  if (x.device() == path.device()) {
+    l.forward(x, y);
+    return;
+  }
+  // Host tokens, device layer: through device buffers of this rank (grown once).
+  auto& staged = state_->device_rows;
+  staged.resize(static_cast<std::size_t>(num_local_ranks()));
+  auto& d = staged[static_cast<std::size_t>(local)];
+  if (!d) {
+    d = std::make_unique<State::DeviceRows>();
+    d->x = Buffer<float>(path.allocator());
+    d->y = Buffer<float>(path.allocator());
+  }
+  const std::int64_t T = x.dim(0), H = x.dim(1);
+  const auto bytes = static_cast<std::size_t>(T * H) * sizeof(float);
+  d->x.resize(static_cast<std::size_t>(T * H));
+  d->y.resize(static_cast<std::size_t>(T * H));
+  path.copy(d->x.data(), x.data(), bytes, l.stream());
+  l.forward(TensorView(d->x.data(), DType::kF32, {T, H}, path.device()),
+            TensorView(d->y.data(), DType::kF32, {T, H}, path.device()));
+  path.copy(y.data(), d->y.data(), bytes, l.stream());
+  l.stream().synchronize();
+}
+
+void Runtime::update_routers(int index) {
+  if (!layer(0, index).router().updates_from_counts()) return;
+  const auto E = static_cast<std::size_t>(model(index).num_experts());
+  state_->group_counts.resize(static_cast<std::size_t>(num_local_ranks()));
+  run_on_ranks([&](int local) {
+    Router& router = layer(local, index).router();
+    auto& sums = state_->group_counts[static_cast<std::size_t>(local)];
+    sums.assign(router.stats().counts.begin(), router.stats().counts.end());
+    sums.resize(E);
+    // Integer sums: the same on every rank, so every rank's bias moves the same way.
+    state_->ep_transports[static_cast<std::size_t>(local)]->allreduce(sums.data(), E, DType::kI64,
+                                                                      ReduceOp::kSum);
+    router.update(sums);
+  });
+}
+
+void Runtime::gather_rows(const TensorView& y) {
+  const int world = world_size();
+  if (num_local_ranks() == world) return;  // every row is already in this process
+  const std::int64_t T = y.dim(0);
+  const std::size_t row_bytes = static_cast<std::size_t>(y.dim(1)) * sizeof(float);
+  run_on_ranks([&](int local) {
+    Transport& t = world_transport(local);
+    const auto n = static_cast<std::size_t>(world);
+    std::vector<std::size_t> send_counts(n, 0), send_offsets(n, 0), recv_counts(n, 0),
+        recv_offsets(n, 0);
+    const auto [first, count] = token_block(T, world, t.rank());
+    send_counts[0] = static_cast<std::size_t>(count) * row_bytes;
+    send_offsets[0] = static_cast<std::size_t>(first) * row_bytes;
+    if (t.rank() == 0) {
+      for (int r = 0; r < world; ++r) {
+        const auto [f, c] = token_block(T, world, r);
+        recv_counts[static_cast<std::size_t>(r)] = static_cast<std::size_t>(c) * row_bytes;
+        recv_offsets[static_cast<std::size_t>(r)] = static_cast<std::size_t>(f) * row_bytes;
+      }
+    }
+    auto* bytes = static_cast<std::byte*>(y.data());
+    t.alltoallv({bytes, send_counts, send_offsets, bytes, recv_counts, recv_offsets});
+  });
+}
+
+}  // namespace switchyard

@@ -1,0 +1,345 @@
+// Runtime: training (the backward of a layer and of the model, the backwards of dispatch
+// and combine, parameters) and checkpoints.
+#include "runtime_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <system_error>
+#include <thread>
+
+#include "switchyard/bootstrap.hpp"
+#include "switchyard/checkpoint.hpp"
+#include "switchyard/io.hpp"
+#include "switchyard/memory_budget.hpp"
+#include "switchyard/reference.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+
+using namespace runtime_detail;
+
+void Runtime::gather_expert_gradients(ModelGradients& gradients) {
+  const int world = world_size();
+  if (num_local_ranks() == world) return;
+  const std::int64_t H = model().hidden(), F = model().ffn_hidden();
+  const std::size_t expert_floats = static_cast<std::size_t>(3 * F * H);
+  const int ep = ep_size();
+  run_on_ranks([&](int local) {
+    Transport& t = world_transport(local);
+    const auto n = static_cast<std::size_t>(world);
+    std::vector<std::size_t> send_counts(n, 0), send_offsets(n, 0), recv_counts(n, 0),
+        recv_offsets(n, 0);
+    const ExpertPlacement& placement = layer(local).placement();
+    const int r = t.rank();
+    std::vector<float> send, recv;
+    if (r != 0 && r < ep) {
+      // This rank's experts: gate, up, down of each, in order.
+      for (int j = 0; j < placement.num_local(r); ++j) {
+        for (const HostTensor& w :
+             gradients.experts[static_cast<std::size_t>(placement.first_expert(r)) +
+                               static_cast<std::size_t>(j)]) {
+          send.insert(send.end(), w.data<float>(), w.data<float>() + w.numel());
+        }
+      }
+      send_counts[0] = send.size() * sizeof(float);
+    }
+    if (r == 0) {
+      std::size_t offset = 0;
+      for (int q = 1; q < ep; ++q) {
+        recv_counts[static_cast<std::size_t>(q)] =
+            static_cast<std::size_t>(placement.num_local(q)) * expert_floats * sizeof(float);
+        recv_offsets[static_cast<std::size_t>(q)] = offset;
+        offset += recv_counts[static_cast<std::size_t>(q)];
+      }
+      recv.resize(offset / sizeof(float));
+    }
+    t.alltoallv({reinterpret_cast<const std::byte*>(send.data()), send_counts, send_offsets,
+                 reinterpret_cast<std::byte*>(recv.data()), recv_counts, recv_offsets});
+    if (r != 0) return;
+    const float* at = recv.data();
+    for (int q = 1; q < ep; ++q) {
+      for (int j = 0; j < placement.num_local(q); ++j) {
+        auto& into = gradients.experts[static_cast<std::size_t>(placement.first_expert(q)) +
+                                       static_cast<std::size_t>(j)];
+        const std::vector<std::int64_t> shapes[3] = {{F, H}, {F, H}, {H, F}};
+        for (std::size_t w = 0; w < 3; ++w) {
+          if (into[w].numel() != F * H) into[w] = HostTensor(DType::kF32, shapes[w]);
+          std::copy_n(at, F * H, into[w].data<float>());
+          at += F * H;
+        }
+      }
+    }
+  });
+}
+
+ModelParameters Runtime::parameters(int index) {
+  check_layer(index, "parameters");
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    if (layer(local, index).data_path().device().kind != Device::Kind::kHost) {
+      throw Error(ErrorCode::kUnavailable,
+                  "parameters: training updates the host weights, but this runtime's data path "
+                  "keeps its own device copy ([runtime] data_path = \"host\" to train)");
+    }
+  }
+  ModelWeights& m = state_->models[static_cast<std::size_t>(index)];
+  ModelParameters p;
+  p.gate = m.gate().view();
+  p.experts.resize(static_cast<std::size_t>(m.num_experts()));
+  for_each_held_expert(index, [&](int expert, const SwigluExpertWeights& w) {
+    if (w.gate.dtype() != DType::kF32) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "parameters: the experts' weights are " +
+                      std::string(dtype_name(w.gate.dtype())) +
+                      "; training updates f32 weights (an f32 checkpoint, or [model] dtype = "
+                      "\"f32\" for random weights)");
+    }
+    p.experts[static_cast<std::size_t>(expert)] = {w.gate, w.up, w.down};
+  });
+  return p;
+}
+
+void Runtime::for_each_held_expert(
+    int index,
+    const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const {
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    const MoELayer& l =
+        *state_->layers[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
+    const int ep_rank = l.transport().rank();
+    const int first = l.placement().first_expert(ep_rank);
+    const auto held = model(index).experts(first, l.placement().num_local(ep_rank));
+    for (std::size_t j = 0; j < held.size(); ++j) fn(first + static_cast<int>(j), held[j]);
+  }
+}
+
+void Runtime::save_model(const std::filesystem::path& path) {
+  const ConfigSection& options = settings().section("model");
+  const CheckpointFormat format = options.get_string("format") == "mixtral"
+                                      ? CheckpointFormat::kMixtral
+                                      : CheckpointFormat::kDeepseek;
+  // Checked alike on every rank, before the collectives.
+  if (num_layers() > 1 && options.get_string("prefix").find("{layer}") == std::string::npos) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "save_model: the model has " + std::to_string(num_layers()) +
+                    " layers but model.prefix \"" + options.get_string("prefix") +
+                    "\" names no {layer}, so their tensors would have the same names (e.g. "
+                    "prefix = \"model.layers.{layer}.mlp.\")");
+  }
+  std::map<std::string, HostTensor> tensors;
+  for (int index = 0; index < num_layers(); ++index) {
+    const ModelWeights& m = model(index);
+    // The held experts widened to f32, gathered like gradients to world rank 0.
+    ModelGradients copy;
+    copy.experts.resize(static_cast<std::size_t>(m.num_experts()));
+    for_each_held_expert(index, [&](int expert, const SwigluExpertWeights& held) {
+      const TensorView weights[3] = {held.gate, held.up, held.down};
+      const TensorView scales[3] = {held.gate_scale, held.up_scale, held.down_scale};
+      for (std::size_t w = 0; w < 3; ++w) {
+        HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
+        widen_expert_weight(weights[w], scales[w], f32.data<float>());
+        copy.experts[static_cast<std::size_t>(expert)][w] = std::move(f32);
+      }
+    });
+    gather_expert_gradients(copy);
+    if (world_rank(0) != 0) continue;
+    const std::string prefix = layer_prefix(options.get_string("prefix"),
+                                            state_->layer_ids[static_cast<std::size_t>(index)]);
+    tensors.emplace(prefix + "gate.weight", m.gate());
+    for (int e = 0; e < m.num_experts(); ++e) {
+      for (int w = 0; w < 3; ++w) {
+        tensors.emplace(
+            expert_tensor_name(format, prefix, e, w),
+            std::move(copy.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(w)]));
+      }
+    }
+    if (format == CheckpointFormat::kDeepseek && !m.bias().empty()) {
+      HostTensor bias(DType::kF32, {m.num_experts()});
+      std::copy(m.bias().begin(), m.bias().end(), bias.data<float>());
+      tensors.emplace(prefix + "gate.e_score_correction_bias", std::move(bias));
+    }
+  }
+  if (world_rank(0) == 0) write_safetensors(path, tensors);
+}
+
+void Runtime::set_training(bool training) {
+  state_->training = training;
+  state_->layer_inputs_tokens = -1;
+  for (auto& layers : state_->layers) {
+    for (auto& l : layers) l->set_training(training);
+  }
+}
+
+void Runtime::backward_model(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                             std::vector<ModelGradients>& gradients) {
+  const std::int64_t H = model().hidden();
+  x.require("input tokens", DType::kF32, {-1, H});
+  const std::int64_t T = x.dim(0);
+  dy.require("dy", DType::kF32, {T, H});
+  dx.require("dx", DType::kF32, {T, H});
+  State& s = *state_;
+  const int L = num_layers();
+  if (L > 1 && s.layer_inputs_tokens != T) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "backward_model follows a forward_model in training mode (set_training(true)) "
+                "on the same " +
+                    std::to_string(T) + " tokens; " +
+                    (s.layer_inputs_tokens < 0
+                         ? std::string("there was none since training was set")
+                         : "the last one had " + std::to_string(s.layer_inputs_tokens)));
+  }
+  gradients.resize(static_cast<std::size_t>(L));
+  // Layer l's dx is layer l-1's dy; the first layer's is the caller's dx.
+  TensorView upstream = dy;
+  for (int index = L - 1; index >= 0; --index) {
+    const TensorView in =
+        index == 0 ? x : grown_matrix(s.layer_inputs[static_cast<std::size_t>(index - 1)], T, H);
+    TensorView out = dx;
+    if (index > 0) out = grown_matrix(index % 2 == 0 ? s.chain_grad_out : s.chain_grad_in, T, H);
+    backward(in, upstream, out, gradients[static_cast<std::size_t>(index)], index);
+    if (residual()) add_rows(upstream, out);  // the identity path's gradient
+    upstream = out;
+  }
+}
+
+void Runtime::combine_backward(ProcessDispatch& dispatched,
+                               std::span<const TensorView> expert_outputs, const TensorView& dy,
+                               std::span<const TensorView> d_expert_outputs,
+                               const TensorView& d_weights) {
+  const std::int64_t H = model().hidden();
+  if (dispatched.parts.empty()) {
+    throw Error(ErrorCode::kInvalidArgument, "combine backward needs a dispatch");
+  }
+  const int K = dispatched.parts.front().plan.slots;
+  dy.require("dy", DType::kF32, {dispatched.num_tokens, H});
+  d_weights.require("d_weights", DType::kF32, {dispatched.num_tokens, K});
+  require_part_rows(dispatched, expert_outputs, H, "expert output");
+  require_part_rows(dispatched, d_expert_outputs, H, "expert output gradient");
+  run_blocks(dispatched.num_tokens, /*world_blocks=*/false, dispatched.layer,
+             [&](int local, std::int64_t first, std::int64_t count) {
+               DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+               const auto i = static_cast<std::size_t>(local);
+               layer(local, dispatched.layer)
+                   .combine_backward(
+                       part.handle, part.plan, expert_outputs[i], rows(dy, first, count),
+                       d_expert_outputs[i],
+                       TensorView(d_weights.data_as<float>() + first * K, DType::kF32, {count, K}));
+             });
+}
+
+void Runtime::dispatch_backward(ProcessDispatch& dispatched,
+                                std::span<const TensorView> d_expert_inputs, const TensorView& dx) {
+  const std::int64_t H = model().hidden();
+  dx.require("dx", DType::kF32, {dispatched.num_tokens, H});
+  require_part_rows(dispatched, d_expert_inputs, H, "expert input gradient");
+  run_on_ranks([&](int local) {
+    DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+    layer(local, dispatched.layer)
+        .dispatch_backward(part.handle, d_expert_inputs[static_cast<std::size_t>(local)],
+                           rows(dx, part.first_token, part.num_tokens));
+  });
+}
+
+void Runtime::backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                       ModelGradients& gradients, int layer) {
+  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/true, layer);
+}
+
+void Runtime::backward_local_tokens(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                                    ModelGradients& gradients, int layer) {
+  backward_blocks(x, dy, dx, gradients, /*world_blocks=*/false, layer);
+}
+
+void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const TensorView& dx,
+                              ModelGradients& gradients, bool world_blocks, int index) {
+  check_layer(index, "backward");
+  const ModelWeights& m = model(index);
+  if (m.has_shared_expert()) {  // every rank alike, before any collective
+    throw Error(ErrorCode::kUnavailable,
+                "backward: layer " + std::to_string(index) +
+                    " has a shared expert, whose backward is not built yet (such a model runs "
+                    "forward only)");
+  }
+  const std::int64_t H = m.hidden(), F = m.ffn_hidden();
+  const int E = m.num_experts();
+  x.require("input tokens", DType::kF32, {-1, H});
+  const std::int64_t T = x.dim(0);
+  dy.require("dy", DType::kF32, {T, H});
+  dx.require("dx", DType::kF32, {T, H});
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    const auto [first, count] = world_blocks ? token_block(T, world_size(), world_rank(local))
+                                             : token_block(T, num_local_ranks(), local);
+    if (!layer(local, index).backward_ready()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "backward: rank " + std::to_string(world_rank(local)) +
+                      " has no forward to differentiate (backward follows a forward on the "
+                      "same x, which finished)");
+    }
+    if (layer(local, index).last_plan().num_tokens != count) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "backward: rank " + std::to_string(world_rank(local)) + " holds " +
+                      std::to_string(count) + " of these " + std::to_string(T) +
+                      " tokens, but its last forward routed " +
+                      std::to_string(layer(local, index).last_plan().num_tokens) +
+                      " (backward follows a forward on the same x)");
+    }
+  }
+  auto& ranks = state_->rank_gradients;
+  ranks.resize(static_cast<std::size_t>(num_local_ranks()));
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    auto& r = ranks[static_cast<std::size_t>(local)];
+    const int experts =
+        layer(local, index).placement().num_local(layer(local, index).transport().rank());
+    if (r.gate.numel() != E * H) r.gate = HostTensor(DType::kF32, {E, H});
+    if (r.experts.views().size() != static_cast<std::size_t>(experts)) {
+      r.experts = ExpertGradientStorage(experts, H, F);
+    }
+    std::fill_n(r.gate.data<float>(), r.gate.numel(), 0.0f);
+    r.experts.zero();
+    r.scope.resize(static_cast<std::size_t>(E) + 1);
+  }
+  run_blocks(T, world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
+    auto& r = ranks[static_cast<std::size_t>(local)];
+    // The losses' scope: the EP group's plain top-k counts and tokens.
+    const RouterStats& stats = layer(local, index).router().stats();
+    std::copy(stats.aux_counts.begin(), stats.aux_counts.end(), r.scope.begin());
+    r.scope[static_cast<std::size_t>(E)] = stats.tokens;
+    state_->ep_transports[static_cast<std::size_t>(local)]->allreduce(
+        r.scope.data(), r.scope.size(), DType::kI64, ReduceOp::kSum);
+    LayerGradients out;
+    out.dx = rows(dx, first, count);
+    out.d_experts = r.experts.views();
+    out.d_gate = r.gate.view();
+    out.loss_tokens = r.scope[static_cast<std::size_t>(E)];
+    out.loss_aux_counts = {r.scope.data(), static_cast<std::size_t>(E)};
+    layer(local, index).backward(rows(x, first, count), rows(dy, first, count), out);
+    // Deterministic sums (rank order): the gate over the world, experts over the DP group.
+    world_transport(local).allreduce(r.gate.data<float>(), static_cast<std::size_t>(E * H),
+                                     DType::kF32, ReduceOp::kSum);
+    for (auto& t : r.experts.tensors()) {
+      dp_transport(local).allreduce(t.data<float>(), static_cast<std::size_t>(t.numel()),
+                                    DType::kF32, ReduceOp::kSum);
+    }
+  });
+  if (gradients.gate.numel() != E * H) gradients.gate = HostTensor(DType::kF32, {E, H});
+  std::copy_n(ranks.front().gate.data<float>(), E * H, gradients.gate.data<float>());
+  gradients.experts.resize(static_cast<std::size_t>(E));
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    const MoELayer& l = layer(local, index);
+    const int ep_rank = l.transport().rank();
+    const int first_expert = l.placement().first_expert(ep_rank);
+    const auto& r = ranks[static_cast<std::size_t>(local)];
+    for (std::size_t j = 0; j < r.experts.views().size(); ++j) {
+      auto& into = gradients.experts[static_cast<std::size_t>(first_expert) + j];
+      for (std::size_t w = 0; w < 3; ++w) {
+        const HostTensor& from = r.experts.tensors()[3 * j + w];
+        if (into[w].numel() != from.numel()) into[w] = HostTensor(DType::kF32, from.shape());
+        std::copy_n(from.data<float>(), from.numel(), into[w].data<float>());
+      }
+    }
+  }
+}
+
+}  // namespace switchyard
