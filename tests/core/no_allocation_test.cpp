@@ -40,6 +40,22 @@ TEST_CASE("the counter sees allocations, also those made inside libswitchyard") 
 #endif
 }
 
+namespace {
+
+/// Each local rank's gradients: the gate's [E,H] and its local experts'.
+struct RankGradients {
+  std::vector<HostTensor> gates;
+  std::vector<ExpertGradientStorage> experts;
+  RankGradients(Runtime& runtime, std::int64_t E, std::int64_t H, std::int64_t F) {
+    for (int r = 0; r < runtime.num_local_ranks(); ++r) {
+      gates.emplace_back(DType::kF32, std::vector<std::int64_t>{E, H});
+      experts.emplace_back(runtime.layer(r).placement().num_local(r), H, F);
+    }
+  }
+};
+
+}  // namespace
+
 TEST_CASE("forward allocates nothing after the first steps, on any thread") {
   for (auto [ranks, async] : {std::pair{1, false}, std::pair{3, false}, std::pair{3, true}}) {
     CAPTURE(ranks);
@@ -101,31 +117,15 @@ TEST_CASE("a training step (forward and backward) allocates nothing after the fi
       const HostTensor x2 = synthetic_tokens(T, H, 2);
       const HostTensor dy = synthetic_tokens(T, H, 3);
       HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
-      // Each rank's gradients, allocated once here.
-      std::vector<HostTensor> gates, weights;
-      std::vector<std::vector<SwigluExpertGradients>> views(static_cast<std::size_t>(ranks));
-      for (int r = 0; r < ranks; ++r) {
-        gates.emplace_back(DType::kF32, std::vector<std::int64_t>{E, H});
-        for (int e = 0; e < runtime.layer(r).placement().num_local(r); ++e) {
-          for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
-            weights.emplace_back(DType::kF32, shape);
-        }
-      }
-      std::size_t next = 0;
-      for (int r = 0; r < ranks; ++r) {
-        for (int e = 0; e < runtime.layer(r).placement().num_local(r); ++e, next += 3) {
-          views[static_cast<std::size_t>(r)].push_back(
-              {weights[next].view(), weights[next + 1].view(), weights[next + 2].view()});
-        }
-      }
+      const RankGradients grads(runtime, E, H, F);  // allocated once here
       auto step = [&](const HostTensor& input, int local) {
         const auto [first, count] = token_block(T, ranks, local);
         TensorView in(const_cast<float*>(input.data<float>()) + first * H, DType::kF32, {count, H});
         TensorView grad(const_cast<float*>(dy.data<float>()) + first * H, DType::kF32, {count, H});
         LayerGradients out;
         out.dx = TensorView(dx.data<float>() + first * H, DType::kF32, {count, H});
-        out.d_experts = views[static_cast<std::size_t>(local)];
-        out.d_gate = gates[static_cast<std::size_t>(local)].view();
+        out.d_experts = grads.experts[static_cast<std::size_t>(local)].views();
+        out.d_gate = grads.gates[static_cast<std::size_t>(local)].view();
         runtime.layer(local).forward(
             in, TensorView(y.data<float>() + first * H, DType::kF32, {count, H}));
         runtime.layer(local).backward(in, grad, out);
@@ -232,22 +232,7 @@ TEST_CASE("a model's step through all its layers allocates nothing after the fir
         std::vector<HostTensor> h;
         for (int l = 0; l <= L; ++l) h.emplace_back(DType::kF32, std::vector<std::int64_t>{T, H});
         HostTensor g0(DType::kF32, {T, H}), g1(DType::kF32, {T, H});
-        std::vector<HostTensor> gates, weights;
-        std::vector<std::vector<SwigluExpertGradients>> views(static_cast<std::size_t>(ranks));
-        for (int r = 0; r < ranks; ++r) {
-          gates.emplace_back(DType::kF32, std::vector<std::int64_t>{E, H});
-          for (int e = 0; e < runtime.layer(r).placement().num_local(r); ++e) {
-            for (const auto& shape : {std::vector<std::int64_t>{F, H}, {F, H}, {H, F}})
-              weights.emplace_back(DType::kF32, shape);
-          }
-        }
-        std::size_t next = 0;
-        for (int r = 0; r < ranks; ++r) {
-          for (int e = 0; e < runtime.layer(r).placement().num_local(r); ++e, next += 3) {
-            views[static_cast<std::size_t>(r)].push_back(
-                {weights[next].view(), weights[next + 1].view(), weights[next + 2].view()});
-          }
-        }
+        const RankGradients grads(runtime, E, H, F);
         auto step = [&](const HostTensor& input, int local) {
           const auto [first, count] = token_block(T, ranks, local);
           auto rows = [&, first = first, count = count](const HostTensor& m) {
@@ -263,8 +248,8 @@ TEST_CASE("a model's step through all its layers allocates nothing after the fir
           for (int l = L - 1; l >= 0; --l) {
             LayerGradients out;
             out.dx = rows(l % 2 == 0 ? g0 : g1);
-            out.d_experts = views[static_cast<std::size_t>(local)];
-            out.d_gate = gates[static_cast<std::size_t>(local)].view();
+            out.d_experts = grads.experts[static_cast<std::size_t>(local)].views();
+            out.d_gate = grads.gates[static_cast<std::size_t>(local)].view();
             runtime.layer(local, l).backward(rows(h[static_cast<std::size_t>(l)]),
                                              l == L - 1 ? rows(dy) : rows(l % 2 == 0 ? g1 : g0),
                                              out);

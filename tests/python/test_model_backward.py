@@ -3,9 +3,7 @@ checkpoint of test_models.py, stored in F32 so that it can be trained) against P
 autograd of the same chain in float64, written here from the checkpoint's tensors: dx and
 every layer's gate and expert gradients within 1e-5 relative on in-process ranks 1-4 and
 EP x DP, and the same bits under mpirun (MPI) and `switchyard launch` (UCX)."""
-import json
 import os
-import struct
 import subprocess
 import tempfile
 
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_backward import read_safetensors
 from test_models import E, LAYERS, T, TOP_K, H, make_checkpoint, qwen3_moe_float64
 
 TOOL = os.environ["SWITCHYARD_TOOL"]
@@ -32,21 +31,6 @@ layers = "0-{last}"
 [input]
 tokens = "{tokens}"
 """
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        assert info["dtype"] == "F32", name
-        begin, end = info["data_offsets"]
-        out[name] = np.frombuffer(data[begin:end], np.float32).reshape(info["shape"])
-    return out
 
 
 def torch_chain_gradients(weights, x, dy):
