@@ -189,6 +189,7 @@ ModelWeights ModelWeights::load(Checkpoint& file, CheckpointFormat format,
     if (first.shape.size() != 2) require_shape(shared + "gate_proj.weight", {-1, H}, false);
     const std::int64_t Fs = first.shape[0];
     m.shared_ffn_hidden_ = static_cast<int>(Fs);
+    m.shared_naming_ = shared.substr(prefix.size());
     static constexpr const char* kNames[3] = {"gate_proj", "up_proj", "down_proj"};
     for (int which = 0; which < 3; ++which) {
       auto [weight, scale] = expert_matrix(shared + kNames[which] + ".weight", which == 2 ? H : Fs,
@@ -258,6 +259,15 @@ SharedExpertWeights ModelWeights::shared_expert() const {
   s.weights.down_scale = optional_view(shared_scales_[2]);
   s.gate = optional_view(shared_gate_);
   return s;
+}
+
+std::string ModelWeights::shared_expert_tensor_name(const std::string& prefix, int which) const {
+  static constexpr const char* kNames[3] = {"gate_proj", "up_proj", "down_proj"};
+  if (shared_.empty() || which < 0 || which > 2) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "model: no shared expert matrix " + std::to_string(which) + " in this layer");
+  }
+  return prefix + shared_naming_ + kNames[which] + ".weight";
 }
 
 std::size_t ModelWeights::weight_bytes() const noexcept {

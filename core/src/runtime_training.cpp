@@ -160,6 +160,22 @@ void Runtime::save_model(const std::filesystem::path& path) {
       std::copy(m.bias().begin(), m.bias().end(), bias.data<float>());
       tensors.emplace(prefix + "gate.e_score_correction_bias", std::move(bias));
     }
+    if (m.has_shared_expert()) {  // every rank holds it: this rank's copy, in f32
+      const SharedExpertWeights shared = m.shared_expert();
+      const TensorView weights[3] = {shared.weights.gate, shared.weights.up, shared.weights.down};
+      const TensorView scales[3] = {shared.weights.gate_scale, shared.weights.up_scale,
+                                    shared.weights.down_scale};
+      for (int w = 0; w < 3; ++w) {
+        HostTensor f32(DType::kF32, {weights[w].dim(0), weights[w].dim(1)});
+        widen_expert_weight(weights[w], scales[w], f32.data<float>());
+        tensors.emplace(m.shared_expert_tensor_name(prefix, w), std::move(f32));
+      }
+      if (shared.gate.data() != nullptr) {
+        HostTensor gate(DType::kF32, {1, m.hidden()});
+        std::copy_n(shared.gate.data_as<const float>(), m.hidden(), gate.data<float>());
+        tensors.emplace(ModelWeights::shared_expert_gate_name(prefix), std::move(gate));
+      }
+    }
   }
   if (world_rank(0) == 0) write_safetensors(path, tensors);
 }

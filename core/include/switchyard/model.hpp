@@ -80,6 +80,14 @@ class ModelWeights {
   /// Views of the shared expert, valid while this object lives. Throws
   /// `Error(kInvalidArgument)` when there is none.
   SharedExpertWeights shared_expert() const;
+  /// The checkpoint names of the shared expert's matrix `which` (0 gate, 1 up, 2 down) and
+  /// of its gate, under `prefix`, in the naming it was read with: DeepSeek's
+  /// "{prefix}shared_experts.gate_proj.weight" or Qwen2-MoE's "{prefix}shared_expert....";
+  /// the gate is "{prefix}shared_expert_gate.weight".
+  std::string shared_expert_tensor_name(const std::string& prefix, int which) const;
+  static std::string shared_expert_gate_name(const std::string& prefix) {
+    return prefix + "shared_expert_gate.weight";
+  }
   /// Bytes of every weight of the layer as held in memory (block scales included).
   std::size_t weight_bytes() const noexcept;
   /// "random (seed 7)" or "mixtral checkpoint model.safetensors".
@@ -97,6 +105,7 @@ class ModelWeights {
   int shared_ffn_hidden_ = 0;
   std::vector<HostTensor> shared_, shared_scales_;  // gate, up, down; empty: none
   HostTensor shared_gate_;                          // [1,H] or empty
+  std::string shared_naming_;  // "shared_experts." (DeepSeek) or "shared_expert." (Qwen2)
   std::string description_;
 };
 

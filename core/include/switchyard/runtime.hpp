@@ -248,7 +248,8 @@ class Runtime {
   /// Collective: writes the model as a safetensors checkpoint at `path` from world rank 0
   /// (others write nothing), in `[model] format` with its `prefix` (its "{layer}" replaced
   /// by each layer's number): per layer the gate, every expert's weights (gathered from
-  /// EP group 0) in f32, and the selection bias the checkpoint had (DeepSeek format).
+  /// EP group 0) in f32, the selection bias the checkpoint had (DeepSeek format), and the
+  /// shared expert (in f32, FP8 ones dequantised) with its gate, named as it was read.
   /// `[model] weights = path` with the same `layers` loads it back. A model of several
   /// layers needs "{layer}" in its prefix (`Error(kInvalidArgument)` otherwise).
   void save_model(const std::filesystem::path& path);
