@@ -123,10 +123,12 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   if (data_path_->device().kind != Device::Kind::kHost) {
     throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
   }
-  if (parts_.shared_expert) {
-    throw Error(ErrorCode::kUnavailable,
-                "MoE backward: the layer has a shared expert, whose backward is not built yet "
-                "(such a model runs forward only)");
+  if (parts_.shared_expert && (out.d_shared_expert.gate.data() == nullptr ||
+                               (parts_.shared_expert_gate.data() != nullptr &&
+                                out.d_shared_expert_gate.data() == nullptr))) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoE backward: the layer has a shared expert: LayerGradients::d_shared_expert "
+                "(and, for its gate, d_shared_expert_gate) must be given");
   }
   if (!expert_caps_.backward) {
     throw Error(ErrorCode::kUnavailable,
@@ -205,6 +207,49 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   route.loss_aux_counts = out.loss_aux_counts;
   parts_.router->backward(route, TensorView(workspace_->d_logits.data(), DType::kF32, {T, E}));
   accumulate_router_gradients(x, gate_, workspace_->d_logits.data(), out.dx, out.d_gate);
+  backward_shared_expert(x, dy, out);
+}
+
+void MoELayer::backward_shared_expert(const TensorView& x, const TensorView& dy,
+                                      const LayerGradients& out) {
+  if (!parts_.shared_expert) return;
+  // y += s ⊙ shared(x) with s = sigmoid(x·g) per token (1 without a gate): the kernel's
+  // backward with s as the rows' weights gives d x through the expert, its weights'
+  // gradients and <dy, shared(x)> per token; then ds through the sigmoid.
+  const std::int64_t T = x.dim(0), H = hidden_;
+  const float* gate = parts_.shared_expert_gate.data_as<const float>();
+  const float* xs = x.data_as<const float>();
+  shared_rows_[0] = T;
+  workspace_->shared_output.resize(to_size(T * H));
+  workspace_->shared_scales.resize(to_size(T));
+  workspace_->d_shared_scales.resize(to_size(T));
+  float* scales = workspace_->shared_scales.data();
+  for (std::int64_t t = 0; t < T; ++t) {
+    float logit = 0;
+    if (gate != nullptr) {
+      for (std::int64_t h = 0; h < H; ++h) logit += xs[t * H + h] * gate[h];
+    }
+    scales[t] = gate != nullptr ? 1.0f / (1.0f + std::exp(-logit)) : 1.0f;
+  }
+  ExpertGradientBatch batch{x, shared_rows_, dy,
+                            TensorView(workspace_->shared_output.data(), DType::kF32, {T, H}),
+                            std::span<const SwigluExpertGradients>(&out.d_shared_expert, 1)};
+  batch.row_weights = TensorView(scales, DType::kF32, {T});
+  batch.d_row_weights = TensorView(workspace_->d_shared_scales.data(), DType::kF32, {T});
+  parts_.shared_expert->backward(batch, stream());
+  host_ready();
+  float* dx = out.dx.data_as<float>();
+  const float* d_input = workspace_->shared_output.data();
+  float* d_gate = out.d_shared_expert_gate.data_as<float>();
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t h = 0; h < H; ++h) dx[t * H + h] += d_input[t * H + h];
+    if (gate == nullptr) continue;
+    const float dz = workspace_->d_shared_scales[to_size(t)] * scales[t] * (1.0f - scales[t]);
+    for (std::int64_t h = 0; h < H; ++h) {
+      dx[t * H + h] += dz * gate[h];
+      d_gate[h] += dz * xs[t * H + h];
+    }
+  }
 }
 
 }  // namespace switchyard

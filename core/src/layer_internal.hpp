@@ -53,8 +53,9 @@ class LayerWorkspace {
     std::size_t total = chunk_rows_to.capacity_bytes() + chunk_rows_from.capacity_bytes();
     for (const auto& slot : chunk_slots) total += slot->handle.capacity_bytes();
     for (const auto* h : {&handle, &backward_x, &backward_dy}) total += h->capacity_bytes();
-    for (const auto* b : {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights,
-                          &d_grouped_weights, &d_plan_weights, &d_logits, &shared_output}) {
+    for (const auto* b :
+         {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights, &d_grouped_weights,
+          &d_plan_weights, &d_logits, &shared_output, &shared_scales, &d_shared_scales}) {
       total += b->capacity_bytes();
     }
     for (const auto* b : {&d_weight_send_bytes, &d_weight_send_offsets, &d_weight_recv_bytes,
@@ -91,8 +92,9 @@ class LayerWorkspace {
   Buffer<std::size_t> d_weight_send_bytes, d_weight_send_offsets, d_weight_recv_bytes,
       d_weight_recv_offsets;
   Buffer<float> d_plan_weights, d_logits;
-  // The shared expert's output rows [T,H].
-  Buffer<float> shared_output;
+  // The shared expert's output rows [T,H] (in the backward: its input gradient), and per
+  // token its gate's scale and that scale's gradient.
+  Buffer<float> shared_output, shared_scales, d_shared_scales;
 };
 
 }  // namespace switchyard

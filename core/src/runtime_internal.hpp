@@ -52,6 +52,8 @@ struct Runtime::State {
     HostTensor gate;
     ExpertGradientStorage experts;
     std::vector<std::int64_t> scope;
+    ExpertGradientStorage shared;  // the layer's shared expert, when it has one
+    HostTensor shared_gate;        // [1,H], when that expert is gated
   };
   std::vector<RankGradients> rank_gradients;
 };

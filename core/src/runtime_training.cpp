@@ -99,6 +99,17 @@ ModelParameters Runtime::parameters(int index) {
     }
     p.experts[static_cast<std::size_t>(expert)] = {w.gate, w.up, w.down};
   });
+  if (m.has_shared_expert()) {
+    const SharedExpertWeights shared = m.shared_expert();
+    if (shared.weights.gate.dtype() != DType::kF32) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "parameters: the shared expert's weights are " +
+                      std::string(dtype_name(shared.weights.gate.dtype())) +
+                      "; training updates f32 weights (an f32 checkpoint)");
+    }
+    p.shared_expert = {shared.weights.gate, shared.weights.up, shared.weights.down};
+    p.shared_expert_gate = shared.gate;
+  }
   return p;
 }
 
@@ -272,12 +283,6 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
                               ModelGradients& gradients, bool world_blocks, int index) {
   check_layer(index, "backward");
   const ModelWeights& m = model(index);
-  if (m.has_shared_expert()) {  // every rank alike, before any collective
-    throw Error(ErrorCode::kUnavailable,
-                "backward: layer " + std::to_string(index) +
-                    " has a shared expert, whose backward is not built yet (such a model runs "
-                    "forward only)");
-  }
   const std::int64_t H = m.hidden(), F = m.ffn_hidden();
   const int E = m.num_experts();
   x.require("input tokens", DType::kF32, {-1, H});
@@ -315,6 +320,15 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
     std::fill_n(r.gate.data<float>(), r.gate.numel(), 0.0f);
     r.experts.zero();
     r.scope.resize(static_cast<std::size_t>(E) + 1);
+    if (m.has_shared_expert()) {
+      const std::int64_t Fs = m.shared_ffn_hidden();
+      if (r.shared.tensors().empty() || r.shared.tensors()[0].numel() != Fs * H) {
+        r.shared = ExpertGradientStorage(1, H, Fs);
+      }
+      r.shared.zero();
+      if (r.shared_gate.numel() != H) r.shared_gate = HostTensor(DType::kF32, {1, H});
+      std::fill_n(r.shared_gate.data<float>(), H, 0.0f);
+    }
   }
   run_blocks(T, world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
     auto& r = ranks[static_cast<std::size_t>(local)];
@@ -330,6 +344,10 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
     out.d_gate = r.gate.view();
     out.loss_tokens = r.scope[static_cast<std::size_t>(E)];
     out.loss_aux_counts = {r.scope.data(), static_cast<std::size_t>(E)};
+    if (m.has_shared_expert()) {
+      out.d_shared_expert = r.shared.views()[0];
+      out.d_shared_expert_gate = r.shared_gate.view();
+    }
     layer(local, index).backward(rows(x, first, count), rows(dy, first, count), out);
     // Deterministic sums (rank order): the gate over the world, experts over the DP group.
     world_transport(local).allreduce(r.gate.data<float>(), static_cast<std::size_t>(E * H),
@@ -338,9 +356,28 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
       dp_transport(local).allreduce(t.data<float>(), static_cast<std::size_t>(t.numel()),
                                     DType::kF32, ReduceOp::kSum);
     }
+    // The shared expert: every rank computes it on its own tokens, so its gradients are
+    // sums over the world.
+    if (m.has_shared_expert()) {
+      for (auto& t : r.shared.tensors()) {
+        world_transport(local).allreduce(t.data<float>(), static_cast<std::size_t>(t.numel()),
+                                         DType::kF32, ReduceOp::kSum);
+      }
+      world_transport(local).allreduce(r.shared_gate.data<float>(), static_cast<std::size_t>(H),
+                                       DType::kF32, ReduceOp::kSum);
+    }
   });
   if (gradients.gate.numel() != E * H) gradients.gate = HostTensor(DType::kF32, {E, H});
   std::copy_n(ranks.front().gate.data<float>(), E * H, gradients.gate.data<float>());
+  for (HostTensor& t : gradients.shared_expert) t = HostTensor();
+  gradients.shared_expert_gate = HostTensor();
+  if (m.has_shared_expert()) {
+    const auto& shared = ranks.front().shared.tensors();
+    for (std::size_t w = 0; w < 3; ++w) gradients.shared_expert[w] = shared[w];
+    if (m.shared_expert().gate.data() != nullptr) {
+      gradients.shared_expert_gate = ranks.front().shared_gate;
+    }
+  }
   gradients.experts.resize(static_cast<std::size_t>(E));
   for (int local = 0; local < num_local_ranks(); ++local) {
     const MoELayer& l = layer(local, index);

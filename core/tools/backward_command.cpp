@@ -72,6 +72,16 @@ int backward_command(const std::vector<std::string>& args) {
               g.experts[e][w]);
         }
       }
+      const ModelWeights& m = runtime.model(l);
+      if (m.has_shared_expert()) {
+        for (int w = 0; w < 3; ++w) {
+          named.emplace(m.shared_expert_tensor_name(prefix, w),
+                        g.shared_expert[static_cast<std::size_t>(w)]);
+        }
+        if (g.shared_expert_gate.size_bytes() != 0) {
+          named.emplace(ModelWeights::shared_expert_gate_name(prefix), g.shared_expert_gate);
+        }
+      }
     }
     const std::filesystem::path dir(out_dir);
     std::filesystem::create_directories(dir);

@@ -260,20 +260,37 @@ def test_ep_by_dp_and_the_same_bytes_on_every_transport(model_case):
     assert y_ucx.tobytes() == y.tobytes()
 
 
-def test_training_a_model_with_shared_experts_is_refused_up_front(model_case):
-    """Their backward is not built yet: `switchyard backward` says so instead of returning
-    gradients without them."""
+def test_the_backward_through_fp8_and_shared_experts(model_case):
+    """`switchyard backward` on the model: gradients of every layer's gate, routed experts
+    (with respect to their dequantised FP8 values) and shared experts, named as the
+    checkpoint names the weights; the same on 1 and 3 in-process ranks (the gradients
+    themselves are checked against central differences in core_model_backward)."""
+    from test_backward import read_safetensors
     folder, _, _ = model_case
-    config = os.path.join(folder, "inproc2.toml")
-    if not os.path.exists(config):
-        run_model(folder, "inproc2", "inproc", ranks=2)
     dy = os.path.join(folder, "dy.npy")
-    np.save(dy, np.ones((T, H), np.float32))
-    done = subprocess.run([TOOL, "backward", config, "--grad-output", dy, "--out",
-                           os.path.join(folder, "grads")], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode != 0
-    assert "has a shared expert, whose backward is not built yet" in done.stderr, done.stderr
+    np.save(dy, np.random.default_rng(12).standard_normal((T, H)).astype(np.float32))
+    results = []
+    for ranks in (1, 3):
+        config = os.path.join(folder, f"inproc{ranks}.toml")
+        if not os.path.exists(config):
+            run_model(folder, f"inproc{ranks}", "inproc", ranks=ranks)
+        out = os.path.join(folder, f"grads{ranks}")
+        done = subprocess.run([TOOL, "backward", config, "--grad-output", dy, "--out", out],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        results.append((np.load(os.path.join(out, "dx.npy")),
+                        read_safetensors(os.path.join(out, "d_model.safetensors"))))
+    (dx1, g1), (dx3, g3) = results
+    for layer in MOE_LAYERS:
+        prefix = f"model.layers.{layer}.mlp."
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert prefix + f"shared_experts.{name}.weight" in g1
+        assert prefix + f"experts.{E - 1}.down_proj.weight" in g1
+    assert set(g1) == set(g3)
+    assert relative(dx3, dx1.astype(np.float64)) <= 1e-5
+    for name, g in g1.items():
+        assert np.isfinite(g).all(), name
+        assert relative(g3[name], g.astype(np.float64)) <= 1e-5, name
 
 
 def test_save_model_keeps_the_shared_experts(model_case):

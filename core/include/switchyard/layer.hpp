@@ -162,6 +162,10 @@ struct LayerGradients {
   /// tokens and plain top-k counts; 0 and empty: this rank's own.
   std::int64_t loss_tokens = 0;
   std::span<const std::int64_t> loss_aux_counts;
+  /// With a shared expert (`MoELayerParts::shared_expert`): its weight gradients, added to
+  /// (f32, gate and up [Fs,H], down [H,Fs]), and, when it is gated, its gate's [1,H].
+  SwigluExpertGradients d_shared_expert = {};
+  TensorView d_shared_expert_gate = {};
 };
 
 /// One MoE layer on one rank of an EP group. Every rank of the group calls `forward` (or
@@ -298,6 +302,8 @@ class MoELayer {
   /// `forward` after routing; `routing_error`: this rank's routing failed.
   /// y += the shared expert over x (times its sigmoid gate), when the layer has one.
   void add_shared_expert(const TensorView& x, const TensorView& y);
+  /// Its backward: out.dx += its input gradient, its weights' and gate's gradients added.
+  void backward_shared_expert(const TensorView& x, const TensorView& dy, const LayerGradients& out);
   void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                       const Error* routing_error);
   /// True when the forward lets the expert kernel form the weighted partial sums from the

@@ -93,6 +93,10 @@ struct ModelGradients {
   /// default-constructed tensors (`size_bytes() == 0`) for the experts no rank of this
   /// process holds.
   std::vector<std::array<HostTensor, 3>> experts;
+  /// The layer's shared expert, {gate, up} [Fs,H] and down [H,Fs], summed over the world
+  /// (every rank computes it on its own tokens); empty tensors when there is none.
+  std::array<HostTensor, 3> shared_expert;
+  HostTensor shared_expert_gate;  ///< [1,H] for a gated shared expert (Qwen2-MoE), else empty
 };
 
 /// Writable views of the model's parameters, for an optimizer step (`Runtime::parameters`):
@@ -103,6 +107,10 @@ struct ModelParameters {
   /// [E]: per expert {gate, up} [F,H] and down [H,F]; empty views for the experts no rank
   /// of this process holds.
   std::vector<std::array<TensorView, 3>> experts;
+  /// The shared expert's {gate, up, down} and gate [1,H], as `ModelGradients`; empty views
+  /// when there is none.
+  std::array<TensorView, 3> shared_expert;
+  TensorView shared_expert_gate;
 };
 
 /// Built from a configuration; owns the plugin registry, the model weights, the transports
