@@ -10,22 +10,39 @@
 
 namespace switchyard {
 
+void require_expert_weight(const TensorView& weight, const TensorView& block_scales,
+                           std::string_view what, std::int64_t rows, std::int64_t cols) {
+  const DType d = weight.dtype();
+  if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16 && d != DType::kF8E4M3) {
+    throw Error(ErrorCode::kInvalidArgument,
+                std::string(what) + " is " + std::string(dtype_name(d)) +
+                    "; f32, bf16, f16 and block-scaled f8_e4m3 weights are supported");
+  }
+  weight.require(what, d, {rows, cols});
+  if (d != DType::kF8E4M3 && block_scales.data() != nullptr) {
+    throw Error(ErrorCode::kInvalidArgument, std::string(what) + " has block scales but is " +
+                                                 std::string(dtype_name(d)) +
+                                                 " (scales belong to f8_e4m3 weights)");
+  }
+  if (d != DType::kF8E4M3) return;
+  const std::int64_t br = weight_scale_blocks(rows), bc = weight_scale_blocks(cols);
+  // Checked here first, so that the message's name is built only when it fails.
+  const auto shape = block_scales.shape();
+  if (block_scales.data() == nullptr || block_scales.dtype() != DType::kF32 || shape.size() != 2 ||
+      shape[0] != br || shape[1] != bc) {
+    block_scales.require(std::string(what) + " block scales", DType::kF32, {br, bc});
+    throw Error(ErrorCode::kInvalidArgument, std::string(what) + ": its block scales are missing");
+  }
+}
+
 void widen_expert_weight(const TensorView& weight, const TensorView& block_scales, float* dst) {
   const std::int64_t rows = weight.dim(0), cols = weight.dim(1);
-  const bool fp8 = weight.dtype() == DType::kF8E4M3;
-  if (!fp8) {
-    if (block_scales.data() != nullptr) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "expert weight: block scales belong to f8_e4m3 weights, not " +
-                      std::string(dtype_name(weight.dtype())));
-    }
+  require_expert_weight(weight, block_scales, "expert weight", rows, cols);
+  if (weight.dtype() != DType::kF8E4M3) {
     widen_to_f32(weight.data(), weight.dtype(), static_cast<std::size_t>(weight.numel()), dst);
     return;
   }
-  const std::int64_t block_rows = (rows + kWeightScaleBlock - 1) / kWeightScaleBlock;
-  const std::int64_t block_cols = (cols + kWeightScaleBlock - 1) / kWeightScaleBlock;
-  block_scales.require("f8_e4m3 expert weight's block scales", DType::kF32,
-                       {block_rows, block_cols});
+  const std::int64_t block_cols = weight_scale_blocks(cols);
   const auto* codes = weight.data_as<const std::uint8_t>();
   const float* scales = block_scales.data_as<const float>();
   for (std::int64_t r = 0; r < rows; ++r) {

@@ -355,19 +355,28 @@ void MoELayer::add_shared_expert(const TensorView& x, const TensorView& y) {
   ExpertBatch batch{x, shared_rows_, TensorView(out, DType::kF32, {T, H})};
   parts_.shared_expert->forward(batch, stream());
   host_ready();
-  const float* xs = x.data_as<const float>();
-  const float* gate = parts_.shared_expert_gate.data_as<const float>();
+  const float* scales = shared_expert_scales(x);
   float* ys = y.data_as<float>();
   for (std::int64_t t = 0; t < T; ++t) {
-    float scale = 1.0f;
-    if (gate != nullptr) {
-      float logit = 0;
-      for (std::int64_t h = 0; h < H; ++h) logit += xs[t * H + h] * gate[h];
-      scale = 1.0f / (1.0f + std::exp(-logit));
-    }
-    for (std::int64_t h = 0; h < H; ++h) ys[t * H + h] += scale * out[t * H + h];
+    for (std::int64_t h = 0; h < H; ++h) ys[t * H + h] += scales[t] * out[t * H + h];
   }
   timings_.experts_s += seconds_since(start);
+}
+
+const float* MoELayer::shared_expert_scales(const TensorView& x) {
+  const std::int64_t T = x.dim(0), H = hidden_;
+  const float* xs = x.data_as<const float>();
+  const float* gate = parts_.shared_expert_gate.data_as<const float>();
+  workspace_->shared_scales.resize(to_size(T));
+  float* scales = workspace_->shared_scales.data();
+  for (std::int64_t t = 0; t < T; ++t) {
+    float logit = 0;
+    if (gate != nullptr) {
+      for (std::int64_t h = 0; h < H; ++h) logit += xs[t * H + h] * gate[h];
+    }
+    scales[t] = gate != nullptr ? 1.0f / (1.0f + std::exp(-logit)) : 1.0f;
+  }
+  return scales;
 }
 
 MoELayer::ExpertRowDTypes MoELayer::forward_expert_dtypes(bool save) const noexcept {

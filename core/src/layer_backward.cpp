@@ -221,20 +221,12 @@ void MoELayer::backward_shared_expert(const TensorView& x, const TensorView& dy,
   const float* xs = x.data_as<const float>();
   shared_rows_[0] = T;
   workspace_->shared_output.resize(to_size(T * H));
-  workspace_->shared_scales.resize(to_size(T));
   workspace_->d_shared_scales.resize(to_size(T));
-  float* scales = workspace_->shared_scales.data();
-  for (std::int64_t t = 0; t < T; ++t) {
-    float logit = 0;
-    if (gate != nullptr) {
-      for (std::int64_t h = 0; h < H; ++h) logit += xs[t * H + h] * gate[h];
-    }
-    scales[t] = gate != nullptr ? 1.0f / (1.0f + std::exp(-logit)) : 1.0f;
-  }
+  const float* scales = shared_expert_scales(x);
   ExpertGradientBatch batch{x, shared_rows_, dy,
                             TensorView(workspace_->shared_output.data(), DType::kF32, {T, H}),
                             std::span<const SwigluExpertGradients>(&out.d_shared_expert, 1)};
-  batch.row_weights = TensorView(scales, DType::kF32, {T});
+  batch.row_weights = TensorView(const_cast<float*>(scales), DType::kF32, {T});
   batch.d_row_weights = TensorView(workspace_->d_shared_scales.data(), DType::kF32, {T});
   parts_.shared_expert->backward(batch, stream());
   host_ready();

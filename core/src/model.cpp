@@ -133,15 +133,12 @@ ModelWeights ModelWeights::load(Checkpoint& file, CheckpointFormat format,
     if (out.first.dtype() == DType::kF8E4M3) {
       const std::string scale =
           name.substr(0, name.size() - std::string("weight").size()) + "weight_scale_inv";
-      const auto blocks = [](std::int64_t n) {
-        return (n + kWeightScaleBlock - 1) / kWeightScaleBlock;
-      };
       if (!file.contains(scale)) {
         throw Error(ErrorCode::kNotFound, path.string() + ": tensor " + name +
                                               " is F8_E4M3 but its block scales " + scale +
                                               " are not in the checkpoint");
       }
-      out.second = require_shape(scale, {blocks(rows), blocks(cols)});
+      out.second = require_shape(scale, {weight_scale_blocks(rows), weight_scale_blocks(cols)});
     }
     return out;
   };

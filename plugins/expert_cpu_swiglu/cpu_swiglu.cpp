@@ -59,9 +59,9 @@ class CpuSwigluKernel final : public ExpertKernel {
     const std::int64_t H = hidden_, F = ffn_hidden_;
     for (std::size_t e = 0; e < experts_.size(); ++e) {
       const std::string which = "cpu_swiglu local expert " + std::to_string(e);
-      require_weight(experts_[e].gate, experts_[e].gate_scale, which + " gate", F, H);
-      require_weight(experts_[e].up, experts_[e].up_scale, which + " up", F, H);
-      require_weight(experts_[e].down, experts_[e].down_scale, which + " down", H, F);
+      require_expert_weight(experts_[e].gate, experts_[e].gate_scale, which + " gate", F, H);
+      require_expert_weight(experts_[e].up, experts_[e].up_scale, which + " up", F, H);
+      require_expert_weight(experts_[e].down, experts_[e].down_scale, which + " down", H, F);
     }
     const std::int64_t threads =
         args.options != nullptr ? args.options->get_int("blas_threads") : 0;
@@ -236,27 +236,6 @@ class CpuSwigluKernel final : public ExpertKernel {
     }
   }
 
-  static void require_weight(const TensorView& w, const TensorView& scales,
-                             const std::string& which, std::int64_t rows, std::int64_t cols) {
-    const DType d = w.dtype();
-    if (d != DType::kF32 && d != DType::kBF16 && d != DType::kF16 && d != DType::kF8E4M3) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "cpu_swiglu: " + which + " is " + std::string(dtype_name(d)) +
-                      "; f32, bf16, f16 and block-scaled f8_e4m3 weights are supported");
-    }
-    w.require(which, d, {rows, cols});
-    if (d == DType::kF8E4M3 || scales.data() != nullptr) {
-      const auto blocks = [](std::int64_t n) {
-        return (n + kWeightScaleBlock - 1) / kWeightScaleBlock;
-      };
-      if (d != DType::kF8E4M3) {
-        throw Error(ErrorCode::kInvalidArgument,
-                    "cpu_swiglu: " + which + " has block scales but is " +
-                        std::string(dtype_name(d)) + " (scales belong to f8_e4m3 weights)");
-      }
-      scales.require(which + " block scales", DType::kF32, {blocks(rows), blocks(cols)});
-    }
-  }
   /// The weight as f32: itself, or widened (FP8: dequantised) into the panel (valid until
   /// the next call).
   const float* as_f32(const TensorView& w, const TensorView& scales) {

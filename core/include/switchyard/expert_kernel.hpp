@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "switchyard/data_path.hpp"
@@ -28,6 +29,18 @@ struct SwigluExpertWeights {
   /// of its 128×128 block); empty views for other dtypes.
   TensorView gate_scale = {}, up_scale = {}, down_scale = {};
 };
+
+/// ceil(n / kWeightScaleBlock): the block scales along a dimension of n elements.
+constexpr std::int64_t weight_scale_blocks(std::int64_t n) noexcept {
+  return (n + kWeightScaleBlock - 1) / kWeightScaleBlock;
+}
+
+/// Checks one expert matrix as a kernel takes it: `weight` [rows, cols] in f32, bf16, f16
+/// or f8_e4m3, and `block_scales` given exactly for f8_e4m3, f32 [weight_scale_blocks(rows),
+/// weight_scale_blocks(cols)]. Throws `Error(kInvalidArgument)` naming `what`; allocates
+/// nothing unless it throws (kernels check each matrix as they widen it).
+void require_expert_weight(const TensorView& weight, const TensorView& block_scales,
+                           std::string_view what, std::int64_t rows, std::int64_t cols);
 
 /// Widens one expert matrix `weight` [rows, cols] (f32, bf16, f16, or f8_e4m3 with its
 /// `block_scales`, see `SwigluExpertWeights`) to f32 at `dst` [rows, cols]: its values

@@ -302,6 +302,9 @@ class MoELayer {
   /// `forward` after routing; `routing_error`: this rank's routing failed.
   /// y += the shared expert over x (times its sigmoid gate), when the layer has one.
   void add_shared_expert(const TensorView& x, const TensorView& y);
+  /// Per token of x, the shared expert's scale sigmoid(x·gate), or 1 without a gate, in the
+  /// workspace's buffer [T].
+  const float* shared_expert_scales(const TensorView& x);
   /// Its backward: out.dx += its input gradient, its weights' and gate's gradients added.
   void backward_shared_expert(const TensorView& x, const TensorView& dy, const LayerGradients& out);
   void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
