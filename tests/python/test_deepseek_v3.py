@@ -17,7 +17,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from test_models import from_bf16_bits, to_bf16_bits, write_safetensors
+from test_models import (from_bf16_bits, relative, run_config, to_bf16_bits,
+                         write_safetensors)
 
 TOOL = os.environ["SWITCHYARD_TOOL"]
 MPIRUN = os.environ.get("SWITCHYARD_MPIRUN", "")
@@ -192,25 +193,13 @@ def model_case():
 
 
 def run_model(folder, name, transport, launcher=(), ranks=None, ep_size=None, check=False):
-    config = os.path.join(folder, name + ".toml")
-    out = os.path.join(folder, name + ".npy")
-    with open(config, "w") as f:
-        f.write(CONFIG.format(
-            transport=transport, ranks=f"ranks = {ranks}" if ranks else "",
-            ep_size=f"ep_size = {ep_size}" if ep_size else "", top_k=TOP_K, groups=GROUPS,
-            kept_groups=KEPT_GROUPS, scale=SCALE,
-            weights=os.path.join(folder, "model.safetensors.index.json"),
-            tokens=os.path.join(folder, "x.npy")))
-    command = list(launcher) + [TOOL, "run", config, "--set", "output.path=" + out]
-    if check:
-        command.append("--check")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return np.load(out), done.stdout
-
-
-def relative(y, expected):
-    return np.abs(y.astype(np.float64) - expected).max() / np.abs(expected).max()
+    text = CONFIG.format(
+        transport=transport, ranks=f"ranks = {ranks}" if ranks else "",
+        ep_size=f"ep_size = {ep_size}" if ep_size else "", top_k=TOP_K, groups=GROUPS,
+        kept_groups=KEPT_GROUPS, scale=SCALE,
+        weights=os.path.join(folder, "model.safetensors.index.json"),
+        tokens=os.path.join(folder, "x.npy"))
+    return run_config(folder, name, text, launcher, ("--check",) if check else ())
 
 
 def test_the_test_data_has_no_routing_near_ties(model_case):

@@ -158,24 +158,29 @@ def model_case():
         yield d, x, expected, gap
 
 
-def run_model(folder, name, transport, launcher=None, ranks=None, ep_size=None):
+def run_config(folder, name, text, launcher=(), extra=()):
+    """Writes `text` as NAME.toml in `folder`, runs `switchyard run` on it (under
+    `launcher`, with `extra` arguments) into NAME.npy; returns that output and stdout."""
     config = os.path.join(folder, name + ".toml")
     out = os.path.join(folder, name + ".npy")
     with open(config, "w") as f:
-        f.write(CONFIG.format(
-            transport=transport, ranks=f"ranks = {ranks}" if ranks else "",
-            ep_size=f"ep_size = {ep_size}" if ep_size else "", top_k=TOP_K,
-            weights=os.path.join(folder, "model.safetensors.index.json"),
-            last=LAYERS - 1, tokens=os.path.join(folder, "x.npy")))
-    command = [TOOL, "run", config, "--set", "output.path=" + out]
-    if launcher == "mpirun":
-        command = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--mca", "btl",
-                   "self,vader", "-np", "2"] + command
-    elif launcher == "launch":
-        command = [TOOL, "launch", "-n", "2", "--"] + command
+        f.write(text)
+    command = list(launcher) + [TOOL, "run", config, "--set", "output.path=" + out, *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     return np.load(out), done.stdout
+
+
+def run_model(folder, name, transport, launcher=None, ranks=None, ep_size=None):
+    text = CONFIG.format(
+        transport=transport, ranks=f"ranks = {ranks}" if ranks else "",
+        ep_size=f"ep_size = {ep_size}" if ep_size else "", top_k=TOP_K,
+        weights=os.path.join(folder, "model.safetensors.index.json"),
+        last=LAYERS - 1, tokens=os.path.join(folder, "x.npy"))
+    launchers = {"mpirun": (MPIRUN, "--allow-run-as-root", "--oversubscribe", "--mca", "btl",
+                            "self,vader", "-np", "2"),
+                 "launch": (TOOL, "launch", "-n", "2", "--")}
+    return run_config(folder, name, text, launchers.get(launcher, ()))
 
 
 def relative(y, expected):
