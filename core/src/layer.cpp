@@ -1,12 +1,9 @@
 // One MoE layer on one rank: the sequence route → layout → counts exchange → dispatch →
 // experts → weighted reduce → combine → sum. The data-path primitives do the work
-// (data_path.hpp); this file only orders them around the transport's exchanges.
-//
-// A token goes once to each rank that holds any of its experts: its row in the payload
-// dtype, and beside it, in a metadata buffer, its K (local expert, weight) slots. Partial
-// sums are formed on the expert side, so the combine sends back one row per dispatched row.
-// A rank's rows for itself never pass through the transport: they are packed straight into
-// its receive buffer and their partial sums written straight among its returned rows.
+// (data_path.hpp) and `TokenExchange` keeps the exchanges' books (token_exchange.hpp); the
+// layer only orders them. This file: construction, routing, the public dispatch and combine
+// and the expert steps; the forward sequence is in layer_forward.cpp, the backward in
+// layer_backward.cpp.
 //
 // Two expert paths: the grouped one copies the received rows per local expert into f32
 // rows for `ExpertKernel::forward` and reduces its results per row (what the public
@@ -25,6 +22,7 @@
 
 #include "layer_internal.hpp"
 #include "switchyard/status.hpp"
+#include "token_exchange.hpp"
 
 namespace switchyard {
 
@@ -191,11 +189,12 @@ MoELayer::MoELayer(MoELayerParts parts)
   kept_handle_.use_memory(data_path_->allocator(), data_path_->staging_allocator());
   if (workspace_->data_path == nullptr) {
     // The first layer of the workspace gives it its memory and stream.
-    workspace_->chunk_rows_to = Buffer<std::int64_t>(data_path_->staging_allocator());
-    workspace_->chunk_rows_from = Buffer<std::int64_t>(data_path_->staging_allocator());
+    for (auto* counts :
+         {&workspace_->rows_to_table, &workspace_->rows_from_table, &workspace_->chunk_counts}) {
+      *counts = Buffer<std::int64_t>(data_path_->staging_allocator());
+    }
     workspace_->host_logits = Buffer<float>(data_path_->staging_allocator());
     workspace_->host_plan = RoutingPlan(data_path_->staging_allocator());
-    workspace_->handle.use_memory(data_path_->allocator(), data_path_->staging_allocator());
     workspace_->stream = data_path_->create_stream(transport.stream_ordered);
     if (workspace_->stream == nullptr || workspace_->stream->device() != device) {
       throw Error(ErrorCode::kInternal,
@@ -206,6 +205,16 @@ MoELayer::MoELayer(MoELayerParts parts)
     throw Error(ErrorCode::kInvalidArgument,
                 "MoELayer: layers that share a workspace must share their data path");
   }
+  TokenExchange::Parts exchange;
+  exchange.transport = parts_.transport;
+  exchange.data_path = data_path_.get();
+  exchange.workspace = workspace_.get();
+  exchange.placement = &parts_.placement;
+  exchange.hidden = hidden_;
+  exchange.payload_dtype = parts_.payload_dtype;
+  exchange.combine_dtype = parts_.combine_dtype;
+  exchange.first_world_rank = parts_.first_world_rank;
+  exchange_ = std::make_unique<TokenExchange>(exchange);
   gate_ = parts_.gate;
   if (parts_.gate.device() != device) {
     // The gate goes where the logits are computed (once).
@@ -217,6 +226,12 @@ MoELayer::MoELayer(MoELayerParts parts)
     gate_ = TensorView(device_gate_.data(), DType::kF32, {parts_.gate.dim(0), hidden_}, device);
   }
 }
+
+MoELayer::~MoELayer() = default;
+
+bool MoELayer::last_failure_agreed() const noexcept { return exchange_->failure_agreed(); }
+
+const LayerTraffic& MoELayer::traffic() const noexcept { return exchange_->traffic(); }
 
 void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
   backward_ready_ = false;  // logits_ are about to be another routing's
@@ -270,118 +285,49 @@ void MoELayer::route_through_host(const TensorView& logits, RoutingPlan& plan) {
   host_ready();  // the host plan is rewritten by the next step
 }
 
-void MoELayer::forward(const TensorView& x, const TensorView& y) {
-  auto start = Clock::now();
-  // A routing failure on one rank must not leave the others waiting in the dispatch, so
-  // it is carried to them in the counts exchange instead of being thrown at once.
-  std::optional<Error> routing_error;
-  try {
-    route(x, plan_);
-  } catch (const Error& e) {
-    routing_error = e;
-  }
-  timings_.route_s = seconds_since(start);
-  forward_routed(x, plan_, y, routing_error ? &*routing_error : nullptr);
-  backward_ready_ = true;  // plan_ and logits_ are this forward's
-}
-
-void MoELayer::forward(const TensorView& x, const RoutingPlan& plan, const TensorView& y) {
-  backward_ready_ = false;  // no router ran: nothing to differentiate through it
+void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
+                        const Error* refused) {
   std::optional<Error> input_error;
-  try {
-    x.require_on(data_path_->device(), "MoE input x", DType::kF32, {plan.num_tokens, hidden_});
-  } catch (const Error& e) {
-    input_error = e;
-  }
-  timings_.route_s = 0;
-  forward_routed(x, plan, y, input_error ? &*input_error : nullptr);
-}
-
-bool MoELayer::fused_experts() const noexcept { return expert_caps_.fuses_weighted_rows; }
-
-void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
-                              const Error* routing_error) {
-  std::optional<Error> output_error;
-  if (routing_error == nullptr) {
-    try {
-      y.require_on(data_path_->device(), "MoE output y", DType::kF32, {x.dim(0), hidden_});
-      if (x.numel() > 0 && x.data() == y.data()) {
-        throw Error(ErrorCode::kInvalidArgument, "MoE input x and output y must not alias");
-      }
-    } catch (const Error& e) {
-      output_error = e;
-      routing_error = &*output_error;
-    }
-  }
-  kept_for_backward_ = false;
-  const bool save = saves_for_backward();
-  if (parts_.chunks > 1 && data_path_->device().kind == Device::Kind::kHost && !save) {
-    forward_chunks(x, plan, y, routing_error);
-    add_shared_expert(x, y);
-    return;
-  }
-  const bool fused = fused_experts() && !save;
-  // A kept forward holds its rows in the layer's own handle until the backward.
-  DispatchHandle& h = save ? kept_handle_ : workspace_->handle;
-  dispatch_checked(x, plan, h, routing_error, /*group=*/!fused, forward_expert_dtypes(save));
-
-  auto start = Clock::now();
-  if (fused) {
-    weigh_rows(h);
-    timings_.experts_s = seconds_since(start);
-    start = Clock::now();
+  if (refused != nullptr) {
+    input_error = *refused;
   } else {
-    run_grouped_experts(h, save);
-    timings_.experts_s = seconds_since(start);
-    start = Clock::now();
-    // The expert rows stay alive for the backward when they are kept.
-    reduce_rows(h, h.expert_output(), y, /*in_expert_buffers=*/!save);
-  }
-  parts_.transport->alltoallv(back_buffers(h), *workspace_->stream);
-  host_ready();
-  sum_rows(h, y.data_as<float>());
-  timings_.combine_s = seconds_since(start);
-  add_shared_expert(x, y);
-  kept_for_backward_ = save;
-}
-
-void MoELayer::add_shared_expert(const TensorView& x, const TensorView& y) {
-  if (!parts_.shared_expert) return;
-  const auto start = Clock::now();
-  const std::int64_t T = x.dim(0), H = hidden_;
-  shared_rows_[0] = T;
-  workspace_->shared_output.resize(to_size(T * H));
-  float* out = workspace_->shared_output.data();
-  ExpertBatch batch{x, shared_rows_, TensorView(out, DType::kF32, {T, H})};
-  parts_.shared_expert->forward(batch, stream());
-  host_ready();
-  const float* scales = shared_expert_scales(x);
-  float* ys = y.data_as<float>();
-  for (std::int64_t t = 0; t < T; ++t) {
-    for (std::int64_t h = 0; h < H; ++h) ys[t * H + h] += scales[t] * out[t * H + h];
-  }
-  timings_.experts_s += seconds_since(start);
-}
-
-const float* MoELayer::shared_expert_scales(const TensorView& x) {
-  const std::int64_t T = x.dim(0), H = hidden_;
-  const float* xs = x.data_as<const float>();
-  const float* gate = parts_.shared_expert_gate.data_as<const float>();
-  workspace_->shared_scales.resize(to_size(T));
-  float* scales = workspace_->shared_scales.data();
-  for (std::int64_t t = 0; t < T; ++t) {
-    float logit = 0;
-    if (gate != nullptr) {
-      for (std::int64_t h = 0; h < H; ++h) logit += xs[t * H + h] * gate[h];
+    try {
+      x.require_on(data_path_->device(), "MoE dispatch input x", DType::kF32,
+                   {plan.num_tokens, hidden_});
+    } catch (const Error& e) {
+      input_error = e;
     }
-    scales[t] = gate != nullptr ? 1.0f / (1.0f + std::exp(-logit)) : 1.0f;
   }
-  return scales;
+  auto start = Clock::now();
+  exchange_->agree_counts(plan, 1, input_error ? &*input_error : nullptr);
+  exchange_->count_traffic();
+  timings_.dispatch_s = seconds_since(start);
+  start = Clock::now();
+  exchange_->stage({x.data_as<const float>(), plan.experts.data(), plan.weights.data(),
+                    plan.num_tokens, plan.slots},
+                   0, handle);
+  timings_.layout_s = seconds_since(start);
+  start = Clock::now();
+  exchange_->send_rows(handle, &stream());
+  host_ready();  // the host data path reads what arrived
+  timings_.dispatch_s += seconds_since(start);
+  start = Clock::now();
+  exchange_->group(handle, {});
+  timings_.layout_s += seconds_since(start);
 }
 
-MoELayer::ExpertRowDTypes MoELayer::forward_expert_dtypes(bool save) const noexcept {
-  if (save) return {};
-  return {expert_caps_.input_dtype, expert_caps_.output_dtype};
+void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const TensorView& y) {
+  combine_with(h, expert_output, y, h.recv_meta_.data());
+}
+
+void MoELayer::combine_with(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                            const SlotMeta* meta) {
+  const auto start = Clock::now();
+  exchange_->reduce(h, expert_output, y, /*in_expert_buffers=*/false, meta);
+  exchange_->send_back(h, &stream());
+  host_ready();
+  exchange_->sum(h, y.data_as<float>());
+  timings_.combine_s = seconds_since(start);
 }
 
 bool MoELayer::saves_for_backward() const noexcept {
@@ -404,12 +350,12 @@ void MoELayer::run_grouped_experts(DispatchHandle& h, bool save) {
   host_ready();
 }
 
-void MoELayer::weigh_rows(DispatchHandle& h) {
-  place_partials(h, /*in_expert_buffers=*/false);
+void MoELayer::run_fused_experts(DispatchHandle& h) {
+  exchange_->place_partials(h, /*in_expert_buffers=*/false);
   const int K = h.slots_;
   const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, hidden_);
   if (!expert_caps_.execution.stream_ordered) host_ready();
-  for (const PartialRows& rows : partial_segments(h)) {
+  for (const TokenExchange::PartialRows& rows : exchange_->partial_segments(h)) {
     if (rows.count == 0) continue;
     WeightedRowsBatch batch;
     batch.rows = h.recv_rows_.data() + to_size(rows.first) * row_bytes;
@@ -425,384 +371,41 @@ void MoELayer::weigh_rows(DispatchHandle& h) {
   host_ready();
 }
 
-void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
-                        const Error* refused) {
-  std::optional<Error> input_error;
-  if (refused != nullptr) {
-    input_error = *refused;
-  } else {
-    try {
-      x.require_on(data_path_->device(), "MoE dispatch input x", DType::kF32,
-                   {plan.num_tokens, hidden_});
-    } catch (const Error& e) {
-      input_error = e;
-    }
-  }
-  dispatch_checked(x, plan, handle, input_error ? &*input_error : nullptr, /*group=*/true,
-                   ExpertRowDTypes{});
-}
-
-std::optional<Error> MoELayer::check_plan(const RoutingPlan& plan) const {
-  const std::int64_t T = plan.num_tokens;
-  const int K = plan.slots;
-  const int E = parts_.placement.num_experts();
-  if (K < 1 || plan.experts.size() != to_size(T * K) || plan.weights.size() != to_size(T * K)) {
-    return Error(ErrorCode::kInvalidArgument, "routing plan shape does not match " +
-                                                  std::to_string(T) + " tokens x " +
-                                                  std::to_string(K) + " slots");
-  }
-  if (plan.device() != data_path_->device()) {
-    return Error(ErrorCode::kInvalidArgument, "routing plan is in " + device_name(plan.device()) +
-                                                  " memory, the layer's data path runs on " +
-                                                  device_name(data_path_->device()));
-  }
-  // Expert ids are checked here when the host can read the plan; a device data path checks
-  // them in its layout.
-  if (!plan.experts.allocator().host_accessible()) return std::nullopt;
-  for (std::size_t i = 0; i < plan.experts.size(); ++i) {
-    const std::int32_t e = plan.experts[i];
-    if (e < -1 || e >= E) {
-      return Error(ErrorCode::kInvalidArgument,
-                   "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
-                       std::to_string(i % to_size(K)) + " has expert " + std::to_string(e) +
-                       ", outside 0.." + std::to_string(E - 1));
-    }
-    // A NaN or infinite weight would reach y through every expert row it scales.
-    if (e >= 0 && !std::isfinite(plan.weights[i])) {
-      return Error(ErrorCode::kInvalidArgument,
-                   "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
-                       std::to_string(i % to_size(K)) + " has weight " +
-                       (std::isnan(plan.weights[i]) ? "NaN"
-                        : plan.weights[i] > 0       ? "+Inf"
-                                                    : "-Inf") +
-                       ", not a finite number");
-    }
-  }
-  return std::nullopt;
-}
-
-void MoELayer::dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                                const Error* local_error, bool group, ExpertRowDTypes dtypes) {
-  failure_agreed_ = false;
-  std::optional<Error> plan_error;
-  if (local_error == nullptr) {
-    plan_error = check_plan(plan);
-    if (plan_error) local_error = &*plan_error;
-  }
-  exchange_counts(plan, h, local_error);
-  send_rows(x, plan, h, group, dtypes);
-}
-
-void MoELayer::exchange_counts(const RoutingPlan& plan, DispatchHandle& h,
-                               const Error* local_error) {
-  auto start = Clock::now();
-  Transport& transport = *parts_.transport;
-  const auto r_size = static_cast<std::size_t>(transport.size());
-  h.use_memory(data_path_->allocator(), data_path_->staging_allocator());
-  h.hidden_ = hidden_;
-  h.num_tokens_ = local_error ? 0 : plan.num_tokens;
-  h.slots_ = plan.slots;
-  h.payload_dtype_ = parts_.payload_dtype;
-  h.rows_to_.resize(r_size);
-  if (local_error == nullptr) {
-    LayoutCountsArgs counts;
-    counts.experts = plan.experts.data();
-    counts.num_tokens = plan.num_tokens;
-    counts.slots = plan.slots;
-    counts.placement = &parts_.placement;
-    counts.rows_to = h.rows_to_.data();
-    data_path_->layout_counts(counts, *workspace_->stream);
-  } else {
-    h.rows_to_.assign(r_size, -1);  // tells every peer that this rank failed
-  }
-  timings_.layout_s = seconds_since(start);
-
-  start = Clock::now();
-  h.rows_from_.resize(r_size);
-  if (data_path_->device().kind == Device::Kind::kHost) {
-    transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t),
-                       *workspace_->stream);
-    host_ready();  // the counts are read on the host
-  } else {
-    // Device rows: the counts are host (staging) memory, exchanged by the blocking form.
-    host_ready();
-    transport.alltoall(h.rows_to_.data(), h.rows_from_.data(), sizeof(std::int64_t));
-  }
-  timings_.dispatch_s = seconds_since(start);
-  // From here every rank of the group knows whether any rank failed: they all stop at
-  // this same point, and the group stays usable for the next step.
-  if (local_error != nullptr) {
-    failure_agreed_ = true;
-    throw *local_error;
-  }
-  for (std::size_t p = 0; p < r_size; ++p) {
-    if (h.rows_from_[p] < 0) {
-      failure_agreed_ = true;
-      throw Error(ErrorCode::kPeerFailed, "MoE dispatch: world rank " +
-                                              std::to_string(parts_.first_world_rank + p) +
-                                              " failed before dispatch and reports the cause");
-    }
-  }
-}
-
-void MoELayer::send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                         bool group, ExpertRowDTypes dtypes) {
-  const TokenRange all{x.data_as<const float>(), plan.experts.data(), plan.weights.data(),
-                       h.num_tokens_, plan.slots};
-  stage_rows(all, h);
-  auto start = Clock::now();
-  Transport& transport = *parts_.transport;
-  transport.alltoallv(row_buffers(h), *workspace_->stream);
-  transport.alltoallv(meta_buffers(h), *workspace_->stream);
-  host_ready();  // the host data path reads what arrived
-  timings_.dispatch_s += seconds_since(start);
-  count_dispatch_traffic(h);
-  if (group) group_rows(h, dtypes);
-}
-
-void MoELayer::count_dispatch_traffic(const DispatchHandle& h) {
-  const int me = parts_.transport->rank();
-  traffic_.dispatch_bytes = 0;
-  traffic_.rows_sent = 0;
-  for (std::size_t p = 0; p < h.rows_to_.size(); ++p) {
-    if (static_cast<int>(p) == me) continue;
-    traffic_.dispatch_bytes += sizeof(std::int64_t) + h.send_bytes_[p] + h.meta_send_bytes_[p];
-    traffic_.rows_sent += h.rows_to_[p];
-  }
-}
-
-AlltoallvBuffers MoELayer::row_buffers(DispatchHandle& h) const {
-  return {h.send_rows_.data(), span_of(h.send_bytes_), span_of(h.send_offsets_),
-          h.recv_rows_.data(), span_of(h.recv_bytes_), span_of(h.recv_offsets_),
-          data_path_->device()};
-}
-
-AlltoallvBuffers MoELayer::meta_buffers(DispatchHandle& h) const {
-  return {reinterpret_cast<const std::byte*>(h.send_meta_.data()),
-          span_of(h.meta_send_bytes_),
-          span_of(h.meta_send_offsets_),
-          reinterpret_cast<std::byte*>(h.recv_meta_.data()),
-          span_of(h.meta_recv_bytes_),
-          span_of(h.meta_recv_offsets_),
-          data_path_->device()};
-}
-
-AlltoallvBuffers MoELayer::back_buffers(DispatchHandle& h) const {
-  return {h.partial_at_,       span_of(h.back_send_bytes_), span_of(h.back_send_offsets_),
-          h.combined_at_,      span_of(h.back_recv_bytes_), span_of(h.back_recv_offsets_),
-          data_path_->device()};
-}
-
-void MoELayer::stage_rows(const TokenRange& tokens, DispatchHandle& h) {
-  auto start = Clock::now();
-  Transport& transport = *parts_.transport;
-  const auto r_size = static_cast<std::size_t>(transport.size());
-  const std::int64_t H = hidden_;
-  const int K = tokens.slots;
-  const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, H);
-  const std::size_t meta_bytes = to_size(K) * sizeof(SlotMeta);
-
-  h.rows_to_offset_.resize(r_size);
-  h.rows_from_offset_.resize(r_size);
-  std::int64_t S = 0, N = 0;
-  for (std::size_t p = 0; p < r_size; ++p) {
-    h.rows_to_offset_[p] = S;
-    h.rows_from_offset_[p] = N;
-    S += h.rows_to_[p];
-    N += h.rows_from_[p];
-  }
-  // This rank's own rows are packed straight into its receive buffer and their slots
-  // copied there: the exchanges skip them.
-  const auto me = static_cast<std::size_t>(transport.rank());
-  const std::int64_t self_rows = h.rows_to_[me];
-  peer_exchange(h.rows_to_, me, row_bytes, /*compact=*/true, h.send_bytes_, h.send_offsets_);
-  peer_exchange(h.rows_from_, me, row_bytes, /*compact=*/false, h.recv_bytes_, h.recv_offsets_);
-  peer_exchange(h.rows_to_, me, meta_bytes, /*compact=*/false, h.meta_send_bytes_,
-                h.meta_send_offsets_);
-  peer_exchange(h.rows_from_, me, meta_bytes, /*compact=*/false, h.meta_recv_bytes_,
-                h.meta_recv_offsets_);
-
-  h.send_row_token_.resize(to_size(S));
-  h.send_meta_.resize(to_size(S * K));
-  h.send_rows_.resize(to_size(S - self_rows) * row_bytes);
-  h.recv_rows_.resize(to_size(N) * row_bytes);
-  h.recv_meta_.resize(to_size(N * K));
-  LayoutArgs layout;
-  layout.experts = tokens.experts;
-  layout.weights = tokens.weights;
-  layout.num_tokens = tokens.count;
-  layout.slots = K;
-  layout.placement = &parts_.placement;
-  layout.rows_to_offset = {h.rows_to_offset_.data(), r_size};
-  layout.send_row_token = h.send_row_token_.data();
-  layout.send_meta = h.send_meta_.data();
-  data_path_->layout(layout, *workspace_->stream);
-  const std::int64_t self_first = h.rows_to_offset_[me];
-  // One run per destination: the peers' into the send buffer, this rank's own in place.
-  h.pack_runs_.resize(r_size);
-  for (std::size_t p = 0; p < r_size; ++p) {
-    std::byte* rows = p == me ? h.recv_rows_.data() + to_size(h.rows_from_offset_[me]) * row_bytes
-                              : h.send_rows_.data() + h.send_offsets_[p];
-    h.pack_runs_[p] = {h.rows_to_offset_[p], h.rows_to_[p], rows};
-  }
-  PackArgs pack;
-  pack.x = tokens.x;
-  pack.hidden = H;
-  pack.send_row_token = h.send_row_token_.data();
-  pack.num_rows = S;
-  pack.dtype = parts_.payload_dtype;
-  data_path_->pack_runs(pack, {h.pack_runs_.data(), r_size}, *workspace_->stream);
-  if (self_rows > 0) {
-    data_path_->copy(h.recv_meta_.data() + h.rows_from_offset_[me] * K,
-                     h.send_meta_.data() + self_first * K,
-                     to_size(self_rows * K) * sizeof(SlotMeta), *workspace_->stream);
-  }
-  timings_.layout_s += seconds_since(start);
-}
-
-void MoELayer::group_rows(DispatchHandle& h, ExpertRowDTypes dtypes) {
-  // Group the received rows per local expert (stable: source rank, then source token).
-  auto start = Clock::now();
-  const int me = parts_.transport->rank();
-  const std::int64_t H = hidden_;
-  const int K = h.slots_;
-  const std::int64_t N =
-      static_cast<std::int64_t>(h.recv_meta_.size()) / static_cast<std::int64_t>(K ? K : 1);
-  const int L = parts_.placement.num_local(me);
-  h.rows_per_expert_.resize(static_cast<std::size_t>(L));
-  GroupCountArgs count;
-  count.meta = h.recv_meta_.data();
-  count.num_rows = N;
-  count.slots = K;
-  count.num_local_experts = L;
-  count.rows_per_expert = h.rows_per_expert_.data();
-  data_path_->count_groups(count, *workspace_->stream);
-  std::int64_t A = 0;
-  for (int l = 0; l < L; ++l) A += h.rows_per_expert_[static_cast<std::size_t>(l)];
-  h.expert_input_.resize(to_size(A * H));
-  h.expert_output_.resize(to_size(A * H));
-  h.assignment_of_slot_.resize(to_size(N * K));
-  GroupArgs group;
-  group.rows = h.recv_rows_.data();
-  group.meta = h.recv_meta_.data();
-  group.num_rows = N;
-  group.slots = K;
-  group.hidden = H;
-  group.dtype = parts_.payload_dtype;
-  group.num_local_experts = L;
-  group.rows_per_expert = h.rows_per_expert_.data();
-  // Sized in f32 rows whatever the dtype: the combine may reuse them (place_partials).
-  group.expert_input = reinterpret_cast<std::byte*>(h.expert_input_.data());
-  group.expert_input_dtype = dtypes.input;
-  group.assignment_of_slot = h.assignment_of_slot_.data();
-  h.expert_input_dtype_ = dtypes.input;
-  // Its buffer holds f32 rows whatever the dtype, as the input's does.
-  h.expert_output_dtype_ = dtypes.output;
-  data_path_->group_by_expert(group, *workspace_->stream);
-  timings_.layout_s += seconds_since(start);
-}
-
-void MoELayer::combine(DispatchHandle& h, const TensorView& expert_output, const TensorView& y) {
-  combine_with(h, expert_output, y, h.recv_meta_.data());
-}
-
-void MoELayer::combine_with(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                            const SlotMeta* meta) {
-  auto start = Clock::now();
-  reduce_rows(h, expert_output, y, /*in_expert_buffers=*/false, meta);
-  parts_.transport->alltoallv(back_buffers(h), *workspace_->stream);
+void MoELayer::run_shared_expert(const TensorView& x) {
+  const std::int64_t T = x.dim(0), H = hidden_;
+  shared_rows_[0] = T;
+  workspace_->shared_output.resize(to_size(T * H));
+  ExpertBatch batch{x, shared_rows_,
+                    TensorView(workspace_->shared_output.data(), DType::kF32, {T, H})};
+  parts_.shared_expert->forward(batch, stream());
   host_ready();
-  sum_rows(h, y.data_as<float>());
-  timings_.combine_s = seconds_since(start);
+  shared_expert_scales(x);
 }
 
-void MoELayer::reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                           bool in_expert_buffers, const SlotMeta* meta) {
-  if (meta == nullptr) meta = h.recv_meta_.data();
-  const std::int64_t H = hidden_;
-  const int K = h.slots_;
-  const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
-  // Shapes are checked on every rank before anything is sent; a mismatch is a caller bug
-  // that would otherwise corrupt memory.
-  const DType output_dtype = expert_output.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32;
-  expert_output.require_on(data_path_->device(), "MoE combine expert_output", output_dtype, {A, H});
-  y.require_on(data_path_->device(), "MoE combine y", DType::kF32, {h.num_tokens_, H});
-  place_partials(h, in_expert_buffers);
-  for (const PartialRows& rows : partial_segments(h)) {
-    if (rows.count == 0) continue;
-    WeightedReduceArgs reduce;
-    reduce.expert_output = static_cast<const std::byte*>(expert_output.data());
-    reduce.expert_output_dtype = output_dtype;
-    reduce.meta = meta + rows.first * K;
-    reduce.assignment_of_slot = h.assignment_of_slot_.data() + rows.first * K;
-    reduce.num_rows = rows.count;
-    reduce.slots = K;
-    reduce.hidden = H;
-    reduce.combine_dtype = parts_.combine_dtype;
-    reduce.partial_rows = rows.out;
-    data_path_->weighted_reduce(reduce, *workspace_->stream);
+void MoELayer::add_shared_expert(const TensorView& y) {
+  const std::int64_t T = y.dim(0), H = hidden_;
+  const float* scales = workspace_->shared_scales.data();
+  const float* out = workspace_->shared_output.data();
+  float* ys = y.data_as<float>();
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t h = 0; h < H; ++h) ys[t * H + h] += scales[t] * out[t * H + h];
   }
 }
 
-void MoELayer::place_partials(DispatchHandle& h, bool in_expert_buffers) {
-  const std::int64_t H = hidden_;
-  const int K = h.slots_;
-  const std::int64_t N = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
-  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
-  const auto me = static_cast<std::size_t>(parts_.transport->rank());
-  const std::size_t row_bytes = to_size(H) * dtype_size(parts_.combine_dtype);
-  // The partial sums of this rank's own rows go straight to their place among the
-  // returned rows; the partials buffer holds the others'.
-  const std::size_t partial_bytes = to_size(N - h.rows_from_[me]) * row_bytes;
-  const std::size_t combined_bytes = to_size(S) * row_bytes;
-  // In expert buffers: the expert input rows are dead once the experts ran, and hold both
-  // when they fit (A >= N rows of f32; the reduce reads the expert output rows meanwhile).
-  const std::size_t dead_bytes = in_expert_buffers ? h.expert_input_.size() * sizeof(float) : 0;
-  if (partial_bytes + combined_bytes <= dead_bytes) {
-    h.partial_at_ = reinterpret_cast<std::byte*>(h.expert_input_.data());
-    h.combined_at_ = h.partial_at_ + partial_bytes;
-  } else {
-    h.partial_rows_.resize(partial_bytes);
-    h.combined_rows_.resize(combined_bytes);
-    h.partial_at_ = h.partial_rows_.data();
-    h.combined_at_ = h.combined_rows_.data();
+const float* MoELayer::shared_expert_scales(const TensorView& x) {
+  const std::int64_t T = x.dim(0), H = hidden_;
+  const float* xs = x.data_as<const float>();
+  const float* gate = parts_.shared_expert_gate.data_as<const float>();
+  workspace_->shared_scales.resize(to_size(T));
+  float* scales = workspace_->shared_scales.data();
+  for (std::int64_t t = 0; t < T; ++t) {
+    float logit = 0;
+    if (gate != nullptr) {
+      for (std::int64_t h = 0; h < H; ++h) logit += xs[t * H + h] * gate[h];
+    }
+    scales[t] = gate != nullptr ? 1.0f / (1.0f + std::exp(-logit)) : 1.0f;
   }
-  // Back to the token's rank: the dispatch counts reversed.
-  peer_exchange(h.rows_from_, me, row_bytes, /*compact=*/true, h.back_send_bytes_,
-                h.back_send_offsets_);
-  peer_exchange(h.rows_to_, me, row_bytes, /*compact=*/false, h.back_recv_bytes_,
-                h.back_recv_offsets_);
-  traffic_.combine_bytes = 0;
-  for (std::size_t p = 0; p < h.back_send_bytes_.size(); ++p) {
-    traffic_.combine_bytes += h.back_send_bytes_[p];
-  }
-}
-
-std::array<MoELayer::PartialRows, 3> MoELayer::partial_segments(const DispatchHandle& h) const {
-  const auto me = static_cast<std::size_t>(parts_.transport->rank());
-  const int K = h.slots_;
-  const std::int64_t N = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
-  const std::int64_t self_first = h.rows_from_offset_[me], self_rows = h.rows_from_[me];
-  const std::size_t row_bytes = to_size(hidden_) * dtype_size(parts_.combine_dtype);
-  return {PartialRows{0, self_first, h.partial_at_},
-          PartialRows{self_first, self_rows,
-                      h.combined_at_ + to_size(h.rows_to_offset_[me]) * row_bytes},
-          PartialRows{self_first + self_rows, N - self_first - self_rows,
-                      h.partial_at_ + to_size(self_first) * row_bytes}};
-}
-
-void MoELayer::sum_rows(DispatchHandle& h, float* y) {
-  // Rows arrive in (expert rank, token) order, so each token sums its partials in
-  // ascending rank order: the same on every transport.
-  UnpermuteSumArgs sum;
-  sum.combined_rows = h.combined_at_;
-  sum.send_row_token = h.send_row_token_.data();
-  sum.num_rows = static_cast<std::int64_t>(h.send_row_token_.size());
-  sum.hidden = hidden_;
-  sum.combine_dtype = parts_.combine_dtype;
-  sum.y = y;
-  sum.num_tokens = h.num_tokens_;
-  data_path_->unpermute_sum(sum, *workspace_->stream);
+  return scales;
 }
 
 }  // namespace switchyard

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "switchyard/status.hpp"
+#include "token_exchange.hpp"
 
 namespace switchyard {
 
@@ -27,7 +28,7 @@ SlotRowsArgs MoELayer::slot_rows(const DispatchHandle& h) const {
   return args;
 }
 
-void MoELayer::weigh_rows(const DispatchHandle& h, const TensorView& rows,
+void MoELayer::scale_rows(const DispatchHandle& h, const TensorView& rows,
                           const TensorView& weighted) const {
   data_path_->scale_grouped_rows(slot_rows(h), rows.data_as<const float>(),
                                  weighted.data_as<float>(), *workspace_->stream);
@@ -39,46 +40,6 @@ void MoELayer::slot_dot_products(const DispatchHandle& h, const TensorView& rows
   data_path_->slot_dot_products(slot_rows(h), rows.data_as<const float>(),
                                 outputs.data_as<const float>(), workspace_->d_slot_weights.data(),
                                 *workspace_->stream);
-}
-
-void MoELayer::return_slot_gradients(const DispatchHandle& h, const RoutingPlan& plan,
-                                     float* d_weights) {
-  const int K = plan.slots;
-  Transport& transport = *parts_.transport;
-  const auto me = static_cast<std::size_t>(transport.rank());
-  const std::size_t slot_bytes = to_size(K) * sizeof(float);
-  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
-  workspace_->d_sent_weights.resize(to_size(S * K));
-  peer_exchange(h.rows_from_, me, slot_bytes, /*compact=*/false, workspace_->d_weight_send_bytes,
-                workspace_->d_weight_send_offsets);
-  peer_exchange(h.rows_to_, me, slot_bytes, /*compact=*/false, workspace_->d_weight_recv_bytes,
-                workspace_->d_weight_recv_offsets);
-  std::copy_n(workspace_->d_slot_weights.data() + h.rows_from_offset_[me] * K, h.rows_from_[me] * K,
-              workspace_->d_sent_weights.data() + h.rows_to_offset_[me] * K);
-  transport.alltoallv(
-      {reinterpret_cast<const std::byte*>(workspace_->d_slot_weights.data()),
-       span_of(workspace_->d_weight_send_bytes), span_of(workspace_->d_weight_send_offsets),
-       reinterpret_cast<std::byte*>(workspace_->d_sent_weights.data()),
-       span_of(workspace_->d_weight_recv_bytes), span_of(workspace_->d_weight_recv_offsets),
-       Device::host()},
-      *workspace_->stream);
-  host_ready();
-  // A sent row's slots are its token's plan slots on the row's rank, in plan order.
-  std::fill_n(d_weights, plan.num_tokens * K, 0.0f);
-  for (std::size_t rank = 0; rank < h.rows_to_.size(); ++rank) {
-    const std::int64_t first = h.rows_to_offset_[rank];
-    for (std::int64_t i = first; i < first + h.rows_to_[rank]; ++i) {
-      const std::int64_t t = h.send_row_token_[to_size(i)];
-      const std::int32_t* experts = plan.experts.data() + t * K;
-      int slot = 0;
-      for (int j = 0; j < K; ++j) {
-        if (experts[j] < 0 || parts_.placement.rank_of(experts[j]) != static_cast<int>(rank)) {
-          continue;
-        }
-        d_weights[t * K + j] = workspace_->d_sent_weights[to_size(i * K + slot++)];
-      }
-    }
-  }
 }
 
 void MoELayer::combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y) {
@@ -106,9 +67,10 @@ void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
   dispatch(dy, plan, workspace_->backward_dy, bad ? &*bad : nullptr);
   host_ready();
   const TensorView d_rows = workspace_->backward_dy.expert_input();
-  weigh_rows(workspace_->backward_dy, d_rows, d_expert_output);
+  scale_rows(workspace_->backward_dy, d_rows, d_expert_output);
   slot_dot_products(workspace_->backward_dy, d_rows, expert_output);
-  return_slot_gradients(workspace_->backward_dy, plan, d_weights.data_as<float>());
+  exchange_->return_slot_values(workspace_->backward_dy, plan, workspace_->d_slot_weights.data(),
+                                d_weights.data_as<float>());
 }
 
 void MoELayer::dispatch_backward(DispatchHandle& handle, const TensorView& d_expert_input,
@@ -192,7 +154,8 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   // tokens' ranks.
   combine_unweighted(hd, d_inputs, out.dx);
   workspace_->d_plan_weights.resize(to_size(T * K));
-  return_slot_gradients(hd, plan, workspace_->d_plan_weights.data());
+  exchange_->return_slot_values(hd, plan, workspace_->d_slot_weights.data(),
+                                workspace_->d_plan_weights.data());
 
   // The router: d logits from the weights' gradients (at the forward's logits, still in
   // logits_), then through the logits' GEMM.

@@ -1,9 +1,11 @@
 #pragma once
-// What the files of MoELayer share (layer.cpp: construction and the forward sequence;
-// layer_chunks.cpp: the chunk pipeline; layer_backward.cpp: the backward): small helpers and
-// the step buffers of a rank's layers. Private to the core.
+// What the files of MoELayer share (layer.cpp: construction, routing, the public dispatch and
+// combine, the experts; layer_forward.cpp: the forward sequence; layer_backward.cpp: the
+// backward; token_exchange.cpp: the exchange bookkeeping): small helpers and the step buffers
+// of a rank's layers. Private to the core.
 #include <chrono>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <span>
 #include <vector>
@@ -42,6 +44,22 @@ inline void peer_exchange(const Buffer<std::int64_t>& rows, std::size_t self, st
   }
 }
 
+/// One chunk of a forward in flight: its exchange state, and the tasks that run its
+/// dispatch and combine exchanges (on the exchange thread, or inline on the layer's stream).
+struct ExchangeTask {
+  TokenExchange* exchange = nullptr;
+  DispatchHandle* handle = nullptr;
+  Stream* stream = nullptr;  // null: the blocking forms, on the exchange thread
+  bool back = false;         // the combine's exchange, else the dispatch's
+  std::exception_ptr error;
+  static void run(void* task) noexcept;
+};
+struct ChunkSlot {
+  DispatchHandle handle;
+  ExchangeTask dispatch, combine;
+  std::unique_ptr<StreamEvent> dispatched, combined;
+};
+
 }  // namespace switchyard::layer_detail
 
 namespace switchyard {
@@ -50,9 +68,10 @@ namespace switchyard {
 class LayerWorkspace {
  public:
   std::size_t bytes() const noexcept {
-    std::size_t total = chunk_rows_to.capacity_bytes() + chunk_rows_from.capacity_bytes();
+    std::size_t total = rows_to_table.capacity_bytes() + rows_from_table.capacity_bytes() +
+                        chunk_counts.capacity_bytes();
     for (const auto& slot : chunk_slots) total += slot->handle.capacity_bytes();
-    for (const auto* h : {&handle, &backward_x, &backward_dy}) total += h->capacity_bytes();
+    for (const auto* h : {&backward_x, &backward_dy}) total += h->capacity_bytes();
     for (const auto* b :
          {&host_logits, &d_slot_weights, &d_sent_weights, &grouped_weights, &d_grouped_weights,
           &d_plan_weights, &d_logits, &shared_output, &shared_scales, &d_shared_scales}) {
@@ -71,15 +90,15 @@ class LayerWorkspace {
   /// so that it outlives them).
   std::shared_ptr<DataPath> data_path;
   std::unique_ptr<Stream> stream;
-  // A forward's exchange, when it keeps nothing for the backward.
-  DispatchHandle handle;
   // A host router behind a device data path: its logits and plan.
   Buffer<float> host_logits;
   RoutingPlan host_plan;
-  // The chunk pipeline: per-chunk row counts [R, chunks], the chunks in flight, and the
-  // stream whose thread runs the exchanges.
-  Buffer<std::int64_t> chunk_rows_to, chunk_rows_from;
-  std::vector<std::unique_ptr<MoELayer::ChunkSlot>> chunk_slots;
+  // The counts of a step: rows to and from each peer per chunk [R, chunks], and one
+  // chunk's [R] as the data path counts them.
+  Buffer<std::int64_t> rows_to_table, rows_from_table, chunk_counts;
+  // A forward's chunks in flight (one unless it pipelines), when it keeps nothing for the
+  // backward, and the stream whose thread runs their exchanges.
+  std::vector<std::unique_ptr<layer_detail::ChunkSlot>> chunk_slots;
   std::unique_ptr<HostStream> exchange_stream;
   // Backward: the forward's rows (when it kept none) and dy's rows with its layout; per
   // received (row, slot) the weight's gradient; the same for the sent rows once they came

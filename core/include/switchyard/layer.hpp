@@ -4,7 +4,6 @@
 
 #include <array>
 #include <cstdint>
-#include <exception>
 #include <memory>
 #include <optional>
 #include <span>
@@ -56,6 +55,7 @@ class DispatchHandle {
 
  private:
   friend class MoELayer;
+  friend class TokenExchange;
   friend class LayerWorkspace;
   /// Bytes its buffers hold.
   std::size_t capacity_bytes() const noexcept;
@@ -93,12 +93,14 @@ class DispatchHandle {
   std::byte* combined_at_ = nullptr;
 };
 
-/// The step buffers of a rank's layers: the stream they run on, the exchange buffers of a
-/// forward that keeps nothing, the chunk pipeline's, and the backward's scratch. Layers of
-/// one rank run one after another, so the L layers of a model share one workspace (see
-/// `MoELayerParts::workspace`) and their step memory does not grow with L. Defined in
-/// layer.cpp; made by `make_layer_workspace`, used by one thread at a time.
+/// The step buffers of a rank's layers: the stream they run on, the step's counts, the
+/// exchange buffers of a forward's chunks in flight (when it keeps nothing for the
+/// backward), and the backward's scratch. Layers of one rank run one after another, so the
+/// L layers of a model share one workspace (see `MoELayerParts::workspace`) and their step
+/// memory does not grow with L. Defined in the core's layer_internal.hpp; made by
+/// `make_layer_workspace`, used by one thread at a time.
 class LayerWorkspace;
+class TokenExchange;
 /// A new, empty workspace; its buffers take the memory of the first layer's data path.
 std::shared_ptr<LayerWorkspace> make_layer_workspace();
 /// Bytes a workspace's buffers hold (their peak, as they only grow).
@@ -175,6 +177,9 @@ struct LayerGradients {
 class MoELayer {
  public:
   explicit MoELayer(MoELayerParts parts);
+  ~MoELayer();
+  MoELayer(const MoELayer&) = delete;
+  MoELayer& operator=(const MoELayer&) = delete;
 
   /// y [T,H] = MoE(x [T,H]); both f32 host contiguous, not aliased. Runs on the layer's
   /// `stream()` and returns when y is written. Collective over the
@@ -266,118 +271,60 @@ class MoELayer {
   /// True when the last `forward` or `dispatch` failed at the point where every rank of
   /// the EP group learns of it together (bad input on some rank, found before any data
   /// moved): every rank threw there, and the group is usable for the next step.
-  bool last_failure_agreed() const noexcept { return failure_agreed_; }
-  const LayerTraffic& traffic() const noexcept { return traffic_; }
+  bool last_failure_agreed() const noexcept;
+  const LayerTraffic& traffic() const noexcept;
 
  private:
-  /// Backward helpers, over the data path's primitives: `weighted` [A,H] = each grouped row
-  /// of `rows` times its slot's weight; d_slot_weights_ = per received (row, slot) <rows,
-  /// outputs> of its grouped row; the latter sent back to the tokens' ranks into d_weights
-  /// [T,K] (plan slots); the combine with unit weights.
-  SlotRowsArgs slot_rows(const DispatchHandle& h) const;
-  void weigh_rows(const DispatchHandle& h, const TensorView& rows,
-                  const TensorView& weighted) const;
-  void slot_dot_products(const DispatchHandle& h, const TensorView& rows,
-                         const TensorView& outputs);
-  void return_slot_gradients(const DispatchHandle& h, const RoutingPlan& plan, float* d_weights);
-  void combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y);
-  /// `combine` with the slots `meta` [N,K] in place of the handle's own.
-  void combine_with(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                    const SlotMeta* meta);
-  /// Checks a plan's shape and expert ids; the first problem, or nothing.
-  std::optional<Error> check_plan(const RoutingPlan& plan) const;
-  /// Counts rows per destination and exchanges the counts. A failure of this rank
-  /// (`local_error`) or of a peer is thrown here on every rank together.
-  void exchange_counts(const RoutingPlan& plan, DispatchHandle& h, const Error* local_error);
-  /// The dtypes of the expert rows a forward hands the kernel (input) and has it write
-  /// (output): f32, or bf16 where the kernel asks for that.
-  struct ExpertRowDTypes {
-    DType input = DType::kF32;
-    DType output = DType::kF32;
-  };
-  /// Permutes, packs and sends rows and slots; with `group`, groups what arrived per local
-  /// expert.
-  void send_rows(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h, bool group,
-                 ExpertRowDTypes dtypes);
-  /// `forward` after routing; `routing_error`: this rank's routing failed.
-  /// y += the shared expert over x (times its sigmoid gate), when the layer has one.
-  void add_shared_expert(const TensorView& x, const TensorView& y);
-  /// Per token of x, the shared expert's scale sigmoid(x·gate), or 1 without a gate, in the
-  /// workspace's buffer [T].
+  friend class LayerWorkspace;
+  /// `forward` after routing; `local_error`: this rank's routing or input failed.
+  void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                      const Error* local_error);
+  /// The one forward sequence, in `chunks` pipelined chunks (1: a plain sequence); with
+  /// `save`, the rows and projections stay in kept_handle_ for the backward.
+  void forward_pipeline(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                        const Error* local_error, int chunks, bool save);
+  /// True when this forward keeps what the backward needs (training, recompute off).
+  bool saves_for_backward() const noexcept;
+  /// The grouped expert step: the kernel's `forward` over a grouped handle's expert rows;
+  /// with `save`, the kernel's saved columns into saved_columns_.
+  void run_grouped_experts(DispatchHandle& h, bool save);
+  /// The fused expert step: the kernel's weighted partial sums of the received rows, into
+  /// the combine's send buffer.
+  void run_fused_experts(DispatchHandle& h);
+  /// The shared expert's output over x into the workspace (`shared_output`), and its scale
+  /// per token sigmoid(x·gate), or 1 without a gate (`shared_scales`).
+  void run_shared_expert(const TensorView& x);
+  /// y += scale ⊙ the shared expert's output (after `run_shared_expert`).
+  void add_shared_expert(const TensorView& y);
+  /// Fills the workspace's `shared_scales` [T] for x and returns them.
   const float* shared_expert_scales(const TensorView& x);
   /// Its backward: out.dx += its input gradient, its weights' and gate's gradients added.
   void backward_shared_expert(const TensorView& x, const TensorView& dy, const LayerGradients& out);
-  void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
-                      const Error* routing_error);
-  /// True when the forward lets the expert kernel form the weighted partial sums from the
-  /// received rows (no expert-grouped rows).
-  bool fused_experts() const noexcept;
-  /// The grouped expert step: the kernel's `forward` over a grouped handle's expert rows;
-  /// with `save`, the kernel's saved columns into saved_columns_.
-  void run_grouped_experts(DispatchHandle& h, bool save = false);
-  /// True when this forward keeps what the backward needs (training, recompute off).
-  bool saves_for_backward() const noexcept;
-  /// The fused expert step: the kernel's weighted partial sums of the received rows, into
-  /// the combine's send buffer.
-  void weigh_rows(DispatchHandle& h);
-  /// The dispatch's bytes to other ranks, from a staged handle.
-  void count_dispatch_traffic(const DispatchHandle& h);
-  /// Consecutive tokens of a step and their routing.
-  struct TokenRange {
-    const float* x;               // [count, H]
-    const std::int32_t* experts;  // [count, slots]
-    const float* weights;         // [count, slots]
-    std::int64_t count;
-    int slots;
-  };
-  /// Layout and pack of `tokens` (h's counts are exchanged), receive buffers sized.
-  void stage_rows(const TokenRange& tokens, DispatchHandle& h);
-  /// Groups the received rows per local expert, into `dtypes.input` rows (f32 or bf16),
-  /// and sizes the expert output rows for `dtypes.output`.
-  void group_rows(DispatchHandle& h, ExpertRowDTypes dtypes);
-  /// The dtypes of the expert rows a forward hands the kernel: its `input_dtype` and
-  /// `output_dtype`, or f32 when the forward keeps the rows for the backward.
-  ExpertRowDTypes forward_expert_dtypes(bool save) const noexcept;
-  /// The weighted partial sums of the received rows, and the combine's byte counts. With
-  /// `in_expert_buffers` (forward, where the layer owns the expert rows) the partial sums
-  /// and the returned rows go into the expert input rows, dead by then, when they fit: no
-  /// buffers of their own.
-  void reduce_rows(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
-                   bool in_expert_buffers, const SlotMeta* meta = nullptr);
-  /// Where the partial sums and the returned rows go (see `reduce_rows`), and the
-  /// combine's byte counts.
-  void place_partials(DispatchHandle& h, bool in_expert_buffers);
-  /// Received rows [first, first + count) whose partial sums go to `out`, contiguous.
-  struct PartialRows {
-    std::int64_t first = 0, count = 0;
-    std::byte* out = nullptr;
-  };
-  /// A placed handle's received rows in three runs: those before this rank's own, its own
-  /// (summed straight into the returned rows), those after.
-  std::array<PartialRows, 3> partial_segments(const DispatchHandle& h) const;
-  /// y [h.num_tokens_, H] = the returned rows summed per token.
-  void sum_rows(DispatchHandle& h, float* y);
-  /// The exchanges of a staged handle: rows, their slots, and the partial sums back.
-  AlltoallvBuffers row_buffers(DispatchHandle& h) const;
-  AlltoallvBuffers meta_buffers(DispatchHandle& h) const;
-  AlltoallvBuffers back_buffers(DispatchHandle& h) const;
-  /// `forward` in `parts_.chunks` pipelined chunks (after routing all tokens).
-  void forward_chunks(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
-                      const Error* routing_error);
-  /// The whole dispatch: counts, then rows (grouped per local expert into rows of
-  /// `dtypes`, unless `group` is false).
-  void dispatch_checked(const TensorView& x, const RoutingPlan& plan, DispatchHandle& h,
-                        const Error* local_error, bool group, ExpertRowDTypes dtypes);
+  /// `combine` with the slots `meta` [N,K] in place of the handle's own.
+  void combine_with(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                    const SlotMeta* meta);
+  /// The combine with the handle's slots at weight 1 (the backward of the dispatch).
+  void combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y);
+  /// Backward helpers over the data path's primitives: `weighted` [A,H] = each grouped row
+  /// of `rows` times its slot's weight; per received (row, slot) <rows, outputs> of its
+  /// grouped row into the workspace's `d_slot_weights`.
+  SlotRowsArgs slot_rows(const DispatchHandle& h) const;
+  void scale_rows(const DispatchHandle& h, const TensorView& rows,
+                  const TensorView& weighted) const;
+  void slot_dot_products(const DispatchHandle& h, const TensorView& rows,
+                         const TensorView& outputs);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream().synchronize(); }
   /// A host router behind a device data path: logits copied to the host, routed there,
   /// the plan copied to the device.
   void route_through_host(const TensorView& logits, RoutingPlan& plan);
-  friend class LayerWorkspace;
+
   MoELayerParts parts_;
   // The step buffers, shared with the other layers of this rank (see LayerWorkspace).
   std::shared_ptr<LayerWorkspace> workspace_;
   std::shared_ptr<DataPath> data_path_;
+  // The exchange bookkeeping (counts, failure agreement, byte layouts, traffic).
+  std::unique_ptr<TokenExchange> exchange_;
   std::int64_t hidden_ = 0;
   TensorView gate_;             // the gate on the data path's device
   Buffer<float> device_gate_;   // its copy there, when the caller's gate is host memory
@@ -389,31 +336,16 @@ class MoELayer {
   // The exchange of a training forward that keeps its rows for the backward (a forward that
   // keeps nothing uses the workspace's).
   DispatchHandle kept_handle_;
-  // Chunked forward: the state of each chunk in flight (the workspace holds the slots).
-  struct ExchangeTask {
-    MoELayer* layer = nullptr;
-    DispatchHandle* handle = nullptr;
-    bool back = false;  // the combine's exchange, else the dispatch's
-    std::exception_ptr error;
-    static void run(void* task) noexcept;
-  };
-  struct ChunkSlot {
-    DispatchHandle handle;
-    ExchangeTask dispatch, combine;
-    std::unique_ptr<StreamEvent> dispatched, combined;
-  };
   // The last forward routed its tokens and finished: plan_ and logits_ are its own.
   bool backward_ready_ = false;
-  // Training: the kernel's saved columns of handle_'s expert rows [A, saved_columns],
-  // and whether the last forward kept handle_'s rows for the backward.
+  // Training: the kernel's saved columns of kept_handle_'s expert rows [A, saved_columns],
+  // and whether the last forward kept kept_handle_'s rows for the backward.
   Buffer<float> saved_columns_;
   bool training_ = false;
   bool kept_for_backward_ = false;
   LayerTimings timings_;
-  LayerTraffic traffic_;
   std::array<std::int64_t, 1> shared_rows_{};  // the shared expert's batch: all T rows
   ExpertKernelCapabilities expert_caps_;       // parts_.experts', read once
-  bool failure_agreed_ = false;
 };
 
 }  // namespace switchyard

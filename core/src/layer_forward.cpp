@@ -1,0 +1,221 @@
+// MoELayer's forward: one sequence for every forward, in `chunks` pipelined chunks. The
+// tokens' rows go in chunks whose exchanges run on a thread of their own (or inline, on the
+// layer's stream) while this thread packs, groups, runs the experts of and sums another; one
+// chunk is the plain sequence route → counts → dispatch → experts → combine → sum. The
+// same y for every number of chunks.
+#include "layer_internal.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <utility>
+
+#include "switchyard/status.hpp"
+#include "token_exchange.hpp"
+
+namespace switchyard {
+
+using namespace layer_detail;
+
+void ExchangeTask::run(void* task) noexcept {
+  auto& t = *static_cast<ExchangeTask*>(task);
+  try {
+    if (t.back) {
+      t.exchange->send_back(*t.handle, t.stream);
+    } else {
+      t.exchange->send_rows(*t.handle, t.stream);
+    }
+  } catch (...) {
+    t.error = std::current_exception();
+  }
+}
+
+void MoELayer::forward(const TensorView& x, const TensorView& y) {
+  auto start = Clock::now();
+  // A routing failure on one rank must not leave the others waiting in the dispatch, so
+  // it is carried to them in the counts exchange instead of being thrown at once.
+  std::optional<Error> routing_error;
+  try {
+    route(x, plan_);
+  } catch (const Error& e) {
+    routing_error = e;
+  }
+  timings_.route_s = seconds_since(start);
+  forward_routed(x, plan_, y, routing_error ? &*routing_error : nullptr);
+  backward_ready_ = true;  // plan_ and logits_ are this forward's
+}
+
+void MoELayer::forward(const TensorView& x, const RoutingPlan& plan, const TensorView& y) {
+  backward_ready_ = false;  // no router ran: nothing to differentiate through it
+  std::optional<Error> input_error;
+  try {
+    x.require_on(data_path_->device(), "MoE input x", DType::kF32, {plan.num_tokens, hidden_});
+  } catch (const Error& e) {
+    input_error = e;
+  }
+  timings_.route_s = 0;
+  forward_routed(x, plan, y, input_error ? &*input_error : nullptr);
+}
+
+void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                              const Error* local_error) {
+  std::optional<Error> output_error;
+  if (local_error == nullptr) {
+    try {
+      y.require_on(data_path_->device(), "MoE output y", DType::kF32, {x.dim(0), hidden_});
+      if (x.numel() > 0 && x.data() == y.data()) {
+        throw Error(ErrorCode::kInvalidArgument, "MoE input x and output y must not alias");
+      }
+    } catch (const Error& e) {
+      output_error = e;
+      local_error = &*output_error;
+    }
+  }
+  kept_for_backward_ = false;
+  const bool save = saves_for_backward();
+  // Chunks pipeline the host data path's steps; a forward that keeps its rows for the
+  // backward, or a device data path, runs one.
+  const bool host = data_path_->device().kind == Device::Kind::kHost;
+  const int chunks = host && !save ? parts_.chunks : 1;
+  forward_pipeline(x, plan, y, local_error, chunks, save);
+  kept_for_backward_ = save;
+}
+
+void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                                const Error* local_error, int n, bool save) {
+  auto start = Clock::now();
+  timings_.layout_s = timings_.experts_s = timings_.combine_s = 0;
+  exchange_->agree_counts(plan, n, local_error);  // throws on every rank together
+  exchange_->count_traffic();
+  timings_.dispatch_s = seconds_since(start);
+  const std::int64_t H = hidden_;
+  const int K = plan.slots;
+  const bool fused = expert_caps_.fuses_weighted_rows && !save;
+  // The expert rows a forward hands the kernel: its dtypes, or f32 when they are kept.
+  const TokenExchange::ExpertRowDTypes dtypes =
+      save ? TokenExchange::ExpertRowDTypes{}
+           : TokenExchange::ExpertRowDTypes{expert_caps_.input_dtype, expert_caps_.output_dtype};
+  // The exchanges run on a thread of their own where something can overlap them: other
+  // chunks, or the shared expert. Else inline on the layer's stream, in the order they are
+  // launched (the same on every rank, so the collectives match).
+  const bool host = data_path_->device().kind == Device::Kind::kHost;
+  const bool threaded = host && parts_.overlap_exchanges && (n > 1 || parts_.shared_expert);
+
+  // Up to three chunks are in flight: one exchanging its rows, one being staged, one
+  // whose partial sums travel back.
+  const std::size_t in_flight = std::min<std::size_t>(static_cast<std::size_t>(n), 3);
+  if (threaded && !workspace_->exchange_stream)
+    workspace_->exchange_stream = std::make_unique<HostStream>(HostStream::Mode::kQueued);
+  while (workspace_->chunk_slots.size() < in_flight)
+    workspace_->chunk_slots.push_back(std::make_unique<ChunkSlot>());
+  auto slot_of = [&](int c) -> ChunkSlot& {
+    return *workspace_->chunk_slots[static_cast<std::size_t>(c) % in_flight];
+  };
+  // A kept forward holds its rows in the layer's own handle until the backward.
+  auto handle_of = [&](int c) -> DispatchHandle& {
+    return save ? kept_handle_ : slot_of(c).handle;
+  };
+  auto launch = [&](ExchangeTask& task, std::unique_ptr<StreamEvent>& done) {
+    if (threaded) {
+      if (!done) done = workspace_->exchange_stream->create_event();
+      workspace_->exchange_stream->enqueue(&ExchangeTask::run, &task);
+      workspace_->exchange_stream->record(*done);
+    } else {
+      task.stream = &stream();
+      ExchangeTask::run(&task);
+    }
+  };
+  auto wait = [&](const std::unique_ptr<StreamEvent>& done, ExchangeTask& task) {
+    if (threaded) {
+      done->synchronize();
+    } else {
+      host_ready();  // the host reads what arrived
+    }
+    if (task.error) std::rethrow_exception(std::exchange(task.error, nullptr));
+  };
+  auto start_dispatch = [&](int c) {
+    const auto stage_start = Clock::now();
+    const std::int64_t first = exchange_->first_token(c);
+    DispatchHandle& h = handle_of(c);
+    exchange_->stage({x.data_as<const float>() + first * H, plan.experts.data() + first * K,
+                      plan.weights.data() + first * K, exchange_->first_token(c + 1) - first, K},
+                     c, h);
+    timings_.layout_s += seconds_since(stage_start);
+    ChunkSlot& slot = slot_of(c);
+    slot.dispatch = {exchange_.get(), &h, nullptr, false, nullptr};
+    launch(slot.dispatch, slot.dispatched);
+  };
+  auto finish = [&](int c) {
+    ChunkSlot& slot = slot_of(c);
+    const auto sum_start = Clock::now();
+    wait(slot.combined, slot.combine);
+    exchange_->sum(handle_of(c), y.data_as<float>() + exchange_->first_token(c) * H);
+    timings_.combine_s += seconds_since(sum_start);
+  };
+
+  try {
+    start_dispatch(0);
+    if (parts_.shared_expert) {
+      // On this rank's own tokens, while the first rows travel.
+      const auto shared_start = Clock::now();
+      run_shared_expert(x);
+      timings_.experts_s += seconds_since(shared_start);
+    }
+    for (int c = 0; c < n; ++c) {
+      if (c + 1 < n) start_dispatch(c + 1);  // packs while chunk c's rows travel
+      ChunkSlot& slot = slot_of(c);
+      DispatchHandle& h = handle_of(c);
+      start = Clock::now();
+      wait(slot.dispatched, slot.dispatch);
+      timings_.dispatch_s += seconds_since(start);
+      if (fused) {
+        start = Clock::now();
+        run_fused_experts(h);
+        timings_.experts_s += seconds_since(start);
+        start = Clock::now();
+      } else {
+        start = Clock::now();
+        exchange_->group(h, dtypes);
+        timings_.layout_s += seconds_since(start);
+        start = Clock::now();
+        run_grouped_experts(h, save);
+        timings_.experts_s += seconds_since(start);
+        start = Clock::now();
+        const TensorView chunk_y(y.data_as<float>() + exchange_->first_token(c) * H, DType::kF32,
+                                 {h.num_tokens_, H}, y.device());
+        // The expert rows stay alive for the backward when they are kept.
+        exchange_->reduce(h, h.expert_output(), chunk_y, /*in_expert_buffers=*/!save);
+      }
+      slot.combine = {exchange_.get(), &h, nullptr, true, nullptr};
+      launch(slot.combine, slot.combined);
+      timings_.combine_s += seconds_since(start);
+      if (c > 0) finish(c - 1);  // sums chunk c-1 while chunk c's partials travel
+    }
+    finish(n - 1);
+  } catch (...) {
+    // The exchanges already queued reference the chunk buffers: let them end first.
+    try {
+      if (threaded) workspace_->exchange_stream->synchronize();
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the first error is the one to report
+    }
+    throw;
+  }
+  if (parts_.shared_expert) add_shared_expert(y);
+}
+
+std::optional<Error> first_non_finite(const TensorView& m, std::string_view what) {
+  const float* data = m.data_as<const float>();
+  const std::int64_t H = m.dim(1);
+  for (std::int64_t i = 0; i < m.dim(0) * H; ++i) {
+    if (!std::isfinite(data[i])) {
+      return Error(ErrorCode::kInvalidArgument,
+                   std::string(what) + ": token " + std::to_string(i / H) + " feature " +
+                       std::to_string(i % H) + " is " + (std::isnan(data[i]) ? "NaN" : "infinite"));
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace switchyard

@@ -1,0 +1,418 @@
+// A token goes once to each rank that holds any of its experts: its row in the payload
+// dtype, and beside it, in a metadata buffer, its K (local expert, weight) slots. Partial
+// sums are formed on the expert side, so the combine sends back one row per dispatched row.
+// A rank's rows for itself never pass through the transport: they are packed straight into
+// its receive buffer and their partial sums written straight among its returned rows.
+#include "token_exchange.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "layer_internal.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+
+using namespace layer_detail;
+
+Stream& TokenExchange::stream() const noexcept { return *parts_.workspace->stream; }
+
+std::optional<Error> TokenExchange::check_plan(const RoutingPlan& plan) const {
+  const std::int64_t T = plan.num_tokens;
+  const int K = plan.slots;
+  const int E = parts_.placement->num_experts();
+  if (K < 1 || plan.experts.size() != to_size(T * K) || plan.weights.size() != to_size(T * K)) {
+    return Error(ErrorCode::kInvalidArgument, "routing plan shape does not match " +
+                                                  std::to_string(T) + " tokens x " +
+                                                  std::to_string(K) + " slots");
+  }
+  const Device device = parts_.data_path->device();
+  if (plan.device() != device) {
+    return Error(ErrorCode::kInvalidArgument, "routing plan is in " + device_name(plan.device()) +
+                                                  " memory, the layer's data path runs on " +
+                                                  device_name(device));
+  }
+  // Expert ids are checked here when the host can read the plan; a device data path checks
+  // them in its layout.
+  if (!plan.experts.allocator().host_accessible()) return std::nullopt;
+  auto where = [&](std::size_t i) {
+    return "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
+           std::to_string(i % to_size(K));
+  };
+  for (std::size_t i = 0; i < plan.experts.size(); ++i) {
+    const std::int32_t e = plan.experts[i];
+    if (e < -1 || e >= E) {
+      return Error(ErrorCode::kInvalidArgument, where(i) + " has expert " + std::to_string(e) +
+                                                    ", outside 0.." + std::to_string(E - 1));
+    }
+    // A NaN or infinite weight would reach y through every expert row it scales.
+    if (e >= 0 && !std::isfinite(plan.weights[i])) {
+      const float w = plan.weights[i];
+      return Error(ErrorCode::kInvalidArgument, where(i) + " has weight " +
+                                                    (std::isnan(w) ? "NaN"
+                                                     : w > 0       ? "+Inf"
+                                                                   : "-Inf") +
+                                                    ", not a finite number");
+    }
+  }
+  return std::nullopt;
+}
+
+void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Error* local_error) {
+  failure_agreed_ = false;
+  std::optional<Error> plan_error;
+  if (local_error == nullptr) {
+    plan_error = check_plan(plan);
+    if (plan_error) local_error = &*plan_error;
+  }
+  LayerWorkspace& ws = *parts_.workspace;
+  const std::size_t R = ranks();
+  const auto n = static_cast<std::size_t>(chunks);
+  chunks_ = chunks;
+  num_tokens_ = local_error ? 0 : plan.num_tokens;
+  slots_ = plan.slots;
+  ws.rows_to_table.resize(R * n);
+  ws.rows_from_table.resize(R * n);
+  if (local_error == nullptr) {
+    // Per peer, its chunks' counts side by side: [R, chunks], one block per peer.
+    ws.chunk_counts.resize(R);
+    for (int c = 0; c < chunks; ++c) {
+      LayoutCountsArgs counts;
+      counts.experts = plan.experts.data() + first_token(c) * slots_;
+      counts.num_tokens = first_token(c + 1) - first_token(c);
+      counts.slots = slots_;
+      counts.placement = parts_.placement;
+      counts.rows_to = ws.chunk_counts.data();
+      parts_.data_path->layout_counts(counts, stream());
+      stream().synchronize();  // read on the host
+      for (std::size_t p = 0; p < R; ++p) {
+        ws.rows_to_table[p * n + static_cast<std::size_t>(c)] = ws.chunk_counts[p];
+      }
+    }
+  } else {
+    ws.rows_to_table.assign(R * n, -1);  // tells every peer that this rank failed
+  }
+  const std::size_t bytes = n * sizeof(std::int64_t);
+  if (parts_.data_path->device().kind == Device::Kind::kHost) {
+    parts_.transport->alltoall(ws.rows_to_table.data(), ws.rows_from_table.data(), bytes, stream());
+    stream().synchronize();  // the counts are read on the host
+  } else {
+    // Device rows: the counts are host (staging) memory, exchanged by the blocking form.
+    parts_.transport->alltoall(ws.rows_to_table.data(), ws.rows_from_table.data(), bytes);
+  }
+  // From here every rank of the group knows whether any rank failed: they all stop at
+  // this same point, and the group stays usable for the next step.
+  if (local_error != nullptr) {
+    failure_agreed_ = true;
+    throw *local_error;
+  }
+  for (std::size_t p = 0; p < R; ++p) {
+    if (ws.rows_from_table[p * n] < 0) {
+      failure_agreed_ = true;
+      throw Error(ErrorCode::kPeerFailed, "MoE dispatch: world rank " +
+                                              std::to_string(parts_.first_world_rank + p) +
+                                              " failed before dispatch and reports the cause");
+    }
+  }
+}
+
+void TokenExchange::stage(const TokenRange& tokens, int c, DispatchHandle& h) {
+  const LayerWorkspace& ws = *parts_.workspace;
+  const std::size_t R = ranks(), self = me();
+  const auto n = static_cast<std::size_t>(chunks_);
+  const std::int64_t H = parts_.hidden;
+  const int K = tokens.slots;
+  const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, H);
+  const std::size_t meta_bytes = to_size(K) * sizeof(SlotMeta);
+  h.use_memory(parts_.data_path->allocator(), parts_.data_path->staging_allocator());
+  h.hidden_ = H;
+  h.num_tokens_ = tokens.count;
+  h.slots_ = K;
+  h.payload_dtype_ = parts_.payload_dtype;
+  for (auto* b : {&h.rows_to_, &h.rows_from_, &h.rows_to_offset_, &h.rows_from_offset_})
+    b->resize(R);
+  std::int64_t S = 0, N = 0;
+  for (std::size_t p = 0; p < R; ++p) {
+    h.rows_to_[p] = ws.rows_to_table[p * n + static_cast<std::size_t>(c)];
+    h.rows_from_[p] = ws.rows_from_table[p * n + static_cast<std::size_t>(c)];
+    h.rows_to_offset_[p] = S;
+    h.rows_from_offset_[p] = N;
+    S += h.rows_to_[p];
+    N += h.rows_from_[p];
+  }
+  const std::int64_t self_rows = h.rows_to_[self];
+  peer_exchange(h.rows_to_, self, row_bytes, /*compact=*/true, h.send_bytes_, h.send_offsets_);
+  peer_exchange(h.rows_from_, self, row_bytes, /*compact=*/false, h.recv_bytes_, h.recv_offsets_);
+  peer_exchange(h.rows_to_, self, meta_bytes, /*compact=*/false, h.meta_send_bytes_,
+                h.meta_send_offsets_);
+  peer_exchange(h.rows_from_, self, meta_bytes, /*compact=*/false, h.meta_recv_bytes_,
+                h.meta_recv_offsets_);
+
+  h.send_row_token_.resize(to_size(S));
+  h.send_meta_.resize(to_size(S * K));
+  h.send_rows_.resize(to_size(S - self_rows) * row_bytes);
+  h.recv_rows_.resize(to_size(N) * row_bytes);
+  h.recv_meta_.resize(to_size(N * K));
+  LayoutArgs layout;
+  layout.experts = tokens.experts;
+  layout.weights = tokens.weights;
+  layout.num_tokens = tokens.count;
+  layout.slots = K;
+  layout.placement = parts_.placement;
+  layout.rows_to_offset = {h.rows_to_offset_.data(), R};
+  layout.send_row_token = h.send_row_token_.data();
+  layout.send_meta = h.send_meta_.data();
+  parts_.data_path->layout(layout, stream());
+  // One run per destination: the peers' into the send buffer, this rank's own in place.
+  h.pack_runs_.resize(R);
+  for (std::size_t p = 0; p < R; ++p) {
+    std::byte* rows = p == self
+                          ? h.recv_rows_.data() + to_size(h.rows_from_offset_[self]) * row_bytes
+                          : h.send_rows_.data() + h.send_offsets_[p];
+    h.pack_runs_[p] = {h.rows_to_offset_[p], h.rows_to_[p], rows};
+  }
+  PackArgs pack;
+  pack.x = tokens.x;
+  pack.hidden = H;
+  pack.send_row_token = h.send_row_token_.data();
+  pack.num_rows = S;
+  pack.dtype = parts_.payload_dtype;
+  parts_.data_path->pack_runs(pack, {h.pack_runs_.data(), R}, stream());
+  if (self_rows > 0) {
+    parts_.data_path->copy(h.recv_meta_.data() + h.rows_from_offset_[self] * K,
+                           h.send_meta_.data() + h.rows_to_offset_[self] * K,
+                           to_size(self_rows * K) * sizeof(SlotMeta), stream());
+  }
+}
+
+AlltoallvBuffers TokenExchange::row_buffers(DispatchHandle& h) const {
+  return {h.send_rows_.data(),       span_of(h.send_bytes_), span_of(h.send_offsets_),
+          h.recv_rows_.data(),       span_of(h.recv_bytes_), span_of(h.recv_offsets_),
+          parts_.data_path->device()};
+}
+
+AlltoallvBuffers TokenExchange::meta_buffers(DispatchHandle& h) const {
+  return {reinterpret_cast<const std::byte*>(h.send_meta_.data()),
+          span_of(h.meta_send_bytes_),
+          span_of(h.meta_send_offsets_),
+          reinterpret_cast<std::byte*>(h.recv_meta_.data()),
+          span_of(h.meta_recv_bytes_),
+          span_of(h.meta_recv_offsets_),
+          parts_.data_path->device()};
+}
+
+AlltoallvBuffers TokenExchange::back_buffers(DispatchHandle& h) const {
+  return {h.partial_at_,
+          span_of(h.back_send_bytes_),
+          span_of(h.back_send_offsets_),
+          h.combined_at_,
+          span_of(h.back_recv_bytes_),
+          span_of(h.back_recv_offsets_),
+          parts_.data_path->device()};
+}
+
+void TokenExchange::send_rows(DispatchHandle& h, Stream* on) {
+  Transport& transport = *parts_.transport;
+  if (on != nullptr) {
+    transport.alltoallv(row_buffers(h), *on);
+    transport.alltoallv(meta_buffers(h), *on);
+  } else {
+    transport.alltoallv(row_buffers(h));
+    transport.alltoallv(meta_buffers(h));
+  }
+}
+
+void TokenExchange::send_back(DispatchHandle& h, Stream* on) {
+  if (on != nullptr) {
+    parts_.transport->alltoallv(back_buffers(h), *on);
+  } else {
+    parts_.transport->alltoallv(back_buffers(h));
+  }
+}
+
+void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes) {
+  // Group the received rows per local expert (stable: source rank, then source token).
+  const std::int64_t H = parts_.hidden;
+  const int K = h.slots_;
+  const std::int64_t N =
+      static_cast<std::int64_t>(h.recv_meta_.size()) / static_cast<std::int64_t>(K ? K : 1);
+  const int L = parts_.placement->num_local(parts_.transport->rank());
+  h.rows_per_expert_.resize(static_cast<std::size_t>(L));
+  GroupCountArgs count;
+  count.meta = h.recv_meta_.data();
+  count.num_rows = N;
+  count.slots = K;
+  count.num_local_experts = L;
+  count.rows_per_expert = h.rows_per_expert_.data();
+  parts_.data_path->count_groups(count, stream());
+  std::int64_t A = 0;
+  for (int l = 0; l < L; ++l) A += h.rows_per_expert_[static_cast<std::size_t>(l)];
+  h.expert_input_.resize(to_size(A * H));
+  h.expert_output_.resize(to_size(A * H));
+  h.assignment_of_slot_.resize(to_size(N * K));
+  GroupArgs group;
+  group.rows = h.recv_rows_.data();
+  group.meta = h.recv_meta_.data();
+  group.num_rows = N;
+  group.slots = K;
+  group.hidden = H;
+  group.dtype = parts_.payload_dtype;
+  group.num_local_experts = L;
+  group.rows_per_expert = h.rows_per_expert_.data();
+  // Sized in f32 rows whatever the dtype: the combine may reuse them (place_partials).
+  group.expert_input = reinterpret_cast<std::byte*>(h.expert_input_.data());
+  group.expert_input_dtype = dtypes.input;
+  group.assignment_of_slot = h.assignment_of_slot_.data();
+  h.expert_input_dtype_ = dtypes.input;
+  // Its buffer holds f32 rows whatever the dtype, as the input's does.
+  h.expert_output_dtype_ = dtypes.output;
+  parts_.data_path->group_by_expert(group, stream());
+}
+
+void TokenExchange::place_partials(DispatchHandle& h, bool in_expert_buffers) {
+  const std::int64_t H = parts_.hidden;
+  const int K = h.slots_;
+  const std::int64_t N = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
+  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
+  const std::size_t self = me();
+  const std::size_t row_bytes = to_size(H) * dtype_size(parts_.combine_dtype);
+  // The partial sums of this rank's own rows go straight to their place among the
+  // returned rows; the partials buffer holds the others'.
+  const std::size_t partial_bytes = to_size(N - h.rows_from_[self]) * row_bytes;
+  const std::size_t combined_bytes = to_size(S) * row_bytes;
+  // In expert buffers: the expert input rows are dead once the experts ran, and hold both
+  // when they fit (A >= N rows of f32; the reduce reads the expert output rows meanwhile).
+  const std::size_t dead_bytes = in_expert_buffers ? h.expert_input_.size() * sizeof(float) : 0;
+  if (partial_bytes + combined_bytes <= dead_bytes) {
+    h.partial_at_ = reinterpret_cast<std::byte*>(h.expert_input_.data());
+    h.combined_at_ = h.partial_at_ + partial_bytes;
+  } else {
+    h.partial_rows_.resize(partial_bytes);
+    h.combined_rows_.resize(combined_bytes);
+    h.partial_at_ = h.partial_rows_.data();
+    h.combined_at_ = h.combined_rows_.data();
+  }
+  // Back to the token's rank: the dispatch counts reversed.
+  peer_exchange(h.rows_from_, self, row_bytes, /*compact=*/true, h.back_send_bytes_,
+                h.back_send_offsets_);
+  peer_exchange(h.rows_to_, self, row_bytes, /*compact=*/false, h.back_recv_bytes_,
+                h.back_recv_offsets_);
+}
+
+std::array<TokenExchange::PartialRows, 3> TokenExchange::partial_segments(
+    const DispatchHandle& h) const {
+  const std::size_t self = me();
+  const int K = h.slots_;
+  const std::int64_t N = static_cast<std::int64_t>(h.recv_meta_.size()) / (K ? K : 1);
+  const std::int64_t self_first = h.rows_from_offset_[self], self_rows = h.rows_from_[self];
+  const std::size_t row_bytes = to_size(parts_.hidden) * dtype_size(parts_.combine_dtype);
+  return {PartialRows{0, self_first, h.partial_at_},
+          PartialRows{self_first, self_rows,
+                      h.combined_at_ + to_size(h.rows_to_offset_[self]) * row_bytes},
+          PartialRows{self_first + self_rows, N - self_first - self_rows,
+                      h.partial_at_ + to_size(self_first) * row_bytes}};
+}
+
+void TokenExchange::reduce(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+                           bool in_expert_buffers, const SlotMeta* meta) {
+  if (meta == nullptr) meta = h.recv_meta_.data();
+  const std::int64_t H = parts_.hidden;
+  const int K = h.slots_;
+  const std::int64_t A = static_cast<std::int64_t>(h.expert_input_.size()) / H;
+  // Shapes are checked on every rank before anything is sent; a mismatch is a caller bug
+  // that would otherwise corrupt memory.
+  const Device device = parts_.data_path->device();
+  const DType output_dtype = expert_output.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32;
+  expert_output.require_on(device, "MoE combine expert_output", output_dtype, {A, H});
+  y.require_on(device, "MoE combine y", DType::kF32, {h.num_tokens_, H});
+  place_partials(h, in_expert_buffers);
+  for (const PartialRows& rows : partial_segments(h)) {
+    if (rows.count == 0) continue;
+    WeightedReduceArgs args;
+    args.expert_output = static_cast<const std::byte*>(expert_output.data());
+    args.expert_output_dtype = output_dtype;
+    args.meta = meta + rows.first * K;
+    args.assignment_of_slot = h.assignment_of_slot_.data() + rows.first * K;
+    args.num_rows = rows.count;
+    args.slots = K;
+    args.hidden = H;
+    args.combine_dtype = parts_.combine_dtype;
+    args.partial_rows = rows.out;
+    parts_.data_path->weighted_reduce(args, stream());
+  }
+}
+
+void TokenExchange::sum(DispatchHandle& h, float* y) {
+  // Rows arrive in (expert rank, token) order, so each token sums its partials in
+  // ascending rank order: the same on every transport.
+  UnpermuteSumArgs args;
+  args.combined_rows = h.combined_at_;
+  args.send_row_token = h.send_row_token_.data();
+  args.num_rows = static_cast<std::int64_t>(h.send_row_token_.size());
+  args.hidden = parts_.hidden;
+  args.combine_dtype = parts_.combine_dtype;
+  args.y = y;
+  args.num_tokens = h.num_tokens_;
+  parts_.data_path->unpermute_sum(args, stream());
+}
+
+void TokenExchange::return_slot_values(const DispatchHandle& h, const RoutingPlan& plan,
+                                       const float* per_slot, float* out) {
+  LayerWorkspace& ws = *parts_.workspace;
+  const int K = plan.slots;
+  const std::size_t self = me();
+  const std::size_t slot_bytes = to_size(K) * sizeof(float);
+  const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
+  ws.d_sent_weights.resize(to_size(S * K));
+  peer_exchange(h.rows_from_, self, slot_bytes, /*compact=*/false, ws.d_weight_send_bytes,
+                ws.d_weight_send_offsets);
+  peer_exchange(h.rows_to_, self, slot_bytes, /*compact=*/false, ws.d_weight_recv_bytes,
+                ws.d_weight_recv_offsets);
+  std::copy_n(per_slot + h.rows_from_offset_[self] * K, h.rows_from_[self] * K,
+              ws.d_sent_weights.data() + h.rows_to_offset_[self] * K);
+  parts_.transport->alltoallv(
+      {reinterpret_cast<const std::byte*>(per_slot), span_of(ws.d_weight_send_bytes),
+       span_of(ws.d_weight_send_offsets), reinterpret_cast<std::byte*>(ws.d_sent_weights.data()),
+       span_of(ws.d_weight_recv_bytes), span_of(ws.d_weight_recv_offsets), Device::host()},
+      stream());
+  stream().synchronize();
+  // A sent row's slots are its token's plan slots on the row's rank, in plan order.
+  std::fill_n(out, plan.num_tokens * K, 0.0f);
+  for (std::size_t rank = 0; rank < h.rows_to_.size(); ++rank) {
+    const std::int64_t first = h.rows_to_offset_[rank];
+    for (std::int64_t i = first; i < first + h.rows_to_[rank]; ++i) {
+      const std::int64_t t = h.send_row_token_[to_size(i)];
+      const std::int32_t* experts = plan.experts.data() + t * K;
+      int slot = 0;
+      for (int j = 0; j < K; ++j) {
+        if (experts[j] < 0 || parts_.placement->rank_of(experts[j]) != static_cast<int>(rank)) {
+          continue;
+        }
+        out[t * K + j] = ws.d_sent_weights[to_size(i * K + slot++)];
+      }
+    }
+  }
+}
+
+void TokenExchange::count_traffic() {
+  const LayerWorkspace& ws = *parts_.workspace;
+  const std::size_t R = ranks(), self = me(), n = static_cast<std::size_t>(chunks_);
+  std::int64_t rows_sent = 0, rows_received = 0;
+  for (std::size_t p = 0; p < R; ++p) {
+    if (p == self) continue;
+    for (std::size_t c = 0; c < n; ++c) {
+      rows_sent += ws.rows_to_table[p * n + c];
+      rows_received += ws.rows_from_table[p * n + c];
+    }
+  }
+  const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, parts_.hidden);
+  const std::size_t meta_bytes = to_size(slots_) * sizeof(SlotMeta);
+  const std::size_t back_bytes = to_size(parts_.hidden) * dtype_size(parts_.combine_dtype);
+  traffic_.rows_sent = rows_sent;
+  traffic_.dispatch_bytes = (R - 1) * n * sizeof(std::int64_t) +
+                            static_cast<std::uint64_t>(rows_sent) * (row_bytes + meta_bytes);
+  traffic_.combine_bytes = static_cast<std::uint64_t>(rows_received) * back_bytes;
+}
+
+}  // namespace switchyard

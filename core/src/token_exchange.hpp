@@ -1,0 +1,124 @@
+#pragma once
+// The exchange bookkeeping of one MoE layer, private to the core: the per-peer row counts
+// and the agreement, in their exchange, that some rank failed; the byte layouts of the rows,
+// their slots and the partial sums that come back; where each lives in a `DispatchHandle`;
+// grouping per local expert and the weighted reduce; and the traffic of a step. `MoELayer`
+// only orders these calls (with the experts between them); the data path does the work.
+#include <array>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <optional>
+
+#include "switchyard/data_path.hpp"
+#include "switchyard/layer.hpp"
+#include "switchyard/placement.hpp"
+#include "switchyard/transport.hpp"
+
+namespace switchyard {
+
+class TokenExchange {
+ public:
+  /// The layer's transport, data path, placement and dtypes; `workspace` holds the counts
+  /// table and the stream (shared by the layers of a rank, which run one at a time). All
+  /// are borrowed and outlive the exchange.
+  struct Parts {
+    Transport* transport = nullptr;
+    DataPath* data_path = nullptr;
+    LayerWorkspace* workspace = nullptr;
+    const ExpertPlacement* placement = nullptr;
+    std::int64_t hidden = 0;
+    PayloadDType payload_dtype = PayloadDType::kF32;
+    DType combine_dtype = DType::kF32;
+    int first_world_rank = 0;  // names peers by their world rank in errors
+  };
+  explicit TokenExchange(const Parts& parts) : parts_(parts) {}
+
+  /// Consecutive tokens of a step and their routing.
+  struct TokenRange {
+    const float* x = nullptr;               // [count, H]
+    const std::int32_t* experts = nullptr;  // [count, slots]
+    const float* weights = nullptr;         // [count, slots]
+    std::int64_t count = 0;
+    int slots = 0;
+  };
+
+  /// The first problem of a plan's shape, device, expert ids or weights; nothing if none.
+  std::optional<Error> check_plan(const RoutingPlan& plan) const;
+
+  /// Counts the rows each of `chunks` equal token ranges of `plan` sends to every peer and
+  /// exchanges all counts at once. That exchange also carries a failure: with `local_error`
+  /// (or a bad plan) this rank sends -1s and throws its error; a rank that receives -1s
+  /// throws `Error(kPeerFailed)`. Every rank throws at this same point, so the group
+  /// stays usable (`failure_agreed`). Collective.
+  void agree_counts(const RoutingPlan& plan, int chunks, const Error* local_error);
+  /// The first token of chunk c of the agreed step (c = chunks: its token count).
+  std::int64_t first_token(int c) const noexcept { return num_tokens_ * c / chunks_; }
+  /// True when the last `agree_counts` threw because some rank failed.
+  bool failure_agreed() const noexcept { return failure_agreed_; }
+
+  /// Readies h for chunk c of the agreed step: its counts, layout and packed rows (this
+  /// rank's own already in place in the receive buffer), receive buffers sized.
+  void stage(const TokenRange& tokens, int c, DispatchHandle& h);
+  /// The exchanges of a staged handle: its rows and their slots out, then (after `reduce`
+  /// or the fused experts filled the partial sums) the partial sums back. `stream` null:
+  /// the blocking forms (on a thread of their own).
+  void send_rows(DispatchHandle& h, Stream* stream);
+  void send_back(DispatchHandle& h, Stream* stream);
+
+  /// The dtypes of the expert rows (f32 or bf16).
+  struct ExpertRowDTypes {
+    DType input = DType::kF32;
+    DType output = DType::kF32;
+  };
+  /// Groups the received rows per local expert into `dtypes.input` rows and sizes the
+  /// expert output rows for `dtypes.output`.
+  void group(DispatchHandle& h, ExpertRowDTypes dtypes);
+
+  /// Received rows [first, first + count) whose partial sums go to `out`, contiguous.
+  struct PartialRows {
+    std::int64_t first = 0, count = 0;
+    std::byte* out = nullptr;
+  };
+  /// Where the partial sums and the returned rows of h go, and the combine's byte counts.
+  /// `in_expert_buffers` (the forward owns the expert rows): in the expert input rows,
+  /// dead by then, when they fit.
+  void place_partials(DispatchHandle& h, bool in_expert_buffers);
+  /// A placed handle's received rows in three runs: those before this rank's own, its own
+  /// (summed straight into the returned rows), those after.
+  std::array<PartialRows, 3> partial_segments(const DispatchHandle& h) const;
+  /// The weighted partial sums of the grouped `expert_output` [A,H] (f32 or bf16) with the
+  /// slots `meta` (null: the handle's own), placed as `place_partials` does. Checks the
+  /// shapes of expert_output and y [T,H] first.
+  void reduce(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
+              bool in_expert_buffers, const SlotMeta* meta = nullptr);
+  /// y [h's tokens, H] = the returned rows summed per token.
+  void sum(DispatchHandle& h, float* y);
+
+  /// Sends each (received row, slot)'s value `per_slot` [N,K] back to the token's rank
+  /// and writes it at the token's plan slot of `out` [T,K] (0 for slots of no expert).
+  void return_slot_values(const DispatchHandle& h, const RoutingPlan& plan, const float* per_slot,
+                          float* out);
+
+  /// The traffic of the agreed step to other ranks: the counts, rows and slots out, the
+  /// partial sums back.
+  void count_traffic();
+  const LayerTraffic& traffic() const noexcept { return traffic_; }
+
+ private:
+  Stream& stream() const noexcept;
+  AlltoallvBuffers row_buffers(DispatchHandle& h) const;
+  AlltoallvBuffers meta_buffers(DispatchHandle& h) const;
+  AlltoallvBuffers back_buffers(DispatchHandle& h) const;
+  std::size_t ranks() const noexcept { return static_cast<std::size_t>(parts_.transport->size()); }
+  std::size_t me() const noexcept { return static_cast<std::size_t>(parts_.transport->rank()); }
+
+  Parts parts_;
+  std::int64_t num_tokens_ = 0;
+  int slots_ = 0;
+  int chunks_ = 1;
+  bool failure_agreed_ = false;
+  LayerTraffic traffic_;
+};
+
+}  // namespace switchyard
