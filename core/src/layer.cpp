@@ -90,6 +90,9 @@ void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
   for (auto* b : {&send_rows_, &recv_rows_, &partial_rows_, &combined_rows_}) {
     *b = Buffer<std::byte>(device);
   }
+  for (auto* b : {&staged_send_, &staged_rows_, &staged_meta_, &staged_back_}) {
+    *b = Buffer<std::byte>(staging);
+  }
   send_meta_ = Buffer<SlotMeta>(device);
   recv_meta_ = Buffer<SlotMeta>(device);
   send_row_token_ = Buffer<std::int64_t>(device);
@@ -155,16 +158,13 @@ MoELayer::MoELayer(MoELayerParts parts)
                           "expert plugin \"" + parts_.experts->name() + "\"",
                           "the expert input rows");
   const TransportCapabilities transport = parts_.transport->capabilities();
-  if (!(device.kind == Device::Kind::kHost ? transport.host_memory : transport.device_memory)) {
-    throw Error(ErrorCode::kInvalidArgument,
-                "MoELayer: transport plugin \"" + parts_.transport->name() + "\" does not take " +
-                    device_name(device) + " memory, where the layer's data path puts its rows");
-  }
-  if (device.kind != Device::Kind::kHost && !transport.host_memory) {
-    // The per-peer counts are exchanged in host memory, where the host reads them.
+  // The per-peer counts are exchanged in host memory, where the host reads them; a device
+  // data path's rows go through host staging memory when the transport takes no device
+  // memory (several ranks on one GPU over inproc, MPI or UCX).
+  if (!transport.host_memory) {
     throw Error(ErrorCode::kInvalidArgument,
                 "MoELayer: transport plugin \"" + parts_.transport->name() +
-                    "\" must also take host memory, for the per-peer counts");
+                    "\" must take host memory, for the per-peer counts");
   }
   if (parts_.chunks < 1) {
     throw Error(ErrorCode::kInvalidArgument,
@@ -309,7 +309,7 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
   timings_.layout_s = seconds_since(start);
   start = Clock::now();
   exchange_->send_rows(handle, &stream());
-  host_ready();  // the host data path reads what arrived
+  data_path_ready();  // the host data path reads what arrived
   timings_.dispatch_s += seconds_since(start);
   start = Clock::now();
   exchange_->group(handle, {});
@@ -325,8 +325,9 @@ void MoELayer::combine_with(DispatchHandle& h, const TensorView& expert_output, 
   const auto start = Clock::now();
   exchange_->reduce(h, expert_output, y, /*in_expert_buffers=*/false, meta);
   exchange_->send_back(h, &stream());
-  host_ready();
+  data_path_ready();
   exchange_->sum(h, y.data_as<float>());
+  host_ready();  // returns when y is written
   timings_.combine_s = seconds_since(start);
 }
 
@@ -347,7 +348,7 @@ void MoELayer::run_grouped_experts(DispatchHandle& h, bool save) {
   }
   if (!expert_caps_.execution.stream_ordered) host_ready();
   parts_.experts->forward(batch, *workspace_->stream);
-  host_ready();
+  data_path_ready();
 }
 
 void MoELayer::run_fused_experts(DispatchHandle& h) {
@@ -368,7 +369,7 @@ void MoELayer::run_fused_experts(DispatchHandle& h) {
     batch.partials = rows.out;
     parts_.experts->forward_weighted(batch, *workspace_->stream);
   }
-  host_ready();
+  data_path_ready();
 }
 
 void MoELayer::run_shared_expert(const TensorView& x) {

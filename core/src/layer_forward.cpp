@@ -131,7 +131,7 @@ void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, co
     if (threaded) {
       done->synchronize();
     } else {
-      host_ready();  // the host reads what arrived
+      data_path_ready();  // the host data path reads what arrived
     }
     if (task.error) std::rethrow_exception(std::exchange(task.error, nullptr));
   };
@@ -203,6 +203,8 @@ void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, co
     throw;
   }
   if (parts_.shared_expert) add_shared_expert(y);
+  // Returns when y is written: a device data path's last sum may still be queued.
+  host_ready();
 }
 
 std::optional<Error> first_non_finite(const TensorView& m, std::string_view what) {

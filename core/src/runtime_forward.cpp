@@ -26,8 +26,11 @@ void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool worl
                              int index) {
   check_layer(index, "forward");
   const std::int64_t H = model(index).hidden();
-  x.require("input tokens", DType::kF32, {-1, H});
-  y.require("output", DType::kF32, {x.dim(0), H});
+  // Host tensors, or tensors on the layers' device, which the layers take as they are.
+  const Device device = layer(0, index).data_path().device();
+  x.require_on(x.device() == device ? device : Device::host(), "input tokens", DType::kF32,
+               {-1, H});
+  y.require_on(x.device(), "output", DType::kF32, {x.dim(0), H});
   const auto* x_begin = x.data_as<const float>();
   const auto* y_begin = y.data_as<const float>();
   if (x.numel() > 0 && x_begin < y_begin + y.numel() && y_begin < x_begin + x.numel()) {
@@ -35,6 +38,9 @@ void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool worl
                 "output: shares memory with the input tokens (the layer reads every token "
                 "after it starts writing results; give y memory of its own)");
   }
+  // Each local rank's staging buffers for host tokens on a device layer, made before the
+  // ranks' threads use them.
+  if (x.device() != device) state_->device_rows.resize(static_cast<std::size_t>(num_local_ranks()));
   run_blocks(x.dim(0), world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
     forward_block(local, index, rows(x, first, count), rows(y, first, count));
   });
@@ -176,9 +182,7 @@ void Runtime::forward_block(int local, int index, const TensorView& x, const Ten
     return;
   }
   // Host tokens, device layer: through device buffers of this rank (grown once).
-  auto& staged = state_->device_rows;
-  staged.resize(static_cast<std::size_t>(num_local_ranks()));
-  auto& d = staged[static_cast<std::size_t>(local)];
+  auto& d = state_->device_rows.at(static_cast<std::size_t>(local));
   if (!d) {
     d = std::make_unique<State::DeviceRows>();
     d->x = Buffer<float>(path.allocator());

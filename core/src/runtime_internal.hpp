@@ -62,7 +62,8 @@ namespace runtime_detail {
 
 /// Rows [first, first + count) of a contiguous f32 [T,H] matrix.
 inline TensorView rows(const TensorView& m, std::int64_t first, std::int64_t count) {
-  return TensorView(m.data_as<float>() + first * m.dim(1), DType::kF32, {count, m.dim(1)});
+  return TensorView(m.data_as<float>() + first * m.dim(1), DType::kF32, {count, m.dim(1)},
+                    m.device());
 }
 
 /// into += from, both f32 [T,H] (contiguous).

@@ -84,8 +84,7 @@ void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Erro
       counts.slots = slots_;
       counts.placement = parts_.placement;
       counts.rows_to = ws.chunk_counts.data();
-      parts_.data_path->layout_counts(counts, stream());
-      stream().synchronize();  // read on the host
+      parts_.data_path->layout_counts(counts, stream());  // written when it returns
       for (std::size_t p = 0; p < R; ++p) {
         ws.rows_to_table[p * n + static_cast<std::size_t>(c)] = ws.chunk_counts[p];
       }
@@ -212,9 +211,64 @@ AlltoallvBuffers TokenExchange::back_buffers(DispatchHandle& h) const {
           parts_.data_path->device()};
 }
 
+bool TokenExchange::staged() const noexcept {
+  return parts_.data_path->device().kind != Device::Kind::kHost &&
+         !parts_.transport->capabilities().device_memory;
+}
+
+namespace {
+
+/// Bytes from the start of an exchange buffer to the end of its last part.
+std::size_t exchange_extent(std::span<const std::size_t> counts,
+                            std::span<const std::size_t> offsets) {
+  std::size_t end = 0;
+  for (std::size_t p = 0; p < counts.size(); ++p) {
+    if (counts[p] != 0) end = std::max(end, offsets[p] + counts[p]);
+  }
+  return end;
+}
+
+}  // namespace
+
+void TokenExchange::send_staged(std::span<const AlltoallvBuffers> exchanges,
+                                std::span<Buffer<std::byte>* const> received, DispatchHandle& h) {
+  // What the device packed goes to host memory (one wait for all of it), the host
+  // transport moves it, and the peers' parts go back to the device behind the stream's
+  // later work. Nothing of this rank's own rows moves: the data path wrote them in place.
+  std::size_t send_bytes = 0;
+  for (const AlltoallvBuffers& b : exchanges)
+    send_bytes += exchange_extent(b.send_counts, b.send_offsets);
+  h.staged_send_.resize(send_bytes);
+  std::size_t at = 0;
+  for (const AlltoallvBuffers& b : exchanges) {
+    const std::size_t bytes = exchange_extent(b.send_counts, b.send_offsets);
+    if (bytes != 0) parts_.data_path->copy(h.staged_send_.data() + at, b.send, bytes, stream());
+    at += bytes;
+  }
+  stream().synchronize();
+  at = 0;
+  for (std::size_t i = 0; i < exchanges.size(); ++i) {
+    const AlltoallvBuffers& b = exchanges[i];
+    Buffer<std::byte>& recv = *received[i];
+    recv.resize(exchange_extent(b.recv_counts, b.recv_offsets));
+    parts_.transport->alltoallv({h.staged_send_.data() + at, b.send_counts, b.send_offsets,
+                                 recv.data(), b.recv_counts, b.recv_offsets, Device::host()});
+    at += exchange_extent(b.send_counts, b.send_offsets);
+    for (std::size_t p = 0; p < b.recv_counts.size(); ++p) {
+      if (p == me() || b.recv_counts[p] == 0) continue;
+      parts_.data_path->copy(b.recv + b.recv_offsets[p], recv.data() + b.recv_offsets[p],
+                             b.recv_counts[p], stream());
+    }
+  }
+}
+
 void TokenExchange::send_rows(DispatchHandle& h, Stream* on) {
   Transport& transport = *parts_.transport;
-  if (on != nullptr) {
+  if (staged()) {
+    const std::array<AlltoallvBuffers, 2> exchanges{row_buffers(h), meta_buffers(h)};
+    const std::array<Buffer<std::byte>*, 2> received{&h.staged_rows_, &h.staged_meta_};
+    send_staged(exchanges, received, h);
+  } else if (on != nullptr) {
     transport.alltoallv(row_buffers(h), *on);
     transport.alltoallv(meta_buffers(h), *on);
   } else {
@@ -224,7 +278,11 @@ void TokenExchange::send_rows(DispatchHandle& h, Stream* on) {
 }
 
 void TokenExchange::send_back(DispatchHandle& h, Stream* on) {
-  if (on != nullptr) {
+  if (staged()) {
+    const std::array<AlltoallvBuffers, 1> exchanges{back_buffers(h)};
+    const std::array<Buffer<std::byte>*, 1> received{&h.staged_back_};
+    send_staged(exchanges, received, h);
+  } else if (on != nullptr) {
     parts_.transport->alltoallv(back_buffers(h), *on);
   } else {
     parts_.transport->alltoallv(back_buffers(h));

@@ -9,6 +9,7 @@
 #include <exception>
 #include <memory>
 #include <optional>
+#include <span>
 
 #include "switchyard/data_path.hpp"
 #include "switchyard/layer.hpp"
@@ -62,7 +63,10 @@ class TokenExchange {
   void stage(const TokenRange& tokens, int c, DispatchHandle& h);
   /// The exchanges of a staged handle: its rows and their slots out, then (after `reduce`
   /// or the fused experts filled the partial sums) the partial sums back. `stream` null:
-  /// the blocking forms (on a thread of their own).
+  /// the blocking forms (on a thread of their own). A device data path over a transport
+  /// of host memory only goes through host staging memory (`staged()`): the host waits for
+  /// the device's rows, the transport's blocking form moves them, and the copies back to
+  /// the device are queued on the layer's stream.
   void send_rows(DispatchHandle& h, Stream* stream);
   void send_back(DispatchHandle& h, Stream* stream);
 
@@ -107,6 +111,12 @@ class TokenExchange {
 
  private:
   Stream& stream() const noexcept;
+  /// True when the rows go through host staging memory (see `send_rows`).
+  bool staged() const noexcept;
+  /// The exchanges `exchanges` of device buffers through host memory, each receiving into
+  /// `received[i]` (host, sized here) before its peers' parts are copied to the device.
+  void send_staged(std::span<const AlltoallvBuffers> exchanges,
+                   std::span<Buffer<std::byte>* const> received, DispatchHandle& h);
   AlltoallvBuffers row_buffers(DispatchHandle& h) const;
   AlltoallvBuffers meta_buffers(DispatchHandle& h) const;
   AlltoallvBuffers back_buffers(DispatchHandle& h) const;

@@ -571,6 +571,75 @@ TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
   }
 }
 
+namespace {
+
+/// A function the pretend data path plugin exports (tests/fixtures/plugins), loaded.
+long pretend_counter(const char* symbol) {
+  void* library = dlopen(SWITCHYARD_FIXTURE_PLUGIN_DIR "/libswitchyard-datapath-pretend_cuda.so",
+                         RTLD_NOW | RTLD_NOLOAD);
+  REQUIRE(library != nullptr);
+  auto counter = reinterpret_cast<long (*)()>(dlsym(library, symbol));
+  REQUIRE(reinterpret_cast<void*>(counter) != nullptr);
+  const long value = counter();
+  dlclose(library);
+  return value;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "several ranks on one pretend device: the device data path over inproc gives the host "
+    "path's bytes") {
+  // The pretend device's streams run their work later, on a thread of their own, so a host
+  // read that does not wait for the stream reads stale bytes. Its rows go between the ranks
+  // through host staging memory (inproc takes no device memory). Both runs use the same
+  // expert arithmetic (pretend_swiglu takes either memory), so y is the same bytes.
+  struct Case {
+    int ranks, ep;
+  };
+  for (const Case& k : {Case{1, 1}, Case{2, 2}, Case{3, 3}, Case{4, 4}, Case{4, 2}}) {
+    for (const std::string payload : {"f32", "bf16", "fp8"}) {
+      CAPTURE(k.ranks);
+      CAPTURE(k.ep);
+      CAPTURE(payload);
+      Config host = base_config(k.ranks, 8, 3);
+      host.set("runtime", "ep_size", std::int64_t{k.ep});
+      host.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+      host.set("runtime", "payload_dtype", payload);
+      host.set("experts", "kernel", std::string("pretend_swiglu"));
+      Config device = host;
+      device.set("runtime", "data_path", std::string("pretend_cuda"));
+      Runtime on_host(host);
+      Runtime on_device(device);
+      for (std::int64_t tokens : {53, 7}) {  // the second step reuses the buffers
+        HostTensor x = synthetic_tokens(tokens, 24, static_cast<std::uint64_t>(tokens));
+        HostTensor expected(DType::kF32, {tokens, 24});
+        on_host.forward(x.view(), expected.view());
+        // Host tokens staged through device buffers, and device tokens as they are.
+        HostTensor staged(DType::kF32, {tokens, 24});
+        std::fill(staged.data<float>(), staged.data<float>() + staged.numel(), std::nanf(""));
+        on_device.forward(x.view(), staged.view());
+        CHECK(std::memcmp(staged.data<float>(), expected.data<float>(), staged.size_bytes()) == 0);
+        HostTensor y(DType::kF32, {tokens, 24});
+        std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+        const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
+        on_device.forward(TensorView(x.data<float>(), DType::kF32, {tokens, 24}, Device::cuda(0)),
+                          TensorView(y.data<float>(), DType::kF32, {tokens, 24}, Device::cuda(0)));
+        // Read as soon as forward returns: it returns when y is written.
+        CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+        const double waits_per_rank =
+            static_cast<double>(pretend_counter("switchyard_fixture_stream_waits") - waits_before) /
+            k.ranks;
+        // Today's waits, each rank: the routing (its statistics), the rows per destination,
+        // the rows out through host memory, the rows per expert, before the host-synchronous
+        // experts, the partial sums back through host memory, and y written. With a
+        // stream-ordered transport and kernel three of them go.
+        CHECK(waits_per_rank <= 7);
+      }
+    }
+  }
+}
+
 TEST_CASE("chunks: the pipelined forward gives the unchunked result for every payload") {
   struct Case {
     const char* payload;

@@ -8,7 +8,11 @@
 ///
 /// Every pointer below lives on the data path's `device()` unless it says "host". Each
 /// function is ordered on `stream`; the host implementation is host-synchronous (done when
-/// it returns).
+/// it returns). A function that writes host memory (`layout_counts`' rows per destination,
+/// `count_groups`' rows per expert) has written it when it returns: it waits for the stream,
+/// and the caller reads the result without waiting again. Host memory a function reads
+/// (`LayoutArgs::rows_to_offset`, `GroupArgs::rows_per_expert`) is read when it is called
+/// or stays untouched until the stream has passed the call.
 
 #include <cstddef>
 #include <cstdint>
@@ -99,8 +103,9 @@ struct GroupArgs {
   int slots = 0;                    ///< K
   std::int64_t hidden = 0;
   PayloadDType dtype = PayloadDType::kF32;
-  int num_local_experts = 0;                ///< L
-  std::int64_t* rows_per_expert = nullptr;  ///< host [L], written
+  int num_local_experts = 0;  ///< L
+  /// host [L], read when the call is made: `count_groups`' result
+  const std::int64_t* rows_per_expert = nullptr;
   /// [A,H] in `expert_input_dtype`, written (A = sum of rows_per_expert).
   std::byte* expert_input = nullptr;
   std::int64_t* assignment_of_slot = nullptr;  ///< [N,K], written: row in expert_input or -1

@@ -91,6 +91,10 @@ class DispatchHandle {
   Buffer<std::byte> partial_rows_, combined_rows_;
   std::byte* partial_at_ = nullptr;
   std::byte* combined_at_ = nullptr;
+  // Host staging of the exchanges when the data path is a device's and the transport takes
+  // host memory only: what this rank sends, and what it receives of the rows, their slots
+  // and the partial sums (apart, as their copies to the device may still be queued).
+  Buffer<std::byte> staged_send_, staged_rows_, staged_meta_, staged_back_;
 };
 
 /// The step buffers of a rank's layers: the stream they run on, the step's counts, the
@@ -315,6 +319,12 @@ class MoELayer {
                          const TensorView& outputs);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
   void host_ready() { stream().synchronize(); }
+  /// Waits for the stream where the next data-path call runs on the host at once (the host
+  /// data path is host-synchronous); a device data path's calls queue behind the stream's
+  /// work, and nothing waits.
+  void data_path_ready() {
+    if (data_path_->device().kind == Device::Kind::kHost) host_ready();
+  }
   /// A host router behind a device data path: logits copied to the host, routed there,
   /// the plan copied to the device.
   void route_through_host(const TensorView& logits, RoutingPlan& plan);

@@ -171,6 +171,8 @@ class Runtime {
   /// writes its rows of y [T,H]. When the router balances by bias
   /// (`updates_from_counts`), the kept counts are then summed over each EP group and every
   /// rank updates its router with the same sums, so the bias stays identical on all ranks.
+  /// x and y are host tensors, or both on the device of the data path (`[runtime]
+  /// data_path`), which the layers take as they are; returns when y is written.
   void forward(const TensorView& x, const TensorView& y, int layer = 0);
   /// The whole model over global tokens x [T,H]: every MoE layer in order, the output of
   /// layer l the input of layer l+1, into y [T,H] (as `forward` per layer); with
