@@ -41,10 +41,12 @@ std::pair<test::CommandResult, double> timed(const std::string& command) {
 /// Runs `switchyard` + `common_args` + an output path for inproc (runtime.ranks), mpi
 /// (mpirun) and ucx (launch) with `world` ranks; each must pass its --check, the three
 /// outputs must be the same bytes, and (when given) agree with `expected`, the layer
-/// computed by NumPy in float64 from the same checkpoint, within 1e-5 relative.
+/// computed by NumPy in float64 from the same checkpoint, within 1e-5 relative, and be
+/// `expected_bytes` (an .npy file's).
 void expect_same_bits_on_every_backend(const std::filesystem::path& dir,
                                        const std::string& common_args, int world,
-                                       const std::filesystem::path& expected = {}) {
+                                       const std::filesystem::path& expected = {},
+                                       const std::string& expected_bytes = {}) {
   const std::string n = std::to_string(world);
   const auto y_inproc = dir / "y_inproc.npy", y_mpi = dir / "y_mpi.npy", y_ucx = dir / "y_ucx.npy";
   const auto inproc =
@@ -65,6 +67,7 @@ void expect_same_bits_on_every_backend(const std::filesystem::path& dir,
   }
   CHECK(a == read_file(y_mpi));
   CHECK(a == read_file(y_ucx));
+  if (!expected_bytes.empty()) CHECK(a == expected_bytes);
   for (const auto& y : {y_inproc, y_mpi, y_ucx}) std::filesystem::remove(y);
 }
 
@@ -130,6 +133,36 @@ TEST_CASE(
                                        " --check --set runtime.timeout_s=60 --set "
                                        "runtime.overlap=false --set output.path=";
   expect_same_bits_on_every_backend(dir.path(), inline_exchanges, 3);
+}
+
+TEST_CASE(
+    "a pretend device under mpirun and launch: rows through host memory, the host path's "
+    "bits") {
+  // tests/fixtures/plugins/pretend_device.cpp: host memory labelled cuda:0 whose streams
+  // run their work later on a thread of their own. MPI and UCX take no device memory, so
+  // the rows, their slots and the partial sums go through host staging memory. The same
+  // experts (pretend_swiglu) on the host data path give the expected bytes.
+  test::TempDir dir;
+  test::write_text(dir / "model.toml",
+                   "[runtime]\nplugin_dirs = [\"" SWITCHYARD_FIXTURE_PLUGIN_DIR
+                   "\"]\n[experts]\nkernel = \"pretend_swiglu\"\n[router]\ntop_k = 3\n"
+                   "[model]\nnum_experts = 6\nhidden = 16\nffn_hidden = 24\n[input]\n"
+                   "num_tokens = 31\n");
+  for (const std::string payload : {"f32", "bf16", "fp8"}) {
+    CAPTURE(payload);
+    const std::string flags = " run " + (dir / "model.toml").string() +
+                              " --check --set check.tolerance=0.1 --set runtime.timeout_s=60 "
+                              "--set runtime.payload_dtype=" +
+                              payload;
+    const auto host_y = dir / "y_host.npy";
+    const auto host = test::run_command(
+        kTool + flags + " --set runtime.ranks=3 --set output.path=" + host_y.string());
+    INFO(host.output);
+    REQUIRE(host.exit_code == 0);
+    expect_same_bits_on_every_backend(
+        dir.path(), flags + " --set runtime.data_path=pretend_cuda --set output.path=", 3, {},
+        read_file(host_y));
+  }
 }
 
 TEST_CASE("bias balancing under mpirun and launch: skewed experts even out, same bias everywhere") {
