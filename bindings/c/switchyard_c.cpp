@@ -89,6 +89,16 @@ switchyard::TensorView matrix(const DLTensor* t, const char* what, std::int64_t 
   return view;
 }
 
+/// A float32 matrix [T,H] from a DLTensor in host memory or on the device of `runtime`'s
+/// data path (the runtime's forward checks which), named `what` in errors.
+switchyard::TensorView matrix_on_any_device(const DLTensor* t, const char* what,
+                                            std::int64_t hidden) {
+  require(t != nullptr, "a tensor argument is NULL");
+  switchyard::TensorView view = switchyard::from_dlpack(*t);
+  view.require_on(view.device(), what, switchyard::DType::kF32, {-1, hidden});
+  return view;
+}
+
 /// The index of `which` of `expert` among the model's tensors (gate, then gate, up, down
 /// of each expert), checked.
 std::size_t tensor_index(const switchyard_runtime* runtime, int which, int expert) {
@@ -190,8 +200,8 @@ switchyard_status switchyard_forward_layer(switchyard_runtime* runtime, int laye
   return guarded([&] {
     require(runtime != nullptr, "runtime must not be NULL");
     const std::int64_t H = runtime->runtime->model().hidden();
-    const switchyard::TensorView in = matrix(x, "input x", H);
-    const switchyard::TensorView out = matrix(y, "output y", H);
+    const switchyard::TensorView in = matrix_on_any_device(x, "input x", H);
+    const switchyard::TensorView out = matrix_on_any_device(y, "output y", H);
     runtime->runtime->forward_local_tokens(in, out, layer);
   });
 }

@@ -187,6 +187,61 @@ static void check_layers(void) {
   switchyard_runtime_destroy(runtime);
 }
 
+/* Tokens on a device: a pretend CUDA device (tests/fixtures/plugins, host memory that says
+ * it is cuda:0) takes x and y as kDLCUDA tensors, as they are, and gives the bytes of the
+ * host data path with the same experts; a tensor on another device is refused. */
+static void check_device_tensors(void) {
+  const char* config = "[runtime]\nranks = 2\nplugin_dirs = [\"" SWITCHYARD_FIXTURE_PLUGIN_DIR
+                       "\"]\n[experts]\nkernel = \"pretend_swiglu\"\n[router]\ntop_k = 2\n[model]\n"
+                       "num_experts = 4\nhidden = 8\nffn_hidden = 16\n";
+  const char* on_device[] = {"runtime.data_path=pretend_cuda"};
+  switchyard_runtime *host = NULL, *device = NULL;
+  enum { T = 11, H = 8 };
+  float x[T * H], expected[T * H], y[T * H];
+  int64_t shape[2] = {T, H};
+  DLTensor xt, yt, et;
+  int i = 0;
+  CHECK(switchyard_runtime_create_from_string(config, "host.toml", NULL, 0, &host) ==
+        SWITCHYARD_OK);
+  CHECK(switchyard_runtime_create_from_string(config, "device.toml", on_device, 1, &device) ==
+        SWITCHYARD_OK);
+  if (host == NULL || device == NULL) return;
+  for (i = 0; i < T * H; ++i) {
+    x[i] = (float)sin(0.53 * (double)i);
+    y[i] = NAN;
+  }
+  xt = matrix(x, shape);
+  et = matrix(expected, shape);
+  CHECK(switchyard_forward(host, &xt, &et) == SWITCHYARD_OK);
+  yt = matrix(y, shape);
+  xt.device.device_type = kDLCUDA;
+  yt.device.device_type = kDLCUDA;
+  CHECK(switchyard_forward(device, &xt, &yt) == SWITCHYARD_OK);
+  CHECK(memcmp(y, expected, sizeof y) == 0);
+  /* Host tensors on the device runtime: staged, the same bytes. */
+  xt.device.device_type = kDLCPU;
+  yt.device.device_type = kDLCPU;
+  memset(y, 0, sizeof y);
+  CHECK(switchyard_forward(device, &xt, &yt) == SWITCHYARD_OK);
+  CHECK(memcmp(y, expected, sizeof y) == 0);
+  /* x on the device, y on the host; then both on another device. */
+  xt.device.device_type = kDLCUDA;
+  CHECK(switchyard_forward(device, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+  CHECK(strstr(switchyard_last_error(),
+               "output: expected f32[11,8] contiguous device tensor (cuda:0)") != NULL);
+  yt.device.device_type = kDLCUDA;
+  xt.device.device_id = 1;
+  yt.device.device_id = 1;
+  CHECK(switchyard_forward(device, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+  CHECK(strstr(switchyard_last_error(),
+               "input tokens: expected f32[*,8] contiguous host tensor, "
+               "got f32[11,8] on cuda:1") != NULL);
+  /* A device tensor on the host runtime. */
+  CHECK(switchyard_forward(host, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+  switchyard_runtime_destroy(device);
+  switchyard_runtime_destroy(host);
+}
+
 int main(void) {
   const char* config =
       "[runtime]\nranks = 2\n[router]\ntop_k = 2\n[model]\nnum_experts = 4\nhidden = 8\n"
@@ -393,6 +448,7 @@ int main(void) {
   switchyard_runtime_destroy(runtime);
   switchyard_runtime_destroy(NULL);
   check_layers();
+  check_device_tensors();
   check_training();
   if (failures == 0) printf("c_api_test: all checks passed (max difference %.3g)\n", difference);
   return failures == 0 ? 0 : 1;

@@ -107,9 +107,11 @@ switchyard_runtime_num_experts(const switchyard_runtime* runtime, int* out);
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_runtime_num_layers(const switchyard_runtime* runtime, int* out);
 
-/* The MoE layer on this process's tokens x [T,H] float32, writing y [T,H] float32 (host
- * memory; y may not alias x). Each rank this process hosts takes its block of the T rows:
- * with one rank per process (mpirun, switchyard launch) x is that rank's own tokens.
+/* The MoE layer on this process's tokens x [T,H] float32, writing y [T,H] float32 (y may
+ * not alias x). x and y are both host memory (kDLCPU), or both on the device of the
+ * runtime's data path ([runtime] data_path, e.g. kDLCUDA), which the layers take as they
+ * are. Returns when y is written. Each rank this process hosts takes its block of the T
+ * rows: with one rank per process (mpirun, switchyard launch) x is that rank's own tokens.
  * Collective. */
 SWITCHYARD_C_EXPORT switchyard_status switchyard_forward(switchyard_runtime* runtime,
                                                          const DLTensor* x, DLTensor* y);
