@@ -199,6 +199,14 @@ class PyRuntime {
     }
     const py::sequence pair = plan;
     if (pair.size() != 2) invalid("plan: expected (experts, weights), e.g. what route() returns");
+    // Its parts are NumPy views of the received rows, which a device data path keeps on
+    // its device.
+    if (layer >= 0 && layer < runtime_->num_layers() &&
+        runtime_->layer(0, layer).data_path().device().kind != switchyard::Device::Kind::kHost) {
+      throw Error(ErrorCode::kUnavailable,
+                  "dispatch from Python needs the host data path ([runtime] data_path = "
+                  "\"host\"): its parts are NumPy arrays");
+    }
     const TensorArgument in(x, "input x");
     const TensorArgument experts(pair[0], "experts");
     const TensorArgument weights(pair[1], "weights");

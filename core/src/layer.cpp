@@ -313,6 +313,7 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
   timings_.dispatch_s += seconds_since(start);
   start = Clock::now();
   exchange_->group(handle, {});
+  host_ready();  // returns when the grouped rows are written
   timings_.layout_s += seconds_since(start);
 }
 

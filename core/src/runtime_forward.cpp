@@ -17,6 +17,7 @@
 #include "switchyard/memory_budget.hpp"
 #include "switchyard/reference.hpp"
 #include "switchyard/status.hpp"
+#include "token_exchange.hpp"
 
 namespace switchyard {
 
@@ -100,19 +101,13 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
   const std::int64_t H = model(index).hidden();
   dispatched.combinable = false;
   dispatched.layer = index;
-  x.require("input x", DType::kF32, {-1, H});
+  const Device device = layer(0, index).data_path().device();
+  x.require_on(x.device() == device ? device : Device::host(), "input x", DType::kF32, {-1, H});
   const std::int64_t T = x.dim(0);
   experts.require_strided("experts", DType::kI32, {T, -1});
   const std::int64_t K = experts.dim(1);
   weights.require_strided("weights", DType::kF32, {T, K});
   if (K < 1) throw Error(ErrorCode::kInvalidArgument, "experts: needs at least one slot per token");
-  for (int local = 0; local < num_local_ranks(); ++local) {
-    if (layer(local, index).data_path().device().kind != Device::Kind::kHost) {
-      throw Error(ErrorCode::kUnavailable,
-                  "dispatch and combine need the host data path ([runtime] data_path = "
-                  "\"host\"); a device data path runs the whole layer with forward");
-    }
-  }
   dispatched.parts.resize(static_cast<std::size_t>(num_local_ranks()));
   dispatched.num_tokens = T;
   run_blocks(T, /*world_blocks=*/false, index,
@@ -139,8 +134,40 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
                  }
                }
                const TensorView block = rows(x, first, count);
-               const std::optional<Error> bad_token = first_non_finite(block, "input x");
-               l.dispatch(block, plan, part.handle, bad_token ? &*bad_token : nullptr);
+               // Tokens on the device are not read by the host: a NaN there reaches y.
+               std::optional<Error> refused;
+               if (block.device().kind == Device::Kind::kHost) {
+                 refused = first_non_finite(block, "input x");
+               }
+               if (device.kind == Device::Kind::kHost) {
+                 l.dispatch(block, plan, part.handle, refused ? &*refused : nullptr);
+                 return;
+               }
+               // A device data path takes the plan (checked here, where the host can read
+               // it) and host tokens in its own memory.
+               if (!refused) refused = check_routing_plan_values(plan, model(index).num_experts());
+               DataPath& path = l.data_path();
+               if (part.device_plan.device() != device) {
+                 part.device_plan = RoutingPlan(path.allocator());
+                 part.staged_rows = Buffer<float>(path.allocator());
+               }
+               RoutingPlan& on_device = part.device_plan;
+               on_device.num_tokens = count;
+               on_device.slots = static_cast<int>(K);
+               on_device.experts.resize(plan.experts.size());
+               on_device.weights.resize(plan.weights.size());
+               path.copy(on_device.experts.data(), plan.experts.data(),
+                         plan.experts.size() * sizeof(std::int32_t), l.stream());
+               path.copy(on_device.weights.data(), plan.weights.data(),
+                         plan.weights.size() * sizeof(float), l.stream());
+               TensorView tokens = block;
+               if (block.device() != device) {
+                 part.staged_rows.resize(static_cast<std::size_t>(count * H));
+                 path.copy(part.staged_rows.data(), block.data(),
+                           static_cast<std::size_t>(count * H) * sizeof(float), l.stream());
+                 tokens = TensorView(part.staged_rows.data(), DType::kF32, {count, H}, device);
+               }
+               l.dispatch(tokens, on_device, part.handle, refused ? &*refused : nullptr);
              });
   dispatched.combinable = true;
 }
@@ -159,18 +186,33 @@ void Runtime::combine(ProcessDispatch& dispatched, std::span<const TensorView> e
                                                  " expected, " +
                                                  std::to_string(expert_outputs.size()) + " given");
   }
-  y.require("output y", DType::kF32, {dispatched.num_tokens, H});
+  const Device device = layer(0, dispatched.layer).data_path().device();
+  y.require_on(y.device() == device ? device : Device::host(), "output y", DType::kF32,
+               {dispatched.num_tokens, H});
   for (std::size_t i = 0; i < expert_outputs.size(); ++i) {
     const std::int64_t A = dispatched.parts[i].handle.expert_input().dim(0);
-    expert_outputs[i].require("expert output of local rank " + std::to_string(i), DType::kF32,
-                              {A, H});
+    expert_outputs[i].require_on(device, "expert output of local rank " + std::to_string(i),
+                                 DType::kF32, {A, H});
   }
   dispatched.combinable = false;
   run_on_ranks([&](int local) {
     DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
-    layer(local, dispatched.layer)
-        .combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
-                 rows(y, part.first_token, part.num_tokens));
+    MoELayer& l = layer(local, dispatched.layer);
+    const TensorView out = rows(y, part.first_token, part.num_tokens);
+    if (out.device() == device) {
+      l.combine(part.handle, expert_outputs[static_cast<std::size_t>(local)], out);
+      return;
+    }
+    // Host y, device layer: summed in the data path's memory (the dispatch's token
+    // staging, dead by now), then copied out.
+    if (part.staged_rows.device() != device)
+      part.staged_rows = Buffer<float>(l.data_path().allocator());
+    part.staged_rows.resize(static_cast<std::size_t>(part.num_tokens * H));
+    l.combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
+              TensorView(part.staged_rows.data(), DType::kF32, {part.num_tokens, H}, device));
+    l.data_path().copy(out.data(), part.staged_rows.data(),
+                       static_cast<std::size_t>(part.num_tokens * H) * sizeof(float), l.stream());
+    l.stream().synchronize();
   });
 }
 

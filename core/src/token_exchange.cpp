@@ -36,6 +36,12 @@ std::optional<Error> TokenExchange::check_plan(const RoutingPlan& plan) const {
   // Expert ids are checked here when the host can read the plan; a device data path checks
   // them in its layout.
   if (!plan.experts.allocator().host_accessible()) return std::nullopt;
+  return check_routing_plan_values(plan, E);
+}
+
+std::optional<Error> check_routing_plan_values(const RoutingPlan& plan, int num_experts) {
+  const int K = plan.slots;
+  const int E = num_experts;
   auto where = [&](std::size_t i) {
     return "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
            std::to_string(i % to_size(K));

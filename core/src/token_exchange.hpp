@@ -18,6 +18,11 @@
 
 namespace switchyard {
 
+/// The first expert id outside 0..num_experts-1 (-1 is an unused slot) or non-finite
+/// weight of a plan the host can read, as an error naming its token and slot; nothing if
+/// none.
+std::optional<Error> check_routing_plan_values(const RoutingPlan& plan, int num_experts);
+
 class TokenExchange {
  public:
   /// The layer's transport, data path, placement and dtypes; `workspace` holds the counts

@@ -822,6 +822,80 @@ TEST_CASE("dispatch and combine with the caller's experts: y = sum of weighted f
   runtime.combine(d, outputs, y.view());  // still combinable after refused arguments
 }
 
+TEST_CASE("dispatch and combine on the pretend device: the host path's bytes, at worlds 1-4") {
+  // The caller's experts run on the received rows where they are (the pretend device's
+  // memory is host memory); the device data path over inproc moves them through host
+  // staging memory. Host tokens and y are staged; device tokens and y are taken as they are.
+  struct Case {
+    int ranks, ep;
+  };
+  constexpr std::int64_t T = 23, H = 24, K = 3;
+  std::vector<std::int32_t> experts(static_cast<std::size_t>(T * K));
+  std::vector<float> weights(static_cast<std::size_t>(T * K));
+  for (std::int64_t i = 0; i < T * K; ++i) {
+    // Slot 2 unused for every fifth token; the others distinct experts of 8.
+    experts[static_cast<std::size_t>(i)] =
+        i % K == 2 && (i / K) % 5 == 0 ? -1 : static_cast<std::int32_t>((i / K * 3 + i % K) % 8);
+    weights[static_cast<std::size_t>(i)] = 0.1f + 0.01f * static_cast<float>(i % 17);
+  }
+  const TensorView e(experts.data(), DType::kI32, {T, K});
+  const TensorView w(weights.data(), DType::kF32, {T, K});
+  for (const Case& k : {Case{1, 1}, Case{2, 2}, Case{3, 3}, Case{4, 4}, Case{4, 2}}) {
+    for (const std::string payload : {"f32", "bf16", "fp8"}) {
+      CAPTURE(k.ranks);
+      CAPTURE(k.ep);
+      CAPTURE(payload);
+      Config host = base_config(k.ranks, 8, 3);
+      host.set("runtime", "ep_size", std::int64_t{k.ep});
+      host.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+      host.set("runtime", "payload_dtype", payload);
+      host.set("experts", "kernel", std::string("pretend_swiglu"));
+      Config device = host;
+      device.set("runtime", "data_path", std::string("pretend_cuda"));
+      Runtime on_host(host);
+      Runtime on_device(device);
+      HostTensor x = synthetic_tokens(T, H, 12);
+      auto dispatch_and_combine = [&](Runtime& runtime, Device where, HostTensor& y) {
+        ProcessDispatch d;
+        runtime.dispatch(TensorView(x.data<float>(), DType::kF32, {T, H}, where), e, w, d);
+        run_hand_experts(d);
+        std::vector<TensorView> outputs;
+        for (auto& part : d.parts) outputs.push_back(part.handle.expert_output());
+        std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+        runtime.combine(d, outputs, TensorView(y.data<float>(), DType::kF32, {T, H}, where));
+      };
+      HostTensor expected(DType::kF32, {T, H}), staged(DType::kF32, {T, H}),
+          direct(DType::kF32, {T, H});
+      dispatch_and_combine(on_host, Device::host(), expected);
+      dispatch_and_combine(on_device, Device::host(), staged);
+      dispatch_and_combine(on_device, Device::cuda(0), direct);
+      CHECK(std::memcmp(staged.data<float>(), expected.data<float>(), expected.size_bytes()) == 0);
+      CHECK(std::memcmp(direct.data<float>(), expected.data<float>(), expected.size_bytes()) == 0);
+    }
+  }
+  // Bad input is refused with the host path's messages (the plan checked on the host).
+  Config c = base_config(3, 8, 3);
+  c.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+  c.set("experts", "kernel", std::string("pretend_swiglu"));
+  c.set("runtime", "data_path", std::string("pretend_cuda"));
+  Runtime runtime(c);
+  HostTensor x = synthetic_tokens(T, H, 12);
+  ProcessDispatch d;
+  weights[4] = std::numeric_limits<float>::infinity();  // token 1 slot 1: rank 0's
+  CHECK_THROWS_WITH_AS(runtime.dispatch(x.view(), e, w, d),
+                       doctest::Contains("rank 0 (input rows 0..7): routing plan: token 1 slot 1 "
+                                         "has weight +Inf, not a finite number"),
+                       Error);
+  weights[4] = 0.5f;
+  x.data<float>()[9 * H + 2] = std::nanf("");  // rank 1's token 1
+  CHECK_THROWS_WITH_AS(
+      runtime.dispatch(x.view(), e, w, d),
+      doctest::Contains("rank 1 (input rows 8..15): input x: token 1 feature 2 is NaN"), Error);
+  x.data<float>()[9 * H + 2] = 0.5f;
+  runtime.dispatch(x.view(), e, w, d);  // the next one works
+  CHECK(d.combinable);
+}
+
 TEST_CASE("dispatch refuses bad input on every rank together, and the next one works") {
   constexpr std::int64_t T = 9, H = 24;
   Runtime runtime(base_config(3, 4, 2));

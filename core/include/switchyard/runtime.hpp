@@ -69,10 +69,15 @@ struct DispatchPart {
   int num_local_experts = 0;     ///< its experts: first_expert .. first_expert + this - 1
   std::int64_t first_token = 0;  ///< its first row of the dispatched tokens
   std::int64_t num_tokens = 0;   ///< its rows of them
-  RoutingPlan plan;              ///< its rows of the given routing
+  RoutingPlan plan;              ///< its rows of the given routing (host)
   /// The rows the rank received, grouped per local expert (`expert_input()`,
-  /// `rows_per_expert()`), and `expert_output()`, a buffer for the experts' results.
+  /// `rows_per_expert()`), and `expert_output()`, a buffer for the experts' results: in
+  /// the data path's memory (on its device for a device data path).
   DispatchHandle handle;
+  /// A device data path's copy of `plan`, and its copies of host tokens (dispatch) and
+  /// host y rows (combine), in the data path's memory.
+  RoutingPlan device_plan;
+  Buffer<float> staged_rows;
 };
 
 /// What `Runtime::dispatch` fills and `Runtime::combine` reads: one part per local rank.
@@ -191,17 +196,21 @@ class Runtime {
   /// as in `forward`.
   void forward_local_tokens(const TensorView& x, const TensorView& y, int layer = 0);
   /// The dispatch alone, for experts the caller computes: this process's tokens x [T,H]
-  /// f32 host with the routing `experts` [T,K] int32 (-1: unused slot) and `weights`
-  /// [T,K] f32 (any strides), split among the local ranks as in `forward_local_tokens`.
-  /// Each part's handle then holds the rows its rank received, per local expert.
-  /// Refused with `Error(kInvalidArgument)` on every rank together, before any row moves:
-  /// shapes, expert ids outside 0..E-1, non-finite weights, and NaN or infinite tokens.
-  /// Host data path only. Collective.
+  /// f32 (host, or on the data path's device) with the routing `experts` [T,K] int32 (-1:
+  /// unused slot) and `weights` [T,K] f32 (host, any strides), split among the local ranks
+  /// as in `forward_local_tokens`. Each part's handle then holds the rows its rank
+  /// received, per local expert, in the data path's memory (device views for a device
+  /// data path; `rows_per_expert()` on the host); returns when they are written. Refused
+  /// with `Error(kInvalidArgument)` on every rank together, before any row moves: shapes,
+  /// expert ids outside 0..E-1, non-finite weights, and NaN or infinite host tokens
+  /// (tokens on the device are not read by the host). Collective.
   void dispatch(const TensorView& x, const TensorView& experts, const TensorView& weights,
                 ProcessDispatch& dispatched, int layer = 0);
   /// Weighs the experts' results, sends them back and sums them per token into y [T,H]
-  /// (f32 host). `expert_outputs` has one [A,H] f32 tensor per part, in the order of its
-  /// `expert_input()` (a part's own `expert_output()` may be given). Once per dispatch.
+  /// (f32, host or on the data path's device; returns when it is written).
+  /// `expert_outputs` has one [A,H] f32 tensor per part in the data path's memory, in the
+  /// order of its `expert_input()` (a part's own `expert_output()` may be given). Once per
+  /// dispatch.
   /// Arguments are checked before anything is sent; with one rank per process a rank that
   /// refuses leaves its peers to their timeout. Collective.
   void combine(ProcessDispatch& dispatched, std::span<const TensorView> expert_outputs,
