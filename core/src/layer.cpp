@@ -227,7 +227,10 @@ MoELayer::MoELayer(MoELayerParts parts)
   }
 }
 
-MoELayer::~MoELayer() = default;
+MoELayer::~MoELayer() {
+  // Work a failed step left on the stream may still write this layer's buffers.
+  if (workspace_ && workspace_->stream) LayerWorkspace::wait_quietly(*workspace_->stream);
+}
 
 bool MoELayer::last_failure_agreed() const noexcept { return exchange_->failure_agreed(); }
 

@@ -42,13 +42,23 @@ void MoELayer::slot_dot_products(const DispatchHandle& h, const TensorView& rows
                                 *workspace_->stream);
 }
 
-void MoELayer::combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y) {
+void MoELayer::combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y,
+                                  const SlotMeta* host_meta) {
   // The combine with the handle's slots at unit weight (a copy: the handle keeps its own).
   const std::size_t NK = h.recv_meta_.size();
   workspace_->unit_meta.resize(NK);
-  for (std::size_t i = 0; i < NK; ++i)
-    workspace_->unit_meta[i] = {h.recv_meta_[i].local_expert, 1.0f};
-  combine_with(h, rows, y, workspace_->unit_meta.data());
+  for (std::size_t i = 0; i < NK; ++i) workspace_->unit_meta[i] = {host_meta[i].local_expert, 1.0f};
+  const SlotMeta* meta = workspace_->unit_meta.data();
+  if (data_path_->device().kind != Device::Kind::kHost) {
+    BackwardHostSide& host = workspace_->backward_host;
+    if (host.device_unit_meta.device() != data_path_->device()) {
+      host.device_unit_meta = Buffer<SlotMeta>(data_path_->allocator());
+    }
+    host.device_unit_meta.resize(NK);
+    data_path_->copy(host.device_unit_meta.data(), meta, NK * sizeof(SlotMeta), stream());
+    meta = host.device_unit_meta.data();
+  }
+  combine_with(h, rows, y, meta);
 }
 
 void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
@@ -69,8 +79,9 @@ void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
   const TensorView d_rows = workspace_->backward_dy.expert_input();
   scale_rows(workspace_->backward_dy, d_rows, d_expert_output);
   slot_dot_products(workspace_->backward_dy, d_rows, expert_output);
-  exchange_->return_slot_values(workspace_->backward_dy, plan, workspace_->d_slot_weights.data(),
-                                d_weights.data_as<float>());
+  exchange_->return_slot_values(workspace_->backward_dy, plan.num_tokens, plan.slots,
+                                plan.experts.data(), workspace_->backward_dy.send_row_token_.data(),
+                                workspace_->d_slot_weights.data(), d_weights.data_as<float>());
 }
 
 void MoELayer::dispatch_backward(DispatchHandle& handle, const TensorView& d_expert_input,
@@ -78,13 +89,12 @@ void MoELayer::dispatch_backward(DispatchHandle& handle, const TensorView& d_exp
   if (data_path_->device().kind != Device::Kind::kHost) {
     throw Error(ErrorCode::kUnavailable, "MoE dispatch backward: needs the host data path");
   }
-  combine_unweighted(handle, d_expert_input, dx);
+  combine_unweighted(handle, d_expert_input, dx, handle.recv_meta_.data());
 }
 
 void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGradients& out) {
-  if (data_path_->device().kind != Device::Kind::kHost) {
-    throw Error(ErrorCode::kUnavailable, "MoE backward: needs the host data path");
-  }
+  const Device device = data_path_->device();
+  const bool on_device = device.kind != Device::Kind::kHost;
   if (parts_.shared_expert && (out.d_shared_expert.gate.data() == nullptr ||
                                (parts_.shared_expert_gate.data() != nullptr &&
                                 out.d_shared_expert_gate.data() == nullptr))) {
@@ -106,15 +116,33 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   const std::int64_t T = plan.num_tokens, H = hidden_;
   const int K = plan.slots;
   const int E = parts_.placement.num_experts();
-  x.require("MoE backward x", DType::kF32, {T, H});
-  dy.require("MoE backward dy", DType::kF32, {T, H});
-  out.dx.require("MoE backward dx", DType::kF32, {T, H});
+  x.require_on(device, "MoE backward x", DType::kF32, {T, H});
+  dy.require_on(device, "MoE backward dy", DType::kF32, {T, H});
+  out.dx.require_on(device, "MoE backward dx", DType::kF32, {T, H});
   out.d_gate.require("MoE backward d_gate", DType::kF32, {E, H});
+
+  // A device data path's tokens, plan and logits, read by the host parts of the backward
+  // (the checks, the weights' bookkeeping, the router's backward) from host copies.
+  BackwardHostSide& host = workspace_->backward_host;
+  if (on_device && host.device_row_weights.device() != device) {
+    host = BackwardHostSide(data_path_->staging_allocator(), data_path_->allocator());
+  }
+  auto copy_to_host = [&](auto& into, const auto* from, std::size_t n) {
+    into.resize(n);
+    if (n > 0) data_path_->copy(into.data(), from, n * sizeof(*from), stream());
+  };
+  if (on_device) {
+    copy_to_host(host.x, x.data_as<const float>(), to_size(T * H));
+    copy_to_host(host.dy, dy.data_as<const float>(), to_size(T * H));
+    host_ready();
+  }
+  const TensorView host_x = on_device ? TensorView(host.x.data(), DType::kF32, {T, H}) : x;
+  const TensorView host_dy = on_device ? TensorView(host.dy.data(), DType::kF32, {T, H}) : dy;
 
   // The forward's rows (kept, or dispatched again) and dy's rows, grouped per local expert
   // in the same order. A bad dy stops every rank at the first dispatch's count exchange.
   const bool kept = kept_for_backward_;
-  const std::optional<Error> bad = first_non_finite(dy, "dy");
+  const std::optional<Error> bad = first_non_finite(host_dy, "dy");
   if (!kept) dispatch(x, plan, workspace_->backward_x, bad ? &*bad : nullptr);
   dispatch(dy, plan, workspace_->backward_dy, kept && bad ? &*bad : nullptr);
   DispatchHandle& hx = kept ? kept_handle_ : workspace_->backward_x;
@@ -124,52 +152,101 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   // The rows' output buffer (the forward's outputs are not needed) takes their gradients.
   const TensorView d_inputs = hx.expert_output();
   const std::int64_t A = rows.dim(0);
-  host_ready();
+  const std::int64_t NK = static_cast<std::int64_t>(hd.recv_meta_.size());
+  const SlotMeta* meta = hd.recv_meta_.data();
+  const std::int64_t* assignment = hd.assignment_of_slot_.data();
+  if (on_device) {
+    copy_to_host(host.meta, meta, to_size(NK));
+    copy_to_host(host.assignment, assignment, to_size(NK));
+    host_ready();
+    meta = host.meta.data();
+    assignment = host.assignment.data();
+  }
 
   // Each grouped row stands for one (token, local expert) slot: the kernel applies the
   // slot's weight to dy and gives <dy, expert output>, the weight's gradient.
-  const std::int64_t NK = static_cast<std::int64_t>(hd.recv_meta_.size());
   workspace_->grouped_weights.resize(to_size(A));
   workspace_->d_grouped_weights.resize(to_size(A));
   for (std::int64_t i = 0; i < NK; ++i) {
-    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
-    if (a >= 0) workspace_->grouped_weights[to_size(a)] = hd.recv_meta_[to_size(i)].weight;
+    const std::int64_t a = assignment[to_size(i)];
+    if (a >= 0) workspace_->grouped_weights[to_size(a)] = meta[to_size(i)].weight;
+  }
+  float* row_weights = workspace_->grouped_weights.data();
+  float* d_row_weights = workspace_->d_grouped_weights.data();
+  if (on_device) {
+    host.device_row_weights.resize(to_size(2 * A));
+    row_weights = host.device_row_weights.data();
+    d_row_weights = row_weights + A;
+    data_path_->copy(row_weights, workspace_->grouped_weights.data(), to_size(A) * sizeof(float),
+                     stream());
   }
   ExpertGradientBatch batch{rows, hx.rows_per_expert(), d_rows, d_inputs, out.d_experts};
-  batch.row_weights = TensorView(workspace_->grouped_weights.data(), DType::kF32, {A});
-  batch.d_row_weights = TensorView(workspace_->d_grouped_weights.data(), DType::kF32, {A});
+  batch.row_weights = TensorView(row_weights, DType::kF32, {A}, device);
+  batch.d_row_weights = TensorView(d_row_weights, DType::kF32, {A}, device);
   const std::int64_t columns = expert_caps_.saved_columns;
   if (kept && columns > 0) {
     batch.saved = TensorView(saved_columns_.data(), DType::kF32, {A, columns});
   }
+  if (!expert_caps_.execution.stream_ordered) host_ready();
   parts_.experts->backward(batch, *workspace_->stream);
+  if (on_device) {
+    data_path_->copy(workspace_->d_grouped_weights.data(), d_row_weights,
+                     to_size(A) * sizeof(float), stream());
+  }
   host_ready();
   workspace_->d_slot_weights.resize(to_size(NK));
   for (std::int64_t i = 0; i < NK; ++i) {
-    const std::int64_t a = hd.assignment_of_slot_[to_size(i)];
+    const std::int64_t a = assignment[to_size(i)];
     workspace_->d_slot_weights[to_size(i)] =
         a >= 0 ? workspace_->d_grouped_weights[to_size(a)] : 0.0f;
   }
   // The rows' input gradients come back summed per token; the weights' gradients to their
   // tokens' ranks.
-  combine_unweighted(hd, d_inputs, out.dx);
+  combine_unweighted(hd, d_inputs, out.dx, meta);
+  const std::int32_t* plan_experts = plan.experts.data();
+  const std::int64_t* send_row_token = hd.send_row_token_.data();
+  const float* logits = logits_.data();
+  const RoutingPlan* host_plan = &plan;
+  if (on_device) {
+    copy_to_host(host.send_row_token, send_row_token, hd.send_row_token_.size());
+    copy_to_host(host.logits, logits, to_size(T * E));
+    copy_to_host(host.dx, out.dx.data_as<const float>(), to_size(T * H));
+    RoutingPlan& p = workspace_->host_plan;
+    p.num_tokens = T;
+    p.slots = K;
+    copy_to_host(p.experts, plan.experts.data(), plan.experts.size());
+    copy_to_host(p.weights, plan.weights.data(), plan.weights.size());
+    copy_to_host(p.counts, plan.counts.data(), plan.counts.size());
+    host_ready();
+    plan_experts = p.experts.data();
+    send_row_token = host.send_row_token.data();
+    logits = host.logits.data();
+    host_plan = &p;
+  }
   workspace_->d_plan_weights.resize(to_size(T * K));
-  exchange_->return_slot_values(hd, plan, workspace_->d_slot_weights.data(),
+  exchange_->return_slot_values(hd, T, K, plan_experts, send_row_token,
+                                workspace_->d_slot_weights.data(),
                                 workspace_->d_plan_weights.data());
 
-  // The router: d logits from the weights' gradients (at the forward's logits, still in
-  // logits_), then through the logits' GEMM.
+  // The router (on the host): d logits from the weights' gradients (at the forward's
+  // logits), then through the logits' GEMM.
   Transport& transport = *parts_.transport;
   workspace_->d_logits.resize(to_size(T * E));
   RouteGradientInput route;
-  route.logits = TensorView(logits_.data(), DType::kF32, {T, E});
+  route.logits = TensorView(const_cast<float*>(logits), DType::kF32, {T, E});
   route.topology = &transport.topology();
-  route.plan = &plan;
+  route.plan = host_plan;
   route.d_weights = TensorView(workspace_->d_plan_weights.data(), DType::kF32, {T, K});
   route.loss_tokens = out.loss_tokens;
   route.loss_aux_counts = out.loss_aux_counts;
   parts_.router->backward(route, TensorView(workspace_->d_logits.data(), DType::kF32, {T, E}));
-  accumulate_router_gradients(x, gate_, workspace_->d_logits.data(), out.dx, out.d_gate);
+  const TensorView host_dx = on_device ? TensorView(host.dx.data(), DType::kF32, {T, H}) : out.dx;
+  accumulate_router_gradients(host_x, parts_.gate, workspace_->d_logits.data(), host_dx,
+                              out.d_gate);
+  if (on_device) {
+    data_path_->copy(out.dx.data(), host.dx.data(), to_size(T * H) * sizeof(float), stream());
+    host_ready();  // returns when dx is written
+  }
   backward_shared_expert(x, dy, out);
 }
 

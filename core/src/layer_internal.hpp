@@ -65,8 +65,51 @@ struct ChunkSlot {
 namespace switchyard {
 
 /// The step buffers the layers of one rank share (see `MoELayerParts::workspace`).
+/// A device data path's backward: host copies (staging memory) of what its host parts read,
+/// and the rows' weights and unit-weight slots in the data path's memory.
+struct BackwardHostSide {
+  BackwardHostSide() = default;
+  BackwardHostSide(Allocator& staging, Allocator& device)
+      : x(staging),
+        dy(staging),
+        dx(staging),
+        logits(staging),
+        meta(staging),
+        assignment(staging),
+        send_row_token(staging),
+        device_row_weights(device),
+        device_unit_meta(device) {}
+  std::size_t bytes() const noexcept {
+    return x.capacity_bytes() + dy.capacity_bytes() + dx.capacity_bytes() +
+           logits.capacity_bytes() + meta.capacity_bytes() + assignment.capacity_bytes() +
+           send_row_token.capacity_bytes() + device_row_weights.capacity_bytes() +
+           device_unit_meta.capacity_bytes();
+  }
+  Buffer<float> x, dy, dx, logits;  // [T,H] and [T,E]
+  Buffer<SlotMeta> meta;            // dy's received slots [N,K]
+  Buffer<std::int64_t> assignment, send_row_token;
+  Buffer<float> device_row_weights;   // [2A]: each grouped row's weight, then its gradient
+  Buffer<SlotMeta> device_unit_meta;  // [N,K] at weight 1
+};
+
 class LayerWorkspace {
  public:
+  LayerWorkspace() = default;
+  LayerWorkspace(const LayerWorkspace&) = delete;
+  LayerWorkspace& operator=(const LayerWorkspace&) = delete;
+  /// Waits for the stream's work first: after a failed step it may still write the buffers
+  /// declared below it, which go before it.
+  ~LayerWorkspace() {
+    if (exchange_stream) wait_quietly(*exchange_stream);
+    if (stream) wait_quietly(*stream);
+  }
+  static void wait_quietly(Stream& s) noexcept {
+    try {
+      s.synchronize();
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the step that failed reported it
+    }
+  }
+
   std::size_t bytes() const noexcept {
     std::size_t total = rows_to_table.capacity_bytes() + rows_from_table.capacity_bytes() +
                         chunk_counts.capacity_bytes();
@@ -81,7 +124,7 @@ class LayerWorkspace {
                           &d_weight_recv_offsets}) {
       total += b->capacity_bytes();
     }
-    total += unit_meta.capacity_bytes();
+    total += unit_meta.capacity_bytes() + backward_host.bytes();
     return total + host_plan.experts.capacity_bytes() + host_plan.weights.capacity_bytes() +
            host_plan.counts.capacity_bytes();
   }
@@ -108,6 +151,7 @@ class LayerWorkspace {
   // Per grouped row [A]: its slot's weight and that weight's gradient.
   Buffer<float> grouped_weights, d_grouped_weights;
   Buffer<SlotMeta> unit_meta;  // a handle's slots at weight 1, for the unit-weight combine
+  BackwardHostSide backward_host;
   Buffer<std::size_t> d_weight_send_bytes, d_weight_send_offsets, d_weight_recv_bytes,
       d_weight_recv_offsets;
   Buffer<float> d_plan_weights, d_logits;

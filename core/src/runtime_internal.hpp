@@ -43,7 +43,7 @@ struct Runtime::State {
   /// Per local rank: its block of tokens and outputs on the layer's device, when the layer
   /// runs on a device and the caller's tensors are host memory.
   struct DeviceRows {
-    Buffer<float> x, y;
+    Buffer<float> x, y, dy, dx;  // dy and dx: the backward's
   };
   std::vector<std::unique_ptr<DeviceRows>> device_rows;
   /// Per local rank, the backward's gradients before the sums: the gate's [E,H], its local

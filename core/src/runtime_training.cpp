@@ -285,10 +285,14 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
   const ModelWeights& m = model(index);
   const std::int64_t H = m.hidden(), F = m.ffn_hidden();
   const int E = m.num_experts();
-  x.require("input tokens", DType::kF32, {-1, H});
+  // Host tensors, or tensors on the layers' device, which the layers take as they are.
+  const Device device = layer(0, index).data_path().device();
+  x.require_on(x.device() == device ? device : Device::host(), "input tokens", DType::kF32,
+               {-1, H});
   const std::int64_t T = x.dim(0);
-  dy.require("dy", DType::kF32, {T, H});
-  dx.require("dx", DType::kF32, {T, H});
+  dy.require_on(x.device(), "dy", DType::kF32, {T, H});
+  dx.require_on(x.device(), "dx", DType::kF32, {T, H});
+  if (x.device() != device) state_->device_rows.resize(static_cast<std::size_t>(num_local_ranks()));
   for (int local = 0; local < num_local_ranks(); ++local) {
     const auto [first, count] = world_blocks ? token_block(T, world_size(), world_rank(local))
                                              : token_block(T, num_local_ranks(), local);
@@ -348,7 +352,7 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
       out.d_shared_expert = r.shared.views()[0];
       out.d_shared_expert_gate = r.shared_gate.view();
     }
-    layer(local, index).backward(rows(x, first, count), rows(dy, first, count), out);
+    backward_block(local, index, rows(x, first, count), rows(dy, first, count), out);
     // Deterministic sums (rank order): the gate over the world, experts over the DP group.
     world_transport(local).allreduce(r.gate.data<float>(), static_cast<std::size_t>(E * H),
                                      DType::kF32, ReduceOp::kSum);
@@ -393,6 +397,34 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
       }
     }
   }
+}
+
+void Runtime::backward_block(int local, int index, const TensorView& x, const TensorView& dy,
+                             LayerGradients& out) {
+  MoELayer& l = layer(local, index);
+  DataPath& path = l.data_path();
+  if (x.device() == path.device()) {
+    l.backward(x, dy, out);
+    return;
+  }
+  // Host tensors, device layer: through device buffers of this rank (grown once).
+  auto& d = state_->device_rows.at(static_cast<std::size_t>(local));
+  if (!d) d = std::make_unique<State::DeviceRows>();
+  for (auto* b : {&d->x, &d->dy, &d->dx}) {
+    if (b->device() != path.device()) *b = Buffer<float>(path.allocator());
+  }
+  const std::int64_t T = x.dim(0), H = x.dim(1);
+  const auto n = static_cast<std::size_t>(T * H);
+  for (auto* b : {&d->x, &d->dy, &d->dx}) b->resize(n);
+  path.copy(d->x.data(), x.data(), n * sizeof(float), l.stream());
+  path.copy(d->dy.data(), dy.data(), n * sizeof(float), l.stream());
+  const TensorView host_dx = out.dx;
+  out.dx = TensorView(d->dx.data(), DType::kF32, {T, H}, path.device());
+  l.backward(TensorView(d->x.data(), DType::kF32, {T, H}, path.device()),
+             TensorView(d->dy.data(), DType::kF32, {T, H}, path.device()), out);
+  path.copy(host_dx.data(), d->dx.data(), n * sizeof(float), l.stream());
+  l.stream().synchronize();
+  out.dx = host_dx;
 }
 
 }  // namespace switchyard

@@ -107,14 +107,17 @@ void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Erro
     parts_.transport->alltoall(ws.rows_to_table.data(), ws.rows_from_table.data(), bytes);
   }
   // From here every rank of the group knows whether any rank failed: they all stop at
-  // this same point, and the group stays usable for the next step.
+  // this same point, and the group stays usable for the next step. What the step queued
+  // before (copies of the caller's plan and tokens) finishes before the caller gets back.
   if (local_error != nullptr) {
     failure_agreed_ = true;
+    LayerWorkspace::wait_quietly(stream());
     throw *local_error;
   }
   for (std::size_t p = 0; p < R; ++p) {
     if (ws.rows_from_table[p * n] < 0) {
       failure_agreed_ = true;
+      LayerWorkspace::wait_quietly(stream());
       throw Error(ErrorCode::kPeerFailed, "MoE dispatch: world rank " +
                                               std::to_string(parts_.first_world_rank + p) +
                                               " failed before dispatch and reports the cause");
@@ -421,10 +424,12 @@ void TokenExchange::sum(DispatchHandle& h, float* y) {
   parts_.data_path->unpermute_sum(args, stream());
 }
 
-void TokenExchange::return_slot_values(const DispatchHandle& h, const RoutingPlan& plan,
-                                       const float* per_slot, float* out) {
+void TokenExchange::return_slot_values(const DispatchHandle& h, std::int64_t num_tokens, int slots,
+                                       const std::int32_t* plan_experts,
+                                       const std::int64_t* send_row_token, const float* per_slot,
+                                       float* out) {
   LayerWorkspace& ws = *parts_.workspace;
-  const int K = plan.slots;
+  const int K = slots;
   const std::size_t self = me();
   const std::size_t slot_bytes = to_size(K) * sizeof(float);
   const std::int64_t S = static_cast<std::int64_t>(h.send_row_token_.size());
@@ -435,19 +440,26 @@ void TokenExchange::return_slot_values(const DispatchHandle& h, const RoutingPla
                 ws.d_weight_recv_offsets);
   std::copy_n(per_slot + h.rows_from_offset_[self] * K, h.rows_from_[self] * K,
               ws.d_sent_weights.data() + h.rows_to_offset_[self] * K);
-  parts_.transport->alltoallv(
-      {reinterpret_cast<const std::byte*>(per_slot), span_of(ws.d_weight_send_bytes),
-       span_of(ws.d_weight_send_offsets), reinterpret_cast<std::byte*>(ws.d_sent_weights.data()),
-       span_of(ws.d_weight_recv_bytes), span_of(ws.d_weight_recv_offsets), Device::host()},
-      stream());
-  stream().synchronize();
+  const AlltoallvBuffers buffers{reinterpret_cast<const std::byte*>(per_slot),
+                                 span_of(ws.d_weight_send_bytes),
+                                 span_of(ws.d_weight_send_offsets),
+                                 reinterpret_cast<std::byte*>(ws.d_sent_weights.data()),
+                                 span_of(ws.d_weight_recv_bytes),
+                                 span_of(ws.d_weight_recv_offsets),
+                                 Device::host()};
+  if (parts_.data_path->device().kind == Device::Kind::kHost) {
+    parts_.transport->alltoallv(buffers, stream());
+    stream().synchronize();
+  } else {
+    parts_.transport->alltoallv(buffers);  // host memory, beside a device stream
+  }
   // A sent row's slots are its token's plan slots on the row's rank, in plan order.
-  std::fill_n(out, plan.num_tokens * K, 0.0f);
+  std::fill_n(out, num_tokens * K, 0.0f);
   for (std::size_t rank = 0; rank < h.rows_to_.size(); ++rank) {
     const std::int64_t first = h.rows_to_offset_[rank];
     for (std::int64_t i = first; i < first + h.rows_to_[rank]; ++i) {
-      const std::int64_t t = h.send_row_token_[to_size(i)];
-      const std::int32_t* experts = plan.experts.data() + t * K;
+      const std::int64_t t = send_row_token[to_size(i)];
+      const std::int32_t* experts = plan_experts + t * K;
       int slot = 0;
       for (int j = 0; j < K; ++j) {
         if (experts[j] < 0 || parts_.placement->rank_of(experts[j]) != static_cast<int>(rank)) {

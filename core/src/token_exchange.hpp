@@ -106,8 +106,11 @@ class TokenExchange {
 
   /// Sends each (received row, slot)'s value `per_slot` [N,K] back to the token's rank
   /// and writes it at the token's plan slot of `out` [T,K] (0 for slots of no expert).
-  void return_slot_values(const DispatchHandle& h, const RoutingPlan& plan, const float* per_slot,
-                          float* out);
+  /// The plan [T,K] (its experts) and h's send rows' tokens as the host reads them;
+  /// per_slot and out host memory.
+  void return_slot_values(const DispatchHandle& h, std::int64_t num_tokens, int slots,
+                          const std::int32_t* plan_experts, const std::int64_t* send_row_token,
+                          const float* per_slot, float* out);
 
   /// The traffic of the agreed step to other ranks: the counts, rows and slots out, the
   /// partial sums back.

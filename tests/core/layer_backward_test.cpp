@@ -227,82 +227,152 @@ double group_losses(const Parameters& p, const std::vector<double>& x,
 }  // namespace
 
 TEST_CASE("Runtime::backward: world 1-4 × EP groups of world and world/2, with the losses") {
+  // Also on the pretend device (tests/fixtures/plugins: host memory labelled cuda:0, its
+  // streams' work queued on a thread of their own) with its SwiGLU experts.
   for (const int world : {1, 2, 3, 4}) {
     for (const int ep : {world, world / 2}) {
-      if (ep < 1 || world % ep != 0) continue;
-      CAPTURE(world);
-      CAPTURE(ep);
-      Config config;
-      config.set("runtime", "ranks", std::int64_t{world});
-      config.set("runtime", "ep_size", std::int64_t{ep});
-      config.set("runtime", "timeout_s", 60.0);
-      config.set("router", "top_k", std::int64_t{K});
-      config.set("router", "aux_loss_coeff", 0.2);
-      config.set("router", "z_loss_coeff", 0.05);
-      config.set("model", "num_experts", std::int64_t{E});
-      config.set("model", "hidden", std::int64_t{H});
-      config.set("model", "ffn_hidden", std::int64_t{F});
-      config.set("model", "seed", std::int64_t{world * 10 + ep});
-      Runtime runtime(config);
-      const HostTensor x = synthetic_tokens(T, H, 15);
-      const HostTensor dy = synthetic_tokens(T, H, 16);
-      HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
-      runtime.forward(x.view(), y.view());
-      // The decisions and the groups' plain top-k counts, as the forward made them.
-      std::vector<int> experts(static_cast<std::size_t>(T * K)), group_of_token(T);
-      std::vector<std::vector<std::int64_t>> counts(static_cast<std::size_t>(world / ep),
-                                                    std::vector<std::int64_t>(E, 0));
-      for (int r = 0; r < world; ++r) {
-        const auto [first, count] = token_block(T, world, r);
-        const RoutingPlan& plan = runtime.layer(r).last_plan();
-        for (std::int64_t i = 0; i < count * K; ++i)
-          experts[static_cast<std::size_t>(first * K + i)] =
-              plan.experts[static_cast<std::size_t>(i)];
-        for (std::int64_t t = first; t < first + count; ++t)
-          group_of_token[static_cast<std::size_t>(t)] = r / ep;
-        const auto& aux = runtime.layer(r).router().stats().aux_counts;
-        for (int e = 0; e < E; ++e)
-          counts[static_cast<std::size_t>(r / ep)][static_cast<std::size_t>(e)] +=
-              aux[static_cast<std::size_t>(e)];
-      }
-      ModelGradients gradients;
-      runtime.backward(x.view(), dy.view(), dx.view(), gradients);
+      for (const bool pretend_device : {false, true}) {
+        if (ep < 1 || world % ep != 0) continue;
+        CAPTURE(world);
+        CAPTURE(ep);
+        CAPTURE(pretend_device);
+        Config config;
+        if (pretend_device) {
+          config.set("runtime", "plugin_dirs",
+                     std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+          config.set("runtime", "data_path", std::string("pretend_cuda"));
+          config.set("experts", "kernel", std::string("pretend_swiglu"));
+        }
+        config.set("runtime", "ranks", std::int64_t{world});
+        config.set("runtime", "ep_size", std::int64_t{ep});
+        config.set("runtime", "timeout_s", 60.0);
+        config.set("router", "top_k", std::int64_t{K});
+        config.set("router", "aux_loss_coeff", 0.2);
+        config.set("router", "z_loss_coeff", 0.05);
+        config.set("model", "num_experts", std::int64_t{E});
+        config.set("model", "hidden", std::int64_t{H});
+        config.set("model", "ffn_hidden", std::int64_t{F});
+        config.set("model", "seed", std::int64_t{world * 10 + ep});
+        Runtime runtime(config);
+        const HostTensor x = synthetic_tokens(T, H, 15);
+        const HostTensor dy = synthetic_tokens(T, H, 16);
+        HostTensor y(DType::kF32, {T, H}), dx(DType::kF32, {T, H});
+        runtime.forward(x.view(), y.view());
+        // The decisions and the groups' plain top-k counts, as the forward made them.
+        std::vector<int> experts(static_cast<std::size_t>(T * K)), group_of_token(T);
+        std::vector<std::vector<std::int64_t>> counts(static_cast<std::size_t>(world / ep),
+                                                      std::vector<std::int64_t>(E, 0));
+        for (int r = 0; r < world; ++r) {
+          const auto [first, count] = token_block(T, world, r);
+          const RoutingPlan& plan = runtime.layer(r).last_plan();
+          for (std::int64_t i = 0; i < count * K; ++i)
+            experts[static_cast<std::size_t>(first * K + i)] =
+                plan.experts[static_cast<std::size_t>(i)];
+          for (std::int64_t t = first; t < first + count; ++t)
+            group_of_token[static_cast<std::size_t>(t)] = r / ep;
+          const auto& aux = runtime.layer(r).router().stats().aux_counts;
+          for (int e = 0; e < E; ++e)
+            counts[static_cast<std::size_t>(r / ep)][static_cast<std::size_t>(e)] +=
+                aux[static_cast<std::size_t>(e)];
+        }
+        ModelGradients gradients;
+        runtime.backward(x.view(), dy.view(), dx.view(), gradients);
 
-      Parameters p;
-      p.gate = widen(runtime.model().gate().view());
-      for (const auto& w : runtime.model().experts(0, E)) {
-        p.w1.push_back(widen(w.gate));
-        p.w3.push_back(widen(w.up));
-        p.w2.push_back(widen(w.down));
+        Parameters p;
+        p.gate = widen(runtime.model().gate().view());
+        for (const auto& w : runtime.model().experts(0, E)) {
+          p.w1.push_back(widen(w.gate));
+          p.w3.push_back(widen(w.up));
+          p.w2.push_back(widen(w.down));
+        }
+        std::vector<double> xs = widen(x.view());
+        const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
+        // Each DP group computes the same experts on its own tokens: the layer's loss is the
+        // sum over all tokens, which the dense loss already is.
+        auto f = [&] {
+          return loss(p, xs, experts, dys, false) +
+                 group_losses(p, xs, group_of_token, world / ep, 0.2, 0.05, counts);
+        };
+        test::Agreement ax, agate, aexperts;
+        for (std::size_t i = 0; i < xs.size(); ++i)
+          ax.add(dx.data<float>()[i], test::central_difference(xs, i, f));
+        for (std::size_t i = 0; i < p.gate.size(); ++i)
+          agate.add(gradients.gate.data<float>()[i], test::central_difference(p.gate, i, f));
+        for (int e = 0; e < E; ++e) {
+          std::vector<double>* tensors[3] = {&p.w1[static_cast<std::size_t>(e)],
+                                             &p.w3[static_cast<std::size_t>(e)],
+                                             &p.w2[static_cast<std::size_t>(e)]};
+          for (int which = 0; which < 3; ++which) {
+            const HostTensor& got =
+                gradients.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(which)];
+            REQUIRE(got.numel() == static_cast<std::int64_t>(tensors[which]->size()));
+            for (std::size_t i = 0; i < tensors[which]->size(); ++i)
+              aexperts.add(got.data<float>()[i], test::central_difference(*tensors[which], i, f));
+          }
+        }
+        CHECK(ax.relative() <= 1e-4);
+        CHECK(agate.relative() <= 1e-4);
+        CHECK(aexperts.relative() <= 1e-4);
       }
-      std::vector<double> xs = widen(x.view());
-      const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
-      // Each DP group computes the same experts on its own tokens: the layer's loss is the
-      // sum over all tokens, which the dense loss already is.
-      auto f = [&] {
-        return loss(p, xs, experts, dys, false) +
-               group_losses(p, xs, group_of_token, world / ep, 0.2, 0.05, counts);
+    }
+  }
+}
+
+TEST_CASE("Runtime::backward on the pretend device: the host data path's bytes, every payload") {
+  // The same experts (pretend_swiglu takes either memory) on the host data path and on the
+  // pretend device, whose rows go between the in-process ranks through host staging memory;
+  // host tensors (staged) and device tensors (as they are).
+  for (const int world : {1, 2, 3, 4}) {
+    for (const std::string payload : {"f32", "bf16", "fp8"}) {
+      CAPTURE(world);
+      CAPTURE(payload);
+      Config host;
+      host.set("runtime", "ranks", std::int64_t{world});
+      host.set("runtime", "ep_size", std::int64_t{world == 4 ? 2 : world});
+      host.set("runtime", "timeout_s", 60.0);
+      host.set("runtime", "payload_dtype", payload);
+      host.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+      host.set("experts", "kernel", std::string("pretend_swiglu"));
+      host.set("router", "top_k", std::int64_t{K});
+      host.set("router", "aux_loss_coeff", 0.2);
+      host.set("model", "num_experts", std::int64_t{E});
+      host.set("model", "hidden", std::int64_t{H});
+      host.set("model", "ffn_hidden", std::int64_t{F});
+      Config device = host;
+      device.set("runtime", "data_path", std::string("pretend_cuda"));
+      HostTensor x = synthetic_tokens(T, H, 25), dy = synthetic_tokens(T, H, 26);
+      auto run = [&](const Config& config, Device where, HostTensor& dx, ModelGradients& g) {
+        Runtime runtime(config);
+        runtime.set_training(true);
+        HostTensor y(DType::kF32, {T, H});
+        auto on = [&](HostTensor& m) {
+          return TensorView(m.data<float>(), DType::kF32, {T, H}, where);
+        };
+        runtime.forward(on(x), on(y));
+        std::fill(dx.data<float>(), dx.data<float>() + dx.numel(), std::nanf(""));
+        runtime.backward(on(x), on(dy), on(dx), g);
       };
-      test::Agreement ax, agate, aexperts;
-      for (std::size_t i = 0; i < xs.size(); ++i)
-        ax.add(dx.data<float>()[i], test::central_difference(xs, i, f));
-      for (std::size_t i = 0; i < p.gate.size(); ++i)
-        agate.add(gradients.gate.data<float>()[i], test::central_difference(p.gate, i, f));
-      for (int e = 0; e < E; ++e) {
-        std::vector<double>* tensors[3] = {&p.w1[static_cast<std::size_t>(e)],
-                                           &p.w3[static_cast<std::size_t>(e)],
-                                           &p.w2[static_cast<std::size_t>(e)]};
-        for (int which = 0; which < 3; ++which) {
-          const HostTensor& got =
-              gradients.experts[static_cast<std::size_t>(e)][static_cast<std::size_t>(which)];
-          REQUIRE(got.numel() == static_cast<std::int64_t>(tensors[which]->size()));
-          for (std::size_t i = 0; i < tensors[which]->size(); ++i)
-            aexperts.add(got.data<float>()[i], test::central_difference(*tensors[which], i, f));
+      HostTensor dx_host(DType::kF32, {T, H}), dx_staged(DType::kF32, {T, H}),
+          dx_device(DType::kF32, {T, H});
+      ModelGradients on_host, staged, on_device;
+      run(host, Device::host(), dx_host, on_host);
+      run(device, Device::host(), dx_staged, staged);
+      run(device, Device::cuda(0), dx_device, on_device);
+      auto same = [](const HostTensor& a, const HostTensor& b) {
+        return a.numel() == b.numel() &&
+               std::memcmp(a.data<float>(), b.data<float>(), a.size_bytes()) == 0;
+      };
+      for (const ModelGradients* g : {&staged, &on_device}) {
+        CHECK(same(g->gate, on_host.gate));
+        for (int e = 0; e < E; ++e) {
+          for (std::size_t w = 0; w < 3; ++w) {
+            CHECK(same(g->experts[static_cast<std::size_t>(e)][w],
+                       on_host.experts[static_cast<std::size_t>(e)][w]));
+          }
         }
       }
-      CHECK(ax.relative() <= 1e-4);
-      CHECK(agate.relative() <= 1e-4);
-      CHECK(aexperts.relative() <= 1e-4);
+      CHECK(same(dx_staged, dx_host));
+      CHECK(same(dx_device, dx_host));
     }
   }
 }

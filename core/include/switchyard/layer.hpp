@@ -157,8 +157,8 @@ struct MoELayerParts {
 /// `Error(kInvalidArgument)` "<what>: token t feature h is NaN"; nothing when all are finite.
 std::optional<Error> first_non_finite(const TensorView& m, std::string_view what);
 
-/// Where `MoELayer::backward` puts the gradients of one step on one rank (host memory,
-/// owned by the caller).
+/// Where `MoELayer::backward` puts the gradients of one step on one rank (host memory, dx on
+/// a device data path's device; owned by the caller).
 struct LayerGradients {
   TensorView dx;  ///< [T,H] f32, written: through the experts and through the router
   /// This rank's local experts' weight gradients, added to (see `ExpertKernel::backward`).
@@ -236,8 +236,12 @@ class MoELayer {
   /// again and the experts' projections recomputed (the same bits either way). The
   /// forward's logits are reused. Follows a `forward(x, y)` only (`backward_ready`):
   /// otherwise `Error(kInvalidArgument)`, before anything moves. A NaN or infinite dy
-  /// is refused on every rank together, before anything moves (as bad input is in `forward`). Host
-  /// data path only; allocates nothing once its buffers have grown. Collective over the EP group.
+  /// is refused on every rank together, before anything moves (as bad input is in `forward`).
+  /// On a device data path x, dy and dx are on its device (`out`'s other gradients in the
+  /// memory its expert kernel takes); the experts' backward and the exchanges run there, and
+  /// the router's backward on the host from copies of the logits, the plan, x and dx (the
+  /// rows' slots and weights' gradients go through the host too). Returns when dx is
+  /// written; allocates nothing once its buffers have grown. Collective over the EP group.
   void backward(const TensorView& x, const TensorView& dy, const LayerGradients& out);
   /// The backward of `combine` for a caller's own experts (autograd frameworks): given the
   /// `handle` and `plan` of the dispatch, the `expert_output` [A,H] that was combined and
@@ -308,7 +312,9 @@ class MoELayer {
   void combine_with(DispatchHandle& h, const TensorView& expert_output, const TensorView& y,
                     const SlotMeta* meta);
   /// The combine with the handle's slots at weight 1 (the backward of the dispatch).
-  void combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y);
+  /// `host_meta`: h's received slots where the host reads them.
+  void combine_unweighted(DispatchHandle& h, const TensorView& rows, const TensorView& y,
+                          const SlotMeta* host_meta);
   /// Backward helpers over the data path's primitives: `weighted` [A,H] = each grouped row
   /// of `rows` times its slot's weight; per received (row, slot) <rows, outputs> of its
   /// grouped row into the workspace's `d_slot_weights`.

@@ -240,7 +240,9 @@ class Runtime {
   /// dy = dL/dy [T,H]: writes dx [T,H] (each local rank its block) and the parameters'
   /// gradients (`ModelGradients`); the router's aux and z losses (their coefficients in
   /// [router]) are differentiated over each EP group. Bad input (shapes, NaN or infinite
-  /// dy) is refused on every rank together; host data path only. Collective.
+  /// dy) is refused on every rank together. x, dy and dx are host tensors, or all on the
+  /// device of a device data path (see `MoELayer::backward`); the gradients are host
+  /// tensors. Collective.
   void backward(const TensorView& x, const TensorView& dy, const TensorView& dx,
                 ModelGradients& gradients, int layer = 0);
   /// The backward of the last `forward_local_tokens(x, y)`: x, dy and dx are this
@@ -318,6 +320,9 @@ class Runtime {
   /// One local rank's block through its layer; host blocks of a device layer are staged
   /// through device buffers.
   void forward_block(int local, int layer, const TensorView& x, const TensorView& y);
+  /// The same for the backward (`out.dx` a block of this process's dx).
+  void backward_block(int local, int layer, const TensorView& x, const TensorView& dy,
+                      LayerGradients& out);
   struct State;
   std::unique_ptr<State> state_;
 };
