@@ -21,6 +21,9 @@
 #include "switchyard/version.hpp"
 
 namespace py = pybind11;
+using switchyard::Allocator;
+using switchyard::Buffer;
+using switchyard::DataPath;
 using switchyard::DType;
 using switchyard::Error;
 using switchyard::ErrorCode;
@@ -149,6 +152,57 @@ class PyDispatch {
   py::object runtime_;
 };
 
+/// A float32 matrix in a device data path's memory that the runtime wrote (the output of a
+/// forward on device tensors), handed out through DLPack (`__dlpack__`, for
+/// `torch.from_dlpack` and the like) without a copy. Holds the runtime (whose data path's
+/// allocator owns the memory) alive, and so does every capsule it gave out.
+class DeviceTensor {
+ public:
+  DeviceTensor(py::object runtime, Allocator& allocator, std::int64_t rows, std::int64_t cols)
+      : runtime_(std::move(runtime)), data_(allocator), rows_(rows), cols_(cols) {
+    data_.resize(static_cast<std::size_t>(rows * cols));
+  }
+  TensorView view() {
+    return TensorView(data_.data(), DType::kF32, {rows_, cols_}, data_.device());
+  }
+  std::vector<std::int64_t> shape() const { return {rows_, cols_}; }
+  /// (DLPack device type, device id): (2, N) for cuda:N.
+  std::pair<int, int> dlpack_device() const {
+    return {data_.device().kind == switchyard::Device::Kind::kCuda ? kDLCUDA : kDLCPU,
+            data_.device().ordinal};
+  }
+  /// A DLPack capsule of the matrix. The runtime's forward returned once the matrix was
+  /// written, so `stream` (the consumer's) needs nothing ordered before it.
+  static py::capsule dlpack(const py::object& self, const py::object& /*stream*/) {
+    auto& tensor = self.cast<DeviceTensor&>();
+    struct Exported {
+      DLManagedTensor managed;
+      switchyard::DLTensorShape shape;
+      py::object owner;
+    };
+    auto* exported = new Exported{};
+    exported->owner = self;
+    exported->managed.dl_tensor = switchyard::to_dlpack(tensor.view(), exported->shape);
+    exported->managed.manager_ctx = exported;
+    exported->managed.deleter = [](DLManagedTensor* m) {
+      const py::gil_scoped_acquire gil;
+      delete static_cast<Exported*>(m->manager_ctx);
+    };
+    return py::capsule(&exported->managed, "dltensor", [](PyObject* capsule) {
+      // Not consumed (still named "dltensor"): the capsule frees what it holds.
+      if (PyCapsule_IsValid(capsule, "dltensor") != 0) {
+        auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+        m->deleter(m);
+      }
+    });
+  }
+
+ private:
+  py::object runtime_;
+  Buffer<float> data_;
+  std::int64_t rows_, cols_;
+};
+
 /// The C++ runtime for Python: one object per process, used by one thread at a time.
 class PyRuntime {
  public:
@@ -179,13 +233,23 @@ class PyRuntime {
   }
 
   /// y = layer(x); `out` (same shape, float32) receives y when given, else a new array.
-  py::object forward(const py::object& x, const py::object& out, int layer) {
+  py::object forward(const py::object& self, const py::object& x, const py::object& out,
+                     int layer) {
     const TensorArgument in(x, "input x");
-    in.view().require("input x", DType::kF32, {-1, hidden()});
-    py::object result =
-        out.is_none() ? py::object(py::array_t<float>({in.view().dim(0), hidden()})) : out;
+    // Host tokens, or tokens on the device of the data path (which every layer shares).
+    DataPath& path = runtime_->layer(0, 0).data_path();
+    const switchyard::Device device =
+        in.view().device() == path.device() ? path.device() : switchyard::Device::host();
+    in.view().require_on(device, "input x", DType::kF32, {-1, hidden()});
+    const std::int64_t T = in.view().dim(0);
+    py::object result = out;
+    if (out.is_none()) {
+      result = device.kind == switchyard::Device::Kind::kHost
+                   ? py::object(py::array_t<float>({T, hidden()}))
+                   : py::cast(DeviceTensor(self, path.allocator(), T, hidden()));
+    }
     const TensorArgument y(result, "output y", /*written=*/true);
-    y.view().require("output y", DType::kF32, {in.view().dim(0), hidden()});
+    y.view().require_on(device, "output y", DType::kF32, {T, hidden()});
     run_released(*calls_, [&] { runtime_->forward_local_tokens(in.view(), y.view(), layer); });
     return result;
   }
@@ -601,6 +665,14 @@ PYBIND11_MODULE(_switchyard, m) {
       py::arg("tensor"),
       "The address the runtime reads a tensor argument at (for tests: no copy is made).");
 
+  py::class_<DeviceTensor>(m, "DeviceTensor",
+                           "A float32 matrix the runtime wrote in its data path's device "
+                           "memory; hand it on with DLPack (torch.from_dlpack, or back to "
+                           "the runtime).")
+      .def_property_readonly("shape", &DeviceTensor::shape)
+      .def("__dlpack__", &DeviceTensor::dlpack, py::arg("stream") = py::none())
+      .def("__dlpack_device__", &DeviceTensor::dlpack_device);
+
   py::class_<PyRuntime>(m, "Runtime")
       .def(py::init(
                [](const py::object& config, const std::map<std::string, std::string>& overrides) {
@@ -626,10 +698,16 @@ PYBIND11_MODULE(_switchyard, m) {
                              "layer= name one by its index 0..L-1.")
       .def_property_readonly("layer_ids", &PyRuntime::layer_ids,
                              "The checkpoint's layer number of each layer index.")
-      .def("forward", &PyRuntime::forward, py::arg("x"), py::arg("out") = py::none(),
-           py::arg("layer") = 0,
-           "MoE layer `layer` on this process's tokens x [T,H] float32 (NumPy or __dlpack__; "
-           "the ranks hosted here split them), into `out` when given.")
+      .def(
+          "forward",
+          [](const py::object& self, const py::object& x, const py::object& out, int layer) {
+            return self.cast<PyRuntime&>().forward(self, x, out, layer);
+          },
+          py::arg("x"), py::arg("out") = py::none(), py::arg("layer") = 0,
+          "MoE layer `layer` on this process's tokens x [T,H] float32 (NumPy or __dlpack__, "
+          "host memory or the data path's device; the ranks hosted here split them), into "
+          "`out` when given. Without `out`: a NumPy array for host tokens, a DeviceTensor "
+          "(DLPack) for device tokens. Returns when y is written.")
       .def("reference_forward", &PyRuntime::reference_forward, py::arg("x"), py::arg("layer") = 0,
            "The dense single-process reference of layer `layer` (float64 inside).")
       .def("route", &PyRuntime::route, py::arg("x"), py::arg("layer") = 0,

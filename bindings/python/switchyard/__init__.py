@@ -13,14 +13,17 @@
     y = rt.combine(dispatched)
 
 Tensors: NumPy float32 arrays or any object with __dlpack__ (PyTorch CPU tensors), used
-in place (no copies); `forward(x, out=...)` writes into a tensor of yours. Errors raise
+in place (no copies); `forward(x, out=...)` writes into a tensor of yours. With a device
+data path (`[runtime] data_path`), `forward` also takes tokens on that device through
+DLPack and returns a `DeviceTensor` (DLPack, no copy) unless `out` is given. Errors raise
 `switchyard.Error` subclasses that also derive from the matching built-in exception
 (InvalidArgumentError is a ValueError, TimeoutError a TimeoutError, ...), each with
 `.code`. `route(logits, policy, **options)` and `Router` run a routing policy alone.
-Inference only: there is no backward pass yet.
+`backward` and `parameters` train (examples/python/torch_moe.py wraps them for PyTorch).
 """
 from ._switchyard import (  # noqa: F401
     AbiMismatchError,
+    DeviceTensor,
     Dispatch,
     Error,
     InternalError,
