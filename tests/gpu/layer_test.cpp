@@ -2,7 +2,8 @@
 // router fed a copy of the logits — against the dense float64 reference on the same plan
 // (dense_moe_reference: plain loops, independent of every plugin). Payloads f32, bf16 and
 // fp8; partial sums f32 and bf16; f32 and bf16 experts; cuda_swiglu's GEMMs per expert,
-// batched and grouped. Random weights and tokens; the output poisoned first.
+// batched and grouped. Random weights and tokens; the output poisoned first. And worlds of
+// 1-4 in-process ranks sharing the GPU (rows through pinned host memory).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 #include "switchyard/model.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/reference.hpp"
+#include "switchyard/runtime.hpp"
 
 using namespace switchyard;
 
@@ -166,5 +168,52 @@ TEST_CASE("the layer with cuda_swiglu's batched and grouped GEMMs equals the den
         layer_against_reference(registry, *transport, model, K, random_tokens(1200, H),
                                 PayloadDType::kBF16, DType::kF32, &split);
     CHECK(d.worst <= 2e-2f * d.largest);
+  }
+}
+
+TEST_CASE("several ranks on one GPU: in-process ranks over host staging equal the reference") {
+  // Worlds 1-4 of in-process ranks (threads) share GPU 0: the CUDA data path and
+  // cuda_swiglu on each, the rows between them through pinned host memory (inproc takes
+  // no device memory). Device tokens, read back as soon as forward returns; and host
+  // tokens staged by the runtime. f32 weights and payload: float32 accumulation only.
+  const std::int64_t T = 257, H = 128;
+  const std::vector<float> x = random_tokens(T, H);
+  std::vector<float> world_1;
+  for (const int ranks : {1, 2, 4}) {
+    CAPTURE(ranks);
+    Config config;
+    config.set("runtime", "transport", std::string("inproc"));
+    config.set("runtime", "ranks", std::int64_t{ranks});
+    config.set("runtime", "data_path", std::string("cuda"));
+    config.set("runtime", "timeout_s", 60.0);
+    config.set("experts", "kernel", std::string("cuda_swiglu"));
+    config.set("router", "top_k", std::int64_t{2});
+    config.set("model", "num_experts", std::int64_t{8});
+    config.set("model", "hidden", H);
+    config.set("model", "ffn_hidden", std::int64_t{192});
+    Runtime runtime(config);
+    test::DeviceArray<float> d_x(x), d_y(x.size());
+    d_y.poison();
+    runtime.forward(TensorView(d_x.get(), DType::kF32, {T, H}, Device::cuda(0)),
+                    TensorView(d_y.get(), DType::kF32, {T, H}, Device::cuda(0)));
+    const std::vector<float> got = d_y.to_host();
+    std::vector<float> staged(x.size()), expected(x.size());
+    runtime.forward(TensorView(const_cast<float*>(x.data()), DType::kF32, {T, H}),
+                    TensorView(staged.data(), DType::kF32, {T, H}));
+    runtime.reference_forward(TensorView(const_cast<float*>(x.data()), DType::kF32, {T, H}),
+                              TensorView(expected.data(), DType::kF32, {T, H}));
+    float worst = 0, largest = 0;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      REQUIRE(std::isfinite(got[i]));
+      largest = std::max(largest, std::fabs(expected[i]));
+      worst = std::max(worst, std::fabs(got[i] - expected[i]));
+    }
+    CHECK(worst <= 1e-4f * largest);
+    CHECK(std::equal(staged.begin(), staged.end(), got.begin()));
+    if (ranks == 1) world_1 = got;
+    float apart = 0;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      apart = std::max(apart, std::fabs(got[i] - world_1[i]));
+    CHECK(apart <= 1e-4f * largest);  // cuBLAS may tile other row counts differently
   }
 }

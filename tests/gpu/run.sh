@@ -119,6 +119,27 @@ for n in $(printf '%s\n' 1 "$gpus" | sort -un); do
   fi
   tail -3 "$work/run-$n.log"
 done
+# Several ranks on one GPU: in-process ranks (threads) share the device, their rows going
+# between them through pinned host memory; y must equal world 1's within bf16 rounding.
+for n in 1 4; do
+  if timeout 120 bin/switchyard run "$root/examples/configs/gpu.toml" --check \
+      --set runtime.transport=inproc --set runtime.ranks=$n --set output.path="$work/y-inproc-$n.npy" \
+      > "$work/run-inproc-$n.log" 2>&1; then
+    runs+=("$n ranks on GPU 0 (inproc): $(grep -o 'PASS' "$work/run-inproc-$n.log" | head -1 || echo ok) ($(grep -m1 -o 'max |y - reference|.*' "$work/run-inproc-$n.log" || true))")
+  else
+    runs+=("$n ranks on GPU 0 (inproc): FAILED (see $work/run-inproc-$n.log)")
+    status=1
+  fi
+  tail -2 "$work/run-inproc-$n.log"
+done
+if [ -f "$work/y-inproc-1.npy" ] && [ -f "$work/y-inproc-4.npy" ]; then
+  runs+=("world 4 against world 1 on one GPU: $(python3 -c '
+import sys, numpy as np
+a, b = np.load(sys.argv[1]).astype(np.float64), np.load(sys.argv[2]).astype(np.float64)
+r = np.abs(a - b).max() / max(np.abs(a).max(), 1e-30)
+print(("PASS" if r <= 2e-2 else "FAIL") + f" (max |y4 - y1| / max |y1| = {r:.3g})")' \
+    "$work/y-inproc-1.npy" "$work/y-inproc-4.npy" 2>&1 || echo "comparison failed")")
+fi
 say "end-to-end runs done"
 
 # 5. Benchmarks: kernels against the device's references, the layer against transformers.
