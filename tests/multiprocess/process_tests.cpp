@@ -163,6 +163,35 @@ TEST_CASE(
         dir.path(), flags + " --set runtime.data_path=pretend_cuda --set output.path=", 3, {},
         read_file(host_y));
   }
+  // The backward: dx and every gradient the host data path's bytes, on every transport.
+  write_npy(dir / "dy.npy", synthetic_tokens(31, 16, 9).view());
+  const std::string backward = " backward " + (dir / "model.toml").string() + " --grad-output " +
+                               (dir / "dy.npy").string() + " --set runtime.timeout_s=60 --out ";
+  auto outputs = [&](const std::string& name) {
+    return read_file(dir / name / "dx.npy") + read_file(dir / name / "d_model.safetensors");
+  };
+  const auto on_host =
+      test::run_command(kTool + backward + (dir / "host").string() + " --set runtime.ranks=3");
+  INFO(on_host.output);
+  REQUIRE(on_host.exit_code == 0);
+  const std::string device = " --set runtime.data_path=pretend_cuda";
+  const auto inproc = test::run_command(kTool + backward + (dir / "inproc").string() + device +
+                                        " --set runtime.ranks=3");
+  const auto mpi =
+      test::run_command(kMpirun + " -np 3 " + kTool + backward + (dir / "mpi").string() + device +
+                        " --set runtime.transport=mpi");
+  const auto ucx =
+      test::run_command(kTool + " launch -n 3 -- " + kTool + backward + (dir / "ucx").string() +
+                        device + " --set runtime.transport=ucx");
+  for (const auto* r : {&inproc, &mpi, &ucx}) {
+    INFO(r->output);
+    CHECK(r->exit_code == 0);
+  }
+  const std::string expected = outputs("host");
+  CHECK(expected.size() > 31 * 16 * 4);
+  CHECK(outputs("inproc") == expected);
+  CHECK(outputs("mpi") == expected);
+  CHECK(outputs("ucx") == expected);
 }
 
 TEST_CASE("bias balancing under mpirun and launch: skewed experts even out, same bias everywhere") {
