@@ -137,7 +137,7 @@ TEST_CASE(
 
 TEST_CASE(
     "a pretend device under mpirun and launch: rows through host memory, the host path's "
-    "bits") {
+    "bits forward and backward") {
   // tests/fixtures/plugins/pretend_device.cpp: host memory labelled cuda:0 whose streams
   // run their work later on a thread of their own. MPI and UCX take no device memory, so
   // the rows, their slots and the partial sums go through host staging memory. The same
