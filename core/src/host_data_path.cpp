@@ -120,12 +120,16 @@ class HostDataPath final : public DataPath {
   void layout_counts(const LayoutCountsArgs& a, Stream& /*stream*/) override {
     const int R = a.placement->num_ranks();
     std::fill(a.rows_to, a.rows_to + R, 0);
+    if (a.slots_to_expert != nullptr) {
+      std::fill(a.slots_to_expert, a.slots_to_expert + a.placement->num_experts(), 0);
+    }
     for (std::int64_t t = 0; t < a.num_tokens; ++t) {
       const std::int32_t* ex = a.experts + t * a.slots;
       for (int j = 0; j < a.slots; ++j) {
         if (ex[j] < 0) continue;
         const int d = a.placement->rank_of(ex[j]);
         if (!earlier_slot_same_rank(ex, j, d, *a.placement)) ++a.rows_to[d];
+        if (a.slots_to_expert != nullptr) ++a.slots_to_expert[ex[j]];
       }
     }
   }
@@ -218,10 +222,12 @@ class HostDataPath final : public DataPath {
   void group_by_expert(const GroupArgs& a, Stream& /*stream*/) override {
     const std::size_t row_bytes = payload_row_bytes(a.dtype, a.hidden);
     cursor_.resize(to_size(a.num_local_experts));
+    group_end_.resize(to_size(a.num_local_experts));
     std::int64_t first = 0;
     for (int l = 0; l < a.num_local_experts; ++l) {
       cursor_[to_size(l)] = first;
       first += a.rows_per_expert[l];
+      group_end_[to_size(l)] = first;
     }
     require_expert_row_dtype(a.expert_input_dtype, "group_by_expert: expert rows");
     const bool to_bf16 = a.expert_input_dtype == DType::kBF16;
@@ -240,6 +246,16 @@ class HostDataPath final : public DataPath {
         if (l < 0) {
           assignment = -1;
           continue;
+        }
+        if (l >= a.num_local_experts || cursor_[to_size(l)] == group_end_[to_size(l)]) {
+          // A row for an expert this rank lacks, or more than its count: the sender's
+          // counts and slots disagree (never from the layer's own exchange).
+          throw Error(ErrorCode::kInternal,
+                      "MoE dispatch: received a row for local expert " + std::to_string(l) +
+                          (l >= a.num_local_experts
+                               ? " but this rank holds " + std::to_string(a.num_local_experts)
+                               : " beyond the " + std::to_string(a.rows_per_expert[l]) +
+                                     " rows its count announced"));
         }
         assignment = cursor_[to_size(l)]++;
         std::byte* out = a.expert_input + to_size(assignment) * out_row_bytes;
@@ -393,7 +409,7 @@ class HostDataPath final : public DataPath {
 
   // Scratch, reused: per-rank or per-expert cursors; the rows (f32 or bf16) and weights of
   // one sum; each token's first row and each row's next row of the same token.
-  std::vector<std::int64_t> cursor_, current_row_;
+  std::vector<std::int64_t> cursor_, group_end_, current_row_;
   std::vector<float> decoded_;  // one received row in f32, for bf16 expert rows
   std::vector<float> widened_;  // a row's bf16 expert outputs in f32, one row per slot
   std::vector<const float*> rows_;

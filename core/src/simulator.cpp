@@ -467,7 +467,15 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
     }
   }
   // What the layer's own counters would say: rows with their slots to each peer of the
-  // group plus one int64 count per peer; results back in the combine dtype.
+  // group plus the counts for each peer (its rows, then the slots for each of its local
+  // experts, as many as the rank with the most: int64 each); results back in the combine
+  // dtype.
+  const ExpertPlacement placement(spec_.num_experts, G);
+  std::uint64_t counts_per_peer = 1;
+  for (int p = 0; p < G; ++p) {
+    counts_per_peer =
+        std::max(counts_per_peer, 1 + static_cast<std::uint64_t>(placement.num_local(p)));
+  }
   for (std::size_t s = 0; s < settings_.size(); ++s) {
     Traffic& t = result[s];
     const std::uint64_t row = dispatch_copy_bytes(spec_, Accounting::kPerRank, slots(s));
@@ -477,7 +485,7 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
     const auto& per_rank = t.copies[static_cast<int>(Accounting::kPerRank)];
     for (int a = 0; a < W; ++a) {
       t.layer_dispatch_bytes[static_cast<std::size_t>(a)] =
-          sizeof(std::int64_t) * static_cast<std::uint64_t>(G - 1);
+          sizeof(std::int64_t) * counts_per_peer * static_cast<std::uint64_t>(G - 1);
       for (int b = 0; b < W; ++b) {
         const auto n = static_cast<std::uint64_t>(
             per_rank[static_cast<std::size_t>(a) * static_cast<std::size_t>(W) +

@@ -75,14 +75,19 @@ void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Erro
   LayerWorkspace& ws = *parts_.workspace;
   const std::size_t R = ranks();
   const auto n = static_cast<std::size_t>(chunks);
+  const std::size_t W = counts_width();
   chunks_ = chunks;
   num_tokens_ = local_error ? 0 : plan.num_tokens;
   slots_ = plan.slots;
-  ws.rows_to_table.resize(R * n);
-  ws.rows_from_table.resize(R * n);
+  ws.rows_to_table.resize(R * n * W);
+  ws.rows_from_table.resize(R * n * W);
   if (local_error == nullptr) {
-    // Per peer, its chunks' counts side by side: [R, chunks], one block per peer.
-    ws.chunk_counts.resize(R);
+    // Per peer one block of its chunks' counts, [chunks, W] each: the rows it gets, then
+    // the slots for each of its local experts (so that it sizes its grouping without
+    // counting what arrived).
+    const int E = parts_.placement->num_experts();
+    ws.chunk_counts.resize(R + static_cast<std::size_t>(E));
+    std::fill(ws.rows_to_table.begin(), ws.rows_to_table.end(), 0);
     for (int c = 0; c < chunks; ++c) {
       LayoutCountsArgs counts;
       counts.experts = plan.experts.data() + first_token(c) * slots_;
@@ -90,15 +95,20 @@ void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Erro
       counts.slots = slots_;
       counts.placement = parts_.placement;
       counts.rows_to = ws.chunk_counts.data();
+      counts.slots_to_expert = ws.chunk_counts.data() + R;
       parts_.data_path->layout_counts(counts, stream());  // written when it returns
       for (std::size_t p = 0; p < R; ++p) {
-        ws.rows_to_table[p * n + static_cast<std::size_t>(c)] = ws.chunk_counts[p];
+        std::int64_t* block = ws.rows_to_table.data() + (p * n + static_cast<std::size_t>(c)) * W;
+        block[0] = ws.chunk_counts[p];
+        const int first = parts_.placement->first_expert(static_cast<int>(p));
+        const int local = parts_.placement->num_local(static_cast<int>(p));
+        for (int j = 0; j < local; ++j) block[1 + j] = counts.slots_to_expert[first + j];
       }
     }
   } else {
-    ws.rows_to_table.assign(R * n, -1);  // tells every peer that this rank failed
+    ws.rows_to_table.assign(R * n * W, -1);  // tells every peer that this rank failed
   }
-  const std::size_t bytes = n * sizeof(std::int64_t);
+  const std::size_t bytes = n * W * sizeof(std::int64_t);
   if (parts_.data_path->device().kind == Device::Kind::kHost) {
     parts_.transport->alltoall(ws.rows_to_table.data(), ws.rows_from_table.data(), bytes, stream());
     stream().synchronize();  // the counts are read on the host
@@ -115,7 +125,7 @@ void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Erro
     throw *local_error;
   }
   for (std::size_t p = 0; p < R; ++p) {
-    if (ws.rows_from_table[p * n] < 0) {
+    if (ws.rows_from_table[p * n * W] < 0) {
       failure_agreed_ = true;
       LayerWorkspace::wait_quietly(stream());
       throw Error(ErrorCode::kPeerFailed, "MoE dispatch: world rank " +
@@ -141,9 +151,18 @@ void TokenExchange::stage(const TokenRange& tokens, int c, DispatchHandle& h) {
   for (auto* b : {&h.rows_to_, &h.rows_from_, &h.rows_to_offset_, &h.rows_from_offset_})
     b->resize(R);
   std::int64_t S = 0, N = 0;
+  const std::size_t W = counts_width();
+  // This rank's local experts get the slots every peer counted for them.
+  const int L = parts_.placement->num_local(parts_.transport->rank());
+  h.rows_per_expert_.resize(static_cast<std::size_t>(L));
+  std::fill(h.rows_per_expert_.begin(), h.rows_per_expert_.end(), 0);
   for (std::size_t p = 0; p < R; ++p) {
-    h.rows_to_[p] = ws.rows_to_table[p * n + static_cast<std::size_t>(c)];
-    h.rows_from_[p] = ws.rows_from_table[p * n + static_cast<std::size_t>(c)];
+    const std::int64_t* to = ws.rows_to_table.data() + (p * n + static_cast<std::size_t>(c)) * W;
+    const std::int64_t* from =
+        ws.rows_from_table.data() + (p * n + static_cast<std::size_t>(c)) * W;
+    for (int l = 0; l < L; ++l) h.rows_per_expert_[static_cast<std::size_t>(l)] += from[1 + l];
+    h.rows_to_[p] = to[0];
+    h.rows_from_[p] = from[0];
     h.rows_to_offset_[p] = S;
     h.rows_from_offset_[p] = N;
     S += h.rows_to_[p];
@@ -218,6 +237,14 @@ AlltoallvBuffers TokenExchange::back_buffers(DispatchHandle& h) const {
           span_of(h.back_recv_bytes_),
           span_of(h.back_recv_offsets_),
           parts_.data_path->device()};
+}
+
+std::size_t TokenExchange::counts_width() const noexcept {
+  int most = 0;
+  for (int p = 0; p < parts_.placement->num_ranks(); ++p) {
+    most = std::max(most, parts_.placement->num_local(p));
+  }
+  return 1 + static_cast<std::size_t>(most);
 }
 
 bool TokenExchange::staged() const noexcept {
@@ -304,15 +331,8 @@ void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes) {
   const int K = h.slots_;
   const std::int64_t N =
       static_cast<std::int64_t>(h.recv_meta_.size()) / static_cast<std::int64_t>(K ? K : 1);
+  // The rows per local expert came with the counts (`stage`): nothing is counted again.
   const int L = parts_.placement->num_local(parts_.transport->rank());
-  h.rows_per_expert_.resize(static_cast<std::size_t>(L));
-  GroupCountArgs count;
-  count.meta = h.recv_meta_.data();
-  count.num_rows = N;
-  count.slots = K;
-  count.num_local_experts = L;
-  count.rows_per_expert = h.rows_per_expert_.data();
-  parts_.data_path->count_groups(count, stream());
   std::int64_t A = 0;
   for (int l = 0; l < L; ++l) A += h.rows_per_expert_[static_cast<std::size_t>(l)];
   h.expert_input_.resize(to_size(A * H));
@@ -478,15 +498,15 @@ void TokenExchange::count_traffic() {
   for (std::size_t p = 0; p < R; ++p) {
     if (p == self) continue;
     for (std::size_t c = 0; c < n; ++c) {
-      rows_sent += ws.rows_to_table[p * n + c];
-      rows_received += ws.rows_from_table[p * n + c];
+      rows_sent += ws.rows_to_table[(p * n + c) * counts_width()];
+      rows_received += ws.rows_from_table[(p * n + c) * counts_width()];
     }
   }
   const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, parts_.hidden);
   const std::size_t meta_bytes = to_size(slots_) * sizeof(SlotMeta);
   const std::size_t back_bytes = to_size(parts_.hidden) * dtype_size(parts_.combine_dtype);
   traffic_.rows_sent = rows_sent;
-  traffic_.dispatch_bytes = (R - 1) * n * sizeof(std::int64_t) +
+  traffic_.dispatch_bytes = (R - 1) * n * counts_width() * sizeof(std::int64_t) +
                             static_cast<std::uint64_t>(rows_sent) * (row_bytes + meta_bytes);
   traffic_.combine_bytes = static_cast<std::uint64_t>(rows_received) * back_bytes;
 }

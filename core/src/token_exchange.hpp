@@ -52,9 +52,10 @@ class TokenExchange {
   /// The first problem of a plan's shape, device, expert ids or weights; nothing if none.
   std::optional<Error> check_plan(const RoutingPlan& plan) const;
 
-  /// Counts the rows each of `chunks` equal token ranges of `plan` sends to every peer and
-  /// exchanges all counts at once. That exchange also carries a failure: with `local_error`
-  /// (or a bad plan) this rank sends -1s and throws its error; a rank that receives -1s
+  /// Counts the rows each of `chunks` equal token ranges of `plan` sends to every peer, and
+  /// the slots for each of the peer's local experts, and exchanges all counts at once.
+  /// That exchange also carries a failure: with `local_error` (or a bad plan) this rank
+  /// sends -1s and throws its error; a rank that receives -1s
   /// throws `Error(kPeerFailed)`. Every rank throws at this same point, so the group
   /// stays usable (`failure_agreed`). Collective.
   void agree_counts(const RoutingPlan& plan, int chunks, const Error* local_error);
@@ -119,6 +120,9 @@ class TokenExchange {
 
  private:
   Stream& stream() const noexcept;
+  /// Counts per peer and chunk in the counts exchange: its rows, then the slots for each of
+  /// its local experts (as many as the rank with the most).
+  std::size_t counts_width() const noexcept;
   /// True when the rows go through host staging memory (see `send_rows`).
   bool staged() const noexcept;
   /// The exchanges `exchanges` of device buffers through host memory, each receiving into

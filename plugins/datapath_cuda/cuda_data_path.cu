@@ -190,6 +190,17 @@ __global__ void rank_totals(const std::int32_t* sends, const std::int64_t* scann
   rows_to[d] = T == 0 ? 0 : scanned[last] - scanned[static_cast<std::int64_t>(d) * T] + sends[last];
 }
 
+/// slots_to_expert[e] += 1 for every slot naming expert e (valid ids only; the marks
+/// check the rest).
+__global__ void expert_slot_totals(const std::int32_t* experts, std::int64_t n, int E,
+                                   std::int64_t* slots_to_expert) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const std::int32_t e = experts[i];
+  if (e < 0 || e >= E) return;
+  atomicAdd(reinterpret_cast<unsigned long long*>(slots_to_expert + e), 1ULL);
+}
+
 /// One thread per token: its send rows (first row of rank d: rows_to_offset[d] plus the
 /// tokens before it that send to d) and their slots in routing order.
 __global__ void write_layout(const std::int32_t* experts, const float* weights, std::int64_t T,
@@ -633,14 +644,28 @@ class CudaDataPath final : public DataPath {
     const cudaStream_t s = native(stream);
     const int R = a.placement->num_ranks();
     mark_and_scan_sends(a.experts, a.num_tokens, a.slots, placement_of(*a.placement), s);
-    std::int64_t* totals = rank_totals_.get(static_cast<std::size_t>(R));
+    // [R] rows per rank, then (when asked) [E] slots per expert: read back together.
+    const int E = a.slots_to_expert != nullptr ? a.placement->num_experts() : 0;
+    std::int64_t* totals = rank_totals_.get(static_cast<std::size_t>(R + E));
     rank_totals<<<blocks_for(R, 128), 128, 0, s>>>(sends_.get(0), scanned_.get(0), a.num_tokens, R,
                                                    totals);
     check_launch("rank totals");
+    if (E > 0) {
+      check(cudaMemsetAsync(totals + R, 0, static_cast<std::size_t>(E) * sizeof(std::int64_t), s),
+            "clearing the expert totals");
+      const std::int64_t n = a.num_tokens * a.slots;
+      if (n > 0) {
+        expert_slot_totals<<<blocks_for(n, 256), 256, 0, s>>>(a.experts, n, E, totals + R);
+        check_launch("expert totals");
+      }
+    }
     unsigned long long bad = 0;
     check(cudaMemcpyAsync(&bad, bad_slot_.get(1), sizeof bad, cudaMemcpyDeviceToHost, s),
           "reading the check");
-    read_back(totals, static_cast<std::size_t>(R), a.rows_to, s);
+    host_totals_.resize(static_cast<std::size_t>(R + E));
+    read_back(totals, host_totals_.size(), host_totals_.data(), s);
+    std::copy_n(host_totals_.begin(), R, a.rows_to);
+    if (E > 0) std::copy_n(host_totals_.begin() + R, E, a.slots_to_expert);
     if (bad != kNoBadSlot) {
       std::int32_t expert = 0;
       check(cudaMemcpy(&expert, a.experts + bad, sizeof expert, cudaMemcpyDeviceToHost),
@@ -1014,6 +1039,7 @@ class CudaDataPath final : public DataPath {
   Scratch<std::int64_t> scanned_, group_scanned_, rank_totals_, rank_offsets_, expert_totals_,
       expert_first_, row_ids_, sorted_tokens_, token_first_;
   Scratch<int> bad_;
+  std::vector<std::int64_t> host_totals_;    // layout_counts' rows per rank and slots per expert
   Scratch<unsigned long long> bad_slot_;     // first slot with an invalid expert, or all ones
   Scratch<unsigned long long> route_words_;  // routing statistics and check
   Scratch<float> route_bias_;

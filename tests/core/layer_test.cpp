@@ -143,7 +143,8 @@ TEST_CASE("a token is sent once per destination rank, not once per expert") {
     // Two rows leave for the other rank (tokens 1 and 2 from rank 0, tokens 0 and 2 from
     // rank 1), not three.
     CHECK(layer.traffic().rows_sent == 2);
-    CHECK(layer.traffic().dispatch_bytes == 8 + 2 * (H + 2 * 2) * 4);
+    // The counts (rows, then slots for each of the peer's 2 experts) and the rows.
+    CHECK(layer.traffic().dispatch_bytes == 3 * 8 + 2 * (H + 2 * 2) * 4);
     // Per local expert, the assignments of both ranks' tokens.
     const std::vector<std::int64_t> expected =
         r == 0 ? std::vector<std::int64_t>{4, 2} : std::vector<std::int64_t>{2, 4};

@@ -333,8 +333,9 @@ TEST_CASE("a bf16 payload sends half the bytes of an f32 one") {
     HostTensor y(DType::kF32, {32, 24});
     runtime.forward(x.view(), y.view());
     const LayerTraffic t = runtime.total_traffic();
-    // Row payload only: the counts (8 bytes per peer) and the slots (8 bytes per slot) stay.
-    bytes[i++] = t.dispatch_bytes - static_cast<std::uint64_t>(t.rows_sent) * 2 * 8 - 2 * 8;
+    // Row payload only: the counts (per peer: its rows and the slots for each of its 2
+    // experts, 8 bytes each) and the slots (8 bytes per slot) stay.
+    bytes[i++] = t.dispatch_bytes - static_cast<std::uint64_t>(t.rows_sent) * 2 * 8 - 2 * 3 * 8;
   }
   CHECK(bytes[0] == 2 * bytes[1]);
 }
@@ -588,9 +589,9 @@ TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
         runtime.forward(TensorView(x.data<float>(), DType::kF32, {41, 24}, Device::cuda(0)),
                         TensorView(y.data<float>(), DType::kF32, {41, 24}, Device::cuda(0)));
         // The host waits of a forward on device tensors: the routing (its statistics; a
-        // host policy reads the logits and then its plan is copied up), the rows per
-        // destination, the rows per expert, and y written.
-        CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits == (on_device ? 4 : 5));
+        // host policy reads the logits and then its plan is copied up), the counts (rows
+        // per destination and per expert), and y written.
+        CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits == (on_device ? 3 : 4));
       }
       dlclose(library);
     }
@@ -640,11 +641,10 @@ TEST_CASE(
         const double waits_per_rank =
             static_cast<double>(pretend_counter("switchyard_fixture_stream_waits") - waits_before) /
             k.ranks;
-        // Today's waits, each rank: the routing (its statistics), the rows per destination,
-        // the rows out through host memory, the rows per expert, the partial sums back
-        // through host memory, and y written. A transport of device memory (NCCL) needs
-        // neither wait of the staging.
-        CHECK(waits_per_rank <= 6);
+        // Today's waits, each rank: the routing (its statistics), the counts, the rows out
+        // through host memory, the partial sums back through host memory, and y written.
+        // A transport of device memory (NCCL) needs neither wait of the staging.
+        CHECK(waits_per_rank <= 5);
       }
     }
   }

@@ -90,9 +90,17 @@ void layout_case(DataPath& path, Stream& stream) {
       space.put(std::vector<float>{0.5f, 0.5f, 0.25f, 0.75f, 2.0f, 1.0f, 0.0f, 0.0f});
   std::int64_t rows_to[2] = {-7, -7};  // host
   path.layout_counts({experts, 4, 2, &placement, rows_to}, stream);
-  stream.synchronize();
+  // Host results are written when the call returns: read without waiting.
   CHECK(rows_to[0] == 2);  // tokens 0 and 2
   CHECK(rows_to[1] == 2);  // tokens 1 and 2
+  // With the slots per expert: e0 by tokens 0 and 2, e1 by 0, e2 by 1, e3 by 1 and 2.
+  std::int64_t slots_to_expert[4] = {-7, -7, -7, -7};
+  rows_to[0] = rows_to[1] = -7;
+  path.layout_counts({experts, 4, 2, &placement, rows_to, slots_to_expert}, stream);
+  CHECK(rows_to[0] == 2);
+  CHECK(rows_to[1] == 2);
+  CHECK(std::vector<std::int64_t>(slots_to_expert, slots_to_expert + 4) ==
+        std::vector<std::int64_t>{2, 1, 1, 2});
   const std::int64_t offsets[] = {0, 2};
   auto* token = space.dirty<std::int64_t>(4);
   auto* meta = space.dirty<SlotMeta>(8);

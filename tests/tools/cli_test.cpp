@@ -362,7 +362,7 @@ TEST_CASE("bench: every figure, and the bytes of a routing counted by hand") {
   // 4 experts on 2 ranks, every token to all 4 (top_k = 4): each token goes to the other
   // rank once in the runtime (one f32 row of 16 = 64 bytes, 4 slots of 8 bytes) and twice
   // in the naive dispatcher (one row and one (expert, weight) of 8 bytes per pair). The
-  // runtime also sends its row count (8 bytes); the raw exchange moves the rows alone.
+  // runtime also sends its counts (24 bytes); the raw exchange moves the rows alone.
   Case c;
   c.write_config("", "top_k = 4\n");
   const auto json = c.dir / "bench.json";
@@ -380,7 +380,8 @@ TEST_CASE("bench: every figure, and the bytes of a routing counted by hand") {
     REQUIRE_MESSAGE(at != std::string::npos, key);
     return std::stod(text.substr(at + key.size() + 3));
   };
-  CHECK(value("bytes_dispatch") == 64 * (64 + 4 * 8) + 8);  // + the 8-byte row count
+  // + the counts: the row count and the slots for each of the peer's 2 experts, 8 bytes each
+  CHECK(value("bytes_dispatch") == 64 * (64 + 4 * 8) + 3 * 8);
   CHECK(value("bytes_raw_dispatch") == 64 * (64 + 4 * 8));
   CHECK(value("bytes_naive_dispatch") == 64 * 2 * (64 + 8));
   CHECK(value("allocations_per_step") == 0);

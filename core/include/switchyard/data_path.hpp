@@ -54,13 +54,16 @@ struct SlotMeta {
 };
 
 /// Per-destination row counts: each token goes once to every rank that holds one of its
-/// experts.
+/// experts; and, when asked, the kept slots per expert (the rows each expert will get),
+/// which travel with the row counts so that the receiver knows its grouping's sizes.
 struct LayoutCountsArgs {
   const std::int32_t* experts = nullptr;  ///< [T,K], -1 = dropped
   std::int64_t num_tokens = 0;            ///< T
   int slots = 0;                          ///< K
   const ExpertPlacement* placement = nullptr;
   std::int64_t* rows_to = nullptr;  ///< host [R], written
+  /// host [E], written when not null: slots of `experts` naming each expert
+  std::int64_t* slots_to_expert = nullptr;
 };
 
 /// The permutation of the dispatch: which token each send row holds and its slots.
