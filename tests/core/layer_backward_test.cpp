@@ -79,6 +79,18 @@ std::vector<double> widen(const TensorView& t) {
   return {t.data_as<const float>(), t.data_as<const float>() + t.numel()};
 }
 
+/// The runtime's model (one layer, every expert) in double.
+Parameters parameters_of(Runtime& runtime) {
+  Parameters p;
+  p.gate = widen(runtime.model().gate().view());
+  for (const auto& w : runtime.model().experts(0, E)) {
+    p.w1.push_back(widen(w.gate));
+    p.w3.push_back(widen(w.up));
+    p.w2.push_back(widen(w.down));
+  }
+  return p;
+}
+
 }  // namespace
 
 TEST_CASE("layer backward on 1-3 ranks: dx, the gate's and the experts' gradients") {
@@ -148,13 +160,7 @@ TEST_CASE("layer backward on 1-3 ranks: dx, the gate's and the experts' gradient
           runtime.layer(r).backward(rows(x), rows(dy), out);
         });
 
-        Parameters p;
-        p.gate = widen(runtime.model().gate().view());
-        for (const auto& w : runtime.model().experts(0, E)) {
-          p.w1.push_back(widen(w.gate));
-          p.w3.push_back(widen(w.up));
-          p.w2.push_back(widen(w.down));
-        }
+        Parameters p = parameters_of(runtime);
         std::vector<double> xs = widen(x.view());
         const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
         auto f = [&] { return loss(p, xs, experts, dys, sigmoid); };
@@ -278,13 +284,7 @@ TEST_CASE("Runtime::backward: world 1-4 × EP groups of world and world/2, with 
         ModelGradients gradients;
         runtime.backward(x.view(), dy.view(), dx.view(), gradients);
 
-        Parameters p;
-        p.gate = widen(runtime.model().gate().view());
-        for (const auto& w : runtime.model().experts(0, E)) {
-          p.w1.push_back(widen(w.gate));
-          p.w3.push_back(widen(w.up));
-          p.w2.push_back(widen(w.down));
-        }
+        Parameters p = parameters_of(runtime);
         std::vector<double> xs = widen(x.view());
         const std::vector<float> dys(dy.data<float>(), dy.data<float>() + dy.numel());
         // Each DP group computes the same experts on its own tokens: the layer's loss is the

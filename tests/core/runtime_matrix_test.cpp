@@ -543,6 +543,18 @@ long pretend_counter(const char* symbol) {
   return value;
 }
 
+/// Worlds of in-process ranks whose experts are pretend_swiglu (either memory): on the host
+/// data path, or (`on_device`) on the pretend device's, 8 experts, top-3.
+Config pretend_device_config(int ranks, int ep, const std::string& payload, bool on_device) {
+  Config c = base_config(ranks, 8, 3);
+  c.set("runtime", "ep_size", std::int64_t{ep});
+  c.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
+  c.set("runtime", "payload_dtype", payload);
+  c.set("experts", "kernel", std::string("pretend_swiglu"));
+  if (on_device) c.set("runtime", "data_path", std::string("pretend_cuda"));
+  return c;
+}
+
 }  // namespace
 
 TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
@@ -613,15 +625,8 @@ TEST_CASE(
       CAPTURE(k.ranks);
       CAPTURE(k.ep);
       CAPTURE(payload);
-      Config host = base_config(k.ranks, 8, 3);
-      host.set("runtime", "ep_size", std::int64_t{k.ep});
-      host.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
-      host.set("runtime", "payload_dtype", payload);
-      host.set("experts", "kernel", std::string("pretend_swiglu"));
-      Config device = host;
-      device.set("runtime", "data_path", std::string("pretend_cuda"));
-      Runtime on_host(host);
-      Runtime on_device(device);
+      Runtime on_host(pretend_device_config(k.ranks, k.ep, payload, false));
+      Runtime on_device(pretend_device_config(k.ranks, k.ep, payload, true));
       for (std::int64_t tokens : {53, 7}) {  // the second step reuses the buffers
         HostTensor x = synthetic_tokens(tokens, 24, static_cast<std::uint64_t>(tokens));
         HostTensor expected(DType::kF32, {tokens, 24});
@@ -845,15 +850,8 @@ TEST_CASE("dispatch and combine on the pretend device: the host path's bytes, at
       CAPTURE(k.ranks);
       CAPTURE(k.ep);
       CAPTURE(payload);
-      Config host = base_config(k.ranks, 8, 3);
-      host.set("runtime", "ep_size", std::int64_t{k.ep});
-      host.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
-      host.set("runtime", "payload_dtype", payload);
-      host.set("experts", "kernel", std::string("pretend_swiglu"));
-      Config device = host;
-      device.set("runtime", "data_path", std::string("pretend_cuda"));
-      Runtime on_host(host);
-      Runtime on_device(device);
+      Runtime on_host(pretend_device_config(k.ranks, k.ep, payload, false));
+      Runtime on_device(pretend_device_config(k.ranks, k.ep, payload, true));
       HostTensor x = synthetic_tokens(T, H, 12);
       auto dispatch_and_combine = [&](Runtime& runtime, Device where, HostTensor& y) {
         ProcessDispatch d;
