@@ -69,9 +69,25 @@ class DeviceArray {
   DeviceArray& operator=(const DeviceArray&) = delete;
   T* get() const { return data_; }
   std::size_t bytes() const { return count_ * sizeof(T); }
-  /// Fills the memory with 0xff bytes: NaN for floats, -1 for integers (poison).
-  void poison() { SWITCHYARD_CUDA_CHECK(cudaMemset(data_, 0xff, bytes())); }
+  /// Fills the memory with 0xff bytes: NaN for floats, -1 for integers (poison), and waits
+  /// for the whole device: the code under test runs on streams of its own (non-blocking,
+  /// not ordered after the legacy stream), which must not start before the poison is in.
+  void poison() {
+    SWITCHYARD_CUDA_CHECK(cudaMemset(data_, 0xff, bytes()));
+    SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  /// The values, after everything queued on any stream of the device: a test reads what
+  /// the code under test left, whatever stream it queued its work on. (A host-synchronous
+  /// entry point has waited already; the primitives' tests read right after queuing.)
   std::vector<T> to_host() const {
+    std::vector<T> host(count_);
+    SWITCHYARD_CUDA_CHECK(cudaDeviceSynchronize());
+    SWITCHYARD_CUDA_CHECK(cudaMemcpy(host.data(), data_, bytes(), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  /// The values as they are now, ordered after nothing but the legacy stream: for checking
+  /// that an entry point returned only when its output was written.
+  std::vector<T> to_host_as_returned() const {
     std::vector<T> host(count_);
     SWITCHYARD_CUDA_CHECK(cudaMemcpy(host.data(), data_, bytes(), cudaMemcpyDeviceToHost));
     return host;

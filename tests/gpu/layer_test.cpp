@@ -79,7 +79,7 @@ Difference layer_against_reference(PluginRegistry& registry, Transport& transpor
   d_y.poison();
   layer.forward(TensorView(d_x.get(), DType::kF32, {T, H}, Device::cuda(0)),
                 TensorView(d_y.get(), DType::kF32, {T, H}, Device::cuda(0)));
-  const auto got = d_y.to_host();
+  const auto got = d_y.to_host_as_returned();  // forward returns when y is written
 
   // The plan the layer used, back on the host, and the reference on it.
   const RoutingPlan& device_plan = layer.last_plan();
@@ -196,7 +196,7 @@ TEST_CASE("several ranks on one GPU: in-process ranks over host staging equal th
     d_y.poison();
     runtime.forward(TensorView(d_x.get(), DType::kF32, {T, H}, Device::cuda(0)),
                     TensorView(d_y.get(), DType::kF32, {T, H}, Device::cuda(0)));
-    const std::vector<float> got = d_y.to_host();
+    const std::vector<float> got = d_y.to_host_as_returned();  // written when forward returned
     std::vector<float> staged(x.size()), expected(x.size());
     runtime.forward(TensorView(const_cast<float*>(x.data()), DType::kF32, {T, H}),
                     TensorView(staged.data(), DType::kF32, {T, H}));
