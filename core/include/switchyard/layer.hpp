@@ -185,10 +185,11 @@ class MoELayer {
   MoELayer(const MoELayer&) = delete;
   MoELayer& operator=(const MoELayer&) = delete;
 
-  /// y [T,H] = MoE(x [T,H]); both f32 host contiguous, not aliased. Runs on the layer's
-  /// `stream()` and returns when y is written. Collective over the
-  /// EP group. If routing fails on any rank (bad shape, NaN logits), every rank throws:
-  /// the failing one its own error, the others `Error(kPeerFailed)`; nothing is sent.
+  /// y [T,H] = MoE(x [T,H]); both f32 contiguous in the data path's memory (host, or its
+  /// device for a device data path), not aliased. Runs on the layer's `stream()` and
+  /// returns when y is written. Collective over the EP group. If routing fails on any
+  /// rank (bad shape, NaN logits), every rank throws: the failing one its own error, the
+  /// others `Error(kPeerFailed)`; nothing is sent.
   void forward(const TensorView& x, const TensorView& y);
   /// The same forward with the routing given: `plan` (on the data path's device, for x's
   /// T tokens) instead of the layer's router (a plan shared between layers, replayed, or a
@@ -199,15 +200,17 @@ class MoELayer {
   void route(const TensorView& x, RoutingPlan& plan);
   /// Sends each token once to every rank that holds one of its experts, with its list of
   /// (local expert, weight); fills `handle` with the received rows grouped per local
-  /// expert. Collective. `refused`: this rank's caller found its input bad (e.g. a NaN
-  /// token); every rank then throws together before any row moves, this one `*refused`,
-  /// the others `Error(kPeerFailed)` (as for a bad plan or a bad x).
+  /// expert (in the data path's memory) and returns when they are written. Collective.
+  /// `refused`: this rank's caller found its input bad (e.g. a NaN token); every rank then
+  /// throws together before any row moves, this one `*refused`, the others
+  /// `Error(kPeerFailed)` (as for a bad plan or a bad x).
   void dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
                 const Error* refused = nullptr);
   /// Weights and sums the expert results per received row, sends the partial sums back
-  /// and sums them per token into y [T,H] (tokens with no kept expert get 0). Collective.
-  /// `expert_output` is [A,H] in the order of `handle.expert_input()`, f32 or bf16 (each
-  /// element widened exactly before it is weighed).
+  /// and sums them per token into y [T,H] (tokens with no kept expert get 0); returns when
+  /// y is written. Collective. `expert_output` is [A,H] in the order of
+  /// `handle.expert_input()`, f32 or bf16 (each element widened exactly before it is
+  /// weighed).
   void combine(DispatchHandle& handle, const TensorView& expert_output, const TensorView& y);
 
   const ExpertPlacement& placement() const noexcept { return parts_.placement; }
@@ -226,7 +229,7 @@ class MoELayer {
   bool kept_for_backward() const noexcept { return kept_for_backward_; }
 
   /// The backward of the last `forward(x, y)`, given the same x [T,H] and dy = dL/dy
-  /// [T,H] (f32 host contiguous): dy goes to the experts' ranks with the forward's layout;
+  /// [T,H] (f32 contiguous, where x is): dy goes to the experts' ranks with the forward's layout;
   /// there each (row, slot)'s expert runs its backward on weight · dy (adding the local
   /// experts' gradients), and the slot's weight gets <dy, expert output>; the rows' input
   /// gradients come back summed per token into dx; the weights' gradients come back to
