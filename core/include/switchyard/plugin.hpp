@@ -4,7 +4,7 @@
 ///
 /// A plugin is a shared library `libswitchyard-<kind>-<name>.so` exporting exactly one
 /// C entry point, `switchyard_plugin_v<N>` with N the plugin interface version (version.hpp;
-/// today `switchyard_plugin_v8`), that returns a pointer to a static `PluginDescriptor`. The
+/// today `switchyard_plugin_v9`), that returns a pointer to a static `PluginDescriptor`. The
 /// loader checks, in order: the entry exists; `interface_version` equals
 /// `kPluginInterfaceVersion`; `build_id` (which carries N too) equals the core's; `kind` and
 /// `name` match the file name. Any failure is recorded with its reason; a scan never stops
@@ -34,7 +34,7 @@ namespace switchyard {
 /// number of the binary contract below, raised on any change to `PluginDescriptor`, the
 /// create-argument structs or the interfaces.
 inline constexpr std::uint32_t kPluginInterfaceVersion = SWITCHYARD_PLUGIN_INTERFACE;
-/// Name of the entry point, which carries the version: "switchyard_plugin_v8".
+/// Name of the entry point, which carries the version: "switchyard_plugin_v9".
 inline constexpr const char* kPluginEntryName =
     "switchyard_plugin_v" SWITCHYARD_STRINGIFY(SWITCHYARD_PLUGIN_INTERFACE);
 
@@ -213,7 +213,7 @@ inline constexpr DataPathFactory data_path_factory =
 }  // namespace switchyard
 
 #define SWITCHYARD_PLUGIN_EXPORT extern "C" __attribute__((visibility("default")))
-/// The entry point's name as an identifier (switchyard_plugin_v8).
+/// The entry point's name as an identifier (switchyard_plugin_v9).
 #define SWITCHYARD_PLUGIN_ENTRY SWITCHYARD_CONCAT(switchyard_plugin_v, SWITCHYARD_PLUGIN_INTERFACE)
 
 /// Defines the entry point of a plugin. KIND is kTransport, kRouter, kExpert or kDataPath; FIELD

@@ -37,8 +37,10 @@
 /// was two numbers, an entry-point ABI (last 2) and an interface revision (last 7: streams
 /// and device memory, the fused expert path, `Router::backward`, saved columns, bf16 expert
 /// rows). 8: one number; `SwigluExpertWeights` block scales (FP8 weights);
-/// `ExpertKernel::capabilities` as one value.
-#define SWITCHYARD_PLUGIN_INTERFACE 8
+/// `ExpertKernel::capabilities` as one value. 9: `LayoutCountsArgs::slots_to_expert` (the
+/// counts exchange carries each peer's slots per local expert), `GroupArgs::rows_per_expert`
+/// read, not written; data-path calls that write host memory return with it written.
+#define SWITCHYARD_PLUGIN_INTERFACE 9
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
