@@ -456,6 +456,11 @@ void DataPath::slot_dot_products(const SlotRowsArgs& /*args*/, const float* /*ro
               "this data path has no backward primitives (slot_dot_products) yet");
 }
 
+void DataPath::finish_route_token_choice(RouterStats& /*stats*/) {
+  throw Error(ErrorCode::kInternal,
+              "finish_route_token_choice called on a data path that does not route");
+}
+
 std::unique_ptr<DataPath> make_host_data_path() { return std::make_unique<HostDataPath>(); }
 
 }  // namespace switchyard

@@ -237,6 +237,43 @@ bool MoELayer::last_failure_agreed() const noexcept { return exchange_->failure_
 const LayerTraffic& MoELayer::traffic() const noexcept { return exchange_->traffic(); }
 
 void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
+  route_queued(x, plan);
+  if (device_routing_pending_) {
+    host_ready();
+    finish_device_routing();
+  }
+}
+
+void MoELayer::finish_device_routing() {
+  if (!device_routing_pending_) return;
+  device_routing_pending_ = false;
+  data_path_->finish_route_token_choice(device_stats_);
+  parts_.router->adopt_stats(device_stats_);
+}
+
+void MoELayer::agree_counts(const RoutingPlan& plan, int chunks, const Error* local_error) {
+  if (!device_routing_pending_) {
+    exchange_->agree_counts(plan, chunks, local_error);
+    return;
+  }
+  // The routing's report comes with the counts' wait: a bad logit found there fails the
+  // step in the counts exchange, on every rank together, as a routing error does.
+  std::optional<Error> routing_error;
+  exchange_->count_rows(plan, chunks, local_error);
+  if (local_error != nullptr) host_ready();  // nothing was counted: wait here
+  try {
+    finish_device_routing();
+  } catch (const Error& e) {
+    if (local_error == nullptr) {
+      routing_error = e;
+      local_error = &*routing_error;
+      exchange_->count_failure();
+    }
+  }
+  exchange_->exchange_counts(local_error);
+}
+
+void MoELayer::route_queued(const TensorView& x, RoutingPlan& plan) {
   backward_ready_ = false;  // logits_ are about to be another routing's
   x.require_on(data_path_->device(), "MoE input x", DType::kF32, {-1, hidden_});
   const std::int64_t T = x.dim(0);
@@ -247,9 +284,8 @@ void MoELayer::route(const TensorView& x, RoutingPlan& plan) {
   if (route_on_host_) {
     // The device data path computes the host policy where it can, else the host does.
     const auto spec = parts_.router->token_choice_spec(&parts_.transport->topology());
-    if (spec &&
-        data_path_->route_token_choice(*spec, logits, plan, device_stats_, *workspace_->stream)) {
-      parts_.router->adopt_stats(device_stats_);
+    if (spec && data_path_->route_token_choice(*spec, logits, plan, *workspace_->stream)) {
+      device_routing_pending_ = true;
       return;
     }
     route_through_host(logits, plan);
@@ -302,7 +338,7 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
     }
   }
   auto start = Clock::now();
-  exchange_->agree_counts(plan, 1, input_error ? &*input_error : nullptr);
+  agree_counts(plan, 1, input_error ? &*input_error : nullptr);
   exchange_->count_traffic();
   timings_.dispatch_s = seconds_since(start);
   start = Clock::now();

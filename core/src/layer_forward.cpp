@@ -38,7 +38,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
   // it is carried to them in the counts exchange instead of being thrown at once.
   std::optional<Error> routing_error;
   try {
-    route(x, plan_);
+    route_queued(x, plan_);  // a device routing's report comes with the counts' wait
   } catch (const Error& e) {
     routing_error = e;
   }
@@ -87,7 +87,7 @@ void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, co
                                 const Error* local_error, int n, bool save) {
   auto start = Clock::now();
   timings_.layout_s = timings_.experts_s = timings_.combine_s = 0;
-  exchange_->agree_counts(plan, n, local_error);  // throws on every rank together
+  agree_counts(plan, n, local_error);  // throws on every rank together
   exchange_->count_traffic();
   timings_.dispatch_s = seconds_since(start);
   const std::int64_t H = hidden_;

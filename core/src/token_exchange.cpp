@@ -66,11 +66,22 @@ std::optional<Error> check_routing_plan_values(const RoutingPlan& plan, int num_
 }
 
 void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Error* local_error) {
+  count_rows(plan, chunks, local_error);
+  exchange_counts(local_error);
+}
+
+void TokenExchange::count_failure() {
+  LayerWorkspace& ws = *parts_.workspace;
+  num_tokens_ = 0;
+  ws.rows_to_table.assign(ws.rows_to_table.size(), -1);  // tells every peer that this rank failed
+}
+
+void TokenExchange::count_rows(const RoutingPlan& plan, int chunks, const Error* local_error) {
   failure_agreed_ = false;
-  std::optional<Error> plan_error;
+  plan_error_.reset();
   if (local_error == nullptr) {
-    plan_error = check_plan(plan);
-    if (plan_error) local_error = &*plan_error;
+    plan_error_ = check_plan(plan);
+    if (plan_error_) local_error = &*plan_error_;
   }
   LayerWorkspace& ws = *parts_.workspace;
   const std::size_t R = ranks();
@@ -106,8 +117,16 @@ void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Erro
       }
     }
   } else {
-    ws.rows_to_table.assign(R * n * W, -1);  // tells every peer that this rank failed
+    count_failure();
   }
+}
+
+void TokenExchange::exchange_counts(const Error* local_error) {
+  if (local_error == nullptr && plan_error_) local_error = &*plan_error_;
+  LayerWorkspace& ws = *parts_.workspace;
+  const std::size_t R = ranks();
+  const auto n = static_cast<std::size_t>(chunks_);
+  const std::size_t W = counts_width();
   const std::size_t bytes = n * W * sizeof(std::int64_t);
   if (parts_.data_path->device().kind == Device::Kind::kHost) {
     parts_.transport->alltoall(ws.rows_to_table.data(), ws.rows_from_table.data(), bytes, stream());

@@ -59,6 +59,13 @@ class TokenExchange {
   /// throws `Error(kPeerFailed)`. Every rank throws at this same point, so the group
   /// stays usable (`failure_agreed`). Collective.
   void agree_counts(const RoutingPlan& plan, int chunks, const Error* local_error);
+  /// `agree_counts` in two steps, for a caller that learns of a failure in between (after
+  /// the counts' wait): the counts (or, with `local_error` or a bad plan, the failure)...
+  void count_rows(const RoutingPlan& plan, int chunks, const Error* local_error);
+  /// ... replaced by the failure when the caller found one since ...
+  void count_failure();
+  /// ... then exchanged; every rank throws here together when some rank failed.
+  void exchange_counts(const Error* local_error);
   /// The first token of chunk c of the agreed step (c = chunks: its token count).
   std::int64_t first_token(int c) const noexcept { return num_tokens_ * c / chunks_; }
   /// True when the last `agree_counts` threw because some rank failed.
@@ -140,6 +147,7 @@ class TokenExchange {
   int slots_ = 0;
   int chunks_ = 1;
   bool failure_agreed_ = false;
+  std::optional<Error> plan_error_;  // what count_rows found wrong with the plan
   LayerTraffic traffic_;
 };
 

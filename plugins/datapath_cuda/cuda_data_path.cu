@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -823,7 +824,7 @@ class CudaDataPath final : public DataPath {
   }
 
   bool route_token_choice(const TokenChoiceSpec& spec, const TensorView& logits, RoutingPlan& plan,
-                          RouterStats& stats, Stream& stream) override {
+                          Stream& stream) override {
     const std::int64_t T = logits.dim(0);
     const int E = static_cast<int>(logits.dim(1)), K = spec.top_k;
     const int G = spec.group_begin.empty() ? 0 : static_cast<int>(spec.group_begin.size()) - 1;
@@ -885,34 +886,45 @@ class CudaDataPath final : public DataPath {
     check(cudaMemcpyAsync(plan.counts.data(), words, static_cast<std::size_t>(E) * 8,
                           cudaMemcpyDeviceToDevice, s),
           "the plan's counts");
+    // The statistics and the check come back with the stream's next wait (the caller's,
+    // for the counts): into pinned memory, read by finish_route_token_choice.
     route_host_.resize(static_cast<std::size_t>(3 * E + 2));
-    check(cudaMemcpyAsync(route_host_.data(), words, route_host_.size() * 8, cudaMemcpyDeviceToHost,
-                          s),
+    check(cudaMemcpyAsync(route_host_.data(), words, static_cast<std::size_t>(3 * E + 2) * 8,
+                          cudaMemcpyDeviceToHost, s),
           "reading the statistics");
-    check(cudaStreamSynchronize(s), "routing");
-    const std::uint64_t first_bad = route_host_[static_cast<std::size_t>(3 * E + 1)];
+    pending_route_ = PendingRoute{std::string(spec.policy), logits.data_as<const float>(), T, E, K};
+    return true;
+  }
+
+  void finish_route_token_choice(RouterStats& stats) override {
+    if (!pending_route_) {
+      throw Error(ErrorCode::kInternal, "finish_route_token_choice: no routing is pending");
+    }
+    const PendingRoute r = *pending_route_;
+    pending_route_.reset();
+    enter();
+    const auto* words = reinterpret_cast<const std::uint64_t*>(route_host_.data());
+    const std::int64_t E = r.experts;
+    const std::uint64_t first_bad = words[3 * E + 1];
     if (first_bad != kNoBadSlot) {
       float value = 0;
-      check(cudaMemcpy(&value, logits.data_as<const float>() + first_bad, sizeof value,
-                       cudaMemcpyDeviceToHost),
+      check(cudaMemcpy(&value, r.logits + first_bad, sizeof value, cudaMemcpyDeviceToHost),
             "reading the bad logit");
       throw Error(ErrorCode::kInvalidArgument,
-                  "router " + std::string(spec.policy) + ": logit of token " +
+                  "router " + r.policy + ": logit of token " +
                       std::to_string(first_bad / static_cast<std::uint64_t>(E)) + ", expert " +
                       std::to_string(first_bad % static_cast<std::uint64_t>(E)) + " is " +
                       (std::isnan(value) ? "NaN" : "infinite") +
                       " (router.nan_policy = \"mask\" skips such experts instead)");
     }
-    stats.top_k = K;
-    stats.tokens = T;
+    stats.top_k = r.top_k;
+    stats.tokens = r.tokens;
     stats.dropped = 0;
-    stats.counts.assign(route_host_.begin(), route_host_.begin() + E);
-    stats.aux_counts.assign(route_host_.begin() + E, route_host_.begin() + 2 * E);
+    stats.counts.assign(words, words + E);
+    stats.aux_counts.assign(words + E, words + 2 * E);
     stats.probability_sums.resize(static_cast<std::size_t>(E));
-    std::memcpy(stats.probability_sums.data(), route_host_.data() + 2 * E,
-                static_cast<std::size_t>(E) * 8);
-    std::memcpy(&stats.z_loss_sum, route_host_.data() + 3 * E, 8);
-    return true;
+    std::memcpy(stats.probability_sums.data(), words + 2 * E, static_cast<std::size_t>(E) * 8);
+    std::memcpy(&stats.z_loss_sum, words + 3 * E, 8);
   }
 
   void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) override {
@@ -1044,7 +1056,15 @@ class CudaDataPath final : public DataPath {
   Scratch<unsigned long long> route_words_;  // routing statistics and check
   Scratch<float> route_bias_;
   Scratch<int> route_groups_;
-  std::vector<std::uint64_t> route_host_;
+  PinnedVector route_host_;  // the statistics' words and the first bad logit, [3E + 2]
+  /// What finish_route_token_choice needs of the routing queued last.
+  struct PendingRoute {
+    std::string policy;
+    const float* logits = nullptr;
+    std::int64_t tokens = 0;
+    int experts = 0, top_k = 0;
+  };
+  std::optional<PendingRoute> pending_route_;
   Scratch<std::byte> temp_;
   PinnedVector pinned_counts_, pinned_upload_;
   std::unique_ptr<Event> upload_done_;

@@ -124,7 +124,8 @@ __global__ void route_token_choice_kernel(DeviceRouteParams p) {
   float* sel = sig + E;                                           // selection values
   const float* z = p.logits + t * E;
 
-  // require_finite_logits: a bad token is reported (lowest index) and not routed.
+  // require_finite_logits: a bad token is reported (lowest index) and gets no expert, so
+  // that the layout after it stays valid until the host reads the report.
   bool bad = false;
   for (int e = lane; e < E; e += kWarp) {
     if (!isfinite(z[e])) {
@@ -132,7 +133,13 @@ __global__ void route_token_choice_kernel(DeviceRouteParams p) {
       bad = true;
     }
   }
-  if (__any_sync(kAll, bad)) return;
+  if (__any_sync(kAll, bad)) {
+    for (int j = lane; j < K; j += kWarp) {
+      p.plan_experts[t * K + j] = -1;
+      p.plan_weights[t * K + j] = 0.0f;
+    }
+    return;
+  }
 
   // row_max (order does not matter for a maximum).
   float max = negative_infinity();

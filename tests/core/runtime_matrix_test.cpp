@@ -600,10 +600,11 @@ TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
         const long waits = pretend_counter("switchyard_fixture_stream_waits");
         runtime.forward(TensorView(x.data<float>(), DType::kF32, {41, 24}, Device::cuda(0)),
                         TensorView(y.data<float>(), DType::kF32, {41, 24}, Device::cuda(0)));
-        // The host waits of a forward on device tensors: the routing (its statistics; a
-        // host policy reads the logits and then its plan is copied up), the counts (rows
-        // per destination and per expert), and y written.
-        CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits == (on_device ? 3 : 4));
+        // The host waits of a forward on device tensors: the counts (rows per destination
+        // and per expert; a device routing's statistics and logit check come with them),
+        // and y written. A host policy adds two: it reads the logits, then its plan is
+        // copied up.
+        CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits == (on_device ? 2 : 4));
       }
       dlclose(library);
     }
@@ -646,13 +647,29 @@ TEST_CASE(
         const double waits_per_rank =
             static_cast<double>(pretend_counter("switchyard_fixture_stream_waits") - waits_before) /
             k.ranks;
-        // Today's waits, each rank: the routing (its statistics), the counts, the rows out
+        // Today's waits, each rank: the counts (with the routing's report), the rows out
         // through host memory, the partial sums back through host memory, and y written.
         // A transport of device memory (NCCL) needs neither wait of the staging.
-        CHECK(waits_per_rank <= 5);
+        CHECK(waits_per_rank <= 4);
       }
     }
   }
+}
+
+TEST_CASE("a NaN token on one rank of a pretend device: found with the counts, every rank stops") {
+  // The device routing's logit check comes back with the counts' wait; the failing rank
+  // tells the others in the counts exchange, as on the host path, and the next step works.
+  Runtime runtime(pretend_device_config(3, 3, "f32", true));
+  HostTensor x = synthetic_tokens(30, 24, 5);
+  HostTensor y(DType::kF32, {30, 24});
+  x.data<float>()[14 * 24 + 3] = std::nanf("");  // rank 1's (rows 10..19) token 4
+  CHECK_THROWS_WITH_AS(runtime.forward(x.view(), y.view()),
+                       doctest::Contains("rank 1 (input rows 10..19): router topk: logit of "
+                                         "token 4"),
+                       Error);
+  const HostTensor good = synthetic_tokens(30, 24, 5);
+  runtime.forward(good.view(), y.view());
+  CHECK(ep_versus_reference(runtime, 30, 5) <= 1e-5);
 }
 
 TEST_CASE("chunks: the pipelined forward gives the unchunked result for every payload") {

@@ -94,7 +94,9 @@ TEST_CASE("device routing equals the host routers bit for bit") {
     RouterStats device_stats;
     REQUIRE(path->route_token_choice(
         *spec, TensorView(d_logits.get(), DType::kF32, {T, c.E}, Device::cuda(0)), device_plan,
-        device_stats, stream));
+        stream));
+    stream.synchronize();  // the statistics come with the stream's next wait
+    path->finish_route_token_choice(device_stats);
     std::vector<std::int32_t> experts(host_plan.experts.size());
     std::vector<float> weights(host_plan.weights.size());
     SWITCHYARD_CUDA_CHECK(cudaMemcpy(experts.data(), device_plan.experts.data(), experts.size() * 4,
@@ -124,9 +126,19 @@ TEST_CASE("device routing refuses NaN logits with the host's message") {
   test::DeviceArray<float> d_logits(logits);
   RoutingPlan plan(path->allocator());
   RouterStats stats;
-  CHECK_THROWS_WITH_AS(
-      path->route_token_choice(*router->token_choice_spec(nullptr),
-                               TensorView(d_logits.get(), DType::kF32, {10, 8}, Device::cuda(0)),
-                               plan, stats, stream),
-      doctest::Contains("router topk: logit of token 3, expert 5 is NaN"), Error);
+  REQUIRE(path->route_token_choice(
+      *router->token_choice_spec(nullptr),
+      TensorView(d_logits.get(), DType::kF32, {10, 8}, Device::cuda(0)), plan, stream));
+  stream.synchronize();
+  CHECK_THROWS_WITH_AS(path->finish_route_token_choice(stats),
+                       doctest::Contains("router topk: logit of token 3, expert 5 is NaN"), Error);
+  // The bad tokens got no expert: the layout after the routing stays valid.
+  std::vector<std::int32_t> experts(20);
+  SWITCHYARD_CUDA_CHECK(
+      cudaMemcpy(experts.data(), plan.experts.data(), 20 * 4, cudaMemcpyDeviceToHost));
+  for (int t : {3, 7}) {
+    CHECK(experts[static_cast<std::size_t>(2 * t)] == -1);
+    CHECK(experts[static_cast<std::size_t>(2 * t + 1)] == -1);
+  }
+  CHECK(experts[0] >= 0);
 }

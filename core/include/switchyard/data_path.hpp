@@ -221,17 +221,23 @@ class DataPath {
   /// ordered on `stream` (e.g. a device plan from a host router's plan). The host memory
   /// must stay untouched until the stream has passed the copy.
   virtual void copy(void* dst, const void* src, std::size_t bytes, Stream& stream) = 0;
-  /// Routes `logits` [T,E] (on `device()`) as `spec` says into `plan` (on `device()`,
-  /// resized here) and returns the statistics' counts and sums in `stats` (host; `counts`,
-  /// `tokens`, `probability_sums`, `aux_counts`, `z_loss_sum`, `top_k`), the same as the host
-  /// policy computes. Returns false when this data path does not route (the host data path:
-  /// host routers do). Throws `Error(kInvalidArgument)` for NaN or infinite logits like the
-  /// host policies. Synchronizes the stream (the statistics are read on the host).
+  /// Queues the routing of `logits` [T,E] (on `device()`) as `spec` says into `plan` (on
+  /// `device()`, resized here), the same as the host policy computes, and returns without
+  /// waiting: true, or false when this data path does not route (the host data path: host
+  /// routers do). A token with a NaN or infinite logit gets no expert (-1 in every slot, so
+  /// that the layout that follows stays valid). The caller then waits for the stream (the
+  /// counts' wait, which it needs anyway) and calls `finish_route_token_choice`.
   virtual bool route_token_choice(const TokenChoiceSpec& /*spec*/, const TensorView& /*logits*/,
-                                  RoutingPlan& /*plan*/, RouterStats& /*stats*/,
-                                  Stream& /*stream*/) {
+                                  RoutingPlan& /*plan*/, Stream& /*stream*/) {
     return false;
   }
+  /// After a `route_token_choice` that returned true, once the caller waited for its
+  /// stream: the statistics' counts and sums in `stats` (host; `counts`, `tokens`,
+  /// `probability_sums`, `aux_counts`, `z_loss_sum`, `top_k`), as the host policy gives them.
+  /// Throws `Error(kInvalidArgument)` for a NaN or infinite logit with the host policies'
+  /// message (the first one). The default throws `Error(kInternal)`: a data path that
+  /// routes implements both.
+  virtual void finish_route_token_choice(RouterStats& stats);
 };
 
 /// A new host implementation (host-synchronous). Each layer owns one: its scratch is not

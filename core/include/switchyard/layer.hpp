@@ -337,6 +337,16 @@ class MoELayer {
   /// A host router behind a device data path: logits copied to the host, routed there,
   /// the plan copied to the device.
   void route_through_host(const TensorView& logits, RoutingPlan& plan);
+  /// `route` without waiting for a device data path's routing: its statistics and its
+  /// check of the logits come with the stream's next wait (`finish_device_routing`).
+  void route_queued(const TensorView& x, RoutingPlan& plan);
+  /// After the stream's wait: a queued device routing's statistics adopted by the router,
+  /// or its error (NaN or infinite logits) thrown. Nothing when none is pending.
+  void finish_device_routing();
+  /// A step's counts agreed over the EP group (`TokenExchange::agree_counts`), with a
+  /// queued device routing finished after the counts' wait: its error, if any, fails the
+  /// step on every rank there.
+  void agree_counts(const RoutingPlan& plan, int chunks, const Error* local_error);
 
   MoELayerParts parts_;
   // The step buffers, shared with the other layers of this rank (see LayerWorkspace).
@@ -345,11 +355,12 @@ class MoELayer {
   // The exchange bookkeeping (counts, failure agreement, byte layouts, traffic).
   std::unique_ptr<TokenExchange> exchange_;
   std::int64_t hidden_ = 0;
-  TensorView gate_;             // the gate on the data path's device
-  Buffer<float> device_gate_;   // its copy there, when the caller's gate is host memory
-  bool route_on_host_ = false;  // a host router with a device data path
-  HostStream host_stream_;      // for the host router
-  RouterStats device_stats_;    // of a route the device data path computed
+  TensorView gate_;                      // the gate on the data path's device
+  Buffer<float> device_gate_;            // its copy there, when the caller's gate is host memory
+  bool route_on_host_ = false;           // a host router with a device data path
+  HostStream host_stream_;               // for the host router
+  RouterStats device_stats_;             // of a route the device data path computed
+  bool device_routing_pending_ = false;  // queued; finish_device_routing not yet called
   Buffer<float> logits_;
   RoutingPlan plan_;
   // The exchange of a training forward that keeps its rows for the backward (a forward that
