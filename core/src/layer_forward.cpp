@@ -32,7 +32,13 @@ void ExchangeTask::run(void* task) noexcept {
   }
 }
 
-void MoELayer::forward(const TensorView& x, const TensorView& y) {
+void MoELayer::forward(const TensorView& x, const TensorView& y) { forward(x, y, nullptr); }
+
+void MoELayer::forward(const TensorView& x, const TensorView& y, StreamEvent& done) {
+  forward(x, y, &done);
+}
+
+void MoELayer::forward(const TensorView& x, const TensorView& y, StreamEvent* done) {
   auto start = Clock::now();
   // A routing failure on one rank must not leave the others waiting in the dispatch, so
   // it is carried to them in the counts exchange instead of being thrown at once.
@@ -43,7 +49,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y) {
     routing_error = e;
   }
   timings_.route_s = seconds_since(start);
-  forward_routed(x, plan_, y, routing_error ? &*routing_error : nullptr);
+  forward_routed(x, plan_, y, routing_error ? &*routing_error : nullptr, done);
   backward_ready_ = true;  // plan_ and logits_ are this forward's
 }
 
@@ -56,11 +62,11 @@ void MoELayer::forward(const TensorView& x, const RoutingPlan& plan, const Tenso
     input_error = e;
   }
   timings_.route_s = 0;
-  forward_routed(x, plan, y, input_error ? &*input_error : nullptr);
+  forward_routed(x, plan, y, input_error ? &*input_error : nullptr, nullptr);
 }
 
 void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
-                              const Error* local_error) {
+                              const Error* local_error, StreamEvent* done) {
   std::optional<Error> output_error;
   if (local_error == nullptr) {
     try {
@@ -79,12 +85,13 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   // backward, or a device data path, runs one.
   const bool host = data_path_->device().kind == Device::Kind::kHost;
   const int chunks = host && !save ? parts_.chunks : 1;
-  forward_pipeline(x, plan, y, local_error, chunks, save);
+  forward_pipeline(x, plan, y, local_error, chunks, save, done);
   kept_for_backward_ = save;
 }
 
 void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
-                                const Error* local_error, int n, bool save) {
+                                const Error* local_error, int n, bool save,
+                                StreamEvent* y_written) {
   auto start = Clock::now();
   timings_.layout_s = timings_.experts_s = timings_.combine_s = 0;
   agree_counts(plan, n, local_error);  // throws on every rank together
@@ -203,8 +210,13 @@ void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, co
     throw;
   }
   if (parts_.shared_expert) add_shared_expert(y);
-  // Returns when y is written: a device data path's last sum may still be queued.
-  host_ready();
+  // A device data path's last sum may still be queued: y is written when `y_written` says
+  // so, or when this returns.
+  if (y_written != nullptr) {
+    stream().record(*y_written);
+  } else {
+    host_ready();
+  }
 }
 
 std::optional<Error> first_non_finite(const TensorView& m, std::string_view what) {

@@ -605,6 +605,19 @@ TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
         // and y written. A host policy adds two: it reads the logits, then its plan is
         // copied up.
         CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits == (on_device ? 2 : 4));
+        // With an event for y instead of the wait: one host wait, for the counts.
+        MoELayer& layer = runtime.layer(0);
+        const std::unique_ptr<StreamEvent> y_written = layer.stream().create_event();
+        HostTensor again(DType::kF32, {41, 24});
+        std::fill(again.data<float>(), again.data<float>() + again.numel(), std::nanf(""));
+        const long before_event = pretend_counter("switchyard_fixture_stream_waits");
+        layer.forward(TensorView(x.data<float>(), DType::kF32, {41, 24}, Device::cuda(0)),
+                      TensorView(again.data<float>(), DType::kF32, {41, 24}, Device::cuda(0)),
+                      *y_written);
+        CHECK(pretend_counter("switchyard_fixture_stream_waits") - before_event ==
+              (on_device ? 1 : 3));
+        y_written->synchronize();
+        CHECK(std::memcmp(again.data<float>(), y.data<float>(), y.size_bytes()) == 0);
       }
       dlclose(library);
     }

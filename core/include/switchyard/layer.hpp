@@ -191,6 +191,12 @@ class MoELayer {
   /// rank (bad shape, NaN logits), every rank throws: the failing one its own error, the
   /// others `Error(kPeerFailed)`; nothing is sent.
   void forward(const TensorView& x, const TensorView& y);
+  /// The same forward, returning once y's last work is queued on `stream()` instead of
+  /// when it is done: `done` (an event of `stream()`, from its `create_event`) is recorded
+  /// after it, and y is written when `done.query()` is true or `done.synchronize()`
+  /// returns (or when later work on `stream()` has run). On a device data path the host
+  /// then waits once per forward, for the counts. Failures as in `forward`.
+  void forward(const TensorView& x, const TensorView& y, StreamEvent& done);
   /// The same forward with the routing given: `plan` (on the data path's device, for x's
   /// T tokens) instead of the layer's router (a plan shared between layers, replayed, or a
   /// benchmark's fixed routing). Collective; failures as in `forward`.
@@ -289,11 +295,13 @@ class MoELayer {
   friend class LayerWorkspace;
   /// `forward` after routing; `local_error`: this rank's routing or input failed.
   void forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
-                      const Error* local_error);
+                      const Error* local_error, StreamEvent* done);
+  /// `forward(x, y)`; with `done`, recorded after y's work instead of waiting for it.
+  void forward(const TensorView& x, const TensorView& y, StreamEvent* done);
   /// The one forward sequence, in `chunks` pipelined chunks (1: a plain sequence); with
   /// `save`, the rows and projections stay in kept_handle_ for the backward.
   void forward_pipeline(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
-                        const Error* local_error, int chunks, bool save);
+                        const Error* local_error, int chunks, bool save, StreamEvent* y_written);
   /// True when this forward keeps what the backward needs (training, recompute off).
   bool saves_for_backward() const noexcept;
   /// The grouped expert step: the kernel's `forward` over a grouped handle's expert rows;
