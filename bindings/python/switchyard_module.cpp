@@ -105,25 +105,6 @@ class TensorArgument {
   TensorView view_;
 };
 
-/// A routing's expert ids as int32 [T,K]: int32 views as they are, int64 (PyTorch's
-/// topk indices) narrowed into `storage` (ids beyond int32 become -2, refused as out of
-/// range). Metadata, not tokens: small.
-TensorView expert_ids(const TensorView& ids, std::vector<std::int32_t>& storage) {
-  if (ids.dtype() != DType::kI64) return ids;
-  ids.require_strided("experts", DType::kI64, {-1, -1});
-  const std::int64_t T = ids.dim(0), K = ids.dim(1);
-  storage.resize(static_cast<std::size_t>(T * K));
-  for (std::int64_t t = 0; t < T; ++t) {
-    for (std::int64_t k = 0; k < K; ++k) {
-      const std::int64_t e =
-          ids.data_as<const std::int64_t>()[t * ids.stride(0) + k * ids.stride(1)];
-      storage[static_cast<std::size_t>(t * K + k)] =
-          e >= -1 && e <= INT32_MAX ? static_cast<std::int32_t>(e) : -2;
-    }
-  }
-  return TensorView(storage.data(), DType::kI32, {T, K});
-}
-
 /// A NumPy array viewing `count` elements of a buffer owned by `owner` (kept alive by
 /// the array), without a copy.
 template <typename T>
@@ -274,11 +255,10 @@ class PyRuntime {
     const TensorArgument in(x, "input x");
     const TensorArgument experts(pair[0], "experts");
     const TensorArgument weights(pair[1], "weights");
-    std::vector<std::int32_t> narrowed;
-    const TensorView ids = expert_ids(experts.view(), narrowed);
     auto result = std::make_unique<PyDispatch>(self);
     run_released(*calls_, [&] {
-      runtime_->dispatch(in.view(), ids, weights.view(), result->dispatched, layer);
+      // int32 or int64 ids (PyTorch's topk indices), as the runtime takes them.
+      runtime_->dispatch(in.view(), experts.view(), weights.view(), result->dispatched, layer);
     });
     return result;
   }

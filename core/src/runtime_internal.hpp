@@ -85,6 +85,12 @@ T element(const TensorView& m, std::int64_t t, std::int64_t k) {
   return m.data_as<const T>()[t * m.stride(0) + k * m.stride(1)];
 }
 
+/// An int64 expert id as the plan's int32: -1 stays -1, ids beyond int32 become -2 (which
+/// the plan's check would refuse as out of range; `Runtime::dispatch` names them first).
+inline std::int32_t narrowed_expert_id(std::int64_t id) {
+  return id >= -1 && id <= INT32_MAX ? static_cast<std::int32_t>(id) : -2;
+}
+
 /// Checks one [A,H] f32 tensor per part, named by `what`.
 inline void require_part_rows(const ProcessDispatch& d, std::span<const TensorView> tensors,
                               std::int64_t hidden, const std::string& what) {

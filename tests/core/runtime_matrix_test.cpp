@@ -964,6 +964,23 @@ TEST_CASE("dispatch refuses bad input on every rank together, and the next one w
 
   runtime.dispatch(x.view(), e, w, d);
   CHECK(d.combinable);
+  // int64 ids (PyTorch's topk indices) route the same rows; one beyond int32 is refused
+  // as out of range, by the rank that holds it.
+  std::vector<std::int64_t> wide(experts.begin(), experts.end());
+  ProcessDispatch from_wide;
+  runtime.dispatch(x.view(), TensorView(wide.data(), DType::kI64, {T, 2}), w, from_wide);
+  for (std::size_t i = 0; i < d.parts.size(); ++i) {
+    const TensorView a = d.parts[i].handle.expert_input(),
+                     b = from_wide.parts[i].handle.expert_input();
+    REQUIRE(a.numel() == b.numel());
+    CHECK(std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.numel()) * 4) == 0);
+  }
+  wide[5] = std::int64_t{1} << 40;  // token 2 slot 1: rank 0's
+  CHECK_THROWS_WITH_AS(
+      runtime.dispatch(x.view(), TensorView(wide.data(), DType::kI64, {T, 2}), w, from_wide),
+      doctest::Contains("rank 0 (input rows 0..2): routing plan: token 2 slot 1 has expert "
+                        "1099511627776, outside 0..3"),
+      Error);
 }
 
 TEST_CASE("forward over this process's tokens: with every rank here, forward's bits") {

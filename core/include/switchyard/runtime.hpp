@@ -196,14 +196,14 @@ class Runtime {
   /// as in `forward`.
   void forward_local_tokens(const TensorView& x, const TensorView& y, int layer = 0);
   /// The dispatch alone, for experts the caller computes: this process's tokens x [T,H]
-  /// f32 (host, or on the data path's device) with the routing `experts` [T,K] int32 (-1:
-  /// unused slot) and `weights` [T,K] f32 (host, any strides), split among the local ranks
-  /// as in `forward_local_tokens`. Each part's handle then holds the rows its rank
-  /// received, per local expert, in the data path's memory (device views for a device
-  /// data path; `rows_per_expert()` on the host); returns when they are written. Refused
-  /// with `Error(kInvalidArgument)` on every rank together, before any row moves: shapes,
-  /// expert ids outside 0..E-1, non-finite weights, and NaN or infinite host tokens
-  /// (tokens on the device are not read by the host). Collective.
+  /// f32 (host, or on the data path's device) with the routing `experts` [T,K] int32 or
+  /// int64 (-1: unused slot) and `weights` [T,K] f32 (host, any strides), split among the local
+  /// ranks as in `forward_local_tokens`. Each part's handle then holds the rows its rank received,
+  /// per local expert, in the data path's memory (device views for a device data path;
+  /// `rows_per_expert()` on the host); returns when they are written. Refused with
+  /// `Error(kInvalidArgument)` on every rank together, before any row moves: shapes, expert ids
+  /// outside 0..E-1, non-finite weights, and NaN or infinite host tokens (tokens on the device are
+  /// not read by the host). Collective.
   void dispatch(const TensorView& x, const TensorView& experts, const TensorView& weights,
                 ProcessDispatch& dispatched, int layer = 0);
   /// Weighs the experts' results, sends them back and sums them per token into y [T,H]
