@@ -39,7 +39,8 @@
 /// rows). 8: one number; `SwigluExpertWeights` block scales (FP8 weights);
 /// `ExpertKernel::capabilities` as one value. 9: `LayoutCountsArgs::slots_to_expert` (the
 /// counts exchange carries each peer's slots per local expert), `GroupArgs::rows_per_expert`
-/// read, not written; data-path calls that write host memory return with it written.
+/// read, not written; data-path calls that write host memory return with it written;
+/// `DataPath::route_token_choice` queues the routing, `finish_route_token_choice` reports.
 #define SWITCHYARD_PLUGIN_INTERFACE 9
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
