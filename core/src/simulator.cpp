@@ -470,12 +470,8 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
   // group plus the counts for each peer (its rows, then the slots for each of its local
   // experts, as many as the rank with the most: int64 each); results back in the combine
   // dtype.
-  const ExpertPlacement placement(spec_.num_experts, G);
-  std::uint64_t counts_per_peer = 1;
-  for (int p = 0; p < G; ++p) {
-    counts_per_peer =
-        std::max(counts_per_peer, 1 + static_cast<std::uint64_t>(placement.num_local(p)));
-  }
+  const auto counts_per_peer =
+      1 + static_cast<std::uint64_t>(ExpertPlacement(spec_.num_experts, G).max_local());
   for (std::size_t s = 0; s < settings_.size(); ++s) {
     Traffic& t = result[s];
     const std::uint64_t row = dispatch_copy_bytes(spec_, Accounting::kPerRank, slots(s));

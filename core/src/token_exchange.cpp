@@ -258,14 +258,6 @@ AlltoallvBuffers TokenExchange::back_buffers(DispatchHandle& h) const {
           parts_.data_path->device()};
 }
 
-std::size_t TokenExchange::counts_width() const noexcept {
-  int most = 0;
-  for (int p = 0; p < parts_.placement->num_ranks(); ++p) {
-    most = std::max(most, parts_.placement->num_local(p));
-  }
-  return 1 + static_cast<std::size_t>(most);
-}
-
 bool TokenExchange::staged() const noexcept {
   return parts_.data_path->device().kind != Device::Kind::kHost &&
          !parts_.transport->capabilities().device_memory;

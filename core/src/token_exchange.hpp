@@ -38,7 +38,8 @@ class TokenExchange {
     DType combine_dtype = DType::kF32;
     int first_world_rank = 0;  // names peers by their world rank in errors
   };
-  explicit TokenExchange(const Parts& parts) : parts_(parts) {}
+  explicit TokenExchange(const Parts& parts)
+      : parts_(parts), counts_width_(1 + static_cast<std::size_t>(parts.placement->max_local())) {}
 
   /// Consecutive tokens of a step and their routing.
   struct TokenRange {
@@ -129,7 +130,7 @@ class TokenExchange {
   Stream& stream() const noexcept;
   /// Counts per peer and chunk in the counts exchange: its rows, then the slots for each of
   /// its local experts (as many as the rank with the most).
-  std::size_t counts_width() const noexcept;
+  std::size_t counts_width() const noexcept { return counts_width_; }
   /// True when the rows go through host staging memory (see `send_rows`).
   bool staged() const noexcept;
   /// The exchanges `exchanges` of device buffers through host memory, each receiving into
@@ -143,6 +144,7 @@ class TokenExchange {
   std::size_t me() const noexcept { return static_cast<std::size_t>(parts_.transport->rank()); }
 
   Parts parts_;
+  std::size_t counts_width_;
   std::int64_t num_tokens_ = 0;
   int slots_ = 0;
   int chunks_ = 1;

@@ -15,6 +15,8 @@ class ExpertPlacement {
   int num_ranks() const noexcept { return num_ranks_; }
   int first_expert(int rank) const noexcept;
   int num_local(int rank) const noexcept;
+  /// The most experts any rank holds (rank 0's: the first ranks hold one more).
+  int max_local() const noexcept { return num_local(0); }
   int rank_of(int expert) const noexcept;
 
  private:
