@@ -112,78 +112,74 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
   if (K < 1) throw Error(ErrorCode::kInvalidArgument, "experts: needs at least one slot per token");
   dispatched.parts.resize(static_cast<std::size_t>(num_local_ranks()));
   dispatched.num_tokens = T;
-  run_blocks(
-      T, /*world_blocks=*/false, index, [&](int local, std::int64_t first, std::int64_t count) {
-        MoELayer& l = layer(local, index);
-        DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
-        const int ep_rank = l.transport().rank();
-        part.world_rank = world_rank(local);
-        part.first_expert = l.placement().first_expert(ep_rank);
-        part.num_local_experts = l.placement().num_local(ep_rank);
-        part.first_token = first;
-        part.num_tokens = count;
-        RoutingPlan& plan = part.plan;
-        plan.num_tokens = count;
-        plan.slots = static_cast<int>(K);
-        plan.experts.resize(static_cast<std::size_t>(count * K));
-        plan.weights.resize(static_cast<std::size_t>(count * K));
-        std::optional<Error> refused;
-        for (std::int64_t t = 0; t < count; ++t) {
-          for (std::int64_t k = 0; k < K; ++k) {
-            std::int32_t id = 0;
-            if (wide_ids) {
-              const auto wide = element<std::int64_t>(experts, first + t, k);
-              id = narrowed_expert_id(wide);
-              if (id == -2 && !refused) {  // named as the plan's check names an id
-                refused =
-                    Error(ErrorCode::kInvalidArgument,
-                          "routing plan: token " + std::to_string(t) + " slot " +
-                              std::to_string(k) + " has expert " + std::to_string(wide) +
-                              ", outside 0.." + std::to_string(model(index).num_experts() - 1));
-              }
-            } else {
-              id = element<std::int32_t>(experts, first + t, k);
-            }
-            plan.experts[static_cast<std::size_t>(t * K + k)] = id;
-            plan.weights[static_cast<std::size_t>(t * K + k)] =
-                element<float>(weights, first + t, k);
-          }
-        }
-        const TensorView block = rows(x, first, count);
-        // Tokens on the device are not read by the host: a NaN there reaches y.
-        if (!refused && block.device().kind == Device::Kind::kHost) {
-          refused = first_non_finite(block, "input x");
-        }
-        if (device.kind == Device::Kind::kHost) {
-          l.dispatch(block, plan, part.handle, refused ? &*refused : nullptr);
-          return;
-        }
-        // A device data path takes the plan (checked here, where the host can read
-        // it) and host tokens in its own memory.
-        if (!refused) refused = check_routing_plan_values(plan, model(index).num_experts());
-        DataPath& path = l.data_path();
-        if (part.device_plan.device() != device) {
-          part.device_plan = RoutingPlan(path.allocator());
-          part.staged_rows = Buffer<float>(path.allocator());
-        }
-        RoutingPlan& on_device = part.device_plan;
-        on_device.num_tokens = count;
-        on_device.slots = static_cast<int>(K);
-        on_device.experts.resize(plan.experts.size());
-        on_device.weights.resize(plan.weights.size());
-        path.copy(on_device.experts.data(), plan.experts.data(),
-                  plan.experts.size() * sizeof(std::int32_t), l.stream());
-        path.copy(on_device.weights.data(), plan.weights.data(),
-                  plan.weights.size() * sizeof(float), l.stream());
-        TensorView tokens = block;
-        if (block.device() != device) {
-          part.staged_rows.resize(static_cast<std::size_t>(count * H));
-          path.copy(part.staged_rows.data(), block.data(),
-                    static_cast<std::size_t>(count * H) * sizeof(float), l.stream());
-          tokens = TensorView(part.staged_rows.data(), DType::kF32, {count, H}, device);
-        }
-        l.dispatch(tokens, on_device, part.handle, refused ? &*refused : nullptr);
-      });
+  run_blocks(T, /*world_blocks=*/false, index,
+             [&](int local, std::int64_t first, std::int64_t count) {
+               MoELayer& l = layer(local, index);
+               DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+               const int ep_rank = l.transport().rank();
+               part.world_rank = world_rank(local);
+               part.first_expert = l.placement().first_expert(ep_rank);
+               part.num_local_experts = l.placement().num_local(ep_rank);
+               part.first_token = first;
+               part.num_tokens = count;
+               RoutingPlan& plan = part.plan;
+               plan.num_tokens = count;
+               plan.slots = static_cast<int>(K);
+               plan.experts.resize(static_cast<std::size_t>(count * K));
+               plan.weights.resize(static_cast<std::size_t>(count * K));
+               std::optional<Error> refused;
+               for (std::int64_t t = 0; t < count; ++t) {
+                 for (std::int64_t k = 0; k < K; ++k) {
+                   std::int32_t id = 0;
+                   if (wide_ids) {
+                     const auto wide = element<std::int64_t>(experts, first + t, k);
+                     id = narrowed_expert_id(wide);
+                     if (id == -2 && !refused) {
+                       refused = expert_out_of_range(t, k, wide, model(index).num_experts());
+                     }
+                   } else {
+                     id = element<std::int32_t>(experts, first + t, k);
+                   }
+                   plan.experts[static_cast<std::size_t>(t * K + k)] = id;
+                   plan.weights[static_cast<std::size_t>(t * K + k)] =
+                       element<float>(weights, first + t, k);
+                 }
+               }
+               const TensorView block = rows(x, first, count);
+               // Tokens on the device are not read by the host: a NaN there reaches y.
+               if (!refused && block.device().kind == Device::Kind::kHost) {
+                 refused = first_non_finite(block, "input x");
+               }
+               if (device.kind == Device::Kind::kHost) {
+                 l.dispatch(block, plan, part.handle, refused ? &*refused : nullptr);
+                 return;
+               }
+               // A device data path takes the plan (checked here, where the host can read
+               // it) and host tokens in its own memory.
+               if (!refused) refused = check_routing_plan_values(plan, model(index).num_experts());
+               DataPath& path = l.data_path();
+               if (part.device_plan.device() != device) {
+                 part.device_plan = RoutingPlan(path.allocator());
+                 part.staged_rows = Buffer<float>(path.allocator());
+               }
+               RoutingPlan& on_device = part.device_plan;
+               on_device.num_tokens = count;
+               on_device.slots = static_cast<int>(K);
+               on_device.experts.resize(plan.experts.size());
+               on_device.weights.resize(plan.weights.size());
+               path.copy(on_device.experts.data(), plan.experts.data(),
+                         plan.experts.size() * sizeof(std::int32_t), l.stream());
+               path.copy(on_device.weights.data(), plan.weights.data(),
+                         plan.weights.size() * sizeof(float), l.stream());
+               TensorView tokens = block;
+               if (block.device() != device) {
+                 part.staged_rows.resize(static_cast<std::size_t>(count * H));
+                 path.copy(part.staged_rows.data(), block.data(),
+                           static_cast<std::size_t>(count * H) * sizeof(float), l.stream());
+                 tokens = TensorView(part.staged_rows.data(), DType::kF32, {count, H}, device);
+               }
+               l.dispatch(tokens, on_device, part.handle, refused ? &*refused : nullptr);
+             });
   dispatched.combinable = true;
 }
 

@@ -39,23 +39,32 @@ std::optional<Error> TokenExchange::check_plan(const RoutingPlan& plan) const {
   return check_routing_plan_values(plan, E);
 }
 
+namespace {
+
+std::string plan_slot(std::int64_t token, std::int64_t slot) {
+  return "routing plan: token " + std::to_string(token) + " slot " + std::to_string(slot);
+}
+
+}  // namespace
+
+Error expert_out_of_range(std::int64_t token, std::int64_t slot, std::int64_t expert,
+                          int num_experts) {
+  return Error(ErrorCode::kInvalidArgument, plan_slot(token, slot) + " has expert " +
+                                                std::to_string(expert) + ", outside 0.." +
+                                                std::to_string(num_experts - 1));
+}
+
 std::optional<Error> check_routing_plan_values(const RoutingPlan& plan, int num_experts) {
-  const int K = plan.slots;
+  const auto K = static_cast<std::int64_t>(plan.slots);
   const int E = num_experts;
-  auto where = [&](std::size_t i) {
-    return "routing plan: token " + std::to_string(i / to_size(K)) + " slot " +
-           std::to_string(i % to_size(K));
-  };
   for (std::size_t i = 0; i < plan.experts.size(); ++i) {
     const std::int32_t e = plan.experts[i];
-    if (e < -1 || e >= E) {
-      return Error(ErrorCode::kInvalidArgument, where(i) + " has expert " + std::to_string(e) +
-                                                    ", outside 0.." + std::to_string(E - 1));
-    }
+    const auto at = static_cast<std::int64_t>(i);
+    if (e < -1 || e >= E) return expert_out_of_range(at / K, at % K, e, E);
     // A NaN or infinite weight would reach y through every expert row it scales.
     if (e >= 0 && !std::isfinite(plan.weights[i])) {
       const float w = plan.weights[i];
-      return Error(ErrorCode::kInvalidArgument, where(i) + " has weight " +
+      return Error(ErrorCode::kInvalidArgument, plan_slot(at / K, at % K) + " has weight " +
                                                     (std::isnan(w) ? "NaN"
                                                      : w > 0       ? "+Inf"
                                                                    : "-Inf") +

@@ -22,6 +22,9 @@ namespace switchyard {
 /// weight of a plan the host can read, as an error naming its token and slot; nothing if
 /// none.
 std::optional<Error> check_routing_plan_values(const RoutingPlan& plan, int num_experts);
+/// "routing plan: token t slot k has expert e, outside 0..E-1" (`Error(kInvalidArgument)`).
+Error expert_out_of_range(std::int64_t token, std::int64_t slot, std::int64_t expert,
+                          int num_experts);
 
 class TokenExchange {
  public:
