@@ -112,74 +112,67 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
   if (K < 1) throw Error(ErrorCode::kInvalidArgument, "experts: needs at least one slot per token");
   dispatched.parts.resize(static_cast<std::size_t>(num_local_ranks()));
   dispatched.num_tokens = T;
-  run_blocks(T, /*world_blocks=*/false, index,
-             [&](int local, std::int64_t first, std::int64_t count) {
-               MoELayer& l = layer(local, index);
-               DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
-               const int ep_rank = l.transport().rank();
-               part.world_rank = world_rank(local);
-               part.first_expert = l.placement().first_expert(ep_rank);
-               part.num_local_experts = l.placement().num_local(ep_rank);
-               part.first_token = first;
-               part.num_tokens = count;
-               RoutingPlan& plan = part.plan;
-               plan.num_tokens = count;
-               plan.slots = static_cast<int>(K);
-               plan.experts.resize(static_cast<std::size_t>(count * K));
-               plan.weights.resize(static_cast<std::size_t>(count * K));
-               std::optional<Error> refused;
-               for (std::int64_t t = 0; t < count; ++t) {
-                 for (std::int64_t k = 0; k < K; ++k) {
-                   std::int32_t id = 0;
-                   if (wide_ids) {
-                     const auto wide = element<std::int64_t>(experts, first + t, k);
-                     id = narrowed_expert_id(wide);
-                     if (id == -2 && !refused) {
-                       refused = expert_out_of_range(t, k, wide, model(index).num_experts());
-                     }
-                   } else {
-                     id = element<std::int32_t>(experts, first + t, k);
-                   }
-                   plan.experts[static_cast<std::size_t>(t * K + k)] = id;
-                   plan.weights[static_cast<std::size_t>(t * K + k)] =
-                       element<float>(weights, first + t, k);
-                 }
-               }
-               const TensorView block = rows(x, first, count);
-               // Tokens on the device are not read by the host: a NaN there reaches y.
-               if (!refused && block.device().kind == Device::Kind::kHost) {
-                 refused = first_non_finite(block, "input x");
-               }
-               if (device.kind == Device::Kind::kHost) {
-                 l.dispatch(block, plan, part.handle, refused ? &*refused : nullptr);
-                 return;
-               }
-               // A device data path takes the plan (checked here, where the host can read
-               // it) and host tokens in its own memory.
-               if (!refused) refused = check_routing_plan_values(plan, model(index).num_experts());
-               DataPath& path = l.data_path();
-               if (part.device_plan.device() != device) {
-                 part.device_plan = RoutingPlan(path.allocator());
-                 part.staged_rows = Buffer<float>(path.allocator());
-               }
-               RoutingPlan& on_device = part.device_plan;
-               on_device.num_tokens = count;
-               on_device.slots = static_cast<int>(K);
-               on_device.experts.resize(plan.experts.size());
-               on_device.weights.resize(plan.weights.size());
-               path.copy(on_device.experts.data(), plan.experts.data(),
-                         plan.experts.size() * sizeof(std::int32_t), l.stream());
-               path.copy(on_device.weights.data(), plan.weights.data(),
-                         plan.weights.size() * sizeof(float), l.stream());
-               TensorView tokens = block;
-               if (block.device() != device) {
-                 part.staged_rows.resize(static_cast<std::size_t>(count * H));
-                 path.copy(part.staged_rows.data(), block.data(),
-                           static_cast<std::size_t>(count * H) * sizeof(float), l.stream());
-                 tokens = TensorView(part.staged_rows.data(), DType::kF32, {count, H}, device);
-               }
-               l.dispatch(tokens, on_device, part.handle, refused ? &*refused : nullptr);
-             });
+  run_blocks(
+      T, /*world_blocks=*/false, index, [&](int local, std::int64_t first, std::int64_t count) {
+        MoELayer& l = layer(local, index);
+        DispatchPart& part = dispatched.parts[static_cast<std::size_t>(local)];
+        const int ep_rank = l.transport().rank();
+        part.world_rank = world_rank(local);
+        part.first_expert = l.placement().first_expert(ep_rank);
+        part.num_local_experts = l.placement().num_local(ep_rank);
+        part.first_token = first;
+        part.num_tokens = count;
+        RoutingPlan& plan = part.plan;
+        plan.num_tokens = count;
+        plan.slots = static_cast<int>(K);
+        plan.experts.resize(static_cast<std::size_t>(count * K));
+        plan.weights.resize(static_cast<std::size_t>(count * K));
+        std::optional<Error> refused;
+        for (std::int64_t t = 0; t < count; ++t) {
+          for (std::int64_t k = 0; k < K; ++k) {
+            std::int32_t id = 0;
+            if (wide_ids) {
+              const auto wide = element<std::int64_t>(experts, first + t, k);
+              id = narrowed_expert_id(wide);
+              if (id == -2 && !refused) {
+                refused = expert_out_of_range(t, k, wide, model(index).num_experts());
+              }
+            } else {
+              id = element<std::int32_t>(experts, first + t, k);
+            }
+            plan.experts[static_cast<std::size_t>(t * K + k)] = id;
+            plan.weights[static_cast<std::size_t>(t * K + k)] =
+                element<float>(weights, first + t, k);
+          }
+        }
+        const TensorView block = rows(x, first, count);
+        // Tokens on the device are not read by the host: a NaN there reaches y.
+        if (!refused && block.device().kind == Device::Kind::kHost) {
+          refused = first_non_finite(block, "input x");
+        }
+        if (device.kind == Device::Kind::kHost) {
+          l.dispatch(block, plan, part.handle, refused ? &*refused : nullptr);
+          return;
+        }
+        // A device data path takes the plan (checked here, where the host can read
+        // it) and host tokens in its own memory.
+        if (!refused) refused = check_routing_plan_values(plan, model(index).num_experts());
+        DataPath& path = l.data_path();
+        if (part.device_plan.device() != device) part.device_plan = RoutingPlan(path.allocator());
+        RoutingPlan& on_device = part.device_plan;
+        on_device.num_tokens = count;
+        on_device.slots = static_cast<int>(K);
+        on_device.experts.resize(plan.experts.size());
+        on_device.weights.resize(plan.weights.size());
+        path.copy(on_device.experts.data(), plan.experts.data(),
+                  plan.experts.size() * sizeof(std::int32_t), l.stream());
+        path.copy(on_device.weights.data(), plan.weights.data(),
+                  plan.weights.size() * sizeof(float), l.stream());
+        const TensorView tokens = block.device() == device
+                                      ? block
+                                      : device_copy(part.staged_rows, path, block, l.stream());
+        l.dispatch(tokens, on_device, part.handle, refused ? &*refused : nullptr);
+      });
   dispatched.combinable = true;
 }
 
@@ -216,14 +209,9 @@ void Runtime::combine(ProcessDispatch& dispatched, std::span<const TensorView> e
     }
     // Host y, device layer: summed in the data path's memory (the dispatch's token
     // staging, dead by now), then copied out.
-    if (part.staged_rows.device() != device)
-      part.staged_rows = Buffer<float>(l.data_path().allocator());
-    part.staged_rows.resize(static_cast<std::size_t>(part.num_tokens * H));
-    l.combine(part.handle, expert_outputs[static_cast<std::size_t>(local)],
-              TensorView(part.staged_rows.data(), DType::kF32, {part.num_tokens, H}, device));
-    l.data_path().copy(out.data(), part.staged_rows.data(),
-                       static_cast<std::size_t>(part.num_tokens * H) * sizeof(float), l.stream());
-    l.stream().synchronize();
+    const TensorView summed = device_matrix(part.staged_rows, l.data_path(), part.num_tokens, H);
+    l.combine(part.handle, expert_outputs[static_cast<std::size_t>(local)], summed);
+    copy_back(l.data_path(), summed, out, l.stream());
   });
 }
 
@@ -236,20 +224,10 @@ void Runtime::forward_block(int local, int index, const TensorView& x, const Ten
   }
   // Host tokens, device layer: through device buffers of this rank (grown once).
   auto& d = state_->device_rows.at(static_cast<std::size_t>(local));
-  if (!d) {
-    d = std::make_unique<State::DeviceRows>();
-    d->x = Buffer<float>(path.allocator());
-    d->y = Buffer<float>(path.allocator());
-  }
-  const std::int64_t T = x.dim(0), H = x.dim(1);
-  const auto bytes = static_cast<std::size_t>(T * H) * sizeof(float);
-  d->x.resize(static_cast<std::size_t>(T * H));
-  d->y.resize(static_cast<std::size_t>(T * H));
-  path.copy(d->x.data(), x.data(), bytes, l.stream());
-  l.forward(TensorView(d->x.data(), DType::kF32, {T, H}, path.device()),
-            TensorView(d->y.data(), DType::kF32, {T, H}, path.device()));
-  path.copy(y.data(), d->y.data(), bytes, l.stream());
-  l.stream().synchronize();
+  if (!d) d = std::make_unique<State::DeviceRows>();
+  const TensorView on_device = device_matrix(d->y, path, y.dim(0), y.dim(1));
+  l.forward(device_copy(d->x, path, x, l.stream()), on_device);
+  copy_back(path, on_device, y, l.stream());
 }
 
 void Runtime::update_routers(int index) {

@@ -60,6 +60,30 @@ struct Runtime::State {
 
 namespace runtime_detail {
 
+/// `buffer` as an f32 [rows, cols] matrix in `path`'s memory (made there on first use,
+/// grown when needed): where a device layer takes the caller's host rows.
+inline TensorView device_matrix(Buffer<float>& buffer, DataPath& path, std::int64_t rows,
+                                std::int64_t cols) {
+  if (buffer.device() != path.device()) buffer = Buffer<float>(path.allocator());
+  buffer.resize(static_cast<std::size_t>(rows * cols));
+  return TensorView(buffer.data(), DType::kF32, {rows, cols}, path.device());
+}
+
+/// The same holding a copy of the host matrix `from`, queued on `stream`.
+inline TensorView device_copy(Buffer<float>& buffer, DataPath& path, const TensorView& from,
+                              Stream& stream) {
+  const TensorView to = device_matrix(buffer, path, from.dim(0), from.dim(1));
+  path.copy(to.data(), from.data(), static_cast<std::size_t>(from.numel()) * sizeof(float), stream);
+  return to;
+}
+
+/// Copies the device matrix `from` into the host matrix `to` and waits for it.
+inline void copy_back(DataPath& path, const TensorView& from, const TensorView& to,
+                      Stream& stream) {
+  path.copy(to.data(), from.data(), static_cast<std::size_t>(from.numel()) * sizeof(float), stream);
+  stream.synchronize();
+}
+
 /// Rows [first, first + count) of a contiguous f32 [T,H] matrix.
 inline TensorView rows(const TensorView& m, std::int64_t first, std::int64_t count) {
   return TensorView(m.data_as<float>() + first * m.dim(1), DType::kF32, {count, m.dim(1)},

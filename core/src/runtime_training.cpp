@@ -410,20 +410,10 @@ void Runtime::backward_block(int local, int index, const TensorView& x, const Te
   // Host tensors, device layer: through device buffers of this rank (grown once).
   auto& d = state_->device_rows.at(static_cast<std::size_t>(local));
   if (!d) d = std::make_unique<State::DeviceRows>();
-  for (auto* b : {&d->x, &d->dy, &d->dx}) {
-    if (b->device() != path.device()) *b = Buffer<float>(path.allocator());
-  }
-  const std::int64_t T = x.dim(0), H = x.dim(1);
-  const auto n = static_cast<std::size_t>(T * H);
-  for (auto* b : {&d->x, &d->dy, &d->dx}) b->resize(n);
-  path.copy(d->x.data(), x.data(), n * sizeof(float), l.stream());
-  path.copy(d->dy.data(), dy.data(), n * sizeof(float), l.stream());
   const TensorView host_dx = out.dx;
-  out.dx = TensorView(d->dx.data(), DType::kF32, {T, H}, path.device());
-  l.backward(TensorView(d->x.data(), DType::kF32, {T, H}, path.device()),
-             TensorView(d->dy.data(), DType::kF32, {T, H}, path.device()), out);
-  path.copy(host_dx.data(), d->dx.data(), n * sizeof(float), l.stream());
-  l.stream().synchronize();
+  out.dx = device_matrix(d->dx, path, host_dx.dim(0), host_dx.dim(1));
+  l.backward(device_copy(d->x, path, x, l.stream()), device_copy(d->dy, path, dy, l.stream()), out);
+  copy_back(path, out.dx, host_dx, l.stream());
   out.dx = host_dx;
 }
 
