@@ -555,6 +555,26 @@ Config pretend_device_config(int ranks, int ep, const std::string& payload, bool
   return c;
 }
 
+/// Runs `check(ranks, on_host, on_device)` with runtimes of pretend_device_config on the
+/// host data path and on the pretend device, for worlds 1-4 and EP 2 × DP 2, and each
+/// payload dtype.
+template <typename Check>
+void on_pretend_worlds(const Check& check) {
+  struct Case {
+    int ranks, ep;
+  };
+  for (const Case& k : {Case{1, 1}, Case{2, 2}, Case{3, 3}, Case{4, 4}, Case{4, 2}}) {
+    for (const std::string payload : {"f32", "bf16", "fp8"}) {
+      CAPTURE(k.ranks);
+      CAPTURE(k.ep);
+      CAPTURE(payload);
+      Runtime on_host(pretend_device_config(k.ranks, k.ep, payload, false));
+      Runtime on_device(pretend_device_config(k.ranks, k.ep, payload, true));
+      check(k.ranks, on_host, on_device);
+    }
+  }
+}
+
 }  // namespace
 
 TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
@@ -631,42 +651,32 @@ TEST_CASE(
   // read that does not wait for the stream reads stale bytes. Its rows go between the ranks
   // through host staging memory (inproc takes no device memory). Both runs use the same
   // expert arithmetic (pretend_swiglu takes either memory), so y is the same bytes.
-  struct Case {
-    int ranks, ep;
-  };
-  for (const Case& k : {Case{1, 1}, Case{2, 2}, Case{3, 3}, Case{4, 4}, Case{4, 2}}) {
-    for (const std::string payload : {"f32", "bf16", "fp8"}) {
-      CAPTURE(k.ranks);
-      CAPTURE(k.ep);
-      CAPTURE(payload);
-      Runtime on_host(pretend_device_config(k.ranks, k.ep, payload, false));
-      Runtime on_device(pretend_device_config(k.ranks, k.ep, payload, true));
-      for (std::int64_t tokens : {53, 7}) {  // the second step reuses the buffers
-        HostTensor x = synthetic_tokens(tokens, 24, static_cast<std::uint64_t>(tokens));
-        HostTensor expected(DType::kF32, {tokens, 24});
-        on_host.forward(x.view(), expected.view());
-        // Host tokens staged through device buffers, and device tokens as they are.
-        HostTensor staged(DType::kF32, {tokens, 24});
-        std::fill(staged.data<float>(), staged.data<float>() + staged.numel(), std::nanf(""));
-        on_device.forward(x.view(), staged.view());
-        CHECK(std::memcmp(staged.data<float>(), expected.data<float>(), staged.size_bytes()) == 0);
-        HostTensor y(DType::kF32, {tokens, 24});
-        std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
-        const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
-        on_device.forward(TensorView(x.data<float>(), DType::kF32, {tokens, 24}, Device::cuda(0)),
-                          TensorView(y.data<float>(), DType::kF32, {tokens, 24}, Device::cuda(0)));
-        // Read as soon as forward returns: it returns when y is written.
-        CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
-        const double waits_per_rank =
-            static_cast<double>(pretend_counter("switchyard_fixture_stream_waits") - waits_before) /
-            k.ranks;
-        // Today's waits, each rank: the counts (with the routing's report), the rows out
-        // through host memory, the partial sums back through host memory, and y written.
-        // A transport of device memory (NCCL) needs neither wait of the staging.
-        CHECK(waits_per_rank <= 4);
-      }
+  on_pretend_worlds([](int ranks, Runtime& on_host, Runtime& on_device) {
+    for (std::int64_t tokens : {53, 7}) {  // the second step reuses the buffers
+      HostTensor x = synthetic_tokens(tokens, 24, static_cast<std::uint64_t>(tokens));
+      HostTensor expected(DType::kF32, {tokens, 24});
+      on_host.forward(x.view(), expected.view());
+      // Host tokens staged through device buffers, and device tokens as they are.
+      HostTensor staged(DType::kF32, {tokens, 24});
+      std::fill(staged.data<float>(), staged.data<float>() + staged.numel(), std::nanf(""));
+      on_device.forward(x.view(), staged.view());
+      CHECK(std::memcmp(staged.data<float>(), expected.data<float>(), staged.size_bytes()) == 0);
+      HostTensor y(DType::kF32, {tokens, 24});
+      std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+      const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
+      on_device.forward(TensorView(x.data<float>(), DType::kF32, {tokens, 24}, Device::cuda(0)),
+                        TensorView(y.data<float>(), DType::kF32, {tokens, 24}, Device::cuda(0)));
+      // Read as soon as forward returns: it returns when y is written.
+      CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+      const double waits_per_rank =
+          static_cast<double>(pretend_counter("switchyard_fixture_stream_waits") - waits_before) /
+          ranks;
+      // Today's waits, each rank: the counts (with the routing's report), the rows out
+      // through host memory, the partial sums back through host memory, and y written.
+      // A transport of device memory (NCCL) needs neither wait of the staging.
+      CHECK(waits_per_rank <= 4);
     }
-  }
+  });
 }
 
 TEST_CASE("a NaN token on one rank of a pretend device: found with the counts, every rank stops") {
@@ -861,9 +871,6 @@ TEST_CASE("dispatch and combine on the pretend device: the host path's bytes, at
   // The caller's experts run on the received rows where they are (the pretend device's
   // memory is host memory); the device data path over inproc moves them through host
   // staging memory. Host tokens and y are staged; device tokens and y are taken as they are.
-  struct Case {
-    int ranks, ep;
-  };
   constexpr std::int64_t T = 23, H = 24, K = 3;
   std::vector<std::int32_t> experts(static_cast<std::size_t>(T * K));
   std::vector<float> weights(static_cast<std::size_t>(T * K));
@@ -875,32 +882,25 @@ TEST_CASE("dispatch and combine on the pretend device: the host path's bytes, at
   }
   const TensorView e(experts.data(), DType::kI32, {T, K});
   const TensorView w(weights.data(), DType::kF32, {T, K});
-  for (const Case& k : {Case{1, 1}, Case{2, 2}, Case{3, 3}, Case{4, 4}, Case{4, 2}}) {
-    for (const std::string payload : {"f32", "bf16", "fp8"}) {
-      CAPTURE(k.ranks);
-      CAPTURE(k.ep);
-      CAPTURE(payload);
-      Runtime on_host(pretend_device_config(k.ranks, k.ep, payload, false));
-      Runtime on_device(pretend_device_config(k.ranks, k.ep, payload, true));
-      HostTensor x = synthetic_tokens(T, H, 12);
-      auto dispatch_and_combine = [&](Runtime& runtime, Device where, HostTensor& y) {
-        ProcessDispatch d;
-        runtime.dispatch(TensorView(x.data<float>(), DType::kF32, {T, H}, where), e, w, d);
-        run_hand_experts(d);
-        std::vector<TensorView> outputs;
-        for (auto& part : d.parts) outputs.push_back(part.handle.expert_output());
-        std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
-        runtime.combine(d, outputs, TensorView(y.data<float>(), DType::kF32, {T, H}, where));
-      };
-      HostTensor expected(DType::kF32, {T, H}), staged(DType::kF32, {T, H}),
-          direct(DType::kF32, {T, H});
-      dispatch_and_combine(on_host, Device::host(), expected);
-      dispatch_and_combine(on_device, Device::host(), staged);
-      dispatch_and_combine(on_device, Device::cuda(0), direct);
-      CHECK(std::memcmp(staged.data<float>(), expected.data<float>(), expected.size_bytes()) == 0);
-      CHECK(std::memcmp(direct.data<float>(), expected.data<float>(), expected.size_bytes()) == 0);
-    }
-  }
+  on_pretend_worlds([&](int /*ranks*/, Runtime& on_host, Runtime& on_device) {
+    HostTensor x = synthetic_tokens(T, H, 12);
+    auto dispatch_and_combine = [&](Runtime& runtime, Device where, HostTensor& y) {
+      ProcessDispatch d;
+      runtime.dispatch(TensorView(x.data<float>(), DType::kF32, {T, H}, where), e, w, d);
+      run_hand_experts(d);
+      std::vector<TensorView> outputs;
+      for (auto& part : d.parts) outputs.push_back(part.handle.expert_output());
+      std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+      runtime.combine(d, outputs, TensorView(y.data<float>(), DType::kF32, {T, H}, where));
+    };
+    HostTensor expected(DType::kF32, {T, H}), staged(DType::kF32, {T, H}),
+        direct(DType::kF32, {T, H});
+    dispatch_and_combine(on_host, Device::host(), expected);
+    dispatch_and_combine(on_device, Device::host(), staged);
+    dispatch_and_combine(on_device, Device::cuda(0), direct);
+    CHECK(std::memcmp(staged.data<float>(), expected.data<float>(), expected.size_bytes()) == 0);
+    CHECK(std::memcmp(direct.data<float>(), expected.data<float>(), expected.size_bytes()) == 0);
+  });
   // Bad input is refused with the host path's messages (the plan checked on the host).
   Config c = base_config(3, 8, 3);
   c.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
