@@ -26,62 +26,6 @@ struct AllreduceArgument {
   ReduceOp op;
 };
 
-struct SplitArgument {
-  int color;
-  int key;
-  std::shared_ptr<World>* world_out;  // written by rank 0 of the parent
-  int* rank_out;
-};
-
-/// Copies what every peer sends to `me` into this rank's receive buffer. Returns the
-/// first size mismatch instead of throwing, so the caller still departs.
-std::optional<Error> pull_alltoallv(std::span<const void* const> posted, int me,
-                                    const AlltoallvBuffers& mine) {
-  std::optional<Error> problem;
-  for (std::size_t p = 0; p < posted.size(); ++p) {
-    const auto* peer = static_cast<const AlltoallvBuffers*>(posted[p]);
-    const std::size_t n = peer->send_counts[static_cast<std::size_t>(me)];
-    if (n != mine.recv_counts[p]) {
-      if (!problem) {
-        problem = Error(ErrorCode::kInvalidArgument,
-                        "inproc alltoallv: rank " + std::to_string(p) + " sends " +
-                            std::to_string(n) + " bytes to rank " + std::to_string(me) +
-                            ", which expects " + std::to_string(mine.recv_counts[p]));
-      }
-      continue;
-    }
-    if (n != 0) {
-      std::memcpy(mine.recv + mine.recv_offsets[p],
-                  peer->send + peer->send_offsets[static_cast<std::size_t>(me)], n);
-    }
-  }
-  return problem;
-}
-
-/// Departs for a rank that leaves its reading section by an exception (after aborting, so
-/// that peers stop): a reader that never departed would keep a rank that gives up waiting.
-class DepartOnThrow {
- public:
-  DepartOnThrow(World& world, std::uint64_t seq, int rank)
-      : world_(world), seq_(seq), rank_(rank) {}
-  ~DepartOnThrow() {
-    if (!armed_) return;
-    world_.abort("inproc: world rank " + std::to_string(world_.world_rank(rank_)) +
-                 " failed while reading its peers' buffers");
-    world_.depart(seq_, rank_);
-  }
-  DepartOnThrow(const DepartOnThrow&) = delete;
-  DepartOnThrow& operator=(const DepartOnThrow&) = delete;
-  /// The reading section ended normally; the caller departs itself.
-  void release() noexcept { armed_ = false; }
-
- private:
-  World& world_;
-  std::uint64_t seq_;
-  int rank_;
-  bool armed_ = true;
-};
-
 void declare_options(ConfigSchema& s) {
   s.add("inproc_async", ConfigType::kBool, ConfigValue{false},
         "stream-ordered mode: data collectives are queued on the host stream and completed "
@@ -127,28 +71,10 @@ class InprocTransport final : public Transport {
   }
   std::string name() const override { return "inproc"; }
 
-  void barrier() override {
-    const std::uint64_t seq = next_seq_++;
-    world_->arrive(seq, rank_, this, "barrier");
-    world_->wait_all_arrived(seq, "barrier");
-    finish(seq, "barrier");
-  }
+  void barrier() override { run_barrier(*world_, next_seq_++, rank_); }
 
   std::unique_ptr<Transport> split(int color, int key) override {
-    const std::uint64_t seq = next_seq_++;
-    std::shared_ptr<World> new_world;
-    int new_rank = -1;
-    const SplitArgument mine{color, key, &new_world, &new_rank};
-    world_->arrive(seq, rank_, &mine, "split");
-    auto posted = world_->wait_all_arrived(seq, "split");
-    {
-      DepartOnThrow reading(*world_, seq, rank_);
-      if (rank_ == 0) build_split_worlds(posted);
-      reading.release();
-    }
-    world_->depart(seq, rank_);
-    // Rank 0 writes every member's result before it departs.
-    world_->wait_all_departed(seq, "split");
+    auto [new_world, new_rank] = run_split(*world_, next_seq_++, rank_, color, key);
     if (color < 0) return nullptr;
     return std::make_unique<InprocTransport>(std::move(new_world), new_rank, stream_ordered_);
   }
@@ -265,13 +191,7 @@ class InprocTransport final : public Transport {
   }
 
   void run_alltoallv(QueuedOp& op) {
-    world_->arrive(op.seq, rank_, &op.buffers, "alltoallv");
-    auto posted = world_->wait_all_arrived(op.seq, "alltoallv");
-    DepartOnThrow reading(*world_, op.seq, rank_);
-    auto problem = pull_alltoallv(posted, rank_, op.buffers);
-    reading.release();
-    finish(op.seq, "alltoallv");
-    if (problem) throw *problem;
+    inproc::run_alltoallv(*world_, op.seq, rank_, op.buffers, "inproc");
   }
 
   void run_allreduce(QueuedOp& op) {
@@ -308,40 +228,6 @@ class InprocTransport final : public Transport {
     world_->wait_all_departed(seq, op);
   }
 
-  void build_split_worlds(std::span<const void* const> posted) {
-    struct Member {
-      int key, old_rank;
-    };
-    std::vector<int> colors;
-    for (const void* p : posted) {
-      const int c = static_cast<const SplitArgument*>(p)->color;
-      if (c >= 0 && std::find(colors.begin(), colors.end(), c) == colors.end()) colors.push_back(c);
-    }
-    for (int color : colors) {
-      std::vector<Member> members;
-      for (std::size_t r = 0; r < posted.size(); ++r) {
-        const auto* a = static_cast<const SplitArgument*>(posted[r]);
-        if (a->color == color) members.push_back({a->key, static_cast<int>(r)});
-      }
-      std::stable_sort(members.begin(), members.end(), [](const Member& a, const Member& b) {
-        return a.key != b.key ? a.key < b.key : a.old_rank < b.old_rank;
-      });
-      std::vector<int> nodes;
-      for (const auto& m : members) nodes.push_back(world_->topology().node_of(m.old_rank));
-      std::vector<int> world_ranks;
-      for (const auto& m : members) world_ranks.push_back(world_->world_rank(m.old_rank));
-      auto world =
-          std::make_shared<World>(static_cast<int>(members.size()), world_->timeout_s(),
-                                  Topology(nodes), world_->abort_state(), std::move(world_ranks));
-      for (std::size_t i = 0; i < members.size(); ++i) {
-        const auto* a = static_cast<const SplitArgument*>(
-            posted[static_cast<std::size_t>(members[i].old_rank)]);
-        *a->world_out = world;
-        *a->rank_out = static_cast<int>(i);
-      }
-    }
-  }
-
   std::shared_ptr<World> world_;
   const int rank_;
   const bool stream_ordered_;
@@ -369,7 +255,7 @@ class InprocRequest final : public TransportRequest {
     if (!pulled_) {
       const auto posted = world.wait_all_arrived(seq_, "ialltoallv");
       DepartOnThrow reading(world, seq_, transport_.rank());
-      problem_ = pull_alltoallv(posted, transport_.rank(), buffers_);
+      problem_ = pull_alltoallv(posted, transport_.rank(), buffers_, "inproc");
       reading.release();
       pulled_ = true;
       world.depart(seq_, transport_.rank());
@@ -388,7 +274,7 @@ class InprocRequest final : public TransportRequest {
       const auto posted = world.try_all_arrived(seq_, "ialltoallv");
       if (!posted) return false;
       DepartOnThrow reading(world, seq_, transport_.rank());
-      problem_ = pull_alltoallv(*posted, transport_.rank(), buffers_);
+      problem_ = pull_alltoallv(*posted, transport_.rank(), buffers_, "inproc");
       reading.release();
       pulled_ = true;
       world.depart(seq_, transport_.rank());

@@ -1,5 +1,8 @@
 #include "inproc_world.hpp"
 
+#include <algorithm>
+#include <cstring>
+
 namespace switchyard::inproc {
 namespace {
 
@@ -155,6 +158,119 @@ void World::abort(const std::string& reason) noexcept {
     abort_->aborted.store(true);
   }
   changed_.notify_all();
+}
+
+DepartOnThrow::~DepartOnThrow() {
+  if (!armed_) return;
+  world_.abort(std::string("world rank ") + std::to_string(world_.world_rank(rank_)) +
+               " failed while reading its peers' buffers");
+  world_.depart(seq_, rank_);
+}
+
+std::optional<Error> pull_alltoallv(std::span<const void* const> posted, int me,
+                                    const AlltoallvBuffers& mine, const char* transport) {
+  std::optional<Error> problem;
+  for (std::size_t p = 0; p < posted.size(); ++p) {
+    const auto* peer = static_cast<const AlltoallvBuffers*>(posted[p]);
+    const std::size_t n = peer->send_counts[static_cast<std::size_t>(me)];
+    if (n != mine.recv_counts[p]) {
+      if (!problem) {
+        problem = Error(ErrorCode::kInvalidArgument,
+                        std::string(transport) + " alltoallv: rank " + std::to_string(p) +
+                            " sends " + std::to_string(n) + " bytes to rank " + std::to_string(me) +
+                            ", which expects " + std::to_string(mine.recv_counts[p]));
+      }
+      continue;
+    }
+    if (n != 0) {
+      std::memcpy(mine.recv + mine.recv_offsets[p],
+                  peer->send + peer->send_offsets[static_cast<std::size_t>(me)], n);
+    }
+  }
+  return problem;
+}
+
+void run_alltoallv(World& world, std::uint64_t seq, int rank, const AlltoallvBuffers& mine,
+                   const char* transport) {
+  world.arrive(seq, rank, &mine, "alltoallv");
+  auto posted = world.wait_all_arrived(seq, "alltoallv");
+  DepartOnThrow reading(world, seq, rank);
+  auto problem = pull_alltoallv(posted, rank, mine, transport);
+  reading.release();
+  world.depart(seq, rank);
+  world.wait_all_departed(seq, "alltoallv");
+  if (problem) throw *problem;
+}
+
+void run_barrier(World& world, std::uint64_t seq, int rank) {
+  world.arrive(seq, rank, &world, "barrier");
+  world.wait_all_arrived(seq, "barrier");
+  world.depart(seq, rank);
+  world.wait_all_departed(seq, "barrier");
+}
+
+namespace {
+
+struct SplitArgument {
+  int color;
+  int key;
+  std::shared_ptr<World>* world_out;  // written by rank 0 of the parent
+  int* rank_out;
+};
+
+/// Rank 0's part of a split: builds every color's world and writes each member's result.
+void build_split_worlds(const World& parent, std::span<const void* const> posted) {
+  struct Member {
+    int key, old_rank;
+  };
+  std::vector<int> colors;
+  for (const void* p : posted) {
+    const int c = static_cast<const SplitArgument*>(p)->color;
+    if (c >= 0 && std::find(colors.begin(), colors.end(), c) == colors.end()) colors.push_back(c);
+  }
+  for (int color : colors) {
+    std::vector<Member> members;
+    for (std::size_t r = 0; r < posted.size(); ++r) {
+      const auto* a = static_cast<const SplitArgument*>(posted[r]);
+      if (a->color == color) members.push_back({a->key, static_cast<int>(r)});
+    }
+    std::stable_sort(members.begin(), members.end(), [](const Member& a, const Member& b) {
+      return a.key != b.key ? a.key < b.key : a.old_rank < b.old_rank;
+    });
+    std::vector<int> nodes;
+    for (const auto& m : members) nodes.push_back(parent.topology().node_of(m.old_rank));
+    std::vector<int> world_ranks;
+    for (const auto& m : members) world_ranks.push_back(parent.world_rank(m.old_rank));
+    auto world =
+        std::make_shared<World>(static_cast<int>(members.size()), parent.timeout_s(),
+                                Topology(nodes), parent.abort_state(), std::move(world_ranks));
+    for (std::size_t i = 0; i < members.size(); ++i) {
+      const auto* a =
+          static_cast<const SplitArgument*>(posted[static_cast<std::size_t>(members[i].old_rank)]);
+      *a->world_out = world;
+      *a->rank_out = static_cast<int>(i);
+    }
+  }
+}
+
+}  // namespace
+
+std::pair<std::shared_ptr<World>, int> run_split(World& world, std::uint64_t seq, int rank,
+                                                 int color, int key) {
+  std::shared_ptr<World> new_world;
+  int new_rank = -1;
+  const SplitArgument mine{color, key, &new_world, &new_rank};
+  world.arrive(seq, rank, &mine, "split");
+  auto posted = world.wait_all_arrived(seq, "split");
+  {
+    DepartOnThrow reading(world, seq, rank);
+    if (rank == 0) build_split_worlds(world, posted);
+    reading.release();
+  }
+  world.depart(seq, rank);
+  // Rank 0 writes every member's result before it departs.
+  world.wait_all_departed(seq, "split");
+  return {std::move(new_world), new_rank};
 }
 
 }  // namespace switchyard::inproc

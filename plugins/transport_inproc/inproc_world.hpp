@@ -12,10 +12,12 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "switchyard/status.hpp"
 #include "switchyard/topology.hpp"
+#include "switchyard/transport.hpp"
 
 namespace switchyard::inproc {
 
@@ -99,5 +101,42 @@ class World {
   std::condition_variable changed_;
   std::vector<Slot> slots_;
 };
+
+/// Departs for a rank that leaves its reading section by an exception (after aborting, so
+/// that peers stop): a reader that never departed would keep a rank that gives up waiting.
+class DepartOnThrow {
+ public:
+  DepartOnThrow(World& world, std::uint64_t seq, int rank)
+      : world_(world), seq_(seq), rank_(rank) {}
+  ~DepartOnThrow();
+  DepartOnThrow(const DepartOnThrow&) = delete;
+  DepartOnThrow& operator=(const DepartOnThrow&) = delete;
+  /// The reading section ended normally; the caller departs itself.
+  void release() noexcept { armed_ = false; }
+
+ private:
+  World& world_;
+  std::uint64_t seq_;
+  int rank_;
+  bool armed_ = true;
+};
+
+/// Copies what every peer (its posted `AlltoallvBuffers`) sends to `me` into this rank's
+/// receive buffer. Returns the first size mismatch instead of throwing, so the caller
+/// still departs. `transport` names the plugin in the message.
+std::optional<Error> pull_alltoallv(std::span<const void* const> posted, int me,
+                                    const AlltoallvBuffers& mine, const char* transport);
+
+/// Communicator rank `rank`'s whole part in collective `seq`, an alltoallv of `mine`:
+/// arrive, copy from the peers, depart, and wait until no peer reads `mine` any more.
+/// Throws the size mismatch after departing.
+void run_alltoallv(World& world, std::uint64_t seq, int rank, const AlltoallvBuffers& mine,
+                   const char* transport);
+/// A barrier as collective `seq`.
+void run_barrier(World& world, std::uint64_t seq, int rank);
+/// A split as collective `seq`: the world of the ranks with the same `color`, ordered by
+/// (`key`, old rank), and this rank's index in it; a null world for a negative color.
+std::pair<std::shared_ptr<World>, int> run_split(World& world, std::uint64_t seq, int rank,
+                                                 int color, int key);
 
 }  // namespace switchyard::inproc

@@ -320,8 +320,9 @@ TEST_CASE("Runtime::backward: world 1-4 × EP groups of world and world/2, with 
 
 TEST_CASE("Runtime::backward on the pretend device: the host data path's bytes, every payload") {
   // The same experts (pretend_swiglu takes either memory) on the host data path and on the
-  // pretend device, whose rows go between the in-process ranks through host staging memory;
-  // host tensors (staged) and device tensors (as they are).
+  // pretend device, whose rows go between the in-process ranks through host staging memory
+  // (inproc) or on the streams (pretend_device); host tensors (staged) and device tensors (as
+  // they are).
   for (const int world : {1, 2, 3, 4}) {
     for (const std::string payload : {"f32", "bf16", "fp8"}) {
       CAPTURE(world);
@@ -340,6 +341,9 @@ TEST_CASE("Runtime::backward on the pretend device: the host data path's bytes, 
       host.set("model", "ffn_hidden", std::int64_t{F});
       Config device = host;
       device.set("runtime", "data_path", std::string("pretend_cuda"));
+      // Over the stream-ordered pretend_device transport the rows stay on the device.
+      Config device_transport = device;
+      device_transport.set("runtime", "transport", std::string("pretend_device"));
       HostTensor x = synthetic_tokens(T, H, 25), dy = synthetic_tokens(T, H, 26);
       auto run = [&](const Config& config, Device where, HostTensor& dx, ModelGradients& g) {
         Runtime runtime(config);
@@ -353,16 +357,17 @@ TEST_CASE("Runtime::backward on the pretend device: the host data path's bytes, 
         runtime.backward(on(x), on(dy), on(dx), g);
       };
       HostTensor dx_host(DType::kF32, {T, H}), dx_staged(DType::kF32, {T, H}),
-          dx_device(DType::kF32, {T, H});
-      ModelGradients on_host, staged, on_device;
+          dx_device(DType::kF32, {T, H}), dx_streams(DType::kF32, {T, H});
+      ModelGradients on_host, staged, on_device, on_streams;
       run(host, Device::host(), dx_host, on_host);
       run(device, Device::host(), dx_staged, staged);
       run(device, Device::cuda(0), dx_device, on_device);
+      run(device_transport, Device::cuda(0), dx_streams, on_streams);
       auto same = [](const HostTensor& a, const HostTensor& b) {
         return a.numel() == b.numel() &&
                std::memcmp(a.data<float>(), b.data<float>(), a.size_bytes()) == 0;
       };
-      for (const ModelGradients* g : {&staged, &on_device}) {
+      for (const ModelGradients* g : {&staged, &on_device, &on_streams}) {
         CHECK(same(g->gate, on_host.gate));
         for (int e = 0; e < E; ++e) {
           for (std::size_t w = 0; w < 3; ++w) {
@@ -373,6 +378,7 @@ TEST_CASE("Runtime::backward on the pretend device: the host data path's bytes, 
       }
       CHECK(same(dx_staged, dx_host));
       CHECK(same(dx_device, dx_host));
+      CHECK(same(dx_streams, dx_host));
     }
   }
 }

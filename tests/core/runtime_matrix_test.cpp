@@ -545,19 +545,28 @@ long pretend_counter(const char* symbol) {
 
 /// Worlds of in-process ranks whose experts are pretend_swiglu (either memory): on the host
 /// data path, or (`on_device`) on the pretend device's, 8 experts, top-3.
-Config pretend_device_config(int ranks, int ep, const std::string& payload, bool on_device) {
+/// The transports of a device data path: `inproc` takes host memory only, so the rows go
+/// through host staging memory; `pretend_device` takes device memory and is stream-ordered,
+/// as NCCL is.
+const char* const kDeviceTransports[] = {"inproc", "pretend_device"};
+
+Config pretend_device_config(int ranks, int ep, const std::string& payload, bool on_device,
+                             const std::string& transport = "inproc") {
   Config c = base_config(ranks, 8, 3);
   c.set("runtime", "ep_size", std::int64_t{ep});
   c.set("runtime", "plugin_dirs", std::vector<std::string>{SWITCHYARD_FIXTURE_PLUGIN_DIR});
   c.set("runtime", "payload_dtype", payload);
   c.set("experts", "kernel", std::string("pretend_swiglu"));
-  if (on_device) c.set("runtime", "data_path", std::string("pretend_cuda"));
+  if (on_device) {
+    c.set("runtime", "data_path", std::string("pretend_cuda"));
+    c.set("runtime", "transport", transport);
+  }
   return c;
 }
 
-/// Runs `check(ranks, on_host, on_device)` with runtimes of pretend_device_config on the
-/// host data path and on the pretend device, for worlds 1-4 and EP 2 × DP 2, and each
-/// payload dtype.
+/// Runs `check(ranks, on_host, on_device, transport)` with runtimes of pretend_device_config
+/// on the host data path and on the pretend device over each of `kDeviceTransports`, for
+/// worlds 1-4 and EP 2 × DP 2, and each payload dtype.
 template <typename Check>
 void on_pretend_worlds(const Check& check) {
   struct Case {
@@ -565,12 +574,15 @@ void on_pretend_worlds(const Check& check) {
   };
   for (const Case& k : {Case{1, 1}, Case{2, 2}, Case{3, 3}, Case{4, 4}, Case{4, 2}}) {
     for (const std::string payload : {"f32", "bf16", "fp8"}) {
-      CAPTURE(k.ranks);
-      CAPTURE(k.ep);
-      CAPTURE(payload);
-      Runtime on_host(pretend_device_config(k.ranks, k.ep, payload, false));
-      Runtime on_device(pretend_device_config(k.ranks, k.ep, payload, true));
-      check(k.ranks, on_host, on_device);
+      for (const std::string transport : kDeviceTransports) {
+        CAPTURE(k.ranks);
+        CAPTURE(k.ep);
+        CAPTURE(payload);
+        CAPTURE(transport);
+        Runtime on_host(pretend_device_config(k.ranks, k.ep, payload, false));
+        Runtime on_device(pretend_device_config(k.ranks, k.ep, payload, true, transport));
+        check(k.ranks, on_host, on_device, transport);
+      }
     }
   }
 }
@@ -645,13 +657,16 @@ TEST_CASE("the device path of the layer and the runtime, on a pretend device") {
 }
 
 TEST_CASE(
-    "several ranks on one pretend device: the device data path over inproc gives the host "
-    "path's bytes") {
+    "several ranks on one pretend device: the device data path gives the host path's bytes, "
+    "with one host wait for the counts") {
   // The pretend device's streams run their work later, on a thread of their own, so a host
-  // read that does not wait for the stream reads stale bytes. Its rows go between the ranks
-  // through host staging memory (inproc takes no device memory). Both runs use the same
-  // expert arithmetic (pretend_swiglu takes either memory), so y is the same bytes.
-  on_pretend_worlds([](int ranks, Runtime& on_host, Runtime& on_device) {
+  // read that does not wait for the stream reads stale bytes. Over inproc (host memory
+  // only) the rows go between the ranks through host staging memory; over the
+  // stream-ordered pretend_device transport they stay on the device and the streams. Both
+  // runs use the same expert arithmetic (pretend_swiglu takes either memory), so y is the
+  // same bytes.
+  on_pretend_worlds([](int ranks, Runtime& on_host, Runtime& on_device,
+                       const std::string& transport) {
     for (std::int64_t tokens : {53, 7}) {  // the second step reuses the buffers
       HostTensor x = synthetic_tokens(tokens, 24, static_cast<std::uint64_t>(tokens));
       HostTensor expected(DType::kF32, {tokens, 24});
@@ -668,15 +683,48 @@ TEST_CASE(
                         TensorView(y.data<float>(), DType::kF32, {tokens, 24}, Device::cuda(0)));
       // Read as soon as forward returns: it returns when y is written.
       CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
-      const double waits_per_rank =
-          static_cast<double>(pretend_counter("switchyard_fixture_stream_waits") - waits_before) /
-          ranks;
-      // Today's waits, each rank: the counts (with the routing's report), the rows out
-      // through host memory, the partial sums back through host memory, and y written.
-      // A transport of device memory (NCCL) needs neither wait of the staging.
-      CHECK(waits_per_rank <= 4);
+      const long waits = pretend_counter("switchyard_fixture_stream_waits") - waits_before;
+      if (transport == "pretend_device") {
+        // Each rank: the counts (with the routing's report), and y written.
+        CHECK(waits == 2 * ranks);
+      } else {
+        // Host staging adds, each rank, the rows out and the partial sums back through
+        // host memory.
+        CHECK(waits == 4 * ranks);
+      }
     }
   });
+}
+
+TEST_CASE("ranks of one pretend device, each with an event for y: one host wait per forward") {
+  // A framework's forward: each rank's layer on its own thread, handed device tensors, y
+  // marked by an event instead of waited for. The counts are the one thing the host reads.
+  for (const int ranks : {1, 2, 3, 4}) {
+    CAPTURE(ranks);
+    constexpr std::int64_t kPerRank = 11, H = 24;
+    Runtime on_host(pretend_device_config(ranks, ranks, "bf16", false));
+    Runtime on_device(pretend_device_config(ranks, ranks, "bf16", true, "pretend_device"));
+    const std::int64_t T = kPerRank * ranks;
+    HostTensor x = synthetic_tokens(T, H, 31), expected(DType::kF32, {T, H}),
+               y(DType::kF32, {T, H});
+    on_host.forward(x.view(), expected.view());
+    std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+    const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
+    std::vector<std::unique_ptr<StreamEvent>> written(static_cast<std::size_t>(ranks));
+    auto errors = test::on_threads(ranks, [&](int r) {
+      MoELayer& layer = on_device.layer(r);
+      const std::int64_t first = kPerRank * r;
+      written[static_cast<std::size_t>(r)] = layer.stream().create_event();
+      layer.forward(
+          TensorView(x.data<float>() + first * H, DType::kF32, {kPerRank, H}, Device::cuda(0)),
+          TensorView(y.data<float>() + first * H, DType::kF32, {kPerRank, H}, Device::cuda(0)),
+          *written[static_cast<std::size_t>(r)]);
+    });
+    for (const auto& e : errors) CHECK_MESSAGE(!e.has_value(), (e ? e->what() : ""));
+    CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits_before == ranks);
+    for (auto& event : written) event->synchronize();
+    CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+  }
 }
 
 TEST_CASE("a NaN token on one rank of a pretend device: found with the counts, every rank stops") {
@@ -870,7 +918,8 @@ TEST_CASE("dispatch and combine with the caller's experts: y = sum of weighted f
 TEST_CASE("dispatch and combine on the pretend device: the host path's bytes, at worlds 1-4") {
   // The caller's experts run on the received rows where they are (the pretend device's
   // memory is host memory); the device data path over inproc moves them through host
-  // staging memory. Host tokens and y are staged; device tokens and y are taken as they are.
+  // staging memory, over pretend_device on the streams. Host tokens and y are staged; device tokens
+  // and y are taken as they are.
   constexpr std::int64_t T = 23, H = 24, K = 3;
   std::vector<std::int32_t> experts(static_cast<std::size_t>(T * K));
   std::vector<float> weights(static_cast<std::size_t>(T * K));
@@ -882,7 +931,8 @@ TEST_CASE("dispatch and combine on the pretend device: the host path's bytes, at
   }
   const TensorView e(experts.data(), DType::kI32, {T, K});
   const TensorView w(weights.data(), DType::kF32, {T, K});
-  on_pretend_worlds([&](int /*ranks*/, Runtime& on_host, Runtime& on_device) {
+  on_pretend_worlds([&](int /*ranks*/, Runtime& on_host, Runtime& on_device,
+                        const std::string& /*transport*/) {
     HostTensor x = synthetic_tokens(T, H, 12);
     auto dispatch_and_combine = [&](Runtime& runtime, Device where, HostTensor& y) {
       ProcessDispatch d;
