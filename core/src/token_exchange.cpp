@@ -325,8 +325,9 @@ void TokenExchange::send_rows(DispatchHandle& h, Stream* on) {
     const std::array<Buffer<std::byte>*, 2> received{&h.staged_rows_, &h.staged_meta_};
     send_staged(exchanges, received, h);
   } else if (on != nullptr) {
-    transport.alltoallv(row_buffers(h), *on);
-    transport.alltoallv(meta_buffers(h), *on);
+    // One collective: a device transport moves the rows and their slots together.
+    const std::array<AlltoallvBuffers, 2> exchanges{row_buffers(h), meta_buffers(h)};
+    transport.alltoallv_group(exchanges, *on);
   } else {
     transport.alltoallv(row_buffers(h));
     transport.alltoallv(meta_buffers(h));

@@ -28,7 +28,7 @@ void Transport::alltoall(const void* send, void* recv, std::size_t bytes_per_pee
   stream.synchronize();
 }
 
-void Transport::alltoallv(const AlltoallvBuffers& buffers, Stream& stream) {
+void Transport::check_alltoallv(const AlltoallvBuffers& buffers, const Stream& stream) const {
   check_alltoallv_arguments(buffers, size(), name());
   if (buffers.device != stream.device()) {
     throw Error(ErrorCode::kInvalidArgument,
@@ -36,7 +36,20 @@ void Transport::alltoallv(const AlltoallvBuffers& buffers, Stream& stream) {
                     " memory but the stream runs on " + device_name(stream.device()));
   }
   require_memory(buffers.device, "alltoallv", "send/receive buffers");
+}
+
+void Transport::alltoallv(const AlltoallvBuffers& buffers, Stream& stream) {
+  check_alltoallv(buffers, stream);
   do_alltoallv(buffers, stream);
+}
+
+void Transport::alltoallv_group(std::span<const AlltoallvBuffers> exchanges, Stream& stream) {
+  for (const AlltoallvBuffers& buffers : exchanges) check_alltoallv(buffers, stream);
+  do_alltoallv_group(exchanges, stream);
+}
+
+void Transport::do_alltoallv_group(std::span<const AlltoallvBuffers> exchanges, Stream& stream) {
+  for (const AlltoallvBuffers& buffers : exchanges) do_alltoallv(buffers, stream);
 }
 
 void Transport::alltoallv(const AlltoallvBuffers& buffers) {

@@ -5,13 +5,18 @@
 // a world of one needs no launcher.
 //
 // Communicators are non-blocking (ncclConfig_t::blocking = 0), so that creating, splitting
-// and every collective is bounded by the timeout: the host polls ncclCommGetAsyncError and
-// an event after the work; past the deadline, or on an asynchronous NCCL error, it aborts
-// the communicator (ncclCommAbort) and throws an error that names the operation and the
-// communicator's ranks. Collectives therefore return once their work is done
-// (host-synchronous, `stream_ordered = false`): never a hang, at the price of overlap.
+// and every collective is bounded by the timeout. Exchanges of device memory are
+// stream-ordered (`stream_ordered = true`): alltoallv (and several of them, e.g. rows and
+// their slots, as one group: `alltoallv_group`) is grouped ncclSend/ncclRecv queued on the
+// caller's stream, and the call returns without waiting. A watchdog thread per communicator
+// keeps their timeout: it polls an event after each exchange and ncclCommGetAsyncError, and
+// past the deadline, or on an asynchronous NCCL error, aborts the communicator
+// (ncclCommAbort, which ends its kernels, so the caller's stream drains) and keeps an error
+// naming the operation and the communicator's ranks for `raise_stream_error` (the layer asks
+// after each wait) and every later call. Host-memory collectives (the counts, statistics,
+// split, barrier) poll an event themselves and return when done: never a hang.
 //
-// Device memory is NCCL's: alltoallv is grouped ncclSend/ncclRecv on the caller's stream.
+// Device memory is NCCL's.
 // Host memory (the runtime's small control exchanges: counts, statistics) is staged
 // through a device buffer. Reductions gather every contribution (ncclAllGather) and add
 // them in rank order on the host, so their bits equal every other transport's.
@@ -21,9 +26,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -99,7 +107,10 @@ class Communicator {
     check_cuda(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming), "creating an event");
   }
   ~Communicator() {
+    stop_watchdog();
     cudaSetDevice(device_);
+    for (cudaEvent_t event : free_events_) cudaEventDestroy(event);
+    for (const Watched& w : watched_) cudaEventDestroy(w.event);
     if (comm_ != nullptr) {
       // A communicator whose peers are gone cannot be finalised collectively: abort it.
       if (aborted_) {
@@ -131,14 +142,54 @@ class Communicator {
   double timeout_s() const { return timeout_s_; }
   cudaStream_t staging_stream() const { return staging_stream_; }
 
-  /// Throws if the communicator was aborted; makes its device current.
+  /// Held by the thread that uses the communicator for the whole of an operation, so that
+  /// the watchdog never aborts (frees) it in the middle of a call; recursive, because a
+  /// failing operation aborts it itself.
+  std::recursive_mutex& in_use() { return in_use_; }
+
+  /// Throws if the communicator was aborted (the watchdog's error first, once); makes its
+  /// device current.
   void enter(const char* op) {
+    raise_stream_error();
     if (aborted_) {
       throw Error(ErrorCode::kPeerFailed,
                   std::string("nccl ") + op + " on " + describe_ranks(world_ranks_) +
                       ": the communicator was aborted (" + abort_reason_ + ")");
     }
     check_cuda(cudaSetDevice(device_), "selecting device " + std::to_string(device_));
+  }
+
+  /// Hands the work enqueued on `stream` so far to the watchdog: it aborts the
+  /// communicator when that work is not done within the timeout or NCCL reports an
+  /// asynchronous error (a peer died), and the error waits for `raise_stream_error`.
+  /// Nothing waits here: the caller goes on queuing work behind the exchange.
+  void watch(cudaStream_t stream, const char* op) {
+    std::lock_guard lock(watch_mutex_);
+    cudaEvent_t event = nullptr;
+    if (free_events_.empty()) {
+      check_cuda(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "creating an event");
+    } else {
+      event = free_events_.back();
+      free_events_.pop_back();
+    }
+    const cudaError_t recorded = cudaEventRecord(event, stream);
+    if (recorded != cudaSuccess) {
+      free_events_.push_back(event);
+      check_cuda(recorded, std::string(op) + ": recording an event");
+    }
+    watched_.push_back({event, Clock::now() + to_duration(timeout_s_), op});
+    if (!watchdog_.joinable()) watchdog_ = std::thread([this] { watch_loop(); });
+    watch_changed_.notify_all();
+  }
+
+  /// Throws, once, what the watchdog found (see `Transport::raise_stream_error`).
+  void raise_stream_error() {
+    std::lock_guard lock(watch_mutex_);
+    if (stream_error_) {
+      const Error error = *stream_error_;
+      stream_error_.reset();
+      throw error;
+    }
   }
 
   /// Checks the result of an NCCL call; ncclInProgress (non-blocking) is fine.
@@ -192,6 +243,7 @@ class Communicator {
   }
 
   void abort(const std::string& reason) noexcept {
+    const std::lock_guard use(in_use_);
     if (aborted_) return;
     aborted_ = true;
     abort_reason_ = reason;
@@ -220,6 +272,85 @@ class Communicator {
   }
 
  private:
+  /// The watchdog: polls the watched events and the communicator's asynchronous error.
+  void watch_loop() {
+    cudaSetDevice(device_);
+    std::unique_lock lock(watch_mutex_);
+    while (!stopping_) {
+      if (watched_.empty()) {
+        watch_changed_.wait(lock);
+        continue;
+      }
+      const auto now = Clock::now();
+      const char* late = nullptr;
+      for (auto it = watched_.begin(); it != watched_.end();) {
+        if (cudaEventQuery(it->event) == cudaSuccess) {
+          free_events_.push_back(it->event);
+          it = watched_.erase(it);
+          continue;
+        }
+        if (now > it->deadline && late == nullptr) late = it->op;
+        ++it;
+      }
+      // The communicator is only read while no caller is inside an operation (which
+      // bounds its own waits).
+      if (!watched_.empty() && in_use_.try_lock()) {
+        std::optional<Error> failure;
+        ncclResult_t state = ncclSuccess;
+        if (!aborted_ && comm_ != nullptr) ncclCommGetAsyncError(comm_, &state);
+        auto fail_watched = [&](ErrorCode code, const char* op, const std::string& why) {
+          std::string message = "nccl ";
+          message.append(op).append(" on ").append(describe_ranks(world_ranks_));
+          message.append(": ").append(why).append("; the communicator was aborted");
+          failure = Error(code, message);
+          abort(why);
+        };
+        if (state != ncclSuccess && state != ncclInProgress) {
+          fail_watched(ErrorCode::kPeerFailed, watched_.front().op, nccl_text(state, comm_));
+        } else if (late != nullptr) {
+          fail_watched(ErrorCode::kTimeout, late,
+                       "not complete after " + std::to_string(timeout_s_) +
+                           " s (runtime.timeout_s): a rank did not take part or is stuck");
+        }
+        in_use_.unlock();
+        if (failure) {
+          // Aborted: its kernels end, and nothing more is watched.
+          if (!stream_error_) stream_error_ = failure;
+          for (const Watched& w : watched_) free_events_.push_back(w.event);
+          watched_.clear();
+        }
+      }
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+      lock.lock();
+    }
+  }
+
+  void stop_watchdog() noexcept {
+    {
+      std::lock_guard lock(watch_mutex_);
+      stopping_ = true;
+    }
+    watch_changed_.notify_all();
+    if (watchdog_.joinable()) watchdog_.join();
+  }
+
+  /// Work handed to the watchdog: done when `event` is.
+  struct Watched {
+    cudaEvent_t event;
+    Clock::time_point deadline;
+    const char* op;
+  };
+
+  std::recursive_mutex in_use_;
+  std::mutex watch_mutex_;  // guards the members below it
+  std::condition_variable watch_changed_;
+  std::vector<Watched> watched_;
+  std::vector<cudaEvent_t> free_events_;
+  std::optional<Error> stream_error_;
+  bool stopping_ = false;
+  std::thread watchdog_;
+
   ncclComm_t comm_;
   int device_;
   std::vector<int> world_ranks_;
@@ -264,6 +395,7 @@ class StagedRequest final : public TransportRequest {
   void wait() override {
     if (done_) return;
     done_ = true;
+    const std::lock_guard use(communicator_.in_use());
     communicator_.wait_done(communicator_.staging_stream(), "ialltoallv");
   }
   bool test() override {
@@ -291,7 +423,7 @@ class NcclTransport final : public Transport {
     c.host_memory = true;  // staged through device memory
     c.device_memory = true;
     c.async_progress = true;  // ialltoallv runs on its own stream
-    c.stream_ordered = false;
+    c.stream_ordered = true;  // device exchanges; the watchdog keeps their timeout
     c.deterministic_reductions = true;
     return c;
   }
@@ -302,8 +434,11 @@ class NcclTransport final : public Transport {
     allreduce(&one, 1, DType::kI32, ReduceOp::kSum);
   }
 
+  void raise_stream_error() override { communicator_->raise_stream_error(); }
+
   std::unique_ptr<Transport> split(int color, int key) override {
     Communicator& c = *communicator_;
+    const std::lock_guard use(c.in_use());
     c.enter("split");
     // Who lands where: every rank's (color, key), gathered through the parent.
     std::int64_t mine[2] = {color, key};
@@ -349,21 +484,38 @@ class NcclTransport final : public Transport {
   }
 
   void do_alltoallv(const AlltoallvBuffers& b, Stream& stream) override {
+    do_alltoallv_group({&b, 1}, stream);
+  }
+
+  void do_alltoallv_group(std::span<const AlltoallvBuffers> exchanges, Stream& stream) override {
     Communicator& c = *communicator_;
+    const std::lock_guard use(c.in_use());
     c.enter("alltoallv");
-    if (b.device.kind == Device::Kind::kCuda) {
+    if (stream.device().kind == Device::Kind::kCuda) {
+      // Stream-ordered: one group of every exchange's sends and receives, queued behind the
+      // work that wrote the send buffers; the watchdog keeps the timeout.
       const auto s = static_cast<cudaStream_t>(stream.native_handle());
-      exchange(b.send, b.recv, b, s, "alltoallv");
-      c.wait_done(s, "alltoallv");
+      c.check(ncclGroupStart(), "alltoallv");
+      for (const AlltoallvBuffers& b : exchanges) enqueue_pairs(b.send, b.recv, b, s, "alltoallv");
+      c.check(ncclGroupEnd(), "alltoallv");
+      c.wait_ready("alltoallv");
+      c.watch(s, "alltoallv");
       return;
     }
-    // Host memory: the caller's stream has finished (host-synchronous callers); stage.
+    for (const AlltoallvBuffers& b : exchanges) host_alltoallv(b);
+  }
+
+  /// A host alltoallv, staged through device memory and blocking: the caller's stream has
+  /// finished (host streams are host-synchronous).
+  void host_alltoallv(const AlltoallvBuffers& b) {
+    Communicator& c = *communicator_;
     enqueue_staged_alltoallv(b, "alltoallv");
     c.wait_done(c.staging_stream(), "alltoallv");
   }
 
   std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& b) override {
     Communicator& c = *communicator_;
+    const std::lock_guard use(c.in_use());
     c.enter("ialltoallv");
     enqueue_staged_alltoallv(b, "ialltoallv");
     return std::make_unique<StagedRequest>(c);
@@ -372,6 +524,7 @@ class NcclTransport final : public Transport {
   void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
                     Stream& stream) override {
     Communicator& c = *communicator_;
+    const std::lock_guard use(c.in_use());
     c.enter("allreduce");
     nccl_type(dtype);  // refuses what NCCL cannot carry
     const std::size_t bytes = count * dtype_size(dtype);
@@ -421,11 +574,20 @@ class NcclTransport final : public Transport {
   }
 
   /// Enqueues the grouped sends and receives of `b`'s counts between `send` and `recv`
-  /// (device memory) on `s`.
+  /// (device memory) on `s`, and waits until NCCL has taken them (not for the exchange).
   void exchange(const std::byte* send, std::byte* recv, const AlltoallvBuffers& b, cudaStream_t s,
                 const char* op) {
     Communicator& c = *communicator_;
     c.check(ncclGroupStart(), op);
+    enqueue_pairs(send, recv, b, s, op);
+    c.check(ncclGroupEnd(), op);
+    c.wait_ready(op);
+  }
+
+  /// The sends and receives of `b`'s counts, inside the caller's group.
+  void enqueue_pairs(const std::byte* send, std::byte* recv, const AlltoallvBuffers& b,
+                     cudaStream_t s, const char* op) {
+    Communicator& c = *communicator_;
     for (int p = 0; p < size(); ++p) {
       const auto q = static_cast<std::size_t>(p);
       if (b.send_counts[q] != 0)
@@ -435,8 +597,6 @@ class NcclTransport final : public Transport {
         c.check(ncclRecv(recv + b.recv_offsets[q], b.recv_counts[q], ncclUint8, p, c.comm(), s),
                 op);
     }
-    c.check(ncclGroupEnd(), op);
-    c.wait_ready(op);
   }
 
   /// Every rank's `bytes` of host memory at `mine`, into `all` (host, size() · bytes).

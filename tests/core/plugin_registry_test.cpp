@@ -60,15 +60,16 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   REQUIRE(wrongabi != nullptr);
   CHECK(wrongabi->code == ErrorCode::kAbiMismatch);
   CHECK(
-      wrongabi->reason.find("exports switchyard_plugin_v99 but this core loads plugin interface 9 "
-                            "(switchyard_plugin_v9)") != std::string::npos);
+      wrongabi->reason.find("exports switchyard_plugin_v99 but this core loads plugin interface 10 "
+                            "(switchyard_plugin_v10)") != std::string::npos);
 
   // Built for interface 1: both versions are named.
   const auto* abiv1 = rejection(registry, "libswitchyard-router-abiv1.so");
   REQUIRE(abiv1 != nullptr);
   CHECK(abiv1->code == ErrorCode::kAbiMismatch);
-  CHECK(abiv1->reason.find("exports switchyard_plugin_v1 but this core loads plugin interface 9") !=
-        std::string::npos);
+  CHECK(
+      abiv1->reason.find("exports switchyard_plugin_v1 but this core loads plugin interface 10") !=
+      std::string::npos);
 
   // A missing symbol is found at scan time (immediate binding), not at the first call.
   const auto* unresolved = rejection(registry, "libswitchyard-router-unresolved.so");
@@ -79,7 +80,7 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* abifield = rejection(registry, "libswitchyard-router-abifield.so");
   REQUIRE(abifield != nullptr);
   CHECK(abifield->code == ErrorCode::kAbiMismatch);
-  CHECK(abifield->reason.find("declares plugin interface 99, this core needs 9") !=
+  CHECK(abifield->reason.find("declares plugin interface 99, this core needs 10") !=
         std::string::npos);
 
   const auto* otherbuild = rejection(registry, "libswitchyard-router-otherbuild.so");
@@ -100,7 +101,7 @@ TEST_CASE("every broken fixture is rejected with its reason, and the scan goes o
   const auto* noentry = rejection(registry, "libswitchyard-router-noentry.so");
   REQUIRE(noentry != nullptr);
   CHECK(noentry->code == ErrorCode::kNotFound);
-  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v9") !=
+  CHECK(noentry->reason.find("does not export the entry point switchyard_plugin_v10") !=
         std::string::npos);
 
   const auto* garbage = rejection(registry, "libswitchyard-router-garbage.so");

@@ -57,6 +57,31 @@ TEST_CASE("nccl world 1: alltoallv of device memory to itself, at offsets, on th
   CHECK(std::isnan(out[699]));  // untouched around the block
 }
 
+TEST_CASE("nccl world 1: two exchanges in one group, stream-ordered, watched without errors") {
+  auto t = nccl_world_of_one();
+  CHECK(t->capabilities().stream_ordered);
+  std::vector<float> rows(64);
+  std::iota(rows.begin(), rows.end(), 1.0f);
+  const std::vector<std::int32_t> slots = {7, -1, 3, 2};
+  test::DeviceArray<float> rows_in(rows), rows_out(64);
+  test::DeviceArray<std::int32_t> slots_in(slots), slots_out(4);
+  rows_out.poison();
+  slots_out.poison();
+  const std::size_t row_bytes[1] = {64 * sizeof(float)}, slot_bytes[1] = {4 * sizeof(std::int32_t)};
+  const std::size_t at_zero[1] = {0};
+  const AlltoallvBuffers exchanges[2] = {
+      {reinterpret_cast<const std::byte*>(rows_in.get()), row_bytes, at_zero,
+       reinterpret_cast<std::byte*>(rows_out.get()), row_bytes, at_zero, Device::cuda(0)},
+      {reinterpret_cast<const std::byte*>(slots_in.get()), slot_bytes, at_zero,
+       reinterpret_cast<std::byte*>(slots_out.get()), slot_bytes, at_zero, Device::cuda(0)}};
+  test::CudaStream stream;
+  t->alltoallv_group(exchanges, stream);
+  stream.synchronize();
+  t->raise_stream_error();  // nothing was late
+  CHECK(rows_out.to_host() == rows);
+  CHECK(slots_out.to_host() == slots);
+}
+
 TEST_CASE("nccl world 1: allreduce of device f32/f64/i64 leaves the values, barrier and split") {
   auto t = nccl_world_of_one();
   test::CudaStream stream;

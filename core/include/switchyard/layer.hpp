@@ -335,7 +335,10 @@ class MoELayer {
   void slot_dot_products(const DispatchHandle& h, const TensorView& rows,
                          const TensorView& outputs);
   /// Synchronizes the stream before host code or a host-synchronous plugin touches data.
-  void host_ready() { stream().synchronize(); }
+  void host_ready() {
+    stream().synchronize();
+    transport().raise_stream_error();  // an exchange the stream ran may have been aborted
+  }
   /// Waits for the stream where the next data-path call runs on the host at once (the host
   /// data path is host-synchronous); a device data path's calls queue behind the stream's
   /// work, and nothing waits.

@@ -99,6 +99,10 @@ class Transport {
   /// stream's device.
   void alltoallv(const AlltoallvBuffers& buffers, Stream& stream);
   void alltoallv(const AlltoallvBuffers& buffers);
+  /// Several `alltoallv`s as one collective, in order, on the stream: a device transport
+  /// moves them together (NCCL: one group), so that a token's row and its slots travel in
+  /// one exchange. Each is checked as `alltoallv` checks it, all before any moves.
+  void alltoallv_group(std::span<const AlltoallvBuffers> exchanges, Stream& stream);
   /// Non-blocking host `alltoallv`, driven by the returned request; the spans in `buffers`
   /// and the memory they describe must outlive the request.
   std::unique_ptr<TransportRequest> ialltoallv(const AlltoallvBuffers& buffers);
@@ -108,6 +112,13 @@ class Transport {
   void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op, Stream& stream);
   void allreduce(void* data, std::size_t count, DType dtype, ReduceOp op);
 
+  /// Throws, once, the error of this communicator's stream-ordered work that failed after it
+  /// was enqueued (a peer that did not come within the timeout, an asynchronous error), so
+  /// that a caller that has waited for its stream learns that the stream holds no exchange
+  /// result; does nothing otherwise. For transports whose failures a stream's
+  /// `synchronize()` cannot report (a CUDA stream does not know of NCCL's watchdog). The
+  /// default does nothing.
+  virtual void raise_stream_error() {}
   /// Returns when every rank has called it. Host control operation: blocking.
   virtual void barrier() = 0;
   /// Collective: splits into sub-communicators of the ranks that passed the same `color`,
@@ -124,6 +135,8 @@ class Transport {
   virtual void do_alltoall(const void* send, void* recv, std::size_t bytes_per_peer,
                            Stream& stream) = 0;
   virtual void do_alltoallv(const AlltoallvBuffers& buffers, Stream& stream) = 0;
+  /// The default runs `do_alltoallv` for each exchange in order.
+  virtual void do_alltoallv_group(std::span<const AlltoallvBuffers> exchanges, Stream& stream);
   virtual std::unique_ptr<TransportRequest> do_ialltoallv(const AlltoallvBuffers& buffers) = 0;
   virtual void do_allreduce(void* data, std::size_t count, DType dtype, ReduceOp op,
                             Stream& stream) = 0;
@@ -131,6 +144,8 @@ class Transport {
  private:
   /// Throws unless this transport accepts memory on `device` ("buffer" names it).
   void require_memory(Device device, const char* op, const char* buffer) const;
+  /// `alltoallv`'s checks of `buffers` on `stream`.
+  void check_alltoallv(const AlltoallvBuffers& buffers, const Stream& stream) const;
 };
 
 }  // namespace switchyard

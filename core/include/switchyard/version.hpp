@@ -41,7 +41,8 @@
 /// counts exchange carries each peer's slots per local expert), `GroupArgs::rows_per_expert`
 /// read, not written; data-path calls that write host memory return with it written;
 /// `DataPath::route_token_choice` queues the routing, `finish_route_token_choice` reports.
-#define SWITCHYARD_PLUGIN_INTERFACE 9
+/// 10: `Transport::do_alltoallv_group` (several exchanges as one collective).
+#define SWITCHYARD_PLUGIN_INTERFACE 10
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one
 /// it was built with, and the loader refuses a plugin whose build id differs, because
