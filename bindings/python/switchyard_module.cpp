@@ -128,31 +128,38 @@ class PyDispatch {
  public:
   explicit PyDispatch(py::object runtime) : runtime_(std::move(runtime)) {}
   switchyard::ProcessDispatch dispatched;
+  /// The tokens came on the data path's device: the parts' rows are DeviceTensors, and
+  /// combine writes a DeviceTensor unless given `out`.
+  bool on_device = false;
+  const py::object& runtime() const noexcept { return runtime_; }
 
  private:
   py::object runtime_;
 };
 
 /// A float32 matrix in a device data path's memory that the runtime wrote (the output of a
-/// forward on device tensors), handed out through DLPack (`__dlpack__`, for
-/// `torch.from_dlpack` and the like) without a copy. Holds the runtime (whose data path's
-/// allocator owns the memory) alive, and so does every capsule it gave out.
+/// forward or a combine on device tensors, the rows a dispatch delivered), handed out
+/// through DLPack (`__dlpack__`, for `torch.from_dlpack` and the like) without a copy. Holds
+/// its owner alive (the runtime, whose data path's allocator owns its own memory, or the
+/// dispatch whose buffers it views), and so does every capsule it gave out.
 class DeviceTensor {
  public:
+  /// A new matrix [rows, cols] from `allocator`, owned by this tensor.
   DeviceTensor(py::object runtime, Allocator& allocator, std::int64_t rows, std::int64_t cols)
-      : runtime_(std::move(runtime)), data_(allocator), rows_(rows), cols_(cols) {
-    data_.resize(static_cast<std::size_t>(rows * cols));
+      : owner_(std::move(runtime)), storage_(std::make_shared<Buffer<float>>(allocator)) {
+    storage_->resize(static_cast<std::size_t>(rows * cols));
+    view_ = TensorView(storage_->data(), DType::kF32, {rows, cols}, storage_->device());
   }
-  TensorView view() {
-    return TensorView(data_.data(), DType::kF32, {rows_, cols_}, data_.device());
-  }
-  std::vector<std::int64_t> shape() const { return {rows_, cols_}; }
+  /// A view of memory `owner` keeps alive.
+  DeviceTensor(py::object owner, const TensorView& view) : owner_(std::move(owner)), view_(view) {}
+  TensorView view() const { return view_; }
+  std::vector<std::int64_t> shape() const { return {view_.dim(0), view_.dim(1)}; }
   /// (DLPack device type, device id): (2, N) for cuda:N.
   std::pair<int, int> dlpack_device() const {
-    return {data_.device().kind == switchyard::Device::Kind::kCuda ? kDLCUDA : kDLCPU,
-            data_.device().ordinal};
+    return {view_.device().kind == switchyard::Device::Kind::kCuda ? kDLCUDA : kDLCPU,
+            view_.device().ordinal};
   }
-  /// A DLPack capsule of the matrix. The runtime's forward returned once the matrix was
+  /// A DLPack capsule of the matrix. The runtime's calls return once what they wrote is
   /// written, so `stream` (the consumer's) needs nothing ordered before it.
   static py::capsule dlpack(const py::object& self, const py::object& /*stream*/) {
     auto& tensor = self.cast<DeviceTensor&>();
@@ -179,9 +186,9 @@ class DeviceTensor {
   }
 
  private:
-  py::object runtime_;
-  Buffer<float> data_;
-  std::int64_t rows_, cols_;
+  py::object owner_;
+  std::shared_ptr<Buffer<float>> storage_;  // null for a view
+  TensorView view_;
 };
 
 /// The C++ runtime for Python: one object per process, used by one thread at a time.
@@ -244,18 +251,11 @@ class PyRuntime {
     }
     const py::sequence pair = plan;
     if (pair.size() != 2) invalid("plan: expected (experts, weights), e.g. what route() returns");
-    // Its parts are NumPy views of the received rows, which a device data path keeps on
-    // its device.
-    if (layer >= 0 && layer < runtime_->num_layers() &&
-        runtime_->layer(0, layer).data_path().device().kind != switchyard::Device::Kind::kHost) {
-      throw Error(ErrorCode::kUnavailable,
-                  "dispatch from Python needs the host data path ([runtime] data_path = "
-                  "\"host\"): its parts are NumPy arrays");
-    }
     const TensorArgument in(x, "input x");
     const TensorArgument experts(pair[0], "experts");
     const TensorArgument weights(pair[1], "weights");
     auto result = std::make_unique<PyDispatch>(self);
+    result->on_device = in.view().device().kind != switchyard::Device::Kind::kHost;
     run_released(*calls_, [&] {
       // int32 or int64 ids (PyTorch's topk indices), as the runtime takes them.
       runtime_->dispatch(in.view(), experts.view(), weights.view(), result->dispatched, layer);
@@ -293,8 +293,13 @@ class PyRuntime {
                              Call call) {
     std::vector<std::unique_ptr<TensorArgument>> held;
     const std::vector<TensorView> views = per_part(d, per_part_arrays, held, what, input_buffer);
-    py::object result =
-        out.is_none() ? py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()})) : out;
+    py::object result = out;
+    if (out.is_none()) {
+      Allocator& device_memory = runtime_->layer(0, d.dispatched.layer).data_path().allocator();
+      result = d.on_device ? py::cast(DeviceTensor(d.runtime(), device_memory,
+                                                   d.dispatched.num_tokens, hidden()))
+                           : py::object(py::array_t<float>({d.dispatched.num_tokens, hidden()}));
+    }
     const TensorArgument y(result, out_what, /*written=*/true);
     run_released(*calls_, [&] { call(views, y.view()); });
     return result;
@@ -704,8 +709,9 @@ PYBIND11_MODULE(_switchyard, m) {
       .def("combine", &PyRuntime::combine, py::arg("dispatch"),
            py::arg("expert_outputs") = py::none(), py::arg("out") = py::none(),
            "Weighs the experts' results, sends them back and sums them per token into out "
-           "[T,H] (or a new array). expert_outputs: None (each part's expert_output), one "
-           "tensor, or one per part.")
+           "[T,H] (or a new array; a DeviceTensor after a dispatch of device tokens). "
+           "expert_outputs: None (each part's expert_output), one tensor, or one per part, "
+           "in the memory the dispatch's parts are in.")
       .def("combine_backward", &PyRuntime::combine_backward, py::arg("dispatch"), py::arg("dy"),
            py::arg("expert_outputs") = py::none(),
            "(d_expert_outputs per part, d_weights [T,K]): the backward of combine for dy [T,H] "
@@ -757,8 +763,13 @@ PYBIND11_MODULE(_switchyard, m) {
           p["rows_per_expert"] = std::vector<std::int64_t>(rows.begin(), rows.end());
           const TensorView in = part.handle.expert_input();
           const TensorView out = part.handle.expert_output();
-          p["expert_input"] = view_of(in.data_as<float>(), {in.dim(0), in.dim(1)}, self);
-          p["expert_output"] = view_of(out.data_as<float>(), {out.dim(0), out.dim(1)}, self);
+          if (in.device().kind == switchyard::Device::Kind::kHost) {
+            p["expert_input"] = view_of(in.data_as<float>(), {in.dim(0), in.dim(1)}, self);
+            p["expert_output"] = view_of(out.data_as<float>(), {out.dim(0), out.dim(1)}, self);
+          } else {
+            p["expert_input"] = DeviceTensor(self, in);
+            p["expert_output"] = DeviceTensor(self, out);
+          }
           parts.append(p);
         }
         return parts;

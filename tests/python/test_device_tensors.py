@@ -83,13 +83,13 @@ def read_device_tensor(tensor):
     return values.reshape(rows, cols).copy(), t.data
 
 
-def runtimes(ranks):
+def runtimes(ranks, transport="inproc"):
     config = (f'[runtime]\nranks = {ranks}\nplugin_dirs = ["{FIXTURES}"]\n'
               '[experts]\nkernel = "pretend_swiglu"\n[router]\ntop_k = 2\n'
               '[model]\nnum_experts = 6\nhidden = 16\nffn_hidden = 24\n')
     host = switchyard.Runtime.from_string(config)
-    device = switchyard.Runtime.from_string(config,
-                                            overrides={"runtime.data_path": "pretend_cuda"})
+    device = switchyard.Runtime.from_string(
+        config, overrides={"runtime.data_path": "pretend_cuda", "runtime.transport": transport})
     return host, device
 
 
@@ -135,6 +135,49 @@ def test_bad_device_input_is_refused_with_the_host_paths_messages():
     with pytest.raises(ValueError) as nan:  # the router refuses NaN logits on the device too
         device.forward(PretendCuda(np.full((7, 16), np.nan, np.float32)))
     assert "NaN" in str(nan.value)
-    with pytest.raises(switchyard.UnavailableError):  # its parts would be NumPy views
-        device.dispatch(x, host.route(x))
+    with pytest.raises(ValueError) as bad_plan:  # a dispatch's plan checked as on the host
+        experts, weights = host.route(x)
+        device.dispatch(PretendCuda(x), (np.full_like(experts, 9), weights))
+    assert "has expert 9, outside 0..5" in str(bad_plan.value)
     assert device.forward(x).shape == (7, 16)  # and the runtime still works
+
+
+@pytest.mark.parametrize("ranks,transport",
+                         [(1, "inproc"), (3, "inproc"), (3, "pretend_device")])
+def test_dispatch_and_combine_on_the_device_with_the_callers_experts(ranks, transport):
+    """A framework's own experts between dispatch and combine: device tokens in, the parts'
+    rows as DeviceTensors, the caller's results handed back as device tensors, y a
+    DeviceTensor with the host path's bytes (inproc through host staging; pretend_device,
+    stream-ordered, on the device)."""
+    host, device = runtimes(ranks, transport)
+    x = np.random.default_rng(8).standard_normal((31, 16)).astype(np.float32)
+    plan = host.route(x)
+
+    def experts_of(part, rows):
+        # Expert e of the part: rows times (e + 1), then a tanh (its own arithmetic).
+        out = np.empty_like(rows)
+        first = 0
+        for e, count in zip(part["experts"], part["rows_per_expert"]):
+            out[first:first + count] = np.tanh(rows[first:first + count] * np.float32(e + 1))
+            first += count
+        return out
+
+    on_host = host.dispatch(x, plan)
+    expected = host.combine(on_host, [experts_of(p, p["expert_input"]) for p in on_host.parts])
+    on_device = device.dispatch(PretendCuda(x), plan)
+    outputs = []
+    for part in on_device.parts:
+        assert isinstance(part["expert_input"], switchyard.DeviceTensor)
+        rows, _ = read_device_tensor(part["expert_input"])
+        outputs.append(PretendCuda(experts_of(part, rows)))
+    y = device.combine(on_device, outputs)
+    assert isinstance(y, switchyard.DeviceTensor)
+    assert read_device_tensor(y)[0].tobytes() == expected.tobytes()
+    # The parts' own output buffers, written in place on the device, serve as well.
+    again = device.dispatch(PretendCuda(x), plan)
+    for part in again.parts:
+        rows, _ = read_device_tensor(part["expert_input"])
+        _, address = read_device_tensor(part["expert_output"])
+        result = experts_of(part, rows)  # alive until the copy is made
+        ctypes.memmove(address, result.ctypes.data, result.nbytes)
+    assert read_device_tensor(device.combine(again))[0].tobytes() == expected.tobytes()
