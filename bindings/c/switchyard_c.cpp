@@ -206,6 +206,17 @@ switchyard_status switchyard_forward_layer(switchyard_runtime* runtime, int laye
   });
 }
 
+switchyard_status switchyard_forward_on_stream(switchyard_runtime* runtime, int layer,
+                                               const DLTensor* x, DLTensor* y, void* stream) {
+  return guarded([&] {
+    require(runtime != nullptr, "runtime must not be NULL");
+    const std::int64_t H = runtime->runtime->model().hidden();
+    const switchyard::TensorView in = matrix_on_any_device(x, "input x", H);
+    const switchyard::TensorView out = matrix_on_any_device(y, "output y", H);
+    runtime->runtime->forward_local_tokens_on_stream(in, out, stream, layer);
+  });
+}
+
 switchyard_status switchyard_runtime_num_layers(const switchyard_runtime* runtime, int* out) {
   return guarded([&] {
     require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");

@@ -45,7 +45,11 @@ std::map<ErrorCode, PyObject*>& exception_classes() {
 /// `__dlpack__` (PyTorch, JAX, CuPy ...). Holds what keeps the memory alive for the call.
 class TensorArgument {
  public:
-  TensorArgument(const py::object& object, const char* what, bool written = false) {
+  /// `consumer_stream`: the native handle of the stream that will read the tensor when it
+  /// is on a CUDA device, passed to `__dlpack__(stream=...)` so that the producer (PyTorch)
+  /// orders its pending work on the tensor before that stream's (DLPack's protocol).
+  TensorArgument(const py::object& object, const char* what, bool written = false,
+                 void* consumer_stream = nullptr) {
     if (py::isinstance<py::array>(object)) {
       array_ = py::reinterpret_borrow<py::array>(object);
       if (written && !array_.writeable()) invalid(std::string(what) + ": the array is read-only");
@@ -76,7 +80,14 @@ class TensorArgument {
               std::string(py::str(py::type::of(object))));
     }
     try {
-      capsule_ = object.attr("__dlpack__")();
+      bool on_cuda = false;
+      if (consumer_stream != nullptr && py::hasattr(object, "__dlpack_device__")) {
+        const auto device = object.attr("__dlpack_device__")().cast<std::pair<int, int>>();
+        on_cuda = device.first == kDLCUDA;
+      }
+      capsule_ = on_cuda ? object.attr("__dlpack__")(
+                               py::arg("stream") = reinterpret_cast<std::intptr_t>(consumer_stream))
+                         : object.attr("__dlpack__")();
     } catch (py::error_already_set& e) {
       // E.g. PyTorch refuses to export a tensor that requires grad: say it as bad input.
       invalid(std::string(what) + ": its __dlpack__ failed: " + std::string(py::str(e.value())));
@@ -220,10 +231,20 @@ class PyRuntime {
     return {runtime_->layer_ids().begin(), runtime_->layer_ids().end()};
   }
 
+  /// The native handle of local rank 0's stream of layer `layer` (null for a layer that
+  /// does not exist: the call that follows names it).
+  void* reading_stream(int layer) {
+    if (layer < 0 || layer >= runtime_->num_layers()) return nullptr;
+    return runtime_->layer(0, layer).stream().native_handle();
+  }
+
   /// y = layer(x); `out` (same shape, float32) receives y when given, else a new array.
   py::object forward(const py::object& self, const py::object& x, const py::object& out,
                      int layer) {
-    const TensorArgument in(x, "input x");
+    // Device tokens are read on the first rank's stream of the layer: their producer orders
+    // its work on them before it; the other ranks' streams wait for it.
+    void* reader = reading_stream(layer);
+    const TensorArgument in(x, "input x", /*written=*/false, reader);
     // Host tokens, or tokens on the device of the data path (which every layer shares).
     DataPath& path = runtime_->layer(0, 0).data_path();
     const switchyard::Device device =
@@ -238,7 +259,15 @@ class PyRuntime {
     }
     const TensorArgument y(result, "output y", /*written=*/true);
     y.view().require_on(device, "output y", DType::kF32, {T, hidden()});
-    run_released(*calls_, [&] { runtime_->forward_local_tokens(in.view(), y.view(), layer); });
+    run_released(*calls_, [&] {
+      if (device.kind == switchyard::Device::Kind::kHost) {
+        runtime_->forward_local_tokens(in.view(), y.view(), layer);
+        return;
+      }
+      // Queued behind the producer's work, then waited for: y is written on return.
+      runtime_->forward_local_tokens_on_stream(in.view(), y.view(), reader, layer);
+      runtime_->layer(0, layer).stream().synchronize();
+    });
     return result;
   }
 
@@ -251,12 +280,17 @@ class PyRuntime {
     }
     const py::sequence pair = plan;
     if (pair.size() != 2) invalid("plan: expected (experts, weights), e.g. what route() returns");
-    const TensorArgument in(x, "input x");
+    // Device tokens: see `forward`.
+    void* reader = reading_stream(layer);
+    const TensorArgument in(x, "input x", /*written=*/false, reader);
     const TensorArgument experts(pair[0], "experts");
     const TensorArgument weights(pair[1], "weights");
     auto result = std::make_unique<PyDispatch>(self);
     result->on_device = in.view().device().kind != switchyard::Device::Kind::kHost;
     run_released(*calls_, [&] {
+      // The producer's work on device tokens is ordered before local rank 0's stream;
+      // waiting for that stream orders it before every rank's.
+      if (result->on_device && reader != nullptr) runtime_->layer(0, layer).stream().synchronize();
       // int32 or int64 ids (PyTorch's topk indices), as the runtime takes them.
       runtime_->dispatch(in.view(), experts.view(), weights.view(), result->dispatched, layer);
     });

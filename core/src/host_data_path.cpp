@@ -456,6 +456,13 @@ void DataPath::slot_dot_products(const SlotRowsArgs& /*args*/, const float* /*ro
               "this data path has no backward primitives (slot_dot_products) yet");
 }
 
+std::unique_ptr<Stream> DataPath::borrow_stream(void* /*native_handle*/) {
+  throw Error(ErrorCode::kUnavailable,
+              "the " + device_name(device()) +
+                  " data path has no streams of a caller to order after: its calls are done "
+                  "when they return");
+}
+
 void DataPath::finish_route_token_choice(RouterStats& /*stats*/) {
   throw Error(ErrorCode::kInternal,
               "finish_route_token_choice called on a data path that does not route");

@@ -38,6 +38,21 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, StreamEvent& do
   forward(x, y, &done);
 }
 
+void MoELayer::forward(const TensorView& x, const TensorView& y, Stream& caller) {
+  if (caller.device() != stream().device()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "MoE forward: the caller's stream runs on " + device_name(caller.device()) +
+                    ", the layer's data path on " + device_name(stream().device()));
+  }
+  // x is written when the caller's work so far is done.
+  const std::unique_ptr<StreamEvent> x_written = caller.create_event();
+  caller.record(*x_written);
+  stream().wait(*x_written);
+  if (!caller_y_written_) caller_y_written_ = stream().create_event();
+  forward(x, y, caller_y_written_.get());
+  caller.wait(*caller_y_written_);
+}
+
 void MoELayer::forward(const TensorView& x, const TensorView& y, StreamEvent* done) {
   auto start = Clock::now();
   // A routing failure on one rank must not leave the others waiting in the dispatch, so

@@ -6,10 +6,12 @@
 #include <cmath>
 #include <exception>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/checkpoint.hpp"
@@ -56,6 +58,27 @@ void Runtime::forward(const TensorView& x, const TensorView& y, int layer) {
 void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y, int layer) {
   state_->layer_inputs_tokens = -1;
   forward_blocks(x, y, /*world_blocks=*/false, layer);
+}
+
+void Runtime::forward_local_tokens_on_stream(const TensorView& x, const TensorView& y,
+                                             void* caller_stream, int index) {
+  check_layer(index, "forward");
+  state_->layer_inputs_tokens = -1;
+  const std::int64_t H = model(index).hidden();
+  const Device device = layer(0, index).data_path().device();
+  x.require_on(device, "input tokens", DType::kF32, {-1, H});
+  y.require_on(device, "output", DType::kF32, {x.dim(0), H});
+  // Each rank's view of the caller's stream, made before the ranks' threads run.
+  std::vector<std::unique_ptr<Stream>> callers;
+  for (int local = 0; local < num_local_ranks(); ++local)
+    callers.push_back(layer(local, index).data_path().borrow_stream(caller_stream));
+  run_blocks(x.dim(0), /*world_blocks=*/false, index,
+             [&](int local, std::int64_t first, std::int64_t count) {
+               layer(local, index)
+                   .forward(rows(x, first, count), rows(y, first, count),
+                            *callers[static_cast<std::size_t>(local)]);
+             });
+  update_routers(index);
 }
 
 bool Runtime::residual() const { return settings().section("model").get_bool("residual"); }

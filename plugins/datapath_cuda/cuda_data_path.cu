@@ -74,7 +74,10 @@ class CudaStream final : public Stream {
     check(cudaSetDevice(device_), "selecting the device");
     check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "creating a stream");
   }
+  /// The caller's `stream`, borrowed: left alone on destruction.
+  CudaStream(int device, cudaStream_t stream) : device_(device), stream_(stream), owned_(false) {}
   ~CudaStream() override {
+    if (!owned_) return;
     cudaStreamSynchronize(stream_);
     cudaStreamDestroy(stream_);
   }
@@ -88,10 +91,15 @@ class CudaStream final : public Stream {
   void record(StreamEvent& event) override {
     check(cudaEventRecord(static_cast<CudaEvent&>(event).get(), stream_), "recording an event");
   }
+  void wait(StreamEvent& event) override {
+    check(cudaStreamWaitEvent(stream_, static_cast<CudaEvent&>(event).get(), 0),
+          "ordering the stream after an event");
+  }
 
  private:
   int device_;
   cudaStream_t stream_ = nullptr;
+  bool owned_ = true;
 };
 
 cudaStream_t native(Stream& stream) { return static_cast<cudaStream_t>(stream.native_handle()); }
@@ -625,6 +633,10 @@ class CudaDataPath final : public DataPath {
   Allocator& staging_allocator() noexcept override { return pinned_; }
   std::unique_ptr<Stream> create_stream(bool /*queued*/) override {
     return std::make_unique<CudaStream>(device_);
+  }
+  std::unique_ptr<Stream> borrow_stream(void* native_handle) override {
+    // The legacy default stream (0) is a stream too: work on it orders as CUDA says.
+    return std::make_unique<CudaStream>(device_, static_cast<cudaStream_t>(native_handle));
   }
 
   void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,

@@ -2,6 +2,7 @@
  * in-process ranks against its dense reference, every error path's status and message,
  * the plugin inventory, and training (backward against central differences, parameter
  * views, a checkpoint). Exits non-zero if a check failed. */
+#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -187,6 +188,44 @@ static void check_layers(void) {
   switchyard_runtime_destroy(runtime);
 }
 
+/* switchyard_forward_on_stream with a stream the caller made on the pretend device (the
+ * fixture's own functions, found with dlsym): y is written once the caller waited for its
+ * stream; the host data path has no streams. */
+static void check_forward_on_stream(switchyard_runtime* host, switchyard_runtime* device,
+                                    const DLTensor* xt, DLTensor* yt, float* y,
+                                    const float* expected, size_t bytes) {
+  void* library = dlopen(SWITCHYARD_FIXTURE_PLUGIN_DIR "/libswitchyard-datapath-pretend_cuda.so",
+                         RTLD_NOW | RTLD_NOLOAD);
+  void* (*create)(void) = NULL;
+  void (*synchronize)(void*) = NULL;
+  void (*destroy)(void*) = NULL;
+  void* stream = NULL;
+  CHECK(library != NULL);
+  if (library == NULL) return;
+  *(void**)&create = dlsym(library, "switchyard_fixture_stream_create");
+  *(void**)&synchronize = dlsym(library, "switchyard_fixture_stream_synchronize");
+  *(void**)&destroy = dlsym(library, "switchyard_fixture_stream_destroy");
+  CHECK(create != NULL && synchronize != NULL && destroy != NULL);
+  if (create == NULL || synchronize == NULL || destroy == NULL) return;
+  stream = create();
+  memset(y, 0xff, bytes); /* NaN */
+  CHECK(switchyard_forward_on_stream(device, 0, xt, yt, stream) == SWITCHYARD_OK);
+  synchronize(stream);
+  CHECK(memcmp(y, expected, bytes) == 0);
+  CHECK(switchyard_forward_on_stream(device, 1, xt, yt, stream) == SWITCHYARD_INVALID_ARGUMENT);
+  CHECK(switchyard_forward_on_stream(host, 0, xt, yt, stream) == SWITCHYARD_INVALID_ARGUMENT);
+  {
+    DLTensor x_host = *xt, y_host = *yt;
+    x_host.device.device_type = kDLCPU;
+    y_host.device.device_type = kDLCPU;
+    CHECK(switchyard_forward_on_stream(host, 0, &x_host, &y_host, stream) ==
+          SWITCHYARD_UNAVAILABLE);
+    CHECK(strstr(switchyard_last_error(), "no streams of a caller") != NULL);
+  }
+  destroy(stream);
+  dlclose(library);
+}
+
 /* Tokens on a device: a pretend CUDA device (tests/fixtures/plugins, host memory that says
  * it is cuda:0) takes x and y as kDLCUDA tensors, as they are, and gives the bytes of the
  * host data path with the same experts; a tensor on another device is refused. */
@@ -238,6 +277,10 @@ static void check_device_tensors(void) {
                "got f32[11,8] on cuda:1") != NULL);
   /* A device tensor on the host runtime. */
   CHECK(switchyard_forward(host, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+  /* On a stream of the caller's: queued behind its work and before its later work. */
+  xt.device.device_id = 0;
+  yt.device.device_id = 0;
+  check_forward_on_stream(host, device, &xt, &yt, y, expected, sizeof y);
   switchyard_runtime_destroy(device);
   switchyard_runtime_destroy(host);
 }

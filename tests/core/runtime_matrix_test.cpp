@@ -727,6 +727,50 @@ TEST_CASE("ranks of one pretend device, each with an event for y: one host wait 
   }
 }
 
+TEST_CASE(
+    "forward on a caller's stream: after the work that writes x, before the work that reads y") {
+  // The caller's stream (a pretend stream, queued: each piece of work runs 200 µs later on
+  // its own thread) writes x, the forward is queued behind it on every rank, and the
+  // caller's copy of y out runs after y is written. Out of order, the layers read NaN
+  // tokens or the copy reads NaN rows. Over pretend_device the host waits once per rank,
+  // for the counts.
+  for (const int ranks : {1, 3}) {
+    for (const std::string transport : kDeviceTransports) {
+      CAPTURE(ranks);
+      CAPTURE(transport);
+      constexpr std::int64_t T = 19, H = 24;
+      Runtime on_host(pretend_device_config(ranks, ranks, "f32", false));
+      Runtime on_device(pretend_device_config(ranks, ranks, "f32", true, transport));
+      HostTensor x = synthetic_tokens(T, H, 33), expected(DType::kF32, {T, H});
+      on_host.forward_local_tokens(x.view(), expected.view());
+      DataPath& path = on_device.layer(0).data_path();
+      const std::unique_ptr<Stream> caller = path.create_stream(true);
+      HostTensor x_device(DType::kF32, {T, H}), y_device(DType::kF32, {T, H}),
+          y_out(DType::kF32, {T, H});
+      for (HostTensor* m : {&x_device, &y_device, &y_out})
+        std::fill(m->data<float>(), m->data<float>() + m->numel(), std::nanf(""));
+      path.copy(x_device.data<float>(), x.data<float>(), x.size_bytes(), *caller);
+      const long waits = pretend_counter("switchyard_fixture_stream_waits");
+      on_device.forward_local_tokens_on_stream(
+          TensorView(x_device.data<float>(), DType::kF32, {T, H}, Device::cuda(0)),
+          TensorView(y_device.data<float>(), DType::kF32, {T, H}, Device::cuda(0)),
+          caller->native_handle());
+      // Over inproc the staging adds its two waits (rows out, partial sums back).
+      CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits ==
+            (transport == "pretend_device" ? 1 : 3) * ranks);
+      path.copy(y_out.data<float>(), y_device.data<float>(), y_out.size_bytes(), *caller);
+      caller->synchronize();
+      CHECK(std::memcmp(y_out.data<float>(), expected.data<float>(), y_out.size_bytes()) == 0);
+    }
+  }
+  // The host data path has no streams to order after.
+  Runtime on_host(pretend_device_config(2, 2, "f32", false));
+  HostTensor x = synthetic_tokens(4, 24, 1), y(DType::kF32, {4, 24});
+  HostStream stream;
+  CHECK_THROWS_WITH_AS(on_host.forward_local_tokens_on_stream(x.view(), y.view(), &stream),
+                       doctest::Contains("no streams of a caller"), Error);
+}
+
 TEST_CASE("a NaN token on one rank of a pretend device: found with the counts, every rank stops") {
   // The device routing's logit check comes back with the counts' wait; the failing rank
   // tells the others in the counts exchange, as on the host path, and the next step works.

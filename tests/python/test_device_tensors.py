@@ -63,6 +63,8 @@ class PretendCuda:
         t.byte_offset = 0
 
     def __dlpack__(self, stream=None):
+        # The consumer's stream, as DLPack's protocol passes it (kept for the tests).
+        self.stream = stream
         # No deleter: this object keeps the memory and the structures alive.
         return _capsule_new(ctypes.addressof(self.managed), b"dltensor", None)
 
@@ -98,8 +100,11 @@ def test_device_tensors_in_and_out_give_the_host_paths_bytes(ranks):
     host, device = runtimes(ranks)
     x = np.random.default_rng(4).standard_normal((29, 16)).astype(np.float32)
     expected = host.forward(x)
-    # Device tokens in, a DeviceTensor out: the host path's bytes.
-    y = device.forward(PretendCuda(x))
+    # Device tokens in, a DeviceTensor out: the host path's bytes. The module names the
+    # stream that reads the tokens, so that their producer orders its work before it.
+    tokens = PretendCuda(x)
+    y = device.forward(tokens)
+    assert isinstance(tokens.stream, int) and tokens.stream not in (0, 1, 2)
     assert isinstance(y, switchyard.DeviceTensor) and y.shape == [29, 16]
     values, address = read_device_tensor(y)
     assert values.tobytes() == expected.tobytes()

@@ -183,6 +183,11 @@ class DataPath {
   /// A new stream on `device()` for a layer's work. `queued`: the layer's transport is
   /// stream-ordered and needs a stream it can enqueue on (host: a queued `HostStream`).
   virtual std::unique_ptr<Stream> create_stream(bool queued) = 0;
+  /// A `Stream` over a stream of `device()` the caller owns (CUDA: its `cudaStream_t`),
+  /// borrowed: destroying the returned object leaves it alone. For entry points that order
+  /// their work after the caller's (`Stream::wait`) and the caller's after theirs. The
+  /// default throws `Error(kUnavailable)`: the host data path has no streams to borrow.
+  virtual std::unique_ptr<Stream> borrow_stream(void* native_handle);
   /// logits [T,E] = x [T,H] · gateᵀ, f32, each token's logits independent of T and rank.
   virtual void router_logits(const TensorView& x, const TensorView& gate, const TensorView& logits,
                              Stream& stream) = 0;

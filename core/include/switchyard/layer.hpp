@@ -197,6 +197,13 @@ class MoELayer {
   /// returns (or when later work on `stream()` has run). On a device data path the host
   /// then waits once per forward, for the counts. Failures as in `forward`.
   void forward(const TensorView& x, const TensorView& y, StreamEvent& done);
+  /// The same forward ordered on a stream of the caller's, `caller` (of the data path's
+  /// device; e.g. `DataPath::borrow_stream` of the framework's current stream): the layer's
+  /// work starts after the work queued on `caller` before the call (x written), and work
+  /// the caller queues on `caller` afterwards runs after y is written. Returns without
+  /// waiting for y; on a device data path the host waits once, for the counts. Failures as
+  /// in `forward`.
+  void forward(const TensorView& x, const TensorView& y, Stream& caller);
   /// The same forward with the routing given: `plan` (on the data path's device, for x's
   /// T tokens) instead of the layer's router (a plan shared between layers, replayed, or a
   /// benchmark's fixed routing). Collective; failures as in `forward`.
@@ -298,6 +305,8 @@ class MoELayer {
                       const Error* local_error, StreamEvent* done);
   /// `forward(x, y)`; with `done`, recorded after y's work instead of waiting for it.
   void forward(const TensorView& x, const TensorView& y, StreamEvent* done);
+  /// Events of `forward(x, y, caller)`: y written, on `stream()` (made once).
+  std::unique_ptr<StreamEvent> caller_y_written_;
   /// The one forward sequence, in `chunks` pipelined chunks (1: a plain sequence); with
   /// `save`, the rows and projections stay in kept_handle_ for the backward.
   void forward_pipeline(const TensorView& x, const RoutingPlan& plan, const TensorView& y,

@@ -195,6 +195,14 @@ class Runtime {
   /// with every rank in this process, the same as `forward`. Collective; router updates
   /// as in `forward`.
   void forward_local_tokens(const TensorView& x, const TensorView& y, int layer = 0);
+  /// `forward_local_tokens` ordered on a stream of the caller's on the data path's device,
+  /// `caller_stream` (its native handle: a `cudaStream_t` for CUDA; see
+  /// `MoELayer::forward(x, y, caller)`): every local rank's work starts after the work
+  /// queued on it before the call, and work queued on it afterwards runs after y is
+  /// written. x and y on the device. Returns without waiting for y: the host waits only for
+  /// the counts. Collective; router updates as in `forward`.
+  void forward_local_tokens_on_stream(const TensorView& x, const TensorView& y, void* caller_stream,
+                                      int layer = 0);
   /// The dispatch alone, for experts the caller computes: this process's tokens x [T,H]
   /// f32 (host, or on the data path's device) with the routing `experts` [T,K] int32 or
   /// int64 (-1: unused slot) and `weights` [T,K] f32 (host, any strides), split among the local

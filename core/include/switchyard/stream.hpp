@@ -79,6 +79,11 @@ class Stream {
   virtual std::unique_ptr<StreamEvent> create_event() = 0;
   /// Places `event` (created by this stream) after all work enqueued so far. Never blocks.
   virtual void record(StreamEvent& event) = 0;
+  /// Orders the work enqueued on this stream from now on after the work before `event`'s
+  /// last `record` (an event of any stream of the same device). A device stream queues the
+  /// wait and returns at once (CUDA: `cudaStreamWaitEvent`); this default waits for the
+  /// event on the host.
+  virtual void wait(StreamEvent& event) { event.synchronize(); }
 };
 
 /// A stream of host work. Inline streams run each task at once on the caller (the

@@ -120,6 +120,15 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_forward(switchyard_runtime* run
 SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_layer(switchyard_runtime* runtime,
                                                                int layer, const DLTensor* x,
                                                                DLTensor* y);
+/* switchyard_forward_layer ordered on the caller's stream of the data path's device:
+ * `stream` is its native handle (a cudaStream_t for CUDA; 0, the legacy default stream,
+ * too). x and y on that device. The layer's work starts after the work queued on `stream`
+ * before the call (x written), and work the caller queues on `stream` afterwards runs after
+ * y is written. Returns without waiting for y: the host waits only for the per-peer counts.
+ * A host data path has no streams: SWITCHYARD_UNAVAILABLE. Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_on_stream(switchyard_runtime* runtime,
+                                                                   int layer, const DLTensor* x,
+                                                                   DLTensor* y, void* stream);
 /* The dense single-process reference of the same computation (float64 inside). */
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* x, DLTensor* y);
