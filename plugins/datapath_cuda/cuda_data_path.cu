@@ -574,6 +574,36 @@ __global__ void token_bounds(const std::int64_t* sorted_tokens, std::int64_t S, 
   token_first[t] = lo;
 }
 
+/// The backward's scaling: scaled[g] = weight · rows[g] for the grouped row g of each
+/// (row, slot) (one block each; a grouped row belongs to one slot), rounded as the host's
+/// product (no contraction).
+__global__ void scale_slot_rows(const SlotMeta* meta, const std::int64_t* assignment_of_slot,
+                                std::int64_t H, const float* rows, float* scaled) {
+  const std::int64_t i = blockIdx.x;
+  const std::int64_t g = assignment_of_slot[i];
+  if (g < 0) return;
+  const float w = meta[i].weight;
+  for (std::int64_t h = threadIdx.x; h < H; h += blockDim.x)
+    scaled[g * H + h] = __fmul_rn(w, rows[g * H + h]);
+}
+
+/// dots[i] = Σ_h rows[g][h] · outputs[g][h] over h ascending in f32, each product and sum
+/// rounded on its own as the host's loop does (one thread per slot: the order is the
+/// result); 0 for a slot without a grouped row.
+__global__ void slot_dots(const std::int64_t* assignment_of_slot, std::int64_t NK, std::int64_t H,
+                          const float* rows, const float* outputs, float* dots) {
+  const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= NK) return;
+  const std::int64_t g = assignment_of_slot[i];
+  float dot = 0.0f;
+  if (g >= 0) {
+    const float* r = rows + g * H;
+    const float* o = outputs + g * H;
+    for (std::int64_t h = 0; h < H; ++h) dot = __fadd_rn(dot, __fmul_rn(r[h], o[h]));
+  }
+  dots[i] = dot;
+}
+
 __global__ void iota(std::int64_t* out, std::int64_t n) {
   const std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (i < n) out[i] = i;
@@ -796,6 +826,26 @@ class CudaDataPath final : public DataPath {
           a.partial_rows);
     }
     check_launch("weighted reduce");
+  }
+
+  void scale_grouped_rows(const SlotRowsArgs& a, const float* rows, float* scaled,
+                          Stream& stream) override {
+    enter();
+    const std::int64_t NK = a.num_rows * a.slots;
+    if (NK == 0 || a.hidden == 0) return;
+    scale_slot_rows<<<static_cast<unsigned>(NK), 256, 0, native(stream)>>>(
+        a.meta, a.assignment_of_slot, a.hidden, rows, scaled);
+    check_launch("scale grouped rows");
+  }
+
+  void slot_dot_products(const SlotRowsArgs& a, const float* rows, const float* outputs,
+                         float* dots, Stream& stream) override {
+    enter();
+    const std::int64_t NK = a.num_rows * a.slots;
+    if (NK == 0) return;
+    slot_dots<<<blocks_for(NK, 128), 128, 0, native(stream)>>>(a.assignment_of_slot, NK, a.hidden,
+                                                               rows, outputs, dots);
+    check_launch("slot dot products");
   }
 
   void unpermute_sum(const UnpermuteSumArgs& a, Stream& stream) override {

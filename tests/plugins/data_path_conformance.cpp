@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <iterator>
+#include <memory>
 #include <vector>
 
 #include "switchyard/placement.hpp"
@@ -390,6 +391,38 @@ void copy_case(DataPath& path, Stream& stream) {
   CHECK(space.get(b, values.size()) == values);
 }
 
+void streams_case(DataPath& path, Stream& stream) {
+  // A second stream of the data path stands for a caller's own.
+  const std::unique_ptr<Stream> caller = path.create_stream(true);
+  std::unique_ptr<Stream> borrowed;
+  try {
+    borrowed = path.borrow_stream(caller->native_handle());
+  } catch (const Error& e) {
+    // A data path whose calls are done when they return has no streams to borrow.
+    CHECK(e.code() == ErrorCode::kUnavailable);
+    return;
+  }
+  CHECK(borrowed->native_handle() == caller->native_handle());
+  CHECK(borrowed->device() == path.device());
+  // A copy on the caller's stream, then, ordered after it by an event, a copy of its result
+  // on `stream`: out of order, the second reads the poison.
+  Space space(path, stream);
+  std::vector<std::int32_t> values(1 << 16);
+  for (std::size_t i = 0; i < values.size(); ++i) values[i] = static_cast<std::int32_t>(i * 3 + 1);
+  const std::int32_t* a = space.put(values);
+  auto* b = space.dirty<std::int32_t>(values.size());
+  auto* c = space.dirty<std::int32_t>(values.size());
+  const std::size_t bytes = values.size() * sizeof(std::int32_t);
+  path.copy(b, a, bytes, *borrowed);
+  const std::unique_ptr<StreamEvent> copied = borrowed->create_event();
+  borrowed->record(*copied);
+  stream.wait(*copied);
+  path.copy(c, b, bytes, stream);
+  CHECK(space.get(c, values.size()) == values);
+  borrowed.reset();       // leaves the caller's stream alone
+  caller->synchronize();  // which still works
+}
+
 }  // namespace
 
 void run_data_path_suite(DataPath& path, Stream& stream) {
@@ -405,6 +438,7 @@ void run_data_path_suite(DataPath& path, Stream& stream) {
     backward_primitives_case(path, stream);
   }
   SUBCASE("copy") { copy_case(path, stream); }
+  SUBCASE("borrow_stream and Stream::wait, or kUnavailable") { streams_case(path, stream); }
 }
 
 }  // namespace switchyard::conformance
