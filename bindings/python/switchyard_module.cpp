@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -225,6 +226,19 @@ class PyRuntime {
     return r;
   }
   std::int64_t hidden() const { return runtime_->model().hidden(); }
+  /// The experts of the ranks this process hosts, ascending.
+  std::vector<int> local_experts() {
+    std::vector<int> experts;
+    for (int local = 0; local < runtime_->num_local_ranks(); ++local) {
+      switchyard::MoELayer& l = runtime_->layer(local, 0);
+      const int rank = l.transport().rank();
+      for (int j = 0; j < l.placement().num_local(rank); ++j)
+        experts.push_back(l.placement().first_expert(rank) + j);
+    }
+    std::sort(experts.begin(), experts.end());
+    experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
+    return experts;
+  }
   int num_experts() const { return runtime_->model().num_experts(); }
   int num_layers() const { return runtime_->num_layers(); }
   std::vector<int> layer_ids() const {
@@ -712,6 +726,9 @@ PYBIND11_MODULE(_switchyard, m) {
                              "The world ranks this process hosts (one under mpirun).")
       .def_property_readonly("hidden", &PyRuntime::hidden)
       .def_property_readonly("num_experts", &PyRuntime::num_experts)
+      .def_property_readonly("local_experts", &PyRuntime::local_experts,
+                             "The experts of the ranks this process hosts (their EP "
+                             "groups' shares), ascending: the ones it computes.")
       .def_property_readonly("num_layers", &PyRuntime::num_layers,
                              "L, the model's MoE layers ([model] layers); methods that take "
                              "layer= name one by its index 0..L-1.")

@@ -1,5 +1,5 @@
-"""PyTorch as the real client: the example's Switchyard block against the pure-PyTorch
-Mixtral block on the same weights (1e-5 relative, f32), its output and, through autograd,
+"""PyTorch as the real client: switchyard.torch's block (as the example builds it) against
+the pure-PyTorch Mixtral block on the same weights (1e-5 relative, f32), its output and, through autograd,
 dx and every parameter's gradient; dispatch and combine backward by hand; tensors used in
 place through DLPack (pointers checked), and PyTorch's bad input raising ValueError."""
 import os
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import switchyard
+import switchyard.torch as st
 
 SOURCE = os.environ["SWITCHYARD_SOURCE_DIR"]
 DEMO = os.path.join(SOURCE, "examples", "configs", "demo.toml")
@@ -25,8 +26,9 @@ import torch_moe  # noqa: E402
 def test_switchyard_block_equals_the_pure_pytorch_block(ranks, experts, top_k, tokens):
     torch.manual_seed(ranks * 10 + experts)
     block = torch_moe.MixtralSparseMoeBlock(48, 96, experts, top_k)
-    runtime = torch_moe.runtime_for(block, 48, 96, ranks, "inproc")
-    ep_block = torch_moe.SwitchyardMoeBlock(block, runtime)
+    runtime = st.make_runtime(hidden=48, ffn_hidden=96, num_experts=experts, top_k=top_k,
+                              ranks=ranks)
+    ep_block = torch_moe.switchyard_block(block, runtime)
     x = torch.randn(tokens, 48)
     dy = torch.randn(tokens, 48)
     x_reference = x.clone().requires_grad_()
@@ -34,9 +36,8 @@ def test_switchyard_block_equals_the_pure_pytorch_block(ranks, experts, top_k, t
     (expected * dy).sum().backward()
     reference = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
                  for n, p in block.named_parameters()}
-    block.zero_grad()
     x_switchyard = x.clone().requires_grad_()
-    y = ep_block(x_switchyard)
+    y, _ = ep_block(x_switchyard)
     (y * dy).sum().backward()
 
     def relative(a, b):
@@ -45,13 +46,13 @@ def test_switchyard_block_equals_the_pure_pytorch_block(ranks, experts, top_k, t
     assert y.dtype == torch.float32 and y.shape == x.shape
     assert relative(y.detach(), expected.detach()) <= 1e-5
     assert relative(x_switchyard.grad, x_reference.grad) <= 1e-5
-    for name, p in block.named_parameters():
+    for name, p in ep_block.named_parameters():
         if reference[name].abs().max() < 1e-6:  # an expert no token chose; top-1's gate
             assert p.grad is None or p.grad.abs().max() < 1e-6, name
             continue
         assert relative(p.grad, reference[name]) <= 1e-5, name
     with torch.no_grad():  # and without autograd
-        assert relative(ep_block(x), expected.detach()) <= 1e-5
+        assert relative(ep_block(x)[0], expected.detach()) <= 1e-5
 
 
 class Stack(torch.nn.Module):
@@ -63,7 +64,8 @@ class Stack(torch.nn.Module):
 
     def forward(self, h):
         for block in self.blocks:
-            h = h + block(h)
+            out = block(h)
+            h = h + (out[0] if isinstance(out, tuple) else out)
         return h
 
 
@@ -71,10 +73,11 @@ class Stack(torch.nn.Module):
 def test_four_blocks_sharing_one_runtime_equal_the_pure_pytorch_model(ranks):
     torch.manual_seed(40 + ranks)
     blocks = [torch_moe.MixtralSparseMoeBlock(32, 64, 6, 2) for _ in range(4)]
-    runtime = torch_moe.runtime_for(blocks[0], 32, 64, ranks, "inproc", layers=4)
+    runtime = st.make_runtime(hidden=32, ffn_hidden=64, num_experts=6, top_k=2, layers=4,
+                              ranks=ranks)
     assert runtime.num_layers == 4
     reference = Stack(blocks)
-    model = Stack([torch_moe.SwitchyardMoeBlock(b, runtime, layer=l)
+    model = Stack([torch_moe.switchyard_block(b, runtime, layer=l)
                    for l, b in enumerate(blocks)])
     x, dy = torch.randn(45, 32), torch.randn(45, 32)
     x_reference = x.clone().requires_grad_()
@@ -100,8 +103,8 @@ def test_four_blocks_sharing_one_runtime_equal_the_pure_pytorch_model(ranks):
     if ranks > 1:
         sent = [runtime.stats(layer=layer)["dispatch_bytes"] for layer in range(4)]
         assert all(b > 0 for b in sent) and len(set(sent)) > 1, sent
-    with pytest.raises(ValueError, match="the runtime has 4 layers"):
-        torch_moe.SwitchyardMoeBlock(blocks[0], runtime, layer=4)
+    with pytest.raises(ValueError, match="the runtime has 4 MoE layers"):
+        torch_moe.switchyard_block(blocks[0], runtime, layer=4)
 
 
 def test_the_example_runs_and_agrees():

@@ -19,7 +19,8 @@ DLPack and returns a `DeviceTensor` (DLPack, no copy) unless `out` is given. Err
 `switchyard.Error` subclasses that also derive from the matching built-in exception
 (InvalidArgumentError is a ValueError, TimeoutError a TimeoutError, ...), each with
 `.code`. `route(logits, policy, **options)` and `Router` run a routing policy alone.
-`backward` and `parameters` train (examples/python/torch_moe.py wraps them for PyTorch).
+`backward` and `parameters` train. `switchyard.torch` (imported on its own: it needs
+PyTorch) has `MoeBlock`, a PyTorch module with a Hugging Face MoE block's state_dict names.
 """
 from ._switchyard import (  # noqa: F401
     AbiMismatchError,
