@@ -180,6 +180,19 @@ SWITCHYARD_ROW_KERNEL float sigmoid_row(const float* z, int n, float* s,
   return pairwise_sum(lanes);
 }
 
+float sqrt_softplus_row(const float* z, int n, float* s, bool skip_non_finite) noexcept {
+  float sum = 0;
+  for (int e = 0; e < n; ++e) {
+    if (skip_non_finite && !std::isfinite(z[e])) {
+      s[e] = 0.0f;
+      continue;
+    }
+    s[e] = std::sqrt(z[e] > 20.0f ? z[e] : std::log1p(std::exp(z[e])));
+    sum += s[e];
+  }
+  return sum;
+}
+
 namespace {
 
 /// Writes to out the indices e in [begin, end) with v[e] > floor, in order; returns how many.

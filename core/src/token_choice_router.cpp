@@ -1,5 +1,5 @@
-// The token-choice routing of docs/routing.md, written once for the policy plugins: softmax or
-// sigmoid scores, optional selection bias, top-k selection (ties to the lower expert),
+// The token-choice routing of docs/routing.md, written once for the policy plugins: softmax,
+// sigmoid or √softplus scores, optional selection bias, top-k selection (ties to the lower expert),
 // weights, normalisation and scale, the statistics and bias balancing; and the per-expert
 // capacity limit that the capacity policy applies after the selection.
 #include "switchyard/token_choice_router.hpp"
@@ -15,7 +15,18 @@
 #include "switchyard/status.hpp"
 
 namespace switchyard {
-namespace {}  // namespace
+namespace {
+
+using routing_gradient::ScoreFunction;
+
+ScoreFunction score_function(const ConfigSection& o) {
+  const std::string name = o.get_string("score");
+  return name == "sigmoid"        ? ScoreFunction::kSigmoid
+         : name == "sqrtsoftplus" ? ScoreFunction::kSqrtSoftplus
+                                  : ScoreFunction::kSoftmax;
+}
+
+}  // namespace
 
 void declare_loss_options(ConfigSchema& s) {
   s.add("aux_loss_coeff", ConfigType::kFloat, ConfigValue{0.0},
@@ -34,12 +45,15 @@ void declare_token_choice_options(ConfigSchema& s) {
   using T = ConfigType;
   s.add("top_k", T::kInt, ConfigValue{std::int64_t{2}}, "experts per token, 1..num_experts");
   s.add("score", T::kString, ConfigValue{std::string("softmax")},
-        "score function: softmax or sigmoid", checks::one_of({"softmax", "sigmoid"}));
+        "score function: softmax, sigmoid, or sqrtsoftplus (DeepSeek-V4: the square root of "
+        "softplus; like sigmoid, a bias shifts selection only)",
+        checks::one_of({"softmax", "sigmoid", "sqrtsoftplus"}));
   s.add("pre_softmax", T::kBool, ConfigValue{true},
         "softmax: true = softmax over all experts then top-k; false = top-k of logits then "
         "softmax over the k (Mixtral)");
   s.add("normalize", T::kBool, std::nullopt,
-        "divide the selected weights by their sum (default: false for softmax, true for sigmoid)");
+        "divide the selected weights by their sum (default: false for softmax, true for "
+        "sigmoid and sqrtsoftplus)");
   s.add("scale", T::kFloat, ConfigValue{1.0}, "multiplies the final weights");
   s.add("bias", T::kString, std::nullopt,
         ".npy float32 [E] added to the scores for selection only (default: the checkpoint's "
@@ -82,9 +96,10 @@ class TokenChoiceRouter final : public Router {
         check_group_sizes(std::vector<int>(static_cast<std::size_t>(G), num_experts_ / G), o);
       }
     }
-    sigmoid_ = o.get_string("score") == "sigmoid";
+    score_ = score_function(o);
+    elementwise_ = score_ != ScoreFunction::kSoftmax;
     pre_softmax_ = o.get_bool("pre_softmax");
-    normalize_ = o.has("normalize") ? o.get_bool("normalize") : sigmoid_;
+    normalize_ = o.has("normalize") ? o.get_bool("normalize") : elementwise_;
     scale_ = static_cast<float>(o.get_float("scale"));
     if (!std::isfinite(scale_)) o.fail("scale", "must be finite");
     update_rate_ = static_cast<float>(o.get_float("bias_update_rate"));
@@ -178,7 +193,7 @@ class TokenChoiceRouter final : public Router {
 
       float* w = &plan.weights[static_cast<std::size_t>(t * K)];
       std::int32_t* ex = &plan.experts[static_cast<std::size_t>(t * K)];
-      if (!sigmoid_ && !pre_softmax_) {
+      if (!elementwise_ && !pre_softmax_) {
         // Softmax over the selected logits only (Mixtral).
         float max_logit = -std::numeric_limits<float>::infinity();
         for (int j = 0; j < picked; ++j)
@@ -242,7 +257,7 @@ class TokenChoiceRouter final : public Router {
     const RouterLossScope scope = router_loss_scope(in, stats_, E, policy_);
     const std::int64_t loss_tokens = scope.tokens;
     const std::span<const std::int64_t> aux_counts = scope.aux_counts;
-    const routing_gradient::WeightForm form{sigmoid_, pre_softmax_, normalize_, scale_};
+    const routing_gradient::WeightForm form{score_, pre_softmax_, normalize_, scale_};
     gradient_scratch_.resize(static_cast<std::size_t>(E) + 2 * static_cast<std::size_t>(K));
     selected_gradient_.resize(static_cast<std::size_t>(K));
     const float* z = in.logits.data_as<const float>();
@@ -279,18 +294,18 @@ class TokenChoiceRouter final : public Router {
       }
       routing_gradient::weights_backward(form, row, E, chosen_.data(), choice.picked,
                                          selected_gradient_.data(), dz, gradient_scratch_.data());
-      routing_gradient::losses_backward(sigmoid_, row, E, K, loss_tokens, aux_counts,
-                                        aux_loss_coeff_, z_loss_coeff_, dz,
-                                        gradient_scratch_.data());
+      routing_gradient::losses_backward(score_, row, E, K, loss_tokens, aux_counts, aux_loss_coeff_,
+                                        z_loss_coeff_, dz, gradient_scratch_.data());
     }
   }
 
   std::optional<TokenChoiceSpec> token_choice_spec(const Topology* topology) override {
-    if (limit_ || mask_non_finite_) return std::nullopt;
+    // The device routings know softmax and sigmoid scores.
+    if (limit_ || mask_non_finite_ || score_ == ScoreFunction::kSqrtSoftplus) return std::nullopt;
     TokenChoiceSpec spec;
     spec.policy = policy_;
     spec.top_k = top_k_;
-    spec.sigmoid = sigmoid_;
+    spec.sigmoid = score_ == ScoreFunction::kSigmoid;
     spec.pre_softmax = pre_softmax_;
     spec.normalize = normalize_;
     spec.scale = scale_;
@@ -354,10 +369,12 @@ class TokenChoiceRouter final : public Router {
     const bool mask = mask_non_finite_;
     float* probabilities = probabilities_.data();
     Choice c;
-    if (sigmoid_) {
+    if (elementwise_) {
       c.lse = log_sum_exp_row(row, E, mask);
       if (std::isinf(c.lse)) return c;
-      const float sum = sigmoid_row(row, E, sigmoid_scores_.data(), mask);
+      const float sum = score_ == ScoreFunction::kSigmoid
+                            ? sigmoid_row(row, E, sigmoid_scores_.data(), mask)
+                            : sqrt_softplus_row(row, E, sigmoid_scores_.data(), mask);
       c.scores = sigmoid_scores_.data();
       scale_row(c.scores, E, 1.0f / sum, probabilities);  // P = s / Σ s
     } else {
@@ -562,7 +579,8 @@ class TokenChoiceRouter final : public Router {
   SelectionLimit limit_;
   int num_experts_;
   int top_k_ = 1;
-  bool sigmoid_ = false;
+  ScoreFunction score_ = ScoreFunction::kSoftmax;
+  bool elementwise_ = false;  // sigmoid or sqrtsoftplus: scores per expert, P = s / Σ s
   bool pre_softmax_ = true;
   bool normalize_ = false;
   float scale_ = 1.0f;
@@ -575,7 +593,7 @@ class TokenChoiceRouter final : public Router {
   std::vector<float> bias_;
   // Per-token scratch, sized once.
   std::vector<float> probabilities_;   // P: softmax, or the normalised sigmoid scores
-  std::vector<float> sigmoid_scores_;  // s
+  std::vector<float> sigmoid_scores_;  // s: the element-wise scores
   std::vector<float> selection_;       // scores + bias; -inf where not selectable
   std::vector<int> chosen_, plain_;
   std::vector<float> chosen_values_;

@@ -149,7 +149,8 @@ class ExpertChoiceRouter final : public Router {
     const RouterLossScope scope = router_loss_scope(in, stats_, E, "expert_choice");
     const std::int64_t loss_tokens = scope.tokens;
     const std::span<const std::int64_t> aux_counts = scope.aux_counts;
-    const routing_gradient::WeightForm form{false, true, false, 1.0};
+    const routing_gradient::WeightForm form{routing_gradient::ScoreFunction::kSoftmax, true, false,
+                                            1.0};
     gradient_scratch_.resize(3 * static_cast<std::size_t>(E));
     taken_.resize(static_cast<std::size_t>(E));
     taken_gradient_.resize(static_cast<std::size_t>(E));
@@ -167,8 +168,8 @@ class ExpertChoiceRouter final : public Router {
       }
       routing_gradient::weights_backward(form, row, E, taken_.data(), taken, taken_gradient_.data(),
                                          dz, gradient_scratch_.data());
-      routing_gradient::losses_backward(false, row, E, top_k_, loss_tokens, aux_counts,
-                                        aux_loss_coeff_, z_loss_coeff_, dz,
+      routing_gradient::losses_backward(routing_gradient::ScoreFunction::kSoftmax, row, E, top_k_,
+                                        loss_tokens, aux_counts, aux_loss_coeff_, z_loss_coeff_, dz,
                                         gradient_scratch_.data());
     }
   }

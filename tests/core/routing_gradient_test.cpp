@@ -59,24 +59,39 @@ std::vector<double> random_values(std::size_t n, unsigned seed, double spread = 
 TEST_CASE("weights: every score form against finite differences in float64") {
   constexpr int E = 7, k = 3;
   const std::vector<int> selected = {4, 1, 6};
-  for (const bool sigmoid : {false, true}) {
+  for (const rg::ScoreFunction score : {rg::ScoreFunction::kSoftmax, rg::ScoreFunction::kSigmoid,
+                                        rg::ScoreFunction::kSqrtSoftplus}) {
     for (const bool pre_softmax : {true, false}) {
-      if (sigmoid && !pre_softmax) continue;  // pre_softmax is a softmax option
+      if (score != rg::ScoreFunction::kSoftmax && !pre_softmax) continue;  // a softmax option
       for (const bool normalize : {false, true}) {
         for (const double scale : {1.0, 2.5}) {
           for (const bool dropped : {false, true}) {
-            CAPTURE(sigmoid);
+            CAPTURE(static_cast<int>(score));
             CAPTURE(pre_softmax);
             CAPTURE(normalize);
             CAPTURE(scale);
             CAPTURE(dropped);
-            const rg::WeightForm form{sigmoid, pre_softmax, normalize, scale};
+            const rg::WeightForm form{score, pre_softmax, normalize, scale};
             const std::vector<double> z = random_values(E, 11);
             std::vector<double> g = random_values(k, 12, 1.0);
             if (dropped) g[1] = 0;  // capacity dropped slot 1: no gradient of its own
             auto loss = [&](const std::vector<double>& at) {
               std::vector<double> w(k);
-              rg::weights(form, at.data(), E, selected.data(), k, w.data());
+              if (score == rg::ScoreFunction::kSqrtSoftplus) {
+                // DeepSeek-V4's weights written out: √log(1 + e^z) of the selected logits,
+                // normalised, scaled.
+                double sum = 0;
+                for (int j = 0; j < k; ++j) {
+                  w[static_cast<std::size_t>(j)] = std::sqrt(std::log(
+                      1 +
+                      std::exp(
+                          at[static_cast<std::size_t>(selected[static_cast<std::size_t>(j)])])));
+                  sum += w[static_cast<std::size_t>(j)];
+                }
+                for (double& v : w) v = (normalize ? v / (sum + 1e-20) : v) * scale;
+              } else {
+                rg::weights(form, at.data(), E, selected.data(), k, w.data());
+              }
               double sum = 0;
               for (int j = 0; j < k; ++j)
                 sum += g[static_cast<std::size_t>(j)] * w[static_cast<std::size_t>(j)];
@@ -108,7 +123,8 @@ TEST_CASE("weights: by hand, the softmax over two selected logits") {
   const int selected[2] = {0, 1};
   const double g[2] = {1.0, 0.0};
   double dz[2] = {0, 0}, scratch[6];
-  rg::weights_backward(rg::WeightForm{false, false, false, 1.0}, z, 2, selected, 2, g, dz, scratch);
+  rg::weights_backward(rg::WeightForm{rg::ScoreFunction::kSoftmax, false, false, 1.0}, z, 2,
+                       selected, 2, g, dz, scratch);
   CHECK(dz[0] == doctest::Approx(3.0 / 16));
   CHECK(dz[1] == doctest::Approx(-3.0 / 16));
 }
@@ -119,7 +135,7 @@ TEST_CASE("weights: masked experts get no gradient, the others as without them")
   z[2] = -INFINITY;
   const std::vector<int> selected = {0, 3};
   const std::vector<double> g = {0.7, -1.3};
-  const rg::WeightForm form{false, true, true, 1.0};
+  const rg::WeightForm form{rg::ScoreFunction::kSoftmax, true, true, 1.0};
   auto loss = [&](const std::vector<double>& at) {
     double w[k];
     rg::weights(form, at.data(), E, selected.data(), k, w);
@@ -136,9 +152,15 @@ TEST_CASE("aux and z losses: against finite differences of their definitions") {
   constexpr int T = 6, E = 5, k = 2;
   const std::vector<double> z = random_values(T * E, 21);
   const std::vector<std::int64_t> counts = {3, 1, 4, 2, 2};
-  for (const bool sigmoid : {false, true}) {
-    CAPTURE(sigmoid);
+  for (const rg::ScoreFunction score : {rg::ScoreFunction::kSoftmax, rg::ScoreFunction::kSigmoid,
+                                        rg::ScoreFunction::kSqrtSoftplus}) {
+    CAPTURE(static_cast<int>(score));
     const double aux_coeff = 0.7, z_coeff = 0.05;
+    // The element-wise scores written out: sigmoid, √log(1 + e^z).
+    auto elementwise = [&](double v) {
+      return score == rg::ScoreFunction::kSigmoid ? 1 / (1 + std::exp(-v))
+                                                  : std::sqrt(std::log(1 + std::exp(v)));
+    };
     // aux = E / (k T^2) sum_e (sum_t P[t,e]) c_e, P = softmax(z) or s / sum s;
     // z = mean_t logsumexp(z_t)^2 — written out here.
     auto loss = [&](const std::vector<double>& at) {
@@ -147,14 +169,14 @@ TEST_CASE("aux and z losses: against finite differences of their definitions") {
         const double* row = at.data() + t * E;
         double max = row[0];
         for (int e = 1; e < E; ++e) max = std::max(max, row[e]);
-        double sum_exp = 0, sum_sig = 0;
+        double sum_exp = 0, sum_scores = 0;
         for (int e = 0; e < E; ++e) {
           sum_exp += std::exp(row[e] - max);
-          sum_sig += 1 / (1 + std::exp(-row[e]));
+          sum_scores += elementwise(row[e]);
         }
         for (int e = 0; e < E; ++e) {
-          const double p =
-              sigmoid ? (1 / (1 + std::exp(-row[e]))) / sum_sig : std::exp(row[e] - max) / sum_exp;
+          const double p = score != rg::ScoreFunction::kSoftmax ? elementwise(row[e]) / sum_scores
+                                                                : std::exp(row[e] - max) / sum_exp;
           aux += p * static_cast<double>(counts[static_cast<std::size_t>(e)]);
         }
         const double lse = max + std::log(sum_exp);
@@ -164,7 +186,7 @@ TEST_CASE("aux and z losses: against finite differences of their definitions") {
     };
     std::vector<double> dz(T * E, 0.0), scratch(E);
     for (int t = 0; t < T; ++t) {
-      rg::losses_backward(sigmoid, z.data() + t * E, E, k, T, counts, aux_coeff, z_coeff,
+      rg::losses_backward(score, z.data() + t * E, E, k, T, counts, aux_coeff, z_coeff,
                           dz.data() + t * E, scratch.data());
     }
     CHECK(relative_error(dz, finite_differences(loss, z, 1e-3)) <= 1e-6);

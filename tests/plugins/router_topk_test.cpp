@@ -133,6 +133,28 @@ TEST_CASE("sigmoid normalises by default; bias selects but does not weigh") {
   CHECK(p2.weights[0] == doctest::Approx(2.5 * s0));
 }
 
+TEST_CASE("sqrtsoftplus (DeepSeek-V4): √softplus scores, normalised, bias selects only") {
+  // Hand-worked: s = √log(1 + e^z) per expert; the bias lifts expert 2 into the top 2; the
+  // weights are the selected scores over their sum, times the scale; z above 20 is its own
+  // softplus.
+  auto m = make("top_k = 2\nscore = \"sqrtsoftplus\"\nscale = 1.5\n", 4, {0.0f, 0.0f, 3.0f, 0.0f});
+  const RoutingPlan plan = route(*m.router, {2.0f, 1.0f, -1.0f, 30.0f}, 1);
+  CHECK(values(plan.experts) == std::vector<std::int32_t>{3, 2});
+  const double s3 = std::sqrt(30.0), s2 = std::sqrt(std::log(1 + std::exp(-1.0)));
+  CHECK(plan.weights[0] == doctest::Approx(1.5 * s3 / (s3 + s2)));
+  CHECK(plan.weights[1] == doctest::Approx(1.5 * s2 / (s3 + s2)));
+  // Not normalised when asked; the aux loss's P is s / Σ s.
+  auto plain = make("top_k = 1\nscore = \"sqrtsoftplus\"\nnormalize = false\n", 2);
+  const RoutingPlan p2 = route(*plain.router, {0.5f, -0.5f}, 1);
+  CHECK(p2.experts[0] == 0);
+  CHECK(p2.weights[0] == doctest::Approx(std::sqrt(std::log(1 + std::exp(0.5)))));
+  const double a = std::sqrt(std::log(1 + std::exp(0.5))),
+               b = std::sqrt(std::log(1 + std::exp(-0.5)));
+  CHECK(plain.router->stats().probability_sums[0] == doctest::Approx(a / (a + b)));
+  // The device routings do not know it: a device data path routes it on the host.
+  CHECK_FALSE(m.router->token_choice_spec(nullptr).has_value());
+}
+
 TEST_CASE("matches the independent implementation on random logits") {
   test::TempDir dir;
   const int E = 12;

@@ -14,10 +14,15 @@
 
 namespace switchyard::routing_gradient {
 
+/// The score of each expert from its logit (`[router] score`, docs/routing.md): softmax
+/// over the experts, or one of the element-wise scores: sigmoid(z), or √softplus(z)
+/// (DeepSeek-V4; softplus as PyTorch's, z itself above 20).
+enum class ScoreFunction : std::uint8_t { kSoftmax, kSigmoid, kSqrtSoftplus };
+
 /// How a token-choice policy turns logits into the weights of its selected experts.
 struct WeightForm {
-  bool sigmoid = false;     ///< scores: sigmoid, else softmax
-  bool pre_softmax = true;  ///< softmax over all experts, else over the selected logits
+  ScoreFunction score = ScoreFunction::kSoftmax;
+  bool pre_softmax = true;  ///< softmax: over all experts, else over the selected logits
   bool normalize = false;   ///< divided by (their sum + 1e-20)
   double scale = 1.0;       ///< multiplies the final weights
 };
@@ -45,6 +50,23 @@ template <typename Real>
 Real sigmoid(Real z) {
   return Real(1) / (Real(1) + std::exp(-z));
 }
+/// √softplus(z), softplus(z) = log(1 + e^z) (z itself above 20, as PyTorch's).
+template <typename Real>
+Real sqrt_softplus(Real z) {
+  return std::sqrt(z > Real(20) ? z : std::log1p(std::exp(z)));
+}
+/// An element-wise score of z.
+template <typename Real>
+Real score(ScoreFunction f, Real z) {
+  return f == ScoreFunction::kSigmoid ? sigmoid(z) : sqrt_softplus(z);
+}
+/// d score/dz given z and its score s: s (1 - s) for the sigmoid; sigmoid(z) / (2 s) for
+/// √softplus (softplus' = sigmoid; 0 where s underflowed to 0, as its limit).
+template <typename Real>
+Real score_derivative(ScoreFunction f, Real z, Real s) {
+  if (f == ScoreFunction::kSigmoid) return s * (Real(1) - s);
+  return s > Real(0) ? (z > Real(20) ? Real(1) : sigmoid(z)) / (Real(2) * s) : Real(0);
+}
 }  // namespace detail
 
 /// The final weights of one token: `selected` [k] expert ids (selection order) from logits
@@ -52,8 +74,8 @@ Real sigmoid(Real z) {
 template <typename Real>
 void weights(const WeightForm& form, const Real* z, int E, const int* selected, int k, Real* w) {
   std::vector<Real> p(static_cast<std::size_t>(E));
-  if (form.sigmoid) {
-    for (int j = 0; j < k; ++j) w[j] = detail::sigmoid(z[selected[j]]);
+  if (form.score != ScoreFunction::kSoftmax) {
+    for (int j = 0; j < k; ++j) w[j] = detail::score(form.score, z[selected[j]]);
   } else if (form.pre_softmax) {
     detail::softmax(z, E, p.data());
     for (int j = 0; j < k; ++j) w[j] = p[static_cast<std::size_t>(selected[j])];
@@ -78,8 +100,9 @@ void weights_backward(const WeightForm& form, const Real* z, int E, const int* s
   Real* p = scratch;          // [E]: softmax over all experts (pre-softmax)
   Real* score = scratch + E;  // [k]: the selected scores
   Real* d_score = score + k;  // [k]
-  if (form.sigmoid) {
-    for (int j = 0; j < k; ++j) score[j] = detail::sigmoid(z[selected[j]]);
+  const bool elementwise = form.score != ScoreFunction::kSoftmax;
+  if (elementwise) {
+    for (int j = 0; j < k; ++j) score[j] = detail::score(form.score, z[selected[j]]);
   } else if (form.pre_softmax) {
     detail::softmax(z, E, p);
     for (int j = 0; j < k; ++j) score[j] = p[selected[j]];
@@ -97,8 +120,11 @@ void weights_backward(const WeightForm& form, const Real* z, int E, const int* s
     for (int j = 0; j < k; ++j) weighted += d_score[j] * score[j] / denominator;
     for (int j = 0; j < k; ++j) d_score[j] = (d_score[j] - weighted) / denominator;
   }
-  if (form.sigmoid) {
-    for (int j = 0; j < k; ++j) dz[selected[j]] += d_score[j] * score[j] * (Real(1) - score[j]);
+  if (elementwise) {
+    for (int j = 0; j < k; ++j) {
+      dz[selected[j]] +=
+          d_score[j] * detail::score_derivative(form.score, z[selected[j]], score[j]);
+    }
   } else if (form.pre_softmax) {
     // p = softmax(z): dz_e = p_e (dp_e - sum_f dp_f p_f), dp nonzero on the selection only.
     Real dot = 0;
@@ -118,9 +144,9 @@ void weights_backward(const WeightForm& form, const Real* z, int E, const int* s
 /// ranks of the EP group): aux = E / (k·tokens²) · Σ_e (Σ_t P[t,e]) · counts[e] with the
 /// plain top-k counts held fixed, and z = (1/tokens) Σ_t logsumexp(z_t)². Adds
 /// aux_coeff · d aux/dz + z_coeff · d z/dz for one token to dz [E]. P is softmax(z), or
-/// s / Σ s for sigmoid scores. `scratch` holds at least E values.
+/// s / Σ s for element-wise scores s. `scratch` holds at least E values.
 template <typename Real>
-void losses_backward(bool sigmoid_scores, const Real* z, int E, int top_k, std::int64_t tokens,
+void losses_backward(ScoreFunction score, const Real* z, int E, int top_k, std::int64_t tokens,
                      std::span<const std::int64_t> aux_counts, double aux_coeff, double z_coeff,
                      Real* dz, Real* scratch) {
   if (tokens <= 0 || (aux_coeff == 0 && z_coeff == 0)) return;
@@ -130,20 +156,20 @@ void losses_backward(bool sigmoid_scores, const Real* z, int E, int top_k, std::
     // dL/dP[e] = a_e, the same for every token.
     const Real a_scale =
         static_cast<Real>(aux_coeff) * static_cast<Real>(E) / (static_cast<Real>(top_k) * T * T);
-    if (sigmoid_scores) {
+    if (score != ScoreFunction::kSoftmax) {
       Real sum = 0;
       for (int e = 0; e < E; ++e) {
-        p[e] = detail::usable(z[e]) ? detail::sigmoid(z[e]) : Real(0);
+        p[e] = detail::usable(z[e]) ? detail::score(score, z[e]) : Real(0);
         sum += p[e];
       }
-      // P_f = s_f / S: dL/ds_e = (a_e - Σ_f a_f P_f) / S; ds/dz = s (1 - s).
+      // P_f = s_f / S: dL/ds_e = (a_e - Σ_f a_f P_f) / S; then ds/dz.
       Real dot = 0;
       for (int e = 0; e < E; ++e)
         dot += a_scale * static_cast<Real>(aux_counts[static_cast<std::size_t>(e)]) * p[e] / sum;
       for (int e = 0; e < E; ++e) {
         if (!detail::usable(z[e])) continue;
         const Real a = a_scale * static_cast<Real>(aux_counts[static_cast<std::size_t>(e)]);
-        dz[e] += (a - dot) / sum * p[e] * (Real(1) - p[e]);
+        dz[e] += (a - dot) / sum * detail::score_derivative(score, z[e], p[e]);
       }
     } else {
       detail::softmax(z, E, p);

@@ -60,6 +60,10 @@ double log_sum_exp_row(const float* z, int n, bool skip_non_finite) noexcept;
 /// Returns Σ s (float32, over 8 lanes).
 float sigmoid_row(const float* z, int n, float* s, bool skip_non_finite) noexcept;
 
+/// s[e] = √softplus(z[e]) (softplus(z) = log1p(exp(z)), z itself above 20, as PyTorch's);
+/// with `skip_non_finite`, non-finite logits get s = 0. Returns Σ s (float32, in order).
+float sqrt_softplus_row(const float* z, int n, float* s, bool skip_non_finite) noexcept;
+
 /// Writes to out[0..found) the indices of the k largest values of v[0..n) in descending
 /// order, ties to the lower index, and their values to top[0..found). Entries equal to -inf
 /// (or NaN) are never selected: policies mark what a token may not use with -inf. Returns
