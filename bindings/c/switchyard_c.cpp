@@ -206,6 +206,19 @@ switchyard_status switchyard_forward_layer(switchyard_runtime* runtime, int laye
   });
 }
 
+switchyard_status switchyard_forward_with_ids(switchyard_runtime* runtime, int layer,
+                                              const DLTensor* x, const DLTensor* token_ids,
+                                              DLTensor* y) {
+  return guarded([&] {
+    require(runtime != nullptr && token_ids != nullptr, "runtime and token_ids must not be NULL");
+    const std::int64_t H = runtime->runtime->model().hidden();
+    const switchyard::TensorView in = matrix_on_any_device(x, "input x", H);
+    const switchyard::TensorView out = matrix_on_any_device(y, "output y", H);
+    runtime->runtime->set_token_ids(switchyard::from_dlpack(*token_ids));
+    runtime->runtime->forward_local_tokens(in, out, layer);
+  });
+}
+
 switchyard_status switchyard_forward_on_stream(switchyard_runtime* runtime, int layer,
                                                const DLTensor* x, DLTensor* y, void* stream) {
   return guarded([&] {

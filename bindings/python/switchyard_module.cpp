@@ -253,8 +253,8 @@ class PyRuntime {
   }
 
   /// y = layer(x); `out` (same shape, float32) receives y when given, else a new array.
-  py::object forward(const py::object& self, const py::object& x, const py::object& out,
-                     int layer) {
+  py::object forward(const py::object& self, const py::object& x, const py::object& out, int layer,
+                     const py::object& token_ids) {
     // Device tokens are read on the first rank's stream of the layer: their producer orders
     // its work on them before it; the other ranks' streams wait for it.
     void* reader = reading_stream(layer);
@@ -273,7 +273,10 @@ class PyRuntime {
     }
     const TensorArgument y(result, "output y", /*written=*/true);
     y.view().require_on(device, "output y", DType::kF32, {T, hidden()});
+    std::optional<TensorArgument> ids;
+    if (!token_ids.is_none()) ids.emplace(token_ids, "token ids");
     run_released(*calls_, [&] {
+      if (ids) runtime_->set_token_ids(ids->view());
       if (device.kind == switchyard::Device::Kind::kHost) {
         runtime_->forward_local_tokens(in.view(), y.view(), layer);
         return;
@@ -472,11 +475,17 @@ class PyRuntime {
   }
 
   /// (experts int32 [T,K], weights float32 [T,K]) as this process's first rank routes x.
-  py::tuple route(const py::object& x, int layer) {
+  py::tuple route(const py::object& x, int layer, const py::object& token_ids) {
     const TensorArgument in(x, "input x");
     in.view().require("input x", DType::kF32, {-1, hidden()});
+    std::optional<TensorArgument> ids;
+    if (!token_ids.is_none()) ids.emplace(token_ids, "token ids");
     switchyard::RoutingPlan plan;
-    run_released(*calls_, [&] { runtime_->layer(0, layer).route(in.view(), plan); });
+    run_released(*calls_, [&] {
+      switchyard::MoELayer& l = runtime_->layer(0, layer);
+      if (ids) l.set_token_ids(ids->view());
+      l.route(in.view(), plan);
+    });
     if (plan.device().kind != switchyard::Device::Kind::kHost)
       invalid("route needs the host data path ([runtime] data_path = \"host\")");
     const auto T = plan.num_tokens, K = static_cast<std::int64_t>(plan.slots);
@@ -586,13 +595,16 @@ class PyRouter {
   int num_experts() const { return router_->num_experts(); }
   int slots() const { return router_->slots_per_token(); }
 
-  py::tuple route(const py::object& logits) {
+  py::tuple route(const py::object& logits, const py::object& token_ids) {
     const TensorArgument in(logits, "logits");
     in.view().require("logits", DType::kF32, {-1, router_->num_experts()});
+    std::optional<TensorArgument> ids;
+    if (!token_ids.is_none()) ids.emplace(token_ids, "token ids");
     switchyard::RoutingPlan plan;
     run_released(*calls_, [&] {
       switchyard::RouteInput input;
       input.logits = in.view();
+      if (ids) input.token_ids = ids->view();
       router_->route(input, plan, stream_);
     });
     const auto T = plan.num_tokens, K = static_cast<std::int64_t>(plan.slots);
@@ -736,17 +748,21 @@ PYBIND11_MODULE(_switchyard, m) {
                              "The checkpoint's layer number of each layer index.")
       .def(
           "forward",
-          [](const py::object& self, const py::object& x, const py::object& out, int layer) {
-            return self.cast<PyRuntime&>().forward(self, x, out, layer);
+          [](const py::object& self, const py::object& x, const py::object& out, int layer,
+             const py::object& token_ids) {
+            return self.cast<PyRuntime&>().forward(self, x, out, layer, token_ids);
           },
           py::arg("x"), py::arg("out") = py::none(), py::arg("layer") = 0,
+          py::arg("token_ids") = py::none(),
           "MoE layer `layer` on this process's tokens x [T,H] float32 (NumPy or __dlpack__, "
           "host memory or the data path's device; the ranks hosted here split them), into "
           "`out` when given. Without `out`: a NumPy array for host tokens, a DeviceTensor "
-          "(DLPack) for device tokens. Returns when y is written.")
+          "(DLPack) for device tokens. `token_ids` [T] int32/int64: the tokens' ids, for a "
+          "router that routes by them (hash). Returns when y is written.")
       .def("reference_forward", &PyRuntime::reference_forward, py::arg("x"), py::arg("layer") = 0,
            "The dense single-process reference of layer `layer` (float64 inside).")
       .def("route", &PyRuntime::route, py::arg("x"), py::arg("layer") = 0,
+           py::arg("token_ids") = py::none(),
            "(experts [T,K] int32, weights [T,K] float32): layer `layer`'s router alone.")
       .def(
           "dispatch",
@@ -836,8 +852,9 @@ PYBIND11_MODULE(_switchyard, m) {
            "the policy's [router] keys; bias: float32 [E] selection bias.")
       .def_property_readonly("num_experts", &PyRouter::num_experts)
       .def_property_readonly("slots", &PyRouter::slots)
-      .def("route", &PyRouter::route, py::arg("logits"),
-           "(experts [T,K] int32, weights [T,K] float32) for logits [T,E] float32.")
+      .def("route", &PyRouter::route, py::arg("logits"), py::arg("token_ids") = py::none(),
+           "(experts [T,K] int32, weights [T,K] float32) for logits [T,E] float32; "
+           "token_ids [T] int32/int64 for a policy that routes by them (hash).")
       .def("stats", &PyRouter::stats, "Statistics of the last route.")
       .def("bias", &PyRouter::bias, "The selection bias [E] (empty when the policy has none).")
       .def("update", &PyRouter::update, py::arg("counts"),

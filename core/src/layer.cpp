@@ -273,6 +273,16 @@ void MoELayer::agree_counts(const RoutingPlan& plan, int chunks, const Error* lo
   exchange_->exchange_counts(local_error);
 }
 
+void MoELayer::set_token_ids(const TensorView& token_ids) {
+  if (token_ids.data() != nullptr && token_ids.device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kInvalidArgument, "token ids: host memory expected, got " +
+                                                 device_name(token_ids.device()) + " memory");
+  }
+  token_ids_ = token_ids;
+}
+
+TensorView MoELayer::take_token_ids() { return std::exchange(token_ids_, TensorView{}); }
+
 void MoELayer::route_queued(const TensorView& x, RoutingPlan& plan) {
   backward_ready_ = false;  // logits_ are about to be another routing's
   x.require_on(data_path_->device(), "MoE input x", DType::kF32, {-1, hidden_});
@@ -294,6 +304,7 @@ void MoELayer::route_queued(const TensorView& x, RoutingPlan& plan) {
   RouteInput input;
   input.logits = logits;
   input.topology = &parts_.transport->topology();
+  input.token_ids = take_token_ids();
   if (!parts_.router->capabilities().stream_ordered) host_ready();
   parts_.router->route(input, plan, *workspace_->stream);
   host_ready();
@@ -308,6 +319,7 @@ void MoELayer::route_through_host(const TensorView& logits, RoutingPlan& plan) {
   RouteInput input;
   input.logits = TensorView(workspace_->host_logits.data(), DType::kF32, {T, E});
   input.topology = &parts_.transport->topology();
+  input.token_ids = take_token_ids();
   parts_.router->route(input, workspace_->host_plan, host_stream_);
   plan.num_tokens = workspace_->host_plan.num_tokens;
   plan.slots = workspace_->host_plan.slots;

@@ -41,21 +41,57 @@ void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool worl
                 "output: shares memory with the input tokens (the layer reads every token "
                 "after it starts writing results; give y memory of its own)");
   }
+  const TensorView& ids = state_->token_ids;
+  if (ids.data() != nullptr) {
+    ids.require("token ids", ids.dtype() == DType::kI64 ? DType::kI64 : DType::kI32, {x.dim(0)});
+  }
   // Each local rank's staging buffers for host tokens on a device layer, made before the
   // ranks' threads use them.
   if (x.device() != device) state_->device_rows.resize(static_cast<std::size_t>(num_local_ranks()));
   run_blocks(x.dim(0), world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
+    if (ids.data() != nullptr) {
+      const std::size_t bytes = dtype_size(ids.dtype());
+      layer(local, index)
+          .set_token_ids(TensorView(static_cast<std::byte*>(ids.data()) + first * bytes,
+                                    ids.dtype(), {count}));
+    }
     forward_block(local, index, rows(x, first, count), rows(y, first, count));
   });
   update_routers(index);
 }
 
+namespace {
+
+/// Forgets `set_token_ids`' ids when the call that uses them ends, however it ends.
+class TokenIdsOfOneCall {
+ public:
+  explicit TokenIdsOfOneCall(TensorView& ids) : ids_(ids) {}
+  ~TokenIdsOfOneCall() { ids_ = TensorView{}; }
+  TokenIdsOfOneCall(const TokenIdsOfOneCall&) = delete;
+  TokenIdsOfOneCall& operator=(const TokenIdsOfOneCall&) = delete;
+
+ private:
+  TensorView& ids_;
+};
+
+}  // namespace
+
+void Runtime::set_token_ids(const TensorView& token_ids) {
+  if (token_ids.data() != nullptr && token_ids.device().kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kInvalidArgument, "token ids: host memory expected, got " +
+                                                 device_name(token_ids.device()) + " memory");
+  }
+  state_->token_ids = token_ids;
+}
+
 void Runtime::forward(const TensorView& x, const TensorView& y, int layer) {
+  const TokenIdsOfOneCall ids(state_->token_ids);
   state_->layer_inputs_tokens = -1;  // a layer's own forward ends what backward_model may use
   forward_blocks(x, y, /*world_blocks=*/true, layer);
 }
 
 void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y, int layer) {
+  const TokenIdsOfOneCall ids(state_->token_ids);
   state_->layer_inputs_tokens = -1;
   forward_blocks(x, y, /*world_blocks=*/false, layer);
 }
@@ -84,6 +120,7 @@ void Runtime::forward_local_tokens_on_stream(const TensorView& x, const TensorVi
 bool Runtime::residual() const { return settings().section("model").get_bool("residual"); }
 
 void Runtime::forward_model(const TensorView& x, const TensorView& y) {
+  const TokenIdsOfOneCall ids(state_->token_ids);
   const std::int64_t H = model().hidden();
   x.require("input tokens", DType::kF32, {-1, H});
   y.require("output", DType::kF32, {x.dim(0), H});
@@ -102,7 +139,7 @@ void Runtime::forward_model(const TensorView& x, const TensorView& y) {
                                              : s.chain_in;
       out = grown_matrix(storage, T, H);
     }
-    forward(in, out, index);
+    forward_blocks(in, out, /*world_blocks=*/true, index);  // every layer the same ids
     if (residual()) add_rows(in, out);
     in = out;
   }

@@ -40,6 +40,8 @@ struct Runtime::State {
   // backward_model's gradients between layers (host, grown once).
   HostTensor chain_grad_in, chain_grad_out;
   std::vector<std::vector<std::int64_t>> group_counts;  // per local rank, for bias updates
+  // set_token_ids' ids for the next forward call (empty: none).
+  TensorView token_ids;
   /// Per local rank: its block of tokens and outputs on the layer's device, when the layer
   /// runs on a device and the caller's tensors are host memory.
   struct DeviceRows {

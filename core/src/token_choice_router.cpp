@@ -20,7 +20,7 @@ namespace {
 using routing_gradient::ScoreFunction;
 
 ScoreFunction score_function(const ConfigSection& o) {
-  const std::string name = o.get_string("score");
+  const std::string& name = o.get_string("score");
   return name == "sigmoid"        ? ScoreFunction::kSigmoid
          : name == "sqrtsoftplus" ? ScoreFunction::kSqrtSoftplus
                                   : ScoreFunction::kSoftmax;

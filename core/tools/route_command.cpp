@@ -15,9 +15,11 @@ namespace switchyard::tool {
 namespace {
 
 constexpr const char* kRouteUsage =
-    "usage: switchyard route CONFIG --logits L.npy --out DIR [--set section.key=value]...\n"
+    "usage: switchyard route CONFIG --logits L.npy --out DIR [--token-ids IDS.npy]\n"
+    "                        [--set section.key=value]...\n"
     "  routes float32 logits [T,E] with the [router] section of CONFIG (a file holding only\n"
-    "  [router] is enough; [runtime] ranks and ranks_per_node give the placement) and writes\n"
+    "  [router] is enough; [runtime] ranks and ranks_per_node give the placement; a policy\n"
+    "  that routes by token id, hash, takes the tokens' ids, int32 or int64 [T]) and writes\n"
     "  DIR/experts.npy (int32 [T,K]), DIR/weights.npy (float32 [T,K]), DIR/counts.npy\n"
     "  (int64 [E]), DIR/stats.json, and with bias_update_rate > 0 DIR/bias.npy (the bias\n"
     "  after one update from these counts)\n";
@@ -33,7 +35,17 @@ std::string json_array(const std::vector<std::int64_t>& values) {
 
 }  // namespace
 
-int route_command(const std::vector<std::string>& args) {
+int route_command(const std::vector<std::string>& given) {
+  // The one optional flag, taken out before the required ones are parsed.
+  std::vector<std::string> args;
+  std::string token_ids_path;
+  for (std::size_t i = 0; i < given.size(); ++i) {
+    if (given[i] == "--token-ids" && i + 1 < given.size()) {
+      token_ids_path = given[++i];
+    } else {
+      args.push_back(given[i]);
+    }
+  }
   const auto line = parse_config_command_line(args, {"--logits", "--out"}, kRouteUsage);
   if (!line) return kExitUsage;
   const std::string& logits_path = line->values[0];
@@ -67,6 +79,17 @@ int route_command(const std::vector<std::string>& args) {
   RouteInput input;
   input.logits = logits.view();
   input.topology = &topology;
+  HostTensor token_ids;
+  if (!token_ids_path.empty()) {
+    token_ids = read_npy(token_ids_path);
+    if ((token_ids.dtype() != DType::kI32 && token_ids.dtype() != DType::kI64) ||
+        token_ids.shape() != std::vector<std::int64_t>{T}) {
+      throw Error(ErrorCode::kInvalidArgument, "--token-ids: " + token_ids_path +
+                                                   " must be int32 or int64 [" + std::to_string(T) +
+                                                   "] (one id per row of the logits)");
+    }
+    input.token_ids = token_ids.view();
+  }
   RoutingPlan plan;
   HostStream stream;
   router->route(input, plan, stream);

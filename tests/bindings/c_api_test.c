@@ -2,11 +2,13 @@
  * in-process ranks against its dense reference, every error path's status and message,
  * the plugin inventory, and training (backward against central differences, parameter
  * views, a checkpoint). Exits non-zero if a check failed. */
+#define _POSIX_C_SOURCE 200809L /* mkdtemp, rmdir */
 #include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "switchyard/switchyard.h"
 
@@ -285,6 +287,69 @@ static void check_device_tensors(void) {
   switchyard_runtime_destroy(host);
 }
 
+/* Hash routing (DeepSeek-V4): the tokens' ids go with them; an id outside the table is
+ * refused by name. The table is written here as a .npy file: int32 [4, 2]. */
+static void check_forward_with_ids(void) {
+  static const char header[] = "{'descr': '<i4', 'fortran_order': False, 'shape': (4, 2), }";
+  const int32_t table[8] = {0, 1, 2, 3, 1, 2, 3, 0};
+  char dir[] = "/tmp/switchyard-c-api-XXXXXX";
+  char path[256], config[512];
+  unsigned char preamble[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, 0, 0};
+  size_t padded = sizeof header; /* the header, spaces and '\n' up to a multiple of 64 */
+  FILE* f = NULL;
+  switchyard_runtime* runtime = NULL;
+  enum { T = 6, H = 8 };
+  float x[T * H], y[T * H];
+  int64_t shape[2] = {T, H}, id_shape[1] = {T};
+  int64_t ids[T] = {0, 3, 2, 1, 1, 0};
+  DLTensor xt, yt, it;
+  size_t i = 0;
+  CHECK(mkdtemp(dir) != NULL);
+  snprintf(path, sizeof path, "%s/tid2eid.npy", dir);
+  while ((sizeof preamble + padded) % 64 != 0) ++padded;
+  preamble[8] = (unsigned char)(padded & 0xff);
+  preamble[9] = (unsigned char)(padded >> 8);
+  f = fopen(path, "wb");
+  CHECK(f != NULL);
+  if (f == NULL) return;
+  fwrite(preamble, 1, sizeof preamble, f);
+  fwrite(header, 1, sizeof header - 1, f);
+  for (i = sizeof header - 1; i + 1 < padded; ++i) fputc(' ', f);
+  fputc('\n', f);
+  fwrite(table, sizeof table[0], 8, f);
+  fclose(f);
+  snprintf(config, sizeof config,
+           "[runtime]\nranks = 2\n[router]\npolicy = \"hash\"\ntable = \"%s\"\n[model]\n"
+           "num_experts = 4\nhidden = 8\nffn_hidden = 16\n",
+           path);
+  CHECK(switchyard_runtime_create_from_string(config, "hash.toml", NULL, 0, &runtime) ==
+        SWITCHYARD_OK);
+  if (runtime == NULL) return;
+  for (i = 0; i < T * H; ++i) x[i] = (float)cos(0.37 * (double)i);
+  xt = matrix(x, shape);
+  yt = matrix(y, shape);
+  memset(&it, 0, sizeof it);
+  it.data = ids;
+  it.device.device_type = kDLCPU;
+  it.ndim = 1;
+  it.dtype.code = kDLInt;
+  it.dtype.bits = 64;
+  it.dtype.lanes = 1;
+  it.shape = id_shape;
+  CHECK(switchyard_forward_with_ids(runtime, 0, &xt, &it, &yt) == SWITCHYARD_OK);
+  for (i = 0; i < T * H; ++i) CHECK(isfinite(y[i]));
+  ids[4] = 4;
+  CHECK(switchyard_forward_with_ids(runtime, 0, &xt, &it, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+  CHECK(strstr(switchyard_last_error(), "token 1 has id 4, outside the table's ids 0..3") !=
+        NULL); /* rank 1's second token */
+  CHECK(switchyard_forward(runtime, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+  CHECK(strstr(switchyard_last_error(), "no token ids were given") != NULL);
+  CHECK(switchyard_forward_with_ids(runtime, 0, &xt, NULL, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+  switchyard_runtime_destroy(runtime);
+  remove(path);
+  rmdir(dir);
+}
+
 int main(void) {
   const char* config =
       "[runtime]\nranks = 2\n[router]\ntop_k = 2\n[model]\nnum_experts = 4\nhidden = 8\n"
@@ -492,6 +557,7 @@ int main(void) {
   switchyard_runtime_destroy(NULL);
   check_layers();
   check_device_tensors();
+  check_forward_with_ids();
   check_training();
   if (failures == 0) printf("c_api_test: all checks passed (max difference %.3g)\n", difference);
   return failures == 0 ? 0 : 1;

@@ -40,8 +40,11 @@ from ._switchyard import (  # noqa: F401
 )
 
 
-def route(logits, policy="topk", bias=None, **options):
+def route(logits, policy="topk", bias=None, token_ids=None, **options):
     """Routes logits [T,E] float32 with a policy alone (no transport, no model):
     returns (experts [T,K] int32, weights [T,K] float32). `options` are the policy's
-    [router] keys, e.g. route(logits, "topk", top_k=2, normalize=True)."""
-    return Router(policy, num_experts=logits.shape[1], bias=bias, **options).route(logits)
+    [router] keys, e.g. route(logits, "topk", top_k=2, normalize=True); `token_ids` [T]
+    the tokens' ids, for a policy that routes by them (route(logits, "hash",
+    table="tid2eid.npy", token_ids=ids))."""
+    router = Router(policy, num_experts=logits.shape[1], bias=bias, **options)
+    return router.route(logits, token_ids=token_ids)

@@ -209,6 +209,11 @@ class MoELayer {
   /// benchmark's fixed routing). Collective; failures as in `forward`.
   void forward(const TensorView& x, const RoutingPlan& plan, const TensorView& y);
 
+  /// The ids [T] (i32 or i64, host) of the tokens of the next `forward` or `route`, for a
+  /// router that routes by them (`Router::needs_token_ids`: hash routing). Borrowed until
+  /// that call, which uses and forgets them. Throws `Error(kInvalidArgument)` for device
+  /// memory.
+  void set_token_ids(const TensorView& token_ids);
   /// Logits and router only: fills `plan` for x [T,H]. Local, not collective.
   void route(const TensorView& x, RoutingPlan& plan);
   /// Sends each token once to every rank that holds one of its experts, with its list of
@@ -305,6 +310,9 @@ class MoELayer {
                       const Error* local_error, StreamEvent* done);
   /// `forward(x, y)`; with `done`, recorded after y's work instead of waiting for it.
   void forward(const TensorView& x, const TensorView& y, StreamEvent* done);
+  /// The ids `set_token_ids` gave, handed to the router once (then empty).
+  TensorView take_token_ids();
+  TensorView token_ids_;
   /// Events of `forward(x, y, caller)`: y written, on `stream()` (made once).
   std::unique_ptr<StreamEvent> caller_y_written_;
   /// The one forward sequence, in `chunks` pipelined chunks (1: a plain sequence); with

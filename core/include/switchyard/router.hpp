@@ -63,6 +63,9 @@ void finish_router_stats(RouterStats& stats) noexcept;
 struct RouteInput {
   TensorView logits;                   ///< f32 [T,E], contiguous, on the stream's device
   const Topology* topology = nullptr;  ///< placement of the EP group's ranks; may be null
+  /// i32 or i64 [T] host: the tokens' ids (vocabulary indices), for policies that route by
+  /// them (`Router::needs_token_ids`: hash routing); empty otherwise.
+  TensorView token_ids = {};
 };
 
 /// What `Router::backward` needs: the forward's logits and plan, and the gradient of the
@@ -138,6 +141,9 @@ class Router {
   /// Stateful policies (bias balancing) update from the kept counts [E] summed over the
   /// EP group. Stateless policies ignore it.
   virtual void update(std::span<const std::int64_t> global_counts) = 0;
+  /// True when `route` needs `RouteInput::token_ids` (hash routing): the layer's callers
+  /// then pass the tokens' ids with them.
+  virtual bool needs_token_ids() const noexcept { return false; }
   /// True when `update` changes the policy (bias balancing is on): the runtime then sums
   /// the kept counts over the EP group after every step and calls it.
   virtual bool updates_from_counts() const noexcept { return false; }

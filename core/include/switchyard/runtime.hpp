@@ -179,6 +179,12 @@ class Runtime {
   /// x and y are host tensors, or both on the device of the data path (`[runtime]
   /// data_path`), which the layers take as they are; returns when y is written.
   void forward(const TensorView& x, const TensorView& y, int layer = 0);
+  /// The ids [T] (i32 or i64, host) of the tokens that the next `forward`,
+  /// `forward_local_tokens` or `forward_model` takes (T as its x's), for layers whose
+  /// router routes by them (`[router] policy = "hash"`): every local rank gets its block, as
+  /// of x, and in `forward_model` every layer the same ids. Borrowed until that call, which
+  /// uses and forgets them.
+  void set_token_ids(const TensorView& token_ids);
   /// The whole model over global tokens x [T,H]: every MoE layer in order, the output of
   /// layer l the input of layer l+1, into y [T,H] (as `forward` per layer); with
   /// `[model] residual = true` each layer's output is h + MoE_l(h). With one layer and no

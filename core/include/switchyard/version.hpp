@@ -42,7 +42,8 @@
 /// read, not written; data-path calls that write host memory return with it written;
 /// `DataPath::route_token_choice` queues the routing, `finish_route_token_choice` reports.
 /// 10: `Transport::do_alltoallv_group` (several exchanges as one collective) and
-/// `raise_stream_error`; `Stream::wait`; `DataPath::borrow_stream`.
+/// `raise_stream_error`; `Stream::wait`; `DataPath::borrow_stream`; `RouteInput::token_ids`
+/// and `Router::needs_token_ids`; `LayerParts`' token ids.
 #define SWITCHYARD_PLUGIN_INTERFACE 10
 
 /// Expanded where it is compiled: the core records its own, every plugin records the one

@@ -120,6 +120,14 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_forward(switchyard_runtime* run
 SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_layer(switchyard_runtime* runtime,
                                                                int layer, const DLTensor* x,
                                                                DLTensor* y);
+/* switchyard_forward_layer with the tokens' ids `token_ids` [T] int32 or int64 (host), for
+ * a layer whose router routes by them ([router] policy = "hash": DeepSeek-V4's hash
+ * layers); an id outside the router's table is SWITCHYARD_INVALID_ARGUMENT naming the token.
+ * Collective. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_with_ids(switchyard_runtime* runtime,
+                                                                  int layer, const DLTensor* x,
+                                                                  const DLTensor* token_ids,
+                                                                  DLTensor* y);
 /* switchyard_forward_layer ordered on the caller's stream of the data path's device:
  * `stream` is its native handle (a cudaStream_t for CUDA; 0, the legacy default stream,
  * too). x and y on that device. The layer's work starts after the work queued on `stream`
