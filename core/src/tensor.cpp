@@ -97,6 +97,10 @@ std::int64_t TensorView::numel() const noexcept {
 }
 
 bool TensorView::is_contiguous() const noexcept {
+  // No elements: no layout to get wrong (PyTorch gives empty tensors any strides).
+  for (int i = 0; i < rank_; ++i) {
+    if (shape_[static_cast<std::size_t>(i)] == 0) return true;
+  }
   std::int64_t expected = 1;
   for (int i = rank_ - 1; i >= 0; --i) {
     const auto idx = static_cast<std::size_t>(i);

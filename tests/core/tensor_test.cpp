@@ -24,6 +24,11 @@ TEST_CASE("TensorView describes contiguous and strided layouts") {
   TensorView t(data, DType::kF32, shape, strides);
   CHECK_FALSE(t.is_contiguous());
   CHECK_THROWS_AS(t.require("x", DType::kF32, {4, 3}), Error);
+  // No elements, any strides (PyTorch's empty slices): contiguous, nothing to lay out.
+  const std::int64_t empty_shape[] = {0, 3};
+  const TensorView empty(data, DType::kF32, empty_shape, strides);
+  CHECK(empty.is_contiguous());
+  CHECK_NOTHROW(empty.require("x", DType::kF32, {-1, 3}));
   CHECK_NOTHROW(v.require("x", DType::kF32, {-1, 4}));
   try {
     v.require("tokens", DType::kF32, {-1, 5});
