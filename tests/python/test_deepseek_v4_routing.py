@@ -63,6 +63,38 @@ def numpy_layer(x, gate, experts, chosen, score_weights):
     return y
 
 
+def gate_central_differences(x, dy, gate, experts, chosen, score_weights, step=1e-5):
+    """d Σ(y · dy) / d gate of `numpy_layer`, by central differences in float64."""
+    numeric = np.zeros_like(gate)
+    for i in np.ndindex(gate.shape):
+        plus, minus = gate.copy(), gate.copy()
+        plus[i] += step
+        minus[i] -= step
+        numeric[i] = ((numpy_layer(x, plus, experts, chosen, score_weights) * dy).sum()
+                      - (numpy_layer(x, minus, experts, chosen, score_weights) * dy).sum()) \
+            / (2 * step)
+    return numeric
+
+
+def check_layer(runtime, x, dy, y, d_gate, choose):
+    """The runtime's y and gate gradient against the layer in float64 with its own weights:
+    the experts `choose(logits)` gives, weighted by the normalised √softplus of their logits
+    times 1.5 (the configuration's scale)."""
+    gate, expert_weights = runtime.parameters()
+    gate = gate.astype(np.float64)
+    experts = [tuple(m.astype(np.float64) for m in e) for e in expert_weights]
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    chosen = choose(x64 @ gate.T)
+
+    def weights_of(z):
+        s = sqrt_softplus(np.take_along_axis(z, chosen, axis=1))
+        return 1.5 * s / (s.sum(axis=1, keepdims=True) + 1e-20)
+
+    assert np.abs(numpy_layer(x64, gate, experts, chosen, weights_of) - y).max() <= 1e-5
+    numeric = gate_central_differences(x64, dy64, gate, experts, chosen, weights_of)
+    assert np.abs(d_gate - numeric).max() <= 1e-4 * np.abs(numeric).max()
+
+
 def test_sqrtsoftplus_gate_gradient_equals_central_differences():
     runtime = switchyard.Runtime.from_string(layer_config())
     runtime.training = True
@@ -70,27 +102,7 @@ def test_sqrtsoftplus_gate_gradient_equals_central_differences():
     dy = np.random.default_rng(2).standard_normal((T, H)).astype(np.float32)
     y = runtime.forward(x)
     _, d_gate, _ = runtime.backward(x, dy)
-    gate, expert_weights = runtime.parameters()
-    gate = gate.astype(np.float64)
-    experts = [tuple(m.astype(np.float64) for m in e) for e in expert_weights]
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-    chosen, _ = numpy_topk(x64 @ gate.T, K, np.zeros(E), 1.5)
-
-    def weights_of(z):
-        s = sqrt_softplus(np.take_along_axis(z, chosen, axis=1))
-        return 1.5 * s / (s.sum(axis=1, keepdims=True) + 1e-20)
-
-    assert np.abs(numpy_layer(x64, gate, experts, chosen, weights_of) - y).max() <= 1e-5
-    step = 1e-5
-    numeric = np.zeros_like(gate)
-    for i in np.ndindex(gate.shape):
-        plus, minus = gate.copy(), gate.copy()
-        plus[i] += step
-        minus[i] -= step
-        numeric[i] = ((numpy_layer(x64, plus, experts, chosen, weights_of) * dy64).sum()
-                      - (numpy_layer(x64, minus, experts, chosen, weights_of) * dy64).sum()) \
-            / (2 * step)
-    assert np.abs(d_gate - numeric).max() <= 1e-4 * np.abs(numeric).max()
+    check_layer(runtime, x, dy, y, d_gate, lambda z: numpy_topk(z, K, np.zeros(E), 1.5)[0])
 
 
 V = 11  # the hash table's vocabulary
@@ -179,27 +191,8 @@ def test_a_hash_layer_forward_and_gate_gradient_against_numpy(table_file):
     ids = np.random.default_rng(3).integers(0, V, T)
     y = runtime.forward(x, token_ids=ids)
     _, d_gate, _ = runtime.backward(x, dy)
-    gate, expert_weights = runtime.parameters()
-    gate = gate.astype(np.float64)
-    experts = [tuple(m.astype(np.float64) for m in e) for e in expert_weights]
-    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     chosen = hash_table()[ids]
-
-    def weights_of(z):
-        s = sqrt_softplus(np.take_along_axis(z, chosen, axis=1))
-        return 1.5 * s / (s.sum(axis=1, keepdims=True) + 1e-20)
-
-    assert np.abs(numpy_layer(x64, gate, experts, chosen, weights_of) - y).max() <= 1e-5
-    step = 1e-5
-    numeric = np.zeros_like(gate)
-    for i in np.ndindex(gate.shape):
-        plus, minus = gate.copy(), gate.copy()
-        plus[i] += step
-        minus[i] -= step
-        numeric[i] = ((numpy_layer(x64, plus, experts, chosen, weights_of) * dy64).sum()
-                      - (numpy_layer(x64, minus, experts, chosen, weights_of) * dy64).sum()) \
-            / (2 * step)
-    assert np.abs(d_gate - numeric).max() <= 1e-4 * np.abs(numeric).max()
+    check_layer(runtime, x, dy, y, d_gate, lambda z: chosen)
     # Without the ids the layer says what it needs; the runtime still works.
     with pytest.raises(ValueError, match="no token ids were given"):
         runtime.forward(x)
