@@ -3,6 +3,7 @@
 same state_dict loads into either, and outputs and gradients (x, the gate, every expert,
 the shared expert) agree within 1e-5 (f32) on 1-3 in-process ranks; blocks of a model share
 one runtime; bad arguments are refused by name."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,23 +79,27 @@ def relative(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def pair(variant, ranks, top_k, seed, layers=1, layer=0, runtime=None):
+def pair(variant, ranks, top_k, seed, layers=1, layer=0, runtime=None, kernel="torch"):
     v = VARIANTS[variant]
     torch.manual_seed(seed)
-    reference = HFSparseMoeBlock(H, FFN, E, top_k, v["names"], v["norm"], v["shared"])
+    shared = v["shared"] if kernel == "torch" else 0
+    reference = HFSparseMoeBlock(H, FFN, E, top_k, v["names"], v["norm"], shared)
     runtime = runtime or st.make_runtime(hidden=H, ffn_hidden=FFN, num_experts=E, top_k=top_k,
-                                         layers=layers, ranks=ranks)
+                                         layers=layers, ranks=ranks, normalize=v["norm"])
     block = st.MoeBlock(runtime, top_k, ffn_hidden=FFN, layer=layer, layout=v["layout"],
-                        norm_topk_prob=v["norm"], shared_expert_ffn_hidden=v["shared"])
+                        norm_topk_prob=v["norm"], shared_expert_ffn_hidden=shared, kernel=kernel)
     block.load_state_dict(reference.state_dict())  # strict: every name the same
     assert sorted(block.state_dict()) == sorted(reference.state_dict())
     return reference, block, runtime
 
 
+@pytest.mark.parametrize("kernel", ["torch", "switchyard"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("ranks, top_k", [(1, 1), (2, 2), (3, 2)])
-def test_block_equals_the_hugging_face_block(variant, ranks, top_k):
-    reference, block, _ = pair(variant, ranks, top_k, seed=ranks * 7 + top_k)
+def test_block_equals_the_hugging_face_block(variant, ranks, top_k, kernel):
+    # kernel="switchyard": the runtime's router and expert kernel (Qwen2-MoE without its
+    # shared expert there); "torch": PyTorch's.
+    reference, block, _ = pair(variant, ranks, top_k, seed=ranks * 7 + top_k, kernel=kernel)
     x = torch.randn(3, 13, H)
     dy = torch.randn(3, 13, H)
     x_reference, x_block = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -142,6 +147,18 @@ def test_blocks_of_a_model_share_one_runtime():
         assert relative(block.gate.weight.grad, reference.gate.weight.grad) <= 1e-5
     # Each block moved its rows through its own layer.
     assert all(runtime.stats(layer=l)["dispatch_bytes"] > 0 for l in range(4))
+
+
+def test_the_switchyard_kernel_blocks_weights_are_the_runtimes():
+    reference, block, runtime = pair("mixtral", 2, 2, seed=5, kernel="switchyard")
+    gate, experts = runtime.parameters()
+    # Loading the state_dict wrote the runtime's own weights, which the block views.
+    assert block.gate.weight.data_ptr() == gate.ctypes.data
+    assert np.array_equal(gate, reference.gate.weight.detach().numpy())
+    assert np.array_equal(experts[3][2], reference.experts[3].w2.weight.detach().numpy())
+    with torch.no_grad():  # an optimizer's in-place step reaches the runtime too
+        block.experts[3].w2.weight.mul_(2)
+    assert np.array_equal(experts[3][2], 2 * reference.experts[3].w2.weight.detach().numpy())
 
 
 def test_local_experts_and_their_parameters():

@@ -110,6 +110,30 @@ class _Combine(torch.autograd.Function):
         return (torch.from_numpy(d_weights), None, *(torch.from_numpy(d) for d in d_outputs))
 
 
+class _RuntimeLayer(torch.autograd.Function):
+    """x -> y through the runtime's own router and experts (`kernel="switchyard"`); the
+    block's gate and local experts' parameters are inputs so that autograd gives them the
+    gradients of `Runtime.backward`."""
+
+    @staticmethod
+    def forward(ctx, x, block, *parameters):  # type: ignore[override]
+        x = x.detach().contiguous()
+        y = torch.empty_like(x)
+        block.runtime.forward(x, out=y, layer=block.layer)
+        ctx.block, ctx.x, ctx.count = block, x, len(parameters)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        block = ctx.block
+        dx, d_gate, d_experts = block.runtime.backward(ctx.x, dy.contiguous(), layer=block.layer)
+        grads = [torch.from_numpy(d_gate)]
+        for e in block._runtime_experts:
+            gate, up, down = d_experts[e]
+            grads += [torch.from_numpy(gate), torch.from_numpy(up), torch.from_numpy(down)]
+        return (torch.from_numpy(dx), None, *grads)
+
+
 class MoeBlock(nn.Module):
     """A sparse MoE block whose routing, dispatch and combine run through layer `layer` of
     `runtime` (a `switchyard.Runtime` whose `[model]` has the block's hidden size and
@@ -120,14 +144,28 @@ class MoeBlock(nn.Module):
     the selected experts' probabilities to sum to 1 (Mixtral always; Qwen3-MoE does, Qwen2-
     MoE does not; default: True). `shared_expert_ffn_hidden` > 0 (layout "qwen"): Qwen2-MoE's
     shared expert, added to every token as sigmoid(shared_expert_gate(x)) · shared_expert(x).
+
+    `kernel="switchyard"`: the runtime's own router and expert kernel compute the layer
+    (`Runtime.forward` and `Runtime.backward`); the gate's and this process's experts'
+    parameters are views of the runtime's weights (loading a state_dict or an optimizer
+    step changes them in place), and their gradients come summed as `Runtime.backward` sums
+    them (the gate's over the world, an expert's over its DP group: do not reduce them
+    again). Its routing is the runtime's `[router]` section, which must say what the
+    layout's block computes (Mixtral: `normalize = true`). Experts of other processes
+    are plain parameters, unused here.
     """
 
     def __init__(self, runtime: Runtime, top_k: int, *, ffn_hidden: int = 0, layer: int = 0,
                  layout: str = "mixtral", norm_topk_prob: Optional[bool] = None,
                  shared_expert_ffn_hidden: int = 0,
-                 experts: Optional[Sequence[nn.Module]] = None) -> None:
+                 experts: Optional[Sequence[nn.Module]] = None, kernel: str = "torch") -> None:
         super().__init__()
         _check_layout(layout)
+        if kernel not in ("torch", "switchyard"):
+            raise ValueError(f"kernel {kernel!r}: expected 'torch' or 'switchyard'")
+        if kernel == "switchyard" and (experts is not None or shared_expert_ffn_hidden):
+            raise ValueError("kernel='switchyard' computes the runtime's own experts: give no "
+                             "experts and no shared expert")
         if not 0 <= layer < runtime.num_layers:
             raise ValueError(f"layer {layer}: the runtime has {runtime.num_layers} MoE layers "
                              f"(indices 0..{runtime.num_layers - 1})")
@@ -157,6 +195,29 @@ class MoeBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         # Selection only: the top-k of the logits (those of softmax(logits) too).
         self._router = Router("topk", num_experts=num_experts, top_k=top_k)
+        self.kernel = kernel
+        self._runtime_experts: List[int] = []
+        if kernel == "switchyard":
+            self._share_runtime_weights()
+
+    def _share_runtime_weights(self) -> None:
+        """The gate and this process's experts as views of the runtime's weights."""
+        gate, experts = self.runtime.parameters(layer=self.layer)
+        self.gate.weight = nn.Parameter(torch.from_numpy(gate))
+        names = EXPERT_NAMES[self.layout]
+        for e, weights in enumerate(experts):
+            if weights is None:
+                continue
+            for name, view in zip(names, weights):  # (gate, up, down) as the runtime has them
+                getattr(self.experts[e], name).weight = nn.Parameter(torch.from_numpy(view))
+            self._runtime_experts.append(e)
+
+    def _runtime_parameters(self) -> List[nn.Parameter]:
+        parameters = [self.gate.weight]
+        for e in self._runtime_experts:
+            parameters += [getattr(self.experts[e], name).weight
+                           for name in EXPERT_NAMES[self.layout]]
+        return parameters
 
     def local_experts(self) -> List[int]:
         """The experts this process computes: those of the ranks it hosts."""
@@ -173,6 +234,13 @@ class MoeBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).contiguous()
         logits = self.gate(x)
+        if self.kernel == "switchyard":
+            # The runtime keeps what its backward needs when gradients are wanted.
+            training = torch.is_grad_enabled() and self.training
+            if self.runtime.training != training:
+                self.runtime.training = training
+            y = _RuntimeLayer.apply(x, self, *self._runtime_parameters())
+            return y.reshape(shape), logits
         selected, _ = self._router.route(logits.detach().float().contiguous())
         selected = torch.from_numpy(selected).long()
         probabilities = F.softmax(logits, dim=-1, dtype=torch.float)
@@ -199,16 +267,18 @@ class MoeBlock(nn.Module):
 
 def make_runtime(*, hidden: int, ffn_hidden: int, num_experts: int, top_k: int,
                  layers: int = 1, ranks: Optional[int] = None, transport: str = "inproc",
-                 ep_size: Optional[int] = None, **overrides: str) -> Runtime:
-    """A runtime for `layers` MoE blocks of this shape (its own expert weights go unused:
-    the blocks' experts are PyTorch's). `ranks`: in-process ranks (inproc); with a launcher
-    (mpirun, `switchyard launch`) leave it out and name the transport. `overrides`: more
-    "section.key" settings."""
+                 ep_size: Optional[int] = None, normalize: bool = False,
+                 **overrides: str) -> Runtime:
+    """A runtime for `layers` MoE blocks of this shape (its own router and expert weights
+    serve blocks with kernel="switchyard"; the others route and compute in PyTorch).
+    `ranks`: in-process ranks (inproc); with a launcher (mpirun, `switchyard launch`) leave
+    it out and name the transport. `normalize`: the router renormalises its top-k weights
+    (Mixtral, Qwen3-MoE). `overrides`: more "section.key" settings."""
     config = (f'[runtime]\ntransport = "{transport}"\n'
               f"[model]\nhidden = {hidden}\nffn_hidden = {ffn_hidden}\n"
               f"num_experts = {num_experts}\n"
               f'layers = "{"" if layers == 1 else f"0-{layers - 1}"}"\n'
-              f"[router]\ntop_k = {top_k}\n")
+              f"[router]\ntop_k = {top_k}\nnormalize = {'true' if normalize else 'false'}\n")
     settings = dict(overrides)
     if ranks is not None:
         settings["runtime.ranks"] = str(ranks)
