@@ -148,6 +148,16 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("nic_gb_per_s", T::kFloat, std::nullopt,
           "NIC bandwidth per GPU and direction, GB/s (1e9 bytes/s)", checks::positive());
     s.add("nic_latency_us", T::kFloat, std::nullopt, "inter-node latency per phase, us");
+    s.add("dense_params", T::kInt, ConfigValue{std::int64_t{0}},
+          "training step: the data-parallel (replicated) parameters of the model: attention, "
+          "norms, embeddings",
+          checks::int_range(0, std::int64_t{1} << 44));
+    s.add("moe_layers", T::kInt, ConfigValue{std::int64_t{1}},
+          "training step: MoE layers of the model, each routed as the simulated one",
+          checks::int_range(1, 1 << 12));
+    s.add("expert_params", T::kInt, std::nullopt,
+          "training step: parameters of one expert (default: 3 · hidden · ffn_hidden, SwiGLU)",
+          checks::int_range(0, std::int64_t{1} << 40));
     s.add("sample_tokens", T::kInt, ConfigValue{std::int64_t{24}},
           "tokens whose routing the HTML report draws", checks::int_range(0, 256));
   } else {

@@ -353,6 +353,62 @@ PhaseTime predict(const ClusterSpec& spec, const Traffic& traffic, Accounting ac
   return worst;
 }
 
+PhaseTime predict_allreduce(const ClusterSpec& spec, std::uint64_t bytes, int ranks,
+                            int ranks_per_node) {
+  if (ranks <= 1 || bytes == 0) return {0, "none"};
+  const bool crosses_nodes = ranks > ranks_per_node;
+  const Link& link = crosses_nodes ? spec.links.nic : spec.links.intra;
+  const double n = ranks;
+  const double sent = 2 * (n - 1) / n * static_cast<double>(bytes);
+  const double seconds = sent / (link.gb_per_s * 1e9) + 2 * (n - 1) * link.latency_us * 1e-6;
+  return {seconds, crosses_nodes ? "NIC ring over " + std::to_string(ranks) + " ranks"
+                                 : "intra-node ring over " + std::to_string(ranks) + " ranks"};
+}
+
+TrainingStep predict_training_step(const ClusterSpec& spec, const Traffic& traffic, int slots,
+                                   int moe_layers, std::int64_t dense_params,
+                                   std::int64_t expert_params, int steps) {
+  TrainingStep step;
+  const int W = spec.world(), G = spec.group_size();
+  // The EP part: a forward and a backward per layer, each a dispatch and a combine.
+  const double layer_s = predict(spec, traffic, Accounting::kPerRank, slots, false).seconds +
+                         predict(spec, traffic, Accounting::kPerRank, slots, true).seconds;
+  const int n = std::max(steps, 1);
+  step.ep_seconds = 2.0 * moe_layers * layer_s / n;
+  std::uint64_t most = 0;
+  for (std::size_t r = 0; r < traffic.layer_dispatch_bytes.size(); ++r) {
+    most = std::max(most, traffic.layer_dispatch_bytes[r] + traffic.layer_combine_bytes[r]);
+  }
+  step.ep_bytes_per_rank =
+      2 * static_cast<std::uint64_t>(moe_layers) * most / static_cast<std::uint64_t>(n);
+  // The DP part: the replicated parameters over the world; each rank's experts over its DP
+  // group, W / G ranks G apart (on other nodes when an EP group fills a node or more).
+  constexpr std::uint64_t kGradientBytes = sizeof(float);
+  const std::uint64_t dense = static_cast<std::uint64_t>(dense_params) * kGradientBytes;
+  const std::uint64_t local_experts =
+      static_cast<std::uint64_t>((spec.num_experts + G - 1) / G);  // the most any rank holds
+  const std::uint64_t experts = static_cast<std::uint64_t>(moe_layers) * local_experts *
+                                static_cast<std::uint64_t>(expert_params) * kGradientBytes;
+  const PhaseTime dense_time = predict_allreduce(spec, dense, W, spec.gpus_per_node);
+  const int dp_ranks = W / G;
+  const PhaseTime expert_time = predict_allreduce(
+      spec, experts, dp_ranks, G >= spec.gpus_per_node ? 1 : spec.gpus_per_node / G);
+  step.dp_seconds = dense_time.seconds + expert_time.seconds;
+  const auto ring = [](std::uint64_t bytes, int ranks) {
+    return ranks <= 1
+               ? std::uint64_t{0}
+               : static_cast<std::uint64_t>(2.0 * (ranks - 1) / ranks * static_cast<double>(bytes));
+  };
+  step.dp_bytes_per_rank = ring(dense, W) + ring(experts, dp_ranks);
+  // Pure DP: every expert of every layer on every rank, all gradients over the world.
+  const std::uint64_t all = dense + static_cast<std::uint64_t>(moe_layers) *
+                                        static_cast<std::uint64_t>(spec.num_experts) *
+                                        static_cast<std::uint64_t>(expert_params) * kGradientBytes;
+  step.pure_dp_seconds = predict_allreduce(spec, all, W, spec.gpus_per_node).seconds;
+  step.pure_dp_bytes_per_rank = ring(all, W);
+  return step;
+}
+
 // --- the simulator --------------------------------------------------------------------
 
 Simulator::Simulator(ClusterSpec spec, LogitsSource logits, std::vector<RouterSetting> settings,

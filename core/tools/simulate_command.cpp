@@ -412,6 +412,28 @@ int simulate_command(const std::vector<std::string>& args) {
     }
   }
   print_table(spec, settings, totals, slots, steps);
+  // A training step's EP and DP parts (the seed's two roles), and pure DP for comparison.
+  const int moe_layers = static_cast<int>(simulate.get_int("moe_layers"));
+  const std::int64_t dense_params = simulate.get_int("dense_params");
+  const std::int64_t expert_params = simulate.has("expert_params")
+                                         ? simulate.get_int("expert_params")
+                                         : 3 * spec.hidden * model.get_int("ffn_hidden");
+  std::vector<sim::TrainingStep> training;
+  for (std::size_t s = 0; s < settings.size(); ++s) {
+    training.push_back(sim::predict_training_step(spec, totals[s], slots[s], moe_layers,
+                                                  dense_params, expert_params, steps));
+    const sim::TrainingStep& t = training.back();
+    std::printf(
+        "%s: a training step (%d MoE layer%s forward and backward, %lld dense parameters, "
+        "%lld per expert): EP part %.3f ms (%s per rank through all-to-all), DP part %.3f ms "
+        "(%s per rank all-reduced); pure DP instead: %.3f ms (%s per rank all-reduced)\n",
+        settings[s].label.c_str(), moe_layers, moe_layers == 1 ? "" : "s",
+        static_cast<long long>(dense_params), static_cast<long long>(expert_params),
+        1e3 * t.ep_seconds, human_bytes(static_cast<double>(t.ep_bytes_per_rank)).c_str(),
+        1e3 * t.dp_seconds, human_bytes(static_cast<double>(t.dp_bytes_per_rank)).c_str(),
+        1e3 * t.pure_dp_seconds,
+        human_bytes(static_cast<double>(t.pure_dp_bytes_per_rank)).c_str());
+  }
 
   Json report;
   report["switchyard"] = core_version();
@@ -430,10 +452,20 @@ int simulate_command(const std::vector<std::string>& args) {
   report["steps"] = steps;
   Json all = Json::array();
   for (std::size_t s = 0; s < settings.size(); ++s) {
-    all.push_back(Json{{"label", settings[s].label},
-                       {"slots", slots[s]},
-                       {"total", traffic_json(spec, totals[s], slots[s], /*with_pictures=*/false)},
-                       {"steps", std::move(step_json[s])}});
+    all.push_back(Json{
+        {"label", settings[s].label},
+        {"slots", slots[s]},
+        {"total", traffic_json(spec, totals[s], slots[s], /*with_pictures=*/false)},
+        {"training_step", Json{{"moe_layers", moe_layers},
+                               {"dense_params", dense_params},
+                               {"expert_params", expert_params},
+                               {"ep_s", training[s].ep_seconds},
+                               {"ep_bytes_per_rank", training[s].ep_bytes_per_rank},
+                               {"dp_s", training[s].dp_seconds},
+                               {"dp_bytes_per_rank", training[s].dp_bytes_per_rank},
+                               {"pure_dp_s", training[s].pure_dp_seconds},
+                               {"pure_dp_bytes_per_rank", training[s].pure_dp_bytes_per_rank}}},
+        {"steps", std::move(step_json[s])}});
   }
   report["settings"] = std::move(all);
   if (!json_path.empty()) {

@@ -225,6 +225,45 @@ TEST_CASE("the time model by hand: bytes / bandwidth + latency of the busiest re
   CHECK(sim::predict(spec, sim::Traffic{}, Accounting::kPerRank, 1, false).bottleneck == "none");
 }
 
+TEST_CASE("a training step's EP and DP parts by hand, and pure DP for comparison") {
+  // 2 nodes × 2 GPUs, EP groups of 2 (one per node), 4 experts: each rank holds 2 experts;
+  // its DP group is the rank of the same index on the other node. Links: intra 10 GB/s,
+  // 2 us; NIC 1 GB/s, 7 us.
+  sim::ClusterSpec spec = cluster(2, 2, 4, 1000);
+  spec.ep_size = 2;
+  spec.payload_dtype = PayloadDType::kF32;
+  spec.combine_dtype = DType::kF32;
+  spec.links = {"test", {10.0, 2.0}, {1.0, 7.0}};
+  // A ring all-reduce: 2 (n-1)/n of the bytes through the slower link, 2 (n-1) latencies.
+  CHECK(sim::predict_allreduce(spec, 1000000, 4, 2).seconds ==
+        doctest::Approx(1.5e6 / 1e9 + 6 * 7e-6));
+  CHECK(sim::predict_allreduce(spec, 1000000, 2, 2).seconds ==
+        doctest::Approx(1e6 / 10e9 + 2 * 2e-6));
+  CHECK(sim::predict_allreduce(spec, 1000000, 1, 2).seconds == 0);
+  // One layer's traffic over 2 steps: rank 0 sent 6 rows to rank 1 (intra).
+  sim::Traffic t;
+  for (auto& c : t.copies) c.assign(16, 0);
+  t.copies[1][0 * 4 + 1] = 6;
+  t.layer_dispatch_bytes = {6 * 4008 + 64, 64, 64, 64};
+  t.layer_combine_bytes = {0, 6 * 4000, 0, 0};
+  const sim::TrainingStep step =
+      sim::predict_training_step(spec, t, 1, /*moe_layers=*/3, /*dense_params=*/250000,
+                                 /*expert_params=*/1000, /*steps=*/2);
+  // EP: forward and backward of 3 layers, each a dispatch (6 × 4008 B at 10 GB/s + 2 us
+  // over the 2 steps) and a combine (6 × 4000 B), per step: as the table, the sum over the
+  // steps divided by them.
+  CHECK(step.ep_seconds ==
+        doctest::Approx(2 * 3 * ((6 * 4008 / 10e9 + 2e-6) + (6 * 4000 / 10e9 + 2e-6)) / 2));
+  CHECK(step.ep_bytes_per_rank == 2 * 3 * (6 * 4008 + 64) / 2);
+  // DP: 1 MB of dense gradients over all 4 ranks (crossing nodes); the 2 local experts of
+  // 3 layers, 24 KB, over the DP group of 2 (on two nodes).
+  CHECK(step.dp_seconds == doctest::Approx((1.5e6 / 1e9 + 6 * 7e-6) + (24000 / 1e9 + 2 * 7e-6)));
+  CHECK(step.dp_bytes_per_rank == 1500000 + 24000);
+  // Pure DP: 1 MB + 4 experts × 3 layers × 4 KB over all 4 ranks.
+  CHECK(step.pure_dp_seconds == doctest::Approx(1.5 * 1048000 / 1e9 + 6 * 7e-6));
+  CHECK(step.pure_dp_bytes_per_rank == 1572000);
+}
+
 TEST_CASE("two-level accounting by hand: one NIC copy per node, forwarded inside it") {
   // 2 nodes × 2 GPUs, 4 experts (one per rank), one recorded token (rank 0 gets it, the
   // others none) sent to experts 1, 2 and 3 (top-3, expert 0's logit lowest).

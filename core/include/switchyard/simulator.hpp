@@ -170,6 +170,32 @@ std::vector<ResourceTimes> resource_times(const ClusterSpec& spec, const Traffic
 PhaseTime predict(const ClusterSpec& spec, const Traffic& traffic, Accounting accounting, int slots,
                   bool combine);
 
+/// A ring all-reduce of `bytes` per rank over `ranks` ranks, `ranks_per_node` of them on
+/// each node (blocks of consecutive ranks): each rank sends and receives
+/// 2 (n-1)/n · bytes in 2 (n-1) phases, over its NIC when the ring leaves its node (the
+/// slower link bounds a ring that crosses nodes), else over its intra-node link. 0 for one
+/// rank or no bytes.
+PhaseTime predict_allreduce(const ClusterSpec& spec, std::uint64_t bytes, int ranks,
+                            int ranks_per_node);
+
+/// One training step's two parts (docs/simulator.md): the EP part, each MoE layer's
+/// dispatch and combine in the forward and again in the backward, and the DP part, one
+/// all-reduce of the replicated parameters' f32 gradients over every rank plus one of each
+/// rank's experts' over its DP group (the ranks holding the same experts); and, for
+/// comparison, pure data parallelism: every parameter replicated, one all-reduce of all.
+struct TrainingStep {
+  double ep_seconds = 0, dp_seconds = 0, pure_dp_seconds = 0;
+  std::uint64_t ep_bytes_per_rank = 0;       ///< the most any rank sends in the EP part
+  std::uint64_t dp_bytes_per_rank = 0;       ///< what each rank sends in the DP part
+  std::uint64_t pure_dp_bytes_per_rank = 0;  ///< ... and under pure data parallelism
+};
+/// The step for one layer's `traffic` (summed over `steps` steps: the EP figures are its
+/// mean), `moe_layers` such layers, `dense_params` replicated parameters and experts of
+/// `expert_params` parameters each.
+TrainingStep predict_training_step(const ClusterSpec& spec, const Traffic& traffic, int slots,
+                                   int moe_layers, std::int64_t dense_params,
+                                   std::int64_t expert_params, int steps = 1);
+
 /// One router setting: a label and a factory called once per EP group (routers keep
 /// state, such as a balancing bias, per group as the runtime's ranks do).
 struct RouterSetting {
