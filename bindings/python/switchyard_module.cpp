@@ -828,6 +828,8 @@ PYBIND11_MODULE(_switchyard, m) {
           p["num_tokens"] = part.num_tokens;
           const auto rows = part.handle.rows_per_expert();
           p["rows_per_expert"] = std::vector<std::int64_t>(rows.begin(), rows.end());
+          const auto first = part.handle.expert_first_row();
+          p["expert_first_row"] = std::vector<std::int64_t>(first.begin(), first.end());
           const TensorView in = part.handle.expert_input();
           const TensorView out = part.handle.expert_output();
           if (in.device().kind == switchyard::Device::Kind::kHost) {

@@ -45,6 +45,10 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("combine_dtype", T::kString, ConfigValue{std::string("f32")},
           "dtype of the partial sums sent back in the combine: f32 or bf16",
           checks::one_of({"f32", "bf16"}));
+    s.add("expert_alignment", T::kInt, ConfigValue{std::int64_t{1}},
+          "dispatch for the caller's experts: each local expert's received rows start at a "
+          "multiple of this (zero rows between), for grouped GEMMs",
+          checks::int_range(1, 4096));
     s.add("chunks", T::kInt, ConfigValue{std::int64_t{1}},
           "split each step's tokens into this many chunks and pipeline them: one chunk's "
           "exchange overlaps another's experts (same results for every value; host data path)",

@@ -78,8 +78,8 @@ std::size_t MoELayer::buffer_bytes() const noexcept {
 
 void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
   if (&send_rows_.allocator() == &device && &rows_to_.allocator() == &staging) return;
-  for (auto* b :
-       {&rows_to_, &rows_from_, &rows_to_offset_, &rows_from_offset_, &rows_per_expert_}) {
+  for (auto* b : {&rows_to_, &rows_from_, &rows_to_offset_, &rows_from_offset_, &rows_per_expert_,
+                  &expert_first_row_}) {
     *b = Buffer<std::int64_t>(staging);
   }
   for (auto* b : {&send_bytes_, &send_offsets_, &recv_bytes_, &recv_offsets_, &meta_send_bytes_,
@@ -363,7 +363,7 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
   data_path_ready();  // the host data path reads what arrived
   timings_.dispatch_s += seconds_since(start);
   start = Clock::now();
-  exchange_->group(handle, {});
+  exchange_->group(handle, {}, parts_.expert_alignment);
   host_ready();  // returns when the grouped rows are written
   timings_.layout_s += seconds_since(start);
 }

@@ -346,19 +346,33 @@ void TokenExchange::send_back(DispatchHandle& h, Stream* on) {
   }
 }
 
-void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes) {
+void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_t alignment) {
   // Group the received rows per local expert (stable: source rank, then source token).
   const std::int64_t H = parts_.hidden;
   const int K = h.slots_;
   const std::int64_t N =
       static_cast<std::int64_t>(h.recv_meta_.size()) / static_cast<std::int64_t>(K ? K : 1);
   // The rows per local expert came with the counts (`stage`): nothing is counted again.
+  // Each expert's block holds them, padded to a multiple of `alignment`.
   const int L = parts_.placement->num_local(parts_.transport->rank());
+  h.expert_first_row_.resize(static_cast<std::size_t>(L));
+  block_rows_.resize(static_cast<std::size_t>(L));
   std::int64_t A = 0;
-  for (int l = 0; l < L; ++l) A += h.rows_per_expert_[static_cast<std::size_t>(l)];
+  for (int l = 0; l < L; ++l) {
+    const std::int64_t rows = h.rows_per_expert_[static_cast<std::size_t>(l)];
+    h.expert_first_row_[static_cast<std::size_t>(l)] = A;
+    block_rows_[static_cast<std::size_t>(l)] = (rows + alignment - 1) / alignment * alignment;
+    A += block_rows_[static_cast<std::size_t>(l)];
+  }
   h.expert_input_.resize(to_size(A * H));
   h.expert_output_.resize(to_size(A * H));
   h.assignment_of_slot_.resize(to_size(N * K));
+  if (alignment > 1 && A > 0) {
+    // The padding rows are zero (the grouping then writes the experts' rows).
+    const std::size_t bytes = h.expert_input_.size() * sizeof(float);
+    if (zeros_.size() < bytes) zeros_.resize(bytes);
+    parts_.data_path->copy(h.expert_input_.data(), zeros_.data(), bytes, stream());
+  }
   GroupArgs group;
   group.rows = h.recv_rows_.data();
   group.meta = h.recv_meta_.data();
@@ -367,7 +381,8 @@ void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes) {
   group.hidden = H;
   group.dtype = parts_.payload_dtype;
   group.num_local_experts = L;
-  group.rows_per_expert = h.rows_per_expert_.data();
+  // The blocks' sizes: a data path places expert l's rows at the sum of those before it.
+  group.rows_per_expert = block_rows_.data();
   // Sized in f32 rows whatever the dtype: the combine may reuse them (place_partials).
   group.expert_input = reinterpret_cast<std::byte*>(h.expert_input_.data());
   group.expert_input_dtype = dtypes.input;

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "switchyard/data_path.hpp"
 #include "switchyard/layer.hpp"
@@ -93,8 +94,9 @@ class TokenExchange {
     DType output = DType::kF32;
   };
   /// Groups the received rows per local expert into `dtypes.input` rows and sizes the
-  /// expert output rows for `dtypes.output`.
-  void group(DispatchHandle& h, ExpertRowDTypes dtypes);
+  /// expert output rows for `dtypes.output`; each expert's block starts at a multiple of
+  /// `alignment` rows, the rows between zero.
+  void group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_t alignment = 1);
 
   /// Received rows [first, first + count) whose partial sums go to `out`, contiguous.
   struct PartialRows {
@@ -148,6 +150,8 @@ class TokenExchange {
 
   Parts parts_;
   std::size_t counts_width_;
+  std::vector<std::int64_t> block_rows_;  // group: rows of each expert's block (host)
+  std::vector<std::byte> zeros_;          // group: the padding's source (host)
   std::int64_t num_tokens_ = 0;
   int slots_ = 0;
   int chunks_ = 1;

@@ -853,22 +853,31 @@ double hand_expert(int e, double v) { return (e + 1) * v + e; }
 
 /// Runs the caller's experts (hand_expert) on every part's received rows into its
 /// expert_output().
-void run_hand_experts(ProcessDispatch& d) {
+/// Each part's experts on its rows, expert j's block starting at `expert_first_row()[j]`
+/// (a multiple of `alignment`, its padding rows zero, the blocks back to back).
+void run_hand_experts(ProcessDispatch& d, std::int64_t alignment = 1) {
   for (auto& part : d.parts) {
     TensorView in = part.handle.expert_input();
     TensorView out = part.handle.expert_output();
     const std::int64_t H = in.dim(1);
-    std::int64_t row = 0;
+    std::int64_t end = 0;
     for (int j = 0; j < part.num_local_experts; ++j) {
-      for (std::int64_t n = 0; n < part.handle.rows_per_expert()[static_cast<std::size_t>(j)];
-           ++n, ++row) {
+      const std::int64_t first = part.handle.expert_first_row()[static_cast<std::size_t>(j)];
+      const std::int64_t rows = part.handle.rows_per_expert()[static_cast<std::size_t>(j)];
+      CHECK(first == end);
+      CHECK(first % alignment == 0);
+      for (std::int64_t row = first; row < first + rows; ++row) {
         for (std::int64_t h = 0; h < H; ++h) {
           out.data_as<float>()[row * H + h] = static_cast<float>(
               hand_expert(part.first_expert + j, in.data_as<float>()[row * H + h]));
         }
       }
+      end = first + (rows + alignment - 1) / alignment * alignment;
+      for (std::int64_t i = (first + rows) * H; i < end * H; ++i) {
+        CHECK(in.data_as<float>()[i] == 0.0f);  // padding
+      }
     }
-    CHECK(row == in.dim(0));
+    CHECK(end == in.dim(0));
   }
 }
 
@@ -957,6 +966,47 @@ TEST_CASE("dispatch and combine with the caller's experts: y = sum of weighted f
                        doctest::Contains("expert output of local rank 1: expected f32["), Error);
   run_hand_experts(d);
   runtime.combine(d, outputs, y.view());  // still combinable after refused arguments
+}
+
+TEST_CASE("expert_alignment: each expert's rows start at a multiple of it, and y is the same") {
+  // Grouped GEMMs want aligned blocks: [runtime] expert_alignment pads each local expert's
+  // received rows with zero rows. The combine reads the same rows: the same bytes of y.
+  constexpr std::int64_t T = 37, H = 24, K = 3;
+  std::vector<std::int32_t> experts(static_cast<std::size_t>(T * K));
+  std::vector<float> weights(static_cast<std::size_t>(T * K));
+  for (std::int64_t i = 0; i < T * K; ++i) {
+    experts[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i / K * 5 + i % K) % 8);
+    weights[static_cast<std::size_t>(i)] = 0.2f + 0.01f * static_cast<float>(i % 13);
+  }
+  const TensorView e(experts.data(), DType::kI32, {T, K});
+  const TensorView w(weights.data(), DType::kF32, {T, K});
+  // A dispatch before, with other experts, leaves rows where the padding will be.
+  std::vector<std::int32_t> before(experts);
+  for (auto& v : before) v = (v + 3) % 8;
+  const TensorView e_before(before.data(), DType::kI32, {T, K});
+  for (const int ranks : {1, 2, 3}) {
+    for (const bool on_device : {false, true}) {
+      CAPTURE(ranks);
+      CAPTURE(on_device);
+      const HostTensor x = synthetic_tokens(T, H, 5);
+      HostTensor expected(DType::kF32, {T, H}), y(DType::kF32, {T, H});
+      auto run = [&](std::int64_t alignment, HostTensor& out) {
+        Config c = pretend_device_config(ranks, ranks, "f32", on_device);
+        c.set("runtime", "expert_alignment", alignment);
+        Runtime runtime(c);
+        ProcessDispatch d;
+        runtime.dispatch(x.view(), e_before, w, d);
+        runtime.dispatch(x.view(), e, w, d);
+        run_hand_experts(d, alignment);
+        std::vector<TensorView> outputs;
+        for (auto& part : d.parts) outputs.push_back(part.handle.expert_output());
+        runtime.combine(d, outputs, out.view());
+      };
+      run(1, expected);
+      run(8, y);
+      CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+    }
+  }
 }
 
 TEST_CASE("dispatch and combine on the pretend device: the host path's bytes, at worlds 1-4") {

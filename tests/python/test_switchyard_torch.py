@@ -161,6 +161,21 @@ def test_the_switchyard_kernel_blocks_weights_are_the_runtimes():
     assert np.array_equal(experts[3][2], 2 * reference.experts[3].w2.weight.detach().numpy())
 
 
+def test_padded_expert_blocks_give_the_same_block():
+    # [runtime] expert_alignment pads each expert's rows (grouped GEMMs): the same outputs.
+    reference, block, _ = pair("mixtral", 2, 2, seed=9)
+    padded_runtime = st.make_runtime(hidden=H, ffn_hidden=FFN, num_experts=E, top_k=2, ranks=2,
+                                     **{"runtime.expert_alignment": "8"})
+    padded = st.MoeBlock(padded_runtime, 2, ffn_hidden=FFN)
+    padded.load_state_dict(reference.state_dict())
+    x = torch.randn(19, H)
+    dispatched = padded_runtime.dispatch(x, switchyard.route(torch.randn(19, E), top_k=2))
+    assert all(first % 8 == 0 for part in dispatched.parts for first in part["expert_first_row"])
+    with torch.no_grad():
+        assert relative(padded(x)[0], reference(x.view(1, 19, H))[0].view(19, H)) <= 1e-5
+        assert torch.equal(padded(x)[0], block(x)[0])
+
+
 def test_local_experts_and_their_parameters():
     runtime = st.make_runtime(hidden=H, ffn_hidden=FFN, num_experts=E, top_k=2, ranks=3)
     block = st.MoeBlock(runtime, 2, ffn_hidden=FFN)

@@ -20,7 +20,8 @@ class InternalError(Error): ...
 
 class Dispatch:
     """What a dispatch delivered: `parts`, one per rank this process hosts, each a dict
-    with world_rank, experts, first_token, num_tokens, rows_per_expert, and the views
+    with world_rank, experts, first_token, num_tokens, rows_per_expert, expert_first_row
+    (each expert's first row: blocks padded to [runtime] expert_alignment), and the views
     expert_input [A,H] and expert_output [A,H]: NumPy arrays for host tokens, DeviceTensors
     (DLPack, no copy) for tokens on the data path's device."""
     @property

@@ -252,11 +252,18 @@ class MoeBlock(nn.Module):
         rows = _Dispatch.apply(x, state, selected.int(), weights)
         outputs = []
         for part, part_rows in zip(state.dispatched.parts, rows):
-            pieces, first = [], 0
-            for e, count in zip(part["experts"], part["rows_per_expert"]):
+            # Each expert on its block of rows; the blocks may be padded ([runtime]
+            # expert_alignment), and the padding's outputs are zero rows no slot reads.
+            pieces, end = [], 0
+            for e, count, first in zip(part["experts"], part["rows_per_expert"],
+                                       part["expert_first_row"]):
+                if first > end:
+                    pieces.append(part_rows.new_zeros(first - end, part_rows.shape[1]))
                 if count:
                     pieces.append(self.experts[e](part_rows[first:first + count]))
-                first += count
+                end = first + count
+            if part_rows.shape[0] > end:
+                pieces.append(part_rows.new_zeros(part_rows.shape[0] - end, part_rows.shape[1]))
             # A part that received nothing still takes part in the combine.
             outputs.append(torch.cat(pieces) if pieces else part_rows * 0)
         y = _Combine.apply(weights, state, *outputs)

@@ -52,6 +52,13 @@ class DispatchHandle {
   std::span<const std::int64_t> rows_per_expert() const noexcept {
     return {rows_per_expert_.data(), rows_per_expert_.size()};
   }
+  /// The first row of each local expert's block in expert_input() and expert_output()
+  /// (host memory): the running sum of rows_per_expert(), each block padded to a multiple of
+  /// the layer's `expert_alignment` (`[runtime] expert_alignment`, for grouped GEMMs) with
+  /// zero rows that no slot reads.
+  std::span<const std::int64_t> expert_first_row() const noexcept {
+    return {expert_first_row_.data(), expert_first_row_.size()};
+  }
 
  private:
   friend class MoELayer;
@@ -82,7 +89,7 @@ class DispatchHandle {
   Buffer<std::byte> recv_rows_;
   Buffer<SlotMeta> recv_meta_;
   // Expert-grouped rows and, per (received row, slot), its index in them (-1: empty).
-  Buffer<std::int64_t> rows_per_expert_;
+  Buffer<std::int64_t> rows_per_expert_, expert_first_row_;
   Buffer<float> expert_input_, expert_output_;
   Buffer<std::int64_t> assignment_of_slot_;
   // Combine: the exchange's byte counts, and its rows in the combine dtype (their own
@@ -127,6 +134,9 @@ struct MoELayerParts {
   /// experts of and sums another. The same y for every value (routing sees all tokens).
   /// Host data path only; a device data path runs one chunk.
   int chunks = 1;
+  /// `dispatch` (the caller's experts): each local expert's rows start at a multiple of
+  /// this in the grouped rows, the gaps zero (`DispatchHandle::expert_first_row`).
+  std::int64_t expert_alignment = 1;
   /// With chunks: true runs the exchanges on a thread of their own, overlapping the other
   /// chunks' work; false runs them on the calling thread, chunk after chunk (no overlap,
   /// but each chunk's rows stay in the caches from pass to pass: the faster choice where
