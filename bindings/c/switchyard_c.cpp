@@ -331,6 +331,7 @@ switchyard_status switchyard_dispatch_part_get(switchyard_dispatch_handle* handl
     out->first_token = part.first_token;
     out->num_tokens = part.num_tokens;
     out->rows_per_expert = part.handle.rows_per_expert().data();
+    out->expert_first_row = part.handle.expert_first_row().data();
     out->expert_input =
         switchyard::to_dlpack(part.handle.expert_input(), handle->shapes[2 * index]);
     out->expert_output =

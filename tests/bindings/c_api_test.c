@@ -454,6 +454,7 @@ int main(void) {
       row_total = 0;
       for (j = 0; j < part.num_local_experts; ++j) {
         const int e = part.first_expert + j;
+        CHECK(part.expert_first_row[j] == row_total); /* no alignment: back to back */
         for (r = row_total; r < row_total + part.rows_per_expert[j]; ++r) {
           for (h = 0; h < H; ++h) {
             ((float*)part.expert_output.data)[r * H + h] =

@@ -164,8 +164,12 @@ typedef struct switchyard_dispatch_part {
   int64_t num_tokens;    /* its rows of x */
   /* [num_local_experts]: received rows per local expert, grouped in that order. */
   const int64_t* rows_per_expert;
-  DLTensor expert_input;  /* [A,H] float32, A = sum of rows_per_expert: the rows to compute */
+  DLTensor expert_input;  /* [A,H] float32: the rows to compute, expert j's from row
+                             expert_first_row[j] */
   DLTensor expert_output; /* [A,H] float32: a buffer for the results (may be passed back) */
+  /* [num_local_experts]: each expert's first row in expert_input: the running sum of
+   * rows_per_expert, each block padded to [runtime] expert_alignment with zero rows. */
+  const int64_t* expert_first_row;
 } switchyard_dispatch_part;
 
 SWITCHYARD_C_EXPORT switchyard_status
