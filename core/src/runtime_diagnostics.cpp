@@ -47,10 +47,8 @@ void Runtime::reference_forward(const TensorView& x, const TensorView& y, int in
     input.topology = &topology();
     if (const TensorView& ids = state_->token_ids; ids.data() != nullptr) {
       // set_token_ids' ids, as the next forward takes them.
-      ids.require("token ids", ids.dtype() == DType::kI64 ? DType::kI64 : DType::kI32, {x.dim(0)});
-      input.token_ids =
-          TensorView(static_cast<std::byte*>(ids.data()) + first * dtype_size(ids.dtype()),
-                     ids.dtype(), {count});
+      require_token_ids(ids, x.dim(0));
+      input.token_ids = id_rows(ids, first, count);
     }
     router->route(input, plan, stream);
     dense_moe_reference(m, plan, block, rows(y, first, count));

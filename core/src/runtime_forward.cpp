@@ -42,19 +42,12 @@ void Runtime::forward_blocks(const TensorView& x, const TensorView& y, bool worl
                 "after it starts writing results; give y memory of its own)");
   }
   const TensorView& ids = state_->token_ids;
-  if (ids.data() != nullptr) {
-    ids.require("token ids", ids.dtype() == DType::kI64 ? DType::kI64 : DType::kI32, {x.dim(0)});
-  }
+  if (ids.data() != nullptr) require_token_ids(ids, x.dim(0));
   // Each local rank's staging buffers for host tokens on a device layer, made before the
   // ranks' threads use them.
   if (x.device() != device) state_->device_rows.resize(static_cast<std::size_t>(num_local_ranks()));
   run_blocks(x.dim(0), world_blocks, index, [&](int local, std::int64_t first, std::int64_t count) {
-    if (ids.data() != nullptr) {
-      const std::size_t bytes = dtype_size(ids.dtype());
-      layer(local, index)
-          .set_token_ids(TensorView(static_cast<std::byte*>(ids.data()) + first * bytes,
-                                    ids.dtype(), {count}));
-    }
+    if (ids.data() != nullptr) layer(local, index).set_token_ids(id_rows(ids, first, count));
     forward_block(local, index, rows(x, first, count), rows(y, first, count));
   });
   update_routers(index);
@@ -98,21 +91,25 @@ void Runtime::forward_local_tokens(const TensorView& x, const TensorView& y, int
 
 void Runtime::forward_local_tokens_on_stream(const TensorView& x, const TensorView& y,
                                              void* caller_stream, int index) {
+  const TokenIdsOfOneCall forget_ids(state_->token_ids);
   check_layer(index, "forward");
   state_->layer_inputs_tokens = -1;
   const std::int64_t H = model(index).hidden();
   const Device device = layer(0, index).data_path().device();
   x.require_on(device, "input tokens", DType::kF32, {-1, H});
   y.require_on(device, "output", DType::kF32, {x.dim(0), H});
+  const TensorView& ids = state_->token_ids;
+  if (ids.data() != nullptr) require_token_ids(ids, x.dim(0));
   // Each rank's view of the caller's stream, made before the ranks' threads run.
   std::vector<std::unique_ptr<Stream>> callers;
   for (int local = 0; local < num_local_ranks(); ++local)
     callers.push_back(layer(local, index).data_path().borrow_stream(caller_stream));
   run_blocks(x.dim(0), /*world_blocks=*/false, index,
              [&](int local, std::int64_t first, std::int64_t count) {
-               layer(local, index)
-                   .forward(rows(x, first, count), rows(y, first, count),
-                            *callers[static_cast<std::size_t>(local)]);
+               MoELayer& l = layer(local, index);
+               if (ids.data() != nullptr) l.set_token_ids(id_rows(ids, first, count));
+               l.forward(rows(x, first, count), rows(y, first, count),
+                         *callers[static_cast<std::size_t>(local)]);
              });
   update_routers(index);
 }

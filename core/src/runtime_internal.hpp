@@ -86,6 +86,17 @@ inline void copy_back(DataPath& path, const TensorView& from, const TensorView& 
   stream.synchronize();
 }
 
+/// Checks `set_token_ids`' ids against the call's tokens: i32 or i64 [tokens], host.
+inline void require_token_ids(const TensorView& ids, std::int64_t tokens) {
+  ids.require("token ids", ids.dtype() == DType::kI64 ? DType::kI64 : DType::kI32, {tokens});
+}
+
+/// Entries [first, first + count) of checked token ids.
+inline TensorView id_rows(const TensorView& ids, std::int64_t first, std::int64_t count) {
+  return TensorView(static_cast<std::byte*>(ids.data()) + first * dtype_size(ids.dtype()),
+                    ids.dtype(), {count});
+}
+
 /// Rows [first, first + count) of a contiguous f32 [T,H] matrix.
 inline TensorView rows(const TensorView& m, std::int64_t first, std::int64_t count) {
   return TensorView(m.data_as<float>() + first * m.dim(1), DType::kF32, {count, m.dim(1)},

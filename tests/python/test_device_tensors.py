@@ -186,3 +186,24 @@ def test_dispatch_and_combine_on_the_device_with_the_callers_experts(ranks, tran
         result = experts_of(part, rows)  # alive until the copy is made
         ctypes.memmove(address, result.ctypes.data, result.nbytes)
     assert read_device_tensor(device.combine(again))[0].tobytes() == expected.tobytes()
+
+
+def test_token_ids_reach_a_hash_router_behind_device_tokens(tmp_path):
+    # Device tokens go through the runtime's stream-ordered forward; the ids go with them
+    # (and are forgotten after the call, as on the host path).
+    table = np.array([[0, 1], [2, 3], [4, 5], [1, 4]], np.int32)
+    np.save(tmp_path / "tid2eid.npy", table)
+    extra = f'policy = "hash"\ntable = "{tmp_path / "tid2eid.npy"}"\n'
+    config = (f'[runtime]\nranks = 2\nplugin_dirs = ["{FIXTURES}"]\n'
+              '[experts]\nkernel = "pretend_swiglu"\n[router]\n' + extra +
+              '[model]\nnum_experts = 6\nhidden = 16\nffn_hidden = 24\n')
+    host = switchyard.Runtime.from_string(config)
+    device = switchyard.Runtime.from_string(config,
+                                            overrides={"runtime.data_path": "pretend_cuda"})
+    x = np.random.default_rng(6).standard_normal((9, 16)).astype(np.float32)
+    ids = np.array([0, 3, 2, 1, 1, 0, 2, 3, 0])
+    expected = host.forward(x, token_ids=ids)
+    y = device.forward(PretendCuda(x), token_ids=ids)
+    assert read_device_tensor(y)[0].tobytes() == expected.tobytes()
+    with pytest.raises(ValueError, match="no token ids were given"):
+        device.forward(PretendCuda(x))

@@ -180,7 +180,8 @@ class Runtime {
   /// data_path`), which the layers take as they are; returns when y is written.
   void forward(const TensorView& x, const TensorView& y, int layer = 0);
   /// The ids [T] (i32 or i64, host) of the tokens that the next `forward`,
-  /// `forward_local_tokens` or `forward_model` takes (T as its x's), for layers whose
+  /// `forward_local_tokens` (also `_on_stream`) or `forward_model` takes (T as its x's), for
+  /// layers whose
   /// router routes by them (`[router] policy = "hash"`): every local rank gets its block, as
   /// of x, and in `forward_model` every layer the same ids. Borrowed until that call, which
   /// uses and forgets them.
