@@ -15,7 +15,6 @@
 #include "switchyard/status.hpp"
 
 namespace switchyard {
-namespace {
 
 using routing_gradient::ScoreFunction;
 
@@ -26,7 +25,19 @@ ScoreFunction score_function(const ConfigSection& o) {
                                   : ScoreFunction::kSoftmax;
 }
 
-}  // namespace
+float elementwise_scores(ScoreFunction score, const float* z, int n, float* s,
+                         bool skip_non_finite) noexcept {
+  return score == ScoreFunction::kSigmoid ? sigmoid_row(z, n, s, skip_non_finite)
+                                          : sqrt_softplus_row(z, n, s, skip_non_finite);
+}
+
+HostTensor read_npy_option(const ConfigSection& o, std::string_view key) {
+  try {
+    return read_npy(o.get_path(key));
+  } catch (const Error& e) {
+    o.fail(key, e.message());
+  }
+}
 
 void declare_loss_options(ConfigSchema& s) {
   s.add("aux_loss_coeff", ConfigType::kFloat, ConfigValue{0.0},
@@ -111,12 +122,7 @@ class TokenChoiceRouter final : public Router {
     z_loss_coeff_ = loss_coefficient(o, "z_loss_coeff");
     if (o.has("bias")) {
       const auto path = o.get_path("bias");
-      HostTensor bias;
-      try {
-        bias = read_npy(path);
-      } catch (const Error& e) {
-        o.fail("bias", e.message());
-      }
+      const HostTensor bias = read_npy_option(o, "bias");
       if (bias.dtype() != DType::kF32 || bias.shape().size() != 1 ||
           bias.shape()[0] != num_experts_) {
         o.fail("bias", path.string() + " must be float32 [" + std::to_string(num_experts_) +
@@ -372,9 +378,7 @@ class TokenChoiceRouter final : public Router {
     if (elementwise_) {
       c.lse = log_sum_exp_row(row, E, mask);
       if (std::isinf(c.lse)) return c;
-      const float sum = score_ == ScoreFunction::kSigmoid
-                            ? sigmoid_row(row, E, sigmoid_scores_.data(), mask)
-                            : sqrt_softplus_row(row, E, sigmoid_scores_.data(), mask);
+      const float sum = elementwise_scores(score_, row, E, sigmoid_scores_.data(), mask);
       c.scores = sigmoid_scores_.data();
       scale_row(c.scores, E, 1.0f / sum, probabilities);  // P = s / Σ s
     } else {

@@ -367,11 +367,20 @@ void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_
   h.expert_input_.resize(to_size(A * H));
   h.expert_output_.resize(to_size(A * H));
   h.assignment_of_slot_.resize(to_size(N * K));
-  if (alignment > 1 && A > 0) {
-    // The padding rows are zero (the grouping then writes the experts' rows).
-    const std::size_t bytes = h.expert_input_.size() * sizeof(float);
-    if (zeros_.size() < bytes) zeros_.resize(bytes);
-    parts_.data_path->copy(h.expert_input_.data(), zeros_.data(), bytes, stream());
+  if (alignment > 1) {
+    // Each block's padding rows (fewer than `alignment`) are zero; the grouping writes the
+    // rows before them.
+    const std::size_t row_bytes = to_size(H) * dtype_size(dtypes.input);
+    const std::size_t most = to_size(alignment - 1) * row_bytes;
+    if (zeros_.size() < most) zeros_.resize(most);
+    auto* rows = reinterpret_cast<std::byte*>(h.expert_input_.data());
+    for (int l = 0; l < L; ++l) {
+      const auto at = static_cast<std::size_t>(l);
+      const std::int64_t used = h.rows_per_expert_[at], padding = block_rows_[at] - used;
+      if (padding == 0) continue;
+      parts_.data_path->copy(rows + to_size(h.expert_first_row_[at] + used) * row_bytes,
+                             zeros_.data(), to_size(padding) * row_bytes, stream());
+    }
   }
   GroupArgs group;
   group.rows = h.recv_rows_.data();

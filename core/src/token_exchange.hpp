@@ -151,7 +151,7 @@ class TokenExchange {
   Parts parts_;
   std::size_t counts_width_;
   std::vector<std::int64_t> block_rows_;  // group: rows of each expert's block (host)
-  std::vector<std::byte> zeros_;          // group: the padding's source (host)
+  std::vector<std::byte> zeros_;          // group: the padding rows' source (host)
   std::int64_t num_tokens_ = 0;
   int slots_ = 0;
   int chunks_ = 1;

@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "switchyard/io.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/routing_gradient.hpp"
 #include "switchyard/routing_rows.hpp"
@@ -41,12 +40,7 @@ class HashRouter final : public Router {
     const ConfigSection& o = *args.options;
     if (!o.has("table")) o.fail("table", "hash routing needs its table (.npy int32 [V, k])");
     const auto path = o.get_path("table");
-    HostTensor table;
-    try {
-      table = read_npy(path);
-    } catch (const Error& e) {
-      o.fail("table", e.message());
-    }
+    const HostTensor table = read_npy_option(o, "table");
     if (table.dtype() != DType::kI32 || table.shape().size() != 2 || table.shape()[0] < 1 ||
         table.shape()[1] < 1 || table.shape()[1] > num_experts_) {
       o.fail("table", path.string() + " must be int32 [V, k] with V >= 1 and k in 1.." +
@@ -71,21 +65,14 @@ class HashRouter final : public Router {
         }
       }
     }
-    const std::string score = o.get_string("score");
-    form_.score = score == "sigmoid"        ? ScoreFunction::kSigmoid
-                  : score == "sqrtsoftplus" ? ScoreFunction::kSqrtSoftplus
-                                            : ScoreFunction::kSoftmax;
+    form_.score = score_function(o);
     form_.pre_softmax = true;
     form_.normalize =
         o.has("normalize") ? o.get_bool("normalize") : form_.score != ScoreFunction::kSoftmax;
     form_.scale = o.get_float("scale");
     if (!std::isfinite(form_.scale)) o.fail("scale", "must be finite");
-    aux_loss_coeff_ = o.get_float("aux_loss_coeff");
-    z_loss_coeff_ = o.get_float("z_loss_coeff");
-    if (!(aux_loss_coeff_ >= 0 && std::isfinite(aux_loss_coeff_)))
-      o.fail("aux_loss_coeff", "must be a finite number >= 0");
-    if (!(z_loss_coeff_ >= 0 && std::isfinite(z_loss_coeff_)))
-      o.fail("z_loss_coeff", "must be a finite number >= 0");
+    aux_loss_coeff_ = loss_coefficient(o, "aux_loss_coeff");
+    z_loss_coeff_ = loss_coefficient(o, "z_loss_coeff");
     const auto E = static_cast<std::size_t>(num_experts_);
     scores_.resize(E);
     probabilities_.resize(E);
@@ -214,9 +201,7 @@ class HashRouter final : public Router {
     const int E = num_experts_;
     if (form_.score == ScoreFunction::kSoftmax)
       return softmax_row(row, E, probabilities_.data(), false);
-    const float sum = form_.score == ScoreFunction::kSigmoid
-                          ? sigmoid_row(row, E, scores_.data(), false)
-                          : sqrt_softplus_row(row, E, scores_.data(), false);
+    const float sum = elementwise_scores(form_.score, row, E, scores_.data(), false);
     for (int e = 0; e < E; ++e)
       probabilities_[static_cast<std::size_t>(e)] = scores_[static_cast<std::size_t>(e)] / sum;
     return log_sum_exp_row(row, E, false);

@@ -1,7 +1,7 @@
 #pragma once
 /// \file
 /// The token-choice routing of docs/routing.md written once, for the policy plugins to compose:
-/// scores (softmax or sigmoid), selection bias, top-k selection with ties to the lower
+/// scores (softmax, sigmoid or √softplus), selection bias, top-k selection with ties to the lower
 /// expert index, weights (pre/post softmax, normalise, scale), statistics (counts,
 /// imbalance, aux and z losses and their sums), bias balancing, and the per-expert
 /// capacity limit. Host memory, float32.
@@ -16,6 +16,7 @@
 #include "switchyard/config.hpp"
 #include "switchyard/plugin.hpp"
 #include "switchyard/router.hpp"
+#include "switchyard/routing_gradient.hpp"
 
 namespace switchyard {
 
@@ -37,6 +38,16 @@ void declare_token_choice_options(ConfigSchema& schema);
 void declare_loss_options(ConfigSchema& schema);
 /// A loss coefficient of `options`: finite and >= 0 (a configuration error otherwise).
 double loss_coefficient(const ConfigSection& options, std::string_view key);
+
+/// `[router] score` of `options` (softmax, sigmoid or sqrtsoftplus).
+routing_gradient::ScoreFunction score_function(const ConfigSection& options);
+/// The element-wise scores `score` (sigmoid or √softplus, routing_rows.hpp) of z [n] into
+/// s [n]; with `skip_non_finite`, non-finite logits score 0. Returns Σ s.
+float elementwise_scores(routing_gradient::ScoreFunction score, const float* z, int n, float* s,
+                         bool skip_non_finite) noexcept;
+/// The .npy file the path option `key` names; a file that cannot be read fails the option
+/// (a configuration error naming the key).
+HostTensor read_npy_option(const ConfigSection& options, std::string_view key);
 
 /// What a policy does to a plan after the top-k selection (e.g. capacity); returns the
 /// number of assignments it dropped. Called once per `route`; must not allocate once its
