@@ -28,6 +28,20 @@ void finish_router_stats(RouterStats& stats) noexcept {
   stats.z_loss = stats.z_loss_sum / T;
 }
 
+const RoutingPlan& require_backward_plan(const RouteGradientInput& in, int slots,
+                                         std::string_view policy) {
+  const std::int64_t T = in.logits.dim(0);
+  const RoutingPlan* plan = in.plan;
+  if (plan == nullptr || plan->num_tokens != T || plan->slots != slots ||
+      !plan->experts.allocator().host_accessible()) {
+    throw Error(ErrorCode::kInvalidArgument,
+                "router " + std::string(policy) +
+                    " backward: needs the forward's plan in host memory for " + std::to_string(T) +
+                    " tokens x " + std::to_string(slots) + " slots");
+  }
+  return *plan;
+}
+
 RouterLossScope router_loss_scope(const RouteGradientInput& in, const RouterStats& stats,
                                   int num_experts, std::string_view policy) {
   RouterLossScope scope;

@@ -137,13 +137,7 @@ class ExpertChoiceRouter final : public Router {
     const int E = num_experts_;
     in.logits.require("router expert_choice logits", DType::kF32, {-1, E});
     const std::int64_t T = in.logits.dim(0);
-    const RoutingPlan* plan = in.plan;
-    if (plan == nullptr || plan->num_tokens != T || plan->slots != E ||
-        !plan->experts.allocator().host_accessible()) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "router expert_choice backward: needs the forward's plan in host memory for " +
-                      std::to_string(T) + " tokens x " + std::to_string(E) + " slots");
-    }
+    const RoutingPlan* plan = &require_backward_plan(in, E, "expert_choice");
     in.d_weights.require("router expert_choice backward d_weights", DType::kF32, {T, E});
     d_logits.require("router expert_choice backward d_logits", DType::kF32, {T, E});
     const RouterLossScope scope = router_loss_scope(in, stats_, E, "expert_choice");

@@ -144,13 +144,7 @@ class HashRouter final : public Router {
     in.logits.require("router hash logits", DType::kF32, {-1, num_experts_});
     const std::int64_t T = in.logits.dim(0);
     const int E = num_experts_, K = top_k_;
-    const RoutingPlan* plan = in.plan;
-    if (plan == nullptr || plan->num_tokens != T || plan->slots != K ||
-        !plan->experts.allocator().host_accessible()) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "router hash backward: needs the forward's plan in host memory for " +
-                      std::to_string(T) + " tokens x " + std::to_string(K) + " slots");
-    }
+    const RoutingPlan* plan = &require_backward_plan(in, K, "hash");
     in.d_weights.require("router hash backward d_weights", DType::kF32, {T, K});
     d_logits.require("router hash backward d_logits", DType::kF32, {T, E});
     const RouterLossScope scope = router_loss_scope(in, stats_, E, "hash");

@@ -94,6 +94,11 @@ struct RouterLossScope {
 /// are `num_experts` of them.
 RouterLossScope router_loss_scope(const RouteGradientInput& in, const RouterStats& stats,
                                   int num_experts, std::string_view policy);
+/// The forward's plan a `Router::backward` needs: `in.plan`, in host memory, for T tokens
+/// (`in.logits`' rows) of `slots` slots. Throws Error(kInvalidArgument) "router POLICY
+/// backward: needs the forward's plan in host memory for T tokens x K slots" otherwise.
+const RoutingPlan& require_backward_plan(const RouteGradientInput& in, int slots,
+                                         std::string_view policy);
 
 /// A token-choice policy as data (docs/routing.md), so that a device data path can compute
 /// what the host policy computes, bit for bit, on logits in device memory.
