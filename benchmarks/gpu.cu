@@ -23,8 +23,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -425,6 +427,28 @@ int layer(const std::string& checkpoint, const std::string& tokens_path, int top
       "combine_ms=%.3f gemm=%s default_gemm=%s\n",
       ms, t.route_s * 1e3, t.layout_s * 1e3, t.dispatch_s * 1e3, t.experts_s * 1e3,
       t.combine_s * 1e3, split_of(experts).c_str(), split_of(defaults).c_str());
+  if (std::getenv("SWITCHYARD_BENCH_WORST_CASE") != nullptr) {
+    // The same layer in the worst-case mode ([runtime] max_tokens_per_rank = T): its time,
+    // and whether its y is the counted forward's bytes.
+    MoELayerParts fixed = parts;
+    fixed.max_tokens_per_rank = T;
+    MoELayer worst_case(fixed);
+    const auto ws = static_cast<cudaStream_t>(worst_case.stream().native_handle());
+    const double worst_ms = median_ms(ws, iters, [&] { worst_case.forward(xv, yv); });
+    worst_case.finish_worst_case_steps();
+    std::vector<float> again(result.size());
+    check(cudaMemcpy(again.data(), y, T * H * 4, cudaMemcpyDeviceToHost), "y");
+    const bool same = std::memcmp(again.data(), result.data(), again.size() * 4) == 0;
+    // cuBLAS may pick other kernels for the worst case's larger blocks: the largest
+    // difference relative to the largest |y| says how far apart they are.
+    double most = 0, largest = 0;
+    for (std::size_t i = 0; i < again.size(); ++i) {
+      most = std::max(most, std::abs(static_cast<double>(again[i]) - result[i]));
+      largest = std::max(largest, std::abs(static_cast<double>(result[i])));
+    }
+    std::printf("worst_case_ms=%.3f worst_case_same=%d worst_case_rel=%.3e\n", worst_ms,
+                same ? 1 : 0, largest > 0 ? most / largest : most);
+  }
   cudaFree(x);
   cudaFree(y);
   return 0;

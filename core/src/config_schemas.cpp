@@ -49,6 +49,11 @@ ConfigSchema core_schema(std::string_view section) {
           "dispatch for the caller's experts: each local expert's received rows start at a "
           "multiple of this (zero rows between), for grouped GEMMs",
           checks::int_range(1, 4096));
+    s.add("max_tokens_per_rank", T::kInt, ConfigValue{std::int64_t{0}},
+          "the worst-case mode when > 0: no rank forwards more tokens than this, so every "
+          "exchange moves fixed blocks of this many rows per peer and the host reads nothing "
+          "back (a device forward without a host wait; checks come after the step); 0: off",
+          checks::int_range(0, std::int64_t{1} << 30));
     s.add("chunks", T::kInt, ConfigValue{std::int64_t{1}},
           "split each step's tokens into this many chunks and pipeline them: one chunk's "
           "exchange overlaps another's experts (same results for every value; host data path)",

@@ -137,11 +137,28 @@ class HostDataPath final : public DataPath {
   void layout(const LayoutArgs& a, Stream& /*stream*/) override {
     const int R = a.placement->num_ranks();
     const int K = a.slots;
-    cursor_.assign(a.rows_to_offset.begin(), a.rows_to_offset.end());
+    const int E = a.placement->num_experts();
+    const bool blocks = a.block_rows > 0;
+    if (blocks) {
+      cursor_.resize(to_size(R));
+      for (int p = 0; p < R; ++p) cursor_[to_size(p)] = p * a.block_rows;
+      *a.first_bad_slot = -1;
+    } else {
+      cursor_.assign(a.rows_to_offset.begin(), a.rows_to_offset.end());
+    }
     current_row_.resize(to_size(R));
     for (std::int64_t t = 0; t < a.num_tokens; ++t) {
       const std::int32_t* ex = a.experts + t * K;
       const float* w = a.weights + t * K;
+      if (blocks) {
+        // Nobody checked a device plan's ids: a token with a bad one sends nothing.
+        const std::int32_t* bad =
+            std::find_if(ex, ex + K, [E](std::int32_t e) { return e < -1 || e >= E; });
+        if (bad != ex + K) {
+          if (*a.first_bad_slot < 0) *a.first_bad_slot = t * K + (bad - ex);
+          continue;
+        }
+      }
       for (int j = 0; j < K; ++j) {
         if (ex[j] < 0) continue;
         const int d = a.placement->rank_of(ex[j]);
@@ -158,6 +175,13 @@ class HostDataPath final : public DataPath {
         slots[k] = {ex[j] - a.placement->first_expert(d), w[j]};
       }
     }
+    if (!blocks) return;
+    for (int p = 0; p < R; ++p) {
+      for (std::int64_t row = cursor_[to_size(p)]; row < (p + 1) * a.block_rows; ++row) {
+        a.send_row_token[row] = -1;
+        std::fill_n(a.send_meta + row * K, K, SlotMeta{-1, 0.0f});
+      }
+    }
   }
 
   void pack(const PackArgs& a, Stream& /*stream*/) override {
@@ -166,8 +190,14 @@ class HostDataPath final : public DataPath {
     const bool streaming = to_size(a.num_rows) * row_bytes >= kStreamingBytes;
     for (std::int64_t s = 0; s < a.num_rows; ++s) {
       std::byte* row = a.rows + to_size(s) * row_bytes;
-      if (s + 1 < a.num_rows) prefetch_row(a.x + a.send_row_token[s + 1] * a.hidden, a.hidden);
-      encode_row(a.x + a.send_row_token[s] * a.hidden, a.hidden, a.dtype, row, streaming);
+      const std::int64_t t = a.send_row_token[s];
+      if (t < 0) {  // padding
+        std::memset(row, 0, row_bytes);
+        continue;
+      }
+      if (s + 1 < a.num_rows && a.send_row_token[s + 1] >= 0)
+        prefetch_row(a.x + a.send_row_token[s + 1] * a.hidden, a.hidden);
+      encode_row(a.x + t * a.hidden, a.hidden, a.dtype, row, streaming);
       std::memset(row + data_bytes, 0, row_bytes - data_bytes);
     }
     if (streaming) detail::row_kernels().fence();
@@ -182,9 +212,11 @@ class HostDataPath final : public DataPath {
     for (const PackRun& run : runs) total += run.num_rows;
     const bool streaming = to_size(total) * row_bytes >= kStreamingBytes;
     cursor_.assign(runs.size(), 0);
+    // A run's padding rows (token -1) come after its tokens: they end its merge.
     auto head_token = [&](std::size_t r) {
-      return cursor_[r] < runs[r].num_rows ? a.send_row_token[runs[r].first_row + cursor_[r]]
-                                           : std::numeric_limits<std::int64_t>::max();
+      const std::int64_t t =
+          cursor_[r] < runs[r].num_rows ? a.send_row_token[runs[r].first_row + cursor_[r]] : -1;
+      return t >= 0 ? t : std::numeric_limits<std::int64_t>::max();
     };
     auto smallest_head = [&] {
       std::int64_t t = std::numeric_limits<std::int64_t>::max();
@@ -201,6 +233,12 @@ class HostDataPath final : public DataPath {
       }
       t = smallest_head();
       if (t != std::numeric_limits<std::int64_t>::max()) prefetch_row(a.x + t * a.hidden, a.hidden);
+    }
+    for (std::size_t r = 0; r < runs.size(); ++r) {
+      const std::int64_t padding = runs[r].num_rows - cursor_[r];
+      if (padding > 0)
+        std::memset(runs[r].rows + to_size(cursor_[r]) * row_bytes, 0,
+                    to_size(padding) * row_bytes);
     }
     if (streaming) detail::row_kernels().fence();
   }
@@ -272,6 +310,13 @@ class HostDataPath final : public DataPath {
           kernels.encode_bf16(decoded_.data(), a.hidden, reinterpret_cast<std::uint16_t*>(out),
                               streaming);
         }
+      }
+    }
+    if (a.rows_in_block != nullptr) {
+      std::int64_t start = 0;
+      for (int l = 0; l < a.num_local_experts; ++l) {
+        a.rows_in_block[l] = cursor_[to_size(l)] - start;
+        start = group_end_[to_size(l)];
       }
     }
     if (streaming) kernels.fence();
@@ -360,6 +405,7 @@ class HostDataPath final : public DataPath {
     next_row_.resize(to_size(a.num_rows));
     for (std::int64_t s = a.num_rows - 1; s >= 0; --s) {
       const std::int64_t t = a.send_row_token[s];
+      if (t < 0) continue;  // padding
       next_row_[to_size(s)] = first_row_[to_size(t)];
       first_row_[to_size(t)] = s;
     }

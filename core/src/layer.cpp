@@ -43,8 +43,9 @@ TensorView DispatchHandle::expert_output() noexcept {
 
 std::size_t DispatchHandle::capacity_bytes() const noexcept {
   std::size_t bytes = 0;
-  for (const auto* b : {&rows_to_, &rows_from_, &rows_to_offset_, &rows_from_offset_,
-                        &rows_per_expert_, &send_row_token_, &assignment_of_slot_})
+  for (const auto* b :
+       {&rows_to_, &rows_from_, &rows_to_offset_, &rows_from_offset_, &rows_per_expert_,
+        &send_row_token_, &assignment_of_slot_, &rows_in_block_, &first_bad_slot_})
     bytes += b->capacity_bytes();
   for (const auto* b :
        {&send_bytes_, &send_offsets_, &recv_bytes_, &recv_offsets_, &meta_send_bytes_,
@@ -95,8 +96,8 @@ void DispatchHandle::use_memory(Allocator& device, Allocator& staging) {
   }
   send_meta_ = Buffer<SlotMeta>(device);
   recv_meta_ = Buffer<SlotMeta>(device);
-  send_row_token_ = Buffer<std::int64_t>(device);
-  assignment_of_slot_ = Buffer<std::int64_t>(device);
+  for (auto* b : {&send_row_token_, &assignment_of_slot_, &rows_in_block_, &first_bad_slot_})
+    *b = Buffer<std::int64_t>(device);
   expert_input_ = Buffer<float>(device);
   expert_output_ = Buffer<float>(device);
 }
@@ -166,6 +167,10 @@ MoELayer::MoELayer(MoELayerParts parts)
                 "MoELayer: transport plugin \"" + parts_.transport->name() +
                     "\" must take host memory, for the per-peer counts");
   }
+  if (parts_.max_tokens_per_rank < 0) {
+    throw Error(ErrorCode::kInvalidArgument, "MoELayer: max_tokens_per_rank must be >= 0, not " +
+                                                 std::to_string(parts_.max_tokens_per_rank));
+  }
   if (parts_.chunks < 1) {
     throw Error(ErrorCode::kInvalidArgument,
                 "MoELayer: chunks must be at least 1, not " + std::to_string(parts_.chunks));
@@ -228,6 +233,7 @@ MoELayer::MoELayer(MoELayerParts parts)
 }
 
 MoELayer::~MoELayer() {
+  // (Reports of worst-case steps left pending are dropped: nobody is left to tell.)
   // Work a failed step left on the stream may still write this layer's buffers.
   if (workspace_ && workspace_->stream) LayerWorkspace::wait_quietly(*workspace_->stream);
 }
@@ -387,11 +393,12 @@ bool MoELayer::saves_for_backward() const noexcept {
   return training_ && !parts_.recompute && data_path_->device().kind == Device::Kind::kHost;
 }
 
-void MoELayer::run_grouped_experts(DispatchHandle& h, bool save) {
+void MoELayer::run_grouped_experts(DispatchHandle& h, bool save, bool worst_case) {
   ExpertBatch batch;
   batch.input = h.expert_input();
   batch.rows_per_expert = h.rows_per_expert();
   batch.output = h.expert_output();
+  if (worst_case) batch.valid_rows = h.rows_in_block_.data();
   const std::int64_t columns = expert_caps_.saved_columns;
   if (save && columns > 0) {
     const std::int64_t A = batch.input.dim(0);

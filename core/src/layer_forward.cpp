@@ -95,6 +95,11 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     }
   }
   kept_for_backward_ = false;
+  if (worst_case_forward()) {
+    forward_worst_case(x, plan, y, local_error, std::exchange(device_routing_pending_, false),
+                       done);
+    return;
+  }
   const bool save = saves_for_backward();
   // Chunks pipeline the host data path's steps; a forward that keeps its rows for the
   // backward, or a device data path, runs one.
@@ -232,6 +237,158 @@ void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, co
   } else {
     host_ready();
   }
+}
+
+bool MoELayer::worst_case_forward() const noexcept {
+  return parts_.max_tokens_per_rank > 0 && !saves_for_backward();
+}
+
+void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                                  const Error* local_error, bool device_routed,
+                                  StreamEvent* y_written) {
+  const auto start = Clock::now();
+  timings_.layout_s = timings_.experts_s = timings_.combine_s = 0;
+  const std::int64_t M = parts_.max_tokens_per_rank;
+  const int K = parts_.router->slots_per_token();
+  std::optional<Error> refused;
+  if (local_error == nullptr && plan.num_tokens > M) {
+    refused = Error(
+        ErrorCode::kInvalidArgument,
+        "MoE forward: " + std::to_string(plan.num_tokens) +
+            " tokens on this rank, more than [runtime] max_tokens_per_rank = " + std::to_string(M));
+  } else if (local_error == nullptr && plan.slots != K) {
+    // Every rank's slots travel in rows of K: a plan of other slots cannot be sent.
+    refused = Error(ErrorCode::kInvalidArgument,
+                    "MoE forward: a plan of " + std::to_string(plan.slots) +
+                        " slots per token; this layer's router gives " + std::to_string(K));
+  } else if (local_error == nullptr) {
+    refused = exchange_->check_plan(plan);
+  }
+  if (refused) local_error = &*refused;
+  // Reports of earlier steps that have finished (a full ring waits for its oldest).
+  std::optional<Error> earlier = collect_worst_case_reports(false);
+  if (worst_case_reports_.size() < kWorstCaseReportsInFlight) {
+    worst_case_reports_.emplace_back();
+  } else if (worst_case_reports_[next_report_].pending) {
+    if (std::optional<Error> e = collect_worst_case_reports(true); e && !earlier) earlier = e;
+  }
+  WorstCaseReport& report = worst_case_reports_[next_report_];
+  next_report_ = (next_report_ + 1) % kWorstCaseReportsInFlight;
+
+  // A rank whose input was refused still serves its experts, with no tokens of its own:
+  // its peers' step completes, and only it throws.
+  const std::int64_t T = local_error != nullptr ? 0 : plan.num_tokens;
+  device_routed = device_routed && local_error == nullptr;
+  exchange_->assume_worst_case(T, K, M);
+  exchange_->count_traffic();
+  while (workspace_->chunk_slots.empty())
+    workspace_->chunk_slots.push_back(std::make_unique<ChunkSlot>());
+  DispatchHandle& h = workspace_->chunk_slots.front()->handle;
+  exchange_->stage(
+      {T > 0 ? x.data_as<const float>() : nullptr, plan.experts.data(), plan.weights.data(), T, K},
+      0, h);
+  // The checks the host makes later: the plan's counts from a device routing, the
+  // layout's first bad expert id.
+  const auto E = static_cast<std::size_t>(parts_.placement.num_experts());
+  if (!report.done) {
+    report.done = stream().create_event();
+    report.words = Buffer<std::int64_t>(data_path_->staging_allocator());
+  }
+  report.words.resize(E + 1);
+  if (device_routed) {
+    data_path_->copy(report.words.data(), plan.counts.data(), E * sizeof(std::int64_t), stream());
+  }
+  data_path_->copy(report.words.data() + E, h.first_bad_slot_.data(), sizeof(std::int64_t),
+                   stream());
+  stream().record(*report.done);
+  report.tokens = T;
+  report.slots = K;
+  report.device_routed = device_routed;
+  report.pending = true;
+  timings_.layout_s = seconds_since(start);
+
+  if (parts_.shared_expert && local_error == nullptr) run_shared_expert(x);
+  auto step = Clock::now();
+  exchange_->send_rows(h, &stream());
+  data_path_ready();
+  timings_.dispatch_s = seconds_since(step);
+  const TensorView y_rows(local_error != nullptr ? nullptr : y.data(), DType::kF32, {T, hidden_},
+                          y.device());
+  step = Clock::now();
+  if (expert_caps_.fuses_weighted_rows) {
+    run_fused_experts(h);  // padding rows have no slots: their partial sums are 0
+  } else {
+    exchange_->group(h, {expert_caps_.input_dtype, expert_caps_.output_dtype}, 1,
+                     /*finite_blocks=*/!expert_caps_.masked_rows);
+    run_grouped_experts(h, false, /*worst_case=*/true);
+    exchange_->reduce(h, h.expert_output(), y_rows, /*in_expert_buffers=*/true);
+  }
+  timings_.experts_s = seconds_since(step);
+  step = Clock::now();
+  exchange_->send_back(h, &stream());
+  data_path_ready();
+  exchange_->sum(h, y_rows.data_as<float>());
+  if (parts_.shared_expert && local_error == nullptr) add_shared_expert(y);
+  timings_.combine_s = seconds_since(step);
+  if (y_written != nullptr) {
+    stream().record(*y_written);
+  } else {
+    host_ready();
+  }
+  // Every rank's work is queued: a failure thrown now leaves the group in step.
+  if (local_error != nullptr) throw *local_error;
+  if (earlier) throw *earlier;
+  if (std::optional<Error> e = collect_worst_case_reports(false)) throw *e;
+}
+
+std::optional<Error> MoELayer::collect_worst_case_reports(bool wait) {
+  std::optional<Error> first;
+  const std::size_t n = worst_case_reports_.size();
+  for (std::size_t i = 0; i < n; ++i) {
+    WorstCaseReport& report = worst_case_reports_[(next_report_ + i) % n];
+    if (!report.pending) continue;
+    if (wait) {
+      report.done->synchronize();
+    } else if (!report.done->query()) {
+      break;  // the later ones are not done either
+    }
+    report.pending = false;
+    const auto E = static_cast<std::size_t>(parts_.placement.num_experts());
+    const std::int64_t* words = report.words.data();
+    const std::int64_t bad_slot = words[E];
+    if (bad_slot >= 0 && !first) {
+      first = Error(ErrorCode::kInvalidArgument,
+                    "MoE forward (max_tokens_per_rank), an earlier step: routing plan: token " +
+                        std::to_string(bad_slot / report.slots) + " slot " +
+                        std::to_string(bad_slot % report.slots) + " has an expert outside 0.." +
+                        std::to_string(E - 1) + "; the token was not sent");
+    }
+    if (!report.device_routed) continue;
+    RouterStats stats;
+    stats.counts.assign(words, words + E);
+    stats.tokens = report.tokens;
+    stats.top_k = report.slots;
+    stats.probability_sums.assign(E, 0.0);  // not gathered in this mode
+    stats.aux_counts.assign(E, 0);
+    finish_router_stats(stats);
+    parts_.router->adopt_stats(stats);
+    std::int64_t kept = 0;
+    for (std::size_t e = 0; e < E; ++e) kept += words[e];
+    // A device routing fills every slot of a token unless its logits are bad.
+    const std::int64_t missing = report.tokens * report.slots - kept;
+    if (missing > 0 && !first) {
+      first = Error(
+          ErrorCode::kInvalidArgument,
+          "router " + parts_.router->name() + " (max_tokens_per_rank), an earlier step: " +
+              std::to_string(missing / report.slots) + " of its " + std::to_string(report.tokens) +
+              " tokens had a NaN or infinite logit and went to no expert");
+    }
+  }
+  return first;
+}
+
+void MoELayer::finish_worst_case_steps() {
+  if (std::optional<Error> e = collect_worst_case_reports(true)) throw *e;
 }
 
 std::optional<Error> first_non_finite(const TensorView& m, std::string_view what) {

@@ -248,6 +248,7 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
           runtime.get_string("combine_dtype") == "bf16" ? DType::kBF16 : DType::kF32;
       parts.chunks = static_cast<int>(runtime.get_int("chunks"));
       parts.expert_alignment = runtime.get_int("expert_alignment");
+      parts.max_tokens_per_rank = runtime.get_int("max_tokens_per_rank");
       parts.overlap_exchanges = runtime.get_bool("overlap");
       parts.recompute = runtime.get_bool("recompute");
       state_->layers[l].push_back(std::make_unique<MoELayer>(std::move(parts)));

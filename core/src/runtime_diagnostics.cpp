@@ -78,6 +78,14 @@ GlobalRouterStats Runtime::global_router_stats(int index) {
   double z_loss_sum = 0;
   std::mutex mutex;
   run_on_ranks([&](int local) {
+    // The worst-case mode's statistics, waited for; a failure they report is thrown after
+    // the collectives, so that the other ranks are not left waiting in them.
+    std::optional<Error> late;
+    try {
+      layer(local, index).finish_worst_case_steps();
+    } catch (const Error& e) {
+      late = e;
+    }
     const RouterStats& s = layer(local, index).router().stats();
     // [counts E | aux counts E | dropped | tokens] and [probability sums E | z-loss sum].
     std::vector<std::int64_t> ints(2 * e_size + 2, 0);
@@ -90,6 +98,7 @@ GlobalRouterStats Runtime::global_router_stats(int index) {
     reals[e_size] = s.z_loss_sum;
     world_transport(local).allreduce(ints.data(), ints.size(), DType::kI64, ReduceOp::kSum);
     world_transport(local).allreduce(reals.data(), reals.size(), DType::kF64, ReduceOp::kSum);
+    if (late) throw *late;
     if (local != 0) return;
     std::lock_guard<std::mutex> lock(mutex);
     result.counts.assign(ints.begin(), ints.begin() + E);

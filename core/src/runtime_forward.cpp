@@ -292,6 +292,13 @@ void Runtime::update_routers(int index) {
   const auto E = static_cast<std::size_t>(model(index).num_experts());
   state_->group_counts.resize(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
+    // The worst-case mode's counts, waited for (a failure after the collective).
+    std::optional<Error> late;
+    try {
+      layer(local, index).finish_worst_case_steps();
+    } catch (const Error& e) {
+      late = e;
+    }
     Router& router = layer(local, index).router();
     auto& sums = state_->group_counts[static_cast<std::size_t>(local)];
     sums.assign(router.stats().counts.begin(), router.stats().counts.end());
@@ -300,6 +307,7 @@ void Runtime::update_routers(int index) {
     state_->ep_transports[static_cast<std::size_t>(local)]->allreduce(sums.data(), E, DType::kI64,
                                                                       ReduceOp::kSum);
     router.update(sums);
+    if (late) throw *late;
   });
 }
 

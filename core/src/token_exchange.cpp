@@ -79,6 +79,24 @@ void TokenExchange::agree_counts(const RoutingPlan& plan, int chunks, const Erro
   exchange_counts(local_error);
 }
 
+void TokenExchange::assume_worst_case(std::int64_t num_tokens, int slots, std::int64_t block_rows) {
+  failure_agreed_ = false;
+  plan_error_.reset();
+  LayerWorkspace& ws = *parts_.workspace;
+  const std::size_t R = ranks(), W = counts_width();
+  chunks_ = 1;
+  num_tokens_ = num_tokens;
+  slots_ = slots;
+  worst_case_rows_ = block_rows;
+  ws.rows_to_table.resize(R * W);
+  ws.rows_from_table.resize(R * W);
+  for (std::size_t p = 0; p < R; ++p) {
+    // Rows, then slots per local expert: each may get every row of the block.
+    std::fill_n(ws.rows_to_table.data() + p * W, W, block_rows);
+    std::fill_n(ws.rows_from_table.data() + p * W, W, block_rows);
+  }
+}
+
 void TokenExchange::count_failure() {
   LayerWorkspace& ws = *parts_.workspace;
   num_tokens_ = 0;
@@ -97,6 +115,7 @@ void TokenExchange::count_rows(const RoutingPlan& plan, int chunks, const Error*
   const auto n = static_cast<std::size_t>(chunks);
   const std::size_t W = counts_width();
   chunks_ = chunks;
+  worst_case_rows_ = 0;
   num_tokens_ = local_error ? 0 : plan.num_tokens;
   slots_ = plan.slots;
   ws.rows_to_table.resize(R * n * W);
@@ -218,6 +237,11 @@ void TokenExchange::stage(const TokenRange& tokens, int c, DispatchHandle& h) {
   layout.rows_to_offset = {h.rows_to_offset_.data(), R};
   layout.send_row_token = h.send_row_token_.data();
   layout.send_meta = h.send_meta_.data();
+  layout.block_rows = worst_case_rows_;
+  if (worst_case_rows_ > 0) {
+    h.first_bad_slot_.resize(1);
+    layout.first_bad_slot = h.first_bad_slot_.data();
+  }
   parts_.data_path->layout(layout, stream());
   // One run per destination: the peers' into the send buffer, this rank's own in place.
   h.pack_runs_.resize(R);
@@ -346,7 +370,16 @@ void TokenExchange::send_back(DispatchHandle& h, Stream* on) {
   }
 }
 
-void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_t alignment) {
+const std::byte* TokenExchange::host_zeros(std::size_t bytes) {
+  if (zeros_.size() < bytes) {
+    LayerWorkspace::wait_quietly(stream());  // queued copies may still read the old zeros
+    zeros_.assign(bytes, std::byte{0});
+  }
+  return zeros_.data();
+}
+
+void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_t alignment,
+                          bool finite_blocks) {
   // Group the received rows per local expert (stable: source rank, then source token).
   const std::int64_t H = parts_.hidden;
   const int K = h.slots_;
@@ -367,19 +400,28 @@ void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_
   h.expert_input_.resize(to_size(A * H));
   h.expert_output_.resize(to_size(A * H));
   h.assignment_of_slot_.resize(to_size(N * K));
+  const bool worst_case = worst_case_rows_ > 0;
+  if (worst_case && finite_blocks &&
+      (h.expert_input_.data() != zeroed_rows_ ||
+       h.expert_input_.capacity_bytes() != zeroed_bytes_)) {
+    // Memory no step wrote yet may hold any bits: zeroed once per allocation.
+    zeroed_rows_ = h.expert_input_.data();
+    zeroed_bytes_ = h.expert_input_.capacity_bytes();
+    parts_.data_path->copy(h.expert_input_.data(), host_zeros(zeroed_bytes_), zeroed_bytes_,
+                           stream());
+  }
   if (alignment > 1) {
     // Each block's padding rows (fewer than `alignment`) are zero; the grouping writes the
     // rows before them.
     const std::size_t row_bytes = to_size(H) * dtype_size(dtypes.input);
-    const std::size_t most = to_size(alignment - 1) * row_bytes;
-    if (zeros_.size() < most) zeros_.resize(most);
+    const std::byte* zeros = host_zeros(to_size(alignment - 1) * row_bytes);
     auto* rows = reinterpret_cast<std::byte*>(h.expert_input_.data());
     for (int l = 0; l < L; ++l) {
       const auto at = static_cast<std::size_t>(l);
       const std::int64_t used = h.rows_per_expert_[at], padding = block_rows_[at] - used;
       if (padding == 0) continue;
-      parts_.data_path->copy(rows + to_size(h.expert_first_row_[at] + used) * row_bytes,
-                             zeros_.data(), to_size(padding) * row_bytes, stream());
+      parts_.data_path->copy(rows + to_size(h.expert_first_row_[at] + used) * row_bytes, zeros,
+                             to_size(padding) * row_bytes, stream());
     }
   }
   GroupArgs group;
@@ -399,6 +441,10 @@ void TokenExchange::group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_
   h.expert_input_dtype_ = dtypes.input;
   // Its buffer holds f32 rows whatever the dtype, as the input's does.
   h.expert_output_dtype_ = dtypes.output;
+  if (worst_case) {
+    h.rows_in_block_.resize(static_cast<std::size_t>(L));
+    group.rows_in_block = h.rows_in_block_.data();
+  }
   parts_.data_path->group_by_expert(group, stream());
 }
 
@@ -550,9 +596,11 @@ void TokenExchange::count_traffic() {
   const std::size_t row_bytes = payload_row_bytes(parts_.payload_dtype, parts_.hidden);
   const std::size_t meta_bytes = to_size(slots_) * sizeof(SlotMeta);
   const std::size_t back_bytes = to_size(parts_.hidden) * dtype_size(parts_.combine_dtype);
-  traffic_.rows_sent = rows_sent;
-  traffic_.dispatch_bytes = (R - 1) * n * counts_width() * sizeof(std::int64_t) +
-                            static_cast<std::uint64_t>(rows_sent) * (row_bytes + meta_bytes);
+  traffic_.rows_sent = rows_sent;  // the worst-case mode's: whole blocks, padding too
+  const std::size_t counts_bytes =
+      worst_case_rows_ > 0 ? 0 : (R - 1) * n * counts_width() * sizeof(std::int64_t);
+  traffic_.dispatch_bytes =
+      counts_bytes + static_cast<std::uint64_t>(rows_sent) * (row_bytes + meta_bytes);
   traffic_.combine_bytes = static_cast<std::uint64_t>(rows_received) * back_bytes;
 }
 

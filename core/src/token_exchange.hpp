@@ -71,6 +71,12 @@ class TokenExchange {
   void count_failure();
   /// ... then exchanged; every rank throws here together when some rank failed.
   void exchange_counts(const Error* local_error);
+  /// The worst-case mode's counts instead of `agree_counts` (nothing exchanged, nothing
+  /// read back): every peer gets and sends a block of `block_rows` rows, of which each of
+  /// a peer's local experts may take all; `stage` then lays out rows in these blocks
+  /// (`LayoutArgs::block_rows`). One chunk of `num_tokens` tokens (0 for a rank whose
+  /// input was refused: it still serves its experts).
+  void assume_worst_case(std::int64_t num_tokens, int slots, std::int64_t block_rows);
   /// The first token of chunk c of the agreed step (c = chunks: its token count).
   std::int64_t first_token(int c) const noexcept { return num_tokens_ * c / chunks_; }
   /// True when the last `agree_counts` threw because some rank failed.
@@ -95,8 +101,12 @@ class TokenExchange {
   };
   /// Groups the received rows per local expert into `dtypes.input` rows and sizes the
   /// expert output rows for `dtypes.output`; each expert's block starts at a multiple of
-  /// `alignment` rows, the rows between zero.
-  void group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_t alignment = 1);
+  /// `alignment` rows, the rows between zero. In the worst-case mode each block holds as
+  /// many rows as the expert may get, and the rows of each that are tokens go to
+  /// `h.rows_in_block_` (device); with `finite_blocks` the rest hold finite values (zeros
+  /// or an earlier step's rows), for a kernel that computes whole blocks.
+  void group(DispatchHandle& h, ExpertRowDTypes dtypes, std::int64_t alignment = 1,
+             bool finite_blocks = false);
 
   /// Received rows [first, first + count) whose partial sums go to `out`, contiguous.
   struct PartialRows {
@@ -151,8 +161,16 @@ class TokenExchange {
   Parts parts_;
   std::size_t counts_width_;
   std::vector<std::int64_t> block_rows_;  // group: rows of each expert's block (host)
-  std::vector<std::byte> zeros_;          // group: the padding rows' source (host)
+  /// At least `bytes` zero bytes of host memory, left untouched until the stream has
+  /// passed the copies that read them (a growth waits for it first).
+  const std::byte* host_zeros(std::size_t bytes);
+  std::vector<std::byte> zeros_;  // group: the padding rows' source (host)
+  // group: the expert input buffer whose every byte was zeroed (the worst-case mode's
+  // blocks with `finite_blocks`), so that it is zeroed once, not every step.
+  const void* zeroed_rows_ = nullptr;
+  std::size_t zeroed_bytes_ = 0;
   std::int64_t num_tokens_ = 0;
+  std::int64_t worst_case_rows_ = 0;  // the worst-case mode's rows per peer; 0: counted
   int slots_ = 0;
   int chunks_ = 1;
   bool failure_agreed_ = false;

@@ -210,11 +210,13 @@ __global__ void expert_slot_totals(const std::int32_t* experts, std::int64_t n, 
   atomicAdd(reinterpret_cast<unsigned long long*>(slots_to_expert + e), 1ULL);
 }
 
-/// One thread per token: its send rows (first row of rank d: rows_to_offset[d] plus the
-/// tokens before it that send to d) and their slots in routing order.
+/// One thread per token: its send rows (first row of rank d: rows_to_offset[d], or
+/// d · block_rows in the worst-case layout, plus the tokens before it that send to d) and
+/// their slots in routing order. A token mark_sends found a bad id in sends nothing.
 __global__ void write_layout(const std::int32_t* experts, const float* weights, std::int64_t T,
-                             int K, Placement p, const std::int64_t* scanned,
-                             const std::int64_t* rows_to_offset, std::int64_t* send_row_token,
+                             int K, Placement p, const std::int32_t* sends,
+                             const std::int64_t* scanned, const std::int64_t* rows_to_offset,
+                             std::int64_t block_rows, std::int64_t* send_row_token,
                              SlotMeta* send_meta) {
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (t >= T) return;
@@ -223,7 +225,9 @@ __global__ void write_layout(const std::int32_t* experts, const float* weights, 
   for (int j = 0; j < K; ++j) {
     if (ex[j] < 0) continue;
     const int d = p.rank_of(ex[j]);
-    const std::int64_t row = rows_to_offset[d] + scanned[static_cast<std::int64_t>(d) * T + t] -
+    if (sends[static_cast<std::int64_t>(d) * T + t] == 0) return;  // a bad id elsewhere
+    const std::int64_t first = block_rows > 0 ? d * block_rows : rows_to_offset[d];
+    const std::int64_t row = first + scanned[static_cast<std::int64_t>(d) * T + t] -
                              scanned[static_cast<std::int64_t>(d) * T];
     SlotMeta* slots = send_meta + row * K;
     if (!earlier_slot_same_rank(ex, j, d, p)) {
@@ -234,6 +238,22 @@ __global__ void write_layout(const std::int32_t* experts, const float* weights, 
     while (slots[k].local_expert >= 0) ++k;
     slots[k] = {ex[j] - p.first_expert(d), w[j]};
   }
+}
+
+/// The worst-case layout's padding: row i of rank d's block of `block_rows` beyond its
+/// rows_to[d] rows gets token -1 and empty slots.
+__global__ void write_padding(const std::int64_t* rows_to, std::int64_t block_rows, int R, int K,
+                              std::int64_t* send_row_token, SlotMeta* send_meta) {
+  const std::int64_t s = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  if (s >= R * block_rows) return;
+  if (s % block_rows < rows_to[s / block_rows]) return;
+  send_row_token[s] = -1;
+  for (int k = 0; k < K; ++k) send_meta[s * K + k] = {-1, 0.0f};
+}
+
+/// The worst-case layout's check: the first bad slot mark_sends found, or -1.
+__global__ void write_first_bad(const unsigned long long* bad, std::int64_t* first_bad_slot) {
+  *first_bad_slot = *bad == kNoBadSlot ? -1 : static_cast<std::int64_t>(*bad);
 }
 
 __device__ std::uint16_t to_bf16_bits(float v) {
@@ -248,8 +268,12 @@ __device__ float from_bf16_bits(std::uint16_t bits) {
 __global__ void pack_rows(const float* x, std::int64_t H, const std::int64_t* send_row_token,
                           PayloadDType dtype, std::size_t row_bytes, std::byte* rows) {
   const std::int64_t s = blockIdx.x;
-  const float* in = x + send_row_token[s] * H;
   std::byte* out = rows + static_cast<std::size_t>(s) * row_bytes;
+  if (send_row_token[s] < 0) {  // the worst-case layout's padding: zero bytes
+    for (std::size_t b = threadIdx.x; b < row_bytes; b += blockDim.x) out[b] = std::byte{0};
+    return;
+  }
+  const float* in = x + send_row_token[s] * H;
   // The padding up to row_bytes is zero, as the host writes it.
   const std::size_t used = dtype == PayloadDType::kF32 ? static_cast<std::size_t>(H) * 4
                            : dtype == PayloadDType::kBF16
@@ -339,8 +363,13 @@ __global__ void pack_rows_x4(const float* __restrict__ x, std::int64_t Q,
                              const std::int64_t* __restrict__ send_row_token, bool bf16,
                              std::byte* __restrict__ rows) {
   const std::int64_t s = blockIdx.x;
-  const auto* in = reinterpret_cast<const float4*>(x) + send_row_token[s] * Q;
   const std::int64_t stride = blockDim.x;
+  if (send_row_token[s] < 0) {  // the worst-case layout's padding: zero bytes
+    for (std::int64_t q = threadIdx.x; q < Q; q += stride)
+      store_quad(rows, s, Q, q, bf16, make_float4(0.0f, 0.0f, 0.0f, 0.0f));
+    return;
+  }
+  const auto* in = reinterpret_cast<const float4*>(x) + send_row_token[s] * Q;
   for (std::int64_t q0 = threadIdx.x; q0 < Q; q0 += kQuadUnroll * stride) {
     float4 v[kQuadUnroll];
 #pragma unroll
@@ -561,11 +590,11 @@ __global__ void token_bounds(const std::int64_t* sorted_tokens, std::int64_t S, 
                              std::int64_t* token_first) {
   const std::int64_t t = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
   if (t > T) return;
-  // Lower bound of t in the sorted tokens.
+  // Lower bound of t in the sorted tokens, as unsigned: padding rows (token -1) sort last.
   std::int64_t lo = 0, hi = S;
   while (lo < hi) {
     const std::int64_t mid = (lo + hi) / 2;
-    if (sorted_tokens[mid] < t) {
+    if (static_cast<std::uint64_t>(sorted_tokens[mid]) < static_cast<std::uint64_t>(t)) {
       lo = mid + 1;
     } else {
       hi = mid;
@@ -728,13 +757,29 @@ class CudaDataPath final : public DataPath {
     const int R = a.placement->num_ranks();
     const Placement p = placement_of(*a.placement);
     mark_and_scan_sends(a.experts, a.num_tokens, a.slots, p, s);
-    std::int64_t* offsets = rank_offsets_.get(static_cast<std::size_t>(R));
-    upload(a.rows_to_offset.data(), static_cast<std::size_t>(R), offsets, s);
-    if (a.num_tokens == 0) return;
-    write_layout<<<blocks_for(a.num_tokens, 128), 128, 0, s>>>(a.experts, a.weights, a.num_tokens,
-                                                               a.slots, p, scanned_.get(0), offsets,
-                                                               a.send_row_token, a.send_meta);
-    check_launch("layout");
+    std::int64_t* offsets = nullptr;
+    if (a.block_rows == 0) {
+      offsets = upload(a.rows_to_offset.data(), static_cast<std::size_t>(R), rank_offsets_, s);
+    }
+    if (a.num_tokens > 0) {
+      write_layout<<<blocks_for(a.num_tokens, 128), 128, 0, s>>>(
+          a.experts, a.weights, a.num_tokens, a.slots, p, sends_.get(0), scanned_.get(0), offsets,
+          a.block_rows, a.send_row_token, a.send_meta);
+      check_launch("layout");
+    }
+    if (a.block_rows == 0) return;
+    // The worst-case layout: each block's rows beyond its count are padding, and the check
+    // stays on the device for the caller to read after the step.
+    std::int64_t* rows_to = rank_totals_.get(static_cast<std::size_t>(R));
+    rank_totals<<<blocks_for(R, 128), 128, 0, s>>>(sends_.get(0), scanned_.get(0), a.num_tokens, R,
+                                                   rows_to);
+    check_launch("rank totals");
+    const std::int64_t S = R * a.block_rows;
+    write_padding<<<blocks_for(S, 128), 128, 0, s>>>(rows_to, a.block_rows, R, a.slots,
+                                                     a.send_row_token, a.send_meta);
+    check_launch("layout padding");
+    write_first_bad<<<1, 1, 0, s>>>(bad_slot_.get(1), a.first_bad_slot);
+    check_launch("layout check");
   }
 
   void pack(const PackArgs& a, Stream& stream) override {
@@ -785,8 +830,13 @@ class CudaDataPath final : public DataPath {
       first_host_[static_cast<std::size_t>(l)] = first;
       first += a.rows_per_expert[l];
     }
-    std::int64_t* expert_first = expert_first_.get(static_cast<std::size_t>(a.num_local_experts));
-    upload(first_host_.data(), first_host_.size(), expert_first, s);
+    std::int64_t* expert_first = upload(first_host_.data(), first_host_.size(), expert_first_, s);
+    if (a.rows_in_block != nullptr) {
+      // Blocks sized for a worst case: the rows each gets, for the kernel to read.
+      group_totals<<<blocks_for(a.num_local_experts, 128), 128, 0, s>>>(
+          grouped_.get(0), group_scanned_.get(0), NK, a.num_local_experts, a.rows_in_block);
+      check_launch("rows in block");
+    }
     if (a.num_rows == 0) return;
     const bool bf16_out = a.expert_input_dtype == DType::kBF16;
     // bf16 expert rows by quads are 8 bytes each: 8-byte alignment is enough for them.
@@ -862,7 +912,8 @@ class CudaDataPath final : public DataPath {
       check_launch("iota");
     }
     std::size_t temp_bytes = 0;
-    const int end_bit = bits_for(T);
+    // Keys of T + 1 values: padding rows' -1 has every bit set and sorts after token T-1.
+    const int end_bit = bits_for(T + 1);
     check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, a.send_row_token, sorted_tokens,
                                           rows, sorted_rows, static_cast<int>(S), 0, end_bit, s),
           "sizing the token sort");
@@ -1056,9 +1107,20 @@ class CudaDataPath final : public DataPath {
     std::copy(pinned_counts_.begin(), pinned_counts_.end(), out);
   }
 
-  /// Copies `count` host values to the device through pinned memory, on the stream.
-  void upload(const std::int64_t* host_values, std::size_t count, std::int64_t* device_values,
-              cudaStream_t s) {
+  /// Copies `count` host values into `to` (grown to them) through pinned memory, on the
+  /// stream; returns where they are.
+  std::int64_t* upload(const std::int64_t* host_values, std::size_t count,
+                       Scratch<std::int64_t>& to, cudaStream_t s) {
+    std::int64_t* device_values = to.get(count);
+    // The values `to` got last time again (the worst-case mode's fixed blocks, every step):
+    // already there, nothing to wait for. (A grown scratch has a count it never had.)
+    if (&to == last_upload_to_ && device_values == last_upload_at_ &&
+        std::equal(host_values, host_values + count, last_upload_.begin(), last_upload_.end())) {
+      return device_values;
+    }
+    last_upload_to_ = &to;
+    last_upload_at_ = device_values;
+    last_upload_.assign(host_values, host_values + count);
     // The pinned copy must stay untouched until the transfer ran: wait for the previous one.
     if (upload_pending_) check(cudaEventSynchronize(upload_done_->get()), "waiting for an upload");
     pinned_upload_.resize(count);
@@ -1068,6 +1130,7 @@ class CudaDataPath final : public DataPath {
           "uploading offsets");
     check(cudaEventRecord(upload_done_->get(), s), "recording an upload");
     upload_pending_ = true;
+    return device_values;
   }
 
   /// A pinned host vector of int64 (grows, never shrinks).
@@ -1131,6 +1194,10 @@ class CudaDataPath final : public DataPath {
   PinnedVector pinned_counts_, pinned_upload_;
   std::unique_ptr<Event> upload_done_;
   bool upload_pending_ = false;
+  // What `upload` copied last, and where: skipped when asked again.
+  const Scratch<std::int64_t>* last_upload_to_ = nullptr;
+  const std::int64_t* last_upload_at_ = nullptr;
+  std::vector<std::int64_t> last_upload_;
   std::vector<std::int64_t> first_host_;
 };
 

@@ -93,6 +93,7 @@ class CpuSwigluKernel final : public ExpertKernel {
     ExpertKernelCapabilities c;
     c.saved_columns = 2 * std::int64_t{ffn_hidden_};
     c.backward = true;
+    c.masked_rows = true;
     return c;
   }
 
@@ -112,18 +113,22 @@ class CpuSwigluKernel final : public ExpertKernel {
     float* saved = batch.saved.data_as<float>();
     std::int64_t row = 0;
     for (std::size_t e = 0; e < experts_.size(); ++e) {
-      const auto n = batch.rows_per_expert[e];
-      if (n == 0) continue;
-      const float* xe = x + row * H;
-      float* ye = y + row * H;
+      const std::int64_t block = batch.rows_per_expert[e];
+      // Of a worst-case block only its valid rows (host memory: this kernel is the host's).
+      const std::int64_t n =
+          batch.valid_rows != nullptr ? std::min(block, batch.valid_rows[e]) : block;
+      const std::int64_t first = row;
+      row += block;
+      if (n <= 0) continue;
+      const float* xe = x + first * H;
+      float* ye = y + first * H;
       const int in = static_cast<int>(n), h = static_cast<int>(H), f = static_cast<int>(F);
       // In place of the gate projection (saved first when wanted).
       activate(e, xe, n, gate_out_.data(), nullptr,
-               saved != nullptr ? saved + row * 2 * F : nullptr);
+               saved != nullptr ? saved + first * 2 * F : nullptr);
       // [n,H] = act [n,F] · downᵀ.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, in, h, f, 1.0f, gate_out_.data(), f,
                   as_f32(experts_[e].down, experts_[e].down_scale), f, 0.0f, ye, h);
-      row += n;
     }
   }
 

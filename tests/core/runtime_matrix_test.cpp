@@ -1135,3 +1135,171 @@ TEST_CASE("forward over this process's tokens: with every rank here, forward's b
   runtime.forward_local_tokens(x.view(), b.view());
   CHECK(std::memcmp(a.data<float>(), b.data<float>(), a.numel() * sizeof(float)) == 0);
 }
+
+namespace {
+
+/// `pretend_device_config` in the worst-case mode: no rank forwards more than `max_tokens`.
+Config worst_case_config(int ranks, int ep, const std::string& payload, bool on_device,
+                         const std::string& transport, std::int64_t max_tokens) {
+  Config c = pretend_device_config(ranks, ep, payload, on_device, transport);
+  c.set("runtime", "max_tokens_per_rank", max_tokens);
+  return c;
+}
+
+/// Each rank's layer forwards its own `per_rank` rows of x [ranks · per_rank, H] into y on
+/// a thread of its own, handed device tensors and an event for y (a framework's forward);
+/// returns the host waits of all ranks together, counted before anyone waits for y.
+long forward_with_events(Runtime& runtime, int ranks, std::int64_t per_rank, HostTensor& x,
+                         HostTensor& y) {
+  const std::int64_t H = x.view().dim(1);
+  std::vector<std::unique_ptr<StreamEvent>> written(static_cast<std::size_t>(ranks));
+  const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
+  auto errors = test::on_threads(ranks, [&](int r) {
+    MoELayer& layer = runtime.layer(r);
+    const std::int64_t first = per_rank * r;
+    written[static_cast<std::size_t>(r)] = layer.stream().create_event();
+    layer.forward(
+        TensorView(x.data<float>() + first * H, DType::kF32, {per_rank, H}, Device::cuda(0)),
+        TensorView(y.data<float>() + first * H, DType::kF32, {per_rank, H}, Device::cuda(0)),
+        *written[static_cast<std::size_t>(r)]);
+  });
+  const long waits = pretend_counter("switchyard_fixture_stream_waits") - waits_before;
+  for (const auto& e : errors) CHECK_MESSAGE(!e.has_value(), (e ? e->what() : ""));
+  for (auto& event : written) event->synchronize();
+  return waits;
+}
+
+}  // namespace
+
+TEST_CASE("worst-case mode on a pretend device: the host path's bytes with no host wait") {
+  // max_tokens_per_rank fixes every exchange's size, so the host reads nothing back: over
+  // the stream-ordered pretend_device transport a forward with an event for y queues its
+  // whole step without one host wait (after the first, which grows the buffers). The
+  // counted host path gives the expected bytes; padding rows must change nothing.
+  for (const int ranks : {1, 2, 3, 4}) {
+    for (const std::string payload : {"f32", "bf16", "fp8"}) {
+      CAPTURE(ranks);
+      CAPTURE(payload);
+      constexpr std::int64_t kPerRank = 9, H = 24;
+      Runtime on_host(pretend_device_config(ranks, ranks, payload, false));
+      Runtime worst_case(worst_case_config(ranks, ranks, payload, true, "pretend_device", 12));
+      const std::int64_t T = kPerRank * ranks;
+      for (const std::uint64_t seed : {7, 8}) {
+        HostTensor x = synthetic_tokens(T, H, seed), expected(DType::kF32, {T, H}),
+                   y(DType::kF32, {T, H});
+        on_host.forward(x.view(), expected.view());
+        std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+        const long waits = forward_with_events(worst_case, ranks, kPerRank, x, y);
+        if (seed == 8) CHECK(waits == 0);
+        CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+      }
+      // The statistics come after the steps: the last step's, summed over the group.
+      const GlobalRouterStats stats = worst_case.global_router_stats();
+      CHECK(stats.tokens == T);
+      std::int64_t kept = 0;
+      for (const std::int64_t c : stats.counts) kept += c;
+      CHECK(kept == 3 * T);
+      // Every peer gets a whole block of 12 rows and their slots; nothing else moves.
+      const std::uint64_t row = payload_row_bytes(parse_payload_dtype(payload), H);
+      const std::uint64_t meta = 3 * sizeof(SlotMeta);
+      CHECK(worst_case.layer(0).traffic().dispatch_bytes ==
+            static_cast<std::uint64_t>(ranks - 1) * 12 * (row + meta));
+    }
+  }
+}
+
+TEST_CASE("worst-case mode through every path: host tokens, EP x DP, host data path, inproc") {
+  // The same y as the counted host path on the runtime's own forward (host tokens staged
+  // through the device), over host staging (inproc), on EP 2 x DP 2, and on the host data
+  // path itself (where the mode changes only the layout).
+  struct Case {
+    int ranks, ep;
+    bool on_device;
+    const char* transport;
+  };
+  for (const Case& k : {Case{3, 3, true, "inproc"}, Case{4, 2, true, "pretend_device"},
+                        Case{4, 2, false, "inproc"}, Case{2, 2, false, "inproc"}}) {
+    CAPTURE(k.ranks);
+    CAPTURE(k.ep);
+    CAPTURE(k.on_device);
+    CAPTURE(k.transport);
+    Runtime on_host(pretend_device_config(k.ranks, k.ep, "bf16", false));
+    Runtime worst_case(worst_case_config(k.ranks, k.ep, "bf16", k.on_device, k.transport, 20));
+    for (const std::int64_t tokens : {37, 0, 4 * k.ranks}) {
+      CAPTURE(tokens);
+      HostTensor x = synthetic_tokens(tokens, 24, 3), expected(DType::kF32, {tokens, 24}),
+                 y(DType::kF32, {tokens, 24});
+      on_host.forward(x.view(), expected.view());
+      std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+      worst_case.forward(x.view(), y.view());
+      CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+    }
+  }
+}
+
+TEST_CASE("worst-case mode: a rank over the limit or with NaN logits throws alone, later") {
+  constexpr std::int64_t H = 24;
+  Runtime on_host(pretend_device_config(3, 3, "f32", false));
+  Runtime worst_case(worst_case_config(3, 3, "f32", true, "pretend_device", 8));
+  // Rank 1 has 9 tokens, one more than the limit: it throws after serving its experts, and
+  // the others' y is right.
+  {
+    const std::array<std::int64_t, 3> counts{5, 9, 8};
+    HostTensor x = synthetic_tokens(22, H, 4), expected(DType::kF32, {22, H}),
+               y(DType::kF32, {22, H});
+    std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+    std::array<std::int64_t, 4> first{0, 5, 14, 22};
+    auto errors = test::on_threads(3, [&](int r) {
+      const auto at = static_cast<std::size_t>(r);
+      worst_case.layer(r).forward(TensorView(x.data<float>() + first[at] * H, DType::kF32,
+                                             {counts[at], H}, Device::cuda(0)),
+                                  TensorView(y.data<float>() + first[at] * H, DType::kF32,
+                                             {counts[at], H}, Device::cuda(0)));
+    });
+    CHECK_FALSE(errors[0].has_value());
+    REQUIRE(errors[1].has_value());
+    CHECK(std::string(errors[1]->what())
+              .find("9 tokens on this rank, more than [runtime] "
+                    "max_tokens_per_rank = 8") != std::string::npos);
+    CHECK_FALSE(errors[2].has_value());
+    // Ranks 0 and 2 as the counted path gives them with rank 1's tokens absent.
+    HostTensor expected_0(DType::kF32, {5, H}), expected_2(DType::kF32, {8, H});
+    auto counted = test::on_threads(3, [&](int r) {
+      const std::array<std::int64_t, 3> sent{5, 0, 8};
+      const auto at = static_cast<std::size_t>(r);
+      HostTensor* out = r == 0 ? &expected_0 : &expected_2;
+      HostTensor none(DType::kF32, {0, H});
+      on_host.layer(r).forward(
+          TensorView(x.data<float>() + first[at] * H, DType::kF32, {sent[at], H}),
+          r == 1 ? none.view() : out->view());
+    });
+    for (const auto& e : counted) CHECK_FALSE(e.has_value());
+    CHECK(std::memcmp(y.data<float>(), expected_0.data<float>(), expected_0.size_bytes()) == 0);
+    CHECK(std::memcmp(y.data<float>() + 14 * H, expected_2.data<float>(),
+                      expected_2.size_bytes()) == 0);
+  }
+  // A NaN token on rank 2: routed on the device, it goes to no expert; rank 2 alone hears
+  // of it, at the end of a later call (here the wait for the step's reports).
+  {
+    HostTensor x = synthetic_tokens(24, H, 6), y(DType::kF32, {24, H});
+    x.data<float>()[(16 + 3) * H + 5] = std::nanf("");
+    auto errors = test::on_threads(3, [&](int r) {
+      MoELayer& layer = worst_case.layer(r);
+      layer.forward(TensorView(x.data<float>() + 8 * r * H, DType::kF32, {8, H}, Device::cuda(0)),
+                    TensorView(y.data<float>() + 8 * r * H, DType::kF32, {8, H}, Device::cuda(0)));
+      layer.finish_worst_case_steps();
+    });
+    CHECK_FALSE(errors[0].has_value());
+    CHECK_FALSE(errors[1].has_value());
+    REQUIRE(errors[2].has_value());
+    CHECK(
+        std::string(errors[2]->what()).find("had a NaN or infinite logit and went to no expert") !=
+        std::string::npos);
+    // The reports are taken: the next step runs and reports nothing.
+    const HostTensor good = synthetic_tokens(24, H, 6);
+    HostTensor expected(DType::kF32, {24, H});
+    on_host.forward(good.view(), expected.view());
+    worst_case.forward(good.view(), y.view());
+    CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+  }
+}

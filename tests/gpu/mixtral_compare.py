@@ -176,6 +176,30 @@ def main():
         if not measured_default:
             print(f"| E={E} k={k} H={H} F={F}, gemm (default) | not among the splits run | | | |")
             ok = False
+        # The worst-case mode ([runtime] max_tokens_per_rank = T: fixed blocks, no host
+        # wait) against the counted forward, at a decoding batch and at this one: the same
+        # bytes of y, and both times.
+        for count in (128, TOKENS):
+            subset = os.path.join(work, f"tokens_{E}_{count}.npy")
+            np.save(subset, np.load(tokens)[:count])
+            output = os.path.join(work, f"y_{E}_{count}_modes.npy")
+            run = subprocess.run([bench, "layer", checkpoint, subset, str(k), output, "10"],
+                                 capture_output=True, text=True,
+                                 env=dict(os.environ, SWITCHYARD_BENCH_WORST_CASE="1"))
+            shape = f"E={E} k={k} H={H} F={F}, T={count}"
+            found = re.search(r"layer_ms=([0-9.]+).*worst_case_ms=([0-9.]+) worst_case_same=(\d) "
+                              r"worst_case_rel=(\S+)", run.stdout or "", re.S)
+            if run.returncode != 0 or found is None:
+                print(f"| {shape}, worst-case mode | failed: {(run.stderr or '').strip()} | | | |")
+                ok = False
+                continue
+            same, rel = found.group(3) == "1", float(found.group(4))
+            close = rel <= 1e-2
+            ok = ok and close
+            agreement = "the same bytes" if same else f"max diff {rel:.1e} of max |y|"
+            print(f"| {shape}, worst-case mode | {float(found.group(2)):.2f} ms "
+                  f"| counted {float(found.group(1)):.2f} ms "
+                  f"| y: {agreement} {'ok' if close else 'DIFFERS'} | |")
     return 0 if ok else 1
 
 

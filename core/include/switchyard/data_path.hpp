@@ -76,9 +76,19 @@ struct LayoutArgs {
   std::span<const std::int64_t> rows_to_offset;  ///< host [R]: first send row of each rank
   std::int64_t* send_row_token = nullptr;        ///< [S], written: token of each send row
   SlotMeta* send_meta = nullptr;                 ///< [S,K], written: slots in routing order
+  /// The worst-case layout (`[runtime] max_tokens_per_rank`) when > 0: rank p's rows are
+  /// [p·block_rows, p·block_rows + its count) whatever their count, so that nothing of the
+  /// layout is read back by the host (`rows_to_offset` is unused); the rest of each block
+  /// is padding: token -1, every slot (-1, 0). S = ranks · block_rows, and no rank may get
+  /// more than block_rows rows (at most T: the caller keeps T ≤ block_rows). A token with
+  /// an expert id outside -1..E-1 sends nothing, and the first such slot's index t·K+k is
+  /// written to `first_bad_slot` ([1], -1 when none; not null in this layout).
+  std::int64_t block_rows = 0;
+  std::int64_t* first_bad_slot = nullptr;
 };
 
-/// Gathers the tokens of the send rows and converts them to the payload dtype.
+/// Gathers the tokens of the send rows and converts them to the payload dtype. A send row
+/// of token -1 (the worst-case layout's padding) is written as zero bytes.
 struct PackArgs {
   const float* x = nullptr;  ///< [T,H] f32
   std::int64_t hidden = 0;
@@ -115,6 +125,9 @@ struct GroupArgs {
   /// f32, or bf16: each element decoded and rounded to nearest even as `float_to_bf16` (a
   /// bf16 payload's elements copied as they are).
   DType expert_input_dtype = DType::kF32;
+  /// [L] optional (null: not wanted), written: the rows placed in each expert's block, for
+  /// blocks sized by a worst case rather than by counts (`ExpertBatch::valid_rows`).
+  std::int64_t* rows_in_block = nullptr;
 };
 
 /// Counts the expert rows the grouping will produce, so that the caller can size them.
@@ -142,7 +155,8 @@ struct WeightedReduceArgs {
   DType expert_output_dtype = DType::kF32;
 };
 
-/// y[t] = sum of the combined rows of token t, in row order (the ranks' order).
+/// y[t] = sum of the combined rows of token t, in row order (the ranks' order). Rows of
+/// token -1 (the worst-case layout's padding) are skipped.
 struct UnpermuteSumArgs {
   const std::byte* combined_rows = nullptr;      ///< [S,H] in combine_dtype
   const std::int64_t* send_row_token = nullptr;  ///< [S]

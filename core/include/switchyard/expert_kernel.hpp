@@ -89,6 +89,13 @@ struct ExpertBatch {
   /// so that the backward does not recompute it (a training forward, `[runtime] recompute
   /// = false`).
   TensorView saved = {};  // a default: aggregate initialisers may leave it out
+  /// Optional [local experts] on the stream's device (null: every row is real): blocks
+  /// sized for a worst case (`[runtime] max_tokens_per_rank`), of which only the first
+  /// valid_rows[e] rows of expert e's block are tokens; written by work queued before the
+  /// kernel's, so read only by the kernel's own queued work. A kernel that
+  /// `masked_rows` computes only those (a masked grouped GEMM); any other computes whole
+  /// blocks (the rows beyond are finite, and their outputs are never read).
+  const std::int64_t* valid_rows = nullptr;
 };
 
 /// The backward of a grouped batch: the forward's input rows and, per row, the loss's
@@ -184,6 +191,8 @@ struct ExpertKernelCapabilities {
   std::int64_t saved_columns = 0;
   /// The kernel implements `backward`; without it the layer refuses to train.
   bool backward = false;
+  /// The kernel reads `ExpertBatch::valid_rows` and computes only the rows it names.
+  bool masked_rows = false;
 };
 
 /// Computes the experts of one rank. Not thread-safe: one thread calls it at a time.

@@ -92,6 +92,9 @@ class DispatchHandle {
   Buffer<std::int64_t> rows_per_expert_, expert_first_row_;
   Buffer<float> expert_input_, expert_output_;
   Buffer<std::int64_t> assignment_of_slot_;
+  // The worst-case mode (device memory): each expert block's rows that are tokens, and the
+  // first slot of the plan with an expert id outside the range (-1: none).
+  Buffer<std::int64_t> rows_in_block_, first_bad_slot_;
   // Combine: the exchange's byte counts, and its rows in the combine dtype (their own
   // buffers, or the expert rows' when the layer reuses those).
   Buffer<std::size_t> back_send_bytes_, back_send_offsets_, back_recv_bytes_, back_recv_offsets_;
@@ -137,6 +140,16 @@ struct MoELayerParts {
   /// `dispatch` (the caller's experts): each local expert's rows start at a multiple of
   /// this in the grouped rows, the gaps zero (`DispatchHandle::expert_first_row`).
   std::int64_t expert_alignment = 1;
+  /// The worst-case mode when > 0 (`[runtime] max_tokens_per_rank`): no rank's forward
+  /// has more tokens than this (more is refused), so every exchange moves a fixed block of
+  /// this many rows per peer (padding included) and each local expert's rows a block of
+  /// ranks × this many, and the host reads nothing back: a forward on a device data path
+  /// with a stream-ordered transport queues its whole step without a host wait (DeepEP's
+  /// low-latency mode, for decoding and CUDA graphs). The price: the padding's bytes, and
+  /// checks that need the host (NaN logits, bad expert ids in a device plan, the routing
+  /// statistics) come after the step (`MoELayer::finish_worst_case_steps`). Forwards that
+  /// keep rows for the backward, and `dispatch`, count as usual. 0: off.
+  std::int64_t max_tokens_per_rank = 0;
   /// With chunks: true runs the exchanges on a thread of their own, overlapping the other
   /// chunks' work; false runs them on the calling thread, chunk after chunk (no overlap,
   /// but each chunk's rows stay in the caches from pass to pass: the faster choice where
@@ -246,6 +259,17 @@ class MoELayer {
   /// experts).
   const MoELayerParts& parts() const noexcept { return parts_; }
 
+  /// The worst-case mode (`MoELayerParts::max_tokens_per_rank`) checks each forward after
+  /// it ran, without a host wait: a later forward takes the reports of the steps that have
+  /// finished, or this waits for all. A report holds the routing statistics of a device
+  /// routing (the router's `stats()`: kept counts and imbalance; the aux and z losses are
+  /// not gathered, 0), and two failures, thrown here or at the end of the later forward
+  /// (after its work is queued, so that the EP group stays in step): tokens with a NaN or
+  /// infinite router logit (they went to no expert; their y is the other terms' only) and
+  /// a device plan's expert ids outside 0..E-1 (the token was not sent). Only the rank that
+  /// found the failure throws. Nothing to do outside the worst-case mode.
+  void finish_worst_case_steps();
+
   /// Training mode: forwards keep what `backward` needs (see `MoELayerParts::recompute`).
   /// A forward that keeps it runs unchunked and grouped (the same y).
   void set_training(bool training) noexcept { training_ = training; }
@@ -325,6 +349,27 @@ class MoELayer {
   TensorView token_ids_;
   /// Events of `forward(x, y, caller)`: y written, on `stream()` (made once).
   std::unique_ptr<StreamEvent> caller_y_written_;
+  /// True when the next forward runs in the worst-case mode.
+  bool worst_case_forward() const noexcept;
+  /// The forward of the worst-case mode: fixed blocks, no host wait on a device data path.
+  void forward_worst_case(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
+                          const Error* local_error, bool device_routed, StreamEvent* y_written);
+  /// What the host checks of a worst-case forward once its stream has passed `done`.
+  struct WorstCaseReport {
+    std::unique_ptr<StreamEvent> done;
+    Buffer<std::int64_t> words;  // host: [E] kept counts of a device routing, first bad slot
+    std::int64_t tokens = 0;
+    int slots = 0;
+    bool device_routed = false;
+    bool pending = false;
+  };
+  /// Takes the pending reports in order, while their step has finished (or waiting for
+  /// each when `wait`); the first failure found, if any.
+  std::optional<Error> collect_worst_case_reports(bool wait);
+  /// Worst-case steps whose reports may be pending at once; one more waits for the oldest.
+  static constexpr std::size_t kWorstCaseReportsInFlight = 4;
+  std::vector<WorstCaseReport> worst_case_reports_;  // a ring, oldest at next_report_
+  std::size_t next_report_ = 0;
   /// The one forward sequence, in `chunks` pipelined chunks (1: a plain sequence); with
   /// `save`, the rows and projections stay in kept_handle_ for the backward.
   void forward_pipeline(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
@@ -333,7 +378,7 @@ class MoELayer {
   bool saves_for_backward() const noexcept;
   /// The grouped expert step: the kernel's `forward` over a grouped handle's expert rows;
   /// with `save`, the kernel's saved columns into saved_columns_.
-  void run_grouped_experts(DispatchHandle& h, bool save);
+  void run_grouped_experts(DispatchHandle& h, bool save, bool worst_case = false);
   /// The fused expert step: the kernel's weighted partial sums of the received rows, into
   /// the combine's send buffer.
   void run_fused_experts(DispatchHandle& h);
