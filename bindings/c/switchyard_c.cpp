@@ -230,6 +230,13 @@ switchyard_status switchyard_forward_on_stream(switchyard_runtime* runtime, int 
   });
 }
 
+switchyard_status switchyard_finish_worst_case_steps(switchyard_runtime* runtime) {
+  return guarded([&] {
+    require(runtime != nullptr, "runtime must not be NULL");
+    runtime->runtime->finish_worst_case_steps();
+  });
+}
+
 switchyard_status switchyard_runtime_num_layers(const switchyard_runtime* runtime, int* out) {
   return guarded([&] {
     require(runtime != nullptr && out != nullptr, "runtime and out must not be NULL");

@@ -284,6 +284,8 @@ class PyRuntime {
       // Queued behind the producer's work, then waited for: y is written on return.
       runtime_->forward_local_tokens_on_stream(in.view(), y.view(), reader, layer);
       runtime_->layer(0, layer).stream().synchronize();
+      // The worst-case mode's checks of this step, done by now: reported here, not later.
+      runtime_->finish_worst_case_steps();
     });
     return result;
   }
@@ -494,6 +496,11 @@ class PyRuntime {
     std::copy_n(plan.experts.data(), T * K, experts.mutable_data());
     std::copy_n(plan.weights.data(), T * K, weights.mutable_data());
     return py::make_tuple(experts, weights);
+  }
+
+  /// The worst-case mode's checks, waited for (`Runtime::finish_worst_case_steps`).
+  void finish_worst_case_steps() {
+    run_released(*calls_, [&] { runtime_->finish_worst_case_steps(); });
   }
 
   /// Statistics, timings and traffic of the last forward over all ranks (collective).
@@ -807,6 +814,9 @@ PYBIND11_MODULE(_switchyard, m) {
           "steps.")
       .def("save_model", &PyRuntime::save_model, py::arg("path"),
            "Writes the model as a safetensors checkpoint from world rank 0 (collective).")
+      .def("finish_worst_case_steps", &PyRuntime::finish_worst_case_steps,
+           "With [runtime] max_tokens_per_rank: waits for every layer's after-the-step checks "
+           "and raises the first failure they found (local, not collective).")
       .def("stats", &PyRuntime::stats, py::arg("layer") = 0,
            "Statistics, timings and bytes of layer `layer`'s last forward.")
       .def("plugins", &PyRuntime::plugins, "Every plugin the loader finds.");

@@ -238,7 +238,9 @@ MoELayer::~MoELayer() {
   if (workspace_ && workspace_->stream) LayerWorkspace::wait_quietly(*workspace_->stream);
 }
 
-bool MoELayer::last_failure_agreed() const noexcept { return exchange_->failure_agreed(); }
+bool MoELayer::last_failure_agreed() const noexcept {
+  return exchange_->failure_agreed() || worst_case_failed_in_step_;
+}
 
 const LayerTraffic& MoELayer::traffic() const noexcept { return exchange_->traffic(); }
 
@@ -344,6 +346,7 @@ void MoELayer::route_through_host(const TensorView& logits, RoutingPlan& plan) {
 
 void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
                         const Error* refused) {
+  worst_case_failed_in_step_ = false;
   std::optional<Error> input_error;
   if (refused != nullptr) {
     input_error = *refused;

@@ -82,6 +82,7 @@ void MoELayer::forward(const TensorView& x, const RoutingPlan& plan, const Tenso
 
 void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, const TensorView& y,
                               const Error* local_error, StreamEvent* done) {
+  worst_case_failed_in_step_ = false;
   std::optional<Error> output_error;
   if (local_error == nullptr) {
     try {
@@ -239,6 +240,15 @@ void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, co
   }
 }
 
+namespace {
+
+/// The worst-case mode's failure mark: the first slot of the last row of a rank's block for
+/// a peer, when the rank's input was refused (a real row's first slot is never empty).
+constexpr SlotMeta kSenderFailed{-2, 0.0f};
+constexpr SlotMeta kSenderFine{-1, 0.0f};
+
+}  // namespace
+
 bool MoELayer::worst_case_forward() const noexcept {
   return parts_.max_tokens_per_rank > 0 && !saves_for_backward();
 }
@@ -248,6 +258,7 @@ void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, 
                                   StreamEvent* y_written) {
   const auto start = Clock::now();
   timings_.layout_s = timings_.experts_s = timings_.combine_s = 0;
+  worst_case_failed_in_step_ = false;
   const std::int64_t M = parts_.max_tokens_per_rank;
   const int K = parts_.router->slots_per_token();
   std::optional<Error> refused;
@@ -287,23 +298,37 @@ void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, 
   exchange_->stage(
       {T > 0 ? x.data_as<const float>() : nullptr, plan.experts.data(), plan.weights.data(), T, K},
       0, h);
+  const auto R = static_cast<std::size_t>(parts_.transport->size());
+  const auto self = static_cast<std::size_t>(parts_.transport->rank());
+  const auto last_slot = [&](std::size_t p) {
+    return static_cast<std::int64_t>((p + 1) * to_size(M) - 1) * K;
+  };
+  if (local_error != nullptr) {
+    // The peers learn of it in the rows: the last row of each block, padding since this
+    // rank sends no token, says so in its first slot.
+    for (std::size_t p = 0; p < R; ++p) {
+      if (p == self) continue;
+      data_path_->copy(h.send_meta_.data() + last_slot(p), &kSenderFailed, sizeof(SlotMeta),
+                       stream());
+    }
+  }
   // The checks the host makes later: the plan's counts from a device routing, the
-  // layout's first bad expert id.
+  // layout's first bad expert id, and the peers' failure marks (with the rows).
   const auto E = static_cast<std::size_t>(parts_.placement.num_experts());
   if (!report.done) {
     report.done = stream().create_event();
     report.words = Buffer<std::int64_t>(data_path_->staging_allocator());
   }
-  report.words.resize(E + 1);
+  report.words.resize(E + 1 + R);
   if (device_routed) {
     data_path_->copy(report.words.data(), plan.counts.data(), E * sizeof(std::int64_t), stream());
   }
   data_path_->copy(report.words.data() + E, h.first_bad_slot_.data(), sizeof(std::int64_t),
                    stream());
-  stream().record(*report.done);
   report.tokens = T;
   report.slots = K;
   report.device_routed = device_routed;
+  report.refused = local_error != nullptr;
   report.pending = true;
   timings_.layout_s = seconds_since(start);
 
@@ -311,6 +336,16 @@ void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, 
   auto step = Clock::now();
   exchange_->send_rows(h, &stream());
   data_path_ready();
+  static_assert(sizeof(SlotMeta) == sizeof(std::int64_t));
+  for (std::size_t p = 0; p < R; ++p) {
+    if (p == self) {
+      std::memcpy(report.words.data() + E + 1 + p, &kSenderFine, sizeof(SlotMeta));
+    } else {
+      data_path_->copy(report.words.data() + E + 1 + p, h.recv_meta_.data() + last_slot(p),
+                       sizeof(SlotMeta), stream());
+    }
+  }
+  stream().record(*report.done);
   timings_.dispatch_s = seconds_since(step);
   const TensorView y_rows(local_error != nullptr ? nullptr : y.data(), DType::kF32, {T, hidden_},
                           y.device());
@@ -336,9 +371,10 @@ void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, 
     host_ready();
   }
   // Every rank's work is queued: a failure thrown now leaves the group in step.
+  if (!earlier) earlier = collect_worst_case_reports(false);
+  worst_case_failed_in_step_ = local_error != nullptr || earlier.has_value();
   if (local_error != nullptr) throw *local_error;
   if (earlier) throw *earlier;
-  if (std::optional<Error> e = collect_worst_case_reports(false)) throw *e;
 }
 
 std::optional<Error> MoELayer::collect_worst_case_reports(bool wait) {
@@ -353,8 +389,19 @@ std::optional<Error> MoELayer::collect_worst_case_reports(bool wait) {
       break;  // the later ones are not done either
     }
     report.pending = false;
+    if (report.refused) continue;  // its step threw this rank's own error
     const auto E = static_cast<std::size_t>(parts_.placement.num_experts());
     const std::int64_t* words = report.words.data();
+    for (std::size_t p = 0; p < report.words.size() - E - 1; ++p) {
+      SlotMeta mark{};
+      std::memcpy(&mark, words + E + 1 + p, sizeof mark);
+      if (mark.local_expert == kSenderFailed.local_expert && !first) {
+        first = Error(ErrorCode::kPeerFailed,
+                      "MoE forward (max_tokens_per_rank): world rank " +
+                          std::to_string(parts_.first_world_rank + static_cast<int>(p)) +
+                          " refused its input and sent no tokens; it reports the cause");
+      }
+    }
     const std::int64_t bad_slot = words[E];
     if (bad_slot >= 0 && !first) {
       first = Error(ErrorCode::kInvalidArgument,

@@ -68,6 +68,20 @@ void Runtime::reference_model(const TensorView& x, const TensorView& y) const {
   }
 }
 
+void Runtime::finish_worst_case_steps() {
+  std::optional<Error> first;
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    for (int index = 0; index < num_layers(); ++index) {
+      try {
+        layer(local, index).finish_worst_case_steps();
+      } catch (const Error& e) {
+        if (!first) first = e;
+      }
+    }
+  }
+  if (first) throw *first;
+}
+
 GlobalRouterStats Runtime::global_router_stats(int index) {
   check_layer(index, "global_router_stats");
   const int E = model(index).num_experts();
@@ -77,14 +91,14 @@ GlobalRouterStats Runtime::global_router_stats(int index) {
   std::vector<std::int64_t> aux_counts(e_size, 0);
   double z_loss_sum = 0;
   std::mutex mutex;
+  // The worst-case mode's statistics, waited for; a failure they report is thrown once the
+  // collectives are done, outside run_on_ranks (which would abort the transports).
+  std::vector<std::optional<Error>> late(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
-    // The worst-case mode's statistics, waited for; a failure they report is thrown after
-    // the collectives, so that the other ranks are not left waiting in them.
-    std::optional<Error> late;
     try {
       layer(local, index).finish_worst_case_steps();
     } catch (const Error& e) {
-      late = e;
+      late[static_cast<std::size_t>(local)] = e;
     }
     const RouterStats& s = layer(local, index).router().stats();
     // [counts E | aux counts E | dropped | tokens] and [probability sums E | z-loss sum].
@@ -98,7 +112,6 @@ GlobalRouterStats Runtime::global_router_stats(int index) {
     reals[e_size] = s.z_loss_sum;
     world_transport(local).allreduce(ints.data(), ints.size(), DType::kI64, ReduceOp::kSum);
     world_transport(local).allreduce(reals.data(), reals.size(), DType::kF64, ReduceOp::kSum);
-    if (late) throw *late;
     if (local != 0) return;
     std::lock_guard<std::mutex> lock(mutex);
     result.counts.assign(ints.begin(), ints.begin() + E);
@@ -108,6 +121,8 @@ GlobalRouterStats Runtime::global_router_stats(int index) {
     probability_sums.assign(reals.begin(), reals.begin() + E);
     z_loss_sum = reals[e_size];
   });
+  for (const std::optional<Error>& e : late)
+    if (e) throw *e;
   // The losses of all ranks' tokens from the summed parts, as one router would compute them.
   RouterStats sums;
   sums.counts = result.counts;

@@ -100,17 +100,30 @@ void Runtime::forward_local_tokens_on_stream(const TensorView& x, const TensorVi
   y.require_on(device, "output", DType::kF32, {x.dim(0), H});
   const TensorView& ids = state_->token_ids;
   if (ids.data() != nullptr) require_token_ids(ids, x.dim(0));
-  // Each rank's view of the caller's stream, made before the ranks' threads run.
+  // Each rank's view of the caller's stream and its mark that x is written, all made here
+  // before any rank queues its step: the ranks share the caller's stream, and a rank's wait
+  // there for its y must come after every rank's mark, or the caller's stream would wait
+  // for a step whose peers wait for it (without the counts' host wait, in the worst-case
+  // mode, a rank may queue its whole step before another starts).
+  const auto n = static_cast<std::size_t>(num_local_ranks());
   std::vector<std::unique_ptr<Stream>> callers;
-  for (int local = 0; local < num_local_ranks(); ++local)
-    callers.push_back(layer(local, index).data_path().borrow_stream(caller_stream));
+  std::vector<std::unique_ptr<StreamEvent>> x_written, y_written;
+  for (std::size_t local = 0; local < n; ++local) {
+    MoELayer& l = layer(static_cast<int>(local), index);
+    callers.push_back(l.data_path().borrow_stream(caller_stream));
+    x_written.push_back(callers.back()->create_event());
+    callers.back()->record(*x_written.back());
+    y_written.push_back(l.stream().create_event());
+  }
   run_blocks(x.dim(0), /*world_blocks=*/false, index,
              [&](int local, std::int64_t first, std::int64_t count) {
                MoELayer& l = layer(local, index);
+               const auto at = static_cast<std::size_t>(local);
                if (ids.data() != nullptr) l.set_token_ids(id_rows(ids, first, count));
-               l.forward(rows(x, first, count), rows(y, first, count),
-                         *callers[static_cast<std::size_t>(local)]);
+               l.stream().wait(*x_written[at]);
+               l.forward(rows(x, first, count), rows(y, first, count), *y_written[at]);
              });
+  for (std::size_t local = 0; local < n; ++local) callers[local]->wait(*y_written[local]);
   update_routers(index);
 }
 
@@ -291,13 +304,14 @@ void Runtime::update_routers(int index) {
   if (!layer(0, index).router().updates_from_counts()) return;
   const auto E = static_cast<std::size_t>(model(index).num_experts());
   state_->group_counts.resize(static_cast<std::size_t>(num_local_ranks()));
+  // The worst-case mode's counts, waited for; a failure they report is thrown once the
+  // collectives are done, outside run_on_ranks (which would abort the transports).
+  std::vector<std::optional<Error>> late(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
-    // The worst-case mode's counts, waited for (a failure after the collective).
-    std::optional<Error> late;
     try {
       layer(local, index).finish_worst_case_steps();
     } catch (const Error& e) {
-      late = e;
+      late[static_cast<std::size_t>(local)] = e;
     }
     Router& router = layer(local, index).router();
     auto& sums = state_->group_counts[static_cast<std::size_t>(local)];
@@ -307,8 +321,9 @@ void Runtime::update_routers(int index) {
     state_->ep_transports[static_cast<std::size_t>(local)]->allreduce(sums.data(), E, DType::kI64,
                                                                       ReduceOp::kSum);
     router.update(sums);
-    if (late) throw *late;
   });
+  for (const std::optional<Error>& e : late)
+    if (e) throw *e;
 }
 
 void Runtime::gather_rows(const TensorView& y) {

@@ -284,6 +284,27 @@ static void check_device_tensors(void) {
   yt.device.device_id = 0;
   check_forward_on_stream(host, device, &xt, &yt, y, expected, sizeof y);
   switchyard_runtime_destroy(device);
+  /* The worst-case mode: fixed blocks of 6 rows per peer (a rank gets 5 or 6 of the 11
+   * tokens), the same bytes; its after-the-step checks find nothing. With 5, rank 0's 6
+   * tokens are refused, and the next step works. */
+  {
+    const char* worst_case[] = {"runtime.data_path=pretend_cuda", "runtime.max_tokens_per_rank=6"};
+    const char* too_few[] = {"runtime.data_path=pretend_cuda", "runtime.max_tokens_per_rank=5"};
+    CHECK(switchyard_runtime_create_from_string(config, "device.toml", worst_case, 2, &device) ==
+          SWITCHYARD_OK);
+    memset(y, 0xff, sizeof y);
+    CHECK(switchyard_forward(device, &xt, &yt) == SWITCHYARD_OK);
+    CHECK(memcmp(y, expected, sizeof y) == 0);
+    CHECK(switchyard_finish_worst_case_steps(device) == SWITCHYARD_OK);
+    CHECK(switchyard_finish_worst_case_steps(NULL) == SWITCHYARD_INVALID_ARGUMENT);
+    switchyard_runtime_destroy(device);
+    CHECK(switchyard_runtime_create_from_string(config, "device.toml", too_few, 2, &device) ==
+          SWITCHYARD_OK);
+    CHECK(switchyard_forward(device, &xt, &yt) == SWITCHYARD_INVALID_ARGUMENT);
+    CHECK(strstr(switchyard_last_error(),
+                 "6 tokens on this rank, more than [runtime] max_tokens_per_rank = 5") != NULL);
+    switchyard_runtime_destroy(device);
+  }
   switchyard_runtime_destroy(host);
 }
 

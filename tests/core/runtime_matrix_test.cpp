@@ -564,6 +564,14 @@ Config pretend_device_config(int ranks, int ep, const std::string& payload, bool
   return c;
 }
 
+/// `pretend_device_config` in the worst-case mode: no rank forwards more than `max_tokens`.
+Config worst_case_config(int ranks, int ep, const std::string& payload, bool on_device,
+                         const std::string& transport, std::int64_t max_tokens) {
+  Config c = pretend_device_config(ranks, ep, payload, on_device, transport);
+  c.set("runtime", "max_tokens_per_rank", max_tokens);
+  return c;
+}
+
 /// Runs `check(ranks, on_host, on_device, transport)` with runtimes of pretend_device_config
 /// on the host data path and on the pretend device over each of `kDeviceTransports`, for
 /// worlds 1-4 and EP 2 × DP 2, and each payload dtype.
@@ -734,33 +742,38 @@ TEST_CASE(
   // caller's copy of y out runs after y is written. Out of order, the layers read NaN
   // tokens or the copy reads NaN rows. Over pretend_device the host waits once per rank,
   // for the counts.
+  // In the worst-case mode (max_tokens_per_rank 20 >= a rank's tokens) it waits 0
+  // times over pretend_device.
   for (const int ranks : {1, 3}) {
     for (const std::string transport : kDeviceTransports) {
-      CAPTURE(ranks);
-      CAPTURE(transport);
-      constexpr std::int64_t T = 19, H = 24;
-      Runtime on_host(pretend_device_config(ranks, ranks, "f32", false));
-      Runtime on_device(pretend_device_config(ranks, ranks, "f32", true, transport));
-      HostTensor x = synthetic_tokens(T, H, 33), expected(DType::kF32, {T, H});
-      on_host.forward_local_tokens(x.view(), expected.view());
-      DataPath& path = on_device.layer(0).data_path();
-      const std::unique_ptr<Stream> caller = path.create_stream(true);
-      HostTensor x_device(DType::kF32, {T, H}), y_device(DType::kF32, {T, H}),
-          y_out(DType::kF32, {T, H});
-      for (HostTensor* m : {&x_device, &y_device, &y_out})
-        std::fill(m->data<float>(), m->data<float>() + m->numel(), std::nanf(""));
-      path.copy(x_device.data<float>(), x.data<float>(), x.size_bytes(), *caller);
-      const long waits = pretend_counter("switchyard_fixture_stream_waits");
-      on_device.forward_local_tokens_on_stream(
-          TensorView(x_device.data<float>(), DType::kF32, {T, H}, Device::cuda(0)),
-          TensorView(y_device.data<float>(), DType::kF32, {T, H}, Device::cuda(0)),
-          caller->native_handle());
-      // Over inproc the staging adds its two waits (rows out, partial sums back).
-      CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits ==
-            (transport == "pretend_device" ? 1 : 3) * ranks);
-      path.copy(y_out.data<float>(), y_device.data<float>(), y_out.size_bytes(), *caller);
-      caller->synchronize();
-      CHECK(std::memcmp(y_out.data<float>(), expected.data<float>(), y_out.size_bytes()) == 0);
+      for (const std::int64_t max_tokens : {0, 20}) {
+        CAPTURE(ranks);
+        CAPTURE(transport);
+        CAPTURE(max_tokens);
+        constexpr std::int64_t T = 19, H = 24;
+        Runtime on_host(pretend_device_config(ranks, ranks, "f32", false));
+        Runtime on_device(worst_case_config(ranks, ranks, "f32", true, transport, max_tokens));
+        HostTensor x = synthetic_tokens(T, H, 33), expected(DType::kF32, {T, H});
+        on_host.forward_local_tokens(x.view(), expected.view());
+        DataPath& path = on_device.layer(0).data_path();
+        const std::unique_ptr<Stream> caller = path.create_stream(true);
+        HostTensor x_device(DType::kF32, {T, H}), y_device(DType::kF32, {T, H}),
+            y_out(DType::kF32, {T, H});
+        for (HostTensor* m : {&x_device, &y_device, &y_out})
+          std::fill(m->data<float>(), m->data<float>() + m->numel(), std::nanf(""));
+        path.copy(x_device.data<float>(), x.data<float>(), x.size_bytes(), *caller);
+        const long waits = pretend_counter("switchyard_fixture_stream_waits");
+        on_device.forward_local_tokens_on_stream(
+            TensorView(x_device.data<float>(), DType::kF32, {T, H}, Device::cuda(0)),
+            TensorView(y_device.data<float>(), DType::kF32, {T, H}, Device::cuda(0)),
+            caller->native_handle());
+        // Over inproc the staging adds its two waits (rows out, partial sums back).
+        CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits ==
+              (transport == "pretend_device" ? 1 : 3) * ranks - (max_tokens > 0 ? ranks : 0));
+        path.copy(y_out.data<float>(), y_device.data<float>(), y_out.size_bytes(), *caller);
+        caller->synchronize();
+        CHECK(std::memcmp(y_out.data<float>(), expected.data<float>(), y_out.size_bytes()) == 0);
+      }
     }
   }
   // The host data path has no streams to order after.
@@ -1138,14 +1151,6 @@ TEST_CASE("forward over this process's tokens: with every rank here, forward's b
 
 namespace {
 
-/// `pretend_device_config` in the worst-case mode: no rank forwards more than `max_tokens`.
-Config worst_case_config(int ranks, int ep, const std::string& payload, bool on_device,
-                         const std::string& transport, std::int64_t max_tokens) {
-  Config c = pretend_device_config(ranks, ep, payload, on_device, transport);
-  c.set("runtime", "max_tokens_per_rank", max_tokens);
-  return c;
-}
-
 /// Each rank's layer forwards its own `per_rank` rows of x [ranks · per_rank, H] into y on
 /// a thread of its own, handed device tensors and an event for y (a framework's forward);
 /// returns the host waits of all ranks together, counted before anyone waits for y.
@@ -1237,12 +1242,13 @@ TEST_CASE("worst-case mode through every path: host tokens, EP x DP, host data p
   }
 }
 
-TEST_CASE("worst-case mode: a rank over the limit or with NaN logits throws alone, later") {
+TEST_CASE("worst-case mode: a rank over the limit fails every rank; NaN logits only their own") {
   constexpr std::int64_t H = 24;
   Runtime on_host(pretend_device_config(3, 3, "f32", false));
   Runtime worst_case(worst_case_config(3, 3, "f32", true, "pretend_device", 8));
-  // Rank 1 has 9 tokens, one more than the limit: it throws after serving its experts, and
-  // the others' y is right.
+  // Rank 1 has 9 tokens, one more than the limit: it throws after serving its experts, its
+  // rows tell the others, who throw when they see them (here at once: forward waits for
+  // y), and the others' y is right.
   {
     const std::array<std::int64_t, 3> counts{5, 9, 8};
     HostTensor x = synthetic_tokens(22, H, 4), expected(DType::kF32, {22, H}),
@@ -1256,12 +1262,16 @@ TEST_CASE("worst-case mode: a rank over the limit or with NaN logits throws alon
                                   TensorView(y.data<float>() + first[at] * H, DType::kF32,
                                              {counts[at], H}, Device::cuda(0)));
     });
-    CHECK_FALSE(errors[0].has_value());
     REQUIRE(errors[1].has_value());
     CHECK(std::string(errors[1]->what())
               .find("9 tokens on this rank, more than [runtime] "
                     "max_tokens_per_rank = 8") != std::string::npos);
-    CHECK_FALSE(errors[2].has_value());
+    for (const std::size_t r : {0, 2}) {
+      REQUIRE(errors[r].has_value());
+      CHECK(errors[r]->code() == ErrorCode::kPeerFailed);
+      CHECK(std::string(errors[r]->what()).find("world rank 1 refused its input") !=
+            std::string::npos);
+    }
     // Ranks 0 and 2 as the counted path gives them with rank 1's tokens absent.
     HostTensor expected_0(DType::kF32, {5, H}), expected_2(DType::kF32, {8, H});
     auto counted = test::on_threads(3, [&](int r) {
@@ -1302,4 +1312,39 @@ TEST_CASE("worst-case mode: a rank over the limit or with NaN logits throws alon
     worst_case.forward(good.view(), y.view());
     CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
   }
+}
+
+TEST_CASE("worst-case mode: a device plan's bad expert id is reported after the step") {
+  // Nobody reads a device plan on the host, so its ids are checked by the layout: the
+  // token is not sent (its y is 0), and the rank hears of it with the step's report.
+  constexpr std::int64_t H = 24, T = 4;
+  constexpr int K = 3;
+  Runtime worst_case(worst_case_config(2, 2, "f32", true, "pretend_device", 8));
+  HostTensor x = synthetic_tokens(2 * T, H, 12), y(DType::kF32, {2 * T, H});
+  std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
+  auto errors = test::on_threads(2, [&](int r) {
+    MoELayer& layer = worst_case.layer(r);
+    DataPath& path = layer.data_path();
+    std::vector<std::int32_t> experts{0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 3, 5};
+    if (r == 1) experts[2 * K + 1] = 99;  // token 2, slot 1
+    const std::vector<float> weights(T * K, 0.25f);
+    RoutingPlan plan(path.allocator());
+    plan.num_tokens = T;
+    plan.slots = K;
+    plan.experts.resize(T * K);
+    plan.weights.resize(T * K);
+    path.copy(plan.experts.data(), experts.data(), experts.size() * 4, layer.stream());
+    path.copy(plan.weights.data(), weights.data(), weights.size() * 4, layer.stream());
+    layer.forward(TensorView(x.data<float>() + r * T * H, DType::kF32, {T, H}, Device::cuda(0)),
+                  plan,
+                  TensorView(y.data<float>() + r * T * H, DType::kF32, {T, H}, Device::cuda(0)));
+    layer.finish_worst_case_steps();
+  });
+  CHECK_FALSE(errors[0].has_value());
+  REQUIRE(errors[1].has_value());
+  CHECK(std::string(errors[1]->what())
+            .find("routing plan: token 2 slot 1 has an expert outside 0..7; the token was not "
+                  "sent") != std::string::npos);
+  for (std::int64_t h = 0; h < H; ++h) CHECK(y.data<float>()[(T + 2) * H + h] == 0.0f);
+  for (std::int64_t i = 0; i < y.numel(); ++i) CHECK_FALSE(std::isnan(y.data<float>()[i]));
 }

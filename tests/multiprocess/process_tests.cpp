@@ -137,7 +137,7 @@ TEST_CASE(
 
 TEST_CASE(
     "a pretend device under mpirun and launch: rows through host memory, the host path's "
-    "bits forward and backward") {
+    "bits forward (counted and worst-case) and backward") {
   // tests/fixtures/plugins/pretend_device.cpp: host memory labelled cuda:0 whose streams
   // run their work later on a thread of their own. MPI and UCX take no device memory, so
   // the rows, their slots and the partial sums go through host staging memory. The same
@@ -162,6 +162,12 @@ TEST_CASE(
     expect_same_bits_on_every_backend(
         dir.path(), flags + " --set runtime.data_path=pretend_cuda --set output.path=", 3, {},
         read_file(host_y));
+    // The worst-case mode (fixed blocks of 12 rows per peer, padding included): the same.
+    expect_same_bits_on_every_backend(dir.path(),
+                                      flags +
+                                          " --set runtime.data_path=pretend_cuda --set "
+                                          "runtime.max_tokens_per_rank=12 --set output.path=",
+                                      3, {}, read_file(host_y));
   }
   // The backward: dx and every gradient the host data path's bytes, on every transport.
   write_npy(dir / "dy.npy", synthetic_tokens(31, 16, 9).view());

@@ -207,3 +207,22 @@ def test_token_ids_reach_a_hash_router_behind_device_tokens(tmp_path):
     assert read_device_tensor(y)[0].tobytes() == expected.tobytes()
     with pytest.raises(ValueError, match="no token ids were given"):
         device.forward(PretendCuda(x))
+
+
+def test_worst_case_mode_through_python_same_bytes_and_its_errors_on_return():
+    """[runtime] max_tokens_per_rank: device tokens give the counted host path's bytes; a rank
+    over the limit fails the forward on every rank (its own error first); the next works."""
+    host, _ = runtimes(3, "pretend_device")
+    device = switchyard.Runtime.from_string(
+        f'[runtime]\nranks = 3\nplugin_dirs = ["{FIXTURES}"]\nmax_tokens_per_rank = 10\n'
+        '[experts]\nkernel = "pretend_swiglu"\n[router]\ntop_k = 2\n'
+        '[model]\nnum_experts = 6\nhidden = 16\nffn_hidden = 24\n',
+        overrides={"runtime.data_path": "pretend_cuda", "runtime.transport": "pretend_device"})
+    x = np.random.default_rng(5).standard_normal((29, 16)).astype(np.float32)
+    expected = host.forward(x)
+    assert read_device_tensor(device.forward(PretendCuda(x)))[0].tobytes() == expected.tobytes()
+    device.finish_worst_case_steps()  # nothing left to report
+    too_many = np.random.default_rng(6).standard_normal((33, 16)).astype(np.float32)
+    with pytest.raises(ValueError, match="more than \\[runtime\\] max_tokens_per_rank = 10"):
+        device.forward(PretendCuda(too_many))
+    assert read_device_tensor(device.forward(PretendCuda(x)))[0].tobytes() == expected.tobytes()

@@ -333,7 +333,9 @@ class MoELayer {
   const LayerTimings& timings() const noexcept { return timings_; }
   /// True when the last `forward` or `dispatch` failed at the point where every rank of
   /// the EP group learns of it together (bad input on some rank, found before any data
-  /// moved): every rank threw there, and the group is usable for the next step.
+  /// moved): every rank threw there, and the group is usable for the next step. In the
+  /// worst-case mode, also when the forward threw after queuing its whole step (its own
+  /// refused input, or a report): the group is in step too.
   bool last_failure_agreed() const noexcept;
   const LayerTraffic& traffic() const noexcept;
 
@@ -361,6 +363,7 @@ class MoELayer {
     std::int64_t tokens = 0;
     int slots = 0;
     bool device_routed = false;
+    bool refused = false;  // the step threw this rank's own error: nothing more to tell
     bool pending = false;
   };
   /// Takes the pending reports in order, while their step has finished (or waiting for
@@ -370,6 +373,7 @@ class MoELayer {
   static constexpr std::size_t kWorstCaseReportsInFlight = 4;
   std::vector<WorstCaseReport> worst_case_reports_;  // a ring, oldest at next_report_
   std::size_t next_report_ = 0;
+  bool worst_case_failed_in_step_ = false;  // the last forward threw after queuing its step
   /// The one forward sequence, in `chunks` pipelined chunks (1: a plain sequence); with
   /// `save`, the rows and projections stay in kept_handle_ for the backward.
   void forward_pipeline(const TensorView& x, const RoutingPlan& plan, const TensorView& y,

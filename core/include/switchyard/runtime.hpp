@@ -306,6 +306,10 @@ class Runtime {
   /// hosts every rank.
   void gather_expert_gradients(ModelGradients& gradients);
 
+  /// The worst-case mode's reports (`MoELayer::finish_worst_case_steps`) of every layer of
+  /// every local rank, waited for: throws the first failure they hold once all are taken.
+  /// Local, not collective.
+  void finish_worst_case_steps();
   /// Statistics of the last forward, reduced over all ranks (collective; call after
   /// `forward`).
   GlobalRouterStats global_router_stats(int layer = 0);

@@ -137,6 +137,13 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_with_ids(switchyard_run
 SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_on_stream(switchyard_runtime* runtime,
                                                                    int layer, const DLTensor* x,
                                                                    DLTensor* y, void* stream);
+/* With [runtime] max_tokens_per_rank (the worst-case mode, whose forwards report what
+ * needs the host after the step): waits for the reports of every layer of this process's
+ * ranks and returns the first failure they hold (NaN logits of a device routing, a bad
+ * expert id in a device plan, a peer that refused its input), else SWITCHYARD_OK. Local,
+ * not collective; nothing to do outside the mode. */
+SWITCHYARD_C_EXPORT switchyard_status
+switchyard_finish_worst_case_steps(switchyard_runtime* runtime);
 /* The dense single-process reference of the same computation (float64 inside). */
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* x, DLTensor* y);
