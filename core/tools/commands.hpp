@@ -24,6 +24,7 @@ int route_command(const std::vector<std::string>& args);
 int bench_command(const std::vector<std::string>& args);
 int simulate_command(const std::vector<std::string>& args);
 int backward_command(const std::vector<std::string>& args);
+int plan_experts_command(const std::vector<std::string>& args);
 
 }  // namespace switchyard::tool
 

@@ -41,6 +41,10 @@ commands:
         ([simulate] nodes, gpus_per_node, ...): expert load, traffic per rank and node
         under three accountings, predicted dispatch and combine time; --html writes a
         self-contained report
+  plan-experts CONFIG --load LOAD.npy --out DIR [--redundant R] [--set ...]
+        place each layer's experts, with R redundant copies, on the ranks of CONFIG
+        from their measured load (DeepSeek's expert-parallel load balancer): writes
+        the slots, copies and each layer's imbalance before and after
   launch -n N [--ranks-per-node M] [--grace SECONDS] -- COMMAND [ARGS]...
         start N local processes with RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
         MASTER_ADDR and MASTER_PORT set, output prefixed with the rank; when one
@@ -75,6 +79,7 @@ int main(int argc, char** argv) {
     if (command == "bench") return switchyard::tool::bench_command(args);
     if (command == "simulate") return switchyard::tool::simulate_command(args);
     if (command == "backward") return switchyard::tool::backward_command(args);
+    if (command == "plan-experts") return switchyard::tool::plan_experts_command(args);
   } catch (const switchyard::Error& e) {
     switchyard::tool::report_error(e);
     return switchyard::tool::kExitError;

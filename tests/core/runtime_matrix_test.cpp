@@ -1237,7 +1237,8 @@ TEST_CASE("worst-case mode through every path: host tokens, EP x DP, host data p
       on_host.forward(x.view(), expected.view());
       std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
       worst_case.forward(x.view(), y.view());
-      CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
+      CHECK((tokens == 0 ||
+             std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0));
     }
   }
 }

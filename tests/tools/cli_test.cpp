@@ -518,3 +518,46 @@ TEST_CASE("simulate: bad input is refused before any work, naming what to fix") 
     CHECK_FALSE(std::filesystem::exists(dir / "never.json"));
   }
 }
+
+TEST_CASE("plan-experts: the published EPLB example through the tool, and bad loads refused") {
+  // DeepSeek's EPLB README example (also vLLM's test_basic_rebalance): 2 layers of 12
+  // experts in 4 groups, 8 ranks on 2 nodes, 4 redundant copies.
+  test::TempDir dir;
+  const std::int64_t load[24] = {90, 132, 40,  61, 104, 165, 39,  4,   73,  56, 183, 86,
+                                 20, 107, 104, 64, 19,  197, 187, 157, 172, 86, 16,  27};
+  write_npy(dir / "load.npy", TensorView(const_cast<std::int64_t*>(load), DType::kI64, {2, 12}));
+  test::write_text(dir / "plan.toml",
+                   "[runtime]\nranks = 8\nranks_per_node = 4\n[router]\npolicy = "
+                   "\"node_limited\"\nnum_groups = 4\nmax_groups = 2\ntop_k = 2\n");
+  const std::string plan = "plan-experts " + (dir / "plan.toml").string() + " --load " +
+                           (dir / "load.npy").string() + " --out " + (dir / "out").string();
+  const auto r = test::run_tool(plan + " --redundant 4");
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  const HostTensor slots = read_npy(dir / "out" / "expert_of_slot.npy");
+  REQUIRE(slots.shape() == std::vector<std::int64_t>{2, 16});
+  CHECK(std::vector<std::int32_t>(slots.data<std::int32_t>(), slots.data<std::int32_t>() + 32) ==
+        std::vector<std::int32_t>{5, 6,  5, 7, 8, 4,  3, 4, 10, 9, 10, 2, 0, 1, 11, 1,
+                                  7, 10, 6, 8, 6, 11, 8, 9, 2,  4, 5,  1, 5, 0, 3,  1});
+  // Rank loads by hand for layer 0: rank 0 holds experts 5 (165/2) and 6 (39), and the
+  // contiguous placement gives rank 0 experts 0 and 1 (90 + 132).
+  std::ifstream in(dir / "out" / "plan.json");
+  const nlohmann::json json = nlohmann::json::parse(in);
+  CHECK(json["layers"][0]["rank_load_planned"][0].get<double>() == 121.5);
+  CHECK(json["layers"][0]["rank_load_contiguous"][0].get<double>() == 222);
+  CHECK(r.output.find("imbalance 2.083 contiguous, 1.208 planned") != std::string::npos);
+  // A load that is not [E] or [layers, E], and a negative one.
+  const float cube[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  write_npy(dir / "cube.npy", TensorView(const_cast<float*>(cube), DType::kF32, {2, 2, 2}));
+  const auto bad = test::run_tool("plan-experts " + (dir / "plan.toml").string() + " --load " +
+                                  (dir / "cube.npy").string() + " --out " + (dir / "o2").string());
+  CHECK(bad.exit_code == 1);
+  CHECK(bad.output.find("must hold [E] or [layers, E] loads") != std::string::npos);
+  const float negative[4] = {1, -2, 3, 4};
+  write_npy(dir / "neg.npy", TensorView(const_cast<float*>(negative), DType::kF32, {4}));
+  const auto neg = test::run_tool("plan-experts " + (dir / "plan.toml").string() + " --load " +
+                                  (dir / "neg.npy").string() + " --out " + (dir / "o3").string());
+  CHECK(neg.exit_code == 1);
+  CHECK(neg.output.find("expert 1's load is -2") != std::string::npos);
+  CHECK(test::run_tool(plan + " --redundant -1").exit_code == 2);
+}
