@@ -137,6 +137,10 @@ ConfigSchema core_schema(std::string_view section) {
     s.add("tokens_per_rank", T::kInt, ConfigValue{std::int64_t{4096}},
           "tokens each rank routes per step (synthetic logits)",
           checks::int_range(1, std::int64_t{1} << 24));
+    s.add("redundant_experts", T::kInt, ConfigValue{std::int64_t{0}},
+          "redundant expert copies per EP group, placed by the expert-parallel load balancer "
+          "from the first step's load (0: the contiguous placement); also a --compare key",
+          checks::int_range(0, 1 << 20));
     s.add("steps", T::kInt, ConfigValue{std::int64_t{1}}, "steps to simulate",
           checks::int_range(1, 10000));
     s.add("logits", T::kString, ConfigValue{std::string("normal")},

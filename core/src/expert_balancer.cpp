@@ -153,7 +153,148 @@ ExpertSlots hierarchical(std::span<const float> weight, int physical, int groups
   return out;
 }
 
+/// A max-flow network (Dinic's algorithm) with real capacities: small (experts + ranks + 2
+/// nodes), built once per split and reused for every bound of the bisection.
+class FlowNetwork {
+ public:
+  explicit FlowNetwork(int nodes) : first_(static_cast<std::size_t>(nodes), -1) {}
+  /// An edge from → to of capacity `capacity`; its index (the reverse edge is index + 1).
+  int add_edge(int from, int to, double capacity) {
+    edges_.push_back({to, first_[static_cast<std::size_t>(from)], capacity, 0});
+    first_[static_cast<std::size_t>(from)] = static_cast<int>(edges_.size()) - 1;
+    edges_.push_back({from, first_[static_cast<std::size_t>(to)], 0, 0});
+    first_[static_cast<std::size_t>(to)] = static_cast<int>(edges_.size()) - 1;
+    return static_cast<int>(edges_.size()) - 2;
+  }
+  void set_capacity(int edge, double capacity) {
+    edges_[static_cast<std::size_t>(edge)].capacity = capacity;
+  }
+  double flow(int edge) const { return edges_[static_cast<std::size_t>(edge)].flow; }
+  /// The maximum flow from `source` to `sink` (flows start from 0).
+  double max_flow(int source, int sink) {
+    for (Edge& e : edges_) e.flow = 0;
+    double total = 0;
+    while (levels(source, sink)) {
+      next_ = first_;
+      while (const double pushed = push(source, sink, kUnbounded)) total += pushed;
+    }
+    return total;
+  }
+  static constexpr double kUnbounded = 1e300;
+
+ private:
+  struct Edge {
+    int to, next;
+    double capacity, flow;
+  };
+  static constexpr double kEpsilon = 1e-12;
+  double residual(const Edge& e) const { return e.capacity - e.flow; }
+  bool levels(int source, int sink) {
+    level_.assign(first_.size(), -1);
+    std::vector<int> queue{source};
+    level_[static_cast<std::size_t>(source)] = 0;
+    for (std::size_t i = 0; i < queue.size(); ++i) {
+      const int u = queue[i];
+      for (int e = first_[static_cast<std::size_t>(u)]; e >= 0;
+           e = edges_[static_cast<std::size_t>(e)].next) {
+        const Edge& edge = edges_[static_cast<std::size_t>(e)];
+        if (residual(edge) > kEpsilon && level_[static_cast<std::size_t>(edge.to)] < 0) {
+          level_[static_cast<std::size_t>(edge.to)] = level_[static_cast<std::size_t>(u)] + 1;
+          queue.push_back(edge.to);
+        }
+      }
+    }
+    return level_[static_cast<std::size_t>(sink)] >= 0;
+  }
+  double push(int u, int sink, double limit) {
+    if (u == sink) return limit;
+    for (int& e = next_[static_cast<std::size_t>(u)]; e >= 0;
+         e = edges_[static_cast<std::size_t>(e)].next) {
+      Edge& edge = edges_[static_cast<std::size_t>(e)];
+      if (residual(edge) <= kEpsilon ||
+          level_[static_cast<std::size_t>(edge.to)] != level_[static_cast<std::size_t>(u)] + 1) {
+        continue;
+      }
+      const double pushed = push(edge.to, sink, std::min(limit, residual(edge)));
+      if (pushed > 0) {
+        edge.flow += pushed;
+        edges_[static_cast<std::size_t>(e ^ 1)].flow -= pushed;
+        return pushed;
+      }
+    }
+    return 0;
+  }
+  std::vector<Edge> edges_;
+  std::vector<int> first_, next_, level_;
+};
+
 }  // namespace
+
+void split_expert_load(ExpertSlots& slots, std::span<const double> load) {
+  const int E = slots.num_experts, R = slots.num_ranks(), S = slots.num_slots();
+  slots.share_of_slot.assign(static_cast<std::size_t>(S), 0.0);
+  for (int s = 0; s < S; ++s) {
+    const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
+    slots.share_of_slot[static_cast<std::size_t>(s)] = 1.0 / slots.copies[e];
+  }
+  double total = 0;
+  for (int e = 0; e < E; ++e) total += load[static_cast<std::size_t>(e)];
+  if (total <= 0 || R < 2) return;
+  // Source → expert (its load) → each rank holding a copy (unbounded) → sink (the bound).
+  const int source = 0, sink = E + R + 1;
+  FlowNetwork network(E + R + 2);
+  std::vector<int> expert_edge(static_cast<std::size_t>(E), -1),
+      rank_edge(static_cast<std::size_t>(R));
+  for (int e = 0; e < E; ++e) {
+    if (load[static_cast<std::size_t>(e)] > 0)
+      expert_edge[static_cast<std::size_t>(e)] =
+          network.add_edge(source, 1 + e, load[static_cast<std::size_t>(e)]);
+  }
+  // One edge per (expert, rank) pair holding it, in slot order.
+  std::vector<int> pair_edge(static_cast<std::size_t>(S), -1);
+  for (int s = 0; s < S; ++s) {
+    const int e = slots.expert_of_slot[static_cast<std::size_t>(s)], r = s / slots.slots_per_rank;
+    int same = -1;
+    for (int t = r * slots.slots_per_rank; t < s; ++t) {
+      if (slots.expert_of_slot[static_cast<std::size_t>(t)] == e)
+        same = pair_edge[static_cast<std::size_t>(t)];
+    }
+    pair_edge[static_cast<std::size_t>(s)] =
+        same >= 0 ? same : network.add_edge(1 + e, 1 + E + r, FlowNetwork::kUnbounded);
+  }
+  for (int r = 0; r < R; ++r)
+    rank_edge[static_cast<std::size_t>(r)] = network.add_edge(1 + E + r, sink, 0);
+  auto feasible = [&](double bound) {
+    for (const int edge : rank_edge) network.set_capacity(edge, bound);
+    return network.max_flow(source, sink) >= total * (1 - 1e-12);
+  };
+  const std::vector<double> even = rank_loads(slots, load);
+  double low = total / R, high = *std::max_element(even.begin(), even.end());
+  if (feasible(low)) {
+    high = low;
+  } else {
+    while (high - low > total * 1e-9) {
+      const double middle = 0.5 * (low + high);
+      (feasible(middle) ? high : low) = middle;
+    }
+  }
+  feasible(high);
+  // Each (expert, rank) pair's flow, over the expert's load, split over its copies there.
+  std::vector<int> copies_on_pair(static_cast<std::size_t>(S), 0);
+  for (int s = 0; s < S; ++s) {
+    for (int t = 0; t < S; ++t) {
+      if (pair_edge[static_cast<std::size_t>(t)] == pair_edge[static_cast<std::size_t>(s)])
+        ++copies_on_pair[static_cast<std::size_t>(s)];
+    }
+  }
+  for (int s = 0; s < S; ++s) {
+    const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
+    if (load[e] <= 0) continue;
+    slots.share_of_slot[static_cast<std::size_t>(s)] =
+        network.flow(pair_edge[static_cast<std::size_t>(s)]) / load[e] /
+        copies_on_pair[static_cast<std::size_t>(s)];
+  }
+}
 
 ExpertSlots balance_experts(std::span<const double> load, const ExpertBalanceShape& shape) {
   const auto E = static_cast<int>(load.size());
@@ -180,15 +321,21 @@ ExpertSlots balance_experts(std::span<const double> load, const ExpertBalanceSha
   const int physical = (E + shape.redundant_experts + R - 1) / R * R;
   const bool by_nodes = shape.num_nodes > 1 && shape.num_groups % shape.num_nodes == 0 &&
                         E % shape.num_groups == 0 && R % shape.num_nodes == 0;
-  return by_nodes ? hierarchical(weight, physical, shape.num_groups, shape.num_nodes, R)
-                  : hierarchical(weight, physical, 1, 1, R);
+  ExpertSlots slots = by_nodes
+                          ? hierarchical(weight, physical, shape.num_groups, shape.num_nodes, R)
+                          : hierarchical(weight, physical, 1, 1, R);
+  split_expert_load(slots, load);
+  return slots;
 }
 
 std::vector<double> rank_loads(const ExpertSlots& slots, std::span<const double> load) {
   std::vector<double> out(static_cast<std::size_t>(slots.num_ranks()), 0.0);
   for (int s = 0; s < slots.num_slots(); ++s) {
-    const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
-    out[static_cast<std::size_t>(s / slots.slots_per_rank)] += load[e] / slots.copies[e];
+    const auto at = static_cast<std::size_t>(s);
+    const auto e = static_cast<std::size_t>(slots.expert_of_slot[at]);
+    const double share =
+        slots.share_of_slot.empty() ? 1.0 / slots.copies[e] : slots.share_of_slot[at];
+    out[static_cast<std::size_t>(s / slots.slots_per_rank)] += load[e] * share;
   }
   return out;
 }

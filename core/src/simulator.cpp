@@ -7,6 +7,7 @@
 #include <string>
 #include <utility>
 
+#include "switchyard/expert_balancer.hpp"
 #include "switchyard/placement.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
@@ -240,8 +241,17 @@ void Traffic::accumulate(const Traffic& s) {
   remote_nodes += s.remote_nodes;
   distinct_ranks += s.distinct_ranks;
   max_nodes_per_token = std::max(max_nodes_per_token, s.max_nodes_per_token);
+  rank_imbalance_floor = std::max(rank_imbalance_floor, s.rank_imbalance_floor);
   add(layer_dispatch_bytes, s.layer_dispatch_bytes);
   add(layer_combine_bytes, s.layer_combine_bytes);
+}
+
+double Traffic::rank_imbalance() const noexcept {
+  if (assignments == 0 || tokens_per_rank.empty()) return 0;
+  const double mean =
+      static_cast<double>(assignments) / static_cast<double>(tokens_per_rank.size());
+  return static_cast<double>(*std::max_element(tokens_per_rank.begin(), tokens_per_rank.end())) /
+         mean;
 }
 
 double Traffic::imbalance() const noexcept {
@@ -455,6 +465,7 @@ Simulator::Simulator(ClusterSpec spec, LogitsSource logits, std::vector<RouterSe
       }
       group.routers.push_back(std::move(router));
     }
+    group.copy_ranks.resize(settings_.size());
   }
   rank_stamp_.assign(static_cast<std::size_t>(W), -1);
   node_stamp_.assign(static_cast<std::size_t>(spec_.nodes), -1);
@@ -500,6 +511,10 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
   HostStream stream;
   std::vector<std::vector<std::int64_t>> group_counts(settings_.size());
   for (std::size_t g = 0; g < groups_.size(); ++g) {
+    for (std::size_t s = 0; s < settings_.size(); ++s) {
+      if (settings_[s].redundant_experts > 0 && groups_[g].copy_ranks[s].empty())
+        place_copies(g, s, logits_of);
+    }
     for (auto& c : group_counts) c.assign(E, 0);
     for (int r = static_cast<int>(g) * G; r < static_cast<int>(g + 1) * G; ++r) {
       const TensorView logits = logits_of(r);
@@ -512,9 +527,25 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
         result[s].tokens += plan.num_tokens;
         result[s].dropped += router.stats().dropped;
         for (std::size_t e = 0; e < E; ++e) group_counts[s][e] += plan.counts[e];
-        account(r, plan, result[s]);
+        account(r, plan, groups_[g].copy_ranks[s], result[s]);
       }
       if (progress) progress(r + 1, W);
+    }
+    // The floor: no placement of these copies puts less than the hottest copy's load on
+    // a rank.
+    for (std::size_t s = 0; s < settings_.size(); ++s) {
+      const auto& copy_ranks = groups_[g].copy_ranks[s];
+      double hottest = 0, total = 0;
+      for (std::size_t e = 0; e < E; ++e) {
+        const auto load = static_cast<double>(group_counts[s][e]);
+        total += load;
+        hottest = std::max(
+            hottest, load / static_cast<double>(copy_ranks.empty() ? 1 : copy_ranks[e].size()));
+      }
+      if (total > 0) {
+        result[s].rank_imbalance_floor =
+            std::max(result[s].rank_imbalance_floor, std::max(1.0, hottest * G / total));
+      }
     }
     // Balancing routers learn from their group's summed counts, as the runtime's do.
     for (std::size_t s = 0; s < settings_.size(); ++s) {
@@ -526,10 +557,14 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
   // group plus the counts for each peer (its rows, then the slots for each of its local
   // experts, as many as the rank with the most: int64 each); results back in the combine
   // dtype.
-  const auto counts_per_peer =
-      1 + static_cast<std::uint64_t>(ExpertPlacement(spec_.num_experts, G).max_local());
   for (std::size_t s = 0; s < settings_.size(); ++s) {
     Traffic& t = result[s];
+    // With copies: every rank holds ceil((E + R) / G) slots.
+    const int redundant = settings_[s].redundant_experts;
+    const auto counts_per_peer =
+        1 + static_cast<std::uint64_t>(redundant > 0
+                                           ? (spec_.num_experts + redundant + G - 1) / G
+                                           : ExpertPlacement(spec_.num_experts, G).max_local());
     const std::uint64_t row = dispatch_copy_bytes(spec_, Accounting::kPerRank, slots(s));
     const std::uint64_t back = combine_copy_bytes(spec_);
     t.layer_dispatch_bytes.assign(static_cast<std::size_t>(W), 0);
@@ -550,7 +585,67 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
   return result;
 }
 
-void Simulator::account(int rank, const RoutingPlan& plan, Traffic& t) {
+void Simulator::place_copies(std::size_t g, std::size_t s,
+                             const std::function<TensorView(int)>& logits_of) {
+  const int G = spec_.group_size();
+  const auto E = static_cast<std::size_t>(spec_.num_experts);
+  std::vector<double> load(E, 0.0);
+  RoutingPlan plan;
+  HostStream stream;
+  Router& router = *groups_[g].routers[s];
+  for (int r = static_cast<int>(g) * G; r < static_cast<int>(g + 1) * G; ++r) {
+    RouteInput input;
+    input.logits = logits_of(r);
+    input.topology = &groups_[g].topology;
+    router.route(input, plan, stream);
+    for (std::size_t e = 0; e < E; ++e) load[e] += static_cast<double>(plan.counts[e]);
+  }
+  // Global: any expert's copies on any rank (hot experts are often neighbours, and keeping
+  // each node's block of the contiguous placement on its node would leave their node hot).
+  ExpertBalanceShape shape;
+  shape.num_ranks = G;
+  shape.redundant_experts = settings_[s].redundant_experts;
+  const ExpertSlots slots = balance_experts(load, shape);
+  auto& copy_ranks = groups_[g].copy_ranks[s];
+  copy_ranks.assign(E, {});
+  for (std::size_t e = 0; e < E; ++e)
+    copy_ranks[e].resize(static_cast<std::size_t>(slots.copies[e]));
+  for (int slot = 0; slot < slots.num_slots(); ++slot) {
+    const auto at = static_cast<std::size_t>(slot);
+    copy_ranks[static_cast<std::size_t>(slots.expert_of_slot[at])][static_cast<std::size_t>(
+        slots.replica_of_slot[at])] = {slot / slots.slots_per_rank, slots.share_of_slot[at]};
+  }
+  for (auto& copies : copy_ranks) {
+    double sum = 0;
+    for (auto& [rank, share] : copies) share = sum += share;
+    copies.back().second = 1.0;  // whatever the rounding, every token finds a copy
+  }
+}
+
+namespace {
+
+/// The group rank of the copy of `expert` that token `token` of rank `rank` goes to: a
+/// hash of the token's global position and the expert, as a point in [0, 1), falls in one
+/// copy's share (the same wherever it is computed).
+int choose_copy(int rank, std::int64_t token, int expert,
+                const std::vector<std::pair<int, double>>& copies) {
+  std::uint64_t z = (static_cast<std::uint64_t>(rank) << 40) ^ static_cast<std::uint64_t>(token) ^
+                    (static_cast<std::uint64_t>(expert) << 24);
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  z ^= z >> 31;
+  const double point = static_cast<double>(z >> 11) * 0x1.0p-53;
+  for (const auto& [copy_rank, running_share] : copies)
+    if (point < running_share) return copy_rank;
+  return copies.back().first;
+}
+
+}  // namespace
+
+void Simulator::account(int rank, const RoutingPlan& plan,
+                        const std::vector<std::vector<std::pair<int, double>>>& copy_ranks,
+                        Traffic& t) {
   const int W = spec_.world(), G = spec_.group_size(), P = spec_.gpus_per_node;
   const int group_first = rank / G * G;
   const ExpertPlacement placement(spec_.num_experts, G);
@@ -581,7 +676,10 @@ void Simulator::account(int rank, const RoutingPlan& plan, Traffic& t) {
       if (e < 0) continue;
       ++t.assignments;
       ++t.tokens_per_expert[static_cast<std::size_t>(e)];
-      const int d = group_first + placement.rank_of(e);
+      const int d = group_first +
+                    (copy_ranks.empty()
+                         ? placement.rank_of(e)
+                         : choose_copy(rank, token, e, copy_ranks[static_cast<std::size_t>(e)]));
       const int node = d / P;
       ++t.tokens_per_rank[static_cast<std::size_t>(d)];
       ++t.tokens_per_node[static_cast<std::size_t>(node)];

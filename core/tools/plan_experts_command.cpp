@@ -102,8 +102,11 @@ int plan_experts_command(const std::vector<std::string>& given) {
   ExpertBalanceShape shape;
   shape.num_ranks = ranks;
   shape.num_nodes = per_node > 0 ? (ranks + per_node - 1) / per_node : 1;
-  shape.num_groups = router.has("num_groups") ? static_cast<int>(router.get_int("num_groups")) : 1;
-  shape.num_groups = std::max(shape.num_groups, 1);
+  // A group-limited policy's groups (node_limited's num_groups); other policies have none.
+  for (const ConfigSection::Entry& entry : router.entries()) {
+    if (entry.key->name == "num_groups" && entry.value)
+      shape.num_groups = std::max(1, static_cast<int>(router.get_int("num_groups")));
+  }
   shape.redundant_experts = static_cast<int>(*redundant);
 
   const auto loads = read_load(line->values[0]);

@@ -44,12 +44,14 @@ constexpr Accounting kAccountings[kNumAccountings] = {Accounting::kPerExpert, Ac
 struct Setting {
   std::string label;
   std::shared_ptr<const ResolvedConfig> settings;
+  int redundant_experts = -1;  // -1: [simulate] redundant_experts
 };
 
 /// The [router] section with "key=value,key=value" applied.
 Setting resolve_setting(const Config& base, const std::string& spec,
                         const PluginRegistry& registry) {
   Config config = base;
+  int redundant = -1;
   std::size_t start = 0;
   while (start <= spec.size()) {
     const std::size_t comma = spec.find(',', start);
@@ -62,11 +64,19 @@ Setting resolve_setting(const Config& base, const std::string& spec,
       message += "'";
       throw Error(ErrorCode::kInvalidArgument, message);
     }
-    config.set_from_command_line("router." + item);
+    if (item.rfind("redundant_experts=", 0) == 0) {
+      // Not a router key: the placement's copies.
+      const auto value = parse_integer_flag("simulate", "--compare redundant_experts",
+                                            item.substr(item.find('=') + 1), 0, 1 << 20);
+      if (!value) throw Error(ErrorCode::kInvalidArgument, "--compare '" + spec + "': bad value");
+      redundant = static_cast<int>(*value);
+    } else {
+      config.set_from_command_line("router." + item);
+    }
     if (comma == std::string::npos) break;
     start = comma + 1;
   }
-  return {spec, std::make_shared<const ResolvedConfig>(config, registry)};
+  return {spec, std::make_shared<const ResolvedConfig>(config, registry), redundant};
 }
 
 std::string human_bytes(double bytes) {
@@ -131,6 +141,8 @@ Json traffic_json(const sim::ClusterSpec& spec, const sim::Traffic& t, int slots
   j["assignments"] = t.assignments;
   j["dropped"] = t.dropped;
   j["imbalance"] = t.imbalance();
+  j["rank_imbalance"] = t.rank_imbalance();
+  j["rank_imbalance_floor"] = t.rank_imbalance_floor;
   j["tokens_per_expert"] = t.tokens_per_expert;
   j["tokens_per_rank"] = t.tokens_per_rank;
   j["tokens_per_node"] = t.tokens_per_node;
@@ -228,11 +240,12 @@ void print_table(const sim::ClusterSpec& spec, const std::vector<Setting>& setti
   int width = 14;
   for (const auto& setting : settings)
     width = std::max(width, static_cast<int>(setting.label.size()));
-  std::printf("%-*s %9s %7s %7s %12s %12s %12s %11s %11s %11s\n", width, "router setting",
-              "imbalance", "dropped", "nodes/t", "inter B/tok", "inter B/tok", "inter B/tok",
-              "dispatch", "dispatch", "combine");
-  std::printf("%-*s %9s %7s %7s %12s %12s %12s %11s %11s %11s\n", width, "", "(max/mean)", "", "",
-              "per expert", "per rank", "per node", "per rank", "per node", "per rank");
+  std::printf("%-*s %9s %9s %6s %7s %7s %12s %12s %12s %11s %11s %11s\n", width, "router setting",
+              "imbalance", "rank load", "floor", "dropped", "nodes/t", "inter B/tok", "inter B/tok",
+              "inter B/tok", "dispatch", "dispatch", "combine");
+  std::printf("%-*s %9s %9s %6s %7s %7s %12s %12s %12s %11s %11s %11s\n", width, "", "(experts)",
+              "(max/mean)", "", "", "", "per expert", "per rank", "per node", "per rank",
+              "per node", "per rank");
   for (std::size_t s = 0; s < settings.size(); ++s) {
     const sim::Traffic& t = totals[s];
     const double tokens = t.tokens > 0 ? static_cast<double>(t.tokens) : 1.0;
@@ -243,10 +256,10 @@ void print_table(const sim::ClusterSpec& spec, const std::vector<Setting>& setti
     }
     const double per_step = 1.0 / steps;
     std::printf(
-        "%-*s %9.3f %7lld %7.2f %12s %12s %12s %9.3fms %9.3fms %9.3fms\n", width,
-        settings[s].label.c_str(), t.imbalance(), static_cast<long long>(t.dropped),
-        static_cast<double>(t.distinct_nodes) / tokens, human_bytes(inter[0]).c_str(),
-        human_bytes(inter[1]).c_str(), human_bytes(inter[2]).c_str(),
+        "%-*s %9.3f %9.3f %6.3f %7lld %7.2f %12s %12s %12s %9.3fms %9.3fms %9.3fms\n", width,
+        settings[s].label.c_str(), t.imbalance(), t.rank_imbalance(), t.rank_imbalance_floor,
+        static_cast<long long>(t.dropped), static_cast<double>(t.distinct_nodes) / tokens,
+        human_bytes(inter[0]).c_str(), human_bytes(inter[1]).c_str(), human_bytes(inter[2]).c_str(),
         1e3 * per_step * sim::predict(spec, t, Accounting::kPerRank, slots[s], false).seconds,
         1e3 * per_step * sim::predict(spec, t, Accounting::kPerNode, slots[s], false).seconds,
         1e3 * per_step * sim::predict(spec, t, Accounting::kPerRank, slots[s], true).seconds);
@@ -383,13 +396,17 @@ int simulate_command(const std::vector<std::string>& args) {
                                      " but the logits have " + std::to_string(spec.num_experts) +
                                      " experts");
     }
-    routers.push_back({setting.label, [&registry, keep = setting.settings, E = spec.num_experts] {
+    routers.push_back({setting.label,
+                       [&registry, keep = setting.settings, E = spec.num_experts] {
                          const ConfigSection& options = keep->section("router");
                          RouterCreateArgs create;
                          create.options = &options;
                          create.num_experts = E;
                          return registry.create_router(options.get_string("policy"), create);
-                       }});
+                       },
+                       setting.redundant_experts >= 0
+                           ? setting.redundant_experts
+                           : static_cast<int>(simulate.get_int("redundant_experts"))});
   }
   sim::Simulator simulator(spec, std::move(*logits), std::move(routers),
                            static_cast<int>(simulate.get_int("sample_tokens")));

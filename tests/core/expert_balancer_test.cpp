@@ -126,3 +126,36 @@ TEST_CASE("invariants on random skewed loads: copies, replicas, groups kept on t
     }
   }
 }
+
+TEST_CASE("the copies' shares: a min-max split that an even one cannot reach, worked by hand") {
+  // Rank 0 holds experts 0 and 1, rank 1 two copies of expert 0; loads 10 and 10. Even
+  // shares (1/3 each) give rank 0 10/3 + 10 and rank 1 20/3; the best split sends all of
+  // expert 0 to rank 1: 10 and 10.
+  ExpertSlots slots;
+  slots.num_experts = 2;
+  slots.slots_per_rank = 2;
+  slots.expert_of_slot = {0, 1, 0, 0};
+  slots.replica_of_slot = {0, 0, 1, 2};
+  slots.copies = {3, 1};
+  const std::vector<double> load{10, 10};
+  split_expert_load(slots, load);
+  CHECK(slots.share_of_slot == std::vector<double>{0, 1, 0.5, 0.5});
+  CHECK(rank_loads(slots, load) == std::vector<double>{10, 10});
+  // The balancer's own plans: every expert's shares sum to 1, and no rank carries more
+  // than under even shares.
+  std::mt19937_64 rng(3);
+  std::vector<double> skewed(64);
+  for (std::size_t e = 0; e < skewed.size(); ++e)
+    skewed[e] = 1e4 / static_cast<double>(e + 1) + static_cast<double>(rng() % 50);
+  const ExpertSlots plan = balance_experts(skewed, {16, 2, 4, 16});
+  std::vector<double> sums(64, 0.0);
+  for (int s = 0; s < plan.num_slots(); ++s)
+    sums[static_cast<std::size_t>(plan.expert_of_slot[static_cast<std::size_t>(s)])] +=
+        plan.share_of_slot[static_cast<std::size_t>(s)];
+  for (const double sum : sums) CHECK(sum == doctest::Approx(1.0).epsilon(1e-9));
+  ExpertSlots even = plan;
+  even.share_of_slot.clear();
+  const std::vector<double> split = rank_loads(plan, skewed), evenly = rank_loads(even, skewed);
+  CHECK(*std::max_element(split.begin(), split.end()) <=
+        *std::max_element(evenly.begin(), evenly.end()) * (1 + 1e-9));
+}

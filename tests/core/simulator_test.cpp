@@ -350,3 +350,29 @@ TEST_CASE("bad simulator input is refused before any work") {
                          {setting("node_limited", "top_k = 2\nmax_groups = 3", 16)});
         }).find("router setting 'node_limited") != std::string::npos);
 }
+
+TEST_CASE("redundant experts: the ranks' load evens out, and the copies chosen are the same") {
+  // 2 nodes × 8 GPUs, 64 experts, top-4, a hot few (hot:4:2.0): contiguous ranks differ by
+  // far more than placed copies do. Every token's copy comes from its position and expert,
+  // so a second simulator gives the same traffic.
+  const sim::ClusterSpec spec = cluster(2, 8, 64, 1024);
+  auto run = [&] {
+    std::vector<sim::RouterSetting> settings{setting("topk", "top_k = 4", 64),
+                                             setting("topk", "top_k = 4", 64)};
+    settings[1].redundant_experts = 16;
+    sim::Simulator simulator(spec, sim::LogitsSource::synthetic("hot:4:2.0", 64, 2048, 5),
+                             std::move(settings), 0);
+    return simulator.step(0);
+  };
+  const std::vector<sim::Traffic> first = run(), again = run();
+  const double contiguous = first[0].rank_imbalance(), placed = first[1].rank_imbalance();
+  MESSAGE("rank imbalance contiguous " << contiguous << ", with 16 copies " << placed << " (floor "
+                                       << first[1].rank_imbalance_floor << ")");
+  CHECK(contiguous >= 1.5);
+  CHECK(placed <= 1.2);
+  CHECK(placed >= first[1].rank_imbalance_floor * (1 - 1e-9));
+  // The experts' own load does not change; where it lands does.
+  CHECK(first[1].tokens_per_expert == first[0].tokens_per_expert);
+  CHECK(first[1].tokens_per_rank == again[1].tokens_per_rank);
+  CHECK(first[1].copies == again[1].copies);
+}

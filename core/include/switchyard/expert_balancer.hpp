@@ -37,6 +37,10 @@ struct ExpertSlots {
   std::vector<int> replica_of_slot;
   /// [E] copies of each expert (each ≥ 1; they sum to S).
   std::vector<int> copies;
+  /// [S] the share of its expert's tokens each slot takes (an expert's shares sum to 1):
+  /// set by `balance_experts` so that the ranks' loads are as even as the placement lets
+  /// them be (a min-max flow), rather than the same 1/copies for every copy.
+  std::vector<double> share_of_slot;
 
   int num_slots() const noexcept { return static_cast<int>(expert_of_slot.size()); }
   int num_ranks() const noexcept { return slots_per_rank > 0 ? num_slots() / slots_per_rank : 0; }
@@ -51,9 +55,16 @@ struct ExpertSlots {
 /// an empty or negative load, or shapes below 1.
 ExpertSlots balance_experts(std::span<const double> load, const ExpertBalanceShape& shape);
 
-/// Each rank's load under `slots` when every expert's load splits evenly over its copies:
-/// [ranks].
+/// Each rank's load under `slots` when every expert's load splits over its copies by
+/// their shares: [ranks].
 std::vector<double> rank_loads(const ExpertSlots& slots, std::span<const double> load);
+
+/// Sets `slots.share_of_slot` for `load` [E]: the split of each expert's tokens over its
+/// copies that minimises the most loaded rank (found by bisection over the bound, each a
+/// max-flow from experts to the ranks that hold them), within 1e-9 of the total load.
+/// Loads of 0 split evenly. `balance_experts` calls it; a caller that keeps a placement and
+/// measures a new load calls it again.
+void split_expert_load(ExpertSlots& slots, std::span<const double> load);
 
 /// max / mean of `rank_loads` (1 is perfect balance; 0 without load).
 double load_imbalance(std::span<const double> rank_load);

@@ -134,10 +134,17 @@ struct Traffic {
   /// A few tokens' routing for pictures: (source rank, expert ids with -1 for empty slots).
   std::vector<std::pair<int, std::vector<std::int32_t>>> sample;
 
+  /// The best per-rank imbalance any placement of the setting's expert copies could reach:
+  /// the hottest copy's load (an expert's load over its copies) over the mean rank load,
+  /// at least 1; the worst EP group's (0 without assignments).
+  double rank_imbalance_floor = 0;
+
   /// Adds another step's counts (not the sample).
   void accumulate(const Traffic& step);
   /// max / mean of tokens_per_expert (0 without assignments).
   double imbalance() const noexcept;
+  /// max / mean of tokens_per_rank: the load of the slowest rank's experts over the mean.
+  double rank_imbalance() const noexcept;
 };
 
 /// Bytes of one copy: dispatch (payload row plus its (expert, weight) slots: one slot per
@@ -201,6 +208,13 @@ TrainingStep predict_training_step(const ClusterSpec& spec, const Traffic& traff
 struct RouterSetting {
   std::string label;
   std::function<std::shared_ptr<Router>()> make_router;
+  /// Redundant expert copies per EP group (`[simulate] redundant_experts`): 0 places the
+  /// experts contiguously; more places them with `balance_experts` from the load the
+  /// setting's routing measured in the first step simulated, as a rebalance from that
+  /// step would, and keeps that placement. Each (token, expert) then goes to one copy,
+  /// chosen from the token's global position and the expert (the same on every rank),
+  /// each copy with its share of the expert's tokens (`ExpertSlots::share_of_slot`).
+  int redundant_experts = 0;
 };
 
 /// Runs router settings over the same logits. Not thread-safe.
@@ -224,11 +238,19 @@ class Simulator {
   struct Group {
     Topology topology;
     std::vector<std::shared_ptr<Router>> routers;  // per setting
+    /// Per setting with redundant experts, once planned: each expert's copies as (group
+    /// rank, the running sum of the copies' shares up to this one); empty: contiguous.
+    std::vector<std::vector<std::vector<std::pair<int, double>>>> copy_ranks;
   };
+  /// Plans the placement of setting `s` in group `g` from its routing of `logits_of`'s
+  /// tokens (a pass of routing that counts nothing).
+  void place_copies(std::size_t g, std::size_t s, const std::function<TensorView(int)>& logits_of);
   std::vector<Traffic> run(const std::function<TensorView(int rank)>& logits_of,
                            const std::function<void(int, int)>& progress);
-  /// Counts rank `rank`'s routed tokens into `t`.
-  void account(int rank, const RoutingPlan& plan, Traffic& t);
+  /// Counts rank `rank`'s routed tokens into `t`; `copy_ranks`: where each expert's copies
+  /// are (empty: the contiguous placement).
+  void account(int rank, const RoutingPlan& plan,
+               const std::vector<std::vector<std::pair<int, double>>>& copy_ranks, Traffic& t);
   ClusterSpec spec_;
   LogitsSource logits_;
   std::vector<RouterSetting> settings_;
