@@ -122,10 +122,13 @@ ExpertSlots hierarchical(std::span<const float> weight, int physical, int groups
   for (int node = 0; node < nodes; ++node) {
     // 2. Replicas within the node.
     std::vector<float> node_load(static_cast<std::size_t>(experts_per_node));
-    for (int i = 0; i < experts_per_node; ++i) {
-      node_load[static_cast<std::size_t>(i)] = weight[static_cast<std::size_t>(
-          expert_at[static_cast<std::size_t>(node * experts_per_node + i)])];
-    }
+    const int first_of_node = node * experts_per_node;
+    auto expert_of = [&](int i) {
+      const int at = first_of_node + i;
+      return static_cast<std::size_t>(expert_at[static_cast<std::size_t>(at)]);
+    };
+    for (int i = 0; i < experts_per_node; ++i)
+      node_load[static_cast<std::size_t>(i)] = weight[expert_of(i)];
     const Replicas replicas = replicate(node_load, slots_per_node);
     // 3. The node's slots onto its ranks by load per copy.
     std::vector<float> slot_load(static_cast<std::size_t>(slots_per_node));
@@ -139,15 +142,12 @@ ExpertSlots hierarchical(std::span<const float> weight, int physical, int groups
       const auto at = static_cast<std::size_t>(s);
       const int placed =
           node * slots_per_node + slot_packing.pack[at] * slots_per_rank + slot_packing.place[at];
-      const int local = replicas.expert_of_slot[at];
-      const int expert = expert_at[static_cast<std::size_t>(node * experts_per_node + local)];
-      out.expert_of_slot[static_cast<std::size_t>(placed)] = expert;
+      out.expert_of_slot[static_cast<std::size_t>(placed)] =
+          static_cast<int>(expert_of(replicas.expert_of_slot[at]));
       out.replica_of_slot[static_cast<std::size_t>(placed)] = replicas.replica_of_slot[at];
     }
     for (int i = 0; i < experts_per_node; ++i) {
-      out.copies[static_cast<std::size_t>(
-          expert_at[static_cast<std::size_t>(node * experts_per_node + i)])] =
-          replicas.copies[static_cast<std::size_t>(i)];
+      out.copies[expert_of(i)] = replicas.copies[static_cast<std::size_t>(i)];
     }
   }
   return out;
@@ -176,7 +176,10 @@ class FlowNetwork {
     double total = 0;
     while (levels(source, sink)) {
       next_ = first_;
-      while (const double pushed = push(source, sink, kUnbounded)) total += pushed;
+      for (double pushed = push(source, sink, kUnbounded); pushed > 0;
+           pushed = push(source, sink, kUnbounded)) {
+        total += pushed;
+      }
     }
     return total;
   }
