@@ -572,6 +572,29 @@ Config worst_case_config(int ranks, int ep, const std::string& payload, bool on_
   return c;
 }
 
+/// Each rank's layer forwards its own `per_rank` rows of x [ranks · per_rank, H] into y on
+/// a thread of its own, handed device tensors and an event for y (a framework's forward);
+/// returns the host waits of all ranks together, counted before anyone waits for y.
+long forward_with_events(Runtime& runtime, int ranks, std::int64_t per_rank, HostTensor& x,
+                         HostTensor& y) {
+  const std::int64_t H = x.view().dim(1);
+  std::vector<std::unique_ptr<StreamEvent>> written(static_cast<std::size_t>(ranks));
+  const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
+  auto errors = test::on_threads(ranks, [&](int r) {
+    MoELayer& layer = runtime.layer(r);
+    const std::int64_t first = per_rank * r;
+    written[static_cast<std::size_t>(r)] = layer.stream().create_event();
+    layer.forward(
+        TensorView(x.data<float>() + first * H, DType::kF32, {per_rank, H}, Device::cuda(0)),
+        TensorView(y.data<float>() + first * H, DType::kF32, {per_rank, H}, Device::cuda(0)),
+        *written[static_cast<std::size_t>(r)]);
+  });
+  const long waits = pretend_counter("switchyard_fixture_stream_waits") - waits_before;
+  for (const auto& e : errors) CHECK_MESSAGE(!e.has_value(), (e ? e->what() : ""));
+  for (auto& event : written) event->synchronize();
+  return waits;
+}
+
 /// Runs `check(ranks, on_host, on_device, transport)` with runtimes of pretend_device_config
 /// on the host data path and on the pretend device over each of `kDeviceTransports`, for
 /// worlds 1-4 and EP 2 × DP 2, and each payload dtype.
@@ -717,20 +740,7 @@ TEST_CASE("ranks of one pretend device, each with an event for y: one host wait 
                y(DType::kF32, {T, H});
     on_host.forward(x.view(), expected.view());
     std::fill(y.data<float>(), y.data<float>() + y.numel(), std::nanf(""));
-    const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
-    std::vector<std::unique_ptr<StreamEvent>> written(static_cast<std::size_t>(ranks));
-    auto errors = test::on_threads(ranks, [&](int r) {
-      MoELayer& layer = on_device.layer(r);
-      const std::int64_t first = kPerRank * r;
-      written[static_cast<std::size_t>(r)] = layer.stream().create_event();
-      layer.forward(
-          TensorView(x.data<float>() + first * H, DType::kF32, {kPerRank, H}, Device::cuda(0)),
-          TensorView(y.data<float>() + first * H, DType::kF32, {kPerRank, H}, Device::cuda(0)),
-          *written[static_cast<std::size_t>(r)]);
-    });
-    for (const auto& e : errors) CHECK_MESSAGE(!e.has_value(), (e ? e->what() : ""));
-    CHECK(pretend_counter("switchyard_fixture_stream_waits") - waits_before == ranks);
-    for (auto& event : written) event->synchronize();
+    CHECK(forward_with_events(on_device, ranks, kPerRank, x, y) == ranks);
     CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
   }
 }
@@ -1148,33 +1158,6 @@ TEST_CASE("forward over this process's tokens: with every rank here, forward's b
   runtime.forward_local_tokens(x.view(), b.view());
   CHECK(std::memcmp(a.data<float>(), b.data<float>(), a.numel() * sizeof(float)) == 0);
 }
-
-namespace {
-
-/// Each rank's layer forwards its own `per_rank` rows of x [ranks · per_rank, H] into y on
-/// a thread of its own, handed device tensors and an event for y (a framework's forward);
-/// returns the host waits of all ranks together, counted before anyone waits for y.
-long forward_with_events(Runtime& runtime, int ranks, std::int64_t per_rank, HostTensor& x,
-                         HostTensor& y) {
-  const std::int64_t H = x.view().dim(1);
-  std::vector<std::unique_ptr<StreamEvent>> written(static_cast<std::size_t>(ranks));
-  const long waits_before = pretend_counter("switchyard_fixture_stream_waits");
-  auto errors = test::on_threads(ranks, [&](int r) {
-    MoELayer& layer = runtime.layer(r);
-    const std::int64_t first = per_rank * r;
-    written[static_cast<std::size_t>(r)] = layer.stream().create_event();
-    layer.forward(
-        TensorView(x.data<float>() + first * H, DType::kF32, {per_rank, H}, Device::cuda(0)),
-        TensorView(y.data<float>() + first * H, DType::kF32, {per_rank, H}, Device::cuda(0)),
-        *written[static_cast<std::size_t>(r)]);
-  });
-  const long waits = pretend_counter("switchyard_fixture_stream_waits") - waits_before;
-  for (const auto& e : errors) CHECK_MESSAGE(!e.has_value(), (e ? e->what() : ""));
-  for (auto& event : written) event->synchronize();
-  return waits;
-}
-
-}  // namespace
 
 TEST_CASE("worst-case mode on a pretend device: the host path's bytes with no host wait") {
   // max_tokens_per_rank fixes every exchange's size, so the host reads nothing back: over
