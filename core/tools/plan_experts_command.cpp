@@ -25,8 +25,9 @@ constexpr const char* kPlanUsage =
     "  num_groups keeps a group's experts on one node) with R redundant copies (default 0;\n"
     "  the slots are rounded up to a multiple of the ranks), and writes DIR/expert_of_slot.npy\n"
     "  and DIR/replica_of_slot.npy (int32 [layers, slots]: rank r holds the slots\n"
-    "  [r*S/ranks, (r+1)*S/ranks)), DIR/copies.npy (int32 [layers, E]) and DIR/plan.json\n"
-    "  (each layer's rank loads and imbalance, contiguous and planned)\n";
+    "  [r*S/ranks, (r+1)*S/ranks)), DIR/share_of_slot.npy (float64 [layers, slots]: each\n"
+    "  copy's share of its expert's tokens), DIR/copies.npy (int32 [layers, E]) and\n"
+    "  DIR/plan.json (each layer's rank loads and imbalance, contiguous and planned)\n";
 
 /// LOAD as float64 [layers, E].
 std::vector<std::vector<double>> read_load(const std::string& path) {
@@ -149,7 +150,9 @@ int plan_experts_command(const std::vector<std::string>& given) {
   const auto layers = static_cast<std::int64_t>(plans.size());
   const std::int64_t S = plans.front().num_slots();
   std::vector<std::int32_t> expert_of_slot, replica_of_slot, copies;
+  std::vector<double> shares;
   for (const ExpertSlots& plan : plans) {
+    shares.insert(shares.end(), plan.share_of_slot.begin(), plan.share_of_slot.end());
     expert_of_slot.insert(expert_of_slot.end(), plan.expert_of_slot.begin(),
                           plan.expert_of_slot.end());
     replica_of_slot.insert(replica_of_slot.end(), plan.replica_of_slot.begin(),
@@ -163,6 +166,7 @@ int plan_experts_command(const std::vector<std::string>& given) {
   write_npy(dir / "replica_of_slot.npy",
             TensorView(replica_of_slot.data(), DType::kI32, {layers, S}));
   write_npy(dir / "copies.npy", TensorView(copies.data(), DType::kI32, {layers, E}));
+  write_npy(dir / "share_of_slot.npy", TensorView(shares.data(), DType::kF64, {layers, S}));
   const std::string json =
       "{\n  \"ranks\": " + std::to_string(ranks) +
       ",\n  \"nodes\": " + std::to_string(shape.num_nodes) +

@@ -564,6 +564,15 @@ TEST_CASE("plan-experts: the published EPLB example through the tool, and bad lo
   CHECK(even_most * 8 / 1033 == doctest::Approx(1.2081).epsilon(1e-4));
   CHECK(layer0["imbalance_planned"].get<double>() <= even_most * 8 / 1033 + 1e-9);
   CHECK(r.output.find("imbalance 2.083 contiguous") != std::string::npos);
+  // The shares give those planned loads: each slot's share of its expert's load, by rank.
+  const HostTensor shares = read_npy(dir / "out" / "share_of_slot.npy");
+  REQUIRE(shares.shape() == std::vector<std::int64_t>{2, 16});
+  for (int rank = 0; rank < 8; ++rank) {
+    double carried = 0;
+    for (int s = 2 * rank; s < 2 * rank + 2; ++s)
+      carried += static_cast<double>(load[published[s]]) * shares.data<double>()[s];
+    CHECK(carried == doctest::Approx(layer0["rank_load_planned"][rank].get<double>()));
+  }
   // A load that is not [E] or [layers, E], and a negative one.
   const float cube[8] = {1, 2, 3, 4, 5, 6, 7, 8};
   write_npy(dir / "cube.npy", TensorView(const_cast<float*>(cube), DType::kF32, {2, 2, 2}));
