@@ -250,7 +250,9 @@ constexpr SlotMeta kSenderFine{-1, 0.0f};
 }  // namespace
 
 bool MoELayer::worst_case_forward() const noexcept {
-  return parts_.max_tokens_per_rank > 0 && !saves_for_backward();
+  // A training forward's backward needs the routing statistics (the aux and z losses) of
+  // its own step, which this mode does not gather: it counts as usual.
+  return parts_.max_tokens_per_rank > 0 && !training_;
 }
 
 void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, const TensorView& y,

@@ -1192,6 +1192,14 @@ TEST_CASE("worst-case mode on a pretend device: the host path's bytes with no ho
       const std::uint64_t meta = 3 * sizeof(SlotMeta);
       CHECK(worst_case.layer(0).traffic().dispatch_bytes ==
             static_cast<std::uint64_t>(ranks - 1) * 12 * (row + meta));
+      // A training forward counts its rows (its backward needs the step's statistics): the
+      // counts' wait on every rank, the same y.
+      for (int r = 0; r < ranks; ++r) worst_case.layer(r).set_training(true);
+      HostTensor x = synthetic_tokens(T, H, 9), expected(DType::kF32, {T, H}),
+                 y(DType::kF32, {T, H});
+      on_host.forward(x.view(), expected.view());
+      CHECK(forward_with_events(worst_case, ranks, kPerRank, x, y) == ranks);
+      CHECK(std::memcmp(y.data<float>(), expected.data<float>(), y.size_bytes()) == 0);
     }
   }
 }

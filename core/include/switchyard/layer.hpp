@@ -147,8 +147,9 @@ struct MoELayerParts {
   /// with a stream-ordered transport queues its whole step without a host wait (DeepEP's
   /// low-latency mode, for decoding and CUDA graphs). The price: the padding's bytes, and
   /// checks that need the host (NaN logits, bad expert ids in a device plan, the routing
-  /// statistics) come after the step (`MoELayer::finish_worst_case_steps`). Forwards that
-  /// keep rows for the backward, and `dispatch`, count as usual. 0: off.
+  /// statistics) come after the step (`MoELayer::finish_worst_case_steps`). Training
+  /// forwards (their backward needs the step's routing statistics) and `dispatch` count as
+  /// usual. 0: off.
   std::int64_t max_tokens_per_rank = 0;
   /// With chunks: true runs the exchanges on a thread of their own, overlapping the other
   /// chunks' work; false runs them on the calling thread, chunk after chunk (no overlap,
