@@ -283,19 +283,15 @@ void split_expert_load(ExpertSlots& slots, std::span<const double> load) {
   }
   feasible(high);
   // Each (expert, rank) pair's flow, over the expert's load, split over its copies there.
-  std::vector<int> copies_on_pair(static_cast<std::size_t>(S), 0);
-  for (int s = 0; s < S; ++s) {
-    for (int t = 0; t < S; ++t) {
-      if (pair_edge[static_cast<std::size_t>(t)] == pair_edge[static_cast<std::size_t>(s)])
-        ++copies_on_pair[static_cast<std::size_t>(s)];
-    }
-  }
+  std::vector<int> copies_on_edge(
+      static_cast<std::size_t>(*std::max_element(pair_edge.begin(), pair_edge.end()) + 1), 0);
+  for (const int edge : pair_edge) ++copies_on_edge[static_cast<std::size_t>(edge)];
   for (int s = 0; s < S; ++s) {
     const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
     if (load[e] <= 0) continue;
     slots.share_of_slot[static_cast<std::size_t>(s)] =
         network.flow(pair_edge[static_cast<std::size_t>(s)]) / load[e] /
-        copies_on_pair[static_cast<std::size_t>(s)];
+        copies_on_edge[static_cast<std::size_t>(pair_edge[static_cast<std::size_t>(s)])];
   }
 }
 

@@ -260,7 +260,6 @@ void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, 
                                   StreamEvent* y_written) {
   const auto start = Clock::now();
   timings_.layout_s = timings_.experts_s = timings_.combine_s = 0;
-  worst_case_failed_in_step_ = false;
   const std::int64_t M = parts_.max_tokens_per_rank;
   const int K = parts_.router->slots_per_token();
   std::optional<Error> refused;
@@ -413,10 +412,13 @@ std::optional<Error> MoELayer::collect_worst_case_reports(bool wait) {
                         std::to_string(E - 1) + "; the token was not sent");
     }
     if (!report.device_routed) continue;
-    RouterStats stats;
+    // Into the device routing's statistics (their vectors keep their size: no allocation).
+    RouterStats& stats = device_stats_;
     stats.counts.assign(words, words + E);
     stats.tokens = report.tokens;
     stats.top_k = report.slots;
+    stats.dropped = 0;
+    stats.z_loss_sum = 0;
     stats.probability_sums.assign(E, 0.0);  // not gathered in this mode
     stats.aux_counts.assign(E, 0);
     finish_router_stats(stats);
@@ -436,8 +438,10 @@ std::optional<Error> MoELayer::collect_worst_case_reports(bool wait) {
   return first;
 }
 
+std::optional<Error> MoELayer::wait_worst_case_steps() { return collect_worst_case_reports(true); }
+
 void MoELayer::finish_worst_case_steps() {
-  if (std::optional<Error> e = collect_worst_case_reports(true)) throw *e;
+  if (std::optional<Error> e = wait_worst_case_steps()) throw *e;
 }
 
 std::optional<Error> first_non_finite(const TensorView& m, std::string_view what) {

@@ -10,6 +10,7 @@
 #include <optional>
 #include <system_error>
 #include <thread>
+#include <utility>
 
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/checkpoint.hpp"
@@ -72,11 +73,8 @@ void Runtime::finish_worst_case_steps() {
   std::optional<Error> first;
   for (int local = 0; local < num_local_ranks(); ++local) {
     for (int index = 0; index < num_layers(); ++index) {
-      try {
-        layer(local, index).finish_worst_case_steps();
-      } catch (const Error& e) {
-        if (!first) first = e;
-      }
+      std::optional<Error> e = layer(local, index).wait_worst_case_steps();
+      if (e && !first) first = std::move(e);
     }
   }
   if (first) throw *first;
@@ -95,11 +93,7 @@ GlobalRouterStats Runtime::global_router_stats(int index) {
   // collectives are done, outside run_on_ranks (which would abort the transports).
   std::vector<std::optional<Error>> late(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
-    try {
-      layer(local, index).finish_worst_case_steps();
-    } catch (const Error& e) {
-      late[static_cast<std::size_t>(local)] = e;
-    }
+    late[static_cast<std::size_t>(local)] = layer(local, index).wait_worst_case_steps();
     const RouterStats& s = layer(local, index).router().stats();
     // [counts E | aux counts E | dropped | tokens] and [probability sums E | z-loss sum].
     std::vector<std::int64_t> ints(2 * e_size + 2, 0);

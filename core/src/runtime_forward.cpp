@@ -308,11 +308,7 @@ void Runtime::update_routers(int index) {
   // collectives are done, outside run_on_ranks (which would abort the transports).
   std::vector<std::optional<Error>> late(static_cast<std::size_t>(num_local_ranks()));
   run_on_ranks([&](int local) {
-    try {
-      layer(local, index).finish_worst_case_steps();
-    } catch (const Error& e) {
-      late[static_cast<std::size_t>(local)] = e;
-    }
+    late[static_cast<std::size_t>(local)] = layer(local, index).wait_worst_case_steps();
     Router& router = layer(local, index).router();
     auto& sums = state_->group_counts[static_cast<std::size_t>(local)];
     sums.assign(router.stats().counts.begin(), router.stats().counts.end());

@@ -60,6 +60,12 @@ struct ConfigCommandLine {
   std::vector<std::string> sets;    ///< the --set overrides, in order
 };
 
+/// Takes an optional "FLAG VALUE" out of `args` (the last one given wins): its value, or
+/// `fallback` when it is absent. The rest of `args` stays, in order, for
+/// `parse_config_command_line`.
+std::string take_optional_flag(std::vector<std::string>& args, std::string_view flag,
+                               std::string fallback);
+
 /// Parses `args` as a ConfigCommandLine with `flags` (e.g. {"--logits", "--out"}). On an
 /// argument that fits none of them, a flag without its value, or CONFIG or a flag missing,
 /// prints `usage` to stderr and returns nothing (the caller exits with kExitUsage).

@@ -76,15 +76,8 @@ std::string json_numbers(const std::vector<double>& values) {
 }  // namespace
 
 int plan_experts_command(const std::vector<std::string>& given) {
-  std::vector<std::string> args;
-  std::string redundant_text = "0";
-  for (std::size_t i = 0; i < given.size(); ++i) {
-    if (given[i] == "--redundant" && i + 1 < given.size()) {
-      redundant_text = given[++i];
-    } else {
-      args.push_back(given[i]);
-    }
-  }
+  std::vector<std::string> args = given;
+  const std::string redundant_text = take_optional_flag(args, "--redundant", "0");
   const auto line = parse_config_command_line(args, {"--load", "--out"}, kPlanUsage);
   if (!line) return kExitUsage;
   const auto redundant =

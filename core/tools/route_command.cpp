@@ -37,15 +37,8 @@ std::string json_array(const std::vector<std::int64_t>& values) {
 
 int route_command(const std::vector<std::string>& given) {
   // The one optional flag, taken out before the required ones are parsed.
-  std::vector<std::string> args;
-  std::string token_ids_path;
-  for (std::size_t i = 0; i < given.size(); ++i) {
-    if (given[i] == "--token-ids" && i + 1 < given.size()) {
-      token_ids_path = given[++i];
-    } else {
-      args.push_back(given[i]);
-    }
-  }
+  std::vector<std::string> args = given;
+  const std::string token_ids_path = take_optional_flag(args, "--token-ids", "");
   const auto line = parse_config_command_line(args, {"--logits", "--out"}, kRouteUsage);
   if (!line) return kExitUsage;
   const std::string& logits_path = line->values[0];

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "commands.hpp"
@@ -42,6 +43,20 @@ Config load_config(const std::string& path, const std::vector<std::string>& sets
   config.apply_environment(config_sections());
   for (const auto& s : sets) config.set_from_command_line(s);
   return config;
+}
+
+std::string take_optional_flag(std::vector<std::string>& args, std::string_view flag,
+                               std::string fallback) {
+  std::vector<std::string> rest;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    if (args[i] == flag && i + 1 < args.size()) {
+      fallback = args[++i];
+    } else {
+      rest.push_back(std::move(args[i]));
+    }
+  }
+  args = std::move(rest);
+  return fallback;
 }
 
 std::optional<ConfigCommandLine> parse_config_command_line(

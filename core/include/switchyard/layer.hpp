@@ -270,6 +270,9 @@ class MoELayer {
   /// a device plan's expert ids outside 0..E-1 (the token was not sent). Only the rank that
   /// found the failure throws. Nothing to do outside the worst-case mode.
   void finish_worst_case_steps();
+  /// `finish_worst_case_steps` with the first failure returned instead of thrown (for a
+  /// caller that must reach a collective first).
+  std::optional<Error> wait_worst_case_steps();
 
   /// Training mode: forwards keep what `backward` needs (see `MoELayerParts::recompute`).
   /// A forward that keeps it runs unchunked and grouped (the same y).
