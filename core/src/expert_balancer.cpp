@@ -170,6 +170,23 @@ class FlowNetwork {
     edges_[static_cast<std::size_t>(edge)].capacity = capacity;
   }
   double flow(int edge) const { return edges_[static_cast<std::size_t>(edge)].flow; }
+  /// The nodes `from` reaches through edges with residual capacity.
+  std::vector<bool> reachable(int from) const {
+    std::vector<bool> reached(first_.size(), false);
+    std::vector<int> queue{from};
+    reached[static_cast<std::size_t>(from)] = true;
+    for (std::size_t i = 0; i < queue.size(); ++i) {
+      for (int e = first_[static_cast<std::size_t>(queue[i])]; e >= 0;
+           e = edges_[static_cast<std::size_t>(e)].next) {
+        const Edge& edge = edges_[static_cast<std::size_t>(e)];
+        if (residual(edge) > kEpsilon && !reached[static_cast<std::size_t>(edge.to)]) {
+          reached[static_cast<std::size_t>(edge.to)] = true;
+          queue.push_back(edge.to);
+        }
+      }
+    }
+    return reached;
+  }
   /// The maximum flow from `source` to `sink` (flows start from 0).
   double max_flow(int source, int sink) {
     for (Edge& e : edges_) e.flow = 0;
@@ -231,68 +248,210 @@ class FlowNetwork {
   std::vector<int> first_, next_, level_;
 };
 
-}  // namespace
-
-void split_expert_load(ExpertSlots& slots, std::span<const double> load) {
-  const int E = slots.num_experts, R = slots.num_ranks(), S = slots.num_slots();
-  slots.share_of_slot.assign(static_cast<std::size_t>(S), 0.0);
-  for (int s = 0; s < S; ++s) {
-    const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
-    slots.share_of_slot[static_cast<std::size_t>(s)] = 1.0 / slots.copies[e];
-  }
-  double total = 0;
-  for (int e = 0; e < E; ++e) total += load[static_cast<std::size_t>(e)];
-  if (total <= 0 || R < 2) return;
-  // Source → expert (its load) → each rank holding a copy (unbounded) → sink (the bound).
-  const int source = 0, sink = E + R + 1;
-  FlowNetwork network(E + R + 2);
-  std::vector<int> expert_edge(static_cast<std::size_t>(E), -1),
-      rank_edge(static_cast<std::size_t>(R));
-  for (int e = 0; e < E; ++e) {
-    if (load[static_cast<std::size_t>(e)] > 0)
-      expert_edge[static_cast<std::size_t>(e)] =
-          network.add_edge(source, 1 + e, load[static_cast<std::size_t>(e)]);
-  }
-  // One edge per (expert, rank) pair holding it, in slot order.
-  std::vector<int> pair_edge(static_cast<std::size_t>(S), -1);
-  for (int s = 0; s < S; ++s) {
-    const int e = slots.expert_of_slot[static_cast<std::size_t>(s)], r = s / slots.slots_per_rank;
-    int same = -1;
-    for (int t = r * slots.slots_per_rank; t < s; ++t) {
-      if (slots.expert_of_slot[static_cast<std::size_t>(t)] == e)
-        same = pair_edge[static_cast<std::size_t>(t)];
+/// The min-max split of each expert's load over the ranks that hold its copies: source →
+/// expert (its load) → each rank holding a copy (unbounded) → sink (the bound on a rank's
+/// load). The bound is feasible when the maximum flow carries the whole load.
+class LoadSplit {
+ public:
+  LoadSplit(const ExpertSlots& slots, std::span<const double> load)
+      : load_(load),
+        experts_(slots.num_experts),
+        ranks_(slots.num_ranks()),
+        network_(experts_ + ranks_ + 2),
+        pair_edge_(static_cast<std::size_t>(slots.num_slots()), -1),
+        rank_edge_(static_cast<std::size_t>(ranks_)) {
+    for (int e = 0; e < experts_; ++e) {
+      total_ += load_[static_cast<std::size_t>(e)];
+      if (load_[static_cast<std::size_t>(e)] > 0)
+        network_.add_edge(source_, 1 + e, load_[static_cast<std::size_t>(e)]);
     }
-    pair_edge[static_cast<std::size_t>(s)] =
-        same >= 0 ? same : network.add_edge(1 + e, 1 + E + r, FlowNetwork::kUnbounded);
+    // One edge per (expert, rank) pair holding it, in slot order.
+    const int S = slots.num_slots(), per_rank = slots.slots_per_rank;
+    for (int s = 0; s < S; ++s) {
+      const int e = slots.expert_of_slot[static_cast<std::size_t>(s)], r = s / per_rank;
+      int same = -1;
+      for (int t = r * per_rank; t < s; ++t) {
+        if (slots.expert_of_slot[static_cast<std::size_t>(t)] == e)
+          same = pair_edge_[static_cast<std::size_t>(t)];
+      }
+      pair_edge_[static_cast<std::size_t>(s)] =
+          same >= 0 ? same : network_.add_edge(1 + e, 1 + experts_ + r, FlowNetwork::kUnbounded);
+    }
+    for (int r = 0; r < ranks_; ++r)
+      rank_edge_[static_cast<std::size_t>(r)] = network_.add_edge(1 + experts_ + r, sink(), 0);
   }
-  for (int r = 0; r < R; ++r)
-    rank_edge[static_cast<std::size_t>(r)] = network.add_edge(1 + E + r, sink, 0);
-  auto feasible = [&](double bound) {
-    for (const int edge : rank_edge) network.set_capacity(edge, bound);
-    return network.max_flow(source, sink) >= total * (1 - 1e-12);
-  };
-  const std::vector<double> even = rank_loads(slots, load);
-  double low = total / R, high = *std::max_element(even.begin(), even.end());
-  if (feasible(low)) {
-    high = low;
-  } else {
-    while (high - low > total * 1e-9) {
+
+  double total() const noexcept { return total_; }
+
+  /// Whether some split keeps every rank at or below `bound` (the network keeps that flow).
+  bool feasible(double bound) {
+    for (const int edge : rank_edge_) network_.set_capacity(edge, bound);
+    return network_.max_flow(source_, sink()) >= total_ * (1 - 1e-12);
+  }
+
+  /// The smallest feasible bound, within 1e-9 of the total load, at most `above` (a
+  /// feasible bound: e.g. the most loaded rank under even shares).
+  double min_bound(double above) {
+    double low = total_ / ranks_, high = above;
+    if (feasible(low)) return low;
+    while (high - low > total_ * 1e-9) {
       const double middle = 0.5 * (low + high);
       (feasible(middle) ? high : low) = middle;
     }
+    return high;
   }
-  feasible(high);
-  // Each (expert, rank) pair's flow, over the expert's load, split over its copies there.
-  std::vector<int> copies_on_edge(
-      static_cast<std::size_t>(*std::max_element(pair_edge.begin(), pair_edge.end()) + 1), 0);
-  for (const int edge : pair_edge) ++copies_on_edge[static_cast<std::size_t>(edge)];
-  for (int s = 0; s < S; ++s) {
-    const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
-    if (load[e] <= 0) continue;
-    slots.share_of_slot[static_cast<std::size_t>(s)] =
-        network.flow(pair_edge[static_cast<std::size_t>(s)]) / load[e] /
-        copies_on_edge[static_cast<std::size_t>(pair_edge[static_cast<std::size_t>(s)])];
+
+  /// After `feasible` failed: the ranks the source still reaches through unsaturated edges
+  /// (the overloaded side of a minimum cut), whose experts have nowhere else to go.
+  std::vector<bool> overloaded_ranks() const {
+    const std::vector<bool> reached = network_.reachable(source_);
+    std::vector<bool> out(static_cast<std::size_t>(ranks_));
+    for (int r = 0; r < ranks_; ++r) {
+      const int node = 1 + experts_ + r;
+      out[static_cast<std::size_t>(r)] = reached[static_cast<std::size_t>(node)];
+    }
+    return out;
   }
+
+  /// The shares of the flow the last `feasible` left: each (expert, rank) pair's flow over
+  /// the expert's load, split evenly over its copies on that rank.
+  void write_shares(ExpertSlots& slots) const {
+    std::vector<int> copies_on_edge(
+        static_cast<std::size_t>(*std::max_element(pair_edge_.begin(), pair_edge_.end()) + 1), 0);
+    for (const int edge : pair_edge_) ++copies_on_edge[static_cast<std::size_t>(edge)];
+    slots.share_of_slot.resize(static_cast<std::size_t>(slots.num_slots()));
+    for (int s = 0; s < slots.num_slots(); ++s) {
+      const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
+      slots.share_of_slot[static_cast<std::size_t>(s)] = 1.0 / slots.copies[e];
+      if (load_[e] <= 0) continue;
+      const int edge = pair_edge_[static_cast<std::size_t>(s)];
+      slots.share_of_slot[static_cast<std::size_t>(s)] =
+          network_.flow(edge) / load_[e] / copies_on_edge[static_cast<std::size_t>(edge)];
+    }
+  }
+
+ private:
+  int sink() const noexcept { return experts_ + ranks_ + 1; }
+  std::span<const double> load_;
+  int experts_, ranks_;
+  FlowNetwork network_;
+  std::vector<int> pair_edge_, rank_edge_;
+  double total_ = 0;
+  static constexpr int source_ = 0;
+};
+
+/// Each rank's load with every expert's load split evenly over its copies.
+double most_loaded_evenly(const ExpertSlots& slots, std::span<const double> load) {
+  ExpertSlots even = slots;
+  even.share_of_slot.clear();
+  const std::vector<double> loads = rank_loads(even, load);
+  return *std::max_element(loads.begin(), loads.end());
+}
+
+/// Numbers each expert's copies 0, 1, ... in slot order.
+void renumber_replicas(ExpertSlots& slots) {
+  std::vector<int> next(static_cast<std::size_t>(slots.num_experts), 0);
+  for (int s = 0; s < slots.num_slots(); ++s) {
+    const auto at = static_cast<std::size_t>(s);
+    slots.replica_of_slot[at] = next[static_cast<std::size_t>(slots.expert_of_slot[at])]++;
+  }
+}
+
+}  // namespace
+
+void split_expert_load(ExpertSlots& slots, std::span<const double> load) {
+  const auto S = static_cast<std::size_t>(slots.num_slots());
+  slots.share_of_slot.resize(S);
+  for (std::size_t s = 0; s < S; ++s)
+    slots.share_of_slot[s] = 1.0 / slots.copies[static_cast<std::size_t>(slots.expert_of_slot[s])];
+  if (slots.num_ranks() < 2) return;
+  LoadSplit split(slots, load);
+  if (split.total() <= 0) return;
+  split.feasible(split.min_bound(most_loaded_evenly(slots, load)));
+  split.write_shares(slots);
+}
+
+int refine_expert_slots(ExpertSlots& slots, std::span<const double> load, int ranks_per_block) {
+  const int R = slots.num_ranks(), per_rank = slots.slots_per_rank;
+  if (R < 2 || ranks_per_block < 2 || R % ranks_per_block != 0) return 0;
+  const auto rank_of = [per_rank](int slot) { return slot / per_rank; };
+  const auto holds = [&](int rank, int expert) {
+    for (int s = rank * per_rank; s < (rank + 1) * per_rank; ++s)
+      if (slots.expert_of_slot[static_cast<std::size_t>(s)] == expert) return true;
+    return false;
+  };
+  int swaps = 0;
+  // Each swap strictly lowers the bound, so the loop ends; the cap bounds its time.
+  for (int round = 0; round < 4 * slots.num_slots(); ++round) {
+    LoadSplit split(slots, load);
+    if (split.total() <= 0) break;
+    const double bound = split.min_bound(most_loaded_evenly(slots, load));
+    if (bound <= split.total() / R * (1 + 1e-6)) break;
+    split.feasible(bound);
+    ExpertSlots current = slots;
+    split.write_shares(current);
+    const std::vector<double> loads = rank_loads(current, load);
+    // Just below the bound, the cut: the overloaded ranks and, through the flow, every
+    // expert confined to them.
+    split.feasible(bound * (1 - 1e-6));
+    const std::vector<bool> overloaded = split.overloaded_ranks();
+    // Candidates to move out: copies on overloaded ranks, highest load per copy first.
+    // Candidates to move in: the lightest slot of each rank outside the cut, least loaded
+    // rank first, in the same block (node) as the overloaded rank.
+    std::vector<int> out_slots, in_ranks;
+    for (int s = 0; s < slots.num_slots(); ++s)
+      if (overloaded[static_cast<std::size_t>(rank_of(s))]) out_slots.push_back(s);
+    for (int r = 0; r < R; ++r)
+      if (!overloaded[static_cast<std::size_t>(r)]) in_ranks.push_back(r);
+    const auto per_copy = [&](int s) {
+      const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
+      return load[e] / slots.copies[e];
+    };
+    std::stable_sort(out_slots.begin(), out_slots.end(),
+                     [&](int a, int b) { return per_copy(a) > per_copy(b); });
+    std::stable_sort(in_ranks.begin(), in_ranks.end(), [&](int a, int b) {
+      return loads[static_cast<std::size_t>(a)] < loads[static_cast<std::size_t>(b)];
+    });
+    bool improved = false;
+    constexpr int kTries = 8;
+    for (int i = 0; i < std::min<int>(kTries, static_cast<int>(out_slots.size())) && !improved;
+         ++i) {
+      const int from = out_slots[static_cast<std::size_t>(i)];
+      const int moving = slots.expert_of_slot[static_cast<std::size_t>(from)];
+      int tried = 0;
+      for (const int to_rank : in_ranks) {
+        if (tried == kTries) break;
+        if (to_rank / ranks_per_block != rank_of(from) / ranks_per_block || holds(to_rank, moving))
+          continue;
+        // The lightest expert of that rank that the overloaded rank does not hold.
+        int to = -1;
+        for (int s = to_rank * per_rank; s < (to_rank + 1) * per_rank; ++s) {
+          const int e = slots.expert_of_slot[static_cast<std::size_t>(s)];
+          if (holds(rank_of(from), e)) continue;
+          if (to < 0 || load[static_cast<std::size_t>(e)] <
+                            load[static_cast<std::size_t>(
+                                slots.expert_of_slot[static_cast<std::size_t>(to)])])
+            to = s;
+        }
+        if (to < 0) continue;
+        ++tried;
+        std::swap(slots.expert_of_slot[static_cast<std::size_t>(from)],
+                  slots.expert_of_slot[static_cast<std::size_t>(to)]);
+        LoadSplit trial(slots, load);
+        if (trial.feasible(bound * (1 - 1e-4))) {
+          improved = true;
+          ++swaps;
+          break;
+        }
+        std::swap(slots.expert_of_slot[static_cast<std::size_t>(from)],
+                  slots.expert_of_slot[static_cast<std::size_t>(to)]);
+      }
+    }
+    if (!improved) break;
+  }
+  if (swaps > 0) renumber_replicas(slots);
+  split_expert_load(slots, load);
+  return swaps;
 }
 
 ExpertSlots balance_experts(std::span<const double> load, const ExpertBalanceShape& shape) {
@@ -323,7 +482,10 @@ ExpertSlots balance_experts(std::span<const double> load, const ExpertBalanceSha
   ExpertSlots slots = by_nodes
                           ? hierarchical(weight, physical, shape.num_groups, shape.num_nodes, R)
                           : hierarchical(weight, physical, 1, 1, R);
-  split_expert_load(slots, load);
+  if (shape.refine)
+    refine_expert_slots(slots, load, by_nodes ? R / shape.num_nodes : R);
+  else
+    split_expert_load(slots, load);
   return slots;
 }
 

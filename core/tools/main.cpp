@@ -41,7 +41,7 @@ commands:
         ([simulate] nodes, gpus_per_node, ...): expert load, traffic per rank and node
         under three accountings, predicted dispatch and combine time; --html writes a
         self-contained report
-  plan-experts CONFIG --load LOAD.npy --out DIR [--redundant R] [--set ...]
+  plan-experts CONFIG --load LOAD.npy --out DIR [--redundant R] [--published] [--set ...]
         place each layer's experts, with R redundant copies, on the ranks of CONFIG
         from their measured load (DeepSeek's expert-parallel load balancer): writes
         the slots, copies and each layer's imbalance before and after

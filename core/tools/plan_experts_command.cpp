@@ -19,7 +19,7 @@ namespace {
 
 constexpr const char* kPlanUsage =
     "usage: switchyard plan-experts CONFIG --load LOAD.npy --out DIR [--redundant R]\n"
-    "                               [--set section.key=value]...\n"
+    "                               [--published] [--set section.key=value]...\n"
     "  places the experts of each layer of LOAD (tokens per expert, [E] or [layers, E], any\n"
     "  numeric dtype) on the ranks of CONFIG ([runtime] ranks, ranks_per_node; [router]\n"
     "  num_groups keeps a group's experts on one node) with R redundant copies (default 0;\n"
@@ -27,7 +27,9 @@ constexpr const char* kPlanUsage =
     "  and DIR/replica_of_slot.npy (int32 [layers, slots]: rank r holds the slots\n"
     "  [r*S/ranks, (r+1)*S/ranks)), DIR/share_of_slot.npy (float64 [layers, slots]: each\n"
     "  copy's share of its expert's tokens), DIR/copies.npy (int32 [layers, E]) and\n"
-    "  DIR/plan.json (each layer's rank loads and imbalance, contiguous and planned)\n";
+    "  DIR/plan.json (each layer's rank loads and imbalance, contiguous and planned).\n"
+    "  --published: DeepSeek's placement as published, without the refinement that swaps\n"
+    "  copies off overloaded ranks\n";
 
 /// LOAD as float64 [layers, E].
 std::vector<std::vector<double>> read_load(const std::string& path) {
@@ -78,6 +80,9 @@ std::string json_numbers(const std::vector<double>& values) {
 int plan_experts_command(const std::vector<std::string>& given) {
   std::vector<std::string> args = given;
   const std::string redundant_text = take_optional_flag(args, "--redundant", "0");
+  const auto published = std::find(args.begin(), args.end(), "--published");
+  const bool refine = published == args.end();
+  if (!refine) args.erase(published);
   const auto line = parse_config_command_line(args, {"--load", "--out"}, kPlanUsage);
   if (!line) return kExitUsage;
   const auto redundant =
@@ -102,6 +107,7 @@ int plan_experts_command(const std::vector<std::string>& given) {
       shape.num_groups = std::max(1, static_cast<int>(router.get_int("num_groups")));
   }
   shape.redundant_experts = static_cast<int>(*redundant);
+  shape.refine = refine;
 
   const auto loads = read_load(line->values[0]);
   const auto E = static_cast<std::int64_t>(loads.front().size());

@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <random>
 #include <set>
 #include <vector>
@@ -30,11 +31,69 @@ TEST_CASE("the published example: DeepSeek's EPLB README, also vLLM's test_basic
        {1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1}},
   };
   for (const Case& c : cases) {
-    const ExpertSlots slots = balance_experts(c.load, {8, 2, 4, 4});
+    const ExpertSlots slots = balance_experts(c.load, {8, 2, 4, 4, /*refine=*/false});
     CHECK(slots.slots_per_rank == 2);
     CHECK(slots.expert_of_slot == c.expert_of_slot);
     CHECK(slots.copies == c.copies);
+    // Refined (the default): the same copies, no rank more loaded than in the published
+    // placement with its best split.
+    const ExpertSlots refined = balance_experts(c.load, {8, 2, 4, 4});
+    CHECK(refined.copies == c.copies);
+    CHECK(load_imbalance(rank_loads(refined, c.load)) <=
+          load_imbalance(rank_loads(slots, c.load)) * (1 + 1e-9));
   }
+}
+
+TEST_CASE("refinement, worked by hand: two heavy single copies on one rank are split up") {
+  // Rank 0 holds experts 0 and 1 (loads 10, 10), rank 1 experts 2 and 3 (1, 1): 20 and 2.
+  // Rank 0 is the overloaded side of the cut; its heaviest copy (expert 0, the first of
+  // equals) swaps with rank 1's lightest (expert 2, the first of equals): {2, 1} and
+  // {0, 3}, 11 and 11.
+  ExpertSlots slots;
+  slots.num_experts = 4;
+  slots.slots_per_rank = 2;
+  slots.expert_of_slot = {0, 1, 2, 3};
+  slots.replica_of_slot = {0, 0, 0, 0};
+  slots.copies = {1, 1, 1, 1};
+  const std::vector<double> load{10, 10, 1, 1};
+  CHECK(refine_expert_slots(slots, load, 2) == 1);
+  CHECK(slots.expert_of_slot == std::vector<int>{2, 1, 0, 3});
+  CHECK(rank_loads(slots, load) == std::vector<double>{11, 11});
+  // Blocks of one rank: nothing may move.
+  slots.expert_of_slot = {0, 1, 2, 3};
+  CHECK(refine_expert_slots(slots, load, 1) == 0);
+  CHECK(slots.expert_of_slot == std::vector<int>{0, 1, 2, 3});
+}
+
+TEST_CASE("refinement on a skewed load where the published packing leaves ranks idle") {
+  // 64 ranks, 256 experts with loads falling as (e + 1)^-3 (a few experts carry most
+  // tokens) plus 64 extra slots: the published packing puts several heavy copies on the
+  // same ranks and the flow cannot relieve them; the refined placement can.
+  std::vector<double> load(256);
+  for (std::size_t e = 0; e < load.size(); ++e)
+    load[e] = std::round(1e6 * std::pow(static_cast<double>(e + 1), -3.0)) + 40;
+  const ExpertSlots published = balance_experts(load, {64, 1, 1, 64, /*refine=*/false});
+  const ExpertSlots refined = balance_experts(load, {64, 1, 1, 64});
+  CHECK(refined.copies == published.copies);
+  // Rank loads summed here from the shares, each expert's shares adding to 1.
+  double total = 0;
+  for (const double l : load) total += l;
+  auto imbalance = [&](const ExpertSlots& slots) {
+    std::vector<double> rank(64, 0.0), share_sum(256, 0.0);
+    for (int s = 0; s < slots.num_slots(); ++s) {
+      const auto e = static_cast<std::size_t>(slots.expert_of_slot[static_cast<std::size_t>(s)]);
+      rank[static_cast<std::size_t>(s / slots.slots_per_rank)] +=
+          load[e] * slots.share_of_slot[static_cast<std::size_t>(s)];
+      share_sum[e] += slots.share_of_slot[static_cast<std::size_t>(s)];
+    }
+    for (const double sum : share_sum) CHECK(sum == doctest::Approx(1.0).epsilon(1e-9));
+    return *std::max_element(rank.begin(), rank.end()) / (total / 64);
+  };
+  const double before = imbalance(published), after = imbalance(refined);
+  CAPTURE(before);
+  CAPTURE(after);
+  CHECK(before > 1.2);
+  CHECK(after <= 1.05);
 }
 
 TEST_CASE("a hand-worked global plan: 4 experts, 2 ranks, 2 extra slots") {

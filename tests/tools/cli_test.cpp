@@ -531,7 +531,7 @@ TEST_CASE("plan-experts: the published EPLB example through the tool, and bad lo
                    "\"node_limited\"\nnum_groups = 4\nmax_groups = 2\ntop_k = 2\n");
   const std::string plan = "plan-experts " + (dir / "plan.toml").string() + " --load " +
                            (dir / "load.npy").string() + " --out " + (dir / "out").string();
-  const auto r = test::run_tool(plan + " --redundant 4");
+  const auto r = test::run_tool(plan + " --redundant 4 --published");
   INFO(r.output);
   REQUIRE(r.exit_code == 0);
   const HostTensor slots = read_npy(dir / "out" / "expert_of_slot.npy");
@@ -572,6 +572,21 @@ TEST_CASE("plan-experts: the published EPLB example through the tool, and bad lo
     for (int s = 2 * rank; s < 2 * rank + 2; ++s)
       carried += static_cast<double>(load[published[s]]) * shares.data<double>()[s];
     CHECK(carried == doctest::Approx(layer0["rank_load_planned"][rank].get<double>()));
+  }
+  // Refined (the default): the same copies, and no layer more unbalanced than published.
+  const auto refined = test::run_tool("plan-experts " + (dir / "plan.toml").string() + " --load " +
+                                      (dir / "load.npy").string() + " --out " +
+                                      (dir / "refined").string() + " --redundant 4");
+  REQUIRE(refined.exit_code == 0);
+  std::ifstream refined_in(dir / "refined" / "plan.json");
+  const nlohmann::json refined_json = nlohmann::json::parse(refined_in);
+  const HostTensor refined_copies = read_npy(dir / "refined" / "copies.npy");
+  const HostTensor published_copies = read_npy(dir / "out" / "copies.npy");
+  CHECK(std::equal(refined_copies.data<std::int32_t>(), refined_copies.data<std::int32_t>() + 24,
+                   published_copies.data<std::int32_t>()));
+  for (int l = 0; l < 2; ++l) {
+    CHECK(refined_json["layers"][l]["imbalance_planned"].get<double>() <=
+          json["layers"][l]["imbalance_planned"].get<double>() + 1e-9);
   }
   // A load that is not [E] or [layers, E], and a negative one.
   const float cube[8] = {1, 2, 3, 4, 5, 6, 7, 8};
