@@ -339,6 +339,7 @@ switchyard_status switchyard_dispatch_part_get(switchyard_dispatch_handle* handl
     out->num_tokens = part.num_tokens;
     out->rows_per_expert = part.handle.rows_per_expert().data();
     out->expert_first_row = part.handle.expert_first_row().data();
+    out->local_experts = part.local_experts.data();
     out->expert_input =
         switchyard::to_dlpack(part.handle.expert_input(), handle->shapes[2 * index]);
     out->expert_output =

@@ -232,8 +232,12 @@ class PyRuntime {
     for (int local = 0; local < runtime_->num_local_ranks(); ++local) {
       switchyard::MoELayer& l = runtime_->layer(local, 0);
       const int rank = l.transport().rank();
-      for (int j = 0; j < l.placement().num_local(rank); ++j)
-        experts.push_back(l.placement().first_expert(rank) + j);
+      const switchyard::ExpertSlotMap& map = l.slot_map();
+      for (int j = 0; j < l.placement().num_local(rank); ++j) {
+        const int slot = l.placement().first_expert(rank) + j;
+        experts.push_back(map.empty() ? slot
+                                      : map.expert_of_slot()[static_cast<std::size_t>(slot)]);
+      }
     }
     std::sort(experts.begin(), experts.end());
     experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
@@ -832,7 +836,7 @@ PYBIND11_MODULE(_switchyard, m) {
           py::dict p;
           p["world_rank"] = part.world_rank;
           py::list experts;
-          for (int j = 0; j < part.num_local_experts; ++j) experts.append(part.first_expert + j);
+          for (const int expert : part.local_experts) experts.append(expert);
           p["experts"] = experts;
           p["first_token"] = part.first_token;
           p["num_tokens"] = part.num_tokens;

@@ -54,6 +54,21 @@ ConfigSchema core_schema(std::string_view section) {
           "exchange moves fixed blocks of this many rows per peer and the host reads nothing "
           "back (a device forward without a host wait; checks come after the step); 0: off",
           checks::int_range(0, std::int64_t{1} << 30));
+    s.add("combine_order", T::kString, ConfigValue{std::string{"rank"}},
+          "how y sums a token's expert outputs: \"rank\" (each expert rank returns one partial "
+          "sum per token, summed in rank order: fewest bytes) or \"slot\" (every kept slot's "
+          "output returned and summed in routing order: the same bits for every placement of "
+          "the experts, for up to K / ranks-per-token times the combine's bytes; host data path)",
+          checks::one_of({"rank", "slot"}));
+    s.add("redundant_experts", T::kInt, ConfigValue{std::int64_t{0}},
+          "extra expert copies per EP group (0: one slot per expert, contiguous): the slots, "
+          "E + this rounded up to a multiple of the EP size, are placed by the expert "
+          "balancer, from an even load until Runtime::rebalance measures one",
+          checks::int_range(0, 1 << 20));
+    s.add("placement", T::kString, ConfigValue{std::string{}},
+          "a folder written by `switchyard plan-experts` (expert_of_slot.npy, share_of_slot.npy: "
+          "one row per MoE layer, or one row for all): the experts' slots on the EP group's "
+          "ranks; empty: contiguous (or placed for redundant_experts)");
     s.add("chunks", T::kInt, ConfigValue{std::int64_t{1}},
           "split each step's tokens into this many chunks and pipeline them: one chunk's "
           "exchange overlaps another's experts (same results for every value; host data path)",

@@ -108,7 +108,7 @@ MoELayer::MoELayer(MoELayerParts parts)
   if (parts_.transport == nullptr || !parts_.router || !parts_.experts) {
     throw Error(ErrorCode::kInvalidArgument, "MoELayer needs a transport, a router and experts");
   }
-  parts_.gate.require("MoELayer gate", DType::kF32, {parts_.placement.num_experts(), -1});
+  parts_.gate.require("MoELayer gate", DType::kF32, {num_experts(), -1});
   hidden_ = parts_.gate.dim(1);
   const int rank = parts_.transport->rank();
   if (parts_.placement.num_ranks() != parts_.transport->size()) {
@@ -116,10 +116,27 @@ MoELayer::MoELayer(MoELayerParts parts)
                 "MoELayer: placement over " + std::to_string(parts_.placement.num_ranks()) +
                     " ranks but the EP group has " + std::to_string(parts_.transport->size()));
   }
-  if (parts_.router->num_experts() != parts_.placement.num_experts()) {
+  if (parts_.router->num_experts() != num_experts()) {
     throw Error(ErrorCode::kInvalidArgument,
                 "MoELayer: router configured for " + std::to_string(parts_.router->num_experts()) +
-                    " experts, model has " + std::to_string(parts_.placement.num_experts()));
+                    " experts, model has " + std::to_string(num_experts()));
+  }
+  if (!parts_.slot_map.empty()) {
+    if (parts_.slot_map.num_slots() != parts_.placement.num_experts()) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  "MoELayer: the slot map has " + std::to_string(parts_.slot_map.num_slots()) +
+                      " slots but the placement " + std::to_string(parts_.placement.num_experts()));
+    }
+    if (parts_.max_tokens_per_rank > 0) {
+      throw Error(ErrorCode::kUnavailable,
+                  "MoELayer: a shuffled or replicated expert placement does not run in the "
+                  "worst-case mode (max_tokens_per_rank) yet");
+    }
+  }
+  if (parts_.combine_order == CombineOrder::kSlot && parts_.max_tokens_per_rank > 0) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoELayer: the slot-order combine does not run in the worst-case mode "
+                "(max_tokens_per_rank) yet");
   }
   if (parts_.experts->num_local_experts() != parts_.placement.num_local(rank)) {
     throw Error(ErrorCode::kInvalidArgument,
@@ -147,6 +164,17 @@ MoELayer::MoELayer(MoELayerParts parts)
   // that memory.
   data_path_ = parts_.data_path ? parts_.data_path : make_host_data_path();
   const Device device = data_path_->device();
+  if (parts_.combine_order == CombineOrder::kSlot && device.kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoELayer: the slot-order combine runs on the host data path; the " +
+                    device_name(device) + " data path sums partials in rank order");
+  }
+  if (!parts_.slot_map.empty() && device.kind != Device::Kind::kHost) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoELayer: a shuffled or replicated expert placement runs on the host data path; "
+                "the " +
+                    device_name(device) + " data path does not translate experts to slots yet");
+  }
   const ExecutionCapabilities router = parts_.router->capabilities();
   // A host router behind a device data path routes a host copy of the logits.
   route_on_host_ =
@@ -215,6 +243,7 @@ MoELayer::MoELayer(MoELayerParts parts)
   exchange.data_path = data_path_.get();
   exchange.workspace = workspace_.get();
   exchange.placement = &parts_.placement;
+  exchange.slot_order = parts_.combine_order == CombineOrder::kSlot;
   exchange.hidden = hidden_;
   exchange.payload_dtype = parts_.payload_dtype;
   exchange.combine_dtype = parts_.combine_dtype;
@@ -295,7 +324,7 @@ void MoELayer::route_queued(const TensorView& x, RoutingPlan& plan) {
   backward_ready_ = false;  // logits_ are about to be another routing's
   x.require_on(data_path_->device(), "MoE input x", DType::kF32, {-1, hidden_});
   const std::int64_t T = x.dim(0);
-  const std::int64_t E = parts_.placement.num_experts();
+  const std::int64_t E = num_experts();
   logits_.resize(to_size(T * E));
   const TensorView logits(logits_.data(), DType::kF32, {T, E}, logits_.device());
   data_path_->router_logits(x, gate_, logits, *workspace_->stream);
@@ -344,6 +373,41 @@ void MoELayer::route_through_host(const TensorView& logits, RoutingPlan& plan) {
   host_ready();  // the host plan is rewritten by the next step
 }
 
+const RoutingPlan& MoELayer::slot_plan(const RoutingPlan& plan) {
+  const ExpertSlotMap& map = parts_.slot_map;
+  if (map.empty()) return plan;
+  if (!plan.experts.allocator().host_accessible()) {
+    throw Error(ErrorCode::kUnavailable,
+                "MoE layer: a shuffled or replicated expert placement needs a routing plan in "
+                "host memory");
+  }
+  const std::int64_t T = plan.num_tokens;
+  const int K = plan.slots, E = map.num_experts();
+  if (K < 1 || plan.experts.size() != to_size(T * K) || plan.weights.size() != to_size(T * K)) {
+    throw Error(ErrorCode::kInvalidArgument, "routing plan shape does not match " +
+                                                 std::to_string(T) + " tokens x " +
+                                                 std::to_string(K) + " slots");
+  }
+  slot_plan_.num_tokens = T;
+  slot_plan_.slots = K;
+  slot_plan_.experts.resize(plan.experts.size());
+  slot_plan_.weights.resize(plan.weights.size());
+  slot_plan_.counts.assign(static_cast<std::size_t>(map.num_slots()), 0);
+  std::copy_n(plan.weights.data(), plan.weights.size(), slot_plan_.weights.data());
+  const int origin = parts_.transport->rank();
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (int k = 0; k < K; ++k) {
+      const std::size_t at = to_size(t * K + k);
+      const std::int32_t e = plan.experts[at];
+      if (e < -1 || e >= E) throw expert_out_of_range(t, k, e, E);
+      const int slot = e < 0 ? -1 : map.choose_slot(origin, t, e);
+      slot_plan_.experts[at] = slot;
+      if (slot >= 0) ++slot_plan_.counts[static_cast<std::size_t>(slot)];
+    }
+  }
+  return slot_plan_;
+}
+
 void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHandle& handle,
                         const Error* refused) {
   worst_case_failed_in_step_ = false;
@@ -358,13 +422,21 @@ void MoELayer::dispatch(const TensorView& x, const RoutingPlan& plan, DispatchHa
       input_error = e;
     }
   }
+  const RoutingPlan* routed = &plan;
+  if (!input_error) {
+    try {
+      routed = &slot_plan(plan);
+    } catch (const Error& e) {
+      input_error = e;
+    }
+  }
   auto start = Clock::now();
-  agree_counts(plan, 1, input_error ? &*input_error : nullptr);
+  agree_counts(*routed, 1, input_error ? &*input_error : nullptr);
   exchange_->count_traffic();
   timings_.dispatch_s = seconds_since(start);
   start = Clock::now();
-  exchange_->stage({x.data_as<const float>(), plan.experts.data(), plan.weights.data(),
-                    plan.num_tokens, plan.slots},
+  exchange_->stage({x.data_as<const float>(), routed->experts.data(), routed->weights.data(),
+                    routed->num_tokens, routed->slots},
                    0, handle);
   timings_.layout_s = seconds_since(start);
   start = Clock::now();

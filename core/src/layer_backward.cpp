@@ -79,8 +79,11 @@ void MoELayer::combine_backward(DispatchHandle& handle, const RoutingPlan& plan,
   const TensorView d_rows = workspace_->backward_dy.expert_input();
   scale_rows(workspace_->backward_dy, d_rows, d_expert_output);
   slot_dot_products(workspace_->backward_dy, d_rows, expert_output);
+  // The dispatch sent dy to the plan's slots (with a slot map, slot_plan_ holds them).
+  const RoutingPlan& routed = parts_.slot_map.empty() ? plan : slot_plan_;
   exchange_->return_slot_values(workspace_->backward_dy, plan.num_tokens, plan.slots,
-                                plan.experts.data(), workspace_->backward_dy.send_row_token_.data(),
+                                routed.experts.data(),
+                                workspace_->backward_dy.send_row_token_.data(),
                                 workspace_->d_slot_weights.data(), d_weights.data_as<float>());
 }
 
@@ -115,7 +118,7 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   const RoutingPlan& plan = plan_;
   const std::int64_t T = plan.num_tokens, H = hidden_;
   const int K = plan.slots;
-  const int E = parts_.placement.num_experts();
+  const int E = num_experts();
   x.require_on(device, "MoE backward x", DType::kF32, {T, H});
   dy.require_on(device, "MoE backward dy", DType::kF32, {T, H});
   out.dx.require_on(device, "MoE backward dx", DType::kF32, {T, H});
@@ -203,7 +206,9 @@ void MoELayer::backward(const TensorView& x, const TensorView& dy, const LayerGr
   // The rows' input gradients come back summed per token; the weights' gradients to their
   // tokens' ranks.
   combine_unweighted(hd, d_inputs, out.dx, meta);
-  const std::int32_t* plan_experts = plan.experts.data();
+  // The slots dy went to (the dispatch above translated plan_ into slot_plan_).
+  const std::int32_t* plan_experts =
+      parts_.slot_map.empty() ? plan.experts.data() : slot_plan_.experts.data();
   const std::int64_t* send_row_token = hd.send_row_token_.data();
   const float* logits = logits_.data();
   const RoutingPlan* host_plan = &plan;

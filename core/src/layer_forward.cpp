@@ -96,6 +96,17 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
     }
   }
   kept_for_backward_ = false;
+  // With a slot map the exchange carries slots; the router's plan stays in experts.
+  std::optional<Error> plan_error;
+  const RoutingPlan* routed = &plan;
+  if (local_error == nullptr && !parts_.slot_map.empty()) {
+    try {
+      routed = &slot_plan(plan);
+    } catch (const Error& e) {
+      plan_error = e;
+      local_error = &*plan_error;
+    }
+  }
   if (worst_case_forward()) {
     forward_worst_case(x, plan, y, local_error, std::exchange(device_routing_pending_, false),
                        done);
@@ -106,7 +117,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
   // backward, or a device data path, runs one.
   const bool host = data_path_->device().kind == Device::Kind::kHost;
   const int chunks = host && !save ? parts_.chunks : 1;
-  forward_pipeline(x, plan, y, local_error, chunks, save, done);
+  forward_pipeline(x, *routed, y, local_error, chunks, save, done);
   kept_for_backward_ = save;
 }
 
@@ -120,7 +131,8 @@ void MoELayer::forward_pipeline(const TensorView& x, const RoutingPlan& plan, co
   timings_.dispatch_s = seconds_since(start);
   const std::int64_t H = hidden_;
   const int K = plan.slots;
-  const bool fused = expert_caps_.fuses_weighted_rows && !save;
+  const bool fused =
+      expert_caps_.fuses_weighted_rows && !save && parts_.combine_order == CombineOrder::kRank;
   // The expert rows a forward hands the kernel: its dtypes, or f32 when they are kept.
   const TokenExchange::ExpertRowDTypes dtypes =
       save ? TokenExchange::ExpertRowDTypes{}
@@ -315,7 +327,7 @@ void MoELayer::forward_worst_case(const TensorView& x, const RoutingPlan& plan, 
   }
   // The checks the host makes later: the plan's counts from a device routing, the
   // layout's first bad expert id, and the peers' failure marks (with the rows).
-  const auto E = static_cast<std::size_t>(parts_.placement.num_experts());
+  const auto E = static_cast<std::size_t>(num_experts());
   if (!report.done) {
     report.done = stream().create_event();
     report.words = Buffer<std::int64_t>(data_path_->staging_allocator());
@@ -391,7 +403,7 @@ std::optional<Error> MoELayer::collect_worst_case_reports(bool wait) {
     }
     report.pending = false;
     if (report.refused) continue;  // its step threw this rank's own error
-    const auto E = static_cast<std::size_t>(parts_.placement.num_experts());
+    const auto E = static_cast<std::size_t>(num_experts());
     const std::int64_t* words = report.words.data();
     for (std::size_t p = 0; p < report.words.size() - E - 1; ++p) {
       SlotMeta mark{};

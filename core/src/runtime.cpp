@@ -14,6 +14,7 @@
 
 #include "switchyard/bootstrap.hpp"
 #include "switchyard/checkpoint.hpp"
+#include "switchyard/expert_balancer.hpp"
 #include "switchyard/io.hpp"
 #include "switchyard/memory_budget.hpp"
 #include "switchyard/reference.hpp"
@@ -118,6 +119,80 @@ std::vector<ModelWeights> load_models(const ConfigSection& model, const std::vec
 
 }  // namespace
 
+namespace {
+
+/// Each layer's slot map from `[runtime] placement` (a plan-experts folder) or
+/// `redundant_experts` (the balancer's placement for an even load); empty maps otherwise.
+std::vector<ExpertSlotMap> initial_slot_maps(const ConfigSection& runtime,
+                                             const std::vector<ModelWeights>& models, int ep) {
+  const auto layers = models.size();
+  std::vector<ExpertSlotMap> maps(layers);
+  const int E = models.front().num_experts();
+  const std::string& folder = runtime.get_string("placement");
+  const auto redundant = static_cast<int>(runtime.get_int("redundant_experts"));
+  if (!folder.empty()) {
+    const std::string where = runtime.origin("placement").describe() + ": runtime.placement";
+    const std::filesystem::path dir(folder);
+    HostTensor slots, shares;
+    try {
+      slots = read_npy(dir / "expert_of_slot.npy");
+      shares = read_npy(dir / "share_of_slot.npy");
+    } catch (const Error& e) {
+      throw Error(e.code(), where + ": " + e.message());
+    }
+    if (slots.dtype() != DType::kI32 || slots.shape().size() != 2 ||
+        shares.dtype() != DType::kF64 || shares.shape() != slots.shape() ||
+        (slots.shape()[0] != 1 && slots.shape()[0] != static_cast<std::int64_t>(layers))) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  where +
+                      ": expert_of_slot.npy (int32) and share_of_slot.npy (float64) must be "
+                      "[layers, slots] with one row per MoE layer (" +
+                      std::to_string(layers) + ") or one row for all");
+    }
+    const std::int64_t S = slots.shape()[1];
+    if (S % ep != 0) {
+      throw Error(ErrorCode::kInvalidArgument,
+                  where + ": " + std::to_string(S) + " slots do not divide over the EP group's " +
+                      std::to_string(ep) + " ranks (plan the placement for " + std::to_string(ep) +
+                      " ranks)");
+    }
+    for (std::size_t l = 0; l < layers; ++l) {
+      const std::int64_t row = slots.shape()[0] == 1 ? 0 : static_cast<std::int64_t>(l);
+      const std::int32_t* expert = slots.data<std::int32_t>() + row * S;
+      const double* share = shares.data<double>() + row * S;
+      try {
+        maps[l] = ExpertSlotMap(E, std::vector<int>(expert, expert + S),
+                                std::vector<double>(share, share + S));
+      } catch (const Error& e) {
+        throw Error(e.code(), where + ": layer " + std::to_string(l) + ": " + e.message());
+      }
+    }
+    return maps;
+  }
+  if (redundant == 0) return maps;
+  ExpertBalanceShape shape;
+  shape.num_ranks = ep;
+  shape.redundant_experts = redundant;
+  const ExpertSlots even =
+      balance_experts(std::vector<double>(static_cast<std::size_t>(E), 1.0), shape);
+  for (auto& map : maps) map = ExpertSlotMap(E, even.expert_of_slot, even.share_of_slot);
+  return maps;
+}
+
+/// The weights of `rank`'s slots: each slot's logical expert's (views of `weights`).
+std::vector<SwigluExpertWeights> slot_weights(const ModelWeights& weights, const ExpertSlotMap& map,
+                                              const ExpertPlacement& placement, int rank) {
+  const int first = placement.first_expert(rank), count = placement.num_local(rank);
+  if (map.empty()) return weights.experts(first, count);
+  std::vector<SwigluExpertWeights> out;
+  out.reserve(static_cast<std::size_t>(count));
+  for (int slot = first; slot < first + count; ++slot)
+    out.push_back(weights.experts(map.expert_of_slot()[static_cast<std::size_t>(slot)], 1).front());
+  return out;
+}
+
+}  // namespace
+
 Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
   // SWITCHYARD_<SECTION>_<KEY> variables apply to embedders as to the tool; the launcher's
   // node emulation (SWITCHYARD_RUNTIME_RANKS_PER_NODE) is one of them.
@@ -173,7 +248,11 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
                                 std::to_string(ep) + ")");
   }
   state_->ep_size = ep;
-  state_->placement = ExpertPlacement(model.num_experts(), ep);
+  state_->slot_maps = initial_slot_maps(runtime, state_->models, ep);
+  state_->placement =
+      ExpertPlacement(state_->slot_maps.front().empty() ? model.num_experts()
+                                                        : state_->slot_maps.front().num_slots(),
+                      ep);
 
   // EP groups are blocks of ep consecutive ranks; DP groups take one rank of each block.
   state_->ep_transports.resize(state_->transports.size());
@@ -217,8 +296,8 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
       expert_args.options = &experts;
       expert_args.hidden = weights.hidden();
       expert_args.ffn_hidden = weights.ffn_hidden();
-      const auto local_experts =
-          weights.experts(state_->placement.first_expert(rank), state_->placement.num_local(rank));
+      const std::vector<SwigluExpertWeights> local_experts =
+          slot_weights(weights, state_->slot_maps[l], state_->placement, rank);
       expert_args.experts = local_experts;
       auto kernel = state_->registry->create_expert(experts.get_string("kernel"), expert_args);
 
@@ -240,6 +319,9 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
       parts.experts = std::move(kernel);
       parts.gate = weights.gate().view();
       parts.placement = state_->placement;
+      parts.slot_map = state_->slot_maps[l];
+      parts.combine_order =
+          runtime.get_string("combine_order") == "slot" ? CombineOrder::kSlot : CombineOrder::kRank;
       parts.first_world_rank = state_->transports[local]->rank() / ep * ep;
       parts.data_path = data_path;
       parts.workspace = state_->workspaces.back();

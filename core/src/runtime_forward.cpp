@@ -190,6 +190,10 @@ void Runtime::dispatch(const TensorView& x, const TensorView& experts, const Ten
         part.world_rank = world_rank(local);
         part.first_expert = l.placement().first_expert(ep_rank);
         part.num_local_experts = l.placement().num_local(ep_rank);
+        part.local_experts.resize(static_cast<std::size_t>(part.num_local_experts));
+        for (int j = 0; j < part.num_local_experts; ++j)
+          part.local_experts[static_cast<std::size_t>(j)] =
+              expert_of_slot(index, part.first_expert + j);
         part.first_token = first;
         part.num_tokens = count;
         RoutingPlan& plan = part.plan;

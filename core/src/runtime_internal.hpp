@@ -29,7 +29,8 @@ struct Runtime::State {
   std::vector<std::vector<std::unique_ptr<MoELayer>>> layers;  // [layer][local rank]
   // Per local rank: the step buffers (and with them the data path) its layers share.
   std::vector<std::shared_ptr<LayerWorkspace>> workspaces;
-  ExpertPlacement placement;
+  ExpertPlacement placement;             // the expert slots over an EP group's ranks
+  std::vector<ExpertSlotMap> slot_maps;  // per layer index: each slot's expert (empty: slot e = e)
   // forward_model's activations between layers (host, grown once).
   HostTensor chain_in, chain_out;
   bool training = false;

@@ -22,26 +22,27 @@ namespace switchyard {
 
 using namespace runtime_detail;
 
-void Runtime::gather_expert_gradients(ModelGradients& gradients) {
+void Runtime::gather_expert_gradients(ModelGradients& gradients, int index, bool sum_copies) {
   const int world = world_size();
   if (num_local_ranks() == world) return;
   const std::int64_t H = model().hidden(), F = model().ffn_hidden();
   const std::size_t expert_floats = static_cast<std::size_t>(3 * F * H);
   const int ep = ep_size();
+  const int E = model(index).num_experts();
   run_on_ranks([&](int local) {
     Transport& t = world_transport(local);
     const auto n = static_cast<std::size_t>(world);
     std::vector<std::size_t> send_counts(n, 0), send_offsets(n, 0), recv_counts(n, 0),
         recv_offsets(n, 0);
-    const ExpertPlacement& placement = layer(local).placement();
+    const ExpertPlacement& placement = layer(local, index).placement();
     const int r = t.rank();
     std::vector<float> send, recv;
     if (r != 0 && r < ep) {
-      // This rank's experts: gate, up, down of each, in order.
+      // This rank's slots' gradients (its experts', summed over its copies of each): gate,
+      // up, down of each slot's expert, in slot order.
       for (int j = 0; j < placement.num_local(r); ++j) {
-        for (const HostTensor& w :
-             gradients.experts[static_cast<std::size_t>(placement.first_expert(r)) +
-                               static_cast<std::size_t>(j)]) {
+        for (const HostTensor& w : gradients.experts[static_cast<std::size_t>(
+                 expert_of_slot(index, placement.first_expert(r) + j))]) {
           send.insert(send.end(), w.data<float>(), w.data<float>() + w.numel());
         }
       }
@@ -60,17 +61,26 @@ void Runtime::gather_expert_gradients(ModelGradients& gradients) {
     t.alltoallv({reinterpret_cast<const std::byte*>(send.data()), send_counts, send_offsets,
                  reinterpret_cast<std::byte*>(recv.data()), recv_counts, recv_offsets});
     if (r != 0) return;
+    // Rank 0 holds its own slots' sums; each other rank's expert arrives once per slot it
+    // holds of it, already summed there, so only its first slot of an expert counts.
+    std::vector<bool> touched(static_cast<std::size_t>(E), false);
+    for (int j = 0; j < placement.num_local(0); ++j)
+      touched[static_cast<std::size_t>(expert_of_slot(index, placement.first_expert(0) + j))] =
+          true;
+    const std::vector<std::int64_t> shapes[3] = {{F, H}, {F, H}, {H, F}};
+    HostTensor arrived[3];
+    for (std::size_t w = 0; w < 3; ++w) arrived[w] = HostTensor(DType::kF32, shapes[w]);
     const float* at = recv.data();
     for (int q = 1; q < ep; ++q) {
-      for (int j = 0; j < placement.num_local(q); ++j) {
-        auto& into = gradients.experts[static_cast<std::size_t>(placement.first_expert(q)) +
-                                       static_cast<std::size_t>(j)];
-        const std::vector<std::int64_t> shapes[3] = {{F, H}, {F, H}, {H, F}};
-        for (std::size_t w = 0; w < 3; ++w) {
-          if (into[w].numel() != F * H) into[w] = HostTensor(DType::kF32, shapes[w]);
-          std::copy_n(at, F * H, into[w].data<float>());
-          at += F * H;
-        }
+      std::vector<bool> seen_from_q(static_cast<std::size_t>(E), false);
+      for (int j = 0; j < placement.num_local(q); ++j, at += expert_floats) {
+        const int expert = expert_of_slot(index, placement.first_expert(q) + j);
+        if (seen_from_q[static_cast<std::size_t>(expert)]) continue;
+        seen_from_q[static_cast<std::size_t>(expert)] = true;
+        if (!sum_copies && touched[static_cast<std::size_t>(expert)]) continue;
+        for (std::size_t w = 0; w < 3; ++w)
+          std::copy_n(at + static_cast<std::int64_t>(w) * F * H, F * H, arrived[w].data<float>());
+        add_slot_gradient(gradients, touched, expert, arrived);
       }
     }
   });
@@ -121,8 +131,10 @@ void Runtime::for_each_held_expert(
         *state_->layers[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
     const int ep_rank = l.transport().rank();
     const int first = l.placement().first_expert(ep_rank);
-    const auto held = model(index).experts(first, l.placement().num_local(ep_rank));
-    for (std::size_t j = 0; j < held.size(); ++j) fn(first + static_cast<int>(j), held[j]);
+    for (int slot = first; slot < first + l.placement().num_local(ep_rank); ++slot) {
+      const int expert = expert_of_slot(index, slot);
+      fn(expert, model(index).experts(expert, 1).front());
+    }
   }
 }
 
@@ -154,7 +166,7 @@ void Runtime::save_model(const std::filesystem::path& path) {
         copy.experts[static_cast<std::size_t>(expert)][w] = std::move(f32);
       }
     });
-    gather_expert_gradients(copy);
+    gather_expert_gradients(copy, index, /*sum_copies=*/false);
     if (world_rank(0) != 0) continue;
     const std::string prefix = layer_prefix(options.get_string("prefix"),
                                             state_->layer_ids[static_cast<std::size_t>(index)]);
@@ -382,19 +394,47 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
       gradients.shared_expert_gate = ranks.front().shared_gate;
     }
   }
+  // Each slot's gradients into its expert's: copies of a replicated expert summed, in slot
+  // order (the same order on every run, whatever the rank count).
   gradients.experts.resize(static_cast<std::size_t>(E));
+  // A slot's DP replicas (the same EP rank in other EP groups) hold the same sums: each
+  // slot counts once.
+  std::vector<bool> touched(static_cast<std::size_t>(E), false);
+  std::vector<bool> slot_done(static_cast<std::size_t>(layer(0, index).placement().num_experts()),
+                              false);
   for (int local = 0; local < num_local_ranks(); ++local) {
     const MoELayer& l = layer(local, index);
-    const int ep_rank = l.transport().rank();
-    const int first_expert = l.placement().first_expert(ep_rank);
+    const int first_slot = l.placement().first_expert(l.transport().rank());
     const auto& r = ranks[static_cast<std::size_t>(local)];
     for (std::size_t j = 0; j < r.experts.views().size(); ++j) {
-      auto& into = gradients.experts[static_cast<std::size_t>(first_expert) + j];
-      for (std::size_t w = 0; w < 3; ++w) {
-        const HostTensor& from = r.experts.tensors()[3 * j + w];
-        if (into[w].numel() != from.numel()) into[w] = HostTensor(DType::kF32, from.shape());
-        std::copy_n(from.data<float>(), from.numel(), into[w].data<float>());
-      }
+      const auto slot = static_cast<std::size_t>(first_slot) + j;
+      if (slot_done[slot]) continue;
+      slot_done[slot] = true;
+      add_slot_gradient(gradients, touched, expert_of_slot(index, first_slot + static_cast<int>(j)),
+                        &r.experts.tensors()[3 * j]);
+    }
+  }
+}
+
+int Runtime::expert_of_slot(int index, int slot) const {
+  const ExpertSlotMap& map = state_->slot_maps[static_cast<std::size_t>(index)];
+  return map.empty() ? slot : map.expert_of_slot()[static_cast<std::size_t>(slot)];
+}
+
+void Runtime::add_slot_gradient(ModelGradients& gradients, std::vector<bool>& touched, int expert,
+                                const HostTensor* slot_tensors) {
+  auto& into = gradients.experts[static_cast<std::size_t>(expert)];
+  const bool first = !touched[static_cast<std::size_t>(expert)];
+  touched[static_cast<std::size_t>(expert)] = true;
+  for (std::size_t w = 0; w < 3; ++w) {
+    const HostTensor& from = slot_tensors[w];
+    if (into[w].numel() != from.numel()) into[w] = HostTensor(DType::kF32, from.shape());
+    float* to = into[w].data<float>();
+    const float* add = from.data<float>();
+    if (first) {
+      std::copy_n(add, from.numel(), to);
+    } else {
+      for (std::int64_t i = 0; i < from.numel(); ++i) to[i] += add[i];
     }
   }
 }

@@ -465,7 +465,7 @@ Simulator::Simulator(ClusterSpec spec, LogitsSource logits, std::vector<RouterSe
       }
       group.routers.push_back(std::move(router));
     }
-    group.copy_ranks.resize(settings_.size());
+    group.slot_maps.resize(settings_.size());
   }
   rank_stamp_.assign(static_cast<std::size_t>(W), -1);
   node_stamp_.assign(static_cast<std::size_t>(spec_.nodes), -1);
@@ -512,7 +512,7 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
   std::vector<std::vector<std::int64_t>> group_counts(settings_.size());
   for (std::size_t g = 0; g < groups_.size(); ++g) {
     for (std::size_t s = 0; s < settings_.size(); ++s) {
-      if (settings_[s].redundant_experts > 0 && groups_[g].copy_ranks[s].empty())
+      if (settings_[s].redundant_experts > 0 && groups_[g].slot_maps[s].empty())
         place_copies(g, s, logits_of);
     }
     for (auto& c : group_counts) c.assign(E, 0);
@@ -527,20 +527,22 @@ std::vector<Traffic> Simulator::run(const std::function<TensorView(int rank)>& l
         result[s].tokens += plan.num_tokens;
         result[s].dropped += router.stats().dropped;
         for (std::size_t e = 0; e < E; ++e) group_counts[s][e] += plan.counts[e];
-        account(r, plan, groups_[g].copy_ranks[s], result[s]);
+        account(r, plan, groups_[g].slot_maps[s], result[s]);
       }
       if (progress) progress(r + 1, W);
     }
     // The floor: no placement of these copies puts less than the hottest copy's load on
     // a rank.
     for (std::size_t s = 0; s < settings_.size(); ++s) {
-      const auto& copy_ranks = groups_[g].copy_ranks[s];
+      const ExpertSlotMap& slot_map = groups_[g].slot_maps[s];
       double hottest = 0, total = 0;
       for (std::size_t e = 0; e < E; ++e) {
         const auto load = static_cast<double>(group_counts[s][e]);
         total += load;
         hottest = std::max(
-            hottest, load / static_cast<double>(copy_ranks.empty() ? 1 : copy_ranks[e].size()));
+            hottest,
+            load / static_cast<double>(
+                       slot_map.empty() ? 1 : slot_map.slots_of(static_cast<int>(e)).size()));
       }
       if (total > 0) {
         result[s].rank_imbalance_floor =
@@ -606,45 +608,11 @@ void Simulator::place_copies(std::size_t g, std::size_t s,
   shape.num_ranks = G;
   shape.redundant_experts = settings_[s].redundant_experts;
   const ExpertSlots slots = balance_experts(load, shape);
-  auto& copy_ranks = groups_[g].copy_ranks[s];
-  copy_ranks.assign(E, {});
-  for (std::size_t e = 0; e < E; ++e)
-    copy_ranks[e].resize(static_cast<std::size_t>(slots.copies[e]));
-  for (int slot = 0; slot < slots.num_slots(); ++slot) {
-    const auto at = static_cast<std::size_t>(slot);
-    copy_ranks[static_cast<std::size_t>(slots.expert_of_slot[at])][static_cast<std::size_t>(
-        slots.replica_of_slot[at])] = {slot / slots.slots_per_rank, slots.share_of_slot[at]};
-  }
-  for (auto& copies : copy_ranks) {
-    double sum = 0;
-    for (auto& [rank, share] : copies) share = sum += share;
-    copies.back().second = 1.0;  // whatever the rounding, every token finds a copy
-  }
+  groups_[g].slot_maps[s] =
+      ExpertSlotMap(spec_.num_experts, slots.expert_of_slot, slots.share_of_slot);
 }
 
-namespace {
-
-/// The group rank of the copy of `expert` that token `token` of rank `rank` goes to: a
-/// hash of the token's global position and the expert, as a point in [0, 1), falls in one
-/// copy's share (the same wherever it is computed).
-int choose_copy(int rank, std::int64_t token, int expert,
-                const std::vector<std::pair<int, double>>& copies) {
-  std::uint64_t z = (static_cast<std::uint64_t>(rank) << 40) ^ static_cast<std::uint64_t>(token) ^
-                    (static_cast<std::uint64_t>(expert) << 24);
-  z += 0x9e3779b97f4a7c15ULL;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  z ^= z >> 31;
-  const double point = static_cast<double>(z >> 11) * 0x1.0p-53;
-  for (const auto& [copy_rank, running_share] : copies)
-    if (point < running_share) return copy_rank;
-  return copies.back().first;
-}
-
-}  // namespace
-
-void Simulator::account(int rank, const RoutingPlan& plan,
-                        const std::vector<std::vector<std::pair<int, double>>>& copy_ranks,
+void Simulator::account(int rank, const RoutingPlan& plan, const ExpertSlotMap& slot_map,
                         Traffic& t) {
   const int W = spec_.world(), G = spec_.group_size(), P = spec_.gpus_per_node;
   const int group_first = rank / G * G;
@@ -676,10 +644,10 @@ void Simulator::account(int rank, const RoutingPlan& plan,
       if (e < 0) continue;
       ++t.assignments;
       ++t.tokens_per_expert[static_cast<std::size_t>(e)];
-      const int d = group_first +
-                    (copy_ranks.empty()
-                         ? placement.rank_of(e)
-                         : choose_copy(rank, token, e, copy_ranks[static_cast<std::size_t>(e)]));
+      const int d =
+          group_first + (slot_map.empty() ? placement.rank_of(e)
+                                          : slot_map.choose_slot(rank - group_first, token, e) /
+                                                (slot_map.num_slots() / G));
       const int node = d / P;
       ++t.tokens_per_rank[static_cast<std::size_t>(d)];
       ++t.tokens_per_node[static_cast<std::size_t>(node)];

@@ -243,6 +243,7 @@ void TokenExchange::stage(const TokenRange& tokens, int c, DispatchHandle& h) {
     layout.first_bad_slot = h.first_bad_slot_.data();
   }
   parts_.data_path->layout(layout, stream());
+  if (parts_.slot_order) place_slot_rows(tokens, h);
   // One run per destination: the peers' into the send buffer, this rank's own in place.
   h.pack_runs_.resize(R);
   for (std::size_t p = 0; p < R; ++p) {
@@ -504,6 +505,10 @@ void TokenExchange::reduce(DispatchHandle& h, const TensorView& expert_output, c
   const DType output_dtype = expert_output.dtype() == DType::kBF16 ? DType::kBF16 : DType::kF32;
   expert_output.require_on(device, "MoE combine expert_output", output_dtype, {A, H});
   y.require_on(device, "MoE combine y", DType::kF32, {h.num_tokens_, H});
+  if (parts_.slot_order) {
+    reduce_per_slot(h, expert_output, meta);
+    return;
+  }
   place_partials(h, in_expert_buffers);
   for (const PartialRows& rows : partial_segments(h)) {
     if (rows.count == 0) continue;
@@ -522,6 +527,10 @@ void TokenExchange::reduce(DispatchHandle& h, const TensorView& expert_output, c
 }
 
 void TokenExchange::sum(DispatchHandle& h, float* y) {
+  if (parts_.slot_order) {
+    sum_per_slot(h, y);
+    return;
+  }
   // Rows arrive in (expert rank, token) order, so each token sums its partials in
   // ascending rank order: the same on every transport.
   UnpermuteSumArgs args;
@@ -533,6 +542,111 @@ void TokenExchange::sum(DispatchHandle& h, float* y) {
   args.y = y;
   args.num_tokens = h.num_tokens_;
   parts_.data_path->unpermute_sum(args, stream());
+}
+
+void TokenExchange::place_slot_rows(const TokenRange& tokens, DispatchHandle& h) {
+  // A row sent to peer p lists its slots on p in routing order, and p returns one row per
+  // kept slot in that order: the j-th returned row of a send row is its token's j-th k
+  // whose slot lives on p.
+  const std::size_t R = ranks();
+  const int K = tokens.slots;
+  h.slot_rows_to_.resize(R);
+  h.slot_position_.resize(to_size(tokens.count * K));
+  std::fill(h.slot_position_.begin(), h.slot_position_.end(), -1);
+  std::int64_t returned = 0;
+  for (std::size_t p = 0; p < R; ++p) {
+    const std::int64_t first = returned;
+    for (std::int64_t i = h.rows_to_offset_[p]; i < h.rows_to_offset_[p] + h.rows_to_[p]; ++i) {
+      const std::int64_t t = h.send_row_token_[to_size(i)];
+      for (int k = 0; k < K; ++k) {
+        const std::int32_t slot = tokens.experts[t * K + k];
+        if (slot >= 0 && parts_.placement->rank_of(slot) == static_cast<int>(p))
+          h.slot_position_[to_size(t * K + k)] = returned++;
+      }
+    }
+    h.slot_rows_to_[p] = returned - first;
+  }
+}
+
+void TokenExchange::reduce_per_slot(DispatchHandle& h, const TensorView& expert_output,
+                                    const SlotMeta* meta) {
+  if (meta == nullptr) meta = h.recv_meta_.data();
+  const std::int64_t H = parts_.hidden;
+  const int K = h.slots_;
+  const std::size_t R = ranks(), self = me();
+  const std::size_t row_bytes = to_size(H) * dtype_size(parts_.combine_dtype);
+  // The rows this rank returns to each peer: one per kept slot of the rows it sent.
+  h.slot_rows_from_.resize(R);
+  std::int64_t total = 0;
+  for (std::size_t p = 0; p < R; ++p) {
+    std::int64_t kept = 0;
+    for (std::int64_t i = h.rows_from_offset_[p]; i < h.rows_from_offset_[p] + h.rows_from_[p];
+         ++i) {
+      for (int j = 0; j < K; ++j) kept += meta[i * K + j].local_expert >= 0 ? 1 : 0;
+    }
+    h.slot_rows_from_[p] = kept;
+    total += kept;
+  }
+  std::int64_t returned_to_me = 0;
+  for (std::size_t p = 0; p < R; ++p) returned_to_me += h.slot_rows_to_[p];
+  h.partial_rows_.resize(to_size(total - h.slot_rows_from_[self]) * row_bytes);
+  h.combined_rows_.resize(to_size(returned_to_me) * row_bytes);
+  h.partial_at_ = h.partial_rows_.data();
+  h.combined_at_ = h.combined_rows_.data();
+  peer_exchange(h.slot_rows_from_, self, row_bytes, /*compact=*/true, h.back_send_bytes_,
+                h.back_send_offsets_);
+  peer_exchange(h.slot_rows_to_, self, row_bytes, /*compact=*/false, h.back_recv_bytes_,
+                h.back_recv_offsets_);
+  // This rank's own rows go straight among its returned rows.
+  std::int64_t self_first = 0;
+  for (std::size_t p = 0; p < self; ++p) self_first += h.slot_rows_to_[p];
+  const bool bf16_out = expert_output.dtype() == DType::kBF16;
+  const bool bf16_back = parts_.combine_dtype == DType::kBF16;
+  const std::int64_t* assignment = h.assignment_of_slot_.data();
+  for (std::size_t p = 0; p < R; ++p) {
+    std::byte* out = p == self ? h.combined_at_ + to_size(self_first) * row_bytes
+                               : h.partial_at_ + h.back_send_offsets_[p];
+    for (std::int64_t i = h.rows_from_offset_[p]; i < h.rows_from_offset_[p] + h.rows_from_[p];
+         ++i) {
+      for (int j = 0; j < K; ++j) {
+        const SlotMeta slot = meta[i * K + j];
+        if (slot.local_expert < 0) continue;
+        const std::int64_t a = assignment[i * K + j];
+        for (std::int64_t e = 0; e < H; ++e) {
+          const float o =
+              bf16_out ? bf16_to_float(expert_output.data_as<const std::uint16_t>()[a * H + e])
+                       : expert_output.data_as<const float>()[a * H + e];
+          const float v = slot.weight * o;
+          if (bf16_back) {
+            reinterpret_cast<std::uint16_t*>(out)[e] = float_to_bf16(v);
+          } else {
+            reinterpret_cast<float*>(out)[e] = v;
+          }
+        }
+        out += row_bytes;
+      }
+    }
+  }
+}
+
+void TokenExchange::sum_per_slot(DispatchHandle& h, float* y) {
+  const std::int64_t H = parts_.hidden, T = h.num_tokens_;
+  const int K = h.slots_;
+  const bool bf16_back = parts_.combine_dtype == DType::kBF16;
+  const std::size_t row_bytes = to_size(H) * dtype_size(parts_.combine_dtype);
+  for (std::int64_t t = 0; t < T; ++t) {
+    float* out = y + t * H;
+    std::fill_n(out, H, 0.0f);
+    for (int k = 0; k < K; ++k) {
+      const std::int64_t row = h.slot_position_[to_size(t * K + k)];
+      if (row < 0) continue;
+      const std::byte* in = h.combined_at_ + to_size(row) * row_bytes;
+      for (std::int64_t e = 0; e < H; ++e) {
+        out[e] += bf16_back ? bf16_to_float(reinterpret_cast<const std::uint16_t*>(in)[e])
+                            : reinterpret_cast<const float*>(in)[e];
+      }
+    }
+  }
 }
 
 void TokenExchange::return_slot_values(const DispatchHandle& h, std::int64_t num_tokens, int slots,

@@ -41,6 +41,7 @@ class TokenExchange {
     PayloadDType payload_dtype = PayloadDType::kF32;
     DType combine_dtype = DType::kF32;
     int first_world_rank = 0;  // names peers by their world rank in errors
+    bool slot_order = false;   // the slot-order combine (CombineOrder::kSlot), host only
   };
   explicit TokenExchange(const Parts& parts)
       : parts_(parts), counts_width_(1 + static_cast<std::size_t>(parts.placement->max_local())) {}
@@ -128,6 +129,16 @@ class TokenExchange {
   /// y [h's tokens, H] = the returned rows summed per token.
   void sum(DispatchHandle& h, float* y);
 
+ private:
+  /// The slot-order combine's bookkeeping after a stage: where each (token, k) of
+  /// `tokens`' plan comes back among the returned rows, and the rows each peer returns.
+  void place_slot_rows(const TokenRange& tokens, DispatchHandle& h);
+  /// The slot-order reduce: every kept (row, slot)'s weighted output, in the peers' order.
+  void reduce_per_slot(DispatchHandle& h, const TensorView& expert_output, const SlotMeta* meta);
+  /// The slot-order sum: y[t] = its returned rows in routing order (k = 0, 1, ...).
+  void sum_per_slot(DispatchHandle& h, float* y);
+
+ public:
   /// Sends each (received row, slot)'s value `per_slot` [N,K] back to the token's rank
   /// and writes it at the token's plan slot of `out` [T,K] (0 for slots of no expert).
   /// The plan [T,K] (its experts) and h's send rows' tokens as the host reads them;

@@ -51,7 +51,8 @@ int backward_command(const std::vector<std::string>& args) {
     runtime.forward_model(x.view(), y.view());
     runtime.backward_model(x.view(), dy.view(), dx.view(), gradients);
     runtime.gather_rows(dx.view());
-    for (auto& g : gradients) runtime.gather_expert_gradients(g);
+    for (std::size_t l = 0; l < gradients.size(); ++l)
+      runtime.gather_expert_gradients(gradients[l], static_cast<int>(l));
     if (runtime.world_rank(0) != 0) return kExitOk;
 
     const ConfigSection& options = runtime.settings().section("model");

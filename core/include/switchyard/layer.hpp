@@ -101,6 +101,10 @@ class DispatchHandle {
   Buffer<std::byte> partial_rows_, combined_rows_;
   std::byte* partial_at_ = nullptr;
   std::byte* combined_at_ = nullptr;
+  // The slot-order combine (`MoELayerParts::combine_order`, host): one returned row per
+  // kept (token, slot); per peer the rows it returns and this rank returns, and for each
+  // (token, k) of the plan its row among the returned ones (-1: dropped).
+  Buffer<std::int64_t> slot_rows_to_, slot_rows_from_, slot_position_;
   // Host staging of the exchanges when the data path is a device's and the transport takes
   // host memory only: what this rank sends, and what it receives of the rows, their slots
   // and the partial sums (apart, as their copies to the device may still be queued).
@@ -120,14 +124,28 @@ std::shared_ptr<LayerWorkspace> make_layer_workspace();
 /// Bytes a workspace's buffers hold (their peak, as they only grow).
 std::size_t workspace_bytes(const LayerWorkspace& workspace) noexcept;
 
+/// How a layer's combine orders a token's sum (`MoELayerParts::combine_order`).
+enum class CombineOrder : std::uint8_t { kRank, kSlot };
+
 /// The parts a layer is built from. The layer borrows `transport` and `gate`; it shares
 /// ownership of the router and the kernel.
 struct MoELayerParts {
   Transport* transport = nullptr;  ///< the EP group
   std::shared_ptr<Router> router;
-  std::shared_ptr<ExpertKernel> experts;  ///< this rank's local experts per `placement`
-  TensorView gate;                        ///< f32 [E,H]
-  ExpertPlacement placement;              ///< over the EP group's ranks
+  /// This rank's local experts per `placement`: one per slot (a slot's weights are its
+  /// logical expert's, per `slot_map`).
+  std::shared_ptr<ExpertKernel> experts;
+  TensorView gate;  ///< f32 [E,H]
+  /// The expert slots over the EP group's ranks: E of them (slot e is expert e) without a
+  /// `slot_map`, else the map's S.
+  ExpertPlacement placement;
+  /// Which logical expert each slot holds and each copy's share of its tokens (a shuffled
+  /// or replicated placement: `ExpertSlotMap`); empty: slot e is expert e. Each routed
+  /// (token, expert) goes to the slot `ExpertSlotMap::choose_slot` names for (this rank,
+  /// the token's index in the forward, the expert), decided by the token's own rank, and
+  /// its row carries that slot: the receiver never chooses. The router, its statistics and
+  /// its gradients stay in logical experts. Host data path; not in the worst-case mode.
+  ExpertSlotMap slot_map;
   /// The data-path primitives (a datapath plugin's); null: the core's host data path.
   std::shared_ptr<DataPath> data_path;
   PayloadDType payload_dtype = PayloadDType::kF32;  ///< dtype of dispatched rows
@@ -151,6 +169,14 @@ struct MoELayerParts {
   /// forwards (their backward needs the step's routing statistics) and `dispatch` count as
   /// usual. 0: off.
   std::int64_t max_tokens_per_rank = 0;
+  /// How y sums a token's expert outputs. kRank (the default): each expert rank sends
+  /// back one partial sum per token (its slots, in routing order), summed in rank order:
+  /// fewest bytes, but the bits depend on which experts share a rank. kSlot: each rank
+  /// sends back every kept slot's weighted output, summed per token in routing order (k =
+  /// 0, 1, ...): the same bits for every placement of the experts (contiguous, shuffled,
+  /// replicated, rebalanced), for up to K / (ranks per token) times the combine's bytes.
+  /// Host data path; not fused; not in the worst-case mode.
+  CombineOrder combine_order = CombineOrder::kRank;
   /// With chunks: true runs the exchanges on a thread of their own, overlapping the other
   /// chunks' work; false runs them on the calling thread, chunk after chunk (no overlap,
   /// but each chunk's rows stay in the caches from pass to pass: the faster choice where
@@ -255,7 +281,18 @@ class MoELayer {
   /// weighed).
   void combine(DispatchHandle& handle, const TensorView& expert_output, const TensorView& y);
 
+  /// The expert slots over the EP group's ranks (see `MoELayerParts::placement`).
   const ExpertPlacement& placement() const noexcept { return parts_.placement; }
+  /// Which logical expert each slot holds (empty: slot e is expert e).
+  const ExpertSlotMap& slot_map() const noexcept { return parts_.slot_map; }
+  /// E, the logical experts the router chooses among.
+  int num_experts() const noexcept {
+    return parts_.slot_map.empty() ? parts_.placement.num_experts() : parts_.slot_map.num_experts();
+  }
+  /// The slots the last forward, dispatch or backward sent each (token, k) to: `plan`'s
+  /// experts translated by the slot map ([T,K], -1 kept), or `plan` itself without one.
+  /// Throws `Error(kInvalidArgument)` for an expert id outside -1..E-1.
+  const RoutingPlan& slot_plan(const RoutingPlan& plan);
   /// The parts the layer was built from (to build another layer like it, e.g. with other
   /// experts).
   const MoELayerParts& parts() const noexcept { return parts_; }
@@ -454,6 +491,7 @@ class MoELayer {
   bool device_routing_pending_ = false;  // queued; finish_device_routing not yet called
   Buffer<float> logits_;
   RoutingPlan plan_;
+  RoutingPlan slot_plan_;  // plan translated to slots (with a slot map)
   // The exchange of a training forward that keeps its rows for the backward (a forward that
   // keeps nothing uses the workspace's).
   DispatchHandle kept_handle_;

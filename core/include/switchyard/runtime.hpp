@@ -65,8 +65,12 @@ struct GlobalRouterStats {
 /// One local rank's share of a `Runtime::dispatch`.
 struct DispatchPart {
   int world_rank = 0;
-  int first_expert = 0;          ///< global id of the rank's first local expert
-  int num_local_experts = 0;     ///< its experts: first_expert .. first_expert + this - 1
+  /// The rank's first expert slot: without a slot map, the global id of its first expert.
+  int first_expert = 0;
+  int num_local_experts = 0;  ///< its slots: first_expert .. first_expert + this - 1
+  /// [num_local_experts] the global id of the expert each local slot holds (copies of a
+  /// replicated expert hold its weights).
+  std::vector<int> local_experts;
   std::int64_t first_token = 0;  ///< its first row of the dispatched tokens
   std::int64_t num_tokens = 0;   ///< its rows of them
   RoutingPlan plan;              ///< its rows of the given routing (host)
@@ -301,10 +305,12 @@ class Runtime {
   /// that rank 0's y holds all rows. Nothing to do when this process hosts every rank.
   void gather_rows(const TensorView& y);
 
-  /// Collective: sends the expert gradients of EP group 0's ranks to world rank 0, so that
-  /// rank 0's `gradients.experts` holds every expert's. Nothing to do when this process
-  /// hosts every rank.
-  void gather_expert_gradients(ModelGradients& gradients);
+  /// Collective: sends the expert gradients of layer `layer` from EP group 0's ranks to
+  /// world rank 0, so that rank 0's `gradients.experts` holds every expert's: a replicated
+  /// expert's copies summed (in slot order), or, with `sum_copies` false (tensors every copy
+  /// holds alike, e.g. the weights), its first copy's. Nothing to do when this process hosts
+  /// every rank.
+  void gather_expert_gradients(ModelGradients& gradients, int layer = 0, bool sum_copies = true);
 
   /// The worst-case mode's reports (`MoELayer::finish_worst_case_steps`) of every layer of
   /// every local rank, waited for: throws the first failure they hold once all are taken.
@@ -319,7 +325,14 @@ class Runtime {
   LayerTraffic total_traffic(int layer = 0);
 
  private:
-  /// Calls `fn(expert, weights)` for every expert a local rank holds (its global id).
+  /// The logical expert slot `slot` of layer `layer` holds.
+  int expert_of_slot(int layer, int slot) const;
+  /// Adds the three gradient tensors of one slot to its expert's in `gradients` (the first
+  /// time an expert is `touched`, copies them there).
+  static void add_slot_gradient(ModelGradients& gradients, std::vector<bool>& touched, int expert,
+                                const HostTensor* slot_tensors);
+  /// Calls `fn(expert, weights)` for every slot a local rank holds (its expert's global id;
+  /// an expert twice when the rank holds two copies).
   void for_each_held_expert(
       int layer,
       const std::function<void(int expert, const SwigluExpertWeights& weights)>& fn) const;

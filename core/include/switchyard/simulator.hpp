@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "switchyard/data_path.hpp"
+#include "switchyard/placement.hpp"
 #include "switchyard/router.hpp"
 #include "switchyard/tensor.hpp"
 #include "switchyard/topology.hpp"
@@ -238,19 +239,18 @@ class Simulator {
   struct Group {
     Topology topology;
     std::vector<std::shared_ptr<Router>> routers;  // per setting
-    /// Per setting with redundant experts, once planned: each expert's copies as (group
-    /// rank, the running sum of the copies' shares up to this one); empty: contiguous.
-    std::vector<std::vector<std::vector<std::pair<int, double>>>> copy_ranks;
+    /// Per setting with redundant experts, once planned: the slots of its copies, chosen
+    /// per token as the runtime chooses them; empty: contiguous.
+    std::vector<ExpertSlotMap> slot_maps;
   };
   /// Plans the placement of setting `s` in group `g` from its routing of `logits_of`'s
   /// tokens (a pass of routing that counts nothing).
   void place_copies(std::size_t g, std::size_t s, const std::function<TensorView(int)>& logits_of);
   std::vector<Traffic> run(const std::function<TensorView(int rank)>& logits_of,
                            const std::function<void(int, int)>& progress);
-  /// Counts rank `rank`'s routed tokens into `t`; `copy_ranks`: where each expert's copies
+  /// Counts rank `rank`'s routed tokens into `t`; `slot_map`: where each expert's copies
   /// are (empty: the contiguous placement).
-  void account(int rank, const RoutingPlan& plan,
-               const std::vector<std::vector<std::pair<int, double>>>& copy_ranks, Traffic& t);
+  void account(int rank, const RoutingPlan& plan, const ExpertSlotMap& slot_map, Traffic& t);
   ClusterSpec spec_;
   LogitsSource logits_;
   std::vector<RouterSetting> settings_;

@@ -165,8 +165,10 @@ typedef struct switchyard_dispatch_handle switchyard_dispatch_handle;
  * the handle's memory: valid until the handle's next dispatch or its destruction. */
 typedef struct switchyard_dispatch_part {
   int world_rank;
-  int first_expert;      /* global id of the rank's first local expert */
-  int num_local_experts; /* its experts: first_expert .. first_expert + this - 1 */
+  int first_expert;      /* its first expert slot: with one slot per expert (no
+                            [runtime] placement or redundant_experts), the global id of
+                            its first local expert */
+  int num_local_experts; /* its slots: first_expert .. first_expert + this - 1 */
   int64_t first_token;   /* its first row of the dispatched x */
   int64_t num_tokens;    /* its rows of x */
   /* [num_local_experts]: received rows per local expert, grouped in that order. */
@@ -177,6 +179,9 @@ typedef struct switchyard_dispatch_part {
   /* [num_local_experts]: each expert's first row in expert_input: the running sum of
    * rows_per_expert, each block padded to [runtime] expert_alignment with zero rows. */
   const int64_t* expert_first_row;
+  /* [num_local_experts]: the global id of the expert each local slot holds (a shuffled or
+   * replicated placement: several slots may hold copies of one expert, with its weights). */
+  const int* local_experts;
 } switchyard_dispatch_part;
 
 SWITCHYARD_C_EXPORT switchyard_status

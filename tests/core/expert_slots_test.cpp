@@ -1,0 +1,227 @@
+// Placement as data: a layer whose experts sit on shuffled or replicated slots gives the
+// contiguous placement's output bit for bit, its replicated experts' gradients sum to the
+// unreplicated ones, and each (token, expert) goes to the slot the documented hash names.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "switchyard/io.hpp"
+#include "switchyard/placement.hpp"
+#include "switchyard/runtime.hpp"
+#include "switchyard/status.hpp"
+#include "test_support.hpp"
+
+using namespace switchyard;
+
+namespace {
+
+constexpr int kExperts = 8;
+constexpr std::int64_t kHidden = 24;
+constexpr std::int64_t kTokens = 61;
+
+Config slots_config(int ranks) {
+  Config c;
+  c.set("runtime", "ranks", std::int64_t{ranks});
+  c.set("runtime", "timeout_s", 60.0);
+  c.set("router", "top_k", std::int64_t{3});
+  c.set("model", "num_experts", std::int64_t{kExperts});
+  c.set("model", "hidden", kHidden);
+  c.set("model", "ffn_hidden", std::int64_t{40});
+  c.set("model", "seed", std::int64_t{17});
+  // Every placement sums a token's outputs in routing order: the same bits for all.
+  c.set("runtime", "combine_order", std::string("slot"));
+  return c;
+}
+
+/// A plan-experts folder holding one layer's slots and shares.
+void write_placement(const std::filesystem::path& dir, std::vector<std::int32_t> expert_of_slot,
+                     std::vector<double> share_of_slot) {
+  std::filesystem::create_directories(dir);
+  const auto S = static_cast<std::int64_t>(expert_of_slot.size());
+  write_npy(dir / "expert_of_slot.npy", TensorView(expert_of_slot.data(), DType::kI32, {1, S}));
+  write_npy(dir / "share_of_slot.npy", TensorView(share_of_slot.data(), DType::kF64, {1, S}));
+}
+
+HostTensor forward(Runtime& runtime) {
+  const HostTensor x = synthetic_tokens(kTokens, kHidden, 5);
+  HostTensor y(DType::kF32, {kTokens, kHidden});
+  runtime.forward(x.view(), y.view());
+  return y;
+}
+
+bool same_bits(const HostTensor& a, const HostTensor& b) {
+  return a.numel() == b.numel() &&
+         std::memcmp(a.data<float>(), b.data<float>(), a.size_bytes()) == 0;
+}
+
+/// The slot the documented choice names, written here from the documentation of
+/// `ExpertSlotMap::choose_slot` (not from its code): SplitMix64's finaliser of
+/// (rank << 40) ^ token ^ (expert << 24), its top 53 bits as a point in [0, 1), placed
+/// among the running sums of the expert's copies' shares in slot order.
+int documented_slot(int rank, std::int64_t token, int expert, const std::vector<int>& slots_of,
+                    const std::vector<double>& shares) {
+  std::uint64_t z =
+      (std::uint64_t(rank) << 40) ^ std::uint64_t(token) ^ (std::uint64_t(expert) << 24);
+  z += 0x9e3779b97f4a7c15ULL;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  z ^= z >> 31;
+  const double point = static_cast<double>(z >> 11) / 9007199254740992.0;
+  double running = 0;
+  for (const int slot : slots_of) {
+    running += shares[static_cast<std::size_t>(slot)];
+    if (point < running) return slot;
+  }
+  return slots_of.back();
+}
+
+}  // namespace
+
+TEST_CASE("shuffled and replicated placements give the contiguous placement's bits") {
+  for (int ranks : {1, 2, 3, 4}) {
+    CAPTURE(ranks);
+    test::TempDir dir;
+    Runtime contiguous(slots_config(ranks));
+    const HostTensor expected = forward(contiguous);
+    // The slot order only reorders the sum: the rank-order combine is within rounding.
+    Config by_rank = slots_config(ranks);
+    by_rank.set("runtime", "combine_order", std::string("rank"));
+    Runtime rank_order(by_rank);
+    CHECK(test::relative_difference(forward(rank_order), expected) <= 1e-6);
+
+    // Shuffled: one slot per expert, in another order (S = 8 divides 1, 2 and 4 ranks; 3
+    // ranks take 9 slots, expert 0 twice).
+    std::vector<std::int32_t> shuffled{5, 2, 7, 0, 3, 6, 1, 4};
+    std::vector<double> shuffled_shares(8, 1.0);
+    if (ranks == 3) {
+      shuffled.push_back(0);
+      shuffled_shares[3] = 0.5;  // expert 0: slots 3 and 8
+      shuffled_shares.push_back(0.5);
+    }
+    write_placement(dir / "shuffled", shuffled, shuffled_shares);
+    // Replicated: 12 slots, experts 1, 3 and 6 twice or three times, uneven shares.
+    std::vector<std::int32_t> replicated{1, 0, 3, 6, 2, 1, 4, 5, 3, 7, 1, 6};
+    std::vector<double> replicated_shares{0.5, 1, 0.7, 0.6, 1, 0.3, 1, 1, 0.3, 1, 0.2, 0.4};
+    write_placement(dir / "replicated", replicated, replicated_shares);
+
+    for (const char* name : {"shuffled", "replicated"}) {
+      CAPTURE(name);
+      if (std::string(name) == "replicated" && 12 % ranks != 0) continue;
+      Config c = slots_config(ranks);
+      c.set("runtime", "placement", (dir / name).string());
+      Runtime placed(c);
+      CHECK(same_bits(forward(placed), expected));
+      // The copies took tokens: every slot of the EP group got some.
+      std::vector<std::int64_t> slot_load(
+          static_cast<std::size_t>(placed.layer(0).placement().num_experts()), 0);
+      for (int local = 0; local < placed.num_local_ranks(); ++local) {
+        MoELayer& layer = placed.layer(local);
+        const RoutingPlan& slots = layer.slot_plan(layer.last_plan());
+        for (std::size_t s = 0; s < slot_load.size(); ++s) slot_load[s] += slots.counts[s];
+      }
+      for (const std::int64_t load : slot_load) CHECK(load > 0);
+    }
+    // The balancer's placement for redundant copies, and with chunks.
+    Config redundant = slots_config(ranks);
+    redundant.set("runtime", "redundant_experts", std::int64_t{4});
+    redundant.set("runtime", "chunks", std::int64_t{3});
+    Runtime balanced(redundant);
+    CHECK(balanced.layer(0).slot_map().num_slots() % ranks == 0);
+    CHECK(balanced.layer(0).slot_map().num_slots() >= kExperts + 4);
+    CHECK(same_bits(forward(balanced), expected));
+  }
+}
+
+TEST_CASE("each (token, expert) goes to the slot the documented hash names, on every rank") {
+  // A test a rank-local choice fails: ranks seeded by their rank, or choosing the least
+  // loaded copy they know of, send tokens elsewhere than this independent computation.
+  test::TempDir dir;
+  std::vector<std::int32_t> replicated{1, 0, 3, 6, 2, 1, 4, 5, 3, 7, 1, 6};
+  std::vector<double> shares{0.5, 1, 0.7, 0.6, 1, 0.3, 1, 1, 0.3, 1, 0.2, 0.4};
+  write_placement(dir / "p", replicated, shares);
+  Config c = slots_config(4);
+  c.set("runtime", "placement", (dir / "p").string());
+  Runtime runtime(c);
+  forward(runtime);
+  std::vector<std::vector<int>> slots_of(kExperts);
+  for (std::size_t s = 0; s < replicated.size(); ++s)
+    slots_of[static_cast<std::size_t>(replicated[s])].push_back(static_cast<int>(s));
+  std::int64_t checked = 0;
+  for (int local = 0; local < runtime.num_local_ranks(); ++local) {
+    MoELayer& layer = runtime.layer(local);
+    const RoutingPlan& plan = layer.last_plan();
+    const RoutingPlan& routed = layer.slot_plan(plan);
+    const int rank = layer.transport().rank();
+    for (std::int64_t t = 0; t < plan.num_tokens; ++t) {
+      for (int k = 0; k < plan.slots; ++k) {
+        const std::size_t at = static_cast<std::size_t>(t * plan.slots + k);
+        const int expert = plan.experts[at];
+        if (expert < 0) continue;
+        CHECK(routed.experts[at] ==
+              documented_slot(rank, t, expert, slots_of[static_cast<std::size_t>(expert)], shares));
+        CHECK(routed.weights[at] == plan.weights[at]);
+        ++checked;
+      }
+    }
+  }
+  CHECK(checked == kTokens * 3);
+  // A placement every rank must hold alike: a slot naming no expert, an expert left out,
+  // shares that do not sum to 1, and slots that do not divide over the ranks.
+  auto refused = [&](std::vector<std::int32_t> slots, std::vector<double> s) {
+    write_placement(dir / "bad", std::move(slots), std::move(s));
+    Config bad = slots_config(4);
+    bad.set("runtime", "placement", (dir / "bad").string());
+    return test::error_message([&] { Runtime r(bad); });
+  };
+  CHECK(refused({0, 1, 2, 3, 4, 5, 6, 9}, std::vector<double>(8, 1.0))
+            .find("slot 7 holds expert 9") != std::string::npos);
+  CHECK(refused({0, 1, 2, 3, 4, 5, 6, 6}, {1, 1, 1, 1, 1, 1, 0.5, 0.5})
+            .find("expert 7 has no slot") != std::string::npos);
+  CHECK(
+      refused({0, 1, 2, 3, 4, 5, 6, 7}, {1, 1, 1, 1, 1, 1, 1, 0.9}).find("expert 7's shares sum") !=
+      std::string::npos);
+  CHECK(refused({0, 1, 2, 3, 4, 5, 6, 7, 0, 1}, {0.5, 0.5, 1, 1, 1, 1, 1, 1, 0.5, 0.5})
+            .find("do not divide over the EP group's 4 ranks") != std::string::npos);
+}
+
+TEST_CASE("a replicated expert's gradients are the sum over its copies") {
+  for (int ranks : {1, 2, 4}) {
+    CAPTURE(ranks);
+    test::TempDir dir;
+    write_placement(dir / "p", {1, 0, 3, 6, 2, 1, 4, 5, 3, 7, 1, 6},
+                    {0.5, 1, 0.7, 0.6, 1, 0.3, 1, 1, 0.3, 1, 0.2, 0.4});
+    const HostTensor x = synthetic_tokens(kTokens, kHidden, 5);
+    const HostTensor dy = synthetic_tokens(kTokens, kHidden, 6);
+    auto gradients_of = [&](Runtime& runtime, HostTensor& dx) {
+      HostTensor y(DType::kF32, {kTokens, kHidden});
+      runtime.set_training(true);
+      runtime.forward(x.view(), y.view());
+      ModelGradients g;
+      runtime.backward(x.view(), dy.view(), dx.view(), g);
+      return g;
+    };
+    Runtime contiguous(slots_config(ranks));
+    Config c = slots_config(ranks);
+    c.set("runtime", "placement", (dir / "p").string());
+    Runtime placed(c);
+    HostTensor dx_contiguous(DType::kF32, {kTokens, kHidden}),
+        dx_placed(DType::kF32, {kTokens, kHidden});
+    const ModelGradients expected = gradients_of(contiguous, dx_contiguous);
+    const ModelGradients got = gradients_of(placed, dx_placed);
+    CHECK(test::relative_difference(dx_placed, dx_contiguous) <= 1e-6);
+    CHECK(test::relative_difference(got.gate, expected.gate) <= 1e-6);
+    for (int e = 0; e < kExperts; ++e) {
+      CAPTURE(e);
+      for (std::size_t w = 0; w < 3; ++w) {
+        const auto& want = expected.experts[static_cast<std::size_t>(e)][w];
+        const auto& have = got.experts[static_cast<std::size_t>(e)][w];
+        REQUIRE(have.numel() == want.numel());
+        CHECK(test::relative_difference(have, want) <= 1e-6);
+      }
+    }
+  }
+}
