@@ -151,6 +151,8 @@ MoELayer::MoELayer(MoELayerParts parts)
   }
   // What the kernel does, read once: every use below and in the steps is of this value.
   expert_caps_ = parts_.experts->capabilities();
+  expert_load_.assign(static_cast<std::size_t>(num_experts()), 0);
+  slot_load_.assign(static_cast<std::size_t>(parts_.placement.num_experts()), 0);
   for (const auto& [wanted, rows] : {std::pair{expert_caps_.input_dtype, "input"},
                                      std::pair{expert_caps_.output_dtype, "output"}}) {
     if (wanted != DType::kF32 && wanted != DType::kBF16) {
@@ -371,6 +373,22 @@ void MoELayer::route_through_host(const TensorView& logits, RoutingPlan& plan) {
   data_path_->copy(plan.counts.data(), workspace_->host_plan.counts.data(),
                    workspace_->host_plan.counts.size() * sizeof(std::int64_t), *workspace_->stream);
   host_ready();  // the host plan is rewritten by the next step
+}
+
+void MoELayer::reset_load() noexcept {
+  std::fill(expert_load_.begin(), expert_load_.end(), 0);
+  std::fill(slot_load_.begin(), slot_load_.end(), 0);
+}
+
+void MoELayer::count_load(const RoutingPlan& plan, const RoutingPlan& routed) {
+  if (!plan.experts.allocator().host_accessible()) return;
+  expert_load_.resize(static_cast<std::size_t>(num_experts()));
+  slot_load_.resize(static_cast<std::size_t>(parts_.placement.num_experts()));
+  for (std::size_t i = 0; i < plan.experts.size(); ++i) {
+    const std::int32_t e = plan.experts[i], s = routed.experts[i];
+    if (e >= 0 && e < num_experts()) ++expert_load_[static_cast<std::size_t>(e)];
+    if (s >= 0 && s < parts_.placement.num_experts()) ++slot_load_[static_cast<std::size_t>(s)];
+  }
 }
 
 const RoutingPlan& MoELayer::slot_plan(const RoutingPlan& plan) {

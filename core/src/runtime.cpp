@@ -296,9 +296,12 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
       expert_args.options = &experts;
       expert_args.hidden = weights.hidden();
       expert_args.ffn_hidden = weights.ffn_hidden();
-      const std::vector<SwigluExpertWeights> local_experts =
-          slot_weights(weights, state_->slot_maps[l], state_->placement, rank);
-      expert_args.experts = local_experts;
+      state_->slot_weights.resize(state_->models.size());
+      state_->slot_storage.resize(state_->models.size());
+      state_->slot_weights[l].push_back(
+          slot_weights(weights, state_->slot_maps[l], state_->placement, rank));
+      state_->slot_storage[l].emplace_back();
+      expert_args.experts = state_->slot_weights[l].back();
       auto kernel = state_->registry->create_expert(experts.get_string("kernel"), expert_args);
 
       MoELayerParts parts;

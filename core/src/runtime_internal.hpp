@@ -31,6 +31,10 @@ struct Runtime::State {
   std::vector<std::shared_ptr<LayerWorkspace>> workspaces;
   ExpertPlacement placement;             // the expert slots over an EP group's ranks
   std::vector<ExpertSlotMap> slot_maps;  // per layer index: each slot's expert (empty: slot e = e)
+  // Per layer index, per local rank: the weights its expert kernel holds, one per slot
+  // (views of `models`, or of `slot_storage` once a rebalance moved them there).
+  std::vector<std::vector<std::vector<SwigluExpertWeights>>> slot_weights;
+  std::vector<std::vector<std::vector<HostTensor>>> slot_storage;
   // forward_model's activations between layers (host, grown once).
   HostTensor chain_in, chain_out;
   bool training = false;

@@ -293,6 +293,13 @@ class MoELayer {
   /// experts translated by the slot map ([T,K], -1 kept), or `plan` itself without one.
   /// Throws `Error(kInvalidArgument)` for an expert id outside -1..E-1.
   const RoutingPlan& slot_plan(const RoutingPlan& plan);
+  /// The (token, expert) assignments this rank's forwards routed to each logical expert
+  /// ([E]) and sent to each slot ([S]) since the layer was made or `reset_load` ran: the
+  /// load `Runtime::rebalance` plans from. Forwards with a plan in device memory are not
+  /// counted.
+  std::span<const std::int64_t> expert_load() const noexcept { return expert_load_; }
+  std::span<const std::int64_t> slot_load() const noexcept { return slot_load_; }
+  void reset_load() noexcept;
   /// The parts the layer was built from (to build another layer like it, e.g. with other
   /// experts).
   const MoELayerParts& parts() const noexcept { return parts_; }
@@ -491,7 +498,10 @@ class MoELayer {
   bool device_routing_pending_ = false;  // queued; finish_device_routing not yet called
   Buffer<float> logits_;
   RoutingPlan plan_;
-  RoutingPlan slot_plan_;  // plan translated to slots (with a slot map)
+  RoutingPlan slot_plan_;                              // plan translated to slots (with a slot map)
+  std::vector<std::int64_t> expert_load_, slot_load_;  // see expert_load()
+  /// Adds a forward's assignments to the loads (`routed`: `plan` in slots).
+  void count_load(const RoutingPlan& plan, const RoutingPlan& routed);
   // The exchange of a training forward that keeps its rows for the backward (a forward that
   // keeps nothing uses the workspace's).
   DispatchHandle kept_handle_;

@@ -84,6 +84,20 @@ struct DispatchPart {
   Buffer<float> staged_rows;
 };
 
+/// What `Runtime::rebalance` did to one layer.
+struct RebalanceReport {
+  int layer = 0;  ///< layer index
+  int slots = 0;  ///< expert slots of an EP group (the same before and after)
+  /// max / mean of the EP ranks' load since the last rebalance: the (token, expert)
+  /// assignments their slots took, summed over the world.
+  double imbalance_before = 0;
+  /// The same for that load under the new placement and its copies' shares (what the next
+  /// steps see when the load stays as it was).
+  double imbalance_planned = 0;
+  std::int64_t moved_experts = 0;    ///< expert copies sent to a new rank, per EP group
+  std::uint64_t received_bytes = 0;  ///< weight bytes this process's ranks received
+};
+
 /// What `Runtime::dispatch` fills and `Runtime::combine` reads: one part per local rank.
 /// Owned by the caller and reusable: buffers only grow, so views of a part's rows stay
 /// valid until the next `dispatch` with it. One thread at a time.
@@ -304,6 +318,19 @@ class Runtime {
   /// Collective: copies every rank's `token_block` rows of y [T,H] to world rank 0, so
   /// that rank 0's y holds all rows. Nothing to do when this process hosts every rank.
   void gather_rows(const TensorView& y);
+
+  /// Collective over the world: places every layer's experts anew for the load its routers
+  /// measured since the runtime was made or the last rebalance (`MoELayer::expert_load`,
+  /// summed over all ranks; the same plan on every rank, as nothing rank-local enters it),
+  /// with the slots it has (E + `[runtime] redundant_experts`, or the placement file's),
+  /// by the expert balancer; sends each slot's weights that its new rank does not hold
+  /// from the lowest EP rank that does, over the EP group's transport; and only when every
+  /// rank of every layer has its new weights switches all layers, keeping their routers and
+  /// buffers. A layer with no load measured keeps its placement. A failure before the
+  /// switch (a rank lost, a timeout) throws a named error on every rank and leaves the
+  /// previous placement in force. Between steps; host data path; not in training mode
+  /// (`Error(kUnavailable)`). The loads count from zero again afterwards.
+  std::vector<RebalanceReport> rebalance();
 
   /// Collective: sends the expert gradients of layer `layer` from EP group 0's ranks to
   /// world rank 0, so that rank 0's `gradients.experts` holds every expert's: a replicated

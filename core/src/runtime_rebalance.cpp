@@ -1,0 +1,266 @@
+// Runtime: rebalancing the experts' placement while running. The load the layers measured
+// is summed over the world, the expert balancer plans new slots from it (the same plan on
+// every rank: the same numbers in, no rank-local input), the weights of the slots that
+// change rank move over each EP group's transport, and only when every rank has its new
+// weights do the layers switch, all together.
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "runtime_internal.hpp"
+#include "switchyard/expert_balancer.hpp"
+#include "switchyard/plugin.hpp"
+#include "switchyard/status.hpp"
+
+namespace switchyard {
+
+namespace {
+
+/// The six matrices of one expert's weights (gate, up, down, and their FP8 block scales,
+/// empty for other dtypes), in the order they travel.
+std::array<const TensorView*, 6> matrices(const SwigluExpertWeights& w) {
+  return {&w.gate, &w.up, &w.down, &w.gate_scale, &w.up_scale, &w.down_scale};
+}
+
+/// Bytes of a contiguous view (0 for an empty one).
+std::size_t bytes_of(const TensorView& m) {
+  return m.data() == nullptr ? 0 : static_cast<std::size_t>(m.numel()) * dtype_size(m.dtype());
+}
+
+std::size_t expert_bytes(const SwigluExpertWeights& w) {
+  std::size_t bytes = 0;
+  for (const TensorView* m : matrices(w)) bytes += bytes_of(*m);
+  return bytes;
+}
+
+/// The expert each slot of EP rank `rank` holds under `map` (identity when empty).
+std::vector<int> experts_on(const ExpertSlotMap& map, const ExpertPlacement& slots, int rank) {
+  std::vector<int> out;
+  for (int s = slots.first_expert(rank); s < slots.first_expert(rank) + slots.num_local(rank); ++s)
+    out.push_back(map.empty() ? s : map.expert_of_slot()[static_cast<std::size_t>(s)]);
+  return out;
+}
+
+/// max / mean of the loads (0 without load).
+double imbalance_of(const std::vector<double>& load) {
+  double most = 0, total = 0;
+  for (const double l : load) {
+    most = std::max(most, l);
+    total += l;
+  }
+  return total > 0 ? most * static_cast<double>(load.size()) / total : 0.0;
+}
+
+}  // namespace
+
+std::vector<RebalanceReport> Runtime::rebalance() {
+  // Checked alike on every rank, before any collective.
+  if (state_->training) {
+    throw Error(ErrorCode::kUnavailable,
+                "rebalance: not in training mode (the optimizer's parameter views are the "
+                "model's; moved copies would not follow its updates)");
+  }
+  for (int local = 0; local < num_local_ranks(); ++local) {
+    if (layer(local).data_path().device().kind != Device::Kind::kHost) {
+      throw Error(ErrorCode::kUnavailable,
+                  "rebalance: a shuffled or replicated placement runs on the host data path");
+    }
+  }
+  const int ep = ep_size();
+  const ConfigSection& experts_section = settings().section("experts");
+  std::vector<RebalanceReport> reports;
+  // Every layer's weights move first; the layers switch only when all have moved.
+  struct Pending {
+    ExpertSlotMap next;
+    std::vector<std::vector<HostTensor>> storage;         // per local rank
+    std::vector<std::vector<SwigluExpertWeights>> views;  // per local rank
+  };
+  std::vector<Pending> pending(static_cast<std::size_t>(num_layers()));
+  for (int index = 0; index < num_layers(); ++index) {
+    const ModelWeights& model_weights = model(index);
+    const int E = model_weights.num_experts();
+    const ExpertPlacement& slots = state_->placement;
+    const int S = slots.num_experts();
+    RebalanceReport report;
+    report.layer = index;
+    report.slots = S;
+
+    // 1. The load since the last rebalance, summed over the world: [E] per expert, then
+    //    [S] per slot (what each rank's slots carried).
+    std::vector<std::vector<std::int64_t>> sums(static_cast<std::size_t>(num_local_ranks()));
+    run_on_ranks([&](int local) {
+      const MoELayer& l = layer(local, index);
+      auto& sum = sums[static_cast<std::size_t>(local)];
+      sum.assign(static_cast<std::size_t>(E + S), 0);
+      std::copy(l.expert_load().begin(), l.expert_load().end(), sum.begin());
+      std::copy(l.slot_load().begin(), l.slot_load().end(), sum.begin() + E);
+      world_transport(local).allreduce(sum.data(), sum.size(), DType::kI64, ReduceOp::kSum);
+    });
+    const std::vector<std::int64_t>& sum = sums.front();
+    std::vector<double> load(static_cast<std::size_t>(E)), measured(static_cast<std::size_t>(ep));
+    double total = 0;
+    for (int e = 0; e < E; ++e)
+      total += load[static_cast<std::size_t>(e)] =
+          static_cast<double>(sum[static_cast<std::size_t>(e)]);
+    for (int s = 0; s < S; ++s)
+      measured[static_cast<std::size_t>(slots.rank_of(s))] +=
+          static_cast<double>(sum[static_cast<std::size_t>(E + s)]);
+    report.imbalance_before = imbalance_of(measured);
+    if (total <= 0) {  // nothing measured: the placement stays
+      report.imbalance_planned = report.imbalance_before;
+      reports.push_back(report);
+      continue;
+    }
+
+    // 2. The new slots: as many as now, placed for the measured load.
+    ExpertBalanceShape shape;
+    shape.num_ranks = ep;
+    shape.redundant_experts = S - E;
+    const ExpertSlots planned = balance_experts(load, shape);
+    if (planned.num_slots() != S) {
+      throw Error(ErrorCode::kInternal, "rebalance: planned " +
+                                            std::to_string(planned.num_slots()) + " slots for " +
+                                            std::to_string(S));
+    }
+    const ExpertSlotMap next(E, planned.expert_of_slot, planned.share_of_slot);
+    report.imbalance_planned = load_imbalance(rank_loads(planned, load));
+    const ExpertSlotMap& now = state_->slot_maps[static_cast<std::size_t>(index)];
+
+    // 3. The weights of every slot whose rank does not hold its expert now come from the
+    //    lowest EP rank that does, over the EP group.
+    std::vector<std::vector<int>> held(static_cast<std::size_t>(ep)),
+        wanted(static_cast<std::size_t>(ep));
+    for (int r = 0; r < ep; ++r) {
+      held[static_cast<std::size_t>(r)] = experts_on(now, slots, r);
+      wanted[static_cast<std::size_t>(r)] = experts_on(next, slots, r);
+    }
+    auto holds = [&](int rank, int expert) {
+      const auto& h = held[static_cast<std::size_t>(rank)];
+      return std::find(h.begin(), h.end(), expert) != h.end();
+    };
+    auto source_of = [&](int expert) {
+      for (int r = 0; r < ep; ++r)
+        if (holds(r, expert)) return r;
+      return -1;  // every expert has a slot: not reached
+    };
+    const std::size_t bytes_per_expert =
+        expert_bytes(state_->slot_weights[static_cast<std::size_t>(index)].front().front());
+    for (int r = 0; r < ep; ++r) {
+      for (const int e : wanted[static_cast<std::size_t>(r)])
+        if (!holds(r, e)) ++report.moved_experts;
+    }
+    Pending& move = pending[static_cast<std::size_t>(index)];
+    move.next = next;
+    auto& storage = move.storage;
+    auto& views = move.views;
+    storage.resize(static_cast<std::size_t>(num_local_ranks()));
+    views.resize(static_cast<std::size_t>(num_local_ranks()));
+    std::vector<std::uint64_t> received(static_cast<std::size_t>(num_local_ranks()), 0);
+    run_on_ranks([&](int local) {
+      Transport& group = *state_->ep_transports[static_cast<std::size_t>(local)];
+      const int me = group.rank();
+      const auto R = static_cast<std::size_t>(ep);
+      const auto& mine =
+          state_->slot_weights[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
+      auto my_copy_of = [&](int expert) -> const SwigluExpertWeights& {
+        const auto& h = held[static_cast<std::size_t>(me)];
+        return mine[static_cast<std::size_t>(std::find(h.begin(), h.end(), expert) - h.begin())];
+      };
+      std::vector<std::size_t> send_counts(R, 0), send_offsets(R, 0), recv_counts(R, 0),
+          recv_offsets(R, 0);
+      std::vector<std::byte> send, recv;
+      for (int q = 0; q < ep; ++q) {
+        send_offsets[static_cast<std::size_t>(q)] = send.size();
+        recv_offsets[static_cast<std::size_t>(q)] = recv.size();
+        if (q == me) continue;
+        for (const int e : wanted[static_cast<std::size_t>(q)]) {
+          if (holds(q, e) || source_of(e) != me) continue;
+          for (const TensorView* m : matrices(my_copy_of(e))) {
+            const auto* from = static_cast<const std::byte*>(m->data());
+            send.insert(send.end(), from, from + bytes_of(*m));
+          }
+        }
+        for (const int e : wanted[static_cast<std::size_t>(me)]) {
+          if (!holds(me, e) && source_of(e) == q) recv.resize(recv.size() + bytes_per_expert);
+        }
+        send_counts[static_cast<std::size_t>(q)] =
+            send.size() - send_offsets[static_cast<std::size_t>(q)];
+        recv_counts[static_cast<std::size_t>(q)] =
+            recv.size() - recv_offsets[static_cast<std::size_t>(q)];
+      }
+      group.alltoallv({send.data(), send_counts, send_offsets, recv.data(), recv_counts,
+                       recv_offsets, Device::host()});
+      // The new slots' weights in storage of this rank's own: copied from what it holds, or
+      // from what arrived (each peer's in the order of this rank's slots).
+      auto& out = storage[static_cast<std::size_t>(local)];
+      auto& slot_views = views[static_cast<std::size_t>(local)];
+      std::vector<std::size_t> next_from(R, 0);
+      for (const int e : wanted[static_cast<std::size_t>(me)]) {
+        const SwigluExpertWeights& shape_of =
+            state_->slot_weights[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)]
+                .front();
+        const bool local_copy = holds(me, e);
+        const std::byte* from = nullptr;
+        if (!local_copy) {
+          const auto q = static_cast<std::size_t>(source_of(e));
+          from = recv.data() + recv_offsets[q] + next_from[q];
+          next_from[q] += bytes_per_expert;
+          received[static_cast<std::size_t>(local)] += bytes_per_expert;
+        }
+        SwigluExpertWeights view;
+        std::array<TensorView*, 6> into{&view.gate,       &view.up,       &view.down,
+                                        &view.gate_scale, &view.up_scale, &view.down_scale};
+        const auto source = local_copy ? matrices(my_copy_of(e)) : matrices(shape_of);
+        for (std::size_t m = 0; m < 6; ++m) {
+          if (bytes_of(*source[m]) == 0) continue;
+          HostTensor tensor(
+              source[m]->dtype(),
+              std::vector<std::int64_t>(source[m]->shape().begin(), source[m]->shape().end()));
+          const auto* bytes = local_copy ? static_cast<const std::byte*>(source[m]->data()) : from;
+          std::memcpy(tensor.bytes(), bytes, tensor.size_bytes());
+          if (!local_copy) from += tensor.size_bytes();
+          *into[m] = tensor.view();
+          out.push_back(std::move(tensor));
+        }
+        slot_views.push_back(view);
+      }
+      // Every rank has its weights before any switches: a rank that failed (or died) fails
+      // this sum on every rank, and the previous placement stays.
+      std::int64_t ok = 1;
+      world_transport(local).allreduce(&ok, 1, DType::kI64, ReduceOp::kSum);
+      if (ok != world_size()) {
+        throw Error(ErrorCode::kPeerFailed, "rebalance: a rank failed while the weights moved");
+      }
+    });
+
+    for (const std::uint64_t bytes : received) report.received_bytes += bytes;
+    reports.push_back(report);
+  }
+
+  // 4. Every rank switches: new kernels over the new slots, the same routers and buffers.
+  for (int index = 0; index < num_layers(); ++index) {
+    Pending& move = pending[static_cast<std::size_t>(index)];
+    if (move.views.empty()) continue;  // nothing measured: the placement stays
+    const ModelWeights& model_weights = model(index);
+    for (int local = 0; local < num_local_ranks(); ++local) {
+      MoELayerParts parts = layer(local, index).parts();
+      ExpertCreateArgs args;
+      args.options = &experts_section;
+      args.hidden = static_cast<int>(model_weights.hidden());
+      args.ffn_hidden = static_cast<int>(model_weights.ffn_hidden());
+      args.experts = move.views[static_cast<std::size_t>(local)];
+      parts.experts = state_->registry->create_expert(experts_section.get_string("kernel"), args);
+      parts.slot_map = move.next;
+      auto& slot = state_->layers[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
+      slot = std::make_unique<MoELayer>(std::move(parts));
+      state_->slot_weights[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)] =
+          std::move(move.views[static_cast<std::size_t>(local)]);
+      state_->slot_storage[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)] =
+          std::move(move.storage[static_cast<std::size_t>(local)]);
+    }
+    state_->slot_maps[static_cast<std::size_t>(index)] = move.next;
+  }
+  return reports;
+}
+
+}  // namespace switchyard
