@@ -230,6 +230,25 @@ switchyard_status switchyard_forward_on_stream(switchyard_runtime* runtime, int 
   });
 }
 
+switchyard_status switchyard_rebalance(switchyard_runtime* runtime,
+                                       switchyard_rebalance_report* reports, size_t capacity,
+                                       size_t* count) {
+  return guarded([&] {
+    require(runtime != nullptr && count != nullptr, "runtime and count must not be NULL");
+    require(reports != nullptr || capacity == 0, "reports must not be NULL when capacity > 0");
+    const std::vector<switchyard::RebalanceReport> done = runtime->runtime->rebalance();
+    *count = done.size();
+    for (std::size_t i = 0; i < done.size() && i < capacity; ++i) {
+      reports[i] = {done[i].layer,
+                    done[i].slots,
+                    done[i].imbalance_before,
+                    done[i].imbalance_planned,
+                    done[i].moved_experts,
+                    done[i].received_bytes};
+    }
+  });
+}
+
 switchyard_status switchyard_finish_worst_case_steps(switchyard_runtime* runtime) {
   return guarded([&] {
     require(runtime != nullptr, "runtime must not be NULL");

@@ -502,6 +502,24 @@ class PyRuntime {
     return py::make_tuple(experts, weights);
   }
 
+  /// `Runtime::rebalance`: a list of one dict per layer.
+  py::list rebalance() {
+    std::vector<switchyard::RebalanceReport> done;
+    run_released(*calls_, [&] { done = runtime_->rebalance(); });
+    py::list out;
+    for (const auto& r : done) {
+      py::dict d;
+      d["layer"] = r.layer;
+      d["slots"] = r.slots;
+      d["imbalance_before"] = r.imbalance_before;
+      d["imbalance_planned"] = r.imbalance_planned;
+      d["moved_experts"] = r.moved_experts;
+      d["received_bytes"] = r.received_bytes;
+      out.append(d);
+    }
+    return out;
+  }
+
   /// The worst-case mode's checks, waited for (`Runtime::finish_worst_case_steps`).
   void finish_worst_case_steps() {
     run_released(*calls_, [&] { runtime_->finish_worst_case_steps(); });
@@ -818,6 +836,10 @@ PYBIND11_MODULE(_switchyard, m) {
           "steps.")
       .def("save_model", &PyRuntime::save_model, py::arg("path"),
            "Writes the model as a safetensors checkpoint from world rank 0 (collective).")
+      .def("rebalance", &PyRuntime::rebalance,
+           "Places every layer's experts anew for the load measured since the last rebalance "
+           "and moves their weights (collective); returns one dict per layer: layer, slots, "
+           "imbalance_before, imbalance_planned, moved_experts, received_bytes.")
       .def("finish_worst_case_steps", &PyRuntime::finish_worst_case_steps,
            "With [runtime] max_tokens_per_rank: waits for every layer's after-the-step checks "
            "and raises the first failure they found (local, not collective).")

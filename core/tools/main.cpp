@@ -14,9 +14,11 @@ namespace {
 constexpr const char* kUsage = R"(usage: switchyard <command> [arguments]
 
 commands:
-  run CONFIG [--set section.key=value]... [--steps N] [--check]
+  run CONFIG [--set section.key=value]... [--steps N] [--check] [--rebalance-every N]
         run the MoE layer forward over [input] and write [output] path;
-        --check compares with the dense single-process reference
+        --check compares with the dense single-process reference;
+        --rebalance-every N places the experts anew for the measured load every N
+        steps (Runtime::rebalance; see [runtime] redundant_experts)
   plugins [--dir DIR]...
         list every plugin found, with kind, version, path and state, and every
         file that was rejected and why

@@ -205,7 +205,7 @@ HostTensor read_input_tokens(
 }
 
 /// Runs the configured forward (and check) on a built runtime; returns the exit code.
-int run_layer(Runtime& runtime, bool check, int steps) {
+int run_layer(Runtime& runtime, bool check, int steps, int rebalance_every) {
   const ModelWeights& model = runtime.model();
   const ConfigSection& output = runtime.settings().section("output");
   const ConfigSection& runtime_options = runtime.settings().section("runtime");
@@ -299,6 +299,16 @@ int run_layer(Runtime& runtime, bool check, int steps) {
       }
       std::fprintf(out, layers > 1 ? " (per layer)\n" : "\n");
     }
+    if (rebalance_every > 0 && (step + 1) % rebalance_every == 0 && step + 1 < steps) {
+      for (const RebalanceReport& r : runtime.rebalance()) {
+        std::fprintf(out,
+                     "rebalance after step %d: layer %d: rank load %.3f -> %.3f planned (max/mean "
+                     "over %d slots), %lld expert copies moved, %s received here\n",
+                     step + 1, r.layer, r.imbalance_before, r.imbalance_planned, r.slots,
+                     static_cast<long long>(r.moved_experts),
+                     human_bytes(static_cast<double>(r.received_bytes)).c_str());
+      }
+    }
   }
   runtime.gather_rows(y.view());
   for (int l = 0; l < layers; ++l) {
@@ -354,7 +364,7 @@ int run_command(const std::vector<std::string>& args) {
   std::string config_path;
   std::vector<std::string> sets;
   bool check = false;
-  int steps = 1;
+  int steps = 1, rebalance_every = 0;
   for (std::size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "--set" && i + 1 < args.size()) {
       sets.push_back(args[++i]);
@@ -366,6 +376,10 @@ int run_command(const std::vector<std::string>& args) {
       const auto value = parse_integer_flag("run", "--steps", args[++i], 1, 1 << 30);
       if (!value) return kExitUsage;
       steps = static_cast<int>(*value);
+    } else if (args[i] == "--rebalance-every" && i + 1 < args.size()) {
+      const auto value = parse_integer_flag("run", "--rebalance-every", args[++i], 1, 1 << 30);
+      if (!value) return kExitUsage;
+      rebalance_every = static_cast<int>(*value);
     } else if (config_path.empty() && args[i].rfind("--", 0) != 0) {
       config_path = args[i];
     } else {
@@ -374,15 +388,16 @@ int run_command(const std::vector<std::string>& args) {
     }
   }
   if (config_path.empty()) {
-    std::fprintf(
-        stderr,
-        "usage: switchyard run CONFIG [--set section.key=value]... [--steps N] [--check]\n");
+    std::fprintf(stderr,
+                 "usage: switchyard run CONFIG [--set section.key=value]... [--steps N] [--check]\n"
+                 "                      [--rebalance-every N]\n");
     return kExitUsage;
   }
 
   const Config config = load_config(config_path, sets);
   Runtime runtime(config);
-  return run_reporting_errors(runtime, [&] { return run_layer(runtime, check, steps); });
+  return run_reporting_errors(runtime,
+                              [&] { return run_layer(runtime, check, steps, rebalance_every); });
 }
 
 int run_reporting_errors(Runtime& runtime, const std::function<int()>& body) {

@@ -188,6 +188,32 @@ static void check_layers(void) {
   CHECK(strstr(switchyard_last_error(), "layer 2 does not exist") != NULL);
   CHECK(switchyard_layer_stats(runtime, -1, &stats) == SWITCHYARD_INVALID_ARGUMENT);
   switchyard_runtime_destroy(runtime);
+
+  /* Replicated experts: 4 + 2 slots on 2 ranks, rebalanced for both layers' measured load;
+   * the layers still compute the same function. */
+  {
+    const char* overrides[] = {"runtime.redundant_experts=2"};
+    switchyard_rebalance_report reports[2];
+    size_t count = 0;
+    double largest = 0, difference = 0;
+    CHECK(switchyard_runtime_create_from_string(config, "layers.toml", overrides, 1, &runtime) ==
+          SWITCHYARD_OK);
+    if (runtime == NULL) return;
+    CHECK(switchyard_forward_layer(runtime, 1, &xt, &bt) == SWITCHYARD_OK);
+    CHECK(switchyard_forward_layer(runtime, 0, &xt, &bt) == SWITCHYARD_OK);
+    CHECK(switchyard_rebalance(runtime, reports, 2, &count) == SWITCHYARD_OK);
+    CHECK(count == 2 && reports[0].layer == 0 && reports[1].layer == 1);
+    CHECK(reports[0].slots == 6 && reports[0].imbalance_before >= 1.0);
+    CHECK(switchyard_rebalance(runtime, NULL, 0, &count) == SWITCHYARD_OK && count == 2);
+    CHECK(switchyard_rebalance(runtime, NULL, 1, &count) == SWITCHYARD_INVALID_ARGUMENT);
+    CHECK(switchyard_forward_layer(runtime, 0, &xt, &bt) == SWITCHYARD_OK);
+    for (i = 0; i < T * H; ++i) {
+      largest = fmax(largest, fabs((double)a[i]));
+      difference = fmax(difference, fabs((double)a[i] - (double)b[i]));
+    }
+    CHECK(difference <= 1e-5 * largest);
+    switchyard_runtime_destroy(runtime);
+  }
 }
 
 /* switchyard_forward_on_stream with a stream the caller made on the pretend device (the

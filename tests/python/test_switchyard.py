@@ -366,3 +366,28 @@ def test_threads_take_turns_on_one_runtime():
     for t in threads:
         t.join()
     assert not errors and len(results) == 20 and all(results)
+
+
+def test_replicated_experts_dispatch_and_rebalance():
+    # 8 experts on 12 slots (3 per rank): the parts name each slot's expert, copies
+    # included; the caller's own experts computed per slot give the same combine; a
+    # rebalance reports what it did and the forward computes the same function after it.
+    rt = switchyard.Runtime(DEMO, overrides={"runtime.redundant_experts": "4"})
+    x = tokens(40, rt.hidden, seed=8)
+    before = rt.forward(x)
+    experts, weights = rt.route(x)
+    dispatched = rt.dispatch(x, (experts, weights))
+    labels = sum((p["experts"] for p in dispatched.parts), [])
+    assert len(labels) == 12 and sorted(set(labels)) == list(range(rt.num_experts))
+    total = sum(sum(p["rows_per_expert"]) for p in dispatched.parts)
+    assert total == int((experts >= 0).sum())
+    run_hand_experts(dispatched)
+    y = rt.combine(dispatched)
+    expected = expected_combine(x, experts, weights)
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+    reports = rt.rebalance()
+    assert [r["layer"] for r in reports] == [0]
+    assert reports[0]["slots"] == 12 and reports[0]["imbalance_before"] >= 1.0
+    assert reports[0]["imbalance_planned"] <= reports[0]["imbalance_before"] + 1e-9
+    after = rt.forward(x)
+    assert np.abs(after - before).max() <= 1e-5 * np.abs(before).max()

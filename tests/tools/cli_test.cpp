@@ -65,6 +65,21 @@ TEST_CASE("run --check succeeds and writes the output") {
   CHECK(y.shape() == std::vector<std::int64_t>{64, 16});
 }
 
+TEST_CASE("run --rebalance-every: each rebalance reported, the output still checked") {
+  Case c;
+  c.write_config("");
+  const auto result =
+      c.run("--check --steps 3 --rebalance-every 2 --set runtime.redundant_experts=2");
+  INFO(result.output);
+  REQUIRE(result.exit_code == 0);
+  // After step 2 of 3 only (none after the last step).
+  CHECK(result.output.find("rebalance after step 2: layer 0: rank load ") != std::string::npos);
+  CHECK(result.output.find("rebalance after step 1") == std::string::npos);
+  CHECK(result.output.find("over 6 slots") != std::string::npos);  // 4 experts + 2 on 2 ranks
+  CHECK(result.output.find("PASS") != std::string::npos);
+  CHECK(c.run("--rebalance-every 0").exit_code == 2);
+}
+
 TEST_CASE("a failed --check exits with 3 and writes nothing") {
   Case c;
   c.write_config("");

@@ -26,7 +26,9 @@
 extern "C" {
 #endif
 
-#define SWITCHYARD_C_API_VERSION 2 /* 2: training (switchyard_backward and the rest) */
+/* 2: training (switchyard_backward and the rest); 3: replicated experts
+ * (switchyard_rebalance, switchyard_dispatch_part's local_experts). */
+#define SWITCHYARD_C_API_VERSION 3
 
 /* Visibility of the entry points (set by the library's build; empty for its users). */
 #ifndef SWITCHYARD_C_EXPORT
@@ -144,6 +146,26 @@ SWITCHYARD_C_EXPORT switchyard_status switchyard_forward_on_stream(switchyard_ru
  * not collective; nothing to do outside the mode. */
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_finish_worst_case_steps(switchyard_runtime* runtime);
+/* What switchyard_rebalance did to one layer (see Runtime::rebalance). */
+typedef struct switchyard_rebalance_report {
+  int layer;
+  int slots;                /* expert slots of an EP group */
+  double imbalance_before;  /* max/mean of the EP ranks' measured load since the last one */
+  double imbalance_planned; /* the same load under the new placement */
+  int64_t moved_experts;    /* expert copies sent to a new rank, per EP group */
+  uint64_t received_bytes;  /* weight bytes this process's ranks received */
+} switchyard_rebalance_report;
+
+/* Collective over the world: places every layer's experts anew for the load measured since
+ * the runtime was made or the last rebalance, moves the weights of the slots that change
+ * rank over the EP group, and switches every layer together once all have moved. Writes
+ * up to `capacity` reports (one per layer) to `reports` (may be NULL when capacity is 0)
+ * and their count to `*count`. A failure (a rank lost, a timeout) returns its error on
+ * every rank and leaves the previous placement in force. Host data path; not in training
+ * mode. */
+SWITCHYARD_C_EXPORT switchyard_status switchyard_rebalance(switchyard_runtime* runtime,
+                                                           switchyard_rebalance_report* reports,
+                                                           size_t capacity, size_t* count);
 /* The dense single-process reference of the same computation (float64 inside). */
 SWITCHYARD_C_EXPORT switchyard_status
 switchyard_reference_forward(const switchyard_runtime* runtime, const DLTensor* x, DLTensor* y);
