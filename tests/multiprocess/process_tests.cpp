@@ -136,6 +136,49 @@ TEST_CASE(
 }
 
 TEST_CASE(
+    "expert placements under mpirun and launch: shuffled, replicated and rebalanced give the "
+    "contiguous placement's bits") {
+  // The slot-order combine and row-by-row experts (the fixture's SwiGLU): the output's bits
+  // do not depend on where the experts sit or how many copies share their rows.
+  test::TempDir dir;
+  test::write_text(
+      dir / "slots.toml",
+      "[runtime]\ncombine_order = \"slot\"\nplugin_dirs = [\"" SWITCHYARD_FIXTURE_PLUGIN_DIR
+      "\"]\n[experts]\nkernel = \"pretend_swiglu\"\n[router]\ntop_k = 3\n"
+      "[model]\nnum_experts = 8\nhidden = 16\nffn_hidden = 24\n[input]\n"
+      "num_tokens = 203\n");
+  auto placement = [&](const std::string& name, std::vector<std::int32_t> slots,
+                       std::vector<double> shares) {
+    std::filesystem::create_directories(dir / name);
+    const auto S = static_cast<std::int64_t>(slots.size());
+    write_npy(dir / name / "expert_of_slot.npy", TensorView(slots.data(), DType::kI32, {1, S}));
+    write_npy(dir / name / "share_of_slot.npy", TensorView(shares.data(), DType::kF64, {1, S}));
+    return (dir / name).string();
+  };
+  const std::string shuffled =
+      placement("shuffled", {5, 2, 7, 0, 3, 6, 1, 4}, std::vector<double>(8, 1.0));
+  const std::string replicated = placement("replicated", {1, 0, 3, 6, 2, 1, 4, 5, 3, 7, 1, 6},
+                                           {0.5, 1, 0.7, 0.6, 1, 0.3, 1, 1, 0.3, 1, 0.2, 0.4});
+  const std::string run =
+      " run " + (dir / "slots.toml").string() + " --check --set runtime.timeout_s=60";
+  for (int world : {2, 4}) {
+    CAPTURE(world);
+    const auto contiguous = dir / "contiguous.npy";
+    REQUIRE(test::run_command(kTool + run + " --set runtime.ranks=" + std::to_string(world) +
+                              " --set output.path=" + contiguous.string())
+                .exit_code == 0);
+    const std::string expected = read_file(contiguous);
+    for (const std::string& args :
+         {" --set runtime.placement=" + shuffled, " --set runtime.placement=" + replicated,
+          std::string(" --steps 3 --rebalance-every 1 --set runtime.redundant_experts=4")}) {
+      CAPTURE(args);
+      expect_same_bits_on_every_backend(dir.path(), run + args + " --set output.path=", world, {},
+                                        expected);
+    }
+  }
+}
+
+TEST_CASE(
     "a pretend device under mpirun and launch: rows through host memory, the host path's "
     "bits forward (counted and worst-case) and backward") {
   // tests/fixtures/plugins/pretend_device.cpp: host memory labelled cuda:0 whose streams
