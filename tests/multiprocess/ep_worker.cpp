@@ -3,7 +3,9 @@
 // test of what the surviving ranks do. SWITCHYARD_TEST_DIE_AT says where: "dispatch"
 // (default: between routing and dispatch, its peers already waiting in the dispatch) or
 // "combine" (after the dispatch, its peers waiting in the combine) or "backward" (after a
-// training forward, its peers waiting in the backward's dispatch of dy). Rank
+// training forward, its peers waiting in the backward's dispatch of dy) or "rebalance"
+// (after a forward, its peers in `Runtime::rebalance`; without a rank to kill, every rank
+// rebalances and forwards again). Rank
 // SWITCHYARD_TEST_STOP_RANK (if set) stops itself with SIGSTOP after the forward instead.
 // Rank SWITCHYARD_TEST_LATE_RANK (if set) sleeps a second after the forward, so that it
 // shuts its runtime down after the others.
@@ -35,9 +37,20 @@ int main(int argc, char** argv) {
       const char* die_at = std::getenv("SWITCHYARD_TEST_DIE_AT");
       const bool in_combine = die_at != nullptr && std::string(die_at) == "combine";
       const bool in_backward = die_at != nullptr && std::string(die_at) == "backward";
+      const bool in_rebalance = die_at != nullptr && std::string(die_at) == "rebalance";
       const std::int64_t T = 64;
       const HostTensor x = synthetic_tokens(T, runtime.model().hidden(), 1);
       HostTensor y(DType::kF32, {T, runtime.model().hidden()});
+      if (in_rebalance) {
+        runtime.forward(x.view(), y.view());
+        if (runtime.world_rank(0) == die_rank) std::raise(SIGKILL);
+        const auto reports = runtime.rebalance();
+        runtime.forward(x.view(), y.view());
+        std::printf("rank %d: rebalance done, %lld expert copies moved\n", runtime.world_rank(0),
+                    static_cast<long long>(reports.front().moved_experts));
+        std::fflush(stdout);
+        return 0;
+      }
       if (in_backward) {
         const HostTensor dy = synthetic_tokens(T, runtime.model().hidden(), 2);
         HostTensor dx(DType::kF32, {T, runtime.model().hidden()});

@@ -403,6 +403,33 @@ TEST_CASE("a peer killed in the middle of a dispatch ends every survivor in boun
   }
 }
 
+TEST_CASE("a peer killed while its group rebalances: survivors name it, a new job starts cleanly") {
+  test::TempDir dir;
+  test::write_text(dir / "moe.toml",
+                   "[runtime]\ntimeout_s = 2\nredundant_experts = 3\n[model]\nnum_experts = 6\n");
+  const std::string worker = std::string(SWITCHYARD_EP_WORKER) + " " + (dir / "moe.toml").string();
+  const auto [r, seconds] =
+      timed("SWITCHYARD_TEST_DIE_AT=rebalance SWITCHYARD_TEST_DIE_RANK=1 " + kTool +
+            " launch -n 3 --grace 20 -- " + worker + " runtime.transport=ucx");
+  INFO(r.output);
+  CHECK(r.exit_code != 0);
+  CHECK(r.output.find("rank 1 was killed by signal 9") != std::string::npos);
+  CHECK(r.output.find("rebalance done") == std::string::npos);
+  for (const char* survivor :
+       {"[rank 0] ep_worker: timeout: ucx", "[rank 2] ep_worker: timeout: ucx"})
+    CHECK(r.output.find(survivor) != std::string::npos);
+  CHECK(r.output.find("waiting for rank(s) 1 ") != std::string::npos);
+  CHECK(seconds < 15);
+  // The same config again, nobody killed: every rank rebalances and forwards.
+  const auto again = test::run_command("SWITCHYARD_TEST_DIE_AT=rebalance " + kTool +
+                                       " launch -n 3 -- " + worker + " runtime.transport=ucx");
+  INFO(again.output);
+  CHECK(again.exit_code == 0);
+  for (const char* done :
+       {"rank 0: rebalance done", "rank 1: rebalance done", "rank 2: rebalance done"})
+    CHECK(again.output.find(done) != std::string::npos);
+}
+
 TEST_CASE("NaN tokens on one rank: that rank names them, the others say it failed, all exit 1") {
   test::TempDir dir;
   HostTensor x = synthetic_tokens(12, 64, 3);
