@@ -5,6 +5,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -294,6 +296,16 @@ TEST_CASE("rebalance: skewed load evened out, weights moved, the output's bits u
   MESSAGE("rank imbalance before " << before << ", after " << after << " (planned "
                                    << reports[0].imbalance_planned << ")");
   CHECK(after <= 1.15);
+  // The saved model is the model, whatever the placement: the same file as the contiguous
+  // runtime's, byte for byte.
+  runtime.save_model(dir / "placed.safetensors");
+  contiguous.save_model(dir / "contiguous.safetensors");
+  auto bytes_of = [](const std::filesystem::path& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  CHECK(bytes_of(dir / "placed.safetensors").size() > 1000);
+  CHECK(bytes_of(dir / "placed.safetensors") == bytes_of(dir / "contiguous.safetensors"));
   // Training does not rebalance (the optimizer's views are the model's).
   runtime.set_training(true);
   CHECK(test::error_message([&] { runtime.rebalance(); }).find("not in training mode") !=
