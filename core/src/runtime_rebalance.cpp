@@ -91,7 +91,7 @@ std::vector<RebalanceReport> Runtime::rebalance() {
     run_on_ranks([&](int local) {
       const MoELayer& l = layer(local, index);
       auto& sum = sums[static_cast<std::size_t>(local)];
-      sum.assign(static_cast<std::size_t>(E + S), 0);
+      sum.assign(static_cast<std::size_t>(E) + static_cast<std::size_t>(S), 0);
       std::copy(l.expert_load().begin(), l.expert_load().end(), sum.begin());
       std::copy(l.slot_load().begin(), l.slot_load().end(), sum.begin() + E);
       world_transport(local).allreduce(sum.data(), sum.size(), DType::kI64, ReduceOp::kSum);
@@ -104,7 +104,7 @@ std::vector<RebalanceReport> Runtime::rebalance() {
           static_cast<double>(sum[static_cast<std::size_t>(e)]);
     for (int s = 0; s < S; ++s)
       measured[static_cast<std::size_t>(slots.rank_of(s))] +=
-          static_cast<double>(sum[static_cast<std::size_t>(E + s)]);
+          static_cast<double>(sum[static_cast<std::size_t>(E) + static_cast<std::size_t>(s)]);
     report.imbalance_before = imbalance_of(measured);
     if (total <= 0) {  // nothing measured: the placement stays
       report.imbalance_planned = report.imbalance_before;

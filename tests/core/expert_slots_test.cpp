@@ -311,3 +311,31 @@ TEST_CASE("rebalance: skewed load evened out, weights moved, the output's bits u
   CHECK(test::error_message([&] { runtime.rebalance(); }).find("not in training mode") !=
         std::string::npos);
 }
+
+TEST_CASE("rebalance with data-parallel groups: every EP group moves alike, the bits stay") {
+  // World 4 of 2 EP groups of 2 ranks, 8 experts + 2 slots (5 per rank): each group holds
+  // every slot, and the load summed over the world places both groups the same.
+  Config c = slots_config(4);
+  c.set("runtime", "ep_size", std::int64_t{2});
+  c.set("runtime", "redundant_experts", std::int64_t{2});
+  Runtime runtime(c);
+  Config plain = slots_config(4);
+  plain.set("runtime", "ep_size", std::int64_t{2});
+  Runtime contiguous(plain);
+  const HostTensor x = synthetic_tokens(300, kHidden, 12);
+  HostTensor y(DType::kF32, {300, kHidden}), expected(DType::kF32, {300, kHidden});
+  contiguous.forward(x.view(), expected.view());
+  runtime.forward(x.view(), y.view());
+  CHECK(same_bits(y, expected));
+  const std::vector<RebalanceReport> reports = runtime.rebalance();
+  REQUIRE(reports.size() == 1);
+  CHECK(reports[0].slots == 10);
+  for (int local = 1; local < 4; ++local) {
+    const auto a = runtime.layer(0).slot_map().expert_of_slot();
+    const auto b = runtime.layer(local).slot_map().expert_of_slot();
+    CHECK(std::vector<int>(a.begin(), a.end()) == std::vector<int>(b.begin(), b.end()));
+  }
+  std::fill_n(y.data<float>(), y.numel(), std::nanf(""));
+  runtime.forward(x.view(), y.view());
+  CHECK(same_bits(y, expected));
+}
