@@ -469,9 +469,15 @@ int simulate_command(const std::vector<std::string>& args) {
   report["steps"] = steps;
   Json all = Json::array();
   for (std::size_t s = 0; s < settings.size(); ++s) {
+    // EP group 0's slots (the report draws them): each slot's expert; empty: contiguous.
+    const ExpertSlotMap& map = simulator.slot_map(0, s);
+    const std::vector<int> expert_of_slot =
+        map.empty() ? std::vector<int>{}
+                    : std::vector<int>(map.expert_of_slot().begin(), map.expert_of_slot().end());
     all.push_back(Json{
         {"label", settings[s].label},
         {"slots", slots[s]},
+        {"expert_of_slot", expert_of_slot},
         {"total", traffic_json(spec, totals[s], slots[s], /*with_pictures=*/false)},
         {"training_step", Json{{"moe_layers", moe_layers},
                                {"dense_params", dense_params},

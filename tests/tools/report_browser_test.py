@@ -40,7 +40,8 @@ with open(config, "w") as f:
             'logits = "zipf:0.5"\n')
 report = os.path.join(WORK, "report.html")
 subprocess.run([TOOL, "simulate", config, "--html", report, "--compare", "policy=topk",
-                "policy=node_limited,max_groups=2"], check=True, capture_output=True)
+                "policy=node_limited,max_groups=2", "redundant_experts=16"], check=True,
+               capture_output=True)
 
 
 class Browser:
@@ -131,18 +132,35 @@ try:
         return result["result"].get("value")
 
     # Every view is there and drawn.
-    for view in ("routing-view", "load-view", "heatmap-view", "policies-view", "steps-view"):
+    for view in ("routing-view", "load-view", "slots-view", "heatmap-view", "policies-view",
+                 "steps-view"):
         check(evaluate(f"!!document.getElementById('{view}')"), "view " + view + " exists")
     check(evaluate("document.querySelectorAll('#routing .route-line').length") >= 24,
           "the routing picture draws a line per (sampled token, expert)")
     check(evaluate("document.querySelectorAll('#load .load-bar').length") == 32,
           "the load view has one bar per expert")
-    check(evaluate("document.querySelectorAll('#policies .policy-bar').length") == 6,
-          "three accountings for each of the two router settings")
-    check(evaluate("document.querySelectorAll('#policy-table tr').length") == 3,
+    check(evaluate("document.querySelectorAll('#policies .policy-bar').length") == 9,
+          "three accountings for each of the three router settings")
+    check(evaluate("document.querySelectorAll('#policy-table tr').length") == 4,
           "the policy table has a row per setting")
-    check(evaluate("document.querySelectorAll('#steps polyline').length") == 2,
+    check(evaluate("document.querySelectorAll('#steps polyline').length") == 3,
           "one imbalance line per setting")
+    check(evaluate("document.querySelectorAll('#slots .slot-cell').length") == 32,
+          "the slots view: one slot per expert for the contiguous setting")
+    check(evaluate("document.querySelectorAll('#slots .rank-load').length") == 16,
+          "and a load bar per rank of the EP group")
+    # The setting with 16 extra copies: 48 slots, 3 per rank, the first setting's load as
+    # an outline beside each rank's.
+    evaluate("""(() => { const s = document.getElementById('setting'); s.value = '2';
+                 s.dispatchEvent(new Event('change')); })()""")
+    check(evaluate("document.querySelectorAll('#slots .slot-cell').length") == 48,
+          "the replicated setting draws its 48 slots")
+    check(evaluate("document.querySelectorAll('#slots .rank-load-before').length") == 16,
+          "with the contiguous load per rank as outlines")
+    check("48 slots for 32 experts" in evaluate("document.getElementById('slots-note').textContent"),
+          "the slots note counts slots and experts")
+    evaluate("""(() => { const s = document.getElementById('setting'); s.value = '0';
+                 s.dispatchEvent(new Event('change')); })()""")
     check(evaluate("""(() => { const c = document.getElementById('heatmap');
                        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
                        const seen = new Set();

@@ -229,6 +229,11 @@ class Simulator {
   const ClusterSpec& spec() const noexcept { return spec_; }
   /// K: slots per token of setting `setting`'s router.
   int slots(std::size_t setting) const;
+  /// Where EP group `group`'s expert copies are for setting `setting`, once its first step
+  /// placed them (`RouterSetting::redundant_experts`); empty: the contiguous placement.
+  const ExpertSlotMap& slot_map(std::size_t group, std::size_t setting) const {
+    return groups_.at(group).slot_maps.at(setting);
+  }
   /// Routes step `step` of every rank with every setting; one Traffic per setting.
   /// `progress(done, total)` is called after each rank.
   std::vector<Traffic> step(int step, const std::function<void(int, int)>& progress = nullptr);
