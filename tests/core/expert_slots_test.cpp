@@ -339,3 +339,17 @@ TEST_CASE("rebalance with data-parallel groups: every EP group moves alike, the 
   runtime.forward(x.view(), y.view());
   CHECK(same_bits(y, expected));
 }
+
+TEST_CASE("what a slot map does not run with yet is refused by name") {
+  Config worst_case = slots_config(2);
+  worst_case.set("runtime", "redundant_experts", std::int64_t{2});
+  worst_case.set("runtime", "max_tokens_per_rank", std::int64_t{16});
+  CHECK(test::error_message([&] {
+          Runtime r(worst_case);
+        }).find("does not run in the worst-case mode") != std::string::npos);
+  Config device = slots_config(2);
+  device.set("runtime", "redundant_experts", std::int64_t{2});
+  device.set("runtime", "data_path", std::string("pretend_cuda"));
+  CHECK(test::error_message([&] { Runtime r(device); }).find("runs on the host data path") !=
+        std::string::npos);
+}
