@@ -8,7 +8,7 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 source_dir=$(cd "$here/../.." && pwd)
 build=${1:-build-tsan}
-tests="core_stream core_layer core_layer_backward core_runtime_matrix core_runtime_model core_model_backward plugins_transport_conformance core_bootstrap"
+tests="core_stream core_layer core_layer_backward core_runtime_matrix core_runtime_model core_model_backward core_expert_slots plugins_transport_conformance core_bootstrap"
 cmake -S "$source_dir" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSWITCHYARD_WERROR=ON \
   -DSWITCHYARD_WITH_MPI=OFF -DSWITCHYARD_WITH_UCX=OFF -DSWITCHYARD_WITH_CUDA=OFF \
   -DCMAKE_CXX_FLAGS="-fsanitize=thread -fno-omit-frame-pointer" \
