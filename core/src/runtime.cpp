@@ -124,6 +124,7 @@ namespace {
 /// Each layer's slot map from `[runtime] placement` (a plan-experts folder) or
 /// `redundant_experts` (the balancer's placement for an even load); empty maps otherwise.
 std::vector<ExpertSlotMap> initial_slot_maps(const ConfigSection& runtime,
+                                             const ConfigSection& router, const Topology& world,
                                              const std::vector<ModelWeights>& models, int ep) {
   const auto layers = models.size();
   std::vector<ExpertSlotMap> maps(layers);
@@ -170,9 +171,7 @@ std::vector<ExpertSlotMap> initial_slot_maps(const ConfigSection& runtime,
     return maps;
   }
   if (redundant == 0) return maps;
-  ExpertBalanceShape shape;
-  shape.num_ranks = ep;
-  shape.redundant_experts = redundant;
+  const ExpertBalanceShape shape = runtime_detail::balance_shape(router, world, ep, redundant);
   const ExpertSlots even =
       balance_experts(std::vector<double>(static_cast<std::size_t>(E), 1.0), shape);
   for (auto& map : maps) map = ExpertSlotMap(E, even.expert_of_slot, even.share_of_slot);
@@ -248,7 +247,8 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
                                 std::to_string(ep) + ")");
   }
   state_->ep_size = ep;
-  state_->slot_maps = initial_slot_maps(runtime, state_->models, ep);
+  state_->slot_maps = initial_slot_maps(runtime, router, state_->transports.front()->topology(),
+                                        state_->models, ep);
   state_->placement =
       ExpertPlacement(state_->slot_maps.front().empty() ? model.num_experts()
                                                         : state_->slot_maps.front().num_slots(),

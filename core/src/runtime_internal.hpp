@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "switchyard/buffer.hpp"
+#include "switchyard/expert_balancer.hpp"
 #include "switchyard/runtime.hpp"
 #include "switchyard/status.hpp"
 
@@ -66,6 +67,13 @@ struct Runtime::State {
 };
 
 namespace runtime_detail {
+
+/// What the expert balancer is asked for in an EP group of `ep` ranks whose first ranks lie
+/// on `world`'s nodes: its nodes (hierarchical when they and the router's expert groups
+/// divide evenly, as `balance_experts` decides), the router's `num_groups` when its policy
+/// has them (node_limited), and `redundant` extra slots.
+ExpertBalanceShape balance_shape(const ConfigSection& router, const Topology& world, int ep,
+                                 int redundant);
 
 /// `buffer` as an f32 [rows, cols] matrix in `path`'s memory (made there on first use,
 /// grown when needed): where a device layer takes the caller's host rows.

@@ -53,6 +53,27 @@ double imbalance_of(const std::vector<double>& load) {
 
 }  // namespace
 
+namespace runtime_detail {
+
+ExpertBalanceShape balance_shape(const ConfigSection& router, const Topology& world, int ep,
+                                 int redundant) {
+  ExpertBalanceShape shape;
+  shape.num_ranks = ep;
+  shape.redundant_experts = redundant;
+  std::vector<int> nodes;
+  for (int r = 0; r < ep && r < world.size(); ++r) nodes.push_back(world.node_of(r));
+  std::sort(nodes.begin(), nodes.end());
+  shape.num_nodes =
+      std::max<int>(1, static_cast<int>(std::unique(nodes.begin(), nodes.end()) - nodes.begin()));
+  for (const ConfigSection::Entry& entry : router.entries()) {
+    if (entry.key->name == "num_groups" && entry.value)
+      shape.num_groups = std::max(1, static_cast<int>(router.get_int("num_groups")));
+  }
+  return shape;
+}
+
+}  // namespace runtime_detail
+
 std::vector<RebalanceReport> Runtime::rebalance() {
   // Checked alike on every rank, before any collective.
   if (state_->training) {
@@ -113,9 +134,8 @@ std::vector<RebalanceReport> Runtime::rebalance() {
     }
 
     // 2. The new slots: as many as now, placed for the measured load.
-    ExpertBalanceShape shape;
-    shape.num_ranks = ep;
-    shape.redundant_experts = S - E;
+    const ExpertBalanceShape shape =
+        runtime_detail::balance_shape(settings().section("router"), topology(), ep, S - E);
     const ExpertSlots planned = balance_experts(load, shape);
     if (planned.num_slots() != S) {
       throw Error(ErrorCode::kInternal, "rebalance: planned " +

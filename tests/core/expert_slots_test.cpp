@@ -353,3 +353,37 @@ TEST_CASE("what a slot map does not run with yet is refused by name") {
   CHECK(test::error_message([&] { Runtime r(device); }).find("runs on the host data path") !=
         std::string::npos);
 }
+
+TEST_CASE("rebalance over two nodes with expert groups: each group's copies stay on its node") {
+  // 4 ranks on 2 emulated nodes, node-limited routing over 4 groups of 2 experts: the
+  // balancer plans hierarchically (groups to nodes, copies within a node), as DeepSeek's does.
+  Config c = slots_config(4);
+  c.set("runtime", "ranks_per_node", std::int64_t{2});
+  c.set("runtime", "redundant_experts", std::int64_t{4});
+  c.set("router", "policy", std::string("node_limited"));
+  c.set("router", "num_groups", std::int64_t{4});
+  c.set("router", "max_groups", std::int64_t{2});
+  Runtime runtime(c);
+  Config plain = c;
+  plain.set("runtime", "redundant_experts", std::int64_t{0});
+  Runtime contiguous(plain);
+  const HostTensor x = synthetic_tokens(200, kHidden, 13);
+  HostTensor y(DType::kF32, {200, kHidden}), expected(DType::kF32, {200, kHidden});
+  contiguous.forward(x.view(), expected.view());
+  runtime.forward(x.view(), y.view());
+  CHECK(same_bits(y, expected));
+  runtime.rebalance();
+  const auto slots = runtime.layer(0).slot_map().expert_of_slot();
+  REQUIRE(slots.size() == 12);
+  for (int group = 0; group < 4; ++group) {
+    std::vector<int> nodes;
+    for (std::size_t s = 0; s < slots.size(); ++s)
+      if (slots[s] / 2 == group) nodes.push_back(static_cast<int>(s) / 6);
+    CAPTURE(group);
+    REQUIRE(!nodes.empty());
+    CHECK(std::count(nodes.begin(), nodes.end(), nodes.front()) ==
+          static_cast<std::ptrdiff_t>(nodes.size()));
+  }
+  runtime.forward(x.view(), y.view());
+  CHECK(same_bits(y, expected));
+}
