@@ -74,13 +74,41 @@ ExpertBalanceShape balance_shape(const ConfigSection& router, const Topology& wo
 
 }  // namespace runtime_detail
 
+std::vector<SwigluExpertWeights> Runtime::model_slot_weights(int index, int local) const {
+  const ExpertSlotMap& map = state_->slot_maps[static_cast<std::size_t>(index)];
+  const ExpertPlacement& slots = state_->placement;
+  const int rank = state_->ep_transports[static_cast<std::size_t>(local)]->rank();
+  std::vector<SwigluExpertWeights> out;
+  for (const int e : experts_on(map, slots, rank))
+    out.push_back(model(index).experts(e, 1).front());
+  return out;
+}
+
+void Runtime::switch_layer(int index, int local, std::vector<SwigluExpertWeights> views,
+                           std::vector<HostTensor> storage) {
+  const ConfigSection& experts_section = settings().section("experts");
+  const ModelWeights& model_weights = model(index);
+  MoELayer& old = layer(local, index);
+  MoELayerParts parts = old.parts();
+  ExpertCreateArgs args;
+  args.options = &experts_section;
+  args.hidden = static_cast<int>(model_weights.hidden());
+  args.ffn_hidden = static_cast<int>(model_weights.ffn_hidden());
+  args.experts = views;
+  parts.experts = state_->registry->create_expert(experts_section.get_string("kernel"), args);
+  parts.slot_map = state_->slot_maps[static_cast<std::size_t>(index)];
+  const bool training = old.training();
+  auto& slot = state_->layers[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
+  slot = std::make_unique<MoELayer>(std::move(parts));
+  slot->set_training(training);
+  state_->slot_weights[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)] =
+      std::move(views);
+  state_->slot_storage[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)] =
+      std::move(storage);
+}
+
 std::vector<RebalanceReport> Runtime::rebalance() {
   // Checked alike on every rank, before any collective.
-  if (state_->training) {
-    throw Error(ErrorCode::kUnavailable,
-                "rebalance: not in training mode (the optimizer's parameter views are the "
-                "model's; moved copies would not follow its updates)");
-  }
   for (int local = 0; local < num_local_ranks(); ++local) {
     if (layer(local).data_path().device().kind != Device::Kind::kHost) {
       throw Error(ErrorCode::kUnavailable,
@@ -88,7 +116,6 @@ std::vector<RebalanceReport> Runtime::rebalance() {
     }
   }
   const int ep = ep_size();
-  const ConfigSection& experts_section = settings().section("experts");
   std::vector<RebalanceReport> reports;
   // Every layer's weights move first; the layers switch only when all have moved.
   struct Pending {
@@ -215,6 +242,7 @@ std::vector<RebalanceReport> Runtime::rebalance() {
       auto& out = storage[static_cast<std::size_t>(local)];
       auto& slot_views = views[static_cast<std::size_t>(local)];
       std::vector<std::size_t> next_from(R, 0);
+      int diverged = -1;
       for (const int e : wanted[static_cast<std::size_t>(me)]) {
         const SwigluExpertWeights& shape_of =
             state_->slot_weights[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)]
@@ -226,6 +254,16 @@ std::vector<RebalanceReport> Runtime::rebalance() {
           from = recv.data() + recv_offsets[q] + next_from[q];
           next_from[q] += bytes_per_expert;
           received[static_cast<std::size_t>(local)] += bytes_per_expert;
+        }
+        if (!local_copy) {
+          // The bytes must be this process's model's own: a difference means the processes'
+          // weights diverged (in training, the kernels then view the model's).
+          const SwigluExpertWeights model_copy = model(index).experts(e, 1).front();
+          const std::byte* check = from;
+          for (const TensorView* m : matrices(model_copy)) {
+            if (std::memcmp(check, m->data(), bytes_of(*m)) != 0) diverged = e;
+            check += bytes_of(*m);
+          }
         }
         SwigluExpertWeights view;
         std::array<TensorView*, 6> into{&view.gate,       &view.up,       &view.down,
@@ -246,10 +284,19 @@ std::vector<RebalanceReport> Runtime::rebalance() {
       }
       // Every rank has its weights before any switches: a rank that failed (or died) fails
       // this sum on every rank, and the previous placement stays.
-      std::int64_t ok = 1;
+      std::int64_t ok = diverged < 0 ? 1 : 0;
       world_transport(local).allreduce(&ok, 1, DType::kI64, ReduceOp::kSum);
+      if (diverged >= 0) {
+        throw Error(ErrorCode::kInternal,
+                    "rebalance: expert " + std::to_string(diverged) + "'s weights from rank " +
+                        std::to_string(source_of(diverged)) +
+                        " differ from this process's "
+                        "model: the processes' weights diverged; the placement is unchanged");
+      }
       if (ok != world_size()) {
-        throw Error(ErrorCode::kPeerFailed, "rebalance: a rank failed while the weights moved");
+        throw Error(ErrorCode::kPeerFailed,
+                    "rebalance: another rank's weights did not arrive intact; the placement is "
+                    "unchanged");
       }
     });
 
@@ -258,27 +305,20 @@ std::vector<RebalanceReport> Runtime::rebalance() {
   }
 
   // 4. Every rank switches: new kernels over the new slots, the same routers and buffers.
+  //    In training the kernels view the model's tensors, which the optimizer updates in
+  //    place (`parameters`) and which hold what arrived (checked above).
   for (int index = 0; index < num_layers(); ++index) {
     Pending& move = pending[static_cast<std::size_t>(index)];
     if (move.views.empty()) continue;  // nothing measured: the placement stays
-    const ModelWeights& model_weights = model(index);
-    for (int local = 0; local < num_local_ranks(); ++local) {
-      MoELayerParts parts = layer(local, index).parts();
-      ExpertCreateArgs args;
-      args.options = &experts_section;
-      args.hidden = static_cast<int>(model_weights.hidden());
-      args.ffn_hidden = static_cast<int>(model_weights.ffn_hidden());
-      args.experts = move.views[static_cast<std::size_t>(local)];
-      parts.experts = state_->registry->create_expert(experts_section.get_string("kernel"), args);
-      parts.slot_map = move.next;
-      auto& slot = state_->layers[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)];
-      slot = std::make_unique<MoELayer>(std::move(parts));
-      state_->slot_weights[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)] =
-          std::move(move.views[static_cast<std::size_t>(local)]);
-      state_->slot_storage[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)] =
-          std::move(move.storage[static_cast<std::size_t>(local)]);
-    }
     state_->slot_maps[static_cast<std::size_t>(index)] = move.next;
+    for (int local = 0; local < num_local_ranks(); ++local) {
+      const auto at = static_cast<std::size_t>(local);
+      if (state_->training) {
+        switch_layer(index, local, model_slot_weights(index, local), {});
+      } else {
+        switch_layer(index, local, std::move(move.views[at]), std::move(move.storage[at]));
+      }
+    }
   }
   return reports;
 }

@@ -204,6 +204,18 @@ void Runtime::save_model(const std::filesystem::path& path) {
 }
 
 void Runtime::set_training(bool training) {
+  // Training updates the model's tensors: kernels holding copies a rebalance moved view the
+  // model's again (the same bytes, checked when they moved).
+  if (training) {
+    for (int index = 0; index < num_layers(); ++index) {
+      for (int local = 0; local < num_local_ranks(); ++local) {
+        if (!state_->slot_storage[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)]
+                 .empty()) {
+          switch_layer(index, local, model_slot_weights(index, local), {});
+        }
+      }
+    }
+  }
   state_->training = training;
   state_->layer_inputs_tokens = -1;
   for (auto& layers : state_->layers) {

@@ -306,10 +306,11 @@ TEST_CASE("rebalance: skewed load evened out, weights moved, the output's bits u
   };
   CHECK(bytes_of(dir / "placed.safetensors").size() > 1000);
   CHECK(bytes_of(dir / "placed.safetensors") == bytes_of(dir / "contiguous.safetensors"));
-  // Training does not rebalance (the optimizer's views are the model's).
+  // Training after an inference rebalance: the kernels view the model's tensors again (the
+  // same bytes), so the optimizer's updates reach them.
   runtime.set_training(true);
-  CHECK(test::error_message([&] { runtime.rebalance(); }).find("not in training mode") !=
-        std::string::npos);
+  runtime.forward(x.view(), y.view());
+  CHECK(same_bits(y, expected));
 }
 
 TEST_CASE("rebalance with data-parallel groups: every EP group moves alike, the bits stay") {
@@ -386,4 +387,51 @@ TEST_CASE("rebalance over two nodes with expert groups: each group's copies stay
   }
   runtime.forward(x.view(), y.view());
   CHECK(same_bits(y, expected));
+}
+
+TEST_CASE("rebalance in training: the optimizer's updates reach every copy, gradients summed") {
+  test::TempDir dir;
+  write_placement(dir / "start", {0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7},
+                  {1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5});
+  Config c = slots_config(4);
+  c.set("runtime", "placement", (dir / "start").string());
+  Runtime placed(c);
+  Runtime contiguous(slots_config(4));
+  const HostTensor x = synthetic_tokens(120, kHidden, 21), dy = synthetic_tokens(120, kHidden, 22);
+  HostTensor y(DType::kF32, {120, kHidden}), expected(DType::kF32, {120, kHidden});
+  HostTensor dx(DType::kF32, {120, kHidden});
+  auto step = [&](Runtime& runtime, HostTensor& out) {
+    runtime.forward(x.view(), out.view());
+    ModelGradients g;
+    runtime.backward(x.view(), dy.view(), dx.view(), g);
+    return g;
+  };
+  placed.set_training(true);
+  contiguous.set_training(true);
+  step(placed, y);
+  const ModelGradients g = step(contiguous, expected);
+  CHECK(same_bits(y, expected));
+  const std::vector<RebalanceReport> reports = placed.rebalance();
+  CHECK(reports.at(0).moved_experts > 0);
+  // One SGD step with the same gradients on both: the rebalanced kernels must compute with
+  // the updated weights, so the next forward gives the same bits again.
+  for (Runtime* runtime : {&placed, &contiguous}) {
+    ModelParameters p = runtime->parameters();
+    for (std::size_t e = 0; e < p.experts.size(); ++e) {
+      for (std::size_t w = 0; w < 3; ++w) {
+        float* value = p.experts[e][w].data_as<float>();
+        const float* grad = g.experts[e][w].data<float>();
+        for (std::int64_t i = 0; i < p.experts[e][w].numel(); ++i) value[i] -= 0.5f * grad[i];
+      }
+    }
+  }
+  const ModelGradients after_placed = step(placed, y);
+  const ModelGradients after_contiguous = step(contiguous, expected);
+  CHECK(same_bits(y, expected));
+  for (std::size_t e = 0; e < static_cast<std::size_t>(kExperts); ++e) {
+    for (std::size_t w = 0; w < 3; ++w) {
+      CHECK(test::relative_difference(after_placed.experts[e][w], after_contiguous.experts[e][w]) <=
+            1e-6);
+    }
+  }
 }

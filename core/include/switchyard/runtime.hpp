@@ -326,10 +326,13 @@ class Runtime {
   /// by the expert balancer; sends each slot's weights that its new rank does not hold
   /// from the lowest EP rank that does, over the EP group's transport; and only when every
   /// rank of every layer has its new weights switches all layers, keeping their routers and
-  /// buffers. A layer with no load measured keeps its placement. A failure before the
-  /// switch (a rank lost, a timeout) throws a named error on every rank and leaves the
-  /// previous placement in force. Between steps; host data path; not in training mode
-  /// (`Error(kUnavailable)`). The loads count from zero again afterwards.
+  /// buffers. The bytes that arrive are checked against this process's model (which holds
+  /// every expert); a difference is an `Error(kInternal)` on that rank. In training the new
+  /// kernels view the model's tensors, which `parameters` gives the optimizer; otherwise
+  /// the moved copies. A layer with no load measured keeps its placement. A failure before
+  /// the switch (a rank lost, a timeout, a difference) throws on every rank and leaves the
+  /// previous placement in force. Between steps; host data path. The loads count from zero
+  /// again afterwards.
   std::vector<RebalanceReport> rebalance();
 
   /// Collective: sends the expert gradients of layer `layer` from EP group 0's ranks to
@@ -352,6 +355,12 @@ class Runtime {
   LayerTraffic total_traffic(int layer = 0);
 
  private:
+  /// Views of the model's weights for local rank `local`'s slots of layer `layer`.
+  std::vector<SwigluExpertWeights> model_slot_weights(int layer, int local) const;
+  /// Replaces local rank `local`'s layer `layer` with one over the current slot map whose
+  /// kernel holds `views` (kept in `storage`, when they are its), keeping its parts.
+  void switch_layer(int layer, int local, std::vector<SwigluExpertWeights> views,
+                    std::vector<HostTensor> storage);
   /// The logical expert slot `slot` of layer `layer` holds.
   int expert_of_slot(int layer, int slot) const;
   /// Adds the three gradient tensors of one slot to its expert's in `gradients` (the first
