@@ -5,6 +5,7 @@
 // weights do the layers switch, all together.
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <string>
 
 #include "runtime_internal.hpp"
@@ -203,6 +204,7 @@ std::vector<RebalanceReport> Runtime::rebalance() {
     storage.resize(static_cast<std::size_t>(num_local_ranks()));
     views.resize(static_cast<std::size_t>(num_local_ranks()));
     std::vector<std::uint64_t> received(static_cast<std::size_t>(num_local_ranks()), 0);
+    std::vector<std::optional<Error>> agreed(static_cast<std::size_t>(num_local_ranks()));
     run_on_ranks([&](int local) {
       Transport& group = *state_->ep_transports[static_cast<std::size_t>(local)];
       const int me = group.rank();
@@ -286,20 +288,30 @@ std::vector<RebalanceReport> Runtime::rebalance() {
       // this sum on every rank, and the previous placement stays.
       std::int64_t ok = diverged < 0 ? 1 : 0;
       world_transport(local).allreduce(&ok, 1, DType::kI64, ReduceOp::kSum);
+      // Every rank knows the outcome here: a failure is reported, not thrown through the
+      // ranks' threads (which would abort the transports); the runtime stays usable.
       if (diverged >= 0) {
-        throw Error(ErrorCode::kInternal,
-                    "rebalance: expert " + std::to_string(diverged) + "'s weights from rank " +
-                        std::to_string(source_of(diverged)) +
-                        " differ from this process's "
-                        "model: the processes' weights diverged; the placement is unchanged");
-      }
-      if (ok != world_size()) {
-        throw Error(ErrorCode::kPeerFailed,
-                    "rebalance: another rank's weights did not arrive intact; the placement is "
-                    "unchanged");
+        agreed[static_cast<std::size_t>(local)] =
+            Error(ErrorCode::kInternal,
+                  "rebalance: expert " + std::to_string(diverged) + "'s weights from rank " +
+                      std::to_string(source_of(diverged)) +
+                      " differ from this process's model: the processes' weights diverged; the "
+                      "placement is unchanged");
+      } else if (ok != world_size()) {
+        agreed[static_cast<std::size_t>(local)] =
+            Error(ErrorCode::kPeerFailed,
+                  "rebalance: another rank's weights did not arrive intact; the placement is "
+                  "unchanged");
       }
     });
 
+    const std::optional<Error>* peer_failure = nullptr;
+    for (const auto& e : agreed) {
+      if (!e) continue;
+      if (e->code() != ErrorCode::kPeerFailed) throw *e;
+      if (peer_failure == nullptr) peer_failure = &e;
+    }
+    if (peer_failure != nullptr) throw **peer_failure;
     for (const std::uint64_t bytes : received) report.received_bytes += bytes;
     reports.push_back(report);
   }

@@ -435,3 +435,45 @@ TEST_CASE("rebalance in training: the optimizer's updates reach every copy, grad
     }
   }
 }
+
+TEST_CASE("a rebalance that fails while the weights move leaves the previous placement") {
+  // After a first rebalance the kernels hold moved copies; the model's tensors then change
+  // under them (as when processes' weights diverge). The next rebalance, for another skew,
+  // receives copies that differ from the model: the rank that sees it says so, every other
+  // rank fails with it, and every layer keeps its placement and its kernels.
+  test::TempDir dir;
+  write_placement(dir / "start", {0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7},
+                  {1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5});
+  Config c = slots_config(4);
+  c.set("runtime", "placement", (dir / "start").string());
+  Runtime runtime(c);
+  auto leaning_on = [&](int a, int b) {
+    HostTensor x = synthetic_tokens(800, kHidden, 31);
+    const HostTensor& gate = runtime.model().gate();
+    for (std::int64_t t = 0; t < 800; ++t) {
+      for (std::int64_t h = 0; h < kHidden; ++h) {
+        x.data<float>()[t * kHidden + h] +=
+            6.0f * (gate.data<float>()[a * kHidden + h] + gate.data<float>()[b * kHidden + h]);
+      }
+    }
+    return x;
+  };
+  const HostTensor first = leaning_on(0, 1), second = leaning_on(4, 6);
+  HostTensor y(DType::kF32, {800, kHidden}), before(DType::kF32, {800, kHidden});
+  runtime.forward(first.view(), y.view());
+  REQUIRE(runtime.rebalance().at(0).moved_experts > 0);
+  const auto placed = runtime.layer(0).slot_map().expert_of_slot();
+  const std::vector<int> placement(placed.begin(), placed.end());
+  runtime.forward(second.view(), before.view());  // measures the second skew
+  ModelParameters p = runtime.parameters();
+  for (auto& expert : p.experts) expert[0].data_as<float>()[0] += 1.0f;
+  const std::string error = test::error_message([&] { runtime.rebalance(); });
+  CHECK(error.find("differ from this process's model") != std::string::npos);
+  CHECK(error.find("the placement is unchanged") != std::string::npos);
+  for (int local = 0; local < 4; ++local) {
+    const auto now = runtime.layer(local).slot_map().expert_of_slot();
+    CHECK(std::vector<int>(now.begin(), now.end()) == placement);
+  }
+  runtime.forward(second.view(), y.view());
+  CHECK(same_bits(y, before));
+}
