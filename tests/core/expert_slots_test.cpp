@@ -293,7 +293,8 @@ TEST_CASE("rebalance: skewed load evened out, weights moved, the output's bits u
   runtime.forward(x.view(), y.view());
   CHECK(same_bits(y, expected));
   const double after = rank_imbalance();
-  MESSAGE("rank imbalance before " << before << ", after " << after << " (planned "
+  MESSAGE("rank imbalance before " << before << ", after " << after << ", copies moved "
+                                   << reports[0].moved_experts << " (planned "
                                    << reports[0].imbalance_planned << ")");
   CHECK(after <= 1.15);
   // The saved model is the model, whatever the placement: the same file as the contiguous
