@@ -483,6 +483,10 @@ void Runtime::run_blocks(std::int64_t num_tokens, bool world_blocks, int index,
       agreed[static_cast<std::size_t>(local)] = std::move(located);
     }
   });
+  runtime_detail::throw_agreed_failure(agreed);
+}
+
+void runtime_detail::throw_agreed_failure(const std::vector<std::optional<Error>>& agreed) {
   const std::optional<Error>* peer_failure = nullptr;
   for (const auto& e : agreed) {
     if (!e) continue;

@@ -7,6 +7,7 @@
 // timings, traffic).
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -67,6 +68,11 @@ struct Runtime::State {
 };
 
 namespace runtime_detail {
+
+/// After a collective step whose failures every local rank learned together (collected per
+/// rank instead of thrown through `run_on_ranks`, which would abort the transports): throws
+/// the first rank's own failure, else the first `kPeerFailed`; nothing when none failed.
+void throw_agreed_failure(const std::vector<std::optional<Error>>& agreed);
 
 /// What the expert balancer is asked for in an EP group of `ep` ranks whose first ranks lie
 /// on `world`'s nodes: its nodes (hierarchical when they and the router's expert groups

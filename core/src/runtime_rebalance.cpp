@@ -305,13 +305,7 @@ std::vector<RebalanceReport> Runtime::rebalance() {
       }
     });
 
-    const std::optional<Error>* peer_failure = nullptr;
-    for (const auto& e : agreed) {
-      if (!e) continue;
-      if (e->code() != ErrorCode::kPeerFailed) throw *e;
-      if (peer_failure == nullptr) peer_failure = &e;
-    }
-    if (peer_failure != nullptr) throw **peer_failure;
+    runtime_detail::throw_agreed_failure(agreed);
     for (const std::uint64_t bytes : received) report.received_bytes += bytes;
     reports.push_back(report);
   }

@@ -53,6 +53,28 @@ void write_placement(const std::filesystem::path& dir, std::vector<std::int32_t>
   write_npy(dir / "share_of_slot.npy", TensorView(share_of_slot.data(), DType::kF64, {1, S}));
 }
 
+/// The starting placement of the rebalance tests: 12 slots on 4 ranks, experts 0 and 1 both
+/// on rank 0, the extra slots copying cold experts 4..7.
+Config skewed_start(const test::TempDir& dir) {
+  write_placement(dir / "start", {0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7},
+                  {1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5});
+  Config c = slots_config(4);
+  c.set("runtime", "placement", (dir / "start").string());
+  return c;
+}
+
+/// T tokens whose features lean towards experts a and b (their gate rows added, 6 times):
+/// top-2 routing sends nearly every token to both.
+HostTensor leaning_on(const Runtime& runtime, std::int64_t T, int a, int b, std::uint64_t seed) {
+  HostTensor x = synthetic_tokens(T, kHidden, seed);
+  const float* gate = runtime.model().gate().data<float>();
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t h = 0; h < kHidden; ++h)
+      x.data<float>()[t * kHidden + h] += 6.0f * (gate[a * kHidden + h] + gate[b * kHidden + h]);
+  }
+  return x;
+}
+
 HostTensor forward(Runtime& runtime) {
   const HostTensor x = synthetic_tokens(kTokens, kHidden, 5);
   HostTensor y(DType::kF32, {kTokens, kHidden});
@@ -243,21 +265,10 @@ TEST_CASE("rebalance: skewed load evened out, weights moved, the output's bits u
   // towards experts 0 and 1, which the starting placement puts both on rank 0 (the extra
   // slots copy cold experts 4..7): rank 0 carries about half of all assignments.
   test::TempDir dir;
-  write_placement(dir / "start", {0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7},
-                  {1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5});
-  Config c = slots_config(4);
-  c.set("runtime", "placement", (dir / "start").string());
-  Runtime runtime(c);
+  Runtime runtime(skewed_start(dir));
   Runtime contiguous(slots_config(4));
   const std::int64_t T = 2000;
-  HostTensor x = synthetic_tokens(T, kHidden, 11);
-  const HostTensor& gate = runtime.model().gate();
-  for (std::int64_t t = 0; t < T; ++t) {
-    for (std::int64_t h = 0; h < kHidden; ++h) {
-      x.data<float>()[t * kHidden + h] +=
-          6.0f * (gate.data<float>()[h] + gate.data<float>()[kHidden + h]);
-    }
-  }
+  const HostTensor x = leaning_on(runtime, T, 0, 1, 11);
   HostTensor y(DType::kF32, {T, kHidden}), expected(DType::kF32, {T, kHidden});
   contiguous.forward(x.view(), expected.view());
   runtime.forward(x.view(), y.view());
@@ -392,11 +403,7 @@ TEST_CASE("rebalance over two nodes with expert groups: each group's copies stay
 
 TEST_CASE("rebalance in training: the optimizer's updates reach every copy, gradients summed") {
   test::TempDir dir;
-  write_placement(dir / "start", {0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7},
-                  {1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5});
-  Config c = slots_config(4);
-  c.set("runtime", "placement", (dir / "start").string());
-  Runtime placed(c);
+  Runtime placed(skewed_start(dir));
   Runtime contiguous(slots_config(4));
   const HostTensor x = synthetic_tokens(120, kHidden, 21), dy = synthetic_tokens(120, kHidden, 22);
   HostTensor y(DType::kF32, {120, kHidden}), expected(DType::kF32, {120, kHidden});
@@ -443,23 +450,9 @@ TEST_CASE("a rebalance that fails while the weights move leaves the previous pla
   // receives copies that differ from the model: the rank that sees it says so, every other
   // rank fails with it, and every layer keeps its placement and its kernels.
   test::TempDir dir;
-  write_placement(dir / "start", {0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7},
-                  {1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5});
-  Config c = slots_config(4);
-  c.set("runtime", "placement", (dir / "start").string());
-  Runtime runtime(c);
-  auto leaning_on = [&](int a, int b) {
-    HostTensor x = synthetic_tokens(800, kHidden, 31);
-    const HostTensor& gate = runtime.model().gate();
-    for (std::int64_t t = 0; t < 800; ++t) {
-      for (std::int64_t h = 0; h < kHidden; ++h) {
-        x.data<float>()[t * kHidden + h] +=
-            6.0f * (gate.data<float>()[a * kHidden + h] + gate.data<float>()[b * kHidden + h]);
-      }
-    }
-    return x;
-  };
-  const HostTensor first = leaning_on(0, 1), second = leaning_on(4, 6);
+  Runtime runtime(skewed_start(dir));
+  const HostTensor first = leaning_on(runtime, 800, 0, 1, 31),
+                   second = leaning_on(runtime, 800, 4, 6, 31);
   HostTensor y(DType::kF32, {800, kHidden}), before(DType::kF32, {800, kHidden});
   runtime.forward(first.view(), y.view());
   REQUIRE(runtime.rebalance().at(0).moved_experts > 0);
