@@ -233,11 +233,8 @@ class PyRuntime {
       switchyard::MoELayer& l = runtime_->layer(local, 0);
       const int rank = l.transport().rank();
       const switchyard::ExpertSlotMap& map = l.slot_map();
-      for (int j = 0; j < l.placement().num_local(rank); ++j) {
-        const int slot = l.placement().first_expert(rank) + j;
-        experts.push_back(map.empty() ? slot
-                                      : map.expert_of_slot()[static_cast<std::size_t>(slot)]);
-      }
+      for (int j = 0; j < l.placement().num_local(rank); ++j)
+        experts.push_back(map.expert_of(l.placement().first_expert(rank) + j));
     }
     std::sort(experts.begin(), experts.end());
     experts.erase(std::unique(experts.begin(), experts.end()), experts.end());

@@ -380,15 +380,19 @@ void MoELayer::reset_load() noexcept {
   std::fill(slot_load_.begin(), slot_load_.end(), 0);
 }
 
-void MoELayer::count_load(const RoutingPlan& plan, const RoutingPlan& routed) {
+void MoELayer::count_load(const RoutingPlan& plan) {
   if (!plan.experts.allocator().host_accessible()) return;
-  expert_load_.resize(static_cast<std::size_t>(num_experts()));
-  slot_load_.resize(static_cast<std::size_t>(parts_.placement.num_experts()));
+  const int E = num_experts();
   for (std::size_t i = 0; i < plan.experts.size(); ++i) {
-    const std::int32_t e = plan.experts[i], s = routed.experts[i];
-    if (e >= 0 && e < num_experts()) ++expert_load_[static_cast<std::size_t>(e)];
-    if (s >= 0 && s < parts_.placement.num_experts()) ++slot_load_[static_cast<std::size_t>(s)];
+    const std::int32_t e = plan.experts[i];
+    if (e >= 0 && e < E) ++expert_load_[static_cast<std::size_t>(e)];
   }
+  if (parts_.slot_map.empty()) {
+    std::copy(expert_load_.begin(), expert_load_.end(), slot_load_.begin());  // slot e is e
+    return;
+  }
+  // The translation counted this forward's slots (`slot_plan`).
+  for (std::size_t s = 0; s < slot_load_.size(); ++s) slot_load_[s] += slot_plan_.counts[s];
 }
 
 const RoutingPlan& MoELayer::slot_plan(const RoutingPlan& plan) {

@@ -107,7 +107,7 @@ void MoELayer::forward_routed(const TensorView& x, const RoutingPlan& plan, cons
       local_error = &*plan_error;
     }
   }
-  if (local_error == nullptr) count_load(plan, *routed);
+  if (local_error == nullptr) count_load(plan);
   if (worst_case_forward()) {
     forward_worst_case(x, plan, y, local_error, std::exchange(device_routing_pending_, false),
                        done);

@@ -178,18 +178,6 @@ std::vector<ExpertSlotMap> initial_slot_maps(const ConfigSection& runtime,
   return maps;
 }
 
-/// The weights of `rank`'s slots: each slot's logical expert's (views of `weights`).
-std::vector<SwigluExpertWeights> slot_weights(const ModelWeights& weights, const ExpertSlotMap& map,
-                                              const ExpertPlacement& placement, int rank) {
-  const int first = placement.first_expert(rank), count = placement.num_local(rank);
-  if (map.empty()) return weights.experts(first, count);
-  std::vector<SwigluExpertWeights> out;
-  out.reserve(static_cast<std::size_t>(count));
-  for (int slot = first; slot < first + count; ++slot)
-    out.push_back(weights.experts(map.expert_of_slot()[static_cast<std::size_t>(slot)], 1).front());
-  return out;
-}
-
 }  // namespace
 
 Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
@@ -267,7 +255,6 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
   state_->layers.resize(state_->models.size());
   for (std::size_t local = 0; local < num_local; ++local) {
     const auto& transport = state_->ep_transports[local];
-    const int rank = transport->rank();
     // One data path and one set of step buffers per rank, shared by all its layers.
     std::shared_ptr<DataPath> data_path;
     if (const std::string& path = runtime.get_string("data_path"); path != "host") {
@@ -299,7 +286,7 @@ Runtime::Runtime(const Config& given) : state_(std::make_unique<State>()) {
       state_->slot_weights.resize(state_->models.size());
       state_->slot_storage.resize(state_->models.size());
       state_->slot_weights[l].push_back(
-          slot_weights(weights, state_->slot_maps[l], state_->placement, rank));
+          model_slot_weights(static_cast<int>(l), static_cast<int>(local)));
       state_->slot_storage[l].emplace_back();
       expert_args.experts = state_->slot_weights[l].back();
       auto kernel = state_->registry->create_expert(experts.get_string("kernel"), expert_args);

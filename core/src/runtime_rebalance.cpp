@@ -38,18 +38,8 @@ std::size_t expert_bytes(const SwigluExpertWeights& w) {
 std::vector<int> experts_on(const ExpertSlotMap& map, const ExpertPlacement& slots, int rank) {
   std::vector<int> out;
   for (int s = slots.first_expert(rank); s < slots.first_expert(rank) + slots.num_local(rank); ++s)
-    out.push_back(map.empty() ? s : map.expert_of_slot()[static_cast<std::size_t>(s)]);
+    out.push_back(map.expert_of(s));
   return out;
-}
-
-/// max / mean of the loads (0 without load).
-double imbalance_of(const std::vector<double>& load) {
-  double most = 0, total = 0;
-  for (const double l : load) {
-    most = std::max(most, l);
-    total += l;
-  }
-  return total > 0 ? most * static_cast<double>(load.size()) / total : 0.0;
 }
 
 }  // namespace
@@ -154,7 +144,7 @@ std::vector<RebalanceReport> Runtime::rebalance() {
     for (int s = 0; s < S; ++s)
       measured[static_cast<std::size_t>(slots.rank_of(s))] +=
           static_cast<double>(sum[static_cast<std::size_t>(E) + static_cast<std::size_t>(s)]);
-    report.imbalance_before = imbalance_of(measured);
+    report.imbalance_before = load_imbalance(measured);
     if (total <= 0) {  // nothing measured: the placement stays
       report.imbalance_planned = report.imbalance_before;
       reports.push_back(report);
@@ -245,10 +235,8 @@ std::vector<RebalanceReport> Runtime::rebalance() {
       auto& slot_views = views[static_cast<std::size_t>(local)];
       std::vector<std::size_t> next_from(R, 0);
       int diverged = -1;
+      const SwigluExpertWeights& shape_of = mine.front();  // every expert's shapes alike
       for (const int e : wanted[static_cast<std::size_t>(me)]) {
-        const SwigluExpertWeights& shape_of =
-            state_->slot_weights[static_cast<std::size_t>(index)][static_cast<std::size_t>(local)]
-                .front();
         const bool local_copy = holds(me, e);
         const std::byte* from = nullptr;
         if (!local_copy) {
@@ -256,8 +244,6 @@ std::vector<RebalanceReport> Runtime::rebalance() {
           from = recv.data() + recv_offsets[q] + next_from[q];
           next_from[q] += bytes_per_expert;
           received[static_cast<std::size_t>(local)] += bytes_per_expert;
-        }
-        if (!local_copy) {
           // The bytes must be this process's model's own: a difference means the processes'
           // weights diverged (in training, the kernels then view the model's).
           const SwigluExpertWeights model_copy = model(index).experts(e, 1).front();

@@ -429,8 +429,7 @@ void Runtime::backward_blocks(const TensorView& x, const TensorView& dy, const T
 }
 
 int Runtime::expert_of_slot(int index, int slot) const {
-  const ExpertSlotMap& map = state_->slot_maps[static_cast<std::size_t>(index)];
-  return map.empty() ? slot : map.expert_of_slot()[static_cast<std::size_t>(slot)];
+  return state_->slot_maps[static_cast<std::size_t>(index)].expert_of(slot);
 }
 
 void Runtime::add_slot_gradient(ModelGradients& gradients, std::vector<bool>& touched, int expert,

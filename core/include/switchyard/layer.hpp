@@ -500,8 +500,8 @@ class MoELayer {
   RoutingPlan plan_;
   RoutingPlan slot_plan_;                              // plan translated to slots (with a slot map)
   std::vector<std::int64_t> expert_load_, slot_load_;  // see expert_load()
-  /// Adds a forward's assignments to the loads (`routed`: `plan` in slots).
-  void count_load(const RoutingPlan& plan, const RoutingPlan& routed);
+  /// Adds a forward's assignments to the loads (with a slot map, after `slot_plan(plan)`).
+  void count_load(const RoutingPlan& plan);
   // The exchange of a training forward that keeps its rows for the backward (a forward that
   // keeps nothing uses the workspace's).
   DispatchHandle kept_handle_;

@@ -52,6 +52,10 @@ class ExpertSlotMap {
   int num_slots() const noexcept { return static_cast<int>(expert_of_slot_.size()); }
   /// [S] the logical expert of each slot.
   std::span<const int> expert_of_slot() const noexcept { return expert_of_slot_; }
+  /// The logical expert of slot `slot` (without a map, `slot` itself).
+  int expert_of(int slot) const noexcept {
+    return expert_of_slot_.empty() ? slot : expert_of_slot_[static_cast<std::size_t>(slot)];
+  }
   /// [S] each slot's share of its expert's tokens.
   std::span<const double> share_of_slot() const noexcept { return share_of_slot_; }
   /// The slots holding `expert`, in slot order.
